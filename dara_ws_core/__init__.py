@@ -1,0 +1,149 @@
+"""dara-ws-core: the WebSocket messaging layer of Dara, transport-agnostic, on asyncio.
+
+Layers, bottom up: ``messages`` / ``chunks`` / ``correlation`` (pure, no I/O), ``handler`` /
+``manager`` / ``endpoint`` (asyncio), and transport adapters in separate packages
+(``dara_ws_websockets``, ``dara_ws_aiohttp``, ``dara_ws_asgi``) that implement ``Transport``.
+"""
+
+from .auth import (
+    SESSION_COOKIE,
+    Authenticator,
+    Identity,
+    allow_anonymous,
+    check_origin,
+    extract_token,
+    token_authenticator,
+)
+from .chunks import ChunkAssembler
+from .client import Chunked, DaraClient, Request
+from .config import ServerConfig, SlowConsumerPolicy
+from .correlation import PendingRequests
+from .custom import CustomHandlerRegistry
+from .endpoint import DEFAULT_PATH, Endpoint, ws_handler
+from .exceptions import (
+    AuthenticationFailed,
+    BackplaneError,
+    ChunkError,
+    CloseCode,
+    ConnectionClosed,
+    DaraWSError,
+    FrameTooLarge,
+    InvalidFrame,
+    InvalidMessage,
+    ProtocolError,
+    RemoteError,
+    RequestError,
+    RequestTimeout,
+    SlowConsumer,
+    TooManyPendingRequests,
+    UnknownChannel,
+    UnknownKind,
+)
+from .handler import WebSocketHandler, current_channel, current_identity
+from .manager import WebsocketManager, get_user_channels
+from .memory import MemoryServer, MemoryTransport, memory_pair
+from .messages import (
+    ActionMessage,
+    BackendStoreMessage,
+    BackendStorePatchMessage,
+    ClientMessage,
+    ClientPing,
+    CustomClientMessage,
+    CustomClientMessagePayload,
+    CustomServerMessage,
+    CustomServerMessagePayload,
+    DaraClientMessage,
+    DaraServerMessage,
+    ErrorInfo,
+    InitMessage,
+    LoosePayload,
+    PongMessage,
+    ServerErrorMessage,
+    ServerMessage,
+    ServerMessagePayload,
+    ServerVariableMessage,
+    TaskNotificationMessage,
+    VariableRequestMessage,
+    build_frame,
+    decode_client_frame,
+    decode_server_frame,
+    encode,
+)
+from .registry import ChannelRegistry
+from .transport import HandshakeRequest, Transport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_PATH",
+    "SESSION_COOKIE",
+    "ActionMessage",
+    "AuthenticationFailed",
+    "Authenticator",
+    "BackendStoreMessage",
+    "BackendStorePatchMessage",
+    "BackplaneError",
+    "ChannelRegistry",
+    "ChunkAssembler",
+    "ChunkError",
+    "Chunked",
+    "ClientMessage",
+    "ClientPing",
+    "CloseCode",
+    "ConnectionClosed",
+    "CustomClientMessage",
+    "CustomClientMessagePayload",
+    "CustomHandlerRegistry",
+    "CustomServerMessage",
+    "CustomServerMessagePayload",
+    "DaraClient",
+    "DaraClientMessage",
+    "DaraServerMessage",
+    "DaraWSError",
+    "Endpoint",
+    "ErrorInfo",
+    "FrameTooLarge",
+    "HandshakeRequest",
+    "Identity",
+    "InitMessage",
+    "InvalidFrame",
+    "InvalidMessage",
+    "LoosePayload",
+    "MemoryServer",
+    "MemoryTransport",
+    "PendingRequests",
+    "PongMessage",
+    "ProtocolError",
+    "RemoteError",
+    "Request",
+    "RequestError",
+    "RequestTimeout",
+    "ServerConfig",
+    "ServerErrorMessage",
+    "ServerMessage",
+    "ServerMessagePayload",
+    "ServerVariableMessage",
+    "SlowConsumer",
+    "SlowConsumerPolicy",
+    "TaskNotificationMessage",
+    "TooManyPendingRequests",
+    "Transport",
+    "UnknownChannel",
+    "UnknownKind",
+    "VariableRequestMessage",
+    "WebSocketHandler",
+    "WebsocketManager",
+    "allow_anonymous",
+    "build_frame",
+    "check_origin",
+    "current_channel",
+    "current_identity",
+    "decode_client_frame",
+    "decode_server_frame",
+    "encode",
+    "extract_token",
+    "get_user_channels",
+    "memory_pair",
+    "token_authenticator",
+    "ws_handler",
+]

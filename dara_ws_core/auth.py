@@ -1,0 +1,159 @@
+"""Handshake authentication (protocol.md section 5).
+
+An *authenticator* is any callable ``(HandshakeRequest) -> Identity`` (sync or async) that raises
+:class:`~dara_ws_core.exceptions.AuthenticationFailed` to reject the handshake. Adapters call it
+**before** accepting, so a rejected client gets HTTP 403 and nothing is created for it.
+
+Building blocks:
+
+* :func:`token_authenticator` reads a token where Dara clients put it (the ``dara_session_token``
+  cookie of Dara 1.30, the ``token`` query parameter of older Dara, or ``Authorization: Bearer``)
+  and hands it to your ``verify`` function.
+* :func:`allow_anonymous` accepts everyone as a fresh anonymous identity. It is never the default:
+  anonymous access is an explicit choice of the application.
+* :func:`check_origin` wraps an authenticator with an ``Origin`` allow-list against cross-site
+  WebSocket hijacking.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SESSION_COOKIE",
+    "Authenticator",
+    "Identity",
+    "allow_anonymous",
+    "check_origin",
+    "extract_token",
+    "run_authenticator",
+    "token_authenticator",
+]
+
+import inspect
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from .exceptions import AuthenticationFailed
+from .transport import HandshakeRequest
+
+#: The cookie Dara 1.30 sets at login and its websocket handler reads.
+SESSION_COOKIE = "dara_session_token"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is on the other end of a connection.
+
+    ``user_id`` keys per-user fan-out; ``session_id`` groups the tabs of one login (Dara keeps
+    channel -> session -> user). ``expires_at`` (a ``time.time()`` value) makes the server close the
+    connection when the identity expires, instead of checking only at the handshake.
+    """
+
+    user_id: str
+    session_id: str
+    token: str | None = None
+    claims: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    expires_at: float | None = None
+
+    def expired(self, now: float | None = None) -> bool:
+        """Whether ``expires_at`` has passed."""
+        return self.expires_at is not None and (now or time.time()) >= self.expires_at
+
+
+Authenticator = Callable[[HandshakeRequest], "Identity | Awaitable[Identity]"]
+
+
+async def run_authenticator(authenticator: Authenticator, request: HandshakeRequest) -> Identity:
+    """Call a sync or async authenticator and check that it returned an :class:`Identity`."""
+    result = authenticator(request)
+    if inspect.isawaitable(result):
+        result = await result
+    if not isinstance(result, Identity):
+        raise TypeError(f"authenticator returned {type(result).__name__}, expected Identity")
+    return result
+
+
+def extract_token(
+    request: HandshakeRequest,
+    *,
+    cookie: str | None = SESSION_COOKIE,
+    query: str | None = "token",
+    header: bool = True,
+) -> str | None:
+    """Find a token in the handshake: cookie first (Dara 1.30), then query (older Dara), then header."""
+    if cookie and (value := request.cookies.get(cookie)):
+        return value
+    if query and (value := request.query.get(query)):
+        return value
+    if header:
+        auth = request.headers.get("authorization", "")
+        scheme, _, credentials = auth.partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            return credentials.strip()
+    return None
+
+
+def token_authenticator(
+    verify: Callable[[str], Identity | Awaitable[Identity]],
+    *,
+    cookie: str | None = SESSION_COOKIE,
+    query: str | None = "token",
+    header: bool = True,
+) -> Authenticator:
+    """An authenticator that extracts a token and verifies it with ``verify(token) -> Identity``.
+
+    A missing token is rejected. ``verify`` rejects by raising ``AuthenticationFailed``; any other
+    exception it raises is also turned into a rejection (and logged by the endpoint), so a broken
+    verifier never lets anyone in.
+    """
+
+    async def authenticate(request: HandshakeRequest) -> Identity:
+        token = extract_token(request, cookie=cookie, query=query, header=header)
+        if token is None:
+            raise AuthenticationFailed("no token in cookie, query or Authorization header")
+        try:
+            result = verify(token)
+            if inspect.isawaitable(result):
+                result = await result
+        except AuthenticationFailed:
+            raise
+        except Exception as exc:
+            raise AuthenticationFailed(f"token verification failed: {type(exc).__name__}") from exc
+        return result
+
+    return authenticate
+
+
+def allow_anonymous() -> Authenticator:
+    """Accept every handshake as a new anonymous identity (one user and session per connection)."""
+
+    def authenticate(request: HandshakeRequest) -> Identity:
+        anon = f"anonymous-{uuid.uuid4()}"
+        return Identity(user_id=anon, session_id=anon)
+
+    return authenticate
+
+
+def check_origin(
+    authenticator: Authenticator, allowed: Collection[str], *, allow_missing: bool = True
+) -> Authenticator:
+    """Reject handshakes whose ``Origin`` is not in ``allowed`` before running ``authenticator``.
+
+    Browsers always send ``Origin``; non-browser clients (services, tests) usually do not, which
+    ``allow_missing`` permits. Origins compare exactly (scheme, host and port), case-insensitively.
+    """
+    allowed_set = frozenset(o.lower().rstrip("/") for o in allowed)
+
+    async def authenticate(request: HandshakeRequest) -> Identity:
+        origin = request.origin
+        if origin is None:
+            if not allow_missing:
+                raise AuthenticationFailed("missing Origin header")
+        elif origin.lower().rstrip("/") not in allowed_set:
+            raise AuthenticationFailed(f"origin {origin!r} is not allowed")
+        return await run_authenticator(authenticator, request)
+
+    return authenticate

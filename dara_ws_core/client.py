@@ -1,0 +1,383 @@
+"""A Python client for the protocol: the frontend's side, for tests, benchmarks and services.
+
+It speaks exactly what the stock Dara client speaks (protocol.md section 2) and adds what that
+client lacks: timeouts on requests, error replies surfaced as :class:`RemoteError`, chunked
+answers, and reconnection with exponential backoff and jitter.
+
+It runs over any :class:`~dara_ws_core.transport.Transport`; a *connector* is a coroutine
+function returning a connected one (``dara_ws_websockets.connect``, ``dara_ws_aiohttp.connect``,
+or :class:`~dara_ws_core.memory.MemoryServer.connect`)::
+
+    client = DaraClient(lambda: connect("ws://127.0.0.1:8000/api/core/ws?token=..."))
+    client.on_request(lambda payload: {"answer": 42})
+    await client.connect()
+    reply = await client.request("echo", {"x": 1}, timeout=5)
+"""
+
+from __future__ import annotations
+
+__all__ = ["Chunked", "Connector", "DaraClient", "Request"]
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import random
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pydantic_core
+
+from .exceptions import (
+    CloseCode,
+    ConnectionClosed,
+    DaraWSError,
+    InvalidFrame,
+    InvalidMessage,
+    RemoteError,
+    RequestTimeout,
+)
+from .messages import (
+    CustomServerMessage,
+    DaraServerMessage,
+    InitMessage,
+    PongMessage,
+    ServerMessage,
+    decode_server_frame,
+)
+from .transport import Transport
+
+logger = logging.getLogger("dara_ws_core.client")
+
+Connector = Callable[[], Awaitable[Transport]]
+_to_json = pydantic_core.to_json
+_PING = b'{"type":"ping","message":null}'
+
+
+@dataclass(frozen=True, slots=True)
+class Chunked:
+    """Return this from a responder to answer in ``len(parts)`` chunks.
+
+    ``indexed=True`` adds the **[ext]** ``chunk_index``; ``shuffle=True`` sends the indexed parts
+    out of order (for testing servers).
+    """
+
+    parts: Sequence[Any]
+    indexed: bool = False
+    shuffle: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A server request as seen by a responder."""
+
+    rchan: str
+    payload: dict[str, Any]
+    custom: bool
+    typename: str | None
+
+
+Responder = Callable[[Request], Any]
+
+
+class DaraClient:
+    """One logical client; with ``reconnect=True`` it survives connection loss (new channel each
+    time, like the stock client)."""
+
+    def __init__(
+        self,
+        connector: Connector,
+        *,
+        ping_interval: float | None = 5.0,
+        reconnect: bool = False,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 10.0,
+        max_attempts: int | None = 20,
+        max_queue: int = 10_000,
+        init_timeout: float = 10.0,
+    ) -> None:
+        self._connector = connector
+        self.ping_interval = ping_interval
+        self.reconnect = reconnect
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.max_attempts = max_attempts
+        self.init_timeout = init_timeout
+        self.channel: str | None = None
+        self._transport: Transport | None = None
+        self._responder: Responder | None = None
+        self._inbox: deque[ServerMessage] = deque(maxlen=max_queue)
+        self._inbox_waiter: asyncio.Future[None] | None = None
+        self._pending: dict[str, asyncio.Future[Any]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._runner: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._closing = False
+        #: Close information of the last connection lost, and counters.
+        self.last_close: ConnectionClosed | None = None
+        self.connections = 0
+        self.pongs = 0
+
+    # ------------------------------------------------------------------ setup
+
+    def on_request(self, responder: Responder) -> None:
+        """Answer server requests (``send_and_wait``) with ``responder(request)``: its return value
+        (awaited if a coroutine) is the answer; return :class:`Chunked` to answer in parts."""
+        self._responder = responder
+
+    async def connect(self) -> str:
+        """Connect, wait for ``init`` and return the channel id. Raises what the connector raises
+        (e.g. a 403 rejection) and ``ConnectionClosed`` if the server closes before ``init``."""
+        self._closing = False
+        await self._open()
+        self._runner = asyncio.get_running_loop().create_task(self._run())
+        return self.channel or ""
+
+    async def _open(self) -> None:
+        transport = await self._connector()
+        try:
+            async with asyncio.timeout(self.init_timeout):
+                while True:
+                    message = decode_server_frame(await transport.receive())
+                    if isinstance(message, InitMessage):
+                        break
+        except BaseException:
+            await transport.close()
+            raise
+        self._transport = transport
+        self.channel = message.message.channel
+        self.connections += 1
+        self._connected.set()
+
+    async def _run(self) -> None:
+        while True:
+            transport = self._transport
+            assert transport is not None
+            pinger = None
+            if self.ping_interval:
+                pinger = asyncio.get_running_loop().create_task(self._ping(transport))
+            try:
+                await self._read(transport)
+            finally:
+                if pinger is not None:
+                    pinger.cancel()
+                self._connected.clear()
+                self._fail_pending(self.last_close or ConnectionClosed())
+            if self._closing or not self.reconnect or not await self._reconnect():
+                self._wake_inbox()
+                return
+
+    async def _reconnect(self) -> bool:
+        attempt = 0
+        while not self._closing and (self.max_attempts is None or attempt < self.max_attempts):
+            delay = min(self.backoff_max, self.backoff_initial * 2**attempt)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            attempt += 1
+            try:
+                await self._open()
+                return True
+            except (OSError, DaraWSError, TimeoutError) as exc:
+                logger.info("reconnect attempt %d failed: %s", attempt, exc)
+            except Exception as exc:  # connector-specific errors (e.g. handshake status)
+                logger.info("reconnect attempt %d failed: %r", attempt, exc)
+        return False
+
+    async def _ping(self, transport: Transport) -> None:
+        assert self.ping_interval is not None
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await asyncio.sleep(self.ping_interval)
+                await transport.send(_PING)
+
+    # ------------------------------------------------------------------ inbound
+
+    async def _read(self, transport: Transport) -> None:
+        while True:
+            try:
+                frame = await transport.receive()
+            except ConnectionClosed as exc:
+                self.last_close = exc
+                return
+            try:
+                message = decode_server_frame(frame)
+            except (InvalidFrame, InvalidMessage) as exc:
+                logger.warning("undecodable server frame: %s", exc)
+                continue
+            self._dispatch(message)
+
+    def _dispatch(self, message: ServerMessage) -> None:
+        if isinstance(message, PongMessage):
+            self.pongs += 1
+            return
+        if isinstance(message, InitMessage):
+            self.channel = message.message.channel
+            return
+        payload = message.message
+        if isinstance(message, CustomServerMessage):
+            waiter = self._pending.get(payload.response_for or "")
+            if waiter is not None:
+                if not waiter.done():
+                    error = message.message.error
+                    if error is not None:
+                        waiter.set_exception(RemoteError(error.code, error.message))
+                    else:
+                        waiter.set_result(message.message.data)
+                return
+        if payload.rchan is not None and self._responder is not None:
+            request = Request(
+                rchan=payload.rchan,
+                payload=payload.model_dump(by_alias=True, exclude={"rchan", "response_for"}),
+                custom=isinstance(message, CustomServerMessage),
+                typename=message.typename if isinstance(message, DaraServerMessage) else None,
+            )
+            self._spawn(self._respond(request))
+            return
+        self._inbox.append(message)
+        self._wake_inbox()
+
+    def _wake_inbox(self) -> None:
+        if self._inbox_waiter is not None and not self._inbox_waiter.done():
+            self._inbox_waiter.set_result(None)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _respond(self, request: Request) -> None:
+        assert self._responder is not None
+        try:
+            answer = self._responder(request)
+            if inspect.isawaitable(answer):
+                answer = await answer
+            await self.answer(request.rchan, answer)
+        except ConnectionClosed:
+            pass
+        except Exception:
+            logger.exception("responder failed for request %s", request.rchan)
+
+    async def receive(self, timeout: float | None = None) -> ServerMessage:
+        """The next pushed message (not pongs, replies, or requests a responder answers).
+
+        Raises ``TimeoutError`` after ``timeout`` and ``ConnectionClosed`` once the client is
+        closed and the inbox is empty.
+        """
+        async with asyncio.timeout(timeout):
+            while not self._inbox:
+                if self._runner is None or self._runner.done():
+                    raise self.last_close or ConnectionClosed(CloseCode.NORMAL, "client closed")
+                self._inbox_waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._inbox_waiter
+                finally:
+                    self._inbox_waiter = None
+        return self._inbox.popleft()
+
+    def received_nowait(self) -> list[ServerMessage]:
+        """Take every message already in the inbox."""
+        items = list(self._inbox)
+        self._inbox.clear()
+        return items
+
+    # ------------------------------------------------------------------ outbound
+
+    def _require(self) -> Transport:
+        if self._transport is None or self._transport.closed or not self._connected.is_set():
+            raise self.last_close or ConnectionClosed(CloseCode.NORMAL, "not connected")
+        return self._transport
+
+    async def send_raw(self, frame: str | bytes) -> None:
+        """Send an arbitrary text frame (``str`` or UTF-8 ``bytes``), for tests of bad input."""
+        await self._require().send(frame.encode() if isinstance(frame, str) else frame)
+
+    async def send_custom(self, kind: str, data: Any = None) -> None:
+        """Send a fire-and-forget custom message."""
+        await self._require().send(
+            _to_json({"type": "custom", "message": {"kind": kind, "data": data}})
+        )
+
+    async def request(self, kind: str, data: Any = None, *, timeout: float | None = 10.0) -> Any:
+        """Send a custom request and return the reply's ``data``.
+
+        Raises ``RemoteError`` for an error reply, ``RequestTimeout``, ``ConnectionClosed``.
+        """
+        transport = self._require()
+        rchan = uuid.uuid4().hex
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[rchan] = waiter
+        try:
+            frame = {"type": "custom", "message": {"kind": kind, "data": data, "__rchan": rchan}}
+            await transport.send(_to_json(frame))
+            async with asyncio.timeout(timeout):
+                return await waiter
+        except TimeoutError:
+            raise RequestTimeout(f"no reply to {kind!r} within {timeout} s") from None
+        finally:
+            self._pending.pop(rchan, None)
+
+    async def answer(self, rchan: str, value: Any) -> None:
+        """Answer a server request (a *response* frame), in chunks if ``value`` is ``Chunked``."""
+        transport = self._require()
+        if not isinstance(value, Chunked):
+            await transport.send(_to_json(
+                {"type": "message", "channel": rchan, "chunk_count": None, "message": value}
+            ))
+            return
+        count = len(value.parts)
+        order = list(range(count))
+        if value.shuffle:
+            random.shuffle(order)
+        for i in order:
+            frame: dict[str, Any] = {"type": "message", "channel": rchan, "chunk_count": count,
+                                     "message": value.parts[i]}
+            if value.indexed:
+                frame["chunk_index"] = i
+            await transport.send(_to_json(frame))
+
+    def _fail_pending(self, exc: ConnectionClosed) -> None:
+        for waiter in self._pending.values():
+            if not waiter.done():
+                waiter.set_exception(exc)
+        self._pending.clear()
+
+    # ------------------------------------------------------------------ closing
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self, timeout: float | None = None) -> str:
+        """Wait until connected (after a reconnect) and return the channel id."""
+        async with asyncio.timeout(timeout):
+            await self._connected.wait()
+        return self.channel or ""
+
+    async def wait_closed(self, timeout: float | None = None) -> ConnectionClosed | None:
+        """Wait until the client stops (server close without reconnect, or :meth:`close`)."""
+        if self._runner is not None:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._runner)
+        return self.last_close
+
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Close the connection and stop reconnecting; idempotent."""
+        self._closing = True
+        if self._transport is not None:
+            await self._transport.close(code, reason)
+        if self._runner is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._runner), 10)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def __aenter__(self) -> DaraClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,80 @@
+"""Limits and timings, configured once and honoured by every transport."""
+
+from __future__ import annotations
+
+__all__ = ["ServerConfig", "SlowConsumerPolicy"]
+
+from dataclasses import dataclass
+from enum import Enum
+
+MiB = 1024 * 1024
+
+
+class SlowConsumerPolicy(str, Enum):
+    """What happens when a channel's outbound queue is full (protocol.md section 6).
+
+    * ``WAIT``: the sender waits for room, up to ``ServerConfig.send_timeout``; then the client is
+      disconnected with 1013. Broadcasts enqueue to every other client first, so one slow client
+      never delays the others' delivery.
+    * ``DROP_OLDEST``: the oldest queued frames are discarded to make room (counted in
+      ``WebSocketHandler.dropped``). Suits state pushes where only the newest value matters.
+    * ``DISCONNECT``: the client is closed with 1013 (try again later) at once.
+    """
+
+    WAIT = "wait"
+    DROP_OLDEST = "drop_oldest"
+    DISCONNECT = "disconnect"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Server-side limits and timings. Every limit is finite by default.
+
+    Sizes are in bytes of UTF-8 JSON, times in seconds; ``None`` disables a timer.
+    """
+
+    #: Largest inbound frame. 16 MiB like Dara's server (uvicorn's default): the stock client
+    #: sends large answers in one frame. Larger frames close the connection with 1009.
+    max_message_size: int = 16 * MiB
+    #: Outbound queue bound per channel, in frames and in bytes.
+    max_queue_messages: int = 4096
+    max_queue_bytes: int = 16 * MiB
+    slow_consumer_policy: SlowConsumerPolicy = SlowConsumerPolicy.WAIT
+    #: With ``WAIT``: how long a sender waits for room before the client is disconnected (1013).
+    send_timeout: float | None = 10.0
+    #: Server -> client requests in flight per channel.
+    max_pending_requests: int = 1024
+    #: Default timeout of ``send_and_wait`` when the call gives none.
+    request_timeout: float | None = 30.0
+    #: Chunked answers: most parts and most total bytes for one answer.
+    max_chunks: int = 10_000
+    max_chunked_bytes: int = 64 * MiB
+    #: Close connections that send nothing (not even the stock client's 5 s ping) for this long.
+    idle_timeout: float | None = 60.0
+    #: Protocol-level keepalive passed to the transport library (websockets/uvicorn style).
+    ping_interval: float | None = 20.0
+    ping_timeout: float | None = 20.0
+    #: Custom handler tasks (async handlers) running at once per connection; beyond that the
+    #: request gets a ``busy`` error reply.
+    max_handler_tasks: int = 64
+    #: How long a custom handler may run before its request gets a ``timeout`` error reply.
+    handler_timeout: float | None = 60.0
+    #: Inbound rate limit per connection: ``rate_limit`` frames per ``rate_window`` seconds
+    #: (``None`` disables). Beyond it the connection is closed with 1008.
+    rate_limit: int | None = None
+    rate_window: float = 1.0
+    #: Grace period for in-flight handler replies at shutdown before connections close with 1001.
+    shutdown_grace: float = 5.0
+    #: Connections allowed per user (``None``: no limit); extra handshakes are rejected with 403.
+    max_connections_per_user: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_message_size", "max_queue_messages", "max_queue_bytes",
+                     "max_pending_requests", "max_chunks", "max_chunked_bytes",
+                     "max_handler_tasks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if not isinstance(self.slow_consumer_policy, SlowConsumerPolicy):
+            object.__setattr__(
+                self, "slow_consumer_policy", SlowConsumerPolicy(self.slow_consumer_policy)
+            )

@@ -1,0 +1,159 @@
+"""The correlation table of server -> client requests (protocol.md section 4). Pure.
+
+Every ``send_and_wait`` opens an entry under a fresh, unpredictable ``__rchan`` and attaches an
+opaque *waiter* (the asyncio layer uses a future). Response frames are fed in; the table answers
+with an outcome naming the waiter to complete or fail. An entry's lifecycle is: opened, then
+exactly one of completed, failed (bad chunks), discarded (timeout or cancellation, by the caller's
+``finally``) or failed on close (:meth:`PendingRequests.close`). No entry outlives its call.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "Completed",
+    "Failed",
+    "Ignored",
+    "Outcome",
+    "Partial",
+    "PendingRequests",
+]
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from .chunks import ChunkAssembler
+from .exceptions import ChunkError, TooManyPendingRequests
+from .messages import DaraClientMessage
+
+W = TypeVar("W")
+
+
+@dataclass(frozen=True, slots=True)
+class Completed(Generic[W]):
+    """The answer is complete: give ``value`` to ``waiter``. The entry is removed."""
+
+    rchan: str
+    waiter: W
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Failed(Generic[W]):
+    """The answer broke the protocol: fail ``waiter`` with ``error``. The entry is removed."""
+
+    rchan: str
+    waiter: W
+    error: ChunkError
+
+
+@dataclass(frozen=True, slots=True)
+class Partial:
+    """A chunk was stored; more are expected."""
+
+    rchan: str
+    received: int
+    expected: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ignored:
+    """The frame answers no pending request (unknown, already answered, or timed out)."""
+
+    rchan: str
+
+
+Outcome = Completed[W] | Failed[W] | Partial | Ignored
+
+
+class _Entry(Generic[W]):
+    __slots__ = ("assembler", "waiter")
+
+    def __init__(self, waiter: W) -> None:
+        self.waiter = waiter
+        self.assembler: ChunkAssembler | None = None
+
+
+class PendingRequests(Generic[W]):
+    """Pending server -> client requests of one channel, bounded in count and chunk sizes."""
+
+    __slots__ = ("_entries", "max_chunked_bytes", "max_chunks", "max_pending")
+
+    def __init__(
+        self, *, max_pending: int = 1024, max_chunks: int = 10_000, max_chunked_bytes: int = 2**26
+    ) -> None:
+        self.max_pending = max_pending
+        self.max_chunks = max_chunks
+        self.max_chunked_bytes = max_chunked_bytes
+        self._entries: dict[str, _Entry[W]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, rchan: object) -> bool:
+        return rchan in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def waiter(self, rchan: str) -> W:
+        """The waiter of a pending request; raises ``KeyError`` if there is none."""
+        return self._entries[rchan].waiter
+
+    def open(self, waiter: W) -> str:
+        """Open a request and return its ``__rchan`` (a uuid4: 122 random bits, like Dara's).
+
+        Raises :class:`TooManyPendingRequests` at the limit.
+        """
+        if len(self._entries) >= self.max_pending:
+            raise TooManyPendingRequests(
+                f"{len(self._entries)} requests already pending on this channel"
+            )
+        rchan = str(uuid.uuid4())
+        self._entries[rchan] = _Entry(waiter)
+        return rchan
+
+    def receive(self, message: DaraClientMessage, size: int = 0) -> Outcome[W]:
+        """Feed one response frame; ``size`` is its length, counted against the chunk byte limit."""
+        rchan = message.channel
+        entry = self._entries.get(rchan)
+        if entry is None:
+            return Ignored(rchan)
+        if message.chunk_count is None:
+            if entry.assembler is not None:
+                # Dara let a plain frame silently replace collected parts; we refuse it.
+                del self._entries[rchan]
+                return Failed(rchan, entry.waiter, ChunkError("plain answer after chunked parts"))
+            del self._entries[rchan]
+            return Completed(rchan, entry.waiter, message.message)
+        try:
+            if entry.assembler is None:
+                entry.assembler = ChunkAssembler(
+                    message.chunk_count,
+                    max_chunks=self.max_chunks,
+                    max_bytes=self.max_chunked_bytes,
+                )
+            parts = entry.assembler.feed(
+                message.message,
+                chunk_count=message.chunk_count,
+                chunk_index=message.chunk_index,
+                size=size,
+            )
+        except ChunkError as exc:
+            del self._entries[rchan]
+            return Failed(rchan, entry.waiter, exc)
+        if parts is None:
+            return Partial(rchan, entry.assembler.received, entry.assembler.expected)
+        del self._entries[rchan]
+        return Completed(rchan, entry.waiter, parts)
+
+    def discard(self, rchan: str) -> None:
+        """Forget a request (its caller timed out or was cancelled); no-op if already gone."""
+        self._entries.pop(rchan, None)
+
+    def close(self) -> list[W]:
+        """Remove every entry and return their waiters, to be failed with the close exception."""
+        waiters = [entry.waiter for entry in self._entries.values()]
+        self._entries.clear()
+        return waiters

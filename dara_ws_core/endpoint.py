@@ -1,0 +1,273 @@
+"""The connection lifecycle (protocol.md section 5), transport-agnostic: the seed's ``ws_handler``.
+
+An adapter calls :meth:`Endpoint.authenticate` before accepting (HTTP 403 on rejection) and
+:meth:`Endpoint.serve` after. ``serve`` then runs the whole connection:
+
+1. create and register the channel's handler (its first queued frame is ``init``);
+2. the receive loop (frames handled in order, bad input per section 6) and the send loop
+   (drains the channel's bounded queue into the transport);
+3. on any end, close the transport with the right code, fail pending requests, cancel handler
+   tasks, and remove the channel from every registry.
+
+One sweeper task per endpoint enforces the idle timeout and identity expiry for all connections,
+so an idle connection costs no timer of its own.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DEFAULT_PATH", "Endpoint", "ws_handler"]
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from typing import Any
+
+from .auth import Authenticator, Identity, run_authenticator
+from .config import ServerConfig
+from .exceptions import (
+    AuthenticationFailed,
+    CloseCode,
+    ConnectionClosed,
+    InvalidMessage,
+    ProtocolError,
+)
+from .handler import WebSocketHandler, current_channel, current_identity
+from .manager import WebsocketManager
+from .messages import PONG_FRAME, ClientPing, decode_client_frame
+from .transport import HandshakeRequest, Transport
+
+logger = logging.getLogger("dara_ws_core")
+
+#: Where Dara's server mounts the socket, and so where a stock client looks for it.
+DEFAULT_PATH = "/api/core/ws"
+
+
+class Endpoint:
+    """Binds a manager and an authenticator into something a transport adapter can serve."""
+
+    def __init__(
+        self,
+        manager: WebsocketManager,
+        authenticator: Authenticator,
+        *,
+        path: str = DEFAULT_PATH,
+    ) -> None:
+        self.manager = manager
+        self.authenticator = authenticator
+        self.path = path
+        self._connections: dict[str, asyncio.Task[Any]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def config(self) -> ServerConfig:
+        return self.manager.config
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    async def authenticate(self, request: HandshakeRequest) -> Identity:
+        """Run the authenticator on a handshake. Call it **before** accepting.
+
+        Raises ``AuthenticationFailed``, which the adapter answers with HTTP 403. An authenticator
+        that crashes also rejects (and is logged): a bug never lets anyone in.
+        """
+        if self._closing:
+            raise AuthenticationFailed("server is shutting down")
+        try:
+            identity = await run_authenticator(self.authenticator, request)
+        except AuthenticationFailed as exc:
+            logger.info("handshake rejected: %s", exc, extra={"path": request.path})
+            raise
+        except Exception as exc:
+            logger.exception("authenticator failed", extra={"path": request.path})
+            raise AuthenticationFailed("authenticator error") from exc
+        limit = self.config.max_connections_per_user
+        if limit is not None and len(self.manager.get_user_channels(identity.user_id)) >= limit:
+            logger.info("handshake rejected: connection limit", extra={"user": identity.user_id})
+            raise AuthenticationFailed(f"user has {limit} connections already")
+        return identity
+
+    async def serve(self, transport: Transport, identity: Identity) -> None:
+        """Run one accepted connection until it ends; closes the transport itself.
+
+        Never raises for anything the peer does; returns when the connection is over and every
+        trace of it is gone from the manager.
+        """
+        loop = asyncio.get_running_loop()
+        channel_id = str(uuid.uuid4())
+        manager = self.manager
+        handler = manager.create_handler(channel_id, identity)
+        close_requests: deque[tuple[int, str]] = deque(maxlen=1)
+        close_task: asyncio.Task[None] | None = None
+
+        def request_close(code: int, reason: str) -> None:
+            nonlocal close_task
+            close_requests.append((code, reason))
+            close_task = loop.create_task(_close_quietly(transport, code, reason))
+
+        handler.attach(request_close, loop.time())
+        current_channel.set(channel_id)
+        current_identity.set(identity)
+        this = asyncio.current_task()
+        if this is not None:
+            self._connections[channel_id] = this
+        self._ensure_sweeper()
+        sender = loop.create_task(self._send_loop(transport, handler))
+        closed = ConnectionClosed(CloseCode.ABNORMAL, "connection lost")
+        try:
+            closed = await self._receive_loop(transport, handler)
+        except asyncio.CancelledError:
+            closed = ConnectionClosed(CloseCode.GOING_AWAY, "server shutting down")
+            handler.close(closed.code, closed.reason)
+            raise
+        except Exception:
+            logger.exception("connection failed", extra={"channel": channel_id})
+            closed = ConnectionClosed(CloseCode.INTERNAL_ERROR, "internal error")
+            handler.close(closed.code, closed.reason)
+        finally:
+            if close_requests:
+                code, reason = close_requests[0]
+                closed = ConnectionClosed(code, reason)
+            self._connections.pop(channel_id, None)
+            manager.remove_handler(channel_id, closed)
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+            if close_task is not None:
+                await asyncio.shield(close_task)
+            elif not transport.closed:
+                await _close_quietly(transport, CloseCode.NORMAL, "")
+
+    async def _receive_loop(
+        self, transport: Transport, handler: WebSocketHandler
+    ) -> ConnectionClosed:
+        """Handle frames in order until the connection ends; returns how it ended."""
+        config = self.config
+        max_size = config.max_message_size
+        decode = decode_client_frame
+        loop = asyncio.get_running_loop()
+        rate_limit = config.rate_limit
+        window_start, window_count = loop.time(), 0
+        while True:
+            try:
+                frame = await transport.receive()
+            except ConnectionClosed as exc:
+                return exc
+            now = handler.last_seen = loop.time()
+            if rate_limit is not None:
+                if now - window_start >= config.rate_window:
+                    window_start, window_count = now, 0
+                window_count += 1
+                if window_count > rate_limit:
+                    logger.warning("rate limit exceeded", extra={"channel": handler.channel_id})
+                    handler.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+                    return ConnectionClosed(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+            try:
+                message = decode(frame, max_size)
+            except InvalidMessage as exc:
+                # Unknown type or invalid fields: dropped and logged, the connection stays.
+                logger.warning("dropped client frame: %s", exc,
+                               extra={"channel": handler.channel_id})
+                continue
+            except ProtocolError as exc:
+                code = exc.close_code or CloseCode.PROTOCOL_ERROR
+                logger.info("closing on bad frame: %s", exc, extra={"channel": handler.channel_id})
+                handler.close(code, str(exc))
+                return ConnectionClosed(code, str(exc))
+            if type(message) is ClientPing:
+                pending = handler.send_nowait(PONG_FRAME)
+            else:
+                pending = handler.process_client_message(message, len(frame))
+            if pending is not None:
+                try:
+                    await pending
+                except ConnectionClosed as exc:
+                    return exc
+
+    @staticmethod
+    async def _send_loop(transport: Transport, handler: WebSocketHandler) -> None:
+        queue = handler.queue
+        send = transport.send
+        try:
+            while True:
+                frame = await queue.get()
+                await send(frame)
+        except ConnectionClosed:
+            pass
+        except Exception:
+            logger.exception("send failed", extra={"channel": handler.channel_id})
+            handler.close(CloseCode.INTERNAL_ERROR, "send failed")
+
+    # ------------------------------------------------------------------ timers and shutdown
+
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Close idle connections and connections whose identity expired."""
+        idle = self.config.idle_timeout
+        interval = min(1.0, idle / 4) if idle else 1.0
+        loop = asyncio.get_running_loop()
+        while self._connections:
+            await asyncio.sleep(interval)
+            now, wall = loop.time(), None
+            for handler in list(self.manager.handlers.values()):
+                if handler.channel_id not in self._connections:
+                    continue
+                if idle is not None and now - handler.last_seen >= idle:
+                    handler.close(CloseCode.GOING_AWAY, "idle timeout")
+                identity = handler.identity
+                if identity is not None and identity.expires_at is not None:
+                    wall = wall or time.time()
+                    if identity.expired(wall):
+                        handler.close(CloseCode.POLICY_VIOLATION, "identity expired")
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop: refuse new handshakes, let in-flight handler replies finish for ``grace`` seconds
+        (default ``ServerConfig.shutdown_grace``), close every connection with 1001 and fail
+        their pending requests, and wait until every connection task is done."""
+        self._closing = True
+        grace = self.config.shutdown_grace if grace is None else grace
+        handlers = [h for c, h in self.manager.handlers.items() if c in self._connections]
+        if handlers and grace > 0:
+            await asyncio.gather(*(h.wait_tasks(grace) for h in handlers))
+        for handler in handlers:
+            handler.close(CloseCode.GOING_AWAY, "server shutting down")
+        tasks = list(self._connections.values())
+        if tasks:
+            _, still = await asyncio.wait(tasks, timeout=max(grace, 1.0) + 5.0)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=5.0)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
+
+
+async def _close_quietly(transport: Transport, code: int, reason: str) -> None:
+    try:
+        await transport.close(code, reason[:120])
+    except Exception:  # the peer may be gone already; closing is best effort
+        logger.debug("close failed", exc_info=True)
+
+
+async def ws_handler(endpoint: Endpoint, transport: Transport, request: HandshakeRequest) -> bool:
+    """Authenticate and serve in one call, for transports whose accept step the caller controls
+    elsewhere. Returns ``False`` (after closing with 1008) when authentication fails.
+
+    Adapters that can answer HTTP 403 before accepting should call ``authenticate`` and ``serve``
+    separately instead.
+    """
+    try:
+        identity = await endpoint.authenticate(request)
+    except AuthenticationFailed:
+        await _close_quietly(transport, CloseCode.POLICY_VIOLATION, "forbidden")
+        return False
+    await endpoint.serve(transport, identity)
+    return True

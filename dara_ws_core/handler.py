@@ -1,0 +1,361 @@
+"""The per-connection handler: outbound queue, server requests, custom message dispatch.
+
+One :class:`WebSocketHandler` per connection (the seed's class). It owns the asyncio side of a
+channel: the bounded outbound queue and its slow-consumer policy, the futures of pending
+``send_and_wait`` calls (over the pure :class:`~dara_ws_core.correlation.PendingRequests` table),
+and the tasks of async custom handlers. It never touches a socket: the connection lifecycle
+(:mod:`dara_ws_core.endpoint`) drains its queue into the transport and feeds it decoded frames.
+"""
+
+from __future__ import annotations
+
+__all__ = ["WebSocketHandler", "current_channel", "current_identity"]
+
+import asyncio
+import contextvars
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import pydantic_core
+from pydantic import BaseModel
+
+from .auth import Identity
+from .config import ServerConfig, SlowConsumerPolicy
+from .correlation import Completed, Failed, Ignored, PendingRequests
+from .custom import CustomHandlerRegistry, HandlerSpec
+from .exceptions import (
+    CloseCode,
+    ConnectionClosed,
+    RequestTimeout,
+    SlowConsumer,
+    UnknownKind,
+)
+from .messages import (
+    PONG_FRAME,
+    ClientMessage,
+    ClientPing,
+    CustomClientMessage,
+    CustomClientMessagePayload,
+    DaraClientMessage,
+    LoosePayload,
+    build_frame,
+    encode,
+)
+from .queue import OutboundQueue
+
+logger = logging.getLogger("dara_ws_core")
+
+#: The channel id / identity of the connection whose frame is being handled (like Dara's
+#: ``WS_CHANNEL`` and ``USER`` context variables); set for custom handlers and their tasks.
+current_channel: contextvars.ContextVar[str] = contextvars.ContextVar("dara_ws_channel")
+current_identity: contextvars.ContextVar[Identity] = contextvars.ContextVar("dara_ws_identity")
+
+_to_json = pydantic_core.to_json
+_DEFAULT: Any = object()
+
+
+def _error_frame(kind: str, rchan: str | None, code: str, message: str) -> bytes:
+    # protocol.md section 3, error [ext]: the caller's promise settles; no traceback on the wire.
+    body: dict[str, Any] = {"kind": kind, "data": None, "__error": {"code": code, "message": message}}
+    if rchan is not None:
+        body["__response_for"] = rchan
+    return _to_json({"type": "custom", "message": body})
+
+
+class WebSocketHandler:
+    """Represents a WebSocket connection to a given client (one channel).
+
+    Create it through :meth:`WebsocketManager.create_handler`; the manager removes it when the
+    connection ends, which fails its pending requests and cancels its handler tasks.
+    """
+
+    __slots__ = ("_close_task", "_closed", "_closer", "_custom", "_pending", "_tasks", "channel_id",
+                 "config", "identity", "last_seen", "queue")
+
+    def __init__(
+        self,
+        channel_id: str,
+        *,
+        identity: Identity | None = None,
+        config: ServerConfig | None = None,
+        custom_handlers: CustomHandlerRegistry | None = None,
+    ) -> None:
+        self.channel_id = channel_id
+        self.identity = identity
+        self.config = config = config or ServerConfig()
+        self.queue = OutboundQueue(config.max_queue_messages, config.max_queue_bytes)
+        self._pending: PendingRequests[asyncio.Future[Any]] = PendingRequests(
+            max_pending=config.max_pending_requests,
+            max_chunks=config.max_chunks,
+            max_chunked_bytes=config.max_chunked_bytes,
+        )
+        self._custom = custom_handlers or CustomHandlerRegistry()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed: ConnectionClosed | None = None
+        self._closer: Callable[[int, str], None] | None = None
+        self._close_task: asyncio.Task[None] | None = None
+        #: Event-loop time of the last inbound frame (for the idle timeout).
+        self.last_seen = 0.0
+
+    def __repr__(self) -> str:
+        return f"<WebSocketHandler {self.channel_id} queued={len(self.queue)}>"
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    @property
+    def pending_responses(self) -> Mapping[str, asyncio.Future[Any]]:
+        """Pending server requests: ``__rchan`` -> the future of the waiting ``send_and_wait``."""
+        return MappingProxyType({r: self._pending.waiter(r) for r in self._pending})
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    @property
+    def task_count(self) -> int:
+        """Async custom handler tasks running for this connection."""
+        return len(self._tasks)
+
+    @property
+    def dropped(self) -> int:
+        """Frames discarded by the ``DROP_OLDEST`` policy."""
+        return self.queue.dropped
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Ask the connection to close with ``code``; returns at once. Idempotent."""
+        if self._closer is not None:
+            closer, self._closer = self._closer, None
+            closer(code, reason)
+
+    # ------------------------------------------------------------------ outbound
+
+    async def send_message(self, message: BaseModel | bytes) -> None:
+        """Send a message (an envelope model, or an already encoded frame) to the client.
+
+        Applies the slow-consumer policy; raises ``SlowConsumer`` if the client is disconnected
+        for being slow and ``ConnectionClosed`` if the channel is closed.
+        """
+        frame = message if isinstance(message, bytes) else encode(message)
+        if not self.queue.offer(frame):
+            await self.enqueue_slow(frame)
+
+    def send_nowait(self, frame: bytes) -> Awaitable[None] | None:
+        """Enqueue ``frame`` if there is room; otherwise return the coroutine that applies the
+        slow-consumer policy (never raising ``SlowConsumer``). Raises ``ConnectionClosed``."""
+        if self.queue.offer(frame):
+            return None
+        return self.enqueue_slow(frame, raise_slow=False)
+
+    async def enqueue_slow(self, frame: bytes, *, raise_slow: bool = True) -> None:
+        """Apply the slow-consumer policy to a frame that did not fit (protocol.md section 6)."""
+        policy = self.config.slow_consumer_policy
+        if policy is SlowConsumerPolicy.DROP_OLDEST:
+            if self.queue.drop_oldest_and_put(frame) and self.queue.dropped % 1000 == 1:
+                logger.warning("slow consumer: dropping oldest frames",
+                               extra={"channel": self.channel_id, "dropped": self.queue.dropped})
+            return
+        if policy is SlowConsumerPolicy.WAIT:
+            try:
+                await self.queue.put(frame, self.config.send_timeout)
+                return
+            except TimeoutError:
+                pass
+        logger.warning("slow consumer: disconnecting", extra={"channel": self.channel_id})
+        self.close(CloseCode.TRY_AGAIN_LATER, "slow consumer")
+        self.queue.close()
+        if raise_slow:
+            raise SlowConsumer(f"channel {self.channel_id} is not reading; disconnected (1013)")
+
+    # ------------------------------------------------------------------ server -> client requests
+
+    async def send_and_wait(
+        self,
+        message: LoosePayload | BaseModel,
+        *,
+        custom: bool = False,
+        timeout: float | None = _DEFAULT,
+    ) -> Any:
+        """Send a request to the client and return its answer (a list of parts if chunked).
+
+        ``timeout`` defaults to ``ServerConfig.request_timeout``. Raises ``RequestTimeout``,
+        ``ConnectionClosed`` at once if the connection closes, ``ChunkError`` for an invalid
+        chunked answer, ``TooManyPendingRequests`` at the channel's limit, ``SlowConsumer``.
+        Cancelling the call removes its pending entry.
+        """
+        if self._closed is not None:
+            raise self._closed
+        if timeout is _DEFAULT:
+            timeout = self.config.request_timeout
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        rchan = self._pending.open(waiter)
+        try:
+            frame = build_frame(message, custom=custom, rchan=rchan)
+            async with asyncio.timeout(timeout) as scope:
+                if not self.queue.offer(frame):
+                    await self.enqueue_slow(frame)
+                return await waiter
+        except TimeoutError:
+            if scope.expired():
+                raise RequestTimeout(
+                    f"no answer from channel {self.channel_id} within {timeout} s"
+                ) from None
+            raise
+        finally:
+            self._pending.discard(rchan)
+
+    # ------------------------------------------------------------------ client -> server
+
+    def process_client_message(
+        self, message: ClientMessage, size: int = 0
+    ) -> Awaitable[None] | None:
+        """Process a decoded client frame; ``size`` is the frame's length (chunk byte limits).
+
+        Resolves pending responses and dispatches custom messages. Returns an awaitable when
+        the caller must wait before reading the next frame (a sync handler's reply that did not
+        fit the queue, a threaded handler), so that one connection's messages stay in order.
+        """
+        if isinstance(message, DaraClientMessage):
+            self._resolve(message, size)
+            return None
+        if isinstance(message, CustomClientMessage):
+            return self._dispatch(message.message)
+        if isinstance(message, ClientPing):
+            return self.send_nowait(PONG_FRAME)
+        raise TypeError(f"not a client message: {type(message).__name__}")
+
+    def _resolve(self, message: DaraClientMessage, size: int) -> None:
+        outcome = self._pending.receive(message, size)
+        if isinstance(outcome, Completed):
+            if not outcome.waiter.done():
+                outcome.waiter.set_result(outcome.value)
+        elif isinstance(outcome, Failed):
+            logger.warning("invalid chunked answer: %s", outcome.error,
+                           extra={"channel": self.channel_id, "rchan": outcome.rchan})
+            if not outcome.waiter.done():
+                outcome.waiter.set_exception(outcome.error)
+        elif isinstance(outcome, Ignored):
+            logger.info("answer for an unknown or settled request ignored",
+                        extra={"channel": self.channel_id, "rchan": outcome.rchan})
+
+    def _dispatch(self, payload: CustomClientMessagePayload) -> Awaitable[None] | None:
+        try:
+            spec = self._custom.get(payload.kind)
+        except UnknownKind:
+            logger.info("custom message of unknown kind",
+                        extra={"channel": self.channel_id, "kind": payload.kind})
+            return self.send_nowait(_error_frame(payload.kind, payload.rchan, "unknown_kind",
+                                                 f"no handler for kind {payload.kind!r}"))
+        if spec.is_async:
+            if len(self._tasks) >= self.config.max_handler_tasks:
+                return self.send_nowait(_error_frame(payload.kind, payload.rchan, "busy",
+                                                     "too many requests in progress"))
+            task = asyncio.create_task(self._run_async(spec, payload))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return None
+        if spec.in_thread:
+            return self._run_in_thread(spec, payload)
+        try:
+            result = spec.func(self.channel_id, payload.data)
+        except Exception:
+            return self.send_nowait(self._failure(spec, payload))
+        return self._reply(payload, result)
+
+    def _failure(self, spec: HandlerSpec, payload: CustomClientMessagePayload) -> bytes:
+        # The traceback goes to the log with the channel and kind; the wire gets a code only.
+        logger.exception("custom handler failed",
+                         extra={"channel": self.channel_id, "kind": spec.kind})
+        return _error_frame(payload.kind, payload.rchan, "handler_error", "the handler failed")
+
+    def _reply_frame(self, payload: CustomClientMessagePayload, result: Any) -> bytes | None:
+        # A request (with __rchan) always gets a reply so the client's promise settles; a
+        # fire-and-forget message gets one only when the handler returned a value (section 4).
+        if payload.rchan is None:
+            if result is None:
+                return None
+            body: dict[str, Any] = {"kind": payload.kind, "data": result}
+        else:
+            body = {"kind": payload.kind, "data": result, "__response_for": payload.rchan}
+        try:
+            return _to_json({"type": "custom", "message": body})
+        except pydantic_core.PydanticSerializationError:
+            logger.exception("custom handler returned a value JSON cannot carry",
+                             extra={"channel": self.channel_id, "kind": payload.kind})
+            return _error_frame(payload.kind, payload.rchan, "handler_error",
+                                "the handler's result could not be encoded")
+
+    def _reply(self, payload: CustomClientMessagePayload, result: Any) -> Awaitable[None] | None:
+        frame = self._reply_frame(payload, result)
+        return None if frame is None else self.send_nowait(frame)
+
+    async def _run_in_thread(self, spec: HandlerSpec, payload: CustomClientMessagePayload) -> None:
+        try:
+            async with asyncio.timeout(self.config.handler_timeout):
+                result = await asyncio.to_thread(spec.func, self.channel_id, payload.data)
+        except TimeoutError:
+            frame: bytes | None = _error_frame(payload.kind, payload.rchan, "timeout",
+                                               "the handler timed out")
+        except Exception:
+            frame = self._failure(spec, payload)
+        else:
+            frame = self._reply_frame(payload, result)
+        if frame is not None:
+            pending = self.send_nowait(frame)
+            if pending is not None:
+                await pending
+
+    async def _run_async(self, spec: HandlerSpec, payload: CustomClientMessagePayload) -> None:
+        try:
+            async with asyncio.timeout(self.config.handler_timeout):
+                result = await spec.func(self.channel_id, payload.data)
+        except TimeoutError:
+            logger.warning("custom handler timed out",
+                           extra={"channel": self.channel_id, "kind": spec.kind})
+            frame: bytes | None = _error_frame(payload.kind, payload.rchan, "timeout",
+                                               "the handler timed out")
+        except Exception:
+            frame = self._failure(spec, payload)
+        else:
+            frame = self._reply_frame(payload, result)
+        if frame is None:
+            return
+        try:
+            pending = self.send_nowait(frame)
+            if pending is not None:
+                await pending
+        except ConnectionClosed:
+            pass
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def attach(self, closer: Callable[[int, str], None], now: float) -> None:
+        """Called by the connection lifecycle: how to close the connection, and the start time."""
+        self._closer = closer
+        self.last_seen = now
+
+    async def wait_tasks(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for running handler tasks (graceful shutdown)."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+
+    def shutdown(self, exc: ConnectionClosed) -> None:
+        """Release everything: fail pending requests with ``exc``, drop the queue, cancel tasks.
+
+        Called once when the connection is gone (``WebsocketManager.remove_handler``).
+        """
+        if self._closed is not None:
+            return
+        self._closed = exc
+        self._closer = None
+        self.queue.close()
+        for waiter in self._pending.close():
+            if not waiter.done():
+                waiter.set_exception(exc)
+        for task in self._tasks:
+            task.cancel()

@@ -1,0 +1,217 @@
+"""The manager: every connection of a server, and sending to one, a user's, or all of them.
+
+Frames are encoded once per call, never once per recipient: a broadcast builds one ``bytes``
+object and every recipient's queue holds that same object. Delivery first offers the frame to every
+queue without waiting; only the queues that are full then apply their slow-consumer policy,
+concurrently, so one slow client never delays the others.
+
+With a backplane (:mod:`dara_ws_core.backplane`) the same calls reach channels connected to other
+processes.
+"""
+
+from __future__ import annotations
+
+__all__ = ["WebsocketManager", "get_user_channels"]
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from .auth import Identity
+from .config import ServerConfig
+from .custom import CustomHandler, CustomHandlerRegistry
+from .exceptions import CloseCode, ConnectionClosed, UnknownChannel
+from .handler import _DEFAULT, WebSocketHandler
+from .messages import InitMessage, InitPayload, LoosePayload, build_frame, encode
+from .registry import ChannelRegistry
+
+if TYPE_CHECKING:
+    from .backplane import Backplane
+
+logger = logging.getLogger("dara_ws_core")
+
+
+class WebsocketManager:
+    """Manages WebSocket connections to clients and communication with them.
+
+    One per server (or per test): it holds no global state, so two managers never share
+    channels, users or handlers.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig | None = None,
+        *,
+        custom_handlers: CustomHandlerRegistry | None = None,
+        backplane: Backplane | None = None,
+    ) -> None:
+        self.config = config or ServerConfig()
+        #: channel id -> handler, for the connections of this process.
+        self.handlers: dict[str, WebSocketHandler] = {}
+        self.registry = ChannelRegistry()
+        self.custom_handlers = custom_handlers or CustomHandlerRegistry()
+        self.backplane = backplane
+
+    # ------------------------------------------------------------------ handlers
+
+    def add_ws_handler(self, kind: str, handler: CustomHandler, *, in_thread: bool = False) -> None:
+        """Register a custom message handler ``handler(channel_id, data)`` (Dara's name)."""
+        self.custom_handlers.register(kind, handler, in_thread=in_thread)
+
+    def create_handler(self, channel_id: str, identity: Identity | None = None) -> WebSocketHandler:
+        """Create and register the handler of a new connection; its first frame is ``init``.
+
+        Raises ``ValueError`` if the channel id is taken. Without an identity the channel is
+        reachable by id and by broadcast, but belongs to no user.
+        """
+        if channel_id in self.handlers:
+            raise ValueError(f"channel {channel_id!r} already has a handler")
+        handler = WebSocketHandler(
+            channel_id, identity=identity, config=self.config, custom_handlers=self.custom_handlers
+        )
+        # init is queued before the channel becomes reachable, so it is always the first frame.
+        handler.queue.offer(encode(InitMessage(message=InitPayload(channel=channel_id))))
+        self.handlers[channel_id] = handler
+        if identity is not None:
+            self.registry.add(channel_id, identity.session_id, identity.user_id)
+        if self.backplane is not None:
+            self.backplane.channel_added(channel_id, identity)
+        return handler
+
+    def remove_handler(self, channel_id: str, exc: ConnectionClosed | None = None) -> None:
+        """Remove a channel's handler: its pending requests fail with ``exc`` (by default a
+        ``ConnectionClosed``), its handler tasks are cancelled, its registry entries go."""
+        handler = self.handlers.pop(channel_id, None)
+        self.registry.remove(channel_id)
+        if handler is not None:
+            if self.backplane is not None:
+                self.backplane.channel_removed(channel_id, handler.identity)
+            handler.shutdown(exc or ConnectionClosed(CloseCode.NORMAL, "handler removed"))
+
+    def get_user_channels(self, user_id: str) -> set[str]:
+        """Connected channels of a user, on this process (see ``backplane`` for all of them)."""
+        return self.registry.user_channels(user_id)
+
+    # ------------------------------------------------------------------ sending
+
+    async def send_message(
+        self, channel_id: str, message: LoosePayload | BaseModel, custom: bool = False
+    ) -> None:
+        """Send a message to one channel. Raises ``UnknownChannel`` if no such channel is
+        connected (Dara returned ``None`` silently), ``SlowConsumer``, ``ConnectionClosed``."""
+        frame = build_frame(message, custom=custom)
+        handler = self.handlers.get(channel_id)
+        if handler is not None:
+            if not handler.queue.offer(frame):
+                await handler.enqueue_slow(frame)
+            return
+        if self.backplane is not None:
+            await self.backplane.send_to_channel(channel_id, frame)
+            return
+        raise UnknownChannel(channel_id)
+
+    async def broadcast(
+        self,
+        message: LoosePayload | BaseModel,
+        custom: bool = False,
+        ignore_channel: str | None = None,
+    ) -> None:
+        """Send a message to every connected client except ``ignore_channel``."""
+        frame = build_frame(message, custom=custom)
+        await self.deliver_local(self.handlers.values(), frame, ignore_channel)
+        if self.backplane is not None:
+            await self.backplane.broadcast(frame, ignore_channel)
+
+    async def send_message_to_user(
+        self,
+        user_id: str,
+        message: LoosePayload | BaseModel,
+        custom: bool = False,
+        ignore_channel: str | None = None,
+    ) -> None:
+        """Send a message to every channel of a user except ``ignore_channel``. A user with no
+        connection is not an error (the message has no recipient)."""
+        frame = build_frame(message, custom=custom)
+        handlers = self.handlers
+        local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]
+        await self.deliver_local(local, frame, ignore_channel)
+        if self.backplane is not None:
+            await self.backplane.send_to_user(user_id, frame, ignore_channel)
+
+    async def send_and_wait(
+        self,
+        channel_id: str,
+        message: LoosePayload | BaseModel,
+        custom: bool = False,
+        timeout: float | None = _DEFAULT,
+    ) -> Any:
+        """Send a request to a channel and return the client's answer.
+
+        Raises ``UnknownChannel``, ``RequestTimeout``, ``ConnectionClosed`` (at once when the
+        client disconnects), ``ChunkError``, ``TooManyPendingRequests`` (see the handler's method).
+        """
+        handler = self.handlers.get(channel_id)
+        if handler is not None:
+            return await handler.send_and_wait(message, custom=custom, timeout=timeout)
+        if self.backplane is not None:
+            if timeout is _DEFAULT:
+                timeout = self.config.request_timeout
+            return await self.backplane.request(channel_id, message, custom, timeout)
+        raise UnknownChannel(channel_id)
+
+    async def deliver_local(
+        self, handlers: Iterable[WebSocketHandler], frame: bytes, ignore_channel: str | None = None
+    ) -> None:
+        """Deliver one encoded frame to local handlers (the fan-out every send method uses).
+
+        Offers the frame to every queue first; full queues then apply their policy
+        concurrently. Closed channels are skipped. Never raises for one recipient's failure.
+        """
+        slow: list[WebSocketHandler] | None = None
+        for handler in handlers:
+            queue = handler.queue
+            if queue.closed or handler.channel_id == ignore_channel:
+                continue
+            if not queue.offer(frame):
+                if slow is None:
+                    slow = []
+                slow.append(handler)
+        if slow:
+            await asyncio.gather(
+                *(h.enqueue_slow(frame, raise_slow=False) for h in slow), return_exceptions=True
+            )
+
+    # ------------------------------------------------------------------ disconnecting
+
+    def close_channel(self, channel_id: str, code: int = CloseCode.NORMAL, reason: str = "") -> bool:
+        """Close one local connection; ``False`` if it is not connected here."""
+        handler = self.handlers.get(channel_id)
+        if handler is None:
+            return False
+        handler.close(code, reason)
+        return True
+
+    def disconnect_user(
+        self, user_id: str, code: int = CloseCode.POLICY_VIOLATION, reason: str = "revoked"
+    ) -> int:
+        """Close every local connection of a user (logout, revocation); returns how many."""
+        channels = self.registry.user_channels(user_id)
+        return sum(self.close_channel(c, code, reason) for c in channels)
+
+    def disconnect_session(
+        self, session_id: str, code: int = CloseCode.POLICY_VIOLATION, reason: str = "revoked"
+    ) -> int:
+        """Close every local connection of one session (one login); returns how many."""
+        channels = self.registry.session_channels(session_id)
+        return sum(self.close_channel(c, code, reason) for c in channels)
+
+
+def get_user_channels(user_identifier: str, manager: WebsocketManager) -> set[str]:
+    """Get connected websocket channels associated with a given user (the seed's function).
+
+    Takes the manager explicitly: there is no module-level registry to share.
+    """
+    return manager.get_user_channels(user_identifier)

@@ -1,0 +1,152 @@
+"""An in-memory transport pair: the core without sockets, for fast tests and for users' own tests.
+
+:func:`memory_pair` gives two connected :class:`MemoryTransport` ends with WebSocket semantics:
+text (``str``) and binary (``bytes``) frames, a receiver-side size limit that closes with 1009, a
+bounded inbound buffer that makes senders wait (like TCP backpressure), and closing handshakes
+with codes. :class:`MemoryServer` runs an :class:`~dara_ws_core.endpoint.Endpoint` over such pairs,
+authentication included.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MemoryServer", "MemoryTransport", "memory_pair"]
+
+import asyncio
+from collections import deque
+from collections.abc import Iterable
+
+from .exceptions import CloseCode, ConnectionClosed
+from .transport import HandshakeRequest
+
+
+class MemoryTransport:
+    """One end of an in-memory WebSocket connection (implements the ``Transport`` contract)."""
+
+    def __init__(self, *, max_queue: int = 64, max_size: int | None = None) -> None:
+        self.max_queue = max_queue
+        self.max_size = max_size
+        self._peer: MemoryTransport | None = None
+        self._frames: deque[str | bytes] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._space: asyncio.Future[None] | None = None
+        self._close: tuple[int, str] | None = None
+        self._close_sent = False
+
+    @property
+    def closed(self) -> bool:
+        return self._close_sent or self._close is not None
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code once closed (sent or received), else ``None``."""
+        return None if self._close is None else self._close[0]
+
+    @staticmethod
+    def _wake(fut: asyncio.Future[None] | None) -> None:
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _closed_error(self) -> ConnectionClosed:
+        code, reason = self._close or (CloseCode.NORMAL, "")
+        return ConnectionClosed(code, reason)
+
+    async def _push(self, frame: str | bytes) -> None:
+        peer = self._peer
+        if self.closed or peer is None:
+            raise self._closed_error()
+        while len(peer._frames) >= peer.max_queue:
+            peer._space = asyncio.get_running_loop().create_future()
+            await peer._space
+            if self.closed:
+                raise self._closed_error()
+        peer._frames.append(frame)
+        self._wake(peer._waiter)
+
+    async def send(self, frame: bytes) -> None:
+        """Send a text frame (UTF-8 bytes, delivered to the peer as ``str``)."""
+        await self._push(frame.decode())
+
+    async def send_text(self, text: str) -> None:
+        """Send a text frame given as ``str`` (tests of raw input)."""
+        await self._push(text)
+
+    async def send_binary(self, data: bytes) -> None:
+        """Send a binary frame (delivered to the peer as ``bytes``)."""
+        await self._push(bytes(data))
+
+    async def receive(self) -> str | bytes:
+        while not self._frames:
+            if self._close is not None:
+                raise self._closed_error()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        frame = self._frames.popleft()
+        self._wake(self._space)
+        if self.max_size is not None and len(frame) > self.max_size:
+            await self.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
+            raise self._closed_error()
+        return frame
+
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        if self._close_sent:
+            return
+        self._close_sent = True
+        if self._close is None:
+            self._close = (int(code), reason)
+        peer = self._peer
+        if peer is not None and peer._close is None:
+            peer._close = (int(code), reason)
+            peer._close_sent = True  # the peer echoes the close, as a WebSocket does
+            self._wake(peer._waiter)
+            self._wake(peer._space)
+        self._wake(self._waiter)
+        self._wake(self._space)
+
+
+def memory_pair(
+    *, max_queue: int = 64, server_max_size: int | None = None, client_max_size: int | None = None
+) -> tuple[MemoryTransport, MemoryTransport]:
+    """Two connected ends: ``(server_side, client_side)``."""
+    server = MemoryTransport(max_queue=max_queue, max_size=server_max_size)
+    client = MemoryTransport(max_queue=max_queue, max_size=client_max_size)
+    server._peer, client._peer = client, server
+    return server, client
+
+
+class MemoryServer:
+    """Serves an endpoint over in-memory pairs: ``await server.connect(...)`` is a client socket.
+
+    The endpoint is duck-typed (``config``, ``authenticate``, ``serve``) to keep this module free
+    of the endpoint's imports.
+    """
+
+    def __init__(self, endpoint: object, *, max_queue: int = 64) -> None:
+        self.endpoint = endpoint
+        self.max_queue = max_queue
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def connect(
+        self, target: str = "/api/core/ws", headers: Iterable[tuple[str, str]] = ()
+    ) -> MemoryTransport:
+        """Authenticate (raising ``AuthenticationFailed`` as a 403 would) and start serving."""
+        endpoint = self.endpoint
+        request = HandshakeRequest.build(target, headers, ("127.0.0.1", 0))
+        identity = await endpoint.authenticate(request)  # type: ignore[attr-defined]
+        server_end, client_end = memory_pair(
+            max_queue=self.max_queue,
+            server_max_size=endpoint.config.max_message_size,  # type: ignore[attr-defined]
+        )
+        task = asyncio.get_running_loop().create_task(
+            endpoint.serve(server_end, identity)  # type: ignore[attr-defined]
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return client_end
+
+    async def close(self) -> None:
+        """Wait for every served connection to finish (close the clients first)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,162 @@
+"""The bounded outbound queue of one channel (protocol.md section 6, slow consumers).
+
+Bounded in frames and in bytes. Producers that must not block (broadcast) call :meth:`offer`;
+producers that may wait call :meth:`put`. One consumer, the connection's send loop, calls
+:meth:`get`. A single frame larger than the byte bound is still accepted into an empty queue, so a
+big message is delayed by backlog, never refused forever.
+"""
+
+from __future__ import annotations
+
+__all__ = ["OutboundQueue"]
+
+import asyncio
+from collections import deque
+
+from .exceptions import ConnectionClosed
+
+
+class OutboundQueue:
+    """FIFO of encoded frames with a frame-count and a byte bound."""
+
+    __slots__ = ("_bytes", "_closed", "_frames", "_getter", "_putters", "dropped",
+                 "max_bytes", "max_messages")
+
+    def __init__(self, max_messages: int, max_bytes: int) -> None:
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self._frames: deque[bytes] = deque()
+        self._bytes = 0
+        self._getter: asyncio.Future[None] | None = None
+        self._putters: deque[asyncio.Future[None]] = deque()
+        self._closed = False
+        #: Frames discarded by :meth:`drop_oldest_and_put`.
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes currently queued."""
+        return self._bytes
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _fits(self, size: int) -> bool:
+        if not self._frames:
+            return True
+        return len(self._frames) < self.max_messages and self._bytes + size <= self.max_bytes
+
+    def _append(self, frame: bytes) -> None:
+        self._frames.append(frame)
+        self._bytes += len(frame)
+        getter = self._getter
+        if getter is not None and not getter.done():
+            getter.set_result(None)
+
+    def offer(self, frame: bytes) -> bool:
+        """Enqueue without waiting; ``False`` if there is no room (nothing changes then).
+
+        Raises ``ConnectionClosed`` if the queue is closed.
+        """
+        if self._closed:
+            raise ConnectionClosed(reason="channel is closed")
+        # Waiting producers go first, so an offer never overtakes a put that is waiting.
+        if self._putters or not self._fits(len(frame)):
+            return False
+        self._append(frame)
+        return True
+
+    def drop_oldest_and_put(self, frame: bytes) -> int:
+        """Enqueue, discarding the oldest frames until ``frame`` fits; returns how many were dropped."""
+        if self._closed:
+            raise ConnectionClosed(reason="channel is closed")
+        dropped = 0
+        while not self._fits(len(frame)):
+            old = self._frames.popleft()
+            self._bytes -= len(old)
+            dropped += 1
+        self.dropped += dropped
+        self._append(frame)
+        return dropped
+
+    async def put(self, frame: bytes, timeout: float | None = None) -> None:
+        """Enqueue, waiting for room up to ``timeout`` seconds.
+
+        Raises ``TimeoutError`` when the time passes and ``ConnectionClosed`` if the queue closes.
+        """
+        if self.offer(frame):
+            return
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            while True:
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._putters.append(waiter)
+                try:
+                    await waiter
+                except BaseException:
+                    # A wake-up we were given but cannot use goes to the next producer.
+                    self._putters.remove(waiter)
+                    self._wake_putter()
+                    raise
+                self._putters.remove(waiter)
+                if self._closed:
+                    raise ConnectionClosed(reason="channel is closed")
+                if self._fits(len(frame)):
+                    self._append(frame)
+                    self._wake_putter()
+                    return
+
+    def _wake_putter(self) -> None:
+        if self._putters and self._fits(0):
+            first = self._putters[0]
+            if not first.done():
+                first.set_result(None)
+
+    async def get(self) -> bytes:
+        """Wait for the next frame; raises ``ConnectionClosed`` once the queue is closed.
+
+        After :meth:`close` queued frames are abandoned: the connection they were for is gone.
+        """
+        while not self._frames:
+            if self._closed:
+                raise ConnectionClosed(reason="channel is closed")
+            getter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._getter = getter
+            try:
+                await getter
+            finally:
+                self._getter = None
+        if self._closed:
+            raise ConnectionClosed(reason="channel is closed")
+        frame = self._frames.popleft()
+        self._bytes -= len(frame)
+        if self._putters:
+            self._wake_putter()
+        return frame
+
+    def get_nowait(self) -> bytes | None:
+        """The next frame if one is queued, else ``None``."""
+        if not self._frames or self._closed:
+            return None
+        frame = self._frames.popleft()
+        self._bytes -= len(frame)
+        if self._putters:
+            self._wake_putter()
+        return frame
+
+    def close(self) -> None:
+        """Close the queue: drop queued frames, wake the consumer and every waiting producer."""
+        if self._closed:
+            return
+        self._closed = True
+        self._frames.clear()
+        self._bytes = 0
+        if self._getter is not None and not self._getter.done():
+            self._getter.set_result(None)
+        for waiter in self._putters:
+            if not waiter.done():
+                waiter.set_result(None)

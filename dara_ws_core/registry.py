@@ -1,0 +1,79 @@
+"""The channel -> session -> user registry (protocol.md section 5).
+
+One instance per manager: no module-level state that two managers would share. Entries are removed
+when the last connection of a session or user goes, so nothing leaks (Dara kept empty sets and
+never pruned sessions).
+"""
+
+from __future__ import annotations
+
+__all__ = ["ChannelRegistry"]
+
+
+class ChannelRegistry:
+    """Maps channels to their session and user, and users to their channels."""
+
+    __slots__ = ("_channels", "_sessions", "_users")
+
+    def __init__(self) -> None:
+        self._channels: dict[str, tuple[str, str]] = {}
+        self._sessions: dict[str, set[str]] = {}
+        self._users: dict[str, set[str]] = {}
+
+    def add(self, channel_id: str, session_id: str, user_id: str) -> None:
+        """Register a new channel; raises ``ValueError`` if the channel id is taken."""
+        if channel_id in self._channels:
+            raise ValueError(f"channel {channel_id!r} is already registered")
+        self._channels[channel_id] = (session_id, user_id)
+        self._sessions.setdefault(session_id, set()).add(channel_id)
+        self._users.setdefault(user_id, set()).add(session_id)
+
+    def remove(self, channel_id: str) -> None:
+        """Unregister a channel and any session or user left without channels; idempotent."""
+        entry = self._channels.pop(channel_id, None)
+        if entry is None:
+            return
+        session_id, user_id = entry
+        channels = self._sessions[session_id]
+        channels.discard(channel_id)
+        if not channels:
+            del self._sessions[session_id]
+            sessions = self._users[user_id]
+            sessions.discard(session_id)
+            if not sessions:
+                del self._users[user_id]
+
+    def __contains__(self, channel_id: object) -> bool:
+        return channel_id in self._channels
+
+    def __len__(self) -> int:
+        return len(self._channels)
+
+    def session_of(self, channel_id: str) -> str | None:
+        entry = self._channels.get(channel_id)
+        return entry[0] if entry else None
+
+    def user_of(self, channel_id: str) -> str | None:
+        entry = self._channels.get(channel_id)
+        return entry[1] if entry else None
+
+    def session_channels(self, session_id: str) -> set[str]:
+        """A copy of the session's channels (empty if none)."""
+        return set(self._sessions.get(session_id, ()))
+
+    def user_channels(self, user_id: str) -> set[str]:
+        """A copy of every channel of every session of the user (empty if none)."""
+        sessions = self._users.get(user_id)
+        if not sessions:
+            return set()
+        result: set[str] = set()
+        for session_id in sessions:
+            result |= self._sessions[session_id]
+        return result
+
+    def user_sessions(self, user_id: str) -> set[str]:
+        return set(self._users.get(user_id, ()))
+
+    def counts(self) -> tuple[int, int, int]:
+        """(channels, sessions, users) currently registered: for leak checks and metrics."""
+        return len(self._channels), len(self._sessions), len(self._users)

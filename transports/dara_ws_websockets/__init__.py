@@ -1,0 +1,132 @@
+"""The ``websockets`` transport (asyncio API, websockets >= 14): serve an endpoint, or connect.
+
+Thin by design: it only translates between ``websockets`` and the core's ``Transport`` contract.
+Authentication runs in ``process_request``, before the upgrade, so a rejection is an HTTP 403 and
+nothing is created. Size limit and keepalive come from the endpoint's ``ServerConfig``.
+
+    async with serve(endpoint, "127.0.0.1", 8000) as server:
+        await server.serve_forever()
+"""
+
+from __future__ import annotations
+
+__all__ = ["WebsocketsTransport", "connect", "serve"]
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+from typing import Any
+
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.asyncio.connection import Connection
+from websockets.asyncio.server import Server, ServerConnection
+from websockets.asyncio.server import serve as ws_serve
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+
+from dara_ws_core.endpoint import Endpoint
+from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
+from dara_ws_core.transport import HandshakeRequest
+
+
+def _closed(exc: websockets.ConnectionClosed) -> ConnectionClosed:
+    frame = exc.rcvd or exc.sent
+    if frame is None:
+        return ConnectionClosed(CloseCode.ABNORMAL, "connection lost")
+    return ConnectionClosed(frame.code, frame.reason)
+
+
+class WebsocketsTransport:
+    """A ``websockets`` connection (server or client side) as a core ``Transport``."""
+
+    __slots__ = ("_ws",)
+
+    def __init__(self, ws: Connection) -> None:
+        self._ws = ws
+
+    async def send(self, frame: bytes) -> None:
+        try:
+            await self._ws.send(frame, text=True)  # UTF-8 bytes sent as a text frame, no re-encode
+        except websockets.ConnectionClosed as exc:
+            raise _closed(exc) from None
+
+    async def receive(self) -> str | bytes:
+        try:
+            return await self._ws.recv()
+        except websockets.ConnectionClosed as exc:
+            raise _closed(exc) from None
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        await self._ws.close(code, reason)
+
+    @property
+    def closed(self) -> bool:
+        return self._ws.state in (State.CLOSING, State.CLOSED)
+
+
+@asynccontextmanager
+async def serve(
+    endpoint: Endpoint, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any
+) -> AsyncIterator[Server]:
+    """Serve ``endpoint`` on ``ws://host:port{endpoint.path}``; other paths get 404.
+
+    Extra keyword arguments go to ``websockets.asyncio.server.serve``. On exit the endpoint shuts
+    down gracefully (connections close with 1001) before the listener closes.
+    """
+    config = endpoint.config
+
+    async def process_request(connection: ServerConnection, request: Request) -> Response | None:
+        handshake = HandshakeRequest.build(
+            request.path, request.headers.raw_items(), connection.remote_address[:2]
+        )
+        if handshake.path != endpoint.path:
+            return connection.respond(HTTPStatus.NOT_FOUND, "Not Found\n")
+        try:
+            connection.dara_identity = await endpoint.authenticate(handshake)  # type: ignore[attr-defined]
+        except AuthenticationFailed:
+            return connection.respond(HTTPStatus.FORBIDDEN, "Forbidden\n")
+        return None
+
+    async def handler(connection: ServerConnection) -> None:
+        await endpoint.serve(WebsocketsTransport(connection), connection.dara_identity)  # type: ignore[attr-defined]
+
+    options: dict[str, Any] = {
+        "process_request": process_request,
+        "max_size": config.max_message_size,
+        "ping_interval": config.ping_interval,
+        "ping_timeout": config.ping_timeout,
+        "compression": None,
+    }
+    options.update(kwargs)
+    async with ws_serve(handler, host, port, **options) as server:
+        try:
+            yield server
+        finally:
+            await endpoint.shutdown()
+
+
+async def connect(
+    url: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    max_size: int | None = 16 * 1024 * 1024,
+    **kwargs: Any,
+) -> WebsocketsTransport:
+    """Open a client connection as a core ``Transport`` (for ``DaraClient``).
+
+    Raises ``websockets.InvalidStatus`` when the server rejects the handshake (403).
+    """
+    options: dict[str, Any] = {"max_size": max_size, "compression": None, "ping_interval": None}
+    options.update(kwargs)
+    ws: ClientConnection = await ws_connect(url, additional_headers=headers, **options)
+    return WebsocketsTransport(ws)
+
+
+def port_of(server: Server) -> int:
+    """The TCP port a server listens on (useful with ``port=0``)."""
+    return int(next(iter(server.sockets)).getsockname()[1])
+
+
+__all__ += ["port_of"]
