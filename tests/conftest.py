@@ -1,0 +1,37 @@
+"""Shared fixtures: a server stack per transport (``make_stack``), and the hypothesis profile."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import AsyncIterator, Callable
+import pytest
+from hypothesis import HealthCheck, settings
+
+from .stacks import TRANSPORTS, Stack, running_stack
+
+settings.register_profile(
+    "ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("dev", max_examples=60, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+@pytest.fixture(params=sorted(TRANSPORTS))
+def transport_name(request: pytest.FixtureRequest) -> str:
+    """Every transport of the contract suite: memory, websockets, aiohttp, asgi."""
+    return str(request.param)
+
+
+@pytest.fixture
+def make_stack(transport_name: str) -> Callable[..., contextlib.AbstractAsyncContextManager[Stack]]:
+    """``async with make_stack(config=..., authenticator=...) as stack:`` on the current transport."""
+    return functools.partial(running_stack, transport_name)
+
+
+@pytest.fixture
+async def stack(transport_name: str) -> AsyncIterator[Stack]:
+    """A server with default config and token auth (``user:session`` tokens)."""
+    async with running_stack(transport_name) as s:
+        yield s

@@ -1,0 +1,136 @@
+"""Running servers on every transport, for the contract suite.
+
+A *stack* is a manager + endpoint served on one transport, with a way to open client transports
+to it. Adding a transport to the contract suite means adding one entry to ``TRANSPORTS``: an async
+context manager that serves an endpoint and yields a ``connect(target, headers)`` function.
+Every socket is on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dara_ws_core import (
+    DEFAULT_PATH,
+    Authenticator,
+    DaraClient,
+    Endpoint,
+    Identity,
+    MemoryServer,
+    ServerConfig,
+    Transport,
+    WebsocketManager,
+    token_authenticator,
+)
+from dara_ws_core.exceptions import AuthenticationFailed
+
+Connect = Callable[[str, Iterable[tuple[str, str]]], Awaitable[Transport]]
+Served = Callable[[Endpoint], contextlib.AbstractAsyncContextManager[Connect]]
+
+
+class HandshakeRejected(Exception):
+    """The server answered the handshake with an HTTP error status (normalised over libraries)."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        super().__init__(f"handshake rejected with HTTP {status}")
+
+
+@contextlib.asynccontextmanager
+async def _memory(endpoint: Endpoint) -> AsyncIterator[Connect]:
+    server = MemoryServer(endpoint)
+
+    async def connect(target: str, headers: Iterable[tuple[str, str]]) -> Transport:
+        try:
+            return await server.connect(target, headers)
+        except AuthenticationFailed:
+            raise HandshakeRejected(403) from None
+
+    try:
+        yield connect
+    finally:
+        await endpoint.shutdown(grace=0)
+        await server.close()
+
+
+@contextlib.asynccontextmanager
+async def _websockets(endpoint: Endpoint) -> AsyncIterator[Connect]:
+    import websockets
+    from dara_ws_websockets import connect as ws_connect
+    from dara_ws_websockets import port_of, serve
+
+    async with serve(endpoint, "127.0.0.1", 0) as server:
+        port = port_of(server)
+
+        async def connect(target: str, headers: Iterable[tuple[str, str]]) -> Transport:
+            try:
+                return await ws_connect(f"ws://127.0.0.1:{port}{target}", headers=dict(headers))
+            except websockets.InvalidStatus as exc:
+                raise HandshakeRejected(exc.response.status_code) from None
+
+        yield connect
+
+
+TRANSPORTS: dict[str, Served] = {"memory": _memory, "websockets": _websockets}
+
+
+def verify_token(token: str) -> Identity:
+    """Test tokens look like ``user:session``; ``bad`` is rejected."""
+    if token == "bad" or ":" not in token:
+        raise AuthenticationFailed("bad token")
+    user, session = token.split(":", 1)
+    return Identity(user_id=user, session_id=session, token=token)
+
+
+@dataclass
+class Stack:
+    """A running server on one transport, and ways to reach it."""
+
+    transport: str
+    manager: WebsocketManager
+    endpoint: Endpoint
+    connect_raw: Connect
+    clients: list[DaraClient] = field(default_factory=list)
+
+    async def connect(
+        self, token: str | None = "alice:s1", *, cookie: bool = False,
+        headers: Iterable[tuple[str, str]] = (), path: str = DEFAULT_PATH,
+    ) -> Transport:
+        """A raw client transport; the token goes in the query, or in Dara 1.30's cookie."""
+        hdrs = list(headers)
+        target = path
+        if token is not None:
+            if cookie:
+                hdrs.append(("Cookie", f"dara_session_token={token}"))
+            else:
+                target = f"{path}?token={token}"
+        return await self.connect_raw(target, hdrs)
+
+    async def client(self, token: str | None = "alice:s1", **options: Any) -> DaraClient:
+        """A connected ``DaraClient``, closed when the test ends."""
+        options.setdefault("ping_interval", None)
+        client = DaraClient(lambda: self.connect(token), **options)
+        await client.connect()
+        self.clients.append(client)
+        return client
+
+
+@contextlib.asynccontextmanager
+async def running_stack(
+    transport: str,
+    config: ServerConfig | None = None,
+    authenticator: Authenticator | None = None,
+    manager: WebsocketManager | None = None,
+) -> AsyncIterator[Stack]:
+    manager = manager or WebsocketManager(config or ServerConfig())
+    endpoint = Endpoint(manager, authenticator or token_authenticator(verify_token))
+    async with TRANSPORTS[transport](endpoint) as connect:
+        stack = Stack(transport, manager, endpoint, connect)
+        try:
+            yield stack
+        finally:
+            for client in stack.clients:
+                await client.close()
