@@ -106,7 +106,7 @@ class DaraClient:
         self.backoff_max = backoff_max
         self.max_attempts = max_attempts
         self.init_timeout = init_timeout
-        self.channel: str | None = None
+        self._channel: str | None = None
         self._transport: Transport | None = None
         self._responder: Responder | None = None
         self._inbox: deque[ServerMessage] = deque(maxlen=max_queue)
@@ -134,7 +134,7 @@ class DaraClient:
         self._closing = False
         await self._open()
         self._runner = asyncio.get_running_loop().create_task(self._run())
-        return self.channel or ""
+        return self.channel
 
     async def _open(self) -> None:
         transport = await self._connector()
@@ -148,7 +148,7 @@ class DaraClient:
             await transport.close()
             raise
         self._transport = transport
-        self.channel = message.message.channel
+        self._channel = message.message.channel
         self.connections += 1
         self._connected.set()
 
@@ -213,7 +213,7 @@ class DaraClient:
             self.pongs += 1
             return
         if isinstance(message, InitMessage):
-            self.channel = message.message.channel
+            self._channel = message.message.channel
             return
         payload = message.message
         if isinstance(message, CustomServerMessage):
@@ -346,6 +346,13 @@ class DaraClient:
     # ------------------------------------------------------------------ closing
 
     @property
+    def channel(self) -> str:
+        """The channel id of the current (or last) connection; ``RuntimeError`` before the first."""
+        if self._channel is None:
+            raise RuntimeError("not connected yet: await connect() first")
+        return self._channel
+
+    @property
     def connected(self) -> bool:
         return self._connected.is_set()
 
@@ -353,7 +360,7 @@ class DaraClient:
         """Wait until connected (after a reconnect) and return the channel id."""
         async with asyncio.timeout(timeout):
             await self._connected.wait()
-        return self.channel or ""
+        return self.channel
 
     async def wait_closed(self, timeout: float | None = None) -> ConnectionClosed | None:
         """Wait until the client stops (server close without reconnect, or :meth:`close`)."""

@@ -5,12 +5,12 @@ from __future__ import annotations
 __all__ = ["ServerConfig", "SlowConsumerPolicy"]
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 MiB = 1024 * 1024
 
 
-class SlowConsumerPolicy(str, Enum):
+class SlowConsumerPolicy(StrEnum):
     """What happens when a channel's outbound queue is full (protocol.md section 6).
 
     * ``WAIT``: the sender waits for room, up to ``ServerConfig.send_timeout``; then the client is
@@ -54,6 +54,8 @@ class ServerConfig:
     #: Protocol-level keepalive passed to the transport library (websockets/uvicorn style).
     ping_interval: float | None = 20.0
     ping_timeout: float | None = 20.0
+    #: How long a closing handshake may wait for a peer that does not answer (then: abort).
+    close_timeout: float = 5.0
     #: Custom handler tasks (async handlers) running at once per connection; beyond that the
     #: request gets a ``busy`` error reply.
     max_handler_tasks: int = 64

@@ -18,6 +18,7 @@ from __future__ import annotations
 __all__ = ["DEFAULT_PATH", "Endpoint", "ws_handler"]
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -100,6 +101,13 @@ class Endpoint:
         loop = asyncio.get_running_loop()
         channel_id = str(uuid.uuid4())
         manager = self.manager
+        limit = self.config.max_connections_per_user
+        if limit is not None and len(manager.get_user_channels(identity.user_id)) >= limit:
+            # Handshakes of one user that ran concurrently all passed the check in authenticate();
+            # only here, with no await before the channel is registered, is the count exact.
+            logger.info("connection refused: connection limit", extra={"user": identity.user_id})
+            await _close_quietly(transport, CloseCode.POLICY_VIOLATION, "too many connections")
+            return
         handler = manager.create_handler(channel_id, identity)
         close_requests: deque[tuple[int, str]] = deque(maxlen=1)
         close_task: asyncio.Task[None] | None = None
@@ -108,6 +116,9 @@ class Endpoint:
             nonlocal close_task
             close_requests.append((code, reason))
             close_task = loop.create_task(_close_quietly(transport, code, reason))
+            # The channel is dead for messaging now, even if the closing handshake with a peer
+            # that does not read takes the transport's close timeout: unregister it at once.
+            manager.remove_handler(channel_id, ConnectionClosed(code, reason))
 
         handler.attach(request_close, loop.time())
         current_channel.set(channel_id)
@@ -137,7 +148,15 @@ class Endpoint:
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
             if close_task is not None:
-                await asyncio.shield(close_task)
+                # Read on while our close frame waits for the peer's: when the peer sent more than
+                # the library buffers, its close frame is behind them, and the closing handshake
+                # would stall until the library's close timeout (RFC 6455 section 1.4).
+                drain = loop.create_task(_discard_until_closed(transport))
+                try:
+                    await asyncio.shield(close_task)
+                finally:
+                    drain.cancel()
+                    await asyncio.gather(drain, return_exceptions=True)
             elif not transport.closed:
                 await _close_quietly(transport, CloseCode.NORMAL, "")
 
@@ -248,6 +267,12 @@ class Endpoint:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
             self._sweeper = None
+
+
+async def _discard_until_closed(transport: Transport) -> None:
+    with contextlib.suppress(Exception):  # ConnectionClosed ends it, as does any transport error
+        while True:
+            await transport.receive()
 
 
 async def _close_quietly(transport: Transport, code: int, reason: str) -> None:

@@ -18,6 +18,8 @@ class ChannelRegistry:
     def __init__(self) -> None:
         self._channels: dict[str, tuple[str, str]] = {}
         self._sessions: dict[str, set[str]] = {}
+        # user -> channels directly (not via sessions), so a session id shared by two users
+        # never mixes their channels.
         self._users: dict[str, set[str]] = {}
 
     def add(self, channel_id: str, session_id: str, user_id: str) -> None:
@@ -26,7 +28,7 @@ class ChannelRegistry:
             raise ValueError(f"channel {channel_id!r} is already registered")
         self._channels[channel_id] = (session_id, user_id)
         self._sessions.setdefault(session_id, set()).add(channel_id)
-        self._users.setdefault(user_id, set()).add(session_id)
+        self._users.setdefault(user_id, set()).add(channel_id)
 
     def remove(self, channel_id: str) -> None:
         """Unregister a channel and any session or user left without channels; idempotent."""
@@ -34,14 +36,11 @@ class ChannelRegistry:
         if entry is None:
             return
         session_id, user_id = entry
-        channels = self._sessions[session_id]
-        channels.discard(channel_id)
-        if not channels:
-            del self._sessions[session_id]
-            sessions = self._users[user_id]
-            sessions.discard(session_id)
-            if not sessions:
-                del self._users[user_id]
+        for index, key in ((self._sessions, session_id), (self._users, user_id)):
+            channels = index[key]
+            channels.discard(channel_id)
+            if not channels:
+                del index[key]
 
     def __contains__(self, channel_id: object) -> bool:
         return channel_id in self._channels
@@ -63,16 +62,10 @@ class ChannelRegistry:
 
     def user_channels(self, user_id: str) -> set[str]:
         """A copy of every channel of every session of the user (empty if none)."""
-        sessions = self._users.get(user_id)
-        if not sessions:
-            return set()
-        result: set[str] = set()
-        for session_id in sessions:
-            result |= self._sessions[session_id]
-        return result
+        return set(self._users.get(user_id, ()))
 
     def user_sessions(self, user_id: str) -> set[str]:
-        return set(self._users.get(user_id, ()))
+        return {self._channels[c][0] for c in self._users.get(user_id, ())}
 
     def counts(self) -> tuple[int, int, int]:
         """(channels, sessions, users) currently registered: for leak checks and metrics."""

@@ -59,6 +59,7 @@ async def _memory(endpoint: Endpoint) -> AsyncIterator[Connect]:
 @contextlib.asynccontextmanager
 async def _websockets(endpoint: Endpoint) -> AsyncIterator[Connect]:
     import websockets
+
     from dara_ws_websockets import connect as ws_connect
     from dara_ws_websockets import port_of, serve
 
@@ -67,7 +68,9 @@ async def _websockets(endpoint: Endpoint) -> AsyncIterator[Connect]:
 
         async def connect(target: str, headers: Iterable[tuple[str, str]]) -> Transport:
             try:
-                return await ws_connect(f"ws://127.0.0.1:{port}{target}", headers=dict(headers))
+                return await ws_connect(
+                    f"ws://127.0.0.1:{port}{target}", headers=dict(headers), close_timeout=1
+                )
             except websockets.InvalidStatus as exc:
                 raise HandshakeRejected(exc.response.status_code) from None
 

@@ -97,6 +97,7 @@ async def serve(
         "max_size": config.max_message_size,
         "ping_interval": config.ping_interval,
         "ping_timeout": config.ping_timeout,
+        "close_timeout": config.close_timeout,
         "compression": None,
     }
     options.update(kwargs)
