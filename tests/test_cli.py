@@ -36,7 +36,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def test_dara_ws_serve_and_probe_as_processes() -> None:
+def test_dara_ws_serve_and_probe_as_processes() -> None:
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "dara_ws_core.cli", "serve", "--port", str(port), "--clock", "0.2"],
@@ -44,12 +44,11 @@ async def test_dara_ws_serve_and_probe_as_processes() -> None:
     )
     try:
         assert server.stdout is not None
-        line = await asyncio.wait_for(asyncio.to_thread(server.stdout.readline), 20)
+        line = server.stdout.readline()  # the server prints its address when ready
         while "dara-ws demo" not in line:
             assert line, "the demo server exited before it was ready"
-            line = await asyncio.wait_for(asyncio.to_thread(server.stdout.readline), 20)
-        probe = await asyncio.to_thread(
-            subprocess.run,
+            line = server.stdout.readline()
+        probe = subprocess.run(
             [sys.executable, "-m", "dara_ws_core.cli", "probe",
              f"ws://127.0.0.1:{port}/api/core/ws?token=probe"],
             capture_output=True, text=True, timeout=30,
