@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import subprocess
 import sys
@@ -51,7 +50,7 @@ def test_dara_ws_serve_and_probe_as_processes() -> None:
         probe = subprocess.run(
             [sys.executable, "-m", "dara_ws_core.cli", "probe",
              f"ws://127.0.0.1:{port}/api/core/ws?token=probe"],
-            capture_output=True, text=True, timeout=30,
+            check=False, capture_output=True, text=True, timeout=30,
         )
         assert probe.returncode == 0, probe.stderr
         assert "echo -> {'hello': 'world'}" in probe.stdout
