@@ -120,7 +120,7 @@ class Endpoint:
             # that does not read takes the transport's close timeout: unregister it at once.
             manager.remove_handler(channel_id, ConnectionClosed(code, reason))
 
-        handler.attach(request_close, loop.time())
+        handler.attach(request_close, loop.time(), getattr(transport, "send_nowait", None))
         current_channel.set(channel_id)
         current_identity.set(identity)
         this = asyncio.current_task()
@@ -208,12 +208,8 @@ class Endpoint:
 
     @staticmethod
     async def _send_loop(transport: Transport, handler: WebSocketHandler) -> None:
-        queue = handler.queue
-        send = transport.send
         try:
-            while True:
-                frame = await queue.get()
-                await send(frame)
+            await handler.run_sender(transport.send)
         except ConnectionClosed:
             pass
         except Exception:

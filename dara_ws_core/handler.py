@@ -64,6 +64,11 @@ def _error_frame(kind: str, rchan: str | None, code: str, message: str) -> bytes
     return _to_json({"type": "custom", "message": body})
 
 
+async def _settled(task: asyncio.Task[None]) -> None:
+    # Waits for the task without raising its cancellation into the waiter (the receive loop).
+    await asyncio.wait((task,))
+
+
 class WebSocketHandler:
     """Represents a WebSocket connection to a given client (one channel).
 
@@ -71,8 +76,8 @@ class WebSocketHandler:
     connection ends, which fails its pending requests and cancels its handler tasks.
     """
 
-    __slots__ = ("_close_task", "_closed", "_closer", "_custom", "_pending", "_tasks", "channel_id",
-                 "config", "identity", "last_seen", "queue")
+    __slots__ = ("_close_task", "_closed", "_closer", "_custom", "_pending", "_sending", "_tasks",
+                 "_write_now", "channel_id", "config", "identity", "last_seen", "queue")
 
     def __init__(
         self,
@@ -96,6 +101,8 @@ class WebSocketHandler:
         self._closed: ConnectionClosed | None = None
         self._closer: Callable[[int, str], None] | None = None
         self._close_task: asyncio.Task[None] | None = None
+        self._write_now: Callable[[bytes], bool] | None = None
+        self._sending = False
         #: Event-loop time of the last inbound frame (for the idle timeout).
         self.last_seen = 0.0
 
@@ -119,7 +126,7 @@ class WebSocketHandler:
 
     @property
     def task_count(self) -> int:
-        """Async custom handler tasks running for this connection."""
+        """Custom handler tasks (async and ``in_thread`` handlers) running for this connection."""
         return len(self._tasks)
 
     @property
@@ -142,13 +149,27 @@ class WebSocketHandler:
         for being slow and ``ConnectionClosed`` if the channel is closed.
         """
         frame = message if isinstance(message, bytes) else encode(message)
-        if not self.queue.offer(frame):
+        if not self.offer(frame):
             await self.enqueue_slow(frame)
+
+    def offer(self, frame: bytes) -> bool:
+        """Deliver ``frame`` without waiting; ``False`` if the queue is full (nothing changes then).
+
+        When nothing is queued or being sent and the transport can write at once without
+        exceeding its write buffer, the frame is written directly: no queue entry and no wake-up
+        of the send loop. Order is kept because this path is taken only with nothing ahead.
+        Raises ``ConnectionClosed`` if the channel is closed.
+        """
+        queue = self.queue
+        write = self._write_now
+        if write is not None and not self._sending and not queue and not queue.closed and write(frame):
+            return True
+        return queue.offer(frame)
 
     def send_nowait(self, frame: bytes) -> Awaitable[None] | None:
         """Enqueue ``frame`` if there is room; otherwise return the coroutine that applies the
         slow-consumer policy (never raising ``SlowConsumer``). Raises ``ConnectionClosed``."""
-        if self.queue.offer(frame):
+        if self.offer(frame):
             return None
         return self.enqueue_slow(frame, raise_slow=False)
 
@@ -197,7 +218,7 @@ class WebSocketHandler:
         try:
             frame = build_frame(message, custom=custom, rchan=rchan)
             async with asyncio.timeout(timeout) as scope:
-                if not self.queue.offer(frame):
+                if not self.offer(frame):
                     await self.enqueue_slow(frame)
                 return await waiter
         except TimeoutError:
@@ -260,7 +281,12 @@ class WebSocketHandler:
             task.add_done_callback(self._tasks.discard)
             return None
         if spec.in_thread:
-            return self._run_in_thread(spec, payload)
+            # Tracked like an async handler's task so that a graceful shutdown waits for its reply
+            # (wait_tasks); the receive loop still waits for it, keeping the connection's order.
+            task = asyncio.create_task(self._run_in_thread(spec, payload))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return _settled(task)
         try:
             result = spec.func(self.channel_id, payload.data)
         except Exception:
@@ -294,6 +320,17 @@ class WebSocketHandler:
         frame = self._reply_frame(payload, result)
         return None if frame is None else self.send_nowait(frame)
 
+    async def _send_reply(self, frame: bytes | None) -> None:
+        # A handler task's reply; the connection may have closed while the handler ran.
+        if frame is None:
+            return
+        try:
+            pending = self.send_nowait(frame)
+            if pending is not None:
+                await pending
+        except ConnectionClosed:
+            pass
+
     async def _run_in_thread(self, spec: HandlerSpec, payload: CustomClientMessagePayload) -> None:
         try:
             async with asyncio.timeout(self.config.handler_timeout):
@@ -305,10 +342,7 @@ class WebSocketHandler:
             frame = self._failure(spec, payload)
         else:
             frame = self._reply_frame(payload, result)
-        if frame is not None:
-            pending = self.send_nowait(frame)
-            if pending is not None:
-                await pending
+        await self._send_reply(frame)
 
     async def _run_async(self, spec: HandlerSpec, payload: CustomClientMessagePayload) -> None:
         try:
@@ -323,21 +357,43 @@ class WebSocketHandler:
             frame = self._failure(spec, payload)
         else:
             frame = self._reply_frame(payload, result)
-        if frame is None:
-            return
-        try:
-            pending = self.send_nowait(frame)
-            if pending is not None:
-                await pending
-        except ConnectionClosed:
-            pass
+        await self._send_reply(frame)
 
     # ------------------------------------------------------------------ lifecycle
 
-    def attach(self, closer: Callable[[int, str], None], now: float) -> None:
-        """Called by the connection lifecycle: how to close the connection, and the start time."""
+    def attach(
+        self,
+        closer: Callable[[int, str], None],
+        now: float,
+        write_now: Callable[[bytes], bool] | None = None,
+    ) -> None:
+        """Called by the connection lifecycle: how to close the connection, the start time, and
+        the transport's optional ``send_nowait`` (see :meth:`offer`)."""
         self._closer = closer
         self.last_seen = now
+        self._write_now = write_now
+
+    async def run_sender(self, send: Callable[[bytes], Awaitable[None]]) -> None:
+        """The send loop: drain the queue into the transport until the channel closes.
+
+        Frames are written synchronously while the transport accepts them, and awaited (with
+        its backpressure) only when its write buffer is full. Raises ``ConnectionClosed``.
+        """
+        queue = self.queue
+        write = self._write_now
+        while True:
+            frame = await queue.get()
+            self._sending = True
+            try:
+                while True:
+                    if write is None or not write(frame):
+                        await send(frame)
+                    next_frame = queue.get_nowait()
+                    if next_frame is None:
+                        break
+                    frame = next_frame
+            finally:
+                self._sending = False
 
     async def wait_tasks(self, timeout: float) -> None:
         """Wait up to ``timeout`` for running handler tasks (graceful shutdown)."""

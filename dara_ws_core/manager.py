@@ -92,8 +92,15 @@ class WebsocketManager:
             handler.shutdown(exc or ConnectionClosed(CloseCode.NORMAL, "handler removed"))
 
     def get_user_channels(self, user_id: str) -> set[str]:
-        """Connected channels of a user, on this process (see ``backplane`` for all of them)."""
+        """Connected channels of a user, on this process (see ``get_all_user_channels``)."""
         return self.registry.user_channels(user_id)
+
+    async def get_all_user_channels(self, user_id: str) -> set[str]:
+        """Connected channels of a user on every process sharing the backplane (without one,
+        the same as ``get_user_channels``). Raises ``BackplaneError`` if the bus is unreachable."""
+        if self.backplane is None:
+            return self.registry.user_channels(user_id)
+        return await self.backplane.user_channels(user_id)
 
     # ------------------------------------------------------------------ sending
 
@@ -105,7 +112,7 @@ class WebsocketManager:
         frame = build_frame(message, custom=custom)
         handler = self.handlers.get(channel_id)
         if handler is not None:
-            if not handler.queue.offer(frame):
+            if not handler.offer(frame):
                 await handler.enqueue_slow(frame)
             return
         if self.backplane is not None:
@@ -172,10 +179,9 @@ class WebsocketManager:
         """
         slow: list[WebSocketHandler] | None = None
         for handler in handlers:
-            queue = handler.queue
-            if queue.closed or handler.channel_id == ignore_channel:
+            if handler.queue.closed or handler.channel_id == ignore_channel:
                 continue
-            if not queue.offer(frame):
+            if not handler.offer(frame):
                 if slow is None:
                     slow = []
                 slow.append(handler)

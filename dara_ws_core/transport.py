@@ -17,11 +17,16 @@ Adapter duties, in full:
   whether the native library reports closes as exceptions or as messages.
 * ``send(frame)`` sends ``frame`` (UTF-8 JSON) as one **text** frame.
 * Pass ``ServerConfig.max_message_size`` and the keepalive settings to the native library.
+
+Optional, for speed: ``send_nowait(frame) -> bool`` writes a text frame synchronously if the
+native library can take it without waiting (connection open, write buffer below its limit) and
+returns ``False`` otherwise, without side effects. With it, a broadcast writes straight to the
+sockets of clients that keep up, as ``websockets.broadcast`` does, and queues only for the others.
 """
 
 from __future__ import annotations
 
-__all__ = ["HandshakeRequest", "Transport", "parse_cookies"]
+__all__ = ["HandshakeRequest", "SupportsSendNowait", "Transport", "parse_cookies"]
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -53,6 +58,14 @@ class Transport(Protocol):
     @property
     def closed(self) -> bool:
         """Whether the connection is closed or closing."""
+
+
+@runtime_checkable
+class SupportsSendNowait(Protocol):
+    """The optional fast path of a transport (see the module docstring)."""
+
+    def send_nowait(self, frame: bytes) -> bool:
+        """Write ``frame`` as a text frame now if possible without waiting; else ``False``."""
 
 
 def parse_cookies(header: str | None) -> dict[str, str]:

@@ -38,6 +38,9 @@ def _closed(exc: websockets.ConnectionClosed) -> ConnectionClosed:
     return ConnectionClosed(frame.code, frame.reason)
 
 
+_WRITE_LIMIT = 32 * 1024  # websockets' default write_limit (high-water mark)
+
+
 class WebsocketsTransport:
     """A ``websockets`` connection (server or client side) as a core ``Transport``."""
 
@@ -51,6 +54,19 @@ class WebsocketsTransport:
             await self._ws.send(frame, text=True)  # UTF-8 bytes sent as a text frame, no re-encode
         except websockets.ConnectionClosed as exc:
             raise _closed(exc) from None
+
+    def send_nowait(self, frame: bytes) -> bool:
+        # What websockets.broadcast does, plus the write-buffer check it skips: never grow the
+        # buffer past the connection's write limit (the caller queues instead).
+        ws = self._ws
+        if ws.protocol.state is not State.OPEN or ws.send_in_progress is not None:
+            return False
+        transport = ws.transport
+        if transport.is_closing() or transport.get_write_buffer_size() > _WRITE_LIMIT:
+            return False
+        ws.protocol.send_text(frame)
+        ws.send_data()
+        return True
 
     async def receive(self) -> str | bytes:
         try:
