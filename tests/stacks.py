@@ -9,6 +9,7 @@ Every socket is on 127.0.0.1.
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,26 +59,55 @@ async def _memory(endpoint: Endpoint) -> AsyncIterator[Connect]:
 
 @contextlib.asynccontextmanager
 async def _websockets(endpoint: Endpoint) -> AsyncIterator[Connect]:
-    import websockets
-
-    from dara_ws_websockets import connect as ws_connect
     from dara_ws_websockets import port_of, serve
 
     async with serve(endpoint, "127.0.0.1", 0) as server:
         port = port_of(server)
-
-        async def connect(target: str, headers: Iterable[tuple[str, str]]) -> Transport:
-            try:
-                return await ws_connect(
-                    f"ws://127.0.0.1:{port}{target}", headers=dict(headers), close_timeout=1
-                )
-            except websockets.InvalidStatus as exc:
-                raise HandshakeRejected(exc.response.status_code) from None
-
-        yield connect
+        yield lambda target, headers: _websockets_client(f"ws://127.0.0.1:{port}{target}", headers)
 
 
-TRANSPORTS: dict[str, Served] = {"memory": _memory, "websockets": _websockets}
+async def _websockets_client(url: str, headers: Iterable[tuple[str, str]]) -> Transport:
+    import websockets
+
+    from dara_ws_websockets import connect
+
+    try:
+        return await connect(url, headers=dict(headers), close_timeout=1)
+    except websockets.InvalidStatus as exc:
+        raise HandshakeRejected(exc.response.status_code) from None
+
+
+async def _aiohttp_client(url: str, headers: Iterable[tuple[str, str]]) -> Transport:
+    import aiohttp
+
+    from dara_ws_aiohttp import connect
+
+    try:
+        timeout = aiohttp.ClientWSTimeout(ws_close=1)
+        return await connect(url, headers=dict(headers), timeout=timeout)
+    except AuthenticationFailed as exc:  # the adapter's 401/403; aiohttp's error is the cause
+        raise HandshakeRejected(getattr(exc.__cause__, "status", 403)) from None
+
+
+def _served_by(adapter: str, client: Connect) -> Served:
+    """An adapter whose ``serve(endpoint, host, port)`` yields the bound ``port``, reached by a
+    client (here a URL-taking ``Connect``) of another library, so both sides meet a stranger."""
+
+    @contextlib.asynccontextmanager
+    async def served(endpoint: Endpoint) -> AsyncIterator[Connect]:
+        serve = importlib.import_module(adapter).serve
+        async with serve(endpoint, "127.0.0.1", 0) as server:
+            yield lambda target, headers: client(f"ws://127.0.0.1:{server.port}{target}", headers)
+
+    return served
+
+
+TRANSPORTS: dict[str, Served] = {
+    "memory": _memory,
+    "websockets": _websockets,
+    "aiohttp": _served_by("dara_ws_aiohttp", _websockets_client),
+    "asgi": _served_by("dara_ws_asgi", _aiohttp_client),
+}
 
 
 def verify_token(token: str) -> Identity:

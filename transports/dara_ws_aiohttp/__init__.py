@@ -1,0 +1,189 @@
+"""aiohttp adapter: serve an endpoint from an aiohttp application, or connect to one as a client.
+
+Server: :func:`add_route` mounts an endpoint on your ``aiohttp.web.Application``; :func:`serve` runs
+one on its own socket. Client: :func:`connect`. They translate aiohttp to the core's ``Transport``
+contract and hold no protocol logic.
+
+Compression (permessage-deflate) is off: it costs a zlib context per connection and CPU per frame.
+aiohttp has one keepalive knob: ``ServerConfig.ping_interval`` is its ``heartbeat``, and the pong
+must arrive within half of it (``ping_timeout`` is not used).
+"""
+
+from __future__ import annotations
+
+__all__ = ["AiohttpTransport", "Server", "add_route", "connect", "serve"]
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, NamedTuple
+
+import aiohttp
+from aiohttp import WSMsgType, web
+
+from dara_ws_core.endpoint import Endpoint
+from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
+from dara_ws_core.transport import HandshakeRequest
+
+
+class AiohttpTransport:
+    """An aiohttp WebSocket (server or client side) as a :class:`Transport`.
+
+    Built by :func:`add_route` and :func:`connect`; you do not create it yourself. ``session`` is
+    a client session owned by the transport, closed with it.
+    """
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self._ws = ws
+        self._session = session
+        self._local_code: int | None = None  # what we closed with, until the peer echoes it
+        self._gone: ConnectionClosed | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._gone is not None or self._ws.closed
+
+    def _error(self, code: int | None = None, reason: str = "") -> ConnectionClosed:
+        # After our own close, aiohttp reports 1000 whatever code we sent: ours wins.
+        code = code or self._local_code or self._ws.close_code or CloseCode.ABNORMAL
+        return ConnectionClosed(code, reason)
+
+    async def send(self, frame: bytes) -> None:
+        """Send one text frame; raises ``ConnectionClosed`` once the connection is closing."""
+        await self._send(frame, WSMsgType.TEXT)
+
+    async def send_binary(self, data: bytes) -> None:
+        """Send one binary frame (the protocol has none: to test how a server refuses them)."""
+        await self._send(data, WSMsgType.BINARY)
+
+    async def _send(self, data: bytes, opcode: WSMsgType) -> None:
+        if self.closed:
+            raise self._gone or self._error()
+        try:
+            # send_frame skips send_str's decode/encode round trip: frame is UTF-8 already.
+            await self._ws.send_frame(data, opcode)
+        except ConnectionError as exc:  # aiohttp's ClientConnectionResetError
+            raise self._error() from exc
+
+    async def receive(self) -> str | bytes:
+        """Return the next text (``str``) or binary (``bytes``) frame.
+
+        aiohttp reports closes as messages; they become ``ConnectionClosed`` with the close code
+        (1009 for a frame over ``max_msg_size``).
+        """
+        if self._gone is not None:
+            raise self._gone  # aiohttp raises RuntimeError after a few reads past the close
+        msg = await self._ws.receive()
+        if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
+            return msg.data  # type: ignore[no-any-return]
+        # CLOSE carries (code, reason), ERROR the error (1009: too big, whatever close_code says
+        # after aiohttp's own close); CLOSING and CLOSED leave the code on the socket.
+        if msg.type is WSMsgType.CLOSE:
+            self._gone = self._error(msg.data, msg.extra or "")
+        elif isinstance(msg.data, aiohttp.WebSocketError):
+            self._gone = self._error(msg.data.code, str(msg.data))
+        else:
+            self._gone = self._error()
+        await self._release()
+        raise self._gone
+
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Close with ``code`` (waits for the peer's echo up to aiohttp's timeout); idempotent."""
+        if self._local_code is None:
+            self._local_code = code
+        try:
+            await self._ws.close(code=code, message=reason.encode())
+        finally:
+            await self._release()
+
+    async def _release(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def add_route(app: web.Application, endpoint: Endpoint, path: str | None = None) -> None:
+    """Mount ``endpoint`` at ``path`` (default ``endpoint.path``) on ``app``; call before startup.
+
+    A handshake the endpoint rejects gets HTTP 403 before the upgrade. The app's shutdown shuts
+    the endpoint down (connections close with 1001).
+    """
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        remote = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
+        handshake = HandshakeRequest.build(request.raw_path, request.headers.items(), remote)
+        try:
+            identity = await endpoint.authenticate(handshake)
+        except AuthenticationFailed:
+            return web.Response(status=403, text="Forbidden")
+        config = endpoint.config
+        ws = web.WebSocketResponse(max_msg_size=config.max_message_size, heartbeat=config.ping_interval, compress=False)
+        await ws.prepare(request)
+        await endpoint.serve(AiohttpTransport(ws), identity)
+        return ws
+
+    async def on_shutdown(_: web.Application) -> None:
+        await endpoint.shutdown()
+
+    app.router.add_get(path or endpoint.path, handle)
+    app.on_shutdown.append(on_shutdown)
+
+
+class Server(NamedTuple):
+    """Where a running server listens: ``port`` is the real one when 0 was asked."""
+
+    host: str
+    port: int
+    url: str
+
+
+@asynccontextmanager
+async def serve(endpoint: Endpoint, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[Server]:
+    """Serve ``endpoint`` on ``host:port`` for the duration of the ``async with`` block.
+
+    On exit the endpoint shuts down (connections close with 1001) and listening stops. Raises
+    ``OSError`` if the address cannot be bound.
+    """
+    app = web.Application()
+    add_route(app, endpoint)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=endpoint.config.shutdown_grace)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        port = int(runner.addresses[0][1])
+        yield Server(host, port, f"ws://{host}:{port}{endpoint.path}")
+    finally:
+        await runner.cleanup()
+
+
+async def connect(
+    url: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    max_size: int = 16 * 1024 * 1024,
+    session: aiohttp.ClientSession | None = None,
+    **kwargs: Any,
+) -> AiohttpTransport:
+    """Open a client connection to ``url``; frames over ``max_size`` bytes close it with 1009.
+
+    Without ``session``, one is created and closed with the transport. Other keyword arguments go
+    to ``ClientSession.ws_connect`` (e.g. ``timeout=aiohttp.ClientWSTimeout(ws_close=1)``). Raises
+    ``AuthenticationFailed`` when the server answers the handshake with 401 or 403, and
+    ``aiohttp.ClientError`` (``WSServerHandshakeError`` for other statuses) on other failures.
+    """
+    owned = None
+    if session is None:
+        session = owned = aiohttp.ClientSession()
+    try:
+        ws = await session.ws_connect(url, headers=headers, max_msg_size=max_size, compress=0, **kwargs)
+    except BaseException as exc:
+        if owned is not None:
+            await owned.close()
+        if isinstance(exc, aiohttp.WSServerHandshakeError) and exc.status in (401, 403):
+            raise AuthenticationFailed(f"handshake rejected with HTTP {exc.status}") from exc
+        raise
+    return AiohttpTransport(ws, owned)

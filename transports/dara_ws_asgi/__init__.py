@@ -1,0 +1,208 @@
+"""ASGI adapter: serve an endpoint under any ASGI server (uvicorn, hypercorn) or inside Starlette
+and FastAPI.
+
+* :func:`asgi_app` / :class:`ASGIApp`: a plain ASGI application, e.g. ``uvicorn.run(asgi_app(ep))``.
+* :func:`websocket_route`: a Starlette route, e.g. ``Starlette(routes=[websocket_route(ep)])`` or
+  ``fastapi_app.router.routes.append(websocket_route(ep))``.
+* :func:`serve`: run an endpoint under uvicorn in this process.
+
+The ASGI server owns frame size and keepalive: when you run uvicorn yourself, pass it
+``ws_max_size=config.max_message_size``, ``ws_ping_interval`` and ``ws_ping_timeout`` as
+:func:`serve` does (the core checks the size again), and call ``endpoint.shutdown()`` before
+stopping it: uvicorn itself closes open connections with 1012, not 1001.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ASGIApp", "ASGITransport", "Server", "asgi_app", "serve", "websocket_route"]
+
+import asyncio
+import contextlib
+import math
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any, NamedTuple
+
+import uvicorn
+from starlette.routing import WebSocketRoute
+
+from dara_ws_core.endpoint import Endpoint
+from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
+from dara_ws_core.transport import HandshakeRequest
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class ASGITransport:
+    """An accepted ASGI WebSocket as a :class:`Transport`; built by :class:`ASGIApp`."""
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
+        self._sent: ConnectionClosed | None = None  # we sent websocket.close
+        self._gone: ConnectionClosed | None = None  # the server reported websocket.disconnect
+
+    @property
+    def closed(self) -> bool:
+        return (self._gone or self._sent) is not None
+
+    async def send(self, frame: bytes) -> None:
+        """Send one text frame; raises ``ConnectionClosed`` once the connection is closing."""
+        if gone := self._gone or self._sent:
+            raise gone
+        try:
+            await self._send({"type": "websocket.send", "text": frame.decode()})
+        except OSError as exc:  # the ASGI spec's error for sending on a closed connection
+            raise ConnectionClosed(CloseCode.ABNORMAL) from exc
+
+    async def receive(self) -> str | bytes:
+        """Return the next text (``str``) or binary (``bytes``) frame; raises ``ConnectionClosed``
+        with the close code on ``websocket.disconnect``."""
+        if self._gone is not None:
+            raise self._gone  # the server sends only one disconnect
+        # After our own close, keep reading: the server reports the disconnect with our code.
+        message = await self._receive()
+        if message["type"] == "websocket.receive":
+            text: str | None = message.get("text")
+            return text if text is not None else bytes(message.get("bytes") or b"")
+        self._gone = ConnectionClosed(message.get("code", 1005), message.get("reason") or "")
+        raise self._gone
+
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Send ``websocket.close`` with ``code``; idempotent, and a no-op once the peer left."""
+        if self.closed:
+            return
+        self._sent = ConnectionClosed(code, reason)
+        with contextlib.suppress(OSError):  # the peer left meanwhile
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+
+async def _deny(scope: Scope, send: Send) -> None:
+    """Refuse a request: 404 for plain HTTP; for a WebSocket, a close before accept, which the
+    ASGI spec makes an HTTP 403 on every server. (The ``websocket.http.response`` extension could
+    add a body, but uvicorn's default websockets-sansio then logs a spurious ERROR for every
+    rejection, Kludex/uvicorn#3138.)"""
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
+        return
+    await send({"type": "http.response.start", "status": 404, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def _handshake(scope: Scope) -> HandshakeRequest:
+    raw: bytes | None = scope.get("raw_path")
+    target = raw.decode("latin-1") if raw else scope["path"]
+    if query := scope.get("query_string", b"").decode("latin-1"):
+        target += "?" + query
+    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+    client = scope.get("client")
+    return HandshakeRequest.build(target, headers, (client[0], client[1]) if client else None)
+
+
+class ASGIApp:
+    """An ASGI application serving ``endpoint``. WebSocket requests to ``path`` (any path when
+    ``None``, as inside a router) are served; a rejected handshake, or another path, gets HTTP 403
+    before accept; plain HTTP gets 404.
+    """
+
+    def __init__(self, endpoint: Endpoint, *, path: str | None = None) -> None:
+        self.endpoint = endpoint
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":  # nothing to start: the endpoint needs no setup
+            while (kind := (await receive())["type"]) != "lifespan.shutdown":
+                await send({"type": f"{kind}.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] != "websocket" or self.path not in (None, scope["path"]):
+            await _deny(scope, send)
+            return
+        if (await receive())["type"] != "websocket.connect":
+            return  # the client left before the handshake completed
+        try:
+            identity = await self.endpoint.authenticate(_handshake(scope))
+        except AuthenticationFailed:
+            await _deny(scope, send)
+            return
+        await send({"type": "websocket.accept"})
+        await self.endpoint.serve(ASGITransport(receive, send), identity)
+
+
+def asgi_app(endpoint: Endpoint, *, path: str | None = None) -> ASGIApp:
+    """An ASGI app serving ``endpoint`` at ``path`` (default ``endpoint.path``), for servers."""
+    return ASGIApp(endpoint, path=path or endpoint.path)
+
+
+def websocket_route(endpoint: Endpoint, path: str | None = None) -> WebSocketRoute:
+    """A Starlette/FastAPI route serving ``endpoint`` at ``path`` (default ``endpoint.path``)."""
+    return WebSocketRoute(path or endpoint.path, ASGIApp(endpoint))
+
+
+class Server(NamedTuple):
+    """Where a running server listens: ``port`` is the real one when 0 was asked."""
+
+    host: str
+    port: int
+    url: str
+
+
+class _Uvicorn(uvicorn.Server):
+    """Tells when it listens: uvicorn.Server has only a ``started`` flag to poll."""
+
+    ready: asyncio.Event
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self.ready.set()
+
+
+@contextlib.asynccontextmanager
+async def serve(endpoint: Endpoint, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[Server]:
+    """Run ``endpoint`` under uvicorn on ``host:port`` for the ``async with`` block.
+
+    On exit the endpoint shuts down (connections close with 1001), then uvicorn stops. Raises
+    ``OSError`` if the address cannot be bound, ``RuntimeError`` if uvicorn stops during startup.
+    """
+    config = endpoint.config
+    # Bind ourselves so that port 0 works and the real port is known.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    server = _Uvicorn(
+        uvicorn.Config(
+            asgi_app(endpoint),
+            ws="websockets-sansio",
+            ws_max_size=config.max_message_size,
+            ws_ping_interval=config.ping_interval,
+            ws_ping_timeout=config.ping_timeout,
+            ws_per_message_deflate=False,
+            lifespan="off",
+            log_config=None,  # leave the process's logging configuration alone
+            log_level="warning",
+            timeout_graceful_shutdown=math.ceil(config.shutdown_grace),
+        )
+    )
+    server.ready = asyncio.Event()
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    ready = asyncio.create_task(server.ready.wait())
+    try:
+        await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if not server.ready.is_set():
+            await task  # re-raises uvicorn's error, if any
+            raise RuntimeError("uvicorn stopped during startup")
+        port = sock.getsockname()[1]
+        yield Server(host, port, f"ws://{host}:{port}{endpoint.path}")
+    finally:
+        ready.cancel()
+        await endpoint.shutdown()
+        server.should_exit = True
+        await task
+        sock.close()
