@@ -73,6 +73,9 @@ async def _websockets_client(url: str, headers: Iterable[tuple[str, str]]) -> Tr
 
     try:
         return await connect(url, headers=dict(headers), close_timeout=1)
+    except AuthenticationFailed as exc:  # the adapter's 401/403; websockets' error is the cause
+        assert isinstance(exc.__cause__, websockets.InvalidStatus)
+        raise HandshakeRejected(exc.__cause__.response.status_code) from None
     except websockets.InvalidStatus as exc:
         raise HandshakeRejected(exc.response.status_code) from None
 

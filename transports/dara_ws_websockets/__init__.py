@@ -133,11 +133,18 @@ async def connect(
 ) -> WebsocketsTransport:
     """Open a client connection as a core ``Transport`` (for ``DaraClient``).
 
-    Raises ``websockets.InvalidStatus`` when the server rejects the handshake (403).
+    Raises ``AuthenticationFailed`` when the server rejects the handshake with 401 or 403 (the
+    ``websockets.InvalidStatus`` is its ``__cause__``), like the aiohttp adapter and
+    ``MemoryServer``; other refusals raise ``websockets.InvalidStatus``.
     """
     options: dict[str, Any] = {"max_size": max_size, "compression": None, "ping_interval": None}
     options.update(kwargs)
-    ws: ClientConnection = await ws_connect(url, additional_headers=headers, **options)
+    try:
+        ws: ClientConnection = await ws_connect(url, additional_headers=headers, **options)
+    except websockets.InvalidStatus as exc:
+        if exc.response.status_code in (HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN):
+            raise AuthenticationFailed(f"handshake rejected: HTTP {exc.response.status_code}") from exc
+        raise
     return WebsocketsTransport(ws)
 
 
