@@ -4,6 +4,7 @@ process. Application code (handlers, manager calls, authenticator) is the same f
 from __future__ import annotations
 
 import contextlib
+import functools
 
 from dara_ws_aiohttp import serve as aiohttp_serve
 from dara_ws_asgi import serve as asgi_serve
@@ -27,7 +28,7 @@ async def test_one_manager_serves_clients_of_every_transport() -> None:
         for i, port in enumerate(ports):
             for user in ("dana", f"solo{i}"):
                 url = f"ws://127.0.0.1:{port}/api/core/ws?token={user}:s{i}"
-                client = DaraClient(lambda url=url: connect(url), ping_interval=None)
+                client = DaraClient(functools.partial(connect, url), ping_interval=None)
                 await stack.enter_async_context(client)
                 clients.append((user, client))
         assert len(manager.handlers) == 6
