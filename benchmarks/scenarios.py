@@ -1,0 +1,375 @@
+"""The benchmark scenarios of issue 4; each is ``async (Sizes, impls) -> list[Row]``.
+
+Measurement methods (why the numbers mean what they say):
+
+* Round trips are timed with ``perf_counter_ns`` by the side that starts them, one at a time on
+  one connection, after a warm-up; the peer runs in another process.
+* Fan-out: the server takes ``t0 = time.monotonic()`` just before its first send; every client
+  process reports the ``time.monotonic()`` at which its *last* connection received its *last*
+  message. Linux's CLOCK_MONOTONIC is system-wide, so values from different processes on this
+  machine compare. The round time is ``max(last) - t0``; deliveries/s is ``N * M / time``; the
+  median over rounds is reported.
+* Memory: ``psutil`` RSS of the server process after ``gc.collect()`` in it, against a baseline
+  taken after a warm-up batch of connections came and went.
+* Slow consumers: a paced broadcast for a fixed time; healthy clients count frames and sample
+  the delivery lag from a send timestamp in the payload; the orchestrator samples server RSS
+  every second. The same run without slow clients is the reference for the cost.
+
+Clients never offer permessage-deflate, so every server runs uncompressed whatever its defaults.
+"""
+
+from __future__ import annotations
+
+__all__ = ["SCENARIOS", "Sizes"]
+
+import asyncio
+import contextlib
+import importlib
+import json
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import psutil
+
+from . import micro
+from .procs import BenchError, Proc
+from .stats import Row, latency_metrics, median, percentile
+
+MiB = 1024 * 1024
+
+#: Wire spoken by each server implementation, hence which lean client talks to it.
+PROTO = {"raw": "dara", "ours": "dara", "sio": "sio", "sio-asgi": "sio"}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big every scenario is; ``FULL`` is the issue's sizing."""
+
+    rt_warmup: int = 200
+    rt_iters: int = 2000
+    fanout_ns: tuple[int, ...] = (100, 1000)
+    fanout_m: int = 100
+    fanout_rounds: int = 5
+    users: int = 1000
+    per_user: int = 2
+    user_m: int = 10
+    user_rounds: int = 3
+    idle_warm: int = 200
+    idle_n: int = 1000
+    capacity_n: int = 10_000
+    settle_s: float = 2.0
+    slow_n: int = 1000
+    slow_k: int = 10
+    slow_seconds: float = 30.0
+    slow_rate: float = 40.0
+    slow_pad: int = 1024
+    slow_drain_s: float = 1.0
+    client_procs: int = 2
+    micro_iters: int = 20_000
+    #: Extra ``ServerConfig`` keyword arguments for ours (``--ours-config``).
+    ours_config: dict[str, Any] = field(default_factory=dict)
+
+
+FULL = Sizes()
+QUICK = replace(FULL, rt_iters=1000, rt_warmup=100, fanout_rounds=3, user_rounds=2,
+                capacity_n=5000, slow_seconds=10.0, micro_iters=5000, settle_s=1.0)
+TINY = replace(FULL, rt_warmup=10, rt_iters=50, fanout_ns=(6,), fanout_m=5, fanout_rounds=2,
+               users=3, per_user=2, user_m=3, user_rounds=1, idle_warm=4, idle_n=10,
+               capacity_n=20, settle_s=0.2, slow_n=6, slow_k=2, slow_seconds=1.0,
+               slow_rate=20.0, slow_pad=64, slow_drain_s=0.3, micro_iters=200)
+PRESETS = {"full": FULL, "quick": QUICK, "tiny": TINY}
+
+
+def ours_unavailable() -> str | None:
+    """Why "ours" cannot run yet (the core has not landed), or ``None`` when it can."""
+    try:
+        core = importlib.import_module("dara_ws_core")
+        importlib.import_module("dara_ws_websockets").serve  # noqa: B018
+        for name in ("WebsocketManager", "Endpoint", "ServerConfig", "token_authenticator"):
+            getattr(core, name)
+    except (ImportError, AttributeError) as exc:
+        return f"unavailable: {exc}"
+    return None
+
+
+# ------------------------------------------------------------------------------ processes
+
+
+@contextlib.asynccontextmanager
+async def server(impl: str, sizes: Sizes) -> AsyncIterator[Proc]:
+    config = sizes.ours_config if impl == "ours" else {}
+    async with Proc.start(f"server-{impl}", "benchmarks.server", "--impl", impl,
+                          "--config", json.dumps(config)) as proc:
+        yield proc
+
+
+@contextlib.asynccontextmanager
+async def clients(
+    srv: Proc, impl: str, mode: str, users: int, *, procs: int, per_user: int = 1,
+    prefix: str = "user-", timeout: float = 120.0, **options: Any,
+) -> AsyncIterator[list[Proc]]:
+    """``procs`` client processes sharing ``users`` users (``per_user`` connections each)."""
+    procs = max(1, min(procs, users))
+    async with contextlib.AsyncExitStack() as stack:
+        starts = []
+        first = 0
+        for k in range(procs):
+            count = users // procs + (1 if k < users % procs else 0)
+            args = ["--proto", PROTO[impl], "--mode", mode, "--port", str(srv.ready["port"]),
+                    "--path", srv.ready["path"], "--token-prefix", prefix,
+                    "--first", str(first), "--users", str(count), "--per-user", str(per_user)]
+            for key, value in options.items():
+                args += [f"--{key.replace('_', '-')}", str(value)]
+            starts.append(stack.enter_async_context(
+                Proc.start(f"client-{impl}-{mode}-{k}", "benchmarks.client", *args,
+                           ready_timeout=timeout)))
+            first += count
+        yield list(await asyncio.gather(*starts))
+
+
+def rss(proc: Proc) -> int:
+    return int(psutil.Process(proc.pid).memory_info().rss)
+
+
+async def per_impl(
+    scenario: str, impls: Sequence[str], measure: Callable[[str], Awaitable[list[Row]]],
+) -> list[Row]:
+    """Run ``measure`` for each implementation; a failure becomes a row with a note, not a crash."""
+    rows: list[Row] = []
+    for impl in impls:
+        why = ours_unavailable() if impl == "ours" else None
+        if why:
+            rows.append(Row(scenario, impl, note=why))
+            continue
+        try:
+            rows += await measure(impl)
+        except Exception as exc:  # one implementation failing must not lose the others' rows
+            first = (str(exc).splitlines() or [""])[0]
+            rows.append(Row(scenario, impl, note=f"failed: {type(exc).__name__}: {first}"))
+    return rows
+
+
+# ------------------------------------------------------------------------------ scenarios
+
+
+async def server_request(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
+    """(1) Server -> client request answered by the client (send_and_wait), sequential."""
+
+    async def measure(impl: str) -> list[Row]:
+        async with server(impl, sizes) as srv, clients(srv, impl, "answer", 1, procs=1):
+            await srv.call("wait_conns", 30, n=1)
+            res = await srv.call("ask", 120, warmup=sizes.rt_warmup, iters=sizes.rt_iters)
+        return [Row("server_request", impl, latency_metrics(res["samples"], res["total_s"]))]
+
+    return await per_impl("server_request", impls, measure)
+
+
+async def client_request(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
+    """(2) Client -> server custom request with reply, sequential."""
+
+    async def measure(impl: str) -> list[Row]:
+        async with server(impl, sizes) as srv, clients(
+            srv, impl, "request", 1, procs=1, warmup=sizes.rt_warmup, iters=sizes.rt_iters,
+        ) as (cli,):
+            res = await cli.expect("samples", 120)
+        return [Row("client_request", impl, latency_metrics(res["samples"], res["total_s"]))]
+
+    return await per_impl("client_request", impls, measure)
+
+
+async def _fanout_rounds(
+    srv: Proc, cps: list[Proc], rounds: int, deliveries: int, command: str, **params: Any,
+) -> dict[str, float]:
+    totals, sends = [], []
+    for r in range(rounds):
+        res = await srv.call(command, 300, r=r, **params)
+        lasts = []
+        for cp in cps:
+            event = await cp.expect("round", 120)
+            if event["r"] != r:
+                raise BenchError(f"{cp.name}: round {event['r']} reported during round {r}")
+            lasts.append(event["last"])
+        totals.append(max(lasts) - res["t0"])
+        sends.append(res["t_sent"] - res["t0"])
+        await asyncio.sleep(0.2)
+    total = median(totals)
+    return {"total_ms": total * 1000, "send_ms": median(sends) * 1000,
+            "deliveries_per_s": deliveries / total, "worst_ms": max(totals) * 1000}
+
+
+async def broadcast(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
+    """(3) Broadcast of M small messages to N connected clients."""
+    rows: list[Row] = []
+    for n in sizes.fanout_ns:
+
+        async def measure(impl: str, n: int = n) -> list[Row]:
+            async with server(impl, sizes) as srv, clients(
+                srv, impl, "fanout", n, procs=sizes.client_procs, m=sizes.fanout_m,
+            ) as cps:
+                await srv.call("wait_conns", 60, n=n)
+                metrics = await _fanout_rounds(srv, cps, sizes.fanout_rounds,
+                                               n * sizes.fanout_m, "broadcast", m=sizes.fanout_m)
+            return [Row("broadcast", impl, {"N": n, "M": sizes.fanout_m, **metrics},
+                        variant=f"N={n}")]
+
+        found = await per_impl("broadcast", impls, measure)
+        rows += [replace(r, variant=f"N={n}") for r in found]
+    return rows
+
+
+async def per_user(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
+    """(4) Per-user fan-out: every user gets M messages on each of its connections."""
+    conns = sizes.users * sizes.per_user
+    user_ids = [f"user-{i}" for i in range(sizes.users)]
+
+    async def measure(impl: str) -> list[Row]:
+        async with server(impl, sizes) as srv, clients(
+            srv, impl, "fanout", sizes.users, procs=sizes.client_procs,
+            per_user=sizes.per_user, m=sizes.user_m,
+        ) as cps:
+            await srv.call("wait_conns", 60, n=conns)
+            metrics = await _fanout_rounds(srv, cps, sizes.user_rounds, conns * sizes.user_m,
+                                           "user_fanout", m=sizes.user_m, users=user_ids)
+        return [Row("per_user", impl, {"users": sizes.users, "conns": conns, "M": sizes.user_m,
+                                       **metrics})]
+
+    return await per_impl("per_user", impls, measure)
+
+
+async def memory(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
+    """(5) Server RSS per 1000 idle connections, and RSS holding ``capacity_n`` of them."""
+
+    def idle(
+        srv: Proc, impl: str, n: int, prefix: str
+    ) -> contextlib.AbstractAsyncContextManager[list[Proc]]:
+        # Idle connections cost the clients little: one process per 500 is plenty.
+        procs = min(sizes.client_procs, max(1, n // 500))
+        return clients(srv, impl, "idle", n, procs=procs, prefix=prefix,
+                       timeout=max(60.0, n / 50))
+
+    async def settled_rss(srv: Proc, n: int) -> tuple[int, int]:
+        await srv.call("wait_conns", max(60.0, n / 50), n=n)
+        await asyncio.sleep(sizes.settle_s)
+        held = (await srv.call("gc", 60))["conns"]
+        return rss(srv), held
+
+    async def measure(impl: str) -> list[Row]:
+        async with server(impl, sizes) as srv:
+            async with idle(srv, impl, sizes.idle_warm, "warm-"):
+                await srv.call("wait_conns", 60, n=sizes.idle_warm)
+            await asyncio.sleep(sizes.settle_s)
+            await srv.call("gc", 60)
+            base = rss(srv)
+            async with idle(srv, impl, sizes.idle_n, "idle-"):
+                at_n, _ = await settled_rss(srv, sizes.idle_n)
+                extra = sizes.capacity_n - sizes.idle_n
+                async with idle(srv, impl, extra, "more-"):
+                    at_cap, held = await settled_rss(srv, sizes.capacity_n)
+        per_k = (at_n - base) / sizes.idle_n * 1000
+        per_k_cap = (at_cap - base) / sizes.capacity_n * 1000
+        return [Row("memory", impl, {
+            "base_MiB": base / MiB,
+            "N": sizes.idle_n,
+            "MiB_per_1000": per_k / MiB,
+            "KiB_per_conn": per_k / 1000 / 1024,
+            "held": held,
+            "RSS_at_held_MiB": at_cap / MiB,
+            "MiB_per_1000_at_held": per_k_cap / MiB,
+        })]
+
+    return await per_impl("memory", impls, measure)
+
+
+async def slow_consumer(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
+    """(7) Paced broadcast to N clients of which K never read: healthy throughput, lag, RSS."""
+    rows: list[Row] = []
+    reference: dict[str, float] = {}
+    for slow in (0, sizes.slow_k):
+        healthy = sizes.slow_n - slow
+
+        async def measure(impl: str, slow: int = slow, healthy: int = healthy) -> list[Row]:
+            async with server(impl, sizes) as srv, clients(
+                srv, impl, "stream", healthy, procs=sizes.client_procs,
+            ) as cps, contextlib.AsyncExitStack() as stack:
+                if slow:
+                    await stack.enter_async_context(
+                        clients(srv, impl, "slow", slow, procs=1, prefix="slow-"))
+                await srv.call("wait_conns", 60, n=sizes.slow_n)
+                await srv.call("gc", 30)
+                samples: list[int] = [rss(srv)]
+
+                async def sample_rss() -> None:
+                    while True:
+                        await asyncio.sleep(1.0)
+                        samples.append(rss(srv))
+
+                sampler = asyncio.create_task(sample_rss())
+                try:
+                    res = await srv.call("stream", sizes.slow_seconds + 120, rate=sizes.slow_rate,
+                                         seconds=sizes.slow_seconds, pad=sizes.slow_pad)
+                    await asyncio.sleep(sizes.slow_drain_s)  # let in-flight frames arrive
+                finally:
+                    sampler.cancel()
+                samples.append(rss(srv))
+                reports = [await cp.call("report", 60) for cp in cps]
+                end = await srv.call("gc", 30)
+            received = sum(r["received"] for r in reports)
+            last = max(r["last"] for r in reports)
+            lags = sorted(v for r in reports for v in r["lags"])
+            rate = received / (last - res["t0"]) if last > res["t0"] else math.nan
+            # The cost of slow clients is judged per healthy client: 990 clients cannot receive
+            # as many frames in total as 1000.
+            per_client = rate / healthy
+            if slow == 0:
+                reference[impl] = per_client
+            return [Row("slow_consumer", impl, {
+                "N": sizes.slow_n, "slow": slow, "sent": res["sent"],
+                "healthy_deliveries_per_s": rate,
+                "per_client_msgs_per_s": per_client,
+                "delivered_pct": 100 * received / max(1, res["sent"] * healthy),
+                "vs_no_slow": per_client / reference.get(impl, math.nan) if slow else 1.0,
+                "lag_p50_ms": percentile(lags, 50) * 1000,
+                "lag_p99_ms": percentile(lags, 99) * 1000,
+                "rss_start_MiB": samples[0] / MiB,
+                "rss_max_MiB": max(samples) / MiB,
+                "rss_end_MiB": samples[-1] / MiB,
+                "conns_end": end["conns"],
+            }, variant=f"slow={slow}")]
+
+        found = await per_impl("slow_consumer", impls, measure)
+        rows += [replace(r, variant=f"slow={slow}") for r in found]
+    return rows
+
+
+async def codec(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
+    """(6) Pure-core micro-benchmarks, in this process (no sockets)."""
+    return micro.run(sizes.micro_iters, impls)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    run: Callable[[Sizes, Sequence[str]], Awaitable[list[Row]]]
+    impls: tuple[str, ...]
+    ratio_keys: tuple[str, ...]
+
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
+    Scenario("server_request", "(1) server -> client request (send_and_wait), sequential",
+             server_request, ("raw", "ours", "sio"), ("p50_us", "p99_us", "ops_per_s")),
+    Scenario("client_request", "(2) client -> server custom request with reply, sequential",
+             client_request, ("raw", "ours", "sio"), ("p50_us", "p99_us", "ops_per_s")),
+    Scenario("broadcast", "(3) broadcast fan-out", broadcast, ("raw", "ours", "sio"),
+             ("deliveries_per_s",)),
+    Scenario("per_user", "(4) per-user fan-out", per_user, ("raw", "ours", "sio"),
+             ("deliveries_per_s",)),
+    Scenario("memory", "(5) idle connections: server RSS", memory, ("raw", "ours", "sio"),
+             ("MiB_per_1000", "MiB_per_1000_at_held")),
+    Scenario("codec", "(6) codec and reassembly micro-benchmarks (pure core)", codec,
+             ("raw", "ours"), ("ns_per_op",)),
+    Scenario("slow_consumer", "(7) slow consumers during a paced broadcast", slow_consumer,
+             ("raw", "ours"), ("healthy_deliveries_per_s", "lag_p99_ms")),
+)}

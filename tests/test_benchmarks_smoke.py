@@ -1,0 +1,61 @@
+"""The benchmark suite runs end to end at tiny size and produces sane rows (issue 4).
+
+Real processes and sockets on 127.0.0.1, a handful of clients and iterations; the numbers mean
+nothing, only that every scenario measures every implementation and reports positive figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCENARIOS = {
+    "server_request": {"raw", "ours", "sio"},
+    "client_request": {"raw", "ours", "sio"},
+    "broadcast": {"raw", "ours", "sio"},
+    "per_user": {"raw", "ours", "sio"},
+    "memory": {"raw", "ours", "sio"},
+    "codec": {"raw", "ours"},
+    "slow_consumer": {"raw", "ours"},
+}
+
+#: Metrics that may legitimately be zero at tiny size (growth, counts of slow clients).
+MAY_BE_ZERO = {"slow", "dropped"}
+
+
+def test_every_benchmark_scenario_produces_positive_rows_at_tiny_size(tmp_path: Path) -> None:
+    out = tmp_path / "rows.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--tiny", "--json", str(out)],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=100,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+
+    seen: dict[str, set[str]] = {}
+    for row in rows:
+        assert row["metrics"], f"{row['scenario']}/{row['impl']}: {row['note']}"
+        seen.setdefault(row["scenario"], set()).add(row["impl"])
+        for key, value in row["metrics"].items():
+            assert value is not None and not math.isnan(value), (row, key)
+            if key in MAY_BE_ZERO:
+                assert value >= 0, (row, key)
+            elif key != "MiB_per_1000" and not key.endswith("_at_held"):
+                assert value > 0, (row, key)
+    assert seen == SCENARIOS
+    # Every table prints a ratio against the raw baseline of the same run.
+    assert proc.stdout.count("x raw") >= len(SCENARIOS)
+
+
+def test_benchmark_run_rejects_an_unknown_scenario() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--tiny", "--only", "nope"],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 2
+    assert "unknown scenario" in proc.stderr
