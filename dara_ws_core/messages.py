@@ -49,7 +49,7 @@ __all__ = [
 from typing import Annotated, Any, ClassVar, Literal
 
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, TypeAdapter, ValidationError
 
 from .exceptions import CloseCode, FrameTooLarge, InvalidFrame, InvalidMessage
 
@@ -194,7 +194,8 @@ class DaraServerMessage(BaseModel):
     model_config = _CONFIG
     type: Literal["message"] = "message"
     typename: str | None = _optional_alias("__typename")
-    message: ServerMessagePayload
+    # SerializeAsAny: a first-party payload keeps its own fields (not just the base class's).
+    message: SerializeAsAny[ServerMessagePayload]
 
     @classmethod
     def create(cls, payload: ServerMessagePayload) -> DaraServerMessage:
@@ -221,7 +222,7 @@ class CustomServerMessage(BaseModel):
 
     model_config = _CONFIG
     type: Literal["custom"] = "custom"
-    message: CustomServerMessagePayload
+    message: SerializeAsAny[CustomServerMessagePayload]
 
 
 class InitPayload(BaseModel):
@@ -287,15 +288,20 @@ def build_frame(
                     update={"message": payload.message.model_copy(update={"rchan": rchan})}
                 )
             return encode(payload)
-        if rchan is not None:
-            payload = payload.model_copy(update={"rchan": rchan})
         if custom and not isinstance(payload, CustomServerMessagePayload):
             raise ValueError("custom=True needs a CustomServerMessagePayload or a dict with 'kind'")
         envelope: dict[str, Any] = {"type": "custom" if custom else "message"}
         typename = getattr(payload, "__typename__", None)
         if typename is not None and not custom:
             envelope["__typename"] = typename
-        envelope["message"] = payload
+        if rchan is None:
+            envelope["message"] = payload
+        elif isinstance(payload, ServerMessagePayload):
+            envelope["message"] = payload.model_copy(update={"rchan": rchan})
+        else:
+            # Another model has no ``__rchan`` field: model_copy would drop it silently.
+            body = payload.model_dump(mode="json", by_alias=True)
+            envelope["message"] = {**body, "__rchan": rchan}
         return _to_json(envelope, by_alias=True)
     if not isinstance(payload, dict):
         raise TypeError(f"payload must be a dict or a pydantic model, not {type(payload).__name__}")
