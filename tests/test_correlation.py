@@ -1,0 +1,374 @@
+"""The correlation table (protocol.md section 4): a state machine against a model; unit tests."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    invariant,
+    multiple,
+    precondition,
+    rule,
+)
+
+from dara_ws_core.correlation import Completed, Failed, Ignored, Partial, PendingRequests
+from dara_ws_core.exceptions import ChunkError, RequestError, TooManyPendingRequests
+from dara_ws_core.messages import DaraClientMessage
+
+from . import strategies as S
+
+MAX_PENDING = 4
+MAX_CHUNKS = 4
+MAX_BYTES = 60
+
+#: Payloads only need to be told apart (their codec is tested in test_messages).
+payloads = st.none() | st.integers() | st.lists(st.integers(), max_size=2)
+
+
+def response(
+    rchan: str, message: Any = None, chunk_count: int | None = None, chunk_index: int | None = None
+) -> DaraClientMessage:
+    return DaraClientMessage(
+        channel=rchan, message=message, chunk_count=chunk_count, chunk_index=chunk_index
+    )
+
+
+def is_uuid4(rchan: str) -> bool:
+    try:
+        parsed = uuid.UUID(rchan)
+    except ValueError:
+        return False
+    return parsed.version == 4 and str(parsed) == rchan
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True, eq=False)
+class Waiter:
+    """An opaque waiter (the asyncio layer uses a future); ``serial`` names it for the model."""
+
+    serial: int
+
+
+@dataclass
+class ModelEntry:
+    waiter: Waiter
+    count: int | None = None
+    indexed: bool | None = None
+    parts: dict[int, Any] = field(default_factory=dict)
+    size: int = 0
+
+
+@dataclass(frozen=True)
+class Expect:
+    kind: str  # "completed" | "failed" | "partial" | "ignored"
+    value: Any = None
+
+
+def predict(entry: ModelEntry | None, payload: Any, count: int | None, index: int | None,
+            size: int) -> Expect:
+    """What the protocol says one response frame does to one entry (protocol.md section 4)."""
+    if entry is None:
+        return Expect("ignored")
+    if count is None:
+        return Expect("failed") if entry.count is not None else Expect("completed", payload)
+    if entry.count is None:
+        if not 1 <= count <= MAX_CHUNKS:
+            return Expect("failed")
+        entry.count = count
+    if count != entry.count:
+        return Expect("failed")
+    indexed = index is not None
+    if entry.indexed is None:
+        entry.indexed = indexed
+    elif entry.indexed != indexed:
+        return Expect("failed")
+    entry.size += size
+    if entry.size > MAX_BYTES:
+        return Expect("failed")
+    position = len(entry.parts) if index is None else index
+    if not 0 <= position < entry.count or position in entry.parts:
+        return Expect("failed")
+    entry.parts[position] = payload
+    if len(entry.parts) == entry.count:
+        return Expect("completed", [entry.parts[i] for i in range(entry.count)])
+    return Expect("partial", (len(entry.parts), entry.count))
+
+
+class PendingRequestsMachine(RuleBasedStateMachine):
+    """Every request ends exactly once; the table never holds more than the model."""
+
+    rchans = Bundle("rchans")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table: PendingRequests[Waiter] = PendingRequests(
+            max_pending=MAX_PENDING, max_chunks=MAX_CHUNKS, max_chunked_bytes=MAX_BYTES
+        )
+        self.pending: dict[str, ModelEntry] = {}
+        self.issued: set[str] = set()
+        self.serials = itertools.count()
+        self.opened: set[int] = set()  # serials of waiters
+        self.ended: dict[int, str] = {}  # serial -> how it ended
+
+    def end(self, waiter: Waiter, how: str) -> None:
+        assert waiter.serial in self.opened
+        assert waiter.serial not in self.ended, (
+            f"ended twice: {self.ended[waiter.serial]} then {how}"
+        )
+        self.ended[waiter.serial] = how
+
+    # ------------------------------------------------------------------ rules
+
+    @rule(target=rchans)
+    def open(self) -> Any:
+        waiter = Waiter(next(self.serials))
+        if len(self.pending) >= MAX_PENDING:
+            with pytest.raises(TooManyPendingRequests):
+                self.table.open(waiter)
+            return multiple()
+        rchan = self.table.open(waiter)
+        assert is_uuid4(rchan)
+        assert rchan not in self.issued, "an rchan is never reused"
+        self.issued.add(rchan)
+        self.opened.add(waiter.serial)
+        self.pending[rchan] = ModelEntry(waiter)
+        return rchan
+
+    def answer(self, rchan: str, payload: Any, count: int | None = None,
+               index: int | None = None, size: int = 0) -> None:
+        entry = self.pending.get(rchan)
+        expected = predict(entry, payload, count, index, size)
+        outcome = self.table.receive(response(rchan, payload, count, index), size)
+        event(f"outcome: {expected.kind}")
+        if expected.kind == "ignored":
+            assert outcome == Ignored(rchan)
+            return
+        assert entry is not None
+        if expected.kind == "partial":
+            assert outcome == Partial(rchan, *expected.value)
+            assert rchan in self.table
+            return
+        del self.pending[rchan]
+        if expected.kind == "completed":
+            assert isinstance(outcome, Completed)
+            assert outcome.value == expected.value
+        else:
+            assert isinstance(outcome, Failed)
+            assert isinstance(outcome.error, ChunkError)
+        assert outcome.rchan == rchan
+        assert outcome.waiter is entry.waiter
+        assert rchan not in self.table
+        self.end(entry.waiter, expected.kind)
+
+    @rule(rchan=rchans, payload=payloads)
+    def answer_plain(self, rchan: str, payload: Any) -> None:
+        self.answer(rchan, payload)
+
+    @rule(
+        rchan=rchans,
+        payload=payloads,
+        count=st.integers(min_value=-1, max_value=MAX_CHUNKS + 1),
+        index=st.none() | st.integers(min_value=-1, max_value=MAX_CHUNKS + 1),
+        size=st.integers(min_value=0, max_value=30),
+    )
+    def answer_chunk(self, rchan: str, payload: Any, count: int, index: int | None,
+                     size: int) -> None:
+        """Any chunk: valid or not, for a pending, ended or discarded request."""
+        self.answer(rchan, payload, count, index, size)
+
+    @precondition(lambda self: self.pending)
+    @rule(data=st.data(), payload=payloads)
+    def answer_valid_chunk(self, data: st.DataObject, payload: Any) -> None:
+        """The next part of a well-formed chunked answer (so that completions happen)."""
+        rchan = data.draw(st.sampled_from(list(self.pending)))  # insertion order: replayable
+        entry = self.pending[rchan]
+        if entry.count is None:
+            count = data.draw(st.integers(min_value=1, max_value=MAX_CHUNKS))
+            indexed = data.draw(st.booleans())
+        else:
+            count, indexed = entry.count, bool(entry.indexed)
+        missing = [i for i in range(count) if i not in entry.parts]
+        index = data.draw(st.sampled_from(missing)) if indexed and missing else None
+        self.answer(rchan, payload, count, index, data.draw(st.integers(0, 10)))
+
+    @rule(rchan=S.uuids, payload=payloads, count=st.none() | st.integers(1, MAX_CHUNKS))
+    def answer_unknown_rchan(self, rchan: str, payload: Any, count: int | None) -> None:
+        assert rchan not in self.issued
+        before = len(self.table)
+        assert self.table.receive(response(rchan, payload, count)) == Ignored(rchan)
+        assert len(self.table) == before
+
+    @rule(rchan=rchans)
+    def discard(self, rchan: str) -> None:
+        """The caller timed out or was cancelled (its ``finally``); idempotent."""
+        self.table.discard(rchan)
+        entry = self.pending.pop(rchan, None)
+        if entry is not None:
+            self.end(entry.waiter, "discarded")
+        assert rchan not in self.table
+
+    @rule()
+    def close(self) -> None:
+        waiters = self.table.close()
+        assert sorted(w.serial for w in waiters) == sorted(
+            e.waiter.serial for e in self.pending.values()
+        )
+        for entry in self.pending.values():
+            self.end(entry.waiter, "closed")
+        self.pending.clear()
+        assert len(self.table) == 0
+        assert self.table.close() == []
+
+    # ------------------------------------------------------------------ invariants
+
+    @invariant()
+    def table_matches_the_model(self) -> None:
+        assert len(self.table) == len(self.pending) <= MAX_PENDING
+        assert set(self.table) == set(self.pending)
+        for rchan, entry in self.pending.items():
+            assert rchan in self.table
+            assert self.table.waiter(rchan) is entry.waiter
+
+    @invariant()
+    def every_request_is_pending_or_ended_once(self) -> None:
+        pending = {e.waiter.serial for e in self.pending.values()}
+        assert pending.isdisjoint(self.ended)
+        assert pending | set(self.ended) == self.opened
+
+    def teardown(self) -> None:
+        waiters = self.table.close()
+        assert len(waiters) == len(self.pending)
+        assert len(self.table) == 0
+        assert list(self.table) == []
+
+
+TestPendingRequests = PendingRequestsMachine.TestCase
+# Short runs, many of them: every rule is reachable within a few steps (MAX_PENDING is 4).
+TestPendingRequests.settings = settings(stateful_step_count=30)
+
+
+# --------------------------------------------------------------------------- outcomes
+
+
+def test_a_plain_answer_completes_with_its_payload_and_removes_the_entry() -> None:
+    table: PendingRequests[str] = PendingRequests()
+    rchan = table.open("w")
+    assert table.waiter(rchan) == "w"
+    assert table.receive(response(rchan, {"v": None})) == Completed(rchan, "w", {"v": None})
+    assert rchan not in table
+    assert table.receive(response(rchan, 1)) == Ignored(rchan), "already answered"
+
+
+def test_a_chunked_answer_is_partial_until_its_last_part() -> None:
+    table: PendingRequests[str] = PendingRequests()
+    rchan = table.open("w")
+    assert table.receive(response(rchan, "b", 2, 1)) == Partial(rchan, 1, 2)
+    assert table.receive(response(rchan, "a", 2, 0)) == Completed(rchan, "w", ["a", "b"])
+    assert len(table) == 0
+
+
+def test_a_plain_answer_after_chunks_fails_the_request() -> None:
+    table: PendingRequests[str] = PendingRequests()
+    rchan = table.open("w")
+    table.receive(response(rchan, "a", 2))
+    outcome = table.receive(response(rchan, "b"))
+    assert isinstance(outcome, Failed)
+    assert outcome.waiter == "w"
+    assert isinstance(outcome.error, ChunkError)
+    assert rchan not in table
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [(0, None)],
+        [(-3, None)],
+        [(3, None), (2, None)],
+        [(3, 0), (3, 0)],
+        [(3, 3)],
+        [(3, -1)],
+        [(3, 0), (3, None)],
+        [(3, None), (3, 1)],
+        [(MAX_CHUNKS + 1, None)],
+    ],
+    ids=["zero", "negative", "disagreeing", "duplicate", "above", "below", "mixed",
+         "mixed-other-way", "too-many"],
+)
+def test_an_invalid_chunk_sequence_fails_the_request(
+    frames: list[tuple[int, int | None]],
+) -> None:
+    table: PendingRequests[str] = PendingRequests(max_chunks=MAX_CHUNKS)
+    rchan = table.open("w")
+    outcomes = [table.receive(response(rchan, n, count, index)) for n, (count, index) in
+                enumerate(frames)]
+    assert isinstance(outcomes[-1], Failed)
+    assert all(isinstance(o, Partial) for o in outcomes[:-1])
+    assert rchan not in table
+
+
+def test_chunked_bytes_above_the_limit_fail_the_request() -> None:
+    table: PendingRequests[str] = PendingRequests(max_chunked_bytes=100)
+    rchan = table.open("w")
+    assert isinstance(table.receive(response(rchan, "a", 3), size=60), Partial)
+    outcome = table.receive(response(rchan, "b", 3), size=41)
+    assert isinstance(outcome, Failed)
+    assert "100" in str(outcome.error)
+
+
+def test_an_answer_for_an_unknown_rchan_is_ignored() -> None:
+    table: PendingRequests[str] = PendingRequests()
+    table.open("w")
+    assert table.receive(response("nope", 1)) == Ignored("nope")
+    assert table.receive(response("nope", 1, 2, 0)) == Ignored("nope")
+    assert len(table) == 1
+
+
+def test_discard_forgets_a_request_and_is_idempotent() -> None:
+    table: PendingRequests[str] = PendingRequests()
+    rchan = table.open("w")
+    table.discard(rchan)
+    table.discard(rchan)
+    table.discard("never-opened")
+    assert rchan not in table
+    assert table.receive(response(rchan, 1)) == Ignored(rchan), "a late answer is ignored"
+    with pytest.raises(KeyError):
+        table.waiter(rchan)
+
+
+def test_close_returns_every_waiter_and_leaves_nothing() -> None:
+    table: PendingRequests[str] = PendingRequests()
+    rchans = [table.open(f"w{i}") for i in range(5)]
+    table.receive(response(rchans[0], "part", 2))
+    assert sorted(table.close()) == [f"w{i}" for i in range(5)]
+    assert len(table) == 0
+    for rchan in rchans:
+        assert table.receive(response(rchan, 1, 2)) == Ignored(rchan)
+
+
+def test_the_pending_limit_refuses_one_more_and_frees_on_answer() -> None:
+    table: PendingRequests[int] = PendingRequests(max_pending=2)
+    first = table.open(1)
+    table.open(2)
+    with pytest.raises(TooManyPendingRequests):
+        table.open(3)
+    assert issubclass(TooManyPendingRequests, RequestError)
+    assert len(table) == 2
+    table.receive(response(first, None))
+    table.open(3)
+
+
+def test_rchans_are_fresh_uuid4s() -> None:
+    table: PendingRequests[int] = PendingRequests(max_pending=10_000)
+    rchans = [table.open(i) for i in range(2000)]
+    assert len(set(rchans)) == len(rchans)
+    assert all(is_uuid4(r) for r in rchans)

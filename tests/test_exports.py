@@ -1,0 +1,108 @@
+"""The public namespace: every module declares ``__all__``, and the package root re-exports the
+public API (as websockets' ``tests/test_exports.py`` checks its own)."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+from types import ModuleType
+
+import pytest
+
+import dara_ws_core
+
+#: Modules used through their own namespace, never from the root: the command line, the
+#: backplane (``from dara_ws_core.backplane import ...``, implemented in ``dara_ws_redis``) and the
+#: optional JWT authenticator (``from dara_ws_core.jwt import jwt_authenticator``).
+NAMESPACED_MODULES = frozenset({"backplane", "cli", "jwt"})
+
+#: Names a module exports for the other modules or for adapters, and that the root leaves out.
+NOT_REEXPORTED: dict[str, frozenset[str]] = {
+    "auth": frozenset({"run_authenticator"}),
+    "client": frozenset({"Connector"}),
+    "correlation": frozenset({"Completed", "Failed", "Ignored", "Outcome", "Partial"}),
+    "custom": frozenset({"CustomHandler", "HandlerSpec"}),
+    "messages": frozenset({"PONG_FRAME", "InitPayload", "TypedPayload"}),
+    "queue": frozenset({"OutboundQueue"}),
+    "transport": frozenset({"SupportsSendNowait", "parse_cookies"}),
+}
+
+#: Root attributes that are not names of a submodule.
+ROOT_ONLY = frozenset({"__version__"})
+
+
+def public_modules() -> dict[str, ModuleType]:
+    return {
+        info.name: importlib.import_module(f"dara_ws_core.{info.name}")
+        for info in pkgutil.iter_modules(dara_ws_core.__path__)
+        if not info.name.startswith("_")
+    }
+
+
+MODULES = public_modules()
+
+
+def isort_key(name: str) -> tuple[int, list[int | str]]:
+    """ruff RUF022's "isort-style" order: CONSTANTS, then Classes, then the rest, naturally."""
+    bare = name.lstrip("_")
+    if bare.upper() == bare and any(c.isalpha() for c in bare) and len(bare) > 1:
+        group = 0
+    elif bare[:1].isupper():
+        group = 1
+    else:
+        group = 2
+    natural = [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+    return group, natural
+
+
+def test_every_name_of_the_root_all_exists() -> None:
+    missing = [name for name in dara_ws_core.__all__ if not hasattr(dara_ws_core, name)]
+    assert missing == []
+
+
+def test_star_import_gives_exactly_the_root_all() -> None:
+    namespace: dict[str, object] = {}
+    exec("from dara_ws_core import *", namespace)
+    namespace.pop("__builtins__")
+    assert set(namespace) == set(dara_ws_core.__all__)
+
+
+@pytest.mark.parametrize("module", [dara_ws_core, *MODULES.values()], ids=lambda m: m.__name__)
+def test_all_is_declared_unique_sorted_and_resolvable(module: ModuleType) -> None:
+    names = getattr(module, "__all__", None)
+    assert names is not None, f"{module.__name__} declares no __all__"
+    assert isinstance(names, list)
+    assert len(set(names)) == len(names), "duplicates in __all__"
+    assert names == sorted(names, key=isort_key), "__all__ is not sorted (ruff RUF022 order)"
+    assert [name for name in names if not hasattr(module, name)] == []
+
+
+@pytest.mark.parametrize(
+    "name", sorted(set(MODULES) - NAMESPACED_MODULES), ids=lambda name: name
+)
+def test_the_root_reexports_each_modules_public_names(name: str) -> None:
+    module = MODULES[name]
+    left_out = NOT_REEXPORTED.get(name, frozenset())
+    assert left_out <= set(module.__all__), f"stale NOT_REEXPORTED entries for {name}"
+    missing = sorted(set(module.__all__) - left_out - set(dara_ws_core.__all__))
+    assert missing == [], (
+        f"re-export {missing} from dara_ws_core, or list them in NOT_REEXPORTED[{name!r}]"
+    )
+    for export in set(module.__all__) - left_out:
+        assert getattr(dara_ws_core, export) is getattr(module, export), export
+
+
+def test_every_root_name_comes_from_exactly_one_module() -> None:
+    for export in set(dara_ws_core.__all__) - ROOT_ONLY:
+        value = getattr(dara_ws_core, export)
+        owners = [
+            name for name, module in MODULES.items()
+            if export in module.__all__ and getattr(module, export) is value
+        ]
+        assert len(owners) == 1, f"{export} is exported by {owners or 'no module'}"
+
+
+def test_namespaced_and_left_out_names_name_real_modules() -> None:
+    assert set(NOT_REEXPORTED) <= set(MODULES)
+    assert NAMESPACED_MODULES.isdisjoint(NOT_REEXPORTED)

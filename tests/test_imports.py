@@ -1,0 +1,185 @@
+"""Layering, read from the source with ``ast``: the core imports no transport library, optional
+extras are imported inside functions only, and each adapter imports its own library only."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CORE = ROOT / "dara_ws_core"
+TRANSPORTS = ROOT / "transports"
+
+#: Network libraries: never imported by the core, not even lazily (the adapters wrap them).
+TRANSPORT_LIBRARIES = frozenset({"websockets", "aiohttp", "starlette", "uvicorn", "socketio",
+                                 "redis"})
+#: Optional extras of the core: imported inside a function of the one module that needs them.
+OPTIONAL_EXTRAS = {"jwt": "jwt.py"}
+#: What each adapter package wraps; an adapter imports no other adapter's library.
+ADAPTERS = {
+    "dara_ws_websockets": frozenset({"websockets"}),
+    "dara_ws_aiohttp": frozenset({"aiohttp"}),
+    "dara_ws_asgi": frozenset({"starlette", "uvicorn"}),
+    "dara_ws_redis": frozenset({"redis"}),
+}
+#: Third-party packages the core may import at module level: its only dependency.
+CORE_DEPENDENCIES = frozenset({"pydantic", "pydantic_core", "typing_extensions"})
+#: The pure layer (no I/O, no event loop).
+PURE_MODULES = ("messages.py", "chunks.py", "correlation.py", "exceptions.py", "registry.py")
+IO_MODULES = frozenset({"asyncio", "socket", "selectors", "select", "ssl", "threading",
+                        "subprocess", "multiprocessing", "concurrent"})
+
+
+@dataclass(frozen=True)
+class Import:
+    top: str  # first component of the imported module ("" for a relative import)
+    in_function: bool
+    line: int
+
+    def where(self, path: Path) -> str:
+        return f"{path.relative_to(ROOT)}:{self.line} imports {self.top}"
+
+
+class _Collector(ast.NodeVisitor):
+    def __init__(self) -> None:
+        self.depth = 0
+        self.found: list[Import] = []
+
+    def add(self, name: str, node: ast.AST) -> None:
+        top = name.partition(".")[0]
+        self.found.append(Import(top, self.depth > 0, getattr(node, "lineno", 0)))
+
+    def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+        self.depth += 1
+        self.generic_visit(node)
+        self.depth -= 1
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+    visit_Lambda = visit_FunctionDef  # type: ignore[assignment]
+
+    def visit_Import(self, node: ast.Import) -> None:
+        for alias in node.names:
+            self.add(alias.name, node)
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        self.add("" if node.level else node.module or "", node)
+
+    def visit_Call(self, node: ast.Call) -> None:
+        # importlib.import_module("x") and __import__("x") count as imports of "x".
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        if (
+            name in ("import_module", "__import__")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+            and not node.args[0].value.startswith(".")
+        ):
+            self.add(node.args[0].value, node)
+        self.generic_visit(node)
+
+
+def imports_of(path: Path) -> list[Import]:
+    collector = _Collector()
+    collector.visit(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+    return collector.found
+
+
+def sources(directory: Path) -> Iterator[Path]:
+    return iter(sorted(directory.rglob("*.py")))
+
+
+CORE_FILES = list(sources(CORE))
+
+
+def test_the_scanner_sees_module_level_lazy_and_dynamic_imports() -> None:
+    tree = ast.parse(
+        "import a.b\nfrom c import d\nfrom . import e\n"
+        "def f():\n    import g\n    importlib.import_module('h.i')\n"
+        "class K:\n    async def m(self):\n        from j import k\n"
+    )
+    collector = _Collector()
+    collector.visit(tree)
+    assert [(i.top, i.in_function) for i in collector.found] == [
+        ("a", False), ("c", False), ("", False), ("g", True), ("h", True), ("j", True),
+    ]
+
+
+def test_the_core_sources_are_found() -> None:
+    names = {path.name for path in CORE_FILES}
+    assert {"__init__.py", *PURE_MODULES, "queue.py"} <= names
+
+
+@pytest.mark.parametrize("path", CORE_FILES, ids=lambda p: p.name)
+def test_the_core_imports_no_transport_library_anywhere(path: Path) -> None:
+    bad = [i.where(path) for i in imports_of(path) if i.top in TRANSPORT_LIBRARIES]
+    assert bad == []
+
+
+@pytest.mark.parametrize("path", CORE_FILES, ids=lambda p: p.name)
+def test_optional_extras_and_adapters_are_imported_only_inside_functions(path: Path) -> None:
+    bad = []
+    for found in imports_of(path):
+        home = OPTIONAL_EXTRAS.get(found.top)
+        if home is not None and (path.name != home or not found.in_function):
+            bad.append(found.where(path))
+        if found.top in ADAPTERS and not found.in_function:
+            bad.append(found.where(path))
+    assert bad == []
+
+
+@pytest.mark.parametrize("path", CORE_FILES, ids=lambda p: p.name)
+def test_the_core_imports_only_the_stdlib_and_pydantic_at_module_level(path: Path) -> None:
+    allowed = set(sys.stdlib_module_names) | CORE_DEPENDENCIES | {"", "dara_ws_core"}
+    bad = [i.where(path) for i in imports_of(path) if not i.in_function and i.top not in allowed]
+    assert bad == []
+
+
+@pytest.mark.parametrize("name", PURE_MODULES)
+def test_the_pure_core_imports_nothing_that_does_io(name: str) -> None:
+    path = CORE / name
+    bad = [i.where(path) for i in imports_of(path) if i.top in IO_MODULES]
+    assert bad == []
+
+
+def test_importing_the_core_loads_no_transport_library_or_extra() -> None:
+    modules = sorted(
+        f"dara_ws_core.{p.stem}" for p in CORE_FILES if p.parent == CORE and p.stem != "__init__"
+    )
+    forbidden = sorted(TRANSPORT_LIBRARIES | set(OPTIONAL_EXTRAS) | set(ADAPTERS))
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}: importlib.import_module(name)\n"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({forbidden!r})))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+def test_every_adapter_package_is_known() -> None:
+    packages = {p.name for p in TRANSPORTS.iterdir() if p.is_dir() and not p.name.startswith(".")
+                and p.name != "__pycache__"}
+    assert packages <= set(ADAPTERS), f"add {packages - set(ADAPTERS)} to ADAPTERS"
+
+
+@pytest.mark.parametrize("package", sorted(ADAPTERS))
+def test_each_adapter_imports_only_its_own_library(package: str) -> None:
+    files = list(sources(TRANSPORTS / package)) if (TRANSPORTS / package).is_dir() else []
+    if not files:
+        pytest.skip(f"{package} has no source yet")
+    others = (TRANSPORT_LIBRARIES - ADAPTERS[package]) | (set(ADAPTERS) - {package})
+    bad = [i.where(path) for path in files for i in imports_of(path) if i.top in others]
+    assert bad == []

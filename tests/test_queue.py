@@ -1,0 +1,280 @@
+"""The bounded outbound queue of a channel (protocol.md section 6, slow consumers)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dara_ws_core.exceptions import ConnectionClosed
+from dara_ws_core.queue import OutboundQueue
+
+
+async def settle() -> None:
+    """Let every ready task run (a few loop iterations)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def drain(queue: OutboundQueue) -> list[bytes]:
+    frames = []
+    while (frame := queue.get_nowait()) is not None:
+        frames.append(frame)
+    return frames
+
+
+# --------------------------------------------------------------------------- bounds
+
+
+async def test_frames_come_out_in_the_order_they_went_in() -> None:
+    queue = OutboundQueue(max_messages=10, max_bytes=100)
+    for frame in (b"a", b"b", b"c"):
+        assert queue.offer(frame)
+    assert [await queue.get() for _ in range(3)] == [b"a", b"b", b"c"]
+    assert len(queue) == 0
+    assert queue.nbytes == 0
+
+
+def test_offer_refuses_a_frame_beyond_the_count_bound_and_changes_nothing() -> None:
+    queue = OutboundQueue(max_messages=2, max_bytes=100)
+    assert queue.offer(b"a")
+    assert queue.offer(b"b")
+    assert not queue.offer(b"c")
+    assert (len(queue), queue.nbytes) == (2, 2)
+    assert drain(queue) == [b"a", b"b"]
+
+
+def test_offer_refuses_a_frame_beyond_the_byte_bound_and_changes_nothing() -> None:
+    queue = OutboundQueue(max_messages=100, max_bytes=10)
+    assert queue.offer(b"x" * 6)
+    assert not queue.offer(b"y" * 5), "6 + 5 > 10"
+    assert (len(queue), queue.nbytes) == (1, 6)
+    assert queue.offer(b"z" * 4), "6 + 4 == 10 fits"
+    assert queue.nbytes == 10
+    assert not queue.offer(b"w")
+
+
+def test_an_oversized_frame_is_accepted_into_an_empty_queue_only() -> None:
+    queue = OutboundQueue(max_messages=5, max_bytes=4)
+    big = b"B" * 100
+    assert queue.offer(big)
+    assert queue.nbytes == 100
+    assert not queue.offer(b"x")
+    assert queue.get_nowait() is big
+    assert queue.offer(b"x")
+    assert not queue.offer(big)
+
+
+def test_drop_oldest_and_put_drops_the_oldest_frames_and_counts_them() -> None:
+    queue = OutboundQueue(max_messages=3, max_bytes=100)
+    for frame in (b"1", b"2", b"3"):
+        queue.offer(frame)
+    assert queue.drop_oldest_and_put(b"4") == 1
+    assert queue.drop_oldest_and_put(b"5") == 1
+    assert queue.dropped == 2
+    assert drain(queue) == [b"3", b"4", b"5"]
+    assert queue.drop_oldest_and_put(b"6") == 0, "room: nothing dropped"
+    assert queue.dropped == 2
+
+
+def test_drop_oldest_and_put_makes_byte_room_and_accepts_an_oversized_frame() -> None:
+    queue = OutboundQueue(max_messages=10, max_bytes=10)
+    for frame in (b"aaaa", b"bbbb", b"cc"):
+        queue.offer(frame)
+    assert queue.drop_oldest_and_put(b"dddddd") == 2
+    assert drain(queue) == [b"cc", b"dddddd"]
+    queue.offer(b"eeee")
+    assert queue.drop_oldest_and_put(b"F" * 50) == 1
+    assert drain(queue) == [b"F" * 50]
+    assert queue.dropped == 3
+
+
+# --------------------------------------------------------------------------- waiting producers
+
+
+async def test_put_waits_for_room_and_resumes_when_get_frees_it() -> None:
+    queue = OutboundQueue(max_messages=1, max_bytes=100)
+    await queue.put(b"a")
+    putter = asyncio.create_task(queue.put(b"b"))
+    await settle()
+    assert not putter.done()
+    assert await queue.get() == b"a"
+    await asyncio.wait_for(putter, 1)
+    assert await queue.get() == b"b"
+
+
+async def test_put_times_out_with_timeout_error_and_leaves_no_waiter() -> None:
+    queue = OutboundQueue(max_messages=1, max_bytes=100)
+    queue.offer(b"a")
+    with pytest.raises(TimeoutError):
+        await queue.put(b"b", timeout=0.01)
+    assert drain(queue) == [b"a"]
+    assert queue.offer(b"c"), "a timed-out put never blocks later offers"
+
+
+async def test_an_offer_never_overtakes_a_waiting_put() -> None:
+    queue = OutboundQueue(max_messages=1, max_bytes=100)
+    queue.offer(b"a")
+    putter = asyncio.create_task(queue.put(b"b"))
+    await settle()
+    assert await queue.get() == b"a"
+    assert not queue.offer(b"c")
+    await asyncio.wait_for(putter, 1)
+    assert drain(queue) == [b"b"]
+
+
+async def test_waiting_putters_are_served_in_order() -> None:
+    queue = OutboundQueue(max_messages=1, max_bytes=100)
+    queue.offer(b"0")
+    putters = []
+    for i in range(1, 5):
+        putters.append(asyncio.create_task(queue.put(str(i).encode())))
+        await settle()
+    received = [await asyncio.wait_for(queue.get(), 1) for _ in range(5)]
+    assert received == [b"0", b"1", b"2", b"3", b"4"]
+    await asyncio.gather(*putters)
+
+
+async def test_a_cancelled_putter_passes_its_wake_up_to_the_next() -> None:
+    queue = OutboundQueue(max_messages=1, max_bytes=100)
+    queue.offer(b"a")
+    first = asyncio.create_task(queue.put(b"first"))
+    await settle()
+    second = asyncio.create_task(queue.put(b"second"))
+    await settle()
+    assert queue.get_nowait() == b"a"  # wakes ``first``...
+    first.cancel()  # ...which is cancelled before it runs
+    await asyncio.wait_for(second, 1)
+    assert first.cancelled()
+    assert drain(queue) == [b"second"]
+
+
+async def test_a_putter_that_times_out_when_woken_passes_the_wake_up_on() -> None:
+    queue = OutboundQueue(max_messages=1, max_bytes=100)
+    queue.offer(b"a")
+    first = asyncio.create_task(queue.put(b"first", timeout=0.05))
+    second = asyncio.create_task(queue.put(b"second"))
+    await settle()
+    with pytest.raises(TimeoutError):
+        await first
+    assert queue.get_nowait() == b"a"
+    await asyncio.wait_for(second, 1)
+    assert drain(queue) == [b"second"]
+
+
+async def test_a_big_frame_waiting_for_room_does_not_starve_forever() -> None:
+    queue = OutboundQueue(max_messages=10, max_bytes=10)
+    queue.offer(b"x" * 8)
+    putter = asyncio.create_task(queue.put(b"B" * 50))
+    await settle()
+    assert not putter.done()
+    assert queue.get_nowait() == b"x" * 8
+    await asyncio.wait_for(putter, 1)
+    assert drain(queue) == [b"B" * 50]
+
+
+# --------------------------------------------------------------------------- close
+
+
+async def test_close_wakes_the_getter_with_connection_closed() -> None:
+    queue = OutboundQueue(max_messages=1, max_bytes=100)
+    getter = asyncio.create_task(queue.get())
+    await settle()
+    queue.close()
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(getter, 1)
+
+
+async def test_close_wakes_every_putter_with_connection_closed_and_clears_memory() -> None:
+    queue = OutboundQueue(max_messages=2, max_bytes=100)
+    queue.offer(b"a")
+    queue.offer(b"b")
+    putters = [asyncio.create_task(queue.put(b"p%d" % i)) for i in range(3)]
+    await settle()
+    queue.close()
+    results = await asyncio.wait_for(asyncio.gather(*putters, return_exceptions=True), 1)
+    assert all(isinstance(r, ConnectionClosed) for r in results)
+    assert queue.closed
+    assert (len(queue), queue.nbytes) == (0, 0)
+    assert queue.get_nowait() is None
+    # No waiter survives the close.
+    assert not queue._putters
+    assert queue._getter is None
+
+
+async def test_a_closed_queue_refuses_everything() -> None:
+    queue = OutboundQueue(max_messages=2, max_bytes=100)
+    queue.offer(b"a")
+    queue.close()
+    queue.close()  # idempotent
+    with pytest.raises(ConnectionClosed):
+        queue.offer(b"x")
+    with pytest.raises(ConnectionClosed):
+        queue.drop_oldest_and_put(b"x")
+    with pytest.raises(ConnectionClosed):
+        await queue.put(b"x")
+    with pytest.raises(ConnectionClosed):
+        await queue.get()
+    assert queue.get_nowait() is None
+
+
+# --------------------------------------------------------------------------- model
+
+
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("offer"), st.integers(min_value=0, max_value=12)),
+        st.tuples(st.just("drop"), st.integers(min_value=0, max_value=12)),
+        st.tuples(st.just("get"), st.just(0)),
+        st.tuples(st.just("get_nowait"), st.just(0)),
+    ),
+    max_size=60,
+)
+
+
+@given(
+    st.integers(min_value=1, max_value=5),
+    st.integers(min_value=0, max_value=20),
+    operations,
+)
+async def test_any_sequence_of_offers_and_gets_matches_a_bounded_deque(
+    max_messages: int, max_bytes: int, ops: list[tuple[str, int]]
+) -> None:
+    queue = OutboundQueue(max_messages=max_messages, max_bytes=max_bytes)
+    model: deque[bytes] = deque()
+    dropped = 0
+
+    def fits(size: int) -> bool:
+        return not model or (
+            len(model) < max_messages and sum(map(len, model)) + size <= max_bytes
+        )
+
+    for n, (op, size) in enumerate(ops):
+        frame = n.to_bytes(2, "big") + b"." * size
+        if op == "offer":
+            expected = fits(len(frame))
+            assert queue.offer(frame) is expected
+            if expected:
+                model.append(frame)
+        elif op == "drop":
+            lost = 0
+            while not fits(len(frame)):
+                model.popleft()
+                lost += 1
+            model.append(frame)
+            assert queue.drop_oldest_and_put(frame) == lost
+            dropped += lost
+        elif op == "get" and model:
+            assert await queue.get() == model.popleft()
+        elif op == "get_nowait":
+            assert queue.get_nowait() == (model.popleft() if model else None)
+        assert list(queue._frames) == list(model)
+        assert len(queue) == len(model)
+        assert queue.nbytes == sum(map(len, model))
+        assert queue.dropped == dropped
+        # The bounds hold except for a single oversized frame.
+        assert len(model) <= max_messages
+        assert queue.nbytes <= max_bytes or len(model) == 1
