@@ -1,0 +1,527 @@
+"""The backplane's routing logic, on the in-process bus: several managers sharing one
+``MemoryBroker`` behave like several processes sharing Redis (same code, same failure handling),
+fast and deterministic. The same scenarios on a real Redis with real processes are in
+``test_backplane_redis.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dara_ws_core import (
+    BackplaneError,
+    Chunked,
+    ChunkError,
+    ConnectionClosed,
+    CustomServerMessage,
+    DaraClient,
+    DaraServerMessage,
+    Request,
+    RequestTimeout,
+    ServerConfig,
+    SlowConsumer,
+    TooManyPendingRequests,
+    UnknownChannel,
+    VariableRequestMessage,
+    WebsocketManager,
+)
+from dara_ws_core.backplane import (
+    BroadcastDelivery,
+    BusMessage,
+    ChannelDelivery,
+    Failure,
+    MemoryBackplane,
+    MemoryBroker,
+    RemoteCancel,
+    RemoteReply,
+    RemoteRequest,
+    UserDelivery,
+    decode_bus_message,
+    encode_bus_message,
+    error_of,
+    failure_of,
+)
+
+from .stacks import Stack, running_stack
+
+TIMEOUT = 5.0
+FAST = {"heartbeat_interval": 0.2, "backoff_initial": 0.01, "backoff_max": 0.05,
+        "connect_timeout": 2.0}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class Node:
+    stack: Stack
+    backplane: MemoryBackplane
+
+    @property
+    def manager(self) -> WebsocketManager:
+        return self.stack.manager
+
+    async def client(self, token: str = "alice:s1", **options: Any) -> DaraClient:
+        """A connected client whose channel is registered in the directory."""
+        client = await self.stack.client(token, **options)
+        async with asyncio.timeout(TIMEOUT):
+            await self.backplane.flush()
+        return client
+
+
+@contextlib.asynccontextmanager
+async def cluster(
+    n: int = 2, broker: MemoryBroker | None = None, config: ServerConfig | None = None,
+    **options: Any,
+) -> AsyncIterator[list[Node]]:
+    """``n`` managers (nodes ``n0``, ``n1``...) sharing one broker, each with its own server."""
+    broker = broker or MemoryBroker()
+    async with contextlib.AsyncExitStack() as exits:
+        nodes = []
+        for i in range(n):
+            backplane = MemoryBackplane(broker, node_id=f"n{i}", **{**FAST, **options})
+            manager = WebsocketManager(config or ServerConfig(), backplane=backplane)
+            exits.push_async_callback(backplane.stop)  # after the server below has shut down
+            stack = await exits.enter_async_context(running_stack("memory", manager=manager))
+            await backplane.start(manager)
+            nodes.append(Node(stack, backplane))
+        yield nodes
+
+
+async def receive_payload(client: DaraClient, timeout: float = TIMEOUT) -> dict[str, Any]:
+    message = await client.receive(timeout)
+    assert isinstance(message, DaraServerMessage | CustomServerMessage)
+    return message.message.model_dump(by_alias=True, exclude_none=True)
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+    """For state that exposes no event to wait on (another task's bookkeeping): bounded."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+def never_answer(asked: asyncio.Event) -> Callable[[Request], Any]:
+    """A responder that sets ``asked`` and never answers."""
+
+    def respond(request: Request) -> Any:
+        asked.set()
+        return asyncio.get_running_loop().create_future()
+
+    return respond
+
+
+async def unanswered_request(
+    asker: Node, owner: Node, timeout: float | None
+) -> tuple[DaraClient, asyncio.Task[Any]]:
+    """A ``send_and_wait`` from ``asker`` to a new client of ``owner`` that never answers;
+    returns once the client has the request."""
+    client = await owner.client()
+    asked = asyncio.Event()
+    client.on_request(never_answer(asked))
+    assert client.channel is not None
+    waiting = asyncio.create_task(
+        asker.manager.send_and_wait(client.channel, {"q": 1}, timeout=timeout)
+    )
+    async with asyncio.timeout(TIMEOUT):
+        await asked.wait()
+    return client, waiting
+
+
+def user() -> str:
+    return f"u-{uuid.uuid4().hex[:8]}"
+
+
+# --------------------------------------------------------------------------- the bus wire (pure)
+
+FRAMES = st.binary(max_size=256)
+IDS = st.text(min_size=1, max_size=40)
+OPT_IDS = st.none() | IDS
+MESSAGES: st.SearchStrategy[BusMessage] = st.one_of(
+    st.builds(ChannelDelivery, IDS, FRAMES),
+    st.builds(UserDelivery, IDS, OPT_IDS, FRAMES),
+    st.builds(BroadcastDelivery, IDS, OPT_IDS, FRAMES),
+    st.builds(RemoteRequest, IDS, IDS, IDS, st.booleans(),
+              st.none() | st.floats(min_value=0, max_value=1e6), FRAMES),
+    st.builds(RemoteReply, IDS, FRAMES, st.none()),
+    st.builds(RemoteReply, IDS, st.just(b""),
+              st.builds(Failure, IDS, st.text(max_size=40), st.none() | st.integers(1000, 4999))),
+    st.builds(RemoteCancel, IDS),
+)
+
+
+@given(MESSAGES)
+def test_bus_messages_round_trip(message: BusMessage) -> None:
+    assert decode_bus_message(encode_bus_message(message)) == message
+
+
+def test_a_bus_message_carries_the_frame_unchanged_after_its_header() -> None:
+    frame = b'{"type":"message","message":{"text":"line\\nbreak"}}'
+    data = encode_bus_message(ChannelDelivery("c1", frame))
+    header, _, body = data.partition(b"\n")
+    assert body == frame
+    assert b"c1" in header
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"no header", b"[1]\n", b"{\"op\":\"nope\"}\n", b"{\"op\":\"ch\"}\n",
+    b"{\"op\":\"ch\",\"ch\":1}\n", b"{\"op\":\"req\",\"id\":\"r\",\"reply_to\":\"n\",\"ch\":\"c\","
+    b"\"custom\":1,\"timeout\":null}\n", b"not json\n{}",
+    b"{\"op\":\"rep\",\"id\":\"r\",\"fail\":[]}\n",
+])
+def test_malformed_bus_messages_are_refused(data: bytes) -> None:
+    with pytest.raises(BackplaneError):
+        decode_bus_message(data)
+
+
+@pytest.mark.parametrize("exc", [
+    RequestTimeout("late"), ConnectionClosed(1001, "going away"), ChunkError("bad part"),
+    TooManyPendingRequests("full"), SlowConsumer("slow"), UnknownChannel("c9"),
+])
+def test_a_remote_failure_is_raised_as_the_same_exception(exc: Exception) -> None:
+    again = error_of(failure_of(exc), "c9")
+    assert type(again) is type(exc)
+    assert str(again) == str(exc)
+
+
+def test_an_unexpected_remote_failure_leaks_no_internals() -> None:
+    failure = failure_of(RuntimeError("secret path /etc/passwd"))
+    assert "secret" not in failure.message
+    assert isinstance(error_of(failure, "c"), BackplaneError)
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+async def test_without_a_backplane_all_user_channels_are_the_local_ones() -> None:
+    async with running_stack("memory") as stack:
+        client = await stack.client("bob:s1")
+        assert await stack.manager.get_all_user_channels("bob") == {client.channel}
+
+
+async def test_start_attaches_the_backplane_to_a_manager_created_without_one() -> None:
+    backplane = MemoryBackplane(MemoryBroker(), **FAST)
+    manager = WebsocketManager()
+    await backplane.start(manager)
+    try:
+        assert manager.backplane is backplane
+        with pytest.raises(ValueError, match="another backplane"):
+            await MemoryBackplane(MemoryBroker()).start(manager)
+    finally:
+        await backplane.stop()
+
+
+async def test_start_fails_loudly_when_the_bus_is_unreachable() -> None:
+    broker = MemoryBroker()
+    broker.fail()
+    backplane = MemoryBackplane(broker, **{**FAST, "connect_timeout": 0.2})
+    with pytest.raises(BackplaneError, match="could not reach"):
+        await backplane.start(WebsocketManager())
+
+
+async def test_stop_unregisters_every_channel_of_the_node() -> None:
+    broker = MemoryBroker()
+    async with cluster(2, broker) as (a, b):
+        await b.client("alice:s1")
+        await a.client("alice:s2")
+        assert len(broker.registered()[0]) == 2
+    assert broker.registered() == (set(), set())
+
+
+# --------------------------------------------------------------------------- routing
+
+
+async def test_send_message_reaches_a_channel_on_another_node() -> None:
+    async with cluster(2) as (a, b):
+        client = await b.client()
+        assert client.channel is not None
+        await a.manager.send_message(client.channel, {"text": "hello"})
+        assert await receive_payload(client) == {"text": "hello"}
+        await a.manager.send_message(client.channel, {"kind": "k", "data": 1}, custom=True)
+        assert await receive_payload(client) == {"kind": "k", "data": 1}
+
+
+async def test_messages_from_one_node_arrive_in_the_order_they_were_sent() -> None:
+    async with cluster(2) as (a, b):
+        client = await b.client()
+        assert client.channel is not None
+        await a.manager.broadcast({"n": 0})
+        await a.manager.send_message(client.channel, {"n": 1})
+        await a.manager.send_message_to_user("alice", {"n": 2})
+        await a.manager.broadcast({"n": 3})
+        assert [await receive_payload(client) for _ in range(4)] == [{"n": i} for i in range(4)]
+
+
+async def test_send_message_to_a_channel_nobody_holds_raises_unknown_channel() -> None:
+    async with cluster(2) as (a, _):
+        with pytest.raises(UnknownChannel):
+            await a.manager.send_message("no-such-channel", {"x": 1})
+
+
+async def test_messages_go_only_to_the_node_holding_the_channel() -> None:
+    broker = MemoryBroker()
+    async with cluster(3, broker) as (a, b, c):
+        client = await b.client()
+        assert client.channel is not None
+        for i in range(5):
+            await a.manager.send_message(client.channel, {"i": i})
+        for i in range(5):
+            assert await receive_payload(client) == {"i": i}
+        assert b.backplane.stats.received == 5
+        assert c.backplane.stats.received == 0
+        assert broker.published.get(c.backplane.node_topic, 0) == 0
+        assert broker.published[b.backplane.node_topic] == 5
+
+
+async def test_broadcast_reaches_every_client_of_every_node_exactly_once() -> None:
+    async with cluster(3) as nodes:
+        clients = [await node.client(f"{user()}:s") for node in nodes for _ in range(2)]
+        ignored = clients[3]
+        await nodes[0].manager.broadcast({"n": 1}, ignore_channel=ignored.channel)
+        await nodes[1].manager.broadcast({"n": 2})
+        for client in clients:
+            expected = [{"n": 2}] if client is ignored else [{"n": 1}, {"n": 2}]
+            got = [await receive_payload(client) for _ in expected]
+            # Per-sender order is kept; across senders it may interleave.
+            assert sorted(got, key=lambda p: p["n"]) == expected
+        # Nothing more arrives: a last broadcast is the next message everywhere.
+        await nodes[2].manager.broadcast({"n": "end"})
+        for client in clients:
+            assert await receive_payload(client) == {"n": "end"}
+
+
+async def test_a_broadcast_is_published_once_and_each_node_queues_one_frame_object() -> None:
+    broker = MemoryBroker()
+    async with cluster(2, broker) as (a, b):
+        handlers = [b.manager.create_handler(f"h{i}") for i in range(3)]
+        for handler in handlers:  # the init frame
+            await handler.queue.get()
+        await a.manager.broadcast({"big": "x" * 1000})
+        async with asyncio.timeout(TIMEOUT):
+            frames = [await handler.queue.get() for handler in handlers]
+        assert all(frame is frames[0] for frame in frames)
+        assert broker.published[a.backplane.broadcast_topic] == 1
+        assert a.backplane.stats.published == 1
+        assert b.backplane.stats.delivered == 3
+        for handler in handlers:
+            b.manager.remove_handler(handler.channel_id)
+
+
+async def test_send_message_to_user_reaches_each_channel_of_the_user_once() -> None:
+    broker = MemoryBroker()
+    async with cluster(3, broker) as (a, b, c):
+        uid = user()
+        on_a = await a.client(f"{uid}:s1")
+        on_b = [await b.client(f"{uid}:s2"), await b.client(f"{uid}:s3")]
+        other = await c.client(f"{user()}:s1")
+        await a.manager.send_message_to_user(uid, {"to": "user"}, ignore_channel=on_b[1].channel)
+        assert await receive_payload(on_a) == {"to": "user"}
+        assert await receive_payload(on_b[0]) == {"to": "user"}
+        await a.manager.broadcast({"to": "all"})
+        for client in (on_a, *on_b, other):  # no duplicate, and the ignored channel got nothing
+            assert await receive_payload(client) == {"to": "all"}
+        # Route by interest: only b holds the user's remote channels.
+        assert broker.published.get(c.backplane.node_topic, 0) == 0
+
+
+async def test_all_user_channels_span_every_node_and_forget_disconnected_ones() -> None:
+    async with cluster(2) as (a, b):
+        uid = user()
+        on_a = await a.client(f"{uid}:s1")
+        on_b = await b.client(f"{uid}:s2")
+        everywhere = {on_a.channel, on_b.channel}
+        assert await a.manager.get_all_user_channels(uid) == everywhere
+        assert await b.manager.get_all_user_channels(uid) == everywhere
+        assert a.manager.get_user_channels(uid) == {on_a.channel}  # the sync call stays local
+        await on_b.close()
+        await eventually(lambda: on_b.channel not in b.manager.handlers)
+        async with asyncio.timeout(TIMEOUT):
+            await b.backplane.flush()
+        assert await a.manager.get_all_user_channels(uid) == {on_a.channel}
+
+
+async def test_a_channel_that_just_left_is_unknown_before_the_directory_catches_up() -> None:
+    async with cluster(2) as (a, _):
+        a.manager.create_handler("leaving")
+        async with asyncio.timeout(TIMEOUT):
+            await a.backplane.flush()
+        a.manager.remove_handler("leaving")  # its removal is not written yet
+        with pytest.raises(UnknownChannel):
+            await a.manager.send_message("leaving", {"x": 1})
+        with pytest.raises(UnknownChannel):
+            await a.manager.send_and_wait("leaving", {"x": 1}, timeout=1)
+        assert a.backplane.stats.published == 0
+
+
+# --------------------------------------------------------------------------- requests
+
+
+async def test_send_and_wait_to_another_node_returns_the_answer() -> None:
+    async with cluster(2) as (a, b):
+        client = await b.client()
+        seen: list[Request] = []
+
+        def respond(request: Request) -> Any:
+            seen.append(request)
+            if request.custom:
+                return {"custom": request.payload["data"]}
+            if request.typename == "VariableRequestMessage":
+                return Chunked(["a", "b", "c"], indexed=True, shuffle=True)
+            return {"echo": request.payload["q"]}
+
+        client.on_request(respond)
+        assert client.channel is not None
+        channel = client.channel
+        assert await a.manager.send_and_wait(channel, {"q": 1}, timeout=TIMEOUT) == {"echo": 1}
+        assert await a.manager.send_and_wait(
+            channel, {"kind": "k", "data": 2}, custom=True, timeout=TIMEOUT
+        ) == {"custom": 2}
+        assert await a.manager.send_and_wait(
+            channel, VariableRequestMessage(variable={"v": 1}), timeout=TIMEOUT
+        ) == ["a", "b", "c"]
+        assert seen[2].payload["variable"] == {"v": 1}
+        assert a.backplane._waiting == {} and b.backplane._serving == {}
+
+
+async def test_send_and_wait_to_another_node_times_out() -> None:
+    async with cluster(2) as (a, b):
+        client = await b.client()
+        asked = asyncio.Event()
+        client.on_request(never_answer(asked))
+        assert client.channel is not None
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(RequestTimeout):
+            await a.manager.send_and_wait(client.channel, {"q": 1}, timeout=0.3)
+        assert 0.25 <= loop.time() - started < 2.0
+        assert asked.is_set()
+        handler = b.manager.handlers[client.channel]
+        await eventually(lambda: handler.pending_count == 0)  # the owner gave up too
+
+
+async def test_send_and_wait_to_another_node_fails_at_once_when_the_client_disconnects() -> None:
+    async with cluster(2) as (a, b):
+        client, waiting = await unanswered_request(a, b, timeout=30)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await client.close()
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(waiting, TIMEOUT)
+        assert loop.time() - started < 2.0
+
+
+async def test_cancelling_a_remote_request_stops_the_wait_on_the_owning_node() -> None:
+    async with cluster(2) as (a, b):
+        client, waiting = await unanswered_request(a, b, timeout=None)
+        handler = b.manager.handlers[client.channel]
+        assert handler.pending_count == 1
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await eventually(lambda: handler.pending_count == 0)
+
+
+async def test_send_and_wait_to_a_channel_nobody_holds_raises_unknown_channel() -> None:
+    async with cluster(2) as (a, _):
+        with pytest.raises(UnknownChannel):
+            await a.manager.send_and_wait("no-such-channel", {"q": 1}, timeout=1)
+
+
+async def test_an_invalid_request_payload_fails_on_the_asking_node() -> None:
+    async with cluster(2) as (a, b):
+        client = await b.client()
+        assert client.channel is not None
+        with pytest.raises(ValueError, match="kind"):
+            await a.manager.send_and_wait(client.channel, {"no": "kind"}, custom=True)
+        assert a.backplane.stats.published == 0
+
+
+# --------------------------------------------------------------------------- faults
+
+
+async def test_a_bus_outage_keeps_local_delivery_and_reports_what_was_not_published(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="dara_ws_core.backplane")
+    broker = MemoryBroker()
+    async with cluster(2, broker) as (a, b):
+        local = await a.client(f"{user()}:s")
+        remote = await b.client(f"{user()}:s")
+        assert remote.channel is not None
+        broker.fail()
+        await eventually(lambda: not a.backplane.connected)
+        await a.manager.broadcast({"during": "outage"})
+        assert await receive_payload(local) == {"during": "outage"}  # local delivery works
+        with pytest.raises(BackplaneError):
+            await a.manager.send_message(remote.channel, {"x": 1})
+        await a.manager.send_message_to_user("someone", {"x": 1})
+        assert a.backplane.stats.failed == 3
+        assert "backplane disconnected" in caplog.text
+        assert "backplane unavailable" in caplog.text
+        broker.recover()
+        async with asyncio.timeout(TIMEOUT):
+            await a.backplane.wait_connected()
+            await b.backplane.wait_connected()
+        assert "3 message(s) for other processes could not be published" in caplog.text
+        assert a.backplane.stats.reconnects == 1
+        await a.manager.send_message(remote.channel, {"after": "outage"})
+        assert await receive_payload(remote) == {"after": "outage"}
+
+
+async def test_after_a_restart_that_lost_the_directory_every_node_registers_again() -> None:
+    broker = MemoryBroker()
+    async with cluster(2, broker) as (a, b):
+        uid = user()
+        remote = await b.client(f"{uid}:s")
+        assert remote.channel is not None
+        broker.fail()
+        broker.forget()
+        broker.recover()
+        await eventually(lambda: a.backplane.stats.reconnects == b.backplane.stats.reconnects == 1)
+        async with asyncio.timeout(TIMEOUT):
+            await b.backplane.flush()
+        await a.manager.send_message(remote.channel, {"x": 1})
+        assert await receive_payload(remote) == {"x": 1}
+        assert await a.manager.get_all_user_channels(uid) == {remote.channel}
+
+
+async def test_a_waiting_request_fails_at_once_when_the_bus_connection_is_lost() -> None:
+    broker = MemoryBroker()
+    async with cluster(2, broker) as (a, b):
+        _, waiting = await unanswered_request(a, b, timeout=30)
+        broker.fail()
+        with pytest.raises(BackplaneError, match="lost"):
+            await asyncio.wait_for(waiting, TIMEOUT)
+
+
+async def test_a_dead_node_leaves_nothing_registered_beyond_the_expiry() -> None:
+    now = [1000.0]
+    broker = MemoryBroker(clock=lambda: now[0])
+    async with cluster(2, broker, heartbeat_interval=60.0) as (a, b):
+        uid = user()
+        on_a = await a.client(f"{uid}:s1")
+        on_b = await b.client(f"{uid}:s2")
+        assert on_b.channel is not None
+        # b dies: no goodbye, no more heartbeats (its subscription ends with the process).
+        for task in (b.backplane._bus_task, b.backplane._writer_task):
+            assert task is not None
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        with pytest.raises(UnknownChannel):  # within the expiry: nobody listens for it
+            await a.manager.send_message(on_b.channel, {"x": 1})
+        assert on_b.channel in broker.registered()[0]
+        now[0] += b.backplane.expiry + 1
+        assert on_b.channel not in broker.registered()[0]
+        assert await a.manager.get_all_user_channels(uid) == {on_a.channel}
+        with pytest.raises(UnknownChannel):
+            await a.manager.send_message(on_b.channel, {"x": 1})

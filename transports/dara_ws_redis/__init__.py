@@ -1,0 +1,198 @@
+"""The Redis backplane (redis-py asyncio): several server processes share one Redis.
+
+The routing logic is the core's :class:`~dara_ws_core.backplane.BrokerBackplane`; this module only
+maps its bus primitives onto Redis and translates redis-py errors into ``BackplaneError``::
+
+    backplane = RedisBackplane("redis://127.0.0.1:6379/0")
+    manager = WebsocketManager(config, backplane=backplane)
+    await backplane.start(manager)
+
+Redis layout (``<ns>`` is the namespace, ``dara-ws`` by default):
+
+* pub/sub ``<ns>:node:<node_id>``: messages for the channels of one process (route by interest);
+* pub/sub ``<ns>:broadcast``: broadcasts, heard by every process;
+* ``<ns>:ch:<channel_id>`` -> node id, a string with a TTL of ``expiry``;
+* ``<ns>:user:<user_id>`` -> hash channel id -> node id, with the same TTL.
+
+Each node re-writes its entries every ``heartbeat_interval`` (which also restores them after a
+Redis restart that lost its data); a dead node's entries expire. A user's hash may outlive a dead
+node's fields while another node refreshes it: readers check each field against its channel key
+and drop the stale ones.
+
+The subscription runs on its own connection without retries, so a lost connection is noticed at
+once (and probed with ``PING`` when the bus is quiet); commands use a pool that retries once on a
+stale connection.
+"""
+
+from __future__ import annotations
+
+__all__ = ["RedisBackplane"]
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from dara_ws_core.backplane import BrokerBackplane, Entry, Publication, Routed
+from dara_ws_core.exceptions import BackplaneError
+
+_BATCH = 3000  # directory commands per pipeline round trip
+
+# Look a channel up and publish to its node in one round trip (atomic, so no race between the
+# two). KEYS[1]: the channel's key; ARGV: this node, the node topic prefix, the message.
+# Returns nil (nobody holds it), {node, -1} (this node does), or {node, receivers}.
+_ROUTE = """
+local node = redis.call('GET', KEYS[1])
+if not node then return false end
+if node == ARGV[1] then return {node, -1} end
+return {node, redis.call('PUBLISH', ARGV[2] .. node, ARGV[3])}
+"""
+
+
+class RedisBackplane(BrokerBackplane):
+    """A backplane over Redis pub/sub and keys. One per server process.
+
+    ``url`` is a redis-py URL (``redis://[:password@]host:port/db``, ``rediss://`` for TLS);
+    ``socket_timeout`` bounds every command. The other options are
+    :class:`~dara_ws_core.backplane.BrokerBackplane`'s (``node_id``, ``namespace``,
+    ``heartbeat_interval``, ``expiry``, ``connect_timeout``, ``backoff_initial``, ``backoff_max``).
+    """
+
+    def __init__(
+        self, url: str = "redis://127.0.0.1:6379/0", *, socket_timeout: float = 5.0,
+        **options: Any,
+    ) -> None:
+        super().__init__(**options)
+        self.url = url
+        common: dict[str, Any] = {
+            "socket_connect_timeout": min(self.connect_timeout, socket_timeout),
+            "socket_timeout": socket_timeout,
+            "socket_keepalive": True,
+        }
+        self._redis: Redis = Redis.from_url(url, retry=Retry(NoBackoff(), 1), **common)
+        self._subscriber: Redis = Redis.from_url(url, retry=Retry(NoBackoff(), 0), **common)
+
+    def _ch(self, channel_id: str) -> str:
+        return f"{self.namespace}:ch:{channel_id}"
+
+    def _user(self, user_id: str) -> str:
+        return f"{self.namespace}:user:{user_id}"
+
+    async def _bus_session(self) -> None:
+        loop = asyncio.get_running_loop()
+        probe = self.heartbeat_interval
+        pubsub = self._subscriber.pubsub()
+        try:
+            await pubsub.subscribe(self.node_topic, self.broadcast_topic)
+            waiting = {self.node_topic.encode(), self.broadcast_topic.encode()}
+            last = loop.time()
+            while True:
+                message = await pubsub.get_message(timeout=probe)
+                now = loop.time()
+                if message is None:
+                    # A quiet bus: PING, and give up if even that gets no answer.
+                    if now - last >= 2 * probe:
+                        raise BackplaneError("redis: no answer to PING")
+                    await pubsub.ping()
+                    continue
+                last = now
+                kind = message["type"]
+                if kind == "message":
+                    self._on_bus_message(message["data"])
+                elif kind == "subscribe" and waiting:
+                    waiting.discard(message["channel"])
+                    if not waiting:
+                        self._bus_up()
+        except (RedisError, OSError) as exc:
+            raise BackplaneError(f"redis: {exc}") from exc
+        finally:
+            await asyncio.shield(_close_quietly(pubsub))
+
+    async def _close_bus(self) -> None:
+        await self._redis.aclose()
+        await self._subscriber.aclose()
+
+    async def _publish_batch(self, batch: Sequence[Publication]) -> list[Routed]:
+        pipe = self._redis.pipeline(transaction=False)
+        prefix = self.topic_of("")
+        for publication in batch:
+            if publication.channel_id is None:
+                pipe.publish(str(publication.topic), publication.data)
+            else:
+                pipe.eval(_ROUTE, 1, self._ch(publication.channel_id), self.node_id, prefix,
+                          publication.data)
+        try:
+            replies = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise BackplaneError(f"redis: {exc}") from exc
+        results: list[Routed] = []
+        for publication, reply in zip(batch, replies, strict=True):
+            if publication.channel_id is None:
+                results.append((None, int(reply)))
+            elif reply is None:
+                results.append((None, -1))
+            else:
+                results.append((_text(reply[0]), int(reply[1])))
+        return results
+
+    async def _user_nodes(self, user_id: str) -> set[str]:
+        try:
+            nodes = await self._redis.hvals(self._user(user_id))
+        except (RedisError, OSError) as exc:
+            raise BackplaneError(f"redis: {exc}") from exc
+        return {_text(n) for n in nodes}
+
+    async def _user_entries(self, user_id: str) -> dict[str, str]:
+        key = self._user(user_id)
+        try:
+            fields = await self._redis.hgetall(key)
+            if not fields:
+                return {}
+            entries = {_text(c): _text(n) for c, n in fields.items()}
+            owners = await self._redis.mget([self._ch(c) for c in entries])
+            live = {c: n for (c, n), owner in zip(entries.items(), owners, strict=True)
+                    if owner is not None and _text(owner) == n}
+            stale = [c for c in entries if c not in live]
+            if stale:
+                await self._redis.hdel(key, *stale)
+        except (RedisError, OSError) as exc:
+            raise BackplaneError(f"redis: {exc}") from exc
+        return live
+
+    async def _write_directory(self, present: Sequence[Entry], absent: Sequence[Entry]) -> None:
+        node, ttl = self.node_id, int(self.expiry * 1000)
+        users: dict[str, dict[str, str]] = {}
+        commands: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        for channel_id, user_id in present:
+            commands.append(("set", (self._ch(channel_id), node), {"px": ttl}))
+            if user_id is not None:
+                users.setdefault(user_id, {})[channel_id] = node
+        for user_id, fields in users.items():
+            commands.append(("hset", (self._user(user_id),), {"mapping": fields}))
+            commands.append(("pexpire", (self._user(user_id), ttl), {}))
+        for channel_id, user_id in absent:
+            commands.append(("delete", (self._ch(channel_id),), {}))
+            if user_id is not None:
+                commands.append(("hdel", (self._user(user_id), channel_id), {}))
+        try:
+            for start in range(0, len(commands), _BATCH):
+                pipe = self._redis.pipeline(transaction=False)
+                for name, args, kwargs in commands[start:start + _BATCH]:
+                    getattr(pipe, name)(*args, **kwargs)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise BackplaneError(f"redis: {exc}") from exc
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def _close_quietly(pubsub: Any) -> None:
+    with contextlib.suppress(Exception):  # the connection may be gone; closing is best effort
+        await pubsub.aclose()
