@@ -23,8 +23,8 @@ Scenarios:
 * send_and_wait round trip: ``--asks`` sequential requests from node A to one client, on A
   (local) or on B (across Redis), timed inside node A.
 
-The clients are raw ``websockets`` connections that only count frames (no JSON parsing), so the
-client side costs the same in every layout.
+The clients are the benchmark suite's lean clients (:mod:`benchmarks.leanws`) that only count
+frames (no JSON parsing), so the client side costs the same in every layout.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import platform
 import statistics
@@ -45,13 +46,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.client import connect as ws_connect
-
 from dara_ws_core import DaraClient
 from dara_ws_websockets import connect
 from tests.backplane_node import NodeProcess
 from tests.redis_server import RedisServer
+
+from .leanws import LeanWS, open_lean
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,36 +83,30 @@ class Counters:
                 self.done.set()
 
 
-async def _count(ws: ClientConnection, index: int, counters: Counters) -> None:
-    with contextlib.suppress(Exception):
-        async for _ in ws:
-            counters.hit(index)
-
-
 @contextlib.asynccontextmanager
 async def counting_clients(
     nodes: Sequence[NodeProcess], total: int
 ) -> AsyncIterator[Counters]:
-    """``total`` raw clients spread evenly over ``nodes``, counting the frames they receive."""
+    """``total`` lean clients spread evenly over ``nodes``, counting the frames they receive
+    (``init`` included: every count starts at 1)."""
     counters = Counters(total)
-    sockets: list[ClientConnection] = []
-    tasks: list[asyncio.Task[None]] = []
+    sockets: list[LeanWS] = []
     try:
         for i in range(total):
             node = nodes[i % len(nodes)]
-            ws = await ws_connect(node.url(f"c{i}:s"), compression=None, ping_interval=None,
-                                  max_size=None)
-            await ws.recv()  # init
-            sockets.append(ws)
-            tasks.append(asyncio.create_task(_count(ws, i, counters)))
+            sockets.append(await open_lean(node.port, f"/api/core/ws?token=c{i}:s",
+                                           functools.partial(_hit, counters, i)))
+        counters.expect(1)
+        async with asyncio.timeout(30):
+            await counters.done.wait()
         yield counters
     finally:
         for ws in sockets:
-            with contextlib.suppress(Exception):
-                await ws.close()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            ws.abort()
+
+
+def _hit(counters: Counters, index: int, payload: bytes) -> None:
+    counters.hit(index)
 
 
 async def control(node: NodeProcess, token: str = "ctl:ctl") -> DaraClient:
@@ -163,7 +157,7 @@ async def measure_broadcast(layout: str, nodes: Sequence[NodeProcess], args: arg
                 await op(flusher, "flush")
                 await flusher.close()
             before = (await op(ctl, "stats")).get("published", 0)
-            received = 0
+            received = 1
             latencies = []
             for _ in range(args.rounds + 3):
                 received += 1
@@ -181,7 +175,11 @@ async def measure_broadcast(layout: str, nodes: Sequence[NodeProcess], args: arg
             async with asyncio.timeout(120):
                 await counters.done.wait()
             burst = time.perf_counter() - started
-            published = (await op(ctl, "stats")).get("published", 0) - before
+            await op(ctl, "flush")  # the last publications may still be in the outbox
+            stats = await op(ctl, "stats")
+            if stats.get("failed"):
+                raise RuntimeError(f"the backplane failed to publish: {stats}")
+            published = stats.get("published", 0) - before
         finally:
             await ctl.close()
     return Broadcast(
