@@ -77,6 +77,7 @@ __all__ = [
     "encode_bus_message",
     "error_of",
     "failure_of",
+    "relayed_payload",
 ]
 
 import abc
@@ -329,6 +330,29 @@ def decode_bus_message(data: bytes) -> BusMessage:
     if op == "cancel":
         return RemoteCancel(_field(head, "id", str))
     raise BackplaneError(f"malformed bus message: unknown op {op!r}")
+
+
+def relayed_payload(frame: bytes) -> tuple[LoosePayload | BaseModel, bool]:
+    """Turn a request's envelope (as the asking process encoded it, without ``__rchan``) back into
+    what ``send_and_wait`` takes, so that the owning channel encodes exactly the same frame plus
+    its own ``__rchan``: ``(payload, custom)``.
+
+    Application payloads stay plain dicts (a model would read keys such as ``rchan`` as its
+    fields); first-party payloads, which carry ``__typename``, go back into their envelope model.
+    Raises ``BackplaneError`` for a frame that is not an envelope.
+    """
+    try:
+        envelope = _from_json(frame)
+    except ValueError:
+        raise BackplaneError("malformed request: not JSON") from None
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("message"), dict):
+        raise BackplaneError("malformed request: not an envelope")
+    kind = envelope.get("type")
+    if kind not in ("message", "custom"):
+        raise BackplaneError(f"malformed request: type {kind!r}")
+    if "__typename" in envelope:
+        return decode_server_frame(frame), kind == "custom"
+    return envelope["message"], kind == "custom"
 
 
 def failure_of(exc: BaseException) -> Failure:
@@ -848,9 +872,9 @@ class BrokerBackplane(abc.ABC):
                 handler = self.manager.handlers.get(request.channel_id)
                 if handler is None:
                     raise UnknownChannel(request.channel_id)
-                envelope = decode_server_frame(request.frame)
+                payload, custom = relayed_payload(request.frame)
                 result = await handler.send_and_wait(
-                    envelope, custom=request.custom, timeout=request.timeout
+                    payload, custom=custom, timeout=request.timeout
                 )
                 reply = RemoteReply(request.request_id, result=_to_json(result))
             except DaraWSError as exc:

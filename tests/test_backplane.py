@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -25,10 +26,12 @@ from dara_ws_core import (
     ConnectionClosed,
     CustomServerMessage,
     DaraClient,
+    DaraClientMessage,
     DaraServerMessage,
     Request,
     RequestTimeout,
     ServerConfig,
+    ServerVariableMessage,
     SlowConsumer,
     TooManyPendingRequests,
     UnknownChannel,
@@ -50,6 +53,7 @@ from dara_ws_core.backplane import (
     encode_bus_message,
     error_of,
     failure_of,
+    relayed_payload,
 )
 
 from .stacks import Stack, running_stack
@@ -391,6 +395,45 @@ async def test_send_and_wait_to_another_node_returns_the_answer() -> None:
         ) == ["a", "b", "c"]
         assert seen[2].payload["variable"] == {"v": 1}
         assert a.backplane._waiting == {} and b.backplane._serving == {}
+
+
+@pytest.mark.parametrize(("message", "custom"), [
+    ({"rchan": "app", "response_for": "app", "typename": "T", "a": None}, False),
+    ({"kind": "k", "error": {"code": "app"}, "rchan": "app"}, True),
+    (VariableRequestMessage(variable={"rchan": "x"}), False),
+    (ServerVariableMessage(uid="u", sequence_number=3), False),
+])
+async def test_a_request_reaches_a_remote_client_exactly_as_a_local_one_would(
+    message: Any, custom: bool,
+) -> None:
+    async with cluster(2) as (a, b):
+        local = a.manager.create_handler("local")
+        remote = b.manager.create_handler("remote")
+        async with asyncio.timeout(TIMEOUT):
+            await b.backplane.flush()
+            for handler in (local, remote):
+                await handler.queue.get()  # init
+        results = []
+        for handler in (local, remote):
+            asking = asyncio.create_task(
+                a.manager.send_and_wait(handler.channel_id, message, custom=custom, timeout=5)
+            )
+            async with asyncio.timeout(TIMEOUT):
+                wire = json.loads(await handler.queue.get())
+            rchan = wire["message"].pop("__rchan")
+            results.append(wire)
+            handler.process_client_message(DaraClientMessage(channel=rchan, message={"ok": 1}))
+            assert await asyncio.wait_for(asking, TIMEOUT) == {"ok": 1}
+        assert results[0] == results[1]
+        a.manager.remove_handler("local")
+        b.manager.remove_handler("remote")
+
+
+@pytest.mark.parametrize("frame", [b"nope", b"[]", b'{"type":"init","message":{}}',
+                                   b'{"type":"message","message":[]}'])
+def test_a_relayed_request_that_is_not_an_envelope_is_refused(frame: bytes) -> None:
+    with pytest.raises(BackplaneError):
+        relayed_payload(frame)
 
 
 async def test_send_and_wait_to_another_node_times_out() -> None:
