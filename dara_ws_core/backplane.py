@@ -125,8 +125,8 @@ Routed = tuple[str | None, int]
 
 @dataclass(frozen=True, slots=True)
 class Publication:
-    """One message to publish: to ``topic``, or to the node holding ``channel_id``.
-    ``user_id`` marks a message for a user's channels (dead entries are pruned on no receiver)."""
+    """One message to publish (set exactly one target): to ``topic``, to the node holding
+    ``channel_id``, or to every other node holding channels of ``user_id``."""
 
     data: bytes
     topic: str | None = None
@@ -520,14 +520,15 @@ class BrokerBackplane(abc.ABC):
     @abc.abstractmethod
     async def _publish_batch(self, batch: Sequence[Publication]) -> list[Routed]:
         """Publish a batch in order, in as few round trips as the bus allows; one result per
-        publication: ``(None, receivers)`` for a topic; for a channel, ``(None, -1)`` if nobody
-        holds it, ``(node, -1)`` if this node does (nothing published), else
-        ``(node, receivers)`` after publishing to the node's topic (look-up and publish in one
-        step, so a channel send costs one round trip)."""
+        publication (each looks up and publishes in one step, so none costs a round trip of its
+        own):
 
-    @abc.abstractmethod
-    async def _user_nodes(self, user_id: str) -> set[str]:
-        """The nodes that registered channels of the user (may include dead ones)."""
+        * to a topic: ``(None, receivers)``;
+        * to a channel: ``(None, -1)`` if nobody holds it, ``(node, -1)`` if this node does
+          (nothing published), else ``(node, receivers)`` after publishing to its node's topic;
+        * to a user: published once to each *other* node holding channels of the user,
+          ``(None, receivers in all)``; entries of nodes that nobody listens for are dropped.
+        """
 
     @abc.abstractmethod
     async def _user_entries(self, user_id: str) -> dict[str, str]:
@@ -640,21 +641,8 @@ class BrokerBackplane(abc.ABC):
         await self._post(Publication(data, topic=self.broadcast_topic), "broadcast")
 
     async def send_to_user(self, user_id: str, frame: bytes, ignore_channel: str | None) -> None:
-        if not self._connected.is_set():
-            self._count_failure("message to a user", None)
-            return
-        try:
-            nodes = await self._user_nodes(user_id)
-        except BackplaneError as exc:
-            self._count_failure("message to a user", exc)
-            return
-        nodes.discard(self.node_id)
-        if not nodes:
-            return
         data = encode_bus_message(UserDelivery(user_id, ignore_channel, frame))
-        for node in nodes:
-            await self._post(Publication(data, topic=self.topic_of(node), user_id=user_id),
-                             "message to a user")
+        await self._post(Publication(data, user_id=user_id), "message to a user")
 
     async def request(
         self,
@@ -756,16 +744,11 @@ class BrokerBackplane(abc.ABC):
                         if done is not None and not done.done():
                             done.set_exception(BackplaneError(str(exc)))
                     continue
-                for (publication, done, _), (owner, receivers) in zip(batch, results,
-                                                                      strict=True):
+                for (_, done, _), (owner, receivers) in zip(batch, results, strict=True):
                     if receivers >= 0:
                         self.stats.published += 1
-                    if done is not None:
-                        if not done.done():
-                            done.set_result((owner, receivers))
-                    elif receivers == 0 and publication.user_id is not None:
-                        # A dead node's entries: drop them now instead of waiting for the expiry.
-                        self._spawn(self._prune_user(publication.user_id))
+                    if done is not None and not done.done():
+                        done.set_result((owner, receivers))
             self._outbox_idle.set()
 
     def _drop_outbox(self, exc: BackplaneError) -> None:
@@ -791,10 +774,6 @@ class BrokerBackplane(abc.ABC):
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    async def _prune_user(self, user_id: str) -> None:
-        with contextlib.suppress(BackplaneError):
-            await self._user_entries(user_id)
 
     # ------------------------------------------------------------------ receiving
 
@@ -1118,9 +1097,19 @@ class MemoryBroker:
             self._user_expiry.pop(user_id, None)
         return self._users.get(user_id, {})
 
-    def user_nodes(self, user_id: str) -> set[str]:
+    def publish_to_user(self, user_id: str, node_id: str, topic_of: Callable[[str], str],
+                        data: bytes) -> int:
+        """Publish once to every node but ``node_id`` holding channels of the user; entries of
+        nodes nobody listens for are dropped (as the Redis script does)."""
         self._check()
-        return set(self._user(user_id).values())
+        fields = self._user(user_id)
+        receivers: dict[str, int] = {}
+        for node in set(fields.values()) - {node_id}:
+            receivers[node] = self.publish(topic_of(node), data)
+        for channel_id, node in list(fields.items()):
+            if receivers.get(node) == 0:
+                del fields[channel_id]
+        return sum(receivers.values())
 
     def user_entries(self, user_id: str) -> dict[str, str]:
         """Live entries of a user; stale ones (their channel expired or moved) are pruned."""
@@ -1184,19 +1173,20 @@ class MemoryBackplane(BrokerBackplane):
         broker = self.broker
         results: list[Routed] = []
         for publication in batch:
-            if publication.channel_id is None:
-                assert publication.topic is not None
+            if publication.topic is not None:
                 results.append((None, broker.publish(publication.topic, publication.data)))
                 continue
+            if publication.user_id is not None:
+                results.append((None, broker.publish_to_user(
+                    publication.user_id, self.node_id, self.topic_of, publication.data)))
+                continue
+            assert publication.channel_id is not None
             owner = broker.owner(publication.channel_id)
             if owner is None or owner == self.node_id:
                 results.append((owner, -1))
             else:
                 results.append((owner, broker.publish(self.topic_of(owner), publication.data)))
         return results
-
-    async def _user_nodes(self, user_id: str) -> set[str]:
-        return self.broker.user_nodes(user_id)
 
     async def _user_entries(self, user_id: str) -> dict[str, str]:
         return self.broker.user_entries(user_id)

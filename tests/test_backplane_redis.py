@@ -394,6 +394,11 @@ async def test_a_process_that_dies_leaves_nothing_registered_beyond_the_expiry(
             # Within the expiry nobody listens for b's channels any more.
             with pytest.raises(OpFailed, match="UnknownChannel"):
                 await a.call("send", channel=on_b[0].channel, message={})
+            # A message to the user drops the fields of a node nobody listens for any more.
+            await a.call("user", user=uid, message={"x": 1})
+            await a.call("flush")
+            assert await payload(on_a) == {"x": 1}
+            assert await redis.hkeys(f"dara-ws:user:{uid}") == [on_a.channel.encode()]
 
             async def expired() -> bool:
                 return await redis.exists(*b_keys) == 0
@@ -403,8 +408,6 @@ async def test_a_process_that_dies_leaves_nothing_registered_beyond_the_expiry(
             await eventually(expired, timeout=3 * HEARTBEAT + 2.0)
             assert loop.time() - started <= 3 * HEARTBEAT + 1.0
             assert await a.call("channels", user=uid) == [on_a.channel]
-            # The shared user's hash lost b's field (pruned on read); b's other user is gone.
-            assert await redis.hkeys(f"dara-ws:user:{uid}") == [on_a.channel.encode()]
     finally:
         await redis.aclose()
         for process in processes:

@@ -53,6 +53,28 @@ if node == ARGV[1] then return {node, -1} end
 return {node, redis.call('PUBLISH', ARGV[2] .. node, ARGV[3])}
 """
 
+# Publish once to every other node holding channels of a user, in one round trip. KEYS[1]: the
+# user's hash; ARGV as above. Fields of nodes nobody listens for (dead) are dropped. Returns the
+# receivers in all.
+_ROUTE_USER = """
+local fields = redis.call('HGETALL', KEYS[1])
+local sent, stale, total = {}, {}, 0
+for i = 1, #fields, 2 do
+  local node = fields[i + 1]
+  if node ~= ARGV[1] then
+    local n = sent[node]
+    if n == nil then
+      n = redis.call('PUBLISH', ARGV[2] .. node, ARGV[3])
+      sent[node] = n
+      total = total + n
+    end
+    if n == 0 then stale[#stale + 1] = fields[i] end
+  end
+end
+if #stale > 0 then redis.call('HDEL', KEYS[1], unpack(stale)) end
+return total
+"""
+
 
 class RedisBackplane(BrokerBackplane):
     """A backplane over Redis pub/sub and keys. One per server process.
@@ -121,10 +143,13 @@ class RedisBackplane(BrokerBackplane):
         pipe = self._redis.pipeline(transaction=False)
         prefix = self.topic_of("")
         for publication in batch:
-            if publication.channel_id is None:
-                pipe.publish(str(publication.topic), publication.data)
+            if publication.topic is not None:
+                pipe.publish(publication.topic, publication.data)
+            elif publication.user_id is not None:
+                pipe.eval(_ROUTE_USER, 1, self._user(publication.user_id), self.node_id, prefix,
+                          publication.data)
             else:
-                pipe.eval(_ROUTE, 1, self._ch(publication.channel_id), self.node_id, prefix,
+                pipe.eval(_ROUTE, 1, self._ch(str(publication.channel_id)), self.node_id, prefix,
                           publication.data)
         try:
             replies = await pipe.execute()
@@ -132,20 +157,13 @@ class RedisBackplane(BrokerBackplane):
             raise BackplaneError(f"redis: {exc}") from exc
         results: list[Routed] = []
         for publication, reply in zip(batch, replies, strict=True):
-            if publication.channel_id is None:
+            if publication.channel_id is None:  # a topic or a user: a count
                 results.append((None, int(reply)))
             elif reply is None:
                 results.append((None, -1))
             else:
                 results.append((_text(reply[0]), int(reply[1])))
         return results
-
-    async def _user_nodes(self, user_id: str) -> set[str]:
-        try:
-            nodes = await self._redis.hvals(self._user(user_id))
-        except (RedisError, OSError) as exc:
-            raise BackplaneError(f"redis: {exc}") from exc
-        return {_text(n) for n in nodes}
 
     async def _user_entries(self, user_id: str) -> dict[str, str]:
         key = self._user(user_id)
