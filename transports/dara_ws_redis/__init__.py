@@ -16,8 +16,12 @@ Redis layout (``<ns>`` is the namespace, ``dara-ws`` by default):
 
 Each node re-writes its entries every ``heartbeat_interval`` (which also restores them after a
 Redis restart that lost its data); a dead node's entries expire. A user's hash may outlive a dead
-node's fields while another node refreshes it: readers check each field against its channel key
-and drop the stale ones.
+node's fields while another node refreshes it: readers check each field against its channel key,
+and a message to the user drops the fields of nodes nobody listens for.
+
+Routing a message costs one round trip and no look-up of its own: small Lua scripts read the
+directory and ``PUBLISH`` in the same step, and every publication of a process is pipelined.
+Redis is trusted: whoever can publish on it can send frames to every client.
 
 The subscription runs on its own connection without retries, so a lost connection is noticed at
 once (and probed with ``PING`` when the bus is quiet); commands use a pool that retries once on a
