@@ -70,6 +70,10 @@ def read_line(process: subprocess.Popen[bytes], until: Callable[[str], bool],
                 return lines
 
 
+class _PortTaken(Exception):
+    pass
+
+
 class RedisServer:
     """One ``redis-server`` on 127.0.0.1; :meth:`restart` keeps the port and loses the data."""
 
@@ -85,6 +89,23 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> None:
+        """Start it and wait until it accepts connections. A fresh server whose free port was
+        taken meanwhile (another test run) retries on another port."""
+        for attempt in range(3):
+            try:
+                self._start(timeout)
+                return
+            except _PortTaken:
+                if self.output_ready or attempt == 2:
+                    break
+                self.port = free_port()
+        pytest.fail(f"redis-server could not bind a port: {self.output[-3:]}", pytrace=False)
+
+    @property
+    def output_ready(self) -> bool:
+        return any(READY in line for line in self.output)
+
+    def _start(self, timeout: float) -> None:
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.workdir), "--logfile", ""],
@@ -95,6 +116,8 @@ class RedisServer:
             self.output += read_line(self.process, lambda line: READY in line, timeout)
         except (TimeoutError, RuntimeError) as exc:
             self.stop()
+            if "Address already in use" in str(exc):
+                raise _PortTaken from None
             pytest.fail(f"redis-server did not start: {exc}", pytrace=False)
         # Keep draining its log so that it never blocks on a full pipe.
         threading.Thread(target=self._drain, args=(self.process,), daemon=True).start()
