@@ -9,22 +9,26 @@ and get byte-for-byte the same client.
 Modes:
 
 * ``answer``: one connection that answers server -> client requests (scenario: send_and_wait).
-* ``request``: one connection that times ``--iters`` sequential custom requests and prints the
-  samples (scenario: client request with reply).
+* ``request``: one connection that times sequential custom requests on each ``run`` command
+  (scenario: client request with reply).
 * ``fanout``: many connections that count broadcast frames (those containing ``"bench"``) and
   report, for every round of ``--m`` messages, the time the *last* connection got its last one.
 * ``idle``: many connections that only keep alive (memory scenario).
 * ``slow``: many connections that stop reading right after the handshake (slow consumers).
 * ``stream``: many connections that count frames and sample delivery lag (``t`` in the payload).
 
-It prints ``{"event": "ready", "connected": n}`` once every connection is open, and stops at end of
-stdin or after ``--max-seconds``. Command ``{"cmd": "report"}`` prints the counters.
+Many-connection modes on the Dara wire (except ``slow``) send the stock client's ``ping`` every
+``--heartbeat`` seconds. The process prints ``{"event": "ready", "connected": n}`` once every
+connection is open, and stops at end of stdin or after ``--max-seconds``. Commands:
+``{"cmd": "report"}`` prints the counters; ``{"cmd": "run", "warmup": w, "iters": n}`` (mode
+``request``) times ``n`` requests after ``w`` unmeasured ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -34,6 +38,7 @@ from .leanws import LeanWS, open_lean
 from .procs import emit, run_child, stdin_commands
 
 BENCH = b'"bench"'
+REQUEST_IDS = itertools.count()
 SIO_PING = b"2"
 
 
@@ -127,19 +132,20 @@ def answerer(args: argparse.Namespace, ws: LeanWS) -> Callable[[bytes], None]:
     return on_dara
 
 
-async def request(args: argparse.Namespace, ws: LeanWS) -> dict[str, Any]:
+async def request(
+    args: argparse.Namespace, ws: LeanWS, inbox: asyncio.Queue[bytes], warmup: int, iters: int
+) -> dict[str, Any]:
     """Sequential client -> server requests with reply; nanoseconds of each after warm-up."""
-    inbox: asyncio.Queue[bytes] = asyncio.Queue()
-    ws.on_text = inbox.put_nowait
     samples: list[int] = []
     t_start = time.perf_counter()
-    for i in range(args.warmup + args.iters):
-        if i == args.warmup:
+    for i in range(warmup + iters):
+        if i == warmup:
             t_start = time.perf_counter()
+        n = next(REQUEST_IDS)
         t = time.perf_counter_ns()
         if args.proto == "sio":
-            ws.send_text(f"42{i}" + json.dumps(["echo", {"q": i}]))
-            prefix = f"43{i}[".encode()
+            ws.send_text(f"42{n}" + json.dumps(["echo", {"q": n}]))
+            prefix = f"43{n}[".encode()
             while True:
                 text = await inbox.get()
                 if text.startswith(prefix):
@@ -147,30 +153,32 @@ async def request(args: argparse.Namespace, ws: LeanWS) -> dict[str, Any]:
                 if text == SIO_PING:
                     ws.send_text(b"3")
         else:
-            rchan = f"r{i}"
+            rchan = f"r{n}"
             ws.send_text(json.dumps({"type": "custom", "message": {
-                "kind": "echo", "data": {"q": i}, "__rchan": rchan}}))
+                "kind": "echo", "data": {"q": n}, "__rchan": rchan}}))
             while True:
                 frame = json.loads(await inbox.get())
                 message = frame.get("message")
                 if (frame.get("type") == "custom" and isinstance(message, dict)
                         and message.get("__response_for") == rchan):
                     break
-        if i >= args.warmup:
+        if i >= warmup:
             samples.append(time.perf_counter_ns() - t)
     return {"samples": samples, "total_s": time.perf_counter() - t_start}
 
 
 async def single(args: argparse.Namespace) -> None:
+    """One connection: answers requests (``answer``), or times requests on each ``run``
+    command (``request``), with unique request ids across runs."""
     ws = await open_conn(args, f"{args.token_prefix}0",
                          "&bench=rt" if args.mode == "answer" else "")
+    inbox: asyncio.Queue[bytes] = asyncio.Queue()
+    ws.on_text = answerer(args, ws) if args.mode == "answer" else inbox.put_nowait
     emit({"event": "ready", "connected": 1})
-    if args.mode == "answer":
-        ws.on_text = answerer(args, ws)
-    else:
-        emit({"event": "samples", **await request(args, ws)})
-    async for _ in stdin_commands():
-        pass
+    async for command in stdin_commands():
+        if command.get("cmd") == "run":
+            result = await request(args, ws, inbox, command["warmup"], command["iters"])
+            emit({"event": "result", "id": command.get("id"), **result})
     ws.abort()
 
 
@@ -222,7 +230,9 @@ async def many(args: argparse.Namespace) -> None:
 
     conns = await asyncio.gather(*(opened(t) for t in tokens))
     beat = None
-    if args.mode == "idle" and args.proto == "dara":
+    if args.mode != "slow" and args.proto == "dara" and args.heartbeat > 0:
+        # Like the stock client: servers may close connections that stay silent (ours after
+        # ServerConfig.idle_timeout), e.g. while other implementations are being measured.
         beat = asyncio.create_task(heartbeat(conns, args.heartbeat))
     emit({"event": "ready", "connected": len(conns)})
     try:
@@ -270,10 +280,9 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=1)
     parser.add_argument("--per-user", type=int, default=1, help="connections per user")
     parser.add_argument("--m", type=int, default=1, help="fan-out messages per round")
-    parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument("--iters", type=int, default=2000)
     parser.add_argument("--sample-every", type=int, default=16)
-    parser.add_argument("--heartbeat", type=float, default=5.0, help="idle ping interval (s)")
+    parser.add_argument("--heartbeat", type=float, default=5.0,
+                        help="Dara ping interval in seconds (0: none)")
     parser.add_argument("--concurrency", type=int, default=32, help="handshakes in flight")
     parser.add_argument("--max-seconds", type=float, default=900)
     run_child(amain, parser.parse_args())

@@ -25,6 +25,7 @@ __all__ = ["SCENARIOS", "Sizes"]
 import asyncio
 import contextlib
 import importlib
+import importlib.util
 import json
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -49,6 +50,8 @@ class Sizes:
 
     rt_warmup: int = 200
     rt_iters: int = 2000
+    #: Round trips are measured in this many alternating blocks per implementation.
+    rt_blocks: int = 8
     fanout_ns: tuple[int, ...] = (100, 1000)
     fanout_m: int = 100
     fanout_rounds: int = 5
@@ -63,8 +66,8 @@ class Sizes:
     slow_n: int = 1000
     slow_k: int = 10
     slow_seconds: float = 30.0
-    slow_rate: float = 40.0
-    slow_pad: int = 1024
+    slow_rate: float = 20.0
+    slow_pad: int = 512
     slow_drain_s: float = 1.0
     client_procs: int = 2
     micro_iters: int = 20_000
@@ -75,11 +78,23 @@ class Sizes:
 FULL = Sizes()
 QUICK = replace(FULL, rt_iters=1000, rt_warmup=100, fanout_rounds=3, user_rounds=2,
                 capacity_n=5000, slow_seconds=10.0, micro_iters=5000, settle_s=1.0)
-TINY = replace(FULL, rt_warmup=10, rt_iters=50, fanout_ns=(6,), fanout_m=5, fanout_rounds=2,
+TINY = replace(FULL, rt_warmup=10, rt_iters=50, rt_blocks=2, fanout_ns=(6,), fanout_m=5, fanout_rounds=2,
                users=3, per_user=2, user_m=3, user_rounds=1, idle_warm=4, idle_n=10,
                capacity_n=20, settle_s=0.2, slow_n=6, slow_k=2, slow_seconds=1.0,
                slow_rate=20.0, slow_pad=64, slow_drain_s=0.3, micro_iters=200)
 PRESETS = {"full": FULL, "quick": QUICK, "tiny": TINY}
+
+
+def unavailable(impl: str) -> str | None:
+    """Why ``impl`` cannot run here (``None`` when it can): the core has not landed, or the
+    peer's packages are missing (they come with ``pip install -e ".[bench]"``)."""
+    if impl == "ours":
+        return ours_unavailable()
+    needs = {"sio": ("socketio", "aiohttp"), "sio-asgi": ("socketio", "uvicorn")}.get(impl, ())
+    missing = [name for name in needs if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"unavailable: {', '.join(missing)} not installed (pip install -e '.[bench]')"
+    return None
 
 
 def ours_unavailable() -> str | None:
@@ -133,109 +148,179 @@ def rss(proc: Proc) -> int:
     return int(psutil.Process(proc.pid).memory_info().rss)
 
 
+def _failure(exc: BaseException) -> str:
+    first = (str(exc).splitlines() or [""])[0]
+    return f"failed: {type(exc).__name__}: {first}"
+
+
 async def per_impl(
     scenario: str, impls: Sequence[str], measure: Callable[[str], Awaitable[list[Row]]],
 ) -> list[Row]:
     """Run ``measure`` for each implementation; a failure becomes a row with a note, not a crash."""
     rows: list[Row] = []
     for impl in impls:
-        why = ours_unavailable() if impl == "ours" else None
+        why = unavailable(impl)
         if why:
             rows.append(Row(scenario, impl, note=why))
             continue
         try:
             rows += await measure(impl)
         except Exception as exc:  # one implementation failing must not lose the others' rows
-            first = (str(exc).splitlines() or [""])[0]
-            rows.append(Row(scenario, impl, note=f"failed: {type(exc).__name__}: {first}"))
+            rows.append(Row(scenario, impl, note=_failure(exc)))
     return rows
+
+
+async def interleaved(
+    scenario: str,
+    impls: Sequence[str],
+    blocks: int,
+    *,
+    setup: Callable[[str, contextlib.AsyncExitStack], Awaitable[Any]],
+    step: Callable[[str, Any, int], Awaitable[Any]],
+    summarize: Callable[[str, list[Any]], dict[str, float]],
+    variant: str = "",
+) -> list[Row]:
+    """Measure every implementation in alternating blocks, all set up at once.
+
+    Every implementation's processes are started first (idle ones cost nothing), then block ``k``
+    runs ``step`` once per implementation, in an order rotated by ``k``. So a change in the
+    machine's background load during the run hits every implementation alike instead of
+    whichever happened to be measured at that moment: the ratios stay honest on a shared machine.
+    """
+    failed: dict[str, str] = {}
+    states: dict[str, Any] = {}
+    stacks: dict[str, contextlib.AsyncExitStack] = {}
+    samples: dict[str, list[Any]] = {impl: [] for impl in impls}
+    try:
+        for impl in impls:
+            why = unavailable(impl)
+            if why:
+                failed[impl] = why
+                continue
+            stacks[impl] = contextlib.AsyncExitStack()
+            try:
+                states[impl] = await setup(impl, stacks[impl])
+            except Exception as exc:
+                failed[impl] = _failure(exc)
+                await stacks.pop(impl).aclose()
+        for k in range(blocks):
+            live = [impl for impl in impls if impl in states and impl not in failed]
+            if not live:
+                break
+            shift = k % len(live)
+            for impl in live[shift:] + live[:shift]:
+                try:
+                    samples[impl].append(await step(impl, states[impl], k))
+                except Exception as exc:
+                    failed[impl] = _failure(exc)
+    finally:
+        for stack in stacks.values():
+            await stack.aclose()
+    return [Row(scenario, impl, note=failed[impl], variant=variant) if impl in failed
+            else Row(scenario, impl, summarize(impl, samples[impl]), variant=variant)
+            for impl in impls]
 
 
 # ------------------------------------------------------------------------------ scenarios
 
 
+def _latency_summary(impl: str, blocks: list[dict[str, Any]]) -> dict[str, float]:
+    return latency_metrics([v for b in blocks for v in b["samples"]],
+                           sum(b["total_s"] for b in blocks))
+
+
+def _warmup(sizes: Sizes, k: int) -> int:
+    """The full warm-up before the first block; a short one before each later block, since the
+    other implementations ran in between."""
+    return sizes.rt_warmup if k == 0 else max(1, sizes.rt_warmup // 10)
+
+
 async def server_request(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
     """(1) Server -> client request answered by the client (send_and_wait), sequential."""
 
-    async def measure(impl: str) -> list[Row]:
-        async with server(impl, sizes) as srv, clients(srv, impl, "answer", 1, procs=1):
-            await srv.call("wait_conns", 30, n=1)
-            res = await srv.call("ask", 120, warmup=sizes.rt_warmup, iters=sizes.rt_iters)
-        return [Row("server_request", impl, latency_metrics(res["samples"], res["total_s"]))]
+    async def setup(impl: str, stack: contextlib.AsyncExitStack) -> Proc:
+        srv = await stack.enter_async_context(server(impl, sizes))
+        await stack.enter_async_context(clients(srv, impl, "answer", 1, procs=1))
+        await srv.call("wait_conns", 30, n=1)
+        return srv
 
-    return await per_impl("server_request", impls, measure)
+    async def step(impl: str, srv: Proc, k: int) -> dict[str, Any]:
+        return await srv.call("ask", 120, warmup=_warmup(sizes, k),
+                              iters=sizes.rt_iters // sizes.rt_blocks)
+
+    return await interleaved("server_request", impls, sizes.rt_blocks, setup=setup, step=step,
+                             summarize=_latency_summary)
 
 
 async def client_request(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
     """(2) Client -> server custom request with reply, sequential."""
 
-    async def measure(impl: str) -> list[Row]:
-        async with server(impl, sizes) as srv, clients(
-            srv, impl, "request", 1, procs=1, warmup=sizes.rt_warmup, iters=sizes.rt_iters,
-        ) as (cli,):
-            res = await cli.expect("samples", 120)
-        return [Row("client_request", impl, latency_metrics(res["samples"], res["total_s"]))]
+    async def setup(impl: str, stack: contextlib.AsyncExitStack) -> Proc:
+        srv = await stack.enter_async_context(server(impl, sizes))
+        (cli,) = await stack.enter_async_context(clients(srv, impl, "request", 1, procs=1))
+        return cli
 
-    return await per_impl("client_request", impls, measure)
+    async def step(impl: str, cli: Proc, k: int) -> dict[str, Any]:
+        return await cli.call("run", 120, warmup=_warmup(sizes, k),
+                              iters=sizes.rt_iters // sizes.rt_blocks)
+
+    return await interleaved("client_request", impls, sizes.rt_blocks, setup=setup, step=step,
+                             summarize=_latency_summary)
 
 
-async def _fanout_rounds(
-    srv: Proc, cps: list[Proc], rounds: int, deliveries: int, command: str, **params: Any,
-) -> dict[str, float]:
-    totals, sends = [], []
-    for r in range(rounds):
-        res = await srv.call(command, 300, r=r, **params)
+async def _fanout(
+    scenario: str, sizes: Sizes, impls: Sequence[str], *, users: int, per_user: int, m: int,
+    rounds: int, command: str, variant: str = "", **params: Any,
+) -> list[Row]:
+    """Rounds of ``command`` (M messages to every connection), interleaved across impls; the
+    first round of each is a warm-up and is not counted."""
+    conns = users * per_user
+
+    async def setup(impl: str, stack: contextlib.AsyncExitStack) -> tuple[Proc, list[Proc]]:
+        srv = await stack.enter_async_context(server(impl, sizes))
+        cps = await stack.enter_async_context(clients(
+            srv, impl, "fanout", users, procs=sizes.client_procs, per_user=per_user, m=m))
+        await srv.call("wait_conns", 60, n=conns)
+        return srv, cps
+
+    async def step(impl: str, state: tuple[Proc, list[Proc]], r: int) -> tuple[float, float]:
+        srv, cps = state
+        res = await srv.call(command, 300, r=r, m=m, **params)
         lasts = []
         for cp in cps:
             event = await cp.expect("round", 120)
             if event["r"] != r:
                 raise BenchError(f"{cp.name}: round {event['r']} reported during round {r}")
             lasts.append(event["last"])
-        totals.append(max(lasts) - res["t0"])
-        sends.append(res["t_sent"] - res["t0"])
-        await asyncio.sleep(0.2)
-    total = median(totals)
-    return {"total_ms": total * 1000, "send_ms": median(sends) * 1000,
-            "deliveries_per_s": deliveries / total, "worst_ms": max(totals) * 1000}
+        await asyncio.sleep(0.2)  # let the machine settle before the next implementation
+        return max(lasts) - res["t0"], res["t_sent"] - res["t0"]
+
+    def summarize(impl: str, samples: list[tuple[float, float]]) -> dict[str, float]:
+        counted = samples[1:] or samples
+        total = median(t for t, _ in counted)
+        return {"users": users, "N": conns, "M": m, "total_ms": total * 1000,
+                "send_ms": median(s for _, s in counted) * 1000,
+                "deliveries_per_s": conns * m / total,
+                "worst_ms": max(t for t, _ in counted) * 1000}
+
+    return await interleaved(scenario, impls, rounds + 1, setup=setup, step=step,
+                             summarize=summarize, variant=variant)
 
 
 async def broadcast(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
     """(3) Broadcast of M small messages to N connected clients."""
     rows: list[Row] = []
     for n in sizes.fanout_ns:
-
-        async def measure(impl: str, n: int = n) -> list[Row]:
-            async with server(impl, sizes) as srv, clients(
-                srv, impl, "fanout", n, procs=sizes.client_procs, m=sizes.fanout_m,
-            ) as cps:
-                await srv.call("wait_conns", 60, n=n)
-                metrics = await _fanout_rounds(srv, cps, sizes.fanout_rounds,
-                                               n * sizes.fanout_m, "broadcast", m=sizes.fanout_m)
-            return [Row("broadcast", impl, {"N": n, "M": sizes.fanout_m, **metrics},
-                        variant=f"N={n}")]
-
-        found = await per_impl("broadcast", impls, measure)
-        rows += [replace(r, variant=f"N={n}") for r in found]
+        rows += await _fanout("broadcast", sizes, impls, users=n, per_user=1, m=sizes.fanout_m,
+                              rounds=sizes.fanout_rounds, command="broadcast", variant=f"N={n}")
     return rows
 
 
 async def per_user(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
     """(4) Per-user fan-out: every user gets M messages on each of its connections."""
-    conns = sizes.users * sizes.per_user
-    user_ids = [f"user-{i}" for i in range(sizes.users)]
-
-    async def measure(impl: str) -> list[Row]:
-        async with server(impl, sizes) as srv, clients(
-            srv, impl, "fanout", sizes.users, procs=sizes.client_procs,
-            per_user=sizes.per_user, m=sizes.user_m,
-        ) as cps:
-            await srv.call("wait_conns", 60, n=conns)
-            metrics = await _fanout_rounds(srv, cps, sizes.user_rounds, conns * sizes.user_m,
-                                           "user_fanout", m=sizes.user_m, users=user_ids)
-        return [Row("per_user", impl, {"users": sizes.users, "conns": conns, "M": sizes.user_m,
-                                       **metrics})]
-
-    return await per_impl("per_user", impls, measure)
+    return await _fanout("per_user", sizes, impls, users=sizes.users, per_user=sizes.per_user,
+                         m=sizes.user_m, rounds=sizes.user_rounds, command="user_fanout",
+                         user_ids=[f"user-{i}" for i in range(sizes.users)])
 
 
 async def memory(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
@@ -324,8 +409,9 @@ async def slow_consumer(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
             per_client = rate / healthy
             if slow == 0:
                 reference[impl] = per_client
+            target = sizes.slow_rate * sizes.slow_seconds
             return [Row("slow_consumer", impl, {
-                "N": sizes.slow_n, "slow": slow, "sent": res["sent"],
+                "N": sizes.slow_n, "slow": slow, "sent_pct_of_rate": 100 * res["sent"] / target,
                 "healthy_deliveries_per_s": rate,
                 "per_client_msgs_per_s": per_client,
                 "delivered_pct": 100 * received / max(1, res["sent"] * healthy),
@@ -336,7 +422,8 @@ async def slow_consumer(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
                 "rss_max_MiB": max(samples) / MiB,
                 "rss_end_MiB": samples[-1] / MiB,
                 "conns_end": end["conns"],
-            }, variant=f"slow={slow}")]
+            }, variant=f"slow={slow}",
+                note="" if res["sent"] >= 0.95 * target else "server could not keep the rate")]
 
         found = await per_impl("slow_consumer", impls, measure)
         rows += [replace(r, variant=f"slow={slow}") for r in found]

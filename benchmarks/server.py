@@ -388,11 +388,12 @@ async def cmd_broadcast(impl: Impl, m: int, r: int) -> dict[str, Any]:
     return {"t0": t0, "t_sent": time.monotonic()}
 
 
-async def cmd_user_fanout(impl: Impl, m: int, r: int, users: list[str]) -> dict[str, Any]:
+async def cmd_user_fanout(impl: Impl, m: int, r: int, user_ids: list[str]) -> dict[str, Any]:
+    """``m`` messages to every user in turn; ``t0`` is taken just before the first one."""
     t0 = time.monotonic()
     for i in range(m):
         payload = {"bench": r, "n": i}
-        for user in users:
+        for user in user_ids:
             await impl.to_user(user, payload)
     return {"t0": t0, "t_sent": time.monotonic()}
 
@@ -414,6 +415,7 @@ async def cmd_stream(impl: Impl, rate: float, seconds: float, pad: int) -> dict[
             await asyncio.sleep(due - now)
         await impl.broadcast({"bench": 0, "n": sent, "t": time.monotonic(), "pad": filler})
         sent += 1
+        await asyncio.sleep(0)  # even when behind schedule, let the server read and flush
     return {"t0": t0, "t_sent": time.monotonic(), "sent": sent, "conns": impl.conn_count()}
 
 
