@@ -60,7 +60,9 @@ class Identity:
 
     def expired(self, now: float | None = None) -> bool:
         """Whether ``expires_at`` has passed."""
-        return self.expires_at is not None and (now or time.time()) >= self.expires_at
+        if self.expires_at is None:
+            return False
+        return (time.time() if now is None else now) >= self.expires_at
 
 
 Authenticator = Callable[[HandshakeRequest], "Identity | Awaitable[Identity]"]

@@ -28,8 +28,10 @@ from typing import Any
 
 from .auth import Identity, allow_anonymous, extract_token
 from .endpoint import Endpoint
+from .exceptions import BackplaneError
 from .handler import current_channel
 from .manager import WebsocketManager
+from .messages import build_frame
 from .transport import HandshakeRequest
 
 logger = logging.getLogger("dara_ws_core.demo")
@@ -70,9 +72,12 @@ def build_demo(manager: WebsocketManager | None = None) -> Endpoint:
 
 
 async def _clock(manager: WebsocketManager, interval: float) -> None:
+    # Each process ticks its own clients only: with a backplane, a broadcast would give every
+    # client one tick per process.
     while True:
         await asyncio.sleep(interval)
-        await manager.broadcast({"kind": "clock", "data": {"time": time.time()}}, custom=True)
+        frame = build_frame({"kind": "clock", "data": {"time": time.time()}}, custom=True)
+        await manager.deliver_local(manager.handlers.values(), frame)
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -90,7 +95,10 @@ async def serve(args: argparse.Namespace) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     if backplane is not None:
-        await backplane.start(manager)
+        try:
+            await backplane.start(manager)
+        except BackplaneError as exc:
+            raise SystemExit(f"dara-ws: cannot reach Redis at {args.redis_url}: {exc}") from None
     clock = loop.create_task(_clock(manager, args.clock)) if args.clock > 0 else None
     try:
         async with _serve(args.transport, endpoint, args.host, args.port) as port:
