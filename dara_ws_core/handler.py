@@ -240,7 +240,11 @@ class WebSocketHandler:
         Resolves pending responses and dispatches custom messages. Returns an awaitable when
         the caller must wait before reading the next frame (a sync handler's reply that did not
         fit the queue, a threaded handler), so that one connection's messages stay in order.
+        Frames still read after the handler was shut down are dropped: a handler task started
+        then would outlive its connection, with nothing left to cancel it.
         """
+        if self._closed is not None:
+            return None
         if isinstance(message, DaraClientMessage):
             self._resolve(message, size)
             return None

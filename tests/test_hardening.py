@@ -1,0 +1,467 @@
+"""Limits against abuse, graceful shutdown, and no internals on the wire (issue 5, parts 4-6).
+
+Each limit has a defined outcome when exceeded, on every transport: the inbound rate limit closes
+with 1008, the handler-task cap answers ``busy``, the pending-request cap raises
+``TooManyPendingRequests`` without sending anything, the size caps close with 1009 or fail the one
+chunked answer. Shutdown closes with 1001 after a grace period for in-flight replies and leaves no
+task and no warning behind. Whatever goes wrong inside the server, the client gets a code and a fixed
+message; the traceback goes to the log with the channel id and the kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import pytest
+
+from dara_ws_core import (
+    Chunked,
+    ChunkError,
+    CloseCode,
+    ConnectionClosed,
+    CustomHandlerRegistry,
+    RemoteError,
+    ServerConfig,
+    TooManyPendingRequests,
+    Transport,
+    WebsocketManager,
+)
+
+from .stacks import HandshakeRejected, Stack
+
+MakeStack = Callable[..., AbstractAsyncContextManager[Stack]]
+TIMEOUT = 5.0
+SECRET = "s3cr3t-internal-detail-/srv/app/db.py-password=hunter2"
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+def assert_manager_empty(stack: Stack) -> None:
+    assert stack.manager.handlers == {}
+    assert stack.manager.registry.counts() == (0, 0, 0)
+    assert stack.endpoint.connection_count == 0
+
+
+async def read_until_closed(transport: Transport) -> tuple[list[str], ConnectionClosed]:
+    """Every text frame the server still sends, and how the connection ended."""
+    frames: list[str] = []
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            try:
+                frame = await transport.receive()
+            except ConnectionClosed as exc:
+                return frames, exc
+            frames.append(frame if isinstance(frame, str) else frame.decode())
+
+
+async def send_json(transport: Transport, value: Any) -> None:
+    await transport.send(json.dumps(value).encode())
+
+
+async def receive_json(transport: Transport) -> dict[str, Any]:
+    frame = await asyncio.wait_for(transport.receive(), TIMEOUT)
+    value = json.loads(frame)
+    assert isinstance(value, dict)
+    return value
+
+
+async def open_raw(stack: Stack, token: str = "mallory:m1") -> Transport:
+    transport = await stack.connect(token)
+    assert (await receive_json(transport))["type"] == "init"
+    return transport
+
+
+# ----------------------------------------------------------------------------- rate limit
+
+
+async def test_rate_limit_closes_a_flooding_connection_with_1008(make_stack: MakeStack) -> None:
+    config = ServerConfig(rate_limit=20, rate_window=60.0)
+    async with make_stack(config=config) as stack:
+        neighbour = await stack.client("alice:s1")
+        flood = await open_raw(stack)
+        with contextlib.suppress(ConnectionClosed):  # frames after the close may be refused
+            for _ in range(40):
+                await send_json(flood, {"type": "ping", "message": None})
+        frames, closed = await read_until_closed(flood)
+        assert (closed.code, closed.reason) == (CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+        assert all(json.loads(f)["type"] == "pong" for f in frames)
+        assert len(frames) <= 20
+        await eventually(lambda: len(stack.manager.handlers) == 1)
+        assert stack.manager.get_user_channels("mallory") == set()
+        # The neighbour is unharmed.
+        await stack.manager.send_message(neighbour.channel or "", {"n": 1})
+        assert (await neighbour.receive(timeout=TIMEOUT)).message.model_dump() == {"n": 1}
+
+
+async def test_rate_limit_lets_traffic_under_the_limit_through(make_stack: MakeStack) -> None:
+    config = ServerConfig(rate_limit=10, rate_window=0.3)
+    async with make_stack(config=config) as stack:
+        transport = await open_raw(stack)
+        for _ in range(3):  # three windows of exactly the limit
+            for _ in range(10):
+                await send_json(transport, {"type": "ping"})
+            for _ in range(10):
+                assert (await receive_json(transport))["type"] == "pong"
+            await asyncio.sleep(0.35)
+        assert len(stack.manager.handlers) == 1
+        await transport.close()
+
+
+# ----------------------------------------------------------------------------- handler tasks
+
+
+async def test_handler_task_cap_answers_busy_and_keeps_the_connection(
+    make_stack: MakeStack,
+) -> None:
+    release = asyncio.Event()
+
+    async def wait(channel: str, data: Any) -> Any:
+        await release.wait()
+        return data
+
+    async with make_stack(config=ServerConfig(max_handler_tasks=2)) as stack:
+        stack.manager.add_ws_handler("wait", wait)
+        client = await stack.client("alice:s1")
+        running = [asyncio.create_task(client.request("wait", i)) for i in range(2)]
+        handler = stack.manager.handlers[client.channel or ""]
+        await eventually(lambda: handler.task_count == 2)
+        with pytest.raises(RemoteError) as info:
+            await client.request("wait", 99, timeout=TIMEOUT)
+        assert info.value.code == "busy"
+        # A fire-and-forget message over the cap gets the error too, without __response_for.
+        await client.send_custom("wait", 100)
+        pushed = await client.receive(timeout=TIMEOUT)
+        assert pushed.message.model_dump(by_alias=True)["__error"]["code"] == "busy"
+        release.set()
+        assert await asyncio.gather(*running) == [0, 1]
+        await eventually(lambda: handler.task_count == 0)
+        assert await client.request("wait", 3, timeout=TIMEOUT) == 3
+
+
+# ----------------------------------------------------------------------------- pending requests
+
+
+async def test_pending_request_cap_raises_without_sending(make_stack: MakeStack) -> None:
+    release = asyncio.Event()
+    seen: list[str] = []
+
+    async def answer(request: Any) -> Any:
+        seen.append(request.rchan)
+        await release.wait()
+        return request.payload["n"]
+
+    async with make_stack(config=ServerConfig(max_pending_requests=2)) as stack:
+        client = await stack.client("alice:s1")
+        client.on_request(answer)
+        channel = client.channel or ""
+        waiting = [
+            asyncio.create_task(stack.manager.send_and_wait(channel, {"n": i}, timeout=TIMEOUT))
+            for i in range(2)
+        ]
+        await eventually(lambda: len(seen) == 2)
+        with pytest.raises(TooManyPendingRequests):
+            await stack.manager.send_and_wait(channel, {"n": 2}, timeout=TIMEOUT)
+        handler = stack.manager.handlers[channel]
+        assert handler.pending_count == 2
+        release.set()
+        assert await asyncio.gather(*waiting) == [0, 1]
+        assert handler.pending_count == 0
+        assert len(seen) == 2  # the refused request never reached the client
+        assert await stack.manager.send_and_wait(channel, {"n": 5}, timeout=TIMEOUT) == 5
+
+
+async def test_chunk_caps_fail_only_that_answer(make_stack: MakeStack) -> None:
+    config = ServerConfig(max_chunks=4, max_chunked_bytes=4096)
+    async with make_stack(config=config) as stack:
+        client = await stack.client("alice:s1")
+        answers: list[Any] = [Chunked(list(range(5))), Chunked(["x" * 1500] * 3), Chunked([1, 2])]
+        client.on_request(lambda request: answers.pop(0))
+        channel = client.channel or ""
+        for _ in range(2):
+            with pytest.raises(ChunkError):
+                await stack.manager.send_and_wait(channel, {}, timeout=TIMEOUT)
+        assert await stack.manager.send_and_wait(channel, {}, timeout=TIMEOUT) == [1, 2]
+        assert stack.manager.handlers[channel].pending_count == 0
+
+
+async def test_oversized_frame_closes_with_1009(make_stack: MakeStack) -> None:
+    async with make_stack(config=ServerConfig(max_message_size=1024)) as stack:
+        neighbour = await stack.client("alice:s1")
+        big = await open_raw(stack)
+        fits = json.dumps({"type": "ping", "message": "x" * 900}).encode()
+        assert len(fits) <= 1024
+        await big.send(fits)
+        assert (await receive_json(big))["type"] == "pong"
+        with contextlib.suppress(ConnectionClosed):
+            await send_json(big, {"type": "ping", "message": "x" * 2000})
+        _, closed = await read_until_closed(big)
+        assert closed.code == CloseCode.MESSAGE_TOO_BIG
+        await eventually(lambda: len(stack.manager.handlers) == 1)
+        assert neighbour.connected
+
+
+async def test_frames_read_after_a_server_close_start_no_handler_task(
+    make_stack: MakeStack,
+) -> None:
+    started: list[Any] = []
+
+    async def slow(channel: str, data: Any) -> Any:
+        started.append(data)
+        await asyncio.sleep(3600)
+
+    async with make_stack() as stack:
+        stack.manager.add_ws_handler("slow", slow)
+        transport = await stack.connect("mallory:m1")
+        channel = (await receive_json(transport))["message"]["channel"]
+        for i in range(5):
+            await send_json(transport, {"type": "custom",
+                                        "message": {"kind": "slow", "data": i, "__rchan": str(i)}})
+        # Closed by the server while those frames are still unread: the receive loop reads them
+        # after the channel is gone, and must not start handler tasks nothing would cancel.
+        stack.manager.close_channel(channel, CloseCode.NORMAL, "bye")
+        await read_until_closed(transport)
+        await eventually(lambda: not stack.manager.handlers and not stack.endpoint.connection_count)
+        await asyncio.sleep(0.05)
+        running = [t for t in asyncio.all_tasks()
+                   if t.get_coro().__qualname__.startswith("WebSocketHandler.")]  # type: ignore[union-attr]
+        assert running == [], f"{len(running)} handler tasks outlived their connection"
+
+
+# ----------------------------------------------------------------------------- shutdown
+
+
+async def test_shutdown_closes_with_1001_fails_pending_requests_and_leaves_nothing(
+    make_stack: MakeStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    baseline = asyncio.all_tasks()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        async with make_stack() as stack:
+            serving = asyncio.all_tasks()  # the transport's own server tasks, if it has any
+            clients = [await stack.client(f"user{i}:s{i}") for i in range(4)]
+            pending = [
+                asyncio.create_task(
+                    stack.manager.send_and_wait(c.channel or "", {"q": 1}, timeout=30)
+                )
+                for c in clients
+            ]
+            await eventually(lambda: all(h.pending_count for h in stack.manager.handlers.values()))
+            await stack.endpoint.shutdown(grace=1.0)
+            for client in clients:
+                closed = await client.wait_closed(timeout=TIMEOUT)
+                assert closed is not None
+                assert (closed.code, closed.reason) == (CloseCode.GOING_AWAY,
+                                                        "server shutting down")
+            for request in pending:
+                with pytest.raises(ConnectionClosed) as info:
+                    await request
+                assert info.value.code == CloseCode.GOING_AWAY
+            assert_manager_empty(stack)
+            assert asyncio.all_tasks() - serving == set()
+            # New handshakes are refused while the server stops.
+            with pytest.raises(HandshakeRejected) as rejected:
+                await stack.connect("late:s9")
+            assert rejected.value.status == 403
+            assert_manager_empty(stack)
+        await asyncio.sleep(0)
+        assert asyncio.all_tasks() - baseline == set()
+        gc.collect()
+    assert [str(w.message) for w in caught] == []
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+
+
+async def test_shutdown_lets_in_flight_replies_finish_within_the_grace_period(
+    make_stack: MakeStack,
+) -> None:
+    async def slow(channel: str, data: Any) -> Any:
+        await asyncio.sleep(0.2)
+        return {"slow": data}
+
+    def blocking(channel: str, data: Any) -> Any:
+        time.sleep(0.2)
+        return {"blocking": data}
+
+    async def stuck(channel: str, data: Any) -> Any:
+        await asyncio.sleep(3600)
+
+    handlers = CustomHandlerRegistry()
+    handlers.register("slow", slow)
+    handlers.register("blocking", blocking, in_thread=True)
+    handlers.register("stuck", stuck)
+    manager = WebsocketManager(ServerConfig(), custom_handlers=handlers)
+    async with make_stack(manager=manager) as stack:
+        a, b, c = [await stack.client(f"u{i}:s{i}") for i in range(3)]
+        replies = [
+            asyncio.create_task(a.request("slow", 1, timeout=TIMEOUT)),
+            asyncio.create_task(b.request("blocking", 2, timeout=TIMEOUT)),
+            asyncio.create_task(c.request("stuck", 3, timeout=TIMEOUT)),
+        ]
+        await eventually(lambda: sum(h.task_count for h in manager.handlers.values()) == 3)
+        started = time.perf_counter()
+        await stack.endpoint.shutdown(grace=1.0)
+        elapsed = time.perf_counter() - started
+        assert 0.9 <= elapsed < 3.0  # the stuck handler used up the grace period, no more
+        assert await replies[0] == {"slow": 1}
+        assert await replies[1] == {"blocking": 2}
+        with pytest.raises(ConnectionClosed) as info:
+            await replies[2]
+        assert info.value.code == CloseCode.GOING_AWAY
+        assert_manager_empty(stack)
+
+
+async def test_shutdown_without_handler_work_is_immediate(make_stack: MakeStack) -> None:
+    async with make_stack() as stack:
+        client = await stack.client("alice:s1")
+        started = time.perf_counter()
+        await stack.endpoint.shutdown(grace=10.0)
+        assert time.perf_counter() - started < 2.0
+        closed = await client.wait_closed(timeout=TIMEOUT)
+        assert closed is not None and closed.code == CloseCode.GOING_AWAY
+        await stack.endpoint.shutdown()  # idempotent
+
+
+# ----------------------------------------------------------------------------- no leaks
+
+
+def _leaks(frames: list[str]) -> list[str]:
+    markers = (SECRET, "Traceback", "RuntimeError", "ValueError", "KeyError", 'File "')
+    return [f for f in frames if any(m in f for m in markers)]
+
+
+async def test_handler_failures_reach_the_client_as_codes_and_the_log_as_tracebacks(
+    make_stack: MakeStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Unencodable:
+        def __repr__(self) -> str:
+            return SECRET
+
+    def sync_boom(channel: str, data: Any) -> Any:
+        raise RuntimeError(SECRET)
+
+    async def async_boom(channel: str, data: Any) -> Any:
+        raise ValueError(SECRET)
+
+    def thread_boom(channel: str, data: Any) -> Any:
+        raise KeyError(SECRET)
+
+    def unencodable(channel: str, data: Any) -> Any:
+        return {"value": Unencodable()}
+
+    async def too_slow(channel: str, data: Any) -> Any:
+        await asyncio.sleep(3600)
+
+    caplog.set_level(logging.INFO, logger="dara_ws_core")
+    async with make_stack(config=ServerConfig(handler_timeout=0.2)) as stack:
+        stack.manager.add_ws_handler("sync_boom", sync_boom)
+        stack.manager.add_ws_handler("async_boom", async_boom)
+        stack.manager.add_ws_handler("thread_boom", thread_boom, in_thread=True)
+        stack.manager.add_ws_handler("unencodable", unencodable)
+        stack.manager.add_ws_handler("too_slow", too_slow)
+        transport = await stack.connect("alice:s1")
+        init = await receive_json(transport)
+        channel = init["message"]["channel"]
+        expected = {
+            "sync_boom": ("handler_error", "the handler failed"),
+            "async_boom": ("handler_error", "the handler failed"),
+            "thread_boom": ("handler_error", "the handler failed"),
+            "unencodable": ("handler_error", "the handler's result could not be encoded"),
+            "too_slow": ("timeout", "the handler timed out"),
+            "no_such_kind": ("unknown_kind", "no handler for kind 'no_such_kind'"),
+        }
+        frames: list[str] = []
+        for kind, error in expected.items():
+            await send_json(transport, {"type": "custom",
+                                        "message": {"kind": kind, "data": SECRET, "__rchan": kind}})
+            frame = await asyncio.wait_for(transport.receive(), TIMEOUT)
+            assert isinstance(frame, str)
+            frames.append(frame)
+            reply = json.loads(frame)["message"]
+            assert reply["__response_for"] == kind
+            assert reply["data"] is None
+            assert (reply["__error"]["code"], reply["__error"]["message"]) == error
+        assert _leaks(frames) == []
+        # The log carries what the wire does not, with the channel and the kind.
+        for kind in ("sync_boom", "async_boom", "thread_boom", "unencodable"):
+            records = [r for r in caplog.records if getattr(r, "kind", None) == kind]
+            assert records, kind
+            record = records[0]
+            assert record.levelno == logging.ERROR
+            assert getattr(record, "channel", None) == channel
+            assert record.exc_info is not None
+        assert SECRET in caplog.text
+        timeouts = [r for r in caplog.records if getattr(r, "kind", None) == "too_slow"]
+        assert timeouts and getattr(timeouts[0], "channel", None) == channel
+        await transport.close()
+
+
+async def test_an_internal_error_closes_with_1011_and_a_fixed_reason(
+    make_stack: MakeStack, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_get(self: CustomHandlerRegistry, kind: str) -> Any:
+        raise RuntimeError(SECRET)
+
+    async with make_stack() as stack:
+        neighbour = await stack.client("alice:s1")
+        victim = await open_raw(stack)
+        monkeypatch.setattr(CustomHandlerRegistry, "get", broken_get)
+        await send_json(victim, {"type": "custom", "message": {"kind": "any", "data": 1}})
+        frames, closed = await read_until_closed(victim)
+        assert (closed.code, closed.reason) == (CloseCode.INTERNAL_ERROR, "internal error")
+        assert _leaks(frames) == []
+        failed = [r for r in caplog.records if r.getMessage() == "connection failed"]
+        assert failed and failed[0].exc_info is not None and getattr(failed[0], "channel", None)
+        assert SECRET in caplog.text
+        monkeypatch.undo()
+        await eventually(lambda: len(stack.manager.handlers) == 1)
+        await stack.manager.send_message(neighbour.channel or "", {"n": 1})
+        assert (await neighbour.receive(timeout=TIMEOUT)).message.model_dump() == {"n": 1}
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (f"not json {SECRET}", CloseCode.INVALID_PAYLOAD),
+        (json.dumps([SECRET]), CloseCode.INVALID_PAYLOAD),
+        (json.dumps(SECRET), CloseCode.INVALID_PAYLOAD),
+    ],
+)
+async def test_bad_frames_are_closed_without_echoing_the_input(
+    make_stack: MakeStack, caplog: pytest.LogCaptureFixture, frame: str, code: int
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="dara_ws_core")
+    async with make_stack() as stack:
+        transport = await open_raw(stack)
+        await transport.send(frame.encode())
+        frames, closed = await read_until_closed(transport)
+        assert closed.code == code
+        assert SECRET not in closed.reason and _leaks(frames) == []
+        assert SECRET not in caplog.text  # peer input is never logged verbatim either
+
+
+async def test_invalid_fields_are_dropped_without_echoing_the_input(
+    make_stack: MakeStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="dara_ws_core")
+    async with make_stack() as stack:
+        transport = await open_raw(stack)
+        await send_json(transport, {"type": "custom", "message": {"kind": 5, "data": SECRET}})
+        await send_json(transport, {"type": SECRET})
+        await send_json(transport, {"type": "ping"})
+        assert (await receive_json(transport))["type"] == "pong"  # still open, nothing else sent
+        assert "dropped client frame" in caplog.text
+        assert SECRET not in caplog.text
+        await transport.close()
