@@ -19,7 +19,6 @@ from typing import Any
 
 from .exceptions import ChunkError
 
-
 _MISSING: Any = object()
 
 

@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Iterable
 
 from .exceptions import CloseCode, ConnectionClosed
+from .messages import utf8_size_exceeds
 from .transport import HandshakeRequest
 
 
@@ -85,7 +86,11 @@ class MemoryTransport:
                 self._waiter = None
         frame = self._frames.popleft()
         self._wake(self._space)
-        if self.max_size is not None and len(frame) > self.max_size:
+        if self.max_size is not None and (
+            len(frame) > self.max_size
+            if isinstance(frame, bytes)
+            else utf8_size_exceeds(frame, self.max_size)
+        ):
             await self.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
             raise self._closed_error()
         return frame

@@ -44,6 +44,7 @@ __all__ = [
     "decode_client_frame",
     "decode_server_frame",
     "encode",
+    "utf8_size_exceeds",
 ]
 
 from typing import Annotated, Any, ClassVar, Literal
@@ -312,18 +313,31 @@ def build_frame(
     return _to_json({"type": "custom" if custom else "message", "message": payload})
 
 
+def utf8_size_exceeds(text: str, limit: int) -> bool:
+    """Whether ``text`` is over ``limit`` bytes in UTF-8, as transport libraries count.
+
+    A character is 1 to 4 bytes, so the text is encoded only when its length cannot decide.
+    """
+    length = len(text)
+    if length > limit:
+        return True
+    if length * 4 <= limit:
+        return False
+    return len(text.encode("utf-8", "surrogatepass")) > limit
+
+
 def decode_client_frame(frame: str | bytes, max_size: int | None = None) -> ClientMessage:
     """Decode one client frame to its model (protocol.md sections 2 and 6).
 
     ``bytes`` means a *binary* frame: ``InvalidFrame`` with close code 1003. Raises
-    ``FrameTooLarge`` (1009) above ``max_size`` characters, ``InvalidFrame`` (1007) for text that
+    ``FrameTooLarge`` (1009) above ``max_size`` bytes of UTF-8, ``InvalidFrame`` (1007) for text that
     is not JSON or not a JSON object, and ``InvalidMessage`` (the frame is dropped, the connection
     stays open) for an object of unknown ``type`` or with invalid fields.
     """
     if isinstance(frame, bytes | bytearray | memoryview):
         raise InvalidFrame("binary frames are not supported", CloseCode.UNSUPPORTED_DATA)
-    if max_size is not None and len(frame) > max_size:
-        raise FrameTooLarge(f"frame of {len(frame)} characters exceeds {max_size}")
+    if max_size is not None and utf8_size_exceeds(frame, max_size):
+        raise FrameTooLarge(f"frame exceeds {max_size} bytes")
     try:
         return _CLIENT_ADAPTER.validate_json(frame)
     except ValidationError as exc:

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 from collections.abc import AsyncIterator, Callable
+
 import pytest
 from hypothesis import HealthCheck, settings
 

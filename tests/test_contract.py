@@ -421,6 +421,15 @@ async def test_oversized_frame_closes_with_1009(make_stack: Any) -> None:
         assert await wait_closed(ws) == 1009
 
 
+async def test_the_size_limit_counts_utf8_bytes_not_characters(make_stack: Any) -> None:
+    async with make_stack(config=ServerConfig(max_message_size=1024)) as stack:
+        ws = await stack.connect()
+        await recv_json(ws)
+        text = "\u00e9" * 600  # 600 characters, 1200 bytes: over the limit on every transport
+        await ws.send(json.dumps({"type": "ping", "message": text}, ensure_ascii=False).encode())
+        assert await wait_closed(ws) == 1009
+
+
 async def test_large_single_frame_answer_within_the_limit_is_accepted(stack: Stack) -> None:
     client = await stack.client()
     big = "x" * (3 * 1024 * 1024)  # the stock client sends multi-MiB answers in one frame

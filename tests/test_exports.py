@@ -23,7 +23,7 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "client": frozenset({"Connector"}),
     "correlation": frozenset({"Completed", "Failed", "Ignored", "Outcome", "Partial"}),
     "custom": frozenset({"CustomHandler", "HandlerSpec"}),
-    "messages": frozenset({"PONG_FRAME", "InitPayload", "TypedPayload"}),
+    "messages": frozenset({"PONG_FRAME", "InitPayload", "TypedPayload", "utf8_size_exceeds"}),
     "queue": frozenset({"OutboundQueue"}),
     "transport": frozenset({"SupportsSendNowait", "parse_cookies"}),
 }
