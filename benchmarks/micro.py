@@ -2,7 +2,7 @@
 
 Each operation has a ``raw`` version (what a hand-written server does with the standard library)
 and an ``ours`` version calling dara_ws_core's pure layer. Operations are timed in this process,
-``iters`` calls per repeat, median of 5 repeats.
+up to ``iters`` calls (about 0.2 s) per repeat, median of 5 repeats.
 """
 
 from __future__ import annotations
@@ -81,9 +81,14 @@ def ours_ops() -> dict[str, Op]:
             f"reassemble {CHUNKS} chunks": reassemble}
 
 
-def _time(op: Op, iters: int) -> float:
-    """Median nanoseconds per call over 5 repeats of ``iters`` calls."""
-    op()
+def _time(op: Op, iters: int, budget_s: float = 0.2) -> float:
+    """Median nanoseconds per call over 5 repeats of up to ``iters`` calls (fewer for slow
+    operations: a repeat lasts about ``budget_s``)."""
+    t = time.perf_counter_ns()
+    for _ in range(10):
+        op()
+    estimate = max(1.0, (time.perf_counter_ns() - t) / 10)
+    iters = max(10, min(iters, int(budget_s * 1e9 / estimate)))
     per_call = []
     for _ in range(5):
         t = time.perf_counter_ns()

@@ -32,6 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = Path(tempfile.gettempdir()) / "dara-ws-bench-logs"
 
 
+#: CPUs each kind of child is pinned to (module -> "0,1"); empty: not pinned. Set by run.py.
+PIN: dict[str, str] = {}
+
+
 class BenchError(Exception):
     """A benchmark process failed, timed out or answered something unexpected."""
 
@@ -77,6 +81,9 @@ def run_child(amain: Callable[[Any], Awaitable[None]], args: Any) -> None:
         await amain(args)
 
     raise_fd_limit()
+    cpus = os.environ.get("BENCH_CPUS")
+    if cpus:
+        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
     try:
         asyncio.run(guarded())
     except Exception as exc:
@@ -106,6 +113,8 @@ class Proc:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         log = LOG_DIR / f"{name}-{os.getpid()}.log"
         env = dict(os.environ)
+        if PIN.get(module) is not None:
+            env["BENCH_CPUS"] = PIN[module]
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(ROOT), str(ROOT / "transports"), env.get("PYTHONPATH", "")) if p
         )

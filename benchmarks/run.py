@@ -20,7 +20,7 @@ from dataclasses import asdict, replace
 from importlib import metadata
 from pathlib import Path
 
-from .procs import ROOT, raise_fd_limit
+from .procs import PIN, ROOT, raise_fd_limit
 from .scenarios import PRESETS, SCENARIOS, Sizes
 from .stats import Row, format_table
 
@@ -117,13 +117,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--client-procs", type=int, help="client load processes for fan-out")
     parser.add_argument("--ours-config", default="{}",
                         help="JSON ServerConfig keyword arguments for ours")
+    parser.add_argument("--slow-seconds", type=float, help="slow-consumer soak length (s)")
+    parser.add_argument("--slow-rate", type=float, help="slow-consumer broadcasts per second")
+    parser.add_argument("--slow-pad", type=int, help="slow-consumer payload padding (bytes)")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin servers to CPU 0 and clients to the other CPUs")
     parser.add_argument("--json", metavar="PATH", help="also write every row as JSON")
     args = parser.parse_args(argv)
 
     sizes = PRESETS["tiny" if args.tiny else "quick" if args.quick else "full"]
     sizes = replace(sizes, ours_config=json.loads(args.ours_config))
-    if args.client_procs:
-        sizes = replace(sizes, client_procs=args.client_procs)
+    for name in ("client_procs", "slow_seconds", "slow_rate", "slow_pad"):
+        if getattr(args, name):
+            sizes = replace(sizes, **{name: getattr(args, name)})
     names = [n for item in args.only for n in item.split(",") if n] or list(SCENARIOS)
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
@@ -131,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     impl_filter = set(args.impls.split(",")) if args.impls else None
 
     raise_fd_limit()
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin and len(cpus) >= 2:
+        PIN.update({"benchmarks.server": str(cpus[0]),
+                    "benchmarks.client": ",".join(map(str, cpus[1:]))})
     preset = "tiny" if args.tiny else "quick" if args.quick else "full"
     print(f"## dara-ws-core benchmarks ({preset})\n\n{machine()}"
           f"- command: python -m benchmarks.run {' '.join(argv if argv is not None else sys.argv[1:])}\n",

@@ -66,10 +66,12 @@ class Sizes:
     slow_n: int = 1000
     slow_k: int = 10
     slow_seconds: float = 30.0
-    slow_rate: float = 20.0
-    slow_pad: int = 512
+    slow_rate: float = 5.0
+    #: Big enough that 30 s of frames (~9.6 MiB) outgrow the 2-4 MiB the loopback kernel buffers
+    #: for a client that does not read, so the server's own buffering shows in its RSS.
+    slow_pad: int = 65536
     slow_drain_s: float = 1.0
-    client_procs: int = 2
+    client_procs: int = 1
     micro_iters: int = 20_000
     #: Extra ``ServerConfig`` keyword arguments for ours (``--ours-config``).
     ours_config: dict[str, Any] = field(default_factory=dict)
@@ -80,7 +82,7 @@ QUICK = replace(FULL, rt_iters=1000, rt_warmup=100, fanout_rounds=3, user_rounds
                 capacity_n=5000, slow_seconds=10.0, micro_iters=5000, settle_s=1.0)
 TINY = replace(FULL, rt_warmup=10, rt_iters=50, rt_blocks=2, fanout_ns=(6,), fanout_m=5, fanout_rounds=2,
                users=3, per_user=2, user_m=3, user_rounds=1, idle_warm=4, idle_n=10,
-               capacity_n=20, settle_s=0.2, slow_n=6, slow_k=2, slow_seconds=1.0,
+               capacity_n=20, settle_s=0.2, client_procs=2, slow_n=6, slow_k=2, slow_seconds=1.0,
                slow_rate=20.0, slow_pad=64, slow_drain_s=0.3, micro_iters=200)
 PRESETS = {"full": FULL, "quick": QUICK, "tiny": TINY}
 
@@ -224,48 +226,41 @@ async def interleaved(
 # ------------------------------------------------------------------------------ scenarios
 
 
-def _latency_summary(impl: str, blocks: list[dict[str, Any]]) -> dict[str, float]:
-    return latency_metrics([v for b in blocks for v in b["samples"]],
-                           sum(b["total_s"] for b in blocks))
+async def _round_trips(scenario: str, sizes: Sizes, impls: Sequence[str], *, server_side: bool,
+                       ) -> list[Row]:
+    """Sequential round trips on one connection, timed by the side that starts them: the server
+    (``ask``: send_and_wait, the client answers) or the client (``run``: custom requests)."""
+    mode, command = ("answer", "ask") if server_side else ("request", "run")
 
+    async def setup(impl: str, stack: contextlib.AsyncExitStack) -> Proc:
+        srv = await stack.enter_async_context(server(impl, sizes))
+        (cli,) = await stack.enter_async_context(clients(srv, impl, mode, 1, procs=1))
+        await srv.call("wait_conns", 30, n=1)
+        return srv if server_side else cli
 
-def _warmup(sizes: Sizes, k: int) -> int:
-    """The full warm-up before the first block; a short one before each later block, since the
-    other implementations ran in between."""
-    return sizes.rt_warmup if k == 0 else max(1, sizes.rt_warmup // 10)
+    async def step(impl: str, timer: Proc, k: int) -> dict[str, Any]:
+        # The full warm-up before the first block; a short one before each later block, since
+        # the other implementations ran in between.
+        warmup = sizes.rt_warmup if k == 0 else max(1, sizes.rt_warmup // 10)
+        return await timer.call(command, 120, warmup=warmup,
+                                iters=sizes.rt_iters // sizes.rt_blocks)
+
+    def summarize(impl: str, blocks: list[dict[str, Any]]) -> dict[str, float]:
+        return latency_metrics([v for b in blocks for v in b["samples"]],
+                               sum(b["total_s"] for b in blocks))
+
+    return await interleaved(scenario, impls, sizes.rt_blocks, setup=setup, step=step,
+                             summarize=summarize)
 
 
 async def server_request(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
     """(1) Server -> client request answered by the client (send_and_wait), sequential."""
-
-    async def setup(impl: str, stack: contextlib.AsyncExitStack) -> Proc:
-        srv = await stack.enter_async_context(server(impl, sizes))
-        await stack.enter_async_context(clients(srv, impl, "answer", 1, procs=1))
-        await srv.call("wait_conns", 30, n=1)
-        return srv
-
-    async def step(impl: str, srv: Proc, k: int) -> dict[str, Any]:
-        return await srv.call("ask", 120, warmup=_warmup(sizes, k),
-                              iters=sizes.rt_iters // sizes.rt_blocks)
-
-    return await interleaved("server_request", impls, sizes.rt_blocks, setup=setup, step=step,
-                             summarize=_latency_summary)
+    return await _round_trips("server_request", sizes, impls, server_side=True)
 
 
 async def client_request(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
     """(2) Client -> server custom request with reply, sequential."""
-
-    async def setup(impl: str, stack: contextlib.AsyncExitStack) -> Proc:
-        srv = await stack.enter_async_context(server(impl, sizes))
-        (cli,) = await stack.enter_async_context(clients(srv, impl, "request", 1, procs=1))
-        return cli
-
-    async def step(impl: str, cli: Proc, k: int) -> dict[str, Any]:
-        return await cli.call("run", 120, warmup=_warmup(sizes, k),
-                              iters=sizes.rt_iters // sizes.rt_blocks)
-
-    return await interleaved("client_request", impls, sizes.rt_blocks, setup=setup, step=step,
-                             summarize=_latency_summary)
+    return await _round_trips("client_request", sizes, impls, server_side=False)
 
 
 async def _fanout(
@@ -421,6 +416,7 @@ async def slow_consumer(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
                 "rss_start_MiB": samples[0] / MiB,
                 "rss_max_MiB": max(samples) / MiB,
                 "rss_end_MiB": samples[-1] / MiB,
+                "rss_growth_MiB": (samples[-1] - samples[0]) / MiB,
                 "conns_end": end["conns"],
             }, variant=f"slow={slow}",
                 note="" if res["sent"] >= 0.95 * target else "server could not keep the rate")]
