@@ -1,8 +1,8 @@
 """(6) Micro-benchmarks of the pure core: frame encoding, decoding and chunk reassembly.
 
 Each operation has a ``raw`` version (what a hand-written server does with the standard library)
-and an ``ours`` version calling dara_ws_core's pure layer. Operations are timed in this process,
-up to ``iters`` calls (about 0.2 s) per repeat, median of 5 repeats.
+and an ``ours`` version calling dara_ws_core's pure layer. Operations are timed in this process, up to
+``iters`` calls (about 0.1 s) per repeat, median of 7 repeats alternating between implementations.
 """
 
 from __future__ import annotations
@@ -81,42 +81,52 @@ def ours_ops() -> dict[str, Op]:
             f"reassemble {CHUNKS} chunks": reassemble}
 
 
-def _time(op: Op, iters: int, budget_s: float = 0.2) -> float:
-    """Median nanoseconds per call over 5 repeats of up to ``iters`` calls (fewer for slow
-    operations: a repeat lasts about ``budget_s``)."""
+def _calibrate(op: Op, iters: int, budget_s: float) -> int:
+    """Calls per repeat: ``iters``, or fewer for a slow operation (a repeat lasts ~``budget_s``)."""
     t = time.perf_counter_ns()
     for _ in range(10):
         op()
     estimate = max(1.0, (time.perf_counter_ns() - t) / 10)
-    iters = max(10, min(iters, int(budget_s * 1e9 / estimate)))
-    per_call = []
-    for _ in range(5):
-        t = time.perf_counter_ns()
-        for _ in range(iters):
-            op()
-        per_call.append((time.perf_counter_ns() - t) / iters)
-    return statistics.median(per_call)
+    return max(10, min(iters, int(budget_s * 1e9 / estimate)))
 
 
-def run(iters: int, impls: Sequence[str]) -> list[Row]:
-    rows: list[Row] = []
+def _repeat(op: Op, calls: int) -> float:
+    t = time.perf_counter_ns()
+    for _ in range(calls):
+        op()
+    return (time.perf_counter_ns() - t) / calls
+
+
+def run(iters: int, impls: Sequence[str], repeats: int = 7, budget_s: float = 0.1) -> list[Row]:
+    """Time every operation of every implementation: ``repeats`` repeats, alternating between
+    the implementations (so a burst of background load hits them alike), median ns per call."""
     suites: dict[str, dict[str, Op] | str] = {}
     for impl in impls:
         try:
             suites[impl] = raw_ops() if impl == "raw" else ours_ops()
         except (ImportError, AttributeError) as exc:
             suites[impl] = f"unavailable: {exc}"
+    rows: list[Row] = []
     for name in raw_ops():
-        for impl in impls:
-            suite = suites[impl]
+        notes: dict[str, str] = {}
+        ops: dict[str, tuple[Op, int]] = {}
+        for impl, suite in suites.items():
             if isinstance(suite, str):
-                rows.append(Row("codec", impl, note=suite, variant=name))
+                notes[impl] = suite
                 continue
             try:
-                ns = _time(suite[name], iters)
+                ops[impl] = (suite[name], _calibrate(suite[name], iters, budget_s))
             except Exception as exc:  # a changed core API shows as a note, not a crash
-                rows.append(Row("codec", impl, note=f"failed: {exc!r}", variant=name))
-                continue
-            rows.append(Row("codec", impl, {"ns_per_op": ns, "ops_per_s": 1e9 / ns},
-                            variant=name))
+                notes[impl] = f"failed: {exc!r}"
+        per_call: dict[str, list[float]] = {impl: [] for impl in ops}
+        for _ in range(repeats):
+            for impl, (op, calls) in ops.items():
+                per_call[impl].append(_repeat(op, calls))
+        for impl in impls:
+            if impl in notes:
+                rows.append(Row("codec", impl, note=notes[impl], variant=name))
+            else:
+                ns = statistics.median(per_call[impl])
+                rows.append(Row("codec", impl, {"ns_per_op": ns, "ops_per_s": 1e9 / ns},
+                                variant=name))
     return rows
