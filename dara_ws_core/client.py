@@ -16,7 +16,7 @@ or :class:`~dara_ws_core.memory.MemoryServer.connect`)::
 
 from __future__ import annotations
 
-__all__ = ["Chunked", "Connector", "DaraClient", "Request"]
+__all__ = ["Chunked", "Connector", "DaraClient", "PushedMessage", "Request"]
 
 import asyncio
 import contextlib
@@ -82,6 +82,9 @@ class Request:
 
 Responder = Callable[[Request], Any]
 
+#: What :meth:`DaraClient.receive` returns: pushes (``init`` and ``pong`` are handled inside).
+PushedMessage = DaraServerMessage | CustomServerMessage
+
 
 class DaraClient:
     """One logical client; with ``reconnect=True`` it survives connection loss (new channel each
@@ -109,7 +112,7 @@ class DaraClient:
         self._channel: str | None = None
         self._transport: Transport | None = None
         self._responder: Responder | None = None
-        self._inbox: deque[ServerMessage] = deque(maxlen=max_queue)
+        self._inbox: deque[PushedMessage] = deque(maxlen=max_queue)
         self._inbox_waiter: asyncio.Future[None] | None = None
         self._pending: dict[str, asyncio.Future[Any]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -259,7 +262,7 @@ class DaraClient:
         except Exception:
             logger.exception("responder failed for request %s", request.rchan)
 
-    async def receive(self, timeout: float | None = None) -> ServerMessage:
+    async def receive(self, timeout: float | None = None) -> PushedMessage:
         """The next pushed message (not pongs, replies, or requests a responder answers).
 
         Raises ``TimeoutError`` after ``timeout`` and ``ConnectionClosed`` once the client is
@@ -276,7 +279,7 @@ class DaraClient:
                     self._inbox_waiter = None
         return self._inbox.popleft()
 
-    def received_nowait(self) -> list[ServerMessage]:
+    def received_nowait(self) -> list[PushedMessage]:
         """Take every message already in the inbox."""
         items = list(self._inbox)
         self._inbox.clear()

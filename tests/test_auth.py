@@ -36,6 +36,7 @@ from dara_ws_core import (
     check_origin,
     token_authenticator,
 )
+from dara_ws_core.auth import run_authenticator
 from dara_ws_core.jwt import jwt_authenticator
 
 from .stacks import HandshakeRejected, Stack, verify_token
@@ -146,8 +147,8 @@ def test_jwt_authenticator_refuses_unsafe_configuration(
 
 async def test_jwt_identity_carries_user_session_claims_and_expiry() -> None:
     token = make_token(exp=2_000_000_000, role="admin")
-    identity = await jwt_authenticator(SECRET, leeway=5)(
-        HandshakeRequest.build(f"/api/core/ws?token={token}", [])
+    identity = await run_authenticator(
+        jwt_authenticator(SECRET, leeway=5), HandshakeRequest.build(f"/api/core/ws?token={token}", [])
     )
     assert (identity.user_id, identity.session_id, identity.token) == ("alice", "s1", token)
     assert identity.claims["role"] == "admin"
@@ -157,9 +158,9 @@ async def test_jwt_identity_carries_user_session_claims_and_expiry() -> None:
 async def test_jwt_session_defaults_to_one_per_token_when_the_claim_is_missing() -> None:
     auth = jwt_authenticator(SECRET)
     token_a, token_b = make_token(sid=None, jti="a"), make_token(sid=None, jti="b")
-    first = await auth(HandshakeRequest.build(f"/?token={token_a}", []))
-    again = await auth(HandshakeRequest.build(f"/?token={token_a}", []))
-    other = await auth(HandshakeRequest.build(f"/?token={token_b}", []))
+    first = await run_authenticator(auth, HandshakeRequest.build(f"/?token={token_a}", []))
+    again = await run_authenticator(auth, HandshakeRequest.build(f"/?token={token_a}", []))
+    other = await run_authenticator(auth, HandshakeRequest.build(f"/?token={token_b}", []))
     assert first.session_id == again.session_id != other.session_id
     assert token_a not in first.session_id  # the token itself never becomes an identifier
 
@@ -169,11 +170,11 @@ async def test_jwt_key_resolver_picks_the_key_by_kid() -> None:
     auth = jwt_authenticator(lambda header: keys[header.get("kid", "")])
     token = pyjwt.encode({"sub": "bob", "exp": int(time.time()) + 60}, OTHER_SECRET,
                          headers={"kid": "k2"})
-    assert (await auth(HandshakeRequest.build(f"/?token={token}", []))).user_id == "bob"
+    assert (await run_authenticator(auth, HandshakeRequest.build(f"/?token={token}", []))).user_id == "bob"
     unknown = pyjwt.encode({"sub": "bob", "exp": int(time.time()) + 60}, SECRET,
                            headers={"kid": "k9"})
     with pytest.raises(AuthenticationFailed):
-        await auth(HandshakeRequest.build(f"/?token={unknown}", []))
+        await run_authenticator(auth, HandshakeRequest.build(f"/?token={unknown}", []))
 
 
 # ----------------------------------------------------------------------------- handshakes

@@ -162,7 +162,7 @@ def test_the_byte_limit_fails_the_part_that_crosses_it(
     total = 0
     for i, size in enumerate(sizes):
         total += size
-        part = {"chunk_count": len(sizes), "chunk_index": i if indexed else None, "size": size}
+        part: dict[str, Any] = {"chunk_count": len(sizes), "chunk_index": i if indexed else None, "size": size}
         if total > max_bytes:
             with pytest.raises(ChunkError):
                 assembler.feed(i, **part)

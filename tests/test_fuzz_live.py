@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -386,7 +387,7 @@ async def test_bad_clients_never_harm_the_server_or_good_clients(
         # Well-behaved clients; good 0 holds a request open until the end, as a steal target.
         for g in range(n_good):
             name = f"good{g}"
-            client = DaraClient(lambda name=name: stack.connect(f"{name}:gs{example}"),
+            client = DaraClient(functools.partial(stack.connect, f"{name}:gs{example}"),
                                 ping_interval=None)
 
             async def respond(request: Request, name: str = name) -> Any:
@@ -566,7 +567,11 @@ async def check_probe(bad: BadConn) -> None:
         assert probe.state == "failed"
         return
     except ConnectionClosed as exc:
-        assert probe.state == "pending", (probe.state, exc)
+        # A library that enforces the size limit on arrival (uvicorn) may close with 1009 before
+        # the server has read the frames sent ahead of the oversized one: then the request ends
+        # with the close whatever those frames would have done to it.
+        cut_short = bad.close_code == CloseCode.MESSAGE_TOO_BIG == exc.code
+        assert probe.state == "pending" or cut_short, (probe.state, exc)
         if bad.close_code is not None and not bad.client_closed:
             late = bad.late_oversized and exc.code == CloseCode.MESSAGE_TOO_BIG
             assert exc.code == bad.close_code or late, (exc, bad.close_code)

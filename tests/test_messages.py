@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from dara_ws_core.exceptions import (
-    CloseCode,
     FrameTooLarge,
     InvalidFrame,
     InvalidMessage,
@@ -442,23 +441,24 @@ def test_build_frame_injects_rchan_into_any_other_model() -> None:
 def test_a_binary_frame_is_invalid_with_close_code_1003(frame: bytes) -> None:
     for data in (frame, bytearray(frame), memoryview(frame)):
         with pytest.raises(InvalidFrame) as info:
-            decode_client_frame(data, max_size=1)
-        assert info.value.close_code == CloseCode.UNSUPPORTED_DATA == 1003
+            decode_client_frame(data, max_size=1)  # type: ignore[arg-type]  # any bytes-like
+        assert info.value.close_code == 1003
 
 
 @given(S.non_json_texts | S.json_non_object_texts)
 def test_text_that_is_not_a_json_object_is_invalid_with_close_code_1007(frame: str) -> None:
     with pytest.raises(InvalidFrame) as info:
         decode_client_frame(frame)
-    assert info.value.close_code == CloseCode.INVALID_PAYLOAD == 1007
+    assert info.value.close_code == 1007
 
 
 @given(S.client_messages.map(lambda m: encode(m).decode()))
 def test_a_frame_above_the_maximum_is_too_large_with_close_code_1009(frame: str) -> None:
-    decode_client_frame(frame, max_size=len(frame))
+    size = len(frame.encode())  # the limit counts UTF-8 bytes, as transport libraries do
+    decode_client_frame(frame, max_size=size)
     with pytest.raises(FrameTooLarge) as info:
-        decode_client_frame(frame, max_size=len(frame) - 1)
-    assert info.value.close_code == CloseCode.MESSAGE_TOO_BIG == 1009
+        decode_client_frame(frame, max_size=size - 1)
+    assert info.value.close_code == 1009
 
 
 def test_the_size_limit_is_checked_before_parsing() -> None:
