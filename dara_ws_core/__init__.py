@@ -15,7 +15,7 @@ from .auth import (
     token_authenticator,
 )
 from .chunks import ChunkAssembler
-from .client import Chunked, DaraClient, Request
+from .client import Chunked, DaraClient, PushedMessage, Request
 from .config import ServerConfig, SlowConsumerPolicy
 from .correlation import PendingRequests
 from .custom import CustomHandlerRegistry
@@ -114,6 +114,7 @@ __all__ = [
     "PendingRequests",
     "PongMessage",
     "ProtocolError",
+    "PushedMessage",
     "RemoteError",
     "Request",
     "RequestError",

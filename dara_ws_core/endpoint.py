@@ -22,7 +22,6 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import deque
 from typing import Any
 
 from .auth import Authenticator, Identity, run_authenticator
@@ -109,25 +108,31 @@ class Endpoint:
             await _close_quietly(transport, CloseCode.POLICY_VIOLATION, "too many connections")
             return
         handler = manager.create_handler(channel_id, identity)
-        close_requests: deque[tuple[int, str]] = deque(maxlen=1)
+        close_request: ConnectionClosed | None = None
         close_task: asyncio.Task[None] | None = None
+        sender: asyncio.Task[None] | None = None
 
         def request_close(code: int, reason: str) -> None:
-            nonlocal close_task
-            close_requests.append((code, reason))
+            nonlocal close_task, close_request
+            close_request = ConnectionClosed(code, reason)
             close_task = loop.create_task(_close_quietly(transport, code, reason))
             # The channel is dead for messaging now, even if the closing handshake with a peer
             # that does not read takes the transport's close timeout: unregister it at once.
             manager.remove_handler(channel_id, ConnectionClosed(code, reason))
 
-        handler.attach(request_close, loop.time(), getattr(transport, "send_nowait", None))
+        def start_sender() -> None:
+            nonlocal sender
+            sender = loop.create_task(self._send_loop(transport, handler))
+
+        handler.attach(
+            request_close, loop.time(), getattr(transport, "send_nowait", None), start_sender
+        )
         current_channel.set(channel_id)
         current_identity.set(identity)
         this = asyncio.current_task()
         if this is not None:
             self._connections[channel_id] = this
         self._ensure_sweeper()
-        sender = loop.create_task(self._send_loop(transport, handler))
         closed = ConnectionClosed(CloseCode.ABNORMAL, "connection lost")
         try:
             closed = await self._receive_loop(transport, handler)
@@ -140,13 +145,13 @@ class Endpoint:
             closed = ConnectionClosed(CloseCode.INTERNAL_ERROR, "internal error")
             handler.close(closed.code, closed.reason)
         finally:
-            if close_requests:
-                code, reason = close_requests[0]
-                closed = ConnectionClosed(code, reason)
+            if close_request is not None:
+                closed = close_request
             self._connections.pop(channel_id, None)
             manager.remove_handler(channel_id, closed)
-            sender.cancel()
-            await asyncio.gather(sender, return_exceptions=True)
+            if sender is not None:
+                sender.cancel()
+                await asyncio.gather(sender, return_exceptions=True)
             if close_task is not None:
                 # Read on while our close frame waits for the peer's: when the peer sent more than
                 # the library buffers, its close frame is behind them, and the closing handshake

@@ -76,7 +76,7 @@ class WebSocketHandler:
     connection ends, which fails its pending requests and cancels its handler tasks.
     """
 
-    __slots__ = ("_close_task", "_closed", "_closer", "_custom", "_pending", "_sending", "_tasks",
+    __slots__ = ("_closed", "_closer", "_custom", "_pending", "_sending", "_start_sender", "_tasks",
                  "_write_now", "channel_id", "config", "identity", "last_seen", "queue")
 
     def __init__(
@@ -100,8 +100,9 @@ class WebSocketHandler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed: ConnectionClosed | None = None
         self._closer: Callable[[int, str], None] | None = None
-        self._close_task: asyncio.Task[None] | None = None
         self._write_now: Callable[[bytes], bool] | None = None
+        self._start_sender: Callable[[], None] | None = None
+        #: A send task is draining the queue (frames must queue behind it).
         self._sending = False
         #: Event-loop time of the last inbound frame (for the idle timeout).
         self.last_seen = 0.0
@@ -156,15 +157,27 @@ class WebSocketHandler:
         """Deliver ``frame`` without waiting; ``False`` if the queue is full (nothing changes then).
 
         When nothing is queued or being sent and the transport can write at once without
-        exceeding its write buffer, the frame is written directly: no queue entry and no wake-up
-        of the send loop. Order is kept because this path is taken only with nothing ahead.
-        Raises ``ConnectionClosed`` if the channel is closed.
+        exceeding its write buffer, the frame is written directly: no queue entry and no send
+        task. Otherwise it is queued and a send task drains the queue (started on demand, so an
+        idle connection holds no task for it). Order is kept because the direct path is taken
+        only with nothing ahead. Raises ``ConnectionClosed`` if the channel is closed.
         """
         queue = self.queue
+        if self._sending:
+            return queue.offer(frame)
         write = self._write_now
-        if write is not None and not self._sending and not queue and not queue.closed and write(frame):
+        if write is not None and not queue and not queue.closed and write(frame):
             return True
-        return queue.offer(frame)
+        if not queue.offer(frame):
+            return False
+        self._wake_sender()
+        return True
+
+    def _wake_sender(self) -> None:
+        start = self._start_sender
+        if start is not None and not self._sending:
+            self._sending = True
+            start()
 
     def send_nowait(self, frame: bytes) -> Awaitable[None] | None:
         """Enqueue ``frame`` if there is room; otherwise return the coroutine that applies the
@@ -370,34 +383,33 @@ class WebSocketHandler:
         closer: Callable[[int, str], None],
         now: float,
         write_now: Callable[[bytes], bool] | None = None,
+        start_sender: Callable[[], None] | None = None,
     ) -> None:
-        """Called by the connection lifecycle: how to close the connection, the start time, and
-        the transport's optional ``send_nowait`` (see :meth:`offer`)."""
+        """Called by the connection lifecycle: how to close the connection, the start time, the
+        transport's optional ``send_nowait`` (see :meth:`offer`), and how to start a task running
+        :meth:`run_sender` when frames are queued. Starts it at once for frames already queued
+        (``init``)."""
         self._closer = closer
         self.last_seen = now
         self._write_now = write_now
+        self._start_sender = start_sender
+        if self.queue:
+            self._wake_sender()
 
     async def run_sender(self, send: Callable[[bytes], Awaitable[None]]) -> None:
-        """The send loop: drain the queue into the transport until the channel closes.
+        """Drain the queue into the transport, then return (a new task starts with the next
+        queued frame).
 
-        Frames are written synchronously while the transport accepts them, and awaited (with
-        its backpressure) only when its write buffer is full. Raises ``ConnectionClosed``.
+        Frames are written synchronously while the transport accepts them, and awaited (with its
+        backpressure) only when its write buffer is full. Raises ``ConnectionClosed``; after a
+        failure no new send task is started: the connection is going away.
         """
         queue = self.queue
         write = self._write_now
-        while True:
-            frame = await queue.get()
-            self._sending = True
-            try:
-                while True:
-                    if write is None or not write(frame):
-                        await send(frame)
-                    next_frame = queue.get_nowait()
-                    if next_frame is None:
-                        break
-                    frame = next_frame
-            finally:
-                self._sending = False
+        while (frame := queue.get_nowait()) is not None:
+            if write is None or not write(frame):
+                await send(frame)
+        self._sending = False
 
     async def wait_tasks(self, timeout: float) -> None:
         """Wait up to ``timeout`` for running handler tasks (graceful shutdown)."""
