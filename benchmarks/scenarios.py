@@ -41,7 +41,8 @@ from .stats import Row, latency_metrics, median, percentile
 MiB = 1024 * 1024
 
 #: Wire spoken by each server implementation, hence which lean client talks to it.
-PROTO = {"raw": "dara", "ours": "dara", "sio": "sio", "sio-asgi": "sio"}
+PROTO = {"raw": "dara", "ours": "dara", "ours-aiohttp": "dara", "ours-asgi": "dara", "sio": "sio",
+         "sio-asgi": "sio"}
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def ours_unavailable() -> str | None:
 
 @contextlib.asynccontextmanager
 async def server(impl: str, sizes: Sizes) -> AsyncIterator[Proc]:
-    config = sizes.ours_config if impl == "ours" else {}
+    config = sizes.ours_config if impl.startswith("ours") else {}
     async with Proc.start(f"server-{impl}", "benchmarks.server", "--impl", impl,
                           "--config", json.dumps(config)) as proc:
         yield proc
@@ -442,14 +443,14 @@ class Scenario:
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("server_request", "(1) server -> client request (send_and_wait), sequential",
-             server_request, ("raw", "ours", "sio"), ("p50_us", "p99_us", "ops_per_s")),
+             server_request, ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi"), ("p50_us", "p99_us", "ops_per_s")),
     Scenario("client_request", "(2) client -> server custom request with reply, sequential",
-             client_request, ("raw", "ours", "sio"), ("p50_us", "p99_us", "ops_per_s")),
-    Scenario("broadcast", "(3) broadcast fan-out", broadcast, ("raw", "ours", "sio"),
+             client_request, ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi"), ("p50_us", "p99_us", "ops_per_s")),
+    Scenario("broadcast", "(3) broadcast fan-out", broadcast, ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi"),
              ("deliveries_per_s",)),
     Scenario("per_user", "(4) per-user fan-out", per_user, ("raw", "ours", "sio"),
              ("deliveries_per_s",)),
-    Scenario("memory", "(5) idle connections: server RSS", memory, ("raw", "ours", "sio"),
+    Scenario("memory", "(5) idle connections: server RSS", memory, ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi"),
              ("MiB_per_1000", "MiB_per_1000_at_held")),
     Scenario("codec", "(6) codec and reassembly micro-benchmarks (pure core)", codec,
              ("raw", "ours"), ("ns_per_op",)),

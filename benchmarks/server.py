@@ -319,7 +319,6 @@ class Ours(Impl):
             WebsocketManager,
             token_authenticator,
         )
-        from dara_ws_websockets import serve
 
         self.manager = WebsocketManager(config=ServerConfig(**self.config))
         self.manager.custom_handlers.register("echo", lambda channel_id, data: data)
@@ -329,6 +328,11 @@ class Ours(Impl):
 
         endpoint = Endpoint(self.manager, token_authenticator(verify))
         self.stack = contextlib.AsyncExitStack()
+        return await self.serve(endpoint)
+
+    async def serve(self, endpoint: Any) -> int:
+        from dara_ws_websockets import serve
+
         self.server = await self.stack.enter_async_context(
             serve(endpoint, host="127.0.0.1", port=0, backlog=4096))
         return bound_port(self.server)
@@ -357,7 +361,28 @@ class Ours(Impl):
         return {"dropped": dropped}
 
 
-IMPLS: dict[str, type[Impl]] = {"raw": Raw, "sio": Sio, "sio-asgi": SioAsgi, "ours": Ours}
+class OursAiohttp(Ours):
+    """The same manager and endpoint behind the aiohttp adapter."""
+
+    async def serve(self, endpoint: Any) -> int:
+        from dara_ws_aiohttp import serve
+
+        server = await self.stack.enter_async_context(serve(endpoint, "127.0.0.1", 0))
+        return int(server.port)
+
+
+class OursAsgi(Ours):
+    """The same manager and endpoint behind the ASGI adapter under uvicorn."""
+
+    async def serve(self, endpoint: Any) -> int:
+        from dara_ws_asgi import serve
+
+        server = await self.stack.enter_async_context(serve(endpoint, "127.0.0.1", 0))
+        return int(server.port)
+
+
+IMPLS: dict[str, type[Impl]] = {"raw": Raw, "sio": Sio, "sio-asgi": SioAsgi, "ours": Ours,
+                                "ours-aiohttp": OursAiohttp, "ours-asgi": OursAsgi}
 
 
 # ------------------------------------------------------------------------------ commands

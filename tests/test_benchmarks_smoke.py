@@ -16,11 +16,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 SCENARIOS = {
-    "server_request": {"raw", "ours", "sio"},
-    "client_request": {"raw", "ours", "sio"},
-    "broadcast": {"raw", "ours", "sio"},
+    "server_request": {"raw", "ours", "sio", "ours-aiohttp", "ours-asgi"},
+    "client_request": {"raw", "ours", "sio", "ours-aiohttp", "ours-asgi"},
+    "broadcast": {"raw", "ours", "sio", "ours-aiohttp", "ours-asgi"},
     "per_user": {"raw", "ours", "sio"},
-    "memory": {"raw", "ours", "sio"},
+    "memory": {"raw", "ours", "sio", "ours-aiohttp", "ours-asgi"},
     "codec": {"raw", "ours"},
     "slow_consumer": {"raw", "ours"},
 }
