@@ -62,8 +62,7 @@ async def _websockets(endpoint: Endpoint) -> AsyncIterator[Connect]:
     from dara_ws_websockets import port_of, serve
 
     async with serve(endpoint, "127.0.0.1", 0) as server:
-        port = port_of(server)
-        yield lambda target, headers: _websockets_client(f"ws://127.0.0.1:{port}{target}", headers)
+        yield _UrlConnect(port_of(server), _websockets_client)
 
 
 async def _websockets_client(url: str, headers: Iterable[tuple[str, str]]) -> Transport:
@@ -92,6 +91,17 @@ async def _aiohttp_client(url: str, headers: Iterable[tuple[str, str]]) -> Trans
         raise HandshakeRejected(getattr(exc.__cause__, "status", 403)) from None
 
 
+class _UrlConnect:
+    """A ``Connect`` to ``ws://127.0.0.1:{port}``; ``port`` is there for raw-socket clients."""
+
+    def __init__(self, port: int, client: Connect) -> None:
+        self.port = port
+        self._client = client
+
+    def __call__(self, target: str, headers: Iterable[tuple[str, str]]) -> Awaitable[Transport]:
+        return self._client(f"ws://127.0.0.1:{self.port}{target}", headers)
+
+
 def _served_by(adapter: str, client: Connect) -> Served:
     """An adapter whose ``serve(endpoint, host, port)`` yields the bound ``port``, reached by a
     client (here a URL-taking ``Connect``) of another library, so both sides meet a stranger."""
@@ -100,7 +110,7 @@ def _served_by(adapter: str, client: Connect) -> Served:
     async def served(endpoint: Endpoint) -> AsyncIterator[Connect]:
         serve = importlib.import_module(adapter).serve
         async with serve(endpoint, "127.0.0.1", 0) as server:
-            yield lambda target, headers: client(f"ws://127.0.0.1:{server.port}{target}", headers)
+            yield _UrlConnect(server.port, client)
 
     return served
 
@@ -130,6 +140,12 @@ class Stack:
     endpoint: Endpoint
     connect_raw: Connect
     clients: list[DaraClient] = field(default_factory=list)
+
+    @property
+    def port(self) -> int | None:
+        """The TCP port of a socket-based stack (for ``tests.hostile``); ``None`` for memory."""
+        port = getattr(self.connect_raw, "port", None)
+        return int(port) if port is not None else None
 
     async def connect(
         self, token: str | None = "alice:s1", *, cookie: bool = False,
