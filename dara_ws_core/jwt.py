@@ -76,8 +76,13 @@ def jwt_authenticator(
     Raises ``ValueError`` for an unsafe configuration and ``ImportError`` without PyJWT.
     """
     # The optional dependency (extra [jwt]) is imported on use only.
-    import jwt as pyjwt
-    from jwt.algorithms import get_default_algorithms
+    try:
+        import jwt as pyjwt
+        from jwt.algorithms import get_default_algorithms
+    except ImportError as exc:
+        raise ImportError(
+            'dara_ws_core.jwt needs the PyJWT library: pip install "dara-ws-core[jwt]"', name=exc.name
+        ) from exc
 
     allowed = tuple(dict.fromkeys(algorithms))
     if not allowed:
@@ -89,7 +94,10 @@ def jwt_authenticator(
     supported = get_default_algorithms()
     unknown = [alg for alg in allowed if alg not in supported]
     if unknown:
-        raise ValueError(f"unsupported algorithms {unknown} (is 'cryptography' installed?)")
+        raise ValueError(
+            f"unsupported algorithms {unknown}: public-key algorithms need PyJWT's crypto backend,"
+            ' pip install "dara-ws-core[jwt]"'
+        )
     if leeway < 0:
         raise ValueError("leeway must be >= 0")
     required = list(dict.fromkeys(require))

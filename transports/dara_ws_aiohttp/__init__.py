@@ -17,8 +17,13 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, NamedTuple
 
-import aiohttp
-from aiohttp import WSMsgType, web
+try:
+    import aiohttp
+    from aiohttp import WSMsgType, web
+except ImportError as exc:  # the extra is missing: say which one to install
+    raise ImportError(
+        'dara_ws_aiohttp needs the aiohttp library: pip install "dara-ws-core[aiohttp]"', name=exc.name
+    ) from exc
 
 from dara_ws_core.endpoint import Endpoint
 from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed

@@ -23,8 +23,13 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any, NamedTuple
 
-import uvicorn
-from starlette.routing import WebSocketRoute
+try:
+    import uvicorn
+    from starlette.routing import WebSocketRoute
+except ImportError as exc:  # the extra is missing: say which one to install
+    raise ImportError(
+        'dara_ws_asgi needs the uvicorn and starlette libraries: pip install "dara-ws-core[asgi]"', name=exc.name
+    ) from exc
 
 from dara_ws_core.endpoint import Endpoint
 from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed

@@ -37,10 +37,15 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+try:
+    from redis.asyncio import Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import RedisError
+except ImportError as exc:  # the extra is missing: say which one to install
+    raise ImportError(
+        'dara_ws_redis needs the redis library: pip install "dara-ws-core[redis]"', name=exc.name
+    ) from exc
 
 from dara_ws_core.backplane import BrokerBackplane, Entry, Publication, Routed
 from dara_ws_core.exceptions import BackplaneError

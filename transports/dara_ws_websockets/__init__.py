@@ -17,14 +17,19 @@ from contextlib import asynccontextmanager
 from http import HTTPStatus
 from typing import Any
 
-import websockets
-from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.client import connect as ws_connect
-from websockets.asyncio.connection import Connection
-from websockets.asyncio.server import Server, ServerConnection
-from websockets.asyncio.server import serve as ws_serve
-from websockets.http11 import Request, Response
-from websockets.protocol import State
+try:
+    import websockets
+    from websockets.asyncio.client import ClientConnection
+    from websockets.asyncio.client import connect as ws_connect
+    from websockets.asyncio.connection import Connection
+    from websockets.asyncio.server import Server, ServerConnection
+    from websockets.asyncio.server import serve as ws_serve
+    from websockets.http11 import Request, Response
+    from websockets.protocol import State
+except ImportError as exc:  # the extra is missing: say which one to install
+    raise ImportError(
+        'dara_ws_websockets needs the websockets library: pip install "dara-ws-core[websockets]"', name=exc.name
+    ) from exc
 
 from dara_ws_core.endpoint import Endpoint
 from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
