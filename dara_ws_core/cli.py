@@ -1,40 +1,88 @@
-"""``dara-ws``: the demo server and a probe client.
+"""dara-ws: the demo server and a probe client.
 
-``dara-ws serve`` runs a small example application on 127.0.0.1:8000 at ``/api/core/ws``:
+`dara-ws serve` runs a small example application on ws://127.0.0.1:8000/api/core/ws:
 
-* ``echo`` (custom request): replies with what it got;
-* ``chat`` (custom message): broadcast to every other connection as a ``chat`` custom push;
-* ``ask`` (custom request): the server asks the client back (``send_and_wait``) and replies with
-  the client's answer, showing both correlation directions;
-* a ``clock`` custom push to everyone every ``--clock`` seconds.
+- echo (custom request): replies with what it got;
+- chat (custom message): broadcast to every other connection as a "chat" custom push;
+- ask (custom request): the server asks the client back (send_and_wait) and replies with the
+  client's answer, showing both correlation directions;
+- a "clock" custom push to everyone every --clock seconds.
 
-Identity: ``?token=<name>`` (or the ``dara_session_token`` cookie) names the user; connections
-without a token are anonymous, which this demo allows explicitly.
+Identity: ?token=NAME (or the dara_session_token cookie) names the user; connections without a
+token are anonymous, which this demo allows explicitly.
 
-``dara-ws probe URL`` connects, prints the channel, runs ``echo`` and ``ask``, and exits.
+`dara-ws probe URL` connects, prints the channel, runs echo and ask, and exits.
+
+Mistakes a first run makes (a missing extra, a port in use, no server to probe) end with one line
+on stderr and exit status 2 (cannot run as asked) or 1 (the run failed), not a traceback.
 """
 
 from __future__ import annotations
 
-__all__ = ["build_demo", "main"]
+__all__ = ["CLIError", "build_demo", "build_parser", "main", "raise_open_files_limit"]
 
 import argparse
 import asyncio
 import contextlib
+import errno
+import importlib.util
 import logging
 import signal
+import sys
 import time
 from typing import Any
 
 from .auth import Identity, allow_anonymous, extract_token
 from .endpoint import Endpoint
-from .exceptions import BackplaneError
+from .exceptions import AuthenticationFailed, BackplaneError, ConnectionClosed, DaraWSError
 from .handler import current_channel
 from .manager import WebsocketManager
 from .messages import build_frame
 from .transport import HandshakeRequest
 
 logger = logging.getLogger("dara_ws_core.demo")
+
+#: The extra each adapter needs, for the message when it is missing.
+_EXTRAS = {"websockets": "websockets", "aiohttp": "aiohttp", "asgi": "asgi"}
+
+
+class CLIError(Exception):
+    """A mistake reported as one line on stderr and an exit status, without a traceback."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _missing_extra(exc: ImportError) -> CLIError:
+    # The adapters' own ImportError already names the pip command; anything else gets the generic one.
+    message = str(exc)
+    if "pip install" not in message:
+        message = f'{message}: pip install "dara-ws-core[all]"'
+    return CLIError(message, status=2)
+
+
+def raise_open_files_limit() -> tuple[int, int] | None:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit: each connection is one descriptor.
+
+    Returns ``(old, new)`` soft limits, or ``None`` where there is nothing to do (no ``resource``
+    module, already at the hard limit, or the system refuses).
+    """
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard or (hard == resource.RLIM_INFINITY and soft >= 1 << 20):
+        return None
+    # An infinite hard limit is not a valid soft one on every system (macOS): cap it.
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        logger.warning("could not raise the open files limit from %d: %s", soft, exc)
+        return None
+    return soft, target
 
 
 def build_demo(manager: WebsocketManager | None = None) -> Endpoint:
@@ -77,14 +125,20 @@ async def _clock(manager: WebsocketManager, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
         frame = build_frame({"kind": "clock", "data": {"time": time.time()}}, custom=True)
-        await manager.deliver_local(manager.handlers.values(), frame)
+        manager.deliver_local(manager.handlers.values(), frame)
 
 
 async def serve(args: argparse.Namespace) -> None:
+    raised = raise_open_files_limit()
+    if raised is not None:
+        logger.info("open files limit raised from %d to %d (one per connection)", *raised)
     manager = WebsocketManager()
     backplane = None
     if args.redis_url:
-        from dara_ws_redis import RedisBackplane
+        try:
+            from dara_ws_redis import RedisBackplane
+        except ImportError as exc:
+            raise _missing_extra(exc) from None
 
         backplane = RedisBackplane(args.redis_url)
         manager.backplane = backplane
@@ -98,7 +152,7 @@ async def serve(args: argparse.Namespace) -> None:
         try:
             await backplane.start(manager)
         except BackplaneError as exc:
-            raise SystemExit(f"dara-ws: cannot reach Redis at {args.redis_url}: {exc}") from None
+            raise CLIError(f"cannot reach Redis at {args.redis_url}: {exc}") from None
     clock = loop.create_task(_clock(manager, args.clock)) if args.clock > 0 else None
     try:
         async with _serve(args.transport, endpoint, args.host, args.port) as port:
@@ -114,6 +168,34 @@ async def serve(args: argparse.Namespace) -> None:
 
 @contextlib.asynccontextmanager
 async def _serve(transport: str, endpoint: Endpoint, host: str, port: int) -> Any:
+    try:
+        async with _listen(transport, endpoint, host, port) as real_port:
+            yield real_port
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise CLIError(
+                f"cannot listen on {host}:{port}: the address is already in use"
+                " (another dara-ws? choose one with --port)"
+            ) from None
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.EACCES):
+            raise CLIError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        raise
+
+
+@contextlib.asynccontextmanager
+async def _listen(transport: str, endpoint: Endpoint, host: str, port: int) -> Any:
+    try:
+        if transport == "asgi" and importlib.util.find_spec("websockets") is None:
+            # uvicorn imports its WebSocket implementation only when the first upgrade arrives.
+            raise ImportError('dara_ws_asgi needs the websockets library: pip install "dara-ws-core[asgi]"')
+        if transport == "websockets":
+            import dara_ws_websockets  # noqa: F401
+        elif transport == "aiohttp":
+            import dara_ws_aiohttp  # noqa: F401
+        elif transport == "asgi":
+            import dara_ws_asgi  # noqa: F401
+    except ImportError as exc:
+        raise _missing_extra(exc) from None
     if transport == "websockets":
         from dara_ws_websockets import port_of
         from dara_ws_websockets import serve as ws_serve
@@ -135,33 +217,84 @@ async def _serve(transport: str, endpoint: Endpoint, host: str, port: int) -> An
 
 
 async def probe(args: argparse.Namespace) -> None:
-    from dara_ws_websockets import connect
+    try:
+        from dara_ws_websockets import connect
+    except ImportError as exc:
+        raise _missing_extra(exc) from None
 
     from .client import DaraClient
 
-    client = DaraClient(lambda: connect(args.url))
+    client = DaraClient(lambda: connect(args.url, open_timeout=args.timeout))
     client.on_request(lambda request: 42)
-    async with client:
-        print("channel:", client.channel)
-        print("echo ->", await client.request("echo", {"hello": "world"}, timeout=5))
-        print("ask  ->", await client.request("ask", "what is 6 * 7?", timeout=5))
+    try:
+        async with client:
+            print("channel:", client.channel)
+            print("echo ->", await client.request("echo", {"hello": "world"}, timeout=args.timeout))
+            print("ask  ->", await client.request("ask", "what is 6 * 7?", timeout=args.timeout))
+    except AuthenticationFailed:
+        raise CLIError(f"{args.url} refused the handshake (HTTP 401/403)") from None
+    except TimeoutError:  # RequestTimeout too
+        raise CLIError(f"{args.url}: no answer within {args.timeout} s") from None
+    except OSError as exc:  # refused, unreachable, unknown host
+        reason = "connection refused" if isinstance(exc, ConnectionRefusedError) else exc.strerror or str(exc)
+        raise CLIError(f"cannot connect to {args.url}: {reason} (is `dara-ws serve` running?)") from None
+    except (ConnectionClosed, DaraWSError) as exc:
+        raise CLIError(f"{args.url}: {exc}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dara-ws`` command line: plain-text help with every default shown."""
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="dara-ws",
+        description="The dara-ws-core demo server and a probe client.",
+        epilog="Run `dara-ws serve`, then `dara-ws probe` from another shell. Docs: docs/index.md.",
+        formatter_class=formatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,probe}")
+    s = sub.add_parser(
+        "serve",
+        help="run the demo server",
+        description=(
+            "Run the demo application: echo, chat and ask handlers and a clock push, on"
+            " ws://HOST:PORT/api/core/ws. ?token=NAME names the user; no token is anonymous."
+            " Stops cleanly (close 1001) on Ctrl-C or SIGTERM."
+        ),
+        formatter_class=formatter,
+    )
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    s.add_argument(
+        "--transport", choices=["websockets", "aiohttp", "asgi"], default="websockets",
+        help="adapter to serve with (each needs its extra: pip install \"dara-ws-core[NAME]\")",
+    )
+    s.add_argument("--clock", type=float, default=5.0, help="clock push interval in seconds (0: off)")
+    s.add_argument(
+        "--redis-url", default=None,
+        help="share clients with other processes through this Redis (needs the redis extra)",
+    )
+    p = sub.add_parser(
+        "probe",
+        help="connect to a demo server and try it",
+        description="Connect to a demo server, print the channel, run echo and ask, and exit.",
+        formatter_class=formatter,
+    )
+    p.add_argument("url", nargs="?", default="ws://127.0.0.1:8000/api/core/ws?token=probe",
+                   help="the server's WebSocket URL")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each step")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="dara-ws", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="run the demo server")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--transport", choices=["websockets", "aiohttp", "asgi"], default="websockets")
-    s.add_argument("--clock", type=float, default=5.0, help="clock push interval (0: off)")
-    s.add_argument("--redis-url", default=None, help="share clients with other processes")
-    p = sub.add_parser("probe", help="connect to a demo server and try it")
-    p.add_argument("url", nargs="?", default="ws://127.0.0.1:8000/api/core/ws?token=probe")
-    args = parser.parse_args(argv)
+    """Entry point of ``dara-ws``; exits 2 when it cannot run as asked, 1 when the run fails."""
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args) if args.command == "serve" else probe(args))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(args) if args.command == "serve" else probe(args))
+    except CLIError as exc:
+        print(f"dara-ws: {exc}", file=sys.stderr)
+        raise SystemExit(exc.status) from None
 
 
 if __name__ == "__main__":

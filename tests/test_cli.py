@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import resource
 import socket
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from dara_ws_core import CustomServerMessage, DaraClient, MemoryServer
 from dara_ws_core.cli import build_demo
@@ -59,3 +63,125 @@ def test_dara_ws_serve_and_probe_as_processes() -> None:
         server.terminate()
         server.wait(timeout=20)
     assert server.returncode == 0  # SIGTERM is a graceful stop
+
+
+# A first run's mistakes: one line on stderr, an exit status, no traceback (issue 9, item 8).
+
+_RUN_CLI = """
+import sys
+for name in sys.argv[1].split(","):
+    if name:
+        sys.modules[name] = None  # what `import name` sees when the library is not installed
+from dara_ws_core.cli import main
+main(sys.argv[2:])
+"""
+
+
+def _run_cli(*args: str, without: tuple[str, ...] = (), timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _RUN_CLI, ",".join(without), *args],
+        check=False, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("dara-ws: "), result.stderr
+    return last
+
+
+def test_help_is_plain_text_and_shows_defaults() -> None:
+    for args in (["--help"], ["serve", "--help"], ["probe", "--help"]):
+        result = _run_cli(*args)
+        assert result.returncode == 0, result.stderr
+        assert "``" not in result.stdout and ":func:" not in result.stdout and ":class:" not in result.stdout
+    serve_help = _run_cli("serve", "--help").stdout
+    assert "(default: 8000)" in serve_help
+    assert "(default: websockets)" in serve_help
+    assert "(default: 127.0.0.1)" in serve_help
+
+
+@pytest.mark.parametrize(
+    ("transport", "library", "extra"),
+    [("websockets", "websockets", "websockets"), ("aiohttp", "aiohttp", "aiohttp"),
+     ("asgi", "uvicorn", "asgi"), ("asgi", "websockets", "asgi")],
+)
+def test_serve_without_the_transports_extra_names_the_pip_command(
+    transport: str, library: str, extra: str
+) -> None:
+    result = _run_cli("serve", "--transport", transport, "--port", "0", without=(library,))
+    assert result.returncode == 2
+    line = _one_line_error(result)
+    assert f'pip install "dara-ws-core[{extra}]"' in line
+
+
+def test_serve_with_redis_url_without_the_redis_extra_names_the_pip_command() -> None:
+    result = _run_cli("serve", "--port", "0", "--redis-url", "redis://127.0.0.1:1/0", without=("redis",))
+    assert result.returncode == 2
+    assert 'pip install "dara-ws-core[redis]"' in _one_line_error(result)
+
+
+@pytest.mark.parametrize("transport", ["websockets", "aiohttp", "asgi"])
+def test_serve_on_a_port_in_use_says_so(transport: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _run_cli("serve", "--transport", transport, "--port", str(port), "--clock", "0")
+    assert result.returncode == 1
+    line = _one_line_error(result)
+    assert f"127.0.0.1:{port}" in line
+    assert "already in use" in line
+
+
+def test_probe_on_a_dead_port_says_no_server_answers() -> None:
+    with socket.socket() as bound:  # bound, never listening: connecting is refused
+        bound.bind(("127.0.0.1", 0))
+        port = bound.getsockname()[1]
+        result = _run_cli("probe", f"ws://127.0.0.1:{port}/api/core/ws", "--timeout", "5")
+    assert result.returncode == 1
+    line = _one_line_error(result)
+    assert "cannot connect" in line
+    assert "connection refused" in line
+
+
+def test_probe_without_websockets_names_the_pip_command() -> None:
+    result = _run_cli("probe", without=("websockets",))
+    assert result.returncode == 2
+    assert 'pip install "dara-ws-core[websockets]"' in _one_line_error(result)
+
+
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads /proc/<pid>/limits (Linux)")
+def test_serve_raises_its_open_files_limit_to_the_hard_limit() -> None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    low = 256
+    if hard != resource.RLIM_INFINITY and hard <= low:
+        pytest.skip(f"the hard limit ({hard}) leaves nothing to raise")
+    # The process starts with a low soft limit, as under many login shells (ulimit -n 256).
+    start_low = (
+        "import resource, sys\n"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({low}, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+        "from dara_ws_core.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-c", start_low, "serve", "--port", "0", "--clock", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        assert server.stdout is not None
+        output = []
+        line = server.stdout.readline()
+        while "dara-ws demo" not in line:
+            assert line, "the demo server exited before it was ready:\n" + "".join(output)
+            output.append(line)
+            line = server.stdout.readline()
+        limits = Path(f"/proc/{server.pid}/limits").read_text()
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    row = next(row for row in limits.splitlines() if row.startswith("Max open files"))
+    expected = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    assert row.split()[3] == expected, row  # "Max open files <soft> <hard> files"
+    assert any(f"open files limit raised from {low}" in line for line in output), output
