@@ -171,7 +171,7 @@ def test_serve_raises_its_open_files_limit_to_the_hard_limit() -> None:
     )
     try:
         assert server.stdout is not None
-        output = []
+        output: list[str] = []
         line = server.stdout.readline()
         while "dara-ws demo" not in line:
             assert line, "the demo server exited before it was ready:\n" + "".join(output)
