@@ -105,7 +105,7 @@ from .exceptions import (
     TooManyPendingRequests,
     UnknownChannel,
 )
-from .messages import LoosePayload, build_frame, decode_server_frame
+from .messages import LoosePayload, build_frame, decode_server_frame, dumps
 
 if TYPE_CHECKING:
     from .auth import Identity
@@ -114,7 +114,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("dara_ws_core.backplane")
 
-_to_json = pydantic_core.to_json
 _from_json = pydantic_core.from_json
 
 #: (channel id, user id or None): one directory entry.
@@ -281,7 +280,7 @@ def encode_bus_message(message: BusMessage) -> bytes:
         head = {"op": "cancel", "id": message.request_id}
     else:
         raise TypeError(f"not a bus message: {type(message).__name__}")
-    return b"%b\n%b" % (_to_json(head), body)
+    return b"%b\n%b" % (dumps(head), body)
 
 
 def _field(head: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
@@ -825,23 +824,10 @@ class BrokerBackplane(abc.ABC):
     def _deliver(
         self, handlers: Iterable[WebSocketHandler], frame: bytes, ignore: str | None
     ) -> int:
-        # The manager's deliver_local, without awaiting: the bus reader must never wait for a
-        # slow client. Full queues apply their slow-consumer policy in a background task.
-        delivered = 0
-        slow = []
-        for handler in handlers:
-            if handler.queue.closed or handler.channel_id == ignore:
-                continue
-            try:
-                pending = handler.send_nowait(frame)
-            except ConnectionClosed:
-                continue
-            delivered += 1
-            if pending is not None:
-                slow.append(pending)
+        # The manager's fan-out never waits: the bus reader is never held up by a slow client.
+        assert self.manager is not None
+        delivered = self.manager.deliver_local(handlers, frame, ignore)
         self.stats.delivered += delivered
-        if slow:
-            self._spawn(asyncio.gather(*slow, return_exceptions=True))
         return delivered
 
     async def _serve(self, request: RemoteRequest) -> None:
@@ -855,7 +841,7 @@ class BrokerBackplane(abc.ABC):
                 result = await handler.send_and_wait(
                     payload, custom=custom, timeout=request.timeout
                 )
-                reply = RemoteReply(request.request_id, result=_to_json(result))
+                reply = RemoteReply(request.request_id, result=dumps(result))
             except DaraWSError as exc:
                 reply = RemoteReply(request.request_id, failure=failure_of(exc))
             except Exception as exc:

@@ -29,8 +29,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import pydantic_core
-
 from .exceptions import (
     CloseCode,
     ConnectionClosed,
@@ -47,13 +45,13 @@ from .messages import (
     PongMessage,
     ServerMessage,
     decode_server_frame,
+    dumps,
 )
 from .transport import Transport
 
 logger = logging.getLogger("dara_ws_core.client")
 
 Connector = Callable[[], Awaitable[Transport]]
-_to_json = pydantic_core.to_json
 _PING = b'{"type":"ping","message":null}'
 
 
@@ -299,7 +297,7 @@ class DaraClient:
     async def send_custom(self, kind: str, data: Any = None) -> None:
         """Send a fire-and-forget custom message."""
         await self._require().send(
-            _to_json({"type": "custom", "message": {"kind": kind, "data": data}})
+            dumps({"type": "custom", "message": {"kind": kind, "data": data}})
         )
 
     async def request(self, kind: str, data: Any = None, *, timeout: float | None = 10.0) -> Any:
@@ -313,7 +311,7 @@ class DaraClient:
         self._pending[rchan] = waiter
         try:
             frame = {"type": "custom", "message": {"kind": kind, "data": data, "__rchan": rchan}}
-            await transport.send(_to_json(frame))
+            await transport.send(dumps(frame))
             async with asyncio.timeout(timeout):
                 return await waiter
         except TimeoutError:
@@ -325,7 +323,7 @@ class DaraClient:
         """Answer a server request (a *response* frame), in chunks if ``value`` is ``Chunked``."""
         transport = self._require()
         if not isinstance(value, Chunked):
-            await transport.send(_to_json(
+            await transport.send(dumps(
                 {"type": "message", "channel": rchan, "chunk_count": None, "message": value}
             ))
             return
@@ -338,7 +336,7 @@ class DaraClient:
                                      "message": value.parts[i]}
             if value.indexed:
                 frame["chunk_index"] = i
-            await transport.send(_to_json(frame))
+            await transport.send(dumps(frame))
 
     def _fail_pending(self, exc: ConnectionClosed) -> None:
         for waiter in self._pending.values():

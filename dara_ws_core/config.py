@@ -13,9 +13,11 @@ MiB = 1024 * 1024
 class SlowConsumerPolicy(StrEnum):
     """What happens when a channel's outbound queue is full (protocol.md section 6).
 
-    * ``WAIT``: the sender waits for room, up to ``ServerConfig.send_timeout``; then the client is
-      disconnected with 1013. Broadcasts enqueue to every other client first, so one slow client
-      never delays the others' delivery.
+    * ``WAIT``: a sender to this one channel (``send_message``, ``send_and_wait``, a handler's
+      reply) waits for room, up to ``ServerConfig.send_timeout``; then the client is disconnected
+      with 1013. A fan-out (``broadcast``, ``send_message_to_user``, the backplane) never waits on
+      one recipient: a client whose queue is full when it arrives is disconnected with 1013 at
+      once, so one slow client never delays anyone else.
     * ``DROP_OLDEST``: the oldest queued frames are discarded to make room (counted in
       ``WebSocketHandler.dropped``). Suits state pushes where only the newest value matters.
     * ``DISCONNECT``: the client is closed with 1013 (try again later) at once.
@@ -36,6 +38,11 @@ class ServerConfig:
     #: Largest inbound frame. 16 MiB like Dara's server (uvicorn's default): the stock client
     #: sends large answers in one frame. Larger frames close the connection with 1009.
     max_message_size: int = 16 * MiB
+    #: Most JSON values in one inbound frame, counted before it is decoded (an upper bound: every
+    #: comma and opening bracket). Decoded, a value takes up to ~100 bytes of Python objects, and
+    #: a frame is decoded in one go on the event loop: this bounds what one frame can cost in
+    #: memory (~100 MB) and loop time (~0.15 s). Above it the connection is closed with 1009.
+    max_message_values: int = 1_000_000
     #: Outbound queue bound per channel, in frames and in bytes.
     max_queue_messages: int = 4096
     max_queue_bytes: int = 16 * MiB
@@ -56,6 +63,9 @@ class ServerConfig:
     ping_timeout: float | None = 20.0
     #: How long a closing handshake may wait for a peer that does not answer (then: abort).
     close_timeout: float = 5.0
+    #: How long a client may take from connecting to completing its HTTP upgrade (then the
+    #: socket is closed), so that half-open handshakes cannot hold every slot.
+    handshake_timeout: float = 10.0
     #: Custom handler tasks (async handlers) running at once per connection; beyond that the
     #: request gets a ``busy`` error reply.
     max_handler_tasks: int = 64
@@ -71,7 +81,7 @@ class ServerConfig:
     max_connections_per_user: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_message_size", "max_queue_messages", "max_queue_bytes",
+        for name in ("max_message_size", "max_message_values", "max_queue_messages", "max_queue_bytes",
                      "max_pending_requests", "max_chunks", "max_chunked_bytes",
                      "max_handler_tasks"):
             if getattr(self, name) < 1:

@@ -23,9 +23,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from pydantic_core import from_json
+
 from .chunks import ChunkAssembler
 from .exceptions import ChunkError, TooManyPendingRequests
-from .messages import DaraClientMessage
+from .messages import DaraClientMessage, dumps
 
 W = TypeVar("W")
 
@@ -114,8 +116,14 @@ class PendingRequests(Generic[W]):
         self._entries[rchan] = _Entry(waiter)
         return rchan
 
-    def receive(self, message: DaraClientMessage, size: int = 0) -> Outcome[W]:
-        """Feed one response frame; ``size`` is its length, counted against the chunk byte limit."""
+    def receive(self, message: DaraClientMessage) -> Outcome[W]:
+        """Feed one response frame.
+
+        The parts of a chunked answer are held as compact JSON ``bytes`` until the last arrives,
+        then decoded together: what a pending answer holds is its size on the wire, counted in
+        UTF-8 bytes against ``max_chunked_bytes``, not the many times more that decoded Python
+        objects take.
+        """
         rchan = message.channel
         entry = self._entries.get(rchan)
         if entry is None:
@@ -134,11 +142,12 @@ class PendingRequests(Generic[W]):
                     max_chunks=self.max_chunks,
                     max_bytes=self.max_chunked_bytes,
                 )
+            part = dumps(message.message)
             parts = entry.assembler.feed(
-                message.message,
+                part,
                 chunk_count=message.chunk_count,
                 chunk_index=message.chunk_index,
-                size=size,
+                size=len(part),
             )
         except ChunkError as exc:
             del self._entries[rchan]
@@ -146,7 +155,7 @@ class PendingRequests(Generic[W]):
         if parts is None:
             return Partial(rchan, entry.assembler.received, entry.assembler.expected)
         del self._entries[rchan]
-        return Completed(rchan, entry.waiter, parts)
+        return Completed(rchan, entry.waiter, [from_json(part) for part in parts])
 
     def discard(self, rchan: str) -> None:
         """Forget a request (its caller timed out or was cancelled); no-op if already gone."""

@@ -35,7 +35,7 @@ from .exceptions import (
 )
 from .handler import WebSocketHandler, current_channel, current_identity
 from .manager import WebsocketManager
-from .messages import PONG_FRAME, ClientPing, decode_client_frame
+from .messages import ClientPing, decode_client_frame
 from .transport import HandshakeRequest, Transport
 
 logger = logging.getLogger("dara_ws_core")
@@ -171,6 +171,7 @@ class Endpoint:
         """Handle frames in order until the connection ends; returns how it ended."""
         config = self.config
         max_size = config.max_message_size
+        max_values = config.max_message_values
         decode = decode_client_frame
         loop = asyncio.get_running_loop()
         rate_limit = config.rate_limit
@@ -190,7 +191,7 @@ class Endpoint:
                     handler.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
                     return ConnectionClosed(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
             try:
-                message = decode(frame, max_size)
+                message = decode(frame, max_size, max_values=max_values)
             except InvalidMessage as exc:
                 # Unknown type or invalid fields: dropped and logged, the connection stays.
                 logger.warning("dropped client frame: %s", exc,
@@ -202,9 +203,9 @@ class Endpoint:
                 handler.close(code, str(exc))
                 return ConnectionClosed(code, str(exc))
             if type(message) is ClientPing:
-                pending = handler.send_nowait(PONG_FRAME)
+                pending = handler.pong()
             else:
-                pending = handler.process_client_message(message, len(frame))
+                pending = handler.process_client_message(message)
             if pending is not None:
                 try:
                     await pending

@@ -41,6 +41,7 @@ from .messages import (
     DaraClientMessage,
     LoosePayload,
     build_frame,
+    dumps,
     encode,
 )
 from .queue import OutboundQueue
@@ -52,7 +53,6 @@ logger = logging.getLogger("dara_ws_core")
 current_channel: contextvars.ContextVar[str] = contextvars.ContextVar("dara_ws_channel")
 current_identity: contextvars.ContextVar[Identity] = contextvars.ContextVar("dara_ws_identity")
 
-_to_json = pydantic_core.to_json
 _DEFAULT: Any = object()
 
 
@@ -61,7 +61,7 @@ def _error_frame(kind: str, rchan: str | None, code: str, message: str) -> bytes
     body: dict[str, Any] = {"kind": kind, "data": None, "__error": {"code": code, "message": message}}
     if rchan is not None:
         body["__response_for"] = rchan
-    return _to_json({"type": "custom", "message": body})
+    return dumps({"type": "custom", "message": body})
 
 
 async def _settled(task: asyncio.Task[None]) -> None:
@@ -186,13 +186,45 @@ class WebSocketHandler:
             return None
         return self.enqueue_slow(frame, raise_slow=False)
 
+    def push(self, frame: bytes) -> bool:
+        """Deliver one frame of a fan-out (broadcast, per-user send) without ever waiting.
+
+        A fan-out must not wait on one recipient (protocol.md section 6): when this channel's
+        queue is full, ``DROP_OLDEST`` makes room, and ``WAIT`` and ``DISCONNECT`` disconnect it
+        with 1013 at once (it is ``max_queue_messages`` frames or ``max_queue_bytes`` behind).
+        Returns whether the frame was delivered; ``False`` for a closed channel. Never raises.
+        """
+        queue = self.queue
+        if queue.closed:
+            return False
+        if self.offer(frame):
+            return True
+        if self.config.slow_consumer_policy is SlowConsumerPolicy.DROP_OLDEST:
+            self._drop_oldest_and_put(frame)
+            return True
+        self._disconnect_slow()
+        return False
+
+    def pong(self) -> Awaitable[None] | None:
+        """Answer a client's ``ping`` (protocol.md section 2): one pong per ping, in order.
+
+        A pong that does not fit is a reply like any other: the returned awaitable applies the
+        slow-consumer policy, so a client that floods pings and reads nothing fills only its own
+        queue, then stops being read, then is disconnected with 1013. ``None`` on a closed
+        channel: never raises.
+        """
+        if self.queue.closed:
+            return None
+        return self.send_nowait(PONG_FRAME)
+
     async def enqueue_slow(self, frame: bytes, *, raise_slow: bool = True) -> None:
-        """Apply the slow-consumer policy to a frame that did not fit (protocol.md section 6)."""
+        """Apply the slow-consumer policy to a frame that did not fit (protocol.md section 6).
+
+        For a sender that may wait: ``WAIT`` waits for room up to ``send_timeout``.
+        """
         policy = self.config.slow_consumer_policy
         if policy is SlowConsumerPolicy.DROP_OLDEST:
-            if self.queue.drop_oldest_and_put(frame) and self.queue.dropped % 1000 == 1:
-                logger.warning("slow consumer: dropping oldest frames",
-                               extra={"channel": self.channel_id, "dropped": self.queue.dropped})
+            self._drop_oldest_and_put(frame)
             return
         if policy is SlowConsumerPolicy.WAIT:
             try:
@@ -200,11 +232,22 @@ class WebSocketHandler:
                 return
             except TimeoutError:
                 pass
+        self._disconnect_slow()
+        if raise_slow:
+            raise SlowConsumer(f"channel {self.channel_id} is not reading; disconnected (1013)")
+
+    def _drop_oldest_and_put(self, frame: bytes) -> None:
+        queue = self.queue
+        if queue.drop_oldest_and_put(frame) and queue.dropped % 1000 == 1:
+            logger.warning("slow consumer: dropping oldest frames",
+                           extra={"channel": self.channel_id, "dropped": queue.dropped})
+
+    def _disconnect_slow(self) -> None:
+        if self.queue.closed:
+            return
         logger.warning("slow consumer: disconnecting", extra={"channel": self.channel_id})
         self.close(CloseCode.TRY_AGAIN_LATER, "slow consumer")
         self.queue.close()
-        if raise_slow:
-            raise SlowConsumer(f"channel {self.channel_id} is not reading; disconnected (1013)")
 
     # ------------------------------------------------------------------ server -> client requests
 
@@ -245,10 +288,8 @@ class WebSocketHandler:
 
     # ------------------------------------------------------------------ client -> server
 
-    def process_client_message(
-        self, message: ClientMessage, size: int = 0
-    ) -> Awaitable[None] | None:
-        """Process a decoded client frame; ``size`` is the frame's length (chunk byte limits).
+    def process_client_message(self, message: ClientMessage) -> Awaitable[None] | None:
+        """Process a decoded client frame.
 
         Resolves pending responses and dispatches custom messages. Returns an awaitable when
         the caller must wait before reading the next frame (a sync handler's reply that did not
@@ -256,19 +297,19 @@ class WebSocketHandler:
         Frames still read after the handler was shut down are dropped: a handler task started
         then would outlive its connection, with nothing left to cancel it.
         """
-        if self._closed is not None:
+        if self._closed is not None or self.queue.closed:
             return None
         if isinstance(message, DaraClientMessage):
-            self._resolve(message, size)
+            self._resolve(message)
             return None
         if isinstance(message, CustomClientMessage):
             return self._dispatch(message.message)
         if isinstance(message, ClientPing):
-            return self.send_nowait(PONG_FRAME)
+            return self.pong()
         raise TypeError(f"not a client message: {type(message).__name__}")
 
-    def _resolve(self, message: DaraClientMessage, size: int) -> None:
-        outcome = self._pending.receive(message, size)
+    def _resolve(self, message: DaraClientMessage) -> None:
+        outcome = self._pending.receive(message)
         if isinstance(outcome, Completed):
             if not outcome.waiter.done():
                 outcome.waiter.set_result(outcome.value)
@@ -326,7 +367,7 @@ class WebSocketHandler:
         else:
             body = {"kind": payload.kind, "data": result, "__response_for": payload.rchan}
         try:
-            return _to_json({"type": "custom", "message": body})
+            return dumps({"type": "custom", "message": body})
         except pydantic_core.PydanticSerializationError:
             logger.exception("custom handler returned a value JSON cannot carry",
                              extra={"channel": self.channel_id, "kind": payload.kind})

@@ -1,9 +1,9 @@
 """The manager: every connection of a server, and sending to one, a user's, or all of them.
 
 Frames are encoded once per call, never once per recipient: a broadcast builds one ``bytes``
-object and every recipient's queue holds that same object. Delivery first offers the frame to every
-queue without waiting; only the queues that are full then apply their slow-consumer policy,
-concurrently, so one slow client never delays the others.
+object and every recipient's queue holds that same object. A fan-out (broadcast, per-user send)
+never waits: a recipient whose queue is full applies its slow-consumer policy at once, so one slow
+client never delays the others (protocol.md section 6).
 
 With a backplane (:mod:`dara_ws_core.backplane`) the same calls reach channels connected to other
 processes.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 __all__ = ["WebsocketManager", "get_user_channels"]
 
-import asyncio
 import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -128,7 +127,7 @@ class WebsocketManager:
     ) -> None:
         """Send a message to every connected client except ``ignore_channel``."""
         frame = build_frame(message, custom=custom)
-        await self.deliver_local(self.handlers.values(), frame, ignore_channel)
+        self.deliver_local(self.handlers.values(), frame, ignore_channel)
         if self.backplane is not None:
             await self.backplane.broadcast(frame, ignore_channel)
 
@@ -144,7 +143,7 @@ class WebsocketManager:
         frame = build_frame(message, custom=custom)
         handlers = self.handlers
         local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]
-        await self.deliver_local(local, frame, ignore_channel)
+        self.deliver_local(local, frame, ignore_channel)
         if self.backplane is not None:
             await self.backplane.send_to_user(user_id, frame, ignore_channel)
 
@@ -169,26 +168,30 @@ class WebsocketManager:
             return await self.backplane.request(channel_id, message, custom, timeout)
         raise UnknownChannel(channel_id)
 
-    async def deliver_local(
+    def deliver_local(
         self, handlers: Iterable[WebSocketHandler], frame: bytes, ignore_channel: str | None = None
-    ) -> None:
-        """Deliver one encoded frame to local handlers (the fan-out every send method uses).
+    ) -> int:
+        """Deliver one encoded frame to local handlers without waiting (the one fan-out that
+        broadcasts, per-user sends and the backplane use); returns how many got it.
 
-        Offers the frame to every queue first; full queues then apply their policy
-        concurrently. Closed channels are skipped. Never raises for one recipient's failure.
+        A full queue never delays the others: its channel applies its policy at once
+        (:meth:`WebSocketHandler.push`). Closed channels are skipped. Never raises.
         """
-        slow: list[WebSocketHandler] | None = None
+        delivered = 0
+        full: list[WebSocketHandler] | None = None
         for handler in handlers:
-            if handler.queue.closed or handler.channel_id == ignore_channel:
+            if handler.channel_id == ignore_channel or handler.queue.closed:
                 continue
-            if not handler.offer(frame):
-                if slow is None:
-                    slow = []
-                slow.append(handler)
-        if slow:
-            await asyncio.gather(
-                *(h.enqueue_slow(frame, raise_slow=False) for h in slow), return_exceptions=True
-            )
+            if handler.offer(frame):
+                delivered += 1
+            elif full is None:
+                full = [handler]
+            else:
+                full.append(handler)
+        # After the loop: a disconnect removes the handler from the dict being iterated.
+        if full is not None:
+            delivered += sum(handler.push(frame) for handler in full)
+        return delivered
 
     # ------------------------------------------------------------------ disconnecting
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,10 +28,17 @@ from . import strategies as S
 
 MAX_PENDING = 4
 MAX_CHUNKS = 4
-MAX_BYTES = 60
+MAX_BYTES = 24
 
-#: Payloads only need to be told apart (their codec is tested in test_messages).
-payloads = st.none() | st.integers() | st.lists(st.integers(), max_size=2)
+#: Payloads only need to be told apart (their codec is tested in test_messages); strings of
+#: 1- to 4-byte characters check that parts are counted in UTF-8 bytes.
+payloads = (st.none() | st.integers() | st.lists(st.integers(), max_size=2)
+            | st.text(alphabet="aé€😀", max_size=4))
+
+
+def wire_size(payload: Any) -> int:
+    """A part's size as the table must count it: compact JSON in UTF-8 bytes."""
+    return len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
 
 
 def response(
@@ -145,10 +153,10 @@ class PendingRequestsMachine(RuleBasedStateMachine):
         return rchan
 
     def answer(self, rchan: str, payload: Any, count: int | None = None,
-               index: int | None = None, size: int = 0) -> None:
+               index: int | None = None) -> None:
         entry = self.pending.get(rchan)
-        expected = predict(entry, payload, count, index, size)
-        outcome = self.table.receive(response(rchan, payload, count, index), size)
+        expected = predict(entry, payload, count, index, wire_size(payload))
+        outcome = self.table.receive(response(rchan, payload, count, index))
         event(f"outcome: {expected.kind}")
         if expected.kind == "ignored":
             assert outcome == Ignored(rchan)
@@ -179,12 +187,10 @@ class PendingRequestsMachine(RuleBasedStateMachine):
         payload=payloads,
         count=st.integers(min_value=-1, max_value=MAX_CHUNKS + 1),
         index=st.none() | st.integers(min_value=-1, max_value=MAX_CHUNKS + 1),
-        size=st.integers(min_value=0, max_value=30),
     )
-    def answer_chunk(self, rchan: str, payload: Any, count: int, index: int | None,
-                     size: int) -> None:
+    def answer_chunk(self, rchan: str, payload: Any, count: int, index: int | None) -> None:
         """Any chunk: valid or not, for a pending, ended or discarded request."""
-        self.answer(rchan, payload, count, index, size)
+        self.answer(rchan, payload, count, index)
 
     @precondition(lambda self: self.pending)
     @rule(data=st.data(), payload=payloads)
@@ -199,7 +205,7 @@ class PendingRequestsMachine(RuleBasedStateMachine):
             count, indexed = entry.count, bool(entry.indexed)
         missing = [i for i in range(count) if i not in entry.parts]
         index = data.draw(st.sampled_from(missing)) if indexed and missing else None
-        self.answer(rchan, payload, count, index, data.draw(st.integers(0, 10)))
+        self.answer(rchan, payload, count, index)
 
     @rule(rchan=S.uuids, payload=payloads, count=st.none() | st.integers(1, MAX_CHUNKS))
     def answer_unknown_rchan(self, rchan: str, payload: Any, count: int | None) -> None:
@@ -319,10 +325,31 @@ def test_an_invalid_chunk_sequence_fails_the_request(
 def test_chunked_bytes_above_the_limit_fail_the_request() -> None:
     table: PendingRequests[str] = PendingRequests(max_chunked_bytes=100)
     rchan = table.open("w")
-    assert isinstance(table.receive(response(rchan, "a", 3), size=60), Partial)
-    outcome = table.receive(response(rchan, "b", 3), size=41)
+    assert isinstance(table.receive(response(rchan, "a" * 58, 3)), Partial)  # 60 bytes
+    outcome = table.receive(response(rchan, "b" * 39, 3))  # 41 more
     assert isinstance(outcome, Failed)
     assert "100" in str(outcome.error)
+
+
+def test_chunked_bytes_are_counted_in_utf8_not_in_characters() -> None:
+    # 25 four-byte characters: 25 characters, 102 bytes with the quotes.
+    table: PendingRequests[str] = PendingRequests(max_chunked_bytes=100)
+    rchan = table.open("w")
+    outcome = table.receive(response(rchan, "\U0001f600" * 25, 2))
+    assert isinstance(outcome, Failed)
+
+
+def test_a_pending_chunked_answer_holds_its_parts_as_wire_bytes() -> None:
+    # 2,000 empty objects decode to 2,000 dicts (over 120 KB); held, they are 6 KB of JSON.
+    table: PendingRequests[str] = PendingRequests()
+    rchan = table.open("w")
+    part = [{} for _ in range(2000)]
+    assert isinstance(table.receive(response(rchan, part, 2)), Partial)
+    held = table._entries[rchan].assembler._parts[0]  # type: ignore[union-attr]
+    assert held == json.dumps(part, separators=(",", ":")).encode()
+    outcome = table.receive(response(rchan, {"x": "é"}, 2))
+    assert isinstance(outcome, Completed)
+    assert outcome.value == [part, {"x": "é"}]
 
 
 def test_an_answer_for_an_unknown_rchan_is_ignored() -> None:
