@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 ADAPTERS = {
@@ -62,7 +63,8 @@ async def check_websockets() -> None:
 
 def _cli_names_the_missing_extra() -> None:
     """The CLI names the extra it lacks, in one line (exit status 2)."""
-    result = subprocess.run(["dara-ws", "serve", "--transport", "aiohttp", "--port", "0"],
+    dara_ws = str(Path(sys.executable).with_name("dara-ws"))  # the venv's script; it is not activated
+    result = subprocess.run([dara_ws, "serve", "--transport", "aiohttp", "--port", "0"],
                             capture_output=True, text=True, check=False, timeout=60)
     assert result.returncode == 2, result
     assert result.stderr.strip().splitlines()[-1] == (
