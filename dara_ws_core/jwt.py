@@ -24,6 +24,7 @@ from __future__ import annotations
 __all__ = ["jwt_authenticator"]
 
 import hashlib
+import math
 from collections.abc import Callable, Collection, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -35,6 +36,8 @@ from .exceptions import AuthenticationFailed
 #: key. An allow-list holding both kinds invites algorithm confusion (a public key used as an HMAC
 #: secret), so it is refused.
 _SYMMETRIC = frozenset({"HS256", "HS384", "HS512"})
+#: Registered claims that RFC 7519 makes NumericDates.
+_NUMERIC_DATES = ("exp", "nbf", "iat")
 
 #: ``key`` may be a callable that picks the verification key from the token's unverified header
 #: (key rotation by ``kid``); it raises ``AuthenticationFailed`` or ``LookupError`` for an unknown
@@ -132,6 +135,16 @@ def jwt_authenticator(
         return _identity(token, claims)
 
     def _identity(token: str, claims: dict[str, Any]) -> Identity:
+        for name in _NUMERIC_DATES:
+            # PyJWT compares int(claim), so "exp": "9999999999" passes its check; RFC 7519
+            # section 2 makes these NumericDates (JSON numbers). A string would also escape the
+            # expiry enforced on the live connection below.
+            value = claims.get(name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float)
+                or not math.isfinite(value)
+            ):
+                raise AuthenticationFailed(f"claim {name!r} must be a number")
         user = claims.get(user_claim)
         if not isinstance(user, str) or not user:
             raise AuthenticationFailed(f"claim {user_claim!r} must be a non-empty string")
@@ -141,9 +154,9 @@ def jwt_authenticator(
         elif not isinstance(session, str) or not session:
             raise AuthenticationFailed(f"claim {session_claim!r} must be a non-empty string")
         exp = claims.get("exp")
-        # PyJWT has checked that exp is a number; the connection lives as long as the handshake
+        # exp is a finite number (checked above); the connection lives as long as the handshake
         # would have accepted the token.
-        expires_at = float(exp) + leeway if isinstance(exp, int | float) else None
+        expires_at = None if exp is None else float(exp) + leeway
         return Identity(
             user_id=user,
             session_id=session,

@@ -155,6 +155,19 @@ async def test_jwt_identity_carries_user_session_claims_and_expiry() -> None:
     assert identity.expires_at == 2_000_000_005  # exp + leeway: as long as the handshake accepts
 
 
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+@pytest.mark.parametrize("value", ["9999999999", True, [1], {"n": 1}])
+async def test_jwt_numeric_date_claims_that_are_not_numbers_are_refused(
+    claim: str, value: Any
+) -> None:
+    # PyJWT compares int(exp): the string "9999999999" passed, and was never enforced after.
+    token = make_token(**{claim: value})
+    with pytest.raises(AuthenticationFailed):
+        await run_authenticator(
+            jwt_authenticator(SECRET), HandshakeRequest.build(f"/?token={token}", [])
+        )
+
+
 async def test_jwt_session_defaults_to_one_per_token_when_the_claim_is_missing() -> None:
     auth = jwt_authenticator(SECRET)
     token_a, token_b = make_token(sid=None, jti="a"), make_token(sid=None, jti="b")
