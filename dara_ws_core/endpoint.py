@@ -22,6 +22,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from .auth import Authenticator, Identity, run_authenticator
@@ -111,11 +112,31 @@ class Endpoint:
         close_request: ConnectionClosed | None = None
         close_task: asyncio.Task[None] | None = None
         sender: asyncio.Task[None] | None = None
+        close_timeout = self.config.close_timeout
+        abort_timer: asyncio.TimerHandle | None = None
+
+        def arm_abort() -> None:
+            # A peer that does not read never lets a closing handshake finish (our close frame
+            # sits behind a full send buffer) and TCP keeps such a socket for minutes: whatever
+            # is still open close_timeout after the close began is aborted. A no-op on a
+            # transport that closed in time.
+            nonlocal abort_timer
+            if abort_timer is None:
+                abort_timer = loop.call_later(close_timeout, _abort_quietly, transport)
 
         def request_close(code: int, reason: str) -> None:
             nonlocal close_task, close_request
             close_request = ConnectionClosed(code, reason)
-            close_task = loop.create_task(_close_quietly(transport, code, reason))
+            arm_abort()
+            # Frames queued before the close (replies to requests within a rate limit, answers
+            # finished within the shutdown grace) go out before the close frame: take them
+            # before the manager drops the queue.
+            queue, backlog = handler.queue, []
+            while (frame := queue.get_nowait()) is not None:
+                backlog.append(frame)
+            close_task = loop.create_task(
+                _flush_and_close(transport, backlog, lambda: sender, code, reason)
+            )
             # The channel is dead for messaging now, even if the closing handshake with a peer
             # that does not read takes the transport's close timeout: unregister it at once.
             manager.remove_handler(channel_id, ConnectionClosed(code, reason))
@@ -145,11 +166,12 @@ class Endpoint:
             closed = ConnectionClosed(CloseCode.INTERNAL_ERROR, "internal error")
             handler.close(closed.code, closed.reason)
         finally:
+            arm_abort()
             if close_request is not None:
                 closed = close_request
             self._connections.pop(channel_id, None)
             manager.remove_handler(channel_id, closed)
-            if sender is not None:
+            if sender is not None and close_task is None:
                 sender.cancel()
                 await asyncio.gather(sender, return_exceptions=True)
             if close_task is not None:
@@ -162,6 +184,9 @@ class Endpoint:
                 finally:
                     drain.cancel()
                     await asyncio.gather(drain, return_exceptions=True)
+                    if sender is not None:  # done unless the close was cut short
+                        sender.cancel()
+                        await asyncio.gather(sender, return_exceptions=True)
             elif not transport.closed:
                 await _close_quietly(transport, CloseCode.NORMAL, "")
 
@@ -248,16 +273,24 @@ class Endpoint:
                         handler.close(CloseCode.POLICY_VIOLATION, "identity expired")
 
     async def shutdown(self, grace: float | None = None) -> None:
-        """Stop: refuse new handshakes, let in-flight handler replies finish for ``grace`` seconds
-        (default ``ServerConfig.shutdown_grace``), close every connection with 1001 and fail
-        their pending requests, and wait until every connection task is done."""
+        """Stop: refuse new handshakes, close every connection with 1001 and fail their pending
+        requests, and wait until every connection task is done.
+
+        A connection with handler tasks running (custom requests in flight) is closed when they
+        end or when ``grace`` seconds (default ``ServerConfig.shutdown_grace``) have passed,
+        whichever is first; its replies queued by then are sent before the close frame. Other
+        connections are closed at once. Idempotent."""
         self._closing = True
         grace = self.config.shutdown_grace if grace is None else grace
         handlers = [h for c, h in self.manager.handlers.items() if c in self._connections]
-        if handlers and grace > 0:
-            await asyncio.gather(*(h.wait_tasks(grace) for h in handlers))
-        for handler in handlers:
+
+        async def close_when_done(handler: WebSocketHandler) -> None:
+            if grace > 0:
+                await handler.wait_tasks(grace)
             handler.close(CloseCode.GOING_AWAY, "server shutting down")
+
+        if handlers:
+            await asyncio.gather(*(close_when_done(h) for h in handlers))
         tasks = list(self._connections.values())
         if tasks:
             _, still = await asyncio.wait(tasks, timeout=max(grace, 1.0) + 5.0)
@@ -275,6 +308,34 @@ async def _discard_until_closed(transport: Transport) -> None:
     with contextlib.suppress(Exception):  # ConnectionClosed ends it, as does any transport error
         while True:
             await transport.receive()
+
+
+async def _flush_and_close(
+    transport: Transport,
+    backlog: list[bytes],
+    current_sender: Callable[[], asyncio.Task[None] | None],
+    code: int,
+    reason: str,
+) -> None:
+    """Send what was queued before the close, then the close frame (bounded by the caller's
+    abort timer: a transport that cannot write any more is aborted, which ends this)."""
+    sender = current_sender()
+    if sender is not None:
+        # It writes the frame it holds and stops: the queue is empty and closed.
+        await asyncio.wait([sender])
+    try:
+        for frame in backlog:
+            await transport.send(frame)
+    except Exception:  # gone meanwhile: the close below is a no-op then
+        logger.debug("flush before close failed", exc_info=True)
+    await _close_quietly(transport, code, reason)
+
+
+def _abort_quietly(transport: Transport) -> None:
+    try:
+        transport.abort()
+    except Exception:  # aborting is the last resort; it must never raise into the loop
+        logger.debug("abort failed", exc_info=True)
 
 
 async def _close_quietly(transport: Transport, code: int, reason: str) -> None:

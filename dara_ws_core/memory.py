@@ -110,6 +110,16 @@ class MemoryTransport:
         self._wake(self._waiter)
         self._wake(self._space)
 
+    def abort(self) -> None:
+        """Drop the connection: both ends see 1006 (abnormal closure) unless already closed."""
+        for end in (self, self._peer):
+            if end is not None and end._close is None:
+                end._close = (int(CloseCode.ABNORMAL), "connection aborted")
+                end._close_sent = True
+                end._frames.clear()
+                end._wake(end._waiter)
+                end._wake(end._space)
+
 
 def memory_pair(
     *, max_queue: int = 64, server_max_size: int | None = None, client_max_size: int | None = None

@@ -16,6 +16,7 @@ Adapter duties, in full:
   :class:`~dara_ws_core.exceptions.ConnectionClosed` (with the close code) once the peer is gone,
   whether the native library reports closes as exceptions or as messages.
 * ``send(frame)`` sends ``frame`` (UTF-8 JSON) as one **text** frame.
+* ``abort()`` drops the TCP connection at once (the native transport's ``abort()``).
 * Pass ``ServerConfig.max_message_size`` and the keepalive settings to the native library.
 
 Optional, for speed: ``send_nowait(frame) -> bool`` writes a text frame synchronously if the
@@ -54,6 +55,14 @@ class Transport(Protocol):
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake with ``code`` and return; idempotent."""
+
+    def abort(self) -> None:
+        """Drop the connection now, without a closing handshake: release the socket and its
+        buffers. Idempotent, never raises; a no-op once the connection is fully closed.
+
+        The endpoint calls it when a close has not completed within
+        ``ServerConfig.close_timeout`` (a peer that does not read).
+        """
 
     @property
     def closed(self) -> bool:

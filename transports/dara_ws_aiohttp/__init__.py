@@ -13,6 +13,7 @@ from __future__ import annotations
 
 __all__ = ["AiohttpTransport", "Server", "add_route", "connect", "serve"]
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, NamedTuple
@@ -41,9 +42,11 @@ class AiohttpTransport:
         self,
         ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
         session: aiohttp.ClientSession | None = None,
+        transport: asyncio.Transport | None = None,
     ) -> None:
         self._ws = ws
         self._session = session
+        self._transport = transport  # the request's socket (server side), for abort()
         self._local_code: int | None = None  # what we closed with, until the peer echoes it
         self._gone: ConnectionClosed | None = None
 
@@ -104,6 +107,12 @@ class AiohttpTransport:
         finally:
             await self._release()
 
+    def abort(self) -> None:
+        # aiohttp has no public abort on a WebSocket; its writer holds the socket's transport.
+        transport = self._transport or getattr(getattr(self._ws, "_writer", None), "transport", None)
+        if transport is not None:
+            transport.abort()
+
     async def _release(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -125,16 +134,32 @@ def add_route(app: web.Application, endpoint: Endpoint, path: str | None = None)
         except AuthenticationFailed:
             return web.Response(status=403, text="Forbidden")
         config = endpoint.config
-        ws = web.WebSocketResponse(max_msg_size=config.max_message_size, heartbeat=config.ping_interval, compress=False)
+        # aiohttp closes a message of exactly max_msg_size (it checks >=): +1 makes the limit
+        # inclusive, as on the other transports (the core checks the size again).
+        ws = web.WebSocketResponse(
+            max_msg_size=config.max_message_size + 1, heartbeat=config.ping_interval, compress=False
+        )
         await ws.prepare(request)
-        await endpoint.serve(AiohttpTransport(ws), identity)
+        protocol = request.protocol
+        live.add(protocol)
+        try:
+            await endpoint.serve(AiohttpTransport(ws, transport=request.transport), identity)
+        finally:
+            live.discard(protocol)
         return ws
 
     async def on_shutdown(_: web.Application) -> None:
+        # aiohttp's runner marks every connection closing before on_shutdown runs, and a closing
+        # connection drops all input: in-flight requests would never be answered. Reopen input
+        # on ours before the first await, so the endpoint's graceful shutdown sees the frames.
+        for protocol in live:
+            if getattr(protocol, "_close", False) is True:
+                protocol._close = False
         await endpoint.shutdown()
 
+    live: set[Any] = set()  # the connections being served (RequestHandler has no weakref)
     app.router.add_get(path or endpoint.path, handle)
-    app.on_shutdown.append(on_shutdown)
+    app.on_shutdown.insert(0, on_shutdown)
 
 
 class Server(NamedTuple):
@@ -154,7 +179,13 @@ async def serve(endpoint: Endpoint, host: str = "127.0.0.1", port: int = 0) -> A
     """
     app = web.Application()
     add_route(app, endpoint)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=endpoint.config.shutdown_grace)
+    config = endpoint.config
+    # keepalive_timeout also bounds a connection that never completes its request (aiohttp arms
+    # it at connect): half-open handshakes go after handshake_timeout.
+    runner = web.AppRunner(
+        app, handle_signals=False, shutdown_timeout=config.shutdown_grace,
+        keepalive_timeout=config.handshake_timeout,
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
@@ -162,6 +193,9 @@ async def serve(endpoint: Endpoint, host: str = "127.0.0.1", port: int = 0) -> A
         port = int(runner.addresses[0][1])
         yield Server(host, port, f"ws://{host}:{port}{endpoint.path}")
     finally:
+        for listener in runner.sites:
+            await listener.stop()
+        await endpoint.shutdown()  # before aiohttp stops reading input (see add_route)
         await runner.cleanup()
 
 

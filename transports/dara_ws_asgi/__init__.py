@@ -8,18 +8,24 @@ and FastAPI.
 
 The ASGI server owns frame size and keepalive: when you run uvicorn yourself, pass it
 ``ws_max_size=config.max_message_size``, ``ws_ping_interval`` and ``ws_ping_timeout`` as
-:func:`serve` does (the core checks the size again), and call ``endpoint.shutdown()`` before
-stopping it: uvicorn itself closes open connections with 1012, not 1001.
+:func:`serve` does (the core checks the size again). Shutdown: uvicorn closes open connections
+with 1012 before any lifespan code runs; :class:`ASGIApp` (through ASGI lifespan) and
+:func:`lifespan` (for Starlette/FastAPI) make it shut the endpoint down first (1001, in-flight
+replies delivered) and bound handshakes and ping floods, when uvicorn runs in the main thread
+with its default h11 and websockets-sansio protocols.
 """
 
 from __future__ import annotations
 
-__all__ = ["ASGIApp", "ASGITransport", "Server", "asgi_app", "serve", "websocket_route"]
+__all__ = ["ASGIApp", "ASGITransport", "Server", "asgi_app", "lifespan", "serve", "websocket_route"]
 
 import asyncio
 import contextlib
+import functools
 import math
+import signal
 import socket
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any, NamedTuple
 
@@ -84,6 +90,137 @@ class ASGITransport:
         with contextlib.suppress(OSError):  # the peer left meanwhile
             await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
+    def abort(self) -> None:
+        """Drop the TCP connection. ASGI has no abort: under uvicorn the socket is found behind
+        ``send`` (see :func:`_socket_of`); elsewhere this does nothing and the server's own
+        close timeout applies."""
+        if (transport := _socket_of(self._send)) is not None:
+            transport.abort()
+
+
+def _socket_of(send: Send) -> asyncio.Transport | None:
+    """The asyncio transport behind an ASGI ``send``: uvicorn's is a bound method of its
+    protocol, which holds it; Starlette and middleware wrap it in closures, searched a few
+    levels deep. ``None`` when not found (another server)."""
+    todo: list[Any] = [send]
+    for _ in range(32):
+        if not todo:
+            break
+        fn = todo.pop()
+        transport = getattr(getattr(fn, "__self__", None), "transport", None)
+        if isinstance(transport, asyncio.Transport):
+            return transport
+        for cell in getattr(fn, "__closure__", None) or ():
+            with contextlib.suppress(ValueError):  # an empty cell
+                if callable(cell.cell_contents):
+                    todo.append(cell.cell_contents)
+    return None
+
+
+#: Stop reading from a peer while this much is waiting to be written to it.
+_PAUSE_READING_ABOVE = 1024 * 1024
+
+
+@functools.cache
+def _uvicorn_protocols(handshake_timeout: float) -> tuple[type[Any], type[Any]]:
+    """uvicorn's h11 and websockets-sansio protocols with two bounds uvicorn lacks (built on
+    first use: the second needs websockets):
+
+    * HTTP: a connection must complete its request within ``handshake_timeout`` seconds, or it
+      is closed; uvicorn has no header timeout, so half-open handshakes would hold every slot.
+    * WebSocket: reading pauses while the write buffer is over ``_PAUSE_READING_ABOVE``;
+      uvicorn answers each ping without flow control, so a peer that floods pings and reads
+      nothing would grow the buffer without bound.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    class HTTPProtocol(H11Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.loop.call_later(handshake_timeout, self._handshake_expired)
+
+        def _handshake_expired(self) -> None:
+            # No request yet (cycle) and not upgraded (the WebSocket protocol took over).
+            transport = self.transport
+            if self.cycle is None and transport.get_protocol() is self and not transport.is_closing():
+                transport.close()
+
+    class WebSocketProtocol(WebSocketsSansIOProtocol):
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if not self.read_paused and self.transport.get_write_buffer_size() > _PAUSE_READING_ABOVE:
+                self.read_paused = True
+                self.transport.pause_reading()
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self.read_paused and self.queue.empty():  # uvicorn's own rule for resuming
+                self.read_paused = False
+                self.transport.resume_reading()
+
+    return HTTPProtocol, WebSocketProtocol
+
+
+_hooked: weakref.WeakKeyDictionary[uvicorn.Server, list[Endpoint]] = weakref.WeakKeyDictionary()
+
+
+def _hook_uvicorn(endpoint: Endpoint, server: uvicorn.Server | None = None) -> bool:
+    """Make a uvicorn server (by default the one running this process, found through the
+    signal handler it installs) shut ``endpoint`` down *before* it closes connections itself
+    with 1012, and use the bounded protocols of :func:`_uvicorn_protocols` if it uses uvicorn's
+    defaults. Returns whether a server was found. Call it before the server accepts."""
+    if server is None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            owner = getattr(signal.getsignal(sig), "__self__", None)
+            if isinstance(owner, uvicorn.Server):
+                server = owner
+                break
+        else:
+            return False
+    endpoints = _hooked.get(server)
+    if endpoints is None:
+        endpoints = _hooked[server] = []
+        original = server.shutdown
+
+        async def shutdown(sockets: list[socket.socket] | None = None) -> None:
+            for listener in server.servers:  # stop accepting first; uvicorn does it again
+                listener.close()
+            await asyncio.gather(*(e.shutdown() for e in endpoints))
+            await original(sockets)
+
+        setattr(server, "shutdown", shutdown)  # noqa: B010 (an instance attribute on purpose)
+    if endpoint not in endpoints:
+        endpoints.append(endpoint)
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    config, (http, ws) = server.config, _uvicorn_protocols(endpoint.config.handshake_timeout)
+    if getattr(config, "http_protocol_class", None) is H11Protocol:
+        config.http_protocol_class = http
+    if getattr(config, "ws_protocol_class", None) is ws.__mro__[1]:
+        config.ws_protocol_class = ws
+    return True
+
+
+def lifespan(endpoint: Endpoint) -> Callable[[Any], contextlib.AbstractAsyncContextManager[None]]:
+    """A Starlette / FastAPI ``lifespan=`` that shuts ``endpoint`` down gracefully.
+
+    Under uvicorn it makes the server run ``endpoint.shutdown()`` (clients get 1001, in-flight
+    replies finish within the grace period) before uvicorn closes connections with 1012, which
+    it otherwise does before any lifespan shutdown code runs. Elsewhere, the endpoint shuts down
+    at lifespan shutdown. ``Starlette(routes=[websocket_route(ep)], lifespan=lifespan(ep))``.
+    """
+
+    @contextlib.asynccontextmanager
+    async def context(_: Any) -> AsyncIterator[None]:
+        _hook_uvicorn(endpoint)
+        try:
+            yield
+        finally:
+            await endpoint.shutdown()
+
+    return context
+
 
 async def _deny(scope: Scope, send: Send) -> None:
     """Refuse a request: 404 for plain HTTP; for a WebSocket, a close before accept, which the
@@ -118,9 +255,11 @@ class ASGIApp:
         self.path = path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":  # nothing to start: the endpoint needs no setup
+        if scope["type"] == "lifespan":  # see lifespan(): the same, for a plain ASGI server
             while (kind := (await receive())["type"]) != "lifespan.shutdown":
+                _hook_uvicorn(self.endpoint)
                 await send({"type": f"{kind}.complete"})
+            await self.endpoint.shutdown()
             await send({"type": "lifespan.shutdown.complete"})
             return
         if scope["type"] != "websocket" or self.path not in (None, scope["path"]):
@@ -181,10 +320,12 @@ async def serve(endpoint: Endpoint, host: str = "127.0.0.1", port: int = 0) -> A
     except OSError:
         sock.close()
         raise
+    http, ws = _uvicorn_protocols(config.handshake_timeout)
     server = _Uvicorn(
         uvicorn.Config(
             asgi_app(endpoint),
-            ws="websockets-sansio",
+            http=http,
+            ws=ws,
             ws_max_size=config.max_message_size,
             ws_ping_interval=config.ping_interval,
             ws_ping_timeout=config.ping_timeout,
@@ -196,6 +337,7 @@ async def serve(endpoint: Endpoint, host: str = "127.0.0.1", port: int = 0) -> A
         )
     )
     server.ready = asyncio.Event()
+    _hook_uvicorn(endpoint, server)  # SIGTERM: the endpoint shuts down first (1001, not 1012)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     ready = asyncio.create_task(server.ready.wait())
     try:

@@ -82,9 +82,38 @@ class WebsocketsTransport:
     async def close(self, code: int = 1000, reason: str = "") -> None:
         await self._ws.close(code, reason)
 
+    def abort(self) -> None:
+        self._ws.transport.abort()
+
     @property
     def closed(self) -> bool:
         return self._ws.state in (State.CLOSING, State.CLOSED)
+
+
+#: Stop reading from a peer while this much is waiting to be written to it.
+_PAUSE_READING_ABOVE = 1024 * 1024
+
+
+class _ServerConnection(ServerConnection):
+    """Stops reading while the write buffer is over ``_PAUSE_READING_ABOVE``: websockets answers
+    every ping with a pong written without flow control, so a peer that floods pings and reads
+    nothing would grow the buffer without bound. Reading resumes once the buffer drains."""
+
+    _paused_for_writes = False
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        transport = self.transport
+        if not self._paused_for_writes and transport.get_write_buffer_size() > _PAUSE_READING_ABOVE:
+            self._paused_for_writes = True
+            transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._paused_for_writes:
+            self._paused_for_writes = False
+            if not self.recv_messages.paused:  # else the message queue is full: it resumes
+                self.transport.resume_reading()
 
 
 @asynccontextmanager
@@ -119,7 +148,9 @@ async def serve(
         "ping_interval": config.ping_interval,
         "ping_timeout": config.ping_timeout,
         "close_timeout": config.close_timeout,
+        "open_timeout": config.handshake_timeout,
         "compression": None,
+        "create_connection": _ServerConnection,
     }
     options.update(kwargs)
     async with ws_serve(handler, host, port, **options) as server:
