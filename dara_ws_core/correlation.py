@@ -70,17 +70,22 @@ Outcome = Completed[W] | Failed[W] | Partial | Ignored
 
 
 class _Entry(Generic[W]):
-    __slots__ = ("assembler", "waiter")
+    __slots__ = ("assembler", "held", "waiter")
 
     def __init__(self, waiter: W) -> None:
         self.waiter = waiter
         self.assembler: ChunkAssembler | None = None
+        self.held = 0  # bytes of the parts stored
 
 
 class PendingRequests(Generic[W]):
-    """Pending server -> client requests of one channel, bounded in count and chunk sizes."""
+    """Pending server -> client requests of one channel, bounded in count and chunk sizes.
 
-    __slots__ = ("_entries", "max_chunked_bytes", "max_chunks", "max_pending")
+    ``max_chunked_bytes`` bounds the parts held for *all* of the channel's pending answers
+    together: a client answering many requests at once holds no more than one answer could.
+    """
+
+    __slots__ = ("_entries", "_held", "max_chunked_bytes", "max_chunks", "max_pending")
 
     def __init__(
         self, *, max_pending: int = 1024, max_chunks: int = 10_000, max_chunked_bytes: int = 2**26
@@ -89,6 +94,17 @@ class PendingRequests(Generic[W]):
         self.max_chunks = max_chunks
         self.max_chunked_bytes = max_chunked_bytes
         self._entries: dict[str, _Entry[W]] = {}
+        self._held = 0  # bytes of parts held, over every entry
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of chunked-answer parts held for this channel's pending requests."""
+        return self._held
+
+    def _remove(self, rchan: str) -> _Entry[W]:
+        entry = self._entries.pop(rchan)
+        self._held -= entry.held
+        return entry
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -129,11 +145,10 @@ class PendingRequests(Generic[W]):
         if entry is None:
             return Ignored(rchan)
         if message.chunk_count is None:
+            self._remove(rchan)
             if entry.assembler is not None:
                 # Dara let a plain frame silently replace collected parts; we refuse it.
-                del self._entries[rchan]
                 return Failed(rchan, entry.waiter, ChunkError("plain answer after chunked parts"))
-            del self._entries[rchan]
             return Completed(rchan, entry.waiter, message.message)
         try:
             if entry.assembler is None:
@@ -143,6 +158,10 @@ class PendingRequests(Generic[W]):
                     max_bytes=self.max_chunked_bytes,
                 )
             part = dumps(message.message)
+            if self._held + len(part) > self.max_chunked_bytes:
+                raise ChunkError(
+                    f"chunked answers pending on this channel exceed {self.max_chunked_bytes} bytes"
+                )
             parts = entry.assembler.feed(
                 part,
                 chunk_count=message.chunk_count,
@@ -150,19 +169,23 @@ class PendingRequests(Generic[W]):
                 size=len(part),
             )
         except ChunkError as exc:
-            del self._entries[rchan]
+            self._remove(rchan)
             return Failed(rchan, entry.waiter, exc)
+        entry.held += len(part)
+        self._held += len(part)
         if parts is None:
             return Partial(rchan, entry.assembler.received, entry.assembler.expected)
-        del self._entries[rchan]
+        self._remove(rchan)
         return Completed(rchan, entry.waiter, [from_json(part) for part in parts])
 
     def discard(self, rchan: str) -> None:
         """Forget a request (its caller timed out or was cancelled); no-op if already gone."""
-        self._entries.pop(rchan, None)
+        if rchan in self._entries:
+            self._remove(rchan)
 
     def close(self) -> list[W]:
         """Remove every entry and return their waiters, to be failed with the close exception."""
         waiters = [entry.waiter for entry in self._entries.values()]
         self._entries.clear()
+        self._held = 0
         return waiters

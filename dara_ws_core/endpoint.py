@@ -36,7 +36,7 @@ from .exceptions import (
 )
 from .handler import WebSocketHandler, current_channel, current_identity
 from .manager import WebsocketManager
-from .messages import ClientPing, decode_client_frame
+from .messages import decode_client_frame
 from .transport import HandshakeRequest, Transport
 
 logger = logging.getLogger("dara_ws_core")
@@ -219,18 +219,14 @@ class Endpoint:
                 message = decode(frame, max_size, max_values=max_values)
             except InvalidMessage as exc:
                 # Unknown type or invalid fields: dropped and logged, the connection stays.
-                logger.warning("dropped client frame: %s", exc,
-                               extra={"channel": handler.channel_id})
+                handler.log_peer_error(logging.WARNING, "dropped client frame: %s", exc)
                 continue
             except ProtocolError as exc:
                 code = exc.close_code or CloseCode.PROTOCOL_ERROR
                 logger.info("closing on bad frame: %s", exc, extra={"channel": handler.channel_id})
                 handler.close(code, str(exc))
                 return ConnectionClosed(code, str(exc))
-            if type(message) is ClientPing:
-                pending = handler.pong()
-            else:
-                pending = handler.process_client_message(message)
+            pending = handler.process_client_message(message)
             if pending is not None:
                 try:
                     await pending

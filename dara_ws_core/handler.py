@@ -64,6 +64,12 @@ def _error_frame(kind: str, rchan: str | None, code: str, message: str) -> bytes
     return dumps({"type": "custom", "message": body})
 
 
+def _is_power_of_ten(n: int) -> bool:
+    while n % 10 == 0:
+        n //= 10
+    return n == 1
+
+
 async def _settled(task: asyncio.Task[None]) -> None:
     # Waits for the task without raising its cancellation into the waiter (the receive loop).
     await asyncio.wait((task,))
@@ -76,8 +82,9 @@ class WebSocketHandler:
     connection ends, which fails its pending requests and cancels its handler tasks.
     """
 
-    __slots__ = ("_closed", "_closer", "_custom", "_pending", "_sending", "_start_sender", "_tasks",
-                 "_write_now", "channel_id", "config", "identity", "last_seen", "queue")
+    __slots__ = ("_closed", "_closer", "_custom", "_peer_errors", "_pending", "_sending",
+                 "_start_sender", "_tasks", "_write_now", "channel_id", "config", "identity",
+                 "last_seen", "queue")
 
     def __init__(
         self,
@@ -106,6 +113,7 @@ class WebSocketHandler:
         self._sending = False
         #: Event-loop time of the last inbound frame (for the idle timeout).
         self.last_seen = 0.0
+        self._peer_errors = 0
 
     def __repr__(self) -> str:
         return f"<WebSocketHandler {self.channel_id} queued={len(self.queue)}>"
@@ -134,6 +142,20 @@ class WebSocketHandler:
     def dropped(self) -> int:
         """Frames discarded by the ``DROP_OLDEST`` policy."""
         return self.queue.dropped
+
+    def log_peer_error(self, level: int, message: str, *args: Any, exc_info: bool = False,
+                       **extra: Any) -> None:
+        """Log something this channel's peer caused (a dropped frame, an unknown kind, a failing
+        handler), at most a few times: the first 10 per connection, then the 100th, 1,000th...
+        with the count. A log line costs I/O on the event loop; one client flooding bad frames
+        must not turn it into a stall for everyone else, nor fill the disk."""
+        self._peer_errors = count = self._peer_errors + 1
+        if count > 10 and not _is_power_of_ten(count):
+            return
+        if count > 10:
+            message += f" ({count} such records on this channel; only powers of ten are logged)"
+        logger.log(level, message, *args, exc_info=exc_info,
+                   extra={"channel": self.channel_id, **extra})
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Ask the connection to close with ``code``; returns at once. Idempotent."""
@@ -314,20 +336,19 @@ class WebSocketHandler:
             if not outcome.waiter.done():
                 outcome.waiter.set_result(outcome.value)
         elif isinstance(outcome, Failed):
-            logger.warning("invalid chunked answer: %s", outcome.error,
-                           extra={"channel": self.channel_id, "rchan": outcome.rchan})
+            self.log_peer_error(logging.WARNING, "invalid chunked answer: %s", outcome.error,
+                                rchan=outcome.rchan)
             if not outcome.waiter.done():
                 outcome.waiter.set_exception(outcome.error)
         elif isinstance(outcome, Ignored):
-            logger.info("answer for an unknown or settled request ignored",
-                        extra={"channel": self.channel_id, "rchan": outcome.rchan})
+            self.log_peer_error(logging.INFO, "answer for an unknown or settled request ignored",
+                                rchan=outcome.rchan)
 
     def _dispatch(self, payload: CustomClientMessagePayload) -> Awaitable[None] | None:
         try:
             spec = self._custom.get(payload.kind)
         except UnknownKind:
-            logger.info("custom message of unknown kind",
-                        extra={"channel": self.channel_id, "kind": payload.kind})
+            self.log_peer_error(logging.INFO, "custom message of unknown kind", kind=payload.kind)
             return self.send_nowait(_error_frame(payload.kind, payload.rchan, "unknown_kind",
                                                  f"no handler for kind {payload.kind!r}"))
         if spec.is_async:
@@ -353,8 +374,7 @@ class WebSocketHandler:
 
     def _failure(self, spec: HandlerSpec, payload: CustomClientMessagePayload) -> bytes:
         # The traceback goes to the log with the channel and kind; the wire gets a code only.
-        logger.exception("custom handler failed",
-                         extra={"channel": self.channel_id, "kind": spec.kind})
+        self.log_peer_error(logging.ERROR, "custom handler failed", exc_info=True, kind=spec.kind)
         return _error_frame(payload.kind, payload.rchan, "handler_error", "the handler failed")
 
     def _reply_frame(self, payload: CustomClientMessagePayload, result: Any) -> bytes | None:
@@ -369,8 +389,8 @@ class WebSocketHandler:
         try:
             return dumps({"type": "custom", "message": body})
         except pydantic_core.PydanticSerializationError:
-            logger.exception("custom handler returned a value JSON cannot carry",
-                             extra={"channel": self.channel_id, "kind": payload.kind})
+            self.log_peer_error(logging.ERROR, "custom handler returned a value JSON cannot carry",
+                                exc_info=True, kind=payload.kind)
             return _error_frame(payload.kind, payload.rchan, "handler_error",
                                 "the handler's result could not be encoded")
 
@@ -407,8 +427,7 @@ class WebSocketHandler:
             async with asyncio.timeout(self.config.handler_timeout):
                 result = await spec.func(self.channel_id, payload.data)
         except TimeoutError:
-            logger.warning("custom handler timed out",
-                           extra={"channel": self.channel_id, "kind": spec.kind})
+            self.log_peer_error(logging.WARNING, "custom handler timed out", kind=spec.kind)
             frame: bytes | None = _error_frame(payload.kind, payload.rchan, "timeout",
                                                "the handler timed out")
         except Exception:

@@ -29,9 +29,8 @@ from __future__ import annotations
 
 __all__ = ["HandshakeRequest", "SupportsSendNowait", "Transport", "parse_cookies"]
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from http.cookies import CookieError, SimpleCookie
 from types import MappingProxyType
 from typing import Protocol, runtime_checkable
 from urllib.parse import parse_qsl, urlsplit
@@ -77,20 +76,59 @@ class SupportsSendNowait(Protocol):
         """Write ``frame`` as a text frame now if possible without waiting; else ``False``."""
 
 
+#: Most bytes of ``Cookie`` header parsed and most cookies kept (RFC 6265 section 6.1 asks
+#: browsers for 4096-byte cookies and 50 per domain): the rest is ignored, so an
+#: unauthenticated client cannot make the parse cost more than this.
+MAX_COOKIE_BYTES = 64 * 1024
+MAX_COOKIES = 256
+
+
 def parse_cookies(header: str | None) -> dict[str, str]:
-    """Parse a ``Cookie`` header; malformed cookies are skipped rather than failing the handshake."""
+    """Parse a ``Cookie`` header (``name=value; name2=value2``, RFC 6265 section 5.4) in one
+    linear pass; malformed pairs are skipped rather than failing the handshake, and only the
+    first ``MAX_COOKIE_BYTES`` characters and ``MAX_COOKIES`` cookies count. The first
+    occurrence of a name wins (the most specific path, as browsers order them)."""
     if not header:
         return {}
     cookies: dict[str, str] = {}
-    for part in header.split(";"):
-        jar: SimpleCookie = SimpleCookie()
-        try:
-            jar.load(part.strip())
-        except CookieError:
+    for part in header[:MAX_COOKIE_BYTES].split(";", MAX_COOKIES)[:MAX_COOKIES]:
+        name, eq, value = part.partition("=")
+        name, value = name.strip(), value.strip()
+        if not eq or not name or name in cookies:
             continue
-        for name, morsel in jar.items():
-            cookies[name] = morsel.value
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        cookies[name] = value
     return cookies
+
+
+class _LazyCookies(Mapping[str, str]):
+    """The cookies of a handshake, parsed on first use: most authenticators read a token from
+    the query and never pay for the header."""
+
+    __slots__ = ("_header", "_parsed")
+
+    def __init__(self, header: str | None) -> None:
+        self._header = header
+        self._parsed: dict[str, str] | None = None
+
+    def _cookies(self) -> dict[str, str]:
+        if self._parsed is None:
+            self._parsed = parse_cookies(self._header)
+            self._header = None
+        return self._parsed
+
+    def __getitem__(self, name: str) -> str:
+        return self._cookies()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._cookies())
+
+    def __len__(self) -> int:
+        return len(self._cookies())
+
+    def __repr__(self) -> str:
+        return repr(self._cookies())
 
 
 def _empty() -> Mapping[str, str]:
@@ -119,19 +157,20 @@ class HandshakeRequest:
     ) -> HandshakeRequest:
         """Build from a request target (``/path?query``) and raw header pairs."""
         split = urlsplit(target)
-        hdrs: dict[str, str] = {}
+        # Repeated headers are joined as HTTP allows (cookies with "; ", RFC 6265), in one
+        # join per name: appending one by one is quadratic in the repeats.
+        values: dict[str, list[str]] = {}
         for name, value in headers:
-            key = name.lower()
-            # Repeated headers are joined as HTTP allows; cookies use "; " per RFC 6265.
-            if key in hdrs:
-                hdrs[key] += ("; " if key == "cookie" else ", ") + value
-            else:
-                hdrs[key] = value
+            values.setdefault(name.lower(), []).append(value)
+        hdrs = {
+            key: vals[0] if len(vals) == 1 else ("; " if key == "cookie" else ", ").join(vals)
+            for key, vals in values.items()
+        }
         return cls(
             path=split.path or "/",
             query=dict(parse_qsl(split.query, keep_blank_values=True)),
             headers=hdrs,
-            cookies=parse_cookies(hdrs.get("cookie")),
+            cookies=_LazyCookies(hdrs.get("cookie")),
             remote=remote,
         )
 

@@ -82,9 +82,10 @@ class Expect:
     value: Any = None
 
 
-def predict(entry: ModelEntry | None, payload: Any, count: int | None, index: int | None,
-            size: int) -> Expect:
-    """What the protocol says one response frame does to one entry (protocol.md section 4)."""
+def predict(entry: ModelEntry | None, payload: Any, count: int | None, index: int | None, *,
+            size: int, held: int) -> Expect:
+    """What the protocol says one response frame does to one entry (protocol.md section 4);
+    ``held`` is the bytes of parts stored for every pending entry of the channel."""
     if entry is None:
         return Expect("ignored")
     if count is None:
@@ -100,13 +101,13 @@ def predict(entry: ModelEntry | None, payload: Any, count: int | None, index: in
         entry.indexed = indexed
     elif entry.indexed != indexed:
         return Expect("failed")
-    entry.size += size
-    if entry.size > MAX_BYTES:
+    if held + size > MAX_BYTES:  # the limit is per channel, over every pending answer
         return Expect("failed")
     position = len(entry.parts) if index is None else index
     if not 0 <= position < entry.count or position in entry.parts:
         return Expect("failed")
     entry.parts[position] = payload
+    entry.size += size
     if len(entry.parts) == entry.count:
         return Expect("completed", [entry.parts[i] for i in range(entry.count)])
     return Expect("partial", (len(entry.parts), entry.count))
@@ -155,7 +156,8 @@ class PendingRequestsMachine(RuleBasedStateMachine):
     def answer(self, rchan: str, payload: Any, count: int | None = None,
                index: int | None = None) -> None:
         entry = self.pending.get(rchan)
-        expected = predict(entry, payload, count, index, wire_size(payload))
+        held = sum(e.size for e in self.pending.values())
+        expected = predict(entry, payload, count, index, size=wire_size(payload), held=held)
         outcome = self.table.receive(response(rchan, payload, count, index))
         event(f"outcome: {expected.kind}")
         if expected.kind == "ignored":
@@ -244,6 +246,11 @@ class PendingRequestsMachine(RuleBasedStateMachine):
         for rchan, entry in self.pending.items():
             assert rchan in self.table
             assert self.table.waiter(rchan) is entry.waiter
+
+    @invariant()
+    def held_bytes_are_those_of_pending_parts(self) -> None:
+        held = sum(e.size for e in self.pending.values())
+        assert self.table.held_bytes == held <= MAX_BYTES
 
     @invariant()
     def every_request_is_pending_or_ended_once(self) -> None:
@@ -399,3 +406,16 @@ def test_rchans_are_fresh_uuid4s() -> None:
     rchans = [table.open(i) for i in range(2000)]
     assert len(set(rchans)) == len(rchans)
     assert all(is_uuid4(r) for r in rchans)
+
+
+def test_chunked_bytes_are_bounded_per_channel_not_only_per_answer() -> None:
+    # Two answers of 60 bytes each are each under the limit; together they are not.
+    table: PendingRequests[str] = PendingRequests(max_chunked_bytes=100)
+    first, second = table.open("a"), table.open("b")
+    assert isinstance(table.receive(response(first, "a" * 58, 2)), Partial)
+    assert table.held_bytes == 60
+    outcome = table.receive(response(second, "b" * 58, 2))
+    assert isinstance(outcome, Failed) and outcome.waiter == "b"
+    assert table.held_bytes == 60  # the failed answer holds nothing
+    table.discard(first)
+    assert table.held_bytes == 0
