@@ -5,8 +5,8 @@ A block is run according to the HTML comment on the line before its fence (blank
 * no comment (python): saved as a script in the page's scratch folder and run to completion;
 * ``<!-- test: run NAME -->``: the same, saved as ``NAME`` first (bash blocks: run with bash);
 * ``<!-- test: server NAME -->``: saved as ``NAME`` and started in the background; the page's port
-  must start listening, the blocks after it run against it, and it is stopped with SIGINT at the
-  end of the page (as Ctrl-C would);
+  must start listening, the blocks after it run against it, and it is stopped with SIGINT (as
+  Ctrl-C would) at the next server block or the end of the page;
 * ``<!-- test: pytest NAME -->``: saved as ``NAME`` and run with pytest;
 * ``<!-- test: skip REASON -->``: not run, for a stated reason (kept rare).
 
@@ -167,6 +167,8 @@ def test_the_blocks_of_a_page_run(page: Path, tmp_path: Path, request: pytest.Fi
             else:
                 command = [sys.executable, name]
             if block.action == "server":
+                while servers:  # one server per page at a time: the next one takes the port
+                    _stop(*servers.pop())
                 server = subprocess.Popen(command, cwd=tmp_path, env=env, text=True,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                 servers.append((server, block))
