@@ -350,7 +350,7 @@ def test_a_pending_chunked_answer_holds_its_parts_as_wire_bytes() -> None:
     # 2,000 empty objects decode to 2,000 dicts (over 120 KB); held, they are 6 KB of JSON.
     table: PendingRequests[str] = PendingRequests()
     rchan = table.open("w")
-    part = [{} for _ in range(2000)]
+    part: list[dict[str, Any]] = [{} for _ in range(2000)]
     assert isinstance(table.receive(response(rchan, part, 2)), Partial)
     held = table._entries[rchan].assembler._parts[0]  # type: ignore[union-attr]
     assert held == json.dumps(part, separators=(",", ":")).encode()
