@@ -53,7 +53,8 @@ class ServerConfig:
     max_pending_requests: int = 1024
     #: Default timeout of ``send_and_wait`` when the call gives none.
     request_timeout: float | None = 30.0
-    #: Chunked answers: most parts and most total bytes for one answer.
+    #: Chunked answers: most parts of one answer, and most bytes (UTF-8 JSON, as on the wire) of
+    #: parts held at once for all of a channel's pending answers.
     max_chunks: int = 10_000
     max_chunked_bytes: int = 64 * MiB
     #: Close connections that send nothing (not even the stock client's 5 s ping) for this long.
