@@ -1,0 +1,364 @@
+"""One connection's protocol as a pure state machine (protocol.md sections 2 to 6).
+
+:class:`ServerConnection` does no I/O and knows no event loop, in the manner of h11's
+``Connection`` and websockets' ``Protocol``: it is fed inbound frames (``str`` for a text frame,
+``bytes`` for a binary one) and local intents (answer this request, open a server request, close),
+each with the time as an input, and answers with immutable **events** for its driver to carry
+out: a frame to send, a connection to close, a custom message to dispatch, a server request
+answered or failed. It owns what the protocol decides:
+
+* decoding and every bad-input outcome of section 6 (1003, 1007, 1009, dropped objects);
+* the inbound rate limit, the idle timeout and identity expiry, all against the ``now`` given;
+* pings answered with pongs (section 2);
+* the correlation table and chunk reassembly of server requests (section 4);
+* how a custom request is answered: the reply, or an ``__error`` reply for an unknown kind, a
+  failing or timed-out handler, or too many handlers running (section 3, **[ext]**);
+* what every input gets once the connection is closing or closed.
+
+The asyncio layer (:mod:`~dara_ws_core.handler`, :mod:`~dara_ws_core.endpoint`) drives it: it
+reads frames, runs handlers, queues frames and closes transports, and makes no protocol decision
+of its own. Applications property-test their protocol logic against this class directly (see
+:mod:`dara_ws_core.testing`).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AnswerIgnored",
+    "CloseConnection",
+    "CustomReceived",
+    "Event",
+    "FrameDropped",
+    "RequestCompleted",
+    "RequestFailed",
+    "SendFrame",
+    "ServerConnection",
+    "State",
+]
+
+import enum
+from collections.abc import Container
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import pydantic_core
+
+from .config import ServerConfig
+from .correlation import Completed, Failed, Ignored, PendingRequests
+from .exceptions import (
+    CloseCode,
+    ConnectionClosed,
+    DaraWSError,
+    InvalidMessage,
+    ProtocolError,
+)
+from .messages import (
+    PONG_FRAME,
+    ClientMessage,
+    ClientPing,
+    CustomClientMessage,
+    DaraClientMessage,
+    InitMessage,
+    InitPayload,
+    decode_client_frame,
+    dumps,
+    encode,
+)
+
+W = TypeVar("W")
+
+
+class State(enum.Enum):
+    """Where a connection is. Only ``OPEN`` exchanges messages."""
+
+    OPEN = "open"
+    #: A close was decided (by us, or the peer's bad input); frames still read are dropped.
+    CLOSING = "closing"
+    #: The transport is gone; every pending request has failed.
+    CLOSED = "closed"
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class SendFrame:
+    """Send ``frame`` (UTF-8 JSON, one text frame) to the client, after what is queued."""
+
+    frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CloseConnection:
+    """Close the transport with ``code`` (frames queued before it go out first)."""
+
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CustomReceived:
+    """A custom message for the handler of ``kind``; ``rchan`` set means a reply is expected.
+
+    Run the handler, then answer with :meth:`ServerConnection.reply` or
+    :meth:`ServerConnection.reply_error`. The connection has counted it as running: call
+    :meth:`ServerConnection.handler_done` when it ends, whatever the outcome.
+    """
+
+    kind: str
+    data: Any
+    rchan: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class FrameDropped:
+    """An object of unknown type or with invalid fields was dropped; the connection stays."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RequestCompleted(Generic[W]):
+    """A server request was answered: complete ``waiter`` with ``value``."""
+
+    rchan: str
+    waiter: W
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFailed(Generic[W]):
+    """A server request failed (an invalid chunked answer, or the connection closed)."""
+
+    rchan: str
+    waiter: W
+    error: DaraWSError
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerIgnored:
+    """An answer for no pending request (unknown, answered or timed out): ignored."""
+
+    rchan: str
+
+
+Event = (SendFrame | CloseConnection | CustomReceived | FrameDropped | RequestCompleted[Any]
+         | RequestFailed[Any] | AnswerIgnored)
+
+_NO_EVENTS: list[Event] = []  # never appended to: returned where nothing happens
+
+
+class ServerConnection(Generic[W]):
+    """The protocol state of one connection (one channel). ``W`` is the driver's waiter type
+    for server requests (an ``asyncio.Future`` in the asyncio layer, anything in tests).
+
+    ``kinds`` answers "is there a handler for this kind"; without it every kind is dispatched.
+    ``expires_at`` is the identity's expiry in wall-clock seconds (see :meth:`tick`).
+    """
+
+    __slots__ = ("_close", "_handlers", "_kinds", "_pending", "_window_count", "_window_start",
+                 "channel_id", "config", "expires_at", "last_seen", "state")
+
+    def __init__(
+        self,
+        channel_id: str,
+        config: ServerConfig | None = None,
+        *,
+        now: float = 0.0,
+        expires_at: float | None = None,
+        kinds: Container[str] | None = None,
+    ) -> None:
+        self.channel_id = channel_id
+        self.config = config = config or ServerConfig()
+        self.state = State.OPEN
+        #: Time (the driver's clock) of the last inbound frame, for the idle timeout.
+        self.last_seen = now
+        self.expires_at = expires_at
+        self._kinds = kinds
+        self._pending: PendingRequests[W] = PendingRequests(
+            max_pending=config.max_pending_requests,
+            max_chunks=config.max_chunks,
+            max_chunked_bytes=config.max_chunked_bytes,
+        )
+        self._window_start = now
+        self._window_count = 0
+        self._handlers = 0
+        self._close: ConnectionClosed | None = None
+
+    def __repr__(self) -> str:
+        return f"<ServerConnection {self.channel_id} {self.state.value}>"
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def init_frame(self) -> bytes:
+        """The first frame of every connection: its channel id (section 5)."""
+        return encode(InitMessage(message=InitPayload(channel=self.channel_id)))
+
+    @property
+    def close_reason(self) -> ConnectionClosed | None:
+        """How the connection closed or is closing; ``None`` while open."""
+        return self._close
+
+    @property
+    def pending(self) -> PendingRequests[W]:
+        """The correlation table of server requests (read it; change it through this class)."""
+        return self._pending
+
+    @property
+    def handlers_running(self) -> int:
+        """Custom handlers dispatched and not yet reported done."""
+        return self._handlers
+
+    # ------------------------------------------------------------------ inbound
+
+    def receive_frame(self, frame: str | bytes, now: float) -> list[Event]:
+        """Feed one inbound frame read at ``now``; returns what to do (section 6 for bad input).
+
+        Once the connection is closing or closed, frames are dropped without events.
+        """
+        if self.state is not State.OPEN:
+            return _NO_EVENTS
+        self.last_seen = now
+        config = self.config
+        if config.rate_limit is not None:
+            if now - self._window_start >= config.rate_window:
+                self._window_start, self._window_count = now, 0
+            self._window_count += 1
+            if self._window_count > config.rate_limit:
+                return self.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+        try:
+            message = decode_client_frame(
+                frame, config.max_message_size, max_values=config.max_message_values
+            )
+        except InvalidMessage as exc:
+            return [FrameDropped(str(exc))]
+        except ProtocolError as exc:
+            return self.close(exc.close_code or CloseCode.PROTOCOL_ERROR, str(exc))
+        return self.receive_message(message)
+
+    def receive_message(self, message: ClientMessage) -> list[Event]:
+        """Feed one decoded client message (what :meth:`receive_frame` does after decoding)."""
+        if self.state is not State.OPEN:
+            return _NO_EVENTS
+        if type(message) is ClientPing:
+            return [SendFrame(PONG_FRAME)]
+        if isinstance(message, DaraClientMessage):
+            outcome = self._pending.receive(message)
+            if isinstance(outcome, Completed):
+                return [RequestCompleted(outcome.rchan, outcome.waiter, outcome.value)]
+            if isinstance(outcome, Failed):
+                return [RequestFailed(outcome.rchan, outcome.waiter, outcome.error)]
+            if isinstance(outcome, Ignored):
+                return [AnswerIgnored(outcome.rchan)]
+            return _NO_EVENTS  # a part of a chunked answer: stored
+        if isinstance(message, CustomClientMessage):
+            return self._dispatch(message.message.kind, message.message.data,
+                                  message.message.rchan)
+        raise TypeError(f"not a client message: {type(message).__name__}")
+
+    def _dispatch(self, kind: str, data: Any, rchan: str | None) -> list[Event]:
+        if self._kinds is not None and kind not in self._kinds:
+            return [FrameDropped("custom message of unknown kind"),
+                    _error(kind, rchan, "unknown_kind", f"no handler for kind {kind!r}")]
+        if self._handlers >= self.config.max_handler_tasks:
+            return [_error(kind, rchan, "busy", "too many requests in progress")]
+        self._handlers += 1
+        return [CustomReceived(kind, data, rchan)]
+
+    # ------------------------------------------------------------------ custom replies
+
+    def handler_done(self) -> None:
+        """A handler dispatched by a :class:`CustomReceived` ended (any outcome)."""
+        if self._handlers > 0:
+            self._handlers -= 1
+
+    def reply(self, kind: str, rchan: str | None, result: Any) -> SendFrame | None:
+        """The answer to a custom message whose handler returned ``result`` (section 4).
+
+        A request (``rchan``) always gets a reply so the client's promise settles; a message
+        without one gets a reply only when the handler returned something. A result JSON cannot
+        carry becomes a ``handler_error`` reply. ``None``: nothing to send (or not open).
+        """
+        if self.state is not State.OPEN:
+            return None
+        if rchan is None:
+            if result is None:
+                return None
+            body: dict[str, Any] = {"kind": kind, "data": result}
+        else:
+            body = {"kind": kind, "data": result, "__response_for": rchan}
+        try:
+            return SendFrame(dumps({"type": "custom", "message": body}))
+        except pydantic_core.PydanticSerializationError:
+            return _error(kind, rchan, "handler_error", "the handler's result could not be encoded")
+
+    def reply_error(self, kind: str, rchan: str | None, code: str, message: str) -> SendFrame | None:
+        """An ``__error`` reply **[ext]** to a custom message whose handler failed (``code``
+        ``handler_error``) or timed out (``timeout``): a code and a message, never a traceback.
+        ``None`` unless open."""
+        if self.state is not State.OPEN:
+            return None
+        return _error(kind, rchan, code, message)
+
+    # ------------------------------------------------------------------ server requests
+
+    def open_request(self, waiter: W) -> str:
+        """Open a server request and return its ``__rchan`` (a fresh uuid4).
+
+        Raises ``ConnectionClosed`` unless open, ``TooManyPendingRequests`` at the limit.
+        """
+        if self._close is not None:
+            raise self._close
+        return self._pending.open(waiter)
+
+    def discard_request(self, rchan: str) -> None:
+        """Forget a request whose caller gave up (timeout, cancellation). Idempotent."""
+        self._pending.discard(rchan)
+
+    # ------------------------------------------------------------------ time and closing
+
+    def tick(self, now: float, wall: float) -> list[Event]:
+        """Check the timers: ``now`` on the driver's clock (idle timeout), ``wall`` in epoch
+        seconds (identity expiry, 1008)."""
+        if self.state is not State.OPEN:
+            return _NO_EVENTS
+        idle = self.config.idle_timeout
+        if idle is not None and now - self.last_seen >= idle:
+            return self.close(CloseCode.GOING_AWAY, "idle timeout")
+        if self.expires_at is not None and wall >= self.expires_at:
+            return self.close(CloseCode.POLICY_VIOLATION, "identity expired")
+        return _NO_EVENTS
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> list[Event]:
+        """Decide to close: one :class:`CloseConnection`, then :class:`RequestFailed` for every
+        pending request (the channel is dead for messaging at once). No-op unless open."""
+        if self.state is not State.OPEN:
+            return _NO_EVENTS
+        self.state = State.CLOSING
+        self._close = ConnectionClosed(code, reason)
+        return [CloseConnection(code, reason), *self._fail_pending(self._close)]
+
+    def connection_lost(self, exc: ConnectionClosed) -> list[Event]:
+        """The transport is gone (``exc`` says how): every pending request fails with it, or
+        with the close already decided. Idempotent."""
+        if self.state is State.CLOSED:
+            return _NO_EVENTS
+        self.state = State.CLOSED
+        if self._close is None:
+            self._close = exc
+        return self._fail_pending(self._close)
+
+    def _fail_pending(self, exc: ConnectionClosed) -> list[Event]:
+        pending = self._pending
+        failed: list[Event] = [RequestFailed(rchan, pending.waiter(rchan), exc) for rchan in pending]
+        pending.close()
+        return failed
+
+
+def _error(kind: str, rchan: str | None, code: str, message: str) -> SendFrame:
+    # protocol.md section 3, error [ext]: the caller's promise settles; no traceback on the wire.
+    body: dict[str, Any] = {"kind": kind, "data": None, "__error": {"code": code, "message": message}}
+    if rchan is not None:
+        body["__response_for"] = rchan
+    return SendFrame(dumps({"type": "custom", "message": body}))
