@@ -44,11 +44,10 @@ from typing import Any, Generic, TypeVar
 import pydantic_core
 
 from .config import ServerConfig
-from .correlation import Completed, Failed, Ignored, PendingRequests
+from .correlation import Completed, Failed, Ignored, Partial, PendingRequests
 from .exceptions import (
     CloseCode,
     ConnectionClosed,
-    DaraWSError,
     InvalidMessage,
     ProtocolError,
 )
@@ -117,30 +116,12 @@ class FrameDropped:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class RequestCompleted(Generic[W]):
-    """A server request was answered: complete ``waiter`` with ``value``."""
-
-    rchan: str
-    waiter: W
-    value: Any
-
-
-@dataclass(frozen=True, slots=True)
-class RequestFailed(Generic[W]):
-    """A server request failed (an invalid chunked answer, or the connection closed)."""
-
-    rchan: str
-    waiter: W
-    error: DaraWSError
-
-
-@dataclass(frozen=True, slots=True)
-class AnswerIgnored:
-    """An answer for no pending request (unknown, answered or timed out): ignored."""
-
-    rchan: str
-
+#: A server request was answered: complete ``waiter`` with ``value``.
+RequestCompleted = Completed
+#: A server request failed (an invalid chunked answer, or the connection closed): fail ``waiter``.
+RequestFailed = Failed
+#: An answer for no pending request (unknown, answered or timed out): ignored.
+AnswerIgnored = Ignored
 
 Event = (SendFrame | CloseConnection | CustomReceived | FrameDropped | RequestCompleted[Any]
          | RequestFailed[Any] | AnswerIgnored)
@@ -245,13 +226,9 @@ class ServerConnection(Generic[W]):
             return [SendFrame(PONG_FRAME)]
         if isinstance(message, DaraClientMessage):
             outcome = self._pending.receive(message)
-            if isinstance(outcome, Completed):
-                return [RequestCompleted(outcome.rchan, outcome.waiter, outcome.value)]
-            if isinstance(outcome, Failed):
-                return [RequestFailed(outcome.rchan, outcome.waiter, outcome.error)]
-            if isinstance(outcome, Ignored):
-                return [AnswerIgnored(outcome.rchan)]
-            return _NO_EVENTS  # a part of a chunked answer: stored
+            if isinstance(outcome, Partial):
+                return _NO_EVENTS  # a part of a chunked answer: stored
+            return [outcome]
         if isinstance(message, CustomClientMessage):
             return self._dispatch(message.message.kind, message.message.data,
                                   message.message.rchan)

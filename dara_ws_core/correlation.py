@@ -26,7 +26,7 @@ from typing import Any, Generic, TypeVar
 from pydantic_core import from_json
 
 from .chunks import ChunkAssembler
-from .exceptions import ChunkError, TooManyPendingRequests
+from .exceptions import ChunkError, DaraWSError, TooManyPendingRequests
 from .messages import DaraClientMessage, dumps
 
 W = TypeVar("W")
@@ -43,11 +43,12 @@ class Completed(Generic[W]):
 
 @dataclass(frozen=True, slots=True)
 class Failed(Generic[W]):
-    """The answer broke the protocol: fail ``waiter`` with ``error``. The entry is removed."""
+    """The request failed: fail ``waiter`` with ``error`` (a ``ChunkError`` for an answer that
+    broke the protocol, ``ConnectionClosed`` when the connection ends). The entry is removed."""
 
     rchan: str
     waiter: W
-    error: ChunkError
+    error: DaraWSError
 
 
 @dataclass(frozen=True, slots=True)
