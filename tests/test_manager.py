@@ -7,7 +7,6 @@ the policy, the default ``wait`` included.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
@@ -19,7 +18,7 @@ from dara_ws_core.exceptions import CloseCode
 from .test_contract import eventually, next_payload
 
 #: Small queues so that a client that never reads overflows within a few broadcasts.
-SMALL = {"max_queue_messages": 8, "max_queue_bytes": 256 * 1024, "send_timeout": 30.0,
+SMALL: dict[str, Any] = {"max_queue_messages": 8, "max_queue_bytes": 256 * 1024, "send_timeout": 30.0,
          "close_timeout": 0.5}
 PAD = "z" * 16 * 1024
 MAX_SENDS = 2000
