@@ -120,16 +120,22 @@ class PendingRequests(Generic[W]):
         """The waiter of a pending request; raises ``KeyError`` if there is none."""
         return self._entries[rchan].waiter
 
-    def open(self, waiter: W) -> str:
-        """Open a request and return its ``__rchan`` (a uuid4: 122 random bits, like Dara's).
+    def open(self, waiter: W, rchan: str | None = None) -> str:
+        """Open a request and return its ``__rchan``: a new uuid4 (122 random bits, like Dara's),
+        or ``rchan`` when the frame was encoded elsewhere (a request relayed by the backplane;
+        the caller owes it the same unpredictability).
 
-        Raises :class:`TooManyPendingRequests` at the limit.
+        Raises :class:`TooManyPendingRequests` at the limit, ``ValueError`` if ``rchan`` is
+        already pending (two requests must never share an answer).
         """
         if len(self._entries) >= self.max_pending:
             raise TooManyPendingRequests(
                 f"{len(self._entries)} requests already pending on this channel"
             )
-        rchan = str(uuid.uuid4())
+        if rchan is None:
+            rchan = str(uuid.uuid4())
+        elif rchan in self._entries:
+            raise ValueError(f"request {rchan!r} is already pending")
         self._entries[rchan] = _Entry(waiter)
         return rchan
 

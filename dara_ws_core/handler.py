@@ -14,6 +14,7 @@ __all__ = ["WebSocketHandler", "current_channel", "current_identity"]
 import asyncio
 import contextvars
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -287,14 +288,27 @@ class WebSocketHandler:
         chunked answer, ``TooManyPendingRequests`` at the channel's limit, ``SlowConsumer``.
         Cancelling the call removes its pending entry.
         """
+        rchan = str(uuid.uuid4())  # unpredictable: 122 random bits, like Dara's
+        frame = build_frame(message, custom=custom, rchan=rchan)
+        return await self.send_and_wait_frame(frame, rchan, timeout)
+
+    async def send_and_wait_frame(
+        self, frame: bytes, rchan: str, timeout: float | None = _DEFAULT
+    ) -> Any:
+        """Send a request already encoded with ``__rchan`` = ``rchan`` (as unpredictable as a
+        uuid4) and return its answer, as :meth:`send_and_wait` does: the backplane relays a
+        request that another process encoded this way, byte for byte.
+
+        Raises ``ValueError`` if ``rchan`` is already pending, else what :meth:`send_and_wait`
+        raises.
+        """
         if self._closed is not None:
             raise self._closed
         if timeout is _DEFAULT:
             timeout = self.config.request_timeout
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        rchan = self._pending.open(waiter)
+        self._pending.open(waiter, rchan)
         try:
-            frame = build_frame(message, custom=custom, rchan=rchan)
             async with asyncio.timeout(timeout) as scope:
                 if not self.offer(frame):
                     await self.enqueue_slow(frame)

@@ -6,7 +6,8 @@ never waits: a recipient whose queue is full applies its slow-consumer policy at
 client never delays the others (protocol.md section 6).
 
 With a backplane (:mod:`dara_ws_core.backplane`) the same calls reach channels connected to other
-processes.
+processes. The manager holds the backplane and calls its hooks; the backplane reaches back only
+through the named methods of ``BackplaneHost`` ("for the backplane" below), never the dicts.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .messages import InitMessage, InitPayload, LoosePayload, build_frame, encod
 from .registry import ChannelRegistry
 
 if TYPE_CHECKING:
-    from .backplane import Backplane
+    from .backplane.contract import Backplane
 
 logger = logging.getLogger("dara_ws_core")
 
@@ -127,7 +128,7 @@ class WebsocketManager:
     ) -> None:
         """Send a message to every connected client except ``ignore_channel``."""
         frame = build_frame(message, custom=custom)
-        self.deliver_local(self.handlers.values(), frame, ignore_channel)
+        self.deliver_to_all(frame, ignore_channel)
         if self.backplane is not None:
             await self.backplane.broadcast(frame, ignore_channel)
 
@@ -141,9 +142,7 @@ class WebsocketManager:
         """Send a message to every channel of a user except ``ignore_channel``. A user with no
         connection is not an error (the message has no recipient)."""
         frame = build_frame(message, custom=custom)
-        handlers = self.handlers
-        local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]
-        self.deliver_local(local, frame, ignore_channel)
+        self.deliver_to_user(user_id, frame, ignore_channel)
         if self.backplane is not None:
             await self.backplane.send_to_user(user_id, frame, ignore_channel)
 
@@ -192,6 +191,44 @@ class WebsocketManager:
         if full is not None:
             delivered += sum(handler.push(frame) for handler in full)
         return delivered
+
+    # ------------------------------------------------------------------ for the backplane
+
+    def deliver_to_channel(self, channel_id: str, frame: bytes) -> bool:
+        """Hand an encoded frame to one local channel without waiting; ``False`` if it is not
+        connected here (or closed, or dropped by its slow-consumer policy)."""
+        handler = self.handlers.get(channel_id)
+        return handler is not None and self.deliver_local((handler,), frame) == 1
+
+    def deliver_to_user(self, user_id: str, frame: bytes, ignore_channel: str | None = None) -> int:
+        """Hand an encoded frame to the user's local channels but ``ignore_channel``, without
+        waiting; returns how many got it."""
+        handlers = self.handlers
+        local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]
+        return self.deliver_local(local, frame, ignore_channel)
+
+    def deliver_to_all(self, frame: bytes, ignore_channel: str | None = None) -> int:
+        """Hand an encoded frame to every local channel but ``ignore_channel``, without waiting;
+        returns how many got it."""
+        return self.deliver_local(self.handlers.values(), frame, ignore_channel)
+
+    async def serve_relayed_request(
+        self, channel_id: str, frame: bytes, rchan: str, timeout: float | None
+    ) -> Any:
+        """Send a request another process encoded (``frame``, its ``__rchan`` being ``rchan``)
+        to a local channel byte for byte, and return the client's answer. Raises
+        ``UnknownChannel`` if the channel is not here, else what ``send_and_wait`` raises."""
+        handler = self.handlers.get(channel_id)
+        if handler is None:
+            raise UnknownChannel(channel_id)
+        return await handler.send_and_wait_frame(frame, rchan, timeout)
+
+    def local_channels(self) -> list[tuple[str, str | None]]:
+        """A snapshot of this process's channels: ``(channel id, user id or None)``."""
+        return [
+            (channel_id, None if handler.identity is None else handler.identity.user_id)
+            for channel_id, handler in self.handlers.items()
+        ]
 
     # ------------------------------------------------------------------ disconnecting
 

@@ -408,6 +408,17 @@ def test_rchans_are_fresh_uuid4s() -> None:
     assert all(is_uuid4(r) for r in rchans)
 
 
+def test_a_request_opens_under_a_given_rchan_and_a_duplicate_is_refused() -> None:
+    table: PendingRequests[str] = PendingRequests()
+    rchan = str(uuid.uuid4())  # encoded elsewhere (a request relayed by the backplane)
+    assert table.open("first", rchan=rchan) == rchan
+    with pytest.raises(ValueError, match="already pending"):
+        table.open("second", rchan=rchan)
+    assert len(table) == 1 and table.waiter(rchan) == "first", "the first request is untouched"
+    assert table.receive(response(rchan, 1)) == Completed(rchan, "first", 1)
+    assert table.open("third", rchan=rchan) == rchan, "free again once answered"
+
+
 def test_chunked_bytes_are_bounded_per_channel_not_only_per_answer() -> None:
     # Two answers of 60 bytes each are each under the limit; together they are not.
     table: PendingRequests[str] = PendingRequests(max_chunked_bytes=100)

@@ -1,0 +1,395 @@
+"""The routing logic of a backplane over any publish/subscribe bus with a key-value directory.
+
+:class:`BrokerBackplane` implements :class:`~dara_ws_core.backplane.contract.Backplane` on a
+:class:`~dara_ws_core.backplane.node.BusNode`; a bus library implements the primitives
+(``dara_ws_redis.RedisBackplane``, :class:`~dara_ws_core.backplane.memory.MemoryBackplane`). It
+reaches the manager only through :class:`~dara_ws_core.backplane.contract.BackplaneHost`.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BrokerBackplane"]
+
+import abc
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Unpack
+
+import pydantic_core
+
+from dara_ws_core.exceptions import BackplaneError, DaraWSError, RequestTimeout
+from dara_ws_core.messages import build_frame, dumps
+
+from .contract import BackplaneHost, error_of, failure_of
+from .node import BusNode, BusOptions, Entry, Publication, cancel_task
+from .wire import (
+    BroadcastDelivery,
+    BusMessage,
+    ChannelDelivery,
+    RemoteCancel,
+    RemoteReply,
+    RemoteRequest,
+    UserDelivery,
+    decode_bus_message,
+    encode_bus_message,
+)
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from dara_ws_core.auth import Identity
+    from dara_ws_core.messages import LoosePayload
+
+logger = logging.getLogger("dara_ws_core.backplane")
+
+_from_json = pydantic_core.from_json
+
+
+class BrokerBackplane(BusNode, abc.ABC):
+    """The routing logic of a backplane over a publish/subscribe bus with a key-value directory.
+
+    Subclasses implement the bus primitives (``_bus_session``, ``_publish_batch``, the directory
+    methods) and translate their library's errors into ``BackplaneError``; this class does the
+    routing, the request/reply correlation, the directory upkeep and the fault handling.
+
+    ``heartbeat_interval``: how often this node refreshes its directory entries;
+    ``expiry`` (default 3 x the interval): how long entries outlive a node that stopped refreshing
+    them; the other options are :class:`~dara_ws_core.backplane.node.BusNode`'s
+    (``node_id``, ``namespace``, ``connect_timeout``, ``backoff_initial``, ``backoff_max``,
+    ``max_outbox``).
+    """
+
+    def __init__(
+        self,
+        *,
+        heartbeat_interval: float = 5.0,
+        expiry: float | None = None,
+        **options: Unpack[BusOptions],
+    ) -> None:
+        if heartbeat_interval <= 0:
+            raise ValueError("heartbeat_interval must be > 0")
+        expiry = 3 * heartbeat_interval if expiry is None else expiry
+        if expiry <= heartbeat_interval:
+            raise ValueError("expiry must be longer than heartbeat_interval")
+        super().__init__(**options)
+        self.heartbeat_interval = heartbeat_interval
+        self.expiry = expiry
+        self._manager: BackplaneHost | None = None
+        self._running = False
+        self._wake = asyncio.Event()
+        self._written_cond = asyncio.Condition()
+        # Directory changes not written yet: channel -> (user, present). Later changes of the
+        # same channel replace earlier ones, so a connect + disconnect in one batch coalesce.
+        self._changes: dict[str, tuple[str | None, bool]] = {}
+        self._version = 0
+        self._written = 0
+        self._refresh = True
+        #: Requests this node asked: request id (also their ``__rchan``) -> (future, channel id).
+        self._waiting: dict[str, tuple[asyncio.Future[Any], str]] = {}
+        #: Requests this node serves for others: request id -> task.
+        self._serving: dict[str, asyncio.Task[None]] = {}
+        self._writer_task: asyncio.Task[None] | None = None
+
+    @property
+    def manager(self) -> BackplaneHost:
+        """The manager this backplane serves; raises ``RuntimeError`` before :meth:`start`."""
+        if self._manager is None:
+            raise RuntimeError("the backplane is not started")
+        return self._manager
+
+    # ------------------------------------------------------------------ directory primitives
+
+    @abc.abstractmethod
+    async def _user_entries(self, user_id: str) -> dict[str, str]:
+        """The user's live channels: channel -> node."""
+
+    @abc.abstractmethod
+    async def _write_directory(self, present: Sequence[Entry], absent: Sequence[Entry]) -> None:
+        """Register ``present`` as held by this node (refreshing their expiry); unregister
+        ``absent``."""
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, manager: BackplaneHost) -> None:
+        """Connect, subscribe and register the manager's channels (see :class:`Backplane`)."""
+        if self._running:
+            raise RuntimeError("the backplane is already started")
+        if manager.backplane is None:
+            manager.backplane = self
+        elif manager.backplane is not self:
+            raise ValueError("the manager has another backplane")
+        self._manager = manager
+        self._running, self._stopping = True, False
+        self._start_bus()
+        self._writer_task = asyncio.get_running_loop().create_task(
+            self._maintain(), name=f"backplane-dir-{self.node_id}")
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await self._connected.wait()
+                await self.flush()
+        except TimeoutError:
+            await self.stop()
+            raise BackplaneError(
+                f"could not reach the backplane within {self.connect_timeout} s"
+            ) from None
+        logger.info("backplane started", extra={"node": self.node_id})
+
+    async def stop(self) -> None:
+        """Unregister this node's channels (best effort, bounded), let replies being served
+        finish briefly, fail waiting requests with ``BackplaneError`` and disconnect.
+
+        Call it after the endpoint's ``shutdown``, so that clients are closed first.
+        """
+        if not self._running:
+            return
+        self._stopping = True
+        await cancel_task(self._writer_task)
+        if self._serving:
+            await asyncio.wait(list(self._serving.values()), timeout=1.0)
+        if self._connected.is_set():
+            absent = [(c, u) for c, (u, there) in self._changes.items() if not there]
+            absent += self.manager.local_channels()
+            try:
+                async with asyncio.timeout(2.0):
+                    await self._write_directory((), absent)
+            except (BackplaneError, TimeoutError) as exc:
+                logger.warning("backplane: could not unregister channels at stop (%s); "
+                               "they expire in %.1f s", exc, self.expiry)
+        for task in list(self._serving.values()):
+            task.cancel()
+        await self._stop_bus()
+        await asyncio.gather(*self._serving.values(), return_exceptions=True)
+        self._fail_waiting(BackplaneError("the backplane stopped"))
+        self._running = False
+
+    async def flush(self) -> None:
+        """Wait until every channel change made so far is written to the directory and every
+        queued message has left (published, or failed and counted). Wrap it in
+        ``asyncio.timeout``: while the bus is unreachable it waits for the reconnection."""
+        target = self._version
+        async with self._written_cond:
+            await self._written_cond.wait_for(lambda: self._written >= target)
+        await self._outbox_idle.wait()
+
+    # ------------------------------------------------------------------ manager hooks
+
+    def channel_added(self, channel_id: str, identity: Identity | None) -> None:
+        self._change(channel_id, identity, True)
+
+    def channel_removed(self, channel_id: str, identity: Identity | None) -> None:
+        self._change(channel_id, identity, False)
+
+    def _change(self, channel_id: str, identity: Identity | None, present: bool) -> None:
+        self._changes[channel_id] = (identity.user_id if identity is not None else None, present)
+        self._version += 1
+        self._wake.set()
+
+    async def send_to_channel(self, channel_id: str, frame: bytes) -> None:
+        data = encode_bus_message(ChannelDelivery(channel_id, frame))
+        await self._route(channel_id, data, "message")
+
+    async def broadcast(self, frame: bytes, ignore_channel: str | None) -> None:
+        data = encode_bus_message(BroadcastDelivery(self.node_id, ignore_channel, frame))
+        await self._post(Publication(data, topic=self.broadcast_topic), "broadcast")
+
+    async def send_to_user(self, user_id: str, frame: bytes, ignore_channel: str | None) -> None:
+        data = encode_bus_message(UserDelivery(user_id, ignore_channel, frame))
+        await self._post(Publication(data, user_id=user_id), "message to a user")
+
+    async def request(
+        self,
+        channel_id: str,
+        message: LoosePayload | BaseModel,
+        custom: bool,
+        timeout: float | None,
+    ) -> Any:
+        # Encoded once, here, with its __rchan (a uuid4 like a local one), and relayed as it is:
+        # the caller's errors surface here, and the owner never decodes and re-encodes it.
+        request_id = str(uuid.uuid4())
+        frame = build_frame(message, custom=custom, rchan=request_id)
+        scope = asyncio.timeout(timeout)
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        owner: str | None = None
+        try:
+            async with scope:
+                self._waiting[request_id] = (waiter, channel_id)
+                data = encode_bus_message(RemoteRequest(
+                    request_id, self.node_id, channel_id, custom, timeout, frame))
+                owner = await self._route(channel_id, data, "request")
+                return await waiter
+        except TimeoutError:
+            if scope.expired():
+                raise RequestTimeout(
+                    f"no answer from channel {channel_id} within {timeout} s"
+                ) from None
+            raise
+        finally:
+            self._waiting.pop(request_id, None)
+            if owner is not None and (not waiter.done() or waiter.cancelled()):
+                waiter.cancel()
+                # Timed out or cancelled here: the owner stops waiting for its client too.
+                self._post_nowait(Publication(encode_bus_message(RemoteCancel(request_id)),
+                                              topic=self.topic_of(owner)), "cancel")
+
+    async def user_channels(self, user_id: str) -> set[str]:
+        local = self.manager.get_user_channels(user_id)
+        if not self._connected.is_set():
+            raise BackplaneError("the backplane is disconnected")
+        entries = await self._user_entries(user_id)
+        # This node's own entries may lag behind (a removal not written yet): trust the manager.
+        return local | {c for c, node in entries.items() if node != self.node_id}
+
+    # ------------------------------------------------------------------ receiving
+
+    def _on_bus_message(self, data: bytes) -> None:
+        """Handle one message from the bus. Never blocks (deliveries are queue offers) and never
+        raises: one bad message must not cost the subscription."""
+        try:
+            message = decode_bus_message(data)
+        except BackplaneError as exc:
+            logger.warning("backplane: dropped a message: %s", exc, extra={"node": self.node_id})
+            return
+        try:
+            self._dispatch(message)
+        except Exception:
+            logger.exception("backplane: handling a message failed", extra={"node": self.node_id})
+
+    def _dispatch(self, message: BusMessage) -> None:
+        manager = self._manager
+        if manager is None:
+            return
+        if isinstance(message, BroadcastDelivery):
+            if message.origin == self.node_id:
+                return  # our own broadcast, already delivered locally by the manager
+            self.stats.received += 1
+            self.stats.delivered += manager.deliver_to_all(message.frame, message.ignore)
+            return
+        self.stats.received += 1
+        # Deliveries never wait (see BackplaneHost): a slow client never holds up the bus reader.
+        if isinstance(message, ChannelDelivery):
+            if manager.deliver_to_channel(message.channel_id, message.frame):
+                self.stats.delivered += 1
+            else:
+                self.stats.undeliverable += 1
+                logger.debug("backplane: message for a channel that is gone",
+                             extra={"channel": message.channel_id})
+        elif isinstance(message, UserDelivery):
+            self.stats.delivered += manager.deliver_to_user(
+                message.user_id, message.frame, message.ignore)
+        elif isinstance(message, RemoteRequest):
+            task = asyncio.get_running_loop().create_task(self._serve(message))
+            self._serving[message.request_id] = task
+        elif isinstance(message, RemoteReply):
+            self._settle(message)
+        elif isinstance(message, RemoteCancel):
+            serving = self._serving.get(message.request_id)
+            if serving is not None:
+                serving.cancel()
+
+    async def _serve(self, request: RemoteRequest) -> None:
+        """Run a remote ``send_and_wait`` on the local channel and publish its outcome."""
+        try:
+            try:
+                # The frame goes to the client as the asker encoded it: its __rchan is the
+                # request id, so the client's answer settles this very request.
+                result = await self.manager.serve_relayed_request(
+                    request.channel_id, request.frame, request.request_id, request.timeout)
+                reply = RemoteReply(request.request_id, result=dumps(result))
+            except DaraWSError as exc:
+                reply = RemoteReply(request.request_id, failure=failure_of(exc))
+            except Exception as exc:
+                logger.exception("backplane: serving a remote request failed",
+                                 extra={"channel": request.channel_id})
+                reply = RemoteReply(request.request_id, failure=failure_of(exc))
+        finally:
+            self._serving.pop(request.request_id, None)
+        self._post_nowait(Publication(encode_bus_message(reply),
+                                      topic=self.topic_of(request.reply_to)), "reply")
+
+    def _settle(self, reply: RemoteReply) -> None:
+        entry = self._waiting.get(reply.request_id)
+        if entry is None or entry[0].done():
+            logger.debug("backplane: reply for an unknown or settled request",
+                         extra={"request": reply.request_id})
+            return
+        waiter, channel_id = entry
+        if reply.failure is not None:
+            waiter.set_exception(error_of(reply.failure, channel_id))
+            return
+        try:
+            waiter.set_result(_from_json(reply.result))
+        except ValueError:
+            waiter.set_exception(BackplaneError("malformed reply from the owning process"))
+
+    def _fail_waiting(self, exc: BackplaneError) -> None:
+        for waiter, _ in self._waiting.values():
+            if not waiter.done():
+                waiter.set_exception(exc)
+
+    # ------------------------------------------------------------------ upkeep
+
+    def _bus_up(self) -> None:
+        self._refresh = True  # the bus may have lost the directory (a restart): write it all
+        self._version += 1
+        self._wake.set()
+        super()._bus_up()
+
+    def _bus_down(self, reason: str) -> None:
+        super()._bus_down(reason)
+        # Answers published while we are not subscribed are lost: fail their waits now.
+        self._fail_waiting(BackplaneError("the backplane connection was lost"))
+
+    async def _maintain(self) -> None:
+        """Write directory changes in batches, and refresh every entry each heartbeat."""
+        loop = asyncio.get_running_loop()
+        next_refresh = loop.time()
+        while True:
+            if not self._connected.is_set():
+                await self._connected.wait()
+            delay = next_refresh - loop.time()
+            if not self._refresh and not self._changes and delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+            self._wake.clear()
+            if not self._connected.is_set():
+                continue
+            full = self._refresh or loop.time() >= next_refresh
+            self._refresh = False
+            changes, self._changes = self._changes, {}
+            version = self._version
+            present, absent = self._plan(changes, full)
+            try:
+                await self._write_directory(present, absent)
+            except Exception as exc:
+                if isinstance(exc, BackplaneError):
+                    logger.warning("backplane: directory write failed (%s); retrying", exc,
+                                   extra={"node": self.node_id})
+                else:  # a bug: log it, keep the directory alive
+                    logger.exception("backplane: directory write failed",
+                                     extra={"node": self.node_id})
+                for channel_id, change in changes.items():
+                    self._changes.setdefault(channel_id, change)
+                self._refresh = self._refresh or full
+                await asyncio.sleep(min(self.heartbeat_interval, 1.0))  # retry delay
+                continue
+            if full:
+                next_refresh = loop.time() + self.heartbeat_interval
+            async with self._written_cond:
+                self._written = max(self._written, version)
+                self._written_cond.notify_all()
+
+    def _plan(
+        self, changes: dict[str, tuple[str | None, bool]], full: bool
+    ) -> tuple[list[Entry], list[Entry]]:
+        absent = [(c, u) for c, (u, there) in changes.items() if not there]
+        if full:
+            present = list(self.manager.local_channels())
+        else:
+            # The latest change of a channel wins: one still marked present has not been removed
+            # (a removal would have replaced it), so it is still held here.
+            present = [(c, u) for c, (u, there) in changes.items() if there]
+        return present, absent

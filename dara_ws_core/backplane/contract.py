@@ -1,0 +1,187 @@
+"""The backplane contract: what a manager asks of a backplane (:class:`Backplane`), what a
+backplane may ask of the manager it serves (:class:`BackplaneHost`), its counters, and how a
+remote request's failure crosses the bus (:class:`Failure`). Pure: no I/O, no event loop.
+
+Ownership runs one way: the manager holds a backplane and calls its hooks; the backplane reaches
+the manager only through :class:`BackplaneHost`'s few named methods, never through its dicts, and
+this package never imports the manager.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "Backplane",
+    "BackplaneHost",
+    "BackplaneStats",
+    "Failure",
+    "error_of",
+    "failure_of",
+]
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from dara_ws_core.exceptions import (
+    BackplaneError,
+    ChunkError,
+    ConnectionClosed,
+    DaraWSError,
+    RequestTimeout,
+    SlowConsumer,
+    TooManyPendingRequests,
+    UnknownChannel,
+)
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from dara_ws_core.auth import Identity
+    from dara_ws_core.messages import LoosePayload
+
+
+class Backplane(Protocol):
+    """What a :class:`~dara_ws_core.manager.WebsocketManager` needs to reach other processes.
+
+    The manager calls the hooks; the application calls :meth:`start` and :meth:`stop`. Frames are
+    ``bytes`` of UTF-8 JSON already encoded once by the manager.
+    """
+
+    async def start(self, manager: BackplaneHost) -> None:
+        """Connect, subscribe and register the manager's channels; attaches itself to a manager
+        created without a backplane. Raises ``BackplaneError`` if the bus cannot be reached."""
+
+    async def stop(self) -> None:
+        """Unregister this process's channels, fail waiting requests, disconnect. Idempotent."""
+
+    def channel_added(self, channel_id: str, identity: Identity | None) -> None:
+        """A channel connected here. Must not block: queue the directory write."""
+
+    def channel_removed(self, channel_id: str, identity: Identity | None) -> None:
+        """A channel of this process is gone. Must not block: queue the directory write."""
+
+    async def send_to_channel(self, channel_id: str, frame: bytes) -> None:
+        """Deliver a frame to a channel held by another process. Raises ``UnknownChannel`` if no
+        live process holds it, ``BackplaneError`` if the bus is unreachable."""
+
+    async def broadcast(self, frame: bytes, ignore_channel: str | None) -> None:
+        """Deliver a frame to every channel of every *other* process (the caller delivered the
+        local ones). Never raises for remote failures: they are counted and logged."""
+
+    async def send_to_user(self, user_id: str, frame: bytes, ignore_channel: str | None) -> None:
+        """Deliver a frame to the user's channels on every *other* process. Never raises for
+        remote failures: they are counted and logged."""
+
+    async def request(
+        self,
+        channel_id: str,
+        message: LoosePayload | BaseModel,
+        custom: bool,
+        timeout: float | None,
+    ) -> Any:
+        """``send_and_wait`` to a channel held by another process; raises what the local call
+        raises (``RequestTimeout``, ``ConnectionClosed``, ``ChunkError``...), plus
+        ``UnknownChannel`` and ``BackplaneError``."""
+
+    async def user_channels(self, user_id: str) -> set[str]:
+        """Every connected channel of a user, on every process. Raises ``BackplaneError``."""
+
+
+class BackplaneHost(Protocol):
+    """What a backplane reaches of the manager it serves (``WebsocketManager`` implements it):
+    the channels of this process, by id, by user or all, and requests run on one of them.
+
+    The deliveries never wait and never raise: a full queue applies its channel's slow-consumer
+    policy at once, so the bus reader is never held up by a slow client.
+    """
+
+    #: The backplane the manager calls; :meth:`Backplane.start` sets it if it is unset.
+    backplane: Backplane | None
+
+    def local_channels(self) -> Iterable[tuple[str, str | None]]:
+        """A snapshot of this process's channels: ``(channel id, user id or None)``."""
+
+    def get_user_channels(self, user_id: str) -> set[str]:
+        """The user's channels on this process."""
+
+    def deliver_to_channel(self, channel_id: str, frame: bytes) -> bool:
+        """Hand a frame to one local channel; ``False`` if it is not here (or closed)."""
+
+    def deliver_to_user(self, user_id: str, frame: bytes, ignore_channel: str | None = None) -> int:
+        """Hand a frame to the user's local channels but ``ignore_channel``; how many got it."""
+
+    def deliver_to_all(self, frame: bytes, ignore_channel: str | None = None) -> int:
+        """Hand a frame to every local channel but ``ignore_channel``; how many got it."""
+
+    async def serve_relayed_request(
+        self, channel_id: str, frame: bytes, rchan: str, timeout: float | None
+    ) -> Any:
+        """Send a request another process encoded (``frame``, whose ``__rchan`` is ``rchan``) to
+        a local channel as it is, and return the client's answer. Raises ``UnknownChannel`` if the
+        channel is not here, else what ``send_and_wait`` raises."""
+
+
+@dataclass(slots=True)
+class BackplaneStats:
+    """Counters of one node's backplane (for metrics and tests)."""
+
+    #: Bus messages this node published.
+    published: int = 0
+    #: Bus messages this node received (its own broadcasts echoed back are not counted).
+    received: int = 0
+    #: Frames handed to local channels' queues from the bus (one per recipient).
+    delivered: int = 0
+    #: Messages for other processes that could not be published (bus unreachable or erroring):
+    #: lost, and reported here and in the log.
+    failed: int = 0
+    #: Messages whose channel or node was gone by the time they were routed.
+    undeliverable: int = 0
+    #: Times the bus connection came back after being lost.
+    reconnects: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why a remote request failed: ``kind`` names the exception to raise on the asking side."""
+
+    kind: str
+    message: str
+    code: int | None = None
+
+
+def failure_of(exc: BaseException) -> Failure:
+    """The :class:`Failure` that carries ``exc`` to the asking process (no internals leak)."""
+    if isinstance(exc, RequestTimeout):
+        return Failure("timeout", str(exc))
+    if isinstance(exc, ConnectionClosed):
+        return Failure("closed", exc.reason, exc.code)
+    if isinstance(exc, ChunkError):
+        return Failure("chunk", str(exc))
+    if isinstance(exc, TooManyPendingRequests):
+        return Failure("busy", str(exc))
+    if isinstance(exc, SlowConsumer):
+        return Failure("slow", str(exc))
+    if isinstance(exc, UnknownChannel):
+        return Failure("unknown_channel", str(exc))
+    return Failure("error", "the request failed on the process holding the channel")
+
+
+def error_of(failure: Failure, channel_id: str) -> DaraWSError:
+    """The exception the asking side raises for a remote :class:`Failure`."""
+    kind = failure.kind
+    if kind == "timeout":
+        return RequestTimeout(failure.message)
+    if kind == "closed":
+        return ConnectionClosed(failure.code if failure.code is not None else 1006, failure.message)
+    if kind == "chunk":
+        return ChunkError(failure.message)
+    if kind == "busy":
+        return TooManyPendingRequests(failure.message)
+    if kind == "slow":
+        return SlowConsumer(failure.message)
+    if kind == "unknown_channel":
+        return UnknownChannel(channel_id)
+    return BackplaneError(failure.message)

@@ -1,0 +1,216 @@
+"""The in-process bus: :class:`MemoryBroker` stands in for Redis, and :class:`MemoryBackplane`
+is a backplane over it.
+
+Several managers in one process sharing a broker behave like several processes sharing Redis
+(same routing code, same failure handling), which makes fast, deterministic tests of the routing
+logic possible; fault injection (:meth:`MemoryBroker.fail`, :meth:`MemoryBroker.forget`) and a
+fake clock make outages and expiry testable without waiting.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MemoryBackplane", "MemoryBroker"]
+
+import asyncio
+import time
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
+
+from dara_ws_core.exceptions import BackplaneError
+
+from .broker import BrokerBackplane
+from .node import Entry, Publication, Routed
+
+
+class _Subscription:
+    __slots__ = ("callback", "lost", "topics")
+
+    def __init__(self, topics: Collection[str], callback: Callable[[bytes], None]) -> None:
+        self.topics = tuple(topics)
+        self.callback = callback
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def deliver(self, data: bytes) -> None:
+        if not self.lost.done():
+            self.callback(data)
+
+
+class MemoryBroker:
+    """An in-process stand-in for Redis, shared by the :class:`MemoryBackplane` of several
+    managers: topics (delivery on the next loop iteration, in order) and a directory whose entries
+    expire on ``clock`` (pass a fake clock to test expiry without waiting).
+
+    Fault injection: :meth:`fail` makes it unreachable (every subscription is lost, every call
+    raises ``BackplaneError``) until :meth:`recover`; :meth:`forget` drops the directory, as a
+    Redis restart without persistence does.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.available = True
+        self._topics: dict[str, set[_Subscription]] = {}
+        self._owners: dict[str, tuple[str, float]] = {}
+        self._users: dict[str, dict[str, str]] = {}
+        self._user_expiry: dict[str, float] = {}
+        #: Messages published per topic (for tests of routing).
+        self.published: dict[str, int] = {}
+
+    def _check(self) -> None:
+        if not self.available:
+            raise BackplaneError("the memory broker is unavailable")
+
+    def fail(self, reason: str = "the memory broker is unavailable") -> None:
+        """Become unreachable: every subscription ends with ``BackplaneError``."""
+        self.available = False
+        subscriptions = {s for subs in self._topics.values() for s in subs}
+        self._topics.clear()
+        for sub in subscriptions:
+            if not sub.lost.done():
+                sub.lost.set_exception(BackplaneError(reason))
+
+    def recover(self) -> None:
+        self.available = True
+
+    def forget(self) -> None:
+        """Drop the whole directory (a restart that lost its data)."""
+        self._owners.clear()
+        self._users.clear()
+        self._user_expiry.clear()
+
+    def subscribe(self, topics: Collection[str], callback: Callable[[bytes], None]) -> _Subscription:
+        self._check()
+        sub = _Subscription(topics, callback)
+        for topic in sub.topics:
+            self._topics.setdefault(topic, set()).add(sub)
+        return sub
+
+    def unsubscribe(self, sub: _Subscription) -> None:
+        for topic in sub.topics:
+            subs = self._topics.get(topic)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._topics[topic]
+
+    def publish(self, topic: str, data: bytes) -> int:
+        self._check()
+        self.published[topic] = self.published.get(topic, 0) + 1
+        subs = self._topics.get(topic, ())
+        loop = asyncio.get_running_loop()
+        for sub in subs:
+            loop.call_soon(sub.deliver, data)
+        return len(subs)
+
+    def owner(self, channel_id: str) -> str | None:
+        self._check()
+        entry = self._owners.get(channel_id)
+        if entry is None:
+            return None
+        if entry[1] <= self.clock():
+            del self._owners[channel_id]
+            return None
+        return entry[0]
+
+    def _user(self, user_id: str) -> dict[str, str]:
+        expiry = self._user_expiry.get(user_id)
+        if expiry is not None and expiry <= self.clock():
+            self._users.pop(user_id, None)
+            self._user_expiry.pop(user_id, None)
+        return self._users.get(user_id, {})
+
+    def publish_to_user(self, user_id: str, node_id: str, topic_of: Callable[[str], str],
+                        data: bytes) -> int:
+        """Publish once to every node but ``node_id`` holding channels of the user; entries of
+        nodes nobody listens for are dropped (as the Redis script does)."""
+        self._check()
+        fields = self._user(user_id)
+        receivers: dict[str, int] = {}
+        for node in set(fields.values()) - {node_id}:
+            receivers[node] = self.publish(topic_of(node), data)
+        for channel_id, node in list(fields.items()):
+            if receivers.get(node) == 0:
+                del fields[channel_id]
+        return sum(receivers.values())
+
+    def user_entries(self, user_id: str) -> dict[str, str]:
+        """Live entries of a user; stale ones (their channel expired or moved) are pruned."""
+        self._check()
+        fields = self._user(user_id)
+        live = {c: n for c, n in fields.items() if self.owner(c) == n}
+        for channel_id in set(fields) - set(live):
+            del fields[channel_id]
+        if not fields:
+            self._users.pop(user_id, None)
+            self._user_expiry.pop(user_id, None)
+        return live
+
+    def write(self, node_id: str, present: Sequence[Entry], absent: Sequence[Entry],
+              expiry: float) -> None:
+        self._check()
+        until = self.clock() + expiry
+        for channel_id, user_id in present:
+            self._owners[channel_id] = (node_id, until)
+            if user_id is not None:
+                self._user(user_id)
+                self._users.setdefault(user_id, {})[channel_id] = node_id
+                self._user_expiry[user_id] = until
+        for channel_id, user_id in absent:
+            self._owners.pop(channel_id, None)
+            if user_id is not None:
+                fields = self._users.get(user_id)
+                if fields is not None:
+                    fields.pop(channel_id, None)
+                    if not fields:
+                        del self._users[user_id]
+                        self._user_expiry.pop(user_id, None)
+
+    def registered(self) -> tuple[set[str], set[str]]:
+        """(channels, users) registered and not expired: for leak checks."""
+        now = self.clock()
+        channels = {c for c, (_, until) in self._owners.items() if until > now}
+        users = {u for u in self._users if self._user_expiry.get(u, now) > now}
+        return channels, users
+
+
+class MemoryBackplane(BrokerBackplane):
+    """A backplane over a :class:`MemoryBroker`: one per manager, several per broker."""
+
+    def __init__(self, broker: MemoryBroker, **options: Any) -> None:
+        super().__init__(**options)
+        self.broker = broker
+
+    async def _bus_session(self) -> None:
+        sub = self.broker.subscribe((self.node_topic, self.broadcast_topic), self._on_bus_message)
+        try:
+            self._bus_up()
+            await sub.lost
+        finally:
+            self.broker.unsubscribe(sub)
+
+    async def _close_bus(self) -> None:
+        return None
+
+    async def _publish_batch(self, batch: Sequence[Publication]) -> list[Routed]:
+        broker = self.broker
+        results: list[Routed] = []
+        for publication in batch:
+            if publication.topic is not None:
+                results.append((None, broker.publish(publication.topic, publication.data)))
+                continue
+            if publication.user_id is not None:
+                results.append((None, broker.publish_to_user(
+                    publication.user_id, self.node_id, self.topic_of, publication.data)))
+                continue
+            assert publication.channel_id is not None
+            owner = broker.owner(publication.channel_id)
+            if owner is None or owner == self.node_id:
+                results.append((owner, -1))
+            else:
+                results.append((owner, broker.publish(self.topic_of(owner), publication.data)))
+        return results
+
+    async def _user_entries(self, user_id: str) -> dict[str, str]:
+        return self.broker.user_entries(user_id)
+
+    async def _write_directory(self, present: Sequence[Entry], absent: Sequence[Entry]) -> None:
+        self.broker.write(self.node_id, present, absent, self.expiry)

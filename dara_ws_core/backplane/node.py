@@ -1,0 +1,307 @@
+"""A node on a publish/subscribe bus: its topics, its connection (kept up with backoff) and its
+ordered, pipelined outbox, with fault accounting. Knows nothing of channels or managers:
+:class:`~dara_ws_core.backplane.broker.BrokerBackplane` builds the routing on top, and a bus
+library (``dara_ws_redis``, :class:`~dara_ws_core.backplane.memory.MemoryBackplane`) implements
+the abstract primitives.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BusNode", "BusOptions", "Entry", "Publication", "Routed", "cancel_task"]
+
+import abc
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+from dara_ws_core.exceptions import BackplaneError, UnknownChannel
+
+from .contract import BackplaneStats
+
+logger = logging.getLogger("dara_ws_core.backplane")
+
+#: (channel id, user id or None): one directory entry.
+Entry = tuple[str, str | None]
+#: What publishing did: (node holding the channel or None, receivers; -1: nothing published).
+Routed = tuple[str | None, int]
+
+
+class BusOptions(TypedDict, total=False):
+    """:class:`BusNode`'s options, passed on by the backplanes built on it."""
+
+    node_id: str | None
+    namespace: str
+    connect_timeout: float
+    backoff_initial: float
+    backoff_max: float
+    max_outbox: int
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """One message to publish (set exactly one target): to ``topic``, to the node holding
+    ``channel_id``, or to every other node holding channels of ``user_id``."""
+
+    data: bytes
+    topic: str | None = None
+    channel_id: str | None = None
+    user_id: str | None = None
+
+
+class BusNode(abc.ABC):
+    """A process on a publish/subscribe bus: subscribed to its own topic
+    (``<namespace>:node:<node_id>``) and to one broadcast topic, reconnecting with exponential
+    backoff and jitter, publishing through one ordered outbox that a single task drains in
+    batches (one bus round trip per batch, not per message), so messages from one process leave
+    in the order its calls made them.
+
+    Faults are reported, never silent: a message that cannot be published is counted in
+    ``stats.failed`` and logged (once when an outage starts, and with the count when it ends).
+
+    ``connect_timeout``: how long a start waits for the bus; ``backoff_initial`` /
+    ``backoff_max``: reconnection delays; ``max_outbox``: messages waiting to be published before
+    senders wait for room.
+    """
+
+    def __init__(
+        self,
+        *,
+        node_id: str | None = None,
+        namespace: str = "dara-ws",
+        connect_timeout: float = 5.0,
+        backoff_initial: float = 0.1,
+        backoff_max: float = 5.0,
+        max_outbox: int = 10_000,
+    ) -> None:
+        self.node_id = node_id or uuid.uuid4().hex
+        self.namespace = namespace
+        self.connect_timeout = connect_timeout
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.node_topic = self.topic_of(self.node_id)
+        self.broadcast_topic = f"{namespace}:broadcast"
+        self.stats = BackplaneStats()
+        self._stopping = False
+        self._connected = asyncio.Event()
+        # One ordered outbox for everything this node publishes: one task drains it in batches
+        # (one round trip per batch), so publishing never costs a round trip per message and
+        # messages leave in the order the manager's calls made them.
+        self._outbox: deque[tuple[Publication, asyncio.Future[Routed] | None, str]] = deque()
+        self._outbox_ready = asyncio.Event()
+        self._outbox_space = asyncio.Event()
+        self._outbox_space.set()
+        self._outbox_idle = asyncio.Event()
+        self._outbox_idle.set()
+        self.max_outbox = max_outbox
+        self._publisher_task: asyncio.Task[None] | None = None
+        self._bus_task: asyncio.Task[None] | None = None
+        self._session_up = False
+        self._down_since: float | None = None
+        self._failed_at_down = 0
+        self._warned = False
+
+    def topic_of(self, node_id: str) -> str:
+        """The bus topic a node listens on."""
+        return f"{self.namespace}:node:{node_id}"
+
+    @property
+    def connected(self) -> bool:
+        """Whether the bus subscription is up."""
+        return self._connected.is_set()
+
+    async def wait_connected(self) -> None:
+        """Wait until the bus subscription is up (wrap in ``asyncio.timeout``)."""
+        await self._connected.wait()
+
+    # ------------------------------------------------------------------ bus primitives
+
+    @abc.abstractmethod
+    async def _bus_session(self) -> None:
+        """Connect and subscribe to ``node_topic`` and ``broadcast_topic``; call ``_bus_up()``
+        once subscribed, then ``_on_bus_message(data)`` for each message, until the connection
+        ends (return, or raise ``BackplaneError``). Called again, with backoff, after it ends."""
+
+    @abc.abstractmethod
+    async def _close_bus(self) -> None:
+        """Release the bus connections (at :meth:`stop`)."""
+
+    @abc.abstractmethod
+    async def _publish_batch(self, batch: Sequence[Publication]) -> list[Routed]:
+        """Publish a batch in order, in as few round trips as the bus allows; one result per
+        publication (each looks up and publishes in one step, so none costs a round trip of its
+        own):
+
+        * to a topic: ``(None, receivers)``;
+        * to a channel: ``(None, -1)`` if nobody holds it, ``(node, -1)`` if this node does
+          (nothing published), else ``(node, receivers)`` after publishing to its node's topic;
+        * to a user: published once to each *other* node holding channels of the user,
+          ``(None, receivers in all)``; entries of nodes that nobody listens for are dropped.
+        """
+
+    @abc.abstractmethod
+    def _on_bus_message(self, data: bytes) -> None:
+        """Handle one message from the bus (``_bus_session`` calls it). Must not block and must
+        not raise: one bad message must not cost the subscription."""
+
+    # ------------------------------------------------------------------ publishing
+
+    async def _route(self, channel_id: str, data: bytes, what: str) -> str:
+        """Publish to the node holding ``channel_id``; return that node. Raises
+        ``UnknownChannel`` if no live node holds it, ``BackplaneError`` (counted) if the bus is
+        unreachable."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Routed] = loop.create_future()
+        await self._post(Publication(data, channel_id=channel_id), what, done)
+        owner, receivers = await done
+        if owner is None or receivers < 0:
+            raise UnknownChannel(channel_id)
+        if receivers == 0:  # registered, but its node is not listening: dead or cut off
+            self.stats.undeliverable += 1
+            raise UnknownChannel(channel_id)
+        return owner
+
+    async def _post(self, publication: Publication, what: str,
+                    done: asyncio.Future[Routed] | None = None) -> None:
+        """Queue a publication (waiting for room if the outbox is full). Without ``done`` a
+        failure is only counted and logged; with it, ``done`` gets the result or the
+        ``BackplaneError`` (also counted)."""
+        while len(self._outbox) >= self.max_outbox and self._connected.is_set():
+            self._outbox_space.clear()
+            await self._outbox_space.wait()
+        self._post_nowait(publication, what, done)
+
+    def _post_nowait(self, publication: Publication, what: str,
+                     done: asyncio.Future[Routed] | None = None) -> None:
+        if not self._connected.is_set():
+            self._count_failure(what, None)
+            if done is not None:
+                done.set_exception(BackplaneError("the backplane is disconnected"))
+            return
+        self._outbox.append((publication, done, what))
+        self._outbox_idle.clear()
+        self._outbox_ready.set()
+
+    async def _publish_loop(self) -> None:
+        outbox = self._outbox
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            while outbox:
+                batch = [outbox.popleft() for _ in range(min(len(outbox), 1000))]
+                self._outbox_space.set()
+                try:
+                    if not self._connected.is_set():
+                        raise BackplaneError("the backplane is disconnected")
+                    results = await self._publish_batch([p for p, _, _ in batch])
+                except Exception as exc:
+                    if not isinstance(exc, BackplaneError):  # a bug: log it, keep publishing
+                        logger.exception("backplane: publishing failed",
+                                         extra={"node": self.node_id})
+                    for _, done, what in batch:
+                        self._count_failure(what, exc)
+                        if done is not None and not done.done():
+                            done.set_exception(BackplaneError(str(exc)))
+                    continue
+                for (_, done, _), (owner, receivers) in zip(batch, results, strict=True):
+                    if receivers >= 0:
+                        self.stats.published += 1
+                    if done is not None and not done.done():
+                        done.set_result((owner, receivers))
+            self._outbox_idle.set()
+
+    def _drop_outbox(self, exc: BackplaneError) -> None:
+        while self._outbox:
+            _, done, what = self._outbox.popleft()
+            self._count_failure(what, exc)
+            if done is not None and not done.done():
+                done.set_exception(exc)
+        self._outbox_idle.set()
+
+    def _count_failure(self, what: str, exc: BaseException | None) -> None:
+        self.stats.failed += 1
+        if exc is not None and self._connected.is_set():
+            logger.warning("backplane: %s not published: %s", what, exc,
+                           extra={"node": self.node_id, "failed": self.stats.failed})
+        elif not self._warned:
+            self._warned = True
+            logger.warning("backplane unavailable: %s and further messages for other processes "
+                           "are not published until it reconnects (counted in stats.failed)",
+                           what, extra={"node": self.node_id, "failed": self.stats.failed})
+
+    # ------------------------------------------------------------------ connection upkeep
+
+    def _start_bus(self) -> None:
+        """Start connecting (with backoff, for good) and publishing."""
+        loop = asyncio.get_running_loop()
+        self._bus_task = loop.create_task(self._run_bus(), name=f"backplane-bus-{self.node_id}")
+        self._publisher_task = loop.create_task(self._publish_loop(),
+                                                name=f"backplane-pub-{self.node_id}")
+
+    async def _stop_bus(self) -> None:
+        """Let queued messages leave (briefly), fail the rest, and disconnect."""
+        if self._connected.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._outbox_idle.wait()
+        await cancel_task(self._publisher_task)
+        self._drop_outbox(BackplaneError("the backplane stopped"))
+        await cancel_task(self._bus_task)
+        self._connected.clear()
+        with contextlib.suppress(Exception):
+            await self._close_bus()
+
+    def _bus_up(self) -> None:
+        """Called by ``_bus_session`` once subscribed."""
+        self._session_up = True
+        if self._down_since is not None:
+            lost = self.stats.failed - self._failed_at_down
+            self.stats.reconnects += 1
+            logger.warning(
+                "backplane reconnected after %.1f s; %d message(s) for other processes could "
+                "not be published meanwhile (stats.failed = %d)",
+                time.monotonic() - self._down_since, lost, self.stats.failed,
+                extra={"node": self.node_id, "lost": lost},
+            )
+            self._down_since = None
+        self._connected.set()
+
+    def _bus_down(self, reason: str) -> None:
+        self._connected.clear()
+        if self._down_since is None and not self._stopping:
+            self._down_since = time.monotonic()
+            self._failed_at_down = self.stats.failed
+            self._warned = False
+            logger.warning("backplane disconnected (%s): local delivery continues; "
+                           "reconnecting with backoff", reason, extra={"node": self.node_id})
+
+    async def _run_bus(self) -> None:
+        delay = self.backoff_initial
+        while True:
+            self._session_up = False
+            try:
+                await self._bus_session()
+                reason = "connection closed"
+            except BackplaneError as exc:
+                reason = str(exc) or type(exc).__name__
+            except Exception as exc:
+                logger.exception("backplane: bus session failed", extra={"node": self.node_id})
+                reason = repr(exc)
+            self._bus_down(reason)
+            if self._session_up:
+                delay = self.backoff_initial
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # backoff, not a sync point
+            delay = min(self.backoff_max, delay * 2)
+
+
+async def cancel_task(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a task and wait until it is done (no-op for ``None`` or a finished task)."""
+    if task is not None and not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

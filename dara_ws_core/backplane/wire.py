@@ -1,0 +1,171 @@
+"""The bus wire format (pure: no I/O, no event loop): what one node publishes to another.
+
+One compact JSON header, a newline, then the body: a client frame exactly as the asking or
+sending process encoded it, or a JSON answer. The header never contains a raw newline (JSON
+escapes it), and the body is never decoded or re-encoded on the way: a frame published by one
+process reaches the clients of another byte for byte.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BroadcastDelivery",
+    "BusMessage",
+    "ChannelDelivery",
+    "RemoteCancel",
+    "RemoteReply",
+    "RemoteRequest",
+    "UserDelivery",
+    "decode_bus_message",
+    "encode_bus_message",
+]
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pydantic_core
+
+from dara_ws_core.exceptions import BackplaneError
+from dara_ws_core.messages import dumps
+
+from .contract import Failure
+
+_from_json = pydantic_core.from_json
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelDelivery:
+    """A frame for one channel, published to the node that holds it."""
+
+    channel_id: str
+    frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class UserDelivery:
+    """A frame for a user's channels on the receiving node, except ``ignore``."""
+
+    user_id: str
+    ignore: str | None
+    frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BroadcastDelivery:
+    """A frame for every channel of every node but ``origin`` (which delivered it locally)."""
+
+    origin: str
+    ignore: str | None
+    frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteRequest:
+    """``send_and_wait`` for a channel of the receiving node. ``frame`` is the request as the
+    asking process encoded it, once, with ``__rchan`` set to ``request_id`` (a uuid4, as
+    unpredictable as a local ``__rchan``): the owning node enqueues it as it is, never decoded
+    and re-encoded. ``custom`` says which envelope it is (for logs; the owner does not need it)."""
+
+    request_id: str
+    reply_to: str
+    channel_id: str
+    custom: bool
+    timeout: float | None
+    frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteReply:
+    """The answer to a :class:`RemoteRequest`: ``result`` (JSON) or ``failure``."""
+
+    request_id: str
+    result: bytes = b""
+    failure: Failure | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteCancel:
+    """The asker gave up (cancelled or timed out): the owner stops waiting for the client."""
+
+    request_id: str
+
+
+BusMessage = (
+    ChannelDelivery | UserDelivery | BroadcastDelivery | RemoteRequest | RemoteReply | RemoteCancel
+)
+
+
+def encode_bus_message(message: BusMessage) -> bytes:
+    """Encode a bus message: a JSON header, ``\\n``, the body (frame or answer, not re-encoded)."""
+    head: dict[str, Any]
+    body = b""
+    if isinstance(message, ChannelDelivery):
+        head, body = {"op": "ch", "ch": message.channel_id}, message.frame
+    elif isinstance(message, UserDelivery):
+        head = {"op": "user", "user": message.user_id, "ignore": message.ignore}
+        body = message.frame
+    elif isinstance(message, BroadcastDelivery):
+        head = {"op": "all", "origin": message.origin, "ignore": message.ignore}
+        body = message.frame
+    elif isinstance(message, RemoteRequest):
+        head = {"op": "req", "id": message.request_id, "reply_to": message.reply_to,
+                "ch": message.channel_id, "custom": message.custom, "timeout": message.timeout}
+        body = message.frame
+    elif isinstance(message, RemoteReply):
+        head = {"op": "rep", "id": message.request_id}
+        if message.failure is not None:
+            head["fail"] = asdict(message.failure)
+        body = message.result
+    elif isinstance(message, RemoteCancel):
+        head = {"op": "cancel", "id": message.request_id}
+    else:
+        raise TypeError(f"not a bus message: {type(message).__name__}")
+    return b"%b\n%b" % (dumps(head), body)
+
+
+def _field(head: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = head.get(key)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise BackplaneError(f"malformed bus message: bad {key!r}")
+    return value
+
+
+def decode_bus_message(data: bytes) -> BusMessage:
+    """Decode a bus message; raises ``BackplaneError`` if it is malformed."""
+    raw, sep, body = bytes(data).partition(b"\n")
+    if not sep:
+        raise BackplaneError("malformed bus message: no header")
+    try:
+        head = _from_json(raw)
+    except ValueError:
+        raise BackplaneError("malformed bus message: header is not JSON") from None
+    if not isinstance(head, dict):
+        raise BackplaneError("malformed bus message: header is not an object")
+    op = head.get("op")
+    opt_str = (str, type(None))
+    if op == "ch":
+        return ChannelDelivery(_field(head, "ch", str), body)
+    if op == "user":
+        return UserDelivery(_field(head, "user", str), _field(head, "ignore", opt_str), body)
+    if op == "all":
+        return BroadcastDelivery(_field(head, "origin", str), _field(head, "ignore", opt_str), body)
+    if op == "req":
+        timeout = head.get("timeout")
+        if timeout is not None and (isinstance(timeout, bool)
+                                    or not isinstance(timeout, int | float)):
+            raise BackplaneError("malformed bus message: bad 'timeout'")
+        return RemoteRequest(_field(head, "id", str), _field(head, "reply_to", str),
+                             _field(head, "ch", str), _field(head, "custom", bool),
+                             None if timeout is None else float(timeout), body)
+    if op == "rep":
+        fail = head.get("fail")
+        failure = None
+        if fail is not None:
+            if not isinstance(fail, dict):
+                raise BackplaneError("malformed bus message: bad 'fail'")
+            failure = Failure(_field(fail, "kind", str), _field(fail, "message", str),
+                              _field(fail, "code", (int, type(None))))
+        return RemoteReply(_field(head, "id", str), body, failure)
+    if op == "cancel":
+        return RemoteCancel(_field(head, "id", str))
+    raise BackplaneError(f"malformed bus message: unknown op {op!r}")
