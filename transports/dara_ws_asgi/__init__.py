@@ -119,6 +119,10 @@ def _socket_of(send: Send) -> asyncio.Transport | None:
 
 #: Stop reading from a peer while this much is waiting to be written to it.
 _PAUSE_READING_ABOVE = 1024 * 1024
+_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+    b"content-length: 0\r\nconnection: close\r\n\r\n"
+)
 
 
 @functools.cache
@@ -134,6 +138,7 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[type[Any], type[Any]]:
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
 
     class HTTPProtocol(H11Protocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -145,6 +150,18 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[type[Any], type[Any]]:
             transport = self.transport
             if self.cycle is None and transport.get_protocol() is self and not transport.is_closing():
                 transport.close()
+
+        def handle_websocket_upgrade(self, event: Any) -> None:
+            # websockets-sansio re-parses the request with its own limits and, on a header over
+            # them, never answers (the socket hangs until the client gives up): answer 431 here.
+            headers = self.headers
+            if len(headers) > MAX_NUM_HEADERS or any(
+                len(name) + len(value) + 2 > MAX_LINE_LENGTH for name, value in headers
+            ):
+                self.transport.write(_TOO_LARGE)
+                self.transport.close()
+                return
+            super().handle_websocket_upgrade(event)
 
     class WebSocketProtocol(WebSocketsSansIOProtocol):
         def data_received(self, data: bytes) -> None:
