@@ -28,6 +28,11 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "transport": frozenset({"SupportsSendNowait", "parse_cookies"}),
 }
 
+#: Names a subpackage's module exports for its siblings, and that the subpackage leaves out.
+NOT_REEXPORTED_BY_SUBPACKAGE: dict[str, frozenset[str]] = {
+    "backplane.node": frozenset({"cancel_task"}),
+}
+
 #: Root attributes that are not names of a submodule.
 ROOT_ONLY = frozenset({"__version__"})
 
@@ -41,6 +46,19 @@ def public_modules() -> dict[str, ModuleType]:
 
 
 MODULES = public_modules()
+
+
+def subpackage_modules() -> dict[str, ModuleType]:
+    """``"package.module"`` -> module, for the modules of the core's subpackages."""
+    found = {}
+    for package_name, package in MODULES.items():
+        for info in pkgutil.iter_modules(getattr(package, "__path__", [])):
+            name = f"{package_name}.{info.name}"
+            found[name] = importlib.import_module(f"dara_ws_core.{name}")
+    return found
+
+
+SUBMODULES = subpackage_modules()
 
 
 def isort_key(name: str) -> tuple[int, list[int | str]]:
@@ -106,3 +124,21 @@ def test_every_root_name_comes_from_exactly_one_module() -> None:
 def test_namespaced_and_left_out_names_name_real_modules() -> None:
     assert set(NOT_REEXPORTED) <= set(MODULES)
     assert NAMESPACED_MODULES.isdisjoint(NOT_REEXPORTED)
+
+
+def test_the_backplane_is_a_package_with_its_modules() -> None:
+    assert {"backplane.contract", "backplane.wire", "backplane.broker",
+            "backplane.memory"} <= set(SUBMODULES)
+
+
+@pytest.mark.parametrize("name", sorted(SUBMODULES), ids=lambda name: name)
+def test_each_subpackage_module_declares_all_and_its_package_reexports_it(name: str) -> None:
+    module = SUBMODULES[name]
+    test_all_is_declared_unique_sorted_and_resolvable(module)
+    package = MODULES[name.partition(".")[0]]
+    left_out = NOT_REEXPORTED_BY_SUBPACKAGE.get(name, frozenset())
+    assert left_out <= set(module.__all__), f"stale NOT_REEXPORTED_BY_SUBPACKAGE entries for {name}"
+    missing = sorted(set(module.__all__) - left_out - set(package.__all__))
+    assert missing == [], f"re-export {missing} from {package.__name__}"
+    for export in set(module.__all__) - left_out:
+        assert getattr(package, export) is getattr(module, export), export
