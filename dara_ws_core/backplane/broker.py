@@ -48,7 +48,7 @@ logger = logging.getLogger("dara_ws_core.backplane")
 _from_json = pydantic_core.from_json
 
 
-class BrokerBackplane(BusNode, abc.ABC):
+class BrokerBackplane(BusNode):
     """The routing logic of a backplane over a publish/subscribe bus with a key-value directory.
 
     Subclasses implement the bus primitives (``_bus_session``, ``_publish_batch``, the directory

@@ -1,5 +1,5 @@
 """A node on a publish/subscribe bus: its topics, its connection (kept up with backoff) and its
-ordered, pipelined outbox, with fault accounting. Knows nothing of channels or managers:
+ordered, pipelined outbox, with fault accounting. Knows nothing of the manager or handlers:
 :class:`~dara_ws_core.backplane.broker.BrokerBackplane` builds the routing on top, and a bus
 library (``dara_ws_redis``, :class:`~dara_ws_core.backplane.memory.MemoryBackplane`) implements
 the abstract primitives.
@@ -92,7 +92,7 @@ class BusNode(abc.ABC):
         self._connected = asyncio.Event()
         # One ordered outbox for everything this node publishes: one task drains it in batches
         # (one round trip per batch), so publishing never costs a round trip per message and
-        # messages leave in the order the manager's calls made them.
+        # messages leave in the order the calls made them.
         self._outbox: deque[tuple[Publication, asyncio.Future[Routed] | None, str]] = deque()
         self._outbox_ready = asyncio.Event()
         self._outbox_space = asyncio.Event()
@@ -130,7 +130,7 @@ class BusNode(abc.ABC):
 
     @abc.abstractmethod
     async def _close_bus(self) -> None:
-        """Release the bus connections (at :meth:`stop`)."""
+        """Release the bus connections (when stopping)."""
 
     @abc.abstractmethod
     async def _publish_batch(self, batch: Sequence[Publication]) -> list[Routed]:
@@ -258,7 +258,8 @@ class BusNode(abc.ABC):
             await self._close_bus()
 
     def _bus_up(self) -> None:
-        """Called by ``_bus_session`` once subscribed."""
+        """Called by ``_bus_session`` once subscribed (a subclass may extend it, calling us last:
+        the connection is announced only once its own state is ready)."""
         self._session_up = True
         if self._down_since is not None:
             lost = self.stats.failed - self._failed_at_down
@@ -273,6 +274,7 @@ class BusNode(abc.ABC):
         self._connected.set()
 
     def _bus_down(self, reason: str) -> None:
+        """Called when a session ends; a subclass fails what depended on it (extend, call us)."""
         self._connected.clear()
         if self._down_since is None and not self._stopping:
             self._down_since = time.monotonic()
