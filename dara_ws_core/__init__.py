@@ -17,6 +17,7 @@ from .auth import (
 from .chunks import ChunkAssembler
 from .client import Chunked, DaraClient, PushedMessage, Request
 from .config import ServerConfig, SlowConsumerPolicy
+from .connection import ServerConnection, State
 from .correlation import PendingRequests
 from .custom import CustomHandlerRegistry
 from .endpoint import DEFAULT_PATH, Endpoint, ws_handler
@@ -120,12 +121,14 @@ __all__ = [
     "RequestError",
     "RequestTimeout",
     "ServerConfig",
+    "ServerConnection",
     "ServerErrorMessage",
     "ServerMessage",
     "ServerMessagePayload",
     "ServerVariableMessage",
     "SlowConsumer",
     "SlowConsumerPolicy",
+    "State",
     "TaskNotificationMessage",
     "TooManyPendingRequests",
     "Transport",

@@ -21,10 +21,17 @@ NAMESPACED_MODULES = frozenset({"backplane", "cli", "jwt"})
 NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "auth": frozenset({"run_authenticator"}),
     "client": frozenset({"Connector"}),
+    # The connection's events are read through their module, like h11's events.
+    "connection": frozenset({"AnswerIgnored", "CloseConnection", "CustomReceived", "Event",
+                             "FrameDropped", "RequestCompleted", "RequestFailed", "SendFrame"}),
     "correlation": frozenset({"Completed", "Failed", "Ignored", "Outcome", "Partial"}),
     "custom": frozenset({"CustomHandler", "HandlerSpec"}),
-    "messages": frozenset({"PONG_FRAME", "InitPayload", "TypedPayload", "utf8_size_exceeds"}),
+    "messages": frozenset({"MAX_NESTING_DEPTH", "PONG_FRAME", "InitPayload", "TypedPayload",
+                           "count_json_values", "dumps", "utf8_size_exceeds"}),
     "queue": frozenset({"OutboundQueue"}),
+    # Test helpers are imported from dara_ws_core.testing, as websockets' are.
+    "testing": frozenset({"ProtocolHarness", "answer_frames", "client_frames", "custom_frames",
+                          "hostile_frames", "json_values"}),
     "transport": frozenset({"SupportsSendNowait", "parse_cookies"}),
 }
 

@@ -33,7 +33,7 @@ ADAPTERS = {
 CORE_DEPENDENCIES = frozenset({"pydantic", "pydantic_core", "typing_extensions"})
 #: The pure layer (no I/O, no event loop).
 PURE_MODULES = ("messages.py", "chunks.py", "correlation.py", "exceptions.py", "registry.py",
-                "backplane/contract.py", "backplane/wire.py")
+                "connection.py", "backplane/contract.py", "backplane/wire.py")
 IO_MODULES = frozenset({"asyncio", "socket", "selectors", "select", "ssl", "threading",
                         "subprocess", "multiprocessing", "concurrent"})
 
@@ -64,6 +64,18 @@ class _Collector(ast.NodeVisitor):
 
     visit_AsyncFunctionDef = visit_FunctionDef
     visit_Lambda = visit_FunctionDef  # type: ignore[assignment]
+
+    def visit_If(self, node: ast.If) -> None:
+        # ``if TYPE_CHECKING:`` never runs: its imports count as deferred, like a function's.
+        if isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            self.depth += 1
+            for child in node.body:
+                self.visit(child)
+            self.depth -= 1
+            for child in node.orelse:
+                self.visit(child)
+            return
+        self.generic_visit(node)
 
     def visit_Import(self, node: ast.Import) -> None:
         for alias in node.names:
