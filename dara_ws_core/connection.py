@@ -257,6 +257,15 @@ class ServerConnection(Generic[W]):
         without one gets a reply only when the handler returned something. A result JSON cannot
         carry becomes a ``handler_error`` reply. ``None``: nothing to send (or not open).
         """
+        try:
+            return self.encode_reply(kind, rchan, result)
+        except pydantic_core.PydanticSerializationError:
+            return self.reply_error(kind, rchan, "handler_error",
+                                    "the handler's result could not be encoded")
+
+    def encode_reply(self, kind: str, rchan: str | None, result: Any) -> SendFrame | None:
+        """:meth:`reply`, raising ``pydantic_core.PydanticSerializationError`` for a result
+        JSON cannot carry (for a driver that logs it before answering with :meth:`reply_error`)."""
         if self.state is not State.OPEN:
             return None
         if rchan is None:
@@ -265,10 +274,7 @@ class ServerConnection(Generic[W]):
             body: dict[str, Any] = {"kind": kind, "data": result}
         else:
             body = {"kind": kind, "data": result, "__response_for": rchan}
-        try:
-            return SendFrame(dumps({"type": "custom", "message": body}))
-        except pydantic_core.PydanticSerializationError:
-            return _error(kind, rchan, "handler_error", "the handler's result could not be encoded")
+        return SendFrame(dumps({"type": "custom", "message": body}))
 
     def reply_error(self, kind: str, rchan: str | None, code: str, message: str) -> SendFrame | None:
         """An ``__error`` reply **[ext]** to a custom message whose handler failed (``code``
@@ -280,14 +286,17 @@ class ServerConnection(Generic[W]):
 
     # ------------------------------------------------------------------ server requests
 
-    def open_request(self, waiter: W) -> str:
-        """Open a server request and return its ``__rchan`` (a fresh uuid4).
+    def open_request(self, waiter: W, rchan: str | None = None) -> str:
+        """Open a server request and return its ``__rchan``: ``rchan`` if given (as
+        unpredictable as a uuid4: the backplane relays requests encoded elsewhere), else a
+        fresh uuid4.
 
-        Raises ``ConnectionClosed`` unless open, ``TooManyPendingRequests`` at the limit.
+        Raises ``ConnectionClosed`` unless open, ``TooManyPendingRequests`` at the limit,
+        ``ValueError`` for an ``rchan`` already pending.
         """
         if self._close is not None:
             raise self._close
-        return self._pending.open(waiter)
+        return self._pending.open(waiter, rchan)
 
     def discard_request(self, rchan: str) -> None:
         """Forget a request whose caller gave up (timeout, cancellation). Idempotent."""
