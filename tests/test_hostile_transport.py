@@ -10,15 +10,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
-from dara_ws_core import ServerConfig, SlowConsumerPolicy
+from dara_ws_core import (
+    Endpoint,
+    ServerConfig,
+    SlowConsumerPolicy,
+    WebsocketManager,
+    token_authenticator,
+)
+from dara_ws_core.transport import MAX_COOKIES, HandshakeRequest, parse_cookies
 
-from .hostile import HostileClient, server_holds_socket
-from .stacks import TRANSPORTS, Stack, running_stack
+from .hostile import CLOSE, PING, TEXT, HostileClient, encode_frame, server_holds_socket
+from .stacks import TRANSPORTS, Stack, running_stack, verify_token
 
 SOCKETS = sorted(t for t in TRANSPORTS if t != "memory")
 TOKEN_PATH = "/api/core/ws?token=mallory:s1"
@@ -106,3 +114,197 @@ async def _gone(stack: Stack, channel: str, timeout: float = 10.0) -> bool:
         while channel in stack.manager.handlers:
             await asyncio.sleep(0.05)
     return True
+
+
+# ---------------------------------------------------------------------------- item 4
+
+
+async def test_half_open_handshakes_are_dropped_and_never_lock_legit_clients_out(
+    socket_stack: Any,
+) -> None:
+    config = ServerConfig(handshake_timeout=1.0, ping_interval=None)
+    async with socket_stack(config=config) as stack:
+        assert stack.port is not None
+        hangers = [await HostileClient.open(stack.port) for _ in range(20)]
+        for hanger in hangers:
+            hanger.send_partial_handshake()
+        client = await stack.client()  # served meanwhile
+        assert client.connected
+        results = await asyncio.gather(
+            *(h.wait_disconnected(config.handshake_timeout + MARGIN) for h in hangers)
+        )
+        assert all(results), f"{results.count(False)} of 20 half-open handshakes still held"
+        for hanger in hangers:
+            hanger.abort()
+
+
+# ---------------------------------------------------------------------------- item 6
+
+
+async def test_a_ping_flood_from_a_client_that_never_reads_is_not_buffered_without_bound(
+    socket_stack: Any,
+) -> None:
+    config = ServerConfig(ping_interval=None, idle_timeout=None)
+    async with socket_stack(config=config) as stack:
+        client, _ = await open_channel(stack, rcvbuf=4096)
+        client.stop_reading()
+        ping = encode_frame(PING, b"p" * 125)
+        batch, written, limit = ping * 512, 0, 64 * 1024 * 1024
+        async with asyncio.timeout(120):
+            while written < limit:  # each pong is buffered by the server unless it stops reading
+                client.write(batch)
+                written += len(batch)
+                if not await client.drain(3.0):
+                    break  # the server stopped reading: the flood is bounded
+        assert written < limit, "the server read 64 MiB of pings while their pongs piled up"
+        client.abort()
+
+
+# ---------------------------------------------------------------------------- item 9
+
+
+@contextlib.asynccontextmanager
+async def _served_for_shutdown(kind: str, endpoint: Endpoint) -> AsyncIterator[tuple[int, Callable[[], Any]]]:
+    """Serve ``endpoint`` the way ``kind`` does in production; yields the port and a function
+    that starts a SIGTERM-style shutdown and returns an awaitable for its end."""
+    if kind == "websockets":
+        from dara_ws_websockets import port_of, serve
+
+        stack = contextlib.AsyncExitStack()
+        ws_server = await stack.enter_async_context(serve(endpoint, "127.0.0.1", 0))
+        yield port_of(ws_server), lambda: asyncio.ensure_future(stack.aclose())
+        await stack.aclose()
+    elif kind == "aiohttp":  # what web.run_app does on SIGTERM: runner.cleanup(), nothing else
+        from aiohttp import web
+
+        from dara_ws_aiohttp import add_route
+
+        app = web.Application()
+        add_route(app, endpoint)
+        runner = web.AppRunner(app, shutdown_timeout=endpoint.config.shutdown_grace)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield int(runner.addresses[0][1]), lambda: asyncio.ensure_future(runner.cleanup())
+        await runner.cleanup()
+    else:  # uvicorn running a plain ASGI app, or Starlette with the lifespan helper
+        import uvicorn
+        from starlette.applications import Starlette
+
+        from dara_ws_asgi import asgi_app, lifespan, websocket_route
+
+        asgi: Any = (
+            asgi_app(endpoint) if kind == "uvicorn" else
+            Starlette(routes=[websocket_route(endpoint)], lifespan=lifespan(endpoint))
+        )
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(asgi, log_config=None, log_level="warning",
+                                               timeout_graceful_shutdown=30))
+        task = asyncio.ensure_future(server.serve(sockets=[sock]))
+        async with asyncio.timeout(10):
+            while not server.started:
+                await asyncio.sleep(0.02)
+
+        def stop() -> Any:
+            server.should_exit = True  # what uvicorn's SIGTERM handler does
+            return task
+
+        try:
+            yield sock.getsockname()[1], stop
+        finally:
+            server.should_exit = True
+            await task
+            sock.close()
+
+
+@pytest.mark.parametrize("kind", ["websockets", "aiohttp", "uvicorn", "starlette"])
+async def test_shutdown_closes_idle_clients_at_once_and_delivers_in_grace_answers(kind: str) -> None:
+    release = asyncio.Event()
+
+    async def ask(channel: str, data: Any) -> Any:
+        await release.wait()
+        return {"answer": data}
+
+    manager = WebsocketManager(ServerConfig(shutdown_grace=20.0, ping_interval=None))
+    manager.add_ws_handler("ask", ask)
+    endpoint = Endpoint(manager, token_authenticator(verify_token))
+    async with _served_for_shutdown(kind, endpoint) as (port, stop):
+        clients = []
+        for _ in range(8):
+            client = await HostileClient.open(port)
+            assert (await client.handshake(TOKEN_PATH)).status == 101
+            await client.read_frame()  # init
+            clients.append(client)
+        busy, idle = clients[:4], clients[4:]
+        for i, client in enumerate(busy):
+            client.send_text(json.dumps(
+                {"type": "custom", "message": {"kind": "ask", "data": i, "__rchan": f"r{i}"}}
+            ))
+        async with asyncio.timeout(10):
+            while sum(h.task_count for h in manager.handlers.values()) < len(busy):
+                await asyncio.sleep(0.01)
+        done = stop()
+        # Idle clients are closed with 1001 while the answers are still being computed.
+        assert await asyncio.gather(*(c.read_close(10) for c in idle)) == [1001] * len(idle)
+        release.set()
+        for i, client in enumerate(busy):
+            reply = json.loads((await client.read_frame(10)).text)
+            assert reply["message"] == {"kind": "ask", "data": {"answer": i}, "__response_for": f"r{i}"}
+            assert await client.read_close(10) == 1001
+        await asyncio.wait_for(done, 30)
+        for client in clients:
+            client.abort()
+
+
+# ---------------------------------------------------------------------------- item 11
+
+
+async def test_oversized_handshake_headers_get_a_prompt_http_error(socket_stack: Any) -> None:
+    async with socket_stack() as stack:
+        assert stack.port is not None
+        for headers in ([("X-Big", "a" * 65536)], [(f"X-H{i}", "v") for i in range(300)]):
+            client = await HostileClient.open(stack.port)
+            response = await client.handshake(TOKEN_PATH, headers, timeout=10)
+            assert response.status in (400, 431)
+            client.abort()
+
+
+async def test_repeated_cookie_headers_are_parsed_lazily_and_bounded() -> None:
+    headers = [("Cookie", "".join(f"k{i}_{j}=v;" for j in range(2000))) for i in range(100)]
+    request = HandshakeRequest.build("/api/core/ws?token=t", headers)
+    assert len(request.headers["cookie"]) > 1_000_000  # kept as sent, joined once
+    assert len(request.cookies) == MAX_COOKIES  # what is parsed is capped
+    assert parse_cookies('a=1; b="q"; bad; =x; a=2') == {"a": "1", "b": "q"}
+
+
+# ---------------------------------------------------------------------------- item 12
+
+
+async def test_a_frame_of_exactly_max_message_size_is_accepted(socket_stack: Any) -> None:
+    config = ServerConfig(max_message_size=4096, ping_interval=None)
+    async with socket_stack(config=config) as stack:
+        client, _ = await open_channel(stack)
+        frame = json.dumps({"type": "ping", "message": ""})
+        frame = frame[:-2] + "x" * (4096 - len(frame)) + '"}'
+        assert len(frame.encode()) == 4096
+        client.send_text(frame)
+        reply = await client.read_frame()
+        assert reply.opcode == TEXT and json.loads(reply.text)["type"] == "pong"
+        client.abort()
+
+
+async def test_replies_within_the_rate_limit_are_delivered_before_the_1008_close(
+    socket_stack: Any,
+) -> None:
+    config = ServerConfig(rate_limit=20, rate_window=60.0, ping_interval=None)
+    async with socket_stack(config=config) as stack:
+        client, _ = await open_channel(stack)
+        ping = encode_frame(TEXT, json.dumps({"type": "ping", "message": "x" * 100}))
+        client.write(ping * 25)
+        pongs = 0
+        async with asyncio.timeout(10):
+            while (frame := await client.read_frame()).opcode != CLOSE:
+                pongs += json.loads(frame.text)["type"] == "pong"
+        assert (pongs, frame.close_code) == (20, 1008)
+        client.abort()
