@@ -16,7 +16,12 @@ connection's own pending request (its value, or ``ChunkError``), or a close with
 * every server request ended as predicted (answered, ``ChunkError``, or ``ConnectionClosed``);
 * every good client got every message meant for it, in order, and its answers were its own;
 * no handler, registry entry, pending request or connection task is left, no internal error was
-  logged, and the server still serves a new client.
+  logged, and the server still serves a new client;
+* the noisy-neighbour invariant (issue 10, bounds in ``tests/helpers.py``): a *healthy* client that
+  runs through the whole example, getting a per-user push every 10 ms and sending ``echo``
+  requests, saw every push within ``PUSH_BOUND`` (1 s) of its due time and none lost, no request
+  got ``busy``, ``timeout`` or went unanswered for ``REQUEST_TIMEOUT`` (2 s), and every frame it
+  received was strict JSON.
 
 ``DARA_FUZZ_EXAMPLES`` sets the number of examples per transport (default 100, about 10 to 20 s
 per transport).
@@ -31,7 +36,7 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +54,7 @@ from dara_ws_core import (
     Transport,
 )
 
+from .helpers import Healthy, eventually, ticker
 from .stacks import Stack, running_stack
 from .strategies import (
     binary_frames,
@@ -65,6 +71,8 @@ MAX_SIZE = 4096
 MAX_CHUNKS = 16
 TIMEOUT = 10.0
 EXAMPLES = int(os.environ.get("DARA_FUZZ_EXAMPLES", "100"))
+#: The healthy client's pushes: often, since an example lasts some 50 ms.
+HEALTHY_TICK = 0.01
 CONFIG = ServerConfig(max_message_size=MAX_SIZE, max_chunks=MAX_CHUNKS, handler_timeout=5.0)
 
 # --------------------------------------------------------------------------- the program
@@ -356,15 +364,6 @@ async def receive_json(transport: Transport) -> dict[str, Any]:
     return value
 
 
-async def eventually(predicate: Callable[[], bool], what: str) -> None:
-    try:
-        async with asyncio.timeout(TIMEOUT):
-            while not predicate():
-                await asyncio.sleep(0.005)
-    except TimeoutError:
-        raise AssertionError(f"still not true after {TIMEOUT} s: {what}") from None
-
-
 @settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -383,7 +382,18 @@ async def test_bad_clients_never_harm_the_server_or_good_clients(
     goods: list[Good] = []
     bads: list[BadConn] = []
     held: asyncio.Task[Any] | None = None
+    # The noisy neighbour's victim: measured from the first step to the end of the example.
+    healthy = Healthy(functools.partial(stack.connect, f"healthy:hs{example}"), ("tick",),
+                      interval=HEALTHY_TICK)
+    ticking: asyncio.Task[None] | None = None
+    healthy_figures: dict[str, Any] | None = None
     try:
+        await healthy.start(wait_ready=False)
+
+        async def tick(payload: dict[str, Any]) -> None:
+            await manager.send_message_to_user("healthy", payload, custom=True)
+
+        ticking = asyncio.create_task(ticker(tick, "tick", HEALTHY_TICK))
         # Well-behaved clients; good 0 holds a request open until the end, as a steal target.
         for g in range(n_good):
             name = f"good{g}"
@@ -462,6 +472,10 @@ async def test_bad_clients_never_harm_the_server_or_good_clients(
             assert received == [*good.expected, end], good.name
     finally:
         release.set()
+        if ticking is not None:
+            ticking.cancel()
+            await asyncio.gather(ticking, return_exceptions=True)
+            healthy_figures = await healthy.stop()
         for bad in bads:
             with contextlib.suppress(Exception):
                 await bad.transport.close()
@@ -483,6 +497,8 @@ async def test_bad_clients_never_harm_the_server_or_good_clients(
     assert await check.request("echo", {"alive": example}, timeout=TIMEOUT) == {"alive": example}
     await check.close()
     await eventually(lambda: not manager.handlers, "the check client removed")
+    assert healthy_figures is not None
+    assert not healthy.violations(healthy_figures), healthy_figures
 
 
 async def run_bad_step(bad: BadConn, spec: Spec, rchans: list[str], serial: str) -> None:

@@ -1,0 +1,301 @@
+"""Shared test helpers: waiting for a condition, and the *healthy client* of the noisy-neighbour
+invariant (issue 10), used by ``test_noisy_neighbour`` and the live fuzzer.
+
+The invariant: while any attack runs, a well-behaved client's pushes keep arriving with bounded
+delay and its requests never get ``busy`` or time out. A push carries its sequence number and the
+time it was due (:func:`ticker`); the :class:`Healthy` client times every push on arrival, parses
+every raw frame as strict JSON, and sends requests the whole time. The bounds are correctness
+bounds for a noisy 2-core machine, not speed targets:
+
+* ``PUSH_BOUND`` = 1.0 s: no push arrives later than this after it was due, none is lost, and when
+  measuring stops the next push is not overdue by more than this;
+* ``REQUEST_TIMEOUT`` = 2.0 s: no request goes unanswered for longer, and none gets a ``busy`` or
+  ``timeout`` error reply.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "PUSH_BOUND",
+    "REQUEST_TIMEOUT",
+    "TICK",
+    "Healthy",
+    "Meter",
+    "StrictTransport",
+    "eventually",
+    "strict_loads",
+    "ticker",
+]
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dara_ws_core import ConnectionClosed, DaraClient, RemoteError, RequestTimeout, Transport
+
+PUSH_BOUND = 1.0
+REQUEST_TIMEOUT = 2.0
+TICK = 0.05
+
+
+async def eventually(predicate: Callable[[], bool], what: str = "condition", timeout: float = 10.0) -> None:
+    """Wait until ``predicate()`` is true (polled every 5 ms); ``AssertionError`` after ``timeout``."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        raise AssertionError(f"still not true after {timeout} s: {what}") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is beyond a double")
+    return value
+
+
+def strict_loads(frame: str | bytes) -> Any:
+    """Parse as RFC 8259 JSON, as a browser's ``JSON.parse`` would: ``NaN``, ``Infinity`` and
+    numbers beyond a double raise ``ValueError``."""
+    return json.loads(frame, parse_constant=_reject_constant, parse_float=_finite)
+
+
+async def ticker(push: Callable[[dict[str, Any]], Awaitable[None]], kind: str, interval: float = TICK) -> None:
+    """Call ``push(payload)`` every ``interval`` on a fixed schedule, with a custom payload of
+    ``kind`` carrying ``seq``, ``due`` (when it was due) and ``sent`` (when it was pushed): the
+    lateness shows even when the pushing loop itself stalls. Runs until cancelled."""
+    start = time.time()
+    for seq in itertools.count(1):
+        due = start + seq * interval
+        await asyncio.sleep(max(0.0, due - time.time()))
+        try:
+            await push({"kind": kind, "data": {"seq": seq, "due": due, "sent": time.time()}})
+        except Exception:  # a failed push shows as a lost one
+            logging.getLogger("tests.ticker").exception("push failed")
+
+
+@dataclass
+class Meter:
+    """What the healthy client saw arrive, timed on arrival."""
+
+    kinds: tuple[str, ...]
+    start: float = field(default_factory=time.time)
+    last: dict[str, tuple[int | None, float]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    max_delay: float = 0.0
+    #: Of the delay, the most spent before the server pushed (its loop was busy) and after (the
+    #: push waited in a queue or a buffer).
+    max_late_send: float = 0.0
+    max_transit: float = 0.0
+    lost: int = 0
+    frames: int = 0
+    nonstrict: list[str] = field(default_factory=list)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def frame(self, frame: str | bytes, now: float) -> None:
+        """Account for one raw frame received at ``now``."""
+        self.frames += 1
+        try:
+            value = strict_loads(frame)
+        except ValueError:
+            self.nonstrict.append(str(frame[:120]))
+            return
+        message = value.get("message") if isinstance(value, dict) else None
+        if value.get("type") != "custom" or not isinstance(message, dict):
+            return
+        kind, data = message.get("kind"), message.get("data")
+        if kind not in self.kinds or not isinstance(data, dict):
+            return
+        # ``due`` from ticker(); the demo's clock has only ``time``, when it was pushed.
+        seq, stamp = data.get("seq"), data.get("due", data.get("time"))
+        due = float(stamp) if isinstance(stamp, int | float) else now
+        self.max_delay = max(self.max_delay, now - due)
+        sent = data.get("sent")
+        if isinstance(sent, int | float):
+            self.max_late_send = max(self.max_late_send, sent - due)
+            self.max_transit = max(self.max_transit, now - sent)
+        previous = self.last.get(kind)
+        if previous is not None and previous[0] is not None and isinstance(seq, int):
+            self.lost += max(0, seq - previous[0] - 1)
+        self.last[kind] = (seq if isinstance(seq, int) else None, due)
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if all(self.counts.get(k, 0) >= 2 for k in self.kinds):
+            self.ready.set()
+
+    def overdue(self, now: float, interval: float = TICK) -> float:
+        """How late the next push of the most delayed kind is at ``now`` (0 if none is due)."""
+        return max((now - (self.last[k][1] if k in self.last else self.start) - interval
+                    for k in self.kinds), default=0.0)
+
+
+class StrictTransport:
+    """The healthy client's transport: every received frame goes through the meter first."""
+
+    def __init__(self, inner: Transport, meter: Meter) -> None:
+        self._inner = inner
+        self._meter = meter
+
+    async def send(self, frame: bytes) -> None:
+        await self._inner.send(frame)
+
+    async def receive(self) -> str | bytes:
+        frame = await self._inner.receive()
+        self._meter.frame(frame, time.time())
+        return frame
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        await self._inner.close(code, reason)
+
+    def abort(self) -> None:
+        abort = getattr(self._inner, "abort", None)
+        if abort is not None:
+            abort()
+
+    @property
+    def closed(self) -> bool:
+        return self._inner.closed
+
+
+@dataclass
+class Healthy:
+    """The well-behaved client: reads everything, sends an ``echo`` request every
+    ``echo_every`` s (one at a time) and, with ``chat_every``, fires a ``chat`` request (the demo's
+    broadcast, answered ``{"delivered": true}``) that often without waiting for the previous one."""
+
+    connect: Callable[[], Awaitable[Transport]]
+    kinds: tuple[str, ...]
+    echo_every: float = 0.02
+    chat_every: float | None = None
+    #: The pushes' interval (as given to :func:`ticker`).
+    interval: float = TICK
+    meter: Meter = field(init=False)
+    client: DaraClient = field(init=False)
+    ok: int = 0
+    busy: int = 0
+    timeouts: int = 0
+    other: list[str] = field(default_factory=list)
+    max_rtt: float = 0.0
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _chats: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.meter = Meter(self.kinds)
+
+    async def _connect(self) -> Transport:
+        return StrictTransport(await self.connect(), self.meter)
+
+    async def start(self, *, wait_ready: bool = True) -> None:
+        """Connect, optionally wait for two pushes of every kind, and start the request loops."""
+        self.client = DaraClient(self._connect, ping_interval=None, init_timeout=REQUEST_TIMEOUT)
+        await self.client.connect()
+        if wait_ready:
+            await asyncio.wait_for(self.meter.ready.wait(), 10)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._echo_loop()), loop.create_task(self._drain_inbox())]
+        if self.chat_every is not None:
+            self._tasks.append(loop.create_task(self._chat_loop(self.chat_every)))
+
+    async def _request(self, kind: str, data: Any) -> None:
+        started = time.monotonic()
+        try:
+            reply = await self.client.request(kind, data, timeout=REQUEST_TIMEOUT)
+        except RemoteError as exc:
+            if exc.code == "busy":
+                self.busy += 1
+            elif exc.code == "timeout":
+                self.timeouts += 1
+            else:
+                self.other.append(f"{kind}: error reply {exc.code}")
+            return
+        except RequestTimeout:
+            self.timeouts += 1
+            return
+        except ConnectionClosed as exc:
+            self.other.append(f"{kind}: connection closed {exc.code} {exc.reason}")
+            self._stop.set()
+            return
+        self.max_rtt = max(self.max_rtt, time.monotonic() - started)
+        expected = data if kind == "echo" else {"delivered": True}
+        if reply != expected:
+            self.other.append(f"{kind}: wrong reply {str(reply)[:80]}")
+        else:
+            self.ok += 1
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def _echo_loop(self) -> None:
+        for n in itertools.count():
+            if self._stop.is_set():
+                return
+            await self._request("echo", {"n": n})
+            await self._pause(self.echo_every)
+
+    async def _chat_loop(self, every: float) -> None:
+        for n in itertools.count():
+            if self._stop.is_set():
+                return
+            task = asyncio.get_running_loop().create_task(self._request("chat", f"hello {n}"))
+            self._chats.add(task)
+            task.add_done_callback(self._chats.discard)
+            await self._pause(every)
+
+    async def _drain_inbox(self) -> None:
+        # Pushes are measured on arrival; the inbox only has to stay small.
+        while not self._stop.is_set():
+            await self._pause(0.2)
+            self.client.received_nowait()
+
+    async def stop(self) -> dict[str, Any]:
+        """Stop the loops (requests in flight finish or time out), close, return the figures."""
+        overdue = self.meter.overdue(time.time(), self.interval)
+        self._stop.set()
+        await asyncio.wait_for(asyncio.gather(*self._tasks, *self._chats), REQUEST_TIMEOUT + 5)
+        await self.client.close()
+        return {
+            "max_delay": round(max(self.meter.max_delay, overdue), 3),
+            "late_send": round(self.meter.max_late_send, 3),
+            "transit": round(self.meter.max_transit, 3),
+            "lost": self.meter.lost,
+            "pushes": sum(self.meter.counts.values()),
+            "busy": self.busy,
+            "timeouts": self.timeouts,
+            "other_errors": len(self.other),
+            "requests_ok": self.ok,
+            "max_rtt": round(self.max_rtt, 3),
+            "nonstrict": len(self.meter.nonstrict),
+        }
+
+    def violations(self, figures: dict[str, Any]) -> list[str]:
+        """What broke the invariant, given :meth:`stop`'s figures (empty: it held)."""
+        found = []
+        if figures["max_delay"] > PUSH_BOUND:
+            found.append(f"healthy push delay {figures['max_delay']} s > {PUSH_BOUND} s "
+                         f"(server late to push {figures['late_send']} s, in transit "
+                         f"{figures['transit']} s)")
+        if figures["lost"]:
+            found.append(f"healthy lost {figures['lost']} pushes")
+        if figures["busy"] or figures["timeouts"]:
+            found.append(f"healthy requests: {figures['busy']} busy, {figures['timeouts']} timed out")
+        if not figures["requests_ok"]:
+            found.append("healthy got no request answered")
+        if self.other:
+            found.append(f"healthy requests failed: {self.other[:3]}")
+        if self.meter.nonstrict:
+            found.append(f"healthy got {len(self.meter.nonstrict)} non-JSON frames, e.g. "
+                         f"{self.meter.nonstrict[0][:60]}")
+        return found
