@@ -1,25 +1,50 @@
-"""Custom message handlers by kind (protocol.md sections 2-4).
+"""Custom message handlers by kind (protocol.md sections 2-4), and how they are run.
 
 The application registers ``handler(channel_id, data)`` for a kind, sync or async, like Dara's
 ``config.add_ws_handler``. A non-``None`` return value becomes the reply. Sync handlers run in the
 receive loop, so a connection's messages are handled in order; ``in_thread=True`` runs a blocking
 sync handler in a worker thread (order kept, other connections not blocked). Async handlers run as
-tracked tasks of the connection, cancelled when it closes.
+tracked tasks of the connection, cancelled when it closes. What the client gets back (the reply,
+or a ``handler_error`` / ``timeout`` error reply) is the connection's decision
+(:class:`~dara_ws_core.connection.ServerConnection`); :meth:`CustomHandlerRegistry.dispatch`
+runs the handler and hands it the outcome.
 """
 
 from __future__ import annotations
 
-__all__ = ["CustomHandler", "CustomHandlerRegistry", "HandlerSpec"]
+__all__ = ["CustomHandler", "CustomHandlerRegistry", "DispatchHost", "HandlerSpec"]
 
+import asyncio
+import contextlib
 import inspect
+import logging
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from .exceptions import UnknownKind
+import pydantic_core
+
+from .config import ServerConfig
+from .connection import CustomReceived, SendFrame, ServerConnection
+from .exceptions import ConnectionClosed, UnknownKind
 
 CustomHandler = Callable[[str, Any], Any | Awaitable[Any]]
 H = TypeVar("H", bound=CustomHandler)
+
+
+class DispatchHost(Protocol):
+    """What running a handler needs from its connection (a ``WebSocketHandler``)."""
+
+    channel_id: str
+    config: ServerConfig
+    connection: ServerConnection[Any]
+
+    def send_nowait(self, frame: bytes) -> Awaitable[None] | None: ...
+
+    def track(self, task: asyncio.Task[None]) -> None: ...
+
+    def log_peer_error(self, level: int, message: str, *args: Any, exc_info: bool = False,
+                       **extra: Any) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,3 +100,77 @@ class CustomHandlerRegistry:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._handlers)
+
+    # ------------------------------------------------------------------ running handlers
+
+    def dispatch(self, received: CustomReceived, host: DispatchHost) -> Awaitable[None] | None:
+        """Run the handler of ``received.kind`` for ``host``'s connection and send its outcome.
+
+        Sync handlers run now; async and ``in_thread`` ones run as tasks that ``host`` tracks.
+        Returns an awaitable when the receive loop must wait before the next frame (a threaded
+        handler, or a reply that did not fit the queue), keeping the connection's order.
+        """
+        spec = self._handlers.get(received.kind)
+        if spec is None:  # unregistered since the connection checked the kind
+            host.connection.handler_done()
+            return _send(host, host.connection.reply_error(
+                received.kind, received.rchan, "unknown_kind", f"no handler for {received.kind!r}"))
+        if spec.is_async or spec.in_thread:
+            task = asyncio.create_task(_run_task(spec, received, host))
+            host.track(task)
+            # A threaded handler is waited for (order kept); an async one runs alongside.
+            return asyncio.wait((task,)) if spec.in_thread else None  # type: ignore[return-value]
+        try:
+            result = spec.func(host.channel_id, received.data)
+        except Exception:
+            frame = _failed(host, spec, received)
+        else:
+            frame = _reply(host, received, result)
+        finally:
+            host.connection.handler_done()
+        return _send(host, frame)
+
+
+async def _run_task(spec: HandlerSpec, received: CustomReceived, host: DispatchHost) -> None:
+    try:
+        async with asyncio.timeout(host.config.handler_timeout):
+            if spec.in_thread:
+                result = await asyncio.to_thread(spec.func, host.channel_id, received.data)
+            else:
+                result = await spec.func(host.channel_id, received.data)
+    except TimeoutError:
+        host.log_peer_error(logging.WARNING, "custom handler timed out", kind=spec.kind)
+        frame = host.connection.reply_error(received.kind, received.rchan, "timeout",
+                                            "the handler timed out")
+    except Exception:
+        frame = _failed(host, spec, received)
+    else:
+        frame = _reply(host, received, result)
+    finally:
+        host.connection.handler_done()
+    pending = _send(host, frame)
+    if pending is not None:
+        # The connection may close while the reply waits for room.
+        with contextlib.suppress(ConnectionClosed):
+            await pending
+
+
+def _reply(host: DispatchHost, received: CustomReceived, result: Any) -> SendFrame | None:
+    try:
+        return host.connection.encode_reply(received.kind, received.rchan, result)
+    except pydantic_core.PydanticSerializationError:
+        host.log_peer_error(logging.ERROR, "custom handler returned a value JSON cannot carry",
+                            exc_info=True, kind=received.kind)
+        return host.connection.reply_error(received.kind, received.rchan, "handler_error",
+                                           "the handler's result could not be encoded")
+
+
+def _failed(host: DispatchHost, spec: HandlerSpec, received: CustomReceived) -> SendFrame | None:
+    # The traceback goes to the log with the channel and kind; the wire gets a code only.
+    host.log_peer_error(logging.ERROR, "custom handler failed", exc_info=True, kind=spec.kind)
+    return host.connection.reply_error(received.kind, received.rchan, "handler_error",
+                                       "the handler failed")
+
+
+def _send(host: DispatchHost, frame: SendFrame | None) -> Awaitable[None] | None:
+    return None if frame is None else host.send_nowait(frame.frame)

@@ -1,50 +1,45 @@
-"""The per-connection handler: outbound queue, server requests, custom message dispatch.
+"""The per-connection handler: the seed's ``WebSocketHandler``, asyncio side of one channel.
 
-One :class:`WebSocketHandler` per connection (the seed's class). It owns the asyncio side of a
-channel: the bounded outbound queue and its slow-consumer policy, the futures of pending
-``send_and_wait`` calls (over the pure :class:`~dara_ws_core.correlation.PendingRequests` table),
-and the tasks of async custom handlers. It never touches a socket: the connection lifecycle
-(:mod:`dara_ws_core.endpoint`) drains its queue into the transport and feeds it decoded frames.
+It carries out what the connection's pure protocol object
+(:class:`~dara_ws_core.connection.ServerConnection`) decides, and owns what needs a loop: the
+bounded outbound queue and its slow-consumer policy, the futures of pending ``send_and_wait``
+calls, and the tasks of custom handlers. It never touches a socket: frames and close decisions go
+to its :class:`Sink`, the driver of the connection (:mod:`dara_ws_core.driver`), which is given
+once, when the handler is created. A handler with no sink (in tests, or the seed's bare
+``create_handler``) queues frames for whoever drains :attr:`WebSocketHandler.queue`.
 """
 
 from __future__ import annotations
 
-__all__ = ["WebSocketHandler", "current_channel", "current_identity"]
+__all__ = ["Sink", "WebSocketHandler", "current_channel", "current_identity"]
 
 import asyncio
 import contextvars
 import logging
+import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
-import pydantic_core
 from pydantic import BaseModel
 
 from .auth import Identity
 from .config import ServerConfig, SlowConsumerPolicy
-from .correlation import Completed, Failed, Ignored, PendingRequests
-from .custom import CustomHandlerRegistry, HandlerSpec
-from .exceptions import (
-    CloseCode,
-    ConnectionClosed,
-    RequestTimeout,
-    SlowConsumer,
-    UnknownKind,
+from .connection import (
+    AnswerIgnored,
+    CloseConnection,
+    CustomReceived,
+    Event,
+    FrameDropped,
+    RequestCompleted,
+    RequestFailed,
+    SendFrame,
+    ServerConnection,
 )
-from .messages import (
-    PONG_FRAME,
-    ClientMessage,
-    ClientPing,
-    CustomClientMessage,
-    CustomClientMessagePayload,
-    DaraClientMessage,
-    LoosePayload,
-    build_frame,
-    dumps,
-    encode,
-)
+from .custom import CustomHandlerRegistry
+from .exceptions import ChunkError, CloseCode, ConnectionClosed, RequestTimeout, SlowConsumer
+from .messages import ClientMessage, LoosePayload, build_frame, encode
 from .queue import OutboundQueue
 
 logger = logging.getLogger("dara_ws_core")
@@ -57,23 +52,27 @@ current_identity: contextvars.ContextVar[Identity] = contextvars.ContextVar("dar
 _DEFAULT: Any = object()
 
 
-def _error_frame(kind: str, rchan: str | None, code: str, message: str) -> bytes:
-    # protocol.md section 3, error [ext]: the caller's promise settles; no traceback on the wire.
-    body: dict[str, Any] = {"kind": kind, "data": None, "__error": {"code": code, "message": message}}
-    if rchan is not None:
-        body["__response_for"] = rchan
-    return dumps({"type": "custom", "message": body})
+class Sink(Protocol):
+    """Where a handler's frames and close decisions go: the driver of its connection."""
+
+    def write_now(self, frame: bytes) -> bool:
+        """Write ``frame`` to the transport at once if that is possible without waiting and
+        without overtaking frames already queued or being sent; ``False`` otherwise."""
+        ...
+
+    def frames_queued(self) -> None:
+        """Frames were queued: drain them into the transport (starting a send task if needed)."""
+        ...
+
+    def close(self, code: int, reason: str) -> None:
+        """The connection decided to close: flush what is queued, close the transport."""
+        ...
 
 
 def _is_power_of_ten(n: int) -> bool:
     while n % 10 == 0:
         n //= 10
     return n == 1
-
-
-async def _settled(task: asyncio.Task[None]) -> None:
-    # Waits for the task without raising its cancellation into the waiter (the receive loop).
-    await asyncio.wait((task,))
 
 
 class WebSocketHandler:
@@ -83,9 +82,8 @@ class WebSocketHandler:
     connection ends, which fails its pending requests and cancels its handler tasks.
     """
 
-    __slots__ = ("_closed", "_closer", "_custom", "_peer_errors", "_pending", "_sending",
-                 "_start_sender", "_tasks", "_write_now", "channel_id", "config", "identity",
-                 "last_seen", "queue")
+    __slots__ = ("_custom", "_peer_errors", "_shut", "_sink", "_tasks", "channel_id", "config",
+                 "connection", "identity", "queue")
 
     def __init__(
         self,
@@ -94,26 +92,24 @@ class WebSocketHandler:
         identity: Identity | None = None,
         config: ServerConfig | None = None,
         custom_handlers: CustomHandlerRegistry | None = None,
+        sink: Sink | None = None,
+        now: float = 0.0,
     ) -> None:
         self.channel_id = channel_id
         self.identity = identity
         self.config = config = config or ServerConfig()
-        self.queue = OutboundQueue(config.max_queue_messages, config.max_queue_bytes)
-        self._pending: PendingRequests[asyncio.Future[Any]] = PendingRequests(
-            max_pending=config.max_pending_requests,
-            max_chunks=config.max_chunks,
-            max_chunked_bytes=config.max_chunked_bytes,
+        self._custom = custom_handlers = custom_handlers or CustomHandlerRegistry()
+        #: The protocol state of this connection (pure): every decision is made there.
+        self.connection: ServerConnection[asyncio.Future[Any]] = ServerConnection(
+            channel_id, config, now=now, kinds=custom_handlers,
+            expires_at=None if identity is None else identity.expires_at,
         )
-        self._custom = custom_handlers or CustomHandlerRegistry()
+        self.queue = OutboundQueue(config.max_queue_messages, config.max_queue_bytes)
+        # init is queued before the channel becomes reachable, so it is always the first frame.
+        self.queue.offer(self.connection.init_frame)
+        self._sink = sink
         self._tasks: set[asyncio.Task[None]] = set()
-        self._closed: ConnectionClosed | None = None
-        self._closer: Callable[[int, str], None] | None = None
-        self._write_now: Callable[[bytes], bool] | None = None
-        self._start_sender: Callable[[], None] | None = None
-        #: A send task is draining the queue (frames must queue behind it).
-        self._sending = False
-        #: Event-loop time of the last inbound frame (for the idle timeout).
-        self.last_seen = 0.0
+        self._shut = False
         self._peer_errors = 0
 
     def __repr__(self) -> str:
@@ -123,16 +119,28 @@ class WebSocketHandler:
 
     @property
     def closed(self) -> bool:
-        return self._closed is not None
+        """The connection is closing or closed: nothing more is sent or dispatched."""
+        return self.connection.close_reason is not None
+
+    @property
+    def close_reason(self) -> ConnectionClosed | None:
+        """How the connection closed (code and reason), once it did."""
+        return self.connection.close_reason
+
+    @property
+    def last_seen(self) -> float:
+        """Event-loop time of the last inbound frame (for the idle timeout)."""
+        return self.connection.last_seen
 
     @property
     def pending_responses(self) -> Mapping[str, asyncio.Future[Any]]:
         """Pending server requests: ``__rchan`` -> the future of the waiting ``send_and_wait``."""
-        return MappingProxyType({r: self._pending.waiter(r) for r in self._pending})
+        pending = self.connection.pending
+        return MappingProxyType({rchan: pending.waiter(rchan) for rchan in pending})
 
     @property
     def pending_count(self) -> int:
-        return len(self._pending)
+        return len(self.connection.pending)
 
     @property
     def task_count(self) -> int:
@@ -158,11 +166,54 @@ class WebSocketHandler:
         logger.log(level, message, *args, exc_info=exc_info,
                    extra={"channel": self.channel_id, **extra})
 
+    # ------------------------------------------------------------------ events
+
+    def apply(self, events: Iterable[Event]) -> Awaitable[None] | None:
+        """Carry out what the connection decided. Returns an awaitable when the caller (the
+        receive loop) must wait before the next frame: a reply that did not fit the queue, or
+        a threaded handler, so that one connection's messages stay in order."""
+        wait: Awaitable[None] | None = None
+        for event in events:
+            if isinstance(event, SendFrame):
+                wait = self.send_nowait(event.frame)
+            elif isinstance(event, CustomReceived):
+                wait = self._custom.dispatch(event, self)
+            elif isinstance(event, RequestCompleted):
+                if not event.waiter.done():
+                    event.waiter.set_result(event.value)
+            elif isinstance(event, RequestFailed):
+                if isinstance(event.error, ChunkError):
+                    self.log_peer_error(logging.WARNING, "invalid chunked answer: %s", event.error,
+                                        rchan=event.rchan)
+                if not event.waiter.done():
+                    event.waiter.set_exception(event.error)
+            elif isinstance(event, CloseConnection):
+                if self._sink is not None:
+                    self._sink.close(event.code, event.reason)
+            elif isinstance(event, FrameDropped):
+                self.log_peer_error(logging.WARNING, "dropped client frame: %s", event.reason)
+            elif isinstance(event, AnswerIgnored):
+                self.log_peer_error(logging.INFO, "answer for an unknown or settled request ignored",
+                                    rchan=event.rchan)
+        return wait
+
+    def receive_frame(self, frame: str | bytes, now: float) -> Awaitable[None] | None:
+        """Handle one inbound frame read at ``now`` (the driver's receive loop)."""
+        return self.apply(self.connection.receive_frame(frame, now))
+
+    def process_client_message(self, message: ClientMessage) -> Awaitable[None] | None:
+        """Process a decoded client message (see :meth:`apply` for the awaitable). Messages
+        reaching a closed connection are dropped."""
+        return self.apply(self.connection.receive_message(message))
+
+    def tick(self, now: float, wall: float | None = None) -> None:
+        """Check the idle timeout (``now``, loop time) and identity expiry (``wall``, epoch)."""
+        self.apply(self.connection.tick(now, time.time() if wall is None else wall))
+
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        """Ask the connection to close with ``code``; returns at once. Idempotent."""
-        if self._closer is not None:
-            closer, self._closer = self._closer, None
-            closer(code, reason)
+        """Ask the connection to close with ``code``; returns at once. Idempotent. Pending
+        requests fail with ``ConnectionClosed(code)`` at once."""
+        self.apply(self.connection.close(code, reason))
 
     # ------------------------------------------------------------------ outbound
 
@@ -179,32 +230,25 @@ class WebSocketHandler:
     def offer(self, frame: bytes) -> bool:
         """Deliver ``frame`` without waiting; ``False`` if the queue is full (nothing changes then).
 
-        When nothing is queued or being sent and the transport can write at once without
-        exceeding its write buffer, the frame is written directly: no queue entry and no send
-        task. Otherwise it is queued and a send task drains the queue (started on demand, so an
-        idle connection holds no task for it). Order is kept because the direct path is taken
-        only with nothing ahead. Raises ``ConnectionClosed`` if the channel is closed.
+        With nothing queued and a transport that can write at once, the frame is written
+        directly (no queue entry, no task); otherwise it is queued and the sink drains the queue.
+        Raises ``ConnectionClosed`` if the channel is closed.
         """
         queue = self.queue
-        if self._sending:
-            return queue.offer(frame)
-        write = self._write_now
-        if write is not None and not queue and not queue.closed and write(frame):
+        sink = self._sink
+        if not queue and sink is not None and not queue.closed and sink.write_now(frame):
             return True
         if not queue.offer(frame):
             return False
-        self._wake_sender()
+        if sink is not None:
+            sink.frames_queued()
         return True
-
-    def _wake_sender(self) -> None:
-        start = self._start_sender
-        if start is not None and not self._sending:
-            self._sending = True
-            start()
 
     def send_nowait(self, frame: bytes) -> Awaitable[None] | None:
         """Enqueue ``frame`` if there is room; otherwise return the coroutine that applies the
-        slow-consumer policy (never raising ``SlowConsumer``). Raises ``ConnectionClosed``."""
+        slow-consumer policy (never raising ``SlowConsumer``). ``None`` once closed."""
+        if self.queue.closed:
+            return None
         if self.offer(frame):
             return None
         return self.enqueue_slow(frame, raise_slow=False)
@@ -217,8 +261,7 @@ class WebSocketHandler:
         with 1013 at once (it is ``max_queue_messages`` frames or ``max_queue_bytes`` behind).
         Returns whether the frame was delivered; ``False`` for a closed channel. Never raises.
         """
-        queue = self.queue
-        if queue.closed:
+        if self.queue.closed:
             return False
         if self.offer(frame):
             return True
@@ -227,18 +270,6 @@ class WebSocketHandler:
             return True
         self._disconnect_slow()
         return False
-
-    def pong(self) -> Awaitable[None] | None:
-        """Answer a client's ``ping`` (protocol.md section 2): one pong per ping, in order.
-
-        A pong that does not fit is a reply like any other: the returned awaitable applies the
-        slow-consumer policy, so a client that floods pings and reads nothing fills only its own
-        queue, then stops being read, then is disconnected with 1013. ``None`` on a closed
-        channel: never raises.
-        """
-        if self.queue.closed:
-            return None
-        return self.send_nowait(PONG_FRAME)
 
     async def enqueue_slow(self, frame: bytes, *, raise_slow: bool = True) -> None:
         """Apply the slow-consumer policy to a frame that did not fit (protocol.md section 6).
@@ -302,12 +333,10 @@ class WebSocketHandler:
         Raises ``ValueError`` if ``rchan`` is already pending, else what :meth:`send_and_wait`
         raises.
         """
-        if self._closed is not None:
-            raise self._closed
         if timeout is _DEFAULT:
             timeout = self.config.request_timeout
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.open(waiter, rchan)
+        self.connection.open_request(waiter, rchan)
         try:
             async with asyncio.timeout(timeout) as scope:
                 if not self.offer(frame):
@@ -320,170 +349,14 @@ class WebSocketHandler:
                 ) from None
             raise
         finally:
-            self._pending.discard(rchan)
+            self.connection.discard_request(rchan)
 
-    # ------------------------------------------------------------------ client -> server
+    # ------------------------------------------------------------------ handler tasks
 
-    def process_client_message(self, message: ClientMessage) -> Awaitable[None] | None:
-        """Process a decoded client frame.
-
-        Resolves pending responses and dispatches custom messages. Returns an awaitable when
-        the caller must wait before reading the next frame (a sync handler's reply that did not
-        fit the queue, a threaded handler), so that one connection's messages stay in order.
-        Frames still read after the handler was shut down are dropped: a handler task started
-        then would outlive its connection, with nothing left to cancel it.
-        """
-        if self._closed is not None or self.queue.closed:
-            return None
-        if isinstance(message, DaraClientMessage):
-            self._resolve(message)
-            return None
-        if isinstance(message, CustomClientMessage):
-            return self._dispatch(message.message)
-        if isinstance(message, ClientPing):
-            return self.pong()
-        raise TypeError(f"not a client message: {type(message).__name__}")
-
-    def _resolve(self, message: DaraClientMessage) -> None:
-        outcome = self._pending.receive(message)
-        if isinstance(outcome, Completed):
-            if not outcome.waiter.done():
-                outcome.waiter.set_result(outcome.value)
-        elif isinstance(outcome, Failed):
-            self.log_peer_error(logging.WARNING, "invalid chunked answer: %s", outcome.error,
-                                rchan=outcome.rchan)
-            if not outcome.waiter.done():
-                outcome.waiter.set_exception(outcome.error)
-        elif isinstance(outcome, Ignored):
-            self.log_peer_error(logging.INFO, "answer for an unknown or settled request ignored",
-                                rchan=outcome.rchan)
-
-    def _dispatch(self, payload: CustomClientMessagePayload) -> Awaitable[None] | None:
-        try:
-            spec = self._custom.get(payload.kind)
-        except UnknownKind:
-            self.log_peer_error(logging.INFO, "custom message of unknown kind", kind=payload.kind)
-            return self.send_nowait(_error_frame(payload.kind, payload.rchan, "unknown_kind",
-                                                 f"no handler for kind {payload.kind!r}"))
-        if spec.is_async:
-            if len(self._tasks) >= self.config.max_handler_tasks:
-                return self.send_nowait(_error_frame(payload.kind, payload.rchan, "busy",
-                                                     "too many requests in progress"))
-            task = asyncio.create_task(self._run_async(spec, payload))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            return None
-        if spec.in_thread:
-            # Tracked like an async handler's task so that a graceful shutdown waits for its reply
-            # (wait_tasks); the receive loop still waits for it, keeping the connection's order.
-            task = asyncio.create_task(self._run_in_thread(spec, payload))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            return _settled(task)
-        try:
-            result = spec.func(self.channel_id, payload.data)
-        except Exception:
-            return self.send_nowait(self._failure(spec, payload))
-        return self._reply(payload, result)
-
-    def _failure(self, spec: HandlerSpec, payload: CustomClientMessagePayload) -> bytes:
-        # The traceback goes to the log with the channel and kind; the wire gets a code only.
-        self.log_peer_error(logging.ERROR, "custom handler failed", exc_info=True, kind=spec.kind)
-        return _error_frame(payload.kind, payload.rchan, "handler_error", "the handler failed")
-
-    def _reply_frame(self, payload: CustomClientMessagePayload, result: Any) -> bytes | None:
-        # A request (with __rchan) always gets a reply so the client's promise settles; a
-        # fire-and-forget message gets one only when the handler returned a value (section 4).
-        if payload.rchan is None:
-            if result is None:
-                return None
-            body: dict[str, Any] = {"kind": payload.kind, "data": result}
-        else:
-            body = {"kind": payload.kind, "data": result, "__response_for": payload.rchan}
-        try:
-            return dumps({"type": "custom", "message": body})
-        except pydantic_core.PydanticSerializationError:
-            self.log_peer_error(logging.ERROR, "custom handler returned a value JSON cannot carry",
-                                exc_info=True, kind=payload.kind)
-            return _error_frame(payload.kind, payload.rchan, "handler_error",
-                                "the handler's result could not be encoded")
-
-    def _reply(self, payload: CustomClientMessagePayload, result: Any) -> Awaitable[None] | None:
-        frame = self._reply_frame(payload, result)
-        return None if frame is None else self.send_nowait(frame)
-
-    async def _send_reply(self, frame: bytes | None) -> None:
-        # A handler task's reply; the connection may have closed while the handler ran.
-        if frame is None:
-            return
-        try:
-            pending = self.send_nowait(frame)
-            if pending is not None:
-                await pending
-        except ConnectionClosed:
-            pass
-
-    async def _run_in_thread(self, spec: HandlerSpec, payload: CustomClientMessagePayload) -> None:
-        try:
-            async with asyncio.timeout(self.config.handler_timeout):
-                result = await asyncio.to_thread(spec.func, self.channel_id, payload.data)
-        except TimeoutError:
-            frame: bytes | None = _error_frame(payload.kind, payload.rchan, "timeout",
-                                               "the handler timed out")
-        except Exception:
-            frame = self._failure(spec, payload)
-        else:
-            frame = self._reply_frame(payload, result)
-        await self._send_reply(frame)
-
-    async def _run_async(self, spec: HandlerSpec, payload: CustomClientMessagePayload) -> None:
-        try:
-            async with asyncio.timeout(self.config.handler_timeout):
-                result = await spec.func(self.channel_id, payload.data)
-        except TimeoutError:
-            self.log_peer_error(logging.WARNING, "custom handler timed out", kind=spec.kind)
-            frame: bytes | None = _error_frame(payload.kind, payload.rchan, "timeout",
-                                               "the handler timed out")
-        except Exception:
-            frame = self._failure(spec, payload)
-        else:
-            frame = self._reply_frame(payload, result)
-        await self._send_reply(frame)
-
-    # ------------------------------------------------------------------ lifecycle
-
-    def attach(
-        self,
-        closer: Callable[[int, str], None],
-        now: float,
-        write_now: Callable[[bytes], bool] | None = None,
-        start_sender: Callable[[], None] | None = None,
-    ) -> None:
-        """Called by the connection lifecycle: how to close the connection, the start time, the
-        transport's optional ``send_nowait`` (see :meth:`offer`), and how to start a task running
-        :meth:`run_sender` when frames are queued. Starts it at once for frames already queued
-        (``init``)."""
-        self._closer = closer
-        self.last_seen = now
-        self._write_now = write_now
-        self._start_sender = start_sender
-        if self.queue:
-            self._wake_sender()
-
-    async def run_sender(self, send: Callable[[bytes], Awaitable[None]]) -> None:
-        """Drain the queue into the transport, then return (a new task starts with the next
-        queued frame).
-
-        Frames are written synchronously while the transport accepts them, and awaited (with its
-        backpressure) only when its write buffer is full. Raises ``ConnectionClosed``; after a
-        failure no new send task is started: the connection is going away.
-        """
-        queue = self.queue
-        write = self._write_now
-        while (frame := queue.get_nowait()) is not None:
-            if write is None or not write(frame):
-                await send(frame)
-        self._sending = False
+    def track(self, task: asyncio.Task[None]) -> None:
+        """Keep a custom handler's task: a graceful shutdown waits for it, a close cancels it."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def wait_tasks(self, timeout: float) -> None:
         """Wait up to ``timeout`` for running handler tasks (graceful shutdown)."""
@@ -495,13 +368,10 @@ class WebSocketHandler:
 
         Called once when the connection is gone (``WebsocketManager.remove_handler``).
         """
-        if self._closed is not None:
+        if self._shut:
             return
-        self._closed = exc
-        self._closer = None
+        self._shut = True
+        self.apply(self.connection.connection_lost(exc))
         self.queue.close()
-        for waiter in self._pending.close():
-            if not waiter.done():
-                waiter.set_exception(exc)
         for task in self._tasks:
             task.cancel()

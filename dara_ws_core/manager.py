@@ -24,8 +24,8 @@ from .auth import Identity
 from .config import ServerConfig
 from .custom import CustomHandler, CustomHandlerRegistry
 from .exceptions import CloseCode, ConnectionClosed, UnknownChannel
-from .handler import _DEFAULT, WebSocketHandler
-from .messages import InitMessage, InitPayload, LoosePayload, build_frame, encode
+from .handler import _DEFAULT, Sink, WebSocketHandler
+from .messages import LoosePayload, build_frame
 from .registry import ChannelRegistry
 
 if TYPE_CHECKING:
@@ -61,19 +61,27 @@ class WebsocketManager:
         """Register a custom message handler ``handler(channel_id, data)`` (Dara's name)."""
         self.custom_handlers.register(kind, handler, in_thread=in_thread)
 
-    def create_handler(self, channel_id: str, identity: Identity | None = None) -> WebSocketHandler:
+    def create_handler(
+        self,
+        channel_id: str,
+        identity: Identity | None = None,
+        *,
+        sink: Sink | None = None,
+        now: float = 0.0,
+    ) -> WebSocketHandler:
         """Create and register the handler of a new connection; its first frame is ``init``.
 
-        Raises ``ValueError`` if the channel id is taken. Without an identity the channel is
-        reachable by id and by broadcast, but belongs to no user.
+        ``sink`` is where its frames go (the connection's driver; without one they stay queued),
+        ``now`` the driver's clock at the start. Raises ``ValueError`` if the channel id is
+        taken. Without an identity the channel is reachable by id and by broadcast, but belongs
+        to no user.
         """
         if channel_id in self.handlers:
             raise ValueError(f"channel {channel_id!r} already has a handler")
         handler = WebSocketHandler(
-            channel_id, identity=identity, config=self.config, custom_handlers=self.custom_handlers
+            channel_id, identity=identity, config=self.config, custom_handlers=self.custom_handlers,
+            sink=sink, now=now,
         )
-        # init is queued before the channel becomes reachable, so it is always the first frame.
-        handler.queue.offer(encode(InitMessage(message=InitPayload(channel=channel_id))))
         self.handlers[channel_id] = handler
         if identity is not None:
             self.registry.add(channel_id, identity.session_id, identity.user_id)

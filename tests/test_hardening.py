@@ -411,13 +411,14 @@ async def test_handler_failures_reach_the_client_as_codes_and_the_log_as_traceba
 async def test_an_internal_error_closes_with_1011_and_a_fixed_reason(
     make_stack: MakeStack, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken_get(self: CustomHandlerRegistry, kind: str) -> Any:
+    def broken_dispatch(self: CustomHandlerRegistry, received: Any, host: Any) -> Any:
         raise RuntimeError(SECRET)
 
     async with make_stack() as stack:
+        stack.manager.add_ws_handler("any", lambda channel, data: data)
         neighbour = await stack.client("alice:s1")
         victim = await open_raw(stack)
-        monkeypatch.setattr(CustomHandlerRegistry, "get", broken_get)
+        monkeypatch.setattr(CustomHandlerRegistry, "dispatch", broken_dispatch)
         await send_json(victim, {"type": "custom", "message": {"kind": "any", "data": 1}})
         frames, closed = await read_until_closed(victim)
         assert (closed.code, closed.reason) == (CloseCode.INTERNAL_ERROR, "internal error")

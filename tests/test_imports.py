@@ -26,7 +26,9 @@ OPTIONAL_EXTRAS = {"jwt": "jwt.py"}
 ADAPTERS = {
     "dara_ws_websockets": frozenset({"websockets"}),
     "dara_ws_aiohttp": frozenset({"aiohttp"}),
-    "dara_ws_asgi": frozenset({"starlette", "uvicorn"}),
+    # uvicorn serves WebSockets through websockets' sans-I/O protocol, which the adapter bounds
+    # (handshake time, pong backpressure): the [asgi] extra installs it.
+    "dara_ws_asgi": frozenset({"starlette", "uvicorn", "websockets"}),
     "dara_ws_redis": frozenset({"redis"}),
 }
 #: Third-party packages the core may import at module level: its only dependency.

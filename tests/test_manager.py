@@ -66,8 +66,8 @@ async def test_a_fan_out_never_waits_on_a_client_that_does_not_read(
         else:
             # wait and disconnect: the fan-out disconnects it (1013) instead of waiting.
             await eventually(lambda: stuck_channel not in manager.handlers)
-            assert stuck_handler._closed is not None
-            assert stuck_handler._closed.code == CloseCode.TRY_AGAIN_LATER
+            assert stuck_handler.close_reason is not None
+            assert stuck_handler.close_reason.code == CloseCode.TRY_AGAIN_LATER
         received = [(await next_payload(healthy))["i"] for _ in range(sent)]
         assert received == list(range(sent))  # the healthy client lost nothing
         await stuck.close()

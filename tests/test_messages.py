@@ -716,8 +716,8 @@ def test_only_the_messages_module_encodes_json() -> None:
     root = pathlib.Path(__file__).resolve().parent.parent
     offenders = []
     for path in [*root.joinpath("dara_ws_core").glob("*.py"), *root.joinpath("transports").glob("*/*.py")]:
-        if path.name == "messages.py" and path.parent.name == "dara_ws_core":
-            continue
+        if path.parent.name == "dara_ws_core" and path.name in ("messages.py", "testing.py"):
+            continue  # testing.py writes client frames, as a browser's JSON.stringify would
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute) and node.attr in ("to_json", "dumps") and (
                 isinstance(node.value, ast.Name) and node.value.id in ("pydantic_core", "json")

@@ -1,0 +1,206 @@
+"""The asyncio driver of one accepted connection: transport in, transport out, nothing decided.
+
+:class:`ConnectionDriver` owns the transport, the send task, the close and the abort timer of one
+connection, and runs its receive loop. It creates the channel's
+:class:`~dara_ws_core.handler.WebSocketHandler` with itself as the handler's
+:class:`~dara_ws_core.handler.Sink`; ownership goes one way: driver -> handler -> the pure
+:class:`~dara_ws_core.connection.ServerConnection`, which makes every protocol decision. The
+driver reads frames and hands them down, writes the frames that come up, and closes when told to
+(or when the transport ends).
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConnectionDriver", "close_quietly"]
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+from .auth import Identity
+from .exceptions import CloseCode, ConnectionClosed
+from .handler import WebSocketHandler, current_channel, current_identity
+from .transport import Transport
+
+if TYPE_CHECKING:
+    from .manager import WebsocketManager
+
+logger = logging.getLogger("dara_ws_core")
+
+
+class ConnectionDriver:
+    """Runs one connection: create it with the transport and identity, then ``await run()``."""
+
+    __slots__ = ("_abort_timer", "_close_task", "_closed", "_loop", "_sender", "_write",
+                 "handler", "manager", "transport")
+
+    def __init__(
+        self, manager: WebsocketManager, transport: Transport, identity: Identity, channel_id: str
+    ) -> None:
+        self.manager = manager
+        self.transport = transport
+        self._loop = loop = asyncio.get_running_loop()
+        # The transport's optional synchronous write (a frame written now, no task, no queue).
+        self._write: Any = getattr(transport, "send_nowait", None)
+        self._sender: asyncio.Task[None] | None = None
+        self._close_task: asyncio.Task[None] | None = None
+        self._abort_timer: asyncio.TimerHandle | None = None
+        self._closed: ConnectionClosed | None = None
+        self.handler: WebSocketHandler = manager.create_handler(
+            channel_id, identity, sink=self, now=loop.time()
+        )
+
+    # ------------------------------------------------------------------ Sink (from the handler)
+
+    def write_now(self, frame: bytes) -> bool:
+        # Never overtake frames a send task holds, nor write after the close was decided.
+        write = self._write
+        if write is None or self._sender is not None or self._closed is not None:
+            return False
+        return bool(write(frame))
+
+    def frames_queued(self) -> None:
+        if self._sender is None and self._closed is None:
+            self._sender = self._loop.create_task(self._send_queued())
+
+    def close(self, code: int, reason: str) -> None:
+        """The connection decided to close: what is queued goes out first, then the close frame;
+        whatever is still open ``close_timeout`` later is aborted."""
+        if self._closed is not None:
+            return
+        self._closed = ConnectionClosed(code, reason)
+        self._arm_abort()
+        # Frames queued before the close (replies within a rate limit, answers finished within
+        # the shutdown grace) go out before the close frame: take them before the queue closes.
+        queue, backlog = self.handler.queue, []
+        while (frame := queue.get_nowait()) is not None:
+            backlog.append(frame)
+        self._close_task = self._loop.create_task(self._flush_and_close(backlog, code, reason))
+        # The channel is dead for messaging now, even if the closing handshake with a peer that
+        # does not read takes the transport's close timeout: unregister it at once.
+        self.manager.remove_handler(self.handler.channel_id, self._closed)
+
+    # ------------------------------------------------------------------ the connection
+
+    async def run(self) -> None:
+        """Serve the connection until it ends; returns when every trace of it is gone."""
+        handler = self.handler
+        current_channel.set(handler.channel_id)
+        if handler.identity is not None:
+            current_identity.set(handler.identity)
+        if handler.queue:
+            self.frames_queued()  # init
+        ended = ConnectionClosed(CloseCode.ABNORMAL, "connection lost")
+        try:
+            ended = await self._receive()
+        except asyncio.CancelledError:
+            ended = ConnectionClosed(CloseCode.GOING_AWAY, "server shutting down")
+            handler.close(ended.code, ended.reason)
+            raise
+        except Exception:
+            logger.exception("connection failed", extra={"channel": handler.channel_id})
+            ended = ConnectionClosed(CloseCode.INTERNAL_ERROR, "internal error")
+            handler.close(ended.code, ended.reason)
+        finally:
+            await self._finish(ended)
+
+    async def _receive(self) -> ConnectionClosed:
+        """Hand frames to the handler in order until the transport ends or a close is decided."""
+        receive, handler, clock = self.transport.receive, self.handler, self._loop.time
+        while self._closed is None:
+            try:
+                frame = await receive()
+            except ConnectionClosed as exc:
+                return exc
+            pending = handler.receive_frame(frame, clock())
+            if pending is not None:
+                try:
+                    await pending
+                except ConnectionClosed as exc:
+                    return exc
+        return self._closed
+
+    async def _finish(self, ended: ConnectionClosed) -> None:
+        self._arm_abort()
+        closed = self._closed or ended
+        self.manager.remove_handler(self.handler.channel_id, closed)
+        if self._close_task is None:
+            await _cancel(self._sender)
+            if not self.transport.closed:
+                await close_quietly(self.transport, CloseCode.NORMAL, "")
+            return
+        # Read on while our close frame waits for the peer's: when the peer sent more than the
+        # library buffers, its close frame is behind them, and the closing handshake would
+        # stall until the library's close timeout (RFC 6455 section 1.4).
+        drain = self._loop.create_task(_discard_until_closed(self.transport))
+        try:
+            await asyncio.shield(self._close_task)
+        finally:
+            await _cancel(drain)
+            await _cancel(self._sender)  # done unless the close was cut short
+
+    async def _send_queued(self) -> None:
+        # Frames are written synchronously while the transport accepts them, and awaited (with
+        # its backpressure) only when its write buffer is full.
+        queue, write, send = self.handler.queue, self._write, self.transport.send
+        try:
+            while (frame := queue.get_nowait()) is not None:
+                if write is None or not write(frame):
+                    await send(frame)
+        except ConnectionClosed:
+            pass
+        except Exception:
+            logger.exception("send failed", extra={"channel": self.handler.channel_id})
+            self.handler.close(CloseCode.INTERNAL_ERROR, "send failed")
+        finally:
+            self._sender = None
+
+    async def _flush_and_close(self, backlog: list[bytes], code: int, reason: str) -> None:
+        """Send what was queued before the close, then the close frame (bounded by the abort
+        timer: a transport that cannot write any more is aborted, which ends this)."""
+        if self._sender is not None:
+            # It writes the frame it holds and stops: the queue is empty and closed.
+            await asyncio.wait([self._sender])
+        try:
+            for frame in backlog:
+                await self.transport.send(frame)
+        except Exception:  # gone meanwhile: the close below is a no-op then
+            logger.debug("flush before close failed", exc_info=True)
+        await close_quietly(self.transport, code, reason)
+
+    def _arm_abort(self) -> None:
+        # A peer that does not read never lets a closing handshake finish (our close frame sits
+        # behind a full send buffer) and TCP keeps such a socket for minutes: whatever is still
+        # open close_timeout after the close began is aborted. A no-op on a closed transport.
+        if self._abort_timer is None:
+            self._abort_timer = self._loop.call_later(
+                self.manager.config.close_timeout, _abort_quietly, self.transport
+            )
+
+
+async def _cancel(task: asyncio.Task[Any] | None) -> None:
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _discard_until_closed(transport: Transport) -> None:
+    with contextlib.suppress(Exception):  # ConnectionClosed ends it, as does any transport error
+        while True:
+            await transport.receive()
+
+
+def _abort_quietly(transport: Transport) -> None:
+    try:
+        transport.abort()
+    except Exception:  # aborting is the last resort; it must never raise into the loop
+        logger.debug("abort failed", exc_info=True)
+
+
+async def close_quietly(transport: Transport, code: int, reason: str) -> None:
+    """Close ``transport`` with ``code``, never raising: the peer may be gone already."""
+    try:
+        await transport.close(code, reason[:120])
+    except Exception:  # the peer may be gone already; closing is best effort
+        logger.debug("close failed", exc_info=True)

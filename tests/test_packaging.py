@@ -1,0 +1,23 @@
+"""What the distribution ships: every import package of the repository, found by walking it."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_package_directory_is_in_the_distribution() -> None:
+    # A subpackage missing from [tool.setuptools] packages is missing from the wheel and from a
+    # strict editable install: it imports from a checkout and nowhere else.
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    declared = set(setuptools["packages"])
+    roots = {name: ROOT / where for name, where in setuptools["package-dir"].items()}
+    found = {
+        ".".join([name, *init.parent.relative_to(root).parts])
+        for name, root in roots.items()
+        for init in root.rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    }
+    assert found == declared
