@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from dara_ws_cli import build_demo
 from dara_ws_core import CustomServerMessage, DaraClient, MemoryServer
-from dara_ws_core.cli import build_demo
 
 
 async def test_demo_app_echo_chat_and_ask() -> None:
@@ -42,7 +42,7 @@ def _free_port() -> int:
 def test_dara_ws_serve_and_probe_as_processes() -> None:
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "dara_ws_core.cli", "serve", "--port", str(port), "--clock", "0.2"],
+        [sys.executable, "-m", "dara_ws_cli", "serve", "--port", str(port), "--clock", "0.2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -52,7 +52,7 @@ def test_dara_ws_serve_and_probe_as_processes() -> None:
             assert line, "the demo server exited before it was ready"
             line = server.stdout.readline()
         probe = subprocess.run(
-            [sys.executable, "-m", "dara_ws_core.cli", "probe",
+            [sys.executable, "-m", "dara_ws_cli", "probe",
              f"ws://127.0.0.1:{port}/api/core/ws?token=probe"],
             check=False, capture_output=True, text=True, timeout=30,
         )
@@ -72,7 +72,7 @@ import sys
 for name in sys.argv[1].split(","):
     if name:
         sys.modules[name] = None  # what `import name` sees when the library is not installed
-from dara_ws_core.cli import main
+from dara_ws_cli import main
 main(sys.argv[2:])
 """
 
@@ -162,7 +162,7 @@ def test_serve_raises_its_open_files_limit_to_the_hard_limit() -> None:
     start_low = (
         "import resource, sys\n"
         f"resource.setrlimit(resource.RLIMIT_NOFILE, ({low}, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
-        "from dara_ws_core.cli import main\n"
+        "from dara_ws_cli import main\n"
         "main(sys.argv[1:])\n"
     )
     server = subprocess.Popen(

@@ -32,7 +32,7 @@ def two_demo_servers(redis_server: RedisServer) -> Iterator[list[int]]:
     try:
         for port in ports:
             process = subprocess.Popen(
-                [sys.executable, "-m", "dara_ws_core.cli", "serve", "--port", str(port),
+                [sys.executable, "-m", "dara_ws_cli", "serve", "--port", str(port),
                  "--clock", "0", "--redis-url", redis_server.url],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             )

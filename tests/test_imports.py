@@ -224,6 +224,21 @@ def test_optional_extras_and_adapters_are_imported_only_inside_functions(path: P
     assert bad == []
 
 
+#: Packages of this repository built on the core: the core imports none of them, not even lazily
+#: (the command line imports every adapter; the adapters import the core).
+ABOVE_THE_CORE = frozenset({*ADAPTERS, "dara_ws_cli"})
+
+
+@pytest.mark.parametrize("path", CORE_FILES, ids=core_id)
+def test_the_core_imports_no_adapter_or_the_command_line_anywhere(path: Path) -> None:
+    bad = [i.where(path) for i in imports_of(path) if i.top in ABOVE_THE_CORE]
+    assert bad == []
+
+
+def test_the_command_line_is_outside_the_core() -> None:
+    assert not (CORE / "cli.py").exists() and (ROOT / "dara_ws_cli" / "__init__.py").is_file()
+
+
 @pytest.mark.parametrize("path", CORE_FILES, ids=core_id)
 def test_the_core_imports_only_the_stdlib_and_pydantic_at_module_level(path: Path) -> None:
     allowed = set(sys.stdlib_module_names) | CORE_DEPENDENCIES | {"", "dara_ws_core"}
@@ -240,7 +255,7 @@ def test_the_pure_core_imports_nothing_that_does_io(name: str) -> None:
 
 def test_importing_the_core_loads_no_transport_library_or_extra() -> None:
     modules = sorted(set(CORE_MODULES) - {"dara_ws_core"})
-    forbidden = sorted(TRANSPORT_LIBRARIES | set(OPTIONAL_EXTRAS) | set(ADAPTERS))
+    forbidden = sorted(TRANSPORT_LIBRARIES | set(OPTIONAL_EXTRAS) | ABOVE_THE_CORE)
     code = (
         "import importlib, sys\n"
         f"for name in {modules!r}: importlib.import_module(name)\n"

@@ -1,6 +1,6 @@
 """Noisy neighbour (issue 10): while one client attacks, a well-behaved client is not harmed.
 
-Every case runs a fresh server with the demo application (:func:`dara_ws_core.cli.build_demo`:
+Every case runs a fresh server with the demo application (:func:`dara_ws_cli.build_demo`:
 ``echo``; ``chat``, which broadcasts to every other connection; ``ask``, which asks the client
 back with ``send_and_wait``) and two tickers that push every 50 ms, each push carrying its
 sequence number and the time it was due: a broadcast to everyone (``tick``) and a per-user push
@@ -59,6 +59,7 @@ from typing import Any, Protocol
 import psutil
 import pytest
 
+from dara_ws_cli import build_demo
 from dara_ws_core import (
     DEFAULT_PATH,
     ConnectionClosed,
@@ -70,7 +71,6 @@ from dara_ws_core import (
     Transport,
     WebsocketManager,
 )
-from dara_ws_core.cli import build_demo
 
 from .helpers import REQUEST_TIMEOUT, TICK, Healthy, strict_loads, ticker
 from .hostile import CLOSE, PING, TEXT, HostileClient, encode_frame
@@ -338,7 +338,7 @@ async def serving(transport: str, config: dict[str, Any], *, cli: bool = False) 
             "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
             "resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard)); "
             "sys.argv = ['dara-ws', *sys.argv[1:]]; "
-            "runpy.run_module('dara_ws_core.cli', run_name='__main__')"
+            "runpy.run_module('dara_ws_cli', run_name='__main__')"
         )
         argv = ["-c", launcher, "serve", "--transport", transport, "--port", str(port),
                 "--clock", str(TICK)]

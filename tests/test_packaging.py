@@ -21,3 +21,16 @@ def test_every_package_directory_is_in_the_distribution() -> None:
         if "__pycache__" not in init.parts
     }
     assert found == declared
+
+
+def test_every_import_package_of_the_repository_is_mapped() -> None:
+    # A package added at the top level or under transports/ without a package-dir entry would be
+    # missed by the walk above, and by the wheel.
+    mapped = {(ROOT / where).resolve() for where in tomllib.loads((ROOT / "pyproject.toml").read_text())[
+        "tool"]["setuptools"]["package-dir"].values()}
+    not_shipped = {"tests", "benchmarks"}  # in the sdist only (MANIFEST.in)
+    candidates = [*ROOT.iterdir(), *(ROOT / "transports").iterdir()]
+    packages = {path.resolve() for path in candidates
+                if (path / "__init__.py").is_file() and path.name not in not_shipped}
+    assert packages <= mapped, sorted(str(p.relative_to(ROOT)) for p in packages - mapped)
+    assert (ROOT / "dara_ws_cli").resolve() in mapped

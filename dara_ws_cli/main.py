@@ -32,15 +32,23 @@ import sys
 import time
 from typing import Any
 
-from .auth import Identity, allow_anonymous, extract_token
-from .endpoint import Endpoint
-from .exceptions import AuthenticationFailed, BackplaneError, ConnectionClosed, DaraWSError
-from .handler import current_channel
-from .manager import WebsocketManager
-from .messages import build_frame
-from .transport import HandshakeRequest
+from dara_ws_core import (
+    AuthenticationFailed,
+    BackplaneError,
+    ConnectionClosed,
+    DaraClient,
+    DaraWSError,
+    Endpoint,
+    HandshakeRequest,
+    Identity,
+    WebsocketManager,
+    allow_anonymous,
+    build_frame,
+    current_channel,
+    extract_token,
+)
 
-logger = logging.getLogger("dara_ws_core.demo")
+logger = logging.getLogger("dara_ws_cli")
 
 #: The extra each adapter needs, for the message when it is missing.
 _EXTRAS = {"websockets": "websockets", "aiohttp": "aiohttp", "asgi": "asgi"}
@@ -222,8 +230,6 @@ async def probe(args: argparse.Namespace) -> None:
     except ImportError as exc:
         raise _missing_extra(exc) from None
 
-    from .client import DaraClient
-
     client = DaraClient(lambda: connect(args.url, open_timeout=args.timeout))
     client.on_request(lambda request: 42)
     try:
@@ -296,6 +302,3 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dara-ws: {exc}", file=sys.stderr)
         raise SystemExit(exc.status) from None
 
-
-if __name__ == "__main__":
-    main()
