@@ -16,6 +16,7 @@ from .auth import (
 )
 from .chunks import ChunkAssembler
 from .client import Chunked, DaraClient, PushedMessage, Request
+from .codec import build_frame, decode_client_frame, decode_server_frame, encode
 from .config import ServerConfig, SlowConsumerPolicy
 from .connection import ServerConnection, State
 from .correlation import PendingRequests
@@ -65,10 +66,6 @@ from .messages import (
     ServerVariableMessage,
     TaskNotificationMessage,
     VariableRequestMessage,
-    build_frame,
-    decode_client_frame,
-    decode_server_frame,
-    encode,
 )
 from .registry import ChannelRegistry
 from .transport import HandshakeRequest, Transport

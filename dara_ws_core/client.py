@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .codec import decode_server_frame, dumps
 from .exceptions import (
     CloseCode,
     ConnectionClosed,
@@ -44,8 +45,6 @@ from .messages import (
     InitMessage,
     PongMessage,
     ServerMessage,
-    decode_server_frame,
-    dumps,
 )
 from .transport import Transport
 

@@ -43,6 +43,7 @@ from typing import Any, Generic, TypeVar
 
 import pydantic_core
 
+from .codec import PONG_FRAME, decode_client_frame, dumps, encode
 from .config import ServerConfig
 from .correlation import Completed, Failed, Ignored, Partial, PendingRequests
 from .exceptions import (
@@ -52,16 +53,12 @@ from .exceptions import (
     ProtocolError,
 )
 from .messages import (
-    PONG_FRAME,
     ClientMessage,
     ClientPing,
     CustomClientMessage,
     DaraClientMessage,
     InitMessage,
     InitPayload,
-    decode_client_frame,
-    dumps,
-    encode,
 )
 
 W = TypeVar("W")

@@ -26,8 +26,9 @@ from typing import Any, Generic, TypeVar
 from pydantic_core import from_json
 
 from .chunks import ChunkAssembler
+from .codec import dumps
 from .exceptions import ChunkError, DaraWSError, TooManyPendingRequests
-from .messages import DaraClientMessage, dumps
+from .messages import DaraClientMessage
 
 W = TypeVar("W")
 

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel
 
 from .auth import Identity
+from .codec import build_frame, encode
 from .config import ServerConfig, SlowConsumerPolicy
 from .connection import (
     AnswerIgnored,
@@ -39,7 +40,7 @@ from .connection import (
 )
 from .custom import CustomHandlerRegistry
 from .exceptions import ChunkError, CloseCode, ConnectionClosed, RequestTimeout, SlowConsumer
-from .messages import ClientMessage, LoosePayload, build_frame, encode
+from .messages import ClientMessage, LoosePayload
 from .queue import OutboundQueue
 
 logger = logging.getLogger("dara_ws_core")

@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from .auth import Identity
+from .codec import build_frame
 from .config import ServerConfig
 from .custom import CustomHandler, CustomHandlerRegistry
 from .exceptions import CloseCode, ConnectionClosed, UnknownChannel
 from .handler import _DEFAULT, Sink, WebSocketHandler
-from .messages import LoosePayload, build_frame
+from .messages import LoosePayload
 from .registry import ChannelRegistry
 
 if TYPE_CHECKING:

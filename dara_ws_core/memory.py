@@ -15,8 +15,8 @@ import asyncio
 from collections import deque
 from collections.abc import Iterable
 
+from .codec import utf8_size_exceeds
 from .exceptions import CloseCode, ConnectionClosed
-from .messages import utf8_size_exceeds
 from .transport import HandshakeRequest
 
 

@@ -36,6 +36,7 @@ from collections.abc import Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
 from .auth import Identity
+from .codec import build_frame
 from .config import ServerConfig
 from .connection import (
     CloseConnection,
@@ -51,7 +52,7 @@ from .custom import CustomHandlerRegistry
 from .exceptions import DaraWSError
 from .handler import current_channel, current_identity
 from .manager import WebsocketManager
-from .messages import LoosePayload, build_frame
+from .messages import LoosePayload
 
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy

@@ -54,7 +54,7 @@ from dara_ws_core.backplane import (
     error_of,
     failure_of,
 )
-from dara_ws_core.messages import build_frame
+from dara_ws_core.codec import build_frame
 
 from .stacks import Stack, running_stack
 

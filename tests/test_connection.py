@@ -20,6 +20,7 @@ from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precondition, rule
 
+from dara_ws_core.codec import PONG_FRAME
 from dara_ws_core.config import ServerConfig
 from dara_ws_core.connection import (
     AnswerIgnored,
@@ -34,7 +35,6 @@ from dara_ws_core.connection import (
     State,
 )
 from dara_ws_core.exceptions import ConnectionClosed, TooManyPendingRequests
-from dara_ws_core.messages import PONG_FRAME
 
 from . import strategies as S
 

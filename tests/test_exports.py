@@ -28,8 +28,9 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "custom": frozenset({"CustomHandler", "DispatchHost", "HandlerSpec"}),
     "driver": frozenset({"ConnectionDriver", "close_quietly"}),
     "handler": frozenset({"Sink"}),
-    "messages": frozenset({"MAX_NESTING_DEPTH", "PONG_FRAME", "InitPayload", "TypedPayload",
-                           "count_json_values", "dumps", "utf8_size_exceeds"}),
+    "codec": frozenset({"MAX_NESTING_DEPTH", "PONG_FRAME", "count_json_values", "dumps",
+                        "utf8_size_exceeds"}),
+    "messages": frozenset({"InitPayload", "TypedPayload"}),
     "queue": frozenset({"OutboundQueue"}),
     # Test helpers are imported from dara_ws_core.testing, as websockets' are.
     "testing": frozenset({"ProtocolHarness", "answer_frames", "client_frames", "custom_frames",

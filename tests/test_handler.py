@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from dara_ws_core import ServerConfig, WebsocketManager
-from dara_ws_core.messages import decode_client_frame
+from dara_ws_core.codec import decode_client_frame
 
 
 async def test_what_a_peer_causes_is_logged_a_bounded_number_of_times(

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Unpack
 
 import pydantic_core
 
+from dara_ws_core.codec import build_frame, dumps
 from dara_ws_core.exceptions import BackplaneError, DaraWSError, RequestTimeout
-from dara_ws_core.messages import build_frame, dumps
 
 from .contract import BackplaneHost, error_of, failure_of
 from .node import BusNode, BusOptions, Entry, Publication, cancel_task

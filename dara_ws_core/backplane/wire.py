@@ -25,8 +25,8 @@ from typing import Any
 
 import pydantic_core
 
+from dara_ws_core.codec import dumps
 from dara_ws_core.exceptions import BackplaneError
-from dara_ws_core.messages import dumps
 
 from .contract import Failure
 

@@ -1,0 +1,281 @@
+"""The codec between frames and envelopes (protocol.md sections 2, 3 and 6). Pure.
+
+Decoding a frame is one call (:func:`decode_client_frame`, one pydantic-core pass over the JSON,
+after checks that bound what the frame may cost); encoding is one call (:func:`encode`, or
+:func:`build_frame` for the loose payloads the manager accepts). Frames are ``bytes`` of UTF-8
+JSON so a broadcast encodes once and every recipient's queue holds the same object, and they are
+always strict JSON (RFC 8259), whatever the application or a peer hands over.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MAX_NESTING_DEPTH",
+    "PONG_FRAME",
+    "build_frame",
+    "count_json_values",
+    "decode_client_frame",
+    "decode_server_frame",
+    "dumps",
+    "encode",
+    "utf8_size_exceeds",
+]
+
+import re
+from typing import Annotated, Any
+
+import pydantic_core
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+
+from .exceptions import CloseCode, FrameTooLarge, InvalidFrame, InvalidMessage, ProtocolError
+from .messages import (
+    ClientMessage,
+    CustomServerMessage,
+    CustomServerMessagePayload,
+    DaraServerMessage,
+    LoosePayload,
+    PongMessage,
+    ServerMessage,
+    ServerMessagePayload,
+)
+
+_CLIENT_ADAPTER: TypeAdapter[ClientMessage] = TypeAdapter(
+    Annotated[ClientMessage, Field(discriminator="type")]
+)
+_SERVER_ADAPTER: TypeAdapter[ServerMessage] = TypeAdapter(
+    Annotated[ServerMessage, Field(discriminator="type")]
+)
+
+#: Outbound frames are strict JSON (RFC 8259) whatever the application hands us: a float that is
+#: NaN or infinite becomes ``null``, as JavaScript's ``JSON.stringify`` does. ``NaN`` on the wire
+#: would make the stock client's ``JSON.parse`` throw on the frame, and a broadcast would carry it
+#: to every client.
+_INF_NAN: Any = "null"
+
+
+def dumps(value: Any) -> bytes:
+    """Encode a plain value (dicts, lists, models inside) to strict JSON ``bytes``.
+
+    The one JSON encoder of the library: every frame built from plain values goes through it.
+    Raises ``pydantic_core.PydanticSerializationError`` for values JSON cannot carry (including
+    strings with lone surrogates).
+    """
+    return pydantic_core.to_json(value, by_alias=True, inf_nan_mode=_INF_NAN)
+
+
+def encode(message: BaseModel) -> bytes:
+    """Encode an envelope model to a frame (UTF-8 JSON ``bytes``)."""
+    frame = message.__pydantic_serializer__.to_json(message, by_alias=True)
+    if b"NaN" in frame or b"Infinity" in frame:
+        # A model whose own config serialises non-finite floats as constants: re-encode it as a
+        # plain value, which maps them to null. Both substrings may also sit inside a string.
+        frame = _strict(frame, message)
+    return frame
+
+
+def _strict(frame: bytes, message: BaseModel) -> bytes:
+    try:
+        pydantic_core.from_json(frame, allow_inf_nan=False)
+    except ValueError:
+        return dumps(message.model_dump(mode="python", by_alias=True))
+    return frame
+
+
+#: The pong frame never changes: encode it once.
+PONG_FRAME: bytes = encode(PongMessage())
+
+_ENVELOPE_TYPES = frozenset({"message", "custom"})
+
+
+def build_frame(
+    payload: LoosePayload | BaseModel,
+    *,
+    custom: bool = False,
+    rchan: str | None = None,
+) -> bytes:
+    """Encode a loose payload in its envelope, in one pass and without building envelope models.
+
+    ``custom=False``: ``{"type":"message", ["__typename":T,] "message": payload}``.
+    ``custom=True``: ``{"type":"custom","message":{"kind":...,"data":...}}``; the payload must have a
+    ``kind``. ``rchan`` makes it a request (``message.__rchan``). A model that is already a whole
+    envelope (ours, or another library's with ``type`` and ``message`` fields, such as Dara's own
+    ``DaraServerMessage``) is sent as it is, never wrapped twice. Raises ``TypeError`` for a
+    payload that is neither a dict nor a model, ``ValueError`` for a custom payload without
+    ``kind``, and ``pydantic_core.PydanticSerializationError`` for values JSON cannot carry.
+    """
+    if isinstance(payload, BaseModel):
+        if isinstance(payload, (DaraServerMessage, CustomServerMessage)):
+            if rchan is not None:
+                payload = payload.model_copy(
+                    update={"message": payload.message.model_copy(update={"rchan": rchan})}
+                )
+            return encode(payload)
+        if not isinstance(payload, ServerMessagePayload):
+            body = payload.model_dump(mode="python", by_alias=True)
+            if body.get("type") in _ENVELOPE_TYPES and isinstance(body.get("message"), dict):
+                # A foreign envelope model: its top-level __typename is what the client routes on.
+                if rchan is not None:
+                    body["message"] = {**body["message"], "__rchan": rchan}
+                return dumps(body)
+        if custom and not isinstance(payload, CustomServerMessagePayload):
+            raise ValueError("custom=True needs a CustomServerMessagePayload or a dict with 'kind'")
+        envelope: dict[str, Any] = {"type": "custom" if custom else "message"}
+        typename = getattr(payload, "__typename__", None)
+        if typename is not None and not custom:
+            envelope["__typename"] = typename
+        if rchan is None:
+            envelope["message"] = payload
+        elif isinstance(payload, ServerMessagePayload):
+            envelope["message"] = payload.model_copy(update={"rchan": rchan})
+        else:
+            # Another model has no ``__rchan`` field: model_copy would drop it silently.
+            envelope["message"] = {**body, "__rchan": rchan}
+        return dumps(envelope)
+    if not isinstance(payload, dict):
+        raise TypeError(f"payload must be a dict or a pydantic model, not {type(payload).__name__}")
+    if custom and "kind" not in payload:
+        raise ValueError("a custom payload needs a 'kind' key")
+    if rchan is not None:
+        payload = {**payload, "__rchan": rchan}
+    return dumps({"type": "custom" if custom else "message", "message": payload})
+
+
+def utf8_size_exceeds(text: str, limit: int) -> bool:
+    """Whether ``text`` is over ``limit`` bytes in UTF-8, as transport libraries count.
+
+    A character is 1 to 4 bytes, so the text is encoded only when its length cannot decide.
+    """
+    length = len(text)
+    if length > limit:
+        return True
+    if length * 4 <= limit:
+        return False
+    return len(text.encode("utf-8", "surrogatepass")) > limit
+
+
+#: How deep JSON may nest in a frame: the limit of pydantic-core's parser (jiter), which refuses
+#: deeper documents before building anything. A frame nested deeper is closed with 1009.
+MAX_NESTING_DEPTH = 201
+
+
+def count_json_values(text: str | bytes) -> int:
+    """An upper bound of the number of JSON values in ``text``, without parsing it.
+
+    Every value but the first follows a comma or an opening bracket (commas and brackets inside
+    strings count too, hence an upper bound). Three scans in C: about 1 ms per MiB.
+    """
+    if isinstance(text, str):
+        return text.count(",") + text.count("[") + text.count("{") + 1
+    return text.count(b",") + text.count(b"[") + text.count(b"{") + 1
+
+
+def decode_client_frame(
+    frame: str | bytes, max_size: int | None = None, *, max_values: int | None = None
+) -> ClientMessage:
+    """Decode one client frame to its model (protocol.md sections 2 and 6).
+
+    Outcomes, each with its own reason:
+
+    * ``bytes`` means a *binary* frame: ``InvalidFrame`` with close code 1003;
+    * more than ``max_size`` bytes of UTF-8: ``FrameTooLarge`` (1009);
+    * more than ``max_values`` JSON values (counted before parsing: what a frame may cost in
+      memory and decoding time), or nested deeper than :data:`MAX_NESTING_DEPTH`:
+      ``FrameTooLarge`` (1009);
+    * not JSON, not a JSON object, or holding ``NaN`` / ``Infinity`` (not JSON, though many
+      encoders write them): ``InvalidFrame`` (1007);
+    * an object of unknown ``type`` or with invalid fields: ``InvalidMessage`` (the frame is
+      dropped, the connection stays open).
+
+    Accepted though strict parsers refuse them: a string escape of a lone UTF-16 surrogate (which
+    ``JSON.stringify`` writes for a lone surrogate in a browser string) decodes to U+FFFD, as the
+    browser's own UTF-8 encoder would have turned it; and a number too large for a float (``1e400``)
+    decodes to ``inf``, as in JavaScript, and is sent on as ``null``. Only the protocol's wire keys
+    are read (``__rchan``, never an application key named ``rchan``).
+    """
+    if isinstance(frame, bytes | bytearray | memoryview):
+        raise InvalidFrame("binary frames are not supported", CloseCode.UNSUPPORTED_DATA)
+    if max_size is not None and utf8_size_exceeds(frame, max_size):
+        raise FrameTooLarge(f"frame exceeds {max_size} bytes")
+    if max_values is not None and len(frame) > max_values and count_json_values(frame) > max_values:
+        raise FrameTooLarge(f"frame holds more than {max_values} JSON values")
+    try:
+        message = _CLIENT_ADAPTER.validate_json(frame, by_alias=True, by_name=False)
+    except ValidationError as exc:
+        error = _classify(exc)
+        if not isinstance(error, _LoneSurrogate):
+            raise error from None
+        frame = _replace_lone_surrogates(frame)
+        try:
+            message = _CLIENT_ADAPTER.validate_json(frame, by_alias=True, by_name=False)
+        except ValidationError as exc:
+            error = _classify(exc)
+            raise (InvalidFrame("frame is not valid JSON") if isinstance(error, _LoneSurrogate)
+                   else error) from None
+    if ("NaN" in frame or "Infinity" in frame) and not _is_strict_json(frame):
+        raise InvalidFrame("NaN and Infinity are not JSON")
+    return message
+
+
+def _is_strict_json(text: str) -> bool:
+    # Both words may sit inside strings: only a parse that refuses the constants can tell.
+    try:
+        pydantic_core.from_json(text, allow_inf_nan=False, cache_strings=False)
+    except ValueError:
+        return False
+    return True
+
+
+#: An escaped surrogate pair (kept), a lone surrogate escape (replaced), or any other escape
+#: (kept; matching it keeps the scan aligned, so ``\\ud800`` is a backslash and text).
+_ESCAPE = re.compile(
+    r"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|\\u[dD][89a-fA-F][0-9a-fA-F]{2}|\\.",
+    re.DOTALL,
+)
+#: More escapes than this in a frame that needs surrogates replaced: refused (1007) rather than
+#: rewritten, so one frame cannot cost the event loop more than a few milliseconds here.
+_MAX_ESCAPES = 100_000
+
+
+def _replace_escape(match: re.Match[str]) -> str:
+    text = match.group()
+    return "\\ufffd" if len(text) == 6 else text
+
+
+def _replace_lone_surrogates(frame: str) -> str:
+    if frame.count("\\") > _MAX_ESCAPES:
+        raise InvalidFrame("lone surrogate escapes in a frame with too many escapes")
+    return _ESCAPE.sub(_replace_escape, frame)
+
+
+def decode_server_frame(frame: str | bytes) -> ServerMessage:
+    """Decode one server frame (the client's side of the codec). Raises like the client decoder."""
+    if isinstance(frame, bytes | bytearray | memoryview) and not isinstance(frame, bytes):
+        frame = bytes(frame)
+    try:
+        return _SERVER_ADAPTER.validate_json(frame, by_alias=True, by_name=False)
+    except ValidationError as exc:
+        raise _classify(exc) from None
+
+
+class _LoneSurrogate(InvalidFrame):
+    """Internal: the parser met a lone surrogate escape (the decoder replaces them, then retries)."""
+
+
+def _classify(exc: ValidationError) -> ProtocolError:
+    first = exc.errors(include_url=False, include_input=False)[0]
+    kind, loc = first["type"], first["loc"]
+    if kind == "json_invalid":
+        detail = str(first.get("ctx", {}).get("error", ""))
+        if "recursion limit" in detail:
+            return FrameTooLarge(f"JSON nested deeper than {MAX_NESTING_DEPTH} levels")
+        if "surrogate" in detail or "hex escape" in detail:
+            return _LoneSurrogate("lone surrogate escape")
+        return InvalidFrame("frame is not valid JSON")
+    if loc == () and kind in ("dict_type", "model_type", "model_attributes_type"):
+        return InvalidFrame("frame is not a JSON object")
+    # Only the error's kind and location are kept: never echo peer input into logs verbatim.
+    summary = "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['type']}"
+        for e in exc.errors(include_url=False, include_input=False)[:3]
+    )
+    return InvalidMessage(f"invalid message ({summary})")

@@ -1,0 +1,210 @@
+"""The codec (protocol.md sections 2, 3 and 6): strict JSON out, and what one inbound frame may
+cost (issue 10): non-finite numbers, lone surrogates, nesting depth, value counts."""
+
+from __future__ import annotations
+
+import ast
+import json
+import pathlib
+from typing import Any
+
+import pydantic
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import BaseModel
+
+from dara_ws_core.codec import (
+    MAX_NESTING_DEPTH,
+    build_frame,
+    count_json_values,
+    decode_client_frame,
+    encode,
+)
+from dara_ws_core.exceptions import FrameTooLarge, InvalidFrame
+from dara_ws_core.messages import CustomClientMessage, DaraServerMessage, ServerMessagePayload
+
+from . import strategies as S
+
+
+def wire(frame: bytes | str) -> Any:
+    return json.loads(frame)
+
+
+# Issue 10: one client's input must never become a frame another client cannot parse, and one
+# frame must not cost the server more than its documented limits.
+
+
+def custom_frame(data_json: str) -> str:
+    """A client custom message whose ``data`` is the given JSON text, verbatim."""
+    return '{"type":"custom","message":{"kind":"k","data":' + data_json + "}}"
+
+
+def strict_loads(frame: bytes | str) -> Any:
+    """json.loads as RFC 8259 and JavaScript's JSON.parse read it: no NaN, no Infinity."""
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(frame, parse_constant=refuse)
+
+
+floats_of_any_kind = st.floats(allow_nan=True, allow_infinity=True)
+values_with_non_finite = st.recursive(
+    floats_of_any_kind | st.none() | st.integers() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(values_with_non_finite, st.booleans(), st.none() | st.just("r-1"))
+def test_every_outbound_frame_is_strict_json(value: Any, custom: bool, rchan: str | None) -> None:
+    payload = {"kind": "k", "data": value} if custom else {"data": value}
+    frame = build_frame(payload, custom=custom, rchan=rchan)
+    parsed = strict_loads(frame)
+    assert parsed["type"] == ("custom" if custom else "message")
+
+
+def test_non_finite_floats_go_out_as_null_like_json_stringify() -> None:
+    frame = build_frame({"a": float("nan"), "b": [float("inf"), -float("inf")], "c": 1.5})
+    assert strict_loads(frame)["message"] == {"a": None, "b": [None, None], "c": 1.5}
+
+
+def test_a_model_configured_to_write_nan_constants_still_goes_out_strict() -> None:
+    class Loose(ServerMessagePayload):
+        model_config = {"ser_json_inf_nan": "constants"}
+        value: float
+
+    frame = encode(DaraServerMessage(message=Loose(value=float("nan"))))
+    assert strict_loads(frame)["message"]["value"] is None
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_tokens_close_with_1007(token: str) -> None:
+    frame = custom_frame(f"[1,{token}]")
+    with pytest.raises(InvalidFrame, match="NaN and Infinity") as caught:
+        decode_client_frame(frame)
+    assert caught.value.close_code == 1007
+
+
+def test_nan_and_infinity_inside_strings_are_just_text() -> None:
+    frame = '{"type":"custom","message":{"kind":"echo","data":"NaN, Infinity"}}'
+    decoded = decode_client_frame(frame)
+    assert isinstance(decoded, CustomClientMessage) and decoded.message.data == "NaN, Infinity"
+
+
+def test_a_number_too_large_for_a_float_is_infinite_in_and_null_out_as_in_javascript() -> None:
+    decoded = decode_client_frame('{"type":"custom","message":{"kind":"echo","data":1e400}}')
+    assert isinstance(decoded, CustomClientMessage)
+    assert decoded.message.data == float("inf")
+    assert strict_loads(build_frame({"kind": "echo", "data": decoded.message.data}, custom=True))[
+        "message"]["data"] is None
+
+
+@pytest.mark.parametrize(
+    ("escaped", "decoded"),
+    [
+        ("\\ud800", "\ufffd"),  # lone high surrogate
+        ("\\udc00", "\ufffd"),  # lone low surrogate
+        ("a\\uD800b", "a\ufffdb"),  # upper case hex
+        ("\\ud800\\ud800", "\ufffd\ufffd"),
+        ("\\ud83d\\ude00", "\U0001f600"),  # a pair is kept
+        ("\\\\ud800", "\\ud800"),  # an escaped backslash, then text: not an escape
+        ("\\\\\\ud800", "\\\ufffd"),
+    ],
+)
+def test_lone_surrogate_escapes_decode_to_the_replacement_character(
+    escaped: str, decoded: str
+) -> None:
+    # JSON.stringify writes a browser string's lone surrogate as such an escape.
+    message = decode_client_frame(custom_frame(f'"{escaped}"'))
+    assert isinstance(message, CustomClientMessage)
+    assert message.message.data == decoded
+    build_frame({"kind": "k", "data": message.message.data}, custom=True)  # and can be sent on
+
+
+def test_a_truncated_escape_is_still_not_json() -> None:
+    with pytest.raises(InvalidFrame, match="not valid JSON"):
+        decode_client_frame('{"type":"custom","message":{"kind":"k","data":"\\ud800\\u12"}}')
+
+
+def test_a_lone_surrogate_does_not_hide_a_nan() -> None:
+    with pytest.raises(InvalidFrame, match="NaN"):
+        decode_client_frame('{"type":"custom","message":{"kind":"k","data":["\\ud800",NaN]}}')
+
+
+def _nested(depth: int) -> str:
+    # depth counts every container, the envelope's two objects included
+    return custom_frame("[" * (depth - 2) + "]" * (depth - 2))
+
+
+def test_nesting_up_to_the_documented_depth_decodes() -> None:
+    assert isinstance(decode_client_frame(_nested(MAX_NESTING_DEPTH)), CustomClientMessage)
+
+
+@pytest.mark.parametrize("extra", [1, 50, 10_000])
+def test_nesting_deeper_than_the_documented_depth_closes_with_1009_and_its_own_reason(
+    extra: int,
+) -> None:
+    with pytest.raises(FrameTooLarge, match=f"nested deeper than {MAX_NESTING_DEPTH}") as caught:
+        decode_client_frame(_nested(MAX_NESTING_DEPTH + extra))
+    assert caught.value.close_code == 1009
+
+
+@given(S.json_values)
+def test_counting_json_values_never_undercounts(value: Any) -> None:
+    def count(v: Any) -> int:
+        if isinstance(v, dict):
+            return 1 + sum(count(x) for x in v.values())
+        if isinstance(v, list):
+            return 1 + sum(count(x) for x in v)
+        return 1
+
+    text = json.dumps(value)
+    assert count_json_values(text) >= count(value)
+    assert count_json_values(text.encode()) == count_json_values(text)
+
+
+def test_a_frame_with_more_values_than_the_limit_closes_with_1009_before_decoding() -> None:
+    many = custom_frame("[" + ",".join(["{}"] * 5000) + "]")
+    with pytest.raises(FrameTooLarge, match="more than 1000 JSON values") as caught:
+        decode_client_frame(many, max_values=1000)
+    assert caught.value.close_code == 1009
+    assert isinstance(decode_client_frame(many, max_values=20_000), CustomClientMessage)
+
+
+def test_a_foreign_envelope_model_is_sent_as_it_is_never_wrapped_twice() -> None:
+    # Dara's own DaraServerMessage (or any app envelope): its top-level __typename is what the
+    # stock client routes on.
+    class ForeignEnvelope(BaseModel):
+        type: str = "message"
+        typename: str = pydantic.Field(alias="__typename")
+        message: dict[str, Any]
+
+    model = ForeignEnvelope(**{"__typename": "TaskNotificationMessage",
+                               "message": {"status": "COMPLETE", "task_id": "t"}})
+    assert wire(build_frame(model)) == {
+        "type": "message", "__typename": "TaskNotificationMessage",
+        "message": {"status": "COMPLETE", "task_id": "t"},
+    }
+    request = wire(build_frame(model, rchan="r-9"))
+    assert request["message"]["__rchan"] == "r-9" and request["__typename"] == "TaskNotificationMessage"
+
+
+def test_only_the_messages_module_encodes_json() -> None:
+    # The class of bug behind non-strict frames: an encoder call that bypasses dumps().
+    root = pathlib.Path(__file__).resolve().parent.parent
+    offenders = []
+    for path in [*root.joinpath("dara_ws_core").glob("*.py"), *root.joinpath("transports").glob("*/*.py")]:
+        if path.parent.name == "dara_ws_core" and path.name in ("codec.py", "testing.py"):
+            continue  # testing.py writes client frames, as a browser's JSON.stringify would
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("to_json", "dumps") and (
+                isinstance(node.value, ast.Name) and node.value.id in ("pydantic_core", "json")
+            ):
+                offenders.append(f"{path.name}:{node.lineno}")
+            if isinstance(node, ast.ImportFrom) and node.module in ("pydantic_core", "json") and any(
+                alias.name in ("to_json", "dumps") for alias in node.names
+            ):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert offenders == []
