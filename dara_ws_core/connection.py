@@ -234,7 +234,7 @@ class ServerConnection(Generic[W]):
     def _dispatch(self, kind: str, data: Any, rchan: str | None) -> list[Event]:
         if self._kinds is not None and kind not in self._kinds:
             return [FrameDropped("custom message of unknown kind"),
-                    _error(kind, rchan, "unknown_kind", f"no handler for kind {kind!r}")]
+                    _error(kind, rchan, "unknown_kind", f"no handler for kind {kind[:64]!r}")]
         if self._handlers >= self.config.max_handler_tasks:
             return [_error(kind, rchan, "busy", "too many requests in progress")]
         self._handlers += 1

@@ -51,6 +51,9 @@ current_channel: contextvars.ContextVar[str] = contextvars.ContextVar("dara_ws_c
 current_identity: contextvars.ContextVar[Identity] = contextvars.ContextVar("dara_ws_identity")
 
 _DEFAULT: Any = object()
+#: Peer-chosen identifiers are cut to this length in log records: a 16 MiB ``channel`` must not
+#: become 16 MiB of log per record.
+_LOGGED_ID = 64
 
 
 class Sink(Protocol):
@@ -185,7 +188,7 @@ class WebSocketHandler:
             elif isinstance(event, RequestFailed):
                 if isinstance(event.error, ChunkError):
                     self.log_peer_error(logging.WARNING, "invalid chunked answer: %s", event.error,
-                                        rchan=event.rchan)
+                                        rchan=event.rchan[:_LOGGED_ID])
                 if not event.waiter.done():
                     event.waiter.set_exception(event.error)
             elif isinstance(event, CloseConnection):
@@ -195,7 +198,7 @@ class WebSocketHandler:
                 self.log_peer_error(logging.WARNING, "dropped client frame: %s", event.reason)
             elif isinstance(event, AnswerIgnored):
                 self.log_peer_error(logging.INFO, "answer for an unknown or settled request ignored",
-                                    rchan=event.rchan)
+                                    rchan=event.rchan[:_LOGGED_ID])
         return wait
 
     def receive_frame(self, frame: str | bytes, now: float) -> Awaitable[None] | None:

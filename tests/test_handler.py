@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -37,3 +38,14 @@ async def test_frames_reaching_a_closed_handler_never_raise() -> None:
     assert handler.process_client_message(ping) is None
     assert handler.process_client_message(custom) is None
     assert handler.send_nowait(b"{}") is None
+
+
+async def test_peer_chosen_identifiers_are_cut_short_in_logs(caplog: pytest.LogCaptureFixture) -> None:
+    manager = WebsocketManager()
+    handler = manager.create_handler("c1")
+    huge = "r" * 100_000
+    answer = decode_client_frame(json.dumps({"type": "message", "channel": huge, "message": 1}))
+    with caplog.at_level(logging.INFO, logger="dara_ws_core"):
+        handler.process_client_message(answer)
+    [record] = [r for r in caplog.records if "ignored" in r.getMessage()]
+    assert len(getattr(record, "rchan", "")) == 64
