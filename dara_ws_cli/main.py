@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import errno
 import importlib.util
+import json
 import logging
 import signal
 import sys
@@ -136,6 +137,13 @@ async def _clock(manager: WebsocketManager, interval: float) -> None:
         manager.deliver_local(manager.handlers.values(), frame)
 
 
+async def _print_stats(manager: WebsocketManager, interval: float) -> None:
+    # One JSON object per line on stdout: `dara-ws serve --stats-interval 1 | jq .connections`.
+    while True:
+        await asyncio.sleep(interval)
+        print(json.dumps({"time": time.time(), **manager.stats().as_dict()}), flush=True)
+
+
 async def serve(args: argparse.Namespace) -> None:
     raised = raise_open_files_limit()
     if raised is not None:
@@ -162,6 +170,8 @@ async def serve(args: argparse.Namespace) -> None:
         except BackplaneError as exc:
             raise CLIError(f"cannot reach Redis at {args.redis_url}: {exc}") from None
     clock = loop.create_task(_clock(manager, args.clock)) if args.clock > 0 else None
+    stats = (loop.create_task(_print_stats(manager, args.stats_interval))
+             if args.stats_interval > 0 else None)
     try:
         async with _serve(args.transport, endpoint, args.host, args.port) as port:
             print(f"dara-ws demo ({args.transport}) on ws://{args.host}:{port}{endpoint.path}",
@@ -170,6 +180,8 @@ async def serve(args: argparse.Namespace) -> None:
     finally:
         if clock is not None:
             clock.cancel()
+        if stats is not None:
+            stats.cancel()
         if backplane is not None:
             await backplane.stop()
 
@@ -275,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="adapter to serve with (each needs its extra: pip install \"dara-ws-core[NAME]\")",
     )
     s.add_argument("--clock", type=float, default=5.0, help="clock push interval in seconds (0: off)")
+    s.add_argument(
+        "--stats-interval", type=float, default=0.0, metavar="SECONDS",
+        help="print the server's stats (WebsocketManager.stats()) as one JSON line this often (0: off)",
+    )
     s.add_argument(
         "--redis-url", default=None,
         help="share clients with other processes through this Redis (needs the redis extra)",

@@ -68,6 +68,7 @@ from .messages import (
     VariableRequestMessage,
 )
 from .registry import ChannelRegistry
+from .stats import ServerStats
 from .transport import HandshakeRequest, Transport
 
 __version__ = "0.1.0"
@@ -122,6 +123,7 @@ __all__ = [
     "ServerErrorMessage",
     "ServerMessage",
     "ServerMessagePayload",
+    "ServerStats",
     "ServerVariableMessage",
     "SlowConsumer",
     "SlowConsumerPolicy",

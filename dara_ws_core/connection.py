@@ -135,7 +135,7 @@ class ServerConnection(Generic[W]):
     """
 
     __slots__ = ("_close", "_handlers", "_kinds", "_pending", "_window_count", "_window_start",
-                 "channel_id", "config", "expires_at", "last_seen", "state")
+                 "busy", "channel_id", "config", "expires_at", "last_seen", "state")
 
     def __init__(
         self,
@@ -161,6 +161,8 @@ class ServerConnection(Generic[W]):
         self._window_start = now
         self._window_count = 0
         self._handlers = 0
+        #: Custom messages answered ``busy`` (``max_handler_tasks`` running): for the stats.
+        self.busy = 0
         self._close: ConnectionClosed | None = None
 
     def __repr__(self) -> str:
@@ -236,6 +238,7 @@ class ServerConnection(Generic[W]):
             return [FrameDropped("custom message of unknown kind"),
                     _error(kind, rchan, "unknown_kind", f"no handler for kind {kind[:64]!r}")]
         if self._handlers >= self.config.max_handler_tasks:
+            self.busy += 1
             return [_error(kind, rchan, "busy", "too many requests in progress")]
         self._handlers += 1
         return [CustomReceived(kind, data, rchan)]

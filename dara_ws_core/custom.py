@@ -27,6 +27,7 @@ import pydantic_core
 from .config import ServerConfig
 from .connection import CustomReceived, SendFrame, ServerConnection
 from .exceptions import ConnectionClosed, UnknownKind
+from .stats import Counters
 
 CustomHandler = Callable[[str, Any], Any | Awaitable[Any]]
 H = TypeVar("H", bound=CustomHandler)
@@ -38,6 +39,7 @@ class DispatchHost(Protocol):
     channel_id: str
     config: ServerConfig
     connection: ServerConnection[Any]
+    counters: Counters
 
     def send_nowait(self, frame: bytes) -> Awaitable[None] | None: ...
 
@@ -123,8 +125,10 @@ class CustomHandlerRegistry:
         try:
             result = spec.func(host.channel_id, received.data)
         except Exception:
+            host.counters.custom_error += 1
             frame = _failed(host, spec, received)
         else:
+            host.counters.custom_ok += 1
             frame = _reply(host, received, result)
         finally:
             host.connection.handler_done()
@@ -139,12 +143,15 @@ async def _run_task(spec: HandlerSpec, received: CustomReceived, host: DispatchH
             else:
                 result = await spec.func(host.channel_id, received.data)
     except TimeoutError:
+        host.counters.custom_timeout += 1
         host.log_peer_error(logging.WARNING, "custom handler timed out", kind=spec.kind)
         frame = host.connection.reply_error(received.kind, received.rchan, "timeout",
                                             "the handler timed out")
     except Exception:
+        host.counters.custom_error += 1
         frame = _failed(host, spec, received)
     else:
+        host.counters.custom_ok += 1
         frame = _reply(host, received, result)
     finally:
         host.connection.handler_done()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .auth import Identity
 from .exceptions import CloseCode, ConnectionClosed
 from .handler import WebSocketHandler, current_channel, current_identity
+from .stats import transport_label
 from .transport import Transport
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ class ConnectionDriver:
         self._abort_timer: asyncio.TimerHandle | None = None
         self._closed: ConnectionClosed | None = None
         self.handler: WebSocketHandler = manager.create_handler(
-            channel_id, identity, sink=self, now=loop.time()
+            channel_id, identity, sink=self, now=loop.time(), transport=transport_label(transport)
         )
 
     # ------------------------------------------------------------------ Sink (from the handler)

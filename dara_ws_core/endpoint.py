@@ -65,20 +65,26 @@ class Endpoint:
         Raises ``AuthenticationFailed``, which the adapter answers with HTTP 403. An authenticator
         that crashes also rejects (and is logged): a bug never lets anyone in.
         """
+        counters = self.manager.counters
         if self._closing:
+            counters.count(counters.handshakes_rejected, "shutdown")
             raise AuthenticationFailed("server is shutting down")
         try:
             identity = await run_authenticator(self.authenticator, request)
         except AuthenticationFailed as exc:
+            counters.count(counters.handshakes_rejected, "auth")
             logger.info("handshake rejected: %s", exc, extra={"path": request.path})
             raise
         except Exception as exc:
+            counters.count(counters.handshakes_rejected, "error")
             logger.exception("authenticator failed", extra={"path": request.path})
             raise AuthenticationFailed("authenticator error") from exc
         limit = self.config.max_connections_per_user
         if limit is not None and len(self.manager.get_user_channels(identity.user_id)) >= limit:
+            counters.count(counters.handshakes_rejected, "limit")
             logger.info("handshake rejected: connection limit", extra={"user": identity.user_id})
             raise AuthenticationFailed(f"user has {limit} connections already")
+        counters.handshakes_accepted += 1
         return identity
 
     async def serve(self, transport: Transport, identity: Identity) -> None:
@@ -92,6 +98,7 @@ class Endpoint:
             # Handshakes of one user that ran concurrently all passed the check in authenticate();
             # only here, with no await before the channel is registered, is the count exact.
             logger.info("connection refused: connection limit", extra={"user": identity.user_id})
+            self.manager.counters.count(self.manager.counters.close_codes, CloseCode.POLICY_VIOLATION)
             await close_quietly(transport, CloseCode.POLICY_VIOLATION, "too many connections")
             return
         channel_id = str(uuid.uuid4())

@@ -42,6 +42,7 @@ from .custom import CustomHandlerRegistry
 from .exceptions import ChunkError, CloseCode, ConnectionClosed, RequestTimeout, SlowConsumer
 from .messages import ClientMessage, LoosePayload
 from .queue import OutboundQueue
+from .stats import Counters
 
 logger = logging.getLogger("dara_ws_core")
 
@@ -86,8 +87,8 @@ class WebSocketHandler:
     connection ends, which fails its pending requests and cancels its handler tasks.
     """
 
-    __slots__ = ("_custom", "_peer_errors", "_shut", "_sink", "_tasks", "channel_id", "config",
-                 "connection", "identity", "queue")
+    __slots__ = ("_custom", "_peer_errors", "_shut", "_sink", "_tasks", "channel_id",
+                 "config", "connection", "counters", "identity", "queue", "transport")
 
     def __init__(
         self,
@@ -98,8 +99,14 @@ class WebSocketHandler:
         custom_handlers: CustomHandlerRegistry | None = None,
         sink: Sink | None = None,
         now: float = 0.0,
+        counters: Counters | None = None,
+        transport: str = "unknown",
     ) -> None:
         self.channel_id = channel_id
+        #: The transport's short name (``websockets``, ``memory``...; see ``transport_label``).
+        self.transport = transport
+        #: The manager's running totals, which this connection counts into.
+        self.counters = counters = counters or Counters()
         self.identity = identity
         self.config = config = config or ServerConfig()
         self._custom = custom_handlers = custom_handlers or CustomHandlerRegistry()
@@ -110,7 +117,10 @@ class WebSocketHandler:
         )
         self.queue = OutboundQueue(config.max_queue_messages, config.max_queue_bytes)
         # init is queued before the channel becomes reachable, so it is always the first frame.
-        self.queue.offer(self.connection.init_frame)
+        init = self.connection.init_frame
+        self.queue.offer(init)
+        counters.frames_out += 1
+        counters.bytes_out += len(init)
         self._sink = sink
         self._tasks: set[asyncio.Task[None]] = set()
         self._shut = False
@@ -183,12 +193,16 @@ class WebSocketHandler:
             elif isinstance(event, CustomReceived):
                 wait = self._custom.dispatch(event, self)
             elif isinstance(event, RequestCompleted):
+                self.counters.requests_answered += 1
                 if not event.waiter.done():
                     event.waiter.set_result(event.value)
             elif isinstance(event, RequestFailed):
                 if isinstance(event.error, ChunkError):
+                    self.counters.requests_chunk_error += 1
                     self.log_peer_error(logging.WARNING, "invalid chunked answer: %s", event.error,
                                         rchan=event.rchan[:_LOGGED_ID])
+                else:
+                    self.counters.requests_closed += 1
                 if not event.waiter.done():
                     event.waiter.set_exception(event.error)
             elif isinstance(event, CloseConnection):
@@ -203,6 +217,9 @@ class WebSocketHandler:
 
     def receive_frame(self, frame: str | bytes, now: float) -> Awaitable[None] | None:
         """Handle one inbound frame read at ``now`` (the driver's receive loop)."""
+        counters = self.counters
+        counters.frames_in += 1
+        counters.bytes_in += len(frame)
         return self.apply(self.connection.receive_frame(frame, now))
 
     def process_client_message(self, message: ClientMessage) -> Awaitable[None] | None:
@@ -240,10 +257,15 @@ class WebSocketHandler:
         """
         queue = self.queue
         sink = self._sink
+        counters = self.counters
         if not queue and sink is not None and not queue.closed and sink.write_now(frame):
+            counters.frames_out += 1
+            counters.bytes_out += len(frame)
             return True
         if not queue.offer(frame):
             return False
+        counters.frames_out += 1
+        counters.bytes_out += len(frame)
         if sink is not None:
             sink.frames_queued()
         return True
@@ -287,6 +309,8 @@ class WebSocketHandler:
         if policy is SlowConsumerPolicy.WAIT:
             try:
                 await self.queue.put(frame, self.config.send_timeout)
+                self.counters.frames_out += 1
+                self.counters.bytes_out += len(frame)
                 return
             except TimeoutError:
                 pass
@@ -295,14 +319,21 @@ class WebSocketHandler:
             raise SlowConsumer(f"channel {self.channel_id} is not reading; disconnected (1013)")
 
     def _drop_oldest_and_put(self, frame: bytes) -> None:
-        queue = self.queue
-        if queue.drop_oldest_and_put(frame) and queue.dropped % 1000 == 1:
+        queue, counters = self.queue, self.counters
+        dropped = queue.drop_oldest_and_put(frame)
+        counters.frames_out += 1
+        counters.bytes_out += len(frame)
+        if dropped:
+            counters.frames_dropped += dropped
+            counters.count(counters.slow_consumer, "drop_oldest")
+        if dropped and queue.dropped % 1000 == 1:
             logger.warning("slow consumer: dropping oldest frames",
                            extra={"channel": self.channel_id, "dropped": queue.dropped})
 
     def _disconnect_slow(self) -> None:
         if self.queue.closed:
             return
+        self.counters.count(self.counters.slow_consumer, self.config.slow_consumer_policy.value)
         logger.warning("slow consumer: disconnecting", extra={"channel": self.channel_id})
         self.close(CloseCode.TRY_AGAIN_LATER, "slow consumer")
         self.queue.close()
@@ -348,6 +379,7 @@ class WebSocketHandler:
                 return await waiter
         except TimeoutError:
             if scope.expired():
+                self.counters.requests_timeout += 1
                 raise RequestTimeout(
                     f"no answer from channel {self.channel_id} within {timeout} s"
                 ) from None
@@ -375,6 +407,7 @@ class WebSocketHandler:
         if self._shut:
             return
         self._shut = True
+        self.counters.custom_busy += self.connection.busy
         self.apply(self.connection.connection_lost(exc))
         self.queue.close()
         for task in self._tasks:

@@ -28,6 +28,7 @@ from .exceptions import CloseCode, ConnectionClosed, UnknownChannel
 from .handler import _DEFAULT, Sink, WebSocketHandler
 from .messages import LoosePayload
 from .registry import ChannelRegistry
+from .stats import Counters, ServerStats, frozen
 
 if TYPE_CHECKING:
     from .backplane.contract import Backplane
@@ -55,6 +56,8 @@ class WebsocketManager:
         self.registry = ChannelRegistry()
         self.custom_handlers = custom_handlers or CustomHandlerRegistry()
         self.backplane = backplane
+        #: Running totals of this server (see :meth:`stats`).
+        self.counters = Counters()
 
     # ------------------------------------------------------------------ handlers
 
@@ -69,21 +72,23 @@ class WebsocketManager:
         *,
         sink: Sink | None = None,
         now: float = 0.0,
+        transport: str = "unknown",
     ) -> WebSocketHandler:
         """Create and register the handler of a new connection; its first frame is ``init``.
 
         ``sink`` is where its frames go (the connection's driver; without one they stay queued),
         ``now`` the driver's clock at the start. Raises ``ValueError`` if the channel id is
         taken. Without an identity the channel is reachable by id and by broadcast, but belongs
-        to no user.
+        to no user. ``transport`` names the transport in stats and logs.
         """
         if channel_id in self.handlers:
             raise ValueError(f"channel {channel_id!r} already has a handler")
         handler = WebSocketHandler(
             channel_id, identity=identity, config=self.config, custom_handlers=self.custom_handlers,
-            sink=sink, now=now,
+            sink=sink, now=now, counters=self.counters, transport=transport,
         )
         self.handlers[channel_id] = handler
+        self.counters.connections_opened += 1
         if identity is not None:
             self.registry.add(channel_id, identity.session_id, identity.user_id)
         if self.backplane is not None:
@@ -98,7 +103,9 @@ class WebsocketManager:
         if handler is not None:
             if self.backplane is not None:
                 self.backplane.channel_removed(channel_id, handler.identity)
-            handler.shutdown(exc or ConnectionClosed(CloseCode.NORMAL, "handler removed"))
+            exc = exc or ConnectionClosed(CloseCode.NORMAL, "handler removed")
+            self.counters.count(self.counters.close_codes, exc.code)
+            handler.shutdown(exc)
 
     def get_user_channels(self, user_id: str) -> set[str]:
         """Connected channels of a user, on this process (see ``get_all_user_channels``)."""
@@ -238,6 +245,56 @@ class WebsocketManager:
             (channel_id, None if handler.identity is None else handler.identity.user_id)
             for channel_id, handler in self.handlers.items()
         ]
+
+    # ------------------------------------------------------------------ observing
+
+    def stats(self) -> ServerStats:
+        """A snapshot of this process's server: connections, handshakes, close codes, traffic,
+        slow consumers, queues, requests and handler outcomes, and the backplane's counters.
+
+        Reads the running totals and walks the live connections once (queues, pending requests):
+        cheap enough to call every second. Never raises.
+        """
+        c = self.counters
+        by_transport: dict[str, int] = {}
+        queued_frames = queued_bytes = max_depth = pending = running = busy = 0
+        for handler in self.handlers.values():
+            by_transport[handler.transport] = by_transport.get(handler.transport, 0) + 1
+            queue = handler.queue
+            depth = len(queue)
+            queued_frames += depth
+            queued_bytes += queue.nbytes
+            max_depth = max(max_depth, depth)
+            connection = handler.connection
+            pending += len(connection.pending)
+            running += connection.handlers_running
+            busy += connection.busy
+        backplane_stats = getattr(self.backplane, "stats", None)
+        as_dict = getattr(backplane_stats, "as_dict", None)
+        return ServerStats(
+            connections=len(self.handlers),
+            connections_by_transport=frozen(by_transport),
+            connections_opened=c.connections_opened,
+            handshakes_accepted=c.handshakes_accepted,
+            handshakes_rejected=frozen(c.handshakes_rejected),
+            close_codes=frozen(c.close_codes),
+            frames_in=c.frames_in,
+            bytes_in=c.bytes_in,
+            frames_out=c.frames_out,
+            bytes_out=c.bytes_out,
+            slow_consumer=frozen(c.slow_consumer),
+            frames_dropped=c.frames_dropped,
+            queued_frames=queued_frames,
+            queued_bytes=queued_bytes,
+            max_queue_depth=max_depth,
+            pending_requests=pending,
+            requests=frozen({"answered": c.requests_answered, "timeout": c.requests_timeout,
+                             "closed": c.requests_closed, "chunk_error": c.requests_chunk_error}),
+            custom_handlers=frozen({"ok": c.custom_ok, "error": c.custom_error,
+                                    "timeout": c.custom_timeout, "busy": c.custom_busy + busy}),
+            handlers_running=running,
+            backplane=frozen(as_dict()) if callable(as_dict) else None,
+        )
 
     # ------------------------------------------------------------------ disconnecting
 

@@ -32,6 +32,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
                         "utf8_size_exceeds"}),
     "messages": frozenset({"InitPayload", "TypedPayload"}),
     "queue": frozenset({"OutboundQueue"}),
+    # The manager's running totals and the transport label are read through the snapshot.
+    "stats": frozenset({"Counters", "transport_label"}),
     # Test helpers are imported from dara_ws_core.testing, as websockets' are.
     "testing": frozenset({"ProtocolHarness", "answer_frames", "client_frames", "custom_frames",
                           "hostile_frames", "json_values"}),
