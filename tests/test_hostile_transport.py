@@ -25,7 +25,7 @@ from dara_ws_core import (
 )
 from dara_ws_core.transport import MAX_COOKIES, HandshakeRequest, parse_cookies
 
-from .hostile import CLOSE, PING, TEXT, HostileClient, encode_frame, server_holds_socket
+from .hostile import CLOSE, PING, TEXT, HostileClient, close_payload, encode_frame, server_holds_socket
 from .stacks import TRANSPORTS, Stack, running_stack, verify_token
 
 SOCKETS = sorted(t for t in TRANSPORTS if t != "memory")
@@ -307,4 +307,25 @@ async def test_replies_within_the_rate_limit_are_delivered_before_the_1008_close
             while (frame := await client.read_frame()).opcode != CLOSE:
                 pongs += json.loads(frame.text)["type"] == "pong"
         assert (pongs, frame.close_code) == (20, 1008)
+        client.abort()
+
+
+@pytest.mark.parametrize("opcode", [TEXT, PING, CLOSE])
+async def test_an_unmasked_client_frame_closes_the_connection_with_1002(
+    socket_stack: Any, opcode: int
+) -> None:
+    # RFC 6455 section 5.1: a server closes on an unmasked client frame, data or control, and
+    # does not act on it (no pong, no reply, no echoed close code).
+    config = ServerConfig(ping_interval=None)
+    payload = {TEXT: json.dumps({"type": "ping", "message": ""}).encode(), PING: b"p",
+               CLOSE: close_payload(1000)}[opcode]
+    async with socket_stack(config=config) as stack:
+        client, channel = await open_channel(stack)
+        client.send_text(json.dumps({"type": "ping", "message": ""}))  # masked: answered
+        client.send_frame(opcode, payload, mask=False)
+        reply = await client.read_frame()
+        assert reply.opcode == TEXT and json.loads(reply.text)["type"] == "pong"
+        frame = await client.read_frame()
+        assert (frame.opcode, frame.close_code) == (CLOSE, 1002)
+        assert await _gone(stack, channel)
         client.abort()

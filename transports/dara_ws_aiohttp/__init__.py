@@ -6,7 +6,8 @@ contract and hold no protocol logic.
 
 Compression (permessage-deflate) is off: it costs a zlib context per connection and CPU per frame.
 aiohttp has one keepalive knob: ``ServerConfig.ping_interval`` is its ``heartbeat``, and the pong
-must arrive within half of it (``ping_timeout`` is not used).
+must arrive within half of it (``ping_timeout`` is not used). aiohttp's reader accepts unmasked
+client frames; the server side here closes on them with 1002, as RFC 6455 requires (``_masking``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ except ImportError as exc:  # the extra is missing: say which one to install
 from dara_ws_core.endpoint import Endpoint
 from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
 from dara_ws_core.transport import HandshakeRequest
+
+from ._masking import MaskedOnlyResponse
 
 
 class AiohttpTransport:
@@ -136,7 +139,7 @@ def add_route(app: web.Application, endpoint: Endpoint, path: str | None = None)
         config = endpoint.config
         # aiohttp closes a message of exactly max_msg_size (it checks >=): +1 makes the limit
         # inclusive, as on the other transports (the core checks the size again).
-        ws = web.WebSocketResponse(
+        ws = MaskedOnlyResponse(
             max_msg_size=config.max_message_size + 1, heartbeat=config.ping_interval, compress=False
         )
         await ws.prepare(request)
