@@ -290,20 +290,6 @@ class SioAsgi(Sio):
 # ---------------------------------------------------------------------------------- ours
 
 
-def bound_port(server: Any) -> int:
-    """The port of whatever ``dara_ws_websockets.serve`` yields (adapts to its final shape)."""
-    for candidate in (server, getattr(server, "server", None)):
-        if candidate is None:
-            continue
-        port = getattr(candidate, "port", None)
-        if isinstance(port, int) and port:
-            return port
-        sockets = getattr(candidate, "sockets", None)
-        if sockets:
-            return int(next(iter(sockets)).getsockname()[1])
-    raise RuntimeError(f"cannot find the port of {server!r}")
-
-
 class Ours(Impl):
     """dara_ws_core's manager behind the websockets adapter, configured from ``--config``.
 
@@ -335,7 +321,7 @@ class Ours(Impl):
 
         self.server = await self.stack.enter_async_context(
             serve(endpoint, host="127.0.0.1", port=0, backlog=4096))
-        return bound_port(self.server)
+        return int(self.server.port)
 
     async def stop(self) -> None:
         with contextlib.suppress(TimeoutError):

@@ -217,11 +217,10 @@ async def _listen(transport: str, endpoint: Endpoint, host: str, port: int) -> A
     except ImportError as exc:
         raise _missing_extra(exc) from None
     if transport == "websockets":
-        from dara_ws_websockets import port_of
         from dara_ws_websockets import serve as ws_serve
 
         async with ws_serve(endpoint, host, port) as server:
-            yield port_of(server)
+            yield server.port
     elif transport == "aiohttp":
         from dara_ws_aiohttp import serve as aio_serve
 

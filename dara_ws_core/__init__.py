@@ -69,7 +69,7 @@ from .messages import (
 )
 from .registry import ChannelRegistry
 from .stats import ServerStats
-from .transport import HandshakeRequest, Transport
+from .transport import HandshakeRequest, Server, Transport
 
 __version__ = "0.1.0"
 
@@ -118,6 +118,7 @@ __all__ = [
     "Request",
     "RequestError",
     "RequestTimeout",
+    "Server",
     "ServerConfig",
     "ServerConnection",
     "ServerErrorMessage",

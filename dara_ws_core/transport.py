@@ -19,20 +19,24 @@ Adapter duties, in full:
 * ``abort()`` drops the TCP connection at once (the native transport's ``abort()``).
 * Pass ``ServerConfig.max_message_size`` and the keepalive settings to the native library.
 
-Optional, for speed: ``send_nowait(frame) -> bool`` writes a text frame synchronously if the
-native library can take it without waiting (connection open, write buffer below its limit) and
-returns ``False`` otherwise, without side effects. With it, a broadcast writes straight to the
+Optional, for speed: :class:`SupportsSendNowait`, a ``send_nowait(frame) -> bool`` that writes
+a text frame synchronously if the native library can take it without waiting (connection open,
+write buffer below its limit) and returns ``False`` otherwise, without side effects. The driver
+checks for it once per connection (``isinstance``); with it, a broadcast writes straight to the
 sockets of clients that keep up, as ``websockets.broadcast`` does, and queues only for the others.
+
+Every socket adapter also has ``serve(endpoint, host="127.0.0.1", port=8000)``, an async context
+manager that yields a :class:`Server` (``port=0`` picks a free port).
 """
 
 from __future__ import annotations
 
-__all__ = ["HandshakeRequest", "SupportsSendNowait", "Transport", "parse_cookies"]
+__all__ = ["HandshakeRequest", "Server", "SupportsSendNowait", "Transport", "parse_cookies"]
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol, runtime_checkable
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 from urllib.parse import parse_qsl, urlsplit
 
 
@@ -74,6 +78,34 @@ class SupportsSendNowait(Protocol):
 
     def send_nowait(self, frame: bytes) -> bool:
         """Write ``frame`` as a text frame now if possible without waiting; else ``False``."""
+
+
+_Native = TypeVar("_Native")
+
+
+@dataclass(frozen=True, slots=True)
+class Server(Generic[_Native]):
+    """A running server, as every socket adapter's ``serve()`` yields it.
+
+    ``port`` is the bound one (the real port when 0 was asked) and ``url`` the endpoint's
+    ``ws://host:port/path``. ``native`` is the library's own server, for what only it can do:
+    ``websockets.asyncio.server.Server`` (``await server.native.serve_forever()``),
+    ``aiohttp.web.AppRunner`` or ``uvicorn.Server``.
+    """
+
+    host: str
+    port: int
+    url: str
+    native: _Native
+
+    @classmethod
+    def build(
+        cls, host: str, port: int, path: str, native: _Native, *, secure: bool = False
+    ) -> Server[_Native]:
+        """For adapters: the server listening on ``host:port`` for ``path`` (``wss://`` when
+        ``secure``; an IPv6 host goes in brackets in the URL)."""
+        netloc = f"[{host}]" if ":" in host else host
+        return cls(host, port, f"{'wss' if secure else 'ws'}://{netloc}:{port}{path}", native)
 
 
 #: Most bytes of ``Cookie`` header parsed and most cookies kept (RFC 6265 section 6.1 asks

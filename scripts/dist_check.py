@@ -53,11 +53,11 @@ def _other_adapters_name_their_extra(own: str) -> None:
 
 
 async def check_websockets() -> None:
-    from dara_ws_websockets import connect, port_of, serve
+    from dara_ws_websockets import connect, serve
 
     endpoint = _endpoint()
     async with serve(endpoint, "127.0.0.1", 0) as server:
-        url = f"ws://127.0.0.1:{port_of(server)}/api/core/ws?token=alice"
+        url = f"{server.url}?token=alice"
         await _echo_through(lambda: connect(url))
 
 

@@ -110,7 +110,7 @@ def _register(manager: WebsocketManager) -> None:
 
 async def _serve(args: argparse.Namespace) -> None:
     from dara_ws_redis import RedisBackplane
-    from dara_ws_websockets import port_of, serve
+    from dara_ws_websockets import serve
 
     backplane = None
     if args.redis_url:
@@ -137,7 +137,7 @@ async def _serve(args: argparse.Namespace) -> None:
         if backplane is not None:
             await backplane.start(manager)
         node = backplane.node_id if backplane is not None else "-"
-        print(f"READY {port_of(server)} {node}", flush=True)
+        print(f"READY {server.port} {node}", flush=True)
         await stopping.wait()
     if backplane is not None:
         await backplane.stop()

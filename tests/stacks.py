@@ -57,14 +57,6 @@ async def _memory(endpoint: Endpoint) -> AsyncIterator[Connect]:
         await server.close()
 
 
-@contextlib.asynccontextmanager
-async def _websockets(endpoint: Endpoint) -> AsyncIterator[Connect]:
-    from dara_ws_websockets import port_of, serve
-
-    async with serve(endpoint, "127.0.0.1", 0) as server:
-        yield _UrlConnect(port_of(server), _websockets_client)
-
-
 async def _websockets_client(url: str, headers: Iterable[tuple[str, str]]) -> Transport:
     import websockets
 
@@ -103,8 +95,9 @@ class _UrlConnect:
 
 
 def _served_by(adapter: str, client: Connect) -> Served:
-    """An adapter whose ``serve(endpoint, host, port)`` yields the bound ``port``, reached by a
-    client (here a URL-taking ``Connect``) of another library, so both sides meet a stranger."""
+    """A socket adapter (every one's ``serve(endpoint, host, port)`` yields a ``Server`` with the
+    bound ``port``), reached by ``client`` (here a URL-taking ``Connect``): aiohttp and ASGI by
+    another library's client, so both sides meet a stranger."""
 
     @contextlib.asynccontextmanager
     async def served(endpoint: Endpoint) -> AsyncIterator[Connect]:
@@ -117,7 +110,7 @@ def _served_by(adapter: str, client: Connect) -> Served:
 
 TRANSPORTS: dict[str, Served] = {
     "memory": _memory,
-    "websockets": _websockets,
+    "websockets": _served_by("dara_ws_websockets", _websockets_client),
     "aiohttp": _served_by("dara_ws_aiohttp", _websockets_client),
     "asgi": _served_by("dara_ws_asgi", _aiohttp_client),
 }

@@ -168,11 +168,11 @@ async def _served_for_shutdown(kind: str, endpoint: Endpoint) -> AsyncIterator[t
     """Serve ``endpoint`` the way ``kind`` does in production; yields the port and a function
     that starts a SIGTERM-style shutdown and returns an awaitable for its end."""
     if kind == "websockets":
-        from dara_ws_websockets import port_of, serve
+        from dara_ws_websockets import serve
 
         stack = contextlib.AsyncExitStack()
         ws_server = await stack.enter_async_context(serve(endpoint, "127.0.0.1", 0))
-        yield port_of(ws_server), lambda: asyncio.ensure_future(stack.aclose())
+        yield ws_server.port, lambda: asyncio.ensure_future(stack.aclose())
         await stack.aclose()
     elif kind == "aiohttp":  # what web.run_app does on SIGTERM: runner.cleanup(), nothing else
         from aiohttp import web

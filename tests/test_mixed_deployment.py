@@ -9,7 +9,7 @@ import functools
 from dara_ws_aiohttp import serve as aiohttp_serve
 from dara_ws_asgi import serve as asgi_serve
 from dara_ws_core import DaraClient, DaraServerMessage, Endpoint, WebsocketManager, token_authenticator
-from dara_ws_websockets import connect, port_of
+from dara_ws_websockets import connect
 from dara_ws_websockets import serve as websockets_serve
 
 from .stacks import verify_token
@@ -23,7 +23,7 @@ async def test_one_manager_serves_clients_of_every_transport() -> None:
         ws_server = await stack.enter_async_context(websockets_serve(endpoint, "127.0.0.1", 0))
         aio_server = await stack.enter_async_context(aiohttp_serve(endpoint, "127.0.0.1", 0))
         asgi_server = await stack.enter_async_context(asgi_serve(endpoint, "127.0.0.1", 0))
-        ports = [port_of(ws_server), aio_server.port, asgi_server.port]
+        ports = [ws_server.port, aio_server.port, asgi_server.port]
         clients = []
         for i, port in enumerate(ports):
             for user in ("dana", f"solo{i}"):

@@ -83,7 +83,7 @@ class EchoEndpoint:
         return await asyncio.wait_for(self.ended.get(), TIMEOUT)
 
 
-Serve = Callable[[Any], AbstractAsyncContextManager[Any]]
+Serve = Callable[[Any, str, int], AbstractAsyncContextManager[Any]]
 
 
 @pytest.fixture(params=[aiohttp_serve, asgi_serve], ids=["aiohttp", "asgi"])
@@ -95,7 +95,7 @@ def serve(request: pytest.FixtureRequest) -> Serve:
 async def client(
     serve: Serve, endpoint: EchoEndpoint, query: str = "?token=good"
 ) -> AsyncIterator[AiohttpTransport]:
-    async with serve(endpoint) as server:
+    async with serve(endpoint, "127.0.0.1", 0) as server:
         assert server.port != 0
         transport = await connect(server.url + query)
         try:
@@ -110,7 +110,7 @@ async def receive(transport: Transport) -> str | bytes:
 
 async def test_rejected_handshake_is_http_403_and_serve_is_never_called(serve: Serve) -> None:
     endpoint = EchoEndpoint()
-    async with serve(endpoint) as server, aiohttp.ClientSession() as session:
+    async with serve(endpoint, "127.0.0.1", 0) as server, aiohttp.ClientSession() as session:
         with pytest.raises(aiohttp.WSServerHandshakeError) as raised:
             await session.ws_connect(server.url + "?token=bad")
         assert raised.value.status == 403
@@ -124,7 +124,7 @@ async def test_handshake_request_carries_path_query_headers_cookies_and_remote(
     serve: Serve,
 ) -> None:
     endpoint = EchoEndpoint()
-    async with serve(endpoint) as server:
+    async with serve(endpoint, "127.0.0.1", 0) as server:
         headers = {"Cookie": "dara_session_token=abc; other=1", "X-Test": "yes"}
         transport = await connect(server.url + "?token=good&x=1", headers=headers)
         await transport.close()
@@ -146,7 +146,7 @@ async def test_text_frames_echo_as_text(serve: Serve) -> None:
 
 async def test_binary_frame_reaches_the_endpoint_as_bytes(serve: Serve) -> None:
     endpoint = EchoEndpoint()
-    async with serve(endpoint) as server, aiohttp.ClientSession() as session:
+    async with serve(endpoint, "127.0.0.1", 0) as server, aiohttp.ClientSession() as session:
         ws = await session.ws_connect(server.url + "?token=good")
         await ws.send_bytes(b"\x00\x01\x02")
         assert await ws.receive_str(timeout=TIMEOUT) == "bytes:3"
@@ -191,7 +191,7 @@ async def test_oversized_frame_closes_with_1009(serve: Serve) -> None:
 
 async def test_leaving_serve_closes_open_connections_with_1001(serve: Serve) -> None:
     endpoint = EchoEndpoint()
-    async with serve(endpoint) as server:
+    async with serve(endpoint, "127.0.0.1", 0) as server:
         transport = await connect(server.url + "?token=good")
     with pytest.raises(ConnectionClosed) as raised:
         await receive(transport)

@@ -17,7 +17,7 @@ __all__ = ["AiohttpTransport", "Server", "add_route", "connect", "serve"]
 import asyncio
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, NamedTuple
+from typing import Any
 
 try:
     import aiohttp
@@ -29,7 +29,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
 
 from dara_ws_core.endpoint import Endpoint
 from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
-from dara_ws_core.transport import HandshakeRequest
+from dara_ws_core.transport import HandshakeRequest, Server
 
 from ._masking import MaskedOnlyResponse
 
@@ -165,17 +165,12 @@ def add_route(app: web.Application, endpoint: Endpoint, path: str | None = None)
     app.on_shutdown.insert(0, on_shutdown)
 
 
-class Server(NamedTuple):
-    """Where a running server listens: ``port`` is the real one when 0 was asked."""
-
-    host: str
-    port: int
-    url: str
-
-
 @asynccontextmanager
-async def serve(endpoint: Endpoint, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[Server]:
-    """Serve ``endpoint`` on ``host:port`` for the duration of the ``async with`` block.
+async def serve(
+    endpoint: Endpoint, host: str = "127.0.0.1", port: int = 8000
+) -> AsyncIterator[Server[web.AppRunner]]:
+    """Serve ``endpoint`` on ``host:port`` for the duration of the ``async with`` block; yields a
+    :class:`~dara_ws_core.Server` whose ``native`` is aiohttp's ``AppRunner``.
 
     On exit the endpoint shuts down (connections close with 1001) and listening stops. Raises
     ``OSError`` if the address cannot be bound.
@@ -194,7 +189,7 @@ async def serve(endpoint: Endpoint, host: str = "127.0.0.1", port: int = 0) -> A
         site = web.TCPSite(runner, host, port)
         await site.start()
         port = int(runner.addresses[0][1])
-        yield Server(host, port, f"ws://{host}:{port}{endpoint.path}")
+        yield Server.build(host, port, endpoint.path, runner)
     finally:
         for listener in runner.sites:
             await listener.stop()

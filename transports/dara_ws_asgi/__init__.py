@@ -4,7 +4,8 @@ and FastAPI.
 * :func:`asgi_app` / :class:`ASGIApp`: a plain ASGI application, e.g. ``uvicorn.run(asgi_app(ep))``.
 * :func:`websocket_route`: a Starlette route, e.g. ``Starlette(routes=[websocket_route(ep)])`` or
   ``fastapi_app.router.routes.append(websocket_route(ep))``.
-* :func:`serve`: run an endpoint under uvicorn in this process.
+* :func:`serve`: run an endpoint under uvicorn in this process (from :mod:`dara_ws_asgi.uvicorn`,
+  which holds everything uvicorn-specific).
 
 The ASGI server owns frame size and keepalive: when you run uvicorn yourself, pass it
 ``ws_max_size=config.max_message_size``, ``ws_ping_interval`` and ``ws_ping_timeout`` as
@@ -12,7 +13,7 @@ The ASGI server owns frame size and keepalive: when you run uvicorn yourself, pa
 with 1012 before any lifespan code runs; :class:`ASGIApp` (through ASGI lifespan) and
 :func:`lifespan` (for Starlette/FastAPI) make it shut the endpoint down first (1001, in-flight
 replies delivered) and bound handshakes and ping floods, when uvicorn runs in the main thread
-with its default h11 and websockets-sansio protocols.
+with its default h11 and websockets-sansio protocols (:func:`dara_ws_asgi.uvicorn.hook_uvicorn`).
 """
 
 from __future__ import annotations
@@ -21,25 +22,21 @@ __all__ = ["ASGIApp", "ASGITransport", "Server", "asgi_app", "lifespan", "serve"
 
 import asyncio
 import contextlib
-import functools
-import math
-import signal
-import socket
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import Any, NamedTuple
+from typing import Any
 
 try:
-    import uvicorn
     from starlette.routing import WebSocketRoute
 except ImportError as exc:  # the extra is missing: say which one to install
     raise ImportError(
-        'dara_ws_asgi needs the uvicorn and starlette libraries: pip install "dara-ws-core[asgi]"', name=exc.name
+        'dara_ws_asgi needs the starlette library: pip install "dara-ws-core[asgi]"', name=exc.name
     ) from exc
 
 from dara_ws_core.endpoint import Endpoint
 from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
-from dara_ws_core.transport import HandshakeRequest
+from dara_ws_core.transport import HandshakeRequest, Server
+
+from .uvicorn import hook_uvicorn, serve
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -117,108 +114,6 @@ def _socket_of(send: Send) -> asyncio.Transport | None:
     return None
 
 
-#: Stop reading from a peer while this much is waiting to be written to it.
-_PAUSE_READING_ABOVE = 1024 * 1024
-_TOO_LARGE = (
-    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-    b"content-length: 0\r\nconnection: close\r\n\r\n"
-)
-
-
-@functools.cache
-def _uvicorn_protocols(handshake_timeout: float) -> tuple[type[Any], type[Any]]:
-    """uvicorn's h11 and websockets-sansio protocols with two bounds uvicorn lacks (built on
-    first use: the second needs websockets):
-
-    * HTTP: a connection must complete its request within ``handshake_timeout`` seconds, or it
-      is closed; uvicorn has no header timeout, so half-open handshakes would hold every slot.
-    * WebSocket: reading pauses while the write buffer is over ``_PAUSE_READING_ABOVE``;
-      uvicorn answers each ping without flow control, so a peer that floods pings and reads
-      nothing would grow the buffer without bound.
-    """
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-    from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
-
-    class HTTPProtocol(H11Protocol):
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self.loop.call_later(handshake_timeout, self._handshake_expired)
-
-        def _handshake_expired(self) -> None:
-            # No request yet (cycle) and not upgraded (the WebSocket protocol took over).
-            transport = self.transport
-            if self.cycle is None and transport.get_protocol() is self and not transport.is_closing():
-                transport.close()
-
-        def handle_websocket_upgrade(self, event: Any) -> None:
-            # websockets-sansio re-parses the request with its own limits and, on a header over
-            # them, never answers (the socket hangs until the client gives up): answer 431 here.
-            headers = self.headers
-            if len(headers) > MAX_NUM_HEADERS or any(
-                len(name) + len(value) + 2 > MAX_LINE_LENGTH for name, value in headers
-            ):
-                self.transport.write(_TOO_LARGE)
-                self.transport.close()
-                return
-            super().handle_websocket_upgrade(event)
-
-    class WebSocketProtocol(WebSocketsSansIOProtocol):
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            if not self.read_paused and self.transport.get_write_buffer_size() > _PAUSE_READING_ABOVE:
-                self.read_paused = True
-                self.transport.pause_reading()
-
-        def resume_writing(self) -> None:
-            super().resume_writing()
-            if self.read_paused and self.queue.empty():  # uvicorn's own rule for resuming
-                self.read_paused = False
-                self.transport.resume_reading()
-
-    return HTTPProtocol, WebSocketProtocol
-
-
-_hooked: weakref.WeakKeyDictionary[uvicorn.Server, list[Endpoint]] = weakref.WeakKeyDictionary()
-
-
-def _hook_uvicorn(endpoint: Endpoint, server: uvicorn.Server | None = None) -> bool:
-    """Make a uvicorn server (by default the one running this process, found through the
-    signal handler it installs) shut ``endpoint`` down *before* it closes connections itself
-    with 1012, and use the bounded protocols of :func:`_uvicorn_protocols` if it uses uvicorn's
-    defaults. Returns whether a server was found. Call it before the server accepts."""
-    if server is None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            owner = getattr(signal.getsignal(sig), "__self__", None)
-            if isinstance(owner, uvicorn.Server):
-                server = owner
-                break
-        else:
-            return False
-    endpoints = _hooked.get(server)
-    if endpoints is None:
-        endpoints = _hooked[server] = []
-        original = server.shutdown
-
-        async def shutdown(sockets: list[socket.socket] | None = None) -> None:
-            for listener in server.servers:  # stop accepting first; uvicorn does it again
-                listener.close()
-            await asyncio.gather(*(e.shutdown() for e in endpoints))
-            await original(sockets)
-
-        setattr(server, "shutdown", shutdown)  # noqa: B010 (an instance attribute on purpose)
-    if endpoint not in endpoints:
-        endpoints.append(endpoint)
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    config, (http, ws) = server.config, _uvicorn_protocols(endpoint.config.handshake_timeout)
-    if getattr(config, "http_protocol_class", None) is H11Protocol:
-        config.http_protocol_class = http
-    if getattr(config, "ws_protocol_class", None) is ws.__mro__[1]:
-        config.ws_protocol_class = ws
-    return True
-
-
 def lifespan(endpoint: Endpoint) -> Callable[[Any], contextlib.AbstractAsyncContextManager[None]]:
     """A Starlette / FastAPI ``lifespan=`` that shuts ``endpoint`` down gracefully.
 
@@ -230,7 +125,7 @@ def lifespan(endpoint: Endpoint) -> Callable[[Any], contextlib.AbstractAsyncCont
 
     @contextlib.asynccontextmanager
     async def context(_: Any) -> AsyncIterator[None]:
-        _hook_uvicorn(endpoint)
+        hook_uvicorn(endpoint)
         try:
             yield
         finally:
@@ -274,7 +169,7 @@ class ASGIApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":  # see lifespan(): the same, for a plain ASGI server
             while (kind := (await receive())["type"]) != "lifespan.shutdown":
-                _hook_uvicorn(self.endpoint)
+                hook_uvicorn(self.endpoint)
                 await send({"type": f"{kind}.complete"})
             await self.endpoint.shutdown()
             await send({"type": "lifespan.shutdown.complete"})
@@ -303,70 +198,3 @@ def websocket_route(endpoint: Endpoint, path: str | None = None) -> WebSocketRou
     return WebSocketRoute(path or endpoint.path, ASGIApp(endpoint))
 
 
-class Server(NamedTuple):
-    """Where a running server listens: ``port`` is the real one when 0 was asked."""
-
-    host: str
-    port: int
-    url: str
-
-
-class _Uvicorn(uvicorn.Server):
-    """Tells when it listens: uvicorn.Server has only a ``started`` flag to poll."""
-
-    ready: asyncio.Event
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        self.ready.set()
-
-
-@contextlib.asynccontextmanager
-async def serve(endpoint: Endpoint, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[Server]:
-    """Run ``endpoint`` under uvicorn on ``host:port`` for the ``async with`` block.
-
-    On exit the endpoint shuts down (connections close with 1001), then uvicorn stops. Raises
-    ``OSError`` if the address cannot be bound, ``RuntimeError`` if uvicorn stops during startup.
-    """
-    config = endpoint.config
-    # Bind ourselves so that port 0 works and the real port is known.
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    http, ws = _uvicorn_protocols(config.handshake_timeout)
-    server = _Uvicorn(
-        uvicorn.Config(
-            asgi_app(endpoint),
-            http=http,
-            ws=ws,
-            ws_max_size=config.max_message_size,
-            ws_ping_interval=config.ping_interval,
-            ws_ping_timeout=config.ping_timeout,
-            ws_per_message_deflate=False,
-            lifespan="off",
-            log_config=None,  # leave the process's logging configuration alone
-            log_level="warning",
-            timeout_graceful_shutdown=math.ceil(config.shutdown_grace),
-        )
-    )
-    server.ready = asyncio.Event()
-    _hook_uvicorn(endpoint, server)  # SIGTERM: the endpoint shuts down first (1001, not 1012)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    ready = asyncio.create_task(server.ready.wait())
-    try:
-        await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
-        if not server.ready.is_set():
-            await task  # re-raises uvicorn's error, if any
-            raise RuntimeError("uvicorn stopped during startup")
-        port = sock.getsockname()[1]
-        yield Server(host, port, f"ws://{host}:{port}{endpoint.path}")
-    finally:
-        ready.cancel()
-        await endpoint.shutdown()
-        server.should_exit = True
-        await task
-        sock.close()

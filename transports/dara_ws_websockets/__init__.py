@@ -4,13 +4,13 @@ Thin by design: it only translates between ``websockets`` and the core's ``Trans
 Authentication runs in ``process_request``, before the upgrade, so a rejection is an HTTP 403 and
 nothing is created. Size limit and keepalive come from the endpoint's ``ServerConfig``.
 
-    async with serve(endpoint, "127.0.0.1", 8000) as server:
-        await server.serve_forever()
+    async with serve(endpoint, "127.0.0.1", 8000) as server:  # a dara_ws_core.Server
+        await server.native.serve_forever()  # websockets' own Server
 """
 
 from __future__ import annotations
 
-__all__ = ["WebsocketsTransport", "connect", "serve"]
+__all__ = ["Server", "WebsocketsTransport", "connect", "serve"]
 
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -22,7 +22,8 @@ try:
     from websockets.asyncio.client import ClientConnection
     from websockets.asyncio.client import connect as ws_connect
     from websockets.asyncio.connection import Connection
-    from websockets.asyncio.server import Server, ServerConnection
+    from websockets.asyncio.server import Server as WsServer
+    from websockets.asyncio.server import ServerConnection
     from websockets.asyncio.server import serve as ws_serve
     from websockets.http11 import Request, Response
     from websockets.protocol import State
@@ -33,7 +34,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
 
 from dara_ws_core.endpoint import Endpoint
 from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
-from dara_ws_core.transport import HandshakeRequest
+from dara_ws_core.transport import HandshakeRequest, Server
 
 
 def _closed(exc: websockets.ConnectionClosed) -> ConnectionClosed:
@@ -119,11 +120,13 @@ class _ServerConnection(ServerConnection):
 @asynccontextmanager
 async def serve(
     endpoint: Endpoint, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any
-) -> AsyncIterator[Server]:
+) -> AsyncIterator[Server[WsServer]]:
     """Serve ``endpoint`` on ``ws://host:port{endpoint.path}``; other paths get 404.
 
-    Extra keyword arguments go to ``websockets.asyncio.server.serve``. On exit the endpoint shuts
-    down gracefully (connections close with 1001) before the listener closes.
+    Yields a :class:`~dara_ws_core.Server` (``port=0`` picks a free port) whose ``native`` is
+    websockets' ``Server``. Extra keyword arguments go to ``websockets.asyncio.server.serve``
+    (e.g. ``ssl=``). On exit the endpoint shuts down gracefully (connections close with 1001)
+    before the listener closes. Raises ``OSError`` if the address cannot be bound.
     """
     config = endpoint.config
 
@@ -154,8 +157,9 @@ async def serve(
     }
     options.update(kwargs)
     async with ws_serve(handler, host, port, **options) as server:
+        port = int(next(iter(server.sockets)).getsockname()[1])
         try:
-            yield server
+            yield Server.build(host, port, endpoint.path, server, secure=bool(options.get("ssl")))
         finally:
             await endpoint.shutdown()
 
@@ -184,8 +188,10 @@ async def connect(
     return WebsocketsTransport(ws)
 
 
-def port_of(server: Server) -> int:
-    """The TCP port a server listens on (useful with ``port=0``)."""
+def port_of(server: Server[WsServer] | WsServer) -> int:
+    """The TCP port a server listens on (useful with ``port=0``); ``server.port`` says the same."""
+    if isinstance(server, Server):
+        return server.port
     return int(next(iter(server.sockets)).getsockname()[1])
 
 

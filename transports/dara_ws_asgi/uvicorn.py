@@ -1,0 +1,201 @@
+"""Run an endpoint under uvicorn, and the bounds uvicorn lacks (part of :mod:`dara_ws_asgi`).
+
+* :func:`serve`: run an endpoint under uvicorn in this process (``dara_ws_asgi.serve``).
+* :func:`hook_uvicorn`: what :class:`~dara_ws_asgi.ASGIApp`'s lifespan and
+  :func:`~dara_ws_asgi.lifespan` call, so that a uvicorn server you run yourself shuts the
+  endpoint down before closing connections with 1012, bounds handshake time, answers oversized
+  headers with 431 and stops reading from a peer that floods pings without reading the pongs.
+  It applies when uvicorn runs in the main thread with its default h11 and websockets-sansio
+  protocols.
+"""
+
+from __future__ import annotations
+
+__all__ = ["hook_uvicorn", "serve"]
+
+import asyncio
+import contextlib
+import functools
+import math
+import signal
+import socket
+import weakref
+from collections.abc import AsyncIterator
+from typing import Any
+
+try:
+    import uvicorn
+except ImportError as exc:  # the extra is missing: say which one to install
+    raise ImportError(
+        'dara_ws_asgi needs the uvicorn library: pip install "dara-ws-core[asgi]"', name=exc.name
+    ) from exc
+
+from dara_ws_core.endpoint import Endpoint
+from dara_ws_core.transport import Server
+
+#: Stop reading from a peer while this much is waiting to be written to it.
+_PAUSE_READING_ABOVE = 1024 * 1024
+_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+    b"content-length: 0\r\nconnection: close\r\n\r\n"
+)
+
+
+@functools.cache
+def _uvicorn_protocols(handshake_timeout: float) -> tuple[type[Any], type[Any]]:
+    """uvicorn's h11 and websockets-sansio protocols with two bounds uvicorn lacks (built on
+    first use: the second needs websockets):
+
+    * HTTP: a connection must complete its request within ``handshake_timeout`` seconds, or it
+      is closed; uvicorn has no header timeout, so half-open handshakes would hold every slot.
+    * WebSocket: reading pauses while the write buffer is over ``_PAUSE_READING_ABOVE``;
+      uvicorn answers each ping without flow control, so a peer that floods pings and reads
+      nothing would grow the buffer without bound.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
+
+    class HTTPProtocol(H11Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.loop.call_later(handshake_timeout, self._handshake_expired)
+
+        def _handshake_expired(self) -> None:
+            # No request yet (cycle) and not upgraded (the WebSocket protocol took over).
+            transport = self.transport
+            if self.cycle is None and transport.get_protocol() is self and not transport.is_closing():
+                transport.close()
+
+        def handle_websocket_upgrade(self, event: Any) -> None:
+            # websockets-sansio re-parses the request with its own limits and, on a header over
+            # them, never answers (the socket hangs until the client gives up): answer 431 here.
+            headers = self.headers
+            if len(headers) > MAX_NUM_HEADERS or any(
+                len(name) + len(value) + 2 > MAX_LINE_LENGTH for name, value in headers
+            ):
+                self.transport.write(_TOO_LARGE)
+                self.transport.close()
+                return
+            super().handle_websocket_upgrade(event)
+
+    class WebSocketProtocol(WebSocketsSansIOProtocol):
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if not self.read_paused and self.transport.get_write_buffer_size() > _PAUSE_READING_ABOVE:
+                self.read_paused = True
+                self.transport.pause_reading()
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self.read_paused and self.queue.empty():  # uvicorn's own rule for resuming
+                self.read_paused = False
+                self.transport.resume_reading()
+
+    return HTTPProtocol, WebSocketProtocol
+
+
+_hooked: weakref.WeakKeyDictionary[uvicorn.Server, list[Endpoint]] = weakref.WeakKeyDictionary()
+
+
+def hook_uvicorn(endpoint: Endpoint, server: uvicorn.Server | None = None) -> bool:
+    """Make a uvicorn server (by default the one running this process, found through the
+    signal handler it installs) shut ``endpoint`` down *before* it closes connections itself
+    with 1012, and use the bounded protocols of :func:`_uvicorn_protocols` if it uses uvicorn's
+    defaults. Returns whether a server was found. Call it before the server accepts."""
+    if server is None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            owner = getattr(signal.getsignal(sig), "__self__", None)
+            if isinstance(owner, uvicorn.Server):
+                server = owner
+                break
+        else:
+            return False
+    endpoints = _hooked.get(server)
+    if endpoints is None:
+        endpoints = _hooked[server] = []
+        original = server.shutdown
+
+        async def shutdown(sockets: list[socket.socket] | None = None) -> None:
+            for listener in server.servers:  # stop accepting first; uvicorn does it again
+                listener.close()
+            await asyncio.gather(*(e.shutdown() for e in endpoints))
+            await original(sockets)
+
+        setattr(server, "shutdown", shutdown)  # noqa: B010 (an instance attribute on purpose)
+    if endpoint not in endpoints:
+        endpoints.append(endpoint)
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    config, (http, ws) = server.config, _uvicorn_protocols(endpoint.config.handshake_timeout)
+    if getattr(config, "http_protocol_class", None) is H11Protocol:
+        config.http_protocol_class = http
+    if getattr(config, "ws_protocol_class", None) is ws.__mro__[1]:
+        config.ws_protocol_class = ws
+    return True
+
+
+class _Uvicorn(uvicorn.Server):
+    """Tells when it listens: uvicorn.Server has only a ``started`` flag to poll."""
+
+    ready: asyncio.Event
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self.ready.set()
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    endpoint: Endpoint, host: str = "127.0.0.1", port: int = 8000
+) -> AsyncIterator[Server[uvicorn.Server]]:
+    """Run ``endpoint`` under uvicorn on ``host:port`` for the ``async with`` block; yields a
+    :class:`~dara_ws_core.Server` whose ``native`` is the ``uvicorn.Server``.
+
+    On exit the endpoint shuts down (connections close with 1001), then uvicorn stops. Raises
+    ``OSError`` if the address cannot be bound, ``RuntimeError`` if uvicorn stops during startup.
+    """
+    from . import asgi_app  # the package imports this module first
+
+    config = endpoint.config
+    # Bind ourselves so that port 0 works and the real port is known.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    http, ws = _uvicorn_protocols(config.handshake_timeout)
+    server = _Uvicorn(
+        uvicorn.Config(
+            asgi_app(endpoint),
+            http=http,
+            ws=ws,
+            ws_max_size=config.max_message_size,
+            ws_ping_interval=config.ping_interval,
+            ws_ping_timeout=config.ping_timeout,
+            ws_per_message_deflate=False,
+            lifespan="off",
+            log_config=None,  # leave the process's logging configuration alone
+            log_level="warning",
+            timeout_graceful_shutdown=math.ceil(config.shutdown_grace),
+        )
+    )
+    server.ready = asyncio.Event()
+    hook_uvicorn(endpoint, server)  # SIGTERM: the endpoint shuts down first (1001, not 1012)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    ready = asyncio.create_task(server.ready.wait())
+    try:
+        await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if not server.ready.is_set():
+            await task  # re-raises uvicorn's error, if any
+            raise RuntimeError("uvicorn stopped during startup")
+        port = sock.getsockname()[1]
+        yield Server.build(host, port, endpoint.path, server)
+    finally:
+        ready.cancel()
+        await endpoint.shutdown()
+        server.should_exit = True
+        await task
+        sock.close()
