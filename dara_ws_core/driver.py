@@ -104,7 +104,7 @@ class ConnectionDriver:
             handler.close(ended.code, ended.reason)
             raise
         except Exception:
-            logger.exception("connection failed", extra={"channel": handler.channel_id})
+            handler.log.exception("connection failed")
             ended = ConnectionClosed(CloseCode.INTERNAL_ERROR, "internal error")
             handler.close(ended.code, ended.reason)
         finally:
@@ -156,7 +156,7 @@ class ConnectionDriver:
         except ConnectionClosed:
             pass
         except Exception:
-            logger.exception("send failed", extra={"channel": self.handler.channel_id})
+            self.handler.log.exception("send failed")
             self.handler.close(CloseCode.INTERNAL_ERROR, "send failed")
         finally:
             self._sender = None

@@ -25,6 +25,7 @@ from .exceptions import (
     CloseCode,
 )
 from .handler import WebSocketHandler
+from .logs import ConnectionLogger
 from .manager import WebsocketManager
 from .transport import HandshakeRequest, Transport
 
@@ -73,16 +74,16 @@ class Endpoint:
             identity = await run_authenticator(self.authenticator, request)
         except AuthenticationFailed as exc:
             counters.count(counters.handshakes_rejected, "auth")
-            logger.info("handshake rejected: %s", exc, extra={"path": request.path})
+            _handshake_log(request).info("handshake rejected: %s", exc)
             raise
         except Exception as exc:
             counters.count(counters.handshakes_rejected, "error")
-            logger.exception("authenticator failed", extra={"path": request.path})
+            _handshake_log(request).exception("authenticator failed")
             raise AuthenticationFailed("authenticator error") from exc
         limit = self.config.max_connections_per_user
         if limit is not None and len(self.manager.get_user_channels(identity.user_id)) >= limit:
             counters.count(counters.handshakes_rejected, "limit")
-            logger.info("handshake rejected: connection limit", extra={"user": identity.user_id})
+            _handshake_log(request, identity).info("handshake rejected: connection limit")
             raise AuthenticationFailed(f"user has {limit} connections already")
         counters.handshakes_accepted += 1
         return identity
@@ -161,6 +162,13 @@ class Endpoint:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
             self._sweeper = None
+
+
+def _handshake_log(request: HandshakeRequest, identity: Identity | None = None) -> ConnectionLogger:
+    """A logger for a handshake's records: ``path`` and ``user`` (once known); there is no
+    channel yet. Made only when something is logged."""
+    return ConnectionLogger(
+        logger, {"path": request.path, "user": None if identity is None else identity.user_id})
 
 
 async def ws_handler(endpoint: Endpoint, transport: Transport, request: HandshakeRequest) -> bool:

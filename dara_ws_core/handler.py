@@ -40,6 +40,7 @@ from .connection import (
 )
 from .custom import CustomHandlerRegistry
 from .exceptions import ChunkError, CloseCode, ConnectionClosed, RequestTimeout, SlowConsumer
+from .logs import ConnectionLogger
 from .messages import ClientMessage, LoosePayload
 from .queue import OutboundQueue
 from .stats import Counters
@@ -87,7 +88,7 @@ class WebSocketHandler:
     connection ends, which fails its pending requests and cancels its handler tasks.
     """
 
-    __slots__ = ("_custom", "_peer_errors", "_shut", "_sink", "_tasks", "channel_id",
+    __slots__ = ("_custom", "_log", "_peer_errors", "_shut", "_sink", "_tasks", "channel_id",
                  "config", "connection", "counters", "identity", "queue", "transport")
 
     def __init__(
@@ -125,11 +126,23 @@ class WebSocketHandler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._shut = False
         self._peer_errors = 0
+        self._log: ConnectionLogger | None = None
 
     def __repr__(self) -> str:
         return f"<WebSocketHandler {self.channel_id} queued={len(self.queue)}>"
 
     # ------------------------------------------------------------------ state
+
+    @property
+    def log(self) -> ConnectionLogger:
+        """This connection's logger: its records carry ``channel``, ``user`` (``None`` when
+        anonymous) and ``transport``. Created on first use: most connections never log."""
+        log = self._log
+        if log is None:
+            user = None if self.identity is None else self.identity.user_id
+            self._log = log = ConnectionLogger(
+                logger, {"channel": self.channel_id, "user": user, "transport": self.transport})
+        return log
 
     @property
     def closed(self) -> bool:
@@ -177,8 +190,7 @@ class WebSocketHandler:
             return
         if count > 10:
             message += f" ({count} such records on this channel; only powers of ten are logged)"
-        logger.log(level, message, *args, exc_info=exc_info,
-                   extra={"channel": self.channel_id, **extra})
+        self.log.log(level, message, *args, exc_info=exc_info, extra=extra)
 
     # ------------------------------------------------------------------ events
 
@@ -327,14 +339,14 @@ class WebSocketHandler:
             counters.frames_dropped += dropped
             counters.count(counters.slow_consumer, "drop_oldest")
         if dropped and queue.dropped % 1000 == 1:
-            logger.warning("slow consumer: dropping oldest frames",
-                           extra={"channel": self.channel_id, "dropped": queue.dropped})
+            self.log.warning("slow consumer: dropping oldest frames",
+                             extra={"dropped": queue.dropped})
 
     def _disconnect_slow(self) -> None:
         if self.queue.closed:
             return
         self.counters.count(self.counters.slow_consumer, self.config.slow_consumer_policy.value)
-        logger.warning("slow consumer: disconnecting", extra={"channel": self.channel_id})
+        self.log.warning("slow consumer: disconnecting")
         self.close(CloseCode.TRY_AGAIN_LATER, "slow consumer")
         self.queue.close()
 

@@ -31,6 +31,7 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "codec": frozenset({"MAX_NESTING_DEPTH", "PONG_FRAME", "count_json_values", "dumps",
                         "utf8_size_exceeds"}),
     "messages": frozenset({"InitPayload", "TypedPayload"}),
+    "logs": frozenset({"ConnectionLogger"}),
     "queue": frozenset({"OutboundQueue"}),
     # The manager's running totals and the transport label are read through the snapshot.
     "stats": frozenset({"Counters", "transport_label"}),

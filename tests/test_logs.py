@@ -1,0 +1,66 @@
+"""One logger per connection: records carry ``channel``, ``user`` and ``transport`` without an
+``extra`` at each call, merged with the call's own (``kind``), on real connections."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from dara_ws_core import Identity, RemoteError, WebsocketManager
+from dara_ws_core.logs import ConnectionLogger
+
+from .stacks import HandshakeRejected, running_stack
+
+
+def _records(caplog: pytest.LogCaptureFixture, message: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "dara_ws_core" and r.getMessage().startswith(message)]
+
+
+@pytest.mark.parametrize("transport", ["memory", "websockets"])
+async def test_a_failing_handler_is_logged_with_channel_user_transport_and_kind(
+    transport: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager = WebsocketManager()
+
+    def divide(channel: str, data: Any) -> Any:
+        return 1 / data
+
+    manager.add_ws_handler("divide", divide)
+    caplog.set_level(logging.INFO, "dara_ws_core")
+    async with running_stack(transport, manager=manager) as stack:
+        client = await stack.client("alice:s1")
+        with pytest.raises(RemoteError):
+            await client.request("divide", 0)
+        [record] = _records(caplog, "custom handler failed")
+        assert record.__dict__["channel"] == client.channel
+        assert record.__dict__["user"] == "alice"
+        assert record.__dict__["transport"] == transport
+        assert record.__dict__["kind"] == "divide"
+        assert record.exc_info is not None
+
+
+async def test_a_rejected_handshake_is_logged_with_its_path(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "dara_ws_core")
+    async with running_stack("memory") as stack:
+        with pytest.raises(HandshakeRejected):
+            await stack.connect("bad")
+    [record] = _records(caplog, "handshake rejected")
+    assert record.__dict__["path"] == "/api/core/ws" and record.__dict__["user"] is None
+
+
+def test_the_calls_extra_is_merged_with_the_connections_and_wins() -> None:
+    log = ConnectionLogger(logging.getLogger("dara_ws_core"), {"channel": "c1", "user": "u"})
+    _, kwargs = log.process("m", {"extra": {"kind": "k", "user": "v"}})
+    assert kwargs["extra"] == {"channel": "c1", "user": "v", "kind": "k"}
+    _, kwargs = log.process("m", {})
+    assert kwargs["extra"] == {"channel": "c1", "user": "u"}
+
+
+def test_a_connection_makes_its_logger_on_first_use_only() -> None:
+    manager = WebsocketManager()
+    handler = manager.create_handler("c1", Identity(user_id="bob", session_id="s"), transport="memory")
+    assert handler._log is None
+    assert handler.log is handler.log
+    assert handler.log.extra == {"channel": "c1", "user": "bob", "transport": "memory"}
