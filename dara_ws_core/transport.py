@@ -185,9 +185,12 @@ class HandshakeRequest:
         cls,
         target: str,
         headers: Iterable[tuple[str, str]],
-        remote: tuple[str, int] | None = None,
+        remote: object = None,
     ) -> HandshakeRequest:
-        """Build from a request target (``/path?query``) and raw header pairs."""
+        """Build from a request target (``/path?query``) and raw header pairs. ``remote`` is the
+        peer's address as the library gives it (a socket's ``peername``, whose IPv6 form has
+        four items, or an ASGI ``client`` list): its host and port are kept, anything else (a Unix
+        socket's path, ``None``) is no address."""
         split = urlsplit(target)
         # Repeated headers are joined as HTTP allows (cookies with "; ", RFC 6265), in one
         # join per name: appending one by one is quadratic in the repeats.
@@ -203,7 +206,10 @@ class HandshakeRequest:
             query=dict(parse_qsl(split.query, keep_blank_values=True)),
             headers=hdrs,
             cookies=_LazyCookies(hdrs.get("cookie")),
-            remote=remote,
+            remote=(
+                (str(remote[0]), int(remote[1]))
+                if isinstance(remote, tuple | list) and len(remote) >= 2 else None
+            ),
         )
 
     @property

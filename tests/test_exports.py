@@ -33,6 +33,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "messages": frozenset({"InitPayload", "TypedPayload"}),
     "logs": frozenset({"ConnectionLogger"}),
     "queue": frozenset({"OutboundQueue"}),
+    # Imported from its module, like the [jwt] extra's helpers: it needs the [otel] extra.
+    "telemetry": frozenset({"instrument"}),
     # The manager's running totals and the transport label are read through the snapshot.
     "stats": frozenset({"Counters", "transport_label"}),
     # Test helpers are imported from dara_ws_core.testing, as websockets' are.

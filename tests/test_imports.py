@@ -21,7 +21,7 @@ TRANSPORTS = ROOT / "transports"
 TRANSPORT_LIBRARIES = frozenset({"websockets", "aiohttp", "starlette", "uvicorn", "socketio",
                                  "redis"})
 #: Optional extras of the core: imported inside a function of the one module that needs them.
-OPTIONAL_EXTRAS = {"jwt": "jwt.py"}
+OPTIONAL_EXTRAS = {"jwt": "jwt.py", "opentelemetry": "telemetry.py"}
 #: What each adapter package wraps; an adapter imports no other adapter's library.
 ADAPTERS = {
     "dara_ws_websockets": frozenset({"websockets"}),

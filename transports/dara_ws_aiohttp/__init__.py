@@ -14,7 +14,6 @@ from __future__ import annotations
 
 __all__ = ["AiohttpTransport", "Server", "add_route", "connect", "serve"]
 
-import asyncio
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -45,11 +44,9 @@ class AiohttpTransport:
         self,
         ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
         session: aiohttp.ClientSession | None = None,
-        transport: asyncio.Transport | None = None,
     ) -> None:
         self._ws = ws
         self._session = session
-        self._transport = transport  # the request's socket (server side), for abort()
         self._local_code: int | None = None  # what we closed with, until the peer echoes it
         self._gone: ConnectionClosed | None = None
 
@@ -112,7 +109,7 @@ class AiohttpTransport:
 
     def abort(self) -> None:
         # aiohttp has no public abort on a WebSocket; its writer holds the socket's transport.
-        transport = self._transport or getattr(getattr(self._ws, "_writer", None), "transport", None)
+        transport = getattr(getattr(self._ws, "_writer", None), "transport", None)
         if transport is not None:
             transport.abort()
 
@@ -130,8 +127,7 @@ def add_route(app: web.Application, endpoint: Endpoint, path: str | None = None)
 
     async def handle(request: web.Request) -> web.StreamResponse:
         peer = request.transport.get_extra_info("peername") if request.transport else None
-        remote = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
-        handshake = HandshakeRequest.build(request.raw_path, request.headers.items(), remote)
+        handshake = HandshakeRequest.build(request.raw_path, request.headers.items(), peer)
         try:
             identity = await endpoint.authenticate(handshake)
         except AuthenticationFailed:
@@ -146,7 +142,7 @@ def add_route(app: web.Application, endpoint: Endpoint, path: str | None = None)
         protocol = request.protocol
         live.add(protocol)
         try:
-            await endpoint.serve(AiohttpTransport(ws, transport=request.transport), identity)
+            await endpoint.serve(AiohttpTransport(ws), identity)
         finally:
             live.discard(protocol)
         return ws

@@ -152,8 +152,7 @@ def _handshake(scope: Scope) -> HandshakeRequest:
     if query := scope.get("query_string", b"").decode("latin-1"):
         target += "?" + query
     headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
-    client = scope.get("client")
-    return HandshakeRequest.build(target, headers, (client[0], client[1]) if client else None)
+    return HandshakeRequest.build(target, headers, scope.get("client"))
 
 
 class ASGIApp:

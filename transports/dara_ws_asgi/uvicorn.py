@@ -1,13 +1,7 @@
-"""Run an endpoint under uvicorn, and the bounds uvicorn lacks (part of :mod:`dara_ws_asgi`).
-
-* :func:`serve`: run an endpoint under uvicorn in this process (``dara_ws_asgi.serve``).
-* :func:`hook_uvicorn`: what :class:`~dara_ws_asgi.ASGIApp`'s lifespan and
-  :func:`~dara_ws_asgi.lifespan` call, so that a uvicorn server you run yourself shuts the
-  endpoint down before closing connections with 1012, bounds handshake time, answers oversized
-  headers with 431 and stops reading from a peer that floods pings without reading the pongs.
-  It applies when uvicorn runs in the main thread with its default h11 and websockets-sansio
-  protocols.
-"""
+"""The uvicorn-specific part of :mod:`dara_ws_asgi`: :func:`serve` (re-exported there) runs an
+endpoint under uvicorn; :func:`hook_uvicorn`, which :class:`~dara_ws_asgi.ASGIApp`'s lifespan and
+:func:`~dara_ws_asgi.lifespan` call, gives a uvicorn server the shutdown order and the bounds it
+lacks."""
 
 from __future__ import annotations
 
@@ -43,7 +37,7 @@ _TOO_LARGE = (
 
 @functools.cache
 def _uvicorn_protocols(handshake_timeout: float) -> tuple[type[Any], type[Any]]:
-    """uvicorn's h11 and websockets-sansio protocols with two bounds uvicorn lacks (built on
+    """uvicorn's h11 and websockets-sansio protocols with the bounds uvicorn lacks (built on
     first use: the second needs websockets):
 
     * HTTP: a connection must complete its request within ``handshake_timeout`` seconds, or it

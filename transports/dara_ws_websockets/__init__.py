@@ -132,7 +132,7 @@ async def serve(
 
     async def process_request(connection: ServerConnection, request: Request) -> Response | None:
         handshake = HandshakeRequest.build(
-            request.path, request.headers.raw_items(), connection.remote_address[:2]
+            request.path, request.headers.raw_items(), connection.remote_address
         )
         if handshake.path != endpoint.path:
             return connection.respond(HTTPStatus.NOT_FOUND, "Not Found\n")

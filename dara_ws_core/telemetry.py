@@ -1,0 +1,118 @@
+"""OpenTelemetry metrics of a server (the ``[otel]`` extra): :func:`instrument`.
+
+The operator's metrics are **observable** instruments read from :meth:`WebsocketManager.stats`
+when the SDK collects (every 60 s by default), so they cost the hot paths nothing: the counters
+behind them are the plain ints the manager keeps anyway. Nothing here is imported by the core;
+``opentelemetry`` is imported inside :func:`instrument` only, so a server that never calls it
+never loads it.
+
+Metric names (unit; attributes):
+
+* ``dara_ws.connections`` (gauge, ``{connection}``; ``dara_ws.transport``): open now.
+* ``dara_ws.connections.opened`` (counter, ``{connection}``).
+* ``dara_ws.handshakes`` (counter, ``{handshake}``; ``dara_ws.outcome`` = ``accepted`` or
+  ``rejected``, ``dara_ws.reason`` for rejections: ``auth``, ``error``, ``limit``, ``shutdown``).
+* ``dara_ws.closes`` (counter, ``{connection}``; ``dara_ws.close_code``).
+* ``dara_ws.frames`` (counter, ``{frame}``) and ``dara_ws.bytes`` (counter, ``By``);
+  ``dara_ws.direction`` = ``inbound`` / ``outbound``.
+* ``dara_ws.frames.dropped`` (counter, ``{frame}``): discarded by ``DROP_OLDEST`` queues.
+* ``dara_ws.slow_consumer.events`` (counter, ``{event}``; ``dara_ws.policy``).
+* ``dara_ws.queue.frames``, ``dara_ws.queue.bytes``, ``dara_ws.queue.max_depth`` (gauges).
+* ``dara_ws.requests.pending`` (gauge) and ``dara_ws.requests`` (counter; ``dara_ws.outcome`` =
+  ``answered``, ``timeout``, ``closed``, ``chunk_error``): server requests (``send_and_wait``).
+* ``dara_ws.handler.outcomes`` (counter; ``dara_ws.outcome`` = ``ok``, ``error``, ``timeout``,
+  ``busy``) and ``dara_ws.handler.running`` (gauge): custom handlers.
+* ``dara_ws.backplane.messages`` (counter; ``dara_ws.backplane.event`` = ``published``,
+  ``received``, ``delivered``, ``failed``, ``undeliverable``, ``reconnects``) with a backplane.
+"""
+
+from __future__ import annotations
+
+__all__ = ["instrument"]
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
+
+    from .manager import WebsocketManager
+    from .stats import ServerStats
+
+#: Snapshots are reused for this long: one collection reads every instrument from one snapshot.
+_SNAPSHOT_TTL = 0.5
+
+
+def instrument(manager: WebsocketManager, meter_provider: MeterProvider | None = None) -> None:
+    """Register ``manager``'s metrics with ``meter_provider`` (default: the global one).
+
+    Call once per manager, when the server starts. Raises ``ImportError`` naming the extra to
+    install when ``opentelemetry-api`` is missing.
+    """
+    try:
+        from opentelemetry import metrics
+        from opentelemetry.metrics import Observation
+    except ImportError as exc:  # the extra is missing: say which one to install
+        raise ImportError(
+            'dara_ws_core.telemetry needs OpenTelemetry: pip install "dara-ws-core[otel]"',
+            name=exc.name,
+        ) from exc
+    provider = meter_provider or metrics.get_meter_provider()
+    meter = provider.get_meter("dara_ws_core")
+    cached: list[Any] = [0.0, None]
+
+    def snapshot() -> ServerStats:
+        now = time.monotonic()
+        if cached[1] is None or now - cached[0] > _SNAPSHOT_TTL:
+            cached[0], cached[1] = now, manager.stats()
+        stats: ServerStats = cached[1]
+        return stats
+
+    def observe(read: Callable[[ServerStats], Iterable[tuple[int, dict[str, str]]]]) -> Any:
+        def callback(options: CallbackOptions) -> Iterator[Observation]:
+            for value, attributes in read(snapshot()):
+                yield Observation(value, attributes)
+        return [callback]
+
+    def table(values: Any, key: str, **fixed: str) -> list[tuple[int, dict[str, str]]]:
+        return [(count, {**fixed, key: str(label)}) for label, count in values.items()]
+
+    gauge, counter = meter.create_observable_gauge, meter.create_observable_counter
+    gauge("dara_ws.connections", observe(lambda s: table(s.connections_by_transport, "dara_ws.transport")),
+          unit="{connection}", description="WebSocket connections open now")
+    counter("dara_ws.connections.opened", observe(lambda s: [(s.connections_opened, {})]),
+            unit="{connection}", description="WebSocket connections opened")
+    counter("dara_ws.handshakes", observe(lambda s: [
+        (s.handshakes_accepted, {"dara_ws.outcome": "accepted"}),
+        *table(s.handshakes_rejected, "dara_ws.reason", **{"dara_ws.outcome": "rejected"}),
+    ]), unit="{handshake}", description="WebSocket handshakes by outcome and rejection reason")
+    counter("dara_ws.closes", observe(lambda s: table(s.close_codes, "dara_ws.close_code")),
+            unit="{connection}", description="Ended connections by close code")
+    counter("dara_ws.frames", observe(lambda s: [
+        (s.frames_in, {"dara_ws.direction": "inbound"}), (s.frames_out, {"dara_ws.direction": "outbound"}),
+    ]), unit="{frame}", description="Frames received and accepted for sending")
+    counter("dara_ws.bytes", observe(lambda s: [
+        (s.bytes_in, {"dara_ws.direction": "inbound"}), (s.bytes_out, {"dara_ws.direction": "outbound"}),
+    ]), unit="By", description="Bytes of frames received and accepted for sending")
+    counter("dara_ws.frames.dropped", observe(lambda s: [(s.frames_dropped, {})]),
+            unit="{frame}", description="Frames discarded by DROP_OLDEST queues")
+    counter("dara_ws.slow_consumer.events", observe(lambda s: table(s.slow_consumer, "dara_ws.policy")),
+            unit="{event}", description="Slow-consumer events by policy")
+    gauge("dara_ws.queue.frames", observe(lambda s: [(s.queued_frames, {})]),
+          unit="{frame}", description="Frames waiting in outbound queues")
+    gauge("dara_ws.queue.bytes", observe(lambda s: [(s.queued_bytes, {})]),
+          unit="By", description="Bytes waiting in outbound queues")
+    gauge("dara_ws.queue.max_depth", observe(lambda s: [(s.max_queue_depth, {})]),
+          unit="{frame}", description="The longest outbound queue")
+    gauge("dara_ws.requests.pending", observe(lambda s: [(s.pending_requests, {})]),
+          unit="{request}", description="Server requests waiting for an answer")
+    counter("dara_ws.requests", observe(lambda s: table(s.requests, "dara_ws.outcome")),
+            unit="{request}", description="Server requests (send_and_wait) by outcome")
+    counter("dara_ws.handler.outcomes", observe(lambda s: table(s.custom_handlers, "dara_ws.outcome")),
+            unit="{execution}", description="Custom handler executions by outcome")
+    gauge("dara_ws.handler.running", observe(lambda s: [(s.handlers_running, {})]),
+          unit="{execution}", description="Custom handlers running now")
+    counter("dara_ws.backplane.messages", observe(
+        lambda s: table(s.backplane or {}, "dara_ws.backplane.event")),
+        unit="{message}", description="Backplane messages by event")
