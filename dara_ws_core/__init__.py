@@ -67,6 +67,7 @@ from .messages import (
     TaskNotificationMessage,
     VariableRequestMessage,
 )
+from .outbox import OutboxLimits, UserOutbox
 from .registry import ChannelRegistry
 from .stats import ServerStats
 from .transport import HandshakeRequest, Server, Transport
@@ -110,6 +111,7 @@ __all__ = [
     "LoosePayload",
     "MemoryServer",
     "MemoryTransport",
+    "OutboxLimits",
     "PendingRequests",
     "PongMessage",
     "ProtocolError",
@@ -134,6 +136,7 @@ __all__ = [
     "Transport",
     "UnknownChannel",
     "UnknownKind",
+    "UserOutbox",
     "VariableRequestMessage",
     "WebSocketHandler",
     "WebsocketManager",

@@ -79,7 +79,15 @@ class ServerConfig:
     #: Grace period for in-flight handler replies at shutdown before connections close with 1001.
     shutdown_grace: float = 5.0
     #: Connections allowed per user (``None``: no limit); extra handshakes are rejected with 403.
+    #: With a backplane it counts the user's connections on every process (atomically, in the
+    #: bus); if the bus is unreachable, on this process only.
     max_connections_per_user: int | None = None
+    #: The per-user outbox (:mod:`dara_ws_core.outbox`): ``send_message_to_user`` to a user with no
+    #: connection anywhere keeps the message, up to this many per user (``0`` disables), this many
+    #: bytes and this many seconds, for the user's next connection.
+    outbox_messages: int = 100
+    outbox_bytes: int = 1 * MiB
+    outbox_age: float = 300.0
 
     def __post_init__(self) -> None:
         for name in ("max_message_size", "max_message_values", "max_queue_messages", "max_queue_bytes",
@@ -87,6 +95,8 @@ class ServerConfig:
                      "max_handler_tasks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.outbox_messages < 0 or self.outbox_bytes < 1 or self.outbox_age <= 0:
+            raise ValueError("outbox_messages must be >= 0, outbox_bytes and outbox_age > 0")
         if not isinstance(self.slow_consumer_policy, SlowConsumerPolicy):
             object.__setattr__(
                 self, "slow_consumer_policy", SlowConsumerPolicy(self.slow_consumer_policy)

@@ -22,6 +22,7 @@ from .config import ServerConfig
 from .driver import ConnectionDriver, close_quietly
 from .exceptions import (
     AuthenticationFailed,
+    BackplaneError,
     CloseCode,
 )
 from .handler import WebSocketHandler
@@ -81,12 +82,19 @@ class Endpoint:
             _handshake_log(request).exception("authenticator failed")
             raise AuthenticationFailed("authenticator error") from exc
         limit = self.config.max_connections_per_user
-        if limit is not None and len(self.manager.get_user_channels(identity.user_id)) >= limit:
+        if limit is not None and await self._user_connections(identity.user_id) >= limit:
             counters.count(counters.handshakes_rejected, "limit")
             _handshake_log(request, identity).info("handshake rejected: connection limit")
             raise AuthenticationFailed(f"user has {limit} connections already")
         counters.handshakes_accepted += 1
         return identity
+
+    async def _user_connections(self, user_id: str) -> int:
+        """The user's connections on every process (on this one if the bus is unreachable)."""
+        try:
+            return len(await self.manager.get_all_user_channels(user_id))
+        except BackplaneError:
+            return len(self.manager.get_user_channels(user_id))
 
     async def serve(self, transport: Transport, identity: Identity) -> None:
         """Run one accepted connection until it ends; closes the transport itself.
@@ -103,7 +111,17 @@ class Endpoint:
             await close_quietly(transport, CloseCode.POLICY_VIOLATION, "too many connections")
             return
         channel_id = str(uuid.uuid4())
-        driver = ConnectionDriver(self.manager, transport, identity, channel_id)
+        if not await self.manager.admit(channel_id, identity):
+            # With a backplane: the user's connections on every process, counted atomically in
+            # the bus (two processes admitting the same user at once cannot both pass).
+            logger.info("connection refused: cluster connection limit",
+                        extra={"user": identity.user_id})
+            await close_quietly(transport, CloseCode.POLICY_VIOLATION, "too many connections")
+            return
+        try:
+            driver = ConnectionDriver(self.manager, transport, identity, channel_id)
+        finally:
+            self.manager.abandon(channel_id, identity)  # releases it only if no handler was made
         this = asyncio.current_task()
         if this is not None:
             self._connections[channel_id] = this

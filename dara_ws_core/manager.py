@@ -14,7 +14,9 @@ from __future__ import annotations
 
 __all__ = ["WebsocketManager", "get_user_channels"]
 
+import asyncio
 import logging
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -24,9 +26,10 @@ from .auth import Identity
 from .codec import build_frame
 from .config import ServerConfig
 from .custom import CustomHandler, CustomHandlerRegistry
-from .exceptions import CloseCode, ConnectionClosed, UnknownChannel
+from .exceptions import BackplaneError, CloseCode, ConnectionClosed, UnknownChannel
 from .handler import _DEFAULT, Sink, WebSocketHandler
 from .messages import LoosePayload
+from .outbox import OutboxLimits, UserOutbox
 from .registry import ChannelRegistry
 from .stats import Counters, ServerStats, frozen
 
@@ -56,6 +59,16 @@ class WebsocketManager:
         self.registry = ChannelRegistry()
         self.custom_handlers = custom_handlers or CustomHandlerRegistry()
         self.backplane = backplane
+        #: Per-user outbox limits (``None``: off), and the outbox itself when there is no
+        #: backplane (with one, it lives on the bus: see :mod:`dara_ws_core.outbox`).
+        self.outbox_limits: OutboxLimits | None = None
+        if self.config.outbox_messages:
+            self.outbox_limits = OutboxLimits(
+                self.config.outbox_messages, self.config.outbox_bytes, self.config.outbox_age)
+        self.outbox = UserOutbox(self.outbox_limits or OutboxLimits())
+        # Channels admitted on the bus whose handler does not exist yet: channel -> (user, frames
+        # taken from the outbox, user messages that arrived meanwhile). See :meth:`admit`.
+        self._arriving: dict[str, tuple[str, list[bytes], list[bytes]]] = {}
         #: Running totals of this server (see :meth:`stats`).
         self.counters = Counters()
 
@@ -93,6 +106,14 @@ class WebsocketManager:
             self.registry.add(channel_id, identity.session_id, identity.user_id)
         if self.backplane is not None:
             self.backplane.channel_added(channel_id, identity)
+        arriving = self._arriving.pop(channel_id, None)
+        if arriving is not None:
+            _, kept, meanwhile = arriving
+            for frame in (*kept, *meanwhile):  # right after init, before anything live
+                handler.push(frame)
+        elif identity is not None and self.backplane is None and self.outbox_limits is not None:
+            for frame in self.outbox.take(identity.user_id, time.monotonic()):
+                handler.push(frame)
         return handler
 
     def remove_handler(self, channel_id: str, exc: ConnectionClosed | None = None) -> None:
@@ -155,12 +176,20 @@ class WebsocketManager:
         custom: bool = False,
         ignore_channel: str | None = None,
     ) -> None:
-        """Send a message to every channel of a user except ``ignore_channel``. A user with no
-        connection is not an error (the message has no recipient)."""
+        """Send a message to every channel of a user except ``ignore_channel``.
+
+        A user connected nowhere is not an error: the message is kept in the user's outbox
+        (``ServerConfig.outbox_*``; :mod:`dara_ws_core.outbox`) and handed to their next
+        connection, on whichever process it lands."""
         frame = build_frame(message, custom=custom)
-        self.deliver_to_user(user_id, frame, ignore_channel)
+        delivered = self.deliver_to_user(user_id, frame, ignore_channel)
+        keep = self.outbox_limits
+        if delivered or (ignore_channel is not None and ignore_channel in self.handlers):
+            keep = None  # a connection of the user is here: nothing to keep
         if self.backplane is not None:
-            await self.backplane.send_to_user(user_id, frame, ignore_channel)
+            await self.backplane.send_to_user(user_id, frame, ignore_channel, keep)
+        elif keep is not None:
+            self.outbox.keep(user_id, frame, time.monotonic())
 
     async def send_and_wait(
         self,
@@ -221,7 +250,13 @@ class WebsocketManager:
         waiting; returns how many got it."""
         handlers = self.handlers
         local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]
-        return self.deliver_local(local, frame, ignore_channel)
+        delivered = self.deliver_local(local, frame, ignore_channel)
+        if self._arriving:  # a channel of the user being admitted: it gets the frame after
+            for user, _, meanwhile in self._arriving.values():  # what the outbox kept
+                if user == user_id:
+                    meanwhile.append(frame)
+                    delivered += 1
+        return delivered
 
     def deliver_to_all(self, frame: bytes, ignore_channel: str | None = None) -> int:
         """Hand an encoded frame to every local channel but ``ignore_channel``, without waiting;
@@ -238,6 +273,61 @@ class WebsocketManager:
         if handler is None:
             raise UnknownChannel(channel_id)
         return await handler.send_and_wait_frame(frame, rchan, timeout)
+
+    def close_local(self, scope: str, target: str, code: int, reason: str) -> int:
+        """Close this process's connections of a user, a session or one channel; how many.
+        Never publishes (the backplane calls it for another process's command)."""
+        if scope == "channel":
+            channels = {target}
+        elif scope == "user":
+            channels = self.registry.user_channels(target)
+        else:
+            channels = self.registry.session_channels(target)
+        closed = 0
+        for channel_id in channels:
+            handler = self.handlers.get(channel_id)
+            if handler is not None:
+                handler.close(code, reason)
+                closed += 1
+        return closed
+
+    async def admit(self, channel_id: str, identity: Identity) -> bool:
+        """Admit a new channel of ``identity`` before its handler is created (the endpoint calls
+        it). With a backplane, one atomic step on the bus refuses it if the user has
+        ``max_connections_per_user`` channels on all processes, else registers it and takes the
+        user's outbox, which :meth:`create_handler` hands to it first (user messages arriving
+        meanwhile follow). If the bus is unreachable (or slow), the channel is admitted on the
+        local count only (logged). Without a backplane: ``True`` at once, without awaiting."""
+        if self.backplane is None:
+            return True
+        limit = self.config.max_connections_per_user
+        user_id = identity.user_id
+        self._arriving[channel_id] = (user_id, [], [])
+        try:
+            async with asyncio.timeout(max(1.0, self.config.handshake_timeout / 2)):
+                attachment = await self.backplane.attach(channel_id, user_id, limit,
+                                                         self.outbox_limits)
+        except (BackplaneError, TimeoutError) as exc:
+            logger.warning("backplane unreachable at connect (%s): channel admitted on the "
+                           "local count only, its user's outbox not read", exc or "timeout",
+                           extra={"channel": channel_id, "user": user_id})
+            return True
+        except BaseException:
+            self._arriving.pop(channel_id, None)
+            raise
+        if not attachment.admitted:
+            self._arriving.pop(channel_id, None)
+            return False
+        arriving = self._arriving.get(channel_id)
+        if arriving is not None:
+            arriving[1].extend(attachment.frames)
+        return True
+
+    def abandon(self, channel_id: str, identity: Identity) -> None:
+        """A channel admitted by :meth:`admit` ended (call it when its connection is over):
+        if it never got a handler, its bus registration is released."""
+        if self._arriving.pop(channel_id, None) is not None and self.backplane is not None:
+            self.backplane.channel_removed(channel_id, identity)
 
     def local_channels(self) -> list[tuple[str, str | None]]:
         """A snapshot of this process's channels: ``(channel id, user id or None)``."""
@@ -298,10 +388,19 @@ class WebsocketManager:
 
     # ------------------------------------------------------------------ disconnecting
 
+    # With a backplane these reach every process, like python-socketio's ``disconnect`` with a
+    # Redis manager: a revocation that stopped at this process would be a security gap. They stay
+    # synchronous (callable from sync revocation hooks), so for the other processes they can only
+    # queue the command; the ``*_everywhere`` coroutines wait until it is published.
+
     def close_channel(self, channel_id: str, code: int = CloseCode.NORMAL, reason: str = "") -> bool:
-        """Close one local connection; ``False`` if it is not connected here."""
+        """Close one connection; ``True`` if it was connected here. With a backplane, a channel
+        connected elsewhere is closed by its process (queued: see
+        :meth:`close_channel_everywhere`)."""
         handler = self.handlers.get(channel_id)
         if handler is None:
+            if self.backplane is not None:
+                self.backplane.disconnect("channel", channel_id, code, reason)
             return False
         handler.close(code, reason)
         return True
@@ -309,16 +408,50 @@ class WebsocketManager:
     def disconnect_user(
         self, user_id: str, code: int = CloseCode.POLICY_VIOLATION, reason: str = "revoked"
     ) -> int:
-        """Close every local connection of a user (logout, revocation); returns how many."""
-        channels = self.registry.user_channels(user_id)
-        return sum(self.close_channel(c, code, reason) for c in channels)
+        """Close every connection of a user (logout, revocation); returns how many were here.
+        With a backplane, every other process closes the user's connections too (queued behind
+        what this process sent before; :meth:`disconnect_user_everywhere` waits for it)."""
+        closed = self.close_local("user", user_id, code, reason)
+        if self.backplane is not None:
+            self.backplane.disconnect("user", user_id, code, reason)
+        return closed
 
     def disconnect_session(
         self, session_id: str, code: int = CloseCode.POLICY_VIOLATION, reason: str = "revoked"
     ) -> int:
-        """Close every local connection of one session (one login); returns how many."""
-        channels = self.registry.session_channels(session_id)
-        return sum(self.close_channel(c, code, reason) for c in channels)
+        """Close every connection of one session (one login); returns how many were here. With
+        a backplane, on every process (see :meth:`disconnect_user`)."""
+        closed = self.close_local("session", session_id, code, reason)
+        if self.backplane is not None:
+            self.backplane.disconnect("session", session_id, code, reason)
+        return closed
+
+    async def disconnect_user_everywhere(
+        self, user_id: str, code: int = CloseCode.POLICY_VIOLATION, reason: str = "revoked"
+    ) -> int:
+        """:meth:`disconnect_user`, returning once every process has been told (published).
+        Raises ``BackplaneError`` if the bus is unreachable: the revocation did not reach the
+        other processes (the local connections are closed regardless)."""
+        return await self._everywhere("user", user_id, code, reason)
+
+    async def disconnect_session_everywhere(
+        self, session_id: str, code: int = CloseCode.POLICY_VIOLATION, reason: str = "revoked"
+    ) -> int:
+        """:meth:`disconnect_session`, returning once published (see
+        :meth:`disconnect_user_everywhere`)."""
+        return await self._everywhere("session", session_id, code, reason)
+
+    async def close_channel_everywhere(
+        self, channel_id: str, code: int = CloseCode.NORMAL, reason: str = ""
+    ) -> bool:
+        """:meth:`close_channel`, returning once published; ``True`` if it was here."""
+        return bool(await self._everywhere("channel", channel_id, code, reason))
+
+    async def _everywhere(self, scope: str, target: str, code: int, reason: str) -> int:
+        closed = self.close_local(scope, target, code, reason)
+        if self.backplane is not None and not (scope == "channel" and closed):
+            await self.backplane.disconnect(scope, target, code, reason)
+        return closed
 
 
 def get_user_channels(user_identifier: str, manager: WebsocketManager) -> set[str]:

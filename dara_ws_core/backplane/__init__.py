@@ -69,6 +69,7 @@ The package, bottom up (modules never import the manager; the manager implements
 from __future__ import annotations
 
 __all__ = [
+    "Attachment",
     "Backplane",
     "BackplaneHost",
     "BackplaneStats",
@@ -78,6 +79,7 @@ __all__ = [
     "BusNode",
     "BusOptions",
     "ChannelDelivery",
+    "Control",
     "Entry",
     "Failure",
     "MemoryBackplane",
@@ -95,13 +97,22 @@ __all__ = [
 ]
 
 from .broker import BrokerBackplane
-from .contract import Backplane, BackplaneHost, BackplaneStats, Failure, error_of, failure_of
+from .contract import (
+    Attachment,
+    Backplane,
+    BackplaneHost,
+    BackplaneStats,
+    Failure,
+    error_of,
+    failure_of,
+)
 from .memory import MemoryBackplane, MemoryBroker
 from .node import BusNode, BusOptions, Entry, Publication, Routed
 from .wire import (
     BroadcastDelivery,
     BusMessage,
     ChannelDelivery,
+    Control,
     RemoteCancel,
     RemoteReply,
     RemoteRequest,

@@ -23,12 +23,13 @@ import pydantic_core
 from dara_ws_core.codec import build_frame, dumps
 from dara_ws_core.exceptions import BackplaneError, DaraWSError, RequestTimeout
 
-from .contract import BackplaneHost, error_of, failure_of
+from .contract import Attachment, BackplaneHost, error_of, failure_of
 from .node import BusNode, BusOptions, Entry, Publication, cancel_task
 from .wire import (
     BroadcastDelivery,
     BusMessage,
     ChannelDelivery,
+    Control,
     RemoteCancel,
     RemoteReply,
     RemoteRequest,
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 
     from dara_ws_core.auth import Identity
     from dara_ws_core.messages import LoosePayload
+    from dara_ws_core.outbox import OutboxLimits
 
 logger = logging.getLogger("dara_ws_core.backplane")
 
@@ -110,6 +112,13 @@ class BrokerBackplane(BusNode):
     async def _write_directory(self, present: Sequence[Entry], absent: Sequence[Entry]) -> None:
         """Register ``present`` as held by this node (refreshing their expiry); unregister
         ``absent``."""
+
+    @abc.abstractmethod
+    async def _attach(self, channel_id: str, user_id: str, limit: int | None,
+                      keep: OutboxLimits | None) -> tuple[bool, list[bytes]]:
+        """In one atomic step: refuse if the user has ``limit`` live channels (pruning dead
+        entries), else register the channel as held by this node and, with ``keep``, take the
+        user's outbox (bus messages, oldest first, those younger than ``keep.max_age``)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -195,9 +204,39 @@ class BrokerBackplane(BusNode):
         data = encode_bus_message(BroadcastDelivery(self.node_id, ignore_channel, frame))
         await self._post(Publication(data, topic=self.broadcast_topic), "broadcast")
 
-    async def send_to_user(self, user_id: str, frame: bytes, ignore_channel: str | None) -> None:
+    async def send_to_user(self, user_id: str, frame: bytes, ignore_channel: str | None,
+                           keep: OutboxLimits | None = None) -> None:
         data = encode_bus_message(UserDelivery(user_id, ignore_channel, frame))
-        await self._post(Publication(data, user_id=user_id), "message to a user")
+        await self._post(Publication(data, user_id=user_id, keep=keep), "message to a user")
+
+    def disconnect(self, scope: str, target: str, code: int, reason: str) -> asyncio.Future[Any]:
+        # The broadcast topic, not the directory: a channel registered a moment ago may not be
+        # in the directory yet, and revocation must not miss it.
+        data = encode_bus_message(Control(self.node_id, scope, target, code, reason))
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        done.add_done_callback(_retrieve)  # a caller that does not wait: counted and logged
+        self._post_nowait(Publication(data, topic=self.broadcast_topic), "disconnect", done)
+        return done
+
+    async def attach(self, channel_id: str, user_id: str, limit: int | None,
+                     keep: OutboxLimits | None) -> Attachment:
+        if not self._connected.is_set():
+            raise BackplaneError("the backplane is disconnected")
+        admitted, kept = await self._attach(channel_id, user_id, limit, keep)
+        if not admitted:
+            self.stats.refused += 1
+            return Attachment(False)
+        frames = []
+        for data in kept:
+            try:
+                message = decode_bus_message(data)
+            except BackplaneError as exc:
+                logger.warning("backplane: dropped a kept message: %s", exc)
+                continue
+            if isinstance(message, UserDelivery):
+                frames.append(message.frame)
+        self.stats.replayed += len(frames)
+        return Attachment(True, tuple(frames))
 
     async def request(
         self,
@@ -266,6 +305,15 @@ class BrokerBackplane(BusNode):
                 return  # our own broadcast, already delivered locally by the manager
             self.stats.received += 1
             self.stats.delivered += manager.deliver_to_all(message.frame, message.ignore)
+            return
+        if isinstance(message, Control):
+            if message.origin != self.node_id:  # the origin closed its own connections already
+                self.stats.received += 1
+                closed = manager.close_local(message.scope, message.target, message.code,
+                                             message.reason)
+                if closed:
+                    logger.info("backplane: closed %d connection(s) of %s %s", closed,
+                                message.scope, message.target, extra={"node": self.node_id})
             return
         self.stats.received += 1
         # Deliveries never wait (see BackplaneHost): a slow client never holds up the bus reader.
@@ -393,3 +441,8 @@ class BrokerBackplane(BusNode):
             # (a removal would have replaced it), so it is still held here.
             present = [(c, u) for c, (u, there) in changes.items() if there]
         return present, absent
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # already counted and logged by the outbox

@@ -10,6 +10,7 @@ this package never imports the manager.
 from __future__ import annotations
 
 __all__ = [
+    "Attachment",
     "Backplane",
     "BackplaneHost",
     "BackplaneStats",
@@ -18,7 +19,7 @@ __all__ = [
     "failure_of",
 ]
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -38,6 +39,17 @@ if TYPE_CHECKING:
 
     from dara_ws_core.auth import Identity
     from dara_ws_core.messages import LoosePayload
+    from dara_ws_core.outbox import OutboxLimits
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """What registering a new channel on the bus gave (:meth:`Backplane.attach`): whether the
+    user's connection limit admitted it, and the frames kept for the user while they had no
+    connection anywhere, oldest first (now handed to this channel, and to no other)."""
+
+    admitted: bool
+    frames: tuple[bytes, ...] = ()
 
 
 class Backplane(Protocol):
@@ -68,9 +80,24 @@ class Backplane(Protocol):
         """Deliver a frame to every channel of every *other* process (the caller delivered the
         local ones). Never raises for remote failures: they are counted and logged."""
 
-    async def send_to_user(self, user_id: str, frame: bytes, ignore_channel: str | None) -> None:
-        """Deliver a frame to the user's channels on every *other* process. Never raises for
-        remote failures: they are counted and logged."""
+    async def send_to_user(self, user_id: str, frame: bytes, ignore_channel: str | None,
+                           keep: OutboxLimits | None = None) -> None:
+        """Deliver a frame to the user's channels on every *other* process. With ``keep`` (the
+        caller delivered it to no local channel) a user connected nowhere gets it kept in the
+        bus's outbox for their next connection. Never raises for remote failures: they are
+        counted and logged."""
+
+    def disconnect(self, scope: str, target: str, code: int, reason: str) -> Awaitable[Any]:
+        """Close, on every *other* process, the connections of a user (``scope="user"``), of a
+        session (``"session"``) or one channel (``"channel"``). Never waits: the command is
+        queued behind every message this process published before it. Await the result (or
+        not) to know it was published: it raises ``BackplaneError`` (counted) if it was not."""
+
+    async def attach(self, channel_id: str, user_id: str, limit: int | None,
+                     keep: OutboxLimits | None) -> Attachment:
+        """Register a new channel of a user before it is served, in one atomic step: refused if
+        the user already has ``limit`` live channels on all processes; else registered, and the
+        frames kept for the user are taken (when ``keep`` is set). Raises ``BackplaneError``."""
 
     async def request(
         self,
@@ -97,6 +124,10 @@ class BackplaneHost(Protocol):
 
     #: The backplane the manager calls; :meth:`Backplane.start` sets it if it is unset.
     backplane: Backplane | None
+
+    def close_local(self, scope: str, target: str, code: int, reason: str) -> int:
+        """Close this process's connections of a user, a session or one channel (``scope`` as in
+        :meth:`Backplane.disconnect`); how many. Never publishes."""
 
     def local_channels(self) -> Iterable[tuple[str, str | None]]:
         """A snapshot of this process's channels: ``(channel id, user id or None)``."""
@@ -138,6 +169,12 @@ class BackplaneStats:
     undeliverable: int = 0
     #: Times the bus connection came back after being lost.
     reconnects: int = 0
+    #: Messages for a user connected nowhere, kept in the bus's outbox.
+    kept: int = 0
+    #: Frames taken from the outbox by new channels of this node.
+    replayed: int = 0
+    #: Connections refused because the user had ``max_connections_per_user`` on all processes.
+    refused: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

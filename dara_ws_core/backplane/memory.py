@@ -17,6 +17,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from dara_ws_core.exceptions import BackplaneError
+from dara_ws_core.outbox import OutboxLimits, UserOutbox
 
 from .broker import BrokerBackplane
 from .node import Entry, Publication, Routed
@@ -54,6 +55,8 @@ class MemoryBroker:
         self._user_expiry: dict[str, float] = {}
         #: Messages published per topic (for tests of routing).
         self.published: dict[str, int] = {}
+        #: Per-user outboxes (as the Redis streams): user -> outbox of bus messages.
+        self.outboxes: dict[str, UserOutbox] = {}
 
     def _check(self) -> None:
         if not self.available:
@@ -76,6 +79,7 @@ class MemoryBroker:
         self._owners.clear()
         self._users.clear()
         self._user_expiry.clear()
+        self.outboxes.clear()
 
     def subscribe(self, topics: Collection[str], callback: Callable[[bytes], None]) -> _Subscription:
         self._check()
@@ -119,9 +123,10 @@ class MemoryBroker:
         return self._users.get(user_id, {})
 
     def publish_to_user(self, user_id: str, node_id: str, topic_of: Callable[[str], str],
-                        data: bytes) -> int:
+                        data: bytes, keep: OutboxLimits | None = None) -> int:
         """Publish once to every node but ``node_id`` holding channels of the user; entries of
-        nodes nobody listens for are dropped (as the Redis script does)."""
+        nodes nobody listens for are dropped (as the Redis script does). With ``keep`` and no
+        receiver, keep ``data`` in the user's outbox and return -1."""
         self._check()
         fields = self._user(user_id)
         receivers: dict[str, int] = {}
@@ -130,7 +135,27 @@ class MemoryBroker:
         for channel_id, node in list(fields.items()):
             if receivers.get(node) == 0:
                 del fields[channel_id]
-        return sum(receivers.values())
+        total = sum(receivers.values())
+        if total == 0 and keep is not None:
+            outbox = self.outboxes.get(user_id)
+            if outbox is None or outbox.limits != keep:
+                outbox = self.outboxes[user_id] = UserOutbox(keep)
+            outbox.keep(user_id, data, self.clock())
+            return -1
+        return total
+
+    def attach(self, node_id: str, channel_id: str, user_id: str, expiry: float, *,
+               limit: int | None, keep: OutboxLimits | None) -> tuple[bool, list[bytes]]:
+        """Refuse if the user has ``limit`` live channels, else register the channel and take
+        the user's outbox (with ``keep``): one step, as the Redis script."""
+        self._check()
+        if limit is not None and len(self.user_entries(user_id)) >= limit:
+            return False, []
+        self.write(node_id, [(channel_id, user_id)], (), expiry)
+        outbox = self.outboxes.pop(user_id, None)
+        if keep is None or outbox is None:
+            return True, []
+        return True, outbox.take(user_id, self.clock())
 
     def user_entries(self, user_id: str) -> dict[str, str]:
         """Live entries of a user; stale ones (their channel expired or moved) are pruned."""
@@ -199,7 +224,8 @@ class MemoryBackplane(BrokerBackplane):
                 continue
             if publication.user_id is not None:
                 results.append((None, broker.publish_to_user(
-                    publication.user_id, self.node_id, self.topic_of, publication.data)))
+                    publication.user_id, self.node_id, self.topic_of, publication.data,
+                    publication.keep)))
                 continue
             assert publication.channel_id is not None
             owner = broker.owner(publication.channel_id)
@@ -214,3 +240,8 @@ class MemoryBackplane(BrokerBackplane):
 
     async def _write_directory(self, present: Sequence[Entry], absent: Sequence[Entry]) -> None:
         self.broker.write(self.node_id, present, absent, self.expiry)
+
+    async def _attach(self, channel_id: str, user_id: str, limit: int | None,
+                      keep: OutboxLimits | None) -> tuple[bool, list[bytes]]:
+        return self.broker.attach(self.node_id, channel_id, user_id, self.expiry, limit=limit,
+                                 keep=keep)

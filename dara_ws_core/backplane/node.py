@@ -19,11 +19,14 @@ import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from dara_ws_core.exceptions import BackplaneError, UnknownChannel
 
 from .contract import BackplaneStats
+
+if TYPE_CHECKING:
+    from dara_ws_core.outbox import OutboxLimits
 
 logger = logging.getLogger("dara_ws_core.backplane")
 
@@ -47,12 +50,14 @@ class BusOptions(TypedDict, total=False):
 @dataclass(frozen=True, slots=True)
 class Publication:
     """One message to publish (set exactly one target): to ``topic``, to the node holding
-    ``channel_id``, or to every other node holding channels of ``user_id``."""
+    ``channel_id``, or to every other node holding channels of ``user_id`` (with ``keep``: kept
+    in the user's outbox if no other node has a live channel of the user)."""
 
     data: bytes
     topic: str | None = None
     channel_id: str | None = None
     user_id: str | None = None
+    keep: OutboxLimits | None = None
 
 
 class BusNode(abc.ABC):
@@ -143,6 +148,8 @@ class BusNode(abc.ABC):
           (nothing published), else ``(node, receivers)`` after publishing to its node's topic;
         * to a user: published once to each *other* node holding channels of the user,
           ``(None, receivers in all)``; entries of nodes that nobody listens for are dropped.
+          With ``keep`` and no receiver, the message is kept in the user's outbox instead, in the
+          same atomic step: ``(None, -1)``.
         """
 
     @abc.abstractmethod
@@ -209,9 +216,12 @@ class BusNode(abc.ABC):
                         if done is not None and not done.done():
                             done.set_exception(BackplaneError(str(exc)))
                     continue
-                for (_, done, _), (owner, receivers) in zip(batch, results, strict=True):
+                for (publication, done, _), (owner, receivers) in zip(batch, results,
+                                                                         strict=True):
                     if receivers >= 0:
                         self.stats.published += 1
+                    elif publication.keep is not None:
+                        self.stats.kept += 1
                     if done is not None and not done.done():
                         done.set_result((owner, receivers))
             self._outbox_idle.set()

@@ -12,6 +12,7 @@ __all__ = [
     "BroadcastDelivery",
     "BusMessage",
     "ChannelDelivery",
+    "Control",
     "RemoteCancel",
     "RemoteReply",
     "RemoteRequest",
@@ -90,8 +91,26 @@ class RemoteCancel:
     request_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class Control:
+    """Close connections on every node but ``origin`` (which closed its own): every channel of a
+    user (``scope="user"``), of a session (``"session"``) or one channel (``"channel"``).
+    Published on the broadcast topic: revocation must not depend on the directory being up to
+    date (a channel registered a moment ago is not in it yet)."""
+
+    origin: str
+    scope: str
+    target: str
+    code: int
+    reason: str
+
+
+#: The scopes of a :class:`Control` message.
+CONTROL_SCOPES = ("user", "session", "channel")
+
 BusMessage = (
     ChannelDelivery | UserDelivery | BroadcastDelivery | RemoteRequest | RemoteReply | RemoteCancel
+    | Control
 )
 
 
@@ -118,6 +137,9 @@ def encode_bus_message(message: BusMessage) -> bytes:
         body = message.result
     elif isinstance(message, RemoteCancel):
         head = {"op": "cancel", "id": message.request_id}
+    elif isinstance(message, Control):
+        head = {"op": "ctl", "origin": message.origin, "scope": message.scope,
+                "id": message.target, "code": message.code, "reason": message.reason}
     else:
         raise TypeError(f"not a bus message: {type(message).__name__}")
     return b"%b\n%b" % (dumps(head), body)
@@ -168,4 +190,10 @@ def decode_bus_message(data: bytes) -> BusMessage:
         return RemoteReply(_field(head, "id", str), body, failure)
     if op == "cancel":
         return RemoteCancel(_field(head, "id", str))
+    if op == "ctl":
+        scope = _field(head, "scope", str)
+        if scope not in CONTROL_SCOPES:
+            raise BackplaneError(f"malformed bus message: unknown scope {scope!r}")
+        return Control(_field(head, "origin", str), scope, _field(head, "id", str),
+                       _field(head, "code", int), _field(head, "reason", str))
     raise BackplaneError(f"malformed bus message: unknown op {op!r}")

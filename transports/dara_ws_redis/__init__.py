@@ -12,7 +12,18 @@ Redis layout (``<ns>`` is the namespace, ``dara-ws`` by default):
 * pub/sub ``<ns>:node:<node_id>``: messages for the channels of one process (route by interest);
 * pub/sub ``<ns>:broadcast``: broadcasts, heard by every process;
 * ``<ns>:ch:<channel_id>`` -> node id, a string with a TTL of ``expiry``;
-* ``<ns>:user:<user_id>`` -> hash channel id -> node id, with the same TTL.
+* ``<ns>:user:<user_id>`` -> hash channel id -> node id, with the same TTL;
+* ``<ns>:outbox:<user_id>``: a Stream of the messages sent to the user while no process held a
+  channel of theirs (the per-user outbox, :mod:`dara_ws_core.outbox`), trimmed by count, bytes
+  (``<ns>:outbox-bytes:<user_id>``) and age, both keys expiring ``max_age`` after the last one.
+
+A Stream rather than a list: entry ids are Redis's own millisecond clock, so the age bound needs no
+clock of ours (processes' clocks may disagree), and trimming the oldest is cheap. A message is kept
+in the same script that finds no live channel of the user, and a new channel is registered in the
+same script that takes the outbox (deleting it): Redis runs scripts one at a time, so a message is
+either routed to a live channel or kept, and taken by exactly one new channel. What Redis has
+acknowledged survives the restart or crash of any server process (and of Redis itself with
+persistence on: ``appendonly yes``).
 
 Each node re-writes its entries every ``heartbeat_interval`` (which also restores them after a
 Redis restart that lost its data); a dead node's entries expire. A user's hash may outlive a dead
@@ -49,6 +60,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
 
 from dara_ws_core.backplane import BrokerBackplane, Entry, Publication, Routed
 from dara_ws_core.exceptions import BackplaneError
+from dara_ws_core.outbox import OutboxLimits
 
 _BATCH = 3000  # directory commands per pipeline round trip
 
@@ -81,7 +93,63 @@ for i = 1, #fields, 2 do
   end
 end
 if #stale > 0 then redis.call('HDEL', KEYS[1], unpack(stale)) end
-return total
+if total > 0 or ARGV[4] == nil then return total end
+-- Nobody else has a channel of the user (and the caller none): keep it. KEYS[2]: the outbox
+-- stream, KEYS[3]: its byte count; ARGV[4..6]: most messages, bytes, age in ms.
+local most, cap, age = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local size = #ARGV[3]
+if size > cap then return -2 end
+local t = redis.call('TIME')
+local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - age
+redis.call('XADD', KEYS[2], '*', 'd', ARGV[3])
+local bytes = redis.call('INCRBY', KEYS[3], size)
+local count = redis.call('XLEN', KEYS[2])
+while count > 0 do
+  local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
+  local ms = tonumber(string.match(head[1], '^(%d+)'))
+  if ms > cutoff and count <= most and bytes <= cap then break end
+  redis.call('XDEL', KEYS[2], head[1])
+  bytes = redis.call('DECRBY', KEYS[3], #head[2][2])
+  count = count - 1
+end
+redis.call('PEXPIRE', KEYS[2], age)
+redis.call('PEXPIRE', KEYS[3], age)
+return -1
+"""
+
+# Admit a new channel of a user, in one step: refuse it if the user has ARGV[3] live channels
+# (-1: no limit; dead fields are pruned), else register it (as the directory write does) and,
+# if ARGV[6] (the outbox age in ms) is set, take and delete the user's outbox. KEYS: the channel
+# key, the user's hash, the outbox stream, its byte count. ARGV: node, TTL ms, limit, channel key
+# prefix, channel id[, age]. Returns {0} (refused) or {1, kept message...}.
+_ATTACH = """
+local limit = tonumber(ARGV[3])
+if limit >= 0 then
+  local fields = redis.call('HGETALL', KEYS[2])
+  local live, stale = 0, {}
+  for i = 1, #fields, 2 do
+    if redis.call('GET', ARGV[4] .. fields[i]) == fields[i + 1] then
+      live = live + 1
+    else
+      stale[#stale + 1] = fields[i]
+    end
+  end
+  if #stale > 0 then redis.call('HDEL', KEYS[2], unpack(stale)) end
+  if live >= limit then return {0} end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[5], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+local out = {1}
+if ARGV[6] ~= nil then
+  local t = redis.call('TIME')
+  local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[6])
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[3], '(' .. cutoff, '+')) do
+    out[#out + 1] = entry[2][2]
+  end
+  redis.call('DEL', KEYS[3], KEYS[4])
+end
+return out
 """
 
 
@@ -113,6 +181,9 @@ class RedisBackplane(BrokerBackplane):
 
     def _user(self, user_id: str) -> str:
         return f"{self.namespace}:user:{user_id}"
+
+    def _outbox_keys(self, user_id: str) -> tuple[str, str]:
+        return f"{self.namespace}:outbox:{user_id}", f"{self.namespace}:outbox-bytes:{user_id}"
 
     async def _bus_session(self) -> None:
         loop = asyncio.get_running_loop()
@@ -155,8 +226,15 @@ class RedisBackplane(BrokerBackplane):
             if publication.topic is not None:
                 pipe.publish(publication.topic, publication.data)
             elif publication.user_id is not None:
-                pipe.eval(_ROUTE_USER, 1, self._user(publication.user_id), self.node_id, prefix,
-                          publication.data)
+                keep = publication.keep
+                if keep is None:
+                    pipe.eval(_ROUTE_USER, 1, self._user(publication.user_id), self.node_id,
+                              prefix, publication.data)
+                else:
+                    pipe.eval(_ROUTE_USER, 3, self._user(publication.user_id),
+                              *self._outbox_keys(publication.user_id), self.node_id, prefix,
+                              publication.data, keep.max_messages, keep.max_bytes,
+                              int(keep.max_age * 1000))
             else:
                 pipe.eval(_ROUTE, 1, self._ch(str(publication.channel_id)), self.node_id, prefix,
                           publication.data)
@@ -166,8 +244,8 @@ class RedisBackplane(BrokerBackplane):
             raise BackplaneError(f"redis: {exc}") from exc
         results: list[Routed] = []
         for publication, reply in zip(batch, replies, strict=True):
-            if publication.channel_id is None:  # a topic or a user: a count
-                results.append((None, int(reply)))
+            if publication.channel_id is None:  # a topic or a user: a count (-1: kept)
+                results.append((None, max(-1, int(reply))))
             elif reply is None:
                 results.append((None, -1))
             else:
@@ -190,6 +268,19 @@ class RedisBackplane(BrokerBackplane):
         except (RedisError, OSError) as exc:
             raise BackplaneError(f"redis: {exc}") from exc
         return live
+
+    async def _attach(self, channel_id: str, user_id: str, limit: int | None,
+                      keep: OutboxLimits | None) -> tuple[bool, list[bytes]]:
+        args: list[Any] = [self.node_id, int(self.expiry * 1000), -1 if limit is None else limit,
+                           self._ch(""), channel_id]
+        if keep is not None:
+            args.append(int(keep.max_age * 1000))
+        try:
+            reply = await self._redis.eval(_ATTACH, 4, self._ch(channel_id), self._user(user_id),
+                                           *self._outbox_keys(user_id), *args)
+        except (RedisError, OSError) as exc:
+            raise BackplaneError(f"redis: {exc}") from exc
+        return bool(int(reply[0])), [bytes(entry) for entry in reply[1:]]
 
     async def _write_directory(self, present: Sequence[Entry], absent: Sequence[Entry]) -> None:
         node, ttl = self.node_id, int(self.expiry * 1000)

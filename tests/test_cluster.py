@@ -1,0 +1,205 @@
+"""Many processes as one (issue 12), on the in-process bus: revocation reaching every node, the
+connection limit counted on all of them atomically, no stall of other nodes behind a local slow
+client, and the per-user outbox delivered on whichever node the user lands. The same on a real
+Redis with real processes: ``test_cluster_redis.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+from dara_ws_core import (
+    BackplaneError,
+    CloseCode,
+    ConnectionClosed,
+    DaraClient,
+    DaraServerMessage,
+    Identity,
+    ServerConfig,
+)
+from dara_ws_core.backplane import MemoryBroker
+
+from .stacks import HandshakeRejected
+from .test_backplane import TIMEOUT, cluster, eventually, user
+
+# A correctness bound, not a speed target: far below the 2 s a stuck client used to cost.
+NO_STALL = 1.0
+
+
+async def closed_with(client: DaraClient) -> int:
+    """Wait for the server to close ``client``; the close code."""
+    with pytest.raises(ConnectionClosed) as caught:
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                await client.receive(TIMEOUT)
+    return caught.value.code
+
+
+async def payloads(client: DaraClient, n: int) -> list[dict[str, object]]:
+    out = []
+    for _ in range(n):
+        message = await client.receive(TIMEOUT)
+        assert isinstance(message, DaraServerMessage)
+        out.append(message.message.model_dump())
+    return out
+
+
+# --------------------------------------------------------------------------- item 1: revocation
+
+
+async def test_disconnect_user_closes_the_users_connections_on_every_node() -> None:
+    async with cluster(3) as nodes:
+        who = user()
+        here, there, elsewhere = [await n.client(f"{who}:s{i}") for i, n in enumerate(nodes)]
+        bystander = await nodes[1].client(f"{user()}:s")
+        await nodes[0].manager.broadcast({"ok": 0})
+        assert (await payloads(bystander, 1)) == [{"ok": 0}]
+        assert nodes[0].manager.disconnect_user(who) == 1  # the local one, closed at once
+        for client in (here, there, elsewhere):
+            assert await closed_with(client) == CloseCode.POLICY_VIOLATION
+        await nodes[0].manager.broadcast({"ok": 1})
+        assert (await payloads(bystander, 1)) == [{"ok": 1}]  # other users keep their connection
+
+
+async def test_disconnect_session_closes_only_that_session_on_every_node() -> None:
+    async with cluster(2) as nodes:
+        who = user()
+        revoked = await nodes[1].client(f"{who}:old")
+        kept = await nodes[1].client(f"{who}:new")
+        assert nodes[0].manager.disconnect_session("old") == 0
+        assert await closed_with(revoked) == CloseCode.POLICY_VIOLATION
+        await nodes[0].manager.send_message_to_user(who, {"still": "here"})
+        assert await payloads(kept, 1) == [{"still": "here"}]
+
+
+async def test_close_channel_of_a_channel_on_another_node_closes_it() -> None:
+    async with cluster(2) as nodes:
+        client = await nodes[1].client(f"{user()}:s")
+        assert client.channel is not None
+        assert await nodes[0].manager.close_channel_everywhere(client.channel, 4000, "bye") is False
+        assert await closed_with(client) == 4000
+
+
+async def test_revocation_everywhere_raises_when_the_bus_is_unreachable() -> None:
+    broker = MemoryBroker()
+    async with cluster(2, broker=broker) as nodes:
+        who = user()
+        local = await nodes[0].client(f"{who}:s")
+        broker.fail()
+        await eventually(lambda: not nodes[0].backplane.connected)
+        with pytest.raises(BackplaneError):
+            await nodes[0].manager.disconnect_user_everywhere(who)
+        assert await closed_with(local) == CloseCode.POLICY_VIOLATION  # closed here regardless
+        assert nodes[0].backplane.stats.failed >= 1  # counted, not silent
+
+
+# --------------------------------------------------------------------------- item 1: the limit
+
+
+async def test_the_connection_limit_counts_the_users_connections_on_every_node() -> None:
+    config = ServerConfig(max_connections_per_user=2)
+    async with cluster(3, config=config) as nodes:
+        who = user()
+        await nodes[0].client(f"{who}:a")
+        await nodes[1].client(f"{who}:b")
+        with pytest.raises(HandshakeRejected):
+            await nodes[2].stack.connect(f"{who}:c")
+        await nodes[2].client(f"{user()}:x")  # other users are not affected
+
+
+async def test_concurrent_admissions_on_different_nodes_never_exceed_the_limit() -> None:
+    config = ServerConfig(max_connections_per_user=1)
+    async with cluster(3, config=config) as nodes:
+        identity = Identity(user_id=user(), session_id="s")
+        admitted = await asyncio.gather(*(
+            n.manager.admit(str(uuid.uuid4()), identity) for n in nodes for _ in range(3)))
+        assert admitted.count(True) == 1
+
+
+async def test_a_dead_nodes_connections_stop_counting_after_the_expiry() -> None:
+    now = [0.0]
+    broker = MemoryBroker(clock=lambda: now[0])
+    config = ServerConfig(max_connections_per_user=1)
+    async with cluster(2, broker=broker, config=config) as nodes:
+        identity = Identity(user_id=user(), session_id="s")
+        assert await nodes[0].manager.admit("ghost", identity)  # never served: as a dead node
+        assert not await nodes[1].manager.admit("second", identity)
+        now[0] += nodes[0].backplane.expiry + 1
+        assert await nodes[1].manager.admit("third", identity)
+
+
+# --------------------------------------------------------------------------- item 2: no stall
+
+
+@pytest.mark.parametrize("fan_out", ["broadcast", "user"])
+async def test_a_stuck_local_client_never_delays_another_node(fan_out: str) -> None:
+    config = ServerConfig(max_queue_messages=8, send_timeout=2.0)  # policy: wait
+    async with cluster(2, config=config) as nodes:
+        who = user()
+        stuck = await nodes[0].stack.connect(f"{who}:stuck")  # never reads
+        await eventually(lambda: len(nodes[0].manager.get_user_channels(who)) == 1)
+        (stuck_channel,) = nodes[0].manager.get_user_channels(who)
+        handler = nodes[0].manager.handlers[stuck_channel]
+        remote = await nodes[1].client(f"{who}:remote", max_queue=100_000)
+        worst = 0.0
+        for i in range(200):
+            started = time.monotonic()
+            if fan_out == "broadcast":
+                await nodes[0].manager.broadcast({"i": i})
+            else:
+                await nodes[0].manager.send_message_to_user(who, {"i": i})
+            assert (await payloads(remote, 1)) == [{"i": i}]
+            worst = max(worst, time.monotonic() - started)
+            if handler.closed:
+                break
+        assert handler.closed, "the stuck client never fell behind"
+        assert worst < NO_STALL
+        await stuck.close()
+
+
+# --------------------------------------------------------------------------- item 3: outbox
+
+
+async def test_the_outbox_is_delivered_on_whichever_node_the_user_lands_once_in_order() -> None:
+    async with cluster(3) as nodes:
+        who = user()
+        for i in range(5):  # from three nodes, one after another (each one published first:
+            sender = nodes[i % 3]  # the order is the bus's, per sender as the calls were made)
+            await sender.manager.send_message_to_user(who, {"i": i})
+            async with asyncio.timeout(TIMEOUT):
+                await sender.backplane.flush()
+        assert sum(n.backplane.stats.kept for n in nodes) == 5
+        first = await nodes[2].client(f"{who}:a")
+        assert [p["i"] for p in await payloads(first, 5)] == [0, 1, 2, 3, 4]
+        second = await nodes[1].client(f"{who}:b")
+        await nodes[0].manager.send_message_to_user(who, {"i": 5})
+        assert await payloads(first, 1) == [{"i": 5}] and await payloads(second, 1) == [{"i": 5}]
+        assert first.received_nowait() == [] and second.received_nowait() == []
+
+
+async def test_a_message_for_a_user_connected_on_another_node_is_delivered_not_kept() -> None:
+    async with cluster(2) as nodes:
+        who = user()
+        client = await nodes[1].client(f"{who}:a")
+        await nodes[0].manager.send_message_to_user(who, {"live": True})
+        assert await payloads(client, 1) == [{"live": True}]
+        assert nodes[0].backplane.stats.kept == 0
+
+
+async def test_a_user_message_arriving_while_a_channel_is_admitted_follows_the_outbox() -> None:
+    async with cluster(2) as nodes:
+        who = user()
+        await nodes[1].manager.send_message_to_user(who, {"i": 0})
+        async with asyncio.timeout(TIMEOUT):
+            await nodes[1].backplane.flush()
+        identity = Identity(user_id=who, session_id="s")
+        assert await nodes[0].manager.admit("arriving", identity)
+        await nodes[0].manager.send_message_to_user(who, {"i": 1})  # before the handler exists
+        handler = nodes[0].manager.create_handler("arriving", identity)  # no sink: all queued
+        frames = [await handler.queue.get() for _ in range(len(handler.queue))]
+        nodes[0].manager.remove_handler("arriving")
+        assert [b'"i":0' in f for f in frames[1:]] == [True, False]  # after init: kept, live
+        assert len(frames) == 3

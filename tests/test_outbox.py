@@ -1,0 +1,100 @@
+"""The per-user outbox: the pure bounded history, and one process without a backplane keeping what
+``send_message_to_user`` sent to a user connected nowhere for the user's next connection."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dara_ws_core import DaraServerMessage, ServerConfig
+from dara_ws_core.outbox import OutboxLimits, UserOutbox
+
+from .stacks import running_stack
+
+TIMEOUT = 5.0
+
+
+def test_the_outbox_hands_out_what_it_kept_oldest_first_and_once() -> None:
+    outbox = UserOutbox(OutboxLimits(max_messages=3, max_bytes=100, max_age=10))
+    for i in range(5):
+        assert outbox.keep("alice", b"m%d" % i, now=i)
+    assert outbox.take("alice", now=5) == [b"m2", b"m3", b"m4"]  # count bound: oldest dropped
+    assert outbox.take("alice", now=5) == []
+    assert outbox.evicted == 2
+
+
+def test_the_outbox_drops_by_bytes_and_by_age_and_refuses_a_frame_over_the_byte_bound() -> None:
+    outbox = UserOutbox(OutboxLimits(max_messages=100, max_bytes=10, max_age=10))
+    assert not outbox.keep("alice", b"x" * 11, now=0)
+    outbox.keep("alice", b"aaaa", now=0)
+    outbox.keep("alice", b"bbbb", now=1)
+    outbox.keep("alice", b"cccc", now=2)  # 12 bytes: the oldest goes
+    assert outbox.take("alice", now=10.5) == [b"bbbb", b"cccc"]  # aaaa dropped by bytes
+    outbox.keep("bob", b"old", now=0)
+    assert outbox.take("bob", now=10) == []  # exactly max_age old: expired
+    outbox.keep("carol", b"old", now=0)
+    outbox.expire(now=20)
+    assert len(outbox) == 0
+
+
+def test_outbox_limits_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        OutboxLimits(max_messages=0)
+    with pytest.raises(ValueError):
+        ServerConfig(outbox_messages=-1)
+
+
+async def test_messages_to_a_user_connected_nowhere_reach_their_next_connection_in_order_once(
+) -> None:
+    async with running_stack("memory") as stack:
+        manager = stack.manager
+        for i in range(5):
+            await manager.send_message_to_user("alice", {"i": i})
+        first = await stack.client("alice:s1")
+        got = []
+        for _ in range(5):
+            message = await first.receive(TIMEOUT)
+            assert isinstance(message, DaraServerMessage)
+            got.append(message.message.model_dump()["i"])
+        assert got == [0, 1, 2, 3, 4]
+        second = await stack.client("alice:s2")
+        await manager.send_message_to_user("alice", {"i": 5})  # live: both channels get it
+        for client in (first, second):
+            message = await client.receive(TIMEOUT)
+            assert isinstance(message, DaraServerMessage)
+            assert message.message.model_dump()["i"] == 5
+        assert first.received_nowait() == [] and second.received_nowait() == []  # exactly once
+
+
+async def test_a_reconnect_with_a_new_channel_gets_what_was_sent_in_between() -> None:
+    async with running_stack("memory") as stack:
+        manager = stack.manager
+        before = await stack.client("alice:s1")
+        await before.close()
+        async with asyncio.timeout(TIMEOUT):  # the server's side of the close: no event
+            while manager.get_user_channels("alice"):
+                await asyncio.sleep(0.005)
+        await manager.send_message_to_user("alice", {"task": "done"})
+        after = await stack.client("alice:s1")
+        message = await after.receive(TIMEOUT)
+        assert isinstance(message, DaraServerMessage)
+        assert message.message.model_dump()["task"] == "done"
+
+
+async def test_the_outbox_can_be_switched_off() -> None:
+    async with running_stack("memory", config=ServerConfig(outbox_messages=0)) as stack:
+        await stack.manager.send_message_to_user("alice", {"i": 0})
+        assert len(stack.manager.outbox) == 0
+        client = await stack.client("alice:s1")
+        await stack.manager.send_message_to_user("alice", {"i": 1})
+        message = await client.receive(TIMEOUT)
+        assert isinstance(message, DaraServerMessage)
+        assert message.message.model_dump()["i"] == 1  # not 0: nothing was kept
+
+
+async def test_a_message_for_a_channel_the_caller_ignores_is_not_kept() -> None:
+    async with running_stack("memory") as stack:
+        client = await stack.client("alice:s1")
+        await stack.manager.send_message_to_user("alice", {"i": 0}, ignore_channel=client.channel)
+        assert len(stack.manager.outbox) == 0
