@@ -760,28 +760,34 @@ async def huge_headers(server: Server, out: Outcome) -> None:
 
 
 RATE_LIMIT = 200
-FLOODERS = 1
 
 
 async def rate_limited(server: Server, out: Outcome) -> None:
-    """Item 12, with ``rate_limit`` = 200 frames per second. The attacker, busy (not reading),
-    streams 400 ``echo`` requests 1 ms apart and reads 0.2 s later: it must get the
-    replies to its first 200 (those within the limit), in order, then a 1008 close. A server must
-    not close its socket while the client's frames still arrive (RFC 6455 7.1.1: it waits for the
-    client's close frame): they would reset the connection, and the client's kernel would drop
-    the replies it had not read yet."""
+    """Item 12, with ``rate_limit`` = 200 frames per second. Two attackers, each busy (not
+    reading) while it floods, then reading: one writes 300 ``echo`` requests at once and reads
+    0.3 s later (the replies within the limit are queued when the server closes), the other
+    streams 400, 1 ms apart, and reads 0.2 s later (its frames still arrive while the server
+    closes). Each must get the replies to its first 200 requests (those within the limit), in
+    order, then a 1008 close: a server must neither drop what it queued before its close frame
+    nor close its socket before the client's close frame came (RFC 6455 7.1.1), as frames
+    arriving at a closed socket reset the connection and the client's kernel then drops the
+    replies it had not read yet."""
     outcomes: list[str] = []
-    for i in range(FLOODERS):
-        wire = await server.wire(f"flooder{i}")
+    for pattern in ("burst", "stream"):
+        wire = await server.wire(f"flooder-{pattern}")
         wire.stop_reading()
-        for n in range(400):  # still arriving when the server closes, after the 201st
-            await wire.send_burst([_custom("echo", str(n), f"r{n}")])
-            await asyncio.sleep(0.001)
-        await asyncio.sleep(0.2)
+        if pattern == "burst":
+            await wire.send_burst([_custom("echo", str(n), f"r{n}") for n in range(300)])
+            await asyncio.sleep(0.3)
+        else:
+            for n in range(400):
+                await wire.send_burst([_custom("echo", str(n), f"r{n}")])
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(0.2)
         wire.resume_reading()
         replies: list[int] = []
         code: int | None = None
-        for _ in range(400):
+        for _ in range(500):
             try:
                 frame = await wire.next_frame(3.0)
             except TimeoutError:
@@ -793,12 +799,14 @@ async def rate_limited(server: Server, out: Outcome) -> None:
             if str(message.get("__response_for", "")).startswith("r"):
                 replies.append(int(message["data"]))
         await wire.close()
-        outcomes.append(f"{len(replies)} replies, close {code}")
+        outcomes.append(f"{pattern}: {len(replies)} replies, close {code}")
         in_order = replies == list(range(len(replies)))
-        if not in_order or len(replies) < RATE_LIMIT or code != 1008:
-            out.violations.append(f"flooder {i}: {len(replies)} of the {RATE_LIMIT} replies within the "
-                                  f"limit (in order: {in_order}), closed with {code}, not 1008")
-    out.figures["flooders"] = sorted(set(outcomes))
+        if not in_order or len(replies) < RATE_LIMIT:
+            out.violations.append(f"{pattern}: {len(replies)} of the {RATE_LIMIT} replies within the "
+                                  f"limit arrived (in order: {in_order})")
+        if code != 1008:
+            out.violations.append(f"{pattern}: closed with {code}, not 1008")
+    out.figures["flooders"] = outcomes
 
 
 # --------------------------------------------------------------------------- the cases
