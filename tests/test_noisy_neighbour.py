@@ -59,10 +59,10 @@ from typing import Any, Protocol
 import psutil
 import pytest
 
-try:
-    from dara_ws_cli import build_demo
-except ImportError:  # before issue 11 the CLI lived in the core (the code of the "before" figures)
-    from dara_ws_core.cli import build_demo  # type: ignore[import-not-found,no-redef,unused-ignore]
+try:  # before issue 11 the CLI lived in the core: the code the "before" figures ran on
+    from dara_ws_core.cli import build_demo  # type: ignore[import-not-found,unused-ignore]
+except ImportError:
+    from dara_ws_cli import build_demo  # type: ignore[no-redef,unused-ignore]
 from dara_ws_core import (
     DEFAULT_PATH,
     ConnectionClosed,
