@@ -115,27 +115,48 @@ class CustomHandlerRegistry:
         spec = self._handlers.get(received.kind)
         if spec is None:  # unregistered since the connection checked the kind
             host.connection.handler_done()
-            return _send(host, host.connection.reply_error(
+            return send_outcome(host, host.connection.reply_error(
                 received.kind, received.rchan, "unknown_kind", f"no handler for {received.kind!r}"))
         if spec.is_async or spec.in_thread:
             task = asyncio.create_task(_run_task(spec, received, host))
             host.track(task)
             # A threaded handler is waited for (order kept); an async one runs alongside.
             return asyncio.wait((task,)) if spec.in_thread else None  # type: ignore[return-value]
-        try:
-            result = spec.func(host.channel_id, received.data)
-        except Exception:
-            host.counters.custom_error += 1
-            frame = _failed(host, spec, received)
-        else:
-            host.counters.custom_ok += 1
-            frame = _reply(host, received, result)
-        finally:
-            host.connection.handler_done()
-        return _send(host, frame)
+        telemetry = host.counters.telemetry
+        if telemetry is not None:
+            return telemetry.run_sync(spec, received, host)  # type: ignore[no-any-return]
+        frame, _ = execute_sync(spec, received, host)
+        return send_outcome(host, frame)
+
+
+def execute_sync(spec: HandlerSpec, received: CustomReceived,
+                 host: DispatchHost) -> tuple[SendFrame | None, bool]:
+    """Run a sync handler now: the reply (or error reply) to send, and whether it succeeded."""
+    try:
+        result = spec.func(host.channel_id, received.data)
+    except Exception:
+        host.counters.custom_error += 1
+        return _failed(host, spec, received), False
+    else:
+        host.counters.custom_ok += 1
+        return _reply(host, received, result), True
+    finally:
+        host.connection.handler_done()
 
 
 async def _run_task(spec: HandlerSpec, received: CustomReceived, host: DispatchHost) -> None:
+    telemetry = host.counters.telemetry
+    if telemetry is not None:
+        await telemetry.run_task(spec, received, host)
+        return
+    frame, _ = await execute_async(spec, received, host)
+    await deliver(host, frame)
+
+
+async def execute_async(spec: HandlerSpec, received: CustomReceived,
+                        host: DispatchHost) -> tuple[SendFrame | None, bool]:
+    """Run an async or ``in_thread`` handler within ``handler_timeout``: the reply (or error
+    reply) to send, and whether it succeeded."""
     try:
         async with asyncio.timeout(host.config.handler_timeout):
             if spec.in_thread:
@@ -145,22 +166,25 @@ async def _run_task(spec: HandlerSpec, received: CustomReceived, host: DispatchH
     except TimeoutError:
         host.counters.custom_timeout += 1
         host.log_peer_error(logging.WARNING, "custom handler timed out", kind=spec.kind)
-        frame = host.connection.reply_error(received.kind, received.rchan, "timeout",
-                                            "the handler timed out")
+        return host.connection.reply_error(received.kind, received.rchan, "timeout",
+                                           "the handler timed out"), False
     except Exception:
         host.counters.custom_error += 1
-        frame = _failed(host, spec, received)
+        return _failed(host, spec, received), False
     else:
         host.counters.custom_ok += 1
-        frame = _reply(host, received, result)
+        return _reply(host, received, result), True
     finally:
         host.connection.handler_done()
-    pending = _send(host, frame)
+
+
+async def deliver(host: DispatchHost, frame: SendFrame | None) -> None:
+    """Send a task's reply, waiting for room if it must."""
+    pending = send_outcome(host, frame)
     if pending is not None:
         # The connection may close while the reply waits for room.
         with contextlib.suppress(ConnectionClosed):
             await pending
-
 
 def _reply(host: DispatchHost, received: CustomReceived, result: Any) -> SendFrame | None:
     try:
@@ -179,5 +203,5 @@ def _failed(host: DispatchHost, spec: HandlerSpec, received: CustomReceived) -> 
                                        "the handler failed")
 
 
-def _send(host: DispatchHost, frame: SendFrame | None) -> Awaitable[None] | None:
+def send_outcome(host: DispatchHost, frame: SendFrame | None) -> Awaitable[None] | None:
     return None if frame is None else host.send_nowait(frame.frame)

@@ -116,7 +116,12 @@ class WebSocketHandler:
             channel_id, config, now=now, kinds=custom_handlers,
             expires_at=None if identity is None else identity.expires_at,
         )
-        self.queue = OutboundQueue(config.max_queue_messages, config.max_queue_bytes)
+        telemetry = counters.telemetry
+        if telemetry is not None:  # a queue and sink that time outbound frames (telemetry_hooks)
+            self.queue: OutboundQueue = telemetry.queue(config.max_queue_messages, config.max_queue_bytes)
+            sink = telemetry.sink(sink)
+        else:
+            self.queue = OutboundQueue(config.max_queue_messages, config.max_queue_bytes)
         # init is queued before the channel becomes reachable, so it is always the first frame.
         init = self.connection.init_frame
         self.queue.offer(init)
@@ -232,6 +237,9 @@ class WebSocketHandler:
         counters = self.counters
         counters.frames_in += 1
         counters.bytes_in += len(frame)
+        telemetry = counters.telemetry
+        if telemetry is not None:
+            return telemetry.inbound(self, frame, now)  # type: ignore[no-any-return]
         return self.apply(self.connection.receive_frame(frame, now))
 
     def process_client_message(self, message: ClientMessage) -> Awaitable[None] | None:
@@ -380,6 +388,12 @@ class WebSocketHandler:
         Raises ``ValueError`` if ``rchan`` is already pending, else what :meth:`send_and_wait`
         raises.
         """
+        telemetry = self.counters.telemetry
+        if telemetry is not None:
+            return await telemetry.round_trip(self._request(frame, rchan, timeout), frame)
+        return await self._request(frame, rchan, timeout)
+
+    async def _request(self, frame: bytes, rchan: str, timeout: float | None) -> Any:
         if timeout is _DEFAULT:
             timeout = self.config.request_timeout
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

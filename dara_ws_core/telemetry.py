@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
+    from opentelemetry.trace import TracerProvider
 
     from .manager import WebsocketManager
     from .stats import ServerStats
@@ -44,22 +45,31 @@ if TYPE_CHECKING:
 _SNAPSHOT_TTL = 0.5
 
 
-def instrument(manager: WebsocketManager, meter_provider: MeterProvider | None = None) -> None:
-    """Register ``manager``'s metrics with ``meter_provider`` (default: the global one).
+def instrument(manager: WebsocketManager, meter_provider: MeterProvider | None = None,
+               tracer_provider: TracerProvider | None = None) -> None:
+    """Register ``manager``'s metrics with ``meter_provider`` and its spans with
+    ``tracer_provider`` (defaults: the global ones).
 
-    Call once per manager, when the server starts. Raises ``ImportError`` naming the extra to
-    install when ``opentelemetry-api`` is missing.
+    Besides the operator's metrics above, this turns on Dara's own names
+    (:mod:`dara_ws_core.telemetry_hooks`): ``dara.websocket.*`` metrics and spans, recorded as
+    frames pass. Call it once per manager, before the server accepts connections (connections
+    opened earlier get no outbound metrics). Raises ``ImportError`` naming the extra to install
+    when ``opentelemetry-api`` is missing.
     """
     try:
-        from opentelemetry import metrics
+        from opentelemetry import metrics, trace
         from opentelemetry.metrics import Observation
     except ImportError as exc:  # the extra is missing: say which one to install
         raise ImportError(
             'dara_ws_core.telemetry needs OpenTelemetry: pip install "dara-ws-core[otel]"',
             name=exc.name,
         ) from exc
+    from .telemetry_hooks import DaraTelemetry
+
     provider = meter_provider or metrics.get_meter_provider()
     meter = provider.get_meter("dara_ws_core")
+    tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer("dara_ws_core")
+    manager.counters.telemetry = DaraTelemetry(meter, tracer)
     cached: list[Any] = [0.0, None]
 
     def snapshot() -> ServerStats:

@@ -35,6 +35,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "queue": frozenset({"OutboundQueue"}),
     # Imported from its module, like the [jwt] extra's helpers: it needs the [otel] extra.
     "telemetry": frozenset({"instrument"}),
+    # What instrument() installs: the [otel] extra's hooks, never used directly.
+    "telemetry_hooks": frozenset({"DaraTelemetry", "TimedQueue", "TimedSink", "frame_type"}),
     # The manager's running totals and the transport label are read through the snapshot.
     "stats": frozenset({"Counters", "transport_label"}),
     # Test helpers are imported from dara_ws_core.testing, as websockets' are.

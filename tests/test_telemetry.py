@@ -3,6 +3,8 @@ real connections."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -11,6 +13,10 @@ pytest.importorskip("opentelemetry.sdk")
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from dara_ws_core import WebsocketManager
 from dara_ws_core.telemetry import instrument
@@ -27,8 +33,8 @@ def points(reader: InMemoryMetricReader) -> dict[str, dict[frozenset[tuple[str, 
     for resource in data.resource_metrics:
         for scope in resource.scope_metrics:
             for metric in scope.metrics:
-                found[metric.name] = {
-                    frozenset((point.attributes or {}).items()): point.value  # type: ignore[union-attr]
+                found[metric.name] = {  # a number, or a histogram's data point
+                    frozenset((point.attributes or {}).items()): getattr(point, "value", point)
                     for point in metric.data.data_points
                 }
     return found
@@ -69,3 +75,134 @@ def test_instrument_without_the_extra_names_the_pip_command(monkeypatch: pytest.
     monkeypatch.setitem(sys.modules, "opentelemetry", None)
     with pytest.raises(ImportError, match=r"dara-ws-core\[otel\]"):
         instrument(WebsocketManager())
+
+
+# ---------------------------------------------------------------------- Dara's own names
+
+D, T, OP, OUT = ("dara.websocket.direction", "dara.websocket.message.type", "dara.websocket.operation",
+                 "dara.outcome")
+EXEC = "dara.websocket.handler.execution"
+
+
+def key(**attributes: str) -> frozenset[tuple[str, str]]:
+    names = {"direction": D, "type": T, "operation": OP, "outcome": OUT, "execution": EXEC}
+    return frozenset((names[k], v) for k, v in attributes.items())
+
+
+@pytest.fixture
+def otel() -> Iterator[tuple[InMemoryMetricReader, InMemorySpanExporter, MeterProvider, TracerProvider]]:
+    reader, exporter = InMemoryMetricReader(), InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield reader, exporter, MeterProvider(metric_readers=[reader]), tracer_provider
+    tracer_provider.shutdown()
+
+
+@pytest.mark.parametrize("transport", ["memory", "websockets"])
+async def test_dara_metric_and_span_names_follow_custom_requests(
+    transport: str, otel: tuple[InMemoryMetricReader, InMemorySpanExporter, MeterProvider, TracerProvider],
+) -> None:
+    reader, exporter, meter_provider, tracer_provider = otel
+    manager = WebsocketManager()
+    manager.add_ws_handler("echo", lambda channel, data: data)
+
+    async def later(channel: str, data: Any) -> Any:
+        return data
+
+    def boom(channel: str, data: Any) -> Any:
+        raise RuntimeError("boom")
+
+    manager.add_ws_handler("later", later)
+    manager.add_ws_handler("boom", boom)
+    instrument(manager, meter_provider, tracer_provider)
+    async with running_stack(transport, manager=manager) as stack:
+        client = await stack.client()
+        assert await client.request("echo", 1) == 1
+        assert await client.request("later", 2) == 2
+        with pytest.raises(Exception, match="handler"):
+            await client.request("boom", 3)
+        await eventually(lambda: len([s for s in exporter.get_finished_spans()
+                                      if s.name == "dara.websocket.message.outbound"]) == 4,
+                         "init and three replies traced")
+        found = points(reader)
+    executions = found["dara.websocket.message.executions"]
+    assert executions[key(direction="inbound", type="custom", operation="message", outcome="success")] == 2
+    assert executions[key(direction="inbound", type="custom", operation="message", outcome="error")] == 1
+    assert executions[key(direction="inbound", type="custom", operation="handler", execution="sync",
+                          outcome="success")] == 1
+    assert executions[key(direction="inbound", type="custom", operation="handler", execution="async",
+                          outcome="success")] == 1
+    assert executions[key(direction="inbound", type="custom", operation="handler", execution="sync",
+                          outcome="error")] == 1
+    assert executions[key(direction="outbound", type="init", operation="message", outcome="success")] == 1
+    assert executions[key(direction="outbound", type="custom", operation="message", outcome="success")] == 3
+    durations = found["dara.websocket.message.duration"]
+    assert durations[key(direction="inbound", type="custom", operation="message", outcome="success")].count == 2
+    assert next(iter(durations.values())).explicit_bounds[:2] == (0.005, 0.01)  # Dara's buckets
+    queued = found["dara.websocket.queue.duration"]
+    assert sum(point.count for point in queued.values()) == 4  # init and the three replies
+    assert set(queued) == {frozenset({(T, "init")}), frozenset({(T, "custom")})}
+    active = found["dara.websocket.message.active"]
+    assert set(active.values()) == {0}  # nothing in flight, and the series exist
+
+    spans = exporter.get_finished_spans()
+    by_id = {span.context.span_id: span for span in spans}
+    handlers = [span for span in spans if span.name == "dara.websocket.handler.execute"]
+    assert sorted(str(span.attributes["dara.websocket.handler.kind"]) for span in handlers) == [  # type: ignore[index]
+        "boom", "echo", "later"]
+    for span in handlers:  # every handler runs inside the span of the frame that asked for it
+        assert span.parent is not None
+        assert by_id[span.parent.span_id].name == "dara.websocket.message.inbound"
+    failed = next(span for span in handlers if span.attributes["dara.websocket.handler.kind"] == "boom")  # type: ignore[index]
+    assert failed.attributes[OUT] == "error"  # type: ignore[index]
+    outbound = [span for span in spans if span.name == "dara.websocket.message.outbound"]
+    assert sorted(str(span.attributes["dara.websocket.message.payload.type"]) for span in outbound) == [  # type: ignore[index]
+        "Init", "boom", "echo", "later"]
+    assert {span.kind for span in outbound} == {SpanKind.PRODUCER}
+    assert all(span.name != "dara.websocket.message.inbound" or span.kind is SpanKind.CONSUMER for span in spans)
+
+
+@pytest.mark.parametrize("transport", ["memory", "websockets"])
+async def test_round_trips_are_timed_and_pings_are_not_traced(
+    transport: str, otel: tuple[InMemoryMetricReader, InMemorySpanExporter, MeterProvider, TracerProvider],
+) -> None:
+    reader, exporter, meter_provider, tracer_provider = otel
+    manager = WebsocketManager()
+    instrument(manager, meter_provider, tracer_provider)
+    async with running_stack(transport, manager=manager) as stack:
+        client = await stack.client()
+        client.on_request(lambda request: "pong!")
+        await client.send_raw(b'{"type":"ping","message":null}')
+        answer = await manager.send_and_wait(client.channel, {"__typename": "Q", "q": 1})
+        assert answer == "pong!"
+        with pytest.raises(Exception, match="no answer"):
+            client.on_request(lambda request: asyncio.sleep(5))
+            await manager.send_and_wait(client.channel, {"q": 2}, timeout=0.05)
+        found = points(reader)
+    trips = found["dara.websocket.round_trip.duration"]
+    base = {(T, "message"), (OP, "round_trip")}
+    assert trips[frozenset({*base, (OUT, "success")})].count == 1
+    assert trips[frozenset({*base, (OUT, "error")})].count == 1
+    spans = exporter.get_finished_spans()
+    trip = [span for span in spans if span.name == "dara.websocket.round_trip"]
+    assert len(trip) == 2
+    # The request frame is sent inside the round trip: its outbound span is the child.
+    requests = [span for span in spans if span.name == "dara.websocket.message.outbound"
+                and span.parent is not None and span.parent.span_id == trip[0].context.span_id]
+    assert len(requests) == 1
+    executions = found["dara.websocket.message.executions"]
+    inbound = {k: v for k, v in executions.items() if (D, "inbound") in k}
+    # The answer is traced; the ping and its pong are not (as in Dara).
+    assert inbound == {key(direction="inbound", type="message", operation="message", outcome="success"): 1}
+    assert (key(direction="outbound", type="message", operation="message", outcome="success")
+            in executions)
+    assert not any(span.attributes and span.attributes.get(T) == "pong" for span in spans)
+
+
+async def test_telemetry_off_leaves_plain_queues_and_sinks() -> None:
+    from dara_ws_core.queue import OutboundQueue
+
+    manager = WebsocketManager()
+    handler = manager.create_handler("c1")
+    assert type(handler.queue) is OutboundQueue
+    assert manager.counters.telemetry is None
