@@ -501,6 +501,16 @@ async def json_ping_flood(server: Server, out: Outcome) -> None:
     out.check_errors = True
 
 
+async def chat_flood(server: Server, out: Outcome) -> None:
+    """Amplification: 100,000 ``chat`` messages (fire-and-forget) as fast as the server reads
+    them for 2 s, each broadcast to every other connection: the healthy client, which reads
+    everything, must not be disconnected or left behind by what another client makes the server
+    send it."""
+    wire = await server.wire("chatter")
+    frame = '{"type":"custom","message":{"kind":"chat","data":"spam"}}'
+    out.figures["chats_sent"] = await wire.flood(frame, count=100_000, duration=HOLD)
+
+
 async def protocol_ping_flood(server: Server, out: Outcome) -> None:
     """Item 6. 600,000 WebSocket pings (75 MiB, 125-byte payloads) as fast as the server reads
     them within 3.5 s, never reading a pong: what the server holds for the unread pongs must stay
@@ -830,6 +840,7 @@ class Case:
 CASES: dict[str, Case] = {
     "slow_consumer": Case(slow_consumer, "2", ALL),
     "json_ping_flood": Case(json_ping_flood, "6, 12", ALL, {"send_timeout": 1.0}),
+    "chat_flood": Case(chat_flood, "2", ALL),
     "protocol_ping_flood": Case(protocol_ping_flood, "6", SOCKETS, rss_bound=16 * MiB + RSS_SLACK),
     "non_finite_numbers": Case(non_finite_numbers, "1", ALL),
     "big_frame": Case(big_frame, "10", ALL, rss_bound=4 * 16 * MiB + RSS_SLACK),
