@@ -169,11 +169,22 @@ async def serve(args: argparse.Namespace) -> None:
             await backplane.start(manager)
         except BackplaneError as exc:
             raise CLIError(f"cannot reach Redis at {args.redis_url}: {exc}") from None
+    metrics: Any = contextlib.nullcontext(None)
+    if args.metrics_port is not None:
+        from .metrics import metrics_page, serve_metrics
+
+        try:
+            render = metrics_page(manager)
+        except ImportError as exc:
+            raise _missing_extra(exc) from None
+        metrics = serve_metrics(render, args.host, args.metrics_port)
     clock = loop.create_task(_clock(manager, args.clock)) if args.clock > 0 else None
     stats = (loop.create_task(_print_stats(manager, args.stats_interval))
              if args.stats_interval > 0 else None)
     try:
-        async with _serve(args.transport, endpoint, args.host, args.port) as port:
+        async with metrics as metrics_port, _serve(args.transport, endpoint, args.host, args.port) as port:
+            if metrics_port is not None:
+                print(f"metrics on http://{args.host}:{metrics_port}/metrics", flush=True)
             print(f"dara-ws demo ({args.transport}) on ws://{args.host}:{port}{endpoint.path}",
                   flush=True)
             await stop.wait()
@@ -289,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--stats-interval", type=float, default=0.0, metavar="SECONDS",
         help="print the server's stats (WebsocketManager.stats()) as one JSON line this often (0: off)",
+    )
+    s.add_argument(
+        "--metrics-port", type=int, default=None, metavar="PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port; needs the"
+             " prometheus extra)",
     )
     s.add_argument(
         "--redis-url", default=None,

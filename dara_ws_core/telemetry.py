@@ -107,7 +107,9 @@ def instrument(manager: WebsocketManager, meter_provider: MeterProvider | None =
     ]), unit="By", description="Bytes of frames received and accepted for sending")
     counter("dara_ws.frames.dropped", observe(lambda s: [(s.frames_dropped, {})]),
             unit="{frame}", description="Frames discarded by DROP_OLDEST queues")
-    counter("dara_ws.slow_consumer.events", observe(lambda s: table(s.slow_consumer, "dara_ws.policy")),
+    # Every policy is reported, at 0 until it happens: a dashboard's query finds the series.
+    counter("dara_ws.slow_consumer.events", observe(lambda s: table(
+        {"drop_oldest": 0, "wait": 0, "disconnect": 0, **s.slow_consumer}, "dara_ws.policy")),
             unit="{event}", description="Slow-consumer events by policy")
     gauge("dara_ws.queue.frames", observe(lambda s: [(s.queued_frames, {})]),
           unit="{frame}", description="Frames waiting in outbound queues")
