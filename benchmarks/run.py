@@ -95,6 +95,8 @@ async def run(names: Sequence[str], sizes: Sizes, impl_filter: set[str] | None,
         impls = [sio_impl if i == "sio" else i for i in scenario.impls]
         if impl_filter is not None:
             impls = [i for i in impls if i in impl_filter or i == "raw"]
+        else:  # telemetry's overhead is measured on request: --impls ours,ours-otel
+            impls = [i for i in impls if i != "ours-otel"]
         t = time.monotonic()
         found = await scenario.run(sizes, impls)
         rows += found

@@ -41,7 +41,7 @@ from .stats import Row, latency_metrics, median, percentile
 MiB = 1024 * 1024
 
 #: Wire spoken by each server implementation, hence which lean client talks to it.
-PROTO = {"raw": "dara", "ours": "dara", "ours-aiohttp": "dara", "ours-asgi": "dara", "sio": "sio",
+PROTO = {"raw": "dara", "ours": "dara", "ours-aiohttp": "dara", "ours-asgi": "dara", "ours-otel": "dara", "sio": "sio",
          "sio-asgi": "sio"}
 
 
@@ -443,10 +443,13 @@ class Scenario:
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("server_request", "(1) server -> client request (send_and_wait), sequential",
-             server_request, ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi"), ("p50_us", "p99_us", "ops_per_s")),
+             server_request, ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-otel"),
+             ("p50_us", "p99_us", "ops_per_s")),
     Scenario("client_request", "(2) client -> server custom request with reply, sequential",
-             client_request, ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi"), ("p50_us", "p99_us", "ops_per_s")),
-    Scenario("broadcast", "(3) broadcast fan-out", broadcast, ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi"),
+             client_request, ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-otel"),
+             ("p50_us", "p99_us", "ops_per_s")),
+    Scenario("broadcast", "(3) broadcast fan-out", broadcast,
+             ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-otel"),
              ("deliveries_per_s",)),
     Scenario("per_user", "(4) per-user fan-out", per_user, ("raw", "ours", "sio"),
              ("deliveries_per_s",)),

@@ -367,8 +367,24 @@ class OursAsgi(Ours):
         return int(server.port)
 
 
+class OursOtel(Ours):
+    """``ours`` with telemetry on (issue 13's overhead bound): the SDK's meter provider
+    aggregating every instrument (read by an in-memory reader, as a Prometheus scrape would) and
+    its tracer provider recording every span (no exporter: the export is the collector's cost)."""
+
+    async def serve(self, endpoint: Any) -> int:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+
+        from dara_ws_core.telemetry import instrument
+
+        instrument(self.manager, MeterProvider(metric_readers=[InMemoryMetricReader()]), TracerProvider())
+        return await super().serve(endpoint)
+
+
 IMPLS: dict[str, type[Impl]] = {"raw": Raw, "sio": Sio, "sio-asgi": SioAsgi, "ours": Ours,
-                                "ours-aiohttp": OursAiohttp, "ours-asgi": OursAsgi}
+                                "ours-aiohttp": OursAiohttp, "ours-asgi": OursAsgi, "ours-otel": OursOtel}
 
 
 # ------------------------------------------------------------------------------ commands
