@@ -34,8 +34,9 @@ runs: ``RSS_SLACK`` = 32 MiB of allocator noise plus what the attack may legitim
 per case as a multiple of a configured limit, never of what the attacker sent).
 
 Attacks run one at a time, each bounded in count and time (at most 3 s of attack, then 0.5 s of
-observation; the whole module takes about 90 s on 2 cores). ``DARA_NOISY_REPORT=path`` appends every case's figures (delays, counts, RSS) to
-``path`` as JSON lines, for the issue's before/after table.
+observation; the whole module takes about 90 s on 2 cores). ``DARA_NOISY_REPORT=path`` appends
+every case's figures (delays, counts, RSS) to ``path`` as JSON lines, for the issue's
+before/after table.
 """
 
 from __future__ import annotations
