@@ -12,8 +12,7 @@ import pytest
 
 import dara_ws_core
 
-#: Modules used through their own namespace, never from the root: the command line, the
-#: backplane (``from dara_ws_core.backplane import ...``, implemented in ``dara_ws_redis``) and the
+#: Modules used through their own namespace, never from the root: the (``from dara_ws_core.backplane import ...``, implemented in ``dara_ws_redis``) and the
 #: optional JWT authenticator (``from dara_ws_core.jwt import jwt_authenticator``).
 NAMESPACED_MODULES = frozenset({"backplane", "jwt"})
 
