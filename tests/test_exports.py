@@ -12,8 +12,9 @@ import pytest
 
 import dara_ws_core
 
-#: Modules used through their own namespace, never from the root: the (``from dara_ws_core.backplane import ...``, implemented in ``dara_ws_redis``) and the
-#: optional JWT authenticator (``from dara_ws_core.jwt import jwt_authenticator``).
+#: Modules used through their own namespace, never from the root: the backplane
+#: (``from dara_ws_core.backplane import ...``, implemented in ``dara_ws_redis``) and the optional
+#: JWT authenticator (``from dara_ws_core.jwt import jwt_authenticator``).
 NAMESPACED_MODULES = frozenset({"backplane", "jwt"})
 
 #: Names a module exports for the other modules or for adapters, and that the root leaves out.
