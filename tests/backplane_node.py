@@ -8,7 +8,8 @@ unregistered) when its stdin closes or on SIGTERM, so it never outlives the test
 
 The test drives it through custom requests from any client connected to it (the protocol's own
 control plane): ``bp.send``, ``bp.broadcast``, ``bp.user``, ``bp.ask`` (send_and_wait),
-``bp.channels`` (all of a user's channels), ``bp.flush``, ``bp.stats``, and ``bp.bench_ask``,
+``bp.channels`` (all of a user's channels), ``bp.flush``, ``bp.stats``, ``bp.revoke``
+(disconnect a user, a session or a channel everywhere), and ``bp.bench_ask``,
 ``bp.bench_broadcast`` for the benchmark. Every reply is ``{"ok": value}`` or
 ``{"error": exception name, "message": ..., "code": close code or null}``.
 
@@ -90,9 +91,18 @@ def _controls(manager: WebsocketManager) -> dict[str, Op]:
             await manager.broadcast({**d["message"], "i": i})
         return time.perf_counter() - started
 
+    async def revoke(d: dict[str, Any]) -> int:
+        """``disconnect_user`` / ``disconnect_session`` / ``close_channel``, ``_everywhere``."""
+        scope, target = d["scope"], d["target"]
+        if scope == "user":
+            return await manager.disconnect_user_everywhere(target)
+        if scope == "session":
+            return await manager.disconnect_session_everywhere(target)
+        return int(await manager.close_channel_everywhere(target, 4000, "closed"))
+
     return {"send": send, "broadcast": broadcast, "user": user, "ask": ask,
             "channels": channels, "flush": flush, "stats": stats, "bench_ask": bench_ask,
-            "bench_broadcast": bench_broadcast}
+            "bench_broadcast": bench_broadcast, "revoke": revoke}
 
 
 def _register(manager: WebsocketManager) -> None:
@@ -118,7 +128,8 @@ async def _serve(args: argparse.Namespace) -> None:
             args.redis_url, node_id=args.node_id, heartbeat_interval=args.heartbeat,
             backoff_initial=0.05, backoff_max=0.5, connect_timeout=5.0,
         )
-    config = ServerConfig(max_queue_messages=100_000, max_handler_tasks=1024)
+    config = ServerConfig(max_queue_messages=100_000, max_handler_tasks=1024,
+                          max_connections_per_user=args.max_per_user)
     manager = WebsocketManager(config, backplane=backplane)
     _register(manager)
     endpoint = Endpoint(manager, token_authenticator(verify_token))
@@ -149,6 +160,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--node-id", default=None)
     parser.add_argument("--heartbeat", type=float, default=5.0)
+    parser.add_argument("--max-per-user", type=int, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
@@ -159,11 +171,12 @@ class NodeProcess:
     """A node process, from the parent's side; its log goes to ``log_path``."""
 
     def __init__(self, redis_url: str | None, log_path: Path, *, node_id: str | None = None,
-                 heartbeat: float = 5.0) -> None:
+                 heartbeat: float = 5.0, max_per_user: int | None = None) -> None:
         self.redis_url = redis_url
         self.log_path = log_path
         self.node_id = node_id
         self.heartbeat = heartbeat
+        self.max_per_user = max_per_user
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -175,6 +188,8 @@ class NodeProcess:
             command += ["--redis-url", self.redis_url]
         if self.node_id:
             command += ["--node-id", self.node_id]
+        if self.max_per_user is not None:
+            command += ["--max-per-user", str(self.max_per_user)]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE,
                                             stdout=subprocess.PIPE, stderr=log, bufsize=0)

@@ -1,0 +1,141 @@
+"""Many processes as one (issue 12) on a real ``redis-server`` with real server processes: a
+revocation made on one process closes the connections on every other, the connection limit holds
+across processes under concurrent handshakes, the per-user outbox survives the sending process's
+``kill -9`` (a stuck local client never delaying another process: ``test_cluster_stall_redis.py``;
+the in-process bus version of each is in ``test_cluster.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from dara_ws_core import (
+    CloseCode,
+    ConnectionClosed,
+    DaraClient,
+)
+from dara_ws_websockets import connect
+
+from .backplane_node import NodeProcess
+from .test_backplane_redis import HEARTBEAT, TIMEOUT, Node, nodes_of, payload, spawn
+
+if TYPE_CHECKING:
+    from .redis_server import RedisServer
+
+pytest_plugins = ["tests.redis_server"]
+
+def who() -> str:
+    return f"u-{uuid.uuid4().hex[:8]}"
+
+
+async def closed_with(client: DaraClient) -> int:
+    with pytest.raises(ConnectionClosed) as caught:
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                await client.receive(TIMEOUT)
+    return caught.value.code
+
+
+@pytest.fixture(scope="module")
+def limited(redis_server: RedisServer,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProcess]]:
+    """Three node processes with ``max_connections_per_user=2``."""
+    logs = tmp_path_factory.mktemp("limited")
+    processes = [NodeProcess(redis_server.url, logs / f"node{i}.log", heartbeat=HEARTBEAT,
+                             max_per_user=2) for i in range(3)]
+    for process in processes:
+        process.spawn()
+    try:
+        for process in processes:
+            process.wait_ready()
+        yield processes
+    finally:
+        for process in processes:
+            process.stop()
+
+
+@pytest.fixture
+async def cluster(limited: list[NodeProcess]) -> AsyncIterator[list[Node]]:
+    async with nodes_of(limited) as nodes:
+        yield nodes
+
+
+async def test_disconnect_user_on_one_process_closes_the_user_on_every_process(
+    cluster: list[Node],
+) -> None:
+    user = who()
+    a = await cluster[1].client(f"{user}:s1")
+    b = await cluster[2].client(f"{user}:s2")
+    other = await cluster[2].client(f"{who()}:s")
+    assert await cluster[0].call("revoke", scope="user", target=user) == 0  # none were local
+    assert await closed_with(a) == CloseCode.POLICY_VIOLATION
+    assert await closed_with(b) == CloseCode.POLICY_VIOLATION
+    await cluster[0].call("broadcast", message={"still": "open"})
+    assert await payload(other) == {"still": "open"}
+
+
+async def test_disconnect_session_and_close_channel_reach_other_processes(
+    cluster: list[Node],
+) -> None:
+    user = who()
+    old = await cluster[1].client(f"{user}:old")
+    new = await cluster[2].client(f"{user}:new")
+    await cluster[0].call("revoke", scope="session", target="old")
+    assert await closed_with(old) == CloseCode.POLICY_VIOLATION
+    assert new.channel is not None
+    await cluster[0].call("revoke", scope="channel", target=new.channel)
+    assert await closed_with(new) == 4000
+
+
+async def test_the_connection_limit_holds_across_processes_under_concurrent_handshakes(
+    cluster: list[Node],
+) -> None:
+    user = who()
+    urls = [node.process.url(f"{user}:s{i}") for i in range(4) for node in cluster]
+
+    async def attempt(url: str) -> Any:
+        with contextlib.suppress(Exception):
+            return await connect(url)
+        return None
+
+    transports = await asyncio.gather(*(attempt(u) for u in urls))
+    try:
+        for node in cluster:
+            await node.call("flush")
+        channels = await cluster[0].call("channels", user=user)
+        assert len(channels) == 2  # 12 concurrent handshakes on 3 processes, limit 2
+    finally:
+        for transport in transports:
+            if transport is not None:
+                with contextlib.suppress(Exception):
+                    await transport.close()
+
+
+async def test_the_outbox_survives_the_sending_process_being_killed(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    processes = spawn(redis_server.url, tmp_path_factory.mktemp("outbox"), 2)
+    try:
+        async with nodes_of(processes) as (sender, receiver):
+            user = who()
+            for i in range(20):
+                await sender.call("user", user=user, message={"i": i})
+            await sender.call("flush")
+            stats = await sender.call("stats")
+            assert stats["kept"] == 20
+            await sender.close()
+            processes[0].kill()  # kill -9: what Redis acknowledged is not lost
+            client = await receiver.client(f"{user}:back")
+            got = [(await payload(client))["i"] for _ in range(20)]
+            assert got == list(range(20))  # in order, all of them
+            again = await receiver.client(f"{user}:again")
+            await receiver.call("broadcast", message={"fence": True})
+            assert await payload(again) == {"fence": True}  # nothing replayed twice
+    finally:
+        for process in processes:
+            process.kill()
