@@ -47,7 +47,7 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
 
 #: Names a subpackage's module exports for its siblings, and that the subpackage leaves out.
 NOT_REEXPORTED_BY_SUBPACKAGE: dict[str, frozenset[str]] = {
-    "backplane.node": frozenset({"cancel_task"}),
+    "backplane.node": frozenset({"cancel_task", "wait_event"}),
 }
 
 #: Root attributes that are not names of a submodule.

@@ -12,7 +12,6 @@ __all__ = ["BrokerBackplane"]
 
 import abc
 import asyncio
-import contextlib
 import logging
 import uuid
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ from dara_ws_core.codec import build_frame, dumps
 from dara_ws_core.exceptions import BackplaneError, DaraWSError, RequestTimeout
 
 from .contract import Attachment, BackplaneHost, error_of, failure_of
-from .node import BusNode, BusOptions, Entry, Publication, cancel_task
+from .node import BusNode, BusOptions, Entry, Publication, cancel_task, wait_event
 from .wire import (
     BroadcastDelivery,
     BusMessage,
@@ -399,9 +398,7 @@ class BrokerBackplane(BusNode):
                 await self._connected.wait()
             delay = next_refresh - loop.time()
             if not self._refresh and not self._changes and delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await self._wake.wait()
+                await wait_event(self._wake, delay)
             self._wake.clear()
             if not self._connected.is_set():
                 continue

@@ -7,7 +7,7 @@ the abstract primitives.
 
 from __future__ import annotations
 
-__all__ = ["BusNode", "BusOptions", "Entry", "Publication", "Routed", "cancel_task"]
+__all__ = ["BusNode", "BusOptions", "Entry", "Publication", "Routed", "cancel_task", "wait_event"]
 
 import abc
 import asyncio
@@ -257,9 +257,7 @@ class BusNode(abc.ABC):
     async def _stop_bus(self) -> None:
         """Let queued messages leave (briefly), fail the rest, and disconnect."""
         if self._connected.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await self._outbox_idle.wait()
+            await wait_event(self._outbox_idle, 1.0)
         await cancel_task(self._publisher_task)
         self._drop_outbox(BackplaneError("the backplane stopped"))
         await cancel_task(self._bus_task)
@@ -313,7 +311,32 @@ class BusNode(abc.ABC):
 
 
 async def cancel_task(task: asyncio.Task[Any] | None) -> None:
-    """Cancel a task and wait until it is done (no-op for ``None`` or a finished task)."""
-    if task is not None and not task.done():
+    """Cancel a task and wait until it is done (no-op for ``None`` or a finished task).
+
+    Cancels again every second while it runs on: a cancellation can be lost on Python 3.11 (see
+    :func:`wait_event`), and a stop must never hang on it.
+    """
+    if task is None:
+        return
+    while not task.done():
         task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.wait((task,), timeout=1.0)
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait for ``event`` up to ``timeout`` seconds; whether it was set.
+
+    Not ``contextlib.suppress(TimeoutError)`` around ``asyncio.timeout``: when a cancellation
+    arrives just as the time runs out, Python 3.11's ``asyncio.timeout`` can report it as a
+    ``TimeoutError``; suppressed, the task then never stops (a backplane whose stop() hung).
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError from None
+        return False
+    return True
