@@ -39,6 +39,7 @@ from dara_ws_core import (
 from dara_ws_core.auth import run_authenticator
 from dara_ws_core.jwt import jwt_authenticator
 
+from .helpers import eventually
 from .stacks import HandshakeRejected, Stack, verify_token
 
 MakeStack = Callable[..., AbstractAsyncContextManager[Stack]]
@@ -84,13 +85,6 @@ def assert_nothing_created(stack: Stack) -> None:
     assert stack.manager.handlers == {}
     assert stack.manager.registry.counts() == (0, 0, 0)
     assert stack.endpoint.connection_count == 0
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait until ``predicate()`` holds (cleanup after a close runs in the server's own task)."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 async def assert_rejected(stack: Stack, token: str | None, **options: Any) -> None:

@@ -56,6 +56,7 @@ from dara_ws_core.backplane import (
 )
 from dara_ws_core.codec import build_frame
 
+from .helpers import eventually
 from .stacks import Stack, running_stack
 
 TIMEOUT = 5.0
@@ -106,13 +107,6 @@ async def receive_payload(client: DaraClient, timeout: float = TIMEOUT) -> dict[
     message = await client.receive(timeout)
     assert isinstance(message, DaraServerMessage | CustomServerMessage)
     return message.message.model_dump(by_alias=True, exclude_none=True)
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-    """For state that exposes no event to wait on (another task's bookkeeping): bounded."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 def never_answer(asked: asyncio.Event) -> Callable[[Request], Any]:

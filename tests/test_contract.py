@@ -31,6 +31,7 @@ from dara_ws_core import (
     allow_anonymous,
 )
 
+from .helpers import eventually
 from .stacks import HandshakeRejected, Stack
 
 TIMEOUT = 5.0
@@ -64,12 +65,6 @@ async def next_payload(client: DaraClient) -> dict[str, Any]:
     message = await client.receive(TIMEOUT)
     assert isinstance(message, DaraServerMessage), message
     return dict(message.message.model_extra or {})
-
-
-async def eventually(predicate: Any, timeout: float = TIMEOUT) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 # ---------------------------------------------------------------------------- lifecycle

@@ -36,17 +36,12 @@ from dara_ws_core import (
     WebsocketManager,
 )
 
+from .helpers import eventually
 from .stacks import HandshakeRejected, Stack
 
 MakeStack = Callable[..., AbstractAsyncContextManager[Stack]]
 TIMEOUT = 5.0
 SECRET = "s3cr3t-internal-detail-/srv/app/db.py-password=hunter2"
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 def assert_manager_empty(stack: Stack) -> None:

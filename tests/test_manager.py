@@ -15,7 +15,8 @@ import pytest
 from dara_ws_core import ServerConfig, SlowConsumerPolicy
 from dara_ws_core.exceptions import CloseCode
 
-from .test_contract import eventually, next_payload
+from .helpers import eventually
+from .test_contract import next_payload
 
 #: Small queues so that a client that never reads overflows within a few broadcasts.
 SMALL: dict[str, Any] = {"max_queue_messages": 8, "max_queue_bytes": 256 * 1024, "send_timeout": 30.0,
