@@ -75,12 +75,6 @@ class Sink(Protocol):
         ...
 
 
-def _is_power_of_ten(n: int) -> bool:
-    while n % 10 == 0:
-        n //= 10
-    return n == 1
-
-
 class WebSocketHandler:
     """Represents a WebSocket connection to a given client (one channel).
 
@@ -88,7 +82,7 @@ class WebSocketHandler:
     connection ends, which fails its pending requests and cancels its handler tasks.
     """
 
-    __slots__ = ("_custom", "_log", "_peer_errors", "_shut", "_sink", "_tasks", "channel_id",
+    __slots__ = ("_custom", "_log", "_shut", "_sink", "_tasks", "channel_id",
                  "config", "connection", "counters", "identity", "queue", "transport")
 
     def __init__(
@@ -130,7 +124,6 @@ class WebSocketHandler:
         self._sink = sink
         self._tasks: set[asyncio.Task[None]] = set()
         self._shut = False
-        self._peer_errors = 0
         self._log: ConnectionLogger | None = None
 
     def __repr__(self) -> str:
@@ -186,16 +179,9 @@ class WebSocketHandler:
 
     def log_peer_error(self, level: int, message: str, *args: Any, exc_info: bool = False,
                        **extra: Any) -> None:
-        """Log something this channel's peer caused (a dropped frame, an unknown kind, a failing
-        handler), at most a few times: the first 10 per connection, then the 100th, 1,000th...
-        with the count. A log line costs I/O on the event loop; one client flooding bad frames
-        must not turn it into a stall for everyone else, nor fill the disk."""
-        self._peer_errors = count = self._peer_errors + 1
-        if count > 10 and not _is_power_of_ten(count):
-            return
-        if count > 10:
-            message += f" ({count} such records on this channel; only powers of ten are logged)"
-        self.log.log(level, message, *args, exc_info=exc_info, extra=extra)
+        """Log something this channel's peer caused, rate-limited per connection (see
+        :meth:`ConnectionLogger.peer_error`)."""
+        self.log.peer_error(level, message, *args, exc_info=exc_info, **extra)
 
     # ------------------------------------------------------------------ events
 

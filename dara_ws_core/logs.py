@@ -25,3 +25,24 @@ class ConnectionLogger(logging.LoggerAdapter[logging.Logger]):
         extra = kwargs.get("extra")
         kwargs["extra"] = self.extra if not extra else {**(self.extra or {}), **extra}
         return msg, kwargs
+
+    peer_errors = 0
+
+    def peer_error(self, level: int, message: str, *args: Any, exc_info: bool = False,
+                   **extra: Any) -> None:
+        """Log something the connection's peer caused (a dropped frame, an unknown kind, a
+        failing handler), at most a few times: the first 10 per connection, then the 100th,
+        1,000th... with the count. A log line costs I/O on the event loop; one client flooding
+        bad frames must not turn it into a stall for everyone else, nor fill the disk."""
+        self.peer_errors = count = self.peer_errors + 1
+        if count > 10 and not _is_power_of_ten(count):
+            return
+        if count > 10:
+            message += f" ({count} such records on this channel; only powers of ten are logged)"
+        self.log(level, message, *args, exc_info=exc_info, extra=extra)
+
+
+def _is_power_of_ten(n: int) -> bool:
+    while n % 10 == 0:
+        n //= 10
+    return n == 1

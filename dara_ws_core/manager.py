@@ -31,7 +31,7 @@ from .handler import _DEFAULT, Sink, WebSocketHandler
 from .messages import LoosePayload
 from .outbox import OutboxLimits, UserOutbox
 from .registry import ChannelRegistry
-from .stats import Counters, ServerStats, frozen
+from .stats import Counters, ServerStats, collect
 
 if TYPE_CHECKING:
     from .backplane.contract import Backplane
@@ -345,46 +345,7 @@ class WebsocketManager:
         Reads the running totals and walks the live connections once (queues, pending requests):
         cheap enough to call every second. Never raises.
         """
-        c = self.counters
-        by_transport: dict[str, int] = {}
-        queued_frames = queued_bytes = max_depth = pending = running = busy = 0
-        for handler in self.handlers.values():
-            by_transport[handler.transport] = by_transport.get(handler.transport, 0) + 1
-            queue = handler.queue
-            depth = len(queue)
-            queued_frames += depth
-            queued_bytes += queue.nbytes
-            max_depth = max(max_depth, depth)
-            connection = handler.connection
-            pending += len(connection.pending)
-            running += connection.handlers_running
-            busy += connection.busy
-        backplane_stats = getattr(self.backplane, "stats", None)
-        as_dict = getattr(backplane_stats, "as_dict", None)
-        return ServerStats(
-            connections=len(self.handlers),
-            connections_by_transport=frozen(by_transport),
-            connections_opened=c.connections_opened,
-            handshakes_accepted=c.handshakes_accepted,
-            handshakes_rejected=frozen(c.handshakes_rejected),
-            close_codes=frozen(c.close_codes),
-            frames_in=c.frames_in,
-            bytes_in=c.bytes_in,
-            frames_out=c.frames_out,
-            bytes_out=c.bytes_out,
-            slow_consumer=frozen(c.slow_consumer),
-            frames_dropped=c.frames_dropped,
-            queued_frames=queued_frames,
-            queued_bytes=queued_bytes,
-            max_queue_depth=max_depth,
-            pending_requests=pending,
-            requests=frozen({"answered": c.requests_answered, "timeout": c.requests_timeout,
-                             "closed": c.requests_closed, "chunk_error": c.requests_chunk_error}),
-            custom_handlers=frozen({"ok": c.custom_ok, "error": c.custom_error,
-                                    "timeout": c.custom_timeout, "busy": c.custom_busy + busy}),
-            handlers_running=running,
-            backplane=frozen(as_dict()) if callable(as_dict) else None,
-        )
+        return collect(self.counters, self.handlers.values(), self.backplane)
 
     # ------------------------------------------------------------------ disconnecting
 

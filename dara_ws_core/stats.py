@@ -12,9 +12,9 @@ exports (:mod:`dara_ws_core.telemetry`) read the same snapshot.
 
 from __future__ import annotations
 
-__all__ = ["Counters", "ServerStats", "transport_label"]
+__all__ = ["Counters", "ServerStats", "collect", "transport_label"]
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import Any
@@ -137,3 +137,48 @@ class ServerStats:
 def frozen(table: Mapping[Any, int]) -> Mapping[Any, int]:
     """A read-only copy of ``table`` for a snapshot."""
     return MappingProxyType(dict(table))
+
+
+def collect(c: Counters, handlers: Iterable[Any], backplane: object = None) -> ServerStats:
+    """A :class:`ServerStats` from a manager's running totals ``c``, its live connections'
+    handlers (queues, pending requests, running handlers: one walk) and its backplane, if any."""
+    by_transport: dict[str, int] = {}
+    queued_frames = queued_bytes = max_depth = pending = running = busy = connections = 0
+    for handler in handlers:
+        connections += 1
+        by_transport[handler.transport] = by_transport.get(handler.transport, 0) + 1
+        queue = handler.queue
+        depth = len(queue)
+        queued_frames += depth
+        queued_bytes += queue.nbytes
+        max_depth = max(max_depth, depth)
+        connection = handler.connection
+        pending += len(connection.pending)
+        running += connection.handlers_running
+        busy += connection.busy
+    backplane_stats = getattr(backplane, "stats", None)
+    as_dict = getattr(backplane_stats, "as_dict", None)
+    return ServerStats(
+        connections=connections,
+        connections_by_transport=frozen(by_transport),
+        connections_opened=c.connections_opened,
+        handshakes_accepted=c.handshakes_accepted,
+        handshakes_rejected=frozen(c.handshakes_rejected),
+        close_codes=frozen(c.close_codes),
+        frames_in=c.frames_in,
+        bytes_in=c.bytes_in,
+        frames_out=c.frames_out,
+        bytes_out=c.bytes_out,
+        slow_consumer=frozen(c.slow_consumer),
+        frames_dropped=c.frames_dropped,
+        queued_frames=queued_frames,
+        queued_bytes=queued_bytes,
+        max_queue_depth=max_depth,
+        pending_requests=pending,
+        requests=frozen({"answered": c.requests_answered, "timeout": c.requests_timeout,
+                         "closed": c.requests_closed, "chunk_error": c.requests_chunk_error}),
+        custom_handlers=frozen({"ok": c.custom_ok, "error": c.custom_error,
+                                "timeout": c.custom_timeout, "busy": c.custom_busy + busy}),
+        handlers_running=running,
+        backplane=frozen(as_dict()) if callable(as_dict) else None,
+    )

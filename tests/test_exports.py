@@ -38,7 +38,7 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     # What instrument() installs: the [otel] extra's hooks, never used directly.
     "telemetry_hooks": frozenset({"DaraTelemetry", "TimedQueue", "TimedSink", "frame_type"}),
     # The manager's running totals and the transport label are read through the snapshot.
-    "stats": frozenset({"Counters", "transport_label"}),
+    "stats": frozenset({"Counters", "collect", "transport_label"}),
     # Test helpers are imported from dara_ws_core.testing, as websockets' are.
     "testing": frozenset({"ProtocolHarness", "answer_frames", "client_frames", "custom_frames",
                           "hostile_frames", "json_values"}),
