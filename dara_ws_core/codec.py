@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from .exceptions import CloseCode, FrameTooLarge, InvalidFrame, InvalidMessage, ProtocolError
 from .messages import (
     ClientMessage,
+    CustomClientMessage,
     CustomServerMessage,
     CustomServerMessagePayload,
     DaraServerMessage,
@@ -181,16 +182,17 @@ def decode_client_frame(
     * more than ``max_values`` JSON values (counted before parsing: what a frame may cost in
       memory and decoding time), or nested deeper than :data:`MAX_NESTING_DEPTH`:
       ``FrameTooLarge`` (1009);
-    * not JSON, not a JSON object, or holding ``NaN`` / ``Infinity`` (not JSON, though many
-      encoders write them): ``InvalidFrame`` (1007);
+    * not JSON, not a JSON object, or holding a number that is not finite: ``NaN`` /
+      ``Infinity`` (not JSON, though many encoders write them) or a literal beyond a double's
+      range such as ``1e400`` (JSON's grammar allows it, but it cannot be carried on: echoed, it
+      would silently become ``null``): ``InvalidFrame`` (1007);
     * an object of unknown ``type`` or with invalid fields: ``InvalidMessage`` (the frame is
       dropped, the connection stays open).
 
-    Accepted though strict parsers refuse them: a string escape of a lone UTF-16 surrogate (which
+    Accepted though strict parsers refuse it: a string escape of a lone UTF-16 surrogate (which
     ``JSON.stringify`` writes for a lone surrogate in a browser string) decodes to U+FFFD, as the
-    browser's own UTF-8 encoder would have turned it; and a number too large for a float (``1e400``)
-    decodes to ``inf``, as in JavaScript, and is sent on as ``null``. Only the protocol's wire keys
-    are read (``__rchan``, never an application key named ``rchan``).
+    browser's own UTF-8 encoder would have turned it. Only the protocol's wire keys are read
+    (``__rchan``, never an application key named ``rchan``).
     """
     if isinstance(frame, bytes | bytearray | memoryview):
         raise InvalidFrame("binary frames are not supported", CloseCode.UNSUPPORTED_DATA)
@@ -213,7 +215,30 @@ def decode_client_frame(
                    else error) from None
     if ("NaN" in frame or "Infinity" in frame) and not _is_strict_json(frame):
         raise InvalidFrame("NaN and Infinity are not JSON")
+    if _MAYBE_OUT_OF_RANGE.search(frame) is not None and _holds_infinity(message):
+        raise InvalidFrame("a number beyond the range of a double")
     return message
+
+
+#: A literal that may overflow a double: an exponent of three digits, or 309 digits in a row.
+#: Only frames matching it (also inside strings: uuids, say) are walked for an infinity.
+_MAYBE_OUT_OF_RANGE = re.compile(r"[eE]\+?\d{3}|\d{309}")
+_INFINITIES = (float("inf"), float("-inf"))
+
+
+def _holds_infinity(message: ClientMessage) -> bool:
+    stack: list[Any] = [message.message.data if isinstance(message, CustomClientMessage)
+                        else message.message]
+    while stack:
+        value = stack.pop()
+        if type(value) is float:
+            if value in _INFINITIES:
+                return True
+        elif type(value) is dict:
+            stack.extend(value.values())
+        elif type(value) is list:
+            stack.extend(value)
+    return False
 
 
 def _is_strict_json(text: str) -> bool:
