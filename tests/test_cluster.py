@@ -22,8 +22,8 @@ from dara_ws_core import (
 )
 from dara_ws_core.backplane import MemoryBroker
 
-from .stacks import HandshakeRejected
 from .helpers import eventually
+from .stacks import HandshakeRejected
 from .test_backplane import TIMEOUT, cluster, user
 
 # A correctness bound, not a speed target: far below the 2 s a stuck client used to cost.
