@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("dara_ws_core")
 
+#: Frames one connection handles before it lets the others run, whatever its buffer holds.
+_YIELD_EVERY = 16
+
 
 class ConnectionDriver:
     """Runs one connection: create it with the transport and identity, then ``await run()``."""
@@ -113,6 +116,7 @@ class ConnectionDriver:
     async def _receive(self) -> ConnectionClosed:
         """Hand frames to the handler in order until the transport ends or a close is decided."""
         receive, handler, clock = self.transport.receive, self.handler, self._loop.time
+        handled = 0
         while self._closed is None:
             try:
                 frame = await receive()
@@ -124,6 +128,11 @@ class ConnectionDriver:
                     await pending
                 except ConnectionClosed as exc:
                     return exc
+            handled += 1
+            if handled % _YIELD_EVERY == 0:
+                # A receive with frames already buffered returns without suspending: a client
+                # that keeps its buffer full would otherwise hold the loop for all of them.
+                await asyncio.sleep(0)
         return self._closed
 
     async def _finish(self, ended: ConnectionClosed) -> None:

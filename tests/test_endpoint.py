@@ -150,3 +150,25 @@ async def test_concurrent_handshakes_of_one_user_respect_the_connection_limit() 
     for _, client in pairs:
         await client.close()
     await asyncio.gather(*tasks)
+
+
+async def test_a_client_with_a_full_buffer_does_not_hold_the_loop() -> None:
+    # A receive with frames already buffered returns without suspending: without a yield the
+    # driver would handle all of them before any other connection's task ran.
+    manager = WebsocketManager()
+    server_end, client = memory_pair(max_queue=5000)
+    for _ in range(1000):
+        await client.send_text('{"type":"ping","message":null}')
+    driver = ConnectionDriver(manager, server_end, ALICE, "c1")
+    seen: list[int] = []
+
+    async def neighbour() -> None:
+        for _ in range(3):
+            await asyncio.sleep(0)
+            seen.append(manager.counters.frames_in)
+
+    task = asyncio.create_task(driver.run())
+    await neighbour()
+    assert seen[-1] < 100, f"the neighbour ran only after {seen[-1]} frames"
+    await client.close()
+    await task
