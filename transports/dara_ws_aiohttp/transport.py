@@ -1,0 +1,95 @@
+"""The aiohttp WebSocket, either side, as a core ``Transport``: frames and closes translated."""
+
+from __future__ import annotations
+
+__all__ = ["AiohttpTransport"]
+
+import aiohttp
+from aiohttp import WSMsgType, web
+
+from dara_ws_core.exceptions import CloseCode, ConnectionClosed
+
+
+class AiohttpTransport:
+    """An aiohttp WebSocket (server or client side) as a :class:`Transport`.
+
+    Built by :func:`add_route` and :func:`connect`; you do not create it yourself. ``session`` is
+    a client session owned by the transport, closed with it.
+    """
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self._ws = ws
+        self._session = session
+        self._local_code: int | None = None  # what we closed with, until the peer echoes it
+        self._gone: ConnectionClosed | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._gone is not None or self._ws.closed
+
+    def _error(self, code: int | None = None, reason: str = "") -> ConnectionClosed:
+        # After our own close, aiohttp reports 1000 whatever code we sent: ours wins.
+        code = code or self._local_code or self._ws.close_code or CloseCode.ABNORMAL
+        return ConnectionClosed(code, reason)
+
+    async def send(self, frame: bytes) -> None:
+        """Send one text frame; raises ``ConnectionClosed`` once the connection is closing."""
+        await self._send(frame, WSMsgType.TEXT)
+
+    async def send_binary(self, data: bytes) -> None:
+        """Send one binary frame (the protocol has none: to test how a server refuses them)."""
+        await self._send(data, WSMsgType.BINARY)
+
+    async def _send(self, data: bytes, opcode: WSMsgType) -> None:
+        if self.closed:
+            raise self._gone or self._error()
+        try:
+            # send_frame skips send_str's decode/encode round trip: frame is UTF-8 already.
+            await self._ws.send_frame(data, opcode)
+        except ConnectionError as exc:  # aiohttp's ClientConnectionResetError
+            raise self._error() from exc
+
+    async def receive(self) -> str | bytes:
+        """Return the next text (``str``) or binary (``bytes``) frame.
+
+        aiohttp reports closes as messages; they become ``ConnectionClosed`` with the close code
+        (1009 for a frame over ``max_msg_size``).
+        """
+        if self._gone is not None:
+            raise self._gone  # aiohttp raises RuntimeError after a few reads past the close
+        msg = await self._ws.receive()
+        if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
+            return msg.data  # type: ignore[no-any-return]
+        # CLOSE carries (code, reason), ERROR the error (1009: too big, whatever close_code says
+        # after aiohttp's own close); CLOSING and CLOSED leave the code on the socket.
+        if msg.type is WSMsgType.CLOSE:
+            self._gone = self._error(msg.data, msg.extra or "")
+        elif isinstance(msg.data, aiohttp.WebSocketError):
+            self._gone = self._error(msg.data.code, str(msg.data))
+        else:
+            self._gone = self._error()
+        await self._release()
+        raise self._gone
+
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Close with ``code`` (waits for the peer's echo up to aiohttp's timeout); idempotent."""
+        if self._local_code is None:
+            self._local_code = code
+        try:
+            await self._ws.close(code=code, message=reason.encode())
+        finally:
+            await self._release()
+
+    def abort(self) -> None:
+        # aiohttp has no public abort on a WebSocket; its writer holds the socket's transport.
+        transport = getattr(getattr(self._ws, "_writer", None), "transport", None)
+        if transport is not None:
+            transport.abort()
+
+    async def _release(self) -> None:
+        if self._session is not None:
+            await self._session.close()
