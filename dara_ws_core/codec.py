@@ -220,9 +220,11 @@ def decode_client_frame(
     return message
 
 
-#: A literal that may overflow a double: an exponent of three digits, or 309 digits in a row.
-#: Only frames matching it (also inside strings: uuids, say) are walked for an infinity.
-_MAYBE_OUT_OF_RANGE = re.compile(r"[eE]\+?\d{3}|\d{309}")
+#: A literal that may overflow a double: a number token with an exponent of three digits or more,
+#: or 309 digits in a row. Only frames matching it are walked for an infinity. The token must stand
+#: alone (not inside a run of letters, digits or hyphens), so the uuid of every answer's channel
+#: ("...-3e412a7c-...") does not send each answer frame down the walk.
+_MAYBE_OUT_OF_RANGE = re.compile(r"(?<![\w.+-])-?\d+(?:\.\d+)?[eE]\+?\d{3,}(?![\w.-])|\d{309}")
 _INFINITIES = (float("inf"), float("-inf"))
 
 

@@ -220,3 +220,22 @@ def test_only_the_messages_module_encodes_json() -> None:
             ):
                 offenders.append(f"{path.name}:{node.lineno}")
     assert offenders == []
+
+
+@pytest.mark.parametrize(
+    ("text", "suspect"),
+    [
+        ('{"channel":"4d3e412a-7c1e-4b9e-8e12-3e4567890abc"}', False),  # a uuid is not a number
+        ('{"x":"id-3e412x"}', False),
+        ('{"x":1e400}', True),
+        ('{"x":[-2.5E+308]}', True),
+        ('{"x":1e99}', False),
+    ],
+)
+def test_only_number_tokens_with_big_exponents_are_walked_for_an_infinity(
+    text: str, suspect: bool
+) -> None:
+    # The walk costs a pass over the decoded data: answers carry a uuid channel, and must not pay it.
+    from dara_ws_core.codec import _MAYBE_OUT_OF_RANGE
+
+    assert (_MAYBE_OUT_OF_RANGE.search(text) is not None) is suspect
