@@ -53,7 +53,12 @@ from dara_ws_core.exceptions import (
 )
 from dara_ws_core.handler import _DEFAULT, WebSocketHandler
 from dara_ws_core.manager import WebsocketManager
-from dara_ws_core.messages import CustomServerMessage, DaraServerMessage, LoosePayload
+from dara_ws_core.messages import (
+    CustomServerMessage,
+    DaraServerMessage,
+    LoosePayload,
+    ServerMessagePayload,
+)
 from dara_ws_core.transport import HandshakeRequest
 
 logger = logging.getLogger("dara_ws_core.dara")
@@ -197,8 +202,8 @@ def _from_dara(message: Any, custom: bool) -> BaseModel:
     from dara.core.internal.websocket import WebsocketManager as DaraWebsocketManager
     from fastapi.encoders import jsonable_encoder
 
-    if isinstance(message, (DaraServerMessage, CustomServerMessage)):
-        return message  # already ours
+    if isinstance(message, (DaraServerMessage, CustomServerMessage, ServerMessagePayload)):
+        return message  # already ours: the core encodes it
     envelope = DaraWebsocketManager._construct_message(None, message, custom)
     envelope._transport_consumed = True  # telemetry travels in spans, never in the frame
     body: dict[str, Any] = jsonable_encoder(envelope)
