@@ -7,7 +7,7 @@ chooses the layer: ``DARA_WS_TEST_LAYER=dara`` (Dara's own, the reference) or ``
 ``install``), and ``DARA_WS_TEST_REDIS`` a Redis URL for the backplane.
 
 Its ws handlers drive Dara's internals from a test client: task notifications through the
-``TaskManager``, ``BackendStore`` per user and global, ``get_current_value`` (a server request),
+``TaskManager``, ``BackendStore`` and ``ServerVariable`` per user and global, ``get_current_value`` (a server request),
 server errors (the HTTP catch-all, route ``GET /api/boom``), and the manager's own sends.
 """
 
@@ -17,7 +17,7 @@ import os
 import socket
 from typing import Any
 
-from dara.core import ConfigurationBuilder, Variable
+from dara.core import ConfigurationBuilder, ServerVariable, Variable
 from dara.core.auth import MultiBasicAuthConfig
 from dara.core.auth.definitions import SESSION_ID, USER
 from dara.core.auth.routes import verify_session
@@ -37,6 +37,8 @@ config.add_auth(MultiBasicAuthConfig(users=USERS))
 USER_STORE = BackendStore(uid="store-user", scope="user")
 GLOBAL_STORE = BackendStore(uid="store-global", scope="global")
 ANSWER = Variable(default=0, uid="answer")
+SERVER_VARIABLES = {"user": ServerVariable(scope="user", uid="sv-user"),
+                    "global": ServerVariable(default=0, scope="global", uid="sv-global")}
 
 
 class DemoTask(BaseTask):  # type: ignore[misc]  # dara ships no type information
@@ -89,6 +91,11 @@ async def write_store(channel_id: str, data: Any) -> Any:
     return {"written": data["value"]}
 
 
+async def write_server_variable(channel_id: str, data: Any) -> Any:
+    await SERVER_VARIABLES[data["scope"]].write(data["value"])
+    return {"written": data["value"]}
+
+
 async def current_value(channel_id: str, data: Any) -> Any:
     return {"value": await ANSWER.get_current_value()}
 
@@ -128,7 +135,8 @@ def registries(channel_id: str, data: Any) -> Any:
 
 
 HANDLERS = {"whoami": whoami, "layer": layer, "registries": registries, "task": run_task,
-            "store": write_store, "current": current_value, "ask": ask, "broadcast": broadcast,
+            "store": write_store, "server_variable": write_server_variable,
+            "current": current_value, "ask": ask, "broadcast": broadcast,
             "to_user": to_user, "to_channel": to_channel}
 for kind, handler in HANDLERS.items():
     config.add_ws_handler(kind, handler)

@@ -246,6 +246,14 @@ async def scenario(port: int) -> dict[str, Any]:
         for tab in (a1, a2):
             await tab.wait_for(typed("BackendStoreMessage", store_uid="store-global"))
         step("store global")
+        await a1.request("server_variable", {"scope": "user", "value": 1})
+        for tab, mark in ((a1, marks[0]), (a2, marks[1])):
+            await tab.wait_for(typed("ServerVariableMessage", uid="sv-user"), mark)
+        step("server variable per user")
+        await b1.request("server_variable", {"scope": "global", "value": 2})
+        for tab, mark in zip(tabs, marks, strict=True):
+            await tab.wait_for(typed("ServerVariableMessage", uid="sv-global"), mark)
+        step("server variable global")
         assert await a1.request("current", None) == {"value": 7}
         step("get_current_value")
         async with aiohttp.ClientSession() as http, http.get(
@@ -314,6 +322,10 @@ async def test_dara_internals_reach_the_stock_client_through_our_layer(
     assert all(any('"store-global"' in f for f in steps["store global"][tab])
                for tab in ("A1", "A2", "B1"))
     assert any('"ServerErrorMessage"' in f for f in steps["server error from HTTP"]["A2"])
+    assert not any('"sv-user"' in f for f in steps["server variable per user"]["B1"])
+    variable = next(frame for frame in map(json.loads, steps["server variable global"]["B1"])
+                    if frame.get("__typename") == "ServerVariableMessage")
+    assert variable["message"]["__type"] == "ServerVariable"
     assert not any('"__dara_telemetry"' in f for step in steps.values() for fs in step.values()
                    for f in fs)
 
