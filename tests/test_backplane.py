@@ -582,14 +582,22 @@ async def test_a_dead_node_leaves_nothing_registered_beyond_the_expiry() -> None
         with pytest.raises(UnknownChannel):  # within the expiry: nobody listens for it
             await a.manager.send_message(on_b.channel, {"x": 1})
         assert on_b.channel in broker.registered()[0]
-        # A message to the user drops the entries of a node nobody listens for any more.
+        # Within the expiry a node nobody listens for may only be cut off: its entries stay, and
+        # what it missed is counted in its gap ledger (reported if it comes back).
         await a.manager.send_message_to_user(uid, {"x": 1})
         async with asyncio.timeout(TIMEOUT):
             await a.backplane.flush()
         assert await receive_payload(on_a) == {"x": 1}
-        assert broker._users[uid] == {on_a.channel: "n0"}
+        assert broker._users[uid] == {on_a.channel: "n0", on_b.channel: "n1"}
+        assert broker.missed == {"n1": {uid: 1}}
         now[0] += b.backplane.expiry + 1
         assert on_b.channel not in broker.registered()[0]
+        # Past it, a message to the user drops the entries of the dead node.
+        await a.manager.send_message_to_user(uid, {"x": 2})
+        async with asyncio.timeout(TIMEOUT):
+            await a.backplane.flush()
+        assert await receive_payload(on_a) == {"x": 2}
+        assert on_b.channel not in broker._users.get(uid, {})
         assert await a.manager.get_all_user_channels(uid) == {on_a.channel}
         with pytest.raises(UnknownChannel):
             await a.manager.send_message(on_b.channel, {"x": 1})

@@ -394,11 +394,13 @@ async def test_a_process_that_dies_leaves_nothing_registered_beyond_the_expiry(
             # Within the expiry nobody listens for b's channels any more.
             with pytest.raises(OpFailed, match="UnknownChannel"):
                 await a.call("send", channel=on_b[0].channel, message={})
-            # A message to the user drops the fields of a node nobody listens for any more.
+            # A message to the user is noted in the gap ledger of a node nobody listens for
+            # (it may only be cut off), whose fields stay until its channel keys expire.
             await a.call("user", user=uid, message={"x": 1})
             await a.call("flush")
             assert await payload(on_a) == {"x": 1}
-            assert await redis.hkeys(f"dara-ws:user:{uid}") == [on_a.channel.encode()]
+            b_node = processes[1].node_id
+            assert await redis.hgetall(f"dara-ws:missed:{b_node}") == {uid.encode(): b"1"}
 
             async def expired() -> bool:
                 return await redis.exists(*b_keys) == 0
@@ -408,6 +410,11 @@ async def test_a_process_that_dies_leaves_nothing_registered_beyond_the_expiry(
             await eventually(expired, timeout=3 * HEARTBEAT + 2.0)
             assert loop.time() - started <= 3 * HEARTBEAT + 1.0
             assert await a.call("channels", user=uid) == [on_a.channel]
+            # Past the expiry, a message to the user drops the dead node's fields.
+            await a.call("user", user=uid, message={"x": 2})
+            await a.call("flush")
+            assert await payload(on_a) == {"x": 2}
+            assert await redis.hkeys(f"dara-ws:user:{uid}") == [on_a.channel.encode()]
     finally:
         await redis.aclose()
         for process in processes:
