@@ -112,9 +112,12 @@ def never_answer(asked: asyncio.Event) -> Callable[[Request], Any]:
     return respond
 
 
-def spawn(redis_url: str, logs: Path, n: int, heartbeat: float = HEARTBEAT) -> list[NodeProcess]:
-    processes = [NodeProcess(redis_url, logs / f"node{i}.log", heartbeat=heartbeat)
-                 for i in range(n)]
+def spawn(redis_url: str, logs: Path, n: int, heartbeat: float = HEARTBEAT,
+          urls: list[str] | None = None) -> list[NodeProcess]:
+    """``n`` node processes on ``redis_url`` (or one per URL of ``urls``), ready."""
+    urls = urls or [redis_url] * n
+    processes = [NodeProcess(url, logs / f"node{i}.log", heartbeat=heartbeat)
+                 for i, url in enumerate(urls)]
     try:
         for process in processes:
             process.spawn()
