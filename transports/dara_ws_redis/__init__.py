@@ -15,13 +15,19 @@ Redis layout (``<ns>`` is the namespace, ``dara-ws`` by default):
 * ``<ns>:user:<user_id>`` -> hash channel id -> node id, with the same TTL;
 * ``<ns>:outbox:<user_id>``: a Stream of the messages sent to the user while no process held a
   channel of theirs (the per-user outbox, :mod:`dara_ws_core.outbox`), trimmed by count, bytes
-  (``<ns>:outbox-bytes:<user_id>``) and age, both keys expiring ``max_age`` after the last one.
+  (``<ns>:outbox-bytes:<user_id>``) and age, both keys expiring ``max_age`` after the last one;
+* ``<ns>:outbox-lease:<user_id>`` -> ``node\nchannel``: the channel delivering the outbox (read,
+  then acknowledge), expiring after ``max_age``, void once that channel or its node is gone;
+* ``<ns>:missed:<node_id>`` -> hash user -> count: the node's gap ledger, messages for its users
+  that found nobody listening on its topic and could not be kept (read and reset when the node
+  resubscribes).
 
 A Stream rather than a list: entry ids are Redis's own millisecond clock, so the age bound needs no
 clock of ours (processes' clocks may disagree), and trimming the oldest is cheap. A message is kept
 in the same script that finds no live channel of the user, and a new channel is registered in the
-same script that takes the outbox (deleting it): Redis runs scripts one at a time, so a message is
-either routed to a live channel or kept, and taken by exactly one new channel. What Redis has
+same script that leases the outbox: Redis runs scripts one at a time, so a message is either
+routed to a live channel or kept, and leased by one live channel at a time, whose acknowledgement
+(once its transport wrote the messages) deletes them up to the last one written. What Redis has
 acknowledged survives the restart or crash of any server process (and of Redis itself with
 persistence on: ``appendonly yes``).
 
