@@ -48,6 +48,7 @@ from dara_ws_core.backplane import (
     RemoteCancel,
     RemoteReply,
     RemoteRequest,
+    SequenceTracker,
     UserDelivery,
     decode_bus_message,
     encode_bus_message,
@@ -148,7 +149,7 @@ OPT_IDS = st.none() | IDS
 MESSAGES: st.SearchStrategy[BusMessage] = st.one_of(
     st.builds(ChannelDelivery, IDS, FRAMES),
     st.builds(UserDelivery, IDS, OPT_IDS, FRAMES),
-    st.builds(BroadcastDelivery, IDS, OPT_IDS, FRAMES),
+    st.builds(BroadcastDelivery, IDS, OPT_IDS, FRAMES, st.integers(0, 2**53)),
     st.builds(RemoteRequest, IDS, IDS, IDS, st.booleans(),
               st.none() | st.floats(min_value=0, max_value=1e6), FRAMES),
     st.builds(RemoteReply, IDS, FRAMES, st.none()),
@@ -171,11 +172,26 @@ def test_a_bus_message_carries_the_frame_unchanged_after_its_header() -> None:
     assert b"c1" in header
 
 
+def test_a_sequence_tracker_counts_what_a_publisher_sent_in_between() -> None:
+    tracker = SequenceTracker(max_publishers=2)
+    assert tracker.observe("a", 1) == 0  # the first heard: nothing known missed
+    assert tracker.observe("a", 2) == 0
+    assert tracker.observe("a", 6) == 3  # 3, 4 and 5 never arrived
+    assert tracker.observe("a", 1) == 0  # restarted with the same id: counted from there
+    assert tracker.observe("a", 0) == 0  # unnumbered (an older peer)
+    tracker.observe("b", 1)
+    tracker.observe("c", 1)  # the third publisher: "a", heard least recently, is forgotten
+    assert len(tracker) == 2
+    assert tracker.observe("a", 9) == 0
+
+
 @pytest.mark.parametrize("data", [
     b"", b"no header", b"[1]\n", b"{\"op\":\"nope\"}\n", b"{\"op\":\"ch\"}\n",
     b"{\"op\":\"ch\",\"ch\":1}\n", b"{\"op\":\"req\",\"id\":\"r\",\"reply_to\":\"n\",\"ch\":\"c\","
     b"\"custom\":1,\"timeout\":null}\n", b"not json\n{}",
     b"{\"op\":\"rep\",\"id\":\"r\",\"fail\":[]}\n",
+    b"{\"op\":\"all\",\"origin\":\"n\",\"ignore\":null,\"seq\":-1}\n",
+    b"{\"op\":\"all\",\"origin\":\"n\",\"ignore\":null,\"seq\":true}\n",
 ])
 def test_malformed_bus_messages_are_refused(data: bytes) -> None:
     with pytest.raises(BackplaneError):

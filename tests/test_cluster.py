@@ -24,6 +24,7 @@ from dara_ws_core import (
     ServerConfig,
 )
 from dara_ws_core.backplane import Gap, MemoryBroker
+from dara_ws_core.codec import build_frame
 
 from .helpers import eventually
 from .stacks import HandshakeRejected
@@ -314,3 +315,16 @@ def manager_stats_lost(node: Any) -> int:
     backplane = node.manager.stats().backplane
     assert backplane is not None
     return int(backplane["lost"])
+
+
+async def test_deliveries_held_back_for_a_recovery_that_never_comes_are_released_in_time(
+) -> None:
+    async with cluster(1, config=ServerConfig(handshake_timeout=0.3)) as (node,):
+        who = user()
+        client = await node.client(f"{who}:a")
+        manager = node.manager
+        assert manager.hold_users() == [who]
+        assert manager.deliver_to_user(who, build_frame({"i": 0})) == 1  # held, not sent yet
+        await manager.broadcast({"fence": True})  # not a per-user send: never held
+        assert await payloads(client, 2) == [{"fence": True}, {"i": 0}]  # released in time
+        assert manager._held == {}
