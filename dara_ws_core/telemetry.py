@@ -46,13 +46,15 @@ _SNAPSHOT_TTL = 0.5
 
 
 def instrument(manager: WebsocketManager, meter_provider: MeterProvider | None = None,
-               tracer_provider: TracerProvider | None = None) -> None:
+               tracer_provider: TracerProvider | None = None, *, sample_every: int = 16) -> None:
     """Register ``manager``'s metrics with ``meter_provider`` and its spans with
     ``tracer_provider`` (defaults: the global ones).
 
     Besides the operator's metrics above, this turns on Dara's own names
     (:mod:`dara_ws_core.telemetry_hooks`): ``dara.websocket.*`` metrics and spans, recorded as
-    frames pass. Call it once per manager, before the server accepts connections (connections
+    frames pass: counted exactly, and one operation in ``sample_every`` per kind traced and
+    timed (``1``: all of them, at several microseconds each; see the module's "What it costs").
+    Call it once per manager, before the server accepts connections (connections
     opened earlier get no outbound metrics). Raises ``ImportError`` naming the extra to install
     when ``opentelemetry-api`` is missing.
     """
@@ -69,7 +71,7 @@ def instrument(manager: WebsocketManager, meter_provider: MeterProvider | None =
     provider = meter_provider or metrics.get_meter_provider()
     meter = provider.get_meter("dara_ws_core")
     tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer("dara_ws_core")
-    manager.counters.telemetry = DaraTelemetry(meter, tracer)
+    manager.counters.telemetry = DaraTelemetry(meter, tracer, sample_every)
     cached: list[Any] = [0.0, None]
 
     def snapshot() -> ServerStats:
