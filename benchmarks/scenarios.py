@@ -36,7 +36,7 @@ import psutil
 
 from . import micro
 from .procs import BenchError, Proc
-from .stats import Row, latency_metrics, median, percentile
+from .stats import Row, latency_curve, latency_metrics, median, percentile
 
 MiB = 1024 * 1024
 
@@ -246,12 +246,16 @@ async def _round_trips(scenario: str, sizes: Sizes, impls: Sequence[str], *, ser
         return await timer.call(command, 120, warmup=warmup,
                                 iters=sizes.rt_iters // sizes.rt_blocks)
 
-    def summarize(impl: str, blocks: list[dict[str, Any]]) -> dict[str, float]:
-        return latency_metrics([v for b in blocks for v in b["samples"]],
-                               sum(b["total_s"] for b in blocks))
+    curves: dict[str, tuple[float, ...]] = {}
 
-    return await interleaved(scenario, impls, sizes.rt_blocks, setup=setup, step=step,
+    def summarize(impl: str, blocks: list[dict[str, Any]]) -> dict[str, float]:
+        samples = [v for b in blocks for v in b["samples"]]
+        curves[impl] = latency_curve(samples)
+        return latency_metrics(samples, sum(b["total_s"] for b in blocks))
+
+    rows = await interleaved(scenario, impls, sizes.rt_blocks, setup=setup, step=step,
                              summarize=summarize)
+    return [replace(row, curve=curves.get(row.impl, ())) for row in rows]
 
 
 async def server_request(sizes: Sizes, impls: Sequence[str]) -> list[Row]:

@@ -17,7 +17,7 @@ The names, units, attributes and meaning are those of dara-core's ``dara/core/te
   accepting an outbound frame to taking it out for the transport, ``0`` for a frame written at
   once (Dara's every message passes through its queue); sampled.
 * ``dara.websocket.round_trip.duration`` (histogram, ``s``; ``dara.websocket.message.type``,
-  ``dara.websocket.operation`` = ``round_trip``, ``dara.outcome``): every ``send_and_wait``.
+  ``dara.websocket.operation`` = ``round_trip``, ``dara.outcome``): ``send_and_wait``, sampled.
 * Spans ``dara.websocket.message.inbound`` (CONSUMER) / ``.outbound`` (PRODUCER),
   ``dara.websocket.handler.execute`` and ``dara.websocket.round_trip``; the spans add
   ``dara.websocket.handler.kind`` and ``dara.websocket.message.payload.type`` (a Dara
@@ -29,13 +29,13 @@ whole frame; doing it per frame made a broadcast 4-8 times slower. So the counts
 read by observable instruments when the SDK collects, and the costly parts run for one operation
 in ``sample_every`` (default 16) per kind (inbound frames, outbound messages, queue waits,
 round trips): its span and its duration. Quantiles and means of the histograms stay right; their
-``_count`` is the number of samples (the exact counts are the executions). A traced operation
+``_count`` is the number of samples (the exact counts are the executions, and for round trips
+``dara_ws.requests`` by outcome). A traced operation
 traces what it causes: the reply a traced inbound frame sends, the handler it starts, the request
 frame of a traced round trip. A fan-out (broadcast, per-user send, a backplane delivery) is *one*
 outbound operation in spans and durations, with ``dara.websocket.recipients`` on its span, and
-one execution per recipient; nothing is done per recipient but adding to an int. Round-trip
-durations are recorded for every request (their count is the request rate a Dara dashboard
-reads); only their span is sampled. ``sample_every=1`` traces everything, as Dara does.
+one execution per recipient; nothing is done per recipient but adding to an int.
+``sample_every=1`` traces and times everything, as Dara does, at that cost.
 
 As in Dara, pings and pongs are not traced (two spans every few seconds per client). A frame's
 type is read from the first bytes of the encoded envelope (``codec.build_frame`` writes ``type``
@@ -419,22 +419,19 @@ class DaraTelemetry:
             self._count(self.running, key, -1)
             self._inbound_done(message_type, outcome, started, span)
 
-    async def round_trip(self, request: Awaitable[Any], frame: bytes) -> Any:
-        """``send_and_wait`` with telemetry: every round trip's duration, 1 in ``sample_every``
-        traced (with its request frame)."""
+    def round_trip(self, request: Awaitable[Any], frame: bytes) -> Awaitable[Any]:
+        """``send_and_wait`` with telemetry: ``request`` itself, or for 1 request in
+        ``sample_every`` (and any inside a traced operation) ``request`` inside its round-trip
+        span and duration, with its request frame traced too."""
+        self.trip_budget -= 1
+        if self.trip_budget > 0 and not _tracing.get():
+            return request  # awaited as it is: not even a coroutine more
+        self.trip_budget = self.sample_every
+        return self._round_trip(request, frame)
+
+    async def _round_trip(self, request: Awaitable[Any], frame: bytes) -> Any:
         message_type = frame_type(frame) or "message"
         started, outcome = _perf(), "success"
-        self.trip_budget -= 1
-        if self.trip_budget > 0:
-            try:
-                return await request
-            except BaseException as exc:
-                outcome = _outcome(exc)
-                raise
-            finally:
-                self.round_trip_duration.record(_perf() - started,
-                                                self._trip_attributes[message_type, outcome])
-        self.trip_budget = self.sample_every
         attrs = {"dara.websocket.message.type": message_type, "dara.websocket.operation": "round_trip"}
         tracing = _tracing.set(True)
         try:

@@ -273,7 +273,7 @@ async def test_sampling_counts_every_message_and_traces_one_in_n(
     assert sum(point.count for point in queued.values()) == 9 // 4 + 1  # init + 8 replies, 1 in 4
 
 
-async def test_every_round_trip_is_timed_and_one_in_n_traced(
+async def test_one_round_trip_in_n_is_timed_and_traced_and_every_one_counted(
     otel: tuple[InMemoryMetricReader, InMemorySpanExporter, MeterProvider, TracerProvider],
 ) -> None:
     reader, exporter, meter_provider, tracer_provider = otel
@@ -286,7 +286,8 @@ async def test_every_round_trip_is_timed_and_one_in_n_traced(
             assert await manager.send_and_wait(client.channel, {"q": k}) == {"q": k}
         found = points(reader)
     trips = found["dara.websocket.round_trip.duration"]
-    assert trips[frozenset({(T, "message"), (OP, "round_trip"), (OUT, "success")})].count == 5
+    assert trips[frozenset({(T, "message"), (OP, "round_trip"), (OUT, "success")})].count == 2
+    assert found["dara_ws.requests"][frozenset({("dara_ws.outcome", "answered")})] == 5
     spans = exporter.get_finished_spans()
     trip_ids = {span.context.span_id for span in spans if span.name == "dara.websocket.round_trip"}
     assert len(trip_ids) == 2  # the 1st and the 5th
