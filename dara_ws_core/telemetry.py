@@ -23,7 +23,9 @@ Metric names (unit; attributes):
 * ``dara_ws.handler.outcomes`` (counter; ``dara_ws.outcome`` = ``ok``, ``error``, ``timeout``,
   ``busy``) and ``dara_ws.handler.running`` (gauge): custom handlers.
 * ``dara_ws.backplane.messages`` (counter; ``dara_ws.backplane.event`` = ``published``,
-  ``received``, ``delivered``, ``failed``, ``undeliverable``, ``reconnects``) with a backplane.
+  ``received``, ``delivered``, ``failed``, ``undeliverable``, ``reconnects``, ``kept``,
+  ``replayed``, ``refused``) and ``dara_ws.backplane.connected`` (gauge: ``1`` while the bus
+  connection is up, ``0`` during an outage) with a backplane.
 """
 
 from __future__ import annotations
@@ -130,3 +132,11 @@ def instrument(manager: WebsocketManager, meter_provider: MeterProvider | None =
     counter("dara_ws.backplane.messages", observe(
         lambda s: table(s.backplane or {}, "dara_ws.backplane.event")),
         unit="{message}", description="Backplane messages by event")
+
+    def bus_up(options: CallbackOptions) -> Iterator[Observation]:
+        connected = getattr(manager.backplane, "connected", None)
+        if isinstance(connected, bool):  # no series without a backplane
+            yield Observation(int(connected), {})
+
+    gauge("dara_ws.backplane.connected", [bus_up], unit="1",
+          description="1 while the backplane's bus connection is up, 0 during an outage")

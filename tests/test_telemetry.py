@@ -301,3 +301,46 @@ async def test_one_round_trip_in_n_is_timed_and_traced_and_every_one_counted(
 def test_sample_every_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         instrument(WebsocketManager(), MeterProvider(), TracerProvider(), sample_every=0)
+
+
+async def test_a_backplane_outage_shows_in_the_connected_gauge_and_the_reconnects() -> None:
+    from dara_ws_core.backplane import MemoryBackplane, MemoryBroker
+
+    broker = MemoryBroker()
+    backplane = MemoryBackplane(broker, node_id="n0", heartbeat_interval=0.2, backoff_initial=0.01,
+                                backoff_max=0.05, connect_timeout=2.0)
+    manager = WebsocketManager(backplane=backplane)
+    reader = InMemoryMetricReader()
+    instrument(manager, MeterProvider(metric_readers=[reader]))
+
+    def gauge() -> Any:
+        return points(reader).get("dara_ws.backplane.connected")
+
+    assert gauge() == {frozenset(): 0}  # not started yet: down
+    try:
+        async with running_stack("memory", manager=manager) as stack:
+            await backplane.start(manager)
+            await eventually(lambda: gauge() == {frozenset(): 1}, "the bus up")
+            client = await stack.client()
+            await manager.broadcast({"n": 1})
+            assert (await client.receive(timeout=5)).message.model_dump() == {"n": 1}
+            broker.fail()
+            await eventually(lambda: gauge() == {frozenset(): 0}, "the outage seen")
+            broker.recover()
+            await eventually(lambda: gauge() == {frozenset(): 1}, "the bus back")
+
+            def events() -> dict[frozenset[tuple[str, Any]], Any]:
+                return points(reader)["dara_ws.backplane.messages"]
+
+            # Counters come from a snapshot reused for half a second: wait for the next one.
+            reconnects = frozenset({("dara_ws.backplane.event", "reconnects")})
+            await eventually(lambda: events()[reconnects] == 1, "the reconnect counted")
+            assert events()[frozenset({("dara_ws.backplane.event", "published")})] >= 1
+    finally:
+        await backplane.stop()
+
+
+def test_no_backplane_no_connected_series() -> None:
+    reader = InMemoryMetricReader()
+    instrument(WebsocketManager(), MeterProvider(metric_readers=[reader]))
+    assert "dara_ws.backplane.connected" not in points(reader)
