@@ -119,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sio", choices=["sio", "sio-asgi"], default="sio",
                         help="python-socketio hosting: aiohttp (sio) or uvicorn (sio-asgi)")
     parser.add_argument("--client-procs", type=int, help="client load processes for fan-out")
+    parser.add_argument("--fanout-ns", metavar="N,N...",
+                        help="numbers of clients the broadcast scenario measures (default 100,1000)")
     parser.add_argument("--ours-config", default="{}",
                         help="JSON ServerConfig keyword arguments for ours")
     parser.add_argument("--slow-seconds", type=float, help="slow-consumer soak length (s)")
@@ -138,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("client_procs", "slow_seconds", "slow_rate", "slow_pad"):
         if getattr(args, name):
             sizes = replace(sizes, **{name: getattr(args, name)})
+    if args.fanout_ns:
+        sizes = replace(sizes, fanout_ns=tuple(int(n) for n in args.fanout_ns.split(",")))
     names = [n for item in args.only for n in item.split(",") if n] or list(SCENARIOS)
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
