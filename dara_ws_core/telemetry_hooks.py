@@ -337,9 +337,9 @@ class DaraTelemetry:
     def fan_out(self, deliver: Callable[[Iterable[WebSocketHandler], bytes, str | None], int],
                 handlers: Iterable[WebSocketHandler], frame: bytes, ignore_channel: str | None) -> int:
         """``WebsocketManager.deliver_local`` with telemetry: one execution per recipient, and
-        for a sampled fan-out (one message in ``sample_every``, so every fan-out to that many
-        recipients) one span, one duration and at most two queue waits: ``0`` if a recipient was
-        written at once, and the wait of the first recipient that queued it."""
+        the fan-out is *one* outbound operation: sampled like a single message (one in
+        ``sample_every``), when it is, one span, one duration and at most two queue waits: ``0``
+        if a recipient was written at once, and the wait of the first recipient that queued it."""
         started = _perf()
         traced = self.out_budget <= 1 or _tracing.get()
         self.fanout, self.stamp_fanout, self.wrote_now = True, traced, False
@@ -352,7 +352,7 @@ class DaraTelemetry:
         message_type = frame_type(frame) or "message"
         self.sent[message_type] += delivered
         if not traced:
-            self.out_budget -= delivered
+            self.out_budget -= 1
             return delivered
         self.out_budget = self.sample_every
         if self.wrote_now:

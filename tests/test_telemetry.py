@@ -344,3 +344,25 @@ def test_no_backplane_no_connected_series() -> None:
     reader = InMemoryMetricReader()
     instrument(WebsocketManager(), MeterProvider(metric_readers=[reader]))
     assert "dara_ws.backplane.connected" not in points(reader)
+
+
+async def test_a_fan_out_is_one_operation_for_sampling(
+    otel: tuple[InMemoryMetricReader, InMemorySpanExporter, MeterProvider, TracerProvider],
+) -> None:
+    reader, exporter, meter_provider, tracer_provider = otel
+    manager = WebsocketManager()
+    instrument(manager, meter_provider, tracer_provider, sample_every=4)
+    async with running_stack("websockets", manager=manager) as stack:
+        clients = [await stack.client(f"u{k}:s{k}") for k in range(3)]
+        for n in range(8):
+            await manager.broadcast({"n": n})
+        for client in clients:
+            for n in range(8):
+                assert (await client.receive(timeout=5)).message.model_dump() == {"n": n}
+        found = points(reader)
+    executions = found["dara.websocket.message.executions"]
+    assert executions[key(direction="outbound", type="message", operation="message", outcome="success")] == 24
+    fanouts = [span for span in exporter.get_finished_spans()
+               if span.name == "dara.websocket.message.outbound" and span.attributes
+               and "dara.websocket.recipients" in span.attributes]
+    assert [span.attributes["dara.websocket.recipients"] for span in fanouts] == [3, 3]  # type: ignore[index]
