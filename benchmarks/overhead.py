@@ -5,15 +5,20 @@ sockets and the kernel, and on a shared machine their run-to-run spread is wider
 being measured. This measures the server's own work only, with modes alternating in every
 repetition so a change of load hits them alike:
 
+Every figure is CPU time of this process (``time.process_time_ns``), not wall time: on a
+machine shared with other jobs, wall time mostly measures how often the scheduler lets the
+process run.
+
 * ``fanout``: ``manager.broadcast()`` to N channels whose transport accepts every frame at once
-  (a sink that only counts): nanoseconds per delivery. No transport work is included, so the
+  (a sink that only counts): CPU nanoseconds per delivery. No transport work is included, so the
   ratio is an upper bound of what a real server sees (its transport's write costs microseconds
   per frame more in every mode).
 * ``round_trip``: ``manager.send_and_wait()`` to a ``DaraClient`` over the in-memory transport,
-  answered at once: microseconds per request, median of the round trips.
+  answered at once, one at a time: CPU microseconds per request, both sides included.
 
-Modes: ``off`` (no ``instrument()``), ``on`` (``instrument(sample_every=16)``, the default),
-``all`` (``sample_every=1``: every operation traced and timed, as Dara does). The SDK's meter
+Modes: ``off`` (no ``instrument()``), ``counts`` (counts only: nothing sampled), ``on``
+(``instrument()`` with the default ``sample_every``, or ``--sample-every``), ``all``
+(``sample_every=1``: every operation traced and timed, as Dara does). The SDK's meter
 provider aggregates every instrument and its tracer provider records every span (no exporter).
 """
 
@@ -23,13 +28,14 @@ __all__ = ["main"]
 
 import argparse
 import asyncio
+import gc
 import statistics
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-MODES = {"off": None, "on": 16, "all": 1}
+MODES: dict[str, int | None] = {"off": None, "counts": 2**31, "on": 64, "all": 1}
 
 
 class CountingSink:
@@ -75,14 +81,14 @@ async def fanout(mode: str, n: int, messages: int) -> float:
             pass
     for k in range(10):  # warm-up
         await manager.broadcast({"__typename": "Tick", "n": k})
-    started = time.perf_counter_ns()
+    started = time.process_time_ns()
     for k in range(messages):
         await manager.broadcast({"__typename": "Tick", "n": k})
-    return (time.perf_counter_ns() - started) / (messages * n)
+    return (time.process_time_ns() - started) / (messages * n)
 
 
 async def round_trip(mode: str, requests: int) -> float:
-    """Median microseconds of ``requests`` sequential ``send_and_wait`` calls."""
+    """CPU microseconds per request of ``requests`` sequential ``send_and_wait`` calls."""
     from dara_ws_core import DaraClient, Endpoint, MemoryServer, allow_anonymous
 
     manager = manager_for(mode)
@@ -92,12 +98,10 @@ async def round_trip(mode: str, requests: int) -> float:
         channel = client.channel
         for _ in range(50):  # warm-up
             await manager.send_and_wait(channel, {"q": 1}, timeout=5)
-        times = []
+        started = time.process_time_ns()
         for _ in range(requests):
-            started = time.perf_counter_ns()
             await manager.send_and_wait(channel, {"q": 1}, timeout=5)
-            times.append(time.perf_counter_ns() - started)
-    return statistics.median(times) / 1000
+        return (time.process_time_ns() - started) / requests / 1000
 
 
 async def measure(modes: Sequence[str], reps: int, n: int, messages: int,
@@ -106,7 +110,9 @@ async def measure(modes: Sequence[str], reps: int, n: int, messages: int,
     for rep in range(reps):
         order = list(modes[rep % len(modes):]) + list(modes[:rep % len(modes)])
         for mode in order:
+            gc.collect()  # the previous measure's garbage is not this one's cost
             found["fanout"].setdefault(mode, []).append(await fanout(mode, n, messages))
+            gc.collect()
             found["round_trip"].setdefault(mode, []).append(await round_trip(mode, requests))
     return found
 
@@ -118,21 +124,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=1000, help="channels of the fan-out")
     parser.add_argument("--messages", type=int, default=50, help="broadcasts per repetition")
     parser.add_argument("--requests", type=int, default=1000, help="round trips per repetition")
+    parser.add_argument("--sample-every", type=int, help="sample_every of the 'on' mode")
     args = parser.parse_args(argv)
+    if args.sample_every:
+        MODES["on"] = args.sample_every
     modes = args.modes.split(",")
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         parser.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
     found = asyncio.run(measure(modes, args.reps, args.n, args.messages, args.requests))
-    print("| measure | mode | median | spread (min-max) | x off |\n|---|---|---|---|---|")
-    for name, unit in (("fanout", "ns/delivery"), ("round_trip", "us/request")):
-        base = statistics.median(found[name]["off"]) if "off" in found[name] else None
+    # A mode's ratio to off is taken per repetition (the two ran moments apart, under the same
+    # load), then the median and spread of those ratios are shown.
+    print("| measure | mode | median | spread (min-max) | x off: median | x off: spread |\n"
+          "|---|---|---|---|---|---|")
+    for name, unit in (("fanout", "CPU ns/delivery"), ("round_trip", "CPU us/request")):
+        base = found[name].get("off")
         for mode in modes:
             values = found[name][mode]
-            mid = statistics.median(values)
-            ratio = f"{mid / base:.3f}" if base else "n/a"
-            print(f"| {name} ({unit}) | {mode} | {mid:.1f} | {min(values):.1f}-{max(values):.1f} "
-                  f"| {ratio} |")
+            ratios = [v / b for v, b in zip(values, base, strict=True)] if base else []
+            shown = (f"{statistics.median(ratios):.3f} | {min(ratios):.3f}-{max(ratios):.3f}"
+                     if ratios else "n/a | n/a")
+            print(f"| {name} ({unit}) | {mode} | {statistics.median(values):.1f} | "
+                  f"{min(values):.1f}-{max(values):.1f} | {shown} |")
     return 0
 
 

@@ -48,7 +48,7 @@ _SNAPSHOT_TTL = 0.5
 
 
 def instrument(manager: WebsocketManager, meter_provider: MeterProvider | None = None,
-               tracer_provider: TracerProvider | None = None, *, sample_every: int = 16) -> None:
+               tracer_provider: TracerProvider | None = None, *, sample_every: int = 64) -> None:
     """Register ``manager``'s metrics with ``meter_provider`` and its spans with
     ``tracer_provider`` (defaults: the global ones).
 

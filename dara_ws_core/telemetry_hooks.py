@@ -27,7 +27,7 @@ The names, units, attributes and meaning are those of dara-core's ``dara/core/te
 counter add, a span) costs several microseconds, about what this library spends delivering a
 whole frame; doing it per frame made a broadcast 4-8 times slower. So the counts are plain ints
 read by observable instruments when the SDK collects, and the costly parts run for one operation
-in ``sample_every`` (default 16) per kind (inbound frames, outbound messages, queue waits,
+in ``sample_every`` (default 64) per kind (inbound frames, outbound messages, queue waits,
 round trips): its span and its duration. Quantiles and means of the histograms stay right; their
 ``_count`` is the number of samples (the exact counts are the executions, and for round trips
 ``dara_ws.requests`` by outcome). A traced operation
@@ -172,7 +172,7 @@ class DaraTelemetry:
     ``opentelemetry-api`` and ``ValueError`` for a ``sample_every`` below 1.
     """
 
-    def __init__(self, meter: Meter, tracer: Tracer, sample_every: int = 16) -> None:
+    def __init__(self, meter: Meter, tracer: Tracer, sample_every: int = 64) -> None:
         from opentelemetry import context, trace
         from opentelemetry.metrics import Observation
         from opentelemetry.trace import SpanKind, Status, StatusCode
