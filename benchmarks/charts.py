@@ -46,7 +46,7 @@ def _number(value: float) -> str:
         return f"{value / 1000:,.0f}k"
     if value >= 100 or value == int(value):
         return f"{value:,.0f}"
-    return f"{value:.2g}"
+    return f"{value:.3g}"
 
 
 def _ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -59,11 +59,12 @@ def _ticks(low: float, high: float, count: int = 5) -> list[float]:
         if step * factor >= raw:
             step *= factor
             break
-    start = math.floor(low / step) * step
+    value = math.floor(low / step) * step
     ticks: list[float] = []
-    value = start
-    while value <= high + step * 1e-9 and len(ticks) < 50:
+    while len(ticks) < 50:  # up to the first tick at or above high: the top value fits
         ticks.append(round(value, 10))
+        if value >= high - step * 1e-9:
+            break
         value += step
     return ticks
 
