@@ -30,12 +30,12 @@ read by observable instruments when the SDK collects, and the costly parts run f
 in ``sample_every`` (default 64) per kind (inbound frames, outbound messages, queue waits,
 round trips): its span and its duration. Quantiles and means of the histograms stay right; their
 ``_count`` is the number of samples (the exact counts are the executions, and for round trips
-``dara_ws.requests`` by outcome). A traced operation
-traces what it causes: the reply a traced inbound frame sends, the handler it starts, the request
-frame of a traced round trip. A fan-out (broadcast, per-user send, a backplane delivery) is *one*
-outbound operation in spans and durations, with ``dara.websocket.recipients`` on its span, and
-one execution per recipient; nothing is done per recipient but adding to an int.
-``sample_every=1`` traces and times everything, as Dara does, at that cost.
+``dara_ws.requests`` by outcome). A traced operation traces what it causes: the reply a traced
+inbound frame sends, the handler it starts, the request frame of a traced round trip. A fan-out
+(broadcast, per-user send, a backplane delivery) is *one* outbound operation, for sampling, spans
+and durations, with ``dara.websocket.recipients`` on its span, and one execution per recipient;
+a recipient costs a wrapper call and a flag, nothing more. ``sample_every=1`` traces and times
+everything, as Dara does, at that cost (docs/how-to/telemetry.md has the figures).
 
 As in Dara, pings and pongs are not traced (two spans every few seconds per client). A frame's
 type is read from the first bytes of the encoded envelope (``codec.build_frame`` writes ``type``
