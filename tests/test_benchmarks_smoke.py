@@ -103,3 +103,34 @@ def test_benchmark_run_rejects_an_unknown_scenario() -> None:
     )
     assert proc.returncode == 2
     assert "unknown scenario" in proc.stderr
+
+
+def test_charts_of_given_rows_hold_their_values_inside_the_plot(tmp_path: Path) -> None:
+    from benchmarks.charts import HEIGHT, TOP, write_charts
+    from benchmarks.stats import Row
+
+    rows = [
+        Row("server_request", "raw", {"p50_us": 150.0, "max_us": 200.0},
+            curve=tuple(100.0 + k for k in range(101))),
+        Row("server_request", "ours", {"p50_us": 180.0, "max_us": 320.0},
+            curve=tuple(120.0 + 2 * k for k in range(101))),
+        Row("broadcast", "ours", {"deliveries_per_s": 24_964.0}, variant="N=100"),
+        Row("broadcast", "ours", {"deliveries_per_s": 19_000.5}, variant="N=1000"),
+        Row("memory", "raw", {"KiB_per_conn": 13.56}),
+        Row("memory", "ours", {"KiB_per_conn": 24.964}),
+        Row("memory", "sio", note="unavailable: not installed"),
+    ]
+    written = write_charts(rows, tmp_path)
+    assert sorted(p.name for p in written) == [
+        "fanout-throughput.svg", "latency-cdf.svg", "memory-per-connection.svg"]
+    check_charts([{"scenario": r.scenario, "impl": r.impl, "metrics": r.metrics, "variant": r.variant,
+                   "curve": list(r.curve)} for r in rows], tmp_path)
+    for path in written:  # nothing is drawn above the plot area (the top tick covers the maximum)
+        for element in ET.parse(path).getroot().iter():
+            if element.get("class") == "bar":
+                assert float(element.get("y", "nan")) >= TOP
+            if element.tag == f"{SVG}polyline":
+                ys = [float(p.split(",")[1]) for p in element.get("points", "").split()]
+                assert min(ys) >= TOP and max(ys) <= HEIGHT
+    # A run without those scenarios draws nothing.
+    assert write_charts([Row("codec", "ours", {"ns_per_op": 1.0})], tmp_path / "none") == []
