@@ -267,6 +267,14 @@ class WebsocketManager:
         A full queue never delays the others: its channel applies its policy at once
         (:meth:`WebSocketHandler.push`). Closed channels are skipped. Never raises.
         """
+        telemetry = self.counters.telemetry
+        if telemetry is not None:  # one traced operation for the whole fan-out
+            return telemetry.fan_out(self._deliver, handlers, frame, ignore_channel)  # type: ignore[no-any-return]
+        return self._deliver(handlers, frame, ignore_channel)
+
+    def _deliver(
+        self, handlers: Iterable[WebSocketHandler], frame: bytes, ignore_channel: str | None
+    ) -> int:
         delivered = 0
         full: list[WebSocketHandler] | None = None
         for handler in handlers:
