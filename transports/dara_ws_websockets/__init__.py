@@ -50,10 +50,11 @@ _WRITE_LIMIT = 32 * 1024  # websockets' default write_limit (high-water mark)
 class WebsocketsTransport:
     """A ``websockets`` connection (server or client side) as a core ``Transport``."""
 
-    __slots__ = ("_ws",)
+    __slots__ = ("_corked", "_ws")
 
     def __init__(self, ws: Connection) -> None:
         self._ws = ws
+        self._corked = 0  # bytes corked since the last flush (an upper bound: see flush)
 
     async def send(self, frame: bytes) -> None:
         try:
@@ -73,6 +74,34 @@ class WebsocketsTransport:
         ws.protocol.send_text(frame)
         ws.send_data()
         return True
+
+    def send_corked(self, frame: bytes) -> bool:
+        # The frame is encoded into the protocol's pending output (protocol.writes), which
+        # websockets itself writes out on its next send_data(): a send(), a close or a pong
+        # sends corked frames first, in order. The write limit counts the corked bytes too.
+        ws = self._ws
+        if ws.protocol.state is not State.OPEN or ws.send_in_progress is not None:
+            return False
+        transport = ws.transport
+        if transport.is_closing() or transport.get_write_buffer_size() + self._corked > _WRITE_LIMIT:
+            return False
+        ws.protocol.send_text(frame)
+        self._corked += len(frame)
+        return True
+
+    def flush(self) -> None:
+        self._corked = 0
+        ws = self._ws
+        if ws.transport.is_closing():  # aborted or lost: what is pending is dropped with it
+            return
+        writes = ws.protocol.data_to_send()
+        if not writes:
+            return
+        if all(writes):  # one send() for the whole burst
+            ws.transport.write(writes[0] if len(writes) == 1 else b"".join(writes))
+        else:  # an end-of-stream marker (after a close): let websockets act on it
+            ws.protocol.writes[:0] = writes
+            ws.send_data()
 
     async def receive(self) -> str | bytes:
         try:
