@@ -22,6 +22,8 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed as WsConnectionClosed
 
+from dara_ws_aiohttp import AiohttpTransport
+from dara_ws_aiohttp import serve as aiohttp_serve
 from dara_ws_core import Endpoint, Identity, ServerConfig, WebsocketManager, token_authenticator
 from dara_ws_core.transport import SupportsCork
 from dara_ws_websockets import WebsocketsTransport, serve
@@ -50,8 +52,9 @@ class _CountingSocket(socket.socket):
 class Wire:
     """What one server-side connection writes from now on: ``write`` calls and send syscalls."""
 
-    def __init__(self, conn: ServerConnection) -> None:
-        transport: Any = conn.transport
+    def __init__(self, conn: ServerConnection | Any) -> None:
+        transport: Any = conn.transport  # websockets' connection, or aiohttp's frame writer
+        self.transport = transport
         self.fd = transport.get_extra_info("socket").fileno()
         transport._sock.__class__ = _CountingSocket  # the real socket, counted
         SENDS[self.fd] = 0
@@ -98,13 +101,24 @@ class Served:
         return list(clients)
 
     def wires(self) -> list[Wire]:
+        if self.aiohttp:  # the writer of each connection's aiohttp WebSocketResponse
+            return [Wire(h._sink.transport._ws._writer)  # type: ignore[union-attr]
+                    for h in self.manager.handlers.values()]
         return [Wire(conn) for conn in self.native.connections]
+
+    @property
+    def aiohttp(self) -> bool:
+        return not hasattr(self.native, "connections")
 
 
 @contextlib.asynccontextmanager
-async def served(**config: Any) -> AsyncIterator[Served]:
+async def served(adapter: str = "websockets", **config: Any) -> AsyncIterator[Served]:
     manager = WebsocketManager(ServerConfig(**config))
     endpoint = Endpoint(manager, token_authenticator(lambda t: Identity(user_id=t, session_id="s")))
+    if adapter == "aiohttp":
+        async with aiohttp_serve(endpoint, "127.0.0.1", 0) as server:
+            yield Served(manager, server.native, server.url)
+        return
     async with serve(endpoint, "127.0.0.1", 0, ping_interval=None) as server:
         yield Served(manager, server.native, server.url)
 
@@ -113,13 +127,15 @@ async def received(client: ClientConnection, n: int) -> list[Any]:
     return [json.loads(await asyncio.wait_for(client.recv(), TIMEOUT)) for _ in range(n)]
 
 
-def test_the_websockets_transport_corks() -> None:
+def test_the_websockets_and_aiohttp_transports_cork() -> None:
     assert issubclass(WebsocketsTransport, SupportsCork)
+    assert issubclass(AiohttpTransport, SupportsCork)
 
 
-async def test_a_burst_of_broadcasts_costs_one_send_per_connection() -> None:
+@pytest.mark.parametrize("adapter", ["websockets", "aiohttp"])
+async def test_a_burst_of_broadcasts_costs_one_send_per_connection(adapter: str) -> None:
     n, burst = 300, 10
-    async with served() as srv:
+    async with served(adapter) as srv:
         clients = await srv.clients(n)
         wires = srv.wires()
         for i in range(burst):  # one loop iteration: no await suspends in between
@@ -144,10 +160,11 @@ async def test_broadcasts_in_separate_iterations_are_written_separately() -> Non
         await client.close()
 
 
-async def test_a_burst_over_the_write_limit_queues_the_rest_and_keeps_the_order() -> None:
+@pytest.mark.parametrize("adapter", ["websockets", "aiohttp"])
+async def test_a_burst_over_the_write_limit_queues_the_rest_and_keeps_the_order(adapter: str) -> None:
     # 200 frames of ~1 KiB: the cork takes them up to the 32 KiB write limit, the bounded queue
     # the rest, and the send task flushes the cork before its first awaited send.
-    async with served() as srv:
+    async with served(adapter) as srv:
         (client,) = await srv.clients(1)
         (wire,) = srv.wires()
         pad = "x" * 1000
@@ -159,8 +176,9 @@ async def test_a_burst_over_the_write_limit_queues_the_rest_and_keeps_the_order(
         await client.close()
 
 
-async def test_a_close_decided_while_corked_sends_the_corked_frames_first() -> None:
-    async with served() as srv:
+@pytest.mark.parametrize("adapter", ["websockets", "aiohttp"])
+async def test_a_close_decided_while_corked_sends_the_corked_frames_first(adapter: str) -> None:
+    async with served(adapter) as srv:
         (client,) = await srv.clients(1)
         (wire,) = srv.wires()
         (handler,) = srv.manager.handlers.values()
@@ -171,7 +189,9 @@ async def test_a_close_decided_while_corked_sends_the_corked_frames_first() -> N
         with pytest.raises(WsConnectionClosed) as caught:
             await asyncio.wait_for(client.recv(), TIMEOUT)
         assert caught.value.rcvd is not None and caught.value.rcvd.code == 4321
-        await eventually(lambda: not srv.native.connections, "the server side gone")
+        # Once the socket is closed every write the close could have been followed by was made.
+        await eventually(lambda: wire.transport.is_closing() and not srv.manager.handlers,
+                         "the channel and its socket gone")
         frames = wire.frames()
         assert [op for op, _ in frames] == [1] * 5 + [8]  # 5 text frames, the close, nothing after
         assert frames[-1][1][:2] == (4321).to_bytes(2, "big")
