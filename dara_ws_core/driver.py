@@ -130,9 +130,31 @@ class ConnectionDriver:
             current_identity.set(handler.identity)
         if handler.queue:
             self.frames_queued()  # init
-        ended = ConnectionClosed(CloseCode.ABNORMAL, "connection lost")
+        # The receive loop is inlined here and nothing is built ahead (the exception that ends
+        # the connection, bound methods): an idle connection holds one coroutine frame of ours.
+        ended: ConnectionClosed | None = None
+        handled = 0
         try:
-            ended = await self._receive()
+            while self._closed is None:
+                try:
+                    frame = await self.transport.receive()
+                except ConnectionClosed as exc:
+                    ended = exc
+                    break
+                pending = handler.receive_frame(frame, self._loop.time())
+                if pending is not None:
+                    try:
+                        await pending
+                    except ConnectionClosed as exc:
+                        ended = exc
+                        break
+                handled += 1
+                if handled % _YIELD_EVERY == 0:
+                    # A receive with frames already buffered returns without suspending: a
+                    # client that keeps its buffer full would otherwise hold the loop for all.
+                    await asyncio.sleep(0)
+            else:
+                ended = self._closed  # a close was decided: the handler already knows
         except asyncio.CancelledError:
             ended = ConnectionClosed(CloseCode.GOING_AWAY, "server shutting down")
             handler.close(ended.code, ended.reason)
@@ -142,29 +164,7 @@ class ConnectionDriver:
             ended = ConnectionClosed(CloseCode.INTERNAL_ERROR, "internal error")
             handler.close(ended.code, ended.reason)
         finally:
-            await self._finish(ended)
-
-    async def _receive(self) -> ConnectionClosed:
-        """Hand frames to the handler in order until the transport ends or a close is decided."""
-        receive, handler, clock = self.transport.receive, self.handler, self._loop.time
-        handled = 0
-        while self._closed is None:
-            try:
-                frame = await receive()
-            except ConnectionClosed as exc:
-                return exc
-            pending = handler.receive_frame(frame, clock())
-            if pending is not None:
-                try:
-                    await pending
-                except ConnectionClosed as exc:
-                    return exc
-            handled += 1
-            if handled % _YIELD_EVERY == 0:
-                # A receive with frames already buffered returns without suspending: a client
-                # that keeps its buffer full would otherwise hold the loop for all of them.
-                await asyncio.sleep(0)
-        return self._closed
+            await self._finish(ended or ConnectionClosed(CloseCode.ABNORMAL, "connection lost"))
 
     async def _finish(self, ended: ConnectionClosed) -> None:
         self._arm_abort()
