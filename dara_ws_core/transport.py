@@ -39,10 +39,12 @@ manager that yields a :class:`Server` (``port=0`` picks a free port).
 
 from __future__ import annotations
 
-__all__ = ["HandshakeRequest", "Server", "SupportsCork", "SupportsSendNowait", "Transport", "parse_cookies"]
+__all__ = ["HandshakeRequest", "Server", "SupportsCork", "SupportsSendNowait", "Transport", "parse_cookies",
+           "text_frame_header"]
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from struct import Struct
 from types import MappingProxyType
 from typing import Generic, Protocol, TypeVar, runtime_checkable
 from urllib.parse import parse_qsl, urlsplit
@@ -100,6 +102,23 @@ class SupportsCork(Protocol):
     def flush(self) -> None:
         """Write the pending output in one write; a no-op when there is none or the connection
         is closing (what an abort or a lost connection left pending is dropped). Never raises."""
+
+
+#: Headers of final, unmasked text frames of 0-125 bytes, made once: most frames are small.
+_SMALL_TEXT_HEADERS = tuple(bytes((0x81, size)) for size in range(126))
+_HEADER16 = Struct("!BBH")
+_HEADER64 = Struct("!BBQ")
+
+
+def text_frame_header(size: int) -> bytes:
+    """The header of a final, unmasked, uncompressed text frame of ``size`` payload bytes (RFC
+    6455 section 5.2): for adapters that cork frames their library cannot frame without writing
+    (server side only; a client masks its frames)."""
+    if size < 126:
+        return _SMALL_TEXT_HEADERS[size]
+    if size < 65536:
+        return _HEADER16.pack(0x81, 126, size)
+    return _HEADER64.pack(0x81, 127, size)
 
 
 _Native = TypeVar("_Native")

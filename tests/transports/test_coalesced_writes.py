@@ -21,11 +21,12 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed as WsConnectionClosed
+from websockets.frames import Frame, Opcode
 
 from dara_ws_aiohttp import AiohttpTransport
 from dara_ws_aiohttp import serve as aiohttp_serve
 from dara_ws_core import Endpoint, Identity, ServerConfig, WebsocketManager, token_authenticator
-from dara_ws_core.transport import SupportsCork
+from dara_ws_core.transport import SupportsCork, text_frame_header
 from dara_ws_websockets import WebsocketsTransport, serve
 from tests.helpers import eventually
 
@@ -229,3 +230,10 @@ async def test_a_round_trip_is_flushed_within_the_iteration() -> None:
         await answering
         assert len(wire.writes) == 1
         await client.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
+def test_the_corked_frame_header_is_what_websockets_serializes(size: int) -> None:
+    payload = b"x" * size
+    serialized = Frame(Opcode.TEXT, payload).serialize(mask=False)
+    assert text_frame_header(size) + payload == serialized

@@ -4,29 +4,15 @@ from __future__ import annotations
 
 __all__ = ["AiohttpTransport"]
 
-from struct import Struct
 from typing import Any
 
 import aiohttp
 from aiohttp import WSMsgType, web
 
 from dara_ws_core.exceptions import CloseCode, ConnectionClosed
+from dara_ws_core.transport import text_frame_header
 
 _WRITE_LIMIT = 32 * 1024  # buffered output (corked included) above which frames are queued
-_HEAD = Struct("!BB")
-_HEAD16 = Struct("!BBH")
-_HEAD64 = Struct("!BBQ")
-
-
-def _text_frame_head(size: int) -> bytes:
-    """The header of an unmasked, uncompressed, final text frame (RFC 6455 section 5.2)."""
-    if size < 126:
-        return _HEAD.pack(0x81, size)
-    if size < 65536:
-        return _HEAD16.pack(0x81, 126, size)
-    return _HEAD64.pack(0x81, 127, size)
-
-
 class AiohttpTransport:
     """An aiohttp WebSocket (server or client side) as a :class:`Transport`.
 
@@ -76,7 +62,7 @@ class AiohttpTransport:
             return False
         if writer.transport.get_write_buffer_size() + self._corked_bytes > _WRITE_LIMIT:
             return False
-        self._corked.append(_text_frame_head(len(frame)))
+        self._corked.append(text_frame_header(len(frame)))
         self._corked.append(frame)
         self._corked_bytes += len(frame)
         return True

@@ -24,7 +24,7 @@ try:
     from websockets.asyncio.server import ServerConnection
     from websockets.asyncio.server import serve as ws_serve
     from websockets.http11 import Request, Response
-    from websockets.protocol import State
+    from websockets.protocol import Side, State
 except ImportError as exc:  # the extra is missing: say which one to install
     raise ImportError(
         'dara_ws_websockets needs the websockets library: pip install "dara-ws-core[websockets]"', name=exc.name
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 from dara_ws_core.endpoint import Endpoint
 from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
-from dara_ws_core.transport import HandshakeRequest, Server
+from dara_ws_core.transport import HandshakeRequest, Server, text_frame_header
 
 
 def _closed(exc: websockets.ConnectionClosed) -> ConnectionClosed:
@@ -77,16 +77,23 @@ class WebsocketsTransport:
         return True
 
     def send_corked(self, frame: bytes) -> bool:
-        # The frame is encoded into the protocol's pending output (protocol.writes), which
-        # websockets itself writes out on its next send_data(): a send(), a close or a pong
-        # sends corked frames first, in order. The write limit counts the corked bytes too.
+        # The frame goes into the protocol's pending output (protocol.writes), which websockets
+        # itself writes out on its next send_data(): a send(), a close or a pong sends corked
+        # frames first, in order. The write limit counts the corked bytes too.
         ws = self._ws
-        if ws.protocol.state is not State.OPEN or ws.send_in_progress is not None:
+        protocol = ws.protocol
+        if protocol.state is not State.OPEN or ws.send_in_progress is not None:
             return False
         transport = ws.transport
         if transport.is_closing() or transport.get_write_buffer_size() + self._corked > _WRITE_LIMIT:
             return False
-        ws.protocol.send_text(frame)
+        if protocol.side is Side.SERVER and not protocol.extensions:
+            # What send_text() appends, without building and serializing a Frame per message
+            # (most of a delivery's cost): an unmasked final text frame is a header and the
+            # payload. With an extension (compression) or on the client side websockets frames.
+            protocol.writes += (text_frame_header(len(frame)), frame)
+        else:
+            protocol.send_text(frame)
         self._corked += len(frame)
         return True
 
