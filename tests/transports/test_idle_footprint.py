@@ -51,6 +51,9 @@ async def test_an_idle_connection_holds_no_queue_task_set_or_index_set_of_its_ow
                 assert handler.queue._frames is shared  # drained: no deque of its own
                 assert handler._tasks is None  # no handler task ever ran: no task set
                 assert handler._log is None  # nothing logged: no logger adapter
+            # Identities without claims share one read-only empty mapping.
+            assert len({id(h.identity.claims) for h in manager.handlers.values()  # type: ignore[union-attr]
+                        }) == 1
             # One channel per user and session: indexed by its id, not by a set of one.
             assert all(isinstance(v, str) for v in manager.registry._users.values())
             assert all(isinstance(v, str) for v in manager.registry._sessions.values())
