@@ -342,6 +342,19 @@ async def broadcast(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
     return rows
 
 
+async def broadcast_burst(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
+    """(3b) Broadcast of M messages to the largest N, k per event-loop iteration: k = 1 is the
+    case no server can coalesce, k = 10 a burst that costs a coalescing server one write per
+    connection instead of ten (scenario 3 sends all M in one iteration)."""
+    n = sizes.fanout_ns[-1]
+    rows: list[Row] = []
+    for k in (1, 10):
+        rows += await _fanout("broadcast_burst", sizes, impls, users=n, per_user=1,
+                              m=sizes.fanout_m, rounds=sizes.fanout_rounds, command="broadcast",
+                              variant=f"k={k} N={n}", per_iter=k)
+    return rows
+
+
 async def per_user(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
     """(4) Per-user fan-out: every user gets M messages on each of its connections."""
     return await _fanout("per_user", sizes, impls, users=sizes.users, per_user=sizes.per_user,
@@ -481,6 +494,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("broadcast", "(3) broadcast fan-out", broadcast,
              ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-otel"),
              ("deliveries_per_s", "server_cpu_us")),
+    Scenario("broadcast_burst", "(3b) broadcast, k messages per loop iteration", broadcast_burst,
+             ("raw", "ours", "ours-aiohttp"), ("deliveries_per_s",)),
     Scenario("per_user", "(4) per-user fan-out", per_user, ("raw", "ours", "sio"),
              ("deliveries_per_s", "server_cpu_us")),
     Scenario("memory", "(5) idle connections: server RSS", memory, ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi"),

@@ -407,11 +407,15 @@ async def cmd_ask(impl: Impl, warmup: int, iters: int) -> dict[str, Any]:
     return {"samples": samples, "total_s": time.perf_counter() - t0}
 
 
-async def cmd_broadcast(impl: Impl, m: int, r: int) -> dict[str, Any]:
-    """``m`` broadcasts back to back; ``t0`` is taken just before the first one."""
+async def cmd_broadcast(impl: Impl, m: int, r: int, per_iter: int = 0) -> dict[str, Any]:
+    """``m`` broadcasts back to back; ``t0`` is taken just before the first one. With
+    ``per_iter`` = k > 0, the loop runs one iteration after every k broadcasts (a burst of k
+    per iteration: what a coalescing server can write in one system call per connection)."""
     t0 = time.monotonic()
     for i in range(m):
         await impl.broadcast({"bench": r, "n": i})
+        if per_iter and (i + 1) % per_iter == 0:
+            await asyncio.sleep(0)
     return {"t0": t0, "t_sent": time.monotonic()}
 
 

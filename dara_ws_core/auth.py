@@ -43,6 +43,11 @@ from .transport import HandshakeRequest
 SESSION_COOKIE = "dara_session_token"
 
 
+#: The claims of an identity that has none: read-only, so every such identity shares it (one
+#: empty dict and proxy less per connection).
+_NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class Identity:
     """Who is on the other end of a connection.
@@ -55,7 +60,7 @@ class Identity:
     user_id: str
     session_id: str
     token: str | None = None
-    claims: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    claims: Mapping[str, Any] = field(default_factory=lambda: _NO_CLAIMS)
     expires_at: float | None = None
 
     def expired(self, now: float | None = None) -> bool:

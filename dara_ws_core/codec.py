@@ -21,6 +21,7 @@ __all__ = [
     "utf8_size_exceeds",
 ]
 
+import functools
 import re
 from typing import Annotated, Any
 
@@ -43,9 +44,14 @@ from .messages import (
 _CLIENT_ADAPTER: TypeAdapter[ClientMessage] = TypeAdapter(
     Annotated[ClientMessage, Field(discriminator="type")]
 )
-_SERVER_ADAPTER: TypeAdapter[ServerMessage] = TypeAdapter(
-    Annotated[ServerMessage, Field(discriminator="type")]
-)
+
+
+@functools.cache
+def _server_adapter() -> TypeAdapter[ServerMessage]:
+    # Built on first use: only clients decode server frames, and the validator costs a server
+    # process memory for nothing.
+    return TypeAdapter(Annotated[ServerMessage, Field(discriminator="type")])
+
 
 #: Outbound frames are strict JSON (RFC 8259) whatever the application hands us: a float that is
 #: NaN or infinite becomes ``null``, as JavaScript's ``JSON.stringify`` does. ``NaN`` on the wire
@@ -358,7 +364,7 @@ def decode_server_frame(frame: str | bytes) -> ServerMessage:
     if isinstance(frame, bytes | bytearray | memoryview) and not isinstance(frame, bytes):
         frame = bytes(frame)
     try:
-        return _SERVER_ADAPTER.validate_json(frame, by_alias=True, by_name=False)
+        return _server_adapter().validate_json(frame, by_alias=True, by_name=False)
     except ValidationError as exc:
         raise _classify(exc) from None
 

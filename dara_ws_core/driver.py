@@ -16,6 +16,7 @@ __all__ = ["ConnectionDriver", "close_quietly"]
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,7 @@ from .auth import Identity
 from .exceptions import CloseCode, ConnectionClosed
 from .handler import WebSocketHandler, current_channel, current_identity
 from .stats import transport_label
-from .transport import SupportsSendNowait, Transport
+from .transport import SupportsCork, SupportsSendNowait, Transport
 
 if TYPE_CHECKING:
     from .manager import WebsocketManager
@@ -37,8 +38,8 @@ _YIELD_EVERY = 16
 class ConnectionDriver:
     """Runs one connection: create it with the transport and identity, then ``await run()``."""
 
-    __slots__ = ("_abort_timer", "_close_task", "_closed", "_loop", "_sender", "_write",
-                 "handler", "manager", "transport")
+    __slots__ = ("_abort_timer", "_close_task", "_closed", "_cork", "_corked", "_flusher", "_loop",
+                 "_sender", "_write", "handler", "manager", "transport")
 
     def __init__(
         self, manager: WebsocketManager, transport: Transport, identity: Identity, channel_id: str
@@ -48,9 +49,17 @@ class ConnectionDriver:
         self._loop = loop = asyncio.get_running_loop()
         # The transport's optional synchronous write (a frame written now, no task, no queue),
         # looked up once: a runtime protocol check costs microseconds, too much per frame.
-        self._write: Callable[[bytes], bool] | None = (
-            transport.send_nowait if isinstance(transport, SupportsSendNowait) else None
-        )
+        # With a cork, frames are appended to the transport's pending output and flushed once per
+        # loop iteration for every corked connection: a burst costs one write per connection.
+        self._write: Callable[[bytes], bool] | None
+        if isinstance(transport, SupportsCork):
+            self._cork: SupportsCork | None = transport
+            self._flusher: _Flusher | None = _flusher(loop)
+            self._write = self._write_corked
+        else:
+            self._cork = self._flusher = None
+            self._write = transport.send_nowait if isinstance(transport, SupportsSendNowait) else None
+        self._corked = False
         self._sender: asyncio.Task[None] | None = None
         self._close_task: asyncio.Task[None] | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
@@ -89,6 +98,28 @@ class ConnectionDriver:
         # does not read takes the transport's close timeout: unregister it at once.
         self.manager.remove_handler(self.handler.channel_id, self._closed)
 
+    # ------------------------------------------------------------------ coalesced writes
+
+    def _write_corked(self, frame: bytes) -> bool:
+        cork, flusher = self._cork, self._flusher
+        if cork is None or flusher is None or not cork.send_corked(frame):
+            return False
+        if not self._corked:
+            self._corked = True
+            flusher.add(self)
+        return True
+
+    def flush(self) -> None:
+        """Write what this connection corked: called by the loop's flusher once per iteration,
+        and before an awaited send or close so that nothing overtakes a corked frame."""
+        cork = self._cork
+        if self._corked and cork is not None:
+            self._corked = False
+            try:
+                cork.flush()
+            except Exception:  # a flush must never raise into the loop
+                logger.debug("flush failed", exc_info=True)
+
     # ------------------------------------------------------------------ the connection
 
     async def run(self) -> None:
@@ -99,9 +130,31 @@ class ConnectionDriver:
             current_identity.set(handler.identity)
         if handler.queue:
             self.frames_queued()  # init
-        ended = ConnectionClosed(CloseCode.ABNORMAL, "connection lost")
+        # The receive loop is inlined here and nothing is built ahead (the exception that ends
+        # the connection, bound methods): an idle connection holds one coroutine frame of ours.
+        ended: ConnectionClosed | None = None
+        handled = 0
         try:
-            ended = await self._receive()
+            while self._closed is None:
+                try:
+                    frame = await self.transport.receive()
+                except ConnectionClosed as exc:
+                    ended = exc
+                    break
+                pending = handler.receive_frame(frame, self._loop.time())
+                if pending is not None:
+                    try:
+                        await pending
+                    except ConnectionClosed as exc:
+                        ended = exc
+                        break
+                handled += 1
+                if handled % _YIELD_EVERY == 0:
+                    # A receive with frames already buffered returns without suspending: a
+                    # client that keeps its buffer full would otherwise hold the loop for all.
+                    await asyncio.sleep(0)
+            else:
+                ended = self._closed  # a close was decided: the handler already knows
         except asyncio.CancelledError:
             ended = ConnectionClosed(CloseCode.GOING_AWAY, "server shutting down")
             handler.close(ended.code, ended.reason)
@@ -111,29 +164,7 @@ class ConnectionDriver:
             ended = ConnectionClosed(CloseCode.INTERNAL_ERROR, "internal error")
             handler.close(ended.code, ended.reason)
         finally:
-            await self._finish(ended)
-
-    async def _receive(self) -> ConnectionClosed:
-        """Hand frames to the handler in order until the transport ends or a close is decided."""
-        receive, handler, clock = self.transport.receive, self.handler, self._loop.time
-        handled = 0
-        while self._closed is None:
-            try:
-                frame = await receive()
-            except ConnectionClosed as exc:
-                return exc
-            pending = handler.receive_frame(frame, clock())
-            if pending is not None:
-                try:
-                    await pending
-                except ConnectionClosed as exc:
-                    return exc
-            handled += 1
-            if handled % _YIELD_EVERY == 0:
-                # A receive with frames already buffered returns without suspending: a client
-                # that keeps its buffer full would otherwise hold the loop for all of them.
-                await asyncio.sleep(0)
-        return self._closed
+            await self._finish(ended or ConnectionClosed(CloseCode.ABNORMAL, "connection lost"))
 
     async def _finish(self, ended: ConnectionClosed) -> None:
         self._arm_abort()
@@ -163,6 +194,7 @@ class ConnectionDriver:
         try:
             while (frame := queue.get_nowait()) is not None:
                 if write is None or not write(frame):
+                    self.flush()  # what is corked goes first
                     await send(frame)
                 flushed()
         except ConnectionClosed:
@@ -179,6 +211,7 @@ class ConnectionDriver:
         if self._sender is not None:
             # It writes the frame it holds and stops: the queue is empty and closed.
             await asyncio.wait([self._sender])
+        self.flush()  # what was corked before the close goes out first, in order
         try:
             for frame in backlog:
                 await self.transport.send(frame)
@@ -195,6 +228,43 @@ class ConnectionDriver:
             self._abort_timer = self._loop.call_later(
                 self.manager.config.close_timeout, _abort_quietly, self.transport
             )
+
+
+class _Flusher:
+    """The connections of one loop that corked frames this iteration, flushed together by one
+    ``call_soon`` callback: one callback per iteration, not one per connection or frame. Bounded:
+    a connection is added only when it corks with nothing corked (its ``_corked`` flag), so
+    once per iteration, plus once per awaited send that flushed it early. It holds no reference
+    to the loop, which keys it weakly."""
+
+    __slots__ = ("_dirty", "_scheduled")
+
+    def __init__(self) -> None:
+        self._dirty: list[ConnectionDriver] = []
+        self._scheduled = False
+
+    def add(self, driver: ConnectionDriver) -> None:
+        self._dirty.append(driver)
+        if not self._scheduled:
+            self._scheduled = True
+            driver._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for driver in dirty:
+            driver.flush()
+
+
+_FLUSHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flusher] = (
+    weakref.WeakKeyDictionary())
+
+
+def _flusher(loop: asyncio.AbstractEventLoop) -> _Flusher:
+    flusher = _FLUSHERS.get(loop)
+    if flusher is None:
+        _FLUSHERS[loop] = flusher = _Flusher()
+    return flusher
 
 
 async def _cancel(task: asyncio.Task[Any] | None) -> None:

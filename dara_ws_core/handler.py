@@ -129,7 +129,7 @@ class WebSocketHandler:
         self.flushed = 0
         self._flush_goal: tuple[int, asyncio.Event] | None = None
         self._sink = sink
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] | None = None  # created by the first handler task
         self._shut = False
         self._log: ConnectionLogger | None = None
 
@@ -177,7 +177,7 @@ class WebSocketHandler:
     @property
     def task_count(self) -> int:
         """Custom handler tasks (async and ``in_thread`` handlers) running for this connection."""
-        return len(self._tasks)
+        return len(self._tasks) if self._tasks is not None else 0
 
     @property
     def dropped(self) -> int:
@@ -438,8 +438,11 @@ class WebSocketHandler:
 
     def track(self, task: asyncio.Task[None]) -> None:
         """Keep a custom handler's task: a graceful shutdown waits for it, a close cancels it."""
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        tasks = self._tasks
+        if tasks is None:
+            self._tasks = tasks = set()
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     async def wait_tasks(self, timeout: float) -> None:
         """Wait up to ``timeout`` for running handler tasks (graceful shutdown)."""
@@ -459,5 +462,5 @@ class WebSocketHandler:
         self.counters.custom_busy += self.connection.busy
         self.apply(self.connection.connection_lost(exc))
         self.queue.close()
-        for task in self._tasks:
+        for task in self._tasks or ():
             task.cancel()

@@ -143,18 +143,22 @@ class OutboundQueue:
                 self._getter = None
         if self._closed:
             raise ConnectionClosed(reason="channel is closed")
-        frame = self._frames.popleft()
-        self._bytes -= len(frame)
-        if self._putters:
-            self._wake_putter()
-        return frame
+        return self._pop()
 
     def get_nowait(self) -> bytes | None:
         """The next frame if one is queued, else ``None``."""
         if not self._frames or self._closed:
             return None
-        frame = self._frames.popleft()
+        return self._pop()
+
+    def _pop(self) -> bytes:
+        frames = self._frames
+        frame = frames.popleft()
         self._bytes -= len(frame)
+        if not frames:
+            # Drained: the deque goes back to the shared empty one, so a channel that queued
+            # only its init frame (then writes straight to the socket) holds none while idle.
+            self._frames = _SHARED_EMPTY
         if self._putters:
             self._wake_putter()
         return frame

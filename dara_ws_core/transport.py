@@ -25,16 +25,26 @@ write buffer below its limit) and returns ``False`` otherwise, without side effe
 checks for it once per connection (``isinstance``); with it, a broadcast writes straight to the
 sockets of clients that keep up, as ``websockets.broadcast`` does, and queues only for the others.
 
+Optional, for fewer system calls: :class:`SupportsCork`, coalesced writes. ``send_corked(frame)
+-> bool`` takes a text frame as ``send_nowait`` does (same refusals, same write limit, the corked
+bytes counted in it) but only appends it to the connection's pending output; ``flush()`` writes
+all of that output in one write. The driver flushes every connection it corked once per
+event-loop iteration (one ``loop.call_soon`` for all of them), and before any awaited ``send``
+or ``close``, so a burst of broadcasts costs one system call per connection, in order. A
+transport with it needs no ``send_nowait``: the driver prefers the cork.
+
 Every socket adapter also has ``serve(endpoint, host="127.0.0.1", port=8000)``, an async context
 manager that yields a :class:`Server` (``port=0`` picks a free port).
 """
 
 from __future__ import annotations
 
-__all__ = ["HandshakeRequest", "Server", "SupportsSendNowait", "Transport", "parse_cookies"]
+__all__ = ["HandshakeRequest", "Server", "SupportsCork", "SupportsSendNowait", "Transport", "parse_cookies",
+           "text_frame_header"]
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from struct import Struct
 from types import MappingProxyType
 from typing import Generic, Protocol, TypeVar, runtime_checkable
 from urllib.parse import parse_qsl, urlsplit
@@ -78,6 +88,37 @@ class SupportsSendNowait(Protocol):
 
     def send_nowait(self, frame: bytes) -> bool:
         """Write ``frame`` as a text frame now if possible without waiting; else ``False``."""
+
+
+@runtime_checkable
+class SupportsCork(Protocol):
+    """The optional coalesced writes of a transport (see the module docstring)."""
+
+    def send_corked(self, frame: bytes) -> bool:
+        """Add ``frame`` as a text frame to the pending output without writing it, if the
+        connection is open and its buffered output (pending included) is below its write limit;
+        else ``False``, without side effects."""
+
+    def flush(self) -> None:
+        """Write the pending output in one write; a no-op when there is none or the connection
+        is closing (what an abort or a lost connection left pending is dropped). Never raises."""
+
+
+#: Headers of final, unmasked text frames of 0-125 bytes, made once: most frames are small.
+_SMALL_TEXT_HEADERS = tuple(bytes((0x81, size)) for size in range(126))
+_HEADER16 = Struct("!BBH")
+_HEADER64 = Struct("!BBQ")
+
+
+def text_frame_header(size: int) -> bytes:
+    """The header of a final, unmasked, uncompressed text frame of ``size`` payload bytes (RFC
+    6455 section 5.2): for adapters that cork frames their library cannot frame without writing
+    (server side only; a client masks its frames)."""
+    if size < 126:
+        return _SMALL_TEXT_HEADERS[size]
+    if size < 65536:
+        return _HEADER16.pack(0x81, 126, size)
+    return _HEADER64.pack(0x81, 127, size)
 
 
 _Native = TypeVar("_Native")

@@ -21,6 +21,7 @@ SCENARIOS = {
     "server_request": {"raw", "ours", "sio", "ours-aiohttp", "ours-asgi"},
     "client_request": {"raw", "ours", "sio", "ours-aiohttp", "ours-asgi"},
     "broadcast": {"raw", "ours", "sio", "ours-aiohttp", "ours-asgi"},
+    "broadcast_burst": {"raw", "ours", "ours-aiohttp"},
     "per_user": {"raw", "ours", "sio"},
     "memory": {"raw", "ours", "sio", "ours-aiohttp", "ours-asgi"},
     "codec": {"raw", "ours"},

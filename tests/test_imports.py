@@ -268,6 +268,11 @@ def test_importing_the_core_loads_no_transport_library_or_extra() -> None:
         f"for name in {modules!r}: importlib.import_module(name)\n"
         f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({forbidden!r})))\n"
     )
+    assert run_python(code) == "[]"
+
+
+def run_python(code: str) -> str:
+    """What ``code`` prints, run in a fresh interpreter from the repository root."""
     # Pydantic plugins installed alongside (logfire's, a dara-core dependency) import
     # opentelemetry themselves when a model is built: not an import of ours.
     result = subprocess.run(
@@ -275,7 +280,7 @@ def test_importing_the_core_loads_no_transport_library_or_extra() -> None:
         check=False, env={**os.environ, "PYDANTIC_DISABLE_PLUGINS": "__all__"},
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    return result.stdout.strip()
 
 
 #: What each integration serves an app of, and through which adapter.
@@ -322,3 +327,17 @@ def test_each_adapter_imports_only_its_own_library(package: str) -> None:
     others = (TRANSPORT_LIBRARIES - ADAPTERS[package]) | (set(ADAPTERS) - {package})
     bad = [i.where(path) for path in files for i in imports_of(path) if i.top in others]
     assert bad == []
+
+
+def test_a_websockets_server_process_loads_no_client_side_or_optional_module() -> None:
+    # What a server needs and nothing more (process RSS before the first connection): the
+    # websockets client (with urllib.request, http.client and email for its proxy support), the
+    # telemetry, JWT, backplane and test helpers are imported by whoever uses them.
+    unwanted = ["websockets.asyncio.client", "urllib.request", "http.client",
+                "dara_ws_core.telemetry", "dara_ws_core.telemetry_hooks", "dara_ws_core.jwt",
+                "dara_ws_core.backplane", "dara_ws_core.testing", "hypothesis"]
+    code = (
+        "import sys, dara_ws_core, dara_ws_websockets\n"
+        f"print(sorted(set(sys.modules) & set({unwanted!r})))\n"
+    )
+    assert run_python(code) == "[]"

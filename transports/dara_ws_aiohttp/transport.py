@@ -4,12 +4,15 @@ from __future__ import annotations
 
 __all__ = ["AiohttpTransport"]
 
+from typing import Any
+
 import aiohttp
 from aiohttp import WSMsgType, web
 
 from dara_ws_core.exceptions import CloseCode, ConnectionClosed
+from dara_ws_core.transport import text_frame_header
 
-
+_WRITE_LIMIT = 32 * 1024  # buffered output (corked included) above which frames are queued
 class AiohttpTransport:
     """An aiohttp WebSocket (server or client side) as a :class:`Transport`.
 
@@ -26,6 +29,8 @@ class AiohttpTransport:
         self._session = session
         self._local_code: int | None = None  # what we closed with, until the peer echoes it
         self._gone: ConnectionClosed | None = None
+        self._corked: list[bytes] = []  # frames (headers included) waiting for flush()
+        self._corked_bytes = 0
 
     @property
     def closed(self) -> bool:
@@ -40,6 +45,35 @@ class AiohttpTransport:
         """Send one text frame; raises ``ConnectionClosed`` once the connection is closing."""
         await self._send(frame, WSMsgType.TEXT)
 
+    def _open_writer(self) -> Any:
+        """aiohttp's frame writer and its socket transport if a frame can be written now (server
+        side: no mask, no compression; not closing), else ``None``. aiohttp has no synchronous
+        send, so corked frames are framed here and written to the writer's transport."""
+        writer: Any = getattr(self._ws, "_writer", None)
+        if (writer is None or writer.use_mask or writer.compress or writer._closing
+                or self.closed or writer.transport.is_closing()):
+            return None
+        return writer
+
+    def send_corked(self, frame: bytes) -> bool:
+        """Add ``frame`` to the output flushed by :meth:`flush` (``SupportsCork``)."""
+        writer = self._open_writer()
+        if writer is None:
+            return False
+        if writer.transport.get_write_buffer_size() + self._corked_bytes > _WRITE_LIMIT:
+            return False
+        self._corked.append(text_frame_header(len(frame)))
+        self._corked.append(frame)
+        self._corked_bytes += len(frame)
+        return True
+
+    def flush(self) -> None:
+        """Write the corked frames in one write; dropped if the connection closed meanwhile."""
+        corked, self._corked, self._corked_bytes = self._corked, [], 0
+        writer = self._open_writer()
+        if corked and writer is not None:
+            writer.transport.write(b"".join(corked))
+
     async def send_binary(self, data: bytes) -> None:
         """Send one binary frame (the protocol has none: to test how a server refuses them)."""
         await self._send(data, WSMsgType.BINARY)
@@ -47,6 +81,8 @@ class AiohttpTransport:
     async def _send(self, data: bytes, opcode: WSMsgType) -> None:
         if self.closed:
             raise self._gone or self._error()
+        if self._corked:
+            self.flush()  # nothing overtakes a corked frame
         try:
             # send_frame skips send_str's decode/encode round trip: frame is UTF-8 already.
             await self._ws.send_frame(data, opcode)
@@ -79,6 +115,8 @@ class AiohttpTransport:
         """Close with ``code`` (waits for the peer's echo up to aiohttp's timeout); idempotent."""
         if self._local_code is None:
             self._local_code = code
+        if self._corked:
+            self.flush()
         try:
             await self._ws.close(code=code, message=reason.encode())
         finally:

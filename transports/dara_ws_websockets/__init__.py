@@ -12,29 +12,30 @@ from __future__ import annotations
 
 __all__ = ["Server", "WebsocketsTransport", "connect", "serve"]
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import asynccontextmanager
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     import websockets
-    from websockets.asyncio.client import ClientConnection
-    from websockets.asyncio.client import connect as ws_connect
     from websockets.asyncio.connection import Connection
     from websockets.asyncio.server import Server as WsServer
     from websockets.asyncio.server import ServerConnection
     from websockets.asyncio.server import serve as ws_serve
     from websockets.http11 import Request, Response
-    from websockets.protocol import State
+    from websockets.protocol import Side, State
 except ImportError as exc:  # the extra is missing: say which one to install
     raise ImportError(
         'dara_ws_websockets needs the websockets library: pip install "dara-ws-core[websockets]"', name=exc.name
     ) from exc
 
+if TYPE_CHECKING:
+    from websockets.asyncio.client import ClientConnection
+
 from dara_ws_core.endpoint import Endpoint
 from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
-from dara_ws_core.transport import HandshakeRequest, Server
+from dara_ws_core.transport import HandshakeRequest, Server, text_frame_header
 
 
 def _closed(exc: websockets.ConnectionClosed) -> ConnectionClosed:
@@ -50,10 +51,11 @@ _WRITE_LIMIT = 32 * 1024  # websockets' default write_limit (high-water mark)
 class WebsocketsTransport:
     """A ``websockets`` connection (server or client side) as a core ``Transport``."""
 
-    __slots__ = ("_ws",)
+    __slots__ = ("_corked", "_ws")
 
     def __init__(self, ws: Connection) -> None:
         self._ws = ws
+        self._corked = 0  # bytes corked since the last flush (an upper bound: see flush)
 
     async def send(self, frame: bytes) -> None:
         try:
@@ -73,6 +75,41 @@ class WebsocketsTransport:
         ws.protocol.send_text(frame)
         ws.send_data()
         return True
+
+    def send_corked(self, frame: bytes) -> bool:
+        # The frame goes into the protocol's pending output (protocol.writes), which websockets
+        # itself writes out on its next send_data(): a send(), a close or a pong sends corked
+        # frames first, in order. The write limit counts the corked bytes too.
+        ws = self._ws
+        protocol = ws.protocol
+        if protocol.state is not State.OPEN or ws.send_in_progress is not None:
+            return False
+        transport = ws.transport
+        if transport.is_closing() or transport.get_write_buffer_size() + self._corked > _WRITE_LIMIT:
+            return False
+        if protocol.side is Side.SERVER and not protocol.extensions:
+            # What send_text() appends, without building and serializing a Frame per message
+            # (most of a delivery's cost): an unmasked final text frame is a header and the
+            # payload. With an extension (compression) or on the client side websockets frames.
+            protocol.writes += (text_frame_header(len(frame)), frame)
+        else:
+            protocol.send_text(frame)
+        self._corked += len(frame)
+        return True
+
+    def flush(self) -> None:
+        self._corked = 0
+        ws = self._ws
+        if ws.transport.is_closing():  # aborted or lost: what is pending is dropped with it
+            return
+        writes = ws.protocol.data_to_send()
+        if not writes:
+            return
+        if all(writes):  # one send() for the whole burst
+            ws.transport.write(writes[0] if len(writes) == 1 else b"".join(writes))
+        else:  # an end-of-stream marker (after a close): let websockets act on it
+            ws.protocol.writes[:0] = writes
+            ws.send_data()
 
     async def receive(self) -> str | bytes:
         try:
@@ -142,8 +179,10 @@ async def serve(
             return connection.respond(HTTPStatus.FORBIDDEN, "Forbidden\n")
         return None
 
-    async def handler(connection: ServerConnection) -> None:
-        await endpoint.serve(WebsocketsTransport(connection), connection.dara_identity)  # type: ignore[attr-defined]
+    def handler(connection: ServerConnection) -> Awaitable[None]:
+        # A plain function returning serve()'s coroutine: one coroutine frame less per idle
+        # connection than an async def awaiting it.
+        return endpoint.serve(WebsocketsTransport(connection), connection.dara_identity)  # type: ignore[attr-defined]
 
     options: dict[str, Any] = {
         "process_request": process_request,
@@ -177,6 +216,10 @@ async def connect(
     ``websockets.InvalidStatus`` is its ``__cause__``), like the aiohttp adapter and
     ``MemoryServer``; other refusals raise ``websockets.InvalidStatus``.
     """
+    # Imported here: the client side pulls in urllib.request, http.client and email (proxy
+    # support), half a MiB that a server process never needs.
+    from websockets.asyncio.client import connect as ws_connect
+
     options: dict[str, Any] = {"max_size": max_size, "compression": None, "ping_interval": None}
     options.update(kwargs)
     try:

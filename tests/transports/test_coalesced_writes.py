@@ -1,0 +1,239 @@
+"""Coalesced writes on the websockets adapter (``SupportsCork``), counted on real sockets.
+
+The server's asyncio transports get a counting ``write`` and their sockets a counting ``send``
+(the real socket, its class swapped for a subclass that counts and calls through), so these tests
+see the system calls a burst really costs; the clients are plain ``websockets`` clients reading
+the frames as they arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed as WsConnectionClosed
+from websockets.frames import Frame, Opcode
+
+from dara_ws_aiohttp import AiohttpTransport
+from dara_ws_aiohttp import serve as aiohttp_serve
+from dara_ws_core import Endpoint, Identity, ServerConfig, WebsocketManager, token_authenticator
+from dara_ws_core.transport import SupportsCork, text_frame_header
+from dara_ws_websockets import WebsocketsTransport, serve
+from tests.helpers import eventually
+
+TIMEOUT = 10.0
+
+#: send()/sendmsg() system calls per socket file descriptor, counted by ``_CountingSocket``.
+SENDS: collections.Counter[int] = collections.Counter()
+
+
+class _CountingSocket(socket.socket):
+    """A real socket that counts its send system calls (same layout: ``__class__`` swaps)."""
+
+    __slots__ = ()
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        SENDS[self.fileno()] += 1
+        return super().send(data, flags)
+
+    def sendmsg(self, *args: Any) -> int:
+        SENDS[self.fileno()] += 1
+        return super().sendmsg(*args)
+
+
+class Wire:
+    """What one server-side connection writes from now on: ``write`` calls and send syscalls."""
+
+    def __init__(self, conn: ServerConnection | Any) -> None:
+        transport: Any = conn.transport  # websockets' connection, or aiohttp's frame writer
+        self.transport = transport
+        self.fd = transport.get_extra_info("socket").fileno()
+        transport._sock.__class__ = _CountingSocket  # the real socket, counted
+        SENDS[self.fd] = 0
+        self.writes: list[bytes] = []
+        write = transport.write
+
+        def counting_write(data: bytes | bytearray | memoryview) -> None:
+            self.writes.append(bytes(data))
+            write(data)
+
+        transport.write = counting_write
+
+    @property
+    def sends(self) -> int:
+        return SENDS[self.fd]
+
+    def frames(self) -> list[tuple[int, bytes]]:
+        """The (opcode, payload) of every frame written (server frames are not masked)."""
+        data, out, pos = b"".join(self.writes), [], 0
+        while pos < len(data):
+            opcode, length = data[pos] & 0x0F, data[pos + 1] & 0x7F
+            pos += 2
+            if length == 126:
+                length, pos = int.from_bytes(data[pos:pos + 2], "big"), pos + 2
+            elif length == 127:
+                length, pos = int.from_bytes(data[pos:pos + 8], "big"), pos + 8
+            out.append((opcode, data[pos:pos + length]))
+            pos += length
+        assert pos == len(data), "a write ended inside a frame"
+        return out
+
+
+class Served:
+    def __init__(self, manager: WebsocketManager, native: Any, url: str) -> None:
+        self.manager, self.native, self.url = manager, native, url
+
+    async def clients(self, n: int) -> list[ClientConnection]:
+        """``n`` connected clients whose init frame has arrived (nothing corked any more)."""
+        clients = await asyncio.gather(*(ws_connect(f"{self.url}?token=u{i}", compression=None)
+                                         for i in range(n)))
+        for client in clients:
+            assert json.loads(await asyncio.wait_for(client.recv(), TIMEOUT))["type"] == "init"
+        await eventually(lambda: len(self.manager.handlers) == n, "every channel registered")
+        return list(clients)
+
+    def wires(self) -> list[Wire]:
+        if self.aiohttp:  # the writer of each connection's aiohttp WebSocketResponse
+            return [Wire(h._sink.transport._ws._writer)  # type: ignore[union-attr]
+                    for h in self.manager.handlers.values()]
+        return [Wire(conn) for conn in self.native.connections]
+
+    @property
+    def aiohttp(self) -> bool:
+        return not hasattr(self.native, "connections")
+
+
+@contextlib.asynccontextmanager
+async def served(adapter: str = "websockets", **config: Any) -> AsyncIterator[Served]:
+    manager = WebsocketManager(ServerConfig(**config))
+    endpoint = Endpoint(manager, token_authenticator(lambda t: Identity(user_id=t, session_id="s")))
+    if adapter == "aiohttp":
+        async with aiohttp_serve(endpoint, "127.0.0.1", 0) as server:
+            yield Served(manager, server.native, server.url)
+        return
+    async with serve(endpoint, "127.0.0.1", 0, ping_interval=None) as server:
+        yield Served(manager, server.native, server.url)
+
+
+async def received(client: ClientConnection, n: int) -> list[Any]:
+    return [json.loads(await asyncio.wait_for(client.recv(), TIMEOUT)) for _ in range(n)]
+
+
+def test_the_websockets_and_aiohttp_transports_cork() -> None:
+    assert issubclass(WebsocketsTransport, SupportsCork)
+    assert issubclass(AiohttpTransport, SupportsCork)
+
+
+@pytest.mark.parametrize("adapter", ["websockets", "aiohttp"])
+async def test_a_burst_of_broadcasts_costs_one_send_per_connection(adapter: str) -> None:
+    n, burst = 300, 10
+    async with served(adapter) as srv:
+        clients = await srv.clients(n)
+        wires = srv.wires()
+        for i in range(burst):  # one loop iteration: no await suspends in between
+            await srv.manager.broadcast({"n": i})
+        got = await asyncio.gather(*(received(c, burst) for c in clients))
+        assert all([m["message"]["n"] for m in msgs] == list(range(burst)) for msgs in got)
+        assert [len(w.writes) for w in wires] == [1] * n
+        assert [w.sends for w in wires] == [1] * n
+        assert all(len(w.frames()) == burst for w in wires)
+        for client in clients:
+            await client.close()
+
+
+async def test_broadcasts_in_separate_iterations_are_written_separately() -> None:
+    async with served() as srv:
+        (client,) = await srv.clients(1)
+        (wire,) = srv.wires()
+        for i in range(3):
+            await srv.manager.broadcast({"n": i})
+            await eventually(lambda: len(wire.writes) == i + 1, "a write per iteration")  # noqa: B023
+        assert [m["message"]["n"] for m in await received(client, 3)] == [0, 1, 2]
+        await client.close()
+
+
+@pytest.mark.parametrize("adapter", ["websockets", "aiohttp"])
+async def test_a_burst_over_the_write_limit_queues_the_rest_and_keeps_the_order(adapter: str) -> None:
+    # 200 frames of ~1 KiB: the cork takes them up to the 32 KiB write limit, the bounded queue
+    # the rest, and the send task flushes the cork before its first awaited send.
+    async with served(adapter) as srv:
+        (client,) = await srv.clients(1)
+        (wire,) = srv.wires()
+        pad = "x" * 1000
+        for i in range(200):
+            await srv.manager.broadcast({"n": i, "pad": pad})
+        assert [m["message"]["n"] for m in await received(client, 200)] == list(range(200))
+        assert [json.loads(p)["message"]["n"] for _, p in wire.frames()] == list(range(200))
+        assert len(wire.writes) < 100  # coalesced even past the limit
+        await client.close()
+
+
+@pytest.mark.parametrize("adapter", ["websockets", "aiohttp"])
+async def test_a_close_decided_while_corked_sends_the_corked_frames_first(adapter: str) -> None:
+    async with served(adapter) as srv:
+        (client,) = await srv.clients(1)
+        (wire,) = srv.wires()
+        (handler,) = srv.manager.handlers.values()
+        for i in range(5):
+            await srv.manager.broadcast({"n": i})
+        handler.close(4321, "bye")  # same iteration: the frames above are still corked
+        assert [m["message"]["n"] for m in await received(client, 5)] == list(range(5))
+        with pytest.raises(WsConnectionClosed) as caught:
+            await asyncio.wait_for(client.recv(), TIMEOUT)
+        assert caught.value.rcvd is not None and caught.value.rcvd.code == 4321
+        # Once the socket is closed every write the close could have been followed by was made.
+        await eventually(lambda: wire.transport.is_closing() and not srv.manager.handlers,
+                         "the channel and its socket gone")
+        frames = wire.frames()
+        assert [op for op, _ in frames] == [1] * 5 + [8]  # 5 text frames, the close, nothing after
+        assert frames[-1][1][:2] == (4321).to_bytes(2, "big")
+
+
+@pytest.mark.parametrize("adapter", ["websockets", "aiohttp"])
+async def test_an_abort_while_corked_drops_the_frames_and_never_writes(adapter: str) -> None:
+    async with served(adapter) as srv:
+        (client,) = await srv.clients(1)
+        (wire,) = srv.wires()
+        (handler,) = srv.manager.handlers.values()
+        for i in range(5):
+            await srv.manager.broadcast({"n": i})
+        wire.transport.abort()  # same iteration: the flush that follows must not write
+        with pytest.raises(WsConnectionClosed):
+            await asyncio.wait_for(client.recv(), TIMEOUT)
+        await eventually(lambda: handler.closed, "the channel closed")
+        assert wire.writes == [] and wire.sends == 0
+
+
+async def test_a_round_trip_is_flushed_within_the_iteration() -> None:
+    # send_and_wait corks its request like any frame: the flush must not wait for more traffic.
+    async with served() as srv:
+        (client,) = await srv.clients(1)
+        (wire,) = srv.wires()
+        (handler,) = srv.manager.handlers.values()
+
+        async def answer() -> None:
+            request = json.loads(await asyncio.wait_for(client.recv(), TIMEOUT))
+            await client.send(json.dumps({"type": "message", "channel": request["message"]["__rchan"],
+                                          "message": {"ok": request["message"]["q"]}}))
+
+        answering = asyncio.create_task(answer())
+        assert await handler.send_and_wait({"q": 7}, timeout=TIMEOUT) == {"ok": 7}
+        await answering
+        assert len(wire.writes) == 1
+        await client.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
+def test_the_corked_frame_header_is_what_websockets_serializes(size: int) -> None:
+    payload = b"x" * size
+    serialized = Frame(Opcode.TEXT, payload).serialize(mask=False)
+    assert text_frame_header(size) + payload == serialized

@@ -1,0 +1,68 @@
+"""What an idle connection holds on the websockets adapter, pinned without measuring memory:
+the per-connection objects that could be shared or created lazily stay shared or uncreated.
+
+Real connections over 127.0.0.1; each check names the saving it keeps (issue 14, item 5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Coroutine
+from typing import Any
+
+from websockets.asyncio.client import connect as ws_connect
+
+from dara_ws_core import Endpoint, Identity, ServerConfig, WebsocketManager, token_authenticator
+from dara_ws_core.queue import OutboundQueue
+from dara_ws_websockets import serve
+from tests.helpers import eventually
+
+TIMEOUT = 10.0
+
+
+def _our_await_chain(coro: Coroutine[Any, Any, Any]) -> list[str]:
+    """The qualified names of the coroutines of this project that ``coro`` is suspended in,
+    outermost first."""
+    names: list[str] = []
+    current: Any = coro
+    for _ in range(50):  # bounded: a chain is a handful of frames
+        code = getattr(current, "cr_code", None)
+        if code is None:
+            break
+        if "dara_ws" in code.co_filename:
+            names.append(code.co_qualname)
+        current = current.cr_await
+    return names
+
+
+async def test_an_idle_connection_holds_no_queue_task_set_or_index_set_of_its_own() -> None:
+    manager = WebsocketManager(ServerConfig())
+    endpoint = Endpoint(manager, token_authenticator(lambda t: Identity(user_id=t, session_id=t)))
+    async with serve(endpoint, "127.0.0.1", 0, ping_interval=None) as server:
+        clients = [await ws_connect(f"{server.url}?token=u{i}", compression=None) for i in range(3)]
+        try:
+            for client in clients:  # the init frame went through the queue and out
+                assert json.loads(await asyncio.wait_for(client.recv(), TIMEOUT))["type"] == "init"
+            await eventually(lambda: len(manager.handlers) == 3 and not any(
+                h.queue for h in manager.handlers.values()), "every init frame sent")
+            shared = OutboundQueue(1, 1)._frames  # the deque every empty queue shares
+            for handler in manager.handlers.values():
+                assert handler.queue._frames is shared  # drained: no deque of its own
+                assert handler._tasks is None  # no handler task ever ran: no task set
+                assert handler._log is None  # nothing logged: no logger adapter
+            # Identities without claims share one read-only empty mapping.
+            assert len({id(h.identity.claims) for h in manager.handlers.values()  # type: ignore[union-attr]
+                        }) == 1
+            # One channel per user and session: indexed by its id, not by a set of one.
+            assert all(isinstance(v, str) for v in manager.registry._users.values())
+            assert all(isinstance(v, str) for v in manager.registry._sessions.values())
+            # Our coroutines an idle connection's task is suspended in: the endpoint, the
+            # driver's receive loop and the transport's receive (no adapter wrapper, no
+            # separate receive-loop coroutine).
+            chains = [_our_await_chain(t.get_coro()) for t in asyncio.all_tasks()]  # type: ignore[arg-type]
+            assert [c for c in chains if "Endpoint.serve" in c] == [["Endpoint.serve", "ConnectionDriver.run",
+                             "WebsocketsTransport.receive"]] * 3
+        finally:
+            for client in clients:
+                await client.close()
