@@ -52,7 +52,7 @@ from dara_ws_core import (
 logger = logging.getLogger("dara_ws_cli")
 
 #: The extra each adapter needs, for the message when it is missing.
-_EXTRAS = {"websockets": "websockets", "aiohttp": "aiohttp", "asgi": "asgi"}
+_EXTRAS = {"websockets": "websockets", "aiohttp": "aiohttp", "asgi": "asgi", "picows": "picows"}
 
 
 class CLIError(Exception):
@@ -225,6 +225,8 @@ async def _listen(transport: str, endpoint: Endpoint, host: str, port: int) -> A
             import dara_ws_aiohttp  # noqa: F401
         elif transport == "asgi":
             import dara_ws_asgi  # noqa: F401
+        elif transport == "picows":
+            import dara_ws_picows  # noqa: F401
     except ImportError as exc:
         raise _missing_extra(exc) from None
     if transport == "websockets":
@@ -241,6 +243,11 @@ async def _listen(transport: str, endpoint: Endpoint, host: str, port: int) -> A
         from dara_ws_asgi import serve as asgi_serve
 
         async with asgi_serve(endpoint, host, port) as server:
+            yield server.port
+    elif transport == "picows":
+        from dara_ws_picows import serve as picows_serve
+
+        async with picows_serve(endpoint, host, port) as server:
             yield server.port
     else:
         raise SystemExit(f"unknown transport {transport!r}")
@@ -293,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
     s.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
     s.add_argument(
-        "--transport", choices=["websockets", "aiohttp", "asgi"], default="websockets",
+        "--transport", choices=["websockets", "aiohttp", "asgi", "picows"], default="websockets",
         help="adapter to serve with (each needs its extra: pip install \"dara-ws-core[NAME]\")",
     )
     s.add_argument("--clock", type=float, default=5.0, help="clock push interval in seconds (0: off)")
