@@ -70,6 +70,8 @@ class PicowsTransport(WSListener):
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:  # no extension is negotiated (picows leaves it to us)
+            raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR, "reserved bit set")
         if kind is _TEXT or kind is _BINARY:
             if self._parts is not None:
                 raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR, "new message inside a fragmented one")
