@@ -42,7 +42,7 @@ MiB = 1024 * 1024
 
 #: Wire spoken by each server implementation, hence which lean client talks to it.
 PROTO = {"raw": "dara", "ours": "dara", "ours-aiohttp": "dara", "ours-asgi": "dara", "ours-otel": "dara", "sio": "sio",
-         "sio-asgi": "sio"}
+         "sio-asgi": "sio", "ours-picows": "dara", "raw-picows": "dara"}
 
 
 @dataclass(frozen=True)
@@ -443,17 +443,19 @@ class Scenario:
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("server_request", "(1) server -> client request (send_and_wait), sequential",
-             server_request, ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-otel"),
+             server_request, ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-otel", "ours-picows",
+                              "raw-picows"),
              ("p50_us", "p99_us", "ops_per_s")),
     Scenario("client_request", "(2) client -> server custom request with reply, sequential",
              client_request, ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-otel"),
              ("p50_us", "p99_us", "ops_per_s")),
     Scenario("broadcast", "(3) broadcast fan-out", broadcast,
-             ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-otel"),
+             ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-otel", "ours-picows", "raw-picows"),
              ("deliveries_per_s",)),
-    Scenario("per_user", "(4) per-user fan-out", per_user, ("raw", "ours", "sio"),
+    Scenario("per_user", "(4) per-user fan-out", per_user, ("raw", "ours", "sio", "ours-picows", "raw-picows"),
              ("deliveries_per_s",)),
-    Scenario("memory", "(5) idle connections: server RSS", memory, ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi"),
+    Scenario("memory", "(5) idle connections: server RSS", memory,
+             ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-picows", "raw-picows"),
              ("MiB_per_1000", "MiB_per_1000_at_held")),
     Scenario("codec", "(6) codec and reassembly micro-benchmarks (pure core)", codec,
              ("raw", "ours"), ("ns_per_op",)),

@@ -16,11 +16,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 SCENARIOS = {
-    "server_request": {"raw", "ours", "sio", "ours-aiohttp", "ours-asgi"},
+    "server_request": {"raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-picows", "raw-picows"},
     "client_request": {"raw", "ours", "sio", "ours-aiohttp", "ours-asgi"},
-    "broadcast": {"raw", "ours", "sio", "ours-aiohttp", "ours-asgi"},
-    "per_user": {"raw", "ours", "sio"},
-    "memory": {"raw", "ours", "sio", "ours-aiohttp", "ours-asgi"},
+    "broadcast": {"raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-picows", "raw-picows"},
+    "per_user": {"raw", "ours", "sio", "ours-picows", "raw-picows"},
+    "memory": {"raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-picows", "raw-picows"},
     "codec": {"raw", "ours"},
     "slow_consumer": {"raw", "ours"},
 }
@@ -69,3 +69,17 @@ def test_benchmark_run_rejects_an_unknown_scenario() -> None:
     )
     assert proc.returncode == 2
     assert "unknown scenario" in proc.stderr
+
+
+def test_the_servers_run_on_uvloop_when_asked(tmp_path: Path) -> None:
+    out = tmp_path / "rows.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--tiny", "--only", "server_request", "--impls", "ours-picows",
+         "--loop", "uvloop", "--json", str(out)],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=100,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "servers on uvloop" in proc.stdout
+    rows = {row["impl"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"raw", "ours-picows"}
+    assert all(row["metrics"]["p50_us"] > 0 for row in rows.values()), rows

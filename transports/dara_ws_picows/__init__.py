@@ -18,7 +18,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 try:
     from picows import WSAutoPingStrategy
@@ -93,8 +93,7 @@ class _Gate(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self._timer = asyncio.get_running_loop().call_later(
             self._server.endpoint.config.handshake_timeout, transport.abort
         )
