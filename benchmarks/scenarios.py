@@ -264,6 +264,18 @@ async def client_request(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
     return await _round_trips("client_request", sizes, impls, server_side=False)
 
 
+async def round_end(cps: Sequence[Proc], r: int) -> float:
+    """When the last connection of the ``fanout`` client processes ``cps`` got the last message of
+    round ``r`` (monotonic clock, shared by the processes of one machine)."""
+    lasts = []
+    for cp in cps:
+        event = await cp.expect("round", 120)
+        if event["r"] != r:
+            raise BenchError(f"{cp.name}: round {event['r']} reported during round {r}")
+        lasts.append(event["last"])
+    return float(max(lasts))
+
+
 async def _fanout(
     scenario: str, sizes: Sizes, impls: Sequence[str], *, users: int, per_user: int, m: int,
     rounds: int, command: str, variant: str = "", **params: Any,
@@ -282,14 +294,9 @@ async def _fanout(
     async def step(impl: str, state: tuple[Proc, list[Proc]], r: int) -> tuple[float, float]:
         srv, cps = state
         res = await srv.call(command, 300, r=r, m=m, **params)
-        lasts = []
-        for cp in cps:
-            event = await cp.expect("round", 120)
-            if event["r"] != r:
-                raise BenchError(f"{cp.name}: round {event['r']} reported during round {r}")
-            lasts.append(event["last"])
+        last = await round_end(cps, r)
         await asyncio.sleep(0.2)  # let the machine settle before the next implementation
-        return max(lasts) - res["t0"], res["t_sent"] - res["t0"]
+        return last - res["t0"], res["t_sent"] - res["t0"]
 
     def summarize(impl: str, samples: list[tuple[float, float]]) -> dict[str, float]:
         counted = samples[1:] or samples

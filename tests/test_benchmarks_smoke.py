@@ -83,3 +83,17 @@ def test_the_servers_run_on_uvloop_when_asked(tmp_path: Path) -> None:
     rows = {row["impl"]: row for row in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"raw", "ours-picows"}
     assert all(row["metrics"]["p50_us"] > 0 for row in rows.values()), rows
+
+
+def test_the_workers_benchmark_runs_at_tiny_size(tmp_path: Path) -> None:
+    out = tmp_path / "workers.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.workers", "--workers", "1,2", "--clients", "8", "--per-user", "2",
+         "--m", "2", "--rounds", "1", "--json", str(out)],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=100,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(r["scenario"], r["workers"]) for r in rows] == [
+        ("broadcast", 1), ("broadcast", 2), ("per_user", 1), ("per_user", 2)]
+    assert all(r["deliveries_per_s"] > 0 and r["conns"] == 8 for r in rows), rows
