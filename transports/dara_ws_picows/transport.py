@@ -38,6 +38,9 @@ class PicowsTransport(WSListener):
     Built by :func:`dara_ws_picows.serve`; you do not create it yourself.
     """
 
+    __slots__ = ("_buffered", "_close_timeout", "_drained", "_gone", "_inbox", "_inbox_bytes", "_local_code",
+                 "_max_size", "_parts", "_parts_size", "_parts_text", "_paused", "_waiter", "_write_paused", "_ws")
+
     transport_name = "picows"
 
     def __init__(self, max_size: int, close_timeout: float) -> None:
@@ -55,7 +58,7 @@ class PicowsTransport(WSListener):
         self._write_paused = False
         self._gone: ConnectionClosed | None = None
         self._local_code: int | None = None
-        self._buffered: Callable[[], int] = lambda: 0  # the socket's write buffer size, once connected
+        self._buffered: Callable[[], int] = _nothing  # the socket's write buffer size, once connected
 
     @property
     def accepted(self) -> bool:
@@ -173,9 +176,12 @@ class PicowsTransport(WSListener):
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
         message = self._inbox.popleft()
-        self._inbox_bytes -= len(message)  # str: characters, a fair bound of its bytes
-        if self._paused and not self._inbox and not self._write_paused:
-            self._resume()
+        if self._inbox:
+            self._inbox_bytes -= len(message)  # str: its characters, at most its bytes
+        else:
+            self._inbox_bytes = 0  # exact again whenever the inbox is empty
+            if self._paused and not self._write_paused:
+                self._resume()
         return message
 
     def send_nowait(self, frame: bytes) -> bool:
@@ -218,6 +224,10 @@ class PicowsTransport(WSListener):
     def closed(self) -> bool:
         ws = self._ws
         return self._gone is not None or ws is None or ws.is_close_frame_sent or ws.is_disconnected
+
+
+def _nothing() -> int:
+    return 0
 
 
 def _utf8(data: bytes) -> str:
