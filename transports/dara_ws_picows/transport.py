@@ -85,7 +85,11 @@ class PicowsTransport(WSListener):
                 self._parts_size = frame.payload_size
                 return
             if kind is _TEXT:
-                self._push(_utf8(frame.get_payload_as_bytes()), frame.payload_size)
+                try:  # decoded straight from picows' buffer: no intermediate bytes
+                    text = frame.get_payload_as_utf8_text()
+                except UnicodeDecodeError:
+                    raise WSProtocolError(WSCloseCode.INVALID_TEXT, "invalid UTF-8") from None
+                self._push(text, frame.payload_size)
             else:
                 self._push(frame.get_payload_as_bytes(), frame.payload_size)
         elif kind is _CONT:
