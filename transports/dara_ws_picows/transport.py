@@ -22,7 +22,8 @@ from dara_ws_core.exceptions import CloseCode, ConnectionClosed
 #: Messages, and bytes, waiting in the inbox before reading from the socket pauses.
 INBOX_MESSAGES = 16
 INBOX_BYTES = 1024 * 1024
-#: ``send_nowait`` refuses (the core queues instead) over this many bytes of write buffer.
+#: The socket's write buffer high-water mark: over it, asyncio pauses our writing and
+#: ``send_nowait`` refuses (the core queues instead), as websockets' ``write_limit``.
 WRITE_LIMIT = 32 * 1024
 #: Reading pauses while this much is waiting to be written (pongs to a peer that does not read).
 PAUSE_READING_ABOVE = 1024 * 1024
@@ -70,6 +71,8 @@ class PicowsTransport(WSListener):
     def on_ws_connected(self, transport: WSTransport) -> None:
         self._ws = transport
         self._buffered = transport.underlying_transport.get_write_buffer_size
+        # pause_writing() then says "over the limit": send_nowait checks a flag, not the buffer.
+        transport.underlying_transport.set_write_buffer_limits(high=WRITE_LIMIT)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
@@ -190,8 +193,7 @@ class PicowsTransport(WSListener):
 
     def send_nowait(self, frame: bytes) -> bool:
         ws = self._ws
-        if (ws is None or self._write_paused or ws.is_close_frame_sent or ws.is_disconnected
-                or self._buffered() > WRITE_LIMIT):
+        if self._write_paused or ws is None or ws.is_close_frame_sent or ws.is_disconnected:
             return False
         ws.send(_TEXT, frame)
         return True
