@@ -2,6 +2,7 @@
 measured in the same run.
 
     python -m benchmarks.backplane [--clients 1000] [--rounds 40] [--burst 50] [--asks 500]
+                                   [--outbox-sends 5000] [--outbox-only]
                                    [--out benchmarks/RESULTS-backplane.md]
 
 Layouts, all with server processes from ``tests.backplane_node`` (websockets transport, one
@@ -22,6 +23,9 @@ Scenarios:
   has them all;
 * send_and_wait round trip: ``--asks`` sequential requests from node A to one client, on A
   (local) or on B (across Redis), timed inside node A.
+
+Outbox cost (issue 12): ``send_message_to_user`` with the per-user outbox on and off in the same
+run, in this process (``--outbox-only`` runs just that).
 
 The clients are the benchmark suite's lean clients (:mod:`benchmarks.leanws`) that only count
 frames (no JSON parsing), so the client side costs the same in every layout.
@@ -226,6 +230,85 @@ async def nodes_running(redis_url: str | None, count: int, logs: Path) -> AsyncI
 # --------------------------------------------------------------------------- report
 
 
+# --------------------------------------------------------------------------- outbox cost
+
+
+@dataclass
+class OutboxCost:
+    case: str
+    off_us: float
+    on_us: float
+
+
+async def _sends_per_call(manager: Any, user: str, sends: int) -> float:
+    """Microseconds per ``send_message_to_user``, the bus's acknowledgements included."""
+    backplane = manager.backplane
+    started = time.perf_counter()
+    for i in range(sends):
+        await manager.send_message_to_user(user, {"i": i, "task": "done"})
+    if backplane is not None:
+        await backplane.flush()
+    return (time.perf_counter() - started) / sends * 1e6
+
+
+async def measure_outbox(redis_url: str, sends: int, repeats: int = 3) -> list[OutboxCost]:
+    """``send_message_to_user`` with the per-user outbox on and off, in this process, the two
+    interleaved ``repeats`` times (best of each kept): to a user connected nowhere (the outbox
+    keeps every message; with Redis, a Stream entry trimmed to 100), and to a user connected on
+    another process (the outbox is only consulted)."""
+    from dara_ws_core import Identity, ServerConfig, WebsocketManager
+    from dara_ws_redis import RedisBackplane
+
+    async def manager_of(outbox: bool, redis: bool, ns: str) -> Any:
+        config = ServerConfig(outbox_messages=100 if outbox else 0, max_queue_messages=1_000_000,
+                              max_queue_bytes=1 << 30)
+        backplane = RedisBackplane(redis_url, namespace=ns) if redis else None
+        manager = WebsocketManager(config, backplane=backplane)
+        if backplane is not None:
+            await backplane.start(manager)
+        return manager
+
+    results: dict[str, dict[bool, list[float]]] = {}
+    cases = ("no backplane, user connected nowhere", "Redis, user connected nowhere",
+             "Redis, user connected on another process")
+    for _ in range(repeats):
+        for outbox in (False, True):
+            ns = f"bench-{os.getpid()}-{int(outbox)}-{time.monotonic_ns()}"
+            alone = await manager_of(outbox, False, ns)
+            a = await manager_of(outbox, True, ns)
+            b = await manager_of(outbox, True, ns)
+            try:
+                b.create_handler("elsewhere", Identity(user_id="there", session_id="s"))
+                await b.backplane.flush()
+                timings = (await _sends_per_call(alone, "nowhere", sends),
+                           await _sends_per_call(a, "nowhere", sends),
+                           await _sends_per_call(a, "there", sends))
+            finally:
+                b.remove_handler("elsewhere")
+                await a.backplane.stop()
+                await b.backplane.stop()
+            for case, value in zip(cases, timings, strict=True):
+                results.setdefault(case, {False: [], True: []})[outbox].append(value)
+    return [OutboxCost(case, min(r[False]), min(r[True])) for case, r in results.items()]
+
+
+def outbox_report(rows: list[OutboxCost], sends: int) -> str:
+    lines = [
+        "### Outbox cost on the send path (issue 12)",
+        "",
+        f"`send_message_to_user` x {sends}, in one process, outbox off then on, interleaved 3 "
+        "times (best of each); with Redis the time includes the bus acknowledging every "
+        "message (pipelined).",
+        "",
+        "| case | outbox off µs/send | outbox on µs/send | ratio on/off |",
+        "|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(f"| {row.case} | {row.off_us:.1f} | {row.on_us:.1f} "
+                     f"| {row.on_us / row.off_us:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def versions() -> str:
     out = [f"Python {platform.python_version()}"]
     for dist in ("websockets", "redis", "pydantic"):
@@ -281,6 +364,12 @@ def _cpus() -> int:
 async def main(args: argparse.Namespace, redis: RedisServer, logs: Path) -> str:
     redis_version = args.redis_version
     try:
+        outbox = ""
+        if args.outbox_sends:
+            outbox = "\n" + outbox_report(await measure_outbox(redis.url, args.outbox_sends),
+                                          args.outbox_sends)
+        if args.outbox_only:
+            return outbox.lstrip()
         broadcasts, asks = [], []
         async with nodes_running(None, 1, logs) as (alone,):
             broadcasts.append(await measure_broadcast("1 process", [alone], args))
@@ -293,7 +382,7 @@ async def main(args: argparse.Namespace, redis: RedisServer, logs: Path) -> str:
                 [a, b], args))
             asks.append(await measure_ask("2 processes + Redis (client on B)", a, b, args))
         print(f"logs: {logs}", file=sys.stderr)
-        return report(broadcasts, asks, args, redis_version)
+        return report(broadcasts, asks, args, redis_version) + outbox
     finally:
         redis.stop()
 
@@ -304,6 +393,10 @@ def cli() -> None:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--burst", type=int, default=50)
     parser.add_argument("--asks", type=int, default=500)
+    parser.add_argument("--outbox-sends", type=int, default=5000,
+                        help="per-user sends per case of the outbox cost scenario (0: skip it)")
+    parser.add_argument("--outbox-only", action="store_true",
+                        help="run only the outbox cost scenario")
     parser.add_argument("--out", type=Path, default=None,
                         help="write the Markdown section there (e.g. benchmarks/RESULTS-backplane.md)")
     args = parser.parse_args()

@@ -1,7 +1,8 @@
 """Run the benchmark suite: ``python -m benchmarks.run [--quick|--tiny] [--only NAME ...]``.
 
 Prints the machine and library versions, one Markdown table per scenario (with ratios against the
-raw ``websockets`` baseline measured in the same run), and the issue's targets as PASS/FAIL.
+raw ``websockets`` baseline measured in the same run), and the issue's targets as PASS/FAIL;
+``--json`` writes the rows, and SVG charts of them go beside it (or into ``--charts DIR``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import asdict, replace
 from importlib import metadata
 from pathlib import Path
 
+from .charts import write_charts
 from .procs import LOOP, PIN, ROOT, raise_fd_limit
 from .scenarios import PRESETS, SCENARIOS, Sizes
 from .stats import Row, format_table
@@ -117,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sio", choices=["sio", "sio-asgi"], default="sio",
                         help="python-socketio hosting: aiohttp (sio) or uvicorn (sio-asgi)")
     parser.add_argument("--client-procs", type=int, help="client load processes for fan-out")
+    parser.add_argument("--fanout-ns", metavar="N,N...",
+                        help="numbers of clients the broadcast scenario measures (default 100,1000)")
     parser.add_argument("--ours-config", default="{}",
                         help="JSON ServerConfig keyword arguments for ours")
     parser.add_argument("--slow-seconds", type=float, help="slow-consumer soak length (s)")
@@ -127,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
                         help="event loop of every server process (clients stay on asyncio)")
     parser.add_argument("--json", metavar="PATH", help="also write every row as JSON")
+    parser.add_argument("--charts", metavar="DIR",
+                        help="write SVG charts (latency CDF, fan-out throughput by N, memory per "
+                             "connection) into DIR; default with --json: PATH's name + '-charts' "
+                             "beside it")
     args = parser.parse_args(argv)
 
     sizes = PRESETS["tiny" if args.tiny else "quick" if args.quick else "full"]
@@ -134,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("client_procs", "slow_seconds", "slow_rate", "slow_pad"):
         if getattr(args, name):
             sizes = replace(sizes, **{name: getattr(args, name)})
+    if args.fanout_ns:
+        sizes = replace(sizes, fanout_ns=tuple(int(n) for n in args.fanout_ns.split(",")))
     names = [n for item in args.only for n in item.split(",") if n] or list(SCENARIOS)
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
@@ -165,6 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(
             {"sizes": asdict(sizes), "rows": [asdict(r) for r in rows]},
             default=lambda v: None if isinstance(v, float) and math.isnan(v) else v, indent=1))
+    charts = args.charts or (args.json and str(Path(args.json).with_suffix("")) + "-charts")
+    if charts:
+        for path in write_charts(rows, Path(charts)):
+            print(f"chart: {path}")
     return 0
 
 

@@ -9,6 +9,10 @@ Measurement methods (why the numbers mean what they say):
   message. Linux's CLOCK_MONOTONIC is system-wide, so values from different processes on this
   machine compare. The round time is ``max(last) - t0``; deliveries/s is ``N * M / time``; the
   median over rounds is reported.
+* Server CPU (``server_cpu_us``): the server process's CPU time over a round (fan-out: until
+  the last client has the last message; divided by the deliveries) or a block of round trips
+  (divided by the requests), from ``/proc/PID/schedstat``. A busy machine stretches wall time
+  far more than it stretches the CPU a piece of work takes, so this is the steadier comparison.
 * Memory: ``psutil`` RSS of the server process after ``gc.collect()`` in it, against a baseline
   taken after a warm-up batch of connections came and went.
 * Slow consumers: a paced broadcast for a fixed time; healthy clients count frames and sample
@@ -30,13 +34,14 @@ import json
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import psutil
 
 from . import micro
 from .procs import BenchError, Proc
-from .stats import Row, latency_metrics, median, percentile
+from .stats import Row, latency_curve, latency_metrics, median, percentile
 
 MiB = 1024 * 1024
 
@@ -151,6 +156,16 @@ def rss(proc: Proc) -> int:
     return int(psutil.Process(proc.pid).memory_info().rss)
 
 
+def cpu_ns(proc: Proc) -> int:
+    """CPU time the process has used so far, in nanoseconds: Linux's scheduler statistics
+    (nanosecond resolution), else psutil's user + system time (clock ticks)."""
+    try:
+        return int(Path(f"/proc/{proc.pid}/schedstat").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        times = psutil.Process(proc.pid).cpu_times()
+        return int((times.user + times.system) * 1e9)
+
+
 def _failure(exc: BaseException) -> str:
     first = (str(exc).splitlines() or [""])[0]
     return f"failed: {type(exc).__name__}: {first}"
@@ -233,25 +248,36 @@ async def _round_trips(scenario: str, sizes: Sizes, impls: Sequence[str], *, ser
     (``ask``: send_and_wait, the client answers) or the client (``run``: custom requests)."""
     mode, command = ("answer", "ask") if server_side else ("request", "run")
 
-    async def setup(impl: str, stack: contextlib.AsyncExitStack) -> Proc:
+    async def setup(impl: str, stack: contextlib.AsyncExitStack) -> tuple[Proc, Proc]:
         srv = await stack.enter_async_context(server(impl, sizes))
         (cli,) = await stack.enter_async_context(clients(srv, impl, mode, 1, procs=1))
         await srv.call("wait_conns", 30, n=1)
-        return srv if server_side else cli
+        return (srv if server_side else cli), srv
 
-    async def step(impl: str, timer: Proc, k: int) -> dict[str, Any]:
+    async def step(impl: str, procs: tuple[Proc, Proc], k: int) -> dict[str, Any]:
         # The full warm-up before the first block; a short one before each later block, since
         # the other implementations ran in between.
+        timer, srv = procs
         warmup = sizes.rt_warmup if k == 0 else max(1, sizes.rt_warmup // 10)
-        return await timer.call(command, 120, warmup=warmup,
-                                iters=sizes.rt_iters // sizes.rt_blocks)
+        cpu = cpu_ns(srv)
+        result: dict[str, Any] = await timer.call(command, 120, warmup=warmup,
+                                                  iters=sizes.rt_iters // sizes.rt_blocks)
+        # The server's CPU per request (warm-up included in both): a cost that the machine's
+        # other load does not inflate the way it does wall time.
+        return {**result, "server_cpu_ns": cpu_ns(srv) - cpu, "ops": len(result["samples"]) + warmup}
+
+    curves: dict[str, tuple[float, ...]] = {}
 
     def summarize(impl: str, blocks: list[dict[str, Any]]) -> dict[str, float]:
-        return latency_metrics([v for b in blocks for v in b["samples"]],
-                               sum(b["total_s"] for b in blocks))
+        samples = [v for b in blocks for v in b["samples"]]
+        curves[impl] = latency_curve(samples)
+        return {**latency_metrics(samples, sum(b["total_s"] for b in blocks)),
+                "server_cpu_us": sum(b["server_cpu_ns"] for b in blocks)
+                / sum(b["ops"] for b in blocks) / 1000}
 
-    return await interleaved(scenario, impls, sizes.rt_blocks, setup=setup, step=step,
+    rows = await interleaved(scenario, impls, sizes.rt_blocks, setup=setup, step=step,
                              summarize=summarize)
+    return [replace(row, curve=curves.get(row.impl, ())) for row in rows]
 
 
 async def server_request(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
@@ -291,20 +317,24 @@ async def _fanout(
         await srv.call("wait_conns", 60, n=conns)
         return srv, cps
 
-    async def step(impl: str, state: tuple[Proc, list[Proc]], r: int) -> tuple[float, float]:
+    async def step(impl: str, state: tuple[Proc, list[Proc]], r: int) -> tuple[float, float, int]:
         srv, cps = state
+        cpu = cpu_ns(srv)
         res = await srv.call(command, 300, r=r, m=m, **params)
         last = await round_end(cps, r)
+        # The server's CPU for the round, once every client has everything.
+        used = cpu_ns(srv) - cpu
         await asyncio.sleep(0.2)  # let the machine settle before the next implementation
-        return last - res["t0"], res["t_sent"] - res["t0"]
+        return last - res["t0"], res["t_sent"] - res["t0"], used
 
-    def summarize(impl: str, samples: list[tuple[float, float]]) -> dict[str, float]:
+    def summarize(impl: str, samples: list[tuple[float, float, int]]) -> dict[str, float]:
         counted = samples[1:] or samples
-        total = median(t for t, _ in counted)
+        total = median(t for t, _, _ in counted)
         return {"users": users, "N": conns, "M": m, "total_ms": total * 1000,
-                "send_ms": median(s for _, s in counted) * 1000,
+                "send_ms": median(s for _, s, _ in counted) * 1000,
                 "deliveries_per_s": conns * m / total,
-                "worst_ms": max(t for t, _ in counted) * 1000}
+                "worst_ms": max(t for t, _, _ in counted) * 1000,
+                "server_cpu_us": median(c for _, _, c in counted) / (conns * m) / 1000}
 
     return await interleaved(scenario, impls, rounds + 1, setup=setup, step=step,
                              summarize=summarize, variant=variant)
@@ -452,15 +482,15 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("server_request", "(1) server -> client request (send_and_wait), sequential",
              server_request, ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-otel", "ours-picows",
                               "raw-picows"),
-             ("p50_us", "p99_us", "ops_per_s")),
+             ("p50_us", "p99_us", "ops_per_s", "server_cpu_us")),
     Scenario("client_request", "(2) client -> server custom request with reply, sequential",
              client_request, ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-otel"),
-             ("p50_us", "p99_us", "ops_per_s")),
+             ("p50_us", "p99_us", "ops_per_s", "server_cpu_us")),
     Scenario("broadcast", "(3) broadcast fan-out", broadcast,
              ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-otel", "ours-picows", "raw-picows"),
-             ("deliveries_per_s",)),
+             ("deliveries_per_s", "server_cpu_us")),
     Scenario("per_user", "(4) per-user fan-out", per_user, ("raw", "ours", "sio", "ours-picows", "raw-picows"),
-             ("deliveries_per_s",)),
+             ("deliveries_per_s", "server_cpu_us")),
     Scenario("memory", "(5) idle connections: server RSS", memory,
              ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-picows", "raw-picows"),
              ("MiB_per_1000", "MiB_per_1000_at_held")),

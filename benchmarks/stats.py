@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["Row", "format_table", "latency_metrics", "median", "percentile", "ratio"]
+__all__ = ["Row", "format_table", "latency_curve", "latency_metrics", "median", "percentile", "ratio"]
 
 import math
 import statistics
@@ -25,6 +25,9 @@ class Row:
     note: str = ""
     #: Rows of one table are compared with the baseline row of the same variant ("N=1000").
     variant: str = ""
+    #: A latency distribution for the charts (``benchmarks.charts``): the 0th to 100th
+    #: percentiles of the samples in microseconds (101 values); empty when not a latency row.
+    curve: tuple[float, ...] = ()
 
     @property
     def available(self) -> bool:
@@ -50,6 +53,14 @@ def latency_metrics(samples_ns: Iterable[int], total_s: float) -> dict[str, floa
         "ops_per_s": len(values) / total_s if total_s > 0 else math.nan,
         "n": float(len(values)),
     }
+
+
+def latency_curve(samples_ns: Iterable[int]) -> tuple[float, ...]:
+    """The 0th, 1st ... 100th percentiles of ``samples_ns`` in microseconds (a CDF to draw)."""
+    values = sorted(v / 1000 for v in samples_ns)
+    if not values:
+        return ()
+    return (values[0], *(percentile(values, q) for q in range(1, 101)))
 
 
 def median(values: Iterable[float]) -> float:

@@ -98,11 +98,18 @@ def build_frame(
 
     ``custom=False``: ``{"type":"message", ["__typename":T,] "message": payload}``.
     ``custom=True``: ``{"type":"custom","message":{"kind":...,"data":...}}``; the payload must have a
-    ``kind``. ``rchan`` makes it a request (``message.__rchan``). A model that is already a whole
-    envelope (ours, or another library's with ``type`` and ``message`` fields, such as Dara's own
-    ``DaraServerMessage``) is sent as it is, never wrapped twice. Raises ``TypeError`` for a
-    payload that is neither a dict nor a model, ``ValueError`` for a custom payload without
-    ``kind``, and ``pydantic_core.PydanticSerializationError`` for values JSON cannot carry.
+    ``kind``. ``rchan`` makes it a request (``message.__rchan``).
+
+    A model that is already a whole envelope is sent as it is (by alias, strict JSON), never
+    wrapped twice: ours, or another library's (such as Dara's own ``DaraServerMessage``) whose
+    serialized form has a ``message`` object and a top-level ``type`` of ``message`` or
+    ``custom``; its top-level ``__typename`` is what the stock client routes on. An envelope
+    states its own type: ``custom`` is not consulted for it.
+
+    Raises ``TypeError`` for a payload that is neither a dict nor a model, for a model that looks
+    like an envelope but is not a valid one (a top-level ``__typename`` without ``type``, or a
+    ``message`` that is not an object); ``ValueError`` for a custom payload without ``kind``; and
+    ``pydantic_core.PydanticSerializationError`` for values JSON cannot carry.
     """
     if isinstance(payload, BaseModel):
         if isinstance(payload, (DaraServerMessage, CustomServerMessage)):
@@ -113,8 +120,7 @@ def build_frame(
             return encode(payload)
         if not isinstance(payload, ServerMessagePayload):
             body = payload.model_dump(mode="python", by_alias=True)
-            if body.get("type") in _ENVELOPE_TYPES and isinstance(body.get("message"), dict):
-                # A foreign envelope model: its top-level __typename is what the client routes on.
+            if _foreign_envelope(body, payload):
                 if rchan is not None:
                     body["message"] = {**body["message"], "__rchan": rchan}
                 return dumps(body)
@@ -139,6 +145,25 @@ def build_frame(
     if rchan is not None:
         payload = {**payload, "__rchan": rchan}
     return dumps({"type": "custom" if custom else "message", "message": payload})
+
+
+def _foreign_envelope(body: dict[str, Any], model: BaseModel) -> bool:
+    """Whether another library's model, serialized to ``body``, is a whole envelope (sent as it
+    is) rather than a payload (wrapped). ``__typename`` may be dropped from ``body``."""
+    if "message" not in body or not ("type" in body or "__typename" in body):
+        return False  # a payload, which may well have a "message" or a "type" field of its own
+    kind = body.get("type")
+    if kind is None:
+        raise TypeError(f"{type(model).__name__} has a top-level __typename and a message but no "
+                        "type: neither an envelope nor a payload; add type='message'")
+    if kind not in _ENVELOPE_TYPES:
+        return False  # a payload with fields named type and message, e.g. {"type":"progress"}
+    if not isinstance(body["message"], dict):
+        raise TypeError(f"{type(model).__name__} looks like a {kind!r} envelope but its message "
+                        f"is {type(body['message']).__name__}, not an object")
+    if body.get("__typename", "") is None:
+        del body["__typename"]  # absent on the wire for application messages (protocol.md 3)
+    return True
 
 
 def utf8_size_exceeds(text: str, limit: int) -> bool:

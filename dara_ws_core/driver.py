@@ -157,11 +157,14 @@ class ConnectionDriver:
     async def _send_queued(self) -> None:
         # Frames are written synchronously while the transport accepts them, and awaited (with
         # its backpressure) only when its write buffer is full.
-        queue, write, send = self.handler.queue, self._write, self.transport.send
+        handler = self.handler
+        queue, write, send, flushed = handler.queue, self._write, self.transport.send, \
+            handler.frame_flushed
         try:
             while (frame := queue.get_nowait()) is not None:
                 if write is None or not write(frame):
                     await send(frame)
+                flushed()
         except ConnectionClosed:
             pass
         except Exception:
@@ -179,6 +182,7 @@ class ConnectionDriver:
         try:
             for frame in backlog:
                 await self.transport.send(frame)
+                self.handler.frame_flushed()
         except Exception:  # gone meanwhile: the close below is a no-op then
             logger.debug("flush before close failed", exc_info=True)
         await close_quietly(self.transport, code, reason)

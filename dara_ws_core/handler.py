@@ -82,8 +82,9 @@ class WebSocketHandler:
     connection ends, which fails its pending requests and cancels its handler tasks.
     """
 
-    __slots__ = ("_custom", "_log", "_shut", "_sink", "_tasks", "channel_id",
-                 "config", "connection", "counters", "identity", "queue", "transport")
+    __slots__ = ("_custom", "_flush_goal", "_log", "_shut", "_sink", "_tasks", "accepted",
+                 "channel_id", "config", "connection", "counters", "flushed", "identity", "queue",
+                 "transport")
 
     def __init__(
         self,
@@ -121,6 +122,12 @@ class WebSocketHandler:
         self.queue.offer(init)
         counters.frames_out += 1
         counters.bytes_out += len(init)
+        #: Frames accepted for this connection (init included), and frames its transport has
+        #: written, in the same order: frame number ``n`` is written once ``flushed >= n``
+        #: (what the per-user outbox waits for before acknowledging a replayed frame).
+        self.accepted = 1
+        self.flushed = 0
+        self._flush_goal: tuple[int, asyncio.Event] | None = None
         self._sink = sink
         self._tasks: set[asyncio.Task[None]] = set()
         self._shut = False
@@ -267,14 +274,41 @@ class WebSocketHandler:
         if not queue and sink is not None and not queue.closed and sink.write_now(frame):
             counters.frames_out += 1
             counters.bytes_out += len(frame)
+            self.accepted += 1
+            self.frame_flushed()
             return True
         if not queue.offer(frame):
             return False
+        self.accepted += 1
         counters.frames_out += 1
         counters.bytes_out += len(frame)
         if sink is not None:
             sink.frames_queued()
         return True
+
+    def frame_flushed(self) -> None:
+        """The transport wrote one more frame (the sink calls it, in queue order)."""
+        self.flushed += 1
+        goal = self._flush_goal
+        if goal is not None and self.flushed >= goal[0]:
+            self._flush_goal = None
+            goal[1].set()
+
+    async def wait_flushed(self, count: int, timeout: float) -> int:
+        """Wait until the transport has written ``count`` frames (see :attr:`accepted`), the
+        connection is gone, or ``timeout`` passes; returns how many it has written. One waiter
+        at a time (the manager's outbox replay)."""
+        if self.flushed < count and not self._shut:
+            event = asyncio.Event()
+            self._flush_goal = (count, event)
+            waiter = asyncio.ensure_future(event.wait())
+            try:
+                await asyncio.wait((waiter,), timeout=timeout)
+            finally:
+                waiter.cancel()
+                if self._flush_goal is not None and self._flush_goal[1] is event:
+                    self._flush_goal = None
+        return self.flushed
 
     def send_nowait(self, frame: bytes) -> Awaitable[None] | None:
         """Enqueue ``frame`` if there is room; otherwise return the coroutine that applies the
@@ -327,6 +361,7 @@ class WebSocketHandler:
     def _drop_oldest_and_put(self, frame: bytes) -> None:
         queue, counters = self.queue, self.counters
         dropped = queue.drop_oldest_and_put(frame)
+        self.accepted += 1
         counters.frames_out += 1
         counters.bytes_out += len(frame)
         if dropped:
@@ -419,6 +454,8 @@ class WebSocketHandler:
         if self._shut:
             return
         self._shut = True
+        if self._flush_goal is not None:  # nothing more will be written: wake its waiter
+            self._flush_goal[1].set()
         self.counters.custom_busy += self.connection.busy
         self.apply(self.connection.connection_lost(exc))
         self.queue.close()

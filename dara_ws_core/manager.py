@@ -17,7 +17,7 @@ __all__ = ["WebsocketManager", "get_user_channels"]
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -34,7 +34,7 @@ from .registry import ChannelRegistry
 from .stats import Counters, ServerStats, collect
 
 if TYPE_CHECKING:
-    from .backplane.contract import Backplane
+    from .backplane.contract import Backplane, Gap, GapCallback
 
 logger = logging.getLogger("dara_ws_core")
 
@@ -52,8 +52,12 @@ class WebsocketManager:
         *,
         custom_handlers: CustomHandlerRegistry | None = None,
         backplane: Backplane | None = None,
+        on_gap: GapCallback | None = None,
     ) -> None:
         self.config = config or ServerConfig()
+        #: ``on_gap(user_id, gap)``: told when a user of this process may have missed messages
+        #: while the backplane's subscription was down (see :class:`~dara_ws_core.backplane.Gap`).
+        self.on_gap = on_gap
         #: channel id -> handler, for the connections of this process.
         self.handlers: dict[str, WebSocketHandler] = {}
         self.registry = ChannelRegistry()
@@ -67,9 +71,15 @@ class WebsocketManager:
                 self.config.outbox_messages, self.config.outbox_bytes, self.config.outbox_age)
         self.outbox = UserOutbox(self.outbox_limits or OutboxLimits())
         # Channels admitted on the bus whose handler does not exist yet: channel -> (user, frames
-        # taken from the outbox, user messages that arrived meanwhile). See :meth:`admit`.
-        self._arriving: dict[str, tuple[str, list[bytes], list[bytes]]] = {}
-        #: Running totals of this server (see :meth:`stats`).
+        # leased from the outbox, their ids, user messages that arrived meanwhile). See
+        # :meth:`admit`.
+        self._arriving: dict[str, tuple[str, list[bytes], list[str], list[bytes]]] = {}
+        # Users whose per-user deliveries are held back after a gap until the outbox is
+        # recovered (:meth:`hold_users`): user -> frames held, bounded.
+        self._held: dict[str, list[bytes]] = {}
+        self._hold_timer: asyncio.TimerHandle | None = None
+        # Outbox replays waiting for their frames to be written, to acknowledge them.
+        self._settling: set[asyncio.Task[None]] = set()        #: Running totals of this server (see :meth:`stats`).
         self.counters = Counters()
 
     # ------------------------------------------------------------------ handlers
@@ -108,13 +118,49 @@ class WebsocketManager:
             self.backplane.channel_added(channel_id, identity)
         arriving = self._arriving.pop(channel_id, None)
         if arriving is not None:
-            _, kept, meanwhile = arriving
-            for frame in (*kept, *meanwhile):  # right after init, before anything live
+            user_id, kept, ids, meanwhile = arriving
+            self._replay_to([handler], user_id, kept, ids, channel_id)
+            for frame in meanwhile:  # right after the kept ones, before anything live
                 handler.push(frame)
         elif identity is not None and self.backplane is None and self.outbox_limits is not None:
-            for frame in self.outbox.take(identity.user_id, time.monotonic()):
-                handler.push(frame)
+            user_id = identity.user_id
+            leased = self.outbox.lease(user_id, channel_id, time.monotonic(),
+                                       lambda holder: holder in self.handlers)
+            self._replay_to([handler], user_id, [f for _, f in leased],
+                            [str(i) for i, _ in leased], channel_id)
         return handler
+
+    def _replay_to(self, handlers: list[WebSocketHandler], user_id: str, frames: list[bytes],
+                   ids: list[str], holder: str | None) -> None:
+        """Push kept frames to ``handlers``, then acknowledge them (as ``holder``) once written:
+        read, then acknowledge, so a connection or process that dies first loses nothing."""
+        if not frames:
+            return
+        marks = []
+        for handler in handlers:
+            base = handler.accepted
+            for frame in frames:
+                handler.push(frame)
+            marks.append((handler, base))
+        if holder is None:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._settle_written(marks, user_id, ids, holder))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle_written(self, marks: list[tuple[WebSocketHandler, int]], user_id: str,
+                              ids: list[str], holder: str) -> None:
+        age = self.outbox_limits.max_age if self.outbox_limits is not None else 60.0
+        written = 0
+        for handler, base in marks:  # bounded: each wait ends by the outbox age at the latest
+            flushed = await handler.wait_flushed(base + len(ids), age)
+            written = max(written, min(len(ids), flushed - base))
+        upto = ids[written - 1] if written > 0 else None
+        if self.backplane is not None:
+            await self.backplane.settle(user_id, holder, upto)
+        else:
+            self.outbox.settle(user_id, holder, None if upto is None else int(upto))
 
     def remove_handler(self, channel_id: str, exc: ConnectionClosed | None = None) -> None:
         """Remove a channel's handler: its pending requests fail with ``exc`` (by default a
@@ -221,6 +267,14 @@ class WebsocketManager:
         A full queue never delays the others: its channel applies its policy at once
         (:meth:`WebSocketHandler.push`). Closed channels are skipped. Never raises.
         """
+        telemetry = self.counters.telemetry
+        if telemetry is not None:  # one traced operation for the whole fan-out
+            return telemetry.fan_out(self._deliver, handlers, frame, ignore_channel)  # type: ignore[no-any-return]
+        return self._deliver(handlers, frame, ignore_channel)
+
+    def _deliver(
+        self, handlers: Iterable[WebSocketHandler], frame: bytes, ignore_channel: str | None
+    ) -> int:
         delivered = 0
         full: list[WebSocketHandler] | None = None
         for handler in handlers:
@@ -250,13 +304,65 @@ class WebsocketManager:
         waiting; returns how many got it."""
         handlers = self.handlers
         local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]
+        held = self._held.get(user_id) if self._held else None
+        if held is not None and ignore_channel is None and len(held) < self._hold_limit:
+            held.append(frame)  # after a gap: once what the outbox kept is out (replay)
+            return len(local)
         delivered = self.deliver_local(local, frame, ignore_channel)
         if self._arriving:  # a channel of the user being admitted: it gets the frame after
-            for user, _, meanwhile in self._arriving.values():  # what the outbox kept
+            for user, _, _, meanwhile in self._arriving.values():  # what the outbox kept
                 if user == user_id:
                     meanwhile.append(frame)
                     delivered += 1
         return delivered
+
+    @property
+    def _hold_limit(self) -> int:
+        return self.config.max_queue_messages
+
+    def hold_users(self) -> list[str]:
+        """Hold back per-user deliveries to every user with a channel here until
+        :meth:`replay` (for the backplane, after a gap: the frames recovered go first). Bounded:
+        ``max_queue_messages`` frames per user (beyond, delivered at once) and
+        ``handshake_timeout`` seconds (then released as they are)."""
+        for handler in self.handlers.values():
+            if handler.identity is not None:
+                self._held.setdefault(handler.identity.user_id, [])
+        if self._held and self._hold_timer is None:
+            self._hold_timer = asyncio.get_running_loop().call_later(
+                self.config.handshake_timeout, self._release_held)
+        return list(self._held)
+
+    def _release_held(self) -> None:
+        self._hold_timer = None
+        for user_id in list(self._held):
+            self.replay(user_id, (), (), None)
+
+    def replay(self, user_id: str, frames: Sequence[bytes], ids: Sequence[str],
+               holder: str | None) -> int:
+        """Hand recovered frames, then the held ones, to the user's channels here, and stop
+        holding; acknowledged as ``holder`` once written. How many channels got them."""
+        held = self._held.pop(user_id, [])
+        if not self._held and self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        handlers = [self.handlers[c] for c in self.registry.user_channels(user_id)
+                    if c in self.handlers]
+        self._replay_to(handlers, user_id, list(frames), list(ids), holder)
+        for frame in held:
+            self.deliver_local(handlers, frame)
+        return len(handlers)
+
+    def users_gapped(self, gaps: dict[str, Gap]) -> None:
+        """Tell ``on_gap`` (if set) which users may have missed messages."""
+        callback = self.on_gap
+        if callback is None:
+            return
+        for user_id, gap in gaps.items():
+            try:
+                callback(user_id, gap)
+            except Exception:
+                logger.exception("on_gap failed", extra={"user": user_id})
 
     def deliver_to_all(self, frame: bytes, ignore_channel: str | None = None) -> int:
         """Hand an encoded frame to every local channel but ``ignore_channel``, without waiting;
@@ -302,7 +408,7 @@ class WebsocketManager:
             return True
         limit = self.config.max_connections_per_user
         user_id = identity.user_id
-        self._arriving[channel_id] = (user_id, [], [])
+        self._arriving[channel_id] = (user_id, [], [], [])
         try:
             async with asyncio.timeout(max(1.0, self.config.handshake_timeout / 2)):
                 attachment = await self.backplane.attach(channel_id, user_id, limit,
@@ -321,13 +427,20 @@ class WebsocketManager:
         arriving = self._arriving.get(channel_id)
         if arriving is not None:
             arriving[1].extend(attachment.frames)
+            arriving[2].extend(attachment.ids)
+        elif attachment.ids:  # abandoned meanwhile: the next connection gets them
+            await self.backplane.settle(user_id, channel_id, None)
         return True
 
     def abandon(self, channel_id: str, identity: Identity) -> None:
         """A channel admitted by :meth:`admit` ended (call it when its connection is over):
         if it never got a handler, its bus registration is released."""
-        if self._arriving.pop(channel_id, None) is not None and self.backplane is not None:
+        arriving = self._arriving.pop(channel_id, None)
+        if arriving is not None and self.backplane is not None:
             self.backplane.channel_removed(channel_id, identity)
+            if arriving[2]:  # leased, never delivered: the lease is void once unregistered
+                logger.debug("outbox leased by a channel that never opened",
+                             extra={"channel": channel_id})
 
     def local_channels(self) -> list[tuple[str, str | None]]:
         """A snapshot of this process's channels: ``(channel id, user id or None)``."""

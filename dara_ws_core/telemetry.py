@@ -23,7 +23,9 @@ Metric names (unit; attributes):
 * ``dara_ws.handler.outcomes`` (counter; ``dara_ws.outcome`` = ``ok``, ``error``, ``timeout``,
   ``busy``) and ``dara_ws.handler.running`` (gauge): custom handlers.
 * ``dara_ws.backplane.messages`` (counter; ``dara_ws.backplane.event`` = ``published``,
-  ``received``, ``delivered``, ``failed``, ``undeliverable``, ``reconnects``) with a backplane.
+  ``received``, ``delivered``, ``failed``, ``undeliverable``, ``reconnects``, ``kept``,
+  ``replayed``, ``refused``) and ``dara_ws.backplane.connected`` (gauge: ``1`` while the bus
+  connection is up, ``0`` during an outage) with a backplane.
 """
 
 from __future__ import annotations
@@ -46,13 +48,15 @@ _SNAPSHOT_TTL = 0.5
 
 
 def instrument(manager: WebsocketManager, meter_provider: MeterProvider | None = None,
-               tracer_provider: TracerProvider | None = None) -> None:
+               tracer_provider: TracerProvider | None = None, *, sample_every: int = 64) -> None:
     """Register ``manager``'s metrics with ``meter_provider`` and its spans with
     ``tracer_provider`` (defaults: the global ones).
 
     Besides the operator's metrics above, this turns on Dara's own names
     (:mod:`dara_ws_core.telemetry_hooks`): ``dara.websocket.*`` metrics and spans, recorded as
-    frames pass. Call it once per manager, before the server accepts connections (connections
+    frames pass: counted exactly, and one operation in ``sample_every`` per kind traced and
+    timed (``1``: all of them, at several microseconds each; see the module's "What it costs").
+    Call it once per manager, before the server accepts connections (connections
     opened earlier get no outbound metrics). Raises ``ImportError`` naming the extra to install
     when ``opentelemetry-api`` is missing.
     """
@@ -69,7 +73,7 @@ def instrument(manager: WebsocketManager, meter_provider: MeterProvider | None =
     provider = meter_provider or metrics.get_meter_provider()
     meter = provider.get_meter("dara_ws_core")
     tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer("dara_ws_core")
-    manager.counters.telemetry = DaraTelemetry(meter, tracer)
+    manager.counters.telemetry = DaraTelemetry(meter, tracer, sample_every)
     cached: list[Any] = [0.0, None]
 
     def snapshot() -> ServerStats:
@@ -128,3 +132,11 @@ def instrument(manager: WebsocketManager, meter_provider: MeterProvider | None =
     counter("dara_ws.backplane.messages", observe(
         lambda s: table(s.backplane or {}, "dara_ws.backplane.event")),
         unit="{message}", description="Backplane messages by event")
+
+    def bus_up(options: CallbackOptions) -> Iterator[Observation]:
+        connected = getattr(manager.backplane, "connected", None)
+        if isinstance(connected, bool):  # no series without a backplane
+            yield Observation(int(connected), {})
+
+    gauge("dara_ws.backplane.connected", [bus_up], unit="1",
+          description="1 while the backplane's bus connection is up, 0 during an outage")

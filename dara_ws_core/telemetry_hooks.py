@@ -3,34 +3,50 @@
 The names, units, attributes and meaning are those of dara-core's ``dara/core/telemetry.py``
 (1.30.0), so a dashboard built on a Dara application reads this library unchanged:
 
-* ``dara.websocket.message.active`` (UpDownCounter, ``{message}``), ``.duration`` (histogram,
-  ``s``) and ``.executions`` (counter, ``{message}``): one *operation* per traced inbound frame,
-  outbound frame and custom handler run. Attributes ``dara.websocket.direction``,
-  ``dara.websocket.message.type`` (``message``, ``custom``, ``init``, ``invalid``),
-  ``dara.websocket.operation`` (``message`` or ``handler``), for handlers
-  ``dara.websocket.handler.execution`` (``sync`` or ``async``; an ``in_thread`` handler is a sync
-  function: ``sync``), and on the duration and executions ``dara.outcome`` (``success``,
-  ``error``, ``cancelled``).
+* ``dara.websocket.message.executions`` (counter, ``{message}``) and ``.active`` (up-down counter,
+  ``{message}``): every inbound frame, every outbound message and every custom handler run, exactly
+  counted. Attributes ``dara.websocket.direction``, ``dara.websocket.message.type`` (``message``,
+  ``custom``, ``init``, ``invalid``), ``dara.websocket.operation`` (``message`` or ``handler``), for
+  handlers ``dara.websocket.handler.execution`` (``sync`` or ``async``; an ``in_thread`` handler
+  is a sync function: ``sync``), and on the executions ``dara.outcome`` (``success``, ``error``,
+  ``cancelled``). An outbound message is counted once per recipient when it is accepted for
+  sending (written at once or queued), as Dara counts one send per handler.
+* ``dara.websocket.message.duration`` (histogram, ``s``, same attributes as the executions):
+  the time of a *sampled* operation (see below).
 * ``dara.websocket.queue.duration`` (histogram, ``s``; ``dara.websocket.message.type``): from
-  accepting an outbound frame to taking it out for the transport; ``0`` for a frame written at
-  once (Dara's every message passes through its queue).
+  accepting an outbound frame to taking it out for the transport, ``0`` for a frame written at
+  once (Dara's every message passes through its queue); sampled.
 * ``dara.websocket.round_trip.duration`` (histogram, ``s``; ``dara.websocket.message.type``,
-  ``dara.websocket.operation`` = ``round_trip``, ``dara.outcome``): ``send_and_wait``.
+  ``dara.websocket.operation`` = ``round_trip``, ``dara.outcome``): ``send_and_wait``, sampled.
 * Spans ``dara.websocket.message.inbound`` (CONSUMER) / ``.outbound`` (PRODUCER),
   ``dara.websocket.handler.execute`` and ``dara.websocket.round_trip``; the spans add
   ``dara.websocket.handler.kind`` and ``dara.websocket.message.payload.type`` (a Dara
   ``__typename`` or a custom ``kind``), which metrics leave out to keep their series bounded.
 
+**What it costs, and why sampling.** One call into the OpenTelemetry SDK (a histogram record, a
+counter add, a span) costs several microseconds, about what this library spends delivering a
+whole frame; doing it per frame made a broadcast 4-8 times slower. So the counts are plain ints
+read by observable instruments when the SDK collects, and the costly parts run for one operation
+in ``sample_every`` (default 64) per kind (inbound frames, outbound messages, queue waits,
+round trips): its span and its duration. Quantiles and means of the histograms stay right; their
+``_count`` is the number of samples (the exact counts are the executions, and for round trips
+``dara_ws.requests`` by outcome). A traced operation traces what it causes: the reply a traced
+inbound frame sends, the handler it starts, the request frame of a traced round trip. A fan-out
+(broadcast, per-user send, a backplane delivery) is *one* outbound operation, for sampling, spans
+and durations, with ``dara.websocket.recipients`` on its span, and one execution per recipient;
+a recipient costs a wrapper call and a flag, nothing more. ``sample_every=1`` traces and times
+everything, as Dara does, at that cost (docs/how-to/telemetry.md has the figures).
+
 As in Dara, pings and pongs are not traced (two spans every few seconds per client). A frame's
 type is read from the first bytes of the encoded envelope (``codec.build_frame`` writes ``type``
 first), never by decoding it again.
 
-How it stays off the hot paths: the handler checks ``counters.telemetry`` once per inbound frame
-and once per ``send_and_wait``; outbound frames cost no check at all, because a connection
-created while telemetry is on gets a :class:`TimedQueue` and a :class:`TimedSink` instead of the
-plain ones. Connections opened before :func:`~dara_ws_core.telemetry.instrument` keep the plain
-ones (no outbound metrics), so call it before serving. This module imports OpenTelemetry inside
-:class:`DaraTelemetry` only.
+How it stays off the hot paths when off: the handler checks ``counters.telemetry`` once per
+inbound frame and once per ``send_and_wait``, the manager once per fan-out; outbound frames cost
+no check at all, because a connection created while telemetry is on gets a :class:`TimedQueue`
+and a :class:`TimedSink` instead of the plain ones. Connections opened before
+:func:`~dara_ws_core.telemetry.instrument` keep the plain ones (no outbound metrics), so call it
+before serving. This module imports OpenTelemetry inside :class:`DaraTelemetry` only.
 """
 
 from __future__ import annotations
@@ -38,9 +54,10 @@ from __future__ import annotations
 __all__ = ["DaraTelemetry", "TimedQueue", "TimedSink", "frame_type"]
 
 import asyncio
+import contextvars
 import time
 from collections import deque
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .codec import PONG_FRAME
@@ -58,12 +75,21 @@ from .queue import OutboundQueue
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
-    from opentelemetry.metrics import Meter
+    from opentelemetry.metrics import CallbackOptions, Meter, Observation
     from opentelemetry.trace import Span, Tracer
 
     from .handler import Sink, WebSocketHandler
 
 _perf = time.perf_counter
+
+#: True while a sampled (traced) operation runs: what it sends and the handlers it starts are
+#: traced too, so a sampled trace is whole.
+_tracing: contextvars.ContextVar[bool] = contextvars.ContextVar("dara_ws_tracing", default=False)
+
+MESSAGE_TYPES = ("message", "custom", "init")
+
+#: An operation's key in the count tables: (direction, message type, outcome, handler execution).
+Key = tuple[str, str, str, str]
 
 #: dara-core's histogram buckets for ``*.duration`` (its ``_DURATION_BUCKETS_SECONDS`` view),
 #: given as advice so an SDK without Dara's view aggregates the same way.
@@ -72,6 +98,8 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.
 
 _KIND = b'"kind":"'
 _TYPENAME = b'{"type":"message","__typename":"'
+#: A plain payload's own ``__typename`` (``build_frame`` of a dict that names its type).
+_PAYLOAD_TYPENAME = b'{"type":"message","message":{"__typename":"'
 
 
 def frame_type(frame: bytes) -> str | None:
@@ -90,7 +118,8 @@ def frame_type(frame: bytes) -> str | None:
 
 def payload_type(frame: bytes, message_type: str) -> str | None:
     """What Dara calls the payload type (span only): ``Init``, a custom message's ``kind``, a
-    message's ``__typename``; read from the first bytes of the frame, ``None`` if absent."""
+    message's ``__typename`` (the envelope's, or else its payload's); read from the first
+    bytes of the frame, ``None`` if absent."""
     if message_type == "init":
         return "Init"
     if message_type == "custom":
@@ -100,6 +129,8 @@ def payload_type(frame: bytes, message_type: str) -> str | None:
         start += len(_KIND)
     elif frame.startswith(_TYPENAME):
         start = len(_TYPENAME)
+    elif frame.startswith(_PAYLOAD_TYPENAME):
+        start = len(_PAYLOAD_TYPENAME)
     else:
         return None
     end = frame.find(b'"', start, start + 128)
@@ -128,34 +159,47 @@ def classify(events: Sequence[Event]) -> tuple[str | None, str]:
     return "invalid", "error"  # undecodable, or a protocol error that closes the connection
 
 
+
 def _outcome(error: BaseException) -> str:
     return "cancelled" if isinstance(error, asyncio.CancelledError) else "error"
 
 
 class DaraTelemetry:
-    """The instruments and tracer of one manager; what ``counters.telemetry`` holds when on.
+    """The instruments, tracer and running counts of one manager; what ``counters.telemetry``
+    holds when on.
 
     Created by :func:`~dara_ws_core.telemetry.instrument`; raises ``ImportError`` without
-    ``opentelemetry-api``.
+    ``opentelemetry-api`` and ``ValueError`` for a ``sample_every`` below 1.
     """
 
-    def __init__(self, meter: Meter, tracer: Tracer) -> None:
+    def __init__(self, meter: Meter, tracer: Tracer, sample_every: int = 64) -> None:
         from opentelemetry import context, trace
+        from opentelemetry.metrics import Observation
         from opentelemetry.trace import SpanKind, Status, StatusCode
 
+        if sample_every < 1:
+            raise ValueError(f"sample_every must be at least 1, not {sample_every}")
+        #: One operation in this many per kind gets its span and duration.
+        self.sample_every = sample_every
         self._context, self._trace, self.tracer = context, trace, tracer
-        self._consumer, self._producer = SpanKind.CONSUMER, SpanKind.PRODUCER
+        self._observation = Observation
+        self._consumer, self._producer, self._internal = SpanKind.CONSUMER, SpanKind.PRODUCER, SpanKind.INTERNAL
         self._error_status = Status(StatusCode.ERROR)
-        self.active = meter.create_up_down_counter(
-            "dara.websocket.message.active", unit="{message}",
-            description="Number of Dara WebSocket message operations currently executing")
+        # Countdowns to the next sample, per kind; the first operation of each is sampled.
+        self.in_budget = self.out_budget = self.queue_budget = self.trip_budget = 1
+        #: True while a fan-out delivers (it counts and traces its recipients as one); while a
+        #: sampled one does, the first recipient that queues the frame stamps it; a recipient
+        #: that writes it at once says so.
+        self.fanout = self.stamp_fanout = self.wrote_now = False
+        #: Outbound messages accepted for sending, by message type (the hottest count).
+        self.sent = dict.fromkeys(MESSAGE_TYPES, 0)
+        #: Other completed operations, and the operations running now (outcome ``""``).
+        self.executions: dict[Key, int] = {}
+        self.running: dict[Key, int] = {}
         self.duration = meter.create_histogram(
             "dara.websocket.message.duration", unit="s",
             description="Duration of Dara WebSocket message operations",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
-        self.executions = meter.create_counter(
-            "dara.websocket.message.executions", unit="{message}",
-            description="Number of completed Dara WebSocket message operations")
         self.queue_duration = meter.create_histogram(
             "dara.websocket.queue.duration", unit="s",
             description="Duration an outbound WebSocket message waits before sending",
@@ -164,16 +208,26 @@ class DaraTelemetry:
             "dara.websocket.round_trip.duration", unit="s",
             description="Duration from sending a WebSocket request until its response is received",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+        meter.create_observable_counter(
+            "dara.websocket.message.executions", [self._observe_executions], unit="{message}",
+            description="Number of completed Dara WebSocket message operations")
+        meter.create_observable_up_down_counter(
+            "dara.websocket.message.active", [self._observe_running], unit="{message}",
+            description="Number of Dara WebSocket message operations currently executing")
         # Attribute dicts are built once per combination: a dict per frame would cost more than
         # the recording itself.
-        self._attrs: dict[tuple[str, ...], dict[str, str]] = {}
+        self._attrs: dict[Key, dict[str, str]] = {}
         #: The queue wait carries the message type only, as in Dara.
-        self.queue_attributes = {t: {"dara.websocket.message.type": t} for t in ("message", "custom", "init")}
+        self.queue_attributes = {t: {"dara.websocket.message.type": t} for t in MESSAGE_TYPES}
+        self._trip_attributes = {
+            (t, outcome): {"dara.websocket.message.type": t, "dara.websocket.operation": "round_trip",
+                           "dara.outcome": outcome}
+            for t in MESSAGE_TYPES for outcome in ("success", "error", "cancelled")}
         for direction, message_type in (("inbound", "message"), ("inbound", "custom"),
                                         ("outbound", "message"), ("outbound", "custom")):
-            self.active.add(0, self.attributes(direction, message_type))  # series exist at 0
+            self.running[(direction, message_type, "", "")] = 0  # the series exist at 0
         for execution in ("sync", "async"):
-            self.active.add(0, self.attributes("inbound", "custom", execution=execution))
+            self.running[("inbound", "custom", "", execution)] = 0
 
     def attributes(self, direction: str, message_type: str, outcome: str = "",
                    execution: str = "") -> dict[str, str]:
@@ -190,7 +244,33 @@ class DaraTelemetry:
             self._attrs[key] = attrs
         return attrs
 
+    # ------------------------------------------------------------------ collection
+
+    def _observations(self, counts: Iterable[tuple[Key, int]]) -> Iterator[Observation]:
+        # The SDK may collect from another thread (a Prometheus scrape): the tables are copied
+        # with list(), which the GIL makes atomic, before they are read.
+        for (direction, message_type, outcome, execution), count in counts:
+            yield self._observation(count, self.attributes(direction, message_type, outcome, execution))
+
+    def _observe_executions(self, options: CallbackOptions) -> Iterator[Observation]:
+        sent = [(("outbound", t, "success", ""), n) for t, n in list(self.sent.items()) if n]
+        yield from self._observations(sent + list(self.executions.items()))
+
+    def _observe_running(self, options: CallbackOptions) -> Iterator[Observation]:
+        yield from self._observations(list(self.running.items()))
+
+    def _count(self, table: dict[Key, int], key: Key, add: int = 1) -> None:
+        table[key] = table.get(key, 0) + add
+
+    # ------------------------------------------------------------------ sampled operations
+
+    def _span(self, name: str, attrs: dict[str, str], kind: Any = None, start_ns: int | None = None,
+              context: Context | None = None) -> Span:
+        return self.tracer.start_span(name, context, kind or self._internal,
+                                      attributes=attrs, start_time=start_ns)
+
     def _done(self, attrs: dict[str, str], started: float, outcome: str, span: Span) -> None:
+        """End a sampled operation's span and record its duration."""
         span.set_attribute("dara.outcome", outcome)
         if outcome == "error":
             span.set_status(self._error_status)
@@ -198,121 +278,219 @@ class DaraTelemetry:
         final = self.attributes(attrs["dara.websocket.direction"], attrs["dara.websocket.message.type"],
                                 outcome, attrs.get("dara.websocket.handler.execution", ""))
         self.duration.record(_perf() - started, final)
-        self.executions.add(1, final)
-
-    # ------------------------------------------------------------------ per connection
-
-    def queue(self, max_messages: int, max_bytes: int) -> OutboundQueue:
-        """The outbound queue of a new connection: one that times its frames."""
-        return TimedQueue(self, max_messages, max_bytes)
-
-    def sink(self, sink: Sink | None) -> Sink | None:
-        """The sink of a new connection, wrapped to trace the frames it writes at once."""
-        return None if sink is None else TimedSink(self, sink)
 
     def outbound(self, frame: bytes, message_type: str, started: float, start_ns: int, *,
-                 context: Context | None = None, outcome: str = "success") -> None:
-        """Record one outbound frame handed to the transport (started at ``started``)."""
-        span = self.tracer.start_span("dara.websocket.message.outbound", context, self._producer,
-                                      start_time=start_ns)
+                 context: Context | None = None, outcome: str = "success",
+                 recipients: int | None = None) -> None:
+        """Trace one sampled outbound operation that started at ``started`` and ends now."""
         attrs = self.attributes("outbound", message_type)
+        span = self._span("dara.websocket.message.outbound", attrs, self._producer, start_ns, context)
         if span.is_recording():
-            span.set_attributes(attrs)
             ptype = payload_type(frame, message_type)
             if ptype is not None:
                 span.set_attribute("dara.websocket.message.payload.type", ptype)
+            if recipients is not None:
+                span.set_attribute("dara.websocket.recipients", recipients)
         self._done(attrs, started, outcome, span)
+
+    def waited(self, frame: bytes, seconds: float) -> None:
+        """Record a sampled queue wait of ``frame``."""
+        self.queue_budget = self.sample_every
+        message_type = frame_type(frame)
+        if message_type is not None:
+            self.queue_duration.record(seconds, self.queue_attributes[message_type])
+
+    # ------------------------------------------------------------------ outbound
+
+    def queue(self, max_messages: int, max_bytes: int) -> OutboundQueue:
+        """The outbound queue of a new connection: one that counts and samples its frames."""
+        return TimedQueue(self, max_messages, max_bytes)
+
+    def sink(self, sink: Sink | None) -> Sink | None:
+        """The sink of a new connection, wrapped to count the frames it writes at once."""
+        return None if sink is None else TimedSink(self, sink)
+
+    def write_now(self, sink: Sink, frame: bytes) -> bool:
+        """``sink.write_now(frame)`` for one message (not a fan-out): counted, 1 in
+        ``sample_every`` traced."""
+        message_type = frame_type(frame)
+        if message_type is None:  # a pong
+            return sink.write_now(frame)
+        if self.out_budget > 1 and not _tracing.get():
+            if not sink.write_now(frame):
+                return False
+            self.out_budget -= 1
+            self.sent[message_type] += 1
+            self.queue_budget -= 1
+            if self.queue_budget <= 0:
+                self.waited(frame, 0.0)
+            return True
+        started, start_ns = _perf(), time.time_ns()
+        if not sink.write_now(frame):
+            return False
+        self.out_budget = self.sample_every
+        self.sent[message_type] += 1
+        self.waited(frame, 0.0)
+        self.outbound(frame, message_type, started, start_ns)
+        return True
+
+    def fan_out(self, deliver: Callable[[Iterable[WebSocketHandler], bytes, str | None], int],
+                handlers: Iterable[WebSocketHandler], frame: bytes, ignore_channel: str | None) -> int:
+        """``WebsocketManager.deliver_local`` with telemetry: one execution per recipient, and
+        the fan-out is *one* outbound operation: sampled like a single message (one in
+        ``sample_every``), when it is, one span, one duration and at most two queue waits: ``0``
+        if a recipient was written at once, and the wait of the first recipient that queued it."""
+        started = _perf()
+        traced = self.out_budget <= 1 or _tracing.get()
+        self.fanout, self.stamp_fanout, self.wrote_now = True, traced, False
+        try:
+            delivered = deliver(handlers, frame, ignore_channel)
+        finally:
+            self.fanout = self.stamp_fanout = False
+        if not delivered:
+            return 0
+        message_type = frame_type(frame) or "message"
+        self.sent[message_type] += delivered
+        if not traced:
+            self.out_budget -= 1
+            return delivered
+        self.out_budget = self.sample_every
+        if self.wrote_now:
+            self.queue_duration.record(0.0, self.queue_attributes[message_type])
+        start_ns = time.time_ns() - int((_perf() - started) * 1e9)
+        self.outbound(frame, message_type, started, start_ns, recipients=delivered)
+        return delivered
 
     # ------------------------------------------------------------------ hooks of the handler
 
     def inbound(self, handler: WebSocketHandler, frame: str | bytes, now: float) -> Awaitable[None] | None:
-        """``WebSocketHandler.receive_frame`` with telemetry: decode, then carry out the events
-        inside the inbound span (a handler's span is its child)."""
-        started, start_ns = _perf(), time.time_ns()
+        """``WebSocketHandler.receive_frame`` with telemetry: decode, count, and for 1 frame in
+        ``sample_every`` carry out the events inside the inbound span (a handler's span is its
+        child)."""
+        sampled = self.in_budget <= 1
+        started = _perf() if sampled else 0.0
+        start_ns = time.time_ns() if sampled else 0
         events = handler.connection.receive_frame(frame, now)
         message_type, outcome = classify(events)
         if message_type is None or (not events and handler.closed):
             return handler.apply(events)
-        attrs = self.attributes("inbound", message_type)
-        span = self.tracer.start_span("dara.websocket.message.inbound", None, self._consumer,
-                                      attributes=attrs, start_time=start_ns)
+        span: Span | None = None
+        if sampled:
+            self.in_budget = self.sample_every
+            attrs = self.attributes("inbound", message_type)
+            span = self._span("dara.websocket.message.inbound", attrs, self._consumer, start_ns)
+            token = self._context.attach(self._trace.set_span_in_context(span))
+            tracing = _tracing.set(True)
+        else:
+            self.in_budget -= 1
         counters = handler.counters
         errors = counters.custom_error
-        token = self._context.attach(self._trace.set_span_in_context(span))
         try:
             pending = handler.apply(events)
         except BaseException as exc:
-            self._done(attrs, started, _outcome(exc), span)
+            self._inbound_done(message_type, _outcome(exc), started, span)
             raise
         finally:
-            self._context.detach(token)
+            if span is not None:
+                _tracing.reset(tracing)
+                self._context.detach(token)
         if counters.custom_error != errors:
             outcome = "error"  # a sync handler failed (its own span says how)
         if pending is None:
-            self._done(attrs, started, outcome, span)
+            self._inbound_done(message_type, outcome, started, span)
             return None
-        return self._inbound_rest(pending, attrs, started, outcome, span)
+        return self._inbound_rest(pending, message_type, outcome, started, span)
 
-    async def _inbound_rest(self, pending: Awaitable[None], attrs: dict[str, str], started: float,
-                            outcome: str, span: Span) -> None:
-        self.active.add(1, attrs)
+    def _inbound_done(self, message_type: str, outcome: str, started: float, span: Span | None) -> None:
+        self._count(self.executions, ("inbound", message_type, outcome, ""))
+        if span is not None:
+            self._done(self.attributes("inbound", message_type), started, outcome, span)
+
+    async def _inbound_rest(self, pending: Awaitable[None], message_type: str, outcome: str,
+                            started: float, span: Span | None) -> None:
+        key = ("inbound", message_type, "", "")
+        self._count(self.running, key)
         try:
             await pending
         except BaseException as exc:
             outcome = _outcome(exc)
             raise
         finally:
-            self.active.add(-1, attrs)
-            self._done(attrs, started, outcome, span)
+            self._count(self.running, key, -1)
+            self._inbound_done(message_type, outcome, started, span)
 
-    async def round_trip(self, request: Awaitable[Any], frame: bytes) -> Any:
-        """``send_and_wait`` with telemetry: the round-trip span and duration around ``request``."""
+    def round_trip(self, request: Awaitable[Any], frame: bytes) -> Awaitable[Any]:
+        """``send_and_wait`` with telemetry: ``request`` itself, or for 1 request in
+        ``sample_every`` (and any inside a traced operation) ``request`` inside its round-trip
+        span and duration, with its request frame traced too."""
+        self.trip_budget -= 1
+        if self.trip_budget > 0 and not _tracing.get():
+            return request  # awaited as it is: not even a coroutine more
+        self.trip_budget = self.sample_every
+        return self._round_trip(request, frame)
+
+    async def _round_trip(self, request: Awaitable[Any], frame: bytes) -> Any:
         message_type = frame_type(frame) or "message"
-        attrs = {"dara.websocket.message.type": message_type, "dara.websocket.operation": "round_trip"}
         started, outcome = _perf(), "success"
-        with self.tracer.start_as_current_span("dara.websocket.round_trip", attributes=attrs,
-                                               record_exception=False,
-                                               set_status_on_exception=False) as span:
-            ptype = payload_type(frame, message_type)
-            if ptype is not None:
-                span.set_attribute("dara.websocket.message.payload.type", ptype)
-            try:
-                return await request
-            except BaseException as exc:
-                outcome = _outcome(exc)
-                if outcome == "error":
-                    span.set_attribute("error.type", type(exc).__name__)
-                    span.set_status(self._error_status)
-                raise
-            finally:
-                span.set_attribute("dara.outcome", outcome)
-                self.round_trip_duration.record(_perf() - started, {**attrs, "dara.outcome": outcome})
+        attrs = {"dara.websocket.message.type": message_type, "dara.websocket.operation": "round_trip"}
+        tracing = _tracing.set(True)
+        try:
+            with self.tracer.start_as_current_span("dara.websocket.round_trip", attributes=attrs,
+                                                   record_exception=False,
+                                                   set_status_on_exception=False) as span:
+                ptype = payload_type(frame, message_type)
+                if ptype is not None:
+                    span.set_attribute("dara.websocket.message.payload.type", ptype)
+                try:
+                    return await request
+                except BaseException as exc:
+                    outcome = _outcome(exc)
+                    if outcome == "error":
+                        span.set_attribute("error.type", type(exc).__name__)
+                        span.set_status(self._error_status)
+                    raise
+                finally:
+                    span.set_attribute("dara.outcome", outcome)
+                    self.round_trip_duration.record(_perf() - started,
+                                                    self._trip_attributes[message_type, outcome])
+        finally:
+            _tracing.reset(tracing)
 
     # ------------------------------------------------------------------ hooks of custom handlers
 
-    def _handler_span(self, spec: HandlerSpec, execution: str) -> tuple[dict[str, str], Span, object]:
+    def _handler_span(self, spec: HandlerSpec, execution: str) -> tuple[Span, object]:
         attrs = self.attributes("inbound", "custom", execution=execution)
         span = self.tracer.start_span("dara.websocket.handler.execute",
                                       attributes={**attrs, "dara.websocket.handler.kind": spec.kind})
-        return attrs, span, self._context.attach(self._trace.set_span_in_context(span))
+        return span, self._context.attach(self._trace.set_span_in_context(span))
+
+    def _handler_done(self, execution: str, outcome: str, started: float,
+                      traced: tuple[Span, object] | None) -> None:
+        self._count(self.executions, ("inbound", "custom", outcome, execution))
+        if traced is not None:
+            span, token = traced
+            self._context.detach(token)  # type: ignore[arg-type]
+            self._done(self.attributes("inbound", "custom", execution=execution), started, outcome, span)
 
     def run_sync(self, spec: HandlerSpec, received: CustomReceived,
                  host: DispatchHost) -> Awaitable[None] | None:
-        """A sync handler (``CustomHandlerRegistry.dispatch``) inside its span."""
+        """A sync handler (``CustomHandlerRegistry.dispatch``), traced when its frame is."""
         started, ok = _perf(), False
-        attrs, span, token = self._handler_span(spec, "sync")
+        traced = self._handler_span(spec, "sync") if _tracing.get() else None
         try:
             frame, ok = execute_sync(spec, received, host)
             return send_outcome(host, frame)
         finally:
-            self._context.detach(token)  # type: ignore[arg-type]
-            self._done(attrs, started, "success" if ok else "error", span)
+            self._handler_done("sync", "success" if ok else "error", started, traced)
 
     async def run_task(self, spec: HandlerSpec, received: CustomReceived, host: DispatchHost) -> None:
-        """An async or ``in_thread`` handler's task (``custom._run_task``) inside its span."""
+        """An async or ``in_thread`` handler's task (``custom._run_task``), traced when its
+        frame is."""
+        execution = "sync" if spec.in_thread else "async"
         started, outcome = _perf(), "error"
-        attrs, span, token = self._handler_span(spec, "sync" if spec.in_thread else "async")
-        self.active.add(1, attrs)
+        traced = self._handler_span(spec, execution) if _tracing.get() else None
+        key = ("inbound", "custom", "", execution)
+        self._count(self.running, key)
         try:
             frame, ok = await execute_async(spec, received, host)
             await deliver(host, frame)
@@ -321,13 +499,12 @@ class DaraTelemetry:
             outcome = _outcome(exc)
             raise
         finally:
-            self._context.detach(token)  # type: ignore[arg-type]
-            self.active.add(-1, attrs)
-            self._done(attrs, started, outcome, span)
+            self._count(self.running, key, -1)
+            self._handler_done(execution, outcome, started, traced)
 
 
 class TimedSink:
-    """A connection's sink that traces every frame it writes at once (queue wait ``0``)."""
+    """A connection's sink that counts (and samples) every frame it writes at once."""
 
     __slots__ = ("_sink", "_telemetry")
 
@@ -335,16 +512,14 @@ class TimedSink:
         self._telemetry, self._sink = telemetry, sink
 
     def write_now(self, frame: bytes) -> bool:
-        message_type = frame_type(frame)
-        if message_type is None:
-            return self._sink.write_now(frame)
-        started, start_ns = _perf(), time.time_ns()
-        if not self._sink.write_now(frame):
-            return False
         telemetry = self._telemetry
-        telemetry.queue_duration.record(0.0, telemetry.queue_attributes[message_type])
-        telemetry.outbound(frame, message_type, started, start_ns)
-        return True
+        if not telemetry.fanout:
+            return telemetry.write_now(self._sink, frame)
+        # A recipient of a fan-out, which counts and samples it: only say it was written at once.
+        if self._sink.write_now(frame):
+            telemetry.wrote_now = True
+            return True
+        return False
 
     def frames_queued(self) -> None:
         self._sink.frames_queued()
@@ -354,61 +529,92 @@ class TimedSink:
 
 
 class TimedQueue(OutboundQueue):
-    """An outbound queue that remembers when (and in which trace context) each frame was queued.
+    """An outbound queue that counts the frames it accepts and times a sample of them.
 
-    Taking a frame out records its queue wait; the frame is then *being sent* until the next
-    frame is taken or the queue runs empty (the driver's send loop takes the next frame once the
-    transport has the previous one), which closes its outbound span and duration.
+    1 frame in ``sample_every`` (of a fan-out: the first queued one of a sampled fan-out) is
+    stamped (its position in the queue's history, the time, and unless it is part of a fan-out
+    the trace context it was queued in). Taking a stamped frame
+    out records its queue wait; the frame is then *being sent* until the next frame is taken or
+    the queue runs empty (the driver's send loop takes the next frame once the transport has the
+    previous one), which closes its outbound span and duration. Stamps are at most one per
+    queued frame, so bounded like the queue.
     """
 
-    __slots__ = ("_sending", "_stamps", "_telemetry")
+    __slots__ = ("_added", "_removed", "_sending", "_stamps", "_telemetry")
 
     def __init__(self, telemetry: DaraTelemetry, max_messages: int, max_bytes: int) -> None:
         super().__init__(max_messages, max_bytes)
         self._telemetry = telemetry
-        self._stamps: deque[tuple[float, Context]] = deque()
+        #: Frames ever appended, and ever removed (taken or dropped): a frame's position.
+        self._added = self._removed = 0
+        self._stamps: deque[tuple[int, float, Context | None]] = deque()
         self._sending: tuple[bytes, str, float, int, Context] | None = None
 
     def _append(self, frame: bytes) -> None:
-        self._stamps.append((_perf(), self._telemetry._context.get_current()))
+        index = self._added
+        self._added = index + 1
+        telemetry = self._telemetry
+        if telemetry.fanout:  # the fan-out counts and traces it
+            if telemetry.stamp_fanout:
+                telemetry.stamp_fanout = False
+                self._stamps.append((index, _perf(), None))
+        else:
+            message_type = frame_type(frame)
+            if message_type is not None:
+                telemetry.sent[message_type] += 1
+                telemetry.queue_budget -= 1
+                if telemetry.queue_budget <= 0 or _tracing.get():
+                    telemetry.queue_budget = telemetry.sample_every
+                    self._stamps.append((index, _perf(), telemetry._context.get_current()))
         super()._append(frame)
 
     def drop_oldest_and_put(self, frame: bytes) -> int:
         dropped = super().drop_oldest_and_put(frame)
-        for _ in range(dropped):  # the new frame's stamp is on the right
-            self._stamps.popleft()
+        self._removed += dropped
+        stamps = self._stamps
+        while stamps and stamps[0][0] < self._removed:
+            stamps.popleft()
         return dropped
 
-    def _taken(self, frame: bytes | None) -> None:
-        sending, telemetry = self._sending, self._telemetry
-        self._sending = None
+    def _sent(self, outcome: str = "success") -> None:
+        sending = self._sending
         if sending is not None:
-            telemetry.outbound(*sending[:4], context=sending[4])
-        if frame is None or not self._stamps:
+            self._sending = None
+            self._telemetry.outbound(*sending[:4], context=sending[4], outcome=outcome)
+
+    def _taken(self, frame: bytes) -> None:
+        index = self._removed
+        self._removed = index + 1
+        if self._sending is not None:
+            self._sent()
+        stamps = self._stamps
+        if not stamps or stamps[0][0] != index:
             return
-        queued, context = self._stamps.popleft()
+        _, queued, context = stamps.popleft()
         message_type = frame_type(frame)
         if message_type is None:
             return
         now = _perf()
+        telemetry = self._telemetry
         telemetry.queue_duration.record(now - queued, telemetry.queue_attributes[message_type])
-        self._sending = (frame, message_type, now, time.time_ns(), context)
+        if context is not None:
+            self._sending = (frame, message_type, now, time.time_ns(), context)
 
     async def get(self) -> bytes:
-        self._taken(None)
+        self._sent()
         frame = await super().get()
         self._taken(frame)
         return frame
 
     def get_nowait(self) -> bytes | None:
         frame = super().get_nowait()
-        self._taken(frame)
+        if frame is None:
+            self._sent()
+        else:
+            self._taken(frame)
         return frame
 
     def close(self) -> None:
-        sending = self._sending
-        self._sending = None
-        if sending is not None:
-            self._telemetry.outbound(*sending[:4], context=sending[4], outcome="error")
+        self._sent("error")
         self._stamps.clear()
         super().close()

@@ -9,7 +9,8 @@ unregistered) when its stdin closes or on SIGTERM, so it never outlives the test
 The test drives it through custom requests from any client connected to it (the protocol's own
 control plane): ``bp.send``, ``bp.broadcast``, ``bp.user``, ``bp.ask`` (send_and_wait),
 ``bp.channels`` (all of a user's channels), ``bp.flush``, ``bp.stats``, ``bp.revoke``
-(disconnect a user, a session or a channel everywhere), and ``bp.bench_ask``,
+(disconnect a user, a session or a channel everywhere), ``bp.user_sure`` (a per-user send and
+whether the bus acknowledged it), ``bp.gaps`` (what ``on_gap`` was told), and ``bp.bench_ask``,
 ``bp.bench_broadcast`` for the benchmark. Every reply is ``{"ok": value}`` or
 ``{"error": exception name, "message": ..., "code": close code or null}``.
 
@@ -38,6 +39,7 @@ from dara_ws_core import (
     WebsocketManager,
     token_authenticator,
 )
+from dara_ws_core.backplane import Gap
 
 from .stacks import verify_token
 
@@ -47,6 +49,16 @@ Op = Callable[[dict[str, Any]], Awaitable[Any]]
 
 def _controls(manager: WebsocketManager) -> dict[str, Op]:
     backplane: Any = manager.backplane
+    gap_reports: dict[str, list[float]] = {}
+
+    def on_gap(user_id: str, gap: Gap) -> None:
+        report = gap_reports.setdefault(user_id, [0, 0, 0, 0])
+        report[0] += 1
+        report[1] += gap.lost
+        report[2] += gap.recovered
+        report[3] += gap.broadcasts
+
+    manager.on_gap = on_gap
 
     async def send(d: dict[str, Any]) -> None:
         await manager.send_message(d["channel"], d["message"], custom=d.get("custom", False))
@@ -91,6 +103,25 @@ def _controls(manager: WebsocketManager) -> dict[str, Op]:
             await manager.broadcast({**d["message"], "i": i})
         return time.perf_counter() - started
 
+    async def user_sure(d: dict[str, Any]) -> bool:
+        """``user``, then whether the bus acknowledged it (published or kept) within 2 s."""
+        failed = backplane.stats.failed if backplane is not None else 0
+        await manager.send_message_to_user(d["user"], d["message"])
+        if backplane is None:
+            return True
+        if backplane.stats.failed != failed:  # the bus is down: counted at once
+            return False
+        try:
+            async with asyncio.timeout(2.0):
+                await backplane.flush()
+        except TimeoutError:
+            return False
+        return bool(backplane.stats.failed == failed)
+
+    async def gaps(d: dict[str, Any]) -> dict[str, list[float]]:
+        """What ``on_gap`` was told so far: user -> [calls, lost, recovered, broadcasts]."""
+        return gap_reports
+
     async def revoke(d: dict[str, Any]) -> int:
         """``disconnect_user`` / ``disconnect_session`` / ``close_channel``, ``_everywhere``."""
         scope, target = d["scope"], d["target"]
@@ -102,7 +133,8 @@ def _controls(manager: WebsocketManager) -> dict[str, Op]:
 
     return {"send": send, "broadcast": broadcast, "user": user, "ask": ask,
             "channels": channels, "flush": flush, "stats": stats, "bench_ask": bench_ask,
-            "bench_broadcast": bench_broadcast, "revoke": revoke}
+            "bench_broadcast": bench_broadcast, "revoke": revoke, "user_sure": user_sure,
+            "gaps": gaps}
 
 
 def _register(manager: WebsocketManager) -> None:

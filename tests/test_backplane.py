@@ -48,6 +48,7 @@ from dara_ws_core.backplane import (
     RemoteCancel,
     RemoteReply,
     RemoteRequest,
+    SequenceTracker,
     UserDelivery,
     decode_bus_message,
     encode_bus_message,
@@ -148,7 +149,7 @@ OPT_IDS = st.none() | IDS
 MESSAGES: st.SearchStrategy[BusMessage] = st.one_of(
     st.builds(ChannelDelivery, IDS, FRAMES),
     st.builds(UserDelivery, IDS, OPT_IDS, FRAMES),
-    st.builds(BroadcastDelivery, IDS, OPT_IDS, FRAMES),
+    st.builds(BroadcastDelivery, IDS, OPT_IDS, FRAMES, st.integers(0, 2**53)),
     st.builds(RemoteRequest, IDS, IDS, IDS, st.booleans(),
               st.none() | st.floats(min_value=0, max_value=1e6), FRAMES),
     st.builds(RemoteReply, IDS, FRAMES, st.none()),
@@ -171,11 +172,26 @@ def test_a_bus_message_carries_the_frame_unchanged_after_its_header() -> None:
     assert b"c1" in header
 
 
+def test_a_sequence_tracker_counts_what_a_publisher_sent_in_between() -> None:
+    tracker = SequenceTracker(max_publishers=2)
+    assert tracker.observe("a", 1) == 0  # the first heard: nothing known missed
+    assert tracker.observe("a", 2) == 0
+    assert tracker.observe("a", 6) == 3  # 3, 4 and 5 never arrived
+    assert tracker.observe("a", 1) == 0  # restarted with the same id: counted from there
+    assert tracker.observe("a", 0) == 0  # unnumbered (an older peer)
+    tracker.observe("b", 1)
+    tracker.observe("c", 1)  # the third publisher: "a", heard least recently, is forgotten
+    assert len(tracker) == 2
+    assert tracker.observe("a", 9) == 0
+
+
 @pytest.mark.parametrize("data", [
     b"", b"no header", b"[1]\n", b"{\"op\":\"nope\"}\n", b"{\"op\":\"ch\"}\n",
     b"{\"op\":\"ch\",\"ch\":1}\n", b"{\"op\":\"req\",\"id\":\"r\",\"reply_to\":\"n\",\"ch\":\"c\","
     b"\"custom\":1,\"timeout\":null}\n", b"not json\n{}",
     b"{\"op\":\"rep\",\"id\":\"r\",\"fail\":[]}\n",
+    b"{\"op\":\"all\",\"origin\":\"n\",\"ignore\":null,\"seq\":-1}\n",
+    b"{\"op\":\"all\",\"origin\":\"n\",\"ignore\":null,\"seq\":true}\n",
 ])
 def test_malformed_bus_messages_are_refused(data: bytes) -> None:
     with pytest.raises(BackplaneError):
@@ -582,14 +598,22 @@ async def test_a_dead_node_leaves_nothing_registered_beyond_the_expiry() -> None
         with pytest.raises(UnknownChannel):  # within the expiry: nobody listens for it
             await a.manager.send_message(on_b.channel, {"x": 1})
         assert on_b.channel in broker.registered()[0]
-        # A message to the user drops the entries of a node nobody listens for any more.
+        # Within the expiry a node nobody listens for may only be cut off: its entries stay, and
+        # what it missed is counted in its gap ledger (reported if it comes back).
         await a.manager.send_message_to_user(uid, {"x": 1})
         async with asyncio.timeout(TIMEOUT):
             await a.backplane.flush()
         assert await receive_payload(on_a) == {"x": 1}
-        assert broker._users[uid] == {on_a.channel: "n0"}
+        assert broker._users[uid] == {on_a.channel: "n0", on_b.channel: "n1"}
+        assert broker.missed == {"n1": {uid: 1}}
         now[0] += b.backplane.expiry + 1
         assert on_b.channel not in broker.registered()[0]
+        # Past it, a message to the user drops the entries of the dead node.
+        await a.manager.send_message_to_user(uid, {"x": 2})
+        async with asyncio.timeout(TIMEOUT):
+            await a.backplane.flush()
+        assert await receive_payload(on_a) == {"x": 2}
+        assert on_b.channel not in broker._users.get(uid, {})
         assert await a.manager.get_all_user_channels(uid) == {on_a.channel}
         with pytest.raises(UnknownChannel):
             await a.manager.send_message(on_b.channel, {"x": 1})

@@ -112,9 +112,12 @@ def never_answer(asked: asyncio.Event) -> Callable[[Request], Any]:
     return respond
 
 
-def spawn(redis_url: str, logs: Path, n: int, heartbeat: float = HEARTBEAT) -> list[NodeProcess]:
-    processes = [NodeProcess(redis_url, logs / f"node{i}.log", heartbeat=heartbeat)
-                 for i in range(n)]
+def spawn(redis_url: str, logs: Path, n: int, heartbeat: float = HEARTBEAT,
+          urls: list[str] | None = None) -> list[NodeProcess]:
+    """``n`` node processes on ``redis_url`` (or one per URL of ``urls``), ready."""
+    urls = urls or [redis_url] * n
+    processes = [NodeProcess(url, logs / f"node{i}.log", heartbeat=heartbeat)
+                 for i, url in enumerate(urls)]
     try:
         for process in processes:
             process.spawn()
@@ -394,11 +397,13 @@ async def test_a_process_that_dies_leaves_nothing_registered_beyond_the_expiry(
             # Within the expiry nobody listens for b's channels any more.
             with pytest.raises(OpFailed, match="UnknownChannel"):
                 await a.call("send", channel=on_b[0].channel, message={})
-            # A message to the user drops the fields of a node nobody listens for any more.
+            # A message to the user is noted in the gap ledger of a node nobody listens for
+            # (it may only be cut off), whose fields stay until its channel keys expire.
             await a.call("user", user=uid, message={"x": 1})
             await a.call("flush")
             assert await payload(on_a) == {"x": 1}
-            assert await redis.hkeys(f"dara-ws:user:{uid}") == [on_a.channel.encode()]
+            b_node = processes[1].node_id
+            assert await redis.hgetall(f"dara-ws:missed:{b_node}") == {uid.encode(): b"1"}
 
             async def expired() -> bool:
                 return await redis.exists(*b_keys) == 0
@@ -408,6 +413,11 @@ async def test_a_process_that_dies_leaves_nothing_registered_beyond_the_expiry(
             await eventually(expired, timeout=3 * HEARTBEAT + 2.0)
             assert loop.time() - started <= 3 * HEARTBEAT + 1.0
             assert await a.call("channels", user=uid) == [on_a.channel]
+            # Past the expiry, a message to the user drops the dead node's fields.
+            await a.call("user", user=uid, message={"x": 2})
+            await a.call("flush")
+            assert await payload(on_a) == {"x": 2}
+            assert await redis.hkeys(f"dara-ws:user:{uid}") == [on_a.channel.encode()]
     finally:
         await redis.aclose()
         for process in processes:

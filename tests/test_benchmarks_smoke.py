@@ -11,7 +11,9 @@ import json
 import math
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,6 +62,38 @@ def test_every_benchmark_scenario_produces_positive_rows_at_tiny_size(tmp_path: 
     assert seen == SCENARIOS
     # Every table prints a ratio against the raw baseline of the same run.
     assert proc.stdout.count("x raw") >= len(SCENARIOS)
+    check_charts(rows, tmp_path / "rows-charts")
+
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def check_charts(rows: list[dict[str, Any]], directory: Path) -> None:
+    """The charts beside the JSON are SVG documents that carry the rows' figures."""
+    def found(scenario: str) -> list[dict[str, Any]]:
+        return [r for r in rows if r["scenario"] == scenario and r["metrics"]]
+
+    def svg(name: str) -> ET.Element:
+        root = ET.parse(directory / name).getroot()
+        assert root.tag == f"{SVG}svg"
+        return root
+
+    curves = {e.get("data-name"): e.get("data-points", "").split()
+              for e in svg("latency-cdf.svg").iter(f"{SVG}polyline")}
+    for row in found("server_request"):
+        points = curves[row["impl"]]
+        assert len(points) == 101
+        assert float(points[50].split(",")[0]) == row["curve"][50]  # the median, in µs
+        assert float(points[-1].split(",")[1]) == 1.0
+        assert float(points[-1].split(",")[0]) == row["metrics"]["max_us"]
+    throughput = {e.get("data-name"): [tuple(map(float, p.split(","))) for p in e.get("data-points", "").split()]
+                  for e in svg("fanout-throughput.svg").iter(f"{SVG}polyline")}
+    for row in found("broadcast"):
+        n = float(row["variant"].removeprefix("N="))
+        assert (n, row["metrics"]["deliveries_per_s"]) in throughput[row["impl"]]
+    bars = {e.get("data-name"): float(e.get("data-value", "nan"))
+            for e in svg("memory-per-connection.svg").iter(f"{SVG}rect") if e.get("class") == "bar"}
+    assert bars == {row["impl"]: row["metrics"]["KiB_per_conn"] for row in found("memory")}
 
 
 def test_benchmark_run_rejects_an_unknown_scenario() -> None:
@@ -69,6 +103,37 @@ def test_benchmark_run_rejects_an_unknown_scenario() -> None:
     )
     assert proc.returncode == 2
     assert "unknown scenario" in proc.stderr
+
+
+def test_charts_of_given_rows_hold_their_values_inside_the_plot(tmp_path: Path) -> None:
+    from benchmarks.charts import HEIGHT, TOP, write_charts
+    from benchmarks.stats import Row
+
+    rows = [
+        Row("server_request", "raw", {"p50_us": 150.0, "max_us": 200.0},
+            curve=tuple(100.0 + k for k in range(101))),
+        Row("server_request", "ours", {"p50_us": 180.0, "max_us": 320.0},
+            curve=tuple(120.0 + 2 * k for k in range(101))),
+        Row("broadcast", "ours", {"deliveries_per_s": 24_964.0}, variant="N=100"),
+        Row("broadcast", "ours", {"deliveries_per_s": 19_000.5}, variant="N=1000"),
+        Row("memory", "raw", {"KiB_per_conn": 13.56}),
+        Row("memory", "ours", {"KiB_per_conn": 24.964}),
+        Row("memory", "sio", note="unavailable: not installed"),
+    ]
+    written = write_charts(rows, tmp_path)
+    assert sorted(p.name for p in written) == [
+        "fanout-throughput.svg", "latency-cdf.svg", "memory-per-connection.svg"]
+    check_charts([{"scenario": r.scenario, "impl": r.impl, "metrics": r.metrics, "variant": r.variant,
+                   "curve": list(r.curve)} for r in rows], tmp_path)
+    for path in written:  # nothing is drawn above the plot area (the top tick covers the maximum)
+        for element in ET.parse(path).getroot().iter():
+            if element.get("class") == "bar":
+                assert float(element.get("y", "nan")) >= TOP
+            if element.tag == f"{SVG}polyline":
+                ys = [float(p.split(",")[1]) for p in element.get("points", "").split()]
+                assert min(ys) >= TOP and max(ys) <= HEIGHT
+    # A run without those scenarios draws nothing.
+    assert write_charts([Row("codec", "ours", {"ns_per_op": 1.0})], tmp_path / "none") == []
 
 
 def test_the_servers_run_on_uvloop_when_asked(tmp_path: Path) -> None:

@@ -6,8 +6,11 @@ Redis with real processes: ``test_cluster_redis.py``."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -20,7 +23,8 @@ from dara_ws_core import (
     Identity,
     ServerConfig,
 )
-from dara_ws_core.backplane import MemoryBroker
+from dara_ws_core.backplane import Gap, MemoryBroker
+from dara_ws_core.codec import build_frame
 
 from .helpers import eventually
 from .stacks import HandshakeRejected
@@ -204,3 +208,123 @@ async def test_a_user_message_arriving_while_a_channel_is_admitted_follows_the_o
         nodes[0].manager.remove_handler("arriving")
         assert [b'"i":0' in f for f in frames[1:]] == [True, False]  # after init: kept, live
         assert len(frames) == 3
+
+
+async def test_kept_frames_a_channel_never_wrote_go_to_the_next_connection_on_another_node(
+) -> None:
+    async with cluster(3) as nodes:
+        who = user()
+        for i in range(3):
+            await nodes[0].manager.send_message_to_user(who, {"i": i})
+        async with asyncio.timeout(TIMEOUT):
+            await nodes[0].backplane.flush()
+        identity = Identity(user_id=who, session_id="s")
+        assert await nodes[1].manager.admit("silent", identity)
+        handler = nodes[1].manager.create_handler("silent", identity)  # no sink: never written
+        assert len(handler.queue) == 4  # init and the three it leased
+        meanwhile = await nodes[2].client(f"{who}:b")  # the lease is held by a live channel:
+        await nodes[0].manager.broadcast({"fence": 0})  # nothing for this one (no duplicate)
+        assert await payloads(meanwhile, 1) == [{"fence": 0}]
+        await meanwhile.close()
+        nodes[1].manager.remove_handler("silent")  # gone before writing: nothing acknowledged
+        await eventually(lambda: not nodes[2].manager.get_user_channels(who))
+        after = await nodes[2].client(f"{who}:c")
+        assert [p["i"] for p in await payloads(after, 3)] == [0, 1, 2]
+        await eventually(lambda: who not in nodes[0].backplane.broker.outboxes)  # acknowledged
+        again = await nodes[1].client(f"{who}:d")
+        await nodes[0].manager.broadcast({"fence": 1})
+        assert await payloads(again, 1) == [{"fence": 1}]  # nothing replayed twice
+
+
+# --------------------------------------------------------------------------- item 4: gaps
+
+
+async def cut_and_mend(broker: MemoryBroker, node: Any, during: Callable[[], Awaitable[None]],
+                       ) -> None:
+    """Cut ``node`` off the broker, run ``during``, mend it and wait until it is back and its
+    recovery has run."""
+    gaps = node.backplane.stats.gaps
+    broker.cut(node.backplane.node_id)
+    await eventually(lambda: not node.backplane.connected)
+    await during()
+    broker.mend(node.backplane.node_id)
+    await eventually(lambda: node.backplane.stats.gaps > gaps)
+
+
+@contextlib.asynccontextmanager
+async def watched_pair(broker: MemoryBroker) -> AsyncIterator[tuple[list[Any], list[Any]]]:
+    """Two nodes; what node 1's ``on_gap`` is told goes to the list yielded with them."""
+    reports: list[tuple[str, Gap]] = []
+    async with cluster(2, broker) as nodes:
+        nodes[1].manager.on_gap = lambda u, gap: reports.append((u, gap))
+        yield nodes, reports
+
+
+async def test_per_user_messages_sent_while_a_node_was_cut_off_are_recovered_in_order() -> None:
+    broker = MemoryBroker()
+    async with watched_pair(broker) as (nodes, reports):
+        who = user()
+        client = await nodes[1].client(f"{who}:a")
+        await nodes[0].manager.send_message_to_user(who, {"i": 0})
+        assert await payloads(client, 1) == [{"i": 0}]
+
+        async def send() -> None:
+            for i in range(1, 4):  # nobody listens on node 1's topic: kept for the user
+                await nodes[0].manager.send_message_to_user(who, {"i": i})
+            async with asyncio.timeout(TIMEOUT):
+                await nodes[0].backplane.flush()
+
+        await cut_and_mend(broker, nodes[1], send)
+        await nodes[0].manager.send_message_to_user(who, {"i": 4})  # live again, after them
+        assert [p["i"] for p in await payloads(client, 4)] == [1, 2, 3, 4]
+        assert nodes[1].backplane.stats.recovered == 3 and nodes[1].backplane.stats.lost == 0
+        assert [(u, g.recovered, g.lost) for u, g in reports] == [(who, 3, 0)]
+        await eventually(lambda: who not in broker.outboxes)  # written, then acknowledged
+
+
+async def test_messages_a_cut_off_node_missed_and_could_not_recover_are_reported() -> None:
+    broker = MemoryBroker()
+    async with watched_pair(broker) as (nodes, reports):
+        who = user()
+        here = await nodes[0].client(f"{who}:a")
+        there = await nodes[1].client(f"{who}:b")
+        await nodes[0].manager.broadcast({"b": -1})  # node 1 has heard node 0's broadcasts
+        assert await payloads(there, 1) == [{"b": -1}]
+
+        async def send() -> None:  # the user has a channel on node 0: not kept, lost for 1
+            for i in range(2):
+                await nodes[0].manager.send_message_to_user(who, {"i": i})
+            for i in range(3):
+                await nodes[0].manager.broadcast({"b": i})
+            async with asyncio.timeout(TIMEOUT):
+                await nodes[0].backplane.flush()
+
+        await cut_and_mend(broker, nodes[1], send)
+        assert nodes[1].backplane.stats.lost == 2
+        assert [(u, g.lost, g.recovered) for u, g in reports] == [(who, 2, 0)]
+        await nodes[0].manager.broadcast({"b": 3})  # its sequence number reveals 3 missed
+        assert await payloads(there, 1) == [{"b": 3}]
+        assert nodes[1].backplane.stats.lost == 5
+        assert [(u, g.broadcasts) for u, g in reports[1:]] == [(who, 3)]
+        assert manager_stats_lost(nodes[1]) == 5
+        assert len(await payloads(here, 7)) == 7  # node 0's own channel got everything
+
+
+def manager_stats_lost(node: Any) -> int:
+    """``stats.lost`` as ``manager.stats()`` reports it (what metrics read)."""
+    backplane = node.manager.stats().backplane
+    assert backplane is not None
+    return int(backplane["lost"])
+
+
+async def test_deliveries_held_back_for_a_recovery_that_never_comes_are_released_in_time(
+) -> None:
+    async with cluster(1, config=ServerConfig(handshake_timeout=0.3)) as (node,):
+        who = user()
+        client = await node.client(f"{who}:a")
+        manager = node.manager
+        assert manager.hold_users() == [who]
+        assert manager.deliver_to_user(who, build_frame({"i": 0})) == 1  # held, not sent yet
+        await manager.broadcast({"fence": True})  # not a per-user send: never held
+        assert await payloads(client, 2) == [{"fence": True}, {"i": 0}]  # released in time
+        assert manager._held == {}

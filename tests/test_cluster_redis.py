@@ -18,10 +18,18 @@ from dara_ws_core import (
     CloseCode,
     ConnectionClosed,
     DaraClient,
+    DaraServerMessage,
+    Identity,
+    ServerConfig,
+    WebsocketManager,
 )
+from dara_ws_core.backplane.node import cancel_task
+from dara_ws_redis import RedisBackplane
 from dara_ws_websockets import connect
 
 from .backplane_node import NodeProcess
+from .helpers import eventually
+from .stacks import running_stack
 from .test_backplane_redis import HEARTBEAT, TIMEOUT, Node, nodes_of, payload, spawn
 
 if TYPE_CHECKING:
@@ -139,3 +147,56 @@ async def test_the_outbox_survives_the_sending_process_being_killed(
     finally:
         for process in processes:
             process.kill()
+
+
+async def test_a_lease_on_the_outbox_holds_while_its_channel_lives_and_dies_with_its_node(
+    redis_server: RedisServer,
+) -> None:
+    """Read, then acknowledge, on Redis: a channel that leased the user's outbox but never wrote
+    it keeps others from duplicating it while it lives; once it closes unwritten, or its process
+    stops listening (a crash), the next connection gets everything, once."""
+    config = ServerConfig()
+    namespace = f"lease-{uuid.uuid4().hex[:6]}"
+    async with contextlib.AsyncExitStack() as exits:
+        stacks: list[Any] = []
+        backplanes: list[RedisBackplane] = []
+        for _ in range(2):
+            backplane = RedisBackplane(redis_server.url, heartbeat_interval=HEARTBEAT,
+                                       namespace=namespace)
+            manager = WebsocketManager(config, backplane=backplane)
+            exits.push_async_callback(backplane.stop)
+            stack = await exits.enter_async_context(running_stack("memory", manager=manager))
+            await backplane.start(manager)
+            stacks.append(stack)
+            backplanes.append(backplane)
+        x, y = stacks
+        user = who()
+        identity = Identity(user_id=user, session_id="s")
+        for i in range(3):
+            await x.manager.send_message_to_user(user, {"i": i})
+        await backplanes[0].flush()
+        for attempt, end in enumerate(("close", "crash")):
+            channel = f"silent-{attempt}"
+            assert await y.manager.admit(channel, identity)
+            silent = y.manager.create_handler(channel, identity)  # no sink: never written
+            assert len(silent.queue) == 4
+            other = await x.client(f"{user}:other")  # the lease is held: nothing for it
+            await x.manager.broadcast({"fence": attempt})
+            assert await stack_payload(other) == {"fence": attempt}
+            await other.close()
+            if end == "close":
+                y.manager.remove_handler(channel)  # closed unwritten: the lease ends
+                await eventually(lambda: not y.manager._settling, "the lease released")
+            else:  # its process stops listening, its channel still registered: lease void
+                await cancel_task(backplanes[1]._bus_task)
+        back = await x.client(f"{user}:back")
+        assert [(await stack_payload(back))["i"] for _ in range(3)] == [0, 1, 2]
+        await x.manager.broadcast({"fence": "end"})
+        assert await stack_payload(back) == {"fence": "end"}  # nothing twice
+
+
+async def stack_payload(client: DaraClient) -> dict[str, Any]:
+    message = await client.receive(TIMEOUT)
+    assert isinstance(message, DaraServerMessage)
+    return message.message.model_dump()
+

@@ -85,3 +85,17 @@ async def test_a_stuck_local_client_never_delays_another_process(
     print(f"\n{fan_out}: worst cross-process delay {baseline * 1000:.1f} ms without a stuck "
           f"client, {with_stuck * 1000:.1f} ms with one")
     assert with_stuck < NO_STALL
+
+
+# --------------------------------------------------------------------------- the outbox's cost
+
+
+async def test_the_outbox_cost_benchmark_measures_every_case_at_tiny_size(
+    redis_server: RedisServer,
+) -> None:
+    from benchmarks.backplane import measure_outbox, outbox_report
+
+    rows = await measure_outbox(redis_server.url, sends=20, repeats=1)
+    assert len(rows) == 3
+    assert all(row.off_us > 0 and row.on_us > 0 for row in rows)
+    assert outbox_report(rows, 20).count("\n| ") == 4  # the header and three cases

@@ -203,6 +203,54 @@ def test_a_foreign_envelope_model_is_sent_as_it_is_never_wrapped_twice() -> None
     assert request["message"]["__rchan"] == "r-9" and request["__typename"] == "TaskNotificationMessage"
 
 
+def test_a_foreign_envelope_with_model_payloads_and_a_null_typename_is_sent_by_alias() -> None:
+    # Dara's shape: the payload is a model with aliased fields, __typename is None for an
+    # application message (absent on the wire), and the envelope type decides, not ``custom``.
+    class Payload(BaseModel):
+        model_config = pydantic.ConfigDict(serialize_by_alias=True)
+        rchan: str | None = pydantic.Field(default=None, alias="__rchan")
+        value: float
+
+    class Envelope(BaseModel):
+        type: str = "message"
+        typename: str | None = pydantic.Field(default=None, alias="__typename")
+        message: Payload
+
+    frame = build_frame(Envelope(message=Payload(value=float("nan"))), custom=True)
+    assert wire(frame) == {"type": "message", "message": {"__rchan": None, "value": None}}
+
+    class CustomEnvelope(BaseModel):
+        type: str = "custom"
+        message: dict[str, Any]
+
+    sent = wire(build_frame(CustomEnvelope(message={"kind": "k", "data": 1}), rchan="r"))
+    assert sent == {"type": "custom", "message": {"kind": "k", "data": 1, "__rchan": "r"}}
+
+
+def test_a_foreign_payload_with_its_own_type_and_message_fields_is_wrapped() -> None:
+    class Progress(BaseModel):
+        type: str = "progress"
+        message: str = "half"
+
+    assert wire(build_frame(Progress())) == {
+        "type": "message", "message": {"type": "progress", "message": "half"}}
+
+
+def test_a_foreign_model_that_is_half_an_envelope_is_refused_with_a_type_error() -> None:
+    class NoType(BaseModel):
+        typename: str = pydantic.Field(default="ActionMessage", alias="__typename")
+        message: dict[str, Any] = {}
+
+    class NotAnObject(BaseModel):
+        type: str = "message"
+        message: list[int] = [1]
+
+    with pytest.raises(TypeError, match="no type"):
+        build_frame(NoType())
+    with pytest.raises(TypeError, match="message is list, not an object"):
+        build_frame(NotAnObject())
+
+
 def test_only_the_messages_module_encodes_json() -> None:
     # The class of bug behind non-strict frames: an encoder call that bypasses dumps().
     root = pathlib.Path(__file__).resolve().parent.parent

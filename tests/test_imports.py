@@ -5,6 +5,7 @@ modules import nothing that does I/O, and the core's own import graph has no cyc
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -112,7 +113,11 @@ def sources(directory: Path) -> Iterator[Path]:
     return iter(sorted(directory.rglob("*.py")))
 
 
-CORE_FILES = list(sources(CORE))
+#: dara_ws_core.integrations sits above the adapters (it serves a framework's app through one):
+#: the core never imports it, and it imports its framework and adapter inside functions only.
+INTEGRATIONS = CORE / "integrations"
+INTEGRATION_FILES = list(sources(INTEGRATIONS))
+CORE_FILES = [path for path in sources(CORE) if INTEGRATIONS not in path.parents]
 
 
 def core_id(path: Path) -> str:
@@ -124,7 +129,7 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-CORE_MODULES = {module_name(path): path for path in CORE_FILES}
+CORE_MODULES = {module_name(path): path for path in [*CORE_FILES, *INTEGRATION_FILES]}
 
 
 def internal_imports(path: Path) -> set[str]:
@@ -255,6 +260,8 @@ def test_the_pure_core_imports_nothing_that_does_io(name: str) -> None:
 
 
 def test_importing_the_core_loads_no_transport_library_or_extra() -> None:
+    # Integrations load their framework when used; importing one alone must not (it only
+    # checks the installed version).
     modules = sorted(set(CORE_MODULES) - {"dara_ws_core"})
     forbidden = sorted(TRANSPORT_LIBRARIES | set(OPTIONAL_EXTRAS) | ABOVE_THE_CORE)
     code = (
@@ -262,12 +269,41 @@ def test_importing_the_core_loads_no_transport_library_or_extra() -> None:
         f"for name in {modules!r}: importlib.import_module(name)\n"
         f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({forbidden!r})))\n"
     )
+    # Pydantic plugins installed alongside (logfire's, a dara-core dependency) import
+    # opentelemetry themselves when a model is built: not an import of ours.
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
-        check=False,
+        check=False, env={**os.environ, "PYDANTIC_DISABLE_PLUGINS": "__all__"},
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+#: What each integration serves an app of, and through which adapter.
+INTEGRATION_FRAMEWORKS = {"dara.py": frozenset({"dara", "fastapi", "jwt", "dara_ws_asgi"})}
+
+
+def test_every_integration_is_known() -> None:
+    names = {path.name for path in INTEGRATION_FILES} - {"__init__.py"}
+    assert names == set(INTEGRATION_FRAMEWORKS)
+
+
+@pytest.mark.parametrize("path", INTEGRATION_FILES, ids=lambda path: path.name)
+def test_an_integration_imports_its_framework_and_adapter_lazily_and_nothing_else(path: Path) -> None:
+    allowed = INTEGRATION_FRAMEWORKS.get(path.name, frozenset())
+    bad = []
+    for found in imports_of(path):
+        above = found.top in TRANSPORT_LIBRARIES | ABOVE_THE_CORE | {"dara", "fastapi", "jwt"}
+        if above and (found.top not in allowed or not found.in_function):
+            bad.append(found.where(path))
+    assert bad == []
+
+
+def test_the_core_never_imports_an_integration() -> None:
+    graph = {name: internal_imports(path) for name, path in CORE_MODULES.items()}
+    bad = sorted(name for name in graph if not name.startswith("dara_ws_core.integrations")
+                 and any(target.startswith("dara_ws_core.integrations") for target in graph[name]))
+    assert bad == []
 
 
 # --------------------------------------------------------------------------- adapters

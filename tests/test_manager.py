@@ -95,3 +95,38 @@ async def test_send_message_to_one_slow_channel_still_waits_under_wait(make_stac
             break
         assert suspended, "a direct send to a full queue must wait (policy wait)"
         await stuck.close()
+
+
+async def test_a_foreign_envelope_model_reaches_the_client_with_its_typename_on_top(
+    make_stack: Any,
+) -> None:
+    # Dara's own DaraServerMessage (or an app's envelope model) handed to the manager: before
+    # the fix it was wrapped again as a payload, and the top-level __typename the stock client
+    # routes on was buried one level down.
+    from pydantic import BaseModel, ConfigDict, Field
+
+    from dara_ws_core.messages import DaraServerMessage
+
+    class Payload(BaseModel):
+        model_config = ConfigDict(extra="allow", serialize_by_alias=True)
+        rchan: str | None = Field(default=None, alias="__rchan")
+
+    class Envelope(BaseModel):
+        model_config = ConfigDict(serialize_by_alias=True)
+        type: str = "message"
+        typename: str | None = Field(default=None, alias="__typename")
+        message: Payload
+
+    note = Envelope.model_validate({"__typename": "TaskNotificationMessage",
+                                    "message": {"status": "COMPLETE", "task_id": "t1"}})
+    async with make_stack() as stack:
+        manager = stack.manager
+        client = await stack.client("dora:s1")
+        for send in (manager.send_message(client.channel, note), manager.broadcast(note),
+                     manager.send_message_to_user("dora", note)):
+            await send
+            received = await client.receive(5)
+            assert isinstance(received, DaraServerMessage)
+            assert received.typename == "TaskNotificationMessage"
+            assert received.message.model_extra == {"status": "COMPLETE", "task_id": "t1"}
+            assert received.message.rchan is None

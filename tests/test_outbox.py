@@ -7,12 +7,23 @@ import asyncio
 
 import pytest
 
-from dara_ws_core import DaraServerMessage, ServerConfig
+from dara_ws_core import DaraClient, DaraServerMessage, Identity, ServerConfig
 from dara_ws_core.outbox import OutboxLimits, UserOutbox
 
+from .helpers import eventually
 from .stacks import running_stack
 
 TIMEOUT = 5.0
+
+
+async def numbers(client: DaraClient, n: int) -> list[int]:
+    """The ``i`` of the next ``n`` messages ``client`` receives."""
+    got = []
+    for _ in range(n):
+        message = await client.receive(TIMEOUT)
+        assert isinstance(message, DaraServerMessage)
+        got.append(message.message.model_dump()["i"])
+    return got
 
 
 def test_the_outbox_hands_out_what_it_kept_oldest_first_and_once() -> None:
@@ -52,12 +63,7 @@ async def test_messages_to_a_user_connected_nowhere_reach_their_next_connection_
         for i in range(5):
             await manager.send_message_to_user("alice", {"i": i})
         first = await stack.client("alice:s1")
-        got = []
-        for _ in range(5):
-            message = await first.receive(TIMEOUT)
-            assert isinstance(message, DaraServerMessage)
-            got.append(message.message.model_dump()["i"])
-        assert got == [0, 1, 2, 3, 4]
+        assert await numbers(first, 5) == [0, 1, 2, 3, 4]
         second = await stack.client("alice:s2")
         await manager.send_message_to_user("alice", {"i": 5})  # live: both channels get it
         for client in (first, second):
@@ -98,3 +104,45 @@ async def test_a_message_for_a_channel_the_caller_ignores_is_not_kept() -> None:
         client = await stack.client("alice:s1")
         await stack.manager.send_message_to_user("alice", {"i": 0}, ignore_channel=client.channel)
         assert len(stack.manager.outbox) == 0
+
+
+# --------------------------------------------------------------------------- read, then ack
+
+
+def test_a_lease_hands_the_frames_to_one_live_holder_and_keeps_them_until_settled() -> None:
+    outbox = UserOutbox(OutboxLimits(max_messages=10, max_bytes=100, max_age=10))
+    for i in range(3):
+        outbox.keep("alice", b"m%d" % i, now=0)
+    live = {"a", "b"}
+    first = outbox.lease("alice", "a", now=1, alive=live.__contains__)
+    assert [f for _, f in first] == [b"m0", b"m1", b"m2"]
+    assert outbox.lease("alice", "b", now=1, alive=live.__contains__) == []  # "a" delivers them
+    assert outbox.settle("alice", "b", first[-1][0]) == 0  # not the holder: nothing changes
+    outbox.keep("alice", b"m3", now=1)  # kept after the lease: an ack never removes it
+    assert outbox.settle("alice", "a", first[1][0]) == 2  # "a" wrote m0 and m1, then closed
+    again = outbox.lease("alice", "b", now=2, alive=live.__contains__)
+    assert [f for _, f in again] == [b"m2", b"m3"]  # from the first frame not acknowledged
+    live.discard("b")  # "b" died without settling: its lease is void
+    assert [f for _, f in outbox.lease("alice", "c", now=3, alive=live.__contains__)] == [
+        b"m2", b"m3"]
+    assert outbox.settle("alice", "c", again[-1][0]) == 2
+    assert len(outbox) == 0 and outbox.lease("alice", "d", now=3, alive=live.__contains__) == []
+
+
+async def test_frames_a_connection_never_wrote_go_to_the_next_connection() -> None:
+    async with running_stack("memory") as stack:
+        manager = stack.manager
+        for i in range(3):
+            await manager.send_message_to_user("alice", {"i": i})
+        identity = Identity(user_id="alice", session_id="s")
+        handler = manager.create_handler("silent", identity)  # no sink: nothing is ever written
+        assert len(handler.queue) == 4  # init and the three kept frames
+        manager.remove_handler("silent")  # gone before writing them: not acknowledged
+        client = await stack.client("alice:s2")
+        assert await numbers(client, 3) == [0, 1, 2]
+        await eventually(lambda: len(manager.outbox) == 0)  # written, then acknowledged
+        again = await stack.client("alice:s3")
+        await manager.broadcast({"fence": True})
+        message = await again.receive(TIMEOUT)
+        assert isinstance(message, DaraServerMessage)
+        assert message.message.model_dump() == {"fence": True}  # nothing replayed twice

@@ -114,7 +114,7 @@ async def test_dara_metric_and_span_names_follow_custom_requests(
 
     manager.add_ws_handler("later", later)
     manager.add_ws_handler("boom", boom)
-    instrument(manager, meter_provider, tracer_provider)
+    instrument(manager, meter_provider, tracer_provider, sample_every=1)
     async with running_stack(transport, manager=manager) as stack:
         client = await stack.client()
         assert await client.request("echo", 1) == 1
@@ -168,7 +168,7 @@ async def test_round_trips_are_timed_and_pings_are_not_traced(
 ) -> None:
     reader, exporter, meter_provider, tracer_provider = otel
     manager = WebsocketManager()
-    instrument(manager, meter_provider, tracer_provider)
+    instrument(manager, meter_provider, tracer_provider, sample_every=1)
     async with running_stack(transport, manager=manager) as stack:
         client = await stack.client()
         client.on_request(lambda request: "pong!")
@@ -206,3 +206,163 @@ async def test_telemetry_off_leaves_plain_queues_and_sinks() -> None:
     handler = manager.create_handler("c1")
     assert type(handler.queue) is OutboundQueue
     assert manager.counters.telemetry is None
+
+
+# ---------------------------------------------------------------------- what recording costs
+
+
+@pytest.mark.parametrize("transport", ["memory", "websockets"])
+async def test_a_broadcast_is_one_outbound_span_and_one_execution_per_recipient(
+    transport: str, otel: tuple[InMemoryMetricReader, InMemorySpanExporter, MeterProvider, TracerProvider],
+) -> None:
+    reader, exporter, meter_provider, tracer_provider = otel
+    manager = WebsocketManager()
+    instrument(manager, meter_provider, tracer_provider, sample_every=1)
+    async with running_stack(transport, manager=manager) as stack:
+        clients = [await stack.client(f"u{k}:s{k}") for k in range(3)]
+        await manager.broadcast({"__typename": "Tick", "n": 1})
+        for client in clients:
+            assert (await client.receive(timeout=5)).message.model_dump() == {"__typename": "Tick", "n": 1}
+        found = points(reader)
+    executions = found["dara.websocket.message.executions"]
+    assert executions[key(direction="outbound", type="message", operation="message", outcome="success")] == 3
+    assert executions[key(direction="outbound", type="init", operation="message", outcome="success")] == 3
+    spans = [span for span in exporter.get_finished_spans()
+             if span.name == "dara.websocket.message.outbound"
+             and span.attributes and span.attributes.get(T) == "message"]
+    assert len(spans) == 1  # not one per recipient
+    assert spans[0].attributes["dara.websocket.recipients"] == 3  # type: ignore[index]
+    assert spans[0].attributes["dara.websocket.message.payload.type"] == "Tick"  # type: ignore[index]
+    durations = found["dara.websocket.message.duration"]
+    assert durations[key(direction="outbound", type="message", operation="message",
+                         outcome="success")].count == 1
+
+
+@pytest.mark.parametrize("transport", ["memory", "websockets"])
+async def test_sampling_counts_every_message_and_traces_one_in_n(
+    transport: str, otel: tuple[InMemoryMetricReader, InMemorySpanExporter, MeterProvider, TracerProvider],
+) -> None:
+    reader, exporter, meter_provider, tracer_provider = otel
+    manager = WebsocketManager()
+    manager.add_ws_handler("echo", lambda channel, data: data)
+    instrument(manager, meter_provider, tracer_provider, sample_every=4)
+    async with running_stack(transport, manager=manager) as stack:
+        client = await stack.client()
+        for k in range(8):
+            assert await client.request("echo", k) == k
+        await eventually(lambda: manager.counters.telemetry.sent["custom"] == 8, "eight replies counted")
+        found = points(reader)
+    executions = found["dara.websocket.message.executions"]
+    inbound = key(direction="inbound", type="custom", operation="message", outcome="success")
+    handler = key(direction="inbound", type="custom", operation="handler", execution="sync", outcome="success")
+    assert executions[inbound] == 8
+    assert executions[handler] == 8
+    assert executions[key(direction="outbound", type="custom", operation="message", outcome="success")] == 8
+    durations = found["dara.websocket.message.duration"]
+    assert durations[inbound].count == 2  # the 1st and the 5th
+    assert durations[handler].count == 2  # the handlers of the traced frames
+    spans = exporter.get_finished_spans()
+    by_id = {span.context.span_id: span for span in spans}
+    traced = [span for span in spans if span.name == "dara.websocket.message.inbound"]
+    assert len(traced) == 2
+    for span in spans:
+        if span.name == "dara.websocket.handler.execute":
+            assert span.parent is not None
+            assert by_id[span.parent.span_id].name == "dara.websocket.message.inbound"
+    queued = found["dara.websocket.queue.duration"]
+    assert sum(point.count for point in queued.values()) == 9 // 4 + 1  # init + 8 replies, 1 in 4
+
+
+async def test_one_round_trip_in_n_is_timed_and_traced_and_every_one_counted(
+    otel: tuple[InMemoryMetricReader, InMemorySpanExporter, MeterProvider, TracerProvider],
+) -> None:
+    reader, exporter, meter_provider, tracer_provider = otel
+    manager = WebsocketManager()
+    instrument(manager, meter_provider, tracer_provider, sample_every=4)
+    async with running_stack("websockets", manager=manager) as stack:
+        client = await stack.client()
+        client.on_request(lambda request: request.payload)
+        for k in range(5):
+            assert await manager.send_and_wait(client.channel, {"q": k}) == {"q": k}
+        found = points(reader)
+    trips = found["dara.websocket.round_trip.duration"]
+    assert trips[frozenset({(T, "message"), (OP, "round_trip"), (OUT, "success")})].count == 2
+    assert found["dara_ws.requests"][frozenset({("dara_ws.outcome", "answered")})] == 5
+    spans = exporter.get_finished_spans()
+    trip_ids = {span.context.span_id for span in spans if span.name == "dara.websocket.round_trip"}
+    assert len(trip_ids) == 2  # the 1st and the 5th
+    requests = [span for span in spans if span.name == "dara.websocket.message.outbound"
+                and span.parent is not None and span.parent.span_id in trip_ids]
+    assert len(requests) == 2  # a traced round trip traces its request frame
+    executions = found["dara.websocket.message.executions"]
+    assert executions[key(direction="inbound", type="message", operation="message", outcome="success")] == 5
+
+
+def test_sample_every_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        instrument(WebsocketManager(), MeterProvider(), TracerProvider(), sample_every=0)
+
+
+async def test_a_backplane_outage_shows_in_the_connected_gauge_and_the_reconnects() -> None:
+    from dara_ws_core.backplane import MemoryBackplane, MemoryBroker
+
+    broker = MemoryBroker()
+    backplane = MemoryBackplane(broker, node_id="n0", heartbeat_interval=0.2, backoff_initial=0.01,
+                                backoff_max=0.05, connect_timeout=2.0)
+    manager = WebsocketManager(backplane=backplane)
+    reader = InMemoryMetricReader()
+    instrument(manager, MeterProvider(metric_readers=[reader]))
+
+    def gauge() -> Any:
+        return points(reader).get("dara_ws.backplane.connected")
+
+    assert gauge() == {frozenset(): 0}  # not started yet: down
+    try:
+        async with running_stack("memory", manager=manager) as stack:
+            await backplane.start(manager)
+            await eventually(lambda: gauge() == {frozenset(): 1}, "the bus up")
+            client = await stack.client()
+            await manager.broadcast({"n": 1})
+            assert (await client.receive(timeout=5)).message.model_dump() == {"n": 1}
+            broker.fail()
+            await eventually(lambda: gauge() == {frozenset(): 0}, "the outage seen")
+            broker.recover()
+            await eventually(lambda: gauge() == {frozenset(): 1}, "the bus back")
+
+            def events() -> dict[frozenset[tuple[str, Any]], Any]:
+                return points(reader)["dara_ws.backplane.messages"]
+
+            # Counters come from a snapshot reused for half a second: wait for the next one.
+            reconnects = frozenset({("dara_ws.backplane.event", "reconnects")})
+            await eventually(lambda: events()[reconnects] == 1, "the reconnect counted")
+            assert events()[frozenset({("dara_ws.backplane.event", "published")})] >= 1
+    finally:
+        await backplane.stop()
+
+
+def test_no_backplane_no_connected_series() -> None:
+    reader = InMemoryMetricReader()
+    instrument(WebsocketManager(), MeterProvider(metric_readers=[reader]))
+    assert "dara_ws.backplane.connected" not in points(reader)
+
+
+async def test_a_fan_out_is_one_operation_for_sampling(
+    otel: tuple[InMemoryMetricReader, InMemorySpanExporter, MeterProvider, TracerProvider],
+) -> None:
+    reader, exporter, meter_provider, tracer_provider = otel
+    manager = WebsocketManager()
+    instrument(manager, meter_provider, tracer_provider, sample_every=4)
+    async with running_stack("websockets", manager=manager) as stack:
+        clients = [await stack.client(f"u{k}:s{k}") for k in range(3)]
+        for n in range(8):
+            await manager.broadcast({"n": n})
+        for client in clients:
+            for n in range(8):
+                assert (await client.receive(timeout=5)).message.model_dump() == {"n": n}
+        found = points(reader)
+    executions = found["dara.websocket.message.executions"]
+    assert executions[key(direction="outbound", type="message", operation="message", outcome="success")] == 24
+    fanouts = [span for span in exporter.get_finished_spans()
+               if span.name == "dara.websocket.message.outbound" and span.attributes
+               and "dara.websocket.recipients" in span.attributes]
+    assert [span.attributes["dara.websocket.recipients"] for span in fanouts] == [3, 3]  # type: ignore[index]

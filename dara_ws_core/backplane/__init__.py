@@ -48,6 +48,11 @@ Design (what :class:`BrokerBackplane` implements over any bus):
   Waiting requests fail at once with ``BackplaneError`` when the bus connection is lost (their
   answers could be lost too). The connection is retried with exponential backoff and jitter; once
   back, the node resubscribes and re-registers every channel it holds.
+* **Gaps.** What was published for a node's users while its subscription was down is recovered
+  from the per-user outbox when the bus could keep it (per-user sends, held back until then so
+  they stay in order), else reported: a per-node gap ledger in the bus counts the per-user sends
+  it could not keep, and per-publisher sequence numbers on broadcasts count the broadcasts
+  missed (``stats.lost``, the log, and the manager's ``on_gap(user_id, Gap)``).
 
 The package, bottom up (modules never import the manager; the manager implements
 :class:`BackplaneHost`, the only way a backplane reaches it):
@@ -82,6 +87,8 @@ __all__ = [
     "Control",
     "Entry",
     "Failure",
+    "Gap",
+    "GapCallback",
     "MemoryBackplane",
     "MemoryBroker",
     "Publication",
@@ -89,6 +96,7 @@ __all__ = [
     "RemoteReply",
     "RemoteRequest",
     "Routed",
+    "SequenceTracker",
     "UserDelivery",
     "decode_bus_message",
     "encode_bus_message",
@@ -103,6 +111,8 @@ from .contract import (
     BackplaneHost,
     BackplaneStats,
     Failure,
+    Gap,
+    GapCallback,
     error_of,
     failure_of,
 )
@@ -116,6 +126,7 @@ from .wire import (
     RemoteCancel,
     RemoteReply,
     RemoteRequest,
+    SequenceTracker,
     UserDelivery,
     decode_bus_message,
     encode_bus_message,

@@ -13,6 +13,7 @@ __all__ = ["BrokerBackplane"]
 import abc
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Unpack
@@ -22,7 +23,7 @@ import pydantic_core
 from dara_ws_core.codec import build_frame, dumps
 from dara_ws_core.exceptions import BackplaneError, DaraWSError, RequestTimeout
 
-from .contract import Attachment, BackplaneHost, error_of, failure_of
+from .contract import Attachment, BackplaneHost, Gap, error_of, failure_of
 from .node import BusNode, BusOptions, Entry, Publication, cancel_task, wait_event
 from .wire import (
     BroadcastDelivery,
@@ -32,6 +33,7 @@ from .wire import (
     RemoteCancel,
     RemoteReply,
     RemoteRequest,
+    SequenceTracker,
     UserDelivery,
     decode_bus_message,
     encode_bus_message,
@@ -93,6 +95,13 @@ class BrokerBackplane(BusNode):
         #: Requests this node serves for others: request id -> task.
         self._serving: dict[str, asyncio.Task[None]] = {}
         self._writer_task: asyncio.Task[None] | None = None
+        # Gaps (see :meth:`_recover`): broadcasts are numbered per publisher; after a lost
+        # subscription the next full directory write is followed by a recovery.
+        self._broadcast_seq = 0
+        self._sequences = SequenceTracker()
+        self._recovering = False
+        self._gap_down = 0.0
+        self._recover_task: asyncio.Task[None] | None = None
 
     @property
     def manager(self) -> BackplaneHost:
@@ -114,10 +123,28 @@ class BrokerBackplane(BusNode):
 
     @abc.abstractmethod
     async def _attach(self, channel_id: str, user_id: str, limit: int | None,
-                      keep: OutboxLimits | None) -> tuple[bool, list[bytes]]:
+                      keep: OutboxLimits | None) -> tuple[bool, list[tuple[str, bytes]]]:
         """In one atomic step: refuse if the user has ``limit`` live channels (pruning dead
-        entries), else register the channel as held by this node and, with ``keep``, take the
-        user's outbox (bus messages, oldest first, those younger than ``keep.max_age``)."""
+        entries), else register the channel as held by this node and, with ``keep``, lease the
+        user's outbox to it (``(id, bus message)``, oldest first, those younger than
+        ``keep.max_age``; nothing if a live channel holds the lease: see
+        :mod:`dara_ws_core.outbox`)."""
+
+    @abc.abstractmethod
+    async def _lease(self, user_id: str, channel_id: str,
+                     keep: OutboxLimits) -> list[tuple[str, bytes]]:
+        """Lease the user's outbox to ``channel_id`` (registered here), as :meth:`_attach`
+        does, without registering anything (the recovery after a gap)."""
+
+    @abc.abstractmethod
+    async def _settle_outbox(self, user_id: str, channel_id: str, upto: str | None) -> None:
+        """If ``channel_id`` holds the lease of the user's outbox: forget the kept messages up to
+        id ``upto`` (none if ``None``) and end the lease."""
+
+    @abc.abstractmethod
+    async def _take_missed(self) -> dict[str, int]:
+        """Read and reset this node's gap ledger: user -> messages the bus found no listener
+        for on this node (and could not keep), since the last call."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -168,6 +195,7 @@ class BrokerBackplane(BusNode):
                                "they expire in %.1f s", exc, self.expiry)
         for task in list(self._serving.values()):
             task.cancel()
+        await cancel_task(self._recover_task)
         await self._stop_bus()
         await asyncio.gather(*self._serving.values(), return_exceptions=True)
         self._fail_waiting(BackplaneError("the backplane stopped"))
@@ -200,7 +228,9 @@ class BrokerBackplane(BusNode):
         await self._route(channel_id, data, "message")
 
     async def broadcast(self, frame: bytes, ignore_channel: str | None) -> None:
-        data = encode_bus_message(BroadcastDelivery(self.node_id, ignore_channel, frame))
+        self._broadcast_seq += 1
+        data = encode_bus_message(BroadcastDelivery(self.node_id, ignore_channel, frame,
+                                                    self._broadcast_seq))
         await self._post(Publication(data, topic=self.broadcast_topic), "broadcast")
 
     async def send_to_user(self, user_id: str, frame: bytes, ignore_channel: str | None,
@@ -225,8 +255,15 @@ class BrokerBackplane(BusNode):
         if not admitted:
             self.stats.refused += 1
             return Attachment(False)
-        frames = []
-        for data in kept:
+        frames, ids = self._frames_of(kept)
+        self.stats.replayed += len(frames)
+        if kept and not frames:  # leased, but nothing deliverable: end the lease
+            await self.settle(user_id, channel_id, kept[-1][0])
+        return Attachment(True, tuple(frames), tuple(ids))
+
+    def _frames_of(self, kept: Sequence[tuple[str, bytes]]) -> tuple[list[bytes], list[str]]:
+        frames, ids = [], []
+        for kid, data in kept:
             try:
                 message = decode_bus_message(data)
             except BackplaneError as exc:
@@ -234,8 +271,16 @@ class BrokerBackplane(BusNode):
                 continue
             if isinstance(message, UserDelivery):
                 frames.append(message.frame)
-        self.stats.replayed += len(frames)
-        return Attachment(True, tuple(frames))
+                ids.append(kid)
+        return frames, ids
+
+    async def settle(self, user_id: str, channel_id: str, upto: str | None) -> None:
+        try:
+            await self._settle_outbox(user_id, channel_id, upto)
+        except Exception as exc:  # the lease expires or is voided: delivered again, not lost
+            logger.warning("backplane: could not acknowledge the outbox of a user (%s); it is "
+                           "leased again by the user's next connection", exc,
+                           extra={"node": self.node_id, "user": user_id})
 
     async def request(
         self,
@@ -303,6 +348,10 @@ class BrokerBackplane(BusNode):
             if message.origin == self.node_id:
                 return  # our own broadcast, already delivered locally by the manager
             self.stats.received += 1
+            missed = self._sequences.observe(message.origin, message.seq)
+            if missed:
+                self._report({u: Gap(lost=missed, broadcasts=missed)
+                              for u in self._local_users()}, missed, 0)
             self.stats.delivered += manager.deliver_to_all(message.frame, message.ignore)
             return
         if isinstance(message, Control):
@@ -379,6 +428,12 @@ class BrokerBackplane(BusNode):
     # ------------------------------------------------------------------ upkeep
 
     def _bus_up(self) -> None:
+        if self._down_since is not None and self._manager is not None:
+            # A gap: hold back per-user deliveries to our users until what the bus kept for
+            # them meanwhile is recovered (after the directory is written again).
+            self._gap_down = time.monotonic() - self._down_since
+            self._manager.hold_users()
+            self._recovering = True
         self._refresh = True  # the bus may have lost the directory (a restart): write it all
         self._version += 1
         self._wake.set()
@@ -423,9 +478,68 @@ class BrokerBackplane(BusNode):
                 continue
             if full:
                 next_refresh = loop.time() + self.heartbeat_interval
+            if self._recovering and full:
+                self._recovering = False
+                if self._recover_task is None or self._recover_task.done():
+                    self._recover_task = loop.create_task(self._recover())
             async with self._written_cond:
                 self._written = max(self._written, version)
                 self._written_cond.notify_all()
+
+    def _local_users(self) -> dict[str, str]:
+        """Every user with a channel here -> one of those channels."""
+        users: dict[str, str] = {}
+        for channel_id, user_id in self.manager.local_channels():
+            if user_id is not None:
+                users.setdefault(user_id, channel_id)
+        return users
+
+    async def _recover(self) -> None:
+        """After a gap: hand every local user what the bus kept for them meanwhile (leased and
+        settled as a new connection's outbox is), and report what is known lost: the gap
+        ledger (messages for this node that the bus could not keep) and, later, broadcasts
+        missed (sequence numbers). Every local user is reported (``on_gap``): a half-open link
+        loses messages that nothing counts."""
+        manager = self.manager
+        users = self._local_users()
+        held = set(manager.hold_users())  # any user that arrived since _bus_up
+        gaps: dict[str, Gap] = {}
+        recovered = lost = 0
+        try:
+            missed = await self._take_missed()
+        except Exception as exc:
+            logger.warning("backplane: could not read the gap ledger (%s)", exc,
+                           extra={"node": self.node_id})
+            missed = {}
+        keep = manager.outbox_limits
+        for user_id in held | set(users):
+            frames: list[bytes] = []
+            ids: list[str] = []
+            holder = users.get(user_id)
+            if keep is not None and holder is not None:
+                try:
+                    frames, ids = self._frames_of(await self._lease(user_id, holder, keep))
+                except Exception as exc:
+                    logger.warning("backplane: could not read the outbox of a user after a gap "
+                                   "(%s)", exc, extra={"node": self.node_id, "user": user_id})
+            manager.replay(user_id, frames, ids, holder if ids else None)
+            recovered += len(frames)
+            lost += missed.get(user_id, 0)
+            if user_id in users:
+                gaps[user_id] = Gap(lost=missed.get(user_id, 0), recovered=len(frames),
+                                    down=self._gap_down)
+        self.stats.gaps += 1
+        self.stats.recovered += recovered
+        self._report(gaps, lost, recovered)
+
+    def _report(self, gaps: dict[str, Gap], lost: int, recovered: int) -> None:
+        self.stats.lost += lost
+        logger.warning(
+            "backplane: gap for %d local user(s): %d message(s) recovered from the outbox, %d "
+            "known lost (stats.lost = %d)", len(gaps), recovered, lost, self.stats.lost,
+            extra={"node": self.node_id, "lost": lost, "recovered": recovered})
+        if gaps:
+            self.manager.users_gapped(gaps)
 
     def _plan(
         self, changes: dict[str, tuple[str | None, bool]], full: bool

@@ -15,11 +15,13 @@ __all__ = [
     "BackplaneHost",
     "BackplaneStats",
     "Failure",
+    "Gap",
+    "GapCallback",
     "error_of",
     "failure_of",
 ]
 
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -46,10 +48,32 @@ if TYPE_CHECKING:
 class Attachment:
     """What registering a new channel on the bus gave (:meth:`Backplane.attach`): whether the
     user's connection limit admitted it, and the frames kept for the user while they had no
-    connection anywhere, oldest first (now handed to this channel, and to no other)."""
+    connection anywhere, oldest first, with their ids (leased to this channel, and to no other,
+    until it settles them: :meth:`Backplane.settle`)."""
 
     admitted: bool
     frames: tuple[bytes, ...] = ()
+    ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """What a process knows a user of its may have missed while its bus subscription was down
+    (passed to the ``on_gap`` callback). ``lost`` counts the messages known lost (for this user,
+    or broadcasts); ``recovered`` the per-user messages found in the user's outbox and delivered
+    now. Known counts are a floor, not the truth: a link that stayed half-open is still counted
+    as subscribed by the bus, and what was published to it is lost without a trace. Treat any
+    gap as "resynchronise this user" (``down``: seconds the subscription was down, 0 if unknown)."""
+
+    lost: int = 0
+    recovered: int = 0
+    broadcasts: int = 0
+    down: float = 0.0
+
+
+#: ``on_gap(user_id, gap)``: called once per affected local user after a gap (never raises
+#: into the bus: exceptions are logged).
+GapCallback = Callable[[str, Gap], None]
 
 
 class Backplane(Protocol):
@@ -99,6 +123,10 @@ class Backplane(Protocol):
         the user already has ``limit`` live channels on all processes; else registered, and the
         frames kept for the user are taken (when ``keep`` is set). Raises ``BackplaneError``."""
 
+    async def settle(self, user_id: str, channel_id: str, upto: str | None) -> None:
+        """The channel that leased the user's kept frames (:meth:`attach`) has written those up
+        to id ``upto`` (``None``: none): forget them, end the lease. Never raises (logged)."""
+
     async def request(
         self,
         channel_id: str,
@@ -124,6 +152,8 @@ class BackplaneHost(Protocol):
 
     #: The backplane the manager calls; :meth:`Backplane.start` sets it if it is unset.
     backplane: Backplane | None
+    #: The per-user outbox bounds (``None``: no outbox).
+    outbox_limits: OutboxLimits | None
 
     def close_local(self, scope: str, target: str, code: int, reason: str) -> int:
         """Close this process's connections of a user, a session or one channel (``scope`` as in
@@ -143,6 +173,20 @@ class BackplaneHost(Protocol):
 
     def deliver_to_all(self, frame: bytes, ignore_channel: str | None = None) -> int:
         """Hand a frame to every local channel but ``ignore_channel``; how many got it."""
+
+    def hold_users(self) -> list[str]:
+        """Hold back the per-user deliveries to every user with a local channel (they queue,
+        bounded, until :meth:`replay`), so frames recovered after a gap go out first; the users
+        held."""
+
+    def replay(self, user_id: str, frames: Sequence[bytes], ids: Sequence[str],
+               holder: str | None) -> int:
+        """Hand recovered frames (then the held ones) to the user's local channels and stop
+        holding them back; once written, settle them as ``holder`` (if set). How many
+        channels got them."""
+
+    def users_gapped(self, gaps: dict[str, Gap]) -> None:
+        """Report gaps to the ``on_gap`` callback (if any) of the users concerned."""
 
     async def serve_relayed_request(
         self, channel_id: str, frame: bytes, rchan: str, timeout: float | None
@@ -175,6 +219,14 @@ class BackplaneStats:
     replayed: int = 0
     #: Connections refused because the user had ``max_connections_per_user`` on all processes.
     refused: int = 0
+    #: Times this node's subscription came back after a gap (every one is reported).
+    gaps: int = 0
+    #: Messages known lost for this node's channels during gaps: per-user sends the bus could
+    #: not keep (another process had a channel of the user), and broadcasts (per-publisher
+    #: sequence numbers). A floor: see :class:`Gap`.
+    lost: int = 0
+    #: Per-user messages recovered from the outbox after a gap.
+    recovered: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

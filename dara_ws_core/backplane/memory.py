@@ -13,8 +13,8 @@ __all__ = ["MemoryBackplane", "MemoryBroker"]
 
 import asyncio
 import time
-from collections.abc import Callable, Collection, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Hashable, Sequence
+from typing import Any, cast
 
 from dara_ws_core.exceptions import BackplaneError
 from dara_ws_core.outbox import OutboxLimits, UserOutbox
@@ -57,6 +57,9 @@ class MemoryBroker:
         self.published: dict[str, int] = {}
         #: Per-user outboxes (as the Redis streams): user -> outbox of bus messages.
         self.outboxes: dict[str, UserOutbox] = {}
+        #: The gap ledger (as in Redis): node -> user -> messages nobody on it listened for.
+        self.missed: dict[str, dict[str, int]] = {}
+        self._cut: set[str] = set()
 
     def _check(self) -> None:
         if not self.available:
@@ -74,12 +77,36 @@ class MemoryBroker:
     def recover(self) -> None:
         self.available = True
 
+    def cut(self, node_id: str) -> None:
+        """Cut one node off (its link down, the others unaffected) until :meth:`mend`: its
+        subscription ends, its calls raise ``BackplaneError``, nobody listens on its topic."""
+        self._cut.add(node_id)
+        suffix = f":node:{node_id}"
+        for sub in {s for subs in self._topics.values() for s in subs}:
+            if any(t.endswith(suffix) for t in sub.topics) and not sub.lost.done():
+                self.unsubscribe(sub)
+                sub.lost.set_exception(BackplaneError("the link to the memory broker is cut"))
+
+    def mend(self, node_id: str) -> None:
+        self._cut.discard(node_id)
+
+    def check_node(self, node_id: str) -> None:
+        """Raise ``BackplaneError`` if the broker is unreachable, for everyone or ``node_id``."""
+        self._check()
+        if node_id in self._cut:
+            raise BackplaneError("the link to the memory broker is cut")
+
+    def listening(self, node_topic: str) -> bool:
+        """Whether anyone subscribes to ``node_topic`` (as ``PUBSUB NUMSUB``)."""
+        return bool(self._topics.get(node_topic))
+
     def forget(self) -> None:
         """Drop the whole directory (a restart that lost its data)."""
         self._owners.clear()
         self._users.clear()
         self._user_expiry.clear()
         self.outboxes.clear()
+        self.missed.clear()
 
     def subscribe(self, topics: Collection[str], callback: Callable[[bytes], None]) -> _Subscription:
         self._check()
@@ -125,7 +152,8 @@ class MemoryBroker:
     def publish_to_user(self, user_id: str, node_id: str, topic_of: Callable[[str], str],
                         data: bytes, keep: OutboxLimits | None = None) -> int:
         """Publish once to every node but ``node_id`` holding channels of the user; entries of
-        nodes nobody listens for are dropped (as the Redis script does). With ``keep`` and no
+        nodes nobody listens for are dropped once expired (as the Redis script does), and
+        counted in that node's gap ledger if the message is not kept. With ``keep`` and no
         receiver, keep ``data`` in the user's outbox and return -1."""
         self._check()
         fields = self._user(user_id)
@@ -133,8 +161,8 @@ class MemoryBroker:
         for node in set(fields.values()) - {node_id}:
             receivers[node] = self.publish(topic_of(node), data)
         for channel_id, node in list(fields.items()):
-            if receivers.get(node) == 0:
-                del fields[channel_id]
+            if receivers.get(node) == 0 and self.owner(channel_id) != node:
+                del fields[channel_id]  # dead (a node cut off keeps them until the expiry)
         total = sum(receivers.values())
         if total == 0 and keep is not None:
             outbox = self.outboxes.get(user_id)
@@ -142,20 +170,52 @@ class MemoryBroker:
                 outbox = self.outboxes[user_id] = UserOutbox(keep)
             outbox.keep(user_id, data, self.clock())
             return -1
+        for node, n in receivers.items():  # not kept, and nobody there heard it: a gap
+            if n == 0:
+                ledger = self.missed.setdefault(node, {})
+                ledger[user_id] = ledger.get(user_id, 0) + 1
         return total
 
     def attach(self, node_id: str, channel_id: str, user_id: str, expiry: float, *,
-               limit: int | None, keep: OutboxLimits | None) -> tuple[bool, list[bytes]]:
-        """Refuse if the user has ``limit`` live channels, else register the channel and take
-        the user's outbox (with ``keep``): one step, as the Redis script."""
+               limit: int | None, keep: OutboxLimits | None,
+               topic_of: Callable[[str], str]) -> tuple[bool, list[tuple[str, bytes]]]:
+        """Refuse if the user has ``limit`` live channels, else register the channel and lease
+        the user's outbox to it (with ``keep``): one step, as the Redis script."""
         self._check()
         if limit is not None and len(self.user_entries(user_id)) >= limit:
             return False, []
         self.write(node_id, [(channel_id, user_id)], (), expiry)
-        outbox = self.outboxes.pop(user_id, None)
-        if keep is None or outbox is None:
+        if keep is None:
             return True, []
-        return True, outbox.take(user_id, self.clock())
+        return True, self.lease(node_id, channel_id, user_id, topic_of)
+
+    def lease(self, node_id: str, channel_id: str, user_id: str,
+              topic_of: Callable[[str], str]) -> list[tuple[str, bytes]]:
+        """Lease the user's outbox to a channel of ``node_id`` (nothing if a live one holds it:
+        registered, and its node listening)."""
+        self._check()
+        outbox = self.outboxes.get(user_id)
+        if outbox is None:
+            return []
+
+        def alive(holder: Hashable) -> bool:
+            node, channel = cast(tuple[str, str], holder)
+            return self.listening(topic_of(node)) and self.owner(channel) == node
+
+        kept = outbox.lease(user_id, (node_id, channel_id), self.clock(), alive)
+        return [(str(kid), frame) for kid, frame in kept]
+
+    def settle(self, node_id: str, channel_id: str, user_id: str, upto: str | None) -> None:
+        self._check()
+        outbox = self.outboxes.get(user_id)
+        if outbox is not None:
+            outbox.settle(user_id, (node_id, channel_id), None if upto is None else int(upto))
+            if not len(outbox):
+                del self.outboxes[user_id]
+
+    def take_missed(self, node_id: str) -> dict[str, int]:
+        self._check()
+        return self.missed.pop(node_id, {})
 
     def user_entries(self, user_id: str) -> dict[str, str]:
         """Live entries of a user; stale ones (their channel expired or moved) are pruned."""
@@ -205,6 +265,7 @@ class MemoryBackplane(BrokerBackplane):
         self.broker = broker
 
     async def _bus_session(self) -> None:
+        self.broker.check_node(self.node_id)
         sub = self.broker.subscribe((self.node_topic, self.broadcast_topic), self._on_bus_message)
         try:
             self._bus_up()
@@ -217,6 +278,7 @@ class MemoryBackplane(BrokerBackplane):
 
     async def _publish_batch(self, batch: Sequence[Publication]) -> list[Routed]:
         broker = self.broker
+        broker.check_node(self.node_id)
         results: list[Routed] = []
         for publication in batch:
             if publication.topic is not None:
@@ -236,12 +298,28 @@ class MemoryBackplane(BrokerBackplane):
         return results
 
     async def _user_entries(self, user_id: str) -> dict[str, str]:
+        self.broker.check_node(self.node_id)
         return self.broker.user_entries(user_id)
 
     async def _write_directory(self, present: Sequence[Entry], absent: Sequence[Entry]) -> None:
+        self.broker.check_node(self.node_id)
         self.broker.write(self.node_id, present, absent, self.expiry)
 
     async def _attach(self, channel_id: str, user_id: str, limit: int | None,
-                      keep: OutboxLimits | None) -> tuple[bool, list[bytes]]:
+                      keep: OutboxLimits | None) -> tuple[bool, list[tuple[str, bytes]]]:
+        self.broker.check_node(self.node_id)
         return self.broker.attach(self.node_id, channel_id, user_id, self.expiry, limit=limit,
-                                 keep=keep)
+                                  keep=keep, topic_of=self.topic_of)
+
+    async def _lease(self, user_id: str, channel_id: str,
+                     keep: OutboxLimits) -> list[tuple[str, bytes]]:
+        self.broker.check_node(self.node_id)
+        return self.broker.lease(self.node_id, channel_id, user_id, self.topic_of)
+
+    async def _settle_outbox(self, user_id: str, channel_id: str, upto: str | None) -> None:
+        self.broker.check_node(self.node_id)
+        self.broker.settle(self.node_id, channel_id, user_id, upto)
+
+    async def _take_missed(self) -> dict[str, int]:
+        self.broker.check_node(self.node_id)
+        return self.broker.take_missed(self.node_id)

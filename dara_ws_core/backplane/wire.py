@@ -16,6 +16,7 @@ __all__ = [
     "RemoteCancel",
     "RemoteReply",
     "RemoteRequest",
+    "SequenceTracker",
     "UserDelivery",
     "decode_bus_message",
     "encode_bus_message",
@@ -53,11 +54,14 @@ class UserDelivery:
 
 @dataclass(frozen=True, slots=True)
 class BroadcastDelivery:
-    """A frame for every channel of every node but ``origin`` (which delivered it locally)."""
+    """A frame for every channel of every node but ``origin`` (which delivered it locally).
+    ``seq`` numbers the broadcasts of ``origin`` from 1 (0: not numbered), so a node that
+    missed some (its subscription was down) can tell how many (:class:`SequenceTracker`)."""
 
     origin: str
     ignore: str | None
     frame: bytes
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +129,8 @@ def encode_bus_message(message: BusMessage) -> bytes:
         body = message.frame
     elif isinstance(message, BroadcastDelivery):
         head = {"op": "all", "origin": message.origin, "ignore": message.ignore}
+        if message.seq:
+            head["seq"] = message.seq
         body = message.frame
     elif isinstance(message, RemoteRequest):
         head = {"op": "req", "id": message.request_id, "reply_to": message.reply_to,
@@ -170,7 +176,11 @@ def decode_bus_message(data: bytes) -> BusMessage:
     if op == "user":
         return UserDelivery(_field(head, "user", str), _field(head, "ignore", opt_str), body)
     if op == "all":
-        return BroadcastDelivery(_field(head, "origin", str), _field(head, "ignore", opt_str), body)
+        seq = head.get("seq", 0)
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+            raise BackplaneError("malformed bus message: bad 'seq'")
+        return BroadcastDelivery(_field(head, "origin", str), _field(head, "ignore", opt_str),
+                                 body, seq)
     if op == "req":
         timeout = head.get("timeout")
         if timeout is not None and (isinstance(timeout, bool)
@@ -197,3 +207,32 @@ def decode_bus_message(data: bytes) -> BusMessage:
         return Control(_field(head, "origin", str), scope, _field(head, "id", str),
                        _field(head, "code", int), _field(head, "reason", str))
     raise BackplaneError(f"malformed bus message: unknown op {op!r}")
+
+
+class SequenceTracker:
+    """The last sequence number seen from each publisher, to count what was missed between two
+    (pure). A publisher's numbers start at 1 and grow by 1 per message on one topic, and one
+    topic delivers in order, so a jump is messages this subscriber did not receive. A number
+    at or below the last one seen is a publisher that restarted with the same id: its count
+    starts over, nothing is counted missed. Remembers at most ``max_publishers`` (the least
+    recently heard is forgotten: a forgotten publisher's next gap goes uncounted)."""
+
+    def __init__(self, max_publishers: int = 1024) -> None:
+        self.max_publishers = max_publishers
+        self._last: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def observe(self, publisher: str, seq: int) -> int:
+        """Record ``seq`` from ``publisher``; how many of its messages were missed just before
+        it (0 for an unnumbered message, a first message, or a restart)."""
+        if seq <= 0:
+            return 0
+        last = self._last.pop(publisher, None)  # re-inserted: the most recently heard last
+        self._last[publisher] = seq
+        if len(self._last) > self.max_publishers:
+            del self._last[next(iter(self._last))]
+        if last is None or seq <= last:
+            return 0
+        return seq - last - 1

@@ -15,13 +15,19 @@ Redis layout (``<ns>`` is the namespace, ``dara-ws`` by default):
 * ``<ns>:user:<user_id>`` -> hash channel id -> node id, with the same TTL;
 * ``<ns>:outbox:<user_id>``: a Stream of the messages sent to the user while no process held a
   channel of theirs (the per-user outbox, :mod:`dara_ws_core.outbox`), trimmed by count, bytes
-  (``<ns>:outbox-bytes:<user_id>``) and age, both keys expiring ``max_age`` after the last one.
+  (``<ns>:outbox-bytes:<user_id>``) and age, both keys expiring ``max_age`` after the last one;
+* ``<ns>:outbox-lease:<user_id>`` -> ``node\nchannel``: the channel delivering the outbox (read,
+  then acknowledge), expiring after ``max_age``, void once that channel or its node is gone;
+* ``<ns>:missed:<node_id>`` -> hash user -> count: the node's gap ledger, messages for its users
+  that found nobody listening on its topic and could not be kept (read and reset when the node
+  resubscribes).
 
 A Stream rather than a list: entry ids are Redis's own millisecond clock, so the age bound needs no
 clock of ours (processes' clocks may disagree), and trimming the oldest is cheap. A message is kept
 in the same script that finds no live channel of the user, and a new channel is registered in the
-same script that takes the outbox (deleting it): Redis runs scripts one at a time, so a message is
-either routed to a live channel or kept, and taken by exactly one new channel. What Redis has
+same script that leases the outbox: Redis runs scripts one at a time, so a message is either
+routed to a live channel or kept, and leased by one live channel at a time, whose acknowledgement
+(once its transport wrote the messages) deletes them up to the last one written. What Redis has
 acknowledged survives the restart or crash of any server process (and of Redis itself with
 persistence on: ``appendonly yes``).
 
@@ -75,8 +81,10 @@ return {node, redis.call('PUBLISH', ARGV[2] .. node, ARGV[3])}
 """
 
 # Publish once to every other node holding channels of a user, in one round trip. KEYS[1]: the
-# user's hash; ARGV as above. Fields of nodes nobody listens for (dead) are dropped. Returns the
-# receivers in all.
+# user's hash; ARGV[1..3] as above; ARGV[4..7]: the gap ledger key prefix, the user, the ledger's
+# TTL in ms, the channel key prefix. Fields of nodes nobody listens for are dropped once their
+# channel key is gone too (a dead node's; a node cut off for less than the expiry keeps them, so
+# that its gap ledger counts every message it missed). Returns the receivers in all.
 _ROUTE_USER = """
 local fields = redis.call('HGETALL', KEYS[1])
 local sent, stale, total = {}, {}, 0
@@ -89,40 +97,86 @@ for i = 1, #fields, 2 do
       sent[node] = n
       total = total + n
     end
-    if n == 0 then stale[#stale + 1] = fields[i] end
+    if n == 0 and redis.call('GET', ARGV[7] .. fields[i]) ~= node then
+      stale[#stale + 1] = fields[i]
+    end
   end
 end
 if #stale > 0 then redis.call('HDEL', KEYS[1], unpack(stale)) end
-if total > 0 or ARGV[4] == nil then return total end
--- Nobody else has a channel of the user (and the caller none): keep it. KEYS[2]: the outbox
--- stream, KEYS[3]: its byte count; ARGV[4..6]: most messages, bytes, age in ms.
-local most, cap, age = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local size = #ARGV[3]
-if size > cap then return -2 end
-local t = redis.call('TIME')
-local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - age
-redis.call('XADD', KEYS[2], '*', 'd', ARGV[3])
-local bytes = redis.call('INCRBY', KEYS[3], size)
-local count = redis.call('XLEN', KEYS[2])
-while count > 0 do
-  local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
-  local ms = tonumber(string.match(head[1], '^(%d+)'))
-  if ms > cutoff and count <= most and bytes <= cap then break end
-  redis.call('XDEL', KEYS[2], head[1])
-  bytes = redis.call('DECRBY', KEYS[3], #head[2][2])
-  count = count - 1
+if total == 0 and ARGV[8] ~= nil then
+  -- Nobody else has a channel of the user (and the caller none): keep it. KEYS[2]: the outbox
+  -- stream, KEYS[3]: its byte count; ARGV[8..10]: most messages, bytes, age in ms.
+  local most, cap, age = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+  local size = #ARGV[3]
+  if size > cap then return -2 end
+  local t = redis.call('TIME')
+  local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - age
+  redis.call('XADD', KEYS[2], '*', 'd', ARGV[3])
+  local bytes = redis.call('INCRBY', KEYS[3], size)
+  local count = redis.call('XLEN', KEYS[2])
+  while count > 0 do
+    local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
+    local ms = tonumber(string.match(head[1], '^(%d+)'))
+    if ms > cutoff and count <= most and bytes <= cap then break end
+    redis.call('XDEL', KEYS[2], head[1])
+    bytes = redis.call('DECRBY', KEYS[3], #head[2][2])
+    count = count - 1
+  end
+  redis.call('PEXPIRE', KEYS[2], age)
+  redis.call('PEXPIRE', KEYS[3], age)
+  return -1
 end
-redis.call('PEXPIRE', KEYS[2], age)
-redis.call('PEXPIRE', KEYS[3], age)
-return -1
+-- Not kept, and a node holding channels of the user did not hear it (its link is down): note
+-- it in that node's gap ledger, which it reads when it is back.
+for node, n in pairs(sent) do
+  if n == 0 then
+    redis.call('HINCRBY', ARGV[4] .. node, ARGV[5], 1)
+    redis.call('PEXPIRE', ARGV[4] .. node, ARGV[6])
+  end
+end
+return total
+"""
+
+# Lease a user's outbox to a channel (read, then acknowledge: see dara_ws_core.outbox): nothing
+# if a live channel holds the lease (its node listening, its channel still registered on it),
+# else every message younger than the age, with its id, and the lease is ours. KEYS: the outbox
+# stream, the lease. ARGV: node, channel, channel key prefix, node topic prefix, age in ms.
+_LEASE_FUNCTION = """
+local function lease(stream, key, node, channel, chprefix, topicprefix, age)
+  local current = redis.call('GET', key)
+  if current then
+    local hnode, hchannel = string.match(current, '^(.-)\\n(.*)$')
+    if hnode and (hnode ~= node or hchannel ~= channel) then
+      local subs = redis.call('PUBSUB', 'NUMSUB', topicprefix .. hnode)[2]
+      if subs > 0 and redis.call('GET', chprefix .. hchannel) == hnode then return {} end
+    end
+  end
+  local t = redis.call('TIME')
+  local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(age)
+  local out = {}
+  for _, entry in ipairs(redis.call('XRANGE', stream, '(' .. cutoff, '+')) do
+    out[#out + 1] = entry[1]
+    out[#out + 1] = entry[2][2]
+  end
+  if #out == 0 then
+    redis.call('DEL', key)
+  else
+    redis.call('SET', key, node .. '\\n' .. channel, 'PX', age)
+  end
+  return out
+end
+"""
+
+_LEASE = _LEASE_FUNCTION + """
+return lease(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 """
 
 # Admit a new channel of a user, in one step: refuse it if the user has ARGV[3] live channels
 # (-1: no limit; dead fields are pruned), else register it (as the directory write does) and,
-# if ARGV[6] (the outbox age in ms) is set, take and delete the user's outbox. KEYS: the channel
-# key, the user's hash, the outbox stream, its byte count. ARGV: node, TTL ms, limit, channel key
-# prefix, channel id[, age]. Returns {0} (refused) or {1, kept message...}.
-_ATTACH = """
+# if ARGV[7] (the outbox age in ms) is set, lease the user's outbox to it. KEYS: the channel key,
+# the user's hash, the outbox stream, the lease. ARGV: node, TTL ms, limit, channel key prefix,
+# channel id, node topic prefix[, age]. Returns {0} (refused) or {1, id, message, ...}.
+_ATTACH = _LEASE_FUNCTION + """
 local limit = tonumber(ARGV[3])
 if limit >= 0 then
   local fields = redis.call('HGETALL', KEYS[2])
@@ -141,15 +195,28 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[5], ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 local out = {1}
-if ARGV[6] ~= nil then
-  local t = redis.call('TIME')
-  local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[6])
-  for _, entry in ipairs(redis.call('XRANGE', KEYS[3], '(' .. cutoff, '+')) do
-    out[#out + 1] = entry[2][2]
+if ARGV[7] ~= nil then
+  for _, item in ipairs(lease(KEYS[3], KEYS[4], ARGV[1], ARGV[5], ARGV[4], ARGV[6], ARGV[7])) do
+    out[#out + 1] = item
   end
-  redis.call('DEL', KEYS[3], KEYS[4])
 end
 return out
+"""
+
+# Acknowledge a lease: if ARGV[1] (node and channel) holds it, forget the messages up to id
+# ARGV[2] ('' for none) and end it. KEYS: the stream, its byte count, the lease.
+_SETTLE = """
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
+redis.call('DEL', KEYS[3])
+if ARGV[2] == '' then return 0 end
+local n = 0
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', ARGV[2])) do
+  redis.call('XDEL', KEYS[1], entry[1])
+  redis.call('DECRBY', KEYS[2], #entry[2][2])
+  n = n + 1
+end
+if redis.call('XLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[1], KEYS[2]) end
+return n
 """
 
 
@@ -184,6 +251,12 @@ class RedisBackplane(BrokerBackplane):
 
     def _outbox_keys(self, user_id: str) -> tuple[str, str]:
         return f"{self.namespace}:outbox:{user_id}", f"{self.namespace}:outbox-bytes:{user_id}"
+
+    def _lease_key(self, user_id: str) -> str:
+        return f"{self.namespace}:outbox-lease:{user_id}"
+
+    def _missed_key(self, node_id: str) -> str:
+        return f"{self.namespace}:missed:{node_id}"
 
     async def _bus_session(self) -> None:
         loop = asyncio.get_running_loop()
@@ -222,18 +295,19 @@ class RedisBackplane(BrokerBackplane):
     async def _publish_batch(self, batch: Sequence[Publication]) -> list[Routed]:
         pipe = self._redis.pipeline(transaction=False)
         prefix = self.topic_of("")
+        ledger_ttl = int(max(60.0, 10 * self.expiry) * 1000)  # a dead node's ledger goes too
         for publication in batch:
             if publication.topic is not None:
                 pipe.publish(publication.topic, publication.data)
             elif publication.user_id is not None:
-                keep = publication.keep
+                keep, user = publication.keep, publication.user_id
+                common = (self.node_id, prefix, publication.data, self._missed_key(""), user,
+                          ledger_ttl, self._ch(""))
                 if keep is None:
-                    pipe.eval(_ROUTE_USER, 1, self._user(publication.user_id), self.node_id,
-                              prefix, publication.data)
+                    pipe.eval(_ROUTE_USER, 1, self._user(user), *common)
                 else:
-                    pipe.eval(_ROUTE_USER, 3, self._user(publication.user_id),
-                              *self._outbox_keys(publication.user_id), self.node_id, prefix,
-                              publication.data, keep.max_messages, keep.max_bytes,
+                    pipe.eval(_ROUTE_USER, 3, self._user(user), *self._outbox_keys(user),
+                              *common, keep.max_messages, keep.max_bytes,
                               int(keep.max_age * 1000))
             else:
                 pipe.eval(_ROUTE, 1, self._ch(str(publication.channel_id)), self.node_id, prefix,
@@ -270,17 +344,48 @@ class RedisBackplane(BrokerBackplane):
         return live
 
     async def _attach(self, channel_id: str, user_id: str, limit: int | None,
-                      keep: OutboxLimits | None) -> tuple[bool, list[bytes]]:
+                      keep: OutboxLimits | None) -> tuple[bool, list[tuple[str, bytes]]]:
         args: list[Any] = [self.node_id, int(self.expiry * 1000), -1 if limit is None else limit,
-                           self._ch(""), channel_id]
+                           self._ch(""), channel_id, self.topic_of("")]
         if keep is not None:
             args.append(int(keep.max_age * 1000))
         try:
             reply = await self._redis.eval(_ATTACH, 4, self._ch(channel_id), self._user(user_id),
-                                           *self._outbox_keys(user_id), *args)
+                                           self._outbox_keys(user_id)[0],
+                                           self._lease_key(user_id), *args)
         except (RedisError, OSError) as exc:
             raise BackplaneError(f"redis: {exc}") from exc
-        return bool(int(reply[0])), [bytes(entry) for entry in reply[1:]]
+        return bool(int(reply[0])), _pairs(reply[1:])
+
+    async def _lease(self, user_id: str, channel_id: str,
+                     keep: OutboxLimits) -> list[tuple[str, bytes]]:
+        try:
+            reply = await self._redis.eval(
+                _LEASE, 2, self._outbox_keys(user_id)[0], self._lease_key(user_id),
+                self.node_id, channel_id, self._ch(""), self.topic_of(""),
+                int(keep.max_age * 1000))
+        except (RedisError, OSError) as exc:
+            raise BackplaneError(f"redis: {exc}") from exc
+        return _pairs(reply)
+
+    async def _settle_outbox(self, user_id: str, channel_id: str, upto: str | None) -> None:
+        try:
+            await self._redis.eval(_SETTLE, 3, *self._outbox_keys(user_id),
+                                   self._lease_key(user_id), f"{self.node_id}\n{channel_id}",
+                                   upto or "")
+        except (RedisError, OSError) as exc:
+            raise BackplaneError(f"redis: {exc}") from exc
+
+    async def _take_missed(self) -> dict[str, int]:
+        key = self._missed_key(self.node_id)
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hgetall(key)
+                pipe.delete(key)
+                fields, _ = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise BackplaneError(f"redis: {exc}") from exc
+        return {_text(user): int(count) for user, count in fields.items()}
 
     async def _write_directory(self, present: Sequence[Entry], absent: Sequence[Entry]) -> None:
         node, ttl = self.node_id, int(self.expiry * 1000)
@@ -305,6 +410,11 @@ class RedisBackplane(BrokerBackplane):
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             raise BackplaneError(f"redis: {exc}") from exc
+
+
+def _pairs(flat: Sequence[Any]) -> list[tuple[str, bytes]]:
+    """``[id, message, id, message...]`` -> ``[(id, message)...]``."""
+    return [(_text(flat[i]), bytes(flat[i + 1])) for i in range(0, len(flat) - 1, 2)]
 
 
 def _text(value: bytes | str) -> str:
