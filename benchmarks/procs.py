@@ -34,6 +34,19 @@ LOG_DIR = Path(tempfile.gettempdir()) / "dara-ws-bench-logs"
 
 #: CPUs each kind of child is pinned to (module -> "0,1"); empty: not pinned. Set by run.py.
 PIN: dict[str, str] = {}
+#: The event loop each kind of child runs on (module -> "uvloop"); absent: asyncio's. Set by run.py.
+LOOP: dict[str, str] = {}
+
+
+def loop_factory(name: str | None) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop factory for ``name`` (``asyncio`` or empty: ``None``, asyncio's own)."""
+    if not name or name == "asyncio":
+        return None
+    if name != "uvloop":
+        raise ValueError(f"unknown event loop {name!r} (asyncio or uvloop)")
+    import uvloop
+
+    return uvloop.new_event_loop
 
 
 class BenchError(Exception):
@@ -85,7 +98,8 @@ def run_child(amain: Callable[[Any], Awaitable[None]], args: Any) -> None:
     if cpus:
         os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
     try:
-        asyncio.run(guarded())
+        with asyncio.Runner(loop_factory=loop_factory(os.environ.get("BENCH_LOOP"))) as runner:
+            runner.run(guarded())
     except Exception as exc:
         emit({"event": "error", "error": repr(exc)})
         raise
@@ -115,6 +129,7 @@ class Proc:
         env = dict(os.environ)
         if PIN.get(module) is not None:
             env["BENCH_CPUS"] = PIN[module]
+        env["BENCH_LOOP"] = LOOP.get(module, "asyncio")
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(ROOT), str(ROOT / "transports"), env.get("PYTHONPATH", "")) if p
         )

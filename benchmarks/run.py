@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .charts import write_charts
-from .procs import PIN, ROOT, raise_fd_limit
+from .procs import LOOP, PIN, ROOT, raise_fd_limit
 from .scenarios import PRESETS, SCENARIOS, Sizes
 from .stats import Row, format_table
 
@@ -39,7 +39,7 @@ TARGETS = [
 ]
 
 
-def machine() -> str:
+def machine(loop: str = "asyncio") -> str:
     cpu = platform.processor() or "?"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -50,7 +50,7 @@ def machine() -> str:
         pass
     versions = []
     for dist in ("websockets", "python-socketio", "python-engineio", "aiohttp", "uvicorn",
-                 "pydantic", "pydantic-core", "psutil"):
+                 "pydantic", "pydantic-core", "psutil", "picows", "uvloop"):
         try:
             versions.append(f"{dist} {metadata.version(dist)}")
         except metadata.PackageNotFoundError:
@@ -65,7 +65,7 @@ def machine() -> str:
             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
             f"{platform.system()} {platform.release()}\n"
             f"- python: {platform.python_implementation()} {platform.python_version()} "
-            f"(asyncio default loop)\n"
+            f"(servers on {'uvloop' if loop == 'uvloop' else 'the asyncio default loop'})\n"
             f"- versions: {', '.join(versions)}\n- dara-ws-core: git {rev}\n"
             f"- load average at start: {load:.2f}"
             f"{'  (BUSY MACHINE: other processes distort every figure)' if load > 0.7 else ''}\n")
@@ -132,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--slow-pad", type=int, help="slow-consumer payload padding (bytes)")
     parser.add_argument("--pin", action="store_true",
                         help="pin servers to CPU 0 and clients to the other CPUs")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
+                        help="event loop of every server process (clients stay on asyncio)")
     parser.add_argument("--json", metavar="PATH", help="also write every row as JSON")
     parser.add_argument("--charts", metavar="DIR",
                         help="write SVG charts (latency CDF, fan-out throughput by N, memory per "
@@ -157,8 +159,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.pin and len(cpus) >= 2:
         PIN.update({"benchmarks.server": str(cpus[0]),
                     "benchmarks.client": ",".join(map(str, cpus[1:]))})
+    if args.loop == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            parser.error('--loop uvloop needs uvloop: pip install "dara-ws-core[uvloop]"')
+    LOOP["benchmarks.server"] = args.loop
     preset = "tiny" if args.tiny else "quick" if args.quick else "full"
-    print(f"## dara-ws-core benchmarks ({preset})\n\n{machine()}"
+    print(f"## dara-ws-core benchmarks ({preset})\n\n{machine(args.loop)}"
           f"- command: python -m benchmarks.run {' '.join(argv if argv is not None else sys.argv[1:])}\n",
           flush=True)
     t = time.monotonic()

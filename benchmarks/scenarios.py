@@ -47,7 +47,7 @@ MiB = 1024 * 1024
 
 #: Wire spoken by each server implementation, hence which lean client talks to it.
 PROTO = {"raw": "dara", "ours": "dara", "ours-aiohttp": "dara", "ours-asgi": "dara", "ours-otel": "dara", "sio": "sio",
-         "sio-asgi": "sio"}
+         "sio-asgi": "sio", "ours-picows": "dara", "raw-picows": "dara"}
 
 
 @dataclass(frozen=True)
@@ -290,6 +290,18 @@ async def client_request(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
     return await _round_trips("client_request", sizes, impls, server_side=False)
 
 
+async def round_end(cps: Sequence[Proc], r: int) -> float:
+    """When the last connection of the ``fanout`` client processes ``cps`` got the last message of
+    round ``r`` (monotonic clock, shared by the processes of one machine)."""
+    lasts = []
+    for cp in cps:
+        event = await cp.expect("round", 120)
+        if event["r"] != r:
+            raise BenchError(f"{cp.name}: round {event['r']} reported during round {r}")
+        lasts.append(event["last"])
+    return float(max(lasts))
+
+
 async def _fanout(
     scenario: str, sizes: Sizes, impls: Sequence[str], *, users: int, per_user: int, m: int,
     rounds: int, command: str, variant: str = "", **params: Any,
@@ -309,16 +321,11 @@ async def _fanout(
         srv, cps = state
         cpu = cpu_ns(srv)
         res = await srv.call(command, 300, r=r, m=m, **params)
-        lasts = []
-        for cp in cps:
-            event = await cp.expect("round", 120)
-            if event["r"] != r:
-                raise BenchError(f"{cp.name}: round {event['r']} reported during round {r}")
-            lasts.append(event["last"])
+        last = await round_end(cps, r)
         # The server's CPU for the round, once every client has everything.
         used = cpu_ns(srv) - cpu
         await asyncio.sleep(0.2)  # let the machine settle before the next implementation
-        return max(lasts) - res["t0"], res["t_sent"] - res["t0"], used
+        return last - res["t0"], res["t_sent"] - res["t0"], used
 
     def summarize(impl: str, samples: list[tuple[float, float, int]]) -> dict[str, float]:
         counted = samples[1:] or samples
@@ -486,19 +493,21 @@ class Scenario:
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("server_request", "(1) server -> client request (send_and_wait), sequential",
-             server_request, ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-otel"),
+             server_request, ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-otel", "ours-picows",
+                              "raw-picows"),
              ("p50_us", "p99_us", "ops_per_s", "server_cpu_us")),
     Scenario("client_request", "(2) client -> server custom request with reply, sequential",
              client_request, ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-otel"),
              ("p50_us", "p99_us", "ops_per_s", "server_cpu_us")),
     Scenario("broadcast", "(3) broadcast fan-out", broadcast,
-             ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-otel"),
+             ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-otel", "ours-picows", "raw-picows"),
              ("deliveries_per_s", "server_cpu_us")),
     Scenario("broadcast_burst", "(3b) broadcast, k messages per loop iteration", broadcast_burst,
-             ("raw", "ours", "ours-aiohttp"), ("deliveries_per_s",)),
-    Scenario("per_user", "(4) per-user fan-out", per_user, ("raw", "ours", "sio"),
+             ("raw", "ours", "ours-aiohttp", "ours-picows", "raw-picows"), ("deliveries_per_s",)),
+    Scenario("per_user", "(4) per-user fan-out", per_user, ("raw", "ours", "sio", "ours-picows", "raw-picows"),
              ("deliveries_per_s", "server_cpu_us")),
-    Scenario("memory", "(5) idle connections: server RSS", memory, ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi"),
+    Scenario("memory", "(5) idle connections: server RSS", memory,
+             ("raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-picows", "raw-picows"),
              ("MiB_per_1000", "MiB_per_1000_at_held")),
     Scenario("codec", "(6) codec and reassembly micro-benchmarks (pure core)", codec,
              ("raw", "ours"), ("ns_per_op",)),

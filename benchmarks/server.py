@@ -9,7 +9,12 @@ Implementations (one class each, same five operations):
 * ``raw``: a hand-written minimal Dara-wire server on plain ``websockets`` (the baseline). It
   sends the same JSON frames as ours, so the same lean client measures both.
 * ``sio`` / ``sio-asgi``: python-socketio ``AsyncServer`` on aiohttp / on uvicorn (ASGI).
-* ``ours``: dara_ws_core's ``WebsocketManager`` behind the ``dara_ws_websockets`` adapter.
+* ``ours``: dara_ws_core's ``WebsocketManager`` behind the ``dara_ws_websockets`` adapter
+  (``ours-aiohttp``, ``ours-asgi``, ``ours-picows``: behind the other adapters).
+* ``raw-picows``: the same minimal Dara-wire server as ``raw``, on picows' callbacks.
+
+Every server runs on the loop ``BENCH_LOOP`` names (``asyncio``, the default, or ``uvloop``;
+``python -m benchmarks.run --loop uvloop`` sets it).
 """
 
 from __future__ import annotations
@@ -367,6 +372,117 @@ class OursAsgi(Ours):
         return int(server.port)
 
 
+class OursPicows(Ours):
+    """The same manager and endpoint behind the picows adapter."""
+
+    async def serve(self, endpoint: Any) -> int:
+        from dara_ws_picows import serve
+
+        server = await self.stack.enter_async_context(serve(endpoint, "127.0.0.1", 0, backlog=4096))
+        return int(server.port)
+
+
+class RawPicows(Impl):
+    """Baseline on picows: the least code that speaks the Dara wire on picows' callbacks (what a
+    hand-written picows server does per message), as ``Raw`` is on websockets. JSON with the
+    standard library, fan-out as a loop of synchronous sends, the round trip as a send and a
+    future the frame callback resolves. Authentication is the query's token, read in the factory.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.conns: dict[str, Any] = {}
+        self.users: dict[str, set[Any]] = {}
+        self.reply: asyncio.Future[None] | None = None
+        self.rchan = ""
+
+    async def start(self) -> int:
+        from picows import WSListener, WSMsgType, ws_create_server
+
+        bench = self
+        text = WSMsgType.TEXT
+
+        class Listener(WSListener):
+            def __init__(self, cid: str, user: str) -> None:
+                self.cid, self.user = cid, user
+
+            def on_ws_connected(self, transport: Any) -> None:
+                self.transport = transport
+                bench.conns[self.cid] = transport
+                bench.users.setdefault(self.user, set()).add(transport)
+                transport.send(text, json.dumps({"type": "init", "message": {"channel": self.cid}}).encode())
+
+            def on_ws_frame(self, transport: Any, frame: Any) -> None:
+                if frame.msg_type is not text:
+                    return
+                message = json.loads(frame.get_payload_as_bytes())
+                kind = message.get("type")
+                if kind == "message":
+                    reply = bench.reply
+                    if reply is not None and message.get("channel") == bench.rchan and not reply.done():
+                        reply.set_result(None)
+                elif kind == "custom":
+                    body = message["message"]
+                    answer = {"kind": body["kind"], "data": body.get("data")}
+                    if "__rchan" in body:
+                        answer["__response_for"] = body["__rchan"]
+                    transport.send(text, json.dumps({"type": "custom", "message": answer}).encode())
+                elif kind == "ping":
+                    transport.send(text, b'{"type":"pong","message":null}')
+
+            def on_ws_disconnected(self, transport: Any) -> None:
+                bench.conns.pop(self.cid, None)
+                peers = bench.users.get(self.user)
+                if peers is not None:
+                    peers.discard(transport)
+                    if not peers:
+                        del bench.users[self.user]
+
+        def factory(request: Any) -> Any:
+            cid = str(uuid.uuid4())
+            query = parse_qs(urlsplit(request.path.decode()).query)
+            return Listener(cid, query.get("token", [cid])[0])
+
+        self.server = await ws_create_server(
+            factory, "127.0.0.1", 0, max_frame_size=16 * MiB, backlog=4096, enable_auto_ping=True,
+            auto_ping_idle_timeout=20, auto_ping_reply_timeout=20, use_aiofastnet=False,
+        )
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def stop(self) -> None:
+        self.server.close()
+
+    def conn_count(self) -> int:
+        return len(self.conns)
+
+    async def ask(self) -> Any:
+        from picows import WSMsgType
+
+        transport = next(iter(self.conns.values()))
+        self.rchan = rchan = uuid.uuid4().hex
+        self.reply = asyncio.get_running_loop().create_future()
+        transport.send(WSMsgType.TEXT, json.dumps(
+            {"type": "message", "message": {"q": 1, "__rchan": rchan}}).encode())
+        await asyncio.wait_for(self.reply, 5)
+
+    async def broadcast(self, payload: Payload) -> None:
+        from picows import WSMsgType
+
+        frame = json.dumps({"type": "message", "message": payload}).encode()
+        for transport in list(self.conns.values()):
+            transport.send(WSMsgType.TEXT, frame)
+
+    async def to_user(self, user: str, payload: Payload) -> None:
+        from picows import WSMsgType
+
+        peers = self.users.get(user)
+        if peers:
+            frame = json.dumps({"type": "message", "message": payload}).encode()
+            for transport in list(peers):
+                transport.send(WSMsgType.TEXT, frame)
+
+
 class OursOtel(Ours):
     """``ours`` with telemetry on (issue 13's overhead bound): the SDK's meter provider
     aggregating every instrument (read by an in-memory reader, as a Prometheus scrape would) and
@@ -384,7 +500,8 @@ class OursOtel(Ours):
 
 
 IMPLS: dict[str, type[Impl]] = {"raw": Raw, "sio": Sio, "sio-asgi": SioAsgi, "ours": Ours,
-                                "ours-aiohttp": OursAiohttp, "ours-asgi": OursAsgi, "ours-otel": OursOtel}
+                                "ours-aiohttp": OursAiohttp, "ours-asgi": OursAsgi, "ours-otel": OursOtel,
+                                "ours-picows": OursPicows, "raw-picows": RawPicows}
 
 
 # ------------------------------------------------------------------------------ commands

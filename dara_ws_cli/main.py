@@ -6,7 +6,14 @@
 - chat (custom message): broadcast to every other connection as a "chat" custom push;
 - ask (custom request): the server asks the client back (send_and_wait) and replies with the
   client's answer, showing both correlation directions;
+- tell (custom request, {"user": ..., "text": ...}): a "tell" custom push to every connection of
+  that user, on whichever process (with --redis-url) it is;
+- whoami (custom request): replies with the serving process's pid (and worker number under
+  --workers), to see which process a client landed on;
 - a "clock" custom push to everyone every --clock seconds.
+
+`--workers N` runs N such processes on one port (SO_REUSEPORT; see dara_ws_cli.workers), and
+`--loop uvloop` runs the event loop on uvloop.
 
 Identity: ?token=NAME (or the dara_session_token cookie) names the user; connections without a
 token are anonymous, which this demo allows explicitly.
@@ -28,6 +35,7 @@ import errno
 import importlib.util
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -52,7 +60,7 @@ from dara_ws_core import (
 logger = logging.getLogger("dara_ws_cli")
 
 #: The extra each adapter needs, for the message when it is missing.
-_EXTRAS = {"websockets": "websockets", "aiohttp": "aiohttp", "asgi": "asgi"}
+_EXTRAS = {"websockets": "websockets", "aiohttp": "aiohttp", "asgi": "asgi", "picows": "picows"}
 
 
 class CLIError(Exception):
@@ -124,7 +132,20 @@ def build_demo(manager: WebsocketManager | None = None) -> Endpoint:
 
     manager.add_ws_handler("echo", echo)
     manager.add_ws_handler("chat", chat)
+    async def tell(channel_id: str, data: Any) -> dict[str, Any]:
+        if not isinstance(data, dict) or not isinstance(data.get("user"), str):
+            raise ValueError('tell needs {"user": USER, "text": ...}')
+        await manager.send_message_to_user(
+            data["user"], {"kind": "tell", "data": {"from": channel_id, "text": data.get("text")}}, custom=True
+        )
+        return {"delivered": True}
+
+    def whoami(channel_id: str, data: Any) -> dict[str, Any]:
+        return {"pid": os.getpid(), "worker": os.environ.get("DARA_WS_WORKER")}
+
     manager.add_ws_handler("ask", ask)
+    manager.add_ws_handler("tell", tell)
+    manager.add_ws_handler("whoami", whoami)
     return Endpoint(manager, authenticate)
 
 
@@ -141,7 +162,7 @@ async def _print_stats(manager: WebsocketManager, interval: float) -> None:
     # One JSON object per line on stdout: `dara-ws serve --stats-interval 1 | jq .connections`.
     while True:
         await asyncio.sleep(interval)
-        print(json.dumps({"time": time.time(), **manager.stats().as_dict()}), flush=True)
+        print(json.dumps({"time": time.time(), "pid": os.getpid(), **manager.stats().as_dict()}), flush=True)
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -182,10 +203,12 @@ async def serve(args: argparse.Namespace) -> None:
     stats = (loop.create_task(_print_stats(manager, args.stats_interval))
              if args.stats_interval > 0 else None)
     try:
-        async with metrics as metrics_port, _serve(args.transport, endpoint, args.host, args.port) as port:
+        listening = _serve(args.transport, endpoint, args.host, args.port, args.reuse_port)
+        async with metrics as metrics_port, listening as port:
             if metrics_port is not None:
                 print(f"metrics on http://{args.host}:{metrics_port}/metrics", flush=True)
-            print(f"dara-ws demo ({args.transport}) on ws://{args.host}:{port}{endpoint.path}",
+            loop_name = type(asyncio.get_running_loop()).__module__.partition(".")[0]
+            print(f"dara-ws demo ({args.transport}, {loop_name} loop) on ws://{args.host}:{port}{endpoint.path}",
                   flush=True)
             await stop.wait()
     finally:
@@ -198,9 +221,9 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _serve(transport: str, endpoint: Endpoint, host: str, port: int) -> Any:
+async def _serve(transport: str, endpoint: Endpoint, host: str, port: int, reuse_port: bool = False) -> Any:
     try:
-        async with _listen(transport, endpoint, host, port) as real_port:
+        async with _listen(transport, endpoint, host, port, reuse_port) as real_port:
             yield real_port
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
@@ -214,7 +237,7 @@ async def _serve(transport: str, endpoint: Endpoint, host: str, port: int) -> An
 
 
 @contextlib.asynccontextmanager
-async def _listen(transport: str, endpoint: Endpoint, host: str, port: int) -> Any:
+async def _listen(transport: str, endpoint: Endpoint, host: str, port: int, reuse_port: bool) -> Any:
     try:
         if transport == "asgi" and importlib.util.find_spec("websockets") is None:
             # uvicorn imports its WebSocket implementation only when the first upgrade arrives.
@@ -225,12 +248,16 @@ async def _listen(transport: str, endpoint: Endpoint, host: str, port: int) -> A
             import dara_ws_aiohttp  # noqa: F401
         elif transport == "asgi":
             import dara_ws_asgi  # noqa: F401
+        elif transport == "picows":
+            import dara_ws_picows  # noqa: F401
     except ImportError as exc:
         raise _missing_extra(exc) from None
+    # SO_REUSEPORT (--workers): websockets and picows pass it on to loop.create_server.
+    options = {"reuse_port": True} if reuse_port else {}
     if transport == "websockets":
         from dara_ws_websockets import serve as ws_serve
 
-        async with ws_serve(endpoint, host, port) as server:
+        async with ws_serve(endpoint, host, port, **options) as server:
             yield server.port
     elif transport == "aiohttp":
         from dara_ws_aiohttp import serve as aio_serve
@@ -241,6 +268,11 @@ async def _listen(transport: str, endpoint: Endpoint, host: str, port: int) -> A
         from dara_ws_asgi import serve as asgi_serve
 
         async with asgi_serve(endpoint, host, port) as server:
+            yield server.port
+    elif transport == "picows":
+        from dara_ws_picows import serve as picows_serve
+
+        async with picows_serve(endpoint, host, port, **options) as server:
             yield server.port
     else:
         raise SystemExit(f"unknown transport {transport!r}")
@@ -293,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
     s.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
     s.add_argument(
-        "--transport", choices=["websockets", "aiohttp", "asgi"], default="websockets",
+        "--transport", choices=["websockets", "aiohttp", "asgi", "picows"], default="websockets",
         help="adapter to serve with (each needs its extra: pip install \"dara-ws-core[NAME]\")",
     )
     s.add_argument("--clock", type=float, default=5.0, help="clock push interval in seconds (0: off)")
@@ -310,6 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--redis-url", default=None,
         help="share clients with other processes through this Redis (needs the redis extra)",
     )
+    s.add_argument(
+        "--loop", choices=["asyncio", "uvloop"], default="asyncio",
+        help="event loop (uvloop needs its extra: pip install \"dara-ws-core[uvloop]\")",
+    )
+    s.add_argument(
+        "--workers", type=int, default=1, metavar="N",
+        help="server processes sharing the port (SO_REUSEPORT; websockets and picows transports);"
+             " with --redis-url they form one cluster",
+    )
+    s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set on workers
     p = sub.add_parser(
         "probe",
         help="connect to a demo server and try it",
@@ -327,9 +369,37 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve(args) if args.command == "serve" else probe(args))
+        if args.command == "serve" and args.workers != 1:
+            raise SystemExit(asyncio.run(_supervise(args)))
+        with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(
+            loop_factory=_loop_factory(args.loop) if args.command == "serve" else None
+        ) as runner:
+            runner.run(serve(args) if args.command == "serve" else probe(args))
     except CLIError as exc:
         print(f"dara-ws: {exc}", file=sys.stderr)
         raise SystemExit(exc.status) from None
+
+
+def _loop_factory(name: str) -> Any:
+    if name == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        raise CLIError('--loop uvloop needs uvloop: pip install "dara-ws-core[uvloop]"', status=2) from None
+    return uvloop.new_event_loop
+
+
+async def _supervise(args: argparse.Namespace) -> int:
+    from .workers import REUSE_PORT_TRANSPORTS, supervise
+
+    if args.workers < 1:
+        raise CLIError("--workers must be at least 1", status=2)
+    if args.transport not in REUSE_PORT_TRANSPORTS:
+        raise CLIError(f"--workers needs --transport {' or '.join(REUSE_PORT_TRANSPORTS)}", status=2)
+    if args.metrics_port not in (None, 0):
+        raise CLIError("--workers serves metrics per worker: use --metrics-port 0 (each prints its own)",
+                       status=2)
+    _loop_factory(args.loop)  # a missing uvloop is one error here, not one per worker
+    return await supervise(args)
 

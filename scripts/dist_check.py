@@ -22,6 +22,7 @@ ADAPTERS = {
     "aiohttp": "dara_ws_aiohttp",
     "asgi": "dara_ws_asgi",
     "redis": "dara_ws_redis",
+    "picows": "dara_ws_picows",
 }
 
 
@@ -78,6 +79,31 @@ async def check_aiohttp() -> None:
     async with serve(_endpoint(), "127.0.0.1", 0) as server:
         url = f"ws://127.0.0.1:{server.port}/api/core/ws?token=alice"
         await _echo_through(lambda: connect(url))
+
+
+async def check_picows() -> None:
+    """The picows adapter serves; the [picows] extra has no other client than picows' own."""
+    import json
+
+    from picows import WSListener, WSMsgType, ws_connect
+
+    from dara_ws_picows import serve
+
+    frames: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    class Client(WSListener):
+        def on_ws_frame(self, transport: Any, frame: Any) -> None:
+            if frame.msg_type is WSMsgType.TEXT:
+                frames.put_nowait(json.loads(frame.get_payload_as_bytes()))
+
+    async with serve(_endpoint(), "127.0.0.1", 0) as server:
+        transport, _ = await ws_connect(Client, f"{server.url}?token=alice")
+        assert (await asyncio.wait_for(frames.get(), 10))["type"] == "init"
+        request = {"kind": "echo", "data": {"hello": "wheel"}, "__rchan": "r1"}
+        transport.send(WSMsgType.TEXT, json.dumps({"type": "custom", "message": request}).encode())
+        reply = await asyncio.wait_for(frames.get(), 10)
+        assert reply["message"]["data"] == {"hello": "wheel"}, reply
+        transport.disconnect()
 
 
 async def check_asgi() -> None:

@@ -47,6 +47,7 @@ import struct
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
@@ -171,8 +172,7 @@ class _Protocol(asyncio.Protocol):
         self._can_write.set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data

@@ -113,6 +113,7 @@ TRANSPORTS: dict[str, Served] = {
     "websockets": _served_by("dara_ws_websockets", _websockets_client),
     "aiohttp": _served_by("dara_ws_aiohttp", _websockets_client),
     "asgi": _served_by("dara_ws_asgi", _aiohttp_client),
+    "picows": _served_by("dara_ws_picows", _websockets_client),
 }
 
 

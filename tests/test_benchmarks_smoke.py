@@ -18,12 +18,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 SCENARIOS = {
-    "server_request": {"raw", "ours", "sio", "ours-aiohttp", "ours-asgi"},
+    "server_request": {"raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-picows", "raw-picows"},
     "client_request": {"raw", "ours", "sio", "ours-aiohttp", "ours-asgi"},
-    "broadcast": {"raw", "ours", "sio", "ours-aiohttp", "ours-asgi"},
-    "broadcast_burst": {"raw", "ours", "ours-aiohttp"},
-    "per_user": {"raw", "ours", "sio"},
-    "memory": {"raw", "ours", "sio", "ours-aiohttp", "ours-asgi"},
+    "broadcast": {"raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-picows", "raw-picows"},
+    "broadcast_burst": {"raw", "ours", "ours-aiohttp", "ours-picows", "raw-picows"},
+    "per_user": {"raw", "ours", "sio", "ours-picows", "raw-picows"},
+    "memory": {"raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-picows", "raw-picows"},
     "codec": {"raw", "ours"},
     "slow_consumer": {"raw", "ours"},
 }
@@ -135,3 +135,31 @@ def test_charts_of_given_rows_hold_their_values_inside_the_plot(tmp_path: Path) 
                 assert min(ys) >= TOP and max(ys) <= HEIGHT
     # A run without those scenarios draws nothing.
     assert write_charts([Row("codec", "ours", {"ns_per_op": 1.0})], tmp_path / "none") == []
+
+
+def test_the_servers_run_on_uvloop_when_asked(tmp_path: Path) -> None:
+    out = tmp_path / "rows.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--tiny", "--only", "server_request", "--impls", "ours-picows",
+         "--loop", "uvloop", "--json", str(out)],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=100,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "servers on uvloop" in proc.stdout
+    rows = {row["impl"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"raw", "ours-picows"}
+    assert all(row["metrics"]["p50_us"] > 0 for row in rows.values()), rows
+
+
+def test_the_workers_benchmark_runs_at_tiny_size(tmp_path: Path) -> None:
+    out = tmp_path / "workers.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.workers", "--workers", "1,2", "--clients", "8", "--per-user", "2",
+         "--m", "2", "--rounds", "1", "--json", str(out)],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=100,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(r["scenario"], r["workers"]) for r in rows] == [
+        ("broadcast", 1), ("broadcast", 2), ("per_user", 1), ("per_user", 2)]
+    assert all(r["deliveries_per_s"] > 0 and r["conns"] == 8 for r in rows), rows

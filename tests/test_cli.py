@@ -105,7 +105,7 @@ def test_help_is_plain_text_and_shows_defaults() -> None:
 @pytest.mark.parametrize(
     ("transport", "library", "extra"),
     [("websockets", "websockets", "websockets"), ("aiohttp", "aiohttp", "aiohttp"),
-     ("asgi", "uvicorn", "asgi"), ("asgi", "websockets", "asgi")],
+     ("asgi", "uvicorn", "asgi"), ("asgi", "websockets", "asgi"), ("picows", "picows", "picows")],
 )
 def test_serve_without_the_transports_extra_names_the_pip_command(
     transport: str, library: str, extra: str
@@ -122,7 +122,53 @@ def test_serve_with_redis_url_without_the_redis_extra_names_the_pip_command() ->
     assert 'pip install "dara-ws-core[redis]"' in _one_line_error(result)
 
 
-@pytest.mark.parametrize("transport", ["websockets", "aiohttp", "asgi"])
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_on_uvloop_without_uvloop_names_the_pip_command(workers: str) -> None:
+    result = _run_cli("serve", "--port", "0", "--loop", "uvloop", "--workers", workers, without=("uvloop",))
+    assert result.returncode == 2
+    assert 'pip install "dara-ws-core[uvloop]"' in _one_line_error(result)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--transport", "aiohttp"], "--workers needs --transport websockets or picows"),
+     (["--metrics-port", "9100"], "--metrics-port 0"), (["--workers", "0"], "at least 1")],
+)
+def test_serve_with_workers_refuses_what_it_cannot_share(args: list[str], message: str) -> None:
+    result = _run_cli("serve", "--port", "0", "--workers", "2", *args)
+    assert result.returncode == 2
+    assert message in _one_line_error(result)
+
+
+def test_serve_on_uvloop_answers_a_probe() -> None:
+    pytest.importorskip("uvloop")
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "dara_ws_cli", "serve", "--port", str(port), "--clock", "0", "--loop", "uvloop",
+         "--transport", "picows"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        assert server.stdout is not None
+        for _ in range(50):
+            line = server.stdout.readline()
+            assert line, "the demo server exited before it was ready"
+            if "dara-ws demo" in line:
+                break
+        assert "(picows, uvloop loop)" in line
+        probe = subprocess.run(
+            [sys.executable, "-m", "dara_ws_cli", "probe", f"ws://127.0.0.1:{port}/api/core/ws?token=p"],
+            check=False, capture_output=True, text=True, timeout=30,
+        )
+        assert probe.returncode == 0, probe.stderr
+        assert "ask  -> {'you_answered': 42}" in probe.stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    assert server.returncode == 0
+
+
+@pytest.mark.parametrize("transport", ["websockets", "aiohttp", "asgi", "picows"])
 def test_serve_on_a_port_in_use_says_so(transport: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -167,9 +167,10 @@ async def test_a_ping_flood_from_a_client_that_never_reads_is_not_buffered_witho
 async def _served_for_shutdown(kind: str, endpoint: Endpoint) -> AsyncIterator[tuple[int, Callable[[], Any]]]:
     """Serve ``endpoint`` the way ``kind`` does in production; yields the port and a function
     that starts a SIGTERM-style shutdown and returns an awaitable for its end."""
-    if kind == "websockets":
-        from dara_ws_websockets import serve
+    if kind in ("websockets", "picows"):
+        import importlib
 
+        serve = importlib.import_module(f"dara_ws_{kind}").serve
         stack = contextlib.AsyncExitStack()
         ws_server = await stack.enter_async_context(serve(endpoint, "127.0.0.1", 0))
         yield ws_server.port, lambda: asyncio.ensure_future(stack.aclose())
@@ -218,7 +219,7 @@ async def _served_for_shutdown(kind: str, endpoint: Endpoint) -> AsyncIterator[t
             sock.close()
 
 
-@pytest.mark.parametrize("kind", ["websockets", "aiohttp", "uvicorn", "starlette"])
+@pytest.mark.parametrize("kind", ["websockets", "aiohttp", "uvicorn", "starlette", "picows"])
 async def test_shutdown_closes_idle_clients_at_once_and_delivers_in_grace_answers(kind: str) -> None:
     release = asyncio.Event()
 

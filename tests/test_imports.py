@@ -31,6 +31,7 @@ ADAPTERS = {
     # (handshake time, pong backpressure): the [asgi] extra installs it.
     "dara_ws_asgi": frozenset({"starlette", "uvicorn", "websockets"}),
     "dara_ws_redis": frozenset({"redis"}),
+    "dara_ws_picows": frozenset({"picows"}),
 }
 #: Third-party packages the core may import at module level: its only dependency.
 CORE_DEPENDENCIES = frozenset({"pydantic", "pydantic_core", "typing_extensions"})

@@ -90,7 +90,7 @@ OBSERVE = 0.5
 ATTACK_LIMIT = 10.0
 HEALTHY = "healthy"  # the demo app's token is the user id
 ROOT = Path(__file__).resolve().parent.parent
-SOCKETS = ("aiohttp", "asgi", "websockets")
+SOCKETS = ("aiohttp", "asgi", "picows", "websockets")
 ALL = ("memory", *SOCKETS)
 
 # --------------------------------------------------------------------------- the server
@@ -123,6 +123,11 @@ async def _serve(transport: str, endpoint: Endpoint) -> AsyncIterator[int]:
 
         async with aio_serve(endpoint, "127.0.0.1", 0) as aio:
             yield aio.port
+    elif transport == "picows":
+        from dara_ws_picows import serve as picows_serve
+
+        async with picows_serve(endpoint, "127.0.0.1", 0) as served:
+            yield served.port
     else:
         from dara_ws_asgi import serve as asgi_serve
 

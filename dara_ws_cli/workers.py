@@ -1,0 +1,139 @@
+"""``dara-ws serve --workers N``: N server processes on one port, one per core.
+
+Each worker is a plain ``dara-ws serve`` process that listens with ``SO_REUSEPORT``, so the kernel
+spreads new connections over them; each builds its own manager and endpoint, and ``--redis-url``
+makes them one cluster (a broadcast or a per-user send reaches clients on every worker). This
+supervisor starts them, forwards their output, passes SIGTERM and SIGINT on to all of them (each
+closes its clients with 1001), and exits non-zero if one of them dies on its own.
+"""
+
+from __future__ import annotations
+
+__all__ = ["supervise", "worker_argv"]
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+
+from dara_ws_core import DEFAULT_PATH
+
+#: How long a worker may take to start listening, and to stop after SIGTERM, before it is killed.
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+#: The transports whose serve() passes ``reuse_port`` to ``loop.create_server``.
+REUSE_PORT_TRANSPORTS = ("websockets", "picows")
+
+
+def worker_argv(args: argparse.Namespace, port: int) -> list[str]:
+    """The ``dara-ws`` arguments of one worker: the supervisor's own, on ``port``, one process."""
+    argv = ["serve", "--host", args.host, "--port", str(port), "--transport", args.transport,
+            "--clock", str(args.clock), "--stats-interval", str(args.stats_interval),
+            "--loop", args.loop, "--reuse-port"]
+    if args.redis_url:
+        argv += ["--redis-url", args.redis_url]
+    if args.metrics_port is not None:
+        argv += ["--metrics-port", str(args.metrics_port)]
+    return argv
+
+
+def _hold_port(host: str) -> socket.socket:
+    """A bound, not listening, ``SO_REUSEPORT`` socket: it picks a free port for ``--port 0`` and
+    keeps it reserved until the workers listen on it too (it takes no connections itself)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, 0))
+    return sock
+
+
+async def _forward(process: asyncio.subprocess.Process, ready: asyncio.Event) -> None:
+    assert process.stdout is not None
+    while line := await process.stdout.readline():
+        sys.stdout.write(line.decode(errors="replace"))
+        sys.stdout.flush()
+        if b"dara-ws demo" in line:
+            ready.set()
+
+
+async def supervise(args: argparse.Namespace) -> int:
+    """Run ``args.workers`` workers until SIGTERM/SIGINT (exit status 0) or until one of them
+    ends on its own (the others are stopped; exit status 1)."""
+    holder = _hold_port(args.host) if args.port == 0 else None
+    port = int(holder.getsockname()[1]) if holder is not None else args.port
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    workers: list[asyncio.subprocess.Process] = []
+    forwarders: list[asyncio.Task[None]] = []
+    failed = False
+    try:
+        readiness = []
+        for index in range(args.workers):
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "dara_ws_cli", *worker_argv(args, port),
+                stdout=asyncio.subprocess.PIPE, env={**os.environ, "DARA_WS_WORKER": str(index)},
+            )
+            workers.append(process)
+            ready = asyncio.Event()
+            readiness.append(ready)
+            forwarders.append(loop.create_task(_forward(process, ready)))
+        exits = [loop.create_task(process.wait()) for process in workers]
+        starting = [loop.create_task(ready.wait()) for ready in readiness]
+        stopping = loop.create_task(stop.wait())
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                while not all(task.done() for task in starting):
+                    await asyncio.wait([*starting, *exits, stopping], return_when=asyncio.FIRST_COMPLETED)
+                    if any(task.done() for task in exits) or stop.is_set():
+                        break
+        except TimeoutError:
+            print(f"dara-ws: workers not ready within {START_TIMEOUT:.0f} s", file=sys.stderr)
+            failed = True
+        for task in starting:
+            task.cancel()
+        if holder is not None:
+            holder.close()
+            holder = None
+        if not failed and not stop.is_set() and not any(task.done() for task in exits):
+            print(f"dara-ws: {args.workers} workers ({args.transport}) on "
+                  f"ws://{args.host}:{port}{DEFAULT_PATH}", flush=True)
+            await asyncio.wait([*exits, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if not stop.is_set():
+            failed = True
+            dead = [p.pid for p in workers if p.returncode is not None]
+            print(f"dara-ws: worker(s) {dead} ended; stopping the others", file=sys.stderr)
+        stopping.cancel()
+    finally:
+        if holder is not None:
+            holder.close()
+        await _stop_all(workers)
+        for forwarder in forwarders:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(forwarder, 5)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    codes = [process.returncode for process in workers]
+    return 1 if failed or any(code != 0 for code in codes) else 0
+
+
+async def _stop_all(workers: list[asyncio.subprocess.Process]) -> None:
+    """SIGTERM to every live worker (a graceful stop: 1001 to its clients), SIGKILL after
+    ``STOP_TIMEOUT``."""
+    for process in workers:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+    waits = [asyncio.ensure_future(process.wait()) for process in workers]
+    if not waits:
+        return
+    _, late = await asyncio.wait(waits, timeout=STOP_TIMEOUT)
+    for process in workers:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+    if late:
+        await asyncio.wait(late, timeout=5)

@@ -1,0 +1,113 @@
+"""What the picows adapter does itself, on real sockets: picows hands it frames, so it reassembles
+fragmented messages, checks their UTF-8 and size, and bounds what a flooding client can make it
+buffer. (The contract, hostile and noisy-neighbour suites run on it through ``tests.stacks``.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from dara_ws_core import Endpoint, Identity, ServerConfig, Transport, WebsocketManager, token_authenticator
+from tests.hostile import BINARY, CLOSE, CONTINUATION, PING, TEXT, HostileClient, encode_frame
+from tests.stacks import running_stack, verify_token
+
+pytest.importorskip("picows")
+
+PATH = "/api/core/ws?token=mallory:s1"
+
+
+async def _opened(port: int) -> HostileClient:
+    client = await HostileClient.open(port)
+    assert (await client.handshake(PATH)).status == 101
+    await client.read_frame()  # init
+    return client
+
+
+async def test_a_fragmented_text_message_is_reassembled_and_control_frames_may_interleave() -> None:
+    async with running_stack("picows", ServerConfig(ping_interval=None)) as stack:
+        assert stack.port is not None
+        stack.manager.add_ws_handler("echo", lambda channel, data: data)
+        client = await _opened(stack.port)
+        request = {"kind": "echo", "data": "h\u00e9llo" * 10, "__rchan": "r1"}
+        text = json.dumps({"type": "custom", "message": request}, ensure_ascii=False).encode()
+        cut = text.index(b"\xc3") + 1  # inside a two-byte character: UTF-8 is checked whole
+        client.write(encode_frame(TEXT, text[:cut], fin=False) + encode_frame(PING, b"hi")
+                     + encode_frame(CONTINUATION, text[cut:-3], fin=False)
+                     + encode_frame(CONTINUATION, text[-3:]))
+        pong = await client.read_frame()
+        assert (pong.opcode, pong.payload) == (0xA, b"hi")
+        reply = json.loads((await client.read_frame()).text)
+        assert reply["message"] == {"kind": "echo", "data": "h\u00e9llo" * 10, "__response_for": "r1"}
+        client.abort()
+
+
+@pytest.mark.parametrize(
+    ("frames", "code"),
+    [
+        ([encode_frame(TEXT, b"\xff\xfe")], 1007),
+        ([encode_frame(TEXT, b'{"a": "\xc3', fin=False), encode_frame(CONTINUATION, b'x"}')], 1007),
+        ([encode_frame(CONTINUATION, b"{}")], 1002),
+        ([encode_frame(TEXT, b"{", fin=False), encode_frame(TEXT, b"}")], 1002),
+        ([encode_frame(BINARY, b"\x00", fin=False), encode_frame(CONTINUATION, b"\x01")], 1003),
+        ([encode_frame(TEXT, b"x" * 600, fin=False), encode_frame(CONTINUATION, b"x" * 600)], 1009),
+        ([encode_frame(TEXT, b"{}", rsv=4)], 1002),
+    ],
+    ids=["bad-utf8", "bad-utf8-across-fragments", "stray-continuation", "text-inside-text", "binary",
+         "fragments-over-the-limit", "rsv-bit"],
+)
+async def test_bad_frames_close_with_the_codes_of_the_other_transports(frames: list[bytes], code: int) -> None:
+    async with running_stack("picows", ServerConfig(ping_interval=None, max_message_size=1024)) as stack:
+        assert stack.port is not None
+        client = await _opened(stack.port)
+        client.write(b"".join(frames))
+        assert await client.read_close(5) == code
+        await asyncio.wait_for(_until(lambda: not stack.manager.handlers), 10)
+        client.abort()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "picows checks every frame of a read before it delivers the first: a protocol error later in "
+    "the same read sends its close before the frames ahead of it are answered"))
+async def test_a_reply_written_before_an_unmasked_frame_in_the_same_read_is_delivered() -> None:
+    async with running_stack("picows", ServerConfig(ping_interval=None)) as stack:
+        assert stack.port is not None
+        client = await _opened(stack.port)
+        ping = json.dumps({"type": "ping", "message": ""})
+        client.write(encode_frame(TEXT, ping) + encode_frame(TEXT, ping, mask=False))
+        frames = [await client.read_frame(), await client.read_frame()]
+        assert [f.opcode for f in frames] == [TEXT, CLOSE]
+        assert frames[1].close_code == 1002
+        client.abort()
+
+
+class _Stalled(Endpoint):
+    """An endpoint whose connections never read: what piles up is the transport's alone."""
+
+    async def serve(self, transport: Transport, identity: Identity) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_a_client_flooding_a_server_that_does_not_read_is_paused_not_buffered() -> None:
+    from dara_ws_picows import serve
+
+    endpoint = _Stalled(WebsocketManager(ServerConfig(ping_interval=None)), token_authenticator(verify_token))
+    async with serve(endpoint, "127.0.0.1", 0) as server:
+        client = await HostileClient.open(server.port)
+        assert (await client.handshake(PATH)).status == 101
+        batch, written, limit = encode_frame(TEXT, "x" * 1000) * 256, 0, 64 * 1024 * 1024
+        async with asyncio.timeout(60):
+            while written < limit:
+                client.write(batch)
+                written += len(batch)
+                if not await client.drain(3.0):
+                    break  # the server stopped reading
+        assert written < limit, "the server read 64 MiB that nobody received"
+        client.abort()
+
+
+async def _until(predicate: Any) -> None:
+    while not predicate():
+        await asyncio.sleep(0.02)

@@ -1,0 +1,214 @@
+"""The picows transport (picows >= 2.3, Cython): serve an endpoint on picows' callback API.
+
+picows parses frames in C and writes them with a synchronous ``send``, which is what the core's
+``send_nowait`` fast path wants. Its listener factory is synchronous, and the core's authenticator
+is not: so a small gate reads the HTTP request first (bounded in bytes, headers and time), runs
+``Endpoint.authenticate`` and answers 404 or 403 itself; only an accepted request is handed to
+picows, which answers 101 and parses frames from then on. No protocol logic lives here.
+
+    async with serve(endpoint, "127.0.0.1", 8000) as server:  # a dara_ws_core.Server
+        await server.native.serve_forever()  # the asyncio.Server
+"""
+
+from __future__ import annotations
+
+__all__ = ["PicowsTransport", "Server", "serve"]
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any, cast
+
+try:
+    from picows import WSAutoPingStrategy
+    from picows.picows import WSProtocol  # type: ignore[attr-defined]  # what ws_create_server builds
+except ImportError as exc:  # the extra is missing: say which one to install
+    raise ImportError(
+        'dara_ws_picows needs the picows library: pip install "dara-ws-core[picows]"', name=exc.name
+    ) from exc
+
+from dara_ws_core.endpoint import Endpoint
+from dara_ws_core.exceptions import AuthenticationFailed
+from dara_ws_core.transport import HandshakeRequest, Server
+
+from .transport import PicowsTransport
+
+#: The opening request's limits: bytes up to the blank line, and header lines (as websockets).
+MAX_HEAD = 16 * 1024 - 256  # picows itself drops a request of 16 KiB without an answer
+MAX_HEADERS = 128
+#: picows' first read buffer per connection (it grows as frames need): idle connections stay small.
+READ_BUFFER = 4096
+
+
+class _Quiet(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """picows logs every connection at INFO and every peer's protocol error at ERROR: what a
+    client does is not a server error, so all of it goes to DEBUG (tracebacks keep their level).
+    A shared adapter also spares picows a child ``Logger`` per connection."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if not kwargs.get("exc_info"):
+            level = logging.DEBUG
+        super().log(level, msg, *args, **kwargs)
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        return msg, kwargs
+
+
+_LOG = _Quiet(logging.getLogger("dara_ws_picows"), {})
+
+
+def _response(status: int, text: str) -> bytes:
+    body = f"{text}\n".encode()
+    return (f"HTTP/1.1 {status} {text}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode() + body
+
+
+def _parse(head: bytes) -> tuple[str, list[tuple[str, str]]] | int:
+    """The request target and headers of an HTTP/1.1 GET head, or the error status."""
+    lines = head.decode("latin-1").split("\r\n")
+    method, _, rest = lines[0].partition(" ")
+    target, _, version = rest.partition(" ")
+    if method != "GET" or not target.startswith("/") or version != "HTTP/1.1":
+        return 400
+    if len(lines) - 1 > MAX_HEADERS:
+        return 431
+    headers = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():
+            return 400
+        headers.append((name, value.strip()))
+    return target, headers
+
+
+class _Gate(asyncio.Protocol):
+    """Reads one opening request, authenticates it, then hands the socket to picows."""
+
+    def __init__(self, server: _Serving) -> None:
+        self._server = server
+        self._head = bytearray()
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._timer = asyncio.get_running_loop().call_later(
+            self._server.endpoint.config.handshake_timeout, transport.abort
+        )
+
+    def data_received(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None or self._task is not None:
+            return
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._head) > MAX_HEAD:
+                self._reject(431, "Request Header Fields Too Large")
+            return
+        if end > MAX_HEAD:
+            self._reject(431, "Request Header Fields Too Large")
+            return
+        parsed = _parse(bytes(self._head[:end]))
+        if isinstance(parsed, int):
+            self._reject(parsed, "Request Header Fields Too Large" if parsed == 431 else "Bad Request")
+            return
+        handshake = HandshakeRequest.build(*parsed, transport.get_extra_info("peername"))
+        if handshake.path != self._server.endpoint.path:
+            self._reject(404, "Not Found")
+            return
+        transport.pause_reading()
+        self._task = asyncio.get_running_loop().create_task(self._accept(transport, handshake))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+        self._transport = None
+
+    def _reject(self, status: int, text: str) -> None:
+        if self._transport is not None:
+            self._transport.write(_response(status, text))
+            self._transport.close()
+
+    async def _accept(self, transport: asyncio.Transport, handshake: HandshakeRequest) -> None:
+        try:
+            identity = await self._server.endpoint.authenticate(handshake)
+        except AuthenticationFailed:
+            self._reject(403, "Forbidden")
+            return
+        if self._transport is None:  # gone meanwhile
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._task = None
+        listener = self._server.handover(transport, bytes(self._head))
+        if listener is not None:  # else picows refused the upgrade headers (400)
+            self._server.run(listener, identity)
+
+
+class _Serving:
+    """One server's shared state: the endpoint, picows' options, the connections' tasks."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        config = endpoint.config
+        interval, timeout = config.ping_interval, config.ping_timeout
+        self._options = (
+            _LOG, True, None,  # logger, disconnect_on_exception, handshake timeout (the gate's)
+            interval is not None, interval or 20.0, min(timeout or interval or 20.0, interval or 20.0),
+            WSAutoPingStrategy.PING_WHEN_IDLE, False,  # pongs are the listener's (flow control)
+            config.max_message_size, None, READ_BUFFER,
+        )
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def handover(self, transport: asyncio.Transport, head: bytes) -> PicowsTransport | None:
+        config = self.endpoint.config
+        listener = PicowsTransport(config.max_message_size, config.close_timeout)
+        protocol = WSProtocol(None, None, False, lambda request: listener, *self._options)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        view = memoryview(head)
+        while view:  # what the gate read goes to picows as if it had read it itself
+            buffer = protocol.get_buffer(-1)
+            size = min(len(buffer), len(view))
+            buffer[:size] = view[:size]
+            protocol.buffer_updated(size)
+            view = view[size:]
+        if transport.is_closing():
+            return None
+        transport.resume_reading()
+        return listener if listener.accepted else None
+
+    def run(self, listener: PicowsTransport, identity: Any) -> None:
+        task = asyncio.get_running_loop().create_task(self.endpoint.serve(listener, identity))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+@asynccontextmanager
+async def serve(
+    endpoint: Endpoint, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any
+) -> AsyncIterator[Server[asyncio.Server]]:
+    """Serve ``endpoint`` on ``ws://host:port{endpoint.path}``; other paths get 404.
+
+    Yields a :class:`~dara_ws_core.Server` (``port=0`` picks a free port) whose ``native`` is the
+    ``asyncio.Server``. Extra keyword arguments go to ``loop.create_server`` (``reuse_port=True``,
+    ``backlog=``). On exit the endpoint shuts down gracefully (connections close with 1001),
+    then the listener closes. Raises ``OSError`` if the address cannot be bound.
+    """
+    serving = _Serving(endpoint)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _Gate(serving), host, port, **kwargs)
+    try:
+        port = int(server.sockets[0].getsockname()[1])
+        yield Server.build(host, port, endpoint.path, server)
+    finally:
+        server.close()
+        await endpoint.shutdown()
+        for task in list(serving.tasks):
+            task.cancel()
+        await asyncio.gather(*serving.tasks, return_exceptions=True)

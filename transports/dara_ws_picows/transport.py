@@ -1,0 +1,243 @@
+"""A picows connection as a core ``Transport``: picows calls back with frames, the core awaits them.
+
+:class:`PicowsTransport` is at once picows' ``WSListener`` (its callbacks fill a bounded inbox)
+and the core's ``Transport`` (``receive()`` empties it). picows hands over *frames*: fragmented
+messages are reassembled here, text is checked for UTF-8 (1007), and the message size limit counts
+the whole message (1009). picows' own parser closes with 1002 on what RFC 6455 forbids (unmasked
+client frames, bad opcodes, oversized control frames) before any callback runs.
+"""
+
+from __future__ import annotations
+
+__all__ = ["PicowsTransport"]
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSProtocolError, WSTransport
+
+from dara_ws_core.exceptions import CloseCode, ConnectionClosed
+
+#: Messages, and bytes, waiting in the inbox before reading from the socket pauses.
+INBOX_MESSAGES = 16
+INBOX_BYTES = 1024 * 1024
+#: The socket's write buffer high-water mark: over it, asyncio pauses our writing and
+#: ``send_nowait`` refuses (the core queues instead), as websockets' ``write_limit``.
+WRITE_LIMIT = 32 * 1024
+#: Reading pauses while this much is waiting to be written (pongs to a peer that does not read).
+PAUSE_READING_ABOVE = 1024 * 1024
+
+_TEXT, _BINARY, _CONT = WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION
+_PING, _CLOSE = WSMsgType.PING, WSMsgType.CLOSE
+_NO_STATUS = 1005  # a close frame without a code (RFC 6455 section 7.1.5)
+
+
+class PicowsTransport(WSListener):
+    """One picows WebSocket (server side) as a :class:`~dara_ws_core.Transport`.
+
+    Built by :func:`dara_ws_picows.serve`; you do not create it yourself.
+    """
+
+    __slots__ = ("_buffered", "_close_timeout", "_drained", "_gone", "_inbox", "_inbox_bytes", "_local_code",
+                 "_max_size", "_parts", "_parts_size", "_parts_text", "_paused", "_waiter", "_write_paused", "_ws")
+
+    transport_name = "picows"
+
+    def __init__(self, max_size: int, close_timeout: float) -> None:
+        self._ws: WSTransport | None = None
+        self._max_size = max_size
+        self._close_timeout = close_timeout
+        self._inbox: deque[str | bytes] = deque()
+        self._inbox_bytes = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._drained: asyncio.Future[None] | None = None
+        self._parts: list[bytes] | None = None  # a fragmented message being reassembled
+        self._parts_text = False
+        self._parts_size = 0
+        self._paused = False  # reading, for a full inbox
+        self._write_paused = False
+        self._gone: ConnectionClosed | None = None
+        self._local_code: int | None = None
+        self._buffered: Callable[[], int] = _nothing  # the socket's write buffer size, once connected
+
+    @property
+    def accepted(self) -> bool:
+        """Whether picows completed the upgrade (it answers 400 to a malformed one itself)."""
+        return self._ws is not None
+
+    # ------------------------------------------------------------------ picows callbacks
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self._ws = transport
+        self._buffered = transport.underlying_transport.get_write_buffer_size
+        # pause_writing() then says "over the limit": send_nowait checks a flag, not the buffer.
+        transport.underlying_transport.set_write_buffer_limits(high=WRITE_LIMIT)
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        kind = frame.msg_type
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:  # no extension is negotiated (picows leaves it to us)
+            raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR, "reserved bit set")
+        if kind is _TEXT or kind is _BINARY:
+            if self._parts is not None:
+                raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR, "new message inside a fragmented one")
+            if frame.payload_size > self._max_size:
+                raise WSProtocolError(WSCloseCode.MESSAGE_TOO_BIG, "message too big")
+            if not frame.fin:
+                self._parts, self._parts_text = [frame.get_payload_as_bytes()], kind is _TEXT
+                self._parts_size = frame.payload_size
+                return
+            if kind is _TEXT:
+                try:  # decoded straight from picows' buffer: no intermediate bytes
+                    text = frame.get_payload_as_utf8_text()
+                except UnicodeDecodeError:
+                    raise WSProtocolError(WSCloseCode.INVALID_TEXT, "invalid UTF-8") from None
+                self._push(text, frame.payload_size)
+            else:
+                self._push(frame.get_payload_as_bytes(), frame.payload_size)
+        elif kind is _CONT:
+            parts = self._parts
+            if parts is None:
+                raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR, "continuation without a message")
+            self._parts_size += frame.payload_size
+            if self._parts_size > self._max_size:
+                raise WSProtocolError(WSCloseCode.MESSAGE_TOO_BIG, "message too big")
+            parts.append(frame.get_payload_as_bytes())
+            if frame.fin:
+                data, self._parts = b"".join(parts), None
+                self._push(_utf8(data) if self._parts_text else data, len(data))
+        elif kind is _PING:
+            transport.send_pong(frame.get_payload_as_bytes())
+            if not self._paused and self._buffered() > PAUSE_READING_ABOVE:
+                self._pause()  # pongs to a peer that floods pings and never reads
+        elif kind is _CLOSE:
+            self._closing_received(transport, frame)
+
+    def _closing_received(self, transport: WSTransport, frame: WSFrame) -> None:
+        code = int(frame.get_close_code().value) if frame.payload_size else _NO_STATUS
+        if self._gone is None:
+            self._gone = ConnectionClosed(self._local_code or code, frame.get_close_reason())
+        if not transport.is_close_frame_sent:  # echo the peer's close (RFC 6455 section 5.5.1)
+            transport.send_close(frame.get_close_code() if frame.payload_size else WSCloseCode.OK)
+        transport.disconnect()  # the server closes TCP first (section 7.1.1)
+        self._wake()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if self._gone is None:
+            handshake = transport.close_handshake
+            info = (handshake.recv or handshake.sent) if handshake is not None else None
+            self._gone = (ConnectionClosed(self._local_code or int(info.code.value), info.reason)
+                          if info is not None else ConnectionClosed(CloseCode.ABNORMAL, "connection lost"))
+        self._parts = None
+        self._wake()
+        self._resume_writers()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._resume_writers()
+        if self._paused and len(self._inbox) < INBOX_MESSAGES and self._inbox_bytes < INBOX_BYTES:
+            self._resume()
+
+    # ------------------------------------------------------------------ inbox
+
+    def _push(self, message: str | bytes, size: int) -> None:
+        self._inbox.append(message)
+        self._inbox_bytes += size
+        self._wake()
+        if not self._paused and (len(self._inbox) >= INBOX_MESSAGES or self._inbox_bytes >= INBOX_BYTES):
+            self._pause()
+
+    def _pause(self) -> None:
+        if self._ws is not None:
+            self._paused = True
+            self._ws.underlying_transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self._ws is not None and not self._ws.is_disconnected:
+            self._paused = False
+            self._ws.underlying_transport.resume_reading()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _resume_writers(self) -> None:
+        drained = self._drained
+        if drained is not None:
+            self._drained = None
+            if not drained.done():
+                drained.set_result(None)
+
+    # ------------------------------------------------------------------ Transport
+
+    async def receive(self) -> str | bytes:
+        while not self._inbox:
+            if self._gone is not None:
+                raise self._gone
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        message = self._inbox.popleft()
+        if self._inbox:
+            self._inbox_bytes -= len(message)  # str: its characters, at most its bytes
+        else:
+            self._inbox_bytes = 0  # exact again whenever the inbox is empty
+            if self._paused and not self._write_paused:
+                self._resume()
+        return message
+
+    def send_nowait(self, frame: bytes) -> bool:
+        ws = self._ws
+        if self._write_paused or ws is None or ws.is_close_frame_sent or ws.is_disconnected:
+            return False
+        ws.send(_TEXT, frame)
+        return True
+
+    async def send(self, frame: bytes) -> None:
+        ws = self._ws
+        if ws is None or self._gone is not None or ws.is_close_frame_sent or ws.is_disconnected:
+            raise self._gone or ConnectionClosed(self._local_code or CloseCode.ABNORMAL, "closed")
+        ws.send(_TEXT, frame)
+        if self._write_paused:  # backpressure: wait until asyncio's buffer drains
+            if self._drained is None:
+                self._drained = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._drained)
+
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        ws = self._ws
+        if ws is None or ws.is_disconnected:
+            return
+        if self._local_code is None and self._gone is None:
+            self._local_code = code
+        if not ws.is_close_frame_sent:
+            ws.send_close(WSCloseCode(code), reason.encode()[:123])  # any code: a flexible enum
+        try:  # wait for the peer's echo (its close frame disconnects), bounded
+            async with asyncio.timeout(self._close_timeout):
+                await ws.wait_disconnected()
+        except TimeoutError:
+            ws.disconnect(graceful=False)
+
+    def abort(self) -> None:
+        if self._ws is not None and not self._ws.is_disconnected:
+            self._ws.disconnect(graceful=False)
+
+    @property
+    def closed(self) -> bool:
+        ws = self._ws
+        return self._gone is not None or ws is None or ws.is_close_frame_sent or ws.is_disconnected
+
+
+def _nothing() -> int:
+    return 0
+
+
+def _utf8(data: bytes) -> str:
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise WSProtocolError(WSCloseCode.INVALID_TEXT, "invalid UTF-8") from None
