@@ -115,18 +115,34 @@ def test_a_lease_hands_the_frames_to_one_live_holder_and_keeps_them_until_settle
         outbox.keep("alice", b"m%d" % i, now=0)
     live = {"a", "b"}
     first = outbox.lease("alice", "a", now=1, alive=live.__contains__)
-    assert [f for _, f in first] == [b"m0", b"m1", b"m2"]
+    assert [e.frame for e in first] == [b"m0", b"m1", b"m2"]
+    assert [e.n for e in first] == [1, 2, 3]
     assert outbox.lease("alice", "b", now=1, alive=live.__contains__) == []  # "a" delivers them
-    assert outbox.settle("alice", "b", first[-1][0]) == 0  # not the holder: nothing changes
-    outbox.keep("alice", b"m3", now=1)  # kept after the lease: an ack never removes it
-    assert outbox.settle("alice", "a", first[1][0]) == 2  # "a" wrote m0 and m1, then closed
+    assert not outbox.settle("alice", "b", None)  # not the holder: nothing changes
+    outbox.keep("alice", b"m3", now=1)  # appended after the lease: an ack never covers it
+    assert outbox.settle("alice", "a", first[1].id)  # "a" wrote m0 and m1, then closed
     again = outbox.lease("alice", "b", now=2, alive=live.__contains__)
-    assert [f for _, f in again] == [b"m2", b"m3"]  # from the first frame not acknowledged
+    assert [e.frame for e in again] == [b"m2", b"m3"]  # from the first entry not written
     live.discard("b")  # "b" died without settling: its lease is void
-    assert [f for _, f in outbox.lease("alice", "c", now=3, alive=live.__contains__)] == [
+    assert [e.frame for e in outbox.lease("alice", "c", now=3, alive=live.__contains__)] == [
         b"m2", b"m3"]
-    assert outbox.settle("alice", "c", again[-1][0]) == 2
+    assert outbox.settle("alice", "c", again[-1].id)
     assert len(outbox) == 0 and outbox.lease("alice", "d", now=3, alive=live.__contains__) == []
+    # Written for the user, but kept in the history (for a process that missed them).
+    assert [e.frame for e in outbox.after("alice", first[0].id, now=3)[0]] == [
+        b"m1", b"m2", b"m3"]
+
+
+def test_an_acknowledgement_only_moves_the_written_mark_forward() -> None:
+    outbox = UserOutbox(OutboxLimits(max_messages=10, max_bytes=100, max_age=10))
+    entries = [outbox.append("alice", b"m%d" % i, now=0) for i in range(4)]
+    assert all(e is not None for e in entries)
+    outbox.ack("alice", entries[2].id)  # type: ignore[union-attr]
+    outbox.ack("alice", entries[0].id)  # type: ignore[union-attr]  # late: changes nothing
+    assert outbox.pending("alice") == 1
+    assert outbox.take("alice", now=1) == [b"m3"]
+    outbox.ack("bob", "7")  # nothing kept for bob: nothing to acknowledge
+    assert outbox.pending("bob") == 0
 
 
 async def test_frames_a_connection_never_wrote_go_to_the_next_connection() -> None:
