@@ -274,6 +274,7 @@ class DeliveryCursors:
             self._set(user_id, id_key(after[-1].id), after[-1].id, after[-1].n)
         elif head > seen:
             lost = head - seen
+            self._set(user_id, key, entry[1], head)  # counted once
         return [e for e in after if e.id not in own], lost
 
     def forget(self, user_id: str) -> None:

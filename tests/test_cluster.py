@@ -335,6 +335,60 @@ async def test_what_a_bound_dropped_before_a_cut_off_node_could_recover_it_is_re
         assert nodes[1].backplane.stats.lost == 3
 
 
+async def test_with_the_outbox_off_what_a_cut_off_node_missed_is_counted_lost() -> None:
+    broker = MemoryBroker()
+    reports: list[tuple[str, Gap]] = []
+    async with cluster(2, broker, config=ServerConfig(outbox_messages=0)) as nodes:
+        nodes[1].manager.on_gap = lambda u, gap: reports.append((u, gap))
+        who = user()
+        await nodes[1].client(f"{who}:b")
+
+        async def send() -> None:  # no history: nobody listens on node 1, noted in its ledger
+            for i in range(2):
+                await nodes[0].manager.send_message_to_user(who, {"i": i})
+            async with asyncio.timeout(TIMEOUT):
+                await nodes[0].backplane.flush()
+
+        await cut_and_mend(broker, nodes[1], send)
+        assert [(u, g.lost, g.recovered) for u, g in reports] == [(who, 2, 0)]
+        assert nodes[1].backplane.stats.lost == 2 and broker.outboxes == {}
+
+
+async def test_an_entry_arriving_live_and_from_the_history_is_delivered_once() -> None:
+    async with cluster(2) as nodes:
+        who = user()
+        client = await nodes[1].client(f"{who}:a")
+        await nodes[0].manager.send_message_to_user(who, {"i": 0})
+        assert await payloads(client, 1) == [{"i": 0}]
+        nodes[1].manager.hold_users()  # as after a gap: live per-user deliveries wait
+        await nodes[0].manager.send_message_to_user(who, {"i": 1})
+        await eventually(lambda: len(nodes[1].manager._held.get(who, ())) == 1)
+        await nodes[1].backplane._recover()  # reads i=1 from the history too
+        await nodes[0].manager.send_message_to_user(who, {"i": 2})
+        assert await payloads(client, 2) == [{"i": 1}, {"i": 2}]  # i=1 once, in order
+        assert client.received_nowait() == []
+
+
+async def test_live_frames_a_closing_connection_never_wrote_go_to_the_next_one_on_another_node(
+) -> None:
+    async with cluster(3) as nodes:
+        who = user()
+        identity = Identity(user_id=who, session_id="s")
+        assert await nodes[1].manager.admit("silent", identity)
+        handler = nodes[1].manager.create_handler("silent", identity)  # no sink: never written
+        async with asyncio.timeout(TIMEOUT):
+            await nodes[1].backplane.flush()
+        for i in range(3):  # live, to node 1, which queues them
+            await nodes[0].manager.send_message_to_user(who, {"i": i})
+        await eventually(lambda: len(handler.queue) == 4)
+        nodes[1].manager.remove_handler("silent")  # closed with them unwritten
+        async with asyncio.timeout(TIMEOUT):
+            await nodes[1].backplane.flush()
+        after = await nodes[2].client(f"{who}:b")
+        assert [p["i"] for p in await payloads(after, 3)] == [0, 1, 2]
+        await eventually(lambda: nodes[0].backplane.broker.pending(who) == 0)  # now written
+
+
 def manager_stats_lost(node: Any) -> int:
     """``stats.lost`` as ``manager.stats()`` reports it (what metrics read)."""
     backplane = node.manager.stats().backplane

@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
 from dara_ws_core import DaraClient, DaraServerMessage, Identity, ServerConfig
-from dara_ws_core.outbox import OutboxLimits, UserOutbox
+from dara_ws_core.outbox import DeliveryCursors, OutboxLimits, Stamped, UserOutbox, WriteLog, id_key
 
 from .helpers import eventually
+from .hostile import HostileClient
 from .stacks import running_stack
 
 TIMEOUT = 5.0
@@ -162,3 +164,109 @@ async def test_frames_a_connection_never_wrote_go_to_the_next_connection() -> No
         message = await again.receive(TIMEOUT)
         assert isinstance(message, DaraServerMessage)
         assert message.message.model_dump() == {"fence": True}  # nothing replayed twice
+
+
+async def test_live_frames_a_closing_connection_never_wrote_go_to_the_next_connection() -> None:
+    async with running_stack("memory") as stack:
+        manager = stack.manager
+        identity = Identity(user_id="alice", session_id="s")
+        handler = manager.create_handler("silent", identity)  # no sink: nothing is ever written
+        for i in range(3):  # live: the user has a connection, which queues them
+            await manager.send_message_to_user("alice", {"i": i})
+        assert len(handler.queue) == 4 and manager.outbox.pending("alice") == 3
+        manager.remove_handler("silent")  # closed with them unwritten: kept for the user
+        client = await stack.client("alice:s2")
+        assert await numbers(client, 3) == [0, 1, 2]
+        await eventually(lambda: manager.outbox.pending("alice") == 0)  # written: acknowledged
+
+
+async def test_frames_another_connection_of_the_user_wrote_are_not_handed_out_again() -> None:
+    async with running_stack("memory") as stack:
+        manager = stack.manager
+        reader = await stack.client("alice:s1")
+        handler = manager.create_handler("silent", Identity(user_id="alice", session_id="s"))
+        for i in range(3):
+            await manager.send_message_to_user("alice", {"i": i})
+        assert await numbers(reader, 3) == [0, 1, 2]  # written to one connection of the user:
+        await eventually(lambda: manager.outbox.pending("alice") == 0)  # delivered, for the user
+        assert len(handler.queue) == 4
+        manager.remove_handler("silent")
+        after = await stack.client("alice:s3")
+        await manager.broadcast({"fence": True})
+        message = await after.receive(TIMEOUT)
+        assert isinstance(message, DaraServerMessage)
+        assert message.message.model_dump() == {"fence": True}  # nothing handed out again
+
+
+async def test_a_peer_that_stops_reading_then_disconnects_leaves_its_unwritten_frames_to_the_next(
+) -> None:
+    """On real sockets: the server writes what the peer's buffers take, queues the rest, and
+    the peer goes away; the user's next connection gets exactly the frames never written."""
+    config = ServerConfig(ping_interval=None, max_queue_messages=1000, max_queue_bytes=64 * 2**20,
+                          outbox_messages=1000, outbox_bytes=64 * 2**20)
+    async with running_stack("websockets", config=config) as stack:
+        assert stack.port is not None
+        peer = await HostileClient.open(stack.port, rcvbuf=4096)
+        response = await peer.handshake("/api/core/ws?token=alice:s1")
+        assert response.status == 101
+        channel = json.loads((await peer.read_frame()).text)["message"]["channel"]
+        peer.stop_reading()
+        handler = stack.manager.handlers[channel]
+        blob = "x" * 50_000
+        total = 200  # 10 MB: more than the kernel's buffers on loopback take
+        for i in range(total):  # far more than the socket buffers take: the queue fills
+            await stack.manager.send_message_to_user("alice", {"i": i, "blob": blob})
+        await eventually(lambda: len(handler.queue) > 0)
+        peer.abort()
+        await eventually(lambda: channel not in stack.manager.handlers)
+        written = handler.flushed - 1  # init, then the per-user frames in order
+        assert 0 < written < total
+        client = await stack.client("alice:s2", max_queue=total)
+        got = [int(p) for p in await numbers(client, total - written)]
+        assert got == list(range(written, total))  # the unwritten ones, in order, once
+        await stack.manager.broadcast({"fence": True})
+        message = await client.receive(TIMEOUT)
+        assert isinstance(message, DaraServerMessage)
+        assert message.message.model_dump() == {"fence": True}
+
+
+# --------------------------------------------------------------------------- pure decisions
+
+
+def test_a_write_log_acknowledges_what_each_connection_wrote_and_forgets_what_it_did_not() -> None:
+    log = WriteLog(max_entries=100)
+    for position, entry in ((2, "1"), (3, "2"), (4, "3")):
+        log.record("a", position, "alice", entry)
+    log.record("b", 2, "alice", "1")
+    log.record("b", 3, "bob", "9")
+    assert log.written({"a": 3, "b": 1}) == {"alice": "2"}  # a wrote frames 2 and 3
+    assert len(log) == 3
+    assert log.written({"a": 3, "b": 3}) == {"alice": "1", "bob": "9"}
+    assert log.close("a", 3) == {}  # closed before writing frame 4: "3" is not acknowledged
+    assert len(log) == 0
+    log.record("c", 2, "alice", "4")
+    assert log.written({}) == {} and len(log) == 0  # a channel that is gone: forgotten, unacked
+    small = WriteLog(max_entries=2)
+    for i in range(3):
+        small.record("d", i + 1, "alice", str(i))
+    assert len(small) == 2 and small.close("d", 9) == {"alice": "2"}
+
+
+def test_delivery_cursors_hand_each_entry_over_once_and_count_what_a_bound_dropped() -> None:
+    cursors = DeliveryCursors(max_users=2)
+    assert cursors.fresh("alice", "5-0", 1) and not cursors.fresh("alice", "5-0", 1)
+    assert not cursors.fresh("alice", "4-9", 1)  # older than what was handed over
+    history = [Stamped("5-0", 1, b"a"), Stamped("6-0", 2, b"b"), Stamped("10-1", 3, b"c")]
+    missed, lost = cursors.recover("alice", history, head=3)
+    assert [e.frame for e in missed] == [b"b", b"c"] and lost == 0
+    assert not cursors.fresh("alice", "10-1", 3)  # arrived from the history, then live: once
+    missed, lost = cursors.recover("alice", [Stamped("20-0", 7, b"g")], head=8)
+    assert [e.frame for e in missed] == [b"g"] and lost == 3  # numbers 4, 5, 6 were dropped
+    assert cursors.recover("alice", [], head=10) == ([], 3)  # everything after it dropped
+    assert cursors.recover("alice", [], head=10) == ([], 0)  # counted once
+    cursors.own("bob", "30-0")  # bob's channels here got it from this process's own send
+    assert cursors.recover("bob", [Stamped("30-0", 1, b"x"), Stamped("31-0", 2, b"y")], 2)[0] == [
+        Stamped("31-0", 2, b"y")]
+    cursors.advance("carol", "3-0", 4)
+    assert cursors.last("carol") == "3-0" and "alice" not in cursors  # bounded: two users
+    assert id_key("10-1") > id_key("9-5") > id_key("9") and id_key("12") == (12, 0)
