@@ -313,6 +313,17 @@ async def test_what_a_cut_off_node_missed_is_recovered_even_when_another_node_de
         assert there.received_nowait() == []  # nothing twice
 
 
+def sending(node: Any, who: str, numbers: range) -> Callable[[], Awaitable[None]]:
+    """What to do while a node is cut off: send ``numbers`` to ``who`` from ``node``."""
+    async def send() -> None:
+        for i in numbers:
+            await node.manager.send_message_to_user(who, {"i": i})
+        async with asyncio.timeout(TIMEOUT):
+            await node.backplane.flush()
+
+    return send
+
+
 async def test_what_a_bound_dropped_before_a_cut_off_node_could_recover_it_is_reported() -> None:
     broker = MemoryBroker()
     reports: list[tuple[str, Gap]] = []
@@ -322,14 +333,8 @@ async def test_what_a_bound_dropped_before_a_cut_off_node_could_recover_it_is_re
         there = await nodes[1].client(f"{who}:b")
         await nodes[0].manager.send_message_to_user(who, {"i": 0})
         assert await payloads(there, 1) == [{"i": 0}]
-
-        async def send() -> None:  # five while cut off: the history keeps the last two
-            for i in range(1, 6):
-                await nodes[0].manager.send_message_to_user(who, {"i": i})
-            async with asyncio.timeout(TIMEOUT):
-                await nodes[0].backplane.flush()
-
-        await cut_and_mend(broker, nodes[1], send)
+        # Five while cut off: the history keeps the last two.
+        await cut_and_mend(broker, nodes[1], sending(nodes[0], who, range(1, 6)))
         assert await payloads(there, 2) == [{"i": 4}, {"i": 5}]
         assert [(u, g.lost, g.recovered) for u, g in reports] == [(who, 3, 2)]
         assert nodes[1].backplane.stats.lost == 3
@@ -342,14 +347,8 @@ async def test_with_the_outbox_off_what_a_cut_off_node_missed_is_counted_lost() 
         nodes[1].manager.on_gap = lambda u, gap: reports.append((u, gap))
         who = user()
         await nodes[1].client(f"{who}:b")
-
-        async def send() -> None:  # no history: nobody listens on node 1, noted in its ledger
-            for i in range(2):
-                await nodes[0].manager.send_message_to_user(who, {"i": i})
-            async with asyncio.timeout(TIMEOUT):
-                await nodes[0].backplane.flush()
-
-        await cut_and_mend(broker, nodes[1], send)
+        # No history: nobody listens on node 1, noted in its ledger.
+        await cut_and_mend(broker, nodes[1], sending(nodes[0], who, range(2)))
         assert [(u, g.lost, g.recovered) for u, g in reports] == [(who, 2, 0)]
         assert nodes[1].backplane.stats.lost == 2 and broker.outboxes == {}
 
