@@ -312,9 +312,11 @@ class WebsocketManager:
     ) -> None:
         """Send a message to every channel of a user except ``ignore_channel``.
 
-        A user connected nowhere is not an error: the message is kept in the user's outbox
-        (``ServerConfig.outbox_*``; :mod:`dara_ws_core.outbox`) and handed to their next
-        connection, on whichever process it lands."""
+        A user connected nowhere is not an error. With the outbox on
+        (``ServerConfig.outbox_*``; :mod:`dara_ws_core.outbox`) the message is appended to the
+        user's history (without ``ignore_channel``): a connection of the user that does not
+        write it (connected nowhere, closed first, cut off from the bus) leaves it to the next
+        one, on whichever process it lands."""
         frame = build_frame(message, custom=custom)
         # A send that skips a channel is not kept: who it is for depends on a live channel.
         keep = self.outbox_limits if ignore_channel is None else None
@@ -331,7 +333,7 @@ class WebsocketManager:
                      if not h.queue.closed and h.channel_id != ignore_channel]
 
             def stamped(entry: Stamped) -> None:
-                self._cursors.own(user_id, entry.id)
+                self._cursors.own(user_id, entry.id, entry.n)
                 for channel_id, position in marks:
                     self._writes.record(channel_id, position, user_id, entry.id)
                 self._ack_soon()
@@ -403,8 +405,15 @@ class WebsocketManager:
         if held is not None and ignore_channel is None and len(held) < self._hold_limit:
             held.append((frame, entry))  # after a gap: once what it missed is out (recover)
             return len(local)
-        if entry is not None and local and not self._cursors.fresh(user_id, entry.id, entry.n):
-            return 0  # recovered from the history already
+        if entry is not None and local:
+            backplane = self.backplane
+            if backplane is not None and self._cursors.missing(user_id, entry.id, entry.n):
+                # Entries before it never came: read them from the history first (held meanwhile).
+                self._hold(user_id).append((frame, entry))
+                backplane.resync(user_id)
+                return len(local)
+            if not self._cursors.fresh(user_id, entry.id, entry.n):
+                return 0  # recovered from the history already
         delivered = self._deliver_entry(local, user_id, frame, entry, ignore_channel)
         if self._arriving:  # a channel of the user being admitted: it gets the frame after
             for arriving in self._arriving.values():  # what it leased from the history
@@ -424,11 +433,15 @@ class WebsocketManager:
         ``handshake_timeout`` seconds (then released as they are)."""
         for handler in self.handlers.values():
             if handler.identity is not None:
-                self._held.setdefault(handler.identity.user_id, [])
-        if self._held and self._hold_timer is None:
+                self._hold(handler.identity.user_id)
+        return list(self._held)
+
+    def _hold(self, user_id: str) -> list[tuple[bytes, Stamped | None]]:
+        held = self._held.setdefault(user_id, [])
+        if self._hold_timer is None:
             self._hold_timer = asyncio.get_running_loop().call_later(
                 self.config.handshake_timeout, self._release_held)
-        return list(self._held)
+        return held
 
     def _release_held(self) -> None:
         self._hold_timer = None

@@ -210,8 +210,8 @@ class DeliveryCursors:
         self.max_own = max_own
         self._last: dict[str, tuple[tuple[int, int], str, int]] = {}
         # Entries this process's own sends delivered here (its channels got them before the
-        # bus numbered them; they never come back live): user -> ids, the newest max_own.
-        self._own: dict[str, dict[str, None]] = {}
+        # bus numbered them; they never come back live): user -> id -> n, the newest max_own.
+        self._own: dict[str, dict[str, int]] = {}
 
     def __len__(self) -> int:
         return len(self._last)
@@ -224,15 +224,28 @@ class DeliveryCursors:
         entry = self._last.get(user_id)
         return None if entry is None else entry[1]
 
-    def own(self, user_id: str, entry_id: str) -> None:
-        """This process delivered entry ``entry_id`` to the user's channels itself (a send from
-        here): a recovery must not hand it over again."""
+    def own(self, user_id: str, entry_id: str, n: int) -> None:
+        """This process delivered entry ``entry_id`` (number ``n``) to the user's channels
+        itself (a send from here): a recovery must not hand it over again, and its number is
+        no gap."""
         ids = self._own.setdefault(user_id, {})
-        ids[entry_id] = None
+        ids[entry_id] = n
         if len(ids) > self.max_own:
             del ids[next(iter(ids))]
         while len(self._own) > self.max_users:
             del self._own[next(iter(self._own))]
+
+    def missing(self, user_id: str, entry_id: str, n: int) -> int:
+        """How many entries of the user came between the last one handed over here and this
+        live one, and never arrived (their numbers were skipped, not by this process's own
+        sends): a gap noticed without an outage (a directory entry that expired, a message
+        lost on the way). 0 if none, or nothing is known."""
+        entry = self._last.get(user_id)
+        if entry is None or n <= entry[2] + 1 or id_key(entry_id) <= entry[0]:
+            return 0
+        seen = entry[2]
+        own = sum(1 for m in self._own.get(user_id, {}).values() if seen < m < n)
+        return max(0, n - seen - 1 - own)
 
     def fresh(self, user_id: str, entry_id: str, n: int) -> bool:
         """Whether a live entry is new for the user here (then it becomes the last one)."""

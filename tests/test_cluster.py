@@ -368,6 +368,29 @@ async def test_an_entry_arriving_live_and_from_the_history_is_delivered_once() -
         assert client.received_nowait() == []
 
 
+async def test_a_gap_noticed_in_a_users_numbers_is_filled_from_the_history() -> None:
+    broker = MemoryBroker()
+    reports: list[tuple[str, Gap]] = []
+    async with cluster(2, broker) as nodes:
+        nodes[1].manager.on_gap = lambda u, gap: reports.append((u, gap))
+        who = user()
+        client = await nodes[1].client(f"{who}:a")
+        await nodes[0].manager.send_message_to_user(who, {"i": 0})
+        assert await payloads(client, 1) == [{"i": 0}]
+        (channel,) = nodes[1].manager.get_user_channels(who)
+        broker._users[who].clear()  # node 1's entry expired (a late heartbeat): no outage
+        await nodes[0].manager.send_message_to_user(who, {"i": 1})  # for nobody: only kept
+        async with asyncio.timeout(TIMEOUT):
+            await nodes[0].backplane.flush()
+        broker.write("n1", [(channel, who)], (), nodes[1].backplane.expiry)  # refreshed
+        await nodes[0].manager.send_message_to_user(who, {"i": 2})  # number 3 after 1: a gap
+        assert await payloads(client, 2) == [{"i": 1}, {"i": 2}]
+        # Both from the history (2 was appended before it was published), 2 live once.
+        assert [(u, g.recovered, g.lost) for u, g in reports] == [(who, 2, 0)]
+        assert client.received_nowait() == []
+        assert nodes[1].backplane.stats.gaps == 0  # no outage: the subscription never dropped
+
+
 async def test_live_frames_a_closing_connection_never_wrote_go_to_the_next_one_on_another_node(
 ) -> None:
     async with cluster(3) as nodes:

@@ -264,9 +264,13 @@ def test_delivery_cursors_hand_each_entry_over_once_and_count_what_a_bound_dropp
     assert [e.frame for e in missed] == [b"g"] and lost == 3  # numbers 4, 5, 6 were dropped
     assert cursors.recover("alice", [], head=10) == ([], 3)  # everything after it dropped
     assert cursors.recover("alice", [], head=10) == ([], 0)  # counted once
-    cursors.own("bob", "30-0")  # bob's channels here got it from this process's own send
+    cursors.own("bob", "30-0", 1)  # bob's channels here got it from this process's own send
     assert cursors.recover("bob", [Stamped("30-0", 1, b"x"), Stamped("31-0", 2, b"y")], 2)[0] == [
         Stamped("31-0", 2, b"y")]
+    assert cursors.missing("bob", "32-0", 3) == 0 and cursors.fresh("bob", "32-0", 3)
+    cursors.own("bob", "33-0", 4)
+    assert cursors.missing("bob", "35-0", 6) == 1  # 4 was this process's own; 5 never came
+    assert not cursors.missing("bob", "29-0", 9)  # older than the last one: not a gap
     cursors.advance("carol", "3-0", 4)
     assert cursors.last("carol") == "3-0" and "alice" not in cursors  # bounded: two users
     assert id_key("10-1") > id_key("9-5") > id_key("9") and id_key("12") == (12, 0)

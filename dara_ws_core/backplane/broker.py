@@ -103,6 +103,8 @@ class BrokerBackplane(BusNode):
         self._recovering = False
         self._gap_down = 0.0
         self._recover_task: asyncio.Task[None] | None = None
+        # Per-user recoveries of a gap noticed in a user's entries: user -> task.
+        self._resyncing: dict[str, asyncio.Task[None]] = {}
         # Acknowledgements that could not be sent (the bus was down): user -> entry id.
         self._unsent_acks: dict[str, str] = {}
 
@@ -200,6 +202,8 @@ class BrokerBackplane(BusNode):
         for task in list(self._serving.values()):
             task.cancel()
         await cancel_task(self._recover_task)
+        for resync in list(self._resyncing.values()):
+            await cancel_task(resync)
         await self._stop_bus()
         await asyncio.gather(*self._serving.values(), return_exceptions=True)
         self._fail_waiting(BackplaneError("the backplane stopped"))
@@ -255,6 +259,30 @@ class BrokerBackplane(BusNode):
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         done.add_done_callback(lambda f: self._acked(f, user_id, upto))
         self._post_nowait(Publication(b"", user_id=user_id, ack=upto), "acknowledgement", done)
+
+    def resync(self, user_id: str) -> None:
+        if user_id in self._resyncing or len(self._resyncing) >= _MAX_RESYNCS:
+            return  # one at a time per user; beyond the bound, the manager's hold times out
+        task = asyncio.get_running_loop().create_task(self._resync(user_id))
+        self._resyncing[user_id] = task
+        task.add_done_callback(lambda _: self._resyncing.pop(user_id, None))
+
+    async def _resync(self, user_id: str) -> None:
+        """A gap noticed in one user's entries: recover what is missing from their history."""
+        manager = self.manager
+        keep = manager.outbox_limits
+        entries: list[Stamped] = []
+        head = 0
+        if keep is not None:
+            try:
+                kept, head = await self._history(user_id, manager.delivered_upto(user_id), keep)
+                entries = self._entries_of(kept)
+            except Exception as exc:
+                logger.warning("backplane: could not read the history of a user to fill a gap "
+                               "(%s)", exc, extra={"node": self.node_id, "user": user_id})
+        got, lost = manager.recover(user_id, entries, head)
+        self.stats.recovered += got
+        self._report({user_id: Gap(lost=lost, recovered=got)}, lost, got)
 
     def _keep_ack(self, user_id: str, upto: str) -> None:
         current = self._unsent_acks.get(user_id)
@@ -593,6 +621,7 @@ class BrokerBackplane(BusNode):
 Kept = tuple[str, int, bytes]
 
 _MAX_UNSENT_ACKS = 100_000
+_MAX_RESYNCS = 1000
 
 
 def _stamp(done: asyncio.Future[Any], stamped: Callable[[Stamped], None]) -> None:

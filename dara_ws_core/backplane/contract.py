@@ -125,6 +125,12 @@ class Backplane(Protocol):
         """The user's connections here wrote the user's history up to entry ``upto``: move the
         user's written mark forward. Never waits, never raises (queued, failures counted)."""
 
+    def resync(self, user_id: str) -> None:
+        """A gap was noticed in the user's entries (their numbers skipped some): read the
+        user's history after the last entry handed over here and hand over what is missing
+        (:meth:`BackplaneHost.recover`). Never waits (the manager holds the user's deliveries
+        meanwhile, bounded in time), never raises."""
+
     def disconnect(self, scope: str, target: str, code: int, reason: str) -> Awaitable[Any]:
         """Close, on every *other* process, the connections of a user (``scope="user"``), of a
         session (``"session"``) or one channel (``"channel"``). Never waits: the command is
