@@ -402,9 +402,13 @@ class WebsocketManager:
         handlers = self.handlers
         local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]
         held = self._held.get(user_id) if self._held else None
-        if held is not None and ignore_channel is None and len(held) < self._hold_limit:
-            held.append((frame, entry))  # after a gap: once what it missed is out (recover)
-            return len(local)
+        if held is not None and ignore_channel is None:
+            if len(held) < self._hold_limit:
+                held.append((frame, entry))  # after a gap: once what it missed is out (recover)
+                return len(local)
+            # Beyond the bound: delivered now, the last entry handed over left where it was
+            # (the recovery may hand it over again: a duplicate rather than a loss).
+            return self._deliver_entry(local, user_id, frame, entry)
         if entry is not None and local:
             backplane = self.backplane
             if backplane is not None and self._cursors.missing(user_id, entry.id, entry.n):
