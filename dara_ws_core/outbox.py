@@ -42,8 +42,9 @@ from __future__ import annotations
 
 __all__ = ["DeliveryCursors", "OutboxLimits", "Stamped", "UserOutbox", "WriteLog", "id_key"]
 
+import itertools
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -81,15 +82,18 @@ class Stamped(NamedTuple):
 class UserOutbox:
     """Every user's bounded history, for one process (see the module docstring)."""
 
-    def __init__(self, limits: OutboxLimits) -> None:
+    def __init__(self, limits: OutboxLimits, ids: Iterator[int] | None = None) -> None:
         self.limits = limits
+        # Entry ids, increasing (share one source between outboxes whose ids must never go
+        # back, as Redis's clock-based ids never do).
+        self._ids = ids if ids is not None else itertools.count(1)
         # user -> entries kept: (id, n, when, frame), oldest first.
         self._kept: dict[str, deque[tuple[int, int, float, bytes]]] = {}
         self._bytes: dict[str, int] = {}
         self._seq: dict[str, int] = {}
         self._written: dict[str, int] = {}
         self._leases: dict[str, Hashable] = {}
-        self._next_id = 1
+        self._next_sweep = 0.0
         #: Frames kept, and frames dropped by a bound.
         self.kept = 0
         self.evicted = 0
@@ -107,11 +111,14 @@ class UserOutbox:
         """Append ``frame`` to the user's history; ``None`` if it is larger than ``max_bytes``
         (never kept). Drops expired entries, then the oldest beyond the bounds."""
         limits = self.limits
+        if now >= self._next_sweep:  # users who never came back: forgotten within the age
+            self._next_sweep = now + limits.max_age / 4
+            self.expire(now)
         if len(frame) > limits.max_bytes:
             self.evicted += 1
             return None
         entries = self._kept.setdefault(user_id, deque())
-        kid, self._next_id = self._next_id, self._next_id + 1
+        kid = next(self._ids)
         n = self._seq[user_id] = self._seq.get(user_id, 0) + 1
         entries.append((kid, n, now, frame))
         size = self._bytes.get(user_id, 0) + len(frame)

@@ -391,6 +391,20 @@ async def test_a_gap_noticed_in_a_users_numbers_is_filled_from_the_history() -> 
         assert nodes[1].backplane.stats.gaps == 0  # no outage: the subscription never dropped
 
 
+async def test_entries_after_the_bus_lost_its_data_are_still_new_to_a_node() -> None:
+    broker = MemoryBroker()
+    async with cluster(2, broker) as nodes:
+        who = user()
+        client = await nodes[1].client(f"{who}:a")
+        await nodes[0].manager.send_message_to_user(who, {"i": 0})
+        assert await payloads(client, 1) == [{"i": 0}]
+        (channel,) = nodes[1].manager.get_user_channels(who)
+        broker.forget()  # a restart without persistence: histories and numbers gone
+        broker.write("n1", [(channel, who)], (), nodes[1].backplane.expiry)  # re-registered
+        await nodes[0].manager.send_message_to_user(who, {"i": 1})  # number 1 again, a new id
+        assert await payloads(client, 1) == [{"i": 1}]  # not taken for one already handed over
+
+
 async def test_live_frames_a_closing_connection_never_wrote_go_to_the_next_one_on_another_node(
 ) -> None:
     async with cluster(3) as nodes:

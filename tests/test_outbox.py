@@ -49,6 +49,10 @@ def test_the_outbox_drops_by_bytes_and_by_age_and_refuses_a_frame_over_the_byte_
     outbox.keep("carol", b"old", now=0)
     outbox.expire(now=20)
     assert len(outbox) == 0
+    for i in range(5):  # appending sweeps users who never came back, now and then
+        outbox.keep(f"gone-{i}", b"x", now=100)
+    outbox.keep("dave", b"new", now=200)
+    assert outbox.after("gone-0", None, now=0) == ([], 0)  # forgotten, number and all
 
 
 def test_outbox_limits_must_be_positive() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 __all__ = ["MemoryBackplane", "MemoryBroker"]
 
 import asyncio
+import itertools
 import time
 from collections.abc import Callable, Collection, Hashable, Sequence
 from typing import Any, cast
@@ -58,6 +59,7 @@ class MemoryBroker:
         self.published: dict[str, int] = {}
         #: Per-user histories (as the Redis streams): user -> outbox of bus messages.
         self.outboxes: dict[str, UserOutbox] = {}
+        self._entry_ids = itertools.count(1)  # never reset, as Redis's clock: ids never go back
         #: The gap ledger (as in Redis): node -> user -> messages nobody on it listened for.
         self.missed: dict[str, dict[str, int]] = {}
         self._cut: set[str] = set()
@@ -162,7 +164,7 @@ class MemoryBroker:
         if keep is not None:
             outbox = self.outboxes.get(user_id)
             if outbox is None or outbox.limits != keep:
-                outbox = self.outboxes[user_id] = UserOutbox(keep)
+                outbox = self.outboxes[user_id] = UserOutbox(keep, self._entry_ids)
             stamp = outbox.append(user_id, data, self.clock())
             if stamp is not None:
                 data = stamp_message(data, stamp)
