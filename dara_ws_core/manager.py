@@ -432,7 +432,7 @@ class WebsocketManager:
 
     def hold_users(self) -> list[str]:
         """Hold back per-user deliveries to every user with a channel here until
-        :meth:`replay` (for the backplane, after a gap: the frames recovered go first). Bounded:
+        :meth:`recover` (for the backplane, after a gap: what is recovered goes first). Bounded:
         ``max_queue_messages`` frames per user (beyond, delivered at once) and
         ``handshake_timeout`` seconds (then released as they are)."""
         for handler in self.handlers.values():
