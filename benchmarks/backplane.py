@@ -253,9 +253,10 @@ async def _sends_per_call(manager: Any, user: str, sends: int) -> float:
 
 async def measure_outbox(redis_url: str, sends: int, repeats: int = 3) -> list[OutboxCost]:
     """``send_message_to_user`` with the per-user outbox on and off, in this process, the two
-    interleaved ``repeats`` times (best of each kept): to a user connected nowhere (the outbox
-    keeps every message; with Redis, a Stream entry trimmed to 100), and to a user connected on
-    another process (the outbox is only consulted)."""
+    interleaved ``repeats`` times (best of each kept): to a user connected nowhere, on this
+    process (a connection that writes nothing: its frames are queued and recorded for the
+    acknowledgements) and on another process. With the outbox on, every one is appended to the
+    user's history (with Redis, a Stream entry trimmed to 100, in the script that publishes)."""
     from dara_ws_core import Identity, ServerConfig, WebsocketManager
     from dara_ws_redis import RedisBackplane
 
@@ -269,7 +270,8 @@ async def measure_outbox(redis_url: str, sends: int, repeats: int = 3) -> list[O
         return manager
 
     results: dict[str, dict[bool, list[float]]] = {}
-    cases = ("no backplane, user connected nowhere", "Redis, user connected nowhere",
+    cases = ("no backplane, user connected nowhere", "no backplane, user connected here",
+             "Redis, user connected nowhere", "Redis, user connected here",
              "Redis, user connected on another process")
     for _ in range(repeats):
         for outbox in (False, True):
@@ -279,12 +281,19 @@ async def measure_outbox(redis_url: str, sends: int, repeats: int = 3) -> list[O
             b = await manager_of(outbox, True, ns)
             try:
                 b.create_handler("elsewhere", Identity(user_id="there", session_id="s"))
+                alone.create_handler("here", Identity(user_id="here", session_id="s"))
+                a.create_handler("here", Identity(user_id="here", session_id="s"))
                 await b.backplane.flush()
+                await a.backplane.flush()
                 timings = (await _sends_per_call(alone, "nowhere", sends),
+                           await _sends_per_call(alone, "here", sends),
                            await _sends_per_call(a, "nowhere", sends),
+                           await _sends_per_call(a, "here", sends),
                            await _sends_per_call(a, "there", sends))
             finally:
                 b.remove_handler("elsewhere")
+                alone.remove_handler("here")
+                a.remove_handler("here")
                 await a.backplane.stop()
                 await b.backplane.stop()
             for case, value in zip(cases, timings, strict=True):

@@ -29,7 +29,7 @@ from .custom import CustomHandler, CustomHandlerRegistry
 from .exceptions import BackplaneError, CloseCode, ConnectionClosed, UnknownChannel
 from .handler import _DEFAULT, Sink, WebSocketHandler
 from .messages import LoosePayload
-from .outbox import OutboxLimits, UserOutbox
+from .outbox import DeliveryCursors, OutboxLimits, Stamped, UserOutbox, WriteLog, id_key
 from .registry import ChannelRegistry
 from .stats import Counters, ServerStats, collect
 
@@ -37,6 +37,22 @@ if TYPE_CHECKING:
     from .backplane.contract import Backplane, Gap, GapCallback
 
 logger = logging.getLogger("dara_ws_core")
+
+#: Seconds between two acknowledgements of what the connections wrote (per-user history): what
+#: a crash can deliver twice (written, not yet acknowledged) is at most this much.
+ACK_INTERVAL = 0.02
+
+
+class _Arriving:
+    """A channel admitted on the bus whose handler does not exist yet (see :meth:`admit`)."""
+
+    __slots__ = ("entries", "head", "meanwhile", "user_id")
+
+    def __init__(self, user_id: str) -> None:
+        self.user_id = user_id
+        self.entries: list[Stamped] = []  # leased from the user's history
+        self.head: Stamped | None = None  # the user's newest entry at registration
+        self.meanwhile: list[tuple[bytes, Stamped | None]] = []  # per-user frames since
 
 
 class WebsocketManager:
@@ -70,16 +86,22 @@ class WebsocketManager:
             self.outbox_limits = OutboxLimits(
                 self.config.outbox_messages, self.config.outbox_bytes, self.config.outbox_age)
         self.outbox = UserOutbox(self.outbox_limits or OutboxLimits())
-        # Channels admitted on the bus whose handler does not exist yet: channel -> (user, frames
-        # leased from the outbox, their ids, user messages that arrived meanwhile). See
-        # :meth:`admit`.
-        self._arriving: dict[str, tuple[str, list[bytes], list[str], list[bytes]]] = {}
-        # Users whose per-user deliveries are held back after a gap until the outbox is
-        # recovered (:meth:`hold_users`): user -> frames held, bounded.
-        self._held: dict[str, list[bytes]] = {}
+        self._arriving: dict[str, _Arriving] = {}
+        # Users whose per-user deliveries are held back after a gap until their history is
+        # recovered (:meth:`hold_users`): user -> (frame, entry) held, bounded.
+        self._held: dict[str, list[tuple[bytes, Stamped | None]]] = {}
         self._hold_timer: asyncio.TimerHandle | None = None
-        # Outbox replays waiting for their frames to be written, to acknowledge them.
-        self._settling: set[asyncio.Task[None]] = set()        #: Running totals of this server (see :meth:`stats`).
+        # The per-user history (outbox on): the last entry handed to each local user's channels
+        # (recovery, dedup), which entries each connection queued (acknowledged once written),
+        # and, per new channel, the user's newest entry when it was registered (what arrives
+        # live up to it, it had from the history).
+        self._cursors = DeliveryCursors()
+        self._writes = WriteLog()
+        self._floors: dict[str, tuple[int, int]] = {}
+        self._ack_timer: asyncio.TimerHandle | None = None
+        # Outbox replays waiting for their frames to be written, to end their lease.
+        self._settling: set[asyncio.Task[None]] = set()
+        #: Running totals of this server (see :meth:`stats`).
         self.counters = Counters()
 
     # ------------------------------------------------------------------ handlers
@@ -118,34 +140,41 @@ class WebsocketManager:
             self.backplane.channel_added(channel_id, identity)
         arriving = self._arriving.pop(channel_id, None)
         if arriving is not None:
-            user_id, kept, ids, meanwhile = arriving
-            self._replay_to([handler], user_id, kept, ids, channel_id)
-            for frame in meanwhile:  # right after the kept ones, before anything live
-                handler.push(frame)
+            user_id, head = arriving.user_id, arriving.head
+            if head is not None:
+                self._floors[channel_id] = floor = id_key(head.id)
+                if not self.registry.user_channels(user_id) - {channel_id}:
+                    self._cursors.advance(user_id, head.id, head.n)
+            self._replay_to([handler], user_id, arriving.entries, channel_id)
+            for frame, entry in arriving.meanwhile:  # after the kept ones, before anything live
+                if entry is None or head is None or id_key(entry.id) > floor:
+                    self._deliver_entry([handler], user_id, frame, entry)
         elif identity is not None and self.backplane is None and self.outbox_limits is not None:
             user_id = identity.user_id
             leased = self.outbox.lease(user_id, channel_id, time.monotonic(),
                                        lambda holder: holder in self.handlers)
-            self._replay_to([handler], user_id, [f for _, f in leased],
-                            [str(i) for i, _ in leased], channel_id)
+            self._replay_to([handler], user_id, leased, channel_id)
         return handler
 
-    def _replay_to(self, handlers: list[WebSocketHandler], user_id: str, frames: list[bytes],
-                   ids: list[str], holder: str | None) -> None:
-        """Push kept frames to ``handlers``, then acknowledge them (as ``holder``) once written:
-        read, then acknowledge, so a connection or process that dies first loses nothing."""
-        if not frames:
+    def _replay_to(self, handlers: list[WebSocketHandler], user_id: str,
+                   entries: Sequence[Stamped], holder: str | None) -> None:
+        """Push entries of the user's history to ``handlers`` (each acknowledged once written),
+        then end ``holder``'s lease once they are written: read, then acknowledge, so a
+        connection or process that dies first loses nothing."""
+        if not entries:
             return
         marks = []
         for handler in handlers:
             base = handler.accepted
-            for frame in frames:
-                handler.push(frame)
+            for entry in entries:
+                if handler.push(entry.frame):
+                    self._writes.record(handler.channel_id, handler.accepted, user_id, entry.id)
             marks.append((handler, base))
+        self._ack_soon()
         if holder is None:
             return
         task = asyncio.get_running_loop().create_task(
-            self._settle_written(marks, user_id, ids, holder))
+            self._settle_written(marks, user_id, [e.id for e in entries], holder))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
@@ -160,7 +189,57 @@ class WebsocketManager:
         if self.backplane is not None:
             await self.backplane.settle(user_id, holder, upto)
         else:
-            self.outbox.settle(user_id, holder, None if upto is None else int(upto))
+            self.outbox.settle(user_id, holder, upto)
+
+    def _deliver_entry(self, handlers: Sequence[WebSocketHandler], user_id: str, frame: bytes,
+                       entry: Stamped | None, ignore_channel: str | None = None) -> int:
+        """Deliver a per-user frame to ``handlers``; an entry of the user's history is
+        recorded, to be acknowledged once written, and skipped by a channel that had it from
+        the history (its floor)."""
+        if entry is None:
+            return self.deliver_local(handlers, frame, ignore_channel)
+        floors = self._floors
+        if floors:
+            key = id_key(entry.id)
+            keep = []
+            for handler in handlers:
+                floor = floors.get(handler.channel_id)
+                if floor is None:
+                    keep.append(handler)
+                elif key > floor:
+                    del floors[handler.channel_id]  # past it: live from now on
+                    keep.append(handler)
+            handlers = keep
+        delivered = self.deliver_local(handlers, frame, ignore_channel)
+        for handler in handlers:
+            if handler.channel_id != ignore_channel and not handler.queue.closed:
+                self._writes.record(handler.channel_id, handler.accepted, user_id, entry.id)
+        self._ack_soon()
+        return delivered
+
+    def _ack_soon(self) -> None:
+        if self._ack_timer is None and len(self._writes):
+            self._ack_timer = asyncio.get_running_loop().call_later(ACK_INTERVAL, self._ack_now)
+
+    def _ack_now(self) -> None:
+        """Acknowledge what the connections wrote since the last time (per user, the last
+        entry), and come back while some are not written yet."""
+        self._ack_timer = None
+        handlers = self.handlers
+
+        def flushed(channel_id: str) -> int | None:
+            handler = handlers.get(channel_id)
+            return None if handler is None else handler.flushed
+
+        for user_id, upto in self._writes.written(flushed).items():
+            self._ack(user_id, upto)
+        self._ack_soon()
+
+    def _ack(self, user_id: str, upto: str) -> None:
+        if self.backplane is not None:
+            self.backplane.ack(user_id, upto)
+        else:
+            self.outbox.ack(user_id, upto)
 
     def remove_handler(self, channel_id: str, exc: ConnectionClosed | None = None) -> None:
         """Remove a channel's handler: its pending requests fail with ``exc`` (by default a
@@ -168,6 +247,15 @@ class WebsocketManager:
         handler = self.handlers.pop(channel_id, None)
         self.registry.remove(channel_id)
         if handler is not None:
+            # What it wrote is acknowledged; what it had queued and not written is not, so the
+            # user's next connection gets it (unless another connection of theirs wrote it).
+            if len(self._writes):
+                for user_id, upto in self._writes.close(channel_id, handler.flushed).items():
+                    self._ack(user_id, upto)
+            self._floors.pop(channel_id, None)
+            identity = handler.identity
+            if identity is not None and not self.registry.user_channels(identity.user_id):
+                self._cursors.forget(identity.user_id)
             if self.backplane is not None:
                 self.backplane.channel_removed(channel_id, handler.identity)
             exc = exc or ConnectionClosed(CloseCode.NORMAL, "handler removed")
@@ -224,18 +312,33 @@ class WebsocketManager:
     ) -> None:
         """Send a message to every channel of a user except ``ignore_channel``.
 
-        A user connected nowhere is not an error: the message is kept in the user's outbox
-        (``ServerConfig.outbox_*``; :mod:`dara_ws_core.outbox`) and handed to their next
-        connection, on whichever process it lands."""
+        A user connected nowhere is not an error. With the outbox on
+        (``ServerConfig.outbox_*``; :mod:`dara_ws_core.outbox`) the message is appended to the
+        user's history (without ``ignore_channel``): a connection of the user that does not
+        write it (connected nowhere, closed first, cut off from the bus) leaves it to the next
+        one, on whichever process it lands."""
         frame = build_frame(message, custom=custom)
-        delivered = self.deliver_to_user(user_id, frame, ignore_channel)
-        keep = self.outbox_limits
-        if delivered or (ignore_channel is not None and ignore_channel in self.handlers):
-            keep = None  # a connection of the user is here: nothing to keep
-        if self.backplane is not None:
-            await self.backplane.send_to_user(user_id, frame, ignore_channel, keep)
-        elif keep is not None:
-            self.outbox.keep(user_id, frame, time.monotonic())
+        # A send that skips a channel is not kept: who it is for depends on a live channel.
+        keep = self.outbox_limits if ignore_channel is None else None
+        if self.backplane is None:
+            entry = None if keep is None else self.outbox.append(user_id, frame, time.monotonic())
+            self.deliver_to_user(user_id, frame, ignore_channel, entry)
+            return
+        handlers = self.handlers
+        local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]
+        self.deliver_to_user(user_id, frame, ignore_channel)
+        stamped = None
+        if keep is not None and local:  # numbered by the bus: acknowledged once it tells
+            marks = [(h.channel_id, h.accepted) for h in local
+                     if not h.queue.closed and h.channel_id != ignore_channel]
+
+            def stamped(entry: Stamped) -> None:
+                self._cursors.own(user_id, entry.id, entry.n)
+                for channel_id, position in marks:
+                    self._writes.record(channel_id, position, user_id, entry.id)
+                self._ack_soon()
+
+        await self.backplane.send_to_user(user_id, frame, ignore_channel, keep, stamped)
 
     async def send_and_wait(
         self,
@@ -299,20 +402,35 @@ class WebsocketManager:
         handler = self.handlers.get(channel_id)
         return handler is not None and self.deliver_local((handler,), frame) == 1
 
-    def deliver_to_user(self, user_id: str, frame: bytes, ignore_channel: str | None = None) -> int:
+    def deliver_to_user(self, user_id: str, frame: bytes, ignore_channel: str | None = None,
+                        entry: Stamped | None = None) -> int:
         """Hand an encoded frame to the user's local channels but ``ignore_channel``, without
-        waiting; returns how many got it."""
+        waiting; returns how many got it. ``entry``: the entry of the user's history it is
+        (handed over once: one the user's channels here had already is skipped)."""
         handlers = self.handlers
         local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]
         held = self._held.get(user_id) if self._held else None
-        if held is not None and ignore_channel is None and len(held) < self._hold_limit:
-            held.append(frame)  # after a gap: once what the outbox kept is out (replay)
-            return len(local)
-        delivered = self.deliver_local(local, frame, ignore_channel)
+        if held is not None and ignore_channel is None:
+            if len(held) < self._hold_limit:
+                held.append((frame, entry))  # after a gap: once what it missed is out (recover)
+                return len(local)
+            # Beyond the bound: delivered now, the last entry handed over left where it was
+            # (the recovery may hand it over again: a duplicate rather than a loss).
+            return self._deliver_entry(local, user_id, frame, entry)
+        if entry is not None and local:
+            backplane = self.backplane
+            if backplane is not None and self._cursors.missing(user_id, entry.id, entry.n):
+                # Entries before it never came: read them from the history first (held meanwhile).
+                self._hold(user_id).append((frame, entry))
+                backplane.resync(user_id)
+                return len(local)
+            if not self._cursors.fresh(user_id, entry.id, entry.n):
+                return 0  # recovered from the history already
+        delivered = self._deliver_entry(local, user_id, frame, entry, ignore_channel)
         if self._arriving:  # a channel of the user being admitted: it gets the frame after
-            for user, _, _, meanwhile in self._arriving.values():  # what the outbox kept
-                if user == user_id:
-                    meanwhile.append(frame)
+            for arriving in self._arriving.values():  # what it leased from the history
+                if arriving.user_id == user_id:
+                    arriving.meanwhile.append((frame, entry))
                     delivered += 1
         return delivered
 
@@ -322,36 +440,49 @@ class WebsocketManager:
 
     def hold_users(self) -> list[str]:
         """Hold back per-user deliveries to every user with a channel here until
-        :meth:`replay` (for the backplane, after a gap: the frames recovered go first). Bounded:
+        :meth:`recover` (for the backplane, after a gap: what is recovered goes first). Bounded:
         ``max_queue_messages`` frames per user (beyond, delivered at once) and
         ``handshake_timeout`` seconds (then released as they are)."""
         for handler in self.handlers.values():
             if handler.identity is not None:
-                self._held.setdefault(handler.identity.user_id, [])
-        if self._held and self._hold_timer is None:
+                self._hold(handler.identity.user_id)
+        return list(self._held)
+
+    def _hold(self, user_id: str) -> list[tuple[bytes, Stamped | None]]:
+        held = self._held.setdefault(user_id, [])
+        if self._hold_timer is None:
             self._hold_timer = asyncio.get_running_loop().call_later(
                 self.config.handshake_timeout, self._release_held)
-        return list(self._held)
+        return held
 
     def _release_held(self) -> None:
         self._hold_timer = None
         for user_id in list(self._held):
-            self.replay(user_id, (), (), None)
+            self.recover(user_id, (), 0)
 
-    def replay(self, user_id: str, frames: Sequence[bytes], ids: Sequence[str],
-               holder: str | None) -> int:
-        """Hand recovered frames, then the held ones, to the user's channels here, and stop
-        holding; acknowledged as ``holder`` once written. How many channels got them."""
+    def delivered_upto(self, user_id: str) -> str | None:
+        """The last entry of the user's history handed to the user's channels here."""
+        return self._cursors.last(user_id)
+
+    def recover(self, user_id: str, entries: Sequence[Stamped], head: int) -> tuple[int, int]:
+        """Hand the user's channels here the entries of their history they missed (after the
+        last one handed over), then the deliveries held meanwhile (each entry once), and stop
+        holding them back. Returns (entries handed over, entries a bound dropped first)."""
         held = self._held.pop(user_id, [])
         if not self._held and self._hold_timer is not None:
             self._hold_timer.cancel()
             self._hold_timer = None
         handlers = [self.handlers[c] for c in self.registry.user_channels(user_id)
                     if c in self.handlers]
-        self._replay_to(handlers, user_id, list(frames), list(ids), holder)
-        for frame in held:
-            self.deliver_local(handlers, frame)
-        return len(handlers)
+        if not handlers:
+            return 0, 0
+        missed, lost = self._cursors.recover(user_id, entries, head)
+        for kept in missed:
+            self._deliver_entry(handlers, user_id, kept.frame, kept)
+        for frame, entry in held:
+            if entry is None or self._cursors.fresh(user_id, entry.id, entry.n):
+                self._deliver_entry(handlers, user_id, frame, entry)
+        return len(missed), lost
 
     def users_gapped(self, gaps: dict[str, Gap]) -> None:
         """Tell ``on_gap`` (if set) which users may have missed messages."""
@@ -408,7 +539,7 @@ class WebsocketManager:
             return True
         limit = self.config.max_connections_per_user
         user_id = identity.user_id
-        self._arriving[channel_id] = (user_id, [], [], [])
+        self._arriving[channel_id] = _Arriving(user_id)
         try:
             async with asyncio.timeout(max(1.0, self.config.handshake_timeout / 2)):
                 attachment = await self.backplane.attach(channel_id, user_id, limit,
@@ -426,9 +557,9 @@ class WebsocketManager:
             return False
         arriving = self._arriving.get(channel_id)
         if arriving is not None:
-            arriving[1].extend(attachment.frames)
-            arriving[2].extend(attachment.ids)
-        elif attachment.ids:  # abandoned meanwhile: the next connection gets them
+            arriving.entries.extend(attachment.entries)
+            arriving.head = attachment.head
+        elif attachment.entries:  # abandoned meanwhile: the next connection gets them
             await self.backplane.settle(user_id, channel_id, None)
         return True
 
@@ -438,7 +569,7 @@ class WebsocketManager:
         arriving = self._arriving.pop(channel_id, None)
         if arriving is not None and self.backplane is not None:
             self.backplane.channel_removed(channel_id, identity)
-            if arriving[2]:  # leased, never delivered: the lease is void once unregistered
+            if arriving.entries:  # leased, never delivered: void once unregistered
                 logger.debug("outbox leased by a channel that never opened",
                              extra={"channel": channel_id})
 

@@ -1,47 +1,52 @@
-"""A per-user outbox: what ``send_message_to_user`` sent while the user had no connection, kept
-(bounded by count, bytes and age) and handed to the user's next connection, oldest first, once.
+"""A per-user outbox: a bounded history of what ``send_message_to_user`` sent to each user, with
+the point up to which the user has it, so that nothing sent to a user is lost while they reconnect
+(with a new channel, as the stock client does) or while their process is cut off from the bus.
 
 Pure: no I/O, no event loop; the caller passes the clock. One process without a backplane keeps
-it here (:class:`UserOutbox`); with a backplane it lives on the bus (``MemoryBroker``, Redis
-Streams in ``dara_ws_redis``) so that it is delivered on whichever process the user lands and
-survives the restart of the sending one.
+it here (:class:`UserOutbox`); with a backplane it lives on the bus (``MemoryBroker``, a Redis
+Stream per user in ``dara_ws_redis``) so that it is delivered on whichever process the user lands
+and survives the restart of the sending one. The model is AnyCable's reliable streams.
 
-What is covered, and why:
+**Every per-user message is appended** (when the outbox is on), whether the user is connected
+anywhere or not, bounded per user by count, bytes and age (the oldest dropped first). Each entry
+has an id, increasing per user (a Redis Stream id, ``"<ms>-<seq>"``; :func:`id_key` orders them)
+and a per-user sequence number ``n`` (1, 2, 3...: a jump tells how many were dropped by a bound).
+The message that reaches the user's channels carries both.
 
-* **Per-user sends** (``send_message_to_user``) with no live connection of the user anywhere:
-  kept. A user is the one recipient that outlives a connection (the stock client reconnects
-  after 500 ms with a *new* channel), so task notifications and store updates sent to the user
-  in that window reach the next connection instead of being lost.
-* **Not broadcasts**: a broadcast is for whoever is connected; keeping one per absent user would
-  cost memory for every user ever seen.
-* **Not per-channel sends** (``send_message``, ``send_and_wait``): a channel never comes back (the
-  next connection has a new id), so nothing could ever receive them; they still raise
-  ``UnknownChannel``.
-* **Not frames a closing connection had queued**: they are dropped with the connection, as
-  before. A message published to a process whose user's connection closes before the directory
-  says so is lost too (the window is one directory write, milliseconds).
-* A frame larger than the byte bound is not kept. Messages older than the age bound are dropped,
-  the oldest first when the count or byte bound is reached.
+**Written, for the user.** A per-user message counts as delivered *for the user* once a
+transport has written it to at least one of the user's connections. Each process acknowledges
+what its connections wrote (:meth:`UserOutbox.ack`: the user's *written* mark only moves
+forward). What a connection had queued but not written when it closed is not acknowledged, so it
+stays for the user's next connection, unless another connection of the user wrote it (the stock
+client reconnects with a new channel, so nothing can resume per channel: the user is the unit).
 
-Read, then acknowledge. A new connection does not *take* the frames (read and delete in one
-step): it *leases* them (:meth:`UserOutbox.lease`), and they stay until the connection's transport
-has written them, when it acknowledges the ones written (:meth:`UserOutbox.settle`, which also
-ends the lease). So a connection, or a whole process, that dies before writing them loses
-nothing: the next connection of the user leases them again. While a live holder has the lease, a
-second new connection of the user gets nothing (the first one is delivering them: exactly once);
-a lease whose holder is gone (its channel closed without settling, its process dead or cut off
-from the bus) is void, and the next connection takes over from the first frame not acknowledged.
-Each frame has an id, increasing per user, so an acknowledgement names the last frame written
-and never removes one kept after it.
+**A new connection** gets the entries after the written mark (oldest first, within the age):
+it *leases* them (:meth:`UserOutbox.lease`), and while a live holder has the lease a second new
+connection of the user gets none of them (the first is delivering them: once); a lease whose
+holder is gone is void. The holder settles once its transport wrote them
+(:meth:`UserOutbox.settle`: acknowledged up to the last one written; the lease ends).
+
+**A process cut off from the bus** remembers, per local user, the last entry it handed to the
+user's channels (:class:`DeliveryCursors`). When its subscription is back it reads each local
+user's history after that entry and hands over what it missed, in order, before anything newer;
+an entry that arrives both live and from the history is handed over once (dedup by id). Only
+what a bound dropped meanwhile is lost, and counted (``n`` jumps).
+
+Not covered: broadcasts (for whoever is connected now; keeping them per absent user would cost
+memory for every user ever seen) and per-channel sends (a channel never comes back): at most
+once, with the broadcasts' sequence numbers telling a process how many it missed. A frame larger
+than the byte bound is not kept.
 """
 
 from __future__ import annotations
 
-__all__ = ["OutboxLimits", "UserOutbox"]
+__all__ = ["DeliveryCursors", "OutboxLimits", "Stamped", "UserOutbox", "WriteLog", "id_key"]
 
+import itertools
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,99 +65,310 @@ class OutboxLimits:
             raise ValueError("outbox limits must be positive")
 
 
-#: One kept frame: (id, frame).
-Kept = tuple[int, bytes]
+def id_key(entry_id: str) -> tuple[int, int]:
+    """The order of entry ids: ``"<ms>-<seq>"`` (Redis Stream ids) or ``"<n>"``."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class Stamped(NamedTuple):
+    """One entry of a user's history: its id, its per-user sequence number, the frame."""
+
+    id: str
+    n: int
+    frame: bytes
 
 
 class UserOutbox:
-    """Frames kept per user, for one process (see the module docstring)."""
+    """Every user's bounded history, for one process (see the module docstring)."""
 
-    def __init__(self, limits: OutboxLimits) -> None:
+    def __init__(self, limits: OutboxLimits, ids: Iterator[int] | None = None) -> None:
         self.limits = limits
-        # user -> frames kept: (id, when, frame), ids increasing.
-        self._kept: dict[str, deque[tuple[int, float, bytes]]] = {}
+        # Entry ids, increasing (share one source between outboxes whose ids must never go
+        # back, as Redis's clock-based ids never do).
+        self._ids = ids if ids is not None else itertools.count(1)
+        # user -> entries kept: (id, n, when, frame), oldest first.
+        self._kept: dict[str, deque[tuple[int, int, float, bytes]]] = {}
         self._bytes: dict[str, int] = {}
+        self._seq: dict[str, int] = {}
+        self._written: dict[str, int] = {}
         self._leases: dict[str, Hashable] = {}
-        self._next_id = 1
-        #: Frames kept, and frames dropped by a bound before anyone took them.
+        self._next_sweep = 0.0
+        #: Frames kept, and frames dropped by a bound.
         self.kept = 0
         self.evicted = 0
 
     def __len__(self) -> int:
-        """Users with frames kept."""
-        return len(self._kept)
+        """Users with entries not written to any of their connections yet."""
+        return sum(1 for user in self._kept if self.pending(user))
 
-    def keep(self, user_id: str, frame: bytes, now: float) -> bool:
-        """Keep ``frame`` for the user's next connection; ``False`` if it is larger than
-        ``max_bytes`` (never kept). Drops expired frames, then the oldest beyond the bounds."""
+    def pending(self, user_id: str) -> int:
+        """How many of the user's entries no connection of theirs has written."""
+        mark = self._written.get(user_id, 0)
+        return sum(1 for kid, *_ in self._kept.get(user_id, ()) if kid > mark)
+
+    def append(self, user_id: str, frame: bytes, now: float) -> Stamped | None:
+        """Append ``frame`` to the user's history; ``None`` if it is larger than ``max_bytes``
+        (never kept). Drops expired entries, then the oldest beyond the bounds."""
         limits = self.limits
+        if now >= self._next_sweep:  # users who never came back: forgotten within the age
+            self._next_sweep = now + limits.max_age / 4
+            self.expire(now)
         if len(frame) > limits.max_bytes:
             self.evicted += 1
-            return False
-        frames = self._kept.setdefault(user_id, deque())
-        frames.append((self._next_id, now, frame))
-        self._next_id += 1
+            return None
+        entries = self._kept.setdefault(user_id, deque())
+        kid = next(self._ids)
+        n = self._seq[user_id] = self._seq.get(user_id, 0) + 1
+        entries.append((kid, n, now, frame))
         size = self._bytes.get(user_id, 0) + len(frame)
         cutoff = now - limits.max_age
-        while frames and (frames[0][1] <= cutoff or len(frames) > limits.max_messages
-                          or size > limits.max_bytes):
-            size -= len(frames.popleft()[2])
+        while entries and (entries[0][2] <= cutoff or len(entries) > limits.max_messages
+                           or size > limits.max_bytes):
+            size -= len(entries.popleft()[3])
             self.evicted += 1
         self._bytes[user_id] = size
         self.kept += 1
-        return True
+        return Stamped(str(kid), n, frame)
+
+    def keep(self, user_id: str, frame: bytes, now: float) -> bool:
+        """:meth:`append`, saying only whether it was kept."""
+        return self.append(user_id, frame, now) is not None
+
+    def after(self, user_id: str, entry_id: str | None, now: float) -> tuple[list[Stamped], int]:
+        """The user's entries after ``entry_id`` (all if ``None``) and within ``max_age``,
+        oldest first, and the last sequence number given to the user (0: none)."""
+        mark = 0 if entry_id is None else id_key(entry_id)[0]
+        cutoff = now - self.limits.max_age
+        out = [Stamped(str(kid), n, frame) for kid, n, when, frame in self._kept.get(user_id, ())
+               if kid > mark and when > cutoff]
+        return out, self._seq.get(user_id, 0)
+
+    def head(self, user_id: str) -> Stamped | None:
+        """The user's newest entry (its frame empty), ``None`` if none is kept."""
+        entries = self._kept.get(user_id)
+        if not entries:
+            return None
+        return Stamped(str(entries[-1][0]), entries[-1][1], b"")
 
     def lease(self, user_id: str, holder: Hashable, now: float,
-              alive: Callable[[Hashable], bool]) -> list[Kept]:
-        """The frames kept for the user and still within ``max_age``, oldest first, leased to
-        ``holder`` until it :meth:`settle` s; ``[]`` if a live holder (``alive(holder)``) has
-        the lease already. The frames stay kept until acknowledged."""
+              alive: Callable[[Hashable], bool]) -> list[Stamped]:
+        """The user's entries not written to any of their connections and within ``max_age``,
+        oldest first, leased to ``holder`` until it :meth:`settle` s; ``[]`` if a live holder
+        (``alive(holder)``) has the lease already. They stay kept."""
         current = self._leases.get(user_id)
         if current is not None and current != holder and alive(current):
             return []
-        frames = self._kept.get(user_id)
-        cutoff = now - self.limits.max_age
-        while frames and frames[0][1] <= cutoff:
-            self._bytes[user_id] -= len(frames.popleft()[2])
-        if not frames:
-            self._forget(user_id)
-            return []
-        self._leases[user_id] = holder
-        return [(kid, frame) for kid, _, frame in frames]
+        written = self._written.get(user_id)
+        out, _ = self.after(user_id, None if written is None else str(written), now)
+        if out:
+            self._leases[user_id] = holder
+        else:
+            self._leases.pop(user_id, None)
+        return out
 
-    def settle(self, user_id: str, holder: Hashable, upto: int | None) -> int:
-        """``holder`` wrote the leased frames up to id ``upto`` (``None``: none of them): they
-        are forgotten, and the lease ends. A holder whose lease was voided meanwhile changes
-        nothing. Returns how many frames were acknowledged."""
+    def settle(self, user_id: str, holder: Hashable, upto: str | None) -> bool:
+        """``holder`` wrote the leased entries up to id ``upto`` (``None``: none of them):
+        acknowledged, and the lease ends. A holder whose lease was voided meanwhile changes
+        nothing (what it wrote is acknowledged all the same: :meth:`ack`). Whether it held it."""
+        if upto is not None:
+            self.ack(user_id, upto)
         if self._leases.get(user_id) != holder:
-            return 0
+            return False
         del self._leases[user_id]
-        frames = self._kept.get(user_id)
-        acked = 0
-        while frames and upto is not None and frames[0][0] <= upto:
-            self._bytes[user_id] -= len(frames.popleft()[2])
-            acked += 1
-        if not frames:
-            self._forget(user_id)
-        return acked
+        return True
+
+    def ack(self, user_id: str, upto: str) -> None:
+        """A connection of the user wrote the entries up to id ``upto``: the written mark moves
+        forward (never back)."""
+        if user_id not in self._kept:
+            return
+        kid = id_key(upto)[0]
+        if kid > self._written.get(user_id, 0):
+            self._written[user_id] = kid
 
     def take(self, user_id: str, now: float) -> list[bytes]:
-        """Every frame kept for the user and still within ``max_age``, oldest first, forgotten
-        at once (read and acknowledged in one step: for callers with nothing to lose)."""
+        """Every entry not written yet, oldest first, acknowledged at once (read and
+        acknowledged in one step: for callers with nothing to lose)."""
         kept = self.lease(user_id, _TAKER, now, lambda holder: False)
-        self.settle(user_id, _TAKER, kept[-1][0] if kept else None)
-        return [frame for _, frame in kept]
+        self.settle(user_id, _TAKER, kept[-1].id if kept else None)
+        return [entry.frame for entry in kept]
 
     def expire(self, now: float) -> None:
-        """Forget users whose every frame is older than ``max_age`` (call it now and then)."""
+        """Forget users whose every entry is older than ``max_age`` (call it now and then)."""
         cutoff = now - self.limits.max_age
-        for user_id in [u for u, f in self._kept.items() if f[-1][1] <= cutoff]:
-            self._forget(user_id)
-
-    def _forget(self, user_id: str) -> None:
-        self._kept.pop(user_id, None)
-        self._bytes.pop(user_id, None)
-        self._leases.pop(user_id, None)
+        for user_id in [u for u, f in self._kept.items() if not f or f[-1][2] <= cutoff]:
+            for table in (self._kept, self._bytes, self._seq, self._written, self._leases):
+                table.pop(user_id, None)
 
 
 _TAKER = object()
+
+
+class DeliveryCursors:
+    """Per user with a channel on this process: the last history entry handed to the user's
+    channels here (id and sequence number). Decides what a live delivery or a recovery after a
+    gap hands over: each entry once, in order. Bounded by ``max_users`` (the least recently
+    used is forgotten: its next recovery reads the whole window, deduplicated only by what
+    arrives after it)."""
+
+    def __init__(self, max_users: int = 100_000, max_own: int = 256) -> None:
+        self.max_users = max_users
+        self.max_own = max_own
+        self._last: dict[str, tuple[tuple[int, int], str, int]] = {}
+        # Entries this process's own sends delivered here (its channels got them before the
+        # bus numbered them; they never come back live): user -> id -> n, the newest max_own.
+        self._own: dict[str, dict[str, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def __contains__(self, user_id: object) -> bool:
+        return user_id in self._last
+
+    def last(self, user_id: str) -> str | None:
+        """The id of the last entry handed to the user's channels here, if known."""
+        entry = self._last.get(user_id)
+        return None if entry is None else entry[1]
+
+    def own(self, user_id: str, entry_id: str, n: int) -> None:
+        """This process delivered entry ``entry_id`` (number ``n``) to the user's channels
+        itself (a send from here): a recovery must not hand it over again, and its number is
+        no gap."""
+        ids = self._own.setdefault(user_id, {})
+        ids[entry_id] = n
+        if len(ids) > self.max_own:
+            del ids[next(iter(ids))]
+        while len(self._own) > self.max_users:
+            del self._own[next(iter(self._own))]
+
+    def missing(self, user_id: str, entry_id: str, n: int) -> int:
+        """How many entries of the user came between the last one handed over here and this
+        live one, and never arrived (their numbers were skipped, not by this process's own
+        sends): a gap noticed without an outage (a directory entry that expired, a message
+        lost on the way). 0 if none, or nothing is known."""
+        entry = self._last.get(user_id)
+        if entry is None or n <= entry[2] + 1 or id_key(entry_id) <= entry[0]:
+            return 0
+        seen = entry[2]
+        own = sum(1 for m in self._own.get(user_id, {}).values() if seen < m < n)
+        return max(0, n - seen - 1 - own)
+
+    def fresh(self, user_id: str, entry_id: str, n: int) -> bool:
+        """Whether a live entry is new for the user here (then it becomes the last one)."""
+        key = id_key(entry_id)
+        entry = self._last.get(user_id)
+        if entry is not None and key <= entry[0]:
+            return False
+        self._set(user_id, key, entry_id, n)
+        return True
+
+    def advance(self, user_id: str, entry_id: str, n: int) -> None:
+        """The user's channels here have everything up to ``entry_id`` (a new channel's
+        lease): move forward, never back."""
+        key = id_key(entry_id)
+        entry = self._last.get(user_id)
+        if entry is None or key > entry[0]:
+            self._set(user_id, key, entry_id, n)
+
+    def recover(self, user_id: str, entries: Sequence[Stamped], head: int,
+                ) -> tuple[list[Stamped], int]:
+        """After a gap: of the user's history ``entries`` (oldest first) and ``head`` (the last
+        sequence number the user was given), what to hand over now (what came after the last
+        entry handed over here) and how many a bound dropped before they could be (``n``
+        jumps; 0 when nothing is known of this user, or the bus lost its count)."""
+        entry = self._last.get(user_id)
+        own = self._own.get(user_id, {})
+        if entry is None:
+            out = [e for e in entries if e.id not in own]
+            if entries:
+                last = entries[-1]
+                self._set(user_id, id_key(last.id), last.id, last.n)
+            return out, 0
+        key, _, seen = entry
+        after = [e for e in entries if id_key(e.id) > key]
+        lost = 0
+        if after:
+            if after[0].n > seen:
+                lost = after[0].n - seen - 1
+            self._set(user_id, id_key(after[-1].id), after[-1].id, after[-1].n)
+        elif head > seen:
+            lost = head - seen
+            self._set(user_id, key, entry[1], head)  # counted once
+        return [e for e in after if e.id not in own], lost
+
+    def forget(self, user_id: str) -> None:
+        self._last.pop(user_id, None)
+        self._own.pop(user_id, None)
+
+    def _set(self, user_id: str, key: tuple[int, int], entry_id: str, n: int) -> None:
+        self._last.pop(user_id, None)  # re-inserted: the most recently used last
+        self._last[user_id] = (key, entry_id, n)
+        if len(self._last) > self.max_users:
+            del self._last[next(iter(self._last))]
+
+
+class WriteLog:
+    """Which per-user entries each connection of this process has queued, by frame number
+    (:attr:`~dara_ws_core.handler.WebSocketHandler.accepted`), so that what its transport has
+    written (``flushed``) can be acknowledged, user by user, and what it had not written when it
+    closed is not. Bounded by ``max_entries`` (beyond, the oldest are forgotten: delivered again
+    to a next connection rather than lost)."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self._entries: dict[str, deque[tuple[int, str, str]]] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def record(self, channel_id: str, position: int, user_id: str, entry_id: str) -> None:
+        """Frame number ``position`` of ``channel_id`` is the user's entry ``entry_id``."""
+        self._entries.setdefault(channel_id, deque()).append((position, user_id, entry_id))
+        self._count += 1
+        if self._count > self.max_entries:
+            oldest = next(iter(self._entries))
+            self._entries[oldest].popleft()
+            self._count -= 1
+            if not self._entries[oldest]:
+                del self._entries[oldest]
+
+    def written(self, flushed: Mapping[str, int] | Callable[[str], int | None]
+                ) -> dict[str, str]:
+        """Forget the entries written by now (``flushed``: channel -> frames written, ``None``
+        or absent for a channel that is gone, whose unwritten entries are forgotten unacked);
+        the last entry written per user."""
+        look = flushed.get if isinstance(flushed, Mapping) else flushed
+        acks: dict[str, tuple[tuple[int, int], str]] = {}
+        for channel_id in list(self._entries):
+            done = look(channel_id)
+            entries = self._entries[channel_id]
+            while entries and (done is None or entries[0][0] <= done):
+                _, user_id, entry_id = entries.popleft()
+                self._count -= 1
+                if done is None:
+                    continue
+                key = id_key(entry_id)
+                if user_id not in acks or key > acks[user_id][0]:
+                    acks[user_id] = (key, entry_id)
+            if not entries:
+                del self._entries[channel_id]
+        return {user: entry_id for user, (_, entry_id) in acks.items()}
+
+    def close(self, channel_id: str, flushed: int) -> dict[str, str]:
+        """A connection closed having written ``flushed`` frames: what it wrote (to
+        acknowledge), its unwritten entries forgotten."""
+        entries = self._entries.pop(channel_id, None)
+        if not entries:
+            return {}
+        self._count -= len(entries)
+        acks: dict[str, tuple[tuple[int, int], str]] = {}
+        for position, user_id, entry_id in entries:
+            if position > flushed:
+                break
+            acks[user_id] = (id_key(entry_id), entry_id)
+        return {user: entry_id for user, (_, entry_id) in acks.items()}
+
+    def channels(self) -> Iterable[str]:
+        return self._entries.keys()

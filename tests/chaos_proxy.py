@@ -2,7 +2,8 @@
 ``redis-server`` on 127.0.0.1 and, on demand, for a bounded time, delays, drops or half-opens the
 link.
 
-* ``delay``: every chunk, both ways, is held ``delay`` seconds before it is forwarded (in order);
+* ``delay``: every chunk, both ways, is forwarded ``delay`` seconds after it arrived (in order:
+  a latency, not a throughput limit);
 * ``drop``: every connection is closed at once and new ones are closed as soon as they arrive (a
   link down, or Redis unreachable: the client sees connection errors);
 * ``half_open``: connections stay open but nothing crosses them any more, in either direction
@@ -26,6 +27,7 @@ from collections.abc import AsyncIterator
 MODES = ("pass", "delay", "drop", "half_open")
 _CHUNK = 65536
 _LONGEST_FAULT = 30.0
+_MAX_IN_FLIGHT = 10_000  # chunks read and not yet forwarded, per direction
 
 
 class _Link:
@@ -41,19 +43,37 @@ class _Link:
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         proxy = self.proxy
+        loop = asyncio.get_running_loop()
+        # Read and forward apart, so that a delay is a latency (each chunk leaves ``delay`` after
+        # it arrived), not a throughput limit (one chunk per ``delay``).
+        due: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue(maxsize=_MAX_IN_FLIGHT)
+        forward = asyncio.ensure_future(self._forward(due, writer))
         try:
             while chunk := await reader.read(_CHUNK):
                 if proxy.mode == "half_open":
                     self.half_opened = True
                     continue  # swallowed: nothing crosses
-                if proxy.mode == "delay":
-                    await asyncio.sleep(proxy.delay)
-                writer.write(chunk)
-                await writer.drain()
+                delay = proxy.delay if proxy.mode == "delay" else 0.0
+                await due.put((loop.time() + delay, chunk))
+            await due.put(None)
+            await forward
         except (OSError, ConnectionError):
             pass
         finally:
+            forward.cancel()
             self.close()
+
+    @staticmethod
+    async def _forward(due: asyncio.Queue[tuple[float, bytes] | None],
+                       writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(OSError, ConnectionError):
+            while (item := await due.get()) is not None:
+                when, chunk = item
+                if when > loop.time():
+                    await asyncio.sleep(when - loop.time())
+                writer.write(chunk)
+                await writer.drain()
 
     def close(self) -> None:
         for writer in self.writers:

@@ -96,6 +96,6 @@ async def test_the_outbox_cost_benchmark_measures_every_case_at_tiny_size(
     from benchmarks.backplane import measure_outbox, outbox_report
 
     rows = await measure_outbox(redis_server.url, sends=20, repeats=1)
-    assert len(rows) == 3
+    assert len(rows) == 5
     assert all(row.off_us > 0 and row.on_us > 0 for row in rows)
-    assert outbox_report(rows, 20).count("\n| ") == 4  # the header and three cases
+    assert outbox_report(rows, 20).count("\n| ") == 6  # the header and five cases

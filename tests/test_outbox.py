@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
 from dara_ws_core import DaraClient, DaraServerMessage, Identity, ServerConfig
-from dara_ws_core.outbox import OutboxLimits, UserOutbox
+from dara_ws_core.outbox import DeliveryCursors, OutboxLimits, Stamped, UserOutbox, WriteLog, id_key
 
 from .helpers import eventually
+from .hostile import HostileClient
 from .stacks import running_stack
 
 TIMEOUT = 5.0
@@ -47,6 +49,10 @@ def test_the_outbox_drops_by_bytes_and_by_age_and_refuses_a_frame_over_the_byte_
     outbox.keep("carol", b"old", now=0)
     outbox.expire(now=20)
     assert len(outbox) == 0
+    for i in range(5):  # appending sweeps users who never came back, now and then
+        outbox.keep(f"gone-{i}", b"x", now=100)
+    outbox.keep("dave", b"new", now=200)
+    assert outbox.after("gone-0", None, now=0) == ([], 0)  # forgotten, number and all
 
 
 def test_outbox_limits_must_be_positive() -> None:
@@ -115,18 +121,34 @@ def test_a_lease_hands_the_frames_to_one_live_holder_and_keeps_them_until_settle
         outbox.keep("alice", b"m%d" % i, now=0)
     live = {"a", "b"}
     first = outbox.lease("alice", "a", now=1, alive=live.__contains__)
-    assert [f for _, f in first] == [b"m0", b"m1", b"m2"]
+    assert [e.frame for e in first] == [b"m0", b"m1", b"m2"]
+    assert [e.n for e in first] == [1, 2, 3]
     assert outbox.lease("alice", "b", now=1, alive=live.__contains__) == []  # "a" delivers them
-    assert outbox.settle("alice", "b", first[-1][0]) == 0  # not the holder: nothing changes
-    outbox.keep("alice", b"m3", now=1)  # kept after the lease: an ack never removes it
-    assert outbox.settle("alice", "a", first[1][0]) == 2  # "a" wrote m0 and m1, then closed
+    assert not outbox.settle("alice", "b", None)  # not the holder: nothing changes
+    outbox.keep("alice", b"m3", now=1)  # appended after the lease: an ack never covers it
+    assert outbox.settle("alice", "a", first[1].id)  # "a" wrote m0 and m1, then closed
     again = outbox.lease("alice", "b", now=2, alive=live.__contains__)
-    assert [f for _, f in again] == [b"m2", b"m3"]  # from the first frame not acknowledged
+    assert [e.frame for e in again] == [b"m2", b"m3"]  # from the first entry not written
     live.discard("b")  # "b" died without settling: its lease is void
-    assert [f for _, f in outbox.lease("alice", "c", now=3, alive=live.__contains__)] == [
+    assert [e.frame for e in outbox.lease("alice", "c", now=3, alive=live.__contains__)] == [
         b"m2", b"m3"]
-    assert outbox.settle("alice", "c", again[-1][0]) == 2
+    assert outbox.settle("alice", "c", again[-1].id)
     assert len(outbox) == 0 and outbox.lease("alice", "d", now=3, alive=live.__contains__) == []
+    # Written for the user, but kept in the history (for a process that missed them).
+    assert [e.frame for e in outbox.after("alice", first[0].id, now=3)[0]] == [
+        b"m1", b"m2", b"m3"]
+
+
+def test_an_acknowledgement_only_moves_the_written_mark_forward() -> None:
+    outbox = UserOutbox(OutboxLimits(max_messages=10, max_bytes=100, max_age=10))
+    entries = [outbox.append("alice", b"m%d" % i, now=0) for i in range(4)]
+    assert all(e is not None for e in entries)
+    outbox.ack("alice", entries[2].id)  # type: ignore[union-attr]
+    outbox.ack("alice", entries[0].id)  # type: ignore[union-attr]  # late: changes nothing
+    assert outbox.pending("alice") == 1
+    assert outbox.take("alice", now=1) == [b"m3"]
+    outbox.ack("bob", "7")  # nothing kept for bob: nothing to acknowledge
+    assert outbox.pending("bob") == 0
 
 
 async def test_frames_a_connection_never_wrote_go_to_the_next_connection() -> None:
@@ -146,3 +168,113 @@ async def test_frames_a_connection_never_wrote_go_to_the_next_connection() -> No
         message = await again.receive(TIMEOUT)
         assert isinstance(message, DaraServerMessage)
         assert message.message.model_dump() == {"fence": True}  # nothing replayed twice
+
+
+async def test_live_frames_a_closing_connection_never_wrote_go_to_the_next_connection() -> None:
+    async with running_stack("memory") as stack:
+        manager = stack.manager
+        identity = Identity(user_id="alice", session_id="s")
+        handler = manager.create_handler("silent", identity)  # no sink: nothing is ever written
+        for i in range(3):  # live: the user has a connection, which queues them
+            await manager.send_message_to_user("alice", {"i": i})
+        assert len(handler.queue) == 4 and manager.outbox.pending("alice") == 3
+        manager.remove_handler("silent")  # closed with them unwritten: kept for the user
+        client = await stack.client("alice:s2")
+        assert await numbers(client, 3) == [0, 1, 2]
+        await eventually(lambda: manager.outbox.pending("alice") == 0)  # written: acknowledged
+
+
+async def test_frames_another_connection_of_the_user_wrote_are_not_handed_out_again() -> None:
+    async with running_stack("memory") as stack:
+        manager = stack.manager
+        reader = await stack.client("alice:s1")
+        handler = manager.create_handler("silent", Identity(user_id="alice", session_id="s"))
+        for i in range(3):
+            await manager.send_message_to_user("alice", {"i": i})
+        assert await numbers(reader, 3) == [0, 1, 2]  # written to one connection of the user:
+        await eventually(lambda: manager.outbox.pending("alice") == 0)  # delivered, for the user
+        assert len(handler.queue) == 4
+        manager.remove_handler("silent")
+        after = await stack.client("alice:s3")
+        await manager.broadcast({"fence": True})
+        message = await after.receive(TIMEOUT)
+        assert isinstance(message, DaraServerMessage)
+        assert message.message.model_dump() == {"fence": True}  # nothing handed out again
+
+
+async def test_a_peer_that_stops_reading_then_disconnects_leaves_its_unwritten_frames_to_the_next(
+) -> None:
+    """On real sockets: the server writes what the peer's buffers take, queues the rest, and
+    the peer goes away; the user's next connection gets exactly the frames never written."""
+    config = ServerConfig(ping_interval=None, max_queue_messages=1000, max_queue_bytes=64 * 2**20,
+                          outbox_messages=1000, outbox_bytes=64 * 2**20)
+    async with running_stack("websockets", config=config) as stack:
+        assert stack.port is not None
+        peer = await HostileClient.open(stack.port, rcvbuf=4096)
+        response = await peer.handshake("/api/core/ws?token=alice:s1")
+        assert response.status == 101
+        channel = json.loads((await peer.read_frame()).text)["message"]["channel"]
+        peer.stop_reading()
+        handler = stack.manager.handlers[channel]
+        blob = "x" * 50_000
+        total = 200  # 10 MB: more than the kernel's buffers on loopback take
+        for i in range(total):  # far more than the socket buffers take: the queue fills
+            await stack.manager.send_message_to_user("alice", {"i": i, "blob": blob})
+        await eventually(lambda: len(handler.queue) > 0)
+        peer.abort()
+        await eventually(lambda: channel not in stack.manager.handlers)
+        written = handler.flushed - 1  # init, then the per-user frames in order
+        assert 0 < written < total
+        client = await stack.client("alice:s2", max_queue=total)
+        got = [int(p) for p in await numbers(client, total - written)]
+        assert got == list(range(written, total))  # the unwritten ones, in order, once
+        await stack.manager.broadcast({"fence": True})
+        message = await client.receive(TIMEOUT)
+        assert isinstance(message, DaraServerMessage)
+        assert message.message.model_dump() == {"fence": True}
+
+
+# --------------------------------------------------------------------------- pure decisions
+
+
+def test_a_write_log_acknowledges_what_each_connection_wrote_and_forgets_what_it_did_not() -> None:
+    log = WriteLog(max_entries=100)
+    for position, entry in ((2, "1"), (3, "2"), (4, "3")):
+        log.record("a", position, "alice", entry)
+    log.record("b", 2, "alice", "1")
+    log.record("b", 3, "bob", "9")
+    assert log.written({"a": 3, "b": 1}) == {"alice": "2"}  # a wrote frames 2 and 3
+    assert len(log) == 3
+    assert log.written({"a": 3, "b": 3}) == {"alice": "1", "bob": "9"}
+    assert log.close("a", 3) == {}  # closed before writing frame 4: "3" is not acknowledged
+    assert len(log) == 0
+    log.record("c", 2, "alice", "4")
+    assert log.written({}) == {} and len(log) == 0  # a channel that is gone: forgotten, unacked
+    small = WriteLog(max_entries=2)
+    for i in range(3):
+        small.record("d", i + 1, "alice", str(i))
+    assert len(small) == 2 and small.close("d", 9) == {"alice": "2"}
+
+
+def test_delivery_cursors_hand_each_entry_over_once_and_count_what_a_bound_dropped() -> None:
+    cursors = DeliveryCursors(max_users=2)
+    assert cursors.fresh("alice", "5-0", 1) and not cursors.fresh("alice", "5-0", 1)
+    assert not cursors.fresh("alice", "4-9", 1)  # older than what was handed over
+    history = [Stamped("5-0", 1, b"a"), Stamped("6-0", 2, b"b"), Stamped("10-1", 3, b"c")]
+    missed, lost = cursors.recover("alice", history, head=3)
+    assert [e.frame for e in missed] == [b"b", b"c"] and lost == 0
+    assert not cursors.fresh("alice", "10-1", 3)  # arrived from the history, then live: once
+    missed, lost = cursors.recover("alice", [Stamped("20-0", 7, b"g")], head=8)
+    assert [e.frame for e in missed] == [b"g"] and lost == 3  # numbers 4, 5, 6 were dropped
+    assert cursors.recover("alice", [], head=10) == ([], 3)  # everything after it dropped
+    assert cursors.recover("alice", [], head=10) == ([], 0)  # counted once
+    cursors.own("bob", "30-0", 1)  # bob's channels here got it from this process's own send
+    assert cursors.recover("bob", [Stamped("30-0", 1, b"x"), Stamped("31-0", 2, b"y")], 2)[0] == [
+        Stamped("31-0", 2, b"y")]
+    assert cursors.missing("bob", "32-0", 3) == 0 and cursors.fresh("bob", "32-0", 3)
+    cursors.own("bob", "33-0", 4)
+    assert cursors.missing("bob", "35-0", 6) == 1  # 4 was this process's own; 5 never came
+    assert not cursors.missing("bob", "29-0", 9)  # older than the last one: not a gap
+    cursors.advance("carol", "3-0", 4)
+    assert cursors.last("carol") == "3-0" and "alice" not in cursors  # bounded: two users
+    assert id_key("10-1") > id_key("9-5") > id_key("9") and id_key("12") == (12, 0)

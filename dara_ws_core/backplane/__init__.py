@@ -48,11 +48,14 @@ Design (what :class:`BrokerBackplane` implements over any bus):
   Waiting requests fail at once with ``BackplaneError`` when the bus connection is lost (their
   answers could be lost too). The connection is retried with exponential backoff and jitter; once
   back, the node resubscribes and re-registers every channel it holds.
-* **Gaps.** What was published for a node's users while its subscription was down is recovered
-  from the per-user outbox when the bus could keep it (per-user sends, held back until then so
-  they stay in order), else reported: a per-node gap ledger in the bus counts the per-user sends
-  it could not keep, and per-publisher sequence numbers on broadcasts count the broadcasts
-  missed (``stats.lost``, the log, and the manager's ``on_gap(user_id, Gap)``).
+* **Gaps.** With the per-user outbox on, every per-user message is appended to the user's
+  history on the bus as it is published, carrying the entry's id; each node remembers the last
+  entry it handed to each local user. After a lost subscription it reads each local user's
+  history after that entry and hands over what it missed, in order, before the deliveries held
+  back meanwhile (each entry once). What a bound dropped first is reported (``stats.lost``, the
+  log, the manager's ``on_gap(user_id, Gap)``), as are broadcasts missed (per-publisher
+  sequence numbers: broadcasts and per-channel sends are at most once) and, with the outbox
+  off, the per-user sends a per-node gap ledger counted.
 
 The package, bottom up (modules never import the manager; the manager implements
 :class:`BackplaneHost`, the only way a backplane reaches it):

@@ -15,13 +15,14 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Unpack
 
 import pydantic_core
 
 from dara_ws_core.codec import build_frame, dumps
 from dara_ws_core.exceptions import BackplaneError, DaraWSError, RequestTimeout
+from dara_ws_core.outbox import Stamped, id_key
 
 from .contract import Attachment, BackplaneHost, Gap, error_of, failure_of
 from .node import BusNode, BusOptions, Entry, Publication, cancel_task, wait_event
@@ -102,6 +103,10 @@ class BrokerBackplane(BusNode):
         self._recovering = False
         self._gap_down = 0.0
         self._recover_task: asyncio.Task[None] | None = None
+        # Per-user recoveries of a gap noticed in a user's entries: user -> task.
+        self._resyncing: dict[str, asyncio.Task[None]] = {}
+        # Acknowledgements that could not be sent (the bus was down): user -> entry id.
+        self._unsent_acks: dict[str, str] = {}
 
     @property
     def manager(self) -> BackplaneHost:
@@ -123,23 +128,24 @@ class BrokerBackplane(BusNode):
 
     @abc.abstractmethod
     async def _attach(self, channel_id: str, user_id: str, limit: int | None,
-                      keep: OutboxLimits | None) -> tuple[bool, list[tuple[str, bytes]]]:
+                      keep: OutboxLimits | None) -> tuple[bool, list[Kept], Kept | None]:
         """In one atomic step: refuse if the user has ``limit`` live channels (pruning dead
         entries), else register the channel as held by this node and, with ``keep``, lease the
-        user's outbox to it (``(id, bus message)``, oldest first, those younger than
-        ``keep.max_age``; nothing if a live channel holds the lease: see
-        :mod:`dara_ws_core.outbox`)."""
+        user's history after their written mark to it (``(id, n, bus message)``, oldest first,
+        those younger than ``keep.max_age``; nothing if a live channel holds the lease: see
+        :mod:`dara_ws_core.outbox`), and give the user's newest entry (its message empty)."""
 
     @abc.abstractmethod
-    async def _lease(self, user_id: str, channel_id: str,
-                     keep: OutboxLimits) -> list[tuple[str, bytes]]:
-        """Lease the user's outbox to ``channel_id`` (registered here), as :meth:`_attach`
-        does, without registering anything (the recovery after a gap)."""
+    async def _history(self, user_id: str, after: str | None,
+                       keep: OutboxLimits) -> tuple[list[Kept], int]:
+        """The user's history after entry ``after`` (all of it if ``None``), oldest first,
+        at most ``keep.max_messages`` younger than ``keep.max_age``, and the last sequence number
+        the user was given (0: none). The recovery after a gap."""
 
     @abc.abstractmethod
     async def _settle_outbox(self, user_id: str, channel_id: str, upto: str | None) -> None:
-        """If ``channel_id`` holds the lease of the user's outbox: forget the kept messages up to
-        id ``upto`` (none if ``None``) and end the lease."""
+        """Move the user's written mark to ``upto`` (if set and ahead); if ``channel_id`` holds
+        the lease of the user's history, end it."""
 
     @abc.abstractmethod
     async def _take_missed(self) -> dict[str, int]:
@@ -196,6 +202,8 @@ class BrokerBackplane(BusNode):
         for task in list(self._serving.values()):
             task.cancel()
         await cancel_task(self._recover_task)
+        for resync in list(self._resyncing.values()):
+            await cancel_task(resync)
         await self._stop_bus()
         await asyncio.gather(*self._serving.values(), return_exceptions=True)
         self._fail_waiting(BackplaneError("the backplane stopped"))
@@ -234,9 +242,58 @@ class BrokerBackplane(BusNode):
         await self._post(Publication(data, topic=self.broadcast_topic), "broadcast")
 
     async def send_to_user(self, user_id: str, frame: bytes, ignore_channel: str | None,
-                           keep: OutboxLimits | None = None) -> None:
+                           keep: OutboxLimits | None = None,
+                           stamped: Callable[[Stamped], None] | None = None) -> None:
         data = encode_bus_message(UserDelivery(user_id, ignore_channel, frame))
-        await self._post(Publication(data, user_id=user_id, keep=keep), "message to a user")
+        done: asyncio.Future[Any] | None = None
+        if stamped is not None and keep is not None:
+            done = asyncio.get_running_loop().create_future()
+            done.add_done_callback(lambda f: _stamp(f, stamped))
+        await self._post(Publication(data, user_id=user_id, keep=keep), "message to a user",
+                         done)
+
+    def ack(self, user_id: str, upto: str) -> None:
+        if not self._connected.is_set():
+            self._keep_ack(user_id, upto)  # sent once the bus is back (see _recover)
+            return
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        done.add_done_callback(lambda f: self._acked(f, user_id, upto))
+        self._post_nowait(Publication(b"", user_id=user_id, ack=upto), "acknowledgement", done)
+
+    def resync(self, user_id: str) -> None:
+        if user_id in self._resyncing or len(self._resyncing) >= _MAX_RESYNCS:
+            return  # one at a time per user; beyond the bound, the manager's hold times out
+        task = asyncio.get_running_loop().create_task(self._resync(user_id))
+        self._resyncing[user_id] = task
+        task.add_done_callback(lambda _: self._resyncing.pop(user_id, None))
+
+    async def _resync(self, user_id: str) -> None:
+        """A gap noticed in one user's entries: recover what is missing from their history."""
+        manager = self.manager
+        keep = manager.outbox_limits
+        entries: list[Stamped] = []
+        head = 0
+        if keep is not None:
+            try:
+                kept, head = await self._history(user_id, manager.delivered_upto(user_id), keep)
+                entries = self._entries_of(kept)
+            except Exception as exc:
+                logger.warning("backplane: could not read the history of a user to fill a gap "
+                               "(%s)", exc, extra={"node": self.node_id, "user": user_id})
+        got, lost = manager.recover(user_id, entries, head)
+        self.stats.recovered += got
+        self._report({user_id: Gap(lost=lost, recovered=got)}, lost, got)
+
+    def _keep_ack(self, user_id: str, upto: str) -> None:
+        current = self._unsent_acks.get(user_id)
+        if current is None or id_key(upto) > id_key(current):
+            self._unsent_acks[user_id] = upto
+        while len(self._unsent_acks) > _MAX_UNSENT_ACKS:  # bounded: delivered again, not lost
+            del self._unsent_acks[next(iter(self._unsent_acks))]
+
+    def _acked(self, done: asyncio.Future[Any], user_id: str, upto: str) -> None:
+        if done.cancelled() or done.exception() is not None:
+            self._keep_ack(user_id, upto)
 
     def disconnect(self, scope: str, target: str, code: int, reason: str) -> asyncio.Future[Any]:
         # The broadcast topic, not the directory: a channel registered a moment ago may not be
@@ -251,28 +308,28 @@ class BrokerBackplane(BusNode):
                      keep: OutboxLimits | None) -> Attachment:
         if not self._connected.is_set():
             raise BackplaneError("the backplane is disconnected")
-        admitted, kept = await self._attach(channel_id, user_id, limit, keep)
+        admitted, kept, head = await self._attach(channel_id, user_id, limit, keep)
         if not admitted:
             self.stats.refused += 1
             return Attachment(False)
-        frames, ids = self._frames_of(kept)
-        self.stats.replayed += len(frames)
-        if kept and not frames:  # leased, but nothing deliverable: end the lease
+        entries = self._entries_of(kept)
+        self.stats.replayed += len(entries)
+        if kept and not entries:  # leased, but nothing deliverable: end the lease
             await self.settle(user_id, channel_id, kept[-1][0])
-        return Attachment(True, tuple(frames), tuple(ids))
+        return Attachment(True, tuple(entries),
+                          None if head is None else Stamped(head[0], head[1], b""))
 
-    def _frames_of(self, kept: Sequence[tuple[str, bytes]]) -> tuple[list[bytes], list[str]]:
-        frames, ids = [], []
-        for kid, data in kept:
+    def _entries_of(self, kept: Sequence[Kept]) -> list[Stamped]:
+        entries = []
+        for kid, n, data in kept:
             try:
                 message = decode_bus_message(data)
             except BackplaneError as exc:
                 logger.warning("backplane: dropped a kept message: %s", exc)
                 continue
             if isinstance(message, UserDelivery):
-                frames.append(message.frame)
-                ids.append(kid)
-        return frames, ids
+                entries.append(Stamped(kid, n, message.frame))
+        return entries
 
     async def settle(self, user_id: str, channel_id: str, upto: str | None) -> None:
         try:
@@ -373,8 +430,9 @@ class BrokerBackplane(BusNode):
                 logger.debug("backplane: message for a channel that is gone",
                              extra={"channel": message.channel_id})
         elif isinstance(message, UserDelivery):
+            entry = None if message.sid is None else Stamped(message.sid, message.n, b"")
             self.stats.delivered += manager.deliver_to_user(
-                message.user_id, message.frame, message.ignore)
+                message.user_id, message.frame, message.ignore, entry)
         elif isinstance(message, RemoteRequest):
             task = asyncio.get_running_loop().create_task(self._serve(message))
             self._serving[message.request_id] = task
@@ -495,12 +553,16 @@ class BrokerBackplane(BusNode):
         return users
 
     async def _recover(self) -> None:
-        """After a gap: hand every local user what the bus kept for them meanwhile (leased and
-        settled as a new connection's outbox is), and report what is known lost: the gap
-        ledger (messages for this node that the bus could not keep) and, later, broadcasts
-        missed (sequence numbers). Every local user is reported (``on_gap``): a half-open link
-        loses messages that nothing counts."""
+        """After a gap: hand every local user what they missed meanwhile, read from their
+        history after the last entry handed to them here (in order, before the deliveries held
+        back since the bus came back), and report what could not be: entries a bound dropped
+        first, the gap ledger (with the outbox off: messages for this node nobody heard) and,
+        later, broadcasts missed (sequence numbers). Acknowledgements that could not be sent
+        meanwhile are sent now."""
         manager = self.manager
+        for user_id, upto in list(self._unsent_acks.items()):
+            del self._unsent_acks[user_id]
+            self.ack(user_id, upto)
         users = self._local_users()
         held = set(manager.hold_users())  # any user that arrived since _bus_up
         gaps: dict[str, Gap] = {}
@@ -513,21 +575,22 @@ class BrokerBackplane(BusNode):
             missed = {}
         keep = manager.outbox_limits
         for user_id in held | set(users):
-            frames: list[bytes] = []
-            ids: list[str] = []
-            holder = users.get(user_id)
-            if keep is not None and holder is not None:
+            entries: list[Stamped] = []
+            head = 0
+            if keep is not None and user_id in users:
                 try:
-                    frames, ids = self._frames_of(await self._lease(user_id, holder, keep))
+                    kept, head = await self._history(user_id, manager.delivered_upto(user_id),
+                                                     keep)
+                    entries = self._entries_of(kept)
                 except Exception as exc:
-                    logger.warning("backplane: could not read the outbox of a user after a gap "
-                                   "(%s)", exc, extra={"node": self.node_id, "user": user_id})
-            manager.replay(user_id, frames, ids, holder if ids else None)
-            recovered += len(frames)
-            lost += missed.get(user_id, 0)
+                    logger.warning("backplane: could not read the history of a user after a "
+                                   "gap (%s)", exc, extra={"node": self.node_id, "user": user_id})
+            got, dropped = manager.recover(user_id, entries, head)
+            user_lost = dropped + missed.get(user_id, 0)
+            recovered += got
+            lost += user_lost
             if user_id in users:
-                gaps[user_id] = Gap(lost=missed.get(user_id, 0), recovered=len(frames),
-                                    down=self._gap_down)
+                gaps[user_id] = Gap(lost=user_lost, recovered=got, down=self._gap_down)
         self.stats.gaps += 1
         self.stats.recovered += recovered
         self._report(gaps, lost, recovered)
@@ -552,6 +615,26 @@ class BrokerBackplane(BusNode):
             # (a removal would have replaced it), so it is still held here.
             present = [(c, u) for c, (u, there) in changes.items() if there]
         return present, absent
+
+
+#: One entry of a user's history as the bus gives it: (id, n, bus message).
+Kept = tuple[str, int, bytes]
+
+_MAX_UNSENT_ACKS = 100_000
+_MAX_RESYNCS = 1000
+
+
+def _stamp(done: asyncio.Future[Any], stamped: Callable[[Stamped], None]) -> None:
+    """A message to a user was appended to their history: tell the sender which entry it is."""
+    if done.cancelled() or done.exception() is not None:
+        return
+    where, _ = done.result()
+    if where:
+        sid, _, n = where.partition(" ")
+        try:
+            stamped(Stamped(sid, int(n), b""))
+        except Exception:
+            logger.exception("backplane: acknowledging a local delivery failed")
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -41,29 +41,37 @@ if TYPE_CHECKING:
 
     from dara_ws_core.auth import Identity
     from dara_ws_core.messages import LoosePayload
-    from dara_ws_core.outbox import OutboxLimits
+    from dara_ws_core.outbox import OutboxLimits, Stamped
 
 
 @dataclass(frozen=True, slots=True)
 class Attachment:
     """What registering a new channel on the bus gave (:meth:`Backplane.attach`): whether the
-    user's connection limit admitted it, and the frames kept for the user while they had no
-    connection anywhere, oldest first, with their ids (leased to this channel, and to no other,
-    until it settles them: :meth:`Backplane.settle`)."""
+    user's connection limit admitted it; the entries of the user's history that none of their
+    connections has written, oldest first (leased to this channel, and to no other, until it
+    settles them: :meth:`Backplane.settle`); and ``head``, the user's newest entry when the
+    channel was registered (what arrives live up to it is not for this channel: it was in the
+    history already). See :mod:`dara_ws_core.outbox`."""
 
     admitted: bool
-    frames: tuple[bytes, ...] = ()
-    ids: tuple[str, ...] = ()
+    entries: tuple[Stamped, ...] = ()
+    head: Stamped | None = None
+
+    @property
+    def frames(self) -> tuple[bytes, ...]:
+        return tuple(entry.frame for entry in self.entries)
 
 
 @dataclass(frozen=True, slots=True)
 class Gap:
     """What a process knows a user of its may have missed while its bus subscription was down
-    (passed to the ``on_gap`` callback). ``lost`` counts the messages known lost (for this user,
-    or broadcasts); ``recovered`` the per-user messages found in the user's outbox and delivered
-    now. Known counts are a floor, not the truth: a link that stayed half-open is still counted
-    as subscribed by the bus, and what was published to it is lost without a trace. Treat any
-    gap as "resynchronise this user" (``down``: seconds the subscription was down, 0 if unknown)."""
+    (passed to the ``on_gap`` callback). ``recovered`` counts the per-user messages it missed
+    and found in the user's history, delivered now (in order, before anything newer); ``lost``
+    the messages it could not recover: per-user ones a bound (count, bytes, age) dropped from
+    the history first, and broadcasts (``broadcasts``, told by their sequence numbers: they are
+    at most once). With the outbox off, per-user messages are not recoverable either and ``lost``
+    is a floor. Treat a gap with anything lost as "resynchronise this user" (``down``: seconds
+    the subscription was down, 0 if unknown)."""
 
     lost: int = 0
     recovered: int = 0
@@ -105,11 +113,23 @@ class Backplane(Protocol):
         local ones). Never raises for remote failures: they are counted and logged."""
 
     async def send_to_user(self, user_id: str, frame: bytes, ignore_channel: str | None,
-                           keep: OutboxLimits | None = None) -> None:
-        """Deliver a frame to the user's channels on every *other* process. With ``keep`` (the
-        caller delivered it to no local channel) a user connected nowhere gets it kept in the
-        bus's outbox for their next connection. Never raises for remote failures: they are
-        counted and logged."""
+                           keep: OutboxLimits | None = None,
+                           stamped: Callable[[Stamped], None] | None = None) -> None:
+        """Deliver a frame to the user's channels on every *other* process. With ``keep`` it is
+        appended to the user's history on the bus first (in the same step), and ``stamped``
+        is called with the entry it became once the bus has it (the caller's local deliveries
+        are acknowledged by it). Never raises for remote failures: they are counted and
+        logged."""
+
+    def ack(self, user_id: str, upto: str) -> None:
+        """The user's connections here wrote the user's history up to entry ``upto``: move the
+        user's written mark forward. Never waits, never raises (queued, failures counted)."""
+
+    def resync(self, user_id: str) -> None:
+        """A gap was noticed in the user's entries (their numbers skipped some): read the
+        user's history after the last entry handed over here and hand over what is missing
+        (:meth:`BackplaneHost.recover`). Never waits (the manager holds the user's deliveries
+        meanwhile, bounded in time), never raises."""
 
     def disconnect(self, scope: str, target: str, code: int, reason: str) -> Awaitable[Any]:
         """Close, on every *other* process, the connections of a user (``scope="user"``), of a
@@ -124,8 +144,8 @@ class Backplane(Protocol):
         frames kept for the user are taken (when ``keep`` is set). Raises ``BackplaneError``."""
 
     async def settle(self, user_id: str, channel_id: str, upto: str | None) -> None:
-        """The channel that leased the user's kept frames (:meth:`attach`) has written those up
-        to id ``upto`` (``None``: none): forget them, end the lease. Never raises (logged)."""
+        """The channel that leased the user's entries (:meth:`attach`) has written those up to
+        id ``upto`` (``None``: none): acknowledged, the lease ends. Never raises (logged)."""
 
     async def request(
         self,
@@ -168,22 +188,29 @@ class BackplaneHost(Protocol):
     def deliver_to_channel(self, channel_id: str, frame: bytes) -> bool:
         """Hand a frame to one local channel; ``False`` if it is not here (or closed)."""
 
-    def deliver_to_user(self, user_id: str, frame: bytes, ignore_channel: str | None = None) -> int:
-        """Hand a frame to the user's local channels but ``ignore_channel``; how many got it."""
+    def deliver_to_user(self, user_id: str, frame: bytes, ignore_channel: str | None = None,
+                        entry: Stamped | None = None) -> int:
+        """Hand a frame to the user's local channels but ``ignore_channel``; how many got it.
+        ``entry``: the entry of the user's history it is (its frame unused): handed over once,
+        after what was recovered (see :meth:`recover`)."""
 
     def deliver_to_all(self, frame: bytes, ignore_channel: str | None = None) -> int:
         """Hand a frame to every local channel but ``ignore_channel``; how many got it."""
 
     def hold_users(self) -> list[str]:
         """Hold back the per-user deliveries to every user with a local channel (they queue,
-        bounded, until :meth:`replay`), so frames recovered after a gap go out first; the users
-        held."""
+        bounded, until :meth:`recover`), so what is recovered after a gap goes out first; the
+        users held."""
 
-    def replay(self, user_id: str, frames: Sequence[bytes], ids: Sequence[str],
-               holder: str | None) -> int:
-        """Hand recovered frames (then the held ones) to the user's local channels and stop
-        holding them back; once written, settle them as ``holder`` (if set). How many
-        channels got them."""
+    def delivered_upto(self, user_id: str) -> str | None:
+        """The last entry of the user's history handed to the user's channels here (``None``:
+        not known)."""
+
+    def recover(self, user_id: str, entries: Sequence[Stamped], head: int) -> tuple[int, int]:
+        """After a gap: hand the user's channels here the entries of their history they missed
+        (those of ``entries`` after :meth:`delivered_upto`), then the deliveries held meanwhile,
+        and stop holding them back. ``head``: the last sequence number the user was given.
+        Returns (entries handed over, entries a bound dropped before they could be)."""
 
     def users_gapped(self, gaps: dict[str, Gap]) -> None:
         """Report gaps to the ``on_gap`` callback (if any) of the users concerned."""
@@ -215,17 +242,17 @@ class BackplaneStats:
     reconnects: int = 0
     #: Messages for a user connected nowhere, kept in the bus's outbox.
     kept: int = 0
-    #: Frames taken from the outbox by new channels of this node.
+    #: Entries of the users' histories handed to new channels of this node.
     replayed: int = 0
     #: Connections refused because the user had ``max_connections_per_user`` on all processes.
     refused: int = 0
     #: Times this node's subscription came back after a gap (every one is reported).
     gaps: int = 0
-    #: Messages known lost for this node's channels during gaps: per-user sends the bus could
-    #: not keep (another process had a channel of the user), and broadcasts (per-publisher
-    #: sequence numbers). A floor: see :class:`Gap`.
+    #: Messages known lost for this node's channels during gaps: per-user sends a bound dropped
+    #: from the user's history before they could be recovered (or, with the outbox off, that
+    #: found nobody listening), and broadcasts (per-publisher sequence numbers). See :class:`Gap`.
     lost: int = 0
-    #: Per-user messages recovered from the outbox after a gap.
+    #: Per-user messages recovered from the users' histories after a gap.
     recovered: int = 0
 
     def as_dict(self) -> dict[str, int]:

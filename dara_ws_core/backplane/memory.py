@@ -12,15 +12,17 @@ from __future__ import annotations
 __all__ = ["MemoryBackplane", "MemoryBroker"]
 
 import asyncio
+import itertools
 import time
 from collections.abc import Callable, Collection, Hashable, Sequence
 from typing import Any, cast
 
 from dara_ws_core.exceptions import BackplaneError
-from dara_ws_core.outbox import OutboxLimits, UserOutbox
+from dara_ws_core.outbox import OutboxLimits, Stamped, UserOutbox
 
-from .broker import BrokerBackplane
+from .broker import BrokerBackplane, Kept
 from .node import Entry, Publication, Routed
+from .wire import stamp_message
 
 
 class _Subscription:
@@ -55,8 +57,9 @@ class MemoryBroker:
         self._user_expiry: dict[str, float] = {}
         #: Messages published per topic (for tests of routing).
         self.published: dict[str, int] = {}
-        #: Per-user outboxes (as the Redis streams): user -> outbox of bus messages.
+        #: Per-user histories (as the Redis streams): user -> outbox of bus messages.
         self.outboxes: dict[str, UserOutbox] = {}
+        self._entry_ids = itertools.count(1)  # never reset, as Redis's clock: ids never go back
         #: The gap ledger (as in Redis): node -> user -> messages nobody on it listened for.
         self.missed: dict[str, dict[str, int]] = {}
         self._cut: set[str] = set()
@@ -150,12 +153,21 @@ class MemoryBroker:
         return self._users.get(user_id, {})
 
     def publish_to_user(self, user_id: str, node_id: str, topic_of: Callable[[str], str],
-                        data: bytes, keep: OutboxLimits | None = None) -> int:
+                        data: bytes, keep: OutboxLimits | None = None) -> Routed:
         """Publish once to every node but ``node_id`` holding channels of the user; entries of
-        nodes nobody listens for are dropped once expired (as the Redis script does), and
-        counted in that node's gap ledger if the message is not kept. With ``keep`` and no
-        receiver, keep ``data`` in the user's outbox and return -1."""
+        nodes nobody listens for are dropped once expired (as the Redis script does). With
+        ``keep``, append ``data`` to the user's history first (the message published carries
+        the entry's id and number); without, a node that did not hear it gets it counted in its
+        gap ledger. Returns ``("<id> <n>" or None, receivers, -1 if none and kept)``."""
         self._check()
+        stamp: Stamped | None = None
+        if keep is not None:
+            outbox = self.outboxes.get(user_id)
+            if outbox is None or outbox.limits != keep:
+                outbox = self.outboxes[user_id] = UserOutbox(keep, self._entry_ids)
+            stamp = outbox.append(user_id, data, self.clock())
+            if stamp is not None:
+                data = stamp_message(data, stamp)
         fields = self._user(user_id)
         receivers: dict[str, int] = {}
         for node in set(fields.values()) - {node_id}:
@@ -164,35 +176,34 @@ class MemoryBroker:
             if receivers.get(node) == 0 and self.owner(channel_id) != node:
                 del fields[channel_id]  # dead (a node cut off keeps them until the expiry)
         total = sum(receivers.values())
-        if total == 0 and keep is not None:
-            outbox = self.outboxes.get(user_id)
-            if outbox is None or outbox.limits != keep:
-                outbox = self.outboxes[user_id] = UserOutbox(keep)
-            outbox.keep(user_id, data, self.clock())
-            return -1
+        if stamp is not None:
+            return f"{stamp.id} {stamp.n}", total if total else -1
         for node, n in receivers.items():  # not kept, and nobody there heard it: a gap
             if n == 0:
                 ledger = self.missed.setdefault(node, {})
                 ledger[user_id] = ledger.get(user_id, 0) + 1
-        return total
+        return None, total
 
     def attach(self, node_id: str, channel_id: str, user_id: str, expiry: float, *,
-               limit: int | None, keep: OutboxLimits | None,
-               topic_of: Callable[[str], str]) -> tuple[bool, list[tuple[str, bytes]]]:
+               limit: int | None, keep: OutboxLimits | None, topic_of: Callable[[str], str],
+               ) -> tuple[bool, list[Kept], Kept | None]:
         """Refuse if the user has ``limit`` live channels, else register the channel and lease
-        the user's outbox to it (with ``keep``): one step, as the Redis script."""
+        the user's history to it (with ``keep``): one step, as the Redis script."""
         self._check()
         if limit is not None and len(self.user_entries(user_id)) >= limit:
-            return False, []
+            return False, [], None
         self.write(node_id, [(channel_id, user_id)], (), expiry)
         if keep is None:
-            return True, []
-        return True, self.lease(node_id, channel_id, user_id, topic_of)
+            return True, [], None
+        outbox = self.outboxes.get(user_id)
+        head = None if outbox is None else outbox.head(user_id)
+        return (True, self.lease(node_id, channel_id, user_id, topic_of),
+                None if head is None else (head.id, head.n, b""))
 
     def lease(self, node_id: str, channel_id: str, user_id: str,
-              topic_of: Callable[[str], str]) -> list[tuple[str, bytes]]:
-        """Lease the user's outbox to a channel of ``node_id`` (nothing if a live one holds it:
-        registered, and its node listening)."""
+              topic_of: Callable[[str], str]) -> list[Kept]:
+        """Lease the user's unwritten entries to a channel of ``node_id`` (nothing if a live
+        one holds it: registered, and its node listening)."""
         self._check()
         outbox = self.outboxes.get(user_id)
         if outbox is None:
@@ -203,15 +214,33 @@ class MemoryBroker:
             return self.listening(topic_of(node)) and self.owner(channel) == node
 
         kept = outbox.lease(user_id, (node_id, channel_id), self.clock(), alive)
-        return [(str(kid), frame) for kid, frame in kept]
+        return [(e.id, e.n, e.frame) for e in kept]
+
+    def history(self, user_id: str, after: str | None) -> tuple[list[Kept], int]:
+        """The user's history after entry ``after`` (within the age), and their last number."""
+        self._check()
+        outbox = self.outboxes.get(user_id)
+        if outbox is None:
+            return [], 0
+        entries, head = outbox.after(user_id, after, self.clock())
+        return [(e.id, e.n, e.frame) for e in entries], head
 
     def settle(self, node_id: str, channel_id: str, user_id: str, upto: str | None) -> None:
         self._check()
         outbox = self.outboxes.get(user_id)
         if outbox is not None:
-            outbox.settle(user_id, (node_id, channel_id), None if upto is None else int(upto))
-            if not len(outbox):
-                del self.outboxes[user_id]
+            outbox.settle(user_id, (node_id, channel_id), upto)
+
+    def ack(self, user_id: str, upto: str) -> None:
+        self._check()
+        outbox = self.outboxes.get(user_id)
+        if outbox is not None:
+            outbox.ack(user_id, upto)
+
+    def pending(self, user_id: str) -> int:
+        """How many of the user's entries none of their connections has written (for tests)."""
+        outbox = self.outboxes.get(user_id)
+        return 0 if outbox is None else outbox.pending(user_id)
 
     def take_missed(self, node_id: str) -> dict[str, int]:
         self._check()
@@ -284,10 +313,15 @@ class MemoryBackplane(BrokerBackplane):
             if publication.topic is not None:
                 results.append((None, broker.publish(publication.topic, publication.data)))
                 continue
+            if publication.ack is not None:
+                assert publication.user_id is not None
+                broker.ack(publication.user_id, publication.ack)
+                results.append((None, -1))
+                continue
             if publication.user_id is not None:
-                results.append((None, broker.publish_to_user(
+                results.append(broker.publish_to_user(
                     publication.user_id, self.node_id, self.topic_of, publication.data,
-                    publication.keep)))
+                    publication.keep))
                 continue
             assert publication.channel_id is not None
             owner = broker.owner(publication.channel_id)
@@ -306,15 +340,16 @@ class MemoryBackplane(BrokerBackplane):
         self.broker.write(self.node_id, present, absent, self.expiry)
 
     async def _attach(self, channel_id: str, user_id: str, limit: int | None,
-                      keep: OutboxLimits | None) -> tuple[bool, list[tuple[str, bytes]]]:
+                      keep: OutboxLimits | None) -> tuple[bool, list[Kept], Kept | None]:
         self.broker.check_node(self.node_id)
         return self.broker.attach(self.node_id, channel_id, user_id, self.expiry, limit=limit,
                                   keep=keep, topic_of=self.topic_of)
 
-    async def _lease(self, user_id: str, channel_id: str,
-                     keep: OutboxLimits) -> list[tuple[str, bytes]]:
+    async def _history(self, user_id: str, after: str | None,
+                       keep: OutboxLimits) -> tuple[list[Kept], int]:
         self.broker.check_node(self.node_id)
-        return self.broker.lease(self.node_id, channel_id, user_id, self.topic_of)
+        entries, head = self.broker.history(user_id, after)
+        return entries[-keep.max_messages:], head
 
     async def _settle_outbox(self, user_id: str, channel_id: str, upto: str | None) -> None:
         self.broker.check_node(self.node_id)

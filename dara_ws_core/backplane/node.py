@@ -33,6 +33,8 @@ logger = logging.getLogger("dara_ws_core.backplane")
 #: (channel id, user id or None): one directory entry.
 Entry = tuple[str, str | None]
 #: What publishing did: (node holding the channel or None, receivers; -1: nothing published).
+#: For a message to a user appended to the user's history, the first item is ``"<id> <n>"``,
+#: the entry it became (:mod:`dara_ws_core.outbox`).
 Routed = tuple[str | None, int]
 
 
@@ -50,14 +52,16 @@ class BusOptions(TypedDict, total=False):
 @dataclass(frozen=True, slots=True)
 class Publication:
     """One message to publish (set exactly one target): to ``topic``, to the node holding
-    ``channel_id``, or to every other node holding channels of ``user_id`` (with ``keep``: kept
-    in the user's outbox if no other node has a live channel of the user)."""
+    ``channel_id``, or to every other node holding channels of ``user_id`` (with ``keep``:
+    appended to the user's history too, in the same step). With ``ack`` (and ``user_id``), not a
+    message: the user's connections here wrote the user's entries up to id ``ack``."""
 
     data: bytes
     topic: str | None = None
     channel_id: str | None = None
     user_id: str | None = None
     keep: OutboxLimits | None = None
+    ack: str | None = None
 
 
 class BusNode(abc.ABC):
@@ -148,8 +152,10 @@ class BusNode(abc.ABC):
           (nothing published), else ``(node, receivers)`` after publishing to its node's topic;
         * to a user: published once to each *other* node holding channels of the user,
           ``(None, receivers in all)``; entries of nodes that nobody listens for are dropped.
-          With ``keep`` and no receiver, the message is kept in the user's outbox instead, in the
-          same atomic step: ``(None, -1)``.
+          With ``keep``, first appended to the user's history (bounded), in the same atomic
+          step, the message published carrying the entry's id and number: ``("<id> <n>",
+          receivers)``, receivers -1 if there were none (kept for the user's next connection);
+        * an acknowledgement (``ack``): the user's written mark moves forward; ``(None, -1)``.
         """
 
     @abc.abstractmethod
@@ -218,7 +224,9 @@ class BusNode(abc.ABC):
                     continue
                 for (publication, done, _), (owner, receivers) in zip(batch, results,
                                                                          strict=True):
-                    if receivers >= 0:
+                    if publication.ack is not None:
+                        pass
+                    elif receivers >= 0:
                         self.stats.published += 1
                     elif publication.keep is not None:
                         self.stats.kept += 1

@@ -45,11 +45,15 @@ class ChannelDelivery:
 
 @dataclass(frozen=True, slots=True)
 class UserDelivery:
-    """A frame for a user's channels on the receiving node, except ``ignore``."""
+    """A frame for a user's channels on the receiving node, except ``ignore``. ``sid`` and
+    ``n``: the entry of the user's history it was appended to (:mod:`dara_ws_core.outbox`;
+    the bus sets them as it appends it, ``None``/0 with the outbox off)."""
 
     user_id: str
     ignore: str | None
     frame: bytes
+    sid: str | None = None
+    n: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +130,8 @@ def encode_bus_message(message: BusMessage) -> bytes:
         head, body = {"op": "ch", "ch": message.channel_id}, message.frame
     elif isinstance(message, UserDelivery):
         head = {"op": "user", "user": message.user_id, "ignore": message.ignore}
+        if message.sid is not None:
+            head["sid"], head["n"] = message.sid, message.n
         body = message.frame
     elif isinstance(message, BroadcastDelivery):
         head = {"op": "all", "origin": message.origin, "ignore": message.ignore}
@@ -151,6 +157,13 @@ def encode_bus_message(message: BusMessage) -> bytes:
     return b"%b\n%b" % (dumps(head), body)
 
 
+def stamp_message(data: bytes, entry: Any) -> bytes:
+    """A :class:`UserDelivery` as encoded, with the history entry it became (``entry.id``,
+    ``entry.n``) added to its header, as the Redis script does (the header is a JSON object:
+    the fields go right after its opening brace)."""
+    return b'{"sid":%b,"n":%d,%b' % (dumps(entry.id), entry.n, data[1:])
+
+
 def _field(head: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     value = head.get(key)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
@@ -174,7 +187,12 @@ def decode_bus_message(data: bytes) -> BusMessage:
     if op == "ch":
         return ChannelDelivery(_field(head, "ch", str), body)
     if op == "user":
-        return UserDelivery(_field(head, "user", str), _field(head, "ignore", opt_str), body)
+        sid = _field(head, "sid", opt_str)
+        n = head.get("n", 0)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise BackplaneError("malformed bus message: bad 'n'")
+        return UserDelivery(_field(head, "user", str), _field(head, "ignore", opt_str), body,
+                            sid, n)
     if op == "all":
         seq = head.get("seq", 0)
         if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:

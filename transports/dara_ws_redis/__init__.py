@@ -13,22 +13,26 @@ Redis layout (``<ns>`` is the namespace, ``dara-ws`` by default):
 * pub/sub ``<ns>:broadcast``: broadcasts, heard by every process;
 * ``<ns>:ch:<channel_id>`` -> node id, a string with a TTL of ``expiry``;
 * ``<ns>:user:<user_id>`` -> hash channel id -> node id, with the same TTL;
-* ``<ns>:outbox:<user_id>``: a Stream of the messages sent to the user while no process held a
-  channel of theirs (the per-user outbox, :mod:`dara_ws_core.outbox`), trimmed by count, bytes
-  (``<ns>:outbox-bytes:<user_id>``) and age, both keys expiring ``max_age`` after the last one;
-* ``<ns>:outbox-lease:<user_id>`` -> ``node\nchannel``: the channel delivering the outbox (read,
-  then acknowledge), expiring after ``max_age``, void once that channel or its node is gone;
-* ``<ns>:missed:<node_id>`` -> hash user -> count: the node's gap ledger, messages for its users
-  that found nobody listening on its topic and could not be kept (read and reset when the node
-  resubscribes).
+* ``<ns>:outbox:<user_id>``: a Stream, the user's history: every message sent to the user with
+  ``send_message_to_user`` (the per-user outbox, :mod:`dara_ws_core.outbox`), trimmed by count,
+  bytes and age; ``<ns>:outbox-meta:<user_id>``, a hash: its bytes (``b``), the last number given
+  to the user (``n``) and the written mark (``w``: the last entry written to a connection of
+  the user); both keys expire ``max_age`` after the last message;
+* ``<ns>:outbox-lease:<user_id>`` -> ``node\nchannel``: the new channel delivering the entries
+  after the written mark (read, then acknowledge), expiring after ``max_age``, void once that
+  channel or its node is gone;
+* ``<ns>:missed:<node_id>`` -> hash user -> count: the node's gap ledger, used with the outbox
+  off: messages for its users that found nobody listening on its topic (read and reset when the
+  node resubscribes).
 
 A Stream rather than a list: entry ids are Redis's own millisecond clock, so the age bound needs no
-clock of ours (processes' clocks may disagree), and trimming the oldest is cheap. A message is kept
-in the same script that finds no live channel of the user, and a new channel is registered in the
-same script that leases the outbox: Redis runs scripts one at a time, so a message is either
-routed to a live channel or kept, and leased by one live channel at a time, whose acknowledgement
-(once its transport wrote the messages) deletes them up to the last one written. What Redis has
-acknowledged survives the restart or crash of any server process (and of Redis itself with
+clock of ours (processes' clocks may disagree), ids stay increasing across a Redis restart that
+lost the data (a process's "last entry handed over" stays meaningful), trimming the oldest is
+cheap and reading "after id X" is one ``XRANGE``. A message is appended in the same script that
+publishes it, with the entry's id and number added to the published header, and a new channel is
+registered in the same script that leases the entries after the written mark: Redis runs scripts
+one at a time, so whatever a new channel did not get from the history reaches it live. What Redis
+has acknowledged survives the restart or crash of any server process (and of Redis itself with
 persistence on: ``appendonly yes``).
 
 Each node re-writes its entries every ``heartbeat_interval`` (which also restores them after a
@@ -65,6 +69,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
     ) from exc
 
 from dara_ws_core.backplane import BrokerBackplane, Entry, Publication, Routed
+from dara_ws_core.backplane.broker import Kept
 from dara_ws_core.exceptions import BackplaneError
 from dara_ws_core.outbox import OutboxLimits
 
@@ -80,56 +85,69 @@ if node == ARGV[1] then return {node, -1} end
 return {node, redis.call('PUBLISH', ARGV[2] .. node, ARGV[3])}
 """
 
+# Is stream id ARGV a after b? (ids are "<ms>-<seq>": compared as numbers, not strings.)
+_LATER = """
+local function later(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am > bm or (am == bm and as > bs)
+end
+"""
+
 # Publish once to every other node holding channels of a user, in one round trip. KEYS[1]: the
 # user's hash; ARGV[1..3] as above; ARGV[4..7]: the gap ledger key prefix, the user, the ledger's
-# TTL in ms, the channel key prefix. Fields of nodes nobody listens for are dropped once their
-# channel key is gone too (a dead node's; a node cut off for less than the expiry keeps them, so
-# that its gap ledger counts every message it missed). Returns the receivers in all.
+# TTL in ms, the channel key prefix. With the outbox on (ARGV[8..10]: most messages, bytes, age
+# in ms; KEYS[2]: the user's history stream, KEYS[3]: its meta hash), the message is first
+# appended to the history (trimmed by count, bytes and age, the oldest first) and published with
+# the entry's id and number in its header: returns {id, n, receivers}. Fields of nodes nobody
+# listens for are dropped once their channel key is gone too (a dead node's; a node cut off for
+# less than the expiry keeps them, so that with the outbox off its gap ledger counts every
+# message it missed). Returns the receivers in all.
 _ROUTE_USER = """
-local fields = redis.call('HGETALL', KEYS[1])
-local sent, stale, total = {}, {}, 0
-for i = 1, #fields, 2 do
-  local node = fields[i + 1]
-  if node ~= ARGV[1] then
-    local n = sent[node]
-    if n == nil then
-      n = redis.call('PUBLISH', ARGV[2] .. node, ARGV[3])
-      sent[node] = n
-      total = total + n
-    end
-    if n == 0 and redis.call('GET', ARGV[7] .. fields[i]) ~= node then
-      stale[#stale + 1] = fields[i]
-    end
-  end
-end
-if #stale > 0 then redis.call('HDEL', KEYS[1], unpack(stale)) end
-if total == 0 and ARGV[8] ~= nil then
-  -- Nobody else has a channel of the user (and the caller none): keep it. KEYS[2]: the outbox
-  -- stream, KEYS[3]: its byte count; ARGV[8..10]: most messages, bytes, age in ms.
+local message, kept, n = ARGV[3], nil, 0
+if ARGV[8] ~= nil and #ARGV[3] <= tonumber(ARGV[9]) then
   local most, cap, age = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-  local size = #ARGV[3]
-  if size > cap then return -2 end
+  n = redis.call('HINCRBY', KEYS[3], 'n', 1)
+  kept = redis.call('XADD', KEYS[2], '*', 'd', ARGV[3], 'n', n)
+  local bytes = redis.call('HINCRBY', KEYS[3], 'b', #ARGV[3])
+  local count = redis.call('XLEN', KEYS[2])
   local t = redis.call('TIME')
   local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - age
-  redis.call('XADD', KEYS[2], '*', 'd', ARGV[3])
-  local bytes = redis.call('INCRBY', KEYS[3], size)
-  local count = redis.call('XLEN', KEYS[2])
   while count > 0 do
     local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
     local ms = tonumber(string.match(head[1], '^(%d+)'))
     if ms > cutoff and count <= most and bytes <= cap then break end
     redis.call('XDEL', KEYS[2], head[1])
-    bytes = redis.call('DECRBY', KEYS[3], #head[2][2])
+    bytes = redis.call('HINCRBY', KEYS[3], 'b', -#head[2][2])
     count = count - 1
   end
   redis.call('PEXPIRE', KEYS[2], age)
   redis.call('PEXPIRE', KEYS[3], age)
-  return -1
+  message = '{"sid":"' .. kept .. '","n":' .. n .. ',' .. string.sub(ARGV[3], 2)
 end
+local fields = redis.call('HGETALL', KEYS[1])
+local sent, stale, total = {}, {}, 0
+for i = 1, #fields, 2 do
+  local node = fields[i + 1]
+  if node ~= ARGV[1] then
+    local r = sent[node]
+    if r == nil then
+      r = redis.call('PUBLISH', ARGV[2] .. node, message)
+      sent[node] = r
+      total = total + r
+    end
+    if r == 0 and redis.call('GET', ARGV[7] .. fields[i]) ~= node then
+      stale[#stale + 1] = fields[i]
+    end
+  end
+end
+if #stale > 0 then redis.call('HDEL', KEYS[1], unpack(stale)) end
+if kept then return {kept, n, total} end
 -- Not kept, and a node holding channels of the user did not hear it (its link is down): note
 -- it in that node's gap ledger, which it reads when it is back.
-for node, n in pairs(sent) do
-  if n == 0 then
+for node, r in pairs(sent) do
+  if r == 0 then
     redis.call('HINCRBY', ARGV[4] .. node, ARGV[5], 1)
     redis.call('PEXPIRE', ARGV[4] .. node, ARGV[6])
   end
@@ -137,12 +155,13 @@ end
 return total
 """
 
-# Lease a user's outbox to a channel (read, then acknowledge: see dara_ws_core.outbox): nothing
+# Lease a user's history to a channel (read, then acknowledge: see dara_ws_core.outbox): nothing
 # if a live channel holds the lease (its node listening, its channel still registered on it),
-# else every message younger than the age, with its id, and the lease is ours. KEYS: the outbox
-# stream, the lease. ARGV: node, channel, channel key prefix, node topic prefix, age in ms.
+# else every entry after the user's written mark (meta field 'w') and younger than the age, with
+# its id and number, and the lease is ours. KEYS: the stream, the lease, the meta hash. ARGV:
+# node, channel, channel key prefix, node topic prefix, age in ms.
 _LEASE_FUNCTION = """
-local function lease(stream, key, node, channel, chprefix, topicprefix, age)
+local function lease(stream, key, meta, node, channel, chprefix, topicprefix, age)
   local current = redis.call('GET', key)
   if current then
     local hnode, hchannel = string.match(current, '^(.-)\\n(.*)$')
@@ -153,10 +172,16 @@ local function lease(stream, key, node, channel, chprefix, topicprefix, age)
   end
   local t = redis.call('TIME')
   local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(age)
+  local written = redis.call('HGET', meta, 'w')
+  local from = '-'
+  if written then from = '(' .. written end
   local out = {}
-  for _, entry in ipairs(redis.call('XRANGE', stream, '(' .. cutoff, '+')) do
-    out[#out + 1] = entry[1]
-    out[#out + 1] = entry[2][2]
+  for _, entry in ipairs(redis.call('XRANGE', stream, from, '+')) do
+    if tonumber(string.match(entry[1], '^(%d+)')) > cutoff then
+      out[#out + 1] = entry[1]
+      out[#out + 1] = entry[2][4]
+      out[#out + 1] = entry[2][2]
+    end
   end
   if #out == 0 then
     redis.call('DEL', key)
@@ -167,15 +192,12 @@ local function lease(stream, key, node, channel, chprefix, topicprefix, age)
 end
 """
 
-_LEASE = _LEASE_FUNCTION + """
-return lease(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
-"""
-
 # Admit a new channel of a user, in one step: refuse it if the user has ARGV[3] live channels
 # (-1: no limit; dead fields are pruned), else register it (as the directory write does) and,
-# if ARGV[7] (the outbox age in ms) is set, lease the user's outbox to it. KEYS: the channel key,
-# the user's hash, the outbox stream, the lease. ARGV: node, TTL ms, limit, channel key prefix,
-# channel id, node topic prefix[, age]. Returns {0} (refused) or {1, id, message, ...}.
+# if ARGV[7] (the outbox age in ms) is set, lease the user's history to it. KEYS: the channel
+# key, the user's hash, the stream, the lease, the meta hash. ARGV: node, TTL ms, limit, channel
+# key prefix, channel id, node topic prefix[, age]. Returns {0} (refused) or {1, newest id,
+# newest n, id, n, message, ...}.
 _ATTACH = _LEASE_FUNCTION + """
 local limit = tonumber(ARGV[3])
 if limit >= 0 then
@@ -194,29 +216,45 @@ end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[5], ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
-local out = {1}
-if ARGV[7] ~= nil then
-  for _, item in ipairs(lease(KEYS[3], KEYS[4], ARGV[1], ARGV[5], ARGV[4], ARGV[6], ARGV[7])) do
-    out[#out + 1] = item
-  end
+if ARGV[7] == nil then return {1, '', 0} end
+local out = {1, '', 0}
+local newest = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)[1]
+if newest then out = {1, newest[1], newest[2][4]} end
+for _, item in ipairs(lease(KEYS[3], KEYS[4], KEYS[5], ARGV[1], ARGV[5], ARGV[4], ARGV[6],
+                            ARGV[7])) do
+  out[#out + 1] = item
 end
 return out
 """
 
-# Acknowledge a lease: if ARGV[1] (node and channel) holds it, forget the messages up to id
-# ARGV[2] ('' for none) and end it. KEYS: the stream, its byte count, the lease.
-_SETTLE = """
-if redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
-redis.call('DEL', KEYS[3])
-if ARGV[2] == '' then return 0 end
-local n = 0
-for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', ARGV[2])) do
-  redis.call('XDEL', KEYS[1], entry[1])
-  redis.call('DECRBY', KEYS[2], #entry[2][2])
-  n = n + 1
+# Settle a lease: move the written mark to ARGV[2] ('' for none) if it is ahead, and, if ARGV[1]
+# (node and channel) holds the lease, end it. KEYS: the meta hash, the lease.
+_SETTLE = _LATER + """
+if ARGV[2] ~= '' and redis.call('EXISTS', KEYS[1]) == 1 then
+  local written = redis.call('HGET', KEYS[1], 'w')
+  if not written or later(ARGV[2], written) then redis.call('HSET', KEYS[1], 'w', ARGV[2]) end
 end
-if redis.call('XLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[1], KEYS[2]) end
-return n
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+# The user's history after entry ARGV[1] ('' for all of it), at most ARGV[2] entries younger than
+# ARGV[3] ms, and the user's last number: {n, id, n, message, ...}. KEYS: the stream, the meta.
+_HISTORY = """
+local t = redis.call('TIME')
+local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[3])
+local from = '-'
+if ARGV[1] ~= '' then from = '(' .. ARGV[1] end
+local out = {tonumber(redis.call('HGET', KEYS[2], 'n') or '0')}
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], from, '+', 'COUNT', ARGV[2])) do
+  if tonumber(string.match(entry[1], '^(%d+)')) > cutoff then
+    out[#out + 1] = entry[1]
+    out[#out + 1] = entry[2][4]
+    out[#out + 1] = entry[2][2]
+  end
+end
+return out
 """
 
 
@@ -250,7 +288,8 @@ class RedisBackplane(BrokerBackplane):
         return f"{self.namespace}:user:{user_id}"
 
     def _outbox_keys(self, user_id: str) -> tuple[str, str]:
-        return f"{self.namespace}:outbox:{user_id}", f"{self.namespace}:outbox-bytes:{user_id}"
+        """The user's history stream and its meta hash (bytes, last number, written mark)."""
+        return f"{self.namespace}:outbox:{user_id}", f"{self.namespace}:outbox-meta:{user_id}"
 
     def _lease_key(self, user_id: str) -> str:
         return f"{self.namespace}:outbox-lease:{user_id}"
@@ -297,7 +336,10 @@ class RedisBackplane(BrokerBackplane):
         prefix = self.topic_of("")
         ledger_ttl = int(max(60.0, 10 * self.expiry) * 1000)  # a dead node's ledger goes too
         for publication in batch:
-            if publication.topic is not None:
+            if publication.ack is not None:
+                pipe.eval(_SETTLE, 2, self._outbox_keys(str(publication.user_id))[1], "", "",
+                          publication.ack)
+            elif publication.topic is not None:
                 pipe.publish(publication.topic, publication.data)
             elif publication.user_id is not None:
                 keep, user = publication.keep, publication.user_id
@@ -318,8 +360,15 @@ class RedisBackplane(BrokerBackplane):
             raise BackplaneError(f"redis: {exc}") from exc
         results: list[Routed] = []
         for publication, reply in zip(batch, replies, strict=True):
-            if publication.channel_id is None:  # a topic or a user: a count (-1: kept)
-                results.append((None, max(-1, int(reply))))
+            if publication.ack is not None:
+                results.append((None, -1))
+            elif publication.user_id is not None and isinstance(reply, list):
+                # Appended to the user's history: {id, n, receivers}.
+                receivers = int(reply[2])
+                results.append((f"{_text(reply[0])} {int(reply[1])}",
+                                receivers if receivers else -1))
+            elif publication.channel_id is None:  # a topic or a user: a count
+                results.append((None, int(reply)))
             elif reply is None:
                 results.append((None, -1))
             else:
@@ -344,33 +393,36 @@ class RedisBackplane(BrokerBackplane):
         return live
 
     async def _attach(self, channel_id: str, user_id: str, limit: int | None,
-                      keep: OutboxLimits | None) -> tuple[bool, list[tuple[str, bytes]]]:
+                      keep: OutboxLimits | None) -> tuple[bool, list[Kept], Kept | None]:
         args: list[Any] = [self.node_id, int(self.expiry * 1000), -1 if limit is None else limit,
                            self._ch(""), channel_id, self.topic_of("")]
         if keep is not None:
             args.append(int(keep.max_age * 1000))
         try:
-            reply = await self._redis.eval(_ATTACH, 4, self._ch(channel_id), self._user(user_id),
+            reply = await self._redis.eval(_ATTACH, 5, self._ch(channel_id), self._user(user_id),
                                            self._outbox_keys(user_id)[0],
-                                           self._lease_key(user_id), *args)
+                                           self._lease_key(user_id),
+                                           self._outbox_keys(user_id)[1], *args)
         except (RedisError, OSError) as exc:
             raise BackplaneError(f"redis: {exc}") from exc
-        return bool(int(reply[0])), _pairs(reply[1:])
+        if not int(reply[0]):
+            return False, [], None
+        newest = _text(reply[1])
+        return True, _triples(reply[3:]), (newest, int(reply[2]), b"") if newest else None
 
-    async def _lease(self, user_id: str, channel_id: str,
-                     keep: OutboxLimits) -> list[tuple[str, bytes]]:
+    async def _history(self, user_id: str, after: str | None,
+                       keep: OutboxLimits) -> tuple[list[Kept], int]:
         try:
             reply = await self._redis.eval(
-                _LEASE, 2, self._outbox_keys(user_id)[0], self._lease_key(user_id),
-                self.node_id, channel_id, self._ch(""), self.topic_of(""),
+                _HISTORY, 2, *self._outbox_keys(user_id), after or "", keep.max_messages,
                 int(keep.max_age * 1000))
         except (RedisError, OSError) as exc:
             raise BackplaneError(f"redis: {exc}") from exc
-        return _pairs(reply)
+        return _triples(reply[1:]), int(reply[0])
 
     async def _settle_outbox(self, user_id: str, channel_id: str, upto: str | None) -> None:
         try:
-            await self._redis.eval(_SETTLE, 3, *self._outbox_keys(user_id),
+            await self._redis.eval(_SETTLE, 2, self._outbox_keys(user_id)[1],
                                    self._lease_key(user_id), f"{self.node_id}\n{channel_id}",
                                    upto or "")
         except (RedisError, OSError) as exc:
@@ -412,9 +464,10 @@ class RedisBackplane(BrokerBackplane):
             raise BackplaneError(f"redis: {exc}") from exc
 
 
-def _pairs(flat: Sequence[Any]) -> list[tuple[str, bytes]]:
-    """``[id, message, id, message...]`` -> ``[(id, message)...]``."""
-    return [(_text(flat[i]), bytes(flat[i + 1])) for i in range(0, len(flat) - 1, 2)]
+def _triples(flat: Sequence[Any]) -> list[Kept]:
+    """``[id, n, message, id, n, message...]`` -> ``[(id, n, message)...]``."""
+    return [(_text(flat[i]), int(flat[i + 1]), bytes(flat[i + 2]))
+            for i in range(0, len(flat) - 2, 3)]
 
 
 def _text(value: bytes | str) -> str:
