@@ -288,7 +288,11 @@ class WebSocketHandler:
 
     def frame_flushed(self) -> None:
         """The transport wrote one more frame (the sink calls it, in queue order)."""
-        self.flushed += 1
+        self.frames_done(1)
+
+    def frames_done(self, count: int) -> None:
+        """``count`` more frames, in queue order, were written (or dropped by the policy)."""
+        self.flushed += count
         goal = self._flush_goal
         if goal is not None and self.flushed >= goal[0]:
             self._flush_goal = None
@@ -349,8 +353,13 @@ class WebSocketHandler:
         if policy is SlowConsumerPolicy.WAIT:
             try:
                 await self.queue.put(frame, self.config.send_timeout)
+                self.accepted += 1  # numbered like every frame the queue takes (frame_flushed)
                 self.counters.frames_out += 1
                 self.counters.bytes_out += len(frame)
+                if self._sink is not None:
+                    # The send task may have emptied the queue and ended while this put waited
+                    # to run: without a new one the frame would sit there until the next send.
+                    self._sink.frames_queued()
                 return
             except TimeoutError:
                 pass
@@ -365,6 +374,10 @@ class WebSocketHandler:
         counters.frames_out += 1
         counters.bytes_out += len(frame)
         if dropped:
+            # The oldest queued frames are gone for good, by this policy's choice: they count as
+            # done, so that the numbers of the frames behind them still match what is written
+            # (else the per-user history would take a dropped frame for a written one).
+            self.frames_done(dropped)
             counters.frames_dropped += dropped
             counters.count(counters.slow_consumer, "drop_oldest")
         if dropped and queue.dropped % 1000 == 1:
