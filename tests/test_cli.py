@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import socket
 import subprocess
@@ -231,3 +232,21 @@ def test_serve_raises_its_open_files_limit_to_the_hard_limit() -> None:
     expected = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
     assert row.split()[3] == expected, row  # "Max open files <soft> <hard> files"
     assert any(f"open files limit raised from {low}" in line for line in output), output
+
+
+@pytest.mark.parametrize(("env", "expected"), [(None, "__all__"), ("", ""), ("other", "other")])
+def test_the_command_line_loads_no_pydantic_plugin_unless_told(env: str | None, expected: str) -> None:
+    # An installed plugin (logfire's, which dara-core brings) costs every process ~20 MiB at
+    # start; the demo server builds nothing it instruments. An explicit setting wins.
+    environ = {k: v for k, v in os.environ.items() if k != "PYDANTIC_DISABLE_PLUGINS"}
+    if env is not None:
+        environ["PYDANTIC_DISABLE_PLUGINS"] = env
+    code = ("import os, sys, dara_ws_cli, dara_ws_core\n"
+            "print(os.environ['PYDANTIC_DISABLE_PLUGINS'], 'logfire' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env=environ, check=False)
+    assert result.returncode == 0, result.stderr
+    value, logfire = result.stdout.rsplit(" ", 1)
+    assert value == expected
+    if expected == "__all__":
+        assert logfire.strip() == "False"
