@@ -111,3 +111,58 @@ async def test_a_client_flooding_a_server_that_does_not_read_is_paused_not_buffe
 async def _until(predicate: Any) -> None:
     while not predicate():
         await asyncio.sleep(0.02)
+
+
+_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+_UPGRADE = [("Host", "127.0.0.1"), ("Upgrade", "websocket"), ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Version", "13")]
+
+
+def _request(head: list[tuple[str, str]], line: str = f"GET {PATH} HTTP/1.1") -> bytes:
+    return (line + "\r\n" + "".join(f"{n}: {v}\r\n" for n, v in head) + "\r\n").encode("latin-1")
+
+
+@pytest.mark.parametrize(("request_bytes", "status"), [
+    (_request([*_UPGRADE, ("Sec-WebSocket-Key", _KEY)]), 101),
+    (_request([*_UPGRADE[:3], ("Sec-WebSocket-Version", "8"), ("Sec-WebSocket-Key", _KEY)]), 426),
+    (_request([*_UPGRADE, ("Sec-WebSocket-Key", _KEY), ("Sec-WebSocket-Key", _KEY)]), 400),
+    (_request([*_UPGRADE, ("Sec-WebSocket-Key", "A" * 10_000)]), 400),
+    (_request([*_UPGRADE, ("Sec-WebSocket-Key", "not base64 at all!!!!!!=")]), 400),
+    (_request([*_UPGRADE]), 400),
+    (_request([("Host", "127.0.0.1"), ("Sec-WebSocket-Version", "13"), ("Sec-WebSocket-Key", _KEY)]), 426),
+    (_request([*_UPGRADE, ("Sec-WebSocket-Key", _KEY)], f"POST {PATH} HTTP/1.1"), 405),
+    (_request([*_UPGRADE, ("Sec-WebSocket-Key", _KEY)], f"GET {PATH} HTTP/1.0"), 505),
+], ids=["valid", "version-8", "two-keys", "huge-key", "bad-key", "no-key", "no-upgrade", "post", "http-1.0"])
+async def test_only_a_valid_opening_handshake_is_authenticated_and_upgraded(
+    request_bytes: bytes, status: int
+) -> None:
+    # RFC 6455 section 4.2.1: anything else is refused before the authenticator runs, with the
+    # statuses the websockets adapter answers (426 names the version this server speaks).
+    asked: list[str] = []
+
+    def authenticate(request: Any) -> Identity:
+        asked.append(request.path)
+        return Identity(user_id="mallory", session_id="s1")
+
+    manager = WebsocketManager(ServerConfig(ping_interval=None))
+    async with running_stack("picows", manager=manager, authenticator=authenticate) as stack:
+        assert stack.port is not None
+        client = await HostileClient.open(stack.port)
+        client.write(request_bytes)
+        response = await client.read_response()
+        assert response.status == status
+        assert asked == (["/api/core/ws"] if status == 101 else [])
+        if status == 426:
+            assert response.header("Sec-WebSocket-Version") == "13"
+        client.abort()
+
+
+async def test_an_opening_request_sent_byte_by_byte_is_still_read() -> None:
+    async with running_stack("picows", ServerConfig(ping_interval=None)) as stack:
+        assert stack.port is not None
+        client = await HostileClient.open(stack.port)
+        for byte in _request([*_UPGRADE, ("Sec-WebSocket-Key", _KEY)]):
+            client.write(bytes([byte]))
+            await client.drain()
+        assert (await client.read_response()).status == 101
+        client.abort()

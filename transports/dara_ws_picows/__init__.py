@@ -15,6 +15,8 @@ from __future__ import annotations
 __all__ = ["PicowsTransport", "Server", "serve"]
 
 import asyncio
+import base64
+import binascii
 import logging
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
@@ -58,10 +60,20 @@ class _Quiet(logging.LoggerAdapter):  # type: ignore[type-arg]
 _LOG = _Quiet(logging.getLogger("dara_ws_picows"), {})
 
 
-def _response(status: int, text: str) -> bytes:
+def _response(status: int, text: str, extra: str = "") -> bytes:
     body = f"{text}\n".encode()
     return (f"HTTP/1.1 {status} {text}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n").encode() + body
+            f"{extra}Connection: close\r\n\r\n").encode() + body
+
+
+#: Error statuses of the gate, with the reason phrase and extra headers of each.
+_ERRORS = {
+    400: ("Bad Request", ""),
+    405: ("Method Not Allowed", "Allow: GET\r\n"),
+    426: ("Upgrade Required", "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"),
+    431: ("Request Header Fields Too Large", ""),
+    505: ("HTTP Version Not Supported", ""),
+}
 
 
 def _parse(head: bytes) -> tuple[str, list[tuple[str, str]]] | int:
@@ -69,8 +81,12 @@ def _parse(head: bytes) -> tuple[str, list[tuple[str, str]]] | int:
     lines = head.decode("latin-1").split("\r\n")
     method, _, rest = lines[0].partition(" ")
     target, _, version = rest.partition(" ")
-    if method != "GET" or not target.startswith("/") or version != "HTTP/1.1":
+    if not target.startswith("/") or not version.startswith("HTTP/"):
         return 400
+    if version != "HTTP/1.1":
+        return 505
+    if method != "GET":
+        return 405
     if len(lines) - 1 > MAX_HEADERS:
         return 431
     headers = []
@@ -80,6 +96,30 @@ def _parse(head: bytes) -> tuple[str, list[tuple[str, str]]] | int:
             return 400
         headers.append((name, value.strip()))
     return target, headers
+
+
+def _tokens(headers: list[tuple[str, str]], name: str) -> set[str]:
+    return {token.strip().lower() for key, value in headers if key.lower() == name
+            for token in value.split(",")}
+
+
+def _upgrade_error(headers: list[tuple[str, str]]) -> int | None:
+    """The status that refuses a request which is not a valid WebSocket opening handshake
+    (RFC 6455 section 4.2.1), checked before anyone authenticates it; ``None`` if it is one."""
+    if "websocket" not in _tokens(headers, "upgrade") or "upgrade" not in _tokens(headers, "connection"):
+        return 426
+    versions = [value for key, value in headers if key.lower() == "sec-websocket-version"]
+    if versions != ["13"]:
+        return 426  # with the version this server speaks (section 4.4)
+    keys = [value for key, value in headers if key.lower() == "sec-websocket-key"]
+    if len(keys) != 1 or len(keys[0]) != 24:
+        return 400
+    try:
+        if len(base64.b64decode(keys[0], validate=True)) != 16:
+            return 400
+    except binascii.Error:
+        return 400
+    return None
 
 
 class _Gate(asyncio.Protocol):
@@ -102,22 +142,29 @@ class _Gate(asyncio.Protocol):
         transport = self._transport
         if transport is None or self._task is not None:
             return
+        # Search only what can hold a new end of the head: a client sending it byte by byte
+        # must not make every chunk rescan everything before it.
+        start = max(0, len(self._head) - 3)
         self._head += data
-        end = self._head.find(b"\r\n\r\n")
+        end = self._head.find(b"\r\n\r\n", start)
         if end < 0:
             if len(self._head) > MAX_HEAD:
-                self._reject(431, "Request Header Fields Too Large")
+                self._reject(431)
             return
         if end > MAX_HEAD:
-            self._reject(431, "Request Header Fields Too Large")
+            self._reject(431)
             return
         parsed = _parse(bytes(self._head[:end]))
         if isinstance(parsed, int):
-            self._reject(parsed, "Request Header Fields Too Large" if parsed == 431 else "Bad Request")
+            self._reject(parsed)
             return
         handshake = HandshakeRequest.build(*parsed, transport.get_extra_info("peername"))
         if handshake.path != self._server.endpoint.path:
             self._reject(404, "Not Found")
+            return
+        status = _upgrade_error(parsed[1])
+        if status is not None:
+            self._reject(status)
             return
         transport.pause_reading()
         self._task = asyncio.get_running_loop().create_task(self._accept(transport, handshake))
@@ -129,9 +176,10 @@ class _Gate(asyncio.Protocol):
             self._task.cancel()
         self._transport = None
 
-    def _reject(self, status: int, text: str) -> None:
+    def _reject(self, status: int, text: str = "") -> None:
         if self._transport is not None:
-            self._transport.write(_response(status, text))
+            phrase, extra = _ERRORS.get(status, (text, ""))
+            self._transport.write(_response(status, text or phrase, extra))
             self._transport.close()
 
     async def _accept(self, transport: asyncio.Transport, handshake: HandshakeRequest) -> None:
