@@ -235,9 +235,9 @@ class WebsocketManager:
             self._ack(user_id, upto)
         self._ack_soon()
 
-    def _ack(self, user_id: str, upto: str) -> None:
+    def _ack(self, user_id: str, upto: str | int) -> None:
         if self.backplane is not None:
-            self.backplane.ack(user_id, upto)
+            self.backplane.ack(user_id, str(upto))
         else:
             self.outbox.ack(user_id, upto)
 
@@ -321,8 +321,10 @@ class WebsocketManager:
         # A send that skips a channel is not kept: who it is for depends on a live channel.
         keep = self.outbox_limits if ignore_channel is None else None
         if self.backplane is None:
-            entry = None if keep is None else self.outbox.append(user_id, frame, time.monotonic())
-            self.deliver_to_user(user_id, frame, ignore_channel, entry)
+            if keep is None:
+                self.deliver_to_user(user_id, frame, ignore_channel)
+            else:
+                self._send_kept(user_id, frame)
             return
         handlers = self.handlers
         local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]
@@ -339,6 +341,29 @@ class WebsocketManager:
                 self._ack_soon()
 
         await self.backplane.send_to_user(user_id, frame, ignore_channel, keep, stamped)
+
+    def _send_kept(self, user_id: str, frame: bytes) -> None:
+        """A per-user send kept in this process's outbox (no backplane): appended, handed to the
+        user's channels, then acknowledged at once if one of them wrote it synchronously (the
+        user has it: nothing to remember for a closing connection), else once written. Without
+        a backplane no delivery is held, deduplicated or floored, so none of that is consulted."""
+        kid = self.outbox.add(user_id, frame, time.monotonic())
+        handlers = self.handlers
+        local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]
+        if not local:
+            return
+        self.deliver_local(local, frame)
+        if not kid:
+            return
+        for handler in local:
+            if handler.flushed >= handler.accepted and not handler.queue.closed:
+                self.outbox.ack(user_id, kid)  # written already, everything before it too
+                return
+        writes = self._writes
+        for handler in local:
+            if not handler.queue.closed:
+                writes.record(handler.channel_id, handler.accepted, user_id, kid)
+        self._ack_soon()
 
     async def send_and_wait(
         self,
