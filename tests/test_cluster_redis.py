@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
@@ -200,3 +201,40 @@ async def stack_payload(client: DaraClient) -> dict[str, Any]:
     assert isinstance(message, DaraServerMessage)
     return message.message.model_dump()
 
+
+
+async def test_messages_are_published_and_kept_after_redis_forgot_its_scripts(
+    redis_server: RedisServer,
+) -> None:
+    """The publishing scripts are called by their SHA1; a server that lost them (restarted,
+    ``SCRIPT FLUSH``) answers NOSCRIPT without running them: they are sent again with their
+    text, so nothing is lost, duplicated or left out of the user's history."""
+    from redis.asyncio import Redis
+
+    namespace = f"noscript-{uuid.uuid4().hex[:8]}"
+    config = ServerConfig(outbox_messages=100)
+    managers = [WebsocketManager(config, backplane=RedisBackplane(redis_server.url,
+                                                                  namespace=namespace))
+                for _ in range(2)]
+    redis = Redis.from_url(redis_server.url)
+    try:
+        for manager in managers:
+            assert manager.backplane is not None
+            await manager.backplane.start(manager)
+        sender, receiver = managers
+        handler = receiver.create_handler("far", Identity(user_id="bob", session_id="s"))
+        await receiver.backplane.flush()  # type: ignore[union-attr]
+        await sender.send_message_to_user("bob", {"i": 1})
+        await redis.script_flush()
+        await sender.send_message_to_user("bob", {"i": 2})
+        await sender.send_message_to_user("bob", {"i": 3})
+        await sender.backplane.flush()  # type: ignore[union-attr]
+        await eventually(lambda: len(handler.queue) == 4)  # init, then the three messages
+        frames = [handler.queue.get_nowait() for _ in range(4)][1:]
+        assert [json.loads(frame)["message"]["i"] for frame in frames] == [1, 2, 3]  # type: ignore[arg-type]
+        assert await redis.xlen(f"{namespace}:outbox:bob") == 3
+    finally:
+        await redis.aclose()
+        for manager in managers:
+            if manager.backplane is not None:
+                await manager.backplane.stop()

@@ -55,14 +55,15 @@ __all__ = ["RedisBackplane"]
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 try:
     from redis.asyncio import Redis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
-    from redis.exceptions import RedisError
+    from redis.exceptions import NoScriptError, RedisError
 except ImportError as exc:  # the extra is missing: say which one to install
     raise ImportError(
         'dara_ws_redis needs the redis library: pip install "dara-ws-core[redis]"', name=exc.name
@@ -258,6 +259,10 @@ return out
 """
 
 
+#: The SHA1 of each script published in batches (called with EVALSHA).
+_SHA1 = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_ROUTE, _ROUTE_USER, _SETTLE)}
+
+
 class RedisBackplane(BrokerBackplane):
     """A backplane over Redis pub/sub and keys. One per server process.
 
@@ -331,31 +336,58 @@ class RedisBackplane(BrokerBackplane):
         await self._redis.aclose()
         await self._subscriber.aclose()
 
-    async def _publish_batch(self, batch: Sequence[Publication]) -> list[Routed]:
-        pipe = self._redis.pipeline(transaction=False)
+    def _batch_calls(self, batch: Sequence[Publication],
+                     ) -> Iterator[tuple[str | None, tuple[Any, ...]]]:
+        """Each publication as (script, its arguments), or (None, PUBLISH's arguments)."""
         prefix = self.topic_of("")
         ledger_ttl = int(max(60.0, 10 * self.expiry) * 1000)  # a dead node's ledger goes too
         for publication in batch:
             if publication.ack is not None:
-                pipe.eval(_SETTLE, 2, self._outbox_keys(str(publication.user_id))[1], "", "",
-                          publication.ack)
+                yield _SETTLE, (2, self._outbox_keys(str(publication.user_id))[1], "", "",
+                                publication.ack)
             elif publication.topic is not None:
-                pipe.publish(publication.topic, publication.data)
+                yield None, (publication.topic, publication.data)
             elif publication.user_id is not None:
                 keep, user = publication.keep, publication.user_id
                 common = (self.node_id, prefix, publication.data, self._missed_key(""), user,
                           ledger_ttl, self._ch(""))
                 if keep is None:
-                    pipe.eval(_ROUTE_USER, 1, self._user(user), *common)
+                    yield _ROUTE_USER, (1, self._user(user), *common)
                 else:
-                    pipe.eval(_ROUTE_USER, 3, self._user(user), *self._outbox_keys(user),
-                              *common, keep.max_messages, keep.max_bytes,
-                              int(keep.max_age * 1000))
+                    yield _ROUTE_USER, (3, self._user(user), *self._outbox_keys(user), *common,
+                                        keep.max_messages, keep.max_bytes,
+                                        int(keep.max_age * 1000))
             else:
-                pipe.eval(_ROUTE, 1, self._ch(str(publication.channel_id)), self.node_id, prefix,
-                          publication.data)
+                yield _ROUTE, (1, self._ch(str(publication.channel_id)), self.node_id, prefix,
+                               publication.data)
+
+    async def _publish_batch(self, batch: Sequence[Publication]) -> list[Routed]:
+        # One pipeline per batch, the scripts called by their SHA1 (EVALSHA: neither their text
+        # sent nor hashed again per message). A server that does not know them (restarted,
+        # flushed) runs none of them (NOSCRIPT before any effect): those are sent again with
+        # their text, which caches them, in their order (plain PUBLISHes of the batch went first).
+        calls = list(self._batch_calls(batch))
+        pipe = self._redis.pipeline(transaction=False)
+        for script, args in calls:
+            if script is None:
+                pipe.publish(*args)
+            else:
+                pipe.evalsha(_SHA1[script], *args)
         try:
-            replies = await pipe.execute()
+            replies = await pipe.execute(raise_on_error=False)
+            unknown = [(i, script, args) for i, (reply, (script, args))
+                       in enumerate(zip(replies, calls, strict=True))
+                       if isinstance(reply, NoScriptError) and script is not None]
+            if unknown:
+                retry = self._redis.pipeline(transaction=False)
+                for _, script, args in unknown:
+                    retry.eval(script, *args)
+                for (i, _, _), reply in zip(unknown, await retry.execute(raise_on_error=False),
+                                            strict=True):
+                    replies[i] = reply
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
         except (RedisError, OSError) as exc:
             raise BackplaneError(f"redis: {exc}") from exc
         results: list[Routed] = []
