@@ -29,7 +29,15 @@ from .custom import CustomHandler, CustomHandlerRegistry
 from .exceptions import BackplaneError, CloseCode, ConnectionClosed, UnknownChannel
 from .handler import _DEFAULT, Sink, WebSocketHandler
 from .messages import LoosePayload
-from .outbox import DeliveryCursors, OutboxLimits, Stamped, UserOutbox, WriteLog, id_key
+from .outbox import (
+    DeliveryCursors,
+    OutboxLimits,
+    QueuedMarks,
+    Stamped,
+    UserOutbox,
+    WriteLog,
+    id_key,
+)
 from .registry import ChannelRegistry
 from .stats import Counters, ServerStats, collect
 
@@ -97,6 +105,7 @@ class WebsocketManager:
         # live up to it, it had from the history).
         self._cursors = DeliveryCursors()
         self._writes = WriteLog()
+        self._marks = QueuedMarks()  # the same, for per-user sends without a backplane
         self._floors: dict[str, tuple[int, int]] = {}
         self._ack_timer: asyncio.TimerHandle | None = None
         # Outbox replays waiting for their frames to be written, to end their lease.
@@ -218,7 +227,7 @@ class WebsocketManager:
         return delivered
 
     def _ack_soon(self) -> None:
-        if self._ack_timer is None and len(self._writes):
+        if self._ack_timer is None and (len(self._writes) or len(self._marks)):
             self._ack_timer = asyncio.get_running_loop().call_later(ACK_INTERVAL, self._ack_now)
 
     def _ack_now(self) -> None:
@@ -233,6 +242,9 @@ class WebsocketManager:
 
         for user_id, upto in self._writes.written(flushed).items():
             self._ack(user_id, upto)
+        if len(self._marks):
+            for user_id, kid in self._marks.written(flushed).items():
+                self.outbox.ack(user_id, kid)
         self._ack_soon()
 
     def _ack(self, user_id: str, upto: str | int) -> None:
@@ -252,6 +264,10 @@ class WebsocketManager:
             if len(self._writes):
                 for user_id, upto in self._writes.close(channel_id, handler.flushed).items():
                     self._ack(user_id, upto)
+            if len(self._marks):
+                written = self._marks.close(channel_id, handler.flushed)
+                if written is not None:
+                    self.outbox.ack(*written)
             self._floors.pop(channel_id, None)
             identity = handler.identity
             if identity is not None and not self.registry.user_channels(identity.user_id):
@@ -359,11 +375,12 @@ class WebsocketManager:
             if handler.flushed >= handler.accepted and not handler.queue.closed:
                 self.outbox.ack(user_id, kid)  # written already, everything before it too
                 return
-        writes = self._writes
+        marks = self._marks
         for handler in local:
             if not handler.queue.closed:
-                writes.record(handler.channel_id, handler.accepted, user_id, kid)
-        self._ack_soon()
+                marks.record(handler.channel_id, handler.accepted, user_id, kid)
+        if self._ack_timer is None:
+            self._ack_soon()
 
     async def send_and_wait(
         self,

@@ -40,8 +40,10 @@ than the byte bound is not kept.
 
 from __future__ import annotations
 
-__all__ = ["DeliveryCursors", "OutboxLimits", "Stamped", "UserOutbox", "WriteLog", "id_key"]
+__all__ = ["DeliveryCursors", "OutboxLimits", "QueuedMarks", "Stamped", "UserOutbox", "WriteLog",
+           "id_key"]
 
+import bisect
 import itertools
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
@@ -414,3 +416,66 @@ class WriteLog:
 
     def channels(self) -> Iterable[str]:
         return self._entries.keys()
+
+
+class QueuedMarks:
+    """:class:`WriteLog` for the one case where both orders hold: a process without a backplane
+    records a user's entry on each of the user's connections as it queues it, so per connection
+    the frame numbers and the entry ids both increase. What a transport wrote is then found by
+    bisection, and forgotten a slice at a time, instead of entry by entry: the send path appends
+    two integers per connection. Each connection belongs to one user. Bounded by
+    ``max_entries`` (beyond, a connection's oldest are forgotten: delivered again to a next
+    connection rather than lost)."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        # channel -> (its user, frame numbers, entry ids), both increasing.
+        self._channels: dict[str, tuple[str, list[int], list[int]]] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def record(self, channel_id: str, position: int, user_id: str, entry_id: int) -> None:
+        """Frame number ``position`` of ``channel_id`` (above any recorded before for it) is
+        the user's entry ``entry_id`` (above any recorded before for it)."""
+        marks = self._channels.get(channel_id)
+        if marks is None:
+            marks = self._channels[channel_id] = (user_id, [], [])
+        marks[1].append(position)
+        marks[2].append(entry_id)
+        self._count += 1
+        if self._count > self.max_entries:
+            del marks[1][0], marks[2][0]
+            self._count -= 1
+
+    def written(self, flushed: Callable[[str], int | None]) -> dict[str, int]:
+        """Forget the entries written by now (``flushed(channel)``: frames written, ``None``
+        for a channel that is gone, whose entries are forgotten unacked); the last entry
+        written per user."""
+        acks: dict[str, int] = {}
+        for channel_id, (user_id, positions, ids) in list(self._channels.items()):
+            done = flushed(channel_id)
+            if done is None:
+                upto = len(positions)
+            else:
+                upto = bisect.bisect_right(positions, done)
+                if upto and ids[upto - 1] > acks.get(user_id, 0):
+                    acks[user_id] = ids[upto - 1]
+            if upto:
+                del positions[:upto], ids[:upto]
+                self._count -= upto
+            if not positions:
+                del self._channels[channel_id]
+        return acks
+
+    def close(self, channel_id: str, flushed: int) -> tuple[str, int] | None:
+        """A connection closed having written ``flushed`` frames: the last entry it wrote (to
+        acknowledge) and its user, if any; its unwritten entries forgotten."""
+        marks = self._channels.pop(channel_id, None)
+        if marks is None:
+            return None
+        user_id, positions, ids = marks
+        self._count -= len(positions)
+        upto = bisect.bisect_right(positions, flushed)
+        return (user_id, ids[upto - 1]) if upto else None
