@@ -101,7 +101,7 @@ end
 # TTL in ms, the channel key prefix. With the outbox on (ARGV[8..10]: most messages, bytes, age
 # in ms; KEYS[2]: the user's history stream, KEYS[3]: its meta hash), the message is first
 # appended to the history (trimmed by count, bytes and age, the oldest first) and published with
-# the entry's id and number in its header: returns {id, n, receivers}. Fields of nodes nobody
+# the entry's id and number in its header: returns "<id> <n> <receivers>". Fields of nodes nobody
 # listens for are dropped once their channel key is gone too (a dead node's; a node cut off for
 # less than the expiry keeps them, so that with the outbox off its gap ledger counts every
 # message it missed). Returns the receivers in all.
@@ -144,7 +144,7 @@ for i = 1, #fields, 2 do
   end
 end
 if #stale > 0 then redis.call('HDEL', KEYS[1], unpack(stale)) end
-if kept then return {kept, n, total} end
+if kept then return kept .. ' ' .. n .. ' ' .. total end  -- one string: cheaper to read back
 -- Not kept, and a node holding channels of the user did not hear it (its link is down): note
 -- it in that node's gap ledger, which it reads when it is back.
 for node, r in pairs(sent) do
@@ -394,11 +394,11 @@ class RedisBackplane(BrokerBackplane):
         for publication, reply in zip(batch, replies, strict=True):
             if publication.ack is not None:
                 results.append((None, -1))
-            elif publication.user_id is not None and isinstance(reply, list):
-                # Appended to the user's history: {id, n, receivers}.
-                receivers = int(reply[2])
-                results.append((f"{_text(reply[0])} {int(reply[1])}",
-                                receivers if receivers else -1))
+            elif publication.user_id is not None and isinstance(reply, bytes | str):
+                # Appended to the user's history: "<id> <n> <receivers>".
+                where, _, count = _text(reply).rpartition(" ")
+                receivers = int(count)
+                results.append((where, receivers if receivers else -1))
             elif publication.channel_id is None:  # a topic or a user: a count
                 results.append((None, int(reply)))
             elif reply is None:
