@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
@@ -23,8 +24,11 @@ from dara_ws_core import (
     Identity,
     ServerConfig,
     WebsocketManager,
+    build_frame,
 )
 from dara_ws_core.backplane.node import cancel_task
+from dara_ws_core.backplane.wire import UserDelivery, encode_bus_message
+from dara_ws_core.outbox import OutboxLimits
 from dara_ws_redis import RedisBackplane
 from dara_ws_websockets import connect
 
@@ -238,3 +242,45 @@ async def test_messages_are_published_and_kept_after_redis_forgot_its_scripts(
         for manager in managers:
             if manager.backplane is not None:
                 await manager.backplane.stop()
+
+
+async def test_the_history_on_redis_keeps_the_newest_within_the_count_and_byte_bounds(
+    redis_server: RedisServer,
+) -> None:
+    """The publishing script trims the user's Stream as it appends: the oldest go first, as many
+    as the count bound drops, then as long as the bytes exceed their bound; the byte total it
+    keeps matches what is left."""
+    from redis.asyncio import Redis
+
+    namespace = f"bounds-{uuid.uuid4().hex[:8]}"
+    # What is kept is the bus message (header, then the frame): its size, the clock's digits
+    # and all (13 until 2286).
+    size = len(encode_bus_message(UserDelivery("carol", None, build_frame({"i": 10}),
+                                               sent=time.time_ns() // 1_000_000)))
+    config = ServerConfig(outbox_messages=3, outbox_bytes=2 * size + 5)
+    backplane = RedisBackplane(redis_server.url, namespace=namespace)
+    manager = WebsocketManager(config, backplane=backplane)
+    redis: Any = Redis.from_url(redis_server.url)
+    stream, meta = f"{namespace}:outbox:carol", f"{namespace}:outbox-meta:carol"
+    try:
+        await backplane.start(manager)
+        for i in range(10, 16):  # same-sized frames: only two fit in the bytes
+            await manager.send_message_to_user("carol", {"i": i})
+        await backplane.flush()
+        entries = await redis.xrange(stream)
+        assert [json.loads(e[b"d"].partition(b"\n")[2])["message"]["i"] for _, e in entries] == [
+            14, 15]
+        assert int(await redis.hget(meta, "b")) == sum(len(e[b"d"]) for _, e in entries)
+        big = ServerConfig(outbox_messages=3, outbox_bytes=1 << 20)
+        manager.outbox_limits = OutboxLimits(big.outbox_messages, big.outbox_bytes,
+                                             big.outbox_age)
+        for i in range(16, 21):  # the count bound now: the newest three
+            await manager.send_message_to_user("carol", {"i": i})
+        await backplane.flush()
+        entries = await redis.xrange(stream)
+        assert [json.loads(e[b"d"].partition(b"\n")[2])["message"]["i"] for _, e in entries] == [
+            18, 19, 20]
+        assert int(await redis.hget(meta, "b")) == sum(len(e[b"d"]) for _, e in entries)
+    finally:
+        await redis.aclose()
+        await backplane.stop()

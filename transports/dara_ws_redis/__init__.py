@@ -115,13 +115,27 @@ if ARGV[8] ~= nil and #ARGV[3] <= tonumber(ARGV[9]) then
   local count = redis.call('XLEN', KEYS[2])
   local t = redis.call('TIME')
   local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - age
-  while count > 0 do
-    local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
-    local ms = tonumber(string.match(head[1], '^(%d+)'))
-    if ms > cutoff and count <= most and bytes <= cap then break end
-    redis.call('XDEL', KEYS[2], head[1])
-    bytes = redis.call('HINCRBY', KEYS[3], 'b', -#head[2][2])
-    count = count - 1
+  -- The oldest entries, as many as the count bound drops plus one (whose age is checked) per
+  -- read: at steady state one XRANGE, one XDEL and one HINCRBY per message.
+  local trimmed = false
+  while count > 0 and not trimmed do
+    local heads = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', math.max(count - most, 0) + 1)
+    if #heads == 0 then break end
+    local dropped, freed = {}, 0
+    for _, head in ipairs(heads) do
+      local ms = tonumber(string.match(head[1], '^(%d+)'))
+      if ms > cutoff and count <= most and bytes - freed <= cap then
+        trimmed = true
+        break
+      end
+      dropped[#dropped + 1] = head[1]
+      freed = freed + #head[2][2]
+      count = count - 1
+    end
+    if #dropped > 0 then
+      redis.call('XDEL', KEYS[2], unpack(dropped))
+      bytes = redis.call('HINCRBY', KEYS[3], 'b', -freed)
+    end
   end
   redis.call('PEXPIRE', KEYS[2], age)
   redis.call('PEXPIRE', KEYS[3], age)
