@@ -142,9 +142,11 @@ class UserOutbox:
         entries = history.entries
         entries.append((kid, n, now, frame))
         size += history.size
-        if len(entries) > limits.max_messages or size > limits.max_bytes or (
-                entries[0][2] <= now - limits.max_age):
-            cutoff = now - limits.max_age
+        if len(entries) > limits.max_messages:  # a user at the count bound: the oldest goes
+            size -= len(entries.popleft()[3])
+            self.evicted += 1
+        cutoff = now - limits.max_age
+        if size > limits.max_bytes or len(entries) > limits.max_messages or entries[0][2] <= cutoff:
             while entries and (entries[0][2] <= cutoff or len(entries) > limits.max_messages
                                or size > limits.max_bytes):
                 size -= len(entries.popleft()[3])
