@@ -29,7 +29,15 @@ from .custom import CustomHandler, CustomHandlerRegistry
 from .exceptions import BackplaneError, CloseCode, ConnectionClosed, UnknownChannel
 from .handler import _DEFAULT, Sink, WebSocketHandler
 from .messages import LoosePayload
-from .outbox import DeliveryCursors, OutboxLimits, Stamped, UserOutbox, WriteLog, id_key
+from .outbox import (
+    DeliveryCursors,
+    OutboxLimits,
+    QueuedMarks,
+    Stamped,
+    UserOutbox,
+    WriteLog,
+    id_key,
+)
 from .registry import ChannelRegistry
 from .stats import Counters, ServerStats, collect
 
@@ -97,6 +105,7 @@ class WebsocketManager:
         # live up to it, it had from the history).
         self._cursors = DeliveryCursors()
         self._writes = WriteLog()
+        self._marks = QueuedMarks()  # the same, for per-user sends without a backplane
         self._floors: dict[str, tuple[int, int]] = {}
         self._ack_timer: asyncio.TimerHandle | None = None
         # Outbox replays waiting for their frames to be written, to end their lease.
@@ -218,7 +227,7 @@ class WebsocketManager:
         return delivered
 
     def _ack_soon(self) -> None:
-        if self._ack_timer is None and len(self._writes):
+        if self._ack_timer is None and (len(self._writes) or len(self._marks)):
             self._ack_timer = asyncio.get_running_loop().call_later(ACK_INTERVAL, self._ack_now)
 
     def _ack_now(self) -> None:
@@ -233,11 +242,14 @@ class WebsocketManager:
 
         for user_id, upto in self._writes.written(flushed).items():
             self._ack(user_id, upto)
+        if len(self._marks):
+            for user_id, kid in self._marks.written(flushed).items():
+                self.outbox.ack(user_id, kid)
         self._ack_soon()
 
-    def _ack(self, user_id: str, upto: str) -> None:
+    def _ack(self, user_id: str, upto: str | int) -> None:
         if self.backplane is not None:
-            self.backplane.ack(user_id, upto)
+            self.backplane.ack(user_id, str(upto))
         else:
             self.outbox.ack(user_id, upto)
 
@@ -252,6 +264,10 @@ class WebsocketManager:
             if len(self._writes):
                 for user_id, upto in self._writes.close(channel_id, handler.flushed).items():
                     self._ack(user_id, upto)
+            if len(self._marks):
+                written = self._marks.close(channel_id, handler.flushed)
+                if written is not None:
+                    self.outbox.ack(*written)
             self._floors.pop(channel_id, None)
             identity = handler.identity
             if identity is not None and not self.registry.user_channels(identity.user_id):
@@ -321,8 +337,10 @@ class WebsocketManager:
         # A send that skips a channel is not kept: who it is for depends on a live channel.
         keep = self.outbox_limits if ignore_channel is None else None
         if self.backplane is None:
-            entry = None if keep is None else self.outbox.append(user_id, frame, time.monotonic())
-            self.deliver_to_user(user_id, frame, ignore_channel, entry)
+            if keep is None:
+                self.deliver_to_user(user_id, frame, ignore_channel)
+            else:
+                self._send_kept(user_id, frame)
             return
         handlers = self.handlers
         local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]
@@ -339,6 +357,30 @@ class WebsocketManager:
                 self._ack_soon()
 
         await self.backplane.send_to_user(user_id, frame, ignore_channel, keep, stamped)
+
+    def _send_kept(self, user_id: str, frame: bytes) -> None:
+        """A per-user send kept in this process's outbox (no backplane): appended, handed to the
+        user's channels, then acknowledged at once if one of them wrote it synchronously (the
+        user has it: nothing to remember for a closing connection), else once written. Without
+        a backplane no delivery is held, deduplicated or floored, so none of that is consulted."""
+        kid = self.outbox.add(user_id, frame, time.monotonic())
+        handlers = self.handlers
+        local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]
+        if not local:
+            return
+        self.deliver_local(local, frame)
+        if not kid:
+            return
+        for handler in local:
+            if handler.flushed >= handler.accepted and not handler.queue.closed:
+                self.outbox.ack(user_id, kid)  # written already, everything before it too
+                return
+        marks = self._marks
+        for handler in local:
+            if not handler.queue.closed:
+                marks.record(handler.channel_id, handler.accepted, user_id, kid)
+        if self._ack_timer is None:
+            self._ack_soon()
 
     async def send_and_wait(
         self,

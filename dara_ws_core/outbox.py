@@ -40,8 +40,10 @@ than the byte bound is not kept.
 
 from __future__ import annotations
 
-__all__ = ["DeliveryCursors", "OutboxLimits", "Stamped", "UserOutbox", "WriteLog", "id_key"]
+__all__ = ["DeliveryCursors", "OutboxLimits", "QueuedMarks", "Stamped", "UserOutbox", "WriteLog",
+           "id_key"]
 
+import bisect
 import itertools
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
@@ -79,20 +81,31 @@ class Stamped(NamedTuple):
     frame: bytes
 
 
+class _History:
+    """One user's entries kept (``(id, n, when, frame)``, oldest first) and marks."""
+
+    __slots__ = ("entries", "lease", "seq", "size", "written")
+
+    def __init__(self) -> None:
+        self.entries: deque[tuple[int, int, float, bytes]] = deque()
+        self.size = 0  # bytes of the frames kept
+        self.seq = 0  # the last sequence number given
+        self.written = 0  # the written mark (an id; 0: none)
+        self.lease: Hashable | None = None
+
+
 class UserOutbox:
-    """Every user's bounded history, for one process (see the module docstring)."""
+    """Every user's bounded history, for one process (see the module docstring).
+
+    Ids are integers inside (``str`` in :class:`Stamped`, as the bus's): the send path
+    (:meth:`add`, :meth:`ack` with an ``int``) parses and builds nothing."""
 
     def __init__(self, limits: OutboxLimits, ids: Iterator[int] | None = None) -> None:
         self.limits = limits
         # Entry ids, increasing (share one source between outboxes whose ids must never go
         # back, as Redis's clock-based ids never do).
         self._ids = ids if ids is not None else itertools.count(1)
-        # user -> entries kept: (id, n, when, frame), oldest first.
-        self._kept: dict[str, deque[tuple[int, int, float, bytes]]] = {}
-        self._bytes: dict[str, int] = {}
-        self._seq: dict[str, int] = {}
-        self._written: dict[str, int] = {}
-        self._leases: dict[str, Hashable] = {}
+        self._users: dict[str, _History] = {}
         self._next_sweep = 0.0
         #: Frames kept, and frames dropped by a bound.
         self.kept = 0
@@ -100,71 +113,93 @@ class UserOutbox:
 
     def __len__(self) -> int:
         """Users with entries not written to any of their connections yet."""
-        return sum(1 for user in self._kept if self.pending(user))
+        return sum(1 for user in self._users if self.pending(user))
 
     def pending(self, user_id: str) -> int:
         """How many of the user's entries no connection of theirs has written."""
-        mark = self._written.get(user_id, 0)
-        return sum(1 for kid, *_ in self._kept.get(user_id, ()) if kid > mark)
+        history = self._users.get(user_id)
+        if history is None:
+            return 0
+        mark = history.written
+        return sum(1 for kid, *_ in history.entries if kid > mark)
 
-    def append(self, user_id: str, frame: bytes, now: float) -> Stamped | None:
-        """Append ``frame`` to the user's history; ``None`` if it is larger than ``max_bytes``
-        (never kept). Drops expired entries, then the oldest beyond the bounds."""
+    def add(self, user_id: str, frame: bytes, now: float) -> int:
+        """Append ``frame`` to the user's history; its id, or 0 if it is larger than
+        ``max_bytes`` (never kept). Drops expired entries, then the oldest beyond the bounds."""
         limits = self.limits
         if now >= self._next_sweep:  # users who never came back: forgotten within the age
             self._next_sweep = now + limits.max_age / 4
             self.expire(now)
-        if len(frame) > limits.max_bytes:
+        size = len(frame)
+        if size > limits.max_bytes:
             self.evicted += 1
-            return None
-        entries = self._kept.setdefault(user_id, deque())
+            return 0
+        history = self._users.get(user_id)
+        if history is None:
+            history = self._users[user_id] = _History()
         kid = next(self._ids)
-        n = self._seq[user_id] = self._seq.get(user_id, 0) + 1
+        n = history.seq = history.seq + 1
+        entries = history.entries
         entries.append((kid, n, now, frame))
-        size = self._bytes.get(user_id, 0) + len(frame)
-        cutoff = now - limits.max_age
-        while entries and (entries[0][2] <= cutoff or len(entries) > limits.max_messages
-                           or size > limits.max_bytes):
+        size += history.size
+        if len(entries) > limits.max_messages:  # a user at the count bound: the oldest goes
             size -= len(entries.popleft()[3])
             self.evicted += 1
-        self._bytes[user_id] = size
+        cutoff = now - limits.max_age
+        if size > limits.max_bytes or len(entries) > limits.max_messages or entries[0][2] <= cutoff:
+            while entries and (entries[0][2] <= cutoff or len(entries) > limits.max_messages
+                               or size > limits.max_bytes):
+                size -= len(entries.popleft()[3])
+                self.evicted += 1
+        history.size = size
         self.kept += 1
-        return Stamped(str(kid), n, frame)
+        return kid
+
+    def append(self, user_id: str, frame: bytes, now: float) -> Stamped | None:
+        """:meth:`add`, returning the entry (``None`` if not kept)."""
+        kid = self.add(user_id, frame, now)
+        if not kid:
+            return None
+        return Stamped(str(kid), self._users[user_id].seq, frame)
 
     def keep(self, user_id: str, frame: bytes, now: float) -> bool:
         """:meth:`append`, saying only whether it was kept."""
-        return self.append(user_id, frame, now) is not None
+        return self.add(user_id, frame, now) != 0
 
     def after(self, user_id: str, entry_id: str | None, now: float) -> tuple[list[Stamped], int]:
         """The user's entries after ``entry_id`` (all if ``None``) and within ``max_age``,
         oldest first, and the last sequence number given to the user (0: none)."""
-        mark = 0 if entry_id is None else id_key(entry_id)[0]
+        history = self._users.get(user_id)
+        if history is None:
+            return [], 0
+        return self._after(history, 0 if entry_id is None else id_key(entry_id)[0], now), history.seq
+
+    def _after(self, history: _History, mark: int, now: float) -> list[Stamped]:
         cutoff = now - self.limits.max_age
-        out = [Stamped(str(kid), n, frame) for kid, n, when, frame in self._kept.get(user_id, ())
-               if kid > mark and when > cutoff]
-        return out, self._seq.get(user_id, 0)
+        return [Stamped(str(kid), n, frame) for kid, n, when, frame in history.entries
+                if kid > mark and when > cutoff]
 
     def head(self, user_id: str) -> Stamped | None:
         """The user's newest entry (its frame empty), ``None`` if none is kept."""
-        entries = self._kept.get(user_id)
-        if not entries:
+        history = self._users.get(user_id)
+        if history is None or not history.entries:
             return None
-        return Stamped(str(entries[-1][0]), entries[-1][1], b"")
+        kid, n, _, _ = history.entries[-1]
+        return Stamped(str(kid), n, b"")
 
     def lease(self, user_id: str, holder: Hashable, now: float,
               alive: Callable[[Hashable], bool]) -> list[Stamped]:
         """The user's entries not written to any of their connections and within ``max_age``,
         oldest first, leased to ``holder`` until it :meth:`settle` s; ``[]`` if a live holder
         (``alive(holder)``) has the lease already. They stay kept."""
-        current = self._leases.get(user_id)
+        history = self._users.get(user_id)
+        if history is None:
+            return []
+        current = history.lease
         if current is not None and current != holder and alive(current):
             return []
-        written = self._written.get(user_id)
-        out, _ = self.after(user_id, None if written is None else str(written), now)
-        if out:
-            self._leases[user_id] = holder
-        else:
-            self._leases.pop(user_id, None)
+        out = self._after(history, history.written, now)
+        history.lease = holder if out else None
         return out
 
     def settle(self, user_id: str, holder: Hashable, upto: str | None) -> bool:
@@ -173,19 +208,20 @@ class UserOutbox:
         nothing (what it wrote is acknowledged all the same: :meth:`ack`). Whether it held it."""
         if upto is not None:
             self.ack(user_id, upto)
-        if self._leases.get(user_id) != holder:
+        history = self._users.get(user_id)
+        if history is None or history.lease is None or history.lease != holder:
             return False
-        del self._leases[user_id]
+        history.lease = None
         return True
 
-    def ack(self, user_id: str, upto: str) -> None:
-        """A connection of the user wrote the entries up to id ``upto``: the written mark moves
-        forward (never back)."""
-        if user_id not in self._kept:
+    def ack(self, user_id: str, upto: str | int) -> None:
+        """A connection of the user wrote the entries up to id ``upto`` (as :meth:`add` gave it,
+        or as a string): the written mark moves forward (never back)."""
+        history = self._users.get(user_id)
+        if history is None:
             return
-        kid = id_key(upto)[0]
-        if kid > self._written.get(user_id, 0):
-            self._written[user_id] = kid
+        kid = upto if isinstance(upto, int) else id_key(upto)[0]
+        history.written = max(history.written, kid)
 
     def take(self, user_id: str, now: float) -> list[bytes]:
         """Every entry not written yet, oldest first, acknowledged at once (read and
@@ -197,9 +233,9 @@ class UserOutbox:
     def expire(self, now: float) -> None:
         """Forget users whose every entry is older than ``max_age`` (call it now and then)."""
         cutoff = now - self.limits.max_age
-        for user_id in [u for u, f in self._kept.items() if not f or f[-1][2] <= cutoff]:
-            for table in (self._kept, self._bytes, self._seq, self._written, self._leases):
-                table.pop(user_id, None)
+        users = self._users
+        for user_id in [u for u, h in users.items() if not h.entries or h.entries[-1][2] <= cutoff]:
+            del users[user_id]
 
 
 _TAKER = object()
@@ -308,24 +344,32 @@ class DeliveryCursors:
             del self._last[next(iter(self._last))]
 
 
+def _order(entry_id: str | int) -> tuple[int, int]:
+    return (entry_id, 0) if isinstance(entry_id, int) else id_key(entry_id)
+
+
 class WriteLog:
     """Which per-user entries each connection of this process has queued, by frame number
     (:attr:`~dara_ws_core.handler.WebSocketHandler.accepted`), so that what its transport has
     written (``flushed``) can be acknowledged, user by user, and what it had not written when it
     closed is not. Bounded by ``max_entries`` (beyond, the oldest are forgotten: delivered again
-    to a next connection rather than lost)."""
+    to a next connection rather than lost). Entry ids are strings (the bus's) or the integers
+    of :meth:`UserOutbox.add`; the acknowledgements give them back as recorded."""
 
     def __init__(self, max_entries: int = 100_000) -> None:
         self.max_entries = max_entries
-        self._entries: dict[str, deque[tuple[int, str, str]]] = {}
+        self._entries: dict[str, deque[tuple[int, str, str | int]]] = {}
         self._count = 0
 
     def __len__(self) -> int:
         return self._count
 
-    def record(self, channel_id: str, position: int, user_id: str, entry_id: str) -> None:
+    def record(self, channel_id: str, position: int, user_id: str, entry_id: str | int) -> None:
         """Frame number ``position`` of ``channel_id`` is the user's entry ``entry_id``."""
-        self._entries.setdefault(channel_id, deque()).append((position, user_id, entry_id))
+        entries = self._entries.get(channel_id)
+        if entries is None:
+            entries = self._entries[channel_id] = deque()
+        entries.append((position, user_id, entry_id))
         self._count += 1
         if self._count > self.max_entries:
             oldest = next(iter(self._entries))
@@ -335,12 +379,12 @@ class WriteLog:
                 del self._entries[oldest]
 
     def written(self, flushed: Mapping[str, int] | Callable[[str], int | None]
-                ) -> dict[str, str]:
+                ) -> dict[str, str | int]:
         """Forget the entries written by now (``flushed``: channel -> frames written, ``None``
         or absent for a channel that is gone, whose unwritten entries are forgotten unacked);
         the last entry written per user."""
         look = flushed.get if isinstance(flushed, Mapping) else flushed
-        acks: dict[str, tuple[tuple[int, int], str]] = {}
+        acks: dict[str, tuple[tuple[int, int], str | int]] = {}
         for channel_id in list(self._entries):
             done = look(channel_id)
             entries = self._entries[channel_id]
@@ -349,26 +393,91 @@ class WriteLog:
                 self._count -= 1
                 if done is None:
                     continue
-                key = id_key(entry_id)
+                key = _order(entry_id)
                 if user_id not in acks or key > acks[user_id][0]:
                     acks[user_id] = (key, entry_id)
             if not entries:
                 del self._entries[channel_id]
         return {user: entry_id for user, (_, entry_id) in acks.items()}
 
-    def close(self, channel_id: str, flushed: int) -> dict[str, str]:
+    def close(self, channel_id: str, flushed: int) -> dict[str, str | int]:
         """A connection closed having written ``flushed`` frames: what it wrote (to
         acknowledge), its unwritten entries forgotten."""
         entries = self._entries.pop(channel_id, None)
         if not entries:
             return {}
         self._count -= len(entries)
-        acks: dict[str, tuple[tuple[int, int], str]] = {}
+        acks: dict[str, tuple[tuple[int, int], str | int]] = {}
         for position, user_id, entry_id in entries:
             if position > flushed:
-                break
-            acks[user_id] = (id_key(entry_id), entry_id)
+                continue
+            key = _order(entry_id)
+            if user_id not in acks or key > acks[user_id][0]:
+                acks[user_id] = (key, entry_id)
         return {user: entry_id for user, (_, entry_id) in acks.items()}
 
     def channels(self) -> Iterable[str]:
         return self._entries.keys()
+
+
+class QueuedMarks:
+    """:class:`WriteLog` for the one case where both orders hold: a process without a backplane
+    records a user's entry on each of the user's connections as it queues it, so per connection
+    the frame numbers and the entry ids both increase. What a transport wrote is then found by
+    bisection, and forgotten a slice at a time, instead of entry by entry: the send path appends
+    two integers per connection. Each connection belongs to one user. Bounded by
+    ``max_entries`` (beyond, a connection's oldest are forgotten: delivered again to a next
+    connection rather than lost)."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        # channel -> (its user, frame numbers, entry ids), both increasing.
+        self._channels: dict[str, tuple[str, list[int], list[int]]] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def record(self, channel_id: str, position: int, user_id: str, entry_id: int) -> None:
+        """Frame number ``position`` of ``channel_id`` (above any recorded before for it) is
+        the user's entry ``entry_id`` (above any recorded before for it)."""
+        marks = self._channels.get(channel_id)
+        if marks is None:
+            marks = self._channels[channel_id] = (user_id, [], [])
+        marks[1].append(position)
+        marks[2].append(entry_id)
+        self._count += 1
+        if self._count > self.max_entries:
+            del marks[1][0], marks[2][0]
+            self._count -= 1
+
+    def written(self, flushed: Callable[[str], int | None]) -> dict[str, int]:
+        """Forget the entries written by now (``flushed(channel)``: frames written, ``None``
+        for a channel that is gone, whose entries are forgotten unacked); the last entry
+        written per user."""
+        acks: dict[str, int] = {}
+        for channel_id, (user_id, positions, ids) in list(self._channels.items()):
+            done = flushed(channel_id)
+            if done is None:
+                upto = len(positions)
+            else:
+                upto = bisect.bisect_right(positions, done)
+                if upto and ids[upto - 1] > acks.get(user_id, 0):
+                    acks[user_id] = ids[upto - 1]
+            if upto:
+                del positions[:upto], ids[:upto]
+                self._count -= upto
+            if not positions:
+                del self._channels[channel_id]
+        return acks
+
+    def close(self, channel_id: str, flushed: int) -> tuple[str, int] | None:
+        """A connection closed having written ``flushed`` frames: the last entry it wrote (to
+        acknowledge) and its user, if any; its unwritten entries forgotten."""
+        marks = self._channels.pop(channel_id, None)
+        if marks is None:
+            return None
+        user_id, positions, ids = marks
+        self._count -= len(positions)
+        upto = bisect.bisect_right(positions, flushed)
+        return (user_id, ids[upto - 1]) if upto else None

@@ -25,7 +25,9 @@ Metric names (unit; attributes):
 * ``dara_ws.backplane.messages`` (counter; ``dara_ws.backplane.event`` = ``published``,
   ``received``, ``delivered``, ``failed``, ``undeliverable``, ``reconnects``, ``kept``,
   ``replayed``, ``refused``) and ``dara_ws.backplane.connected`` (gauge: ``1`` while the bus
-  connection is up, ``0`` during an outage) with a backplane.
+  connection is up, ``0`` during an outage) with a backplane, and ``dara_ws.backplane.lag``
+  (histogram, ``s``, sampled: from a delivery's publication to its receipt here, by the two
+  hosts' wall clocks; see :mod:`dara_ws_core.telemetry_hooks`).
 """
 
 from __future__ import annotations
@@ -129,8 +131,9 @@ def instrument(manager: WebsocketManager, meter_provider: MeterProvider | None =
             unit="{execution}", description="Custom handler executions by outcome")
     gauge("dara_ws.handler.running", observe(lambda s: [(s.handlers_running, {})]),
           unit="{execution}", description="Custom handlers running now")
-    counter("dara_ws.backplane.messages", observe(
-        lambda s: table(s.backplane or {}, "dara_ws.backplane.event")),
+    counter("dara_ws.backplane.messages", observe(lambda s: table(
+        {k: v for k, v in (s.backplane or {}).items() if not k.startswith("lag_")},
+        "dara_ws.backplane.event")),
         unit="{message}", description="Backplane messages by event")
 
     def bus_up(options: CallbackOptions) -> Iterator[Observation]:

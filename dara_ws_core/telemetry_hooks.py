@@ -18,6 +18,8 @@ The names, units, attributes and meaning are those of dara-core's ``dara/core/te
   once (Dara's every message passes through its queue); sampled.
 * ``dara.websocket.round_trip.duration`` (histogram, ``s``; ``dara.websocket.message.type``,
   ``dara.websocket.operation`` = ``round_trip``, ``dara.outcome``): ``send_and_wait``, sampled.
+* ``dara_ws.backplane.lag`` (histogram, ``s``; this library's, not Dara's): from a backplane
+  delivery's publication (the publisher's wall clock) to its receipt here, sampled.
 * Spans ``dara.websocket.message.inbound`` (CONSUMER) / ``.outbound`` (PRODUCER),
   ``dara.websocket.handler.execute`` and ``dara.websocket.round_trip``; the spans add
   ``dara.websocket.handler.kind`` and ``dara.websocket.message.payload.type`` (a Dara
@@ -187,6 +189,7 @@ class DaraTelemetry:
         self._error_status = Status(StatusCode.ERROR)
         # Countdowns to the next sample, per kind; the first operation of each is sampled.
         self.in_budget = self.out_budget = self.queue_budget = self.trip_budget = 1
+        self.lag_budget = 1
         #: True while a fan-out delivers (it counts and traces its recipients as one); while a
         #: sampled one does, the first recipient that queues the frame stamps it; a recipient
         #: that writes it at once says so.
@@ -207,6 +210,11 @@ class DaraTelemetry:
         self.round_trip_duration = meter.create_histogram(
             "dara.websocket.round_trip.duration", unit="s",
             description="Duration from sending a WebSocket request until its response is received",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+        self.lag = meter.create_histogram(
+            "dara_ws.backplane.lag", unit="s",
+            description="Time from a backplane delivery's publication to its receipt (wall "
+                        "clocks of two hosts: as exact as their synchronisation)",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
         meter.create_observable_counter(
             "dara.websocket.message.executions", [self._observe_executions], unit="{message}",
@@ -292,6 +300,14 @@ class DaraTelemetry:
             if recipients is not None:
                 span.set_attribute("dara.websocket.recipients", recipients)
         self._done(attrs, started, outcome, span)
+
+    def backplane_lag(self, seconds: float) -> None:
+        """A backplane delivery arrived ``seconds`` after it was published: 1 in
+        ``sample_every`` recorded."""
+        self.lag_budget -= 1
+        if self.lag_budget <= 0:
+            self.lag_budget = self.sample_every
+            self.lag.record(seconds)
 
     def waited(self, frame: bytes, seconds: float) -> None:
         """Record a sampled queue wait of ``frame``."""

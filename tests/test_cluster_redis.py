@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
@@ -22,8 +24,11 @@ from dara_ws_core import (
     Identity,
     ServerConfig,
     WebsocketManager,
+    build_frame,
 )
 from dara_ws_core.backplane.node import cancel_task
+from dara_ws_core.backplane.wire import UserDelivery, encode_bus_message
+from dara_ws_core.outbox import OutboxLimits
 from dara_ws_redis import RedisBackplane
 from dara_ws_websockets import connect
 
@@ -200,3 +205,82 @@ async def stack_payload(client: DaraClient) -> dict[str, Any]:
     assert isinstance(message, DaraServerMessage)
     return message.message.model_dump()
 
+
+
+async def test_messages_are_published_and_kept_after_redis_forgot_its_scripts(
+    redis_server: RedisServer,
+) -> None:
+    """The publishing scripts are called by their SHA1; a server that lost them (restarted,
+    ``SCRIPT FLUSH``) answers NOSCRIPT without running them: they are sent again with their
+    text, so nothing is lost, duplicated or left out of the user's history."""
+    from redis.asyncio import Redis
+
+    namespace = f"noscript-{uuid.uuid4().hex[:8]}"
+    config = ServerConfig(outbox_messages=100)
+    managers = [WebsocketManager(config, backplane=RedisBackplane(redis_server.url,
+                                                                  namespace=namespace))
+                for _ in range(2)]
+    redis = Redis.from_url(redis_server.url)
+    try:
+        for manager in managers:
+            assert manager.backplane is not None
+            await manager.backplane.start(manager)
+        sender, receiver = managers
+        handler = receiver.create_handler("far", Identity(user_id="bob", session_id="s"))
+        await receiver.backplane.flush()  # type: ignore[union-attr]
+        await sender.send_message_to_user("bob", {"i": 1})
+        await redis.script_flush()
+        await sender.send_message_to_user("bob", {"i": 2})
+        await sender.send_message_to_user("bob", {"i": 3})
+        await sender.backplane.flush()  # type: ignore[union-attr]
+        await eventually(lambda: len(handler.queue) == 4)  # init, then the three messages
+        frames = [handler.queue.get_nowait() for _ in range(4)][1:]
+        assert [json.loads(frame)["message"]["i"] for frame in frames] == [1, 2, 3]  # type: ignore[arg-type]
+        assert await redis.xlen(f"{namespace}:outbox:bob") == 3
+    finally:
+        await redis.aclose()
+        for manager in managers:
+            if manager.backplane is not None:
+                await manager.backplane.stop()
+
+
+async def test_the_history_on_redis_keeps_the_newest_within_the_count_and_byte_bounds(
+    redis_server: RedisServer,
+) -> None:
+    """The publishing script trims the user's Stream as it appends: the oldest go first, as many
+    as the count bound drops, then as long as the bytes exceed their bound; the byte total it
+    keeps matches what is left."""
+    from redis.asyncio import Redis
+
+    namespace = f"bounds-{uuid.uuid4().hex[:8]}"
+    # What is kept is the bus message (header, then the frame): its size, the clock's digits
+    # and all (13 until 2286).
+    size = len(encode_bus_message(UserDelivery("carol", None, build_frame({"i": 10}),
+                                               sent=time.time_ns() // 1_000_000)))
+    config = ServerConfig(outbox_messages=3, outbox_bytes=2 * size + 5)
+    backplane = RedisBackplane(redis_server.url, namespace=namespace)
+    manager = WebsocketManager(config, backplane=backplane)
+    redis: Any = Redis.from_url(redis_server.url)
+    stream, meta = f"{namespace}:outbox:carol", f"{namespace}:outbox-meta:carol"
+    try:
+        await backplane.start(manager)
+        for i in range(10, 16):  # same-sized frames: only two fit in the bytes
+            await manager.send_message_to_user("carol", {"i": i})
+        await backplane.flush()
+        entries = await redis.xrange(stream)
+        assert [json.loads(e[b"d"].partition(b"\n")[2])["message"]["i"] for _, e in entries] == [
+            14, 15]
+        assert int(await redis.hget(meta, "b")) == sum(len(e[b"d"]) for _, e in entries)
+        big = ServerConfig(outbox_messages=3, outbox_bytes=1 << 20)
+        manager.outbox_limits = OutboxLimits(big.outbox_messages, big.outbox_bytes,
+                                             big.outbox_age)
+        for i in range(16, 21):  # the count bound now: the newest three
+            await manager.send_message_to_user("carol", {"i": i})
+        await backplane.flush()
+        entries = await redis.xrange(stream)
+        assert [json.loads(e[b"d"].partition(b"\n")[2])["message"]["i"] for _, e in entries] == [
+            18, 19, 20]
+        assert int(await redis.hget(meta, "b")) == sum(len(e[b"d"]) for _, e in entries)
+    finally:
+        await redis.aclose()
+        await backplane.stop()

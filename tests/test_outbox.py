@@ -9,7 +9,15 @@ import json
 import pytest
 
 from dara_ws_core import DaraClient, DaraServerMessage, Identity, ServerConfig
-from dara_ws_core.outbox import DeliveryCursors, OutboxLimits, Stamped, UserOutbox, WriteLog, id_key
+from dara_ws_core.outbox import (
+    DeliveryCursors,
+    OutboxLimits,
+    QueuedMarks,
+    Stamped,
+    UserOutbox,
+    WriteLog,
+    id_key,
+)
 
 from .helpers import eventually
 from .hostile import HostileClient
@@ -254,6 +262,42 @@ def test_a_write_log_acknowledges_what_each_connection_wrote_and_forgets_what_it
     for i in range(3):
         small.record("d", i + 1, "alice", str(i))
     assert len(small) == 2 and small.close("d", 9) == {"alice": "2"}
+
+
+def test_queued_marks_acknowledge_the_last_entry_each_connection_wrote() -> None:
+    marks = QueuedMarks(max_entries=100)
+    for position, entry in ((2, 1), (3, 4), (5, 6)):
+        marks.record("a", position, "alice", entry)
+    marks.record("b", 4, "alice", 4)
+    marks.record("c", 2, "bob", 5)
+    flushed = {"a": 4, "b": 3, "c": 1}
+    assert marks.written(flushed.get) == {"alice": 4}  # a wrote frames up to 4: entries 1 and 4
+    assert len(marks) == 3
+    flushed.update(b=4)
+    assert marks.written(flushed.get) == {"alice": 4}  # b wrote entry 4 too: still 4
+    assert len(marks) == 2
+    assert marks.close("a", 4) is None  # closed before writing frame 5: 6 is not acknowledged
+    assert marks.close("c", 2) == ("bob", 5) and len(marks) == 0
+    marks.record("d", 2, "alice", 7)
+    assert marks.written(lambda channel: None) == {} and len(marks) == 0  # gone: forgotten
+    small = QueuedMarks(max_entries=2)
+    for i in range(3):
+        small.record("e", i + 1, "alice", i + 10)
+    assert len(small) == 2 and small.written(lambda channel: 1) == {}  # the oldest forgotten
+    assert small.close("e", 3) == ("alice", 12)
+
+
+async def test_a_frame_written_at_once_is_acknowledged_with_nothing_left_to_track() -> None:
+    async with running_stack("websockets", ServerConfig(outbox_messages=100)) as stack:
+        manager = stack.manager
+        client = await stack.client("alice:s1")
+        handler = next(iter(manager.handlers.values()))
+        await eventually(lambda: handler.flushed == handler.accepted)  # the init is out
+        await manager.send_message_to_user("alice", {"i": 0})
+        assert handler.flushed == handler.accepted  # written by the send itself
+        assert manager.outbox.pending("alice") == 0  # acknowledged there and then
+        assert len(manager._marks) == 0 and manager._ack_timer is None  # nothing to track
+        assert await numbers(client, 1) == [0]
 
 
 def test_delivery_cursors_hand_each_entry_over_once_and_count_what_a_bound_dropped() -> None:

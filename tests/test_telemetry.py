@@ -340,6 +340,59 @@ async def test_a_backplane_outage_shows_in_the_connected_gauge_and_the_reconnect
         await backplane.stop()
 
 
+async def test_the_backplane_lag_is_measured_from_the_publishers_clock() -> None:
+    import time
+
+    from dara_ws_core import Identity, build_frame
+    from dara_ws_core.backplane import MemoryBackplane, MemoryBroker
+    from dara_ws_core.backplane.wire import UserDelivery, encode_bus_message
+
+    broker = MemoryBroker()
+    here, there = MemoryBackplane(broker, node_id="here"), MemoryBackplane(broker, node_id="there")
+    manager, sender = WebsocketManager(backplane=here), WebsocketManager(backplane=there)
+    reader = InMemoryMetricReader()
+    instrument(manager, MeterProvider(metric_readers=[reader]), sample_every=1)
+    await here.start(manager)
+    await there.start(sender)
+    try:
+        handler = manager.create_handler("c1", Identity(user_id="alice", session_id="s"))
+        await here.flush()
+        await sender.send_message_to_user("alice", {"i": 1})  # through the bus: lag ~ 0
+        await eventually(lambda: len(handler.queue) == 2, "delivered")
+        stats = manager.stats().backplane
+        assert stats is not None and 0 <= stats["lag_ms_last"] <= stats["lag_ms_max"] < 3000
+        # A delivery its publisher sent 3 s ago by its clock: 3 s of lag.
+        sent = time.time_ns() // 1_000_000 - 3000
+        broker.publish(here.node_topic, encode_bus_message(
+            UserDelivery("alice", None, build_frame({"i": 2}), sent=sent)))
+        await eventually(lambda: len(handler.queue) == 3, "delivered")
+        stats = manager.stats().backplane
+        assert stats is not None and 3000 <= stats["lag_ms_last"] == stats["lag_ms_max"] < 60_000
+        lag = points(reader)["dara_ws.backplane.lag"][frozenset()]
+        assert lag.count == 2 and 3.0 <= lag.sum < 60.0
+        events = points(reader)["dara_ws.backplane.messages"]
+        assert not [key for key in events if ("dara_ws.backplane.event", "lag_ms_max") in key]
+    finally:
+        await here.stop()
+        await there.stop()
+
+
+def test_the_lag_maximum_covers_a_window_and_then_forgets() -> None:
+    from dara_ws_core.backplane.contract import LAG_WINDOW, BackplaneStats
+
+    stats = BackplaneStats()
+    stats.lag(500, now=0.0)
+    stats.lag(20, now=1.0)
+    assert (stats.lag_ms_last, stats.lag_ms_max) == (20, 500)
+    stats.lag(30, now=LAG_WINDOW + 1)  # the next window: the previous one still counts
+    assert stats.lag_ms_max == 500
+    stats.lag(40, now=2 * LAG_WINDOW + 1)  # two windows on: 500 is forgotten
+    assert (stats.lag_ms_last, stats.lag_ms_max) == (40, 40)
+    stats.lag(10, now=10 * LAG_WINDOW)  # after a silence: only what came since
+    assert stats.lag_ms_max == 10
+    assert "_lag_current" not in stats.as_dict() and stats.as_dict()["lag_ms_max"] == 10
+
+
 def test_no_backplane_no_connected_series() -> None:
     reader = InMemoryMetricReader()
     instrument(WebsocketManager(), MeterProvider(metric_readers=[reader]))

@@ -232,19 +232,19 @@ class BrokerBackplane(BusNode):
         self._wake.set()
 
     async def send_to_channel(self, channel_id: str, frame: bytes) -> None:
-        data = encode_bus_message(ChannelDelivery(channel_id, frame))
+        data = encode_bus_message(ChannelDelivery(channel_id, frame, _wall_ms()))
         await self._route(channel_id, data, "message")
 
     async def broadcast(self, frame: bytes, ignore_channel: str | None) -> None:
         self._broadcast_seq += 1
         data = encode_bus_message(BroadcastDelivery(self.node_id, ignore_channel, frame,
-                                                    self._broadcast_seq))
+                                                    self._broadcast_seq, _wall_ms()))
         await self._post(Publication(data, topic=self.broadcast_topic), "broadcast")
 
     async def send_to_user(self, user_id: str, frame: bytes, ignore_channel: str | None,
                            keep: OutboxLimits | None = None,
                            stamped: Callable[[Stamped], None] | None = None) -> None:
-        data = encode_bus_message(UserDelivery(user_id, ignore_channel, frame))
+        data = encode_bus_message(UserDelivery(user_id, ignore_channel, frame, sent=_wall_ms()))
         done: asyncio.Future[Any] | None = None
         if stamped is not None and keep is not None:
             done = asyncio.get_running_loop().create_future()
@@ -405,6 +405,7 @@ class BrokerBackplane(BusNode):
             if message.origin == self.node_id:
                 return  # our own broadcast, already delivered locally by the manager
             self.stats.received += 1
+            self._lagged(manager, message.sent)
             missed = self._sequences.observe(message.origin, message.seq)
             if missed:
                 self._report({u: Gap(lost=missed, broadcasts=missed)
@@ -421,6 +422,8 @@ class BrokerBackplane(BusNode):
                                 message.scope, message.target, extra={"node": self.node_id})
             return
         self.stats.received += 1
+        if isinstance(message, ChannelDelivery | UserDelivery):
+            self._lagged(manager, message.sent)
         # Deliveries never wait (see BackplaneHost): a slow client never holds up the bus reader.
         if isinstance(message, ChannelDelivery):
             if manager.deliver_to_channel(message.channel_id, message.frame):
@@ -442,6 +445,17 @@ class BrokerBackplane(BusNode):
             serving = self._serving.get(message.request_id)
             if serving is not None:
                 serving.cancel()
+
+    def _lagged(self, manager: BackplaneHost, sent: int) -> None:
+        """Record the lag of a delivery published at ``sent`` (publisher's wall clock, ms)."""
+        if not sent:
+            return
+        ms = max(0, _wall_ms() - sent)
+        self.stats.lag(ms, time.monotonic())
+        # The manager's OpenTelemetry hooks, when on (a host without counters has none).
+        telemetry = getattr(getattr(manager, "counters", None), "telemetry", None)
+        if telemetry is not None:
+            telemetry.backplane_lag(ms / 1000)
 
     async def _serve(self, request: RemoteRequest) -> None:
         """Run a remote ``send_and_wait`` on the local channel and publish its outcome."""
@@ -621,6 +635,12 @@ class BrokerBackplane(BusNode):
 Kept = tuple[str, int, bytes]
 
 _MAX_UNSENT_ACKS = 100_000
+
+
+def _wall_ms() -> int:
+    """The wall clock in milliseconds: what a delivery's lag is measured with (see the wire)."""
+    return time.time_ns() // 1_000_000
+
 _MAX_RESYNCS = 1000
 
 

@@ -254,9 +254,36 @@ class BackplaneStats:
     lost: int = 0
     #: Per-user messages recovered from the users' histories after a gap.
     recovered: int = 0
+    #: The bus's lag, in milliseconds, of the last delivery received (to a channel, a user,
+    #: everyone: from the publisher's wall clock when it published to this node's when it
+    #: received; as exact as the two hosts' clocks agree, 0 if this one is behind), and the
+    #: largest among those received in the :data:`LAG_WINDOW` seconds (or up to twice that)
+    #: before the last one.
+    lag_ms_last: int = 0
+    lag_ms_max: int = 0
+    # The window of lag_ms_max: when the current one ends, its largest, the previous one's.
+    _lag_until: float = 0.0
+    _lag_current: int = 0
+    _lag_previous: int = 0
+
+    def lag(self, ms: int, now: float) -> None:
+        """A delivery arrived ``ms`` milliseconds after it was published (``now``: a monotonic
+        clock, for the window)."""
+        self.lag_ms_last = ms
+        if now >= self._lag_until:  # a new window; the one before counts only if it just ended
+            recent = now < self._lag_until + LAG_WINDOW
+            self._lag_previous = self._lag_current if recent else 0
+            self._lag_current = 0
+            self._lag_until = now + LAG_WINDOW
+        self._lag_current = max(self._lag_current, ms)
+        self.lag_ms_max = max(self._lag_previous, self._lag_current)
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        return {key: value for key, value in asdict(self).items() if not key.startswith("_")}
+
+
+#: Seconds of one window of :attr:`BackplaneStats.lag_ms_max`.
+LAG_WINDOW = 10.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,11 @@ One compact JSON header, a newline, then the body: a client frame exactly as the
 sending process encoded it, or a JSON answer. The header never contains a raw newline (JSON
 escapes it), and the body is never decoded or re-encoded on the way: a frame published by one
 process reaches the clients of another byte for byte.
+
+Deliveries (to a channel, a user, everyone) carry ``sent``: the publisher's wall clock when it
+published them, in integer milliseconds (header ``"t"``; 0: unknown), from which the receiver
+computes the bus's lag. Wall clocks of two hosts agree only as well as they are synchronised
+(NTP): the lag is as exact as that, and never negative (a receiver's clock behind reads 0).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class ChannelDelivery:
 
     channel_id: str
     frame: bytes
+    sent: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +60,7 @@ class UserDelivery:
     frame: bytes
     sid: str | None = None
     n: int = 0
+    sent: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +73,7 @@ class BroadcastDelivery:
     ignore: str | None
     frame: bytes
     seq: int = 0
+    sent: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +162,8 @@ def encode_bus_message(message: BusMessage) -> bytes:
                 "id": message.target, "code": message.code, "reason": message.reason}
     else:
         raise TypeError(f"not a bus message: {type(message).__name__}")
+    if isinstance(message, ChannelDelivery | UserDelivery | BroadcastDelivery) and message.sent:
+        head["t"] = message.sent
     return b"%b\n%b" % (dumps(head), body)
 
 
@@ -167,6 +177,14 @@ def stamp_message(data: bytes, entry: Any) -> bytes:
 def _field(head: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     value = head.get(key)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise BackplaneError(f"malformed bus message: bad {key!r}")
+    return value
+
+
+def _natural(head: dict[str, Any], key: str) -> int:
+    """An optional whole number at least 0 (0 when absent)."""
+    value = head.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise BackplaneError(f"malformed bus message: bad {key!r}")
     return value
 
@@ -185,20 +203,14 @@ def decode_bus_message(data: bytes) -> BusMessage:
     op = head.get("op")
     opt_str = (str, type(None))
     if op == "ch":
-        return ChannelDelivery(_field(head, "ch", str), body)
+        return ChannelDelivery(_field(head, "ch", str), body, _natural(head, "t"))
     if op == "user":
-        sid = _field(head, "sid", opt_str)
-        n = head.get("n", 0)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise BackplaneError("malformed bus message: bad 'n'")
         return UserDelivery(_field(head, "user", str), _field(head, "ignore", opt_str), body,
-                            sid, n)
+                            _field(head, "sid", opt_str), _natural(head, "n"),
+                            _natural(head, "t"))
     if op == "all":
-        seq = head.get("seq", 0)
-        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
-            raise BackplaneError("malformed bus message: bad 'seq'")
         return BroadcastDelivery(_field(head, "origin", str), _field(head, "ignore", opt_str),
-                                 body, seq)
+                                 body, _natural(head, "seq"), _natural(head, "t"))
     if op == "req":
         timeout = head.get("timeout")
         if timeout is not None and (isinstance(timeout, bool)

@@ -55,14 +55,15 @@ __all__ = ["RedisBackplane"]
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 try:
     from redis.asyncio import Redis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
-    from redis.exceptions import RedisError
+    from redis.exceptions import NoScriptError, RedisError
 except ImportError as exc:  # the extra is missing: say which one to install
     raise ImportError(
         'dara_ws_redis needs the redis library: pip install "dara-ws-core[redis]"', name=exc.name
@@ -100,7 +101,7 @@ end
 # TTL in ms, the channel key prefix. With the outbox on (ARGV[8..10]: most messages, bytes, age
 # in ms; KEYS[2]: the user's history stream, KEYS[3]: its meta hash), the message is first
 # appended to the history (trimmed by count, bytes and age, the oldest first) and published with
-# the entry's id and number in its header: returns {id, n, receivers}. Fields of nodes nobody
+# the entry's id and number in its header: returns "<id> <n> <receivers>". Fields of nodes nobody
 # listens for are dropped once their channel key is gone too (a dead node's; a node cut off for
 # less than the expiry keeps them, so that with the outbox off its gap ledger counts every
 # message it missed). Returns the receivers in all.
@@ -114,13 +115,27 @@ if ARGV[8] ~= nil and #ARGV[3] <= tonumber(ARGV[9]) then
   local count = redis.call('XLEN', KEYS[2])
   local t = redis.call('TIME')
   local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - age
-  while count > 0 do
-    local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
-    local ms = tonumber(string.match(head[1], '^(%d+)'))
-    if ms > cutoff and count <= most and bytes <= cap then break end
-    redis.call('XDEL', KEYS[2], head[1])
-    bytes = redis.call('HINCRBY', KEYS[3], 'b', -#head[2][2])
-    count = count - 1
+  -- The oldest entries, as many as the count bound drops plus one (whose age is checked) per
+  -- read: at steady state one XRANGE, one XDEL and one HINCRBY per message.
+  local trimmed = false
+  while count > 0 and not trimmed do
+    local heads = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', math.max(count - most, 0) + 1)
+    if #heads == 0 then break end
+    local dropped, freed = {}, 0
+    for _, head in ipairs(heads) do
+      local ms = tonumber(string.match(head[1], '^(%d+)'))
+      if ms > cutoff and count <= most and bytes - freed <= cap then
+        trimmed = true
+        break
+      end
+      dropped[#dropped + 1] = head[1]
+      freed = freed + #head[2][2]
+      count = count - 1
+    end
+    if #dropped > 0 then
+      redis.call('XDEL', KEYS[2], unpack(dropped))
+      bytes = redis.call('HINCRBY', KEYS[3], 'b', -freed)
+    end
   end
   redis.call('PEXPIRE', KEYS[2], age)
   redis.call('PEXPIRE', KEYS[3], age)
@@ -143,7 +158,7 @@ for i = 1, #fields, 2 do
   end
 end
 if #stale > 0 then redis.call('HDEL', KEYS[1], unpack(stale)) end
-if kept then return {kept, n, total} end
+if kept then return kept .. ' ' .. n .. ' ' .. total end  -- one string: cheaper to read back
 -- Not kept, and a node holding channels of the user did not hear it (its link is down): note
 -- it in that node's gap ledger, which it reads when it is back.
 for node, r in pairs(sent) do
@@ -258,6 +273,10 @@ return out
 """
 
 
+#: The SHA1 of each script published in batches (called with EVALSHA).
+_SHA1 = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_ROUTE, _ROUTE_USER, _SETTLE)}
+
+
 class RedisBackplane(BrokerBackplane):
     """A backplane over Redis pub/sub and keys. One per server process.
 
@@ -331,42 +350,69 @@ class RedisBackplane(BrokerBackplane):
         await self._redis.aclose()
         await self._subscriber.aclose()
 
-    async def _publish_batch(self, batch: Sequence[Publication]) -> list[Routed]:
-        pipe = self._redis.pipeline(transaction=False)
+    def _batch_calls(self, batch: Sequence[Publication],
+                     ) -> Iterator[tuple[str | None, tuple[Any, ...]]]:
+        """Each publication as (script, its arguments), or (None, PUBLISH's arguments)."""
         prefix = self.topic_of("")
         ledger_ttl = int(max(60.0, 10 * self.expiry) * 1000)  # a dead node's ledger goes too
         for publication in batch:
             if publication.ack is not None:
-                pipe.eval(_SETTLE, 2, self._outbox_keys(str(publication.user_id))[1], "", "",
-                          publication.ack)
+                yield _SETTLE, (2, self._outbox_keys(str(publication.user_id))[1], "", "",
+                                publication.ack)
             elif publication.topic is not None:
-                pipe.publish(publication.topic, publication.data)
+                yield None, (publication.topic, publication.data)
             elif publication.user_id is not None:
                 keep, user = publication.keep, publication.user_id
                 common = (self.node_id, prefix, publication.data, self._missed_key(""), user,
                           ledger_ttl, self._ch(""))
                 if keep is None:
-                    pipe.eval(_ROUTE_USER, 1, self._user(user), *common)
+                    yield _ROUTE_USER, (1, self._user(user), *common)
                 else:
-                    pipe.eval(_ROUTE_USER, 3, self._user(user), *self._outbox_keys(user),
-                              *common, keep.max_messages, keep.max_bytes,
-                              int(keep.max_age * 1000))
+                    yield _ROUTE_USER, (3, self._user(user), *self._outbox_keys(user), *common,
+                                        keep.max_messages, keep.max_bytes,
+                                        int(keep.max_age * 1000))
             else:
-                pipe.eval(_ROUTE, 1, self._ch(str(publication.channel_id)), self.node_id, prefix,
-                          publication.data)
+                yield _ROUTE, (1, self._ch(str(publication.channel_id)), self.node_id, prefix,
+                               publication.data)
+
+    async def _publish_batch(self, batch: Sequence[Publication]) -> list[Routed]:
+        # One pipeline per batch, the scripts called by their SHA1 (EVALSHA: neither their text
+        # sent nor hashed again per message). A server that does not know them (restarted,
+        # flushed) runs none of them (NOSCRIPT before any effect): those are sent again with
+        # their text, which caches them, in their order (plain PUBLISHes of the batch went first).
+        calls = list(self._batch_calls(batch))
+        pipe = self._redis.pipeline(transaction=False)
+        for script, args in calls:
+            if script is None:
+                pipe.publish(*args)
+            else:
+                pipe.evalsha(_SHA1[script], *args)
         try:
-            replies = await pipe.execute()
+            replies = await pipe.execute(raise_on_error=False)
+            unknown = [(i, script, args) for i, (reply, (script, args))
+                       in enumerate(zip(replies, calls, strict=True))
+                       if isinstance(reply, NoScriptError) and script is not None]
+            if unknown:
+                retry = self._redis.pipeline(transaction=False)
+                for _, script, args in unknown:
+                    retry.eval(script, *args)
+                for (i, _, _), reply in zip(unknown, await retry.execute(raise_on_error=False),
+                                            strict=True):
+                    replies[i] = reply
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
         except (RedisError, OSError) as exc:
             raise BackplaneError(f"redis: {exc}") from exc
         results: list[Routed] = []
         for publication, reply in zip(batch, replies, strict=True):
             if publication.ack is not None:
                 results.append((None, -1))
-            elif publication.user_id is not None and isinstance(reply, list):
-                # Appended to the user's history: {id, n, receivers}.
-                receivers = int(reply[2])
-                results.append((f"{_text(reply[0])} {int(reply[1])}",
-                                receivers if receivers else -1))
+            elif publication.user_id is not None and isinstance(reply, bytes | str):
+                # Appended to the user's history: "<id> <n> <receivers>".
+                where, _, count = _text(reply).rpartition(" ")
+                receivers = int(count)
+                results.append((where, receivers if receivers else -1))
             elif publication.channel_id is None:  # a topic or a user: a count
                 results.append((None, int(reply)))
             elif reply is None:
