@@ -243,7 +243,11 @@ class PicowsTransport(WSListener):
         if not corked or ws is None or ws.is_close_frame_sent or ws.is_disconnected:
             return
         transport = ws.underlying_transport
-        if not transport.is_closing():
+        if transport.is_closing():
+            return
+        if len(corked) == 2:  # one frame (header, payload): picows frames and writes it in C
+            ws.send(_TEXT, corked[1])
+        else:
             transport.write(b"".join(corked))
 
     async def send(self, frame: bytes) -> None:
