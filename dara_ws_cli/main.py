@@ -252,7 +252,7 @@ async def _listen(transport: str, endpoint: Endpoint, host: str, port: int, reus
             import dara_ws_picows  # noqa: F401
     except ImportError as exc:
         raise _missing_extra(exc) from None
-    # SO_REUSEPORT (--workers): websockets and picows pass it on to loop.create_server.
+    # SO_REUSEPORT (--workers): every socket transport's serve() takes reuse_port.
     options = {"reuse_port": True} if reuse_port else {}
     if transport == "websockets":
         from dara_ws_websockets import serve as ws_serve
@@ -262,12 +262,12 @@ async def _listen(transport: str, endpoint: Endpoint, host: str, port: int, reus
     elif transport == "aiohttp":
         from dara_ws_aiohttp import serve as aio_serve
 
-        async with aio_serve(endpoint, host, port) as server:
+        async with aio_serve(endpoint, host, port, **options) as server:
             yield server.port
     elif transport == "asgi":
         from dara_ws_asgi import serve as asgi_serve
 
-        async with asgi_serve(endpoint, host, port) as server:
+        async with asgi_serve(endpoint, host, port, **options) as server:
             yield server.port
     elif transport == "picows":
         from dara_ws_picows import serve as picows_serve
@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--workers", type=int, default=1, metavar="N",
-        help="server processes sharing the port (SO_REUSEPORT; websockets and picows transports);"
+        help="server processes sharing the port (SO_REUSEPORT; every transport);"
              " with --redis-url they form one cluster",
     )
     s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set on workers
@@ -391,12 +391,10 @@ def _loop_factory(name: str) -> Any:
 
 
 async def _supervise(args: argparse.Namespace) -> int:
-    from .workers import REUSE_PORT_TRANSPORTS, supervise
+    from .workers import supervise
 
     if args.workers < 1:
         raise CLIError("--workers must be at least 1", status=2)
-    if args.transport not in REUSE_PORT_TRANSPORTS:
-        raise CLIError(f"--workers needs --transport {' or '.join(REUSE_PORT_TRANSPORTS)}", status=2)
     if args.metrics_port not in (None, 0):
         raise CLIError("--workers serves metrics per worker: use --metrics-port 0 (each prints its own)",
                        status=2)

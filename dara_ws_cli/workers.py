@@ -24,8 +24,6 @@ from dara_ws_core import DEFAULT_PATH
 #: How long a worker may take to start listening, and to stop after SIGTERM, before it is killed.
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
-#: The transports whose serve() passes ``reuse_port`` to ``loop.create_server``.
-REUSE_PORT_TRANSPORTS = ("websockets", "picows")
 
 
 def worker_argv(args: argparse.Namespace, port: int) -> list[str]:

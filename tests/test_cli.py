@@ -132,8 +132,7 @@ def test_serve_on_uvloop_without_uvloop_names_the_pip_command(workers: str) -> N
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--transport", "aiohttp"], "--workers needs --transport websockets or picows"),
-     (["--metrics-port", "9100"], "--metrics-port 0"), (["--workers", "0"], "at least 1")],
+    [(["--metrics-port", "9100"], "--metrics-port 0"), (["--workers", "0"], "at least 1")],
 )
 def test_serve_with_workers_refuses_what_it_cannot_share(args: list[str], message: str) -> None:
     result = _run_cli("serve", "--port", "0", "--workers", "2", *args)

@@ -30,7 +30,12 @@ pytest_plugins = ["tests.redis_server"]
 STOP_BOUND = 30.0
 
 
-@pytest.fixture(params=["picows", "websockets"])
+#: Every transport shares the port and the backplane; the supervisor's handling of a dying worker
+#: does not depend on the transport, so two of them cover it (each case starts two processes).
+ALL_TRANSPORTS = ["picows", "websockets", "aiohttp", "asgi"]
+
+
+@pytest.fixture
 def workers(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[tuple[subprocess.Popen[str], str]]:
     process = subprocess.Popen(
         [sys.executable, "-m", "dara_ws_cli", "serve", "--port", "0", "--workers", "2", "--clock", "0",
@@ -82,6 +87,7 @@ async def _pushed(client: DaraClient, kind: str) -> CustomServerMessage:
     raise AssertionError(f"no {kind!r} push")
 
 
+@pytest.mark.parametrize("workers", ALL_TRANSPORTS, indirect=True)
 async def test_workers_share_the_port_and_the_backplane_and_stop_together(
     workers: tuple[subprocess.Popen[str], str],
 ) -> None:
@@ -109,6 +115,7 @@ async def test_workers_share_the_port_and_the_backplane_and_stop_together(
     assert process.returncode == 0
 
 
+@pytest.mark.parametrize("workers", ["picows", "websockets"], indirect=True)
 async def test_a_worker_that_dies_stops_the_others_and_fails_the_supervisor(
     workers: tuple[subprocess.Popen[str], str],
 ) -> None:

@@ -79,10 +79,11 @@ def add_route(app: web.Application, endpoint: Endpoint, path: str | None = None)
 
 @asynccontextmanager
 async def serve(
-    endpoint: Endpoint, host: str = "127.0.0.1", port: int = 8000
+    endpoint: Endpoint, host: str = "127.0.0.1", port: int = 8000, *, reuse_port: bool = False
 ) -> AsyncIterator[Server[web.AppRunner]]:
     """Serve ``endpoint`` on ``host:port`` for the duration of the ``async with`` block; yields a
-    :class:`~dara_ws_core.Server` whose ``native`` is aiohttp's ``AppRunner``.
+    :class:`~dara_ws_core.Server` whose ``native`` is aiohttp's ``AppRunner``. ``reuse_port``
+    listens with ``SO_REUSEPORT``, so that several processes share the port (``--workers``).
 
     On exit the endpoint shuts down (connections close with 1001) and listening stops. Raises
     ``OSError`` if the address cannot be bound.
@@ -98,7 +99,7 @@ async def serve(
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         await site.start()
         port = int(runner.addresses[0][1])
         yield Server.build(host, port, endpoint.path, runner)

@@ -141,10 +141,11 @@ class _Uvicorn(uvicorn.Server):
 
 @contextlib.asynccontextmanager
 async def serve(
-    endpoint: Endpoint, host: str = "127.0.0.1", port: int = 8000
+    endpoint: Endpoint, host: str = "127.0.0.1", port: int = 8000, *, reuse_port: bool = False
 ) -> AsyncIterator[Server[uvicorn.Server]]:
     """Run ``endpoint`` under uvicorn on ``host:port`` for the ``async with`` block; yields a
-    :class:`~dara_ws_core.Server` whose ``native`` is the ``uvicorn.Server``.
+    :class:`~dara_ws_core.Server` whose ``native`` is the ``uvicorn.Server``. ``reuse_port``
+    binds with ``SO_REUSEPORT``, so that several processes share the port (``--workers``).
 
     On exit the endpoint shuts down (connections close with 1001), then uvicorn stops. Raises
     ``OSError`` if the address cannot be bound, ``RuntimeError`` if uvicorn stops during startup.
@@ -155,6 +156,8 @@ async def serve(
     # Bind ourselves so that port 0 works and the real port is known.
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:  # uvicorn listens on the socket given: the option must be set before bind
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError:

@@ -5,6 +5,12 @@ and the core's ``Transport`` (``receive()`` empties it). picows hands over *fram
 messages are reassembled here, text is checked for UTF-8 (1007), and the message size limit counts
 the whole message (1009). picows' own parser closes with 1002 on what RFC 6455 forbids (unmasked
 client frames, bad opcodes, oversized control frames) before any callback runs.
+
+Writes are corked (``SupportsCork``): picows' ``send`` copies each frame and makes its own system
+call, so the frames the core queues within one loop iteration are framed here instead
+(``text_frame_header``) and written to the socket's transport at once by ``flush()``. Order holds
+because picows only writes around asyncio while asyncio's buffer is empty, and every frame picows
+sends itself (a pong, a ping, a close, an awaited ``send``) flushes what is corked first.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import Callable
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSProtocolError, WSTransport
 
 from dara_ws_core.exceptions import CloseCode, ConnectionClosed
+from dara_ws_core.transport import text_frame_header
 
 #: Messages, and bytes, waiting in the inbox before reading from the socket pauses.
 INBOX_MESSAGES = 16
@@ -39,8 +46,9 @@ class PicowsTransport(WSListener):
     Built by :func:`dara_ws_picows.serve`; you do not create it yourself.
     """
 
-    __slots__ = ("_buffered", "_close_timeout", "_drained", "_gone", "_inbox", "_inbox_bytes", "_local_code",
-                 "_max_size", "_parts", "_parts_size", "_parts_text", "_paused", "_waiter", "_write_paused", "_ws")
+    __slots__ = ("_buffered", "_close_timeout", "_corked", "_corked_bytes", "_drained", "_gone", "_inbox",
+                 "_inbox_bytes", "_local_code", "_max_size", "_parts", "_parts_size", "_parts_text", "_paused",
+                 "_waiter", "_write_paused", "_ws")
 
     transport_name = "picows"
 
@@ -60,6 +68,8 @@ class PicowsTransport(WSListener):
         self._gone: ConnectionClosed | None = None
         self._local_code: int | None = None
         self._buffered: Callable[[], int] = _nothing  # the socket's write buffer size, once connected
+        self._corked: list[bytes] | None = None  # frames (headers included) waiting for flush()
+        self._corked_bytes = 0
 
     @property
     def accepted(self) -> bool:
@@ -107,6 +117,8 @@ class PicowsTransport(WSListener):
                 data, self._parts = b"".join(parts), None
                 self._push(_utf8(data) if self._parts_text else data, len(data))
         elif kind is _PING:
+            if self._corked:
+                self.flush()  # the pong must not overtake corked frames
             transport.send_pong(frame.get_payload_as_bytes())
             if not self._paused and self._buffered() > PAUSE_READING_ABOVE:
                 self._pause()  # pongs to a peer that floods pings and never reads
@@ -117,6 +129,8 @@ class PicowsTransport(WSListener):
         code = int(frame.get_close_code().value) if frame.payload_size else _NO_STATUS
         if self._gone is None:
             self._gone = ConnectionClosed(self._local_code or code, frame.get_close_reason())
+        if self._corked:
+            self.flush()  # what was corked before the peer's close still goes, before the echo
         if not transport.is_close_frame_sent:  # echo the peer's close (RFC 6455 section 5.5.1)
             transport.send_close(frame.get_close_code() if frame.payload_size else WSCloseCode.OK)
         transport.disconnect()  # the server closes TCP first (section 7.1.1)
@@ -128,9 +142,15 @@ class PicowsTransport(WSListener):
             info = (handshake.recv or handshake.sent) if handshake is not None else None
             self._gone = (ConnectionClosed(self._local_code or int(info.code.value), info.reason)
                           if info is not None else ConnectionClosed(CloseCode.ABNORMAL, "connection lost"))
-        self._parts = None
+        self._parts, self._corked, self._corked_bytes = None, None, 0  # nothing left to write to
         self._wake()
         self._resume_writers()
+
+    def send_user_specific_ping(self, transport: WSTransport) -> None:
+        # picows' keepalive ping: after what is corked, as every frame picows sends itself.
+        if self._corked:
+            self.flush()
+        transport.send_ping()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -195,13 +215,47 @@ class PicowsTransport(WSListener):
         ws = self._ws
         if self._write_paused or ws is None or ws.is_close_frame_sent or ws.is_disconnected:
             return False
+        if self._corked:
+            self.flush()
         ws.send(_TEXT, frame)
         return True
+
+    def send_corked(self, frame: bytes) -> bool:
+        """Add ``frame`` to the output written by :meth:`flush`: refused (``False``) when
+        ``send_nowait`` would refuse it, or when the socket's buffer plus what is corked is over
+        the write limit (the core queues it instead)."""
+        ws = self._ws
+        if (self._write_paused or ws is None or ws.is_close_frame_sent or ws.is_disconnected
+                or self._buffered() + self._corked_bytes > WRITE_LIMIT):
+            return False
+        corked = self._corked
+        if corked is None:
+            self._corked = corked = []
+        corked.append(text_frame_header(len(frame)))
+        corked.append(frame)
+        self._corked_bytes += len(frame)
+        return True
+
+    def flush(self) -> None:
+        """Write the corked frames in one write; dropped once the connection is closing."""
+        corked, self._corked, self._corked_bytes = self._corked, None, 0
+        ws = self._ws
+        if not corked or ws is None or ws.is_close_frame_sent or ws.is_disconnected:
+            return
+        transport = ws.underlying_transport
+        if transport.is_closing():
+            return
+        if len(corked) == 2:  # one frame (header, payload): picows frames and writes it in C
+            ws.send(_TEXT, corked[1])
+        else:
+            transport.write(b"".join(corked))
 
     async def send(self, frame: bytes) -> None:
         ws = self._ws
         if ws is None or self._gone is not None or ws.is_close_frame_sent or ws.is_disconnected:
             raise self._gone or ConnectionClosed(self._local_code or CloseCode.ABNORMAL, "closed")
+        if self._corked:
+            self.flush()  # nothing overtakes a corked frame
         ws.send(_TEXT, frame)
         if self._write_paused:  # backpressure: wait until asyncio's buffer drains
             if self._drained is None:
@@ -214,6 +268,8 @@ class PicowsTransport(WSListener):
             return
         if self._local_code is None and self._gone is None:
             self._local_code = code
+        if self._corked:
+            self.flush()  # the close frame goes after what is corked
         if not ws.is_close_frame_sent:
             ws.send_close(WSCloseCode(code), reason.encode()[:123])  # any code: a flexible enum
         try:  # wait for the peer's echo (its close frame disconnects), bounded
