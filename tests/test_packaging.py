@@ -34,3 +34,64 @@ def test_every_import_package_of_the_repository_is_mapped() -> None:
                 if (path / "__init__.py").is_file() and path.name not in not_shipped}
     assert packages <= mapped, sorted(str(p.relative_to(ROOT)) for p in packages - mapped)
     assert (ROOT / "dara_ws_cli").resolve() in mapped
+
+
+def _extra_closure(extra: str) -> set[str]:
+    """The distribution names an extra brings, following this project's own extras and the
+    installed distributions' requirements (extras of those included)."""
+    import re
+    from importlib import metadata
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names: set[str] = set()
+    todo = [f"dara-ws-core[{extra}]"]
+    for _ in range(10_000):  # bounded: the graph is small and every name is visited once
+        if not todo:
+            break
+        requirement = todo.pop()
+        match = re.match(r"([A-Za-z0-9_.\-]+)(?:\[([^\]]*)\])?", requirement)
+        assert match is not None, requirement
+        name = match.group(1).lower().replace("_", "-")
+        wanted = [e.strip() for e in (match.group(2) or "").split(",") if e.strip()]
+        if name == "dara-ws-core":
+            todo += [r for e in wanted for r in extras[e]]
+            continue
+        if ";" in requirement and "win32" in requirement.split(";", 1)[1] and "!=" not in requirement:
+            continue
+        if name in names:
+            continue
+        names.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for dep in requires:
+            spec, _, marker = dep.partition(";")
+            if "extra ==" in marker and not any(f'extra == "{e}"' in marker for e in wanted):
+                continue
+            todo.append(spec.strip())
+    return names
+
+
+def test_the_bench_extra_brings_everything_the_benchmarks_import() -> None:
+    # A benchmark implementation whose library the [bench] extra lacks fails only on a machine
+    # that installed the extra alone (ours-otel did: opentelemetry was in [test] only).
+    import ast
+    import sys
+    from importlib import metadata
+
+    own = {"benchmarks", "tests", "dara_ws_core", "dara_ws_cli", "dara_ws_websockets", "dara_ws_aiohttp",
+           "dara_ws_asgi", "dara_ws_redis", "dara_ws_picows"}
+    modules = set()
+    for path in (ROOT / "benchmarks").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    third_party = {m for m in modules - own if m not in sys.stdlib_module_names and m != "__future__"}
+    providers = metadata.packages_distributions()
+    closure = _extra_closure("bench")
+    missing = {m: providers.get(m) for m in third_party
+               if not {d.lower().replace("_", "-") for d in providers.get(m, [])} & closure}
+    assert missing == {}
