@@ -91,8 +91,10 @@ class WebsocketManager:
         #: backplane (with one, it lives on the bus: see :mod:`dara_ws_core.outbox`).
         self.outbox_limits: OutboxLimits | None = None
         if self.config.outbox_messages:
+            config = self.config
             self.outbox_limits = OutboxLimits(
-                self.config.outbox_messages, self.config.outbox_bytes, self.config.outbox_age)
+                config.outbox_messages, config.outbox_bytes, config.outbox_age,
+                config.outbox_users, config.outbox_total_bytes)
         self.outbox = UserOutbox(self.outbox_limits or OutboxLimits())
         self._arriving: dict[str, _Arriving] = {}
         # Users whose per-user deliveries are held back after a gap until their history is
