@@ -27,7 +27,7 @@ from .codec import build_frame
 from .config import ServerConfig
 from .custom import CustomHandler, CustomHandlerRegistry
 from .exceptions import BackplaneError, CloseCode, ConnectionClosed, UnknownChannel
-from .handler import _DEFAULT, Sink, WebSocketHandler
+from .handler import _DEFAULT, ACK_PARKED, Sink, WebSocketHandler
 from .messages import LoosePayload
 from .outbox import (
     DeliveryCursors,
@@ -109,6 +109,9 @@ class WebsocketManager:
         self._writes = WriteLog()
         self._marks = QueuedMarks()  # the same, for per-user sends without a backplane
         self._floors: dict[str, tuple[int, int]] = {}
+        # Channels whose transport wrote a recorded entry since the last acknowledgement pass,
+        # the only ones it looks at (a connection that stopped reading costs it nothing).
+        self._dirty: set[str] = set()
         self._ack_timer: asyncio.TimerHandle | None = None
         # Outbox replays waiting for their frames to be written, to end their lease.
         self._settling: set[asyncio.Task[None]] = set()
@@ -143,6 +146,7 @@ class WebsocketManager:
             channel_id, identity=identity, config=self.config, custom_handlers=self.custom_handlers,
             sink=sink, now=now, counters=self.counters, transport=transport,
         )
+        handler.on_ack_at = self._channel_written
         self.handlers[channel_id] = handler
         self.counters.connections_opened += 1
         if identity is not None:
@@ -180,8 +184,8 @@ class WebsocketManager:
             for entry in entries:
                 if handler.push(entry.frame):
                     self._writes.record(handler.channel_id, handler.accepted, user_id, entry.id)
+                    self._arm(handler, handler.accepted)
             marks.append((handler, base))
-        self._ack_soon()
         if holder is None:
             return
         task = asyncio.get_running_loop().create_task(
@@ -225,29 +229,57 @@ class WebsocketManager:
         for handler in handlers:
             if handler.channel_id != ignore_channel and not handler.queue.closed:
                 self._writes.record(handler.channel_id, handler.accepted, user_id, entry.id)
-        self._ack_soon()
+                self._arm(handler, handler.accepted)
         return delivered
 
-    def _ack_soon(self) -> None:
-        if self._ack_timer is None and (len(self._writes) or len(self._marks)):
+    def _arm(self, handler: WebSocketHandler, position: int) -> None:
+        """An entry of the user's history is the channel's frame number ``position``: the
+        acknowledgement pass looks at the channel once its transport has written it."""
+        at = handler.ack_at
+        if at and (at <= position or at == ACK_PARKED):
+            return  # it waits for an earlier frame, or is to be looked at already
+        if handler.flushed >= position:
+            handler.ack_at = ACK_PARKED
+            self._channel_written(handler.channel_id)
+        else:
+            handler.ack_at = position
+
+    def _channel_written(self, channel_id: str) -> None:
+        """The channel's transport wrote the entry it waited for (``handler.on_ack_at``)."""
+        self._dirty.add(channel_id)
+        if self._ack_timer is None:
             self._ack_timer = asyncio.get_running_loop().call_later(ACK_INTERVAL, self._ack_now)
 
     def _ack_now(self) -> None:
         """Acknowledge what the connections wrote since the last time (per user, the last
-        entry), and come back while some are not written yet."""
+        entry): only channels that wrote a recorded entry meanwhile are looked at, each then
+        waiting for its next one."""
         self._ack_timer = None
         handlers = self.handlers
+        channels = list(self._dirty)
+        self._dirty.clear()
 
         def flushed(channel_id: str) -> int | None:
             handler = handlers.get(channel_id)
             return None if handler is None else handler.flushed
 
-        for user_id, upto in self._writes.written(flushed).items():
-            self._ack(user_id, upto)
+        if len(self._writes):
+            for user_id, upto in self._writes.written(flushed, channels).items():
+                self._ack(user_id, upto)
         if len(self._marks):
-            for user_id, kid in self._marks.written(flushed).items():
+            for user_id, kid in self._marks.written(flushed, channels).items():
                 self.outbox.ack(user_id, kid)
-        self._ack_soon()
+        for channel_id in channels:
+            handler = handlers.get(channel_id)
+            if handler is None:
+                continue
+            handler.ack_at = 0
+            first = self._writes.first(channel_id)
+            queued = self._marks.first(channel_id)
+            if queued is not None and (first is None or queued < first):
+                first = queued
+            if first is not None:
+                self._arm(handler, first)
 
     def _ack(self, user_id: str, upto: str | int) -> None:
         if self.backplane is not None:
@@ -271,6 +303,8 @@ class WebsocketManager:
                 if written is not None:
                     self.outbox.ack(*written)
             self._floors.pop(channel_id, None)
+            self._dirty.discard(channel_id)
+            handler.ack_at = 0
             identity = handler.identity
             if identity is not None and not self.registry.user_channels(identity.user_id):
                 self._cursors.forget(identity.user_id)
@@ -355,8 +389,10 @@ class WebsocketManager:
             def stamped(entry: Stamped) -> None:
                 self._cursors.own(user_id, entry.id, entry.n)
                 for channel_id, position in marks:
-                    self._writes.record(channel_id, position, user_id, entry.id)
-                self._ack_soon()
+                    handler = handlers.get(channel_id)
+                    if handler is not None:  # gone meanwhile: its next connection gets it
+                        self._writes.record(channel_id, position, user_id, entry.id)
+                        self._arm(handler, position)
 
         await self.backplane.send_to_user(user_id, frame, ignore_channel, keep, stamped)
 
@@ -381,8 +417,8 @@ class WebsocketManager:
         for handler in local:
             if not handler.queue.closed:
                 marks.record(handler.channel_id, handler.accepted, user_id, kid)
-        if self._ack_timer is None:
-            self._ack_soon()
+                if not handler.ack_at:  # else it waits for an earlier frame, or is parked
+                    handler.ack_at = handler.accepted
 
     async def send_and_wait(
         self,

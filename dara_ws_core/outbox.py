@@ -419,16 +419,18 @@ class WriteLog:
             if not self._entries[oldest]:
                 del self._entries[oldest]
 
-    def written(self, flushed: Mapping[str, int] | Callable[[str], int | None]
-                ) -> dict[str, str | int]:
+    def written(self, flushed: Mapping[str, int] | Callable[[str], int | None],
+                channels: Iterable[str] | None = None) -> dict[str, str | int]:
         """Forget the entries written by now (``flushed``: channel -> frames written, ``None``
         or absent for a channel that is gone, whose unwritten entries are forgotten unacked);
-        the last entry written per user."""
+        the last entry written per user. Looks at ``channels`` only (default: all)."""
         look = flushed.get if isinstance(flushed, Mapping) else flushed
         acks: dict[str, tuple[tuple[int, int], str | int]] = {}
-        for channel_id in list(self._entries):
+        for channel_id in list(self._entries) if channels is None else channels:
+            entries = self._entries.get(channel_id)
+            if entries is None:
+                continue
             done = look(channel_id)
-            entries = self._entries[channel_id]
             while entries and (done is None or entries[0][0] <= done):
                 _, user_id, entry_id = entries.popleft()
                 self._count -= 1
@@ -459,6 +461,11 @@ class WriteLog:
 
     def channels(self) -> Iterable[str]:
         return self._entries.keys()
+
+    def first(self, channel_id: str) -> int | None:
+        """The frame number of the channel's first entry not known written, if any."""
+        entries = self._entries.get(channel_id)
+        return entries[0][0] if entries else None
 
 
 class QueuedMarks:
@@ -492,12 +499,17 @@ class QueuedMarks:
             del marks[1][0], marks[2][0]
             self._count -= 1
 
-    def written(self, flushed: Callable[[str], int | None]) -> dict[str, int]:
+    def written(self, flushed: Callable[[str], int | None],
+                channels: Iterable[str] | None = None) -> dict[str, int]:
         """Forget the entries written by now (``flushed(channel)``: frames written, ``None``
         for a channel that is gone, whose entries are forgotten unacked); the last entry
-        written per user."""
+        written per user. Looks at ``channels`` only (default: all)."""
         acks: dict[str, int] = {}
-        for channel_id, (user_id, positions, ids) in list(self._channels.items()):
+        for channel_id in list(self._channels) if channels is None else channels:
+            marks = self._channels.get(channel_id)
+            if marks is None:
+                continue
+            user_id, positions, ids = marks
             done = flushed(channel_id)
             if done is None:
                 upto = len(positions)
@@ -522,3 +534,8 @@ class QueuedMarks:
         self._count -= len(positions)
         upto = bisect.bisect_right(positions, flushed)
         return (user_id, ids[upto - 1]) if upto else None
+
+    def first(self, channel_id: str) -> int | None:
+        """The frame number of the channel's first entry not known written, if any."""
+        marks = self._channels.get(channel_id)
+        return marks[1][0] if marks is not None and marks[1] else None

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from dara_ws_core import DaraClient, DaraServerMessage, Identity, ServerConfig
+from dara_ws_core import DaraClient, DaraServerMessage, Identity, ServerConfig, WebsocketManager
 from dara_ws_core.outbox import (
     DeliveryCursors,
     OutboxLimits,
@@ -373,6 +373,49 @@ async def test_a_frame_written_at_once_is_acknowledged_with_nothing_left_to_trac
         assert manager.outbox.pending("alice") == 0  # acknowledged there and then
         assert len(manager._marks) == 0 and manager._ack_timer is None  # nothing to track
         assert await numbers(client, 1) == [0]
+
+
+class _CountingHandlers(dict[str, object]):
+    """A manager's handler table, counting the channels looked up."""
+
+    def __init__(self, handlers: dict[str, object]) -> None:
+        super().__init__(handlers)
+        self.count = 0
+
+    def get(self, key: str, default: object = None) -> object:
+        self.count += 1
+        return super().get(key, default)
+
+
+@pytest.mark.parametrize("path", ["queued", "bus"])
+async def test_the_acknowledgement_pass_looks_only_at_channels_that_wrote_something(path: str,
+                                                                                    ) -> None:
+    """Connections that stop reading (review item 5) must cost the 20 ms pass nothing: it looks
+    at a channel only once its transport wrote a recorded entry. ``queued``: the outbox of a
+    process without a backplane; ``bus``: deliveries numbered by a bus (the write log)."""
+    manager = WebsocketManager(ServerConfig(outbox_messages=100))
+    stuck = [manager.create_handler(f"c{i}", Identity(user_id=f"u{i}", session_id=f"s{i}"))
+             for i in range(500)]  # no sink: nothing is ever written
+    for i in range(500):
+        if path == "queued":
+            await manager.send_message_to_user(f"u{i}", {"i": i})
+        else:
+            manager.deliver_to_user(f"u{i}", b'{"i":0}', entry=Stamped(f"{i + 1}-0", 1, b""))
+    assert len(manager._marks if path == "queued" else manager._writes) == 500
+    assert manager._ack_timer is None  # nothing written: nothing to come back for
+    handlers = _CountingHandlers(manager.handlers)  # type: ignore[arg-type]
+    manager.handlers = handlers  # type: ignore[assignment]
+    manager._ack_now()
+    assert handlers.count == 0
+    stuck[7].frames_done(2)  # its transport wrote the init and the entry
+    assert manager._ack_timer is not None
+    await eventually(lambda: manager._ack_timer is None)
+    assert handlers.count <= 4  # that channel only
+    if path == "queued":
+        assert manager.outbox.pending("u7") == 0 and manager.outbox.pending("u8") == 1
+    assert len(manager._marks if path == "queued" else manager._writes) == 499
+    manager.remove_handler("c8")
+    assert len(manager._marks if path == "queued" else manager._writes) == 498
 
 
 def test_delivery_cursors_hand_each_entry_over_once_and_count_what_a_bound_dropped() -> None:
