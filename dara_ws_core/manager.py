@@ -63,6 +63,34 @@ class _Arriving:
         self.meanwhile: list[tuple[bytes, Stamped | None]] = []  # per-user frames since
 
 
+class _HeldFrame:
+    """A per-user delivery held back after a gap; ``own``: a send from this process, whose
+    entry the bus gives once it has numbered it (acknowledged only once really delivered)."""
+
+    __slots__ = ("entry", "frame", "own")
+
+    def __init__(self, frame: bytes, entry: Stamped | None, own: bool = False) -> None:
+        self.frame = frame
+        self.entry = entry
+        self.own = own
+
+
+class _Held(list[_HeldFrame]):
+    """One user's held deliveries, and their bytes."""
+
+    __slots__ = ("size",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 0
+
+    def add(self, frame: bytes, entry: Stamped | None, own: bool = False) -> _HeldFrame:
+        held = _HeldFrame(frame, entry, own)
+        self.append(held)
+        self.size += len(frame)
+        return held
+
+
 class WebsocketManager:
     """Manages WebSocket connections to clients and communication with them.
 
@@ -98,8 +126,8 @@ class WebsocketManager:
         self.outbox = UserOutbox(self.outbox_limits or OutboxLimits())
         self._arriving: dict[str, _Arriving] = {}
         # Users whose per-user deliveries are held back after a gap until their history is
-        # recovered (:meth:`hold_users`): user -> (frame, entry) held, bounded.
-        self._held: dict[str, list[tuple[bytes, Stamped | None]]] = {}
+        # recovered (:meth:`hold_users`): user -> deliveries held, bounded in count and bytes.
+        self._held: dict[str, _Held] = {}
         self._hold_timer: asyncio.TimerHandle | None = None
         # The per-user history (outbox on): the last entry handed to each local user's channels
         # (recovery, dedup), which entries each connection queued (acknowledged once written),
@@ -380,14 +408,23 @@ class WebsocketManager:
             return
         handlers = self.handlers
         local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]
-        self.deliver_to_user(user_id, frame, ignore_channel)
+        held = self._held.get(user_id) if self._held and ignore_channel is None else None
+        if held is not None and self._has_room(held, frame):
+            # Held after a gap: recorded once really delivered (recover), not acknowledged now.
+            waiting: _HeldFrame | None = held.add(frame, None, own=True)
+        else:
+            waiting = None
+            self.deliver_to_user(user_id, frame, ignore_channel)
         stamped = None
         if keep is not None and local:  # numbered by the bus: acknowledged once it tells
-            marks = [(h.channel_id, h.accepted) for h in local
-                     if not h.queue.closed and h.channel_id != ignore_channel]
+            marks = [] if waiting is not None else [
+                (h.channel_id, h.accepted) for h in local
+                if not h.queue.closed and h.channel_id != ignore_channel]
 
             def stamped(entry: Stamped) -> None:
                 self._cursors.own(user_id, entry.id, entry.n)
+                if waiting is not None:
+                    waiting.entry = entry
                 for channel_id, position in marks:
                     handler = handlers.get(channel_id)
                     if handler is not None:  # gone meanwhile: its next connection gets it
@@ -491,8 +528,8 @@ class WebsocketManager:
         local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]
         held = self._held.get(user_id) if self._held else None
         if held is not None and ignore_channel is None:
-            if len(held) < self._hold_limit:
-                held.append((frame, entry))  # after a gap: once what it missed is out (recover)
+            if self._has_room(held, frame):
+                held.add(frame, entry)  # after a gap: once what it missed is out (recover)
                 return len(local)
             # Beyond the bound: delivered now, the last entry handed over left where it was
             # (the recovery may hand it over again: a duplicate rather than a loss).
@@ -501,7 +538,7 @@ class WebsocketManager:
             backplane = self.backplane
             if backplane is not None and self._cursors.missing(user_id, entry.id, entry.n):
                 # Entries before it never came: read them from the history first (held meanwhile).
-                self._hold(user_id).append((frame, entry))
+                self._hold(user_id).add(frame, entry)
                 backplane.resync(user_id)
                 return len(local)
             if not self._cursors.fresh(user_id, entry.id, entry.n):
@@ -514,22 +551,28 @@ class WebsocketManager:
                     delivered += 1
         return delivered
 
-    @property
-    def _hold_limit(self) -> int:
-        return self.config.max_queue_messages
+    def _has_room(self, held: _Held, frame: bytes) -> bool:
+        """Whether one more delivery may be held for a user (``max_queue_messages`` frames and
+        ``max_queue_bytes`` bytes, as a connection's queue)."""
+        config = self.config
+        return len(held) < config.max_queue_messages and (
+            held.size + len(frame) <= config.max_queue_bytes)
 
     def hold_users(self) -> list[str]:
         """Hold back per-user deliveries to every user with a channel here until
         :meth:`recover` (for the backplane, after a gap: what is recovered goes first). Bounded:
-        ``max_queue_messages`` frames per user (beyond, delivered at once) and
+        ``max_queue_messages`` frames and ``max_queue_bytes`` per user (beyond, delivered at
+        once) and
         ``handshake_timeout`` seconds (then released as they are)."""
         for handler in self.handlers.values():
             if handler.identity is not None:
                 self._hold(handler.identity.user_id)
         return list(self._held)
 
-    def _hold(self, user_id: str) -> list[tuple[bytes, Stamped | None]]:
-        held = self._held.setdefault(user_id, [])
+    def _hold(self, user_id: str) -> _Held:
+        held = self._held.get(user_id)
+        if held is None:
+            held = self._held[user_id] = _Held()
         if self._hold_timer is None:
             self._hold_timer = asyncio.get_running_loop().call_later(
                 self.config.handshake_timeout, self._release_held)
@@ -548,7 +591,7 @@ class WebsocketManager:
         """Hand the user's channels here the entries of their history they missed (after the
         last one handed over), then the deliveries held meanwhile (each entry once), and stop
         holding them back. Returns (entries handed over, entries a bound dropped first)."""
-        held = self._held.pop(user_id, [])
+        held = self._held.pop(user_id, ())
         if not self._held and self._hold_timer is not None:
             self._hold_timer.cancel()
             self._hold_timer = None
@@ -559,9 +602,12 @@ class WebsocketManager:
         missed, lost = self._cursors.recover(user_id, entries, head)
         for kept in missed:
             self._deliver_entry(handlers, user_id, kept.frame, kept)
-        for frame, entry in held:
-            if entry is None or self._cursors.fresh(user_id, entry.id, entry.n):
-                self._deliver_entry(handlers, user_id, frame, entry)
+        for item in held:
+            entry = item.entry
+            # This process's own sends are not in what was recovered (own entries): handed over
+            # as they are, recorded now, so acknowledged once written.
+            if item.own or entry is None or self._cursors.fresh(user_id, entry.id, entry.n):
+                self._deliver_entry(handlers, user_id, item.frame, entry)
         return len(missed), lost
 
     def users_gapped(self, gaps: dict[str, Gap]) -> None:
