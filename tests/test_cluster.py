@@ -497,3 +497,27 @@ async def test_held_deliveries_are_bounded_in_bytes_too() -> None:
         assert [p["i"] for p in got] == list(range(fit, 10))
         manager.recover(who, (), 0)
         assert [p["i"] for p in await payloads(client, fit)] == list(range(fit))
+
+
+async def test_acknowledgements_for_one_user_are_coalesced_while_one_is_being_published() -> None:
+    """Review item 10: acknowledgements bypass the publish queue's bound, so one per user per
+    tick piled up while the bus was slow. One per user is in the queue at a time; the newest
+    that came meanwhile follows it (the latest wins)."""
+    async with cluster(1) as (node,):
+        who = user()
+        for i in range(5):  # nobody connected: kept
+            await node.manager.send_message_to_user(who, {"i": i})
+        backplane = node.backplane
+        async with asyncio.timeout(TIMEOUT):
+            await backplane.flush()
+        history = backplane.broker.outboxes[who]
+        ids = [e.id for e in history.after(who, None, backplane.broker.clock())[0]]
+        assert len(ids) == 5 and backplane.broker.pending(who) == 5
+        queued = len(backplane._outbox)
+        for entry_id in ids[:4]:  # four passes' worth while the first is not published yet
+            backplane.ack(who, entry_id)
+        assert len(backplane._outbox) == queued + 1
+        await eventually(lambda: backplane.broker.pending(who) == 1)  # up to the fourth
+        backplane.ack(who, ids[4])
+        await eventually(lambda: backplane.broker.pending(who) == 0)
+        assert backplane._acks_in_flight == {} and backplane._acks_next == {}
