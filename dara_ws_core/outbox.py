@@ -143,6 +143,7 @@ class UserOutbox:
             self.evicted += 1
             return 0
         history = users.pop(user_id, None)
+        new = history is None
         if history is None:
             history = _History()
         users[user_id] = history  # the most recently sent to: last
@@ -162,10 +163,10 @@ class UserOutbox:
                 size -= len(entries.popleft()[3])
                 self.evicted += 1
         history.size = size
-        self._total += size - before
+        total = self._total = self._total + size - before
         self.kept += 1
-        if cutoff >= self._expires or len(users) > limits.max_users or (
-                self._total > limits.max_total_bytes):
+        if cutoff >= self._expires or total > limits.max_total_bytes or (
+                new and len(users) > limits.max_users):
             self._drop_oldest(user_id, cutoff)
         return kid
 
