@@ -418,6 +418,24 @@ async def test_the_acknowledgement_pass_looks_only_at_channels_that_wrote_someth
     assert len(manager._marks if path == "queued" else manager._writes) == 498
 
 
+async def test_on_a_real_socket_what_the_transport_writes_later_is_acknowledged() -> None:
+    """The acknowledgements are driven by the transport's writes (no pass walks the channels):
+    frames queued behind a full socket are acknowledged as the driver writes them."""
+    config = ServerConfig(ping_interval=None, max_queue_messages=1000, max_queue_bytes=64 * 2**20,
+                          outbox_messages=1000, outbox_bytes=64 * 2**20)
+    async with running_stack("websockets", config=config) as stack:
+        manager = stack.manager
+        client = await stack.client("alice:s1", max_queue=200)
+        blob = "x" * 50_000
+        for i in range(100):  # 5 MB: more than the socket buffers take at once
+            await manager.send_message_to_user("alice", {"i": i, "blob": blob})
+        assert manager.outbox.pending("alice") > 0  # queued, not all written yet
+        assert [int(p) for p in await numbers(client, 100)] == list(range(100))
+        await eventually(lambda: manager.outbox.pending("alice") == 0)
+        await eventually(lambda: manager._ack_timer is None)
+        assert len(manager._marks) == 0
+
+
 def test_delivery_cursors_hand_each_entry_over_once_and_count_what_a_bound_dropped() -> None:
     cursors = DeliveryCursors(max_users=2)
     assert cursors.fresh("alice", "5-0", 1) and not cursors.fresh("alice", "5-0", 1)
