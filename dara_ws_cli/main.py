@@ -7,7 +7,8 @@
 - ask (custom request): the server asks the client back (send_and_wait) and replies with the
   client's answer, showing both correlation directions;
 - tell (custom request, {"user": ..., "text": ...}): a "tell" custom push to every connection of
-  that user, on whichever process (with --redis-url) it is;
+  that user, on whichever process (with --redis-url) it is (a text of at most 1024 characters: it
+  is kept in the user's history);
 - whoami (custom request): replies with the serving process's pid (and worker number under
   --workers), to see which process a client landed on;
 - a "clock" custom push to everyone every --clock seconds.
@@ -60,6 +61,9 @@ from dara_ws_core import (
 logger = logging.getLogger("dara_ws_cli")
 
 #: The extra each adapter needs, for the message when it is missing.
+#: Characters of a `tell` text (it is kept in the user's history, see `outbox_bytes`).
+TELL_MAX_TEXT = 1024
+
 _EXTRAS = {"websockets": "websockets", "aiohttp": "aiohttp", "asgi": "asgi", "picows": "picows"}
 
 
@@ -135,8 +139,12 @@ def build_demo(manager: WebsocketManager | None = None) -> Endpoint:
     async def tell(channel_id: str, data: Any) -> dict[str, Any]:
         if not isinstance(data, dict) or not isinstance(data.get("user"), str):
             raise ValueError('tell needs {"user": USER, "text": ...}')
+        text = data.get("text")
+        if len(data["user"]) > 256 or (text is not None and len(str(text)) > TELL_MAX_TEXT):
+            # Kept in the user's history: an unbounded text would let one client fill it.
+            raise ValueError(f"tell's user is at most 256 characters, its text {TELL_MAX_TEXT}")
         await manager.send_message_to_user(
-            data["user"], {"kind": "tell", "data": {"from": channel_id, "text": data.get("text")}}, custom=True
+            data["user"], {"kind": "tell", "data": {"from": channel_id, "text": text}}, custom=True
         )
         return {"delivered": True}
 

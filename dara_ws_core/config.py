@@ -90,6 +90,10 @@ class ServerConfig:
     outbox_messages: int = 100
     outbox_bytes: int = 1 * MiB
     outbox_age: float = 300.0
+    #: Bounds of this process's outbox as a whole (without a backplane): users with a history, and
+    #: bytes of all of them; beyond, the history of the user sent to least recently is dropped.
+    outbox_users: int = 100_000
+    outbox_total_bytes: int = 256 * MiB
 
     def __post_init__(self) -> None:
         for name in ("max_message_size", "max_message_values", "max_queue_messages", "max_queue_bytes",
@@ -97,8 +101,10 @@ class ServerConfig:
                      "max_handler_tasks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.outbox_messages < 0 or self.outbox_bytes < 1 or self.outbox_age <= 0:
-            raise ValueError("outbox_messages must be >= 0, outbox_bytes and outbox_age > 0")
+        if (self.outbox_messages < 0 or self.outbox_bytes < 1 or self.outbox_age <= 0
+                or self.outbox_users < 1 or self.outbox_total_bytes < 1):
+            raise ValueError("outbox_messages must be >= 0, outbox_bytes, outbox_age, outbox_users "
+                             "and outbox_total_bytes > 0")
         if not isinstance(self.slow_consumer_policy, SlowConsumerPolicy):
             object.__setattr__(
                 self, "slow_consumer_policy", SlowConsumerPolicy(self.slow_consumer_policy)

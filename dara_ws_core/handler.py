@@ -18,7 +18,7 @@ import contextvars
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -75,6 +75,10 @@ class Sink(Protocol):
         ...
 
 
+#: :attr:`WebSocketHandler.ack_at` once reached: told already, nothing to wait for.
+ACK_PARKED = 1 << 62
+
+
 class WebSocketHandler:
     """Represents a WebSocket connection to a given client (one channel).
 
@@ -82,9 +86,9 @@ class WebSocketHandler:
     connection ends, which fails its pending requests and cancels its handler tasks.
     """
 
-    __slots__ = ("_custom", "_flush_goal", "_log", "_shut", "_sink", "_tasks", "accepted",
-                 "channel_id", "config", "connection", "counters", "flushed", "identity", "queue",
-                 "transport")
+    __slots__ = ("_custom", "_flush_goal", "_log", "_shut", "_sink", "_tasks", "accepted", "ack_at",
+                 "channel_id", "config", "connection", "counters", "flushed", "identity",
+                 "on_ack_at", "queue", "transport")
 
     def __init__(
         self,
@@ -128,6 +132,11 @@ class WebSocketHandler:
         self.accepted = 1
         self.flushed = 0
         self._flush_goal: tuple[int, asyncio.Event] | None = None
+        #: A frame number the manager waits to see written (0: none), and whom to tell, once,
+        #: with the channel id when ``flushed`` reaches it (the outbox's acknowledgements); then
+        #: :data:`ACK_PARKED` until the manager looks at the channel.
+        self.ack_at = 0
+        self.on_ack_at: Callable[[str], None] | None = None
         self._sink = sink
         self._tasks: set[asyncio.Task[None]] | None = None  # created by the first handler task
         self._shut = False
@@ -293,6 +302,11 @@ class WebSocketHandler:
     def frames_done(self, count: int) -> None:
         """``count`` more frames, in queue order, were written (or dropped by the policy)."""
         self.flushed += count
+        at = self.ack_at
+        if at and self.flushed >= at:
+            self.ack_at = ACK_PARKED
+            if self.on_ack_at is not None:
+                self.on_ack_at(self.channel_id)
         goal = self._flush_goal
         if goal is not None and self.flushed >= goal[0]:
             self._flush_goal = None

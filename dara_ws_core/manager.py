@@ -27,7 +27,7 @@ from .codec import build_frame
 from .config import ServerConfig
 from .custom import CustomHandler, CustomHandlerRegistry
 from .exceptions import BackplaneError, CloseCode, ConnectionClosed, UnknownChannel
-from .handler import _DEFAULT, Sink, WebSocketHandler
+from .handler import _DEFAULT, ACK_PARKED, Sink, WebSocketHandler
 from .messages import LoosePayload
 from .outbox import (
     DeliveryCursors,
@@ -63,6 +63,34 @@ class _Arriving:
         self.meanwhile: list[tuple[bytes, Stamped | None]] = []  # per-user frames since
 
 
+class _HeldFrame:
+    """A per-user delivery held back after a gap; ``own``: a send from this process, whose
+    entry the bus gives once it has numbered it (acknowledged only once really delivered)."""
+
+    __slots__ = ("entry", "frame", "own")
+
+    def __init__(self, frame: bytes, entry: Stamped | None, own: bool = False) -> None:
+        self.frame = frame
+        self.entry = entry
+        self.own = own
+
+
+class _Held(list[_HeldFrame]):
+    """One user's held deliveries, and their bytes."""
+
+    __slots__ = ("size",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 0
+
+    def add(self, frame: bytes, entry: Stamped | None, own: bool = False) -> _HeldFrame:
+        held = _HeldFrame(frame, entry, own)
+        self.append(held)
+        self.size += len(frame)
+        return held
+
+
 class WebsocketManager:
     """Manages WebSocket connections to clients and communication with them.
 
@@ -91,13 +119,15 @@ class WebsocketManager:
         #: backplane (with one, it lives on the bus: see :mod:`dara_ws_core.outbox`).
         self.outbox_limits: OutboxLimits | None = None
         if self.config.outbox_messages:
+            config = self.config
             self.outbox_limits = OutboxLimits(
-                self.config.outbox_messages, self.config.outbox_bytes, self.config.outbox_age)
+                config.outbox_messages, config.outbox_bytes, config.outbox_age,
+                config.outbox_users, config.outbox_total_bytes)
         self.outbox = UserOutbox(self.outbox_limits or OutboxLimits())
         self._arriving: dict[str, _Arriving] = {}
         # Users whose per-user deliveries are held back after a gap until their history is
-        # recovered (:meth:`hold_users`): user -> (frame, entry) held, bounded.
-        self._held: dict[str, list[tuple[bytes, Stamped | None]]] = {}
+        # recovered (:meth:`hold_users`): user -> deliveries held, bounded in count and bytes.
+        self._held: dict[str, _Held] = {}
         self._hold_timer: asyncio.TimerHandle | None = None
         # The per-user history (outbox on): the last entry handed to each local user's channels
         # (recovery, dedup), which entries each connection queued (acknowledged once written),
@@ -107,6 +137,9 @@ class WebsocketManager:
         self._writes = WriteLog()
         self._marks = QueuedMarks()  # the same, for per-user sends without a backplane
         self._floors: dict[str, tuple[int, int]] = {}
+        # Channels whose transport wrote a recorded entry since the last acknowledgement pass,
+        # the only ones it looks at (a connection that stopped reading costs it nothing).
+        self._dirty: set[str] = set()
         self._ack_timer: asyncio.TimerHandle | None = None
         # Outbox replays waiting for their frames to be written, to end their lease.
         self._settling: set[asyncio.Task[None]] = set()
@@ -141,6 +174,7 @@ class WebsocketManager:
             channel_id, identity=identity, config=self.config, custom_handlers=self.custom_handlers,
             sink=sink, now=now, counters=self.counters, transport=transport,
         )
+        handler.on_ack_at = self._channel_written
         self.handlers[channel_id] = handler
         self.counters.connections_opened += 1
         if identity is not None:
@@ -178,8 +212,8 @@ class WebsocketManager:
             for entry in entries:
                 if handler.push(entry.frame):
                     self._writes.record(handler.channel_id, handler.accepted, user_id, entry.id)
+                    self._arm(handler, handler.accepted)
             marks.append((handler, base))
-        self._ack_soon()
         if holder is None:
             return
         task = asyncio.get_running_loop().create_task(
@@ -223,29 +257,57 @@ class WebsocketManager:
         for handler in handlers:
             if handler.channel_id != ignore_channel and not handler.queue.closed:
                 self._writes.record(handler.channel_id, handler.accepted, user_id, entry.id)
-        self._ack_soon()
+                self._arm(handler, handler.accepted)
         return delivered
 
-    def _ack_soon(self) -> None:
-        if self._ack_timer is None and (len(self._writes) or len(self._marks)):
+    def _arm(self, handler: WebSocketHandler, position: int) -> None:
+        """An entry of the user's history is the channel's frame number ``position``: the
+        acknowledgement pass looks at the channel once its transport has written it."""
+        at = handler.ack_at
+        if at and (at <= position or at == ACK_PARKED):
+            return  # it waits for an earlier frame, or is to be looked at already
+        if handler.flushed >= position:
+            handler.ack_at = ACK_PARKED
+            self._channel_written(handler.channel_id)
+        else:
+            handler.ack_at = position
+
+    def _channel_written(self, channel_id: str) -> None:
+        """The channel's transport wrote the entry it waited for (``handler.on_ack_at``)."""
+        self._dirty.add(channel_id)
+        if self._ack_timer is None:
             self._ack_timer = asyncio.get_running_loop().call_later(ACK_INTERVAL, self._ack_now)
 
     def _ack_now(self) -> None:
         """Acknowledge what the connections wrote since the last time (per user, the last
-        entry), and come back while some are not written yet."""
+        entry): only channels that wrote a recorded entry meanwhile are looked at, each then
+        waiting for its next one."""
         self._ack_timer = None
         handlers = self.handlers
+        channels = list(self._dirty)
+        self._dirty.clear()
 
         def flushed(channel_id: str) -> int | None:
             handler = handlers.get(channel_id)
             return None if handler is None else handler.flushed
 
-        for user_id, upto in self._writes.written(flushed).items():
-            self._ack(user_id, upto)
+        if len(self._writes):
+            for user_id, upto in self._writes.written(flushed, channels).items():
+                self._ack(user_id, upto)
         if len(self._marks):
-            for user_id, kid in self._marks.written(flushed).items():
+            for user_id, kid in self._marks.written(flushed, channels).items():
                 self.outbox.ack(user_id, kid)
-        self._ack_soon()
+        for channel_id in channels:
+            handler = handlers.get(channel_id)
+            if handler is None:
+                continue
+            handler.ack_at = 0
+            first = self._writes.first(channel_id)
+            queued = self._marks.first(channel_id)
+            if queued is not None and (first is None or queued < first):
+                first = queued
+            if first is not None:
+                self._arm(handler, first)
 
     def _ack(self, user_id: str, upto: str | int) -> None:
         if self.backplane is not None:
@@ -269,6 +331,8 @@ class WebsocketManager:
                 if written is not None:
                     self.outbox.ack(*written)
             self._floors.pop(channel_id, None)
+            self._dirty.discard(channel_id)
+            handler.ack_at = 0
             identity = handler.identity
             if identity is not None and not self.registry.user_channels(identity.user_id):
                 self._cursors.forget(identity.user_id)
@@ -344,17 +408,28 @@ class WebsocketManager:
             return
         handlers = self.handlers
         local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]
-        self.deliver_to_user(user_id, frame, ignore_channel)
+        held = self._held.get(user_id) if self._held and ignore_channel is None else None
+        if held is not None and self._has_room(held, frame):
+            # Held after a gap: recorded once really delivered (recover), not acknowledged now.
+            waiting: _HeldFrame | None = held.add(frame, None, own=True)
+        else:
+            waiting = None
+            self.deliver_to_user(user_id, frame, ignore_channel)
         stamped = None
         if keep is not None and local:  # numbered by the bus: acknowledged once it tells
-            marks = [(h.channel_id, h.accepted) for h in local
-                     if not h.queue.closed and h.channel_id != ignore_channel]
+            marks = [] if waiting is not None else [
+                (h.channel_id, h.accepted) for h in local
+                if not h.queue.closed and h.channel_id != ignore_channel]
 
             def stamped(entry: Stamped) -> None:
                 self._cursors.own(user_id, entry.id, entry.n)
+                if waiting is not None:
+                    waiting.entry = entry
                 for channel_id, position in marks:
-                    self._writes.record(channel_id, position, user_id, entry.id)
-                self._ack_soon()
+                    handler = handlers.get(channel_id)
+                    if handler is not None:  # gone meanwhile: its next connection gets it
+                        self._writes.record(channel_id, position, user_id, entry.id)
+                        self._arm(handler, position)
 
         await self.backplane.send_to_user(user_id, frame, ignore_channel, keep, stamped)
 
@@ -379,8 +454,8 @@ class WebsocketManager:
         for handler in local:
             if not handler.queue.closed:
                 marks.record(handler.channel_id, handler.accepted, user_id, kid)
-        if self._ack_timer is None:
-            self._ack_soon()
+                if not handler.ack_at:  # else it waits for an earlier frame, or is parked
+                    handler.ack_at = handler.accepted
 
     async def send_and_wait(
         self,
@@ -453,8 +528,8 @@ class WebsocketManager:
         local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]
         held = self._held.get(user_id) if self._held else None
         if held is not None and ignore_channel is None:
-            if len(held) < self._hold_limit:
-                held.append((frame, entry))  # after a gap: once what it missed is out (recover)
+            if self._has_room(held, frame):
+                held.add(frame, entry)  # after a gap: once what it missed is out (recover)
                 return len(local)
             # Beyond the bound: delivered now, the last entry handed over left where it was
             # (the recovery may hand it over again: a duplicate rather than a loss).
@@ -463,7 +538,7 @@ class WebsocketManager:
             backplane = self.backplane
             if backplane is not None and self._cursors.missing(user_id, entry.id, entry.n):
                 # Entries before it never came: read them from the history first (held meanwhile).
-                self._hold(user_id).append((frame, entry))
+                self._hold(user_id).add(frame, entry)
                 backplane.resync(user_id)
                 return len(local)
             if not self._cursors.fresh(user_id, entry.id, entry.n):
@@ -476,22 +551,28 @@ class WebsocketManager:
                     delivered += 1
         return delivered
 
-    @property
-    def _hold_limit(self) -> int:
-        return self.config.max_queue_messages
+    def _has_room(self, held: _Held, frame: bytes) -> bool:
+        """Whether one more delivery may be held for a user (``max_queue_messages`` frames and
+        ``max_queue_bytes`` bytes, as a connection's queue)."""
+        config = self.config
+        return len(held) < config.max_queue_messages and (
+            held.size + len(frame) <= config.max_queue_bytes)
 
     def hold_users(self) -> list[str]:
         """Hold back per-user deliveries to every user with a channel here until
         :meth:`recover` (for the backplane, after a gap: what is recovered goes first). Bounded:
-        ``max_queue_messages`` frames per user (beyond, delivered at once) and
+        ``max_queue_messages`` frames and ``max_queue_bytes`` per user (beyond, delivered at
+        once) and
         ``handshake_timeout`` seconds (then released as they are)."""
         for handler in self.handlers.values():
             if handler.identity is not None:
                 self._hold(handler.identity.user_id)
         return list(self._held)
 
-    def _hold(self, user_id: str) -> list[tuple[bytes, Stamped | None]]:
-        held = self._held.setdefault(user_id, [])
+    def _hold(self, user_id: str) -> _Held:
+        held = self._held.get(user_id)
+        if held is None:
+            held = self._held[user_id] = _Held()
         if self._hold_timer is None:
             self._hold_timer = asyncio.get_running_loop().call_later(
                 self.config.handshake_timeout, self._release_held)
@@ -510,7 +591,7 @@ class WebsocketManager:
         """Hand the user's channels here the entries of their history they missed (after the
         last one handed over), then the deliveries held meanwhile (each entry once), and stop
         holding them back. Returns (entries handed over, entries a bound dropped first)."""
-        held = self._held.pop(user_id, [])
+        held = self._held.pop(user_id, ())
         if not self._held and self._hold_timer is not None:
             self._hold_timer.cancel()
             self._hold_timer = None
@@ -521,9 +602,12 @@ class WebsocketManager:
         missed, lost = self._cursors.recover(user_id, entries, head)
         for kept in missed:
             self._deliver_entry(handlers, user_id, kept.frame, kept)
-        for frame, entry in held:
-            if entry is None or self._cursors.fresh(user_id, entry.id, entry.n):
-                self._deliver_entry(handlers, user_id, frame, entry)
+        for item in held:
+            entry = item.entry
+            # This process's own sends are not in what was recovered (own entries): handed over
+            # as they are, recorded now, so acknowledged once written.
+            if item.own or entry is None or self._cursors.fresh(user_id, entry.id, entry.n):
+                self._deliver_entry(handlers, user_id, item.frame, entry)
         return len(missed), lost
 
     def users_gapped(self, gaps: dict[str, Gap]) -> None:

@@ -61,9 +61,14 @@ class OutboxLimits:
     max_bytes: int = 1024 * 1024
     #: Seconds a message is kept.
     max_age: float = 300.0
+    #: Most users with a history, and most bytes of all of them, in one process's outbox
+    #: (beyond, the history of the user sent to least recently is dropped, counted as evicted).
+    max_users: int = 100_000
+    max_total_bytes: int = 256 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        if self.max_messages < 1 or self.max_bytes < 1 or self.max_age <= 0:
+        if (self.max_messages < 1 or self.max_bytes < 1 or self.max_age <= 0
+                or self.max_users < 1 or self.max_total_bytes < 1):
             raise ValueError("outbox limits must be positive")
 
 
@@ -105,11 +110,16 @@ class UserOutbox:
         # Entry ids, increasing (share one source between outboxes whose ids must never go
         # back, as Redis's clock-based ids never do).
         self._ids = ids if ids is not None else itertools.count(1)
+        # Ordered by the last append (moved to the end on each): the first user is the one sent
+        # to least recently, whose newest entry is the oldest (expiry, the global bounds).
         self._users: dict[str, _History] = {}
-        self._next_sweep = 0.0
-        #: Frames kept, and frames dropped by a bound.
+        self._total = 0  # bytes of every user's frames kept
+        self._expires = 0.0  # no user's newest entry expires before (a cutoff): none to forget
+        #: Frames kept, and frames dropped by a bound; users dropped by ``max_users`` or
+        #: ``max_total_bytes`` (their entries counted in ``evicted``).
         self.kept = 0
         self.evicted = 0
+        self.users_evicted = 0
 
     def __len__(self) -> int:
         """Users with entries not written to any of their connections yet."""
@@ -127,16 +137,17 @@ class UserOutbox:
         """Append ``frame`` to the user's history; its id, or 0 if it is larger than
         ``max_bytes`` (never kept). Drops expired entries, then the oldest beyond the bounds."""
         limits = self.limits
-        if now >= self._next_sweep:  # users who never came back: forgotten within the age
-            self._next_sweep = now + limits.max_age / 4
-            self.expire(now)
+        users = self._users
         size = len(frame)
         if size > limits.max_bytes:
             self.evicted += 1
             return 0
-        history = self._users.get(user_id)
+        history = users.pop(user_id, None)
+        new = history is None
         if history is None:
-            history = self._users[user_id] = _History()
+            history = _History()
+        users[user_id] = history  # the most recently sent to: last
+        before = history.size
         kid = next(self._ids)
         n = history.seq = history.seq + 1
         entries = history.entries
@@ -152,8 +163,33 @@ class UserOutbox:
                 size -= len(entries.popleft()[3])
                 self.evicted += 1
         history.size = size
+        total = self._total = self._total + size - before
         self.kept += 1
+        if cutoff >= self._expires or total > limits.max_total_bytes or (
+                new and len(users) > limits.max_users):
+            self._drop_oldest(user_id, cutoff)
         return kid
+
+    def _drop_oldest(self, user_id: str, cutoff: float) -> None:
+        """Forget the users sent to least recently while their newest entry expired, or while
+        the global bounds are exceeded (never ``user_id``, the one just sent to). Bounded work:
+        each user visited is dropped, and the first one kept ends it."""
+        limits = self.limits
+        users = self._users
+        while True:
+            first = next(iter(users))
+            history = users[first]
+            if first == user_id:
+                self._expires = history.entries[-1][2]
+                return
+            if history.entries[-1][2] > cutoff:
+                if len(users) <= limits.max_users and self._total <= limits.max_total_bytes:
+                    self._expires = history.entries[-1][2]
+                    return
+                self.evicted += len(history.entries)
+                self.users_evicted += 1
+            del users[first]
+            self._total -= history.size
 
     def append(self, user_id: str, frame: bytes, now: float) -> Stamped | None:
         """:meth:`add`, returning the entry (``None`` if not kept)."""
@@ -231,11 +267,17 @@ class UserOutbox:
         return [entry.frame for entry in kept]
 
     def expire(self, now: float) -> None:
-        """Forget users whose every entry is older than ``max_age`` (call it now and then)."""
+        """Forget users whose every entry is older than ``max_age`` (:meth:`add` does it as it
+        goes, visiting only the users it forgets)."""
         cutoff = now - self.limits.max_age
         users = self._users
-        for user_id in [u for u, h in users.items() if not h.entries or h.entries[-1][2] <= cutoff]:
-            del users[user_id]
+        while users:
+            first = next(iter(users))
+            history = users[first]
+            if history.entries and history.entries[-1][2] > cutoff:
+                return
+            del users[first]
+            self._total -= history.size
 
 
 _TAKER = object()
@@ -378,16 +420,18 @@ class WriteLog:
             if not self._entries[oldest]:
                 del self._entries[oldest]
 
-    def written(self, flushed: Mapping[str, int] | Callable[[str], int | None]
-                ) -> dict[str, str | int]:
+    def written(self, flushed: Mapping[str, int] | Callable[[str], int | None],
+                channels: Iterable[str] | None = None) -> dict[str, str | int]:
         """Forget the entries written by now (``flushed``: channel -> frames written, ``None``
         or absent for a channel that is gone, whose unwritten entries are forgotten unacked);
-        the last entry written per user."""
+        the last entry written per user. Looks at ``channels`` only (default: all)."""
         look = flushed.get if isinstance(flushed, Mapping) else flushed
         acks: dict[str, tuple[tuple[int, int], str | int]] = {}
-        for channel_id in list(self._entries):
+        for channel_id in list(self._entries) if channels is None else channels:
+            entries = self._entries.get(channel_id)
+            if entries is None:
+                continue
             done = look(channel_id)
-            entries = self._entries[channel_id]
             while entries and (done is None or entries[0][0] <= done):
                 _, user_id, entry_id = entries.popleft()
                 self._count -= 1
@@ -418,6 +462,11 @@ class WriteLog:
 
     def channels(self) -> Iterable[str]:
         return self._entries.keys()
+
+    def first(self, channel_id: str) -> int | None:
+        """The frame number of the channel's first entry not known written, if any."""
+        entries = self._entries.get(channel_id)
+        return entries[0][0] if entries else None
 
 
 class QueuedMarks:
@@ -451,12 +500,17 @@ class QueuedMarks:
             del marks[1][0], marks[2][0]
             self._count -= 1
 
-    def written(self, flushed: Callable[[str], int | None]) -> dict[str, int]:
+    def written(self, flushed: Callable[[str], int | None],
+                channels: Iterable[str] | None = None) -> dict[str, int]:
         """Forget the entries written by now (``flushed(channel)``: frames written, ``None``
         for a channel that is gone, whose entries are forgotten unacked); the last entry
-        written per user."""
+        written per user. Looks at ``channels`` only (default: all)."""
         acks: dict[str, int] = {}
-        for channel_id, (user_id, positions, ids) in list(self._channels.items()):
+        for channel_id in list(self._channels) if channels is None else channels:
+            marks = self._channels.get(channel_id)
+            if marks is None:
+                continue
+            user_id, positions, ids = marks
             done = flushed(channel_id)
             if done is None:
                 upto = len(positions)
@@ -481,3 +535,8 @@ class QueuedMarks:
         self._count -= len(positions)
         upto = bisect.bisect_right(positions, flushed)
         return (user_id, ids[upto - 1]) if upto else None
+
+    def first(self, channel_id: str) -> int | None:
+        """The frame number of the channel's first entry not known written, if any."""
+        marks = self._channels.get(channel_id)
+        return marks[1][0] if marks is not None and marks[1] else None

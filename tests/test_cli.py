@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dara_ws_cli import build_demo
-from dara_ws_core import CustomServerMessage, DaraClient, MemoryServer
+from dara_ws_core import CustomServerMessage, DaraClient, MemoryServer, RemoteError
 
 
 async def test_demo_app_echo_chat_and_ask() -> None:
@@ -31,6 +31,25 @@ async def test_demo_app_echo_chat_and_ask() -> None:
         assert alice.received_nowait() == []  # the sender is ignored
         bob.on_request(lambda request: request.payload["question"].upper())
         assert await bob.request("ask", "why?") == {"you_answered": "WHY?"}
+    await endpoint.shutdown(grace=0)
+
+
+async def test_demo_tell_refuses_a_text_that_would_fill_a_users_history() -> None:
+    """``tell`` keeps its text in the user's history: one client must not push 1 MiB texts."""
+    endpoint = build_demo()
+    server = MemoryServer(endpoint)
+    alice = DaraClient(lambda: server.connect("/api/core/ws?token=alice"), ping_interval=None)
+    async with alice:
+        with pytest.raises(RemoteError):
+            await alice.request("tell", {"user": "victim", "text": "x" * 1025})
+        with pytest.raises(RemoteError):
+            await alice.request("tell", {"user": "v" * 257, "text": "hi"})
+        assert endpoint.manager.outbox.after("victim", None, now=0)[1] == 0  # nothing kept
+        assert await alice.request("tell", {"user": "alice", "text": "x" * 1024}) == {
+            "delivered": True}
+        pushed = await alice.receive(timeout=5)
+        assert isinstance(pushed, CustomServerMessage)
+        assert pushed.message.data == {"from": alice.channel, "text": "x" * 1024}
     await endpoint.shutdown(grace=0)
 
 

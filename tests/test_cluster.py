@@ -443,3 +443,81 @@ async def test_deliveries_held_back_for_a_recovery_that_never_comes_are_released
         await manager.broadcast({"fence": True})  # not a per-user send: never held
         assert await payloads(client, 2) == [{"fence": True}, {"i": 0}]  # released in time
         assert manager._held == {}
+
+
+async def test_a_send_held_after_a_gap_is_not_acknowledged_before_it_is_delivered() -> None:
+    """Review item 6: a send from the process whose user is held back was acknowledged at once
+    (recorded at a frame already written), so a connection closing before the recovery lost it."""
+    async with cluster(2) as nodes:
+        who = user()
+        manager = nodes[0].manager
+        client = await nodes[0].client(f"{who}:a")
+        manager.hold_users()
+        await manager.send_message_to_user(who, {"i": 0})  # held: not delivered yet
+        async with asyncio.timeout(TIMEOUT):
+            await nodes[0].backplane.flush()  # numbered by the bus
+        manager._ack_now()  # an acknowledgement pass (one would come within 20 ms)
+        async with asyncio.timeout(TIMEOUT):
+            await nodes[0].backplane.flush()
+        assert nodes[0].backplane.broker.pending(who) == 1  # not acknowledged
+        await client.close()
+        await eventually(lambda: not manager.get_user_channels(who))
+        after = await nodes[1].client(f"{who}:b")
+        assert await payloads(after, 1) == [{"i": 0}]  # from the history
+
+
+async def test_a_held_send_is_acknowledged_once_delivered_after_the_recovery() -> None:
+    async with cluster(1) as (node,):
+        who = user()
+        manager = node.manager
+        client = await node.client(f"{who}:a")
+        manager.hold_users()
+        await manager.send_message_to_user(who, {"i": 0})
+        async with asyncio.timeout(TIMEOUT):
+            await node.backplane.flush()
+        await node.backplane._recover()
+        assert await payloads(client, 1) == [{"i": 0}]
+        await eventually(lambda: node.backplane.broker.pending(who) == 0)  # written: acked
+
+
+async def test_held_deliveries_are_bounded_in_bytes_too() -> None:
+    """Review item 7: beyond ``max_queue_bytes`` held for a user, deliveries go out at once."""
+    config = ServerConfig(max_queue_bytes=16384, max_queue_messages=4096)
+    async with cluster(1, config=config) as (node,):
+        who = user()
+        manager = node.manager
+        client = await node.client(f"{who}:a")
+        manager.hold_users()
+        frames = [build_frame({"i": i, "b": "x" * 3000}) for i in range(10)]
+        fit = 16384 // len(frames[0])  # 5
+        for frame in frames:
+            manager.deliver_to_user(who, frame)
+        assert len(manager._held[who]) == fit and manager._held[who].size <= 16384
+        got = await payloads(client, 10 - fit)  # the rest went out at once
+        assert [p["i"] for p in got] == list(range(fit, 10))
+        manager.recover(who, (), 0)
+        assert [p["i"] for p in await payloads(client, fit)] == list(range(fit))
+
+
+async def test_acknowledgements_for_one_user_are_coalesced_while_one_is_being_published() -> None:
+    """Review item 10: acknowledgements bypass the publish queue's bound, so one per user per
+    tick piled up while the bus was slow. One per user is in the queue at a time; the newest
+    that came meanwhile follows it (the latest wins)."""
+    async with cluster(1) as (node,):
+        who = user()
+        for i in range(5):  # nobody connected: kept
+            await node.manager.send_message_to_user(who, {"i": i})
+        backplane = node.backplane
+        async with asyncio.timeout(TIMEOUT):
+            await backplane.flush()
+        history = backplane.broker.outboxes[who]
+        ids = [e.id for e in history.after(who, None, backplane.broker.clock())[0]]
+        assert len(ids) == 5 and backplane.broker.pending(who) == 5
+        queued = len(backplane._outbox)
+        for entry_id in ids[:4]:  # four passes' worth while the first is not published yet
+            backplane.ack(who, entry_id)
+        assert len(backplane._outbox) == queued + 1
+        await eventually(lambda: backplane.broker.pending(who) == 1)  # up to the fourth
+        backplane.ack(who, ids[4])
+        await eventually(lambda: backplane.broker.pending(who) == 0)
+        assert backplane._acks_in_flight == {} and backplane._acks_next == {}

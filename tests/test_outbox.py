@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from dara_ws_core import DaraClient, DaraServerMessage, Identity, ServerConfig
+from dara_ws_core import DaraClient, DaraServerMessage, Identity, ServerConfig, WebsocketManager
 from dara_ws_core.outbox import (
     DeliveryCursors,
     OutboxLimits,
@@ -63,11 +63,86 @@ def test_the_outbox_drops_by_bytes_and_by_age_and_refuses_a_frame_over_the_byte_
     assert outbox.after("gone-0", None, now=0) == ([], 0)  # forgotten, number and all
 
 
+def test_the_outbox_holds_at_most_max_users_dropping_the_one_sent_to_least_recently() -> None:
+    """A client sending to fresh user ids (the demo's ``tell``) must not grow the process without
+    limit: beyond ``max_users`` the history of the user sent to least recently goes, counted."""
+    outbox = UserOutbox(OutboxLimits(max_messages=10, max_bytes=100, max_age=100, max_users=3))
+    outbox.keep("alice", b"a1", now=0)
+    for i in range(3):
+        outbox.keep(f"victim{i}", b"v", now=1)
+    assert outbox.after("alice", None, now=2) == ([], 0)  # the least recently sent to: dropped
+    outbox.keep("victim0", b"v", now=2)  # sent to again: now the most recent
+    outbox.keep("bob", b"b", now=3)
+    assert outbox.after("victim1", None, now=3) == ([], 0)
+    assert [e.frame for e in outbox.after("victim0", None, now=3)[0]] == [b"v", b"v"]
+    assert outbox.users_evicted == 2 and outbox.evicted == 2
+
+
+def test_the_outbox_holds_at_most_max_total_bytes_of_all_users() -> None:
+    outbox = UserOutbox(OutboxLimits(max_messages=10, max_bytes=100, max_age=100,
+                                     max_total_bytes=250))
+    for i in range(10):
+        outbox.keep(f"u{i}", b"x" * 60, now=i)
+        outbox.keep(f"u{i}", b"y" * 40, now=i)  # 100 bytes per user
+    kept = [i for i in range(10) if outbox.after(f"u{i}", None, now=10)[0]]
+    assert kept == [8, 9]  # 200 bytes: a third user would be 300
+    assert outbox.users_evicted == 8 and outbox.evicted == 16
+    outbox.keep("u9", b"z" * 50, now=11)  # a user's own bound first: its oldest goes
+    assert [len(e.frame) for e in outbox.after("u9", None, now=11)[0]] == [40, 50]
+    assert [len(e.frame) for e in outbox.after("u8", None, now=11)[0]] == [60, 40]
+
+
+def test_expiry_visits_only_the_users_it_forgets() -> None:
+    """An append never walks every user (that blocked the loop with many): the users are in
+    the order they were last sent to, so the expired ones are the first, and the walk stops at
+    the first one kept."""
+    outbox = UserOutbox(OutboxLimits(max_messages=10, max_bytes=100, max_age=10))
+    for i in range(10):
+        outbox.keep(f"old{i}", b"x", now=0)
+    for i in range(1000):
+        outbox.keep(f"new{i}", b"x", now=5)
+    visited = _CountingUsers(outbox)
+    outbox.keep("late", b"x", now=10)  # every old user expired: forgotten at this append
+    assert outbox.after("old9", None, now=10) == ([], 0)
+    visited.count = 0
+    outbox.keep("later", b"x", now=11)  # nothing expired: a constant amount of work
+    assert visited.count <= 5
+    assert outbox.after("new0", None, now=11)[1] == 1
+    assert outbox.users_evicted == 0  # expiry is not a bound's loss
+
+
+class _CountingUsers(dict[str, object]):
+    """The outbox's user table, counting the users looked at."""
+
+    def __init__(self, outbox: UserOutbox) -> None:
+        super().__init__(outbox._users)
+        outbox._users = self  # type: ignore[assignment]
+        self.count = 0
+
+    def __getitem__(self, key: str) -> object:
+        self.count += 1
+        return super().__getitem__(key)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        for key in super().__iter__():
+            self.count += 1
+            yield key
+
+    def items(self):  # type: ignore[no-untyped-def]
+        for item in super().items():
+            self.count += 1
+            yield item
+
+
 def test_outbox_limits_must_be_positive() -> None:
     with pytest.raises(ValueError):
         OutboxLimits(max_messages=0)
     with pytest.raises(ValueError):
+        OutboxLimits(max_users=0)
+    with pytest.raises(ValueError):
         ServerConfig(outbox_messages=-1)
+    with pytest.raises(ValueError):
+        ServerConfig(outbox_total_bytes=0)
 
 
 async def test_messages_to_a_user_connected_nowhere_reach_their_next_connection_in_order_once(
@@ -298,6 +373,67 @@ async def test_a_frame_written_at_once_is_acknowledged_with_nothing_left_to_trac
         assert manager.outbox.pending("alice") == 0  # acknowledged there and then
         assert len(manager._marks) == 0 and manager._ack_timer is None  # nothing to track
         assert await numbers(client, 1) == [0]
+
+
+class _CountingHandlers(dict[str, object]):
+    """A manager's handler table, counting the channels looked up."""
+
+    def __init__(self, handlers: dict[str, object]) -> None:
+        super().__init__(handlers)
+        self.count = 0
+
+    def get(self, key: str, default: object = None) -> object:
+        self.count += 1
+        return super().get(key, default)
+
+
+@pytest.mark.parametrize("path", ["queued", "bus"])
+async def test_the_acknowledgement_pass_looks_only_at_channels_that_wrote_something(path: str,
+                                                                                    ) -> None:
+    """Connections that stop reading (review item 5) must cost the 20 ms pass nothing: it looks
+    at a channel only once its transport wrote a recorded entry. ``queued``: the outbox of a
+    process without a backplane; ``bus``: deliveries numbered by a bus (the write log)."""
+    manager = WebsocketManager(ServerConfig(outbox_messages=100))
+    stuck = [manager.create_handler(f"c{i}", Identity(user_id=f"u{i}", session_id=f"s{i}"))
+             for i in range(500)]  # no sink: nothing is ever written
+    for i in range(500):
+        if path == "queued":
+            await manager.send_message_to_user(f"u{i}", {"i": i})
+        else:
+            manager.deliver_to_user(f"u{i}", b'{"i":0}', entry=Stamped(f"{i + 1}-0", 1, b""))
+    assert len(manager._marks if path == "queued" else manager._writes) == 500
+    assert manager._ack_timer is None  # nothing written: nothing to come back for
+    handlers = _CountingHandlers(manager.handlers)  # type: ignore[arg-type]
+    manager.handlers = handlers  # type: ignore[assignment]
+    manager._ack_now()
+    assert handlers.count == 0
+    stuck[7].frames_done(2)  # its transport wrote the init and the entry
+    assert manager._ack_timer is not None
+    await eventually(lambda: manager._ack_timer is None)
+    assert handlers.count <= 4  # that channel only
+    if path == "queued":
+        assert manager.outbox.pending("u7") == 0 and manager.outbox.pending("u8") == 1
+    assert len(manager._marks if path == "queued" else manager._writes) == 499
+    manager.remove_handler("c8")
+    assert len(manager._marks if path == "queued" else manager._writes) == 498
+
+
+async def test_on_a_real_socket_what_the_transport_writes_later_is_acknowledged() -> None:
+    """The acknowledgements are driven by the transport's writes (no pass walks the channels):
+    frames queued behind a full socket are acknowledged as the driver writes them."""
+    config = ServerConfig(ping_interval=None, max_queue_messages=1000, max_queue_bytes=64 * 2**20,
+                          outbox_messages=1000, outbox_bytes=64 * 2**20)
+    async with running_stack("websockets", config=config) as stack:
+        manager = stack.manager
+        client = await stack.client("alice:s1", max_queue=200)
+        blob = "x" * 50_000
+        for i in range(100):  # 5 MB: more than the socket buffers take at once
+            await manager.send_message_to_user("alice", {"i": i, "blob": blob})
+        assert manager.outbox.pending("alice") > 0  # queued, not all written yet
+        assert [int(p) for p in await numbers(client, 100)] == list(range(100))
+        await eventually(lambda: manager.outbox.pending("alice") == 0)
+        await eventually(lambda: manager._ack_timer is None)
+        assert len(manager._marks) == 0
 
 
 def test_delivery_cursors_hand_each_entry_over_once_and_count_what_a_bound_dropped() -> None:

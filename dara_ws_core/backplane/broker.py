@@ -107,6 +107,11 @@ class BrokerBackplane(BusNode):
         self._resyncing: dict[str, asyncio.Task[None]] = {}
         # Acknowledgements that could not be sent (the bus was down): user -> entry id.
         self._unsent_acks: dict[str, str] = {}
+        # Acknowledgements being published (one per user at a time, so that a slow bus cannot
+        # pile one up per user per tick in the publish queue), and the newest that came
+        # meanwhile, posted once the one in flight is done (the latest wins).
+        self._acks_in_flight: dict[str, str] = {}
+        self._acks_next: dict[str, str] = {}
 
     @property
     def manager(self) -> BackplaneHost:
@@ -256,6 +261,12 @@ class BrokerBackplane(BusNode):
         if not self._connected.is_set():
             self._keep_ack(user_id, upto)  # sent once the bus is back (see _recover)
             return
+        if user_id in self._acks_in_flight:
+            later = self._acks_next.get(user_id)
+            if later is None or id_key(upto) > id_key(later):
+                self._acks_next[user_id] = upto
+            return
+        self._acks_in_flight[user_id] = upto
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         done.add_done_callback(lambda f: self._acked(f, user_id, upto))
         self._post_nowait(Publication(b"", user_id=user_id, ack=upto), "acknowledgement", done)
@@ -292,8 +303,14 @@ class BrokerBackplane(BusNode):
             del self._unsent_acks[next(iter(self._unsent_acks))]
 
     def _acked(self, done: asyncio.Future[Any], user_id: str, upto: str) -> None:
+        self._acks_in_flight.pop(user_id, None)
+        later = self._acks_next.pop(user_id, None)
         if done.cancelled() or done.exception() is not None:
             self._keep_ack(user_id, upto)
+            if later is not None:
+                self._keep_ack(user_id, later)
+        elif later is not None:
+            self.ack(user_id, later)
 
     def disconnect(self, scope: str, target: str, code: int, reason: str) -> asyncio.Future[Any]:
         # The broadcast topic, not the directory: a channel registered a moment ago may not be
