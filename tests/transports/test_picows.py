@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from dara_ws_core import Endpoint, Identity, ServerConfig, Transport, WebsocketManager, token_authenticator
+from tests.helpers import eventually
 from tests.hostile import BINARY, CLOSE, CONTINUATION, PING, TEXT, HostileClient, encode_frame
 from tests.stacks import running_stack, verify_token
 
@@ -165,4 +166,23 @@ async def test_an_opening_request_sent_byte_by_byte_is_still_read() -> None:
             client.write(bytes([byte]))
             await client.drain()
         assert (await client.read_response()).status == 101
+        client.abort()
+
+
+async def test_frames_behind_one_that_closed_the_connection_are_not_read() -> None:
+    # picows fails the connection on a frame over the size limit (1009), sends its close and
+    # still parses what the peer sends until the peer answers it: a frame sent meanwhile must not
+    # reach the core, where it would decide another close code (1007 for a frame that is not a
+    # JSON object), as the fuzz test found.
+    async with running_stack("picows", ServerConfig(max_message_size=4096, ping_interval=None)) as stack:
+        assert stack.port is not None
+        client = await _opened(stack.port)
+        await eventually(lambda: len(stack.manager.handlers) == 1)
+        handler = next(iter(stack.manager.handlers.values()))
+        client.write(encode_frame(TEXT, json.dumps({"type": "ping", "message": "x" * 4097})))
+        frame = await client.read_frame()
+        assert (frame.opcode, frame.close_code) == (CLOSE, 1009)
+        client.write(encode_frame(TEXT, "null"))  # before answering the close
+        await eventually(lambda: handler.close_reason is not None)
+        assert handler.close_reason is not None and handler.close_reason.code == 1009
         client.abort()

@@ -86,6 +86,11 @@ class PicowsTransport(WSListener):
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
+        if transport.is_close_frame_sent and kind is not _CLOSE:
+            # Closing (picows failed the connection, e.g. a frame over the size limit, or the
+            # server closed): what the peer sent after is not read, as on the other transports.
+            # Else a frame behind the one that closed could reach the core and decide the code.
+            return
         if frame.rsv1 or frame.rsv2 or frame.rsv3:  # no extension is negotiated (picows leaves it to us)
             raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR, "reserved bit set")
         if kind is _TEXT or kind is _BINARY:
