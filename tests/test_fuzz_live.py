@@ -585,8 +585,10 @@ async def check_probe(bad: BadConn) -> None:
     except ConnectionClosed as exc:
         # A library that enforces the size limit on arrival (uvicorn) may close with 1009 before
         # the server has read the frames sent ahead of the oversized one: then the request ends
-        # with the close whatever those frames would have done to it.
-        cut_short = bad.close_code == CloseCode.MESSAGE_TOO_BIG == exc.code
+        # with the close whatever those frames would have done to it (the answer among them, or
+        # a frame that would have closed the connection with another code first).
+        cut_short = exc.code == CloseCode.MESSAGE_TOO_BIG and (
+            bad.close_code == CloseCode.MESSAGE_TOO_BIG or bad.late_oversized)
         assert probe.state == "pending" or cut_short, (probe.state, exc)
         if bad.close_code is not None and not bad.client_closed:
             late = bad.late_oversized and exc.code == CloseCode.MESSAGE_TOO_BIG
