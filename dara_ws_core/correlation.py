@@ -16,9 +16,10 @@ __all__ = [
     "Outcome",
     "Partial",
     "PendingRequests",
+    "new_rchan",
 ]
 
-import uuid
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -31,6 +32,17 @@ from .exceptions import ChunkError, DaraWSError, TooManyPendingRequests
 from .messages import DaraClientMessage
 
 W = TypeVar("W")
+
+# uuid4's version (4) and variant (RFC 4122) bits, set on 128 random bits.
+_UUID4_KEEP = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
+def new_rchan() -> str:
+    """A fresh ``__rchan``: the text of a uuid4 (122 bits from ``os.urandom``, as
+    ``uuid.uuid4()`` draws them), built without a ``UUID`` object: one per server request."""
+    h = "%032x" % (int.from_bytes(os.urandom(16)) & _UUID4_KEEP | _UUID4_SET)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +146,7 @@ class PendingRequests(Generic[W]):
                 f"{len(self._entries)} requests already pending on this channel"
             )
         if rchan is None:
-            rchan = str(uuid.uuid4())
+            rchan = new_rchan()
         elif rchan in self._entries:
             raise ValueError(f"request {rchan!r} is already pending")
         self._entries[rchan] = _Entry(waiter)

@@ -17,7 +17,6 @@ import asyncio
 import contextvars
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -38,6 +37,7 @@ from .connection import (
     SendFrame,
     ServerConnection,
 )
+from .correlation import new_rchan
 from .custom import CustomHandlerRegistry
 from .exceptions import ChunkError, CloseCode, ConnectionClosed, RequestTimeout, SlowConsumer
 from .logs import ConnectionLogger
@@ -77,6 +77,17 @@ class Sink(Protocol):
 
 #: :attr:`WebSocketHandler.ack_at` once reached: told already, nothing to wait for.
 ACK_PARKED = 1 << 62
+
+
+#: What a server request's waiter holds when its timer ran out before the answer came: a
+#: result, not an exception, so that a caller cancelled at the same moment leaves no
+#: "exception never retrieved" behind. No answer can be it (answers are decoded JSON).
+_EXPIRED: Any = object()
+
+
+def _expire(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_result(_EXPIRED)
 
 
 class WebSocketHandler:
@@ -422,7 +433,7 @@ class WebSocketHandler:
         chunked answer, ``TooManyPendingRequests`` at the channel's limit, ``SlowConsumer``.
         Cancelling the call removes its pending entry.
         """
-        rchan = str(uuid.uuid4())  # unpredictable: 122 random bits, like Dara's
+        rchan = new_rchan()  # unpredictable: 122 random bits, like Dara's
         frame = build_frame(message, custom=custom, rchan=rchan)
         return await self.send_and_wait_frame(frame, rchan, timeout)
 
@@ -444,12 +455,36 @@ class WebSocketHandler:
     async def _request(self, frame: bytes, rchan: str, timeout: float | None) -> Any:
         if timeout is _DEFAULT:
             timeout = self.config.request_timeout
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
         self.connection.open_request(waiter, rchan)
         try:
+            if not self.offer(frame):
+                # The slow path (a full queue): the policy may wait, within the same timeout.
+                return await self._request_slow(frame, waiter, timeout)
+            if timeout is None:
+                return await waiter
+            # The common path: the frame is out, only the answer is awaited. One timer handle
+            # failing the waiter, not an asyncio.timeout scope (an object, two coroutine
+            # calls and a task cancellation to undo) per request.
+            timer = loop.call_at(loop.time() + timeout, _expire, waiter)
+            try:
+                answer = await waiter
+            finally:
+                timer.cancel()
+            if answer is _EXPIRED:
+                self.counters.requests_timeout += 1
+                raise RequestTimeout(f"no answer from channel {self.channel_id} within {timeout} s")
+            return answer
+        finally:
+            self.connection.discard_request(rchan)
+
+    async def _request_slow(
+        self, frame: bytes, waiter: asyncio.Future[Any], timeout: float | None
+    ) -> Any:
+        try:
             async with asyncio.timeout(timeout) as scope:
-                if not self.offer(frame):
-                    await self.enqueue_slow(frame)
+                await self.enqueue_slow(frame)
                 return await waiter
         except TimeoutError:
             if scope.expired():
@@ -458,8 +493,6 @@ class WebSocketHandler:
                     f"no answer from channel {self.channel_id} within {timeout} s"
                 ) from None
             raise
-        finally:
-            self.connection.discard_request(rchan)
 
     # ------------------------------------------------------------------ handler tasks
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
 import pytest
 
-from dara_ws_core import ServerConfig, WebsocketManager
+from dara_ws_core import RequestTimeout, ServerConfig, SlowConsumerPolicy, WebsocketManager
 from dara_ws_core.codec import decode_client_frame
+from dara_ws_core.handler import WebSocketHandler
+
+from .helpers import eventually
 
 
 async def test_what_a_peer_causes_is_logged_a_bounded_number_of_times(
@@ -49,3 +53,63 @@ async def test_peer_chosen_identifiers_are_cut_short_in_logs(caplog: pytest.LogC
         handler.process_client_message(answer)
     [record] = [r for r in caplog.records if "ignored" in r.getMessage()]
     assert len(getattr(record, "rchan", "")) == 64
+
+
+def _request_rchan(handler: WebSocketHandler) -> str:
+    """The ``__rchan`` of the request frame the handler queued last (no transport drains it)."""
+    frames = []
+    while (frame := handler.queue.get_nowait()) is not None:
+        frames.append(json.loads(frame))
+    rchan: str = frames[-1]["message"]["__rchan"]
+    return rchan
+
+
+def _answer(rchan: str, value: object) -> str:
+    return json.dumps({"type": "message", "channel": rchan, "chunk_count": None, "message": value})
+
+
+async def test_a_request_answered_in_time_returns_the_answer_and_leaves_no_timer() -> None:
+    manager = WebsocketManager()
+    handler = manager.create_handler("c1")
+    loop = asyncio.get_running_loop()
+    for timeout in (30.0, None):
+        task = asyncio.ensure_future(handler.send_and_wait({"q": 1}, timeout=timeout))
+        await eventually(lambda: handler.pending_count == 1)
+        handler.receive_frame(_answer(_request_rchan(handler), {"v": timeout}), loop.time())
+        assert await task == {"v": timeout}
+        assert handler.pending_count == 0
+    assert manager.counters.requests_answered == 2
+    assert manager.counters.requests_timeout == 0
+    # The 30 s timer was cancelled with the answer: nothing of it is left to run.
+    scheduled = [h for h in loop._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
+    assert all(h.when() < loop.time() + 20 for h in scheduled), scheduled
+
+
+async def test_an_answer_after_the_timeout_is_ignored() -> None:
+    manager = WebsocketManager()
+    handler = manager.create_handler("c1")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(RequestTimeout):
+        await handler.send_and_wait({"q": 1}, timeout=0.05)
+    assert loop.time() - started < 5
+    assert handler.pending_count == 0
+    assert manager.counters.requests_timeout == 1
+    assert handler.receive_frame(_answer(_request_rchan(handler), "late"), loop.time()) is None
+    assert manager.counters.requests_answered == 0
+
+
+async def test_a_request_behind_a_full_queue_times_out_within_its_own_timeout() -> None:
+    # WAIT would wait send_timeout (60 s) for room; the request's timeout (0.1 s) bounds it.
+    config = ServerConfig(max_queue_messages=1, slow_consumer_policy=SlowConsumerPolicy.WAIT,
+                          send_timeout=60)
+    manager = WebsocketManager(config)
+    handler = manager.create_handler("c1")  # its init frame fills the queue: nobody drains it
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(RequestTimeout):
+        await handler.send_and_wait({"q": 1}, timeout=0.1)
+    assert loop.time() - started < 5
+    assert handler.pending_count == 0
+    assert manager.counters.requests_timeout == 1
+    assert not handler.closed  # timed out, not disconnected as a slow consumer
