@@ -24,7 +24,7 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     # The connection's events are read through their module, like h11's events.
     "connection": frozenset({"AnswerIgnored", "CloseConnection", "CustomReceived", "Event",
                              "FrameDropped", "RequestCompleted", "RequestFailed", "SendFrame"}),
-    "correlation": frozenset({"Completed", "Failed", "Ignored", "Outcome", "Partial"}),
+    "correlation": frozenset({"Completed", "Failed", "Ignored", "Outcome", "Partial", "new_rchan"}),
     "custom": frozenset({"CustomHandler", "DispatchHost", "HandlerSpec"}),
     "driver": frozenset({"ConnectionDriver", "close_quietly"}),
     "handler": frozenset({"Sink"}),
