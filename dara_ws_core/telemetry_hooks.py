@@ -99,6 +99,8 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.
                     30, 60, 120, 300, 600)
 
 _KIND = b'"kind":"'
+#: How every frame of the commonest envelope starts (``codec.build_frame`` writes ``type`` first).
+_MESSAGE = b'{"type":"message"'
 _TYPENAME = b'{"type":"message","__typename":"'
 #: A plain payload's own ``__typename`` (``build_frame`` of a dict that names its type).
 _PAYLOAD_TYPENAME = b'{"type":"message","message":{"__typename":"'
@@ -107,7 +109,7 @@ _PAYLOAD_TYPENAME = b'{"type":"message","message":{"__typename":"'
 def frame_type(frame: bytes) -> str | None:
     """The envelope type of an encoded outbound frame: ``message``, ``custom``, ``init``;
     ``None`` for a pong (not traced)."""
-    if frame.startswith(b'{"type":"message"'):
+    if frame.startswith(_MESSAGE):
         return "message"
     if frame.startswith(b'{"type":"custom"'):
         return "custom"
@@ -160,6 +162,11 @@ def classify(events: Sequence[Event]) -> tuple[str | None, str]:
         return "custom", "error"  # unknown kind, answered with an error
     return "invalid", "error"  # undecodable, or a protocol error that closes the connection
 
+
+#: What :func:`classify` says of the commonest first events, looked up by their class.
+_INBOUND: dict[type, tuple[str, str]] = {
+    CustomReceived: ("custom", "success"), RequestCompleted: ("message", "success"),
+    AnswerIgnored: ("message", "success"), RequestFailed: ("message", "error")}
 
 
 def _outcome(error: BaseException) -> str:
@@ -290,16 +297,22 @@ class DaraTelemetry:
     def outbound(self, frame: bytes, message_type: str, started: float, start_ns: int, *,
                  context: Context | None = None, outcome: str = "success",
                  recipients: int | None = None) -> None:
-        """Trace one sampled outbound operation that started at ``started`` and ends now."""
-        attrs = self.attributes("outbound", message_type)
+        """Trace one sampled outbound operation that started at ``started`` and ends now.
+
+        Its span is created now, with its start time, so it is given every attribute at once:
+        a ``set_attribute`` afterwards costs the SDK a lock and a validation each."""
+        final = self.attributes("outbound", message_type, outcome)
+        attrs = {**self.attributes("outbound", message_type), "dara.outcome": outcome}
+        ptype = payload_type(frame, message_type)
+        if ptype is not None:
+            attrs["dara.websocket.message.payload.type"] = ptype
+        if recipients is not None:
+            attrs["dara.websocket.recipients"] = recipients  # type: ignore[assignment]
         span = self._span("dara.websocket.message.outbound", attrs, self._producer, start_ns, context)
-        if span.is_recording():
-            ptype = payload_type(frame, message_type)
-            if ptype is not None:
-                span.set_attribute("dara.websocket.message.payload.type", ptype)
-            if recipients is not None:
-                span.set_attribute("dara.websocket.recipients", recipients)
-        self._done(attrs, started, outcome, span)
+        if outcome == "error":
+            span.set_status(self._error_status)
+        span.end()
+        self.duration.record(_perf() - started, final)
 
     def backplane_lag(self, seconds: float) -> None:
         """A backplane delivery arrived ``seconds`` after it was published: 1 in
@@ -326,29 +339,22 @@ class DaraTelemetry:
         """The sink of a new connection, wrapped to count the frames it writes at once."""
         return None if sink is None else TimedSink(self, sink)
 
-    def write_now(self, sink: Sink, frame: bytes) -> bool:
-        """``sink.write_now(frame)`` for one message (not a fan-out): counted, 1 in
-        ``sample_every`` traced."""
+    def written(self, frame: bytes, started: float | None) -> None:
+        """A frame that is not part of a fan-out was written at once (:class:`TimedSink`):
+        counted; ``started`` (when it was accepted) if it is sampled, else ``None``."""
         message_type = frame_type(frame)
-        if message_type is None:  # a pong
-            return sink.write_now(frame)
-        if self.out_budget > 1 and not _tracing.get():
-            if not sink.write_now(frame):
-                return False
+        if message_type is None:  # a pong: neither counted nor traced, as in Dara
+            return
+        self.sent[message_type] += 1
+        if started is None:
             self.out_budget -= 1
-            self.sent[message_type] += 1
             self.queue_budget -= 1
             if self.queue_budget <= 0:
                 self.waited(frame, 0.0)
-            return True
-        started, start_ns = _perf(), time.time_ns()
-        if not sink.write_now(frame):
-            return False
+            return
         self.out_budget = self.sample_every
-        self.sent[message_type] += 1
         self.waited(frame, 0.0)
-        self.outbound(frame, message_type, started, start_ns)
-        return True
+        self.outbound(frame, message_type, started, time.time_ns() - int((_perf() - started) * 1e9))
 
     def fan_out(self, deliver: Callable[[Iterable[WebSocketHandler], bytes, str | None], int],
                 handlers: Iterable[WebSocketHandler], frame: bytes, ignore_channel: str | None) -> int:
@@ -382,23 +388,49 @@ class DaraTelemetry:
     def inbound(self, handler: WebSocketHandler, frame: str | bytes, now: float) -> Awaitable[None] | None:
         """``WebSocketHandler.receive_frame`` with telemetry: decode, count, and for 1 frame in
         ``sample_every`` carry out the events inside the inbound span (a handler's span is its
-        child)."""
-        sampled = self.in_budget <= 1
-        started = _perf() if sampled else 0.0
-        start_ns = time.time_ns() if sampled else 0
+        child).
+
+        The unsampled path is a countdown, one lookup of the first event's kind and one count:
+        no span, no clock, no call beyond the handler's own."""
+        if self.in_budget <= 1:
+            return self._inbound_traced(handler, frame, now)
+        events = handler.connection.receive_frame(frame, now)
+        found = _INBOUND.get(type(events[0])) if events else None
+        if found is None:  # a ping, a part of a chunked answer, an error: the general path
+            message_type, outcome = classify(events)
+            if message_type is None or (not events and handler.closed):
+                return handler.apply(events)
+        else:
+            message_type, outcome = found
+        self.in_budget -= 1
+        counters = handler.counters
+        errors = counters.custom_error
+        try:
+            pending = handler.apply(events)
+        except BaseException as exc:
+            self._inbound_done(message_type, _outcome(exc), 0.0, None)
+            raise
+        if counters.custom_error != errors:
+            outcome = "error"  # a sync handler failed
+        if pending is not None:
+            return self._inbound_rest(pending, message_type, outcome, 0.0, None)
+        executions, key = self.executions, ("inbound", message_type, outcome, "")
+        executions[key] = executions.get(key, 0) + 1
+        return None
+
+    def _inbound_traced(self, handler: WebSocketHandler, frame: str | bytes,
+                        now: float) -> Awaitable[None] | None:
+        """A sampled inbound frame: its events carried out inside its span."""
+        started, start_ns = _perf(), time.time_ns()
         events = handler.connection.receive_frame(frame, now)
         message_type, outcome = classify(events)
         if message_type is None or (not events and handler.closed):
-            return handler.apply(events)
-        span: Span | None = None
-        if sampled:
-            self.in_budget = self.sample_every
-            attrs = self.attributes("inbound", message_type)
-            span = self._span("dara.websocket.message.inbound", attrs, self._consumer, start_ns)
-            token = self._context.attach(self._trace.set_span_in_context(span))
-            tracing = _tracing.set(True)
-        else:
-            self.in_budget -= 1
+            return handler.apply(events)  # a ping stays a sample to come: not traced
+        self.in_budget = self.sample_every
+        attrs = self.attributes("inbound", message_type)
+        span = self._span("dara.websocket.message.inbound", attrs, self._consumer, start_ns)
+        token = self._context.attach(self._trace.set_span_in_context(span))
+        tracing = _tracing.set(True)
         counters = handler.counters
         errors = counters.custom_error
         try:
@@ -407,9 +439,8 @@ class DaraTelemetry:
             self._inbound_done(message_type, _outcome(exc), started, span)
             raise
         finally:
-            if span is not None:
-                _tracing.reset(tracing)
-                self._context.detach(token)
+            _tracing.reset(tracing)
+            self._context.detach(token)
         if counters.custom_error != errors:
             outcome = "error"  # a sync handler failed (its own span says how)
         if pending is None:
@@ -447,30 +478,28 @@ class DaraTelemetry:
 
     async def _round_trip(self, request: Awaitable[Any], frame: bytes) -> Any:
         message_type = frame_type(frame) or "message"
-        started, outcome = _perf(), "success"
         attrs = {"dara.websocket.message.type": message_type, "dara.websocket.operation": "round_trip"}
+        ptype = payload_type(frame, message_type)
+        if ptype is not None:
+            attrs["dara.websocket.message.payload.type"] = ptype
+        started, outcome = _perf(), "success"
+        span = self.tracer.start_span("dara.websocket.round_trip", attributes=attrs)
+        token = self._context.attach(self._trace.set_span_in_context(span))
         tracing = _tracing.set(True)
         try:
-            with self.tracer.start_as_current_span("dara.websocket.round_trip", attributes=attrs,
-                                                   record_exception=False,
-                                                   set_status_on_exception=False) as span:
-                ptype = payload_type(frame, message_type)
-                if ptype is not None:
-                    span.set_attribute("dara.websocket.message.payload.type", ptype)
-                try:
-                    return await request
-                except BaseException as exc:
-                    outcome = _outcome(exc)
-                    if outcome == "error":
-                        span.set_attribute("error.type", type(exc).__name__)
-                        span.set_status(self._error_status)
-                    raise
-                finally:
-                    span.set_attribute("dara.outcome", outcome)
-                    self.round_trip_duration.record(_perf() - started,
-                                                    self._trip_attributes[message_type, outcome])
+            return await request
+        except BaseException as exc:
+            outcome = _outcome(exc)
+            if outcome == "error":
+                span.set_attribute("error.type", type(exc).__name__)
+                span.set_status(self._error_status)
+            raise
         finally:
             _tracing.reset(tracing)
+            span.set_attribute("dara.outcome", outcome)
+            self.round_trip_duration.record(_perf() - started, self._trip_attributes[message_type, outcome])
+            span.end()
+            self._context.detach(token)
 
     # ------------------------------------------------------------------ hooks of custom handlers
 
@@ -520,69 +549,103 @@ class DaraTelemetry:
 
 
 class TimedSink:
-    """A connection's sink that counts (and samples) every frame it writes at once."""
+    """A connection's sink that counts (and samples) every frame it writes at once.
 
-    __slots__ = ("_sink", "_telemetry")
+    Only ``write_now`` is its own: ``frames_queued`` and ``close`` are the wrapped sink's bound
+    methods, stored on the instance, so calling them costs nothing more."""
+
+    __slots__ = ("_sink", "_telemetry", "close", "frames_queued")
 
     def __init__(self, telemetry: DaraTelemetry, sink: Sink) -> None:
         self._telemetry, self._sink = telemetry, sink
+        self.frames_queued: Callable[[], None] = sink.frames_queued
+        self.close: Callable[[int, str], None] = sink.close
 
     def write_now(self, frame: bytes) -> bool:
         telemetry = self._telemetry
-        if not telemetry.fanout:
-            return telemetry.write_now(self._sink, frame)
-        # A recipient of a fan-out, which counts and samples it: only say it was written at once.
-        if self._sink.write_now(frame):
-            telemetry.wrote_now = True
+        if telemetry.fanout:
+            # A recipient of a fan-out, which counts and samples it: only say it was written at once.
+            if self._sink.write_now(frame):
+                telemetry.wrote_now = True
+                return True
+            return False
+        if telemetry.out_budget > 1 and not _tracing.get():
+            # Unsampled (nearly every frame): a message is counted here, anything else (custom,
+            # init, pong) by the telemetry; a frame that is not written is not counted (its
+            # queue counts it).
+            if not self._sink.write_now(frame):
+                return False
+            if frame.startswith(_MESSAGE):
+                telemetry.out_budget -= 1
+                telemetry.sent["message"] += 1
+                telemetry.queue_budget -= 1
+                if telemetry.queue_budget <= 0:
+                    telemetry.waited(frame, 0.0)
+            else:
+                telemetry.written(frame, None)
             return True
-        return False
-
-    def frames_queued(self) -> None:
-        self._sink.frames_queued()
-
-    def close(self, code: int, reason: str) -> None:
-        self._sink.close(code, reason)
+        started = _perf()
+        if not self._sink.write_now(frame):
+            return False
+        telemetry.written(frame, started)
+        return True
 
 
 class TimedQueue(OutboundQueue):
     """An outbound queue that counts the frames it accepts and times a sample of them.
 
     1 frame in ``sample_every`` (of a fan-out: the first queued one of a sampled fan-out) is
-    stamped (its position in the queue's history, the time, and unless it is part of a fan-out
-    the trace context it was queued in). Taking a stamped frame
-    out records its queue wait; the frame is then *being sent* until the next frame is taken or
-    the queue runs empty (the driver's send loop takes the next frame once the transport has the
-    previous one), which closes its outbound span and duration. Stamps are at most one per
-    queued frame, so bounded like the queue.
+    stamped (its position among the frames to be taken out, the time, and unless it is part of
+    a fan-out the trace context it was queued in). Taking a stamped frame out records its queue
+    wait; the frame is then *being sent* until the next frame is taken or the queue runs empty
+    (the driver's send loop takes the next frame once the transport has the previous one), which
+    closes its outbound span and duration. Stamps are at most one per queued frame, so bounded
+    like the queue.
+
+    Taking frames out costs nothing more than in a plain queue while nothing is stamped: only
+    then does the queue become a :class:`_StampingQueue` (same slots, another class), which
+    watches what is taken, and it turns back once its stamps are settled.
     """
 
-    __slots__ = ("_added", "_removed", "_sending", "_stamps", "_telemetry")
+    __slots__ = ("_removed", "_sending", "_stamps", "_telemetry")
 
     def __init__(self, telemetry: DaraTelemetry, max_messages: int, max_bytes: int) -> None:
         super().__init__(max_messages, max_bytes)
         self._telemetry = telemetry
-        #: Frames ever appended, and ever removed (taken or dropped): a frame's position.
-        self._added = self._removed = 0
-        self._stamps: deque[tuple[int, float, Context | None]] = deque()
+        #: Frames removed (taken or dropped) since the queue last began stamping: a position.
+        self._removed = 0
+        self._stamps: deque[tuple[int, float, Context | None]] | None = None
         self._sending: tuple[bytes, str, float, int, Context] | None = None
 
     def _append(self, frame: bytes) -> None:
-        index = self._added
-        self._added = index + 1
+        OutboundQueue._append(self, frame)
         telemetry = self._telemetry
         if telemetry.fanout:  # the fan-out counts and traces it
             if telemetry.stamp_fanout:
                 telemetry.stamp_fanout = False
-                self._stamps.append((index, _perf(), None))
-        else:
-            message_type = frame_type(frame)
-            if message_type is not None:
-                telemetry.sent[message_type] += 1
-                telemetry.queue_budget -= 1
-                if telemetry.queue_budget <= 0 or _tracing.get():
-                    telemetry.queue_budget = telemetry.sample_every
-                    self._stamps.append((index, _perf(), telemetry._context.get_current()))
-        super()._append(frame)
+                self._stamp(None)
+            return
+        message_type = "message" if frame.startswith(_MESSAGE) else frame_type(frame)
+        if message_type is None:  # a pong
+            return
+        telemetry.sent[message_type] += 1
+        telemetry.queue_budget -= 1
+        if telemetry.queue_budget <= 0 or _tracing.get():
+            telemetry.queue_budget = telemetry.sample_every
+            self._stamp(telemetry._context.get_current())
+
+    def _stamp(self, context: Context | None) -> None:
+        """Stamp the frame just appended: it is taken out after the others queued now."""
+        if type(self) is TimedQueue:
+            self._removed = 0
+            self._become(_StampingQueue)
+        stamps = self._stamps
+        if stamps is None:
+            self._stamps = stamps = deque()
+        stamps.append((self._removed + len(self._frames) - 1, _perf(), context))
+
+    def _become(self, kind: type[TimedQueue]) -> None:
+        self.__class__ = kind
 
     def drop_oldest_and_put(self, frame: bytes) -> int:
         dropped = super().drop_oldest_and_put(frame)
@@ -599,6 +662,8 @@ class TimedQueue(OutboundQueue):
             self._telemetry.outbound(*sending[:4], context=sending[4], outcome=outcome)
 
     def _taken(self, frame: bytes) -> None:
+        """``frame`` was taken out: the frame being sent before it is sent, and if it was
+        stamped its wait is recorded."""
         index = self._removed
         self._removed = index + 1
         if self._sending is not None:
@@ -617,20 +682,37 @@ class TimedQueue(OutboundQueue):
             self._sending = (frame, message_type, now, time.time_ns(), context)
 
     async def get(self) -> bytes:
+        # Watched in either class: a consumer waiting here may see the queue begin stamping.
         self._sent()
         frame = await super().get()
         self._taken(frame)
+        self._settle()
         return frame
 
+    def _settle(self) -> None:
+        """Taking frames out is plain again once every stamp is settled."""
+        if not self._stamps and self._sending is None and type(self) is not TimedQueue:
+            self._become(TimedQueue)
+
+    def close(self) -> None:
+        self._sent("error")
+        if self._stamps:
+            self._stamps.clear()
+        super().close()
+
+
+class _StampingQueue(TimedQueue):
+    """A :class:`TimedQueue` with stamped frames queued, or one being sent: every frame taken
+    out is watched, until none is."""
+
+    __slots__ = ()
+
     def get_nowait(self) -> bytes | None:
-        frame = super().get_nowait()
+        frame = OutboundQueue.get_nowait(self)
         if frame is None:
             self._sent()
         else:
             self._taken(frame)
+        if not self._stamps and self._sending is None:
+            self._become(TimedQueue)  # settled (as _settle, inline: once per frame taken)
         return frame
-
-    def close(self) -> None:
-        self._sent("error")
-        self._stamps.clear()
-        super().close()

@@ -419,3 +419,78 @@ async def test_a_fan_out_is_one_operation_for_sampling(
                if span.name == "dara.websocket.message.outbound" and span.attributes
                and "dara.websocket.recipients" in span.attributes]
     assert [span.attributes["dara.websocket.recipients"] for span in fanouts] == [3, 3]  # type: ignore[index]
+
+
+# ---------------------------------------------------------------------- the cheap paths
+
+
+async def test_queued_frames_are_counted_and_one_in_n_waits_is_timed_then_the_queue_is_plain(
+    otel: tuple[InMemoryMetricReader, InMemorySpanExporter, MeterProvider, TracerProvider],
+) -> None:
+    from dara_ws_core.telemetry_hooks import TimedQueue
+
+    reader, exporter, meter_provider, tracer_provider = otel
+    manager = WebsocketManager()
+    instrument(manager, meter_provider, tracer_provider, sample_every=4)
+    # The in-memory transport cannot write at once: every frame goes through the queue.
+    async with running_stack("memory", manager=manager) as stack:
+        client = await stack.client()
+        for n in range(12):
+            await manager.send_message(client.channel, {"__typename": "Tick", "n": n})
+        for n in range(12):
+            assert (await client.receive(timeout=5)).message.model_dump() == {"__typename": "Tick", "n": n}
+        handler = manager.handlers[client.channel]
+        await eventually(lambda: handler.flushed == 13, "init and twelve messages written")
+        # Its stamped frames all taken and sent: taking frames out is plain again.
+        assert type(handler.queue) is TimedQueue
+        found = points(reader)
+    executions = found["dara.websocket.message.executions"]
+    assert executions[key(direction="outbound", type="message", operation="message", outcome="success")] == 12
+    assert executions[key(direction="outbound", type="init", operation="message", outcome="success")] == 1
+    queued = found["dara.websocket.queue.duration"]
+    # The init frame, then the 4th, 8th and 12th message (the 5th, 9th and 13th frame).
+    assert queued[frozenset({(T, "init")})].count == 1
+    assert queued[frozenset({(T, "message")})].count == 3
+    outbound = [span for span in exporter.get_finished_spans()
+                if span.name == "dara.websocket.message.outbound"]
+    assert sorted(str(span.attributes["dara.websocket.message.payload.type"])  # type: ignore[index]
+                  for span in outbound) == ["Init", "Tick", "Tick", "Tick"]
+    assert all(span.attributes[OUT] == "success" for span in outbound)  # type: ignore[index]
+
+
+async def test_a_stamp_follows_its_frame_through_dropped_frames_and_a_waiting_consumer(
+    otel: tuple[InMemoryMetricReader, InMemorySpanExporter, MeterProvider, TracerProvider],
+) -> None:
+    from dara_ws_core import ServerConfig, SlowConsumerPolicy, build_frame
+    from dara_ws_core.telemetry_hooks import TimedQueue
+
+    reader, _, meter_provider, tracer_provider = otel
+    manager = WebsocketManager(config=ServerConfig(
+        max_queue_messages=2, slow_consumer_policy=SlowConsumerPolicy.DROP_OLDEST))
+    instrument(manager, meter_provider, tracer_provider, sample_every=2)
+    handler = manager.create_handler("c1")  # no transport: the frames wait for a reader
+    frames = [build_frame({"__typename": "Tick", "n": n}) for n in range(4)]
+    for frame in frames:
+        assert handler.push(frame)  # init, n=0, then each push drops the oldest
+    assert handler.dropped == 3
+    # Stamped: init (dropped), n=1 (dropped), n=3 (queued behind n=2).
+    assert await handler.queue.get() == frames[2]
+    assert handler.queue.get_nowait() == frames[3]
+    assert handler.queue.get_nowait() is None
+    assert type(handler.queue) is TimedQueue
+    queued = points(reader)["dara.websocket.queue.duration"]
+    assert queued == {frozenset({(T, "message")}): queued[frozenset({(T, "message")})]}
+    assert queued[frozenset({(T, "message")})].count == 1  # n=3's wait, and no other
+
+    # A consumer already waiting when a stamped frame comes takes it as stamped.
+    plain = build_frame({"__typename": "Tick", "n": 4})
+    assert handler.push(plain)  # the 1st of 2 since the last stamp: not stamped
+    assert handler.queue.get_nowait() == plain
+    waiting = asyncio.ensure_future(handler.queue.get())
+    await asyncio.sleep(0)
+    late = build_frame({"__typename": "Tick", "n": 5})
+    assert handler.push(late)  # stamped, while the consumer waits
+    assert await waiting == late
+    assert handler.queue.get_nowait() is None  # the reader is done with it: sent
+    assert type(handler.queue) is TimedQueue
+    assert points(reader)["dara.websocket.queue.duration"][frozenset({(T, "message")})].count == 2
