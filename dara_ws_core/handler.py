@@ -43,7 +43,7 @@ from .exceptions import ChunkError, CloseCode, ConnectionClosed, RequestTimeout,
 from .logs import ConnectionLogger
 from .messages import ClientMessage, LoosePayload
 from .queue import OutboundQueue
-from .stats import Counters
+from .stats import TRACING, Counters
 
 logger = logging.getLogger("dara_ws_core")
 
@@ -448,8 +448,10 @@ class WebSocketHandler:
         raises.
         """
         telemetry = self.counters.telemetry
-        if telemetry is not None:
-            return await telemetry.round_trip(self._request(frame, rchan, timeout), frame)
+        if telemetry is not None:  # 1 in sample_every, or inside a traced operation: traced
+            telemetry.trip_budget -= 1
+            if telemetry.trip_budget <= 0 or TRACING.get():
+                return await telemetry.round_trip(self._request(frame, rchan, timeout), frame)
         return await self._request(frame, rchan, timeout)
 
     async def _request(self, frame: bytes, rchan: str, timeout: float | None) -> Any:

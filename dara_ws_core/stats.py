@@ -14,10 +14,17 @@ from __future__ import annotations
 
 __all__ = ["Counters", "ServerStats", "collect", "transport_label"]
 
+import contextvars
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import Any
+
+#: True while an operation sampled by the telemetry runs (:mod:`dara_ws_core.telemetry_hooks`):
+#: what it sends and the handlers it starts are traced too, so a sampled trace is whole. Here,
+#: not in the telemetry's module, so that the handler's countdown of round trips reads it without
+#: importing that module.
+TRACING: contextvars.ContextVar[bool] = contextvars.ContextVar("dara_ws_tracing", default=False)
 
 
 def transport_label(transport: object) -> str:

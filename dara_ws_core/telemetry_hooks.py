@@ -56,7 +56,6 @@ from __future__ import annotations
 __all__ = ["DaraTelemetry", "TimedQueue", "TimedSink", "frame_type"]
 
 import asyncio
-import contextvars
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
@@ -74,6 +73,7 @@ from .connection import (
 )
 from .custom import DispatchHost, HandlerSpec, deliver, execute_async, execute_sync, send_outcome
 from .queue import OutboundQueue
+from .stats import TRACING
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -86,7 +86,7 @@ _perf = time.perf_counter
 
 #: True while a sampled (traced) operation runs: what it sends and the handlers it starts are
 #: traced too, so a sampled trace is whole.
-_tracing: contextvars.ContextVar[bool] = contextvars.ContextVar("dara_ws_tracing", default=False)
+_tracing = TRACING
 
 MESSAGE_TYPES = ("message", "custom", "init")
 
@@ -427,6 +427,16 @@ class DaraTelemetry:
         if message_type is None or (not events and handler.closed):
             return handler.apply(events)  # a ping stays a sample to come: not traced
         self.in_budget = self.sample_every
+        if len(events) == 1 and type(events[0]) is RequestCompleted:
+            # An answer only settles its request's future: nothing runs inside its span, which
+            # is therefore created at its end, given every attribute at once.
+            handler.apply(events)
+            self._count(self.executions, ("inbound", message_type, outcome, ""))
+            final = self.attributes("inbound", message_type, outcome)
+            span = self._span("dara.websocket.message.inbound", final, self._consumer, start_ns)
+            span.end()
+            self.duration.record(_perf() - started, final)
+            return None
         attrs = self.attributes("inbound", message_type)
         span = self._span("dara.websocket.message.inbound", attrs, self._consumer, start_ns)
         token = self._context.attach(self._trace.set_span_in_context(span))
@@ -466,17 +476,13 @@ class DaraTelemetry:
             self._count(self.running, key, -1)
             self._inbound_done(message_type, outcome, started, span)
 
-    def round_trip(self, request: Awaitable[Any], frame: bytes) -> Awaitable[Any]:
-        """``send_and_wait`` with telemetry: ``request`` itself, or for 1 request in
-        ``sample_every`` (and any inside a traced operation) ``request`` inside its round-trip
-        span and duration, with its request frame traced too."""
-        self.trip_budget -= 1
-        if self.trip_budget > 0 and not _tracing.get():
-            return request  # awaited as it is: not even a coroutine more
+    async def round_trip(self, request: Awaitable[Any], frame: bytes) -> Any:
+        """A sampled ``send_and_wait`` (1 in ``sample_every``, and any inside a traced
+        operation): ``request`` inside its round-trip span and duration, with its request
+        frame traced too. The handler counts the round trips down itself (``trip_budget``)
+        and calls this only when it reaches 0 or :data:`~dara_ws_core.stats.TRACING` is set:
+        an unsampled round trip costs one decrement."""
         self.trip_budget = self.sample_every
-        return self._round_trip(request, frame)
-
-    async def _round_trip(self, request: Awaitable[Any], frame: bytes) -> Any:
         message_type = frame_type(frame) or "message"
         attrs = {"dara.websocket.message.type": message_type, "dara.websocket.operation": "round_trip"}
         ptype = payload_type(frame, message_type)

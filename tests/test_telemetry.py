@@ -197,6 +197,14 @@ async def test_round_trips_are_timed_and_pings_are_not_traced(
     assert (key(direction="outbound", type="message", operation="message", outcome="success")
             in executions)
     assert not any(span.attributes and span.attributes.get(T) == "pong" for span in spans)
+    # The answer's own span and duration, whole although it is created once the answer is handled.
+    answers = [span for span in spans if span.name == "dara.websocket.message.inbound"]
+    assert [(span.kind, dict(span.attributes or {})) for span in answers] == [(SpanKind.CONSUMER, {
+        D: "inbound", T: "message", OP: "message", OUT: "success"})]
+    assert answers[0].start_time is not None and answers[0].end_time is not None
+    assert answers[0].start_time < answers[0].end_time
+    durations = found["dara.websocket.message.duration"]
+    assert durations[key(direction="inbound", type="message", operation="message", outcome="success")].count == 1
 
 
 async def test_telemetry_off_leaves_plain_queues_and_sinks() -> None:
@@ -494,3 +502,34 @@ async def test_a_stamp_follows_its_frame_through_dropped_frames_and_a_waiting_co
     assert handler.queue.get_nowait() is None  # the reader is done with it: sent
     assert type(handler.queue) is TimedQueue
     assert points(reader)["dara.websocket.queue.duration"][frozenset({(T, "message")})].count == 2
+
+
+async def test_a_round_trip_inside_a_traced_operation_is_traced_whatever_the_countdown(
+    otel: tuple[InMemoryMetricReader, InMemorySpanExporter, MeterProvider, TracerProvider],
+) -> None:
+    reader, exporter, meter_provider, tracer_provider = otel
+    manager = WebsocketManager()
+
+    async def ask_twice(channel: str, data: Any) -> Any:
+        return [await manager.send_and_wait(channel, {"q": k}) for k in range(2)]
+
+    manager.add_ws_handler("ask", ask_twice)
+    # Only the first operation of each kind is sampled by the countdowns.
+    instrument(manager, meter_provider, tracer_provider, sample_every=1000)
+    async with running_stack("websockets", manager=manager) as stack:
+        client = await stack.client()
+        client.on_request(lambda request: request.payload)
+        # Its frame is the first inbound one: traced, and so are the handler and both requests.
+        assert await client.request("ask", None) == [{"q": 0}, {"q": 1}]
+        assert await manager.send_and_wait(client.channel, {"q": 2}) == {"q": 2}  # not traced
+        found = points(reader)
+    spans = exporter.get_finished_spans()
+    by_id = {span.context.span_id: span for span in spans}
+    trips = [span for span in spans if span.name == "dara.websocket.round_trip"]
+    assert len(trips) == 2
+    for span in trips:
+        assert span.parent is not None
+        assert by_id[span.parent.span_id].name == "dara.websocket.handler.execute"
+    assert found["dara_ws.requests"][frozenset({("dara_ws.outcome", "answered")})] == 3
+    durations = found["dara.websocket.round_trip.duration"]
+    assert durations[frozenset({(T, "message"), (OP, "round_trip"), (OUT, "success")})].count == 2
