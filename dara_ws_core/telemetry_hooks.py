@@ -48,7 +48,20 @@ inbound frame and once per ``send_and_wait``, the manager once per fan-out; outb
 no check at all, because a connection created while telemetry is on gets a :class:`TimedQueue`
 and a :class:`TimedSink` instead of the plain ones. Connections opened before
 :func:`~dara_ws_core.telemetry.instrument` keep the plain ones (no outbound metrics), so call it
-before serving. This module imports OpenTelemetry inside :class:`DaraTelemetry` only.
+before serving.
+
+What an unsampled operation costs when on (the measure of issue 13's bound is a round trip):
+a ``send_and_wait`` one decrement of ``trip_budget`` in the handler, which calls
+:meth:`DaraTelemetry.round_trip` only for a sampled one; an inbound frame one call
+(:meth:`DaraTelemetry.inbound`: a countdown, one lookup of its first event's kind, one count);
+a frame written at once one call (:meth:`TimedSink.write_now`, which counts a message inline;
+``frames_queued`` and ``close`` are the driver's own bound methods); a queued frame one call
+when it is appended and none when it is taken out, unless the queue holds a stamp. A sampled
+operation makes as few SDK calls as it can: a span that nothing runs inside (an outbound frame's,
+an inbound answer's) is created at its end with its start time and every attribute, outcome
+included, since each later ``set_attribute`` costs the SDK a lock and a validation.
+
+This module imports OpenTelemetry inside :class:`DaraTelemetry` only.
 """
 
 from __future__ import annotations
