@@ -51,6 +51,10 @@ async def test_an_idle_connection_holds_no_queue_task_set_or_index_set_of_its_ow
                 assert handler.queue._frames is shared  # drained: no deque of its own
                 assert handler._tasks is None  # no handler task ever ran: no task set
                 assert handler._log is None  # nothing logged: no logger adapter
+            # One bound method is every handler's on_ack_at, not one bound per connection.
+            assert len({id(h.on_ack_at) for h in manager.handlers.values()}) == 1
+            # No request ever sent: every correlation table is the one shared empty dict.
+            assert len({id(h.connection.pending._entries) for h in manager.handlers.values()}) == 1
             # Identities without claims share one read-only empty mapping.
             assert len({id(h.identity.claims) for h in manager.handlers.values()  # type: ignore[union-attr]
                         }) == 1
