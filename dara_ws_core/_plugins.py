@@ -9,6 +9,9 @@ would only instrument the validation of every frame.
 The models of an application are untouched: its first model loads the plugins as before. An
 explicit ``PYDANTIC_DISABLE_PLUGINS`` (even empty, which loads them all) is the application's
 decision and is left as it is, for the core's models too.
+
+The variable is process-wide while it is set: a model another thread builds during the core's
+import (the only time it is set, besides the client's first decode) is built without plugins too.
 """
 
 from __future__ import annotations
