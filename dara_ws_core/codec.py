@@ -28,6 +28,7 @@ from typing import Annotated, Any
 import pydantic_core
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
+from ._plugins import plugins_off
 from .exceptions import CloseCode, FrameTooLarge, InvalidFrame, InvalidMessage, ProtocolError
 from .messages import (
     ClientMessage,
@@ -41,16 +42,18 @@ from .messages import (
     ServerMessagePayload,
 )
 
-_CLIENT_ADAPTER: TypeAdapter[ClientMessage] = TypeAdapter(
-    Annotated[ClientMessage, Field(discriminator="type")]
-)
+with plugins_off():  # the core's own validator (see _plugins)
+    _CLIENT_ADAPTER: TypeAdapter[ClientMessage] = TypeAdapter(
+        Annotated[ClientMessage, Field(discriminator="type")]
+    )
 
 
 @functools.cache
 def _server_adapter() -> TypeAdapter[ServerMessage]:
     # Built on first use: only clients decode server frames, and the validator costs a server
     # process memory for nothing.
-    return TypeAdapter(Annotated[ServerMessage, Field(discriminator="type")])
+    with plugins_off():
+        return TypeAdapter(Annotated[ServerMessage, Field(discriminator="type")])
 
 
 #: Outbound frames are strict JSON (RFC 8259) whatever the application hands us: a float that is

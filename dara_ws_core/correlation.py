@@ -92,6 +92,10 @@ class _Entry(Generic[W]):
         self.held = 0  # bytes of the parts stored
 
 
+#: The entries of every channel without a pending request (never written to: see open()).
+_NO_ENTRIES: dict[str, Any] = {}
+
+
 class PendingRequests(Generic[W]):
     """Pending server -> client requests of one channel, bounded in count and chunk sizes.
 
@@ -107,7 +111,9 @@ class PendingRequests(Generic[W]):
         self.max_pending = max_pending
         self.max_chunks = max_chunks
         self.max_chunked_bytes = max_chunked_bytes
-        self._entries: dict[str, _Entry[W]] = {}
+        # A shared empty table until the first request: most connections never get one, and an
+        # empty dict per connection is 64 bytes. Only open() adds; it swaps in a table first.
+        self._entries: dict[str, _Entry[W]] = _NO_ENTRIES
         self._held = 0  # bytes of parts held, over every entry
 
     @property
@@ -149,7 +155,10 @@ class PendingRequests(Generic[W]):
             rchan = new_rchan()
         elif rchan in self._entries:
             raise ValueError(f"request {rchan!r} is already pending")
-        self._entries[rchan] = _Entry(waiter)
+        entries = self._entries
+        if entries is _NO_ENTRIES:
+            self._entries = entries = {}
+        entries[rchan] = _Entry(waiter)
         return rchan
 
     def receive(self, message: DaraClientMessage) -> Outcome[W]:

@@ -24,7 +24,7 @@ from .auth import Identity
 from .exceptions import CloseCode, ConnectionClosed
 from .handler import WebSocketHandler, current_channel, current_identity
 from .stats import transport_label
-from .transport import SupportsCork, SupportsSendNowait, Transport
+from .transport import SupportsCork, SupportsDisconnected, SupportsSendNowait, Transport
 
 if TYPE_CHECKING:
     from .manager import WebsocketManager
@@ -174,6 +174,7 @@ class ConnectionDriver:
             await _cancel(self._sender)
             if not self.transport.closed:
                 await close_quietly(self.transport, CloseCode.NORMAL, "")
+            self._drop_abort_timer()
             return
         # Read on while our close frame waits for the peer's: when the peer sent more than the
         # library buffers, its close frame is behind them, and the closing handshake would
@@ -184,6 +185,14 @@ class ConnectionDriver:
         finally:
             await _cancel(drain)
             await _cancel(self._sender)  # done unless the close was cut short
+        self._drop_abort_timer()
+
+    def _drop_abort_timer(self) -> None:
+        # The abort timer holds the transport, and through it every object of the connection,
+        # for close_timeout: once the connection is over there is nothing left to abort.
+        timer, transport = self._abort_timer, self.transport
+        if timer is not None and isinstance(transport, SupportsDisconnected) and transport.disconnected:
+            timer.cancel()  # drops its callback and arguments at once
 
     async def _send_queued(self) -> None:
         # Frames are written synchronously while the transport accepts them, and awaited (with

@@ -125,6 +125,9 @@ class WebsocketManager:
                 config.outbox_users, config.outbox_total_bytes)
         self.outbox = UserOutbox(self.outbox_limits or OutboxLimits())
         self._arriving: dict[str, _Arriving] = {}
+        # One bound method for every handler's on_ack_at: binding it per connection cost each
+        # idle connection 64 bytes.
+        self._on_ack_at = self._channel_written
         # Users whose per-user deliveries are held back after a gap until their history is
         # recovered (:meth:`hold_users`): user -> deliveries held, bounded in count and bytes.
         self._held: dict[str, _Held] = {}
@@ -174,7 +177,7 @@ class WebsocketManager:
             channel_id, identity=identity, config=self.config, custom_handlers=self.custom_handlers,
             sink=sink, now=now, counters=self.counters, transport=transport,
         )
-        handler.on_ack_at = self._channel_written
+        handler.on_ack_at = self._on_ack_at
         self.handlers[channel_id] = handler
         self.counters.connections_opened += 1
         if identity is not None:

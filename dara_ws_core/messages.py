@@ -43,6 +43,11 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny
 
+from ._plugins import plugins_off_until
+
+# Every model below is built without pydantic plugins (see _plugins); restored at the end.
+_restore_plugins = plugins_off_until()
+
 
 def _is_none(value: object) -> bool:
     return value is None
@@ -234,3 +239,5 @@ ServerMessage = InitMessage | PongMessage | DaraServerMessage | CustomServerMess
 
 #: What the manager's send methods accept: a plain dict or a payload model.
 LoosePayload = dict[str, Any] | ServerMessagePayload
+
+_restore_plugins()

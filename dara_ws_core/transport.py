@@ -33,14 +33,21 @@ event-loop iteration (one ``loop.call_soon`` for all of them), and before any aw
 or ``close``, so a burst of broadcasts costs one system call per connection, in order. A
 transport with it needs no ``send_nowait``: the driver prefers the cork.
 
+Optional, for memory: :class:`SupportsDisconnected`, a ``disconnected`` property that is true once
+the connection is over (its TCP connection closed or aborted: nothing is left to abort). When a
+connection closes, the driver arms a timer that aborts it ``close_timeout`` later (a peer that
+does not read never finishes a closing handshake); the timer holds the transport, and through it
+every object of the connection. With ``disconnected``, the driver drops the timer as soon as the
+connection is over, so a closed connection is freed at once.
+
 Every socket adapter also has ``serve(endpoint, host="127.0.0.1", port=8000)``, an async context
 manager that yields a :class:`Server` (``port=0`` picks a free port).
 """
 
 from __future__ import annotations
 
-__all__ = ["HandshakeRequest", "Server", "SupportsCork", "SupportsSendNowait", "Transport", "parse_cookies",
-           "text_frame_header"]
+__all__ = ["HandshakeRequest", "Server", "SupportsCork", "SupportsDisconnected", "SupportsSendNowait",
+           "Transport", "parse_cookies", "text_frame_header"]
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -102,6 +109,15 @@ class SupportsCork(Protocol):
     def flush(self) -> None:
         """Write the pending output in one write; a no-op when there is none or the connection
         is closing (what an abort or a lost connection left pending is dropped). Never raises."""
+
+
+@runtime_checkable
+class SupportsDisconnected(Protocol):
+    """The optional end-of-connection report of a transport (see the module docstring)."""
+
+    @property
+    def disconnected(self) -> bool:
+        """Whether the connection is over (closed or aborted): nothing is left to abort."""
 
 
 #: Headers of final, unmasked text frames of 0-125 bytes, made once: most frames are small.

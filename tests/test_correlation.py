@@ -282,6 +282,23 @@ def test_a_plain_answer_completes_with_its_payload_and_removes_the_entry() -> No
     assert table.receive(response(rchan, 1)) == Ignored(rchan), "already answered"
 
 
+def test_tables_without_requests_share_nothing_that_a_request_can_reach() -> None:
+    # Tables that never had a request share one empty dict (memory): a request on one must
+    # neither appear in another, nor leave anything behind in what they share.
+    first: PendingRequests[str] = PendingRequests()
+    second: PendingRequests[str] = PendingRequests()
+    rchan = first.open("w")
+    assert rchan in first and rchan not in second and len(second) == 0
+    with pytest.raises(KeyError):
+        second.waiter(rchan)
+    assert second.close() == [] and first.close() == ["w"]
+    assert len(first) == 0 and len(PendingRequests()) == 0
+    third: PendingRequests[str] = PendingRequests()
+    third.discard(rchan)
+    assert third.receive(response(rchan, 1)) == Ignored(rchan)
+    assert list(third) == []
+
+
 def test_a_chunked_answer_is_partial_until_its_last_part() -> None:
     table: PendingRequests[str] = PendingRequests()
     rchan = table.open("w")

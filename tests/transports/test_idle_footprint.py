@@ -7,14 +7,17 @@ Real connections over 127.0.0.1; each check names the saving it keeps (issue 14,
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
+import pytest
 from websockets.asyncio.client import connect as ws_connect
 
 from dara_ws_core import Endpoint, Identity, ServerConfig, WebsocketManager, token_authenticator
 from dara_ws_core.queue import OutboundQueue
+from dara_ws_picows import serve as picows_serve
 from dara_ws_websockets import serve
 from tests.helpers import eventually
 
@@ -51,6 +54,10 @@ async def test_an_idle_connection_holds_no_queue_task_set_or_index_set_of_its_ow
                 assert handler.queue._frames is shared  # drained: no deque of its own
                 assert handler._tasks is None  # no handler task ever ran: no task set
                 assert handler._log is None  # nothing logged: no logger adapter
+            # One bound method is every handler's on_ack_at, not one bound per connection.
+            assert len({id(h.on_ack_at) for h in manager.handlers.values()}) == 1
+            # No request ever sent: every correlation table is the one shared empty dict.
+            assert len({id(h.connection.pending._entries) for h in manager.handlers.values()}) == 1
             # Identities without claims share one read-only empty mapping.
             assert len({id(h.identity.claims) for h in manager.handlers.values()  # type: ignore[union-attr]
                         }) == 1
@@ -66,3 +73,38 @@ async def test_an_idle_connection_holds_no_queue_task_set_or_index_set_of_its_ow
         finally:
             for client in clients:
                 await client.close()
+
+
+def _alive(kind: type) -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o) is kind)
+
+
+@pytest.mark.parametrize("serve_with", [serve, picows_serve], ids=["websockets", "picows"])
+@pytest.mark.parametrize("closer", ["client", "server"])
+async def test_a_closed_connection_is_freed_at_once_not_close_timeout_later(
+    serve_with: Callable[..., Any], closer: str
+) -> None:
+    # The abort timer armed at the close (close_timeout, here far longer than the wait) held the
+    # transport and with it the whole connection; once the connection is over it is dropped.
+    manager = WebsocketManager(ServerConfig(close_timeout=60.0))
+    endpoint = Endpoint(manager, token_authenticator(lambda t: Identity(user_id=t, session_id=t)))
+    async with serve_with(endpoint, "127.0.0.1", 0) as server:
+        clients = [await ws_connect(f"ws://127.0.0.1:{server.port}{endpoint.path}?token=u{i}",
+                                    compression=None) for i in range(3)]
+        for client in clients:
+            assert json.loads(await asyncio.wait_for(client.recv(), TIMEOUT))["type"] == "init"
+        await eventually(lambda: len(manager.handlers) == 3, "three connections")
+        kind = type(next(iter(manager.handlers.values()))._sink.transport)  # type: ignore[union-attr]
+        before = _alive(kind)  # other tests' transports may still be around: count ours
+        assert before >= 3
+        if closer == "client":
+            for client in clients:
+                await client.close()
+        else:
+            for channel_id in list(manager.handlers):  # no handler left bound to a local
+                manager.handlers[channel_id].close(4000, "bye")
+            for client in clients:
+                await asyncio.wait_for(client.wait_closed(), TIMEOUT)
+        await eventually(lambda: endpoint.connection_count == 0, "every connection task done")
+        await eventually(lambda: _alive(kind) == before - 3, "every transport freed", timeout=5.0)

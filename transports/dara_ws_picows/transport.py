@@ -292,6 +292,11 @@ class PicowsTransport(WSListener):
         ws = self._ws
         return self._gone is not None or ws is None or ws.is_close_frame_sent or ws.is_disconnected
 
+    @property
+    def disconnected(self) -> bool:
+        ws = self._ws
+        return ws is None or ws.is_disconnected
+
 
 def _nothing() -> int:
     return 0

@@ -127,6 +127,11 @@ class WebsocketsTransport:
     def closed(self) -> bool:
         return self._ws.state in (State.CLOSING, State.CLOSED)
 
+    @property
+    def disconnected(self) -> bool:
+        # websockets resolves this future in connection_lost: the TCP connection is gone.
+        return self._ws.connection_lost_waiter.done()
+
 
 #: Stop reading from a peer while this much is waiting to be written to it.
 _PAUSE_READING_ABOVE = 1024 * 1024
