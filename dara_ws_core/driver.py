@@ -15,16 +15,17 @@ __all__ = ["ConnectionDriver", "close_quietly"]
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from .auth import Identity
 from .exceptions import CloseCode, ConnectionClosed
 from .handler import WebSocketHandler, current_channel, current_identity
 from .stats import transport_label
-from .transport import SupportsCork, SupportsSendNowait, Transport
+from .transport import SupportsCork, SupportsPush, SupportsSendNowait, Transport
 
 if TYPE_CHECKING:
     from .manager import WebsocketManager
@@ -38,8 +39,8 @@ _YIELD_EVERY = 16
 class ConnectionDriver:
     """Runs one connection: create it with the transport and identity, then ``await run()``."""
 
-    __slots__ = ("_abort_timer", "_close_task", "_closed", "_cork", "_corked", "_flusher", "_loop",
-                 "_sender", "_write", "_wrote", "handler", "manager", "transport")
+    __slots__ = ("_abort_timer", "_close_task", "_closed", "_context", "_cork", "_corked", "_flusher",
+                 "_held", "_loop", "_sender", "_write", "_wrote", "handler", "manager", "transport")
 
     def __init__(
         self, manager: WebsocketManager, transport: Transport, identity: Identity, channel_id: str
@@ -70,6 +71,10 @@ class ConnectionDriver:
         self._close_task: asyncio.Task[None] | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
         self._closed: ConnectionClosed | None = None
+        # With a transport that pushes inbound messages (SupportsPush): the receive loop's
+        # context, in which they are handled, and what a pushed message left for the loop.
+        self._context: contextvars.Context | None = None
+        self._held: Awaitable[None] | Exception | None = None
         self.handler: WebSocketHandler = manager.create_handler(
             channel_id, identity, sink=self, now=loop.time(), transport=transport_label(transport)
         )
@@ -159,14 +164,26 @@ class ConnectionDriver:
         # the connection, bound methods): an idle connection holds one coroutine frame of ours.
         ended: ConnectionClosed | None = None
         handled = 0
+        transport = self.transport
+        if isinstance(transport, SupportsPush):
+            self._context = contextvars.copy_context()  # current_channel and current_identity
         try:
             while self._closed is None:
                 try:
-                    frame = await self.transport.receive()
+                    if self._context is None:
+                        frame: str | bytes | None = await transport.receive()
+                    else:
+                        frame = await cast(SupportsPush, transport).receive_pushed(self._pushed, _YIELD_EVERY)
                 except ConnectionClosed as exc:
                     ended = exc
                     break
-                pending = handler.receive_frame(frame, self._loop.time())
+                if frame is not None:
+                    pending = handler.receive_frame(frame, self._loop.time())
+                else:  # handled in the transport's callback (_pushed): what it left for the loop
+                    held, self._held = self._held, None
+                    if isinstance(held, Exception):
+                        raise held
+                    pending = held
                 if pending is not None:
                     try:
                         await pending
@@ -190,6 +207,21 @@ class ConnectionDriver:
             handler.close(ended.code, ended.reason)
         finally:
             await self._finish(ended or ConnectionClosed(CloseCode.ABNORMAL, "connection lost"))
+
+    def _pushed(self, frame: str | bytes) -> bool:
+        """Handle one message in the transport's callback, as the receive loop would; ``False``
+        when the loop must run: an awaitable to wait for, an error, a close (see
+        :class:`~dara_ws_core.transport.SupportsPush`)."""
+        try:
+            pending = self._context.run(  # type: ignore[union-attr]  # set while pushing
+                self.handler.receive_frame, frame, self._loop.time())
+        except Exception as exc:  # the loop raises it, as if it had handled the message itself
+            self._held = exc
+            return False
+        if pending is not None:
+            self._held = pending
+            return False
+        return self._closed is None
 
     async def _finish(self, ended: ConnectionClosed) -> None:
         self._arm_abort()

@@ -48,7 +48,7 @@ class PicowsTransport(WSListener):
 
     __slots__ = ("_buffered", "_close_timeout", "_corked", "_corked_bytes", "_drained", "_gone", "_inbox",
                  "_inbox_bytes", "_is_closing", "_local_code", "_max_size", "_parts", "_parts_size", "_parts_text",
-                 "_paused", "_waiter", "_write_paused", "_ws")
+                 "_paused", "_push_left", "_pusher", "_waiter", "_write_paused", "_ws")
 
     transport_name = "picows"
 
@@ -58,7 +58,11 @@ class PicowsTransport(WSListener):
         self._close_timeout = close_timeout
         self._inbox: deque[str | bytes] = deque()
         self._inbox_bytes = 0
-        self._waiter: asyncio.Future[None] | None = None
+        # Set when receive() waits (result True: receive_pushed's push stopped taking messages).
+        self._waiter: asyncio.Future[bool] | None = None
+        # While receive_pushed() waits with the inbox empty: who takes each message, how many more.
+        self._pusher: Callable[[str | bytes], bool] | None = None
+        self._push_left = 0
         self._drained: asyncio.Future[None] | None = None
         self._parts: list[bytes] | None = None  # a fragmented message being reassembled
         self._parts_text = False
@@ -172,6 +176,13 @@ class PicowsTransport(WSListener):
     # ------------------------------------------------------------------ inbox
 
     def _push(self, message: str | bytes, size: int) -> None:
+        pusher = self._pusher
+        if pusher is not None:  # the core waits with nothing buffered: handed over, in order
+            self._push_left -= 1
+            if not pusher(message) or not self._push_left:
+                self._pusher = None
+                self._wake(True)
+            return
         self._inbox.append(message)
         self._inbox_bytes += size
         self._wake()
@@ -188,12 +199,12 @@ class PicowsTransport(WSListener):
             self._paused = False
             self._ws.underlying_transport.resume_reading()
 
-    def _wake(self) -> None:
+    def _wake(self, stopped: bool = False) -> None:
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
             if not waiter.done():
-                waiter.set_result(None)
+                waiter.set_result(stopped)
 
     def _resume_writers(self) -> None:
         drained = self._drained
@@ -208,8 +219,8 @@ class PicowsTransport(WSListener):
         while not self._inbox:
             if self._gone is not None:
                 raise self._gone
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
+            self._waiter = waiter = asyncio.get_running_loop().create_future()
+            await waiter
         message = self._inbox.popleft()
         if self._inbox:
             self._inbox_bytes -= len(message)  # str: its characters, at most its bytes
@@ -218,6 +229,19 @@ class PicowsTransport(WSListener):
             if self._paused and not self._write_paused:
                 self._resume()
         return message
+
+    async def receive_pushed(self, push: Callable[[str | bytes], bool], limit: int) -> str | bytes | None:
+        """``receive()``, handing what arrives while it waits to ``push`` from picows' callback
+        (``SupportsPush``): an answer resolves its request without waking the receive loop."""
+        if not self._inbox and self._gone is None:
+            self._pusher, self._push_left = push, limit
+            self._waiter = waiter = asyncio.get_running_loop().create_future()
+            try:
+                if await waiter:
+                    return None
+            finally:
+                self._pusher = None
+        return await self.receive()
 
     def send_nowait(self, frame: bytes) -> bool:
         ws = self._ws
