@@ -15,16 +15,17 @@ __all__ = ["ConnectionDriver", "close_quietly"]
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import weakref
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from .auth import Identity
 from .exceptions import CloseCode, ConnectionClosed
 from .handler import WebSocketHandler, current_channel, current_identity
 from .stats import transport_label
-from .transport import SupportsCork, SupportsDisconnected, SupportsSendNowait, Transport
+from .transport import SupportsCork, SupportsDisconnected, SupportsPush, SupportsSendNowait, Transport
 
 if TYPE_CHECKING:
     from .manager import WebsocketManager
@@ -38,8 +39,8 @@ _YIELD_EVERY = 16
 class ConnectionDriver:
     """Runs one connection: create it with the transport and identity, then ``await run()``."""
 
-    __slots__ = ("_abort_timer", "_close_task", "_closed", "_cork", "_corked", "_flusher", "_loop",
-                 "_sender", "_write", "handler", "manager", "transport")
+    __slots__ = ("_abort_timer", "_close_task", "_closed", "_context", "_cork", "_corked", "_flusher",
+                 "_held", "_loop", "_sender", "_write", "_wrote", "handler", "manager", "transport")
 
     def __init__(
         self, manager: WebsocketManager, transport: Transport, identity: Identity, channel_id: str
@@ -51,11 +52,17 @@ class ConnectionDriver:
         # looked up once: a runtime protocol check costs microseconds, too much per frame.
         # With a cork, frames are appended to the transport's pending output and flushed once per
         # loop iteration for every corked connection: a burst costs one write per connection.
+        # While the loop's fan-outs bring each connection one frame per iteration (nothing to
+        # coalesce), a transport that also writes synchronously is written through instead
+        # (see _Flusher); ``_wrote`` is the flusher's epoch of this connection's last such write.
         self._write: Callable[[bytes], bool] | None
+        self._wrote = _NEVER
         if isinstance(transport, SupportsCork):
-            self._cork: SupportsCork | None = transport
+            self._cork: _Cork | None = cast(_Cork, transport)
             self._flusher: _Flusher | None = _flusher(loop)
             self._write = self._write_corked
+            if isinstance(transport, SupportsSendNowait):
+                self._wrote = 0
         else:
             self._cork = self._flusher = None
             self._write = transport.send_nowait if isinstance(transport, SupportsSendNowait) else None
@@ -64,6 +71,10 @@ class ConnectionDriver:
         self._close_task: asyncio.Task[None] | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
         self._closed: ConnectionClosed | None = None
+        # With a transport that pushes inbound messages (SupportsPush): the receive loop's
+        # context, in which they are handled, and what a pushed message left for the loop.
+        self._context: contextvars.Context | None = None
+        self._held: Awaitable[None] | Exception | None = None
         self.handler: WebSocketHandler = manager.create_handler(
             channel_id, identity, sink=self, now=loop.time(), transport=transport_label(transport)
         )
@@ -72,10 +83,28 @@ class ConnectionDriver:
 
     def write_now(self, frame: bytes) -> bool:
         # Never overtake frames a send task holds, nor write after the close was decided.
-        write = self._write
-        if write is None or self._sender is not None or self._closed is not None:
+        if self._sender is not None or self._closed is not None:
             return False
-        return write(frame)
+        cork = self._cork
+        if cork is None:
+            write = self._write
+            return write is not None and write(frame)
+        # Inlined rather than split in calls: this runs once per recipient of every broadcast.
+        flusher: _Flusher = self._flusher  # type: ignore[assignment]  # set with the cork
+        if flusher.through and not self._corked:
+            epoch = flusher.epoch
+            if self._wrote < epoch:  # nothing corked nor written this iteration: write through
+                if not cork.send_nowait(frame):
+                    return False
+                self._wrote = epoch
+                flusher.written += 1
+                if not flusher._scheduled:  # the pass still runs: it ends the iteration (epoch)
+                    flusher._scheduled = True
+                    self._loop.call_soon(flusher._flush)
+                return True
+            if self._wrote == epoch:  # a second frame this iteration: a burst, corked from here
+                flusher.doubled += 1
+        return self._write_corked(frame)
 
     def frames_queued(self) -> None:
         if self._sender is None and self._closed is None:
@@ -104,6 +133,7 @@ class ConnectionDriver:
         cork, flusher = self._cork, self._flusher
         if cork is None or flusher is None or not cork.send_corked(frame):
             return False
+        flusher.frames += 1
         if not self._corked:
             self._corked = True
             flusher.add(self)
@@ -134,14 +164,26 @@ class ConnectionDriver:
         # the connection, bound methods): an idle connection holds one coroutine frame of ours.
         ended: ConnectionClosed | None = None
         handled = 0
+        transport = self.transport
+        if isinstance(transport, SupportsPush):
+            self._context = contextvars.copy_context()  # current_channel and current_identity
         try:
             while self._closed is None:
                 try:
-                    frame = await self.transport.receive()
+                    if self._context is None:
+                        frame: str | bytes | None = await transport.receive()
+                    else:
+                        frame = await cast(SupportsPush, transport).receive_pushed(self._pushed, _YIELD_EVERY)
                 except ConnectionClosed as exc:
                     ended = exc
                     break
-                pending = handler.receive_frame(frame, self._loop.time())
+                if frame is not None:
+                    pending = handler.receive_frame(frame, self._loop.time())
+                else:  # handled in the transport's callback (_pushed): what it left for the loop
+                    held, self._held = self._held, None
+                    if isinstance(held, Exception):
+                        raise held
+                    pending = held
                 if pending is not None:
                     try:
                         await pending
@@ -165,6 +207,21 @@ class ConnectionDriver:
             handler.close(ended.code, ended.reason)
         finally:
             await self._finish(ended or ConnectionClosed(CloseCode.ABNORMAL, "connection lost"))
+
+    def _pushed(self, frame: str | bytes) -> bool:
+        """Handle one message in the transport's callback, as the receive loop would; ``False``
+        when the loop must run: an awaitable to wait for, an error, a close (see
+        :class:`~dara_ws_core.transport.SupportsPush`)."""
+        try:
+            pending = self._context.run(  # type: ignore[union-attr]  # set while pushing
+                self.handler.receive_frame, frame, self._loop.time())
+        except Exception as exc:  # the loop raises it, as if it had handled the message itself
+            self._held = exc
+            return False
+        if pending is not None:
+            self._held = pending
+            return False
+        return self._closed is None
 
     async def _finish(self, ended: ConnectionClosed) -> None:
         self._arm_abort()
@@ -239,18 +296,38 @@ class ConnectionDriver:
             )
 
 
+#: ``ConnectionDriver._wrote`` of a transport that cannot write through (no ``send_nowait``).
+_NEVER = 1 << 62
+
+
+class _Cork(SupportsCork, SupportsSendNowait, Protocol):
+    """A corking transport as the driver calls it (``send_nowait`` only when it has one)."""
+
+
 class _Flusher:
     """The connections of one loop that corked frames this iteration, flushed together by one
     ``call_soon`` callback: one callback per iteration, not one per connection or frame. Bounded:
     a connection is added only when it corks with nothing corked (its ``_corked`` flag), so
     once per iteration, plus once per awaited send that flushed it early. It holds no reference
-    to the loop, which keys it weakly."""
+    to the loop, which keys it weakly.
 
-    __slots__ = ("_dirty", "_scheduled")
+    It also picks, once per iteration, how the next one writes (:func:`write_through`): corked,
+    or, while fan-outs bring each connection a single frame per iteration, written through
+    (``send_nowait``: the same one system call, without the cork's second pass over every
+    connection). A connection written through that gets a second frame in the same iteration
+    corks it; enough of those and the cork is back for the next iteration."""
+
+    __slots__ = ("_dirty", "_scheduled", "_streak", "doubled", "epoch", "frames", "through", "written")
 
     def __init__(self) -> None:
         self._dirty: list[ConnectionDriver] = []
         self._scheduled = False
+        #: Iteration number (bumped by every pass), and this iteration's counts: frames corked,
+        #: frames written through, and connections written through that got a second frame.
+        self.epoch = 1
+        self.frames = self.written = self.doubled = 0
+        self.through = False
+        self._streak = 0
 
     def add(self, driver: ConnectionDriver) -> None:
         self._dirty.append(driver)
@@ -260,9 +337,40 @@ class _Flusher:
 
     def _flush(self) -> None:
         self._scheduled = False
+        self.epoch += 1
         dirty, self._dirty = self._dirty, []
+        self.through, self._streak = write_through(
+            self.through, self._streak, corked=len(dirty), frames=self.frames, written=self.written,
+            doubled=self.doubled)
+        self.frames = self.written = self.doubled = 0
         for driver in dirty:
             driver.flush()
+
+
+#: Connections one iteration's writes must reach to count as a fan-out, and fan-outs of a single
+#: frame per connection in a row before writing through.
+THROUGH_MIN_CONNECTIONS = 64
+THROUGH_AFTER = 8
+
+
+def write_through(through: bool, streak: int, *, corked: int, frames: int, written: int,
+                  doubled: int) -> tuple[bool, int]:
+    """Whether the next loop iteration writes through, and the new streak, from what this one
+    did: ``corked`` connections holding ``frames`` corked frames, ``written`` frames written
+    through, ``doubled`` of those connections given another frame in the same iteration.
+
+    Written through stays while at most one connection in eight written through got a second
+    frame (they cost two writes instead of one); corked turns to written through after
+    ``THROUGH_AFTER`` fan-outs in a row to at least ``THROUGH_MIN_CONNECTIONS`` connections with
+    (nearly: one in eight more) one frame each. Pure, for the tests."""
+    if through:
+        return (False, 0) if doubled * 8 > written else (True, 0)
+    if corked >= THROUGH_MIN_CONNECTIONS and frames * 8 <= corked * 9:
+        streak += 1
+        return streak >= THROUGH_AFTER, streak
+    if frames > corked:  # a burst was coalesced
+        return False, 0
+    return False, streak
 
 
 _FLUSHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flusher] = (

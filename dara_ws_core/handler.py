@@ -291,11 +291,15 @@ class WebSocketHandler:
         queue = self.queue
         sink = self._sink
         counters = self.counters
-        if not queue and sink is not None and not queue.closed and sink.write_now(frame):
+        if sink is not None and queue.idle and sink.write_now(frame):
             counters.frames_out += 1
             counters.bytes_out += len(frame)
             self.accepted += 1
-            self.frame_flushed()
+            # frames_done(1), inlined for the common case of nobody waiting for a number.
+            if self.ack_at or self._flush_goal is not None:
+                self.frames_done(1)
+            else:
+                self.flushed += 1
             return True
         if not queue.offer(frame):
             return False

@@ -501,11 +501,15 @@ class WebsocketManager:
         delivered = 0
         full: list[WebSocketHandler] | None = None
         for handler in handlers:
-            if handler.channel_id == ignore_channel or handler.queue.closed:
+            if handler.channel_id == ignore_channel:
                 continue
-            if handler.offer(frame):
-                delivered += 1
-            elif full is None:
+            try:
+                if handler.offer(frame):
+                    delivered += 1
+                    continue
+            except ConnectionClosed:  # a closed channel is skipped (cheaper asked than checked)
+                continue
+            if full is None:
                 full = [handler]
             else:
                 full.append(handler)

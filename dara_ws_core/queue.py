@@ -52,6 +52,11 @@ class OutboundQueue:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def idle(self) -> bool:
+        """Open with nothing queued: a frame may skip the queue (one check per delivery)."""
+        return not self._frames and not self._closed
+
     def _fits(self, size: int) -> bool:
         if not self._frames:
             return True

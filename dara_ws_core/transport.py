@@ -40,16 +40,26 @@ does not read never finishes a closing handshake); the timer holds the transport
 every object of the connection. With ``disconnected``, the driver drops the timer as soon as the
 connection is over, so a closed connection is freed at once.
 
+Optional, for one task switch less per inbound message: :class:`SupportsPush`. A library that
+calls back with each message (picows) would otherwise buffer it and wake the connection's
+receive loop, a task, which then handles it; ``receive_pushed(push, limit)`` instead hands the
+messages that arrive while the loop waits with nothing buffered straight to ``push`` (the
+driver's synchronous handling of one message) from the library's callback, up to ``limit`` of
+them, in order. ``push`` returns ``False`` when the loop must run (an answer to await, a close,
+an error): the call then returns ``None``, and what arrives meanwhile is buffered as usual,
+within the same inbox bounds and flow control. A ``request`` answered this way resolves the
+waiting ``send_and_wait`` from the callback that read it.
+
 Every socket adapter also has ``serve(endpoint, host="127.0.0.1", port=8000)``, an async context
 manager that yields a :class:`Server` (``port=0`` picks a free port).
 """
 
 from __future__ import annotations
 
-__all__ = ["HandshakeRequest", "Server", "SupportsCork", "SupportsDisconnected", "SupportsSendNowait",
-           "Transport", "parse_cookies", "text_frame_header"]
+__all__ = ["HandshakeRequest", "Server", "SupportsCork", "SupportsDisconnected", "SupportsPush",
+           "SupportsSendNowait", "Transport", "parse_cookies", "text_frame_header"]
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from struct import Struct
 from types import MappingProxyType
@@ -118,6 +128,18 @@ class SupportsDisconnected(Protocol):
     @property
     def disconnected(self) -> bool:
         """Whether the connection is over (closed or aborted): nothing is left to abort."""
+
+
+@runtime_checkable
+class SupportsPush(Protocol):
+    """The optional push hand-over of inbound messages (see the module docstring)."""
+
+    async def receive_pushed(self, push: Callable[[str | bytes], bool], limit: int) -> str | bytes | None:
+        """``receive()``, except that while it waits with nothing buffered, each message that
+        arrives is handed to ``push`` (which must not raise) instead of ending the wait, up to
+        ``limit`` of them, in order. Returns the next buffered message as ``receive()`` does, or
+        ``None`` once ``push`` returned ``False`` or took ``limit`` messages; later messages
+        are buffered for the next call. Raises ``ConnectionClosed`` as ``receive()`` does."""
 
 
 #: Headers of final, unmasked text frames of 0-125 bytes, made once: most frames are small.

@@ -44,7 +44,7 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     # Test helpers are imported from dara_ws_core.testing, as websockets' are.
     "testing": frozenset({"ProtocolHarness", "answer_frames", "client_frames", "custom_frames",
                           "hostile_frames", "json_values"}),
-    "transport": frozenset({"SupportsCork", "SupportsDisconnected", "SupportsSendNowait",
+    "transport": frozenset({"SupportsCork", "SupportsDisconnected", "SupportsPush", "SupportsSendNowait",
                             "parse_cookies", "text_frame_header"}),
 }
 

@@ -29,6 +29,7 @@ from websockets.frames import Frame, Opcode
 from dara_ws_aiohttp import AiohttpTransport
 from dara_ws_aiohttp import serve as aiohttp_serve
 from dara_ws_core import Endpoint, Identity, ServerConfig, WebsocketManager, token_authenticator
+from dara_ws_core.driver import THROUGH_AFTER, THROUGH_MIN_CONNECTIONS, write_through
 from dara_ws_core.transport import SupportsCork, text_frame_header
 from dara_ws_picows import PicowsTransport
 from dara_ws_picows import serve as picows_serve
@@ -194,15 +195,16 @@ async def test_a_burst_over_the_write_limit_queues_the_rest_and_keeps_the_order(
 
 
 @pytest.mark.parametrize("adapter", ADAPTERS)
-async def test_a_close_decided_while_corked_sends_the_corked_frames_first(adapter: str) -> None:
+@pytest.mark.parametrize("count", [1, 5])  # picows keeps a lone frame unframed: both ways
+async def test_a_close_decided_while_corked_sends_the_corked_frames_first(adapter: str, count: int) -> None:
     async with served(adapter) as srv:
         (client,) = await srv.clients(1)
         (wire,) = srv.wires()
         (handler,) = srv.manager.handlers.values()
-        for i in range(5):
+        for i in range(count):
             await srv.manager.broadcast({"n": i})
         handler.close(4321, "bye")  # same iteration: the frames above are still corked
-        assert [m["message"]["n"] for m in await received(client, 5)] == list(range(5))
+        assert [m["message"]["n"] for m in await received(client, count)] == list(range(count))
         with pytest.raises(WsConnectionClosed) as caught:
             await asyncio.wait_for(client.recv(), TIMEOUT)
         assert caught.value.rcvd is not None and caught.value.rcvd.code == 4321
@@ -210,20 +212,21 @@ async def test_a_close_decided_while_corked_sends_the_corked_frames_first(adapte
         await eventually(lambda: wire.transport.is_closing() and not srv.manager.handlers,
                          "the channel and its socket gone")
         frames = wire.frames()
-        if adapter == "picows":  # picows writes its close frame itself (the client saw it last)
-            assert [op for op, _ in frames] == [1] * 5
+        if adapter == "picows":  # picows writes its close frame and a lone frame itself (the
+            assert [op for op, _ in frames] == ([1] * 5 if count > 1 else [])  # client saw them)
             return
-        assert [op for op, _ in frames] == [1] * 5 + [8]  # 5 text frames, the close, nothing after
+        assert [op for op, _ in frames] == [1] * count + [8]  # the text frames, the close, nothing after
         assert frames[-1][1][:2] == (4321).to_bytes(2, "big")
 
 
 @pytest.mark.parametrize("adapter", ADAPTERS)
-async def test_an_abort_while_corked_drops_the_frames_and_never_writes(adapter: str) -> None:
+@pytest.mark.parametrize("count", [1, 5])
+async def test_an_abort_while_corked_drops_the_frames_and_never_writes(adapter: str, count: int) -> None:
     async with served(adapter) as srv:
         (client,) = await srv.clients(1)
         (wire,) = srv.wires()
         (handler,) = srv.manager.handlers.values()
-        for i in range(5):
+        for i in range(count):
             await srv.manager.broadcast({"n": i})
         wire.transport.abort()  # same iteration: the flush that follows must not write
         with pytest.raises(WsConnectionClosed):
@@ -276,3 +279,83 @@ async def test_a_keepalive_ping_from_picows_goes_after_the_corked_frames() -> No
         assert [f.opcode for f in frames] == [1, 1, 1, 9]
         assert [json.loads(f.text)["message"]["n"] for f in frames[:3]] == [0, 1, 2]
         client.abort()
+
+
+# ---------------------------------------------------------------- written through (fan-outs of one frame)
+
+
+async def fan_out_one_frame_per_iteration(srv: Served, times: int) -> None:
+    for i in range(times):
+        await srv.manager.broadcast({"n": i})
+        await asyncio.sleep(0)  # the flusher's pass (scheduled first) ends the iteration
+
+
+def corked_now(handler: Any) -> bool:
+    """Whether the connection's driver waits for the flusher's pass (picows writes uncounted)."""
+    return handler._sink._corked  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("adapter", ["websockets", "picows"])
+async def test_fan_outs_of_one_frame_per_iteration_are_written_through(adapter: str) -> None:
+    # No burst to coalesce: after THROUGH_AFTER such fan-outs the cork is skipped, and a frame
+    # is written within the broadcast call (one system call either way, one pass less).
+    n = THROUGH_MIN_CONNECTIONS + 6
+    async with served(adapter) as srv:
+        clients = await srv.clients(n)
+        wires, handlers = srv.wires(), list(srv.manager.handlers.values())
+        await srv.manager.broadcast({"n": -1})
+        assert all(corked_now(h) for h in handlers)  # first: corked, nothing written yet
+        assert [len(w.writes) for w in wires] == [0] * n
+        await asyncio.sleep(0)
+        await fan_out_one_frame_per_iteration(srv, THROUGH_AFTER)
+        before = [len(w.writes) for w in wires]
+        await srv.manager.broadcast({"n": THROUGH_AFTER})
+        assert not any(corked_now(h) for h in handlers)  # written through, within the call
+        if adapter == "websockets":  # (picows writes it from C, uncounted)
+            assert [len(w.writes) - b for w, b in zip(wires, before, strict=True)] == [1] * n
+        got = await asyncio.gather(*(received(c, THROUGH_AFTER + 2) for c in clients))
+        assert all([m["message"]["n"] for m in msgs] == list(range(-1, THROUGH_AFTER + 1)) for msgs in got)
+        assert all(h.flushed == h.accepted for h in handlers)  # every frame counted as written
+        for client in clients:
+            await client.close()
+
+
+async def test_a_burst_after_fan_outs_written_through_is_corked_again() -> None:
+    n, burst = THROUGH_MIN_CONNECTIONS + 6, 10
+    async with served() as srv:
+        clients = await srv.clients(n)
+        wires = srv.wires()
+        await fan_out_one_frame_per_iteration(srv, THROUGH_AFTER + 1)
+        for first in (True, False):
+            before = [len(w.writes) for w in wires]
+            for i in range(burst):  # one iteration
+                await srv.manager.broadcast({"n": i})
+            await asyncio.sleep(0)
+            writes = [len(w.writes) - b for w, b in zip(wires, before, strict=True)]
+            # The first burst: its first frame written through, the rest corked (two writes);
+            # the next one: corked from its first frame (one write per connection).
+            assert writes == [2 if first else 1] * n
+        got = await asyncio.gather(*(received(c, THROUGH_AFTER + 1 + 2 * burst) for c in clients))
+        assert all([m["message"]["n"] for m in msgs[THROUGH_AFTER + 1:]] == list(range(burst)) * 2 for msgs in got)
+        for client in clients:
+            await client.close()
+
+
+def test_the_write_mode_turns_through_after_a_streak_of_single_frame_fan_outs() -> None:
+    fan_out = {"corked": THROUGH_MIN_CONNECTIONS, "frames": THROUGH_MIN_CONNECTIONS, "written": 0, "doubled": 0}
+    through, streak = False, 0
+    for _ in range(THROUGH_AFTER - 1):
+        through, streak = write_through(through, streak, **fan_out)
+        assert not through
+    assert write_through(through, streak, **fan_out) == (True, 0 + THROUGH_AFTER)
+    # Too few connections to be a fan-out: the streak neither grows nor ends.
+    assert write_through(False, 3, corked=THROUGH_MIN_CONNECTIONS - 1, frames=THROUGH_MIN_CONNECTIONS - 1,
+                         written=0, doubled=0) == (False, 3)
+    # A burst coalesced: the streak starts again.
+    assert write_through(False, 3, corked=100, frames=1000, written=0, doubled=0) == (False, 0)
+
+
+def test_the_write_mode_corks_again_once_connections_get_two_frames_an_iteration() -> None:
+    assert write_through(True, 0, corked=0, frames=0, written=1000, doubled=0) == (True, 0)
+    assert write_through(True, 0, corked=125, frames=125, written=1000, doubled=125) == (True, 0)
+    assert write_through(True, 0, corked=126, frames=1260, written=1000, doubled=126) == (False, 0)

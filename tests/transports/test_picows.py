@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 
-from dara_ws_core import Endpoint, Identity, ServerConfig, Transport, WebsocketManager, token_authenticator
+from dara_ws_core import (
+    Endpoint,
+    Identity,
+    ServerConfig,
+    Transport,
+    WebsocketManager,
+    current_channel,
+    token_authenticator,
+)
 from tests.helpers import eventually
 from tests.hostile import BINARY, CLOSE, CONTINUATION, PING, TEXT, HostileClient, encode_frame
 from tests.stacks import running_stack, verify_token
@@ -185,4 +193,51 @@ async def test_frames_behind_one_that_closed_the_connection_are_not_read() -> No
         client.write(encode_frame(TEXT, "null"))  # before answering the close
         await eventually(lambda: handler.close_reason is not None)
         assert handler.close_reason is not None and handler.close_reason.code == 1009
+        client.abort()
+
+
+# ---------------------------------------------------------------- push hand-over (SupportsPush)
+
+
+def test_the_picows_transport_pushes_inbound_messages() -> None:
+    from dara_ws_core.transport import SupportsPush
+    from dara_ws_picows import PicowsTransport
+
+    assert issubclass(PicowsTransport, SupportsPush)
+
+
+async def test_a_message_is_handled_in_picows_callback_in_the_connection_context() -> None:
+    # No receive loop wakeup: the handler runs in the callback that read the frame (no task),
+    # yet sees the connection's context variables as it would in the receive loop.
+    seen: list[tuple[bool, str | None, Any]] = []
+    async with running_stack("picows") as stack:
+        stack.manager.add_ws_handler(
+            "where", lambda c, d: seen.append((asyncio.current_task() is None, current_channel.get(None), d)))
+        client = await stack.client()
+        await client.send_custom("where", 1)
+        await eventually(lambda: len(seen) == 1, "the message handled")
+        assert seen == [(True, client.channel, 1)]
+
+
+async def test_a_burst_is_pushed_at_most_yield_every_at_a_time_and_keeps_its_order() -> None:
+    # A client that sends many frames at once: at most _YIELD_EVERY are handled in picows'
+    # callback in a row, the rest wait in the (bounded) inbox for the receive loop, in order.
+    from dara_ws_core.driver import _YIELD_EVERY
+
+    seen: list[tuple[bool, int]] = []
+    async with running_stack("picows", ServerConfig(ping_interval=None)) as stack:
+        stack.manager.add_ws_handler("n", lambda c, d: seen.append((asyncio.current_task() is None, d)))
+        assert stack.port is not None
+        client = await _opened(stack.port)
+        count = 200
+        client.write(b"".join(encode_frame(TEXT, json.dumps({"type": "custom", "message": {"kind": "n", "data": i}}))
+                              for i in range(count)))
+        await eventually(lambda: len(seen) == count, "every message handled")
+        assert [n for _, n in seen] == list(range(count))
+        runs, run = [], 0
+        for pushed, _ in seen:
+            run = run + 1 if pushed else 0
+            runs.append(run)
+        assert max(runs) == _YIELD_EVERY  # pushed, up to the limit
+        assert not all(pushed for pushed, _ in seen)  # and the rest read by the receive loop
         client.abort()

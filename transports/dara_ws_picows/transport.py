@@ -47,8 +47,8 @@ class PicowsTransport(WSListener):
     """
 
     __slots__ = ("_buffered", "_close_timeout", "_corked", "_corked_bytes", "_drained", "_gone", "_inbox",
-                 "_inbox_bytes", "_local_code", "_max_size", "_parts", "_parts_size", "_parts_text", "_paused",
-                 "_waiter", "_write_paused", "_ws")
+                 "_inbox_bytes", "_is_closing", "_local_code", "_max_size", "_parts", "_parts_size", "_parts_text",
+                 "_paused", "_push_left", "_pusher", "_waiter", "_write_paused", "_ws")
 
     transport_name = "picows"
 
@@ -58,7 +58,11 @@ class PicowsTransport(WSListener):
         self._close_timeout = close_timeout
         self._inbox: deque[str | bytes] = deque()
         self._inbox_bytes = 0
-        self._waiter: asyncio.Future[None] | None = None
+        # Set when receive() waits (result True: receive_pushed's push stopped taking messages).
+        self._waiter: asyncio.Future[bool] | None = None
+        # While receive_pushed() waits with the inbox empty: who takes each message, how many more.
+        self._pusher: Callable[[str | bytes], bool] | None = None
+        self._push_left = 0
         self._drained: asyncio.Future[None] | None = None
         self._parts: list[bytes] | None = None  # a fragmented message being reassembled
         self._parts_text = False
@@ -68,7 +72,9 @@ class PicowsTransport(WSListener):
         self._gone: ConnectionClosed | None = None
         self._local_code: int | None = None
         self._buffered: Callable[[], int] = _nothing  # the socket's write buffer size, once connected
-        self._corked: list[bytes] | None = None  # frames (headers included) waiting for flush()
+        self._is_closing: Callable[[], bool] = _closing  # the socket's, once connected
+        # What waits for flush(): one frame as it is, or frames with their headers (a burst).
+        self._corked: bytes | list[bytes] | None = None
         self._corked_bytes = 0
 
     @property
@@ -81,6 +87,7 @@ class PicowsTransport(WSListener):
     def on_ws_connected(self, transport: WSTransport) -> None:
         self._ws = transport
         self._buffered = transport.underlying_transport.get_write_buffer_size
+        self._is_closing = transport.underlying_transport.is_closing
         # pause_writing() then says "over the limit": send_nowait checks a flag, not the buffer.
         transport.underlying_transport.set_write_buffer_limits(high=WRITE_LIMIT)
 
@@ -122,7 +129,7 @@ class PicowsTransport(WSListener):
                 data, self._parts = b"".join(parts), None
                 self._push(_utf8(data) if self._parts_text else data, len(data))
         elif kind is _PING:
-            if self._corked:
+            if self._corked is not None:
                 self.flush()  # the pong must not overtake corked frames
             transport.send_pong(frame.get_payload_as_bytes())
             if not self._paused and self._buffered() > PAUSE_READING_ABOVE:
@@ -134,7 +141,7 @@ class PicowsTransport(WSListener):
         code = int(frame.get_close_code().value) if frame.payload_size else _NO_STATUS
         if self._gone is None:
             self._gone = ConnectionClosed(self._local_code or code, frame.get_close_reason())
-        if self._corked:
+        if self._corked is not None:
             self.flush()  # what was corked before the peer's close still goes, before the echo
         if not transport.is_close_frame_sent:  # echo the peer's close (RFC 6455 section 5.5.1)
             transport.send_close(frame.get_close_code() if frame.payload_size else WSCloseCode.OK)
@@ -153,7 +160,7 @@ class PicowsTransport(WSListener):
 
     def send_user_specific_ping(self, transport: WSTransport) -> None:
         # picows' keepalive ping: after what is corked, as every frame picows sends itself.
-        if self._corked:
+        if self._corked is not None:
             self.flush()
         transport.send_ping()
 
@@ -169,6 +176,13 @@ class PicowsTransport(WSListener):
     # ------------------------------------------------------------------ inbox
 
     def _push(self, message: str | bytes, size: int) -> None:
+        pusher = self._pusher
+        if pusher is not None:  # the core waits with nothing buffered: handed over, in order
+            self._push_left -= 1
+            if not pusher(message) or not self._push_left:
+                self._pusher = None
+                self._wake(True)
+            return
         self._inbox.append(message)
         self._inbox_bytes += size
         self._wake()
@@ -185,12 +199,12 @@ class PicowsTransport(WSListener):
             self._paused = False
             self._ws.underlying_transport.resume_reading()
 
-    def _wake(self) -> None:
+    def _wake(self, stopped: bool = False) -> None:
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
             if not waiter.done():
-                waiter.set_result(None)
+                waiter.set_result(stopped)
 
     def _resume_writers(self) -> None:
         drained = self._drained
@@ -205,8 +219,8 @@ class PicowsTransport(WSListener):
         while not self._inbox:
             if self._gone is not None:
                 raise self._gone
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
+            self._waiter = waiter = asyncio.get_running_loop().create_future()
+            await waiter
         message = self._inbox.popleft()
         if self._inbox:
             self._inbox_bytes -= len(message)  # str: its characters, at most its bytes
@@ -216,11 +230,24 @@ class PicowsTransport(WSListener):
                 self._resume()
         return message
 
+    async def receive_pushed(self, push: Callable[[str | bytes], bool], limit: int) -> str | bytes | None:
+        """``receive()``, handing what arrives while it waits to ``push`` from picows' callback
+        (``SupportsPush``): an answer resolves its request without waking the receive loop."""
+        if not self._inbox and self._gone is None:
+            self._pusher, self._push_left = push, limit
+            self._waiter = waiter = asyncio.get_running_loop().create_future()
+            try:
+                if await waiter:
+                    return None
+            finally:
+                self._pusher = None
+        return await self.receive()
+
     def send_nowait(self, frame: bytes) -> bool:
         ws = self._ws
         if self._write_paused or ws is None or ws.is_close_frame_sent or ws.is_disconnected:
             return False
-        if self._corked:
+        if self._corked is not None:
             self.flush()
         ws.send(_TEXT, frame)
         return True
@@ -230,12 +257,20 @@ class PicowsTransport(WSListener):
         ``send_nowait`` would refuse it, or when the socket's buffer plus what is corked is over
         the write limit (the core queues it instead)."""
         ws = self._ws
-        if (self._write_paused or ws is None or ws.is_close_frame_sent or ws.is_disconnected
-                or self._buffered() + self._corked_bytes > WRITE_LIMIT):
+        if self._write_paused or ws is None or ws.is_close_frame_sent or ws.is_disconnected:
             return False
         corked = self._corked
         if corked is None:
-            self._corked = corked = []
+            # The first frame of this iteration is kept as it is: alone (one broadcast per
+            # iteration, a reply), picows frames and writes it in C at the flush. No buffer check:
+            # asyncio's buffer is within the limit while writing is not paused.
+            self._corked = frame
+            self._corked_bytes = len(frame)
+            return True
+        if self._buffered() + self._corked_bytes > WRITE_LIMIT:
+            return False
+        if isinstance(corked, bytes):  # a second frame: from now on a burst, framed here
+            self._corked = corked = [text_frame_header(len(corked)), corked]
         corked.append(text_frame_header(len(frame)))
         corked.append(frame)
         self._corked_bytes += len(frame)
@@ -245,21 +280,18 @@ class PicowsTransport(WSListener):
         """Write the corked frames in one write; dropped once the connection is closing."""
         corked, self._corked, self._corked_bytes = self._corked, None, 0
         ws = self._ws
-        if not corked or ws is None or ws.is_close_frame_sent or ws.is_disconnected:
+        if corked is None or ws is None or self._is_closing():
             return
-        transport = ws.underlying_transport
-        if transport.is_closing():
-            return
-        if len(corked) == 2:  # one frame (header, payload): picows frames and writes it in C
-            ws.send(_TEXT, corked[1])
-        else:
-            transport.write(b"".join(corked))
+        if isinstance(corked, bytes):  # one frame: picows frames and writes it in C (and drops
+            ws.send(_TEXT, corked)  # it once its close frame is sent or it is disconnected)
+        elif not ws.is_close_frame_sent and not ws.is_disconnected:
+            ws.underlying_transport.write(b"".join(corked))
 
     async def send(self, frame: bytes) -> None:
         ws = self._ws
         if ws is None or self._gone is not None or ws.is_close_frame_sent or ws.is_disconnected:
             raise self._gone or ConnectionClosed(self._local_code or CloseCode.ABNORMAL, "closed")
-        if self._corked:
+        if self._corked is not None:
             self.flush()  # nothing overtakes a corked frame
         ws.send(_TEXT, frame)
         if self._write_paused:  # backpressure: wait until asyncio's buffer drains
@@ -273,7 +305,7 @@ class PicowsTransport(WSListener):
             return
         if self._local_code is None and self._gone is None:
             self._local_code = code
-        if self._corked:
+        if self._corked is not None:
             self.flush()  # the close frame goes after what is corked
         if not ws.is_close_frame_sent:
             ws.send_close(WSCloseCode(code), reason.encode()[:123])  # any code: a flexible enum
@@ -300,6 +332,10 @@ class PicowsTransport(WSListener):
 
 def _nothing() -> int:
     return 0
+
+
+def _closing() -> bool:
+    return True
 
 
 def _utf8(data: bytes) -> str:

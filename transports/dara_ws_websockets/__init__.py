@@ -72,8 +72,14 @@ class WebsocketsTransport:
         transport = ws.transport
         if transport.is_closing() or transport.get_write_buffer_size() > _WRITE_LIMIT:
             return False
-        ws.protocol.send_text(frame)
-        ws.send_data()
+        protocol = ws.protocol
+        if protocol.side is Side.SERVER and not protocol.extensions and not protocol.writes:
+            # What send_text() and send_data() do, without a Frame per message (see send_corked);
+            # nothing of websockets' is pending, so nothing is overtaken.
+            transport.write(text_frame_header(len(frame)) + frame)
+        else:
+            protocol.send_text(frame)
+            ws.send_data()
         return True
 
     def send_corked(self, frame: bytes) -> bool:
