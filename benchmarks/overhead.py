@@ -51,6 +51,9 @@ class CountingSink:
     def frames_queued(self) -> None:
         return None
 
+    def flush(self) -> None:
+        return None
+
     def close(self, code: int, reason: str) -> None:
         return None
 

@@ -70,6 +70,11 @@ class Sink(Protocol):
         """Frames were queued: drain them into the transport (starting a send task if needed)."""
         ...
 
+    def flush(self) -> None:
+        """Write now what ``write_now`` left corked for the end of the loop iteration (a no-op
+        when nothing is): a request's frame must not wait for that, its answer is awaited."""
+        ...
+
     def close(self, code: int, reason: str) -> None:
         """The connection decided to close: flush what is queued, close the transport."""
         ...
@@ -468,6 +473,10 @@ class WebSocketHandler:
             if not self.offer(frame):
                 # The slow path (a full queue): the policy may wait, within the same timeout.
                 return await self._request_slow(frame, waiter, timeout)
+            if self._sink is not None:
+                # Out now rather than at the end of the iteration (a corking transport): one
+                # loop iteration, with its poll, less before the client can answer.
+                self._sink.flush()
             if timeout is None:
                 return await waiter
             # The common path: the frame is out, only the answer is awaited. One timer handle

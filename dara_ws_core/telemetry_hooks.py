@@ -570,14 +570,15 @@ class DaraTelemetry:
 class TimedSink:
     """A connection's sink that counts (and samples) every frame it writes at once.
 
-    Only ``write_now`` is its own: ``frames_queued`` and ``close`` are the wrapped sink's bound
-    methods, stored on the instance, so calling them costs nothing more."""
+    Only ``write_now`` is its own: ``frames_queued``, ``flush`` and ``close`` are the wrapped
+    sink's bound methods, stored on the instance, so calling them costs nothing more."""
 
-    __slots__ = ("_sink", "_telemetry", "close", "frames_queued")
+    __slots__ = ("_sink", "_telemetry", "close", "flush", "frames_queued")
 
     def __init__(self, telemetry: DaraTelemetry, sink: Sink) -> None:
         self._telemetry, self._sink = telemetry, sink
         self.frames_queued: Callable[[], None] = sink.frames_queued
+        self.flush: Callable[[], None] = sink.flush
         self.close: Callable[[int, str], None] = sink.close
 
     def write_now(self, frame: bytes) -> bool:

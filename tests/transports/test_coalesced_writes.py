@@ -254,6 +254,30 @@ async def test_a_round_trip_is_flushed_within_the_iteration() -> None:
         await client.close()
 
 
+@pytest.mark.parametrize("adapter", ADAPTERS)
+async def test_a_request_is_written_before_send_and_wait_first_suspends(adapter: str) -> None:
+    # A request waits for its answer: its frame goes out at once, with what was corked before
+    # it (in order), not at the end of the loop iteration.
+    async with served(adapter) as srv:
+        (client,) = await srv.clients(1)
+        (wire,) = srv.wires()
+        (handler,) = srv.manager.handlers.values()
+        await srv.manager.send_message(handler.channel_id, {"before": 1})  # corked
+        request = handler.send_and_wait({"q": 7}, timeout=TIMEOUT)
+        waiting = request.send(None)  # runs until it awaits the answer: no loop iteration
+        sent = [json.loads(payload)["message"] for _, payload in wire.frames()]
+        assert sent[0] == {"before": 1}
+        assert sent[1]["q"] == 7
+        assert len(sent) == 2
+        request.close()  # abandoned: its request is withdrawn (the round trip is tested above)
+        assert waiting is not None
+        assert len(handler.connection.pending) == 0
+        frames = await received(client, 2)
+        assert frames[0]["message"] == {"before": 1}
+        assert frames[1]["message"]["q"] == 7
+        await client.close()
+
+
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
 def test_the_corked_frame_header_is_what_websockets_serializes(size: int) -> None:
     payload = b"x" * size
