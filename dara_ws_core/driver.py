@@ -178,7 +178,10 @@ class ConnectionDriver:
                     ended = exc
                     break
                 if frame is not None:
-                    pending = handler.receive_frame(frame, self._loop.time())
+                    if self._context is None:
+                        pending = handler.receive_frame(frame, self._loop.time())
+                    else:  # the context pushed messages are handled in (what a handler set)
+                        pending = self._context.run(handler.receive_frame, frame, self._loop.time())
                 else:  # handled in the transport's callback (_pushed): what it left for the loop
                     held, self._held = self._held, None
                     if isinstance(held, Exception):

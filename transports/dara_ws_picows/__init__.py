@@ -41,6 +41,11 @@ MAX_HEAD = 16 * 1024 - 256  # picows itself drops a request of 16 KiB without an
 MAX_HEADERS = 128
 #: picows' first read buffer per connection (it grows as frames need): idle connections stay small.
 READ_BUFFER = 4096
+#: Bytes one read hands to picows at most. picows offers its whole read buffer to every read and
+#: doubles it whenever a read fills it, so a client writing megabytes of tiny frames at once
+#: would have them all parsed, and buffered in the inbox, in one callback while every other
+#: connection waits (pausing only stops the next read). 64 KiB, as websockets reads.
+READ_LIMIT = 64 * 1024
 
 
 class _Quiet(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -198,6 +203,33 @@ class _Gate(asyncio.Protocol):
             self._server.run(listener, identity)
 
 
+class _BoundedReads(asyncio.BufferedProtocol):
+    """picows' protocol as the socket's, with every read bounded to :data:`READ_LIMIT` bytes."""
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: WSProtocol) -> None:
+        self._protocol = protocol
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(self._protocol.get_buffer(sizehint))[:READ_LIMIT]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._protocol.buffer_updated(nbytes)
+
+    def eof_received(self) -> bool | None:
+        return cast("bool | None", self._protocol.eof_received())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._protocol.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._protocol.resume_writing()
+
+
 class _Serving:
     """One server's shared state: the endpoint, picows' options, the connections' tasks."""
 
@@ -217,7 +249,7 @@ class _Serving:
         config = self.endpoint.config
         listener = PicowsTransport(config.max_message_size, config.close_timeout)
         protocol = WSProtocol(None, None, False, lambda request: listener, *self._options)
-        transport.set_protocol(protocol)
+        transport.set_protocol(_BoundedReads(protocol))
         protocol.connection_made(transport)
         view = memoryview(head)
         while view:  # what the gate read goes to picows as if it had read it itself
