@@ -88,13 +88,18 @@ class OutboundQueue:
         """Enqueue, discarding the oldest frames until ``frame`` fits; returns how many were dropped."""
         if self._closed:
             raise ConnectionClosed(reason="channel is closed")
+        dropped = self._drop_oldest(len(frame))
+        self._append(frame)
+        return dropped
+
+    def _drop_oldest(self, size: int) -> int:
+        """Discard the oldest frames until ``size`` more bytes fit; how many were discarded."""
         dropped = 0
-        while not self._fits(len(frame)):
+        while not self._fits(size):
             old = self._frames.popleft()
             self._bytes -= len(old)
             dropped += 1
         self.dropped += dropped
-        self._append(frame)
         return dropped
 
     async def put(self, frame: bytes, timeout: float | None = None) -> None:

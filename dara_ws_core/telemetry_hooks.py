@@ -667,12 +667,15 @@ class TimedQueue(OutboundQueue):
     def _become(self, kind: type[TimedQueue]) -> None:
         self.__class__ = kind
 
-    def drop_oldest_and_put(self, frame: bytes) -> int:
-        dropped = super().drop_oldest_and_put(frame)
-        self._removed += dropped
-        stamps = self._stamps
-        while stamps and stamps[0][0] < self._removed:
-            stamps.popleft()
+    def _drop_oldest(self, size: int) -> int:
+        # Before the new frame is appended (and perhaps stamped at its position): the positions
+        # count the dropped frames as removed, and their stamps go with them.
+        dropped = super()._drop_oldest(size)
+        if dropped:
+            self._removed += dropped
+            stamps = self._stamps
+            while stamps and stamps[0][0] < self._removed:
+                stamps.popleft()
         return dropped
 
     def _sent(self, outcome: str = "success") -> None:
