@@ -51,8 +51,8 @@ class CountingSink:
     def frames_queued(self) -> None:
         return None
 
-    def flush(self) -> None:
-        return None
+    def write_at_once(self, frame: bytes) -> bool:
+        return self.write_now(frame)
 
     def close(self, code: int, reason: str) -> None:
         return None

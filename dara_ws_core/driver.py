@@ -106,6 +106,22 @@ class ConnectionDriver:
                 flusher.doubled += 1
         return self._write_corked(frame)
 
+    def write_at_once(self, frame: bytes) -> bool:
+        if self._sender is not None or self._closed is not None:
+            return False
+        cork = self._cork
+        if cork is None:
+            write = self._write
+            return write is not None and write(frame)
+        if self._wrote != _NEVER:  # it writes synchronously too: after what is corked, in order
+            if self._corked:
+                self.flush()
+            return cork.send_nowait(frame)
+        if not self._write_corked(frame):
+            return False
+        self.flush()
+        return True
+
     def frames_queued(self) -> None:
         if self._sender is None and self._closed is None:
             self._sender = self._loop.create_task(self._send_queued())

@@ -70,9 +70,9 @@ class Sink(Protocol):
         """Frames were queued: drain them into the transport (starting a send task if needed)."""
         ...
 
-    def flush(self) -> None:
-        """Write now what ``write_now`` left corked for the end of the loop iteration (a no-op
-        when nothing is): a request's frame must not wait for that, its answer is awaited."""
+    def write_at_once(self, frame: bytes) -> bool:
+        """``write_now`` for a frame whose answer is awaited (a request): written now, after
+        what is corked, never left for the end of the loop iteration; ``False`` otherwise."""
         ...
 
     def close(self, code: int, reason: str) -> None:
@@ -286,17 +286,20 @@ class WebSocketHandler:
         if not self.offer(frame):
             await self.enqueue_slow(frame)
 
-    def offer(self, frame: bytes) -> bool:
+    def offer(self, frame: bytes, at_once: bool = False) -> bool:
         """Deliver ``frame`` without waiting; ``False`` if the queue is full (nothing changes then).
 
         With nothing queued and a transport that can write at once, the frame is written
         directly (no queue entry, no task); otherwise it is queued and the sink drains the queue.
-        Raises ``ConnectionClosed`` if the channel is closed.
+        ``at_once``: a request, whose answer is awaited, is not corked for the end of the loop
+        iteration (:meth:`Sink.write_at_once`). Raises ``ConnectionClosed`` if the channel is
+        closed.
         """
         queue = self.queue
         sink = self._sink
         counters = self.counters
-        if sink is not None and queue.idle and sink.write_now(frame):
+        if sink is not None and queue.idle and (
+                sink.write_at_once(frame) if at_once else sink.write_now(frame)):
             counters.frames_out += 1
             counters.bytes_out += len(frame)
             self.accepted += 1
@@ -470,13 +473,11 @@ class WebSocketHandler:
         waiter: asyncio.Future[Any] = loop.create_future()
         self.connection.open_request(waiter, rchan)
         try:
-            if not self.offer(frame):
+            # Written now rather than corked for the end of the iteration: the client can
+            # answer sooner, and the loop runs no flush pass for it.
+            if not self.offer(frame, at_once=True):
                 # The slow path (a full queue): the policy may wait, within the same timeout.
                 return await self._request_slow(frame, waiter, timeout)
-            if self._sink is not None:
-                # Out now rather than at the end of the iteration (a corking transport): one
-                # loop iteration, with its poll, less before the client can answer.
-                self._sink.flush()
             if timeout is None:
                 return await waiter
             # The common path: the frame is out, only the answer is awaited. One timer handle

@@ -570,16 +570,19 @@ class DaraTelemetry:
 class TimedSink:
     """A connection's sink that counts (and samples) every frame it writes at once.
 
-    Only ``write_now`` is its own: ``frames_queued``, ``flush`` and ``close`` are the wrapped
-    sink's bound methods, stored on the instance, so calling them costs nothing more."""
+    Only the writes are its own: ``frames_queued`` and ``close`` are the wrapped sink's bound
+    methods, stored on the instance, so calling them costs nothing more."""
 
-    __slots__ = ("_sink", "_telemetry", "close", "flush", "frames_queued")
+    __slots__ = ("_sink", "_telemetry", "close", "frames_queued")
 
     def __init__(self, telemetry: DaraTelemetry, sink: Sink) -> None:
         self._telemetry, self._sink = telemetry, sink
         self.frames_queued: Callable[[], None] = sink.frames_queued
-        self.flush: Callable[[], None] = sink.flush
         self.close: Callable[[int, str], None] = sink.close
+
+    def write_at_once(self, frame: bytes) -> bool:
+        # A request: never part of a fan-out, counted and sampled as a single write_now is.
+        return self._counted(frame, self._sink.write_at_once)
 
     def write_now(self, frame: bytes) -> bool:
         telemetry = self._telemetry
@@ -589,11 +592,17 @@ class TimedSink:
                 telemetry.wrote_now = True
                 return True
             return False
+        return self._counted(frame, self._sink.write_now)
+
+    def _counted(self, frame: bytes, write: Callable[[bytes], bool]) -> bool:
+        """``write(frame)`` for one message (not a fan-out's): counted, 1 in ``sample_every``
+        timed and traced."""
+        telemetry = self._telemetry
         if telemetry.out_budget > 1 and not _tracing.get():
             # Unsampled (nearly every frame): a message is counted here, anything else (custom,
             # init, pong) by the telemetry; a frame that is not written is not counted (its
             # queue counts it).
-            if not self._sink.write_now(frame):
+            if not write(frame):
                 return False
             if frame.startswith(_MESSAGE):
                 telemetry.out_budget -= 1
@@ -605,7 +614,7 @@ class TimedSink:
                 telemetry.written(frame, None)
             return True
         started = _perf()
-        if not self._sink.write_now(frame):
+        if not write(frame):
             return False
         telemetry.written(frame, started)
         return True

@@ -29,7 +29,7 @@ from websockets.frames import Frame, Opcode
 from dara_ws_aiohttp import AiohttpTransport
 from dara_ws_aiohttp import serve as aiohttp_serve
 from dara_ws_core import Endpoint, Identity, ServerConfig, WebsocketManager, token_authenticator
-from dara_ws_core.driver import THROUGH_AFTER, THROUGH_MIN_CONNECTIONS, write_through
+from dara_ws_core.driver import THROUGH_AFTER, THROUGH_MIN_CONNECTIONS, _flusher, write_through
 from dara_ws_core.transport import SupportsCork, text_frame_header
 from dara_ws_picows import PicowsTransport
 from dara_ws_picows import serve as picows_serve
@@ -82,18 +82,34 @@ class Wire:
 
     def frames(self) -> list[tuple[int, bytes]]:
         """The (opcode, payload) of every frame written (server frames are not masked)."""
-        data, out, pos = b"".join(self.writes), [], 0
-        while pos < len(data):
-            opcode, length = data[pos] & 0x0F, data[pos + 1] & 0x7F
-            pos += 2
-            if length == 126:
-                length, pos = int.from_bytes(data[pos:pos + 2], "big"), pos + 2
-            elif length == 127:
-                length, pos = int.from_bytes(data[pos:pos + 8], "big"), pos + 8
-            out.append((opcode, data[pos:pos + length]))
-            pos += length
-        assert pos == len(data), "a write ended inside a frame"
-        return out
+        return server_frames(b"".join(self.writes))
+
+
+def server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """The (opcode, payload) of the whole server frames (not masked) ``data`` holds."""
+    out, pos = [], 0
+    while pos < len(data):
+        opcode, length = data[pos] & 0x0F, data[pos + 1] & 0x7F
+        pos += 2
+        if length == 126:
+            length, pos = int.from_bytes(data[pos:pos + 2], "big"), pos + 2
+        elif length == 127:
+            length, pos = int.from_bytes(data[pos:pos + 8], "big"), pos + 8
+        out.append((opcode, data[pos:pos + length]))
+        pos += length
+    assert pos == len(data), "a write ended inside a frame"
+    return out
+
+
+def arrived(client: ClientConnection) -> list[Any]:
+    """The messages in the client's socket that its loop has not read yet (peeked, left there)."""
+    with socket.fromfd(client.transport.get_extra_info("socket").fileno(), socket.AF_INET,
+                       socket.SOCK_STREAM) as peek:  # a duplicate of the client's socket
+        try:
+            data = peek.recv(1 << 20, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            data = b""
+    return [json.loads(payload)["message"] for _, payload in server_frames(data)]
 
 
 class Served:
@@ -260,12 +276,12 @@ async def test_a_request_is_written_before_send_and_wait_first_suspends(adapter:
     # it (in order), not at the end of the loop iteration.
     async with served(adapter) as srv:
         (client,) = await srv.clients(1)
-        (wire,) = srv.wires()
         (handler,) = srv.manager.handlers.values()
         await srv.manager.send_message(handler.channel_id, {"before": 1})  # corked
+        assert arrived(client) == []
         request = handler.send_and_wait({"q": 7}, timeout=TIMEOUT)
         waiting = request.send(None)  # runs until it awaits the answer: no loop iteration
-        sent = [json.loads(payload)["message"] for _, payload in wire.frames()]
+        sent = arrived(client)  # in the client's socket already
         assert sent[0] == {"before": 1}
         assert sent[1]["q"] == 7
         assert len(sent) == 2
@@ -275,6 +291,16 @@ async def test_a_request_is_written_before_send_and_wait_first_suspends(adapter:
         frames = await received(client, 2)
         assert frames[0]["message"] == {"before": 1}
         assert frames[1]["message"]["q"] == 7
+        # With nothing corked, on a transport that also writes synchronously, the request
+        # schedules no flush pass of the loop either.
+        flusher = _flusher(asyncio.get_running_loop())
+        assert not flusher._scheduled
+        request = handler.send_and_wait({"q": 8}, timeout=TIMEOUT)
+        request.send(None)
+        assert flusher._scheduled is (adapter == "aiohttp")
+        assert arrived(client)[0]["q"] == 8
+        request.close()
+        assert (await received(client, 1))[0]["message"]["q"] == 8
         await client.close()
 
 
