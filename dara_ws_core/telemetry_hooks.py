@@ -86,7 +86,7 @@ from .connection import (
 )
 from .custom import DispatchHost, HandlerSpec, deliver, execute_async, execute_sync, send_outcome
 from .queue import OutboundQueue
-from .stats import TRACING
+from .stats import TRACING, Counters
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -178,8 +178,8 @@ def classify(events: Sequence[Event]) -> tuple[str | None, str]:
 
 #: What :func:`classify` says of the commonest first events, looked up by their class.
 _INBOUND: dict[type, tuple[str, str]] = {
-    CustomReceived: ("custom", "success"), RequestCompleted: ("message", "success"),
-    AnswerIgnored: ("message", "success"), RequestFailed: ("message", "error")}
+    CustomReceived: ("custom", "success"), AnswerIgnored: ("message", "success"),
+    RequestFailed: ("message", "error")}
 
 
 def _outcome(error: BaseException) -> str:
@@ -194,7 +194,8 @@ class DaraTelemetry:
     ``opentelemetry-api`` and ``ValueError`` for a ``sample_every`` below 1.
     """
 
-    def __init__(self, meter: Meter, tracer: Tracer, sample_every: int = 64) -> None:
+    def __init__(self, meter: Meter, tracer: Tracer, sample_every: int = 64,
+                 counters: Counters | None = None) -> None:
         from opentelemetry import context, trace
         from opentelemetry.metrics import Observation
         from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -210,6 +211,12 @@ class DaraTelemetry:
         # Countdowns to the next sample, per kind; the first operation of each is sampled.
         self.in_budget = self.out_budget = self.queue_budget = self.trip_budget = 1
         self.lag_budget = 1
+        #: The manager's totals: an answer to a server request (a frame whose one event is a
+        #: ``RequestCompleted``, by far the commonest inbound frame of a round trip) is counted
+        #: by the handler's ``requests_answered`` (from this value on), not here: the handler
+        #: skips the telemetry for an unsampled one.
+        self.counters = counters
+        self._answered_base = counters.requests_answered if counters is not None else 0
         #: True while a fan-out delivers (it counts and traces its recipients as one); while a
         #: sampled one does, the first recipient that queues the frame stamps it; a recipient
         #: that writes it at once says so.
@@ -282,7 +289,18 @@ class DaraTelemetry:
 
     def _observe_executions(self, options: CallbackOptions) -> Iterator[Observation]:
         sent = [(("outbound", t, "success", ""), n) for t, n in list(self.sent.items()) if n]
-        yield from self._observations(sent + list(self.executions.items()))
+        executions = dict(list(self.executions.items()))
+        answered = self.answered()
+        if answered:
+            key = ("inbound", "message", "success", "")
+            executions[key] = executions.get(key, 0) + answered
+        yield from self._observations(sent + list(executions.items()))
+
+    def answered(self) -> int:
+        """Inbound answers to server requests since this telemetry was created (the
+        handler's count)."""
+        counters = self.counters
+        return 0 if counters is None else counters.requests_answered - self._answered_base
 
     def _observe_running(self, options: CallbackOptions) -> Iterator[Observation]:
         yield from self._observations(list(self.running.items()))
@@ -401,15 +419,24 @@ class DaraTelemetry:
     def inbound(self, handler: WebSocketHandler, frame: str | bytes, now: float) -> Awaitable[None] | None:
         """``WebSocketHandler.receive_frame`` with telemetry: decode, count, and for 1 frame in
         ``sample_every`` carry out the events inside the inbound span (a handler's span is its
-        child).
-
-        The unsampled path is a countdown, one lookup of the first event's kind and one count:
-        no span, no clock, no call beyond the handler's own."""
+        child). The handler calls it for the frame to sample (``in_budget`` down to 1) and
+        decodes the others itself (see :meth:`inbound_events`)."""
         if self.in_budget <= 1:
             return self._inbound_traced(handler, frame, now)
-        events = handler.connection.receive_frame(frame, now)
+        return self.inbound_events(handler, handler.connection.receive_frame(frame, now))
+
+    def inbound_events(self, handler: WebSocketHandler, events: Sequence[Event]) -> Awaitable[None] | None:
+        """An unsampled inbound frame, decoded into ``events``: counted, then carried out.
+
+        An answer to a server request (one ``RequestCompleted``) is counted by the handler's
+        ``requests_answered`` and read from there when the SDK collects (:meth:`answered`): the
+        handler does not even call this for one. Any other frame costs one lookup of its first
+        event's kind and one count: no span, no clock."""
         found = _INBOUND.get(type(events[0])) if events else None
-        if found is None:  # a ping, a part of a chunked answer, an error: the general path
+        if found is None:  # an answer, a ping, a part of a chunked answer, an error
+            if len(events) == 1 and type(events[0]) is RequestCompleted:
+                self.in_budget -= 1  # counted by requests_answered
+                return handler.apply(events)
             message_type, outcome = classify(events)
             if message_type is None or (not events and handler.closed):
                 return handler.apply(events)
@@ -443,8 +470,7 @@ class DaraTelemetry:
         if len(events) == 1 and type(events[0]) is RequestCompleted:
             # An answer only settles its request's future: nothing runs inside its span, which
             # is therefore created at its end, given every attribute at once.
-            handler.apply(events)
-            self._count(self.executions, ("inbound", message_type, outcome, ""))
+            handler.apply(events)  # counted by requests_answered
             final = self.attributes("inbound", message_type, outcome)
             span = self._span("dara.websocket.message.inbound", final, self._consumer, start_ns)
             span.end()

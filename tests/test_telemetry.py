@@ -306,6 +306,43 @@ async def test_one_round_trip_in_n_is_timed_and_traced_and_every_one_counted(
     assert executions[key(direction="inbound", type="message", operation="message", outcome="success")] == 5
 
 
+async def test_answers_are_counted_by_the_handler_from_instrument_on(
+    otel: tuple[InMemoryMetricReader, InMemorySpanExporter, MeterProvider, TracerProvider],
+) -> None:
+    """An unsampled answer skips the telemetry: Dara's count of inbound messages reads the
+    handler's ``requests_answered`` when the SDK collects, from the value it had when
+    ``instrument`` was called; an answer that comes too late is counted by the telemetry."""
+    reader, exporter, meter_provider, tracer_provider = otel
+    manager = WebsocketManager()
+    async with running_stack("websockets", manager=manager) as stack:
+        client = await stack.client()
+        client.on_request(lambda request: request.payload)
+        for k in range(3):  # before instrument(): not counted
+            assert await manager.send_and_wait(client.channel, {"q": k}) == {"q": k}
+        instrument(manager, meter_provider, tracer_provider, sample_every=3)
+        for k in range(7):  # the 1st, 4th and 7th answers sampled, the others not
+            assert await manager.send_and_wait(client.channel, {"q": k}) == {"q": k}
+        release = asyncio.Event()
+
+        async def late(request: Any) -> int:
+            await release.wait()
+            return 1
+
+        client.on_request(late)
+        with pytest.raises(Exception, match="no answer"):
+            await manager.send_and_wait(client.channel, {"q": "late"}, timeout=0.05)
+        release.set()
+        success = key(direction="inbound", type="message", operation="message", outcome="success")
+        await eventually(lambda: points(reader)["dara.websocket.message.executions"].get(success) == 8,
+                         "7 answers and a late one counted")
+        found = points(reader)
+    assert found["dara.websocket.message.executions"][success] == 8
+    assert found["dara_ws.requests"][frozenset({("dara_ws.outcome", "answered")})] == 10
+    answers = [span for span in exporter.get_finished_spans() if span.name == "dara.websocket.message.inbound"]
+    assert len(answers) == 3
+    assert found["dara.websocket.message.duration"][success].count == 3
+
+
 def test_sample_every_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         instrument(WebsocketManager(), MeterProvider(), TracerProvider(), sample_every=0)
