@@ -52,8 +52,10 @@ before serving.
 
 What an unsampled operation costs when on (the measure of issue 13's bound is a round trip):
 a ``send_and_wait`` one decrement of ``trip_budget`` in the handler, which calls
-:meth:`DaraTelemetry.round_trip` only for a sampled one; an inbound frame one call
-(:meth:`DaraTelemetry.inbound`: a countdown, one lookup of its first event's kind, one count);
+:meth:`DaraTelemetry.round_trip` only for a sampled one; an answer to a server request nothing
+(the handler decodes it, counts the countdown down, and its ``requests_answered`` is the count,
+read when the SDK collects); any other inbound frame one call
+(:meth:`DaraTelemetry.inbound_events`: one lookup of its first event's kind, one count);
 a frame written at once one call (:meth:`TimedSink.write_now`, which counts a message inline;
 ``frames_queued`` and ``close`` are the driver's own bound methods); a queued frame one call
 when it is appended and none when it is taken out, unless the queue holds a stamp. A sampled
@@ -69,6 +71,8 @@ from __future__ import annotations
 __all__ = ["DaraTelemetry", "TimedQueue", "TimedSink", "frame_type"]
 
 import asyncio
+import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
@@ -96,6 +100,16 @@ if TYPE_CHECKING:
     from .handler import Sink, WebSocketHandler
 
 _perf = time.perf_counter
+logger = logging.getLogger(__name__)
+
+#: The SDK work of sampled operations that ended (their spans, durations and queue waits) is
+#: deferred and done in batches of this many jobs: the SDK's code then runs warm for all but the
+#: first of a batch. Run one at a time, once every ``sample_every`` operations, that code runs
+#: cold: a sampled round trip cost nearly twice as much CPU. A job holds no frame (at most a
+#: payload type, 128 characters), so a batch is bounded in bytes as well.
+_BATCH = 128
+#: ... and at most this many seconds after the first of a batch, and before every collection.
+_DELAY = 0.5
 
 #: True while a sampled (traced) operation runs: what it sends and the handlers it starts are
 #: traced too, so a sampled trace is whole.
@@ -211,6 +225,11 @@ class DaraTelemetry:
         # Countdowns to the next sample, per kind; the first operation of each is sampled.
         self.in_budget = self.out_budget = self.queue_budget = self.trip_budget = 1
         self.lag_budget = 1
+        #: Deferred SDK work (see ``_BATCH``): done on the event loop's thread only.
+        self._jobs: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0
         #: The manager's totals: an answer to a server request (a frame whose one event is a
         #: ``RequestCompleted``, by far the commonest inbound frame of a round trip) is counted
         #: by the handler's ``requests_answered`` (from this value on), not here: the handler
@@ -288,6 +307,13 @@ class DaraTelemetry:
             yield self._observation(count, self.attributes(direction, message_type, outcome, execution))
 
     def _observe_executions(self, options: CallbackOptions) -> Iterator[Observation]:
+        # Collection runs the observable callbacks before it reads the histograms: the samples
+        # deferred so far are in this collection (on the loop's thread; from another, the next).
+        if self._jobs:
+            if threading.get_ident() == self._thread:
+                self.flush()
+            elif self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self.flush)
         sent = [(("outbound", t, "success", ""), n) for t, n in list(self.sent.items()) if n]
         executions = dict(list(self.executions.items()))
         answered = self.answered()
@@ -307,6 +333,34 @@ class DaraTelemetry:
 
     def _count(self, table: dict[Key, int], key: Key, add: int = 1) -> None:
         table[key] = table.get(key, 0) + add
+
+    def _defer(self, job: Callable[..., Any], *args: Any) -> None:
+        """Do ``job(*args)`` (SDK work of an ended sampled operation, every time and context
+        given) with the next batch."""
+        jobs = self._jobs
+        jobs.append((job, args))
+        if len(jobs) >= _BATCH:
+            self.flush()
+        elif self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # outside a loop: now
+                self.flush()
+                return
+            self._loop, self._thread = loop, threading.get_ident()
+            self._timer = loop.call_later(_DELAY, self.flush)
+
+    def flush(self) -> None:
+        """Do the deferred SDK work now (on the event loop's thread)."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+        jobs, self._jobs = self._jobs, []
+        for job, args in jobs:
+            try:
+                job(*args)
+            except Exception:  # the SDK's failure must not lose the rest of the batch
+                logger.exception("telemetry: recording a sampled operation failed")
 
     # ------------------------------------------------------------------ sampled operations
 
@@ -330,8 +384,9 @@ class DaraTelemetry:
                  recipients: int | None = None) -> None:
         """Trace one sampled outbound operation that started at ``started`` and ends now.
 
-        Its span is created now, with its start time, so it is given every attribute at once:
-        a ``set_attribute`` afterwards costs the SDK a lock and a validation each."""
+        Its span is created with the next batch of deferred work, with its start and end
+        times, so it is given every attribute at once: a ``set_attribute`` afterwards costs the
+        SDK a lock and a validation each. Its parent is ``context``, else the current one."""
         final = self.attributes("outbound", message_type, outcome)
         attrs = {**self.attributes("outbound", message_type), "dara.outcome": outcome}
         ptype = payload_type(frame, message_type)
@@ -339,11 +394,17 @@ class DaraTelemetry:
             attrs["dara.websocket.message.payload.type"] = ptype
         if recipients is not None:
             attrs["dara.websocket.recipients"] = recipients  # type: ignore[assignment]
+        self._defer(self._outbound_span, attrs, final, (start_ns, time.time_ns(), _perf() - started),
+                    self._context.get_current() if context is None else context)
+
+    def _outbound_span(self, attrs: dict[str, str], final: dict[str, str], times: tuple[int, int, float],
+                       context: Context) -> None:
+        start_ns, end_ns, seconds = times
         span = self._span("dara.websocket.message.outbound", attrs, self._producer, start_ns, context)
-        if outcome == "error":
+        if attrs["dara.outcome"] == "error":
             span.set_status(self._error_status)
-        span.end()
-        self.duration.record(_perf() - started, final)
+        span.end(end_ns)
+        self.duration.record(seconds, final, context)
 
     def backplane_lag(self, seconds: float) -> None:
         """A backplane delivery arrived ``seconds`` after it was published: 1 in
@@ -358,7 +419,12 @@ class DaraTelemetry:
         self.queue_budget = self.sample_every
         message_type = frame_type(frame)
         if message_type is not None:
-            self.queue_duration.record(seconds, self.queue_attributes[message_type])
+            self.queue_wait(message_type, seconds)
+
+    def queue_wait(self, message_type: str, seconds: float) -> None:
+        """Record a sampled queue wait (with the next batch, in the current context)."""
+        self._defer(self.queue_duration.record, seconds, self.queue_attributes[message_type],
+                    self._context.get_current())
 
     # ------------------------------------------------------------------ outbound
 
@@ -409,7 +475,7 @@ class DaraTelemetry:
             return delivered
         self.out_budget = self.sample_every
         if self.wrote_now:
-            self.queue_duration.record(0.0, self.queue_attributes[message_type])
+            self.queue_wait(message_type, 0.0)
         start_ns = time.time_ns() - int((_perf() - started) * 1e9)
         self.outbound(frame, message_type, started, start_ns, recipients=delivered)
         return delivered
@@ -472,9 +538,8 @@ class DaraTelemetry:
             # is therefore created at its end, given every attribute at once.
             handler.apply(events)  # counted by requests_answered
             final = self.attributes("inbound", message_type, outcome)
-            span = self._span("dara.websocket.message.inbound", final, self._consumer, start_ns)
-            span.end()
-            self.duration.record(_perf() - started, final)
+            self._defer(self._answer_span, final, start_ns, time.time_ns(), _perf() - started,
+                        self._context.get_current())
             return None
         attrs = self.attributes("inbound", message_type)
         span = self._span("dara.websocket.message.inbound", attrs, self._consumer, start_ns)
@@ -496,6 +561,11 @@ class DaraTelemetry:
             self._inbound_done(message_type, outcome, started, span)
             return None
         return self._inbound_rest(pending, message_type, outcome, started, span)
+
+    def _answer_span(self, attrs: dict[str, str], start_ns: int, end_ns: int, seconds: float,
+                     context: Context) -> None:
+        self._span("dara.websocket.message.inbound", attrs, self._consumer, start_ns, context).end(end_ns)
+        self.duration.record(seconds, attrs, context)
 
     def _inbound_done(self, message_type: str, outcome: str, started: float, span: Span | None) -> None:
         self._count(self.executions, ("inbound", message_type, outcome, ""))
@@ -529,7 +599,8 @@ class DaraTelemetry:
             attrs["dara.websocket.message.payload.type"] = ptype
         started, outcome = _perf(), "success"
         span = self.tracer.start_span("dara.websocket.round_trip", attributes=attrs)
-        token = self._context.attach(self._trace.set_span_in_context(span))
+        inside = self._trace.set_span_in_context(span)
+        token = self._context.attach(inside)
         tracing = _tracing.set(True)
         try:
             return await request
@@ -541,10 +612,14 @@ class DaraTelemetry:
             raise
         finally:
             _tracing.reset(tracing)
-            span.set_attribute("dara.outcome", outcome)
-            self.round_trip_duration.record(_perf() - started, self._trip_attributes[message_type, outcome])
-            span.end()
             self._context.detach(token)
+            self._defer(self._trip_end, span, self._trip_attributes[message_type, outcome], _perf() - started,
+                        time.time_ns(), inside)
+
+    def _trip_end(self, span: Span, attrs: dict[str, str], seconds: float, end_ns: int, context: Context) -> None:
+        span.set_attribute("dara.outcome", attrs["dara.outcome"])
+        span.end(end_ns)
+        self.round_trip_duration.record(seconds, attrs, context)
 
     # ------------------------------------------------------------------ hooks of custom handlers
 
@@ -722,7 +797,7 @@ class TimedQueue(OutboundQueue):
             return
         now = _perf()
         telemetry = self._telemetry
-        telemetry.queue_duration.record(now - queued, telemetry.queue_attributes[message_type])
+        telemetry.queue_wait(message_type, now - queued)
         if context is not None:
             self._sending = (frame, message_type, now, time.time_ns(), context)
 

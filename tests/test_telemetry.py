@@ -343,6 +343,48 @@ async def test_answers_are_counted_by_the_handler_from_instrument_on(
     assert found["dara.websocket.message.duration"][success].count == 3
 
 
+async def test_sampled_spans_are_made_in_bounded_batches_with_their_own_times_and_parents(
+    otel: tuple[InMemoryMetricReader, InMemorySpanExporter, MeterProvider, TracerProvider],
+) -> None:
+    """The SDK work of ended sampled operations is done in batches (warm), bounded in count
+    and in time, and what it makes is what the operations were: times and parents."""
+    reader, exporter, meter_provider, tracer_provider = otel
+    manager = WebsocketManager()
+    instrument(manager, meter_provider, tracer_provider, sample_every=1)
+
+    def named(name: str) -> list[Any]:
+        return [span for span in exporter.get_finished_spans() if span.name == name]
+
+    async with running_stack("websockets", manager=manager) as stack:
+        client = await stack.client()
+        client.on_request(lambda request: request.payload)
+        for k in range(40):
+            assert await manager.send_and_wait(client.channel, {"q": k}) == {"q": k}
+        # A full batch was made without waiting for anything: a batch is bounded in count.
+        assert 0 < len(named("dara.websocket.round_trip")) < 40
+        # The rest follows without a collection, bounded in time.
+        await eventually(lambda: len(named("dara.websocket.round_trip")) == 40, "every round trip's span")
+    trips = {span.context.span_id: span for span in named("dara.websocket.round_trip")}
+    requests = [span for span in named("dara.websocket.message.outbound")
+                if span.parent is not None and span.parent.span_id in trips]
+    assert len(requests) == 40
+    for request in requests:
+        assert request.parent is not None
+        trip = trips[request.parent.span_id]
+        assert trip.start_time is not None and trip.end_time is not None
+        assert request.start_time is not None and request.end_time is not None
+        assert trip.start_time <= request.start_time <= request.end_time <= trip.end_time
+        assert (trip.attributes or {}).get(OUT) == "success"
+    answers = named("dara.websocket.message.inbound")
+    assert len(answers) == 40
+    assert all(a.start_time is not None and a.end_time is not None and a.start_time <= a.end_time
+               for a in answers)
+    found = points(reader)
+    assert found["dara.websocket.round_trip.duration"][
+        frozenset({(T, "message"), (OP, "round_trip"), (OUT, "success")})].count == 40
+    assert found["dara.websocket.queue.duration"][frozenset({(T, "message")})].count == 40
+
+
 def test_sample_every_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         instrument(WebsocketManager(), MeterProvider(), TracerProvider(), sample_every=0)
