@@ -196,6 +196,18 @@ _INBOUND: dict[type, tuple[str, str]] = {
     RequestFailed: ("message", "error")}
 
 
+class _Trip:
+    """A sampled round trip (:data:`~dara_ws_core.stats.TRACING` while it runs), whose span is
+    made with a batch of deferred work once it has ended: the SDK work of what it traces (its
+    request frame) waits here for its context until then."""
+
+    __slots__ = ("children", "context")
+
+    def __init__(self) -> None:
+        self.context: Context | None = None
+        self.children: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+
+
 def _outcome(error: BaseException) -> str:
     return "cancelled" if isinstance(error, asyncio.CancelledError) else "error"
 
@@ -350,6 +362,21 @@ class DaraTelemetry:
             self._loop, self._thread = loop, threading.get_ident()
             self._timer = loop.call_later(_DELAY, self.flush)
 
+    def _within(self, parent: Context | _Trip, job: Callable[..., Any], *args: Any) -> None:
+        """``job(*args, context)`` in ``parent``'s context, once that exists (deferred work)."""
+        if type(parent) is _Trip:
+            if parent.context is None:
+                parent.children.append((job, args))
+                return
+            parent = parent.context
+        job(*args, parent)
+
+    def current(self) -> Context | _Trip:
+        """Where what is sampled now belongs: the round trip being traced, or the current
+        context."""
+        tracing = _tracing.get()
+        return tracing if type(tracing) is _Trip else self._context.get_current()
+
     def flush(self) -> None:
         """Do the deferred SDK work now (on the event loop's thread)."""
         timer, self._timer = self._timer, None
@@ -380,7 +407,7 @@ class DaraTelemetry:
         self.duration.record(_perf() - started, final)
 
     def outbound(self, frame: bytes, message_type: str, started: float, start_ns: int, *,
-                 context: Context | None = None, outcome: str = "success",
+                 context: Context | _Trip | None = None, outcome: str = "success",
                  recipients: int | None = None) -> None:
         """Trace one sampled outbound operation that started at ``started`` and ends now.
 
@@ -394,8 +421,8 @@ class DaraTelemetry:
             attrs["dara.websocket.message.payload.type"] = ptype
         if recipients is not None:
             attrs["dara.websocket.recipients"] = recipients  # type: ignore[assignment]
-        self._defer(self._outbound_span, attrs, final, (start_ns, time.time_ns(), _perf() - started),
-                    self._context.get_current() if context is None else context)
+        self._defer(self._within, self.current() if context is None else context, self._outbound_span,
+                    attrs, final, (start_ns, time.time_ns(), _perf() - started))
 
     def _outbound_span(self, attrs: dict[str, str], final: dict[str, str], times: tuple[int, int, float],
                        context: Context) -> None:
@@ -423,8 +450,10 @@ class DaraTelemetry:
 
     def queue_wait(self, message_type: str, seconds: float) -> None:
         """Record a sampled queue wait (with the next batch, in the current context)."""
-        self._defer(self.queue_duration.record, seconds, self.queue_attributes[message_type],
-                    self._context.get_current())
+        self._defer(self._within, self.current(), self._queue_wait, seconds, self.queue_attributes[message_type])
+
+    def _queue_wait(self, seconds: float, attrs: dict[str, str], context: Context) -> None:
+        self.queue_duration.record(seconds, attrs, context)
 
     # ------------------------------------------------------------------ outbound
 
@@ -460,7 +489,7 @@ class DaraTelemetry:
         ``sample_every``), when it is, one span, one duration and at most two queue waits: ``0``
         if a recipient was written at once, and the wait of the first recipient that queued it."""
         started = _perf()
-        traced = self.out_budget <= 1 or _tracing.get()
+        traced = self.out_budget <= 1 or bool(_tracing.get())
         self.fanout, self.stamp_fanout, self.wrote_now = True, traced, False
         try:
             delivered = deliver(handlers, frame, ignore_channel)
@@ -597,29 +626,36 @@ class DaraTelemetry:
         ptype = payload_type(frame, message_type)
         if ptype is not None:
             attrs["dara.websocket.message.payload.type"] = ptype
-        started, outcome = _perf(), "success"
-        span = self.tracer.start_span("dara.websocket.round_trip", attributes=attrs)
-        inside = self._trace.set_span_in_context(span)
-        token = self._context.attach(inside)
-        tracing = _tracing.set(True)
+        parent, trip = self.current(), _Trip()
+        started, start_ns, outcome = _perf(), time.time_ns(), "success"
+        tracing = _tracing.set(trip)
         try:
             return await request
         except BaseException as exc:
             outcome = _outcome(exc)
             if outcome == "error":
-                span.set_attribute("error.type", type(exc).__name__)
-                span.set_status(self._error_status)
+                attrs["error.type"] = type(exc).__name__
             raise
         finally:
             _tracing.reset(tracing)
-            self._context.detach(token)
-            self._defer(self._trip_end, span, self._trip_attributes[message_type, outcome], _perf() - started,
-                        time.time_ns(), inside)
+            attrs["dara.outcome"] = outcome
+            final = self._trip_attributes[message_type, outcome]
+            self._defer(self._within, parent, self._trip_span, trip, (attrs, final),
+                        (start_ns, time.time_ns(), _perf() - started))
 
-    def _trip_end(self, span: Span, attrs: dict[str, str], seconds: float, end_ns: int, context: Context) -> None:
-        span.set_attribute("dara.outcome", attrs["dara.outcome"])
+    def _trip_span(self, trip: _Trip, attributes: tuple[dict[str, str], dict[str, str]],
+                   times: tuple[int, int, float], parent: Context) -> None:
+        """Make a sampled round trip's span, then what waited for it (its request frame's)."""
+        (attrs, final), (start_ns, end_ns, seconds) = attributes, times
+        span = self.tracer.start_span("dara.websocket.round_trip", parent, attributes=attrs, start_time=start_ns)
+        if "error.type" in attrs:
+            span.set_status(self._error_status)
         span.end(end_ns)
-        self.round_trip_duration.record(seconds, attrs, context)
+        trip.context = context = self._trace.set_span_in_context(span, parent)
+        self.round_trip_duration.record(seconds, final, context)
+        children, trip.children = trip.children, []
+        for job, args in children:
+            job(*args, context)
 
     # ------------------------------------------------------------------ hooks of custom handlers
 
@@ -734,8 +770,8 @@ class TimedQueue(OutboundQueue):
         self._telemetry = telemetry
         #: Frames removed (taken or dropped) since the queue last began stamping: a position.
         self._removed = 0
-        self._stamps: deque[tuple[int, float, Context | None]] | None = None
-        self._sending: tuple[bytes, str, float, int, Context] | None = None
+        self._stamps: deque[tuple[int, float, Context | _Trip | None]] | None = None
+        self._sending: tuple[bytes, str, float, int, Context | _Trip] | None = None
 
     def _append(self, frame: bytes) -> None:
         OutboundQueue._append(self, frame)
@@ -752,9 +788,9 @@ class TimedQueue(OutboundQueue):
         telemetry.queue_budget -= 1
         if telemetry.queue_budget <= 0 or _tracing.get():
             telemetry.queue_budget = telemetry.sample_every
-            self._stamp(telemetry._context.get_current())
+            self._stamp(telemetry.current())
 
-    def _stamp(self, context: Context | None) -> None:
+    def _stamp(self, context: Context | _Trip | None) -> None:
         """Stamp the frame just appended: it is taken out after the others queued now."""
         if type(self) is TimedQueue:
             self._removed = 0
