@@ -356,7 +356,8 @@ class DaraTelemetry:
         jobs.append((job, args))
         if len(jobs) >= _BATCH:
             self.flush()
-        elif self._timer is None:
+        elif self._timer is None or self._loop is None or self._loop.is_closed():  # (a loop that
+            # ended before its timer fired: the next one takes over)
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # outside a loop: now

@@ -612,3 +612,29 @@ async def test_a_round_trip_inside_a_traced_operation_is_traced_whatever_the_cou
     assert found["dara_ws.requests"][frozenset({("dara_ws.outcome", "answered")})] == 3
     durations = found["dara.websocket.round_trip.duration"]
     assert durations[frozenset({(T, "message"), (OP, "round_trip"), (OUT, "success")})].count == 2
+
+
+def test_samples_left_by_an_event_loop_that_ended_go_out_with_the_next_one(
+    otel: tuple[InMemoryMetricReader, InMemorySpanExporter, MeterProvider, TracerProvider],
+) -> None:
+    """A batch's timer dies with its loop: the next loop that samples takes the batch over."""
+    _reader, exporter, meter_provider, tracer_provider = otel
+    manager = WebsocketManager()
+    instrument(manager, meter_provider, tracer_provider, sample_every=1)
+
+    async def one_round_trip() -> None:
+        async with running_stack("websockets", manager=manager) as stack:
+            client = await stack.client()
+            client.on_request(lambda request: request.payload)
+            assert await manager.send_and_wait(client.channel, {"q": 1}) == {"q": 1}
+
+    def trips() -> int:
+        return len([s for s in exporter.get_finished_spans() if s.name == "dara.websocket.round_trip"])
+
+    asyncio.run(one_round_trip())  # its loop ends (as a rule) before the batch's timer fires
+
+    async def second() -> None:
+        await one_round_trip()
+        await eventually(lambda: trips() == 2, "both round trips' spans")
+
+    asyncio.run(second())
