@@ -257,7 +257,13 @@ class WebSocketHandler:
         counters.bytes_in += len(frame)
         telemetry = counters.telemetry
         if telemetry is not None:
-            return telemetry.inbound(self, frame, now)  # type: ignore[no-any-return]
+            if telemetry.in_budget <= 1:  # the frame to sample (telemetry_hooks)
+                return telemetry.inbound(self, frame, now)  # type: ignore[no-any-return]
+            events = self.connection.receive_frame(frame, now)
+            if len(events) != 1 or type(events[0]) is not RequestCompleted:
+                return telemetry.inbound_events(self, events)  # type: ignore[no-any-return]
+            telemetry.in_budget -= 1  # an answer: counted by requests_answered
+            return self.apply(events)
         return self.apply(self.connection.receive_frame(frame, now))
 
     def process_client_message(self, message: ClientMessage) -> Awaitable[None] | None:

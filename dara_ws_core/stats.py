@@ -24,7 +24,9 @@ from typing import Any
 #: what it sends and the handlers it starts are traced too, so a sampled trace is whole. Here,
 #: not in the telemetry's module, so that the handler's countdown of round trips reads it without
 #: importing that module.
-TRACING: contextvars.ContextVar[bool] = contextvars.ContextVar("dara_ws_tracing", default=False)
+#: (Truthy: ``True``, or the sampled round trip whose span is made later, which its request
+#: frame's span names as its parent.)
+TRACING: contextvars.ContextVar[object] = contextvars.ContextVar("dara_ws_tracing", default=False)
 
 
 def transport_label(transport: object) -> str:

@@ -75,7 +75,7 @@ def instrument(manager: WebsocketManager, meter_provider: MeterProvider | None =
     provider = meter_provider or metrics.get_meter_provider()
     meter = provider.get_meter("dara_ws_core")
     tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer("dara_ws_core")
-    manager.counters.telemetry = DaraTelemetry(meter, tracer, sample_every)
+    manager.counters.telemetry = DaraTelemetry(meter, tracer, sample_every, manager.counters)
     cached: list[Any] = [0.0, None]
 
     def snapshot() -> ServerStats:

@@ -52,14 +52,19 @@ before serving.
 
 What an unsampled operation costs when on (the measure of issue 13's bound is a round trip):
 a ``send_and_wait`` one decrement of ``trip_budget`` in the handler, which calls
-:meth:`DaraTelemetry.round_trip` only for a sampled one; an inbound frame one call
-(:meth:`DaraTelemetry.inbound`: a countdown, one lookup of its first event's kind, one count);
+:meth:`DaraTelemetry.round_trip` only for a sampled one; an answer to a server request nothing
+(the handler decodes it, counts the countdown down, and its ``requests_answered`` is the count,
+read when the SDK collects); any other inbound frame one call
+(:meth:`DaraTelemetry.inbound_events`: one lookup of its first event's kind, one count);
 a frame written at once one call (:meth:`TimedSink.write_now`, which counts a message inline;
 ``frames_queued`` and ``close`` are the driver's own bound methods); a queued frame one call
 when it is appended and none when it is taken out, unless the queue holds a stamp. A sampled
 operation makes as few SDK calls as it can: a span that nothing runs inside (an outbound frame's,
-an inbound answer's) is created at its end with its start time and every attribute, outcome
-included, since each later ``set_attribute`` costs the SDK a lock and a validation.
+an inbound answer's, a round trip's) is created once it has ended, with its start and end times,
+its parent and every attribute, outcome included, since each later ``set_attribute`` costs the
+SDK a lock and a validation; and that work, with the durations, is done in batches
+(``_BATCH``, ``_DELAY``), so that the SDK's code runs warm: run once per ``sample_every``
+operations, it ran cold, at nearly twice the CPU.
 
 This module imports OpenTelemetry inside :class:`DaraTelemetry` only.
 """
@@ -69,6 +74,8 @@ from __future__ import annotations
 __all__ = ["DaraTelemetry", "TimedQueue", "TimedSink", "frame_type"]
 
 import asyncio
+import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
@@ -86,7 +93,7 @@ from .connection import (
 )
 from .custom import DispatchHost, HandlerSpec, deliver, execute_async, execute_sync, send_outcome
 from .queue import OutboundQueue
-from .stats import TRACING
+from .stats import TRACING, Counters
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -96,6 +103,16 @@ if TYPE_CHECKING:
     from .handler import Sink, WebSocketHandler
 
 _perf = time.perf_counter
+logger = logging.getLogger(__name__)
+
+#: The SDK work of sampled operations that ended (their spans, durations and queue waits) is
+#: deferred and done in batches of this many jobs: the SDK's code then runs warm for all but the
+#: first of a batch. Run one at a time, once every ``sample_every`` operations, that code runs
+#: cold: a sampled round trip cost nearly twice as much CPU. A job holds no frame (at most a
+#: payload type, 128 characters), so a batch is bounded in bytes as well.
+_BATCH = 128
+#: ... and at most this many seconds after the first of a batch, and before every collection.
+_DELAY = 0.5
 
 #: True while a sampled (traced) operation runs: what it sends and the handlers it starts are
 #: traced too, so a sampled trace is whole.
@@ -178,8 +195,20 @@ def classify(events: Sequence[Event]) -> tuple[str | None, str]:
 
 #: What :func:`classify` says of the commonest first events, looked up by their class.
 _INBOUND: dict[type, tuple[str, str]] = {
-    CustomReceived: ("custom", "success"), RequestCompleted: ("message", "success"),
-    AnswerIgnored: ("message", "success"), RequestFailed: ("message", "error")}
+    CustomReceived: ("custom", "success"), AnswerIgnored: ("message", "success"),
+    RequestFailed: ("message", "error")}
+
+
+class _Trip:
+    """A sampled round trip (:data:`~dara_ws_core.stats.TRACING` while it runs), whose span is
+    made with a batch of deferred work once it has ended: the SDK work of what it traces (its
+    request frame) waits here for its context until then."""
+
+    __slots__ = ("children", "context")
+
+    def __init__(self) -> None:
+        self.context: Context | None = None
+        self.children: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
 
 
 def _outcome(error: BaseException) -> str:
@@ -194,7 +223,8 @@ class DaraTelemetry:
     ``opentelemetry-api`` and ``ValueError`` for a ``sample_every`` below 1.
     """
 
-    def __init__(self, meter: Meter, tracer: Tracer, sample_every: int = 64) -> None:
+    def __init__(self, meter: Meter, tracer: Tracer, sample_every: int = 64,
+                 counters: Counters | None = None) -> None:
         from opentelemetry import context, trace
         from opentelemetry.metrics import Observation
         from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -210,6 +240,17 @@ class DaraTelemetry:
         # Countdowns to the next sample, per kind; the first operation of each is sampled.
         self.in_budget = self.out_budget = self.queue_budget = self.trip_budget = 1
         self.lag_budget = 1
+        #: Deferred SDK work (see ``_BATCH``): done on the event loop's thread only.
+        self._jobs: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0
+        #: The manager's totals: an answer to a server request (a frame whose one event is a
+        #: ``RequestCompleted``, by far the commonest inbound frame of a round trip) is counted
+        #: by the handler's ``requests_answered`` (from this value on), not here: the handler
+        #: skips the telemetry for an unsampled one.
+        self.counters = counters
+        self._answered_base = counters.requests_answered if counters is not None else 0
         #: True while a fan-out delivers (it counts and traces its recipients as one); while a
         #: sampled one does, the first recipient that queues the frame stamps it; a recipient
         #: that writes it at once says so.
@@ -281,14 +322,76 @@ class DaraTelemetry:
             yield self._observation(count, self.attributes(direction, message_type, outcome, execution))
 
     def _observe_executions(self, options: CallbackOptions) -> Iterator[Observation]:
+        # Collection runs the observable callbacks before it reads the histograms: the samples
+        # deferred so far are in this collection (on the loop's thread; from another, the next).
+        if self._jobs:
+            if threading.get_ident() == self._thread:
+                self.flush()
+            elif self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self.flush)
         sent = [(("outbound", t, "success", ""), n) for t, n in list(self.sent.items()) if n]
-        yield from self._observations(sent + list(self.executions.items()))
+        executions = dict(list(self.executions.items()))
+        answered = self.answered()
+        if answered:
+            key = ("inbound", "message", "success", "")
+            executions[key] = executions.get(key, 0) + answered
+        yield from self._observations(sent + list(executions.items()))
+
+    def answered(self) -> int:
+        """Inbound answers to server requests since this telemetry was created (the
+        handler's count)."""
+        counters = self.counters
+        return 0 if counters is None else counters.requests_answered - self._answered_base
 
     def _observe_running(self, options: CallbackOptions) -> Iterator[Observation]:
         yield from self._observations(list(self.running.items()))
 
     def _count(self, table: dict[Key, int], key: Key, add: int = 1) -> None:
         table[key] = table.get(key, 0) + add
+
+    def _defer(self, job: Callable[..., Any], *args: Any) -> None:
+        """Do ``job(*args)`` (SDK work of an ended sampled operation, every time and context
+        given) with the next batch."""
+        jobs = self._jobs
+        jobs.append((job, args))
+        if len(jobs) >= _BATCH:
+            self.flush()
+        elif self._timer is None or self._loop is None or self._loop.is_closed():  # (a loop that
+            # ended before its timer fired: the next one takes over)
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # outside a loop: now
+                self.flush()
+                return
+            self._loop, self._thread = loop, threading.get_ident()
+            self._timer = loop.call_later(_DELAY, self.flush)
+
+    def _within(self, parent: Context | _Trip, job: Callable[..., Any], *args: Any) -> None:
+        """``job(*args, context)`` in ``parent``'s context, once that exists (deferred work)."""
+        if type(parent) is _Trip:
+            if parent.context is None:
+                parent.children.append((job, args))
+                return
+            parent = parent.context
+        job(*args, parent)
+
+    def current(self) -> Context | _Trip:
+        """Where what is sampled now belongs: the round trip being traced, or the current
+        context."""
+        tracing = _tracing.get()
+        return tracing if type(tracing) is _Trip else self._context.get_current()
+
+    def flush(self) -> None:
+        """Do the deferred SDK work now (on the event loop's thread)."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+        jobs, self._jobs = self._jobs, []
+        for job, args in jobs:
+            try:
+                job(*args)
+            except Exception:  # the SDK's failure must not lose the rest of the batch
+                logger.exception("telemetry: recording a sampled operation failed")
 
     # ------------------------------------------------------------------ sampled operations
 
@@ -308,12 +411,13 @@ class DaraTelemetry:
         self.duration.record(_perf() - started, final)
 
     def outbound(self, frame: bytes, message_type: str, started: float, start_ns: int, *,
-                 context: Context | None = None, outcome: str = "success",
+                 context: Context | _Trip | None = None, outcome: str = "success",
                  recipients: int | None = None) -> None:
         """Trace one sampled outbound operation that started at ``started`` and ends now.
 
-        Its span is created now, with its start time, so it is given every attribute at once:
-        a ``set_attribute`` afterwards costs the SDK a lock and a validation each."""
+        Its span is created with the next batch of deferred work, with its start and end
+        times, so it is given every attribute at once: a ``set_attribute`` afterwards costs the
+        SDK a lock and a validation each. Its parent is ``context``, else the current one."""
         final = self.attributes("outbound", message_type, outcome)
         attrs = {**self.attributes("outbound", message_type), "dara.outcome": outcome}
         ptype = payload_type(frame, message_type)
@@ -321,11 +425,17 @@ class DaraTelemetry:
             attrs["dara.websocket.message.payload.type"] = ptype
         if recipients is not None:
             attrs["dara.websocket.recipients"] = recipients  # type: ignore[assignment]
+        self._defer(self._within, self.current() if context is None else context, self._outbound_span,
+                    attrs, final, (start_ns, time.time_ns(), _perf() - started))
+
+    def _outbound_span(self, attrs: dict[str, str], final: dict[str, str], times: tuple[int, int, float],
+                       context: Context) -> None:
+        start_ns, end_ns, seconds = times
         span = self._span("dara.websocket.message.outbound", attrs, self._producer, start_ns, context)
-        if outcome == "error":
+        if attrs["dara.outcome"] == "error":
             span.set_status(self._error_status)
-        span.end()
-        self.duration.record(_perf() - started, final)
+        span.end(end_ns)
+        self.duration.record(seconds, final, context)
 
     def backplane_lag(self, seconds: float) -> None:
         """A backplane delivery arrived ``seconds`` after it was published: 1 in
@@ -340,7 +450,14 @@ class DaraTelemetry:
         self.queue_budget = self.sample_every
         message_type = frame_type(frame)
         if message_type is not None:
-            self.queue_duration.record(seconds, self.queue_attributes[message_type])
+            self.queue_wait(message_type, seconds)
+
+    def queue_wait(self, message_type: str, seconds: float) -> None:
+        """Record a sampled queue wait (with the next batch, in the current context)."""
+        self._defer(self._within, self.current(), self._queue_wait, seconds, self.queue_attributes[message_type])
+
+    def _queue_wait(self, seconds: float, attrs: dict[str, str], context: Context) -> None:
+        self.queue_duration.record(seconds, attrs, context)
 
     # ------------------------------------------------------------------ outbound
 
@@ -376,7 +493,7 @@ class DaraTelemetry:
         ``sample_every``), when it is, one span, one duration and at most two queue waits: ``0``
         if a recipient was written at once, and the wait of the first recipient that queued it."""
         started = _perf()
-        traced = self.out_budget <= 1 or _tracing.get()
+        traced = self.out_budget <= 1 or bool(_tracing.get())
         self.fanout, self.stamp_fanout, self.wrote_now = True, traced, False
         try:
             delivered = deliver(handlers, frame, ignore_channel)
@@ -391,7 +508,7 @@ class DaraTelemetry:
             return delivered
         self.out_budget = self.sample_every
         if self.wrote_now:
-            self.queue_duration.record(0.0, self.queue_attributes[message_type])
+            self.queue_wait(message_type, 0.0)
         start_ns = time.time_ns() - int((_perf() - started) * 1e9)
         self.outbound(frame, message_type, started, start_ns, recipients=delivered)
         return delivered
@@ -401,15 +518,24 @@ class DaraTelemetry:
     def inbound(self, handler: WebSocketHandler, frame: str | bytes, now: float) -> Awaitable[None] | None:
         """``WebSocketHandler.receive_frame`` with telemetry: decode, count, and for 1 frame in
         ``sample_every`` carry out the events inside the inbound span (a handler's span is its
-        child).
-
-        The unsampled path is a countdown, one lookup of the first event's kind and one count:
-        no span, no clock, no call beyond the handler's own."""
+        child). The handler calls it for the frame to sample (``in_budget`` down to 1) and
+        decodes the others itself (see :meth:`inbound_events`)."""
         if self.in_budget <= 1:
             return self._inbound_traced(handler, frame, now)
-        events = handler.connection.receive_frame(frame, now)
+        return self.inbound_events(handler, handler.connection.receive_frame(frame, now))
+
+    def inbound_events(self, handler: WebSocketHandler, events: Sequence[Event]) -> Awaitable[None] | None:
+        """An unsampled inbound frame, decoded into ``events``: counted, then carried out.
+
+        An answer to a server request (one ``RequestCompleted``) is counted by the handler's
+        ``requests_answered`` and read from there when the SDK collects (:meth:`answered`): the
+        handler does not even call this for one. Any other frame costs one lookup of its first
+        event's kind and one count: no span, no clock."""
         found = _INBOUND.get(type(events[0])) if events else None
-        if found is None:  # a ping, a part of a chunked answer, an error: the general path
+        if found is None:  # an answer, a ping, a part of a chunked answer, an error
+            if len(events) == 1 and type(events[0]) is RequestCompleted:
+                self.in_budget -= 1  # counted by requests_answered
+                return handler.apply(events)
             message_type, outcome = classify(events)
             if message_type is None or (not events and handler.closed):
                 return handler.apply(events)
@@ -443,12 +569,10 @@ class DaraTelemetry:
         if len(events) == 1 and type(events[0]) is RequestCompleted:
             # An answer only settles its request's future: nothing runs inside its span, which
             # is therefore created at its end, given every attribute at once.
-            handler.apply(events)
-            self._count(self.executions, ("inbound", message_type, outcome, ""))
+            handler.apply(events)  # counted by requests_answered
             final = self.attributes("inbound", message_type, outcome)
-            span = self._span("dara.websocket.message.inbound", final, self._consumer, start_ns)
-            span.end()
-            self.duration.record(_perf() - started, final)
+            self._defer(self._answer_span, final, start_ns, time.time_ns(), _perf() - started,
+                        self._context.get_current())
             return None
         attrs = self.attributes("inbound", message_type)
         span = self._span("dara.websocket.message.inbound", attrs, self._consumer, start_ns)
@@ -470,6 +594,11 @@ class DaraTelemetry:
             self._inbound_done(message_type, outcome, started, span)
             return None
         return self._inbound_rest(pending, message_type, outcome, started, span)
+
+    def _answer_span(self, attrs: dict[str, str], start_ns: int, end_ns: int, seconds: float,
+                     context: Context) -> None:
+        self._span("dara.websocket.message.inbound", attrs, self._consumer, start_ns, context).end(end_ns)
+        self.duration.record(seconds, attrs, context)
 
     def _inbound_done(self, message_type: str, outcome: str, started: float, span: Span | None) -> None:
         self._count(self.executions, ("inbound", message_type, outcome, ""))
@@ -501,24 +630,36 @@ class DaraTelemetry:
         ptype = payload_type(frame, message_type)
         if ptype is not None:
             attrs["dara.websocket.message.payload.type"] = ptype
-        started, outcome = _perf(), "success"
-        span = self.tracer.start_span("dara.websocket.round_trip", attributes=attrs)
-        token = self._context.attach(self._trace.set_span_in_context(span))
-        tracing = _tracing.set(True)
+        parent, trip = self.current(), _Trip()
+        started, start_ns, outcome = _perf(), time.time_ns(), "success"
+        tracing = _tracing.set(trip)
         try:
             return await request
         except BaseException as exc:
             outcome = _outcome(exc)
             if outcome == "error":
-                span.set_attribute("error.type", type(exc).__name__)
-                span.set_status(self._error_status)
+                attrs["error.type"] = type(exc).__name__
             raise
         finally:
             _tracing.reset(tracing)
-            span.set_attribute("dara.outcome", outcome)
-            self.round_trip_duration.record(_perf() - started, self._trip_attributes[message_type, outcome])
-            span.end()
-            self._context.detach(token)
+            attrs["dara.outcome"] = outcome
+            final = self._trip_attributes[message_type, outcome]
+            self._defer(self._within, parent, self._trip_span, trip, (attrs, final),
+                        (start_ns, time.time_ns(), _perf() - started))
+
+    def _trip_span(self, trip: _Trip, attributes: tuple[dict[str, str], dict[str, str]],
+                   times: tuple[int, int, float], parent: Context) -> None:
+        """Make a sampled round trip's span, then what waited for it (its request frame's)."""
+        (attrs, final), (start_ns, end_ns, seconds) = attributes, times
+        span = self.tracer.start_span("dara.websocket.round_trip", parent, attributes=attrs, start_time=start_ns)
+        if "error.type" in attrs:
+            span.set_status(self._error_status)
+        span.end(end_ns)
+        trip.context = context = self._trace.set_span_in_context(span, parent)
+        self.round_trip_duration.record(seconds, final, context)
+        children, trip.children = trip.children, []
+        for job, args in children:
+            job(*args, context)
 
     # ------------------------------------------------------------------ hooks of custom handlers
 
@@ -643,8 +784,8 @@ class TimedQueue(OutboundQueue):
         self._telemetry = telemetry
         #: Frames removed (taken or dropped) since the queue last began stamping: a position.
         self._removed = 0
-        self._stamps: deque[tuple[int, float, Context | None]] | None = None
-        self._sending: tuple[bytes, str, float, int, Context] | None = None
+        self._stamps: deque[tuple[int, float, Context | _Trip | None]] | None = None
+        self._sending: tuple[bytes, str, float, int, Context | _Trip] | None = None
 
     def _append(self, frame: bytes) -> None:
         OutboundQueue._append(self, frame)
@@ -661,9 +802,9 @@ class TimedQueue(OutboundQueue):
         telemetry.queue_budget -= 1
         if telemetry.queue_budget <= 0 or _tracing.get():
             telemetry.queue_budget = telemetry.sample_every
-            self._stamp(telemetry._context.get_current())
+            self._stamp(telemetry.current())
 
-    def _stamp(self, context: Context | None) -> None:
+    def _stamp(self, context: Context | _Trip | None) -> None:
         """Stamp the frame just appended: it is taken out after the others queued now."""
         if type(self) is TimedQueue:
             self._removed = 0
@@ -709,7 +850,7 @@ class TimedQueue(OutboundQueue):
             return
         now = _perf()
         telemetry = self._telemetry
-        telemetry.queue_duration.record(now - queued, telemetry.queue_attributes[message_type])
+        telemetry.queue_wait(message_type, now - queued)
         if context is not None:
             self._sending = (frame, message_type, now, time.time_ns(), context)
 

@@ -306,6 +306,85 @@ async def test_one_round_trip_in_n_is_timed_and_traced_and_every_one_counted(
     assert executions[key(direction="inbound", type="message", operation="message", outcome="success")] == 5
 
 
+async def test_answers_are_counted_by_the_handler_from_instrument_on(
+    otel: tuple[InMemoryMetricReader, InMemorySpanExporter, MeterProvider, TracerProvider],
+) -> None:
+    """An unsampled answer skips the telemetry: Dara's count of inbound messages reads the
+    handler's ``requests_answered`` when the SDK collects, from the value it had when
+    ``instrument`` was called; an answer that comes too late is counted by the telemetry."""
+    reader, exporter, meter_provider, tracer_provider = otel
+    manager = WebsocketManager()
+    async with running_stack("websockets", manager=manager) as stack:
+        client = await stack.client()
+        client.on_request(lambda request: request.payload)
+        for k in range(3):  # before instrument(): not counted
+            assert await manager.send_and_wait(client.channel, {"q": k}) == {"q": k}
+        instrument(manager, meter_provider, tracer_provider, sample_every=3)
+        for k in range(7):  # the 1st, 4th and 7th answers sampled, the others not
+            assert await manager.send_and_wait(client.channel, {"q": k}) == {"q": k}
+        release = asyncio.Event()
+
+        async def late(request: Any) -> int:
+            await release.wait()
+            return 1
+
+        client.on_request(late)
+        with pytest.raises(Exception, match="no answer"):
+            await manager.send_and_wait(client.channel, {"q": "late"}, timeout=0.05)
+        release.set()
+        success = key(direction="inbound", type="message", operation="message", outcome="success")
+        await eventually(lambda: points(reader)["dara.websocket.message.executions"].get(success) == 8,
+                         "7 answers and a late one counted")
+        found = points(reader)
+    assert found["dara.websocket.message.executions"][success] == 8
+    assert found["dara_ws.requests"][frozenset({("dara_ws.outcome", "answered")})] == 10
+    answers = [span for span in exporter.get_finished_spans() if span.name == "dara.websocket.message.inbound"]
+    assert len(answers) == 3
+    assert found["dara.websocket.message.duration"][success].count == 3
+
+
+async def test_sampled_spans_are_made_in_bounded_batches_with_their_own_times_and_parents(
+    otel: tuple[InMemoryMetricReader, InMemorySpanExporter, MeterProvider, TracerProvider],
+) -> None:
+    """The SDK work of ended sampled operations is done in batches (warm), bounded in count
+    and in time, and what it makes is what the operations were: times and parents."""
+    reader, exporter, meter_provider, tracer_provider = otel
+    manager = WebsocketManager()
+    instrument(manager, meter_provider, tracer_provider, sample_every=1)
+
+    def named(name: str) -> list[Any]:
+        return [span for span in exporter.get_finished_spans() if span.name == name]
+
+    async with running_stack("websockets", manager=manager) as stack:
+        client = await stack.client()
+        client.on_request(lambda request: request.payload)
+        for k in range(40):
+            assert await manager.send_and_wait(client.channel, {"q": k}) == {"q": k}
+        # A full batch was made without waiting for anything: a batch is bounded in count.
+        assert 0 < len(named("dara.websocket.round_trip")) < 40
+        # The rest follows without a collection, bounded in time.
+        await eventually(lambda: len(named("dara.websocket.round_trip")) == 40, "every round trip's span")
+    trips = {span.context.span_id: span for span in named("dara.websocket.round_trip")}
+    requests = [span for span in named("dara.websocket.message.outbound")
+                if span.parent is not None and span.parent.span_id in trips]
+    assert len(requests) == 40
+    for request in requests:
+        assert request.parent is not None
+        trip = trips[request.parent.span_id]
+        assert trip.start_time is not None and trip.end_time is not None
+        assert request.start_time is not None and request.end_time is not None
+        assert trip.start_time <= request.start_time <= request.end_time <= trip.end_time
+        assert (trip.attributes or {}).get(OUT) == "success"
+    answers = named("dara.websocket.message.inbound")
+    assert len(answers) == 40
+    assert all(a.start_time is not None and a.end_time is not None and a.start_time <= a.end_time
+               for a in answers)
+    found = points(reader)
+    assert found["dara.websocket.round_trip.duration"][
+        frozenset({(T, "message"), (OP, "round_trip"), (OUT, "success")})].count == 40
+    assert found["dara.websocket.queue.duration"][frozenset({(T, "message")})].count == 40
+
+
 def test_sample_every_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         instrument(WebsocketManager(), MeterProvider(), TracerProvider(), sample_every=0)
@@ -533,3 +612,29 @@ async def test_a_round_trip_inside_a_traced_operation_is_traced_whatever_the_cou
     assert found["dara_ws.requests"][frozenset({("dara_ws.outcome", "answered")})] == 3
     durations = found["dara.websocket.round_trip.duration"]
     assert durations[frozenset({(T, "message"), (OP, "round_trip"), (OUT, "success")})].count == 2
+
+
+def test_samples_left_by_an_event_loop_that_ended_go_out_with_the_next_one(
+    otel: tuple[InMemoryMetricReader, InMemorySpanExporter, MeterProvider, TracerProvider],
+) -> None:
+    """A batch's timer dies with its loop: the next loop that samples takes the batch over."""
+    _reader, exporter, meter_provider, tracer_provider = otel
+    manager = WebsocketManager()
+    instrument(manager, meter_provider, tracer_provider, sample_every=1)
+
+    async def one_round_trip() -> None:
+        async with running_stack("websockets", manager=manager) as stack:
+            client = await stack.client()
+            client.on_request(lambda request: request.payload)
+            assert await manager.send_and_wait(client.channel, {"q": 1}) == {"q": 1}
+
+    def trips() -> int:
+        return len([s for s in exporter.get_finished_spans() if s.name == "dara.websocket.round_trip"])
+
+    asyncio.run(one_round_trip())  # its loop ends (as a rule) before the batch's timer fires
+
+    async def second() -> None:
+        await one_round_trip()
+        await eventually(lambda: trips() == 2, "both round trips' spans")
+
+    asyncio.run(second())
