@@ -107,20 +107,17 @@ class ConnectionDriver:
         return self._write_corked(frame)
 
     def write_at_once(self, frame: bytes) -> bool:
+        cork = self._cork
+        if cork is None or self._wrote == _NEVER:  # no synchronous write beside a cork
+            if not self.write_now(frame):
+                return False
+            self.flush()  # a no-op unless it was corked
+            return True
         if self._sender is not None or self._closed is not None:
             return False
-        cork = self._cork
-        if cork is None:
-            write = self._write
-            return write is not None and write(frame)
-        if self._wrote != _NEVER:  # it writes synchronously too: after what is corked, in order
-            if self._corked:
-                self.flush()
-            return cork.send_nowait(frame)
-        if not self._write_corked(frame):
-            return False
-        self.flush()
-        return True
+        if self._corked:  # what is corked goes first, in order
+            self.flush()
+        return cork.send_nowait(frame)
 
     def frames_queued(self) -> None:
         if self._sender is None and self._closed is None:

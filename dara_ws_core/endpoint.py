@@ -180,6 +180,9 @@ class Endpoint:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
             self._sweeper = None
+        telemetry = self.manager.counters.telemetry
+        if telemetry is not None:  # the sampled operations' deferred SDK work, before the loop ends
+            telemetry.flush()
 
 
 def _handshake_log(request: HandshakeRequest, identity: Identity | None = None) -> ConnectionLogger:

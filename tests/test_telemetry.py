@@ -385,6 +385,24 @@ async def test_sampled_spans_are_made_in_bounded_batches_with_their_own_times_an
     assert found["dara.websocket.queue.duration"][frozenset({(T, "message")})].count == 40
 
 
+async def test_the_endpoint_shutdown_records_the_deferred_spans(
+    otel: tuple[InMemoryMetricReader, InMemorySpanExporter, MeterProvider, TracerProvider],
+) -> None:
+    """Sampled spans wait up to half a second for their batch: a server that stops meanwhile
+    records them when it shuts down, not never."""
+    _, exporter, meter_provider, tracer_provider = otel
+    manager = WebsocketManager()
+    instrument(manager, meter_provider, tracer_provider, sample_every=1)
+    async with running_stack("websockets", manager=manager) as stack:
+        client = await stack.client()
+        client.on_request(lambda request: request.payload)
+        assert await manager.send_and_wait(client.channel, {"q": 1}) == {"q": 1}
+        assert not [s for s in exporter.get_finished_spans() if s.name == "dara.websocket.round_trip"]
+        await stack.endpoint.shutdown()
+        trips = [s for s in exporter.get_finished_spans() if s.name == "dara.websocket.round_trip"]
+    assert len(trips) == 1
+
+
 def test_sample_every_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         instrument(WebsocketManager(), MeterProvider(), TracerProvider(), sample_every=0)
