@@ -36,11 +36,13 @@ __all__ = [
     "close_payload",
     "encode_frame",
     "handshake_request",
+    "open_channel",
     "server_holds_socket",
 ]
 
 import asyncio
 import base64
+import json
 import os
 import socket
 import struct
@@ -420,3 +422,17 @@ def server_holds_socket(server_port: int, client_port: int) -> bool:
             ):
                 return True
     return False
+
+
+#: The handshake path of a raw client: the demo authenticator's token (user ``mallory``).
+TOKEN_PATH = "/api/core/ws?token=mallory:s1"
+
+
+async def open_channel(port: int, *, rcvbuf: int | None = None) -> tuple[HostileClient, str]:
+    """A raw client on ``127.0.0.1:port`` past the handshake, with its channel id (from
+    ``init``)."""
+    client = await HostileClient.open(port, rcvbuf=rcvbuf)
+    response = await client.handshake(TOKEN_PATH)
+    assert response.status == 101, response
+    init = json.loads((await client.read_frame()).text)
+    return client, init["message"]["channel"]

@@ -26,6 +26,7 @@ from dara_ws_core import (
 from dara_ws_core.transport import MAX_COOKIES, HandshakeRequest, parse_cookies
 
 from .hostile import CLOSE, PING, TEXT, HostileClient, close_payload, encode_frame, server_holds_socket
+from .hostile import open_channel as open_port_channel
 from .stacks import TRANSPORTS, Stack, running_stack, verify_token
 
 SOCKETS = sorted(t for t in TRANSPORTS if t != "memory")
@@ -49,11 +50,7 @@ def socket_stack(request: pytest.FixtureRequest) -> Callable[..., contextlib.Abs
 async def open_channel(stack: Stack, *, rcvbuf: int | None = None) -> tuple[HostileClient, str]:
     """A raw client past the handshake, with its channel id (from ``init``)."""
     assert stack.port is not None
-    client = await HostileClient.open(stack.port, rcvbuf=rcvbuf)
-    response = await client.handshake(TOKEN_PATH)
-    assert response.status == 101, response
-    init = json.loads((await client.read_frame()).text)
-    return client, init["message"]["channel"]
+    return await open_port_channel(stack.port, rcvbuf=rcvbuf)
 
 
 async def released(port: int, client: HostileClient, timeout: float) -> bool:

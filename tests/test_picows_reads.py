@@ -20,19 +20,8 @@ from dara_ws_core import ServerConfig
 from dara_ws_picows import READ_LIMIT, PicowsTransport
 
 from .helpers import eventually
-from .hostile import TEXT, HostileClient, encode_frame
+from .hostile import TEXT, encode_frame, open_channel
 from .stacks import running_stack
-
-TOKEN_PATH = "/api/core/ws?token=mallory:s1"
-
-
-async def open_channel(port: int) -> tuple[HostileClient, str]:
-    client = await HostileClient.open(port)
-    response = await client.handshake(TOKEN_PATH)
-    assert response.status == 101, response
-    init = json.loads((await client.read_frame()).text)
-    return client, init["message"]["channel"]
-
 
 MARK: contextvars.ContextVar[str] = contextvars.ContextVar("mark", default="unset")
 

@@ -4,7 +4,6 @@ sockets: a client that stops reading until frames are dropped, then reads again.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,19 +12,10 @@ import pytest
 from dara_ws_core import ServerConfig, SlowConsumerPolicy, WebsocketManager
 
 from .helpers import eventually
-from .hostile import HostileClient
+from .hostile import open_channel
 from .stacks import running_stack
 
-TOKEN_PATH = "/api/core/ws?token=mallory:s1"
 PAD = "z" * 16 * 1024
-
-
-async def open_channel(port: int, *, rcvbuf: int | None = None) -> tuple[HostileClient, str]:
-    client = await HostileClient.open(port, rcvbuf=rcvbuf)
-    response = await client.handshake(TOKEN_PATH)
-    assert response.status == 101, response
-    init = json.loads((await client.read_frame()).text)
-    return client, init["message"]["channel"]
 
 
 @pytest.fixture
