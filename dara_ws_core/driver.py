@@ -402,6 +402,8 @@ def write_through(through: bool, streak: int, *, corked: int, frames: int, writt
 
 _FLUSHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flusher] = (
     weakref.WeakKeyDictionary())
+#: The loop of the last fan-out (weakly) and its flusher: one tuple, replaced at once.
+_current: tuple[Callable[[], asyncio.AbstractEventLoop | None], _Flusher | None] = (lambda: None, None)
 
 
 def fan_out_through(handlers: Iterable[WebSocketHandler], frame: bytes, ignore_channel: str | None,
@@ -415,8 +417,18 @@ def fan_out_through(handlers: Iterable[WebSocketHandler], frame: bytes, ignore_c
     (:class:`~dara_ws_core.transport.SupportsWriter`) or ``send_nowait``, no call in between.
     Returns how many were written so, and the other recipients, in order, for the caller to
     ``offer`` the frame (which decides for them as usual)."""
+    global _current
     loop = asyncio._get_running_loop()
-    flusher = _FLUSHERS.get(loop) if loop is not None else None
+    if loop is None:
+        return None
+    current = _current
+    if current[0]() is loop:
+        flusher: _Flusher | None = current[1]
+    else:  # another loop than the last fan-out's (a WeakKeyDictionary look-up costs a weakref)
+        flusher = _FLUSHERS.get(loop)
+        if flusher is None:
+            return None
+        _current = (weakref.ref(loop), flusher)
     if flusher is None or not flusher.through:
         return None
     epoch = flusher.epoch
@@ -454,7 +466,7 @@ def fan_out_through(handlers: Iterable[WebSocketHandler], frame: bytes, ignore_c
             flusher.written += written
             if not flusher._scheduled:  # the pass still runs: it ends the iteration (epoch)
                 flusher._scheduled = True
-                loop.call_soon(flusher._flush)  # type: ignore[union-attr]  # found by it
+                loop.call_soon(flusher._flush)
     return written, rest
 
 

@@ -29,7 +29,8 @@ from websockets.frames import Frame, Opcode
 from dara_ws_aiohttp import AiohttpTransport
 from dara_ws_aiohttp import serve as aiohttp_serve
 from dara_ws_core import Endpoint, Identity, ServerConfig, WebsocketManager, token_authenticator
-from dara_ws_core.driver import THROUGH_AFTER, THROUGH_MIN_CONNECTIONS, _flusher, write_through
+from dara_ws_core.driver import THROUGH_AFTER, THROUGH_MIN_CONNECTIONS, _flusher, fan_out_through, write_through
+from dara_ws_core.stats import Counters
 from dara_ws_core.transport import SupportsCork, text_frame_header
 from dara_ws_picows import PicowsTransport
 from dara_ws_picows import serve as picows_serve
@@ -525,3 +526,17 @@ async def test_a_fan_out_written_through_skips_the_ignored_channel_and_acknowled
         assert not any(arrived(c) for c in clients)  # nothing more
         for client in clients:
             await client.close()
+
+
+def test_the_fan_out_loop_follows_the_running_loops_write_mode() -> None:
+    # fan_out_through keeps the last loop's flusher: another loop must get its own.
+    async def fan_out(through: bool | None) -> tuple[int, list[Any]] | None:
+        if through is not None:
+            _flusher(asyncio.get_running_loop()).through = through
+        return fan_out_through([], b"{}", None, Counters())
+
+    assert fan_out_through([], b"{}", None, Counters()) is None  # no loop running
+    assert asyncio.run(fan_out(None)) is None  # no connection on this loop: no flusher
+    assert asyncio.run(fan_out(True)) == (0, [])
+    assert asyncio.run(fan_out(False)) is None  # not the previous loop's mode
+    assert asyncio.run(fan_out(True)) == (0, [])
