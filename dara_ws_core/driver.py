@@ -21,6 +21,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from . import handler as _handler
 from .auth import Identity
 from .exceptions import CloseCode, ConnectionClosed
 from .handler import WebSocketHandler, current_channel, current_identity
@@ -468,6 +469,9 @@ def fan_out_through(handlers: Iterable[WebSocketHandler], frame: bytes, ignore_c
                 flusher._scheduled = True
                 loop.call_soon(flusher._flush)
     return written, rest
+
+
+_handler.fan_out_through = fan_out_through
 
 
 def _flusher(loop: asyncio.AbstractEventLoop) -> _Flusher:

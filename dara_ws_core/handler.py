@@ -83,6 +83,14 @@ class Sink(Protocol):
 #: :attr:`WebSocketHandler.ack_at` once reached: told already, nothing to wait for.
 ACK_PARKED = 1 << 62
 
+#: The fan-out written through, when a driver that can do it is loaded (``driver.fan_out_through``
+#: sets itself here at import): ``fan_out(handlers, frame, ignore_channel, counters)`` writes
+#: the recipients it can, and returns how many and the others, or ``None``. A hook rather than an
+#: import because the manager sits below the driver: the driver imports the manager's module.
+FanOut = Callable[[Iterable["WebSocketHandler"], bytes, "str | None", Counters],
+                  "tuple[int, list[WebSocketHandler]] | None"]
+fan_out_through: FanOut | None = None
+
 
 #: What a server request's waiter holds when its timer ran out before the answer came: a
 #: result, not an exception, so that a caller cancelled at the same moment leaves no

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
+from . import handler as _handler
 from .auth import Identity
 from .codec import build_frame
 from .config import ServerConfig
 from .custom import CustomHandler, CustomHandlerRegistry
-from .driver import fan_out_through
 from .exceptions import BackplaneError, CloseCode, ConnectionClosed, UnknownChannel
 from .handler import _DEFAULT, ACK_PARKED, Sink, WebSocketHandler
 from .messages import LoosePayload
@@ -501,8 +501,9 @@ class WebsocketManager:
     ) -> int:
         counters = self.counters
         delivered = 0
-        if counters.telemetry is None:  # (with it, every recipient is counted by its sink)
-            through = fan_out_through(handlers, frame, ignore_channel, counters)
+        fan_out = _handler.fan_out_through
+        if fan_out is not None and counters.telemetry is None:  # (with it, sinks count each one)
+            through = fan_out(handlers, frame, ignore_channel, counters)
             if through is not None:  # written through: what it did not write is offered below
                 delivered, handlers = through
         full: list[WebSocketHandler] | None = None

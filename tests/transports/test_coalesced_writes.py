@@ -28,7 +28,7 @@ from websockets.frames import Frame, Opcode
 
 from dara_ws_aiohttp import AiohttpTransport
 from dara_ws_aiohttp import serve as aiohttp_serve
-from dara_ws_core import Endpoint, Identity, ServerConfig, WebsocketManager, token_authenticator
+from dara_ws_core import Endpoint, Identity, ServerConfig, WebSocketHandler, WebsocketManager, token_authenticator
 from dara_ws_core.driver import THROUGH_AFTER, THROUGH_MIN_CONNECTIONS, _flusher, fan_out_through, write_through
 from dara_ws_core.stats import Counters
 from dara_ws_core.transport import SupportsCork, text_frame_header
@@ -347,9 +347,12 @@ def corked_now(handler: Any) -> bool:
 
 
 @pytest.mark.parametrize("adapter", ["websockets", "picows"])
-async def test_fan_outs_of_one_frame_per_iteration_are_written_through(adapter: str) -> None:
+async def test_fan_outs_of_one_frame_per_iteration_are_written_through(
+    adapter: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # No burst to coalesce: after THROUGH_AFTER such fan-outs the cork is skipped, and a frame
-    # is written within the broadcast call (one system call either way, one pass less).
+    # is written within the broadcast call (one system call either way, one pass less), by the
+    # fan-out loop itself (fan_out_through): no recipient goes through WebSocketHandler.offer.
     n = THROUGH_MIN_CONNECTIONS + 6
     async with served(adapter) as srv:
         clients = await srv.clients(n)
@@ -360,7 +363,17 @@ async def test_fan_outs_of_one_frame_per_iteration_are_written_through(adapter: 
         await asyncio.sleep(0)
         await fan_out_one_frame_per_iteration(srv, THROUGH_AFTER)
         before = [len(w.writes) for w in wires]
+        offered: list[Any] = []
+        offer = WebSocketHandler.offer
+
+        def counted_offer(handler: WebSocketHandler, frame: bytes, **kw: Any) -> bool:
+            offered.append(handler)
+            return offer(handler, frame, **kw)
+
+        monkeypatch.setattr(WebSocketHandler, "offer", counted_offer)
         await srv.manager.broadcast({"n": THROUGH_AFTER})
+        monkeypatch.undo()
+        assert offered == []  # every recipient written by the fan-out loop
         assert not any(corked_now(h) for h in handlers)  # written through, within the call
         if adapter == "websockets":  # (picows writes it from C, uncounted)
             assert [len(w.writes) - b for w, b in zip(wires, before, strict=True)] == [1] * n
