@@ -140,7 +140,9 @@ class WebsocketsTransport:
         ws = self._ws
         if type(ws) is _ServerConnection and ws.protocol.state is State.OPEN:
             messages = ws.recv_messages
-            if not messages.closed and not len(messages.frames):
+            # The assembler's queue of frames (websockets 14 to 17): without it, no hand-over.
+            frames = getattr(messages, "frames", None)
+            if frames is not None and not messages.closed and not len(frames):
                 self._pusher, self._push_left = push, limit
                 self._waiter = waiter = ws.loop.create_future()
                 ws.dara_push = self
