@@ -46,7 +46,6 @@ from dara_ws_core import (
     AuthenticationFailed,
     BackplaneError,
     ConnectionClosed,
-    DaraClient,
     DaraWSError,
     Endpoint,
     HandshakeRequest,
@@ -287,6 +286,8 @@ async def _listen(transport: str, endpoint: Endpoint, host: str, port: int, reus
 
 
 async def probe(args: argparse.Namespace) -> None:
+    from dara_ws_core import DaraClient  # the client side: `serve` never loads it
+
     try:
         from dara_ws_websockets import connect
     except ImportError as exc:

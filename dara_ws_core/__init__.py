@@ -3,7 +3,12 @@
 Layers, bottom up: ``messages`` / ``chunks`` / ``correlation`` (pure, no I/O), ``handler`` /
 ``manager`` / ``endpoint`` (asyncio), and transport adapters in separate packages
 (``dara_ws_websockets``, ``dara_ws_aiohttp``, ``dara_ws_asgi``) that implement ``Transport``.
+
+The client side (``DaraClient`` and its types) and the in-memory transport are imported on first
+use of their names (PEP 562): a server process never loads them.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from .auth import (
     SESSION_COOKIE,
@@ -15,7 +20,6 @@ from .auth import (
     token_authenticator,
 )
 from .chunks import ChunkAssembler
-from .client import Chunked, DaraClient, PushedMessage, Request
 from .codec import build_frame, decode_client_frame, decode_server_frame, encode
 from .config import ServerConfig, SlowConsumerPolicy
 from .connection import ServerConnection, State
@@ -43,7 +47,6 @@ from .exceptions import (
 )
 from .handler import WebSocketHandler, current_channel, current_identity
 from .manager import WebsocketManager, get_user_channels
-from .memory import MemoryServer, MemoryTransport, memory_pair
 from .messages import (
     ActionMessage,
     BackendStoreMessage,
@@ -71,6 +74,10 @@ from .outbox import OutboxLimits, UserOutbox
 from .registry import ChannelRegistry
 from .stats import ServerStats
 from .transport import HandshakeRequest, Server, Transport
+
+if TYPE_CHECKING:
+    from .client import Chunked, DaraClient, PushedMessage, Request
+    from .memory import MemoryServer, MemoryTransport, memory_pair
 
 __version__ = "0.1.0"
 
@@ -154,3 +161,29 @@ __all__ = [
     "token_authenticator",
     "ws_handler",
 ]
+
+#: Names imported from their module on first access: what a server does not need.
+_LAZY = {
+    "Chunked": "client",
+    "DaraClient": "client",
+    "PushedMessage": "client",
+    "Request": "client",
+    "MemoryServer": "memory",
+    "MemoryTransport": "memory",
+    "memory_pair": "memory",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value  # once: later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

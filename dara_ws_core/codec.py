@@ -26,7 +26,7 @@ import re
 from typing import Annotated, Any
 
 import pydantic_core
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ._plugins import plugins_off
 from .exceptions import CloseCode, FrameTooLarge, InvalidFrame, InvalidMessage, ProtocolError
@@ -42,9 +42,15 @@ from .messages import (
     ServerMessagePayload,
 )
 
+#: Frames are parsed without pydantic-core's string cache. The cache is process-wide (16384
+#: strings) and, on by default, would keep the ids and values of peers' frames (every answer's
+#: channel, every request's ``__rchan``: all distinct) alive after their connection closed, up to
+#: about 1.5 MiB; ids are never looked up again, and parsing them is faster without the cache.
+_NO_STRING_CACHE = ConfigDict(cache_strings=False)
+
 with plugins_off():  # the core's own validator (see _plugins)
     _CLIENT_ADAPTER: TypeAdapter[ClientMessage] = TypeAdapter(
-        Annotated[ClientMessage, Field(discriminator="type")]
+        Annotated[ClientMessage, Field(discriminator="type")], config=_NO_STRING_CACHE
     )
 
 
@@ -53,7 +59,7 @@ def _server_adapter() -> TypeAdapter[ServerMessage]:
     # Built on first use: only clients decode server frames, and the validator costs a server
     # process memory for nothing.
     with plugins_off():
-        return TypeAdapter(Annotated[ServerMessage, Field(discriminator="type")])
+        return TypeAdapter(Annotated[ServerMessage, Field(discriminator="type")], config=_NO_STRING_CACHE)
 
 
 #: Outbound frames are strict JSON (RFC 8259) whatever the application hands us: a float that is
@@ -85,7 +91,7 @@ def encode(message: BaseModel) -> bytes:
 
 def _strict(frame: bytes, message: BaseModel) -> bytes:
     try:
-        pydantic_core.from_json(frame, allow_inf_nan=False)
+        pydantic_core.from_json(frame, allow_inf_nan=False, cache_strings=False)
     except ValueError:
         return dumps(message.model_dump(mode="python", by_alias=True))
     return frame

@@ -205,7 +205,8 @@ class PendingRequests(Generic[W]):
         if parts is None:
             return Partial(rchan, entry.assembler.received, entry.assembler.expected)
         self._remove(rchan)
-        return Completed(rchan, entry.waiter, [from_json(part) for part in parts])
+        # Without pydantic-core's string cache, as every frame (see codec._NO_STRING_CACHE).
+        return Completed(rchan, entry.waiter, [from_json(part, cache_strings=False) for part in parts])
 
     def discard(self, rchan: str) -> None:
         """Forget a request (its caller timed out or was cancelled); no-op if already gone."""

@@ -164,6 +164,15 @@ def test_bus_messages_round_trip(message: BusMessage) -> None:
     assert decode_bus_message(encode_bus_message(message)) == message
 
 
+def test_bus_message_heads_are_parsed_without_the_process_wide_string_cache() -> None:
+    # Two equal strings parsed with pydantic-core's (process-wide) cache would be one object.
+    data = encode_bus_message(ChannelDelivery(str(uuid.uuid4()), b"{}"))
+    first, second = decode_bus_message(data), decode_bus_message(data)
+    assert isinstance(first, ChannelDelivery) and isinstance(second, ChannelDelivery)
+    assert first.channel_id == second.channel_id
+    assert first.channel_id is not second.channel_id
+
+
 def test_a_bus_message_carries_the_frame_unchanged_after_its_header() -> None:
     frame = b'{"type":"message","message":{"text":"line\\nbreak"}}'
     data = encode_bus_message(ChannelDelivery("c1", frame))
@@ -405,6 +414,19 @@ async def test_send_and_wait_to_another_node_returns_the_answer() -> None:
         ) == ["a", "b", "c"]
         assert seen[2].payload["variable"] == {"v": 1}
         assert a.backplane._waiting == {} and b.backplane._serving == {}
+
+
+async def test_a_remote_answer_is_parsed_without_the_process_wide_string_cache() -> None:
+    # Two equal strings parsed with pydantic-core's (process-wide) cache would be one object.
+    value = str(uuid.uuid4())
+    async with cluster(2) as (a, b):
+        client = await b.client()
+        client.on_request(lambda request: value)
+        assert client.channel is not None
+        first = await a.manager.send_and_wait(client.channel, {"q": 1}, timeout=TIMEOUT)
+        second = await a.manager.send_and_wait(client.channel, {"q": 2}, timeout=TIMEOUT)
+        assert first == second == value
+        assert first is not second
 
 
 REQUESTS = [

@@ -6,9 +6,11 @@ from __future__ import annotations
 import ast
 import json
 import pathlib
+import uuid
 from typing import Any
 
 import pydantic
+import pydantic_core
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,10 +21,17 @@ from dara_ws_core.codec import (
     build_frame,
     count_json_values,
     decode_client_frame,
+    decode_server_frame,
     encode,
 )
 from dara_ws_core.exceptions import FrameTooLarge, InvalidFrame
-from dara_ws_core.messages import CustomClientMessage, DaraServerMessage, ServerMessagePayload
+from dara_ws_core.messages import (
+    CustomClientMessage,
+    DaraClientMessage,
+    DaraServerMessage,
+    InitMessage,
+    ServerMessagePayload,
+)
 
 from . import strategies as S
 
@@ -293,6 +302,29 @@ def test_only_number_tokens_with_big_exponents_are_walked_for_an_infinity(
     from dara_ws_core.codec import _may_overflow
 
     assert _may_overflow(text) is suspect
+
+
+def test_frames_are_decoded_without_the_process_wide_string_cache() -> None:
+    # pydantic-core's string cache is process-wide: while it holds a string, every parse of that
+    # string returns the one cached object. A frame's ids must not stay there once it is handled.
+    channel, rchan = str(uuid.uuid4()), str(uuid.uuid4())
+    answer = json.dumps({"type": "message", "channel": channel, "message": {"v": rchan}})
+    assert pydantic_core.from_json(answer)["channel"] is pydantic_core.from_json(answer)["channel"]
+
+    first, second = decode_client_frame(answer), decode_client_frame(answer)
+    assert isinstance(first, DaraClientMessage) and isinstance(second, DaraClientMessage)
+    assert first.channel == second.channel == channel
+    assert first.channel is not second.channel
+    custom = json.dumps({"type": "custom", "message": {"kind": f"k-{rchan}", "__rchan": rchan}})
+    one, other = decode_client_frame(custom), decode_client_frame(custom)
+    assert isinstance(one, CustomClientMessage) and isinstance(other, CustomClientMessage)
+    assert one.message.rchan == other.message.rchan == rchan
+    assert one.message.rchan is not other.message.rchan
+    assert one.message.kind is not other.message.kind
+    init = json.dumps({"type": "init", "message": {"channel": channel}})
+    pushed, again = decode_server_frame(init), decode_server_frame(init)
+    assert isinstance(pushed, InitMessage) and isinstance(again, InitMessage)
+    assert pushed.message.channel is not again.message.channel
 
 
 # ------------------------------------------------ the walk of small messages and the scan agree

@@ -307,6 +307,18 @@ def test_a_chunked_answer_is_partial_until_its_last_part() -> None:
     assert len(table) == 0
 
 
+def test_a_chunked_answer_is_parsed_without_the_process_wide_string_cache() -> None:
+    # Two equal strings parsed with pydantic-core's (process-wide) cache would be one object.
+    value = str(uuid.uuid4())
+    table: PendingRequests[str] = PendingRequests()
+    rchan = table.open("w")
+    assert table.receive(response(rchan, value, 2, 0)) == Partial(rchan, 1, 2)
+    outcome = table.receive(response(rchan, value, 2, 1))
+    assert outcome == Completed(rchan, "w", [value, value])
+    assert isinstance(outcome, Completed)
+    assert outcome.value[0] is not outcome.value[1]
+
+
 def test_a_plain_answer_after_chunks_fails_the_request() -> None:
     table: PendingRequests[str] = PendingRequests()
     rchan = table.open("w")

@@ -331,14 +331,44 @@ def test_each_adapter_imports_only_its_own_library(package: str) -> None:
 
 
 def test_a_websockets_server_process_loads_no_client_side_or_optional_module() -> None:
-    # What a server needs and nothing more (process RSS before the first connection): the
-    # websockets client (with urllib.request, http.client and email for its proxy support), the
-    # telemetry, JWT, backplane and test helpers are imported by whoever uses them.
-    unwanted = ["websockets.asyncio.client", "urllib.request", "http.client",
-                "dara_ws_core.telemetry", "dara_ws_core.telemetry_hooks", "dara_ws_core.jwt",
-                "dara_ws_core.backplane", "dara_ws_core.testing", "hypothesis"]
+    # What a server needs and nothing more (process RSS before the first connection).
     code = (
         "import sys, dara_ws_core, dara_ws_websockets\n"
-        f"print(sorted(set(sys.modules) & set({unwanted!r})))\n"
+        f"print(sorted(set(sys.modules) & set({SERVER_UNWANTED!r})))\n"
     )
     assert run_python(code) == "[]"
+
+
+#: What a server process never loads: the websockets client (with urllib.request, http.client and
+#: email for its proxy support), the core's client side and in-memory transport, the telemetry,
+#: JWT, backplane and test helpers; whoever uses them imports them.
+SERVER_UNWANTED = ["websockets.asyncio.client", "urllib.request", "http.client",
+                   "dara_ws_core.client", "dara_ws_core.memory",
+                   "dara_ws_core.telemetry", "dara_ws_core.telemetry_hooks", "dara_ws_core.jwt",
+                   "dara_ws_core.backplane", "dara_ws_core.testing", "hypothesis"]
+
+
+def test_the_demo_server_of_the_command_line_loads_no_client_side_or_optional_module() -> None:
+    # What `dara-ws serve` imports before it listens: the command line, the demo app, the adapter.
+    code = (
+        "import sys\n"
+        "from dara_ws_cli import build_demo, build_parser\n"
+        "import dara_ws_websockets\n"
+        "build_parser().parse_args(['serve'])\n"
+        "build_demo()\n"
+        f"print(sorted(set(sys.modules) & set({SERVER_UNWANTED!r})))\n"
+    )
+    assert run_python(code) == "[]"
+
+
+def test_the_client_side_names_of_the_root_are_imported_on_first_use() -> None:
+    code = (
+        "import sys, dara_ws_core\n"
+        "before = sorted({'dara_ws_core.client', 'dara_ws_core.memory'} & set(sys.modules))\n"
+        "from dara_ws_core import DaraClient, PushedMessage, memory_pair\n"
+        "from dara_ws_core import client, memory\n"
+        "same = (DaraClient is client.DaraClient and PushedMessage is client.PushedMessage\n"
+        "        and memory_pair is memory.memory_pair)\n"
+        "print(before, same, 'DaraClient' in dir(dara_ws_core), hasattr(dara_ws_core, 'NoSuchName'))\n"
+    )
+    assert run_python(code) == "[] True True False"

@@ -505,7 +505,7 @@ class BrokerBackplane(BusNode):
             waiter.set_exception(error_of(reply.failure, channel_id))
             return
         try:
-            waiter.set_result(_from_json(reply.result))
+            waiter.set_result(_from_json(reply.result, cache_strings=False))  # codec._NO_STRING_CACHE
         except ValueError:
             waiter.set_exception(BackplaneError("malformed reply from the owning process"))
 

@@ -195,7 +195,8 @@ def decode_bus_message(data: bytes) -> BusMessage:
     if not sep:
         raise BackplaneError("malformed bus message: no header")
     try:
-        head = _from_json(raw)
+        # Without pydantic-core's string cache: heads carry ids seen once (codec._NO_STRING_CACHE).
+        head = _from_json(raw, cache_strings=False)
     except ValueError:
         raise BackplaneError("malformed bus message: header is not JSON") from None
     if not isinstance(head, dict):
