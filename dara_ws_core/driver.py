@@ -18,14 +18,21 @@ import contextlib
 import contextvars
 import logging
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from .auth import Identity
 from .exceptions import CloseCode, ConnectionClosed
 from .handler import WebSocketHandler, current_channel, current_identity
-from .stats import transport_label
-from .transport import SupportsCork, SupportsDisconnected, SupportsPush, SupportsSendNowait, Transport
+from .stats import Counters, transport_label
+from .transport import (
+    SupportsCork,
+    SupportsDisconnected,
+    SupportsPush,
+    SupportsSendNowait,
+    SupportsWriter,
+    Transport,
+)
 
 if TYPE_CHECKING:
     from .manager import WebsocketManager
@@ -39,8 +46,8 @@ _YIELD_EVERY = 16
 class ConnectionDriver:
     """Runs one connection: create it with the transport and identity, then ``await run()``."""
 
-    __slots__ = ("_abort_timer", "_close_task", "_closed", "_context", "_cork", "_corked", "_flusher",
-                 "_held", "_loop", "_sender", "_write", "_wrote", "handler", "manager", "transport")
+    __slots__ = ("_abort_timer", "_close_task", "_closed", "_context", "_cork", "_corked", "_direct",
+                 "_flusher", "_held", "_loop", "_sender", "_write", "_wrote", "handler", "manager", "transport")
 
     def __init__(
         self, manager: WebsocketManager, transport: Transport, identity: Identity, channel_id: str
@@ -57,12 +64,16 @@ class ConnectionDriver:
         # (see _Flusher); ``_wrote`` is the flusher's epoch of this connection's last such write.
         self._write: Callable[[bytes], bool] | None
         self._wrote = _NEVER
+        # The transport's unchecked write, for the fan-outs written through (fan_out_through).
+        self._direct: SupportsWriter | None = None
         if isinstance(transport, SupportsCork):
             self._cork: _Cork | None = cast(_Cork, transport)
             self._flusher: _Flusher | None = _flusher(loop)
             self._write = self._write_corked
             if isinstance(transport, SupportsSendNowait):
                 self._wrote = 0
+                if isinstance(transport, SupportsWriter):
+                    self._direct = transport
         else:
             self._cork = self._flusher = None
             self._write = transport.send_nowait if isinstance(transport, SupportsSendNowait) else None
@@ -391,6 +402,72 @@ def write_through(through: bool, streak: int, *, corked: int, frames: int, writt
 
 _FLUSHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flusher] = (
     weakref.WeakKeyDictionary())
+#: The loop of the last fan-out (weakly) and its flusher: one tuple, replaced at once.
+_current: tuple[Callable[[], asyncio.AbstractEventLoop | None], _Flusher | None] = (lambda: None, None)
+
+
+def fan_out_through(handlers: Iterable[WebSocketHandler], frame: bytes, ignore_channel: str | None,
+                    counters: Counters) -> tuple[int, list[WebSocketHandler]] | None:
+    """The first pass of a fan-out while this loop writes through (see :class:`_Flusher`), or
+    ``None`` when it does not. The handlers are one manager's, counting into ``counters``.
+
+    The common case of ``WebSocketHandler.offer`` for every recipient but ``ignore_channel``,
+    inlined: a connection of ours with nothing queued, corked nor written this iteration, and
+    nobody waiting for its frame numbers, is written with its transport's ``writer``
+    (:class:`~dara_ws_core.transport.SupportsWriter`) or ``send_nowait``, no call in between.
+    Returns how many were written so, and the other recipients, in order, for the caller to
+    ``offer`` the frame (which decides for them as usual)."""
+    global _current
+    loop = asyncio._get_running_loop()
+    if loop is None:
+        return None
+    current = _current
+    if current[0]() is loop:
+        flusher: _Flusher | None = current[1]
+    else:  # another loop than the last fan-out's (a WeakKeyDictionary look-up costs a weakref)
+        flusher = _FLUSHERS.get(loop)
+        if flusher is None:
+            return None
+        _current = (weakref.ref(loop), flusher)
+    if flusher is None or not flusher.through:
+        return None
+    epoch = flusher.epoch
+    written = 0
+    rest: list[WebSocketHandler] = []
+    try:
+        for handler in handlers:
+            if ignore_channel is not None and handler.channel_id == ignore_channel:
+                continue
+            driver = handler._sink
+            # What offer() and write_now() check, in one expression: no call until the write.
+            if (type(driver) is ConnectionDriver and driver._wrote < epoch and not driver._corked
+                    and driver._sender is None and driver._closed is None
+                    and not (queue := handler.queue)._frames and not queue._closed
+                    and not handler.ack_at and handler._flush_goal is None):
+                direct = driver._direct
+                if direct is None:
+                    sent = driver._cork.send_nowait(frame)  # type: ignore[union-attr]  # _wrote says it has one
+                elif (write := direct.writer) is not None:
+                    write(frame)
+                    sent = True
+                else:
+                    sent = False
+                if sent:
+                    driver._wrote = epoch
+                    handler.accepted += 1
+                    handler.flushed += 1
+                    written += 1
+                    continue
+            rest.append(handler)
+    finally:
+        if written:
+            counters.frames_out += written
+            counters.bytes_out += written * len(frame)
+            flusher.written += written
+            if not flusher._scheduled:  # the pass still runs: it ends the iteration (epoch)
+                flusher._scheduled = True
+                loop.call_soon(flusher._flush)
+    return written, rest
 
 
 def _flusher(loop: asyncio.AbstractEventLoop) -> _Flusher:

@@ -26,6 +26,7 @@ from .auth import Identity
 from .codec import build_frame
 from .config import ServerConfig
 from .custom import CustomHandler, CustomHandlerRegistry
+from .driver import fan_out_through
 from .exceptions import BackplaneError, CloseCode, ConnectionClosed, UnknownChannel
 from .handler import _DEFAULT, ACK_PARKED, Sink, WebSocketHandler
 from .messages import LoosePayload
@@ -498,7 +499,12 @@ class WebsocketManager:
     def _deliver(
         self, handlers: Iterable[WebSocketHandler], frame: bytes, ignore_channel: str | None
     ) -> int:
+        counters = self.counters
         delivered = 0
+        if counters.telemetry is None:  # (with it, every recipient is counted by its sink)
+            through = fan_out_through(handlers, frame, ignore_channel, counters)
+            if through is not None:  # written through: what it did not write is offered below
+                delivered, handlers = through
         full: list[WebSocketHandler] | None = None
         for handler in handlers:
             if handler.channel_id == ignore_channel:

@@ -50,6 +50,14 @@ an error): the call then returns ``None``, and what arrives meanwhile is buffere
 within the same inbox bounds and flow control. A ``request`` answered this way resolves the
 waiting ``send_and_wait`` from the callback that read it.
 
+Optional, for broadcasts: :class:`SupportsWriter`, a ``writer`` attribute: a callable (best a C
+one) that writes a text frame at once and cannot refuse it, offered (not ``None``) only while
+``send_nowait`` would accept a frame (open, not closing, writing not paused). It skips what is
+corked: the driver uses it only for a connection with nothing corked. While the fan-outs write
+through (one frame per connection per iteration, see the driver), a broadcast calls it for each
+recipient in place of ``send_nowait``: no Python call and no checks of the transport's state per
+recipient, which the transport keeps in ``writer`` instead.
+
 Every socket adapter also has ``serve(endpoint, host="127.0.0.1", port=8000)``, an async context
 manager that yields a :class:`Server` (``port=0`` picks a free port).
 """
@@ -57,7 +65,7 @@ manager that yields a :class:`Server` (``port=0`` picks a free port).
 from __future__ import annotations
 
 __all__ = ["HandshakeRequest", "Server", "SupportsCork", "SupportsDisconnected", "SupportsPush",
-           "SupportsSendNowait", "Transport", "parse_cookies", "text_frame_header"]
+           "SupportsSendNowait", "SupportsWriter", "Transport", "parse_cookies", "text_frame_header"]
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -105,6 +113,14 @@ class SupportsSendNowait(Protocol):
 
     def send_nowait(self, frame: bytes) -> bool:
         """Write ``frame`` as a text frame now if possible without waiting; else ``False``."""
+
+
+@runtime_checkable
+class SupportsWriter(Protocol):
+    """The optional unchecked write of a transport (see the module docstring)."""
+
+    #: Writes one text frame now; ``None`` while ``send_nowait`` would refuse one.
+    writer: Callable[[bytes], object] | None
 
 
 @runtime_checkable

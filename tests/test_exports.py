@@ -45,7 +45,7 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "testing": frozenset({"ProtocolHarness", "answer_frames", "client_frames", "custom_frames",
                           "hostile_frames", "json_values"}),
     "transport": frozenset({"SupportsCork", "SupportsDisconnected", "SupportsPush", "SupportsSendNowait",
-                            "parse_cookies", "text_frame_header"}),
+                            "SupportsWriter", "parse_cookies", "text_frame_header"}),
 }
 
 #: Names a subpackage's module exports for its siblings, and that the subpackage leaves out.

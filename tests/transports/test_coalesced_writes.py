@@ -29,7 +29,8 @@ from websockets.frames import Frame, Opcode
 from dara_ws_aiohttp import AiohttpTransport
 from dara_ws_aiohttp import serve as aiohttp_serve
 from dara_ws_core import Endpoint, Identity, ServerConfig, WebsocketManager, token_authenticator
-from dara_ws_core.driver import THROUGH_AFTER, THROUGH_MIN_CONNECTIONS, _flusher, write_through
+from dara_ws_core.driver import THROUGH_AFTER, THROUGH_MIN_CONNECTIONS, _flusher, fan_out_through, write_through
+from dara_ws_core.stats import Counters
 from dara_ws_core.transport import SupportsCork, text_frame_header
 from dara_ws_picows import PicowsTransport
 from dara_ws_picows import serve as picows_serve
@@ -409,3 +410,137 @@ def test_the_write_mode_corks_again_once_connections_get_two_frames_an_iteration
     assert write_through(True, 0, corked=0, frames=0, written=1000, doubled=0) == (True, 0)
     assert write_through(True, 0, corked=125, frames=125, written=1000, doubled=125) == (True, 0)
     assert write_through(True, 0, corked=126, frames=1260, written=1000, doubled=126) == (False, 0)
+
+
+# ---------------------------------------------------------------- the written-through fan-out loop (fan_out_through)
+
+
+def server_socket(handler: Any) -> socket.socket:
+    transport: Any = handler._sink.transport._ws
+    native = getattr(transport, "underlying_transport", None) or transport.transport
+    sock: socket.socket = native.get_extra_info("socket")
+    return sock
+
+
+#: Frames of ~4 KiB, a queue of 8: a client that stops reading falls behind within a few dozen.
+STUCK = {"max_queue_messages": 8, "max_queue_bytes": 1 << 20, "close_timeout": 0.5}
+BEHIND_WITHIN = 400
+
+
+@pytest.mark.parametrize("policy", ["disconnect", "drop_oldest", "wait"])
+@pytest.mark.parametrize("adapter", ["websockets", "picows"])
+async def test_a_fan_out_written_through_leaves_a_client_that_stopped_reading_to_its_queue(
+        adapter: str, policy: str) -> None:
+    # While the loop writes through, every recipient that can take the frame at once is written
+    # directly; the one that stopped reading (its transport paused, then its queue full) takes
+    # the queue and its slow-consumer policy, and the others never wait for it nor lose a frame.
+    n = THROUGH_MIN_CONNECTIONS + 2
+    async with served(adapter, slow_consumer_policy=policy, **STUCK) as srv:
+        clients = await srv.clients(n)
+        port = int(srv.url.rsplit(":", 1)[1].split("/")[0])
+        stuck = await HostileClient.open(port, rcvbuf=4096)
+        assert (await stuck.handshake("/api/core/ws?token=stuck")).status == 101
+        assert json.loads((await stuck.read_frame()).text)["type"] == "init"
+        await eventually(lambda: len(srv.manager.handlers) == n + 1, "every channel registered")
+        stuck_handler = next(h for h in srv.manager.handlers.values() if h.identity and h.identity.user_id == "stuck")
+        healthy = [h for h in srv.manager.handlers.values() if h is not stuck_handler]
+        server_socket(stuck_handler).setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        stuck.stop_reading()
+        flusher = _flusher(asyncio.get_running_loop())
+        await fan_out_one_frame_per_iteration(srv, THROUGH_AFTER + 1)
+        assert flusher.through
+        frames_out = srv.manager.counters.frames_out
+        accepted = {h: h.accepted for h in srv.manager.handlers.values()}
+        pad, sent, paused_seen = "x" * 4000, 0, False
+        while sent < BEHIND_WITHIN and stuck_handler.dropped == 0 and not stuck_handler.closed:
+            await srv.manager.broadcast({"n": sent, "pad": pad})
+            sent += 1
+            await asyncio.sleep(0)  # one fan-out per iteration
+            if adapter == "picows" and stuck_handler.queue:
+                # Its transport refuses (writing paused): no unchecked writer is offered.
+                paused_seen = paused_seen or stuck_handler._sink.transport.writer is None  # type: ignore[union-attr]
+            await eventually(lambda: not any(h.queue for h in healthy), "the healthy ones keep up")
+        assert sent < BEHIND_WITHIN, "the client that stopped reading never fell behind"
+        assert flusher.through  # the fan-outs were written through all along
+        assert paused_seen or adapter != "picows"
+        if policy == "drop_oldest":
+            assert stuck_handler.channel_id in srv.manager.handlers
+            # Reading again, while the fan-outs go on: what its queue kept, then what came after
+            # (written directly again once its queue is empty), in order.
+            stuck.resume_reading()
+            more = 40
+            seen: list[int] = []
+            for i in range(sent, sent + more):
+                await srv.manager.broadcast({"n": i, "pad": pad})
+                await asyncio.sleep(0)
+                await eventually(lambda: not any(h.queue for h in healthy), "the healthy ones keep up")
+            sent += more
+            while not seen or seen[-1] != sent - 1:
+                message = json.loads((await stuck.read_frame()).text)["message"]
+                if "pad" in message:  # (not the frames of the first fan-outs)
+                    seen.append(message["n"])
+            assert seen == sorted(set(seen))  # in order, none twice, up to the last one
+            if adapter == "picows":
+                assert stuck_handler._sink.transport.writer is not None  # type: ignore[union-attr]
+        else:  # never waited for: disconnected with 1013 at once
+            await eventually(lambda: stuck_handler.channel_id not in srv.manager.handlers, "the stuck one is gone")
+            assert stuck_handler.close_reason is not None
+            assert stuck_handler.close_reason.code == 1013
+        got = await asyncio.gather(*(received(c, THROUGH_AFTER + 1 + sent) for c in clients))
+        assert all([m["message"]["n"] for m in msgs[THROUGH_AFTER + 1:]] == list(range(sent)) for msgs in got)
+        assert all(h.flushed == h.accepted for h in healthy)  # every frame written, and counted so
+        # Counted once per frame a channel took, whichever path took it.
+        assert srv.manager.counters.frames_out - frames_out == sum(h.accepted - a for h, a in accepted.items())
+        stuck.abort()
+        for client in clients:
+            await client.close()
+
+
+@pytest.mark.parametrize("adapter", ["websockets", "picows"])
+async def test_a_fan_out_written_through_skips_the_ignored_channel_and_acknowledges_kept_frames(
+        adapter: str) -> None:
+    n = THROUGH_MIN_CONNECTIONS + 2
+    async with served(adapter) as srv:
+        clients = await srv.clients(n)
+        await fan_out_one_frame_per_iteration(srv, THROUGH_AFTER + 1)
+        flusher = _flusher(asyncio.get_running_loop())
+        assert flusher.through
+        handlers = list(srv.manager.handlers.values())
+        skipped = handlers[3]
+        accepted = [h.accepted for h in handlers]
+        await srv.manager.broadcast({"n": "all but one"}, ignore_channel=skipped.channel_id)
+        took = [h.accepted - a for h, a in zip(handlers, accepted, strict=True)]
+        assert took == [int(h is not skipped) for h in handlers]
+        assert not any(corked_now(h) for h in handlers)  # written within the call
+        # A per-user send kept in the outbox: written at once, so acknowledged at once.
+        user = handlers[5].identity.user_id  # type: ignore[union-attr]
+        await srv.manager.send_message_to_user(user, {"n": "kept"})
+        assert srv.manager.outbox.pending(user) == 0
+        assert handlers[5].flushed == handlers[5].accepted
+        by_user = {h.identity.user_id: h for h in handlers}  # type: ignore[union-attr]
+        expected = [["all but one"] * (by_user[f"u{i}"] is not skipped) + ["kept"] * (f"u{i}" == user)
+                    for i in range(n)]
+        got = await asyncio.gather(*(received(c, THROUGH_AFTER + 1 + len(e))
+                                     for c, e in zip(clients, expected, strict=True)))
+        assert [[m["message"]["n"] for m in msgs[THROUGH_AFTER + 1:]] for msgs in got] == expected
+        assert not any(arrived(c) for c in clients)  # nothing more
+        for client in clients:
+            await client.close()
+        if adapter == "picows":  # closed: no unchecked write is offered any more
+            transports: list[Any] = [h._sink.transport for h in handlers]  # type: ignore[union-attr]
+            await eventually(lambda: not srv.manager.handlers, "every channel gone")
+            assert all(t.writer is None for t in transports)
+
+
+def test_the_fan_out_loop_follows_the_running_loops_write_mode() -> None:
+    # fan_out_through keeps the last loop's flusher: another loop must get its own.
+    async def fan_out(through: bool | None) -> tuple[int, list[Any]] | None:
+        if through is not None:
+            _flusher(asyncio.get_running_loop()).through = through
+        return fan_out_through([], b"{}", None, Counters())
+
+    assert fan_out_through([], b"{}", None, Counters()) is None  # no loop running
+    assert asyncio.run(fan_out(None)) is None  # no connection on this loop: no flusher
+    assert asyncio.run(fan_out(True)) == (0, [])
+    assert asyncio.run(fan_out(False)) is None  # not the previous loop's mode
+    assert asyncio.run(fan_out(True)) == (0, [])

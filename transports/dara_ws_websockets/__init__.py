@@ -48,6 +48,10 @@ def _closed(exc: websockets.ConnectionClosed) -> ConnectionClosed:
 
 
 _WRITE_LIMIT = 32 * 1024  # websockets' default write_limit (high-water mark)
+_OPEN, _SERVER = State.OPEN, Side.SERVER
+#: The last frame send_nowait wrote and its framing (header and payload): one tuple, replaced
+#: at once, so that a fan-out frames its frame once. It keeps that one frame alive until the next.
+_framed: tuple[bytes, bytes] = (b"", text_frame_header(0))
 
 
 class WebsocketsTransport:
@@ -73,17 +77,22 @@ class WebsocketsTransport:
     def send_nowait(self, frame: bytes) -> bool:
         # What websockets.broadcast does, plus the write-buffer check it skips: never grow the
         # buffer past the connection's write limit (the caller queues instead).
+        global _framed
         ws = self._ws
-        if ws.protocol.state is not State.OPEN or ws.send_in_progress is not None:
+        protocol = ws.protocol
+        if protocol.state is not _OPEN or ws.send_in_progress is not None:
             return False
         transport = ws.transport
         if transport.is_closing() or transport.get_write_buffer_size() > _WRITE_LIMIT:
             return False
-        protocol = ws.protocol
-        if protocol.side is Side.SERVER and not protocol.extensions and not protocol.writes:
+        if protocol.side is _SERVER and not protocol.extensions and not protocol.writes:
             # What send_text() and send_data() do, without a Frame per message (see send_corked);
-            # nothing of websockets' is pending, so nothing is overtaken.
-            transport.write(text_frame_header(len(frame)) + frame)
+            # nothing of websockets' is pending, so nothing is overtaken. A fan-out writes the
+            # same frame to every recipient: framed once (the last frame framed is kept).
+            last = _framed
+            if last[0] is not frame:
+                _framed = last = (frame, text_frame_header(len(frame)) + frame)
+            transport.write(last[1])
         else:
             protocol.send_text(frame)
             ws.send_data()
@@ -95,12 +104,12 @@ class WebsocketsTransport:
         # frames first, in order. The write limit counts the corked bytes too.
         ws = self._ws
         protocol = ws.protocol
-        if protocol.state is not State.OPEN or ws.send_in_progress is not None:
+        if protocol.state is not _OPEN or ws.send_in_progress is not None:
             return False
         transport = ws.transport
         if transport.is_closing() or transport.get_write_buffer_size() + self._corked > _WRITE_LIMIT:
             return False
-        if protocol.side is Side.SERVER and not protocol.extensions:
+        if protocol.side is _SERVER and not protocol.extensions:
             # What send_text() appends, without building and serializing a Frame per message
             # (most of a delivery's cost): an unmasked final text frame is a header and the
             # payload. With an extension (compression) or on the client side websockets frames.
