@@ -234,14 +234,17 @@ def decode_client_frame(
     browser's own UTF-8 encoder would have turned it. Only the protocol's wire keys are read
     (``__rchan``, never an application key named ``rchan``).
     """
-    if isinstance(frame, bytes | bytearray | memoryview):
+    if type(frame) is not str and isinstance(frame, (bytes, bytearray, memoryview)):
         raise InvalidFrame("binary frames are not supported", CloseCode.UNSUPPORTED_DATA)
     if max_size is not None and utf8_size_exceeds(frame, max_size):
         raise FrameTooLarge(f"frame exceeds {max_size} bytes")
     if max_values is not None and len(frame) > max_values and count_json_values(frame) > max_values:
         raise FrameTooLarge(f"frame holds more than {max_values} JSON values")
     try:
-        message = _CLIENT_ADAPTER.validate_json(frame, by_alias=True, by_name=False)
+        # The adapter's core validator, called as TypeAdapter.validate_json calls it, without
+        # that method's checks of its own arguments (a Python call less per frame).
+        message: ClientMessage = _CLIENT_ADAPTER.validator.validate_json(
+            frame, by_alias=True, by_name=False)
     except ValidationError as exc:
         error = _classify(exc)
         if not isinstance(error, _LoneSurrogate):
@@ -255,7 +258,13 @@ def decode_client_frame(
                    else error) from None
     if ("NaN" in frame or "Infinity" in frame) and not _is_strict_json(frame):
         raise InvalidFrame("NaN and Infinity are not JSON")
-    if _may_overflow(frame) and _holds_infinity(message):
+    # A strict frame can only decode to an infinity from a literal beyond a double's range: a
+    # small message (an answer, a ping) is walked at once, which decides exactly and costs less
+    # than the scan; a bigger one is walked only if the scan finds a candidate literal.
+    held = _infinity_within(message, _WALK_FIRST)
+    if held is None:
+        held = _may_overflow(frame) and _holds_infinity(message)
+    if held:
         raise InvalidFrame("a number beyond the range of a double")
     return message
 
@@ -278,14 +287,17 @@ def _class_table() -> bytes:
 
 
 _CLASSES = _class_table()
-_LONG_DIGITS = b"0" * 309
+#: The shortest run of digits a literal with an exponent of at most two digits needs to
+#: overflow: 1.8e308 is beyond a double, so with ``e99`` the integer part needs 210 digits (and
+#: without an exponent, 309).
+_LONG_DIGITS = b"0" * 210
 #: Candidates looked at one by one; past it, the frame is walked (bounded by max_values anyway).
 _MAX_CANDIDATES = 64
 
 
 def _may_overflow(frame: str) -> bool:
     """Whether ``frame`` may hold a number literal beyond a double's range: a standalone token
-    with an exponent of three digits or more, or 309 digits in a row. Scans in C (a class map of
+    with an exponent of three digits or more, or 210 digits in a row. Scans in C (a class map of
     the text, then substring searches: about 2 ns a character), then looks at each candidate's
     neighbours, so the uuid in every answer's channel (``...-4d3e412a-...``) is no candidate.
     A false positive only costs a walk of the decoded data."""
@@ -320,12 +332,24 @@ def _standalone_number(text: bytes, exponent: int, marker: int) -> bool:
 
 
 _INFINITIES = (float("inf"), float("-inf"))
+#: Values of a decoded message walked before the scan of its frame decides instead.
+_WALK_FIRST = 16
 
 
 def _holds_infinity(message: ClientMessage) -> bool:
+    return bool(_infinity_within(message, None))
+
+
+def _infinity_within(message: ClientMessage, budget: int | None) -> bool | None:
+    """Whether the data of ``message`` holds an infinite float; ``None`` once more than
+    ``budget`` values were looked at without deciding (``budget=None``: no limit)."""
     stack: list[Any] = [message.message.data if isinstance(message, CustomClientMessage)
                         else message.message]
+    left = -1 if budget is None else budget
     while stack:
+        if not left:
+            return None
+        left -= 1
         value = stack.pop()
         if type(value) is float:
             if value in _INFINITIES:

@@ -221,13 +221,13 @@ class ServerConnection(Generic[W]):
         """Feed one decoded client message (what :meth:`receive_frame` does after decoding)."""
         if self.state is not State.OPEN:
             return _NO_EVENTS
-        if type(message) is ClientPing:
-            return [SendFrame(PONG_FRAME)]
-        if isinstance(message, DaraClientMessage):
+        if isinstance(message, DaraClientMessage):  # an answer: the most frequent, asked first
             outcome = self._pending.receive(message)
             if isinstance(outcome, Partial):
                 return _NO_EVENTS  # a part of a chunked answer: stored
             return [outcome]
+        if type(message) is ClientPing:
+            return [SendFrame(PONG_FRAME)]
         if isinstance(message, CustomClientMessage):
             return self._dispatch(message.message.kind, message.message.data,
                                   message.message.rchan)

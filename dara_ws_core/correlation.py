@@ -33,16 +33,16 @@ from .messages import DaraClientMessage
 
 W = TypeVar("W")
 
-# uuid4's version (4) and variant (RFC 4122) bits, set on 128 random bits.
-_UUID4_KEEP = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
-_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+#: The hex digit that holds uuid4's variant bits (RFC 4122: 10xx), by the random digit it replaces.
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
 def new_rchan() -> str:
     """A fresh ``__rchan``: the text of a uuid4 (122 bits from ``os.urandom``, as
-    ``uuid.uuid4()`` draws them), built without a ``UUID`` object: one per server request."""
-    h = "%032x" % (int.from_bytes(os.urandom(16)) & _UUID4_KEEP | _UUID4_SET)
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    ``uuid.uuid4()`` draws them), built from the hex of the random bytes with the version and
+    variant digits set, without a ``UUID`` object or an int: one per server request."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -98,9 +98,48 @@ fan_out_through: FanOut | None = None
 _EXPIRED: Any = object()
 
 
-def _expire(waiter: asyncio.Future[Any]) -> None:
-    if not waiter.done():
-        waiter.set_result(_EXPIRED)
+class _Deadlines:
+    """The deadlines of one connection's pending requests behind a single timer, armed for the
+    nearest: a request costs a dict entry, not a timer handle created and cancelled (plus its
+    churn in the loop's heap). The timer is re-armed earlier only for a nearer deadline; when it
+    fires it expires what is due and re-arms for the nearest left. Bounded by the pending
+    requests' limit (each request removes its entry when it ends)."""
+
+    __slots__ = ("_at", "_loop", "_timer", "pending")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.pending: dict[asyncio.Future[Any], float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._at = 0.0
+
+    def add(self, waiter: asyncio.Future[Any], at: float) -> None:
+        self.pending[waiter] = at
+        timer = self._timer
+        if timer is None or at < self._at:
+            if timer is not None:
+                timer.cancel()
+            self._at = at
+            self._timer = self._loop.call_at(at, self._due)
+
+    def _due(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        nearest: float | None = None
+        for waiter, at in self.pending.items():
+            if at <= now:
+                if not waiter.done():
+                    waiter.set_result(_EXPIRED)
+            elif nearest is None or at < nearest:
+                nearest = at
+        if nearest is not None:
+            self._at = nearest
+            self._timer = self._loop.call_at(nearest, self._due)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class WebSocketHandler:
@@ -110,7 +149,7 @@ class WebSocketHandler:
     connection ends, which fails its pending requests and cancels its handler tasks.
     """
 
-    __slots__ = ("_custom", "_flush_goal", "_log", "_shut", "_sink", "_tasks", "accepted", "ack_at",
+    __slots__ = ("_custom", "_deadlines", "_flush_goal", "_log", "_shut", "_sink", "_tasks", "accepted", "ack_at",
                  "channel_id", "config", "connection", "counters", "flushed", "identity",
                  "on_ack_at", "queue", "transport")
 
@@ -165,6 +204,7 @@ class WebSocketHandler:
         self._tasks: set[asyncio.Task[None]] | None = None  # created by the first handler task
         self._shut = False
         self._log: ConnectionLogger | None = None
+        self._deadlines: _Deadlines | None = None  # created by the first request with a timeout
 
     def __repr__(self) -> str:
         return f"<WebSocketHandler {self.channel_id} queued={len(self.queue)}>"
@@ -461,6 +501,8 @@ class WebSocketHandler:
         """
         rchan = new_rchan()  # unpredictable: 122 random bits, like Dara's
         frame = build_frame(message, custom=custom, rchan=rchan)
+        if self.counters.telemetry is None:  # one coroutine less on every resumption
+            return await self._request(frame, rchan, timeout)
         return await self.send_and_wait_frame(frame, rchan, timeout)
 
     async def send_and_wait_frame(
@@ -494,14 +536,17 @@ class WebSocketHandler:
                 return await self._request_slow(frame, waiter, timeout)
             if timeout is None:
                 return await waiter
-            # The common path: the frame is out, only the answer is awaited. One timer handle
-            # failing the waiter, not an asyncio.timeout scope (an object, two coroutine
-            # calls and a task cancellation to undo) per request.
-            timer = loop.call_at(loop.time() + timeout, _expire, waiter)
+            # The common path: the frame is out, only the answer is awaited. A deadline the
+            # connection's one timer expires, not an asyncio.timeout scope (an object, two
+            # coroutine calls and a task cancellation to undo) nor a timer handle per request.
+            deadlines = self._deadlines
+            if deadlines is None:
+                self._deadlines = deadlines = _Deadlines(loop)
             try:
+                deadlines.add(waiter, loop.time() + timeout)
                 answer = await waiter
             finally:
-                timer.cancel()
+                del deadlines.pending[waiter]
             if answer is _EXPIRED:
                 self.counters.requests_timeout += 1
                 raise RequestTimeout(f"no answer from channel {self.channel_id} within {timeout} s")
@@ -552,5 +597,7 @@ class WebSocketHandler:
         self.counters.custom_busy += self.connection.busy
         self.apply(self.connection.connection_lost(exc))
         self.queue.close()
+        if self._deadlines is not None:
+            self._deadlines.cancel()
         for task in self._tasks or ():
             task.cancel()

@@ -12,7 +12,7 @@ from typing import Any
 import pydantic
 import pydantic_core
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
@@ -103,7 +103,8 @@ def test_nan_and_infinity_inside_strings_are_just_text() -> None:
 
 
 @pytest.mark.parametrize(
-    "number", ["1e400", "-1e400", "1E+308999", "1" + "0" * 400 + ".5", "[0.5, 2e308]", '{"x": -9e999}']
+    "number", ["1e400", "-1e400", "1E+308999", "1" + "0" * 400 + ".5", "[0.5, 2e308]", '{"x": -9e999}',
+               "2" + "0" * 209 + "e99", "[" + "1," * 40 + "3" + "0" * 250 + "e60]"]
 )
 def test_a_number_beyond_a_doubles_range_closes_with_1007(number: str) -> None:
     # JSON's grammar allows 1e400, but it decodes to infinity, and echoed it would silently
@@ -290,6 +291,8 @@ def test_only_the_messages_module_encodes_json() -> None:
         ('{"x":1e400}', True),
         ('{"x":[-2.5E+308]}', True),
         ('{"x":1e99}', False),
+        ('{"x":' + "2" + "0" * 209 + "e99}", True),  # 2e308 with a two-digit exponent
+        ('{"x":' + "9" * 209 + "e99}", False),  # below 1e308: finite
     ],
 )
 def test_only_number_tokens_with_big_exponents_are_walked_for_an_infinity(
@@ -323,3 +326,63 @@ def test_frames_are_decoded_without_the_process_wide_string_cache() -> None:
     assert isinstance(pushed, InitMessage) and isinstance(again, InitMessage)
     assert pushed.message.channel is not again.message.channel
 
+
+# ------------------------------------------------ the walk of small messages and the scan agree
+
+
+#: Number literals near and beyond a double's range, and lookalikes; then the rarer non-JSON
+#: constants (one of them decides a frame's outcome, so they must not be in most frames).
+_LITERALS = ["1e99", "1e308", "1.7976931348623157e308", "1.7976931348623159e308", "1e400", "-9E+999",
+             "2" + "0" * 209 + "e99", "9" * 209 + "e99", "1" * 309, "1" * 308, "0.5e-400", "1e0400",
+             '"Infinity 1e400"', '"3e412"', '"4d3e412a-7c1e"']
+_literals = st.one_of(st.sampled_from(_LITERALS), st.sampled_from(_LITERALS),
+                      st.sampled_from(["NaN", "-Infinity"]), S.json_scalars.map(S.dumps))
+#: Data written as JSON text: hostile number literals among ordinary values, in containers.
+_hostile_data = st.recursive(
+    _literals,
+    lambda inner: st.lists(inner, max_size=6).map(lambda items: "[" + ",".join(items) + "]")
+    | st.dictionaries(S.json_keys, inner, max_size=6).map(
+        lambda d: "{" + ",".join(f"{S.dumps(k)}:{v}" for k, v in d.items()) + "}"),
+    max_leaves=24,
+)
+
+
+@st.composite
+def _hostile_client_frames(draw: st.DrawFn) -> str:
+    data = draw(_hostile_data)
+    if draw(st.booleans()):  # with one of the hostile literals for sure
+        data = "[" + data + "," + draw(st.sampled_from(_LITERALS)) + "]"
+    shape = draw(st.sampled_from(["answer", "custom", "ping", "message"]))
+    if shape == "answer":
+        return ('{"type":"message","channel":' + S.dumps(draw(S.uuids)) + ',"chunk_count":null,'
+                '"message":' + data + "}")
+    if shape == "custom":
+        return '{"type":"custom","message":{"kind":"k","data":' + data + "}}"
+    if shape == "ping":
+        return '{"type":"ping","message":' + data + "}"
+    return draw(S.client_messages).model_dump_json(by_alias=True)
+
+
+def _outcome(frame: str, walk_first: int) -> Any:
+    from dara_ws_core import codec
+
+    saved, codec._WALK_FIRST = codec._WALK_FIRST, walk_first
+    try:
+        return ("ok", decode_client_frame(frame).model_dump(mode="python", by_alias=True))
+    except Exception as exc:
+        return (type(exc).__name__, getattr(exc, "close_code", None), str(exc))
+    finally:
+        codec._WALK_FIRST = saved
+
+
+@settings(max_examples=300)
+@given(_hostile_client_frames() | S.non_json_texts | S.json_non_object_texts)
+def test_walking_a_small_message_first_decides_as_the_scan_does(frame: str) -> None:
+    # A message of up to _WALK_FIRST values is walked instead of scanning its frame: the outcome
+    # (the message, or the error and its close code) is the same as with the scan alone
+    # (_WALK_FIRST=0) and as with a walk of every value.
+    from dara_ws_core.codec import _WALK_FIRST
+
+    outcome = _outcome(frame, _WALK_FIRST)
+    assert outcome == _outcome(frame, 0)
+    assert outcome == _outcome(frame, 1 << 30)

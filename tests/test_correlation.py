@@ -459,3 +459,15 @@ def test_chunked_bytes_are_bounded_per_channel_not_only_per_answer() -> None:
     assert table.held_bytes == 60  # the failed answer holds nothing
     table.discard(first)
     assert table.held_bytes == 0
+
+
+def test_new_rchans_are_distinct_uuid4_texts_with_every_variant_digit() -> None:
+    from dara_ws_core.correlation import new_rchan
+
+    rchans = [new_rchan() for _ in range(2000)]
+    assert all(is_uuid4(rchan) for rchan in rchans)
+    assert len(set(rchans)) == len(rchans)
+    # The variant digit keeps two random bits: all four values occur (2000 draws: p(miss) ~ 0).
+    assert {rchan[19] for rchan in rchans} == set("89ab")
+    # And every other hex digit position is random: none is constant across the draws.
+    assert all(len({rchan[i] for rchan in rchans}) > 1 for i in range(36) if i not in (8, 13, 14, 18, 23))

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from dara_ws_core import RequestTimeout, ServerConfig, SlowConsumerPolicy, WebsocketManager
+from dara_ws_core import ConnectionClosed, RequestTimeout, ServerConfig, SlowConsumerPolicy, WebsocketManager
 from dara_ws_core.codec import decode_client_frame
 from dara_ws_core.handler import WebSocketHandler
 
@@ -68,7 +68,11 @@ def _answer(rchan: str, value: object) -> str:
     return json.dumps({"type": "message", "channel": rchan, "chunk_count": None, "message": value})
 
 
-async def test_a_request_answered_in_time_returns_the_answer_and_leaves_no_timer() -> None:
+def _live_timers(loop: asyncio.AbstractEventLoop) -> list[asyncio.TimerHandle]:
+    return [h for h in loop._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
+
+
+async def test_a_request_answered_in_time_returns_the_answer_and_leaves_no_timer_holding_it() -> None:
     manager = WebsocketManager()
     handler = manager.create_handler("c1")
     loop = asyncio.get_running_loop()
@@ -80,9 +84,43 @@ async def test_a_request_answered_in_time_returns_the_answer_and_leaves_no_timer
         assert handler.pending_count == 0
     assert manager.counters.requests_answered == 2
     assert manager.counters.requests_timeout == 0
-    # The 30 s timer was cancelled with the answer: nothing of it is left to run.
-    scheduled = [h for h in loop._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
-    assert all(h.when() < loop.time() + 20 for h in scheduled), scheduled
+    # The connection's one request timer may stay armed for the 30 s deadline (re-arming per
+    # request is what it saves), but it holds no request: its table of deadlines is empty.
+    deadlines = handler._deadlines
+    assert deadlines is not None and deadlines.pending == {}
+    late = [h for h in _live_timers(loop) if h.when() > loop.time() + 20]
+    assert all(getattr(h._callback, "__self__", None) is deadlines for h in late), late  # type: ignore[attr-defined]
+    # Once the connection is gone, nothing of it is left to run.
+    handler.shutdown(ConnectionClosed(1000, "bye"))
+    assert all(h.when() < loop.time() + 20 for h in _live_timers(loop))
+
+
+async def test_requests_with_different_timeouts_expire_in_the_order_of_their_deadlines() -> None:
+    # One timer per connection, armed for the nearest deadline: a nearer one re-arms it earlier,
+    # and when it fires it re-arms for the nearest left, including after an answered request.
+    manager = WebsocketManager()
+    handler = manager.create_handler("c1")
+    loop = asyncio.get_running_loop()
+    ended: list[float] = []
+
+    async def ask(timeout: float) -> None:
+        with pytest.raises(RequestTimeout):
+            await handler.send_and_wait({"q": timeout}, timeout=timeout)
+        ended.append(timeout)
+
+    await asyncio.wait_for(asyncio.gather(ask(0.4), ask(0.1), ask(0.25)), 10)
+    assert ended == [0.1, 0.25, 0.4]
+    # The timer, armed for an answered request, fires for nothing and re-arms for the next.
+    answered = asyncio.ensure_future(handler.send_and_wait({"q": 0}, timeout=0.05))
+    await eventually(lambda: handler.pending_count == 1)
+    handler.receive_frame(_answer(_request_rchan(handler), "on time"), loop.time())
+    assert await answered == "on time"
+    await asyncio.wait_for(ask(0.2), 10)
+    assert ended[-1] == 0.2
+    assert handler.pending_count == 0
+    assert manager.counters.requests_timeout == 4
+    assert manager.counters.requests_answered == 1
+    assert handler._deadlines is not None and handler._deadlines.pending == {}
 
 
 async def test_an_answer_after_the_timeout_is_ignored() -> None:

@@ -65,11 +65,11 @@ async def test_an_idle_connection_holds_no_queue_task_set_or_index_set_of_its_ow
             assert all(isinstance(v, str) for v in manager.registry._users.values())
             assert all(isinstance(v, str) for v in manager.registry._sessions.values())
             # Our coroutines an idle connection's task is suspended in: the endpoint, the
-            # driver's receive loop and the transport's receive (no adapter wrapper, no
-            # separate receive-loop coroutine).
+            # driver's receive loop and the transport's receive_pushed, which waits on a future
+            # of its own (no adapter wrapper, no separate receive-loop coroutine).
             chains = [_our_await_chain(t.get_coro()) for t in asyncio.all_tasks()]  # type: ignore[arg-type]
             assert [c for c in chains if "Endpoint.serve" in c] == [["Endpoint.serve", "ConnectionDriver.run",
-                             "WebsocketsTransport.receive"]] * 3
+                             "WebsocketsTransport.receive_pushed"]] * 3
         finally:
             for client in clients:
                 await client.close()

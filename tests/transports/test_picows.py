@@ -16,11 +16,10 @@ from dara_ws_core import (
     ServerConfig,
     Transport,
     WebsocketManager,
-    current_channel,
     token_authenticator,
 )
 from tests.helpers import eventually
-from tests.hostile import BINARY, CLOSE, CONTINUATION, PING, TEXT, HostileClient, encode_frame
+from tests.hostile import CLOSE, CONTINUATION, PING, TEXT, HostileClient, encode_frame
 from tests.stacks import running_stack, verify_token
 
 pytest.importorskip("picows")
@@ -50,30 +49,6 @@ async def test_a_fragmented_text_message_is_reassembled_and_control_frames_may_i
         assert (pong.opcode, pong.payload) == (0xA, b"hi")
         reply = json.loads((await client.read_frame()).text)
         assert reply["message"] == {"kind": "echo", "data": "h\u00e9llo" * 10, "__response_for": "r1"}
-        client.abort()
-
-
-@pytest.mark.parametrize(
-    ("frames", "code"),
-    [
-        ([encode_frame(TEXT, b"\xff\xfe")], 1007),
-        ([encode_frame(TEXT, b'{"a": "\xc3', fin=False), encode_frame(CONTINUATION, b'x"}')], 1007),
-        ([encode_frame(CONTINUATION, b"{}")], 1002),
-        ([encode_frame(TEXT, b"{", fin=False), encode_frame(TEXT, b"}")], 1002),
-        ([encode_frame(BINARY, b"\x00", fin=False), encode_frame(CONTINUATION, b"\x01")], 1003),
-        ([encode_frame(TEXT, b"x" * 600, fin=False), encode_frame(CONTINUATION, b"x" * 600)], 1009),
-        ([encode_frame(TEXT, b"{}", rsv=4)], 1002),
-    ],
-    ids=["bad-utf8", "bad-utf8-across-fragments", "stray-continuation", "text-inside-text", "binary",
-         "fragments-over-the-limit", "rsv-bit"],
-)
-async def test_bad_frames_close_with_the_codes_of_the_other_transports(frames: list[bytes], code: int) -> None:
-    async with running_stack("picows", ServerConfig(ping_interval=None, max_message_size=1024)) as stack:
-        assert stack.port is not None
-        client = await _opened(stack.port)
-        client.write(b"".join(frames))
-        assert await client.read_close(5) == code
-        await asyncio.wait_for(_until(lambda: not stack.manager.handlers), 10)
         client.abort()
 
 
@@ -193,51 +168,4 @@ async def test_frames_behind_one_that_closed_the_connection_are_not_read() -> No
         client.write(encode_frame(TEXT, "null"))  # before answering the close
         await eventually(lambda: handler.close_reason is not None)
         assert handler.close_reason is not None and handler.close_reason.code == 1009
-        client.abort()
-
-
-# ---------------------------------------------------------------- push hand-over (SupportsPush)
-
-
-def test_the_picows_transport_pushes_inbound_messages() -> None:
-    from dara_ws_core.transport import SupportsPush
-    from dara_ws_picows import PicowsTransport
-
-    assert issubclass(PicowsTransport, SupportsPush)
-
-
-async def test_a_message_is_handled_in_picows_callback_in_the_connection_context() -> None:
-    # No receive loop wakeup: the handler runs in the callback that read the frame (no task),
-    # yet sees the connection's context variables as it would in the receive loop.
-    seen: list[tuple[bool, str | None, Any]] = []
-    async with running_stack("picows") as stack:
-        stack.manager.add_ws_handler(
-            "where", lambda c, d: seen.append((asyncio.current_task() is None, current_channel.get(None), d)))
-        client = await stack.client()
-        await client.send_custom("where", 1)
-        await eventually(lambda: len(seen) == 1, "the message handled")
-        assert seen == [(True, client.channel, 1)]
-
-
-async def test_a_burst_is_pushed_at_most_yield_every_at_a_time_and_keeps_its_order() -> None:
-    # A client that sends many frames at once: at most _YIELD_EVERY are handled in picows'
-    # callback in a row, the rest wait in the (bounded) inbox for the receive loop, in order.
-    from dara_ws_core.driver import _YIELD_EVERY
-
-    seen: list[tuple[bool, int]] = []
-    async with running_stack("picows", ServerConfig(ping_interval=None)) as stack:
-        stack.manager.add_ws_handler("n", lambda c, d: seen.append((asyncio.current_task() is None, d)))
-        assert stack.port is not None
-        client = await _opened(stack.port)
-        count = 200
-        client.write(b"".join(encode_frame(TEXT, json.dumps({"type": "custom", "message": {"kind": "n", "data": i}}))
-                              for i in range(count)))
-        await eventually(lambda: len(seen) == count, "every message handled")
-        assert [n for _, n in seen] == list(range(count))
-        runs, run = [], 0
-        for pushed, _ in seen:
-            run = run + 1 if pushed else 0
-            runs.append(run)
-        assert max(runs) == _YIELD_EVERY  # pushed, up to the limit
-        assert not all(pushed for pushed, _ in seen)  # and the rest read by the receive loop
         client.abort()

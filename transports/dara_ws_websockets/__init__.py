@@ -12,7 +12,8 @@ from __future__ import annotations
 
 __all__ = ["Server", "WebsocketsTransport", "connect", "serve"]
 
-from collections.abc import AsyncIterator, Awaitable, Mapping
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ try:
     from websockets.asyncio.server import Server as WsServer
     from websockets.asyncio.server import ServerConnection
     from websockets.asyncio.server import serve as ws_serve
+    from websockets.frames import Frame, Opcode
     from websockets.http11 import Request, Response
     from websockets.protocol import Side, State
 except ImportError as exc:  # the extra is missing: say which one to install
@@ -55,11 +57,16 @@ _framed: tuple[bytes, bytes] = (b"", text_frame_header(0))
 class WebsocketsTransport:
     """A ``websockets`` connection (server or client side) as a core ``Transport``."""
 
-    __slots__ = ("_corked", "_ws")
+    __slots__ = ("_corked", "_push_left", "_pusher", "_waiter", "_ws")
 
     def __init__(self, ws: Connection) -> None:
         self._ws = ws
         self._corked = 0  # bytes corked since the last flush (an upper bound: see flush)
+        # While receive_pushed() waits with nothing buffered: who takes each message, how many
+        # more, and the wait (its result True: the pusher stopped taking messages).
+        self._pusher: Callable[[str | bytes], bool] | None = None
+        self._push_left = 0
+        self._waiter: asyncio.Future[bool] | None = None
 
     async def send(self, frame: bytes) -> None:
         try:
@@ -132,6 +139,42 @@ class WebsocketsTransport:
         except websockets.ConnectionClosed as exc:
             raise _closed(exc) from None
 
+    async def receive_pushed(self, push: Callable[[str | bytes], bool], limit: int) -> str | bytes | None:
+        """``receive()``, handing the text messages that arrive while it waits to ``push`` from
+        the connection's ``data_received`` (``SupportsPush``): an answer resolves its request
+        without waking the receive loop. Only on connections :func:`serve` created, while
+        websockets' own message buffer is empty; anything else (a binary or fragmented message,
+        invalid UTF-8, the end of the connection) stops the hand-over and goes through
+        ``recv()``, which keeps websockets' outcomes and flow control for it."""
+        ws = self._ws
+        if type(ws) is _ServerConnection and ws.protocol.state is State.OPEN:
+            messages = ws.recv_messages
+            # The assembler's queue of frames (websockets 14 to 17): without it, no hand-over.
+            frames = getattr(messages, "frames", None)
+            if frames is not None and not messages.closed and not len(frames):
+                self._pusher, self._push_left = push, limit
+                self._waiter = waiter = ws.loop.create_future()
+                ws.dara_push = self
+                try:
+                    if await waiter:
+                        return None
+                finally:
+                    ws.dara_push = self._pusher = self._waiter = None
+        return await self.receive()
+
+    def _take(self, text: str) -> None:
+        # A text message read while receive_pushed() waits: handled now, in order.
+        self._push_left -= 1
+        if not self._pusher(text) or not self._push_left:  # type: ignore[misc]  # set while pushing
+            self._stop(True)
+
+    def _stop(self, stopped: bool) -> None:
+        # Called from the connection: the hand-over ends (what follows is buffered by websockets).
+        self._ws.dara_push = self._pusher = None  # type: ignore[attr-defined]  # a _ServerConnection
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(stopped)
+
     async def close(self, code: int = 1000, reason: str = "") -> None:
         await self._ws.close(code, reason)
 
@@ -155,9 +198,36 @@ _PAUSE_READING_ABOVE = 1024 * 1024
 class _ServerConnection(ServerConnection):
     """Stops reading while the write buffer is over ``_PAUSE_READING_ABOVE``: websockets answers
     every ping with a pong written without flow control, so a peer that floods pings and reads
-    nothing would grow the buffer without bound. Reading resumes once the buffer drains."""
+    nothing would grow the buffer without bound. Reading resumes once the buffer drains.
+
+    And hands text messages to the transport waiting in ``receive_pushed`` (``dara_push``), from
+    ``data_received``, instead of buffering them for ``recv()`` and waking the receive loop."""
 
     _paused_for_writes = False
+    #: The transport waiting in receive_pushed() with nothing buffered, else None.
+    dara_push: WebsocketsTransport | None = None
+
+    def process_event(self, event: Any) -> None:
+        target = self.dara_push
+        if target is not None and type(event) is Frame:
+            opcode = event.opcode
+            if opcode is Opcode.TEXT and event.fin:
+                try:
+                    text = str(event.data, "utf-8")
+                except UnicodeDecodeError:  # recv() fails the connection with 1007 for it
+                    pass
+                else:
+                    target._take(text)
+                    return
+            if opcode is Opcode.TEXT or opcode is Opcode.BINARY or opcode is Opcode.CONT:
+                target._stop(False)  # this message and what follows: through recv(), in order
+        super().process_event(event)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        target = self.dara_push
+        if target is not None:  # recv() raises the connection's ConnectionClosed
+            target._stop(False)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
