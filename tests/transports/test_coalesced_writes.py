@@ -36,7 +36,8 @@ from dara_ws_picows import PicowsTransport
 from dara_ws_picows import serve as picows_serve
 from dara_ws_websockets import WebsocketsTransport, serve
 from tests.helpers import eventually
-from tests.hostile import HostileClient
+from tests.hostile import TEXT, HostileClient, open_channel
+from tests.stacks import running_stack
 
 TIMEOUT = 10.0
 
@@ -557,3 +558,33 @@ def test_the_fan_out_loop_follows_the_running_loops_write_mode() -> None:
     assert asyncio.run(fan_out(True)) == (0, [])
     assert asyncio.run(fan_out(False)) is None  # not the previous loop's mode
     assert asyncio.run(fan_out(True)) == (0, [])
+
+
+async def test_picows_offers_no_writer_once_it_sent_a_close_of_its_own() -> None:
+    # picows fails a connection by itself on a protocol error (here an unmasked client frame):
+    # it sends its close frame at once and drops the TCP connection 10 ms later, telling its
+    # listener only then. A frame written through in that window is dropped by picows: it must
+    # not be counted as written, or the per-user outbox acknowledges a frame nobody got.
+    async with running_stack("picows", ServerConfig(ping_interval=None)) as stack:
+        assert stack.port is not None
+        clients = [await open_channel(stack.port) for _ in range(THROUGH_MIN_CONNECTIONS + 6)]
+        await eventually(lambda: len(stack.manager.handlers) == len(clients), "all connected")
+        for i in range(THROUGH_AFTER + 2):
+            await stack.manager.broadcast({"warm": i})
+            await asyncio.sleep(0)
+        assert _flusher(asyncio.get_running_loop()).through
+        victim, channel = clients[0]
+        handler = stack.manager.handlers[channel]
+        transport: Any = handler._sink.transport  # type: ignore[union-attr]
+        victim.send_frame(TEXT, '{"type":"ping"}', mask=False)
+        async with asyncio.timeout(5):  # one loop iteration at a time: the window is 10 ms
+            while not transport._ws.is_close_frame_sent:
+                await asyncio.sleep(0)
+        assert transport._gone is None and channel in stack.manager.handlers  # within the window
+        assert transport.writer is None
+        flushed = handler.flushed
+        await stack.manager.broadcast({"after": "close"})
+        assert handler.flushed == flushed  # not counted as written
+        assert _flusher(asyncio.get_running_loop()).through  # the others were written through
+        for client, _ in clients:
+            client.abort()

@@ -149,7 +149,7 @@ class WebsocketsTransport:
         ws = self._ws
         if type(ws) is _ServerConnection and ws.protocol.state is State.OPEN:
             messages = ws.recv_messages
-            # The assembler's queue of frames (websockets 14 to 17): without it, no hand-over.
+            # The assembler's queue of frames (websockets 16 and 17): without it, no hand-over.
             frames = getattr(messages, "frames", None)
             if frames is not None and not messages.closed and not len(frames):
                 self._pusher, self._push_left = push, limit
