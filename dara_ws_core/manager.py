@@ -257,7 +257,7 @@ class WebsocketManager:
                     del floors[handler.channel_id]  # past it: live from now on
                     keep.append(handler)
             handlers = keep
-        delivered = self.deliver_local(handlers, frame, ignore_channel)
+        delivered = self._deliver_kept(handlers, frame, ignore_channel)
         for handler in handlers:
             if handler.channel_id != ignore_channel and not handler.queue.closed:
                 self._writes.record(handler.channel_id, handler.accepted, user_id, entry.id)
@@ -447,9 +447,10 @@ class WebsocketManager:
         local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]
         if not local:
             return
-        self.deliver_local(local, frame)
         if not kid:
+            self.deliver_local(local, frame)
             return
+        self._deliver_kept(local, frame)
         for handler in local:
             if handler.flushed >= handler.accepted and not handler.queue.closed:
                 self.outbox.ack(user_id, kid)  # written already, everything before it too
@@ -496,13 +497,28 @@ class WebsocketManager:
             return telemetry.fan_out(self._deliver, handlers, frame, ignore_channel)  # type: ignore[no-any-return]
         return self._deliver(handlers, frame, ignore_channel)
 
+    def _deliver_kept(
+        self, handlers: Iterable[WebSocketHandler], frame: bytes, ignore_channel: str | None = None
+    ) -> int:
+        """:meth:`deliver_local` for a frame the per-user history keeps until it is written: never
+        through a transport's unchecked ``writer`` (``SupportsWriter``). A library may close a
+        connection before its transport can clear the writer (picows' own close frame, 10 ms
+        before it tells its listener), and a frame written in that window is dropped yet counted
+        as written: the history would acknowledge what the user never got. ``send_nowait``
+        checks the connection's state for each frame."""
+        telemetry = self.counters.telemetry
+        if telemetry is not None:
+            return telemetry.fan_out(self._deliver, handlers, frame, ignore_channel)  # type: ignore[no-any-return]
+        return self._deliver(handlers, frame, ignore_channel, False)
+
     def _deliver(
-        self, handlers: Iterable[WebSocketHandler], frame: bytes, ignore_channel: str | None
+        self, handlers: Iterable[WebSocketHandler], frame: bytes, ignore_channel: str | None,
+        unchecked: bool = True,
     ) -> int:
         counters = self.counters
         delivered = 0
         fan_out = _handler.fan_out_through
-        if fan_out is not None and counters.telemetry is None:  # (with it, sinks count each one)
+        if unchecked and fan_out is not None and counters.telemetry is None:  # (with telemetry, sinks count each one)
             through = fan_out(handlers, frame, ignore_channel, counters)
             if through is not None:  # written through: what it did not write is offered below
                 delivered, handlers = through

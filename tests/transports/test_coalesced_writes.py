@@ -560,20 +560,25 @@ def test_the_fan_out_loop_follows_the_running_loops_write_mode() -> None:
     assert asyncio.run(fan_out(True)) == (0, [])
 
 
-async def test_picows_offers_no_writer_once_it_sent_a_close_of_its_own() -> None:
+async def test_a_kept_per_user_message_is_never_written_into_a_connection_picows_closed() -> None:
     # picows fails a connection by itself on a protocol error (here an unmasked client frame):
     # it sends its close frame at once and drops the TCP connection 10 ms later, telling its
-    # listener only then. A frame written through in that window is dropped by picows: it must
-    # not be counted as written, or the per-user outbox acknowledges a frame nobody got.
+    # listener only then, so the adapter's writer is still offered. A broadcast written through
+    # in that window is merely lost with the connection; a per-user message that the history
+    # keeps must not be counted as written there, or the history acknowledges it and the
+    # user's next connection never gets it.
     async with running_stack("picows", ServerConfig(ping_interval=None)) as stack:
         assert stack.port is not None
         clients = [await open_channel(stack.port) for _ in range(THROUGH_MIN_CONNECTIONS + 6)]
-        await eventually(lambda: len(stack.manager.handlers) == len(clients), "all connected")
+        victim = await HostileClient.open(stack.port)
+        assert (await victim.handshake("/api/core/ws?token=victim:s9")).status == 101
+        await victim.read_frame()  # init
+        await eventually(lambda: len(stack.manager.handlers) == len(clients) + 1, "all connected")
         for i in range(THROUGH_AFTER + 2):
             await stack.manager.broadcast({"warm": i})
             await asyncio.sleep(0)
         assert _flusher(asyncio.get_running_loop()).through
-        victim, channel = clients[0]
+        (channel,) = stack.manager.get_user_channels("victim")
         handler = stack.manager.handlers[channel]
         transport: Any = handler._sink.transport  # type: ignore[union-attr]
         victim.send_frame(TEXT, '{"type":"ping"}', mask=False)
@@ -581,10 +586,14 @@ async def test_picows_offers_no_writer_once_it_sent_a_close_of_its_own() -> None
             while not transport._ws.is_close_frame_sent:
                 await asyncio.sleep(0)
         assert transport._gone is None and channel in stack.manager.handlers  # within the window
-        assert transport.writer is None
         flushed = handler.flushed
-        await stack.manager.broadcast({"after": "close"})
+        await stack.manager.send_message_to_user("victim", {"important": 1})
         assert handler.flushed == flushed  # not counted as written
-        assert _flusher(asyncio.get_running_loop()).through  # the others were written through
-        for client, _ in clients:
+        await eventually(lambda: channel not in stack.manager.handlers, "the victim's channel gone")
+        again = await HostileClient.open(stack.port)
+        assert (await again.handshake("/api/core/ws?token=victim:s9")).status == 101
+        frames = [json.loads((await again.read_frame()).text) for _ in range(2)]
+        assert frames[0]["type"] == "init"
+        assert frames[1]["message"] == {"important": 1}  # replayed from the history
+        for client in [victim, again, *(c for c, _ in clients)]:
             client.abort()

@@ -49,7 +49,7 @@ class PicowsTransport(WSListener):
 
     __slots__ = ("_buffered", "_close_timeout", "_corked", "_corked_bytes", "_drained", "_gone", "_inbox",
                  "_inbox_bytes", "_is_closing", "_local_code", "_max_size", "_parts", "_parts_size", "_parts_text",
-                 "_paused", "_push_left", "_pusher", "_send_text", "_waiter", "_write_paused", "_writer", "_ws")
+                 "_paused", "_push_left", "_pusher", "_send_text", "_waiter", "_write_paused", "_ws", "writer")
 
     transport_name = "picows"
 
@@ -79,19 +79,12 @@ class PicowsTransport(WSListener):
         self._corked_bytes = 0
         # SupportsWriter: picows' send of a text frame, all in C, offered while send_nowait would
         # write (connected, writing not paused, no close sent or received, not disconnected).
+        # picows also sends a close frame by itself (a protocol error, a ping left unanswered)
+        # and tells us only at the disconnect, 10 ms later: a frame written in between is dropped
+        # yet counted as written. So the core never writes a frame the per-user history keeps
+        # through it (manager._deliver_kept); checking here would cost every recipient a call.
         self._send_text: Callable[[bytes], object] | None = None
-        self._writer: Callable[[bytes], object] | None = None
-
-    @property
-    def writer(self) -> Callable[[bytes], object] | None:
-        """picows' send of a text frame (``SupportsWriter``), ``None`` while ``send_nowait``
-        would refuse one. picows sends a close frame by itself (a protocol error, a ping left
-        unanswered) without telling its listener until the disconnect; a frame sent after it is
-        dropped, so the close frame is checked here, at every fan-out."""
-        writer = self._writer
-        if writer is not None and self._ws.is_close_frame_sent:  # type: ignore[union-attr]  # set with it
-            return None
-        return writer
+        self.writer: Callable[[bytes], object] | None = None
 
     @property
     def accepted(self) -> bool:
@@ -102,7 +95,7 @@ class PicowsTransport(WSListener):
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self._ws = transport
-        self._send_text = self._writer = partial(transport.send, _TEXT)
+        self._send_text = self.writer = partial(transport.send, _TEXT)
         self._buffered = transport.underlying_transport.get_write_buffer_size
         self._is_closing = transport.underlying_transport.is_closing
         # pause_writing() then says "over the limit": send_nowait checks a flag, not the buffer.
@@ -155,7 +148,7 @@ class PicowsTransport(WSListener):
             self._closing_received(transport, frame)
 
     def _closing_received(self, transport: WSTransport, frame: WSFrame) -> None:
-        self._writer = None
+        self.writer = None
         code = int(frame.get_close_code().value) if frame.payload_size else _NO_STATUS
         if self._gone is None:
             self._gone = ConnectionClosed(self._local_code or code, frame.get_close_reason())
@@ -173,7 +166,7 @@ class PicowsTransport(WSListener):
             self._gone = (ConnectionClosed(self._local_code or int(info.code.value), info.reason)
                           if info is not None else ConnectionClosed(CloseCode.ABNORMAL, "connection lost"))
         self._parts, self._corked, self._corked_bytes = None, None, 0  # nothing left to write to
-        self._writer = self._send_text = None
+        self.writer = self._send_text = None
         self._wake()
         self._resume_writers()
 
@@ -185,13 +178,13 @@ class PicowsTransport(WSListener):
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        self._writer = None
+        self.writer = None
 
     def resume_writing(self) -> None:
         self._write_paused = False
         ws = self._ws
         if ws is not None and not ws.is_close_frame_sent and not ws.is_disconnected:
-            self._writer = self._send_text
+            self.writer = self._send_text
         self._resume_writers()
         if self._paused and len(self._inbox) < INBOX_MESSAGES and self._inbox_bytes < INBOX_BYTES:
             self._resume()
@@ -328,7 +321,7 @@ class PicowsTransport(WSListener):
             return
         if self._local_code is None and self._gone is None:
             self._local_code = code
-        self._writer = None
+        self.writer = None
         if self._corked is not None:
             self.flush()  # the close frame goes after what is corked
         if not ws.is_close_frame_sent:
