@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+import dara_ws_websockets
 from dara_ws_core import ConnectionClosed, ServerConfig, current_channel
 from dara_ws_core.driver import _YIELD_EVERY
 from dara_ws_core.transport import SupportsPush
@@ -35,7 +36,10 @@ def _custom(kind: str, data: Any, rchan: str | None = None) -> bytes:
     return encode_frame(TEXT, json.dumps({"type": "custom", "message": message}))
 
 
-TRANSPORTS = pytest.mark.parametrize("transport", ["websockets", "picows"])
+#: The push hand-over of websockets is used on the releases it is checked against only.
+CHECKED = pytest.mark.skipif(not dara_ws_websockets._PUSHES, reason=(
+    "the installed websockets is not in dara_ws_websockets.PUSH_RELEASES: no hand-over to test"))
+TRANSPORTS = pytest.mark.parametrize("transport", [pytest.param("websockets", marks=CHECKED), "picows"])
 
 
 def test_both_socket_transports_can_push() -> None:
@@ -170,3 +174,21 @@ async def test_a_client_connection_receives_as_before() -> None:
             assert json.loads(frame)["type"] == "init"  # type: ignore[arg-type]
         finally:
             await transport.close()
+
+
+@pytest.mark.parametrize("pushes", [pytest.param(True, marks=CHECKED), False])
+async def test_a_websockets_release_not_checked_gets_every_message_through_recv(
+    pushes: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The hand-over relies on websockets' internals: only the releases it is checked against
+    # (PUSH_RELEASES) use it; on another, the receive loop waits in recv() and nothing changes.
+    monkeypatch.setattr(dara_ws_websockets, "_PUSHES", pushes)
+    async with running_stack("websockets", ServerConfig(ping_interval=None)) as stack:
+        client = await stack.client()
+        client.on_request(lambda request: request.payload)
+        handler = stack.manager.handlers[client.channel]
+        transport: Any = handler._sink.transport  # type: ignore[union-attr]
+        for k in range(3):
+            assert await stack.manager.send_and_wait(client.channel, {"q": k}) == {"q": k}
+        # Back to waiting for the next message: handed over, or in recv().
+        await eventually(lambda: (transport._waiter is not None) is pushes, "the receive loop waiting")

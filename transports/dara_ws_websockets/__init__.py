@@ -27,6 +27,7 @@ try:
     from websockets.frames import Frame, Opcode
     from websockets.http11 import Request, Response
     from websockets.protocol import Side, State
+    from websockets.version import version as websockets_version
 except ImportError as exc:  # the extra is missing: say which one to install
     raise ImportError(
         'dara_ws_websockets needs the websockets library: pip install "dara-ws-core[websockets]"', name=exc.name
@@ -52,6 +53,14 @@ _OPEN, _SERVER = State.OPEN, Side.SERVER
 #: The last frame send_nowait wrote and its framing (header and payload): one tuple, replaced
 #: at once, so that a fan-out frames its frame once. It keeps that one frame alive until the next.
 _framed: tuple[bytes, bytes] = (b"", text_frame_header(0))
+
+
+#: The websockets releases (major versions) the push hand-over of ``receive_pushed`` is checked
+#: against: their frames reach ``Connection.process_event``, and their message assembler keeps a
+#: queue of frames. Another release gets every message through ``recv()``: slower, and never
+#: stuck on internals that moved (a hand-over nobody feeds would wait forever).
+PUSH_RELEASES = frozenset({16, 17})
+_PUSHES = int(websockets_version.split(".", 1)[0]) in PUSH_RELEASES
 
 
 class WebsocketsTransport:
@@ -147,9 +156,9 @@ class WebsocketsTransport:
         invalid UTF-8, the end of the connection) stops the hand-over and goes through
         ``recv()``, which keeps websockets' outcomes and flow control for it."""
         ws = self._ws
-        if type(ws) is _ServerConnection and ws.protocol.state is State.OPEN:
+        if _PUSHES and type(ws) is _ServerConnection and ws.protocol.state is State.OPEN:
             messages = ws.recv_messages
-            # The assembler's queue of frames (websockets 16 and 17): without it, no hand-over.
+            # The assembler's queue of frames: without it, no hand-over.
             frames = getattr(messages, "frames", None)
             if frames is not None and not messages.closed and not len(frames):
                 self._pusher, self._push_left = push, limit
