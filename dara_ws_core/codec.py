@@ -76,24 +76,22 @@ def dumps(value: Any) -> bytes:
     Raises ``pydantic_core.PydanticSerializationError`` for values JSON cannot carry (including
     strings with lone surrogates).
     """
-    return pydantic_core.to_json(value, by_alias=True, inf_nan_mode=_INF_NAN)
+    return _strict(pydantic_core.to_json(value, by_alias=True, inf_nan_mode=_INF_NAN))
 
 
 def encode(message: BaseModel) -> bytes:
     """Encode an envelope model to a frame (UTF-8 JSON ``bytes``)."""
-    frame = message.__pydantic_serializer__.to_json(message, by_alias=True)
-    if b"NaN" in frame or b"Infinity" in frame:
-        # A model whose own config serialises non-finite floats as constants: re-encode it as a
-        # plain value, which maps them to null. Both substrings may also sit inside a string.
-        frame = _strict(frame, message)
-    return frame
+    return _strict(message.__pydantic_serializer__.to_json(message, by_alias=True))
 
 
-def _strict(frame: bytes, message: BaseModel) -> bytes:
-    try:
-        pydantic_core.from_json(frame, allow_inf_nan=False, cache_strings=False)
-    except ValueError:
-        return dumps(message.model_dump(mode="python", by_alias=True))
+def _strict(frame: bytes) -> bytes:
+    # A model's own ``ser_json_inf_nan="constants"`` wins over ``inf_nan_mode``, for the model
+    # and for everything inside it, wherever it sits in the value: such a frame carries the
+    # constants. It is parsed back and re-encoded, which maps them to null. Both words may also
+    # sit inside a string, which only the parse tells apart; a frame without them costs the scan.
+    if (b"NaN" in frame or b"Infinity" in frame) and not _is_strict_json(frame):
+        value = pydantic_core.from_json(frame, allow_inf_nan=True, cache_strings=False)
+        return pydantic_core.to_json(value, inf_nan_mode=_INF_NAN)
     return frame
 
 
@@ -361,7 +359,7 @@ def _infinity_within(message: ClientMessage, budget: int | None) -> bool | None:
     return False
 
 
-def _is_strict_json(text: str) -> bool:
+def _is_strict_json(text: str | bytes) -> bool:
     # Both words may sit inside strings: only a parse that refuses the constants can tell.
     try:
         pydantic_core.from_json(text, allow_inf_nan=False, cache_strings=False)

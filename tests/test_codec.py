@@ -27,6 +27,7 @@ from dara_ws_core.codec import (
 from dara_ws_core.exceptions import FrameTooLarge, InvalidFrame
 from dara_ws_core.messages import (
     CustomClientMessage,
+    CustomServerMessagePayload,
     DaraClientMessage,
     DaraServerMessage,
     InitMessage,
@@ -86,6 +87,60 @@ def test_a_model_configured_to_write_nan_constants_still_goes_out_strict() -> No
 
     frame = encode(DaraServerMessage(message=Loose(value=float("nan"))))
     assert strict_loads(frame)["message"]["value"] is None
+
+
+class _Constants(BaseModel):
+    """A model of the application's whose own config writes NaN and Infinity as constants."""
+
+    model_config = {"ser_json_inf_nan": "constants"}
+    x: float
+    rest: Any = None
+
+
+class _ConstantsPayload(ServerMessagePayload):
+    model_config = {"ser_json_inf_nan": "constants", "extra": "allow"}
+    v: float
+
+
+class _ConstantsCustom(CustomServerMessagePayload):
+    model_config = {"ser_json_inf_nan": "constants"}
+    v: float = 0.0
+
+
+def _nest(value: Any, depth: int) -> Any:
+    # The model at any depth of the payload: inside a dict, a list, another model.
+    for level in range(depth):
+        value = [value] if level % 3 == 0 else {"k": value} if level % 3 == 1 else _Constants(x=1.0, rest=value)
+    return value
+
+
+@given(st.sampled_from([float("nan"), float("inf"), -float("inf")]), st.integers(0, 4),
+       st.sampled_from(["dict", "payload", "extra", "custom", "custom-model", "foreign", "envelope"]),
+       st.none() | st.just("r-1"))
+def test_a_model_writing_constants_anywhere_in_a_frame_still_goes_out_strict(
+    bad: float, depth: int, shape: str, rchan: str | None
+) -> None:
+    # A model's ser_json_inf_nan wins over the encoder's inf_nan_mode for everything inside it,
+    # whichever way the application hands it over: every builder must still write strict JSON.
+    inner = _nest(_Constants(x=bad), depth)
+    custom = shape.startswith("custom")
+    payload: Any = {
+        "dict": lambda: {"a": inner},
+        "payload": lambda: _ConstantsPayload(v=bad),
+        "extra": lambda: _ConstantsPayload(v=1.0, extra=inner),
+        "custom": lambda: {"kind": "k", "data": inner},
+        "custom-model": lambda: _ConstantsCustom(kind="k", v=bad, data=inner),
+        "foreign": lambda: _Constants(x=bad, rest=inner),
+        "envelope": lambda: DaraServerMessage(message=_ConstantsPayload(v=bad, extra=inner)),
+    }[shape]()
+    frame = build_frame(payload, custom=custom, rchan=rchan)
+    strict_loads(frame)  # raises on NaN, Infinity and -Infinity
+    assert b"null" in frame  # where the non-finite float was
+
+
+def test_nan_and_infinity_inside_strings_of_a_constants_model_stay_text() -> None:
+    frame = build_frame({"a": _Constants(x=1.5, rest="NaN and -Infinity")})
+    assert strict_loads(frame)["message"]["a"] == {"x": 1.5, "rest": "NaN and -Infinity"}
 
 
 @pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
