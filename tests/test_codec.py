@@ -7,6 +7,7 @@ import ast
 import json
 import pathlib
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pydantic
@@ -124,7 +125,7 @@ def test_a_model_writing_constants_anywhere_in_a_frame_still_goes_out_strict(
     # whichever way the application hands it over: every builder must still write strict JSON.
     inner = _nest(_Constants(x=bad), depth)
     custom = shape.startswith("custom")
-    payload: Any = {
+    makers: dict[str, Callable[[], Any]] = {
         "dict": lambda: {"a": inner},
         "payload": lambda: _ConstantsPayload(v=bad),
         "extra": lambda: _ConstantsPayload(v=1.0, extra=inner),
@@ -132,8 +133,8 @@ def test_a_model_writing_constants_anywhere_in_a_frame_still_goes_out_strict(
         "custom-model": lambda: _ConstantsCustom(kind="k", v=bad, data=inner),
         "foreign": lambda: _Constants(x=bad, rest=inner),
         "envelope": lambda: DaraServerMessage(message=_ConstantsPayload(v=bad, extra=inner)),
-    }[shape]()
-    frame = build_frame(payload, custom=custom, rchan=rchan)
+    }
+    frame = build_frame(makers[shape](), custom=custom, rchan=rchan)
     strict_loads(frame)  # raises on NaN, Infinity and -Infinity
     assert b"null" in frame  # where the non-finite float was
 
