@@ -88,8 +88,11 @@ class ConnectionDriver:
         self._context: contextvars.Context | None = None
         self._held: Awaitable[None] | Exception | None = None
         self.handler: WebSocketHandler = manager.create_handler(
-            channel_id, identity, sink=self, now=loop.time(), transport=transport_label(transport)
+            channel_id, identity, sink=self, now=loop.time(), transport=transport_label(transport),
+            start=False,
         )
+        # What follows init may close the connection already (close() needs the handler).
+        manager.start_handler(self.handler)
 
     # ------------------------------------------------------------------ Sink (from the handler)
 
@@ -149,8 +152,10 @@ class ConnectionDriver:
             backlog.append(frame)
         self._close_task = self._loop.create_task(self._flush_and_close(backlog, code, reason))
         # The channel is dead for messaging now, even if the closing handshake with a peer that
-        # does not read takes the transport's close timeout: unregister it at once.
-        self.manager.remove_handler(self.handler.channel_id, self._closed)
+        # does not read takes the transport's close timeout: unregister it at once. What of the
+        # user's history the backlog holds is settled once written (_finish), not now: settled
+        # now, it would count as unwritten and go to the user's next connection a second time.
+        self.manager.remove_handler(self.handler.channel_id, self._closed, writing=True)
 
     # ------------------------------------------------------------------ coalesced writes
 
@@ -254,7 +259,8 @@ class ConnectionDriver:
     async def _finish(self, ended: ConnectionClosed) -> None:
         self._arm_abort()
         closed = self._closed or ended
-        self.manager.remove_handler(self.handler.channel_id, closed)
+        manager, channel_id = self.manager, self.handler.channel_id
+        manager.remove_handler(channel_id, closed)
         if self._close_task is None:
             await _cancel(self._sender)
             if not self.transport.closed:
@@ -270,6 +276,7 @@ class ConnectionDriver:
         finally:
             await _cancel(drain)
             await _cancel(self._sender)  # done unless the close was cut short
+            manager.handler_written(channel_id)  # what the backlog wrote (close)
         self._drop_abort_timer()
 
     def _drop_abort_timer(self) -> None:
@@ -285,9 +292,18 @@ class ConnectionDriver:
         handler = self.handler
         queue, write, send, flushed = handler.queue, self._write, self.transport.send, \
             handler.frame_flushed
+        cork = self._cork
+        exact = cork.send_nowait if cork is not None and self._wrote != _NEVER else None
         try:
             while (frame := queue.get_nowait()) is not None:
-                if write is None or not write(frame):
+                if cork is not None and (handler.ack_at or handler._flush_goal is not None):
+                    # Somebody waits for this frame's number (a kept frame is acknowledged once
+                    # written): written, not corked. A library that closes the connection on
+                    # its own before the loop's flush drops what is corked, counted as written.
+                    self.flush()
+                    if exact is None or not exact(frame):
+                        await send(frame)
+                elif write is None or not write(frame):
                     self.flush()  # what is corked goes first
                     await send(frame)
                 flushed()

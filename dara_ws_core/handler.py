@@ -432,6 +432,25 @@ class WebSocketHandler:
         self._disconnect_slow()
         return False
 
+    def replay(self, frame: bytes) -> bool:
+        """Deliver one frame of the user's kept history (the outbox's replay): queued even past
+        the queue's bounds, which the history's own bounds (``outbox_messages``,
+        ``outbox_bytes``) replace for it. A connection is never a slow consumer for what was kept
+        for it before it connected. ``False`` for a closed channel; never raises."""
+        queue = self.queue
+        if queue.closed:
+            return False
+        if self.offer(frame):
+            return True
+        queue.append_kept(frame)
+        self.accepted += 1
+        counters = self.counters
+        counters.frames_out += 1
+        counters.bytes_out += len(frame)
+        if self._sink is not None:
+            self._sink.frames_queued()
+        return True
+
     async def enqueue_slow(self, frame: bytes, *, raise_slow: bool = True) -> None:
         """Apply the slow-consumer policy to a frame that did not fit (protocol.md section 6).
 

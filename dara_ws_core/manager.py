@@ -144,6 +144,9 @@ class WebsocketManager:
         # Channels whose transport wrote a recorded entry since the last acknowledgement pass,
         # the only ones it looks at (a connection that stopped reading costs it nothing).
         self._dirty: set[str] = set()
+        # Connections removed while they still write their backlog before the close frame,
+        # settled once written (remove_handler's ``writing``): at most one per closing connection.
+        self._writing: dict[str, WebSocketHandler] = {}
         self._ack_timer: asyncio.TimerHandle | None = None
         # Outbox replays waiting for their frames to be written, to end their lease.
         self._settling: set[asyncio.Task[None]] = set()
@@ -164,6 +167,7 @@ class WebsocketManager:
         sink: Sink | None = None,
         now: float = 0.0,
         transport: str = "unknown",
+        start: bool = True,
     ) -> WebSocketHandler:
         """Create and register the handler of a new connection; its first frame is ``init``.
 
@@ -171,6 +175,11 @@ class WebsocketManager:
         ``now`` the driver's clock at the start. Raises ``ValueError`` if the channel id is
         taken. Without an identity the channel is reachable by id and by broadcast, but belongs
         to no user. ``transport`` names the transport in stats and logs.
+
+        The user's kept messages (the outbox) follow ``init`` at once; with ``start=False`` they
+        wait for :meth:`start_handler`, for a sink that must hold the handler first: what
+        follows ``init`` may already close the connection (a frame kept meanwhile that overflows
+        its queue).
         """
         if channel_id in self.handlers:
             raise ValueError(f"channel {channel_id!r} already has a handler")
@@ -185,6 +194,16 @@ class WebsocketManager:
             self.registry.add(channel_id, identity.session_id, identity.user_id)
         if self.backplane is not None:
             self.backplane.channel_added(channel_id, identity)
+        if start:
+            self.start_handler(handler)
+        return handler
+
+    def start_handler(self, handler: WebSocketHandler) -> None:
+        """Queue the user's kept messages behind ``init`` (once per handler, see
+        :meth:`create_handler`)."""
+        channel_id, identity = handler.channel_id, handler.identity
+        if self.handlers.get(channel_id) is not handler:
+            return  # removed meanwhile
         arriving = self._arriving.pop(channel_id, None)
         if arriving is not None:
             user_id, head = arriving.user_id, arriving.head
@@ -201,20 +220,22 @@ class WebsocketManager:
             leased = self.outbox.lease(user_id, channel_id, time.monotonic(),
                                        lambda holder: holder in self.handlers)
             self._replay_to([handler], user_id, leased, channel_id)
-        return handler
 
     def _replay_to(self, handlers: list[WebSocketHandler], user_id: str,
                    entries: Sequence[Stamped], holder: str | None) -> None:
-        """Push entries of the user's history to ``handlers`` (each acknowledged once written),
+        """Queue entries of the user's history for ``handlers`` (each acknowledged once written),
         then end ``holder``'s lease once they are written: read, then acknowledge, so a
-        connection or process that dies first loses nothing."""
+        connection or process that dies first loses nothing. The history may be longer than a
+        connection's queue (``outbox_*`` against ``max_queue_*``): it is queued whole
+        (:meth:`WebSocketHandler.replay`), bounded by the history's own bounds, never taken for
+        a slow consumer."""
         if not entries:
             return
         marks = []
         for handler in handlers:
             base = handler.accepted
             for entry in entries:
-                if handler.push(entry.frame):
+                if handler.replay(entry.frame):
                     self._writes.record(handler.channel_id, handler.accepted, user_id, entry.id)
                     self._arm(handler, handler.accepted)
             marks.append((handler, base))
@@ -319,21 +340,21 @@ class WebsocketManager:
         else:
             self.outbox.ack(user_id, upto)
 
-    def remove_handler(self, channel_id: str, exc: ConnectionClosed | None = None) -> None:
+    def remove_handler(self, channel_id: str, exc: ConnectionClosed | None = None, *,
+                       writing: bool = False) -> None:
         """Remove a channel's handler: its pending requests fail with ``exc`` (by default a
-        ``ConnectionClosed``), its handler tasks are cancelled, its registry entries go."""
+        ``ConnectionClosed``), its handler tasks are cancelled, its registry entries go.
+
+        ``writing``: the connection still writes what it had queued before its close frame; what
+        of the user's history it wrote is settled by :meth:`handler_written` once it is done.
+        """
         handler = self.handlers.pop(channel_id, None)
         self.registry.remove(channel_id)
         if handler is not None:
-            # What it wrote is acknowledged; what it had queued and not written is not, so the
-            # user's next connection gets it (unless another connection of theirs wrote it).
-            if len(self._writes):
-                for user_id, upto in self._writes.close(channel_id, handler.flushed).items():
-                    self._ack(user_id, upto)
-            if len(self._marks):
-                written = self._marks.close(channel_id, handler.flushed)
-                if written is not None:
-                    self.outbox.ack(*written)
+            if writing:
+                self._writing[channel_id] = handler
+            else:
+                self._settle_channel(channel_id, handler.flushed)
             self._floors.pop(channel_id, None)
             self._dirty.discard(channel_id)
             handler.ack_at = 0
@@ -345,6 +366,24 @@ class WebsocketManager:
             exc = exc or ConnectionClosed(CloseCode.NORMAL, "handler removed")
             self.counters.count(self.counters.close_codes, exc.code)
             handler.shutdown(exc)
+
+    def handler_written(self, channel_id: str) -> None:
+        """A connection removed while ``writing`` (:meth:`remove_handler`) wrote what it could:
+        settle its part of the user's history by what it really wrote."""
+        handler = self._writing.pop(channel_id, None)
+        if handler is not None:
+            self._settle_channel(channel_id, handler.flushed)
+
+    def _settle_channel(self, channel_id: str, flushed: int) -> None:
+        # What it wrote is acknowledged; what it had queued and not written is not, so the
+        # user's next connection gets it (unless another connection of theirs wrote it).
+        if len(self._writes):
+            for user_id, upto in self._writes.close(channel_id, flushed).items():
+                self._ack(user_id, upto)
+        if len(self._marks):
+            written = self._marks.close(channel_id, flushed)
+            if written is not None:
+                self.outbox.ack(*written)
 
     def get_user_channels(self, user_id: str) -> set[str]:
         """Connected channels of a user, on this process (see ``get_all_user_channels``)."""
@@ -505,10 +544,15 @@ class WebsocketManager:
         connection before its transport can clear the writer (picows' own close frame, 10 ms
         before it tells its listener), and a frame written in that window is dropped yet counted
         as written: the history would acknowledge what the user never got. ``send_nowait``
-        checks the connection's state for each frame."""
+        checks the connection's state for each frame, and the frame is written at once, never
+        corked (see :meth:`_deliver`)."""
         telemetry = self.counters.telemetry
         if telemetry is not None:
-            return telemetry.fan_out(self._deliver, handlers, frame, ignore_channel)  # type: ignore[no-any-return]
+            return telemetry.fan_out(self._deliver_checked, handlers, frame, ignore_channel)  # type: ignore[no-any-return]
+        return self._deliver(handlers, frame, ignore_channel, False)
+
+    def _deliver_checked(self, handlers: Iterable[WebSocketHandler], frame: bytes,
+                         ignore_channel: str | None) -> int:
         return self._deliver(handlers, frame, ignore_channel, False)
 
     def _deliver(
@@ -523,11 +567,15 @@ class WebsocketManager:
             if through is not None:  # written through: what it did not write is offered below
                 delivered, handlers = through
         full: list[WebSocketHandler] | None = None
+        # A kept frame is written, not corked: a library that closes the connection on its own
+        # before the loop's flush drops what is corked, which offer() counts as written already,
+        # and the history would acknowledge a frame the user never got.
+        at_once = not unchecked
         for handler in handlers:
             if handler.channel_id == ignore_channel:
                 continue
             try:
-                if handler.offer(frame):
+                if handler.offer(frame, at_once):
                     delivered += 1
                     continue
             except ConnectionClosed:  # a closed channel is skipped (cheaper asked than checked)

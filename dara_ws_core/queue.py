@@ -84,6 +84,13 @@ class OutboundQueue:
         self._append(frame)
         return True
 
+    def append_kept(self, frame: bytes) -> None:
+        """Enqueue past the bounds: for a user's kept history, which has bounds of its own.
+        Raises ``ConnectionClosed`` if the queue is closed."""
+        if self._closed:
+            raise ConnectionClosed(reason="channel is closed")
+        self._append(frame)
+
     def drop_oldest_and_put(self, frame: bytes) -> int:
         """Enqueue, discarding the oldest frames until ``frame`` fits; returns how many were dropped."""
         if self._closed:

@@ -188,9 +188,10 @@ class DaraManager(WebsocketManager):
             _enter_context(channel_id, identity)
         return handler
 
-    def remove_handler(self, channel_id: str, exc: ConnectionClosed | None = None) -> None:
+    def remove_handler(self, channel_id: str, exc: ConnectionClosed | None = None, *,
+                       writing: bool = False) -> None:
         handler = self.handlers.get(channel_id)
-        super().remove_handler(channel_id, exc)
+        super().remove_handler(channel_id, exc, writing=writing)
         if handler is not None and handler.identity is not None:
             _unregister(channel_id, handler.identity)
 
