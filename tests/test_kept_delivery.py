@@ -26,7 +26,8 @@ SERVED = ["websockets", "aiohttp", "asgi", "picows"]
 USER_PATH = "/api/core/ws?token=bob:s1"
 
 
-async def connect(port: int, *, rcvbuf: int | None = None) -> HostileClient:
+async def connect(port: int | None, *, rcvbuf: int | None = None) -> HostileClient:
+    assert port is not None  # a served transport
     client = await HostileClient.open(port, rcvbuf=rcvbuf)
     assert (await client.handshake(USER_PATH)).status == 101
     first = await client.read_frame()
