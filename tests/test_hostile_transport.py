@@ -25,7 +25,16 @@ from dara_ws_core import (
 )
 from dara_ws_core.transport import MAX_COOKIES, HandshakeRequest, parse_cookies
 
-from .hostile import CLOSE, PING, TEXT, HostileClient, close_payload, encode_frame, server_holds_socket
+from .hostile import (
+    CLOSE,
+    PING,
+    TEXT,
+    HostileClient,
+    close_payload,
+    encode_frame,
+    handshake_request,
+    server_holds_socket,
+)
 from .hostile import open_channel as open_port_channel
 from .stacks import TRANSPORTS, Stack, running_stack, verify_token
 
@@ -327,3 +336,48 @@ async def test_an_unmasked_client_frame_closes_the_connection_with_1002(
         assert (frame.opcode, frame.close_code) == (CLOSE, 1002)
         assert await _gone(stack, channel)
         client.abort()
+
+
+# ---------------------------------------------------------------------------- review 6: adapter parity
+
+_OTHER_PATH = b"GET /other HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+_UNREAD_BODY = b"POST /other HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [
+        # A complete request (404), then an upgrade whose head never ends, on the same connection.
+        (_OTHER_PATH, handshake_request(TOKEN_PATH, complete=False)),
+        # A request answered before its body is read, then a body that never ends.
+        (_UNREAD_BODY, b"x" * 1000),
+    ],
+    ids=["head-after-a-response", "body-after-its-response"],
+)
+async def test_a_kept_alive_connection_cannot_stretch_the_handshake_timeout(
+    socket_stack: Any, first: bytes, then: bytes
+) -> None:
+    # handshake_timeout bounds every request a connection has not completed, not only the first:
+    # uvicorn's keep-alive timer stops at the first byte of the next request and aiohttp reads an
+    # unread body for 10 s, so a dripping client held such a socket past the bound.
+    config = ServerConfig(handshake_timeout=1.0, ping_interval=None)
+    async with socket_stack(config=config) as stack:
+        assert stack.port is not None
+        client = await HostileClient.open(stack.port)
+        client.write(first)
+        with contextlib.suppress(EOFError):  # or the server closes at once: fine too
+            assert (await client.read_response()).status >= 400
+
+        async def drip() -> None:  # one byte at a time, so that no idle timer ever fires
+            for i in range(len(then)):
+                if client.lost:
+                    return
+                client.write(then[i : i + 1])
+                await asyncio.sleep(0.2)
+
+        dripping = asyncio.create_task(drip())
+        try:
+            assert await client.wait_disconnected(config.handshake_timeout + MARGIN)
+        finally:
+            dripping.cancel()
+            client.abort()

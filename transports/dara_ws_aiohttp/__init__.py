@@ -92,10 +92,11 @@ async def serve(
     add_route(app, endpoint)
     config = endpoint.config
     # keepalive_timeout also bounds a connection that never completes its request (aiohttp arms
-    # it at connect): half-open handshakes go after handshake_timeout.
+    # it at connect and after each response): half-open handshakes go after handshake_timeout.
+    # lingering_time bounds a body still being sent after its response (default 10 s).
     runner = web.AppRunner(
         app, handle_signals=False, shutdown_timeout=config.shutdown_grace,
-        keepalive_timeout=config.handshake_timeout,
+        keepalive_timeout=config.handshake_timeout, lingering_time=config.handshake_timeout,
     )
     await runner.setup()
     try:

@@ -40,8 +40,12 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[type[Any], type[Any]]:
     """uvicorn's h11 and websockets-sansio protocols with the bounds uvicorn lacks (built on
     first use: the second needs websockets):
 
-    * HTTP: a connection must complete its request within ``handshake_timeout`` seconds, or it
-      is closed; uvicorn has no header timeout, so half-open handshakes would hold every slot.
+    * HTTP: between requests (from connect, then from the end of each response), a connection
+      that has not started being served within ``handshake_timeout`` seconds is closed: uvicorn
+      has no header timeout, and its keep-alive timer stops at the first byte of the next
+      request, so half-open handshakes (a first request or a later one on a kept-alive
+      connection, or a body sent on after its response) would hold every slot. A request being
+      served is never cut.
     * WebSocket: reading pauses while the write buffer is over ``_PAUSE_READING_ABOVE``;
       uvicorn answers each ping without flow control, so a peer that floods pings and reads
       nothing would grow the buffer without bound.
@@ -51,14 +55,36 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[type[Any], type[Any]]:
     from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
 
     class HTTPProtocol(H11Protocol):
+        _handshake_timer: asyncio.TimerHandle | None = None
+
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self.loop.call_later(handshake_timeout, self._handshake_expired)
+            self._arm_handshake_timer()
+
+        def on_response_complete(self) -> None:
+            # The next request (on a kept-alive connection) gets its own handshake_timeout.
+            if not self.transport.is_closing():
+                self._arm_handshake_timer()
+            super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._handshake_timer is not None:
+                self._handshake_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_handshake_timer(self) -> None:
+            if self._handshake_timer is not None:
+                self._handshake_timer.cancel()
+            self._handshake_timer = self.loop.call_later(handshake_timeout, self._handshake_expired)
 
         def _handshake_expired(self) -> None:
-            # No request yet (cycle) and not upgraded (the WebSocket protocol took over).
-            transport = self.transport
-            if self.cycle is None and transport.get_protocol() is self and not transport.is_closing():
+            # Between requests (none yet, or the last one answered: what arrives since is an
+            # unfinished head or an unread body) and not upgraded (the WebSocket protocol took
+            # over). A request still being served re-arms the timer when its response ends.
+            self._handshake_timer = None
+            transport, cycle = self.transport, self.cycle
+            idle = cycle is None or cycle.response_complete
+            if idle and transport.get_protocol() is self and not transport.is_closing():
                 transport.close()
 
         def handle_websocket_upgrade(self, event: Any) -> None:
