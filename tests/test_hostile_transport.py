@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -25,6 +26,7 @@ from dara_ws_core import (
 )
 from dara_ws_core.transport import MAX_COOKIES, HandshakeRequest, parse_cookies
 
+from .helpers import eventually
 from .hostile import (
     CLOSE,
     PING,
@@ -381,3 +383,34 @@ async def test_a_kept_alive_connection_cannot_stretch_the_handshake_timeout(
         finally:
             dripping.cancel()
             client.abort()
+
+
+async def test_clients_that_abort_right_after_their_upgrade_request_are_not_logged(
+    socket_stack: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A peer that leaves mid-upgrade is no server error; aiohttp logged one ERROR with a
+    # traceback for each (any peer could flood the logs), the other transports none.
+    calls = 0
+    authenticate = token_authenticator(verify_token)
+
+    def counting(request: HandshakeRequest) -> Any:
+        nonlocal calls
+        calls += 1
+        return authenticate(request)
+
+    caplog.set_level(logging.WARNING)
+    async with socket_stack(config=ServerConfig(ping_interval=None), authenticator=counting) as stack:
+        assert stack.port is not None
+        aborted = 20
+        for _ in range(aborted):
+            client = await HostileClient.open(stack.port)
+            client.write(handshake_request(TOKEN_PATH))
+            client.abort()
+        await eventually(lambda: calls >= aborted, "every aborted upgrade reached the endpoint")
+        # A full client after them: by its first answer the aborted upgrades are long handled.
+        client, _ = await open_channel(stack)
+        client.send_text(json.dumps({"type": "ping", "message": None}))
+        assert json.loads((await client.read_frame()).text)["type"] == "pong"
+        client.abort()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, f"{len(errors)} ERROR records, e.g. {errors[0].name}: {errors[0].getMessage()}"

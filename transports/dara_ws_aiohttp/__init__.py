@@ -54,7 +54,14 @@ def add_route(app: web.Application, endpoint: Endpoint, path: str | None = None)
         ws = MaskedOnlyResponse(
             max_msg_size=config.max_message_size + 1, heartbeat=config.ping_interval, compress=False
         )
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except ConnectionResetError:
+            # The peer left during the upgrade: not a server error, and aiohttp would log one
+            # with a traceback per such peer. The answer returned meets the same closed socket,
+            # which aiohttp lets go as a premature disconnect (the upgrade cannot be returned:
+            # half-prepared, aiohttp's finish would raise on it).
+            return web.Response()
         protocol = request.protocol
         live.add(protocol)
         try:
