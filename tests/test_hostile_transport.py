@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import socket
+import struct
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ from dara_ws_core import (
     WebsocketManager,
     token_authenticator,
 )
+from dara_ws_core.exceptions import ConnectionClosed
 from dara_ws_core.transport import MAX_COOKIES, HandshakeRequest, parse_cookies
 
 from .helpers import eventually
@@ -414,3 +416,36 @@ async def test_clients_that_abort_right_after_their_upgrade_request_are_not_logg
         client.abort()
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, f"{len(errors)} ERROR records, e.g. {errors[0].name}: {errors[0].getMessage()}"
+
+
+def _reset(client: HostileClient) -> None:
+    """A TCP RST: the socket is closed with a zero linger, so nothing (no FIN) is sent first."""
+    sock = client.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.abort()
+
+
+@pytest.mark.parametrize(
+    ("leave", "expected"),
+    [
+        (_reset, 1006),  # RFC 6455 7.1.5: closed without a close frame
+        (lambda client: client.transport.write_eof(), 1006),  # a FIN, no close frame
+        (lambda client: client.send_close(None), 1005),  # a close frame without a code
+    ],
+    ids=["rst", "fin", "close-frame-without-code"],
+)
+async def test_the_close_code_of_a_peer_that_leaves_is_the_same_on_every_transport(
+    socket_stack: Any, leave: Callable[[HostileClient], None], expected: int
+) -> None:
+    config = ServerConfig(ping_interval=None, close_timeout=1.0)
+    async with socket_stack(config=config) as stack:
+        client, channel = await open_channel(stack)
+        waiting = asyncio.create_task(stack.manager.send_and_wait(channel, {"q": 1}, timeout=10))
+        await client.read_frame()  # the request is out: the channel waits for its answer
+        leave(client)
+        with pytest.raises(ConnectionClosed) as raised:
+            await waiting
+        assert raised.value.code == expected
+        await _gone(stack, channel)
+        assert dict(stack.manager.counters.close_codes) == {expected: 1}
+        client.abort()

@@ -48,7 +48,9 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[type[Any], type[Any]]:
       served is never cut.
     * WebSocket: reading pauses while the write buffer is over ``_PAUSE_READING_ABOVE``;
       uvicorn answers each ping without flow control, so a peer that floods pings and reads
-      nothing would grow the buffer without bound.
+      nothing would grow the buffer without bound. A connection lost without a close frame
+      is reported as 1006 (RFC 6455 7.1.5), as on every other transport; uvicorn says 1005
+      once the handshake is complete.
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -105,6 +107,12 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[type[Any], type[Any]]:
             if not self.read_paused and self.transport.get_write_buffer_size() > _PAUSE_READING_ABOVE:
                 self.read_paused = True
                 self.transport.pause_reading()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.conn.close_rcvd is None and not self.close_sent:
+                # Queued first, so the application reads it; uvicorn's own disconnect follows.
+                self.queue.put_nowait({"type": "websocket.disconnect", "code": 1006})
+            super().connection_lost(exc)
 
         def resume_writing(self) -> None:
             super().resume_writing()
