@@ -418,6 +418,23 @@ async def test_clients_that_abort_right_after_their_upgrade_request_are_not_logg
     assert not errors, f"{len(errors)} ERROR records, e.g. {errors[0].name}: {errors[0].getMessage()}"
 
 
+async def test_requests_the_server_cannot_parse_are_logged_at_most_rate_limited(
+    socket_stack: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # aiohttp logged an ERROR with a traceback, uvicorn a WARNING, for each: a peer could write
+    # to the log at will. At most the first ten and then each power of ten are written.
+    caplog.set_level(logging.WARNING)
+    async with socket_stack(config=ServerConfig(ping_interval=None)) as stack:
+        assert stack.port is not None
+        for _ in range(100):
+            client = await HostileClient.open(stack.port)
+            client.write(b"GET /api/core/ws HTTP/1.1\r\nHost\r\n\r\n")  # a header without ':'
+            assert await client.wait_disconnected()
+            client.abort()
+    records = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(records) <= 11, f"{len(records)} records, e.g. {records[0].getMessage()}"
+
+
 def _reset(client: HostileClient) -> None:
     """A TCP RST: the socket is closed with a zero linger, so nothing (no FIN) is sent first."""
     sock = client.transport.get_extra_info("socket")

@@ -10,6 +10,7 @@ __all__ = ["hook_uvicorn", "serve"]
 import asyncio
 import contextlib
 import functools
+import logging
 import math
 import signal
 import socket
@@ -35,6 +36,28 @@ _TOO_LARGE = (
 )
 
 
+class _InvalidRequests(logging.Filter):
+    """On uvicorn's error logger: uvicorn warns of each request it cannot parse, which any peer
+    can repeat at will; those records pass for the first ten, then the 100th, the 1,000th...
+    with the count, as the core bounds what one client makes it log."""
+
+    MESSAGE = "Invalid HTTP request received."  # uvicorn's h11 protocol
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != self.MESSAGE:
+            return True
+        self.count = count = self.count + 1
+        if count > 10:
+            if str(count).rstrip("0") != "1":
+                return False
+            record.msg = f"{record.msg} ({count} such records; only powers of ten are logged)"
+        return True
+
+
 @functools.cache
 def _uvicorn_protocols(handshake_timeout: float) -> tuple[type[Any], type[Any]]:
     """uvicorn's h11 and websockets-sansio protocols with the bounds uvicorn lacks (built on
@@ -51,10 +74,16 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[type[Any], type[Any]]:
       nothing would grow the buffer without bound. A connection lost without a close frame
       is reported as 1006 (RFC 6455 7.1.5), as on every other transport; uvicorn says 1005
       once the handshake is complete.
+    * Logs: uvicorn's warning for each request it cannot parse is rate-limited
+      (:class:`_InvalidRequests`, installed once on ``uvicorn.error``).
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
     from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
+
+    errors = logging.getLogger("uvicorn.error")
+    if not any(isinstance(known, _InvalidRequests) for known in errors.filters):
+        errors.addFilter(_InvalidRequests())
 
     class HTTPProtocol(H11Protocol):
         _handshake_timer: asyncio.TimerHandle | None = None
