@@ -466,3 +466,20 @@ async def test_the_close_code_of_a_peer_that_leaves_is_the_same_on_every_transpo
         await _gone(stack, channel)
         assert dict(stack.manager.counters.close_codes) == {expected: 1}
         client.abort()
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "asgi"])
+async def test_a_peer_that_never_answers_a_ping_is_recorded_as_lost(transport: str) -> None:
+    # The server's close frame goes unanswered as well: no close frame came, so 1006. uvicorn
+    # reported 1005 here. (websockets records the 1011 it sent; picows closes with 1001.)
+    config = ServerConfig(ping_interval=0.5, ping_timeout=0.5, close_timeout=1.0)
+    async with running_stack(transport, config=config) as stack:
+        assert stack.port is not None
+        client, channel = await open_port_channel(stack.port)
+        client.stop_reading()  # and never sends a pong
+        with pytest.raises(ConnectionClosed) as raised:
+            await stack.manager.send_and_wait(channel, {"q": 1}, timeout=10)
+        assert raised.value.code == 1006
+        await _gone(stack, channel)
+        assert dict(stack.manager.counters.close_codes) == {1006: 1}
+        client.abort()

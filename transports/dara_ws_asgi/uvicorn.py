@@ -138,8 +138,10 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[type[Any], type[Any]]:
                 self.transport.pause_reading()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            if self.conn.close_rcvd is None and not self.close_sent:
-                # Queued first, so the application reads it; uvicorn's own disconnect follows.
+            if self.conn.close_rcvd is None:
+                # The application reads the first disconnect queued: this one, unless one came
+                # before (our own close, a frame error); uvicorn's own follows, unread. A ping
+                # timeout queues none: 1006 too (uvicorn sent 1011, the peer never answered).
                 self.queue.put_nowait({"type": "websocket.disconnect", "code": 1006})
             super().connection_lost(exc)
 
