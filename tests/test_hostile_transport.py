@@ -483,3 +483,47 @@ async def test_a_peer_that_never_answers_a_ping_is_recorded_as_lost(transport: s
         await _gone(stack, channel)
         assert dict(stack.manager.counters.close_codes) == {1006: 1}
         client.abort()
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+async def test_the_handshake_timeout_never_cuts_an_http_request_being_served(http: str) -> None:
+    # Starlette under uvicorn with the adapter's hardening, on either of uvicorn's HTTP parsers
+    # (httptools is its default when installed): the bound is on the time between requests, so
+    # a route slower than handshake_timeout still answers, and the connection is closed only
+    # once it sits idle (or half-sent) for handshake_timeout after that answer.
+    pytest.importorskip(http)
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from dara_ws_asgi import lifespan, websocket_route
+
+    answered = asyncio.Event()
+
+    async def slow(_: Any) -> PlainTextResponse:
+        await answered.wait()
+        return PlainTextResponse("done")
+
+    config = ServerConfig(handshake_timeout=0.5, ping_interval=None)
+    endpoint = Endpoint(WebsocketManager(config), token_authenticator(verify_token))
+    app = Starlette(routes=[Route("/slow", slow), websocket_route(endpoint)], lifespan=lifespan(endpoint))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, http=http, log_config=None, log_level="warning"))
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    try:
+        await eventually(lambda: server.started, "uvicorn started")
+        client = await HostileClient.open(sock.getsockname()[1])
+        client.write(b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        # Three handshake timeouts with the request being served: still open.
+        assert not await client.wait_disconnected(3 * config.handshake_timeout)
+        answered.set()
+        assert (await client.read_response()).status == 200
+        client.write(handshake_request(TOKEN_PATH, complete=False))  # then a head never ending
+        assert await client.wait_disconnected(config.handshake_timeout + MARGIN)
+        client.abort()
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
