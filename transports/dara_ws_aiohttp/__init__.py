@@ -14,12 +14,14 @@ from __future__ import annotations
 
 __all__ = ["AiohttpTransport", "Server", "add_route", "connect", "serve"]
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 try:
     from aiohttp import web
+    from aiohttp.http_exceptions import HttpProcessingError
 except ImportError as exc:  # the extra is missing: say which one to install
     raise ImportError(
         'dara_ws_aiohttp needs the aiohttp library: pip install "dara-ws-core[aiohttp]"', name=exc.name
@@ -54,7 +56,14 @@ def add_route(app: web.Application, endpoint: Endpoint, path: str | None = None)
         ws = MaskedOnlyResponse(
             max_msg_size=config.max_message_size + 1, heartbeat=config.ping_interval, compress=False
         )
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except ConnectionResetError:
+            # The peer left during the upgrade: not a server error, and aiohttp would log one
+            # with a traceback per such peer. The answer returned meets the same closed socket,
+            # which aiohttp lets go as a premature disconnect (the upgrade cannot be returned:
+            # half-prepared, aiohttp's finish would raise on it).
+            return web.Response()
         protocol = request.protocol
         live.add(protocol)
         try:
@@ -77,6 +86,26 @@ def add_route(app: web.Application, endpoint: Endpoint, path: str | None = None)
     app.on_shutdown.insert(0, on_shutdown)
 
 
+class _ServerLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's server logger, for :func:`serve`. aiohttp logs each request it cannot parse as an
+    ERROR with a traceback, which any peer can repeat at will: those records are written for the
+    first ten, then the 100th, the 1,000th... with the count, as the core bounds what one client
+    makes it log (a log line is blocking I/O on the event loop)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"))
+        self.bad_requests = 0
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        if level > logging.DEBUG and isinstance(kwargs.get("exc_info"), HttpProcessingError):
+            self.bad_requests = count = self.bad_requests + 1
+            if count > 10:
+                if str(count).rstrip("0") != "1":
+                    return
+                msg = f"{msg} ({count} such records; only powers of ten are logged)"
+        super().log(level, msg, *args, **kwargs)
+
+
 @asynccontextmanager
 async def serve(
     endpoint: Endpoint, host: str = "127.0.0.1", port: int = 8000, *, reuse_port: bool = False
@@ -92,10 +121,12 @@ async def serve(
     add_route(app, endpoint)
     config = endpoint.config
     # keepalive_timeout also bounds a connection that never completes its request (aiohttp arms
-    # it at connect): half-open handshakes go after handshake_timeout.
+    # it at connect and after each response): half-open handshakes go after handshake_timeout.
+    # lingering_time bounds a body still being sent after its response (default 10 s).
     runner = web.AppRunner(
         app, handle_signals=False, shutdown_timeout=config.shutdown_grace,
-        keepalive_timeout=config.handshake_timeout,
+        keepalive_timeout=config.handshake_timeout, lingering_time=config.handshake_timeout,
+        logger=_ServerLog(),
     )
     await runner.setup()
     try:

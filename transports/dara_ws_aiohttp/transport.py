@@ -13,6 +13,9 @@ from dara_ws_core.exceptions import CloseCode, ConnectionClosed
 from dara_ws_core.transport import text_frame_header
 
 _WRITE_LIMIT = 32 * 1024  # buffered output (corked included) above which frames are queued
+_NO_STATUS = 1005  # RFC 6455 7.1.5: a close frame without a code (aiohttp says 0)
+
+
 class AiohttpTransport:
     """An aiohttp WebSocket (server or client side) as a :class:`Transport`.
 
@@ -103,7 +106,7 @@ class AiohttpTransport:
         # CLOSE carries (code, reason), ERROR the error (1009: too big, whatever close_code says
         # after aiohttp's own close); CLOSING and CLOSED leave the code on the socket.
         if msg.type is WSMsgType.CLOSE:
-            self._gone = self._error(msg.data, msg.extra or "")
+            self._gone = self._error(msg.data or self._local_code or _NO_STATUS, msg.extra or "")
         elif isinstance(msg.data, aiohttp.WebSocketError):
             self._gone = self._error(msg.data.code, str(msg.data))
         else:

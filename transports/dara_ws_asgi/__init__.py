@@ -13,7 +13,8 @@ The ASGI server owns frame size and keepalive: when you run uvicorn yourself, pa
 with 1012 before any lifespan code runs; :class:`ASGIApp` (through ASGI lifespan) and
 :func:`lifespan` (for Starlette/FastAPI) make it shut the endpoint down first (1001, in-flight
 replies delivered) and bound handshakes and ping floods, when uvicorn runs in the main thread
-with its default h11 and websockets-sansio protocols (:func:`dara_ws_asgi.uvicorn.hook_uvicorn`).
+with its own protocols: h11 or httptools, and websockets-sansio
+(:func:`dara_ws_asgi.uvicorn.hook_uvicorn`).
 """
 
 from __future__ import annotations

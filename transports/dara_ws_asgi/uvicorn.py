@@ -10,6 +10,7 @@ __all__ = ["hook_uvicorn", "serve"]
 import asyncio
 import contextlib
 import functools
+import logging
 import math
 import signal
 import socket
@@ -35,33 +36,67 @@ _TOO_LARGE = (
 )
 
 
-@functools.cache
-def _uvicorn_protocols(handshake_timeout: float) -> tuple[type[Any], type[Any]]:
-    """uvicorn's h11 and websockets-sansio protocols with the bounds uvicorn lacks (built on
-    first use: the second needs websockets):
+class _InvalidRequests(logging.Filter):
+    """On uvicorn's error logger: uvicorn warns of each request it cannot parse, which any peer
+    can repeat at will; those records pass for the first ten, then the 100th, the 1,000th...
+    with the count, as the core bounds what one client makes it log."""
 
-    * HTTP: a connection must complete its request within ``handshake_timeout`` seconds, or it
-      is closed; uvicorn has no header timeout, so half-open handshakes would hold every slot.
-    * WebSocket: reading pauses while the write buffer is over ``_PAUSE_READING_ABOVE``;
-      uvicorn answers each ping without flow control, so a peer that floods pings and reads
-      nothing would grow the buffer without bound.
-    """
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    MESSAGE = "Invalid HTTP request received."  # uvicorn's h11 protocol
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != self.MESSAGE:
+            return True
+        self.count = count = self.count + 1
+        if count > 10:
+            if str(count).rstrip("0") != "1":
+                return False
+            record.msg = f"{record.msg} ({count} such records; only powers of ten are logged)"
+        return True
+
+
+def _bounded_http(base: type[Any], handshake_timeout: float) -> type[Any]:
+    """``base``, uvicorn's h11 or httptools protocol (the same shape), with the HTTP bounds of
+    :func:`_uvicorn_protocols`."""
     from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
 
-    class HTTPProtocol(H11Protocol):
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    class HTTPProtocol(base):  # type: ignore[misc]
+        _handshake_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
-            self.loop.call_later(handshake_timeout, self._handshake_expired)
+            self._arm_handshake_timer()
+
+        def on_response_complete(self) -> None:
+            # The next request (on a kept-alive connection) gets its own handshake_timeout.
+            if not self.transport.is_closing():
+                self._arm_handshake_timer()
+            super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._handshake_timer is not None:
+                self._handshake_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_handshake_timer(self) -> None:
+            if self._handshake_timer is not None:
+                self._handshake_timer.cancel()
+            self._handshake_timer = self.loop.call_later(handshake_timeout, self._handshake_expired)
 
         def _handshake_expired(self) -> None:
-            # No request yet (cycle) and not upgraded (the WebSocket protocol took over).
-            transport = self.transport
-            if self.cycle is None and transport.get_protocol() is self and not transport.is_closing():
+            # Between requests (none yet, or the last one answered: what arrives since is an
+            # unfinished head or an unread body) and not upgraded (the WebSocket protocol took
+            # over). A request still being served re-arms the timer when its response ends.
+            self._handshake_timer = None
+            transport, cycle = self.transport, self.cycle
+            idle = cycle is None or cycle.response_complete
+            if idle and transport.get_protocol() is self and not transport.is_closing():
                 transport.close()
 
-        def handle_websocket_upgrade(self, event: Any) -> None:
+        def handle_websocket_upgrade(self, *event: Any) -> None:
             # websockets-sansio re-parses the request with its own limits and, on a header over
             # them, never answers (the socket hangs until the client gives up): answer 431 here.
             headers = self.headers
@@ -71,7 +106,44 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[type[Any], type[Any]]:
                 self.transport.write(_TOO_LARGE)
                 self.transport.close()
                 return
-            super().handle_websocket_upgrade(event)
+            super().handle_websocket_upgrade(*event)
+
+    HTTPProtocol.__name__ = HTTPProtocol.__qualname__ = f"Bounded{base.__name__}"
+    return HTTPProtocol
+
+
+@functools.cache
+def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[Any]], type[Any]]:
+    """uvicorn's HTTP protocols (h11, and httptools when installed: uvicorn's default then), as
+    a map from each to its bounded version, and its websockets-sansio protocol, with the bounds
+    uvicorn lacks (built on first use: the last needs websockets):
+
+    * HTTP: between requests (from connect, then from the end of each response), a connection
+      that has not started being served within ``handshake_timeout`` seconds is closed: uvicorn
+      has no header timeout, and its keep-alive timer stops at the first byte of the next
+      request, so half-open handshakes (a first request or a later one on a kept-alive
+      connection, or a body sent on after its response) would hold every slot. A request being
+      served is never cut.
+    * WebSocket: reading pauses while the write buffer is over ``_PAUSE_READING_ABOVE``;
+      uvicorn answers each ping without flow control, so a peer that floods pings and reads
+      nothing would grow the buffer without bound. A connection lost without a close frame
+      is reported as 1006 (RFC 6455 7.1.5), as on every other transport; uvicorn says 1005
+      once the handshake is complete.
+    * Logs: uvicorn's warning for each request it cannot parse is rate-limited
+      (:class:`_InvalidRequests`, installed once on ``uvicorn.error``).
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    errors = logging.getLogger("uvicorn.error")
+    if not any(isinstance(known, _InvalidRequests) for known in errors.filters):
+        errors.addFilter(_InvalidRequests())
+    bases: list[type[Any]] = [H11Protocol]
+    with contextlib.suppress(ImportError):  # httptools is optional (uvicorn[standard])
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        bases.append(HttpToolsProtocol)
+    http = {base: _bounded_http(base, handshake_timeout) for base in bases}
 
     class WebSocketProtocol(WebSocketsSansIOProtocol):
         def data_received(self, data: bytes) -> None:
@@ -80,13 +152,21 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[type[Any], type[Any]]:
                 self.read_paused = True
                 self.transport.pause_reading()
 
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.conn.close_rcvd is None:
+                # The application reads the first disconnect queued: this one, unless one came
+                # before (our own close, a frame error); uvicorn's own follows, unread. A ping
+                # timeout queues none: 1006 too (uvicorn sent 1011, the peer never answered).
+                self.queue.put_nowait({"type": "websocket.disconnect", "code": 1006})
+            super().connection_lost(exc)
+
         def resume_writing(self) -> None:
             super().resume_writing()
             if self.read_paused and self.queue.empty():  # uvicorn's own rule for resuming
                 self.read_paused = False
                 self.transport.resume_reading()
 
-    return HTTPProtocol, WebSocketProtocol
+    return http, WebSocketProtocol
 
 
 _hooked: weakref.WeakKeyDictionary[uvicorn.Server, list[Endpoint]] = weakref.WeakKeyDictionary()
@@ -96,7 +176,8 @@ def hook_uvicorn(endpoint: Endpoint, server: uvicorn.Server | None = None) -> bo
     """Make a uvicorn server (by default the one running this process, found through the
     signal handler it installs) shut ``endpoint`` down *before* it closes connections itself
     with 1012, and use the bounded protocols of :func:`_uvicorn_protocols` if it uses uvicorn's
-    defaults. Returns whether a server was found. Call it before the server accepts."""
+    own (h11 or httptools, and websockets-sansio). Returns whether a server was found. Call it
+    before the server accepts."""
     if server is None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             owner = getattr(signal.getsignal(sig), "__self__", None)
@@ -119,11 +200,9 @@ def hook_uvicorn(endpoint: Endpoint, server: uvicorn.Server | None = None) -> bo
         setattr(server, "shutdown", shutdown)  # noqa: B010 (an instance attribute on purpose)
     if endpoint not in endpoints:
         endpoints.append(endpoint)
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
     config, (http, ws) = server.config, _uvicorn_protocols(endpoint.config.handshake_timeout)
-    if getattr(config, "http_protocol_class", None) is H11Protocol:
-        config.http_protocol_class = http
+    if (bounded := http.get(getattr(config, "http_protocol_class", None))) is not None:  # type: ignore[arg-type]
+        config.http_protocol_class = bounded
     if getattr(config, "ws_protocol_class", None) is ws.__mro__[1]:
         config.ws_protocol_class = ws
     return True
@@ -163,11 +242,13 @@ async def serve(
     except OSError:
         sock.close()
         raise
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
     http, ws = _uvicorn_protocols(config.handshake_timeout)
     server = _Uvicorn(
         uvicorn.Config(
             asgi_app(endpoint),
-            http=http,
+            http=http[H11Protocol],
             ws=ws,
             ws_max_size=config.max_message_size,
             ws_ping_interval=config.ping_interval,
