@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import pytest
 
@@ -59,7 +60,7 @@ def assert_once_each(count: int, got: list[int]) -> None:
 @pytest.mark.parametrize("transport", SERVED)
 @pytest.mark.parametrize("after", [20, 33])
 async def test_a_kept_message_is_not_lost_when_the_library_closes_the_connection(
-    transport: str, after: int
+    transport: str, after: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The peer's frame with an RSV bit makes the library close with 1002 by itself, in the
     # middle of the stream: a kept frame corked for that connection was dropped by the library
@@ -90,6 +91,9 @@ async def test_a_kept_message_is_not_lost_when_the_library_closes_the_connection
         await read_numbers(second, seen_second, 1.0)
         second.abort()
     assert_once_each(count, seen_first + seen_second)
+    # A peer's protocol error is the peer's: no error logged, no traceback (ASGI's send on a
+    # connection uvicorn had closed was logged as "send failed").
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 @pytest.mark.parametrize("transport", SERVED)

@@ -66,6 +66,11 @@ class ASGITransport:
             await self._send({"type": "websocket.send", "text": frame.decode()})
         except OSError as exc:  # the ASGI spec's error for sending on a closed connection
             raise ConnectionClosed(CloseCode.ABNORMAL) from exc
+        except RuntimeError as exc:
+            # uvicorn's own close (a peer's protocol error, a ping timeout) is not reported to
+            # the app until it reads the disconnect; a send meanwhile raises RuntimeError
+            # ("... after sending 'websocket.close'"). The connection is over, not the server.
+            raise ConnectionClosed(CloseCode.ABNORMAL, "closed by the server library") from exc
 
     async def receive(self) -> str | bytes:
         """Return the next text (``str``) or binary (``bytes``) frame; raises ``ConnectionClosed``
@@ -85,7 +90,9 @@ class ASGITransport:
         if self.closed:
             return
         self._sent = ConnectionClosed(code, reason)
-        with contextlib.suppress(OSError):  # the peer left meanwhile
+        # The peer left meanwhile (OSError), or the server library closed first (RuntimeError,
+        # see send).
+        with contextlib.suppress(OSError, RuntimeError):
             await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
     def abort(self) -> None:
