@@ -17,7 +17,7 @@ __all__ = ["WebsocketManager", "get_user_channels"]
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -270,6 +270,7 @@ class WebsocketManager:
         at = handler.ack_at
         if at and (at <= position or at == ACK_PARKED):
             return  # it waits for an earlier frame, or is to be looked at already
+        handler._through = None  # frames_done must see every frame written from now on
         if handler.flushed >= position:
             handler.ack_at = ACK_PARKED
             self._channel_written(handler.channel_id)
@@ -461,6 +462,7 @@ class WebsocketManager:
                 marks.record(handler.channel_id, handler.accepted, user_id, kid)
                 if not handler.ack_at:  # else it waits for an earlier frame, or is parked
                     handler.ack_at = handler.accepted
+                    handler._through = None  # frames_done must see every frame written from now on
 
     async def send_and_wait(
         self,
@@ -484,7 +486,7 @@ class WebsocketManager:
         raise UnknownChannel(channel_id)
 
     def deliver_local(
-        self, handlers: Iterable[WebSocketHandler], frame: bytes, ignore_channel: str | None = None
+        self, handlers: Collection[WebSocketHandler], frame: bytes, ignore_channel: str | None = None
     ) -> int:
         """Deliver one encoded frame to local handlers without waiting (the one fan-out that
         broadcasts, per-user sends and the backplane use); returns how many got it.
@@ -498,7 +500,7 @@ class WebsocketManager:
         return self._deliver(handlers, frame, ignore_channel)
 
     def _deliver_kept(
-        self, handlers: Iterable[WebSocketHandler], frame: bytes, ignore_channel: str | None = None
+        self, handlers: Collection[WebSocketHandler], frame: bytes, ignore_channel: str | None = None
     ) -> int:
         """:meth:`deliver_local` for a frame the per-user history keeps until it is written: never
         through a transport's unchecked ``writer`` (``SupportsWriter``). A library may close a
@@ -512,14 +514,15 @@ class WebsocketManager:
         return self._deliver(handlers, frame, ignore_channel, False)
 
     def _deliver(
-        self, handlers: Iterable[WebSocketHandler], frame: bytes, ignore_channel: str | None,
+        self, handlers: Collection[WebSocketHandler], frame: bytes, ignore_channel: str | None,
         unchecked: bool = True,
     ) -> int:
         counters = self.counters
         delivered = 0
         fan_out = _handler.fan_out_through
         if unchecked and fan_out is not None and counters.telemetry is None:  # (with telemetry, sinks count each one)
-            through = fan_out(handlers, frame, ignore_channel, counters)
+            through = fan_out(handlers, frame,
+                              None if ignore_channel is None else self.handlers.get(ignore_channel), counters)
             if through is not None:  # written through: what it did not write is offered below
                 delivered, handlers = through
         full: list[WebSocketHandler] | None = None
