@@ -18,13 +18,13 @@ import contextlib
 import contextvars
 import logging
 import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from . import handler as _handler
 from .auth import Identity
 from .exceptions import CloseCode, ConnectionClosed
-from .handler import WebSocketHandler, current_channel, current_identity
+from .handler import NEVER_THROUGH, WebSocketHandler, current_channel, current_identity
 from .stats import Counters, transport_label
 from .transport import (
     SupportsCork,
@@ -48,7 +48,7 @@ class ConnectionDriver:
     """Runs one connection: create it with the transport and identity, then ``await run()``."""
 
     __slots__ = ("_abort_timer", "_close_task", "_closed", "_context", "_cork", "_corked", "_direct",
-                 "_flusher", "_held", "_loop", "_sender", "_write", "_wrote", "handler", "manager", "transport")
+                 "_flusher", "_held", "_loop", "_sender", "_write", "handler", "manager", "transport")
 
     def __init__(
         self, manager: WebsocketManager, transport: Transport, identity: Identity, channel_id: str
@@ -62,17 +62,18 @@ class ConnectionDriver:
         # loop iteration for every corked connection: a burst costs one write per connection.
         # While the loop's fan-outs bring each connection one frame per iteration (nothing to
         # coalesce), a transport that also writes synchronously is written through instead
-        # (see _Flusher); ``_wrote`` is the flusher's epoch of this connection's last such write.
+        # (see _Flusher); the handler's ``_wrote`` is the flusher's epoch of this connection's
+        # last such write (NEVER_THROUGH: it cannot write through).
         self._write: Callable[[bytes], bool] | None
-        self._wrote = _NEVER
         # The transport's unchecked write, for the fan-outs written through (fan_out_through).
         self._direct: SupportsWriter | None = None
+        through = False
         if isinstance(transport, SupportsCork):
             self._cork: _Cork | None = cast(_Cork, transport)
             self._flusher: _Flusher | None = _flusher(loop)
             self._write = self._write_corked
             if isinstance(transport, SupportsSendNowait):
-                self._wrote = 0
+                through = True
                 if isinstance(transport, SupportsWriter):
                     self._direct = transport
         else:
@@ -91,6 +92,10 @@ class ConnectionDriver:
             channel_id, identity, sink=self, now=loop.time(), transport=transport_label(transport),
             start=False,
         )
+        if through:
+            self.handler._wrote = 0
+            if self._direct is not None:  # it takes the writer back the moment it drops it
+                self._direct.writer_lost = self._writer_lost
         # What follows init may close the connection already (close() needs the handler).
         manager.start_handler(self.handler)
 
@@ -108,22 +113,39 @@ class ConnectionDriver:
         flusher: _Flusher = self._flusher  # type: ignore[assignment]  # set with the cork
         if flusher.through and not self._corked:
             epoch = flusher.epoch
-            if self._wrote < epoch:  # nothing corked nor written this iteration: write through
+            handler = self.handler
+            wrote = handler._wrote
+            if wrote < epoch:  # nothing corked nor written this iteration: write through
                 if not cork.send_nowait(frame):
                     return False
-                self._wrote = epoch
+                handler._wrote = epoch
                 flusher.written += 1
                 if not flusher._scheduled:  # the pass still runs: it ends the iteration (epoch)
                     flusher._scheduled = True
                     self._loop.call_soon(flusher._flush)
+                if handler._through is None:
+                    self._offer_through(handler)
                 return True
-            if self._wrote == epoch:  # a second frame this iteration: a burst, corked from here
+            if wrote == epoch:  # a second frame this iteration: a burst, corked from here
                 flusher.doubled += 1
         return self._write_corked(frame)
 
+    def _offer_through(self, handler: WebSocketHandler) -> None:
+        """Hand the fan-outs written through (fan_out_through) this connection's write, if every
+        condition of it holds now; whatever ends one of them takes it back (``_through = None``).
+        Called after a frame written through here: no sender, nothing corked, not closed."""
+        if handler.ack_at or handler._flush_goal is not None or handler.flushed != handler.accepted \
+                or not handler.queue.idle:
+            return
+        direct = self._direct
+        handler._through = self._cork.send_nowait if direct is None else direct.writer  # type: ignore[union-attr]
+
+    def _writer_lost(self) -> None:
+        self.handler._through = None
+
     def write_at_once(self, frame: bytes) -> bool:
         cork = self._cork
-        if cork is None or self._wrote == _NEVER:  # no synchronous write beside a cork
+        if cork is None or self.handler._wrote == NEVER_THROUGH:  # no synchronous write beside a cork
             if not self.write_now(frame):
                 return False
             self.flush()  # a no-op unless it was corked
@@ -144,6 +166,7 @@ class ConnectionDriver:
         if self._closed is not None:
             return
         self._closed = ConnectionClosed(code, reason)
+        self.handler._through = None
         self._arm_abort()
         # Frames queued before the close (replies within a rate limit, answers finished within
         # the shutdown grace) go out before the close frame: take them before the queue closes.
@@ -166,6 +189,7 @@ class ConnectionDriver:
         flusher.frames += 1
         if not self._corked:
             self._corked = True
+            self.handler._through = None
             flusher.add(self)
         return True
 
@@ -293,7 +317,7 @@ class ConnectionDriver:
         queue, write, send, flushed = handler.queue, self._write, self.transport.send, \
             handler.frame_flushed
         cork = self._cork
-        exact = cork.send_nowait if cork is not None and self._wrote != _NEVER else None
+        exact = cork.send_nowait if cork is not None and handler._wrote != NEVER_THROUGH else None
         try:
             while (frame := queue.get_nowait()) is not None:
                 if cork is not None and (handler.ack_at or handler._flush_goal is not None):
@@ -338,10 +362,6 @@ class ConnectionDriver:
             self._abort_timer = self._loop.call_later(
                 self.manager.config.close_timeout, _abort_quietly, self.transport
             )
-
-
-#: ``ConnectionDriver._wrote`` of a transport that cannot write through (no ``send_nowait``).
-_NEVER = 1 << 62
 
 
 class _Cork(SupportsCork, SupportsSendNowait, Protocol):
@@ -423,17 +443,18 @@ _FLUSHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flusher] = (
 _current: tuple[Callable[[], asyncio.AbstractEventLoop | None], _Flusher | None] = (lambda: None, None)
 
 
-def fan_out_through(handlers: Iterable[WebSocketHandler], frame: bytes, ignore_channel: str | None,
+def fan_out_through(handlers: Collection[WebSocketHandler], frame: bytes, skip: WebSocketHandler | None,
                     counters: Counters) -> tuple[int, list[WebSocketHandler]] | None:
     """The first pass of a fan-out while this loop writes through (see :class:`_Flusher`), or
     ``None`` when it does not. The handlers are one manager's, counting into ``counters``.
 
-    The common case of ``WebSocketHandler.offer`` for every recipient but ``ignore_channel``,
-    inlined: a connection of ours with nothing queued, corked nor written this iteration, and
-    nobody waiting for its frame numbers, is written with its transport's ``writer``
-    (:class:`~dara_ws_core.transport.SupportsWriter`) or ``send_nowait``, no call in between.
-    Returns how many were written so, and the other recipients, in order, for the caller to
-    ``offer`` the frame (which decides for them as usual)."""
+    The common case of ``WebSocketHandler.offer`` for every recipient but ``skip``, inlined: a
+    connection whose driver handed it its transport's write (``_through``, see
+    ``ConnectionDriver._offer_through``: nothing queued, corked nor being sent, nobody waiting
+    for its frame numbers) and that was not written this iteration (``_wrote``) is written with
+    it, no call in between. Returns how many were written so, and the other recipients (``skip``
+    among them), in order, for the caller to ``offer`` the frame (which decides for them as
+    usual: a second frame in the iteration is corked, a full queue takes its policy)."""
     global _current
     loop = asyncio._get_running_loop()
     if loop is None:
@@ -449,34 +470,30 @@ def fan_out_through(handlers: Iterable[WebSocketHandler], frame: bytes, ignore_c
     if flusher is None or not flusher.through:
         return None
     epoch = flusher.epoch
-    written = 0
     rest: list[WebSocketHandler] = []
+    handler: WebSocketHandler | None = None
+    if skip is not None:  # as if written this iteration: left to the caller, which skips it
+        kept, skip._wrote = skip._wrote, epoch
     try:
         for handler in handlers:
-            if ignore_channel is not None and handler.channel_id == ignore_channel:
-                continue
-            driver = handler._sink
-            # What offer() and write_now() check, in one expression: no call until the write.
-            if (type(driver) is ConnectionDriver and driver._wrote < epoch and not driver._corked
-                    and driver._sender is None and driver._closed is None
-                    and not (queue := handler.queue)._frames and not queue._closed
-                    and not handler.ack_at and handler._flush_goal is None):
-                direct = driver._direct
-                if direct is None:
-                    sent = driver._cork.send_nowait(frame)  # type: ignore[union-attr]  # _wrote says it has one
-                elif (write := direct.writer) is not None:
-                    write(frame)
-                    sent = True
-                else:
-                    sent = False
-                if sent:
-                    driver._wrote = epoch
-                    handler.accepted += 1
-                    handler.flushed += 1
-                    written += 1
-                    continue
-            rest.append(handler)
+            # Two attributes of the handler, then the write (a transport's send_nowait may refuse).
+            if handler._wrote < epoch and (write := handler._through) is not None and write(frame) is not False:
+                handler._wrote = epoch
+                # Equal while _through is set (every frame accepted was written): one number.
+                handler.accepted = handler.flushed = handler.accepted + 1
+            else:
+                rest.append(handler)
+        written = len(handlers) - len(rest)
+    except BaseException:  # (a write raised) those before it were written: counted, then raised
+        written = -len(rest)
+        for before in handlers:
+            if before is handler:
+                break
+            written += 1
+        raise
     finally:
+        if skip is not None:
+            skip._wrote = kept
         if written:
             counters.frames_out += written
             counters.bytes_out += written * len(frame)

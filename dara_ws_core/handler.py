@@ -17,7 +17,7 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -83,11 +83,16 @@ class Sink(Protocol):
 #: :attr:`WebSocketHandler.ack_at` once reached: told already, nothing to wait for.
 ACK_PARKED = 1 << 62
 
+#: ``WebSocketHandler._wrote`` of a connection whose driver cannot write through (no sink, or a
+#: transport without ``send_nowait``): after every loop iteration's epoch.
+NEVER_THROUGH = 1 << 62
+
 #: The fan-out written through, when a driver that can do it is loaded (``driver.fan_out_through``
-#: sets itself here at import): ``fan_out(handlers, frame, ignore_channel, counters)`` writes
-#: the recipients it can, and returns how many and the others, or ``None``. A hook rather than an
-#: import because the manager sits below the driver: the driver imports the manager's module.
-FanOut = Callable[[Iterable["WebSocketHandler"], bytes, "str | None", Counters],
+#: sets itself here at import): ``fan_out(handlers, frame, skip, counters)`` writes the
+#: recipients it can (never ``skip``), and returns how many and the others, or ``None``. A hook
+#: rather than an import because the manager sits below the driver: the driver imports the
+#: manager's module.
+FanOut = Callable[[Collection["WebSocketHandler"], bytes, "WebSocketHandler | None", Counters],
                   "tuple[int, list[WebSocketHandler]] | None"]
 fan_out_through: FanOut | None = None
 
@@ -149,8 +154,8 @@ class WebSocketHandler:
     connection ends, which fails its pending requests and cancels its handler tasks.
     """
 
-    __slots__ = ("_custom", "_deadlines", "_flush_goal", "_log", "_shut", "_sink", "_tasks", "accepted", "ack_at",
-                 "channel_id", "config", "connection", "counters", "flushed", "identity",
+    __slots__ = ("_custom", "_deadlines", "_flush_goal", "_log", "_shut", "_sink", "_tasks", "_through", "_wrote",
+                 "accepted", "ack_at", "channel_id", "config", "connection", "counters", "flushed", "identity",
                  "on_ack_at", "queue", "transport")
 
     def __init__(
@@ -201,6 +206,15 @@ class WebSocketHandler:
         self.ack_at = 0
         self.on_ack_at: Callable[[str], None] | None = None
         self._sink = sink
+        # The fan-out written through (driver.fan_out_through) reads these two and nothing else
+        # of a recipient. ``_through``: its transport's write, set by the driver (write_now) only
+        # while every condition of that write holds (nothing queued, corked nor being sent, not
+        # closed, nobody waiting for a frame number, the transport writable), and reset to
+        # ``None`` by whatever ends one of them, at that moment. ``_wrote``: the driver's flusher
+        # epoch (loop iteration) of its last frame written through: a second frame in the same
+        # iteration is corked instead.
+        self._through: Callable[[bytes], object] | None = None
+        self._wrote = NEVER_THROUGH
         self._tasks: set[asyncio.Task[None]] | None = None  # created by the first handler task
         self._shut = False
         self._log: ConnectionLogger | None = None
@@ -365,6 +379,7 @@ class WebSocketHandler:
             return True
         if not queue.offer(frame):
             return False
+        self._through = None  # queued: the frames behind it must queue too
         self.accepted += 1
         counters.frames_out += 1
         counters.bytes_out += len(frame)
@@ -382,6 +397,7 @@ class WebSocketHandler:
         at = self.ack_at
         if at and self.flushed >= at:
             self.ack_at = ACK_PARKED
+            self._through = None  # (already: ack_at was set)
             if self.on_ack_at is not None:
                 self.on_ack_at(self.channel_id)
         goal = self._flush_goal
@@ -396,6 +412,7 @@ class WebSocketHandler:
         if self.flushed < count and not self._shut:
             event = asyncio.Event()
             self._flush_goal = (count, event)
+            self._through = None  # frames_done must see every frame written from now on
             waiter = asyncio.ensure_future(event.wait())
             try:
                 await asyncio.wait((waiter,), timeout=timeout)
@@ -443,6 +460,7 @@ class WebSocketHandler:
         if self.offer(frame):
             return True
         queue.append_kept(frame)
+        self._through = None  # queued: the fan-out's write-through ends (see fan_out_through)
         self.accepted += 1
         counters = self.counters
         counters.frames_out += 1
@@ -463,6 +481,7 @@ class WebSocketHandler:
         if policy is SlowConsumerPolicy.WAIT:
             try:
                 await self.queue.put(frame, self.config.send_timeout)
+                self._through = None  # queued: the frames behind it must queue too
                 self.accepted += 1  # numbered like every frame the queue takes (frame_flushed)
                 self.counters.frames_out += 1
                 self.counters.bytes_out += len(frame)
@@ -480,6 +499,7 @@ class WebSocketHandler:
     def _drop_oldest_and_put(self, frame: bytes) -> None:
         queue, counters = self.queue, self.counters
         dropped = queue.drop_oldest_and_put(frame)
+        self._through = None  # queued: the frames behind it must queue too
         self.accepted += 1
         counters.frames_out += 1
         counters.bytes_out += len(frame)
@@ -611,6 +631,7 @@ class WebSocketHandler:
         if self._shut:
             return
         self._shut = True
+        self._through = None
         if self._flush_goal is not None:  # nothing more will be written: wake its waiter
             self._flush_goal[1].set()
         self.counters.custom_busy += self.connection.busy

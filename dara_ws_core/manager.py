@@ -17,7 +17,7 @@ __all__ = ["WebsocketManager", "get_user_channels"]
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -291,6 +291,7 @@ class WebsocketManager:
         at = handler.ack_at
         if at and (at <= position or at == ACK_PARKED):
             return  # it waits for an earlier frame, or is to be looked at already
+        handler._through = None  # frames_done must see every frame written from now on
         if handler.flushed >= position:
             handler.ack_at = ACK_PARKED
             self._channel_written(handler.channel_id)
@@ -500,6 +501,7 @@ class WebsocketManager:
                 marks.record(handler.channel_id, handler.accepted, user_id, kid)
                 if not handler.ack_at:  # else it waits for an earlier frame, or is parked
                     handler.ack_at = handler.accepted
+                    handler._through = None  # frames_done must see every frame written from now on
 
     async def send_and_wait(
         self,
@@ -523,7 +525,7 @@ class WebsocketManager:
         raise UnknownChannel(channel_id)
 
     def deliver_local(
-        self, handlers: Iterable[WebSocketHandler], frame: bytes, ignore_channel: str | None = None
+        self, handlers: Collection[WebSocketHandler], frame: bytes, ignore_channel: str | None = None
     ) -> int:
         """Deliver one encoded frame to local handlers without waiting (the one fan-out that
         broadcasts, per-user sends and the backplane use); returns how many got it.
@@ -537,7 +539,7 @@ class WebsocketManager:
         return self._deliver(handlers, frame, ignore_channel)
 
     def _deliver_kept(
-        self, handlers: Iterable[WebSocketHandler], frame: bytes, ignore_channel: str | None = None
+        self, handlers: Collection[WebSocketHandler], frame: bytes, ignore_channel: str | None = None
     ) -> int:
         """:meth:`deliver_local` for a frame the per-user history keeps until it is written: never
         through a transport's unchecked ``writer`` (``SupportsWriter``). A library may close a
@@ -551,19 +553,20 @@ class WebsocketManager:
             return telemetry.fan_out(self._deliver_checked, handlers, frame, ignore_channel)  # type: ignore[no-any-return]
         return self._deliver(handlers, frame, ignore_channel, False)
 
-    def _deliver_checked(self, handlers: Iterable[WebSocketHandler], frame: bytes,
+    def _deliver_checked(self, handlers: Collection[WebSocketHandler], frame: bytes,
                          ignore_channel: str | None) -> int:
         return self._deliver(handlers, frame, ignore_channel, False)
 
     def _deliver(
-        self, handlers: Iterable[WebSocketHandler], frame: bytes, ignore_channel: str | None,
+        self, handlers: Collection[WebSocketHandler], frame: bytes, ignore_channel: str | None,
         unchecked: bool = True,
     ) -> int:
         counters = self.counters
         delivered = 0
         fan_out = _handler.fan_out_through
         if unchecked and fan_out is not None and counters.telemetry is None:  # (with telemetry, sinks count each one)
-            through = fan_out(handlers, frame, ignore_channel, counters)
+            through = fan_out(handlers, frame,
+                              None if ignore_channel is None else self.handlers.get(ignore_channel), counters)
             if through is not None:  # written through: what it did not write is offered below
                 delivered, handlers = through
         full: list[WebSocketHandler] | None = None
@@ -575,7 +578,7 @@ class WebsocketManager:
             if handler.channel_id == ignore_channel:
                 continue
             try:
-                if handler.offer(frame, at_once):
+                if handler.offer(frame, True) if at_once else handler.offer(frame):
                     delivered += 1
                     continue
             except ConnectionClosed:  # a closed channel is skipped (cheaper asked than checked)

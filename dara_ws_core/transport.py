@@ -56,7 +56,9 @@ one) that writes a text frame at once and cannot refuse it, offered (not ``None`
 corked: the driver uses it only for a connection with nothing corked. While the fan-outs write
 through (one frame per connection per iteration, see the driver), a broadcast calls it for each
 recipient in place of ``send_nowait``: no Python call and no checks of the transport's state per
-recipient, which the transport keeps in ``writer`` instead.
+recipient, which the transport keeps in ``writer`` instead. The core keeps the writer next to
+its own per-connection state, and sets ``writer_lost``: the transport calls it whenever it sets
+``writer`` to ``None``, synchronously, so that the core stops writing with it at once.
 
 Every socket adapter also has ``serve(endpoint, host="127.0.0.1", port=8000)``, an async context
 manager that yields a :class:`Server` (``port=0`` picks a free port).
@@ -121,6 +123,10 @@ class SupportsWriter(Protocol):
 
     #: Writes one text frame now; ``None`` while ``send_nowait`` would refuse one.
     writer: Callable[[bytes], object] | None
+    #: Set by the core (``None`` until then): the transport calls it, without arguments, each
+    #: time it sets ``writer`` to ``None``, at once (a paused write, a close, a disconnect). The
+    #: core keeps the writer where its fan-out reads it, and must drop it then.
+    writer_lost: Callable[[], object] | None
 
 
 @runtime_checkable

@@ -29,7 +29,9 @@ from websockets.frames import Frame, Opcode
 from dara_ws_aiohttp import AiohttpTransport
 from dara_ws_aiohttp import serve as aiohttp_serve
 from dara_ws_core import Endpoint, Identity, ServerConfig, WebSocketHandler, WebsocketManager, token_authenticator
+from dara_ws_core.codec import build_frame
 from dara_ws_core.driver import THROUGH_AFTER, THROUGH_MIN_CONNECTIONS, _flusher, fan_out_through, write_through
+from dara_ws_core.exceptions import CloseCode
 from dara_ws_core.stats import Counters
 from dara_ws_core.transport import SupportsCork, text_frame_header
 from dara_ws_picows import PicowsTransport
@@ -342,6 +344,27 @@ async def fan_out_one_frame_per_iteration(srv: Served, times: int) -> None:
         await asyncio.sleep(0)  # the flusher's pass (scheduled first) ends the iteration
 
 
+async def got_after_warm_up(clients: list[ClientConnection], expected: list[list[Any]]) -> None:
+    """Each client got its ``expected`` messages (``n``) after the warm-up fan-outs, and nothing more."""
+    got = await asyncio.gather(*(received(c, THROUGH_AFTER + 1 + len(e))
+                                 for c, e in zip(clients, expected, strict=True)))
+    assert [[m["message"]["n"] for m in msgs[THROUGH_AFTER + 1:]] for msgs in got] == expected
+    assert not any(arrived(c) for c in clients)  # nothing more
+
+
+def counting_offers(monkeypatch: pytest.MonkeyPatch) -> list[WebSocketHandler]:
+    """The handlers ``WebSocketHandler.offer`` is called for (the checked path), until undone."""
+    offered: list[WebSocketHandler] = []
+    offer = WebSocketHandler.offer
+
+    def counted_offer(handler: WebSocketHandler, frame: bytes, *args: Any, **kw: Any) -> bool:
+        offered.append(handler)
+        return offer(handler, frame, *args, **kw)
+
+    monkeypatch.setattr(WebSocketHandler, "offer", counted_offer)
+    return offered
+
+
 def corked_now(handler: Any) -> bool:
     """Whether the connection's driver waits for the flusher's pass (picows writes uncounted)."""
     return handler._sink._corked  # type: ignore[no-any-return]
@@ -364,14 +387,7 @@ async def test_fan_outs_of_one_frame_per_iteration_are_written_through(
         await asyncio.sleep(0)
         await fan_out_one_frame_per_iteration(srv, THROUGH_AFTER)
         before = [len(w.writes) for w in wires]
-        offered: list[Any] = []
-        offer = WebSocketHandler.offer
-
-        def counted_offer(handler: WebSocketHandler, frame: bytes, **kw: Any) -> bool:
-            offered.append(handler)
-            return offer(handler, frame, **kw)
-
-        monkeypatch.setattr(WebSocketHandler, "offer", counted_offer)
+        offered = counting_offers(monkeypatch)
         await srv.manager.broadcast({"n": THROUGH_AFTER})
         monkeypatch.undo()
         assert offered == []  # every recipient written by the fan-out loop
@@ -534,10 +550,7 @@ async def test_a_fan_out_written_through_skips_the_ignored_channel_and_acknowled
         by_user = {h.identity.user_id: h for h in handlers}  # type: ignore[union-attr]
         expected = [["all but one"] * (by_user[f"u{i}"] is not skipped) + ["kept"] * (f"u{i}" == user)
                     for i in range(n)]
-        got = await asyncio.gather(*(received(c, THROUGH_AFTER + 1 + len(e))
-                                     for c, e in zip(clients, expected, strict=True)))
-        assert [[m["message"]["n"] for m in msgs[THROUGH_AFTER + 1:]] for msgs in got] == expected
-        assert not any(arrived(c) for c in clients)  # nothing more
+        await got_after_warm_up(clients, expected)
         for client in clients:
             await client.close()
         if adapter == "picows":  # closed: no unchecked write is offered any more
@@ -597,3 +610,103 @@ async def test_a_kept_per_user_message_is_never_written_into_a_connection_picows
         assert frames[1]["message"] == {"important": 1}  # replayed from the history
         for client in [victim, again, *(c for c, _ in clients)]:
             client.abort()
+
+
+# ---------------------------------------------------------------- the write the fan-out holds (handler._through)
+
+
+async def armed(srv: Served, handler: WebSocketHandler) -> None:
+    """One fan-out per iteration until the connection's driver hands the fan-out its write again."""
+    for i in range(200):  # bounded: each condition ends within a few iterations (ACK_INTERVAL)
+        if handler._through is not None:
+            return
+        await srv.manager.broadcast({"n": f"again {i}"})
+        await asyncio.sleep(0.005)
+    raise AssertionError("the fan-out never got the connection's write back")
+
+
+def frame(n: str) -> bytes:
+    return build_frame({"n": n})
+
+
+@pytest.mark.parametrize("condition", ["corked", "queued", "waited for", "acknowledged", "closed"])
+@pytest.mark.parametrize("adapter", ["websockets", "picows"])
+async def test_the_fan_out_stops_writing_through_a_connection_the_moment_a_condition_ends(
+        adapter: str, condition: str) -> None:
+    # The fan-out written through reads one attribute per recipient (its write, or None) and
+    # the iteration it was last written in: whatever ends a condition of that write drops it at
+    # once, so a fan-out later in the same iteration takes the checked path (offer), which
+    # corks, queues, counts for whoever waits for a frame number, or skips a closed channel.
+    n = THROUGH_MIN_CONNECTIONS + 2
+    async with served(adapter, slow_consumer_policy="drop_oldest") as srv:
+        clients = await srv.clients(n)
+        await fan_out_one_frame_per_iteration(srv, THROUGH_AFTER + 1)
+        assert _flusher(asyncio.get_running_loop()).through
+        by_user = {h.identity.user_id: h for h in srv.manager.handlers.values()}  # type: ignore[union-attr]
+        handler, other = by_user["u1"], by_user["u2"]
+        assert handler._through is not None  # handed over: the fan-outs write it directly
+        accepted = handler.accepted
+        expected = []
+        waiting: asyncio.Task[int] | None = None
+        # One loop iteration from here to the fan-out below (no await suspends in between but
+        # the flush goal's, which needs its task to run first).
+        if condition == "corked":  # the first frame of the iteration written, the second corked
+            assert handler.offer(frame("one")) and handler.offer(frame("two"))
+            assert corked_now(handler)
+            expected = ["one", "two"]
+        elif condition == "queued":  # a frame waits in the queue (its send task not run yet)
+            await handler.enqueue_slow(frame("queued"))
+            assert len(handler.queue) == 1
+            expected = ["queued"]
+        elif condition == "waited for":  # the next frame number is awaited (the outbox replay)
+            waiting = asyncio.get_running_loop().create_task(handler.wait_flushed(accepted + 1, TIMEOUT))
+            await eventually(lambda: handler._flush_goal is not None, "waiting")
+        elif condition == "acknowledged":  # a kept entry is the next frame: acknowledged once written
+            srv.manager._arm(handler, accepted + 1)
+            assert handler.ack_at == accepted + 1
+        else:
+            handler.close(CloseCode.NORMAL, "bye")
+        assert handler._through is None  # dropped at once
+        if condition == "closed":  # (a list taken before: a backplane's or a per-user delivery)
+            assert srv.manager.deliver_local([handler, other], frame("late")) == 1
+            assert handler.accepted == accepted  # not written into the closing connection
+            return
+        await srv.manager.broadcast({"n": "fan-out"})
+        assert handler.accepted == accepted + len(expected) + 1
+        if condition == "waited for":
+            assert handler._flush_goal is None  # counted, so the waiter was told
+            assert waiting is not None and await waiting >= accepted + 1
+        elif condition == "acknowledged":
+            assert handler.ack_at != accepted + 1  # written: told (parked until the manager looks)
+        # In order, behind whatever the condition held back.
+        messages = await received(clients[1], THROUGH_AFTER + 1 + len(expected) + 1)
+        assert [m["message"]["n"] for m in messages[THROUGH_AFTER + 1:]] == [*expected, "fan-out"]
+        await armed(srv, handler)  # and handed back once the condition is over
+        assert handler.flushed == handler.accepted
+        for client in clients:
+            await client.close()
+
+
+@pytest.mark.parametrize("adapter", ["websockets", "picows"])
+async def test_the_channel_a_fan_out_skipped_is_written_through_by_the_next_one(
+        adapter: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # ignore_channel: the fan-out loop marks the skipped channel as written this iteration for
+    # its own pass (no test per recipient), then restores it: a second fan-out in the same
+    # iteration writes it directly, and corks the others (their second frame).
+    n = THROUGH_MIN_CONNECTIONS + 2
+    async with served(adapter) as srv:
+        clients = await srv.clients(n)
+        await fan_out_one_frame_per_iteration(srv, THROUGH_AFTER + 1)
+        handlers = list(srv.manager.handlers.values())
+        skipped = handlers[3]
+        await srv.manager.broadcast({"n": "all but one"}, ignore_channel=skipped.channel_id)
+        offered = counting_offers(monkeypatch)
+        await srv.manager.broadcast({"n": "all"})
+        monkeypatch.undo()
+        assert skipped not in offered and len(offered) == n - 1  # the others: their second frame
+        assert not corked_now(skipped) and all(corked_now(h) for h in handlers if h is not skipped)
+        user = skipped.identity.user_id  # type: ignore[union-attr]
+        expected = [["all"] if f"u{i}" == user else ["all but one", "all"] for i in range(n)]
+        await got_after_warm_up(clients, expected)
+        for client in clients:
+            await client.close()
