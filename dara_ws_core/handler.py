@@ -105,10 +105,10 @@ class _Deadlines:
     fires it expires what is due and re-arms for the nearest left. Bounded by the pending
     requests' limit (each request removes its entry when it ends)."""
 
-    __slots__ = ("_at", "_loop", "_timer", "pending")
+    __slots__ = ("_at", "_timer", "loop", "pending")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self.loop = loop
         self.pending: dict[asyncio.Future[Any], float] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._at = 0.0
@@ -120,11 +120,11 @@ class _Deadlines:
             if timer is not None:
                 timer.cancel()
             self._at = at
-            self._timer = self._loop.call_at(at, self._due)
+            self._timer = self.loop.call_at(at, self._due)
 
     def _due(self) -> None:
         self._timer = None
-        now = self._loop.time()
+        now = self.loop.time()
         nearest: float | None = None
         for waiter, at in self.pending.items():
             if at <= now:
@@ -134,7 +134,7 @@ class _Deadlines:
                 nearest = at
         if nearest is not None:
             self._at = nearest
-            self._timer = self._loop.call_at(nearest, self._due)
+            self._timer = self.loop.call_at(nearest, self._due)
 
     def cancel(self) -> None:
         if self._timer is not None:
@@ -525,7 +525,12 @@ class WebSocketHandler:
     async def _request(self, frame: bytes, rchan: str, timeout: float | None) -> Any:
         if timeout is _DEFAULT:
             timeout = self.config.request_timeout
-        loop = asyncio.get_running_loop()
+        # The connection's loop, looked up once: on Python 3.11 every get_running_loop() is a
+        # getpid() system call (its check for a fork), one per request otherwise.
+        deadlines = self._deadlines
+        if deadlines is None:
+            self._deadlines = deadlines = _Deadlines(asyncio.get_running_loop())
+        loop = deadlines.loop
         waiter: asyncio.Future[Any] = loop.create_future()
         self.connection.open_request(waiter, rchan)
         try:
@@ -539,9 +544,6 @@ class WebSocketHandler:
             # The common path: the frame is out, only the answer is awaited. A deadline the
             # connection's one timer expires, not an asyncio.timeout scope (an object, two
             # coroutine calls and a task cancellation to undo) nor a timer handle per request.
-            deadlines = self._deadlines
-            if deadlines is None:
-                self._deadlines = deadlines = _Deadlines(loop)
             try:
                 deadlines.add(waiter, loop.time() + timeout)
                 answer = await waiter
