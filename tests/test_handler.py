@@ -180,13 +180,15 @@ async def test_a_cancelled_or_closed_request_leaves_no_entry_and_an_answered_one
     manager = WebsocketManager()
     handler = manager.create_handler("c1")
     loop = asyncio.get_running_loop()
-    for timeout in (30.0, None):
-        task = asyncio.ensure_future(handler.send_and_wait({"q": 1}, timeout=timeout))
-        await eventually(lambda: handler.pending_count == 1)
+    # Cancelled, with a deadline and without one: both entries go.
+    tasks = [asyncio.ensure_future(handler.send_and_wait({"q": 1}, timeout=t)) for t in (30.0, None)]
+    await eventually(lambda: handler.pending_count == 2)
+    for task in tasks:
         task.cancel()
+    for task in tasks:
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert handler.pending_count == 0
+    assert handler.pending_count == 0
     answered = asyncio.ensure_future(handler.send_and_wait({"q": 2}, timeout=30))
     await eventually(lambda: handler.pending_count == 1)
     rchan = _request_rchan(handler)
