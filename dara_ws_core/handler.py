@@ -18,6 +18,7 @@ import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from functools import partial
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -105,10 +106,19 @@ class _Deadlines:
     fires it expires what is due and re-arms for the nearest left. Bounded by the pending
     requests' limit (each request removes its entry when it ends)."""
 
-    __slots__ = ("_at", "_timer", "loop", "pending")
+    __slots__ = ("_at", "_timer", "loop", "new_future", "now", "pending")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        # The loop's clock and futures, once per request: on asyncio's own loops, time() is
+        # time.monotonic() and create_future() is Future(loop=loop), each behind a Python call
+        # of its own, so they are called directly. Any other loop (uvloop) keeps its methods.
+        cls = type(loop)
+        self.now: Callable[[], float] = (
+            time.monotonic if cls.time is asyncio.BaseEventLoop.time else loop.time)
+        self.new_future: Callable[[], asyncio.Future[Any]] = (
+            partial(asyncio.Future, loop=loop) if cls.create_future is asyncio.BaseEventLoop.create_future
+            else loop.create_future)
         self.pending: dict[asyncio.Future[Any], float] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._at = 0.0
@@ -124,7 +134,7 @@ class _Deadlines:
 
     def _due(self) -> None:
         self._timer = None
-        now = self.loop.time()
+        now = self.now()
         nearest: float | None = None
         for waiter, at in self.pending.items():
             if at <= now:
@@ -545,8 +555,7 @@ class WebSocketHandler:
         deadlines = self._deadlines
         if deadlines is None:
             self._deadlines = deadlines = _Deadlines(asyncio.get_running_loop())
-        loop = deadlines.loop
-        waiter: asyncio.Future[Any] = loop.create_future()
+        waiter = deadlines.new_future()
         self.connection.open_request(waiter, rchan)
         try:
             # Written now rather than corked for the end of the iteration: the client can
@@ -561,7 +570,7 @@ class WebSocketHandler:
                 # connection's one timer expires, not an asyncio.timeout scope (an object, two
                 # coroutine calls and a task cancellation to undo) nor a timer handle per request.
                 try:
-                    deadlines.add(waiter, loop.time() + timeout)
+                    deadlines.add(waiter, deadlines.now() + timeout)
                     answer = await waiter
                 finally:
                     del deadlines.pending[waiter]

@@ -497,3 +497,18 @@ def test_rchans_come_from_draws_of_many_and_a_forked_child_never_reuses_the_pare
     assert held == "0"
     assert is_uuid4(rchan) and rchan not in left
     assert correlation._rchans == left  # the parent's pool is its own still
+
+
+def test_a_completed_outcome_is_still_a_frozen_dataclass_however_it_is_built() -> None:
+    import dataclasses
+
+    outcome = Completed("r-1", "w", {"v": [1]})
+    assert (outcome.rchan, outcome.waiter, outcome.value) == ("r-1", "w", {"v": [1]})
+    assert outcome == Completed(rchan="r-1", waiter="w", value={"v": [1]})
+    assert outcome != Completed("r-1", "w", None)
+    assert dataclasses.replace(outcome, value=2).value == 2
+    assert repr(outcome) == "Completed(rchan='r-1', waiter='w', value={'v': [1]})"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        outcome.value = 3  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        Completed("r-1", "w")  # type: ignore[call-arg]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -203,3 +205,40 @@ async def test_a_cancelled_or_closed_request_leaves_no_entry_and_an_answered_one
     with pytest.raises(ConnectionClosed):
         await closed
     assert handler.pending_count == 0
+
+
+class _ShiftedClockLoop(asyncio.SelectorEventLoop):
+    """A loop whose clock is not time.monotonic(): its own time() must be the one used."""
+
+    def time(self) -> float:
+        return super().time() + 1000.0
+
+
+@pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, _ShiftedClockLoop])
+def test_request_deadlines_run_on_the_loops_own_clock(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    # asyncio's own loops get time.monotonic and Future(loop=...) called directly; any other
+    # loop keeps its own time() and create_future(). A deadline on the wrong clock would expire
+    # at once (or 1000 s late) here.
+    async def scenario() -> None:
+        manager = WebsocketManager()
+        handler = manager.create_handler("c1")
+        loop = asyncio.get_running_loop()
+        answered = asyncio.ensure_future(handler.send_and_wait({"q": 1}, timeout=5))
+        await eventually(lambda: handler.pending_count == 1)
+        await asyncio.sleep(0.05)  # the deadline is 5 s away: nothing expires
+        assert handler.pending_count == 1 and not answered.done()
+        handler.receive_frame(_answer(_request_rchan(handler), "late but in time"), loop.time())
+        assert await answered == "late but in time"
+        assert asyncio.isfuture(answered)
+        with pytest.raises(RequestTimeout):
+            await asyncio.wait_for(handler.send_and_wait({"q": 2}, timeout=0.05), 10)
+        deadlines = handler._deadlines
+        assert deadlines is not None
+        own = type(loop) is not _ShiftedClockLoop
+        assert (deadlines.now is time.monotonic) is own
+        handler.shutdown(ConnectionClosed(1000, "bye"))
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(scenario())
