@@ -255,11 +255,11 @@ class PendingRequests(Generic[W]):
 
     def complete(self, rchan: str, value: Any) -> Completed[W] | Failed[W] | Ignored:
         """Feed a plain (not chunked) answer: ``value`` for the request ``rchan``."""
-        entry = self._entries.get(rchan)
+        entry = self._entries.pop(rchan, None)
         if entry is None:
             return Ignored(rchan)
-        self._remove(rchan)
-        if entry.assembler is not None:
+        if entry.assembler is not None:  # only a chunked answer holds parts
+            self._held -= entry.held
             # Dara let a plain frame silently replace collected parts; we refuse it.
             return Failed(rchan, entry.waiter, ChunkError("plain answer after chunked parts"))
         return Completed(rchan, entry.waiter, value)
