@@ -127,7 +127,9 @@ def build_frame(
     ``message`` that is not an object); ``ValueError`` for a custom payload without ``kind``; and
     ``pydantic_core.PydanticSerializationError`` for values JSON cannot carry.
     """
-    if isinstance(payload, BaseModel):
+    # A plain dict, the usual payload, is told apart first: isinstance() against BaseModel goes
+    # through its metaclass's subclass check (about a microsecond per frame).
+    if type(payload) is not dict and isinstance(payload, BaseModel):
         if isinstance(payload, (DaraServerMessage, CustomServerMessage)):
             if rchan is not None:
                 payload = payload.model_copy(
