@@ -14,6 +14,7 @@ __all__ = [
     "PONG_FRAME",
     "build_frame",
     "count_json_values",
+    "decode_answer",
     "decode_client_frame",
     "decode_server_frame",
     "dumps",
@@ -124,7 +125,9 @@ def build_frame(
     ``message`` that is not an object); ``ValueError`` for a custom payload without ``kind``; and
     ``pydantic_core.PydanticSerializationError`` for values JSON cannot carry.
     """
-    if isinstance(payload, BaseModel):
+    # A plain dict, the usual payload, is told apart first: isinstance() against BaseModel goes
+    # through its metaclass's subclass check (about a microsecond per frame).
+    if type(payload) is not dict and isinstance(payload, BaseModel):
         if isinstance(payload, (DaraServerMessage, CustomServerMessage)):
             if rchan is not None:
                 payload = payload.model_copy(
@@ -267,6 +270,49 @@ def decode_client_frame(
     return message
 
 
+def decode_answer(
+    frame: str | bytes, max_size: int | None = None, *, max_values: int | None = None
+) -> tuple[str, Any] | None:
+    """The ``channel`` and ``message`` of a frame that is a plain answer to a server request,
+    decoded without building a model; ``None`` for anything else, for
+    :func:`decode_client_frame` to decide.
+
+    An answer is the one frame a server that sends requests gets for each of them, so it has a
+    path of its own: one parse of the JSON, strict (``NaN`` refused), then checks of the few
+    keys that make an answer. It returns only what :func:`decode_client_frame` would decode the
+    same way to a :class:`~dara_ws_core.messages.DaraClientMessage` without ``chunk_count``: a
+    JSON object with ``type`` ``"message"``, a string ``channel``, ``chunk_count`` and
+    ``chunk_index`` absent or null, within the size limits, holding no infinite number. Anything
+    else, valid or not (a chunk, a ping, a bad frame), gets ``None`` and is decided by the full
+    decoder with every outcome it has.
+    """
+    if type(frame) is not str:
+        return None
+    if max_size is not None and len(frame) * 4 > max_size and utf8_size_exceeds(frame, max_size):
+        return None
+    if max_values is not None and len(frame) > max_values and count_json_values(frame) > max_values:
+        return None
+    try:
+        value = pydantic_core.from_json(frame, allow_inf_nan=False, cache_strings=False)
+    except ValueError:
+        return None
+    if type(value) is not dict or value.get("type") != "message":
+        return None
+    channel = value.get("channel")
+    if type(channel) is not str or value.get("chunk_count") is not None or value.get("chunk_index") is not None:
+        return None
+    message = value.get("message")
+    kind = type(message)
+    if kind is not dict and kind is not list and kind is not float:
+        return channel, message  # a string, an int, a bool or null: no infinity
+    held = _infinity_in(message, _WALK_FIRST)
+    if held is None:
+        held = _may_overflow(frame) and _infinity_in(message, None)
+    if held:
+        return None
+    return channel, message
+
+
 def _class_table() -> bytes:
     # Every byte to its class: digit -> 0, e/E -> e, + - . as themselves, letters, _ and
     # non-ASCII -> a, anything else (quotes, brackets, commas, spaces) -> a space.
@@ -341,8 +387,14 @@ def _holds_infinity(message: ClientMessage) -> bool:
 def _infinity_within(message: ClientMessage, budget: int | None) -> bool | None:
     """Whether the data of ``message`` holds an infinite float; ``None`` once more than
     ``budget`` values were looked at without deciding (``budget=None``: no limit)."""
-    stack: list[Any] = [message.message.data if isinstance(message, CustomClientMessage)
-                        else message.message]
+    return _infinity_in(message.message.data if isinstance(message, CustomClientMessage)
+                        else message.message, budget)
+
+
+def _infinity_in(value: Any, budget: int | None) -> bool | None:
+    """Whether ``value`` (decoded JSON) holds an infinite float; ``None`` once more than
+    ``budget`` values were looked at without deciding (``budget=None``: no limit)."""
+    stack: list[Any] = [value]
     left = -1 if budget is None else budget
     while stack:
         if not left:

@@ -43,7 +43,7 @@ from typing import Any, Generic, TypeVar
 
 import pydantic_core
 
-from .codec import PONG_FRAME, decode_client_frame, dumps, encode
+from .codec import PONG_FRAME, decode_answer, decode_client_frame, dumps, encode
 from .config import ServerConfig
 from .correlation import Completed, Failed, Ignored, Partial, PendingRequests
 from .exceptions import (
@@ -207,6 +207,10 @@ class ServerConnection(Generic[W]):
             self._window_count += 1
             if self._window_count > config.rate_limit:
                 return self.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+        if type(frame) is str and '"channel"' in frame:  # perhaps an answer: its own path
+            answer = decode_answer(frame, config.max_message_size, max_values=config.max_message_values)
+            if answer is not None:
+                return [self._pending.complete(*answer)]
         try:
             message = decode_client_frame(
                 frame, config.max_message_size, max_values=config.max_message_values

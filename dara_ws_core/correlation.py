@@ -37,12 +37,46 @@ W = TypeVar("W")
 _VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
+#: How many ``__rchan`` values one draw of random bytes makes (see :func:`new_rchan`).
+_RCHANS_PER_DRAW = 64
+#: The ``__rchan`` values drawn and not yet given out; emptied in a forked child (see below).
+_rchans: list[str] = []
+#: Where each hex digit of 16 random bytes goes in the 36 characters of a uuid4's text: all but
+#: digit 12, which gives way to the version digit (4), and digit 16, which carries the variant.
+_UUID_TEXT = tuple(zip(
+    (*range(0, 8), *range(8, 12), *range(13, 16), *range(17, 20), *range(20, 32)),
+    (*range(0, 8), *range(9, 13), *range(15, 18), *range(20, 23), *range(24, 36)), strict=True))
+#: The variant digit (RFC 4122: 10xx) by the random hex digit it replaces, as a bytes table.
+_VARIANT_TABLE = bytes.maketrans(b"0123456789abcdef", "".join(_VARIANT[d] for d in "0123456789abcdef").encode())
+
+
+def _draw_rchans(count: int) -> list[str]:
+    """``count`` uuid4 texts from one ``os.urandom`` call (122 random bits each, as
+    ``uuid.uuid4()`` draws them). Laid out digit by digit over all of them at once (a slice
+    assignment in C per digit), not formatted one by one."""
+    digits = os.urandom(16 * count).hex().encode()
+    text = bytearray(b"-" * (36 * count))
+    for digit, at in _UUID_TEXT:
+        text[at::36] = digits[digit::32]
+    text[14::36] = b"4" * count
+    text[19::36] = digits[16::32].translate(_VARIANT_TABLE)
+    out = text.decode()
+    return [out[at:at + 36] for at in range(0, 36 * count, 36)]
+
+
 def new_rchan() -> str:
-    """A fresh ``__rchan``: the text of a uuid4 (122 bits from ``os.urandom``, as
-    ``uuid.uuid4()`` draws them), built from the hex of the random bytes with the version and
-    variant digits set, without a ``UUID`` object or an int: one per server request."""
-    h = os.urandom(16).hex()
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+    """A fresh ``__rchan``: the text of a uuid4, without a ``UUID`` object or an int, one per
+    server request. They are drawn a few dozen at a time (one system call for all, not one per
+    request) and kept in this process only: a forked child starts with none, so two worker
+    processes never give out the same values (nor one worker's clients learn another's)."""
+    rchans = _rchans
+    if not rchans:
+        rchans.extend(_draw_rchans(_RCHANS_PER_DRAW))
+    return rchans.pop()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX: the values drawn before a fork stay the parent's
+    os.register_at_fork(after_in_child=_rchans.clear)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +86,21 @@ class Completed(Generic[W]):
     rchan: str
     waiter: W
     value: Any
+
+
+def _completed_init(self: Completed[Any], rchan: str, waiter: Any, value: Any) -> None:
+    _set_rchan(self, rchan)
+    _set_waiter(self, waiter)
+    _set_value(self, value)
+
+
+# Every answered request builds one Completed. A frozen dataclass's generated __init__ sets each
+# field with object.__setattr__ (looked up and called per field); this one writes the slots
+# through their descriptors, the same frozen object built a third cheaper.
+_set_rchan = Completed.__dict__["rchan"].__set__
+_set_waiter = Completed.__dict__["waiter"].__set__
+_set_value = Completed.__dict__["value"].__set__
+Completed.__init__ = _completed_init  # type: ignore[method-assign]
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,15 +219,11 @@ class PendingRequests(Generic[W]):
         objects take.
         """
         rchan = message.channel
+        if message.chunk_count is None:
+            return self.complete(rchan, message.message)
         entry = self._entries.get(rchan)
         if entry is None:
             return Ignored(rchan)
-        if message.chunk_count is None:
-            self._remove(rchan)
-            if entry.assembler is not None:
-                # Dara let a plain frame silently replace collected parts; we refuse it.
-                return Failed(rchan, entry.waiter, ChunkError("plain answer after chunked parts"))
-            return Completed(rchan, entry.waiter, message.message)
         try:
             if entry.assembler is None:
                 entry.assembler = ChunkAssembler(
@@ -207,6 +252,17 @@ class PendingRequests(Generic[W]):
         self._remove(rchan)
         # Without pydantic-core's string cache, as every frame (see codec._NO_STRING_CACHE).
         return Completed(rchan, entry.waiter, [from_json(part, cache_strings=False) for part in parts])
+
+    def complete(self, rchan: str, value: Any) -> Completed[W] | Failed[W] | Ignored:
+        """Feed a plain (not chunked) answer: ``value`` for the request ``rchan``."""
+        entry = self._entries.pop(rchan, None)
+        if entry is None:
+            return Ignored(rchan)
+        if entry.assembler is not None:  # only a chunked answer holds parts
+            self._held -= entry.held
+            # Dara let a plain frame silently replace collected parts; we refuse it.
+            return Failed(rchan, entry.waiter, ChunkError("plain answer after chunked parts"))
+        return Completed(rchan, entry.waiter, value)
 
     def discard(self, rchan: str) -> None:
         """Forget a request (its caller timed out or was cancelled); no-op if already gone."""

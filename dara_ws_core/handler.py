@@ -17,7 +17,8 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Mapping
+from functools import partial
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -110,10 +111,19 @@ class _Deadlines:
     fires it expires what is due and re-arms for the nearest left. Bounded by the pending
     requests' limit (each request removes its entry when it ends)."""
 
-    __slots__ = ("_at", "_loop", "_timer", "pending")
+    __slots__ = ("_at", "_timer", "loop", "new_future", "now", "pending")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self.loop = loop
+        # The loop's clock and futures, once per request: on asyncio's own loops, time() is
+        # time.monotonic() and create_future() is Future(loop=loop), each behind a Python call
+        # of its own, so they are called directly. Any other loop (uvloop) keeps its methods.
+        cls = type(loop)
+        self.now: Callable[[], float] = (
+            time.monotonic if cls.time is asyncio.BaseEventLoop.time else loop.time)
+        self.new_future: Callable[[], asyncio.Future[Any]] = (
+            partial(asyncio.Future, loop=loop) if cls.create_future is asyncio.BaseEventLoop.create_future
+            else loop.create_future)
         self.pending: dict[asyncio.Future[Any], float] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._at = 0.0
@@ -125,11 +135,11 @@ class _Deadlines:
             if timer is not None:
                 timer.cancel()
             self._at = at
-            self._timer = self._loop.call_at(at, self._due)
+            self._timer = self.loop.call_at(at, self._due)
 
     def _due(self) -> None:
         self._timer = None
-        now = self._loop.time()
+        now = self.now()
         nearest: float | None = None
         for waiter, at in self.pending.items():
             if at <= now:
@@ -139,7 +149,7 @@ class _Deadlines:
                 nearest = at
         if nearest is not None:
             self._at = nearest
-            self._timer = self._loop.call_at(nearest, self._due)
+            self._timer = self.loop.call_at(nearest, self._due)
 
     def cancel(self) -> None:
         if self._timer is not None:
@@ -524,25 +534,32 @@ class WebSocketHandler:
 
     # ------------------------------------------------------------------ server -> client requests
 
-    async def send_and_wait(
+    def send_and_wait(
         self,
         message: LoosePayload | BaseModel,
         *,
         custom: bool = False,
         timeout: float | None = _DEFAULT,
-    ) -> Any:
+    ) -> Coroutine[Any, Any, Any]:
         """Send a request to the client and return its answer (a list of parts if chunked).
 
         ``timeout`` defaults to ``ServerConfig.request_timeout``. Raises ``RequestTimeout``,
         ``ConnectionClosed`` at once if the connection closes, ``ChunkError`` for an invalid
         chunked answer, ``TooManyPendingRequests`` at the channel's limit, ``SlowConsumer``.
         Cancelling the call removes its pending entry.
+
+        A coroutine to await, as an ``async def`` gives (nothing is encoded or sent before it
+        runs): the request's own coroutine, without one more around it.
         """
-        rchan = new_rchan()  # unpredictable: 122 random bits, like Dara's
-        frame = build_frame(message, custom=custom, rchan=rchan)
-        if self.counters.telemetry is None:  # one coroutine less on every resumption
-            return await self._request(frame, rchan, timeout)
-        return await self.send_and_wait_frame(frame, rchan, timeout)
+        if self.counters.telemetry is None:
+            return self._request(None, "", timeout, message, custom)
+        return self._send_and_wait_traced(message, custom, timeout)
+
+    async def _send_and_wait_traced(
+        self, message: LoosePayload | BaseModel, custom: bool, timeout: float | None
+    ) -> Any:
+        rchan = new_rchan()
+        return await self.send_and_wait_frame(build_frame(message, custom=custom, rchan=rchan), rchan, timeout)
 
     async def send_and_wait_frame(
         self, frame: bytes, rchan: str, timeout: float | None = _DEFAULT
@@ -561,11 +578,23 @@ class WebSocketHandler:
                 return await telemetry.round_trip(self._request(frame, rchan, timeout), frame)
         return await self._request(frame, rchan, timeout)
 
-    async def _request(self, frame: bytes, rchan: str, timeout: float | None) -> Any:
+    async def _request(
+        self, frame: bytes | None, rchan: str, timeout: float | None,
+        message: Any = None, custom: bool = False,
+    ) -> Any:
+        """A request's coroutine: of ``frame`` encoded with ``rchan``, or when ``frame`` is
+        ``None``, of ``message`` encoded here under a fresh ``rchan``."""
+        if frame is None:
+            rchan = new_rchan()  # unpredictable: 122 random bits, like Dara's
+            frame = build_frame(message, custom=custom, rchan=rchan)
         if timeout is _DEFAULT:
             timeout = self.config.request_timeout
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Any] = loop.create_future()
+        # The connection's loop, looked up once: on Python 3.11 every get_running_loop() is a
+        # getpid() system call (its check for a fork), one per request otherwise.
+        deadlines = self._deadlines
+        if deadlines is None:
+            self._deadlines = deadlines = _Deadlines(asyncio.get_running_loop())
+        waiter = deadlines.new_future()
         self.connection.open_request(waiter, rchan)
         try:
             # Written now rather than corked for the end of the iteration: the client can
@@ -574,24 +603,26 @@ class WebSocketHandler:
                 # The slow path (a full queue): the policy may wait, within the same timeout.
                 return await self._request_slow(frame, waiter, timeout)
             if timeout is None:
-                return await waiter
-            # The common path: the frame is out, only the answer is awaited. A deadline the
-            # connection's one timer expires, not an asyncio.timeout scope (an object, two
-            # coroutine calls and a task cancellation to undo) nor a timer handle per request.
-            deadlines = self._deadlines
-            if deadlines is None:
-                self._deadlines = deadlines = _Deadlines(loop)
-            try:
-                deadlines.add(waiter, loop.time() + timeout)
                 answer = await waiter
-            finally:
-                del deadlines.pending[waiter]
-            if answer is _EXPIRED:
-                self.counters.requests_timeout += 1
-                raise RequestTimeout(f"no answer from channel {self.channel_id} within {timeout} s")
-            return answer
-        finally:
+            else:
+                # The common path: the frame is out, only the answer is awaited. A deadline the
+                # connection's one timer expires, not an asyncio.timeout scope (an object, two
+                # coroutine calls and a task cancellation to undo) nor a timer handle per request.
+                try:
+                    deadlines.add(waiter, deadlines.now() + timeout)
+                    answer = await waiter
+                finally:
+                    del deadlines.pending[waiter]
+        except BaseException:  # cancelled, closed, refused: the entry may still be pending
             self.connection.discard_request(rchan)
+            raise
+        if answer is _EXPIRED:  # no answer came: the entry is still pending
+            self.connection.discard_request(rchan)
+            self.counters.requests_timeout += 1
+            raise RequestTimeout(f"no answer from channel {self.channel_id} within {timeout} s")
+        # Answered (here or in the slow path): the table removed the entry before it completed
+        # the waiter, so there is nothing left to discard.
+        return answer
 
     async def _request_slow(
         self, frame: bytes, waiter: asyncio.Future[Any], timeout: float | None

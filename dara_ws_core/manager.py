@@ -17,7 +17,7 @@ __all__ = ["WebsocketManager", "get_user_channels"]
 import asyncio
 import logging
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -503,19 +503,29 @@ class WebsocketManager:
                     handler.ack_at = handler.accepted
                     handler._through = None  # frames_done must see every frame written from now on
 
-    async def send_and_wait(
+    def send_and_wait(
         self,
         channel_id: str,
         message: LoosePayload | BaseModel,
         custom: bool = False,
         timeout: float | None = _DEFAULT,
-    ) -> Any:
+    ) -> Coroutine[Any, Any, Any]:
         """Send a request to a channel and return the client's answer.
 
         Raises ``UnknownChannel``, ``RequestTimeout``, ``ConnectionClosed`` (at once when the
         client disconnects), ``ChunkError``, ``TooManyPendingRequests`` (see the handler's method).
+        A coroutine to await, as an ``async def`` gives: for a channel of this process, the
+        handler's request itself, without one more coroutine around it.
         """
         handler = self.handlers.get(channel_id)
+        if handler is not None:
+            return handler.send_and_wait(message, custom=custom, timeout=timeout)
+        return self._send_and_wait_elsewhere(channel_id, message, custom, timeout)
+
+    async def _send_and_wait_elsewhere(
+        self, channel_id: str, message: LoosePayload | BaseModel, custom: bool, timeout: float | None
+    ) -> Any:
+        handler = self.handlers.get(channel_id)  # it may have connected since the call
         if handler is not None:
             return await handler.send_and_wait(message, custom=custom, timeout=timeout)
         if self.backplane is not None:

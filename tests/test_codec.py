@@ -21,6 +21,7 @@ from dara_ws_core.codec import (
     MAX_NESTING_DEPTH,
     build_frame,
     count_json_values,
+    decode_answer,
     decode_client_frame,
     decode_server_frame,
     encode,
@@ -442,3 +443,88 @@ def test_walking_a_small_message_first_decides_as_the_scan_does(frame: str) -> N
     outcome = _outcome(frame, _WALK_FIRST)
     assert outcome == _outcome(frame, 0)
     assert outcome == _outcome(frame, 1 << 30)
+
+
+# ------------------------------------------------ the answer's own path agrees with the decoder
+
+#: Plain answers the answer path decodes itself.
+ANSWERS = [
+    '{"type":"message","channel":"r-1","chunk_count":null,"message":{"a":1}}',
+    '{"channel":"r-1","message":[1,2.5,"x",null,{"b":[true]}],"type":"message"}',
+    '{"type":"message","channel":"r-1"}',  # no message: null
+    '{"type":"message","channel":"r-1","chunk_index":null,"extra":1,"message":"text"}',
+    '{"type":"message","channel":"r-1","channel":"r-2","message":1e300}',  # the last key wins
+    '{"type":"message","channel":"r-\\u00e9","message":"\\ud83d\\ude00"}',  # a pair of escapes
+    '{"type":"message","channel":"r-1","message":' + "[" * 50 + "]" * 50 + "}",
+]
+#: Frames the answer path leaves to the decoder: not plain answers, or not valid ones.
+NOT_ANSWERS = [
+    '{"type":"message","channel":"r-1","chunk_count":2,"chunk_index":0,"message":1}',  # a chunk
+    '{"type":"message","channel":"r-1","chunk_count":"2","message":1}',  # lax: still a chunk
+    '{"type":"message","channel":"r-1","chunk_index":0,"message":1}',
+    '{"type":"message","channel":"r-1","chunk_index":"x","message":1}',  # invalid: dropped
+    '{"type":"message","channel":5,"message":1}',
+    '{"type":"message","message":1}',
+    '{"type":"ping","message":null,"channel":"r-1"}',
+    '{"type":"custom","message":{"kind":"k","data":{"channel":"c"}}}',
+    '["type","message","channel"]',
+    '{"type":"message","channel":"r-1","message":NaN}',
+    '{"type":"message","channel":"r-1","message":[Infinity]}',
+    '{"type":"message","channel":"r-1","message":1e400}',
+    '{"type":"message","channel":"r-1","message":{"deep":[' + "0," * 40 + "-1e999]}}",
+    '{"type":"message","channel":"r-1","message":"\\ud800"}',  # a lone surrogate: replaced
+    '{"type":"message","channel":"r-1","message":' + "[" * 300 + "]" * 300 + "}",  # too deep
+    '{"type":"message","channel":"r-1","message":',  # not JSON
+]
+
+
+def _decoded(frame: str) -> Any:
+    """What the full decoder makes of ``frame``: the answer's channel and message, or the
+    outcome's type (an exception, or a model that is not a plain answer)."""
+    try:
+        message = decode_client_frame(frame, 4096, max_values=64)
+    except Exception as exc:  # the outcome under test
+        return type(exc)
+    if isinstance(message, DaraClientMessage) and message.chunk_count is None:
+        return (message.channel, message.message)
+    return type(message)
+
+
+@pytest.mark.parametrize("frame", ANSWERS)
+def test_the_answer_path_decodes_plain_answers_as_the_decoder_does(frame: str) -> None:
+    answer = decode_answer(frame, 4096, max_values=64)
+    assert answer is not None
+    assert answer == _decoded(frame)
+
+
+@pytest.mark.parametrize("frame", NOT_ANSWERS)
+def test_the_answer_path_leaves_everything_else_to_the_decoder(frame: str) -> None:
+    assert decode_answer(frame, 4096, max_values=64) is None
+
+
+def test_the_answer_path_keeps_the_size_limits_and_refuses_binary_frames() -> None:
+    big = '{"type":"message","channel":"r-1","message":"' + "\u00e9" * 600 + '"}'
+    assert decode_answer(big, 2000) is not None
+    assert decode_answer(big.replace("\\u00e9", "\u00e9"), 1000) is None  # over in UTF-8 only
+    many = '{"type":"message","channel":"r-1","message":[' + ",".join(["1"] * 70) + "]}"
+    assert decode_answer(many, max_values=100) is not None
+    assert decode_answer(many, max_values=64) is None
+    assert _decoded(many) is FrameTooLarge
+    assert decode_answer(b'{"type":"message","channel":"r-1"}') is None
+
+
+@given(S.json_values)
+def test_any_answer_decodes_on_its_path_as_the_decoder_does(value: Any) -> None:
+    frame = json.dumps({"type": "message", "channel": "r-1", "message": value}, allow_nan=False)
+    answer = decode_answer(frame, 2**20, max_values=2**16)
+    assert answer is not None
+    assert answer == _decoded(frame) == ("r-1", value)
+
+
+def test_answers_are_decoded_without_the_process_wide_string_cache() -> None:
+    channel = str(uuid.uuid4())
+    answer = json.dumps({"type": "message", "channel": channel, "message": {"v": 1}})
+    first, second = decode_answer(answer), decode_answer(answer)
+    assert first is not None and second is not None
+    assert first[0] == second[0] == channel
+    assert first[0] is not second[0]

@@ -329,3 +329,52 @@ TestConnection.settings = settings(
     stateful_step_count=25,
     deadline=None,
 )
+
+
+# ------------------------------------------ answers: their own decoding path, the same outcomes
+
+
+def _by_the_full_decoder(conn: ServerConnection[str], frame: str) -> list[Event]:
+    """What ``receive_frame`` did before answers had a path of their own: decode to a model,
+    then feed it (the reference the answer path must agree with)."""
+    from dara_ws_core.codec import decode_client_frame
+    from dara_ws_core.exceptions import InvalidMessage, ProtocolError
+
+    try:
+        message = decode_client_frame(frame, CONFIG.max_message_size,
+                                      max_values=CONFIG.max_message_values)
+    except InvalidMessage as exc:
+        return [FrameDropped(str(exc))]
+    except ProtocolError as exc:
+        return conn.close(exc.close_code or 1002, str(exc))
+    return conn.receive_message(message)
+
+
+def _comparable(events: list[Event]) -> list[Any]:
+    return [(type(ev), ev.rchan, ev.waiter, type(ev.error), str(ev.error)) if isinstance(ev, RequestFailed)
+            else ev for ev in events]
+
+
+@pytest.mark.parametrize("chunked_first", [False, True])
+def test_every_frame_gets_the_same_outcome_on_the_answer_path_as_by_the_full_decoder(
+    chunked_first: bool,
+) -> None:
+    from .test_codec import ANSWERS, NOT_ANSWERS
+
+    for frame in [*ANSWERS, *NOT_ANSWERS, '{"type":"message","channel":"unknown","message":1}']:
+        outcomes = []
+        for feed in ("receive_frame", "reference"):
+            conn: ServerConnection[str] = ServerConnection("c1", CONFIG)
+            conn.open_request("w1", "r-1")
+            conn.open_request("w2", "r-2")
+            if chunked_first:  # a part of a chunked answer is held: a plain answer now fails
+                part = '{"type":"message","channel":"r-1","chunk_count":2,"chunk_index":0,"message":1}'
+                assert conn.receive_frame(part, 0.0) == []
+            events = (conn.receive_frame(frame, 0.0) if feed == "receive_frame"
+                      else _by_the_full_decoder(conn, frame))
+            outcomes.append((_comparable(events), conn.state, sorted(conn.pending)))
+        assert outcomes[0] == outcomes[1], frame
+    # Both kinds of outcome were met: some answers completed, some frames were refused.
+    conn = ServerConnection("c1", CONFIG)
+    conn.open_request("w1", "r-1")
+    assert conn.receive_frame(ANSWERS[0], 0.0) == [RequestCompleted("r-1", "w1", {"a": 1})]

@@ -471,3 +471,44 @@ def test_new_rchans_are_distinct_uuid4_texts_with_every_variant_digit() -> None:
     assert {rchan[19] for rchan in rchans} == set("89ab")
     # And every other hex digit position is random: none is constant across the draws.
     assert all(len({rchan[i] for rchan in rchans}) > 1 for i in range(36) if i not in (8, 13, 14, 18, 23))
+
+
+def test_rchans_come_from_draws_of_many_and_a_forked_child_never_reuses_the_parents() -> None:
+    import os
+
+    from dara_ws_core import correlation
+
+    correlation.new_rchan()  # the pool now holds the rest of a draw
+    assert correlation._rchans
+    left = list(correlation._rchans)
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its pool and its next rchan, then leave at once
+        try:
+            os.write(write, f"{len(correlation._rchans)} {correlation.new_rchan()}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        held, rchan = pipe.read().split()
+    os.waitpid(pid, 0)
+    assert held == "0"
+    assert is_uuid4(rchan) and rchan not in left
+    assert correlation._rchans == left  # the parent's pool is its own still
+
+
+def test_a_completed_outcome_is_still_a_frozen_dataclass_however_it_is_built() -> None:
+    import dataclasses
+
+    outcome = Completed("r-1", "w", {"v": [1]})
+    assert (outcome.rchan, outcome.waiter, outcome.value) == ("r-1", "w", {"v": [1]})
+    assert outcome == Completed(rchan="r-1", waiter="w", value={"v": [1]})
+    assert outcome != Completed("r-1", "w", None)
+    assert dataclasses.replace(outcome, value=2).value == 2
+    assert repr(outcome) == "Completed(rchan='r-1', waiter='w', value={'v': [1]})"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        outcome.value = 3  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        Completed("r-1", "w")  # type: ignore[call-arg]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -151,3 +153,92 @@ async def test_a_request_behind_a_full_queue_times_out_within_its_own_timeout() 
     assert handler.pending_count == 0
     assert manager.counters.requests_timeout == 1
     assert not handler.closed  # timed out, not disconnected as a slow consumer
+
+
+async def test_a_request_is_a_coroutine_that_does_nothing_until_awaited() -> None:
+    # send_and_wait returns the request's own coroutine (no async def around it): still nothing
+    # is encoded, opened or sent before it runs, and its errors come when it is awaited.
+    from dara_ws_core import UnknownChannel
+
+    manager = WebsocketManager()
+    handler = manager.create_handler("c1")
+    assert json.loads(handler.queue.get_nowait() or b"")["type"] == "init"
+    unknown = manager.send_and_wait("nobody", {"q": 1})
+    bad = handler.send_and_wait(["not", "a", "dict"])  # type: ignore[arg-type]
+    pending = manager.send_and_wait("c1", {"q": 1}, timeout=5)
+    assert handler.pending_count == 0 and handler.queue.get_nowait() is None
+    with pytest.raises(UnknownChannel):
+        await unknown
+    with pytest.raises(TypeError):
+        await bad
+    assert handler.pending_count == 0
+    task = asyncio.ensure_future(pending)
+    await eventually(lambda: handler.pending_count == 1)
+    handler.receive_frame(_answer(_request_rchan(handler), "yes"), asyncio.get_running_loop().time())
+    assert await task == "yes"
+
+
+async def test_a_cancelled_or_closed_request_leaves_no_entry_and_an_answered_one_none_either() -> None:
+    manager = WebsocketManager()
+    handler = manager.create_handler("c1")
+    loop = asyncio.get_running_loop()
+    # Cancelled, with a deadline and without one: both entries go.
+    tasks = [asyncio.ensure_future(handler.send_and_wait({"q": 1}, timeout=t)) for t in (30.0, None)]
+    await eventually(lambda: handler.pending_count == 2)
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert handler.pending_count == 0
+    answered = asyncio.ensure_future(handler.send_and_wait({"q": 2}, timeout=30))
+    await eventually(lambda: handler.pending_count == 1)
+    rchan = _request_rchan(handler)
+    handler.receive_frame(_answer(rchan, 2), loop.time())
+    assert await answered == 2
+    assert handler.pending_count == 0
+    handler.receive_frame(_answer(rchan, 3), loop.time())  # a second answer: nothing to complete
+    assert manager.counters.requests_answered == 1
+    closed = asyncio.ensure_future(handler.send_and_wait({"q": 3}, timeout=30))
+    await eventually(lambda: handler.pending_count == 1)
+    handler.close(1000, "bye")
+    with pytest.raises(ConnectionClosed):
+        await closed
+    assert handler.pending_count == 0
+
+
+class _ShiftedClockLoop(asyncio.SelectorEventLoop):
+    """A loop whose clock is not time.monotonic(): its own time() must be the one used."""
+
+    def time(self) -> float:
+        return super().time() + 1000.0
+
+
+@pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, _ShiftedClockLoop])
+def test_request_deadlines_run_on_the_loops_own_clock(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    # asyncio's own loops get time.monotonic and Future(loop=...) called directly; any other
+    # loop keeps its own time() and create_future(). A deadline on the wrong clock would expire
+    # at once (or 1000 s late) here.
+    async def scenario() -> None:
+        manager = WebsocketManager()
+        handler = manager.create_handler("c1")
+        loop = asyncio.get_running_loop()
+        answered = asyncio.ensure_future(handler.send_and_wait({"q": 1}, timeout=5))
+        await eventually(lambda: handler.pending_count == 1)
+        await asyncio.sleep(0.05)  # the deadline is 5 s away: nothing expires
+        assert handler.pending_count == 1 and not answered.done()
+        handler.receive_frame(_answer(_request_rchan(handler), "late but in time"), loop.time())
+        assert await answered == "late but in time"
+        assert asyncio.isfuture(answered)
+        with pytest.raises(RequestTimeout):
+            await asyncio.wait_for(handler.send_and_wait({"q": 2}, timeout=0.05), 10)
+        deadlines = handler._deadlines
+        assert deadlines is not None
+        own = type(loop) is not _ShiftedClockLoop
+        assert (deadlines.now is time.monotonic) is own
+        handler.shutdown(ConnectionClosed(1000, "bye"))
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(scenario())

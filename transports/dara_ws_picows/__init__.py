@@ -206,16 +206,16 @@ class _Gate(asyncio.Protocol):
 class _BoundedReads(asyncio.BufferedProtocol):
     """picows' protocol as the socket's, with every read bounded to :data:`READ_LIMIT` bytes."""
 
-    __slots__ = ("_protocol",)
+    __slots__ = ("_protocol", "buffer_updated")
 
     def __init__(self, protocol: WSProtocol) -> None:
         self._protocol = protocol
+        # picows' own method (in C), called by the loop without a Python call around it.
+        self.buffer_updated = protocol.buffer_updated  # type: ignore[method-assign]  # an instance slot
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return memoryview(self._protocol.get_buffer(sizehint))[:READ_LIMIT]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self._protocol.buffer_updated(nbytes)
+        buffer: memoryview = self._protocol.get_buffer(sizehint)  # a view of picows' buffer
+        return buffer[:READ_LIMIT]
 
     def eof_received(self) -> bool | None:
         return cast("bool | None", self._protocol.eof_received())
