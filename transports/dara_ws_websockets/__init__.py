@@ -266,7 +266,7 @@ async def serve(
     """
     config = endpoint.config
 
-    async def process_request(connection: ServerConnection, request: Request) -> Response | None:
+    async def answer(connection: ServerConnection, request: Request) -> Response | None:
         handshake = HandshakeRequest.build(
             request.path, request.headers.raw_items(), connection.remote_address
         )
@@ -277,6 +277,19 @@ async def serve(
         except AuthenticationFailed:
             return connection.respond(HTTPStatus.FORBIDDEN, "Forbidden\n")
         return None
+
+    async def process_request(connection: ServerConnection, request: Request) -> Response | None:
+        response = await answer(connection, request)
+        if connection.protocol.eof_sent:
+            # The peer sent bytes behind its request that are no WebSocket frame (a second,
+            # pipelined request): websockets failed the connection on them and half-closed it,
+            # so no answer can go out. Its handshake would still send one, and a second end of
+            # stream trips an assertion logged as an ERROR with a traceback, once per connection
+            # at the peer's will. Closed here, the connection gets no answer and no record:
+            # websockets sends nothing once connection_lost has run (next loop iteration).
+            connection.transport.abort()
+            await connection.connection_lost_waiter
+        return response
 
     def handler(connection: ServerConnection) -> Awaitable[None]:
         # A plain function returning serve()'s coroutine: one coroutine frame less per idle
