@@ -42,9 +42,13 @@ from dara_ws_core.transport import HandshakeRequest, Server, text_frame_header
 
 
 def _closed(exc: websockets.ConnectionClosed) -> ConnectionClosed:
+    # The peer's close frame says how it ended; without one, the close frame websockets sent for
+    # the peer's bad input (1002, 1007, 1009...), as on every transport. Its 1011 goes for a
+    # ping left unanswered (or an internal error): the connection was found dead, and no close
+    # frame came, so 1006 (RFC 6455 7.1.5), as aiohttp, ASGI and picows record it.
     frame = exc.rcvd or exc.sent
-    if frame is None:
-        return ConnectionClosed(CloseCode.ABNORMAL, "connection lost")
+    if frame is None or (exc.rcvd is None and frame.code == CloseCode.INTERNAL_ERROR):
+        return ConnectionClosed(CloseCode.ABNORMAL, frame.reason if frame is not None else "connection lost")
     return ConnectionClosed(frame.code, frame.reason)
 
 
