@@ -435,6 +435,37 @@ async def test_requests_the_server_cannot_parse_are_logged_at_most_rate_limited(
     assert len(records) <= 11, f"{len(records)} records, e.g. {records[0].getMessage()}"
 
 
+@pytest.mark.parametrize(
+    "requests",
+    [
+        _OTHER_PATH + _OTHER_PATH,  # two pipelined requests, the first answered 404
+        handshake_request("/api/core/ws?token=bad") + _OTHER_PATH,  # behind a refused upgrade (403)
+        _OTHER_PATH + _UNREAD_BODY + b"x" * 100,
+    ],
+    ids=["behind-a-404", "behind-a-403", "a-body-behind-a-404"],
+)
+async def test_requests_pipelined_behind_a_refused_one_are_logged_at_most_rate_limited(
+    socket_stack: Any, caplog: pytest.LogCaptureFixture, requests: bytes
+) -> None:
+    # websockets read what follows a request as WebSocket frames, failed on it, and then logged
+    # "unexpected internal error" with a traceback (an assertion) when it answered the request:
+    # one ERROR per connection, at any peer's will.
+    caplog.set_level(logging.WARNING)
+    config = ServerConfig(ping_interval=None, handshake_timeout=1.0)
+    async with socket_stack(config=config) as stack:
+        assert stack.port is not None
+        clients = [await HostileClient.open(stack.port) for _ in range(20)]
+        for client in clients:
+            client.write(requests)
+        timeout = config.handshake_timeout + MARGIN
+        assert all(await asyncio.gather(*(client.wait_disconnected(timeout) for client in clients)))
+        for client in clients:
+            client.abort()
+    records = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(records) <= 11, f"{len(records)} records, e.g. {records[0].name}: {records[0].getMessage()}"
+    assert not [r for r in records if r.levelno >= logging.ERROR], records[0].getMessage()
+
+
 def _reset(client: HostileClient) -> None:
     """A TCP RST: the socket is closed with a zero linger, so nothing (no FIN) is sent first."""
     sock = client.transport.get_extra_info("socket")
@@ -468,14 +499,12 @@ async def test_the_close_code_of_a_peer_that_leaves_is_the_same_on_every_transpo
         client.abort()
 
 
-@pytest.mark.parametrize("transport", ["aiohttp", "asgi"])
-async def test_a_peer_that_never_answers_a_ping_is_recorded_as_lost(transport: str) -> None:
-    # The server's close frame goes unanswered as well: no close frame came, so 1006. uvicorn
-    # reported 1005 here. (websockets records the 1011 it sent; picows closes with 1001.)
+async def test_a_peer_that_never_answers_a_ping_is_recorded_as_lost(socket_stack: Any) -> None:
+    # The server's close frame goes unanswered as well: no close frame came, so 1006 (RFC 6455
+    # 7.1.5). uvicorn reported 1005 here, websockets the 1011 it sent, picows the 1001 it sent.
     config = ServerConfig(ping_interval=0.5, ping_timeout=0.5, close_timeout=1.0)
-    async with running_stack(transport, config=config) as stack:
-        assert stack.port is not None
-        client, channel = await open_port_channel(stack.port)
+    async with socket_stack(config=config) as stack:
+        client, channel = await open_channel(stack)
         client.stop_reading()  # and never sends a pong
         with pytest.raises(ConnectionClosed) as raised:
             await stack.manager.send_and_wait(channel, {"q": 1}, timeout=10)

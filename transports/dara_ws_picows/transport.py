@@ -166,6 +166,13 @@ class PicowsTransport(WSListener):
         if self._gone is None:
             handshake = transport.close_handshake
             info = (handshake.recv or handshake.sent) if handshake is not None else None
+            if self._local_code is None and info is not None and info is handshake.sent and (
+                info.code == WSCloseCode.GOING_AWAY
+            ):
+                # picows closes with 1001 by itself only for a ping left unanswered (then aborts):
+                # the connection was found dead and no close frame came, so 1006 (RFC 6455
+                # 7.1.5), as on every other transport.
+                info = None
             self._gone = (ConnectionClosed(self._local_code or int(info.code.value), info.reason)
                           if info is not None else ConnectionClosed(CloseCode.ABNORMAL, "connection lost"))
         self._parts, self._corked, self._corked_bytes = None, None, 0  # nothing left to write to

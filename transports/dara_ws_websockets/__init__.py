@@ -42,9 +42,13 @@ from dara_ws_core.transport import HandshakeRequest, Server, text_frame_header
 
 
 def _closed(exc: websockets.ConnectionClosed) -> ConnectionClosed:
+    # The peer's close frame says how it ended; without one, the close frame websockets sent for
+    # the peer's bad input (1002, 1007, 1009...), as on every transport. Its 1011 goes for a
+    # ping left unanswered (or an internal error): the connection was found dead, and no close
+    # frame came, so 1006 (RFC 6455 7.1.5), as aiohttp, ASGI and picows record it.
     frame = exc.rcvd or exc.sent
-    if frame is None:
-        return ConnectionClosed(CloseCode.ABNORMAL, "connection lost")
+    if frame is None or (exc.rcvd is None and frame.code == CloseCode.INTERNAL_ERROR):
+        return ConnectionClosed(CloseCode.ABNORMAL, frame.reason if frame is not None else "connection lost")
     return ConnectionClosed(frame.code, frame.reason)
 
 
@@ -266,7 +270,7 @@ async def serve(
     """
     config = endpoint.config
 
-    async def process_request(connection: ServerConnection, request: Request) -> Response | None:
+    async def answer(connection: ServerConnection, request: Request) -> Response | None:
         handshake = HandshakeRequest.build(
             request.path, request.headers.raw_items(), connection.remote_address
         )
@@ -277,6 +281,19 @@ async def serve(
         except AuthenticationFailed:
             return connection.respond(HTTPStatus.FORBIDDEN, "Forbidden\n")
         return None
+
+    async def process_request(connection: ServerConnection, request: Request) -> Response | None:
+        response = await answer(connection, request)
+        if connection.protocol.eof_sent:
+            # The peer sent bytes behind its request that are no WebSocket frame (a second,
+            # pipelined request): websockets failed the connection on them and half-closed it,
+            # so no answer can go out. Its handshake would still send one, and a second end of
+            # stream trips an assertion logged as an ERROR with a traceback, once per connection
+            # at the peer's will. Closed here, the connection gets no answer and no record:
+            # websockets sends nothing once connection_lost has run (next loop iteration).
+            connection.transport.abort()
+            await connection.connection_lost_waiter
+        return response
 
     def handler(connection: ServerConnection) -> Awaitable[None]:
         # A plain function returning serve()'s coroutine: one coroutine frame less per idle
