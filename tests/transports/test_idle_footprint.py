@@ -9,16 +9,19 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect as ws_connect
+from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import serve as ws_serve
 
 from dara_ws_core import Endpoint, Identity, ServerConfig, WebsocketManager, token_authenticator
 from dara_ws_core.queue import OutboundQueue
 from dara_ws_picows import serve as picows_serve
-from dara_ws_websockets import serve
+from dara_ws_websockets import _ServerConnection, serve
 from tests.helpers import eventually
 
 TIMEOUT = 10.0
@@ -70,6 +73,38 @@ async def test_an_idle_connection_holds_no_queue_task_set_or_index_set_of_its_ow
             chains = [_our_await_chain(t.get_coro()) for t in asyncio.all_tasks()]  # type: ignore[arg-type]
             assert [c for c in chains if "Endpoint.serve" in c] == [["Endpoint.serve", "ConnectionDriver.run",
                              "WebsocketsTransport.receive_pushed"]] * 3
+        finally:
+            for client in clients:
+                await client.close()
+
+
+async def test_an_idle_connection_keeps_websockets_attribute_dict_as_small_as_a_plain_one() -> None:
+    # The adapter's own per-connection state (the identity, the push hand-over) lives in slots:
+    # as keys added to websockets' connection dict, they gave each connection a dict of its own
+    # instead of one sharing its keys with every other connection (CPython shares 29 at most).
+    async def plain(ws: ServerConnection) -> None:
+        await ws.wait_closed()
+
+    manager = WebsocketManager(ServerConfig())
+    endpoint = Endpoint(manager, token_authenticator(lambda t: Identity(user_id=t, session_id=t)))
+    async with serve(endpoint, "127.0.0.1", 0, ping_interval=None) as server, ws_serve(
+        plain, "127.0.0.1", 0, ping_interval=None, compression=None
+    ) as reference:
+        ref_url = f"ws://127.0.0.1:{next(iter(reference.sockets)).getsockname()[1]}"
+        clients = [await ws_connect(f"{server.url}?token=u{i}", compression=None) for i in range(3)]
+        clients += [await ws_connect(ref_url, compression=None) for _ in range(3)]
+        try:
+            for client in clients[:3]:  # now waiting in receive_pushed, the hand-over set
+                assert json.loads(await asyncio.wait_for(client.recv(), TIMEOUT))["type"] == "init"
+            await eventually(lambda: len(reference.connections) == 3, "three plain connections")
+            ours = list(server.native.connections)
+            assert len(ours) == 3
+            for ws in ours:
+                assert isinstance(ws, _ServerConnection)
+                assert ws.dara_push is not None and ws.dara_identity is not None
+                assert not {"dara_push", "dara_identity", "_paused_for_writes"} & set(vars(ws))
+            plain_sizes = {sys.getsizeof(vars(ws)) for ws in reference.connections}
+            assert {sys.getsizeof(vars(ws)) for ws in ours} == plain_sizes
         finally:
             for client in clients:
                 await client.close()
