@@ -9,6 +9,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -98,6 +102,47 @@ async def test_an_idle_connection_adds_nothing_to_websockets_attribute_dict() ->
         finally:
             for client in clients:
                 await client.close()
+
+
+#: A fresh process (the key table is the class's, for the life of the process) serving 64
+#: connections that all connect at once: it prints whether every connection's attribute dict
+#: shares its keys, i.e. is smaller than a plain dict of the same attributes.
+_OVERLAPPING_HANDSHAKES = textwrap.dedent("""
+    import asyncio, sys
+    from websockets.asyncio.client import connect
+    from dara_ws_core import Endpoint, Identity, ServerConfig, WebsocketManager, token_authenticator
+    from dara_ws_websockets import serve
+
+    async def main():
+        manager = WebsocketManager(ServerConfig())
+        endpoint = Endpoint(manager, token_authenticator(lambda t: Identity(user_id=t, session_id=t)))
+        async with serve(endpoint, "127.0.0.1", 0, ping_interval=None) as server:
+            clients = await asyncio.gather(*(connect(f"{server.url}?token=u{i}", compression=None)
+                                             for i in range(64)))
+            for _ in range(100):  # bounded: every connection registered
+                if len(manager.handlers) == 64:
+                    break
+                await asyncio.sleep(0.05)
+            shared = [sys.getsizeof(vars(ws)) < sys.getsizeof(dict(vars(ws)))
+                      for ws in server.native.connections]
+            print(len(shared), all(shared))
+            for client in clients:
+                await client.close()
+
+    asyncio.run(main())
+""")
+
+
+def test_connections_whose_handshakes_overlap_all_share_their_attribute_keys() -> None:
+    # websockets sets two attributes in connection_made; the adapter sets them when the
+    # connection is built, so that the first connection puts every key in the class's table
+    # before the next ones shrink the room it has left (see _ServerConnection).
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, "-c", _OVERLAPPING_HANDSHAKES], cwd=root,
+                            capture_output=True, text=True, timeout=60, check=False,
+                            env={**os.environ, "PYDANTIC_DISABLE_PLUGINS": "__all__"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["64", "True"]
 
 
 def _alive(kind: type) -> int:

@@ -225,6 +225,14 @@ class _ServerConnection(ServerConnection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if _PUSHES:
+            # websockets sets these two in connection_made, later. Each connection built
+            # shrinks by one the room the class's shared key table has left (CPython 3.11):
+            # with enough handshakes overlapping the first one's, the table was full before they
+            # were added, and every connection of the process got a dict of its own. Set here,
+            # every key is in the table from the first connection on.
+            self.recv_messages = None  # type: ignore[assignment]
+            self.transport = None  # type: ignore[assignment]
         self._paused_for_writes = False
         #: The transport waiting in receive_pushed() with nothing buffered, else None.
         self.dara_push: WebsocketsTransport | None = None
