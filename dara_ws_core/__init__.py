@@ -4,8 +4,9 @@ Layers, bottom up: ``messages`` / ``chunks`` / ``correlation`` (pure, no I/O), `
 ``manager`` / ``endpoint`` (asyncio), and transport adapters in separate packages
 (``dara_ws_websockets``, ``dara_ws_aiohttp``, ``dara_ws_asgi``) that implement ``Transport``.
 
-The client side (``DaraClient`` and its types) and the in-memory transport are imported on first
-use of their names (PEP 562): a server process never loads them.
+The client side (``DaraClient`` and its types), the in-memory transport and Dara's first-party
+payloads (``TaskNotificationMessage`` and the like) are imported on first use of their names
+(PEP 562): a server process that never uses them never loads them.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -48,9 +49,6 @@ from .exceptions import (
 from .handler import WebSocketHandler, current_channel, current_identity
 from .manager import WebsocketManager, get_user_channels
 from .messages import (
-    ActionMessage,
-    BackendStoreMessage,
-    BackendStorePatchMessage,
     ClientMessage,
     ClientPing,
     CustomClientMessage,
@@ -63,12 +61,8 @@ from .messages import (
     InitMessage,
     LoosePayload,
     PongMessage,
-    ServerErrorMessage,
     ServerMessage,
     ServerMessagePayload,
-    ServerVariableMessage,
-    TaskNotificationMessage,
-    VariableRequestMessage,
 )
 from .outbox import OutboxLimits, UserOutbox
 from .registry import ChannelRegistry
@@ -76,6 +70,15 @@ from .stats import ServerStats
 from .transport import HandshakeRequest, Server, Transport
 
 if TYPE_CHECKING:
+    from ._payloads import (
+        ActionMessage,
+        BackendStoreMessage,
+        BackendStorePatchMessage,
+        ServerErrorMessage,
+        ServerVariableMessage,
+        TaskNotificationMessage,
+        VariableRequestMessage,
+    )
     from .client import Chunked, DaraClient, PushedMessage, Request
     from .memory import MemoryServer, MemoryTransport, memory_pair
 
@@ -171,6 +174,14 @@ _LAZY = {
     "MemoryServer": "memory",
     "MemoryTransport": "memory",
     "memory_pair": "memory",
+    # Dara's first-party payloads (also read through dara_ws_core.messages, which defers to here).
+    "ActionMessage": "_payloads",
+    "BackendStoreMessage": "_payloads",
+    "BackendStorePatchMessage": "_payloads",
+    "ServerErrorMessage": "_payloads",
+    "ServerVariableMessage": "_payloads",
+    "TaskNotificationMessage": "_payloads",
+    "VariableRequestMessage": "_payloads",
 }
 
 

@@ -229,7 +229,9 @@ class ConnectionDriver:
                     else:
                         frame = await cast(SupportsPush, transport).receive_pushed(self._pushed, _YIELD_EVERY)
                 except ConnectionClosed as exc:
-                    ended = exc
+                    # Without its traceback: through this frame it would hold itself, and with
+                    # it the whole connection, until the cyclic collector runs.
+                    ended = exc.with_traceback(None)
                     break
                 if frame is not None:
                     if self._context is None:
@@ -245,7 +247,7 @@ class ConnectionDriver:
                     try:
                         await pending
                     except ConnectionClosed as exc:
-                        ended = exc
+                        ended = exc.with_traceback(None)  # as above
                         break
                 handled += 1
                 if handled % _YIELD_EVERY == 0:
@@ -263,7 +265,15 @@ class ConnectionDriver:
             ended = ConnectionClosed(CloseCode.INTERNAL_ERROR, "internal error")
             handler.close(ended.code, ended.reason)
         finally:
-            await self._finish(ended or ConnectionClosed(CloseCode.ABNORMAL, "connection lost"))
+            try:
+                await self._finish(ended or ConnectionClosed(CloseCode.ABNORMAL, "connection lost"))
+            finally:
+                # Over: cut the cycles through this driver (the handler's sink, its own bound
+                # write), so that the connection is freed now, not by the cyclic collector.
+                self.handler._sink = None
+                self._write = None
+                if self._direct is not None:
+                    self._direct.writer_lost = None
 
     def _pushed(self, frame: str | bytes) -> bool:
         """Handle one message in the transport's callback, as the receive loop would; ``False``

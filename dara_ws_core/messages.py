@@ -9,6 +9,9 @@ Wire notes:
   ``None`` (section 3); all other ``None`` values are kept, including inside application payloads.
 * First-party payloads carry their ``__typename`` as a class attribute; the stock client routes on
   the *top-level* ``__typename`` only.
+
+The first-party payloads (``TaskNotificationMessage`` ... ``ServerVariableMessage``) are built on
+first use of their names (PEP 562): a server that never sends one never builds their validators.
 """
 
 from __future__ import annotations
@@ -39,11 +42,22 @@ __all__ = [
     "VariableRequestMessage",
 ]
 
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny
 
 from ._plugins import plugins_off_until
+
+if TYPE_CHECKING:  # through the root, which imports them on first use (see __getattr__)
+    from dara_ws_core import (
+        ActionMessage,
+        BackendStoreMessage,
+        BackendStorePatchMessage,
+        ServerErrorMessage,
+        ServerVariableMessage,
+        TaskNotificationMessage,
+        VariableRequestMessage,
+    )
 
 # Every model below is built without pydantic plugins (see _plugins); restored at the end.
 _restore_plugins = plugins_off_until()
@@ -123,62 +137,6 @@ class TypedPayload(ServerMessagePayload):
     __typename__: ClassVar[str]
 
 
-class TaskNotificationMessage(TypedPayload):
-    """Task status. ``result`` may be set but is never sent: the client fetches it over HTTP."""
-
-    __typename__ = "TaskNotificationMessage"
-    status: Literal["PROGRESS", "COMPLETE", "ERROR", "CANCELED"]
-    task_id: str
-    progress: float | None = Field(default=None, exclude_if=_is_none)
-    message: str | None = Field(default=None, exclude_if=_is_none)
-    error: str | None = Field(default=None, exclude_if=_is_none)
-    result: Any = Field(default=None, exclude=True)
-
-
-class ServerErrorMessage(TypedPayload):
-    """A server-side error shown by the client. Put a message here, never a traceback."""
-
-    __typename__ = "ServerErrorMessage"
-    error: str
-    time: str
-
-
-class VariableRequestMessage(TypedPayload):
-    """The first-party server request: the client answers with the variable's value."""
-
-    __typename__ = "VariableRequestMessage"
-    variable: Any = None
-
-
-class ActionMessage(TypedPayload):
-    """One step of an action stream; ``action=None`` marks its end."""
-
-    __typename__ = "ActionMessage"
-    action: Any = None
-    uid: str
-
-
-class BackendStoreMessage(TypedPayload):
-    __typename__ = "BackendStoreMessage"
-    store_uid: str
-    value: Any = None
-    sequence_number: int
-
-
-class BackendStorePatchMessage(TypedPayload):
-    __typename__ = "BackendStorePatchMessage"
-    store_uid: str
-    patches: list[dict[str, Any]]
-    sequence_number: int
-
-
-class ServerVariableMessage(TypedPayload):
-    __typename__ = "ServerVariableMessage"
-    type_: Literal["ServerVariable"] = Field(default="ServerVariable", alias="__type")
-    uid: str
-    sequence_number: int
-
-
 class DaraServerMessage(BaseModel):
     """A ``type: message`` frame: first-party (with ``__typename``) or application (without)."""
 
@@ -241,3 +199,20 @@ ServerMessage = InitMessage | PongMessage | DaraServerMessage | CustomServerMess
 LoosePayload = dict[str, Any] | ServerMessagePayload
 
 _restore_plugins()
+
+#: Dara's first-party payloads: defined in ``dara_ws_core._payloads`` (on top of this module),
+#: which the package root imports the first time one of these names is read (see the docstring).
+_FIRST_PARTY = frozenset({
+    "ActionMessage", "BackendStoreMessage", "BackendStorePatchMessage", "ServerErrorMessage",
+    "ServerVariableMessage", "TaskNotificationMessage", "VariableRequestMessage",
+})
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _FIRST_PARTY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import dara_ws_core  # the root, which imports everything: not a cycle of the layers
+
+    value = getattr(dara_ws_core, name)
+    globals()[name] = value  # once: later lookups are plain attribute reads
+    return value

@@ -340,10 +340,11 @@ def test_a_websockets_server_process_loads_no_client_side_or_optional_module() -
 
 
 #: What a server process never loads: the websockets client (with urllib.request, http.client and
-#: email for its proxy support), the core's client side and in-memory transport, the telemetry,
-#: JWT, backplane and test helpers; whoever uses them imports them.
+#: email for its proxy support), the core's client side and in-memory transport, Dara's
+#: first-party payload models, the telemetry, JWT, backplane and test helpers; whoever uses them
+#: imports them.
 SERVER_UNWANTED = ["websockets.asyncio.client", "urllib.request", "http.client",
-                   "dara_ws_core.client", "dara_ws_core.memory",
+                   "dara_ws_core.client", "dara_ws_core.memory", "dara_ws_core._payloads",
                    "dara_ws_core.telemetry", "dara_ws_core.telemetry_hooks", "dara_ws_core.jwt",
                    "dara_ws_core.backplane", "dara_ws_core.testing", "hypothesis"]
 
@@ -372,3 +373,19 @@ def test_the_client_side_names_of_the_root_are_imported_on_first_use() -> None:
         "print(before, same, 'DaraClient' in dir(dara_ws_core), hasattr(dara_ws_core, 'NoSuchName'))\n"
     )
     assert run_python(code) == "[] True True False"
+
+
+def test_the_first_party_payloads_are_built_on_first_use_and_are_the_same_everywhere() -> None:
+    code = (
+        "import sys, dara_ws_core, dara_ws_core.messages as messages\n"
+        "before = 'dara_ws_core._payloads' in sys.modules\n"
+        "from dara_ws_core import TaskNotificationMessage\n"
+        "from dara_ws_core.messages import ServerErrorMessage\n"
+        "from dara_ws_core import _payloads\n"
+        "same = all(getattr(dara_ws_core, n) is getattr(messages, n) is getattr(_payloads, n)\n"
+        "           for n in _payloads.__all__)\n"
+        "listed = set(_payloads.__all__) <= set(messages.__all__) & set(dara_ws_core.__all__)\n"
+        "print(before, same, listed, issubclass(ServerErrorMessage, messages.TypedPayload),\n"
+        "      hasattr(messages, 'NoSuchName'))\n"
+    )
+    assert run_python(code) == "False True True True False"

@@ -36,6 +36,8 @@ except ImportError as exc:  # the extra is missing: say which one to install
 if TYPE_CHECKING:
     from websockets.asyncio.client import ClientConnection
 
+    from dara_ws_core.auth import Identity
+
 from dara_ws_core.endpoint import Endpoint
 from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
 from dara_ws_core.transport import HandshakeRequest, Server, text_frame_header
@@ -216,9 +218,28 @@ class _ServerConnection(ServerConnection):
     And hands text messages to the transport waiting in ``receive_pushed`` (``dara_push``), from
     ``data_received``, instead of buffering them for ``recv()`` and waking the receive loop."""
 
-    _paused_for_writes = False
-    #: The transport waiting in receive_pushed() with nothing buffered, else None.
-    dara_push: WebsocketsTransport | None = None
+    # Slots, not attributes in the instance dict: websockets' connection sets 27 attributes,
+    # which its connections keep in a dict sharing its keys with every other connection (about
+    # 300 bytes each). CPython 3.11 shares at most 29 keys and sizes each dict's values when the
+    # connection is built: two keys more, added later, give every connection a dict of its own
+    # (1.6 KiB), as much again as everything else the core keeps per idle connection.
+    __slots__ = ("_paused_for_writes", "dara_identity", "dara_push")
+    #: What process_request authenticated, set there before the handler runs.
+    dara_identity: Identity | None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if _PUSHES:
+            # websockets sets these two in connection_made, later. Each connection built
+            # shrinks by one the room the class's shared key table has left (CPython 3.11):
+            # with enough handshakes overlapping the first one's, the table was full before they
+            # were added, and every connection of the process got a dict of its own. Set here,
+            # every key is in the table from the first connection on.
+            self.recv_messages = None  # type: ignore[assignment]
+            self.transport = None  # type: ignore[assignment]
+        self._paused_for_writes = False
+        #: The transport waiting in receive_pushed() with nothing buffered, else None.
+        self.dara_push: WebsocketsTransport | None = None
 
     def process_event(self, event: Any) -> None:
         target = self.dara_push
