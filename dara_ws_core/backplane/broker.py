@@ -143,7 +143,8 @@ class BrokerBackplane(BusNode):
     @abc.abstractmethod
     async def _history(self, user_id: str, after: str | None,
                        keep: OutboxLimits) -> tuple[list[Kept], int]:
-        """The user's history after entry ``after`` (all of it if ``None``), oldest first,
+        """The user's history after entry ``after`` (``None``: after the user's written mark,
+        what no connection of theirs wrote; all of it without a mark), oldest first,
         at most ``keep.max_messages`` younger than ``keep.max_age``, and the last sequence number
         the user was given (0: none). The recovery after a gap."""
 
@@ -271,6 +272,32 @@ class BrokerBackplane(BusNode):
         done.add_done_callback(lambda f: self._acked(f, user_id, upto))
         self._post_nowait(Publication(b"", user_id=user_id, ack=upto), "acknowledgement", done)
 
+    def ack_closing(self, user_id: str, upto: str | None) -> asyncio.Future[Any]:
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        for later in (self._acks_in_flight.get(user_id), self._acks_next.get(user_id)):
+            if later is not None and (upto is None or id_key(later) > id_key(upto)):
+                upto = later
+        if upto is None:
+            done.set_result(None)
+            return done
+        if not self._connected.is_set():
+            self._keep_ack(user_id, upto)
+            done.set_result(None)
+            return done
+        mark = upto
+        done.add_done_callback(lambda f: self._closing_acked(f, user_id, mark))
+        self._post_nowait(Publication(b"", user_id=user_id, ack=upto), "acknowledgement", done)
+        return done
+
+    def _closing_acked(self, done: asyncio.Future[Any], user_id: str, upto: str) -> None:
+        if done.cancelled() or done.exception() is not None:
+            self._keep_ack(user_id, upto)
+
+    async def answered(self, timeout: float) -> bool:
+        done = await self._published(timeout)
+        await asyncio.sleep(0)  # the callbacks of the futures answered run first
+        return done
+
     def resync(self, user_id: str) -> None:
         if user_id in self._resyncing or len(self._resyncing) >= _MAX_RESYNCS:
             return  # one at a time per user; beyond the bound, the manager's hold times out
@@ -279,11 +306,24 @@ class BrokerBackplane(BusNode):
         task.add_done_callback(lambda _: self._resyncing.pop(user_id, None))
 
     async def _resync(self, user_id: str) -> None:
-        """A gap noticed in one user's entries: recover what is missing from their history."""
+        """A gap noticed in one user's entries: recover what is missing from their history.
+
+        This process's own sends still on their way to the bus may be the numbers skipped (its
+        channels here had them before the bus numbered them): once the bus has answered every
+        send queued before, the gap is looked at again, and one they explain ends without a
+        read (nothing was missed). Read before they are answered, the history would hand those
+        sends over a second time."""
         manager = self.manager
         keep = manager.outbox_limits
         entries: list[Stamped] = []
         head = 0
+        deadline = time.monotonic() + _BARRIER_TIMEOUT
+        missing: bool | None = None
+        while missing is None and await self.answered(deadline - time.monotonic()):
+            missing = manager.still_missing(user_id)
+        if missing is False:
+            manager.recover(user_id, (), 0)
+            return
         if keep is not None:
             try:
                 kept, head = await self._history(user_id, manager.delivered_upto(user_id), keep)
@@ -605,6 +645,9 @@ class BrokerBackplane(BusNode):
                            extra={"node": self.node_id})
             missed = {}
         keep = manager.outbox_limits
+        # Sends of this process queued since the bus came back are appended to the histories
+        # read below: known as its own (not handed over twice) once the bus has answered them.
+        await self.answered(_BARRIER_TIMEOUT)
         for user_id in held | set(users):
             entries: list[Stamped] = []
             head = 0
@@ -659,6 +702,10 @@ def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 _MAX_RESYNCS = 1000
+
+#: Seconds a recovery waits for the bus to answer this process's earlier sends before reading a
+#: user's history (beyond, it reads anyway: a send answered later may be handed over twice).
+_BARRIER_TIMEOUT = 5.0
 
 
 def _stamp(done: asyncio.Future[Any], stamped: Callable[[Stamped], None]) -> None:

@@ -217,12 +217,13 @@ class MemoryBroker:
         return [(e.id, e.n, e.frame) for e in kept]
 
     def history(self, user_id: str, after: str | None) -> tuple[list[Kept], int]:
-        """The user's history after entry ``after`` (within the age), and their last number."""
+        """The user's history after entry ``after`` (``None``: after the user's written
+        mark), within the age, and their last number."""
         self._check()
         outbox = self.outboxes.get(user_id)
         if outbox is None:
             return [], 0
-        entries, head = outbox.after(user_id, after, self.clock())
+        entries, head = outbox.after(user_id, after or outbox.written(user_id), self.clock())
         return [(e.id, e.n, e.frame) for e in entries], head
 
     def settle(self, node_id: str, channel_id: str, user_id: str, upto: str | None) -> None:
