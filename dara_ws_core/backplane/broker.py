@@ -12,6 +12,7 @@ __all__ = ["BrokerBackplane"]
 
 import abc
 import asyncio
+import itertools
 import logging
 import time
 import uuid
@@ -21,7 +22,13 @@ from typing import TYPE_CHECKING, Any, Unpack
 import pydantic_core
 
 from dara_ws_core.codec import build_frame, dumps
-from dara_ws_core.exceptions import BackplaneError, DaraWSError, RequestTimeout
+from dara_ws_core.exceptions import (
+    BackplaneError,
+    CloseCode,
+    ConnectionClosed,
+    DaraWSError,
+    RequestTimeout,
+)
 from dara_ws_core.outbox import Stamped, id_key
 
 from .contract import Attachment, BackplaneHost, Gap, error_of, failure_of
@@ -93,6 +100,10 @@ class BrokerBackplane(BusNode):
         self._refresh = True
         #: Requests this node asked: request id (also their ``__rchan``) -> (future, channel id).
         self._waiting: dict[str, tuple[asyncio.Future[Any], str]] = {}
+        # Of those, the ones routed: request id -> the node holding the channel; and the ones
+        # whose channel was gone at the last check (see _check_asked).
+        self._asked: dict[str, str] = {}
+        self._unheard: set[str] = set()
         #: Requests this node serves for others: request id -> task.
         self._serving: dict[str, asyncio.Task[None]] = {}
         self._writer_task: asyncio.Task[None] | None = None
@@ -152,6 +163,11 @@ class BrokerBackplane(BusNode):
     async def _settle_outbox(self, user_id: str, channel_id: str, upto: str | None) -> None:
         """Move the user's written mark to ``upto`` (if set and ahead); if ``channel_id`` holds
         the lease of the user's history, end it."""
+
+    @abc.abstractmethod
+    async def _held_by(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+        """For each ``(channel, node)``: whether the channel is still registered as held by
+        that node and the node listens on its topic."""
 
     @abc.abstractmethod
     async def _take_missed(self) -> dict[str, int]:
@@ -416,6 +432,7 @@ class BrokerBackplane(BusNode):
                 data = encode_bus_message(RemoteRequest(
                     request_id, self.node_id, channel_id, custom, timeout, frame))
                 owner = await self._route(channel_id, data, "request")
+                self._asked[request_id] = owner
                 return await waiter
         except TimeoutError:
             if scope.expired():
@@ -425,6 +442,8 @@ class BrokerBackplane(BusNode):
             raise
         finally:
             self._waiting.pop(request_id, None)
+            self._asked.pop(request_id, None)
+            self._unheard.discard(request_id)
             if owner is not None and (not waiter.done() or waiter.cancelled()):
                 waiter.cancel()
                 # Timed out or cancelled here: the owner stops waiting for its client too.
@@ -607,6 +626,8 @@ class BrokerBackplane(BusNode):
                 continue
             if full:
                 next_refresh = loop.time() + self.heartbeat_interval
+            if full and self._asked:
+                await self._check_asked()
             if self._recovering and full:
                 self._recovering = False
                 if self._recover_task is None or self._recover_task.done():
@@ -614,6 +635,34 @@ class BrokerBackplane(BusNode):
             async with self._written_cond:
                 self._written = max(self._written, version)
                 self._written_cond.notify_all()
+
+    async def _check_asked(self) -> None:
+        """Fail the requests to channels of other nodes that are gone: no longer registered as
+        held by that node, or that node no longer listening (killed), at two checks in a row (a
+        heartbeat apart: a reply on its way, or a link that blinked, settles it meanwhile).
+        Without it a request with no timeout to a node that died would wait for ever."""
+        asked = list(itertools.islice(self._asked.items(), _MAX_CHECKED))
+        pairs = []
+        for request_id, owner in asked:
+            entry = self._waiting.get(request_id)
+            pairs.append(("" if entry is None else entry[1], owner))
+        try:
+            alive = await self._held_by(pairs)
+        except Exception as exc:  # checked again at the next heartbeat
+            logger.debug("backplane: could not check the channels of waiting requests (%s)",
+                         exc, extra={"node": self.node_id})
+            return
+        for (request_id, _), live in zip(asked, alive, strict=True):
+            entry = self._waiting.get(request_id)
+            if entry is None or entry[0].done():
+                continue
+            if live:
+                self._unheard.discard(request_id)
+            elif request_id not in self._unheard:
+                self._unheard.add(request_id)
+            else:
+                entry[0].set_exception(ConnectionClosed(
+                    CloseCode.ABNORMAL, "the channel's process is gone"))
 
     def _local_users(self) -> dict[str, str]:
         """Every user with a channel here -> one of those channels."""
@@ -702,6 +751,9 @@ def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 _MAX_RESYNCS = 1000
+
+#: Most waiting requests whose channel one heartbeat checks (one round trip).
+_MAX_CHECKED = 10_000
 
 #: Seconds a recovery waits for the bus to answer this process's earlier sends before reading a
 #: user's history (beyond, it reads anyway: a send answered later may be handed over twice).

@@ -359,3 +359,9 @@ class MemoryBackplane(BrokerBackplane):
     async def _take_missed(self) -> dict[str, int]:
         self.broker.check_node(self.node_id)
         return self.broker.take_missed(self.node_id)
+
+    async def _held_by(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+        broker = self.broker
+        broker.check_node(self.node_id)
+        return [broker.owner(channel_id) == node and broker.listening(self.topic_of(node))
+                for channel_id, node in pairs]

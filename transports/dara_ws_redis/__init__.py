@@ -477,6 +477,19 @@ class RedisBackplane(BrokerBackplane):
         except (RedisError, OSError) as exc:
             raise BackplaneError(f"redis: {exc}") from exc
 
+    async def _held_by(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+        topics = sorted({self.topic_of(node) for _, node in pairs})
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.mget([self._ch(channel_id) for channel_id, _ in pairs])
+            pipe.pubsub_numsub(*topics)
+            holders, counts = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise BackplaneError(f"redis: {exc}") from exc
+        listening = {_text(topic) for topic, count in counts if int(count) > 0}
+        return [holder is not None and _text(holder) == node and self.topic_of(node) in listening
+                for (_, node), holder in zip(pairs, holders, strict=True)]
+
     async def _take_missed(self) -> dict[str, int]:
         key = self._missed_key(self.node_id)
         try:
