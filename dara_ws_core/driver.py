@@ -43,6 +43,11 @@ logger = logging.getLogger("dara_ws_core")
 #: Frames one connection handles before it lets the others run, whatever its buffer holds.
 _YIELD_EVERY = 16
 
+#: Seconds a connection the server closes waits, at most, for the bus to have the
+#: acknowledgement of what it wrote before its close frame goes (a quarter of ``close_timeout``
+#: if shorter). Only that connection waits.
+FINAL_ACK_WAIT = 1.0
+
 
 class ConnectionDriver:
     """Runs one connection: create it with the transport and identity, then ``await run()``."""
@@ -362,6 +367,11 @@ class ConnectionDriver:
                 self.handler.frame_flushed()
         except Exception:  # gone meanwhile: the close below is a no-op then
             logger.debug("flush before close failed", exc_info=True)
+        # What it wrote of the user's history is acknowledged before the close frame goes:
+        # a client reconnecting elsewhere once it has it is not given it again. Bounded, and
+        # well within close_timeout (the abort timer runs meanwhile).
+        await self.manager.written_before_close(
+            self.handler.channel_id, min(FINAL_ACK_WAIT, self.manager.config.close_timeout / 4))
         await close_quietly(self.transport, code, reason)
 
     def _arm_abort(self) -> None:

@@ -17,7 +17,7 @@ __all__ = ["WebsocketManager", "get_user_channels"]
 import asyncio
 import logging
 import time
-from collections.abc import Collection, Coroutine, Sequence
+from collections.abc import Awaitable, Collection, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -215,6 +215,8 @@ class WebsocketManager:
             for frame, entry in arriving.meanwhile:  # after the kept ones, before anything live
                 if entry is None or head is None or id_key(entry.id) > floor:
                     self._deliver_entry([handler], user_id, frame, entry)
+                    if entry is not None:  # handed over here: its number is no gap later
+                        self._cursors.advance(user_id, entry.id, entry.n)
         elif identity is not None and self.backplane is None and self.outbox_limits is not None:
             user_id = identity.user_id
             leased = self.outbox.lease(user_id, channel_id, time.monotonic(),
@@ -355,7 +357,7 @@ class WebsocketManager:
             if writing:
                 self._writing[channel_id] = handler
             else:
-                self._settle_channel(channel_id, handler.flushed)
+                self._settle_channel(channel_id, handler)
             self._floors.pop(channel_id, None)
             self._dirty.discard(channel_id)
             handler.ack_at = 0
@@ -373,18 +375,53 @@ class WebsocketManager:
         settle its part of the user's history by what it really wrote."""
         handler = self._writing.pop(channel_id, None)
         if handler is not None:
-            self._settle_channel(channel_id, handler.flushed)
+            self._settle_channel(channel_id, handler)
 
-    def _settle_channel(self, channel_id: str, flushed: int) -> None:
+    async def written_before_close(self, channel_id: str, timeout: float) -> None:
+        """A connection the server closes wrote what it had queued, and its close frame is
+        next: settle its part of the user's history (as :meth:`handler_written`) and wait,
+        at most ``timeout`` seconds, until the bus has the acknowledgement. A client that
+        reconnects on another process once it has the close frame then gets nothing it read
+        again. Waits for nothing without a backplane (acknowledged here at once)."""
+        if channel_id not in self._writing:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self.backplane is not None:
+            # This process's sends the connection had before the bus numbered them are recorded
+            # once the bus answers: settled without them, they would go to the next connection.
+            await self.backplane.answered(timeout)
+        handler = self._writing.pop(channel_id, None)
+        if handler is None:
+            return
+        published = self._settle_channel(channel_id, handler)
+        if published is not None:
+            await asyncio.wait((asyncio.ensure_future(published),),
+                               timeout=max(0.0, deadline - loop.time()))
+
+    def _settle_channel(self, channel_id: str,
+                        handler: WebSocketHandler) -> Awaitable[Any] | None:
         # What it wrote is acknowledged; what it had queued and not written is not, so the
         # user's next connection gets it (unless another connection of theirs wrote it).
-        if len(self._writes):
-            for user_id, upto in self._writes.close(channel_id, flushed).items():
+        # With a backplane, at once (not behind an acknowledgement of the user on its way): a
+        # client may reconnect on another process as soon as it sees the close. The result:
+        # when the bus has it.
+        flushed = handler.flushed
+        published = None
+        written = self._writes.close(channel_id, flushed) if len(self._writes) else {}
+        identity = handler.identity
+        for user_id, upto in written.items():
+            if self.backplane is None or identity is None or user_id != identity.user_id:
                 self._ack(user_id, upto)
+        if self.backplane is not None and identity is not None:
+            last = written.get(identity.user_id)
+            published = self.backplane.ack_closing(identity.user_id,
+                                                   None if last is None else str(last))
         if len(self._marks):
-            written = self._marks.close(channel_id, flushed)
-            if written is not None:
-                self.outbox.ack(*written)
+            mark = self._marks.close(channel_id, flushed)
+            if mark is not None:
+                self.outbox.ack(*mark)
+        return published
 
     def get_user_channels(self, user_id: str) -> set[str]:
         """Connected channels of a user, on this process (see ``get_all_user_channels``)."""
@@ -470,8 +507,10 @@ class WebsocketManager:
                 if waiting is not None:
                     waiting.entry = entry
                 for channel_id, position in marks:
-                    handler = handlers.get(channel_id)
-                    if handler is not None:  # gone meanwhile: its next connection gets it
+                    # Gone meanwhile: its next connection gets it; closing: settled once its
+                    # close frame is next (written_before_close waits for this answer).
+                    handler = handlers.get(channel_id) or self._writing.get(channel_id)
+                    if handler is not None:
                         self._writes.record(channel_id, position, user_id, entry.id)
                         self._arm(handler, position)
 
@@ -673,6 +712,25 @@ class WebsocketManager:
         self._hold_timer = None
         for user_id in list(self._held):
             self.recover(user_id, (), 0)
+
+    def still_missing(self, user_id: str) -> bool | None:
+        """Whether the deliveries held for the user since a gap was noticed in their numbers
+        still skip some, now that the bus has numbered this process's own earlier sends (for
+        the backplane, before it reads the user's history); ``None`` while a send of this
+        process held before one of them is not numbered yet (it may be a number skipped)."""
+        held = self._held.get(user_id)
+        if not held:
+            return False
+        entries = []
+        unknown = False
+        for item in held:
+            if item.own:
+                unknown = unknown or item.entry is None
+            elif item.entry is not None:
+                if unknown:
+                    return None
+                entries.append(item.entry)
+        return self._cursors.skips(user_id, entries)
 
     def delivered_upto(self, user_id: str) -> str | None:
         """The last entry of the user's history handed to the user's channels here."""

@@ -215,6 +215,11 @@ class UserOutbox:
         return [Stamped(str(kid), n, frame) for kid, n, when, frame in history.entries
                 if kid > mark and when > cutoff]
 
+    def written(self, user_id: str) -> str | None:
+        """The user's written mark (the last entry a connection of theirs wrote), if any."""
+        history = self._users.get(user_id)
+        return str(history.written) if history is not None and history.written else None
+
     def head(self, user_id: str) -> Stamped | None:
         """The user's newest entry (its frame empty), ``None`` if none is kept."""
         history = self._users.get(user_id)
@@ -331,6 +336,25 @@ class DeliveryCursors:
         seen = entry[2]
         own = sum(1 for m in self._own.get(user_id, {}).values() if seen < m < n)
         return max(0, n - seen - 1 - own)
+
+    def skips(self, user_id: str, entries: Iterable[Stamped]) -> bool:
+        """Whether live ``entries`` of the user (in arrival order), handed over one after the
+        other, would skip a number that is not one of this process's own sends: :meth:`missing`
+        asked again once the bus has numbered the sends still on their way when it was first
+        asked (they may be the numbers skipped). Changes nothing."""
+        entry = self._last.get(user_id)
+        if entry is None:
+            return False
+        key, _, seen = entry
+        own = self._own.get(user_id, {}).values()
+        for item in entries:
+            item_key = id_key(item.id)
+            if item_key <= key:
+                continue
+            if item.n > seen + 1 and item.n - seen - 1 > sum(1 for m in own if seen < m < item.n):
+                return True
+            key, seen = item_key, item.n
+        return False
 
     def fresh(self, user_id: str, entry_id: str, n: int) -> bool:
         """Whether a live entry is new for the user here (then it becomes the last one)."""

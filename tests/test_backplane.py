@@ -23,6 +23,7 @@ from dara_ws_core import (
     BackplaneError,
     Chunked,
     ChunkError,
+    CloseCode,
     ConnectionClosed,
     CustomServerMessage,
     DaraClient,
@@ -520,6 +521,35 @@ async def test_send_and_wait_to_another_node_fails_at_once_when_the_client_disco
         assert loop.time() - started < 2.0
 
 
+async def test_a_request_without_timeout_fails_once_the_node_holding_the_channel_is_gone(
+) -> None:
+    """Review 7 item 7: nothing settled a remote request with no timeout once the node holding
+    its channel died (no reply ever comes): it waited for ever."""
+    broker = MemoryBroker()
+    async with cluster(2, broker) as (a, b):
+        _, waiting = await unanswered_request(a, b, timeout=None)
+        broker.cut(b.backplane.node_id)  # as dead: nobody listens on its topic any more
+        with pytest.raises(ConnectionClosed) as caught:
+            await asyncio.wait_for(waiting, TIMEOUT)  # within two heartbeats (0.2 s each)
+        assert caught.value.code == CloseCode.ABNORMAL
+        assert a.backplane._waiting == {} and a.backplane._asked == {}
+
+
+async def test_a_waiting_request_whose_node_only_blinked_is_not_failed() -> None:
+    broker = MemoryBroker()
+    async with cluster(2, broker) as (a, b):
+        client, waiting = await unanswered_request(a, b, timeout=None)
+        (request_id,) = a.backplane._asked
+        broker.cut(b.backplane.node_id)
+        await eventually(lambda: request_id in a.backplane._unheard)  # one check: not yet
+        broker.mend(b.backplane.node_id)
+        await eventually(lambda: request_id not in a.backplane._unheard)  # heard again
+        assert not waiting.done()
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        await client.close()
+
+
 async def test_cancelling_a_remote_request_stops_the_wait_on_the_owning_node() -> None:
     async with cluster(2) as (a, b):
         client, waiting = await unanswered_request(a, b, timeout=None)
@@ -627,7 +657,8 @@ async def test_a_dead_node_leaves_nothing_registered_beyond_the_expiry() -> None
             await a.backplane.flush()
         assert await receive_payload(on_a) == {"x": 1}
         assert broker._users[uid] == {on_a.channel: "n0", on_b.channel: "n1"}
-        assert len(broker.history(uid, None)[0]) == 1 and broker.missed == {}
+        assert len(broker.outboxes[uid].after(uid, None, broker.clock())[0]) == 1
+        assert broker.missed == {}
         now[0] += b.backplane.expiry + 1
         assert on_b.channel not in broker.registered()[0]
         # Past it, a message to the user drops the entries of the dead node.

@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 
 from dara_ws_core import (
     Chunked,
+    ConnectionClosed,
     CustomServerMessage,
     DaraClient,
     DaraServerMessage,
@@ -311,6 +312,35 @@ async def test_redis_backplane_in_process_reaches_a_node_process(
             assert await payload(client) == {"to": "user"}
     finally:
         await backplane.stop()
+
+
+async def test_a_request_without_timeout_fails_once_the_process_holding_the_channel_dies(
+    redis_factory: Callable[[], RedisServer], tmp_path: Path,
+) -> None:
+    """Review 7 item 7: ``send_and_wait(timeout=None)`` to a channel of a process killed while
+    the request was pending waited for ever (no reply can come)."""
+    server = redis_factory()
+    (process,) = spawn(server.url, tmp_path, 1)
+    backplane = RedisBackplane(server.url, heartbeat_interval=HEARTBEAT)
+    manager = WebsocketManager(ServerConfig())
+    await backplane.start(manager)
+    try:
+        async with nodes_of([process]) as (node,):
+            client = await node.client()
+            asked = asyncio.Event()
+            client.on_request(never_answer(asked))
+            assert client.channel is not None
+            waiting = asyncio.create_task(
+                manager.send_and_wait(client.channel, {"q": 1}, timeout=None))
+            async with asyncio.timeout(TIMEOUT):
+                await asked.wait()
+            process.kill()  # no goodbye: its channel key outlives it until the expiry
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(waiting, TIMEOUT)  # about two heartbeats
+            assert backplane._waiting == {}
+    finally:
+        await backplane.stop()
+        process.kill()
 
 
 async def test_the_bus_carries_the_frame_exactly_as_encoded(redis_server: RedisServer) -> None:

@@ -521,3 +521,88 @@ async def test_acknowledgements_for_one_user_are_coalesced_while_one_is_being_pu
         backplane.ack(who, ids[4])
         await eventually(lambda: backplane.broker.pending(who) == 0)
         assert backplane._acks_in_flight == {} and backplane._acks_next == {}
+
+
+async def test_an_own_send_the_bus_has_not_answered_yet_is_no_gap_and_arrives_once() -> None:
+    """Review 7 item 4: a process hands its own send to the user's connection here before the
+    bus numbers it; a live entry from another process numbered after it arrived before the
+    bus's answer, looked like a gap, and the history read then handed the own send over twice."""
+    broker = MemoryBroker()
+    async with cluster(2, broker) as (here, there):
+        reports: list[tuple[str, Gap]] = []
+        here.manager.on_gap = lambda u, gap: reports.append((u, gap))
+        who = user()
+        client = await here.client(f"{who}:a")
+        await there.manager.send_message_to_user(who, {"i": 0})  # number 1, live
+        assert await payloads(client, 1) == [{"i": 0}]
+        answered = asyncio.Event()
+        publish = here.backplane._publish_batch
+
+        async def slow_answer(batch: Any) -> Any:  # numbered by the bus, its answer on the way
+            results = await publish(batch)
+            await answered.wait()
+            return results
+
+        here.backplane._publish_batch = slow_answer  # type: ignore[method-assign]
+        await here.manager.send_message_to_user(who, {"i": 1})  # handed over here at once
+        await eventually(lambda: broker.history(who, None)[1] == 2)  # number 2, not answered
+        received = here.backplane.stats.received
+        await there.manager.send_message_to_user(who, {"i": 2})  # number 3 skips 2 here
+        await eventually(lambda: here.backplane.stats.received > received)
+        answered.set()
+        assert await payloads(client, 2) == [{"i": 1}, {"i": 2}]
+        await there.manager.send_message_to_user(who, {"i": 3})
+        assert await payloads(client, 1) == [{"i": 3}]  # nothing twice in between
+        assert reports == [] and here.backplane.stats.recovered == 0  # no gap, nothing read
+
+
+async def test_a_client_the_server_closed_reconnecting_at_once_elsewhere_gets_nothing_twice(
+) -> None:
+    """Review 7 item 5: what a connection the server closes wrote was acknowledged after its
+    close frame; a client reconnecting at once on another process got it again from the
+    history (the acknowledgement still on its way over a slow link)."""
+    async with cluster(2) as (here, there):
+        who = user()
+        client = await here.client(f"{who}:a")
+        publish = here.backplane._publish_batch
+
+        async def slow_link(batch: Any) -> Any:  # a fault: this node's link to the bus is slow
+            await asyncio.sleep(0.05)
+            return await publish(batch)
+
+        here.backplane._publish_batch = slow_link  # type: ignore[method-assign]
+        for i in range(3):
+            await there.manager.send_message_to_user(who, {"i": i})
+        assert await payloads(client, 3) == [{"i": 0}, {"i": 1}, {"i": 2}]
+        assert client.channel is not None
+        here.manager.close_channel(client.channel)
+        assert await closed_with(client) == CloseCode.NORMAL
+        again = await there.client(f"{who}:b")  # at once, on the other node
+        await there.manager.send_message_to_user(who, {"fence": True})
+        assert await payloads(again, 1) == [{"fence": True}]  # nothing read before, again
+
+
+async def test_a_connection_admitted_while_its_node_was_cut_off_gets_only_what_nobody_wrote(
+) -> None:
+    """Review 7 item 6: the recovery after the outage read such a user's whole history (no
+    entry handed over here yet), so what an earlier connection had read came again."""
+    broker = MemoryBroker()
+    async with cluster(2, broker) as (sender, node):
+        who = user()
+        for i in range(3):  # connected nowhere: kept
+            await sender.manager.send_message_to_user(who, {"i": i})
+        async with asyncio.timeout(TIMEOUT):
+            await sender.backplane.flush()
+        first = await node.client(f"{who}:a")
+        assert [p["i"] for p in await payloads(first, 3)] == [0, 1, 2]
+        await eventually(lambda: broker.pending(who) == 0)  # written, acknowledged
+        await first.close()
+        await eventually(lambda: not node.manager.get_user_channels(who))
+        later: list[DaraClient] = []
+
+        async def connect() -> None:  # admitted on the local count, the history not read
+            later.append(await node.stack.client(f"{who}:b"))
+
+        await cut_and_mend(broker, node, connect)
+        await sender.manager.send_message_to_user(who, {"fence": True})
+        assert await payloads(later[0], 1) == [{"fence": True}]  # nothing it had already

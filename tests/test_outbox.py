@@ -458,3 +458,18 @@ def test_delivery_cursors_hand_each_entry_over_once_and_count_what_a_bound_dropp
     cursors.advance("carol", "3-0", 4)
     assert cursors.last("carol") == "3-0" and "alice" not in cursors  # bounded: two users
     assert id_key("10-1") > id_key("9-5") > id_key("9") and id_key("12") == (12, 0)
+
+
+def test_delivery_cursors_tell_a_jump_explained_by_own_sends_from_a_real_gap() -> None:
+    """Review 7 item 4: held live entries are looked at again once the process's own sends
+    are numbered: a jump they fill is no gap, one they do not fill still is."""
+    cursors = DeliveryCursors()
+    assert not cursors.skips("dave", [Stamped("9-0", 5, b"")])  # nothing known: no gap
+    assert cursors.fresh("dave", "1-0", 1)
+    held = [Stamped("3-0", 3, b""), Stamped("4-0", 4, b"")]
+    assert cursors.missing("dave", "3-0", 3) == 1 and cursors.skips("dave", held)
+    cursors.own("dave", "2-0", 2)  # the bus answered: number 2 was this process's own send
+    assert not cursors.skips("dave", held)
+    assert cursors.skips("dave", [*held, Stamped("6-0", 6, b"")])  # 5 never came
+    assert cursors.skips("dave", [Stamped("4-0", 4, b""), Stamped("3-0", 3, b"")])  # 3 late
+    assert cursors.last("dave") == "1-0"  # it only looks

@@ -12,6 +12,7 @@ __all__ = ["BrokerBackplane"]
 
 import abc
 import asyncio
+import itertools
 import logging
 import time
 import uuid
@@ -21,7 +22,13 @@ from typing import TYPE_CHECKING, Any, Unpack
 import pydantic_core
 
 from dara_ws_core.codec import build_frame, dumps
-from dara_ws_core.exceptions import BackplaneError, DaraWSError, RequestTimeout
+from dara_ws_core.exceptions import (
+    BackplaneError,
+    CloseCode,
+    ConnectionClosed,
+    DaraWSError,
+    RequestTimeout,
+)
 from dara_ws_core.outbox import Stamped, id_key
 
 from .contract import Attachment, BackplaneHost, Gap, error_of, failure_of
@@ -93,6 +100,10 @@ class BrokerBackplane(BusNode):
         self._refresh = True
         #: Requests this node asked: request id (also their ``__rchan``) -> (future, channel id).
         self._waiting: dict[str, tuple[asyncio.Future[Any], str]] = {}
+        # Of those, the ones routed: request id -> the node holding the channel; and the ones
+        # whose channel was gone at the last check (see _check_asked).
+        self._asked: dict[str, str] = {}
+        self._unheard: set[str] = set()
         #: Requests this node serves for others: request id -> task.
         self._serving: dict[str, asyncio.Task[None]] = {}
         self._writer_task: asyncio.Task[None] | None = None
@@ -143,7 +154,8 @@ class BrokerBackplane(BusNode):
     @abc.abstractmethod
     async def _history(self, user_id: str, after: str | None,
                        keep: OutboxLimits) -> tuple[list[Kept], int]:
-        """The user's history after entry ``after`` (all of it if ``None``), oldest first,
+        """The user's history after entry ``after`` (``None``: after the user's written mark,
+        what no connection of theirs wrote; all of it without a mark), oldest first,
         at most ``keep.max_messages`` younger than ``keep.max_age``, and the last sequence number
         the user was given (0: none). The recovery after a gap."""
 
@@ -151,6 +163,11 @@ class BrokerBackplane(BusNode):
     async def _settle_outbox(self, user_id: str, channel_id: str, upto: str | None) -> None:
         """Move the user's written mark to ``upto`` (if set and ahead); if ``channel_id`` holds
         the lease of the user's history, end it."""
+
+    @abc.abstractmethod
+    async def _held_by(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+        """For each ``(channel, node)``: whether the channel is still registered as held by
+        that node and the node listens on its topic."""
 
     @abc.abstractmethod
     async def _take_missed(self) -> dict[str, int]:
@@ -271,6 +288,32 @@ class BrokerBackplane(BusNode):
         done.add_done_callback(lambda f: self._acked(f, user_id, upto))
         self._post_nowait(Publication(b"", user_id=user_id, ack=upto), "acknowledgement", done)
 
+    def ack_closing(self, user_id: str, upto: str | None) -> asyncio.Future[Any]:
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        for later in (self._acks_in_flight.get(user_id), self._acks_next.get(user_id)):
+            if later is not None and (upto is None or id_key(later) > id_key(upto)):
+                upto = later
+        if upto is None:
+            done.set_result(None)
+            return done
+        if not self._connected.is_set():
+            self._keep_ack(user_id, upto)
+            done.set_result(None)
+            return done
+        mark = upto
+        done.add_done_callback(lambda f: self._closing_acked(f, user_id, mark))
+        self._post_nowait(Publication(b"", user_id=user_id, ack=upto), "acknowledgement", done)
+        return done
+
+    def _closing_acked(self, done: asyncio.Future[Any], user_id: str, upto: str) -> None:
+        if done.cancelled() or done.exception() is not None:
+            self._keep_ack(user_id, upto)
+
+    async def answered(self, timeout: float) -> bool:
+        done = await self._published(timeout)
+        await asyncio.sleep(0)  # the callbacks of the futures answered run first
+        return done
+
     def resync(self, user_id: str) -> None:
         if user_id in self._resyncing or len(self._resyncing) >= _MAX_RESYNCS:
             return  # one at a time per user; beyond the bound, the manager's hold times out
@@ -279,11 +322,24 @@ class BrokerBackplane(BusNode):
         task.add_done_callback(lambda _: self._resyncing.pop(user_id, None))
 
     async def _resync(self, user_id: str) -> None:
-        """A gap noticed in one user's entries: recover what is missing from their history."""
+        """A gap noticed in one user's entries: recover what is missing from their history.
+
+        This process's own sends still on their way to the bus may be the numbers skipped (its
+        channels here had them before the bus numbered them): once the bus has answered every
+        send queued before, the gap is looked at again, and one they explain ends without a
+        read (nothing was missed). Read before they are answered, the history would hand those
+        sends over a second time."""
         manager = self.manager
         keep = manager.outbox_limits
         entries: list[Stamped] = []
         head = 0
+        deadline = time.monotonic() + _BARRIER_TIMEOUT
+        missing: bool | None = None
+        while missing is None and await self.answered(deadline - time.monotonic()):
+            missing = manager.still_missing(user_id)
+        if missing is False:
+            manager.recover(user_id, (), 0)
+            return
         if keep is not None:
             try:
                 kept, head = await self._history(user_id, manager.delivered_upto(user_id), keep)
@@ -376,6 +432,7 @@ class BrokerBackplane(BusNode):
                 data = encode_bus_message(RemoteRequest(
                     request_id, self.node_id, channel_id, custom, timeout, frame))
                 owner = await self._route(channel_id, data, "request")
+                self._asked[request_id] = owner
                 return await waiter
         except TimeoutError:
             if scope.expired():
@@ -385,6 +442,8 @@ class BrokerBackplane(BusNode):
             raise
         finally:
             self._waiting.pop(request_id, None)
+            self._asked.pop(request_id, None)
+            self._unheard.discard(request_id)
             if owner is not None and (not waiter.done() or waiter.cancelled()):
                 waiter.cancel()
                 # Timed out or cancelled here: the owner stops waiting for its client too.
@@ -567,6 +626,8 @@ class BrokerBackplane(BusNode):
                 continue
             if full:
                 next_refresh = loop.time() + self.heartbeat_interval
+            if full and self._asked:
+                await self._check_asked()
             if self._recovering and full:
                 self._recovering = False
                 if self._recover_task is None or self._recover_task.done():
@@ -574,6 +635,34 @@ class BrokerBackplane(BusNode):
             async with self._written_cond:
                 self._written = max(self._written, version)
                 self._written_cond.notify_all()
+
+    async def _check_asked(self) -> None:
+        """Fail the requests to channels of other nodes that are gone: no longer registered as
+        held by that node, or that node no longer listening (killed), at two checks in a row (a
+        heartbeat apart: a reply on its way, or a link that blinked, settles it meanwhile).
+        Without it a request with no timeout to a node that died would wait for ever."""
+        asked = list(itertools.islice(self._asked.items(), _MAX_CHECKED))
+        pairs = []
+        for request_id, owner in asked:
+            entry = self._waiting.get(request_id)
+            pairs.append(("" if entry is None else entry[1], owner))
+        try:
+            alive = await self._held_by(pairs)
+        except Exception as exc:  # checked again at the next heartbeat
+            logger.debug("backplane: could not check the channels of waiting requests (%s)",
+                         exc, extra={"node": self.node_id})
+            return
+        for (request_id, _), live in zip(asked, alive, strict=True):
+            entry = self._waiting.get(request_id)
+            if entry is None or entry[0].done():
+                continue
+            if live:
+                self._unheard.discard(request_id)
+            elif request_id not in self._unheard:
+                self._unheard.add(request_id)
+            else:
+                entry[0].set_exception(ConnectionClosed(
+                    CloseCode.ABNORMAL, "the channel's process is gone"))
 
     def _local_users(self) -> dict[str, str]:
         """Every user with a channel here -> one of those channels."""
@@ -605,6 +694,9 @@ class BrokerBackplane(BusNode):
                            extra={"node": self.node_id})
             missed = {}
         keep = manager.outbox_limits
+        # Sends of this process queued since the bus came back are appended to the histories
+        # read below: known as its own (not handed over twice) once the bus has answered them.
+        await self.answered(_BARRIER_TIMEOUT)
         for user_id in held | set(users):
             entries: list[Stamped] = []
             head = 0
@@ -659,6 +751,13 @@ def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 _MAX_RESYNCS = 1000
+
+#: Most waiting requests whose channel one heartbeat checks (one round trip).
+_MAX_CHECKED = 10_000
+
+#: Seconds a recovery waits for the bus to answer this process's earlier sends before reading a
+#: user's history (beyond, it reads anyway: a send answered later may be handed over twice).
+_BARRIER_TIMEOUT = 5.0
 
 
 def _stamp(done: asyncio.Future[Any], stamped: Callable[[Stamped], None]) -> None:

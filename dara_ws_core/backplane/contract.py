@@ -125,6 +125,18 @@ class Backplane(Protocol):
         """The user's connections here wrote the user's history up to entry ``upto``: move the
         user's written mark forward. Never waits, never raises (queued, failures counted)."""
 
+    def ack_closing(self, user_id: str, upto: str | None) -> Awaitable[Any]:
+        """A connection of the user here is closing: publish at once the user's written mark
+        as far as this process knows it (``upto``, or an acknowledgement still coalesced for
+        the user), not behind one already on its way. Await the result (or not) to know it was
+        published; it never raises (what could not be published is sent once the bus is
+        back)."""
+
+    async def answered(self, timeout: float) -> bool:
+        """Wait, at most ``timeout`` seconds, until the bus has answered everything this
+        process queued to publish before the call (the ``stamped`` callbacks of its sends have
+        run); whether it did."""
+
     def resync(self, user_id: str) -> None:
         """A gap was noticed in the user's entries (their numbers skipped some): read the
         user's history after the last entry handed over here and hand over what is missing
@@ -205,6 +217,12 @@ class BackplaneHost(Protocol):
     def delivered_upto(self, user_id: str) -> str | None:
         """The last entry of the user's history handed to the user's channels here (``None``:
         not known)."""
+
+    def still_missing(self, user_id: str) -> bool | None:
+        """Whether the deliveries held for the user since a gap was noticed in their numbers
+        still skip some, once the bus has numbered this process's own earlier sends (``False``:
+        nothing to read, :meth:`recover` with no entries releases them; ``None``: not known
+        until the bus answers this process's sends held meanwhile)."""
 
     def recover(self, user_id: str, entries: Sequence[Stamped], head: int) -> tuple[int, int]:
         """After a gap: hand the user's channels here the entries of their history they missed

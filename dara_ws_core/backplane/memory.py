@@ -217,12 +217,13 @@ class MemoryBroker:
         return [(e.id, e.n, e.frame) for e in kept]
 
     def history(self, user_id: str, after: str | None) -> tuple[list[Kept], int]:
-        """The user's history after entry ``after`` (within the age), and their last number."""
+        """The user's history after entry ``after`` (``None``: after the user's written
+        mark), within the age, and their last number."""
         self._check()
         outbox = self.outboxes.get(user_id)
         if outbox is None:
             return [], 0
-        entries, head = outbox.after(user_id, after, self.clock())
+        entries, head = outbox.after(user_id, after or outbox.written(user_id), self.clock())
         return [(e.id, e.n, e.frame) for e in entries], head
 
     def settle(self, node_id: str, channel_id: str, user_id: str, upto: str | None) -> None:
@@ -358,3 +359,9 @@ class MemoryBackplane(BrokerBackplane):
     async def _take_missed(self) -> dict[str, int]:
         self.broker.check_node(self.node_id)
         return self.broker.take_missed(self.node_id)
+
+    async def _held_by(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+        broker = self.broker
+        broker.check_node(self.node_id)
+        return [broker.owner(channel_id) == node and broker.listening(self.topic_of(node))
+                for channel_id, node in pairs]

@@ -109,6 +109,11 @@ class BusNode(abc.ABC):
         self._outbox_idle = asyncio.Event()
         self._outbox_idle.set()
         self.max_outbox = max_outbox
+        # Publications queued so far, and of those, how many are done (published or failed):
+        # :meth:`_published` waits for the count at its call (futures waiting, by that count).
+        self._queued = 0
+        self._finished = 0
+        self._barriers: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._publisher_task: asyncio.Task[None] | None = None
         self._bus_task: asyncio.Task[None] | None = None
         self._session_up = False
@@ -198,8 +203,35 @@ class BusNode(abc.ABC):
                 done.set_exception(BackplaneError("the backplane is disconnected"))
             return
         self._outbox.append((publication, done, what))
+        self._queued += 1
         self._outbox_idle.clear()
         self._outbox_ready.set()
+
+    async def _published(self, timeout: float) -> bool:
+        """Wait until every publication queued before this call is done (published or failed,
+        its ``done`` set, so the callbacks of those futures run before this returns); whether
+        they were within ``timeout`` seconds. A barrier: what the bus answered for this node's
+        earlier sends is known here once it returns."""
+        mark = self._queued
+        if self._finished >= mark:
+            return True
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._barriers.append((mark, waiter))
+        try:
+            await asyncio.wait((waiter,), timeout=timeout)
+        finally:
+            if not waiter.done():
+                waiter.cancel()  # skipped by _done_with
+        return waiter.done() and not waiter.cancelled()
+
+    def _done_with(self, count: int) -> None:
+        """``count`` more publications are done: release the barriers they reach."""
+        self._finished += count
+        barriers = self._barriers
+        while barriers and (barriers[0][0] <= self._finished or barriers[0][1].done()):
+            _, waiter = barriers.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _publish_loop(self) -> None:
         outbox = self._outbox
@@ -221,6 +253,7 @@ class BusNode(abc.ABC):
                         self._count_failure(what, exc)
                         if done is not None and not done.done():
                             done.set_exception(BackplaneError(str(exc)))
+                    self._done_with(len(batch))
                     continue
                 for (publication, done, _), (owner, receivers) in zip(batch, results,
                                                                          strict=True):
@@ -232,6 +265,7 @@ class BusNode(abc.ABC):
                         self.stats.kept += 1
                     if done is not None and not done.done():
                         done.set_result((owner, receivers))
+                self._done_with(len(batch))
             self._outbox_idle.set()
 
     def _drop_outbox(self, exc: BackplaneError) -> None:
@@ -240,6 +274,7 @@ class BusNode(abc.ABC):
             self._count_failure(what, exc)
             if done is not None and not done.done():
                 done.set_exception(exc)
+            self._done_with(1)
         self._outbox_idle.set()
 
     def _count_failure(self, what: str, exc: BaseException | None) -> None:

@@ -254,13 +254,16 @@ redis.call('DEL', KEYS[2])
 return 1
 """
 
-# The user's history after entry ARGV[1] ('' for all of it), at most ARGV[2] entries younger than
+# The user's history after entry ARGV[1] ('' for after the user's written mark: what no
+# connection of the user wrote; all of it without a mark), at most ARGV[2] entries younger than
 # ARGV[3] ms, and the user's last number: {n, id, n, message, ...}. KEYS: the stream, the meta.
 _HISTORY = """
 local t = redis.call('TIME')
 local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[3])
+local after = ARGV[1]
+if after == '' then after = redis.call('HGET', KEYS[2], 'w') or '' end
 local from = '-'
-if ARGV[1] ~= '' then from = '(' .. ARGV[1] end
+if after ~= '' then from = '(' .. after end
 local out = {tonumber(redis.call('HGET', KEYS[2], 'n') or '0')}
 for _, entry in ipairs(redis.call('XRANGE', KEYS[1], from, '+', 'COUNT', ARGV[2])) do
   if tonumber(string.match(entry[1], '^(%d+)')) > cutoff then
@@ -473,6 +476,19 @@ class RedisBackplane(BrokerBackplane):
                                    upto or "")
         except (RedisError, OSError) as exc:
             raise BackplaneError(f"redis: {exc}") from exc
+
+    async def _held_by(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+        topics = sorted({self.topic_of(node) for _, node in pairs})
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.mget([self._ch(channel_id) for channel_id, _ in pairs])
+            pipe.pubsub_numsub(*topics)
+            holders, counts = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise BackplaneError(f"redis: {exc}") from exc
+        listening = {_text(topic) for topic, count in counts if int(count) > 0}
+        return [holder is not None and _text(holder) == node and self.topic_of(node) in listening
+                for (_, node), holder in zip(pairs, holders, strict=True)]
 
     async def _take_missed(self) -> dict[str, int]:
         key = self._missed_key(self.node_id)
