@@ -84,7 +84,7 @@ class ConnectionDriver:
         else:
             self._cork = self._flusher = None
             self._write = transport.send_nowait if isinstance(transport, SupportsSendNowait) else None
-        self._corked = False
+        self._corked = 0  # frames corked since the last flush
         self._sender: asyncio.Task[None] | None = None
         self._close_task: asyncio.Task[None] | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
@@ -193,21 +193,33 @@ class ConnectionDriver:
             return False
         flusher.frames += 1
         if not self._corked:
-            self._corked = True
             self.handler._through = None
             flusher.add(self)
+        self._corked += 1
         return True
+
+    @property
+    def corked(self) -> int:
+        """Frames corked for the loop's flush, not written yet."""
+        return self._corked
 
     def flush(self) -> None:
         """Write what this connection corked: called by the loop's flusher once per iteration,
         and before an awaited send or close so that nothing overtakes a corked frame."""
         cork = self._cork
-        if self._corked and cork is not None:
-            self._corked = False
+        corked = self._corked
+        if corked and cork is not None:
+            self._corked = 0
             try:
-                cork.flush()
+                written = cork.flush()
             except Exception:  # a flush must never raise into the loop
                 logger.debug("flush failed", exc_info=True)
+                written = False
+            if written is False:
+                # The library closed the connection first and dropped them: they were counted
+                # as written when corked. Not written, a kept per-user message among them goes
+                # to the user's next connection (the connection is over: nothing follows them).
+                self.handler.frames_dropped(corked)
 
     # ------------------------------------------------------------------ the connection
 
@@ -299,6 +311,9 @@ class ConnectionDriver:
         self._arm_abort()
         closed = self._closed or ended
         manager, channel_id = self.manager, self.handler.channel_id
+        # What is corked goes out now or, the connection being over, is counted as not written
+        # before the channel's part of the user's history is settled.
+        self.flush()
         manager.remove_handler(channel_id, closed)
         if self._close_task is None:
             await _cancel(self._sender)
@@ -331,18 +346,9 @@ class ConnectionDriver:
         handler = self.handler
         queue, write, send, flushed = handler.queue, self._write, self.transport.send, \
             handler.frame_flushed
-        cork = self._cork
-        exact = cork.send_nowait if cork is not None and handler._wrote != NEVER_THROUGH else None
         try:
             while (frame := queue.get_nowait()) is not None:
-                if cork is not None and (handler.ack_at or handler._flush_goal is not None):
-                    # Somebody waits for this frame's number (a kept frame is acknowledged once
-                    # written): written, not corked. A library that closes the connection on
-                    # its own before the loop's flush drops what is corked, counted as written.
-                    self.flush()
-                    if exact is None or not exact(frame):
-                        await send(frame)
-                elif write is None or not write(frame):
+                if write is None or not write(frame):
                     self.flush()  # what is corked goes first
                     await send(frame)
                 flushed()
@@ -391,7 +397,7 @@ class _Cork(SupportsCork, SupportsSendNowait, Protocol):
 class _Flusher:
     """The connections of one loop that corked frames this iteration, flushed together by one
     ``call_soon`` callback: one callback per iteration, not one per connection or frame. Bounded:
-    a connection is added only when it corks with nothing corked (its ``_corked`` flag), so
+    a connection is added only when it corks with nothing corked (its ``_corked`` count), so
     once per iteration, plus once per awaited send that flushed it early. It holds no reference
     to the loop, which keys it weakly.
 

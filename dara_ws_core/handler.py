@@ -415,6 +415,20 @@ class WebSocketHandler:
             self._flush_goal = None
             goal[1].set()
 
+    def wrote_all(self) -> bool:
+        """Every frame accepted so far was handed to the socket: none queued, none corked for
+        the loop's flush (which a library that closes the connection by itself would drop)."""
+        if self.flushed < self.accepted or self.queue.closed:
+            return False
+        sink = self._sink
+        return sink is None or not getattr(sink, "corked", 0)
+
+    def frames_dropped(self, count: int) -> None:
+        """The last ``count`` frames counted as written were dropped by the transport (its
+        library closed the connection before their write): not written after all."""
+        self.flushed -= count
+        self._through = None
+
     async def wait_flushed(self, count: int, timeout: float) -> int:
         """Wait until the transport has written ``count`` frames (see :attr:`accepted`), the
         connection is gone, or ``timeout`` passes; returns how many it has written. One waiter

@@ -531,16 +531,16 @@ class WebsocketManager:
             return
         self._deliver_kept(local, frame)
         for handler in local:
-            if handler.flushed >= handler.accepted and not handler.queue.closed:
+            if handler.wrote_all():
                 self.outbox.ack(user_id, kid)  # written already, everything before it too
                 return
         marks = self._marks
         for handler in local:
             if not handler.queue.closed:
                 marks.record(handler.channel_id, handler.accepted, user_id, kid)
-                if not handler.ack_at:  # else it waits for an earlier frame, or is parked
-                    handler.ack_at = handler.accepted
-                    handler._through = None  # frames_done must see every frame written from now on
+                # Corked, it counts as written already: the acknowledgement pass looks at it
+                # after the loop's flush, which un-counts it if the library dropped it.
+                self._arm(handler, handler.accepted)
 
     def send_and_wait(
         self,
@@ -595,8 +595,8 @@ class WebsocketManager:
         connection before its transport can clear the writer (picows' own close frame, 10 ms
         before it tells its listener), and a frame written in that window is dropped yet counted
         as written: the history would acknowledge what the user never got. ``send_nowait``
-        checks the connection's state for each frame, and the frame is written at once, never
-        corked (see :meth:`_deliver`)."""
+        checks the connection's state for each frame. A frame corked and then dropped by the
+        library is un-counted at the flush (``ConnectionDriver.flush``)."""
         telemetry = self.counters.telemetry
         if telemetry is not None:
             return telemetry.fan_out(self._deliver_checked, handlers, frame, ignore_channel)  # type: ignore[no-any-return]
@@ -619,15 +619,11 @@ class WebsocketManager:
             if through is not None:  # written through: what it did not write is offered below
                 delivered, handlers = through
         full: list[WebSocketHandler] | None = None
-        # A kept frame is written, not corked: a library that closes the connection on its own
-        # before the loop's flush drops what is corked, which offer() counts as written already,
-        # and the history would acknowledge a frame the user never got.
-        at_once = not unchecked
         for handler in handlers:
             if handler.channel_id == ignore_channel:
                 continue
             try:
-                if handler.offer(frame, True) if at_once else handler.offer(frame):
+                if handler.offer(frame):
                     delivered += 1
                     continue
             except ConnectionClosed:  # a closed channel is skipped (cheaper asked than checked)

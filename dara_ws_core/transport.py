@@ -138,9 +138,14 @@ class SupportsCork(Protocol):
         connection is open and its buffered output (pending included) is below its write limit;
         else ``False``, without side effects."""
 
-    def flush(self) -> None:
+    def flush(self) -> bool | None:
         """Write the pending output in one write; a no-op when there is none or the connection
-        is closing (what an abort or a lost connection left pending is dropped). Never raises."""
+        is closing (what an abort or a lost connection left pending is dropped). Never raises.
+
+        Returns ``False`` when it dropped corked frames (the library closed the connection
+        first): the core then counts them as not written, so that a kept per-user message among
+        them goes to the user's next connection. ``True`` or ``None``: written (or nothing to
+        write)."""
 
 
 @runtime_checkable

@@ -542,11 +542,13 @@ async def test_a_fan_out_written_through_skips_the_ignored_channel_and_acknowled
         took = [h.accepted - a for h, a in zip(handlers, accepted, strict=True)]
         assert took == [int(h is not skipped) for h in handlers]
         assert not any(corked_now(h) for h in handlers)  # written within the call
-        # A per-user send kept in the outbox: written at once, so acknowledged at once.
+        # A per-user send kept in the outbox, the connection's second frame this iteration:
+        # corked, and acknowledged once the loop's flush wrote it, not before.
         user = handlers[5].identity.user_id  # type: ignore[union-attr]
         await srv.manager.send_message_to_user(user, {"n": "kept"})
-        assert srv.manager.outbox.pending(user) == 0
+        assert srv.manager.outbox.pending(user) == 1
         assert handlers[5].flushed == handlers[5].accepted
+        await eventually(lambda: srv.manager.outbox.pending(user) == 0, "acknowledged once flushed")
         by_user = {h.identity.user_id: h for h in handlers}  # type: ignore[union-attr]
         expected = [["all but one"] * (by_user[f"u{i}"] is not skipped) + ["kept"] * (f"u{i}" == user)
                     for i in range(n)]

@@ -70,12 +70,17 @@ class AiohttpTransport:
         self._corked_bytes += len(frame)
         return True
 
-    def flush(self) -> None:
-        """Write the corked frames in one write; dropped if the connection closed meanwhile."""
+    def flush(self) -> bool:
+        """Write the corked frames in one write; dropped (``False``) if the connection closed
+        meanwhile."""
         corked, self._corked, self._corked_bytes = self._corked, [], 0
+        if not corked:
+            return True
         writer = self._open_writer()
-        if corked and writer is not None:
-            writer.transport.write(b"".join(corked))
+        if writer is None:
+            return False
+        writer.transport.write(b"".join(corked))
+        return True
 
     async def send_binary(self, data: bytes) -> None:
         """Send one binary frame (the protocol has none: to test how a server refuses them)."""

@@ -309,16 +309,20 @@ class PicowsTransport(WSListener):
         self._corked_bytes += len(frame)
         return True
 
-    def flush(self) -> None:
-        """Write the corked frames in one write; dropped once the connection is closing."""
+    def flush(self) -> bool:
+        """Write the corked frames in one write; dropped (``False``) once the connection is
+        closing, picows' own close frame included."""
         corked, self._corked, self._corked_bytes = self._corked, None, 0
+        if corked is None:
+            return True
         ws = self._ws
-        if corked is None or ws is None or self._is_closing():
-            return
-        if isinstance(corked, bytes):  # one frame: picows frames and writes it in C (and drops
-            ws.send(_TEXT, corked)  # it once its close frame is sent or it is disconnected)
-        elif not ws.is_close_frame_sent and not ws.is_disconnected:
+        if ws is None or self._is_closing() or ws.is_close_frame_sent or ws.is_disconnected:
+            return False
+        if isinstance(corked, bytes):  # one frame: picows frames and writes it in C
+            ws.send(_TEXT, corked)
+        else:
             ws.underlying_transport.write(b"".join(corked))
+        return True
 
     async def send(self, frame: bytes) -> None:
         ws = self._ws

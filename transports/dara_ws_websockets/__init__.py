@@ -134,19 +134,20 @@ class WebsocketsTransport:
         self._corked += len(frame)
         return True
 
-    def flush(self) -> None:
-        self._corked = 0
+    def flush(self) -> bool:
+        corked, self._corked = self._corked, 0
         ws = self._ws
         if ws.transport.is_closing():  # aborted or lost: what is pending is dropped with it
-            return
+            return not corked
         writes = ws.protocol.data_to_send()
         if not writes:
-            return
+            return True
         if all(writes):  # one send() for the whole burst
             ws.transport.write(writes[0] if len(writes) == 1 else b"".join(writes))
         else:  # an end-of-stream marker (after a close): let websockets act on it
             ws.protocol.writes[:0] = writes
             ws.send_data()
+        return True
 
     async def receive(self) -> str | bytes:
         try:
