@@ -200,6 +200,50 @@ async def test_a_lease_on_the_outbox_holds_while_its_channel_lives_and_dies_with
         assert await stack_payload(back) == {"fence": "end"}  # nothing twice
 
 
+async def test_a_connection_writing_newer_messages_never_acknowledges_a_lease_on_redis(
+    redis_server: RedisServer,
+) -> None:
+    """A second connection of the user (on another process) gets nothing from the history
+    while a live channel holds the lease, only newer messages live: its acknowledgement says
+    nothing of the leased entries, so the written mark stays before them, and what the holder
+    never wrote reaches the next connection."""
+    config = ServerConfig()
+    namespace = f"capped-{uuid.uuid4().hex[:6]}"
+    async with contextlib.AsyncExitStack() as exits:
+        stacks: list[Any] = []
+        backplanes: list[RedisBackplane] = []
+        for _ in range(2):
+            backplane = RedisBackplane(redis_server.url, heartbeat_interval=HEARTBEAT,
+                                       namespace=namespace)
+            manager = WebsocketManager(config, backplane=backplane)
+            exits.push_async_callback(backplane.stop)
+            stack = await exits.enter_async_context(running_stack("memory", manager=manager))
+            await backplane.start(manager)
+            stacks.append(stack)
+            backplanes.append(backplane)
+        x, y = stacks
+        user = who()
+        identity = Identity(user_id=user, session_id="s")
+        for i in range(3):
+            await x.manager.send_message_to_user(user, {"i": i})
+        await backplanes[0].flush()
+        assert await y.manager.admit("silent", identity)
+        silent = y.manager.create_handler("silent", identity)  # no sink: never written
+        assert len(silent.queue) == 4
+        reader = await x.client(f"{user}:reader")  # the lease is held: nothing for it
+        await x.manager.send_message_to_user(user, {"i": 3})
+        assert await stack_payload(reader) == {"i": 3}
+        # Written, then acknowledged: wait until the acknowledgement has left for Redis.
+        await eventually(lambda: bool(x.manager._cursors._own.get(user)), "numbered")
+        await eventually(lambda: not len(x.manager._writes) and x.manager._ack_timer is None
+                         and not backplanes[0]._acks_in_flight, "acknowledged")
+        await backplanes[0].flush()
+        y.manager.remove_handler("silent")  # closed without writing what it leased
+        await eventually(lambda: not y.manager._settling, "the lease released")
+        after = await x.client(f"{user}:after")
+        assert [(await stack_payload(after))["i"] for _ in range(4)] == [0, 1, 2, 3]
+
+
 async def stack_payload(client: DaraClient) -> dict[str, Any]:
     message = await client.receive(TIMEOUT)
     assert isinstance(message, DaraServerMessage)
