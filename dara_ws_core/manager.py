@@ -141,6 +141,11 @@ class WebsocketManager:
         self._writes = WriteLog()
         self._marks = QueuedMarks()  # the same, for per-user sends without a backplane
         self._floors: dict[str, tuple[int, int]] = {}
+        # The same newest entry ((0, 0): none) per channel admitted on the bus, kept while it
+        # lives, and how many admissions began: a send from here that the bus numbers after a
+        # channel of its user was admitted hands the entry to it if its lease did not have it.
+        self._heads: dict[str, tuple[int, int]] = {}
+        self._admissions = 0
         # Channels whose transport wrote a recorded entry since the last acknowledgement pass,
         # the only ones it looks at (a connection that stopped reading costs it nothing).
         self._dirty: set[str] = set()
@@ -207,6 +212,7 @@ class WebsocketManager:
         arriving = self._arriving.pop(channel_id, None)
         if arriving is not None:
             user_id, head = arriving.user_id, arriving.head
+            self._heads[channel_id] = (0, 0) if head is None else id_key(head.id)
             if head is not None:
                 self._floors[channel_id] = floor = id_key(head.id)
                 if not self.registry.user_channels(user_id) - {channel_id}:
@@ -357,6 +363,7 @@ class WebsocketManager:
             else:
                 self._settle_channel(channel_id, handler.flushed)
             self._floors.pop(channel_id, None)
+            self._heads.pop(channel_id, None)
             self._dirty.discard(channel_id)
             handler.ack_at = 0
             identity = handler.identity
@@ -460,13 +467,18 @@ class WebsocketManager:
             waiting = None
             self.deliver_to_user(user_id, frame, ignore_channel)
         stamped = None
-        if keep is not None and local:  # numbered by the bus: acknowledged once it tells
+        if keep is not None:  # numbered by the bus: acknowledged once it tells
             marks = [] if waiting is not None else [
                 (h.channel_id, h.accepted) for h in local
                 if not h.queue.closed and h.channel_id != ignore_channel]
+            admissions = self._admissions
+            # Channels of the user being admitted now get the frame after their lease (above).
+            arriving = [c for c, a in self._arriving.items() if a.user_id == user_id] if (
+                self._arriving) else []
 
             def stamped(entry: Stamped) -> None:
-                self._cursors.own(user_id, entry.id, entry.n)
+                if local or waiting is not None:
+                    self._cursors.own(user_id, entry.id, entry.n)
                 if waiting is not None:
                     waiting.entry = entry
                 for channel_id, position in marks:
@@ -474,8 +486,29 @@ class WebsocketManager:
                     if handler is not None:  # gone meanwhile: its next connection gets it
                         self._writes.record(channel_id, position, user_id, entry.id)
                         self._arm(handler, position)
+                if admissions != self._admissions and waiting is None:
+                    known = {h.channel_id for h in local}.union(arriving)
+                    self._admitted_during(user_id, frame, entry, known)
 
         await self.backplane.send_to_user(user_id, frame, ignore_channel, keep, stamped)
+
+    def _admitted_during(self, user_id: str, frame: bytes, entry: Stamped,
+                         known: set[str]) -> None:
+        """A send from here was numbered by the bus after channels of its user were admitted
+        (``known``: the user's channels when it was sent, which had it). The bus may have leased
+        the history to a new one before appending the entry, and it never comes back to this
+        process live: a channel whose newest entry at admission is older gets it now (one
+        still arriving, after its lease, where its floor decides)."""
+        key = id_key(entry.id)
+        for channel_id, arriving in self._arriving.items():
+            if arriving.user_id == user_id and channel_id not in known:
+                arriving.meanwhile.append((frame, entry))
+        handlers = self.handlers
+        late = [handlers[c] for c in self.registry.user_channels(user_id)
+                if c in handlers and c not in known and self._heads.get(c, key) < key]
+        if late:
+            self._cursors.own(user_id, entry.id, entry.n)
+            self._deliver_entry(late, user_id, frame, entry)
 
     def _send_kept(self, user_id: str, frame: bytes) -> None:
         """A per-user send kept in this process's outbox (no backplane): appended, handed to the
@@ -757,6 +790,7 @@ class WebsocketManager:
         limit = self.config.max_connections_per_user
         user_id = identity.user_id
         self._arriving[channel_id] = _Arriving(user_id)
+        self._admissions += 1
         try:
             async with asyncio.timeout(max(1.0, self.config.handshake_timeout / 2)):
                 attachment = await self.backplane.attach(channel_id, user_id, limit,

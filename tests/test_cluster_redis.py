@@ -23,9 +23,11 @@ from dara_ws_core import (
     DaraServerMessage,
     Identity,
     ServerConfig,
+    WebSocketHandler,
     WebsocketManager,
     build_frame,
 )
+from dara_ws_core.backplane import BrokerBackplane, MemoryBackplane, MemoryBroker
 from dara_ws_core.backplane.node import cancel_task
 from dara_ws_core.backplane.wire import UserDelivery, encode_bus_message
 from dara_ws_core.outbox import OutboxLimits
@@ -154,6 +156,33 @@ async def test_the_outbox_survives_the_sending_process_being_killed(
             process.kill()
 
 
+async def two_processes(exits: contextlib.AsyncExitStack, url: str, namespace: str,
+                        config: ServerConfig) -> tuple[list[Any], list[RedisBackplane]]:
+    """Two server stacks (the memory transport) sharing one Redis namespace, closed by
+    ``exits``."""
+    stacks: list[Any] = []
+    backplanes: list[RedisBackplane] = []
+    for _ in range(2):
+        backplane = RedisBackplane(url, heartbeat_interval=HEARTBEAT, namespace=namespace)
+        manager = WebsocketManager(config, backplane=backplane)
+        exits.push_async_callback(backplane.stop)
+        stack = await exits.enter_async_context(running_stack("memory", manager=manager))
+        await backplane.start(manager)
+        stacks.append(stack)
+        backplanes.append(backplane)
+    return stacks, backplanes
+
+
+async def kept_for_someone(manager: WebsocketManager, backplane: RedisBackplane,
+                           count: int) -> tuple[str, Identity]:
+    """A new user, sent ``count`` messages (``{"i": 0}``...) while connected nowhere: kept."""
+    user = who()
+    for i in range(count):
+        await manager.send_message_to_user(user, {"i": i})
+    await backplane.flush()
+    return user, Identity(user_id=user, session_id="s")
+
+
 async def test_a_lease_on_the_outbox_holds_while_its_channel_lives_and_dies_with_its_node(
     redis_server: RedisServer,
 ) -> None:
@@ -163,23 +192,9 @@ async def test_a_lease_on_the_outbox_holds_while_its_channel_lives_and_dies_with
     config = ServerConfig()
     namespace = f"lease-{uuid.uuid4().hex[:6]}"
     async with contextlib.AsyncExitStack() as exits:
-        stacks: list[Any] = []
-        backplanes: list[RedisBackplane] = []
-        for _ in range(2):
-            backplane = RedisBackplane(redis_server.url, heartbeat_interval=HEARTBEAT,
-                                       namespace=namespace)
-            manager = WebsocketManager(config, backplane=backplane)
-            exits.push_async_callback(backplane.stop)
-            stack = await exits.enter_async_context(running_stack("memory", manager=manager))
-            await backplane.start(manager)
-            stacks.append(stack)
-            backplanes.append(backplane)
+        stacks, backplanes = await two_processes(exits, redis_server.url, namespace, config)
         x, y = stacks
-        user = who()
-        identity = Identity(user_id=user, session_id="s")
-        for i in range(3):
-            await x.manager.send_message_to_user(user, {"i": i})
-        await backplanes[0].flush()
+        user, identity = await kept_for_someone(x.manager, backplanes[0], 3)
         for attempt, end in enumerate(("close", "crash")):
             channel = f"silent-{attempt}"
             assert await y.manager.admit(channel, identity)
@@ -210,23 +225,9 @@ async def test_a_connection_writing_newer_messages_never_acknowledges_a_lease_on
     config = ServerConfig()
     namespace = f"capped-{uuid.uuid4().hex[:6]}"
     async with contextlib.AsyncExitStack() as exits:
-        stacks: list[Any] = []
-        backplanes: list[RedisBackplane] = []
-        for _ in range(2):
-            backplane = RedisBackplane(redis_server.url, heartbeat_interval=HEARTBEAT,
-                                       namespace=namespace)
-            manager = WebsocketManager(config, backplane=backplane)
-            exits.push_async_callback(backplane.stop)
-            stack = await exits.enter_async_context(running_stack("memory", manager=manager))
-            await backplane.start(manager)
-            stacks.append(stack)
-            backplanes.append(backplane)
+        stacks, backplanes = await two_processes(exits, redis_server.url, namespace, config)
         x, y = stacks
-        user = who()
-        identity = Identity(user_id=user, session_id="s")
-        for i in range(3):
-            await x.manager.send_message_to_user(user, {"i": i})
-        await backplanes[0].flush()
+        user, identity = await kept_for_someone(x.manager, backplanes[0], 3)
         assert await y.manager.admit("silent", identity)
         silent = y.manager.create_handler("silent", identity)  # no sink: never written
         assert len(silent.queue) == 4
@@ -242,6 +243,39 @@ async def test_a_connection_writing_newer_messages_never_acknowledges_a_lease_on
         await eventually(lambda: not y.manager._settling, "the lease released")
         after = await x.client(f"{user}:after")
         assert [(await stack_payload(after))["i"] for _ in range(4)] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("bus", ["redis", "memory"])
+async def test_a_send_racing_the_admission_of_its_user_on_the_same_process_reaches_it(
+    redis_server: RedisServer, bus: str,
+) -> None:
+    """A process sends to a user whose new channel it is admitting: the bus leases the history
+    to the channel before appending the message, and never publishes a message back to the
+    process that sent it. The process hands the entry to the new channel itself once the bus
+    has numbered it, after what the channel leased. Redis and the in-process bus alike."""
+    backplane: BrokerBackplane = MemoryBackplane(MemoryBroker(), node_id="a") if bus == "memory" else (
+        RedisBackplane(redis_server.url, heartbeat_interval=HEARTBEAT,
+                       namespace=f"race-{uuid.uuid4().hex[:6]}"))
+    manager = WebsocketManager(ServerConfig(), backplane=backplane)
+    await backplane.start(manager)
+    try:
+        user = who()
+        identity = Identity(user_id=user, session_id="s")
+        await manager.send_message_to_user(user, {"i": 0})
+        await backplane.flush()
+
+        async def connect() -> WebSocketHandler:
+            assert await manager.admit("new", identity)  # its script reaches Redis first
+            return manager.create_handler("new", identity)
+
+        _, handler = await asyncio.gather(manager.send_message_to_user(user, {"i": 1}),
+                                          connect())
+        await backplane.flush()
+        await eventually(lambda: len(handler.queue) >= 3, "init and both messages")
+        frames = [handler.queue.get_nowait() for _ in range(len(handler.queue))][1:]
+        assert [json.loads(frame)["message"]["i"] for frame in frames] == [0, 1]  # type: ignore[arg-type]
+    finally:
+        await backplane.stop()
 
 
 async def stack_payload(client: DaraClient) -> dict[str, Any]:
