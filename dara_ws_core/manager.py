@@ -447,7 +447,9 @@ class WebsocketManager:
         (``ServerConfig.outbox_*``; :mod:`dara_ws_core.outbox`) the message is appended to the
         user's history (without ``ignore_channel``): a connection of the user that does not
         write it (connected nowhere, closed first, cut off from the bus) leaves it to the next
-        one, on whichever process it lands."""
+        one, on whichever process it lands. With a backplane, a message to be kept raises
+        ``BackplaneError`` when the bus is unreachable (it could not be kept; the user's
+        connections on this process got it already)."""
         frame = build_frame(message, custom=custom)
         # A send that skips a channel is not kept: who it is for depends on a live channel.
         keep = self.outbox_limits if ignore_channel is None else None

@@ -251,11 +251,19 @@ class BrokerBackplane(BusNode):
                            stamped: Callable[[Stamped], None] | None = None) -> None:
         data = encode_bus_message(UserDelivery(user_id, ignore_channel, frame, sent=_wall_ms()))
         done: asyncio.Future[Any] | None = None
-        if stamped is not None and keep is not None:
+        if keep is not None:
             done = asyncio.get_running_loop().create_future()
-            done.add_done_callback(lambda f: _stamp(f, stamped))
+            if stamped is not None:
+                done.add_done_callback(lambda f: _stamp(f, stamped))
+            else:
+                done.add_done_callback(_retrieve)
         await self._post(Publication(data, user_id=user_id, keep=keep), "message to a user",
                          done)
+        if done is not None and done.done() and not done.cancelled() and (
+                done.exception() is not None):
+            # Not queued (the bus is unreachable): neither published nor kept, say so.
+            raise BackplaneError("the backplane is disconnected: the message to the user was "
+                                 "not kept")
 
     def ack(self, user_id: str, upto: str) -> None:
         if not self._connected.is_set():
