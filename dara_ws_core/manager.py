@@ -17,7 +17,7 @@ __all__ = ["WebsocketManager", "get_user_channels"]
 import asyncio
 import logging
 import time
-from collections.abc import Collection, Coroutine, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -146,6 +146,10 @@ class WebsocketManager:
         # channel of its user was admitted hands the entry to it if its lease did not have it.
         self._heads: dict[str, tuple[int, int]] = {}
         self._admissions = 0
+        # Channels admitted without their user's history (the bus unreachable or slow at the
+        # handshake): what they write is never acknowledged, since entries they never had may
+        # come before it (kept for the user's next connection; a duplicate, never a loss).
+        self._blind: set[str] = set()
         # Channels whose transport wrote a recorded entry since the last acknowledgement pass,
         # the only ones it looks at (a connection that stopped reading costs it nothing).
         self._dirty: set[str] = set()
@@ -285,8 +289,10 @@ class WebsocketManager:
                     keep.append(handler)
             handlers = keep
         delivered = self._deliver_kept(handlers, frame, ignore_channel)
+        blind = self._blind
         for handler in handlers:
-            if handler.channel_id != ignore_channel and not handler.queue.closed:
+            if handler.channel_id != ignore_channel and not handler.queue.closed and not (
+                    blind and handler.channel_id in blind):
                 self._writes.record(handler.channel_id, handler.accepted, user_id, entry.id)
                 self._arm(handler, handler.accepted)
         return delivered
@@ -364,6 +370,7 @@ class WebsocketManager:
                 self._settle_channel(channel_id, handler.flushed)
             self._floors.pop(channel_id, None)
             self._heads.pop(channel_id, None)
+            self._blind.discard(channel_id)
             self._dirty.discard(channel_id)
             handler.ack_at = 0
             identity = handler.identity
@@ -470,29 +477,49 @@ class WebsocketManager:
             self.deliver_to_user(user_id, frame, ignore_channel)
         stamped = None
         if keep is not None:  # numbered by the bus: acknowledged once it tells
-            marks = [] if waiting is not None else [
-                (h.channel_id, h.accepted) for h in local
-                if not h.queue.closed and h.channel_id != ignore_channel]
-            admissions = self._admissions
-            # Channels of the user being admitted now get the frame after their lease (above).
-            arriving = [c for c, a in self._arriving.items() if a.user_id == user_id] if (
-                self._arriving) else []
-
-            def stamped(entry: Stamped) -> None:
-                if local or waiting is not None:
-                    self._cursors.own(user_id, entry.id, entry.n)
-                if waiting is not None:
-                    waiting.entry = entry
-                for channel_id, position in marks:
-                    handler = handlers.get(channel_id)
-                    if handler is not None:  # gone meanwhile: its next connection gets it
-                        self._writes.record(channel_id, position, user_id, entry.id)
-                        self._arm(handler, position)
-                if admissions != self._admissions and waiting is None:
-                    known = {h.channel_id for h in local}.union(arriving)
-                    self._admitted_during(user_id, frame, entry, known)
-
+            stamped = self._when_stamped(user_id, frame, local, waiting, ignore_channel)
         await self.backplane.send_to_user(user_id, frame, ignore_channel, keep, stamped)
+
+    def _when_stamped(self, user_id: str, frame: bytes, local: list[WebSocketHandler],
+                      waiting: _HeldFrame | None, ignore_channel: str | None,
+                      ) -> Callable[[Stamped], None]:
+        """What to do once the bus has numbered a per-user send from here (``local``: the
+        user's channels here, which got it; ``waiting``: it is held for them instead): record
+        it, to be acknowledged once written, and hand it to channels of the user admitted
+        meanwhile that did not get it (:meth:`_admitted_during`)."""
+        admissions = self._admissions
+        # Channels of the user being admitted now get the frame after their lease.
+        arriving = [c for c, a in self._arriving.items() if a.user_id == user_id] if (
+            self._arriving) else []
+        if not local and waiting is None:  # the common case: nothing to record
+
+            def admitted_only(entry: Stamped) -> None:
+                if admissions != self._admissions:
+                    self._admitted_during(user_id, frame, entry, set(arriving))
+
+            return admitted_only
+        handlers = self.handlers
+        blind = self._blind
+        marks = [] if waiting is not None else [
+            (h.channel_id, h.accepted) for h in local
+            if not h.queue.closed and h.channel_id != ignore_channel
+            and not (blind and h.channel_id in blind)]
+
+        def stamped(entry: Stamped) -> None:
+            self._cursors.own(user_id, entry.id, entry.n)
+            if waiting is not None:
+                waiting.entry = entry
+                return
+            for channel_id, position in marks:
+                handler = handlers.get(channel_id)
+                if handler is not None:  # gone meanwhile: its next connection gets it
+                    self._writes.record(channel_id, position, user_id, entry.id)
+                    self._arm(handler, position)
+            if admissions != self._admissions:
+                self._admitted_during(user_id, frame, entry,
+                                      {h.channel_id for h in local}.union(arriving))
+
+        return stamped
 
     def _admitted_during(self, user_id: str, frame: bytes, entry: Stamped,
                          known: set[str]) -> None:
@@ -786,24 +813,36 @@ class WebsocketManager:
         ``max_connections_per_user`` channels on all processes, else registers it and takes the
         user's outbox, which :meth:`create_handler` hands to it first (user messages arriving
         meanwhile follow). If the bus is unreachable (or slow), the channel is admitted on the
-        local count only (logged). Without a backplane: ``True`` at once, without awaiting."""
-        if self.backplane is None:
+        local count only (logged), without the user's outbox: what it writes is then never
+        acknowledged (entries it never had may come first), and a lease the bus still gives it
+        later is released at once. Without a backplane: ``True`` at once, without awaiting."""
+        backplane = self.backplane
+        if backplane is None:
             return True
         limit = self.config.max_connections_per_user
         user_id = identity.user_id
         self._arriving[channel_id] = _Arriving(user_id)
         self._admissions += 1
+        attach = asyncio.ensure_future(backplane.attach(channel_id, user_id, limit,
+                                                        self.outbox_limits))
         try:
             async with asyncio.timeout(max(1.0, self.config.handshake_timeout / 2)):
-                attachment = await self.backplane.attach(channel_id, user_id, limit,
-                                                         self.outbox_limits)
+                attachment = await asyncio.shield(attach)
         except (BackplaneError, TimeoutError) as exc:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():  # (Python 3.11: see wait_event)
+                self._arriving.pop(channel_id, None)
+                attach.add_done_callback(lambda done: self._attached_late(done, channel_id, user_id))
+                raise asyncio.CancelledError from None
             logger.warning("backplane unreachable at connect (%s): channel admitted on the "
                            "local count only, its user's outbox not read", exc or "timeout",
                            extra={"channel": channel_id, "user": user_id})
+            self._blind.add(channel_id)
+            attach.add_done_callback(lambda done: self._attached_late(done, channel_id, user_id))
             return True
         except BaseException:
             self._arriving.pop(channel_id, None)
+            attach.add_done_callback(lambda done: self._attached_late(done, channel_id, user_id))
             raise
         if not attachment.admitted:
             self._arriving.pop(channel_id, None)
@@ -813,13 +852,27 @@ class WebsocketManager:
             arriving.entries.extend(attachment.entries)
             arriving.head = attachment.head
         elif attachment.entries:  # abandoned meanwhile: the next connection gets them
-            await self.backplane.settle(user_id, channel_id, None)
+            await backplane.settle(user_id, channel_id, None)
         return True
+
+    def _attached_late(self, done: asyncio.Future[Any], channel_id: str, user_id: str) -> None:
+        """The bus ran the admission of a channel that did not wait for it (timed out, or
+        cancelled): a lease it took is released (nobody hands those entries to the channel),
+        capped for the user's next connection (:meth:`UserOutbox.settle`)."""
+        if done.cancelled() or done.exception() is not None:
+            return
+        attachment = done.result()
+        if attachment.admitted and attachment.entries and self.backplane is not None:
+            task = asyncio.get_running_loop().create_task(
+                self.backplane.settle(user_id, channel_id, None))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
 
     def abandon(self, channel_id: str, identity: Identity) -> None:
         """A channel admitted by :meth:`admit` ended (call it when its connection is over):
         if it never got a handler, its bus registration is released."""
         arriving = self._arriving.pop(channel_id, None)
+        self._blind.discard(channel_id)
         if arriving is not None and self.backplane is not None:
             self.backplane.channel_removed(channel_id, identity)
             if arriving.entries:  # leased, never delivered: void once unregistered

@@ -156,14 +156,15 @@ async def test_the_outbox_survives_the_sending_process_being_killed(
             process.kill()
 
 
-async def two_processes(exits: contextlib.AsyncExitStack, url: str, namespace: str,
-                        config: ServerConfig) -> tuple[list[Any], list[RedisBackplane]]:
-    """Two server stacks (the memory transport) sharing one Redis namespace, closed by
-    ``exits``."""
+async def two_processes(exits: contextlib.AsyncExitStack, urls: tuple[str, str], namespace: str,
+                        config: ServerConfig, heartbeat: float = HEARTBEAT,
+                        ) -> tuple[list[Any], list[RedisBackplane]]:
+    """Two server stacks (the memory transport) sharing one Redis namespace, each through its
+    own URL, closed by ``exits``."""
     stacks: list[Any] = []
     backplanes: list[RedisBackplane] = []
-    for _ in range(2):
-        backplane = RedisBackplane(url, heartbeat_interval=HEARTBEAT, namespace=namespace)
+    for url in urls:
+        backplane = RedisBackplane(url, heartbeat_interval=heartbeat, namespace=namespace)
         manager = WebsocketManager(config, backplane=backplane)
         exits.push_async_callback(backplane.stop)
         stack = await exits.enter_async_context(running_stack("memory", manager=manager))
@@ -192,7 +193,8 @@ async def test_a_lease_on_the_outbox_holds_while_its_channel_lives_and_dies_with
     config = ServerConfig()
     namespace = f"lease-{uuid.uuid4().hex[:6]}"
     async with contextlib.AsyncExitStack() as exits:
-        stacks, backplanes = await two_processes(exits, redis_server.url, namespace, config)
+        stacks, backplanes = await two_processes(exits, (redis_server.url,) * 2, namespace,
+                                                 config)
         x, y = stacks
         user, identity = await kept_for_someone(x.manager, backplanes[0], 3)
         for attempt, end in enumerate(("close", "crash")):
@@ -225,7 +227,8 @@ async def test_a_connection_writing_newer_messages_never_acknowledges_a_lease_on
     config = ServerConfig()
     namespace = f"capped-{uuid.uuid4().hex[:6]}"
     async with contextlib.AsyncExitStack() as exits:
-        stacks, backplanes = await two_processes(exits, redis_server.url, namespace, config)
+        stacks, backplanes = await two_processes(exits, (redis_server.url,) * 2, namespace,
+                                                 config)
         x, y = stacks
         user, identity = await kept_for_someone(x.manager, backplanes[0], 3)
         assert await y.manager.admit("silent", identity)
@@ -242,6 +245,42 @@ async def test_a_connection_writing_newer_messages_never_acknowledges_a_lease_on
         y.manager.remove_handler("silent")  # closed without writing what it leased
         await eventually(lambda: not y.manager._settling, "the lease released")
         after = await x.client(f"{user}:after")
+        assert [(await stack_payload(after))["i"] for _ in range(4)] == [0, 1, 2, 3]
+
+
+async def test_a_connection_admitted_without_the_history_never_acknowledges_past_it(
+    redis_server: RedisServer,
+) -> None:
+    """Process A's link to Redis is slow: the admission of a new connection gives up waiting
+    (the channel is admitted on the local count, without the user's history), but Redis still
+    runs it. What the connection then writes live is newer than history it never got: it is
+    not acknowledged, the late lease is released, and the next connection gets everything."""
+    from .chaos_proxy import ChaosProxy
+
+    config = ServerConfig(handshake_timeout=2.0)  # the bus gets 1 s to admit a channel
+    namespace = f"blind-{uuid.uuid4().hex[:6]}"
+    async with ChaosProxy(redis_server.port) as proxy, contextlib.AsyncExitStack() as exits:
+        # A long heartbeat: the subscription stays up through the slow link (probes would
+        # take it for a dead one), so the admission times out rather than failing.
+        stacks, backplanes = await two_processes(exits, (proxy.url, redis_server.url), namespace,
+                                                 config, heartbeat=5.0)
+        a, b = stacks
+        user, _ = await kept_for_someone(b.manager, backplanes[1], 3)
+        async with proxy.fault("delay", 3.0, delay=0.8):
+            client = await a.client(f"{user}:slow")  # admitted after 1 s, history unread
+        async with asyncio.timeout(TIMEOUT):
+            await backplanes[0].flush()  # registered in the directory
+        await b.manager.send_message_to_user(user, {"i": 3})
+        assert await stack_payload(client) == {"i": 3}  # written live
+        await eventually(lambda: not len(a.manager._writes) and a.manager._ack_timer is None
+                         and not backplanes[0]._acks_in_flight, "acknowledged, if ever")
+        async with asyncio.timeout(TIMEOUT):
+            await backplanes[0].flush()
+        await client.close()
+        await eventually(lambda: not a.manager.handlers and not a.manager._settling, "closed")
+        async with asyncio.timeout(TIMEOUT):
+            await backplanes[0].flush()
+        after = await b.client(f"{user}:after")
         assert [(await stack_payload(after))["i"] for _ in range(4)] == [0, 1, 2, 3]
 
 

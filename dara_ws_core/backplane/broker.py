@@ -250,17 +250,9 @@ class BrokerBackplane(BusNode):
                            keep: OutboxLimits | None = None,
                            stamped: Callable[[Stamped], None] | None = None) -> None:
         data = encode_bus_message(UserDelivery(user_id, ignore_channel, frame, sent=_wall_ms()))
-        done: asyncio.Future[Any] | None = None
-        if keep is not None:
-            done = asyncio.get_running_loop().create_future()
-            if stamped is not None:
-                done.add_done_callback(lambda f: _stamp(f, stamped))
-            else:
-                done.add_done_callback(_retrieve)
-        await self._post(Publication(data, user_id=user_id, keep=keep), "message to a user",
-                         done)
-        if done is not None and done.done() and not done.cancelled() and (
-                done.exception() is not None):
+        if not await self._post(Publication(data, user_id=user_id, keep=keep,
+                                            stamped=None if keep is None else stamped),
+                                "message to a user") and keep is not None:
             # Not queued (the bus is unreachable): neither published nor kept, say so.
             raise BackplaneError("the backplane is disconnected: the message to the user was "
                                  "not kept")
@@ -667,19 +659,6 @@ def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 _MAX_RESYNCS = 1000
-
-
-def _stamp(done: asyncio.Future[Any], stamped: Callable[[Stamped], None]) -> None:
-    """A message to a user was appended to their history: tell the sender which entry it is."""
-    if done.cancelled() or done.exception() is not None:
-        return
-    where, _ = done.result()
-    if where:
-        sid, _, n = where.partition(" ")
-        try:
-            stamped(Stamped(sid, int(n), b""))
-        except Exception:
-            logger.exception("backplane: acknowledging a local delivery failed")
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
