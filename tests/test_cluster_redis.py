@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from dara_ws_core import (
+    BackplaneError,
     CloseCode,
     ConnectionClosed,
     DaraClient,
@@ -282,6 +283,30 @@ async def test_a_connection_admitted_without_the_history_never_acknowledges_past
             await backplanes[0].flush()
         after = await b.client(f"{user}:after")
         assert [(await stack_payload(after))["i"] for _ in range(4)] == [0, 1, 2, 3]
+
+
+async def test_a_message_to_a_user_from_a_process_cut_off_from_redis_raises(
+    redis_server: RedisServer,
+) -> None:
+    """Cut off from Redis, a process can neither publish nor keep a message to a user: the
+    sender is told (``BackplaneError``), as with the ``*_everywhere`` calls; once the link is
+    back, the same call keeps it for the user's next connection."""
+    from .chaos_proxy import ChaosProxy
+
+    async with ChaosProxy(redis_server.port) as proxy, contextlib.AsyncExitStack() as exits:
+        (cut, other), backplanes = await two_processes(
+            exits, (proxy.url, redis_server.url), f"cut-{uuid.uuid4().hex[:6]}", ServerConfig())
+        user = who()
+        async with proxy.fault("drop", 1.0):
+            await eventually(lambda: not backplanes[0].connected, "cut off")
+            with pytest.raises(BackplaneError):
+                await cut.manager.send_message_to_user(user, {"i": 0})
+        async with asyncio.timeout(TIMEOUT):
+            await backplanes[0].wait_connected()
+        await cut.manager.send_message_to_user(user, {"i": 1})
+        await backplanes[0].flush()
+        client = await other.client(f"{user}:next")
+        assert await stack_payload(client) == {"i": 1}
 
 
 @pytest.mark.parametrize("bus", ["redis", "memory"])
