@@ -141,10 +141,11 @@ class WebsocketManager:
         self._writes = WriteLog()
         self._marks = QueuedMarks()  # the same, for per-user sends without a backplane
         self._floors: dict[str, tuple[int, int]] = {}
-        # The same newest entry ((0, 0): none) per channel admitted on the bus, kept while it
-        # lives, and how many admissions began: a send from here that the bus numbers after a
-        # channel of its user was admitted hands the entry to it if its lease did not have it.
-        self._heads: dict[str, tuple[int, int]] = {}
+        # The same newest entry's id ("": none) per channel admitted on the bus, kept while it
+        # lives (the id the bus gave: no object of its own), and how many admissions began: a
+        # send from here that the bus numbers after a channel of its user was admitted hands
+        # the entry to it if its lease did not have it.
+        self._heads: dict[str, str] = {}
         self._admissions = 0
         # Channels admitted without their user's history (the bus unreachable or slow at the
         # handshake): what they write is never acknowledged, since entries they never had may
@@ -216,7 +217,7 @@ class WebsocketManager:
         arriving = self._arriving.pop(channel_id, None)
         if arriving is not None:
             user_id, head = arriving.user_id, arriving.head
-            self._heads[channel_id] = (0, 0) if head is None else id_key(head.id)
+            self._heads[channel_id] = "" if head is None else head.id
             if head is not None:
                 self._floors[channel_id] = floor = id_key(head.id)
                 if not self.registry.user_channels(user_id) - {channel_id}:
@@ -533,8 +534,10 @@ class WebsocketManager:
             if arriving.user_id == user_id and channel_id not in known:
                 arriving.meanwhile.append((frame, entry))
         handlers = self.handlers
+        heads = self._heads
         late = [handlers[c] for c in self.registry.user_channels(user_id)
-                if c in handlers and c not in known and self._heads.get(c, key) < key]
+                if c in handlers and c not in known and c in heads
+                and (not heads[c] or id_key(heads[c]) < key)]
         if late:
             self._cursors.own(user_id, entry.id, entry.n)
             self._deliver_entry(late, user_id, frame, entry)
