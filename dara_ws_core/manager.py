@@ -17,7 +17,7 @@ __all__ = ["WebsocketManager", "get_user_channels"]
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Collection, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -141,6 +141,16 @@ class WebsocketManager:
         self._writes = WriteLog()
         self._marks = QueuedMarks()  # the same, for per-user sends without a backplane
         self._floors: dict[str, tuple[int, int]] = {}
+        # The same newest entry's id ("": none) per channel admitted on the bus, kept while it
+        # lives (the id the bus gave: no object of its own), and how many admissions began: a
+        # send from here that the bus numbers after a channel of its user was admitted hands
+        # the entry to it if its lease did not have it.
+        self._heads: dict[str, str] = {}
+        self._admissions = 0
+        # Channels admitted without their user's history (the bus unreachable or slow at the
+        # handshake): what they write is never acknowledged, since entries they never had may
+        # come before it (kept for the user's next connection; a duplicate, never a loss).
+        self._blind: set[str] = set()
         # Channels whose transport wrote a recorded entry since the last acknowledgement pass,
         # the only ones it looks at (a connection that stopped reading costs it nothing).
         self._dirty: set[str] = set()
@@ -207,6 +217,7 @@ class WebsocketManager:
         arriving = self._arriving.pop(channel_id, None)
         if arriving is not None:
             user_id, head = arriving.user_id, arriving.head
+            self._heads[channel_id] = "" if head is None else head.id
             if head is not None:
                 self._floors[channel_id] = floor = id_key(head.id)
                 if not self.registry.user_channels(user_id) - {channel_id}:
@@ -281,8 +292,10 @@ class WebsocketManager:
                     keep.append(handler)
             handlers = keep
         delivered = self._deliver_kept(handlers, frame, ignore_channel)
+        blind = self._blind
         for handler in handlers:
-            if handler.channel_id != ignore_channel and not handler.queue.closed:
+            if handler.channel_id != ignore_channel and not handler.queue.closed and not (
+                    blind and handler.channel_id in blind):
                 self._writes.record(handler.channel_id, handler.accepted, user_id, entry.id)
                 self._arm(handler, handler.accepted)
         return delivered
@@ -359,6 +372,8 @@ class WebsocketManager:
             else:
                 self._settle_channel(channel_id, handler)
             self._floors.pop(channel_id, None)
+            self._heads.pop(channel_id, None)
+            self._blind.discard(channel_id)
             self._dirty.discard(channel_id)
             handler.ack_at = 0
             identity = handler.identity
@@ -477,7 +492,9 @@ class WebsocketManager:
         (``ServerConfig.outbox_*``; :mod:`dara_ws_core.outbox`) the message is appended to the
         user's history (without ``ignore_channel``): a connection of the user that does not
         write it (connected nowhere, closed first, cut off from the bus) leaves it to the next
-        one, on whichever process it lands."""
+        one, on whichever process it lands. With a backplane, a message to be kept raises
+        ``BackplaneError`` when the bus is unreachable (it could not be kept; the user's
+        connections on this process got it already)."""
         frame = build_frame(message, custom=custom)
         # A send that skips a channel is not kept: who it is for depends on a live channel.
         keep = self.outbox_limits if ignore_channel is None else None
@@ -497,24 +514,72 @@ class WebsocketManager:
             waiting = None
             self.deliver_to_user(user_id, frame, ignore_channel)
         stamped = None
-        if keep is not None and local:  # numbered by the bus: acknowledged once it tells
-            marks = [] if waiting is not None else [
-                (h.channel_id, h.accepted) for h in local
-                if not h.queue.closed and h.channel_id != ignore_channel]
-
-            def stamped(entry: Stamped) -> None:
-                self._cursors.own(user_id, entry.id, entry.n)
-                if waiting is not None:
-                    waiting.entry = entry
-                for channel_id, position in marks:
-                    # Gone meanwhile: its next connection gets it; closing: settled once its
-                    # close frame is next (written_before_close waits for this answer).
-                    handler = handlers.get(channel_id) or self._writing.get(channel_id)
-                    if handler is not None:
-                        self._writes.record(channel_id, position, user_id, entry.id)
-                        self._arm(handler, position)
-
+        if keep is not None:  # numbered by the bus: acknowledged once it tells
+            stamped = self._when_stamped(user_id, frame, local, waiting, ignore_channel)
         await self.backplane.send_to_user(user_id, frame, ignore_channel, keep, stamped)
+
+    def _when_stamped(self, user_id: str, frame: bytes, local: list[WebSocketHandler],
+                      waiting: _HeldFrame | None, ignore_channel: str | None,
+                      ) -> Callable[[Stamped], None]:
+        """What to do once the bus has numbered a per-user send from here (``local``: the
+        user's channels here, which got it; ``waiting``: it is held for them instead): record
+        it, to be acknowledged once written, and hand it to channels of the user admitted
+        meanwhile that did not get it (:meth:`_admitted_during`)."""
+        admissions = self._admissions
+        # Channels of the user being admitted now get the frame after their lease.
+        arriving = [c for c, a in self._arriving.items() if a.user_id == user_id] if (
+            self._arriving) else []
+        if not local and waiting is None:  # the common case: nothing to record
+
+            def admitted_only(entry: Stamped) -> None:
+                if admissions != self._admissions:
+                    self._admitted_during(user_id, frame, entry, set(arriving))
+
+            return admitted_only
+        handlers = self.handlers
+        blind = self._blind
+        marks = [] if waiting is not None else [
+            (h.channel_id, h.accepted) for h in local
+            if not h.queue.closed and h.channel_id != ignore_channel
+            and not (blind and h.channel_id in blind)]
+
+        def stamped(entry: Stamped) -> None:
+            self._cursors.own(user_id, entry.id, entry.n)
+            if waiting is not None:
+                waiting.entry = entry
+                return
+            for channel_id, position in marks:
+                # Gone meanwhile: its next connection gets it; closing: settled once its close
+                # frame is next (written_before_close waits for this answer).
+                handler = handlers.get(channel_id) or self._writing.get(channel_id)
+                if handler is not None:
+                    self._writes.record(channel_id, position, user_id, entry.id)
+                    self._arm(handler, position)
+            if admissions != self._admissions:
+                self._admitted_during(user_id, frame, entry,
+                                      {h.channel_id for h in local}.union(arriving))
+
+        return stamped
+
+    def _admitted_during(self, user_id: str, frame: bytes, entry: Stamped,
+                         known: set[str]) -> None:
+        """A send from here was numbered by the bus after channels of its user were admitted
+        (``known``: the user's channels when it was sent, which had it). The bus may have leased
+        the history to a new one before appending the entry, and it never comes back to this
+        process live: a channel whose newest entry at admission is older gets it now (one
+        still arriving, after its lease, where its floor decides)."""
+        key = id_key(entry.id)
+        for channel_id, arriving in self._arriving.items():
+            if arriving.user_id == user_id and channel_id not in known:
+                arriving.meanwhile.append((frame, entry))
+        handlers = self.handlers
+        heads = self._heads
+        late = [handlers[c] for c in self.registry.user_channels(user_id)
+                if c in handlers and c not in known and c in heads
+                and (not heads[c] or id_key(heads[c]) < key)]
+        if late:
+            self._cursors.own(user_id, entry.id, entry.n)
+            self._deliver_entry(late, user_id, frame, entry)
 
     def _send_kept(self, user_id: str, frame: bytes) -> None:
         """A per-user send kept in this process's outbox (no backplane): appended, handed to the
@@ -805,23 +870,36 @@ class WebsocketManager:
         ``max_connections_per_user`` channels on all processes, else registers it and takes the
         user's outbox, which :meth:`create_handler` hands to it first (user messages arriving
         meanwhile follow). If the bus is unreachable (or slow), the channel is admitted on the
-        local count only (logged). Without a backplane: ``True`` at once, without awaiting."""
-        if self.backplane is None:
+        local count only (logged), without the user's outbox: what it writes is then never
+        acknowledged (entries it never had may come first), and a lease the bus still gives it
+        later is released at once. Without a backplane: ``True`` at once, without awaiting."""
+        backplane = self.backplane
+        if backplane is None:
             return True
         limit = self.config.max_connections_per_user
         user_id = identity.user_id
         self._arriving[channel_id] = _Arriving(user_id)
+        self._admissions += 1
+        attach = asyncio.ensure_future(backplane.attach(channel_id, user_id, limit,
+                                                        self.outbox_limits))
         try:
             async with asyncio.timeout(max(1.0, self.config.handshake_timeout / 2)):
-                attachment = await self.backplane.attach(channel_id, user_id, limit,
-                                                         self.outbox_limits)
+                attachment = await asyncio.shield(attach)
         except (BackplaneError, TimeoutError) as exc:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():  # (Python 3.11: see wait_event)
+                self._arriving.pop(channel_id, None)
+                attach.add_done_callback(lambda done: self._attached_late(done, channel_id, user_id))
+                raise asyncio.CancelledError from None
             logger.warning("backplane unreachable at connect (%s): channel admitted on the "
                            "local count only, its user's outbox not read", exc or "timeout",
                            extra={"channel": channel_id, "user": user_id})
+            self._blind.add(channel_id)
+            attach.add_done_callback(lambda done: self._attached_late(done, channel_id, user_id))
             return True
         except BaseException:
             self._arriving.pop(channel_id, None)
+            attach.add_done_callback(lambda done: self._attached_late(done, channel_id, user_id))
             raise
         if not attachment.admitted:
             self._arriving.pop(channel_id, None)
@@ -831,13 +909,27 @@ class WebsocketManager:
             arriving.entries.extend(attachment.entries)
             arriving.head = attachment.head
         elif attachment.entries:  # abandoned meanwhile: the next connection gets them
-            await self.backplane.settle(user_id, channel_id, None)
+            await backplane.settle(user_id, channel_id, None)
         return True
+
+    def _attached_late(self, done: asyncio.Future[Any], channel_id: str, user_id: str) -> None:
+        """The bus ran the admission of a channel that did not wait for it (timed out, or
+        cancelled): a lease it took is released (nobody hands those entries to the channel),
+        capped for the user's next connection (:meth:`UserOutbox.settle`)."""
+        if done.cancelled() or done.exception() is not None:
+            return
+        attachment = done.result()
+        if attachment.admitted and attachment.entries and self.backplane is not None:
+            task = asyncio.get_running_loop().create_task(
+                self.backplane.settle(user_id, channel_id, None))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
 
     def abandon(self, channel_id: str, identity: Identity) -> None:
         """A channel admitted by :meth:`admit` ended (call it when its connection is over):
         if it never got a handler, its bus registration is released."""
         arriving = self._arriving.pop(channel_id, None)
+        self._blind.discard(channel_id)
         if arriving is not None and self.backplane is not None:
             self.backplane.channel_removed(channel_id, identity)
             if arriving.entries:  # leased, never delivered: void once unregistered

@@ -24,7 +24,9 @@ client reconnects with a new channel, so nothing can resume per channel: the use
 it *leases* them (:meth:`UserOutbox.lease`), and while a live holder has the lease a second new
 connection of the user gets none of them (the first is delivering them: once); a lease whose
 holder is gone is void. The holder settles once its transport wrote them
-(:meth:`UserOutbox.settle`: acknowledged up to the last one written; the lease ends).
+(:meth:`UserOutbox.settle`: acknowledged up to the last one written; the lease ends). Until
+then, and after a holder that ended without writing them all until the next lease, another
+connection's acknowledgement never moves the mark past them: it got only newer entries, live.
 
 **A process cut off from the bus** remembers, per local user, the last entry it handed to the
 user's channels (:class:`DeliveryCursors`). When its subscription is back it reads each local
@@ -89,14 +91,18 @@ class Stamped(NamedTuple):
 class _History:
     """One user's entries kept (``(id, n, when, frame)``, oldest first) and marks."""
 
-    __slots__ = ("entries", "lease", "seq", "size", "written")
+    __slots__ = ("entries", "lease", "leased", "seq", "size", "written")
 
     def __init__(self) -> None:
         self.entries: deque[tuple[int, int, float, bytes]] = deque()
         self.size = 0  # bytes of the frames kept
         self.seq = 0  # the last sequence number given
         self.written = 0  # the written mark (an id; 0: none)
+        # The holder of the lease (_VOID: it ended before writing them all) and the last entry
+        # leased: while either is set, no acknowledgement of an entry after it moves the mark
+        # (the holder may not have written the entries between: only it can say).
         self.lease: Hashable | None = None
+        self.leased = 0
 
 
 class UserOutbox:
@@ -237,31 +243,44 @@ class UserOutbox:
         if history is None:
             return []
         current = history.lease
-        if current is not None and current != holder and alive(current):
+        if current is not None and current is not _VOID and current != holder and alive(current):
             return []
         out = self._after(history, history.written, now)
         history.lease = holder if out else None
+        history.leased = int(out[-1].id) if out else 0
         return out
 
     def settle(self, user_id: str, holder: Hashable, upto: str | None) -> bool:
         """``holder`` wrote the leased entries up to id ``upto`` (``None``: none of them):
-        acknowledged, and the lease ends. A holder whose lease was voided meanwhile changes
-        nothing (what it wrote is acknowledged all the same: :meth:`ack`). Whether it held it."""
-        if upto is not None:
-            self.ack(user_id, upto)
+        acknowledged, and the lease ends. If it wrote only some of them, the rest stay the
+        next lease's: until then no other connection's acknowledgement of a newer entry moves
+        the mark past them (that connection never had them). A holder whose lease was voided
+        meanwhile changes nothing (what it wrote is acknowledged all the same: :meth:`ack`).
+        Whether it held it."""
         history = self._users.get(user_id)
         if history is None or history.lease is None or history.lease != holder:
+            if upto is not None:
+                self.ack(user_id, upto)
             return False
-        history.lease = None
+        kid = 0 if upto is None else id_key(upto)[0]
+        history.written = max(history.written, kid)
+        if history.written >= history.leased:
+            history.lease, history.leased = None, 0
+        else:
+            history.lease = _VOID
         return True
 
     def ack(self, user_id: str, upto: str | int) -> None:
         """A connection of the user wrote the entries up to id ``upto`` (as :meth:`add` gave it,
-        or as a string): the written mark moves forward (never back)."""
+        or as a string): the written mark moves forward (never back), but never past entries
+        leased to a new connection and not settled (:meth:`settle`): a connection acknowledges
+        an entry newer than the lease only because it got it live, without the leased ones."""
         history = self._users.get(user_id)
         if history is None:
             return
         kid = upto if isinstance(upto, int) else id_key(upto)[0]
+        if history.lease is not None and kid > history.leased:
+            return
         history.written = max(history.written, kid)
 
     def take(self, user_id: str, now: float) -> list[bytes]:
@@ -286,6 +305,7 @@ class UserOutbox:
 
 
 _TAKER = object()
+_VOID = object()  # a lease whose holder ended before writing every entry it leased
 
 
 class DeliveryCursors:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from dara_ws_core import (
+    BackplaneError,
     DaraWSError,
     Endpoint,
     ServerConfig,
@@ -106,7 +107,10 @@ def _controls(manager: WebsocketManager) -> dict[str, Op]:
     async def user_sure(d: dict[str, Any]) -> bool:
         """``user``, then whether the bus acknowledged it (published or kept) within 2 s."""
         failed = backplane.stats.failed if backplane is not None else 0
-        await manager.send_message_to_user(d["user"], d["message"])
+        try:
+            await manager.send_message_to_user(d["user"], d["message"])
+        except BackplaneError:  # the bus is down: neither published nor kept
+            return False
         if backplane is None:
             return True
         if backplane.stats.failed != failed:  # the bus is down: counted at once

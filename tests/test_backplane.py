@@ -594,15 +594,18 @@ async def test_a_bus_outage_keeps_local_delivery_and_reports_what_was_not_publis
         assert await receive_payload(local) == {"during": "outage"}  # local delivery works
         with pytest.raises(BackplaneError):
             await a.manager.send_message(remote.channel, {"x": 1})
-        await a.manager.send_message_to_user("someone", {"x": 1})
-        assert a.backplane.stats.failed == 3
+        with pytest.raises(BackplaneError):  # neither published nor kept: the sender is told
+            await a.manager.send_message_to_user("someone", {"x": 1})
+        # Not kept (it skips a channel): at most once, as a broadcast; counted, not raised.
+        await a.manager.send_message_to_user("someone", {"x": 2}, ignore_channel="other")
+        assert a.backplane.stats.failed == 4
         assert "backplane disconnected" in caplog.text
         assert "backplane unavailable" in caplog.text
         broker.recover()
         async with asyncio.timeout(TIMEOUT):
             await a.backplane.wait_connected()
             await b.backplane.wait_connected()
-        assert "3 message(s) for other processes could not be published" in caplog.text
+        assert "4 message(s) for other processes could not be published" in caplog.text
         assert a.backplane.stats.reconnects == 1
         await a.manager.send_message(remote.channel, {"after": "outage"})
         assert await receive_payload(remote) == {"after": "outage"}

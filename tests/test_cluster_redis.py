@@ -17,15 +17,18 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from dara_ws_core import (
+    BackplaneError,
     CloseCode,
     ConnectionClosed,
     DaraClient,
     DaraServerMessage,
     Identity,
     ServerConfig,
+    WebSocketHandler,
     WebsocketManager,
     build_frame,
 )
+from dara_ws_core.backplane import BrokerBackplane, MemoryBackplane, MemoryBroker
 from dara_ws_core.backplane.node import cancel_task
 from dara_ws_core.backplane.wire import UserDelivery, encode_bus_message
 from dara_ws_core.outbox import OutboxLimits
@@ -154,6 +157,34 @@ async def test_the_outbox_survives_the_sending_process_being_killed(
             process.kill()
 
 
+async def two_processes(exits: contextlib.AsyncExitStack, urls: tuple[str, str], namespace: str,
+                        config: ServerConfig, heartbeat: float = HEARTBEAT,
+                        ) -> tuple[list[Any], list[RedisBackplane]]:
+    """Two server stacks (the memory transport) sharing one Redis namespace, each through its
+    own URL, closed by ``exits``."""
+    stacks: list[Any] = []
+    backplanes: list[RedisBackplane] = []
+    for url in urls:
+        backplane = RedisBackplane(url, heartbeat_interval=heartbeat, namespace=namespace)
+        manager = WebsocketManager(config, backplane=backplane)
+        exits.push_async_callback(backplane.stop)
+        stack = await exits.enter_async_context(running_stack("memory", manager=manager))
+        await backplane.start(manager)
+        stacks.append(stack)
+        backplanes.append(backplane)
+    return stacks, backplanes
+
+
+async def kept_for_someone(manager: WebsocketManager, backplane: RedisBackplane,
+                           count: int) -> tuple[str, Identity]:
+    """A new user, sent ``count`` messages (``{"i": 0}``...) while connected nowhere: kept."""
+    user = who()
+    for i in range(count):
+        await manager.send_message_to_user(user, {"i": i})
+    await backplane.flush()
+    return user, Identity(user_id=user, session_id="s")
+
+
 async def test_a_lease_on_the_outbox_holds_while_its_channel_lives_and_dies_with_its_node(
     redis_server: RedisServer,
 ) -> None:
@@ -163,23 +194,10 @@ async def test_a_lease_on_the_outbox_holds_while_its_channel_lives_and_dies_with
     config = ServerConfig()
     namespace = f"lease-{uuid.uuid4().hex[:6]}"
     async with contextlib.AsyncExitStack() as exits:
-        stacks: list[Any] = []
-        backplanes: list[RedisBackplane] = []
-        for _ in range(2):
-            backplane = RedisBackplane(redis_server.url, heartbeat_interval=HEARTBEAT,
-                                       namespace=namespace)
-            manager = WebsocketManager(config, backplane=backplane)
-            exits.push_async_callback(backplane.stop)
-            stack = await exits.enter_async_context(running_stack("memory", manager=manager))
-            await backplane.start(manager)
-            stacks.append(stack)
-            backplanes.append(backplane)
+        stacks, backplanes = await two_processes(exits, (redis_server.url,) * 2, namespace,
+                                                 config)
         x, y = stacks
-        user = who()
-        identity = Identity(user_id=user, session_id="s")
-        for i in range(3):
-            await x.manager.send_message_to_user(user, {"i": i})
-        await backplanes[0].flush()
+        user, identity = await kept_for_someone(x.manager, backplanes[0], 3)
         for attempt, end in enumerate(("close", "crash")):
             channel = f"silent-{attempt}"
             assert await y.manager.admit(channel, identity)
@@ -198,6 +216,130 @@ async def test_a_lease_on_the_outbox_holds_while_its_channel_lives_and_dies_with
         assert [(await stack_payload(back))["i"] for _ in range(3)] == [0, 1, 2]
         await x.manager.broadcast({"fence": "end"})
         assert await stack_payload(back) == {"fence": "end"}  # nothing twice
+
+
+async def test_a_connection_writing_newer_messages_never_acknowledges_a_lease_on_redis(
+    redis_server: RedisServer,
+) -> None:
+    """A second connection of the user (on another process) gets nothing from the history
+    while a live channel holds the lease, only newer messages live: its acknowledgement says
+    nothing of the leased entries, so the written mark stays before them, and what the holder
+    never wrote reaches the next connection."""
+    config = ServerConfig()
+    namespace = f"capped-{uuid.uuid4().hex[:6]}"
+    async with contextlib.AsyncExitStack() as exits:
+        stacks, backplanes = await two_processes(exits, (redis_server.url,) * 2, namespace,
+                                                 config)
+        x, y = stacks
+        user, identity = await kept_for_someone(x.manager, backplanes[0], 3)
+        assert await y.manager.admit("silent", identity)
+        silent = y.manager.create_handler("silent", identity)  # no sink: never written
+        assert len(silent.queue) == 4
+        reader = await x.client(f"{user}:reader")  # the lease is held: nothing for it
+        await x.manager.send_message_to_user(user, {"i": 3})
+        assert await stack_payload(reader) == {"i": 3}
+        # Written, then acknowledged: wait until the acknowledgement has left for Redis.
+        await eventually(lambda: bool(x.manager._cursors._own.get(user)), "numbered")
+        await eventually(lambda: not len(x.manager._writes) and x.manager._ack_timer is None
+                         and not backplanes[0]._acks_in_flight, "acknowledged")
+        await backplanes[0].flush()
+        y.manager.remove_handler("silent")  # closed without writing what it leased
+        await eventually(lambda: not y.manager._settling, "the lease released")
+        after = await x.client(f"{user}:after")
+        assert [(await stack_payload(after))["i"] for _ in range(4)] == [0, 1, 2, 3]
+
+
+async def test_a_connection_admitted_without_the_history_never_acknowledges_past_it(
+    redis_server: RedisServer,
+) -> None:
+    """Process A's link to Redis is slow: the admission of a new connection gives up waiting
+    (the channel is admitted on the local count, without the user's history), but Redis still
+    runs it. What the connection then writes live is newer than history it never got: it is
+    not acknowledged, the late lease is released, and the next connection gets everything."""
+    from .chaos_proxy import ChaosProxy
+
+    config = ServerConfig(handshake_timeout=2.0)  # the bus gets 1 s to admit a channel
+    namespace = f"blind-{uuid.uuid4().hex[:6]}"
+    async with ChaosProxy(redis_server.port) as proxy, contextlib.AsyncExitStack() as exits:
+        # A long heartbeat: the subscription stays up through the slow link (probes would
+        # take it for a dead one), so the admission times out rather than failing.
+        stacks, backplanes = await two_processes(exits, (proxy.url, redis_server.url), namespace,
+                                                 config, heartbeat=5.0)
+        a, b = stacks
+        user, _ = await kept_for_someone(b.manager, backplanes[1], 3)
+        async with proxy.fault("delay", 3.0, delay=0.8):
+            client = await a.client(f"{user}:slow")  # admitted after 1 s, history unread
+        async with asyncio.timeout(TIMEOUT):
+            await backplanes[0].flush()  # registered in the directory
+        await b.manager.send_message_to_user(user, {"i": 3})
+        assert await stack_payload(client) == {"i": 3}  # written live
+        await eventually(lambda: not len(a.manager._writes) and a.manager._ack_timer is None
+                         and not backplanes[0]._acks_in_flight, "acknowledged, if ever")
+        async with asyncio.timeout(TIMEOUT):
+            await backplanes[0].flush()
+        await client.close()
+        await eventually(lambda: not a.manager.handlers and not a.manager._settling, "closed")
+        async with asyncio.timeout(TIMEOUT):
+            await backplanes[0].flush()
+        after = await b.client(f"{user}:after")
+        assert [(await stack_payload(after))["i"] for _ in range(4)] == [0, 1, 2, 3]
+
+
+async def test_a_message_to_a_user_from_a_process_cut_off_from_redis_raises(
+    redis_server: RedisServer,
+) -> None:
+    """Cut off from Redis, a process can neither publish nor keep a message to a user: the
+    sender is told (``BackplaneError``), as with the ``*_everywhere`` calls; once the link is
+    back, the same call keeps it for the user's next connection."""
+    from .chaos_proxy import ChaosProxy
+
+    async with ChaosProxy(redis_server.port) as proxy, contextlib.AsyncExitStack() as exits:
+        (cut, other), backplanes = await two_processes(
+            exits, (proxy.url, redis_server.url), f"cut-{uuid.uuid4().hex[:6]}", ServerConfig())
+        user = who()
+        async with proxy.fault("drop", 1.0):
+            await eventually(lambda: not backplanes[0].connected, "cut off")
+            with pytest.raises(BackplaneError):
+                await cut.manager.send_message_to_user(user, {"i": 0})
+        async with asyncio.timeout(TIMEOUT):
+            await backplanes[0].wait_connected()
+        await cut.manager.send_message_to_user(user, {"i": 1})
+        await backplanes[0].flush()
+        client = await other.client(f"{user}:next")
+        assert await stack_payload(client) == {"i": 1}
+
+
+@pytest.mark.parametrize("bus", ["redis", "memory"])
+async def test_a_send_racing_the_admission_of_its_user_on_the_same_process_reaches_it(
+    redis_server: RedisServer, bus: str,
+) -> None:
+    """A process sends to a user whose new channel it is admitting: the bus leases the history
+    to the channel before appending the message, and never publishes a message back to the
+    process that sent it. The process hands the entry to the new channel itself once the bus
+    has numbered it, after what the channel leased. Redis and the in-process bus alike."""
+    backplane: BrokerBackplane = MemoryBackplane(MemoryBroker(), node_id="a") if bus == "memory" else (
+        RedisBackplane(redis_server.url, heartbeat_interval=HEARTBEAT,
+                       namespace=f"race-{uuid.uuid4().hex[:6]}"))
+    manager = WebsocketManager(ServerConfig(), backplane=backplane)
+    await backplane.start(manager)
+    try:
+        user = who()
+        identity = Identity(user_id=user, session_id="s")
+        await manager.send_message_to_user(user, {"i": 0})
+        await backplane.flush()
+
+        async def connect() -> WebSocketHandler:
+            assert await manager.admit("new", identity)  # its script reaches Redis first
+            return manager.create_handler("new", identity)
+
+        _, handler = await asyncio.gather(manager.send_message_to_user(user, {"i": 1}),
+                                          connect())
+        await backplane.flush()
+        await eventually(lambda: len(handler.queue) >= 3, "init and both messages")
+        frames = [handler.queue.get_nowait() for _ in range(len(handler.queue))][1:]
+        assert [json.loads(frame)["message"]["i"] for frame in frames] == [0, 1]  # type: ignore[arg-type]
+    finally:
+        await backplane.stop()
 
 
 async def stack_payload(client: DaraClient) -> dict[str, Any]:

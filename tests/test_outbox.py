@@ -222,6 +222,51 @@ def test_a_lease_hands_the_frames_to_one_live_holder_and_keeps_them_until_settle
         b"m1", b"m2", b"m3"]
 
 
+def test_an_acknowledgement_never_moves_the_mark_past_entries_a_lease_holds_unwritten() -> None:
+    """A second connection of the user gets nothing from the history while a live holder has
+    the lease, only newer messages live: its acknowledgement of one of those says nothing of
+    the leased ones, so the mark stays before them until the holder settles, and what the
+    holder never wrote stays for the next lease."""
+    outbox = UserOutbox(OutboxLimits(max_messages=10, max_bytes=100, max_age=10))
+    for i in range(4):
+        outbox.keep("alice", b"m%d" % i, now=0)
+    live = {"x", "y"}
+    leased = outbox.lease("alice", "x", now=1, alive=live.__contains__)
+    assert len(leased) == 4 and outbox.lease("alice", "y", now=1, alive=live.__contains__) == []
+    outbox.ack("alice", leased[0].id)  # the holder wrote m0: true, it moves the mark
+    newer = outbox.append("alice", b"m4", now=1)
+    assert newer is not None
+    outbox.ack("alice", newer.id)  # "y" wrote m4 live; m1..m3 it never had
+    assert outbox.pending("alice") == 4
+    live.discard("x")
+    assert outbox.settle("alice", "x", leased[1].id)  # "x" wrote m0 and m1, then closed
+    outbox.ack("alice", newer.id)  # still not past m2 and m3: nobody wrote them
+    assert [e.frame for e in outbox.lease("alice", "z", now=2, alive=live.__contains__)] == [
+        b"m2", b"m3", b"m4"]  # m4 again: a duplicate for the user, never a loss
+    assert outbox.settle("alice", "z", newer.id)
+    assert outbox.pending("alice") == 0
+    outbox.keep("alice", b"m5", now=2)
+    outbox.ack("alice", outbox.head("alice").id)  # type: ignore[union-attr]  # no lease: moves
+    assert outbox.pending("alice") == 0
+
+
+async def test_a_connection_writing_newer_messages_never_acknowledges_a_lease_it_never_had(
+) -> None:
+    async with running_stack("memory") as stack:
+        manager = stack.manager
+        for i in range(3):
+            await manager.send_message_to_user("alice", {"i": i})
+        identity = Identity(user_id="alice", session_id="s")
+        manager.create_handler("silent", identity)  # leases them, writes nothing
+        reader = await stack.client("alice:s2")  # the lease is live: nothing from the history
+        await manager.send_message_to_user("alice", {"i": 3})
+        assert await numbers(reader, 1) == [3]  # written at once: acknowledged (capped)
+        await reader.close()
+        manager.remove_handler("silent")  # closed without writing what it leased
+        after = await stack.client("alice:s3")
+        assert await numbers(after, 4) == [0, 1, 2, 3]
+
+
 def test_an_acknowledgement_only_moves_the_written_mark_forward() -> None:
     outbox = UserOutbox(OutboxLimits(max_messages=10, max_bytes=100, max_age=10))
     entries = [outbox.append("alice", b"m%d" % i, now=0) for i in range(4)]

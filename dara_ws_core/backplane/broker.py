@@ -267,12 +267,12 @@ class BrokerBackplane(BusNode):
                            keep: OutboxLimits | None = None,
                            stamped: Callable[[Stamped], None] | None = None) -> None:
         data = encode_bus_message(UserDelivery(user_id, ignore_channel, frame, sent=_wall_ms()))
-        done: asyncio.Future[Any] | None = None
-        if stamped is not None and keep is not None:
-            done = asyncio.get_running_loop().create_future()
-            done.add_done_callback(lambda f: _stamp(f, stamped))
-        await self._post(Publication(data, user_id=user_id, keep=keep), "message to a user",
-                         done)
+        if not await self._post(Publication(data, user_id=user_id, keep=keep,
+                                            stamped=None if keep is None else stamped),
+                                "message to a user") and keep is not None:
+            # Not queued (the bus is unreachable): neither published nor kept, say so.
+            raise BackplaneError("the backplane is disconnected: the message to the user was "
+                                 "not kept")
 
     def ack(self, user_id: str, upto: str) -> None:
         if not self._connected.is_set():
@@ -758,19 +758,6 @@ _MAX_CHECKED = 10_000
 #: Seconds a recovery waits for the bus to answer this process's earlier sends before reading a
 #: user's history (beyond, it reads anyway: a send answered later may be handed over twice).
 _BARRIER_TIMEOUT = 5.0
-
-
-def _stamp(done: asyncio.Future[Any], stamped: Callable[[Stamped], None]) -> None:
-    """A message to a user was appended to their history: tell the sender which entry it is."""
-    if done.cancelled() or done.exception() is not None:
-        return
-    where, _ = done.result()
-    if where:
-        sid, _, n = where.partition(" ")
-        try:
-            stamped(Stamped(sid, int(n), b""))
-        except Exception:
-            logger.exception("backplane: acknowledging a local delivery failed")
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -118,8 +118,9 @@ class Backplane(Protocol):
         """Deliver a frame to the user's channels on every *other* process. With ``keep`` it is
         appended to the user's history on the bus first (in the same step), and ``stamped``
         is called with the entry it became once the bus has it (the caller's local deliveries
-        are acknowledged by it). Never raises for remote failures: they are counted and
-        logged."""
+        are acknowledged by it), and ``BackplaneError`` is raised if the bus is unreachable (the
+        message could not be kept). Otherwise never raises for remote failures: they are
+        counted and logged."""
 
     def ack(self, user_id: str, upto: str) -> None:
         """The user's connections here wrote the user's history up to entry ``upto``: move the

@@ -17,11 +17,12 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from dara_ws_core.exceptions import BackplaneError, UnknownChannel
+from dara_ws_core.outbox import Stamped
 
 from .contract import BackplaneStats
 
@@ -62,6 +63,9 @@ class Publication:
     user_id: str | None = None
     keep: OutboxLimits | None = None
     ack: str | None = None
+    #: With ``keep``: called with the entry the message became once the bus appended it (in
+    #: the publishing task, without a future per message).
+    stamped: Callable[[Stamped], None] | None = None
 
 
 class BusNode(abc.ABC):
@@ -186,26 +190,27 @@ class BusNode(abc.ABC):
         return owner
 
     async def _post(self, publication: Publication, what: str,
-                    done: asyncio.Future[Routed] | None = None) -> None:
-        """Queue a publication (waiting for room if the outbox is full). Without ``done`` a
-        failure is only counted and logged; with it, ``done`` gets the result or the
-        ``BackplaneError`` (also counted)."""
+                    done: asyncio.Future[Routed] | None = None) -> bool:
+        """Queue a publication (waiting for room if the outbox is full); whether it was queued
+        (not while the bus is unreachable). Without ``done`` a failure is only counted and
+        logged; with it, ``done`` gets the result or the ``BackplaneError`` (also counted)."""
         while len(self._outbox) >= self.max_outbox and self._connected.is_set():
             self._outbox_space.clear()
             await self._outbox_space.wait()
-        self._post_nowait(publication, what, done)
+        return self._post_nowait(publication, what, done)
 
     def _post_nowait(self, publication: Publication, what: str,
-                     done: asyncio.Future[Routed] | None = None) -> None:
+                     done: asyncio.Future[Routed] | None = None) -> bool:
         if not self._connected.is_set():
             self._count_failure(what, None)
             if done is not None:
                 done.set_exception(BackplaneError("the backplane is disconnected"))
-            return
+            return False
         self._outbox.append((publication, done, what))
         self._queued += 1
         self._outbox_idle.clear()
         self._outbox_ready.set()
+        return True
 
     async def _published(self, timeout: float) -> bool:
         """Wait until every publication queued before this call is done (published or failed,
@@ -263,6 +268,8 @@ class BusNode(abc.ABC):
                         self.stats.published += 1
                     elif publication.keep is not None:
                         self.stats.kept += 1
+                    if publication.stamped is not None and owner:
+                        _stamp(owner, publication.stamped)
                     if done is not None and not done.done():
                         done.set_result((owner, receivers))
                 self._done_with(len(batch))
@@ -351,6 +358,16 @@ class BusNode(abc.ABC):
                 delay = self.backoff_initial
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # backoff, not a sync point
             delay = min(self.backoff_max, delay * 2)
+
+
+def _stamp(where: str, stamped: Callable[[Stamped], None]) -> None:
+    """A message to a user was appended to their history as ``"<id> <n>"``: tell the sender
+    which entry it is."""
+    sid, _, n = where.partition(" ")
+    try:
+        stamped(Stamped(sid, int(n), b""))
+    except Exception:
+        logger.exception("backplane: acknowledging a local delivery failed")
 
 
 async def cancel_task(task: asyncio.Task[Any] | None) -> None:

@@ -18,9 +18,11 @@ Redis layout (``<ns>`` is the namespace, ``dara-ws`` by default):
   bytes and age; ``<ns>:outbox-meta:<user_id>``, a hash: its bytes (``b``), the last number given
   to the user (``n``) and the written mark (``w``: the last entry written to a connection of
   the user); both keys expire ``max_age`` after the last message;
-* ``<ns>:outbox-lease:<user_id>`` -> ``node\nchannel``: the new channel delivering the entries
-  after the written mark (read, then acknowledge), expiring after ``max_age``, void once that
-  channel or its node is gone;
+* ``<ns>:outbox-lease:<user_id>`` -> ``node\nchannel\nlast``: the new channel delivering the
+  entries after the written mark (read, then acknowledge) up to entry ``last``, expiring after
+  ``max_age``, void once that channel or its node is gone (``\nlast`` once it settled without
+  writing them all); while it exists, no acknowledgement of an entry after ``last`` but the
+  holder's moves the written mark;
 * ``<ns>:missed:<node_id>`` -> hash user -> count: the node's gap ledger, used with the outbox
   off: messages for its users that found nobody listening on its topic (read and reset when the
   node resubscribes).
@@ -179,7 +181,8 @@ _LEASE_FUNCTION = """
 local function lease(stream, key, meta, node, channel, chprefix, topicprefix, age)
   local current = redis.call('GET', key)
   if current then
-    local hnode, hchannel = string.match(current, '^(.-)\\n(.*)$')
+    local hnode, hchannel = string.match(current, '^(.-)\\n(.-)\\n')
+    if not hnode then hnode, hchannel = string.match(current, '^(.-)\\n(.*)$') end
     if hnode and (hnode ~= node or hchannel ~= channel) then
       local subs = redis.call('PUBSUB', 'NUMSUB', topicprefix .. hnode)[2]
       if subs > 0 and redis.call('GET', chprefix .. hchannel) == hnode then return {} end
@@ -201,7 +204,7 @@ local function lease(stream, key, meta, node, channel, chprefix, topicprefix, ag
   if #out == 0 then
     redis.call('DEL', key)
   else
-    redis.call('SET', key, node .. '\\n' .. channel, 'PX', age)
+    redis.call('SET', key, node .. '\\n' .. channel .. '\\n' .. out[#out - 2], 'PX', age)
   end
   return out
 end
@@ -242,15 +245,32 @@ end
 return out
 """
 
-# Settle a lease: move the written mark to ARGV[2] ('' for none) if it is ahead, and, if ARGV[1]
-# (node and channel) holds the lease, end it. KEYS: the meta hash, the lease.
+# Settle a lease, or acknowledge (ARGV[1] ''): move the written mark to ARGV[2] ('' for none) if
+# it is ahead, unless a lease other than ARGV[1]'s (node and channel) is set and ARGV[2] is after
+# its last entry (whoever acknowledges it got it live, not the leased ones before it). If ARGV[1]
+# holds the lease, end it; if it did not write every entry leased, the rest stay capped until
+# the next lease ('\n' .. last). KEYS: the meta hash, the lease.
 _SETTLE = _LATER + """
-if ARGV[2] ~= '' and redis.call('EXISTS', KEYS[1]) == 1 then
-  local written = redis.call('HGET', KEYS[1], 'w')
-  if not written or later(ARGV[2], written) then redis.call('HSET', KEYS[1], 'w', ARGV[2]) end
+local current = redis.call('GET', KEYS[2])
+local holder, last = nil, nil
+if current then
+  holder, last = string.match(current, '^(.*)\\n([^\\n]*)$')
+  if last and not string.find(last, '^%d+%-%d+$') then last = nil end
 end
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[2])
+local mine = ARGV[1] ~= '' and holder == ARGV[1]
+local written = redis.call('HGET', KEYS[1], 'w')
+if ARGV[2] ~= '' and redis.call('EXISTS', KEYS[1]) == 1
+    and (mine or not last or not later(ARGV[2], last))
+    and (not written or later(ARGV[2], written)) then
+  redis.call('HSET', KEYS[1], 'w', ARGV[2])
+  written = ARGV[2]
+end
+if not mine then return 0 end
+if last and (not written or later(last, written)) then
+  redis.call('SET', KEYS[2], '\\n' .. last, 'KEEPTTL')
+else
+  redis.call('DEL', KEYS[2])
+end
 return 1
 """
 
@@ -360,7 +380,8 @@ class RedisBackplane(BrokerBackplane):
         ledger_ttl = int(max(60.0, 10 * self.expiry) * 1000)  # a dead node's ledger goes too
         for publication in batch:
             if publication.ack is not None:
-                yield _SETTLE, (2, self._outbox_keys(str(publication.user_id))[1], "", "",
+                user = str(publication.user_id)
+                yield _SETTLE, (2, self._outbox_keys(user)[1], self._lease_key(user), "",
                                 publication.ack)
             elif publication.topic is not None:
                 yield None, (publication.topic, publication.data)
