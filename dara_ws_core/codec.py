@@ -294,7 +294,7 @@ def decode_answer(
         return None
     try:
         value = pydantic_core.from_json(frame, allow_inf_nan=False, cache_strings=False)
-    except ValueError:
+    except (ValueError, TypeError):  # TypeError: a str holding a lone surrogate (in process)
         return None
     if type(value) is not dict or value.get("type") != "message":
         return None

@@ -324,12 +324,15 @@ class WebsocketManager:
         entry): only channels that wrote a recorded entry meanwhile are looked at, each then
         waiting for its next one."""
         self._ack_timer = None
-        handlers = self.handlers
+        handlers, writing = self.handlers, self._writing
         channels = list(self._dirty)
         self._dirty.clear()
 
         def flushed(channel_id: str) -> int | None:
-            handler = handlers.get(channel_id)
+            # A connection closing (remove_handler's ``writing``) still counts: taken for gone,
+            # its records would be dropped, and the user's next connection given again what it
+            # wrote.
+            handler = handlers.get(channel_id) or writing.get(channel_id)
             return None if handler is None else handler.flushed
 
         if len(self._writes):

@@ -459,6 +459,10 @@ ANSWERS = [
 ]
 #: Frames the answer path leaves to the decoder: not plain answers, or not valid ones.
 NOT_ANSWERS = [
+    # A str holding a raw lone surrogate (an in-process transport; the wire's UTF-8 cannot):
+    # the full decoder drops it, the answer path must not raise.
+    '{"type":"message","channel":"a","message":"\ud800"}',
+    '{"type":"message","channel":"\udc00","message":1}',
     '{"type":"message","channel":"r-1","chunk_count":2,"chunk_index":0,"message":1}',  # a chunk
     '{"type":"message","channel":"r-1","chunk_count":"2","message":1}',  # lax: still a chunk
     '{"type":"message","channel":"r-1","chunk_index":0,"message":1}',

@@ -522,3 +522,22 @@ def test_delivery_cursors_tell_a_jump_explained_by_own_sends_from_a_real_gap() -
     assert cursors.skips("dave", [*held, Stamped("6-0", 6, b"")])  # 5 never came
     assert cursors.skips("dave", [Stamped("4-0", 4, b""), Stamped("3-0", 3, b"")])  # 3 late
     assert cursors.last("dave") == "1-0"  # it only looks
+
+
+async def test_an_acknowledgement_pass_during_a_server_close_keeps_what_the_connection_wrote() -> None:
+    # A connection the server closes leaves `handlers` at once but still writes its backlog
+    # (remove_handler's `writing`). An acknowledgement pass that ran meanwhile took it for gone
+    # and dropped its records, entries it had written included: the settle at the end of the
+    # close then acknowledged nothing, and the user's next connection got them again.
+    manager = WebsocketManager(ServerConfig())
+    handler = manager.create_handler("c1", Identity(user_id="u", session_id="s"))
+    acked: list[tuple[str, str | int]] = []
+    manager._ack = lambda user_id, upto: acked.append((user_id, upto))  # type: ignore[method-assign]
+    manager._writes.record("c1", handler.accepted + 1, "u", "7-0")  # its next frame is entry 7-0
+    handler.accepted += 1
+    handler.flushed = handler.accepted  # written
+    manager.remove_handler("c1", writing=True)  # closing: still writing its backlog
+    manager._dirty.add("c1")  # a stamp from the bus armed it meanwhile
+    manager._ack_now()
+    manager.handler_written("c1")
+    assert acked == [("u", "7-0")]
