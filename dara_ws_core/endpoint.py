@@ -72,7 +72,16 @@ class Endpoint:
             counters.count(counters.handshakes_rejected, "shutdown")
             raise AuthenticationFailed("server is shutting down")
         try:
-            identity = await run_authenticator(self.authenticator, request)
+            # Bounded like the rest of the handshake: an authenticator waiting on a stuck identity
+            # provider must not hold the socket (and the peer's slot) for ever. Half the bound,
+            # so that it answers 403 before the transport's own handshake bound drops the socket.
+            async with asyncio.timeout(self.config.handshake_timeout / 2):
+                identity = await run_authenticator(self.authenticator, request)
+        except TimeoutError as exc:
+            counters.count(counters.handshakes_rejected, "timeout")
+            _handshake_log(request).warning("handshake rejected: the authenticator took over %.3g s",
+                                            self.config.handshake_timeout / 2)
+            raise AuthenticationFailed("authenticator timed out") from exc
         except AuthenticationFailed as exc:
             counters.count(counters.handshakes_rejected, "auth")
             _handshake_log(request).info("handshake rejected: %s", exc)

@@ -105,7 +105,8 @@ class ServerStats:
     connections_opened: int
     handshakes_accepted: int
     #: Rejected handshakes by reason: ``auth`` (the authenticator refused), ``error`` (it
-    #: crashed), ``limit`` (``max_connections_per_user``), ``shutdown``.
+    #: crashed), ``timeout`` (it took over half of ``handshake_timeout``), ``limit``
+    #: (``max_connections_per_user``), ``shutdown``.
     handshakes_rejected: Mapping[str, int]
     #: Ended connections by close code.
     close_codes: Mapping[int, int]

@@ -339,6 +339,37 @@ async def test_crashing_authenticator_rejects_with_403(make_stack: MakeStack) ->
         await assert_rejected(stack, "alice:s1")
 
 
+async def test_an_authenticator_that_never_answers_rejects_within_the_handshake_bound(
+    make_stack: MakeStack,
+) -> None:
+    """A stuck identity provider holds no socket for ever: the handshake waiting on it gets 403
+    after half of ``handshake_timeout`` (before the transport's own bound drops the socket), and
+    the other handshakes go through meanwhile."""
+    stuck = asyncio.Event()  # never set: the provider does not answer
+    waiting: list[str] = []
+
+    async def slow_for_some(request: HandshakeRequest) -> Identity:
+        token = request.query.get("token", "")
+        if token.startswith("slow"):
+            waiting.append(token)
+            await stuck.wait()
+        return verify_token(token)
+
+    config = ServerConfig(handshake_timeout=2.0)
+    async with make_stack(authenticator=slow_for_some, config=config) as stack:
+        rejected = asyncio.create_task(stack.connect("slow:s1"))
+        await eventually(lambda: waiting == ["slow:s1"], "the slow handshake reached the authenticator")
+        transport = await stack.connect("alice:s1")
+        assert json.loads(await transport.receive())["type"] == "init"
+        assert not rejected.done()
+        with pytest.raises(HandshakeRejected) as info:
+            await asyncio.wait_for(rejected, config.handshake_timeout * 5)
+        assert info.value.status == 403
+        assert stack.manager.stats().handshakes_rejected == {"timeout": 1}
+        assert len(stack.manager.handlers) == 1  # alice's, nothing of the rejected one
+        await transport.close()
+
+
 # ----------------------------------------------------------------------------- live identities
 
 
