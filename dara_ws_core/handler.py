@@ -161,9 +161,11 @@ class _Hot:
     """The slots a fan-out reads and writes for every recipient (:func:`driver.fan_out_through`).
 
     A base class's slots come first in an instance, right after the object's header (each
-    class's own are laid out sorted by name). Iterating over the handlers touches that header
-    anyway, so a write through costs one cache line of the handler, not three: with a thousand
-    recipients, the kernel's send in between has evicted them all."""
+    class's own are laid out sorted by name, which scattered these four over 120 bytes).
+    Iterating over the handlers touches the header anyway, so a write through now touches one
+    cache line of the handler, two at worst. With a thousand recipients, each send in between
+    evicts the lines of the last: in-process k=1 fan-out to 1,000 picows connections went from
+    1.10x to 1.02x a bare picows server's CPU time per delivery."""
 
     __slots__ = ("_through", "_wrote", "accepted", "flushed")
 
