@@ -31,6 +31,7 @@ from .exceptions import BackplaneError, CloseCode, ConnectionClosed, UnknownChan
 from .handler import _DEFAULT, ACK_PARKED, Sink, WebSocketHandler
 from .messages import LoosePayload
 from .outbox import (
+    ClosedWrites,
     DeliveryCursors,
     OutboxLimits,
     QueuedMarks,
@@ -139,6 +140,9 @@ class WebsocketManager:
         # live up to it, it had from the history).
         self._cursors = DeliveryCursors()
         self._writes = WriteLog()
+        # What the connections that closed had written, for the bus's numbers that come after
+        # their part of the history was settled (see ClosedWrites).
+        self._closed_writes = ClosedWrites()
         self._marks = QueuedMarks()  # the same, for per-user sends without a backplane
         self._floors: dict[str, tuple[int, int]] = {}
         # The same newest entry's id ("": none) per channel admitted on the bus, kept while it
@@ -428,6 +432,11 @@ class WebsocketManager:
         published = None
         written = self._writes.close(channel_id, flushed) if len(self._writes) else {}
         identity = handler.identity
+        if (self.backplane is not None and identity is not None and flushed
+                and self.outbox_limits is not None
+                and not (self._blind and channel_id in self._blind)):
+            # The bus may number sends it wrote after this settle (see ClosedWrites).
+            self._closed_writes.close(channel_id, flushed, time.monotonic())
         for user_id, upto in written.items():
             if self.backplane is None or identity is None or user_id != identity.user_id:
                 self._ack(user_id, upto)
@@ -551,13 +560,19 @@ class WebsocketManager:
             if waiting is not None:
                 waiting.entry = entry
                 return
+            written = False
             for channel_id, position in marks:
-                # Gone meanwhile: its next connection gets it; closing: settled once its close
-                # frame is next (written_before_close waits for this answer).
+                # Closing: settled once its close frame is next (written_before_close waits for
+                # this answer). Gone meanwhile: its part of the history was settled without this
+                # entry; acknowledged now if it had written it, else its next connection gets it.
                 handler = handlers.get(channel_id) or self._writing.get(channel_id)
                 if handler is not None:
                     self._writes.record(channel_id, position, user_id, entry.id)
                     self._arm(handler, position)
+                elif not written and self._closed_writes.wrote(channel_id, position,
+                                                               time.monotonic()):
+                    written = True
+                    self._ack(user_id, entry.id)
             if admissions != self._admissions:
                 self._admitted_during(user_id, frame, entry,
                                       {h.channel_id for h in local}.union(arriving))

@@ -42,8 +42,8 @@ than the byte bound is not kept.
 
 from __future__ import annotations
 
-__all__ = ["DeliveryCursors", "OutboxLimits", "QueuedMarks", "Stamped", "UserOutbox", "WriteLog",
-           "id_key"]
+__all__ = ["ClosedWrites", "DeliveryCursors", "OutboxLimits", "QueuedMarks", "Stamped", "UserOutbox",
+           "WriteLog", "id_key"]
 
 import bisect
 import itertools
@@ -511,6 +511,58 @@ class WriteLog:
         """The frame number of the channel's first entry not known written, if any."""
         entries = self._entries.get(channel_id)
         return entries[0][0] if entries else None
+
+
+class ClosedWrites:
+    """How many frames each connection of this process had written when it closed, kept a
+    while for the bus's late answers. A per-user send from here reaches the user's connections
+    here at once and is numbered by the bus a round trip later: a connection that closed
+    meanwhile (the client closed or vanished, the library closed it, or the server's close did
+    not wait that long) had its part of the history settled without that entry. When the number
+    comes, :meth:`wrote` tells whether the closed connection had written the frame: then it is
+    acknowledged as if the connection were still there; otherwise (queued, never written) it is
+    left to the user's next connection.
+
+    Bounded by ``max_channels`` and ``max_age`` seconds (the caller passes the clock): a channel
+    forgotten earlier only makes its late entries reach the user's next connection again (a
+    duplicate, never a loss)."""
+
+    def __init__(self, max_channels: int = 10_000, max_age: float = 30.0) -> None:
+        self.max_channels = max_channels
+        self.max_age = max_age
+        # channel -> (frames written, when it closed); and the closes, oldest first (a deque:
+        # forgetting the oldest of a dict by ``next(iter())`` walks the slots deleted before).
+        self._closed: dict[str, tuple[int, float]] = {}
+        self._order: deque[tuple[float, str]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._closed)
+
+    def close(self, channel_id: str, flushed: int, now: float) -> None:
+        """``channel_id`` closed having written ``flushed`` frames."""
+        self._expire(now)
+        self._closed[channel_id] = (flushed, now)
+        order = self._order
+        order.append((now, channel_id))
+        while len(order) > self.max_channels:
+            self._forget(*order.popleft())
+
+    def wrote(self, channel_id: str, position: int, now: float) -> bool:
+        """Whether the closed channel had written its frame number ``position`` (``False``
+        for a channel unknown or forgotten)."""
+        self._expire(now)
+        entry = self._closed.get(channel_id)
+        return entry is not None and position <= entry[0]
+
+    def _expire(self, now: float) -> None:
+        order, oldest = self._order, now - self.max_age
+        while order and order[0][0] <= oldest:
+            self._forget(*order.popleft())
+
+    def _forget(self, when: float, channel_id: str) -> None:
+        entry = self._closed.get(channel_id)
+        if entry is not None and entry[1] == when:  # not closed again since (a reused id)
+            del self._closed[channel_id]
 
 
 class QueuedMarks:

@@ -582,6 +582,52 @@ async def test_a_client_the_server_closed_reconnecting_at_once_elsewhere_gets_no
         assert await payloads(again, 1) == [{"fence": True}]  # nothing read before, again
 
 
+@pytest.mark.parametrize("closed_by", ["client", "server"])
+async def test_what_a_connection_wrote_before_the_bus_numbered_it_is_not_sent_again(
+    closed_by: str,
+) -> None:
+    """Review 8: a node hands its own per-user send to the user's connection here at once and
+    learns its entry in the history only once the bus answers. A connection that closed before
+    that (the client closing, or a server close whose wait for the bus ran out) was settled
+    without those entries, and the numbers that came later were dropped: the user's next
+    connection got again what the first had read. The same on Redis, every transport and kind
+    of close: ``test_kept_delivery_redis.py``."""
+    config = ServerConfig(close_timeout=0.4)  # a server close waits 0.1 s for the bus
+    async with cluster(2, config=config) as (here, there):
+        who = user()
+        client = await here.client(f"{who}:a")
+        publish, answer = here.backplane._publish_batch, asyncio.Event()
+
+        async def held_link(batch: Any) -> Any:  # a fault: the bus answers this node late
+            async with asyncio.timeout(TIMEOUT):
+                await answer.wait()
+            return await publish(batch)
+
+        here.backplane._publish_batch = held_link  # type: ignore[method-assign]
+        for i in range(3):
+            await here.manager.send_message_to_user(who, {"i": i})
+        assert await payloads(client, 3) == [{"i": 0}, {"i": 1}, {"i": 2}]
+        if closed_by == "client":
+            await client.close()
+        else:
+            assert client.channel is not None
+            here.manager.close_channel(client.channel)
+            assert await closed_with(client) == CloseCode.NORMAL
+        await eventually(lambda: not here.manager.handlers and not here.manager._writing,
+                         "settled before the bus answered")
+        assert here.backplane.stats.published == 0  # the case under test: nothing answered yet
+        answer.set()
+        backplane = here.backplane
+        async with asyncio.timeout(TIMEOUT):
+            await backplane.flush()  # the numbers are back, and what they acknowledge
+        await eventually(lambda: not backplane._acks_in_flight and not backplane._acks_next)
+        async with asyncio.timeout(TIMEOUT):
+            await backplane.flush()
+        again = await there.client(f"{who}:b")
+        await there.manager.send_message_to_user(who, {"fence": True})
+        assert await payloads(again, 1) == [{"fence": True}]  # nothing read before, again
+
+
 async def test_a_connection_admitted_while_its_node_was_cut_off_gets_only_what_nobody_wrote(
 ) -> None:
     """Review 7 item 6: the recovery after the outage read such a user's whole history (no

@@ -10,6 +10,7 @@ import pytest
 
 from dara_ws_core import DaraClient, DaraServerMessage, Identity, ServerConfig, WebsocketManager
 from dara_ws_core.outbox import (
+    ClosedWrites,
     DeliveryCursors,
     OutboxLimits,
     QueuedMarks,
@@ -382,6 +383,23 @@ def test_a_write_log_acknowledges_what_each_connection_wrote_and_forgets_what_it
     for i in range(3):
         small.record("d", i + 1, "alice", str(i))
     assert len(small) == 2 and small.close("d", 9) == {"alice": "2"}
+
+
+def test_closed_writes_tell_a_late_number_whether_the_closed_connection_had_written_it() -> None:
+    closed = ClosedWrites(max_channels=2, max_age=10.0)
+    closed.close("a", 5, now=100.0)
+    assert closed.wrote("a", 5, now=101.0) and closed.wrote("a", 2, now=101.0)
+    assert not closed.wrote("a", 6, now=101.0)  # queued, never written: the next connection's
+    assert not closed.wrote("unknown", 1, now=101.0)
+    closed.close("b", 3, now=102.0)
+    closed.close("c", 3, now=103.0)  # beyond the count: the oldest forgotten
+    assert len(closed) == 2 and not closed.wrote("a", 1, now=103.0)
+    assert closed.wrote("b", 3, now=111.9)
+    assert not closed.wrote("b", 3, now=112.0) and len(closed) == 1  # beyond the age: forgotten
+    closed.close("d", 1, now=200.0)  # a close expires the old ones too
+    assert len(closed) == 1 and closed.wrote("d", 1, now=200.0)
+    closed.close("d", 4, now=205.0)  # an id closed again: its newest count, kept from then on
+    assert closed.wrote("d", 4, now=211.0) and len(closed) == 1
 
 
 def test_queued_marks_acknowledge_the_last_entry_each_connection_wrote() -> None:
