@@ -93,7 +93,9 @@ class ServerConfig:
     outbox_bytes: int = 1 * MiB
     outbox_age: float = 300.0
     #: Bounds of this process's outbox as a whole (without a backplane): users with a history, and
-    #: bytes of all of them; beyond, the history of the user sent to least recently is dropped.
+    #: bytes of all of them. At a bound, histories all written make room (least recently sent to
+    #: first); a message still waiting for its user is never dropped for another's: the new
+    #: message is then not kept (still delivered live), and logged.
     outbox_users: int = 100_000
     outbox_total_bytes: int = 256 * MiB
 

@@ -29,6 +29,7 @@ from .config import ServerConfig
 from .custom import CustomHandler, CustomHandlerRegistry
 from .exceptions import BackplaneError, CloseCode, ConnectionClosed, UnknownChannel
 from .handler import _DEFAULT, ACK_PARKED, Sink, WebSocketHandler
+from .logs import _is_power_of_ten
 from .messages import LoosePayload
 from .outbox import (
     ClosedWrites,
@@ -604,7 +605,11 @@ class WebsocketManager:
         user's channels, then acknowledged at once if one of them wrote it synchronously (the
         user has it: nothing to remember for a closing connection), else once written. Without
         a backplane no delivery is held, deduplicated or floored, so none of that is consulted."""
-        kid = self.outbox.add(user_id, frame, time.monotonic())
+        outbox = self.outbox
+        refused = outbox.refused
+        kid = outbox.add(user_id, frame, time.monotonic())
+        if outbox.refused != refused:
+            _refused(outbox)
         handlers = self.handlers
         local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]
         if not local:
@@ -1046,3 +1051,15 @@ def get_user_channels(user_identifier: str, manager: WebsocketManager) -> set[st
     Takes the manager explicitly: there is no module-level registry to share.
     """
     return manager.get_user_channels(user_identifier)
+
+
+def _refused(outbox: UserOutbox) -> None:
+    """Log a message the outbox refused (full of messages still waiting for their users): the
+    first ten, then the 100th, 1,000th... A flood of sends to made-up users must not also flood
+    the log."""
+    count = outbox.refused
+    if count <= 10 or _is_power_of_ten(count):
+        logger.warning("the outbox is full (%d users, %d bytes, all waiting for their users): a "
+                       "message was delivered live but not kept (%d so far); raise outbox_users or "
+                       "outbox_total_bytes, or rate-limit who sends to users", outbox.users,
+                       outbox.total_bytes, count)

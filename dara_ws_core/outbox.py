@@ -64,7 +64,8 @@ class OutboxLimits:
     #: Seconds a message is kept.
     max_age: float = 300.0
     #: Most users with a history, and most bytes of all of them, in one process's outbox
-    #: (beyond, the history of the user sent to least recently is dropped, counted as evicted).
+    #: (beyond, histories all written are dropped, least recently sent to first; when only
+    #: histories with entries still waiting are left, the new message is refused).
     max_users: int = 100_000
     max_total_bytes: int = 256 * 1024 * 1024
 
@@ -105,6 +106,10 @@ class _History:
         self.leased = 0
 
 
+#: Histories :meth:`UserOutbox._make_room` looks at for one message, at most.
+_ROOM_SCAN = 64
+
+
 class UserOutbox:
     """Every user's bounded history, for one process (see the module docstring).
 
@@ -122,14 +127,26 @@ class UserOutbox:
         self._total = 0  # bytes of every user's frames kept
         self._expires = 0.0  # no user's newest entry expires before (a cutoff): none to forget
         #: Frames kept, and frames dropped by a bound; users dropped by ``max_users`` or
-        #: ``max_total_bytes`` (their entries counted in ``evicted``).
+        #: ``max_total_bytes`` (their entries, all written, counted in ``evicted``); frames not
+        #: kept because only entries still waiting for their user could have made room.
         self.kept = 0
         self.evicted = 0
         self.users_evicted = 0
+        self.refused = 0
 
     def __len__(self) -> int:
         """Users with entries not written to any of their connections yet."""
         return sum(1 for user in self._users if self.pending(user))
+
+    @property
+    def users(self) -> int:
+        """Users with a history (written or not): what ``max_users`` bounds."""
+        return len(self._users)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of every user's frames kept: what ``max_total_bytes`` bounds."""
+        return self._total
 
     def pending(self, user_id: str) -> int:
         """How many of the user's entries no connection of theirs has written."""
@@ -140,18 +157,30 @@ class UserOutbox:
         return sum(1 for kid, *_ in history.entries if kid > mark)
 
     def add(self, user_id: str, frame: bytes, now: float) -> int:
-        """Append ``frame`` to the user's history; its id, or 0 if it is larger than
-        ``max_bytes`` (never kept). Drops expired entries, then the oldest beyond the bounds."""
+        """Append ``frame`` to the user's history; its id, or 0 if it is not kept: larger than
+        ``max_bytes``, or no room under the process's bounds (``max_users``,
+        ``max_total_bytes``) without dropping entries kept for another user that none of their
+        connections wrote yet (counted in ``refused``). Drops expired entries, and the user's own
+        oldest beyond the user's bounds."""
         limits = self.limits
         users = self._users
         size = len(frame)
         if size > limits.max_bytes:
             self.evicted += 1
             return 0
-        history = users.pop(user_id, None)
+        cutoff = now - limits.max_age
+        if cutoff >= self._expires:
+            self._forget_expired(user_id, cutoff)
+        history = users.get(user_id)
         new = history is None
+        if (self._total + size > limits.max_total_bytes or (new and len(users) >= limits.max_users)) and (
+                not self._make_room(user_id, size, new)):
+            self.refused += 1
+            return 0
         if history is None:
             history = _History()
+        else:
+            del users[user_id]
         users[user_id] = history  # the most recently sent to: last
         before = history.size
         kid = next(self._ids)
@@ -162,40 +191,65 @@ class UserOutbox:
         if len(entries) > limits.max_messages:  # a user at the count bound: the oldest goes
             size -= len(entries.popleft()[3])
             self.evicted += 1
-        cutoff = now - limits.max_age
         if size > limits.max_bytes or len(entries) > limits.max_messages or entries[0][2] <= cutoff:
             while entries and (entries[0][2] <= cutoff or len(entries) > limits.max_messages
                                or size > limits.max_bytes):
                 size -= len(entries.popleft()[3])
                 self.evicted += 1
         history.size = size
-        total = self._total = self._total + size - before
+        self._total += size - before
         self.kept += 1
-        if cutoff >= self._expires or total > limits.max_total_bytes or (
-                new and len(users) > limits.max_users):
-            self._drop_oldest(user_id, cutoff)
         return kid
 
-    def _drop_oldest(self, user_id: str, cutoff: float) -> None:
-        """Forget the users sent to least recently while their newest entry expired, or while
-        the global bounds are exceeded (never ``user_id``, the one just sent to). Bounded work:
-        each user visited is dropped, and the first one kept ends it."""
-        limits = self.limits
+    def _forget_expired(self, user_id: str, cutoff: float) -> None:
+        """Forget the users sent to least recently while their newest entry expired (never
+        ``user_id``, the one being sent to). Bounded work: each user visited is dropped, and the
+        first one kept ends it."""
         users = self._users
-        while True:
+        while users:
             first = next(iter(users))
             history = users[first]
-            if first == user_id:
+            if first == user_id or history.entries[-1][2] > cutoff:
                 self._expires = history.entries[-1][2]
                 return
-            if history.entries[-1][2] > cutoff:
-                if len(users) <= limits.max_users and self._total <= limits.max_total_bytes:
-                    self._expires = history.entries[-1][2]
-                    return
-                self.evicted += len(history.entries)
-                self.users_evicted += 1
             del users[first]
             self._total -= history.size
+        self._expires = 0.0
+
+    def _make_room(self, user_id: str, size: int, new: bool) -> bool:
+        """Make room under the process's bounds for ``size`` more bytes, and one more user if
+        ``new``, by forgetting histories whose every entry a connection of their user wrote
+        (nothing of theirs is waiting: only their past goes), sent to least recently first.
+
+        A history with an entry not written yet is never dropped for another user's message:
+        one client sending to many made-up users would otherwise wipe what is kept for everyone
+        else. The new message is refused instead (the caller still delivers it live). At most
+        ``_ROOM_SCAN`` histories are looked at, so a refusal costs constant work. Whether there
+        is room."""
+        limits = self.limits
+        users = self._users
+        victims: list[str] = []
+        total, count = self._total + size, len(users) + new
+        for looked, (uid, history) in enumerate(users.items()):
+            if total <= limits.max_total_bytes and count <= limits.max_users:
+                break
+            if looked >= _ROOM_SCAN:
+                return False
+            if uid == user_id or history.lease is not None or (
+                    history.entries and history.entries[-1][0] > history.written):
+                continue
+            victims.append(uid)
+            total -= history.size
+            count -= 1
+        else:
+            if total > limits.max_total_bytes or count > limits.max_users:
+                return False
+        for uid in victims:
+            history = users.pop(uid)
+            self._total -= history.size
+            self.evicted += len(history.entries)
+            self.users_evicted += 1
+        return True
 
     def append(self, user_id: str, frame: bytes, now: float) -> Stamped | None:
         """:meth:`add`, returning the entry (``None`` if not kept)."""

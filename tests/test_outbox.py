@@ -5,10 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 import pytest
 
-from dara_ws_core import DaraClient, DaraServerMessage, Identity, ServerConfig, WebsocketManager
+from dara_ws_core import (
+    CustomServerMessage,
+    DaraClient,
+    DaraServerMessage,
+    Identity,
+    ServerConfig,
+    WebsocketManager,
+)
 from dara_ws_core.outbox import (
     ClosedWrites,
     DeliveryCursors,
@@ -22,7 +33,9 @@ from dara_ws_core.outbox import (
 
 from .helpers import eventually
 from .hostile import HostileClient
-from .stacks import running_stack
+from .stacks import Stack, running_stack
+
+MakeStack = Callable[..., AbstractAsyncContextManager[Stack]]
 
 TIMEOUT = 5.0
 
@@ -64,33 +77,56 @@ def test_the_outbox_drops_by_bytes_and_by_age_and_refuses_a_frame_over_the_byte_
     assert outbox.after("gone-0", None, now=0) == ([], 0)  # forgotten, number and all
 
 
-def test_the_outbox_holds_at_most_max_users_dropping_the_one_sent_to_least_recently() -> None:
+def test_the_outbox_holds_at_most_max_users_and_never_drops_what_is_waiting_for_another() -> None:
     """A client sending to fresh user ids (the demo's ``tell``) must not grow the process without
-    limit: beyond ``max_users`` the history of the user sent to least recently goes, counted."""
+    limit, nor wipe what is kept for others: beyond ``max_users``, a history all written (only
+    the user's past) goes, the one sent to least recently first; while every history still waits
+    for its user, the new message is refused instead, counted."""
     outbox = UserOutbox(OutboxLimits(max_messages=10, max_bytes=100, max_age=100, max_users=3))
-    outbox.keep("alice", b"a1", now=0)
+    alice = outbox.add("alice", b"a1", now=0)
     for i in range(3):
-        outbox.keep(f"victim{i}", b"v", now=1)
-    assert outbox.after("alice", None, now=2) == ([], 0)  # the least recently sent to: dropped
-    outbox.keep("victim0", b"v", now=2)  # sent to again: now the most recent
-    outbox.keep("bob", b"b", now=3)
-    assert outbox.after("victim1", None, now=3) == ([], 0)
-    assert [e.frame for e in outbox.after("victim0", None, now=3)[0]] == [b"v", b"v"]
-    assert outbox.users_evicted == 2 and outbox.evicted == 2
+        outbox.keep(f"junk{i}", b"j", now=1)
+    assert [e.frame for e in outbox.after("alice", None, now=2)[0]] == [b"a1"]  # still there
+    assert outbox.after("junk2", None, now=2) == ([], 0)  # refused
+    assert outbox.refused == 1 and outbox.users_evicted == 0
+    assert outbox.keep("junk0", b"j", now=2)  # a user with a history has room for more
+    outbox.ack("alice", alice)  # alice's connection wrote it: only her past is left
+    assert outbox.keep("bob", b"b", now=3)
+    assert outbox.after("alice", None, now=3) == ([], 0)  # dropped for bob
+    assert [e.frame for e in outbox.after("bob", None, now=3)[0]] == [b"b"]
+    assert outbox.users_evicted == 1 and outbox.evicted == 1
+    assert not outbox.keep("carol", b"c", now=4)  # junk0, junk1 and bob all wait
+    assert outbox.refused == 2
+
+
+def test_a_full_outbox_looks_at_a_bounded_number_of_histories() -> None:
+    """A refusal costs constant work, however many users wait: a flood of fresh user ids does
+    not turn each send into a walk over every history."""
+    outbox = UserOutbox(OutboxLimits(max_messages=10, max_bytes=100, max_age=100, max_users=1000))
+    for i in range(1000):
+        assert outbox.keep(f"junk{i}", b"j", now=1)
+    visited = _CountingUsers(outbox)
+    assert not outbox.keep("late", b"x", now=2)
+    assert visited.count <= 70
 
 
 def test_the_outbox_holds_at_most_max_total_bytes_of_all_users() -> None:
     outbox = UserOutbox(OutboxLimits(max_messages=10, max_bytes=100, max_age=100,
                                      max_total_bytes=250))
+    ids = {}
     for i in range(10):
         outbox.keep(f"u{i}", b"x" * 60, now=i)
-        outbox.keep(f"u{i}", b"y" * 40, now=i)  # 100 bytes per user
+        ids[i] = outbox.add(f"u{i}", b"y" * 40, now=i)  # 100 bytes per user
+        if i < 8:
+            outbox.ack(f"u{i}", ids[i])  # written: only its past stays
     kept = [i for i in range(10) if outbox.after(f"u{i}", None, now=10)[0]]
     assert kept == [8, 9]  # 200 bytes: a third user would be 300
     assert outbox.users_evicted == 8 and outbox.evicted == 16
     outbox.keep("u9", b"z" * 50, now=11)  # a user's own bound first: its oldest goes
     assert [len(e.frame) for e in outbox.after("u9", None, now=11)[0]] == [40, 50]
     assert [len(e.frame) for e in outbox.after("u8", None, now=11)[0]] == [60, 40]
+    assert not outbox.keep("u10", b"w" * 70, now=12)  # u8 and u9 (190 bytes) wait: refused
+    assert outbox.refused == 1
 
 
 def test_expiry_visits_only_the_users_it_forgets() -> None:
@@ -559,3 +595,33 @@ async def test_an_acknowledgement_pass_during_a_server_close_keeps_what_the_conn
     manager._ack_now()
     manager.handler_written("c1")
     assert acked == [("u", "7-0")]
+
+
+async def test_one_client_sending_to_made_up_users_never_wipes_what_is_kept_for_another(
+    make_stack: MakeStack, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The outbox is shared by every user of the process: a client that makes the server send
+    to fresh user ids (the demo's ``tell``) fills it, and then its own messages are the ones not
+    kept, never the ones already waiting for someone else. The refusals are logged, boundedly."""
+    config = ServerConfig(outbox_users=20)
+    async with make_stack(config=config) as stack:
+        manager = stack.manager
+
+        async def tell(channel_id: str, data: Any) -> bool:
+            await manager.send_message_to_user(data["user"], {"kind": "tell", "data": data["text"]},
+                                               custom=True)
+            return True
+
+        manager.add_ws_handler("tell", tell)
+        await manager.send_message_to_user("victim", {"kind": "tell", "data": "for you"}, custom=True)
+        attacker = await stack.client("mallory:s1")
+        with caplog.at_level(logging.WARNING, logger="dara_ws_core"):
+            for i in range(200):
+                assert await attacker.request("tell", {"user": f"made-up-{i}", "text": "junk"})
+        victim = await stack.client("victim:s1")
+        message = await victim.receive(TIMEOUT)
+        assert isinstance(message, CustomServerMessage)
+        assert (message.message.kind, message.message.data) == ("tell", "for you")
+        refusals = [r for r in caplog.records if "outbox is full" in r.getMessage()]
+        assert manager.outbox.refused == 200 - (config.outbox_users - 1)
+        assert 1 <= len(refusals) <= 12
