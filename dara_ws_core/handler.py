@@ -551,12 +551,18 @@ class WebSocketHandler(_Hot):
                              extra={"dropped": queue.dropped})
 
     def _disconnect_slow(self) -> None:
-        if self.queue.closed:
+        queue, counters = self.queue, self.counters
+        if queue.closed:
             return
-        self.counters.count(self.counters.slow_consumer, self.config.slow_consumer_policy.value)
+        counters.count(counters.slow_consumer, self.config.slow_consumer_policy.value)
         self.log.warning("slow consumer: disconnecting")
+        # Its backlog is dropped, not written before the close frame: the client is not taking
+        # it in (that is why it is closed), and behind up to max_queue_bytes of it the 1013
+        # waited until close_timeout aborted the connection, which then ended without one. Kept
+        # per-user messages in it were not written: they go to the user's next connection.
+        counters.frames_dropped += len(queue)
+        queue.close()
         self.close(CloseCode.TRY_AGAIN_LATER, "slow consumer")
-        self.queue.close()
 
     # ------------------------------------------------------------------ server -> client requests
 

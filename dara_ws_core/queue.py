@@ -2,8 +2,9 @@
 
 Bounded in frames and in bytes. Producers that must not block (broadcast) call :meth:`offer`;
 producers that may wait call :meth:`put`. One consumer, the connection's send loop, calls
-:meth:`get`. A single frame larger than the byte bound is still accepted into an empty queue, so a
-big message is delayed by backlog, never refused forever.
+:meth:`get`. The byte bound applies to the backlog a frame joins: a frame is taken while fewer
+than ``max_bytes`` are queued, whatever its own size, so a big message is delayed by backlog,
+never refused for its size, and a queue holds at most ``max_bytes`` plus one frame.
 """
 
 from __future__ import annotations
@@ -58,9 +59,12 @@ class OutboundQueue:
         return not self._frames and not self._closed
 
     def _fits(self, size: int) -> bool:
-        if not self._frames:
-            return True
-        return len(self._frames) < self.max_messages and self._bytes + size <= self.max_bytes
+        # The byte bound is on the backlog a frame joins, not on the backlog plus the frame: a
+        # frame is never refused for its own size. Else one frame near ``max_bytes`` (a broadcast
+        # of a message near ``max_message_size``, its default) filled the whole bound, and a
+        # reader still taking in the previous one counted as slow: disconnected, though reading.
+        # A queue holds at most ``max_bytes`` plus one frame.
+        return not self._frames or (len(self._frames) < self.max_messages and self._bytes < self.max_bytes)
 
     def _append(self, frame: bytes) -> None:
         if self._frames is _SHARED_EMPTY:

@@ -45,7 +45,8 @@ class Counters:
 
     Every counter only grows. Frames and bytes are counted where the handler sees them: inbound
     when read, outbound when accepted for sending (written at once or queued); frames a
-    ``DROP_OLDEST`` queue discards later are counted in :attr:`frames_dropped` as well. Inbound
+    ``DROP_OLDEST`` queue discards later, and the backlog of a connection closed as a slow
+    consumer, are counted in :attr:`frames_dropped` as well. Inbound
     text frames are counted in characters as the transport delivers them (equal to bytes for
     ASCII JSON, which is what Dara's client sends for ASCII data).
     """

@@ -25,7 +25,7 @@ from dara_ws_core import (
     WebsocketManager,
     token_authenticator,
 )
-from dara_ws_core.exceptions import ConnectionClosed
+from dara_ws_core.exceptions import CloseCode, ConnectionClosed
 from dara_ws_core.transport import MAX_COOKIES, HandshakeRequest, parse_cookies
 
 from .helpers import eventually
@@ -556,3 +556,35 @@ async def test_the_handshake_timeout_never_cuts_an_http_request_being_served(htt
         server.should_exit = True
         await task
         sock.close()
+
+
+async def test_a_slow_consumer_gets_its_1013_without_its_backlog_written_first(
+    socket_stack: Any,
+) -> None:
+    """The close frame of a slow consumer is not queued behind the backlog that made it slow:
+    once it reads again, a client gets 1013 after at most what the socket buffers held, not
+    the ``max_queue_bytes`` the server had queued for it (behind which, on a slow link, the
+    close timeout aborted the connection without any close frame)."""
+    blob = 512 * 1024
+    config = ServerConfig(
+        slow_consumer_policy=SlowConsumerPolicy.DISCONNECT, max_queue_bytes=24 * blob,
+        close_timeout=10.0, ping_interval=None,
+    )
+    async with socket_stack(config=config) as stack:
+        client, channel = await open_channel(stack, rcvbuf=4096)
+        client.stop_reading()
+        counters = stack.manager.counters
+        async with asyncio.timeout(30):
+            while channel in stack.manager.handlers:  # fan-out frames until the 1013
+                await stack.manager.broadcast({"blob": "x" * blob})
+                await asyncio.sleep(0)
+        client.resume_reading()
+        frames = 0
+        async with asyncio.timeout(config.close_timeout):
+            while (frame := await client.read_frame(config.close_timeout)).opcode != 0x8:
+                frames += 1
+        assert frame.close_code == CloseCode.TRY_AGAIN_LATER
+        # What the kernel and the library buffered: a few frames of 512 KiB, not 24.
+        assert frames < 12
+        assert counters.frames_dropped >= 16  # the backlog, dropped rather than written
+        client.abort()
