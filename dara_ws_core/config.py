@@ -82,7 +82,9 @@ class ServerConfig:
     rate_window: float = 1.0
     #: Grace period for in-flight handler replies at shutdown before connections close with 1001.
     shutdown_grace: float = 5.0
-    #: Connections allowed per user (``None``: no limit); extra handshakes are rejected with 403.
+    #: Connections allowed per user (``None``: no limit); extra handshakes are rejected with 403
+    #: (one that raced another handshake of the user past that check is closed with 1008 once
+    #: upgraded: the count is exact only when the connection registers).
     #: With a backplane it counts the user's connections on every process (atomically, in the
     #: bus); if the bus is unreachable, on this process only.
     max_connections_per_user: int | None = None
