@@ -3,7 +3,8 @@
 `dara-ws serve` runs a small example application on ws://127.0.0.1:8000/api/core/ws:
 
 - echo (custom request): replies with what it got;
-- chat (custom message): broadcast to every other connection as a "chat" custom push;
+- chat (custom message): broadcast to every other connection as a "chat" custom push (at most
+  64 KiB of text: each reader gets a copy);
 - ask (custom request): the server asks the client back (send_and_wait) and replies with the
   client's answer, showing both correlation directions;
 - tell (custom request, {"user": ..., "text": ...}): a "tell" custom push to every connection of
@@ -59,10 +60,13 @@ from dara_ws_core import (
 
 logger = logging.getLogger("dara_ws_cli")
 
-#: The extra each adapter needs, for the message when it is missing.
 #: Characters of a `tell` text (it is kept in the user's history, see `outbox_bytes`).
 TELL_MAX_TEXT = 1024
+#: Characters of a `chat` text (or of its JSON, for anything else): every other connection gets
+#: a copy, so one client's big messages would multiply into every reader's queue.
+CHAT_MAX_TEXT = 64 * 1024
 
+#: The extra each adapter needs, for the message when it is missing.
 _EXTRAS = {"websockets": "websockets", "aiohttp": "aiohttp", "asgi": "asgi", "picows": "picows"}
 
 
@@ -120,6 +124,8 @@ def build_demo(manager: WebsocketManager | None = None) -> Endpoint:
         return data
 
     async def chat(channel_id: str, data: Any) -> dict[str, Any]:
+        if len(data if isinstance(data, str) else json.dumps(data)) > CHAT_MAX_TEXT:
+            raise ValueError(f"a chat text is at most {CHAT_MAX_TEXT} characters")
         await manager.broadcast(
             {"kind": "chat", "data": {"from": channel_id, "text": data}},
             custom=True,

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dara_ws_cli import build_demo
+from dara_ws_cli.main import CHAT_MAX_TEXT
 from dara_ws_core import CustomServerMessage, DaraClient, MemoryServer, RemoteError
 
 
@@ -50,6 +51,24 @@ async def test_demo_tell_refuses_a_text_that_would_fill_a_users_history() -> Non
         pushed = await alice.receive(timeout=5)
         assert isinstance(pushed, CustomServerMessage)
         assert pushed.message.data == {"from": alice.channel, "text": "x" * 1024}
+    await endpoint.shutdown(grace=0)
+
+
+async def test_demo_chat_refuses_a_text_every_reader_would_get_a_copy_of() -> None:
+    """``chat`` multiplies what one client sends into every other reader's queue: bounded."""
+    endpoint = build_demo()
+    server = MemoryServer(endpoint)
+    alice = DaraClient(lambda: server.connect("/api/core/ws?token=alice"), ping_interval=None)
+    bob = DaraClient(lambda: server.connect("/api/core/ws?token=bob"), ping_interval=None)
+    async with alice, bob:
+        for too_big in ("x" * (CHAT_MAX_TEXT + 1), {"text": "x" * CHAT_MAX_TEXT}):
+            with pytest.raises(RemoteError):
+                await alice.request("chat", too_big)
+        assert await alice.request("chat", "x" * CHAT_MAX_TEXT) == {"delivered": True}
+        pushed = await bob.receive(timeout=5)
+        assert isinstance(pushed, CustomServerMessage)
+        assert pushed.message.data == {"from": alice.channel, "text": "x" * CHAT_MAX_TEXT}
+        assert bob.received_nowait() == []  # the refused ones were never broadcast
     await endpoint.shutdown(grace=0)
 
 
