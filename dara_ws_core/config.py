@@ -20,6 +20,7 @@ class SlowConsumerPolicy(StrEnum):
       once, so one slow client never delays anyone else.
     * ``DROP_OLDEST``: the oldest queued frames are discarded to make room (counted in
       ``WebSocketHandler.dropped``). Suits state pushes where only the newest value matters.
+      A ``send_and_wait`` request discarded unsent fails at once with ``SlowConsumer``.
     * ``DISCONNECT``: the client is closed with 1013 (try again later) at once.
     """
 

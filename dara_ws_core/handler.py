@@ -98,6 +98,10 @@ FanOut = Callable[[Collection["WebSocketHandler"], bytes, "WebSocketHandler | No
 fan_out_through: FanOut | None = None
 
 
+#: An enum member looked up once: ``SlowConsumerPolicy.DROP_OLDEST`` costs a class attribute
+#: lookup through the enum's metaclass (about 100 ns), once per request where it is checked.
+_DROP_OLDEST = SlowConsumerPolicy.DROP_OLDEST
+
 #: What a server request's waiter holds when its timer ran out before the answer came: a
 #: result, not an exception, so that a caller cancelled at the same moment leaves no
 #: "exception never retrieved" behind. No answer can be it (answers are decoded JSON).
@@ -177,8 +181,11 @@ class WebSocketHandler(_Hot):
     connection ends, which fails its pending requests and cancels its handler tasks.
     """
 
+    # CPython lays slots out sorted by name: ``unsent_requests``, rarely used, sorts last and
+    # moves none of the others.
     __slots__ = ("_custom", "_deadlines", "_flush_goal", "_log", "_shut", "_sink", "_tasks", "ack_at", "channel_id",
-                 "config", "connection", "counters", "identity", "on_ack_at", "queue", "transport")
+                 "config", "connection", "counters", "identity", "on_ack_at", "queue", "transport",
+                 "unsent_requests")
 
     def __init__(
         self,
@@ -241,6 +248,11 @@ class WebSocketHandler(_Hot):
         self._shut = False
         self._log: ConnectionLogger | None = None
         self._deadlines: _Deadlines | None = None  # created by the first request with a timeout
+        #: Under DROP_OLDEST, the request frames that were queued, by id (the frame is held, so
+        #: its id is not reused), with their waiters: a request the policy drops fails at once
+        #: rather than at its timeout. Created by the first one; an entry per pending request,
+        #: removed when it ends.
+        self.unsent_requests: dict[int, tuple[bytes, asyncio.Future[Any]]] | None = None
 
     def __repr__(self) -> str:
         return f"<WebSocketHandler {self.channel_id} queued={len(self.queue)}>"
@@ -534,7 +546,12 @@ class WebSocketHandler(_Hot):
 
     def _drop_oldest_and_put(self, frame: bytes) -> None:
         queue, counters = self.queue, self.counters
-        dropped = queue.drop_oldest_and_put(frame)
+        if self.unsent_requests:  # requests are queued: see whether the policy drops one
+            discarded: list[bytes] = []
+            dropped = queue.drop_oldest_and_put(frame, discarded)
+            self._fail_dropped_requests(discarded)
+        else:
+            dropped = queue.drop_oldest_and_put(frame)
         self._through = None  # queued: the frames behind it must queue too
         self.accepted += 1
         counters.frames_out += 1
@@ -549,6 +566,29 @@ class WebSocketHandler(_Hot):
         if dropped and queue.dropped % 1000 == 1:
             self.log.warning("slow consumer: dropping oldest frames",
                              extra={"dropped": queue.dropped})
+
+    def _fail_dropped_requests(self, discarded: list[bytes]) -> None:
+        """Fail at once the requests among the frames ``DROP_OLDEST`` just discarded: the client
+        never sees them, so no answer can come (their callers would wait their whole timeout)."""
+        queued = self.unsent_requests
+        assert queued is not None
+        for old in discarded:
+            entry = queued.get(id(old))
+            if entry is not None and entry[0] is old:
+                del queued[id(old)]
+                waiter = entry[1]
+                if not waiter.done():
+                    waiter.set_exception(SlowConsumer(
+                        f"request to channel {self.channel_id} dropped unsent: its queue was "
+                        "full (slow_consumer_policy drop_oldest)"))
+
+    def _watch_queued_request(self, frame: bytes, waiter: asyncio.Future[Any]) -> None:
+        """``frame``, a request, was queued under ``DROP_OLDEST``: remember it, so that the
+        policy dropping it fails its waiter (:meth:`_fail_dropped_requests`)."""
+        queued = self.unsent_requests
+        if queued is None:
+            self.unsent_requests = queued = {}
+        queued[id(frame)] = (frame, waiter)
 
     def _disconnect_slow(self) -> None:
         queue, counters = self.queue, self.counters
@@ -577,7 +617,8 @@ class WebSocketHandler(_Hot):
 
         ``timeout`` defaults to ``ServerConfig.request_timeout``. Raises ``RequestTimeout``,
         ``ConnectionClosed`` at once if the connection closes, ``ChunkError`` for an invalid
-        chunked answer, ``TooManyPendingRequests`` at the channel's limit, ``SlowConsumer``.
+        chunked answer, ``TooManyPendingRequests`` at the channel's limit, ``SlowConsumer`` (the
+        client disconnected for being slow, or, under ``DROP_OLDEST``, the request dropped unsent).
         Cancelling the call removes its pending entry.
 
         A coroutine to await, as an ``async def`` gives (nothing is encoded or sent before it
@@ -634,6 +675,8 @@ class WebSocketHandler(_Hot):
             if not self.offer(frame, at_once=True):
                 # The slow path (a full queue): the policy may wait, within the same timeout.
                 return await self._request_slow(frame, waiter, timeout)
+            if self.config.slow_consumer_policy is _DROP_OLDEST and len(self.queue):
+                self._watch_queued_request(frame, waiter)  # queued, not written: may be dropped
             if timeout is None:
                 answer = await waiter
             else:
@@ -645,9 +688,12 @@ class WebSocketHandler(_Hot):
                     answer = await waiter
                 finally:
                     del deadlines.pending[waiter]
-        except BaseException:  # cancelled, closed, refused: the entry may still be pending
+        except BaseException:  # cancelled, closed, refused, dropped: the entry may still be pending
             self.connection.discard_request(rchan)
             raise
+        finally:
+            if self.unsent_requests:
+                self.unsent_requests.pop(id(frame), None)
         if answer is _EXPIRED:  # no answer came: the entry is still pending
             self.connection.discard_request(rchan)
             self.counters.requests_timeout += 1
@@ -662,6 +708,8 @@ class WebSocketHandler(_Hot):
         try:
             async with asyncio.timeout(timeout) as scope:
                 await self.enqueue_slow(frame)
+                if self.config.slow_consumer_policy is _DROP_OLDEST:
+                    self._watch_queued_request(frame, waiter)
                 return await waiter
         except TimeoutError:
             if scope.expired():

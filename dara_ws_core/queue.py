@@ -95,21 +95,24 @@ class OutboundQueue:
             raise ConnectionClosed(reason="channel is closed")
         self._append(frame)
 
-    def drop_oldest_and_put(self, frame: bytes) -> int:
-        """Enqueue, discarding the oldest frames until ``frame`` fits; returns how many were dropped."""
+    def drop_oldest_and_put(self, frame: bytes, discarded: list[bytes] | None = None) -> int:
+        """Enqueue, discarding the oldest frames until ``frame`` fits; returns how many were
+        dropped, and appends them to ``discarded`` if given (the caller looks for its own)."""
         if self._closed:
             raise ConnectionClosed(reason="channel is closed")
-        dropped = self._drop_oldest(len(frame))
+        dropped = self._drop_oldest(len(frame), discarded)
         self._append(frame)
         return dropped
 
-    def _drop_oldest(self, size: int) -> int:
+    def _drop_oldest(self, size: int, discarded: list[bytes] | None) -> int:
         """Discard the oldest frames until ``size`` more bytes fit; how many were discarded."""
         dropped = 0
         while not self._fits(size):
             old = self._frames.popleft()
             self._bytes -= len(old)
             dropped += 1
+            if discarded is not None:
+                discarded.append(old)
         self.dropped += dropped
         return dropped
 

@@ -817,10 +817,10 @@ class TimedQueue(OutboundQueue):
     def _become(self, kind: type[TimedQueue]) -> None:
         self.__class__ = kind
 
-    def _drop_oldest(self, size: int) -> int:
+    def _drop_oldest(self, size: int, discarded: list[bytes] | None) -> int:
         # Before the new frame is appended (and perhaps stamped at its position): the positions
         # count the dropped frames as removed, and their stamps go with them.
-        dropped = super()._drop_oldest(size)
+        dropped = super()._drop_oldest(size, discarded)
         if dropped:
             self._removed += dropped
             stamps = self._stamps

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
+from dara_ws_core import logs
+
 from .stacks import TRANSPORTS, Stack, running_stack
 
 settings.register_profile(
@@ -26,6 +28,14 @@ if os.environ.get("DARA_TEST_LOOP") == "uvloop":  # run every async test on uvlo
         import uvloop
 
         return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture(autouse=True)
+def _peer_record_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh process-wide budget of peer-caused records for each test: one test's flood of
+    bad input must not leave the next one's expected records unwritten."""
+    budget = logs.PEER_RECORDS
+    monkeypatch.setattr(logs, "PEER_RECORDS", logs.PeerRecordBudget(budget.burst, budget.rate))
 
 
 @pytest.fixture(params=sorted(TRANSPORTS))

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from dara_ws_core import Identity, RemoteError, WebsocketManager
-from dara_ws_core.logs import ConnectionLogger
+from dara_ws_core import Identity, RemoteError, WebsocketManager, logs
+from dara_ws_core.logs import ConnectionLogger, PeerRecordBudget
 
 from .stacks import HandshakeRejected, running_stack
 
@@ -64,3 +64,24 @@ def test_a_connection_makes_its_logger_on_first_use_only() -> None:
     assert handler._log is None
     assert handler.log is handler.log
     assert handler.log.extra == {"channel": "c1", "user": "bob", "transport": "memory"}
+
+
+def test_the_process_budget_of_peer_records_allows_a_burst_then_a_rate_and_counts_the_rest() -> None:
+    budget = PeerRecordBudget(burst=3, rate=2.0)
+    assert [budget.take(10.0) for _ in range(5)] == [0, 0, 0, None, None]
+    assert budget.take(10.25) is None  # half a record earned so far
+    assert budget.take(10.5) == 3  # one earned: logged, with the three refused before it
+    assert budget.take(100.0) == 0 and budget.take(100.0) == 0 and budget.take(100.0) == 0
+    assert budget.take(100.0) is None  # refilled to the burst, never past it
+
+
+def test_records_of_many_connections_stay_within_the_process_budget(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A count per connection alone lets a client log once per connection it opens.
+    monkeypatch.setattr(logs, "PEER_RECORDS", PeerRecordBudget(burst=5, rate=0.001))
+    caplog.set_level(logging.INFO, "dara_ws_core")
+    for i in range(50):
+        log = ConnectionLogger(logging.getLogger("dara_ws_core"), {"channel": f"c{i}"})
+        log.peer_error(logging.WARNING, "dropped client frame")
+    assert len(_records(caplog, "dropped client frame")) == 5

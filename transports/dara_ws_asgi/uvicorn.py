@@ -130,7 +130,8 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
       is reported as 1006 (RFC 6455 7.1.5), as on every other transport; uvicorn says 1005
       once the handshake is complete.
     * Logs: uvicorn's warning for each request it cannot parse is rate-limited
-      (:class:`_InvalidRequests`, installed once on ``uvicorn.error``).
+      (:class:`_InvalidRequests`, installed once on ``uvicorn.error``); a text message that is
+      not UTF-8 closes the connection with 1007 without uvicorn's ERROR and traceback.
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -165,6 +166,25 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
             if self.read_paused and self.queue.empty():  # uvicorn's own rule for resuming
                 self.read_paused = False
                 self.transport.resume_reading()
+
+        def send_receive_event_to_app(self) -> None:
+            if self.curr_msg_data_type != "text" or self.close_sent:
+                super().send_receive_event_to_app()
+                return
+            # A text message is decoded here, once, as uvicorn would: on invalid UTF-8 uvicorn
+            # logs an ERROR with a traceback, which any peer could repeat by the connection.
+            # The outcome is uvicorn's (1007), without the record, as on every other transport.
+            frames, self.frames = self.frames, []
+            try:
+                text = (frames[0] if len(frames) == 1 else b"".join(frames)).decode()
+            except UnicodeDecodeError:
+                self.conn.send_close(1007)
+                self.handle_parser_exception()
+                return
+            self.queue.put_nowait({"type": "websocket.receive", "text": text})
+            if not self.read_paused:
+                self.read_paused = True
+                self.transport.pause_reading()
 
     return http, WebSocketProtocol
 
