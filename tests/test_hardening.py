@@ -35,6 +35,7 @@ from dara_ws_core import (
     Transport,
     WebsocketManager,
 )
+from dara_ws_core.codec import MAX_NUMBER_DIGITS
 from dara_ws_core.correlation import PROCESS_CHUNKS
 
 from .helpers import eventually
@@ -232,6 +233,40 @@ async def test_chunked_answers_are_bounded_in_values_on_a_channel_and_in_the_pro
         assert stack.manager.handlers[alice.channel or ""].counters.requests_chunk_error == 2
         await send_json(mallory, {"type": "ping", "message": None})
         assert (await receive_json(mallory))["type"] == "pong"
+
+
+async def test_chunk_fields_that_are_not_integers_are_dropped(make_stack: MakeStack) -> None:
+    # ``true`` or ``"1"`` is no chunk count: the frame is dropped (protocol.md section 6), never
+    # read as 1 (which would complete the request with it); the request waits for its answer.
+    async with make_stack() as stack:
+        raw = await stack.connect("mallory:m1")
+        channel = (await receive_json(raw))["message"]["channel"]
+        asking = asyncio.ensure_future(stack.manager.send_and_wait(channel, {}, timeout=TIMEOUT))
+        rchan = (await receive_json(raw))["message"]["__rchan"]
+        for fields in ({"chunk_count": True}, {"chunk_count": "1"}, {"chunk_count": 1.0},
+                       {"chunk_count": 1, "chunk_index": "0"}, {"chunk_count": 1, "chunk_index": False}):
+            await send_json(raw, {"type": "message", "channel": rchan, "message": "lax", **fields})
+        await send_json(raw, {"type": "ping", "message": None})
+        assert (await receive_json(raw))["type"] == "pong"  # every frame before it was read
+        assert not asking.done()
+        await send_json(raw, {"type": "message", "channel": rchan, "chunk_count": 1,
+                              "chunk_index": 0, "message": "strict"})
+        assert await asking == ["strict"]
+
+
+async def test_a_number_of_too_many_digits_closes_with_1009_and_its_own_reason(
+    make_stack: MakeStack,
+) -> None:
+    async with make_stack() as stack:
+        neighbour = await stack.client("alice:s1")
+        raw = await open_raw(stack)
+        digits = "1" * (MAX_NUMBER_DIGITS + 1)
+        await raw.send(('{"type":"custom","message":{"kind":"echo","data":' + digits + "}}").encode())
+        _, closed = await read_until_closed(raw)
+        assert (closed.code, closed.reason) == (CloseCode.MESSAGE_TOO_BIG,
+                                                f"a number of more than {MAX_NUMBER_DIGITS} digits")
+        await eventually(lambda: len(stack.manager.handlers) == 1)
+        assert neighbour.connected
 
 
 async def test_oversized_frame_closes_with_1009(make_stack: MakeStack) -> None:
