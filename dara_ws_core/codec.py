@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = [
     "MAX_NESTING_DEPTH",
+    "MAX_NUMBER_DIGITS",
     "PONG_FRAME",
     "build_frame",
     "count_json_values",
@@ -198,6 +199,10 @@ def utf8_size_exceeds(text: str, limit: int) -> bool:
 #: How deep JSON may nest in a frame: the limit of pydantic-core's parser (jiter), which refuses
 #: deeper documents before building anything. A frame nested deeper is closed with 1009.
 MAX_NESTING_DEPTH = 201
+#: Most digits of a number literal before its fraction: the limit of pydantic-core's parser,
+#: which is CPython's default for converting text to an integer (``sys.int_info``). A frame
+#: with a longer number is closed with 1009.
+MAX_NUMBER_DIGITS = 4300
 
 
 def count_json_values(text: str | bytes) -> int:
@@ -221,8 +226,8 @@ def decode_client_frame(
     * ``bytes`` means a *binary* frame: ``InvalidFrame`` with close code 1003;
     * more than ``max_size`` bytes of UTF-8: ``FrameTooLarge`` (1009);
     * more than ``max_values`` JSON values (counted before parsing: what a frame may cost in
-      memory and decoding time), or nested deeper than :data:`MAX_NESTING_DEPTH`:
-      ``FrameTooLarge`` (1009);
+      memory and decoding time), nested deeper than :data:`MAX_NESTING_DEPTH`, or holding a
+      number of more than :data:`MAX_NUMBER_DIGITS` digits: ``FrameTooLarge`` (1009);
     * not JSON, not a JSON object, or holding a number that is not finite: ``NaN`` /
       ``Infinity`` (not JSON, though many encoders write them) or a literal beyond a double's
       range such as ``1e400`` (JSON's grammar allows it, but it cannot be carried on: echoed, it
@@ -465,6 +470,11 @@ def _classify(exc: ValidationError) -> ProtocolError:
             return FrameTooLarge(f"JSON nested deeper than {MAX_NESTING_DEPTH} levels")
         if "surrogate" in detail or "hex escape" in detail:
             return _LoneSurrogate("lone surrogate escape")
+        if "number out of range" in detail:
+            # The parser refuses number literals of more than MAX_NUMBER_DIGITS digits, as
+            # CPython refuses to convert longer ones (their conversion is quadratic): valid
+            # JSON, refused as a cost, as deep nesting is.
+            return FrameTooLarge(f"a number of more than {MAX_NUMBER_DIGITS} digits")
         return InvalidFrame("frame is not valid JSON")
     if loc == () and kind in ("dict_type", "model_type", "model_attributes_type"):
         return InvalidFrame("frame is not a JSON object")

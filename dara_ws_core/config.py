@@ -44,7 +44,7 @@ class ServerConfig:
     #: object of distinct keys), and a frame is decoded in one go on the event loop: this bounds
     #: what one frame can cost in memory (~30 MB) and loop time (~70 ms on this project's 2-core
     #: CI machine). Above it the connection is closed with 1009. Raise it for applications whose
-    #: clients answer with large tables.
+    #: clients answer with large tables (or let them answer in parts: ``max_chunked_values``).
     max_message_values: int = 250_000
     #: Outbound queue bound per channel, in frames and in bytes.
     max_queue_messages: int = 4096
@@ -56,10 +56,20 @@ class ServerConfig:
     max_pending_requests: int = 1024
     #: Default timeout of ``send_and_wait`` when the call gives none.
     request_timeout: float | None = 30.0
-    #: Chunked answers: most parts of one answer, and most bytes (UTF-8 JSON, as on the wire) of
-    #: parts held at once for all of a channel's pending answers.
+    #: Chunked answers: most parts of one answer, and most bytes (UTF-8 JSON, as on the wire)
+    #: and JSON values (counted as in a frame, an upper bound) of parts held at once for all of a
+    #: channel's pending answers. Each part is decoded as its frame arrives (and is bounded as a
+    #: frame: ``max_message_values``); held decoded, a value takes up to ~120 bytes, so the
+    #: values bound what a channel's parts hold in memory (~120 MB at worst), and the last part
+    #: costs no more than any other. Beyond either bound the request fails with ``ChunkError``.
     max_chunks: int = 10_000
     max_chunked_bytes: int = 64 * MiB
+    max_chunked_values: int = 1_000_000
+    #: The same two bounds for the parts held by every connection of the process together (a
+    #: few channels' worth): beyond them, a new or growing chunked answer fails with
+    #: ``ChunkError``, whichever connection sends it.
+    max_chunked_total_bytes: int = 256 * MiB
+    max_chunked_total_values: int = 2_000_000
     #: Close connections that send nothing (not even the stock client's 5 s ping) for this long.
     idle_timeout: float | None = 60.0
     #: Protocol-level keepalive passed to the transport library (websockets/uvicorn style).
@@ -104,8 +114,8 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_message_size", "max_message_values", "max_queue_messages", "max_queue_bytes",
-                     "max_pending_requests", "max_chunks", "max_chunked_bytes",
-                     "max_handler_tasks"):
+                     "max_pending_requests", "max_chunks", "max_chunked_bytes", "max_chunked_values",
+                     "max_chunked_total_bytes", "max_chunked_total_values", "max_handler_tasks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if (self.outbox_messages < 0 or self.outbox_bytes < 1 or self.outbox_age <= 0

@@ -153,11 +153,7 @@ class ServerConnection(Generic[W]):
         self.last_seen = now
         self.expires_at = expires_at
         self._kinds = kinds
-        self._pending: PendingRequests[W] = PendingRequests(
-            max_pending=config.max_pending_requests,
-            max_chunks=config.max_chunks,
-            max_chunked_bytes=config.max_chunked_bytes,
-        )
+        self._pending: PendingRequests[W] = PendingRequests(config)
         self._window_start = now
         self._window_count = 0
         self._handlers = 0

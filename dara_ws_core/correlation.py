@@ -5,11 +5,18 @@ opaque *waiter* (the asyncio layer uses a future). Response frames are fed in; t
 with an outcome naming the waiter to complete or fail. An entry's lifecycle is: opened, then
 exactly one of completed, failed (bad chunks), discarded (timeout or cancellation, by the caller's
 ``finally``) or failed on close (:meth:`PendingRequests.close`). No entry outlives its call.
+
+The parts of chunked answers are bounded three ways: per answer (``max_chunks``), per channel
+(bytes and JSON values of every pending answer's parts), and per process (a :class:`ChunkBudget`
+that every table shares, :data:`PROCESS_CHUNKS` by default), so that many connections, each
+within its own bounds, cannot together hold what no single one may.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "PROCESS_CHUNKS",
+    "ChunkBudget",
     "Completed",
     "Failed",
     "Ignored",
@@ -21,17 +28,19 @@ __all__ = [
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
-from pydantic_core import from_json
-
 from .chunks import ChunkAssembler
-from .codec import dumps
+from .codec import count_json_values, dumps
+from .config import ServerConfig
 from .exceptions import ChunkError, DaraWSError, TooManyPendingRequests
 from .messages import DaraClientMessage
 
 W = TypeVar("W")
+
+#: The limits of a table made without a configuration.
+_DEFAULT_CONFIG = ServerConfig()
 
 #: The hex digit that holds uuid4's variant bits (RFC 4122: 10xx), by the random digit it replaces.
 _VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
@@ -132,13 +141,67 @@ class Ignored:
 Outcome = Completed[W] | Failed[W] | Partial | Ignored
 
 
+class ChunkBudget:
+    """Bytes (as on the wire) and JSON values of the parts that the unfinished chunked answers of
+    every table sharing this budget hold. Each table checks it against the ceilings of its own
+    configuration (``max_chunked_total_bytes``, ``max_chunked_total_values``).
+
+    Counted by the tables of one event loop: nothing here is locked.
+    """
+
+    __slots__ = ("bytes", "values")
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.values = 0
+
+
+#: The budget every :class:`PendingRequests` shares unless given its own: the process's.
+PROCESS_CHUNKS = ChunkBudget()
+
+
+class _Held:
+    """What one channel's pending answers hold, counted in ``budget`` too. Created with the
+    channel's first part. A table dropped without :meth:`PendingRequests.close` (a user's own
+    table, a test's) gives its share back when this object goes, so the process-wide count
+    never keeps what nobody holds."""
+
+    __slots__ = ("budget", "bytes", "values")
+
+    def __init__(self, budget: ChunkBudget) -> None:
+        self.budget = budget
+        self.bytes = 0
+        self.values = 0
+
+    def add(self, size: int, values: int) -> None:
+        self.bytes += size
+        self.values += values
+        budget = self.budget
+        budget.bytes += size
+        budget.values += values
+
+    def release(self, size: int, values: int) -> None:
+        self.bytes -= size
+        self.values -= values
+        budget = self.budget
+        budget.bytes -= size
+        budget.values -= values
+
+    def __del__(self) -> None:
+        if self.bytes or self.values:
+            self.release(self.bytes, self.values)
+
+
 class _Entry(Generic[W]):
-    __slots__ = ("assembler", "held", "waiter")
+    # ``held`` and ``values`` (what the entry's parts hold) are set with its assembler, by the
+    # first part of a chunked answer: a plain answer, the usual one, never writes them.
+    __slots__ = ("assembler", "held", "values", "waiter")
+    held: int
+    values: int
 
     def __init__(self, waiter: W) -> None:
         self.waiter = waiter
         self.assembler: ChunkAssembler | None = None
-        self.held = 0  # bytes of the parts stored
 
 
 #: The entries of every channel without a pending request (never written to: see open()).
@@ -148,31 +211,78 @@ _NO_ENTRIES: dict[str, Any] = {}
 class PendingRequests(Generic[W]):
     """Pending server -> client requests of one channel, bounded in count and chunk sizes.
 
-    ``max_chunked_bytes`` bounds the parts held for *all* of the channel's pending answers
-    together: a client answering many requests at once holds no more than one answer could.
+    The limits are those of ``config`` (a :class:`~dara_ws_core.config.ServerConfig`, shared by
+    every table made with it), or of the keywords given, which override it. The parts held for
+    *all* of the channel's pending answers together are bounded in bytes
+    (``max_chunked_bytes``) and in JSON values (``max_chunked_values``): a client answering many
+    requests at once holds no more than one answer could. The parts held by every table sharing
+    ``budget`` (:data:`PROCESS_CHUNKS`, the process's, by default) are bounded by
+    ``max_chunked_total_bytes`` and ``max_chunked_total_values``. A part beyond any bound fails
+    its request with :class:`~dara_ws_core.exceptions.ChunkError`.
     """
 
-    __slots__ = ("_entries", "_held", "max_chunked_bytes", "max_chunks", "max_pending")
+    __slots__ = ("_budget", "_config", "_entries", "_held", "max_pending")
 
     def __init__(
-        self, *, max_pending: int = 1024, max_chunks: int = 10_000, max_chunked_bytes: int = 2**26
+        self,
+        config: ServerConfig | None = None,
+        *,
+        budget: ChunkBudget | None = None,
+        max_pending: int | None = None,
+        max_chunks: int | None = None,
+        max_chunked_bytes: int | None = None,
+        max_chunked_values: int | None = None,
     ) -> None:
-        self.max_pending = max_pending
-        self.max_chunks = max_chunks
-        self.max_chunked_bytes = max_chunked_bytes
+        if config is None:
+            config = _DEFAULT_CONFIG
+        if not (max_pending is None and max_chunks is None and max_chunked_bytes is None
+                and max_chunked_values is None):
+            config = replace(
+                config,
+                max_pending_requests=config.max_pending_requests if max_pending is None else max_pending,
+                max_chunks=config.max_chunks if max_chunks is None else max_chunks,
+                max_chunked_bytes=config.max_chunked_bytes if max_chunked_bytes is None else max_chunked_bytes,
+                max_chunked_values=config.max_chunked_values if max_chunked_values is None else max_chunked_values,
+            )
+        self._config = config
+        self._budget = PROCESS_CHUNKS if budget is None else budget
+        # A read of every request (open()), hence a slot of its own.
+        self.max_pending = config.max_pending_requests
         # A shared empty table until the first request: most connections never get one, and an
         # empty dict per connection is 64 bytes. Only open() adds; it swaps in a table first.
         self._entries: dict[str, _Entry[W]] = _NO_ENTRIES
-        self._held = 0  # bytes of parts held, over every entry
+        self._held: _Held | None = None  # made by the first part of a chunked answer
+
+    @property
+    def max_chunks(self) -> int:
+        """Most parts of one answer."""
+        return self._config.max_chunks
+
+    @property
+    def max_chunked_bytes(self) -> int:
+        """Most bytes of parts held for all of this channel's pending answers."""
+        return self._config.max_chunked_bytes
+
+    @property
+    def max_chunked_values(self) -> int:
+        """Most JSON values of parts held for all of this channel's pending answers."""
+        return self._config.max_chunked_values
 
     @property
     def held_bytes(self) -> int:
         """Bytes of chunked-answer parts held for this channel's pending requests."""
-        return self._held
+        return 0 if self._held is None else self._held.bytes
+
+    @property
+    def held_values(self) -> int:
+        """JSON values of chunked-answer parts held for this channel's pending requests (an
+        upper bound, counted as for a frame: see :func:`~dara_ws_core.codec.count_json_values`)."""
+        return 0 if self._held is None else self._held.values
 
     def _remove(self, rchan: str) -> _Entry[W]:
         entry = self._entries.pop(rchan)
-        self._held -= entry.held
+        if entry.assembler is not None and self._held is not None:
+            self._held.release(entry.held, entry.values)
         return entry
 
     def __len__(self) -> int:
@@ -213,10 +323,10 @@ class PendingRequests(Generic[W]):
     def receive(self, message: DaraClientMessage) -> Outcome[W]:
         """Feed one response frame.
 
-        The parts of a chunked answer are held as compact JSON ``bytes`` until the last arrives,
-        then decoded together: what a pending answer holds is its size on the wire, counted in
-        UTF-8 bytes against ``max_chunked_bytes``, not the many times more that decoded Python
-        objects take.
+        Each part of a chunked answer is kept as its frame decoded it, so that its cost is paid
+        with its frame, which ``max_message_values`` bounds; the last part only builds the list.
+        What a part holds is counted as its compact JSON: UTF-8 bytes, and JSON values counted
+        as for a frame, against the channel's and the process's bounds.
         """
         rchan = message.channel
         if message.chunk_count is None:
@@ -224,34 +334,60 @@ class PendingRequests(Generic[W]):
         entry = self._entries.get(rchan)
         if entry is None:
             return Ignored(rchan)
+        config = self._config
+        held = self._held
         try:
             if entry.assembler is None:
                 entry.assembler = ChunkAssembler(
                     message.chunk_count,
-                    max_chunks=self.max_chunks,
-                    max_bytes=self.max_chunked_bytes,
+                    max_chunks=config.max_chunks,
+                    max_bytes=config.max_chunked_bytes,
                 )
+                entry.held = entry.values = 0
             part = dumps(message.message)
-            if self._held + len(part) > self.max_chunked_bytes:
-                raise ChunkError(
-                    f"chunked answers pending on this channel exceed {self.max_chunked_bytes} bytes"
-                )
+            size = len(part)
+            values = count_json_values(part)
+            self._check(held, size, values)
             parts = entry.assembler.feed(
-                part,
+                message.message,
                 chunk_count=message.chunk_count,
                 chunk_index=message.chunk_index,
-                size=len(part),
+                size=size,
             )
         except ChunkError as exc:
             self._remove(rchan)
-            return Failed(rchan, entry.waiter, exc)
-        entry.held += len(part)
-        self._held += len(part)
+            # Without its traceback: through this frame's locals it would keep every part of
+            # the failed answer alive as long as the caller keeps the exception.
+            return Failed(rchan, entry.waiter, exc.with_traceback(None))
+        if held is None:
+            self._held = held = _Held(self._budget)
+        held.add(size, values)
+        entry.held += size
+        entry.values += values
         if parts is None:
             return Partial(rchan, entry.assembler.received, entry.assembler.expected)
         self._remove(rchan)
-        # Without pydantic-core's string cache, as every frame (see codec._NO_STRING_CACHE).
-        return Completed(rchan, entry.waiter, [from_json(part, cache_strings=False) for part in parts])
+        return Completed(rchan, entry.waiter, parts)
+
+    def _check(self, held: _Held | None, size: int, values: int) -> None:
+        """Raise :class:`ChunkError` if a part of ``size`` bytes and ``values`` JSON values
+        would take the channel or the process over a bound."""
+        config = self._config
+        channel_bytes, channel_values = (0, 0) if held is None else (held.bytes, held.values)
+        if channel_bytes + size > config.max_chunked_bytes:
+            raise ChunkError(
+                f"chunked answers pending on this channel exceed {config.max_chunked_bytes} bytes"
+            )
+        if channel_values + values > config.max_chunked_values:
+            raise ChunkError(f"chunked answers pending on this channel exceed "
+                             f"{config.max_chunked_values} JSON values")
+        budget = self._budget
+        if budget.bytes + size > config.max_chunked_total_bytes:
+            raise ChunkError(f"chunked answers pending in this process exceed "
+                             f"{config.max_chunked_total_bytes} bytes")
+        if budget.values + values > config.max_chunked_total_values:
+            raise ChunkError(f"chunked answers pending in this process exceed "
+                             f"{config.max_chunked_total_values} JSON values")
 
     def complete(self, rchan: str, value: Any) -> Completed[W] | Failed[W] | Ignored:
         """Feed a plain (not chunked) answer: ``value`` for the request ``rchan``."""
@@ -259,7 +395,8 @@ class PendingRequests(Generic[W]):
         if entry is None:
             return Ignored(rchan)
         if entry.assembler is not None:  # only a chunked answer holds parts
-            self._held -= entry.held
+            if self._held is not None:
+                self._held.release(entry.held, entry.values)
             # Dara let a plain frame silently replace collected parts; we refuse it.
             return Failed(rchan, entry.waiter, ChunkError("plain answer after chunked parts"))
         return Completed(rchan, entry.waiter, value)
@@ -273,5 +410,7 @@ class PendingRequests(Generic[W]):
         """Remove every entry and return their waiters, to be failed with the close exception."""
         waiters = [entry.waiter for entry in self._entries.values()]
         self._entries.clear()
-        self._held = 0
+        held = self._held
+        if held is not None:
+            held.release(held.bytes, held.values)
         return waiters

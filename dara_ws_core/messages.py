@@ -89,14 +89,15 @@ class DaraClientMessage(BaseModel):
     """A response to a server request (``send_and_wait``): ``channel`` is the request's ``__rchan``.
 
     With ``chunk_count`` it is one of N parts; ``chunk_index`` **[ext]** orders parts that may
-    arrive out of order.
+    arrive out of order. Both are JSON integers or null, strictly: ``true`` or ``"2"`` is an
+    invalid field (the frame is dropped, protocol.md section 6), never read as 1 or 2.
     """
 
     model_config = _CONFIG
     type: Literal["message"] = "message"
     channel: str
-    chunk_count: int | None = None
-    chunk_index: int | None = Field(default=None, exclude_if=_is_none)
+    chunk_count: int | None = Field(default=None, strict=True)
+    chunk_index: int | None = Field(default=None, strict=True, exclude_if=_is_none)
     message: Any = None
 
 

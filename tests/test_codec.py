@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from dara_ws_core.codec import (
     MAX_NESTING_DEPTH,
+    MAX_NUMBER_DIGITS,
     build_frame,
     count_json_values,
     decode_answer,
@@ -228,6 +229,31 @@ def test_nesting_deeper_than_the_documented_depth_closes_with_1009_and_its_own_r
     with pytest.raises(FrameTooLarge, match=f"nested deeper than {MAX_NESTING_DEPTH}") as caught:
         decode_client_frame(_nested(MAX_NESTING_DEPTH + extra))
     assert caught.value.close_code == 1009
+
+
+def test_numbers_of_up_to_the_documented_digits_decode() -> None:
+    digits = "7" * MAX_NUMBER_DIGITS
+    for text, value in ((digits, int(digits)), ("-" + digits, -int(digits)),
+                        ("0." + "1" * 10_000, 0.1111111111111111)):
+        decoded = decode_client_frame(custom_frame(text))
+        assert isinstance(decoded, CustomClientMessage) and decoded.message.data == value
+    answer = '{"type":"message","channel":"r-1","message":[' + digits + "]}"
+    assert decode_answer(answer) == ("r-1", [int(digits)])
+
+
+@pytest.mark.parametrize(
+    "number", ["1" * (MAX_NUMBER_DIGITS + 1), "-" + "9" * 5000, "1" * (MAX_NUMBER_DIGITS + 1) + ".5",
+               "[0, " + "2" * 100_000 + "]", '{"x": ' + "3" * 5000 + "e5}"]
+)
+def test_a_number_of_more_than_the_documented_digits_closes_with_1009_and_its_own_reason(
+    number: str,
+) -> None:
+    # Valid JSON, which the parser refuses as CPython refuses to convert such a number (the
+    # cost is quadratic in its digits): not "not valid JSON", a bound with its own reason.
+    for frame in (custom_frame(number), '{"type":"message","channel":"r-1","message":' + number + "}"):
+        with pytest.raises(FrameTooLarge, match=f"more than {MAX_NUMBER_DIGITS} digits") as caught:
+            decode_client_frame(frame)
+        assert caught.value.close_code == 1009
 
 
 @given(S.json_values)
@@ -464,7 +490,9 @@ NOT_ANSWERS = [
     '{"type":"message","channel":"a","message":"\ud800"}',
     '{"type":"message","channel":"\udc00","message":1}',
     '{"type":"message","channel":"r-1","chunk_count":2,"chunk_index":0,"message":1}',  # a chunk
-    '{"type":"message","channel":"r-1","chunk_count":"2","message":1}',  # lax: still a chunk
+    '{"type":"message","channel":"r-1","chunk_count":"2","message":1}',  # invalid: dropped
+    '{"type":"message","channel":"r-1","chunk_count":true,"message":1}',  # invalid: dropped
+    '{"type":"message","channel":"r-1","message":' + "9" * 4301 + "}",  # too many digits
     '{"type":"message","channel":"r-1","chunk_index":0,"message":1}',
     '{"type":"message","channel":"r-1","chunk_index":"x","message":1}',  # invalid: dropped
     '{"type":"message","channel":5,"message":1}',

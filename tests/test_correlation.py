@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import uuid
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +22,16 @@ from hypothesis.stateful import (
     rule,
 )
 
-from dara_ws_core.correlation import Completed, Failed, Ignored, Partial, PendingRequests
+from dara_ws_core.config import ServerConfig
+from dara_ws_core.correlation import (
+    PROCESS_CHUNKS,
+    ChunkBudget,
+    Completed,
+    Failed,
+    Ignored,
+    Partial,
+    PendingRequests,
+)
 from dara_ws_core.exceptions import ChunkError, RequestError, TooManyPendingRequests
 from dara_ws_core.messages import DaraClientMessage
 
@@ -29,6 +40,11 @@ from . import strategies as S
 MAX_PENDING = 4
 MAX_CHUNKS = 4
 MAX_BYTES = 24
+MAX_VALUES = 6
+#: What the other channels of the process hold, and the process's bounds: the room they leave
+#: (20 bytes, 5 values) is below one channel's own, so both bounds are reached.
+OTHER_BYTES, OTHER_VALUES = 20, 5
+TOTAL_BYTES, TOTAL_VALUES = 40, 10
 
 #: Payloads only need to be told apart (their codec is tested in test_messages); strings of
 #: 1- to 4-byte characters check that parts are counted in UTF-8 bytes.
@@ -39,6 +55,18 @@ payloads = (st.none() | st.integers() | st.lists(st.integers(), max_size=2)
 def wire_size(payload: Any) -> int:
     """A part's size as the table must count it: compact JSON in UTF-8 bytes."""
     return len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def value_count(payload: Any) -> int:
+    """A part's JSON values as the table must count them, by walking it. The count is made on
+    the text, as for a frame (an upper bound): an empty list counts as holding one value (its
+    opening bracket announces one), and a string holding commas or brackets counts them too,
+    which never happens in ``payloads``."""
+    if isinstance(payload, list):
+        return 1 + (sum(value_count(item) for item in payload) or 1)
+    if isinstance(payload, dict):
+        return 1 + (sum(value_count(item) for item in payload.values()) or 1)
+    return 1
 
 
 def response(
@@ -74,6 +102,7 @@ class ModelEntry:
     indexed: bool | None = None
     parts: dict[int, Any] = field(default_factory=dict)
     size: int = 0
+    values: int = 0
 
 
 @dataclass(frozen=True)
@@ -83,9 +112,9 @@ class Expect:
 
 
 def predict(entry: ModelEntry | None, payload: Any, count: int | None, index: int | None, *,
-            size: int, held: int) -> Expect:
+            held: tuple[int, int]) -> Expect:
     """What the protocol says one response frame does to one entry (protocol.md section 4);
-    ``held`` is the bytes of parts stored for every pending entry of the channel."""
+    ``held`` is the bytes and values of parts stored for every pending entry of the channel."""
     if entry is None:
         return Expect("ignored")
     if count is None:
@@ -101,13 +130,19 @@ def predict(entry: ModelEntry | None, payload: Any, count: int | None, index: in
         entry.indexed = indexed
     elif entry.indexed != indexed:
         return Expect("failed")
-    if held + size > MAX_BYTES:  # the limit is per channel, over every pending answer
+    size, values = wire_size(payload), value_count(payload)
+    held_bytes, held_values = held[0] + size, held[1] + values
+    # The limits are per channel, over every pending answer, and per process.
+    if held_bytes > MAX_BYTES or held_values > MAX_VALUES:
+        return Expect("failed")
+    if OTHER_BYTES + held_bytes > TOTAL_BYTES or OTHER_VALUES + held_values > TOTAL_VALUES:
         return Expect("failed")
     position = len(entry.parts) if index is None else index
     if not 0 <= position < entry.count or position in entry.parts:
         return Expect("failed")
     entry.parts[position] = payload
     entry.size += size
+    entry.values += values
     if len(entry.parts) == entry.count:
         return Expect("completed", [entry.parts[i] for i in range(entry.count)])
     return Expect("partial", (len(entry.parts), entry.count))
@@ -120,8 +155,13 @@ class PendingRequestsMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
+        self.budget = ChunkBudget()
+        self.budget.bytes, self.budget.values = OTHER_BYTES, OTHER_VALUES
         self.table: PendingRequests[Waiter] = PendingRequests(
-            max_pending=MAX_PENDING, max_chunks=MAX_CHUNKS, max_chunked_bytes=MAX_BYTES
+            ServerConfig(max_pending_requests=MAX_PENDING, max_chunks=MAX_CHUNKS,
+                         max_chunked_bytes=MAX_BYTES, max_chunked_values=MAX_VALUES,
+                         max_chunked_total_bytes=TOTAL_BYTES, max_chunked_total_values=TOTAL_VALUES),
+            budget=self.budget,
         )
         self.pending: dict[str, ModelEntry] = {}
         self.issued: set[str] = set()
@@ -156,8 +196,9 @@ class PendingRequestsMachine(RuleBasedStateMachine):
     def answer(self, rchan: str, payload: Any, count: int | None = None,
                index: int | None = None) -> None:
         entry = self.pending.get(rchan)
-        held = sum(e.size for e in self.pending.values())
-        expected = predict(entry, payload, count, index, size=wire_size(payload), held=held)
+        held = (sum(e.size for e in self.pending.values()),
+                sum(e.values for e in self.pending.values()))
+        expected = predict(entry, payload, count, index, held=held)
         outcome = self.table.receive(response(rchan, payload, count, index))
         event(f"outcome: {expected.kind}")
         if expected.kind == "ignored":
@@ -248,9 +289,13 @@ class PendingRequestsMachine(RuleBasedStateMachine):
             assert self.table.waiter(rchan) is entry.waiter
 
     @invariant()
-    def held_bytes_are_those_of_pending_parts(self) -> None:
+    def held_bytes_and_values_are_those_of_pending_parts(self) -> None:
         held = sum(e.size for e in self.pending.values())
+        values = sum(e.values for e in self.pending.values())
         assert self.table.held_bytes == held <= MAX_BYTES
+        assert self.table.held_values == values <= MAX_VALUES
+        assert self.budget.bytes == OTHER_BYTES + held <= TOTAL_BYTES
+        assert self.budget.values == OTHER_VALUES + values <= TOTAL_VALUES
 
     @invariant()
     def every_request_is_pending_or_ended_once(self) -> None:
@@ -263,6 +308,7 @@ class PendingRequestsMachine(RuleBasedStateMachine):
         assert len(waiters) == len(self.pending)
         assert len(self.table) == 0
         assert list(self.table) == []
+        assert (self.budget.bytes, self.budget.values) == (OTHER_BYTES, OTHER_VALUES)
 
 
 TestPendingRequests = PendingRequestsMachine.TestCase
@@ -307,16 +353,17 @@ def test_a_chunked_answer_is_partial_until_its_last_part() -> None:
     assert len(table) == 0
 
 
-def test_a_chunked_answer_is_parsed_without_the_process_wide_string_cache() -> None:
-    # Two equal strings parsed with pydantic-core's (process-wide) cache would be one object.
-    value = str(uuid.uuid4())
+def test_a_chunked_answer_keeps_each_part_as_its_frame_decoded_it() -> None:
+    # Decoded once, with its frame (bounded as a frame); the last part parses nothing, it only
+    # makes the list: what the answer costs is spread over its frames.
+    first, second = {"rows": [[1, 2], [3, 4]]}, ["é", None]
     table: PendingRequests[str] = PendingRequests()
     rchan = table.open("w")
-    assert table.receive(response(rchan, value, 2, 0)) == Partial(rchan, 1, 2)
-    outcome = table.receive(response(rchan, value, 2, 1))
-    assert outcome == Completed(rchan, "w", [value, value])
+    assert table.receive(response(rchan, second, 2, 1)) == Partial(rchan, 1, 2)
+    outcome = table.receive(response(rchan, first, 2, 0))
+    assert outcome == Completed(rchan, "w", [first, second])
     assert isinstance(outcome, Completed)
-    assert outcome.value[0] is not outcome.value[1]
+    assert outcome.value[0] is first and outcome.value[1] is second
 
 
 def test_a_plain_answer_after_chunks_fails_the_request() -> None:
@@ -375,17 +422,121 @@ def test_chunked_bytes_are_counted_in_utf8_not_in_characters() -> None:
     assert isinstance(outcome, Failed)
 
 
-def test_a_pending_chunked_answer_holds_its_parts_as_wire_bytes() -> None:
-    # 2,000 empty objects decode to 2,000 dicts (over 120 KB); held, they are 6 KB of JSON.
-    table: PendingRequests[str] = PendingRequests()
+def test_chunked_values_above_the_limit_fail_the_request() -> None:
+    # Each part is small; the answer is not: it fails at the part that crosses the bound, not
+    # after its last part arrived (nor, by then, decoded a hundred times what a frame may hold).
+    table: PendingRequests[str] = PendingRequests(max_chunked_values=10)
     rchan = table.open("w")
-    part: list[dict[str, Any]] = [{} for _ in range(2000)]
-    assert isinstance(table.receive(response(rchan, part, 2)), Partial)
-    held = table._entries[rchan].assembler._parts[0]  # type: ignore[union-attr]
-    assert held == json.dumps(part, separators=(",", ":")).encode()
-    outcome = table.receive(response(rchan, {"x": "é"}, 2))
-    assert isinstance(outcome, Completed)
-    assert outcome.value == [part, {"x": "é"}]
+    assert isinstance(table.receive(response(rchan, [1, 2, 3, 4], 5)), Partial)  # 5 values
+    assert table.held_values == 5
+    outcome = table.receive(response(rchan, [[], [], [], [], []], 5))  # 6 more
+    assert isinstance(outcome, Failed) and isinstance(outcome.error, ChunkError)
+    assert "10 JSON values" in str(outcome.error)
+    assert rchan not in table and table.held_values == 0 and table.held_bytes == 0
+
+
+def test_the_error_of_a_failed_chunked_answer_keeps_none_of_its_parts() -> None:
+    # The caller keeps the ChunkError as long as it likes (a future's exception, a log record):
+    # that must not keep the refused answer's parts, as its traceback's frames would.
+    class Part(list[int]):  # a list that a weak reference can watch
+        pass
+
+    table: PendingRequests[str] = PendingRequests(max_chunked_values=10)
+    rchan = table.open("w")
+    part = Part(range(5))
+    watch = weakref.ref(part)
+    assert isinstance(table.receive(response(rchan, part, 3)), Partial)
+    outcome = table.receive(response(rchan, list(range(5)), 3))
+    assert isinstance(outcome, Failed)
+    error = outcome.error
+    del part, outcome
+    assert watch() is None, "the parts of a failed answer outlive it"
+    assert error.__traceback__ is None
+
+
+def test_chunked_values_are_counted_as_in_a_frame() -> None:
+    # As a frame's: every comma and opening bracket, inside strings too (an upper bound).
+    table: PendingRequests[str] = PendingRequests(max_chunked_values=10)
+    rchan = table.open("w")
+    assert isinstance(table.receive(response(rchan, {"a": [None, {}]}, 2)), Partial)
+    assert table.held_values == 5  # {"a":[null,{}]}: 3 brackets, 1 comma, and the first value
+    assert isinstance(table.receive(response(rchan, ",,,,,,", 2)), Failed)  # 7: 12 in all
+
+
+def test_chunked_values_are_bounded_per_channel_not_only_per_answer() -> None:
+    table: PendingRequests[str] = PendingRequests(max_chunked_values=10)
+    first, second = table.open("a"), table.open("b")
+    assert isinstance(table.receive(response(first, list(range(5)), 2)), Partial)  # 6 values
+    outcome = table.receive(response(second, list(range(5)), 2))
+    assert isinstance(outcome, Failed) and outcome.waiter == "b"
+    assert table.held_values == 6
+    assert isinstance(table.receive(response(first, 1, 2)), Completed)
+    assert table.held_values == 0
+
+
+def budget_config() -> ServerConfig:
+    return ServerConfig(max_chunked_total_bytes=100, max_chunked_total_values=10)
+
+
+def test_the_process_budget_fails_new_and_growing_answers_on_every_channel() -> None:
+    # Each channel is well within its own bounds; together they are not.
+    budget = ChunkBudget()
+    one: PendingRequests[str] = PendingRequests(budget_config(), budget=budget)
+    two: PendingRequests[str] = PendingRequests(budget_config(), budget=budget)
+    growing, new, later = one.open("growing"), two.open("new"), two.open("later")
+    assert isinstance(one.receive(response(growing, "x" * 58, 3)), Partial)  # 60 bytes
+    assert (budget.bytes, budget.values) == (60, 1)
+    refused = two.receive(response(new, "y" * 48, 2))  # 50 more: over 100 bytes in all
+    assert isinstance(refused, Failed) and refused.waiter == "new"
+    assert "in this process exceed 100 bytes" in str(refused.error)
+    assert isinstance(two.receive(response(later, [1, 2, 3, 4], 2)), Partial)  # 5 values
+    grown = one.receive(response(growing, [1, 2, 3, 4, 5], 3))  # 6 more: over 10 values
+    assert isinstance(grown, Failed) and grown.waiter == "growing"
+    assert "in this process exceed 10 JSON values" in str(grown.error)
+    assert (budget.bytes, budget.values) == (two.held_bytes, two.held_values) == (9, 5)
+    assert isinstance(two.receive(response(later, "z" * 48, 2)), Completed), "room again"
+    assert (budget.bytes, budget.values) == (0, 0)
+
+
+def test_every_end_of_a_chunked_answer_gives_its_share_back_to_the_process() -> None:
+    budget = ChunkBudget()
+    table: PendingRequests[str] = PendingRequests(budget=budget)
+    ends: dict[str, Callable[[str], object]] = {
+        "completed": lambda rchan: table.receive(response(rchan, 2, 2)),
+        "failed": lambda rchan: table.receive(response(rchan, 2, 3)),
+        "plain answer": lambda rchan: table.receive(response(rchan, 2)),
+        "discarded": table.discard,
+        "closed": lambda rchan: table.close(),
+    }
+    for how, end in ends.items():
+        rchan = table.open(how)
+        assert isinstance(table.receive(response(rchan, [1, 2], 2)), Partial)
+        assert (budget.bytes, budget.values) == (5, 3), how
+        end(rchan)
+        assert (budget.bytes, budget.values) == (0, 0), how
+
+
+def test_a_table_dropped_while_holding_parts_gives_its_share_back() -> None:
+    # Never closed (a user's own table, a test's): without this, the process would go on
+    # refusing chunked answers for parts that nobody holds.
+    budget = ChunkBudget()
+    table: PendingRequests[str] = PendingRequests(budget=budget)
+    table.receive(response(table.open("w"), [1, 2], 2))
+    assert (budget.bytes, budget.values) == (5, 3)
+    del table
+    assert (budget.bytes, budget.values) == (0, 0)
+
+
+def test_tables_share_the_process_budget_by_default() -> None:
+    first: PendingRequests[str] = PendingRequests()
+    second: PendingRequests[str] = PendingRequests(ServerConfig())
+    before = (PROCESS_CHUNKS.bytes, PROCESS_CHUNKS.values)
+    for table in (first, second):
+        table.receive(response(table.open("w"), [1, 2], 2))
+    assert (PROCESS_CHUNKS.bytes, PROCESS_CHUNKS.values) == (before[0] + 10, before[1] + 6)
+    first.close()
+    second.close()
+    assert (PROCESS_CHUNKS.bytes, PROCESS_CHUNKS.values) == before
 
 
 def test_an_answer_for_an_unknown_rchan_is_ignored() -> None:

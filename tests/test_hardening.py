@@ -35,6 +35,8 @@ from dara_ws_core import (
     Transport,
     WebsocketManager,
 )
+from dara_ws_core.codec import MAX_NUMBER_DIGITS
+from dara_ws_core.correlation import PROCESS_CHUNKS
 
 from .helpers import eventually
 from .stacks import HandshakeRejected, Stack
@@ -190,6 +192,81 @@ async def test_chunk_caps_fail_only_that_answer(make_stack: MakeStack) -> None:
                 await stack.manager.send_and_wait(channel, {}, timeout=TIMEOUT)
         assert await stack.manager.send_and_wait(channel, {}, timeout=TIMEOUT) == [1, 2]
         assert stack.manager.handlers[channel].pending_count == 0
+
+
+async def test_chunked_answers_are_bounded_in_values_on_a_channel_and_in_the_process(
+    make_stack: MakeStack,
+) -> None:
+    # Each part is a small frame; what the parts add up to is bounded: per channel, and for
+    # every connection of the process together (a client holding an unfinished answer takes
+    # its share until its request ends). Beyond, the request fails; the connection stays.
+    gc.collect()
+    assert (PROCESS_CHUNKS.bytes, PROCESS_CHUNKS.values) == (0, 0), "parts outlived their request"
+    config = ServerConfig(max_chunked_values=100, max_chunked_total_values=150)
+    async with make_stack(config=config) as stack:
+        alice = await stack.client("alice:s1")
+        answers: list[Any] = [Chunked([list(range(30))] * 4),  # 4 parts of 31 values: 124
+                              Chunked([list(range(20))] * 4),  # 84: fits the channel's 100
+                              Chunked([list(range(20))] * 4)]
+        alice.on_request(lambda request: answers.pop(0))
+        with pytest.raises(ChunkError, match="on this channel exceed 100 JSON values"):
+            await stack.manager.send_and_wait(alice.channel or "", {}, timeout=TIMEOUT)
+
+        mallory = await stack.connect("mallory:m1")
+        mallory_channel = (await receive_json(mallory))["message"]["channel"]
+        asking = asyncio.ensure_future(
+            stack.manager.send_and_wait(mallory_channel, {}, timeout=60 * TIMEOUT))
+        rchan = (await receive_json(mallory))["message"]["__rchan"]
+        for index in range(2):  # 2 parts of 3, 82 values, and the last one never comes
+            await send_json(mallory, {"type": "message", "channel": rchan, "chunk_count": 3,
+                                      "chunk_index": index, "message": list(range(40))})
+        await eventually(lambda: PROCESS_CHUNKS.values == 82, "mallory's parts held")
+        with pytest.raises(ChunkError, match="in this process exceed 150 JSON values"):
+            await stack.manager.send_and_wait(alice.channel or "", {}, timeout=TIMEOUT)
+        assert not asking.done(), "the answer already held is not the one refused"
+        asking.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asking
+        assert (PROCESS_CHUNKS.bytes, PROCESS_CHUNKS.values) == (0, 0)
+        assert await stack.manager.send_and_wait(alice.channel or "", {}, timeout=TIMEOUT) == [
+            list(range(20))] * 4
+        assert stack.manager.handlers[alice.channel or ""].counters.requests_chunk_error == 2
+        await send_json(mallory, {"type": "ping", "message": None})
+        assert (await receive_json(mallory))["type"] == "pong"
+
+
+async def test_chunk_fields_that_are_not_integers_are_dropped(make_stack: MakeStack) -> None:
+    # ``true`` or ``"1"`` is no chunk count: the frame is dropped (protocol.md section 6), never
+    # read as 1 (which would complete the request with it); the request waits for its answer.
+    async with make_stack() as stack:
+        raw = await stack.connect("mallory:m1")
+        channel = (await receive_json(raw))["message"]["channel"]
+        asking = asyncio.ensure_future(stack.manager.send_and_wait(channel, {}, timeout=TIMEOUT))
+        rchan = (await receive_json(raw))["message"]["__rchan"]
+        for fields in ({"chunk_count": True}, {"chunk_count": "1"}, {"chunk_count": 1.0},
+                       {"chunk_count": 1, "chunk_index": "0"}, {"chunk_count": 1, "chunk_index": False}):
+            await send_json(raw, {"type": "message", "channel": rchan, "message": "lax", **fields})
+        await send_json(raw, {"type": "ping", "message": None})
+        assert (await receive_json(raw))["type"] == "pong"  # every frame before it was read
+        assert not asking.done()
+        await send_json(raw, {"type": "message", "channel": rchan, "chunk_count": 1,
+                              "chunk_index": 0, "message": "strict"})
+        assert await asking == ["strict"]
+
+
+async def test_a_number_of_too_many_digits_closes_with_1009_and_its_own_reason(
+    make_stack: MakeStack,
+) -> None:
+    async with make_stack() as stack:
+        neighbour = await stack.client("alice:s1")
+        raw = await open_raw(stack)
+        digits = "1" * (MAX_NUMBER_DIGITS + 1)
+        await raw.send(('{"type":"custom","message":{"kind":"echo","data":' + digits + "}}").encode())
+        _, closed = await read_until_closed(raw)
+        assert (closed.code, closed.reason) == (CloseCode.MESSAGE_TOO_BIG,
+                                                f"a number of more than {MAX_NUMBER_DIGITS} digits")
+        await eventually(lambda: len(stack.manager.handlers) == 1)
+        assert neighbour.connected
 
 
 async def test_oversized_frame_closes_with_1009(make_stack: MakeStack) -> None:

@@ -485,6 +485,12 @@ def test_an_object_of_unknown_type_or_invalid_fields_is_an_invalid_message(
         '{"channel":"c","message":1}',
         '{"type":"message","message":1}',
         '{"type":"message","channel":"c","chunk_count":"many"}',
+        # The chunk fields are integers, strictly: never read as 1 or 2 (protocol.md section 6).
+        '{"type":"message","channel":"c","chunk_count":true,"message":1}',
+        '{"type":"message","channel":"c","chunk_count":"2","message":1}',
+        '{"type":"message","channel":"c","chunk_count":2.0,"message":1}',
+        '{"type":"message","channel":"c","chunk_count":2,"chunk_index":"1","message":1}',
+        '{"type":"message","channel":"c","chunk_count":2,"chunk_index":false,"message":1}',
         '{"type":"custom","message":{"data":1}}',
         '{"type":"custom","message":"k"}',
     ],
