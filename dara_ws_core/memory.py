@@ -12,8 +12,9 @@ from __future__ import annotations
 __all__ = ["MemoryServer", "MemoryTransport", "memory_pair"]
 
 import asyncio
+import contextlib
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .codec import utf8_size_exceeds
 from .exceptions import CloseCode, ConnectionClosed
@@ -28,8 +29,10 @@ class MemoryTransport:
         self.max_size = max_size
         self._peer: MemoryTransport | None = None
         self._frames: deque[str | bytes] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self._space: asyncio.Future[None] | None = None
+        # Every task waiting on this end, oldest first: receivers for a frame, the peer's senders
+        # for room in ``_frames``. One future each, so no wake-up can overwrite another's.
+        self._readers: deque[asyncio.Future[None]] = deque()
+        self._writers: deque[asyncio.Future[None]] = deque()
         self._close: tuple[int, str] | None = None
         self._close_sent = False
 
@@ -43,9 +46,36 @@ class MemoryTransport:
         return None if self._close is None else self._close[0]
 
     @staticmethod
-    def _wake(fut: asyncio.Future[None] | None) -> None:
-        if fut is not None and not fut.done():
-            fut.set_result(None)
+    def _wake_next(waiters: deque[asyncio.Future[None]]) -> None:
+        """Wake the oldest waiter still waiting (a cancelled one is skipped, not counted)."""
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    def _wake_all(self) -> None:
+        for waiters in (self._readers, self._writers):
+            while waiters:
+                fut = waiters.popleft()
+                if not fut.done():
+                    fut.set_result(None)
+
+    @staticmethod
+    async def _wait(waiters: deque[asyncio.Future[None]], ready: Callable[[], bool]) -> None:
+        """Queue up in ``waiters`` until woken. A waiter cancelled after its wake-up passes the
+        wake-up on while ``ready()`` holds, as ``asyncio.Queue`` does, so none is lost."""
+        fut = asyncio.get_running_loop().create_future()
+        waiters.append(fut)
+        try:
+            await fut
+        except BaseException:
+            fut.cancel()
+            with contextlib.suppress(ValueError):
+                waiters.remove(fut)
+            if ready():
+                MemoryTransport._wake_next(waiters)
+            raise
 
     def _closed_error(self) -> ConnectionClosed:
         code, reason = self._close or (CloseCode.NORMAL, "")
@@ -56,12 +86,11 @@ class MemoryTransport:
         if self.closed or peer is None:
             raise self._closed_error()
         while len(peer._frames) >= peer.max_queue:
-            peer._space = asyncio.get_running_loop().create_future()
-            await peer._space
+            await self._wait(peer._writers, lambda: len(peer._frames) < peer.max_queue)
             if self.closed:
                 raise self._closed_error()
         peer._frames.append(frame)
-        self._wake(peer._waiter)
+        self._wake_next(peer._readers)
 
     async def send(self, frame: bytes) -> None:
         """Send a text frame (UTF-8 bytes, delivered to the peer as ``str``)."""
@@ -79,13 +108,9 @@ class MemoryTransport:
         while not self._frames:
             if self._close is not None:
                 raise self._closed_error()
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            await self._wait(self._readers, lambda: bool(self._frames))
         frame = self._frames.popleft()
-        self._wake(self._space)
+        self._wake_next(self._writers)
         if self.max_size is not None and (
             len(frame) > self.max_size
             if isinstance(frame, bytes)
@@ -105,10 +130,8 @@ class MemoryTransport:
         if peer is not None and peer._close is None:
             peer._close = (int(code), reason)
             peer._close_sent = True  # the peer echoes the close, as a WebSocket does
-            self._wake(peer._waiter)
-            self._wake(peer._space)
-        self._wake(self._waiter)
-        self._wake(self._space)
+            peer._wake_all()
+        self._wake_all()
 
     def abort(self) -> None:
         """Drop the connection: both ends see 1006 (abnormal closure) unless already closed."""
@@ -117,8 +140,7 @@ class MemoryTransport:
                 end._close = (int(CloseCode.ABNORMAL), "connection aborted")
                 end._close_sent = True
                 end._frames.clear()
-                end._wake(end._waiter)
-                end._wake(end._space)
+                end._wake_all()
 
 
 def memory_pair(
