@@ -2,7 +2,8 @@
 
 :func:`memory_pair` gives two connected :class:`MemoryTransport` ends with WebSocket semantics:
 text (``str``) and binary (``bytes``) frames, a receiver-side size limit that closes with 1009, a
-bounded inbound buffer that makes senders wait (like TCP backpressure), and closing handshakes
+bounded inbound buffer that makes senders wait (like TCP backpressure; any number of tasks may
+wait at once, and each is woken, oldest first, as room comes), and closing handshakes
 with codes. :class:`MemoryServer` runs an :class:`~dara_ws_core.endpoint.Endpoint` over such pairs,
 authentication included.
 """
