@@ -331,7 +331,9 @@ class DaraClient:
                 typename=message.typename if isinstance(message, DaraServerMessage) else None,
             )
             self._responding += 1
-            self._spawn(self._respond(request)).add_done_callback(self._responder_finished)
+            task = asyncio.ensure_future(self._respond(request))
+            self._tasks.add(task)
+            task.add_done_callback(self._responder_finished)
             return
         inbox = self._inbox
         if len(inbox) >= self.max_queue or self._inbox_bytes + size > self.max_queue_bytes:
@@ -357,12 +359,6 @@ class DaraClient:
         if self._inbox_waiter is not None and not self._inbox_waiter.done():
             self._inbox_waiter.set_result(None)
 
-    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
     async def _respond(self, request: Request) -> None:
         assert self._responder is not None
         try:
@@ -378,6 +374,7 @@ class DaraClient:
     def _responder_finished(self, task: asyncio.Task[Any]) -> None:
         # A done callback, not a ``finally``: a task cancelled before its first step runs none
         # of its code, and the count would never come down.
+        self._tasks.discard(task)
         self._responding -= 1
         done = self._responder_done
         if done is not None and not done.done():
