@@ -12,6 +12,23 @@ or :class:`~dara_ws_core.memory.MemoryServer.connect`)::
     client.on_request(lambda payload: {"answer": 42})
     await client.connect()
     reply = await client.request("echo", {"x": 1}, timeout=5)
+
+A server is a peer like any other, and the client bounds what one can make it hold (every
+default can be changed in the constructor):
+
+* **Responders**: at most ``max_responders`` (64) server requests are answered at once. At the
+  cap the client stops reading until one finishes: the server's frames wait in the socket
+  buffers, and TCP holds the rest back, as websockets does when its ``max_queue`` is full.
+  The protocol has no "busy" answer for the client's side (section 2), so waiting is the
+  outcome that loses nothing.
+* **Inbox**: pushes not yet taken by :meth:`DaraClient.receive` are kept up to ``max_queue``
+  (10,000) messages and ``max_queue_bytes`` (32 MiB of frame text). Beyond either, the oldest are
+  dropped (counted in ``dropped``, logged at a limited rate): a client that only sends requests
+  and never calls ``receive()`` keeps working, its replies and pongs unaffected.
+* **A dead server**: with ``ping_interval`` set, a connection on which no frame at all arrives
+  within ``idle_timeout`` (twice ``ping_interval`` by default: a live server answers each ping)
+  is aborted as closed with 1006, and reconnected when ``reconnect`` is set. Time the client
+  spends not reading (the responder cap above) is not counted against the server.
 """
 
 from __future__ import annotations
@@ -22,7 +39,9 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 import random
+import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -39,6 +58,7 @@ from .exceptions import (
     RemoteError,
     RequestTimeout,
 )
+from .logs import ConnectionLogger
 from .messages import (
     CustomServerMessage,
     DaraServerMessage,
@@ -85,7 +105,16 @@ PushedMessage = DaraServerMessage | CustomServerMessage
 
 class DaraClient:
     """One logical client; with ``reconnect=True`` it survives connection loss (new channel each
-    time, like the stock client)."""
+    time, like the stock client).
+
+    ``ping_interval`` (seconds, ``None`` for no pings) paces the keepalive pings. The bounds on
+    what the server can make the client hold are described in the module documentation:
+    ``max_responders`` server requests answered at once (more wait unread), ``max_queue``
+    pushes and ``max_queue_bytes`` of their frame text in the inbox (the oldest dropped beyond,
+    counted in ``dropped``), and ``idle_timeout``, the silence after which the connection is
+    given up as dead (default twice ``ping_interval``; ``None`` without pings). Raises
+    ``ValueError`` for a bound under 1, or an ``idle_timeout`` not longer than ``ping_interval``.
+    """
 
     def __init__(
         self,
@@ -97,10 +126,26 @@ class DaraClient:
         backoff_max: float = 10.0,
         max_attempts: int | None = 20,
         max_queue: int = 10_000,
+        max_queue_bytes: int = 32 * 1024 * 1024,
+        max_responders: int = 64,
+        idle_timeout: float | None = None,
         init_timeout: float = 10.0,
     ) -> None:
+        if max_responders < 1 or max_queue < 1 or max_queue_bytes < 1:
+            raise ValueError("max_responders, max_queue and max_queue_bytes must be at least 1")
+        if idle_timeout is None and ping_interval:
+            idle_timeout = 2 * ping_interval
+        if idle_timeout is not None and ping_interval and idle_timeout <= ping_interval:
+            raise ValueError("idle_timeout must be longer than ping_interval, or a live but "
+                             "quiet server is taken for dead between two pongs")
         self._connector = connector
         self.ping_interval = ping_interval
+        #: No frame from the server for this long (seconds) means the connection is dead;
+        #: ``None`` (the default without pings) never decides so.
+        self.idle_timeout = idle_timeout
+        self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
+        self.max_responders = max_responders
         self.reconnect = reconnect
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
@@ -109,8 +154,16 @@ class DaraClient:
         self._channel: str | None = None
         self._transport: Transport | None = None
         self._responder: Responder | None = None
-        self._inbox: deque[PushedMessage] = deque(maxlen=max_queue)
+        self._inbox: deque[tuple[PushedMessage, int]] = deque()
+        self._inbox_bytes = 0
         self._inbox_waiter: asyncio.Future[None] | None = None
+        self._responding = 0
+        self._responder_done: asyncio.Future[None] | None = None
+        # When the last frame arrived (time.monotonic: a C call, cheaper per frame than the
+        # loop's clock); +inf while the client itself does not read.
+        self._last_frame = math.inf
+        self._idle_close: ConnectionClosed | None = None
+        self._log = ConnectionLogger(logger, {})
         self._pending: dict[str, asyncio.Future[Any]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._runner: asyncio.Task[None] | None = None
@@ -120,6 +173,9 @@ class DaraClient:
         self.last_close: ConnectionClosed | None = None
         self.connections = 0
         self.pongs = 0
+        #: Pushes dropped from a full inbox (oldest first), and connections given up as dead.
+        self.dropped = 0
+        self.idle_closes = 0
 
     # ------------------------------------------------------------------ setup
 
@@ -153,17 +209,20 @@ class DaraClient:
         self._connected.set()
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             transport = self._transport
             assert transport is not None
-            pinger = None
+            keepalive = []
             if self.ping_interval:
-                pinger = asyncio.get_running_loop().create_task(self._ping(transport))
+                keepalive.append(loop.create_task(self._ping(transport)))
+            if self.idle_timeout is not None:
+                keepalive.append(loop.create_task(self._watch(transport, self.idle_timeout)))
             try:
                 await self._read(transport)
             finally:
-                if pinger is not None:
-                    pinger.cancel()
+                for task in keepalive:
+                    task.cancel()
                 self._connected.clear()
                 self._fail_pending(self.last_close or ConnectionClosed())
             if self._closing or not self.reconnect or not await self._reconnect():
@@ -192,23 +251,59 @@ class DaraClient:
                 await asyncio.sleep(self.ping_interval)
                 await transport.send(_PING)
 
+    async def _watch(self, transport: Transport, idle_timeout: float) -> None:
+        """Abort the connection once no frame has come for ``idle_timeout`` while reading.
+
+        A separate task, not a timeout on each ``receive()``: it costs the read loop one clock
+        reading per frame, and it fires even when a send (a ping to a server that reads nothing)
+        is stuck.
+        """
+        while True:
+            late = time.monotonic() - self._last_frame  # -inf while the client does not read
+            if late >= idle_timeout:
+                break
+            await asyncio.sleep(idle_timeout - late if late > -math.inf else idle_timeout)
+        self.idle_closes += 1
+        self._idle_close = ConnectionClosed(
+            CloseCode.ABNORMAL, f"no frame from the server for {idle_timeout:g} s"
+        )
+        logger.warning("closing a connection that looks dead: %s", self._idle_close.reason)
+        transport.abort()
+
     # ------------------------------------------------------------------ inbound
 
     async def _read(self, transport: Transport) -> None:
+        clock = time.monotonic
+        self._idle_close = None
+        self._last_frame = clock()  # before the watcher's first look: it starts after this
         while True:
             try:
                 frame = await transport.receive()
             except ConnectionClosed as exc:
-                self.last_close = exc
+                self.last_close = self._idle_close or exc
                 return
+            self._last_frame = clock()
             try:
                 message = decode_server_frame(frame)
             except (InvalidFrame, InvalidMessage) as exc:
-                logger.warning("undecodable server frame: %s", exc)
+                self._log.peer_error(logging.WARNING, "undecodable server frame: %s", exc)
                 continue
-            self._dispatch(message)
+            self._dispatch(message, len(frame))
+            if self._responding >= self.max_responders:
+                await self._wait_for_a_responder()
+                self._last_frame = clock()
 
-    def _dispatch(self, message: ServerMessage) -> None:
+    async def _wait_for_a_responder(self) -> None:
+        """Read nothing more until a responder finishes (backpressure, see the module doc)."""
+        self._last_frame = math.inf
+        while self._responding >= self.max_responders:
+            self._responder_done = asyncio.get_running_loop().create_future()
+            try:
+                await self._responder_done
+            finally:
+                self._responder_done = None
+
+    def _dispatch(self, message: ServerMessage, size: int) -> None:
         if isinstance(message, PongMessage):
             self.pongs += 1
             return
@@ -227,25 +322,42 @@ class DaraClient:
                         waiter.set_result(message.message.data)
                 return
         if payload.rchan is not None and self._responder is not None:
+            if self._closing:  # read after close(): an answer could no longer be sent
+                return
             request = Request(
                 rchan=payload.rchan,
                 payload=payload.model_dump(by_alias=True, exclude={"rchan", "response_for"}),
                 custom=isinstance(message, CustomServerMessage),
                 typename=message.typename if isinstance(message, DaraServerMessage) else None,
             )
-            self._spawn(self._respond(request))
+            self._responding += 1
+            task = asyncio.ensure_future(self._respond(request))
+            self._tasks.add(task)
+            task.add_done_callback(self._responder_finished)
             return
-        self._inbox.append(message)
+        inbox = self._inbox
+        if len(inbox) >= self.max_queue or self._inbox_bytes + size > self.max_queue_bytes:
+            self._make_room(size)
+        inbox.append((message, size))
+        self._inbox_bytes += size
         self._wake_inbox()
+
+    def _make_room(self, size: int) -> None:
+        """Drop the oldest pushes until one of ``size`` fits within both bounds of the inbox."""
+        inbox = self._inbox
+        while inbox and (
+            len(inbox) >= self.max_queue or self._inbox_bytes + size > self.max_queue_bytes
+        ):
+            self._inbox_bytes -= inbox.popleft()[1]
+            self.dropped += 1
+            self._log.peer_error(
+                logging.WARNING, "inbox over max_queue=%d or max_queue_bytes=%d: dropped the oldest push",
+                self.max_queue, self.max_queue_bytes,
+            )
 
     def _wake_inbox(self) -> None:
         if self._inbox_waiter is not None and not self._inbox_waiter.done():
             self._inbox_waiter.set_result(None)
-
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _respond(self, request: Request) -> None:
         assert self._responder is not None
@@ -258,6 +370,15 @@ class DaraClient:
             pass
         except Exception:
             logger.exception("responder failed for request %s", request.rchan)
+
+    def _responder_finished(self, task: asyncio.Task[Any]) -> None:
+        # A done callback, not a ``finally``: a task cancelled before its first step runs none
+        # of its code, and the count would never come down.
+        self._tasks.discard(task)
+        self._responding -= 1
+        done = self._responder_done
+        if done is not None and not done.done():
+            done.set_result(None)
 
     async def receive(self, timeout: float | None = None) -> PushedMessage:
         """The next pushed message (not pongs, replies, or requests a responder answers).
@@ -274,12 +395,15 @@ class DaraClient:
                     await self._inbox_waiter
                 finally:
                     self._inbox_waiter = None
-        return self._inbox.popleft()
+        message, size = self._inbox.popleft()
+        self._inbox_bytes -= size
+        return message
 
     def received_nowait(self) -> list[PushedMessage]:
         """Take every message already in the inbox."""
-        items = list(self._inbox)
+        items = [message for message, _ in self._inbox]
         self._inbox.clear()
+        self._inbox_bytes = 0
         return items
 
     # ------------------------------------------------------------------ outbound
@@ -374,11 +498,12 @@ class DaraClient:
         self._closing = True
         if self._transport is not None:
             await self._transport.close(code, reason)
+        # Responders can no longer answer; cancelled first, they free a reader held at the cap.
+        for task in list(self._tasks):
+            task.cancel()
         if self._runner is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._runner), 10)
-        for task in list(self._tasks):
-            task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 

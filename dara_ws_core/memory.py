@@ -2,7 +2,8 @@
 
 :func:`memory_pair` gives two connected :class:`MemoryTransport` ends with WebSocket semantics:
 text (``str``) and binary (``bytes``) frames, a receiver-side size limit that closes with 1009, a
-bounded inbound buffer that makes senders wait (like TCP backpressure), and closing handshakes
+bounded inbound buffer that makes senders wait (like TCP backpressure; any number of tasks may
+wait at once, and each is woken, oldest first, as room comes), and closing handshakes
 with codes. :class:`MemoryServer` runs an :class:`~dara_ws_core.endpoint.Endpoint` over such pairs,
 authentication included.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 __all__ = ["MemoryServer", "MemoryTransport", "memory_pair"]
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Iterable
 
@@ -28,8 +30,10 @@ class MemoryTransport:
         self.max_size = max_size
         self._peer: MemoryTransport | None = None
         self._frames: deque[str | bytes] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self._space: asyncio.Future[None] | None = None
+        # Every task waiting on this end, oldest first: receivers for a frame, the peer's senders
+        # for room in ``_frames``. One future each, so no wake-up can overwrite another's.
+        self._readers: deque[asyncio.Future[None]] = deque()
+        self._writers: deque[asyncio.Future[None]] = deque()
         self._close: tuple[int, str] | None = None
         self._close_sent = False
 
@@ -43,9 +47,32 @@ class MemoryTransport:
         return None if self._close is None else self._close[0]
 
     @staticmethod
-    def _wake(fut: asyncio.Future[None] | None) -> None:
-        if fut is not None and not fut.done():
-            fut.set_result(None)
+    def _wake_next(waiters: deque[asyncio.Future[None]]) -> None:
+        """Wake the oldest waiter still waiting (a cancelled one is skipped, not counted)."""
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    def _wake_all(self) -> None:
+        for waiters in (self._readers, self._writers):
+            while waiters:
+                fut = waiters.popleft()
+                if not fut.done():
+                    fut.set_result(None)
+
+    @staticmethod
+    def _give_up(waiters: deque[asyncio.Future[None]], fut: asyncio.Future[None], ready: bool) -> None:
+        """A waiter leaves (cancelled): if it had been woken and what it waited for is still
+        there (``ready``), the wake-up goes on to the next one, as ``asyncio.Queue`` does, so
+        none is lost. Inlined waits rather than a helper coroutine: a receive waits once per
+        frame on a quiet connection, and the in-process benchmarks run over this transport."""
+        fut.cancel()
+        with contextlib.suppress(ValueError):
+            waiters.remove(fut)
+        if ready:
+            MemoryTransport._wake_next(waiters)
 
     def _closed_error(self) -> ConnectionClosed:
         code, reason = self._close or (CloseCode.NORMAL, "")
@@ -56,12 +83,17 @@ class MemoryTransport:
         if self.closed or peer is None:
             raise self._closed_error()
         while len(peer._frames) >= peer.max_queue:
-            peer._space = asyncio.get_running_loop().create_future()
-            await peer._space
+            room = asyncio.get_running_loop().create_future()
+            peer._writers.append(room)
+            try:
+                await room
+            except BaseException:
+                self._give_up(peer._writers, room, len(peer._frames) < peer.max_queue)
+                raise
             if self.closed:
                 raise self._closed_error()
         peer._frames.append(frame)
-        self._wake(peer._waiter)
+        self._wake_next(peer._readers)
 
     async def send(self, frame: bytes) -> None:
         """Send a text frame (UTF-8 bytes, delivered to the peer as ``str``)."""
@@ -79,13 +111,15 @@ class MemoryTransport:
         while not self._frames:
             if self._close is not None:
                 raise self._closed_error()
-            self._waiter = asyncio.get_running_loop().create_future()
+            arrival = asyncio.get_running_loop().create_future()
+            self._readers.append(arrival)
             try:
-                await self._waiter
-            finally:
-                self._waiter = None
+                await arrival
+            except BaseException:
+                self._give_up(self._readers, arrival, bool(self._frames))
+                raise
         frame = self._frames.popleft()
-        self._wake(self._space)
+        self._wake_next(self._writers)
         if self.max_size is not None and (
             len(frame) > self.max_size
             if isinstance(frame, bytes)
@@ -105,10 +139,8 @@ class MemoryTransport:
         if peer is not None and peer._close is None:
             peer._close = (int(code), reason)
             peer._close_sent = True  # the peer echoes the close, as a WebSocket does
-            self._wake(peer._waiter)
-            self._wake(peer._space)
-        self._wake(self._waiter)
-        self._wake(self._space)
+            peer._wake_all()
+        self._wake_all()
 
     def abort(self) -> None:
         """Drop the connection: both ends see 1006 (abnormal closure) unless already closed."""
@@ -117,8 +149,7 @@ class MemoryTransport:
                 end._close = (int(CloseCode.ABNORMAL), "connection aborted")
                 end._close_sent = True
                 end._frames.clear()
-                end._wake(end._waiter)
-                end._wake(end._space)
+                end._wake_all()
 
 
 def memory_pair(
