@@ -76,11 +76,13 @@ async def test_replies_queued_before_a_policy_close_go_out_before_the_close_fram
 
 
 async def test_a_peer_that_never_reads_is_aborted_after_close_timeout() -> None:
-    manager = WebsocketManager(ServerConfig(close_timeout=0.2, max_queue_messages=4))
+    manager = WebsocketManager(ServerConfig(close_timeout=0.2, max_queue_messages=8))
     server_end, client = memory_pair(max_queue=2)  # the client's inbox holds two frames
     driver = ConnectionDriver(manager, server_end, ALICE, "c1")
     task = asyncio.create_task(driver.run())
-    for i in range(4):  # fills the client's inbox, then the server's queue
+    # Fills the client's inbox, then queues behind it (not up to the queue's bound: a slow
+    # consumer's close drops its backlog, and the close frame would get through).
+    for i in range(4):
         driver.handler.push(json.dumps({"type": "message", "message": {"i": i}}).encode())
     manager.close_channel("c1", CloseCode.TRY_AGAIN_LATER, "slow consumer")
     started = time.monotonic()
