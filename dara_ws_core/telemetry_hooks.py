@@ -105,6 +105,21 @@ if TYPE_CHECKING:
 _perf = time.perf_counter
 logger = logging.getLogger(__name__)
 
+#: Wall-clock nanoseconds at perf_counter() zero, re-anchored once a minute: every span time is
+#: derived from one perf_counter() reading through it, so a child span never starts before its
+#: parent by the few microseconds the two clocks drift apart (each read on its own, they did).
+_anchored_at = _perf()
+_anchor_ns = time.time_ns() - int(_anchored_at * 1e9)
+
+
+def _wall_ns(perf: float) -> int:
+    """The wall-clock time (ns since the epoch) of a ``perf_counter()`` reading."""
+    global _anchor_ns, _anchored_at
+    if perf - _anchored_at > 60.0:
+        _anchored_at = now = _perf()
+        _anchor_ns = time.time_ns() - int(now * 1e9)
+    return _anchor_ns + int(perf * 1e9)
+
 #: The SDK work of sampled operations that ended (their spans, durations and queue waits) is
 #: deferred and done in batches of this many jobs: the SDK's code then runs warm for all but the
 #: first of a batch. Run one at a time, once every ``sample_every`` operations, that code runs
@@ -426,7 +441,7 @@ class DaraTelemetry:
         if recipients is not None:
             attrs["dara.websocket.recipients"] = recipients  # type: ignore[assignment]
         self._defer(self._within, self.current() if context is None else context, self._outbound_span,
-                    attrs, final, (start_ns, time.time_ns(), _perf() - started))
+                    attrs, final, (start_ns, _wall_ns(ended := _perf()), ended - started))
 
     def _outbound_span(self, attrs: dict[str, str], final: dict[str, str], times: tuple[int, int, float],
                        context: Context) -> None:
@@ -484,7 +499,7 @@ class DaraTelemetry:
             return
         self.out_budget = self.sample_every
         self.waited(frame, 0.0)
-        self.outbound(frame, message_type, started, time.time_ns() - int((_perf() - started) * 1e9))
+        self.outbound(frame, message_type, started, _wall_ns(started))
 
     def fan_out(self, deliver: Callable[[Iterable[WebSocketHandler], bytes, str | None], int],
                 handlers: Iterable[WebSocketHandler], frame: bytes, ignore_channel: str | None) -> int:
@@ -509,7 +524,7 @@ class DaraTelemetry:
         self.out_budget = self.sample_every
         if self.wrote_now:
             self.queue_wait(message_type, 0.0)
-        start_ns = time.time_ns() - int((_perf() - started) * 1e9)
+        start_ns = _wall_ns(started)
         self.outbound(frame, message_type, started, start_ns, recipients=delivered)
         return delivered
 
@@ -560,7 +575,8 @@ class DaraTelemetry:
     def _inbound_traced(self, handler: WebSocketHandler, frame: str | bytes,
                         now: float) -> Awaitable[None] | None:
         """A sampled inbound frame: its events carried out inside its span."""
-        started, start_ns = _perf(), time.time_ns()
+        started = _perf()
+        start_ns = _wall_ns(started)
         events = handler.connection.receive_frame(frame, now)
         message_type, outcome = classify(events)
         if message_type is None or (not events and handler.closed):
@@ -571,7 +587,7 @@ class DaraTelemetry:
             # is therefore created at its end, given every attribute at once.
             handler.apply(events)  # counted by requests_answered
             final = self.attributes("inbound", message_type, outcome)
-            self._defer(self._answer_span, final, start_ns, time.time_ns(), _perf() - started,
+            self._defer(self._answer_span, final, start_ns, _wall_ns(ended := _perf()), ended - started,
                         self._context.get_current())
             return None
         attrs = self.attributes("inbound", message_type)
@@ -631,7 +647,8 @@ class DaraTelemetry:
         if ptype is not None:
             attrs["dara.websocket.message.payload.type"] = ptype
         parent, trip = self.current(), _Trip()
-        started, start_ns, outcome = _perf(), time.time_ns(), "success"
+        started, outcome = _perf(), "success"
+        start_ns = _wall_ns(started)
         tracing = _tracing.set(trip)
         try:
             return await request
@@ -645,7 +662,7 @@ class DaraTelemetry:
             attrs["dara.outcome"] = outcome
             final = self._trip_attributes[message_type, outcome]
             self._defer(self._within, parent, self._trip_span, trip, (attrs, final),
-                        (start_ns, time.time_ns(), _perf() - started))
+                        (start_ns, _wall_ns(ended := _perf()), ended - started))
 
     def _trip_span(self, trip: _Trip, attributes: tuple[dict[str, str], dict[str, str]],
                    times: tuple[int, int, float], parent: Context) -> None:
@@ -852,7 +869,7 @@ class TimedQueue(OutboundQueue):
         telemetry = self._telemetry
         telemetry.queue_wait(message_type, now - queued)
         if context is not None:
-            self._sending = (frame, message_type, now, time.time_ns(), context)
+            self._sending = (frame, message_type, now, _wall_ns(now), context)
 
     async def get(self) -> bytes:
         # Watched in either class: a consumer waiting here may see the queue begin stamping.
