@@ -16,12 +16,15 @@ class SlowConsumerPolicy(StrEnum):
     * ``WAIT``: a sender to this one channel (``send_message``, ``send_and_wait``, a handler's
       reply) waits for room, up to ``ServerConfig.send_timeout``; then the client is disconnected
       with 1013. A fan-out (``broadcast``, ``send_message_to_user``, the backplane) never waits on
-      one recipient: a client whose queue is full when it arrives is disconnected with 1013 at
-      once, so one slow client never delays anyone else.
+      one recipient: past the bounds it queues a burst (up to ``queue.BURST`` times them, while
+      the queue has not stayed full for longer than ``send_timeout``), then disconnects the
+      client with 1013 at once; so one slow client never delays anyone else, and a reader
+      slower than a burst is not cut off for it.
     * ``DROP_OLDEST``: the oldest queued frames are discarded to make room (counted in
       ``WebSocketHandler.dropped``). Suits state pushes where only the newest value matters.
       A ``send_and_wait`` request discarded unsent fails at once with ``SlowConsumer``.
-    * ``DISCONNECT``: the client is closed with 1013 (try again later) at once.
+    * ``DISCONNECT``: a send to one channel does not wait: the client is closed with 1013 (try
+      again later) at once. Fan-outs as under ``WAIT``.
     """
 
     WAIT = "wait"

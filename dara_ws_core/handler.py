@@ -483,16 +483,23 @@ class WebSocketHandler(_Hot):
         """Deliver one frame of a fan-out (broadcast, per-user send) without ever waiting.
 
         A fan-out must not wait on one recipient (protocol.md section 6): when this channel's
-        queue is full, ``DROP_OLDEST`` makes room, and ``WAIT`` and ``DISCONNECT`` disconnect it
-        with 1013 at once (it is ``max_queue_messages`` frames or ``max_queue_bytes`` behind).
-        Returns whether the frame was delivered; ``False`` for a closed channel. Never raises.
+        queue is full, ``DROP_OLDEST`` makes room; under ``WAIT`` and ``DISCONNECT`` the frame is
+        queued past the bounds while the channel is within ``queue.BURST`` times them and has
+        not been full for longer than ``send_timeout`` (a burst its reader takes in at its own
+        pace), else the channel is disconnected with 1013 at once. Returns whether the frame was
+        delivered; ``False`` for a closed channel. Never raises.
         """
-        if self.queue.closed:
+        queue = self.queue
+        if queue.closed:
             return False
         if self.offer(frame):
             return True
-        if self.config.slow_consumer_policy is SlowConsumerPolicy.DROP_OLDEST:
+        config = self.config
+        if config.slow_consumer_policy is SlowConsumerPolicy.DROP_OLDEST:
             self._drop_oldest_and_put(frame)
+            return True
+        if queue.take_burst(frame, config.send_timeout):
+            self._queued_past_bounds(frame)
             return True
         self._disconnect_slow()
         return False
@@ -508,6 +515,11 @@ class WebSocketHandler(_Hot):
         if self.offer(frame):
             return True
         queue.append_kept(frame)
+        self._queued_past_bounds(frame)
+        return True
+
+    def _queued_past_bounds(self, frame: bytes) -> None:
+        """Account for ``frame``, queued past the queue's bounds (a replay, a burst)."""
         self._through = None  # queued: the fan-out's write-through ends (see fan_out_through)
         self.accepted += 1
         counters = self.counters
@@ -515,7 +527,6 @@ class WebSocketHandler(_Hot):
         counters.bytes_out += len(frame)
         if self._sink is not None:
             self._sink.frames_queued()
-        return True
 
     async def enqueue_slow(self, frame: bytes, *, raise_slow: bool = True) -> None:
         """Apply the slow-consumer policy to a frame that did not fit (protocol.md section 6).

@@ -9,13 +9,18 @@ never refused for its size, and a queue holds at most ``max_bytes`` plus one fra
 
 from __future__ import annotations
 
-__all__ = ["OutboundQueue"]
+__all__ = ["BURST", "OutboundQueue"]
 
 import asyncio
+import time
 from collections import deque
 from typing import Any
 
 from .exceptions import ConnectionClosed
+
+#: How far past its bounds a fan-out may fill a queue (:meth:`OutboundQueue.take_burst`), as a
+#: multiple of them.
+BURST = 4
 
 #: Never appended to: see ``OutboundQueue.__init__``.
 _SHARED_EMPTY: deque[Any] = deque(maxlen=0)
@@ -24,7 +29,7 @@ _SHARED_EMPTY: deque[Any] = deque(maxlen=0)
 class OutboundQueue:
     """FIFO of encoded frames with a frame-count and a byte bound."""
 
-    __slots__ = ("_bytes", "_closed", "_frames", "_getter", "_putters", "dropped",
+    __slots__ = ("_bytes", "_closed", "_frames", "_full_since", "_getter", "_putters", "dropped",
                  "max_bytes", "max_messages")
 
     def __init__(self, max_messages: int, max_bytes: int) -> None:
@@ -38,6 +43,9 @@ class OutboundQueue:
         self._getter: asyncio.Future[None] | None = None
         self._putters: deque[asyncio.Future[None]] = _SHARED_EMPTY
         self._closed = False
+        # When a fan-out last found the queue full and took a frame past its bounds
+        # (take_burst): cleared once a frame taken out brings it back within them.
+        self._full_since: float | None = None
         #: Frames discarded by :meth:`drop_oldest_and_put`.
         self.dropped = 0
 
@@ -84,6 +92,25 @@ class OutboundQueue:
             raise ConnectionClosed(reason="channel is closed")
         # Waiting producers go first, so an offer never overtakes a put that is waiting.
         if self._putters or not self._fits(len(frame)):
+            return False
+        self._append(frame)
+        return True
+
+    def take_burst(self, frame: bytes, grace: float | None) -> bool:
+        """For a fan-out that found the queue full: take ``frame`` past the bounds while the
+        queue holds less than ``BURST`` times them and has not been full for more than
+        ``grace`` seconds (``None``: no time limit). A reader taking in a burst of broadcasts at
+        its own pace catches up; one that does not read is refused once either ends. ``False``
+        (nothing changes) when refused. Raises ``ConnectionClosed`` if the queue is closed."""
+        if self._closed:
+            raise ConnectionClosed(reason="channel is closed")
+        if len(self._frames) >= BURST * self.max_messages or self._bytes >= BURST * self.max_bytes:
+            return False
+        now = time.monotonic()
+        since = self._full_since
+        if since is None:
+            self._full_since = now
+        elif grace is not None and now - since > grace:
             return False
         self._append(frame)
         return True
@@ -183,6 +210,8 @@ class OutboundQueue:
             # Drained: the deque goes back to the shared empty one, so a channel that queued
             # only its init frame (then writes straight to the socket) holds none while idle.
             self._frames = _SHARED_EMPTY
+        if self._full_since is not None and self._fits(0):
+            self._full_since = None  # caught up: the next burst has its own grace
         if self._putters:
             self._wake_putter()
         return frame

@@ -588,3 +588,63 @@ async def test_a_slow_consumer_gets_its_1013_without_its_backlog_written_first(
         assert frames < 12
         assert counters.frames_dropped >= 16  # the backlog, dropped rather than written
         client.abort()
+
+
+async def test_a_reader_behind_by_a_burst_of_broadcasts_catches_up_and_a_stalled_one_is_closed(
+    socket_stack: Any,
+) -> None:
+    """A fan-out queues a burst past ``max_queue_bytes`` for a reader that takes it in at its own
+    pace (up to four times the bound, for up to ``send_timeout``); a reader that stays behind for
+    longer, or beyond that, is closed with 1013. So one client whose messages are rebroadcast in
+    a burst does not get every slower reader disconnected."""
+    blob, bound, grace = 256 * 1024, 16, 0.5
+    config = ServerConfig(
+        slow_consumer_policy=SlowConsumerPolicy.WAIT, max_queue_bytes=bound * blob, send_timeout=grace,
+        close_timeout=5.0, ping_interval=None,
+    )
+    async with socket_stack(config=config) as stack:
+        manager = stack.manager
+
+        async def burst(start: int, count: int) -> None:
+            for i in range(start, start + count):
+                await manager.broadcast({"i": i, "blob": "x" * blob})
+
+        behind, channel = await open_channel(stack, rcvbuf=4096)
+        behind.stop_reading()
+        await burst(0, 40)  # 2.5 times the bound, in one go (the socket buffers hold some)
+        assert manager.handlers[channel].queue.nbytes > config.max_queue_bytes  # past it: kept
+        behind.resume_reading()
+        got: list[int] = []
+        async with asyncio.timeout(20):
+            while len(got) < 40:
+                frame = await behind.read_frame(10)
+                assert frame.opcode == 0x1, frame
+                got.append(json.loads(frame.payload)["message"]["i"])
+        assert got == list(range(40))
+        assert channel in manager.handlers
+
+        stalled, stalled_channel = await open_channel(stack, rcvbuf=4096)
+        stalled.stop_reading()
+        await burst(40, 40)  # past the bound, and then for longer than send_timeout
+        assert manager.handlers[stalled_channel].queue.nbytes > config.max_queue_bytes
+        slow_before = sum(manager.counters.slow_consumer.values())
+        await asyncio.sleep(2 * grace)  # the time bound itself is what is tested
+        async with asyncio.timeout(20):  # (the reader takes in what it was sent meanwhile)
+            while len(got) < 80:
+                got.append(json.loads((await behind.read_frame(10)).payload)["message"]["i"])
+        await burst(80, 1)
+        assert stalled_channel not in manager.handlers
+        assert sum(manager.counters.slow_consumer.values()) == slow_before + 1
+        assert channel in manager.handlers  # the reader that caught up is still there
+
+        never, never_channel = await open_channel(stack, rcvbuf=4096)
+        never.stop_reading()
+        behind.stop_reading()
+        sent = 0
+        while never_channel in manager.handlers:  # the size bound: closed within 4x the bound
+            await burst(100 + sent, 1)
+            sent += 1
+            assert sent <= 5 * bound + 16, "never closed"
+        assert sent >= 4 * bound - 16
+        for client in (behind, stalled, never):
+            client.abort()

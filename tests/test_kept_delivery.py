@@ -106,7 +106,7 @@ async def test_kept_messages_written_before_a_server_close_are_not_sent_again(
     count, blob = 400, "x" * 16_000
     config = ServerConfig(
         ping_interval=None, close_timeout=5.0, outbox_messages=1000, outbox_bytes=10**8,
-        max_queue_messages=1000 if closed_by == "close_channel" else 100, max_queue_bytes=10**8,
+        max_queue_messages=1000 if closed_by == "close_channel" else 50, max_queue_bytes=10**8,
         slow_consumer_policy=SlowConsumerPolicy.DISCONNECT)
     async with running_stack(transport, config=config) as stack:
         manager = stack.manager

@@ -294,3 +294,44 @@ async def test_any_sequence_of_offers_and_gets_matches_a_bounded_deque(
         # The byte bound holds but for the last frame taken.
         assert len(model) <= max_messages
         assert not model or queue.nbytes - len(model[-1]) < max(max_bytes, 1) or len(model) == 1
+
+
+# --------------------------------------------------------------------------- fan-out bursts
+
+
+def test_a_burst_is_taken_past_the_bounds_up_to_burst_times_them() -> None:
+    queue = OutboundQueue(max_messages=100, max_bytes=10)
+    assert queue.offer(b"x" * 10)
+    assert not queue.offer(b"y")
+    taken = 0
+    while queue.take_burst(b"y" * 5, grace=None):
+        taken += 1
+        assert taken < 100
+    assert queue.nbytes == 40  # BURST (4) times the bound: refused from there
+    assert (taken, len(queue)) == (6, 7)
+    assert not queue.take_burst(b"z", grace=None)
+    assert queue.nbytes == 40  # a refusal changes nothing
+    queue_by_count = OutboundQueue(max_messages=2, max_bytes=1000)
+    for _ in range(2):
+        queue_by_count.offer(b"a")
+    assert [queue_by_count.take_burst(b"b", grace=None) for _ in range(7)] == [True] * 6 + [False]
+
+
+def test_a_queue_full_for_longer_than_the_grace_is_refused_until_it_catches_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [100.0]
+    monkeypatch.setattr("dara_ws_core.queue.time.monotonic", lambda: clock[0])
+    queue = OutboundQueue(max_messages=100, max_bytes=10)
+    queue.offer(b"x" * 10)
+    assert queue.take_burst(b"a", grace=2.0)  # full since 100.0
+    clock[0] = 101.5
+    assert queue.take_burst(b"b", grace=2.0)
+    clock[0] = 102.5
+    assert not queue.take_burst(b"c", grace=2.0), "full for 2.5 s"
+    assert queue.get_nowait() == b"x" * 10  # 2 bytes left: caught up, the grace starts over
+    assert queue.offer(b"c")
+    queue.offer(b"d" * 10)
+    clock[0] = 200.0
+    assert queue.take_burst(b"e", grace=2.0)
+    assert drain(queue) == [b"a", b"b", b"c", b"d" * 10, b"e"]
