@@ -33,7 +33,7 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
                         "decode_answer", "dumps", "utf8_size_exceeds"}),
     "messages": frozenset({"InitPayload", "TypedPayload"}),
     "logs": frozenset({"ConnectionLogger"}),
-    "queue": frozenset({"OutboundQueue"}),
+    "queue": frozenset({"BURST", "OutboundQueue"}),
     # The per-user history's bookkeeping, shared by the manager and the backplanes.
     "outbox": frozenset({"ClosedWrites", "DeliveryCursors", "QueuedMarks", "Stamped", "WriteLog",
                          "id_key"}),
