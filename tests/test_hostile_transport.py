@@ -648,3 +648,22 @@ async def test_a_reader_behind_by_a_burst_of_broadcasts_catches_up_and_a_stalled
         assert sent >= 4 * bound - 16
         for client in (behind, stalled, never):
             client.abort()
+
+
+@pytest.mark.parametrize("version", ["8", "7", "12", "14"])
+async def test_a_websocket_version_other_than_13_is_never_upgraded(
+    socket_stack: Any, version: str,
+) -> None:
+    """RFC 6455 (4.4): a server answers a version it does not speak with 426 and the version it
+    does. aiohttp upgraded drafts 7 and 8; no transport may."""
+    async with socket_stack() as stack:
+        assert stack.port is not None
+        async with await HostileClient.open(stack.port) as client:
+            request = handshake_request(TOKEN_PATH).replace(
+                b"Sec-WebSocket-Version: 13", f"Sec-WebSocket-Version: {version}".encode())
+            client.write(request)
+            response = await client.read_response()
+            assert response.status in (400, 426), response
+            if response.status == 426:
+                assert response.header("Sec-WebSocket-Version") == "13"
+        assert not stack.manager.handlers

@@ -44,6 +44,12 @@ def add_route(app: web.Application, endpoint: Endpoint, path: str | None = None)
     """
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        version = request.headers.get("Sec-WebSocket-Version")
+        if version is not None and version.strip() != "13":
+            # aiohttp also upgrades drafts 7 and 8; RFC 6455 (4.4) answers them 426 with the
+            # version it speaks, as the other transports do.
+            return web.Response(status=426, text="Upgrade Required",
+                                headers={"Sec-WebSocket-Version": "13"})
         peer = request.transport.get_extra_info("peername") if request.transport else None
         handshake = HandshakeRequest.build(request.raw_path, request.headers.items(), peer)
         try:
