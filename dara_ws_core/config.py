@@ -19,12 +19,15 @@ class SlowConsumerPolicy(StrEnum):
       one recipient: past the bounds it queues a burst (up to ``queue.BURST`` times them, while
       the queue has not stayed full for longer than ``send_timeout``), then disconnects the
       client with 1013 at once; so one slow client never delays anyone else, and a reader
-      slower than a burst is not cut off for it.
+      slower than a burst is not cut off for it. A connection whose messages cause such a burst
+      (a rebroadcast) has its reading paused until the queues catch up (see
+      ``driver.ORIGIN_SHARE``): the sender is slowed to its readers' pace.
     * ``DROP_OLDEST``: the oldest queued frames are discarded to make room (counted in
       ``WebSocketHandler.dropped``). Suits state pushes where only the newest value matters.
       A ``send_and_wait`` request discarded unsent fails at once with ``SlowConsumer``.
     * ``DISCONNECT``: a send to one channel does not wait: the client is closed with 1013 (try
-      again later) at once. Fan-outs as under ``WAIT``.
+      again later) at once, unless the queue is taking a burst of fan-outs (then it joins it).
+      Fan-outs as under ``WAIT``.
     """
 
     WAIT = "wait"

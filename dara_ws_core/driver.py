@@ -25,6 +25,7 @@ from . import handler as _handler
 from .auth import Identity
 from .exceptions import CloseCode, ConnectionClosed
 from .handler import NEVER_THROUGH, WebSocketHandler, current_channel, current_identity
+from .queue import OutboundQueue
 from .stats import Counters, transport_label
 from .transport import (
     SupportsCork,
@@ -48,12 +49,36 @@ _YIELD_EVERY = 16
 #: if shorter). Only that connection waits.
 FINAL_ACK_WAIT = 1.0
 
+#: A connection whose messages make fan-outs queue frames past their recipients' bounds (a
+#: client rebroadcast faster than others read, see ``OutboundQueue.take_burst``) is held back
+#: once those frames reach this fraction of the queue bounds (1/4: 1,024 frames or 4 MiB by
+#: default) within ``send_timeout``: its reading pauses until the queues caught up, so the
+#: burst costs it time rather than costing its readers their connections.
+ORIGIN_SHARE = 4
+
+#: Longest pause of such a connection's reading, in seconds (also at most ``send_timeout`` and
+#: half of ``ping_timeout``: a client whose frames are not read cannot answer pings either).
+MAX_ORIGIN_PAUSE = 10.0
+
+
+class _Owed:
+    """The fan-out frames one connection caused to be queued past bounds, in the current window."""
+
+    __slots__ = ("bytes", "frames", "last", "over", "since")
+
+    def __init__(self, now: float) -> None:
+        self.since = now
+        self.frames = self.bytes = 0
+        self.last: bytes | None = None  # the frame last counted: a fan-out counts once
+        self.over = False
+
 
 class ConnectionDriver:
     """Runs one connection: create it with the transport and identity, then ``await run()``."""
 
     __slots__ = ("_abort_timer", "_close_task", "_closed", "_context", "_cork", "_corked", "_direct",
-                 "_flusher", "_held", "_loop", "_sender", "_write", "handler", "manager", "transport")
+                 "_flusher", "_held", "_loop", "_owed", "_sender", "_write", "handler", "manager",
+                 "transport")
 
     def __init__(
         self, manager: WebsocketManager, transport: Transport, identity: Identity, channel_id: str
@@ -93,6 +118,7 @@ class ConnectionDriver:
         # context, in which they are handled, and what a pushed message left for the loop.
         self._context: contextvars.Context | None = None
         self._held: Awaitable[None] | Exception | None = None
+        self._owed: _Owed | None = None  # see owe()
         self.handler: WebSocketHandler = manager.create_handler(
             channel_id, identity, sink=self, now=loop.time(), transport=transport_label(transport),
             start=False,
@@ -240,6 +266,10 @@ class ConnectionDriver:
             self._context = contextvars.copy_context()  # current_channel and current_identity
         try:
             while self._closed is None:
+                owed = self._owed
+                if owed is not None and owed.over:
+                    await self._repay()
+                    continue
                 try:
                     if self._context is None:
                         frame: str | bytes | None = await transport.receive()
@@ -305,7 +335,53 @@ class ConnectionDriver:
         if pending is not None:
             self._held = pending
             return False
-        return self._closed is None
+        # The loop runs when this connection must be held back (owe): pushing stops meanwhile.
+        return self._closed is None and (self._owed is None or not self._owed.over)
+
+    def owe(self, frame: bytes) -> None:
+        """A fan-out caused by this connection's message queued ``frame`` past a recipient's
+        bounds (``handler.charge_origin``): counted once per fan-out; past its share
+        (``ORIGIN_SHARE``) within ``send_timeout``, its reading pauses (``_repay``)."""
+        owed = self._owed
+        now = self._loop.time()
+        config = self.manager.config
+        if owed is None:
+            self._owed = owed = _Owed(now)
+        elif owed.last is frame:
+            return
+        elif now - owed.since > (config.send_timeout or MAX_ORIGIN_PAUSE):
+            owed.since, owed.frames, owed.bytes = now, 0, 0  # an old burst: a new window
+        owed.last = frame
+        owed.frames += 1
+        owed.bytes += len(frame)
+        if owed.frames * ORIGIN_SHARE >= config.max_queue_messages \
+                or owed.bytes * ORIGIN_SHARE >= config.max_queue_bytes:
+            owed.over = True
+
+    async def _repay(self) -> None:
+        """Hold this connection's reading until the queues taken past their bounds caught up
+        (or closed), at most ``MAX_ORIGIN_PAUSE`` (and ``send_timeout``, half ``ping_timeout``).
+        A queue still behind after that is its reader's: the next fan-out closes it as slow."""
+        self._owed = None
+        config = self.manager.config
+        pause = min(t for t in (MAX_ORIGIN_PAUSE, config.send_timeout,
+                                config.ping_timeout and config.ping_timeout / 2) if t)
+        waiting: list[tuple[OutboundQueue, asyncio.Future[None]]] = []
+        for handler in list(self.manager.handlers.values()):
+            waiter = handler.queue.calm() if handler is not self.handler else None
+            if waiter is not None:
+                waiting.append((handler.queue, waiter))
+        if not waiting:
+            return
+        self.handler.counters.senders_paused += 1
+        self.handler.log.debug("its messages' fan-outs are past %d queues' bounds: reading paused",
+                               len(waiting))
+        try:
+            await asyncio.wait([waiter for _, waiter in waiting], timeout=pause)
+        finally:
+            for queue, waiter in waiting:
+                waiter.cancel()
+                queue.forget_calm(waiter)
 
     async def _finish(self, ended: ConnectionClosed) -> None:
         self._arm_abort()
@@ -531,6 +607,24 @@ def fan_out_through(handlers: Collection[WebSocketHandler], frame: bytes, skip: 
 
 
 _handler.fan_out_through = fan_out_through
+
+
+def _charge_origin(recipient: WebSocketHandler, frame: bytes) -> None:
+    """``handler.charge_origin``: the connection whose message this fan-out runs for (the
+    context's channel, when it is another connection of the same manager) owes it."""
+    origin = current_channel.get(None)
+    if origin is None or origin == recipient.channel_id:
+        return
+    sink = recipient._sink
+    if not isinstance(sink, ConnectionDriver):
+        return
+    owner = sink.manager.handlers.get(origin)
+    driver = owner._sink if owner is not None else None
+    if isinstance(driver, ConnectionDriver):
+        driver.owe(frame)
+
+
+_handler.charge_origin = _charge_origin
 
 
 def _flusher(loop: asyncio.AbstractEventLoop) -> _Flusher:

@@ -97,6 +97,13 @@ FanOut = Callable[[Collection["WebSocketHandler"], bytes, "WebSocketHandler | No
                   "tuple[int, list[WebSocketHandler]] | None"]
 fan_out_through: FanOut | None = None
 
+#: Charges the connection whose message caused a fan-out (the context's ``current_channel``) for
+#: a frame its fan-out queued past a recipient's bounds: ``charge_origin(recipient, frame)``. The
+#: driver sets it at import (a hook for the same reason as ``fan_out_through``); it holds that
+#: connection back once its share of the burst is used (``ConnectionDriver.owe``).
+ChargeOrigin = Callable[["WebSocketHandler", bytes], None]
+charge_origin: ChargeOrigin | None = None
+
 
 #: An enum member looked up once: ``SlowConsumerPolicy.DROP_OLDEST`` costs a class attribute
 #: lookup through the enum's metaclass (about 100 ns), once per request where it is checked.
@@ -500,6 +507,8 @@ class WebSocketHandler(_Hot):
             return True
         if queue.take_burst(frame, config.send_timeout):
             self._queued_past_bounds(frame)
+            if charge_origin is not None:
+                charge_origin(self, frame)
             return True
         self._disconnect_slow()
         return False
@@ -536,6 +545,13 @@ class WebSocketHandler(_Hot):
         policy = self.config.slow_consumer_policy
         if policy is SlowConsumerPolicy.DROP_OLDEST:
             self._drop_oldest_and_put(frame)
+            return
+        queue = self.queue
+        if policy is SlowConsumerPolicy.DISCONNECT and queue.in_burst \
+                and queue.take_burst(frame, self.config.send_timeout):
+            # A reader taking in a burst of fan-outs is not slow for it (see push): its own
+            # replies join the burst rather than count as no room, bounded as the burst is.
+            self._queued_past_bounds(frame)
             return
         if policy is SlowConsumerPolicy.WAIT:
             try:

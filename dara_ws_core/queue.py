@@ -25,6 +25,11 @@ BURST = 4
 #: Never appended to: see ``OutboundQueue.__init__``.
 _SHARED_EMPTY: deque[Any] = deque(maxlen=0)
 
+#: Who waits for a queue taken past its bounds to be back within them (:meth:`OutboundQueue.calm`):
+#: a sender held back for the burst its fan-outs caused. Here rather than in a slot: a slot would
+#: cost every connection 8 bytes for what only a burst uses.
+_CALM: dict[OutboundQueue, list[asyncio.Future[None]]] = {}
+
 
 class OutboundQueue:
     """FIFO of encoded frames with a frame-count and a byte bound."""
@@ -114,6 +119,32 @@ class OutboundQueue:
             return False
         self._append(frame)
         return True
+
+    @property
+    def in_burst(self) -> bool:
+        """Whether a fan-out took frames past the bounds and the queue has not caught up since."""
+        return self._full_since is not None
+
+    def calm(self) -> asyncio.Future[None] | None:
+        """A future done once the queue is back within its bounds (or closed); ``None`` when it
+        is already. Whoever stops waiting for it before then calls :meth:`forget_calm`."""
+        if self._full_since is None or self._closed:
+            return None
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        _CALM.setdefault(self, []).append(waiter)
+        return waiter
+
+    def forget_calm(self, waiter: asyncio.Future[None]) -> None:
+        waiters = _CALM.get(self)
+        if waiters is not None and waiter in waiters:
+            waiters.remove(waiter)
+            if not waiters:
+                del _CALM[self]
+
+    def _wake_calm(self) -> None:
+        for waiter in _CALM.pop(self, ()):
+            if not waiter.done():
+                waiter.set_result(None)
 
     def append_kept(self, frame: bytes) -> None:
         """Enqueue past the bounds: for a user's kept history, which has bounds of its own.
@@ -212,6 +243,8 @@ class OutboundQueue:
             self._frames = _SHARED_EMPTY
         if self._full_since is not None and self._fits(0):
             self._full_since = None  # caught up: the next burst has its own grace
+            if _CALM:
+                self._wake_calm()
         if self._putters:
             self._wake_putter()
         return frame
@@ -228,3 +261,5 @@ class OutboundQueue:
         for waiter in self._putters:
             if not waiter.done():
                 waiter.set_result(None)
+        if _CALM:
+            self._wake_calm()

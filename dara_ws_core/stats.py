@@ -54,8 +54,8 @@ class Counters:
     __slots__ = ("bytes_in", "bytes_out", "close_codes", "connections_opened", "custom_busy",
                  "custom_error", "custom_ok", "custom_timeout", "frames_dropped", "frames_in",
                  "frames_out", "handshakes_accepted", "handshakes_rejected", "requests_answered",
-                 "requests_chunk_error", "requests_closed", "requests_timeout", "slow_consumer",
-                 "telemetry")
+                 "requests_chunk_error", "requests_closed", "requests_timeout", "senders_paused",
+                 "slow_consumer", "telemetry")
 
     def __init__(self) -> None:
         self.connections_opened = 0
@@ -72,6 +72,9 @@ class Counters:
         #: older ones; ``wait`` / ``disconnect``: a channel disconnected with 1013).
         self.slow_consumer: dict[str, int] = {}
         self.frames_dropped = 0
+        #: Times a connection's reading paused because its messages' fan-outs queued frames
+        #: past their recipients' bounds (``driver.ORIGIN_SHARE``).
+        self.senders_paused = 0
         self.requests_answered = 0
         self.requests_timeout = 0
         self.requests_closed = 0
@@ -119,6 +122,9 @@ class ServerStats:
     slow_consumer: Mapping[str, int]
     #: Frames discarded by ``DROP_OLDEST`` queues.
     frames_dropped: int
+    #: Times a connection was held back (its reading paused) because the fan-outs its messages
+    #: caused queued past their recipients' bounds faster than they read.
+    senders_paused: int
     #: Frames and bytes waiting in outbound queues now, and the longest queue (frames).
     queued_frames: int
     queued_bytes: int
@@ -182,6 +188,7 @@ def collect(c: Counters, handlers: Iterable[Any], backplane: object = None) -> S
         bytes_out=c.bytes_out,
         slow_consumer=frozen(c.slow_consumer),
         frames_dropped=c.frames_dropped,
+        senders_paused=c.senders_paused,
         queued_frames=queued_frames,
         queued_bytes=queued_bytes,
         max_queue_depth=max_depth,

@@ -17,6 +17,8 @@ Metric names (unit; attributes):
   ``dara_ws.direction`` = ``inbound`` / ``outbound``.
 * ``dara_ws.frames.dropped`` (counter, ``{frame}``): discarded by ``DROP_OLDEST`` queues.
 * ``dara_ws.slow_consumer.events`` (counter, ``{event}``; ``dara_ws.policy``).
+* ``dara_ws.senders.paused`` (counter, ``{event}``): a connection's reading paused because the
+  fan-outs its messages caused were past their readers' queue bounds.
 * ``dara_ws.queue.frames``, ``dara_ws.queue.bytes``, ``dara_ws.queue.max_depth`` (gauges).
 * ``dara_ws.requests.pending`` (gauge) and ``dara_ws.requests`` (counter; ``dara_ws.outcome`` =
   ``answered``, ``timeout``, ``closed``, ``chunk_error``): server requests (``send_and_wait``).
@@ -117,6 +119,8 @@ def instrument(manager: WebsocketManager, meter_provider: MeterProvider | None =
     counter("dara_ws.slow_consumer.events", observe(lambda s: table(
         {"drop_oldest": 0, "wait": 0, "disconnect": 0, **s.slow_consumer}, "dara_ws.policy")),
             unit="{event}", description="Slow-consumer events by policy")
+    counter("dara_ws.senders.paused", observe(lambda s: [(s.senders_paused, {})]),
+            unit="{event}", description="Senders held back for the fan-out bursts they caused")
     gauge("dara_ws.queue.frames", observe(lambda s: [(s.queued_frames, {})]),
           unit="{frame}", description="Frames waiting in outbound queues")
     gauge("dara_ws.queue.bytes", observe(lambda s: [(s.queued_bytes, {})]),

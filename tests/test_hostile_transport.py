@@ -650,6 +650,88 @@ async def test_a_reader_behind_by_a_burst_of_broadcasts_catches_up_and_a_stalled
             client.abort()
 
 
+async def test_a_client_whose_rebroadcast_outruns_a_reader_is_held_back_not_the_reader_closed(
+    socket_stack: Any,
+) -> None:
+    """One client's messages, each rebroadcast to the others (a chat), faster than another client
+    reads: once its fan-outs have queued a share of the bounds past a reader's (a quarter), the
+    server stops reading the sender until the reader caught up. The reader, which reads at its
+    own pace, gets everything and is never closed as slow; the burst costs the sender time."""
+    blob, count = 64 * 1024, 300  # about 19 MiB: far past 4x the bound below and the socket buffers
+    config = ServerConfig(slow_consumer_policy=SlowConsumerPolicy.WAIT, max_queue_bytes=16 * blob,
+                          send_timeout=5.0, close_timeout=5.0, ping_interval=None)
+    async with socket_stack(config=config) as stack:
+        manager = stack.manager
+
+        async def chat(channel_id: str, data: Any) -> None:
+            await manager.broadcast({"kind": "chat", "data": data}, custom=True, ignore_channel=channel_id)
+
+        manager.add_ws_handler("chat", chat)
+        reader, reader_channel = await open_channel(stack, rcvbuf=4096)
+        reader.stop_reading()
+        sender, _ = await open_channel(stack)
+
+        async def flood() -> None:
+            for i in range(count):
+                text = f"{i:05}" + "x" * blob
+                sender.send_text(json.dumps({"type": "custom", "message": {"kind": "chat", "data": text}}))
+                assert await sender.drain(30), "the sender was never read again"
+
+        flooding = asyncio.create_task(flood())
+        try:
+            await eventually(lambda: manager.counters.senders_paused >= 1 or reader_channel not in manager.handlers,
+                             timeout=20)
+            assert reader_channel in manager.handlers, "the reader was closed as slow"
+            reader.resume_reading()
+            got: list[int] = []
+            async with asyncio.timeout(60):
+                while len(got) < count:
+                    frame = await reader.read_frame(20)
+                    assert frame.opcode == TEXT, frame
+                    got.append(int(json.loads(frame.payload)["message"]["data"][:5]))
+            await flooding
+        finally:
+            flooding.cancel()
+        assert got == list(range(count))
+        assert reader_channel in manager.handlers
+        assert not manager.counters.slow_consumer
+        for client in (reader, sender):
+            client.abort()
+
+
+async def test_under_disconnect_a_reader_taking_in_a_burst_may_still_send_requests(
+    socket_stack: Any,
+) -> None:
+    """Under ``DISCONNECT`` a fan-out takes a burst for a reader at its own pace as under
+    ``WAIT``: the reply to a request the reader sends meanwhile joins the burst instead of
+    counting as no room (which closed the reader with 1013 and dropped the rest)."""
+    blob = 256 * 1024
+    config = ServerConfig(slow_consumer_policy=SlowConsumerPolicy.DISCONNECT, max_queue_bytes=16 * blob,
+                          send_timeout=10.0, close_timeout=5.0, ping_interval=None)
+    async with socket_stack(config=config) as stack:
+        manager = stack.manager
+        manager.add_ws_handler("echo", lambda channel_id, data: data)
+        reader, channel = await open_channel(stack, rcvbuf=4096)
+        reader.stop_reading()
+        for i in range(40):  # 2.5 times the bound
+            await manager.broadcast({"i": i, "blob": "x" * blob})
+        assert manager.handlers[channel].queue.in_burst
+        reader.send_text(json.dumps({"type": "custom", "message": {"kind": "echo", "data": "hi", "__rchan": "r1"}}))
+        assert await reader.drain(5)
+        reader.resume_reading()
+        got: list[Any] = []
+        async with asyncio.timeout(30):
+            while len(got) < 41:
+                frame = await reader.read_frame(10)
+                assert frame.opcode == TEXT, frame
+                message = json.loads(frame.payload)["message"]
+                got.append(message.get("i", message))
+        assert got[:40] == list(range(40))
+        assert got[40]["data"] == "hi" and got[40]["__response_for"] == "r1"
+        assert channel in manager.handlers
+        reader.abort()
+
+
 @pytest.mark.parametrize("version", ["8", "7", "12", "14"])
 async def test_a_websocket_version_other_than_13_is_never_upgraded(
     socket_stack: Any, version: str,
