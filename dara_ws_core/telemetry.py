@@ -12,7 +12,9 @@ Metric names (unit; attributes):
 * ``dara_ws.connections.opened`` (counter, ``{connection}``).
 * ``dara_ws.handshakes`` (counter, ``{handshake}``; ``dara_ws.outcome`` = ``accepted`` or
   ``rejected``, ``dara_ws.reason`` for rejections: ``auth``, ``error``, ``limit``, ``shutdown``).
-* ``dara_ws.closes`` (counter, ``{connection}``; ``dara_ws.close_code``).
+* ``dara_ws.closes`` (counter, ``{connection}``; ``dara_ws.close_code``: the code for those of
+  RFC 6455 (1000-1015), else its class, ``3xxx``, ``4xxx`` or ``other``: a peer picks the code it
+  closes with, and must not pick how many series there are).
 * ``dara_ws.frames`` (counter, ``{frame}``) and ``dara_ws.bytes`` (counter, ``By``);
   ``dara_ws.direction`` = ``inbound`` / ``outbound``.
 * ``dara_ws.frames.dropped`` (counter, ``{frame}``): discarded by ``DROP_OLDEST`` queues.
@@ -37,7 +39,7 @@ from __future__ import annotations
 __all__ = ["instrument"]
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -49,6 +51,22 @@ if TYPE_CHECKING:
 
 #: Snapshots are reused for this long: one collection reads every instrument from one snapshot.
 _SNAPSHOT_TTL = 0.5
+
+
+def close_code_labels(close_codes: Mapping[int, int]) -> dict[str, int]:
+    """Connections ended by close code, as metric labels: a code of RFC 6455's range (1000-1015)
+    as itself, any other by its class (``3xxx``: registered, ``4xxx``: private, ``other``), so
+    that the codes peers close with (any of 2,000 and more) make at most 19 series."""
+    labels: dict[str, int] = {}
+    for code, count in close_codes.items():
+        if 1000 <= code <= 1015:
+            label = str(code)
+        elif 3000 <= code <= 4999:
+            label = f"{code // 1000}xxx"
+        else:
+            label = "other"
+        labels[label] = labels.get(label, 0) + count
+    return labels
 
 
 def instrument(manager: WebsocketManager, meter_provider: MeterProvider | None = None,
@@ -105,7 +123,7 @@ def instrument(manager: WebsocketManager, meter_provider: MeterProvider | None =
         (s.handshakes_accepted, {"dara_ws.outcome": "accepted"}),
         *table(s.handshakes_rejected, "dara_ws.reason", **{"dara_ws.outcome": "rejected"}),
     ]), unit="{handshake}", description="WebSocket handshakes by outcome and rejection reason")
-    counter("dara_ws.closes", observe(lambda s: table(s.close_codes, "dara_ws.close_code")),
+    counter("dara_ws.closes", observe(lambda s: table(close_code_labels(s.close_codes), "dara_ws.close_code")),
             unit="{connection}", description="Ended connections by close code")
     counter("dara_ws.frames", observe(lambda s: [
         (s.frames_in, {"dara_ws.direction": "inbound"}), (s.frames_out, {"dara_ws.direction": "outbound"}),

@@ -656,3 +656,27 @@ def test_samples_left_by_an_event_loop_that_ended_go_out_with_the_next_one(
         await eventually(lambda: trips() == 2, "both round trips' spans")
 
     asyncio.run(second())
+
+
+async def test_peers_cannot_choose_how_many_close_code_series_there_are() -> None:
+    """A peer picks the code it closes with (any of 3000-4999): the metric keeps RFC 6455's codes
+    as they are and folds the others into their class, so 60 peers closing with 60 different
+    codes make three series, not 60."""
+    from .hostile import open_channel
+
+    reader = InMemoryMetricReader()
+    manager = WebsocketManager()
+    instrument(manager, MeterProvider(metric_readers=[reader]))
+    codes = [*range(3000, 3030), *range(4000, 4029), 1001]
+    async with running_stack("websockets", manager=manager) as stack:
+        assert stack.port is not None
+        for code in codes:
+            client, _ = await open_channel(stack.port)
+            client.send_close(code)
+            await client.read_frame()  # the server's answering close frame
+            client.abort()
+        await eventually(lambda: sum(manager.counters.close_codes.values()) == len(codes), "every close counted")
+    found = points(reader)["dara_ws.closes"]
+    assert found == {frozenset({("dara_ws.close_code", "3xxx")}): 30, frozenset({("dara_ws.close_code", "4xxx")}): 29,
+                     frozenset({("dara_ws.close_code", "1001")}): 1}
+    assert len(manager.stats().close_codes) == len(codes)  # the stats keep each code
