@@ -267,9 +267,12 @@ class ConnectionDriver:
         try:
             while self._closed is None:
                 owed = self._owed
-                if owed is not None and owed.over:
-                    await self._repay()
-                    continue
+                if owed is not None:
+                    if owed.over:
+                        await self._repay()
+                        continue
+                    if self._loop.time() - owed.since > (self.manager.config.send_timeout or MAX_ORIGIN_PAUSE):
+                        self._owed = None  # what it owed is old: read at full speed again
                 try:
                     if self._context is None:
                         frame: str | bytes | None = await transport.receive()
@@ -297,7 +300,11 @@ class ConnectionDriver:
                         ended = exc.with_traceback(None)  # as above
                         break
                 handled += 1
-                if handled % _YIELD_EVERY == 0:
+                if self._owed is not None:
+                    # Its fan-outs are past readers' bounds: one message per iteration, so that
+                    # what it sent is charged (owe) before the next is read, not 16 at once.
+                    await asyncio.sleep(0)
+                elif handled % _YIELD_EVERY == 0:
                     # A receive with frames already buffered returns without suspending: a
                     # client that keeps its buffer full would otherwise hold the loop for all.
                     await asyncio.sleep(0)
@@ -335,27 +342,29 @@ class ConnectionDriver:
         if pending is not None:
             self._held = pending
             return False
-        # The loop runs when this connection must be held back (owe): pushing stops meanwhile.
-        return self._closed is None and (self._owed is None or not self._owed.over)
+        # The loop runs while this connection's fan-outs are past readers' bounds (owe): one
+        # message per iteration, held back once over its share.
+        return self._closed is None and self._owed is None
 
-    def owe(self, frame: bytes) -> None:
-        """A fan-out caused by this connection's message queued ``frame`` past a recipient's
-        bounds (``handler.charge_origin``): counted once per fan-out; past its share
-        (``ORIGIN_SHARE``) within ``send_timeout``, its reading pauses (``_repay``)."""
+    def owe(self, frame: bytes, queue: OutboundQueue) -> None:
+        """A fan-out caused by this connection's message queued ``frame`` past the bounds of
+        ``queue`` (``handler.charge_origin``): counted once per fan-out. Past its share
+        (``ORIGIN_SHARE``) within ``send_timeout``, or once the queue is twice past its bounds
+        (several senders' bursts together), its reading pauses (``_repay``)."""
         owed = self._owed
         now = self._loop.time()
         config = self.manager.config
         if owed is None:
             self._owed = owed = _Owed(now)
-        elif owed.last is frame:
-            return
         elif now - owed.since > (config.send_timeout or MAX_ORIGIN_PAUSE):
             owed.since, owed.frames, owed.bytes = now, 0, 0  # an old burst: a new window
-        owed.last = frame
-        owed.frames += 1
-        owed.bytes += len(frame)
+        if owed.last is not frame:
+            owed.last = frame
+            owed.frames += 1
+            owed.bytes += len(frame)
         if owed.frames * ORIGIN_SHARE >= config.max_queue_messages \
-                or owed.bytes * ORIGIN_SHARE >= config.max_queue_bytes:
+                or owed.bytes * ORIGIN_SHARE >= config.max_queue_bytes \
+                or len(queue) >= 2 * queue.max_messages or queue.nbytes >= 2 * queue.max_bytes:
             owed.over = True
 
     async def _repay(self) -> None:
@@ -621,7 +630,7 @@ def _charge_origin(recipient: WebSocketHandler, frame: bytes) -> None:
     owner = sink.manager.handlers.get(origin)
     driver = owner._sink if owner is not None else None
     if isinstance(driver, ConnectionDriver):
-        driver.owe(frame)
+        driver.owe(frame, recipient.queue)
 
 
 _handler.charge_origin = _charge_origin

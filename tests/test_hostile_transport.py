@@ -658,6 +658,7 @@ async def test_a_client_whose_rebroadcast_outruns_a_reader_is_held_back_not_the_
     server stops reading the sender until the reader caught up. The reader, which reads at its
     own pace, gets everything and is never closed as slow; the burst costs the sender time."""
     blob, count = 64 * 1024, 300  # about 19 MiB: far past 4x the bound below and the socket buffers
+    senders = 3  # together, each held back for its own share or for the queue twice past its bounds
     config = ServerConfig(slow_consumer_policy=SlowConsumerPolicy.WAIT, max_queue_bytes=16 * blob,
                           send_timeout=5.0, close_timeout=5.0, ping_interval=None)
     async with socket_stack(config=config) as stack:
@@ -669,15 +670,15 @@ async def test_a_client_whose_rebroadcast_outruns_a_reader_is_held_back_not_the_
         manager.add_ws_handler("chat", chat)
         reader, reader_channel = await open_channel(stack, rcvbuf=4096)
         reader.stop_reading()
-        sender, _ = await open_channel(stack)
+        clients = [(await open_channel(stack))[0] for _ in range(senders)]
 
-        async def flood() -> None:
-            for i in range(count):
+        async def flood(sender: HostileClient, first: int) -> None:
+            for i in range(first, count, senders):
                 text = f"{i:05}" + "x" * blob
                 sender.send_text(json.dumps({"type": "custom", "message": {"kind": "chat", "data": text}}))
                 assert await sender.drain(30), "the sender was never read again"
 
-        flooding = asyncio.create_task(flood())
+        flooding = asyncio.gather(*(flood(sender, i) for i, sender in enumerate(clients)))
         try:
             await eventually(lambda: manager.counters.senders_paused >= 1 or reader_channel not in manager.handlers,
                              timeout=20)
@@ -692,10 +693,12 @@ async def test_a_client_whose_rebroadcast_outruns_a_reader_is_held_back_not_the_
             await flooding
         finally:
             flooding.cancel()
-        assert got == list(range(count))
+        assert sorted(got) == list(range(count))
+        for sender in range(senders):  # each sender's messages in the order it sent them
+            assert [i for i in got if i % senders == sender] == list(range(sender, count, senders))
         assert reader_channel in manager.handlers
         assert not manager.counters.slow_consumer
-        for client in (reader, sender):
+        for client in (reader, *clients):
             client.abort()
 
 
