@@ -20,6 +20,7 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
 from dara_ws_core import ConnectionClosed, CustomServerMessage, DaraClient, PushedMessage, Request, Transport
+from dara_ws_core.client import _charge
 
 from .helpers import eventually
 
@@ -174,7 +175,7 @@ async def test_a_full_inbox_drops_the_oldest_pushes_to_stay_within_its_bytes(
     client_adapter: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     pushes, size = 40, 100_000
-    frame_size = len(_push(0, size))
+    frame_size = _charge(_push(0, size), 0)  # its text and its values, as the inbox counts it
 
     pushes_nobody_takes = _sends_then_pongs([_push(i, size) for i in range(pushes)])
     async with hostile(pushes_nobody_takes, client_adapter) as connect:
