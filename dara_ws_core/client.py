@@ -380,6 +380,7 @@ class DaraClient:
 
     async def _read(self, transport: Transport) -> None:
         clock = time.monotonic
+        max_values = self.max_message_values
         self._idle_close = None
         self._last_frame = clock()  # before the watcher's first look: it starts after this
         while True:
@@ -389,8 +390,12 @@ class DaraClient:
                 self.last_close = self._idle_close or exc
                 return
             self._last_frame = clock()
+            # As _decode, inline: a method call less per frame on the round trip's path.
+            values = count_json_values(frame) if len(frame) > max_values else 0
             try:
-                message, values = self._decode(frame)
+                if values > max_values:
+                    raise FrameTooLarge(f"a server frame of more than {max_values} JSON values")
+                message = decode_server_frame(frame)
             except FrameTooLarge as exc:  # values, nesting, digits: what decoding would cost
                 await self._close_on(transport, exc)
                 return
