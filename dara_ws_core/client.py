@@ -285,6 +285,9 @@ class DaraClient:
                     message, _ = self._decode(await transport.receive())
                     if isinstance(message, InitMessage):
                         break
+        except FrameTooLarge as exc:  # before init too, a frame costing too much is refused
+            await transport.close(exc.close_code or CloseCode.PROTOCOL_ERROR, str(exc))
+            raise
         except BaseException:
             await transport.close()
             raise

@@ -22,7 +22,15 @@ from typing import Any
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from dara_ws_core import ConnectionClosed, CustomServerMessage, DaraClient, PushedMessage, Request, Transport
+from dara_ws_core import (
+    ConnectionClosed,
+    CustomServerMessage,
+    DaraClient,
+    FrameTooLarge,
+    PushedMessage,
+    Request,
+    Transport,
+)
 from dara_ws_core.client import _charge, _reconnect_delay
 from dara_ws_core.codec import count_json_values
 
@@ -300,6 +308,24 @@ async def test_a_server_frame_too_costly_to_decode_closes_the_connection_with_10
         assert not client.received_nowait()  # neither the bomb nor what came after it
         await eventually(lambda: server_saw == [1009], "the server told why")
         await client.close()
+
+
+async def test_a_frame_too_costly_before_init_fails_the_connect_with_1009(client_adapter: str) -> None:
+    server_saw: list[int | None] = []
+
+    async def bomb_first(ws: ServerConnection) -> None:
+        await ws.send(_values_bomb(2_000))
+        await ws.send(INIT)
+        with contextlib.suppress(Exception):
+            await ws.wait_closed()
+        server_saw.append(ws.close_code)
+
+    async with hostile(bomb_first, client_adapter) as connect:
+        client = DaraClient(connect, ping_interval=None, max_message_values=1_000)
+        with pytest.raises(FrameTooLarge):
+            await client.connect()
+        await eventually(lambda: server_saw == [1009], "the server told why")
+        assert not client.connected
 
 
 async def test_a_frame_at_max_message_values_is_decoded(client_adapter: str) -> None:
