@@ -42,7 +42,7 @@ default can be changed in the constructor):
   once is retried ever more slowly and given up after ``max_attempts``. The close code counts too:
   1013 (try again later) waits at least the full backoff, and a code saying the server refused
   this client (1002, 1003, 1007, 1008, 1009, 1010, or 4000-4999, the applications' codes such as
-  an authentication failure) waits ``backoff_max`` and never resets the count.
+  an authentication failure) waits ``backoff_max``.
 """
 
 from __future__ import annotations
@@ -315,9 +315,9 @@ class DaraClient:
                 self._connected.clear()
                 self._fail_pending(self.last_close or ConnectionClosed())
                 self._clear_backlog()  # requests of a channel that is gone: none can be answered
-            code = self.last_close.code if self.last_close is not None else None
-            if loop.time() - opened >= self.stable_after and not _refuses(code):
+            if loop.time() - opened >= self.stable_after:
                 self._attempts = 0  # a run of failures ends only with a connection that lasted
+            code = self.last_close.code if self.last_close is not None else None
             if self._closing or not self.reconnect or not await self._reconnect(code):
                 self._wake_inbox()
                 return
