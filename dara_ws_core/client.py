@@ -16,19 +16,33 @@ or :class:`~dara_ws_core.memory.MemoryServer.connect`)::
 A server is a peer like any other, and the client bounds what one can make it hold (every
 default can be changed in the constructor):
 
-* **Responders**: at most ``max_responders`` (64) server requests are answered at once. At the
-  cap the client stops reading until one finishes: the server's frames wait in the socket
-  buffers, and TCP holds the rest back, as websockets does when its ``max_queue`` is full.
-  The protocol has no "busy" answer for the client's side (section 2), so waiting is the
-  outcome that loses nothing.
+* **One frame**: a server frame of more than ``max_message_values`` (250,000, the server's own
+  default) JSON values, counted before it is decoded as the server counts them, or nested too
+  deep, is a protocol error of the server: the client closes the connection with 1009 and
+  records it in ``last_close``. What one frame costs in memory and loop time is bounded so.
+* **Responders**: at most ``max_responders`` (64) server requests are answered at once. The
+  client keeps reading at the cap: replies to its own requests, pongs and pushes never wait
+  behind responders, so a responder may itself ``request()`` from the server. Further server
+  requests wait in a backlog of ``max_backlog`` (1,024) requests and ``max_backlog_bytes``
+  (16 MiB, charged as in the inbox), and start as responders finish. Beyond the backlog a request
+  is dropped, counted in ``requests_dropped`` and logged at a limited rate: the protocol has no
+  error answer on the client's side (section 2), so the server's ``send_and_wait`` times out.
 * **Inbox**: pushes not yet taken by :meth:`DaraClient.receive` are kept up to ``max_queue``
-  (10,000) messages and ``max_queue_bytes`` (32 MiB of frame text). Beyond either, the oldest are
-  dropped (counted in ``dropped``, logged at a limited rate): a client that only sends requests
-  and never calls ``receive()`` keeps working, its replies and pongs unaffected.
+  (10,000) messages and ``max_queue_bytes`` (32 MiB). A push is charged its frame text plus 120
+  bytes per JSON value, what its decoded objects hold at worst, so the byte bound bounds memory
+  and not only text. Beyond either bound, the oldest are dropped (counted in ``dropped``, logged
+  at a limited rate): a client that only sends requests and never calls ``receive()`` keeps
+  working, its replies and pongs unaffected.
 * **A dead server**: with ``ping_interval`` set, a connection on which no frame at all arrives
   within ``idle_timeout`` (twice ``ping_interval`` by default: a live server answers each ping)
-  is aborted as closed with 1006, and reconnected when ``reconnect`` is set. Time the client
-  spends not reading (the responder cap above) is not counted against the server.
+  is aborted as closed with 1006, and reconnected when ``reconnect`` is set.
+* **Reconnecting** (``reconnect=True``): the delay before an attempt doubles from
+  ``backoff_initial`` up to ``backoff_max``, with jitter. Attempts count until a connection stays
+  up for ``stable_after`` (``backoff_max`` by default), so a server that accepts and closes at
+  once is retried ever more slowly and given up after ``max_attempts``. The close code counts too:
+  1013 (try again later) waits at least the full backoff, and a code saying the server refused
+  this client (1002, 1003, 1007, 1008, 1009, 1010, or 4000-4999, the applications' codes such as
+  an authentication failure) waits ``backoff_max``.
 """
 
 from __future__ import annotations
@@ -48,11 +62,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .codec import decode_server_frame, dumps
+from .codec import count_json_values, decode_server_frame, dumps
 from .exceptions import (
     CloseCode,
     ConnectionClosed,
     DaraWSError,
+    FrameTooLarge,
     InvalidFrame,
     InvalidMessage,
     RemoteError,
@@ -72,6 +87,52 @@ logger = logging.getLogger("dara_ws_core.client")
 
 Connector = Callable[[], Awaitable[Transport]]
 _PING = b'{"type":"ping","message":null}'
+#: What one JSON value is charged in the inbox and the request backlog, in bytes: at worst what
+#: its decoded Python objects take (an empty list, a small dict entry), as the server reckons it.
+_VALUE_BYTES = 120
+#: Close codes by which a server refuses this client rather than going away: a reconnection
+#: would meet the same answer, so it waits ``backoff_max`` (see :func:`_reconnect_delay`).
+_REFUSALS = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
+
+
+def _charge(frame: str | bytes, values: int) -> int:
+    """What a decoded server message holds at worst, in bytes: its text and its values' objects
+    (``values`` when already counted, else ``0``)."""
+    return len(frame) + _VALUE_BYTES * (values or count_json_values(frame))
+
+
+def _request(message: CustomServerMessage | DaraServerMessage) -> Request:
+    payload = message.message
+    assert payload.rchan is not None
+    return Request(
+        rchan=payload.rchan,
+        payload=payload.model_dump(by_alias=True, exclude={"rchan", "response_for"}),
+        custom=isinstance(message, CustomServerMessage),
+        typename=message.typename if isinstance(message, DaraServerMessage) else None,
+    )
+
+
+def _refuses(code: int | None) -> bool:
+    """Whether a close ``code`` says the server refused this client (policy, protocol, an
+    application's 4000-4999 code such as failed authentication), not that it went away."""
+    return code is not None and (code in _REFUSALS or 4000 <= code <= 4999)
+
+
+def _reconnect_delay(code: int | None, attempts: int, initial: float, maximum: float,
+                    jitter: float) -> float:
+    """Seconds to wait before reconnect attempt number ``attempts`` (0 for the first since a
+    stable connection), after a connection closed with ``code`` (``None``: an attempt failed).
+
+    The backoff doubles from ``initial`` up to ``maximum``; ``jitter`` (0 to 1) spreads clients.
+    A normal loss waits half to all of it; 1013 (try again later) at least all of it, up to half
+    more; a refusal (:func:`_refuses`) ``maximum`` and up to half more.
+    """
+    backoff = min(maximum, initial * 2.0 ** min(attempts, 64))
+    if _refuses(code):
+        return maximum * (1 + jitter / 2)
+    if code == CloseCode.TRY_AGAIN_LATER:
+        return backoff * (1 + jitter / 2)
+    return backoff * (0.5 + jitter / 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,11 +170,16 @@ class DaraClient:
 
     ``ping_interval`` (seconds, ``None`` for no pings) paces the keepalive pings. The bounds on
     what the server can make the client hold are described in the module documentation:
-    ``max_responders`` server requests answered at once (more wait unread), ``max_queue``
-    pushes and ``max_queue_bytes`` of their frame text in the inbox (the oldest dropped beyond,
-    counted in ``dropped``), and ``idle_timeout``, the silence after which the connection is
-    given up as dead (default twice ``ping_interval``; ``None`` without pings). Raises
-    ``ValueError`` for a bound under 1, or an ``idle_timeout`` not longer than ``ping_interval``.
+    ``max_message_values`` JSON values in one server frame (beyond, the client closes with
+    1009), ``max_responders`` server requests answered at once, ``max_backlog`` requests and
+    ``max_backlog_bytes`` waiting for a responder (more are dropped, counted in
+    ``requests_dropped``), ``max_queue`` pushes and ``max_queue_bytes`` in the inbox (a push
+    charged its text and 120 bytes per JSON value; the oldest dropped beyond, counted in
+    ``dropped``), and ``idle_timeout``, the silence after which the connection is given up as
+    dead (default twice ``ping_interval``; ``None`` without pings). With ``reconnect``,
+    ``max_attempts`` counts the attempts since the last connection that stayed up
+    ``stable_after`` seconds (default ``backoff_max``). Raises ``ValueError`` for a bound under
+    1, or an ``idle_timeout`` not longer than ``ping_interval``.
     """
 
     def __init__(
@@ -128,11 +194,17 @@ class DaraClient:
         max_queue: int = 10_000,
         max_queue_bytes: int = 32 * 1024 * 1024,
         max_responders: int = 64,
+        max_backlog: int = 1024,
+        max_backlog_bytes: int = 16 * 1024 * 1024,
+        max_message_values: int = 250_000,
         idle_timeout: float | None = None,
         init_timeout: float = 10.0,
+        stable_after: float | None = None,
     ) -> None:
-        if max_responders < 1 or max_queue < 1 or max_queue_bytes < 1:
-            raise ValueError("max_responders, max_queue and max_queue_bytes must be at least 1")
+        if min(max_responders, max_queue, max_queue_bytes, max_backlog, max_backlog_bytes,
+               max_message_values) < 1:
+            raise ValueError("max_responders, max_queue, max_queue_bytes, max_backlog, "
+                             "max_backlog_bytes and max_message_values must be at least 1")
         if idle_timeout is None and ping_interval:
             idle_timeout = 2 * ping_interval
         if idle_timeout is not None and ping_interval and idle_timeout <= ping_interval:
@@ -146,10 +218,18 @@ class DaraClient:
         self.max_queue = max_queue
         self.max_queue_bytes = max_queue_bytes
         self.max_responders = max_responders
+        self.max_backlog = max_backlog
+        self.max_backlog_bytes = max_backlog_bytes
+        self.max_message_values = max_message_values
         self.reconnect = reconnect
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.max_attempts = max_attempts
+        #: A connection up this long (seconds) ends a run of failed attempts: the backoff and the
+        #: attempt count start over.
+        self.stable_after = backoff_max if stable_after is None else stable_after
+        # Reconnect attempts since the last stable connection (see _run).
+        self._attempts = 0
         self.init_timeout = init_timeout
         self._channel: str | None = None
         self._transport: Transport | None = None
@@ -158,9 +238,11 @@ class DaraClient:
         self._inbox_bytes = 0
         self._inbox_waiter: asyncio.Future[None] | None = None
         self._responding = 0
-        self._responder_done: asyncio.Future[None] | None = None
+        # Server requests waiting for a responder, with what each is charged (as in the inbox).
+        self._backlog: deque[tuple[Request, int]] = deque()
+        self._backlog_bytes = 0
         # When the last frame arrived (time.monotonic: a C call, cheaper per frame than the
-        # loop's clock); +inf while the client itself does not read.
+        # loop's clock); +inf before the first read.
         self._last_frame = math.inf
         self._idle_close: ConnectionClosed | None = None
         self._log = ConnectionLogger(logger, {})
@@ -176,6 +258,8 @@ class DaraClient:
         #: Pushes dropped from a full inbox (oldest first), and connections given up as dead.
         self.dropped = 0
         self.idle_closes = 0
+        #: Server requests dropped because the responders and their backlog were full.
+        self.requests_dropped = 0
 
     # ------------------------------------------------------------------ setup
 
@@ -188,6 +272,7 @@ class DaraClient:
         """Connect, wait for ``init`` and return the channel id. Raises what the connector raises
         (e.g. a 403 rejection) and ``ConnectionClosed`` if the server closes before ``init``."""
         self._closing = False
+        self._attempts = 0
         await self._open()
         self._runner = asyncio.get_running_loop().create_task(self._run())
         return self.channel
@@ -197,9 +282,12 @@ class DaraClient:
         try:
             async with asyncio.timeout(self.init_timeout):
                 while True:
-                    message = decode_server_frame(await transport.receive())
+                    message, _ = self._decode(await transport.receive())
                     if isinstance(message, InitMessage):
                         break
+        except FrameTooLarge as exc:  # before init too, a frame costing too much is refused
+            await transport.close(exc.close_code or CloseCode.PROTOCOL_ERROR, str(exc))
+            raise
         except BaseException:
             await transport.close()
             raise
@@ -213,6 +301,7 @@ class DaraClient:
         while True:
             transport = self._transport
             assert transport is not None
+            opened = loop.time()
             keepalive = []
             if self.ping_interval:
                 keepalive.append(loop.create_task(self._ping(transport)))
@@ -225,23 +314,33 @@ class DaraClient:
                     task.cancel()
                 self._connected.clear()
                 self._fail_pending(self.last_close or ConnectionClosed())
-            if self._closing or not self.reconnect or not await self._reconnect():
+                self._clear_backlog()  # requests of a channel that is gone: none can be answered
+            if loop.time() - opened >= self.stable_after:
+                self._attempts = 0  # a run of failures ends only with a connection that lasted
+            code = self.last_close.code if self.last_close is not None else None
+            if self._closing or not self.reconnect or not await self._reconnect(code):
                 self._wake_inbox()
                 return
 
-    async def _reconnect(self) -> bool:
-        attempt = 0
-        while not self._closing and (self.max_attempts is None or attempt < self.max_attempts):
-            delay = min(self.backoff_max, self.backoff_initial * 2**attempt)
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            attempt += 1
+    async def _reconnect(self, code: int | None) -> bool:
+        """Reconnect after a connection closed with ``code``; ``False`` once ``max_attempts``
+        attempts since the last stable connection failed or ended early (see the module doc)."""
+        while not self._closing:
+            if self.max_attempts is not None and self._attempts >= self.max_attempts:
+                logger.warning("giving up reconnecting: %d attempts since the last connection "
+                               "that stayed up %g s", self._attempts, self.stable_after)
+                return False
+            await asyncio.sleep(_reconnect_delay(
+                code, self._attempts, self.backoff_initial, self.backoff_max, random.random()))
+            self._attempts += 1
             try:
                 await self._open()
                 return True
             except (OSError, DaraWSError, TimeoutError) as exc:
-                logger.info("reconnect attempt %d failed: %s", attempt, exc)
+                logger.info("reconnect attempt %d failed: %s", self._attempts, exc)
             except Exception as exc:  # connector-specific errors (e.g. handshake status)
-                logger.info("reconnect attempt %d failed: %r", attempt, exc)
+                logger.info("reconnect attempt %d failed: %r", self._attempts, exc)
+            code = None
         return False
 
     async def _ping(self, transport: Transport) -> None:
@@ -259,7 +358,7 @@ class DaraClient:
         is stuck.
         """
         while True:
-            late = time.monotonic() - self._last_frame  # -inf while the client does not read
+            late = time.monotonic() - self._last_frame  # -inf before the first read
             if late >= idle_timeout:
                 break
             await asyncio.sleep(idle_timeout - late if late > -math.inf else idle_timeout)
@@ -272,8 +371,19 @@ class DaraClient:
 
     # ------------------------------------------------------------------ inbound
 
+    def _decode(self, frame: str | bytes) -> tuple[ServerMessage, int]:
+        """Decode a server frame, with the JSON values counted when they could exceed the bound
+        (``0`` otherwise). Raises ``FrameTooLarge`` before decoding a frame over
+        ``max_message_values``, and what :func:`decode_server_frame` raises."""
+        max_values = self.max_message_values
+        values = count_json_values(frame) if len(frame) > max_values else 0
+        if values > max_values:
+            raise FrameTooLarge(f"a server frame of more than {max_values} JSON values")
+        return decode_server_frame(frame), values
+
     async def _read(self, transport: Transport) -> None:
         clock = time.monotonic
+        max_values = self.max_message_values
         self._idle_close = None
         self._last_frame = clock()  # before the watcher's first look: it starts after this
         while True:
@@ -283,27 +393,29 @@ class DaraClient:
                 self.last_close = self._idle_close or exc
                 return
             self._last_frame = clock()
+            # As _decode, inline: a method call less per frame on the round trip's path.
+            values = count_json_values(frame) if len(frame) > max_values else 0
             try:
+                if values > max_values:
+                    raise FrameTooLarge(f"a server frame of more than {max_values} JSON values")
                 message = decode_server_frame(frame)
+            except FrameTooLarge as exc:  # values, nesting, digits: what decoding would cost
+                await self._close_on(transport, exc)
+                return
             except (InvalidFrame, InvalidMessage) as exc:
                 self._log.peer_error(logging.WARNING, "undecodable server frame: %s", exc)
                 continue
-            self._dispatch(message, len(frame))
-            if self._responding >= self.max_responders:
-                await self._wait_for_a_responder()
-                self._last_frame = clock()
+            self._dispatch(message, frame, values)
 
-    async def _wait_for_a_responder(self) -> None:
-        """Read nothing more until a responder finishes (backpressure, see the module doc)."""
-        self._last_frame = math.inf
-        while self._responding >= self.max_responders:
-            self._responder_done = asyncio.get_running_loop().create_future()
-            try:
-                await self._responder_done
-            finally:
-                self._responder_done = None
+    async def _close_on(self, transport: Transport, exc: FrameTooLarge) -> None:
+        """Close the connection on a server's protocol error, as the server closes a client's."""
+        code = exc.close_code or CloseCode.PROTOCOL_ERROR
+        self.last_close = ConnectionClosed(code, str(exc))
+        logger.warning("closing the connection with %d: %s", code, exc)
+        with contextlib.suppress(ConnectionClosed):
+            await transport.close(code, str(exc))
 
-    def _dispatch(self, message: ServerMessage, size: int) -> None:
+    def _dispatch(self, message: ServerMessage, frame: str | bytes, values: int) -> None:
         if isinstance(message, PongMessage):
             self.pongs += 1
             return
@@ -324,17 +436,23 @@ class DaraClient:
         if payload.rchan is not None and self._responder is not None:
             if self._closing:  # read after close(): an answer could no longer be sent
                 return
-            request = Request(
-                rchan=payload.rchan,
-                payload=payload.model_dump(by_alias=True, exclude={"rchan", "response_for"}),
-                custom=isinstance(message, CustomServerMessage),
-                typename=message.typename if isinstance(message, DaraServerMessage) else None,
-            )
-            self._responding += 1
-            task = asyncio.ensure_future(self._respond(request))
-            self._tasks.add(task)
-            task.add_done_callback(self._responder_finished)
+            if self._responding < self.max_responders:
+                self._start(_request(message))
+                return
+            size = _charge(frame, values)
+            if (len(self._backlog) >= self.max_backlog
+                    or self._backlog_bytes + size > self.max_backlog_bytes):
+                self.requests_dropped += 1
+                self._log.peer_error(
+                    logging.WARNING, "server request dropped: %d running (max_responders) and the "
+                    "backlog full (max_backlog=%d, max_backlog_bytes=%d)",
+                    self._responding, self.max_backlog, self.max_backlog_bytes,
+                )
+                return
+            self._backlog.append((_request(message), size))
+            self._backlog_bytes += size
             return
+        size = _charge(frame, values)
         inbox = self._inbox
         if len(inbox) >= self.max_queue or self._inbox_bytes + size > self.max_queue_bytes:
             self._make_room(size)
@@ -354,6 +472,16 @@ class DaraClient:
                 logging.WARNING, "inbox over max_queue=%d or max_queue_bytes=%d: dropped the oldest push",
                 self.max_queue, self.max_queue_bytes,
             )
+
+    def _start(self, request: Request) -> None:
+        self._responding += 1
+        task = asyncio.ensure_future(self._respond(request))
+        self._tasks.add(task)
+        task.add_done_callback(self._responder_finished)
+
+    def _clear_backlog(self) -> None:
+        self._backlog.clear()
+        self._backlog_bytes = 0
 
     def _wake_inbox(self) -> None:
         if self._inbox_waiter is not None and not self._inbox_waiter.done():
@@ -376,9 +504,10 @@ class DaraClient:
         # of its code, and the count would never come down.
         self._tasks.discard(task)
         self._responding -= 1
-        done = self._responder_done
-        if done is not None and not done.done():
-            done.set_result(None)
+        if self._backlog and not self._closing:
+            request, size = self._backlog.popleft()
+            self._backlog_bytes -= size
+            self._start(request)
 
     async def receive(self, timeout: float | None = None) -> PushedMessage:
         """The next pushed message (not pongs, replies, or requests a responder answers).
@@ -496,9 +625,10 @@ class DaraClient:
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close the connection and stop reconnecting; idempotent."""
         self._closing = True
+        self._clear_backlog()
         if self._transport is not None:
             await self._transport.close(code, reason)
-        # Responders can no longer answer; cancelled first, they free a reader held at the cap.
+        # Responders can no longer answer.
         for task in list(self._tasks):
             task.cancel()
         if self._runner is not None:

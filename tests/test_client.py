@@ -2,15 +2,18 @@
 a dead one goes unnoticed.
 
 The servers are built with the real websockets library on 127.0.0.1 and misbehave on purpose: a
-flood of requests, pushes nobody takes, a server that stops reading or answering. The client
-reaches them with each client adapter (websockets and aiohttp), since noticing a dead
-connection relies on the adapter's ``abort()``.
+flood of requests, pushes nobody takes, frames costly to decode, a server that stops reading or
+answering, or that closes every connection right after ``init``. The client reaches them with
+each client adapter (websockets and aiohttp), since noticing a dead connection relies on the
+adapter's ``abort()``. A responder that itself asks the server runs against this library's own
+server, on every served transport.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,9 +22,20 @@ from typing import Any
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from dara_ws_core import ConnectionClosed, CustomServerMessage, DaraClient, PushedMessage, Request, Transport
+from dara_ws_core import (
+    ConnectionClosed,
+    CustomServerMessage,
+    DaraClient,
+    FrameTooLarge,
+    PushedMessage,
+    Request,
+    Transport,
+)
+from dara_ws_core.client import _charge, _reconnect_delay
+from dara_ws_core.codec import count_json_values
 
 from .helpers import eventually
+from .stacks import Stack
 
 Handler = Callable[[ServerConnection], Awaitable[None]]
 INIT = json.dumps({"type": "init", "message": {"channel": "c"}})
@@ -110,8 +124,8 @@ async def test_a_request_flood_runs_at_most_max_responders_and_every_request_is_
         await client.connect()
         try:
             await eventually(lambda: running == cap, "the client runs its responders")
-            await asyncio.sleep(0.2)  # the client, blocked at the cap, reads nothing more
-            assert peak == cap and len(client._tasks) == cap
+            await eventually(lambda: len(client._backlog) == requests - cap, "the rest wait")
+            assert peak == cap and len(client._tasks) == cap and client.requests_dropped == 0
             release.set()
             await eventually(lambda: len(answers) == requests, "every request answered")
         finally:
@@ -138,10 +152,10 @@ async def test_close_is_prompt_while_every_responder_slot_is_busy(client_adapter
         await client.wait_closed(1)
 
 
-async def test_time_spent_at_the_responder_cap_does_not_count_as_a_dead_server(
+async def test_responders_slower_than_the_idle_timeout_do_not_make_the_server_look_dead(
     client_adapter: str,
 ) -> None:
-    """The client, not the server, stops reading at the cap: the pongs wait in the socket."""
+    """The client keeps reading at the responder cap: the pongs come in meanwhile."""
 
     async def slower_than_the_idle_timeout(request: Request) -> Any:
         await asyncio.sleep(0.6)  # the scenario: twice idle_timeout (0.3 s)
@@ -154,6 +168,192 @@ async def test_time_spent_at_the_responder_cap_does_not_count_as_a_dead_server(
         try:
             await eventually(lambda: not client._tasks and client.pongs >= 3, "answered, pings on")
             assert client.idle_closes == 0 and client.connections == 1 and client.connected
+        finally:
+            await client.close()
+
+
+async def test_at_the_cap_replies_pushes_and_pongs_are_still_read(client_adapter: str) -> None:
+    """The frames the server sends after filling every responder slot are not held behind it."""
+    never = asyncio.Event()
+
+    async def stuck(request: Request) -> Any:
+        await never.wait()
+
+    async def fill_then_serve(ws: ServerConnection) -> None:
+        await ws.send(INIT)
+        for request in _requests(3):
+            await ws.send(request)
+        await ws.send(_push(7, 1))
+        async for frame in ws:
+            message = json.loads(frame)
+            if message["type"] == "ping":
+                await ws.send('{"type":"pong","message":null}')
+            elif message["type"] == "custom":
+                await ws.send(json.dumps({"type": "custom", "message": {
+                    "kind": "echo", "data": message["message"]["data"],
+                    "__response_for": message["message"]["__rchan"]}}))
+
+    async with hostile(fill_then_serve, client_adapter) as connect:
+        client = DaraClient(connect, ping_interval=0.05, max_responders=2)
+        client.on_request(stuck)
+        await client.connect()
+        try:
+            await eventually(lambda: client._responding == 2 and len(client._backlog) == 1,
+                             "two requests running, the third waiting")
+            assert _number(await client.receive(5)) == 7
+            assert await client.request("echo", 42, timeout=5) == 42
+            await eventually(lambda: client.pongs >= 2, "pongs read at the cap")
+        finally:
+            await client.close()
+        assert not client._backlog and client._backlog_bytes == 0
+
+
+@pytest.mark.parametrize("bound", ["count", "bytes"])
+async def test_server_requests_beyond_the_backlog_are_dropped_and_counted(
+    client_adapter: str, bound: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    requests, cap = 200, 2
+    frames = [json.dumps({"type": "message", "message": {"__rchan": f"r{i}", "i": i, "pad": "p" * 500}})
+              for i in range(requests)]
+    charge = _charge(frames[0], 0)
+    options = {"max_backlog": 5} if bound == "count" else {"max_backlog_bytes": 5 * charge + charge // 2}
+    answers: list[Any] = []
+
+    async def flood(ws: ServerConnection) -> None:
+        await ws.send(INIT)
+        for request in frames:
+            await ws.send(request)
+        async for frame in ws:
+            answers.append(json.loads(frame))
+
+    release = asyncio.Event()
+
+    async def held(request: Request) -> Any:
+        await release.wait()
+        return request.payload["i"]
+
+    async with hostile(flood, client_adapter) as connect:
+        client = DaraClient(connect, ping_interval=None, max_responders=cap, **options)  # type: ignore[arg-type]
+        client.on_request(held)
+        await client.connect()
+        try:
+            await eventually(lambda: client.requests_dropped == requests - cap - 5, "the rest dropped")
+            assert client._responding == cap and len(client._backlog) == 5
+            assert client._backlog_bytes == 5 * charge
+            release.set()
+            await eventually(lambda: len(answers) == cap + 5, "the kept requests answered")
+        finally:
+            await client.close()
+    assert sorted(a["message"] for a in answers) == list(range(cap + 5))  # the first ones, in order
+    dropped_logs = [r for r in caplog.records if "server request dropped" in r.getMessage()]
+    assert 1 <= len(dropped_logs) <= 12  # the first ten, then powers of ten
+
+
+async def test_a_responder_may_ask_the_server_while_every_slot_is_taken(make_stack: Any) -> None:
+    """More server requests than ``max_responders``, each answered after a ``request()`` of its
+    own: every one is answered (the client reads its replies at the cap)."""
+    asks, cap = 7, 2
+    async with make_stack() as stack:
+        assert isinstance(stack, Stack)
+        manager = stack.manager
+
+        async def ask(channel: str, data: Any) -> Any:
+            return await manager.send_and_wait(channel, {"n": data}, timeout=10)
+
+        manager.add_ws_handler("echo", lambda channel, data: data)
+        manager.add_ws_handler("ask", ask)
+        client = await stack.client(max_responders=cap)
+
+        async def looks_up(request: Request) -> Any:
+            return {"looked_up": await client.request("echo", request.payload["n"] * 10, timeout=10)}
+
+        client.on_request(looks_up)
+        async with asyncio.timeout(20):
+            answers = await asyncio.gather(*(client.request("ask", i, timeout=15) for i in range(asks)))
+        assert answers == [{"looked_up": i * 10} for i in range(asks)]
+        assert client.requests_dropped == 0 and not client._backlog
+
+
+# ------------------------------------------------------------------ one frame
+
+
+def _values_bomb(values: int) -> str:
+    """A push of cheap-to-send, costly-to-decode JSON: ``values`` empty lists."""
+    return '{"type":"custom","message":{"kind":"bomb","data":[' + ",".join(["[]"] * values) + "]}}"
+
+
+@pytest.mark.parametrize("frame", [
+    pytest.param(_values_bomb(250_001), id="values"),
+    pytest.param('{"type":"custom","message":{"kind":"k","data":' + "[" * 300 + "]" * 300 + "}}",
+                 id="nesting"),
+])
+async def test_a_server_frame_too_costly_to_decode_closes_the_connection_with_1009(
+    client_adapter: str, frame: str
+) -> None:
+    server_saw: list[int | None] = []
+
+    async def bomb(ws: ServerConnection) -> None:
+        await ws.send(INIT)
+        await ws.send(frame)
+        await ws.send(_push(1, 1))
+        with contextlib.suppress(Exception):
+            await ws.wait_closed()
+        server_saw.append(ws.close_code)
+
+    async with hostile(bomb, client_adapter) as connect:
+        client = DaraClient(connect, ping_interval=None)  # the default bound, the server's
+        await client.connect()
+        closed = await client.wait_closed(10)
+        assert closed is not None and closed.code == 1009 and client.last_close is closed
+        assert not client.received_nowait()  # neither the bomb nor what came after it
+        await eventually(lambda: server_saw == [1009], "the server told why")
+        await client.close()
+
+
+async def test_a_frame_too_costly_before_init_fails_the_connect_with_1009(client_adapter: str) -> None:
+    server_saw: list[int | None] = []
+
+    async def bomb_first(ws: ServerConnection) -> None:
+        await ws.send(_values_bomb(2_000))
+        await ws.send(INIT)
+        with contextlib.suppress(Exception):
+            await ws.wait_closed()
+        server_saw.append(ws.close_code)
+
+    async with hostile(bomb_first, client_adapter) as connect:
+        client = DaraClient(connect, ping_interval=None, max_message_values=1_000)
+        with pytest.raises(FrameTooLarge):
+            await client.connect()
+        await eventually(lambda: server_saw == [1009], "the server told why")
+        assert not client.connected
+
+
+async def test_a_frame_at_max_message_values_is_decoded(client_adapter: str) -> None:
+    frame = _values_bomb(1_000)
+    async with hostile(_sends_then_pongs([frame]), client_adapter) as connect:
+        # Counted as the server counts (an upper bound: each "[]" and each comma count).
+        client = DaraClient(connect, ping_interval=None, max_message_values=count_json_values(frame))
+        await client.connect()
+        try:
+            message = await client.receive(5)
+            assert isinstance(message, CustomServerMessage) and len(message.message.data) == 1_000
+            assert client.connected
+        finally:
+            await client.close()
+
+
+async def test_the_inbox_charges_a_push_for_the_values_it_decodes_to(client_adapter: str) -> None:
+    """Pushes of 20,000 values in 40 KB of text each: charged ~2.4 MB each, 2 fit in 5 MiB."""
+    pushes = 10
+    frames = [json.dumps({"type": "custom", "message": {"kind": "k", "data": [i] + [0] * 19_999}})
+              for i in range(pushes)]
+    async with hostile(_sends_then_pongs(frames), client_adapter) as connect:
+        client = DaraClient(connect, ping_interval=None, max_queue_bytes=5 * 1024 * 1024)
+        await client.connect()
+        try:
+            await eventually(lambda: client.dropped == pushes - 2, "the oldest pushes dropped")
+            assert client._inbox_bytes <= client.max_queue_bytes
+            assert [_number(m) for m in client.received_nowait()] == [pushes - 2, pushes - 1]
         finally:
             await client.close()
 
@@ -174,7 +374,7 @@ async def test_a_full_inbox_drops_the_oldest_pushes_to_stay_within_its_bytes(
     client_adapter: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     pushes, size = 40, 100_000
-    frame_size = len(_push(0, size))
+    frame_size = _charge(_push(0, size), 0)  # its text and its values, as the inbox counts it
 
     pushes_nobody_takes = _sends_then_pongs([_push(i, size) for i in range(pushes)])
     async with hostile(pushes_nobody_takes, client_adapter) as connect:
@@ -214,6 +414,91 @@ async def test_a_push_larger_than_the_byte_bound_is_kept_alone(client_adapter: s
             assert _number(await client.receive(5)) == 1 and client.dropped == 1
         finally:
             await client.close()
+
+
+# ------------------------------------------------------------------ reconnecting
+
+
+def _closes_after_init(code: int, accepted: list[float]) -> Handler:
+    """A server that sends ``init`` and closes with ``code`` at once, noting when it accepted."""
+
+    async def handler(ws: ServerConnection) -> None:
+        accepted.append(asyncio.get_running_loop().time())
+        await ws.send(INIT)
+        await ws.close(code, "go away")
+
+    return handler
+
+
+def _gaps(times: list[float]) -> list[float]:
+    return [later - earlier for earlier, later in itertools.pairwise(times)]
+
+
+async def test_a_server_closing_1013_after_init_is_retried_ever_more_slowly_then_given_up(
+    client_adapter: str,
+) -> None:
+    accepted: list[float] = []
+    async with hostile(_closes_after_init(1013, accepted), client_adapter) as connect:
+        client = DaraClient(connect, ping_interval=None, reconnect=True, backoff_initial=0.05,
+                            backoff_max=0.4, max_attempts=4)
+        await client.connect()
+        closed = await client.wait_closed(10)  # gives up: each connection ended at once
+        assert closed is not None and closed.code == 1013
+        assert client.connections == len(accepted) == 5  # the first, then max_attempts
+        # 1013 waits at least the whole backoff, which doubles: 0.05, 0.1, 0.2, then 0.4.
+        for gap, least in zip(_gaps(accepted), [0.05, 0.1, 0.2, 0.4], strict=True):
+            assert gap >= least
+        await client.close()
+
+
+@pytest.mark.parametrize("code", [1008, 4003])
+async def test_a_server_refusing_the_client_is_retried_only_after_backoff_max(
+    client_adapter: str, code: int
+) -> None:
+    accepted: list[float] = []
+    async with hostile(_closes_after_init(code, accepted), client_adapter) as connect:
+        client = DaraClient(connect, ping_interval=None, reconnect=True, backoff_initial=0.01,
+                            backoff_max=0.3, max_attempts=2)
+        await client.connect()
+        closed = await client.wait_closed(10)
+        assert closed is not None and closed.code == code and len(accepted) == 3
+        assert min(_gaps(accepted)) >= 0.3
+        await client.close()
+
+
+async def test_a_connection_that_stays_up_starts_the_attempts_over(client_adapter: str) -> None:
+    accepted: list[float] = []
+
+    async def lasts_a_while_twice(ws: ServerConnection) -> None:
+        accepted.append(asyncio.get_running_loop().time())
+        await ws.send(INIT)
+        if len(accepted) <= 2:
+            await asyncio.sleep(0.3)  # the scenario: up longer than stable_after (0.2 s)
+            await ws.close(1001, "restarting")
+        else:
+            await _answer_pings(ws)
+
+    async with hostile(lasts_a_while_twice, client_adapter) as connect:
+        # One attempt allowed after each stable connection: two losses are both survived.
+        client = DaraClient(connect, ping_interval=None, reconnect=True, backoff_initial=0.01,
+                            max_attempts=1, stable_after=0.2)
+        await client.connect()
+        try:
+            await eventually(lambda: client.connections == 3 and client.connected, "reconnected twice")
+        finally:
+            await client.close()
+
+
+def test_the_reconnect_delay_follows_the_close_code() -> None:
+    def delay(code: int | None, attempts: int, jitter: float) -> float:
+        return _reconnect_delay(code, attempts, 0.5, 10.0, jitter)
+
+    assert delay(1006, 0, 0.0) == 0.25 and delay(1006, 0, 1.0) == 0.5  # half to all of it
+    assert delay(1001, 3, 1.0) == 4.0 and delay(None, 10, 1.0) == 10.0  # doubles up to the max
+    assert delay(1013, 0, 0.0) == 0.5 and delay(1013, 2, 1.0) == 3.0  # at least all of it
+    for refusal in (1002, 1003, 1007, 1008, 1009, 1010, 4000, 4401, 4999):
+        assert delay(refusal, 0, 0.0) == 10.0
+    assert delay(1006, 10_000, 1.0) == 10.0  # no overflow however many attempts
 
 
 # ------------------------------------------------------------------ a dead server
