@@ -47,6 +47,7 @@ from .exceptions import (
     UnknownKind,
 )
 from .handler import WebSocketHandler, current_channel, current_identity
+from .logs import quiet_accept_errors
 from .manager import WebsocketManager, get_user_channels
 from .messages import (
     ClientMessage,
@@ -161,6 +162,7 @@ __all__ = [
     "extract_token",
     "get_user_channels",
     "memory_pair",
+    "quiet_accept_errors",
     "token_authenticator",
     "ws_handler",
 ]

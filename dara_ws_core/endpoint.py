@@ -26,7 +26,7 @@ from .exceptions import (
     CloseCode,
 )
 from .handler import WebSocketHandler
-from .logs import ConnectionLogger
+from .logs import ConnectionLogger, current_source
 from .manager import WebsocketManager
 from .transport import HandshakeRequest, Transport
 
@@ -67,6 +67,9 @@ class Endpoint:
         Raises ``AuthenticationFailed``, which the adapter answers with HTTP 403. An authenticator
         that crashes also rejects (and is logged): a bug never lets anyone in.
         """
+        # The source whose share of the peers' log budget this connection's records use: its
+        # tasks (the handshake's, the connection's, its handlers') inherit the context.
+        current_source.set(None if request.remote is None else request.remote[0])
         counters = self.manager.counters
         if self._closing:
             counters.count(counters.handshakes_rejected, "shutdown")
