@@ -51,11 +51,14 @@ from dara_ws_core import (
     Endpoint,
     HandshakeRequest,
     Identity,
+    ServerConfig,
     WebsocketManager,
     allow_anonymous,
     build_frame,
+    connection_cap,
     current_channel,
     extract_token,
+    quiet_accept_errors,
 )
 
 logger = logging.getLogger("dara_ws_cli")
@@ -178,11 +181,27 @@ async def _print_stats(manager: WebsocketManager, interval: float) -> None:
         print(json.dumps({"time": time.time(), "pid": os.getpid(), **manager.stats().as_dict()}), flush=True)
 
 
+def open_files_limit() -> int | None:
+    """This process's soft RLIMIT_NOFILE, or ``None`` where there is none (no ``resource``
+    module, or unlimited)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 async def serve(args: argparse.Namespace) -> None:
     raised = raise_open_files_limit()
     if raised is not None:
         logger.info("open files limit raised from %d to %d (one per connection)", *raised)
-    manager = WebsocketManager()
+    # Peers never take the last descriptors: beyond the cap a handshake is refused (503), and
+    # what asyncio still fails to accept is logged as one line every few seconds, not one
+    # traceback per socket.
+    quiet_accept_errors(asyncio.get_running_loop())
+    soft = open_files_limit()
+    manager = WebsocketManager(ServerConfig(max_connections=None if soft is None else connection_cap(soft)))
     backplane = None
     if args.redis_url:
         try:

@@ -22,11 +22,11 @@ from .auth import (
 )
 from .chunks import ChunkAssembler
 from .codec import build_frame, decode_client_frame, decode_server_frame, encode
-from .config import ServerConfig, SlowConsumerPolicy
+from .config import ServerConfig, SlowConsumerPolicy, connection_cap
 from .connection import ServerConnection, State
 from .correlation import PendingRequests
 from .custom import CustomHandlerRegistry
-from .endpoint import DEFAULT_PATH, Endpoint, ws_handler
+from .endpoint import DEFAULT_PATH, Admission, ConnectionSlots, Endpoint, ws_handler
 from .exceptions import (
     AuthenticationFailed,
     BackplaneError,
@@ -89,6 +89,7 @@ __all__ = [
     "DEFAULT_PATH",
     "SESSION_COOKIE",
     "ActionMessage",
+    "Admission",
     "AuthenticationFailed",
     "Authenticator",
     "BackendStoreMessage",
@@ -102,6 +103,7 @@ __all__ = [
     "ClientPing",
     "CloseCode",
     "ConnectionClosed",
+    "ConnectionSlots",
     "CustomClientMessage",
     "CustomClientMessagePayload",
     "CustomHandlerRegistry",
@@ -154,6 +156,7 @@ __all__ = [
     "allow_anonymous",
     "build_frame",
     "check_origin",
+    "connection_cap",
     "current_channel",
     "current_identity",
     "decode_client_frame",

@@ -9,12 +9,13 @@ sweeper task that checks every connection's timers, and graceful shutdown.
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_PATH", "Endpoint", "ws_handler"]
+__all__ = ["DEFAULT_PATH", "Admission", "ConnectionSlots", "Endpoint", "ws_handler"]
 
 import asyncio
 import logging
 import time
 import uuid
+from enum import IntEnum
 from typing import Any
 
 from .auth import Authenticator, Identity, run_authenticator
@@ -36,6 +37,55 @@ logger = logging.getLogger("dara_ws_core")
 DEFAULT_PATH = "/api/core/ws"
 
 
+class Admission(IntEnum):
+    """What to do with a socket a transport has just accepted (:meth:`Endpoint.take_slot`)."""
+
+    #: Serve it: a slot is held until :meth:`Endpoint.free_slot`.
+    ADMIT = 0
+    #: The process is full: answer its handshake with 503 and ``Retry-After``, then close.
+    REFUSE = 1
+    #: Full, and enough refused sockets wait for their answer already: close it at once.
+    DROP = 2
+
+
+class ConnectionSlots:
+    """The count behind ``ServerConfig.max_connections``: sockets served (connections and
+    handshakes in progress) and refused sockets still waiting for their answer, both bounded,
+    so that peers cannot take every descriptor of the process. Pure: the adapters report each
+    socket's start and end."""
+
+    __slots__ = ("admitted", "limit", "refusing", "refusing_limit")
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        #: Refused sockets answered 503 at most at once; beyond them, sockets are closed unread.
+        self.refusing_limit = 0 if limit is None else limit // 16 + 8
+        self.admitted = 0
+        self.refusing = 0
+
+    def take(self) -> Admission:
+        """A socket was accepted: whether to serve it. Every call is matched by one
+        :meth:`release` with its result (a ``DROP`` needs none, but one is harmless)."""
+        if self.limit is None or self.admitted < self.limit:
+            self.admitted += 1
+            return Admission.ADMIT
+        if self.refusing < self.refusing_limit:
+            self.refusing += 1
+            return Admission.REFUSE
+        return Admission.DROP
+
+    def release(self, admission: Admission) -> None:
+        """The socket taken with ``admission`` is gone."""
+        if admission is Admission.ADMIT:
+            self.admitted -= 1
+        elif admission is Admission.REFUSE:
+            self.refusing -= 1
+
+
+#: Seconds a refused client is asked to wait before it tries again (``Retry-After``).
+RETRY_AFTER = 5
+
+
 class Endpoint:
     """Binds a manager and an authenticator into something a transport adapter can serve."""
 
@@ -52,6 +102,7 @@ class Endpoint:
         self._connections: dict[str, asyncio.Task[Any]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
+        self.slots = ConnectionSlots(manager.config.max_connections)
 
     @property
     def config(self) -> ServerConfig:
@@ -60,6 +111,37 @@ class Endpoint:
     @property
     def connection_count(self) -> int:
         return len(self._connections)
+
+    def take_slot(self) -> Admission:
+        """Call when a socket is accepted (or, where the library tells nothing earlier, when its
+        handshake starts), and :meth:`free_slot` with the result when it is gone: whether
+        ``ServerConfig.max_connections`` lets it in. A refusal is counted as ``full`` in
+        ``handshakes_rejected`` and logged within the peers' log budget. ``REFUSE``: answer the
+        handshake 503 with ``Retry-After: RETRY_AFTER`` (no authenticator runs); ``DROP``: close
+        the socket at once."""
+        admission = self.slots.take()
+        if admission is not Admission.ADMIT:
+            self.refused_full()
+        return admission
+
+    @property
+    def full(self) -> bool:
+        """Whether ``max_connections`` sockets are served now (the next one would be refused)."""
+        slots = self.slots
+        return slots.limit is not None and slots.admitted >= slots.limit
+
+    def refused_full(self) -> None:
+        """Count (as ``full`` in ``handshakes_rejected``) and log a handshake refused because
+        the process is full: :meth:`take_slot` does; an adapter that refuses on :attr:`full`
+        before taking a slot calls it itself."""
+        counters = self.manager.counters
+        counters.count(counters.handshakes_rejected, "full")
+        _FULL_LOG.peer_error(logging.WARNING, "handshake refused: %d connections, the "
+                             "max_connections bound", self.slots.admitted)
+
+    def free_slot(self, admission: Admission) -> None:
+        """The socket that :meth:`take_slot` let in (or refused) is gone."""
+        self.slots.release(admission)
 
     async def authenticate(self, request: HandshakeRequest) -> Identity:
         """Run the authenticator on a handshake. Call it **before** accepting.
@@ -195,6 +277,11 @@ class Endpoint:
         telemetry = self.manager.counters.telemetry
         if telemetry is not None:  # the sampled operations' deferred SDK work, before the loop ends
             telemetry.flush()
+
+
+#: Refusals for a full process, written as one connection's peer records: the first ten, then
+#: every power of ten, with the count.
+_FULL_LOG = ConnectionLogger(logger, {"path": None, "user": None})
 
 
 def _handshake_log(request: HandshakeRequest, identity: Identity | None = None) -> ConnectionLogger:

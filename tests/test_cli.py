@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import socket
@@ -13,7 +14,9 @@ import pytest
 
 from dara_ws_cli import build_demo
 from dara_ws_cli.main import CHAT_MAX_TEXT
-from dara_ws_core import CustomServerMessage, DaraClient, MemoryServer, RemoteError
+from dara_ws_core import CustomServerMessage, DaraClient, MemoryServer, RemoteError, connection_cap
+
+from .hostile import TOKEN_PATH, HostileClient, open_channel
 
 
 async def test_demo_app_echo_chat_and_ask() -> None:
@@ -287,3 +290,42 @@ def test_the_command_line_loads_no_pydantic_plugin_unless_told(env: str | None, 
     assert value == expected
     if expected == "__all__":
         assert logfire.strip() == "False"
+
+
+@pytest.mark.skipif(not hasattr(resource, "RLIMIT_NOFILE"), reason="needs RLIMIT_NOFILE (POSIX)")
+async def test_serve_caps_its_connections_under_the_open_files_limit() -> None:
+    # Review 10, item 11: the demo's connections used every descriptor. With a limit of 300
+    # (soft and hard: nothing to raise), connection_cap leaves 256 spare: 64 connections.
+    limit = 300
+    start_capped = (
+        "import resource, sys\n"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit}))\n"
+        "from dara_ws_cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", start_capped, "serve", "--port", "0", "--clock", "0",
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )
+    clients: list[HostileClient] = []
+    try:
+        assert server.stdout is not None
+        line = ""
+        for _ in range(20):
+            line = (await asyncio.wait_for(server.stdout.readline(), 20)).decode()
+            if "dara-ws demo" in line or not line:
+                break
+        assert "dara-ws demo" in line, line
+        port = int(line.rsplit(":", 1)[1].split("/", 1)[0])
+        for _ in range(connection_cap(limit)):
+            client, _ = await open_channel(port)
+            clients.append(client)
+        extra = await HostileClient.open(port)
+        clients.append(extra)
+        response = await extra.handshake(TOKEN_PATH)
+        assert response.status == 503, response
+    finally:
+        for client in clients:
+            await client.close()
+        server.terminate()
+        await asyncio.wait_for(server.wait(), 20)
