@@ -26,7 +26,7 @@ from .config import ServerConfig, SlowConsumerPolicy, connection_cap
 from .connection import ServerConnection, State
 from .correlation import PendingRequests
 from .custom import CustomHandlerRegistry
-from .endpoint import DEFAULT_PATH, Admission, ConnectionSlots, Endpoint, ws_handler
+from .endpoint import DEFAULT_PATH, Admission, ConnectionSlots, Endpoint, host_of, ws_handler
 from .exceptions import (
     AuthenticationFailed,
     BackplaneError,
@@ -164,6 +164,7 @@ __all__ = [
     "encode",
     "extract_token",
     "get_user_channels",
+    "host_of",
     "memory_pair",
     "quiet_accept_errors",
     "token_authenticator",

@@ -112,6 +112,11 @@ class ServerConfig:
     #: accepted. :func:`connection_cap` gives a value that leaves the process headroom under
     #: its open-files limit; ``dara-ws serve`` uses it.
     max_connections: int | None = None
+    #: Sockets one remote host may hold at once, counted as ``max_connections`` (``None``: no
+    #: limit). Beyond it a handshake is refused the same way (counted as ``address``). Only
+    #: where clients connect directly: behind a load balancer or reverse proxy every client has
+    #: its address, and this would cap all of them together.
+    max_connections_per_address: int | None = None
     #: The per-user outbox (:mod:`dara_ws_core.outbox`): ``send_message_to_user`` to a user with no
     #: connection anywhere keeps the message, up to this many per user (``0`` disables), this many
     #: bytes and this many seconds, for the user's next connection.
@@ -135,8 +140,9 @@ class ServerConfig:
                 or self.outbox_users < 1 or self.outbox_total_bytes < 1):
             raise ValueError("outbox_messages must be >= 0, outbox_bytes, outbox_age, outbox_users "
                              "and outbox_total_bytes > 0")
-        if self.max_connections is not None and self.max_connections < 1:
-            raise ValueError("max_connections must be >= 1 (or None: no cap)")
+        for name in ("max_connections", "max_connections_per_address"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or None: no cap)")
         if not isinstance(self.slow_consumer_policy, SlowConsumerPolicy):
             object.__setattr__(
                 self, "slow_consumer_policy", SlowConsumerPolicy(self.slow_consumer_policy)

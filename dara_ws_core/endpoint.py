@@ -9,7 +9,7 @@ sweeper task that checks every connection's timers, and graceful shutdown.
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_PATH", "Admission", "ConnectionSlots", "Endpoint", "ws_handler"]
+__all__ = ["DEFAULT_PATH", "Admission", "ConnectionSlots", "Endpoint", "host_of", "ws_handler"]
 
 import asyncio
 import logging
@@ -42,44 +42,81 @@ class Admission(IntEnum):
 
     #: Serve it: a slot is held until :meth:`Endpoint.free_slot`.
     ADMIT = 0
-    #: The process is full: answer its handshake with 503 and ``Retry-After``, then close.
+    #: The process is full (``max_connections``): answer its handshake with 503 and
+    #: ``Retry-After``, then close.
     REFUSE = 1
-    #: Full, and enough refused sockets wait for their answer already: close it at once.
-    DROP = 2
+    #: Its address has ``max_connections_per_address`` sockets: the same answer.
+    REFUSE_ADDRESS = 2
+    #: Refused, and enough refused sockets wait for their answer already: close it at once.
+    DROP = 3
 
 
 class ConnectionSlots:
-    """The count behind ``ServerConfig.max_connections``: sockets served (connections and
-    handshakes in progress) and refused sockets still waiting for their answer, both bounded,
-    so that peers cannot take every descriptor of the process. Pure: the adapters report each
-    socket's start and end."""
+    """The count behind ``ServerConfig.max_connections`` and ``max_connections_per_address``:
+    sockets served (connections and handshakes in progress), in all and by remote address, and
+    refused sockets still waiting for their answer, each bounded, so that peers cannot take
+    every descriptor of the process. Pure: the adapters report each socket's start and end."""
 
-    __slots__ = ("admitted", "limit", "refusing", "refusing_limit")
+    __slots__ = ("admitted", "by_address", "limit", "per_address", "refusing", "refusing_limit")
 
-    def __init__(self, limit: int | None) -> None:
+    def __init__(self, limit: int | None, per_address: int | None = None) -> None:
         self.limit = limit
+        self.per_address = per_address
         #: Refused sockets answered 503 at most at once; beyond them, sockets are closed unread.
-        self.refusing_limit = 0 if limit is None else limit // 16 + 8
+        bound = limit if limit is not None else per_address
+        self.refusing_limit = 0 if bound is None else bound // 16 + 8
         self.admitted = 0
         self.refusing = 0
+        #: Sockets served by remote host (only while ``per_address`` is set; none at zero).
+        self.by_address: dict[str, int] = {}
 
-    def take(self) -> Admission:
-        """A socket was accepted: whether to serve it. Every call is matched by one
-        :meth:`release` with its result (a ``DROP`` needs none, but one is harmless)."""
-        if self.limit is None or self.admitted < self.limit:
-            self.admitted += 1
+    @property
+    def limit_reached(self) -> bool:
+        """Whether ``limit`` sockets are served now."""
+        return self.limit is not None and self.admitted >= self.limit
+
+    def check(self, address: str | None) -> Admission:
+        """What :meth:`take` would answer for a socket from ``address`` (its host), changing
+        nothing."""
+        if self.limit_reached:
+            refusal = Admission.REFUSE
+        elif (self.per_address is not None and address is not None
+              and self.by_address.get(address, 0) >= self.per_address):
+            refusal = Admission.REFUSE_ADDRESS
+        else:
             return Admission.ADMIT
-        if self.refusing < self.refusing_limit:
-            self.refusing += 1
-            return Admission.REFUSE
-        return Admission.DROP
+        return refusal if self.refusing < self.refusing_limit else Admission.DROP
 
-    def release(self, admission: Admission) -> None:
-        """The socket taken with ``admission`` is gone."""
+    def take(self, address: str | None = None) -> Admission:
+        """A socket from ``address`` was accepted: whether to serve it. Every call is matched
+        by one :meth:`release` with its result and address (for a ``DROP`` it does nothing)."""
+        admission = self.check(address)
+        if admission is Admission.ADMIT:
+            self.admitted += 1
+            if self.per_address is not None and address is not None:
+                self.by_address[address] = self.by_address.get(address, 0) + 1
+        elif admission is not Admission.DROP:
+            self.refusing += 1
+        return admission
+
+    def release(self, admission: Admission, address: str | None = None) -> None:
+        """The socket taken with ``admission`` from ``address`` is gone."""
         if admission is Admission.ADMIT:
             self.admitted -= 1
-        elif admission is Admission.REFUSE:
+            if self.per_address is not None and address is not None:
+                left = self.by_address.pop(address, 1) - 1
+                if left > 0:
+                    self.by_address[address] = left
+        elif admission is not Admission.DROP:
             self.refusing -= 1
+
+
+def host_of(peer: object) -> str | None:
+    """The host of a socket's peer address (``getpeername()``, an ASGI ``client``), for
+    ``max_connections_per_address``; ``None`` when there is none (a Unix socket)."""
+    if isinstance(peer, tuple | list) and peer:
+        return str(peer[0])
+    return None
 
 
 #: Seconds a refused client is asked to wait before it tries again (``Retry-After``).
@@ -102,7 +139,8 @@ class Endpoint:
         self._connections: dict[str, asyncio.Task[Any]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
-        self.slots = ConnectionSlots(manager.config.max_connections)
+        config = manager.config
+        self.slots = ConnectionSlots(config.max_connections, config.max_connections_per_address)
 
     @property
     def config(self) -> ServerConfig:
@@ -112,36 +150,37 @@ class Endpoint:
     def connection_count(self) -> int:
         return len(self._connections)
 
-    def take_slot(self) -> Admission:
+    def take_slot(self, address: str | None = None) -> Admission:
         """Call when a socket is accepted (or, where the library tells nothing earlier, when its
-        handshake starts), and :meth:`free_slot` with the result when it is gone: whether
-        ``ServerConfig.max_connections`` lets it in. A refusal is counted as ``full`` in
-        ``handshakes_rejected`` and logged within the peers' log budget. ``REFUSE``: answer the
-        handshake 503 with ``Retry-After: RETRY_AFTER`` (no authenticator runs); ``DROP``: close
-        the socket at once."""
-        admission = self.slots.take()
+        handshake starts), with its peer's host (:func:`host_of`), and :meth:`free_slot` with
+        the result and the same host when it is gone: whether ``ServerConfig.max_connections``
+        and ``max_connections_per_address`` let it in. A refusal is counted in
+        ``handshakes_rejected`` (``full`` or ``address``) and logged within the peers' log
+        budget. ``REFUSE`` and ``REFUSE_ADDRESS``: answer the handshake 503 with
+        ``Retry-After: RETRY_AFTER`` (no authenticator runs); ``DROP``: close the socket at
+        once."""
+        admission = self.slots.take(address)
         if admission is not Admission.ADMIT:
-            self.refused_full()
+            self.refused(admission)
         return admission
 
-    @property
-    def full(self) -> bool:
-        """Whether ``max_connections`` sockets are served now (the next one would be refused)."""
-        slots = self.slots
-        return slots.limit is not None and slots.admitted >= slots.limit
-
-    def refused_full(self) -> None:
-        """Count (as ``full`` in ``handshakes_rejected``) and log a handshake refused because
-        the process is full: :meth:`take_slot` does; an adapter that refuses on :attr:`full`
-        before taking a slot calls it itself."""
-        counters = self.manager.counters
-        counters.count(counters.handshakes_rejected, "full")
-        _FULL_LOG.peer_error(logging.WARNING, "handshake refused: %d connections, the "
-                             "max_connections bound", self.slots.admitted)
-
-    def free_slot(self, admission: Admission) -> None:
+    def free_slot(self, admission: Admission, address: str | None = None) -> None:
         """The socket that :meth:`take_slot` let in (or refused) is gone."""
-        self.slots.release(admission)
+        self.slots.release(admission, address)
+
+    def refused(self, admission: Admission) -> None:
+        """Count and log a socket refused with ``admission``: :meth:`take_slot` does; an
+        adapter that refuses on ``slots.check()`` before any slot is taken calls it itself."""
+        counters = self.manager.counters
+        if admission is Admission.REFUSE_ADDRESS or (
+                admission is Admission.DROP and not self.slots.limit_reached):
+            counters.count(counters.handshakes_rejected, "address")
+            _FULL_LOG.peer_error(logging.WARNING, "handshake refused: the address has "
+                                 "max_connections_per_address connections")
+        else:
+            counters.count(counters.handshakes_rejected, "full")
+            _FULL_LOG.peer_error(logging.WARNING, "handshake refused: %d connections, the "
+                                 "max_connections bound", self.slots.admitted)
 
     async def authenticate(self, request: HandshakeRequest) -> Identity:
         """Run the authenticator on a handshake. Call it **before** accepting.

@@ -36,6 +36,19 @@ def test_slots_admit_up_to_the_cap_then_refuse_a_few_then_drop() -> None:
     assert (slots.admitted, slots.refusing) == (CAP, slots.refusing_limit)
 
 
+def test_slots_per_address_refuse_one_host_and_admit_another() -> None:
+    slots = ConnectionSlots(None, per_address=2)
+    assert [slots.take("10.0.0.1") for _ in range(3)] == [Admission.ADMIT] * 2 + [Admission.REFUSE_ADDRESS]
+    assert slots.take("10.0.0.2") is Admission.ADMIT
+    assert slots.take(None) is Admission.ADMIT  # no address (a Unix socket): only the cap applies
+    slots.release(Admission.ADMIT, "10.0.0.1")
+    assert slots.take("10.0.0.1") is Admission.ADMIT
+    for _ in range(3):
+        slots.release(Admission.ADMIT, "10.0.0.1")  # one more than held: never below zero
+    slots.release(Admission.ADMIT, "10.0.0.2")
+    assert slots.by_address == {}  # no entry left for hosts that hold nothing
+
+
 def test_slots_without_a_cap_admit_everyone() -> None:
     slots = ConnectionSlots(None)
     assert all(slots.take() is Admission.ADMIT for _ in range(100_000))
@@ -79,6 +92,31 @@ async def test_a_handshake_beyond_max_connections_gets_503_and_a_freed_slot_lets
         newcomer, _ = await open_channel(stack.port)
         await newcomer.close()
         assert await clients[1].request("echo", "still here", timeout=5) == "still here"
+
+
+@pytest.mark.parametrize("transport", SOCKETS)
+async def test_one_address_beyond_its_share_gets_503_while_another_gets_in(transport: str) -> None:
+    from dara_ws_websockets import connect
+
+    config = ServerConfig(max_connections_per_address=2, ping_interval=None)
+    async with running_stack(transport, config) as stack:
+        assert stack.port is not None
+        held = [(await open_channel(stack.port))[0] for _ in range(2)]  # from 127.0.0.1
+        try:
+            extra = await HostileClient.open(stack.port)
+            try:
+                response = await extra.handshake(TOKEN_PATH)
+                assert response.status == 503, response
+            finally:
+                await extra.close()
+            assert stack.manager.stats().handshakes_rejected.get("address", 0) >= 1
+            # Another host (every 127/8 address is this machine) has its own share.
+            other = await connect(f"ws://127.0.0.1:{stack.port}{TOKEN_PATH}", local_addr=("127.0.0.2", 0),
+                                  close_timeout=1)
+            await other.close()
+        finally:
+            for client in held:
+                await client.close()
 
 
 @pytest.mark.parametrize("transport", ["websockets", "picows"])

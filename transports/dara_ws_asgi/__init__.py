@@ -33,7 +33,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
         'dara_ws_asgi needs the starlette library: pip install "dara-ws-core[asgi]"', name=exc.name
     ) from exc
 
-from dara_ws_core.endpoint import Admission, Endpoint
+from dara_ws_core.endpoint import Admission, Endpoint, host_of
 from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
 from dara_ws_core.transport import HandshakeRequest, Server
 
@@ -186,9 +186,10 @@ class ASGIApp:
             return
         # ASGI shows no socket before its request: max_connections counts from here. A refusal
         # is a close before accept, which ASGI makes a 403 (see _deny); under uvicorn hooked by
-        # hook_uvicorn, a handshake arriving while the endpoint is full is answered 503 before
+        # hook_uvicorn, a handshake the endpoint would refuse is answered 503 before
         # it reaches the application.
-        admission = self.endpoint.take_slot()
+        host = host_of(scope.get("client"))
+        admission = self.endpoint.take_slot(host)
         try:
             if (await receive())["type"] != "websocket.connect":
                 return  # the client left before the handshake completed
@@ -203,7 +204,7 @@ class ASGIApp:
             await send({"type": "websocket.accept"})
             await self.endpoint.serve(ASGITransport(receive, send), identity)
         finally:
-            self.endpoint.free_slot(admission)
+            self.endpoint.free_slot(admission, host)
 
 
 def asgi_app(endpoint: Endpoint, *, path: str | None = None) -> ASGIApp:

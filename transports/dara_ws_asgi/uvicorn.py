@@ -25,7 +25,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
         'dara_ws_asgi needs the uvicorn library: pip install "dara-ws-core[asgi]"', name=exc.name
     ) from exc
 
-from dara_ws_core.endpoint import RETRY_AFTER, Endpoint
+from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, host_of
 from dara_ws_core.transport import Server
 
 #: Stop reading from a peer while this much is waiting to be written to it.
@@ -110,11 +110,13 @@ def _bounded_http(base: type[Any], handshake_timeout: float) -> type[Any]:
                 self.transport.write(_TOO_LARGE)
                 self.transport.close()
                 return
-            # max_connections: ASGI can refuse only with a 403 (a close before accept), which
-            # tells a client its credentials failed; answered here, it is a 503 to retry later.
+            # max_connections(_per_address): ASGI can refuse only with a 403 (a close before
+            # accept), which tells a client its credentials failed; answered here, it is a 503
+            # to retry later. (A handshake racing others past this check meets ASGIApp's.)
             for endpoint in _served.get(self.server_state, ()):
-                if endpoint.full:
-                    endpoint.refused_full()
+                admission = endpoint.slots.check(host_of(self.client))
+                if admission is not Admission.ADMIT:
+                    endpoint.refused(admission)
                     self.transport.write(_FULL)
                     self.transport.close()
                     return

@@ -30,7 +30,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
         'dara_ws_picows needs the picows library: pip install "dara-ws-core[picows]"', name=exc.name
     ) from exc
 
-from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint
+from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, host_of
 from dara_ws_core.exceptions import AuthenticationFailed
 from dara_ws_core.transport import HandshakeRequest, Server
 
@@ -140,10 +140,12 @@ class _Gate(asyncio.Protocol):
         #: The endpoint's answer for this socket (max_connections); freed when the socket goes
         #: (by picows' protocol once handed over).
         self._admission = Admission.DROP
+        self._host: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self._admission = self._server.endpoint.take_slot()
+        self._host = host_of(transport.get_extra_info("peername"))
+        self._admission = self._server.endpoint.take_slot(self._host)
         if self._admission is Admission.DROP:
             transport.abort()
             return
@@ -191,7 +193,7 @@ class _Gate(asyncio.Protocol):
         if self._task is not None:
             self._task.cancel()
         self._transport = None
-        self._server.endpoint.free_slot(self._admission)
+        self._server.endpoint.free_slot(self._admission, self._host)
 
     def _reject(self, status: int, text: str = "") -> None:
         if self._transport is not None:
@@ -213,7 +215,7 @@ class _Gate(asyncio.Protocol):
         # From here the socket is picows': its protocol frees the slot (the gate never hears of
         # the socket again).
         admission, self._admission = self._admission, Admission.DROP
-        listener = self._server.handover(transport, bytes(self._head), admission)
+        listener = self._server.handover(transport, bytes(self._head), admission, self._host)
         if listener is not None:  # else picows refused the upgrade headers (400)
             self._server.run(listener, identity)
 
@@ -221,12 +223,13 @@ class _Gate(asyncio.Protocol):
 class _BoundedReads(asyncio.BufferedProtocol):
     """picows' protocol as the socket's, with every read bounded to :data:`READ_LIMIT` bytes."""
 
-    __slots__ = ("_admission", "_endpoint", "_protocol", "buffer_updated")
+    __slots__ = ("_admission", "_endpoint", "_host", "_protocol", "buffer_updated")
 
-    def __init__(self, protocol: WSProtocol, endpoint: Endpoint, admission: Admission) -> None:
+    def __init__(self, protocol: WSProtocol, endpoint: Endpoint, admission: Admission,
+                 host: str | None) -> None:
         self._protocol = protocol
         self._endpoint = endpoint
-        self._admission = admission  # the gate's slot, freed with the socket
+        self._admission, self._host = admission, host  # the gate's slot, freed with the socket
         # picows' own method (in C), called by the loop without a Python call around it.
         self.buffer_updated = protocol.buffer_updated  # type: ignore[method-assign]  # an instance slot
 
@@ -239,7 +242,7 @@ class _BoundedReads(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         admission, self._admission = self._admission, Admission.DROP
-        self._endpoint.free_slot(admission)
+        self._endpoint.free_slot(admission, self._host)
         self._protocol.connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -265,11 +268,11 @@ class _Serving:
         self.tasks: set[asyncio.Task[None]] = set()
 
     def handover(self, transport: asyncio.Transport, head: bytes,
-                 admission: Admission) -> PicowsTransport | None:
+                 admission: Admission, host: str | None) -> PicowsTransport | None:
         config = self.endpoint.config
         listener = PicowsTransport(config.max_message_size, config.close_timeout)
         protocol = WSProtocol(None, None, False, lambda request: listener, *self._options)
-        transport.set_protocol(_BoundedReads(protocol, self.endpoint, admission))
+        transport.set_protocol(_BoundedReads(protocol, self.endpoint, admission, host))
         protocol.connection_made(transport)
         view = memoryview(head)
         while view:  # what the gate read goes to picows as if it had read it itself
