@@ -165,9 +165,10 @@ class FirstFailures:
 #: The process-wide budget of :meth:`ConnectionLogger.peer_error`: 100 records in a row, then
 #: 10 a second.
 PEER_RECORDS = PeerRecordBudget(burst=100, rate=10.0)
-#: Each source's share of it: 10 records in a row, then one a second, so that one client cannot
-#: take more than a tenth of the rate (nor the burst) away from the others.
-PEER_SHARES = SourceShares(burst=10, rate=1.0)
+#: Each source's share of it: 20 records in a row (one connection's first ten and a few powers
+#: of ten), then two a second, so that one client cannot take more than a fifth of the burst
+#: or the rate away from the others.
+PEER_SHARES = SourceShares(burst=20, rate=2.0)
 #: The budget of :meth:`ConnectionLogger.app_error`, beyond each failure's first record.
 APP_RECORDS = PeerRecordBudget(burst=100, rate=10.0)
 #: The failures logged once already.

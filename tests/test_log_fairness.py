@@ -46,7 +46,7 @@ async def test_application_tracebacks_are_logged_during_a_flood_of_peer_records(
             await attacker.close()
         await eventually(lambda: stack.manager.stats().frames_in >= 30 * 20, "the flood handled")
         peer = _messages(caplog, "dropped client frame")
-        # One source gets its share of the budget (10 in a row, then 1 a second), not all of it.
+        # One source gets its share of the budget (20 in a row, then 2 a second), not all of it.
         assert 1 <= len(peer) <= logs.PEER_SHARES.burst + 5, len(peer)
         victim = await stack.client("victim:s")
         for _ in range(10):
