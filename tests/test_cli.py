@@ -292,11 +292,19 @@ def test_the_command_line_loads_no_pydantic_plugin_unless_told(env: str | None, 
         assert logfire.strip() == "False"
 
 
+LIMIT = 300  # open files, soft and hard (nothing to raise): connection_cap leaves 256 spare
+
+
 @pytest.mark.skipif(not hasattr(resource, "RLIMIT_NOFILE"), reason="needs RLIMIT_NOFILE (POSIX)")
-async def test_serve_caps_its_connections_under_the_open_files_limit() -> None:
-    # Review 10, item 11: the demo's connections used every descriptor. With a limit of 300
-    # (soft and hard: nothing to raise), connection_cap leaves 256 spare: 64 connections.
-    limit = 300
+@pytest.mark.parametrize(("option", "cap", "beyond"), [
+    ((), connection_cap(LIMIT), 503), (("--max-connections", "3"), 3, 503),
+    (("--max-connections", "0"), connection_cap(LIMIT), 101),  # 0: no cap
+])
+async def test_serve_caps_its_connections_under_the_open_files_limit(
+    option: tuple[str, ...], cap: int, beyond: int
+) -> None:
+    # Review 10, item 11: the demo's connections used every descriptor.
+    limit = LIMIT
     start_capped = (
         "import resource, sys\n"
         f"resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit}))\n"
@@ -304,7 +312,7 @@ async def test_serve_caps_its_connections_under_the_open_files_limit() -> None:
         "main(sys.argv[1:])\n"
     )
     server = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", start_capped, "serve", "--port", "0", "--clock", "0",
+        sys.executable, "-c", start_capped, "serve", "--port", "0", "--clock", "0", *option,
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )
     clients: list[HostileClient] = []
@@ -317,15 +325,21 @@ async def test_serve_caps_its_connections_under_the_open_files_limit() -> None:
                 break
         assert "dara-ws demo" in line, line
         port = int(line.rsplit(":", 1)[1].split("/", 1)[0])
-        for _ in range(connection_cap(limit)):
+        for _ in range(cap):
             client, _ = await open_channel(port)
             clients.append(client)
         extra = await HostileClient.open(port)
         clients.append(extra)
         response = await extra.handshake(TOKEN_PATH)
-        assert response.status == 503, response
+        assert response.status == beyond, response
     finally:
         for client in clients:
             await client.close()
         server.terminate()
         await asyncio.wait_for(server.wait(), 20)
+
+
+def test_serve_refuses_a_negative_max_connections() -> None:
+    result = _run_cli("serve", "--port", "0", "--max-connections", "-1")
+    assert result.returncode == 2
+    assert "--max-connections must be >= 0" in _one_line_error(result)
