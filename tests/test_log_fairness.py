@@ -15,7 +15,7 @@ from dara_ws_core import ServerConfig, logs
 from dara_ws_core.logs import ConnectionLogger, FirstFailures, PeerRecordBudget, SourceShares
 
 from .helpers import eventually
-from .hostile import TEXT, encode_frame, open_channel
+from .hostile import TEXT, TOKEN_PATH, encode_frame, open_channel
 from .stacks import TRANSPORTS, running_stack
 
 SOCKETS = sorted(t for t in TRANSPORTS if t != "memory")
@@ -48,6 +48,19 @@ async def test_application_tracebacks_are_logged_during_a_flood_of_peer_records(
         peer = _messages(caplog, "dropped client frame")
         # One source gets its share of the budget (20 in a row, then 2 a second), not all of it.
         assert 1 <= len(peer) <= logs.PEER_SHARES.burst + 5, len(peer)
+        # Another address still has its own share: its bad frame is logged.
+        from dara_ws_websockets import connect
+
+        other = await connect(f"ws://127.0.0.1:{stack.port}{TOKEN_PATH}", local_addr=("127.0.0.2", 0),
+                              close_timeout=1)
+        try:
+            channel = json.loads(await other.receive())["message"]["channel"]  # init
+            await other.send(json.dumps({"type": "custom", "message": {"kind": "nope", "data": 1}}).encode())
+            await eventually(lambda: any(getattr(r, "channel", None) == channel
+                                         for r in _messages(caplog, "dropped client frame")),
+                             "the other address's record written")
+        finally:
+            await other.close()
         victim = await stack.client("victim:s")
         for _ in range(10):
             with pytest.raises(Exception, match="handler"):
