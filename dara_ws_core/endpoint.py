@@ -4,7 +4,9 @@ An adapter calls :meth:`Endpoint.authenticate` before accepting (HTTP 403 on rej
 :meth:`Endpoint.serve` after. ``serve`` runs the connection with a
 :class:`~dara_ws_core.driver.ConnectionDriver` (receive loop, send task, close), which returns when
 every trace of it is gone. The endpoint holds what spans connections: the authenticator, one
-sweeper task that checks every connection's timers, and graceful shutdown.
+sweeper task that checks every connection's timers, graceful shutdown, and the count of sockets
+served (:class:`ConnectionSlots`: adapters call :meth:`Endpoint.take_slot` as they accept a
+socket, and answer 503 or close it when the process or the peer's address is full).
 """
 
 from __future__ import annotations
