@@ -51,11 +51,14 @@ from dara_ws_core import (
     Endpoint,
     HandshakeRequest,
     Identity,
+    ServerConfig,
     WebsocketManager,
     allow_anonymous,
     build_frame,
+    connection_cap,
     current_channel,
     extract_token,
+    quiet_accept_errors,
 )
 
 logger = logging.getLogger("dara_ws_cli")
@@ -178,11 +181,34 @@ async def _print_stats(manager: WebsocketManager, interval: float) -> None:
         print(json.dumps({"time": time.time(), "pid": os.getpid(), **manager.stats().as_dict()}), flush=True)
 
 
+def open_files_limit() -> int | None:
+    """This process's soft RLIMIT_NOFILE, or ``None`` where there is none (no ``resource``
+    module, or unlimited)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _max_connections(given: int | None) -> int | None:
+    """``--max-connections``: as given (0: no cap), else from the open-files limit."""
+    if given is not None:
+        return given or None
+    soft = open_files_limit()
+    return None if soft is None else connection_cap(soft)
+
+
 async def serve(args: argparse.Namespace) -> None:
     raised = raise_open_files_limit()
     if raised is not None:
         logger.info("open files limit raised from %d to %d (one per connection)", *raised)
-    manager = WebsocketManager()
+    # Peers never take the last descriptors: beyond the cap a handshake is refused (503), and
+    # what asyncio still fails to accept is logged as one line every few seconds, not one
+    # traceback per socket.
+    quiet_accept_errors(asyncio.get_running_loop())
+    manager = WebsocketManager(ServerConfig(max_connections=_max_connections(args.max_connections)))
     backplane = None
     if args.redis_url:
         try:
@@ -366,6 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="server processes sharing the port (SO_REUSEPORT; every transport);"
              " with --redis-url they form one cluster",
     )
+    s.add_argument(
+        "--max-connections", type=int, default=None, metavar="N",
+        help="connections and handshakes served at once per process, beyond which a handshake"
+             " gets 503 (default: the open-files limit less a tenth, at least 256 spare; 0: no cap)",
+    )
     s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set on workers
     p = sub.add_parser(
         "probe",
@@ -384,6 +415,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
+        if args.command == "serve" and (args.max_connections or 0) < 0:
+            raise CLIError("--max-connections must be >= 0 (0: no cap)", status=2)
         if args.command == "serve" and args.workers != 1:
             raise SystemExit(asyncio.run(_supervise(args)))
         with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(

@@ -35,6 +35,8 @@ def worker_argv(args: argparse.Namespace, port: int) -> list[str]:
         argv += ["--redis-url", args.redis_url]
     if args.metrics_port is not None:
         argv += ["--metrics-port", str(args.metrics_port)]
+    if args.max_connections is not None:
+        argv += ["--max-connections", str(args.max_connections)]
     return argv
 
 

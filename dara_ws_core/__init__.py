@@ -22,11 +22,11 @@ from .auth import (
 )
 from .chunks import ChunkAssembler
 from .codec import build_frame, decode_client_frame, decode_server_frame, encode
-from .config import ServerConfig, SlowConsumerPolicy
+from .config import ServerConfig, SlowConsumerPolicy, connection_cap
 from .connection import ServerConnection, State
 from .correlation import PendingRequests
 from .custom import CustomHandlerRegistry
-from .endpoint import DEFAULT_PATH, Endpoint, ws_handler
+from .endpoint import DEFAULT_PATH, Admission, ConnectionSlots, Endpoint, host_of, ws_handler
 from .exceptions import (
     AuthenticationFailed,
     BackplaneError,
@@ -47,6 +47,7 @@ from .exceptions import (
     UnknownKind,
 )
 from .handler import WebSocketHandler, current_channel, current_identity
+from .logs import quiet_accept_errors
 from .manager import WebsocketManager, get_user_channels
 from .messages import (
     ClientMessage,
@@ -88,6 +89,7 @@ __all__ = [
     "DEFAULT_PATH",
     "SESSION_COOKIE",
     "ActionMessage",
+    "Admission",
     "AuthenticationFailed",
     "Authenticator",
     "BackendStoreMessage",
@@ -101,6 +103,7 @@ __all__ = [
     "ClientPing",
     "CloseCode",
     "ConnectionClosed",
+    "ConnectionSlots",
     "CustomClientMessage",
     "CustomClientMessagePayload",
     "CustomHandlerRegistry",
@@ -153,6 +156,7 @@ __all__ = [
     "allow_anonymous",
     "build_frame",
     "check_origin",
+    "connection_cap",
     "current_channel",
     "current_identity",
     "decode_client_frame",
@@ -160,7 +164,9 @@ __all__ = [
     "encode",
     "extract_token",
     "get_user_channels",
+    "host_of",
     "memory_pair",
+    "quiet_accept_errors",
     "token_authenticator",
     "ws_handler",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ServerConfig", "SlowConsumerPolicy"]
+__all__ = ["ServerConfig", "SlowConsumerPolicy", "connection_cap"]
 
 from dataclasses import dataclass
 from enum import StrEnum
@@ -105,6 +105,21 @@ class ServerConfig:
     #: With a backplane it counts the user's connections on every process (atomically, in the
     #: bus); if the bus is unreachable, on this process only.
     max_connections_per_user: int | None = None
+    #: Sockets this process serves at once: connections plus handshakes in progress (``None``:
+    #: no cap, as websockets and uvicorn, so that embedding the library changes nothing). Each
+    #: is a file descriptor: without a cap, one host opening connections in a loop takes every
+    #: descriptor of the process, and with them its logs, its backplane and every other client.
+    #: Beyond it a handshake is refused with 503 and ``Retry-After`` (counted as ``full`` in
+    #: ``handshakes_rejected``), and once a few more are waiting for that answer
+    #: (``max_connections // 16 + 8``), further sockets are closed as soon as they are
+    #: accepted. :func:`connection_cap` gives a value that leaves the process headroom under
+    #: its open-files limit; ``dara-ws serve`` uses it.
+    max_connections: int | None = None
+    #: Sockets one remote host may hold at once, counted as ``max_connections`` (``None``: no
+    #: limit). Beyond it a handshake is refused the same way (counted as ``address``). Only
+    #: where clients connect directly: behind a load balancer or reverse proxy every client has
+    #: its address, and this would cap all of them together.
+    max_connections_per_address: int | None = None
     #: The per-user outbox (:mod:`dara_ws_core.outbox`): ``send_message_to_user`` to a user with no
     #: connection anywhere keeps the message, up to this many per user (``0`` disables), this many
     #: bytes and this many seconds, for the user's next connection.
@@ -128,7 +143,19 @@ class ServerConfig:
                 or self.outbox_users < 1 or self.outbox_total_bytes < 1):
             raise ValueError("outbox_messages must be >= 0, outbox_bytes, outbox_age, outbox_users "
                              "and outbox_total_bytes > 0")
+        for name in ("max_connections", "max_connections_per_address"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or None: no cap)")
         if not isinstance(self.slow_consumer_policy, SlowConsumerPolicy):
             object.__setattr__(
                 self, "slow_consumer_policy", SlowConsumerPolicy(self.slow_consumer_policy)
             )
+
+
+def connection_cap(soft_limit: int) -> int:
+    """A ``ServerConfig.max_connections`` for a process whose open-files soft limit is
+    ``soft_limit`` (``resource.getrlimit(resource.RLIMIT_NOFILE)[0]``, after raising it): the
+    limit less a reserve of a tenth of it, at least 256 descriptors, for everything that is not
+    a client (listening sockets, log files, the backplane's connections, the refused sockets
+    waiting for their 503), and never under 64. Pure: read the limit yourself."""
+    return max(64, soft_limit - max(256, soft_limit // 10))

@@ -45,8 +45,8 @@ class DispatchHost(Protocol):
 
     def track(self, task: asyncio.Task[None]) -> None: ...
 
-    def log_peer_error(self, level: int, message: str, *args: Any, exc_info: bool = False,
-                       **extra: Any) -> None: ...
+    def log_app_error(self, level: int, message: str, key: tuple[str, str], *args: Any,
+                      exc_info: bool = False, **extra: Any) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,9 +134,9 @@ def execute_sync(spec: HandlerSpec, received: CustomReceived,
     """Run a sync handler now: the reply (or error reply) to send, and whether it succeeded."""
     try:
         result = spec.func(host.channel_id, received.data)
-    except Exception:
+    except Exception as exc:
         host.counters.custom_error += 1
-        return _failed(host, spec, received), False
+        return _failed(host, spec, received, exc), False
     else:
         host.counters.custom_ok += 1
         return _reply(host, received, result), True
@@ -165,12 +165,13 @@ async def execute_async(spec: HandlerSpec, received: CustomReceived,
                 result = await spec.func(host.channel_id, received.data)
     except TimeoutError:
         host.counters.custom_timeout += 1
-        host.log_peer_error(logging.WARNING, "custom handler timed out", kind=spec.kind)
+        host.log_app_error(logging.WARNING, "custom handler timed out", (spec.kind, "TimeoutError"),
+                           kind=spec.kind)
         return host.connection.reply_error(received.kind, received.rchan, "timeout",
                                            "the handler timed out"), False
-    except Exception:
+    except Exception as exc:
         host.counters.custom_error += 1
-        return _failed(host, spec, received), False
+        return _failed(host, spec, received, exc), False
     else:
         host.counters.custom_ok += 1
         return _reply(host, received, result), True
@@ -189,16 +190,20 @@ async def deliver(host: DispatchHost, frame: SendFrame | None) -> None:
 def _reply(host: DispatchHost, received: CustomReceived, result: Any) -> SendFrame | None:
     try:
         return host.connection.encode_reply(received.kind, received.rchan, result)
-    except pydantic_core.PydanticSerializationError:
-        host.log_peer_error(logging.ERROR, "custom handler returned a value JSON cannot carry",
-                            exc_info=True, kind=received.kind)
+    except pydantic_core.PydanticSerializationError as exc:
+        host.log_app_error(logging.ERROR, "custom handler returned a value JSON cannot carry",
+                           (received.kind, type(exc).__name__), exc_info=True, kind=received.kind)
         return host.connection.reply_error(received.kind, received.rchan, "handler_error",
                                            "the handler's result could not be encoded")
 
 
-def _failed(host: DispatchHost, spec: HandlerSpec, received: CustomReceived) -> SendFrame | None:
+def _failed(host: DispatchHost, spec: HandlerSpec, received: CustomReceived,
+            exc: Exception) -> SendFrame | None:
     # The traceback goes to the log with the channel and kind; the wire gets a code only.
-    host.log_peer_error(logging.ERROR, "custom handler failed", exc_info=True, kind=spec.kind)
+    # Application code failed, not the peer: the record is the application's (its own budget,
+    # and the first of each kind and exception type always written).
+    host.log_app_error(logging.ERROR, "custom handler failed", (spec.kind, type(exc).__qualname__),
+                       exc_info=True, kind=spec.kind)
     return host.connection.reply_error(received.kind, received.rchan, "handler_error",
                                        "the handler failed")
 

@@ -4,17 +4,20 @@ An adapter calls :meth:`Endpoint.authenticate` before accepting (HTTP 403 on rej
 :meth:`Endpoint.serve` after. ``serve`` runs the connection with a
 :class:`~dara_ws_core.driver.ConnectionDriver` (receive loop, send task, close), which returns when
 every trace of it is gone. The endpoint holds what spans connections: the authenticator, one
-sweeper task that checks every connection's timers, and graceful shutdown.
+sweeper task that checks every connection's timers, graceful shutdown, and the count of sockets
+served (:class:`ConnectionSlots`: adapters call :meth:`Endpoint.take_slot` as they accept a
+socket, and answer 503 or close it when the process or the peer's address is full).
 """
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_PATH", "Endpoint", "ws_handler"]
+__all__ = ["DEFAULT_PATH", "Admission", "ConnectionSlots", "Endpoint", "host_of", "ws_handler"]
 
 import asyncio
 import logging
 import time
 import uuid
+from enum import IntEnum
 from typing import Any
 
 from .auth import Authenticator, Identity, run_authenticator
@@ -26,7 +29,7 @@ from .exceptions import (
     CloseCode,
 )
 from .handler import WebSocketHandler
-from .logs import ConnectionLogger
+from .logs import ConnectionLogger, current_source
 from .manager import WebsocketManager
 from .transport import HandshakeRequest, Transport
 
@@ -34,6 +37,92 @@ logger = logging.getLogger("dara_ws_core")
 
 #: Where Dara's server mounts the socket, and so where a stock client looks for it.
 DEFAULT_PATH = "/api/core/ws"
+
+
+class Admission(IntEnum):
+    """What to do with a socket a transport has just accepted (:meth:`Endpoint.take_slot`)."""
+
+    #: Serve it: a slot is held until :meth:`Endpoint.free_slot`.
+    ADMIT = 0
+    #: The process is full (``max_connections``): answer its handshake with 503 and
+    #: ``Retry-After``, then close.
+    REFUSE = 1
+    #: Its address has ``max_connections_per_address`` sockets: the same answer.
+    REFUSE_ADDRESS = 2
+    #: Refused, and enough refused sockets wait for their answer already: close it at once.
+    DROP = 3
+
+
+class ConnectionSlots:
+    """The count behind ``ServerConfig.max_connections`` and ``max_connections_per_address``:
+    sockets served (connections and handshakes in progress), in all and by remote address, and
+    refused sockets still waiting for their answer, each bounded, so that peers cannot take
+    every descriptor of the process. Pure: the adapters report each socket's start and end."""
+
+    __slots__ = ("admitted", "by_address", "limit", "per_address", "refusing", "refusing_limit")
+
+    def __init__(self, limit: int | None, per_address: int | None = None) -> None:
+        self.limit = limit
+        self.per_address = per_address
+        #: Refused sockets answered 503 at most at once; beyond them, sockets are closed unread.
+        bound = limit if limit is not None else per_address
+        self.refusing_limit = 0 if bound is None else bound // 16 + 8
+        self.admitted = 0
+        self.refusing = 0
+        #: Sockets served by remote host (only while ``per_address`` is set; none at zero).
+        self.by_address: dict[str, int] = {}
+
+    @property
+    def limit_reached(self) -> bool:
+        """Whether ``limit`` sockets are served now."""
+        return self.limit is not None and self.admitted >= self.limit
+
+    def check(self, address: str | None) -> Admission:
+        """What :meth:`take` would answer for a socket from ``address`` (its host), changing
+        nothing."""
+        if self.limit_reached:
+            refusal = Admission.REFUSE
+        elif (self.per_address is not None and address is not None
+              and self.by_address.get(address, 0) >= self.per_address):
+            refusal = Admission.REFUSE_ADDRESS
+        else:
+            return Admission.ADMIT
+        return refusal if self.refusing < self.refusing_limit else Admission.DROP
+
+    def take(self, address: str | None = None) -> Admission:
+        """A socket from ``address`` was accepted: whether to serve it. Every call is matched
+        by one :meth:`release` with its result and address (for a ``DROP`` it does nothing)."""
+        admission = self.check(address)
+        if admission is Admission.ADMIT:
+            self.admitted += 1
+            if self.per_address is not None and address is not None:
+                self.by_address[address] = self.by_address.get(address, 0) + 1
+        elif admission is not Admission.DROP:
+            self.refusing += 1
+        return admission
+
+    def release(self, admission: Admission, address: str | None = None) -> None:
+        """The socket taken with ``admission`` from ``address`` is gone."""
+        if admission is Admission.ADMIT:
+            self.admitted -= 1
+            if self.per_address is not None and address is not None:
+                left = self.by_address.pop(address, 1) - 1
+                if left > 0:
+                    self.by_address[address] = left
+        elif admission is not Admission.DROP:
+            self.refusing -= 1
+
+
+def host_of(peer: object) -> str | None:
+    """The host of a socket's peer address (``getpeername()``, an ASGI ``client``), for
+    ``max_connections_per_address``; ``None`` when there is none (a Unix socket)."""
+    if isinstance(peer, tuple | list) and peer:
+        return str(peer[0])
+    return None
+
+
+#: Seconds a refused client is asked to wait before it tries again (``Retry-After``).
+RETRY_AFTER = 5
 
 
 class Endpoint:
@@ -52,6 +141,8 @@ class Endpoint:
         self._connections: dict[str, asyncio.Task[Any]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
+        config = manager.config
+        self.slots = ConnectionSlots(config.max_connections, config.max_connections_per_address)
 
     @property
     def config(self) -> ServerConfig:
@@ -61,12 +152,47 @@ class Endpoint:
     def connection_count(self) -> int:
         return len(self._connections)
 
+    def take_slot(self, address: str | None = None) -> Admission:
+        """Call when a socket is accepted (or, where the library tells nothing earlier, when its
+        handshake starts), with its peer's host (:func:`host_of`), and :meth:`free_slot` with
+        the result and the same host when it is gone: whether ``ServerConfig.max_connections``
+        and ``max_connections_per_address`` let it in. A refusal is counted in
+        ``handshakes_rejected`` (``full`` or ``address``) and logged within the peers' log
+        budget. ``REFUSE`` and ``REFUSE_ADDRESS``: answer the handshake 503 with
+        ``Retry-After: RETRY_AFTER`` (no authenticator runs); ``DROP``: close the socket at
+        once."""
+        admission = self.slots.take(address)
+        if admission is not Admission.ADMIT:
+            self.refused(admission)
+        return admission
+
+    def free_slot(self, admission: Admission, address: str | None = None) -> None:
+        """The socket that :meth:`take_slot` let in (or refused) is gone."""
+        self.slots.release(admission, address)
+
+    def refused(self, admission: Admission) -> None:
+        """Count and log a socket refused with ``admission``: :meth:`take_slot` does; an
+        adapter that refuses on ``slots.check()`` before any slot is taken calls it itself."""
+        counters = self.manager.counters
+        if admission is Admission.REFUSE_ADDRESS or (
+                admission is Admission.DROP and not self.slots.limit_reached):
+            counters.count(counters.handshakes_rejected, "address")
+            _FULL_LOG.peer_error(logging.WARNING, "handshake refused: the address has "
+                                 "max_connections_per_address connections")
+        else:
+            counters.count(counters.handshakes_rejected, "full")
+            _FULL_LOG.peer_error(logging.WARNING, "handshake refused: %d connections, the "
+                                 "max_connections bound", self.slots.admitted)
+
     async def authenticate(self, request: HandshakeRequest) -> Identity:
         """Run the authenticator on a handshake. Call it **before** accepting.
 
         Raises ``AuthenticationFailed``, which the adapter answers with HTTP 403. An authenticator
         that crashes also rejects (and is logged): a bug never lets anyone in.
         """
+        # The source whose share of the peers' log budget this connection's records use: its
+        # tasks (the handshake's, the connection's, its handlers') inherit the context.
+        current_source.set(None if request.remote is None else request.remote[0])
         counters = self.manager.counters
         if self._closing:
             counters.count(counters.handshakes_rejected, "shutdown")
@@ -192,6 +318,11 @@ class Endpoint:
         telemetry = self.manager.counters.telemetry
         if telemetry is not None:  # the sampled operations' deferred SDK work, before the loop ends
             telemetry.flush()
+
+
+#: Refusals for a full process, written as one connection's peer records: the first ten, then
+#: every power of ten, with the count.
+_FULL_LOG = ConnectionLogger(logger, {"path": None, "user": None})
 
 
 def _handshake_log(request: HandshakeRequest, identity: Identity | None = None) -> ConnectionLogger:

@@ -318,6 +318,12 @@ class WebSocketHandler(_Hot):
         :meth:`ConnectionLogger.peer_error`)."""
         self.log.peer_error(level, message, *args, exc_info=exc_info, **extra)
 
+    def log_app_error(self, level: int, message: str, key: tuple[str, str], *args: Any,
+                      exc_info: bool = False, **extra: Any) -> None:
+        """Log a failure of the application's code on this channel, within its own budget
+        (see :meth:`ConnectionLogger.app_error`)."""
+        self.log.app_error(level, message, key, *args, exc_info=exc_info, **extra)
+
     # ------------------------------------------------------------------ events
 
     def apply(self, events: Iterable[Event]) -> Awaitable[None] | None:

@@ -60,7 +60,8 @@ class Counters:
     def __init__(self) -> None:
         self.connections_opened = 0
         self.handshakes_accepted = 0
-        #: Rejected handshakes by reason (``auth``, ``error``, ``limit``, ``shutdown``).
+        #: Rejected handshakes by reason (``auth``, ``error``, ``full``, ``address``, ``limit``,
+        #: ``shutdown``).
         self.handshakes_rejected: dict[str, int] = {}
         #: Connections that ended, by close code.
         self.close_codes: dict[int, int] = {}
@@ -110,7 +111,8 @@ class ServerStats:
     handshakes_accepted: int
     #: Rejected handshakes by reason: ``auth`` (the authenticator refused), ``error`` (it
     #: crashed), ``timeout`` (it took over half of ``handshake_timeout``), ``limit``
-    #: (``max_connections_per_user``), ``shutdown``.
+    #: (``max_connections_per_user``), ``full`` (``max_connections``: answered 503, or closed
+    #: at once), ``address`` (``max_connections_per_address``, the same), ``shutdown``.
     handshakes_rejected: Mapping[str, int]
     #: Ended connections by close code.
     close_codes: Mapping[int, int]

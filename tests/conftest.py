@@ -36,6 +36,11 @@ def _peer_record_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     bad input must not leave the next one's expected records unwritten."""
     budget = logs.PEER_RECORDS
     monkeypatch.setattr(logs, "PEER_RECORDS", logs.PeerRecordBudget(budget.burst, budget.rate))
+    shares = logs.PEER_SHARES
+    monkeypatch.setattr(logs, "PEER_SHARES", logs.SourceShares(shares.burst, shares.rate, shares.max_sources))
+    app = logs.APP_RECORDS
+    monkeypatch.setattr(logs, "APP_RECORDS", logs.PeerRecordBudget(app.burst, app.rate))
+    monkeypatch.setattr(logs, "FIRST_FAILURES", logs.FirstFailures(logs.FIRST_FAILURES.limit))
 
 
 @pytest.fixture(params=sorted(TRANSPORTS))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import socket
@@ -13,7 +14,9 @@ import pytest
 
 from dara_ws_cli import build_demo
 from dara_ws_cli.main import CHAT_MAX_TEXT
-from dara_ws_core import CustomServerMessage, DaraClient, MemoryServer, RemoteError
+from dara_ws_core import CustomServerMessage, DaraClient, MemoryServer, RemoteError, connection_cap
+
+from .hostile import TOKEN_PATH, HostileClient, open_channel
 
 
 async def test_demo_app_echo_chat_and_ask() -> None:
@@ -287,3 +290,56 @@ def test_the_command_line_loads_no_pydantic_plugin_unless_told(env: str | None, 
     assert value == expected
     if expected == "__all__":
         assert logfire.strip() == "False"
+
+
+LIMIT = 300  # open files, soft and hard (nothing to raise): connection_cap leaves 256 spare
+
+
+@pytest.mark.skipif(not hasattr(resource, "RLIMIT_NOFILE"), reason="needs RLIMIT_NOFILE (POSIX)")
+@pytest.mark.parametrize(("option", "cap", "beyond"), [
+    ((), connection_cap(LIMIT), 503), (("--max-connections", "3"), 3, 503),
+    (("--max-connections", "0"), connection_cap(LIMIT), 101),  # 0: no cap
+])
+async def test_serve_caps_its_connections_under_the_open_files_limit(
+    option: tuple[str, ...], cap: int, beyond: int
+) -> None:
+    # Review 10, item 11: the demo's connections used every descriptor.
+    limit = LIMIT
+    start_capped = (
+        "import resource, sys\n"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit}))\n"
+        "from dara_ws_cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", start_capped, "serve", "--port", "0", "--clock", "0", *option,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )
+    clients: list[HostileClient] = []
+    try:
+        assert server.stdout is not None
+        line = ""
+        for _ in range(20):
+            line = (await asyncio.wait_for(server.stdout.readline(), 20)).decode()
+            if "dara-ws demo" in line or not line:
+                break
+        assert "dara-ws demo" in line, line
+        port = int(line.rsplit(":", 1)[1].split("/", 1)[0])
+        for _ in range(cap):
+            client, _ = await open_channel(port)
+            clients.append(client)
+        extra = await HostileClient.open(port)
+        clients.append(extra)
+        response = await extra.handshake(TOKEN_PATH)
+        assert response.status == beyond, response
+    finally:
+        for client in clients:
+            await client.close()
+        server.terminate()
+        await asyncio.wait_for(server.wait(), 20)
+
+
+def test_serve_refuses_a_negative_max_connections() -> None:
+    result = _run_cli("serve", "--port", "0", "--max-connections", "-1")
+    assert result.returncode == 2
+    assert "--max-connections must be >= 0" in _one_line_error(result)

@@ -27,7 +27,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
         'dara_ws_aiohttp needs the aiohttp library: pip install "dara-ws-core[aiohttp]"', name=exc.name
     ) from exc
 
-from dara_ws_core.endpoint import Endpoint
+from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, host_of
 from dara_ws_core.exceptions import AuthenticationFailed
 from dara_ws_core.transport import HandshakeRequest, Server
 
@@ -44,6 +44,18 @@ def add_route(app: web.Application, endpoint: Endpoint, path: str | None = None)
     """
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        # aiohttp hands over no socket before its request: max_connections counts from here.
+        host = host_of(request.transport.get_extra_info("peername") if request.transport else None)
+        admission = endpoint.take_slot(host)
+        try:
+            if admission is not Admission.ADMIT:
+                return web.Response(status=503, text="Service Unavailable",
+                                    headers={"Retry-After": str(RETRY_AFTER), "Connection": "close"})
+            return await upgrade(request)
+        finally:
+            endpoint.free_slot(admission, host)
+
+    async def upgrade(request: web.Request) -> web.StreamResponse:
         version = request.headers.get("Sec-WebSocket-Version")
         if version is not None and version.strip() != "13":
             # aiohttp also upgrades drafts 7 and 8; RFC 6455 (4.4) answers them 426 with the

@@ -33,7 +33,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
         'dara_ws_asgi needs the starlette library: pip install "dara-ws-core[asgi]"', name=exc.name
     ) from exc
 
-from dara_ws_core.endpoint import Endpoint
+from dara_ws_core.endpoint import Admission, Endpoint, host_of
 from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
 from dara_ws_core.transport import HandshakeRequest, Server
 
@@ -184,15 +184,27 @@ class ASGIApp:
         if scope["type"] != "websocket" or self.path not in (None, scope["path"]):
             await _deny(scope, send)
             return
-        if (await receive())["type"] != "websocket.connect":
-            return  # the client left before the handshake completed
+        # ASGI shows no socket before its request: max_connections counts from here. A refusal
+        # is a close before accept, which ASGI makes a 403 (see _deny); under uvicorn hooked by
+        # hook_uvicorn, a handshake the endpoint would refuse is answered 503 before
+        # it reaches the application.
+        host = host_of(scope.get("client"))
+        admission = self.endpoint.take_slot(host)
         try:
-            identity = await self.endpoint.authenticate(_handshake(scope))
-        except AuthenticationFailed:
-            await _deny(scope, send)
-            return
-        await send({"type": "websocket.accept"})
-        await self.endpoint.serve(ASGITransport(receive, send), identity)
+            if (await receive())["type"] != "websocket.connect":
+                return  # the client left before the handshake completed
+            if admission is not Admission.ADMIT:
+                await _deny(scope, send)
+                return
+            try:
+                identity = await self.endpoint.authenticate(_handshake(scope))
+            except AuthenticationFailed:
+                await _deny(scope, send)
+                return
+            await send({"type": "websocket.accept"})
+            await self.endpoint.serve(ASGITransport(receive, send), identity)
+        finally:
+            self.endpoint.free_slot(admission, host)
 
 
 def asgi_app(endpoint: Endpoint, *, path: str | None = None) -> ASGIApp:

@@ -25,7 +25,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
         'dara_ws_asgi needs the uvicorn library: pip install "dara-ws-core[asgi]"', name=exc.name
     ) from exc
 
-from dara_ws_core.endpoint import Endpoint
+from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, host_of
 from dara_ws_core.transport import Server
 
 #: Stop reading from a peer while this much is waiting to be written to it.
@@ -33,6 +33,10 @@ _PAUSE_READING_ABOVE = 1024 * 1024
 _TOO_LARGE = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
     b"content-length: 0\r\nconnection: close\r\n\r\n"
+)
+_FULL = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"retry-after: %d\r\ncontent-length: 0\r\nconnection: close\r\n\r\n" % RETRY_AFTER
 )
 
 
@@ -106,6 +110,16 @@ def _bounded_http(base: type[Any], handshake_timeout: float) -> type[Any]:
                 self.transport.write(_TOO_LARGE)
                 self.transport.close()
                 return
+            # max_connections(_per_address): ASGI can refuse only with a 403 (a close before
+            # accept), which tells a client its credentials failed; answered here, it is a 503
+            # to retry later. (A handshake racing others past this check meets ASGIApp's.)
+            for endpoint in _served.get(self.server_state, ()):
+                admission = endpoint.slots.check(host_of(self.client))
+                if admission is not Admission.ADMIT:
+                    endpoint.refused(admission)
+                    self.transport.write(_FULL)
+                    self.transport.close()
+                    return
             super().handle_websocket_upgrade(*event)
 
     HTTPProtocol.__name__ = HTTPProtocol.__qualname__ = f"Bounded{base.__name__}"
@@ -190,6 +204,8 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
 
 
 _hooked: weakref.WeakKeyDictionary[uvicorn.Server, list[Endpoint]] = weakref.WeakKeyDictionary()
+#: The same lists by the server's ``ServerState``, which its HTTP protocols hold.
+_served: weakref.WeakKeyDictionary[Any, list[Endpoint]] = weakref.WeakKeyDictionary()
 
 
 def hook_uvicorn(endpoint: Endpoint, server: uvicorn.Server | None = None) -> bool:
@@ -208,7 +224,7 @@ def hook_uvicorn(endpoint: Endpoint, server: uvicorn.Server | None = None) -> bo
             return False
     endpoints = _hooked.get(server)
     if endpoints is None:
-        endpoints = _hooked[server] = []
+        endpoints = _hooked[server] = _served[server.server_state] = []
         original = server.shutdown
 
         async def shutdown(sockets: list[socket.socket] | None = None) -> None:

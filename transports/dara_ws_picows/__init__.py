@@ -30,7 +30,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
         'dara_ws_picows needs the picows library: pip install "dara-ws-core[picows]"', name=exc.name
     ) from exc
 
-from dara_ws_core.endpoint import Endpoint
+from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, host_of
 from dara_ws_core.exceptions import AuthenticationFailed
 from dara_ws_core.transport import HandshakeRequest, Server
 
@@ -77,6 +77,7 @@ _ERRORS = {
     405: ("Method Not Allowed", "Allow: GET\r\n"),
     426: ("Upgrade Required", "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"),
     431: ("Request Header Fields Too Large", ""),
+    503: ("Service Unavailable", f"Retry-After: {RETRY_AFTER}\r\n"),
     505: ("HTTP Version Not Supported", ""),
 }
 
@@ -136,9 +137,18 @@ class _Gate(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
+        #: The endpoint's answer for this socket (max_connections); freed when the socket goes
+        #: (by picows' protocol once handed over).
+        self._admission = Admission.DROP
+        self._host: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._host = host_of(transport.get_extra_info("peername"))
+        self._admission = self._server.endpoint.take_slot(self._host)
+        if self._admission is Admission.DROP:
+            transport.abort()
+            return
         self._timer = asyncio.get_running_loop().call_later(
             self._server.endpoint.config.handshake_timeout, transport.abort
         )
@@ -167,6 +177,9 @@ class _Gate(asyncio.Protocol):
         if handshake.path != self._server.endpoint.path:
             self._reject(404, "Not Found")
             return
+        if self._admission is not Admission.ADMIT:
+            self._reject(503)
+            return
         status = _upgrade_error(parsed[1])
         if status is not None:
             self._reject(status)
@@ -180,6 +193,7 @@ class _Gate(asyncio.Protocol):
         if self._task is not None:
             self._task.cancel()
         self._transport = None
+        self._server.endpoint.free_slot(self._admission, self._host)
 
     def _reject(self, status: int, text: str = "") -> None:
         if self._transport is not None:
@@ -198,7 +212,10 @@ class _Gate(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         self._task = None
-        listener = self._server.handover(transport, bytes(self._head))
+        # From here the socket is picows': its protocol frees the slot (the gate never hears of
+        # the socket again).
+        admission, self._admission = self._admission, Admission.DROP
+        listener = self._server.handover(transport, bytes(self._head), admission, self._host)
         if listener is not None:  # else picows refused the upgrade headers (400)
             self._server.run(listener, identity)
 
@@ -206,10 +223,13 @@ class _Gate(asyncio.Protocol):
 class _BoundedReads(asyncio.BufferedProtocol):
     """picows' protocol as the socket's, with every read bounded to :data:`READ_LIMIT` bytes."""
 
-    __slots__ = ("_protocol", "buffer_updated")
+    __slots__ = ("_admission", "_endpoint", "_host", "_protocol", "buffer_updated")
 
-    def __init__(self, protocol: WSProtocol) -> None:
+    def __init__(self, protocol: WSProtocol, endpoint: Endpoint, admission: Admission,
+                 host: str | None) -> None:
         self._protocol = protocol
+        self._endpoint = endpoint
+        self._admission, self._host = admission, host  # the gate's slot, freed with the socket
         # picows' own method (in C), called by the loop without a Python call around it.
         self.buffer_updated = protocol.buffer_updated  # type: ignore[method-assign]  # an instance slot
 
@@ -221,6 +241,8 @@ class _BoundedReads(asyncio.BufferedProtocol):
         return cast("bool | None", self._protocol.eof_received())
 
     def connection_lost(self, exc: Exception | None) -> None:
+        admission, self._admission = self._admission, Admission.DROP
+        self._endpoint.free_slot(admission, self._host)
         self._protocol.connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -245,11 +267,12 @@ class _Serving:
         )
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def handover(self, transport: asyncio.Transport, head: bytes) -> PicowsTransport | None:
+    def handover(self, transport: asyncio.Transport, head: bytes,
+                 admission: Admission, host: str | None) -> PicowsTransport | None:
         config = self.endpoint.config
         listener = PicowsTransport(config.max_message_size, config.close_timeout)
         protocol = WSProtocol(None, None, False, lambda request: listener, *self._options)
-        transport.set_protocol(_BoundedReads(protocol))
+        transport.set_protocol(_BoundedReads(protocol, self.endpoint, admission, host))
         protocol.connection_made(transport)
         view = memoryview(head)
         while view:  # what the gate read goes to picows as if it had read it itself

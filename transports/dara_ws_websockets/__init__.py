@@ -13,10 +13,11 @@ from __future__ import annotations
 __all__ = ["Server", "WebsocketsTransport", "connect", "serve"]
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 try:
     import websockets
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
     from dara_ws_core.auth import Identity
 
-from dara_ws_core.endpoint import Endpoint
+from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, host_of
 from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
 from dara_ws_core.transport import HandshakeRequest, Server, text_frame_header
 
@@ -224,12 +225,18 @@ class _ServerConnection(ServerConnection):
     # 300 bytes each). CPython 3.11 shares at most 29 keys and sizes each dict's values when the
     # connection is built: two keys more, added later, give every connection a dict of its own
     # (1.6 KiB), as much again as everything else the core keeps per idle connection.
-    __slots__ = ("_paused_for_writes", "dara_identity", "dara_push")
+    __slots__ = ("_paused_for_writes", "dara_admission", "dara_endpoint", "dara_host", "dara_identity",
+                 "dara_push")
     #: What process_request authenticated, set there before the handler runs.
     dara_identity: Identity | None
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, dara_endpoint: Endpoint, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.dara_endpoint = dara_endpoint
+        #: The endpoint's answer for this socket (max_connections), from connection_made on,
+        #: and the peer's host it was counted under.
+        self.dara_admission: Admission | None = None
+        self.dara_host: str | None = None
         if _PUSHES:
             # websockets sets these two in connection_made, later. Each connection built
             # shrinks by one the room the class's shared key table has left (CPython 3.11):
@@ -258,7 +265,19 @@ class _ServerConnection(ServerConnection):
                 target._stop(False)  # this message and what follows: through recv(), in order
         super().process_event(event)
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Every socket counts against max_connections from its accept: a handshake in progress
+        # holds a descriptor too.
+        self.dara_host = host = host_of(transport.get_extra_info("peername"))
+        self.dara_admission = admission = self.dara_endpoint.take_slot(host)
+        super().connection_made(transport)
+        if admission is Admission.DROP:
+            cast(asyncio.Transport, transport).abort()  # the handshake fails at once, quietly
+
     def connection_lost(self, exc: Exception | None) -> None:
+        admission, self.dara_admission = self.dara_admission, None
+        if admission is not None:
+            self.dara_endpoint.free_slot(admission, self.dara_host)
         super().connection_lost(exc)
         target = self.dara_push
         if target is not None:  # recv() raises the connection's ConnectionClosed
@@ -298,6 +317,10 @@ async def serve(
         )
         if handshake.path != endpoint.path:
             return connection.respond(HTTPStatus.NOT_FOUND, "Not Found\n")
+        if connection.dara_admission is not Admission.ADMIT:  # type: ignore[attr-defined]
+            response = connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "Service Unavailable\n")
+            response.headers["Retry-After"] = str(RETRY_AFTER)
+            return response
         try:
             connection.dara_identity = await endpoint.authenticate(handshake)  # type: ignore[attr-defined]
         except AuthenticationFailed:
@@ -330,7 +353,7 @@ async def serve(
         "close_timeout": config.close_timeout,
         "open_timeout": config.handshake_timeout,
         "compression": None,
-        "create_connection": _ServerConnection,
+        "create_connection": functools.partial(_ServerConnection, dara_endpoint=endpoint),
     }
     options.update(kwargs)
     async with ws_serve(handler, host, port, **options) as server:
