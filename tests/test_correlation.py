@@ -42,14 +42,14 @@ from . import strategies as S
 
 MAX_PENDING = 4
 MAX_CHUNKS = 4
-MAX_BYTES = 2 * PART_BYTES + 24
-MAX_VALUES = 10
+MAX_BYTES = 4 * PART_BYTES + 24
+MAX_VALUES = 12
 #: The process's bounds, of which the channel's are its fair share; and what the other channels
 #: of the process hold: the room they leave below the process's last share (kept for small
 #: answers, which no part of this channel is) is below the channel's own, so both are reached.
 TOTAL_BYTES, TOTAL_VALUES = CHUNK_SHARES * MAX_BYTES, CHUNK_SHARES * MAX_VALUES
 OTHER_BYTES = TOTAL_BYTES - MAX_BYTES - (MAX_BYTES - 40)
-OTHER_VALUES = TOTAL_VALUES - MAX_VALUES - 7
+OTHER_VALUES = TOTAL_VALUES - MAX_VALUES - 9
 
 #: Payloads only need to be told apart (their codec is tested in test_messages); strings of
 #: 1- to 4-byte characters check that parts are counted in UTF-8 bytes.
@@ -216,7 +216,7 @@ class PendingRequestsMachine(RuleBasedStateMachine):
                 sum(e.values for e in self.pending.values()))
         expected = predict(entry, payload, count, index, held=held)
         outcome = self.table.receive(response(rchan, payload, count, index))
-        event(f"outcome: {expected.kind}")
+        event(f"outcome: {expected.kind}" + (f" of {entry.count} parts" if entry and entry.count else ""))
         if expected.kind == "ignored":
             assert outcome == Ignored(rchan)
             return
