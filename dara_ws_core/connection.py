@@ -156,7 +156,8 @@ class ServerConnection(Generic[W]):
         self.last_seen = now
         self.expires_at = expires_at
         self._kinds = kinds
-        self._pending: PendingRequests[W] = PendingRequests(config, user=user)
+        # Positional: a class called without keywords needs no dict for them.
+        self._pending: PendingRequests[W] = PendingRequests(config, user)
         self._window_start = now
         self._window_count = 0
         self._handlers = 0

@@ -279,13 +279,13 @@ class PendingRequests(Generic[W]):
     def __init__(
         self,
         config: ServerConfig | None = None,
+        user: str | None = None,
         *,
         budget: ChunkBudget | None = None,
         max_pending: int | None = None,
         max_chunks: int | None = None,
         max_chunked_bytes: int | None = None,
         max_chunked_values: int | None = None,
-        user: str | None = None,
     ) -> None:
         if config is None:
             config = _DEFAULT_CONFIG
