@@ -47,7 +47,8 @@ class ServerConfig:
     #: object of distinct keys), and a frame is decoded in one go on the event loop: this bounds
     #: what one frame can cost in memory (~30 MB) and loop time (~70 ms on this project's 2-core
     #: CI machine). Above it the connection is closed with 1009. Raise it for applications whose
-    #: clients answer with large tables (or let them answer in parts: ``max_chunked_values``).
+    #: clients answer with large tables (or let them answer in parts, which spreads the decoding
+    #: over frames: ``max_chunked_values`` then bounds what they hold).
     max_message_values: int = 250_000
     #: Outbound queue bound per channel, in frames and in bytes.
     max_queue_messages: int = 4096
