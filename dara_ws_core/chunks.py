@@ -9,6 +9,10 @@ Everything that Dara accepted silently and that made it hang or grow is an error
 ``chunk_count`` below 1 or above the limit, a part whose ``chunk_count`` disagrees with the first
 part's, a duplicate or out-of-range index, mixing indexed and unindexed parts, and more bytes than
 the limit.
+
+Nothing is sized from the ``chunk_count`` a client declares: it is only compared with. The parts
+are kept as they arrive (a list, or a dict by ``chunk_index``), so an answer that announces
+10 000 parts and sends one holds one.
 """
 
 from __future__ import annotations
@@ -19,8 +23,6 @@ from typing import Any
 
 from .exceptions import ChunkError
 
-_MISSING: Any = object()
-
 
 class ChunkAssembler:
     """Collects the parts of one chunked answer.
@@ -28,9 +30,10 @@ class ChunkAssembler:
     Create it with the ``chunk_count`` of the first part, then :meth:`feed` every part (the first
     included). ``feed`` returns the complete list when the last part arrives and ``None`` before;
     it raises :class:`ChunkError` on any inconsistency, after which the assembler must be dropped.
+    It holds what was received, never a slot per announced part.
     """
 
-    __slots__ = ("_count", "_indexed", "_max_bytes", "_parts", "_received", "_size")
+    __slots__ = ("_count", "_indexed", "_max_bytes", "_parts", "_size")
 
     def __init__(self, chunk_count: int, *, max_chunks: int, max_bytes: int) -> None:
         if chunk_count < 1:
@@ -39,9 +42,8 @@ class ChunkAssembler:
             raise ChunkError(f"chunk_count {chunk_count} exceeds the limit of {max_chunks}")
         self._count = chunk_count
         self._max_bytes = max_bytes
-        # A part's payload may itself be None, so empty slots hold a sentinel.
-        self._parts: list[Any] = [_MISSING] * chunk_count
-        self._received = 0
+        # In arrival order; the first part with a chunk_index swaps in a dict by index.
+        self._parts: list[Any] | dict[int, Any] = []
         self._size = 0
         self._indexed: bool | None = None
 
@@ -53,12 +55,13 @@ class ChunkAssembler:
     @property
     def received(self) -> int:
         """The number of distinct parts received so far."""
-        return self._received
+        return len(self._parts)
 
     def feed(
         self, payload: Any, *, chunk_count: int, chunk_index: int | None = None, size: int = 0
     ) -> list[Any] | None:
-        """Add one part; ``size`` is its frame's length, counted against the byte limit."""
+        """Add one part; ``size`` is what it costs (its frame's length, or more), counted
+        against the byte limit."""
         if chunk_count != self._count:
             raise ChunkError(
                 f"chunk_count {chunk_count} disagrees with the first part's {self._count}"
@@ -66,21 +69,26 @@ class ChunkAssembler:
         indexed = chunk_index is not None
         if self._indexed is None:
             self._indexed = indexed
+            if indexed:
+                self._parts = {}
         elif self._indexed != indexed:
             raise ChunkError("a chunked answer mixes parts with and without chunk_index")
         self._size += size
         if self._size > self._max_bytes:
             raise ChunkError(f"chunked answer exceeds {self._max_bytes} bytes")
-        if chunk_index is None:
-            position = self._received
+        parts = self._parts
+        if type(parts) is list:
+            parts.append(payload)
         else:
+            assert isinstance(parts, dict) and chunk_index is not None
             if not 0 <= chunk_index < self._count:
                 raise ChunkError(f"chunk_index {chunk_index} is out of range 0..{self._count - 1}")
-            position = chunk_index
-            if self._parts[position] is not _MISSING:
+            if chunk_index in parts:
                 raise ChunkError(f"duplicate chunk_index {chunk_index}")
-        self._parts[position] = payload
-        self._received += 1
-        if self._received == self._count:
-            return self._parts
-        return None
+            parts[chunk_index] = payload
+        if len(parts) < self._count:
+            return None
+        if type(parts) is list:
+            return parts
+        # As many distinct indexes in 0..count-1 as the count: every one of them is here.
+        return [parts[index] for index in range(self._count)]

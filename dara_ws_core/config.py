@@ -50,7 +50,8 @@ class ServerConfig:
     #: object of distinct keys), and a frame is decoded in one go on the event loop: this bounds
     #: what one frame can cost in memory (~30 MB) and loop time (~70 ms on this project's 2-core
     #: CI machine). Above it the connection is closed with 1009. Raise it for applications whose
-    #: clients answer with large tables (or let them answer in parts: ``max_chunked_values``).
+    #: clients answer with large tables (or let them answer in parts, which spreads the decoding
+    #: over frames: ``max_chunked_values`` then bounds what they hold).
     max_message_values: int = 250_000
     #: Outbound queue bound per channel, in frames and in bytes.
     max_queue_messages: int = 4096
@@ -64,16 +65,22 @@ class ServerConfig:
     request_timeout: float | None = 30.0
     #: Chunked answers: most parts of one answer, and most bytes (UTF-8 JSON, as on the wire)
     #: and JSON values (counted as in a frame, an upper bound) of parts held at once for all of a
-    #: channel's pending answers. Each part is decoded as its frame arrives (and is bounded as a
-    #: frame: ``max_message_values``); held decoded, a value takes up to ~120 bytes, so the
-    #: values bound what a channel's parts hold in memory (~120 MB at worst), and the last part
-    #: costs no more than any other. Beyond either bound the request fails with ``ChunkError``.
+    #: channel's pending answers, and for all the connections of one user together. Each part
+    #: counts 128 bytes and one value more than its JSON, for what holding it costs (a 1-byte
+    #: part takes about a hundred bytes of Python objects). Each part is decoded as its frame
+    #: arrives (and is bounded as a frame: ``max_message_values``); held decoded, a value takes
+    #: up to ~120 bytes, so the values bound what a user's parts hold in memory (~15 MB at
+    #: worst), and the last part costs no more than any other. Beyond either bound the request
+    #: fails with ``ChunkError``. A user never holds more than a 16th of the process's bounds
+    #: (below), whatever these say: raise those with them.
     max_chunks: int = 10_000
-    max_chunked_bytes: int = 64 * MiB
-    max_chunked_values: int = 1_000_000
-    #: The same two bounds for the parts held by every connection of the process together (a
-    #: few channels' worth): beyond them, a new or growing chunked answer fails with
-    #: ``ChunkError``, whichever connection sends it.
+    max_chunked_bytes: int = 16 * MiB
+    max_chunked_values: int = 125_000
+    #: The same two bounds for the parts held by every connection of the process together (16
+    #: users' worth): beyond them, a new or growing chunked answer fails with ``ChunkError``,
+    #: whichever connection sends it. Their last 16th only takes the parts of users holding under
+    #: a 64th of their own bounds (a few small answers), so that while big answers fill the
+    #: process, small ones still go through.
     max_chunked_total_bytes: int = 256 * MiB
     max_chunked_total_values: int = 2_000_000
     #: Close connections that send nothing (not even the stock client's 5 s ping) for this long.

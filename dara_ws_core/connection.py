@@ -131,7 +131,9 @@ class ServerConnection(Generic[W]):
     for server requests (an ``asyncio.Future`` in the asyncio layer, anything in tests).
 
     ``kinds`` answers "is there a handler for this kind"; without it every kind is dispatched.
-    ``expires_at`` is the identity's expiry in wall-clock seconds (see :meth:`tick`).
+    ``expires_at`` is the identity's expiry in wall-clock seconds (see :meth:`tick`). ``user`` is
+    the identity's user id: the parts of chunked answers that a user's connections hold are
+    bounded together (see :class:`~dara_ws_core.correlation.PendingRequests`).
     """
 
     __slots__ = ("_close", "_handlers", "_kinds", "_pending", "_window_count", "_window_start",
@@ -145,6 +147,7 @@ class ServerConnection(Generic[W]):
         now: float = 0.0,
         expires_at: float | None = None,
         kinds: Container[str] | None = None,
+        user: str | None = None,
     ) -> None:
         self.channel_id = channel_id
         self.config = config = config or ServerConfig()
@@ -153,7 +156,8 @@ class ServerConnection(Generic[W]):
         self.last_seen = now
         self.expires_at = expires_at
         self._kinds = kinds
-        self._pending: PendingRequests[W] = PendingRequests(config)
+        # Positional: a class called without keywords needs no dict for them.
+        self._pending: PendingRequests[W] = PendingRequests(config, user)
         self._window_start = now
         self._window_count = 0
         self._handlers = 0

@@ -6,15 +6,23 @@ with an outcome naming the waiter to complete or fail. An entry's lifecycle is: 
 exactly one of completed, failed (bad chunks), discarded (timeout or cancellation, by the caller's
 ``finally``) or failed on close (:meth:`PendingRequests.close`). No entry outlives its call.
 
-The parts of chunked answers are bounded three ways: per answer (``max_chunks``), per channel
-(bytes and JSON values of every pending answer's parts), and per process (a :class:`ChunkBudget`
-that every table shares, :data:`PROCESS_CHUNKS` by default), so that many connections, each
-within its own bounds, cannot together hold what no single one may.
+The parts of chunked answers are bounded three ways: per answer (``max_chunks``), per *holder*
+(bytes and JSON values of every pending answer's parts: a user's, all its connections together,
+or one channel's when it has no user), and per process (a :class:`ChunkBudget` that every table
+shares, :data:`PROCESS_CHUNKS` by default), so that many connections, each within its own bounds,
+cannot together hold what no single one may. The process budget is shared fairly: a holder takes
+at most :data:`CHUNK_SHARES`-th of it, and its last :data:`CHUNK_SHARES`-th is kept for holders
+of small answers only, so a few clients holding big answers never deny chunked answers to others.
+Each part is counted with what holding it costs beyond its JSON (:data:`PART_BYTES`,
+:data:`PART_VALUES`): many tiny parts count as what they take in memory.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "CHUNK_SHARES",
+    "PART_BYTES",
+    "PART_VALUES",
     "PROCESS_CHUNKS",
     "ChunkBudget",
     "Completed",
@@ -141,13 +149,21 @@ class Ignored:
 Outcome = Completed[W] | Failed[W] | Partial | Ignored
 
 
-class ChunkBudget:
-    """Bytes (as on the wire) and JSON values of the parts that the unfinished chunked answers of
-    every table sharing this budget hold. Each table checks it against the ceilings of its own
-    configuration (``max_chunked_total_bytes``, ``max_chunked_total_values``).
+#: What holding one part costs beyond its JSON, counted with it against every bound: its slot
+#: among the answer's parts and its share of the answer's bookkeeping take about a hundred bytes
+#: of Python objects, however small the part (``0`` is one byte on the wire).
+PART_BYTES = 128
+PART_VALUES = 1
+#: A holder (a user, or a channel without one) takes at most this fraction of the process's
+#: chunk budget, whatever its own bounds say; and the last such fraction of the budget is kept
+#: for holders whose parts stay under a 64th of their own bound (small answers).
+CHUNK_SHARES = 16
+#: What a holder may hold and still use the kept fraction: its bounds divided by this.
+_SMALL = 64
 
-    Counted by the tables of one event loop: nothing here is locked.
-    """
+
+class _Tally:
+    """Bytes and JSON values of parts held."""
 
     __slots__ = ("bytes", "values")
 
@@ -156,22 +172,39 @@ class ChunkBudget:
         self.values = 0
 
 
+class ChunkBudget(_Tally):
+    """Bytes (as on the wire, plus :data:`PART_BYTES` a part) and JSON values (plus
+    :data:`PART_VALUES` a part) of the parts that the unfinished chunked answers of every table
+    sharing this budget hold, in all and by user. Each table checks it against the ceilings of
+    its own configuration (``max_chunked_total_bytes``, ``max_chunked_total_values``).
+
+    Counted by the tables of one event loop: nothing here is locked.
+    """
+
+    __slots__ = ("users",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: What each user's connections hold together, for the users holding anything.
+        self.users: dict[str, _Tally] = {}
+
+
 #: The budget every :class:`PendingRequests` shares unless given its own: the process's.
 PROCESS_CHUNKS = ChunkBudget()
 
 
-class _Held:
-    """What one channel's pending answers hold, counted in ``budget`` too. Created with the
-    channel's first part. A table dropped without :meth:`PendingRequests.close` (a user's own
-    table, a test's) gives its share back when this object goes, so the process-wide count
-    never keeps what nobody holds."""
+class _Held(_Tally):
+    """What one channel's pending answers hold, counted in ``budget`` too (in all, and under the
+    channel's user if it has one). Created with the channel's first part. A table dropped
+    without :meth:`PendingRequests.close` (a user's own table, a test's) gives its share back
+    when this object goes, so the process-wide count never keeps what nobody holds."""
 
-    __slots__ = ("budget", "bytes", "values")
+    __slots__ = ("budget", "user")
 
-    def __init__(self, budget: ChunkBudget) -> None:
+    def __init__(self, budget: ChunkBudget, user: str | None) -> None:
+        super().__init__()
         self.budget = budget
-        self.bytes = 0
-        self.values = 0
+        self.user = user
 
     def add(self, size: int, values: int) -> None:
         self.bytes += size
@@ -179,13 +212,29 @@ class _Held:
         budget = self.budget
         budget.bytes += size
         budget.values += values
+        if self.user is not None:
+            users = budget.users
+            tally = users.get(self.user)
+            if tally is None:
+                users[self.user] = tally = _Tally()
+            tally.bytes += size
+            tally.values += values
 
     def release(self, size: int, values: int) -> None:
+        if not (size or values):  # an answer whose first part was refused: nothing to give back
+            return
         self.bytes -= size
         self.values -= values
         budget = self.budget
         budget.bytes -= size
         budget.values -= values
+        if self.user is not None:
+            users = budget.users
+            tally = users[self.user]
+            tally.bytes -= size
+            tally.values -= values
+            if not (tally.bytes or tally.values):  # the table lists users holding something
+                del users[self.user]
 
     def __del__(self) -> None:
         if self.bytes or self.values:
@@ -213,19 +262,24 @@ class PendingRequests(Generic[W]):
 
     The limits are those of ``config`` (a :class:`~dara_ws_core.config.ServerConfig`, shared by
     every table made with it), or of the keywords given, which override it. The parts held for
-    *all* of the channel's pending answers together are bounded in bytes
-    (``max_chunked_bytes``) and in JSON values (``max_chunked_values``): a client answering many
-    requests at once holds no more than one answer could. The parts held by every table sharing
-    ``budget`` (:data:`PROCESS_CHUNKS`, the process's, by default) are bounded by
-    ``max_chunked_total_bytes`` and ``max_chunked_total_values``. A part beyond any bound fails
-    its request with :class:`~dara_ws_core.exceptions.ChunkError`.
+    *all* of the channel's pending answers together, and of every table of the same ``user``
+    (the connections of one user share), are bounded in bytes (``max_chunked_bytes``) and in
+    JSON values (``max_chunked_values``), and never by more than a :data:`CHUNK_SHARES`-th of the
+    process's bounds: a client answering many requests at once, or from many connections, holds
+    no more than one answer could, and a dozen clients cannot take what the process allows. The
+    parts held by every table sharing ``budget`` (:data:`PROCESS_CHUNKS`, the process's, by
+    default) are bounded by ``max_chunked_total_bytes`` and ``max_chunked_total_values``, whose
+    last :data:`CHUNK_SHARES`-th only takes the parts of users (or channels) holding under a 64th
+    of their own bounds. A part beyond any bound fails its request with
+    :class:`~dara_ws_core.exceptions.ChunkError`; the connection stays.
     """
 
-    __slots__ = ("_budget", "_config", "_entries", "_held", "max_pending")
+    __slots__ = ("_budget", "_config", "_entries", "_held", "_user", "max_pending")
 
     def __init__(
         self,
         config: ServerConfig | None = None,
+        user: str | None = None,
         *,
         budget: ChunkBudget | None = None,
         max_pending: int | None = None,
@@ -252,6 +306,7 @@ class PendingRequests(Generic[W]):
         # empty dict per connection is 64 bytes. Only open() adds; it swaps in a table first.
         self._entries: dict[str, _Entry[W]] = _NO_ENTRIES
         self._held: _Held | None = None  # made by the first part of a chunked answer
+        self._user = user
 
     @property
     def max_chunks(self) -> int:
@@ -260,13 +315,17 @@ class PendingRequests(Generic[W]):
 
     @property
     def max_chunked_bytes(self) -> int:
-        """Most bytes of parts held for all of this channel's pending answers."""
-        return self._config.max_chunked_bytes
+        """Most bytes of parts held for all of this channel's pending answers (and its user's):
+        ``max_chunked_bytes``, at most a :data:`CHUNK_SHARES`-th of the process's bound."""
+        config = self._config
+        return min(config.max_chunked_bytes, max(1, config.max_chunked_total_bytes // CHUNK_SHARES))
 
     @property
     def max_chunked_values(self) -> int:
-        """Most JSON values of parts held for all of this channel's pending answers."""
-        return self._config.max_chunked_values
+        """Most JSON values of parts held for all of this channel's pending answers (and its
+        user's): ``max_chunked_values``, at most a :data:`CHUNK_SHARES`-th of the process's."""
+        config = self._config
+        return min(config.max_chunked_values, max(1, config.max_chunked_total_values // CHUNK_SHARES))
 
     @property
     def held_bytes(self) -> int:
@@ -325,8 +384,9 @@ class PendingRequests(Generic[W]):
 
         Each part of a chunked answer is kept as its frame decoded it, so that its cost is paid
         with its frame, which ``max_message_values`` bounds; the last part only builds the list.
-        What a part holds is counted as its compact JSON: UTF-8 bytes, and JSON values counted
-        as for a frame, against the channel's and the process's bounds.
+        What a part holds is counted as its compact JSON (UTF-8 bytes, and JSON values counted
+        as for a frame) plus :data:`PART_BYTES` and :data:`PART_VALUES`, against the channel's,
+        the user's and the process's bounds.
         """
         rchan = message.channel
         if message.chunk_count is None:
@@ -341,12 +401,12 @@ class PendingRequests(Generic[W]):
                 entry.assembler = ChunkAssembler(
                     message.chunk_count,
                     max_chunks=config.max_chunks,
-                    max_bytes=config.max_chunked_bytes,
+                    max_bytes=self.max_chunked_bytes,
                 )
                 entry.held = entry.values = 0
             part = dumps(message.message)
-            size = len(part)
-            values = count_json_values(part)
+            size = len(part) + PART_BYTES
+            values = count_json_values(part) + PART_VALUES
             self._check(held, size, values)
             parts = entry.assembler.feed(
                 message.message,
@@ -360,7 +420,7 @@ class PendingRequests(Generic[W]):
             # the failed answer alive as long as the caller keeps the exception.
             return Failed(rchan, entry.waiter, exc.with_traceback(None))
         if held is None:
-            self._held = held = _Held(self._budget)
+            self._held = held = _Held(self._budget, self._user)
         held.add(size, values)
         entry.held += size
         entry.values += values
@@ -370,24 +430,35 @@ class PendingRequests(Generic[W]):
         return Completed(rchan, entry.waiter, parts)
 
     def _check(self, held: _Held | None, size: int, values: int) -> None:
-        """Raise :class:`ChunkError` if a part of ``size`` bytes and ``values`` JSON values
-        would take the channel or the process over a bound."""
+        """Raise :class:`ChunkError` if a part costing ``size`` bytes and ``values`` JSON values
+        would take its holder (the channel's user, or the channel) or the process over a bound,
+        or into the process's last share while the holder holds more than small answers."""
         config = self._config
-        channel_bytes, channel_values = (0, 0) if held is None else (held.bytes, held.values)
-        if channel_bytes + size > config.max_chunked_bytes:
-            raise ChunkError(
-                f"chunked answers pending on this channel exceed {config.max_chunked_bytes} bytes"
-            )
-        if channel_values + values > config.max_chunked_values:
-            raise ChunkError(f"chunked answers pending on this channel exceed "
-                             f"{config.max_chunked_values} JSON values")
         budget = self._budget
-        if budget.bytes + size > config.max_chunked_total_bytes:
+        user = self._user
+        mine: _Tally | None = held if user is None else budget.users.get(user)
+        mine_bytes, mine_values = (size, values) if mine is None else (mine.bytes + size, mine.values + values)
+        whose = "on this channel" if user is None else "for this user"
+        max_bytes, max_values = self.max_chunked_bytes, self.max_chunked_values
+        if mine_bytes > max_bytes:
+            raise ChunkError(f"chunked answers pending {whose} exceed {max_bytes} bytes")
+        if mine_values > max_values:
+            raise ChunkError(f"chunked answers pending {whose} exceed {max_values} JSON values")
+        total_bytes, total_values = budget.bytes + size, budget.values + values
+        if total_bytes > config.max_chunked_total_bytes:
             raise ChunkError(f"chunked answers pending in this process exceed "
                              f"{config.max_chunked_total_bytes} bytes")
-        if budget.values + values > config.max_chunked_total_values:
+        if total_values > config.max_chunked_total_values:
             raise ChunkError(f"chunked answers pending in this process exceed "
                              f"{config.max_chunked_total_values} JSON values")
+        # The last share of the process's budget stays for small answers, so that clients
+        # holding big ones (each within its share) never deny everyone else a chunked answer.
+        if ((total_bytes > config.max_chunked_total_bytes - config.max_chunked_total_bytes // CHUNK_SHARES
+             or total_values > config.max_chunked_total_values - config.max_chunked_total_values // CHUNK_SHARES)
+                and (mine_bytes > max_bytes // _SMALL or mine_values > max_values // _SMALL)):
+            raise ChunkError("chunked answers pending in this process are near their bounds: "
+                             f"only small ones are taken ({max_bytes // _SMALL} bytes and "
+                             f"{max_values // _SMALL} JSON values {whose})")
 
     def complete(self, rchan: str, value: Any) -> Completed[W] | Failed[W] | Ignored:
         """Feed a plain (not chunked) answer: ``value`` for the request ``rchan``."""

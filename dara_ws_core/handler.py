@@ -218,6 +218,7 @@ class WebSocketHandler(_Hot):
         self.connection: ServerConnection[asyncio.Future[Any]] = ServerConnection(
             channel_id, config, now=now, kinds=custom_handlers,
             expires_at=None if identity is None else identity.expires_at,
+            user=None if identity is None else identity.user_id,
         )
         telemetry = counters.telemetry
         if telemetry is not None:  # a queue and sink that time outbound frames (telemetry_hooks)

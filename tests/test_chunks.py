@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -203,3 +204,20 @@ def test_any_sequence_completes_or_fails_within_its_bounds(
             assert assembler.received == count
             return
     assert assembler.received < count
+
+
+@pytest.mark.parametrize("index", [None, 0, 9_999], ids=["unindexed", "first-index", "last-index"])
+def test_an_announced_count_allocates_nothing_until_its_parts_arrive(index: int | None) -> None:
+    # A client announcing 10 000 parts and sending one must cost one part, not a slot for each
+    # announced part (80 KB): the count is compared with, never sized from.
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        assemblers = [ChunkAssembler(10_000, max_chunks=10_000, max_bytes=2**20) for _ in range(10)]
+        for assembler in assemblers:
+            assert assembler.feed(0, chunk_count=10_000, chunk_index=index) is None
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 10 * 1024, f"{held} bytes held for 10 one-part answers"
+    assert all(assembler.received == 1 for assembler in assemblers)

@@ -24,6 +24,9 @@ from hypothesis.stateful import (
 
 from dara_ws_core.config import ServerConfig
 from dara_ws_core.correlation import (
+    CHUNK_SHARES,
+    PART_BYTES,
+    PART_VALUES,
     PROCESS_CHUNKS,
     ChunkBudget,
     Completed,
@@ -39,12 +42,14 @@ from . import strategies as S
 
 MAX_PENDING = 4
 MAX_CHUNKS = 4
-MAX_BYTES = 24
-MAX_VALUES = 6
-#: What the other channels of the process hold, and the process's bounds: the room they leave
-#: (20 bytes, 5 values) is below one channel's own, so both bounds are reached.
-OTHER_BYTES, OTHER_VALUES = 20, 5
-TOTAL_BYTES, TOTAL_VALUES = 40, 10
+MAX_BYTES = 4 * PART_BYTES + 24
+MAX_VALUES = 12
+#: The process's bounds, of which the channel's are its fair share; and what the other channels
+#: of the process hold: the room they leave below the process's last share (kept for small
+#: answers, which no part of this channel is) is below the channel's own, so both are reached.
+TOTAL_BYTES, TOTAL_VALUES = CHUNK_SHARES * MAX_BYTES, CHUNK_SHARES * MAX_VALUES
+OTHER_BYTES = TOTAL_BYTES - MAX_BYTES - (MAX_BYTES - 40)
+OTHER_VALUES = TOTAL_VALUES - MAX_VALUES - 9
 
 #: Payloads only need to be told apart (their codec is tested in test_messages); strings of
 #: 1- to 4-byte characters check that parts are counted in UTF-8 bytes.
@@ -55,6 +60,11 @@ payloads = (st.none() | st.integers() | st.lists(st.integers(), max_size=2)
 def wire_size(payload: Any) -> int:
     """A part's size as the table must count it: compact JSON in UTF-8 bytes."""
     return len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def cost(payload: Any) -> tuple[int, int]:
+    """What the table must count for holding a part: its bytes and values, and a part's own."""
+    return wire_size(payload) + PART_BYTES, value_count(payload) + PART_VALUES
 
 
 def value_count(payload: Any) -> int:
@@ -130,12 +140,18 @@ def predict(entry: ModelEntry | None, payload: Any, count: int | None, index: in
         entry.indexed = indexed
     elif entry.indexed != indexed:
         return Expect("failed")
-    size, values = wire_size(payload), value_count(payload)
+    size, values = cost(payload)
     held_bytes, held_values = held[0] + size, held[1] + values
-    # The limits are per channel, over every pending answer, and per process.
+    # The limits are per channel, over every pending answer, and per process, whose last share
+    # only takes the parts of channels holding under a 64th of their own bounds.
     if held_bytes > MAX_BYTES or held_values > MAX_VALUES:
         return Expect("failed")
-    if OTHER_BYTES + held_bytes > TOTAL_BYTES or OTHER_VALUES + held_values > TOTAL_VALUES:
+    total_bytes, total_values = OTHER_BYTES + held_bytes, OTHER_VALUES + held_values
+    if total_bytes > TOTAL_BYTES or total_values > TOTAL_VALUES:
+        return Expect("failed")
+    if ((total_bytes > TOTAL_BYTES - TOTAL_BYTES // CHUNK_SHARES
+         or total_values > TOTAL_VALUES - TOTAL_VALUES // CHUNK_SHARES)
+            and (held_bytes > MAX_BYTES // 64 or held_values > MAX_VALUES // 64)):
         return Expect("failed")
     position = len(entry.parts) if index is None else index
     if not 0 <= position < entry.count or position in entry.parts:
@@ -200,7 +216,7 @@ class PendingRequestsMachine(RuleBasedStateMachine):
                 sum(e.values for e in self.pending.values()))
         expected = predict(entry, payload, count, index, held=held)
         outcome = self.table.receive(response(rchan, payload, count, index))
-        event(f"outcome: {expected.kind}")
+        event(f"outcome: {expected.kind}" + (f" of {entry.count} parts" if entry and entry.count else ""))
         if expected.kind == "ignored":
             assert outcome == Ignored(rchan)
             return
@@ -406,17 +422,18 @@ def test_an_invalid_chunk_sequence_fails_the_request(
 
 
 def test_chunked_bytes_above_the_limit_fail_the_request() -> None:
-    table: PendingRequests[str] = PendingRequests(max_chunked_bytes=100)
+    limit = 2 * PART_BYTES + 100
+    table: PendingRequests[str] = PendingRequests(max_chunked_bytes=limit)
     rchan = table.open("w")
     assert isinstance(table.receive(response(rchan, "a" * 58, 3)), Partial)  # 60 bytes
     outcome = table.receive(response(rchan, "b" * 39, 3))  # 41 more
     assert isinstance(outcome, Failed)
-    assert "100" in str(outcome.error)
+    assert str(limit) in str(outcome.error)
 
 
 def test_chunked_bytes_are_counted_in_utf8_not_in_characters() -> None:
     # 25 four-byte characters: 25 characters, 102 bytes with the quotes.
-    table: PendingRequests[str] = PendingRequests(max_chunked_bytes=100)
+    table: PendingRequests[str] = PendingRequests(max_chunked_bytes=PART_BYTES + 100)
     rchan = table.open("w")
     outcome = table.receive(response(rchan, "\U0001f600" * 25, 2))
     assert isinstance(outcome, Failed)
@@ -428,7 +445,7 @@ def test_chunked_values_above_the_limit_fail_the_request() -> None:
     table: PendingRequests[str] = PendingRequests(max_chunked_values=10)
     rchan = table.open("w")
     assert isinstance(table.receive(response(rchan, [1, 2, 3, 4], 5)), Partial)  # 5 values
-    assert table.held_values == 5
+    assert table.held_values == 5 + PART_VALUES
     outcome = table.receive(response(rchan, [[], [], [], [], []], 5))  # 6 more
     assert isinstance(outcome, Failed) and isinstance(outcome.error, ChunkError)
     assert "10 JSON values" in str(outcome.error)
@@ -459,8 +476,9 @@ def test_chunked_values_are_counted_as_in_a_frame() -> None:
     table: PendingRequests[str] = PendingRequests(max_chunked_values=10)
     rchan = table.open("w")
     assert isinstance(table.receive(response(rchan, {"a": [None, {}]}, 2)), Partial)
-    assert table.held_values == 5  # {"a":[null,{}]}: 3 brackets, 1 comma, and the first value
-    assert isinstance(table.receive(response(rchan, ",,,,,,", 2)), Failed)  # 7: 12 in all
+    # {"a":[null,{}]}: 3 brackets, 1 comma, and the first value (and the part's own)
+    assert table.held_values == 5 + PART_VALUES
+    assert isinstance(table.receive(response(rchan, ",,,,,,", 2)), Failed)  # 7 more
 
 
 def test_chunked_values_are_bounded_per_channel_not_only_per_answer() -> None:
@@ -469,33 +487,94 @@ def test_chunked_values_are_bounded_per_channel_not_only_per_answer() -> None:
     assert isinstance(table.receive(response(first, list(range(5)), 2)), Partial)  # 6 values
     outcome = table.receive(response(second, list(range(5)), 2))
     assert isinstance(outcome, Failed) and outcome.waiter == "b"
-    assert table.held_values == 6
+    assert table.held_values == 6 + PART_VALUES
     assert isinstance(table.receive(response(first, 1, 2)), Completed)
     assert table.held_values == 0
 
 
-def budget_config() -> ServerConfig:
-    return ServerConfig(max_chunked_total_bytes=100, max_chunked_total_values=10)
+#: A process whose holders may each hold 256 values: small answers (a 64th of it) hold 4, which
+#: is two parts of a word.
+SHARED = ServerConfig(max_chunked_values=10**6, max_chunked_total_values=CHUNK_SHARES * 256)
+
+
+def test_a_channel_takes_at_most_its_share_of_the_process_budget_whatever_its_own_bound() -> None:
+    table: PendingRequests[str] = PendingRequests(SHARED, budget=ChunkBudget())
+    assert table.max_chunked_values == 256
+    assert table.max_chunked_bytes == ServerConfig().max_chunked_total_bytes // CHUNK_SHARES
+    rchan = table.open("w")
+    assert isinstance(table.receive(response(rchan, list(range(253)), 2)), Partial)  # 255
+    refused = table.receive(response(rchan, 1, 2))
+    assert isinstance(refused, Failed) and "on this channel exceed 256 JSON values" in str(refused.error)
+
+
+def test_the_connections_of_one_user_share_one_share() -> None:
+    budget = ChunkBudget()
+    tabs = [PendingRequests[str](SHARED, budget=budget, user="alice") for _ in range(2)]
+    other: PendingRequests[str] = PendingRequests(SHARED, budget=budget, user="bob")
+    held = tabs[0].open("held")
+    assert isinstance(tabs[0].receive(response(held, list(range(98)), 2)), Partial)  # 100
+    refused = tabs[1].receive(response(tabs[1].open("second tab"), list(range(156)), 2))  # 158
+    assert isinstance(refused, Failed) and "for this user exceed 256 JSON values" in str(refused.error)
+    assert isinstance(other.receive(response(other.open("bob"), list(range(156)), 2)), Partial)
+    assert (budget.users["alice"].values, budget.users["bob"].values) == (100, 158)
+    tabs[0].discard(held)
+    assert list(budget.users) == ["bob"], "a user holding nothing is not listed"
+
+
+def test_a_dozen_holders_cannot_deny_small_answers_to_the_others() -> None:
+    # 15 clients hold their whole share: the process's last share stays for small answers,
+    # which a 16th client still gets; its big one, or a small one growing, is refused.
+    budget = ChunkBudget()
+    holders = [PendingRequests[str](SHARED, budget=budget, user=f"big{n}") for n in range(15)]
+    for table in holders:
+        assert isinstance(table.receive(response(table.open("w"), list(range(254)), 2)), Partial)
+    assert budget.values == 15 * 256
+    late: PendingRequests[str] = PendingRequests(SHARED, budget=budget, user="late")
+    big = late.receive(response(late.open("big"), [1, 2, 3, 4], 2))  # 6 values: no small answer
+    assert isinstance(big, Failed) and "only small ones are taken" in str(big.error)
+    small = late.open("small")
+    assert isinstance(late.receive(response(small, "a", 2)), Partial)  # 2 values
+    assert isinstance(late.receive(response(small, "b", 2)), Completed)  # 4: a small answer
+    growing = late.open("growing")
+    assert isinstance(late.receive(response(growing, "x", 3)), Partial)
+    assert isinstance(late.receive(response(growing, "y", 3)), Partial)
+    grown = late.receive(response(growing, "z", 3))
+    assert isinstance(grown, Failed), "past a 64th of its share, a holder is no small one"
+    # The last share fills up with small answers only, from 64 more clients; then none fits.
+    smalls = [PendingRequests[str](SHARED, budget=budget, user=f"small{n}") for n in range(64)]
+    for table in smalls:
+        rchan = table.open("w")
+        for part in "ab":
+            assert isinstance(table.receive(response(rchan, part, 3)), Partial)
+    assert budget.values == CHUNK_SHARES * 256
+    full = late.receive(response(late.open("full"), 0, 2))
+    assert isinstance(full, Failed) and "in this process exceed 4096 JSON values" in str(full.error)
+    for table in holders + smalls:
+        table.close()
+    assert (budget.bytes, budget.values, budget.users) == (0, 0, {})
 
 
 def test_the_process_budget_fails_new_and_growing_answers_on_every_channel() -> None:
-    # Each channel is well within its own bounds; together they are not.
+    # Each channel is within its own bounds (400 bytes, its share); together they are not.
+    config = ServerConfig(max_chunked_total_bytes=CHUNK_SHARES * 400)
     budget = ChunkBudget()
-    one: PendingRequests[str] = PendingRequests(budget_config(), budget=budget)
-    two: PendingRequests[str] = PendingRequests(budget_config(), budget=budget)
-    growing, new, later = one.open("growing"), two.open("new"), two.open("later")
-    assert isinstance(one.receive(response(growing, "x" * 58, 3)), Partial)  # 60 bytes
-    assert (budget.bytes, budget.values) == (60, 1)
-    refused = two.receive(response(new, "y" * 48, 2))  # 50 more: over 100 bytes in all
-    assert isinstance(refused, Failed) and refused.waiter == "new"
-    assert "in this process exceed 100 bytes" in str(refused.error)
-    assert isinstance(two.receive(response(later, [1, 2, 3, 4], 2)), Partial)  # 5 values
-    grown = one.receive(response(growing, [1, 2, 3, 4, 5], 3))  # 6 more: over 10 values
+    tables = [PendingRequests[str](config, budget=budget) for _ in range(CHUNK_SHARES)]
+    growing = tables[0].open("growing")
+    assert isinstance(tables[0].receive(response(growing, "x", 3)), Partial)  # 3 + 128 bytes
+    for table in tables[1:15]:
+        assert isinstance(table.receive(response(table.open("w"), "x" * (398 - PART_BYTES), 2)), Partial)
+    assert budget.bytes == 131 + 14 * 400
+    last = tables[15]
+    new = last.receive(response(last.open("new"), "x" * (398 - PART_BYTES), 2))
+    assert isinstance(new, Failed) and "only small ones are taken" in str(new.error)
+    assert isinstance(last.receive(response(last.open("fits"), "x" * (267 - PART_BYTES), 2)), Partial)
+    assert budget.bytes == CHUNK_SHARES * 400 - 400, "up to the last share"
+    grown = tables[0].receive(response(growing, "x", 3))
     assert isinstance(grown, Failed) and grown.waiter == "growing"
-    assert "in this process exceed 10 JSON values" in str(grown.error)
-    assert (budget.bytes, budget.values) == (two.held_bytes, two.held_values) == (9, 5)
-    assert isinstance(two.receive(response(later, "z" * 48, 2)), Completed), "room again"
-    assert (budget.bytes, budget.values) == (0, 0)
+    assert budget.bytes == CHUNK_SHARES * 400 - 400 - 131
+    for table in tables:
+        table.close()
+    assert budget.bytes == budget.values == 0
 
 
 def test_every_end_of_a_chunked_answer_gives_its_share_back_to_the_process() -> None:
@@ -511,7 +590,7 @@ def test_every_end_of_a_chunked_answer_gives_its_share_back_to_the_process() -> 
     for how, end in ends.items():
         rchan = table.open(how)
         assert isinstance(table.receive(response(rchan, [1, 2], 2)), Partial)
-        assert (budget.bytes, budget.values) == (5, 3), how
+        assert (budget.bytes, budget.values) == cost([1, 2]), how
         end(rchan)
         assert (budget.bytes, budget.values) == (0, 0), how
 
@@ -520,11 +599,12 @@ def test_a_table_dropped_while_holding_parts_gives_its_share_back() -> None:
     # Never closed (a user's own table, a test's): without this, the process would go on
     # refusing chunked answers for parts that nobody holds.
     budget = ChunkBudget()
-    table: PendingRequests[str] = PendingRequests(budget=budget)
+    table: PendingRequests[str] = PendingRequests(budget=budget, user="alice")
     table.receive(response(table.open("w"), [1, 2], 2))
-    assert (budget.bytes, budget.values) == (5, 3)
+    assert (budget.bytes, budget.values) == cost([1, 2])
+    assert (budget.users["alice"].bytes, budget.users["alice"].values) == cost([1, 2])
     del table
-    assert (budget.bytes, budget.values) == (0, 0)
+    assert (budget.bytes, budget.values, budget.users) == (0, 0, {})
 
 
 def test_tables_share_the_process_budget_by_default() -> None:
@@ -533,7 +613,9 @@ def test_tables_share_the_process_budget_by_default() -> None:
     before = (PROCESS_CHUNKS.bytes, PROCESS_CHUNKS.values)
     for table in (first, second):
         table.receive(response(table.open("w"), [1, 2], 2))
-    assert (PROCESS_CHUNKS.bytes, PROCESS_CHUNKS.values) == (before[0] + 10, before[1] + 6)
+    part_bytes, part_values = cost([1, 2])
+    assert (PROCESS_CHUNKS.bytes, PROCESS_CHUNKS.values) == (before[0] + 2 * part_bytes,
+                                                             before[1] + 2 * part_values)
     first.close()
     second.close()
     assert (PROCESS_CHUNKS.bytes, PROCESS_CHUNKS.values) == before
@@ -601,13 +683,13 @@ def test_a_request_opens_under_a_given_rchan_and_a_duplicate_is_refused() -> Non
 
 def test_chunked_bytes_are_bounded_per_channel_not_only_per_answer() -> None:
     # Two answers of 60 bytes each are each under the limit; together they are not.
-    table: PendingRequests[str] = PendingRequests(max_chunked_bytes=100)
+    table: PendingRequests[str] = PendingRequests(max_chunked_bytes=300)
     first, second = table.open("a"), table.open("b")
     assert isinstance(table.receive(response(first, "a" * 58, 2)), Partial)
-    assert table.held_bytes == 60
+    assert table.held_bytes == 60 + PART_BYTES
     outcome = table.receive(response(second, "b" * 58, 2))
     assert isinstance(outcome, Failed) and outcome.waiter == "b"
-    assert table.held_bytes == 60  # the failed answer holds nothing
+    assert table.held_bytes == 60 + PART_BYTES  # the failed answer holds nothing
     table.discard(first)
     assert table.held_bytes == 0
 

@@ -24,8 +24,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     # The connection's events are read through their module, like h11's events.
     "connection": frozenset({"AnswerIgnored", "CloseConnection", "CustomReceived", "Event",
                              "FrameDropped", "RequestCompleted", "RequestFailed", "SendFrame"}),
-    "correlation": frozenset({"PROCESS_CHUNKS", "ChunkBudget", "Completed", "Failed", "Ignored", "Outcome",
-                              "Partial", "new_rchan"}),
+    "correlation": frozenset({"CHUNK_SHARES", "PART_BYTES", "PART_VALUES", "PROCESS_CHUNKS", "ChunkBudget",
+                              "Completed", "Failed", "Ignored", "Outcome", "Partial", "new_rchan"}),
     "custom": frozenset({"CustomHandler", "DispatchHost", "HandlerSpec"}),
     "driver": frozenset({"ConnectionDriver", "close_quietly"}),
     "handler": frozenset({"Sink"}),

@@ -36,7 +36,7 @@ from dara_ws_core import (
     WebsocketManager,
 )
 from dara_ws_core.codec import MAX_NUMBER_DIGITS
-from dara_ws_core.correlation import PROCESS_CHUNKS
+from dara_ws_core.correlation import CHUNK_SHARES, PART_BYTES, PROCESS_CHUNKS
 
 from .helpers import eventually
 from .stacks import HandshakeRejected, Stack
@@ -194,45 +194,95 @@ async def test_chunk_caps_fail_only_that_answer(make_stack: MakeStack) -> None:
         assert stack.manager.handlers[channel].pending_count == 0
 
 
-async def test_chunked_answers_are_bounded_in_values_on_a_channel_and_in_the_process(
+async def ask(stack: Stack, channel: str, client: Transport) -> tuple[asyncio.Future[Any], str]:
+    """A server request to a raw client, and the ``__rchan`` the client reads."""
+    asking = asyncio.ensure_future(stack.manager.send_and_wait(channel, {}, timeout=60 * TIMEOUT))
+    return asking, (await receive_json(client))["message"]["__rchan"]
+
+
+async def cancel(tasks: list[asyncio.Future[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_dozen_clients_holding_their_share_of_chunked_answers_deny_no_one_a_small_one(
     make_stack: MakeStack,
 ) -> None:
-    # Each part is a small frame; what the parts add up to is bounded: per channel, and for
-    # every connection of the process together (a client holding an unfinished answer takes
-    # its share until its request ends). Beyond, the request fails; the connection stays.
+    # Each user holds at most a 16th of the process's chunk budget, and its last 16th is for
+    # small answers: 15 clients holding all they may, unfinished, leave the others their small
+    # answers. Over its share a client's own answers fail (ChunkError); its connection stays.
     gc.collect()
     assert (PROCESS_CHUNKS.bytes, PROCESS_CHUNKS.values) == (0, 0), "parts outlived their request"
-    config = ServerConfig(max_chunked_values=100, max_chunked_total_values=150)
+    share = 256  # values, and a small answer's: under 4 (two parts of a word)
+    config = ServerConfig(max_chunked_values=10**6, max_chunked_total_values=CHUNK_SHARES * share)
     async with make_stack(config=config) as stack:
         alice = await stack.client("alice:s1")
-        answers: list[Any] = [Chunked([list(range(30))] * 4),  # 4 parts of 31 values: 124
-                              Chunked([list(range(20))] * 4),  # 84: fits the channel's 100
-                              Chunked([list(range(20))] * 4)]
+        answers: list[Any] = [Chunked(["a", "b"]), Chunked([[1, 2]] * 2), Chunked(["c", "d"])]
         alice.on_request(lambda request: answers.pop(0))
-        with pytest.raises(ChunkError, match="on this channel exceed 100 JSON values"):
-            await stack.manager.send_and_wait(alice.channel or "", {}, timeout=TIMEOUT)
+        asking: list[asyncio.Future[Any]] = []
+        attackers: list[tuple[Transport, str]] = []
+        try:
+            for n in range(CHUNK_SHARES - 1):  # all they may hold: 2 parts of 3, 127 + 1 values each
+                mallory = await stack.connect(f"mallory{n}:m")
+                channel = (await receive_json(mallory))["message"]["channel"]
+                attackers.append((mallory, channel))
+                pending, rchan = await ask(stack, channel, mallory)
+                asking.append(pending)
+                for index in range(2):
+                    await send_json(mallory, {"type": "message", "channel": rchan, "chunk_count": 3,
+                                              "chunk_index": index, "message": list(range(126))})
+            await eventually(lambda: PROCESS_CHUNKS.values == (CHUNK_SHARES - 1) * share,
+                             "every attacker's parts held")
 
+            assert await stack.manager.send_and_wait(alice.channel or "", {}, timeout=TIMEOUT) == ["a", "b"]
+            with pytest.raises(ChunkError, match="only small ones are taken"):
+                await stack.manager.send_and_wait(alice.channel or "", {}, timeout=TIMEOUT)
+
+            # Over its share, from its connection or from another of the same user: refused.
+            mallory, channel = attackers[0]
+            tab = await stack.connect("mallory0:second-tab")
+            tab_channel = (await receive_json(tab))["message"]["channel"]
+            for client, on in ((mallory, channel), (tab, tab_channel)):
+                pending, rchan = await ask(stack, on, client)
+                await send_json(client, {"type": "message", "channel": rchan, "chunk_count": 2,
+                                         "message": "x"})
+                with pytest.raises(ChunkError, match=f"for this user exceed {share} JSON values"):
+                    await pending
+                await send_json(client, {"type": "ping", "message": None})
+                assert (await receive_json(client))["type"] == "pong", "the connection stays"
+            assert not any(pending.done() for pending in asking), "what they hold is not refused"
+            assert PROCESS_CHUNKS.values == (CHUNK_SHARES - 1) * share
+        finally:
+            await cancel(asking)
+        assert (PROCESS_CHUNKS.bytes, PROCESS_CHUNKS.values, PROCESS_CHUNKS.users) == (0, 0, {})
+        assert await stack.manager.send_and_wait(alice.channel or "", {}, timeout=TIMEOUT) == ["c", "d"]
+
+
+async def test_tiny_parts_announcing_many_count_what_holding_them_costs(make_stack: MakeStack) -> None:
+    # One byte per part, each announcing the most parts an answer may have: the answers hold
+    # one part each (no slot per announced part), each counted as what holding it costs, so
+    # the channel's bound refuses the answers past it though their bytes on the wire are few.
+    config = ServerConfig(max_chunked_bytes=8 * (PART_BYTES + 1), max_pending_requests=16)
+    async with make_stack(config=config) as stack:
         mallory = await stack.connect("mallory:m1")
-        mallory_channel = (await receive_json(mallory))["message"]["channel"]
-        asking = asyncio.ensure_future(
-            stack.manager.send_and_wait(mallory_channel, {}, timeout=60 * TIMEOUT))
-        rchan = (await receive_json(mallory))["message"]["__rchan"]
-        for index in range(2):  # 2 parts of 3, 82 values, and the last one never comes
-            await send_json(mallory, {"type": "message", "channel": rchan, "chunk_count": 3,
-                                      "chunk_index": index, "message": list(range(40))})
-        await eventually(lambda: PROCESS_CHUNKS.values == 82, "mallory's parts held")
-        with pytest.raises(ChunkError, match="in this process exceed 150 JSON values"):
-            await stack.manager.send_and_wait(alice.channel or "", {}, timeout=TIMEOUT)
-        assert not asking.done(), "the answer already held is not the one refused"
-        asking.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asking
+        channel = (await receive_json(mallory))["message"]["channel"]
+        asking: list[asyncio.Future[Any]] = []
+        try:
+            for _ in range(9):
+                pending, rchan = await ask(stack, channel, mallory)
+                asking.append(pending)
+                await send_json(mallory, {"type": "message", "channel": rchan, "chunk_index": 0,
+                                          "chunk_count": config.max_chunks, "message": 0})
+            with pytest.raises(ChunkError, match=f"exceed {8 * (PART_BYTES + 1)} bytes"):
+                await asking[8]
+            assert not any(pending.done() for pending in asking[:8])
+            assert stack.manager.handlers[channel].connection.pending.held_bytes == 8 * (PART_BYTES + 1)
+            await send_json(mallory, {"type": "ping", "message": None})
+            assert (await receive_json(mallory))["type"] == "pong"
+        finally:
+            await cancel(asking)
         assert (PROCESS_CHUNKS.bytes, PROCESS_CHUNKS.values) == (0, 0)
-        assert await stack.manager.send_and_wait(alice.channel or "", {}, timeout=TIMEOUT) == [
-            list(range(20))] * 4
-        assert stack.manager.handlers[alice.channel or ""].counters.requests_chunk_error == 2
-        await send_json(mallory, {"type": "ping", "message": None})
-        assert (await receive_json(mallory))["type"] == "pong"
 
 
 async def test_chunk_fields_that_are_not_integers_are_dropped(make_stack: MakeStack) -> None:

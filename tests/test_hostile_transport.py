@@ -13,6 +13,7 @@ import json
 import logging
 import socket
 import struct
+import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -31,7 +32,9 @@ from dara_ws_core.transport import MAX_COOKIES, HandshakeRequest, parse_cookies
 from .helpers import eventually
 from .hostile import (
     CLOSE,
+    CONTINUATION,
     PING,
+    PONG,
     TEXT,
     HostileClient,
     close_payload,
@@ -302,6 +305,42 @@ async def test_a_frame_of_exactly_max_message_size_is_accepted(socket_stack: Any
         client.send_text(frame)
         reply = await client.read_frame()
         assert reply.opcode == TEXT and json.loads(reply.text)["type"] == "pong"
+        client.abort()
+
+
+@pytest.mark.parametrize("fragment", [b"", b"  "], ids=["empty", "two-bytes"])
+async def test_a_message_in_many_tiny_fragments_holds_no_more_than_its_bytes(
+    socket_stack: Any, fragment: bytes
+) -> None:
+    # Fragments are gathered in one buffer: an object kept per fragment (~40 bytes, however
+    # small) would let a peer make the server hold many times max_message_size, and empty
+    # ones, which max_message_size never counts, without any bound. websockets refuses a
+    # message of over 4096 fragments instead (1009), which bounds them too.
+    # close_timeout: websockets' server waits that long at shutdown for the socket it refused.
+    async with socket_stack(config=ServerConfig(ping_interval=None, close_timeout=1)) as stack:
+        fragments = 5_000 if stack.transport == "websockets" else 60_000
+        client, _ = await open_channel(stack)
+        client.write(encode_frame(TEXT, '{"type":"ping",', fin=False))
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            await client.flood(encode_frame(CONTINUATION, fragment, fin=False), count=fragments)
+            client.write(encode_frame(PING, b"read-up-to-here"))  # allowed between fragments
+            reply = await client.read_frame(timeout=30)
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        if stack.transport == "websockets":
+            code = reply.close_code if reply.opcode == CLOSE else await client.read_close()
+            assert code == CloseCode.MESSAGE_TOO_BIG
+            client.abort()
+            return
+        assert reply.opcode == PONG, "every fragment before the ping was read"
+        # The message's bytes so far (in a buffer that may grow by half again), and change.
+        assert held < 2 * len(fragment) * fragments + 256 * 1024, f"{held} bytes held"
+        client.write(encode_frame(CONTINUATION, '"message":null}'))
+        reply = await client.read_frame()
+        assert reply.opcode == TEXT and json.loads(reply.text)["type"] == "pong", "reassembled"
         client.abort()
 
 

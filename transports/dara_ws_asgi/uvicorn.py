@@ -181,6 +181,19 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
                 self.read_paused = False
                 self.transport.resume_reading()
 
+        def handle_cont(self, event: Any) -> None:
+            # A fragmented message's fragments go into one buffer: uvicorn keeps an object per
+            # fragment (~40 bytes however small, an empty one too), so a peer sending tiny ones
+            # would make the server hold many times max_size.
+            frames: list[Any] = self.frames
+            if len(frames) != 1 or type(frames[0]) is not bytearray:
+                frames[:] = [bytearray(b"".join(frames))]
+            frames[0] += event.data
+            if event.fin:
+                if self.curr_msg_data_type != "text":
+                    frames[0] = bytes(frames[0])
+                self.send_receive_event_to_app()
+
         def send_receive_event_to_app(self) -> None:
             if self.curr_msg_data_type != "text" or self.close_sent:
                 super().send_receive_event_to_app()

@@ -66,7 +66,9 @@ class PicowsTransport(WSListener):
         self._pusher: Callable[[str | bytes], bool] | None = None
         self._push_left = 0
         self._drained: asyncio.Future[None] | None = None
-        self._parts: list[bytes] | None = None  # a fragmented message being reassembled
+        # A fragmented message being reassembled, in one buffer: an object per fragment would
+        # let a peer make the server hold ~40 bytes per (empty or tiny) fragment, past max_size.
+        self._parts: bytearray | None = None
         self._parts_text = False
         self._parts_size = 0
         self._paused = False  # reading, for a full inbox
@@ -119,7 +121,7 @@ class PicowsTransport(WSListener):
             if frame.payload_size > self._max_size:
                 raise WSProtocolError(WSCloseCode.MESSAGE_TOO_BIG, "message too big")
             if not frame.fin:
-                self._parts, self._parts_text = [frame.get_payload_as_bytes()], kind is _TEXT
+                self._parts, self._parts_text = bytearray(frame.get_payload_as_memoryview()), kind is _TEXT
                 self._parts_size = frame.payload_size
                 return
             if kind is _TEXT:
@@ -137,10 +139,10 @@ class PicowsTransport(WSListener):
             self._parts_size += frame.payload_size
             if self._parts_size > self._max_size:
                 raise WSProtocolError(WSCloseCode.MESSAGE_TOO_BIG, "message too big")
-            parts.append(frame.get_payload_as_bytes())
+            parts += frame.get_payload_as_memoryview()
             if frame.fin:
-                data, self._parts = b"".join(parts), None
-                self._push(_utf8(data) if self._parts_text else data, len(data))
+                self._parts = None
+                self._push(_utf8(parts) if self._parts_text else bytes(parts), len(parts))
         elif kind is _PING:
             if self._corked is not None:
                 self.flush()  # the pong must not overtake corked frames
@@ -376,7 +378,7 @@ def _closing() -> bool:
     return True
 
 
-def _utf8(data: bytes) -> str:
+def _utf8(data: bytes | bytearray) -> str:
     try:
         return data.decode()
     except UnicodeDecodeError:
