@@ -47,7 +47,7 @@ __all__ = ["ClosedWrites", "DeliveryCursors", "OutboxLimits", "QueuedMarks", "St
 
 import bisect
 import itertools
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -64,14 +64,19 @@ class OutboxLimits:
     #: Seconds a message is kept.
     max_age: float = 300.0
     #: Most users with a history, and most bytes of all of them, in one process's outbox
-    #: (beyond, histories all written are dropped, least recently sent to first; when only
+    #: (beyond, histories all written are dropped, the one written longest ago first; when only
     #: histories with entries still waiting are left, the new message is refused).
     max_users: int = 100_000
     max_total_bytes: int = 256 * 1024 * 1024
+    #: Most messages charged to one sender (the connection, or its user, whose frame was being
+    #: handled when the message was sent) waiting in the outbox at once; beyond, that sender's
+    #: messages are refused, and other senders' still kept. A message leaves its sender's
+    #: count once written to its user, dropped by a bound, or expired.
+    max_per_sender: int = 1000
 
     def __post_init__(self) -> None:
         if (self.max_messages < 1 or self.max_bytes < 1 or self.max_age <= 0
-                or self.max_users < 1 or self.max_total_bytes < 1):
+                or self.max_users < 1 or self.max_total_bytes < 1 or self.max_per_sender < 1):
             raise ValueError("outbox limits must be positive")
 
 
@@ -89,13 +94,19 @@ class Stamped(NamedTuple):
     frame: bytes
 
 
-class _History:
-    """One user's entries kept (``(id, n, when, frame)``, oldest first) and marks."""
+#: One entry of a history: id, sequence number, when kept, the frame, its sender (``None``: not
+#: charged to anyone).
+_Entry = tuple[int, int, float, bytes, str | None]
 
-    __slots__ = ("entries", "lease", "leased", "seq", "size", "written")
+
+class _History:
+    """One user's entries kept (``(id, n, when, frame, sender)``, oldest first) and marks."""
+
+    __slots__ = ("charged", "entries", "lease", "leased", "seq", "size", "written")
 
     def __init__(self) -> None:
-        self.entries: deque[tuple[int, int, float, bytes]] = deque()
+        self.entries: deque[_Entry] = deque()
+        self.charged = 0  # entries with a sender not written yet (0: nothing to release)
         self.size = 0  # bytes of the frames kept
         self.seq = 0  # the last sequence number given
         self.written = 0  # the written mark (an id; 0: none)
@@ -104,10 +115,6 @@ class _History:
         # (the holder may not have written the entries between: only it can say).
         self.lease: Hashable | None = None
         self.leased = 0
-
-
-#: Histories :meth:`UserOutbox._make_room` looks at for one message, at most.
-_ROOM_SCAN = 64
 
 
 class UserOutbox:
@@ -122,17 +129,27 @@ class UserOutbox:
         # back, as Redis's clock-based ids never do).
         self._ids = ids if ids is not None else itertools.count(1)
         # Ordered by the last append (moved to the end on each): the first user is the one sent
-        # to least recently, whose newest entry is the oldest (expiry, the global bounds).
+        # to least recently, whose newest entry is the oldest (expiry).
         self._users: dict[str, _History] = {}
+        # The histories whose every entry was written (nothing of theirs is waiting), in the
+        # order they became so: what the global bounds may drop, the first first, without
+        # looking at any history still waiting (an OrderedDict: popping its first is O(1)).
+        self._written: OrderedDict[str, _History] = OrderedDict()
+        self._written_bytes = 0  # bytes of the histories in _written
+        # Sender -> its messages kept and not written yet (max_per_sender).
+        self._senders: dict[str, int] = {}
         self._total = 0  # bytes of every user's frames kept
         self._expires = 0.0  # no user's newest entry expires before (a cutoff): none to forget
         #: Frames kept, and frames dropped by a bound; users dropped by ``max_users`` or
         #: ``max_total_bytes`` (their entries, all written, counted in ``evicted``); frames not
-        #: kept because only entries still waiting for their user could have made room.
+        #: kept because only entries still waiting for their user could have made room, or
+        #: because their sender had ``max_per_sender`` waiting (``refused`` counts both, and
+        #: ``refused_sender`` the second).
         self.kept = 0
         self.evicted = 0
         self.users_evicted = 0
         self.refused = 0
+        self.refused_sender = 0
 
     def __len__(self) -> int:
         """Users with entries not written to any of their connections yet."""
@@ -156,25 +173,40 @@ class UserOutbox:
         mark = history.written
         return sum(1 for kid, *_ in history.entries if kid > mark)
 
-    def add(self, user_id: str, frame: bytes, now: float) -> int:
-        """Append ``frame`` to the user's history; its id, or 0 if it is not kept: larger than
-        ``max_bytes``, or no room under the process's bounds (``max_users``,
-        ``max_total_bytes``) without dropping entries kept for another user that none of their
-        connections wrote yet (counted in ``refused``). Drops expired entries, and the user's own
-        oldest beyond the user's bounds."""
+    def charged(self, sender: str) -> int:
+        """How many messages of ``sender`` are kept and not written yet."""
+        return self._senders.get(sender, 0)
+
+    def add(self, user_id: str, frame: bytes, now: float, sender: str | None = None) -> int:
+        """Append ``frame`` to the user's history, charged to ``sender`` (``None``: to nobody,
+        as a send from server code); its id, or 0 if it is not kept: larger than ``max_bytes``,
+        ``sender`` has ``max_per_sender`` messages waiting, or no room under the process's
+        bounds (``max_users``, ``max_total_bytes``) without dropping entries kept for another
+        user that none of their connections wrote yet (the last two counted in ``refused``).
+        Drops expired entries, and the user's own oldest beyond the user's bounds."""
         limits = self.limits
         users = self._users
         size = len(frame)
         if size > limits.max_bytes:
             self.evicted += 1
             return 0
+        if sender is not None and self._senders.get(sender, 0) >= limits.max_per_sender:
+            self.refused += 1
+            self.refused_sender += 1
+            return 0
         cutoff = now - limits.max_age
         if cutoff >= self._expires:
             self._forget_expired(user_id, cutoff)
         history = users.get(user_id)
         new = history is None
+        written = self._written
+        if not new and written and user_id in written:  # it is being sent to: not droppable
+            del written[user_id]
+            self._written_bytes -= history.size  # type: ignore[union-attr]
         if (self._total + size > limits.max_total_bytes or (new and len(users) >= limits.max_users)) and (
-                not self._make_room(user_id, size, new)):
+                not self._make_room(size, new)):
+            if history is not None:
+                self._check_written(user_id, history)
             self.refused += 1
             return 0
         if history is None:
@@ -186,20 +218,78 @@ class UserOutbox:
         kid = next(self._ids)
         n = history.seq = history.seq + 1
         entries = history.entries
-        entries.append((kid, n, now, frame))
+        entries.append((kid, n, now, frame, sender))
+        if sender is not None:
+            self._senders[sender] = self._senders.get(sender, 0) + 1
+            history.charged += 1
         size += history.size
         if len(entries) > limits.max_messages:  # a user at the count bound: the oldest goes
-            size -= len(entries.popleft()[3])
-            self.evicted += 1
+            size -= self._drop_oldest(history)
         if size > limits.max_bytes or len(entries) > limits.max_messages or entries[0][2] <= cutoff:
             while entries and (entries[0][2] <= cutoff or len(entries) > limits.max_messages
                                or size > limits.max_bytes):
-                size -= len(entries.popleft()[3])
-                self.evicted += 1
+                size -= self._drop_oldest(history)
         history.size = size
         self._total += size - before
         self.kept += 1
         return kid
+
+    def _drop_oldest(self, history: _History) -> int:
+        """Drop the history's oldest entry (a bound): its size. Releases its sender's charge
+        if it was still waiting."""
+        kid, _, _, frame, sender = history.entries.popleft()
+        self.evicted += 1
+        if sender is not None and kid > history.written:
+            self._release(sender)
+            history.charged -= 1
+        return len(frame)
+
+    def _release(self, sender: str) -> None:
+        senders = self._senders
+        count = senders[sender] - 1
+        if count:
+            senders[sender] = count
+        else:
+            del senders[sender]
+
+    def _release_all(self, history: _History) -> None:
+        """A history is forgotten: release the charges of its entries still waiting."""
+        if history.charged:
+            mark = history.written
+            for kid, _, _, _, sender in history.entries:
+                if sender is not None and kid > mark:
+                    self._release(sender)
+            history.charged = 0
+
+    def _mark(self, user_id: str, history: _History, kid: int) -> None:
+        """Move the user's written mark forward to ``kid``: the entries it passes leave their
+        senders' counts, and a history with nothing waiting becomes droppable."""
+        before = history.written
+        if kid > before:
+            history.written = kid
+            if history.charged:
+                for entry in reversed(history.entries):
+                    if entry[0] <= before:
+                        break
+                    if entry[4] is not None and entry[0] <= kid:
+                        self._release(entry[4])
+                        history.charged -= 1
+        self._check_written(user_id, history)
+
+    def _check_written(self, user_id: str, history: _History) -> None:
+        """Put the history among the droppable ones if nothing of it is waiting."""
+        entries = history.entries
+        if history.lease is None and (not entries or entries[-1][0] <= history.written) and (
+                user_id not in self._written):
+            self._written[user_id] = history
+            self._written_bytes += history.size
+
+    def _forget(self, user_id: str, history: _History) -> None:
+        """Forget a user's history (every entry expired)."""
+        self._total -= history.size
+        if self._written.pop(user_id, None) is not None:
+            self._written_bytes -= history.size
+        self._release_all(history)
 
     def _forget_expired(self, user_id: str, cutoff: float) -> None:
         """Forget the users sent to least recently while their newest entry expired (never
@@ -213,40 +303,35 @@ class UserOutbox:
                 self._expires = history.entries[-1][2]
                 return
             del users[first]
-            self._total -= history.size
+            self._forget(first, history)
         self._expires = 0.0
 
-    def _make_room(self, user_id: str, size: int, new: bool) -> bool:
+    def _make_room(self, size: int, new: bool) -> bool:
         """Make room under the process's bounds for ``size`` more bytes, and one more user if
         ``new``, by forgetting histories whose every entry a connection of their user wrote
-        (nothing of theirs is waiting: only their past goes), sent to least recently first.
+        (nothing of theirs is waiting: only their past goes), the one written longest ago
+        first (the caller took the history being sent to out of them).
 
         A history with an entry not written yet is never dropped for another user's message:
         one client sending to many made-up users would otherwise wipe what is kept for everyone
-        else. The new message is refused instead (the caller still delivers it live). At most
-        ``_ROOM_SCAN`` histories are looked at, so a refusal costs constant work. Whether there
-        is room."""
+        else. The new message is refused instead (the caller still delivers it live). Written
+        histories are kept apart, with their bytes summed, so whether there is room is known at
+        once, and each one dropped costs O(1): no history still waiting is ever looked at.
+        Whether there is room."""
         limits = self.limits
+        written = self._written
+        extra_bytes = self._total + size - limits.max_total_bytes
+        extra_users = len(self._users) + new - limits.max_users
+        if extra_bytes > self._written_bytes or extra_users > len(written):
+            return False
         users = self._users
-        victims: list[str] = []
-        total, count = self._total + size, len(users) + new
-        for looked, (uid, history) in enumerate(users.items()):
-            if total <= limits.max_total_bytes and count <= limits.max_users:
-                break
-            if looked >= _ROOM_SCAN:
-                return False
-            if uid == user_id or history.lease is not None or (
-                    history.entries and history.entries[-1][0] > history.written):
-                continue
-            victims.append(uid)
-            total -= history.size
-            count -= 1
-        else:
-            if total > limits.max_total_bytes or count > limits.max_users:
-                return False
-        for uid in victims:
-            history = users.pop(uid)
+        while extra_bytes > 0 or extra_users > 0:
+            uid, history = written.popitem(last=False)
+            del users[uid]
+            self._written_bytes -= history.size
             self._total -= history.size
+            extra_bytes -= history.size
+            extra_users -= 1
             self.evicted += len(history.entries)
             self.users_evicted += 1
         return True
@@ -272,7 +357,7 @@ class UserOutbox:
 
     def _after(self, history: _History, mark: int, now: float) -> list[Stamped]:
         cutoff = now - self.limits.max_age
-        return [Stamped(str(kid), n, frame) for kid, n, when, frame in history.entries
+        return [Stamped(str(kid), n, frame) for kid, n, when, frame, _ in history.entries
                 if kid > mark and when > cutoff]
 
     def written(self, user_id: str) -> str | None:
@@ -285,7 +370,7 @@ class UserOutbox:
         history = self._users.get(user_id)
         if history is None or not history.entries:
             return None
-        kid, n, _, _ = history.entries[-1]
+        kid, n, *_ = history.entries[-1]
         return Stamped(str(kid), n, b"")
 
     def lease(self, user_id: str, holder: Hashable, now: float,
@@ -317,11 +402,11 @@ class UserOutbox:
                 self.ack(user_id, upto)
             return False
         kid = 0 if upto is None else id_key(upto)[0]
-        history.written = max(history.written, kid)
-        if history.written >= history.leased:
+        if max(history.written, kid) >= history.leased:
             history.lease, history.leased = None, 0
         else:
             history.lease = _VOID
+        self._mark(user_id, history, kid)
         return True
 
     def ack(self, user_id: str, upto: str | int) -> None:
@@ -335,7 +420,7 @@ class UserOutbox:
         kid = upto if isinstance(upto, int) else id_key(upto)[0]
         if history.lease is not None and kid > history.leased:
             return
-        history.written = max(history.written, kid)
+        self._mark(user_id, history, kid)
 
     def take(self, user_id: str, now: float) -> list[bytes]:
         """Every entry not written yet, oldest first, acknowledged at once (read and
@@ -355,7 +440,7 @@ class UserOutbox:
             if history.entries and history.entries[-1][2] > cutoff:
                 return
             del users[first]
-            self._total -= history.size
+            self._forget(first, history)
 
 
 _TAKER = object()
