@@ -32,7 +32,7 @@ from dara_ws_core.exceptions import (
 from dara_ws_core.outbox import Stamped, id_key
 
 from .contract import Attachment, BackplaneHost, Gap, error_of, failure_of
-from .node import BusNode, BusOptions, Entry, Publication, cancel_task, wait_event
+from .node import BusNode, BusOptions, Entry, Publication, Routed, cancel_task, wait_event
 from .wire import (
     BroadcastDelivery,
     BusMessage,
@@ -265,14 +265,20 @@ class BrokerBackplane(BusNode):
 
     async def send_to_user(self, user_id: str, frame: bytes, ignore_channel: str | None,
                            keep: OutboxLimits | None = None,
-                           stamped: Callable[[Stamped], None] | None = None) -> None:
+                           stamped: Callable[[Stamped], None] | None = None, *,
+                           sender: str | None = None) -> bool:
         data = encode_bus_message(UserDelivery(user_id, ignore_channel, frame, sent=_wall_ms()))
-        if not await self._post(Publication(data, user_id=user_id, keep=keep,
-                                            stamped=None if keep is None else stamped),
-                                "message to a user") and keep is not None:
+        if keep is None:
+            await self._post(Publication(data, user_id=user_id), "message to a user")
+            return True
+        done: asyncio.Future[Routed] = asyncio.get_running_loop().create_future()
+        if not await self._post(Publication(data, user_id=user_id, keep=keep, stamped=stamped,
+                                            sender=sender), "message to a user", done):
             # Not queued (the bus is unreachable): neither published nor kept, say so.
             raise BackplaneError("the backplane is disconnected: the message to the user was "
                                  "not kept")
+        owner, _ = await done  # kept: "<id> <n>"; refused by a bound: None
+        return owner is not None
 
     def ack(self, user_id: str, upto: str) -> None:
         if not self._connected.is_set():

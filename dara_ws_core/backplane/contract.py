@@ -114,13 +114,16 @@ class Backplane(Protocol):
 
     async def send_to_user(self, user_id: str, frame: bytes, ignore_channel: str | None,
                            keep: OutboxLimits | None = None,
-                           stamped: Callable[[Stamped], None] | None = None) -> None:
+                           stamped: Callable[[Stamped], None] | None = None, *,
+                           sender: str | None = None) -> bool:
         """Deliver a frame to the user's channels on every *other* process. With ``keep`` it is
-        appended to the user's history on the bus first (in the same step), and ``stamped``
-        is called with the entry it became once the bus has it (the caller's local deliveries
-        are acknowledged by it), and ``BackplaneError`` is raised if the bus is unreachable (the
-        message could not be kept). Otherwise never raises for remote failures: they are
-        counted and logged."""
+        appended to the user's history on the bus first (in the same step), charged to
+        ``sender`` (``None``: nobody) and within the bus's bounds of the outbox as a whole;
+        ``stamped`` is called with the entry it became once the bus has it (the caller's local
+        deliveries are acknowledged by it). With ``keep`` the call waits for the bus's answer:
+        whether the message was kept (``False``: refused by a bound, still delivered), and
+        ``BackplaneError`` if the bus is unreachable (the message could not be kept). Without,
+        ``True``, and it never raises for remote failures: they are counted and logged."""
 
     def ack(self, user_id: str, upto: str) -> None:
         """The user's connections here wrote the user's history up to entry ``upto``: move the
