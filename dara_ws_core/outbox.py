@@ -42,8 +42,8 @@ than the byte bound is not kept.
 
 from __future__ import annotations
 
-__all__ = ["ClosedWrites", "DeliveryCursors", "OutboxLimits", "QueuedMarks", "Stamped", "UserOutbox",
-           "WriteLog", "id_key"]
+__all__ = ["BusRefusals", "ClosedWrites", "DeliveryCursors", "OutboxLimits", "QueuedMarks", "Stamped",
+           "UserOutbox", "WriteLog", "id_key"]
 
 import bisect
 import itertools
@@ -102,11 +102,12 @@ _Entry = tuple[int, int, float, bytes, str | None]
 class _History:
     """One user's entries kept (``(id, n, when, frame, sender)``, oldest first) and marks."""
 
-    __slots__ = ("charged", "entries", "lease", "leased", "seq", "size", "written")
+    __slots__ = ("charged", "droppable", "entries", "lease", "leased", "seq", "size", "written")
 
     def __init__(self) -> None:
         self.entries: deque[_Entry] = deque()
         self.charged = 0  # entries with a sender not written yet (0: nothing to release)
+        self.droppable = False  # nothing waits: counted in UserOutbox._written_*
         self.size = 0  # bytes of the frames kept
         self.seq = 0  # the last sequence number given
         self.written = 0  # the written mark (an id; 0: none)
@@ -131,11 +132,14 @@ class UserOutbox:
         # Ordered by the last append (moved to the end on each): the first user is the one sent
         # to least recently, whose newest entry is the oldest (expiry).
         self._users: dict[str, _History] = {}
-        # The histories whose every entry was written (nothing of theirs is waiting), in the
-        # order they became so: what the global bounds may drop, the first first, without
-        # looking at any history still waiting (an OrderedDict: popping its first is O(1)).
+        # The histories whose every entry was written (nothing of theirs is waiting: droppable),
+        # in the order they became so: what the global bounds may drop, the first first (an
+        # OrderedDict: popping its first is O(1)). A history sent to again stays in place,
+        # marked not droppable, and is skipped when its turn comes (so the send path neither
+        # removes nor re-inserts): it is there at most once, and skipped at most once.
         self._written: OrderedDict[str, _History] = OrderedDict()
-        self._written_bytes = 0  # bytes of the histories in _written
+        self._written_bytes = 0  # bytes of the droppable histories
+        self._written_users = 0  # how many there are
         # Sender -> its messages kept and not written yet (max_per_sender).
         self._senders: dict[str, int] = {}
         self._total = 0  # bytes of every user's frames kept
@@ -190,19 +194,20 @@ class UserOutbox:
         if size > limits.max_bytes:
             self.evicted += 1
             return 0
-        if sender is not None and self._senders.get(sender, 0) >= limits.max_per_sender:
-            self.refused += 1
-            self.refused_sender += 1
-            return 0
         cutoff = now - limits.max_age
         if cutoff >= self._expires:
             self._forget_expired(user_id, cutoff)
+        charged = 0 if sender is None else self._senders.get(sender, 0)
+        if charged >= limits.max_per_sender:
+            self.refused += 1
+            self.refused_sender += 1
+            return 0
         history = users.get(user_id)
         new = history is None
-        written = self._written
-        if not new and written and user_id in written:  # it is being sent to: not droppable
-            del written[user_id]
-            self._written_bytes -= history.size  # type: ignore[union-attr]
+        if history is not None and history.droppable:  # being sent to: no longer droppable
+            history.droppable = False
+            self._written_bytes -= history.size
+            self._written_users -= 1
         if (self._total + size > limits.max_total_bytes or (new and len(users) >= limits.max_users)) and (
                 not self._make_room(size, new)):
             if history is not None:
@@ -220,11 +225,16 @@ class UserOutbox:
         entries = history.entries
         entries.append((kid, n, now, frame, sender))
         if sender is not None:
-            self._senders[sender] = self._senders.get(sender, 0) + 1
+            self._senders[sender] = charged + 1
             history.charged += 1
         size += history.size
         if len(entries) > limits.max_messages:  # a user at the count bound: the oldest goes
-            size -= self._drop_oldest(history)
+            oldest = entries.popleft()  # inline: every send to such a user comes here
+            size -= len(oldest[3])
+            self.evicted += 1
+            if oldest[4] is not None and oldest[0] > history.written:
+                self._release(oldest[4])
+                history.charged -= 1
         if size > limits.max_bytes or len(entries) > limits.max_messages or entries[0][2] <= cutoff:
             while entries and (entries[0][2] <= cutoff or len(entries) > limits.max_messages
                                or size > limits.max_bytes):
@@ -268,27 +278,44 @@ class UserOutbox:
         if kid > before:
             history.written = kid
             if history.charged:
+                senders = self._senders
+                released = 0
                 for entry in reversed(history.entries):
                     if entry[0] <= before:
                         break
-                    if entry[4] is not None and entry[0] <= kid:
-                        self._release(entry[4])
-                        history.charged -= 1
-        self._check_written(user_id, history)
+                    sender = entry[4]
+                    if sender is not None and entry[0] <= kid:
+                        count = senders[sender] - 1
+                        if count:
+                            senders[sender] = count
+                        else:
+                            del senders[sender]
+                        released += 1
+                history.charged -= released
+        if not history.droppable:
+            self._check_written(user_id, history)
 
     def _check_written(self, user_id: str, history: _History) -> None:
-        """Put the history among the droppable ones if nothing of it is waiting."""
+        """Count the history among the droppable ones if nothing of it is waiting."""
         entries = history.entries
-        if history.lease is None and (not entries or entries[-1][0] <= history.written) and (
-                user_id not in self._written):
+        if not history.droppable and history.lease is None and (
+                not entries or entries[-1][0] <= history.written):
+            self._droppable(user_id, history)
+
+    def _droppable(self, user_id: str, history: _History) -> None:
+        history.droppable = True
+        self._written_bytes += history.size
+        self._written_users += 1
+        if user_id not in self._written:
             self._written[user_id] = history
-            self._written_bytes += history.size
 
     def _forget(self, user_id: str, history: _History) -> None:
         """Forget a user's history (every entry expired)."""
         self._total -= history.size
-        if self._written.pop(user_id, None) is not None:
+        self._written.pop(user_id, None)
+        if history.droppable:
             self._written_bytes -= history.size
+            self._written_users -= 1
         self._release_all(history)
 
     def _forget_expired(self, user_id: str, cutoff: float) -> None:
@@ -322,13 +349,16 @@ class UserOutbox:
         written = self._written
         extra_bytes = self._total + size - limits.max_total_bytes
         extra_users = len(self._users) + new - limits.max_users
-        if extra_bytes > self._written_bytes or extra_users > len(written):
+        if extra_bytes > self._written_bytes or extra_users > self._written_users:
             return False
         users = self._users
         while extra_bytes > 0 or extra_users > 0:
             uid, history = written.popitem(last=False)
+            if not history.droppable:  # sent to again since: waiting, not ours to drop
+                continue
             del users[uid]
             self._written_bytes -= history.size
+            self._written_users -= 1
             self._total -= history.size
             extra_bytes -= history.size
             extra_users -= 1
@@ -387,6 +417,8 @@ class UserOutbox:
         out = self._after(history, history.written, now)
         history.lease = holder if out else None
         history.leased = int(out[-1].id) if out else 0
+        if not out:
+            self._check_written(user_id, history)  # a void lease ended: maybe nothing waits
         return out
 
     def settle(self, user_id: str, holder: Hashable, upto: str | None) -> bool:
@@ -420,6 +452,11 @@ class UserOutbox:
         kid = upto if isinstance(upto, int) else id_key(upto)[0]
         if history.lease is not None and kid > history.leased:
             return
+        if kid > history.written and not history.charged:  # the common case, inline
+            history.written = kid
+            if not history.droppable and history.lease is None and history.entries[-1][0] <= kid:
+                self._droppable(user_id, history)
+            return
         self._mark(user_id, history, kid)
 
     def take(self, user_id: str, now: float) -> list[bytes]:
@@ -445,6 +482,53 @@ class UserOutbox:
 
 _TAKER = object()
 _VOID = object()  # a lease whose holder ended before writing every entry it leased
+
+
+class BusRefusals:
+    """What a process knows of the bus's refusals to keep messages (its outbox's bounds live on
+    the bus, checked in the step that appends): a sender over its quota until its count expires,
+    or the outbox as a whole full until the bus's current window ends. A send charged to a sender
+    refused here is not offered to the bus's outbox at all (delivered only, and the caller told
+    at once), so asking never costs a round trip; the first message past a bound is refused by
+    the bus itself, a round trip later, and counted there. Bounded by ``max_senders`` (beyond, the
+    one refused first is forgotten: its next message asks the bus again). The caller passes the
+    clock."""
+
+    def __init__(self, max_senders: int = 10_000) -> None:
+        self.max_senders = max_senders
+        self._senders: dict[str, float] = {}  # sender -> refused until
+        self._full_until = 0.0
+
+    def __len__(self) -> int:
+        return len(self._senders)
+
+    def refuse(self, sender: str | None, full: bool, until: float) -> None:
+        """The bus refused a message: ``sender``'s quota (``full=False``) or the outbox as a whole
+        (``full=True``) is exhausted until ``until``."""
+        if full:
+            self._full_until = max(self._full_until, until)
+            return
+        if sender is None:
+            return
+        senders = self._senders
+        senders.pop(sender, None)
+        senders[sender] = until
+        if len(senders) > self.max_senders:
+            del senders[next(iter(senders))]
+
+    def keeps(self, sender: str | None, now: float) -> bool:
+        """Whether a message charged to ``sender`` may be offered to the bus's outbox now."""
+        if self._full_until and now < self._full_until:
+            return False
+        if sender is None or not self._senders:
+            return True
+        until = self._senders.get(sender)
+        if until is None:
+            return True
+        if now < until:
+            return False
+        del self._senders[sender]
+        return True
 
 
 class DeliveryCursors:

@@ -11,6 +11,8 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dara_ws_core import (
     CustomServerMessage,
@@ -21,6 +23,7 @@ from dara_ws_core import (
     WebsocketManager,
 )
 from dara_ws_core.outbox import (
+    BusRefusals,
     ClosedWrites,
     DeliveryCursors,
     OutboxLimits,
@@ -149,6 +152,73 @@ def test_a_sender_over_its_quota_is_refused_and_other_senders_are_still_kept() -
     # Expired with its history: the count is back to nothing.
     assert outbox.add("later", b"j", now=20, sender="mallory")
     assert outbox.charged("mallory") == 1 and outbox.charged("alice") == 0
+
+
+def _check_books(outbox: UserOutbox) -> None:
+    """The outbox's running counts against a recount from its histories."""
+    histories = outbox._users
+    droppable = {u: h for u, h in histories.items()
+                 if h.lease is None and (not h.entries or h.entries[-1][0] <= h.written)}
+    assert {u for u, h in histories.items() if h.droppable} == set(droppable)
+    assert set(droppable) <= set(outbox._written)
+    assert outbox._written_users == len(droppable)
+    assert outbox._written_bytes == sum(h.size for h in droppable.values())
+    assert outbox.total_bytes == sum(h.size for h in histories.values())
+    assert outbox.users <= outbox.limits.max_users
+    assert outbox.total_bytes <= outbox.limits.max_total_bytes
+    charged: dict[str, int] = {}
+    for history in histories.values():
+        for kid, _, _, _, sender in history.entries:
+            if sender is not None and kid > history.written:
+                charged[sender] = charged.get(sender, 0) + 1
+    assert outbox._senders == charged
+
+
+_OPS = st.lists(st.tuples(st.sampled_from(["add", "ack", "lease", "settle", "expire"]),
+                          st.integers(0, 5), st.sampled_from([None, "s0", "s1"]),
+                          st.integers(1, 40)), min_size=10, max_size=80)
+
+
+@given(_OPS)
+def test_the_outbox_books_always_match_its_histories(ops: list[tuple[str, int, str | None, int]],
+                                                     ) -> None:
+    """Whatever the sends, acknowledgements, leases and expiries: the counts the bounds decide on
+    (droppable histories and their bytes, each sender's waiting messages) are exact."""
+    outbox = UserOutbox(OutboxLimits(max_messages=3, max_bytes=60, max_age=30, max_users=5,
+                                     max_total_bytes=150, max_per_sender=4))
+    now = 0.0
+    last: dict[str, int] = {}
+    for op, user, sender, size in ops:
+        uid = f"u{user}"
+        now += size / 8
+        if op == "add":
+            kid = outbox.add(uid, b"x" * size, now, sender)
+            if kid:
+                last[uid] = kid
+        elif op == "ack" and uid in last:
+            outbox.ack(uid, last[uid] - size % 2)
+        elif op == "lease":
+            outbox.lease(uid, sender or "h", now, lambda holder: holder == "s0")
+        elif op == "settle":
+            outbox.settle(uid, sender or "h", str(last[uid]) if uid in last and size % 3 else None)
+        elif op == "expire":
+            outbox.expire(now)
+        _check_books(outbox)
+
+
+def test_bus_refusals_hold_a_sender_until_its_count_expires_and_everyone_while_full() -> None:
+    refusals = BusRefusals(max_senders=2)
+    assert refusals.keeps("mallory", now=0) and refusals.keeps(None, now=0)
+    refusals.refuse("mallory", full=False, until=10)
+    assert not refusals.keeps("mallory", now=5) and refusals.keeps("alice", now=5)
+    assert refusals.keeps(None, now=5)  # server code is charged to nobody
+    assert refusals.keeps("mallory", now=10) and len(refusals) == 0  # expired: forgotten
+    for sender in ("a", "b", "c"):
+        refusals.refuse(sender, full=False, until=100)
+    assert len(refusals) == 2 and refusals.keeps("a", now=1)  # bounded: the first forgotten
+    refusals.refuse(None, full=True, until=20)
+    assert not refusals.keeps(None, now=19) and not refusals.keeps("alice", now=19)
+    assert refusals.keeps("alice", now=20) and not refusals.keeps("b", now=20)
 
 
 def test_the_outbox_holds_at_most_max_total_bytes_of_all_users() -> None:
