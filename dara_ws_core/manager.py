@@ -511,10 +511,15 @@ class WebsocketManager:
         connection whose frame is being handled, or its user; server code outside any
         connection is nobody's) has ``outbox_per_sender`` messages waiting, the outbox is full
         of messages waiting for their users, or the frame alone is over ``outbox_bytes``. The
-        user's connections got it live all the same; ``True`` otherwise. With a backplane, the
-        call waits for the bus's answer to a message to be kept, and raises ``BackplaneError``
-        when the bus is unreachable (it could not be kept; the user's connections on this
-        process got it already)."""
+        user's connections got it live all the same; ``True`` otherwise. Never raises for that.
+
+        With a backplane the bounds are the bus's, checked where it appends, and the call does
+        not wait for its answer: it returns ``False`` while the bus's last answer for that
+        sender (or for the outbox as a whole) was a refusal. The messages already on their
+        way when a bound is reached are refused by the bus after the call returned ``True``
+        (counted in ``backplane.stats.outbox_refused`` and logged). A message to be kept
+        raises ``BackplaneError`` when the bus is unreachable (it could not be kept; the
+        user's connections on this process got it already)."""
         frame = build_frame(message, custom=custom)
         # A send that skips a channel is not kept: who it is for depends on a live channel.
         keep = self.outbox_limits if ignore_channel is None else None
@@ -523,6 +528,11 @@ class WebsocketManager:
                 self.deliver_to_user(user_id, frame, ignore_channel)
                 return True
             return self._send_kept(user_id, frame, self._sender())
+        sender, kept = None, True
+        if keep is not None:
+            sender = self._sender()
+            if not self.backplane.keeps(sender):  # over a bound, the bus said: not offered
+                keep, kept = None, False
         handlers = self.handlers
         local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]
         held = self._held.get(user_id) if self._held and ignore_channel is None else None
@@ -535,9 +545,9 @@ class WebsocketManager:
         stamped = None
         if keep is not None:  # numbered by the bus: acknowledged once it tells
             stamped = self._when_stamped(user_id, frame, local, waiting, ignore_channel)
-        return await self.backplane.send_to_user(
-            user_id, frame, ignore_channel, keep, stamped,
-            sender=None if keep is None else self._sender())
+        await self.backplane.send_to_user(user_id, frame, ignore_channel, keep, stamped,
+                                          sender=sender)
+        return kept
 
     def _sender(self) -> str | None:
         """Who a kept message is charged to: the user of the connection whose frame is being
