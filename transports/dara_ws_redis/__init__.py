@@ -151,8 +151,9 @@ if keep then
     redis.call('PEXPIRE', ARGV[11], age)
   end
   if new then redis.call('HINCRBY', window, 'u', 1) end
-  redis.call('HINCRBY', window, 'b', #ARGV[3])
-  redis.call('PEXPIRE', window, 2 * age)
+  if redis.call('HINCRBY', window, 'b', #ARGV[3]) == #ARGV[3] then  -- the window's first
+    redis.call('PEXPIRE', window, 2 * age)
+  end
   n = redis.call('HINCRBY', KEYS[3], 'n', 1)
   kept = redis.call('XADD', KEYS[2], '*', 'd', ARGV[3], 'n', n)
   local bytes = redis.call('HINCRBY', KEYS[3], 'b', #ARGV[3])
