@@ -34,6 +34,15 @@ user's history after that entry and hands over what it missed, in order, before 
 an entry that arrives both live and from the history is handed over once (dedup by id). Only
 what a bound dropped meanwhile is lost, and counted (``n`` jumps).
 
+**The outbox as a whole** is bounded in users and bytes (:class:`OutboxLimits`): at a bound,
+histories whose every entry was written make room (kept apart from the waiting ones, so this costs
+O(1) per history dropped, whatever waits); a message still waiting for its user is never dropped
+for another's, the new one is refused instead. Each message is **charged to its sender** (the
+caller says who: the manager charges the connection whose frame is being handled), and a sender
+with ``max_per_sender`` messages waiting is refused, so one sender cannot take the shared bounds
+from the others. On the bus the same bounds are kept where it appends (``dara_ws_redis``), and
+:class:`BusRefusals` remembers its refusals for the sending process.
+
 Not covered: broadcasts (for whoever is connected now; keeping them per absent user would cost
 memory for every user ever seen) and per-channel sends (a channel never comes back): at most
 once, with the broadcasts' sequence numbers telling a process how many it missed. A frame larger
