@@ -133,12 +133,23 @@ class ServerConfig:
     outbox_messages: int = 100
     outbox_bytes: int = 1 * MiB
     outbox_age: float = 300.0
-    #: Bounds of this process's outbox as a whole (without a backplane): users with a history, and
-    #: bytes of all of them. At a bound, histories all written make room (least recently sent to
-    #: first); a message still waiting for its user is never dropped for another's: the new
-    #: message is then not kept (still delivered live), and logged.
+    #: Bounds of the outbox as a whole: users with a history, and bytes of all of them (without a
+    #: backplane, this process's; with Redis, per namespace, counted over the last one or two
+    #: windows of ``outbox_age``). At a bound, histories all written make room (the one written
+    #: longest ago first; not with Redis, whose histories expire on their own); a message still
+    #: waiting for its user is never dropped for another's: the new message is then not kept
+    #: (still delivered live; ``send_message_to_user`` returns ``False``), and logged.
     outbox_users: int = 100_000
     outbox_total_bytes: int = 256 * MiB
+    #: Most kept messages charged to one sender waiting for their users at once: the user of the
+    #: connection whose frame was being handled when ``send_message_to_user`` was called (the
+    #: channel id for an anonymous one); a send from server code, outside any connection, is
+    #: charged to nobody. Beyond, that sender's messages are delivered live but not kept
+    #: (``send_message_to_user`` returns ``False``), so one client filling the outbox costs
+    #: its own messages, not everyone's. A message leaves the count once written to its user,
+    #: dropped by a bound or expired; with Redis, only once ``outbox_age`` has passed since the
+    #: sender's first counted message (an approximation: what was delivered is not subtracted).
+    outbox_per_sender: int = 1000
 
     def __post_init__(self) -> None:
         for name in ("max_message_size", "max_message_values", "max_queue_messages", "max_queue_bytes",
@@ -147,9 +158,10 @@ class ServerConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if (self.outbox_messages < 0 or self.outbox_bytes < 1 or self.outbox_age <= 0
-                or self.outbox_users < 1 or self.outbox_total_bytes < 1):
-            raise ValueError("outbox_messages must be >= 0, outbox_bytes, outbox_age, outbox_users "
-                             "and outbox_total_bytes > 0")
+                or self.outbox_users < 1 or self.outbox_total_bytes < 1
+                or self.outbox_per_sender < 1):
+            raise ValueError("outbox_messages must be >= 0, outbox_bytes, outbox_age, outbox_users, "
+                             "outbox_total_bytes and outbox_per_sender > 0")
         for name in ("max_connections", "max_connections_per_address"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (or None: no cap)")

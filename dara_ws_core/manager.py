@@ -28,7 +28,7 @@ from .codec import build_frame
 from .config import ServerConfig
 from .custom import CustomHandler, CustomHandlerRegistry
 from .exceptions import BackplaneError, CloseCode, ConnectionClosed, UnknownChannel
-from .handler import _DEFAULT, ACK_PARKED, Sink, WebSocketHandler
+from .handler import _DEFAULT, ACK_PARKED, Sink, WebSocketHandler, current_channel
 from .logs import _is_power_of_ten
 from .messages import LoosePayload
 from .outbox import (
@@ -125,7 +125,7 @@ class WebsocketManager:
             config = self.config
             self.outbox_limits = OutboxLimits(
                 config.outbox_messages, config.outbox_bytes, config.outbox_age,
-                config.outbox_users, config.outbox_total_bytes)
+                config.outbox_users, config.outbox_total_bytes, config.outbox_per_sender)
         self.outbox = UserOutbox(self.outbox_limits or OutboxLimits())
         self._arriving: dict[str, _Arriving] = {}
         # One bound method for every handler's on_ack_at: binding it per connection cost each
@@ -498,25 +498,41 @@ class WebsocketManager:
         message: LoosePayload | BaseModel,
         custom: bool = False,
         ignore_channel: str | None = None,
-    ) -> None:
+    ) -> bool:
         """Send a message to every channel of a user except ``ignore_channel``.
 
         A user connected nowhere is not an error. With the outbox on
         (``ServerConfig.outbox_*``; :mod:`dara_ws_core.outbox`) the message is appended to the
         user's history (without ``ignore_channel``): a connection of the user that does not
         write it (connected nowhere, closed first, cut off from the bus) leaves it to the next
-        one, on whichever process it lands. With a backplane, a message to be kept raises
-        ``BackplaneError`` when the bus is unreachable (it could not be kept; the user's
-        connections on this process got it already)."""
+        one, on whichever process it lands.
+
+        Returns ``False`` when the message was to be kept and was not: its sender (the
+        connection whose frame is being handled, or its user; server code outside any
+        connection is nobody's) has ``outbox_per_sender`` messages waiting, the outbox is full
+        of messages waiting for their users, or the frame alone is over ``outbox_bytes``. The
+        user's connections got it live all the same; ``True`` otherwise. Never raises for that.
+
+        With a backplane the bounds are the bus's, checked where it appends, and the call does
+        not wait for its answer: it returns ``False`` while the bus's last answer for that
+        sender (or for the outbox as a whole) was a refusal. The messages already on their
+        way when a bound is reached are refused by the bus after the call returned ``True``
+        (counted in ``backplane.stats.outbox_refused`` and logged). A message to be kept
+        raises ``BackplaneError`` when the bus is unreachable (it could not be kept; the
+        user's connections on this process got it already)."""
         frame = build_frame(message, custom=custom)
         # A send that skips a channel is not kept: who it is for depends on a live channel.
         keep = self.outbox_limits if ignore_channel is None else None
         if self.backplane is None:
             if keep is None:
                 self.deliver_to_user(user_id, frame, ignore_channel)
-            else:
-                self._send_kept(user_id, frame)
-            return
+                return True
+            return self._send_kept(user_id, frame, self._sender())
+        sender, kept = None, True
+        if keep is not None:
+            sender = self._sender()
+            if not self.backplane.keeps(sender):  # over a bound, the bus said: not offered
+                keep, kept = None, False
         handlers = self.handlers
         local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]
         held = self._held.get(user_id) if self._held and ignore_channel is None else None
@@ -529,7 +545,19 @@ class WebsocketManager:
         stamped = None
         if keep is not None:  # numbered by the bus: acknowledged once it tells
             stamped = self._when_stamped(user_id, frame, local, waiting, ignore_channel)
-        await self.backplane.send_to_user(user_id, frame, ignore_channel, keep, stamped)
+        await self.backplane.send_to_user(user_id, frame, ignore_channel, keep, stamped,
+                                          sender=sender)
+        return kept
+
+    def _sender(self) -> str | None:
+        """Who a kept message is charged to: the user of the connection whose frame is being
+        handled (its channel id if anonymous); ``None`` outside any connection (server code)."""
+        channel_id = current_channel.get(None)
+        if channel_id is None:
+            return None
+        handler = self.handlers.get(channel_id)
+        identity = None if handler is None else handler.identity
+        return channel_id if identity is None else identity.user_id
 
     def _when_stamped(self, user_id: str, frame: bytes, local: list[WebSocketHandler],
                       waiting: _HeldFrame | None, ignore_channel: str | None,
@@ -600,28 +628,29 @@ class WebsocketManager:
             self._cursors.own(user_id, entry.id, entry.n)
             self._deliver_entry(late, user_id, frame, entry)
 
-    def _send_kept(self, user_id: str, frame: bytes) -> None:
-        """A per-user send kept in this process's outbox (no backplane): appended, handed to the
-        user's channels, then acknowledged at once if one of them wrote it synchronously (the
-        user has it: nothing to remember for a closing connection), else once written. Without
-        a backplane no delivery is held, deduplicated or floored, so none of that is consulted."""
+    def _send_kept(self, user_id: str, frame: bytes, sender: str | None) -> bool:
+        """A per-user send kept in this process's outbox (no backplane), charged to ``sender``:
+        appended, handed to the user's channels, then acknowledged at once if one of them wrote
+        it synchronously (the user has it: nothing to remember for a closing connection), else
+        once written. Without a backplane no delivery is held, deduplicated or floored, so none
+        of that is consulted. Whether it was kept."""
         outbox = self.outbox
         refused = outbox.refused
-        kid = outbox.add(user_id, frame, time.monotonic())
+        kid = outbox.add(user_id, frame, time.monotonic(), sender)
         if outbox.refused != refused:
-            _refused(outbox)
+            _refused(outbox, sender)
         handlers = self.handlers
         local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]
         if not local:
-            return
+            return kid != 0
         if not kid:
             self.deliver_local(local, frame)
-            return
+            return False
         self._deliver_kept(local, frame)
         for handler in local:
             if handler.wrote_all():
                 self.outbox.ack(user_id, kid)  # written already, everything before it too
-                return
+                return True
         marks = self._marks
         for handler in local:
             if not handler.queue.closed:
@@ -629,6 +658,7 @@ class WebsocketManager:
                 # Corked, it counts as written already: the acknowledgement pass looks at it
                 # after the loop's flush, which un-counts it if the library dropped it.
                 self._arm(handler, handler.accepted)
+        return True
 
     def send_and_wait(
         self,
@@ -1053,12 +1083,18 @@ def get_user_channels(user_identifier: str, manager: WebsocketManager) -> set[st
     return manager.get_user_channels(user_identifier)
 
 
-def _refused(outbox: UserOutbox) -> None:
-    """Log a message the outbox refused (full of messages still waiting for their users): the
-    first ten, then the 100th, 1,000th... A flood of sends to made-up users must not also flood
-    the log."""
+def _refused(outbox: UserOutbox, sender: str | None) -> None:
+    """Log a message the outbox refused (its sender's quota, or full of messages still waiting
+    for their users): the first ten, then the 100th, 1,000th... A flood of sends to made-up
+    users must not also flood the log."""
     count = outbox.refused
-    if count <= 10 or _is_power_of_ten(count):
+    if count > 10 and not _is_power_of_ten(count):
+        return
+    if sender is not None and outbox.charged(sender) >= outbox.limits.max_per_sender:
+        logger.warning("a sender has %d kept messages waiting for their users (outbox_per_sender): "
+                       "its message was delivered live but not kept (%d refused so far)",
+                       outbox.charged(sender), count)
+    else:
         logger.warning("the outbox is full (%d users, %d bytes, all waiting for their users): a "
                        "message was delivered live but not kept (%d so far); raise outbox_users or "
                        "outbox_total_bytes, or rate-limit who sends to users", outbox.users,

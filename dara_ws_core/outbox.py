@@ -34,6 +34,15 @@ user's history after that entry and hands over what it missed, in order, before 
 an entry that arrives both live and from the history is handed over once (dedup by id). Only
 what a bound dropped meanwhile is lost, and counted (``n`` jumps).
 
+**The outbox as a whole** is bounded in users and bytes (:class:`OutboxLimits`): at a bound,
+histories whose every entry was written make room (kept apart from the waiting ones, so this costs
+O(1) per history dropped, whatever waits); a message still waiting for its user is never dropped
+for another's, the new one is refused instead. Each message is **charged to its sender** (the
+caller says who: the manager charges the connection whose frame is being handled), and a sender
+with ``max_per_sender`` messages waiting is refused, so one sender cannot take the shared bounds
+from the others. On the bus the same bounds are kept where it appends (``dara_ws_redis``), and
+:class:`BusRefusals` remembers its refusals for the sending process.
+
 Not covered: broadcasts (for whoever is connected now; keeping them per absent user would cost
 memory for every user ever seen) and per-channel sends (a channel never comes back): at most
 once, with the broadcasts' sequence numbers telling a process how many it missed. A frame larger
@@ -42,12 +51,12 @@ than the byte bound is not kept.
 
 from __future__ import annotations
 
-__all__ = ["ClosedWrites", "DeliveryCursors", "OutboxLimits", "QueuedMarks", "Stamped", "UserOutbox",
-           "WriteLog", "id_key"]
+__all__ = ["BusRefusals", "ClosedWrites", "DeliveryCursors", "OutboxLimits", "QueuedMarks", "Stamped",
+           "UserOutbox", "WriteLog", "id_key"]
 
 import bisect
 import itertools
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -64,14 +73,19 @@ class OutboxLimits:
     #: Seconds a message is kept.
     max_age: float = 300.0
     #: Most users with a history, and most bytes of all of them, in one process's outbox
-    #: (beyond, histories all written are dropped, least recently sent to first; when only
+    #: (beyond, histories all written are dropped, the one written longest ago first; when only
     #: histories with entries still waiting are left, the new message is refused).
     max_users: int = 100_000
     max_total_bytes: int = 256 * 1024 * 1024
+    #: Most messages charged to one sender (the connection, or its user, whose frame was being
+    #: handled when the message was sent) waiting in the outbox at once; beyond, that sender's
+    #: messages are refused, and other senders' still kept. A message leaves its sender's
+    #: count once written to its user, dropped by a bound, or expired.
+    max_per_sender: int = 1000
 
     def __post_init__(self) -> None:
         if (self.max_messages < 1 or self.max_bytes < 1 or self.max_age <= 0
-                or self.max_users < 1 or self.max_total_bytes < 1):
+                or self.max_users < 1 or self.max_total_bytes < 1 or self.max_per_sender < 1):
             raise ValueError("outbox limits must be positive")
 
 
@@ -89,13 +103,20 @@ class Stamped(NamedTuple):
     frame: bytes
 
 
-class _History:
-    """One user's entries kept (``(id, n, when, frame)``, oldest first) and marks."""
+#: One entry of a history: id, sequence number, when kept, the frame, its sender (``None``: not
+#: charged to anyone).
+_Entry = tuple[int, int, float, bytes, str | None]
 
-    __slots__ = ("entries", "lease", "leased", "seq", "size", "written")
+
+class _History:
+    """One user's entries kept (``(id, n, when, frame, sender)``, oldest first) and marks."""
+
+    __slots__ = ("charged", "droppable", "entries", "lease", "leased", "seq", "size", "written")
 
     def __init__(self) -> None:
-        self.entries: deque[tuple[int, int, float, bytes]] = deque()
+        self.entries: deque[_Entry] = deque()
+        self.charged = 0  # entries with a sender not written yet (0: nothing to release)
+        self.droppable = False  # nothing waits: counted in UserOutbox._written_*
         self.size = 0  # bytes of the frames kept
         self.seq = 0  # the last sequence number given
         self.written = 0  # the written mark (an id; 0: none)
@@ -104,10 +125,6 @@ class _History:
         # (the holder may not have written the entries between: only it can say).
         self.lease: Hashable | None = None
         self.leased = 0
-
-
-#: Histories :meth:`UserOutbox._make_room` looks at for one message, at most.
-_ROOM_SCAN = 64
 
 
 class UserOutbox:
@@ -122,17 +139,30 @@ class UserOutbox:
         # back, as Redis's clock-based ids never do).
         self._ids = ids if ids is not None else itertools.count(1)
         # Ordered by the last append (moved to the end on each): the first user is the one sent
-        # to least recently, whose newest entry is the oldest (expiry, the global bounds).
+        # to least recently, whose newest entry is the oldest (expiry).
         self._users: dict[str, _History] = {}
+        # The histories whose every entry was written (nothing of theirs is waiting: droppable),
+        # in the order they became so: what the global bounds may drop, the first first (an
+        # OrderedDict: popping its first is O(1)). A history sent to again stays in place,
+        # marked not droppable, and is skipped when its turn comes (so the send path neither
+        # removes nor re-inserts): it is there at most once, and skipped at most once.
+        self._written: OrderedDict[str, _History] = OrderedDict()
+        self._written_bytes = 0  # bytes of the droppable histories
+        self._written_users = 0  # how many there are
+        # Sender -> its messages kept and not written yet (max_per_sender).
+        self._senders: dict[str, int] = {}
         self._total = 0  # bytes of every user's frames kept
         self._expires = 0.0  # no user's newest entry expires before (a cutoff): none to forget
         #: Frames kept, and frames dropped by a bound; users dropped by ``max_users`` or
         #: ``max_total_bytes`` (their entries, all written, counted in ``evicted``); frames not
-        #: kept because only entries still waiting for their user could have made room.
+        #: kept because only entries still waiting for their user could have made room, or
+        #: because their sender had ``max_per_sender`` waiting (``refused`` counts both, and
+        #: ``refused_sender`` the second).
         self.kept = 0
         self.evicted = 0
         self.users_evicted = 0
         self.refused = 0
+        self.refused_sender = 0
 
     def __len__(self) -> int:
         """Users with entries not written to any of their connections yet."""
@@ -156,12 +186,17 @@ class UserOutbox:
         mark = history.written
         return sum(1 for kid, *_ in history.entries if kid > mark)
 
-    def add(self, user_id: str, frame: bytes, now: float) -> int:
-        """Append ``frame`` to the user's history; its id, or 0 if it is not kept: larger than
-        ``max_bytes``, or no room under the process's bounds (``max_users``,
-        ``max_total_bytes``) without dropping entries kept for another user that none of their
-        connections wrote yet (counted in ``refused``). Drops expired entries, and the user's own
-        oldest beyond the user's bounds."""
+    def charged(self, sender: str) -> int:
+        """How many messages of ``sender`` are kept and not written yet."""
+        return self._senders.get(sender, 0)
+
+    def add(self, user_id: str, frame: bytes, now: float, sender: str | None = None) -> int:
+        """Append ``frame`` to the user's history, charged to ``sender`` (``None``: to nobody,
+        as a send from server code); its id, or 0 if it is not kept: larger than ``max_bytes``,
+        ``sender`` has ``max_per_sender`` messages waiting, or no room under the process's
+        bounds (``max_users``, ``max_total_bytes``) without dropping entries kept for another
+        user that none of their connections wrote yet (the last two counted in ``refused``).
+        Drops expired entries, and the user's own oldest beyond the user's bounds."""
         limits = self.limits
         users = self._users
         size = len(frame)
@@ -171,10 +206,21 @@ class UserOutbox:
         cutoff = now - limits.max_age
         if cutoff >= self._expires:
             self._forget_expired(user_id, cutoff)
+        charged = 0 if sender is None else self._senders.get(sender, 0)
+        if charged >= limits.max_per_sender:
+            self.refused += 1
+            self.refused_sender += 1
+            return 0
         history = users.get(user_id)
         new = history is None
+        if history is not None and history.droppable:  # being sent to: no longer droppable
+            history.droppable = False
+            self._written_bytes -= history.size
+            self._written_users -= 1
         if (self._total + size > limits.max_total_bytes or (new and len(users) >= limits.max_users)) and (
-                not self._make_room(user_id, size, new)):
+                not self._make_room(size, new)):
+            if history is not None:
+                self._check_written(user_id, history)
             self.refused += 1
             return 0
         if history is None:
@@ -186,20 +232,100 @@ class UserOutbox:
         kid = next(self._ids)
         n = history.seq = history.seq + 1
         entries = history.entries
-        entries.append((kid, n, now, frame))
+        entries.append((kid, n, now, frame, sender))
+        if sender is not None:
+            self._senders[sender] = charged + 1
+            history.charged += 1
         size += history.size
         if len(entries) > limits.max_messages:  # a user at the count bound: the oldest goes
-            size -= len(entries.popleft()[3])
+            oldest = entries.popleft()  # inline: every send to such a user comes here
+            size -= len(oldest[3])
             self.evicted += 1
+            if oldest[4] is not None and oldest[0] > history.written:
+                self._release(oldest[4])
+                history.charged -= 1
         if size > limits.max_bytes or len(entries) > limits.max_messages or entries[0][2] <= cutoff:
             while entries and (entries[0][2] <= cutoff or len(entries) > limits.max_messages
                                or size > limits.max_bytes):
-                size -= len(entries.popleft()[3])
-                self.evicted += 1
+                size -= self._drop_oldest(history)
         history.size = size
         self._total += size - before
         self.kept += 1
         return kid
+
+    def _drop_oldest(self, history: _History) -> int:
+        """Drop the history's oldest entry (a bound): its size. Releases its sender's charge
+        if it was still waiting."""
+        kid, _, _, frame, sender = history.entries.popleft()
+        self.evicted += 1
+        if sender is not None and kid > history.written:
+            self._release(sender)
+            history.charged -= 1
+        return len(frame)
+
+    def _release(self, sender: str) -> None:
+        senders = self._senders
+        count = senders[sender] - 1
+        if count:
+            senders[sender] = count
+        else:
+            del senders[sender]
+
+    def _release_all(self, history: _History) -> None:
+        """A history is forgotten: release the charges of its entries still waiting."""
+        if history.charged:
+            mark = history.written
+            for kid, _, _, _, sender in history.entries:
+                if sender is not None and kid > mark:
+                    self._release(sender)
+            history.charged = 0
+
+    def _mark(self, user_id: str, history: _History, kid: int) -> None:
+        """Move the user's written mark forward to ``kid``: the entries it passes leave their
+        senders' counts, and a history with nothing waiting becomes droppable."""
+        before = history.written
+        if kid > before:
+            history.written = kid
+            if history.charged:
+                senders = self._senders
+                released = 0
+                for entry in reversed(history.entries):
+                    if entry[0] <= before:
+                        break
+                    sender = entry[4]
+                    if sender is not None and entry[0] <= kid:
+                        count = senders[sender] - 1
+                        if count:
+                            senders[sender] = count
+                        else:
+                            del senders[sender]
+                        released += 1
+                history.charged -= released
+        if not history.droppable:
+            self._check_written(user_id, history)
+
+    def _check_written(self, user_id: str, history: _History) -> None:
+        """Count the history among the droppable ones if nothing of it is waiting."""
+        entries = history.entries
+        if not history.droppable and history.lease is None and (
+                not entries or entries[-1][0] <= history.written):
+            self._droppable(user_id, history)
+
+    def _droppable(self, user_id: str, history: _History) -> None:
+        history.droppable = True
+        self._written_bytes += history.size
+        self._written_users += 1
+        if user_id not in self._written:
+            self._written[user_id] = history
+
+    def _forget(self, user_id: str, history: _History) -> None:
+        """Forget a user's history (every entry expired)."""
+        self._total -= history.size
+        self._written.pop(user_id, None)
+        if history.droppable:
+            self._written_bytes -= history.size
+            self._written_users -= 1
+        self._release_all(history)
 
     def _forget_expired(self, user_id: str, cutoff: float) -> None:
         """Forget the users sent to least recently while their newest entry expired (never
@@ -213,40 +339,38 @@ class UserOutbox:
                 self._expires = history.entries[-1][2]
                 return
             del users[first]
-            self._total -= history.size
+            self._forget(first, history)
         self._expires = 0.0
 
-    def _make_room(self, user_id: str, size: int, new: bool) -> bool:
+    def _make_room(self, size: int, new: bool) -> bool:
         """Make room under the process's bounds for ``size`` more bytes, and one more user if
         ``new``, by forgetting histories whose every entry a connection of their user wrote
-        (nothing of theirs is waiting: only their past goes), sent to least recently first.
+        (nothing of theirs is waiting: only their past goes), the one written longest ago
+        first (the caller took the history being sent to out of them).
 
         A history with an entry not written yet is never dropped for another user's message:
         one client sending to many made-up users would otherwise wipe what is kept for everyone
-        else. The new message is refused instead (the caller still delivers it live). At most
-        ``_ROOM_SCAN`` histories are looked at, so a refusal costs constant work. Whether there
-        is room."""
+        else. The new message is refused instead (the caller still delivers it live). Written
+        histories are kept apart, with their bytes summed, so whether there is room is known at
+        once, and each one dropped costs O(1): no history still waiting is ever looked at.
+        Whether there is room."""
         limits = self.limits
+        written = self._written
+        extra_bytes = self._total + size - limits.max_total_bytes
+        extra_users = len(self._users) + new - limits.max_users
+        if extra_bytes > self._written_bytes or extra_users > self._written_users:
+            return False
         users = self._users
-        victims: list[str] = []
-        total, count = self._total + size, len(users) + new
-        for looked, (uid, history) in enumerate(users.items()):
-            if total <= limits.max_total_bytes and count <= limits.max_users:
-                break
-            if looked >= _ROOM_SCAN:
-                return False
-            if uid == user_id or history.lease is not None or (
-                    history.entries and history.entries[-1][0] > history.written):
+        while extra_bytes > 0 or extra_users > 0:
+            uid, history = written.popitem(last=False)
+            if not history.droppable:  # sent to again since: waiting, not ours to drop
                 continue
-            victims.append(uid)
-            total -= history.size
-            count -= 1
-        else:
-            if total > limits.max_total_bytes or count > limits.max_users:
-                return False
-        for uid in victims:
-            history = users.pop(uid)
+            del users[uid]
+            self._written_bytes -= history.size
+            self._written_users -= 1
             self._total -= history.size
+            extra_bytes -= history.size
+            extra_users -= 1
             self.evicted += len(history.entries)
             self.users_evicted += 1
         return True
@@ -272,7 +396,7 @@ class UserOutbox:
 
     def _after(self, history: _History, mark: int, now: float) -> list[Stamped]:
         cutoff = now - self.limits.max_age
-        return [Stamped(str(kid), n, frame) for kid, n, when, frame in history.entries
+        return [Stamped(str(kid), n, frame) for kid, n, when, frame, _ in history.entries
                 if kid > mark and when > cutoff]
 
     def written(self, user_id: str) -> str | None:
@@ -285,7 +409,7 @@ class UserOutbox:
         history = self._users.get(user_id)
         if history is None or not history.entries:
             return None
-        kid, n, _, _ = history.entries[-1]
+        kid, n, *_ = history.entries[-1]
         return Stamped(str(kid), n, b"")
 
     def lease(self, user_id: str, holder: Hashable, now: float,
@@ -302,6 +426,8 @@ class UserOutbox:
         out = self._after(history, history.written, now)
         history.lease = holder if out else None
         history.leased = int(out[-1].id) if out else 0
+        if not out:
+            self._check_written(user_id, history)  # a void lease ended: maybe nothing waits
         return out
 
     def settle(self, user_id: str, holder: Hashable, upto: str | None) -> bool:
@@ -317,11 +443,11 @@ class UserOutbox:
                 self.ack(user_id, upto)
             return False
         kid = 0 if upto is None else id_key(upto)[0]
-        history.written = max(history.written, kid)
-        if history.written >= history.leased:
+        if max(history.written, kid) >= history.leased:
             history.lease, history.leased = None, 0
         else:
             history.lease = _VOID
+        self._mark(user_id, history, kid)
         return True
 
     def ack(self, user_id: str, upto: str | int) -> None:
@@ -335,7 +461,12 @@ class UserOutbox:
         kid = upto if isinstance(upto, int) else id_key(upto)[0]
         if history.lease is not None and kid > history.leased:
             return
-        history.written = max(history.written, kid)
+        if kid > history.written and not history.charged:  # the common case, inline
+            history.written = kid
+            if not history.droppable and history.lease is None and history.entries[-1][0] <= kid:
+                self._droppable(user_id, history)
+            return
+        self._mark(user_id, history, kid)
 
     def take(self, user_id: str, now: float) -> list[bytes]:
         """Every entry not written yet, oldest first, acknowledged at once (read and
@@ -355,11 +486,58 @@ class UserOutbox:
             if history.entries and history.entries[-1][2] > cutoff:
                 return
             del users[first]
-            self._total -= history.size
+            self._forget(first, history)
 
 
 _TAKER = object()
 _VOID = object()  # a lease whose holder ended before writing every entry it leased
+
+
+class BusRefusals:
+    """What a process knows of the bus's refusals to keep messages (its outbox's bounds live on
+    the bus, checked in the step that appends): a sender over its quota until its count expires,
+    or the outbox as a whole full until the bus's current window ends. A send charged to a sender
+    refused here is not offered to the bus's outbox at all (delivered only, and the caller told
+    at once), so asking never costs a round trip; the first message past a bound is refused by
+    the bus itself, a round trip later, and counted there. Bounded by ``max_senders`` (beyond, the
+    one refused first is forgotten: its next message asks the bus again). The caller passes the
+    clock."""
+
+    def __init__(self, max_senders: int = 10_000) -> None:
+        self.max_senders = max_senders
+        self._senders: dict[str, float] = {}  # sender -> refused until
+        self._full_until = 0.0
+
+    def __len__(self) -> int:
+        return len(self._senders)
+
+    def refuse(self, sender: str | None, full: bool, until: float) -> None:
+        """The bus refused a message: ``sender``'s quota (``full=False``) or the outbox as a whole
+        (``full=True``) is exhausted until ``until``."""
+        if full:
+            self._full_until = max(self._full_until, until)
+            return
+        if sender is None:
+            return
+        senders = self._senders
+        senders.pop(sender, None)
+        senders[sender] = until
+        if len(senders) > self.max_senders:
+            del senders[next(iter(senders))]
+
+    def keeps(self, sender: str | None, now: float) -> bool:
+        """Whether a message charged to ``sender`` may be offered to the bus's outbox now."""
+        if self._full_until and now < self._full_until:
+            return False
+        if sender is None or not self._senders:
+            return True
+        until = self._senders.get(sender)
+        if until is None:
+            return True
+        if now < until:
+            return False
+        del self._senders[sender]
+        return True
 
 
 class DeliveryCursors:

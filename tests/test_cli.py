@@ -14,7 +14,15 @@ import pytest
 
 from dara_ws_cli import build_demo
 from dara_ws_cli.main import CHAT_MAX_TEXT
-from dara_ws_core import CustomServerMessage, DaraClient, MemoryServer, RemoteError, connection_cap
+from dara_ws_core import (
+    CustomServerMessage,
+    DaraClient,
+    MemoryServer,
+    RemoteError,
+    ServerConfig,
+    WebsocketManager,
+    connection_cap,
+)
 
 from .hostile import TOKEN_PATH, HostileClient, open_channel
 
@@ -50,10 +58,27 @@ async def test_demo_tell_refuses_a_text_that_would_fill_a_users_history() -> Non
             await alice.request("tell", {"user": "v" * 257, "text": "hi"})
         assert endpoint.manager.outbox.after("victim", None, now=0)[1] == 0  # nothing kept
         assert await alice.request("tell", {"user": "alice", "text": "x" * 1024}) == {
-            "delivered": True}
+            "delivered": True, "kept": True}
         pushed = await alice.receive(timeout=5)
         assert isinstance(pushed, CustomServerMessage)
         assert pushed.message.data == {"from": alice.channel, "text": "x" * 1024}
+    await endpoint.shutdown(grace=0)
+
+
+async def test_demo_tell_says_when_a_message_was_not_kept() -> None:
+    """Past its sender's quota of kept messages, ``tell`` still delivers but answers
+    ``"kept": false``: the client is told, and other senders' messages are still kept."""
+    endpoint = build_demo(WebsocketManager(ServerConfig(outbox_per_sender=3)))
+    server = MemoryServer(endpoint)
+    mallory = DaraClient(lambda: server.connect("/api/core/ws?token=mallory"), ping_interval=None)
+    alice = DaraClient(lambda: server.connect("/api/core/ws?token=alice"), ping_interval=None)
+    async with mallory, alice:
+        answers = [await mallory.request("tell", {"user": f"made-up-{i}", "text": "x"})
+                   for i in range(5)]
+        assert [a["kept"] for a in answers] == [True, True, True, False, False]
+        assert all(a["delivered"] for a in answers)
+        assert await alice.request("tell", {"user": "victim", "text": "hi"}) == {
+            "delivered": True, "kept": True}
     await endpoint.shutdown(grace=0)
 
 

@@ -11,6 +11,8 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dara_ws_core import (
     CustomServerMessage,
@@ -21,6 +23,7 @@ from dara_ws_core import (
     WebsocketManager,
 )
 from dara_ws_core.outbox import (
+    BusRefusals,
     ClosedWrites,
     DeliveryCursors,
     OutboxLimits,
@@ -110,6 +113,114 @@ def test_a_full_outbox_looks_at_a_bounded_number_of_histories() -> None:
     assert visited.count <= 70
 
 
+def test_a_full_outbox_drops_written_histories_however_many_wait_ahead_of_them() -> None:
+    """The users sent to first are the offline ones, whose messages wait: however many of them
+    come first, the histories all written behind them make room, and none that waits goes."""
+    outbox = UserOutbox(OutboxLimits(max_messages=10, max_bytes=100, max_age=100, max_users=1000))
+    for i in range(300):  # offline users: their message waits
+        assert outbox.keep(f"offline{i}", b"w", now=1)
+    for i in range(700):  # online users: theirs were written
+        outbox.ack(f"online{i}", outbox.add(f"online{i}", b"x", now=1))
+    assert all(outbox.keep(f"new{i}", b"n", now=2) for i in range(200))
+    assert outbox.refused == 0 and outbox.users_evicted == 200
+    assert all(outbox.pending(f"offline{i}") == 1 for i in range(300))
+    assert outbox.after("online0", None, now=2) == ([], 0)  # written longest ago: dropped first
+    assert outbox.after("online200", None, now=2)[0]
+    # A history sent to again is waiting again: no longer droppable, the next written one goes.
+    outbox.keep("online200", b"again", now=3)
+    assert outbox.keep("new200", b"n", now=3)
+    assert outbox.pending("online200") == 1 and outbox.after("online201", None, now=3) == ([], 0)
+
+
+def test_a_sender_over_its_quota_is_refused_and_other_senders_are_still_kept() -> None:
+    outbox = UserOutbox(OutboxLimits(max_messages=2, max_bytes=100, max_age=10, max_per_sender=3))
+    ids = [outbox.add(f"made-up{i}", b"j", now=1, sender="mallory") for i in range(3)]
+    assert all(ids) and outbox.charged("mallory") == 3
+    assert not outbox.add("made-up3", b"j", now=1, sender="mallory")
+    assert outbox.refused == outbox.refused_sender == 1
+    assert outbox.keep("victim", b"for you", now=1) and outbox.add("victim", b"hi", 1, "alice")
+    assert outbox.after("made-up3", None, now=1) == ([], 0)
+    # Written to its user: it leaves the sender's count.
+    outbox.ack("made-up0", ids[0])
+    assert outbox.charged("mallory") == 2
+    assert outbox.add("made-up0", b"j", now=1, sender="mallory")
+    # Dropped by the user's count bound: it leaves the count too.
+    assert not outbox.add("made-up0", b"j", now=1, sender="mallory")
+    assert outbox.add("made-up0", b"k", now=1)  # from server code: charged to nobody
+    assert outbox.add("made-up0", b"k", now=1)  # the user's two slots: mallory's entry went
+    assert outbox.charged("mallory") == 2
+    # Expired with its history: the count is back to nothing.
+    assert outbox.add("later", b"j", now=20, sender="mallory")
+    assert outbox.charged("mallory") == 1 and outbox.charged("alice") == 0
+
+
+def _check_books(outbox: UserOutbox) -> None:
+    """The outbox's running counts against a recount from its histories."""
+    histories = outbox._users
+    droppable = {u: h for u, h in histories.items()
+                 if h.lease is None and (not h.entries or h.entries[-1][0] <= h.written)}
+    assert {u for u, h in histories.items() if h.droppable} == set(droppable)
+    assert set(droppable) <= set(outbox._written)
+    assert outbox._written_users == len(droppable)
+    assert outbox._written_bytes == sum(h.size for h in droppable.values())
+    assert outbox.total_bytes == sum(h.size for h in histories.values())
+    assert outbox.users <= outbox.limits.max_users
+    assert outbox.total_bytes <= outbox.limits.max_total_bytes
+    charged: dict[str, int] = {}
+    for history in histories.values():
+        for kid, _, _, _, sender in history.entries:
+            if sender is not None and kid > history.written:
+                charged[sender] = charged.get(sender, 0) + 1
+    assert outbox._senders == charged
+
+
+_OPS = st.lists(st.tuples(st.sampled_from(["add", "ack", "lease", "settle", "expire"]),
+                          st.integers(0, 5), st.sampled_from([None, "s0", "s1"]),
+                          st.integers(1, 40)), min_size=10, max_size=80)
+
+
+@given(_OPS)
+def test_the_outbox_books_always_match_its_histories(ops: list[tuple[str, int, str | None, int]],
+                                                     ) -> None:
+    """Whatever the sends, acknowledgements, leases and expiries: the counts the bounds decide on
+    (droppable histories and their bytes, each sender's waiting messages) are exact."""
+    outbox = UserOutbox(OutboxLimits(max_messages=3, max_bytes=60, max_age=30, max_users=5,
+                                     max_total_bytes=150, max_per_sender=4))
+    now = 0.0
+    last: dict[str, int] = {}
+    for op, user, sender, size in ops:
+        uid = f"u{user}"
+        now += size / 8
+        if op == "add":
+            kid = outbox.add(uid, b"x" * size, now, sender)
+            if kid:
+                last[uid] = kid
+        elif op == "ack" and uid in last:
+            outbox.ack(uid, last[uid] - size % 2)
+        elif op == "lease":
+            outbox.lease(uid, sender or "h", now, lambda holder: holder == "s0")
+        elif op == "settle":
+            outbox.settle(uid, sender or "h", str(last[uid]) if uid in last and size % 3 else None)
+        elif op == "expire":
+            outbox.expire(now)
+        _check_books(outbox)
+
+
+def test_bus_refusals_hold_a_sender_until_its_count_expires_and_everyone_while_full() -> None:
+    refusals = BusRefusals(max_senders=2)
+    assert refusals.keeps("mallory", now=0) and refusals.keeps(None, now=0)
+    refusals.refuse("mallory", full=False, until=10)
+    assert not refusals.keeps("mallory", now=5) and refusals.keeps("alice", now=5)
+    assert refusals.keeps(None, now=5)  # server code is charged to nobody
+    assert refusals.keeps("mallory", now=10) and len(refusals) == 0  # expired: forgotten
+    for sender in ("a", "b", "c"):
+        refusals.refuse(sender, full=False, until=100)
+    assert len(refusals) == 2 and refusals.keeps("a", now=1)  # bounded: the first forgotten
+    refusals.refuse(None, full=True, until=20)
+    assert not refusals.keeps(None, now=19) and not refusals.keeps("alice", now=19)
+    assert refusals.keeps("alice", now=20) and not refusals.keeps("b", now=20)
+
+
 def test_the_outbox_holds_at_most_max_total_bytes_of_all_users() -> None:
     outbox = UserOutbox(OutboxLimits(max_messages=10, max_bytes=100, max_age=100,
                                      max_total_bytes=250))
@@ -180,6 +291,8 @@ def test_outbox_limits_must_be_positive() -> None:
         ServerConfig(outbox_messages=-1)
     with pytest.raises(ValueError):
         ServerConfig(outbox_total_bytes=0)
+    with pytest.raises(ValueError):
+        ServerConfig(outbox_per_sender=0)
 
 
 async def test_messages_to_a_user_connected_nowhere_reach_their_next_connection_in_order_once(
@@ -625,3 +738,48 @@ async def test_one_client_sending_to_made_up_users_never_wipes_what_is_kept_for_
         refusals = [r for r in caplog.records if "outbox is full" in r.getMessage()]
         assert manager.outbox.refused == 200 - (config.outbox_users - 1)
         assert 1 <= len(refusals) <= 12
+
+
+async def test_a_sender_over_its_quota_gets_kept_false_and_other_senders_messages_are_kept(
+    make_stack: MakeStack, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The report's flood: one client makes the server send to many made-up users. Its own
+    messages stop being kept at its quota (and ``send_message_to_user`` says so, without
+    raising), while a friend's message to an offline user is still kept and delivered; what
+    reaches its user leaves the sender's count; sends from server code are charged to nobody."""
+    config = ServerConfig(outbox_per_sender=5, outbox_users=1000)
+    async with make_stack(config=config) as stack:
+        manager = stack.manager
+
+        async def tell(channel_id: str, data: Any) -> bool:
+            return await manager.send_message_to_user(
+                data["user"], {"kind": "tell", "data": data["text"]}, custom=True)
+
+        manager.add_ws_handler("tell", tell)
+        attacker = await stack.client("mallory:s1")
+        with caplog.at_level(logging.WARNING, logger="dara_ws_core"):
+            kept = [await attacker.request("tell", {"user": f"made-up-{i}", "text": "junk"})
+                    for i in range(40)]
+        assert kept == [True] * 5 + [False] * 35
+        assert manager.outbox.charged("mallory") == 5 and manager.outbox.refused_sender == 35
+        refusals = [r for r in caplog.records if "outbox_per_sender" in r.getMessage()]
+        assert 1 <= len(refusals) <= 12
+        friend = await stack.client("alice:s1")
+        assert await friend.request("tell", {"user": "victim", "text": "for you"}) is True
+        assert all([await manager.send_message_to_user(f"server-{i}", {"i": i}) for i in range(20)])
+        victim = await stack.client("victim:s1")
+        message = await victim.receive(TIMEOUT)
+        assert isinstance(message, CustomServerMessage)
+        assert (message.message.kind, message.message.data) == ("tell", "for you")
+        # Delivered to their (real) user, the attacker's messages leave its count.
+        bob = await stack.client("bob:s1")
+        for i in range(5):
+            assert await attacker.request("tell", {"user": "made-up-0", "text": i}) is False
+        made_up = await stack.client("made-up-0:s1")
+        message = await made_up.receive(TIMEOUT)
+        assert isinstance(message, CustomServerMessage) and message.message.data == "junk"
+        await eventually(lambda: manager.outbox.charged("mallory") == 4)
+        assert await attacker.request("tell", {"user": "bob", "text": "hello"}) is True
+        message = await bob.receive(TIMEOUT)
+        assert isinstance(message, CustomServerMessage) and message.message.data == "hello"
+        await eventually(lambda: manager.outbox.charged("mallory") == 4)

@@ -29,7 +29,8 @@ from dara_ws_core.exceptions import (
     DaraWSError,
     RequestTimeout,
 )
-from dara_ws_core.outbox import Stamped, id_key
+from dara_ws_core.logs import _is_power_of_ten
+from dara_ws_core.outbox import BusRefusals, Stamped, id_key
 
 from .contract import Attachment, BackplaneHost, Gap, error_of, failure_of
 from .node import BusNode, BusOptions, Entry, Publication, cancel_task, wait_event
@@ -86,6 +87,8 @@ class BrokerBackplane(BusNode):
         if expiry <= heartbeat_interval:
             raise ValueError("expiry must be longer than heartbeat_interval")
         super().__init__(**options)
+        #: The bus's refusals to keep messages, as far as this process has heard.
+        self.refusals = BusRefusals()
         self.heartbeat_interval = heartbeat_interval
         self.expiry = expiry
         self._manager: BackplaneHost | None = None
@@ -265,14 +268,36 @@ class BrokerBackplane(BusNode):
 
     async def send_to_user(self, user_id: str, frame: bytes, ignore_channel: str | None,
                            keep: OutboxLimits | None = None,
-                           stamped: Callable[[Stamped], None] | None = None) -> None:
+                           stamped: Callable[[Stamped], None] | None = None, *,
+                           sender: str | None = None) -> None:
         data = encode_bus_message(UserDelivery(user_id, ignore_channel, frame, sent=_wall_ms()))
-        if not await self._post(Publication(data, user_id=user_id, keep=keep,
+        if not await self._post(Publication(data, user_id=user_id, keep=keep, sender=sender,
                                             stamped=None if keep is None else stamped),
                                 "message to a user") and keep is not None:
             # Not queued (the bus is unreachable): neither published nor kept, say so.
             raise BackplaneError("the backplane is disconnected: the message to the user was "
                                  "not kept")
+
+    def keeps(self, sender: str | None) -> bool:
+        return self.refusals.keeps(sender, time.monotonic())
+
+    def _outbox_refused(self, sender: str | None, bound: str, wait_ms: int) -> None:
+        """The bus refused to keep a message for ``wait_ms`` more, by a bound of its outbox
+        (``bound``): ``"sender"``, the sender's quota (its next messages are not offered until
+        then); ``"bytes"``, the outbox's bytes (no message is offered until then); ``"users"``,
+        its count of histories (only a message to a user with no history is refused, which
+        this process cannot tell: nothing is remembered). Counted, and logged the first ten
+        times, then at each power of ten."""
+        if bound != "users":
+            self.refusals.refuse(sender, bound == "bytes", time.monotonic() + wait_ms / 1000)
+        self.stats.outbox_refused += 1
+        count = self.stats.outbox_refused
+        if count <= 10 or _is_power_of_ten(count):
+            setting = {"sender": "outbox_per_sender", "bytes": "outbox_total_bytes"}.get(
+                bound, "outbox_users")
+            logger.warning("backplane: the bus's outbox refused to keep a message (%s): it was "
+                           "delivered live only (%d so far)", setting, count,
+                           extra={"node": self.node_id})
 
     def ack(self, user_id: str, upto: str) -> None:
         if not self._connected.is_set():

@@ -114,13 +114,20 @@ class Backplane(Protocol):
 
     async def send_to_user(self, user_id: str, frame: bytes, ignore_channel: str | None,
                            keep: OutboxLimits | None = None,
-                           stamped: Callable[[Stamped], None] | None = None) -> None:
+                           stamped: Callable[[Stamped], None] | None = None, *,
+                           sender: str | None = None) -> None:
         """Deliver a frame to the user's channels on every *other* process. With ``keep`` it is
-        appended to the user's history on the bus first (in the same step), and ``stamped``
-        is called with the entry it became once the bus has it (the caller's local deliveries
-        are acknowledged by it), and ``BackplaneError`` is raised if the bus is unreachable (the
-        message could not be kept). Otherwise never raises for remote failures: they are
-        counted and logged."""
+        appended to the user's history on the bus first (in the same step), charged to
+        ``sender`` (``None``: nobody) within the bus's bounds of the outbox (a refusal is counted
+        in ``stats.outbox_refused`` and remembered: :meth:`keeps`), and ``stamped`` is called with
+        the entry it became once the bus has it (the caller's local deliveries are acknowledged
+        by it), and ``BackplaneError`` is raised if the bus is unreachable (the message could not
+        be kept). Otherwise never raises for remote failures: they are counted and logged."""
+
+    def keeps(self, sender: str | None) -> bool:
+        """Whether a message charged to ``sender`` may be offered to the bus's outbox: ``False``
+        while the bus's last answer said that sender's quota, or the outbox as a whole, is
+        exhausted (then the caller sends it without ``keep``). Never waits."""
 
     def ack(self, user_id: str, upto: str) -> None:
         """The user's connections here wrote the user's history up to entry ``upto``: move the
@@ -265,6 +272,9 @@ class BackplaneStats:
     replayed: int = 0
     #: Connections refused because the user had ``max_connections_per_user`` on all processes.
     refused: int = 0
+    #: Messages the bus's outbox refused to keep (``outbox_per_sender``, ``outbox_users``,
+    #: ``outbox_total_bytes``): delivered live only.
+    outbox_refused: int = 0
     #: Times this node's subscription came back after a gap (every one is reported).
     gaps: int = 0
     #: Messages known lost for this node's channels during gaps: per-user sends a bound dropped

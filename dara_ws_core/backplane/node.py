@@ -66,6 +66,8 @@ class Publication:
     #: With ``keep``: called with the entry the message became once the bus appended it (in
     #: the publishing task, without a future per message).
     stamped: Callable[[Stamped], None] | None = None
+    #: With ``keep``: who the message is charged to (``OutboxLimits.max_per_sender``).
+    sender: str | None = None
 
 
 class BusNode(abc.ABC):

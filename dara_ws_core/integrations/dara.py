@@ -160,13 +160,14 @@ class DaraManager(WebsocketManager):
     async def send_message_to_user(
         self, user_id: str, message: LoosePayload | BaseModel, custom: bool = False,
         ignore_channel: str | None = None,
-    ) -> None:
+    ) -> bool:
         try:
-            await super().send_message_to_user(user_id, _from_dara(message, custom), custom,
-                                               ignore_channel)
+            return await super().send_message_to_user(user_id, _from_dara(message, custom),
+                                                      custom, ignore_channel)
         except BackplaneError:
             logger.warning("backplane unreachable: user message reached this process only",
                            extra={"user": user_id})
+            return False
 
     async def send_and_wait(
         self, channel_id: str, message: LoosePayload | BaseModel, custom: bool = False,

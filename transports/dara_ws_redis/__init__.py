@@ -23,6 +23,11 @@ Redis layout (``<ns>`` is the namespace, ``dara-ws`` by default):
   ``max_age``, void once that channel or its node is gone (``\nlast`` once it settled without
   writing them all); while it exists, no acknowledgement of an entry after ``last`` but the
   holder's moves the written mark;
+* ``<ns>:outbox-sender:<sender>`` -> the messages a sender (a user, or an anonymous channel) had
+  kept since the key was made, expiring ``max_age`` after (``outbox_per_sender``);
+* ``<ns>:outbox-window:<k>`` -> hash: the histories created (``u``) and the bytes appended less
+  those trimmed (``b``) in the ``k``-th window of ``max_age``, expiring after two windows
+  (``outbox_users`` and ``outbox_total_bytes`` bound this window's and the previous one's sums);
 * ``<ns>:missed:<node_id>`` -> hash user -> count: the node's gap ledger, used with the outbox
   off: messages for its users that found nobody listening on its topic (read and reset when the
   node resubscribes).
@@ -107,15 +112,52 @@ end
 # listens for are dropped once their channel key is gone too (a dead node's; a node cut off for
 # less than the expiry keeps them, so that with the outbox off its gap ledger counts every
 # message it missed). Returns the receivers in all.
+#
+# The outbox as a whole is bounded too (ARGV[11..15]: the sender's counter key, '' for a send
+# charged to nobody; the most messages per sender; the window counters' key prefix; the most
+# histories and bytes). A message is refused (not kept, still published) when its sender's
+# counter is at the quota (the counter expires ``age`` after the sender's first message counted:
+# what was delivered meanwhile is not subtracted), or when the histories created (a new one) or
+# the bytes appended, minus those trimmed, over this window of ``age`` ms and the previous one
+# would go past the bounds (each window's counters expire after two windows).
 _ROUTE_USER = """
 local message, kept, n = ARGV[3], nil, 0
-if ARGV[8] ~= nil and #ARGV[3] <= tonumber(ARGV[9]) then
+local keep = ARGV[8] ~= nil and #ARGV[3] <= tonumber(ARGV[9])
+local t, window, new, refused, wait
+if keep then
+  local age = tonumber(ARGV[10])
+  if ARGV[11] ~= '' and tonumber(redis.call('GET', ARGV[11]) or '0') >= tonumber(ARGV[12]) then
+    keep, refused, wait = false, 'sender', redis.call('PTTL', ARGV[11])
+  else
+    t = redis.call('TIME')
+    local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    local slot = math.floor(ms / age)
+    window = ARGV[13] .. slot
+    local now = redis.call('HMGET', window, 'u', 'b')
+    local before = redis.call('HMGET', ARGV[13] .. (slot - 1), 'u', 'b')
+    new = redis.call('EXISTS', KEYS[3]) == 0
+    local users = tonumber(now[1] or '0') + tonumber(before[1] or '0')
+    local total = tonumber(now[2] or '0') + tonumber(before[2] or '0')
+    if total + #ARGV[3] > tonumber(ARGV[15]) then
+      keep, refused, wait = false, 'bytes', age - ms % age
+    elseif new and users >= tonumber(ARGV[14]) then
+      keep, refused, wait = false, 'users', age - ms % age
+    end
+  end
+end
+if keep then
   local most, cap, age = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+  if ARGV[11] ~= '' and redis.call('INCR', ARGV[11]) == 1 then
+    redis.call('PEXPIRE', ARGV[11], age)
+  end
+  if new then redis.call('HINCRBY', window, 'u', 1) end
+  if redis.call('HINCRBY', window, 'b', #ARGV[3]) == #ARGV[3] then  -- the window's first
+    redis.call('PEXPIRE', window, 2 * age)
+  end
   n = redis.call('HINCRBY', KEYS[3], 'n', 1)
   kept = redis.call('XADD', KEYS[2], '*', 'd', ARGV[3], 'n', n)
   local bytes = redis.call('HINCRBY', KEYS[3], 'b', #ARGV[3])
   local count = redis.call('XLEN', KEYS[2])
-  local t = redis.call('TIME')
   local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - age
   -- The oldest entries, as many as the count bound drops plus one (whose age is checked) per
   -- read: at steady state one XRANGE, one XDEL and one HINCRBY per message.
@@ -137,6 +179,7 @@ if ARGV[8] ~= nil and #ARGV[3] <= tonumber(ARGV[9]) then
     if #dropped > 0 then
       redis.call('XDEL', KEYS[2], unpack(dropped))
       bytes = redis.call('HINCRBY', KEYS[3], 'b', -freed)
+      redis.call('HINCRBY', window, 'b', -freed)
     end
   end
   redis.call('PEXPIRE', KEYS[2], age)
@@ -169,6 +212,7 @@ for node, r in pairs(sent) do
     redis.call('PEXPIRE', ARGV[4] .. node, ARGV[6])
   end
 end
+if refused then return {total, refused, wait} end  -- a bound: {receivers, which, ms it lasts}
 return total
 """
 
@@ -336,6 +380,12 @@ class RedisBackplane(BrokerBackplane):
     def _lease_key(self, user_id: str) -> str:
         return f"{self.namespace}:outbox-lease:{user_id}"
 
+    def _sender_key(self, sender: str) -> str:
+        return f"{self.namespace}:outbox-sender:{sender}"
+
+    def _window_key(self, slot: str) -> str:
+        return f"{self.namespace}:outbox-window:{slot}"
+
     def _missed_key(self, node_id: str) -> str:
         return f"{self.namespace}:missed:{node_id}"
 
@@ -392,9 +442,13 @@ class RedisBackplane(BrokerBackplane):
                 if keep is None:
                     yield _ROUTE_USER, (1, self._user(user), *common)
                 else:
+                    sender = publication.sender
                     yield _ROUTE_USER, (3, self._user(user), *self._outbox_keys(user), *common,
                                         keep.max_messages, keep.max_bytes,
-                                        int(keep.max_age * 1000))
+                                        int(keep.max_age * 1000),
+                                        "" if sender is None else self._sender_key(sender),
+                                        keep.max_per_sender, self._window_key(""),
+                                        keep.max_users, keep.max_total_bytes)
             else:
                 yield _ROUTE, (1, self._ch(str(publication.channel_id)), self.node_id, prefix,
                                publication.data)
@@ -437,6 +491,10 @@ class RedisBackplane(BrokerBackplane):
                 where, _, count = _text(reply).rpartition(" ")
                 receivers = int(count)
                 results.append((where, receivers if receivers else -1))
+            elif publication.user_id is not None and isinstance(reply, list):
+                # Refused by a bound of the outbox: {receivers, "sender", "bytes" or "users", ms}.
+                self._outbox_refused(publication.sender, _text(reply[1]), max(int(reply[2]), 0))
+                results.append((None, int(reply[0])))
             elif publication.channel_id is None:  # a topic or a user: a count
                 results.append((None, int(reply)))
             elif reply is None:
