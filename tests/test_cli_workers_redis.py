@@ -103,7 +103,7 @@ async def test_workers_share_the_port_and_the_backplane_and_stop_together(
         # A per-user push asked on worker B reaches that user's connection on worker A.
         user, target = on_a[1]
         told_ok = await on_b[0][1].request("tell", {"user": user, "text": "psst"}, timeout=10)
-        assert told_ok == {"delivered": True}
+        assert told_ok == {"delivered": True, "kept": True}
         told = await _pushed(target, "tell")
         assert told.message.data["text"] == "psst"
 
