@@ -31,7 +31,7 @@ from dara_ws_core.exceptions import (
 )
 from dara_ws_core.outbox import Stamped, id_key
 
-from .contract import Attachment, BackplaneHost, Gap, error_of, failure_of
+from .contract import Attachment, BackplaneHost, Failure, Gap, error_of, failure_of
 from .node import BusNode, BusOptions, Entry, Publication, cancel_task, wait_event
 from .wire import (
     BroadcastDelivery,
@@ -468,6 +468,8 @@ class BrokerBackplane(BusNode):
         except BackplaneError as exc:
             logger.warning("backplane: dropped a message: %s", exc, extra={"node": self.node_id})
             return
+        if self._unechoed and isinstance(message, _ECHOES) and message.origin == self.node_id:
+            self._echoed(len(data))
         try:
             self._dispatch(message)
         except Exception:
@@ -550,8 +552,12 @@ class BrokerBackplane(BusNode):
                 reply = RemoteReply(request.request_id, failure=failure_of(exc))
         finally:
             self._serving.pop(request.request_id, None)
-        self._post_nowait(Publication(encode_bus_message(reply),
-                                      topic=self.topic_of(request.reply_to)), "reply")
+        data = encode_bus_message(reply)
+        if len(data) > self.max_bus_message:  # the asker gets a ChunkError, not a cut-off bus
+            data = encode_bus_message(RemoteReply(request.request_id, failure=Failure(
+                "chunk", f"the answer is too large for the backplane: {len(data)} bytes "
+                f"(max_bus_message = {self.max_bus_message})")))
+        self._post_nowait(Publication(data, topic=self.topic_of(request.reply_to)), "reply")
 
     def _settle(self, reply: RemoteReply) -> None:
         entry = self._waiting.get(reply.request_id)
@@ -744,6 +750,9 @@ class BrokerBackplane(BusNode):
 Kept = tuple[str, int, bytes]
 
 _MAX_UNSENT_ACKS = 100_000
+
+#: What this node publishes on the broadcast topic, and so hears back (see ``publish_window``).
+_ECHOES = (BroadcastDelivery, Control)
 
 
 def _wall_ms() -> int:
