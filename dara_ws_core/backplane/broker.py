@@ -70,7 +70,7 @@ class BrokerBackplane(BusNode):
     ``expiry`` (default 3 x the interval): how long entries outlive a node that stopped refreshing
     them; the other options are :class:`~dara_ws_core.backplane.node.BusNode`'s
     (``node_id``, ``namespace``, ``connect_timeout``, ``backoff_initial``, ``backoff_max``,
-    ``max_outbox``).
+    ``max_outbox``, ``max_outbox_bytes``, ``max_bus_message``, ``publish_window``).
     """
 
     def __init__(
