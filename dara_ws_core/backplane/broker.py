@@ -468,20 +468,25 @@ class BrokerBackplane(BusNode):
         except BackplaneError as exc:
             logger.warning("backplane: dropped a message: %s", exc, extra={"node": self.node_id})
             return
-        if self._unechoed and isinstance(message, _ECHOES) and message.origin == self.node_id:
-            self._echoed(len(data))
         try:
-            self._dispatch(message)
+            self._dispatch(message, len(data))
         except Exception:
             logger.exception("backplane: handling a message failed", extra={"node": self.node_id})
 
-    def _dispatch(self, message: BusMessage) -> None:
+    def _dispatch(self, message: BusMessage, size: int) -> None:
+        """Handle one decoded message of ``size`` bytes."""
         manager = self._manager
         if manager is None:
             return
         if isinstance(message, BroadcastDelivery):
             if message.origin == self.node_id:
-                return  # our own broadcast, already delivered locally by the manager
+                # Our own broadcast, already delivered locally by the manager: heard back
+                # (publish_window; inline, as it comes back for every broadcast).
+                unechoed = self._unechoed - size
+                self._unechoed = unechoed if unechoed > 0 else 0
+                if self._echo_waiting and unechoed < self.publish_window:
+                    self._echo_room.set()
+                return
             self.stats.received += 1
             self._lagged(manager, message.sent)
             missed = self._sequences.observe(message.origin, message.seq)
@@ -491,7 +496,9 @@ class BrokerBackplane(BusNode):
             self.stats.delivered += manager.deliver_to_all(message.frame, message.ignore)
             return
         if isinstance(message, Control):
-            if message.origin != self.node_id:  # the origin closed its own connections already
+            if message.origin == self.node_id:  # the origin closed its own connections already
+                self._echoed(size)
+            else:
                 self.stats.received += 1
                 closed = manager.close_local(message.scope, message.target, message.code,
                                              message.reason)
@@ -750,9 +757,6 @@ class BrokerBackplane(BusNode):
 Kept = tuple[str, int, bytes]
 
 _MAX_UNSENT_ACKS = 100_000
-
-#: What this node publishes on the broadcast topic, and so hears back (see ``publish_window``).
-_ECHOES = (BroadcastDelivery, Control)
 
 
 def _wall_ms() -> int:

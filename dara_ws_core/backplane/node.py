@@ -143,6 +143,7 @@ class BusNode(abc.ABC):
         self._outbox_space = asyncio.Event()
         self._outbox_space.set()
         self._room = asyncio.Lock()
+        self._room_waiting = 0  # senders in or waiting for _room
         self._outbox_idle = asyncio.Event()
         self._outbox_idle.set()
         self.max_outbox = max_outbox
@@ -150,9 +151,12 @@ class BusNode(abc.ABC):
         self.max_bus_message = max_bus_message
         self.publish_window = publish_window
         self._outbox_bytes = 0
+        # Of those, the bytes on the broadcast topic (this node hears them back).
+        self._outbox_echo = 0
         # Bytes of this node's broadcasts published and not heard back yet (see _echoed).
         self._unechoed = 0
         self._echo_room = asyncio.Event()
+        self._echo_waiting = False
         # Publications queued so far, and of those, how many are done (published or failed):
         # :meth:`_published` waits for the count at its call (futures waiting, by that count).
         self._queued = 0
@@ -236,23 +240,27 @@ class BusNode(abc.ABC):
         only counted and logged; with it, ``done`` gets the result or the ``BackplaneError``
         (also counted). Raises ``ValueError`` for a message over ``max_bus_message``."""
         size = len(publication.data)
-        self._check_size(size, what)
+        if size > self.max_bus_message:
+            self._too_large(size, what)
         outbox = self._outbox
-        if self._room.locked() or (outbox and (len(outbox) >= self.max_outbox or
-                                               self._outbox_bytes + size > self.max_outbox_bytes)):
+        if self._room_waiting or (outbox and (len(outbox) >= self.max_outbox or
+                                              self._outbox_bytes + size > self.max_outbox_bytes)):
             # Senders waiting for room get it in the order they came (first in, first out).
-            async with self._room:
-                while outbox and self._connected.is_set() and (
-                        len(outbox) >= self.max_outbox
-                        or self._outbox_bytes + size > self.max_outbox_bytes):
-                    self._outbox_space.clear()
-                    await self._outbox_space.wait()
+            self._room_waiting += 1
+            try:
+                async with self._room:
+                    while outbox and self._connected.is_set() and (
+                            len(outbox) >= self.max_outbox
+                            or self._outbox_bytes + size > self.max_outbox_bytes):
+                        self._outbox_space.clear()
+                        await self._outbox_space.wait()
+            finally:
+                self._room_waiting -= 1
         return self._queue(publication, what, done, size)
 
-    def _check_size(self, size: int, what: str) -> None:
-        if size > self.max_bus_message:
-            raise ValueError(f"the {what} is too large for the backplane: {size} bytes "
-                             f"(max_bus_message = {self.max_bus_message})")
+    def _too_large(self, size: int, what: str) -> None:
+        raise ValueError(f"the {what} is too large for the backplane: {size} bytes "
+                         f"(max_bus_message = {self.max_bus_message})")
 
     def _post_nowait(self, publication: Publication, what: str,
                      done: asyncio.Future[Routed] | None = None) -> bool:
@@ -262,7 +270,8 @@ class BusNode(abc.ABC):
         (counted and logged, ``done`` gets ``BackplaneError``). Raises ``ValueError`` over
         ``max_bus_message``."""
         size = len(publication.data)
-        self._check_size(size, what)
+        if size > self.max_bus_message:
+            self._too_large(size, what)
         if (self._outbox_bytes + size > 2 * self.max_outbox_bytes and self._connected.is_set()
                 and not self._drop_broadcasts(size)):
             exc = BackplaneError("the backplane's outbox is full")
@@ -281,6 +290,8 @@ class BusNode(abc.ABC):
             return False
         self._outbox.append((publication, done, what))
         self._outbox_bytes += size
+        if publication.topic == self.broadcast_topic:
+            self._outbox_echo += size
         self._queued += 1
         self._outbox_idle.clear()
         self._outbox_ready.set()
@@ -296,6 +307,7 @@ class BusNode(abc.ABC):
             item = self._outbox.popleft()
             if self._outbox_bytes > limit and item[2] == "broadcast":
                 self._outbox_bytes -= len(item[0].data)
+                self._outbox_echo -= len(item[0].data)
                 dropped += 1
             else:
                 kept.append(item)
@@ -381,34 +393,47 @@ class BusNode(abc.ABC):
         to come back."""
         outbox = self._outbox
         room = self.publish_window - self._unechoed
-        topic = self.broadcast_topic
-        batch: list[_Queued] = []
-        size = echoed = 0
-        while outbox and len(batch) < _BATCH:
-            item = outbox[0]
-            n = len(item[0].data)
-            if batch and size + n > room:
-                break
-            batch.append(outbox.popleft())
-            size += n
-            if item[0].topic == topic:
-                echoed += n
+        if self._outbox_bytes <= room and len(outbox) <= _BATCH:  # all of it (the usual case)
+            batch = list(outbox)
+            outbox.clear()
+            self._unechoed += self._outbox_echo
+            self._outbox_bytes = self._outbox_echo = 0
+            return batch
+        batch = [outbox.popleft() for _ in range(min(len(outbox), _BATCH))]
+        sizes = [len(p.data) for p, _, _ in batch]
+        size = sum(sizes)
+        while size > room and len(batch) > 1:  # the rest waits for the window
+            outbox.appendleft(batch.pop())
+            size -= sizes.pop()
+        if not self._outbox_echo:
+            echoed = 0
+        elif self._outbox_echo == self._outbox_bytes:  # only broadcasts
+            echoed = size
+        else:
+            topic = self.broadcast_topic
+            echoed = sum(n for (p, _, _), n in zip(batch, sizes, strict=True)
+                         if p.topic == topic)
         self._outbox_bytes -= size
+        self._outbox_echo -= echoed
         self._unechoed += echoed
         return batch
 
     def _echoed(self, size: int) -> None:
         """One of this node's broadcasts, of ``size`` bytes, came back on its subscription."""
-        self._unechoed = max(0, self._unechoed - size)
-        if self._unechoed < self.publish_window:
+        unechoed = self._unechoed = max(0, self._unechoed - size)
+        if self._echo_waiting and unechoed < self.publish_window:
             self._echo_room.set()
 
     async def _wait_echoes(self) -> None:
         """Wait until the broadcasts in flight are heard back below ``publish_window`` (or the
         bus is down: the batch fails at once); after ``_ECHO_TIMEOUT`` take them for lost."""
         self._echo_room.clear()
-        if await wait_event(self._echo_room, _ECHO_TIMEOUT) or not self._connected.is_set():
-            return
+        self._echo_waiting = True
+        try:
+            if await wait_event(self._echo_room, _ECHO_TIMEOUT) or not self._connected.is_set():
+                return
+        finally:
+            self._echo_waiting = False
         logger.warning("backplane: %d byte(s) of broadcasts from this process not heard back "
                        "within %.0f s; publishing on", self._unechoed, _ECHO_TIMEOUT,
                        extra={"node": self.node_id})
@@ -422,6 +447,7 @@ class BusNode(abc.ABC):
             if done is not None and not done.done():
                 done.set_exception(exc)
             self._done_with(1)
+        self._outbox_echo = 0
         self._outbox_idle.set()
         self._outbox_space.set()
 
