@@ -19,7 +19,8 @@ import pytest
 from redis.asyncio import Redis
 
 from dara_ws_core import ChunkError, Request, ServerConfig, WebsocketManager
-from dara_ws_core.backplane import Publication
+from dara_ws_core.backplane import MemoryBackplane, MemoryBroker, Publication
+from dara_ws_core.backplane import node as bus_node
 from dara_ws_redis import RedisBackplane
 
 from .helpers import eventually
@@ -160,3 +161,70 @@ async def test_the_publish_outbox_is_bounded_in_bytes_while_redis_is_stalled(
         await asyncio.wait(senders, timeout=30)
         assert all(t.done() for t in senders)
         assert backplane._outbox_bytes >= 0
+
+
+async def test_a_clients_chat_flood_never_knocks_its_process_off_the_bus(
+    redis_factory: Callable[[], RedisServer], transport_name: str,
+) -> None:
+    # The review's case, scaled down: four clients' handler broadcasts every frame they send, as
+    # fast as they write; Redis cuts a subscriber past 128 KiB waiting for it (without the
+    # window, every transport's process is cut off again and again).
+    server = redis_factory()
+    admin = Redis.from_url(server.url)
+    try:
+        await admin.config_set("client-output-buffer-limit", "pubsub 128kb 64kb 60")
+        async with two_nodes(server.url, transport_name, publish_window=16 * KiB) as stacks:
+            sender, other = stacks
+            manager = sender.manager
+
+            async def chat(channel_id: str, data: Any) -> None:
+                await manager.broadcast({"chat": data}, ignore_channel=channel_id)
+
+            manager.add_ws_handler("chat", chat)
+            flooders = [await sender.client(f"mallory:s{i}") for i in range(4)]
+            received, published = bus(other).stats.received, bus(sender).stats.published
+            text = "x" * (32 * KiB)
+
+            async def flood(flooder: Any) -> None:
+                for _ in range(100):
+                    await flooder.send_custom("chat", text)
+
+            await asyncio.gather(*(flood(f) for f in flooders))
+            await eventually(lambda: manager.stats().handlers_running == 0
+                             and bus(other).stats.received - received >= 100,
+                             "the flood handled and heard by the other process", timeout=30)
+            await bus(sender).flush()
+            published = bus(sender).stats.published - published
+            assert published >= 100
+            await eventually(lambda: bus(other).stats.received - received == published,
+                             "every broadcast heard by the other process", timeout=20)
+            for stack in stacks:
+                assert bus(stack).connected and bus(stack).stats.reconnects == 0
+        stats = await admin.info("stats")
+        assert stats.get("client_output_buffer_limit_disconnections", 0) == 0
+    finally:
+        await admin.aclose()
+
+
+async def test_a_lost_echo_never_wedges_publishing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Broadcasts that never come back (their echo lost) hold publishing back for at most the
+    # echo timeout, and a new subscription forgets them at once.
+    monkeypatch.setattr(bus_node, "_ECHO_TIMEOUT", 0.2)
+    broker = MemoryBroker()
+    backplane = MemoryBackplane(broker, publish_window=4 * KiB)
+    manager = WebsocketManager(ServerConfig(), backplane=backplane)
+    await backplane.start(manager)
+    try:
+        published = backplane.stats.published
+        backplane._unechoed = backplane.publish_window  # as if 4 KiB were never heard back
+        await manager.broadcast({"n": 1})
+        async with asyncio.timeout(5):
+            await backplane.flush()
+        assert backplane.stats.published == published + 1
+        backplane._unechoed = backplane.publish_window
+        broker.cut(backplane.node_id)  # the subscription ends: what was in flight is forgotten
+        await eventually(lambda: not backplane.connected, "the subscription ended")
+        assert backplane._unechoed == 0
+        broker.mend(backplane.node_id)
+    finally:
+        await backplane.stop()
