@@ -476,9 +476,11 @@ class BusNode(abc.ABC):
         if self._connected.is_set():
             await wait_event(self._outbox_idle, 1.0)
         await cancel_task(self._publisher_task)
+        # Disconnected before the senders waiting for room wake up: they fail, rather than
+        # queue behind a publisher that is gone.
+        self._connected.clear()
         self._drop_outbox(BackplaneError("the backplane stopped"))
         await cancel_task(self._bus_task)
-        self._connected.clear()
         with contextlib.suppress(Exception):
             await self._close_bus()
 
