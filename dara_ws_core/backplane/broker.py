@@ -32,7 +32,7 @@ from dara_ws_core.exceptions import (
 from dara_ws_core.logs import _is_power_of_ten
 from dara_ws_core.outbox import BusRefusals, Stamped, id_key
 
-from .contract import Attachment, BackplaneHost, Gap, error_of, failure_of
+from .contract import Attachment, BackplaneHost, Failure, Gap, error_of, failure_of
 from .node import BusNode, BusOptions, Entry, Publication, cancel_task, wait_event
 from .wire import (
     BroadcastDelivery,
@@ -71,7 +71,7 @@ class BrokerBackplane(BusNode):
     ``expiry`` (default 3 x the interval): how long entries outlive a node that stopped refreshing
     them; the other options are :class:`~dara_ws_core.backplane.node.BusNode`'s
     (``node_id``, ``namespace``, ``connect_timeout``, ``backoff_initial``, ``backoff_max``,
-    ``max_outbox``).
+    ``max_outbox``, ``max_outbox_bytes``, ``max_bus_message``, ``publish_window``).
     """
 
     def __init__(
@@ -494,17 +494,24 @@ class BrokerBackplane(BusNode):
             logger.warning("backplane: dropped a message: %s", exc, extra={"node": self.node_id})
             return
         try:
-            self._dispatch(message)
+            self._dispatch(message, len(data))
         except Exception:
             logger.exception("backplane: handling a message failed", extra={"node": self.node_id})
 
-    def _dispatch(self, message: BusMessage) -> None:
+    def _dispatch(self, message: BusMessage, size: int) -> None:
+        """Handle one decoded message of ``size`` bytes."""
         manager = self._manager
         if manager is None:
             return
         if isinstance(message, BroadcastDelivery):
             if message.origin == self.node_id:
-                return  # our own broadcast, already delivered locally by the manager
+                # Our own broadcast, already delivered locally by the manager: heard back
+                # (publish_window; inline, as it comes back for every broadcast).
+                unechoed = self._unechoed - size
+                self._unechoed = unechoed if unechoed > 0 else 0
+                if self._echo_waiting and unechoed < self.publish_window:
+                    self._echo_room.set()
+                return
             self.stats.received += 1
             self._lagged(manager, message.sent)
             missed = self._sequences.observe(message.origin, message.seq)
@@ -514,7 +521,9 @@ class BrokerBackplane(BusNode):
             self.stats.delivered += manager.deliver_to_all(message.frame, message.ignore)
             return
         if isinstance(message, Control):
-            if message.origin != self.node_id:  # the origin closed its own connections already
+            if message.origin == self.node_id:  # the origin closed its own connections already
+                self._echoed(size)
+            else:
                 self.stats.received += 1
                 closed = manager.close_local(message.scope, message.target, message.code,
                                              message.reason)
@@ -575,8 +584,12 @@ class BrokerBackplane(BusNode):
                 reply = RemoteReply(request.request_id, failure=failure_of(exc))
         finally:
             self._serving.pop(request.request_id, None)
-        self._post_nowait(Publication(encode_bus_message(reply),
-                                      topic=self.topic_of(request.reply_to)), "reply")
+        data = encode_bus_message(reply)
+        if len(data) > self.max_bus_message:  # the asker gets a ChunkError, not a cut-off bus
+            data = encode_bus_message(RemoteReply(request.request_id, failure=Failure(
+                "chunk", f"the answer is too large for the backplane: {len(data)} bytes "
+                f"(max_bus_message = {self.max_bus_message})")))
+        self._post_nowait(Publication(data, topic=self.topic_of(request.reply_to)), "reply")
 
     def _settle(self, reply: RemoteReply) -> None:
         entry = self._waiting.get(reply.request_id)

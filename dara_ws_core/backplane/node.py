@@ -31,6 +31,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("dara_ws_core.backplane")
 
+_MiB = 1024 * 1024
+
+#: Seconds the publishing waits for its own broadcasts to come back (``publish_window``) before
+#: taking them for lost (a subscription that blinked) and publishing on.
+_ECHO_TIMEOUT = 5.0
+
+#: Publications per batch (one bus round trip), at most.
+_BATCH = 1000
+
 #: (channel id, user id or None): one directory entry.
 Entry = tuple[str, str | None]
 #: What publishing did: (node holding the channel or None, receivers; -1: nothing published).
@@ -48,6 +57,9 @@ class BusOptions(TypedDict, total=False):
     backoff_initial: float
     backoff_max: float
     max_outbox: int
+    max_outbox_bytes: int
+    max_bus_message: int
+    publish_window: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +82,10 @@ class Publication:
     sender: str | None = None
 
 
+#: A queued publication: what to publish, the future its result goes to (or None), what it is.
+_Queued = tuple[Publication, "asyncio.Future[Routed] | None", str]
+
+
 class BusNode(abc.ABC):
     """A process on a publish/subscribe bus: subscribed to its own topic
     (``<namespace>:node:<node_id>``) and to one broadcast topic, reconnecting with exponential
@@ -81,8 +97,16 @@ class BusNode(abc.ABC):
     ``stats.failed`` and logged (once when an outage starts, and with the count when it ends).
 
     ``connect_timeout``: how long a start waits for the bus; ``backoff_initial`` /
-    ``backoff_max``: reconnection delays; ``max_outbox``: messages waiting to be published before
-    senders wait for room.
+    ``backoff_max``: reconnection delays; ``max_outbox`` / ``max_outbox_bytes``: messages, and
+    their bytes, waiting to be published before senders wait for room (publications that cannot
+    wait, replies, acknowledgements, cancels and revocations, may take the bytes up to twice the
+    bound; beyond, queued broadcasts are dropped first, then the publication fails, counted);
+    ``max_bus_message``: the largest message published, checked on every publication (a sender
+    over it gets ``ValueError`` before anything is published; an answer to a relayed
+    ``send_and_wait`` over it becomes a ``ChunkError`` for the asker); ``publish_window``: bytes
+    of this node's broadcasts published but not yet heard back on its own subscription before
+    publishing waits (so that this process never publishes faster than it reads, which would
+    overflow the bus's buffer for its subscription: Redis's ``client-output-buffer-limit pubsub``).
     """
 
     def __init__(
@@ -94,7 +118,15 @@ class BusNode(abc.ABC):
         backoff_initial: float = 0.1,
         backoff_max: float = 5.0,
         max_outbox: int = 10_000,
+        max_outbox_bytes: int = 64 * _MiB,
+        max_bus_message: int = 8 * _MiB,
+        publish_window: int = 4 * _MiB,
     ) -> None:
+        if min(max_outbox, max_outbox_bytes, max_bus_message, publish_window) <= 0:
+            raise ValueError("max_outbox, max_outbox_bytes, max_bus_message and publish_window "
+                             "must be > 0")
+        if max_bus_message > max_outbox_bytes:
+            raise ValueError("max_bus_message must not exceed max_outbox_bytes")
         self.node_id = node_id or uuid.uuid4().hex
         self.namespace = namespace
         self.connect_timeout = connect_timeout
@@ -108,13 +140,25 @@ class BusNode(abc.ABC):
         # One ordered outbox for everything this node publishes: one task drains it in batches
         # (one round trip per batch), so publishing never costs a round trip per message and
         # messages leave in the order the calls made them.
-        self._outbox: deque[tuple[Publication, asyncio.Future[Routed] | None, str]] = deque()
+        self._outbox: deque[_Queued] = deque()
         self._outbox_ready = asyncio.Event()
         self._outbox_space = asyncio.Event()
         self._outbox_space.set()
+        self._room = asyncio.Lock()
+        self._room_waiting = 0  # senders in or waiting for _room
         self._outbox_idle = asyncio.Event()
         self._outbox_idle.set()
         self.max_outbox = max_outbox
+        self.max_outbox_bytes = max_outbox_bytes
+        self.max_bus_message = max_bus_message
+        self.publish_window = publish_window
+        self._outbox_bytes = 0
+        # Of those, the bytes on the broadcast topic (this node hears them back).
+        self._outbox_echo = 0
+        # Bytes of this node's broadcasts published and not heard back yet (see _echoed).
+        self._unechoed = 0
+        self._echo_room = asyncio.Event()
+        self._echo_waiting = False
         # Publications queued so far, and of those, how many are done (published or failed):
         # :meth:`_published` waits for the count at its call (futures waiting, by that count).
         self._queued = 0
@@ -193,26 +237,90 @@ class BusNode(abc.ABC):
 
     async def _post(self, publication: Publication, what: str,
                     done: asyncio.Future[Routed] | None = None) -> bool:
-        """Queue a publication (waiting for room if the outbox is full); whether it was queued
-        (not while the bus is unreachable). Without ``done`` a failure is only counted and
-        logged; with it, ``done`` gets the result or the ``BackplaneError`` (also counted)."""
-        while len(self._outbox) >= self.max_outbox and self._connected.is_set():
-            self._outbox_space.clear()
-            await self._outbox_space.wait()
-        return self._post_nowait(publication, what, done)
+        """Queue a publication (waiting for room while the outbox is full, in count or bytes);
+        whether it was queued (not while the bus is unreachable). Without ``done`` a failure is
+        only counted and logged; with it, ``done`` gets the result or the ``BackplaneError``
+        (also counted). Raises ``ValueError`` for a message over ``max_bus_message``."""
+        size = len(publication.data)
+        if size > self.max_bus_message:
+            self._too_large(size, what)
+        outbox = self._outbox
+        if self._room_waiting or (outbox and (len(outbox) >= self.max_outbox or
+                                              self._outbox_bytes + size > self.max_outbox_bytes)):
+            # Senders waiting for room get it in the order they came (first in, first out).
+            self._room_waiting += 1
+            try:
+                async with self._room:
+                    while outbox and self._connected.is_set() and (
+                            len(outbox) >= self.max_outbox
+                            or self._outbox_bytes + size > self.max_outbox_bytes):
+                        self._outbox_space.clear()
+                        await self._outbox_space.wait()
+            finally:
+                self._room_waiting -= 1
+        return self._queue(publication, what, done, size)
+
+    def _too_large(self, size: int, what: str) -> None:
+        raise ValueError(f"the {what} is too large for the backplane: {size} bytes "
+                         f"(max_bus_message = {self.max_bus_message})")
 
     def _post_nowait(self, publication: Publication, what: str,
                      done: asyncio.Future[Routed] | None = None) -> bool:
+        """Queue a publication that cannot wait (a reply, an acknowledgement, a cancel, a
+        revocation): it may take the outbox up to twice ``max_outbox_bytes``; beyond, queued
+        broadcasts (at most once anyway) are dropped to make room, and failing that, it fails
+        (counted and logged, ``done`` gets ``BackplaneError``). Raises ``ValueError`` over
+        ``max_bus_message``."""
+        size = len(publication.data)
+        if size > self.max_bus_message:
+            self._too_large(size, what)
+        if (self._outbox_bytes + size > 2 * self.max_outbox_bytes and self._connected.is_set()
+                and not self._drop_broadcasts(size)):
+            exc = BackplaneError("the backplane's outbox is full")
+            self._count_failure(what, exc)
+            if done is not None:
+                done.set_exception(exc)
+            return False
+        return self._queue(publication, what, done, size)
+
+    def _queue(self, publication: Publication, what: str,
+               done: asyncio.Future[Routed] | None, size: int) -> bool:
         if not self._connected.is_set():
             self._count_failure(what, None)
             if done is not None:
                 done.set_exception(BackplaneError("the backplane is disconnected"))
             return False
         self._outbox.append((publication, done, what))
+        self._outbox_bytes += size
+        if publication.topic == self.broadcast_topic:
+            self._outbox_echo += size
         self._queued += 1
         self._outbox_idle.clear()
         self._outbox_ready.set()
         return True
+
+    def _drop_broadcasts(self, size: int) -> bool:
+        """Drop queued broadcasts, oldest first, until ``size`` more bytes fit in twice
+        ``max_outbox_bytes`` (each counted as not published); whether they do."""
+        limit = 2 * self.max_outbox_bytes - size
+        kept: deque[_Queued] = deque()
+        dropped = 0
+        while self._outbox:
+            item = self._outbox.popleft()
+            if self._outbox_bytes > limit and item[2] == "broadcast":
+                self._outbox_bytes -= len(item[0].data)
+                self._outbox_echo -= len(item[0].data)
+                dropped += 1
+            else:
+                kept.append(item)
+        self._outbox.extend(kept)
+        if dropped:
+            self.stats.failed += dropped
+            logger.warning("backplane: %d queued broadcast(s) dropped: the outbox is full",
+                           dropped, extra={"node": self.node_id, "failed": self.stats.failed})
+            self._done_with(dropped)
+            self._outbox_space.set()
+        return self._outbox_bytes <= limit
 
     async def _published(self, timeout: float) -> bool:
         """Wait until every publication queued before this call is done (published or failed,
@@ -246,7 +354,11 @@ class BusNode(abc.ABC):
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
             while outbox:
-                batch = [outbox.popleft() for _ in range(min(len(outbox), 1000))]
+                if self._unechoed >= self.publish_window:
+                    await self._wait_echoes()
+                    if not outbox:
+                        break
+                batch = self._take_batch()
                 self._outbox_space.set()
                 try:
                     if not self._connected.is_set():
@@ -277,14 +389,69 @@ class BusNode(abc.ABC):
                 self._done_with(len(batch))
             self._outbox_idle.set()
 
+    def _take_batch(self) -> list[_Queued]:
+        """The next batch: at most ``_BATCH`` publications, and (beyond the first) no more bytes
+        than the room left in ``publish_window``; the broadcasts in it are counted as waiting
+        to come back."""
+        outbox = self._outbox
+        room = self.publish_window - self._unechoed
+        if self._outbox_bytes <= room and len(outbox) <= _BATCH:  # all of it (the usual case)
+            batch = list(outbox)
+            outbox.clear()
+            self._unechoed += self._outbox_echo
+            self._outbox_bytes = self._outbox_echo = 0
+            return batch
+        batch = [outbox.popleft() for _ in range(min(len(outbox), _BATCH))]
+        sizes = [len(p.data) for p, _, _ in batch]
+        size = sum(sizes)
+        while size > room and len(batch) > 1:  # the rest waits for the window
+            outbox.appendleft(batch.pop())
+            size -= sizes.pop()
+        if not self._outbox_echo:
+            echoed = 0
+        elif self._outbox_echo == self._outbox_bytes:  # only broadcasts
+            echoed = size
+        else:
+            topic = self.broadcast_topic
+            echoed = sum(n for (p, _, _), n in zip(batch, sizes, strict=True)
+                         if p.topic == topic)
+        self._outbox_bytes -= size
+        self._outbox_echo -= echoed
+        self._unechoed += echoed
+        return batch
+
+    def _echoed(self, size: int) -> None:
+        """One of this node's broadcasts, of ``size`` bytes, came back on its subscription."""
+        unechoed = self._unechoed = max(0, self._unechoed - size)
+        if self._echo_waiting and unechoed < self.publish_window:
+            self._echo_room.set()
+
+    async def _wait_echoes(self) -> None:
+        """Wait until the broadcasts in flight are heard back below ``publish_window`` (or the
+        bus is down: the batch fails at once); after ``_ECHO_TIMEOUT`` take them for lost."""
+        self._echo_room.clear()
+        self._echo_waiting = True
+        try:
+            if await wait_event(self._echo_room, _ECHO_TIMEOUT) or not self._connected.is_set():
+                return
+        finally:
+            self._echo_waiting = False
+        logger.warning("backplane: %d byte(s) of broadcasts from this process not heard back "
+                       "within %.0f s; publishing on", self._unechoed, _ECHO_TIMEOUT,
+                       extra={"node": self.node_id})
+        self._unechoed = 0
+
     def _drop_outbox(self, exc: BackplaneError) -> None:
         while self._outbox:
-            _, done, what = self._outbox.popleft()
+            publication, done, what = self._outbox.popleft()
+            self._outbox_bytes -= len(publication.data)
             self._count_failure(what, exc)
             if done is not None and not done.done():
                 done.set_exception(exc)
             self._done_with(1)
+        self._outbox_echo = 0
         self._outbox_idle.set()
+        self._outbox_space.set()
 
     def _count_failure(self, what: str, exc: BaseException | None) -> None:
         self.stats.failed += 1
@@ -311,9 +478,11 @@ class BusNode(abc.ABC):
         if self._connected.is_set():
             await wait_event(self._outbox_idle, 1.0)
         await cancel_task(self._publisher_task)
+        # Disconnected before the senders waiting for room wake up: they fail, rather than
+        # queue behind a publisher that is gone.
+        self._connected.clear()
         self._drop_outbox(BackplaneError("the backplane stopped"))
         await cancel_task(self._bus_task)
-        self._connected.clear()
         with contextlib.suppress(Exception):
             await self._close_bus()
 
@@ -321,6 +490,7 @@ class BusNode(abc.ABC):
         """Called by ``_bus_session`` once subscribed (a subclass may extend it, calling us last:
         the connection is announced only once its own state is ready)."""
         self._session_up = True
+        self._forget_echoes()
         if self._down_since is not None:
             lost = self.stats.failed - self._failed_at_down
             self.stats.reconnects += 1
@@ -336,12 +506,19 @@ class BusNode(abc.ABC):
     def _bus_down(self, reason: str) -> None:
         """Called when a session ends; a subclass fails what depended on it (extend, call us)."""
         self._connected.clear()
+        self._forget_echoes()
         if self._down_since is None and not self._stopping:
             self._down_since = time.monotonic()
             self._failed_at_down = self.stats.failed
             self._warned = False
             logger.warning("backplane disconnected (%s): local delivery continues; "
                            "reconnecting with backoff", reason, extra={"node": self.node_id})
+
+    def _forget_echoes(self) -> None:
+        """A new subscription (or none) never hears what was published before it: the broadcasts
+        in flight no longer hold the publishing back."""
+        self._unechoed = 0
+        self._echo_room.set()
 
     async def _run_bus(self) -> None:
         delay = self.backoff_initial

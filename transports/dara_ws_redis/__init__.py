@@ -350,7 +350,10 @@ class RedisBackplane(BrokerBackplane):
     ``url`` is a redis-py URL (``redis://[:password@]host:port/db``, ``rediss://`` for TLS);
     ``socket_timeout`` bounds every command. The other options are
     :class:`~dara_ws_core.backplane.BrokerBackplane`'s (``node_id``, ``namespace``,
-    ``heartbeat_interval``, ``expiry``, ``connect_timeout``, ``backoff_initial``, ``backoff_max``).
+    ``heartbeat_interval``, ``expiry``, ``connect_timeout``, ``backoff_initial``, ``backoff_max``,
+    ``max_outbox``, ``max_outbox_bytes``, ``max_bus_message``, ``publish_window``): keep
+    ``max_bus_message`` under Redis's hard ``client-output-buffer-limit pubsub`` (32 MB by
+    default) and ``publish_window`` times the number of processes under its soft one (8 MB).
     """
 
     def __init__(
