@@ -48,6 +48,8 @@ class BusOptions(TypedDict, total=False):
     backoff_initial: float
     backoff_max: float
     max_outbox: int
+    max_spool: int
+    max_spool_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,18 @@ class Publication:
     #: With ``keep``: called with the entry the message became once the bus appended it (in
     #: the publishing task, without a future per message).
     stamped: Callable[[Stamped], None] | None = None
+    #: With ``keep``: this process's id for the message. Sent again after a round trip that
+    #: failed (part of which may have run), the bus answers it as it did the first time.
+    kid: str | None = None
+    #: With ``topic``: a revocation ``(scope:target, code, reason)``, recorded on the bus (for
+    #: the processes that miss the publication) in the same step as it is published.
+    revoke: tuple[str, int, str] | None = None
+
+    @property
+    def durable(self) -> bool:
+        """Whether a failed attempt is kept in the spool and tried again (kept messages to a
+        user, revocations), rather than counted lost."""
+        return self.kid is not None or self.revoke is not None
 
 
 class BusNode(abc.ABC):
@@ -77,10 +91,15 @@ class BusNode(abc.ABC):
 
     Faults are reported, never silent: a message that cannot be published is counted in
     ``stats.failed`` and logged (once when an outage starts, and with the count when it ends).
+    Durable publications (kept messages to a user, revocations) whose attempt failed are not
+    dropped: they wait in a bounded spool and are published again, before anything newer and
+    in order, once the bus answers; only what the spool's bound refuses is lost (counted in
+    ``stats.failed`` and logged).
 
     ``connect_timeout``: how long a start waits for the bus; ``backoff_initial`` /
     ``backoff_max``: reconnection delays; ``max_outbox``: messages waiting to be published before
-    senders wait for room.
+    senders wait for room; ``max_spool`` / ``max_spool_bytes``: durable publications waiting
+    for the bus to answer again (beyond, a kept send raises ``BackplaneError``).
     """
 
     def __init__(
@@ -92,6 +111,8 @@ class BusNode(abc.ABC):
         backoff_initial: float = 0.1,
         backoff_max: float = 5.0,
         max_outbox: int = 10_000,
+        max_spool: int = 10_000,
+        max_spool_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self.node_id = node_id or uuid.uuid4().hex
         self.namespace = namespace
@@ -113,6 +134,15 @@ class BusNode(abc.ABC):
         self._outbox_idle = asyncio.Event()
         self._outbox_idle.set()
         self.max_outbox = max_outbox
+        # Durable publications whose attempt failed, oldest first, all older than the outbox's:
+        # published again first once the bus answers (see _publish_loop).
+        self._spool: deque[tuple[Publication, str]] = deque()
+        self._spool_bytes = 0
+        self.max_spool = max_spool
+        self.max_spool_bytes = max_spool_bytes
+        self._kids = 0
+        self._spool_lost = 0
+        self._spool_due = True
         # Publications queued so far, and of those, how many are done (published or failed):
         # :meth:`_published` waits for the count at its call (futures waiting, by that count).
         self._queued = 0
@@ -202,10 +232,16 @@ class BusNode(abc.ABC):
     def _post_nowait(self, publication: Publication, what: str,
                      done: asyncio.Future[Routed] | None = None) -> bool:
         if not self._connected.is_set():
-            self._count_failure(what, None)
+            # A durable one waits for the bus (the publish loop spools it), if there is room.
+            queued = publication.durable and self._spool_room(len(self._outbox) + 1,
+                                                              len(publication.data))
+            if not queued:
+                self._count_failure(what, None)
             if done is not None:
                 done.set_exception(BackplaneError("the backplane is disconnected"))
-            return False
+            if not queued:
+                return False
+            done = None
         self._outbox.append((publication, done, what))
         self._queued += 1
         self._outbox_idle.clear()
@@ -238,13 +274,72 @@ class BusNode(abc.ABC):
             if not waiter.done():
                 waiter.set_result(None)
 
+    def _next_kid(self) -> str:
+        """A new id for a durable publication: unique across processes and restarts."""
+        self._kids += 1
+        return f"{self.node_id}-{self._kids}"
+
+    def _spool_room(self, count: int, size: int = 0) -> bool:
+        """Whether ``count`` more durable publications (``size`` more bytes) fit the spool."""
+        return (len(self._spool) + count <= self.max_spool
+                and self._spool_bytes + size <= self.max_spool_bytes)
+
+    def _spool_failed(self, batch: list[tuple[Publication, asyncio.Future[Routed] | None, str]],
+                      exc: BaseException, spooled: int) -> None:
+        """A batch failed (its first ``spooled`` publications came from the spool): put its
+        durable publications back in the spool, in order, ahead of anything newer (their
+        ``done`` gets the error: the caller learns it did not go through yet); fail the rest."""
+        back: list[tuple[Publication, str]] = []
+        for i, (publication, done, what) in enumerate(batch):
+            if done is not None and not done.done():
+                done.set_exception(BackplaneError(str(exc)))
+            if publication.durable:
+                back.append((publication, what))
+            elif i >= spooled:
+                self._count_failure(what, exc)
+        # The ones that came from the spool go back whatever the bound (they were in it); of
+        # the others, the oldest that fit.
+        kept = spooled
+        count = len(self._spool) + spooled
+        size = self._spool_bytes + sum(len(p.data) for p, _ in back[:spooled])
+        for publication, _ in back[spooled:]:
+            count, size = count + 1, size + len(publication.data)
+            if count > self.max_spool or size > self.max_spool_bytes:
+                break
+            kept += 1
+        for publication, what in back[kept:]:
+            self._lose(publication, what)
+        for publication, what in reversed(back[:kept]):
+            self._spool.appendleft((publication, what))
+            self._spool_bytes += len(publication.data)
+        self._spool_due = False  # tried again at the next heartbeat or reconnection
+
+    def _lose(self, publication: Publication, what: str) -> None:
+        """The spool is full: a durable publication is dropped. Counted and logged (the first
+        ten, then every 100th...)."""
+        self.stats.failed += 1
+        self._spool_lost += 1
+        count = self._spool_lost
+        if count <= 10 or count % 100 == 0:
+            logger.warning("backplane: the spool of publications waiting for the bus is full "
+                           "(%d, %d bytes): a %s was dropped (%d so far); raise max_spool or "
+                           "max_spool_bytes", len(self._spool), self._spool_bytes, what, count,
+                           extra={"node": self.node_id, "failed": self.stats.failed})
+
     async def _publish_loop(self) -> None:
-        outbox = self._outbox
+        outbox, spool = self._outbox, self._spool
         while True:
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
-            while outbox:
-                batch = [outbox.popleft() for _ in range(min(len(outbox), 1000))]
+            while outbox or (spool and self._spool_due and self._connected.is_set()):
+                batch: list[tuple[Publication, asyncio.Future[Routed] | None, str]] = []
+                if spool and self._connected.is_set():  # the spool first: it is older
+                    while spool and len(batch) < 1000:
+                        publication, what = spool.popleft()
+                        self._spool_bytes -= len(publication.data)
+                        batch.append((publication, None, what))
+                spooled = len(batch)
+                batch += [outbox.popleft() for _ in range(min(len(outbox), 1000 - spooled))]
                 self._outbox_space.set()
                 try:
                     if not self._connected.is_set():
@@ -254,11 +349,8 @@ class BusNode(abc.ABC):
                     if not isinstance(exc, BackplaneError):  # a bug: log it, keep publishing
                         logger.exception("backplane: publishing failed",
                                          extra={"node": self.node_id})
-                    for _, done, what in batch:
-                        self._count_failure(what, exc)
-                        if done is not None and not done.done():
-                            done.set_exception(BackplaneError(str(exc)))
-                    self._done_with(len(batch))
+                    self._spool_failed(batch, exc, spooled)
+                    self._done_with(len(batch) - spooled)
                     continue
                 for (publication, done, _), (owner, receivers) in zip(batch, results,
                                                                          strict=True):
@@ -272,8 +364,16 @@ class BusNode(abc.ABC):
                         _stamp(owner, publication.stamped)
                     if done is not None and not done.done():
                         done.set_result((owner, receivers))
-                self._done_with(len(batch))
-            self._outbox_idle.set()
+                self._done_with(len(batch) - spooled)
+                self._spool_due = True
+            if not spool:
+                self._outbox_idle.set()
+
+    def _retry_spool(self) -> None:
+        """Publish the spool again (the bus is back, or a heartbeat passed since it failed)."""
+        if self._spool:
+            self._spool_due = True
+            self._outbox_ready.set()
 
     def _drop_outbox(self, exc: BackplaneError) -> None:
         while self._outbox:
@@ -282,6 +382,10 @@ class BusNode(abc.ABC):
             if done is not None and not done.done():
                 done.set_exception(exc)
             self._done_with(1)
+        while self._spool:
+            _, what = self._spool.popleft()
+            self._count_failure(what, exc)
+        self._spool_bytes = 0
         self._outbox_idle.set()
 
     def _count_failure(self, what: str, exc: BaseException | None) -> None:
@@ -330,6 +434,7 @@ class BusNode(abc.ABC):
             )
             self._down_since = None
         self._connected.set()
+        self._retry_spool()
 
     def _bus_down(self, reason: str) -> None:
         """Called when a session ends; a subclass fails what depended on it (extend, call us)."""

@@ -25,7 +25,13 @@ Redis layout (``<ns>`` is the namespace, ``dara-ws`` by default):
   holder's moves the written mark;
 * ``<ns>:missed:<node_id>`` -> hash user -> count: the node's gap ledger, used with the outbox
   off: messages for its users that found nobody listening on its topic (read and reset when the
-  node resubscribes).
+  node resubscribes);
+* ``<ns>:kid:<node_id>-<n>`` -> what the script answered for a kept message the first time,
+  expiring with the history (``max_age``): a message sent again after a round trip that failed
+  (part of which may have run) is not appended twice;
+* ``<ns>:revoked:<scope>:<target>`` -> ``<ms> <code> <reason>`` (Redis's clock), expiring after
+  ``revoke_ttl``: a revocation (``user``, ``session``, ``channel``), set in the same step as it
+  is published, for the processes whose subscription was down at that moment.
 
 A Stream rather than a list: entry ids are Redis's own millisecond clock, so the age bound needs no
 clock of ours (processes' clocks may disagree), ids stay increasing across a Redis restart that
@@ -72,7 +78,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
     ) from exc
 
 from dara_ws_core.backplane import BrokerBackplane, Entry, Publication, Routed
-from dara_ws_core.backplane.broker import Kept
+from dara_ws_core.backplane.broker import Kept, Revocation
 from dara_ws_core.exceptions import BackplaneError
 from dara_ws_core.outbox import OutboxLimits
 
@@ -98,6 +104,15 @@ local function later(a, b)
 end
 """
 
+# Record a revocation (KEYS[1], ARGV[1..3]: TTL ms, code, reason; the time is Redis's) and
+# publish it (ARGV[4], ARGV[5]: topic, message) in one step. Returns the receivers.
+_REVOKE = """
+local t = redis.call('TIME')
+local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('SET', KEYS[1], ms .. ' ' .. ARGV[2] .. ' ' .. ARGV[3], 'PX', ARGV[1])
+return redis.call('PUBLISH', ARGV[4], ARGV[5])
+"""
+
 # Publish once to every other node holding channels of a user, in one round trip. KEYS[1]: the
 # user's hash; ARGV[1..3] as above; ARGV[4..7]: the gap ledger key prefix, the user, the ledger's
 # TTL in ms, the channel key prefix. With the outbox on (ARGV[8..10]: most messages, bytes, age
@@ -106,8 +121,12 @@ end
 # the entry's id and number in its header: returns "<id> <n> <receivers>". Fields of nodes nobody
 # listens for are dropped once their channel key is gone too (a dead node's; a node cut off for
 # less than the expiry keeps them, so that with the outbox off its gap ledger counts every
-# message it missed). Returns the receivers in all.
+# message it missed). Returns the receivers in all. KEYS[4] (with the outbox on): the message's
+# id key: sent again (a round trip failed after it ran), answered as the first time.
 _ROUTE_USER = """
+-- A kept message sent again: what the first run answered (see the kid lines below).
+local first = KEYS[4] and redis.call('GET', KEYS[4])
+if first then return first end
 local message, kept, n = ARGV[3], nil, 0
 if ARGV[8] ~= nil and #ARGV[3] <= tonumber(ARGV[9]) then
   local most, cap, age = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
@@ -160,7 +179,12 @@ for i = 1, #fields, 2 do
   end
 end
 if #stale > 0 then redis.call('HDEL', KEYS[1], unpack(stale)) end
-if kept then return kept .. ' ' .. n .. ' ' .. total end  -- one string: cheaper to read back
+if kept then
+  local answer = kept .. ' ' .. n .. ' ' .. total  -- one string: cheaper to read back
+  if KEYS[4] then redis.call('SET', KEYS[4], answer, 'PX', ARGV[10]) end  -- kid
+  return answer
+end
+if KEYS[4] then redis.call('SET', KEYS[4], ' ' .. total, 'PX', ARGV[10]) end  -- kid
 -- Not kept, and a node holding channels of the user did not hear it (its link is down): note
 -- it in that node's gap ledger, which it reads when it is back.
 for node, r in pairs(sent) do
@@ -297,7 +321,8 @@ return out
 
 
 #: The SHA1 of each script published in batches (called with EVALSHA).
-_SHA1 = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_ROUTE, _ROUTE_USER, _SETTLE)}
+_SHA1 = {script: hashlib.sha1(script.encode()).hexdigest()
+         for script in (_ROUTE, _ROUTE_USER, _SETTLE, _REVOKE)}
 
 
 class RedisBackplane(BrokerBackplane):
@@ -338,6 +363,9 @@ class RedisBackplane(BrokerBackplane):
 
     def _missed_key(self, node_id: str) -> str:
         return f"{self.namespace}:missed:{node_id}"
+
+    def _revoked_key(self, target: str) -> str:
+        return f"{self.namespace}:revoked:{target}"
 
     async def _bus_session(self) -> None:
         loop = asyncio.get_running_loop()
@@ -383,6 +411,10 @@ class RedisBackplane(BrokerBackplane):
                 user = str(publication.user_id)
                 yield _SETTLE, (2, self._outbox_keys(user)[1], self._lease_key(user), "",
                                 publication.ack)
+            elif publication.revoke is not None:
+                target, code, reason = publication.revoke
+                yield _REVOKE, (1, self._revoked_key(target), int(self.revoke_ttl * 1000), code,
+                                reason, str(publication.topic), publication.data)
             elif publication.topic is not None:
                 yield None, (publication.topic, publication.data)
             elif publication.user_id is not None:
@@ -391,8 +423,13 @@ class RedisBackplane(BrokerBackplane):
                           ledger_ttl, self._ch(""))
                 if keep is None:
                     yield _ROUTE_USER, (1, self._user(user), *common)
-                else:
+                elif publication.kid is None:
                     yield _ROUTE_USER, (3, self._user(user), *self._outbox_keys(user), *common,
+                                        keep.max_messages, keep.max_bytes,
+                                        int(keep.max_age * 1000))
+                else:
+                    yield _ROUTE_USER, (4, self._user(user), *self._outbox_keys(user),
+                                        f"{self.namespace}:kid:{publication.kid}", *common,
                                         keep.max_messages, keep.max_bytes,
                                         int(keep.max_age * 1000))
             else:
@@ -511,6 +548,20 @@ class RedisBackplane(BrokerBackplane):
         return [holder is not None and _text(holder) == node and self.topic_of(node) in listening
                 for (_, node), holder in zip(pairs, holders, strict=True)]
 
+    async def _revocations(self, targets: Sequence[str]) -> tuple[list[Revocation | None], int]:
+        found: list[Revocation | None] = []
+        seconds = micros = 0
+        try:
+            for start in range(0, len(targets), _BATCH):
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.mget([self._revoked_key(t) for t in targets[start:start + _BATCH]])
+                pipe.time()
+                values, (seconds, micros) = await pipe.execute()
+                found += [None if v is None else _revocation(_text(v)) for v in values]
+        except (RedisError, OSError) as exc:
+            raise BackplaneError(f"redis: {exc}") from exc
+        return found, int(seconds) * 1000 + int(micros) // 1000
+
     async def _take_missed(self) -> dict[str, int]:
         key = self._missed_key(self.node_id)
         try:
@@ -551,6 +602,16 @@ def _triples(flat: Sequence[Any]) -> list[Kept]:
     """``[id, n, message, id, n, message...]`` -> ``[(id, n, message)...]``."""
     return [(_text(flat[i]), int(flat[i + 1]), bytes(flat[i + 2]))
             for i in range(0, len(flat) - 2, 3)]
+
+
+def _revocation(value: str) -> Revocation | None:
+    """``"<ms> <code> <reason>"`` -> ``(ms, code, reason)`` (``None`` if malformed)."""
+    when, _, rest = value.partition(" ")
+    code, _, reason = rest.partition(" ")
+    try:
+        return int(when), int(code), reason
+    except ValueError:
+        return None
 
 
 def _text(value: bytes | str) -> str:
