@@ -400,7 +400,7 @@ class BrokerBackplane(BusNode):
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         done.add_done_callback(_retrieve)  # a caller that does not wait: counted and logged
         self._post_nowait(Publication(data, topic=self.broadcast_topic,
-                                      revoke=(f"{scope}:{target}", code, reason)),
+                                      revoke=(f"{scope}:{target}", int(code), reason)),
                           "disconnect", done)
         return done
 

@@ -413,8 +413,8 @@ class RedisBackplane(BrokerBackplane):
                                 publication.ack)
             elif publication.revoke is not None:
                 target, code, reason = publication.revoke
-                yield _REVOKE, (1, self._revoked_key(target), int(self.revoke_ttl * 1000), code,
-                                reason, str(publication.topic), publication.data)
+                yield _REVOKE, (1, self._revoked_key(target), int(self.revoke_ttl * 1000),
+                                int(code), reason, str(publication.topic), publication.data)
             elif publication.topic is not None:
                 yield None, (publication.topic, publication.data)
             elif publication.user_id is not None:
