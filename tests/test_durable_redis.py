@@ -45,7 +45,7 @@ HEARTBEAT = 0.3
 async def started(url: str, namespace: str, config: ServerConfig | None = None,
                   **options: float) -> AsyncIterator[tuple[WebsocketManager, RedisBackplane]]:
     backplane = RedisBackplane(url, namespace=namespace, heartbeat_interval=HEARTBEAT,
-                               **options)  # type: ignore[arg-type]
+                               **options)
     manager = WebsocketManager(config or ServerConfig(), backplane=backplane)
     await backplane.start(manager)
     try:
@@ -89,8 +89,7 @@ async def test_every_kept_send_that_returned_reaches_the_user_once_while_redis_d
             # the command links (the subscriptions stay up: the senders believe the bus is).
             await asyncio.sleep(0.1)
             for i in range(25):
-                await admin.execute_command("CLIENT", "KILL", "TYPE",
-                                            "pubsub" if i % 6 == 5 else "normal")
+                await admin.client_kill_filter(_type="pubsub" if i % 6 == 5 else "normal")
                 await asyncio.sleep(0.03)
 
         killer = asyncio.create_task(kill())
@@ -123,7 +122,7 @@ async def test_every_kept_send_that_returned_reaches_the_user_once_while_redis_d
 
 async def _subscriber_killed(admin: Redis, backplane: RedisBackplane) -> None:
     """Drop every subscription, and wait until ``backplane`` noticed."""
-    await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    await admin.client_kill_filter(_type="pubsub")
     await eventually(lambda: not backplane.connected, "the subscription is down")
 
 
