@@ -505,9 +505,10 @@ class WebsocketManager:
         (``ServerConfig.outbox_*``; :mod:`dara_ws_core.outbox`) the message is appended to the
         user's history (without ``ignore_channel``): a connection of the user that does not
         write it (connected nowhere, closed first, cut off from the bus) leaves it to the next
-        one, on whichever process it lands. With a backplane, a message to be kept raises
-        ``BackplaneError`` when the bus is unreachable (it could not be kept; the user's
-        connections on this process got it already)."""
+        one, on whichever process it lands. With a backplane, a message to be kept that the bus
+        fails (or that is sent while it is unreachable) waits in the backplane's bounded spool
+        and is kept once the bus answers; it raises ``BackplaneError`` only when the spool is
+        full (it could not be kept; the user's connections on this process got it already)."""
         frame = build_frame(message, custom=custom)
         # A send that skips a channel is not kept: who it is for depends on a live channel.
         keep = self.outbox_limits if ignore_channel is None else None
@@ -1020,9 +1021,12 @@ class WebsocketManager:
     async def disconnect_user_everywhere(
         self, user_id: str, code: int = CloseCode.POLICY_VIOLATION, reason: str = "revoked"
     ) -> int:
-        """:meth:`disconnect_user`, returning once every process has been told (published).
-        Raises ``BackplaneError`` if the bus is unreachable: the revocation did not reach the
-        other processes (the local connections are closed regardless)."""
+        """:meth:`disconnect_user`, returning once the bus has taken the revocation: published
+        to every process listening, and recorded, so that a process whose link was down at that
+        moment closes the user's connections within a heartbeat of being back. Raises
+        ``BackplaneError`` if the bus is unreachable: the revocation has not reached the other
+        processes yet (the local connections are closed regardless; it waits in the
+        backplane's spool and is sent once the bus answers)."""
         return await self._everywhere("user", user_id, code, reason)
 
     async def disconnect_session_everywhere(

@@ -331,7 +331,8 @@ class RedisBackplane(BrokerBackplane):
     ``url`` is a redis-py URL (``redis://[:password@]host:port/db``, ``rediss://`` for TLS);
     ``socket_timeout`` bounds every command. The other options are
     :class:`~dara_ws_core.backplane.BrokerBackplane`'s (``node_id``, ``namespace``,
-    ``heartbeat_interval``, ``expiry``, ``connect_timeout``, ``backoff_initial``, ``backoff_max``).
+    ``heartbeat_interval``, ``expiry``, ``revoke_ttl``, ``connect_timeout``, ``backoff_initial``,
+    ``backoff_max``, ``max_outbox``, ``max_spool``, ``max_spool_bytes``).
     """
 
     def __init__(
