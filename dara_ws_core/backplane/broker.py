@@ -291,9 +291,9 @@ class BrokerBackplane(BusNode):
             return
         # Kept: if the bus fails it, it waits in the spool and is sent again (with the same id,
         # so the bus keeps it once); refused only when the spool is full.
-        if not self._spool_room(1, len(data)) or not await self._post(
+        if (self._spool and not self._spool_room(1, len(data))) or not await self._post(
                 Publication(data, user_id=user_id, keep=keep, stamped=stamped,
-                            kid=self._next_kid()), "message to a user"):
+                            durable=next(self._kids)), "message to a user"):
             raise BackplaneError("the backplane is unreachable and its spool is full: the "
                                  "message to the user was not kept")
 
@@ -400,7 +400,7 @@ class BrokerBackplane(BusNode):
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         done.add_done_callback(_retrieve)  # a caller that does not wait: counted and logged
         self._post_nowait(Publication(data, topic=self.broadcast_topic,
-                                      revoke=(f"{scope}:{target}", int(code), reason)),
+                                      durable=(f"{scope}:{target}", int(code), reason)),
                           "disconnect", done)
         return done
 

@@ -67,7 +67,7 @@ class MemoryBroker:
         #: ``clock``, code, reason, expiry).
         self.revoked: dict[str, tuple[int, int, str, float]] = {}
         # What each kept message's id was answered the first time (as the Redis keys), bounded.
-        self._kids: dict[str, Routed] = {}
+        self._kids: dict[tuple[str, int], Routed] = {}
 
     def _check(self) -> None:
         if not self.available:
@@ -177,14 +177,14 @@ class MemoryBroker:
 
     def publish_to_user(self, user_id: str, node_id: str, topic_of: Callable[[str], str],
                         data: bytes, keep: OutboxLimits | None = None, *,
-                        kid: str | None = None) -> Routed:
+                        kid: int | None = None) -> Routed:
         """:meth:`_publish_to_user`, once per ``kid``: sent again, a kept message is answered
         as the first time (as the Redis script does)."""
         if kid is None:
             return self._publish_to_user(user_id, node_id, topic_of, data, keep)
-        first = self._kids.get(kid)
+        first = self._kids.get((node_id, kid))
         if first is None:
-            first = self._kids[kid] = self._publish_to_user(user_id, node_id, topic_of, data,
+            first = self._kids[node_id, kid] = self._publish_to_user(user_id, node_id, topic_of, data,
                                                             keep)
             if len(self._kids) > 100_000:
                 del self._kids[next(iter(self._kids))]
@@ -350,8 +350,9 @@ class MemoryBackplane(BrokerBackplane):
         results: list[Routed] = []
         for publication in batch:
             if publication.topic is not None:
-                if publication.revoke is not None:
-                    broker.revoke(*publication.revoke, self.revoke_ttl)
+                revoke = publication.revoke
+                if revoke is not None:
+                    broker.revoke(*revoke, self.revoke_ttl)
                 results.append((None, broker.publish(publication.topic, publication.data)))
                 continue
             if publication.ack is not None:

@@ -12,6 +12,7 @@ __all__ = ["BusNode", "BusOptions", "Entry", "Publication", "Routed", "cancel_ta
 import abc
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
 import time
@@ -68,18 +69,24 @@ class Publication:
     #: With ``keep``: called with the entry the message became once the bus appended it (in
     #: the publishing task, without a future per message).
     stamped: Callable[[Stamped], None] | None = None
-    #: With ``keep``: this process's id for the message. Sent again after a round trip that
-    #: failed (part of which may have run), the bus answers it as it did the first time.
-    kid: str | None = None
-    #: With ``topic``: a revocation ``(scope:target, code, reason)``, recorded on the bus (for
-    #: the processes that miss the publication) in the same step as it is published.
-    revoke: tuple[str, int, str] | None = None
+    #: Set: a failed attempt is kept in the spool and tried again, rather than counted lost
+    #: (one field for both kinds: each field costs every publication). With ``keep``, an int:
+    #: this process's number for the message (unique with its node id), so that the bus answers
+    #: it sent again (after a round trip that failed, part of which may have run) as it did the
+    #: first time (:attr:`kid`). With ``topic``, a revocation ``(scope:target, code, reason)``,
+    #: recorded on the bus for the processes that miss the publication, in the same step as it
+    #: is published (:attr:`revoke`).
+    durable: int | tuple[str, int, str] | None = None
 
     @property
-    def durable(self) -> bool:
-        """Whether a failed attempt is kept in the spool and tried again (kept messages to a
-        user, revocations), rather than counted lost."""
-        return self.kid is not None or self.revoke is not None
+    def kid(self) -> int | None:
+        """A kept message's number (see :attr:`durable`)."""
+        return self.durable if isinstance(self.durable, int) else None
+
+    @property
+    def revoke(self) -> tuple[str, int, str] | None:
+        """A revocation's ``(scope:target, code, reason)`` (see :attr:`durable`)."""
+        return self.durable if isinstance(self.durable, tuple) else None
 
 
 class BusNode(abc.ABC):
@@ -140,7 +147,7 @@ class BusNode(abc.ABC):
         self._spool_bytes = 0
         self.max_spool = max_spool
         self.max_spool_bytes = max_spool_bytes
-        self._kids = 0
+        self._kids = itertools.count(1)
         self._spool_lost = 0
         self._spool_due = True
         # Publications queued so far, and of those, how many are done (published or failed):
@@ -233,7 +240,7 @@ class BusNode(abc.ABC):
                      done: asyncio.Future[Routed] | None = None) -> bool:
         if not self._connected.is_set():
             # A durable one waits for the bus (the publish loop spools it), if there is room.
-            queued = publication.durable and self._spool_room(len(self._outbox) + 1,
+            queued = publication.durable is not None and self._spool_room(len(self._outbox) + 1,
                                                               len(publication.data))
             if not queued:
                 self._count_failure(what, None)
@@ -274,11 +281,6 @@ class BusNode(abc.ABC):
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _next_kid(self) -> str:
-        """A new id for a durable publication: unique across processes and restarts."""
-        self._kids += 1
-        return f"{self.node_id}-{self._kids}"
-
     def _spool_room(self, count: int, size: int = 0) -> bool:
         """Whether ``count`` more durable publications (``size`` more bytes) fit the spool."""
         return (len(self._spool) + count <= self.max_spool
@@ -293,7 +295,7 @@ class BusNode(abc.ABC):
         for i, (publication, done, what) in enumerate(batch):
             if done is not None and not done.done():
                 done.set_exception(BackplaneError(str(exc)))
-            if publication.durable:
+            if publication.durable is not None:
                 back.append((publication, what))
             elif i >= spooled:
                 self._count_failure(what, exc)

@@ -407,30 +407,32 @@ class RedisBackplane(BrokerBackplane):
         """Each publication as (script, its arguments), or (None, PUBLISH's arguments)."""
         prefix = self.topic_of("")
         ledger_ttl = int(max(60.0, 10 * self.expiry) * 1000)  # a dead node's ledger goes too
+        kids = f"{self.namespace}:kid:{self.node_id}-"
         for publication in batch:
             if publication.ack is not None:
                 user = str(publication.user_id)
                 yield _SETTLE, (2, self._outbox_keys(user)[1], self._lease_key(user), "",
                                 publication.ack)
-            elif publication.revoke is not None:
-                target, code, reason = publication.revoke
-                yield _REVOKE, (1, self._revoked_key(target), int(self.revoke_ttl * 1000),
-                                int(code), reason, str(publication.topic), publication.data)
             elif publication.topic is not None:
-                yield None, (publication.topic, publication.data)
+                if publication.durable is None:
+                    yield None, (publication.topic, publication.data)
+                else:  # a revocation: recorded as it is published
+                    target, code, reason = publication.durable  # type: ignore[misc]
+                    yield _REVOKE, (1, self._revoked_key(target), int(self.revoke_ttl * 1000),
+                                    int(code), reason, publication.topic, publication.data)
             elif publication.user_id is not None:
                 keep, user = publication.keep, publication.user_id
                 common = (self.node_id, prefix, publication.data, self._missed_key(""), user,
                           ledger_ttl, self._ch(""))
                 if keep is None:
                     yield _ROUTE_USER, (1, self._user(user), *common)
-                elif publication.kid is None:
+                elif publication.durable is None:
                     yield _ROUTE_USER, (3, self._user(user), *self._outbox_keys(user), *common,
                                         keep.max_messages, keep.max_bytes,
                                         int(keep.max_age * 1000))
                 else:
                     yield _ROUTE_USER, (4, self._user(user), *self._outbox_keys(user),
-                                        f"{self.namespace}:kid:{publication.kid}", *common,
+                                        f"{kids}{publication.durable}", *common,
                                         keep.max_messages, keep.max_bytes,
                                         int(keep.max_age * 1000))
             else:
