@@ -25,6 +25,7 @@ import pytest
 from redis.asyncio import Redis
 
 from dara_ws_core import BackplaneError, ServerConfig, WebsocketManager
+from dara_ws_core.backplane import Publication, UserDelivery, encode_bus_message
 from dara_ws_redis import RedisBackplane
 
 from .helpers import eventually
@@ -185,4 +186,25 @@ async def test_session_and_channel_revocations_missed_live_are_applied_too(
         seen: list[int] = []
         assert await read_until_quiet(client, seen, 5.0) == (1008 if scope == "session" else 4001)
         client.abort()
+    await admin.aclose()
+
+
+async def test_redis_appends_a_kept_message_sent_twice_once_and_answers_it_alike(
+    redis_server: RedisServer,
+) -> None:
+    """What the spool relies on: a batch that partly ran is sent again whole, and a kept message
+    that Redis had appended is answered with the same entry, not appended again."""
+    namespace = f"kid-{uuid.uuid4().hex[:6]}"
+    admin = Redis.from_url(redis_server.url)
+    async with started(redis_server.url, namespace, ServerConfig()) as (manager, backplane):
+        keep = manager.outbox_limits
+        assert keep is not None
+        data = encode_bus_message(UserDelivery("dan", None, b'{"type":"message"}', sent=1))
+        first = Publication(data, user_id="dan", keep=keep, durable=1)
+        other = Publication(data, user_id="dan", keep=keep, durable=2)
+        answers = await backplane._publish_batch([first, first, other])
+        answers += await backplane._publish_batch([first])
+        assert answers[0][0] == answers[1][0] == answers[3][0]  # the same entry, every time
+        assert answers[2][0] != answers[0][0]
+        assert await admin.xlen(f"{namespace}:outbox:dan") == 2
     await admin.aclose()

@@ -27,8 +27,9 @@ Redis layout (``<ns>`` is the namespace, ``dara-ws`` by default):
   off: messages for its users that found nobody listening on its topic (read and reset when the
   node resubscribes);
 * ``<ns>:kid:<node_id>-<n>`` -> what the script answered for a kept message the first time,
-  expiring with the history (``max_age``): a message sent again after a round trip that failed
-  (part of which may have run) is not appended twice;
+  for ``max_age`` or 60 s, whichever is shorter: a message sent again after a round trip that
+  failed (part of which may have run) is not appended twice (sent again later, it may be: a
+  duplicate, never a loss);
 * ``<ns>:revoked:<scope>:<target>`` -> ``<ms> <code> <reason>`` (Redis's clock), expiring after
   ``revoke_ttl``: a revocation (``user``, ``session``, ``channel``), set in the same step as it
   is published, for the processes whose subscription was down at that moment.
@@ -181,10 +182,10 @@ end
 if #stale > 0 then redis.call('HDEL', KEYS[1], unpack(stale)) end
 if kept then
   local answer = kept .. ' ' .. n .. ' ' .. total  -- one string: cheaper to read back
-  if KEYS[4] then redis.call('SET', KEYS[4], answer, 'PX', ARGV[10]) end  -- kid
+  if KEYS[4] then redis.call('SET', KEYS[4], answer, 'PX', math.min(ARGV[10], 60000)) end  -- kid
   return answer
 end
-if KEYS[4] then redis.call('SET', KEYS[4], ' ' .. total, 'PX', ARGV[10]) end  -- kid
+if KEYS[4] then redis.call('SET', KEYS[4], ' ' .. total, 'PX', math.min(ARGV[10], 60000)) end  -- kid
 -- Not kept, and a node holding channels of the user did not hear it (its link is down): note
 -- it in that node's gap ledger, which it reads when it is back.
 for node, r in pairs(sent) do
