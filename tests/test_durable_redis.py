@@ -201,10 +201,13 @@ async def test_redis_appends_a_kept_message_sent_twice_once_and_answers_it_alike
         assert keep is not None
         data = encode_bus_message(UserDelivery("dan", None, b'{"type":"message"}', sent=1))
         first = Publication(data, user_id="dan", keep=keep, durable=1)
+        again = first  # as the spool sends it again
         other = Publication(data, user_id="dan", keep=keep, durable=2)
-        answers = await backplane._publish_batch([first, first, other])
-        answers += await backplane._publish_batch([first])
+        never = Publication(data, user_id="dan", keep=keep, durable=3)  # failed before it ran
+        answers = await backplane._publish_batch([first, again, other])
+        answers += await backplane._publish_batch([again, never])
         assert answers[0][0] == answers[1][0] == answers[3][0]  # the same entry, every time
         assert answers[2][0] != answers[0][0]
-        assert await admin.xlen(f"{namespace}:outbox:dan") == 2
+        assert len({answers[0][0], answers[2][0], answers[4][0]}) == 3  # appended now
+        assert await admin.xlen(f"{namespace}:outbox:dan") == 3
     await admin.aclose()

@@ -26,10 +26,11 @@ Redis layout (``<ns>`` is the namespace, ``dara-ws`` by default):
 * ``<ns>:missed:<node_id>`` -> hash user -> count: the node's gap ledger, used with the outbox
   off: messages for its users that found nobody listening on its topic (read and reset when the
   node resubscribes);
-* ``<ns>:kid:<node_id>-<n>`` -> what the script answered for a kept message the first time,
-  for ``max_age`` or 60 s, whichever is shorter: a message sent again after a round trip that
-  failed (part of which may have run) is not appended twice (sent again later, it may be: a
-  duplicate, never a loss);
+* each entry of a user's history holds the message (``d``), its number for the user (``n``)
+  and its sender's id for it (``k``: ``<node_id>-<number>``), and the meta hash the highest
+  number each node appended (``k:<node_id>``): a message sent again after a round trip that
+  failed (part of which may have run) is found among the user's 1,000 newest entries and not
+  appended twice (beyond those, it may be: a duplicate, never a loss);
 * ``<ns>:revoked:<scope>:<target>`` -> ``<ms> <code> <reason>`` (Redis's clock), expiring after
   ``revoke_ttl``: a revocation (``user``, ``session``, ``channel``), set in the same step as it
   is published, for the processes whose subscription was down at that moment.
@@ -122,17 +123,29 @@ return redis.call('PUBLISH', ARGV[4], ARGV[5])
 # the entry's id and number in its header: returns "<id> <n> <receivers>". Fields of nodes nobody
 # listens for are dropped once their channel key is gone too (a dead node's; a node cut off for
 # less than the expiry keeps them, so that with the outbox off its gap ledger counts every
-# message it missed). Returns the receivers in all. KEYS[4] (with the outbox on): the message's
-# id key: sent again (a round trip failed after it ran), answered as the first time.
+# message it missed). Returns the receivers in all. ARGV[11] (with the outbox on): the
+# message's number at its node, stored with the entry (field k: "<node>-<number>"); the meta
+# hash keeps the highest per node (field "k:<node>"): a number not above it may be a message
+# sent again (a round trip failed, part of which may have run), answered as its entry if the
+# user's newest entries hold it, not appended twice.
 _ROUTE_USER = """
--- A kept message sent again: what the first run answered (see the kid lines below).
-local first = KEYS[4] and redis.call('GET', KEYS[4])
-if first then return first end
+-- kid: a kept message sent again that the first run appended is answered with that entry.
+local kid, last = nil, 0
+if ARGV[11] then
+  kid = ARGV[1] .. '-' .. ARGV[11]
+  last = tonumber(redis.call('HGET', KEYS[3], 'k:' .. ARGV[1]) or '0')
+  if tonumber(ARGV[11]) <= last then
+    for _, e in ipairs(redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1000)) do
+      if e[2][6] == kid then return e[1] .. ' ' .. e[2][4] .. ' 0' end
+    end
+  end
+end
 local message, kept, n = ARGV[3], nil, 0
 if ARGV[8] ~= nil and #ARGV[3] <= tonumber(ARGV[9]) then
   local most, cap, age = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
   n = redis.call('HINCRBY', KEYS[3], 'n', 1)
-  kept = redis.call('XADD', KEYS[2], '*', 'd', ARGV[3], 'n', n)
+  kept = redis.call('XADD', KEYS[2], '*', 'd', ARGV[3], 'n', n, 'k', kid or '')
+  if kid and tonumber(ARGV[11]) > last then redis.call('HSET', KEYS[3], 'k:' .. ARGV[1], ARGV[11]) end
   local bytes = redis.call('HINCRBY', KEYS[3], 'b', #ARGV[3])
   local count = redis.call('XLEN', KEYS[2])
   local t = redis.call('TIME')
@@ -180,12 +193,7 @@ for i = 1, #fields, 2 do
   end
 end
 if #stale > 0 then redis.call('HDEL', KEYS[1], unpack(stale)) end
-if kept then
-  local answer = kept .. ' ' .. n .. ' ' .. total  -- one string: cheaper to read back
-  if KEYS[4] then redis.call('SET', KEYS[4], answer, 'PX', math.min(ARGV[10], 60000)) end  -- kid
-  return answer
-end
-if KEYS[4] then redis.call('SET', KEYS[4], ' ' .. total, 'PX', math.min(ARGV[10], 60000)) end  -- kid
+if kept then return kept .. ' ' .. n .. ' ' .. total end  -- one string: cheaper to read back
 -- Not kept, and a node holding channels of the user did not hear it (its link is down): note
 -- it in that node's gap ledger, which it reads when it is back.
 for node, r in pairs(sent) do
@@ -408,7 +416,6 @@ class RedisBackplane(BrokerBackplane):
         """Each publication as (script, its arguments), or (None, PUBLISH's arguments)."""
         prefix = self.topic_of("")
         ledger_ttl = int(max(60.0, 10 * self.expiry) * 1000)  # a dead node's ledger goes too
-        kids = f"{self.namespace}:kid:{self.node_id}-"
         for publication in batch:
             if publication.ack is not None:
                 user = str(publication.user_id)
@@ -427,15 +434,10 @@ class RedisBackplane(BrokerBackplane):
                           ledger_ttl, self._ch(""))
                 if keep is None:
                     yield _ROUTE_USER, (1, self._user(user), *common)
-                elif publication.durable is None:
+                else:
                     yield _ROUTE_USER, (3, self._user(user), *self._outbox_keys(user), *common,
                                         keep.max_messages, keep.max_bytes,
-                                        int(keep.max_age * 1000))
-                else:
-                    yield _ROUTE_USER, (4, self._user(user), *self._outbox_keys(user),
-                                        f"{kids}{publication.durable}", *common,
-                                        keep.max_messages, keep.max_bytes,
-                                        int(keep.max_age * 1000))
+                                        int(keep.max_age * 1000), *_kid(publication))
             else:
                 yield _ROUTE, (1, self._ch(str(publication.channel_id)), self.node_id, prefix,
                                publication.data)
@@ -606,6 +608,11 @@ def _triples(flat: Sequence[Any]) -> list[Kept]:
     """``[id, n, message, id, n, message...]`` -> ``[(id, n, message)...]``."""
     return [(_text(flat[i]), int(flat[i + 1]), bytes(flat[i + 2]))
             for i in range(0, len(flat) - 2, 3)]
+
+
+def _kid(publication: Publication) -> tuple[int, ...]:
+    """A kept message's number as the script's last argument (none without)."""
+    return () if publication.durable is None else (publication.durable,)  # type: ignore[return-value]
 
 
 def _revocation(value: str) -> Revocation | None:
