@@ -291,11 +291,13 @@ class BrokerBackplane(BusNode):
             return
         # Kept: if the bus fails it, it waits in the spool and is sent again (with the same id,
         # so the bus keeps it once); refused only when the spool is full.
-        if (self._spool and not self._spool_room(1, len(data))) or not await self._post(
-                Publication(data, user_id=user_id, keep=keep, stamped=stamped,
-                            durable=next(self._kids)), "message to a user"):
-            raise BackplaneError("the backplane is unreachable and its spool is full: the "
-                                 "message to the user was not kept")
+        if self._spool and not self._spool_room(1, len(data)):
+            self._count_failure("message to a user", None)
+        elif await self._post(Publication(data, user_id=user_id, keep=keep, stamped=stamped,
+                                          durable=next(self._kids)), "message to a user"):
+            return
+        raise BackplaneError("the backplane is unreachable and its spool is full: the message "
+                             "to the user was not kept")
 
     def ack(self, user_id: str, upto: str) -> None:
         if not self._connected.is_set():

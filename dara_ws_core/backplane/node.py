@@ -311,9 +311,12 @@ class BusNode(abc.ABC):
             kept += 1
         for publication, what in back[kept:]:
             self._lose(publication, what)
-        for publication, what in reversed(back[:kept]):
+        # Those from the spool go back to its front (older than what stayed in it), the others
+        # to its end (newer than anything in it: only this loop adds to it).
+        for publication, what in reversed(back[:spooled]):
             self._spool.appendleft((publication, what))
-            self._spool_bytes += len(publication.data)
+        self._spool.extend(back[spooled:kept])
+        self._spool_bytes += sum(len(publication.data) for publication, _ in back[:kept])
         self._spool_due = False  # tried again at the next heartbeat or reconnection
 
     def _lose(self, publication: Publication, what: str) -> None:
