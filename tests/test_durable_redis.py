@@ -109,6 +109,7 @@ async def test_every_kept_send_that_returned_reaches_the_user_once_while_redis_d
         seen: list[int] = []
         await read_until_quiet(victim, seen, 2.0)
         victim.abort()
+        assert seen == sorted(seen)  # in order, what came from the spool included
         if set(seen) != set(acked):  # the rest on the next connection
             again = await connect(stack.port)
             await read_until_quiet(again, seen, 2.0)
