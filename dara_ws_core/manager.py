@@ -518,8 +518,10 @@ class WebsocketManager:
         sender (or for the outbox as a whole) was a refusal. The messages already on their
         way when a bound is reached are refused by the bus after the call returned ``True``
         (counted in ``backplane.stats.outbox_refused`` and logged). A message to be kept
-        raises ``BackplaneError`` when the bus is unreachable (it could not be kept; the
-        user's connections on this process got it already)."""
+        that the bus fails (or that is sent while it is unreachable) waits in the backplane's
+        bounded spool and is kept once the bus answers; it raises ``BackplaneError`` only when
+        the spool is full (it could not be kept; the user's connections on this process got it
+        already)."""
         frame = build_frame(message, custom=custom)
         # A send that skips a channel is not kept: who it is for depends on a live channel.
         keep = self.outbox_limits if ignore_channel is None else None
@@ -1050,9 +1052,12 @@ class WebsocketManager:
     async def disconnect_user_everywhere(
         self, user_id: str, code: int = CloseCode.POLICY_VIOLATION, reason: str = "revoked"
     ) -> int:
-        """:meth:`disconnect_user`, returning once every process has been told (published).
-        Raises ``BackplaneError`` if the bus is unreachable: the revocation did not reach the
-        other processes (the local connections are closed regardless)."""
+        """:meth:`disconnect_user`, returning once the bus has taken the revocation: published
+        to every process listening, and recorded, so that a process whose link was down at that
+        moment closes the user's connections within a heartbeat of being back. Raises
+        ``BackplaneError`` if the bus is unreachable: the revocation has not reached the other
+        processes yet (the local connections are closed regardless; it waits in the
+        backplane's spool and is sent once the bus answers)."""
         return await self._everywhere("user", user_id, code, reason)
 
     async def disconnect_session_everywhere(

@@ -594,21 +594,47 @@ async def test_a_bus_outage_keeps_local_delivery_and_reports_what_was_not_publis
         assert await receive_payload(local) == {"during": "outage"}  # local delivery works
         with pytest.raises(BackplaneError):
             await a.manager.send_message(remote.channel, {"x": 1})
-        with pytest.raises(BackplaneError):  # neither published nor kept: the sender is told
-            await a.manager.send_message_to_user("someone", {"x": 1})
+        # Kept: it waits in the spool for the bus (kept once it is back), not counted lost.
+        await a.manager.send_message_to_user("someone", {"x": 1})
         # Not kept (it skips a channel): at most once, as a broadcast; counted, not raised.
         await a.manager.send_message_to_user("someone", {"x": 2}, ignore_channel="other")
-        assert a.backplane.stats.failed == 4
+        assert a.backplane.stats.failed == 3
         assert "backplane disconnected" in caplog.text
         assert "backplane unavailable" in caplog.text
         broker.recover()
         async with asyncio.timeout(TIMEOUT):
             await a.backplane.wait_connected()
             await b.backplane.wait_connected()
-        assert "4 message(s) for other processes could not be published" in caplog.text
+        assert "3 message(s) for other processes could not be published" in caplog.text
         assert a.backplane.stats.reconnects == 1
+        await eventually(lambda: broker.pending("someone") == 1)  # the spooled one, once
         await a.manager.send_message(remote.channel, {"after": "outage"})
         assert await receive_payload(remote) == {"after": "outage"}
+
+
+async def test_kept_sends_wait_in_a_bounded_spool_and_only_a_full_spool_refuses(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="dara_ws_core.backplane")
+    broker = MemoryBroker()
+    async with cluster(2, broker, max_spool=3) as (a, _):
+        broker.fail()
+        await eventually(lambda: not a.backplane.connected)
+        for n in range(3):  # within the bound: taken, kept once the bus is back
+            await a.manager.send_message_to_user("carol", {"n": n})
+            await asyncio.sleep(0)  # each one fails on its own (spooled behind the others)
+        with pytest.raises(BackplaneError, match="spool is full"):  # the caller is told
+            await a.manager.send_message_to_user("carol", {"n": 3})
+        a.backplane.disconnect("user", "carol", 1008, "revoked")  # no room: counted, logged
+        await eventually(lambda: a.backplane.stats.failed == 2)
+        broker.recover()
+        await eventually(lambda: broker.pending("carol") == 3)
+        outbox = broker.outboxes["carol"]
+        kept = [decode_bus_message(e.frame) for e in outbox.after("carol", None, broker.clock())[0]]
+        assert [json.loads(m.frame)["message"]["n"] for m in kept  # type: ignore[union-attr]
+                ] == [0, 1, 2]  # in order
+        assert "user:carol" not in broker.revoked
+        assert a.backplane.stats.failed == 2
 
 
 async def test_after_a_restart_that_lost_the_directory_every_node_registers_again() -> None:

@@ -69,9 +69,13 @@ class BrokerBackplane(BusNode):
 
     ``heartbeat_interval``: how often this node refreshes its directory entries;
     ``expiry`` (default 3 x the interval): how long entries outlive a node that stopped refreshing
-    them; the other options are :class:`~dara_ws_core.backplane.node.BusNode`'s
+    them; ``revoke_ttl``: how long a revocation stays recorded on the bus for the processes that
+    missed it (each checks its connections against the records at every heartbeat, so a
+    process cut off for up to that long still closes what was revoked meanwhile once it is
+    back); the other options are :class:`~dara_ws_core.backplane.node.BusNode`'s
     (``node_id``, ``namespace``, ``connect_timeout``, ``backoff_initial``, ``backoff_max``,
-    ``max_outbox``, ``max_outbox_bytes``, ``max_bus_message``, ``publish_window``).
+    ``max_outbox``, ``max_outbox_bytes``, ``max_bus_message``, ``publish_window``,
+    ``max_spool``, ``max_spool_bytes``).
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class BrokerBackplane(BusNode):
         *,
         heartbeat_interval: float = 5.0,
         expiry: float | None = None,
+        revoke_ttl: float = 3600.0,
         **options: Unpack[BusOptions],
     ) -> None:
         if heartbeat_interval <= 0:
@@ -86,11 +91,17 @@ class BrokerBackplane(BusNode):
         expiry = 3 * heartbeat_interval if expiry is None else expiry
         if expiry <= heartbeat_interval:
             raise ValueError("expiry must be longer than heartbeat_interval")
+        if revoke_ttl <= expiry:
+            raise ValueError("revoke_ttl must be longer than expiry")
         super().__init__(**options)
         #: The bus's refusals to keep messages, as far as this process has heard.
         self.refusals = BusRefusals()
         self.heartbeat_interval = heartbeat_interval
         self.expiry = expiry
+        self.revoke_ttl = revoke_ttl
+        # This process's channels: channel -> (when added, our wall clock in ms; user; session),
+        # checked against the revocations recorded on the bus (see _check_revoked).
+        self._opened: dict[str, tuple[int, str | None, str | None]] = {}
         self._manager: BackplaneHost | None = None
         self._running = False
         self._wake = asyncio.Event()
@@ -173,6 +184,12 @@ class BrokerBackplane(BusNode):
         that node and the node listens on its topic."""
 
     @abc.abstractmethod
+    async def _revocations(self, targets: Sequence[str]) -> tuple[list[Revocation | None], int]:
+        """The revocations recorded for ``targets`` (``scope:target``, as
+        :attr:`Publication.revoke`), each ``(when, code, reason)`` or ``None``, and the bus's
+        clock now (``when`` and now in ms on the bus's clock, which need not be ours)."""
+
+    @abc.abstractmethod
     async def _take_missed(self) -> dict[str, int]:
         """Read and reset this node's gap ledger: user -> messages the bus found no listener
         for on this node (and could not keep), since the last call."""
@@ -246,9 +263,12 @@ class BrokerBackplane(BusNode):
     # ------------------------------------------------------------------ manager hooks
 
     def channel_added(self, channel_id: str, identity: Identity | None) -> None:
+        self._opened[channel_id] = (_wall_ms(), *((identity.user_id, identity.session_id)
+                                                  if identity is not None else (None, None)))
         self._change(channel_id, identity, True)
 
     def channel_removed(self, channel_id: str, identity: Identity | None) -> None:
+        self._opened.pop(channel_id, None)
         self._change(channel_id, identity, False)
 
     def _change(self, channel_id: str, identity: Identity | None, present: bool) -> None:
@@ -271,12 +291,18 @@ class BrokerBackplane(BusNode):
                            stamped: Callable[[Stamped], None] | None = None, *,
                            sender: str | None = None) -> None:
         data = encode_bus_message(UserDelivery(user_id, ignore_channel, frame, sent=_wall_ms()))
-        if not await self._post(Publication(data, user_id=user_id, keep=keep, sender=sender,
-                                            stamped=None if keep is None else stamped),
-                                "message to a user") and keep is not None:
-            # Not queued (the bus is unreachable): neither published nor kept, say so.
-            raise BackplaneError("the backplane is disconnected: the message to the user was "
-                                 "not kept")
+        if keep is None:
+            await self._post(Publication(data, user_id=user_id), "message to a user")
+            return
+        # Kept: if the bus fails it, it waits in the spool and is sent again (with the same id,
+        # so the bus keeps it once); refused only when the spool is full.
+        if self._spool and not self._spool_room(1, len(data)):
+            self._count_failure("message to a user", None)
+        elif await self._post(Publication(data, user_id=user_id, keep=keep, sender=sender, stamped=stamped,
+                                          durable=next(self._kids)), "message to a user"):
+            return
+        raise BackplaneError("the backplane is unreachable and its spool is full: the message "
+                             "to the user was not kept")
 
     def keeps(self, sender: str | None) -> bool:
         return self.refusals.keeps(sender, time.monotonic())
@@ -396,11 +422,51 @@ class BrokerBackplane(BusNode):
     def disconnect(self, scope: str, target: str, code: int, reason: str) -> asyncio.Future[Any]:
         # The broadcast topic, not the directory: a channel registered a moment ago may not be
         # in the directory yet, and revocation must not miss it.
+        # Recorded on the bus too, in the same step (a process not subscribed at that moment
+        # finds it at its next heartbeat), and spooled if the bus fails it.
         data = encode_bus_message(Control(self.node_id, scope, target, code, reason))
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         done.add_done_callback(_retrieve)  # a caller that does not wait: counted and logged
-        self._post_nowait(Publication(data, topic=self.broadcast_topic), "disconnect", done)
+        self._post_nowait(Publication(data, topic=self.broadcast_topic,
+                                      durable=(f"{scope}:{target}", int(code), reason)),
+                          "disconnect", done)
         return done
+
+    async def _check_revoked(self) -> None:
+        """Close this process's connections revoked while it did not hear it (its subscription
+        down): those of a user, session or channel whose revocation is recorded on the bus and
+        was made after they were opened. One read per batch of targets; at every heartbeat
+        (and so right after every reconnection)."""
+        opened = self._opened
+        if not opened:
+            return
+        targets: dict[str, list[str]] = {}
+        for channel_id, (_, user_id, session_id) in opened.items():
+            targets.setdefault(f"channel:{channel_id}", []).append(channel_id)
+            if user_id is not None:
+                targets.setdefault(f"user:{user_id}", []).append(channel_id)
+            if session_id is not None:
+                targets.setdefault(f"session:{session_id}", []).append(channel_id)
+        keys = list(targets)
+        try:
+            found, now = await self._revocations(keys)
+        except Exception as exc:  # checked again at the next heartbeat
+            logger.warning("backplane: could not check revocations (%s)", exc,
+                           extra={"node": self.node_id})
+            return
+        offset = now - _wall_ms()  # the bus's clock minus ours (to the round trip)
+        closed = 0
+        for key, revocation in zip(keys, found, strict=True):
+            if revocation is None:
+                continue
+            when, code, reason = revocation
+            for channel_id in targets[key]:
+                entry = opened.get(channel_id)
+                if entry is not None and entry[0] + offset < when:
+                    closed += self.manager.close_local("channel", channel_id, code, reason)
+        if closed:
+            logger.warning("backplane: closed %d connection(s) revoked while this process did "
+                           "not hear it", closed, extra={"node": self.node_id})
 
     async def attach(self, channel_id: str, user_id: str, limit: int | None,
                      keep: OutboxLimits | None) -> Attachment:
@@ -618,6 +684,10 @@ class BrokerBackplane(BusNode):
             # A gap: hold back per-user deliveries to our users until what the bus kept for
             # them meanwhile is recovered (after the directory is written again).
             self._gap_down = time.monotonic() - self._down_since
+            if self._gap_down > self.revoke_ttl:
+                logger.warning("backplane: cut off for %.0f s, longer than revoke_ttl: "
+                               "revocations made meanwhile may not reach this process's "
+                               "connections", self._gap_down, extra={"node": self.node_id})
             self._manager.hold_users()
             self._recovering = True
         self._refresh = True  # the bus may have lost the directory (a restart): write it all
@@ -664,6 +734,8 @@ class BrokerBackplane(BusNode):
                 continue
             if full:
                 next_refresh = loop.time() + self.heartbeat_interval
+                self._retry_spool()
+                await self._check_revoked()
             if full and self._asked:
                 await self._check_asked()
             if self._recovering and full:
@@ -780,6 +852,8 @@ class BrokerBackplane(BusNode):
 
 #: One entry of a user's history as the bus gives it: (id, n, bus message).
 Kept = tuple[str, int, bytes]
+#: A revocation recorded on the bus: (when, in ms on the bus's clock; close code; reason).
+Revocation = tuple[int, int, str]
 
 _MAX_UNSENT_ACKS = 100_000
 

@@ -260,7 +260,8 @@ class BackplaneStats:
     #: Frames handed to local channels' queues from the bus (one per recipient).
     delivered: int = 0
     #: Messages for other processes that could not be published (bus unreachable or erroring):
-    #: lost, and reported here and in the log.
+    #: lost, and reported here and in the log. Kept messages and revocations are not counted
+    #: here while they wait in the spool, only if its bound drops them.
     failed: int = 0
     #: Messages whose channel or node was gone by the time they were routed.
     undeliverable: int = 0

@@ -20,7 +20,7 @@ from typing import Any, cast
 from dara_ws_core.exceptions import BackplaneError
 from dara_ws_core.outbox import OutboxLimits, Stamped, UserOutbox
 
-from .broker import BrokerBackplane, Kept
+from .broker import BrokerBackplane, Kept, Revocation
 from .node import Entry, Publication, Routed
 from .wire import stamp_message
 
@@ -63,6 +63,11 @@ class MemoryBroker:
         #: The gap ledger (as in Redis): node -> user -> messages nobody on it listened for.
         self.missed: dict[str, dict[str, int]] = {}
         self._cut: set[str] = set()
+        #: Revocations recorded (as the Redis keys): ``scope:target`` -> (when in ms on
+        #: ``clock``, code, reason, expiry).
+        self.revoked: dict[str, tuple[int, int, str, float]] = {}
+        # What each kept message's id was answered the first time (as the Redis keys), bounded.
+        self._kids: dict[tuple[str, int], Routed] = {}
 
     def _check(self) -> None:
         if not self.available:
@@ -110,6 +115,8 @@ class MemoryBroker:
         self._user_expiry.clear()
         self.outboxes.clear()
         self.missed.clear()
+        self.revoked.clear()
+        self._kids.clear()
 
     def subscribe(self, topics: Collection[str], callback: Callable[[bytes], None]) -> _Subscription:
         self._check()
@@ -152,8 +159,39 @@ class MemoryBroker:
             self._user_expiry.pop(user_id, None)
         return self._users.get(user_id, {})
 
+    def revoke(self, target: str, code: int, reason: str, ttl: float) -> None:
+        """Record a revocation of ``target`` (``scope:target``) for ``ttl`` seconds."""
+        self._check()
+        now = self.clock()
+        self.revoked[target] = (int(now * 1000), code, reason, now + ttl)
+
+    def revocations(self, targets: Sequence[str]) -> tuple[list[tuple[int, int, str] | None], int]:
+        """The revocations recorded for ``targets`` and the clock now, in ms."""
+        self._check()
+        now = self.clock()
+        found: list[tuple[int, int, str] | None] = []
+        for target in targets:
+            entry = self.revoked.get(target)
+            found.append(None if entry is None or entry[3] <= now else entry[:3])
+        return found, int(now * 1000)
+
     def publish_to_user(self, user_id: str, node_id: str, topic_of: Callable[[str], str],
-                        data: bytes, keep: OutboxLimits | None = None) -> Routed:
+                        data: bytes, keep: OutboxLimits | None = None, *,
+                        kid: int | None = None) -> Routed:
+        """:meth:`_publish_to_user`, once per ``kid``: sent again, a kept message is answered
+        as the first time (as the Redis script does)."""
+        if kid is None:
+            return self._publish_to_user(user_id, node_id, topic_of, data, keep)
+        first = self._kids.get((node_id, kid))
+        if first is None:
+            first = self._kids[node_id, kid] = self._publish_to_user(user_id, node_id, topic_of, data,
+                                                            keep)
+            if len(self._kids) > 100_000:
+                del self._kids[next(iter(self._kids))]
+        return first
+
+    def _publish_to_user(self, user_id: str, node_id: str, topic_of: Callable[[str], str],
+                         data: bytes, keep: OutboxLimits | None = None) -> Routed:
         """Publish once to every node but ``node_id`` holding channels of the user; entries of
         nodes nobody listens for are dropped once expired (as the Redis script does). With
         ``keep``, append ``data`` to the user's history first (the message published carries
@@ -312,6 +350,9 @@ class MemoryBackplane(BrokerBackplane):
         results: list[Routed] = []
         for publication in batch:
             if publication.topic is not None:
+                revoke = publication.revoke
+                if revoke is not None:
+                    broker.revoke(*revoke, self.revoke_ttl)
                 results.append((None, broker.publish(publication.topic, publication.data)))
                 continue
             if publication.ack is not None:
@@ -322,7 +363,7 @@ class MemoryBackplane(BrokerBackplane):
             if publication.user_id is not None:
                 results.append(broker.publish_to_user(
                     publication.user_id, self.node_id, self.topic_of, publication.data,
-                    publication.keep))
+                    publication.keep, kid=publication.kid))
                 continue
             assert publication.channel_id is not None
             owner = broker.owner(publication.channel_id)
@@ -355,6 +396,10 @@ class MemoryBackplane(BrokerBackplane):
     async def _settle_outbox(self, user_id: str, channel_id: str, upto: str | None) -> None:
         self.broker.check_node(self.node_id)
         self.broker.settle(self.node_id, channel_id, user_id, upto)
+
+    async def _revocations(self, targets: Sequence[str]) -> tuple[list[Revocation | None], int]:
+        self.broker.check_node(self.node_id)
+        return self.broker.revocations(targets)
 
     async def _take_missed(self) -> dict[str, int]:
         self.broker.check_node(self.node_id)

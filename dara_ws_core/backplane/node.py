@@ -12,6 +12,7 @@ __all__ = ["BusNode", "BusOptions", "Entry", "Publication", "Routed", "cancel_ta
 import abc
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
 import time
@@ -60,6 +61,8 @@ class BusOptions(TypedDict, total=False):
     max_outbox_bytes: int
     max_bus_message: int
     publish_window: int
+    max_spool: int
+    max_spool_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,24 @@ class Publication:
     stamped: Callable[[Stamped], None] | None = None
     #: With ``keep``: who the message is charged to (``OutboxLimits.max_per_sender``).
     sender: str | None = None
+    #: Set: a failed attempt is kept in the spool and tried again, rather than counted lost
+    #: (one field for both kinds: each field costs every publication). With ``keep``, an int:
+    #: this process's number for the message (unique with its node id), so that the bus answers
+    #: it sent again (after a round trip that failed, part of which may have run) as it did the
+    #: first time (:attr:`kid`). With ``topic``, a revocation ``(scope:target, code, reason)``,
+    #: recorded on the bus for the processes that miss the publication, in the same step as it
+    #: is published (:attr:`revoke`).
+    durable: int | tuple[str, int, str] | None = None
+
+    @property
+    def kid(self) -> int | None:
+        """A kept message's number (see :attr:`durable`)."""
+        return self.durable if isinstance(self.durable, int) else None
+
+    @property
+    def revoke(self) -> tuple[str, int, str] | None:
+        """A revocation's ``(scope:target, code, reason)`` (see :attr:`durable`)."""
+        return self.durable if isinstance(self.durable, tuple) else None
 
 
 #: A queued publication: what to publish, the future its result goes to (or None), what it is.
@@ -95,6 +116,10 @@ class BusNode(abc.ABC):
 
     Faults are reported, never silent: a message that cannot be published is counted in
     ``stats.failed`` and logged (once when an outage starts, and with the count when it ends).
+    Durable publications (kept messages to a user, revocations) whose attempt failed are not
+    dropped: they wait in a bounded spool and are published again, before anything newer and
+    in order, once the bus answers; only what the spool's bound refuses is lost (counted in
+    ``stats.failed`` and logged).
 
     ``connect_timeout``: how long a start waits for the bus; ``backoff_initial`` /
     ``backoff_max``: reconnection delays; ``max_outbox`` / ``max_outbox_bytes``: messages, and
@@ -107,6 +132,8 @@ class BusNode(abc.ABC):
     of this node's broadcasts published but not yet heard back on its own subscription before
     publishing waits (so that this process never publishes faster than it reads, which would
     overflow the bus's buffer for its subscription: Redis's ``client-output-buffer-limit pubsub``).
+    ``max_spool`` / ``max_spool_bytes``: durable publications waiting for the bus to answer
+    again (beyond, a kept send raises ``BackplaneError``).
     """
 
     def __init__(
@@ -121,6 +148,8 @@ class BusNode(abc.ABC):
         max_outbox_bytes: int = 64 * _MiB,
         max_bus_message: int = 8 * _MiB,
         publish_window: int = 4 * _MiB,
+        max_spool: int = 10_000,
+        max_spool_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         if min(max_outbox, max_outbox_bytes, max_bus_message, publish_window) <= 0:
             raise ValueError("max_outbox, max_outbox_bytes, max_bus_message and publish_window "
@@ -159,6 +188,15 @@ class BusNode(abc.ABC):
         self._unechoed = 0
         self._echo_room = asyncio.Event()
         self._echo_waiting = False
+        # Durable publications whose attempt failed, oldest first, all older than the outbox's:
+        # published again first once the bus answers (see _publish_loop).
+        self._spool: deque[tuple[Publication, str]] = deque()
+        self._spool_bytes = 0
+        self.max_spool = max_spool
+        self.max_spool_bytes = max_spool_bytes
+        self._kids = itertools.count(1)
+        self._spool_lost = 0
+        self._spool_due = True
         # Publications queued so far, and of those, how many are done (published or failed):
         # :meth:`_published` waits for the count at its call (futures waiting, by that count).
         self._queued = 0
@@ -286,10 +324,16 @@ class BusNode(abc.ABC):
     def _queue(self, publication: Publication, what: str,
                done: asyncio.Future[Routed] | None, size: int) -> bool:
         if not self._connected.is_set():
-            self._count_failure(what, None)
+            # A durable one waits for the bus (the publish loop spools it), if there is room.
+            queued = publication.durable is not None and self._spool_room(len(self._outbox) + 1,
+                                                              len(publication.data))
+            if not queued:
+                self._count_failure(what, None)
             if done is not None:
                 done.set_exception(BackplaneError("the backplane is disconnected"))
-            return False
+            if not queued:
+                return False
+            done = None
         self._outbox.append((publication, done, what))
         self._outbox_bytes += size
         if publication.topic == self.broadcast_topic:
@@ -348,17 +392,76 @@ class BusNode(abc.ABC):
             if not waiter.done():
                 waiter.set_result(None)
 
+    def _spool_room(self, count: int, size: int = 0) -> bool:
+        """Whether ``count`` more durable publications (``size`` more bytes) fit the spool."""
+        return (len(self._spool) + count <= self.max_spool
+                and self._spool_bytes + size <= self.max_spool_bytes)
+
+    def _spool_failed(self, batch: list[tuple[Publication, asyncio.Future[Routed] | None, str]],
+                      exc: BaseException, spooled: int) -> None:
+        """A batch failed (its first ``spooled`` publications came from the spool): put its
+        durable publications back in the spool, in order, ahead of anything newer (their
+        ``done`` gets the error: the caller learns it did not go through yet); fail the rest."""
+        back: list[tuple[Publication, str]] = []
+        for i, (publication, done, what) in enumerate(batch):
+            if done is not None and not done.done():
+                done.set_exception(BackplaneError(str(exc)))
+            if publication.durable is not None:
+                back.append((publication, what))
+            elif i >= spooled:
+                self._count_failure(what, exc)
+        # The ones that came from the spool go back whatever the bound (they were in it); of
+        # the others, the oldest that fit.
+        kept = spooled
+        count = len(self._spool) + spooled
+        size = self._spool_bytes + sum(len(p.data) for p, _ in back[:spooled])
+        for publication, _ in back[spooled:]:
+            count, size = count + 1, size + len(publication.data)
+            if count > self.max_spool or size > self.max_spool_bytes:
+                break
+            kept += 1
+        for publication, what in back[kept:]:
+            self._lose(publication, what)
+        # Those from the spool go back to its front (older than what stayed in it), the others
+        # to its end (newer than anything in it: only this loop adds to it).
+        for publication, what in reversed(back[:spooled]):
+            self._spool.appendleft((publication, what))
+        self._spool.extend(back[spooled:kept])
+        self._spool_bytes += sum(len(publication.data) for publication, _ in back[:kept])
+        self._spool_due = False  # tried again at the next heartbeat or reconnection
+
+    def _lose(self, publication: Publication, what: str) -> None:
+        """The spool is full: a durable publication is dropped. Counted and logged (the first
+        ten, then every 100th...)."""
+        self.stats.failed += 1
+        self._spool_lost += 1
+        count = self._spool_lost
+        if count <= 10 or count % 100 == 0:
+            logger.warning("backplane: the spool of publications waiting for the bus is full "
+                           "(%d, %d bytes): a %s was dropped (%d so far); raise max_spool or "
+                           "max_spool_bytes", len(self._spool), self._spool_bytes, what, count,
+                           extra={"node": self.node_id, "failed": self.stats.failed})
+
     async def _publish_loop(self) -> None:
-        outbox = self._outbox
+        outbox, spool = self._outbox, self._spool
         while True:
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
-            while outbox:
-                if self._unechoed >= self.publish_window:
-                    await self._wait_echoes()
-                    if not outbox:
-                        break
-                batch = self._take_batch()
+            while outbox or (spool and self._spool_due and self._connected.is_set()):
+                batch: list[_Queued] = []
+                if spool and self._connected.is_set():  # the spool first: it is older
+                    while spool and len(batch) < _BATCH:
+                        publication, what = spool.popleft()
+                        self._spool_bytes -= len(publication.data)
+                        batch.append((publication, None, what))
+                spooled = len(batch)
+                if outbox and spooled < _BATCH:
+                    if not spooled and self._unechoed >= self.publish_window:
+                        await self._wait_echoes()
+                    if outbox:
+                        batch += self._take_batch(_BATCH - spooled)
+                if not batch:
+                    break
                 self._outbox_space.set()
                 try:
                     if not self._connected.is_set():
@@ -368,11 +471,8 @@ class BusNode(abc.ABC):
                     if not isinstance(exc, BackplaneError):  # a bug: log it, keep publishing
                         logger.exception("backplane: publishing failed",
                                          extra={"node": self.node_id})
-                    for _, done, what in batch:
-                        self._count_failure(what, exc)
-                        if done is not None and not done.done():
-                            done.set_exception(BackplaneError(str(exc)))
-                    self._done_with(len(batch))
+                    self._spool_failed(batch, exc, spooled)
+                    self._done_with(len(batch) - spooled)
                     continue
                 for (publication, done, _), (owner, receivers) in zip(batch, results,
                                                                          strict=True):
@@ -386,22 +486,30 @@ class BusNode(abc.ABC):
                         _stamp(owner, publication.stamped)
                     if done is not None and not done.done():
                         done.set_result((owner, receivers))
-                self._done_with(len(batch))
-            self._outbox_idle.set()
+                self._done_with(len(batch) - spooled)
+                self._spool_due = True
+            if not spool:
+                self._outbox_idle.set()
 
-    def _take_batch(self) -> list[_Queued]:
-        """The next batch: at most ``_BATCH`` publications, and (beyond the first) no more bytes
-        than the room left in ``publish_window``; the broadcasts in it are counted as waiting
-        to come back."""
+    def _retry_spool(self) -> None:
+        """Publish the spool again (the bus is back, or a heartbeat passed since it failed)."""
+        if self._spool:
+            self._spool_due = True
+            self._outbox_ready.set()
+
+    def _take_batch(self, limit: int = _BATCH) -> list[_Queued]:
+        """The next batch from the outbox: at most ``limit`` publications, and (beyond the first)
+        no more bytes than the room left in ``publish_window``; the broadcasts in it are
+        counted as waiting to come back."""
         outbox = self._outbox
         room = self.publish_window - self._unechoed
-        if self._outbox_bytes <= room and len(outbox) <= _BATCH:  # all of it (the usual case)
+        if self._outbox_bytes <= room and len(outbox) <= limit:  # all of it (the usual case)
             batch = list(outbox)
             outbox.clear()
             self._unechoed += self._outbox_echo
             self._outbox_bytes = self._outbox_echo = 0
             return batch
-        batch = [outbox.popleft() for _ in range(min(len(outbox), _BATCH))]
+        batch = [outbox.popleft() for _ in range(min(len(outbox), limit))]
         sizes = [len(p.data) for p, _, _ in batch]
         size = sum(sizes)
         while size > room and len(batch) > 1:  # the rest waits for the window
@@ -450,6 +558,10 @@ class BusNode(abc.ABC):
                 done.set_exception(exc)
             self._done_with(1)
         self._outbox_echo = 0
+        while self._spool:
+            _, what = self._spool.popleft()
+            self._count_failure(what, exc)
+        self._spool_bytes = 0
         self._outbox_idle.set()
         self._outbox_space.set()
 
@@ -502,6 +614,7 @@ class BusNode(abc.ABC):
             )
             self._down_since = None
         self._connected.set()
+        self._retry_spool()
 
     def _bus_down(self, reason: str) -> None:
         """Called when a session ends; a subclass fails what depended on it (extend, call us)."""

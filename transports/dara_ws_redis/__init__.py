@@ -30,7 +30,15 @@ Redis layout (``<ns>`` is the namespace, ``dara-ws`` by default):
   (``outbox_users`` and ``outbox_total_bytes`` bound this window's and the previous one's sums);
 * ``<ns>:missed:<node_id>`` -> hash user -> count: the node's gap ledger, used with the outbox
   off: messages for its users that found nobody listening on its topic (read and reset when the
-  node resubscribes).
+  node resubscribes);
+* each entry of a user's history holds the message (``d``), its number for the user (``n``)
+  and its sender's id for it (``k``: ``<node_id>-<number>``), and the meta hash the highest
+  number each node appended (``k:<node_id>``): a message sent again after a round trip that
+  failed (part of which may have run) is found among the user's 1,000 newest entries and not
+  appended twice (beyond those, it may be: a duplicate, never a loss);
+* ``<ns>:revoked:<scope>:<target>`` -> ``<ms> <code> <reason>`` (Redis's clock), expiring after
+  ``revoke_ttl``: a revocation (``user``, ``session``, ``channel``), set in the same step as it
+  is published, for the processes whose subscription was down at that moment.
 
 A Stream rather than a list: entry ids are Redis's own millisecond clock, so the age bound needs no
 clock of ours (processes' clocks may disagree), ids stay increasing across a Redis restart that
@@ -77,7 +85,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
     ) from exc
 
 from dara_ws_core.backplane import BrokerBackplane, Entry, Publication, Routed
-from dara_ws_core.backplane.broker import Kept
+from dara_ws_core.backplane.broker import Kept, Revocation
 from dara_ws_core.exceptions import BackplaneError
 from dara_ws_core.outbox import OutboxLimits
 
@@ -103,6 +111,15 @@ local function later(a, b)
 end
 """
 
+# Record a revocation (KEYS[1], ARGV[1..3]: TTL ms, code, reason; the time is Redis's) and
+# publish it (ARGV[4], ARGV[5]: topic, message) in one step. Returns the receivers.
+_REVOKE = """
+local t = redis.call('TIME')
+local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('SET', KEYS[1], ms .. ' ' .. ARGV[2] .. ' ' .. ARGV[3], 'PX', ARGV[1])
+return redis.call('PUBLISH', ARGV[4], ARGV[5])
+"""
+
 # Publish once to every other node holding channels of a user, in one round trip. KEYS[1]: the
 # user's hash; ARGV[1..3] as above; ARGV[4..7]: the gap ledger key prefix, the user, the ledger's
 # TTL in ms, the channel key prefix. With the outbox on (ARGV[8..10]: most messages, bytes, age
@@ -120,7 +137,24 @@ end
 # what was delivered meanwhile is not subtracted), or when the histories created (a new one) or
 # the bytes appended, minus those trimmed, over this window of ``age`` ms and the previous one
 # would go past the bounds (each window's counters expire after two windows).
+#
+# ARGV[16] (with the outbox on, a kept message from a node that numbers them): the message's
+# number at its node, stored with the entry (field k: "<node>-<number>"); the meta hash keeps the
+# highest per node (field "k:<node>"): a number not above it may be a message sent again (a round
+# trip failed, part of which may have run), answered as its entry if the user's newest entries
+# hold it, not appended twice.
 _ROUTE_USER = """
+-- kid: a kept message sent again that the first run appended is answered with that entry.
+local kid, last = nil, 0
+if ARGV[16] then
+  kid = ARGV[1] .. '-' .. ARGV[16]
+  last = tonumber(redis.call('HGET', KEYS[3], 'k:' .. ARGV[1]) or '0')
+  if tonumber(ARGV[16]) <= last then
+    for _, e in ipairs(redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1000)) do
+      if e[2][6] == kid then return e[1] .. ' ' .. e[2][4] .. ' 0' end
+    end
+  end
+end
 local message, kept, n = ARGV[3], nil, 0
 local keep = ARGV[8] ~= nil and #ARGV[3] <= tonumber(ARGV[9])
 local t, window, new, refused, wait
@@ -155,7 +189,8 @@ if keep then
     redis.call('PEXPIRE', window, 2 * age)
   end
   n = redis.call('HINCRBY', KEYS[3], 'n', 1)
-  kept = redis.call('XADD', KEYS[2], '*', 'd', ARGV[3], 'n', n)
+  kept = redis.call('XADD', KEYS[2], '*', 'd', ARGV[3], 'n', n, 'k', kid or '')
+  if kid and tonumber(ARGV[16]) > last then redis.call('HSET', KEYS[3], 'k:' .. ARGV[1], ARGV[16]) end
   local bytes = redis.call('HINCRBY', KEYS[3], 'b', #ARGV[3])
   local count = redis.call('XLEN', KEYS[2])
   local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - age
@@ -341,7 +376,8 @@ return out
 
 
 #: The SHA1 of each script published in batches (called with EVALSHA).
-_SHA1 = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_ROUTE, _ROUTE_USER, _SETTLE)}
+_SHA1 = {script: hashlib.sha1(script.encode()).hexdigest()
+         for script in (_ROUTE, _ROUTE_USER, _SETTLE, _REVOKE)}
 
 
 class RedisBackplane(BrokerBackplane):
@@ -350,10 +386,11 @@ class RedisBackplane(BrokerBackplane):
     ``url`` is a redis-py URL (``redis://[:password@]host:port/db``, ``rediss://`` for TLS);
     ``socket_timeout`` bounds every command. The other options are
     :class:`~dara_ws_core.backplane.BrokerBackplane`'s (``node_id``, ``namespace``,
-    ``heartbeat_interval``, ``expiry``, ``connect_timeout``, ``backoff_initial``, ``backoff_max``,
-    ``max_outbox``, ``max_outbox_bytes``, ``max_bus_message``, ``publish_window``): keep
-    ``max_bus_message`` under Redis's hard ``client-output-buffer-limit pubsub`` (32 MB by
-    default) and ``publish_window`` times the number of processes under its soft one (8 MB).
+    ``heartbeat_interval``, ``expiry``, ``revoke_ttl``, ``connect_timeout``, ``backoff_initial``,
+    ``backoff_max``, ``max_outbox``, ``max_outbox_bytes``, ``max_bus_message``, ``publish_window``,
+    ``max_spool``, ``max_spool_bytes``): keep ``max_bus_message`` under Redis's hard
+    ``client-output-buffer-limit pubsub`` (32 MB by default) and ``publish_window`` times the
+    number of processes under its soft one (8 MB).
     """
 
     def __init__(
@@ -391,6 +428,9 @@ class RedisBackplane(BrokerBackplane):
 
     def _missed_key(self, node_id: str) -> str:
         return f"{self.namespace}:missed:{node_id}"
+
+    def _revoked_key(self, target: str) -> str:
+        return f"{self.namespace}:revoked:{target}"
 
     async def _bus_session(self) -> None:
         loop = asyncio.get_running_loop()
@@ -437,7 +477,12 @@ class RedisBackplane(BrokerBackplane):
                 yield _SETTLE, (2, self._outbox_keys(user)[1], self._lease_key(user), "",
                                 publication.ack)
             elif publication.topic is not None:
-                yield None, (publication.topic, publication.data)
+                if publication.durable is None:
+                    yield None, (publication.topic, publication.data)
+                else:  # a revocation: recorded as it is published
+                    target, code, reason = publication.durable  # type: ignore[misc]
+                    yield _REVOKE, (1, self._revoked_key(target), int(self.revoke_ttl * 1000),
+                                    int(code), reason, publication.topic, publication.data)
             elif publication.user_id is not None:
                 keep, user = publication.keep, publication.user_id
                 common = (self.node_id, prefix, publication.data, self._missed_key(""), user,
@@ -451,7 +496,8 @@ class RedisBackplane(BrokerBackplane):
                                         int(keep.max_age * 1000),
                                         "" if sender is None else self._sender_key(sender),
                                         keep.max_per_sender, self._window_key(""),
-                                        keep.max_users, keep.max_total_bytes)
+                                        keep.max_users, keep.max_total_bytes,
+                                        *_kid(publication))
             else:
                 yield _ROUTE, (1, self._ch(str(publication.channel_id)), self.node_id, prefix,
                                publication.data)
@@ -572,6 +618,20 @@ class RedisBackplane(BrokerBackplane):
         return [holder is not None and _text(holder) == node and self.topic_of(node) in listening
                 for (_, node), holder in zip(pairs, holders, strict=True)]
 
+    async def _revocations(self, targets: Sequence[str]) -> tuple[list[Revocation | None], int]:
+        found: list[Revocation | None] = []
+        seconds = micros = 0
+        try:
+            for start in range(0, len(targets), _BATCH):
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.mget([self._revoked_key(t) for t in targets[start:start + _BATCH]])
+                pipe.time()
+                values, (seconds, micros) = await pipe.execute()
+                found += [None if v is None else _revocation(_text(v)) for v in values]
+        except (RedisError, OSError) as exc:
+            raise BackplaneError(f"redis: {exc}") from exc
+        return found, int(seconds) * 1000 + int(micros) // 1000
+
     async def _take_missed(self) -> dict[str, int]:
         key = self._missed_key(self.node_id)
         try:
@@ -612,6 +672,21 @@ def _triples(flat: Sequence[Any]) -> list[Kept]:
     """``[id, n, message, id, n, message...]`` -> ``[(id, n, message)...]``."""
     return [(_text(flat[i]), int(flat[i + 1]), bytes(flat[i + 2]))
             for i in range(0, len(flat) - 2, 3)]
+
+
+def _kid(publication: Publication) -> tuple[int, ...]:
+    """A kept message's number as the script's last argument (none without)."""
+    return () if publication.durable is None else (publication.durable,)  # type: ignore[return-value]
+
+
+def _revocation(value: str) -> Revocation | None:
+    """``"<ms> <code> <reason>"`` -> ``(ms, code, reason)`` (``None`` if malformed)."""
+    when, _, rest = value.partition(" ")
+    code, _, reason = rest.partition(" ")
+    try:
+        return int(when), int(code), reason
+    except ValueError:
+        return None
 
 
 def _text(value: bytes | str) -> str:

@@ -1,0 +1,214 @@
+"""What the bus fails is not lost on a real ``redis-server``: kept messages and revocations.
+
+* A kept ``send_message_to_user`` that returned reaches the user exactly once, live or on their
+  next connection, while Redis drops the sender's connections mid-batch (``CLIENT KILL``): the
+  failed batch waits in the sender's spool, is sent again once Redis answers, and Redis appends
+  each message once (a pipeline that partly ran is sent again whole).
+* A revocation (``disconnect_user``, ``disconnect_session``, ``close_channel``) made while a
+  process's subscription is down still closes that process's connections once it is back (at
+  its next heartbeat), and only those opened before the revocation.
+
+Real servers on 127.0.0.1, raw-socket clients (:mod:`tests.hostile`), every served transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import pytest
+from redis.asyncio import Redis
+
+from dara_ws_core import BackplaneError, ServerConfig, WebsocketManager
+from dara_ws_core.backplane import Publication, UserDelivery, encode_bus_message
+from dara_ws_redis import RedisBackplane
+
+from .helpers import eventually
+from .hostile import CLOSE, TEXT, HostileClient
+from .stacks import running_stack
+from .test_kept_delivery import SERVED, connect
+
+if TYPE_CHECKING:
+    from .redis_server import RedisServer
+
+pytest_plugins = ["tests.redis_server"]
+pytestmark = pytest.mark.timeout(60)
+
+HEARTBEAT = 0.3
+
+
+@contextlib.asynccontextmanager
+async def started(url: str, namespace: str, config: ServerConfig | None = None,
+                  **options: float) -> AsyncIterator[tuple[WebsocketManager, RedisBackplane]]:
+    backplane = RedisBackplane(url, namespace=namespace, heartbeat_interval=HEARTBEAT,
+                               **options)
+    manager = WebsocketManager(config or ServerConfig(), backplane=backplane)
+    await backplane.start(manager)
+    try:
+        yield manager, backplane
+    finally:
+        await backplane.stop()
+
+
+async def read_until_quiet(client: HostileClient, seen: list[int], quiet: float) -> int | None:
+    """Read numbered messages until a close frame (its code), the end, or ``quiet`` seconds
+    without a frame (``None``)."""
+    for _ in range(100_000):
+        try:
+            frame = await client.read_frame(timeout=quiet)
+        except (TimeoutError, EOFError):
+            return None
+        if frame.opcode == CLOSE:
+            return frame.close_code
+        if frame.opcode == TEXT:
+            seen.append(json.loads(frame.text)["message"]["n"])
+    raise AssertionError("more frames than the test sent")
+
+
+@pytest.mark.parametrize("transport", SERVED)
+async def test_every_kept_send_that_returned_reaches_the_user_once_while_redis_drops_links(
+    redis_server: RedisServer, transport: str
+) -> None:
+    namespace = f"spool-{uuid.uuid4().hex[:6]}"
+    config = ServerConfig(outbox_messages=10_000)
+    admin = Redis.from_url(redis_server.url)
+    acked: list[int] = []
+    async with (started(redis_server.url, namespace, config, backoff_initial=0.05,
+                        backoff_max=0.2) as (sender, sender_bp),
+                started(redis_server.url, namespace, config, backoff_initial=0.05,
+                        backoff_max=0.2) as (owner, _),
+                running_stack(transport, manager=owner) as stack):
+        victim = await connect(stack.port)  # user bob, on the other process
+
+        async def kill() -> None:
+            # Drops the links of both processes to Redis (batches in flight included), mostly
+            # the command links (the subscriptions stay up: the senders believe the bus is).
+            await asyncio.sleep(0.1)
+            for i in range(25):
+                await admin.client_kill_filter(_type="pubsub" if i % 6 == 5 else "normal")
+                await asyncio.sleep(0.03)
+
+        killer = asyncio.create_task(kill())
+        for n in range(20_000):  # while the links drop, and a little after
+            if killer.done():
+                break
+            await asyncio.sleep(0.001)
+            try:
+                await sender.send_message_to_user("bob", {"n": n})
+            except BackplaneError:
+                continue  # refused (the spool full): the caller knows; not counted as sent
+            acked.append(n)
+        await killer
+        async with asyncio.timeout(20):
+            await sender_bp.flush()  # the spool is empty: every kept send was answered
+        seen: list[int] = []
+        await read_until_quiet(victim, seen, 2.0)
+        victim.abort()
+        assert seen == sorted(seen)  # in order, what came from the spool included
+        if set(seen) != set(acked):  # the rest on the next connection
+            again = await connect(stack.port)
+            await read_until_quiet(again, seen, 2.0)
+            again.abort()
+    await admin.aclose()
+    assert acked  # the test sent something
+    counts = Counter(seen)
+    assert [n for n in acked if counts[n] == 0] == []  # none lost
+    assert [n for n, c in counts.items() if c > 1] == []  # none twice
+    assert set(seen) <= set(acked)
+
+
+async def _subscriber_killed(admin: Redis, backplane: RedisBackplane) -> None:
+    """Drop every subscription, and wait until ``backplane`` noticed."""
+    await admin.client_kill_filter(_type="pubsub")
+    await eventually(lambda: not backplane.connected, "the subscription is down")
+
+
+@pytest.mark.parametrize("transport", SERVED)
+async def test_a_revocation_made_while_a_process_is_off_the_bus_closes_its_connections(
+    redis_server: RedisServer, transport: str
+) -> None:
+    namespace = f"revoke-{uuid.uuid4().hex[:6]}"
+    admin = Redis.from_url(redis_server.url)
+    # The node serving the user comes back slowly (0.5 to 1 s), the revoking app at once.
+    async with (started(redis_server.url, namespace, backoff_initial=1.0,
+                        backoff_max=1.0) as (node, node_bp),
+                started(redis_server.url, namespace, backoff_initial=0.02,
+                        backoff_max=0.05) as (app, app_bp),
+                running_stack(transport, manager=node) as stack):
+        client = await connect(stack.port)  # user bob
+        await _subscriber_killed(admin, node_bp)
+        async with asyncio.timeout(5):
+            await app_bp.wait_connected()
+        assert not node_bp.connected  # the case under test: it cannot hear the revocation
+        assert await app.disconnect_user_everywhere("bob") == 0
+        seen: list[int] = []
+        # Back within a second, closed at the heartbeat that follows.
+        assert await read_until_quiet(client, seen, 5.0) == 1008
+        client.abort()
+        await eventually(lambda: not node.handlers, "the revoked connection is gone")
+        # A connection opened after the revocation (a new login) is not closed by it.
+        later = await connect(stack.port)
+        await eventually(lambda: len(node.handlers) == 1, "the new connection is admitted")
+        for _ in range(2):
+            await node_bp._check_revoked()
+        assert len(node.handlers) == 1
+        later.abort()
+    await admin.aclose()
+
+
+@pytest.mark.parametrize("scope", ["session", "channel"])
+async def test_session_and_channel_revocations_missed_live_are_applied_too(
+    redis_server: RedisServer, scope: str
+) -> None:
+    namespace = f"revoke-{uuid.uuid4().hex[:6]}"
+    admin = Redis.from_url(redis_server.url)
+    async with (started(redis_server.url, namespace, backoff_initial=1.0,
+                        backoff_max=1.0) as (node, node_bp),
+                started(redis_server.url, namespace, backoff_initial=0.02,
+                        backoff_max=0.05) as (app, app_bp),
+                running_stack("websockets", manager=node) as stack):
+        client = await connect(stack.port)  # user bob, session s1
+        (channel,) = node.get_user_channels("bob")
+        await _subscriber_killed(admin, node_bp)
+        async with asyncio.timeout(5):
+            await app_bp.wait_connected()
+        assert not node_bp.connected
+        if scope == "session":
+            app.disconnect_session("s1")
+        else:
+            app.close_channel(channel, 4001, "moved")
+        async with asyncio.timeout(5):
+            await app_bp.flush()
+        seen: list[int] = []
+        assert await read_until_quiet(client, seen, 5.0) == (1008 if scope == "session" else 4001)
+        client.abort()
+    await admin.aclose()
+
+
+async def test_redis_appends_a_kept_message_sent_twice_once_and_answers_it_alike(
+    redis_server: RedisServer,
+) -> None:
+    """What the spool relies on: a batch that partly ran is sent again whole, and a kept message
+    that Redis had appended is answered with the same entry, not appended again."""
+    namespace = f"kid-{uuid.uuid4().hex[:6]}"
+    admin = Redis.from_url(redis_server.url)
+    async with started(redis_server.url, namespace, ServerConfig()) as (manager, backplane):
+        keep = manager.outbox_limits
+        assert keep is not None
+        data = encode_bus_message(UserDelivery("dan", None, b'{"type":"message"}', sent=1))
+        first = Publication(data, user_id="dan", keep=keep, durable=1)
+        again = first  # as the spool sends it again
+        other = Publication(data, user_id="dan", keep=keep, durable=2)
+        never = Publication(data, user_id="dan", keep=keep, durable=3)  # failed before it ran
+        answers = await backplane._publish_batch([first, again, other])
+        answers += await backplane._publish_batch([again, never])
+        assert answers[0][0] == answers[1][0] == answers[3][0]  # the same entry, every time
+        assert answers[2][0] != answers[0][0]
+        assert len({answers[0][0], answers[2][0], answers[4][0]}) == 3  # appended now
+        assert await admin.xlen(f"{namespace}:outbox:dan") == 3
+    await admin.aclose()
