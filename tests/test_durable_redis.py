@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -29,9 +28,8 @@ from dara_ws_core.backplane import Publication, UserDelivery, encode_bus_message
 from dara_ws_redis import RedisBackplane
 
 from .helpers import eventually
-from .hostile import CLOSE, TEXT, HostileClient
 from .stacks import running_stack
-from .test_kept_delivery import SERVED, connect
+from .test_kept_delivery import SERVED, connect, read_numbers
 
 if TYPE_CHECKING:
     from .redis_server import RedisServer
@@ -53,21 +51,6 @@ async def started(url: str, namespace: str, config: ServerConfig | None = None,
         yield manager, backplane
     finally:
         await backplane.stop()
-
-
-async def read_until_quiet(client: HostileClient, seen: list[int], quiet: float) -> int | None:
-    """Read numbered messages until a close frame (its code), the end, or ``quiet`` seconds
-    without a frame (``None``)."""
-    for _ in range(100_000):
-        try:
-            frame = await client.read_frame(timeout=quiet)
-        except (TimeoutError, EOFError):
-            return None
-        if frame.opcode == CLOSE:
-            return frame.close_code
-        if frame.opcode == TEXT:
-            seen.append(json.loads(frame.text)["message"]["n"])
-    raise AssertionError("more frames than the test sent")
 
 
 @pytest.mark.parametrize("transport", SERVED)
@@ -107,12 +90,12 @@ async def test_every_kept_send_that_returned_reaches_the_user_once_while_redis_d
         async with asyncio.timeout(20):
             await sender_bp.flush()  # the spool is empty: every kept send was answered
         seen: list[int] = []
-        await read_until_quiet(victim, seen, 2.0)
+        await read_numbers(victim, seen, 2.0)
         victim.abort()
         assert seen == sorted(seen)  # in order, what came from the spool included
         if set(seen) != set(acked):  # the rest on the next connection
             again = await connect(stack.port)
-            await read_until_quiet(again, seen, 2.0)
+            await read_numbers(again, seen, 2.0)
             again.abort()
     await admin.aclose()
     assert acked  # the test sent something
@@ -148,7 +131,7 @@ async def test_a_revocation_made_while_a_process_is_off_the_bus_closes_its_conne
         assert await app.disconnect_user_everywhere("bob") == 0
         seen: list[int] = []
         # Back within a second, closed at the heartbeat that follows.
-        assert await read_until_quiet(client, seen, 5.0) == 1008
+        assert await read_numbers(client, seen, 5.0) == 1008
         client.abort()
         await eventually(lambda: not node.handlers, "the revoked connection is gone")
         # A connection opened after the revocation (a new login) is not closed by it.
@@ -185,7 +168,7 @@ async def test_session_and_channel_revocations_missed_live_are_applied_too(
         async with asyncio.timeout(5):
             await app_bp.flush()
         seen: list[int] = []
-        assert await read_until_quiet(client, seen, 5.0) == (1008 if scope == "session" else 4001)
+        assert await read_numbers(client, seen, 5.0) == (1008 if scope == "session" else 4001)
         client.abort()
     await admin.aclose()
 
