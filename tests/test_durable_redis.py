@@ -18,7 +18,7 @@ import contextlib
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from redis.asyncio import Redis
@@ -111,23 +111,35 @@ async def _subscriber_killed(admin: Redis, backplane: RedisBackplane) -> None:
     await eventually(lambda: not backplane.connected, "the subscription is down")
 
 
+@contextlib.asynccontextmanager
+async def _revoked_while_off_the_bus(
+    url: str, transport: str
+) -> AsyncIterator[tuple[WebsocketManager, RedisBackplane, WebsocketManager, RedisBackplane, Any, Any]]:
+    """A node serving bob (user bob, session s1) on ``transport``, and an app process on the
+    same bus; once entered, the node's subscription is down and the app's is up: what the app
+    revokes now, the node cannot hear. Yields the node and its backplane, the app and its
+    backplane, the stack and bob's raw client. The node comes back slowly (0.5 to 1 s), the app at once."""
+    namespace = f"revoke-{uuid.uuid4().hex[:6]}"
+    admin = Redis.from_url(url)
+    try:
+        async with (started(url, namespace, backoff_initial=1.0, backoff_max=1.0) as (node, node_bp),
+                    started(url, namespace, backoff_initial=0.02, backoff_max=0.05) as (app, app_bp),
+                    running_stack(transport, manager=node) as stack):
+            client = await connect(stack.port)
+            await _subscriber_killed(admin, node_bp)
+            async with asyncio.timeout(5):
+                await app_bp.wait_connected()
+            assert not node_bp.connected  # the case under test: it cannot hear the revocation
+            yield node, node_bp, app, app_bp, stack, client
+    finally:
+        await admin.aclose()
+
+
 @pytest.mark.parametrize("transport", SERVED)
 async def test_a_revocation_made_while_a_process_is_off_the_bus_closes_its_connections(
     redis_server: RedisServer, transport: str
 ) -> None:
-    namespace = f"revoke-{uuid.uuid4().hex[:6]}"
-    admin = Redis.from_url(redis_server.url)
-    # The node serving the user comes back slowly (0.5 to 1 s), the revoking app at once.
-    async with (started(redis_server.url, namespace, backoff_initial=1.0,
-                        backoff_max=1.0) as (node, node_bp),
-                started(redis_server.url, namespace, backoff_initial=0.02,
-                        backoff_max=0.05) as (app, app_bp),
-                running_stack(transport, manager=node) as stack):
-        client = await connect(stack.port)  # user bob
-        await _subscriber_killed(admin, node_bp)
-        async with asyncio.timeout(5):
-            await app_bp.wait_connected()
-        assert not node_bp.connected  # the case under test: it cannot hear the revocation
+    async with _revoked_while_off_the_bus(redis_server.url, transport) as (node, node_bp, app, _, stack, client):
         assert await app.disconnect_user_everywhere("bob") == 0
         seen: list[int] = []
         # Back within a second, closed at the heartbeat that follows.
@@ -141,26 +153,14 @@ async def test_a_revocation_made_while_a_process_is_off_the_bus_closes_its_conne
             await node_bp._check_revoked()
         assert len(node.handlers) == 1
         later.abort()
-    await admin.aclose()
 
 
 @pytest.mark.parametrize("scope", ["session", "channel"])
 async def test_session_and_channel_revocations_missed_live_are_applied_too(
     redis_server: RedisServer, scope: str
 ) -> None:
-    namespace = f"revoke-{uuid.uuid4().hex[:6]}"
-    admin = Redis.from_url(redis_server.url)
-    async with (started(redis_server.url, namespace, backoff_initial=1.0,
-                        backoff_max=1.0) as (node, node_bp),
-                started(redis_server.url, namespace, backoff_initial=0.02,
-                        backoff_max=0.05) as (app, app_bp),
-                running_stack("websockets", manager=node) as stack):
-        client = await connect(stack.port)  # user bob, session s1
+    async with _revoked_while_off_the_bus(redis_server.url, "websockets") as (node, _, app, app_bp, _, client):
         (channel,) = node.get_user_channels("bob")
-        await _subscriber_killed(admin, node_bp)
-        async with asyncio.timeout(5):
-            await app_bp.wait_connected()
-        assert not node_bp.connected
         if scope == "session":
             app.disconnect_session("s1")
         else:
@@ -170,7 +170,6 @@ async def test_session_and_channel_revocations_missed_live_are_applied_too(
         seen: list[int] = []
         assert await read_numbers(client, seen, 5.0) == (1008 if scope == "session" else 4001)
         client.abort()
-    await admin.aclose()
 
 
 async def test_redis_appends_a_kept_message_sent_twice_once_and_answers_it_alike(
