@@ -59,18 +59,24 @@ ORIGIN_SHARE = 4
 #: Longest pause of such a connection's reading, in seconds (also at most ``send_timeout`` and
 #: half of ``ping_timeout``: a client whose frames are not read cannot answer pings either).
 MAX_ORIGIN_PAUSE = 10.0
+#: How many of the queues a connection's fan-outs took past their bounds its pause waits for (the
+#: first ones of the window): enough for any burst's readers to set the pace, bounded whatever the
+#: number of connections.
+MAX_OWED_QUEUES = 256
 
 
 class _Owed:
-    """The fan-out frames one connection caused to be queued past bounds, in the current window."""
+    """The fan-out frames one connection caused to be queued past bounds, in the current window,
+    and the queues they went to (at most ``MAX_OWED_QUEUES``: the ones a pause waits for)."""
 
-    __slots__ = ("bytes", "frames", "last", "over", "since")
+    __slots__ = ("bytes", "frames", "last", "over", "queues", "since")
 
     def __init__(self, now: float) -> None:
         self.since = now
         self.frames = self.bytes = 0
         self.last: bytes | None = None  # the frame last counted: a fan-out counts once
         self.over = False
+        self.queues: dict[OutboundQueue, None] = {}  # an ordered set
 
 
 class ConnectionDriver:
@@ -358,28 +364,35 @@ class ConnectionDriver:
             self._owed = owed = _Owed(now)
         elif now - owed.since > (config.send_timeout or MAX_ORIGIN_PAUSE):
             owed.since, owed.frames, owed.bytes = now, 0, 0  # an old burst: a new window
+            owed.queues.clear()
         if owed.last is not frame:
             owed.last = frame
             owed.frames += 1
             owed.bytes += len(frame)
+        if len(owed.queues) < MAX_OWED_QUEUES:
+            owed.queues[queue] = None
         if owed.frames * ORIGIN_SHARE >= config.max_queue_messages \
                 or owed.bytes * ORIGIN_SHARE >= config.max_queue_bytes \
                 or len(queue) >= 2 * queue.max_messages or queue.nbytes >= 2 * queue.max_bytes:
             owed.over = True
 
     async def _repay(self) -> None:
-        """Hold this connection's reading until the queues taken past their bounds caught up
-        (or closed), at most ``MAX_ORIGIN_PAUSE`` (and ``send_timeout``, half ``ping_timeout``).
-        A queue still behind after that is its reader's: the next fan-out closes it as slow."""
-        self._owed = None
+        """Hold this connection's reading until the queues its fan-outs took past their bounds
+        caught up (or closed), at most ``MAX_ORIGIN_PAUSE`` (and ``send_timeout``, half
+        ``ping_timeout``). Only those queues: a burst other senders caused is not its debt. A
+        queue still behind after that is its reader's: the next fan-out closes it as slow."""
+        owed, self._owed = self._owed, None
+        if owed is None:
+            return
         config = self.manager.config
         pause = min(t for t in (MAX_ORIGIN_PAUSE, config.send_timeout,
                                 config.ping_timeout and config.ping_timeout / 2) if t)
+        own = self.handler.queue
         waiting: list[tuple[OutboundQueue, asyncio.Future[None]]] = []
-        for handler in list(self.manager.handlers.values()):
-            waiter = handler.queue.calm() if handler is not self.handler else None
+        for queue in owed.queues:
+            waiter = queue.calm() if queue is not own else None
             if waiter is not None:
-                waiting.append((handler.queue, waiter))
+                waiting.append((queue, waiter))
         if not waiting:
             return
         self.handler.counters.senders_paused += 1

@@ -741,6 +741,73 @@ async def test_a_client_whose_rebroadcast_outruns_a_reader_is_held_back_not_the_
             client.abort()
 
 
+async def _user_channel(stack: Stack, user: str, *, rcvbuf: int | None = None) -> HostileClient:
+    """A raw client of ``user`` past the handshake and its ``init``."""
+    assert stack.port is not None
+    client = await HostileClient.open(stack.port, rcvbuf=rcvbuf)
+    response = await client.handshake(f"/api/core/ws?token={user}:s1")
+    assert response.status == 101, response
+    await client.read_frame()  # init
+    return client
+
+
+async def test_a_held_back_sender_waits_only_for_the_readers_its_own_messages_filled(
+    socket_stack: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A sender held back for its fan-outs (``owe``) waits for the queues *it* took past their
+    bounds, not for every queue taking a burst: another reader that never catches up, with a
+    burst the server queued for it, does not keep the sender paused for the whole pause."""
+    blob = 64 * 1024
+    caplog.set_level(logging.DEBUG, logger="dara_ws_core")
+    config = ServerConfig(slow_consumer_policy=SlowConsumerPolicy.WAIT, max_queue_bytes=16 * blob,
+                          send_timeout=60.0, ping_interval=None, ping_timeout=None, close_timeout=5.0)
+    async with socket_stack(config=config) as stack:
+        manager = stack.manager
+
+        async def tell(channel_id: str, data: Any) -> None:
+            await manager.send_message_to_user("mine", {"kind": "told", "data": {"n": data, "blob": "x" * blob}},
+                                               custom=True)
+
+        manager.add_ws_handler("tell", tell)
+        manager.add_ws_handler("echo", lambda channel_id, data: data)
+        other = await _user_channel(stack, "other", rcvbuf=4096)
+        mine = await _user_channel(stack, "mine", rcvbuf=4096)
+        sender = await _user_channel(stack, "sender")
+        other.stop_reading()
+        mine.stop_reading()
+        (other_channel,) = manager.get_user_channels("other")
+        other_queue = manager.handlers[other_channel].queue
+        for _ in range(200):  # the server's own burst for "other" (no sender to charge), past the
+            # socket buffers: twice the bound stays queued
+            await manager.send_message_to_user("other", {"kind": "x", "data": "x" * blob}, custom=True)
+            await asyncio.sleep(0.001)
+            if other_queue.nbytes >= 2 * config.max_queue_bytes:
+                break
+        assert other_queue.in_burst
+        count = 200  # 12.5 MiB: past the socket buffers and a quarter of the bound past the queue's
+        for n in range(count):
+            sender.send_text(json.dumps({"type": "custom", "message": {"kind": "tell", "data": n}}))
+        await eventually(lambda: manager.counters.senders_paused >= 1, timeout=20)
+        mine.resume_reading()
+        got: list[int] = []
+        async with asyncio.timeout(30):
+            while len(got) < count:
+                frame = await mine.read_frame(10)
+                assert frame.opcode == TEXT, frame
+                got.append(json.loads(frame.payload)["message"]["data"]["n"])
+        assert got == list(range(count))
+        sender.send_text(json.dumps({"type": "custom", "message": {"kind": "echo", "data": "hi", "__rchan": "r1"}}))
+        reply = json.loads((await sender.read_frame(20)).payload)
+        assert reply["message"]["__response_for"] == "r1"
+        assert other_queue.in_burst  # still behind all along
+        pauses = [r.getMessage() for r in caplog.records if "reading paused" in r.getMessage()]
+        assert pauses, "the sender was never held back"
+        # Each pause waited for the one queue its messages filled, never for the other's burst.
+        assert all("past 1 queues'" in message for message in pauses), pauses
+        for client in (other, mine, sender):
+            client.abort()
+
+
 async def test_under_disconnect_a_reader_taking_in_a_burst_may_still_send_requests(
     socket_stack: Any,
 ) -> None:
