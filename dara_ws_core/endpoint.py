@@ -114,11 +114,28 @@ class ConnectionSlots:
 
 
 def host_of(peer: object) -> str | None:
-    """The host of a socket's peer address (``getpeername()``, an ASGI ``client``), for
-    ``max_connections_per_address``; ``None`` when there is none (a Unix socket)."""
+    """What ``max_connections_per_address`` and the log shares count a socket's peer address
+    (``getpeername()``, an ASGI ``client``) as: its host, or for an IPv6 host the /64 network
+    it is in (one site's usual allocation, from which a client could otherwise take a fresh
+    address for each connection); ``None`` when there is none (a Unix socket)."""
     if isinstance(peer, tuple | list) and peer:
-        return str(peer[0])
+        host = str(peer[0])
+        return host if ":" not in host else _ipv6_key(host)
     return None
+
+
+def _ipv6_key(host: str) -> str:
+    """An IPv6 host's /64 network (``2001:db8:1:2::/64``), an IPv4-mapped one's IPv4 address;
+    anything unparsable as it is."""
+    import ipaddress  # only once an IPv6 peer comes: most servers never load it
+
+    try:
+        address = ipaddress.IPv6Address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
 
 
 #: Seconds a refused client is asked to wait before it tries again (``Retry-After``).
@@ -192,7 +209,7 @@ class Endpoint:
         """
         # The source whose share of the peers' log budget this connection's records use: its
         # tasks (the handshake's, the connection's, its handlers') inherit the context.
-        current_source.set(None if request.remote is None else request.remote[0])
+        current_source.set(host_of(request.remote))
         counters = self.manager.counters
         if self._closing:
             counters.count(counters.handshakes_rejected, "shutdown")

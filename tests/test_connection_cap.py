@@ -13,7 +13,7 @@ import socket
 
 import pytest
 
-from dara_ws_core import Admission, ConnectionSlots, ServerConfig, connection_cap, quiet_accept_errors
+from dara_ws_core import Admission, ConnectionSlots, ServerConfig, connection_cap, host_of, quiet_accept_errors
 
 from .helpers import eventually
 from .hostile import TOKEN_PATH, HostileClient, open_channel
@@ -47,6 +47,23 @@ def test_slots_per_address_refuse_one_host_and_admit_another() -> None:
         slots.release(Admission.ADMIT, "10.0.0.1")  # one more than held: never below zero
     slots.release(Admission.ADMIT, "10.0.0.2")
     assert slots.by_address == {}  # no entry left for hosts that hold nothing
+
+
+def test_an_ipv6_host_counts_as_its_64_network() -> None:
+    # An IPv6 client usually holds a whole /64: counted per address, it would take a fresh one
+    # for each connection and never reach max_connections_per_address (nor its log share).
+    same = {host_of((f"2001:db8:1:2:{i:x}::{i:x}", 443, 0, 0)) for i in range(1, 50)}
+    assert same == {"2001:db8:1:2::/64"}
+    assert host_of(("2001:db8:1:3::1", 443, 0, 0)) == "2001:db8:1:3::/64"
+    assert host_of(("fe80::1%eth0", 443, 0, 2)) == "fe80::/64"
+    assert host_of(("::ffff:10.0.0.7", 443, 0, 0)) == "10.0.0.7"  # an IPv4 client on a dual stack
+    assert host_of(("10.0.0.7", 443)) == "10.0.0.7"
+    assert host_of(["::1", 443]) == "::/64"
+    assert host_of(("not:an:address", 1)) == "not:an:address"
+    assert host_of(None) is None and host_of("/tmp/sock") is None
+    slots = ConnectionSlots(None, per_address=2)
+    takes = [slots.take(host_of((f"2001:db8::{i:x}", 1, 0, 0))) for i in range(1, 4)]
+    assert takes == [Admission.ADMIT] * 2 + [Admission.REFUSE_ADDRESS]
 
 
 def test_slots_without_a_cap_admit_everyone() -> None:
