@@ -355,8 +355,9 @@ class ConnectionDriver:
     def owe(self, frame: bytes, queue: OutboundQueue) -> None:
         """A fan-out caused by this connection's message queued ``frame`` past the bounds of
         ``queue`` (``handler.charge_origin``): counted once per fan-out. Past its share
-        (``ORIGIN_SHARE``) within ``send_timeout``, or once the queue is twice past its bounds
-        (several senders' bursts together), its reading pauses (``_repay``)."""
+        (``ORIGIN_SHARE``) within ``send_timeout``, or past a sixteenth of the bounds once the
+        queue is twice past them (several senders' bursts together), its reading pauses
+        (``_repay``)."""
         owed = self._owed
         now = self._loop.time()
         config = self.manager.config
@@ -371,9 +372,15 @@ class ConnectionDriver:
             owed.bytes += len(frame)
         if len(owed.queues) < MAX_OWED_QUEUES:
             owed.queues[queue] = None
-        if owed.frames * ORIGIN_SHARE >= config.max_queue_messages \
-                or owed.bytes * ORIGIN_SHARE >= config.max_queue_bytes \
-                or len(queue) >= 2 * queue.max_messages or queue.nbytes >= 2 * queue.max_bytes:
+        frames, size = owed.frames * ORIGIN_SHARE, owed.bytes * ORIGIN_SHARE
+        if frames >= config.max_queue_messages or size >= config.max_queue_bytes:
+            owed.over = True  # its own share
+        elif (len(queue) >= 2 * queue.max_messages or queue.nbytes >= 2 * queue.max_bytes) \
+                and (frames * ORIGIN_SHARE >= config.max_queue_messages
+                     or size * ORIGIN_SHARE >= config.max_queue_bytes):
+            # Several senders' bursts together took this queue twice past its bounds: the ones
+            # that sent a sixteenth of them are held back too. One that sent a message or two
+            # into it is not: it did not make the burst.
             owed.over = True
 
     async def _repay(self) -> None:

@@ -808,6 +808,77 @@ async def test_a_held_back_sender_waits_only_for_the_readers_its_own_messages_fi
             client.abort()
 
 
+async def test_a_message_into_a_burst_others_caused_does_not_hold_its_sender_back(
+    socket_stack: Any,
+) -> None:
+    """A reader twice past its bounds (a burst the server queued) and a client that sends one
+    chat message, rebroadcast to that reader too: the client did not make the burst, so its
+    reading is not paused for it (its next request is answered, ``senders_paused`` stays 0)."""
+    blob = 64 * 1024
+    config = ServerConfig(slow_consumer_policy=SlowConsumerPolicy.WAIT, max_queue_bytes=16 * blob,
+                          send_timeout=60.0, ping_interval=None, ping_timeout=None, close_timeout=5.0)
+    async with socket_stack(config=config) as stack:
+        manager = stack.manager
+
+        async def chat(channel_id: str, data: Any) -> None:
+            await manager.broadcast({"kind": "chat", "data": data}, custom=True, ignore_channel=channel_id)
+
+        manager.add_ws_handler("chat", chat)
+        manager.add_ws_handler("echo", lambda channel_id, data: data)
+        reader = await _user_channel(stack, "reader", rcvbuf=4096)
+        reader.stop_reading()
+        (reader_channel,) = manager.get_user_channels("reader")
+        talker = await _user_channel(stack, "talker")
+        queue = manager.handlers[reader_channel].queue
+        for _ in range(200):  # past the socket buffers: twice the bound stays queued
+            await manager.send_message_to_user("reader", {"kind": "x", "data": "x" * blob}, custom=True)
+            await asyncio.sleep(0.001)
+            if queue.nbytes >= 2 * config.max_queue_bytes:
+                break
+        assert queue.nbytes >= 2 * config.max_queue_bytes
+        talker.send_text(json.dumps({"type": "custom", "message": {"kind": "chat", "data": "hello"}}))
+        talker.send_text(json.dumps({"type": "custom", "message": {"kind": "echo", "data": "hi", "__rchan": "r1"}}))
+        reply = json.loads((await talker.read_frame(20)).payload)
+        assert reply["message"]["__response_for"] == "r1"
+        assert manager.counters.senders_paused == 0
+        assert reader_channel in manager.handlers
+        for client in (reader, talker):
+            client.abort()
+
+
+async def test_a_held_back_sender_the_server_closes_is_let_go_before_its_pause_ends(
+    socket_stack: Any,
+) -> None:
+    """A sender paused for its burst that the application closes (``close_channel``, as a
+    revocation does): the pause ends with the connection, which is removed and gets its close
+    frame, not after the whole pause (10 s here)."""
+    blob = 64 * 1024
+    config = ServerConfig(slow_consumer_policy=SlowConsumerPolicy.WAIT, max_queue_bytes=16 * blob,
+                          send_timeout=60.0, ping_interval=None, ping_timeout=None, close_timeout=5.0)
+    async with socket_stack(config=config) as stack:
+        manager = stack.manager
+
+        async def chat(channel_id: str, data: Any) -> None:
+            await manager.broadcast({"kind": "chat", "data": data}, custom=True, ignore_channel=channel_id)
+
+        manager.add_ws_handler("chat", chat)
+        reader = await _user_channel(stack, "reader", rcvbuf=4096)
+        reader.stop_reading()
+        sender = await _user_channel(stack, "sender")
+        (sender_channel,) = manager.get_user_channels("sender")
+        for i in range(300):  # about 19 MiB: past a quarter of the bounds beyond the reader's
+            message = {"kind": "chat", "data": f"{i:05}" + "x" * blob}
+            sender.send_text(json.dumps({"type": "custom", "message": message}))
+        await eventually(lambda: manager.counters.senders_paused >= 1, "the sender paused", timeout=20)
+        loop = asyncio.get_running_loop()
+        paused = loop.time()
+        assert manager.close_channel(sender_channel, CloseCode.POLICY_VIOLATION, "revoked")
+        await eventually(lambda: sender_channel not in manager.handlers, "the sender removed", timeout=20)
+        assert loop.time() - paused < 8.0  # well before the 10 s pause ends
+        reader.abort()
+        sender.abort()
+
+
 async def test_under_disconnect_a_reader_taking_in_a_burst_may_still_send_requests(
     socket_stack: Any,
 ) -> None:
