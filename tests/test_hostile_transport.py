@@ -751,39 +751,63 @@ async def _user_channel(stack: Stack, user: str, *, rcvbuf: int | None = None) -
     return client
 
 
+#: Frames of the chat-room tests below: 16 of them fill a reader's queue bound.
+BLOB = 64 * 1024
+#: WAIT with a 16-frame bound and no keepalive; the longest pause is then 10 s.
+ROOM = ServerConfig(slow_consumer_policy=SlowConsumerPolicy.WAIT, max_queue_bytes=16 * BLOB,
+                    send_timeout=60.0, ping_interval=None, ping_timeout=None, close_timeout=5.0)
+
+
+@contextlib.asynccontextmanager
+async def _chat_room(socket_stack: Any) -> AsyncIterator[Stack]:
+    """A server under ``ROOM`` whose ``chat`` rebroadcasts to every other connection and whose
+    ``echo`` answers."""
+    async with socket_stack(config=ROOM) as stack:
+        manager = stack.manager
+
+        async def chat(channel_id: str, data: Any) -> None:
+            await manager.broadcast({"kind": "chat", "data": data}, custom=True, ignore_channel=channel_id)
+
+        manager.add_ws_handler("chat", chat)
+        manager.add_ws_handler("echo", lambda channel_id, data: data)
+        yield stack
+
+
+async def _fill_twice_past(manager: Any, user: str) -> Any:
+    """Queue server pushes (no sender to charge) for ``user``'s one connection, which does not
+    read, until twice its bound stays queued past the socket buffers; its queue."""
+    (channel,) = manager.get_user_channels(user)
+    queue = manager.handlers[channel].queue
+    for _ in range(200):
+        await manager.send_message_to_user(user, {"kind": "x", "data": "x" * BLOB}, custom=True)
+        await asyncio.sleep(0.001)
+        if queue.nbytes >= 2 * ROOM.max_queue_bytes:
+            break
+    assert queue.nbytes >= 2 * ROOM.max_queue_bytes
+    return queue
+
+
 async def test_a_held_back_sender_waits_only_for_the_readers_its_own_messages_filled(
     socket_stack: Any, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A sender held back for its fan-outs (``owe``) waits for the queues *it* took past their
     bounds, not for every queue taking a burst: another reader that never catches up, with a
     burst the server queued for it, does not keep the sender paused for the whole pause."""
-    blob = 64 * 1024
     caplog.set_level(logging.DEBUG, logger="dara_ws_core")
-    config = ServerConfig(slow_consumer_policy=SlowConsumerPolicy.WAIT, max_queue_bytes=16 * blob,
-                          send_timeout=60.0, ping_interval=None, ping_timeout=None, close_timeout=5.0)
-    async with socket_stack(config=config) as stack:
+    async with _chat_room(socket_stack) as stack:
         manager = stack.manager
 
         async def tell(channel_id: str, data: Any) -> None:
-            await manager.send_message_to_user("mine", {"kind": "told", "data": {"n": data, "blob": "x" * blob}},
+            await manager.send_message_to_user("mine", {"kind": "told", "data": {"n": data, "blob": "x" * BLOB}},
                                                custom=True)
 
         manager.add_ws_handler("tell", tell)
-        manager.add_ws_handler("echo", lambda channel_id, data: data)
         other = await _user_channel(stack, "other", rcvbuf=4096)
         mine = await _user_channel(stack, "mine", rcvbuf=4096)
         sender = await _user_channel(stack, "sender")
         other.stop_reading()
         mine.stop_reading()
-        (other_channel,) = manager.get_user_channels("other")
-        other_queue = manager.handlers[other_channel].queue
-        for _ in range(200):  # the server's own burst for "other" (no sender to charge), past the
-            # socket buffers: twice the bound stays queued
-            await manager.send_message_to_user("other", {"kind": "x", "data": "x" * blob}, custom=True)
-            await asyncio.sleep(0.001)
-            if other_queue.nbytes >= 2 * config.max_queue_bytes:
-                break
-        assert other_queue.in_burst
+        other_queue = await _fill_twice_past(manager, "other")  # the server's own burst
         count = 200  # 12.5 MiB: past the socket buffers and a quarter of the bound past the queue's
         for n in range(count):
             sender.send_text(json.dumps({"type": "custom", "message": {"kind": "tell", "data": n}}))
@@ -814,28 +838,13 @@ async def test_a_message_into_a_burst_others_caused_does_not_hold_its_sender_bac
     """A reader twice past its bounds (a burst the server queued) and a client that sends one
     chat message, rebroadcast to that reader too: the client did not make the burst, so its
     reading is not paused for it (its next request is answered, ``senders_paused`` stays 0)."""
-    blob = 64 * 1024
-    config = ServerConfig(slow_consumer_policy=SlowConsumerPolicy.WAIT, max_queue_bytes=16 * blob,
-                          send_timeout=60.0, ping_interval=None, ping_timeout=None, close_timeout=5.0)
-    async with socket_stack(config=config) as stack:
+    async with _chat_room(socket_stack) as stack:
         manager = stack.manager
-
-        async def chat(channel_id: str, data: Any) -> None:
-            await manager.broadcast({"kind": "chat", "data": data}, custom=True, ignore_channel=channel_id)
-
-        manager.add_ws_handler("chat", chat)
-        manager.add_ws_handler("echo", lambda channel_id, data: data)
         reader = await _user_channel(stack, "reader", rcvbuf=4096)
         reader.stop_reading()
         (reader_channel,) = manager.get_user_channels("reader")
         talker = await _user_channel(stack, "talker")
-        queue = manager.handlers[reader_channel].queue
-        for _ in range(200):  # past the socket buffers: twice the bound stays queued
-            await manager.send_message_to_user("reader", {"kind": "x", "data": "x" * blob}, custom=True)
-            await asyncio.sleep(0.001)
-            if queue.nbytes >= 2 * config.max_queue_bytes:
-                break
-        assert queue.nbytes >= 2 * config.max_queue_bytes
+        await _fill_twice_past(manager, "reader")
         talker.send_text(json.dumps({"type": "custom", "message": {"kind": "chat", "data": "hello"}}))
         talker.send_text(json.dumps({"type": "custom", "message": {"kind": "echo", "data": "hi", "__rchan": "r1"}}))
         reply = json.loads((await talker.read_frame(20)).payload)
@@ -852,22 +861,14 @@ async def test_a_held_back_sender_the_server_closes_is_let_go_before_its_pause_e
     """A sender paused for its burst that the application closes (``close_channel``, as a
     revocation does): the pause ends with the connection, which is removed and gets its close
     frame, not after the whole pause (10 s here)."""
-    blob = 64 * 1024
-    config = ServerConfig(slow_consumer_policy=SlowConsumerPolicy.WAIT, max_queue_bytes=16 * blob,
-                          send_timeout=60.0, ping_interval=None, ping_timeout=None, close_timeout=5.0)
-    async with socket_stack(config=config) as stack:
+    async with _chat_room(socket_stack) as stack:
         manager = stack.manager
-
-        async def chat(channel_id: str, data: Any) -> None:
-            await manager.broadcast({"kind": "chat", "data": data}, custom=True, ignore_channel=channel_id)
-
-        manager.add_ws_handler("chat", chat)
         reader = await _user_channel(stack, "reader", rcvbuf=4096)
         reader.stop_reading()
         sender = await _user_channel(stack, "sender")
         (sender_channel,) = manager.get_user_channels("sender")
         for i in range(300):  # about 19 MiB: past a quarter of the bounds beyond the reader's
-            message = {"kind": "chat", "data": f"{i:05}" + "x" * blob}
+            message = {"kind": "chat", "data": f"{i:05}" + "x" * BLOB}
             sender.send_text(json.dumps({"type": "custom", "message": message}))
         await eventually(lambda: manager.counters.senders_paused >= 1, "the sender paused", timeout=20)
         loop = asyncio.get_running_loop()
