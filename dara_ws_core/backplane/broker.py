@@ -502,6 +502,7 @@ class BrokerBackplane(BusNode):
         for start in range(0, len(channels), _CHECK_CHUNK):
             try:
                 closed += await self._check_chunk(channels[start:start + _CHECK_CHUNK])
+                await asyncio.sleep(0)  # the loop's turn, whether or not the bus read yielded
             except Exception as exc:
                 logger.warning("backplane: could not check revocations (%s)", exc,
                                extra={"node": self.node_id})
