@@ -221,6 +221,7 @@ class BrokerBackplane(BusNode):
             raise ValueError("the manager has another backplane")
         self._manager = manager
         self._running, self._stopping = True, False
+        self._revoke_unchecked = True  # channels opened before the start: checked once
         self._start_bus()
         self._writer_task = asyncio.get_running_loop().create_task(
             self._maintain(), name=f"backplane-dir-{self.node_id}")
