@@ -127,7 +127,7 @@ local ttl = tonumber(ARGV[1]) - math.max(0, ms - when)
 local old = redis.call('GET', KEYS[1])
 local known = old and tonumber(string.match(old, '^(%d+)'))
 if ttl > 0 and not (known and known >= when) then
-  redis.call('SET', KEYS[1], when .. ' ' .. ARGV[2] .. ' ' .. ARGV[3], 'PX', ttl)
+  redis.call('SET', KEYS[1], ARGV[6] .. ' ' .. ARGV[2] .. ' ' .. ARGV[3], 'PX', ttl)
 end
 return redis.call('PUBLISH', ARGV[4], ARGV[5])
 """
