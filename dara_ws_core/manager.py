@@ -902,9 +902,11 @@ class WebsocketManager:
             raise UnknownChannel(channel_id)
         return await handler.send_and_wait_frame(frame, rchan, timeout)
 
-    def close_local(self, scope: str, target: str, code: int, reason: str) -> int:
-        """Close this process's connections of a user, a session or one channel; how many.
-        Never publishes (the backplane calls it for another process's command)."""
+    def close_local(self, scope: str, target: str, code: int, reason: str,
+                    spare: Callable[[str], bool] | None = None) -> int:
+        """Close this process's connections of a user, a session or one channel, but those
+        ``spare`` answers ``True`` for (by channel id); how many. Never publishes (the backplane
+        calls it for another process's command)."""
         if scope == "channel":
             channels = {target}
         elif scope == "user":
@@ -914,7 +916,7 @@ class WebsocketManager:
         closed = 0
         for channel_id in channels:
             handler = self.handlers.get(channel_id)
-            if handler is not None:
+            if handler is not None and (spare is None or not spare(channel_id)):
                 handler.close(code, reason)
                 closed += 1
         return closed

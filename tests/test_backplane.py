@@ -43,6 +43,7 @@ from dara_ws_core.backplane import (
     BroadcastDelivery,
     BusMessage,
     ChannelDelivery,
+    Control,
     Failure,
     MemoryBackplane,
     MemoryBroker,
@@ -56,6 +57,7 @@ from dara_ws_core.backplane import (
     error_of,
     failure_of,
 )
+from dara_ws_core.backplane.wire import CONTROL_SCOPES
 from dara_ws_core.codec import build_frame
 
 from .helpers import eventually
@@ -157,6 +159,8 @@ MESSAGES: st.SearchStrategy[BusMessage] = st.one_of(
     st.builds(RemoteReply, IDS, st.just(b""),
               st.builds(Failure, IDS, st.text(max_size=40), st.none() | st.integers(1000, 4999))),
     st.builds(RemoteCancel, IDS),
+    st.builds(Control, IDS, st.sampled_from(CONTROL_SCOPES), IDS, st.integers(1000, 4999),
+              st.text(max_size=40), st.integers(0, 2**53)),
 )
 
 
@@ -202,6 +206,8 @@ def test_a_sequence_tracker_counts_what_a_publisher_sent_in_between() -> None:
     b"{\"op\":\"rep\",\"id\":\"r\",\"fail\":[]}\n",
     b"{\"op\":\"all\",\"origin\":\"n\",\"ignore\":null,\"seq\":-1}\n",
     b"{\"op\":\"all\",\"origin\":\"n\",\"ignore\":null,\"seq\":true}\n",
+    b"{\"op\":\"ctl\",\"origin\":\"n\",\"scope\":\"user\",\"id\":\"u\",\"code\":1008,"
+    b"\"reason\":\"\",\"at\":-5}\n",
 ])
 def test_malformed_bus_messages_are_refused(data: bytes) -> None:
     with pytest.raises(BackplaneError):

@@ -163,3 +163,18 @@ def test_the_workers_benchmark_runs_at_tiny_size(tmp_path: Path) -> None:
     assert [(r["scenario"], r["workers"]) for r in rows] == [
         ("broadcast", 1), ("broadcast", 2), ("per_user", 1), ("per_user", 2)]
     assert all(r["deliveries_per_s"] > 0 and r["conns"] == 8 for r in rows), rows
+
+
+def test_the_revocation_check_benchmark_runs_at_tiny_size() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.revoke_check", "--channels", "50", "2500", "--beats", "2"],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=100,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert [line.split(" channels")[0] for line in lines] == ["50", "2500"]
+    for line in lines:
+        figures = dict(pair.rsplit(" ", 1) for pair in line.split(": ", 1)[1].split(", "))
+        assert set(figures) == {"heartbeat_cpu_ms", "heartbeat_loop_wait_ms", "check_cpu_ms",
+                                "check_loop_wait_ms"}
+        assert float(figures["check_cpu_ms"]) > 0

@@ -24,6 +24,7 @@ from dara_ws_core import (
     ServerConfig,
 )
 from dara_ws_core.backplane import Gap, MemoryBroker
+from dara_ws_core.backplane.broker import _wall_ms
 from dara_ws_core.codec import build_frame
 
 from .helpers import eventually
@@ -102,6 +103,33 @@ async def test_revocation_everywhere_raises_when_the_bus_is_unreachable() -> Non
         assert f"user:{who}" not in broker.revoked
         broker.recover()
         await eventually(lambda: f"user:{who}" in broker.revoked)
+
+
+async def test_a_revocation_published_late_spares_a_login_made_since_on_every_path() -> None:
+    """Node 0 revokes the user while it is cut off from the bus; the user logs in again on node
+    1 meanwhile. Once node 0 is back, the revocation closes the old connection only: live (its
+    message carries the time it was asked for) and from the record alike."""
+    broker = MemoryBroker()
+    async with cluster(2, broker=broker) as nodes:
+        who = user()
+        old = await nodes[1].client(f"{who}:s1")
+        origin, node = nodes[0].backplane, nodes[1].backplane
+        broker.cut(origin.node_id)
+        await eventually(lambda: not origin.connected)
+        nodes[0].manager.disconnect_user(who)
+        await eventually(lambda: len(origin._spool) == 1, "the revocation waits in the spool")
+        revoke = origin._spool[0][0].revoke
+        assert revoke is not None
+        await eventually(lambda: _wall_ms() >= revoke[3] - (node._clock_offset or 0)
+                         + node._clock_error, "the revocation is surely past")
+        new = await nodes[1].client(f"{who}:s2")
+        broker.mend(origin.node_id)
+        assert await closed_with(old) == CloseCode.POLICY_VIOLATION
+        await eventually(lambda: f"user:{who}" in broker.revoked, "recorded")
+        node._revoke_unchecked = True
+        await node._check_revoked()
+        await nodes[0].manager.send_message_to_user(who, {"still": "here"})
+        assert await payloads(new, 1) == [{"still": "here"}]
 
 
 # --------------------------------------------------------------------------- item 1: the limit

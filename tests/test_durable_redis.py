@@ -6,7 +6,9 @@
   each message once (a pipeline that partly ran is sent again whole).
 * A revocation (``disconnect_user``, ``disconnect_session``, ``close_channel``) made while a
   process's subscription is down still closes that process's connections once it is back (at
-  its next heartbeat), and only those opened before the revocation.
+  its next heartbeat), and only those opened before the revocation; one made while the asking
+  process is cut off from Redis (published late, from its spool) too: it keeps the time it was
+  asked for. The records are read only after a subscription was lost, not at every heartbeat.
 
 Real servers on 127.0.0.1, raw-socket clients (:mod:`tests.hostile`), every served transport.
 """
@@ -17,16 +19,18 @@ import asyncio
 import contextlib
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from redis.asyncio import Redis
 
 from dara_ws_core import BackplaneError, ServerConfig, WebsocketManager
-from dara_ws_core.backplane import Publication, UserDelivery, encode_bus_message
+from dara_ws_core.backplane import Control, Publication, UserDelivery, encode_bus_message
+from dara_ws_core.backplane.broker import _wall_ms
 from dara_ws_redis import RedisBackplane
 
+from .chaos_proxy import ChaosProxy
 from .helpers import eventually
 from .stacks import running_stack
 from .test_kept_delivery import SERVED, connect, read_numbers
@@ -193,4 +197,130 @@ async def test_redis_appends_a_kept_message_sent_twice_once_and_answers_it_alike
         assert answers[2][0] != answers[0][0]
         assert len({answers[0][0], answers[2][0], answers[4][0]}) == 3  # appended now
         assert await admin.xlen(f"{namespace}:outbox:dan") == 3
+    await admin.aclose()
+
+
+
+def _surely_past(backplane: RedisBackplane, when: int) -> bool:
+    """Whether a connection ``backplane``'s process opens now surely opens after ``when``
+    (Redis's clock, ms), as that process measured its clock against Redis's."""
+    return _wall_ms() >= when - (backplane._clock_offset or 0) + backplane._clock_error
+
+
+@pytest.mark.parametrize("transport", SERVED)
+async def test_a_revocation_published_late_spares_the_connections_opened_since(
+    redis_server: RedisServer, transport: str
+) -> None:
+    """The app process is cut off from Redis when it revokes bob; bob logs in again on the
+    node meanwhile. Once the app is back, its revocation (from its spool) closes bob's old
+    connection on the node but not the new one, live and from the record alike: it carries
+    the moment it was asked for, not the moment Redis took it."""
+    namespace = f"late-{uuid.uuid4().hex[:6]}"
+    async with (ChaosProxy(redis_server.port) as proxy,
+                started(redis_server.url, namespace) as (node, node_bp),
+                started(proxy.url, namespace, backoff_initial=0.02,
+                        backoff_max=0.05) as (app, app_bp),
+                running_stack(transport, manager=node) as stack):
+        old = await connect(stack.port)
+        await eventually(lambda: len(node.handlers) == 1, "bob's first connection is admitted")
+        (old_channel,) = node.handlers
+        async with proxy.fault("drop", 0.1):
+            await eventually(lambda: not app_bp.connected, "the app is cut off from Redis")
+            assert app.disconnect_user("bob") == 0  # spooled: nobody hears it yet
+            await eventually(lambda: len(app_bp._spool) == 1, "the revocation waits")
+            (revocation, _), = app_bp._spool
+            assert revocation.revoke is not None
+            when = revocation.revoke[3]
+            await eventually(lambda: _surely_past(node_bp, when), "the revocation is past")
+            new = await connect(stack.port)  # bob logs in again, after the revocation
+            await eventually(lambda: len(node.handlers) == 2, "the new login is admitted")
+        async with asyncio.timeout(10):
+            await app_bp.flush()  # back: the revocation is published and recorded
+        seen: list[int] = []
+        assert await read_numbers(old, seen, 5.0) == 1008  # opened before: closed
+        old.abort()
+        await eventually(lambda: old_channel not in node.handlers, "the old connection is gone")
+        # The record (what a process that missed it reads) bears the same time.
+        node_bp._revoke_unchecked = True
+        await node_bp._check_revoked()
+        assert len(node.handlers) == 1
+        # The new connection is open and served.
+        await node.send_message_to_user("bob", {"n": 7})
+        assert await read_numbers(new, seen, 0.5) is None
+        assert seen == [7]
+        new.abort()
+
+
+async def test_the_record_keeps_a_revocations_time_and_the_latest_of_a_target(
+    redis_server: RedisServer,
+) -> None:
+    """Sent again (from the spool), a revocation keeps the time it was asked for; an older one
+    published late does not replace a newer one; the record expires ``revoke_ttl`` after the
+    time it was asked for."""
+    namespace = f"rec-{uuid.uuid4().hex[:6]}"
+    admin = Redis.from_url(redis_server.url)
+    async with started(redis_server.url, namespace) as (_, backplane):
+        now = await backplane._bus_clock()
+        key = f"{namespace}:revoked:user:eve"
+
+        def revoked(when: int, reason: str) -> Publication:
+            data = encode_bus_message(Control("app", "user", "eve", 1008, reason, when))
+            return Publication(data, topic=backplane.broadcast_topic,
+                               durable=("user:eve", 1008, reason, when))
+
+        first = revoked(now - 60_000, "first")
+        await backplane._publish_batch([first])
+        await backplane._publish_batch([first])  # sent again a minute later: the same time
+        assert await admin.get(key) == f"{now - 60_000} 1008 first".encode()
+        ttl = await admin.pttl(key)
+        assert backplane.revoke_ttl * 1000 - 70_000 < ttl <= backplane.revoke_ttl * 1000 - 60_000
+        await backplane._publish_batch([revoked(now - 30_000, "newer")])
+        await backplane._publish_batch([revoked(now - 45_000, "older, late")])
+        assert await admin.get(key) == f"{now - 30_000} 1008 newer".encode()
+        # Older than revoke_ttl: published, not recorded (it would expire at once).
+        await backplane._publish_batch([
+            revoked(now - int(backplane.revoke_ttl * 1000) - 1, "stale")])
+        await admin.delete(key)
+        await backplane._publish_batch([
+            revoked(now - int(backplane.revoke_ttl * 1000) - 1, "stale")])
+        assert await admin.get(key) is None
+    await admin.aclose()
+
+
+async def test_no_revocation_is_read_at_a_heartbeat_unless_the_subscription_was_lost(
+    redis_factory: Callable[[], RedisServer],
+) -> None:
+    """Checking the connections against the records costs a read per thousand connections: it
+    is done after the subscription came back (what a subscribed process can miss), not at
+    every heartbeat."""
+    server = redis_factory()
+    admin = Redis.from_url(server.url)
+
+    async def calls(command: str) -> int:
+        stats = await admin.info("commandstats")
+        return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+    async def heartbeats(count: int) -> None:  # each measures Redis's clock (TIME) once
+        start = await calls("time")
+        async with asyncio.timeout(10):
+            while await calls("time") < start + count:
+                await asyncio.sleep(HEARTBEAT / 4)
+
+    async with (started(server.url, "beat") as (node, node_bp),
+                running_stack("websockets", manager=node) as stack):
+        clients = [await connect(stack.port) for _ in range(3)]
+        await eventually(lambda: len(node.handlers) == 3, "bob's connections are admitted")
+        await admin.config_resetstat()
+        await heartbeats(4)
+        assert await calls("mget") == 0  # nothing missed: nothing read
+        await _subscriber_killed(admin, node_bp)
+        async with asyncio.timeout(5):
+            await node_bp.wait_connected()
+        await heartbeats(2)
+        assert await calls("mget") == 1  # once back: one read for the three
+        await heartbeats(4)
+        assert await calls("mget") == 1
+        assert len(node.handlers) == 3  # nothing was revoked
+        for client in clients:
+            client.abort()
     await admin.aclose()

@@ -70,9 +70,9 @@ class BrokerBackplane(BusNode):
     ``heartbeat_interval``: how often this node refreshes its directory entries;
     ``expiry`` (default 3 x the interval): how long entries outlive a node that stopped refreshing
     them; ``revoke_ttl``: how long a revocation stays recorded on the bus for the processes that
-    missed it (each checks its connections against the records at every heartbeat, so a
-    process cut off for up to that long still closes what was revoked meanwhile once it is
-    back); the other options are :class:`~dara_ws_core.backplane.node.BusNode`'s
+    missed it (each checks its connections against the records once it is back on the bus
+    after losing its subscription, so a process cut off for up to that long still closes what
+    was revoked meanwhile); the other options are :class:`~dara_ws_core.backplane.node.BusNode`'s
     (``node_id``, ``namespace``, ``connect_timeout``, ``backoff_initial``, ``backoff_max``,
     ``max_outbox``, ``max_outbox_bytes``, ``max_bus_message``, ``publish_window``,
     ``max_spool``, ``max_spool_bytes``).
@@ -102,6 +102,15 @@ class BrokerBackplane(BusNode):
         # This process's channels: channel -> (when added, our wall clock in ms; user; session),
         # checked against the revocations recorded on the bus (see _check_revoked).
         self._opened: dict[str, tuple[int, str | None, str | None]] = {}
+        # The bus's clock minus our wall clock, in ms, and how far off that may be (half the
+        # round trip that measured it): revocations are timed on the bus's clock (see
+        # _measure_clock). None: not measured yet (our wall clock stands in).
+        self._clock_offset: int | None = None
+        self._clock_error = 0
+        # Whether this process may have missed a revocation (its subscription was lost): its
+        # connections are then checked against the records on the bus, once (see _check_revoked).
+        self._revoke_unchecked = True
+        self._revoke_task: asyncio.Task[None] | None = None
         self._manager: BackplaneHost | None = None
         self._running = False
         self._wake = asyncio.Event()
@@ -187,7 +196,13 @@ class BrokerBackplane(BusNode):
     async def _revocations(self, targets: Sequence[str]) -> tuple[list[Revocation | None], int]:
         """The revocations recorded for ``targets`` (``scope:target``, as
         :attr:`Publication.revoke`), each ``(when, code, reason)`` or ``None``, and the bus's
-        clock now (``when`` and now in ms on the bus's clock, which need not be ours)."""
+        clock now (``when``, the moment the application asked for the revocation, and now in
+        ms on the bus's clock, which need not be ours)."""
+
+    async def _bus_clock(self) -> int:
+        """The bus's clock now, in ms (the clock revocations are timed with). A bus without a
+        clock of its own uses this process's wall clock."""
+        return _wall_ms()
 
     @abc.abstractmethod
     async def _take_missed(self) -> dict[str, int]:
@@ -206,6 +221,7 @@ class BrokerBackplane(BusNode):
             raise ValueError("the manager has another backplane")
         self._manager = manager
         self._running, self._stopping = True, False
+        self._revoke_unchecked = True  # channels opened before the start: checked once
         self._start_bus()
         self._writer_task = asyncio.get_running_loop().create_task(
             self._maintain(), name=f"backplane-dir-{self.node_id}")
@@ -246,6 +262,7 @@ class BrokerBackplane(BusNode):
         await cancel_task(self._recover_task)
         for resync in list(self._resyncing.values()):
             await cancel_task(resync)
+        await cancel_task(self._revoke_task)
         await self._stop_bus()
         await asyncio.gather(*self._serving.values(), return_exceptions=True)
         self._fail_waiting(BackplaneError("the backplane stopped"))
@@ -423,50 +440,109 @@ class BrokerBackplane(BusNode):
         # The broadcast topic, not the directory: a channel registered a moment ago may not be
         # in the directory yet, and revocation must not miss it.
         # Recorded on the bus too, in the same step (a process not subscribed at that moment
-        # finds it at its next heartbeat), and spooled if the bus fails it.
-        data = encode_bus_message(Control(self.node_id, scope, target, code, reason))
+        # finds it once it is back), and spooled if the bus fails it. Timed now, once, on the
+        # bus's clock (the latest it may be): sent again or late, it still closes only what was
+        # opened before the application asked for it.
+        when = _wall_ms() + (self._clock_offset or 0) + self._clock_error
+        data = encode_bus_message(Control(self.node_id, scope, target, code, reason, when))
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         done.add_done_callback(_retrieve)  # a caller that does not wait: counted and logged
         self._post_nowait(Publication(data, topic=self.broadcast_topic,
-                                      durable=(f"{scope}:{target}", int(code), reason)),
+                                      durable=(f"{scope}:{target}", int(code), reason, when)),
                           "disconnect", done)
         return done
+
+    def _opened_since(self, when: int, offset: int, error: int) -> Callable[[str], bool]:
+        """Whether a local channel was surely opened at or after ``when`` (the bus's clock, ms),
+        with our clock ``offset`` behind the bus's, measured within ``error`` ms (a channel this
+        process does not know the opening of is not)."""
+        opened = self._opened
+        since = when - offset + error  # on our wall clock, the earliest it surely is
+
+        def spare(channel_id: str) -> bool:
+            entry = opened.get(channel_id)
+            return entry is not None and entry[0] >= since
+
+        return spare
+
+    async def _measure_clock(self) -> None:
+        """Measure the bus's clock against ours (a heartbeat's one round trip; off by at most
+        half of it): what revocations are timed with."""
+        before = _wall_ms()
+        try:
+            now = await self._bus_clock()
+        except Exception as exc:  # measured again at the next heartbeat
+            logger.debug("backplane: could not read the bus's clock (%s)", exc,
+                         extra={"node": self.node_id})
+            return
+        self._set_clock(before, now, _wall_ms())
+
+    def _set_clock(self, before: int, now: int, after: int) -> None:
+        half = (after - before + 1) // 2
+        self._clock_offset = now - (before + half)
+        self._clock_error = half + 1  # the bus's clock is read to the ms
+
+    def _check_revoked_soon(self) -> None:
+        """Once the directory is written (after the subscription is back): if this process may
+        have missed revocations, check its connections against the records, in a task of its
+        own (never holding up the heartbeat)."""
+        if self._revoke_unchecked and (self._revoke_task is None or self._revoke_task.done()):
+            self._revoke_unchecked = False
+            self._revoke_task = asyncio.get_running_loop().create_task(
+                self._check_revoked(), name=f"backplane-revoked-{self.node_id}")
 
     async def _check_revoked(self) -> None:
         """Close this process's connections revoked while it did not hear it (its subscription
         down): those of a user, session or channel whose revocation is recorded on the bus and
-        was made after they were opened. One read per batch of targets; at every heartbeat
-        (and so right after every reconnection)."""
+        was asked for after they were opened. Run once the subscription is back after it was
+        lost (a process subscribed hears every revocation live), over the connections open
+        then, :data:`_CHECK_CHUNK` at a time (one read each: the event loop is never held for
+        more than a chunk); a check that fails is made again at the next heartbeat."""
+        channels = list(self._opened)
+        closed = 0
+        for start in range(0, len(channels), _CHECK_CHUNK):
+            try:
+                closed += await self._check_chunk(channels[start:start + _CHECK_CHUNK])
+                await asyncio.sleep(0)  # the loop's turn, whether or not the bus read yielded
+            except Exception as exc:
+                logger.warning("backplane: could not check revocations (%s)", exc,
+                               extra={"node": self.node_id})
+                self._revoke_unchecked = True
+                break
+        if closed:
+            logger.warning("backplane: closed %d connection(s) revoked while this process did "
+                           "not hear it", closed, extra={"node": self.node_id})
+
+    async def _check_chunk(self, channels: Sequence[str]) -> int:
+        """:meth:`_check_revoked` for some channels; how many it closed."""
         opened = self._opened
-        if not opened:
-            return
         targets: dict[str, list[str]] = {}
-        for channel_id, (_, user_id, session_id) in opened.items():
+        for channel_id in channels:
+            entry = opened.get(channel_id)
+            if entry is None:  # closed meanwhile
+                continue
+            _, user_id, session_id = entry
             targets.setdefault(f"channel:{channel_id}", []).append(channel_id)
             if user_id is not None:
                 targets.setdefault(f"user:{user_id}", []).append(channel_id)
             if session_id is not None:
                 targets.setdefault(f"session:{session_id}", []).append(channel_id)
+        if not targets:
+            return 0
         keys = list(targets)
-        try:
-            found, now = await self._revocations(keys)
-        except Exception as exc:  # checked again at the next heartbeat
-            logger.warning("backplane: could not check revocations (%s)", exc,
-                           extra={"node": self.node_id})
-            return
-        offset = now - _wall_ms()  # the bus's clock minus ours (to the round trip)
+        before = _wall_ms()
+        found, now = await self._revocations(keys)
+        self._set_clock(before, now, _wall_ms())
         closed = 0
         for key, revocation in zip(keys, found, strict=True):
             if revocation is None:
                 continue
             when, code, reason = revocation
+            spare = self._opened_since(when, self._clock_offset or 0, self._clock_error)
             for channel_id in targets[key]:
-                entry = opened.get(channel_id)
-                if entry is not None and entry[0] + offset < when:
+                if not spare(channel_id):
                     closed += self.manager.close_local("channel", channel_id, code, reason)
-        if closed:
-            logger.warning("backplane: closed %d connection(s) revoked while this process did "
-                           "not hear it", closed, extra={"node": self.node_id})
+        return closed
 
     async def attach(self, channel_id: str, user_id: str, limit: int | None,
                      keep: OutboxLimits | None) -> Attachment:
@@ -591,8 +667,11 @@ class BrokerBackplane(BusNode):
                 self._echoed(size)
             else:
                 self.stats.received += 1
+                # Timed: only what was opened before it (it may come late, from a spool).
+                spare = None if not message.when else self._opened_since(
+                    message.when, self._clock_offset or 0, self._clock_error)
                 closed = manager.close_local(message.scope, message.target, message.code,
-                                             message.reason)
+                                             message.reason, spare)
                 if closed:
                     logger.info("backplane: closed %d connection(s) of %s %s", closed,
                                 message.scope, message.target, extra={"node": self.node_id})
@@ -690,6 +769,7 @@ class BrokerBackplane(BusNode):
                                "connections", self._gap_down, extra={"node": self.node_id})
             self._manager.hold_users()
             self._recovering = True
+            self._revoke_unchecked = True  # revocations published meanwhile were not heard
         self._refresh = True  # the bus may have lost the directory (a restart): write it all
         self._version += 1
         self._wake.set()
@@ -735,7 +815,8 @@ class BrokerBackplane(BusNode):
             if full:
                 next_refresh = loop.time() + self.heartbeat_interval
                 self._retry_spool()
-                await self._check_revoked()
+                await self._measure_clock()
+                self._check_revoked_soon()
             if full and self._asked:
                 await self._check_asked()
             if self._recovering and full:
@@ -866,6 +947,10 @@ _MAX_RESYNCS = 1000
 
 #: Most waiting requests whose channel one heartbeat checks (one round trip).
 _MAX_CHECKED = 10_000
+
+#: Channels checked against the revocations recorded on the bus per read (up to 3 keys each:
+#: channel, user, session), after the subscription was lost.
+_CHECK_CHUNK = 1000
 
 #: Seconds a recovery waits for the bus to answer this process's earlier sends before reading a
 #: user's history (beyond, it reads anyway: a send answered later may be handed over twice).

@@ -155,7 +155,9 @@ class Backplane(Protocol):
         """Close, on every *other* process, the connections of a user (``scope="user"``), of a
         session (``"session"``) or one channel (``"channel"``). Never waits: the command is
         queued behind every message this process published before it. Await the result (or
-        not) to know it was published: it raises ``BackplaneError`` (counted) if it was not."""
+        not) to know it was published: it raises ``BackplaneError`` (counted) if it was not.
+        Timed when called: published late (after an outage), it still spares the connections
+        opened after this call."""
 
     async def attach(self, channel_id: str, user_id: str, limit: int | None,
                      keep: OutboxLimits | None) -> Attachment:
@@ -195,9 +197,12 @@ class BackplaneHost(Protocol):
     #: The per-user outbox bounds (``None``: no outbox).
     outbox_limits: OutboxLimits | None
 
-    def close_local(self, scope: str, target: str, code: int, reason: str) -> int:
+    def close_local(self, scope: str, target: str, code: int, reason: str,
+                    spare: Callable[[str], bool] | None = None) -> int:
         """Close this process's connections of a user, a session or one channel (``scope`` as in
-        :meth:`Backplane.disconnect`); how many. Never publishes."""
+        :meth:`Backplane.disconnect`), but those ``spare`` answers ``True`` for (by channel
+        id: the backplane spares those opened after a revocation published late); how many.
+        Never publishes."""
 
     def local_channels(self) -> Iterable[tuple[str, str | None]]:
         """A snapshot of this process's channels: ``(channel id, user id or None)``."""

@@ -159,11 +159,14 @@ class MemoryBroker:
             self._user_expiry.pop(user_id, None)
         return self._users.get(user_id, {})
 
-    def revoke(self, target: str, code: int, reason: str, ttl: float) -> None:
-        """Record a revocation of ``target`` (``scope:target``) for ``ttl`` seconds."""
+    def revoke(self, target: str, code: int, reason: str, when: int, ttl: float) -> None:
+        """Record a revocation of ``target`` (``scope:target``) asked for at ``when`` (ms on
+        ``clock``) for ``ttl`` seconds after it, unless a later one of it is recorded (as the
+        Redis script does)."""
         self._check()
-        now = self.clock()
-        self.revoked[target] = (int(now * 1000), code, reason, now + ttl)
+        known = self.revoked.get(target)
+        if known is None or known[3] <= self.clock() or known[0] < when:
+            self.revoked[target] = (when, code, reason, when / 1000 + ttl)
 
     def revocations(self, targets: Sequence[str]) -> tuple[list[tuple[int, int, str] | None], int]:
         """The revocations recorded for ``targets`` and the clock now, in ms."""
@@ -400,6 +403,10 @@ class MemoryBackplane(BrokerBackplane):
     async def _revocations(self, targets: Sequence[str]) -> tuple[list[Revocation | None], int]:
         self.broker.check_node(self.node_id)
         return self.broker.revocations(targets)
+
+    async def _bus_clock(self) -> int:
+        self.broker.check_node(self.node_id)
+        return int(self.broker.clock() * 1000)
 
     async def _take_missed(self) -> dict[str, int]:
         self.broker.check_node(self.node_id)

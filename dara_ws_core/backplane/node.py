@@ -87,10 +87,11 @@ class Publication:
     #: (one field for both kinds: each field costs every publication). With ``keep``, an int:
     #: this process's number for the message (unique with its node id), so that the bus answers
     #: it sent again (after a round trip that failed, part of which may have run) as it did the
-    #: first time (:attr:`kid`). With ``topic``, a revocation ``(scope:target, code, reason)``,
-    #: recorded on the bus for the processes that miss the publication, in the same step as it
-    #: is published (:attr:`revoke`).
-    durable: int | tuple[str, int, str] | None = None
+    #: first time (:attr:`kid`). With ``topic``, a revocation ``(scope:target, code, reason,
+    #: when)`` (``when``: the moment it was asked for, in ms on the bus's clock), recorded on the
+    #: bus for the processes that miss the publication, in the same step as it is published
+    #: (:attr:`revoke`).
+    durable: int | tuple[str, int, str, int] | None = None
 
     @property
     def kid(self) -> int | None:
@@ -98,8 +99,8 @@ class Publication:
         return self.durable if isinstance(self.durable, int) else None
 
     @property
-    def revoke(self) -> tuple[str, int, str] | None:
-        """A revocation's ``(scope:target, code, reason)`` (see :attr:`durable`)."""
+    def revoke(self) -> tuple[str, int, str, int] | None:
+        """A revocation's ``(scope:target, code, reason, when)`` (see :attr:`durable`)."""
         return self.durable if isinstance(self.durable, tuple) else None
 
 

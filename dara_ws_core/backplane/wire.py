@@ -112,13 +112,17 @@ class Control:
     """Close connections on every node but ``origin`` (which closed its own): every channel of a
     user (``scope="user"``), of a session (``"session"``) or one channel (``"channel"``).
     Published on the broadcast topic: revocation must not depend on the directory being up to
-    date (a channel registered a moment ago is not in it yet)."""
+    date (a channel registered a moment ago is not in it yet). ``when``: the moment the
+    application asked for it, on the bus's clock in ms (header ``"at"``; 0: unknown): a receiver
+    closes only the connections opened before it, so a revocation published late (retried from
+    the spool after an outage) spares the connections opened since (the user logging in again)."""
 
     origin: str
     scope: str
     target: str
     code: int
     reason: str
+    when: int = 0
 
 
 #: The scopes of a :class:`Control` message.
@@ -160,6 +164,8 @@ def encode_bus_message(message: BusMessage) -> bytes:
     elif isinstance(message, Control):
         head = {"op": "ctl", "origin": message.origin, "scope": message.scope,
                 "id": message.target, "code": message.code, "reason": message.reason}
+        if message.when:
+            head["at"] = message.when
     else:
         raise TypeError(f"not a bus message: {type(message).__name__}")
     if isinstance(message, ChannelDelivery | UserDelivery | BroadcastDelivery) and message.sent:
@@ -236,7 +242,8 @@ def decode_bus_message(data: bytes) -> BusMessage:
         if scope not in CONTROL_SCOPES:
             raise BackplaneError(f"malformed bus message: unknown scope {scope!r}")
         return Control(_field(head, "origin", str), scope, _field(head, "id", str),
-                       _field(head, "code", int), _field(head, "reason", str))
+                       _field(head, "code", int), _field(head, "reason", str),
+                       _natural(head, "at"))
     raise BackplaneError(f"malformed bus message: unknown op {op!r}")
 
 

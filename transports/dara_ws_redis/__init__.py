@@ -36,9 +36,12 @@ Redis layout (``<ns>`` is the namespace, ``dara-ws`` by default):
   number each node appended (``k:<node_id>``): a message sent again after a round trip that
   failed (part of which may have run) is found among the user's 1,000 newest entries and not
   appended twice (beyond those, it may be: a duplicate, never a loss);
-* ``<ns>:revoked:<scope>:<target>`` -> ``<ms> <code> <reason>`` (Redis's clock), expiring after
-  ``revoke_ttl``: a revocation (``user``, ``session``, ``channel``), set in the same step as it
-  is published, for the processes whose subscription was down at that moment.
+* ``<ns>:revoked:<scope>:<target>`` -> ``<ms> <code> <reason>``, expiring ``revoke_ttl`` after
+  ``<ms>``: the latest revocation of a user, session or channel, set in the same step as it is
+  published, for the processes whose subscription was down at that moment. ``<ms>`` is when the
+  application asked for it, on Redis's clock (``TIME``) as the asking process measured it
+  against its own at its last heartbeat; a revocation published late (from the spool, after an
+  outage) keeps that time.
 
 A Stream rather than a list: entry ids are Redis's own millisecond clock, so the age bound needs no
 clock of ours (processes' clocks may disagree), ids stay increasing across a Redis restart that
@@ -111,12 +114,21 @@ local function later(a, b)
 end
 """
 
-# Record a revocation (KEYS[1], ARGV[1..3]: TTL ms, code, reason; the time is Redis's) and
-# publish it (ARGV[4], ARGV[5]: topic, message) in one step. Returns the receivers.
+# Record a revocation (KEYS[1], ARGV[1..3]: TTL ms, code, reason; ARGV[6]: when it was asked
+# for, in ms on Redis's clock, as the asking process measured it) and publish it (ARGV[4],
+# ARGV[5]: topic, message) in one step. The record keeps the latest revocation of the target
+# (one sent again, or late, neither moves its time nor replaces a newer one) and expires TTL
+# after it was asked for. Returns the receivers.
 _REVOKE = """
 local t = redis.call('TIME')
 local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('SET', KEYS[1], ms .. ' ' .. ARGV[2] .. ' ' .. ARGV[3], 'PX', ARGV[1])
+local when = tonumber(ARGV[6])
+local ttl = tonumber(ARGV[1]) - math.max(0, ms - when)
+local old = redis.call('GET', KEYS[1])
+local known = old and tonumber(string.match(old, '^(%d+)'))
+if ttl > 0 and not (known and known >= when) then
+  redis.call('SET', KEYS[1], ARGV[6] .. ' ' .. ARGV[2] .. ' ' .. ARGV[3], 'PX', ttl)
+end
 return redis.call('PUBLISH', ARGV[4], ARGV[5])
 """
 
@@ -480,9 +492,10 @@ class RedisBackplane(BrokerBackplane):
                 if publication.durable is None:
                     yield None, (publication.topic, publication.data)
                 else:  # a revocation: recorded as it is published
-                    target, code, reason = publication.durable  # type: ignore[misc]
+                    target, code, reason, when = publication.durable  # type: ignore[misc]
                     yield _REVOKE, (1, self._revoked_key(target), int(self.revoke_ttl * 1000),
-                                    int(code), reason, publication.topic, publication.data)
+                                    int(code), reason, publication.topic, publication.data,
+                                    when)
             elif publication.user_id is not None:
                 keep, user = publication.keep, publication.user_id
                 common = (self.node_id, prefix, publication.data, self._missed_key(""), user,
@@ -631,6 +644,13 @@ class RedisBackplane(BrokerBackplane):
         except (RedisError, OSError) as exc:
             raise BackplaneError(f"redis: {exc}") from exc
         return found, int(seconds) * 1000 + int(micros) // 1000
+
+    async def _bus_clock(self) -> int:
+        try:
+            seconds, micros = await self._redis.time()
+        except (RedisError, OSError) as exc:
+            raise BackplaneError(f"redis: {exc}") from exc
+        return int(seconds) * 1000 + int(micros) // 1000
 
     async def _take_missed(self) -> dict[str, int]:
         key = self._missed_key(self.node_id)
