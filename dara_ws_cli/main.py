@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--workers", type=int, default=1, metavar="N",
         help="server processes sharing the port (SO_REUSEPORT; every transport);"
-             " with --redis-url they form one cluster",
+             " with --redis-url they form one cluster; one that dies is started again",
     )
     s.add_argument(
         "--max-connections", type=int, default=None, metavar="N",

@@ -3,13 +3,17 @@
 Each worker is a plain ``dara-ws serve`` process that listens with ``SO_REUSEPORT``, so the kernel
 spreads new connections over them; each builds its own manager and endpoint, and ``--redis-url``
 makes them one cluster (a broadcast or a per-user send reaches clients on every worker). This
-supervisor starts them, forwards their output, passes SIGTERM and SIGINT on to all of them (each
-closes its clients with 1001), and exits non-zero if one of them dies on its own.
+supervisor starts them, forwards their output, and passes SIGTERM and SIGINT on to all of them
+(each closes its clients with 1001). A worker that dies on its own is started again, after a
+delay that doubles with each death in a row (:class:`RestartPolicy`); one that dies
+``MAX_DEATHS`` times within ``DEATH_WINDOW`` seconds is a crash loop: the supervisor stops the
+others and exits non-zero, as it does when a worker fails before it first listens (a wrong
+option, a port taken).
 """
 
 from __future__ import annotations
 
-__all__ = ["supervise", "worker_argv"]
+__all__ = ["RestartPolicy", "supervise", "worker_argv"]
 
 import argparse
 import asyncio
@@ -18,12 +22,41 @@ import os
 import signal
 import socket
 import sys
+from collections import deque
+from collections.abc import Awaitable, Callable
 
 from dara_ws_core import DEFAULT_PATH
 
 #: How long a worker may take to start listening, and to stop after SIGTERM, before it is killed.
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
+#: A worker that died is started again after FIRST_DELAY seconds, twice that after a second
+#: death in a row, and so on up to MAX_DELAY; MAX_DEATHS deaths within DEATH_WINDOW seconds
+#: are a crash loop, which stops the supervisor.
+FIRST_DELAY = 0.5
+MAX_DELAY = 30.0
+MAX_DEATHS = 5
+DEATH_WINDOW = 60.0
+
+
+class RestartPolicy:
+    """When to start one worker again after it died: pure, the caller gives the time."""
+
+    __slots__ = ("_deaths",)
+
+    def __init__(self) -> None:
+        self._deaths: deque[float] = deque(maxlen=MAX_DEATHS)
+
+    def died(self, now: float) -> float | None:
+        """Seconds to wait before starting the worker again after a death at ``now``, or
+        ``None``: a crash loop (``MAX_DEATHS`` within ``DEATH_WINDOW``), give up."""
+        deaths = self._deaths
+        while deaths and now - deaths[0] > DEATH_WINDOW:
+            deaths.popleft()
+        deaths.append(now)
+        if len(deaths) >= MAX_DEATHS:
+            return None
+        return min(MAX_DELAY, FIRST_DELAY * (1 << (len(deaths) - 1)))
 
 
 def worker_argv(args: argparse.Namespace, port: int) -> list[str]:
@@ -59,8 +92,9 @@ async def _forward(process: asyncio.subprocess.Process, ready: asyncio.Event) ->
 
 
 async def supervise(args: argparse.Namespace) -> int:
-    """Run ``args.workers`` workers until SIGTERM/SIGINT (exit status 0) or until one of them
-    ends on its own (the others are stopped; exit status 1)."""
+    """Run ``args.workers`` workers until SIGTERM/SIGINT (exit status 0), starting again one
+    that dies, until one fails before it first listens or dies in a crash loop (the others are
+    stopped; exit status 1)."""
     holder = _hold_port(args.host) if args.port == 0 else None
     port = int(holder.getsockname()[1]) if holder is not None else args.port
     loop = asyncio.get_running_loop()
@@ -70,17 +104,23 @@ async def supervise(args: argparse.Namespace) -> int:
     workers: list[asyncio.subprocess.Process] = []
     forwarders: list[asyncio.Task[None]] = []
     failed = False
-    try:
-        readiness = []
-        for index in range(args.workers):
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "dara_ws_cli", *worker_argv(args, port),
-                stdout=asyncio.subprocess.PIPE, env={**os.environ, "DARA_WS_WORKER": str(index)},
-            )
+
+    async def spawn(index: int) -> asyncio.Event:
+        """Start worker ``index`` (in ``workers`` at once, for ``_stop_all``); set once it listens."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dara_ws_cli", *worker_argv(args, port),
+            stdout=asyncio.subprocess.PIPE, env={**os.environ, "DARA_WS_WORKER": str(index)},
+        )
+        if index < len(workers):
+            workers[index] = process
+        else:
             workers.append(process)
-            ready = asyncio.Event()
-            readiness.append(ready)
-            forwarders.append(loop.create_task(_forward(process, ready)))
+        ready = asyncio.Event()
+        forwarders.append(loop.create_task(_forward(process, ready)))
+        return ready
+
+    try:
+        readiness = [await spawn(index) for index in range(args.workers)]
         exits = [loop.create_task(process.wait()) for process in workers]
         starting = [loop.create_task(ready.wait()) for ready in readiness]
         stopping = loop.create_task(stop.wait())
@@ -101,11 +141,17 @@ async def supervise(args: argparse.Namespace) -> int:
         if not failed and not stop.is_set() and not any(task.done() for task in exits):
             print(f"dara-ws: {args.workers} workers ({args.transport}) on "
                   f"ws://{args.host}:{port}{DEFAULT_PATH}", flush=True)
-            await asyncio.wait([*exits, stopping], return_when=asyncio.FIRST_COMPLETED)
-        if not stop.is_set():
+            keepers = [loop.create_task(_keep(index, workers, spawn, stop)) for index in range(args.workers)]
+            await asyncio.wait([*keepers, stopping], return_when=asyncio.FIRST_COMPLETED)
+            for keeper in keepers:
+                keeper.cancel()
+            await asyncio.gather(*keepers, return_exceptions=True)
+            failed = not stop.is_set()
+        elif not stop.is_set():
             failed = True
             dead = [p.pid for p in workers if p.returncode is not None]
-            print(f"dara-ws: worker(s) {dead} ended; stopping the others", file=sys.stderr)
+            print(f"dara-ws: worker(s) {dead} ended before they listened; stopping the others",
+                  file=sys.stderr)
         stopping.cancel()
     finally:
         if holder is not None:
@@ -118,6 +164,41 @@ async def supervise(args: argparse.Namespace) -> int:
             loop.remove_signal_handler(sig)
     codes = [process.returncode for process in workers]
     return 1 if failed or any(code != 0 for code in codes) else 0
+
+
+async def _keep(
+    index: int,
+    workers: list[asyncio.subprocess.Process],
+    spawn: Callable[[int], Awaitable[asyncio.Event]],
+    stop: asyncio.Event,
+) -> None:
+    """Start worker ``index`` again each time it dies, after its :class:`RestartPolicy` delay;
+    return on a crash loop (or once ``stop`` is set: the caller cancels it then)."""
+    loop = asyncio.get_running_loop()
+    policy = RestartPolicy()
+    while True:
+        process = workers[index]
+        code = await process.wait()
+        if stop.is_set():
+            return
+        delay = policy.died(loop.time())
+        if delay is None:
+            print(f"dara-ws: worker {index} died {MAX_DEATHS} times within {DEATH_WINDOW:.0f} s "
+                  f"(last: pid {process.pid}, status {code}); stopping the others", file=sys.stderr, flush=True)
+            return
+        print(f"dara-ws: worker {index} (pid {process.pid}) ended with status {code}; "
+              f"starting it again in {delay:g} s", file=sys.stderr, flush=True)
+        await asyncio.sleep(delay)
+        ready = await spawn(index)
+        listening = loop.create_task(ready.wait())
+        ended = loop.create_task(workers[index].wait())
+        try:
+            await asyncio.wait([listening, ended], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            listening.cancel()
+            ended.cancel()
+        if ready.is_set():
+            print(f"dara-ws: worker {index} started again (pid {workers[index].pid})", flush=True)
 
 
 async def _stop_all(workers: list[asyncio.subprocess.Process]) -> None:

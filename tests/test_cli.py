@@ -368,3 +368,15 @@ def test_serve_refuses_a_negative_max_connections() -> None:
     result = _run_cli("serve", "--port", "0", "--max-connections", "-1")
     assert result.returncode == 2
     assert "--max-connections must be >= 0" in _one_line_error(result)
+
+
+def test_a_dead_worker_is_started_again_later_each_time_until_a_crash_loop() -> None:
+    from dara_ws_cli.workers import DEATH_WINDOW, FIRST_DELAY, MAX_DEATHS, RestartPolicy
+
+    policy = RestartPolicy()
+    delays = [policy.died(float(t)) for t in range(MAX_DEATHS)]  # a death every second
+    assert delays[:-1] == [FIRST_DELAY * 2 ** n for n in range(MAX_DEATHS - 1)]
+    assert delays[-1] is None  # MAX_DEATHS within DEATH_WINDOW: give up
+    spaced = RestartPolicy()
+    # Deaths further apart than the window never add up to a crash loop, and start again soon.
+    assert all(spaced.died(n * (DEATH_WINDOW + 1)) == FIRST_DELAY for n in range(3 * MAX_DEATHS))

@@ -2,7 +2,8 @@
 
 Clients on 127.0.0.1 land on both workers (each answers ``whoami`` with its pid), a broadcast and
 a per-user push reach clients on the other worker through Redis, SIGTERM closes every client with
-1001 and stops all workers, and a worker that dies takes the supervisor down with a failure.
+1001 and stops all workers, a worker that dies is started again while the others go on, and a
+worker in a crash loop takes the supervisor down with a failure.
 """
 
 from __future__ import annotations
@@ -115,8 +116,26 @@ async def test_workers_share_the_port_and_the_backplane_and_stop_together(
     assert process.returncode == 0
 
 
+async def _line_with(process: subprocess.Popen[str], text: str) -> str:
+    """The supervisor's next output line containing ``text`` (bounded in lines and time)."""
+    assert process.stdout is not None
+    stdout = process.stdout
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(STOP_BOUND):
+        for _ in range(500):
+            line = await loop.run_in_executor(None, stdout.readline)
+            assert line, f"the supervisor exited before printing {text!r}"
+            if text in line:
+                return line
+    raise AssertionError(f"no line with {text!r}")
+
+
+def _pid_in(line: str) -> int:
+    return int(line.rsplit("pid ", 1)[1].partition(")")[0])
+
+
 @pytest.mark.parametrize("workers", ["picows", "websockets"], indirect=True)
-async def test_a_worker_that_dies_stops_the_others_and_fails_the_supervisor(
+async def test_a_worker_that_dies_is_started_again_and_the_others_go_on(
     workers: tuple[subprocess.Popen[str], str],
 ) -> None:
     process, url = workers
@@ -124,6 +143,35 @@ async def test_a_worker_that_dies_stops_the_others_and_fails_the_supervisor(
         assert len(by_pid) == 2
         victim, survivor = list(by_pid)
         os.kill(victim, signal.SIGKILL)  # a worker this test started (through the supervisor)
+        started = _pid_in(await _line_with(process, "started again"))
+        assert started not in (victim, survivor)
+        # The survivor's clients were never touched; new clients reach the new worker.
+        survivor_client = by_pid[survivor][0][1]
+        assert (await survivor_client.request("whoami", timeout=10))["pid"] == survivor
+        async with clients_on_both(url) as again:
+            assert set(again) == {survivor, started}
+        assert process.poll() is None
+        process.send_signal(signal.SIGTERM)
+        close = await survivor_client.wait_closed(STOP_BOUND)
+        assert close is not None and close.code == 1001
+    await asyncio.get_running_loop().run_in_executor(None, process.wait, STOP_BOUND)
+    assert process.returncode == 0
+
+
+@pytest.mark.parametrize("workers", ["websockets"], indirect=True)
+async def test_a_worker_in_a_crash_loop_stops_the_others_and_fails_the_supervisor(
+    workers: tuple[subprocess.Popen[str], str],
+) -> None:
+    from dara_ws_cli.workers import MAX_DEATHS
+
+    process, url = workers
+    async with clients_on_both(url) as by_pid:
+        victim, survivor = list(by_pid)
+        for _ in range(MAX_DEATHS - 1):  # each death starts it again, a little later each time
+            os.kill(victim, signal.SIGKILL)
+            victim = _pid_in(await _line_with(process, "started again"))
+        os.kill(victim, signal.SIGKILL)  # the last one: a crash loop
+        await _line_with(process, f"died {MAX_DEATHS} times")
         close = await by_pid[survivor][0][1].wait_closed(STOP_BOUND)
         assert close is not None and close.code == 1001  # the survivor was stopped gracefully
     await asyncio.get_running_loop().run_in_executor(None, process.wait, STOP_BOUND)
