@@ -927,3 +927,67 @@ async def test_the_anonymous_connections_of_one_address_share_one_chunk_share(so
         assert await again == ["y" * (share // 2), "end"]
         for client in (first, second, alice):
             client.abort()
+
+
+# ---------------------------------------------------------------------------- review 12: frame outcomes
+
+
+def _ping_frame(length_form: int, declared: int | None = None, pad: int = 0) -> bytes:
+    """A masked text frame carrying a protocol ping (padded with ``pad`` spaces), its length in
+    the 7-bit (``7``), 16-bit (``16``) or 64-bit (``64``) form, whatever its size; ``declared``
+    overrides the length written (the frame is then only its header and mask key)."""
+    payload = json.dumps({"type": "ping", "message": ""}).encode() + b" " * pad
+    length = len(payload) if declared is None else declared
+    if length_form == 7:
+        head = bytes([0x81, 0x80 | length])
+    elif length_form == 16:
+        head = bytes([0x81, 0x80 | 126]) + struct.pack("!H", length)
+    else:
+        head = bytes([0x81, 0x80 | 127]) + struct.pack("!Q", length)
+    return head + b"\0\0\0\0" + (payload if declared is None else b"")  # a zero mask key
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        _ping_frame(16),  # 15 bytes in the 16-bit form
+        _ping_frame(64, pad=200),  # 227 bytes in the 64-bit form
+        _ping_frame(64, declared=1 << 63),  # the top bit of a 64-bit length
+        _ping_frame(64, declared=(1 << 64) - 1),
+    ],
+    ids=["16-bit-form-for-27-bytes", "64-bit-form-for-227-bytes", "64-bit-length-2**63", "64-bit-length-max"],
+)
+async def test_a_payload_length_rfc6455_forbids_closes_with_1002_on_every_transport(
+    socket_stack: Any, frame: bytes
+) -> None:
+    # RFC 6455 5.2: the shortest length form MUST be used, and a 64-bit length's top bit MUST be
+    # 0. picows closed on both with 1002; websockets, aiohttp and uvicorn took the first and
+    # answered the second with 1009 (review12 #6). Nothing in such a frame is acted on.
+    config = ServerConfig(ping_interval=None)
+    async with socket_stack(config=config) as stack:
+        client, channel = await open_channel(stack)
+        for valid in (_ping_frame(7), _ping_frame(16, pad=200), _ping_frame(64, pad=70_000)):
+            client.write(valid)
+            reply = await client.read_frame()
+            assert reply.opcode == TEXT and json.loads(reply.text)["type"] == "pong"
+        # The header of the refused frame arrives a byte at a time: it is refused all the same.
+        for at in range(len(frame)):
+            client.write(frame[at : at + 1])
+            await client.drain()
+        closing = await client.read_frame()
+        assert (closing.opcode, closing.close_code) == (CLOSE, 1002)
+        assert await _gone(stack, channel)
+        client.abort()
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 3000, 4000, 4999])
+async def test_a_peer_close_is_answered_with_its_own_code_on_every_transport(socket_stack: Any, code: int) -> None:
+    # RFC 6455 5.5.1: the answer to a close typically echoes its code; aiohttp said 1000 to all.
+    config = ServerConfig(ping_interval=None)
+    async with socket_stack(config=config) as stack:
+        client, channel = await open_channel(stack)
+        client.send_close(code, "bye")
+        echo = await client.read_frame()
+        assert (echo.opcode, echo.close_code) == (CLOSE, code)
+        assert await _gone(stack, channel)
+        client.abort()
