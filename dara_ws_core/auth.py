@@ -20,10 +20,12 @@ from __future__ import annotations
 __all__ = [
     "SESSION_COOKIE",
     "Authenticator",
+    "Holder",
     "Identity",
     "allow_anonymous",
     "check_origin",
     "extract_token",
+    "holder_of",
     "run_authenticator",
     "token_authenticator",
 ]
@@ -55,6 +57,9 @@ class Identity:
     ``user_id`` keys per-user fan-out; ``session_id`` groups the tabs of one login (Dara keeps
     channel -> session -> user). ``expires_at`` (a ``time.time()`` value) makes the server close the
     connection when the identity expires, instead of checking only at the handshake.
+    ``anonymous`` marks an identity the peer got for nothing (:func:`allow_anonymous` sets it):
+    its ``user_id`` names no one, so the bounds shared by a user's connections are shared by the
+    anonymous connections of one address instead (see :func:`holder_of`).
     """
 
     user_id: str
@@ -62,12 +67,33 @@ class Identity:
     token: str | None = None
     claims: Mapping[str, Any] = field(default_factory=lambda: _NO_CLAIMS)
     expires_at: float | None = None
+    anonymous: bool = False
 
     def expired(self, now: float | None = None) -> bool:
         """Whether ``expires_at`` has passed."""
         if self.expires_at is None:
             return False
         return (time.time() if now is None else now) >= self.expires_at
+
+
+#: Who a connection's share of a per-user bound is charged to (:func:`holder_of`): a user id, or
+#: ``("address", host)`` for the anonymous connections of one address (a tuple: no user id, whatever
+#: text a client may name itself with, can take an address's share).
+Holder = str | tuple[str, str]
+
+
+def holder_of(identity: Identity | None, source: str | None) -> Holder | None:
+    """Who shares bounds with a connection of ``identity`` whose peer is ``source`` (its address
+    key, :func:`~dara_ws_core.endpoint.host_of`): the user's connections together; for an
+    anonymous identity (or none), every anonymous connection of the same address, which a peer
+    cannot vary for free the way it gets a fresh anonymous identity with each connection. Without
+    an address (a Unix socket, a test), an anonymous connection is its own holder (its
+    ``user_id``, or ``None``: the channel alone)."""
+    if identity is not None and not identity.anonymous:
+        return identity.user_id
+    if source is not None:
+        return ("address", source)
+    return None if identity is None else identity.user_id
 
 
 Authenticator = Callable[[HandshakeRequest], "Identity | Awaitable[Identity]"]
@@ -135,11 +161,13 @@ def token_authenticator(
 
 
 def allow_anonymous() -> Authenticator:
-    """Accept every handshake as a new anonymous identity (one user and session per connection)."""
+    """Accept every handshake as a new anonymous identity (one user and session per connection,
+    marked ``anonymous``: the per-user bounds that a peer could multiply by connecting again are
+    shared by the anonymous connections of its address)."""
 
     def authenticate(request: HandshakeRequest) -> Identity:
         anon = f"anonymous-{uuid.uuid4()}"
-        return Identity(user_id=anon, session_id=anon)
+        return Identity(user_id=anon, session_id=anon, anonymous=True)
 
     return authenticate
 

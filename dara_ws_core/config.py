@@ -65,7 +65,9 @@ class ServerConfig:
     request_timeout: float | None = 30.0
     #: Chunked answers: most parts of one answer, and most bytes (UTF-8 JSON, as on the wire)
     #: and JSON values (counted as in a frame, an upper bound) of parts held at once for all of a
-    #: channel's pending answers, and for all the connections of one user together. Each part
+    #: channel's pending answers, and for all the connections of one user together (anonymous
+    #: connections, ``Identity.anonymous``, of one address together: one peer gets a fresh
+    #: anonymous user with each connection, but not a fresh address). Each part
     #: counts 128 bytes and one value more than its JSON, for what holding it costs (a 1-byte
     #: part takes about a hundred bytes of Python objects). Each part is decoded as its frame
     #: arrives (and is bounded as a frame: ``max_message_values``); held decoded, a value takes

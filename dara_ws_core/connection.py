@@ -43,6 +43,7 @@ from typing import Any, Generic, TypeVar
 
 import pydantic_core
 
+from .auth import Holder
 from .codec import PONG_FRAME, decode_answer, decode_client_frame, dumps, encode
 from .config import ServerConfig
 from .correlation import Completed, Failed, Ignored, Partial, PendingRequests
@@ -132,7 +133,8 @@ class ServerConnection(Generic[W]):
 
     ``kinds`` answers "is there a handler for this kind"; without it every kind is dispatched.
     ``expires_at`` is the identity's expiry in wall-clock seconds (see :meth:`tick`). ``user`` is
-    the identity's user id: the parts of chunked answers that a user's connections hold are
+    who shares the connection's bounds (:func:`~dara_ws_core.auth.holder_of`: the user, or the
+    address of an anonymous peer): the parts of chunked answers that its connections hold are
     bounded together (see :class:`~dara_ws_core.correlation.PendingRequests`).
     """
 
@@ -147,7 +149,7 @@ class ServerConnection(Generic[W]):
         now: float = 0.0,
         expires_at: float | None = None,
         kinds: Container[str] | None = None,
-        user: str | None = None,
+        user: Holder | None = None,
     ) -> None:
         self.channel_id = channel_id
         self.config = config = config or ServerConfig()

@@ -7,8 +7,9 @@ exactly one of completed, failed (bad chunks), discarded (timeout or cancellatio
 ``finally``) or failed on close (:meth:`PendingRequests.close`). No entry outlives its call.
 
 The parts of chunked answers are bounded three ways: per answer (``max_chunks``), per *holder*
-(bytes and JSON values of every pending answer's parts: a user's, all its connections together,
-or one channel's when it has no user), and per process (a :class:`ChunkBudget` that every table
+(bytes and JSON values of every pending answer's parts: a user's, all its connections together;
+for anonymous connections, all those of one address, see :func:`~dara_ws_core.auth.holder_of`;
+one channel's when it has neither), and per process (a :class:`ChunkBudget` that every table
 shares, :data:`PROCESS_CHUNKS` by default), so that many connections, each within its own bounds,
 cannot together hold what no single one may. The process budget is shared fairly: a holder takes
 at most :data:`CHUNK_SHARES`-th of it, and its last :data:`CHUNK_SHARES`-th is kept for holders
@@ -39,6 +40,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
+from .auth import Holder
 from .chunks import ChunkAssembler
 from .codec import count_json_values, dumps
 from .config import ServerConfig
@@ -154,9 +156,10 @@ Outcome = Completed[W] | Failed[W] | Partial | Ignored
 #: of Python objects, however small the part (``0`` is one byte on the wire).
 PART_BYTES = 128
 PART_VALUES = 1
-#: A holder (a user, or a channel without one) takes at most this fraction of the process's
-#: chunk budget, whatever its own bounds say; and the last such fraction of the budget is kept
-#: for holders whose parts stay under a 64th of their own bound (small answers).
+#: A holder (a user, an anonymous peer's address, or a channel with neither) takes at most this
+#: fraction of the process's chunk budget, whatever its own bounds say; and the last such
+#: fraction of the budget is kept for holders whose parts stay under a 64th of their own bound
+#: (small answers).
 CHUNK_SHARES = 16
 #: What a holder may hold and still use the kept fraction: its bounds divided by this.
 _SMALL = 64
@@ -185,8 +188,9 @@ class ChunkBudget(_Tally):
 
     def __init__(self) -> None:
         super().__init__()
-        #: What each user's connections hold together, for the users holding anything.
-        self.users: dict[str, _Tally] = {}
+        #: What each holder's connections hold together (a user's; the anonymous ones of an
+        #: address), for the holders holding anything.
+        self.users: dict[Holder, _Tally] = {}
 
 
 #: The budget every :class:`PendingRequests` shares unless given its own: the process's.
@@ -201,7 +205,7 @@ class _Held(_Tally):
 
     __slots__ = ("budget", "user")
 
-    def __init__(self, budget: ChunkBudget, user: str | None) -> None:
+    def __init__(self, budget: ChunkBudget, user: Holder | None) -> None:
         super().__init__()
         self.budget = budget
         self.user = user
@@ -263,7 +267,8 @@ class PendingRequests(Generic[W]):
     The limits are those of ``config`` (a :class:`~dara_ws_core.config.ServerConfig`, shared by
     every table made with it), or of the keywords given, which override it. The parts held for
     *all* of the channel's pending answers together, and of every table of the same ``user``
-    (the connections of one user share), are bounded in bytes (``max_chunked_bytes``) and in
+    (the holder, :func:`~dara_ws_core.auth.holder_of`: the connections of one user share, and
+    the anonymous connections of one address), are bounded in bytes (``max_chunked_bytes``) and in
     JSON values (``max_chunked_values``), and never by more than a :data:`CHUNK_SHARES`-th of the
     process's bounds: a client answering many requests at once, or from many connections, holds
     no more than one answer could, and a dozen clients cannot take what the process allows. The
@@ -279,7 +284,7 @@ class PendingRequests(Generic[W]):
     def __init__(
         self,
         config: ServerConfig | None = None,
-        user: str | None = None,
+        user: Holder | None = None,
         *,
         budget: ChunkBudget | None = None,
         max_pending: int | None = None,
@@ -438,7 +443,8 @@ class PendingRequests(Generic[W]):
         user = self._user
         mine: _Tally | None = held if user is None else budget.users.get(user)
         mine_bytes, mine_values = (size, values) if mine is None else (mine.bytes + size, mine.values + values)
-        whose = "on this channel" if user is None else "for this user"
+        whose = ("on this channel" if user is None else "for this user" if type(user) is str
+                 else "for this address")
         max_bytes, max_values = self.max_chunked_bytes, self.max_chunked_values
         if mine_bytes > max_bytes:
             raise ChunkError(f"chunked answers pending {whose} exceed {max_bytes} bytes")

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from .auth import Identity
+from .auth import Identity, holder_of
 from .codec import build_frame, encode
 from .config import ServerConfig, SlowConsumerPolicy
 from .connection import (
@@ -41,7 +41,7 @@ from .connection import (
 from .correlation import new_rchan
 from .custom import CustomHandlerRegistry
 from .exceptions import ChunkError, CloseCode, ConnectionClosed, RequestTimeout, SlowConsumer
-from .logs import ConnectionLogger
+from .logs import ConnectionLogger, current_source
 from .messages import ClientMessage, LoosePayload
 from .queue import OutboundQueue
 from .stats import TRACING, Counters
@@ -218,7 +218,9 @@ class WebSocketHandler(_Hot):
         self.connection: ServerConnection[asyncio.Future[Any]] = ServerConnection(
             channel_id, config, now=now, kinds=custom_handlers,
             expires_at=None if identity is None else identity.expires_at,
-            user=None if identity is None else identity.user_id,
+            # Whose share of the chunk budget it holds: its user's, or its address's when
+            # anonymous (the handshake's source, which the connection's tasks inherit).
+            user=holder_of(identity, current_source.get()),
         )
         telemetry = counters.telemetry
         if telemetry is not None:  # a queue and sink that time outbound frames (telemetry_hooks)

@@ -66,8 +66,8 @@ manager that yields a :class:`Server` (``port=0`` picks a free port).
 
 from __future__ import annotations
 
-__all__ = ["HandshakeRequest", "Server", "SupportsCork", "SupportsDisconnected", "SupportsPush",
-           "SupportsSendNowait", "SupportsWriter", "Transport", "parse_cookies", "text_frame_header"]
+__all__ = ["ClientFrameHeaders", "HandshakeRequest", "Server", "SupportsCork", "SupportsDisconnected",
+           "SupportsPush", "SupportsSendNowait", "SupportsWriter", "Transport", "parse_cookies", "text_frame_header"]
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -184,6 +184,76 @@ def text_frame_header(size: int) -> bytes:
     if size < 65536:
         return _HEADER16.pack(0x81, 126, size)
     return _HEADER64.pack(0x81, 127, size)
+
+
+#: A masked frame header with opcode 3 (reserved: RFC 6455 5.2), which every parser fails on.
+_RESERVED_OPCODE = b"\x83\x80"
+
+
+class ClientFrameHeaders:
+    """Follows the frame headers of a client's byte stream, for the adapters whose library lets
+    through what RFC 6455 section 5.2 forbids, so that every transport closes on it with 1002:
+    an unmasked frame, a payload length not in its shortest form (the 16-bit form for under 126
+    bytes, the 64-bit form for under 65,536), and a 64-bit length with its most significant bit
+    set. A few operations a frame: payloads are skipped, not read. Pure.
+
+    :meth:`feed` returns what to hand the library now: everything before the first refused
+    frame, and before a header split across reads (held until it is whole, so that the library
+    never sees the start of a refused header).
+    """
+
+    __slots__ = ("_head", "_skip", "refused")
+
+    def __init__(self) -> None:
+        self._head = b""  # the start of a frame header split across reads
+        self._skip = 0  # payload bytes (and mask key) of the current frame still to come
+        #: Why the stream was refused, once it is: nothing after it is parsed.
+        self.refused: str | None = None
+
+    def feed(self, data: bytes) -> bytes:
+        """The part of ``data`` (with what was held before it) to hand the library; after it,
+        if :attr:`refused` is set, comes a frame the connection must be failed on (1002)."""
+        if self.refused is not None:
+            return b""
+        held = self._head
+        buf = held + data if held else data
+        pos, end = self._skip, len(buf)
+        while pos + 2 <= end:
+            second = buf[pos + 1]
+            if not second & 0x80:
+                return self._refuse(buf, pos, "unmasked frame")
+            length = second & 0x7F
+            if length < 126:
+                pos += 6 + length  # header, mask key, payload
+                continue
+            size = 4 if length == 126 else 10
+            if pos + size > end:
+                break
+            length = int.from_bytes(buf[pos + 2 : pos + size], "big")
+            if length < (126 if size == 4 else 65536):
+                return self._refuse(buf, pos, "payload length not in its shortest form")
+            if length >> 63:
+                return self._refuse(buf, pos, "payload length with its most significant bit set")
+            pos += size + 4 + length
+        if pos < end:  # a header cut short: held until the rest comes
+            self._head, self._skip = buf[pos:], 0
+            return buf[:pos]
+        self._head, self._skip = b"", pos - end
+        return buf
+
+    def feed_failing(self, data: bytes) -> bytes:
+        """:meth:`feed` for a library with no way in to fail a connection but its own parser
+        (websockets' sans-I/O protocol, under websockets and uvicorn): a refused frame's header
+        is replaced, once, by one with a reserved opcode, which the parser fails with 1002."""
+        if self.refused is not None:
+            return b""
+        good = self.feed(data)
+        return good if self.refused is None else good + _RESERVED_OPCODE
+
+    def _refuse(self, buf: bytes, pos: int, why: str) -> bytes:
+        self.refused = why
+        self._head = b""
+        return buf[:pos]
 
 
 _Native = TypeVar("_Native")

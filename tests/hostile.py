@@ -428,11 +428,12 @@ def server_holds_socket(server_port: int, client_port: int) -> bool:
 TOKEN_PATH = "/api/core/ws?token=mallory:s1"
 
 
-async def open_channel(port: int, *, rcvbuf: int | None = None) -> tuple[HostileClient, str]:
-    """A raw client on ``127.0.0.1:port`` past the handshake, with its channel id (from
-    ``init``)."""
+async def open_channel(port: int, *, rcvbuf: int | None = None,
+                       path: str = TOKEN_PATH) -> tuple[HostileClient, str]:
+    """A raw client on ``127.0.0.1:port`` past the handshake (of ``path``: mallory's token by
+    default), with its channel id (from ``init``)."""
     client = await HostileClient.open(port, rcvbuf=rcvbuf)
-    response = await client.handshake(TOKEN_PATH)
+    response = await client.handshake(path)
     assert response.status == 101, response
     init = json.loads((await client.read_frame()).text)
     return client, init["message"]["channel"]

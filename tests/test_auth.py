@@ -33,10 +33,11 @@ from dara_ws_core import (
     HandshakeRequest,
     Identity,
     ServerConfig,
+    allow_anonymous,
     check_origin,
     token_authenticator,
 )
-from dara_ws_core.auth import run_authenticator
+from dara_ws_core.auth import holder_of, run_authenticator
 from dara_ws_core.jwt import jwt_authenticator
 
 from .helpers import eventually
@@ -479,3 +480,20 @@ async def test_per_user_connection_limit_holds_under_concurrent_handshakes(
         assert outcomes.count("init") <= limit
         assert set(outcomes) <= {"init", "http 403", f"closed {CloseCode.POLICY_VIOLATION}"}
         assert len(stack.manager.get_user_channels("alice")) == outcomes.count("init") <= limit
+
+
+def test_anonymous_identities_share_per_address_bounds_and_named_ones_per_user() -> None:
+    anonymous = allow_anonymous()
+    request = HandshakeRequest.build("/ws", [], ("10.0.0.7", 5000))
+    first, second = anonymous(request), anonymous(request)
+    assert isinstance(first, Identity) and isinstance(second, Identity)
+    assert first.anonymous and first.user_id != second.user_id
+    # A peer gets a fresh anonymous user with each connection, not a fresh address.
+    assert holder_of(first, "10.0.0.7") == holder_of(second, "10.0.0.7") == ("address", "10.0.0.7")
+    assert holder_of(first, "10.0.0.8") != holder_of(first, "10.0.0.7")
+    # No user id, whatever a client names itself, can take an address's share.
+    named = Identity(user_id="address 10.0.0.7", session_id="s")
+    assert holder_of(named, "10.0.0.7") == "address 10.0.0.7"
+    # Without an address, an anonymous connection is on its own; with no identity, its channel.
+    assert holder_of(first, None) == first.user_id
+    assert holder_of(None, None) is None and holder_of(None, "10.0.0.7") == ("address", "10.0.0.7")

@@ -19,7 +19,8 @@ NAMESPACED_MODULES = frozenset({"backplane", "jwt"})
 
 #: Names a module exports for the other modules or for adapters, and that the root leaves out.
 NOT_REEXPORTED: dict[str, frozenset[str]] = {
-    "auth": frozenset({"run_authenticator"}),
+    # Who shares a per-user bound: for the handler and the manager.
+    "auth": frozenset({"Holder", "holder_of", "run_authenticator"}),
     "client": frozenset({"Connector"}),
     # The connection's events are read through their module, like h11's events.
     "connection": frozenset({"AnswerIgnored", "CloseConnection", "CustomReceived", "Event",
@@ -46,8 +47,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     # Test helpers are imported from dara_ws_core.testing, as websockets' are.
     "testing": frozenset({"ProtocolHarness", "answer_frames", "client_frames", "custom_frames",
                           "hostile_frames", "json_values"}),
-    "transport": frozenset({"SupportsCork", "SupportsDisconnected", "SupportsPush", "SupportsSendNowait",
-                            "SupportsWriter", "parse_cookies", "text_frame_header"}),
+    "transport": frozenset({"ClientFrameHeaders", "SupportsCork", "SupportsDisconnected", "SupportsPush",
+                            "SupportsSendNowait", "SupportsWriter", "parse_cookies", "text_frame_header"}),
 }
 
 #: Names a subpackage's module exports for its siblings, and that the subpackage leaves out.

@@ -20,13 +20,18 @@ from typing import Any
 import pytest
 
 from dara_ws_core import (
+    DEFAULT_PATH,
     Endpoint,
+    Identity,
     ServerConfig,
     SlowConsumerPolicy,
     WebsocketManager,
+    allow_anonymous,
+    extract_token,
     token_authenticator,
 )
-from dara_ws_core.exceptions import CloseCode, ConnectionClosed
+from dara_ws_core.correlation import CHUNK_SHARES, PROCESS_CHUNKS
+from dara_ws_core.exceptions import ChunkError, CloseCode, ConnectionClosed
 from dara_ws_core.transport import MAX_COOKIES, HandshakeRequest, parse_cookies
 
 from .helpers import eventually
@@ -930,3 +935,131 @@ async def test_a_websocket_version_other_than_13_is_never_upgraded(
             if response.status == 426:
                 assert response.header("Sec-WebSocket-Version") == "13"
         assert not stack.manager.handlers
+
+
+# ---------------------------------------------------------------------------- review 12: shares by address
+
+
+def _named_or_anonymous() -> Callable[[HandshakeRequest], Identity]:
+    """The demo's authentication: a token names its user; without one, an anonymous identity."""
+    anonymous = allow_anonymous()
+
+    def authenticate(request: HandshakeRequest) -> Identity:
+        token = extract_token(request)
+        if token is None:
+            return anonymous(request)  # type: ignore[return-value]  # sync by construction
+        return verify_token(token)
+
+    return authenticate
+
+
+async def _first_part(stack: Stack, client: HostileClient, channel: str, part: str) -> asyncio.Task[Any]:
+    """Ask ``channel`` (``send_and_wait``) and answer with the first of two parts: the answer is
+    held until :func:`_last_part`. Returns the request's task and leaves its ``__rchan`` on it."""
+    task = asyncio.create_task(stack.manager.send_and_wait(channel, {"q": 1}, timeout=20))
+    request = json.loads((await client.read_frame()).text)["message"]
+    rchan = request["__rchan"]
+    client.send_text(json.dumps({"type": "message", "channel": rchan, "chunk_count": 2,
+                                 "chunk_index": 0, "message": part}))
+    task.set_name(rchan)
+    return task
+
+
+def _last_part(client: HostileClient, task: asyncio.Task[Any]) -> None:
+    client.send_text(json.dumps({"type": "message", "channel": task.get_name(), "chunk_count": 2,
+                                 "chunk_index": 1, "message": "end"}))
+
+
+async def test_the_anonymous_connections_of_one_address_share_one_chunk_share(socket_stack: Any) -> None:
+    # Each anonymous connection is a new user: keyed by user, N of them from one host held N
+    # shares of the process's chunk budget, and 16 took it all (review12 #5). They share the
+    # share of their address; a named user keeps its own.
+    share = 4000
+    config = ServerConfig(ping_interval=None, max_chunked_total_bytes=CHUNK_SHARES * share)
+    async with socket_stack(config=config, authenticator=_named_or_anonymous()) as stack:
+        assert stack.port is not None
+        first, first_channel = await open_port_channel(stack.port, path=DEFAULT_PATH)
+        second, second_channel = await open_port_channel(stack.port, path=DEFAULT_PATH)
+        alice, alice_channel = await open_port_channel(stack.port, path=f"{DEFAULT_PATH}?token=alice:s1")
+        held = await _first_part(stack, first, first_channel, "x" * (share * 3 // 4))
+        await eventually(lambda: ("address", "127.0.0.1") in PROCESS_CHUNKS.users)
+        # The second anonymous connection of the address: over what the address may hold.
+        refused = await _first_part(stack, second, second_channel, "y" * (share // 2))
+        with pytest.raises(ChunkError, match="for this address exceed"):
+            await refused
+        # A named user on the same address has a share of its own.
+        own = await _first_part(stack, alice, alice_channel, "z" * (share * 3 // 4))
+        _last_part(alice, own)
+        assert await own == ["z" * (share * 3 // 4), "end"]
+        # Once the first answer is done, the address's share is free for the second connection.
+        _last_part(first, held)
+        assert await held == ["x" * (share * 3 // 4), "end"]
+        again = await _first_part(stack, second, second_channel, "y" * (share // 2))
+        _last_part(second, again)
+        assert await again == ["y" * (share // 2), "end"]
+        for client in (first, second, alice):
+            client.abort()
+
+
+# ---------------------------------------------------------------------------- review 12: frame outcomes
+
+
+def _ping_frame(length_form: int, declared: int | None = None, pad: int = 0) -> bytes:
+    """A masked text frame carrying a protocol ping (padded with ``pad`` spaces), its length in
+    the 7-bit (``7``), 16-bit (``16``) or 64-bit (``64``) form, whatever its size; ``declared``
+    overrides the length written (the frame is then only its header and mask key)."""
+    payload = json.dumps({"type": "ping", "message": ""}).encode() + b" " * pad
+    length = len(payload) if declared is None else declared
+    if length_form == 7:
+        head = bytes([0x81, 0x80 | length])
+    elif length_form == 16:
+        head = bytes([0x81, 0x80 | 126]) + struct.pack("!H", length)
+    else:
+        head = bytes([0x81, 0x80 | 127]) + struct.pack("!Q", length)
+    return head + b"\0\0\0\0" + (payload if declared is None else b"")  # a zero mask key
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        _ping_frame(16),  # 15 bytes in the 16-bit form
+        _ping_frame(64, pad=200),  # 227 bytes in the 64-bit form
+        _ping_frame(64, declared=1 << 63),  # the top bit of a 64-bit length
+        _ping_frame(64, declared=(1 << 64) - 1),
+    ],
+    ids=["16-bit-form-for-27-bytes", "64-bit-form-for-227-bytes", "64-bit-length-2**63", "64-bit-length-max"],
+)
+async def test_a_payload_length_rfc6455_forbids_closes_with_1002_on_every_transport(
+    socket_stack: Any, frame: bytes
+) -> None:
+    # RFC 6455 5.2: the shortest length form MUST be used, and a 64-bit length's top bit MUST be
+    # 0. picows closed on both with 1002; websockets, aiohttp and uvicorn took the first and
+    # answered the second with 1009 (review12 #6). Nothing in such a frame is acted on.
+    config = ServerConfig(ping_interval=None)
+    async with socket_stack(config=config) as stack:
+        client, channel = await open_channel(stack)
+        for valid in (_ping_frame(7), _ping_frame(16, pad=200), _ping_frame(64, pad=70_000)):
+            client.write(valid)
+            reply = await client.read_frame()
+            assert reply.opcode == TEXT and json.loads(reply.text)["type"] == "pong"
+        # The header of the refused frame arrives a byte at a time: it is refused all the same.
+        for at in range(len(frame)):
+            client.write(frame[at : at + 1])
+            await client.drain()
+        closing = await client.read_frame()
+        assert (closing.opcode, closing.close_code) == (CLOSE, 1002)
+        assert await _gone(stack, channel)
+        client.abort()
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 3000, 4000, 4999])
+async def test_a_peer_close_is_answered_with_its_own_code_on_every_transport(socket_stack: Any, code: int) -> None:
+    # RFC 6455 5.5.1: the answer to a close typically echoes its code; aiohttp said 1000 to all.
+    config = ServerConfig(ping_interval=None)
+    async with socket_stack(config=config) as stack:
+        client, channel = await open_channel(stack)
+        client.send_close(code, "bye")
+        echo = await client.read_frame()
+        assert (echo.opcode, echo.close_code) == (CLOSE, code)
+        assert await _gone(stack, channel)
+        client.abort()

@@ -26,7 +26,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
     ) from exc
 
 from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, host_of
-from dara_ws_core.transport import Server
+from dara_ws_core.transport import ClientFrameHeaders, Server
 
 #: Stop reading from a peer while this much is waiting to be written to it.
 _PAUSE_READING_ABOVE = 1024 * 1024
@@ -149,6 +149,7 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    from websockets.protocol import State
 
     errors = logging.getLogger("uvicorn.error")
     if not any(isinstance(known, _InvalidRequests) for known in errors.filters):
@@ -161,7 +162,17 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
     http = {base: _bounded_http(base, handshake_timeout) for base in bases}
 
     class WebSocketProtocol(WebSocketsSansIOProtocol):
+        #: The client's frame headers, followed once the handshake is done: websockets takes
+        #: payload lengths in any form, which RFC 6455 5.2 does not (1002 on every transport).
+        dara_frames: ClientFrameHeaders | None = None
+
         def data_received(self, data: bytes) -> None:
+            frames = self.dara_frames
+            if frames is not None:
+                data = frames.feed_failing(data)
+            elif self.conn.state is State.OPEN:
+                self.dara_frames = frames = ClientFrameHeaders()
+                data = frames.feed_failing(data)
             super().data_received(data)
             if not self.read_paused and self.transport.get_write_buffer_size() > _PAUSE_READING_ABOVE:
                 self.read_paused = True

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, host_of
 from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
-from dara_ws_core.transport import HandshakeRequest, Server, text_frame_header
+from dara_ws_core.transport import ClientFrameHeaders, HandshakeRequest, Server, text_frame_header
 
 
 def _closed(exc: websockets.ConnectionClosed) -> ConnectionClosed:
@@ -225,8 +225,8 @@ class _ServerConnection(ServerConnection):
     # 300 bytes each). CPython 3.11 shares at most 29 keys and sizes each dict's values when the
     # connection is built: two keys more, added later, give every connection a dict of its own
     # (1.6 KiB), as much again as everything else the core keeps per idle connection.
-    __slots__ = ("_paused_for_writes", "dara_admission", "dara_endpoint", "dara_host", "dara_identity",
-                 "dara_push")
+    __slots__ = ("_paused_for_writes", "dara_admission", "dara_endpoint", "dara_frames", "dara_host",
+                 "dara_identity", "dara_push")
     #: What process_request authenticated, set there before the handler runs.
     dara_identity: Identity | None
 
@@ -248,6 +248,8 @@ class _ServerConnection(ServerConnection):
         self._paused_for_writes = False
         #: The transport waiting in receive_pushed() with nothing buffered, else None.
         self.dara_push: WebsocketsTransport | None = None
+        #: The client's frame headers, followed once the handshake is done (see data_received).
+        self.dara_frames: ClientFrameHeaders | None = None
 
     def process_event(self, event: Any) -> None:
         target = self.dara_push
@@ -284,6 +286,14 @@ class _ServerConnection(ServerConnection):
             target._stop(False)
 
     def data_received(self, data: bytes) -> None:
+        # websockets takes payload lengths in any form; RFC 6455 5.2 wants the shortest, and a
+        # 64-bit one with its top bit clear: such frames close with 1002, as on every transport.
+        frames = self.dara_frames
+        if frames is not None:
+            data = frames.feed_failing(data)
+        elif self.protocol.state is _OPEN:  # the handshake is done: frames from here on
+            self.dara_frames = frames = ClientFrameHeaders()
+            data = frames.feed_failing(data)
         super().data_received(data)
         transport = self.transport
         if not self._paused_for_writes and transport.get_write_buffer_size() > _PAUSE_READING_ABOVE:

@@ -1,0 +1,66 @@
+"""``ClientFrameHeaders``: the frame headers a client may not send (RFC 6455 5.1, 5.2) are found
+wherever the reads cut the stream, and nothing before them is held back longer than a header."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from dara_ws_core.transport import ClientFrameHeaders
+
+
+def frame(payload: bytes, form: int | None = None, *, mask: bool = True, declared: int | None = None) -> bytes:
+    """A text frame whose length is written in ``form`` (7, 16 or 64 bits: the shortest if
+    ``None``), as ``declared`` if given."""
+    length = len(payload) if declared is None else declared
+    form = form or (7 if length < 126 else 16 if length < 65536 else 64)
+    bit = 0x80 if mask else 0
+    head = {7: lambda: bytes([0x81, bit | length]),
+            16: lambda: bytes([0x81, bit | 126]) + struct.pack("!H", length),
+            64: lambda: bytes([0x81, bit | 127]) + struct.pack("!Q", length)}[form]()
+    return head + (b"\0\0\0\0" if mask else b"") + payload
+
+
+def feed_in_pieces(stream: bytes, size: int) -> tuple[bytes, str | None]:
+    headers = ClientFrameHeaders()
+    out = b"".join(headers.feed(stream[at : at + size]) for at in range(0, len(stream), size))
+    return out, headers.refused
+
+
+GOOD = [frame(b"a" * 5), frame(b"b" * 200), frame(b"c" * 70_000), frame(b""), frame(b"d" * 125),
+        frame(b"e" * 126), frame(b"f" * 65535), frame(b"g" * 65536)]
+BAD = {
+    "unmasked frame": frame(b"x", mask=False),
+    "payload length not in its shortest form": frame(b"x" * 15, 16),
+    "payload length not in its shortest form ": frame(b"x" * 65535, 64),
+    "payload length with its most significant bit set": frame(b"", 64, declared=1 << 63),
+}
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 10, 64, 1 << 20])
+def test_valid_frames_pass_whole_wherever_the_reads_cut_them(size: int) -> None:
+    stream = b"".join(GOOD)
+    assert feed_in_pieces(stream, size) == (stream, None)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 10, 64, 1 << 20])
+@pytest.mark.parametrize("why", sorted(BAD))
+def test_a_forbidden_header_is_refused_and_what_came_before_it_is_passed(why: str, size: int) -> None:
+    before = b"".join(GOOD[:3])
+    out, refused = feed_in_pieces(before + BAD[why] + frame(b"after"), size)
+    assert (out, refused) == (before, why.strip())
+
+
+def test_a_header_cut_short_is_held_until_the_rest_comes() -> None:
+    headers = ClientFrameHeaders()
+    whole = frame(b"x" * 300)
+    assert headers.feed(whole[:3]) == b""  # 3 of the 4 header bytes
+    assert headers.feed(whole[3:]) == whole
+
+
+def test_a_library_that_only_fails_on_its_own_parse_gets_a_reserved_opcode_in_place() -> None:
+    headers = ClientFrameHeaders()
+    good = frame(b"ok")
+    assert headers.feed_failing(good + frame(b"x" * 15, 16)) == good + b"\x83\x80"
+    assert headers.feed_failing(frame(b"more")) == b"", "nothing after a refusal"
