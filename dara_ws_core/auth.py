@@ -55,6 +55,10 @@ class Identity:
     ``user_id`` keys per-user fan-out; ``session_id`` groups the tabs of one login (Dara keeps
     channel -> session -> user). ``expires_at`` (a ``time.time()`` value) makes the server close the
     connection when the identity expires, instead of checking only at the handshake.
+    ``anonymous`` marks an identity that names nobody in particular (:func:`allow_anonymous`'s,
+    whose user id is new for each connection): what its connections cost a shared bound of the
+    server (the outbox's per-sender share) is charged to their address instead of their user id,
+    which a client could otherwise change for free by reconnecting.
     """
 
     user_id: str
@@ -62,6 +66,7 @@ class Identity:
     token: str | None = None
     claims: Mapping[str, Any] = field(default_factory=lambda: _NO_CLAIMS)
     expires_at: float | None = None
+    anonymous: bool = False
 
     def expired(self, now: float | None = None) -> bool:
         """Whether ``expires_at`` has passed."""
@@ -135,11 +140,12 @@ def token_authenticator(
 
 
 def allow_anonymous() -> Authenticator:
-    """Accept every handshake as a new anonymous identity (one user and session per connection)."""
+    """Accept every handshake as a new anonymous identity (one user and session per connection,
+    :attr:`Identity.anonymous`)."""
 
     def authenticate(request: HandshakeRequest) -> Identity:
         anon = f"anonymous-{uuid.uuid4()}"
-        return Identity(user_id=anon, session_id=anon)
+        return Identity(user_id=anon, session_id=anon, anonymous=True)
 
     return authenticate
 
