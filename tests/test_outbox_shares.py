@@ -87,7 +87,7 @@ def test_an_anonymous_sender_is_its_address_an_ipv6_one_its_64() -> None:
     assert anonymous_sender("192.0.2.7").startswith("\0")  # no authenticator's user id
 
 
-def _anonymous_or_token() -> Any:
+def anonymous_or_token() -> Any:
     """Anonymous without a token (as the CLI demo), else the tests' ``user:session`` tokens."""
     anonymous, tokens = allow_anonymous(), token_authenticator(verify_token)
 
@@ -112,7 +112,7 @@ async def test_anonymous_connections_from_one_address_share_one_quota(make_stack
     got a fresh quota each time and could fill the outbox's users. Charged to its address, the
     connections share one; a user's message and server code's are still kept."""
     config = ServerConfig(outbox_per_sender=4, outbox_users=1000)
-    async with make_stack(config=config, authenticator=_anonymous_or_token()) as stack:
+    async with make_stack(config=config, authenticator=anonymous_or_token()) as stack:
         add_tell(stack)
         kept: list[bool] = []
         for _ in range(3):  # a client reconnecting, anonymous each time
