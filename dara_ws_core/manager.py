@@ -509,10 +509,12 @@ class WebsocketManager:
         write it (connected nowhere, closed first, cut off from the bus) leaves it to the next
         one, on whichever process it lands.
 
-        Returns ``False`` when the message was to be kept and was not: its sender (the
-        connection whose frame is being handled, or its user; server code outside any
-        connection is nobody's) has ``outbox_per_sender`` messages waiting, the outbox is full
-        of messages waiting for their users, or the frame alone is over ``outbox_bytes``. The
+        Returns ``False`` when the message was to be kept and was not: its sender (the user
+        whose frame is being handled, or an anonymous connection's address; server code outside
+        any connection is nobody's) has its share waiting (``outbox_per_sender`` messages, a
+        16th of ``outbox_users`` and of ``outbox_total_bytes``; less once the outbox is nearly
+        full), the outbox is full of messages waiting for their users, or the frame alone is
+        over ``outbox_bytes``. The
         user's connections got it live all the same; ``True`` otherwise. Never raises for that.
 
         With a backplane the bounds are the bus's, checked where it appends, and the call does
