@@ -19,6 +19,7 @@ from __future__ import annotations
 
 __all__ = [
     "SESSION_COOKIE",
+    "AnonymousIdentity",
     "Authenticator",
     "Identity",
     "allow_anonymous",
@@ -34,7 +35,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ClassVar
 
 from .exceptions import AuthenticationFailed
 from .transport import HandshakeRequest
@@ -55,24 +56,32 @@ class Identity:
     ``user_id`` keys per-user fan-out; ``session_id`` groups the tabs of one login (Dara keeps
     channel -> session -> user). ``expires_at`` (a ``time.time()`` value) makes the server close the
     connection when the identity expires, instead of checking only at the handshake.
-    ``anonymous`` marks an identity that names nobody in particular (:func:`allow_anonymous`'s,
-    whose user id is new for each connection): what its connections cost a shared bound of the
-    server (the outbox's per-sender share) is charged to their address instead of their user id,
-    which a client could otherwise change for free by reconnecting.
     """
+
+    #: Whether the identity names nobody in particular (:class:`AnonymousIdentity`).
+    anonymous: ClassVar[bool] = False
 
     user_id: str
     session_id: str
     token: str | None = None
     claims: Mapping[str, Any] = field(default_factory=lambda: _NO_CLAIMS)
     expires_at: float | None = None
-    anonymous: bool = False
 
     def expired(self, now: float | None = None) -> bool:
         """Whether ``expires_at`` has passed."""
         if self.expires_at is None:
             return False
         return (time.time() if now is None else now) >= self.expires_at
+
+
+@dataclass(frozen=True, slots=True)
+class AnonymousIdentity(Identity):
+    """An identity that names nobody in particular, as :func:`allow_anonymous` gives (its user
+    id is new for each connection): what its connections cost a bound the server shares (the
+    outbox's per-sender share) is charged to their address, not to their user id, which a client
+    could otherwise change for free by reconnecting. An authenticator of guests returns one."""
+
+    anonymous: ClassVar[bool] = True
 
 
 Authenticator = Callable[[HandshakeRequest], "Identity | Awaitable[Identity]"]
@@ -140,12 +149,12 @@ def token_authenticator(
 
 
 def allow_anonymous() -> Authenticator:
-    """Accept every handshake as a new anonymous identity (one user and session per connection,
-    :attr:`Identity.anonymous`)."""
+    """Accept every handshake as a new :class:`AnonymousIdentity` (one user and session per
+    connection)."""
 
     def authenticate(request: HandshakeRequest) -> Identity:
         anon = f"anonymous-{uuid.uuid4()}"
-        return Identity(user_id=anon, session_id=anon, anonymous=True)
+        return AnonymousIdentity(user_id=anon, session_id=anon)
 
     return authenticate
 

@@ -147,7 +147,7 @@ class ServerConfig:
     #: than a 16th of ``outbox_users``; their bytes are held to a 16th of ``outbox_total_bytes``
     #: (the sender's share of each bound it can fill). The sender is the user of the connection
     #: whose frame was being handled when ``send_message_to_user`` was called; for an anonymous
-    #: identity (``Identity.anonymous``, new for each connection), the connection's address
+    #: identity (``AnonymousIdentity``, new for each connection), the connection's address
     #: (an IPv6 one by its /64): every anonymous connection from one address is one sender. A
     #: send from server code, outside any connection, is charged to nobody. Beyond, that
     #: sender's messages are delivered live but not kept (``send_message_to_user`` returns

@@ -557,7 +557,7 @@ class WebsocketManager:
 
     def _sender(self) -> str | None:
         """Who a kept message is charged to: the user of the connection whose frame is being
-        handled; for an anonymous one (:attr:`Identity.anonymous`, or none), its address
+        handled; for an anonymous one (:class:`AnonymousIdentity`, or none), its address
         (:func:`anonymous_sender`: a new connection is no new quota); ``None`` outside any
         connection (server code)."""
         channel_id = current_channel.get(None)

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from dara_ws_core import CustomServerMessage, HandshakeRequest, Identity, ServerConfig, allow_anonymous
+from dara_ws_core import (
+    AnonymousIdentity,
+    CustomServerMessage,
+    HandshakeRequest,
+    Identity,
+    ServerConfig,
+    allow_anonymous,
+)
 from dara_ws_core.auth import token_authenticator
 from dara_ws_core.outbox import SENDER_SHARES, SENDER_SMALL, OutboxLimits, UserOutbox, anonymous_sender
 
@@ -85,6 +92,9 @@ def test_an_anonymous_sender_is_its_address_an_ipv6_one_its_64() -> None:
     assert anonymous_sender("2001:db8:1:2::1") != anonymous_sender("2001:db8:1:3::1")
     assert anonymous_sender(None) != anonymous_sender("192.0.2.7")
     assert anonymous_sender("192.0.2.7").startswith("\0")  # no authenticator's user id
+    anonymous = allow_anonymous()(HandshakeRequest("/"))
+    assert isinstance(anonymous, AnonymousIdentity) and anonymous.anonymous
+    assert not Identity(user_id="u", session_id="s").anonymous
 
 
 def anonymous_or_token() -> Any:
