@@ -285,20 +285,13 @@ class UserOutbox:
             history.droppable = False
             self._written_bytes -= history.size
             self._written_users -= 1
-        if sender is not None and (
-                self._total - self._written_bytes + size > self._near_bytes
-                or (new and len(users) - self._written_users >= self._near_users)) and (
-                size > self._small_bytes if held is None else (
-                    held[0] >= self._small_messages or held[1] + size > self._small_bytes)):
-            # Only the kept fraction is left: for senders holding little, and server code.
+        if (self._total + size > self._near_bytes or (new and len(users) >= self._near_users)) and (
+                not self._room(size, new, sender is not None and (
+                    size > self._small_bytes if held is None else (
+                        held[0] >= self._small_messages or held[1] + size > self._small_bytes)))):
             if history is not None:
                 self._check_written(user_id, history)
-            return self._refuse(True)
-        if (self._total + size > limits.max_total_bytes or (new and len(users) >= limits.max_users)) and (
-                not self._make_room(size, new)):
-            if history is not None:
-                self._check_written(user_id, history)
-            return self._refuse(False)
+            return 0
         if history is None:
             history = _History()
         else:
@@ -342,6 +335,23 @@ class UserOutbox:
             self._release(sender, len(frame))
             history.charged -= 1
         return len(frame)
+
+    def _room(self, size: int, new: bool, big: bool) -> bool:
+        """Near a bound of the process (past all but its last :data:`SENDER_SHARES`-th, counting
+        the histories all written too): whether a message of ``size`` bytes (for a user without
+        a history if ``new``) may be kept, from a sender holding more than a little if ``big``.
+        The last share of what waits is for senders holding little, and server code; room is
+        made under the bounds themselves (:meth:`_make_room`). Counts a refusal."""
+        if big and (self._total - self._written_bytes + size > self._near_bytes or (
+                new and len(self._users) - self._written_users >= self._near_users)):
+            self._refuse(True)
+            return False
+        limits = self.limits
+        if (self._total + size > limits.max_total_bytes or (new and len(self._users) >= limits.max_users)) and (
+                not self._make_room(size, new)):
+            self._refuse(False)
+            return False
+        return True
 
     def _refuse(self, by_sender: bool) -> int:
         """Count a message not kept (``by_sender``: for its sender's share); 0."""
