@@ -151,8 +151,9 @@ def build_demo(manager: WebsocketManager | None = None) -> Endpoint:
         if len(data["user"]) > 256 or (text is not None and len(str(text)) > TELL_MAX_TEXT):
             # Kept in the user's history: an unbounded text would let one client fill it.
             raise ValueError(f"tell's user is at most 256 characters, its text {TELL_MAX_TEXT}")
-        # Charged to this connection's sender: beyond outbox_per_sender waiting, or with the
-        # outbox full, the message is delivered live but not kept ("kept": false).
+        # Charged to this connection's sender (its user; an anonymous one's address, shared by
+        # every anonymous connection from it): beyond its share of the outbox waiting, or with
+        # the outbox full, the message is delivered live but not kept ("kept": false).
         kept = await manager.send_message_to_user(
             data["user"], {"kind": "tell", "data": {"from": channel_id, "text": text}}, custom=True
         )

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .auth import (
     SESSION_COOKIE,
+    AnonymousIdentity,
     Authenticator,
     Identity,
     allow_anonymous,
@@ -90,6 +91,7 @@ __all__ = [
     "SESSION_COOKIE",
     "ActionMessage",
     "Admission",
+    "AnonymousIdentity",
     "AuthenticationFailed",
     "Authenticator",
     "BackendStoreMessage",

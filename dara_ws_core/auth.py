@@ -19,6 +19,7 @@ from __future__ import annotations
 
 __all__ = [
     "SESSION_COOKIE",
+    "AnonymousIdentity",
     "Authenticator",
     "Holder",
     "Identity",
@@ -36,7 +37,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ClassVar
 
 from .exceptions import AuthenticationFailed
 from .transport import HandshakeRequest
@@ -57,17 +58,18 @@ class Identity:
     ``user_id`` keys per-user fan-out; ``session_id`` groups the tabs of one login (Dara keeps
     channel -> session -> user). ``expires_at`` (a ``time.time()`` value) makes the server close the
     connection when the identity expires, instead of checking only at the handshake.
-    ``anonymous`` marks an identity the peer got for nothing (:func:`allow_anonymous` sets it):
-    its ``user_id`` names no one, so the bounds shared by a user's connections are shared by the
-    anonymous connections of one address instead (see :func:`holder_of`).
+    An :class:`AnonymousIdentity` (``anonymous``) names no one: the bounds a user's connections
+    share are shared by the anonymous connections of one address instead (see :func:`holder_of`).
     """
+
+    #: Whether the identity names nobody in particular (:class:`AnonymousIdentity`).
+    anonymous: ClassVar[bool] = False
 
     user_id: str
     session_id: str
     token: str | None = None
     claims: Mapping[str, Any] = field(default_factory=lambda: _NO_CLAIMS)
     expires_at: float | None = None
-    anonymous: bool = False
 
     def expired(self, now: float | None = None) -> bool:
         """Whether ``expires_at`` has passed."""
@@ -94,6 +96,16 @@ def holder_of(identity: Identity | None, source: str | None) -> Holder | None:
     if source is not None:
         return ("address", source)
     return None if identity is None else identity.user_id
+
+
+@dataclass(frozen=True, slots=True)
+class AnonymousIdentity(Identity):
+    """An identity that names nobody in particular, as :func:`allow_anonymous` gives (its user
+    id is new for each connection): what its connections cost a bound the server shares (the
+    outbox's per-sender share) is charged to their address, not to their user id, which a client
+    could otherwise change for free by reconnecting. An authenticator of guests returns one."""
+
+    anonymous: ClassVar[bool] = True
 
 
 Authenticator = Callable[[HandshakeRequest], "Identity | Awaitable[Identity]"]
@@ -161,13 +173,12 @@ def token_authenticator(
 
 
 def allow_anonymous() -> Authenticator:
-    """Accept every handshake as a new anonymous identity (one user and session per connection,
-    marked ``anonymous``: the per-user bounds that a peer could multiply by connecting again are
-    shared by the anonymous connections of its address)."""
+    """Accept every handshake as a new :class:`AnonymousIdentity` (one user and session per
+    connection)."""
 
     def authenticate(request: HandshakeRequest) -> Identity:
         anon = f"anonymous-{uuid.uuid4()}"
-        return Identity(user_id=anon, session_id=anon, anonymous=True)
+        return AnonymousIdentity(user_id=anon, session_id=anon)
 
     return authenticate
 

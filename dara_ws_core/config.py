@@ -140,17 +140,23 @@ class ServerConfig:
     #: windows of ``outbox_age``). At a bound, histories all written make room (the one written
     #: longest ago first; not with Redis, whose histories expire on their own); a message still
     #: waiting for its user is never dropped for another's: the new message is then not kept
-    #: (still delivered live; ``send_message_to_user`` returns ``False``), and logged.
+    #: (still delivered live; ``send_message_to_user`` returns ``False``), and logged. The last
+    #: 16th of each is kept for senders holding under a 64th of their share (below) and for
+    #: server code: there, a sender holding more is refused as over its share.
     outbox_users: int = 100_000
     outbox_total_bytes: int = 256 * MiB
-    #: Most kept messages charged to one sender waiting for their users at once: the user of the
-    #: connection whose frame was being handled when ``send_message_to_user`` was called (the
-    #: channel id for an anonymous one); a send from server code, outside any connection, is
-    #: charged to nobody. Beyond, that sender's messages are delivered live but not kept
-    #: (``send_message_to_user`` returns ``False``), so one client filling the outbox costs
-    #: its own messages, not everyone's. A message leaves the count once written to its user,
-    #: dropped by a bound or expired; with Redis, only once ``outbox_age`` has passed since the
-    #: sender's first counted message (an approximation: what was delivered is not subtracted).
+    #: Most kept messages charged to one sender waiting for their users at once, and never more
+    #: than a 16th of ``outbox_users``; their bytes are held to a 16th of ``outbox_total_bytes``
+    #: (the sender's share of each bound it can fill). The sender is the user of the connection
+    #: whose frame was being handled when ``send_message_to_user`` was called; for an anonymous
+    #: identity (``AnonymousIdentity``, new for each connection), the connection's address
+    #: (an IPv6 one by its /64): every anonymous connection from one address is one sender. A
+    #: send from server code, outside any connection, is charged to nobody. Beyond, that
+    #: sender's messages are delivered live but not kept (``send_message_to_user`` returns
+    #: ``False``), so one client filling its share costs its own messages, not everyone's. A
+    #: message leaves the count once written to its user, dropped by a bound or expired; with
+    #: Redis, only once ``outbox_age`` has passed since the sender's first counted message (an
+    #: approximation: what was delivered is not subtracted).
     outbox_per_sender: int = 1000
 
     def __post_init__(self) -> None:

@@ -29,9 +29,10 @@ from .config import ServerConfig
 from .custom import CustomHandler, CustomHandlerRegistry
 from .exceptions import BackplaneError, CloseCode, ConnectionClosed, UnknownChannel
 from .handler import _DEFAULT, ACK_PARKED, Sink, WebSocketHandler, current_channel
-from .logs import _is_power_of_ten
+from .logs import _is_power_of_ten, current_source
 from .messages import LoosePayload
 from .outbox import (
+    SENDER_SHARES,
     ClosedWrites,
     DeliveryCursors,
     OutboxLimits,
@@ -39,6 +40,7 @@ from .outbox import (
     Stamped,
     UserOutbox,
     WriteLog,
+    anonymous_sender,
     id_key,
 )
 from .registry import ChannelRegistry
@@ -507,10 +509,12 @@ class WebsocketManager:
         write it (connected nowhere, closed first, cut off from the bus) leaves it to the next
         one, on whichever process it lands.
 
-        Returns ``False`` when the message was to be kept and was not: its sender (the
-        connection whose frame is being handled, or its user; server code outside any
-        connection is nobody's) has ``outbox_per_sender`` messages waiting, the outbox is full
-        of messages waiting for their users, or the frame alone is over ``outbox_bytes``. The
+        Returns ``False`` when the message was to be kept and was not: its sender (the user
+        whose frame is being handled, or an anonymous connection's address; server code outside
+        any connection is nobody's) has its share waiting (``outbox_per_sender`` messages, a
+        16th of ``outbox_users`` and of ``outbox_total_bytes``; less once the outbox is nearly
+        full), the outbox is full of messages waiting for their users, or the frame alone is
+        over ``outbox_bytes``. The
         user's connections got it live all the same; ``True`` otherwise. Never raises for that.
 
         With a backplane the bounds are the bus's, checked where it appends, and the call does
@@ -553,13 +557,17 @@ class WebsocketManager:
 
     def _sender(self) -> str | None:
         """Who a kept message is charged to: the user of the connection whose frame is being
-        handled (its channel id if anonymous); ``None`` outside any connection (server code)."""
+        handled; for an anonymous one (:class:`AnonymousIdentity`, or none), its address
+        (:func:`anonymous_sender`: a new connection is no new quota); ``None`` outside any
+        connection (server code)."""
         channel_id = current_channel.get(None)
         if channel_id is None:
             return None
         handler = self.handlers.get(channel_id)
         identity = None if handler is None else handler.identity
-        return channel_id if identity is None else identity.user_id
+        if identity is None or identity.anonymous:
+            return anonymous_sender(current_source.get())
+        return identity.user_id
 
     def _when_stamped(self, user_id: str, frame: bytes, local: list[WebSocketHandler],
                       waiting: _HeldFrame | None, ignore_channel: str | None,
@@ -637,10 +645,10 @@ class WebsocketManager:
         once written. Without a backplane no delivery is held, deduplicated or floored, so none
         of that is consulted. Whether it was kept."""
         outbox = self.outbox
-        refused = outbox.refused
+        refused, by_sender = outbox.refused, outbox.refused_sender
         kid = outbox.add(user_id, frame, time.monotonic(), sender)
         if outbox.refused != refused:
-            _refused(outbox, sender)
+            _refused(outbox, outbox.refused_sender != by_sender)
         handlers = self.handlers
         local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]
         if not local:
@@ -1090,17 +1098,20 @@ def get_user_channels(user_identifier: str, manager: WebsocketManager) -> set[st
     return manager.get_user_channels(user_identifier)
 
 
-def _refused(outbox: UserOutbox, sender: str | None) -> None:
-    """Log a message the outbox refused (its sender's quota, or full of messages still waiting
-    for their users): the first ten, then the 100th, 1,000th... A flood of sends to made-up
-    users must not also flood the log."""
+def _refused(outbox: UserOutbox, by_sender: bool) -> None:
+    """Log a message the outbox refused (``by_sender``: its sender's share; else full of
+    messages still waiting for their users): the first ten, then the 100th, 1,000th... A flood
+    of sends to made-up users must not also flood the log."""
     count = outbox.refused
     if count > 10 and not _is_power_of_ten(count):
         return
-    if sender is not None and outbox.charged(sender) >= outbox.limits.max_per_sender:
-        logger.warning("a sender has %d kept messages waiting for their users (outbox_per_sender): "
-                       "its message was delivered live but not kept (%d refused so far)",
-                       outbox.charged(sender), count)
+    if by_sender:
+        limits = outbox.limits
+        logger.warning("a sender has its share of the outbox waiting for their users (at most %d "
+                       "messages, outbox_per_sender, and %d bytes, a %dth of outbox_total_bytes; "
+                       "less once the outbox is nearly full): its message was delivered live but "
+                       "not kept (%d refused so far)", limits.sender_messages, limits.sender_bytes,
+                       SENDER_SHARES, count)
     else:
         logger.warning("the outbox is full (%d users, %d bytes, all waiting for their users): a "
                        "message was delivered live but not kept (%d so far); raise outbox_users or "

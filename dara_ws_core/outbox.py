@@ -38,10 +38,14 @@ what a bound dropped meanwhile is lost, and counted (``n`` jumps).
 histories whose every entry was written make room (kept apart from the waiting ones, so this costs
 O(1) per history dropped, whatever waits); a message still waiting for its user is never dropped
 for another's, the new one is refused instead. Each message is **charged to its sender** (the
-caller says who: the manager charges the connection whose frame is being handled), and a sender
-with ``max_per_sender`` messages waiting is refused, so one sender cannot take the shared bounds
-from the others. On the bus the same bounds are kept where it appends (``dara_ws_redis``), and
-:class:`BusRefusals` remembers its refusals for the sending process.
+caller says who: the manager charges the user whose frame is being handled, or for an anonymous
+one its address), and a sender takes at most its *share* of each shared bound: ``max_per_sender``
+messages waiting, and never more than a :data:`SENDER_SHARES`-th of the users (each message
+waiting may hold a history) or of the bytes. The last such fraction of the users and bytes is
+kept for senders holding little (under a :data:`SENDER_SMALL`-th of their share) and for server
+code, which is charged to nobody: however many senders take their share, a message from one that
+holds little is still kept. On the bus the same bounds are kept where it appends
+(``dara_ws_redis``), and :class:`BusRefusals` remembers its refusals for the sending process.
 
 Not covered: broadcasts (for whoever is connected now; keeping them per absent user would cost
 memory for every user ever seen) and per-channel sends (a channel never comes back): at most
@@ -51,15 +55,24 @@ than the byte bound is not kept.
 
 from __future__ import annotations
 
-__all__ = ["BusRefusals", "ClosedWrites", "DeliveryCursors", "OutboxLimits", "QueuedMarks", "Stamped",
-           "UserOutbox", "WriteLog", "id_key"]
+__all__ = ["SENDER_SHARES", "SENDER_SMALL", "BusRefusals", "ClosedWrites", "DeliveryCursors", "OutboxLimits",
+           "QueuedMarks", "Stamped", "UserOutbox", "WriteLog", "anonymous_sender", "id_key"]
 
 import bisect
+import functools
+import ipaddress
 import itertools
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
+
+#: A sender takes at most this fraction of the outbox's users and bytes, whatever
+#: ``max_per_sender`` says; and the last such fraction of each is kept for senders holding under a
+#: :data:`SENDER_SMALL`-th of their share (and for server code, charged to nobody).
+SENDER_SHARES = 16
+#: What a sender may hold and still use the kept fraction: its share divided by this.
+SENDER_SMALL = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,16 +90,53 @@ class OutboxLimits:
     #: histories with entries still waiting are left, the new message is refused).
     max_users: int = 100_000
     max_total_bytes: int = 256 * 1024 * 1024
-    #: Most messages charged to one sender (the connection, or its user, whose frame was being
-    #: handled when the message was sent) waiting in the outbox at once; beyond, that sender's
-    #: messages are refused, and other senders' still kept. A message leaves its sender's
-    #: count once written to its user, dropped by a bound, or expired.
+    #: Most messages charged to one sender (the user whose frame was being handled when the
+    #: message was sent; for an anonymous one, its address) waiting in the outbox at once, and
+    #: at most a :data:`SENDER_SHARES`-th of ``max_users`` (:attr:`sender_messages`); its bytes
+    #: waiting are at most a :data:`SENDER_SHARES`-th of ``max_total_bytes``
+    #: (:attr:`sender_bytes`). Beyond, that sender's messages are refused, and other senders'
+    #: still kept. A message leaves its sender's count once written to its user, dropped by a
+    #: bound, or expired.
     max_per_sender: int = 1000
 
     def __post_init__(self) -> None:
         if (self.max_messages < 1 or self.max_bytes < 1 or self.max_age <= 0
                 or self.max_users < 1 or self.max_total_bytes < 1 or self.max_per_sender < 1):
             raise ValueError("outbox limits must be positive")
+
+    @property
+    def sender_messages(self) -> int:
+        """Most messages one sender may have waiting: ``max_per_sender``, at most a
+        :data:`SENDER_SHARES`-th of ``max_users`` (each may hold a history)."""
+        return min(self.max_per_sender, max(1, self.max_users // SENDER_SHARES))
+
+    @property
+    def sender_bytes(self) -> int:
+        """Most bytes one sender's messages waiting may take: a :data:`SENDER_SHARES`-th of
+        ``max_total_bytes``."""
+        return max(1, self.max_total_bytes // SENDER_SHARES)
+
+
+@functools.lru_cache(maxsize=1024)
+def anonymous_sender(address: str | None) -> str:
+    """The sender an anonymous connection's kept messages are charged to: its remote address
+    (``None``, a connection without one, such as a Unix socket's: one sender for all of them).
+    An IPv6 address counts by its /64, which one client usually has whole; an IPv4 one mapped
+    into IPv6 as that IPv4 address. Behind a reverse proxy every client has the proxy's address:
+    they are one sender. Starts with a NUL, so no user id an authenticator gives is likely to
+    name the same sender."""
+    if address is None:
+        return "\0anonymous"
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return f"\0anonymous {address}"
+    if isinstance(ip, ipaddress.IPv6Address):
+        mapped = ip.ipv4_mapped
+        if mapped is None:
+            return f"\0anonymous {ipaddress.IPv6Network((ip, 64), strict=False)}"
+        ip = mapped
+    return f"\0anonymous {ip}"
 
 
 def id_key(entry_id: str) -> tuple[int, int]:
@@ -149,15 +199,23 @@ class UserOutbox:
         self._written: OrderedDict[str, _History] = OrderedDict()
         self._written_bytes = 0  # bytes of the droppable histories
         self._written_users = 0  # how many there are
-        # Sender -> its messages kept and not written yet (max_per_sender).
-        self._senders: dict[str, int] = {}
+        # Sender -> its messages kept and not written yet, and their bytes (its share).
+        self._senders: dict[str, list[int]] = {}
+        # The shares (OutboxLimits.sender_messages, sender_bytes), what a sender may hold and
+        # still use the kept fraction, and where that fraction begins.
+        self._sender_messages = limits.sender_messages
+        self._sender_bytes = limits.sender_bytes
+        self._small_messages = self._sender_messages // SENDER_SMALL
+        self._small_bytes = self._sender_bytes // SENDER_SMALL
+        self._near_users = limits.max_users - limits.max_users // SENDER_SHARES
+        self._near_bytes = limits.max_total_bytes - limits.max_total_bytes // SENDER_SHARES
         self._total = 0  # bytes of every user's frames kept
         self._expires = 0.0  # no user's newest entry expires before (a cutoff): none to forget
         #: Frames kept, and frames dropped by a bound; users dropped by ``max_users`` or
         #: ``max_total_bytes`` (their entries, all written, counted in ``evicted``); frames not
         #: kept because only entries still waiting for their user could have made room, or
-        #: because their sender had ``max_per_sender`` waiting (``refused`` counts both, and
-        #: ``refused_sender`` the second).
+        #: because their sender had its share waiting, or held more than a little while only the
+        #: kept fraction was left (``refused`` counts both, and ``refused_sender`` the second).
         self.kept = 0
         self.evicted = 0
         self.users_evicted = 0
@@ -188,14 +246,23 @@ class UserOutbox:
 
     def charged(self, sender: str) -> int:
         """How many messages of ``sender`` are kept and not written yet."""
-        return self._senders.get(sender, 0)
+        held = self._senders.get(sender)
+        return 0 if held is None else held[0]
+
+    def charged_bytes(self, sender: str) -> int:
+        """The bytes of the messages of ``sender`` kept and not written yet."""
+        held = self._senders.get(sender)
+        return 0 if held is None else held[1]
 
     def add(self, user_id: str, frame: bytes, now: float, sender: str | None = None) -> int:
         """Append ``frame`` to the user's history, charged to ``sender`` (``None``: to nobody,
         as a send from server code); its id, or 0 if it is not kept: larger than ``max_bytes``,
-        ``sender`` has ``max_per_sender`` messages waiting, or no room under the process's
-        bounds (``max_users``, ``max_total_bytes``) without dropping entries kept for another
-        user that none of their connections wrote yet (the last two counted in ``refused``).
+        ``sender`` has its share waiting (:attr:`OutboxLimits.sender_messages`,
+        :attr:`~OutboxLimits.sender_bytes`), or holds more than a :data:`SENDER_SMALL`-th of it
+        while the entries waiting fill all but the kept :data:`SENDER_SHARES`-th of
+        ``max_users`` or ``max_total_bytes``, or there is no room under the process's bounds
+        without dropping entries kept for another user that none of their connections wrote
+        yet (all but the first counted in ``refused``).
         Drops expired entries, and the user's own oldest beyond the user's bounds."""
         limits = self.limits
         users = self._users
@@ -206,22 +273,24 @@ class UserOutbox:
         cutoff = now - limits.max_age
         if cutoff >= self._expires:
             self._forget_expired(user_id, cutoff)
-        charged = 0 if sender is None else self._senders.get(sender, 0)
-        if charged >= limits.max_per_sender:
-            self.refused += 1
-            self.refused_sender += 1
-            return 0
+        held = None if sender is None else self._senders.get(sender)
+        if held is not None:
+            if held[0] >= self._sender_messages or held[1] + size > self._sender_bytes:
+                return self._refuse(True)
+        elif sender is not None and size > self._sender_bytes:
+            return self._refuse(True)
         history = users.get(user_id)
         new = history is None
         if history is not None and history.droppable:  # being sent to: no longer droppable
             history.droppable = False
             self._written_bytes -= history.size
             self._written_users -= 1
-        if (self._total + size > limits.max_total_bytes or (new and len(users) >= limits.max_users)) and (
-                not self._make_room(size, new)):
+        if (self._total + size > self._near_bytes or (new and len(users) >= self._near_users)) and (
+                not self._room(size, new, sender is not None and (
+                    size > self._small_bytes if held is None else (
+                        held[0] >= self._small_messages or held[1] + size > self._small_bytes)))):
             if history is not None:
                 self._check_written(user_id, history)
-            self.refused += 1
             return 0
         if history is None:
             history = _History()
@@ -234,7 +303,11 @@ class UserOutbox:
         entries = history.entries
         entries.append((kid, n, now, frame, sender))
         if sender is not None:
-            self._senders[sender] = charged + 1
+            if held is None:
+                self._senders[sender] = [1, size]
+            else:
+                held[0] += 1
+                held[1] += size
             history.charged += 1
         size += history.size
         if len(entries) > limits.max_messages:  # a user at the count bound: the oldest goes
@@ -242,7 +315,7 @@ class UserOutbox:
             size -= len(oldest[3])
             self.evicted += 1
             if oldest[4] is not None and oldest[0] > history.written:
-                self._release(oldest[4])
+                self._release(oldest[4], len(oldest[3]))
                 history.charged -= 1
         if size > limits.max_bytes or len(entries) > limits.max_messages or entries[0][2] <= cutoff:
             while entries and (entries[0][2] <= cutoff or len(entries) > limits.max_messages
@@ -259,25 +332,51 @@ class UserOutbox:
         kid, _, _, frame, sender = history.entries.popleft()
         self.evicted += 1
         if sender is not None and kid > history.written:
-            self._release(sender)
+            self._release(sender, len(frame))
             history.charged -= 1
         return len(frame)
 
-    def _release(self, sender: str) -> None:
+    def _room(self, size: int, new: bool, big: bool) -> bool:
+        """Near a bound of the process (past all but its last :data:`SENDER_SHARES`-th, counting
+        the histories all written too): whether a message of ``size`` bytes (for a user without
+        a history if ``new``) may be kept, from a sender holding more than a little if ``big``.
+        The last share of what waits is for senders holding little, and server code; room is
+        made under the bounds themselves (:meth:`_make_room`). Counts a refusal."""
+        if big and (self._total - self._written_bytes + size > self._near_bytes or (
+                new and len(self._users) - self._written_users >= self._near_users)):
+            self._refuse(True)
+            return False
+        limits = self.limits
+        if (self._total + size > limits.max_total_bytes or (new and len(self._users) >= limits.max_users)) and (
+                not self._make_room(size, new)):
+            self._refuse(False)
+            return False
+        return True
+
+    def _refuse(self, by_sender: bool) -> int:
+        """Count a message not kept (``by_sender``: for its sender's share); 0."""
+        self.refused += 1
+        if by_sender:
+            self.refused_sender += 1
+        return 0
+
+    def _release(self, sender: str, size: int) -> None:
+        """A message of ``sender`` of ``size`` bytes is no longer waiting."""
         senders = self._senders
-        count = senders[sender] - 1
-        if count:
-            senders[sender] = count
-        else:
+        held = senders[sender]
+        if held[0] == 1:
             del senders[sender]
+        else:
+            held[0] -= 1
+            held[1] -= size
 
     def _release_all(self, history: _History) -> None:
         """A history is forgotten: release the charges of its entries still waiting."""
         if history.charged:
             mark = history.written
-            for kid, _, _, _, sender in history.entries:
+            for kid, _, _, frame, sender in history.entries:
                 if sender is not None and kid > mark:
-                    self._release(sender)
+                    self._release(sender, len(frame))
             history.charged = 0
 
     def _mark(self, user_id: str, history: _History, kid: int) -> None:
@@ -294,11 +393,12 @@ class UserOutbox:
                         break
                     sender = entry[4]
                     if sender is not None and entry[0] <= kid:
-                        count = senders[sender] - 1
-                        if count:
-                            senders[sender] = count
-                        else:
+                        held = senders[sender]
+                        if held[0] == 1:
                             del senders[sender]
+                        else:
+                            held[0] -= 1
+                            held[1] -= len(entry[3])
                         released += 1
                 history.charged -= released
         if not history.droppable:

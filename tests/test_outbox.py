@@ -166,12 +166,16 @@ def _check_books(outbox: UserOutbox) -> None:
     assert outbox.total_bytes == sum(h.size for h in histories.values())
     assert outbox.users <= outbox.limits.max_users
     assert outbox.total_bytes <= outbox.limits.max_total_bytes
-    charged: dict[str, int] = {}
+    charged: dict[str, list[int]] = {}
     for history in histories.values():
-        for kid, _, _, _, sender in history.entries:
+        for kid, _, _, frame, sender in history.entries:
             if sender is not None and kid > history.written:
-                charged[sender] = charged.get(sender, 0) + 1
+                held = charged.setdefault(sender, [0, 0])
+                held[0] += 1
+                held[1] += len(frame)
     assert outbox._senders == charged
+    for held in charged.values():  # every sender within its share
+        assert held[0] <= outbox.limits.sender_messages and held[1] <= outbox.limits.sender_bytes
 
 
 _OPS = st.lists(st.tuples(st.sampled_from(["add", "ack", "lease", "settle", "expire"]),
@@ -714,9 +718,10 @@ async def test_one_client_sending_to_made_up_users_never_wipes_what_is_kept_for_
     make_stack: MakeStack, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The outbox is shared by every user of the process: a client that makes the server send
-    to fresh user ids (the demo's ``tell``) fills it, and then its own messages are the ones not
-    kept, never the ones already waiting for someone else. The refusals are logged, boundedly."""
-    config = ServerConfig(outbox_users=20)
+    to fresh user ids (the demo's ``tell``) fills its share of it (a 16th of ``outbox_users``),
+    and then its own messages are the ones not kept, never the ones already waiting for someone
+    else. The refusals are logged, boundedly."""
+    config = ServerConfig(outbox_users=320)
     async with make_stack(config=config) as stack:
         manager = stack.manager
 
@@ -735,8 +740,8 @@ async def test_one_client_sending_to_made_up_users_never_wipes_what_is_kept_for_
         message = await victim.receive(TIMEOUT)
         assert isinstance(message, CustomServerMessage)
         assert (message.message.kind, message.message.data) == ("tell", "for you")
-        refusals = [r for r in caplog.records if "outbox is full" in r.getMessage()]
-        assert manager.outbox.refused == 200 - (config.outbox_users - 1)
+        refusals = [r for r in caplog.records if "its share of the outbox" in r.getMessage()]
+        assert manager.outbox.refused == manager.outbox.refused_sender == 200 - config.outbox_users // 16
         assert 1 <= len(refusals) <= 12
 
 

@@ -11,11 +11,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from dara_ws_core import CustomServerMessage, ServerConfig, WebsocketManager
+from dara_ws_core.outbox import OutboxLimits, anonymous_sender
 from dara_ws_redis import RedisBackplane
 
 from .helpers import eventually
 from .stacks import running_stack
 from .test_kept_delivery import SERVED
+from .test_outbox_shares import anonymous_or_token
 
 if TYPE_CHECKING:
     from .redis_server import RedisServer
@@ -24,6 +26,17 @@ pytest_plugins = ["tests.redis_server"]
 pytestmark = pytest.mark.timeout(60)
 
 TIMEOUT = 5.0
+
+
+async def hash_fields(redis_server: RedisServer, key: str) -> dict[bytes, bytes]:
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(redis_server.url)
+    try:
+        fields = await client.hgetall(key)
+        return {bytes(k): bytes(v) for k, v in fields.items()}  # type: ignore[arg-type]
+    finally:
+        await client.aclose()
 
 
 async def keys(redis_server: RedisServer, pattern: str) -> list[bytes]:
@@ -90,27 +103,94 @@ async def test_a_flood_of_tells_to_made_up_users_stops_at_the_senders_quota_in_r
 async def test_redis_refuses_new_histories_beyond_the_namespaces_bound(
     redis_server: RedisServer,
 ) -> None:
-    """Many senders, each within its quota: the namespace's bound on histories created stops
-    the growth, refusing (never dropping what is kept); a user with a history still gets
-    messages kept."""
+    """Sends from server code (charged to nobody, so no sender's share stops them first): the
+    namespace's bound on histories created stops the growth, refusing (never dropping what is
+    kept); a user with a history still gets messages kept."""
     config = ServerConfig(outbox_users=12)
     bus = _Manager(redis_server, config)
     async with bus as manager, running_stack("websockets", manager=manager) as stack:
-        add_tell(manager)
-        for k in range(4):  # four senders, five made-up users each
-            client = await stack.client(f"sender{k}:s1")
-            for i in range(5):
-                await client.request("tell", {"user": f"made-up-{k}-{i}", "text": "y"})
+        for i in range(20):
+            await manager.send_message_to_user(f"made-up-{i:02d}", {"t": "y"})
         await bus.backplane.flush()
         assert bus.backplane.stats.outbox_refused == 8
         assert len(await keys(redis_server, f"{bus.namespace}:outbox:*")) == 12
-        assert await manager.send_message_to_user("made-up-0-0", {"t": "more"}) is True
+        assert await manager.send_message_to_user("made-up-00", {"t": "more"}) is True
         await bus.backplane.flush()
         assert bus.backplane.stats.outbox_refused == 8
-        first = await stack.client("made-up-0-0:s1")
+        first = await stack.client("made-up-00:s1")
         got = [await first.receive(TIMEOUT) for _ in range(2)]
-        assert [m.message.data if isinstance(m, CustomServerMessage) else m.message.model_dump()
-                for m in got] == ["y", {"t": "more"}]
+        assert [m.message.model_dump() for m in got] == [{"t": "y"}, {"t": "more"}]
+
+
+async def test_one_sender_takes_its_share_of_the_namespaces_bytes_and_the_last_share_stays(
+    redis_server: RedisServer,
+) -> None:
+    """The review's case on Redis: a sender (well within its message quota) that appended as
+    much as the byte bound allows got a ``bytes`` refusal, and then no process offered anyone's
+    message to the bus, server code's included, for up to two windows. Now each sender keeps at
+    most a 16th of ``outbox_total_bytes``; once fifteen have, a sixteenth sender of big messages
+    is refused as over its share (that sender only), while a sender holding little and server
+    code are still kept, up to the bound itself."""
+    bus = _Manager(redis_server, ServerConfig())
+    frame = b'{"kind":"x","data":"' + b"x" * 20_000 + b'"}'
+    async with bus:
+        backplane = bus.backplane
+        big = OutboxLimits(max_total_bytes=1 << 40)
+        await backplane.send_to_user("u00", frame, None, big, sender="s00")
+        await backplane.flush()
+        quota = await hash_fields(redis_server, f"{bus.namespace}:outbox-quota:s00")
+        m = int(quota[b"b"])  # what one of these messages counts on the bus
+        assert quota[b"c"] == b"1" and m > len(frame)
+        # A 16th of the bytes is one message: fifteen senders fill all but the last 16th.
+        limits = OutboxLimits(max_total_bytes=16 * m + 8)
+        assert limits.sender_bytes == m
+        for k in range(1, 15):
+            await backplane.send_to_user(f"u{k:02d}", frame, None, limits, sender=f"s{k:02d}")
+        await backplane.send_to_user("u99", frame, None, limits, sender="s00")  # over its share
+        await backplane.flush()
+        assert backplane.stats.outbox_refused == 1
+        assert not backplane.keeps("s00") and backplane.keeps("s15") and backplane.keeps(None)
+        await backplane.send_to_user("u15", frame, None, limits, sender="s15")  # the last 16th
+        await backplane.flush()
+        assert backplane.stats.outbox_refused == 2  # s15 holds nothing: not remembered
+        assert backplane.keeps("alice") and backplane.keeps(None)  # the outbox is not full
+        await backplane.send_to_user("bob", b'{"hi":1}', None, limits, sender="alice")
+        await backplane.send_to_user("carol", frame[: len(frame) // 2] + b'"}', None, limits)
+        await backplane.flush()
+        assert backplane.stats.outbox_refused == 2
+        kept = {key.rsplit(b":", 1)[1] for key in await keys(redis_server, f"{bus.namespace}:outbox:*")}
+        assert kept == {b"u%02d" % k for k in range(15)} | {b"bob", b"carol"}
+        # The namespace's own bound still holds, for everyone: server code past it is refused.
+        await backplane.send_to_user("dave", frame, None, limits)
+        await backplane.flush()
+        assert backplane.stats.outbox_refused == 3 and not backplane.keeps(None)
+
+
+@pytest.mark.parametrize("transport", SERVED)
+async def test_anonymous_connections_share_their_addresss_quota_in_redis(
+    redis_server: RedisServer, transport: str,
+) -> None:
+    """An anonymous client reconnecting (a new identity each time) is charged to its address:
+    its connections share one quota on the bus, and a user's message is still kept."""
+    config = ServerConfig(outbox_per_sender=4)
+    bus = _Manager(redis_server, config)
+    async with bus as manager, running_stack(transport, manager=manager,
+                                             authenticator=anonymous_or_token()) as stack:
+        add_tell(manager)
+        for i in range(3):
+            client = await stack.client(None)
+            for j in range(2):
+                await client.request("tell", {"user": f"made-up-{i}-{j}", "text": "x"})
+            await client.close()
+        await bus.backplane.flush()
+        assert len(await keys(redis_server, f"{bus.namespace}:outbox:*")) == 4
+        quota = await hash_fields(redis_server, f"{bus.namespace}:outbox-quota:"
+                                  + anonymous_sender("127.0.0.1"))
+        assert quota[b"c"] == b"4"
+        friend = await stack.client("alice:s1")
+        assert await friend.request("tell", {"user": "victim", "text": "for you"}) is True
+        await bus.backplane.flush()
+        assert len(await keys(redis_server, f"{bus.namespace}:outbox:*")) == 5
 
 
 async def test_redis_refuses_bytes_beyond_the_namespaces_bound_then_tells_every_sender(

@@ -326,8 +326,9 @@ class BrokerBackplane(BusNode):
 
     def _outbox_refused(self, sender: str | None, bound: str, wait_ms: int) -> None:
         """The bus refused to keep a message for ``wait_ms`` more, by a bound of its outbox
-        (``bound``): ``"sender"``, the sender's quota (its next messages are not offered until
-        then); ``"bytes"``, the outbox's bytes (no message is offered until then); ``"users"``,
+        (``bound``): ``"sender"``, the sender's share (its messages, their bytes, or more than
+        a little of either once only the outbox's kept last share is left: its next messages are
+        not offered until then); ``"bytes"``, the outbox's bytes (no message is offered until then); ``"users"``,
         its count of histories (only a message to a user with no history is refused, which
         this process cannot tell: nothing is remembered). Counted, and logged the first ten
         times, then at each power of ten."""
@@ -336,7 +337,7 @@ class BrokerBackplane(BusNode):
         self.stats.outbox_refused += 1
         count = self.stats.outbox_refused
         if count <= 10 or _is_power_of_ten(count):
-            setting = {"sender": "outbox_per_sender", "bytes": "outbox_total_bytes"}.get(
+            setting = {"sender": "the sender's share, outbox_per_sender", "bytes": "outbox_total_bytes"}.get(
                 bound, "outbox_users")
             logger.warning("backplane: the bus's outbox refused to keep a message (%s): it was "
                            "delivered live only (%d so far)", setting, count,

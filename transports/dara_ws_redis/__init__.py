@@ -23,8 +23,10 @@ Redis layout (``<ns>`` is the namespace, ``dara-ws`` by default):
   ``max_age``, void once that channel or its node is gone (``\nlast`` once it settled without
   writing them all); while it exists, no acknowledgement of an entry after ``last`` but the
   holder's moves the written mark;
-* ``<ns>:outbox-sender:<sender>`` -> the messages a sender (a user, or an anonymous channel) had
-  kept since the key was made, expiring ``max_age`` after (``outbox_per_sender``);
+* ``<ns>:outbox-quota:<sender>`` -> hash: the messages (``c``) and their bytes (``b``) a sender
+  (a user, or an anonymous connection's address: :func:`~dara_ws_core.outbox.anonymous_sender`)
+  had kept since the key was made, expiring ``max_age`` after (its share:
+  ``outbox_per_sender``, a 16th of ``outbox_users`` and of ``outbox_total_bytes``);
 * ``<ns>:outbox-window:<k>`` -> hash: the histories created (``u``) and the bytes appended less
   those trimmed (``b``) in the ``k``-th window of ``max_age``, expiring after two windows
   (``outbox_users`` and ``outbox_total_bytes`` bound this window's and the previous one's sums);
@@ -90,7 +92,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
 from dara_ws_core.backplane import BrokerBackplane, Entry, Publication, Routed
 from dara_ws_core.backplane.broker import Kept, Revocation
 from dara_ws_core.exceptions import BackplaneError
-from dara_ws_core.outbox import OutboxLimits
+from dara_ws_core.outbox import SENDER_SHARES, SENDER_SMALL, OutboxLimits
 
 _BATCH = 3000  # directory commands per pipeline round trip
 
@@ -142,13 +144,16 @@ return redis.call('PUBLISH', ARGV[4], ARGV[5])
 # less than the expiry keeps them, so that with the outbox off its gap ledger counts every
 # message it missed). Returns the receivers in all.
 #
-# The outbox as a whole is bounded too (ARGV[11..15]: the sender's counter key, '' for a send
+# The outbox as a whole is bounded too (ARGV[11..15]: the sender's counters' key, '' for a send
 # charged to nobody; the most messages per sender; the window counters' key prefix; the most
 # histories and bytes). A message is refused (not kept, still published) when its sender's
-# counter is at the quota (the counter expires ``age`` after the sender's first message counted:
-# what was delivered meanwhile is not subtracted), or when the histories created (a new one) or
-# the bytes appended, minus those trimmed, over this window of ``age`` ms and the previous one
-# would go past the bounds (each window's counters expire after two windows).
+# counters are at its share (ARGV[12] messages, a SHARES-th of the bytes; the counters expire
+# ``age`` after the sender's first message counted: what was delivered meanwhile is not
+# subtracted), or when the histories created (a new one) or the bytes appended, minus those
+# trimmed, over this window of ``age`` ms and the previous one would go past the bounds (each
+# window's counters expire after two windows). The last SHARES-th of both bounds is kept for
+# senders holding little (under a SMALL-th of their share) and for sends charged to nobody: a
+# sender refused there is refused as over its share ("sender"), not the outbox as a whole.
 #
 # ARGV[16] (with the outbox on, a kept message from a node that numbers them): the message's
 # number at its node, stored with the entry (field k: "<node>-<number>"); the meta hash keeps the
@@ -171,9 +176,16 @@ local message, kept, n = ARGV[3], nil, 0
 local keep = ARGV[8] ~= nil and #ARGV[3] <= tonumber(ARGV[9])
 local t, window, new, refused, wait
 if keep then
-  local age = tonumber(ARGV[10])
-  if ARGV[11] ~= '' and tonumber(redis.call('GET', ARGV[11]) or '0') >= tonumber(ARGV[12]) then
-    keep, refused, wait = false, 'sender', redis.call('PTTL', ARGV[11])
+  local age, size = tonumber(ARGV[10]), #ARGV[3]
+  local most_users, most_bytes = tonumber(ARGV[14]), tonumber(ARGV[15])
+  local quota, share = tonumber(ARGV[12]), math.max(1, math.floor(most_bytes / SHARES))
+  local mine, mine_bytes = 0, 0
+  if ARGV[11] ~= '' then
+    local held = redis.call('HMGET', ARGV[11], 'c', 'b')
+    mine, mine_bytes = tonumber(held[1] or '0'), tonumber(held[2] or '0')
+  end
+  if ARGV[11] ~= '' and (mine >= quota or mine_bytes + size > share) then
+    keep, refused, wait = false, 'sender', math.max(redis.call('PTTL', ARGV[11]), 0)
   else
     t = redis.call('TIME')
     local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -184,17 +196,24 @@ if keep then
     new = redis.call('EXISTS', KEYS[3]) == 0
     local users = tonumber(now[1] or '0') + tonumber(before[1] or '0')
     local total = tonumber(now[2] or '0') + tonumber(before[2] or '0')
-    if total + #ARGV[3] > tonumber(ARGV[15]) then
+    if total + size > most_bytes then
       keep, refused, wait = false, 'bytes', age - ms % age
-    elseif new and users >= tonumber(ARGV[14]) then
+    elseif new and users >= most_users then
       keep, refused, wait = false, 'users', age - ms % age
+    elseif ARGV[11] ~= '' and (total + size > most_bytes - math.floor(most_bytes / SHARES)
+        or (new and users >= most_users - math.floor(most_users / SHARES)))
+        and ((mine > 0 and mine >= math.floor(quota / SMALL))
+             or mine_bytes + size > math.floor(share / SMALL)) then
+      -- Only the last share is left: for senders holding little, and sends charged to nobody.
+      keep, refused, wait = false, 'sender', math.max(redis.call('PTTL', ARGV[11]), 0)
     end
   end
 end
 if keep then
   local most, cap, age = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-  if ARGV[11] ~= '' and redis.call('INCR', ARGV[11]) == 1 then
-    redis.call('PEXPIRE', ARGV[11], age)
+  if ARGV[11] ~= '' then
+    if redis.call('HINCRBY', ARGV[11], 'c', 1) == 1 then redis.call('PEXPIRE', ARGV[11], age) end
+    redis.call('HINCRBY', ARGV[11], 'b', #ARGV[3])
   end
   if new then redis.call('HINCRBY', window, 'u', 1) end
   if redis.call('HINCRBY', window, 'b', #ARGV[3]) == #ARGV[3] then  -- the window's first
@@ -262,6 +281,8 @@ end
 if refused then return {total, refused, wait} end  -- a bound: {receivers, which, ms it lasts}
 return total
 """
+# A sender's share, and what holding little is: the in-process outbox's (dara_ws_core.outbox).
+_ROUTE_USER = _ROUTE_USER.replace("SHARES", str(SENDER_SHARES)).replace("SMALL", str(SENDER_SMALL))
 
 # Lease a user's history to a channel (read, then acknowledge: see dara_ws_core.outbox): nothing
 # if a live channel holds the lease (its node listening, its channel still registered on it),
@@ -433,7 +454,7 @@ class RedisBackplane(BrokerBackplane):
         return f"{self.namespace}:outbox-lease:{user_id}"
 
     def _sender_key(self, sender: str) -> str:
-        return f"{self.namespace}:outbox-sender:{sender}"
+        return f"{self.namespace}:outbox-quota:{sender}"
 
     def _window_key(self, slot: str) -> str:
         return f"{self.namespace}:outbox-window:{slot}"
@@ -508,7 +529,7 @@ class RedisBackplane(BrokerBackplane):
                                         keep.max_messages, keep.max_bytes,
                                         int(keep.max_age * 1000),
                                         "" if sender is None else self._sender_key(sender),
-                                        keep.max_per_sender, self._window_key(""),
+                                        keep.sender_messages, self._window_key(""),
                                         keep.max_users, keep.max_total_bytes,
                                         *_kid(publication))
             else:
