@@ -13,7 +13,17 @@ import socket
 
 import pytest
 
-from dara_ws_core import Admission, ConnectionSlots, ServerConfig, connection_cap, host_of, quiet_accept_errors
+from dara_ws_core import (
+    Admission,
+    ConnectionSlots,
+    Endpoint,
+    ServerConfig,
+    WebsocketManager,
+    allow_anonymous,
+    connection_cap,
+    host_of,
+    quiet_accept_errors,
+)
 
 from .helpers import eventually
 from .hostile import TOKEN_PATH, HostileClient, open_channel
@@ -179,14 +189,41 @@ def test_slots_a_full_address_evicts_its_own_waiting_sockets_only() -> None:
 
 
 async def _bare_sockets(port: int, count: int) -> list[HostileClient]:
-    """``count`` sockets connected in turn that never send a byte."""
-    return [await HostileClient.open(port) for _ in range(count)]
+    """``count`` sockets connected in turn that never finish their request: every other one
+    sends nothing, the others the start of a request head."""
+    sockets = []
+    for i in range(count):
+        sockets.append(client := await HostileClient.open(port))
+        if i % 2:
+            client.write(b"GET /api/core/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: web")
+    return sockets
+
+
+def test_a_socket_busy_when_asked_to_make_room_keeps_its_slot() -> None:
+    endpoint = Endpoint(WebsocketManager(ServerConfig(max_connections=2)), allow_anonymous())
+    asked: list[str] = []
+
+    def busy() -> bool:  # a request is being served on it after all
+        asked.append("busy")
+        return False
+
+    def idle() -> bool:
+        asked.append("idle")
+        return True
+
+    assert endpoint.take_slot(None, busy) is Admission.ADMIT
+    assert endpoint.take_slot(None, idle) is Admission.ADMIT
+    assert endpoint.take_slot(None) is Admission.ADMIT  # the older, busy one is passed over
+    assert asked == ["busy", "idle"]
+    assert endpoint.take_slot(None) is Admission.REFUSE  # the busy one is no victim any more
+    assert asked == ["busy", "idle"]
+    assert endpoint.manager.stats().handshakes_rejected == {"evicted": 1, "full": 1}
 
 
 @pytest.mark.parametrize("transport", SOCKETS)
 async def test_sockets_that_send_nothing_never_keep_a_client_out(transport: str) -> None:
-    # Review 12 (4): a host holding max_connections sockets without a byte sent locked every
-    # client out, and aiohttp and uvicorn did not count them at all (descriptors ran out).
+    # Review 12 (4): a host holding max_connections sockets without a byte sent (or part of a
+    # request) locked every client out, and aiohttp and uvicorn did not count them at all (descriptors ran out).
     cap = 8
     config = ServerConfig(max_connections=cap, ping_interval=None)
     async with running_stack(transport, config) as stack:
