@@ -380,3 +380,13 @@ def test_serve_refuses_a_negative_max_connections_per_address() -> None:
     result = _run_cli("serve", "--port", "0", "--max-connections-per-address", "-1")
     assert result.returncode == 2
     assert "--max-connections-per-address must be >= 0" in _one_line_error(result)
+
+
+def test_workers_get_the_per_address_share_given() -> None:
+    from dara_ws_cli.main import build_parser
+    from dara_ws_cli.workers import worker_argv
+
+    args = build_parser().parse_args(["serve", "--workers", "2", "--max-connections-per-address", "0"])
+    argv = worker_argv(args, 8001)
+    assert argv[argv.index("--max-connections-per-address") + 1] == "0"  # off behind a proxy: in every worker
+    assert "--max-connections-per-address" not in worker_argv(build_parser().parse_args(["serve"]), 8001)
