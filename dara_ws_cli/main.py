@@ -203,6 +203,15 @@ def _max_connections(given: int | None) -> int | None:
     return None if soft is None else connection_cap(soft)
 
 
+def _max_per_address(given: int | None, cap: int | None) -> int | None:
+    """``--max-connections-per-address``: as given (0: no limit), else a quarter of the cap
+    (none without a cap). The demo serves its clients directly; behind a reverse proxy every
+    client has the proxy's address, and the option must be 0 there."""
+    if given is not None:
+        return given or None
+    return None if cap is None else max(1, cap // 4)
+
+
 async def serve(args: argparse.Namespace) -> None:
     raised = raise_open_files_limit()
     if raised is not None:
@@ -211,7 +220,11 @@ async def serve(args: argparse.Namespace) -> None:
     # what asyncio still fails to accept is logged as one line every few seconds, not one
     # traceback per socket.
     quiet_accept_errors(asyncio.get_running_loop())
-    manager = WebsocketManager(ServerConfig(max_connections=_max_connections(args.max_connections)))
+    cap = _max_connections(args.max_connections)
+    manager = WebsocketManager(ServerConfig(
+        max_connections=cap,
+        max_connections_per_address=_max_per_address(args.max_connections_per_address, cap),
+    ))
     backplane = None
     if args.redis_url:
         try:
@@ -400,6 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="connections and handshakes served at once per process, beyond which a handshake"
              " gets 503 (default: the open-files limit less a tenth, at least 256 spare; 0: no cap)",
     )
+    s.add_argument(
+        "--max-connections-per-address", type=int, default=None, metavar="N",
+        help="of those, sockets one remote host may hold (IPv6: one /64) before its next handshake"
+             " gets 503 (default: a quarter of --max-connections; 0: no limit, which a server"
+             " behind a reverse proxy or load balancer needs: there every client has its address)",
+    )
     s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set on workers
     p = sub.add_parser(
         "probe",
@@ -420,6 +439,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "serve" and (args.max_connections or 0) < 0:
             raise CLIError("--max-connections must be >= 0 (0: no cap)", status=2)
+        if args.command == "serve" and (args.max_connections_per_address or 0) < 0:
+            raise CLIError("--max-connections-per-address must be >= 0 (0: no limit)", status=2)
         if args.command == "serve" and args.workers != 1:
             raise SystemExit(asyncio.run(_supervise(args)))
         with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(

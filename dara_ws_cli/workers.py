@@ -70,6 +70,8 @@ def worker_argv(args: argparse.Namespace, port: int) -> list[str]:
         argv += ["--metrics-port", str(args.metrics_port)]
     if args.max_connections is not None:
         argv += ["--max-connections", str(args.max_connections)]
+    if args.max_connections_per_address is not None:
+        argv += ["--max-connections-per-address", str(args.max_connections_per_address)]
     return argv
 
 

@@ -27,7 +27,7 @@ from .config import ServerConfig, SlowConsumerPolicy, connection_cap
 from .connection import ServerConnection, State
 from .correlation import PendingRequests
 from .custom import CustomHandlerRegistry
-from .endpoint import DEFAULT_PATH, Admission, ConnectionSlots, Endpoint, host_of, ws_handler
+from .endpoint import DEFAULT_PATH, Admission, ConnectionSlots, Endpoint, Evict, host_of, ws_handler
 from .exceptions import (
     AuthenticationFailed,
     BackplaneError,
@@ -117,6 +117,7 @@ __all__ = [
     "DaraWSError",
     "Endpoint",
     "ErrorInfo",
+    "Evict",
     "FrameTooLarge",
     "HandshakeRequest",
     "Identity",

@@ -118,16 +118,21 @@ class ServerConfig:
     #: no cap, as websockets and uvicorn, so that embedding the library changes nothing). Each
     #: is a file descriptor: without a cap, one host opening connections in a loop takes every
     #: descriptor of the process, and with them its logs, its backplane and every other client.
-    #: Beyond it a handshake is refused with 503 and ``Retry-After`` (counted as ``full`` in
-    #: ``handshakes_rejected``), and once a few more are waiting for that answer
-    #: (``max_connections // 16 + 8``), further sockets are closed as soon as they are
-    #: accepted. :func:`connection_cap` gives a value that leaves the process headroom under
-    #: its open-files limit; ``dara-ws serve`` uses it.
+    #: At it, the oldest socket that has not yet sent its whole upgrade request is closed to
+    #: make room for a newly accepted one (counted as ``evicted`` in ``handshakes_rejected``):
+    #: silent sockets never keep out a client that completes its handshake. With none such, a
+    #: handshake is refused with 503 and ``Retry-After`` (counted as ``full``); refused sockets
+    #: waiting for that answer are bounded (``max_connections // 16 + 8``: the oldest still
+    #: silent makes room for a newer one, else the newcomer is closed at once).
+    #: :func:`connection_cap` gives a value that leaves the process headroom under its
+    #: open-files limit; ``dara-ws serve`` uses it.
     max_connections: int | None = None
     #: Sockets one remote host may hold at once, counted as ``max_connections`` (``None``: no
-    #: limit). Beyond it a handshake is refused the same way (counted as ``address``). Only
-    #: where clients connect directly: behind a load balancer or reverse proxy every client has
-    #: its address, and this would cap all of them together.
+    #: limit). At it, the host's own oldest socket still in its handshake makes room, else a
+    #: handshake is refused the same way (counted as ``address``). Only where clients connect
+    #: directly: behind a load balancer or reverse proxy every client has its address, and this
+    #: would cap all of them together. ``dara-ws serve`` sets a quarter of its cap
+    #: (``--max-connections-per-address``, ``0`` for none behind a proxy).
     max_connections_per_address: int | None = None
     #: The per-user outbox (:mod:`dara_ws_core.outbox`): ``send_message_to_user`` to a user with no
     #: connection anywhere keeps the message, up to this many per user (``0`` disables), this many

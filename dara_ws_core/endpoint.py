@@ -11,12 +11,13 @@ socket, and answer 503 or close it when the process or the peer's address is ful
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_PATH", "Admission", "ConnectionSlots", "Endpoint", "host_of", "ws_handler"]
+__all__ = ["DEFAULT_PATH", "Admission", "ConnectionSlots", "Endpoint", "Evict", "host_of", "ws_handler"]
 
 import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from enum import IntEnum
 from typing import Any
 
@@ -53,13 +54,27 @@ class Admission(IntEnum):
     DROP = 3
 
 
+#: What an adapter registers a socket still in its handshake under (:meth:`Endpoint.take_slot`):
+#: called to make room for a newcomer, it closes the socket and returns ``True``, or returns
+#: ``False`` if the socket is busy after all (a request being served), which keeps it.
+Evict = Callable[[], bool]
+
+
 class ConnectionSlots:
     """The count behind ``ServerConfig.max_connections`` and ``max_connections_per_address``:
     sockets served (connections and handshakes in progress), in all and by remote address, and
     refused sockets still waiting for their answer, each bounded, so that peers cannot take
-    every descriptor of the process. Pure: the adapters report each socket's start and end."""
+    every descriptor of the process. Pure: the adapters report each socket's start and end.
 
-    __slots__ = ("admitted", "by_address", "limit", "per_address", "refusing", "refusing_limit")
+    A socket registered with an ``evict`` callable is *waiting* (its request has not all
+    arrived) until :meth:`settle`. When a newcomer would be refused, :meth:`victim` names the
+    oldest waiting socket whose going lets it in (of the newcomer's own address when that
+    address is the one full): sockets that send nothing never keep out a client that completes
+    its handshake. Refused sockets waiting for their request make room for newer refused ones
+    the same way."""
+
+    __slots__ = ("_gone", "_refused", "_waiting", "_waiting_at", "admitted", "by_address", "limit",
+                 "per_address", "refusing", "refusing_limit")
 
     def __init__(self, limit: int | None, per_address: int | None = None) -> None:
         self.limit = limit
@@ -71,38 +86,113 @@ class ConnectionSlots:
         self.refusing = 0
         #: Sockets served by remote host (only while ``per_address`` is set; none at zero).
         self.by_address: dict[str, int] = {}
+        #: Admitted sockets waiting for their request, oldest first, with their address; the
+        #: same by address (only while ``per_address`` is set); refused ones waiting.
+        self._waiting: dict[Evict, str | None] = {}
+        self._waiting_at: dict[str, dict[Evict, None]] = {}
+        self._refused: dict[Evict, None] = {}
+        #: Evicted sockets whose slot went to a newcomer: their release changes no count.
+        self._gone: set[Evict] = set()
 
     @property
     def limit_reached(self) -> bool:
         """Whether ``limit`` sockets are served now."""
         return self.limit is not None and self.admitted >= self.limit
 
+    @property
+    def waiting(self) -> int:
+        """Sockets (admitted or refused) registered as still waiting for their request."""
+        return len(self._waiting) + len(self._refused)
+
+    def _crowded(self, address: str | None) -> bool:
+        return (self.per_address is not None and address is not None
+                and self.by_address.get(address, 0) >= self.per_address)
+
     def check(self, address: str | None) -> Admission:
         """What :meth:`take` would answer for a socket from ``address`` (its host), changing
         nothing."""
         if self.limit_reached:
             refusal = Admission.REFUSE
-        elif (self.per_address is not None and address is not None
-              and self.by_address.get(address, 0) >= self.per_address):
+        elif self._crowded(address):
             refusal = Admission.REFUSE_ADDRESS
         else:
             return Admission.ADMIT
         return refusal if self.refusing < self.refusing_limit else Admission.DROP
 
-    def take(self, address: str | None = None) -> Admission:
+    def take(self, address: str | None = None, evict: Evict | None = None) -> Admission:
         """A socket from ``address`` was accepted: whether to serve it. Every call is matched
-        by one :meth:`release` with its result and address (for a ``DROP`` it does nothing)."""
+        by one :meth:`release` with its result, address and ``evict`` (for a ``DROP`` it does
+        nothing). With ``evict``, the socket is waiting for its request until :meth:`settle`."""
         admission = self.check(address)
         if admission is Admission.ADMIT:
             self.admitted += 1
             if self.per_address is not None and address is not None:
                 self.by_address[address] = self.by_address.get(address, 0) + 1
+                if evict is not None:
+                    self._waiting_at.setdefault(address, {})[evict] = None
+            if evict is not None:
+                self._waiting[evict] = address
         elif admission is not Admission.DROP:
             self.refusing += 1
+            if evict is not None:
+                self._refused[evict] = None
         return admission
 
-    def release(self, admission: Admission, address: str | None = None) -> None:
-        """The socket taken with ``admission`` from ``address`` is gone."""
+    def settle(self, evict: Evict) -> None:
+        """The socket registered with ``evict`` has sent its whole request: it is no longer
+        evicted to make room."""
+        address = self._waiting.pop(evict, None)
+        if address is not None:
+            self._unwait_at(evict, address)
+        else:
+            self._refused.pop(evict, None)
+
+    def _unwait_at(self, evict: Evict, address: str) -> None:
+        mine = self._waiting_at.get(address)
+        if mine is not None:
+            mine.pop(evict, None)
+            if not mine:
+                del self._waiting_at[address]
+
+    def victim(self, address: str | None) -> tuple[Evict, Admission, str | None] | None:
+        """When a socket from ``address`` would be refused (or dropped): the waiting socket to
+        evict so that it is not, with its admission and address, no longer registered as
+        waiting; ``None`` if none can make room. The caller calls it, then :meth:`evicted` if
+        it closed."""
+        if self._crowded(address):
+            # One of the address's own: its going frees a process slot too.
+            mine = self._waiting_at.get(address)  # type: ignore[arg-type]  # crowded: not None
+            if mine:
+                evict = next(iter(mine))
+                self.settle(evict)
+                return evict, Admission.ADMIT, address
+        elif self.limit_reached:
+            if self._waiting:
+                evict = next(iter(self._waiting))
+                owner = self._waiting[evict]
+                self.settle(evict)
+                return evict, Admission.ADMIT, owner
+        else:
+            return None
+        if self.refusing >= self.refusing_limit and self._refused:
+            evict = next(iter(self._refused))
+            del self._refused[evict]
+            return evict, Admission.REFUSE, None
+        return None
+
+    def evicted(self, evict: Evict, admission: Admission, address: str | None) -> None:
+        """The socket :meth:`victim` named was closed: its slot is free now, and its own
+        :meth:`release`, when its connection is lost, changes nothing."""
+        self.release(admission, address)
+        self._gone.add(evict)
+
+    def release(self, admission: Admission, address: str | None = None, evict: Evict | None = None) -> None:
+        """The socket taken with ``admission`` from ``address`` (and ``evict``) is gone."""
+        if evict is not None:
+            if evict in self._gone:
+                self._gone.discard(evict)
+                return
+            self.settle(evict)
         if admission is Admission.ADMIT:
             self.admitted -= 1
             if self.per_address is not None and address is not None:
@@ -169,23 +259,42 @@ class Endpoint:
     def connection_count(self) -> int:
         return len(self._connections)
 
-    def take_slot(self, address: str | None = None) -> Admission:
+    def take_slot(self, address: str | None = None, evict: Evict | None = None) -> Admission:
         """Call when a socket is accepted (or, where the library tells nothing earlier, when its
         handshake starts), with its peer's host (:func:`host_of`), and :meth:`free_slot` with
-        the result and the same host when it is gone: whether ``ServerConfig.max_connections``
-        and ``max_connections_per_address`` let it in. A refusal is counted in
-        ``handshakes_rejected`` (``full`` or ``address``) and logged within the peers' log
-        budget. ``REFUSE`` and ``REFUSE_ADDRESS``: answer the handshake 503 with
-        ``Retry-After: RETRY_AFTER`` (no authenticator runs); ``DROP``: close the socket at
-        once."""
-        admission = self.slots.take(address)
+        the result, the same host and ``evict`` when it is gone: whether
+        ``ServerConfig.max_connections`` and ``max_connections_per_address`` let it in. A
+        refusal is counted in ``handshakes_rejected`` (``full`` or ``address``) and logged
+        within the peers' log budget. ``REFUSE`` and ``REFUSE_ADDRESS``: answer the handshake
+        503 with ``Retry-After: RETRY_AFTER`` (no authenticator runs); ``DROP``: close the
+        socket at once.
+
+        ``evict`` (see :data:`Evict`) registers the socket as still in its handshake until
+        :meth:`settled`: when the process or the address is full, the oldest such socket is
+        closed to let the newcomer in (counted as ``evicted``) rather than the newcomer
+        refused."""
+        slots = self.slots
+        for _ in range(slots.waiting):  # each turn takes one socket off the waiting ones
+            victim = slots.victim(address)
+            if victim is None:
+                break
+            if victim[0]():
+                slots.evicted(*victim)
+                self.manager.counters.count(self.manager.counters.handshakes_rejected, "evicted")
+                break
+        admission = slots.take(address, evict)
         if admission is not Admission.ADMIT:
             self.refused(admission)
         return admission
 
-    def free_slot(self, admission: Admission, address: str | None = None) -> None:
+    def settled(self, evict: Evict) -> None:
+        """The socket registered under ``evict`` (:meth:`take_slot`) has sent its whole request:
+        from now on it keeps its slot until it is gone."""
+        self.slots.settle(evict)
+
+    def free_slot(self, admission: Admission, address: str | None = None, evict: Evict | None = None) -> None:
         """The socket that :meth:`take_slot` let in (or refused) is gone."""
-        self.slots.release(admission, address)
+        self.slots.release(admission, address, evict)
 
     def refused(self, admission: Admission) -> None:
         """Count and log a socket refused with ``admission``: :meth:`take_slot` does; an

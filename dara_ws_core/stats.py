@@ -112,7 +112,8 @@ class ServerStats:
     #: Rejected handshakes by reason: ``auth`` (the authenticator refused), ``error`` (it
     #: crashed), ``timeout`` (it took over half of ``handshake_timeout``), ``limit``
     #: (``max_connections_per_user``), ``full`` (``max_connections``: answered 503, or closed
-    #: at once), ``address`` (``max_connections_per_address``, the same), ``shutdown``.
+    #: at once), ``address`` (``max_connections_per_address``, the same), ``evicted`` (a
+    #: socket still in its handshake closed to make room for a newer one), ``shutdown``.
     handshakes_rejected: Mapping[str, int]
     #: Ended connections by close code.
     close_codes: Mapping[int, int]

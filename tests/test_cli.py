@@ -320,10 +320,16 @@ def test_the_command_line_loads_no_pydantic_plugin_unless_told(env: str | None, 
 LIMIT = 300  # open files, soft and hard (nothing to raise): connection_cap leaves 256 spare
 
 
+NO_SHARE = ("--max-connections-per-address", "0")  # every test client is one host
+
+
 @pytest.mark.skipif(not hasattr(resource, "RLIMIT_NOFILE"), reason="needs RLIMIT_NOFILE (POSIX)")
 @pytest.mark.parametrize(("option", "cap", "beyond"), [
-    ((), connection_cap(LIMIT), 503), (("--max-connections", "3"), 3, 503),
-    (("--max-connections", "0"), connection_cap(LIMIT), 101),  # 0: no cap
+    (NO_SHARE, connection_cap(LIMIT), 503), (("--max-connections", "3", *NO_SHARE), 3, 503),
+    (("--max-connections", "0"), connection_cap(LIMIT), 101),  # 0: no cap, and no share of it
+    # Review 12 (4): by default one host holds a quarter of the cap at most.
+    ((), connection_cap(LIMIT) // 4, 503), (("--max-connections", "20"), 5, 503),
+    (("--max-connections", "20", "--max-connections-per-address", "7"), 7, 503),
 ])
 async def test_serve_caps_its_connections_under_the_open_files_limit(
     option: tuple[str, ...], cap: int, beyond: int
@@ -380,3 +386,19 @@ def test_a_dead_worker_is_started_again_later_each_time_until_a_crash_loop() -> 
     spaced = RestartPolicy()
     # Deaths further apart than the window never add up to a crash loop, and start again soon.
     assert all(spaced.died(n * (DEATH_WINDOW + 1)) == FIRST_DELAY for n in range(3 * MAX_DEATHS))
+
+
+def test_serve_refuses_a_negative_max_connections_per_address() -> None:
+    result = _run_cli("serve", "--port", "0", "--max-connections-per-address", "-1")
+    assert result.returncode == 2
+    assert "--max-connections-per-address must be >= 0" in _one_line_error(result)
+
+
+def test_workers_get_the_per_address_share_given() -> None:
+    from dara_ws_cli.main import build_parser
+    from dara_ws_cli.workers import worker_argv
+
+    args = build_parser().parse_args(["serve", "--workers", "2", "--max-connections-per-address", "0"])
+    argv = worker_argv(args, 8001)
+    assert argv[argv.index("--max-connections-per-address") + 1] == "0"  # off behind a proxy: in every worker
+    assert "--max-connections-per-address" not in worker_argv(build_parser().parse_args(["serve"]), 8001)

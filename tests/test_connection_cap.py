@@ -13,7 +13,17 @@ import socket
 
 import pytest
 
-from dara_ws_core import Admission, ConnectionSlots, ServerConfig, connection_cap, host_of, quiet_accept_errors
+from dara_ws_core import (
+    Admission,
+    ConnectionSlots,
+    Endpoint,
+    ServerConfig,
+    WebsocketManager,
+    allow_anonymous,
+    connection_cap,
+    host_of,
+    quiet_accept_errors,
+)
 
 from .helpers import eventually
 from .hostile import TOKEN_PATH, HostileClient, open_channel
@@ -136,27 +146,174 @@ async def test_one_address_beyond_its_share_gets_503_while_another_gets_in(trans
                 await client.close()
 
 
-@pytest.mark.parametrize("transport", ["websockets", "picows"])
-async def test_sockets_beyond_the_refused_ones_are_closed_at_once(transport: str) -> None:
-    # Where the transport sees the socket before its request, a host opening sockets and
-    # sending nothing holds at most max_connections + refusing_limit descriptors.
+def test_slots_evict_the_oldest_socket_still_in_its_handshake_never_a_settled_one() -> None:
+    slots = ConnectionSlots(4)
+    evict = [lambda i=i: True for i in range(8)]
+    assert [slots.take(None, evict[i]) for i in range(4)] == [Admission.ADMIT] * 4
+    slots.settle(evict[0])  # its request is whole: a client now, never evicted
+    assert slots.victim(None) == (evict[1], Admission.ADMIT, None)  # the oldest still waiting
+    slots.evicted(evict[1], Admission.ADMIT, None)
+    assert slots.take(None, evict[4]) is Admission.ADMIT and slots.admitted == 4
+    slots.release(Admission.ADMIT, None, evict[1])  # the evicted socket's own end: counted once
+    assert slots.admitted == 4
+    for i in (2, 3, 4):
+        slots.settle(evict[i])
+    assert slots.victim(None) is None  # only clients: the newcomer is refused (503)
+    assert slots.take(None, evict[5]) is Admission.REFUSE
+    for i in (0, 2, 3, 4):
+        slots.release(Admission.ADMIT, None, evict[i])
+    slots.release(Admission.REFUSE, None, evict[5])
+    assert (slots.admitted, slots.refusing, slots.waiting, slots.by_address) == (0, 0, 0, {})
+
+
+def test_slots_refused_sockets_waiting_make_room_for_newer_ones() -> None:
+    slots = ConnectionSlots(1)
+    assert slots.take(None) is Admission.ADMIT  # a client (no evict: never a victim)
+    evict = [lambda i=i: True for i in range(slots.refusing_limit + 1)]
+    assert {slots.take(None, key) for key in evict[:-1]} == {Admission.REFUSE}
+    victim = slots.victim(None)
+    assert victim == (evict[0], Admission.REFUSE, None)  # rather than the newcomer closed unread
+    slots.evicted(*victim)
+    assert slots.take(None, evict[-1]) is Admission.REFUSE and slots.refusing == slots.refusing_limit
+
+
+def test_slots_a_full_address_evicts_its_own_waiting_sockets_only() -> None:
+    slots = ConnectionSlots(8, per_address=2)
+    a, b = [lambda: True, lambda: True], [lambda: True, lambda: True]
+    assert [slots.take("10.0.0.1", key) for key in a] == [Admission.ADMIT] * 2
+    assert slots.take("10.0.0.2", b[0]) is Admission.ADMIT
+    assert slots.victim("10.0.0.1") == (a[0], Admission.ADMIT, "10.0.0.1")  # not 10.0.0.2's
+    slots.settle(a[1])
+    assert slots.victim("10.0.0.1") is None  # its other socket is a client: 503 for the newcomer
+    assert slots.victim("10.0.0.3") is None  # the process is not full: nothing to evict
+
+
+async def _bare_sockets(port: int, count: int) -> list[HostileClient]:
+    """``count`` sockets connected in turn that never finish their request: every other one
+    sends nothing, the others the start of a request head."""
+    sockets = []
+    for i in range(count):
+        sockets.append(client := await HostileClient.open(port))
+        if i % 2:
+            client.write(b"GET /api/core/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: web")
+    return sockets
+
+
+def test_a_socket_busy_when_asked_to_make_room_keeps_its_slot() -> None:
+    endpoint = Endpoint(WebsocketManager(ServerConfig(max_connections=2)), allow_anonymous())
+    asked: list[str] = []
+
+    def busy() -> bool:  # a request is being served on it after all
+        asked.append("busy")
+        return False
+
+    def idle() -> bool:
+        asked.append("idle")
+        return True
+
+    assert endpoint.take_slot(None, busy) is Admission.ADMIT
+    assert endpoint.take_slot(None, idle) is Admission.ADMIT
+    assert endpoint.take_slot(None) is Admission.ADMIT  # the older, busy one is passed over
+    assert asked == ["busy", "idle"]
+    assert endpoint.take_slot(None) is Admission.REFUSE  # the busy one is no victim any more
+    assert asked == ["busy", "idle"]
+    assert endpoint.manager.stats().handshakes_rejected == {"evicted": 1, "full": 1}
+
+
+@pytest.mark.parametrize("transport", SOCKETS)
+async def test_sockets_that_send_nothing_never_keep_a_client_out(transport: str) -> None:
+    # Review 12 (4): a host holding max_connections sockets without a byte sent (or part of a
+    # request) locked every client out, and aiohttp and uvicorn did not count them at all (descriptors ran out).
+    cap = 8
+    config = ServerConfig(max_connections=cap, ping_interval=None)
+    async with running_stack(transport, config) as stack:
+        stack.manager.add_ws_handler("echo", lambda channel, data: data)
+        assert stack.port is not None
+        slots = stack.endpoint.slots
+
+        def evicted() -> int:
+            return stack.manager.stats().handshakes_rejected.get("evicted", 0)
+
+        bare = await _bare_sockets(stack.port, 3 * cap)
+        try:
+            # Counted from their accept: past the cap, the oldest silent ones make room.
+            await eventually(lambda: evicted() == 2 * cap, "the oldest silent sockets evicted")
+            assert (slots.admitted, slots.refusing) == (cap, 0)
+            for old in bare[:2 * cap]:
+                assert await old.wait_disconnected(5.0)
+            # A client that completes its handshake gets in: the oldest silent socket goes.
+            client = await stack.client("u1:s")
+            assert await client.request("echo", 1, timeout=5) == 1
+            assert await bare[2 * cap].wait_disconnected(5.0)
+            assert evicted() == 2 * cap + 1
+            # More silent sockets evict silent ones only (the cap - 1 left, then the oldest of
+            # their own), never the client.
+            more = await _bare_sockets(stack.port, cap)
+            try:
+                await eventually(lambda: evicted() == 3 * cap + 1, "every earlier silent socket evicted")
+                assert await client.request("echo", 2, timeout=5) == 2
+                assert slots.admitted == cap
+            finally:
+                for extra in more:
+                    await extra.close()
+        finally:
+            for socket_ in bare:
+                await socket_.close()
+        await eventually(lambda: slots.admitted == 1 and not slots.refusing and not slots.waiting,
+                         "every silent socket's slot freed, the client's kept")
+
+
+@pytest.mark.parametrize("transport", SOCKETS)
+async def test_a_full_address_makes_room_from_its_own_silent_sockets(transport: str) -> None:
+    from dara_ws_websockets import connect
+
+    config = ServerConfig(max_connections=16, max_connections_per_address=4, ping_interval=None)
+    async with running_stack(transport, config) as stack:
+        assert stack.port is not None
+        slots = stack.endpoint.slots
+        bare = await _bare_sockets(stack.port, 8)  # from 127.0.0.1
+        try:
+            await eventually(lambda: stack.manager.stats().handshakes_rejected.get("evicted", 0) == 4,
+                             "the address's oldest silent sockets evicted")
+            assert slots.by_address == {"127.0.0.1": 4}
+            # A client of the same host gets in past its own silent sockets, another host's too.
+            mine, _ = await open_channel(stack.port)
+            other = await connect(f"ws://127.0.0.1:{stack.port}{TOKEN_PATH}", local_addr=("127.0.0.2", 0),
+                                  close_timeout=1)
+            assert slots.by_address == {"127.0.0.1": 4, "127.0.0.2": 1}
+            assert stack.manager.stats().handshakes_rejected.get("evicted", 0) == 5
+            await other.close()
+            await mine.close()
+        finally:
+            for socket_ in bare:
+                await socket_.close()
+
+
+@pytest.mark.parametrize("transport", SOCKETS)
+async def test_refused_silent_sockets_make_room_for_newer_ones(transport: str) -> None:
+    # Once every slot holds a client, a host's silent sockets take the refused ones' places
+    # only until newer ones come: the newest get their 503, the oldest are closed.
     config = ServerConfig(max_connections=1, ping_interval=None)
     async with running_stack(transport, config) as stack:
         assert stack.port is not None
-        held = [await HostileClient.open(stack.port) for _ in range(1 + stack.endpoint.slots.refusing_limit)]
+        slots = stack.endpoint.slots
+        client, _ = await open_channel(stack.port)
         try:
-            await eventually(lambda: stack.endpoint.slots.refusing == stack.endpoint.slots.refusing_limit,
-                             "every refusal slot taken")
-            dropped = await HostileClient.open(stack.port)
+            bare = await _bare_sockets(stack.port, slots.refusing_limit + 3)
             try:
-                assert await dropped.wait_disconnected(5.0)
+                await eventually(lambda: stack.manager.stats().handshakes_rejected.get("evicted", 0) == 3,
+                                 "the oldest refused silent sockets evicted")
+                assert slots.refusing == slots.refusing_limit
+                for old in bare[:3]:
+                    assert await old.wait_disconnected(5.0)
+                response = await bare[-1].handshake(TOKEN_PATH)
+                assert response.status == 503, response
             finally:
-                await dropped.close()
-            assert stack.manager.stats().handshakes_rejected["full"] >= stack.endpoint.slots.refusing_limit + 1
+                for socket_ in bare:
+                    await socket_.close()
         finally:
-            for client in held:
-                await client.close()
-        await eventually(lambda: not stack.endpoint.slots.admitted and not stack.endpoint.slots.refusing,
+            await client.close()
+        await eventually(lambda: not slots.admitted and not slots.refusing and not slots.waiting,
                          "every slot freed")
 
 

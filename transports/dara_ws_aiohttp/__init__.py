@@ -14,6 +14,7 @@ from __future__ import annotations
 
 __all__ = ["AiohttpTransport", "Server", "add_route", "connect", "serve"]
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,7 +28,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
         'dara_ws_aiohttp needs the aiohttp library: pip install "dara-ws-core[aiohttp]"', name=exc.name
     ) from exc
 
-from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, host_of
+from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, Evict, host_of
 from dara_ws_core.exceptions import AuthenticationFailed
 from dara_ws_core.transport import HandshakeRequest, Server
 
@@ -44,13 +45,21 @@ def add_route(app: web.Application, endpoint: Endpoint, path: str | None = None)
     """
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        # aiohttp hands over no socket before its request: max_connections counts from here.
+        counted = _accepted.get(request.protocol)
+        if counted is not None and counted[0] is endpoint:
+            # serve() counted the socket from its accept (_count_sockets): its request is whole.
+            _, admission, _, evict = counted
+            endpoint.settled(evict)
+            if admission is not Admission.ADMIT:
+                return _full()
+            return await upgrade(request)
+        # An application of the caller's: aiohttp hands over no socket before its request, so
+        # max_connections counts from here.
         host = host_of(request.transport.get_extra_info("peername") if request.transport else None)
         admission = endpoint.take_slot(host)
         try:
             if admission is not Admission.ADMIT:
-                return web.Response(status=503, text="Service Unavailable",
-                                    headers={"Retry-After": str(RETRY_AFTER), "Connection": "close"})
+                return _full()
             return await upgrade(request)
         finally:
             endpoint.free_slot(admission, host)
@@ -104,6 +113,47 @@ def add_route(app: web.Application, endpoint: Endpoint, path: str | None = None)
     app.on_shutdown.insert(0, on_shutdown)
 
 
+def _full() -> web.Response:
+    return web.Response(status=503, text="Service Unavailable",
+                        headers={"Retry-After": str(RETRY_AFTER), "Connection": "close"})
+
+
+#: The sockets :func:`serve` counted from their accept, by aiohttp's protocol (its
+#: ``RequestHandler``, which takes no weak reference): the endpoint, its answer, the peer's host
+#: and the key the socket waits under until its request is whole.
+_accepted: dict[Any, tuple[Endpoint, Admission, str | None, Evict]] = {}
+
+
+def _count_sockets(server: web.Server, endpoint: Endpoint) -> None:
+    """Make ``endpoint`` count every socket ``server`` accepts against ``max_connections``, from
+    its accept: aiohttp's ``Server.connection_made``, which each of its protocols calls, is the
+    earliest hook it offers. Sockets that never send their request then hold no more
+    descriptors than the cap, as on the other transports, and are evicted to make room."""
+    made, lost = server.connection_made, server.connection_lost
+
+    def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+        made(handler, transport)
+        host = host_of(transport.get_extra_info("peername"))
+
+        def evict() -> bool:
+            transport.abort()
+            return True
+
+        admission = endpoint.take_slot(host, evict)
+        _accepted[handler] = (endpoint, admission, host, evict)
+        if admission is Admission.DROP:
+            transport.abort()
+
+    def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
+        counted = _accepted.pop(handler, None)
+        if counted is not None:
+            endpoint.free_slot(counted[1], counted[2], counted[3])
+        lost(handler, exc)
+
+    server.connection_made = connection_made  # type: ignore[method-assign]
+    server.connection_lost = connection_lost  # type: ignore[method-assign]
+
+
 class _ServerLog(logging.LoggerAdapter[logging.Logger]):
     """aiohttp's server logger, for :func:`serve`. aiohttp logs each request it cannot parse as an
     ERROR with a traceback, which any peer can repeat at will: those records are written for the
@@ -147,6 +197,8 @@ async def serve(
         logger=_ServerLog(),
     )
     await runner.setup()
+    assert runner.server is not None  # set up
+    _count_sockets(runner.server, endpoint)
     try:
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         await site.start()

@@ -37,7 +37,7 @@ from dara_ws_core.endpoint import Admission, Endpoint, host_of
 from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
 from dara_ws_core.transport import HandshakeRequest, Server
 
-from .uvicorn import hook_uvicorn, serve
+from .uvicorn import COUNTED, hook_uvicorn, serve
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -184,27 +184,34 @@ class ASGIApp:
         if scope["type"] != "websocket" or self.path not in (None, scope["path"]):
             await _deny(scope, send)
             return
+        if self.endpoint in scope.get("extensions", {}).get(COUNTED, ()):
+            # Under uvicorn hooked by hook_uvicorn, the server counted the socket from its
+            # accept and answered 503 to one the endpoint refused: it holds an admitted slot.
+            await self._serve(scope, receive, send)
+            return
         # ASGI shows no socket before its request: max_connections counts from here. A refusal
-        # is a close before accept, which ASGI makes a 403 (see _deny); under uvicorn hooked by
-        # hook_uvicorn, a handshake the endpoint would refuse is answered 503 before
-        # it reaches the application.
+        # is a close before accept, which ASGI makes a 403 (see _deny).
         host = host_of(scope.get("client"))
         admission = self.endpoint.take_slot(host)
         try:
-            if (await receive())["type"] != "websocket.connect":
-                return  # the client left before the handshake completed
             if admission is not Admission.ADMIT:
-                await _deny(scope, send)
+                if (await receive())["type"] == "websocket.connect":
+                    await _deny(scope, send)
                 return
-            try:
-                identity = await self.endpoint.authenticate(_handshake(scope))
-            except AuthenticationFailed:
-                await _deny(scope, send)
-                return
-            await send({"type": "websocket.accept"})
-            await self.endpoint.serve(ASGITransport(receive, send), identity)
+            await self._serve(scope, receive, send)
         finally:
             self.endpoint.free_slot(admission, host)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (await receive())["type"] != "websocket.connect":
+            return  # the client left before the handshake completed
+        try:
+            identity = await self.endpoint.authenticate(_handshake(scope))
+        except AuthenticationFailed:
+            await _deny(scope, send)
+            return
+        await send({"type": "websocket.accept"})
+        await self.endpoint.serve(ASGITransport(receive, send), identity)
 
 
 def asgi_app(endpoint: Endpoint, *, path: str | None = None) -> ASGIApp:

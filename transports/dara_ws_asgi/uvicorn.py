@@ -25,7 +25,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
         'dara_ws_asgi needs the uvicorn library: pip install "dara-ws-core[asgi]"', name=exc.name
     ) from exc
 
-from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, host_of
+from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, Evict, host_of
 from dara_ws_core.transport import ClientFrameHeaders, Server
 
 #: Stop reading from a peer while this much is waiting to be written to it.
@@ -62,6 +62,41 @@ class _InvalidRequests(logging.Filter):
         return True
 
 
+#: The ASGI scope extension naming the endpoints that counted the socket from its accept
+#: (:class:`~dara_ws_asgi.ASGIApp` then takes no slot of its own).
+COUNTED = "dara_ws.counted"
+
+
+class _SocketSlots:
+    """One socket's slots, from its accept, in each endpoint hooked on its uvicorn server (each
+    endpoint's ``max_connections`` then bounds the server's sockets), until it is gone."""
+
+    __slots__ = ("admissions", "endpoints", "evict", "host")
+
+    def __init__(self, endpoints: list[Endpoint], host: str | None, evict: Evict) -> None:
+        self.endpoints = tuple(endpoints)
+        self.host, self.evict = host, evict
+        self.admissions = [endpoint.take_slot(host, evict) for endpoint in self.endpoints]
+
+    @property
+    def admitted(self) -> bool:
+        return all(admission is Admission.ADMIT for admission in self.admissions)
+
+    def settle(self) -> None:
+        for endpoint in self.endpoints:
+            endpoint.settled(self.evict)
+
+    def free(self) -> None:
+        for endpoint, admission in zip(self.endpoints, self.admissions, strict=True):
+            endpoint.free_slot(admission, self.host, self.evict)
+
+
+class _CountedWebSocket:
+    """What the bounded WebSocket protocol adds: the slots handed over by the HTTP protocol."""
+
+    dara_slots: _SocketSlots | None = None
+
+
 def _bounded_http(base: type[Any], handshake_timeout: float) -> type[Any]:
     """``base``, uvicorn's h11 or httptools protocol (the same shape), with the HTTP bounds of
     :func:`_uvicorn_protocols`."""
@@ -69,10 +104,26 @@ def _bounded_http(base: type[Any], handshake_timeout: float) -> type[Any]:
 
     class HTTPProtocol(base):  # type: ignore[misc]
         _handshake_timer: asyncio.TimerHandle | None = None
+        #: The slots this socket holds from its accept (see _SocketSlots), or None.
+        _dara_slots: _SocketSlots | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
+            endpoints = _served.get(self.server_state)
+            if endpoints:
+                self._dara_slots = slots = _SocketSlots(endpoints, host_of(self.client), self._evict)
+                if Admission.DROP in slots.admissions:
+                    transport.abort()
+                    return
             self._arm_handshake_timer()
+
+        def _evict(self) -> bool:
+            # To make room while no request is being served (none yet, or an unfinished head).
+            transport, cycle = self.transport, self.cycle
+            if (cycle is None or cycle.response_complete) and transport.get_protocol() is self:
+                transport.abort()
+                return True
+            return False
 
         def on_response_complete(self) -> None:
             # The next request (on a kept-alive connection) gets its own handshake_timeout.
@@ -83,6 +134,9 @@ def _bounded_http(base: type[Any], handshake_timeout: float) -> type[Any]:
         def connection_lost(self, exc: Exception | None) -> None:
             if self._handshake_timer is not None:
                 self._handshake_timer.cancel()
+            slots, self._dara_slots = self._dara_slots, None
+            if slots is not None:
+                slots.free()
             super().connection_lost(exc)
 
         def _arm_handshake_timer(self) -> None:
@@ -110,17 +164,28 @@ def _bounded_http(base: type[Any], handshake_timeout: float) -> type[Any]:
                 self.transport.write(_TOO_LARGE)
                 self.transport.close()
                 return
-            # max_connections(_per_address): ASGI can refuse only with a 403 (a close before
-            # accept), which tells a client its credentials failed; answered here, it is a 503
-            # to retry later. (A handshake racing others past this check meets ASGIApp's.)
-            for endpoint in _served.get(self.server_state, ()):
-                admission = endpoint.slots.check(host_of(self.client))
-                if admission is not Admission.ADMIT:
-                    endpoint.refused(admission)
+            # max_connections(_per_address), counted from the accept: ASGI can refuse only
+            # with a 403 (a close before accept), which tells a client its credentials failed;
+            # answered here, it is a 503 to retry later.
+            slots = self._dara_slots
+            if slots is not None:
+                slots.settle()
+                if not slots.admitted:
                     self.transport.write(_FULL)
                     self.transport.close()
                     return
             super().handle_websocket_upgrade(*event)
+            if slots is None:
+                return
+            self._dara_slots = None
+            protocol = self.transport.get_protocol()
+            scope = getattr(protocol, "scope", None)
+            if isinstance(protocol, _CountedWebSocket) and scope is not None:
+                # The WebSocket protocol frees them when the socket goes, and ASGIApp takes none.
+                protocol.dara_slots = slots
+                scope.setdefault("extensions", {})[COUNTED] = slots.endpoints
+            else:  # a protocol of the caller's: ASGIApp counts the connection itself
+                slots.free()
 
     HTTPProtocol.__name__ = HTTPProtocol.__qualname__ = f"Bounded{base.__name__}"
     return HTTPProtocol
@@ -161,7 +226,7 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
         bases.append(HttpToolsProtocol)
     http = {base: _bounded_http(base, handshake_timeout) for base in bases}
 
-    class WebSocketProtocol(WebSocketsSansIOProtocol):
+    class WebSocketProtocol(_CountedWebSocket, WebSocketsSansIOProtocol):
         #: The client's frame headers, followed once the handshake is done: websockets takes
         #: payload lengths in any form, which RFC 6455 5.2 does not (1002 on every transport).
         dara_frames: ClientFrameHeaders | None = None
@@ -179,6 +244,9 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
                 self.transport.pause_reading()
 
         def connection_lost(self, exc: Exception | None) -> None:
+            slots, self.dara_slots = self.dara_slots, None
+            if slots is not None:
+                slots.free()
             if self.conn.close_rcvd is None:
                 # The application reads the first disconnect queued: this one, unless one came
                 # before (our own close, a frame error); uvicorn's own follows, unread. A ping

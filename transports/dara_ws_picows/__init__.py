@@ -145,7 +145,7 @@ class _Gate(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self._host = host_of(transport.get_extra_info("peername"))
-        self._admission = self._server.endpoint.take_slot(self._host)
+        self._admission = self._server.endpoint.take_slot(self._host, self._evict)
         if self._admission is Admission.DROP:
             transport.abort()
             return
@@ -169,6 +169,7 @@ class _Gate(asyncio.Protocol):
         if end > MAX_HEAD:
             self._reject(431)
             return
+        self._server.endpoint.settled(self._evict)  # its request is whole: never evicted now
         parsed = _parse(bytes(self._head[:end]))
         if isinstance(parsed, int):
             self._reject(parsed)
@@ -193,7 +194,14 @@ class _Gate(asyncio.Protocol):
         if self._task is not None:
             self._task.cancel()
         self._transport = None
-        self._server.endpoint.free_slot(self._admission, self._host)
+        self._server.endpoint.free_slot(self._admission, self._host, self._evict)
+
+    def _evict(self) -> bool:
+        # The key the socket waits under in the endpoint's slots until its head is whole (a
+        # bound method, equal each time it is taken: stored nowhere, no reference cycle).
+        if self._transport is not None:
+            self._transport.abort()
+        return True
 
     def _reject(self, status: int, text: str = "") -> None:
         if self._transport is not None:

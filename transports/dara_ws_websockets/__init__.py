@@ -271,15 +271,22 @@ class _ServerConnection(ServerConnection):
         # Every socket counts against max_connections from its accept: a handshake in progress
         # holds a descriptor too.
         self.dara_host = host = host_of(transport.get_extra_info("peername"))
-        self.dara_admission = admission = self.dara_endpoint.take_slot(host)
+        self.dara_admission = admission = self.dara_endpoint.take_slot(host, self.dara_evict)
         super().connection_made(transport)
         if admission is Admission.DROP:
             cast(asyncio.Transport, transport).abort()  # the handshake fails at once, quietly
 
+    def dara_evict(self) -> bool:
+        """Close the socket to make room while its request has not all arrived: the key it
+        waits under in the endpoint's slots until process_request (a bound method, equal each
+        time it is taken, and stored nowhere on the connection: no reference cycle)."""
+        self.transport.abort()
+        return True
+
     def connection_lost(self, exc: Exception | None) -> None:
         admission, self.dara_admission = self.dara_admission, None
         if admission is not None:
-            self.dara_endpoint.free_slot(admission, self.dara_host)
+            self.dara_endpoint.free_slot(admission, self.dara_host, self.dara_evict)
         super().connection_lost(exc)
         target = self.dara_push
         if target is not None:  # recv() raises the connection's ConnectionClosed
@@ -322,6 +329,7 @@ async def serve(
     config = endpoint.config
 
     async def answer(connection: ServerConnection, request: Request) -> Response | None:
+        endpoint.settled(connection.dara_evict)  # type: ignore[attr-defined]  # its request is whole
         handshake = HandshakeRequest.build(
             request.path, request.headers.raw_items(), connection.remote_address
         )
