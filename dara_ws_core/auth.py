@@ -46,6 +46,8 @@ SESSION_COOKIE = "dara_session_token"
 #: The claims of an identity that has none: read-only, so every such identity shares it (one
 #: empty dict and proxy less per connection).
 _NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
+#: The same for the identities :func:`allow_anonymous` makes: its own object, which marks them.
+_ANONYMOUS_CLAIMS: Mapping[str, Any] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,13 @@ class Identity:
     token: str | None = None
     claims: Mapping[str, Any] = field(default_factory=lambda: _NO_CLAIMS)
     expires_at: float | None = None
+
+    @property
+    def anonymous(self) -> bool:
+        """Made by :func:`allow_anonymous`: a user of one connection, which the bounds shared
+        per user then count by the connection's remote address instead (``in_thread``
+        handlers' threads)."""
+        return self.claims is _ANONYMOUS_CLAIMS
 
     def expired(self, now: float | None = None) -> bool:
         """Whether ``expires_at`` has passed."""
@@ -139,7 +148,7 @@ def allow_anonymous() -> Authenticator:
 
     def authenticate(request: HandshakeRequest) -> Identity:
         anon = f"anonymous-{uuid.uuid4()}"
-        return Identity(user_id=anon, session_id=anon)
+        return Identity(user_id=anon, session_id=anon, claims=_ANONYMOUS_CLAIMS)
 
     return authenticate
 
