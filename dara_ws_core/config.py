@@ -102,6 +102,14 @@ class ServerConfig:
     max_handler_tasks: int = 64
     #: How long a custom handler may run before its request gets a ``timeout`` error reply.
     handler_timeout: float | None = 60.0
+    #: Threads of the manager's own pool for ``in_thread`` handlers (started as needed; the
+    #: loop's default executor is left to everything else). One user, or one remote address
+    #: for anonymous connections, holds at most an eighth of them (at least one): its handlers
+    #: running or waiting for a thread, and those still running after their request timed out
+    #: (a thread cannot be stopped; it counts until it returns). Beyond that share a request
+    #: gets a ``busy`` error reply at once. Within it, a request waits for a free thread when
+    #: every thread is taken (by eight users or more).
+    handler_threads: int = 32
     #: Inbound rate limit per connection: ``rate_limit`` frames per ``rate_window`` seconds
     #: (``None`` disables). Beyond it the connection is closed with 1008.
     rate_limit: int | None = None
@@ -167,7 +175,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         for name in ("max_message_size", "max_message_values", "max_queue_messages", "max_queue_bytes",
                      "max_pending_requests", "max_chunks", "max_chunked_bytes", "max_chunked_values",
-                     "max_chunked_total_bytes", "max_chunked_total_values", "max_handler_tasks"):
+                     "max_chunked_total_bytes", "max_chunked_total_values", "max_handler_tasks",
+                     "handler_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if (self.outbox_messages < 0 or self.outbox_bytes < 1 or self.outbox_age <= 0

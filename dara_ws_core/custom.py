@@ -3,7 +3,8 @@
 The application registers ``handler(channel_id, data)`` for a kind, sync or async, like Dara's
 ``config.add_ws_handler``. A non-``None`` return value becomes the reply. Sync handlers run in the
 receive loop, so a connection's messages are handled in order; ``in_thread=True`` runs a blocking
-sync handler in a worker thread (order kept, other connections not blocked). Async handlers run as
+sync handler in a worker thread (order kept, other connections not blocked) of the manager's own
+pool (:class:`HandlerThreads`), of which one user holds only a share. Async handlers run as
 tracked tasks of the connection, cancelled when it closes. What the client gets back (the reply,
 or a ``handler_error`` / ``timeout`` error reply) is the connection's decision
 (:class:`~dara_ws_core.connection.ServerConnection`); :meth:`CustomHandlerRegistry.dispatch`
@@ -12,24 +13,31 @@ runs the handler and hands it the outcome.
 
 from __future__ import annotations
 
-__all__ = ["CustomHandler", "CustomHandlerRegistry", "DispatchHost", "HandlerSpec"]
+__all__ = ["CustomHandler", "CustomHandlerRegistry", "DispatchHost", "HandlerSpec", "HandlerThreads"]
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
+import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+import threading
+from collections.abc import Awaitable, Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import pydantic_core
 
+from .auth import Identity
 from .config import ServerConfig
 from .connection import CustomReceived, SendFrame, ServerConnection
 from .exceptions import ConnectionClosed, UnknownKind
+from .logs import current_source
 from .stats import Counters
 
 CustomHandler = Callable[[str, Any], Any | Awaitable[Any]]
+_DEFAULT_THREADS = ServerConfig().handler_threads
 H = TypeVar("H", bound=CustomHandler)
 
 
@@ -40,6 +48,7 @@ class DispatchHost(Protocol):
     config: ServerConfig
     connection: ServerConnection[Any]
     counters: Counters
+    identity: Identity | None
 
     def send_nowait(self, frame: bytes) -> Awaitable[None] | None: ...
 
@@ -59,13 +68,93 @@ class HandlerSpec:
     in_thread: bool
 
 
-class CustomHandlerRegistry:
-    """Handlers by kind; one per manager."""
+class HandlerThreads:
+    """The worker threads that ``in_thread`` handlers run on, and each source's share of them.
 
-    __slots__ = ("_handlers",)
+    One per manager (its registry's :attr:`CustomHandlerRegistry.threads`), sized by
+    ``ServerConfig.handler_threads``; threads are started as work arrives, never more than
+    ``size``. A *source* (a user; an anonymous connection's remote address) holds at most
+    :attr:`share` of them, an eighth (at least one): its handlers running or waiting for a
+    thread, and those still running after their request timed out (a thread cannot be
+    stopped: it counts until the function returns). Beyond its share :meth:`submit` refuses at
+    once, so that a few clients whose requests are slow, or made slow on purpose, never hold
+    every thread: others' requests still find one. Submit and shut down from one thread (the
+    event loop's).
+    """
+
+    __slots__ = ("_executor", "_held", "_lock", "share", "size")
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError("size must be >= 1")
+        self.size = size
+        #: Threads one source may hold at once.
+        self.share = max(1, size // 8)
+        # Jobs per source; a job's thread releases its own when it returns (no second wake-up
+        # of the loop for it), so the counts are shared with the threads, under the lock.
+        self._held: dict[Hashable, int] = {}
+        self._lock = threading.Lock()
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None  # made by the first job
+
+    def held(self, source: Hashable) -> int:
+        """Jobs of ``source`` submitted and not yet returned (or cancelled unstarted)."""
+        return self._held.get(source, 0)
+
+    def submit(self, source: Hashable, func: Callable[..., Any],
+               *args: Any) -> concurrent.futures.Future[Any] | None:
+        """Run ``func(*args)`` on a thread, in a copy of the current context (as
+        ``asyncio.to_thread``), charged to ``source`` until it returns; ``None``, and nothing
+        run, when ``source`` holds its share already. Waits for a thread when all are busy."""
+        with self._lock:
+            held = self._held.get(source, 0)
+            if held >= self.share:
+                return None
+            self._held[source] = held + 1
+        executor = self._executor
+        if executor is None:
+            self._executor = executor = concurrent.futures.ThreadPoolExecutor(
+                self.size, thread_name_prefix="dara-ws-handler")
+        job = executor.submit(self._run, source, contextvars.copy_context().run, func, *args)
+        job.add_done_callback(functools.partial(self._cancelled, source))
+        return job
+
+    def _run(self, source: Hashable, run: Callable[..., Any], func: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return run(func, *args)
+        finally:
+            self._release(source)
+
+    def _cancelled(self, source: Hashable, job: concurrent.futures.Future[Any]) -> None:
+        if job.cancelled():  # never started (timed out waiting, or shut down): _run never ran
+            self._release(source)
+
+    def _release(self, source: Hashable) -> None:
+        with self._lock:
+            held = self._held.get(source, 0) - 1
+            if held > 0:
+                self._held[source] = held
+            else:
+                self._held.pop(source, None)
+
+    def shutdown(self) -> None:
+        """Cancel the jobs still waiting for a thread and let the pool's threads end once their
+        current job returns (without waiting for them). A later job starts a new pool, so a
+        manager served again after a shutdown still runs its handlers. Idempotent."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+
+class CustomHandlerRegistry:
+    """Handlers by kind, and the threads its ``in_thread`` handlers run on; one per manager
+    (which sizes :attr:`threads` from ``ServerConfig.handler_threads``)."""
+
+    __slots__ = ("_handlers", "threads")
 
     def __init__(self) -> None:
         self._handlers: dict[str, HandlerSpec] = {}
+        #: Where ``in_thread`` handlers run (see :class:`HandlerThreads`).
+        self.threads = HandlerThreads(_DEFAULT_THREADS)
 
     def register(self, kind: str, func: CustomHandler, *, in_thread: bool = False) -> None:
         """Register ``func`` for ``kind``; raises ``ValueError`` if the kind is taken."""
@@ -117,11 +206,19 @@ class CustomHandlerRegistry:
             host.connection.handler_done()
             return send_outcome(host, host.connection.reply_error(
                 received.kind, received.rchan, "unknown_kind", f"no handler for {received.kind!r}"))
-        if spec.is_async or spec.in_thread:
-            task = asyncio.create_task(_run_task(spec, received, host))
+        if spec.in_thread:
+            job = self.threads.submit(_source(host), spec.func, host.channel_id, received.data)
+            if job is None:  # its user (or address) holds its share of the threads
+                host.connection.handler_done()
+                host.connection.busy += 1
+                return send_outcome(host, host.connection.reply_error(
+                    received.kind, received.rchan, "busy", "its share of the handler threads is in use"))
+            task = asyncio.create_task(_run_task(spec, received, host, job))
             host.track(task)
-            # A threaded handler is waited for (order kept); an async one runs alongside.
-            return asyncio.wait((task,)) if spec.in_thread else None  # type: ignore[return-value]
+            return asyncio.wait((task,))  # type: ignore[return-value]  # waited for: order kept
+        if spec.is_async:
+            host.track(asyncio.create_task(_run_task(spec, received, host)))  # runs alongside
+            return None
         telemetry = host.counters.telemetry
         if telemetry is not None:
             return telemetry.run_sync(spec, received, host)  # type: ignore[no-any-return]
@@ -144,23 +241,37 @@ def execute_sync(spec: HandlerSpec, received: CustomReceived,
         host.connection.handler_done()
 
 
-async def _run_task(spec: HandlerSpec, received: CustomReceived, host: DispatchHost) -> None:
+def _source(host: DispatchHost) -> Hashable:
+    """Whose share of the threads a handler of ``host``'s connection takes: its user, or for an
+    anonymous connection (``allow_anonymous``, or no identity) its remote address (the
+    handshake's ``current_source``; the channel where the transport has none)."""
+    identity = host.identity
+    if identity is not None and not identity.anonymous:
+        return ("user", identity.user_id)
+    address = current_source.get()
+    return ("channel", host.channel_id) if address is None else ("address", address)
+
+
+async def _run_task(spec: HandlerSpec, received: CustomReceived, host: DispatchHost,
+                    job: concurrent.futures.Future[Any] | None = None) -> None:
     telemetry = host.counters.telemetry
     if telemetry is not None:
-        await telemetry.run_task(spec, received, host)
+        await telemetry.run_task(spec, received, host, job)
         return
-    frame, _ = await execute_async(spec, received, host)
+    frame, _ = await execute_async(spec, received, host, job)
     await deliver(host, frame)
 
 
-async def execute_async(spec: HandlerSpec, received: CustomReceived,
-                        host: DispatchHost) -> tuple[SendFrame | None, bool]:
-    """Run an async or ``in_thread`` handler within ``handler_timeout``: the reply (or error
-    reply) to send, and whether it succeeded."""
+async def execute_async(spec: HandlerSpec, received: CustomReceived, host: DispatchHost,
+                        job: concurrent.futures.Future[Any] | None = None) -> tuple[SendFrame | None, bool]:
+    """Wait for an async handler, or an ``in_thread`` handler's ``job`` (already submitted to
+    the threads), within ``handler_timeout``: the reply (or error reply) to send, and whether it
+    succeeded. A job that times out is cancelled if it has not started; if it has, its thread
+    runs on, still charged to its source, and its result is ignored."""
     try:
         async with asyncio.timeout(host.config.handler_timeout):
-            if spec.in_thread:
-                result = await asyncio.to_thread(spec.func, host.channel_id, received.data)
+            if job is not None:
+                result = await asyncio.wrap_future(job)
             else:
                 result = await spec.func(host.channel_id, received.data)
     except TimeoutError:

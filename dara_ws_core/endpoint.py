@@ -444,6 +444,7 @@ class Endpoint:
         telemetry = self.manager.counters.telemetry
         if telemetry is not None:  # the sampled operations' deferred SDK work, before the loop ends
             telemetry.flush()
+        self.manager.custom_handlers.threads.shutdown()  # the in_thread handlers' pool
 
 
 #: Refusals for a full process, written as one connection's peer records: the first ten, then

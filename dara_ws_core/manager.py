@@ -26,7 +26,7 @@ from . import handler as _handler
 from .auth import Identity
 from .codec import build_frame
 from .config import ServerConfig
-from .custom import CustomHandler, CustomHandlerRegistry
+from .custom import CustomHandler, CustomHandlerRegistry, HandlerThreads
 from .exceptions import BackplaneError, CloseCode, ConnectionClosed, UnknownChannel
 from .handler import _DEFAULT, ACK_PARKED, Sink, WebSocketHandler, current_channel
 from .logs import _is_power_of_ten, current_source
@@ -119,6 +119,10 @@ class WebsocketManager:
         self.handlers: dict[str, WebSocketHandler] = {}
         self.registry = ChannelRegistry()
         self.custom_handlers = custom_handlers or CustomHandlerRegistry()
+        # The in_thread handlers' own pool, sized here (shut down by Endpoint.shutdown); a
+        # registry shared by managers of the same size keeps its pool and its shares.
+        if self.custom_handlers.threads.size != self.config.handler_threads:
+            self.custom_handlers.threads = HandlerThreads(self.config.handler_threads)
         self.backplane = backplane
         #: Per-user outbox limits (``None``: off), and the outbox itself when there is no
         #: backplane (with one, it lives on the bus: see :mod:`dara_ws_core.outbox`).
@@ -173,7 +177,15 @@ class WebsocketManager:
     # ------------------------------------------------------------------ handlers
 
     def add_ws_handler(self, kind: str, handler: CustomHandler, *, in_thread: bool = False) -> None:
-        """Register a custom message handler ``handler(channel_id, data)`` (Dara's name)."""
+        """Register a custom message handler ``handler(channel_id, data)`` (Dara's name).
+
+        ``in_thread=True`` runs a blocking sync handler on a worker thread of this manager's own
+        pool (``ServerConfig.handler_threads``, 32), one at a time per connection. A user (an
+        anonymous connection: its address) holds at most an eighth of the pool, counting
+        handlers still running after their request got its ``timeout`` reply, since a thread
+        cannot be stopped; beyond that share its requests get a ``busy`` error reply at once.
+        Raises ``ValueError`` if the kind is taken, or for ``in_thread`` with an async handler.
+        """
         self.custom_handlers.register(kind, handler, in_thread=in_thread)
 
     def create_handler(

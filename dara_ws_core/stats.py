@@ -137,7 +137,7 @@ class ServerStats:
     #: Server requests by outcome: ``answered``, ``timeout``, ``closed``, ``chunk_error``.
     requests: Mapping[str, int]
     #: Custom handler outcomes: ``ok``, ``error``, ``timeout``, ``busy`` (refused: too many
-    #: handlers running on the connection).
+    #: handlers running on the connection, or its user's share of the ``in_thread`` threads taken).
     custom_handlers: Mapping[str, int]
     #: Custom handler tasks running now.
     handlers_running: int

@@ -74,6 +74,7 @@ from __future__ import annotations
 __all__ = ["DaraTelemetry", "TimedQueue", "TimedSink", "frame_type"]
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -705,7 +706,8 @@ class DaraTelemetry:
         finally:
             self._handler_done("sync", "success" if ok else "error", started, traced)
 
-    async def run_task(self, spec: HandlerSpec, received: CustomReceived, host: DispatchHost) -> None:
+    async def run_task(self, spec: HandlerSpec, received: CustomReceived, host: DispatchHost,
+                       job: concurrent.futures.Future[Any] | None = None) -> None:
         """An async or ``in_thread`` handler's task (``custom._run_task``), traced when its
         frame is."""
         execution = "sync" if spec.in_thread else "async"
@@ -714,7 +716,7 @@ class DaraTelemetry:
         key = ("inbound", "custom", "", execution)
         self._count(self.running, key)
         try:
-            frame, ok = await execute_async(spec, received, host)
+            frame, ok = await execute_async(spec, received, host, job)
             await deliver(host, frame)
             outcome = "success" if ok else "error"
         except BaseException as exc:

@@ -27,7 +27,7 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
                              "FrameDropped", "RequestCompleted", "RequestFailed", "SendFrame"}),
     "correlation": frozenset({"CHUNK_SHARES", "PART_BYTES", "PART_VALUES", "PROCESS_CHUNKS", "ChunkBudget",
                               "Completed", "Failed", "Ignored", "Outcome", "Partial", "new_rchan"}),
-    "custom": frozenset({"CustomHandler", "DispatchHost", "HandlerSpec"}),
+    "custom": frozenset({"CustomHandler", "DispatchHost", "HandlerSpec", "HandlerThreads"}),
     "driver": frozenset({"ConnectionDriver", "close_quietly"}),
     "handler": frozenset({"Sink"}),
     "codec": frozenset({"MAX_NESTING_DEPTH", "MAX_NUMBER_DIGITS", "PONG_FRAME", "count_json_values",

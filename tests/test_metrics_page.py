@@ -4,6 +4,7 @@ checked-in Grafana dashboard's queries checked against that scrape."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import socket
@@ -17,7 +18,7 @@ import pytest
 
 pytest.importorskip("opentelemetry.exporter.prometheus")
 
-from dara_ws_cli.metrics import metrics_page, serve_metrics
+from dara_ws_cli.metrics import CachedPage, metrics_page, serve_metrics
 from dara_ws_core import WebsocketManager
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "docs" / "grafana" / "dara-ws.json"
@@ -129,3 +130,78 @@ async def test_the_metrics_listener_serves_an_in_process_manager() -> None:
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK")
     assert b"dara_websocket_message_active" in body
+
+
+async def scrape(port: int, path: bytes = b"/metrics") -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def counting_page(rendered: list[float], clock: Clock) -> CachedPage:
+    def render() -> tuple[bytes, str]:
+        rendered.append(clock.now)
+        return f"page {len(rendered)}\n".encode(), "text/plain"
+
+    return CachedPage(render, 1.0, clock)
+
+
+def test_the_page_is_rendered_at_most_once_a_second() -> None:
+    clock, rendered = Clock(), list[float]()
+    page = counting_page(rendered, clock)
+    assert [page()[0] for _ in range(100)] == [b"page 1\n"] * 100
+    clock.now += 0.99
+    assert page()[0] == b"page 1\n"
+    clock.now += 0.01
+    assert page()[0] == b"page 2\n"
+    assert rendered == [100.0, 101.0]
+    assert isinstance(metrics_page(WebsocketManager()), CachedPage)
+
+
+async def test_concurrent_scrapes_share_one_rendering() -> None:
+    clock, rendered = Clock(), list[float]()
+    async with serve_metrics(counting_page(rendered, clock), "127.0.0.1", 0) as port:
+        answers = await asyncio.gather(*(scrape(port) for _ in range(12)))
+        assert [a.partition(b"\r\n\r\n")[2] for a in answers] == [b"page 1\n"] * 12
+        clock.now += 1.0
+        assert (await scrape(port)).endswith(b"\r\n\r\npage 2\n")
+    assert len(rendered) == 2
+
+
+async def test_sockets_beyond_the_listeners_cap_get_503_at_once() -> None:
+    clock, rendered = Clock(), list[float]()
+    async with serve_metrics(counting_page(rendered, clock), "127.0.0.1", 0, max_connections=4) as port:
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+        # Those four say nothing; the listener holds them (for up to 10 s), and no more.
+        # A fifth is answered and closed at once, not held: a reader gets the 503 (one that
+        # sent its request may see a reset instead, its request being unread at the close).
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        refused = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert refused.startswith(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n")
+        with contextlib.suppress(ConnectionResetError):
+            assert (await asyncio.wait_for(scrape(port), 5)).startswith(b"HTTP/1.1 503")
+        assert rendered == []
+        for _, writer in idle:
+            writer.close()
+        answer = b""
+        for _ in range(200):  # bounded: the listener sees the four closes within a few loop turns
+            with contextlib.suppress(ConnectionResetError):  # still refused
+                answer = await scrape(port)
+            if answer.startswith(b"HTTP/1.1 200"):
+                break
+            await asyncio.sleep(0.01)
+        assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"page 1\n")

@@ -1,0 +1,170 @@
+"""``in_thread`` handlers run on the manager's own pool, of which one user (an anonymous client: its
+address) holds only a share, counting threads still running after their request timed out.
+
+A handler blocks on a gate the test opens at its end, as a slow query one client's input makes
+slow would: without the shares, that client's requests would take every thread and everyone
+else's requests would wait behind them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from dara_ws_core import RemoteError, ServerConfig, WebsocketManager, allow_anonymous
+from dara_ws_core.custom import HandlerThreads
+from tests.helpers import eventually
+from tests.stacks import TRANSPORTS, Stack, running_stack
+
+TIMEOUT = 10.0
+#: Eight threads: a share of one, so that two requests of one client already show it.
+CONFIG = ServerConfig(handler_threads=8)
+MakeStack = Callable[..., contextlib.AbstractAsyncContextManager[Stack]]
+
+
+@pytest.fixture
+def gate() -> Iterator[threading.Event]:
+    """What the slow handlers wait for; opened when the test ends, whatever happened."""
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+def lookup_waiting_for(gate: threading.Event) -> Callable[[str, Any], Any]:
+    def lookup(channel_id: str, data: Any) -> Any:
+        if data == "slow":
+            gate.wait(TIMEOUT)
+        return {"ok": data}
+
+    return lookup
+
+
+def busy_count(manager: WebsocketManager) -> int:
+    return manager.stats().custom_handlers["busy"]
+
+
+async def outcomes(requests: list[asyncio.Task[Any]]) -> list[str]:
+    """The error code of every finished request (``ok`` for an answer)."""
+    codes = []
+    for request in requests:
+        try:
+            await request
+            codes.append("ok")
+        except RemoteError as exc:
+            codes.append(exc.code)
+    return codes
+
+
+async def test_one_user_holds_only_its_share_of_the_handler_threads(
+    make_stack: MakeStack, gate: threading.Event
+) -> None:
+    async with make_stack(config=CONFIG) as stack:
+        stack.manager.add_ws_handler("lookup", lookup_waiting_for(gate), in_thread=True)
+        threads = stack.manager.custom_handlers.threads
+        assert (threads.size, threads.share) == (8, 1)
+        mallory = [await stack.client(f"mallory:s{i}") for i in range(4)]
+        alice = await stack.client("alice:s1")
+        slow = [asyncio.create_task(c.request("lookup", "slow", timeout=TIMEOUT)) for c in mallory]
+        # Beyond its share, a request is answered busy at once: it does not wait for a thread.
+        await eventually(lambda: sum(r.done() for r in slow) == 3, "three requests answered")
+        running = [r for r in slow if not r.done()]
+        assert await outcomes([r for r in slow if r.done()]) == ["busy"] * 3
+        assert threads.held(("user", "mallory")) == 1
+        assert busy_count(stack.manager) == 3
+        # Another user's request runs while mallory's handler still blocks.
+        assert await alice.request("lookup", "fast", timeout=TIMEOUT) == {"ok": "fast"}
+        assert not running[0].done()
+        gate.set()
+        assert await running[0] == {"ok": "slow"}
+        await eventually(lambda: threads.held(("user", "mallory")) == 0, "mallory's thread returned")
+        assert await mallory[0].request("lookup", "again", timeout=TIMEOUT) == {"ok": "again"}
+
+
+async def test_a_handler_that_timed_out_holds_its_share_until_its_thread_returns(
+    make_stack: MakeStack, gate: threading.Event
+) -> None:
+    async with make_stack(config=ServerConfig(handler_threads=8, handler_timeout=0.2)) as stack:
+        stack.manager.add_ws_handler("lookup", lookup_waiting_for(gate), in_thread=True)
+        threads = stack.manager.custom_handlers.threads
+        mallory = await stack.client("mallory:s1")
+        with pytest.raises(RemoteError) as timed_out:
+            await mallory.request("lookup", "slow", timeout=TIMEOUT)
+        assert timed_out.value.code == "timeout"
+        # The thread cannot be stopped: it still runs, and still counts against mallory.
+        assert threads.held(("user", "mallory")) == 1
+        with pytest.raises(RemoteError) as refused:
+            await mallory.request("lookup", "slow", timeout=TIMEOUT)
+        assert refused.value.code == "busy"
+        gate.set()
+        await eventually(lambda: threads.held(("user", "mallory")) == 0, "the thread returned")
+        assert await mallory.request("lookup", "fast", timeout=TIMEOUT) == {"ok": "fast"}
+
+
+@pytest.mark.parametrize("transport", sorted(set(TRANSPORTS) - {"memory"}))
+async def test_anonymous_clients_share_the_threads_of_their_address(
+    transport: str, gate: threading.Event
+) -> None:
+    """Each anonymous connection is a user of its own: their share is their address's, or a
+    client would take every thread by opening connections."""
+    manager = WebsocketManager(CONFIG)
+    manager.add_ws_handler("lookup", lookup_waiting_for(gate), in_thread=True)
+    async with running_stack(transport, manager=manager, authenticator=allow_anonymous()) as stack:
+        clients = [await stack.client(None) for _ in range(3)]
+        slow = [asyncio.create_task(c.request("lookup", "slow", timeout=TIMEOUT)) for c in clients]
+        await eventually(lambda: sum(r.done() for r in slow) == 2, "two requests answered")
+        assert await outcomes([r for r in slow if r.done()]) == ["busy", "busy"]
+        assert manager.custom_handlers.threads.held(("address", "127.0.0.1")) == 1
+        gate.set()
+        assert sorted(await outcomes(slow)) == ["busy", "busy", "ok"]
+
+
+async def test_the_pool_runs_at_most_its_size_and_shutdown_cancels_the_waiting_jobs(
+    gate: threading.Event,
+) -> None:
+    threads = HandlerThreads(1)
+    running = threading.Semaphore(0)
+
+    def blocked() -> str:
+        running.release()
+        gate.wait(TIMEOUT)
+        return "done"
+
+    first = threads.submit("a", blocked)
+    waiting = threads.submit("b", blocked)
+    assert first is not None and waiting is not None
+    assert threads.submit("a", blocked) is None  # a's share (one thread) is taken
+    assert await asyncio.to_thread(running.acquire, timeout=TIMEOUT)
+    assert not waiting.running()  # one thread: b waits for it
+    threads.shutdown()
+    assert waiting.cancelled()
+    await eventually(lambda: threads.held("b") == 0, "the cancelled job released b's share")
+    assert threads.held("a") == 1  # still running: still counted
+    gate.set()
+    assert await asyncio.wrap_future(first) == "done"
+    await eventually(lambda: threads.held("a") == 0, "a's job returned")
+    again = threads.submit("a", lambda: "new pool")  # a pool shut down starts again
+    assert again is not None and await asyncio.wrap_future(again) == "new pool"
+    threads.shutdown()
+
+
+def test_the_pool_size_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="handler_threads"):
+        ServerConfig(handler_threads=0)
+    assert HandlerThreads(3).share == 1 and HandlerThreads(32).share == 4
+
+
+async def test_endpoint_shutdown_stops_the_managers_pool(gate: threading.Event) -> None:
+    manager = WebsocketManager(CONFIG)
+    manager.add_ws_handler("lookup", lookup_waiting_for(gate), in_thread=True)
+    async with running_stack("memory", manager=manager) as stack:
+        client = await stack.client("alice:s1")
+        assert await client.request("lookup", "fast", timeout=TIMEOUT) == {"ok": "fast"}
+        pool = manager.custom_handlers.threads._executor
+        assert pool is not None
+    assert manager.custom_handlers.threads._executor is None
+    assert pool._shutdown
