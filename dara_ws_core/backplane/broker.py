@@ -312,14 +312,13 @@ class BrokerBackplane(BusNode):
             await self._post(Publication(data, user_id=user_id), "message to a user")
             return
         # Kept: if the bus fails it, it waits in the spool and is sent again (with the same id,
-        # so the bus keeps it once); refused only when the spool is full.
-        if self._spool and not self._spool_room(1, len(data)):
-            self._count_failure("message to a user", None)
-        elif await self._post(Publication(data, user_id=user_id, keep=keep, sender=sender, stamped=stamped,
-                                          durable=next(self._kids)), "message to a user"):
+        # so the bus keeps it once); refused when the spool (with every kept message not yet
+        # answered) would be full, or once stopped. Checked before waiting for room too.
+        if self._durable_room("message to a user", None, len(data)) and await self._post(
+                Publication(data, user_id=user_id, keep=keep, sender=sender, stamped=stamped,
+                            durable=next(self._kids)), "message to a user"):
             return
-        raise BackplaneError("the backplane is unreachable and its spool is full: the message "
-                             "to the user was not kept")
+        raise BackplaneError(f"{self._durable_refusal()}: the message to the user was not kept")
 
     def keeps(self, sender: str | None) -> bool:
         return self.refusals.keeps(sender, time.monotonic())
