@@ -270,8 +270,9 @@ class BrokerBackplane(BusNode):
 
     async def flush(self) -> None:
         """Wait until every channel change made so far is written to the directory and every
-        queued message has left (published, or failed and counted). Wrap it in
-        ``asyncio.timeout``: while the bus is unreachable it waits for the reconnection."""
+        queued message has left (published, failed and counted, or refused by the bus and
+        waiting in the spool for its next try). Wrap it in ``asyncio.timeout``: while the bus
+        is unreachable it waits for the reconnection."""
         target = self._version
         async with self._written_cond:
             await self._written_cond.wait_for(lambda: self._written >= target)

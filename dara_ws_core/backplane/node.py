@@ -143,8 +143,11 @@ class BusNode(abc.ABC):
     ``stats.failed`` and logged (once when an outage starts, and with the count when it ends).
     Durable publications (kept messages to a user, revocations) whose attempt failed are not
     dropped: they wait in a bounded spool and are published again, before anything newer and
-    in order, once the bus answers; only what the spool's bound refuses is lost (counted in
-    ``stats.failed`` and logged).
+    in order, once the bus answers (the next heartbeat or reconnection). One the bus refuses
+    while it runs the rest of its batch (:class:`BatchRefused`) fails alone, and is given up
+    after ``_SPOOL_TRIES`` tries (counted in ``stats.failed`` and logged). The spool's bounds
+    count every durable publication not answered yet, so what is accepted is never dropped for
+    them; a durable publication beyond them, or once :meth:`_stop_bus` began, is refused.
 
     ``connect_timeout``: how long a start waits for the bus; ``backoff_initial`` /
     ``backoff_max``: reconnection delays; ``max_outbox`` / ``max_outbox_bytes``: messages, and
@@ -157,8 +160,14 @@ class BusNode(abc.ABC):
     of this node's broadcasts published but not yet heard back on its own subscription before
     publishing waits (so that this process never publishes faster than it reads, which would
     overflow the bus's buffer for its subscription: Redis's ``client-output-buffer-limit pubsub``).
-    ``max_spool`` / ``max_spool_bytes``: durable publications waiting for the bus to answer
-    again (beyond, a kept send raises ``BackplaneError``).
+    ``max_spool`` / ``max_spool_bytes``: durable publications the bus has not answered yet
+    (queued, in flight, or waiting to be tried again; beyond, a kept send raises
+    ``BackplaneError``).
+
+    ``node_id`` names the process on the bus (its topic, its directory entries); it is not a
+    scope for deduplication: each backplane draws its own :attr:`life`, and the numbers of
+    kept messages are unique within it, so the same ``node_id`` may be given again after a
+    restart.
     """
 
     def __init__(
