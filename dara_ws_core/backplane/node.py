@@ -376,7 +376,11 @@ class BusNode(abc.ABC):
     def _queue(self, publication: Publication, what: str,
                done: asyncio.Future[Routed] | None, size: int) -> bool:
         if publication.durable is not None:
-            if not self._durable_room(what, done, size):
+            # A revocation while the bus answers is always taken (the outbox bounds it): it
+            # must not wait behind a burst of kept messages.
+            if ((publication.keep is not None or self._bus_stopped
+                 or not self._connected.is_set())
+                    and not self._durable_room(what, done, size)):
                 return False
             self._durable_queued += 1
             self._durable_queued_bytes += size
@@ -502,7 +506,8 @@ class BusNode(abc.ABC):
                 (front if i < spooled else back).append((publication, what, tried))
         # Those from the spool go back to its front (older than what stayed in it), the others
         # to its end (newer than anything in it: only this loop adds to it). The spool's bounds
-        # counted them all when they were queued (see _spool_room): none is dropped here.
+        # counted them all when they were queued (see _spool_room; revocations taken while the
+        # bus answered may go past them): none is dropped here.
         self._spool.extendleft(reversed(front))
         self._spool.extend(back)
         back += front
@@ -571,7 +576,9 @@ class BusNode(abc.ABC):
                         await self._wait_echoes()
                     if outbox:
                         taken = self._take_batch(_BATCH - spooled)
-                        batch += self._hold_back(taken) if spool else taken
+                        # (While the bus is down the batch fails whole: spooled in order.)
+                        batch += (self._hold_back(taken) if spool and self._connected.is_set()
+                                  else taken)
                 if not batch:
                     continue  # all of it held back in the spool (each round takes some)
                 self._outbox_space.set()
