@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -32,7 +33,13 @@ import pytest
 from redis.asyncio import Redis
 
 from dara_ws_core import BackplaneError, ServerConfig, WebsocketManager
-from dara_ws_core.backplane import Control, Publication, UserDelivery, encode_bus_message
+from dara_ws_core.backplane import (
+    Control,
+    Publication,
+    UserDelivery,
+    decode_bus_message,
+    encode_bus_message,
+)
 from dara_ws_core.backplane.broker import _wall_ms
 from dara_ws_core.backplane.node import _SPOOL_TRIES
 from dara_ws_redis import RedisBackplane
@@ -415,4 +422,66 @@ async def test_a_kept_message_redis_keeps_refusing_fails_alone_and_only_at_heart
         assert not backplane._spool
         assert await _errors(admin, "WRONGTYPE") == _SPOOL_TRIES  # one try per heartbeat
         client.abort()
+    await admin.aclose()
+
+
+async def _history_numbers(admin: Redis, namespace: str, user: str) -> list[int]:
+    """The numbers of the messages in ``user``'s history on Redis, oldest first."""
+    numbers = []
+    entries: list[tuple[bytes, dict[bytes, bytes]]] = await admin.xrange(  # type: ignore[assignment]
+        f"{namespace}:outbox:{user}")
+    for _, fields in entries:
+        message = decode_bus_message(fields[b"d"])
+        assert isinstance(message, UserDelivery)
+        numbers.append(json.loads(message.frame)["message"]["n"])
+    return numbers
+
+
+async def test_a_users_kept_messages_wait_behind_one_redis_refused_and_keep_their_order(
+    redis_server: RedisServer,
+) -> None:
+    """Later kept messages to the user whose message Redis refused wait behind it in the spool
+    (their history stays in order); another user's go at once."""
+    namespace = f"order-{uuid.uuid4().hex[:6]}"
+    admin = Redis.from_url(redis_server.url)
+    await admin.set(f"{namespace}:outbox:mallory", "not a stream")
+    async with started(redis_server.url, namespace) as (manager, backplane):
+        await manager.send_message_to_user("mallory", {"n": 0})
+        await eventually(lambda: len(backplane._spool) == 1, "the refused message spooled")
+        await admin.delete(f"{namespace}:outbox:mallory")  # Redis would take it now
+        for n in (1, 2):
+            await manager.send_message_to_user("mallory", {"n": n})
+        await manager.send_message_to_user("bob", {"n": 9})
+        async with asyncio.timeout(HEARTBEAT):
+            await backplane.flush()
+        assert await _history_numbers(admin, namespace, "bob") == [9]  # at once
+        await eventually(lambda: backplane.stats.kept == 4, "the spool tried at a heartbeat")
+        assert await _history_numbers(admin, namespace, "mallory") == [0, 1, 2]
+        assert backplane.stats.failed == 0
+    await admin.aclose()
+
+
+async def test_a_replica_that_refuses_writes_costs_kept_messages_no_try(
+    redis_factory: Callable[[], RedisServer],
+) -> None:
+    """READONLY (Redis became a replica, as in a failover) says Redis serves nobody's writes
+    for now, not that the message is bad: the kept message waits in the spool past the tries a
+    refused one gets, and is kept once Redis takes writes again."""
+    from .redis_server import free_port  # the plugin's module, imported once pytest loaded it
+
+    server = redis_factory()
+    namespace = f"replica-{uuid.uuid4().hex[:6]}"
+    admin = Redis.from_url(server.url)
+    async with started(server.url, namespace) as (manager, backplane):
+        await admin.replicaof("127.0.0.1", str(free_port()))  # a master that never answers
+        await manager.send_message_to_user("bob", {"n": 0})
+        await eventually(lambda: len(backplane._spool) == 1, "the refused message spooled")
+        # More tries than a refused message gets (one per heartbeat), none counted against it.
+        async with asyncio.timeout(10 * _SPOOL_TRIES * HEARTBEAT):
+            while await _errors(admin, "READONLY") <= _SPOOL_TRIES + 1:
+                await asyncio.sleep(HEARTBEAT / 4)  # polling Redis's count of error replies
+        assert backplane.stats.failed == backplane.stats.kept == 0
+        await admin.replicaof("NO", "ONE")
+        await eventually(lambda: backplane.stats.kept == 1, "kept once Redis takes writes")
+        assert await _history_numbers(admin, namespace, "bob") == [0]
     await admin.aclose()

@@ -84,7 +84,16 @@ try:
     from redis.asyncio import Redis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
-    from redis.exceptions import NoScriptError, RedisError
+    from redis.exceptions import (
+        BusyLoadingError,
+        ClusterDownError,
+        MasterDownError,
+        NoScriptError,
+        ReadOnlyError,
+        RedisError,
+        TryAgainError,
+    )
+    from redis.exceptions import ConnectionError as RedisConnectionError
 except ImportError as exc:  # the extra is missing: say which one to install
     raise ImportError(
         'dara_ws_redis needs the redis library: pip install "dara-ws-core[redis]"', name=exc.name
@@ -99,8 +108,11 @@ from dara_ws_core.outbox import OutboxLimits
 _BATCH = 3000  # directory commands per pipeline round trip
 
 # Error replies that say the server cannot serve anyone for now, rather than refuse one command:
-# what they fail is tried again without counting a try (see BatchRefused).
-_PASSING = ("LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")
+# what they fail is tried again without counting a try (see BatchRefused). redis-py turns the
+# codes it knows into these classes (dropping the code from the text); the others keep it.
+_PASSING = (BusyLoadingError, ReadOnlyError, MasterDownError, TryAgainError, ClusterDownError,
+            RedisConnectionError)
+_PASSING_CODES = ("BUSY", "NOREPLICAS")
 
 # Look a channel up and publish to its node in one round trip (atomic, so no race between the
 # two). KEYS[1]: the channel's key; ARGV: this node, the node topic prefix, the message.
@@ -588,7 +600,8 @@ class RedisBackplane(BrokerBackplane):
         for i, reply in enumerate(replies):
             if isinstance(reply, Exception):
                 errors[i] = BackplaneError(f"redis: {reply}")
-                passing = passing or str(reply).startswith(_PASSING)
+                passing = passing or (isinstance(reply, _PASSING)
+                                      or str(reply).startswith(_PASSING_CODES))
                 replies[i] = None if batch[i].channel_id is not None else 0  # a stand-in
         raise BatchRefused(self._results(batch, replies), errors, counted=not passing)
 
