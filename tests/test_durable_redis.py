@@ -7,8 +7,9 @@
 * A process restarted with the same ``node_id`` never has its kept messages taken for those of
   its previous life (each life numbers them in its own scope).
 * A kept message Redis keeps refusing (an error reply) fails alone: the rest of its batch runs,
-  it is tried once per heartbeat (not with every batch), ``flush()`` does not wait for it, and
-  after a bounded number of tries it is given up, counted.
+  it is tried once per heartbeat (not with every batch), the user's later kept messages wait
+  behind it (in order), ``flush()`` does not wait for it, and after a bounded number of tries it
+  is given up, counted; unless Redis refuses every write for now (a replica): then it waits.
 * A revocation (``disconnect_user``, ``disconnect_session``, ``close_channel``) made while a
   process's subscription is down still closes that process's connections once it is back (at
   its next heartbeat), and only those opened before the revocation; one made while the asking

@@ -89,6 +89,7 @@ try:
         ClusterDownError,
         MasterDownError,
         NoScriptError,
+        OutOfMemoryError,
         ReadOnlyError,
         RedisError,
         TryAgainError,
@@ -110,8 +111,8 @@ _BATCH = 3000  # directory commands per pipeline round trip
 # Error replies that say the server cannot serve anyone for now, rather than refuse one command:
 # what they fail is tried again without counting a try (see BatchRefused). redis-py turns the
 # codes it knows into these classes (dropping the code from the text); the others keep it.
-_PASSING = (BusyLoadingError, ReadOnlyError, MasterDownError, TryAgainError, ClusterDownError,
-            RedisConnectionError)
+_PASSING = (OutOfMemoryError, BusyLoadingError, ReadOnlyError, MasterDownError, TryAgainError,
+            ClusterDownError, RedisConnectionError)
 _PASSING_CODES = ("BUSY", "NOREPLICAS")
 
 # Look a channel up and publish to its node in one round trip (atomic, so no race between the
@@ -591,10 +592,11 @@ class RedisBackplane(BrokerBackplane):
         return results
 
     def _refused(self, batch: Sequence[Publication], replies: list[Any]) -> None:
-        """Redis answered some publications with an error (``OOM`` at ``maxmemory``, a key of
-        the wrong type...), and ran the others: raise ``BatchRefused`` with every result, so
+        """Redis answered some publications with an error (a key of the wrong type, ``OOM`` at
+        ``maxmemory``...), and ran the others: raise ``BatchRefused`` with every result, so
         that only the refused ones fail (or wait in the spool). An error that says Redis cannot
-        serve anyone for now (loading, a replica, busy...) counts no try against them."""
+        take anyone's writes for now (out of memory, loading, a replica, busy...) counts no try
+        against them."""
         errors: dict[int, BackplaneError] = {}
         passing = False
         for i, reply in enumerate(replies):
