@@ -243,7 +243,7 @@ async def test_a_revocation_published_late_spares_the_connections_opened_since(
             await eventually(lambda: not app_bp.connected, "the app is cut off from Redis")
             assert app.disconnect_user("bob") == 0  # spooled: nobody hears it yet
             await eventually(lambda: len(app_bp._spool) == 1, "the revocation waits")
-            (revocation, _), = app_bp._spool
+            (revocation, _, _), = app_bp._spool
             assert revocation.revoke is not None
             when = revocation.revoke[3]
             await eventually(lambda: _surely_past(node_bp, when), "the revocation is past")
