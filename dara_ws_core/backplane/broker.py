@@ -314,10 +314,10 @@ class BrokerBackplane(BusNode):
             return
         # Kept: if the bus fails it, it waits in the spool and is sent again (with the same id,
         # so the bus keeps it once); refused when the spool (with every kept message not yet
-        # answered) would be full, or once stopped. Checked before waiting for room too.
-        if self._durable_room("message to a user", None, len(data)) and await self._post(
-                Publication(data, user_id=user_id, keep=keep, sender=sender, stamped=stamped,
-                            durable=next(self._kids)), "message to a user"):
+        # answered) would be full, or once stopped.
+        if await self._post(Publication(data, user_id=user_id, keep=keep, sender=sender,
+                                        stamped=stamped, durable=next(self._kids)),
+                            "message to a user"):
             return
         raise BackplaneError(f"{self._durable_refusal()}: the message to the user was not kept")
 

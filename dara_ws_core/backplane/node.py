@@ -376,14 +376,21 @@ class BusNode(abc.ABC):
     def _queue(self, publication: Publication, what: str,
                done: asyncio.Future[Routed] | None, size: int) -> bool:
         if publication.durable is not None:
-            # A revocation while the bus answers is always taken (the outbox bounds it): it
-            # must not wait behind a burst of kept messages.
-            if ((publication.keep is not None or self._bus_stopped
-                 or not self._connected.is_set())
-                    and not self._durable_room(what, done, size)):
+            # Only with room in the spool for it and every durable one not answered yet (then
+            # it is never dropped for the spool's bounds), and not once stopped; a revocation
+            # while the bus answers is always taken (the outbox bounds it): it must not wait
+            # behind a burst of kept messages.
+            queued, queued_bytes = self._durable_queued + 1, self._durable_queued_bytes + size
+            if ((publication.keep is not None or not self._connected.is_set()
+                 or self._bus_stopped)
+                    and (len(self._spool) + queued + self._durable_flying > self.max_spool
+                         or self._spool_bytes + queued_bytes + self._durable_flying_bytes
+                         > self.max_spool_bytes or self._bus_stopped)):
+                self._count_failure(what, None)
+                if done is not None:
+                    done.set_exception(BackplaneError(self._durable_refusal()))
                 return False
-            self._durable_queued += 1
-            self._durable_queued_bytes += size
+            self._durable_queued, self._durable_queued_bytes = queued, queued_bytes
             if not self._connected.is_set():
                 # It waits for the bus (the publish loop spools it); the caller learns it did
                 # not go through yet.
@@ -454,25 +461,6 @@ class BusNode(abc.ABC):
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _spool_room(self, count: int, size: int = 0) -> bool:
-        """Whether ``count`` more durable publications (``size`` more bytes) fit the spool, with
-        every durable one not answered yet (spooled, queued or in flight: each may end there)."""
-        return (len(self._spool) + self._durable_queued + self._durable_flying + count
-                <= self.max_spool
-                and self._spool_bytes + self._durable_queued_bytes + self._durable_flying_bytes
-                + size <= self.max_spool_bytes)
-
-    def _durable_room(self, what: str, done: asyncio.Future[Routed] | None, size: int) -> bool:
-        """Whether a durable publication may be queued: not once the publishing stopped, and
-        only with room in the spool (then it is never dropped for the spool's bound). Else it
-        fails, counted (``done`` gets ``BackplaneError``)."""
-        if not self._bus_stopped and self._spool_room(1, size):
-            return True
-        self._count_failure(what, None)
-        if done is not None:
-            done.set_exception(BackplaneError(self._durable_refusal()))
-        return False
-
     def _durable_refusal(self) -> str:
         """Why a durable publication was refused."""
         if self._bus_stopped:
@@ -506,7 +494,7 @@ class BusNode(abc.ABC):
                 (front if i < spooled else back).append((publication, what, tried))
         # Those from the spool go back to its front (older than what stayed in it), the others
         # to its end (newer than anything in it: only this loop adds to it). The spool's bounds
-        # counted them all when they were queued (see _spool_room; revocations taken while the
+        # counted them all when they were queued (see _queue; revocations taken while the
         # bus answered may go past them): none is dropped here.
         self._spool.extendleft(reversed(front))
         self._spool.extend(back)
@@ -582,34 +570,34 @@ class BusNode(abc.ABC):
                 if not batch:
                     continue  # all of it held back in the spool (each round takes some)
                 self._outbox_space.set()
+                finished = len(batch) - spooled
+                self._durable_flying = self._durable_flying_bytes = 0  # answered below
                 try:
                     if not self._connected.is_set():
                         raise BackplaneError("the backplane is disconnected")
                     results = await self._publish_batch([p for p, _, _ in batch])
                 except BatchRefused as exc:  # the others ran: only the refused ones fail
-                    self._durable_flying = self._durable_flying_bytes = 0
-                    errors = exc.errors
-                    self._published_batch([q for i, q in enumerate(batch) if i not in errors],
-                                          [r for i, r in enumerate(exc.results)
-                                           if i not in errors])
-                    failed = sorted(errors)
-                    self._spool_failed([batch[i] for i in failed], [errors[i] for i in failed],
-                                       sum(i < spooled for i in failed),
-                                       [tries[i] for i in failed if i < spooled], refused=True,
-                                       counted=exc.counted)
-                    self._done_with(len(batch) - spooled)
-                    continue
+                    batch, results = self._partly_refused(batch, exc, spooled, tries)
                 except Exception as exc:
-                    self._durable_flying = self._durable_flying_bytes = 0
                     if not isinstance(exc, BackplaneError):  # a bug: log it, keep publishing
                         logger.exception("backplane: publishing failed",
                                          extra={"node": self.node_id})
                     self._spool_failed(batch, [exc] * len(batch), spooled, tries)
-                    self._done_with(len(batch) - spooled)
+                    self._done_with(finished)
                     continue
-                self._durable_flying = self._durable_flying_bytes = 0
-                self._published_batch(batch, results)
-                self._done_with(len(batch) - spooled)
+                for (publication, done, _), (owner, receivers) in zip(batch, results,
+                                                                         strict=True):
+                    if publication.ack is not None:
+                        pass
+                    elif receivers >= 0:
+                        self.stats.published += 1
+                    elif publication.keep is not None:
+                        self.stats.kept += 1
+                    if publication.stamped is not None and owner:
+                        _stamp(owner, publication.stamped)
+                    if done is not None and not done.done():
+                        done.set_result((owner, receivers))
+                self._done_with(finished)
                 # The bus answers: what waits after a failed round trip goes now; what it
                 # refused waits for its next try (a heartbeat or a reconnection).
                 self._spool_due = not self._spool_held
@@ -618,19 +606,18 @@ class BusNode(abc.ABC):
             if not spool or (self._connected.is_set() and not self._spool_due):
                 self._outbox_idle.set()
 
-    def _published_batch(self, batch: Sequence[_Queued], results: Sequence[Routed]) -> None:
-        """The bus ran these publications: count them, stamp the kept ones, give the results."""
-        for (publication, done, _), (owner, receivers) in zip(batch, results, strict=True):
-            if publication.ack is not None:
-                pass
-            elif receivers >= 0:
-                self.stats.published += 1
-            elif publication.keep is not None:
-                self.stats.kept += 1
-            if publication.stamped is not None and owner:
-                _stamp(owner, publication.stamped)
-            if done is not None and not done.done():
-                done.set_result((owner, receivers))
+    def _partly_refused(self, batch: list[_Queued], refused: BatchRefused, spooled: int,
+                       tries: list[int]) -> tuple[list[_Queued], list[Routed]]:
+        """The bus refused some publications of ``batch`` and ran the others: the refused ones
+        fail (the durable ones go back to the spool); the others and their results, returned."""
+        errors = refused.errors
+        failed = sorted(errors)
+        self._spool_failed([batch[i] for i in failed], [errors[i] for i in failed],
+                           sum(i < spooled for i in failed),
+                           [tries[i] for i in failed if i < spooled], refused=True,
+                           counted=refused.counted)
+        return ([q for i, q in enumerate(batch) if i not in errors],
+                [r for i, r in enumerate(refused.results) if i not in errors])
 
     def _retry_spool(self) -> None:
         """Publish the spool again (the bus is back, or a heartbeat passed since it failed)."""
