@@ -271,8 +271,9 @@ class BrokerBackplane(BusNode):
     async def flush(self) -> None:
         """Wait until every channel change made so far is written to the directory and every
         queued message has left (published, failed and counted, or refused by the bus and
-        waiting in the spool for its next try). Wrap it in ``asyncio.timeout``: while the bus
-        is unreachable it waits for the reconnection."""
+        waiting in the spool for its next try, with the user's later kept messages behind it).
+        Wrap it in ``asyncio.timeout``: while the bus is unreachable, or after a round trip
+        that failed, it waits until the bus answers again."""
         target = self._version
         async with self._written_cond:
             await self._written_cond.wait_for(lambda: self._written >= target)

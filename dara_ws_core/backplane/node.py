@@ -601,9 +601,10 @@ class BusNode(abc.ABC):
                 # The bus answers: what waits after a failed round trip goes now; what it
                 # refused waits for its next try (a heartbeat or a reconnection).
                 self._spool_due = not self._spool_held
-            # Idle, unless the spool waits for the bus to come back (flush() waits for that;
-            # not for the next try of what the bus refused).
-            if not spool or (self._connected.is_set() and not self._spool_due):
+            # Idle, unless the spool waits for the bus to answer again (flush() waits for that;
+            # not for the next try of what the bus refused, which may take a few heartbeats).
+            if not spool or (self._spool_held and self._connected.is_set()
+                             and not self._spool_due):
                 self._outbox_idle.set()
 
     def _partly_refused(self, batch: list[_Queued], refused: BatchRefused, spooled: int,
