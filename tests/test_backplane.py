@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import uuid
@@ -641,6 +642,65 @@ async def test_kept_sends_wait_in_a_bounded_spool_and_only_a_full_spool_refuses(
                 ] == [0, 1, 2]  # in order
         assert "user:carol" not in broker.revoked
         assert a.backplane.stats.failed == 2
+
+
+async def test_kept_sends_made_at_once_while_down_are_kept_within_the_spools_bytes() -> None:
+    """The spool's bounds count the kept messages already queued (not only the spooled ones):
+    of kept sends made in one loop tick while the bus is down, each either raises or is kept,
+    none dropped later for the spool's bytes."""
+    broker = MemoryBroker()
+    async with cluster(1, broker, max_spool_bytes=400) as (a,):
+        broker.fail()
+        await eventually(lambda: not a.backplane.connected)
+        results = await asyncio.gather(*(a.manager.send_message_to_user(f"k{i}", {"n": i})
+                                         for i in range(8)), return_exceptions=True)
+        kept = [i for i, result in enumerate(results) if not isinstance(result, BaseException)]
+        assert 0 < len(kept) < 8  # the case under test: the bound refused some
+        assert all(isinstance(results[i], BackplaneError) for i in range(8) if i not in kept)
+        await eventually(lambda: len(a.backplane._spool) == len(kept), "all of them spooled")
+        assert a.backplane._spool_bytes <= 400
+        assert a.backplane.stats.failed == 8 - len(kept)  # the refused ones only
+        broker.recover()
+        await eventually(lambda: all(broker.pending(f"k{i}") == 1 for i in kept))
+
+
+async def test_a_node_restarted_under_the_same_id_keeps_its_new_messages() -> None:
+    """Two lives of node n0 number their kept messages alike (as if the clock stepped back):
+    the broker keeps the second life's too, none answered as the first life's."""
+    broker = MemoryBroker()
+    for life in range(2):
+        async with cluster(1, broker) as (a,):
+            a.backplane._kids = itertools.count(1)
+            await a.manager.send_message_to_user("restarted", {"n": life})
+            async with asyncio.timeout(TIMEOUT):
+                await a.backplane.flush()
+    assert broker.pending("restarted") == 2
+
+
+async def test_a_kept_send_once_stop_began_raises_rather_than_being_told_kept() -> None:
+    """stop() ends the publishing: a kept send waiting for room in the outbox then, or made
+    after, raises BackplaneError (nothing would publish it); none is queued."""
+    async with cluster(1, max_outbox=1) as (a,):
+        backplane = a.backplane
+        publish, answer = backplane._publish_batch, asyncio.Event()
+
+        async def held_link(batch: Any) -> Any:  # a fault: the bus answers late, if ever
+            async with asyncio.timeout(TIMEOUT):
+                await answer.wait()
+            return await publish(batch)
+
+        backplane._publish_batch = held_link  # type: ignore[method-assign]
+        await a.manager.send_message_to_user("u", {"n": 0})  # in flight, held
+        await eventually(lambda: not backplane._outbox)
+        await a.manager.send_message_to_user("u", {"n": 1})  # fills the outbox
+        waiting = asyncio.create_task(a.manager.send_message_to_user("u", {"n": 2}))
+        await eventually(lambda: backplane._room_waiting == 1, "a sender waits for room")
+        await backplane.stop()
+        with pytest.raises(BackplaneError, match="stopped"):
+            await waiting
+        with pytest.raises(BackplaneError, match="stopped"):
+            await a.manager.send_message_to_user("v", {"n": 3})
+        assert not backplane._outbox
 
 
 async def test_after_a_restart_that_lost_the_directory_every_node_registers_again() -> None:

@@ -4,6 +4,12 @@
   next connection, while Redis drops the sender's connections mid-batch (``CLIENT KILL``): the
   failed batch waits in the sender's spool, is sent again once Redis answers, and Redis appends
   each message once (a pipeline that partly ran is sent again whole).
+* A process restarted with the same ``node_id`` never has its kept messages taken for those of
+  its previous life (each life numbers them in its own scope).
+* A kept message Redis keeps refusing (an error reply) fails alone: the rest of its batch runs,
+  it is tried once per heartbeat (not with every batch), the user's later kept messages wait
+  behind it (in order), ``flush()`` does not wait for it, and after a bounded number of tries it
+  is given up, counted; unless Redis refuses every write for now (a replica): then it waits.
 * A revocation (``disconnect_user``, ``disconnect_session``, ``close_channel``) made while a
   process's subscription is down still closes that process's connections once it is back (at
   its next heartbeat), and only those opened before the revocation; one made while the asking
@@ -17,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import json
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -26,8 +34,15 @@ import pytest
 from redis.asyncio import Redis
 
 from dara_ws_core import BackplaneError, ServerConfig, WebsocketManager
-from dara_ws_core.backplane import Control, Publication, UserDelivery, encode_bus_message
+from dara_ws_core.backplane import (
+    Control,
+    Publication,
+    UserDelivery,
+    decode_bus_message,
+    encode_bus_message,
+)
 from dara_ws_core.backplane.broker import _wall_ms
+from dara_ws_core.backplane.node import _SPOOL_TRIES
 from dara_ws_redis import RedisBackplane
 
 from .chaos_proxy import ChaosProxy
@@ -46,7 +61,7 @@ HEARTBEAT = 0.3
 
 @contextlib.asynccontextmanager
 async def started(url: str, namespace: str, config: ServerConfig | None = None,
-                  **options: float) -> AsyncIterator[tuple[WebsocketManager, RedisBackplane]]:
+                  **options: Any) -> AsyncIterator[tuple[WebsocketManager, RedisBackplane]]:
     backplane = RedisBackplane(url, namespace=namespace, heartbeat_interval=HEARTBEAT,
                                **options)
     manager = WebsocketManager(config or ServerConfig(), backplane=backplane)
@@ -228,7 +243,7 @@ async def test_a_revocation_published_late_spares_the_connections_opened_since(
             await eventually(lambda: not app_bp.connected, "the app is cut off from Redis")
             assert app.disconnect_user("bob") == 0  # spooled: nobody hears it yet
             await eventually(lambda: len(app_bp._spool) == 1, "the revocation waits")
-            (revocation, _), = app_bp._spool
+            (revocation, _, _), = app_bp._spool
             assert revocation.revoke is not None
             when = revocation.revoke[3]
             await eventually(lambda: _surely_past(node_bp, when), "the revocation is past")
@@ -323,4 +338,151 @@ async def test_no_revocation_is_read_at_a_heartbeat_unless_the_subscription_was_
         assert len(node.handlers) == 3  # nothing was revoked
         for client in clients:
             client.abort()
+
+@pytest.mark.parametrize("transport", SERVED)
+async def test_a_process_restarted_with_the_same_node_id_keeps_every_new_message(
+    redis_server: RedisServer, transport: str
+) -> None:
+    """Two lives of node "pod-a" number their kept messages alike (as if the clock had stepped
+    back between them): the second life's are kept and delivered all the same, none taken for
+    the first life's."""
+    namespace = f"life-{uuid.uuid4().hex[:6]}"
+    for life in range(2):
+        async with started(redis_server.url, namespace, node_id="pod-a") as (manager, backplane):
+            backplane._kids = itertools.count(1)  # the same numbers in both lives
+            for n in (2 * life, 2 * life + 1):
+                await manager.send_message_to_user("bob", {"n": n})
+            async with asyncio.timeout(5):
+                await backplane.flush()
+            assert backplane.stats.kept == 2
+    async with (started(redis_server.url, namespace, node_id="pod-a") as (manager, _),
+                running_stack(transport, manager=manager) as stack):
+        client = await connect(stack.port)  # bob's history comes first
+        seen: list[int] = []
+        await read_numbers(client, seen, 1.0)
+        client.abort()
+    assert seen == [0, 1, 2, 3]
+
+
+async def test_redis_answers_a_number_sent_again_only_with_the_same_message(
+    redis_server: RedisServer,
+) -> None:
+    """The search for a message sent again matches its number and its bytes: another message
+    under a number already used is appended, never answered as the earlier one."""
+    namespace = f"kid-{uuid.uuid4().hex[:6]}"
+    admin = Redis.from_url(redis_server.url)
+    async with started(redis_server.url, namespace, ServerConfig()) as (manager, backplane):
+        keep = manager.outbox_limits
+        assert keep is not None
+        first, other = (encode_bus_message(UserDelivery("dan", None, b'{"x":%d}' % i, sent=1))
+                        for i in range(2))
+        answers = await backplane._publish_batch([
+            Publication(first, user_id="dan", keep=keep, durable=7),
+            Publication(other, user_id="dan", keep=keep, durable=7)])
+        assert answers[0][0] != answers[1][0]
+        assert await admin.xlen(f"{namespace}:outbox:dan") == 2
+    await admin.aclose()
+
+
+async def _errors(admin: Redis, kind: str) -> int:
+    """How many error replies of ``kind`` Redis gave since its statistics were reset."""
+    stats = await admin.info("errorstats")
+    return int(stats.get(f"errorstat_{kind}", {}).get("count", 0))
+
+
+@pytest.mark.parametrize("transport", SERVED)
+async def test_a_kept_message_redis_keeps_refusing_fails_alone_and_only_at_heartbeats(
+    redis_server: RedisServer, transport: str
+) -> None:
+    """One kept message Redis refuses (WRONGTYPE: a string where the user's history belongs,
+    standing in for any error reply) waits in the spool; the messages published after it go
+    through, counted as published; a revocation does not fail; flush() returns; it is tried at
+    each heartbeat only, and given up after a bounded number of tries (counted)."""
+    namespace = f"refused-{uuid.uuid4().hex[:6]}"
+    admin = Redis.from_url(redis_server.url)
+    await admin.set(f"{namespace}:outbox:mallory", "not a stream")
+    async with (started(redis_server.url, namespace) as (manager, backplane),
+                running_stack(transport, manager=manager) as stack):
+        client = await connect(stack.port)
+        await admin.config_resetstat()
+        await manager.send_message_to_user("mallory", {"n": -1})
+        await eventually(lambda: len(backplane._spool) == 1, "the refused message spooled")
+        for n in range(20):  # each its own batch, while the refused one waits
+            await manager.send_message_to_user("bob", {"n": n})
+            await manager.broadcast({"n": 1000 + n})
+            async with asyncio.timeout(HEARTBEAT):
+                await backplane.flush()  # does not wait for the refused one's next try
+        assert await manager.disconnect_user_everywhere("eve") == 0
+        assert backplane.stats.failed == 0
+        assert backplane.stats.published >= 20  # the broadcasts, through Redis
+        seen: list[int] = []
+        await read_numbers(client, seen, 0.5)
+        assert [n for n in seen if n < 1000] == list(range(20))  # kept for bob, in order
+        assert sorted(n for n in seen if n >= 1000) == list(range(1000, 1020))
+        await eventually(lambda: backplane.stats.failed == 1, "given up, counted")
+        assert not backplane._spool
+        assert await _errors(admin, "WRONGTYPE") == _SPOOL_TRIES  # one try per heartbeat
+        client.abort()
+    await admin.aclose()
+
+
+async def _history_numbers(admin: Redis, namespace: str, user: str) -> list[int]:
+    """The numbers of the messages in ``user``'s history on Redis, oldest first."""
+    numbers = []
+    entries: list[tuple[bytes, dict[bytes, bytes]]] = await admin.xrange(  # type: ignore[assignment]
+        f"{namespace}:outbox:{user}")
+    for _, fields in entries:
+        message = decode_bus_message(fields[b"d"])
+        assert isinstance(message, UserDelivery)
+        numbers.append(json.loads(message.frame)["message"]["n"])
+    return numbers
+
+
+async def test_a_users_kept_messages_wait_behind_one_redis_refused_and_keep_their_order(
+    redis_server: RedisServer,
+) -> None:
+    """Later kept messages to the user whose message Redis refused wait behind it in the spool
+    (their history stays in order); another user's go at once."""
+    namespace = f"order-{uuid.uuid4().hex[:6]}"
+    admin = Redis.from_url(redis_server.url)
+    await admin.set(f"{namespace}:outbox:mallory", "not a stream")
+    async with started(redis_server.url, namespace) as (manager, backplane):
+        await manager.send_message_to_user("mallory", {"n": 0})
+        await eventually(lambda: len(backplane._spool) == 1, "the refused message spooled")
+        await admin.delete(f"{namespace}:outbox:mallory")  # Redis would take it now
+        for n in (1, 2):
+            await manager.send_message_to_user("mallory", {"n": n})
+        await manager.send_message_to_user("bob", {"n": 9})
+        async with asyncio.timeout(HEARTBEAT):
+            await backplane.flush()
+        assert await _history_numbers(admin, namespace, "bob") == [9]  # at once
+        await eventually(lambda: backplane.stats.kept == 4, "the spool tried at a heartbeat")
+        assert await _history_numbers(admin, namespace, "mallory") == [0, 1, 2]
+        assert backplane.stats.failed == 0
+    await admin.aclose()
+
+
+async def test_a_replica_that_refuses_writes_costs_kept_messages_no_try(
+    redis_factory: Callable[[], RedisServer],
+) -> None:
+    """READONLY (Redis became a replica, as in a failover) says Redis serves nobody's writes
+    for now, not that the message is bad: the kept message waits in the spool past the tries a
+    refused one gets, and is kept once Redis takes writes again."""
+    from .redis_server import free_port  # the plugin's module, imported once pytest loaded it
+
+    server = redis_factory()
+    namespace = f"replica-{uuid.uuid4().hex[:6]}"
+    admin = Redis.from_url(server.url)
+    async with started(server.url, namespace) as (manager, backplane):
+        await admin.replicaof("127.0.0.1", str(free_port()))  # a master that never answers
+        await manager.send_message_to_user("bob", {"n": 0})
+        await eventually(lambda: len(backplane._spool) == 1, "the refused message spooled")
+        # More tries than a refused message gets (one per heartbeat), none counted against it.
+        async with asyncio.timeout(10 * _SPOOL_TRIES * HEARTBEAT):
+            while await _errors(admin, "READONLY") <= _SPOOL_TRIES + 1:
+                await asyncio.sleep(HEARTBEAT / 4)  # polling Redis's count of error replies
+        assert backplane.stats.failed == backplane.stats.kept == 0
+        await admin.replicaof("NO", "ONE")
+        await eventually(lambda: backplane.stats.kept == 1, "kept once Redis takes writes")
+        assert await _history_numbers(admin, namespace, "bob") == [0]
     await admin.aclose()

@@ -53,7 +53,7 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
 
 #: Names a subpackage's module exports for its siblings, and that the subpackage leaves out.
 NOT_REEXPORTED_BY_SUBPACKAGE: dict[str, frozenset[str]] = {
-    "backplane.node": frozenset({"cancel_task", "wait_event"}),
+    "backplane.node": frozenset({"BatchRefused", "cancel_task", "wait_event"}),
     # An integration is imported by name only: importing dara_ws_core.integrations must not
     # check for (or need) every framework.
     "integrations.dara": frozenset({"DaraManager", "SUPPORTED_DARA", "dara_authenticator",

@@ -270,8 +270,10 @@ class BrokerBackplane(BusNode):
 
     async def flush(self) -> None:
         """Wait until every channel change made so far is written to the directory and every
-        queued message has left (published, or failed and counted). Wrap it in
-        ``asyncio.timeout``: while the bus is unreachable it waits for the reconnection."""
+        queued message has left (published, failed and counted, or refused by the bus and
+        waiting in the spool for its next try, with the user's later kept messages behind it).
+        Wrap it in ``asyncio.timeout``: while the bus is unreachable, or after a round trip
+        that failed, it waits until the bus answers again."""
         target = self._version
         async with self._written_cond:
             await self._written_cond.wait_for(lambda: self._written >= target)
@@ -312,14 +314,13 @@ class BrokerBackplane(BusNode):
             await self._post(Publication(data, user_id=user_id), "message to a user")
             return
         # Kept: if the bus fails it, it waits in the spool and is sent again (with the same id,
-        # so the bus keeps it once); refused only when the spool is full.
-        if self._spool and not self._spool_room(1, len(data)):
-            self._count_failure("message to a user", None)
-        elif await self._post(Publication(data, user_id=user_id, keep=keep, sender=sender, stamped=stamped,
-                                          durable=next(self._kids)), "message to a user"):
+        # so the bus keeps it once); refused when the spool (with every kept message not yet
+        # answered) would be full, or once stopped.
+        if await self._post(Publication(data, user_id=user_id, keep=keep, sender=sender,
+                                        stamped=stamped, durable=next(self._kids)),
+                            "message to a user"):
             return
-        raise BackplaneError("the backplane is unreachable and its spool is full: the message "
-                             "to the user was not kept")
+        raise BackplaneError(f"{self._durable_refusal()}: the message to the user was not kept")
 
     def keeps(self, sender: str | None) -> bool:
         return self.refusals.keeps(sender, time.monotonic())

@@ -67,6 +67,7 @@ class MemoryBroker:
         #: ``clock``, code, reason, expiry).
         self.revoked: dict[str, tuple[int, int, str, float]] = {}
         # What each kept message's id was answered the first time (as the Redis keys), bounded.
+        # Keyed by (node id and process life, number): unique across a node's lives.
         self._kids: dict[tuple[str, int], Routed] = {}
 
     def _check(self) -> None:
@@ -180,15 +181,15 @@ class MemoryBroker:
 
     def publish_to_user(self, user_id: str, node_id: str, topic_of: Callable[[str], str],
                         data: bytes, keep: OutboxLimits | None = None, *,
-                        kid: int | None = None) -> Routed:
-        """:meth:`_publish_to_user`, once per ``kid``: sent again, a kept message is answered
-        as the first time (as the Redis script does)."""
+                        kid: tuple[str, int] | None = None) -> Routed:
+        """:meth:`_publish_to_user`, once per ``kid`` (the sender's node id and life, its number
+        for the message): sent again, a kept message is answered as the first time (as the
+        Redis script does)."""
         if kid is None:
             return self._publish_to_user(user_id, node_id, topic_of, data, keep)
-        first = self._kids.get((node_id, kid))
+        first = self._kids.get(kid)
         if first is None:
-            first = self._kids[node_id, kid] = self._publish_to_user(user_id, node_id, topic_of, data,
-                                                            keep)
+            first = self._kids[kid] = self._publish_to_user(user_id, node_id, topic_of, data, keep)
             if len(self._kids) > 100_000:
                 del self._kids[next(iter(self._kids))]
         return first
@@ -366,7 +367,8 @@ class MemoryBackplane(BrokerBackplane):
             if publication.user_id is not None:
                 results.append(broker.publish_to_user(
                     publication.user_id, self.node_id, self.topic_of, publication.data,
-                    publication.keep, kid=publication.kid))
+                    publication.keep,
+                    kid=None if publication.kid is None else (self.kid_scope, publication.kid)))
                 continue
             assert publication.channel_id is not None
             owner = broker.owner(publication.channel_id)

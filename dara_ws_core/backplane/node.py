@@ -7,7 +7,8 @@ the abstract primitives.
 
 from __future__ import annotations
 
-__all__ = ["BusNode", "BusOptions", "Entry", "Publication", "Routed", "cancel_task", "wait_event"]
+__all__ = ["BatchRefused", "BusNode", "BusOptions", "Entry", "Publication", "Routed", "cancel_task",
+           "wait_event"]
 
 import abc
 import asyncio
@@ -40,6 +41,11 @@ _ECHO_TIMEOUT = 5.0
 
 #: Publications per batch (one bus round trip), at most.
 _BATCH = 1000
+
+#: Times the bus may refuse one durable publication (answer it with an error while it answers
+#: the others) before it is given up: counted in ``stats.failed`` and logged. One try per
+#: heartbeat or reconnection, so a publication the bus keeps refusing costs a few heartbeats.
+_SPOOL_TRIES = 5
 
 #: (channel id, user id or None): one directory entry.
 Entry = tuple[str, str | None]
@@ -85,12 +91,12 @@ class Publication:
     sender: str | None = None
     #: Set: a failed attempt is kept in the spool and tried again, rather than counted lost
     #: (one field for both kinds: each field costs every publication). With ``keep``, an int:
-    #: this process's number for the message (unique with its node id), so that the bus answers
-    #: it sent again (after a round trip that failed, part of which may have run) as it did the
-    #: first time (:attr:`kid`). With ``topic``, a revocation ``(scope:target, code, reason,
-    #: when)`` (``when``: the moment it was asked for, in ms on the bus's clock), recorded on the
-    #: bus for the processes that miss the publication, in the same step as it is published
-    #: (:attr:`revoke`).
+    #: this process's number for the message (unique with its node's :attr:`BusNode.life`), so
+    #: that the bus answers it sent again (after a round trip that failed, part of which may
+    #: have run) as it did the first time (:attr:`kid`). With ``topic``, a revocation
+    #: ``(scope:target, code, reason, when)`` (``when``: the moment it was asked for, in ms on
+    #: the bus's clock), recorded on the bus for the processes that miss the publication, in the
+    #: same step as it is published (:attr:`revoke`).
     durable: int | tuple[str, int, str, int] | None = None
 
     @property
@@ -106,6 +112,24 @@ class Publication:
 
 #: A queued publication: what to publish, the future its result goes to (or None), what it is.
 _Queued = tuple[Publication, "asyncio.Future[Routed] | None", str]
+#: A spooled publication: what to publish, what it is, how many times the bus refused it.
+_Spooled = tuple[Publication, str, int]
+
+
+class BatchRefused(BackplaneError):
+    """Raised by ``_publish_batch`` when the bus answered the batch but refused some of its
+    publications (an error reply each, Redis's ``OOM`` or ``WRONGTYPE``): ``results`` holds
+    every publication's result (any value where it was refused), ``errors`` the refused ones'
+    errors by index. The others ran: they get their results, only the refused ones fail.
+    ``counted``: each refusal counts as a try of a durable publication (not when the bus says
+    it cannot serve anyone for now: loading, failing over)."""
+
+    def __init__(self, results: list[Routed], errors: dict[int, BackplaneError], *,
+                 counted: bool = True) -> None:
+        super().__init__(f"{len(errors)} publication(s) refused: {next(iter(errors.values()))}")
+        self.results = results
+        self.errors = errors
+        self.counted = counted
 
 
 class BusNode(abc.ABC):
@@ -119,8 +143,11 @@ class BusNode(abc.ABC):
     ``stats.failed`` and logged (once when an outage starts, and with the count when it ends).
     Durable publications (kept messages to a user, revocations) whose attempt failed are not
     dropped: they wait in a bounded spool and are published again, before anything newer and
-    in order, once the bus answers; only what the spool's bound refuses is lost (counted in
-    ``stats.failed`` and logged).
+    in order, once the bus answers (the next heartbeat or reconnection). One the bus refuses
+    while it runs the rest of its batch (:class:`BatchRefused`) fails alone, and is given up
+    after ``_SPOOL_TRIES`` tries (counted in ``stats.failed`` and logged). The spool's bounds
+    count every durable publication not answered yet, so what is accepted is never dropped for
+    them; a durable publication beyond them, or once :meth:`_stop_bus` began, is refused.
 
     ``connect_timeout``: how long a start waits for the bus; ``backoff_initial`` /
     ``backoff_max``: reconnection delays; ``max_outbox`` / ``max_outbox_bytes``: messages, and
@@ -133,8 +160,14 @@ class BusNode(abc.ABC):
     of this node's broadcasts published but not yet heard back on its own subscription before
     publishing waits (so that this process never publishes faster than it reads, which would
     overflow the bus's buffer for its subscription: Redis's ``client-output-buffer-limit pubsub``).
-    ``max_spool`` / ``max_spool_bytes``: durable publications waiting for the bus to answer
-    again (beyond, a kept send raises ``BackplaneError``).
+    ``max_spool`` / ``max_spool_bytes``: durable publications the bus has not answered yet
+    (queued, in flight, or waiting to be tried again; beyond, a kept send raises
+    ``BackplaneError``).
+
+    ``node_id`` names the process on the bus (its topic, its directory entries); it is not a
+    scope for deduplication: each backplane draws its own :attr:`life`, and the numbers of
+    kept messages are unique within it, so the same ``node_id`` may be given again after a
+    restart.
     """
 
     def __init__(
@@ -191,13 +224,31 @@ class BusNode(abc.ABC):
         self._echo_waiting = False
         # Durable publications whose attempt failed, oldest first, all older than the outbox's:
         # published again first once the bus answers (see _publish_loop).
-        self._spool: deque[tuple[Publication, str]] = deque()
+        self._spool: deque[_Spooled] = deque()
         self._spool_bytes = 0
         self.max_spool = max_spool
         self.max_spool_bytes = max_spool_bytes
-        self._kids = itertools.count(1)
+        # Durable publications not yet answered by the bus, other than the spooled ones: queued
+        # in the outbox, and in the batch in flight. The spool's bounds count them too, so that
+        # one accepted (a kept send that returned) always has room in the spool if it fails.
+        self._durable_queued = self._durable_queued_bytes = 0
+        self._durable_flying = self._durable_flying_bytes = 0
+        #: This process life's mark, with its node id the scope of its kept messages' numbers
+        #: (:attr:`Publication.kid`): a process restarted with the same ``node_id`` is another
+        #: life, whose messages the bus never takes for the previous life's.
+        self.life = uuid.uuid4().hex[:12]
+        #: The scope of this life's kept message numbers on the bus: ``<node_id>-<life>``.
+        self.kid_scope = f"{self.node_id}-{self.life}"
+        # Numbered from the wall clock in µs: a later life's numbers are above an earlier one's
+        # (unless it sent more than a million a second), so the bus seldom searches for them.
+        self._kids = itertools.count(time.time_ns() // 1000)
         self._spool_lost = 0
         self._spool_due = True
+        # Set while the spool holds a publication the bus refused (not a round trip that
+        # failed): only the next heartbeat or reconnection tries it again.
+        self._spool_held = False
+        # Set once the publishing stopped for good (stop()): nothing more is queued.
+        self._bus_stopped = False
         # Publications queued so far, and of those, how many are done (published or failed):
         # :meth:`_published` waits for the count at its call (futures waiting, by that count).
         self._queued = 0
@@ -324,17 +375,34 @@ class BusNode(abc.ABC):
 
     def _queue(self, publication: Publication, what: str,
                done: asyncio.Future[Routed] | None, size: int) -> bool:
-        if not self._connected.is_set():
-            # A durable one waits for the bus (the publish loop spools it), if there is room.
-            queued = publication.durable is not None and self._spool_room(len(self._outbox) + 1,
-                                                              len(publication.data))
-            if not queued:
+        if publication.durable is not None:
+            # Only with room in the spool for it and every durable one not answered yet (then
+            # it is never dropped for the spool's bounds), and not once stopped; a revocation
+            # while the bus answers is always taken (the outbox bounds it): it must not wait
+            # behind a burst of kept messages.
+            queued, queued_bytes = self._durable_queued + 1, self._durable_queued_bytes + size
+            if ((publication.keep is not None or not self._connected.is_set()
+                 or self._bus_stopped)
+                    and (len(self._spool) + queued + self._durable_flying > self.max_spool
+                         or self._spool_bytes + queued_bytes + self._durable_flying_bytes
+                         > self.max_spool_bytes or self._bus_stopped)):
                 self._count_failure(what, None)
-            if done is not None:
-                done.set_exception(BackplaneError("the backplane is disconnected"))
-            if not queued:
+                if done is not None:
+                    done.set_exception(BackplaneError(self._durable_refusal()))
                 return False
-            done = None
+            self._durable_queued, self._durable_queued_bytes = queued, queued_bytes
+            if not self._connected.is_set():
+                # It waits for the bus (the publish loop spools it); the caller learns it did
+                # not go through yet.
+                if done is not None:
+                    done.set_exception(BackplaneError("the backplane is disconnected"))
+                done = None
+        elif not self._connected.is_set() or self._bus_stopped:
+            self._count_failure(what, None)
+            if done is not None:
+                done.set_exception(BackplaneError("the backplane stopped" if self._bus_stopped
+                                                  else "the backplane is disconnected"))
+            return False
         self._outbox.append((publication, done, what))
         self._outbox_bytes += size
         if publication.topic == self.broadcast_topic:
@@ -393,55 +461,85 @@ class BusNode(abc.ABC):
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _spool_room(self, count: int, size: int = 0) -> bool:
-        """Whether ``count`` more durable publications (``size`` more bytes) fit the spool."""
-        return (len(self._spool) + count <= self.max_spool
-                and self._spool_bytes + size <= self.max_spool_bytes)
+    def _durable_refusal(self) -> str:
+        """Why a durable publication was refused."""
+        if self._bus_stopped:
+            return "the backplane stopped"
+        return (f"the backplane's spool is full ({self.max_spool} publications or "
+                f"{self.max_spool_bytes} bytes waiting for the bus)")
 
-    def _spool_failed(self, batch: list[tuple[Publication, asyncio.Future[Routed] | None, str]],
-                      exc: BaseException, spooled: int) -> None:
-        """A batch failed (its first ``spooled`` publications came from the spool): put its
-        durable publications back in the spool, in order, ahead of anything newer (their
-        ``done`` gets the error: the caller learns it did not go through yet); fail the rest."""
-        back: list[tuple[Publication, str]] = []
-        for i, (publication, done, what) in enumerate(batch):
+    def _spool_failed(self, batch: Sequence[_Queued], errors: Sequence[BaseException],
+                      spooled: int, tries: Sequence[int], *, refused: bool = False,
+                      counted: bool = True) -> None:
+        """Publications failed (``errors``, one each; the first ``spooled`` came from the spool,
+        refused ``tries`` times before): put the durable ones back in the spool, in order, ahead
+        of anything newer (their ``done`` gets the error: the caller learns it did not go
+        through yet); fail the rest. ``refused``: the bus answered with an error for each
+        (rather than not at all): the spool waits for its next try (not the next batch), and
+        with ``counted`` one more try is counted against each; after ``_SPOOL_TRIES`` the
+        publication is given up."""
+        front: list[_Spooled] = []
+        back: list[_Spooled] = []
+        for i, ((publication, done, what), exc) in enumerate(zip(batch, errors, strict=True)):
             if done is not None and not done.done():
                 done.set_exception(BackplaneError(str(exc)))
-            if publication.durable is not None:
-                back.append((publication, what))
-            elif i >= spooled:
-                self._count_failure(what, exc)
-        # The ones that came from the spool go back whatever the bound (they were in it); of
-        # the others, the oldest that fit.
-        kept = spooled
-        count = len(self._spool) + spooled
-        size = self._spool_bytes + sum(len(p.data) for p, _ in back[:spooled])
-        for publication, _ in back[spooled:]:
-            count, size = count + 1, size + len(publication.data)
-            if count > self.max_spool or size > self.max_spool_bytes:
-                break
-            kept += 1
-        for publication, what in back[kept:]:
-            self._lose(publication, what)
+            if publication.durable is None:
+                if i >= spooled:
+                    self._count_failure(what, exc)
+                continue
+            tried = (tries[i] if i < spooled else 0) + (refused and counted)
+            if tried >= _SPOOL_TRIES:
+                self._give_up(publication, what, exc, tried)
+            else:
+                (front if i < spooled else back).append((publication, what, tried))
         # Those from the spool go back to its front (older than what stayed in it), the others
-        # to its end (newer than anything in it: only this loop adds to it).
-        for publication, what in reversed(back[:spooled]):
-            self._spool.appendleft((publication, what))
-        self._spool.extend(back[spooled:kept])
-        self._spool_bytes += sum(len(publication.data) for publication, _ in back[:kept])
+        # to its end (newer than anything in it: only this loop adds to it). The spool's bounds
+        # counted them all when they were queued (see _queue; revocations taken while the
+        # bus answered may go past them): none is dropped here.
+        self._spool.extendleft(reversed(front))
+        self._spool.extend(back)
+        back += front
+        self._spool_bytes += sum(len(publication.data) for publication, _, _ in back)
         self._spool_due = False  # tried again at the next heartbeat or reconnection
+        self._spool_held = self._spool_held or refused
 
-    def _lose(self, publication: Publication, what: str) -> None:
-        """The spool is full: a durable publication is dropped. Counted and logged (the first
-        ten, then every 100th...)."""
+    def _give_up(self, publication: Publication, what: str, exc: BaseException,
+                 tries: int) -> None:
+        """The bus refused a durable publication ``tries`` times: it is dropped, counted in
+        ``stats.failed`` and logged (the first ten, then every 100th)."""
         self.stats.failed += 1
         self._spool_lost += 1
         count = self._spool_lost
-        if count <= 10 or count % 100 == 0:
-            logger.warning("backplane: the spool of publications waiting for the bus is full "
-                           "(%d, %d bytes): a %s was dropped (%d so far); raise max_spool or "
-                           "max_spool_bytes", len(self._spool), self._spool_bytes, what, count,
+        if count <= 10 or count % 100 == 0:  # the first ten, then every 100th
+            logger.warning("backplane: the bus refused a %s %d times (%s): given up (%d so far)",
+                           what, tries, exc, count,
                            extra={"node": self.node_id, "failed": self.stats.failed})
+
+    def _hold_back(self, taken: list[_Queued]) -> list[_Queued]:
+        """The spool waits for its next try: of the publications ``taken`` from the outbox, the
+        kept messages to a user it holds one for join it, after it (a user's history keeps
+        their messages in the order they were sent); the rest go now."""
+        users = {p.user_id for p, _, _ in self._spool if p.keep is not None}
+        if not users:
+            return taken
+        rest: list[_Queued] = []
+        held = 0
+        for item in taken:
+            publication, done, what = item
+            if publication.keep is None or publication.user_id not in users:
+                rest.append(item)
+                continue
+            size = len(publication.data)
+            self._durable_flying -= 1
+            self._durable_flying_bytes -= size
+            self._spool.append((publication, what, 0))
+            self._spool_bytes += size
+            if done is not None and not done.done():
+                done.set_exception(BackplaneError("waiting in the spool behind a message the "
+                                                  "bus refused"))
+            held += 1
+        self._done_with(held)
+        return rest
 
     async def _publish_loop(self) -> None:
         outbox, spool = self._outbox, self._spool
@@ -450,30 +548,42 @@ class BusNode(abc.ABC):
             self._outbox_ready.clear()
             while outbox or (spool and self._spool_due and self._connected.is_set()):
                 batch: list[_Queued] = []
-                if spool and self._connected.is_set():  # the spool first: it is older
+                tries: list[int] = []
+                if spool and self._spool_due and self._connected.is_set():  # first: it is older
                     while spool and len(batch) < _BATCH:
-                        publication, what = spool.popleft()
-                        self._spool_bytes -= len(publication.data)
+                        publication, what, tried = spool.popleft()
+                        size = len(publication.data)
+                        self._spool_bytes -= size
+                        self._durable_flying += 1
+                        self._durable_flying_bytes += size
                         batch.append((publication, None, what))
+                        tries.append(tried)
                 spooled = len(batch)
                 if outbox and spooled < _BATCH:
                     if not spooled and self._unechoed >= self.publish_window:
                         await self._wait_echoes()
                     if outbox:
-                        batch += self._take_batch(_BATCH - spooled)
+                        taken = self._take_batch(_BATCH - spooled)
+                        # (While the bus is down the batch fails whole: spooled in order.)
+                        batch += (self._hold_back(taken) if spool and self._connected.is_set()
+                                  else taken)
                 if not batch:
-                    break
+                    continue  # all of it held back in the spool (each round takes some)
                 self._outbox_space.set()
+                finished = len(batch) - spooled
+                self._durable_flying = self._durable_flying_bytes = 0  # answered below
                 try:
                     if not self._connected.is_set():
                         raise BackplaneError("the backplane is disconnected")
                     results = await self._publish_batch([p for p, _, _ in batch])
+                except BatchRefused as exc:  # the others ran: only the refused ones fail
+                    batch, results = self._partly_refused(batch, exc, spooled, tries)
                 except Exception as exc:
                     if not isinstance(exc, BackplaneError):  # a bug: log it, keep publishing
                         logger.exception("backplane: publishing failed",
                                          extra={"node": self.node_id})
-                    self._spool_failed(batch, exc, spooled)
-                    self._done_with(len(batch) - spooled)
+                    self._spool_failed(batch, [exc] * len(batch), spooled, tries)
+                    self._done_with(finished)
                     continue
                 for (publication, done, _), (owner, receivers) in zip(batch, results,
                                                                          strict=True):
@@ -487,15 +597,35 @@ class BusNode(abc.ABC):
                         _stamp(owner, publication.stamped)
                     if done is not None and not done.done():
                         done.set_result((owner, receivers))
-                self._done_with(len(batch) - spooled)
-                self._spool_due = True
-            if not spool:
+                self._done_with(finished)
+                # The bus answers: what waits after a failed round trip goes now; what it
+                # refused waits for its next try (a heartbeat or a reconnection).
+                self._spool_due = not self._spool_held
+            # Idle, unless the spool waits for the bus to answer again (flush() waits for that;
+            # not for the next try of what the bus refused, which may take a few heartbeats).
+            if not spool or (self._spool_held and self._connected.is_set()
+                             and not self._spool_due):
                 self._outbox_idle.set()
+
+    def _partly_refused(self, batch: list[_Queued], refused: BatchRefused, spooled: int,
+                       tries: list[int]) -> tuple[list[_Queued], list[Routed]]:
+        """The bus refused some publications of ``batch`` and ran the others: the refused ones
+        fail (the durable ones go back to the spool); the others and their results, returned."""
+        errors = refused.errors
+        failed = sorted(errors)
+        self._spool_failed([batch[i] for i in failed], [errors[i] for i in failed],
+                           sum(i < spooled for i in failed),
+                           [tries[i] for i in failed if i < spooled], refused=True,
+                           counted=refused.counted)
+        return ([q for i, q in enumerate(batch) if i not in errors],
+                [r for i, r in enumerate(refused.results) if i not in errors])
 
     def _retry_spool(self) -> None:
         """Publish the spool again (the bus is back, or a heartbeat passed since it failed)."""
+        self._spool_held = False
         if self._spool:
             self._spool_due = True
+            self._outbox_idle.clear()
             self._outbox_ready.set()
 
     def _take_batch(self, limit: int = _BATCH) -> list[_Queued]:
@@ -509,6 +639,10 @@ class BusNode(abc.ABC):
             outbox.clear()
             self._unechoed += self._outbox_echo
             self._outbox_bytes = self._outbox_echo = 0
+            if self._durable_queued:  # in flight now
+                self._durable_flying += self._durable_queued
+                self._durable_flying_bytes += self._durable_queued_bytes
+                self._durable_queued = self._durable_queued_bytes = 0
             return batch
         batch = [outbox.popleft() for _ in range(min(len(outbox), limit))]
         sizes = [len(p.data) for p, _, _ in batch]
@@ -516,6 +650,13 @@ class BusNode(abc.ABC):
         while size > room and len(batch) > 1:  # the rest waits for the window
             outbox.appendleft(batch.pop())
             size -= sizes.pop()
+        if self._durable_queued:
+            durable = [n for (p, _, _), n in zip(batch, sizes, strict=True)
+                       if p.durable is not None]
+            self._durable_queued -= len(durable)
+            self._durable_queued_bytes -= sum(durable)
+            self._durable_flying += len(durable)
+            self._durable_flying_bytes += sum(durable)
         if not self._outbox_echo:
             echoed = 0
         elif self._outbox_echo == self._outbox_bytes:  # only broadcasts
@@ -559,8 +700,10 @@ class BusNode(abc.ABC):
                 done.set_exception(exc)
             self._done_with(1)
         self._outbox_echo = 0
+        self._durable_queued = self._durable_queued_bytes = 0
+        self._durable_flying = self._durable_flying_bytes = 0  # the publisher is gone
         while self._spool:
-            _, what = self._spool.popleft()
+            _, what, _ = self._spool.popleft()
             self._count_failure(what, exc)
         self._spool_bytes = 0
         self._outbox_idle.set()
@@ -582,12 +725,16 @@ class BusNode(abc.ABC):
     def _start_bus(self) -> None:
         """Start connecting (with backoff, for good) and publishing."""
         loop = asyncio.get_running_loop()
+        self._bus_stopped = False
         self._bus_task = loop.create_task(self._run_bus(), name=f"backplane-bus-{self.node_id}")
         self._publisher_task = loop.create_task(self._publish_loop(),
                                                 name=f"backplane-pub-{self.node_id}")
 
     async def _stop_bus(self) -> None:
-        """Let queued messages leave (briefly), fail the rest, and disconnect."""
+        """Let queued messages leave (briefly), fail the rest, and disconnect. From here on
+        nothing more is queued: a kept send raises ``BackplaneError`` (no task would publish
+        it), anything else is counted as failed."""
+        self._bus_stopped = True
         if self._connected.is_set():
             await wait_event(self._outbox_idle, 1.0)
         await cancel_task(self._publisher_task)

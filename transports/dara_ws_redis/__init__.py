@@ -34,10 +34,13 @@ Redis layout (``<ns>`` is the namespace, ``dara-ws`` by default):
   off: messages for its users that found nobody listening on its topic (read and reset when the
   node resubscribes);
 * each entry of a user's history holds the message (``d``), its number for the user (``n``)
-  and its sender's id for it (``k``: ``<node_id>-<number>``), and the meta hash the highest
-  number each node appended (``k:<node_id>``): a message sent again after a round trip that
-  failed (part of which may have run) is found among the user's 1,000 newest entries and not
-  appended twice (beyond those, it may be: a duplicate, never a loss);
+  and its sender's id for it (``k``: ``<node_id>-<life>-<number>``, the life a mark drawn at
+  each start of the process, so that a process restarted with the same ``node_id`` never
+  reuses one), and the meta hash the highest number each node appended (``k:<node_id>``; the
+  numbers start from the wall clock in µs, so a later life's are higher): a message sent again
+  after a round trip that failed (part of which may have run) is found among the user's 1,000
+  newest entries, the same id and the same bytes, and not appended twice (beyond those, it may
+  be: a duplicate, never a loss);
 * ``<ns>:revoked:<scope>:<target>`` -> ``<ms> <code> <reason>``, expiring ``revoke_ttl`` after
   ``<ms>``: the latest revocation of a user, session or channel, set in the same step as it is
   published, for the processes whose subscription was down at that moment. ``<ms>`` is when the
@@ -83,7 +86,17 @@ try:
     from redis.asyncio import Redis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
-    from redis.exceptions import NoScriptError, RedisError
+    from redis.exceptions import (
+        BusyLoadingError,
+        ClusterDownError,
+        MasterDownError,
+        NoScriptError,
+        OutOfMemoryError,
+        ReadOnlyError,
+        RedisError,
+        TryAgainError,
+    )
+    from redis.exceptions import ConnectionError as RedisConnectionError
 except ImportError as exc:  # the extra is missing: say which one to install
     raise ImportError(
         'dara_ws_redis needs the redis library: pip install "dara-ws-core[redis]"', name=exc.name
@@ -91,10 +104,18 @@ except ImportError as exc:  # the extra is missing: say which one to install
 
 from dara_ws_core.backplane import BrokerBackplane, Entry, Publication, Routed
 from dara_ws_core.backplane.broker import Kept, Revocation
+from dara_ws_core.backplane.node import BatchRefused
 from dara_ws_core.exceptions import BackplaneError
 from dara_ws_core.outbox import SENDER_SHARES, SENDER_SMALL, OutboxLimits
 
 _BATCH = 3000  # directory commands per pipeline round trip
+
+# Error replies that say the server cannot serve anyone for now, rather than refuse one command:
+# what they fail is tried again without counting a try (see BatchRefused). redis-py turns the
+# codes it knows into these classes (dropping the code from the text); the others keep it.
+_PASSING = (OutOfMemoryError, BusyLoadingError, ReadOnlyError, MasterDownError, TryAgainError,
+            ClusterDownError, RedisConnectionError)
+_PASSING_CODES = ("BUSY", "NOREPLICAS")
 
 # Look a channel up and publish to its node in one round trip (atomic, so no race between the
 # two). KEYS[1]: the channel's key; ARGV: this node, the node topic prefix, the message.
@@ -155,20 +176,22 @@ return redis.call('PUBLISH', ARGV[4], ARGV[5])
 # senders holding little (under a SMALL-th of their share) and for sends charged to nobody: a
 # sender refused there is refused as over its share ("sender"), not the outbox as a whole.
 #
-# ARGV[16] (with the outbox on, a kept message from a node that numbers them): the message's
-# number at its node, stored with the entry (field k: "<node>-<number>"); the meta hash keeps the
-# highest per node (field "k:<node>"): a number not above it may be a message sent again (a round
-# trip failed, part of which may have run), answered as its entry if the user's newest entries
-# hold it, not appended twice.
+# ARGV[16], ARGV[17] (with the outbox on, a kept message from a node that numbers them): the
+# message's number at its node and the node's scope for numbers (its id and process life),
+# stored with the entry (field k: "<scope>-<number>"); the meta hash keeps the highest number per
+# node id (field "k:<node>"): a number not above it may be a message sent again (a round trip
+# failed, part of which may have run), answered as its entry if the user's newest entries hold
+# one with the same k and the same message, not appended twice. Any other match is another
+# message (another life of the node), appended: the search never drops a message.
 _ROUTE_USER = """
 -- kid: a kept message sent again that the first run appended is answered with that entry.
 local kid, last = nil, 0
 if ARGV[16] then
-  kid = ARGV[1] .. '-' .. ARGV[16]
+  kid = ARGV[17] .. '-' .. ARGV[16]
   last = tonumber(redis.call('HGET', KEYS[3], 'k:' .. ARGV[1]) or '0')
   if tonumber(ARGV[16]) <= last then
     for _, e in ipairs(redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1000)) do
-      if e[2][6] == kid then return e[1] .. ' ' .. e[2][4] .. ' 0' end
+      if e[2][6] == kid and e[2][2] == ARGV[3] then return e[1] .. ' ' .. e[2][4] .. ' 0' end
     end
   end
 end
@@ -531,7 +554,7 @@ class RedisBackplane(BrokerBackplane):
                                         "" if sender is None else self._sender_key(sender),
                                         keep.sender_messages, self._window_key(""),
                                         keep.max_users, keep.max_total_bytes,
-                                        *_kid(publication))
+                                        *_kid(publication, self.kid_scope))
             else:
                 yield _ROUTE, (1, self._ch(str(publication.channel_id)), self.node_id, prefix,
                                publication.data)
@@ -560,11 +583,14 @@ class RedisBackplane(BrokerBackplane):
                 for (i, _, _), reply in zip(unknown, await retry.execute(raise_on_error=False),
                                             strict=True):
                     replies[i] = reply
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
         except (RedisError, OSError) as exc:
             raise BackplaneError(f"redis: {exc}") from exc
+        for reply in replies:
+            if isinstance(reply, Exception):  # fails its publication only: the others ran
+                self._refused(batch, replies)
+        return self._results(batch, replies)
+
+    def _results(self, batch: Sequence[Publication], replies: list[Any]) -> list[Routed]:
         results: list[Routed] = []
         for publication, reply in zip(batch, replies, strict=True):
             if publication.ack is not None:
@@ -585,6 +611,22 @@ class RedisBackplane(BrokerBackplane):
             else:
                 results.append((_text(reply[0]), int(reply[1])))
         return results
+
+    def _refused(self, batch: Sequence[Publication], replies: list[Any]) -> None:
+        """Redis answered some publications with an error (a key of the wrong type, ``OOM`` at
+        ``maxmemory``...), and ran the others: raise ``BatchRefused`` with every result, so
+        that only the refused ones fail (or wait in the spool). An error that says Redis cannot
+        take anyone's writes for now (out of memory, loading, a replica, busy...) counts no try
+        against them."""
+        errors: dict[int, BackplaneError] = {}
+        passing = False
+        for i, reply in enumerate(replies):
+            if isinstance(reply, Exception):
+                errors[i] = BackplaneError(f"redis: {reply}")
+                passing = passing or (isinstance(reply, _PASSING)
+                                      or str(reply).startswith(_PASSING_CODES))
+                replies[i] = None if batch[i].channel_id is not None else 0  # a stand-in
+        raise BatchRefused(self._results(batch, replies), errors, counted=not passing)
 
     async def _user_entries(self, user_id: str) -> dict[str, str]:
         key = self._user(user_id)
@@ -715,9 +757,11 @@ def _triples(flat: Sequence[Any]) -> list[Kept]:
             for i in range(0, len(flat) - 2, 3)]
 
 
-def _kid(publication: Publication) -> tuple[int, ...]:
-    """A kept message's number as the script's last argument (none without)."""
-    return () if publication.durable is None else (publication.durable,)  # type: ignore[return-value]
+def _kid(publication: Publication, scope: str) -> tuple[int | str, ...]:
+    """A kept message's number and its node's scope for numbers as the script's last
+    arguments (none without)."""
+    kid = publication.kid
+    return () if kid is None else (kid, scope)
 
 
 def _revocation(value: str) -> Revocation | None:
