@@ -1,5 +1,7 @@
 """What an idle connection holds on the websockets adapter, pinned without measuring memory:
 the per-connection objects that could be shared or created lazily stay shared or uncreated.
+And, on every socket transport, nothing of the last large message it received (measured:
+tracemalloc, or for picows' read buffer which keeps its size, the pages in RAM).
 
 Real connections over 127.0.0.1; each check names the saving it keeps (issue 14, item 5).
 """
