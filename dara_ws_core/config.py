@@ -43,7 +43,10 @@ class ServerConfig:
     """
 
     #: Largest inbound frame. 16 MiB like Dara's server (uvicorn's default): the stock client
-    #: sends large answers in one frame. Larger frames close the connection with 1009.
+    #: sends large answers in one frame. Larger frames close the connection with 1009. A frame
+    #: is held while it is read and handled, not after: an idle connection keeps nothing of the
+    #: largest message it received (on picows, whose read buffer keeps the size it grew to,
+    #: the pages past 64 KiB of it are handed back to the system).
     max_message_size: int = 16 * MiB
     #: Most JSON values in one inbound frame, counted before it is decoded (an upper bound: every
     #: comma and opening bracket). Decoded, a value takes up to ~120 bytes of Python objects (an

@@ -294,6 +294,9 @@ class ConnectionDriver:
                         pending = handler.receive_frame(frame, self._loop.time())
                     else:  # the context pushed messages are handled in (what a handler set)
                         pending = self._context.run(handler.receive_frame, frame, self._loop.time())
+                    # Not kept until the next message: an idle connection would hold a copy of
+                    # the last one it received (up to max_message_size) for as long as it idles.
+                    frame = None
                 else:  # handled in the transport's callback (_pushed): what it left for the loop
                     held, self._held = self._held, None
                     if isinstance(held, Exception):

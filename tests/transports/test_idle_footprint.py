@@ -1,5 +1,7 @@
 """What an idle connection holds on the websockets adapter, pinned without measuring memory:
 the per-connection objects that could be shared or created lazily stay shared or uncreated.
+And, on every socket transport, nothing of the last large message it received (measured:
+tracemalloc, or for picows' read buffer which keeps its size, the pages in RAM).
 
 Real connections over 127.0.0.1; each check names the saving it keeps (issue 14, item 5).
 """
@@ -7,12 +9,15 @@ Real connections over 127.0.0.1; each check names the saving it keeps (issue 14,
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import json
+import mmap
 import os
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -24,6 +29,8 @@ from dara_ws_core.queue import OutboundQueue
 from dara_ws_picows import serve as picows_serve
 from dara_ws_websockets import _ServerConnection, serve
 from tests.helpers import eventually
+from tests.hostile import TEXT, HostileClient, open_channel
+from tests.stacks import TRANSPORTS, Stack, running_stack
 
 TIMEOUT = 10.0
 
@@ -214,3 +221,87 @@ async def test_a_closed_connection_is_freed_without_the_cyclic_collector(
                              "every handler, driver and transport freed", timeout=5.0)
     finally:
         gc.enable()
+
+
+# ------------------------------------------------ what a large message leaves behind (review 12 #3)
+
+#: A large message's payload: far over what any of the libraries keep of a small one.
+LARGE = 1024 * 1024
+#: What may stay allocated once the large message is handled: the connection's own small
+#: objects (a few KiB) and the interpreter's noise, far under one copy of the message.
+LEFT_BEHIND = 128 * 1024
+SOCKETS = sorted(t for t in TRANSPORTS if t != "memory")
+
+
+async def _send_large_ping(stack: Stack) -> tuple[HostileClient, str]:
+    """A raw client that sent one LARGE message, handled: its pong has come back."""
+    assert stack.port is not None
+    client, channel = await open_channel(stack.port)
+    client.send_text(json.dumps({"type": "ping", "message": "x" * LARGE}))
+    reply = await client.read_frame(timeout=TIMEOUT)
+    assert reply.opcode == TEXT and json.loads(reply.text)["type"] == "pong"
+    return client, channel
+
+
+@pytest.mark.parametrize("transport", [t for t in SOCKETS if t != "picows"])
+async def test_an_idle_connection_keeps_no_copy_of_the_last_large_message_it_sent(transport: str) -> None:
+    # websockets' parser (the websockets and ASGI adapters: uvicorn parses with it too) keeps the
+    # last frame it parsed until the next one comes, and the driver's receive loop kept the
+    # last message in a local variable: an idle connection held one or two copies of the
+    # largest message it last sent, up to max_message_size each, counted by no budget.
+    config = ServerConfig(ping_interval=None, max_message_size=4 * LARGE)
+    async with running_stack(transport, config=config) as stack:
+        warm, _ = await open_channel(stack.port)  # type: ignore[arg-type]  # a socket stack
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            client, _ = await _send_large_ping(stack)
+            gc.collect()
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert held < LEFT_BEHIND, f"{held} bytes still held after a {LARGE}-byte message"
+        # The connection goes on as before: the next large message is read and answered.
+        client.send_text(json.dumps({"type": "ping", "message": "y" * LARGE}))
+        assert json.loads((await client.read_frame(timeout=TIMEOUT)).text)["type"] == "pong"
+        client.abort()
+        warm.abort()
+
+
+def _resident(view: memoryview) -> int:
+    """Bytes of the whole memory pages inside ``view`` that are in RAM (``mincore``)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+    page = mmap.PAGESIZE
+    start = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    first, end = -(-start // page) * page, (start + len(view)) // page * page
+    pages = (end - first) // page
+    if pages <= 0:
+        return 0
+    vector = ctypes.create_string_buffer(pages)
+    assert libc.mincore(first, end - first, vector) == 0, ctypes.get_errno()
+    return sum(byte & 1 for byte in vector.raw) * page
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore() as Linux defines it")
+async def test_picows_hands_back_what_a_large_frame_grew_its_read_buffer_by() -> None:
+    # picows grows its read buffer to hold the largest frame and never shrinks it: an idle
+    # connection kept the pages of the largest message it ever sent. Once the frame is
+    # handled, the pages past what the next read may fill go back to the system.
+    from dara_ws_picows import READ_LIMIT
+
+    config = ServerConfig(ping_interval=None, max_message_size=4 * LARGE)
+    async with running_stack("picows", config=config) as stack:
+        client, channel = await _send_large_ping(stack)
+        listener = stack.manager.handlers[channel]._sink.transport  # type: ignore[union-attr]
+        reads = listener._ws.underlying_transport.get_protocol()
+        free = reads._protocol.get_buffer(-1)  # picows' whole read buffer past its unread bytes
+        assert len(free) > LARGE, "the frame grew picows' read buffer"
+        await eventually(lambda: _resident(free[READ_LIMIT:]) < LEFT_BEHIND,
+                         "the pages the frame filled handed back", timeout=5.0)
+        free.release()
+        # The connection goes on as before: the next large message is read and answered.
+        client.send_text(json.dumps({"type": "ping", "message": "y" * LARGE}))
+        assert json.loads((await client.read_frame(timeout=TIMEOUT)).text)["type"] == "pong"
+        client.abort()

@@ -53,15 +53,32 @@ class ASGITransport:
         self._send = send
         self._sent: ConnectionClosed | None = None  # we sent websocket.close
         self._gone: ConnectionClosed | None = None  # the server reported websocket.disconnect
+        #: The socket behind ``send`` (under uvicorn; see _socket_of), else None.
+        self._socket = _socket_of(send)
 
     @property
     def closed(self) -> bool:
         return (self._gone or self._sent) is not None
 
+    @property
+    def disconnected(self) -> bool:
+        """Whether the socket is gone (``SupportsDisconnected``): closing with nothing left to
+        write. Never true where the socket is not found (another server than uvicorn)."""
+        socket = self._socket
+        return socket is not None and socket.is_closing() and not socket.get_write_buffer_size()
+
     async def send(self, frame: bytes) -> None:
         """Send one text frame; raises ``ConnectionClosed`` once the connection is closing."""
         if gone := self._gone or self._sent:
             raise gone
+        socket = self._socket
+        if socket is not None and socket.is_closing():
+            # The socket is lost or closing, which the server reports to the application only
+            # when it reads the disconnect: a connection paused for backpressure does not read.
+            # uvicorn would write anyway, and asyncio logs a warning for each write to a lost
+            # socket: a peer that aborts while a fan-out is queued for it would make the server
+            # log once per frame.
+            raise ConnectionClosed(CloseCode.ABNORMAL, "connection lost")
         try:
             await self._send({"type": "websocket.send", "text": frame.decode()})
         except OSError as exc:  # the ASGI spec's error for sending on a closed connection
@@ -99,7 +116,7 @@ class ASGITransport:
         """Drop the TCP connection. ASGI has no abort: under uvicorn the socket is found behind
         ``send`` (see :func:`_socket_of`); elsewhere this does nothing and the server's own
         close timeout applies."""
-        if (transport := _socket_of(self._send)) is not None:
+        if (transport := self._socket) is not None:
             transport.abort()
 
 

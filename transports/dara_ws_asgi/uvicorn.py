@@ -207,7 +207,8 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
       uvicorn answers each ping without flow control, so a peer that floods pings and reads
       nothing would grow the buffer without bound. A connection lost without a close frame
       is reported as 1006 (RFC 6455 7.1.5), as on every other transport; uvicorn says 1005
-      once the handshake is complete.
+      once the handshake is complete. A data frame handled is emptied (:func:`_release`), so
+      that an idle connection keeps no copy of the last large message it received.
     * Logs: uvicorn's warning for each request it cannot parse is rate-limited
       (:class:`_InvalidRequests`, installed once on ``uvicorn.error``); a text message that is
       not UTF-8 closes the connection with 1007 without uvicorn's ERROR and traceback.
@@ -260,6 +261,14 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
                 self.read_paused = False
                 self.transport.resume_reading()
 
+        def handle_text(self, event: Any) -> None:
+            super().handle_text(event)
+            _release(event)
+
+        def handle_bytes(self, event: Any) -> None:
+            super().handle_bytes(event)
+            _release(event)
+
         def handle_cont(self, event: Any) -> None:
             # A fragmented message's fragments go into one buffer: uvicorn keeps an object per
             # fragment (~40 bytes however small, an empty one too), so a peer sending tiny ones
@@ -268,6 +277,7 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
             if len(frames) != 1 or type(frames[0]) is not bytearray:
                 frames[:] = [bytearray(b"".join(frames))]
             frames[0] += event.data
+            _release(event)
             if event.fin:
                 if self.curr_msg_data_type != "text":
                     frames[0] = bytes(frames[0])
@@ -293,6 +303,19 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
                 self.transport.pause_reading()
 
     return http, WebSocketProtocol
+
+
+#: The largest payload websockets' parser may keep once its frame is handled (see _release).
+_HELD_FRAME_LIMIT = 4096
+
+
+def _release(frame: Any) -> None:
+    """Empty the payload of a data frame uvicorn has handled (its bytes are in ``frames``, or
+    in the message queued for the application, if still needed). websockets' parser keeps the
+    last frame it parsed until the next one arrives: an idle connection would hold a copy of
+    the last message it received, up to ``max_message_size``, for as long as it stays idle."""
+    if len(frame.data) > _HELD_FRAME_LIMIT:
+        frame.data = b""
 
 
 _hooked: weakref.WeakKeyDictionary[uvicorn.Server, list[Endpoint]] = weakref.WeakKeyDictionary()

@@ -17,8 +17,10 @@ __all__ = ["PicowsTransport", "Server", "serve"]
 import asyncio
 import base64
 import binascii
+import ctypes
 import logging
-from collections.abc import AsyncIterator, MutableMapping
+import mmap
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -228,22 +230,67 @@ class _Gate(asyncio.Protocol):
             self._server.run(listener, identity)
 
 
-class _BoundedReads(asyncio.BufferedProtocol):
-    """picows' protocol as the socket's, with every read bounded to :data:`READ_LIMIT` bytes."""
+def _madvise() -> Callable[[int, int, int], int] | None:
+    """The C library's ``madvise``, or ``None`` where there is none (Windows)."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).madvise
+    except (AttributeError, OSError, TypeError):
+        return None
+    function.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    function.restype = ctypes.c_int
+    return cast("Callable[[int, int, int], int]", function)
 
-    __slots__ = ("_admission", "_endpoint", "_host", "_protocol", "buffer_updated")
+
+_MADVISE = _madvise() if hasattr(mmap, "MADV_DONTNEED") else None
+
+
+def _release_pages(free: memoryview, keep: int = READ_LIMIT) -> int:
+    """Hand the memory pages of ``free`` (a writable view of a buffer's unused space: whatever it
+    holds is never read again) past its first ``keep`` bytes back to the system; returns how
+    many bytes were handed back. Nothing is freed: the range stays the buffer's, and a page is
+    given again, zeroed, the next time it is written. Linux and other POSIX systems only."""
+    if _MADVISE is None or len(free) <= keep:
+        return 0
+    start = ctypes.addressof(ctypes.c_char.from_buffer(free))
+    first = -(-(start + keep) // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only
+    end = (start + len(free)) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end <= first or _MADVISE(first, end - first, mmap.MADV_DONTNEED) != 0:
+        return 0
+    return end - first
+
+
+class _BoundedReads(asyncio.BufferedProtocol):
+    """picows' protocol as the socket's, with every read bounded to :data:`READ_LIMIT` bytes,
+    and what a large frame grew its read buffer by handed back once the frame is handled."""
+
+    __slots__ = ("_admission", "_endpoint", "_host", "_protocol", "_releasing", "buffer_updated")
 
     def __init__(self, protocol: WSProtocol, endpoint: Endpoint, admission: Admission,
                  host: str | None) -> None:
         self._protocol = protocol
         self._endpoint = endpoint
         self._admission, self._host = admission, host  # the gate's slot, freed with the socket
+        self._releasing = False
         # picows' own method (in C), called by the loop without a Python call around it.
         self.buffer_updated = protocol.buffer_updated  # type: ignore[method-assign]  # an instance slot
 
     def get_buffer(self, sizehint: int) -> memoryview:
         buffer: memoryview = self._protocol.get_buffer(sizehint)  # a view of picows' buffer
         return buffer[:READ_LIMIT]
+
+    def release(self) -> None:
+        """After a frame over ``RELEASE_ABOVE``: picows grew its read buffer to hold it and
+        never shrinks it, nor lets it be replaced, so an idle connection would keep the pages
+        of the largest frame it ever received. Once picows has handled what it read (later in
+        this loop iteration), the pages past what the next read may fill go back to the
+        system: what an idle connection holds is its unread bytes and one read's room."""
+        if not self._releasing:
+            self._releasing = True
+            asyncio.get_running_loop().call_soon(self._release)
+
+    def _release(self) -> None:
+        self._releasing = False
+        _release_pages(self._protocol.get_buffer(-1))
 
     def eof_received(self) -> bool | None:
         return cast("bool | None", self._protocol.eof_received())
@@ -280,7 +327,9 @@ class _Serving:
         config = self.endpoint.config
         listener = PicowsTransport(config.max_message_size, config.close_timeout)
         protocol = WSProtocol(None, None, False, lambda request: listener, *self._options)
-        transport.set_protocol(_BoundedReads(protocol, self.endpoint, admission, host))
+        reads = _BoundedReads(protocol, self.endpoint, admission, host)
+        listener.release_reads = reads.release
+        transport.set_protocol(reads)
         protocol.connection_made(transport)
         view = memoryview(head)
         while view:  # what the gate read goes to picows as if it had read it itself

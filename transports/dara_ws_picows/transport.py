@@ -35,6 +35,9 @@ INBOX_BYTES = 1024 * 1024
 WRITE_LIMIT = 32 * 1024
 #: Reading pauses while this much is waiting to be written (pongs to a peer that does not read).
 PAUSE_READING_ABOVE = 1024 * 1024
+#: A frame over this many bytes grows picows' read buffer, which picows never shrinks: once it
+#: is handled, ``release_reads`` hands what the buffer no longer uses back to the system.
+RELEASE_ABOVE = 64 * 1024
 
 _TEXT, _BINARY, _CONT = WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION
 _PING, _CLOSE = WSMsgType.PING, WSMsgType.CLOSE
@@ -49,8 +52,8 @@ class PicowsTransport(WSListener):
 
     __slots__ = ("_buffered", "_close_timeout", "_corked", "_corked_bytes", "_drained", "_gone", "_inbox",
                  "_inbox_bytes", "_is_closing", "_local_code", "_max_size", "_parts", "_parts_size", "_parts_text",
-                 "_paused", "_push_left", "_pusher", "_send_text", "_waiter", "_write_paused", "_ws", "writer",
-                 "writer_lost")
+                 "_paused", "_push_left", "_pusher", "_send_text", "_waiter", "_write_paused", "_ws", "release_reads",
+                 "writer", "writer_lost")
 
     transport_name = "picows"
 
@@ -89,6 +92,8 @@ class PicowsTransport(WSListener):
         self._send_text: Callable[[bytes], object] | None = None
         self.writer: Callable[[bytes], object] | None = None
         self.writer_lost: Callable[[], object] | None = None  # (the core's, SupportsWriter)
+        #: Called after a frame over RELEASE_ABOVE (set by serve: it knows the socket's protocol).
+        self.release_reads: Callable[[], object] | None = None
 
     @property
     def accepted(self) -> bool:
@@ -113,6 +118,8 @@ class PicowsTransport(WSListener):
             # server closed): what the peer sent after is not read, as on the other transports.
             # Else a frame behind the one that closed could reach the core and decide the code.
             return
+        if frame.payload_size > RELEASE_ABOVE and self.release_reads is not None:
+            self.release_reads()  # later in this iteration, once picows is done with its buffer
         if frame.rsv1 or frame.rsv2 or frame.rsv3:  # no extension is negotiated (picows leaves it to us)
             raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR, "reserved bit set")
         if kind is _TEXT or kind is _BINARY:
@@ -179,7 +186,7 @@ class PicowsTransport(WSListener):
                           if info is not None else ConnectionClosed(CloseCode.ABNORMAL, "connection lost"))
         self._parts, self._corked, self._corked_bytes = None, None, 0  # nothing left to write to
         self._lose_writer()
-        self._send_text = None
+        self._send_text = self.release_reads = None  # the latter holds picows' protocol, which holds us
         self._wake()
         self._resume_writers()
 

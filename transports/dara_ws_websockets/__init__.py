@@ -211,6 +211,21 @@ class WebsocketsTransport:
 #: Stop reading from a peer while this much is waiting to be written to it.
 _PAUSE_READING_ABOVE = 1024 * 1024
 
+#: The largest payload the parser may keep once its frame is handled (see _detach_payload).
+_HELD_FRAME_LIMIT = 4096
+
+
+def _detach_payload(frame: Frame) -> Frame:
+    """``frame``'s payload in a new ``Frame``, taken out of ``frame``, which keeps an empty one.
+
+    websockets' parser keeps the last frame it parsed in a local variable until the next frame
+    arrives: an idle connection would hold a copy of the last message it received, up to
+    ``max_message_size``, for as long as it stays idle. The copy goes on to be handled (and is
+    freed with it); the frame the parser keeps is left with nothing. Called for frames over
+    :data:`_HELD_FRAME_LIMIT` only: below it a new frame costs more than the bytes it frees."""
+    data, frame.data = frame.data, b""
+    return Frame(frame.opcode, data, frame.fin, frame.rsv1, frame.rsv2, frame.rsv3)
+
 
 class _ServerConnection(ServerConnection):
     """Stops reading while the write buffer is over ``_PAUSE_READING_ABOVE``: websockets answers
@@ -252,6 +267,8 @@ class _ServerConnection(ServerConnection):
         self.dara_frames: ClientFrameHeaders | None = None
 
     def process_event(self, event: Any) -> None:
+        if type(event) is Frame and len(event.data) > _HELD_FRAME_LIMIT:
+            event = _detach_payload(event)
         target = self.dara_push
         if target is not None and type(event) is Frame:
             opcode = event.opcode
