@@ -29,7 +29,7 @@ from dara_ws_asgi import serve as asgi_serve
 from dara_ws_asgi import websocket_route
 from dara_ws_core.auth import Identity
 from dara_ws_core.config import ServerConfig
-from dara_ws_core.endpoint import Admission, ConnectionSlots, Endpoint
+from dara_ws_core.endpoint import Admission, ConnectionSlots, Endpoint, Evict
 from dara_ws_core.exceptions import AuthenticationFailed, ConnectionClosed
 from dara_ws_core.manager import WebsocketManager
 from dara_ws_core.transport import HandshakeRequest, Transport
@@ -49,11 +49,14 @@ class EchoEndpoint:
     open: set[Transport] = field(default_factory=set)
     slots: ConnectionSlots = field(default_factory=lambda: ConnectionSlots(None, None))
 
-    def take_slot(self, address: str | None = None) -> Admission:
-        return self.slots.take(address)
+    def take_slot(self, address: str | None = None, evict: Evict | None = None) -> Admission:
+        return self.slots.take(address, evict)
 
-    def free_slot(self, admission: Admission, address: str | None = None) -> None:
-        self.slots.release(admission, address)
+    def settled(self, evict: Evict) -> None:
+        self.slots.settle(evict)
+
+    def free_slot(self, admission: Admission, address: str | None = None, evict: Evict | None = None) -> None:
+        self.slots.release(admission, address, evict)
 
     async def authenticate(self, request: HandshakeRequest) -> Identity:
         self.handshakes.append(request)
