@@ -315,15 +315,20 @@ class BrokerBackplane(BusNode):
             return
         # Kept: if the bus fails it, it waits in the spool and is sent again (with the same id,
         # so the bus keeps it once); refused when the spool (with every kept message not yet
-        # answered) would be full, or once stopped.
+        # answered) would be full, or the sender's share of it while the bus is down, or once
+        # stopped.
         if await self._post(Publication(data, user_id=user_id, keep=keep, sender=sender,
                                         stamped=stamped, durable=next(self._kids)),
                             "message to a user"):
             return
-        raise BackplaneError(f"{self._durable_refusal()}: the message to the user was not kept")
+        raise BackplaneError(f"{self._durable_refusal(sender, len(data))}: the message to the "
+                             f"user was not kept")
 
     def keeps(self, sender: str | None) -> bool:
-        return self.refusals.keeps(sender, time.monotonic())
+        # While the bus is down, its last answer is stale: the sender's share of the spool
+        # decides (a sender holding its share is not offered, as the bus would refuse it).
+        return self.refusals.keeps(sender, time.monotonic()) and (
+            sender is None or self._connected.is_set() or self._spool_keeps(sender))
 
     def _outbox_refused(self, sender: str | None, bound: str, wait_ms: int) -> None:
         """The bus refused to keep a message for ``wait_ms`` more, by a bound of its outbox
