@@ -1079,7 +1079,10 @@ class WebsocketManager:
         moment closes the user's connections within a heartbeat of being back. Raises
         ``BackplaneError`` if the bus is unreachable: the revocation has not reached the other
         processes yet (the local connections are closed regardless; it waits in the
-        backplane's spool and is sent once the bus answers)."""
+        backplane's spool, in room kept messages never take, and is sent once the bus answers).
+        Raises :class:`~dara_ws_core.exceptions.RevocationNotKept` (a ``BackplaneError``) if it
+        could not even be spooled (that room full of other targets, or the backplane stopping):
+        the other processes will not close the user's connections; revoke again later."""
         return await self._everywhere("user", user_id, code, reason)
 
     async def disconnect_session_everywhere(

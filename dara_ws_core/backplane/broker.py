@@ -75,7 +75,7 @@ class BrokerBackplane(BusNode):
     was revoked meanwhile); the other options are :class:`~dara_ws_core.backplane.node.BusNode`'s
     (``node_id``, ``namespace``, ``connect_timeout``, ``backoff_initial``, ``backoff_max``,
     ``max_outbox``, ``max_outbox_bytes``, ``max_bus_message``, ``publish_window``,
-    ``max_spool``, ``max_spool_bytes``).
+    ``max_spool``, ``max_spool_bytes``, ``stop_drain``).
     """
 
     def __init__(
