@@ -238,7 +238,9 @@ class BrokerBackplane(BusNode):
 
     async def stop(self) -> None:
         """Unregister this node's channels (best effort, bounded), let replies being served
-        finish briefly, fail waiting requests with ``BackplaneError`` and disconnect.
+        finish briefly, let the spool drain (up to ``stop_drain`` seconds, if the bus answers
+        meanwhile: what is left is counted in ``stats.spool_dropped`` and logged at ERROR), fail
+        waiting requests with ``BackplaneError`` and disconnect.
 
         Call it after the endpoint's ``shutdown``, so that clients are closed first.
         """
