@@ -20,6 +20,7 @@ and from *the connection going away*::
     ├── UnknownKind                 no custom handler registered for a kind (also a LookupError)
     ├── RemoteError                 the other side answered a request with an error reply
     └── BackplaneError              the cross-process backplane failed (see ``backplane``)
+        └── RevocationNotKept       a revocation could neither be published nor spooled
 
 Builtins are never shadowed: :class:`RequestTimeout` *inherits* from :class:`TimeoutError` so
 ``except TimeoutError`` keeps working, but has its own name.
@@ -41,6 +42,7 @@ __all__ = [
     "RemoteError",
     "RequestError",
     "RequestTimeout",
+    "RevocationNotKept",
     "SlowConsumer",
     "TooManyPendingRequests",
     "UnknownChannel",
@@ -167,3 +169,12 @@ class RemoteError(DaraWSError):
 
 class BackplaneError(DaraWSError):
     """The cross-process backplane could not deliver or look something up."""
+
+
+class RevocationNotKept(BackplaneError):
+    """A revocation (``disconnect_*_everywhere``, ``close_channel_everywhere``) was neither
+    published nor kept in the backplane's spool: the bus is down and the spool's room for
+    revocations holds as many other targets as it may, or the backplane stopped. The other
+    processes will not close the target's connections: revoke it again once the bus is back.
+    Logged at ERROR with its target. (A plain :class:`BackplaneError` from those calls means the
+    revocation waits in the spool and is published once the bus answers.)"""

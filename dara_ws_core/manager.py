@@ -535,9 +535,11 @@ class WebsocketManager:
         way when a bound is reached are refused by the bus after the call returned ``True``
         (counted in ``backplane.stats.outbox_refused`` and logged). A message to be kept
         that the bus fails (or that is sent while it is unreachable) waits in the backplane's
-        bounded spool and is kept once the bus answers; it raises ``BackplaneError`` only when
-        the spool is full, or once the backplane's ``stop()`` ended its publishing (it could not
-        be kept; the user's connections on this process got it already)."""
+        bounded spool and is kept once the bus answers (while the bus is unreachable a sender
+        holds at most a 16th of the spool: beyond, ``False``, delivered live only); it raises
+        ``BackplaneError`` only when the spool is full, or once the backplane's ``stop()`` ended
+        its publishing (it could not be kept; the user's connections on this process got it
+        already)."""
         frame = build_frame(message, custom=custom)
         # A send that skips a channel is not kept: who it is for depends on a live channel.
         keep = self.outbox_limits if ignore_channel is None else None
@@ -1079,7 +1081,10 @@ class WebsocketManager:
         moment closes the user's connections within a heartbeat of being back. Raises
         ``BackplaneError`` if the bus is unreachable: the revocation has not reached the other
         processes yet (the local connections are closed regardless; it waits in the
-        backplane's spool and is sent once the bus answers)."""
+        backplane's spool, in room kept messages never take, and is sent once the bus answers).
+        Raises :class:`~dara_ws_core.exceptions.RevocationNotKept` (a ``BackplaneError``) if it
+        could not even be spooled (that room full of other targets, or the backplane stopping):
+        the other processes will not close the user's connections; revoke again later."""
         return await self._everywhere("user", user_id, code, reason)
 
     async def disconnect_session_everywhere(

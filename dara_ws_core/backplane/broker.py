@@ -75,7 +75,7 @@ class BrokerBackplane(BusNode):
     was revoked meanwhile); the other options are :class:`~dara_ws_core.backplane.node.BusNode`'s
     (``node_id``, ``namespace``, ``connect_timeout``, ``backoff_initial``, ``backoff_max``,
     ``max_outbox``, ``max_outbox_bytes``, ``max_bus_message``, ``publish_window``,
-    ``max_spool``, ``max_spool_bytes``).
+    ``max_spool``, ``max_spool_bytes``, ``stop_drain``).
     """
 
     def __init__(
@@ -238,7 +238,9 @@ class BrokerBackplane(BusNode):
 
     async def stop(self) -> None:
         """Unregister this node's channels (best effort, bounded), let replies being served
-        finish briefly, fail waiting requests with ``BackplaneError`` and disconnect.
+        finish briefly, let the spool drain (up to ``stop_drain`` seconds, if the bus answers
+        meanwhile: what is left is counted in ``stats.spool_dropped`` and logged at ERROR), fail
+        waiting requests with ``BackplaneError`` and disconnect.
 
         Call it after the endpoint's ``shutdown``, so that clients are closed first.
         """
@@ -315,15 +317,20 @@ class BrokerBackplane(BusNode):
             return
         # Kept: if the bus fails it, it waits in the spool and is sent again (with the same id,
         # so the bus keeps it once); refused when the spool (with every kept message not yet
-        # answered) would be full, or once stopped.
+        # answered) would be full, or the sender's share of it while the bus is down, or once
+        # stopped.
         if await self._post(Publication(data, user_id=user_id, keep=keep, sender=sender,
                                         stamped=stamped, durable=next(self._kids)),
                             "message to a user"):
             return
-        raise BackplaneError(f"{self._durable_refusal()}: the message to the user was not kept")
+        raise BackplaneError(f"{self._durable_refusal(sender, len(data))}: the message to the "
+                             f"user was not kept")
 
     def keeps(self, sender: str | None) -> bool:
-        return self.refusals.keeps(sender, time.monotonic())
+        # While the bus is down, its last answer is stale: the sender's share of the spool
+        # decides (a sender holding its share is not offered, as the bus would refuse it).
+        return self.refusals.keeps(sender, time.monotonic()) and (
+            sender is None or self._connected.is_set() or self._spool_keeps(sender))
 
     def _outbox_refused(self, sender: str | None, bound: str, wait_ms: int) -> None:
         """The bus refused to keep a message for ``wait_ms`` more, by a bound of its outbox

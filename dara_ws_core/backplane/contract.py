@@ -127,7 +127,8 @@ class Backplane(Protocol):
     def keeps(self, sender: str | None) -> bool:
         """Whether a message charged to ``sender`` may be offered to the bus's outbox: ``False``
         while the bus's last answer said that sender's quota, or the outbox as a whole, is
-        exhausted (then the caller sends it without ``keep``). Never waits."""
+        exhausted (then the caller sends it without ``keep``), or, while the bus is down, while
+        that sender holds its share of the process's spool. Never waits."""
 
     def ack(self, user_id: str, upto: str) -> None:
         """The user's connections here wrote the user's history up to entry ``upto``: move the
@@ -268,6 +269,10 @@ class BackplaneStats:
     #: lost, and reported here and in the log. Kept messages and revocations are not counted
     #: here while they wait in the spool, only if its bound drops them.
     failed: int = 0
+    #: Of those, kept messages and revocations the spool still held when the backplane stopped
+    #: (after up to ``stop_drain`` seconds for the bus to take them): their callers were told
+    #: they were kept, and they are lost (logged at ERROR).
+    spool_dropped: int = 0
     #: Messages whose channel or node was gone by the time they were routed.
     undeliverable: int = 0
     #: Times the bus connection came back after being lost.

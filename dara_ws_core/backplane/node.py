@@ -23,8 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from dara_ws_core.exceptions import BackplaneError, UnknownChannel
-from dara_ws_core.outbox import Stamped
+from dara_ws_core.exceptions import BackplaneError, RevocationNotKept, UnknownChannel
+from dara_ws_core.outbox import SENDER_SHARES, Stamped
 
 from .contract import BackplaneStats
 
@@ -46,6 +46,11 @@ _BATCH = 1000
 #: the others) before it is given up: counted in ``stats.failed`` and logged. One try per
 #: heartbeat or reconnection, so a publication the bus keeps refusing costs a few heartbeats.
 _SPOOL_TRIES = 5
+
+#: Revocations the spool holds on top of its kept messages (room of their own, which no burst of
+#: kept messages takes), counted by ``scope:target``: a newer one replaces a spooled one of the
+#: same target (the newest wins: it closes what was opened before it, the older one's too).
+_SPOOL_REVOCATIONS = 1024
 
 #: (channel id, user id or None): one directory entry.
 Entry = tuple[str, str | None]
@@ -69,6 +74,7 @@ class BusOptions(TypedDict, total=False):
     publish_window: int
     max_spool: int
     max_spool_bytes: int
+    stop_drain: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,9 +166,18 @@ class BusNode(abc.ABC):
     of this node's broadcasts published but not yet heard back on its own subscription before
     publishing waits (so that this process never publishes faster than it reads, which would
     overflow the bus's buffer for its subscription: Redis's ``client-output-buffer-limit pubsub``).
-    ``max_spool`` / ``max_spool_bytes``: durable publications the bus has not answered yet
-    (queued, in flight, or waiting to be tried again; beyond, a kept send raises
-    ``BackplaneError``).
+    ``max_spool`` / ``max_spool_bytes``: kept messages the bus has not answered yet (queued, in
+    flight, or waiting to be tried again; beyond, a kept send raises ``BackplaneError``); while
+    the bus is down, one sender (``Publication.sender``: a user, an anonymous client's address)
+    holds at most a :data:`~dara_ws_core.outbox.SENDER_SHARES`-th of each (beyond, its kept sends
+    raise, and :meth:`BrokerBackplane.keeps` answers ``False`` for it), so one client cannot
+    refuse everyone else's; server code (no sender) is bounded by the whole spool only.
+    Revocations have room of their own beside them: up to ``_SPOOL_REVOCATIONS`` targets (a
+    newer revocation of a target replaces the spooled one) and a 16th of ``max_spool_bytes``;
+    one beyond fails with :class:`~dara_ws_core.exceptions.RevocationNotKept`, logged at ERROR.
+    ``stop_drain``: seconds :meth:`_stop_bus` waits for the spool to drain (the bus may answer
+    again meanwhile) before dropping what is left, counted in ``stats.spool_dropped`` and logged
+    at ERROR. The spool lives in this process's memory: a process killed (not stopped) loses it.
 
     ``node_id`` names the process on the bus (its topic, its directory entries); it is not a
     scope for deduplication: each backplane draws its own :attr:`life`, and the numbers of
@@ -184,6 +199,7 @@ class BusNode(abc.ABC):
         publish_window: int = 4 * _MiB,
         max_spool: int = 10_000,
         max_spool_bytes: int = 16 * 1024 * 1024,
+        stop_drain: float = 5.0,
     ) -> None:
         if min(max_outbox, max_outbox_bytes, max_bus_message, publish_window) <= 0:
             raise ValueError("max_outbox, max_outbox_bytes, max_bus_message and publish_window "
@@ -233,6 +249,13 @@ class BusNode(abc.ABC):
         # one accepted (a kept send that returned) always has room in the spool if it fails.
         self._durable_queued = self._durable_queued_bytes = 0
         self._durable_flying = self._durable_flying_bytes = 0
+        # Of those and the spooled ones (every durable publication not answered): the kept
+        # messages of each sender, [count, bytes] (its share of the spool while the bus is
+        # down), and the revocations, in all and by scope:target (their room of their own).
+        self._senders: dict[str, list[int]] = {}
+        self._revokes = self._revokes_bytes = 0
+        self._revoking: dict[str, int] = {}
+        self.stop_drain = stop_drain
         #: This process life's mark, with its node id the scope of its kept messages' numbers
         #: (:attr:`Publication.kid`): a process restarted with the same ``node_id`` is another
         #: life, whose messages the bus never takes for the previous life's.
@@ -377,25 +400,36 @@ class BusNode(abc.ABC):
                done: asyncio.Future[Routed] | None, size: int) -> bool:
         if publication.durable is not None:
             # Only with room in the spool for it and every durable one not answered yet (then
-            # it is never dropped for the spool's bounds), and not once stopped; a revocation
-            # while the bus answers is always taken (the outbox bounds it): it must not wait
-            # behind a burst of kept messages.
+            # it is never dropped for the spool's bounds), and not once stopped. Kept messages
+            # and revocations have rooms of their own: a burst of kept messages never crowds
+            # out a revocation (one while the bus answers is always taken: the outbox bounds
+            # it), and while the bus is down one sender holds its share of the kept room only.
             queued, queued_bytes = self._durable_queued + 1, self._durable_queued_bytes + size
-            if ((publication.keep is not None or not self._connected.is_set()
-                 or self._bus_stopped)
-                    and (len(self._spool) + queued + self._durable_flying > self.max_spool
-                         or self._spool_bytes + queued_bytes + self._durable_flying_bytes
-                         > self.max_spool_bytes or self._bus_stopped)):
+            if publication.keep is None:
+                if not self._revocation_room(publication, what, done, size):
+                    return False
+            elif (len(self._spool) + queued + self._durable_flying - self._revokes
+                  > self.max_spool
+                  or self._spool_bytes + queued_bytes + self._durable_flying_bytes
+                  - self._revokes_bytes > self.max_spool_bytes or self._bus_stopped
+                  or (publication.sender is not None and not self._connected.is_set()
+                      and not self._spool_keeps(publication.sender, size))):
                 self._count_failure(what, None)
-                if done is not None:
-                    done.set_exception(BackplaneError(self._durable_refusal()))
                 return False
+            elif publication.sender is not None:
+                held = self._senders.get(publication.sender)
+                if held is None:
+                    self._senders[publication.sender] = [1, size]
+                else:
+                    held[0] += 1
+                    held[1] += size
             self._durable_queued, self._durable_queued_bytes = queued, queued_bytes
             if not self._connected.is_set():
                 # It waits for the bus (the publish loop spools it); the caller learns it did
-                # not go through yet.
+                # not go through yet (and that it was kept: not RevocationNotKept).
                 if done is not None:
-                    done.set_exception(BackplaneError("the backplane is disconnected"))
+                    done.set_exception(BackplaneError("the backplane is disconnected: the "
+                                                      "revocation waits in the spool"))
                 done = None
         elif not self._connected.is_set() or self._bus_stopped:
             self._count_failure(what, None)
@@ -411,6 +445,75 @@ class BusNode(abc.ABC):
         self._outbox_idle.clear()
         self._outbox_ready.set()
         return True
+
+    def _spool_keeps(self, sender: str, size: int = 0) -> bool:
+        """Whether ``sender``'s kept messages not answered yet leave room in its share of the
+        spool for one more (of ``size`` bytes): a :data:`SENDER_SHARES`-th of ``max_spool`` and
+        of ``max_spool_bytes``."""
+        held = self._senders.get(sender)
+        if held is None:
+            return size <= self.max_spool_bytes // SENDER_SHARES
+        return (held[0] < max(1, self.max_spool // SENDER_SHARES)
+                and held[1] + size <= self.max_spool_bytes // SENDER_SHARES)
+
+    def _revocation_room(self, publication: Publication, what: str,
+                         done: asyncio.Future[Routed] | None, size: int) -> bool:
+        """Take a revocation into the room the spool keeps for them (always, while the bus
+        answers); a spooled one of the same target gives way to it. Whether it was taken: if
+        not (stopped, or the room full of other targets), ``done`` gets
+        :class:`RevocationNotKept`, and the loss is logged at ERROR with its target."""
+        revoke = publication.revoke
+        key = "" if revoke is None else revoke[0]
+        if self._bus_stopped or not self._connected.is_set():
+            if key in self._revoking:
+                self._supersede(key)
+            if self._bus_stopped or (key not in self._revoking and (
+                    len(self._revoking) >= _SPOOL_REVOCATIONS
+                    or self._revokes_bytes + size > self.max_spool_bytes // SENDER_SHARES)):
+                self.stats.failed += 1
+                why = ("the backplane stopped" if self._bus_stopped else
+                       f"the backplane's spool holds {len(self._revoking)} other revocations")
+                logger.error("backplane: revocation of %s NOT kept (%s): the other processes "
+                             "will not close its connections; revoke it again once the bus is "
+                             "back", key, why, extra={"node": self.node_id, "target": key,
+                                                      "failed": self.stats.failed})
+                if done is not None:
+                    done.set_exception(RevocationNotKept(f"revocation of {key} not kept: {why}"))
+                return False
+        self._revokes += 1
+        self._revokes_bytes += size
+        self._revoking[key] = self._revoking.get(key, 0) + 1
+        return True
+
+    def _supersede(self, key: str) -> None:
+        """A newer revocation of ``key`` is coming: the spooled ones of it are dropped (what
+        they would close, it closes too)."""
+        spool = self._spool
+        stale = [i for i, (p, _, _) in enumerate(spool)
+                 if p.revoke is not None and p.revoke[0] == key]
+        for i in reversed(stale):
+            publication = spool[i][0]
+            del spool[i]
+            self._spool_bytes -= len(publication.data)
+            self._release(publication)
+
+    def _release(self, publication: Publication) -> None:
+        """A durable publication was answered, given up or replaced: it leaves its sender's
+        share, or the revocations' room."""
+        revoke = publication.revoke
+        if revoke is not None:
+            self._revokes -= 1
+            self._revokes_bytes -= len(publication.data)
+            left = self._revoking.pop(revoke[0], 1) - 1
+            if left > 0:
+                self._revoking[revoke[0]] = left
+        elif publication.sender is not None:
+            held = self._senders.get(publication.sender)
+            if held is not None:
+                held[0] -= 1
+                held[1] -= len(publication.data)
+                if held[0] <= 0:
+                    del self._senders[publication.sender]
 
     def _drop_broadcasts(self, size: int) -> bool:
         """Drop queued broadcasts, oldest first, until ``size`` more bytes fit in twice
@@ -461,10 +564,14 @@ class BusNode(abc.ABC):
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _durable_refusal(self) -> str:
-        """Why a durable publication was refused."""
+    def _durable_refusal(self, sender: str | None = None, size: int = 0) -> str:
+        """Why a kept message (from ``sender``, of ``size`` bytes) was refused."""
         if self._bus_stopped:
             return "the backplane stopped"
+        if (sender is not None and not self._connected.is_set()
+                and not self._spool_keeps(sender, size)):
+            return (f"the sender's share of the backplane's spool is full (a "
+                    f"{SENDER_SHARES}th of max_spool or max_spool_bytes, while the bus is down)")
         return (f"the backplane's spool is full ({self.max_spool} publications or "
                 f"{self.max_spool_bytes} bytes waiting for the bus)")
 
@@ -509,6 +616,7 @@ class BusNode(abc.ABC):
         ``stats.failed`` and logged (the first ten, then every 100th)."""
         self.stats.failed += 1
         self._spool_lost += 1
+        self._release(publication)
         count = self._spool_lost
         if count <= 10 or count % 100 == 0:  # the first ten, then every 100th
             logger.warning("backplane: the bus refused a %s %d times (%s): given up (%d so far)",
@@ -597,6 +705,10 @@ class BusNode(abc.ABC):
                         _stamp(owner, publication.stamped)
                     if done is not None and not done.done():
                         done.set_result((owner, receivers))
+                if self._senders or self._revokes:  # answered: out of the spool's shares
+                    for publication, _, _ in batch:
+                        if publication.durable is not None:
+                            self._release(publication)
                 self._done_with(finished)
                 # The bus answers: what waits after a failed round trip goes now; what it
                 # refused waits for its next try (a heartbeat or a reconnection).
@@ -692,22 +804,52 @@ class BusNode(abc.ABC):
         self._unechoed = 0
 
     def _drop_outbox(self, exc: BackplaneError) -> None:
+        """At stop: fail what is queued and spooled, counted in ``stats.failed``; the kept
+        messages and revocations among them (acknowledged to their callers as kept) also in
+        ``stats.spool_dropped``, and logged at ERROR with their count, never silently."""
+        durable: list[Publication] = []
+        other = 0
         while self._outbox:
-            publication, done, what = self._outbox.popleft()
-            self._outbox_bytes -= len(publication.data)
-            self._count_failure(what, exc)
+            publication, done, _ = self._outbox.popleft()
+            if publication.durable is None:
+                other += 1
+            else:
+                durable.append(publication)
             if done is not None and not done.done():
                 done.set_exception(exc)
             self._done_with(1)
-        self._outbox_echo = 0
+        self._outbox_bytes = self._outbox_echo = 0
         self._durable_queued = self._durable_queued_bytes = 0
         self._durable_flying = self._durable_flying_bytes = 0  # the publisher is gone
-        while self._spool:
-            _, what, _ = self._spool.popleft()
-            self._count_failure(what, exc)
+        durable += (publication for publication, _, _ in self._spool)
+        self._spool.clear()
         self._spool_bytes = 0
+        self._senders.clear()
+        self._revoking.clear()
+        self._revokes = self._revokes_bytes = 0
+        self.stats.failed += other + len(durable)
+        if other:
+            logger.warning("backplane: %d message(s) for other processes not published: %s",
+                           other, exc, extra={"node": self.node_id, "failed": self.stats.failed})
+        if durable:
+            self._dropped_at_stop(durable, exc)
         self._outbox_idle.set()
         self._outbox_space.set()
+
+    def _dropped_at_stop(self, durable: list[Publication], exc: BackplaneError) -> None:
+        """Kept messages and revocations the bus never took, dropped: counted, and logged at
+        ERROR (their callers were told they were kept)."""
+        self.stats.spool_dropped += len(durable)
+        users = {p.user_id for p in durable if p.keep is not None}
+        revoked = [p.revoke[0] for p in durable if p.revoke is not None]
+        kept = len(durable) - len(revoked)
+        logger.error("backplane: %d kept message(s) for %d user(s) and %d revocation(s)%s "
+                     "dropped (%s): the bus did not take them before this process stopped; "
+                     "the spool lives in this process's memory only (stats.spool_dropped = %d)",
+                     kept, len(users), len(revoked),
+                     f" ({', '.join(revoked[:10])}{', ...' if len(revoked) > 10 else ''})"
+                     if revoked else "", exc, self.stats.spool_dropped,
+                     extra={"node": self.node_id, "failed": self.stats.failed})
 
     def _count_failure(self, what: str, exc: BaseException | None) -> None:
         self.stats.failed += 1
@@ -731,11 +873,15 @@ class BusNode(abc.ABC):
                                                 name=f"backplane-pub-{self.node_id}")
 
     async def _stop_bus(self) -> None:
-        """Let queued messages leave (briefly), fail the rest, and disconnect. From here on
-        nothing more is queued: a kept send raises ``BackplaneError`` (no task would publish
-        it), anything else is counted as failed."""
+        """Let queued messages leave (briefly: 1 s; the kept messages and revocations not
+        answered yet up to ``stop_drain``, waiting for the bus to answer again if it is down),
+        fail the rest (the durable ones logged at ERROR, see :meth:`_drop_outbox`), and
+        disconnect. From here on nothing more is queued: a kept send raises ``BackplaneError``
+        (no task would publish it), anything else is counted as failed."""
         self._bus_stopped = True
-        if self._connected.is_set():
+        if self._spool or self._durable_queued or self._durable_flying:
+            await wait_event(self._outbox_idle, self.stop_drain)
+        elif self._connected.is_set():
             await wait_event(self._outbox_idle, 1.0)
         await cancel_task(self._publisher_task)
         # Disconnected before the senders waiting for room wake up: they fail, rather than

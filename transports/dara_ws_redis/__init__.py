@@ -444,7 +444,7 @@ class RedisBackplane(BrokerBackplane):
     :class:`~dara_ws_core.backplane.BrokerBackplane`'s (``node_id``, ``namespace``,
     ``heartbeat_interval``, ``expiry``, ``revoke_ttl``, ``connect_timeout``, ``backoff_initial``,
     ``backoff_max``, ``max_outbox``, ``max_outbox_bytes``, ``max_bus_message``, ``publish_window``,
-    ``max_spool``, ``max_spool_bytes``): keep ``max_bus_message`` under Redis's hard
+    ``max_spool``, ``max_spool_bytes``, ``stop_drain``): keep ``max_bus_message`` under Redis's hard
     ``client-output-buffer-limit pubsub`` (32 MB by default) and ``publish_window`` times the
     number of processes under its soft one (8 MB).
     """
