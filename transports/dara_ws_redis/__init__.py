@@ -25,18 +25,23 @@ Redis layout (``<ns>`` is the namespace, ``dara-ws`` by default):
   holder's moves the written mark;
 * ``<ns>:outbox-quota:<sender>`` -> hash: the messages (``c``) and their bytes (``b``) a sender
   (a user, or an anonymous connection's address: :func:`~dara_ws_core.outbox.anonymous_sender`)
-  had kept since the key was made, expiring ``max_age`` after (its share:
-  ``outbox_per_sender``, a 16th of ``outbox_users`` and of ``outbox_total_bytes``);
-* ``<ns>:outbox-window:<k>`` -> hash: the histories created (``u``) and the bytes appended less
-  those trimmed (``b``) in the ``k``-th window of ``max_age``, expiring after two windows
+  has waiting for their users, and when the count began (``p``); deleted once nothing waits,
+  expiring ``max_age`` after it was made (its share: ``outbox_per_sender``, a 16th of
+  ``outbox_users`` and of ``outbox_total_bytes``);
+* ``<ns>:outbox-window:<k>`` -> hash: the users with something waiting (``u``) and the bytes
+  waiting (``b``) counted in the ``k``-th window of ``max_age``, expiring after two windows
   (``outbox_users`` and ``outbox_total_bytes`` bound this window's and the previous one's sums);
+  a message leaves them once written (the acknowledgement) or dropped by its user's bounds, a
+  user once their history is written to the end (the meta hash's ``u``: the window that
+  counted them, while they count);
 * ``<ns>:missed:<node_id>`` -> hash user -> count: the node's gap ledger, used with the outbox
   off: messages for its users that found nobody listening on its topic (read and reset when the
   node resubscribes);
-* each entry of a user's history holds the message (``d``), its number for the user (``n``)
-  and its sender's id for it (``k``: ``<node_id>-<life>-<number>``, the life a mark drawn at
-  each start of the process, so that a process restarted with the same ``node_id`` never
-  reuses one), and the meta hash the highest number each node appended (``k:<node_id>``; the
+* each entry of a user's history holds the message (``d``), its number for the user (``n``),
+  the window that counted it (``s``), its sender's counters (``q``, ``p``: their key and the
+  count's ``p``) and its sender's id for it (``k``: ``<node_id>-<life>-<number>``, the life a
+  mark drawn at each start of the process, so that a process restarted with the same
+  ``node_id`` never reuses one), and the meta hash the highest number each node appended (``k:<node_id>``; the
   numbers start from the wall clock in µs, so a later life's are higher): a message sent again
   after a round trip that failed (part of which may have run) is found among the user's 1,000
   newest entries, the same id and the same bytes, and not appended twice (beyond those, it may
