@@ -313,3 +313,31 @@ async def test_messages_a_users_own_bound_drops_leave_their_senders_count_in_red
             await client.aclose()
         assert len(entries) == 3  # what waits: the newest three, all alice's
         assert (quota[b"c"], int(quota[b"b"])) == (b"3", sum(len(f[b"d"]) for _, f in entries))
+
+
+async def test_a_full_bus_outbox_keeps_again_once_its_users_read(
+    redis_server: RedisServer,
+) -> None:
+    """A refusal by the namespace's bytes stops every process offering kept messages, but only
+    for a moment (at most 2 s), not until the window of ``outbox_age`` ends: once the user whose
+    messages filled it reads them, they no longer count and the next message is kept."""
+    config = ServerConfig(outbox_total_bytes=40_000, outbox_bytes=100_000)
+    bus = _Manager(redis_server, config)
+    async with bus as manager, running_stack("websockets", manager=manager) as stack:
+        big = {"t": "b" * 9_000}
+        assert [await manager.send_message_to_user("big", big) for _ in range(5)] == [True] * 5
+        await bus.backplane.flush()
+        assert bus.backplane.stats.outbox_refused == 1  # the fifth
+        assert await manager.send_message_to_user("other", {"t": "small"}) is False
+        reader = await stack.client("big:s1")
+        got = [await reader.receive(TIMEOUT) for _ in range(4)]
+        assert [m.message.model_dump() for m in got] == [big] * 4
+        await until_gone(redis_server, f"{bus.namespace}:outbox-meta:big", "u",
+                         "big's history written to the end")
+        await eventually(lambda: bus.backplane.keeps(None), "kept messages offered again")
+        assert await manager.send_message_to_user("other", {"t": "small"}) is True
+        await bus.backplane.flush()
+        assert bus.backplane.stats.outbox_refused == 1
+        other = await stack.client("other:s1")
+        message = await other.receive(TIMEOUT)
+        assert message.message.model_dump() == {"t": "small"}
