@@ -152,11 +152,14 @@ class ServerConfig:
     outbox_bytes: int = 1 * MiB
     outbox_age: float = 300.0
     #: Bounds of the outbox as a whole: users with a history, and bytes of all of them (without a
-    #: backplane, this process's; with Redis, per namespace, counted over the last one or two
-    #: windows of ``outbox_age``). At a bound, histories all written make room (the one written
-    #: longest ago first; not with Redis, whose histories expire on their own); a message still
-    #: waiting for its user is never dropped for another's: the new message is then not kept
-    #: (still delivered live; ``send_message_to_user`` returns ``False``), and logged. The last
+    #: backplane, this process's; with Redis, per namespace, each counted in the window of
+    #: ``outbox_age`` it was kept in, over the last one or two windows). Only what waits counts:
+    #: a message once written to its user, or dropped by the user's bounds, no longer does, nor
+    #: a user whose history is all written. At a bound, histories all written make room (the one
+    #: written longest ago first; with Redis, they no longer count and expire on their own); a
+    #: message still waiting for its user is never dropped for another's: the new message is
+    #: then not kept (still delivered live; ``send_message_to_user`` returns ``False``), and
+    #: logged. The last
     #: 16th of each is kept for senders holding under a 64th of their share (below) and for
     #: server code: there, a sender holding more is refused as over its share.
     outbox_users: int = 100_000
@@ -171,8 +174,8 @@ class ServerConfig:
     #: sender's messages are delivered live but not kept (``send_message_to_user`` returns
     #: ``False``), so one client filling its share costs its own messages, not everyone's. A
     #: message leaves the count once written to its user, dropped by a bound or expired; with
-    #: Redis, only once ``outbox_age`` has passed since the sender's first counted message (an
-    #: approximation: what was delivered is not subtracted).
+    #: Redis too (the acknowledgement releases it), and the sender's counters there also expire
+    #: ``outbox_age`` after they were made.
     outbox_per_sender: int = 1000
 
     def __post_init__(self) -> None:

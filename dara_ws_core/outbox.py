@@ -595,13 +595,13 @@ _VOID = object()  # a lease whose holder ended before writing every entry it lea
 
 class BusRefusals:
     """What a process knows of the bus's refusals to keep messages (its outbox's bounds live on
-    the bus, checked in the step that appends): a sender over its quota until its count expires,
-    or the outbox as a whole full until the bus's current window ends. A send charged to a sender
-    refused here is not offered to the bus's outbox at all (delivered only, and the caller told
-    at once), so asking never costs a round trip; the first message past a bound is refused by
-    the bus itself, a round trip later, and counted there. Bounded by ``max_senders`` (beyond, the
-    one refused first is forgotten: its next message asks the bus again). The caller passes the
-    clock."""
+    the bus, checked in the step that appends): a sender over its quota, or the outbox as a
+    whole full, for as long as the bus said (Redis: at most 2 s, since room comes back as users
+    read). A send charged to a sender refused here is not offered to the bus's outbox at all
+    (delivered only, and the caller told at once), so asking never costs a round trip; the first
+    message past a bound is refused by the bus itself, a round trip later, and counted there.
+    Bounded by ``max_senders`` (beyond, the one refused first is forgotten: its next message asks
+    the bus again). The caller passes the clock."""
 
     def __init__(self, max_senders: int = 10_000) -> None:
         self.max_senders = max_senders

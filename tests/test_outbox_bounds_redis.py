@@ -5,6 +5,7 @@ Real servers on 127.0.0.1, the stock client, every served transport for the floo
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -219,3 +220,124 @@ async def test_what_a_users_own_bounds_trim_leaves_the_namespaces_byte_count(
             assert await manager.send_message_to_user("busy", {"t": "b" * 9_000})
         await bus.backplane.flush()
         assert bus.backplane.stats.outbox_refused == 0
+
+
+async def until_gone(redis_server: RedisServer, key: str, field: str | None, what: str) -> None:
+    """Wait (polling Redis every 5 ms, at most ``TIMEOUT``) until ``key`` (or its ``field``) is
+    gone: the acknowledgement that releases it runs a timer after the write."""
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(redis_server.url)
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while await (client.exists(key) if field is None else client.hexists(key, field)):
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        raise AssertionError(f"still there after {TIMEOUT} s: {what}") from None
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("transport", SERVED)
+async def test_what_users_read_stops_counting_toward_the_outboxs_bounds_in_redis(
+    redis_server: RedisServer, transport: str,
+) -> None:
+    """Review 13 #5: the bus's counts (a sender's share, the namespace's bytes and histories)
+    are of what waits, as in one process. A sender tells an online user far more than its share
+    and the namespace's bytes, server code writes to more online users than ``outbox_users``:
+    each message read leaves the counts (the sender's counters go once nothing of theirs waits,
+    a user whose history is all written no longer counts), nothing is refused, and an offline
+    user's message is then kept and reaches them."""
+    config = ServerConfig(outbox_total_bytes=20_000, outbox_users=16, outbox_per_sender=4)
+    bus = _Manager(redis_server, config)
+    quota = f"{bus.namespace}:outbox-quota:alice"
+    text = "x" * 1_000  # a sender's share of the bytes (1,250) holds one such message
+    async with bus as manager, running_stack(transport, manager=manager) as stack:
+        add_tell(manager)
+        alice, bob = await stack.client("alice:s1"), await stack.client("bob:s1")
+        for i in range(30):  # 30 KB in all, 7 times the sender's count
+            assert await alice.request("tell", {"user": "bob", "text": f"{i}{text}"}) is True
+            message = await bob.receive(TIMEOUT)
+            assert isinstance(message, CustomServerMessage)
+            assert message.message.data == f"{i}{text}"
+            await until_gone(redis_server, quota, None, f"alice's counters once bob read #{i}")
+        for i in range(24):  # more users than outbox_users, each reading what was kept for them
+            reader = await stack.client(f"reader-{i}:s1")
+            assert await manager.send_message_to_user(f"reader-{i}", {"hi": i}) is True
+            got = await reader.receive(TIMEOUT)
+            assert got.message.model_dump() == {"hi": i}
+            await until_gone(redis_server, f"{bus.namespace}:outbox-meta:reader-{i}", "u",
+                             f"reader-{i} counted once its history is all written")
+            await reader.close()
+        await bus.backplane.flush()
+        assert bus.backplane.stats.outbox_refused == 0
+        windows = [await hash_fields(redis_server, key.decode())
+                   for key in await keys(redis_server, f"{bus.namespace}:outbox-window:*")]
+        assert sum(int(w.get(b"b", b"0")) for w in windows) == 0
+        assert sum(int(w.get(b"u", b"0")) for w in windows) == 0
+        assert await alice.request("tell", {"user": "victim", "text": "for you"}) is True
+        await bus.backplane.flush()
+        assert bus.backplane.stats.outbox_refused == 0
+        victim = await stack.client("victim:s1")
+        message = await victim.receive(TIMEOUT)
+        assert isinstance(message, CustomServerMessage)
+        assert (message.message.kind, message.message.data) == ("tell", "for you")
+        await until_gone(redis_server, f"{bus.namespace}:outbox-meta:victim", "u",
+                         "the victim counted once its new connection wrote its history")
+        await until_gone(redis_server, quota, None, "alice's counters once the victim read")
+
+
+async def test_messages_a_users_own_bound_drops_leave_their_senders_count_in_redis(
+    redis_server: RedisServer,
+) -> None:
+    """As in one process, a message dropped by its user's own bound before it was written no
+    longer waits: it leaves its sender's count (and the namespace's). A sender telling an
+    offline user more than its share keeps at most ``outbox_messages`` of them waiting, and
+    every message is kept (the oldest dropped for the newest)."""
+    bus = _Manager(redis_server, ServerConfig())
+    limits = OutboxLimits(max_messages=3, max_per_sender=4)
+    async with bus:
+        backplane = bus.backplane
+        for i in range(12):
+            await backplane.send_to_user("bob", b'{"i":%d}' % i, None, limits, sender="alice")
+        await backplane.flush()
+        assert backplane.stats.outbox_refused == 0 and backplane.keeps("alice")
+        quota = await hash_fields(redis_server, f"{bus.namespace}:outbox-quota:alice")
+        from redis.asyncio import Redis
+
+        client = Redis.from_url(redis_server.url)
+        try:
+            entries: list[tuple[bytes, dict[bytes, bytes]]] = await client.xrange(  # type: ignore[assignment]
+                f"{bus.namespace}:outbox:bob")
+        finally:
+            await client.aclose()
+        assert len(entries) == 3  # what waits: the newest three, all alice's
+        assert (quota[b"c"], int(quota[b"b"])) == (b"3", sum(len(f[b"d"]) for _, f in entries))
+
+
+async def test_a_full_bus_outbox_keeps_again_once_its_users_read(
+    redis_server: RedisServer,
+) -> None:
+    """A refusal by the namespace's bytes stops every process offering kept messages, but only
+    for a moment (at most 2 s), not until the window of ``outbox_age`` ends: once the user whose
+    messages filled it reads them, they no longer count and the next message is kept."""
+    config = ServerConfig(outbox_total_bytes=40_000, outbox_bytes=100_000)
+    bus = _Manager(redis_server, config)
+    async with bus as manager, running_stack("websockets", manager=manager) as stack:
+        big = {"t": "b" * 9_000}
+        assert [await manager.send_message_to_user("big", big) for _ in range(5)] == [True] * 5
+        await bus.backplane.flush()
+        assert bus.backplane.stats.outbox_refused == 1  # the fifth
+        assert await manager.send_message_to_user("other", {"t": "small"}) is False
+        reader = await stack.client("big:s1")
+        got = [await reader.receive(TIMEOUT) for _ in range(4)]
+        assert [m.message.model_dump() for m in got] == [big] * 4
+        await until_gone(redis_server, f"{bus.namespace}:outbox-meta:big", "u",
+                         "big's history written to the end")
+        await eventually(lambda: bus.backplane.keeps(None), "kept messages offered again")
+        assert await manager.send_message_to_user("other", {"t": "small"}) is True
+        await bus.backplane.flush()
+        assert bus.backplane.stats.outbox_refused == 1
+        other = await stack.client("other:s1")
+        message = await other.receive(TIMEOUT)
+        assert message.message.model_dump() == {"t": "small"}

@@ -25,18 +25,23 @@ Redis layout (``<ns>`` is the namespace, ``dara-ws`` by default):
   holder's moves the written mark;
 * ``<ns>:outbox-quota:<sender>`` -> hash: the messages (``c``) and their bytes (``b``) a sender
   (a user, or an anonymous connection's address: :func:`~dara_ws_core.outbox.anonymous_sender`)
-  had kept since the key was made, expiring ``max_age`` after (its share:
-  ``outbox_per_sender``, a 16th of ``outbox_users`` and of ``outbox_total_bytes``);
-* ``<ns>:outbox-window:<k>`` -> hash: the histories created (``u``) and the bytes appended less
-  those trimmed (``b``) in the ``k``-th window of ``max_age``, expiring after two windows
+  has waiting for their users, and when the count began (``p``); deleted once nothing waits,
+  expiring ``max_age`` after it was made (its share: ``outbox_per_sender``, a 16th of
+  ``outbox_users`` and of ``outbox_total_bytes``);
+* ``<ns>:outbox-window:<k>`` -> hash: the users with something waiting (``u``) and the bytes
+  waiting (``b``) counted in the ``k``-th window of ``max_age``, expiring after two windows
   (``outbox_users`` and ``outbox_total_bytes`` bound this window's and the previous one's sums);
+  a message leaves them once written (the acknowledgement) or dropped by its user's bounds, a
+  user once their history is written to the end (the meta hash's ``u``: the window that
+  counted them, while they count);
 * ``<ns>:missed:<node_id>`` -> hash user -> count: the node's gap ledger, used with the outbox
   off: messages for its users that found nobody listening on its topic (read and reset when the
   node resubscribes);
-* each entry of a user's history holds the message (``d``), its number for the user (``n``)
-  and its sender's id for it (``k``: ``<node_id>-<life>-<number>``, the life a mark drawn at
-  each start of the process, so that a process restarted with the same ``node_id`` never
-  reuses one), and the meta hash the highest number each node appended (``k:<node_id>``; the
+* each entry of a user's history holds the message (``d``), its number for the user (``n``),
+  the window that counted it (``s``), its sender's counters (``q``, ``p``: their key and the
+  count's ``p``) and its sender's id for it (``k``: ``<node_id>-<life>-<number>``, the life a
+  mark drawn at each start of the process, so that a process restarted with the same
+  ``node_id`` never reuses one), and the meta hash the highest number each node appended (``k:<node_id>``; the
   numbers start from the wall clock in µs, so a later life's are higher): a message sent again
   after a round trip that failed (part of which may have run) is found among the user's 1,000
   newest entries, the same id and the same bytes, and not appended twice (beyond those, it may
@@ -109,6 +114,9 @@ from dara_ws_core.exceptions import BackplaneError
 from dara_ws_core.outbox import SENDER_SHARES, SENDER_SMALL, OutboxLimits
 
 _BATCH = 3000  # directory commands per pipeline round trip
+# The longest a process remembers a refusal of the bus's outbox (its next kept sends are not
+# offered meanwhile): the bounds count what waits, so room comes back as users read.
+_RECHECK_MS = 2000
 
 # Error replies that say the server cannot serve anyone for now, rather than refuse one command:
 # what they fail is tried again without counting a try (see BatchRefused). redis-py turns the
@@ -134,6 +142,49 @@ local function later(a, b)
   local bm, bs = string.match(b, '^(%d+)-(%d+)$')
   am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
   return am > bm or (am == bm and as > bs)
+end
+"""
+
+# Entries (as XRANGE returns them) that no longer wait for their user: written to a connection of
+# the user, or dropped by a bound before. Their bytes leave the window that counted them (ARGV
+# prefix .. the entry's field s; a window gone counts nothing anymore), and each leaves its
+# sender's count (field q: the counters' key; field p: the count it was charged to: a count
+# begun since, after that one expired, is not touched). A count left with nothing is deleted.
+# Entries kept before these fields were stored release nothing (their window expires with them).
+# One EXISTS or HGET per window and per sender among them, whatever their number.
+_RELEASE = """
+local function release(entries, prefix)
+  local windows, quotas = {}, {}
+  for _, e in ipairs(entries) do
+    local f = e[2]
+    if f[8] then
+      local size = #f[2]
+      windows[f[8]] = (windows[f[8]] or 0) + size
+      if f[10] ~= '' then
+        local id = f[10] .. '\\n' .. f[12]
+        local q = quotas[id]
+        if not q then
+          q = {f[10], f[12], 0, 0}
+          quotas[id] = q
+        end
+        q[3], q[4] = q[3] + 1, q[4] + size
+      end
+    end
+  end
+  for slot, size in pairs(windows) do
+    if redis.call('EXISTS', prefix .. slot) == 1 then
+      redis.call('HINCRBY', prefix .. slot, 'b', -size)
+    end
+  end
+  for _, q in pairs(quotas) do
+    if redis.call('HGET', q[1], 'p') == q[2] then
+      if redis.call('HINCRBY', q[1], 'c', -q[3]) <= 0 then
+        redis.call('DEL', q[1])
+      else
+        redis.call('HINCRBY', q[1], 'b', -q[4])
+      end
+    end
+  end
 end
 """
 
@@ -167,14 +218,18 @@ return redis.call('PUBLISH', ARGV[4], ARGV[5])
 #
 # The outbox as a whole is bounded too (ARGV[11..15]: the sender's counters' key, '' for a send
 # charged to nobody; the most messages per sender; the window counters' key prefix; the most
-# histories and bytes). A message is refused (not kept, still published) when its sender's
-# counters are at its share (ARGV[12] messages, a SHARES-th of the bytes; the counters expire
-# ``age`` after the sender's first message counted: what was delivered meanwhile is not
-# subtracted), or when the histories created (a new one) or the bytes appended, minus those
-# trimmed, over this window of ``age`` ms and the previous one would go past the bounds (each
-# window's counters expire after two windows). The last SHARES-th of both bounds is kept for
-# senders holding little (under a SMALL-th of their share) and for sends charged to nobody: a
-# sender refused there is refused as over its share ("sender"), not the outbox as a whole.
+# histories and bytes). Every count is of what waits: a message leaves them once written to a
+# connection of its user (the acknowledgement, _SETTLE) or dropped by a bound before (see
+# release). A message is refused (not kept, still published) when its sender's counters are at
+# its share (ARGV[12] messages, a SHARES-th of the bytes; the counters also expire ``age`` after
+# the count began, field p), or when the histories waiting (a user with nothing waiting counts
+# once a message for them is kept: meta field u, the window that counted them) or the bytes
+# waiting, counted in this window of ``age`` ms and the previous one, would go past the bounds
+# (each window's counters expire after two windows). The last SHARES-th of both bounds is kept
+# for senders holding little (under a SMALL-th of their share) and for sends charged to nobody: a
+# sender refused there is refused as over its share ("sender"), not the outbox as a whole. A
+# refusal says how long it lasts at most (the count's or the window's end), but no more than
+# RECHECK ms: room comes back as users read.
 #
 # ARGV[16], ARGV[17] (with the outbox on, a kept message from a node that numbers them): the
 # message's number at its node and the node's scope for numbers (its id and process life),
@@ -183,7 +238,7 @@ return redis.call('PUBLISH', ARGV[4], ARGV[5])
 # failed, part of which may have run), answered as its entry if the user's newest entries hold
 # one with the same k and the same message, not appended twice. Any other match is another
 # message (another life of the node), appended: the search never drops a message.
-_ROUTE_USER = """
+_ROUTE_USER = _LATER + _RELEASE + """
 -- kid: a kept message sent again that the first run appended is answered with that entry.
 local kid, last = nil, 0
 if ARGV[16] then
@@ -197,70 +252,84 @@ if ARGV[16] then
 end
 local message, kept, n = ARGV[3], nil, 0
 local keep = ARGV[8] ~= nil and #ARGV[3] <= tonumber(ARGV[9])
-local t, window, new, refused, wait
+local t, slot, window, new, refused, wait, period
 if keep then
   local age, size = tonumber(ARGV[10]), #ARGV[3]
   local most_users, most_bytes = tonumber(ARGV[14]), tonumber(ARGV[15])
   local quota, share = tonumber(ARGV[12]), math.max(1, math.floor(most_bytes / SHARES))
   local mine, mine_bytes = 0, 0
   if ARGV[11] ~= '' then
-    local held = redis.call('HMGET', ARGV[11], 'c', 'b')
-    mine, mine_bytes = tonumber(held[1] or '0'), tonumber(held[2] or '0')
+    local held = redis.call('HMGET', ARGV[11], 'c', 'b', 'p')
+    mine, mine_bytes, period = tonumber(held[1] or '0'), tonumber(held[2] or '0'), held[3]
   end
   if ARGV[11] ~= '' and (mine >= quota or mine_bytes + size > share) then
-    keep, refused, wait = false, 'sender', math.max(redis.call('PTTL', ARGV[11]), 0)
+    keep, refused, wait = false, 'sender', math.min(math.max(redis.call('PTTL', ARGV[11]), 0), RECHECK)
   else
     t = redis.call('TIME')
     local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-    local slot = math.floor(ms / age)
+    slot = math.floor(ms / age)
     window = ARGV[13] .. slot
     local now = redis.call('HMGET', window, 'u', 'b')
     local before = redis.call('HMGET', ARGV[13] .. (slot - 1), 'u', 'b')
-    new = redis.call('EXISTS', KEYS[3]) == 0
+    new = redis.call('HEXISTS', KEYS[3], 'u') == 0  -- nothing of the user's waits
     local users = tonumber(now[1] or '0') + tonumber(before[1] or '0')
     local total = tonumber(now[2] or '0') + tonumber(before[2] or '0')
     if total + size > most_bytes then
-      keep, refused, wait = false, 'bytes', age - ms % age
+      keep, refused, wait = false, 'bytes', math.min(age - ms % age, RECHECK)
     elseif new and users >= most_users then
-      keep, refused, wait = false, 'users', age - ms % age
+      keep, refused, wait = false, 'users', math.min(age - ms % age, RECHECK)
     elseif ARGV[11] ~= '' and (total + size > most_bytes - math.floor(most_bytes / SHARES)
         or (new and users >= most_users - math.floor(most_users / SHARES)))
         and ((mine > 0 and mine >= math.floor(quota / SMALL))
              or mine_bytes + size > math.floor(share / SMALL)) then
       -- Only the last share is left: for senders holding little, and sends charged to nobody.
-      keep, refused, wait = false, 'sender', math.max(redis.call('PTTL', ARGV[11]), 0)
+      keep, refused, wait = false, 'sender',
+          math.min(math.max(redis.call('PTTL', ARGV[11]), 0), RECHECK)
     end
   end
 end
 if keep then
   local most, cap, age = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
   if ARGV[11] ~= '' then
-    if redis.call('HINCRBY', ARGV[11], 'c', 1) == 1 then redis.call('PEXPIRE', ARGV[11], age) end
+    if not period then  -- a new count, known by when it began: it lasts ``age`` at most
+      period = t[1] .. '.' .. t[2]
+      redis.call('HSET', ARGV[11], 'p', period)
+      redis.call('PEXPIRE', ARGV[11], age)
+    end
+    redis.call('HINCRBY', ARGV[11], 'c', 1)
     redis.call('HINCRBY', ARGV[11], 'b', #ARGV[3])
   end
-  if new then redis.call('HINCRBY', window, 'u', 1) end
+  if new then
+    redis.call('HINCRBY', window, 'u', 1)
+    redis.call('HSET', KEYS[3], 'u', slot)
+  end
   if redis.call('HINCRBY', window, 'b', #ARGV[3]) == #ARGV[3] then  -- the window's first
     redis.call('PEXPIRE', window, 2 * age)
   end
   n = redis.call('HINCRBY', KEYS[3], 'n', 1)
-  kept = redis.call('XADD', KEYS[2], '*', 'd', ARGV[3], 'n', n, 'k', kid or '')
+  -- s, q, p: the window and the sender's count that counted it (see release).
+  kept = redis.call('XADD', KEYS[2], '*', 'd', ARGV[3], 'n', n, 'k', kid or '', 's', slot,
+                    'q', ARGV[11], 'p', period or '')
   if kid and tonumber(ARGV[16]) > last then redis.call('HSET', KEYS[3], 'k:' .. ARGV[1], ARGV[16]) end
   local bytes = redis.call('HINCRBY', KEYS[3], 'b', #ARGV[3])
   local count = redis.call('XLEN', KEYS[2])
   local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - age
   -- The oldest entries, as many as the count bound drops plus one (whose age is checked) per
   -- read: at steady state one XRANGE, one XDEL and one HINCRBY per message.
-  local trimmed = false
+  -- Those not written yet (after the mark) stop counting as waiting (the others already did).
+  local trimmed, written = false, nil
   while count > 0 and not trimmed do
     local heads = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', math.max(count - most, 0) + 1)
     if #heads == 0 then break end
-    local dropped, freed = {}, 0
+    local dropped, waiting, freed = {}, {}, 0
     for _, head in ipairs(heads) do
       local ms = tonumber(string.match(head[1], '^(%d+)'))
       if ms > cutoff and count <= most and bytes - freed <= cap then
         trimmed = true
         break
       end
+      if written == nil then written = redis.call('HGET', KEYS[3], 'w') end
+      if not written or later(head[1], written) then waiting[#waiting + 1] = head end
       dropped[#dropped + 1] = head[1]
       freed = freed + #head[2][2]
       count = count - 1
@@ -268,7 +337,7 @@ if keep then
     if #dropped > 0 then
       redis.call('XDEL', KEYS[2], unpack(dropped))
       bytes = redis.call('HINCRBY', KEYS[3], 'b', -freed)
-      redis.call('HINCRBY', window, 'b', -freed)
+      if #waiting > 0 then release(waiting, ARGV[13]) end
     end
   end
   redis.call('PEXPIRE', KEYS[2], age)
@@ -305,7 +374,8 @@ if refused then return {total, refused, wait} end  -- a bound: {receivers, which
 return total
 """
 # A sender's share, and what holding little is: the in-process outbox's (dara_ws_core.outbox).
-_ROUTE_USER = _ROUTE_USER.replace("SHARES", str(SENDER_SHARES)).replace("SMALL", str(SENDER_SMALL))
+_ROUTE_USER = (_ROUTE_USER.replace("SHARES", str(SENDER_SHARES)).replace("SMALL", str(SENDER_SMALL))
+               .replace("RECHECK", str(_RECHECK_MS)))
 
 # Lease a user's history to a channel (read, then acknowledge: see dara_ws_core.outbox): nothing
 # if a live channel holds the lease (its node listening, its channel still registered on it),
@@ -384,8 +454,10 @@ return out
 # it is ahead, unless a lease other than ARGV[1]'s (node and channel) is set and ARGV[2] is after
 # its last entry (whoever acknowledges it got it live, not the leased ones before it). If ARGV[1]
 # holds the lease, end it; if it did not write every entry leased, the rest stay capped until
-# the next lease ('\n' .. last). KEYS: the meta hash, the lease.
-_SETTLE = _LATER + """
+# the next lease ('\n' .. last). KEYS: the meta hash, the lease, the stream. With ARGV[3] (the
+# window counters' key prefix), the entries the mark passed stop counting toward the outbox's
+# bounds (release), and once nothing after it is left, the user no longer counts as waiting.
+_SETTLE = _LATER + _RELEASE + """
 local current = redis.call('GET', KEYS[2])
 local holder, last = nil, nil
 if current then
@@ -398,6 +470,18 @@ if ARGV[2] ~= '' and redis.call('EXISTS', KEYS[1]) == 1
     and (mine or not last or not later(ARGV[2], last))
     and (not written or later(ARGV[2], written)) then
   redis.call('HSET', KEYS[1], 'w', ARGV[2])
+  if ARGV[3] then
+    local from = '-'
+    if written then from = '(' .. written end
+    release(redis.call('XRANGE', KEYS[3], from, ARGV[2]), ARGV[3])
+    local slot = redis.call('HGET', KEYS[1], 'u')
+    if slot and #redis.call('XRANGE', KEYS[3], '(' .. ARGV[2], '+', 'COUNT', 1) == 0 then
+      redis.call('HDEL', KEYS[1], 'u')
+      if redis.call('EXISTS', ARGV[3] .. slot) == 1 then
+        redis.call('HINCRBY', ARGV[3] .. slot, 'u', -1)
+      end
+    end
+  end
   written = ARGV[2]
 end
 if not mine then return 0 end
@@ -530,8 +614,9 @@ class RedisBackplane(BrokerBackplane):
         for publication in batch:
             if publication.ack is not None:
                 user = str(publication.user_id)
-                yield _SETTLE, (2, self._outbox_keys(user)[1], self._lease_key(user), "",
-                                publication.ack)
+                stream, meta = self._outbox_keys(user)
+                yield _SETTLE, (3, meta, self._lease_key(user), stream, "", publication.ack,
+                                self._window_key(""))
             elif publication.topic is not None:
                 if publication.durable is None:
                     yield None, (publication.topic, publication.data)
@@ -675,9 +760,10 @@ class RedisBackplane(BrokerBackplane):
 
     async def _settle_outbox(self, user_id: str, channel_id: str, upto: str | None) -> None:
         try:
-            await self._redis.eval(_SETTLE, 2, self._outbox_keys(user_id)[1],
-                                   self._lease_key(user_id), f"{self.node_id}\n{channel_id}",
-                                   upto or "")
+            stream, meta = self._outbox_keys(user_id)
+            await self._redis.eval(_SETTLE, 3, meta, self._lease_key(user_id), stream,
+                                   f"{self.node_id}\n{channel_id}", upto or "",
+                                   self._window_key(""))
         except (RedisError, OSError) as exc:
             raise BackplaneError(f"redis: {exc}") from exc
 
