@@ -36,17 +36,20 @@ default can be changed in the constructor):
 * **A dead server**: with ``ping_interval`` set, a connection on which no frame at all arrives
   within ``idle_timeout`` (twice ``ping_interval`` by default: a live server answers each ping)
   is aborted as closed with 1006, and reconnected when ``reconnect`` is set.
-* **A server that stops reading**: a frame the server has not taken within ``send_timeout``
-  (10 s, the server's own default) means it reads nothing, even if it keeps sending: the
+* **A server that stops reading**: a send that waits more than ``send_timeout`` (10 s, the
+  server's own default) for the connection to take its frame (the library makes a send wait
+  once its write buffer is full) means the server reads nothing, even if it keeps sending: the
   connection is aborted as closed with 1006 (counted in ``send_stalls``), the send raises
   :class:`~dara_ws_core.exceptions.ConnectionClosed`, and the client reconnects when
   ``reconnect`` is set. This holds for every frame the client sends (requests, answers to the
   server's requests, custom messages, pings). A request's ``timeout`` counts its send too:
   :class:`~dara_ws_core.exceptions.RequestTimeout` comes when it ends, whether the frame is
-  still waiting to go out or the answer has not come.
-* **Closing**: :meth:`DaraClient.close` takes at most about ``close_timeout`` (5 s, as the
-  server's) for the closing handshake, whatever state the connection is in (a send stuck on a
-  full socket, a server that never answers the close): past it the connection is aborted.
+  still waiting to go out or the answer has not come (a frame given up so stays in the
+  library's buffer, and the connection is kept: the next send that waits too long ends it).
+* **Closing**: :meth:`DaraClient.close` gives the closing handshake at most ``close_timeout``
+  (5 s, as the server's), whatever state the connection is in (a send stuck on a full socket, a
+  server that never answers the close), then aborts the connection; a reconnection in progress
+  (a backoff, a connection being opened) is cancelled. The sends still waiting end with it.
 * **Reconnecting** (``reconnect=True``): the delay before an attempt doubles from
   ``backoff_initial`` up to ``backoff_max``, with jitter. Attempts count until a connection stays
   up for ``stable_after`` (``backoff_max`` by default), so a server that accepts and closes at
