@@ -700,21 +700,37 @@ async def test_close_is_bounded_whatever_the_connection_is_doing(client_adapter:
         await client.wait_closed(3)
 
 
-async def test_close_during_a_reconnection_backoff_is_prompt_and_opens_nothing(
-    client_adapter: str,
+@pytest.mark.parametrize("phase", ["backoff", "opening"])
+async def test_close_during_a_reconnection_is_prompt_and_leaves_nothing_open(
+    client_adapter: str, phase: str
 ) -> None:
+    """Closed while waiting out a 10-20 s backoff, or while the next connection waits for an
+    ``init`` that never comes (``init_timeout``, 10 s)."""
     accepted: list[float] = []
-    async with hostile(_closes_after_init(1001, accepted), client_adapter) as connect:
-        client = DaraClient(connect, ping_interval=None, reconnect=True, backoff_initial=20,
-                            backoff_max=20)
+    gone = _closes_after_init(1001, accepted)
+
+    async def then_mute(ws: ServerConnection) -> None:
+        if not accepted:
+            await gone(ws)
+        else:  # accepted and read, never initialised
+            accepted.append(asyncio.get_running_loop().time())
+            async for _ in ws:
+                pass
+
+    async with hostile(then_mute, client_adapter) as connect:
+        delay = 20 if phase == "backoff" else 0.01
+        client = DaraClient(connect, ping_interval=None, reconnect=True, backoff_initial=delay,
+                            backoff_max=delay)
         await client.connect()
-        await eventually(lambda: not client.connected, "the server closed the connection")
-        async with asyncio.timeout(2):  # the backoff is 10-20 s
+        await eventually(lambda: len(accepted) == (1 if phase == "backoff" else 2) and not client.connected,
+                         "the client is between two connections")
+        async with asyncio.timeout(2):
             await client.close()
         assert client._runner is not None and client._runner.done()
         with pytest.raises(ConnectionClosed):
             await client.receive(1)
-        assert len(accepted) == 1 and client.connections == 1
+        assert client.connections == 1 and not client.connected
+        assert len(accepted) == (1 if phase == "backoff" else 2)  # nothing opened since
 
 
 async def test_over_the_memory_transport_sends_to_an_end_that_reads_nothing_are_bounded() -> None:
