@@ -36,6 +36,20 @@ default can be changed in the constructor):
 * **A dead server**: with ``ping_interval`` set, a connection on which no frame at all arrives
   within ``idle_timeout`` (twice ``ping_interval`` by default: a live server answers each ping)
   is aborted as closed with 1006, and reconnected when ``reconnect`` is set.
+* **A server that stops reading**: a send that waits more than ``send_timeout`` (10 s, the
+  server's own default) for the connection to take its frame (the library makes a send wait
+  once its write buffer is full) means the server reads nothing, even if it keeps sending: the
+  connection is aborted as closed with 1006 (counted in ``send_stalls``), the send raises
+  :class:`~dara_ws_core.exceptions.ConnectionClosed`, and the client reconnects when
+  ``reconnect`` is set. This holds for every frame the client sends (requests, answers to the
+  server's requests, custom messages, pings). A request's ``timeout`` counts its send too:
+  :class:`~dara_ws_core.exceptions.RequestTimeout` comes when it ends, whether the frame is
+  still waiting to go out or the answer has not come (a frame given up so stays in the
+  library's buffer, and the connection is kept: the next send that waits too long ends it).
+* **Closing**: :meth:`DaraClient.close` gives the closing handshake at most ``close_timeout``
+  (5 s, as the server's), whatever state the connection is in (a send stuck on a full socket, a
+  server that never answers the close), then aborts the connection; a reconnection in progress
+  (a backoff, a connection being opened) is cancelled. The sends still waiting end with it.
 * **Reconnecting** (``reconnect=True``): the delay before an attempt doubles from
   ``backoff_initial`` up to ``backoff_max``, with jitter. Attempts count until a connection stays
   up for ``stable_after`` (``backoff_max`` by default), so a server that accepts and closes at
@@ -112,6 +126,26 @@ def _request(message: CustomServerMessage | DaraServerMessage) -> Request:
     )
 
 
+def _reraise_cancellation() -> None:
+    """In an ``except TimeoutError`` around ``asyncio.timeout``: raise ``CancelledError`` if the
+    task is being cancelled. On Python 3.11 a cancellation that comes as the time runs out can
+    surface as the ``TimeoutError``, and a close() must not swallow it (see
+    ``backplane.node.wait_event``)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait for it, cancelling again every second (a cancellation can be
+    lost on Python 3.11, see ``backplane.node.cancel_task``)."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait((task,), timeout=1.0)
+    if not task.cancelled():
+        task.exception()  # retrieved: an error of the runner was already logged or reported
+
+
 def _refuses(code: int | None) -> bool:
     """Whether a close ``code`` says the server refused this client (policy, protocol, an
     application's 4000-4999 code such as failed authentication), not that it went away."""
@@ -176,10 +210,15 @@ class DaraClient:
     ``requests_dropped``), ``max_queue`` pushes and ``max_queue_bytes`` in the inbox (a push
     charged its text and 120 bytes per JSON value; the oldest dropped beyond, counted in
     ``dropped``), and ``idle_timeout``, the silence after which the connection is given up as
-    dead (default twice ``ping_interval``; ``None`` without pings). With ``reconnect``,
+    dead (default twice ``ping_interval``; ``None`` without pings). ``send_timeout`` is how long
+    one frame may wait for the server to take it before the connection is aborted as dead
+    (``None``: no bound, then only a request's ``timeout`` ends its wait), and
+    ``close_timeout`` how long :meth:`close` waits for the closing handshake before it aborts
+    the connection. With ``reconnect``,
     ``max_attempts`` counts the attempts since the last connection that stayed up
     ``stable_after`` seconds (default ``backoff_max``). Raises ``ValueError`` for a bound under
-    1, or an ``idle_timeout`` not longer than ``ping_interval``.
+    1, a ``send_timeout`` or ``close_timeout`` not above 0, or an ``idle_timeout`` not longer
+    than ``ping_interval``.
     """
 
     def __init__(
@@ -200,11 +239,15 @@ class DaraClient:
         idle_timeout: float | None = None,
         init_timeout: float = 10.0,
         stable_after: float | None = None,
+        send_timeout: float | None = 10.0,
+        close_timeout: float = 5.0,
     ) -> None:
         if min(max_responders, max_queue, max_queue_bytes, max_backlog, max_backlog_bytes,
                max_message_values) < 1:
             raise ValueError("max_responders, max_queue, max_queue_bytes, max_backlog, "
                              "max_backlog_bytes and max_message_values must be at least 1")
+        if not close_timeout > 0 or (send_timeout is not None and not send_timeout > 0):
+            raise ValueError("send_timeout and close_timeout must be above 0")
         if idle_timeout is None and ping_interval:
             idle_timeout = 2 * ping_interval
         if idle_timeout is not None and ping_interval and idle_timeout <= ping_interval:
@@ -215,6 +258,11 @@ class DaraClient:
         #: No frame from the server for this long (seconds) means the connection is dead;
         #: ``None`` (the default without pings) never decides so.
         self.idle_timeout = idle_timeout
+        #: Seconds one frame may wait for the server to take it (``None``: no bound); past it,
+        #: the server is taken to read nothing and the connection is aborted.
+        self.send_timeout = send_timeout
+        #: Seconds :meth:`close` waits for the closing handshake before aborting the connection.
+        self.close_timeout = close_timeout
         self.max_queue = max_queue
         self.max_queue_bytes = max_queue_bytes
         self.max_responders = max_responders
@@ -244,7 +292,13 @@ class DaraClient:
         # When the last frame arrived (time.monotonic: a C call, cheaper per frame than the
         # loop's clock); +inf before the first read.
         self._last_frame = math.inf
-        self._idle_close: ConnectionClosed | None = None
+        # The sends waiting for the server to take their frame, in the order they started: when
+        # each started (time.monotonic), or the close that ended the wait (see _watch_sends).
+        self._sending: dict[int, float | ConnectionClosed] = {}
+        self._sends = 0
+        # Why the client gave up the current connection (no frame for idle_timeout, a send stuck
+        # past send_timeout) before aborting it: what last_close records instead of the abort.
+        self._given_up: ConnectionClosed | None = None
         self._log = ConnectionLogger(logger, {})
         self._pending: dict[str, asyncio.Future[Any]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -258,6 +312,8 @@ class DaraClient:
         #: Pushes dropped from a full inbox (oldest first), and connections given up as dead.
         self.dropped = 0
         self.idle_closes = 0
+        #: Connections given up because a frame waited more than ``send_timeout`` to be taken.
+        self.send_stalls = 0
         #: Server requests dropped because the responders and their backlog were full.
         self.requests_dropped = 0
 
@@ -286,10 +342,10 @@ class DaraClient:
                     if isinstance(message, InitMessage):
                         break
         except FrameTooLarge as exc:  # before init too, a frame costing too much is refused
-            await transport.close(exc.close_code or CloseCode.PROTOCOL_ERROR, str(exc))
+            await self._shut(transport, exc.close_code or CloseCode.PROTOCOL_ERROR, str(exc))
             raise
         except BaseException:
-            await transport.close()
+            await self._shut(transport)
             raise
         self._transport = transport
         self._channel = message.message.channel
@@ -297,6 +353,12 @@ class DaraClient:
         self._connected.set()
 
     async def _run(self) -> None:
+        try:
+            await self._serve()
+        finally:  # ended, or cancelled by close() between two connections
+            self._wake_inbox()
+
+    async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             transport = self._transport
@@ -307,11 +369,17 @@ class DaraClient:
                 keepalive.append(loop.create_task(self._ping(transport)))
             if self.idle_timeout is not None:
                 keepalive.append(loop.create_task(self._watch(transport, self.idle_timeout)))
+            if self.send_timeout is not None:
+                keepalive.append(loop.create_task(self._watch_sends(transport, self.send_timeout)))
             try:
                 await self._read(transport)
             finally:
                 for task in keepalive:
                     task.cancel()
+                # Read to its end: nothing of it may linger (a library that closes its socket
+                # gracefully keeps output a server that reads nothing never takes, and the sends
+                # waiting behind it).
+                transport.abort()
                 self._connected.clear()
                 self._fail_pending(self.last_close or ConnectionClosed())
                 self._clear_backlog()  # requests of a channel that is gone: none can be answered
@@ -319,7 +387,6 @@ class DaraClient:
                 self._attempts = 0  # a run of failures ends only with a connection that lasted
             code = self.last_close.code if self.last_close is not None else None
             if self._closing or not self.reconnect or not await self._reconnect(code):
-                self._wake_inbox()
                 return
 
     async def _reconnect(self, code: int | None) -> bool:
@@ -348,7 +415,7 @@ class DaraClient:
         with contextlib.suppress(ConnectionClosed):
             while True:
                 await asyncio.sleep(self.ping_interval)
-                await transport.send(_PING)
+                await self._send(transport, _PING)
 
     async def _watch(self, transport: Transport, idle_timeout: float) -> None:
         """Abort the connection once no frame has come for ``idle_timeout`` while reading.
@@ -363,11 +430,37 @@ class DaraClient:
                 break
             await asyncio.sleep(idle_timeout - late if late > -math.inf else idle_timeout)
         self.idle_closes += 1
-        self._idle_close = ConnectionClosed(
-            CloseCode.ABNORMAL, f"no frame from the server for {idle_timeout:g} s"
-        )
-        logger.warning("closing a connection that looks dead: %s", self._idle_close.reason)
+        self._give_up(transport, f"no frame from the server for {idle_timeout:g} s")
+
+    async def _watch_sends(self, transport: Transport, send_timeout: float) -> None:
+        """Abort the connection once a frame has waited ``send_timeout`` for the server to take
+        it: the server reads nothing, even if it keeps sending (the idle watchdog sees frames).
+
+        A separate task, as :meth:`_watch`: a send costs a clock reading and a dict entry, not a
+        timer of its own. The sends waiting then fail with the connection's close.
+        """
+        sending = self._sending
+        while True:
+            oldest = next(iter(sending.values()), None)  # in order: the first started first
+            waited = time.monotonic() - oldest if isinstance(oldest, float) else 0.0
+            if waited >= send_timeout:
+                break
+            await asyncio.sleep(send_timeout - waited)
+        self.send_stalls += 1
+        lost = self._give_up(transport, f"the server took no frame for {send_timeout:g} s "
+                                        "(send_timeout)")
+        for key in sending:
+            sending[key] = lost
+
+    def _give_up(self, transport: Transport, why: str) -> ConnectionClosed:
+        """Abort a connection that looks dead, recording ``why`` as its close (1006) when it is
+        the current one; returns that close."""
+        lost = ConnectionClosed(CloseCode.ABNORMAL, why)
+        if transport is self._transport and self._given_up is None:
+            self._given_up = lost
+        logger.warning("closing a connection that looks dead: %s", why)
         transport.abort()
+        return lost
 
     # ------------------------------------------------------------------ inbound
 
@@ -384,13 +477,13 @@ class DaraClient:
     async def _read(self, transport: Transport) -> None:
         clock = time.monotonic
         max_values = self.max_message_values
-        self._idle_close = None
+        self._given_up = None
         self._last_frame = clock()  # before the watcher's first look: it starts after this
         while True:
             try:
                 frame = await transport.receive()
             except ConnectionClosed as exc:
-                self.last_close = self._idle_close or exc
+                self.last_close = self._given_up or exc
                 return
             self._last_frame = clock()
             # As _decode, inline: a method call less per frame on the round trip's path.
@@ -412,8 +505,7 @@ class DaraClient:
         code = exc.close_code or CloseCode.PROTOCOL_ERROR
         self.last_close = ConnectionClosed(code, str(exc))
         logger.warning("closing the connection with %d: %s", code, exc)
-        with contextlib.suppress(ConnectionClosed):
-            await transport.close(code, str(exc))
+        await self._shut(transport, code, str(exc))
 
     def _dispatch(self, message: ServerMessage, frame: str | bytes, values: int) -> None:
         if isinstance(message, PongMessage):
@@ -542,40 +634,72 @@ class DaraClient:
             raise self.last_close or ConnectionClosed(CloseCode.NORMAL, "not connected")
         return self._transport
 
+    async def _send(self, transport: Transport, frame: bytes) -> None:
+        """Send ``frame``, noted in ``_sending`` while it waits: past ``send_timeout``, the
+        watchdog (:meth:`_watch_sends`) aborts the connection, and the send raises its
+        ``ConnectionClosed`` (1006), whatever the library reports (websockets returns)."""
+        sending = self._sending
+        key = self._sends = self._sends + 1
+        sending[key] = time.monotonic()
+        try:
+            await transport.send(frame)
+        except ConnectionClosed as exc:
+            given_up = sending.pop(key)
+            raise given_up if isinstance(given_up, ConnectionClosed) else exc from None
+        except BaseException:
+            del sending[key]
+            raise
+        given_up = sending.pop(key)
+        if isinstance(given_up, ConnectionClosed):
+            raise given_up
+
     async def send_raw(self, frame: str | bytes) -> None:
-        """Send an arbitrary text frame (``str`` or UTF-8 ``bytes``), for tests of bad input."""
-        await self._require().send(frame.encode() if isinstance(frame, str) else frame)
+        """Send an arbitrary text frame (``str`` or UTF-8 ``bytes``), for tests of bad input.
+
+        Raises ``ConnectionClosed`` as :meth:`send_custom` does."""
+        await self._send(self._require(), frame.encode() if isinstance(frame, str) else frame)
 
     async def send_custom(self, kind: str, data: Any = None) -> None:
-        """Send a fire-and-forget custom message."""
-        await self._require().send(
-            dumps({"type": "custom", "message": {"kind": kind, "data": data}})
+        """Send a fire-and-forget custom message.
+
+        Raises ``ConnectionClosed`` when not connected, or when the server has not taken the
+        frame within ``send_timeout`` (the connection is then aborted, see the module doc)."""
+        await self._send(
+            self._require(), dumps({"type": "custom", "message": {"kind": kind, "data": data}})
         )
 
     async def request(self, kind: str, data: Any = None, *, timeout: float | None = 10.0) -> Any:
         """Send a custom request and return the reply's ``data``.
 
-        Raises ``RemoteError`` for an error reply, ``RequestTimeout``, ``ConnectionClosed``.
+        ``timeout`` counts from the call: the send of the request (which may wait for a server
+        that reads slowly) and the wait for its answer. Raises ``RemoteError`` for an error
+        reply, ``RequestTimeout`` when ``timeout`` ends first, ``ConnectionClosed`` when the
+        connection is lost, including when the request's frame waited ``send_timeout`` (if
+        shorter than ``timeout``) for the server to take it.
         """
         transport = self._require()
         rchan = uuid.uuid4().hex
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rchan] = waiter
+        frame = dumps({"type": "custom", "message": {"kind": kind, "data": data, "__rchan": rchan}})
         try:
-            frame = {"type": "custom", "message": {"kind": kind, "data": data, "__rchan": rchan}}
-            await transport.send(dumps(frame))
             async with asyncio.timeout(timeout):
+                await self._send(transport, frame)
                 return await waiter
         except TimeoutError:
+            _reraise_cancellation()
             raise RequestTimeout(f"no reply to {kind!r} within {timeout} s") from None
         finally:
             self._pending.pop(rchan, None)
 
     async def answer(self, rchan: str, value: Any) -> None:
-        """Answer a server request (a *response* frame), in chunks if ``value`` is ``Chunked``."""
+        """Answer a server request (a *response* frame), in chunks if ``value`` is ``Chunked``.
+
+        Each frame waits at most ``send_timeout`` for the server to take it (then
+        ``ConnectionClosed``, as :meth:`send_custom`)."""
         transport = self._require()
         if not isinstance(value, Chunked):
-            await transport.send(dumps(
+            await self._send(transport, dumps(
                 {"type": "message", "channel": rchan, "chunk_count": None, "message": value}
             ))
             return
@@ -588,7 +712,7 @@ class DaraClient:
                                      "message": value.parts[i]}
             if value.indexed:
                 frame["chunk_index"] = i
-            await transport.send(dumps(frame))
+            await self._send(transport, dumps(frame))
 
     def _fail_pending(self, exc: ConnectionClosed) -> None:
         for waiter in self._pending.values():
@@ -622,18 +746,44 @@ class DaraClient:
                 await asyncio.shield(self._runner)
         return self.last_close
 
+    async def _shut(self, transport: Transport, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Close ``transport`` with ``code`` within ``close_timeout``, then abort it: past that
+        time (a send stuck on a full socket, a server that never answers the close), and after
+        a close too, since a library may end one by closing its socket gracefully with output
+        still waiting (aiohttp), which a server that reads nothing would hold forever."""
+        try:
+            async with asyncio.timeout(self.close_timeout):
+                await transport.close(code, reason)
+        except TimeoutError:
+            logger.warning("the closing handshake took more than %g s (close_timeout): "
+                           "connection aborted", self.close_timeout)
+            _reraise_cancellation()
+        except ConnectionClosed:
+            pass
+        finally:  # also when cleaning up after a cancellation
+            transport.abort()
+
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        """Close the connection and stop reconnecting; idempotent."""
+        """Close the connection and stop reconnecting; idempotent.
+
+        Takes at most about twice ``close_timeout``: the closing handshake is given
+        ``close_timeout``, then the connection is aborted; a reconnection in progress (a backoff,
+        a connection being opened) is cancelled."""
         self._closing = True
         self._clear_backlog()
+        runner = self._runner
+        if runner is not None and not self._connected.is_set():
+            runner.cancel()  # between two connections: no transport of its own to close
         if self._transport is not None:
-            await self._transport.close(code, reason)
+            await self._shut(self._transport, code, reason)
         # Responders can no longer answer.
         for task in list(self._tasks):
             task.cancel()
-        if self._runner is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._runner), 10)
+        if runner is not None:
+            # The connection is closed or aborted: its read ends at once (a reconnection that
+            # was cancelled closes what it opened, within close_timeout).
+            await asyncio.wait((runner,), timeout=self.close_timeout)
+            await _cancel(runner)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 

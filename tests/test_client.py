@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+import websockets
 from websockets.asyncio.server import ServerConnection, serve
 
 from dara_ws_core import (
@@ -29,10 +30,12 @@ from dara_ws_core import (
     FrameTooLarge,
     PushedMessage,
     Request,
+    RequestTimeout,
     Transport,
 )
 from dara_ws_core.client import _charge, _reconnect_delay
 from dara_ws_core.codec import count_json_values
+from dara_ws_core.memory import memory_pair
 
 from .helpers import eventually
 from .stacks import Stack
@@ -47,21 +50,24 @@ def client_adapter(request: pytest.FixtureRequest) -> str:
 
 
 @contextlib.asynccontextmanager
-async def hostile(handler: Handler, adapter: str) -> AsyncIterator[Callable[[], Awaitable[Transport]]]:
-    """Serve ``handler`` on a free port; yield a connector for ``DaraClient``."""
+async def hostile(
+    handler: Handler, adapter: str, close_timeout: float = 1.0
+) -> AsyncIterator[Callable[[], Awaitable[Transport]]]:
+    """Serve ``handler`` on a free port; yield a connector for ``DaraClient`` whose library waits
+    ``close_timeout`` for the server's answer to a close (the libraries' own default is 10 s)."""
     async with serve(handler, "127.0.0.1", 0, max_size=None, compression=None) as server:
         port = next(iter(server.sockets)).getsockname()[1]
         url = f"ws://127.0.0.1:{port}/"
         if adapter == "websockets":
             from dara_ws_websockets import connect as ws_connect
 
-            yield lambda: ws_connect(url, close_timeout=1)
+            yield lambda: ws_connect(url, close_timeout=close_timeout)
         else:
             import aiohttp
 
             from dara_ws_aiohttp import connect as aiohttp_connect
 
-            yield lambda: aiohttp_connect(url, timeout=aiohttp.ClientWSTimeout(ws_close=1))
+            yield lambda: aiohttp_connect(url, timeout=aiohttp.ClientWSTimeout(ws_close=close_timeout))
         server.close(close_connections=False)
         for connection in list(server.connections):
             connection.transport.abort()
@@ -577,6 +583,196 @@ def test_an_idle_timeout_within_one_ping_interval_is_refused() -> None:
         DaraClient(never, ping_interval=1.0, idle_timeout=1.0)
     with pytest.raises(ValueError, match="max_responders"):
         DaraClient(never, max_responders=0)
+
+
+# ------------------------------------------------------------------ a server that stops reading
+
+#: A request or answer larger than what the loopback's kernel buffers take from a peer that reads
+#: nothing (about 4 MiB here): its send waits for the server.
+BIG = "x" * (16 << 20)
+
+
+async def _stops_reading(ws: ServerConnection) -> None:
+    """Sends ``init``, then reads nothing more but pushes a frame every 50 ms: the client hears
+    from it all the time, so only its sends can tell that it is stuck."""
+    await ws.send(INIT)
+    ws.transport.pause_reading()
+    with contextlib.suppress(websockets.ConnectionClosed):
+        for i in range(2000):  # bounded: 100 s
+            await ws.send(_push(i, 1))
+            await asyncio.sleep(0.05)
+
+
+def _stops_reading_first(requests: list[str]) -> Handler:
+    """The first connection stops reading (after sending ``requests``), the next ones echo."""
+    accepted = 0
+
+    async def handler(ws: ServerConnection) -> None:
+        nonlocal accepted
+        accepted += 1
+        if accepted > 1:
+            await ws.send(INIT)
+            async for frame in ws:
+                message = json.loads(frame)
+                if message["type"] == "custom":
+                    await ws.send(json.dumps({"type": "custom", "message": {
+                        "kind": "echo", "data": len(message["message"]["data"]),
+                        "__response_for": message["message"].get("__rchan")}}))
+            return
+        await ws.send(INIT)
+        for request in requests:
+            await ws.send(request)
+        await _stops_reading(ws)
+
+    return handler
+
+
+async def test_a_request_times_out_while_its_frame_waits_for_a_server_that_reads_nothing(
+    client_adapter: str,
+) -> None:
+    async with hostile(_stops_reading, client_adapter) as connect:
+        client = DaraClient(connect, ping_interval=None, send_timeout=None, close_timeout=0.5)
+        await client.connect()
+        try:
+            async with asyncio.timeout(5):  # the scenario: the send never completes
+                with pytest.raises(RequestTimeout):
+                    await client.request("echo", BIG, timeout=0.3)
+            # Only the request's time ran out: with no send_timeout the connection is kept.
+            assert client.connected and client.send_stalls == 0
+            client.received_nowait()
+            await eventually(lambda: len(client.received_nowait()) > 0, "pushes still read")
+        finally:
+            await client.close()
+
+
+@pytest.mark.parametrize("operation", ["request", "send_custom", "answer"])
+async def test_a_frame_the_server_does_not_take_within_send_timeout_gives_the_connection_up(
+    client_adapter: str, operation: str
+) -> None:
+    """The server keeps sending, so the idle watchdog never fires; the stuck send does."""
+    requests = _requests(1) if operation == "answer" else []
+    async with hostile(_stops_reading_first(requests), client_adapter) as connect:
+        client = DaraClient(connect, ping_interval=None, send_timeout=0.3, close_timeout=0.5,
+                            reconnect=True, backoff_initial=0.01)
+        client.on_request(lambda request: BIG)
+        await client.connect()
+        try:
+            async with asyncio.timeout(5):
+                if operation == "request":
+                    with pytest.raises(ConnectionClosed) as lost:
+                        await client.request("echo", BIG, timeout=None)
+                elif operation == "send_custom":
+                    with pytest.raises(ConnectionClosed) as lost:
+                        await client.send_custom("echo", BIG)
+                await client.wait_connected()
+                await eventually(lambda: client.connections == 2, "reconnected")
+            closed = client.last_close
+            assert closed is not None and closed.code == 1006 and "send_timeout" in closed.reason
+            if operation != "answer":
+                assert lost.value.code == 1006 and "send_timeout" in lost.value.reason
+            assert client.send_stalls == 1 and client.idle_closes == 0
+            assert not client._tasks and client._responding == 0  # the responder ended with it
+            assert await client.request("echo", "abc", timeout=5) == 3  # the new connection works
+        finally:
+            await client.close()
+
+
+@pytest.mark.parametrize("state", ["close-unanswered", "send-stuck", "send-cancelled"])
+async def test_close_is_bounded_whatever_the_connection_is_doing(client_adapter: str, state: str) -> None:
+    # The libraries' own close timeouts (10 s) are left as they are: close_timeout bounds it.
+    async with hostile(_stops_reading, client_adapter, close_timeout=10) as connect:
+        client = DaraClient(connect, ping_interval=None, send_timeout=None, close_timeout=0.3)
+        await client.connect()
+        stuck = None
+        if state == "send-stuck":
+            stuck = asyncio.create_task(client.send_custom("big", BIG))
+            await asyncio.sleep(0)  # lets it start
+        elif state == "send-cancelled":  # a request given up in the middle of its frame
+            with pytest.raises(RequestTimeout):
+                await client.request("echo", BIG, timeout=0.2)
+        async with asyncio.timeout(3):
+            await client.close()
+        assert not client.connected
+        if stuck is not None:  # ends with the connection (websockets reports no error then)
+            async with asyncio.timeout(3):
+                with contextlib.suppress(ConnectionClosed):
+                    await stuck
+        await client.wait_closed(3)
+
+
+@pytest.mark.parametrize("phase", ["backoff", "opening"])
+async def test_close_during_a_reconnection_is_prompt_and_leaves_nothing_open(
+    client_adapter: str, phase: str
+) -> None:
+    """Closed while waiting out a 10-20 s backoff, or while the next connection waits for an
+    ``init`` that never comes (``init_timeout``, 10 s)."""
+    accepted: list[float] = []
+    gone = _closes_after_init(1001, accepted)
+
+    async def then_mute(ws: ServerConnection) -> None:
+        if not accepted:
+            await gone(ws)
+        else:  # accepted and read, never initialised
+            accepted.append(asyncio.get_running_loop().time())
+            async for _ in ws:
+                pass
+
+    async with hostile(then_mute, client_adapter) as connect:
+        delay = 20 if phase == "backoff" else 0.01
+        client = DaraClient(connect, ping_interval=None, reconnect=True, backoff_initial=delay,
+                            backoff_max=delay)
+        await client.connect()
+        await eventually(lambda: len(accepted) == (1 if phase == "backoff" else 2) and not client.connected,
+                         "the client is between two connections")
+        async with asyncio.timeout(2):
+            await client.close()
+        assert client._runner is not None and client._runner.done()
+        with pytest.raises(ConnectionClosed):
+            await client.receive(1)
+        assert client.connections == 1 and not client.connected
+        assert len(accepted) == (1 if phase == "backoff" else 2)  # nothing opened since
+
+
+async def test_over_the_memory_transport_sends_to_an_end_that_reads_nothing_are_bounded() -> None:
+    """The in-memory transport's buffer (8 frames here) plays the socket's: full, sends wait."""
+    server_end, client_end = memory_pair(max_queue=8)
+    await server_end.send(INIT.encode())
+
+    async def connector() -> Transport:
+        return client_end
+
+    client = DaraClient(connector, ping_interval=None, send_timeout=0.5)
+    await client.connect()
+    try:
+        async with asyncio.timeout(5):
+            outcomes = await asyncio.gather(
+                *(client.request("echo", i, timeout=0.2) for i in range(40)), return_exceptions=True
+            )
+        # The first 8 frames fit the buffer and wait for their answer, the rest for room: every
+        # one ends with its timeout, and the connection stays (no send waited send_timeout).
+        assert all(isinstance(outcome, RequestTimeout) for outcome in outcomes)
+        assert client.connected and client.send_stalls == 0
+        async with asyncio.timeout(5):
+            with pytest.raises(ConnectionClosed) as lost:
+                await client.send_custom("more")
+        assert lost.value.code == 1006 and "send_timeout" in lost.value.reason
+        assert client.send_stalls == 1 and server_end.close_code == 1006
+        closed = await client.wait_closed(5)
+        assert closed is not None and closed.code == 1006
+    finally:
+        async with asyncio.timeout(3):
+            await client.close()
+
+
+def test_timeouts_not_above_zero_are_refused() -> None:
+    async def never() -> Transport:
+        raise AssertionError("not connected")
+
+    with pytest.raises(ValueError, match="send_timeout and close_timeout"):
+        DaraClient(never, send_timeout=0)
+    with pytest.raises(ValueError, match="send_timeout and close_timeout"):
+        DaraClient(never, close_timeout=-1.0)
+    assert DaraClient(never, send_timeout=None).send_timeout is None  # no bound: allowed
 
 
 @pytest.fixture(autouse=True)
