@@ -266,6 +266,38 @@ async def test_a_revocation_published_late_spares_the_connections_opened_since(
         new.abort()
 
 
+async def test_a_slow_bus_later_never_makes_a_login_since_a_revocation_doubtful(
+    redis_server: RedisServer,
+) -> None:
+    """Whether a connection surely opened after a revocation is decided with the clock measured
+    when it opened: a later check over a slow round trip (a loaded Redis, here a 1 s delay on
+    the node's link), which measures the clock less closely, closes only what opened before."""
+    namespace = f"slow-{uuid.uuid4().hex[:6]}"
+    async with (ChaosProxy(redis_server.port) as proxy,
+                started(proxy.url, namespace) as (node, node_bp),
+                started(redis_server.url, namespace) as (app, _),
+                running_stack("websockets", manager=node) as stack):
+        await eventually(lambda: node_bp._clock_offset is not None, "the node measured the bus's clock")
+        old = await connect(stack.port)
+        await eventually(lambda: len(node.handlers) == 1, "bob's first connection is admitted")
+        assert await app.disconnect_user_everywhere("bob") == 0
+        seen: list[int] = []
+        assert await read_numbers(old, seen, 5.0) == 1008  # heard live: closed
+        await eventually(lambda: not node.handlers, "the old connection is gone")
+        (when, _, _), = (await node_bp._revocations(["user:bob"]))[0]
+        await eventually(lambda: _surely_past(node_bp, when), "the revocation is past")
+        new = await connect(stack.port)  # bob logs in again, after the revocation
+        await eventually(lambda: len(node.handlers) == 1, "the new login is admitted")
+        async with proxy.fault("delay", 1.5, delay=1.0):
+            node_bp._revoke_unchecked = True
+            await node_bp._check_revoked()  # as after a lost subscription, over a slow link
+        assert len(node.handlers) == 1
+        await node.send_message_to_user("bob", {"n": 7})
+        assert await read_numbers(new, seen, 0.5) is None
+        assert seen == [7]
+        new.abort()
+
+
 async def test_the_record_keeps_a_revocations_time_and_the_latest_of_a_target(
     redis_server: RedisServer,
 ) -> None:

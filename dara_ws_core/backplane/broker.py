@@ -99,8 +99,10 @@ class BrokerBackplane(BusNode):
         self.heartbeat_interval = heartbeat_interval
         self.expiry = expiry
         self.revoke_ttl = revoke_ttl
-        # This process's channels: channel -> (when added, our wall clock in ms; user; session),
-        # checked against the revocations recorded on the bus (see _check_revoked).
+        # This process's channels: channel -> (when added, on the bus's clock in ms at the
+        # earliest, as measured then; user; session), checked against the revocations recorded
+        # on the bus (see _check_revoked). Taken once: a later measurement, off by more under
+        # load, never turns a connection surely opened after a revocation into a doubtful one.
         self._opened: dict[str, tuple[int, str | None, str | None]] = {}
         # The bus's clock minus our wall clock, in ms, and how far off that may be (half the
         # round trip that measured it): revocations are timed on the bus's clock (see
@@ -284,8 +286,9 @@ class BrokerBackplane(BusNode):
     # ------------------------------------------------------------------ manager hooks
 
     def channel_added(self, channel_id: str, identity: Identity | None) -> None:
-        self._opened[channel_id] = (_wall_ms(), *((identity.user_id, identity.session_id)
-                                                  if identity is not None else (None, None)))
+        opened = _wall_ms() + (self._clock_offset or 0) - self._clock_error
+        self._opened[channel_id] = (opened, *((identity.user_id, identity.session_id)
+                                              if identity is not None else (None, None)))
         self._change(channel_id, identity, True)
 
     def channel_removed(self, channel_id: str, identity: Identity | None) -> None:
@@ -461,16 +464,16 @@ class BrokerBackplane(BusNode):
                           "disconnect", done)
         return done
 
-    def _opened_since(self, when: int, offset: int, error: int) -> Callable[[str], bool]:
-        """Whether a local channel was surely opened at or after ``when`` (the bus's clock, ms),
-        with our clock ``offset`` behind the bus's, measured within ``error`` ms (a channel this
-        process does not know the opening of is not)."""
+    def _opened_since(self, when: int) -> Callable[[str], bool]:
+        """Whether a local channel was surely opened at or after ``when`` (the bus's clock, ms):
+        the earliest the bus's clock can have read when it opened, as this process measured its
+        clock then, is not before it (a channel this process does not know the opening of is
+        not)."""
         opened = self._opened
-        since = when - offset + error  # on our wall clock, the earliest it surely is
 
         def spare(channel_id: str) -> bool:
             entry = opened.get(channel_id)
-            return entry is not None and entry[0] >= since
+            return entry is not None and entry[0] >= when
 
         return spare
 
@@ -547,7 +550,7 @@ class BrokerBackplane(BusNode):
             if revocation is None:
                 continue
             when, code, reason = revocation
-            spare = self._opened_since(when, self._clock_offset or 0, self._clock_error)
+            spare = self._opened_since(when)
             for channel_id in targets[key]:
                 if not spare(channel_id):
                     closed += self.manager.close_local("channel", channel_id, code, reason)
@@ -677,8 +680,7 @@ class BrokerBackplane(BusNode):
             else:
                 self.stats.received += 1
                 # Timed: only what was opened before it (it may come late, from a spool).
-                spare = None if not message.when else self._opened_since(
-                    message.when, self._clock_offset or 0, self._clock_error)
+                spare = None if not message.when else self._opened_since(message.when)
                 closed = manager.close_local(message.scope, message.target, message.code,
                                              message.reason, spare)
                 if closed:
