@@ -28,7 +28,7 @@ from .codec import build_frame
 from .config import ServerConfig
 from .custom import CustomHandler, CustomHandlerRegistry, HandlerThreads
 from .exceptions import BackplaneError, CloseCode, ConnectionClosed, UnknownChannel
-from .handler import _DEFAULT, ACK_PARKED, Sink, WebSocketHandler, current_channel
+from .handler import _DEFAULT, ACK_PARKED, Sink, WebSocketHandler, current_channel, current_identity
 from .logs import _is_power_of_ten, current_source
 from .messages import LoosePayload
 from .outbox import (
@@ -40,8 +40,8 @@ from .outbox import (
     Stamped,
     UserOutbox,
     WriteLog,
-    anonymous_sender,
     id_key,
+    sender_of,
 )
 from .registry import ChannelRegistry
 from .stats import Counters, ServerStats, collect
@@ -570,18 +570,12 @@ class WebsocketManager:
         return kept
 
     def _sender(self) -> str | None:
-        """Who a kept message is charged to: the user of the connection whose frame is being
-        handled; for an anonymous one (:class:`AnonymousIdentity`, or none), its address
-        (:func:`anonymous_sender`: a new connection is no new quota); ``None`` outside any
-        connection (server code)."""
-        channel_id = current_channel.get(None)
-        if channel_id is None:
+        """Who a kept message is charged to: the connection whose frame is being handled, by its
+        identity and address (:func:`sender_of`), from the context its tasks inherit (also once
+        the connection is gone); ``None`` outside any connection (server code)."""
+        if current_channel.get(None) is None:
             return None
-        handler = self.handlers.get(channel_id)
-        identity = None if handler is None else handler.identity
-        if identity is None or identity.anonymous:
-            return anonymous_sender(current_source.get())
-        return identity.user_id
+        return sender_of(current_identity.get(None), current_source.get())
 
     def _when_stamped(self, user_id: str, frame: bytes, local: list[WebSocketHandler],
                       waiting: _HeldFrame | None, ignore_channel: str | None,

@@ -56,16 +56,19 @@ than the byte bound is not kept.
 from __future__ import annotations
 
 __all__ = ["SENDER_SHARES", "SENDER_SMALL", "BusRefusals", "ClosedWrites", "DeliveryCursors", "OutboxLimits",
-           "QueuedMarks", "Stamped", "UserOutbox", "WriteLog", "anonymous_sender", "id_key"]
+           "QueuedMarks", "Stamped", "UserOutbox", "WriteLog", "anonymous_sender", "id_key",
+           "sender_of"]
 
 import bisect
 import functools
-import ipaddress
 import itertools
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from .auth import Identity
 
 #: A sender takes at most this fraction of the outbox's users and bytes, whatever
 #: ``max_per_sender`` says; and the last such fraction of each is kept for senders holding under a
@@ -120,23 +123,30 @@ class OutboxLimits:
 @functools.lru_cache(maxsize=1024)
 def anonymous_sender(address: str | None) -> str:
     """The sender an anonymous connection's kept messages are charged to: its remote address
-    (``None``, a connection without one, such as a Unix socket's: one sender for all of them).
-    An IPv6 address counts by its /64, which one client usually has whole; an IPv4 one mapped
-    into IPv6 as that IPv4 address. Behind a reverse proxy every client has the proxy's address:
-    they are one sender. Starts with a NUL, so no user id an authenticator gives is likely to
-    name the same sender."""
+    (``None``, a connection without one, such as a Unix socket's: one sender for all of them),
+    as :func:`~dara_ws_core.endpoint.host_of` counts it: an IPv6 address by its /64, which one
+    client usually has whole; an IPv4 one mapped into IPv6 as that IPv4 address. Behind a
+    reverse proxy every client has the proxy's address: they are one sender. Starts with a NUL,
+    which :func:`sender_of` keeps for these."""
     if address is None:
         return "\0anonymous"
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return f"\0anonymous {address}"
-    if isinstance(ip, ipaddress.IPv6Address):
-        mapped = ip.ipv4_mapped
-        if mapped is None:
-            return f"\0anonymous {ipaddress.IPv6Network((ip, 64), strict=False)}"
-        ip = mapped
-    return f"\0anonymous {ip}"
+    if ":" in address and "/" not in address:  # a raw IPv6 address, not host_of's key yet
+        from .endpoint import host_of  # the endpoint imports this module
+
+        address = host_of((address,)) or address
+    return f"\0anonymous {address}"
+
+
+def sender_of(identity: Identity | None, source: str | None) -> str:
+    """Who the kept messages of a connection of ``identity`` whose peer is ``source`` (its
+    address key) are charged to: its user; for an anonymous one (or none), its address
+    (:func:`anonymous_sender`: a new connection is no new quota). A user id that starts with a
+    NUL (a client that may name itself, as with the demo's tokens) gets a prefix of its own, so
+    no user can be charged as an address, nor an address as a user."""
+    if identity is None or identity.anonymous:
+        return anonymous_sender(source)
+    user_id = identity.user_id
+    return user_id if not user_id.startswith("\0") else f"\0user {user_id}"
 
 
 def id_key(entry_id: str) -> tuple[int, int]:

@@ -5,6 +5,7 @@ one process on every transport with anonymous clients reconnecting."""
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any
 
 from dara_ws_core import (
@@ -16,7 +17,14 @@ from dara_ws_core import (
     allow_anonymous,
 )
 from dara_ws_core.auth import token_authenticator
-from dara_ws_core.outbox import SENDER_SHARES, SENDER_SMALL, OutboxLimits, UserOutbox, anonymous_sender
+from dara_ws_core.outbox import (
+    SENDER_SHARES,
+    SENDER_SMALL,
+    OutboxLimits,
+    UserOutbox,
+    anonymous_sender,
+    sender_of,
+)
 
 from .stacks import Stack, verify_token
 from .test_outbox import MakeStack
@@ -95,6 +103,38 @@ def test_an_anonymous_sender_is_its_address_an_ipv6_one_its_64() -> None:
     anonymous = allow_anonymous()(HandshakeRequest("/"))
     assert isinstance(anonymous, AnonymousIdentity) and anonymous.anonymous
     assert not Identity(user_id="u", session_id="s").anonymous
+
+
+def test_no_user_id_a_client_picks_is_charged_as_an_address() -> None:
+    # With the demo's tokens a client names its own user: one named like an address's sender
+    # would draw on (or use up) that address's anonymous share.
+    forged = Identity(user_id=anonymous_sender("10.0.0.1"), session_id="s")
+    assert sender_of(forged, "127.0.0.1") != anonymous_sender("10.0.0.1")
+    assert sender_of(forged, "127.0.0.1") != sender_of(Identity(user_id="x", session_id="s"), None)
+    assert sender_of(Identity(user_id="alice", session_id="s"), "10.0.0.1") == "alice"
+    guest = allow_anonymous()(HandshakeRequest("/"))
+    assert isinstance(guest, Identity)
+    assert sender_of(guest, "10.0.0.1") == anonymous_sender("10.0.0.1")
+    assert sender_of(None, "2001:db8:1:2::/64") == anonymous_sender("2001:db8:1:2::7")  # host_of's key
+
+
+def test_a_send_made_once_its_connection_is_gone_is_still_charged_to_its_user() -> None:
+    # A handler's task can outlive its connection: what it keeps is still the user's, not its
+    # address's anonymous share.
+    from dara_ws_core import WebsocketManager
+    from dara_ws_core.handler import current_channel, current_identity
+    from dara_ws_core.logs import current_source
+
+    manager = WebsocketManager()
+
+    def inside() -> str | None:
+        current_channel.set("gone")  # no such handler (any more)
+        current_identity.set(Identity(user_id="alice", session_id="s"))
+        current_source.set("10.0.0.1")
+        return manager._sender()
+
+    assert contextvars.copy_context().run(inside) == "alice"
+    assert manager._sender() is None  # outside any connection: server code
 
 
 def anonymous_or_token() -> Any:
