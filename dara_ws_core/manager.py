@@ -536,8 +536,8 @@ class WebsocketManager:
         (counted in ``backplane.stats.outbox_refused`` and logged). A message to be kept
         that the bus fails (or that is sent while it is unreachable) waits in the backplane's
         bounded spool and is kept once the bus answers (while the bus is unreachable a sender
-        holds at most a 16th of the spool: beyond, ``False``, delivered live only); it raises
-        ``BackplaneError`` only when the spool is full, or once the backplane's ``stop()`` ended
+        holds at most a 16th of the spool, in count and in bytes: beyond, ``False``, delivered live
+        only); it raises ``BackplaneError`` only when the spool is full, or once the backplane's ``stop()`` ended
         its publishing (it could not be kept; the user's connections on this process got it
         already)."""
         frame = build_frame(message, custom=custom)
@@ -565,9 +565,9 @@ class WebsocketManager:
         stamped = None
         if keep is not None:  # numbered by the bus: acknowledged once it tells
             stamped = self._when_stamped(user_id, frame, local, waiting, ignore_channel)
-        await self.backplane.send_to_user(user_id, frame, ignore_channel, keep, stamped,
-                                          sender=sender)
-        return kept
+        # False also when the sender's share had room for a message, not for this one's bytes.
+        return await self.backplane.send_to_user(user_id, frame, ignore_channel, keep, stamped,
+                                                 sender=sender) and kept
 
     def _sender(self) -> str | None:
         """Who a kept message is charged to: the connection whose frame is being handled, by its

@@ -313,19 +313,22 @@ class BrokerBackplane(BusNode):
     async def send_to_user(self, user_id: str, frame: bytes, ignore_channel: str | None,
                            keep: OutboxLimits | None = None,
                            stamped: Callable[[Stamped], None] | None = None, *,
-                           sender: str | None = None) -> None:
+                           sender: str | None = None) -> bool:
         data = encode_bus_message(UserDelivery(user_id, ignore_channel, frame, sent=_wall_ms()))
         if keep is None:
             await self._post(Publication(data, user_id=user_id), "message to a user")
-            return
+            return True
         # Kept: if the bus fails it, it waits in the spool and is sent again (with the same id,
         # so the bus keeps it once); refused when the spool (with every kept message not yet
-        # answered) would be full, or the sender's share of it while the bus is down, or once
-        # stopped.
+        # answered) would be full, or the sender's share of it while the bus is down (in count
+        # or in bytes: False, as keeps() answers), or once stopped.
         if await self._post(Publication(data, user_id=user_id, keep=keep, sender=sender,
                                         stamped=stamped, durable=next(self._kids)),
                             "message to a user"):
-            return
+            return True
+        if (sender is not None and not self._bus_stopped and not self._connected.is_set()
+                and not self._spool_keeps(sender, len(data))):
+            return False
         raise BackplaneError(f"{self._durable_refusal(sender, len(data))}: the message to the "
                              f"user was not kept")
 

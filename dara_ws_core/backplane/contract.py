@@ -115,14 +115,17 @@ class Backplane(Protocol):
     async def send_to_user(self, user_id: str, frame: bytes, ignore_channel: str | None,
                            keep: OutboxLimits | None = None,
                            stamped: Callable[[Stamped], None] | None = None, *,
-                           sender: str | None = None) -> None:
+                           sender: str | None = None) -> bool:
         """Deliver a frame to the user's channels on every *other* process. With ``keep`` it is
         appended to the user's history on the bus first (in the same step), charged to
         ``sender`` (``None``: nobody) within the bus's bounds of the outbox (a refusal is counted
         in ``stats.outbox_refused`` and remembered: :meth:`keeps`), and ``stamped`` is called with
         the entry it became once the bus has it (the caller's local deliveries are acknowledged
         by it), and ``BackplaneError`` is raised if the bus is unreachable (the message could not
-        be kept). Otherwise never raises for remote failures: they are counted and logged."""
+        be kept). Otherwise never raises for remote failures: they are counted and logged.
+        Returns ``False`` when the message was to be kept and ``sender``'s share of what waits
+        for the bus had no room for it (its count or its bytes: see :meth:`keeps`), ``True``
+        otherwise."""
 
     def keeps(self, sender: str | None) -> bool:
         """Whether a message charged to ``sender`` may be offered to the bus's outbox: ``False``

@@ -19,7 +19,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -169,15 +169,17 @@ class BusNode(abc.ABC):
     ``max_spool`` / ``max_spool_bytes``: kept messages the bus has not answered yet (queued, in
     flight, or waiting to be tried again; beyond, a kept send raises ``BackplaneError``); while
     the bus is down, one sender (``Publication.sender``: a user, an anonymous client's address)
-    holds at most a :data:`~dara_ws_core.outbox.SENDER_SHARES`-th of each (beyond, its kept sends
-    raise, and :meth:`BrokerBackplane.keeps` answers ``False`` for it), so one client cannot
+    holds at most a :data:`~dara_ws_core.outbox.SENDER_SHARES`-th of each (beyond, by count or
+    by bytes, its kept sends are not kept: ``send_to_user`` returns ``False``, and
+    :meth:`BrokerBackplane.keeps` answers ``False`` for it at the count), so one client cannot
     refuse everyone else's; server code (no sender) is bounded by the whole spool only.
     Revocations have room of their own beside them: up to ``_SPOOL_REVOCATIONS`` targets (a
     newer revocation of a target replaces the spooled one) and a 16th of ``max_spool_bytes``;
     one beyond fails with :class:`~dara_ws_core.exceptions.RevocationNotKept`, logged at ERROR.
-    ``stop_drain``: seconds :meth:`_stop_bus` waits for the spool to drain (the bus may answer
-    again meanwhile) before dropping what is left, counted in ``stats.spool_dropped`` and logged
-    at ERROR. The spool lives in this process's memory: a process killed (not stopped) loses it.
+    ``stop_drain``: seconds :meth:`_stop_bus` waits for the spool and the batch in flight to
+    drain (the bus may answer again meanwhile) before dropping what is left, counted in
+    ``stats.spool_dropped`` and logged at ERROR (a round trip cut short too: the log says the bus
+    may have run it). The spool lives in this process's memory: a process killed (not stopped) loses it.
 
     ``node_id`` names the process on the bus (its topic, its directory entries); it is not a
     scope for deduplication: each backplane draws its own :attr:`life`, and the numbers of
@@ -249,6 +251,9 @@ class BusNode(abc.ABC):
         # one accepted (a kept send that returned) always has room in the spool if it fails.
         self._durable_queued = self._durable_queued_bytes = 0
         self._durable_flying = self._durable_flying_bytes = 0
+        # The batch whose round trip a stop cancelled, and how many of it came from the outbox:
+        # _drop_outbox fails it (its kept messages and revocations counted and logged).
+        self._cancelled: tuple[list[_Queued], int] | None = None
         # Of those and the spooled ones (every durable publication not answered): the kept
         # messages of each sender, [count, bytes] (its share of the spool while the bus is
         # down), and the revocations, in all and by scope:target (their room of their own).
@@ -679,11 +684,18 @@ class BusNode(abc.ABC):
                     continue  # all of it held back in the spool (each round takes some)
                 self._outbox_space.set()
                 finished = len(batch) - spooled
-                self._durable_flying = self._durable_flying_bytes = 0  # answered below
                 try:
-                    if not self._connected.is_set():
-                        raise BackplaneError("the backplane is disconnected")
-                    results = await self._publish_batch([p for p, _, _ in batch])
+                    # The durable ones stay counted in flight (the spool's bounds, the drain at
+                    # stop) until the bus answers or the round trip fails.
+                    try:
+                        if not self._connected.is_set():
+                            raise BackplaneError("the backplane is disconnected")
+                        results = await self._publish_batch([p for p, _, _ in batch])
+                    finally:
+                        self._durable_flying = self._durable_flying_bytes = 0
+                except asyncio.CancelledError:  # stopped mid round trip: _drop_outbox fails it
+                    self._cancelled = (batch, finished)
+                    raise
                 except BatchRefused as exc:  # the others ran: only the refused ones fail
                     batch, results = self._partly_refused(batch, exc, spooled, tries)
                 except Exception as exc:
@@ -808,16 +820,17 @@ class BusNode(abc.ABC):
         messages and revocations among them (acknowledged to their callers as kept) also in
         ``stats.spool_dropped``, and logged at ERROR with their count, never silently."""
         durable: list[Publication] = []
-        other = 0
-        while self._outbox:
-            publication, done, _ = self._outbox.popleft()
-            if publication.durable is None:
-                other += 1
-            else:
-                durable.append(publication)
-            if done is not None and not done.done():
-                done.set_exception(exc)
-            self._done_with(1)
+        other = unanswered = 0
+        if self._cancelled is not None:  # its round trip cancelled: the bus may have run it
+            batch, finished = self._cancelled
+            self._cancelled = None
+            other += self._fail_queued(batch, exc, durable)
+            unanswered = len(durable)
+            self._done_with(finished)
+        queued = list(self._outbox)
+        self._outbox.clear()
+        other += self._fail_queued(queued, exc, durable)
+        self._done_with(len(queued))
         self._outbox_bytes = self._outbox_echo = 0
         self._durable_queued = self._durable_queued_bytes = 0
         self._durable_flying = self._durable_flying_bytes = 0  # the publisher is gone
@@ -832,23 +845,42 @@ class BusNode(abc.ABC):
             logger.warning("backplane: %d message(s) for other processes not published: %s",
                            other, exc, extra={"node": self.node_id, "failed": self.stats.failed})
         if durable:
-            self._dropped_at_stop(durable, exc)
+            self._dropped_at_stop(durable, exc, unanswered)
         self._outbox_idle.set()
         self._outbox_space.set()
 
-    def _dropped_at_stop(self, durable: list[Publication], exc: BackplaneError) -> None:
+    @staticmethod
+    def _fail_queued(items: Iterable[_Queued], exc: BackplaneError,
+                     durable: list[Publication]) -> int:
+        """At stop: ``items`` fail (their ``done`` gets ``exc``); the durable ones are added to
+        ``durable``; how many others there were."""
+        other = 0
+        for publication, done, _ in items:
+            if publication.durable is None:
+                other += 1
+            else:
+                durable.append(publication)
+            if done is not None and not done.done():
+                done.set_exception(exc)
+        return other
+
+    def _dropped_at_stop(self, durable: list[Publication], exc: BackplaneError,
+                         unanswered: int = 0) -> None:
         """Kept messages and revocations the bus never took, dropped: counted, and logged at
-        ERROR (their callers were told they were kept)."""
+        ERROR (their callers were told they were kept). The first ``unanswered`` were in a round
+        trip the stop cancelled: the bus may have taken them, which the log says."""
         self.stats.spool_dropped += len(durable)
         users = {p.user_id for p in durable if p.keep is not None}
         revoked = [p.revoke[0] for p in durable if p.revoke is not None]
         kept = len(durable) - len(revoked)
         logger.error("backplane: %d kept message(s) for %d user(s) and %d revocation(s)%s "
-                     "dropped (%s): the bus did not take them before this process stopped; "
+                     "dropped (%s): the bus did not take them before this process stopped%s; "
                      "the spool lives in this process's memory only (stats.spool_dropped = %d)",
                      kept, len(users), len(revoked),
                      f" ({', '.join(revoked[:10])}{', ...' if len(revoked) > 10 else ''})"
-                     if revoked else "", exc, self.stats.spool_dropped,
+                     if revoked else "", exc,
+                     f" ({unanswered} of them in a round trip cut short, which the bus may "
+                     f"have run)" if unanswered else "", self.stats.spool_dropped,
                      extra={"node": self.node_id, "failed": self.stats.failed})
 
     def _count_failure(self, what: str, exc: BaseException | None) -> None:
