@@ -216,6 +216,18 @@ async def test_redis_appends_a_kept_message_sent_twice_once_and_answers_it_alike
 
 
 
+async def numbers_bob_gets(url: str, namespace: str, transport: str, wait: float = 1.0) -> list[int]:
+    """The kept numbers a new connection of bob, on a fresh node of ``namespace`` served over
+    ``transport``, is given (read for ``wait`` seconds)."""
+    async with (started(url, namespace) as (node, _),
+                running_stack(transport, manager=node) as stack):
+        bob = await connect(stack.port)
+        seen: list[int] = []
+        await read_numbers(bob, seen, wait)
+        bob.abort()
+    return seen
+
+
 def _surely_past(backplane: RedisBackplane, when: int) -> bool:
     """Whether a connection ``backplane``'s process opens now surely opens after ``when``
     (Redis's clock, ms), as that process measured its clock against Redis's."""

@@ -26,8 +26,8 @@ from dara_ws_redis import RedisBackplane
 from .chaos_proxy import ChaosProxy
 from .helpers import eventually
 from .stacks import running_stack
-from .test_durable_redis import started
-from .test_kept_delivery import SERVED, connect, read_numbers
+from .test_durable_redis import numbers_bob_gets, started
+from .test_kept_delivery import SERVED
 
 if TYPE_CHECKING:
     from .redis_server import RedisServer
@@ -133,13 +133,7 @@ async def test_a_stop_during_an_outage_lets_the_spool_drain_if_the_bus_comes_bac
         async with asyncio.timeout(20):
             await stopping  # the bus answered again meanwhile: the spool drained
         assert backplane.stats.spool_dropped == 0
-        async with (started(redis_server.url, namespace) as (node, _),
-                    running_stack(transport, manager=node) as stack):
-            bob = await connect(stack.port)
-            seen: list[int] = []
-            await read_numbers(bob, seen, 1.0)
-            bob.abort()
-        assert seen == [0, 1, 2, 3, 4]
+        assert await numbers_bob_gets(redis_server.url, namespace, transport) == [0, 1, 2, 3, 4]
 
 
 async def test_what_a_stop_must_drop_is_counted_and_logged_at_error(
