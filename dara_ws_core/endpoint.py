@@ -32,7 +32,7 @@ from .exceptions import (
 from .handler import WebSocketHandler
 from .logs import ConnectionLogger, current_source
 from .manager import WebsocketManager
-from .transport import HandshakeRequest, Transport
+from .transport import HandshakeRequest, Transport, address_key
 
 logger = logging.getLogger("dara_ws_core")
 
@@ -209,23 +209,8 @@ def host_of(peer: object) -> str | None:
     it is in (one site's usual allocation, from which a client could otherwise take a fresh
     address for each connection); ``None`` when there is none (a Unix socket)."""
     if isinstance(peer, tuple | list) and peer:
-        host = str(peer[0])
-        return host if ":" not in host else _ipv6_key(host)
+        return address_key(str(peer[0]))
     return None
-
-
-def _ipv6_key(host: str) -> str:
-    """An IPv6 host's /64 network (``2001:db8:1:2::/64``), an IPv4-mapped one's IPv4 address;
-    anything unparsable as it is."""
-    import ipaddress  # only once an IPv6 peer comes: most servers never load it
-
-    try:
-        address = ipaddress.IPv6Address(host.partition("%")[0])
-    except ValueError:
-        return host
-    if address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
 
 
 #: Seconds a refused client is asked to wait before it tries again (``Retry-After``).

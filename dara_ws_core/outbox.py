@@ -67,6 +67,8 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Seq
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
+from .transport import address_key
+
 if TYPE_CHECKING:
     from .auth import Identity
 
@@ -130,11 +132,7 @@ def anonymous_sender(address: str | None) -> str:
     which :func:`sender_of` keeps for these."""
     if address is None:
         return "\0anonymous"
-    if ":" in address and "/" not in address:  # a raw IPv6 address, not host_of's key yet
-        from .endpoint import host_of  # the endpoint imports this module
-
-        address = host_of((address,)) or address
-    return f"\0anonymous {address}"
+    return f"\0anonymous {address_key(address)}"
 
 
 def sender_of(identity: Identity | None, source: str | None) -> str:

@@ -67,7 +67,8 @@ manager that yields a :class:`Server` (``port=0`` picks a free port).
 from __future__ import annotations
 
 __all__ = ["ClientFrameHeaders", "HandshakeRequest", "Server", "SupportsCork", "SupportsDisconnected",
-           "SupportsPush", "SupportsSendNowait", "SupportsWriter", "Transport", "parse_cookies", "text_frame_header"]
+           "SupportsPush", "SupportsSendNowait", "SupportsWriter", "Transport", "address_key", "parse_cookies",
+           "text_frame_header"]
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -392,3 +393,21 @@ class HandshakeRequest:
     def origin(self) -> str | None:
         """The ``Origin`` header (sent by browsers), or ``None``."""
         return self.headers.get("origin")
+
+
+def address_key(host: str) -> str:
+    """What the bounds counted per address count a peer's ``host`` as: an IPv4 host as it is;
+    an IPv6 host as the /64 network it is in (``2001:db8:1:2::/64``: one site's usual
+    allocation, from which a client could otherwise take a fresh address for each connection),
+    an IPv4-mapped one as its IPv4 address; anything unparsable as it is."""
+    if ":" not in host or "/" in host:  # IPv4, a name, or a key already
+        return host
+    import ipaddress  # only once an IPv6 peer comes: most servers never load it
+
+    try:
+        address = ipaddress.IPv6Address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
