@@ -29,7 +29,7 @@ from typing import Any, Protocol, TypeVar
 
 import pydantic_core
 
-from .auth import Identity
+from .auth import Identity, holder_of
 from .config import ServerConfig
 from .connection import CustomReceived, SendFrame, ServerConnection
 from .exceptions import ConnectionClosed, UnknownKind
@@ -245,11 +245,7 @@ def _source(host: DispatchHost) -> Hashable:
     """Whose share of the threads a handler of ``host``'s connection takes: its user, or for an
     anonymous connection (``allow_anonymous``, or no identity) its remote address (the
     handshake's ``current_source``; the channel where the transport has none)."""
-    identity = host.identity
-    if identity is not None and not identity.anonymous:
-        return ("user", identity.user_id)
-    address = current_source.get()
-    return ("channel", host.channel_id) if address is None else ("address", address)
+    return holder_of(host.identity, current_source.get()) or ("channel", host.channel_id)
 
 
 async def _run_task(spec: HandlerSpec, received: CustomReceived, host: DispatchHost,

@@ -74,14 +74,14 @@ async def test_one_user_holds_only_its_share_of_the_handler_threads(
         await eventually(lambda: sum(r.done() for r in slow) == 3, "three requests answered")
         running = [r for r in slow if not r.done()]
         assert await outcomes([r for r in slow if r.done()]) == ["busy"] * 3
-        assert threads.held(("user", "mallory")) == 1
+        assert threads.held("mallory") == 1
         assert busy_count(stack.manager) == 3
         # Another user's request runs while mallory's handler still blocks.
         assert await alice.request("lookup", "fast", timeout=TIMEOUT) == {"ok": "fast"}
         assert not running[0].done()
         gate.set()
         assert await running[0] == {"ok": "slow"}
-        await eventually(lambda: threads.held(("user", "mallory")) == 0, "mallory's thread returned")
+        await eventually(lambda: threads.held("mallory") == 0, "mallory's thread returned")
         assert await mallory[0].request("lookup", "again", timeout=TIMEOUT) == {"ok": "again"}
 
 
@@ -96,12 +96,12 @@ async def test_a_handler_that_timed_out_holds_its_share_until_its_thread_returns
             await mallory.request("lookup", "slow", timeout=TIMEOUT)
         assert timed_out.value.code == "timeout"
         # The thread cannot be stopped: it still runs, and still counts against mallory.
-        assert threads.held(("user", "mallory")) == 1
+        assert threads.held("mallory") == 1
         with pytest.raises(RemoteError) as refused:
             await mallory.request("lookup", "slow", timeout=TIMEOUT)
         assert refused.value.code == "busy"
         gate.set()
-        await eventually(lambda: threads.held(("user", "mallory")) == 0, "the thread returned")
+        await eventually(lambda: threads.held("mallory") == 0, "the thread returned")
         assert await mallory.request("lookup", "fast", timeout=TIMEOUT) == {"ok": "fast"}
 
 
