@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import socket
@@ -31,6 +32,7 @@ from dara_ws_core import (
     token_authenticator,
 )
 from dara_ws_core.correlation import CHUNK_SHARES, PROCESS_CHUNKS
+from dara_ws_core.driver import ConnectionDriver
 from dara_ws_core.exceptions import ChunkError, CloseCode, ConnectionClosed
 from dara_ws_core.transport import MAX_COOKIES, HandshakeRequest, parse_cookies
 
@@ -764,10 +766,10 @@ ROOM = ServerConfig(slow_consumer_policy=SlowConsumerPolicy.WAIT, max_queue_byte
 
 
 @contextlib.asynccontextmanager
-async def _chat_room(socket_stack: Any) -> AsyncIterator[Stack]:
-    """A server under ``ROOM`` whose ``chat`` rebroadcasts to every other connection and whose
+async def _chat_room(socket_stack: Any, config: ServerConfig = ROOM) -> AsyncIterator[Stack]:
+    """A server under ``config`` whose ``chat`` rebroadcasts to every other connection and whose
     ``echo`` answers."""
-    async with socket_stack(config=ROOM) as stack:
+    async with socket_stack(config=config) as stack:
         manager = stack.manager
 
         async def chat(channel_id: str, data: Any) -> None:
@@ -856,6 +858,32 @@ async def test_a_message_into_a_burst_others_caused_does_not_hold_its_sender_bac
         assert reply["message"]["__response_for"] == "r1"
         assert manager.counters.senders_paused == 0
         assert reader_channel in manager.handlers
+        for client in (reader, talker):
+            client.abort()
+
+
+async def test_a_sender_that_goes_quiet_forgets_its_fan_outs_when_their_window_ends(
+    socket_stack: Any,
+) -> None:
+    """What a connection's fan-outs past readers' bounds are counted with (its last frame, the
+    queues they went to) lasts one window (``send_timeout``), even if the connection sends
+    nothing more: an idle connection holds no copy of a burst, nor other connections' queues."""
+    async with _chat_room(socket_stack, dataclasses.replace(ROOM, send_timeout=5.0)) as stack:
+        manager = stack.manager
+        reader = await _user_channel(stack, "reader", rcvbuf=4096)
+        reader.stop_reading()
+        talker = await _user_channel(stack, "talker")
+        (talker_channel,) = manager.get_user_channels("talker")
+        await _fill_twice_past(manager, "reader")
+        talker.send_text(json.dumps({"type": "custom", "message": {"kind": "chat", "data": "x" * BLOB}}))
+        talker.send_text(json.dumps({"type": "custom", "message": {"kind": "echo", "data": "hi", "__rchan": "r1"}}))
+        reply = json.loads((await talker.read_frame(20)).payload)
+        assert reply["message"]["__response_for"] == "r1"
+        driver = manager.handlers[talker_channel]._sink
+        assert isinstance(driver, ConnectionDriver)
+        assert driver._owed is not None, "the chat was not counted against its sender"
+        await eventually(lambda: driver._owed is None, "the window forgotten while idle", timeout=20)
+        assert manager.counters.senders_paused == 0
         for client in (reader, talker):
             client.abort()
 
