@@ -452,6 +452,12 @@ class ConnectionDriver:
         # What is corked goes out now or, the connection being over, is counted as not written
         # before the channel's part of the user's history is settled.
         self.flush()
+        if self._close_task is None and self.handler.task_count:
+            # The peer ended it (its close frame, or the connection lost), maybe in the same read
+            # as its last requests, whose handler tasks have not begun: one loop iteration for
+            # them to start before the close cancels them, as when the close comes in a read of
+            # its own (every transport alike: some libraries hand us the close at once).
+            await asyncio.sleep(0)
         manager.remove_handler(channel_id, closed)
         if self._close_task is None:
             await _cancel(self._sender)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import socket
@@ -1091,3 +1092,38 @@ async def test_a_peer_close_is_answered_with_its_own_code_on_every_transport(soc
         assert (echo.opcode, echo.close_code) == (CLOSE, code)
         assert await _gone(stack, channel)
         client.abort()
+
+
+def _user_gone(manager: Any, user: str) -> bool:
+    return not manager.get_user_channels(user)
+
+
+@pytest.mark.parametrize("ending", ["close frame", "connection lost"])
+async def test_a_request_sent_with_the_peer_s_close_gets_its_handler_started(socket_stack: Any, ending: str) -> None:
+    """A client sends a request to an async handler and ends the connection in the same write
+    (``send(); close()``: the close frame, or the connection lost, right behind the message).
+    Some libraries hand over the close in the same loop iteration as the message, others in the
+    next: on every transport the handler's task starts before the close cancels it (what it
+    does before its first wait is done: here a note; the demo's ``tell``)."""
+    done: list[Any] = []
+    async with socket_stack() as stack:
+        manager = stack.manager
+
+        async def note(channel_id: str, data: Any) -> str:
+            done.append(data)
+            await asyncio.sleep(0.05)
+            return "noted"
+
+        manager.add_ws_handler("note", note)
+        for n in range(3):
+            user = f"noter{n}"
+            client = await _user_channel(stack, user)
+            request = encode_frame(TEXT, json.dumps({"type": "custom", "message": {"kind": "note", "data": n}}))
+            if ending == "close frame":
+                client.write(request + encode_frame(CLOSE, close_payload(1000)))
+            else:
+                client.write(request)
+                client.abort()
+            await eventually(functools.partial(_user_gone, manager, user), "the channel removed", timeout=10)
+            assert done == list(range(n + 1))
+            client.abort()
