@@ -4,8 +4,11 @@ from __future__ import annotations
 
 __all__ = ["ServerConfig", "SlowConsumerPolicy", "connection_cap"]
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+
+from .transport import TrustedProxies
 
 MiB = 1024 * 1024
 
@@ -145,6 +148,19 @@ class ServerConfig:
     #: would cap all of them together. ``dara-ws serve`` sets a quarter of its cap
     #: (``--max-connections-per-address``, ``0`` for none behind a proxy).
     max_connections_per_address: int | None = None
+    #: The reverse proxies (load balancers) trusted to name the client in ``X-Forwarded-For``,
+    #: as uvicorn's setting of that name: IP addresses and networks, in a comma-separated
+    #: string or a sequence (``"10.0.0.0/8"``), or ``"*"`` for whatever connects (then the
+    #: right-most address of the header counts, the one the proxy appended: uvicorn takes the
+    #: left-most, which a client writes itself). ``None`` (the default): none, so a client
+    #: never chooses the address it is counted as. For a request from one of them, the client's
+    #: address is the right-most of the header that is not a trusted proxy (a malformed header:
+    #: the proxy's own), and every bound counted per address once the request is read uses it
+    #: (:class:`~dara_ws_core.transport.TrustedProxies`): the shares of anonymous connections
+    #: (chunked parts, ``in_thread`` threads, the outbox's and the backplane spool's senders),
+    #: the log shares, and ``max_connections_per_address``, whose sockets from a trusted proxy
+    #: are counted by that client once their request is read rather than by the proxy.
+    forwarded_allow_ips: str | Sequence[str] | None = None
     #: The per-user outbox (:mod:`dara_ws_core.outbox`): ``send_message_to_user`` to a user with no
     #: connection anywhere keeps the message, up to this many per user (``0`` disables), this many
     #: bytes and this many seconds, for the user's next connection.
@@ -193,6 +209,10 @@ class ServerConfig:
         for name in ("max_connections", "max_connections_per_address"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (or None: no cap)")
+        if self.forwarded_allow_ips is not None:
+            if not isinstance(self.forwarded_allow_ips, str):  # a list: hashable, not shared
+                object.__setattr__(self, "forwarded_allow_ips", tuple(self.forwarded_allow_ips))
+            TrustedProxies(self.forwarded_allow_ips)  # raises ValueError for a bad address
         if not isinstance(self.slow_consumer_policy, SlowConsumerPolicy):
             object.__setattr__(
                 self, "slow_consumer_policy", SlowConsumerPolicy(self.slow_consumer_policy)
