@@ -63,7 +63,9 @@ class Identity:
     ``address``, when an authenticator sets it, is the client's address as it knows it (read
     from a header its proxy sets, for one): every bound counted per address once the handshake
     is read counts the connection by it, in place of the address the endpoint found
-    (``Endpoint.client_address``: the socket's peer, or the client a trusted proxy names).
+    (``Endpoint.client_address``: the socket's peer, or the client a trusted proxy names);
+    ``max_connections_per_address`` too when the socket's peer is a trusted proxy (a socket
+    from anyone else was counted by its peer as it connected).
     """
 
     #: Whether the identity names nobody in particular (:class:`AnonymousIdentity`).
