@@ -4,8 +4,11 @@ from __future__ import annotations
 
 __all__ = ["ServerConfig", "SlowConsumerPolicy", "connection_cap"]
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+
+from .transport import TrustedProxies
 
 MiB = 1024 * 1024
 
@@ -69,8 +72,9 @@ class ServerConfig:
     #: Chunked answers: most parts of one answer, and most bytes (UTF-8 JSON, as on the wire)
     #: and JSON values (counted as in a frame, an upper bound) of parts held at once for all of a
     #: channel's pending answers, and for all the connections of one user together (anonymous
-    #: connections, ``Identity.anonymous``, of one address together: one peer gets a fresh
-    #: anonymous user with each connection, but not a fresh address). Each part
+    #: connections, ``Identity.anonymous``, of one address together, as ``forwarded_allow_ips``
+    #: finds it: one peer gets a fresh anonymous user with each connection, but not a fresh
+    #: address). Each part
     #: counts 128 bytes and one value more than its JSON, for what holding it costs (a 1-byte
     #: part takes about a hundred bytes of Python objects). Each part is decoded as its frame
     #: arrives (and is bounded as a frame: ``max_message_values``); held decoded, a value takes
@@ -107,7 +111,8 @@ class ServerConfig:
     handler_timeout: float | None = 60.0
     #: Threads of the manager's own pool for ``in_thread`` handlers (started as needed; the
     #: loop's default executor is left to everything else). One user, or one remote address
-    #: for anonymous connections, holds at most an eighth of them (at least one): its handlers
+    #: for anonymous connections (as ``forwarded_allow_ips`` finds it), holds at most an
+    #: eighth of them (at least one): its handlers
     #: running or waiting for a thread, and those still running after their request timed out
     #: (a thread cannot be stopped; it counts until it returns). Beyond that share a request
     #: gets a ``busy`` error reply at once. Within it, a request waits for a free thread when
@@ -140,11 +145,25 @@ class ServerConfig:
     max_connections: int | None = None
     #: Sockets one remote host may hold at once, counted as ``max_connections`` (``None``: no
     #: limit). At it, the host's own oldest socket still in its handshake makes room, else a
-    #: handshake is refused the same way (counted as ``address``). Only where clients connect
-    #: directly: behind a load balancer or reverse proxy every client has its address, and this
-    #: would cap all of them together. ``dara-ws serve`` sets a quarter of its cap
-    #: (``--max-connections-per-address``, ``0`` for none behind a proxy).
+    #: handshake is refused the same way (counted as ``address``). Behind a load balancer or
+    #: reverse proxy every socket has its address, and this would cap all clients together:
+    #: name it in ``forwarded_allow_ips``, and its sockets are counted by the client each
+    #: request names once it is read (refused with 403 then, the socket having been let in).
+    #: ``dara-ws serve`` sets a quarter of its cap (``--max-connections-per-address``).
     max_connections_per_address: int | None = None
+    #: The reverse proxies (load balancers) trusted to name the client in ``X-Forwarded-For``,
+    #: as uvicorn's setting of that name: IP addresses and networks, in a comma-separated
+    #: string or a sequence (``"10.0.0.0/8"``), or ``"*"`` for whatever connects (then the
+    #: right-most address of the header counts, the one the proxy appended: uvicorn takes the
+    #: left-most, which a client writes itself). ``None`` (the default): none, so a client
+    #: never chooses the address it is counted as. For a request from one of them, the client's
+    #: address is the right-most of the header that is not a trusted proxy (a malformed header:
+    #: the proxy's own), and every bound counted per address once the request is read uses it
+    #: (:class:`~dara_ws_core.transport.TrustedProxies`): the shares of anonymous connections
+    #: (chunked parts, ``in_thread`` threads, the outbox's and the backplane spool's senders),
+    #: the log shares, and ``max_connections_per_address``, whose sockets from a trusted proxy
+    #: are counted by that client once their request is read rather than by the proxy.
+    forwarded_allow_ips: str | Sequence[str] | None = None
     #: The per-user outbox (:mod:`dara_ws_core.outbox`): ``send_message_to_user`` to a user with no
     #: connection anywhere keeps the message, up to this many per user (``0`` disables), this many
     #: bytes and this many seconds, for the user's next connection.
@@ -169,7 +188,8 @@ class ServerConfig:
     #: (the sender's share of each bound it can fill). The sender is the user of the connection
     #: whose frame was being handled when ``send_message_to_user`` was called; for an anonymous
     #: identity (``AnonymousIdentity``, new for each connection), the connection's address
-    #: (an IPv6 one by its /64): every anonymous connection from one address is one sender. A
+    #: (an IPv6 one by its /64; behind a proxy, see ``forwarded_allow_ips``): every anonymous
+    #: connection from one address is one sender. A
     #: send from server code, outside any connection, is charged to nobody. Beyond, that
     #: sender's messages are delivered live but not kept (``send_message_to_user`` returns
     #: ``False``), so one client filling its share costs its own messages, not everyone's. A
@@ -193,6 +213,10 @@ class ServerConfig:
         for name in ("max_connections", "max_connections_per_address"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (or None: no cap)")
+        if self.forwarded_allow_ips is not None:
+            if not isinstance(self.forwarded_allow_ips, str):  # a list: hashable, not shared
+                object.__setattr__(self, "forwarded_allow_ips", tuple(self.forwarded_allow_ips))
+            TrustedProxies(self.forwarded_allow_ips)  # raises ValueError for a bad address
         if not isinstance(self.slow_consumer_policy, SlowConsumerPolicy):
             object.__setattr__(
                 self, "slow_consumer_policy", SlowConsumerPolicy(self.slow_consumer_policy)

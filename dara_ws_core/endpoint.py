@@ -14,6 +14,7 @@ from __future__ import annotations
 __all__ = ["DEFAULT_PATH", "Admission", "ConnectionSlots", "Endpoint", "Evict", "host_of", "ws_handler"]
 
 import asyncio
+import contextvars
 import logging
 import time
 import uuid
@@ -32,7 +33,7 @@ from .exceptions import (
 from .handler import WebSocketHandler
 from .logs import ConnectionLogger, current_source
 from .manager import WebsocketManager
-from .transport import HandshakeRequest, Transport, address_key
+from .transport import HandshakeRequest, Transport, TrustedProxies, address_key
 
 logger = logging.getLogger("dara_ws_core")
 
@@ -207,10 +208,17 @@ def host_of(peer: object) -> str | None:
     """What ``max_connections_per_address`` and the log shares count a socket's peer address
     (``getpeername()``, an ASGI ``client``) as: its host, or for an IPv6 host the /64 network
     it is in (one site's usual allocation, from which a client could otherwise take a fresh
-    address for each connection); ``None`` when there is none (a Unix socket)."""
+    address for each connection); ``None`` when there is none (a Unix socket). Once a request
+    is read, :meth:`Endpoint.client_address` says who it is from behind a trusted proxy."""
     if isinstance(peer, tuple | list) and peer:
         return address_key(str(peer[0]))
     return None
+
+
+#: The client address a connection from a trusted proxy is counted under for
+#: ``max_connections_per_address`` (set by ``Endpoint.authenticate``, read by ``serve``, which
+#: runs in the context the handshake left); ``None``: counted by its socket.
+_forwarded_slot: contextvars.ContextVar[str | None] = contextvars.ContextVar("dara_ws_forwarded", default=None)
 
 
 #: Seconds a refused client is asked to wait before it tries again (``Retry-After``).
@@ -235,6 +243,12 @@ class Endpoint:
         self._closing = False
         config = manager.config
         self.slots = ConnectionSlots(config.max_connections, config.max_connections_per_address)
+        allowed = config.forwarded_allow_ips
+        #: Whose ``X-Forwarded-For`` names the client (``ServerConfig.forwarded_allow_ips``).
+        self.proxies = TrustedProxies(allowed) if allowed else None
+        #: Connections served from a trusted proxy, by the client address they are counted
+        #: under (only while ``max_connections_per_address`` is set).
+        self._forwarded: dict[str, int] = {}
 
     @property
     def config(self) -> ServerConfig:
@@ -258,6 +272,7 @@ class Endpoint:
         :meth:`settled`: when the process or the address is full, the oldest such socket is
         closed to let the newcomer in (counted as ``evicted``) rather than the newcomer
         refused."""
+        address = self._slot_key(address)
         slots = self.slots
         for _ in range(slots.waiting):  # each turn takes one socket off the waiting ones
             victim = slots.victim(address)
@@ -279,7 +294,26 @@ class Endpoint:
 
     def free_slot(self, admission: Admission, address: str | None = None, evict: Evict | None = None) -> None:
         """The socket that :meth:`take_slot` let in (or refused) is gone."""
-        self.slots.release(admission, address, evict)
+        self.slots.release(admission, self._slot_key(address), evict)
+
+    def _slot_key(self, address: str | None) -> str | None:
+        """What a socket from ``address`` is counted under before its request is read: a
+        trusted proxy's under none (its clients are counted each by its own address once their
+        request is read, :meth:`authenticate`), every other peer under its own."""
+        proxies = self.proxies
+        if proxies is not None and self.slots.per_address is not None and proxies.trusts(address):
+            return None
+        return address
+
+    def client_address(self, request: HandshakeRequest) -> str | None:
+        """Whom the bounds counted per address count ``request`` as, once it is read: its
+        socket peer's host, or behind a trusted proxy (``ServerConfig.forwarded_allow_ips``)
+        the client its ``X-Forwarded-For`` names; an IPv6 one by its /64 (:func:`host_of`)."""
+        host = None if request.remote is None else request.remote[0]
+        proxies = self.proxies
+        if proxies is not None:
+            host = proxies.client_host(host, request.headers.get("x-forwarded-for"))
+        return None if host is None else address_key(host)
 
     def refused(self, admission: Admission) -> None:
         """Count and log a socket refused with ``admission``: :meth:`take_slot` does; an
@@ -301,9 +335,11 @@ class Endpoint:
         Raises ``AuthenticationFailed``, which the adapter answers with HTTP 403. An authenticator
         that crashes also rejects (and is logged): a bug never lets anyone in.
         """
-        # The source whose share of the peers' log budget this connection's records use: its
-        # tasks (the handshake's, the connection's, its handlers') inherit the context.
-        current_source.set(host_of(request.remote))
+        # The address every share counted per address charges this connection to (the peers'
+        # log budget, the anonymous ones' chunk, thread, outbox and spool shares): its tasks
+        # (the handshake's, the connection's, its handlers') inherit the context.
+        source = self.client_address(request)
+        current_source.set(source)
         counters = self.manager.counters
         if self._closing:
             counters.count(counters.handshakes_rejected, "shutdown")
@@ -327,6 +363,9 @@ class Endpoint:
             counters.count(counters.handshakes_rejected, "error")
             _handshake_log(request).exception("authenticator failed")
             raise AuthenticationFailed("authenticator error") from exc
+        if identity.address is not None:  # the authenticator knows better
+            current_source.set(source := address_key(identity.address))
+        self._check_forwarded(request, source)
         limit = self.config.max_connections_per_user
         if limit is not None and await self._user_connections(identity.user_id) >= limit:
             counters.count(counters.handshakes_rejected, "limit")
@@ -334,6 +373,21 @@ class Endpoint:
             raise AuthenticationFailed(f"user has {limit} connections already")
         counters.handshakes_accepted += 1
         return identity
+
+    def _check_forwarded(self, request: HandshakeRequest, source: str | None) -> None:
+        """A request from a trusted proxy, its socket counted under no address: refuse it if
+        its client has ``max_connections_per_address`` connections (exact in :meth:`serve`)."""
+        per_address = self.slots.per_address
+        peer = None if request.remote is None else host_of(request.remote)
+        if per_address is None or source is None or self._slot_key(peer) is not None:
+            _forwarded_slot.set(None)
+            return
+        _forwarded_slot.set(source)
+        if self._forwarded.get(source, 0) >= per_address:
+            self.manager.counters.count(self.manager.counters.handshakes_rejected, "address")
+            _FULL_LOG.peer_error(logging.WARNING, "handshake refused: the address has "
+                                 "max_connections_per_address connections")
+            raise AuthenticationFailed(f"address has {per_address} connections already")
 
     async def _user_connections(self, user_id: str) -> int:
         """The user's connections on every process (on this one if the bus is unreachable)."""
@@ -352,30 +406,53 @@ class Endpoint:
         if limit is not None and len(self.manager.get_user_channels(identity.user_id)) >= limit:
             # Handshakes of one user that ran concurrently all passed the check in authenticate();
             # only here, with no await before the channel is registered, is the count exact.
-            logger.info("connection refused: connection limit", extra={"user": identity.user_id})
-            self.manager.counters.count(self.manager.counters.close_codes, CloseCode.POLICY_VIOLATION)
-            await close_quietly(transport, CloseCode.POLICY_VIOLATION, "too many connections")
+            await self._refuse(transport, identity, "connection limit")
             return
-        channel_id = str(uuid.uuid4())
-        if not await self.manager.admit(channel_id, identity):
-            # With a backplane: the user's connections on every process, counted atomically in
-            # the bus (two processes admitting the same user at once cannot both pass).
-            logger.info("connection refused: cluster connection limit",
-                        extra={"user": identity.user_id})
-            await close_quietly(transport, CloseCode.POLICY_VIOLATION, "too many connections")
+        forwarded = _forwarded_slot.get()
+        if forwarded is not None and not self._take_forwarded(forwarded):
+            # Handshakes of one client behind a proxy that ran concurrently all passed the
+            # check in authenticate(); here the count is exact.
+            await self._refuse(transport, identity, "max_connections_per_address")
             return
-        try:
-            driver = ConnectionDriver(self.manager, transport, identity, channel_id)
+        try:  # one coroutine, not one calling another: an idle connection's frames are few
+            channel_id = str(uuid.uuid4())
+            if not await self.manager.admit(channel_id, identity):
+                # With a backplane: the user's connections on every process, counted atomically in
+                # the bus (two processes admitting the same user at once cannot both pass).
+                logger.info("connection refused: cluster connection limit",
+                            extra={"user": identity.user_id})
+                await close_quietly(transport, CloseCode.POLICY_VIOLATION, "too many connections")
+                return
+            try:
+                driver = ConnectionDriver(self.manager, transport, identity, channel_id)
+            finally:
+                self.manager.abandon(channel_id, identity)  # releases it only if no handler was made
+            this = asyncio.current_task()
+            if this is not None:
+                self._connections[channel_id] = this
+            self._ensure_sweeper()
+            try:
+                await driver.run()
+            finally:
+                self._connections.pop(channel_id, None)
         finally:
-            self.manager.abandon(channel_id, identity)  # releases it only if no handler was made
-        this = asyncio.current_task()
-        if this is not None:
-            self._connections[channel_id] = this
-        self._ensure_sweeper()
-        try:
-            await driver.run()
-        finally:
-            self._connections.pop(channel_id, None)
+            if forwarded is not None:
+                left = self._forwarded.pop(forwarded, 1) - 1
+                if left > 0:
+                    self._forwarded[forwarded] = left
+
+    def _take_forwarded(self, client: str) -> bool:
+        """Count a connection of ``client`` behind a trusted proxy, if its address has room."""
+        held, limit = self._forwarded.get(client, 0), self.slots.per_address
+        if limit is not None and held >= limit:
+            return False
+        self._forwarded[client] = held + 1
+        return True
+
+    async def _refuse(self, transport: Transport, identity: Identity, why: str) -> None:
+        logger.info("connection refused: %s", why, extra={"user": identity.user_id})
+        self.manager.counters.count(self.manager.counters.close_codes, CloseCode.POLICY_VIOLATION)
+        await close_quietly(transport, CloseCode.POLICY_VIOLATION, "too many connections")
 
     # ------------------------------------------------------------------ timers and shutdown
 

@@ -67,15 +67,18 @@ manager that yields a :class:`Server` (``port=0`` picks a free port).
 from __future__ import annotations
 
 __all__ = ["ClientFrameHeaders", "HandshakeRequest", "Server", "SupportsCork", "SupportsDisconnected",
-           "SupportsPush", "SupportsSendNowait", "SupportsWriter", "Transport", "address_key", "parse_cookies",
-           "text_frame_header"]
+           "SupportsPush", "SupportsSendNowait", "SupportsWriter", "Transport", "TrustedProxies", "address_key",
+           "parse_cookies", "text_frame_header"]
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from struct import Struct
 from types import MappingProxyType
-from typing import Generic, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
 from urllib.parse import parse_qsl, urlsplit
+
+if TYPE_CHECKING:
+    from ipaddress import IPv4Address, IPv6Address
 
 
 @runtime_checkable
@@ -411,3 +414,106 @@ def address_key(host: str) -> str:
     if address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)
     return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
+
+
+#: Most entries of an ``X-Forwarded-For`` header read, from the right: a chain of proxies is a
+#: few hops long, and a client must not make the parse cost more than this.
+MAX_FORWARDED_HOPS = 16
+
+
+class TrustedProxies:
+    """The reverse proxies whose ``X-Forwarded-For`` header names the client
+    (``ServerConfig.forwarded_allow_ips``, uvicorn's setting of that name): what the bounds
+    counted per address count a request from one of them as. Pure; built once per endpoint.
+
+    ``allowed`` is a comma-separated string or a sequence of IP addresses and networks
+    (``"10.0.0.0/8"``), or ``"*"`` for any peer, a Unix socket's too. A request whose socket
+    peer is not one of them keeps the peer's address, whatever its headers say: a client cannot
+    name itself. From a trusted peer, the header is read from the right, each proxy having
+    appended the address it was connected from: the client is the right-most address that is
+    not a trusted proxy (with ``"*"``, the right-most address: the one the proxy that connected
+    appended, as the entries left of it are the client's own words). A header with no entry,
+    or one that is not an IP address before that, is ignored: the peer's address counts."""
+
+    __slots__ = ("_anyone", "_networks")
+
+    def __init__(self, allowed: str | Iterable[str]) -> None:
+        import ipaddress  # only for a server behind a proxy
+
+        items = allowed.split(",") if isinstance(allowed, str) else allowed
+        names = [item.strip() for item in items if item.strip()]
+        self._anyone = "*" in names
+        try:
+            self._networks = tuple(ipaddress.ip_network(name, strict=False) for name in names if name != "*")
+        except ValueError as exc:
+            raise ValueError(f"forwarded_allow_ips: {exc}") from None
+
+    def __bool__(self) -> bool:
+        """Whether any peer is trusted at all."""
+        return self._anyone or bool(self._networks)
+
+    def trusts(self, host: str | None) -> bool:
+        """Whether a peer at ``host`` (an address, or an address key: an IPv6 /64) is a trusted
+        proxy; ``None`` (no address: a Unix socket) only with ``"*"``."""
+        if self._anyone:
+            return True
+        if host is None:
+            return False
+        import ipaddress
+
+        try:
+            if "/" in host:  # an address key: trusted if a proxy may be in it
+                network = ipaddress.ip_network(host, strict=False)
+                return any(network.overlaps(n) for n in self._networks)
+            address = _ip(host)
+        except ValueError:
+            return False
+        return address is not None and any(address in n for n in self._networks)
+
+    def client_host(self, peer: str | None, forwarded: str | None) -> str | None:
+        """The client's host for a request whose socket peer is at ``peer`` and whose
+        ``X-Forwarded-For`` header is ``forwarded`` (repeated headers joined with commas, as
+        :meth:`HandshakeRequest.build` does): ``peer`` unless it is a trusted proxy and the
+        header names someone well-formed."""
+        if not forwarded or not self.trusts(peer):
+            return peer
+        entries = forwarded.rsplit(",", MAX_FORWARDED_HOPS)[-MAX_FORWARDED_HOPS:]
+        client = peer
+        for entry in reversed(entries):
+            address = _forwarded_ip(entry)
+            if address is None:  # malformed: who sent it is unknown
+                return peer
+            client = str(address)
+            if self._anyone or not any(address in n for n in self._networks):
+                return client
+        return client  # every hop a trusted proxy: the left-most of them read
+
+
+def _ip(host: str) -> IPv4Address | IPv6Address | None:
+    """``host`` as an IP address (an IPv4-mapped IPv6 one as its IPv4 address, a zone dropped);
+    ``None`` if it is none."""
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _forwarded_ip(entry: str) -> IPv4Address | IPv6Address | None:
+    """One ``X-Forwarded-For`` entry's address: ``192.0.2.1``, ``2001:db8::1``, or with a port
+    as some proxies write it (``192.0.2.1:4711``, ``[2001:db8::1]:4711``); ``None`` for
+    anything else (``unknown``, an obfuscated name)."""
+    entry = entry.strip()
+    if entry.startswith("["):
+        entry, bracket, port = entry[1:].partition("]")
+        if not bracket or (port and not (port[0] == ":" and port[1:].isdigit())):
+            return None
+    elif entry.count(":") == 1:
+        entry, _, port = entry.partition(":")
+        if not port.isdigit():
+            return None
+    return _ip(entry) if entry else None

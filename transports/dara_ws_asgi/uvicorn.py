@@ -405,6 +405,9 @@ async def serve(
             ws_ping_interval=config.ping_interval,
             ws_ping_timeout=config.ping_timeout,
             ws_per_message_deflate=False,
+            # X-Forwarded-For is the endpoint's to read (ServerConfig.forwarded_allow_ips):
+            # uvicorn's own default trusts it from 127.0.0.1, rewriting the client's address.
+            proxy_headers=False,
             lifespan="off",
             log_config=None,  # leave the process's logging configuration alone
             log_level="warning",
