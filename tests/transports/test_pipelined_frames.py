@@ -238,3 +238,20 @@ async def test_what_is_held_behind_a_request_is_bounded_on_a_real_socket() -> No
     finally:
         transport.abort()
         theirs.close()
+
+
+@pytest.mark.parametrize("ws", ["auto", "websockets-sansio"])
+def test_hook_uvicorn_gives_a_server_of_its_own_the_bounded_websocket_protocol(ws: str) -> None:
+    # It compared uvicorn's protocol with the bounded one's first base, the slots mixin: a server
+    # run by the application (uvicorn.run, Starlette's lifespan) kept uvicorn's own protocol, with
+    # none of the adapter's WebSocket bounds, checks or the frames above.
+    import uvicorn
+
+    from dara_ws_asgi import asgi_app
+    from dara_ws_asgi.uvicorn import _uvicorn_protocols, hook_uvicorn
+
+    endpoint = Endpoint(WebsocketManager(CONFIG), token_authenticator(verify_token))
+    server = uvicorn.Server(uvicorn.Config(asgi_app(endpoint), ws=ws, lifespan="off", log_config=None))
+    server.config.load()
+    assert hook_uvicorn(endpoint, server)
+    assert server.config.ws_protocol_class is _uvicorn_protocols(CONFIG.handshake_timeout)[1]

@@ -425,7 +425,9 @@ def hook_uvicorn(endpoint: Endpoint, server: uvicorn.Server | None = None) -> bo
     config, (http, ws) = server.config, _uvicorn_protocols(endpoint.config.handshake_timeout)
     if (bounded := http.get(getattr(config, "http_protocol_class", None))) is not None:  # type: ignore[arg-type]
         config.http_protocol_class = bounded
-    if getattr(config, "ws_protocol_class", None) is ws.__mro__[1]:
+    # uvicorn's websockets-sansio, the last base of the bounded one (its first, the slots mixin,
+    # is no uvicorn class: compared with it, no server was ever given the bounded protocol).
+    if getattr(config, "ws_protocol_class", None) is ws.__bases__[-1]:
         config.ws_protocol_class = ws
     return True
 
