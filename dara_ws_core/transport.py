@@ -66,9 +66,10 @@ manager that yields a :class:`Server` (``port=0`` picks a free port).
 
 from __future__ import annotations
 
-__all__ = ["ClientFrameHeaders", "HandshakeRequest", "Server", "SupportsCork", "SupportsDisconnected",
-           "SupportsPush", "SupportsSendNowait", "SupportsWriter", "Transport", "TrustedProxies", "address_key",
-           "parse_cookies", "text_frame_header"]
+__all__ = ["MAX_PIPELINED", "ClientFrameHeaders", "HandshakeRequest", "RequestHead", "Server", "SupportsCork",
+           "SupportsDisconnected", "SupportsPush", "SupportsSendNowait", "SupportsWriter", "Transport",
+           "TrustedProxies", "address_key", "held_behind_request", "hold_behind_request", "parse_cookies",
+           "text_frame_header"]
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -258,6 +259,88 @@ class ClientFrameHeaders:
         self.refused = why
         self._head = b""
         return buf[:pos]
+
+
+#: The blank line that ends an HTTP request's head (RFC 9112 section 2.1): every line ends in CRLF.
+_HEAD_END = b"\r\n\r\n"
+
+
+class RequestHead:
+    """Finds where a client's upgrade request ends in its byte stream, for the adapters whose
+    library would parse what follows the request as frames while the handshake is still being
+    answered (websockets' sans-I/O protocol, under websockets and uvicorn): frames read then
+    would be acted on, or refused, before the connection is open, and would escape
+    :class:`ClientFrameHeaders`, which starts with the connection.
+
+    :meth:`feed` returns the part of a read that belongs to the request's head (up to and
+    including the blank line that ends it), for the library; every byte after it is kept in
+    :attr:`behind`, in order, however the reads cut the stream. Once the connection is open,
+    the adapter hands :attr:`behind` to a new :class:`ClientFrameHeaders` and then to its
+    library: frames a client sent without waiting for the answer are read exactly as if they
+    had come after it. Holding them is bounded by the adapter: :func:`hold_behind_request`
+    stops reading at the first byte held. Pure.
+    """
+
+    __slots__ = ("_tail", "behind", "ended")
+
+    def __init__(self) -> None:
+        self._tail = b""  # the last bytes of the head so far, which may start its end
+        #: Whether the head has ended (every byte fed since is in :attr:`behind`).
+        self.ended = False
+        #: The bytes that came after the head, before the connection opened.
+        self.behind = bytearray()
+
+    def feed(self, data: bytes) -> bytes:
+        """The part of ``data`` that belongs to the request's head; the rest goes to
+        :attr:`behind`."""
+        if self.ended:
+            self.behind += data
+            return b""
+        tail = self._tail
+        end = (tail + data).find(_HEAD_END)
+        if end < 0:
+            self._tail = (tail + data)[-3:]
+            return data
+        cut = end + len(_HEAD_END) - len(tail)  # >= 1: the tail alone holds no end
+        self.ended, self._tail = True, b""
+        self.behind += data[cut:]
+        return data[:cut]
+
+
+#: The most bytes an adapter holds behind a client's upgrade request before it has answered
+#: (:func:`hold_behind_request`). Reading stops at the first of them, so one read (256 KiB with
+#: asyncio) holds them all unless something resumed reading before the answer.
+MAX_PIPELINED = 1024 * 1024
+
+
+class _Reading(Protocol):
+    def pause_reading(self) -> None: ...
+    def abort(self) -> None: ...
+    def is_closing(self) -> bool: ...
+
+
+def hold_behind_request(head: RequestHead, data: bytes, transport: _Reading) -> bytes:
+    """:meth:`RequestHead.feed` for an adapter, on a read before the connection opened: what to
+    hand the library now. Reading stops once something is held, until the adapter has answered
+    and hands it on; past :data:`MAX_PIPELINED` held, the socket is dropped (before the answer,
+    no close frame can say why)."""
+    data = head.feed(data)
+    held = len(head.behind)
+    if held:
+        transport.pause_reading()
+        if held > MAX_PIPELINED:
+            transport.abort()
+            return b""
+    return data
+
+
+def held_behind_request(head: RequestHead | None, transport: _Reading) -> bytes:
+    """Once the connection is open: what :func:`hold_behind_request` held, for the adapter to
+    read now (through a new :class:`ClientFrameHeaders`, then its library), and resume reading
+    after; nothing if nothing was held or the socket is already closing."""
+    if head is None or not head.behind or transport.is_closing():
+        return b""
+    return bytes(head.behind)
 
 
 _Native = TypeVar("_Native")

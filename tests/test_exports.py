@@ -48,8 +48,9 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "testing": frozenset({"ProtocolHarness", "answer_frames", "client_frames", "custom_frames",
                           "hostile_frames", "json_values"}),
     # TrustedProxies: what ServerConfig.forwarded_allow_ips is read as, for the endpoint.
-    "transport": frozenset({"ClientFrameHeaders", "address_key", "SupportsCork", "SupportsDisconnected", "SupportsPush",
-                            "SupportsSendNowait", "SupportsWriter", "TrustedProxies", "parse_cookies",
+    "transport": frozenset({"ClientFrameHeaders", "MAX_PIPELINED", "RequestHead", "TrustedProxies", "address_key",
+                            "SupportsCork", "SupportsDisconnected", "SupportsPush", "SupportsSendNowait",
+                            "SupportsWriter", "held_behind_request", "hold_behind_request", "parse_cookies",
                             "text_frame_header"}),
 }
 

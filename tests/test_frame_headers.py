@@ -6,8 +6,10 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from dara_ws_core.transport import ClientFrameHeaders
+from dara_ws_core.transport import ClientFrameHeaders, RequestHead
 
 
 def frame(payload: bytes, form: int | None = None, *, mask: bool = True, declared: int | None = None) -> bytes:
@@ -64,3 +66,32 @@ def test_a_library_that_only_fails_on_its_own_parse_gets_a_reserved_opcode_in_pl
     good = frame(b"ok")
     assert headers.feed_failing(good + frame(b"x" * 15, 16)) == good + b"\x83\x80"
     assert headers.feed_failing(frame(b"more")) == b"", "nothing after a refusal"
+
+
+# ---------------------------------------------------------------------------- RequestHead (review18 #7)
+
+REQUEST = (b"GET /api/core/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+@given(st.lists(st.sampled_from(GOOD[:6] + list(BAD.values())), max_size=6), st.data())
+def test_the_request_goes_to_the_library_and_what_follows_is_checked_from_its_first_byte(
+    frames: list[bytes], data: st.DataObject
+) -> None:
+    # However the reads cut the request and the frames behind it (a read may hold the end of
+    # the blank line and a frame's start), the library gets the request, and the header checks
+    # see the frames from their first byte: the same outcome as frames sent after the answer.
+    stream = REQUEST + b"".join(frames)
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(stream) - 1), max_size=8)))
+    head = RequestHead()
+    given_now = b"".join(head.feed(stream[a:b]) for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True))
+    assert given_now == REQUEST and head.ended
+    assert bytes(head.behind) == stream[len(REQUEST) :]
+
+
+def test_a_head_not_ended_holds_nothing_back() -> None:
+    head = RequestHead()
+    assert head.feed(REQUEST[:-1]) == REQUEST[:-1]  # the blank line's last byte is missing
+    assert not head.ended and not head.behind
+    assert head.feed(b"\n\x81") == b"\n" and bytes(head.behind) == b"\x81"
+    assert head.feed(b"\x80") == b"" and bytes(head.behind) == b"\x81\x80"

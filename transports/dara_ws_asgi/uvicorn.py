@@ -16,7 +16,7 @@ import signal
 import socket
 import weakref
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 try:
     import uvicorn
@@ -26,7 +26,13 @@ except ImportError as exc:  # the extra is missing: say which one to install
     ) from exc
 
 from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, Evict, host_of
-from dara_ws_core.transport import ClientFrameHeaders, Server
+from dara_ws_core.transport import (
+    ClientFrameHeaders,
+    RequestHead,
+    Server,
+    held_behind_request,
+    hold_behind_request,
+)
 
 #: Stop reading from a peer while this much is waiting to be written to it.
 _PAUSE_READING_ABOVE = 1024 * 1024
@@ -97,6 +103,30 @@ class _CountedWebSocket:
     dara_slots: _SocketSlots | None = None
 
 
+class _UpgradeParser:
+    """uvicorn's httptools parser, keeping what a read held behind an upgrade request: httptools
+    says where the request ended (``HttpParserUpgrade``'s argument, an offset in that read), and
+    uvicorn hands the WebSocket protocol the request alone, dropping the rest."""
+
+    __slots__ = ("_parser", "behind")
+
+    def __init__(self, parser: Any) -> None:
+        self._parser = parser
+        self.behind = b""
+
+    def feed_data(self, data: bytes) -> None:
+        from httptools import HttpParserUpgrade  # imported by uvicorn already: its parser's
+
+        try:
+            self._parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            self.behind = bytes(data[exc.args[0] :])  # "the offset of the non-HTTP data"
+            raise
+
+    def __getattr__(self, name: str) -> Any:  # the rest of the parser's methods, as they are
+        return getattr(self._parser, name)
+
+
 def _bounded_http(base: type[Any], handshake_timeout: float) -> type[Any]:
     """``base``, uvicorn's h11 or httptools protocol (the same shape), with the HTTP bounds of
     :func:`_uvicorn_protocols`."""
@@ -106,6 +136,19 @@ def _bounded_http(base: type[Any], handshake_timeout: float) -> type[Any]:
         _handshake_timer: asyncio.TimerHandle | None = None
         #: The slots this socket holds from its accept (see _SocketSlots), or None.
         _dara_slots: _SocketSlots | None = None
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            parser = getattr(self, "parser", None)  # httptools (h11 keeps the bytes itself)
+            if parser is not None:
+                self.parser = _UpgradeParser(parser)
+
+        def _behind_request(self) -> bytes:
+            # What the read that ended the upgrade request held after it.
+            parser = getattr(self, "parser", None)
+            if isinstance(parser, _UpgradeParser):
+                return parser.behind
+            return bytes(self.conn.trailing_data[0])  # h11's buffer: what it has not parsed
 
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
@@ -175,10 +218,17 @@ def _bounded_http(base: type[Any], handshake_timeout: float) -> type[Any]:
                     self.transport.close()
                     return
             super().handle_websocket_upgrade(*event)
+            protocol = self.transport.get_protocol()
+            if isinstance(protocol, _CountedWebSocket):
+                # Frames the client sent without waiting for the answer: uvicorn would drop
+                # them (a client's first frames lost, and the stream read from the middle of
+                # one). The WebSocket protocol holds them until the connection is open.
+                behind = self._behind_request()
+                if behind:
+                    cast(asyncio.Protocol, protocol).data_received(behind)
             if slots is None:
                 return
             self._dara_slots = None
-            protocol = self.transport.get_protocol()
             scope = getattr(protocol, "scope", None)
             if isinstance(protocol, _CountedWebSocket) and scope is not None:
                 # The WebSocket protocol frees them when the socket goes, and ASGIApp takes none.
@@ -215,7 +265,6 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-    from websockets.protocol import State
 
     errors = logging.getLogger("uvicorn.error")
     if not any(isinstance(known, _InvalidRequests) for known in errors.filters):
@@ -228,21 +277,43 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
     http = {base: _bounded_http(base, handshake_timeout) for base in bases}
 
     class WebSocketProtocol(_CountedWebSocket, WebSocketsSansIOProtocol):
-        #: The client's frame headers, followed once the handshake is done: websockets takes
+        #: The client's frame headers, followed once the connection is open: websockets takes
         #: payload lengths in any form, which RFC 6455 5.2 does not (1002 on every transport).
         dara_frames: ClientFrameHeaders | None = None
+        #: Until then, where the request ends, and what the client sent behind it.
+        dara_head: RequestHead | None = None
 
         def data_received(self, data: bytes) -> None:
             frames = self.dara_frames
-            if frames is not None:
-                data = frames.feed_failing(data)
-            elif self.conn.state is State.OPEN:
-                self.dara_frames = frames = ClientFrameHeaders()
-                data = frames.feed_failing(data)
+            data = frames.feed_failing(data) if frames is not None else self._dara_before_open(data)
             super().data_received(data)
             if not self.read_paused and self.transport.get_write_buffer_size() > _PAUSE_READING_ABOVE:
                 self.read_paused = True
                 self.transport.pause_reading()
+
+        def _dara_before_open(self, data: bytes) -> bytes:
+            # As in dara_ws_websockets: websockets gets the request alone (uvicorn's copy of
+            # it); frames sent behind it, before the answer, wait with reading stopped until
+            # the application accepts, then are read as if they came after the 101.
+            head = self.dara_head
+            if head is None:
+                self.dara_head = head = RequestHead()
+            return hold_behind_request(head, data, self.transport)
+
+        def start_keepalive(self) -> None:
+            # Called once, right after uvicorn wrote the 101: the connection is open. What
+            # was held is read on the next loop iteration, as a read would come.
+            super().start_keepalive()
+            self.loop.call_soon(self._dara_opened)
+
+        def _dara_opened(self) -> None:
+            held = held_behind_request(self.dara_head, self.transport)
+            self.dara_head, self.dara_frames = None, ClientFrameHeaders()
+            if not held:
+                return
+            self.data_received(held)
+            if not self.read_paused:  # else uvicorn resumes once the application has read
+                self.transport.resume_reading()
 
         def connection_lost(self, exc: Exception | None) -> None:
             slots, self.dara_slots = self.dara_slots, None
@@ -354,7 +425,9 @@ def hook_uvicorn(endpoint: Endpoint, server: uvicorn.Server | None = None) -> bo
     config, (http, ws) = server.config, _uvicorn_protocols(endpoint.config.handshake_timeout)
     if (bounded := http.get(getattr(config, "http_protocol_class", None))) is not None:  # type: ignore[arg-type]
         config.http_protocol_class = bounded
-    if getattr(config, "ws_protocol_class", None) is ws.__mro__[1]:
+    # uvicorn's websockets-sansio, the last base of the bounded one (its first, the slots mixin,
+    # is no uvicorn class: compared with it, no server was ever given the bounded protocol).
+    if getattr(config, "ws_protocol_class", None) is ws.__bases__[-1]:
         config.ws_protocol_class = ws
     return True
 
