@@ -1091,3 +1091,37 @@ async def test_a_peer_close_is_answered_with_its_own_code_on_every_transport(soc
         assert (echo.opcode, echo.close_code) == (CLOSE, code)
         assert await _gone(stack, channel)
         client.abort()
+
+
+#: Close frames no endpoint may send (RFC 6455 5.5.1, 7.4), and what each is failed with.
+_FORBIDDEN_CLOSES: dict[str, tuple[bytes, int]] = {
+    **{f"code-{code}": (struct.pack("!H", code), 1002)
+       for code in (0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535)},
+    "one-byte": (b"\x03", 1002),
+    "reason-not-utf8": (close_payload(1000) + b"\xff", 1007),
+}
+
+
+async def test_a_peer_close_with_a_code_no_endpoint_may_send_fails_with_1002_on_every_transport(
+    socket_stack: Any,
+) -> None:
+    # picows echoed the code (0, 1006, 5000, 65535 went back on the wire) and aiohttp answered
+    # 1000 to 1006 and to 5000 and above; websockets and uvicorn fail them with 1002
+    # (review16 fz #5). The core is told the code the connection was failed with.
+    config = ServerConfig(ping_interval=None)
+    async with socket_stack(config=config) as stack:
+
+        async def answer(payload: bytes) -> tuple[int, int | None]:
+            client, channel = await open_channel(stack)
+            client.send_frame(CLOSE, payload)
+            frame = await client.read_frame()
+            await _gone(stack, channel)
+            client.abort()
+            return frame.opcode, frame.close_code
+
+        answers = await asyncio.gather(*(answer(payload) for payload, _ in _FORBIDDEN_CLOSES.values()))
+        assert dict(zip(_FORBIDDEN_CLOSES, answers, strict=True)) == {
+            name: (CLOSE, code) for name, (_, code) in _FORBIDDEN_CLOSES.items()
+        }
+        assert dict(stack.manager.counters.close_codes) == {1002: len(_FORBIDDEN_CLOSES) - 1, 1007: 1}
+
