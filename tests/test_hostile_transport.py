@@ -560,6 +560,25 @@ async def test_a_peer_that_never_answers_a_ping_is_recorded_as_lost(socket_stack
         client.abort()
 
 
+@contextlib.asynccontextmanager
+async def _uvicorn_serving(app: Any, http: str) -> AsyncIterator[int]:
+    """``app`` served by uvicorn itself (``http``: its h11 or httptools protocol) on 127.0.0.1,
+    as an application run under ``uvicorn.run`` is; yields the port."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, http=http, log_config=None, log_level="warning"))
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    try:
+        await eventually(lambda: server.started, "uvicorn started")
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
 @pytest.mark.parametrize("http", ["h11", "httptools"])
 async def test_the_handshake_timeout_never_cuts_an_http_request_being_served(http: str) -> None:
     # Starlette under uvicorn with the adapter's hardening, on either of uvicorn's HTTP parsers
@@ -567,7 +586,6 @@ async def test_the_handshake_timeout_never_cuts_an_http_request_being_served(htt
     # a route slower than handshake_timeout still answers, and the connection is closed only
     # once it sits idle (or half-sent) for handshake_timeout after that answer.
     pytest.importorskip(http)
-    import uvicorn
     from starlette.applications import Starlette
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
@@ -583,13 +601,8 @@ async def test_the_handshake_timeout_never_cuts_an_http_request_being_served(htt
     config = ServerConfig(handshake_timeout=0.5, ping_interval=None)
     endpoint = Endpoint(WebsocketManager(config), token_authenticator(verify_token))
     app = Starlette(routes=[Route("/slow", slow), websocket_route(endpoint)], lifespan=lifespan(endpoint))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, http=http, log_config=None, log_level="warning"))
-    task = asyncio.ensure_future(server.serve(sockets=[sock]))
-    try:
-        await eventually(lambda: server.started, "uvicorn started")
-        client = await HostileClient.open(sock.getsockname()[1])
+    async with _uvicorn_serving(app, http) as port:
+        client = await HostileClient.open(port)
         client.write(b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         # Three handshake timeouts with the request being served: still open.
         assert not await client.wait_disconnected(3 * config.handshake_timeout)
@@ -598,10 +611,6 @@ async def test_the_handshake_timeout_never_cuts_an_http_request_being_served(htt
         client.write(handshake_request(TOKEN_PATH, complete=False))  # then a head never ending
         assert await client.wait_disconnected(config.handshake_timeout + MARGIN)
         client.abort()
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
 
 
 async def test_a_slow_consumer_gets_its_1013_without_its_backlog_written_first(
@@ -1125,3 +1134,74 @@ async def test_a_peer_close_with_a_code_no_endpoint_may_send_fails_with_1002_on_
         }
         assert dict(stack.manager.counters.close_codes) == {1002: len(_FORBIDDEN_CLOSES) - 1, 1007: 1}
 
+
+@pytest.mark.parametrize("body", [("Content-Length", "5"), ("Transfer-Encoding", "chunked")],
+                         ids=["content-length", "chunked"])
+async def test_an_upgrade_request_that_declares_a_body_is_answered_400_and_let_go_on_every_transport(
+    socket_stack: Any, body: tuple[str, str]
+) -> None:
+    # Under uvicorn, websockets' parser refused it and nothing answered or closed the socket,
+    # past every timeout; websockets closed with no answer and aiohttp upgraded it (review16
+    # fz #1). Every transport answers 400 and lets the socket go, and still serves.
+    config = ServerConfig(ping_interval=None, handshake_timeout=1.0)
+    async with socket_stack(config=config) as stack:
+        assert stack.port is not None
+        clients = [await HostileClient.open(stack.port) for _ in range(10)]
+        for client in clients:
+            client.write(handshake_request(TOKEN_PATH, [body]))
+        assert [(await client.read_response()).status for client in clients] == [400] * 10
+        timeout = config.handshake_timeout + MARGIN
+        assert all(await asyncio.gather(*(released(stack.port, client, timeout) for client in clients)))
+        for client in clients:
+            client.abort()
+        assert (await stack.client()).connected
+        # The same request without a body (Content-Length: 0 is no body) is served.
+        upgrade = await HostileClient.open(stack.port)
+        upgrade.write(handshake_request(TOKEN_PATH, [("Content-Length", "0")]))
+        assert (await upgrade.read_response()).status == 101
+        upgrade.abort()
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+async def test_under_uvicorn_a_handshake_the_application_leaves_unanswered_holds_its_slot_until_dropped(
+    http: str,
+) -> None:
+    # A Starlette app with the adapter's lifespan: uvicorn's WebSocket protocol was left
+    # unbounded (hook_uvicorn never swapped it in), so a route that neither accepts nor refuses
+    # held the socket for ever, and its slot was freed at the upgrade (review16 fz #1). The
+    # socket now holds its slot until it is gone, and goes at handshake_timeout.
+    pytest.importorskip(http)
+    from starlette.applications import Starlette
+    from starlette.routing import WebSocketRoute
+    from starlette.websockets import WebSocket
+
+    from dara_ws_asgi import lifespan, websocket_route
+
+    reached = asyncio.Event()
+
+    async def undecided(websocket: WebSocket) -> None:  # reads until the peer is gone
+        reached.set()
+        while (await websocket.receive())["type"] != "websocket.disconnect":
+            pass
+
+    config = ServerConfig(handshake_timeout=1.0, ping_interval=None, max_connections=1)
+    endpoint = Endpoint(WebsocketManager(config), token_authenticator(verify_token))
+    app = Starlette(routes=[WebSocketRoute("/undecided", undecided), websocket_route(endpoint)],
+                    lifespan=lifespan(endpoint))
+    async with _uvicorn_serving(app, http) as port:
+        waiting = await HostileClient.open(port)
+        waiting.write(handshake_request("/undecided"))
+        async with asyncio.timeout(5):
+            await reached.wait()  # the application has the request
+        other = await HostileClient.open(port)
+        other.write(handshake_request(TOKEN_PATH))
+        assert (await other.read_response()).status == 503  # the one slot is the first socket's
+        other.abort()
+        assert await waiting.wait_disconnected(config.handshake_timeout + MARGIN)
+        waiting.abort()
+        served = await HostileClient.open(port)
+        served.write(handshake_request(TOKEN_PATH))
+        assert (await served.read_response()).status == 101
+        # Accepted, the connection is no longer under the handshake's deadline.
+        assert not await served.wait_disconnected(2 * config.handshake_timeout)
+        served.abort()
