@@ -464,8 +464,17 @@ async def test_clients_that_abort_right_after_their_upgrade_request_are_not_logg
     assert not errors, f"{len(errors)} ERROR records, e.g. {errors[0].name}: {errors[0].getMessage()}"
 
 
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /api/core/ws HTTP/1.1\r\nHost\r\n\r\n",  # a header without ':'
+        # An upgrade to another protocol: uvicorn warned of each (review16 fz, found with #1).
+        b"GET /api/core/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade, close\r\nUpgrade: h2c\r\n\r\n",
+    ],
+    ids=["unparsable", "upgrade-to-h2c"],
+)
 async def test_requests_the_server_cannot_parse_are_logged_at_most_rate_limited(
-    socket_stack: Any, caplog: pytest.LogCaptureFixture
+    socket_stack: Any, caplog: pytest.LogCaptureFixture, request_bytes: bytes
 ) -> None:
     # aiohttp logged an ERROR with a traceback, uvicorn a WARNING, for each: a peer could write
     # to the log at will. At most the first ten and then each power of ten are written.
@@ -474,7 +483,7 @@ async def test_requests_the_server_cannot_parse_are_logged_at_most_rate_limited(
         assert stack.port is not None
         for _ in range(100):
             client = await HostileClient.open(stack.port)
-            client.write(b"GET /api/core/ws HTTP/1.1\r\nHost\r\n\r\n")  # a header without ':'
+            client.write(request_bytes)
             assert await client.wait_disconnected()
             client.abort()
     records = [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -42,20 +42,22 @@ _BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: cl
 
 
 class _InvalidRequests(logging.Filter):
-    """On uvicorn's error logger: uvicorn warns of each request it cannot parse, which any peer
-    can repeat at will; those records pass for the first ten, then the 100th, the 1,000th...
-    with the count, as the core bounds what one client makes it log."""
+    """On uvicorn's error logger: uvicorn warns of each request it cannot parse, and of each
+    upgrade to another protocol than WebSocket (``Upgrade: h2c``), which any peer can repeat at
+    will; those records pass for the first ten of each, then the 100th, the 1,000th... with the
+    count, as the core bounds what one client makes it log."""
 
-    MESSAGE = "Invalid HTTP request received."  # uvicorn's h11 protocol
+    MESSAGES = ("Invalid HTTP request received.", "Unsupported upgrade request.")  # uvicorn's
 
     def __init__(self) -> None:
         super().__init__()
-        self.count = 0
+        self.counts = dict.fromkeys(self.MESSAGES, 0)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg != self.MESSAGE:
+        count = self.counts.get(record.msg)
+        if count is None:
             return True
-        self.count = count = self.count + 1
+        self.counts[record.msg] = count = count + 1
         if count > 10:
             if str(count).rstrip("0") != "1":
                 return False
@@ -225,7 +227,7 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
       is reported as 1006 (RFC 6455 7.1.5), as on every other transport; uvicorn says 1005
       once the handshake is complete. A data frame handled is emptied (:func:`_release`), so
       that an idle connection keeps no copy of the last large message it received.
-    * Logs: uvicorn's warning for each request it cannot parse is rate-limited
+    * Logs: uvicorn's warning for each request it cannot parse or upgrade is rate-limited
       (:class:`_InvalidRequests`, installed once on ``uvicorn.error``); a text message that is
       not UTF-8 closes the connection with 1007 without uvicorn's ERROR and traceback.
     """
