@@ -100,7 +100,8 @@ class ServerConfig:
     #: How long a closing handshake may wait for a peer that does not answer (then: abort).
     close_timeout: float = 5.0
     #: How long a client may take from connecting to completing its HTTP upgrade (then the
-    #: socket is closed), so that half-open handshakes cannot hold every slot. An authenticator
+    #: socket is closed, whatever it sent), so that half-open handshakes cannot hold every slot
+    #: (an upgrade request with a body is answered 400 at once, on every transport). An authenticator
     #: that has not answered within half of it rejects the handshake (403; counted as
     #: ``timeout`` in ``handshakes_rejected``).
     handshake_timeout: float = 10.0

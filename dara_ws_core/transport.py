@@ -68,8 +68,8 @@ from __future__ import annotations
 
 __all__ = ["MAX_PIPELINED", "ClientFrameHeaders", "HandshakeRequest", "RequestHead", "Server", "SupportsCork",
            "SupportsDisconnected", "SupportsPush", "SupportsSendNowait", "SupportsWriter", "Transport",
-           "TrustedProxies", "address_key", "held_behind_request", "hold_behind_request", "parse_cookies",
-           "text_frame_header"]
+           "TrustedProxies", "address_key", "close_frame_error", "held_behind_request", "hold_behind_request",
+           "parse_cookies", "sendable_close_code", "text_frame_header"]
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -189,6 +189,29 @@ def text_frame_header(size: int) -> bytes:
     if size < 65536:
         return _HEADER16.pack(0x81, 126, size)
     return _HEADER64.pack(0x81, 127, size)
+
+
+def sendable_close_code(code: int) -> bool:
+    """Whether a close frame may carry ``code`` on the wire (RFC 6455 section 7.4): the
+    defined codes 1000-1003 and 1007-1014, and 3000-4999 (registered and private). 1004 is
+    reserved, and 1005, 1006 and 1015 only report what happened: none of them is ever sent."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+def close_frame_error(payload: bytes) -> int | None:
+    """What a peer's close frame with ``payload`` is failed with, or ``None`` if it is valid,
+    for the adapters whose library does not check it (RFC 6455 sections 5.5.1 and 7.4): an
+    empty payload is valid (no code); one byte, or a code :func:`sendable_close_code` refuses,
+    is a protocol error (1002); a reason that is not UTF-8 is 1007. Pure."""
+    if not payload:
+        return None
+    if len(payload) < 2 or not sendable_close_code(int.from_bytes(payload[:2], "big")):
+        return 1002
+    try:
+        payload[2:].decode()
+    except UnicodeDecodeError:
+        return 1007
+    return None
 
 
 #: A masked frame header with opcode 3 (reserved: RFC 6455 5.2), which every parser fails on.

@@ -49,9 +49,9 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
                           "hostile_frames", "json_values"}),
     # TrustedProxies: what ServerConfig.forwarded_allow_ips is read as, for the endpoint.
     "transport": frozenset({"ClientFrameHeaders", "MAX_PIPELINED", "RequestHead", "TrustedProxies", "address_key",
-                            "SupportsCork", "SupportsDisconnected", "SupportsPush", "SupportsSendNowait",
-                            "SupportsWriter", "held_behind_request", "hold_behind_request", "parse_cookies",
-                            "text_frame_header"}),
+                            "close_frame_error", "SupportsCork", "SupportsDisconnected", "SupportsPush",
+                            "SupportsSendNowait", "SupportsWriter", "held_behind_request", "hold_behind_request",
+                            "parse_cookies", "sendable_close_code", "text_frame_header"}),
 }
 
 #: Names a subpackage's module exports for its siblings, and that the subpackage leaves out.

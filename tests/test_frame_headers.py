@@ -1,5 +1,6 @@
 """``ClientFrameHeaders``: the frame headers a client may not send (RFC 6455 5.1, 5.2) are found
-wherever the reads cut the stream, and nothing before them is held back longer than a header."""
+wherever the reads cut the stream, and nothing before them is held back longer than a header.
+``close_frame_error``: the close frames a peer may not send (RFC 6455 5.5.1, 7.4)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dara_ws_core.transport import ClientFrameHeaders, RequestHead
+from dara_ws_core.transport import ClientFrameHeaders, RequestHead, close_frame_error, sendable_close_code
 
 
 def frame(payload: bytes, form: int | None = None, *, mask: bool = True, declared: int | None = None) -> bytes:
@@ -95,3 +96,27 @@ def test_a_head_not_ended_holds_nothing_back() -> None:
     assert not head.ended and not head.behind
     assert head.feed(b"\n\x81") == b"\n" and bytes(head.behind) == b"\x81"
     assert head.feed(b"\x80") == b"" and bytes(head.behind) == b"\x81\x80"
+
+
+def test_the_close_codes_a_close_frame_may_carry_are_rfc_6455s() -> None:
+    sendable = [code for code in range(1 << 16) if sendable_close_code(code)]
+    assert sendable == [*range(1000, 1004), *range(1007, 1015), *range(3000, 5000)]
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        (b"", None),  # no code at all
+        (struct.pack("!H", 1000), None),
+        (struct.pack("!H", 4999) + "été".encode(), None),
+        (struct.pack("!H", 1000) + b"x" * 123, None),
+        (b"\x03", 1002),  # one byte: half a code
+        *[(struct.pack("!H", code), 1002) for code in (0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535)],
+        (struct.pack("!H", 1000) + b"\xff", 1007),
+        (struct.pack("!H", 1000) + b"\xc3", 1007),  # a character cut short
+        (struct.pack("!H", 4000) + b"\xed\xa0\x80", 1007),  # a UTF-16 surrogate
+        (struct.pack("!H", 5000) + b"\xff", 1002),  # the code is checked first
+    ],
+)
+def test_a_close_frame_a_peer_may_not_send_is_failed_with_1002_or_1007(payload: bytes, error: int | None) -> None:
+    assert close_frame_error(payload) == error

@@ -25,6 +25,7 @@ try:
     from websockets.asyncio.server import Server as WsServer
     from websockets.asyncio.server import ServerConnection
     from websockets.asyncio.server import serve as ws_serve
+    from websockets.exceptions import InvalidMessage
     from websockets.frames import Frame, Opcode
     from websockets.http11 import Request, Response
     from websockets.protocol import Side, State
@@ -222,6 +223,10 @@ _PAUSE_READING_ABOVE = 1024 * 1024
 #: The largest payload the parser may keep once its frame is handled (see _detach_payload).
 _HELD_FRAME_LIMIT = 4096
 
+#: The answer to a request websockets' parser refuses (see _ServerConnection.send_data).
+_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+_send_data = ServerConnection.send_data
+
 
 def _detach_payload(frame: Frame) -> Frame:
     """``frame``'s payload in a new ``Frame``, taken out of ``frame``, which keeps an empty one.
@@ -362,6 +367,20 @@ class _ServerConnection(ServerConnection):
         self.data_received(held)
         if not self._paused_for_writes and not self.recv_messages.paused:  # else they resume it
             self.transport.resume_reading()
+
+    def send_data(self) -> None:
+        # Called once per read (and per send() or control frame): one check, then websockets'.
+        if self.protocol.handshake_exc is not None:
+            self._dara_answer_refused()
+        _send_data(self)
+
+    def _dara_answer_refused(self) -> None:
+        # websockets' parser refused the request (one that declares a body, a malformed head)
+        # and ends the stream with no answer; picows, aiohttp and uvicorn's protocol answer 400.
+        # Written once, ahead of the end of stream websockets queued.
+        protocol = self.protocol
+        if type(protocol.handshake_exc) is InvalidMessage and b"" in protocol.writes:
+            self.transport.write(_BAD_REQUEST)
 
     def resume_writing(self) -> None:
         super().resume_writing()
