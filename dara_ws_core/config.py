@@ -135,9 +135,11 @@ class ServerConfig:
     #: no cap, as websockets and uvicorn, so that embedding the library changes nothing). Each
     #: is a file descriptor: without a cap, one host opening connections in a loop takes every
     #: descriptor of the process, and with them its logs, its backplane and every other client.
-    #: At it, the oldest socket that has not yet sent its whole upgrade request is closed to
-    #: make room for a newly accepted one (counted as ``evicted`` in ``handshakes_rejected``):
-    #: silent sockets never keep out a client that completes its handshake. With none such, a
+    #: At it, a socket that has not yet sent its whole upgrade request is closed to make room
+    #: for a newly accepted one (counted as ``evicted`` in ``handshakes_rejected``): the oldest
+    #: of the remote host holding the most such sockets, so silent sockets never keep out a
+    #: client that completes its handshake, and a few hosts opening them in a loop close their
+    #: own before a client alone in its handshake, however long its request takes to come. With none such, a
     #: handshake is refused with 503 and ``Retry-After`` (counted as ``full``); refused sockets
     #: waiting for that answer are bounded (``max_connections // 16 + 8``: the oldest still
     #: silent makes room for a newer one, else the newcomer is closed at once).

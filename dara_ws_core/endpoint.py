@@ -68,14 +68,18 @@ class ConnectionSlots:
     every descriptor of the process. Pure: the adapters report each socket's start and end.
 
     A socket registered with an ``evict`` callable is *waiting* (its request has not all
-    arrived) until :meth:`settle`. When a newcomer would be refused, :meth:`victim` names the
-    oldest waiting socket whose going lets it in (of the newcomer's own address when that
-    address is the one full): sockets that send nothing never keep out a client that completes
-    its handshake. Refused sockets waiting for their request make room for newer refused ones
-    the same way."""
+    arrived) until :meth:`settle`. When a newcomer would be refused, :meth:`victim` names a
+    waiting socket whose going lets it in: sockets that send nothing never keep out a client
+    that completes its handshake. When the newcomer's address is the one full, that is the
+    address's own oldest; when the process is full, the oldest of the address holding the most
+    waiting sockets (the oldest of all when its address holds as many), so that a few
+    addresses opening sockets in a loop evict each other's, and a client whose request takes
+    a round trip or a TLS exchange to arrive, alone in its handshake from its address, is
+    evicted last. Refused sockets waiting for their request make room for newer refused ones,
+    the oldest first."""
 
-    __slots__ = ("_gone", "_refused", "_waiting", "_waiting_at", "admitted", "by_address", "limit",
-                 "per_address", "refusing", "refusing_limit")
+    __slots__ = ("_crowds", "_gone", "_most", "_refused", "_waiting", "_waiting_at", "admitted",
+                 "by_address", "limit", "per_address", "refusing", "refusing_limit")
 
     def __init__(self, limit: int | None, per_address: int | None = None) -> None:
         self.limit = limit
@@ -88,10 +92,15 @@ class ConnectionSlots:
         #: Sockets served by remote host (only while ``per_address`` is set; none at zero).
         self.by_address: dict[str, int] = {}
         #: Admitted sockets waiting for their request, oldest first, with their address; the
-        #: same by address (only while ``per_address`` is set); refused ones waiting.
+        #: same by address (``None``: the sockets without one, together); refused ones waiting.
         self._waiting: dict[Evict, str | None] = {}
-        self._waiting_at: dict[str, dict[Evict, None]] = {}
+        self._waiting_at: dict[str | None, dict[Evict, None]] = {}
         self._refused: dict[Evict, None] = {}
+        #: The addresses by how many waiting sockets they hold (each count's in the order they
+        #: reached it), and the highest count: the most crowded address found in O(1), as
+        #: counts move by one.
+        self._crowds: dict[int, dict[str | None, None]] = {}
+        self._most = 0
         #: Evicted sockets whose slot went to a newcomer: their release changes no count.
         self._gone: set[Evict] = set()
 
@@ -129,10 +138,11 @@ class ConnectionSlots:
             self.admitted += 1
             if self.per_address is not None and address is not None:
                 self.by_address[address] = self.by_address.get(address, 0) + 1
-                if evict is not None:
-                    self._waiting_at.setdefault(address, {})[evict] = None
             if evict is not None:
                 self._waiting[evict] = address
+                mine = self._waiting_at.setdefault(address, {})
+                mine[evict] = None
+                self._recount(address, len(mine) - 1, len(mine))
         elif admission is not Admission.DROP:
             self.refusing += 1
             if evict is not None:
@@ -142,18 +152,29 @@ class ConnectionSlots:
     def settle(self, evict: Evict) -> None:
         """The socket registered with ``evict`` has sent its whole request: it is no longer
         evicted to make room."""
-        address = self._waiting.pop(evict, None)
-        if address is not None:
-            self._unwait_at(evict, address)
+        if evict in self._waiting:
+            address = self._waiting.pop(evict)
+            mine = self._waiting_at[address]
+            del mine[evict]
+            self._recount(address, len(mine) + 1, len(mine))
+            if not mine:
+                del self._waiting_at[address]
         else:
             self._refused.pop(evict, None)
 
-    def _unwait_at(self, evict: Evict, address: str) -> None:
-        mine = self._waiting_at.get(address)
-        if mine is not None:
-            mine.pop(evict, None)
-            if not mine:
-                del self._waiting_at[address]
+    def _recount(self, address: str | None, was: int, now: int) -> None:
+        """``address`` went from ``was`` waiting sockets to ``now`` (one more or one fewer)."""
+        crowds = self._crowds
+        if was:
+            crowd = crowds[was]
+            del crowd[address]
+            if not crowd:
+                del crowds[was]
+                if self._most == was:
+                    self._most = now  # ``now`` is ``was - 1``: the address itself holds it
+        if now:
+            crowds.setdefault(now, {})[address] = None
+            self._most = max(self._most, now)
 
     def victim(self, address: str | None) -> tuple[Evict, Admission, str | None] | None:
         """When a socket from ``address`` would be refused (or dropped): the waiting socket to
@@ -162,15 +183,20 @@ class ConnectionSlots:
         it closed."""
         if self._crowded(address):
             # One of the address's own: its going frees a process slot too.
-            mine = self._waiting_at.get(address)  # type: ignore[arg-type]  # crowded: not None
+            mine = self._waiting_at.get(address)
             if mine:
                 evict = next(iter(mine))
                 self.settle(evict)
                 return evict, Admission.ADMIT, address
         elif self.limit_reached:
             if self._waiting:
+                # The oldest waiting socket if its address holds the most (every address holds
+                # one: the oldest overall), else the oldest of the first address holding the most.
                 evict = next(iter(self._waiting))
                 owner = self._waiting[evict]
+                if len(self._waiting_at[owner]) < self._most:
+                    owner = next(iter(self._crowds[self._most]))
+                    evict = next(iter(self._waiting_at[owner]))
                 self.settle(evict)
                 return evict, Admission.ADMIT, owner
         else:
@@ -269,9 +295,9 @@ class Endpoint:
         socket at once.
 
         ``evict`` (see :data:`Evict`) registers the socket as still in its handshake until
-        :meth:`settled`: when the process or the address is full, the oldest such socket is
-        closed to let the newcomer in (counted as ``evicted``) rather than the newcomer
-        refused."""
+        :meth:`settled`: when the process or the address is full, such a socket is closed to
+        let the newcomer in (counted as ``evicted``; :class:`ConnectionSlots` says which)
+        rather than the newcomer refused."""
         address = self._slot_key(address)
         slots = self.slots
         for _ in range(slots.waiting):  # each turn takes one socket off the waiting ones
