@@ -35,6 +35,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
         'dara_ws_websockets needs the websockets library: pip install "dara-ws-core[websockets]"', name=exc.name
     ) from exc
 
+
 if TYPE_CHECKING:
     from websockets.asyncio.client import ClientConnection
 
@@ -51,6 +52,24 @@ from dara_ws_core.transport import (
     hold_behind_request,
     text_frame_header,
 )
+
+#: The oldest websockets whose connection internals the adapter relies on (the asyncio server's
+#: write path changed in 16): an older one would fail every connection with 1011.
+MIN_WEBSOCKETS = (16, 0)
+
+
+def _check_websockets_version(found: str) -> None:
+    try:
+        major_minor = tuple(int(part) for part in found.split(".")[:2])
+    except ValueError:  # a development build: assume it is recent
+        return
+    if major_minor < MIN_WEBSOCKETS:
+        raise ImportError(
+            f"dara_ws_websockets needs websockets {MIN_WEBSOCKETS[0]} or later, and {found} is installed: "
+            'pip install -U "dara-ws-core[websockets]"', name="websockets")
+
+
+_check_websockets_version(websockets_version)
 
 
 def _closed(exc: websockets.ConnectionClosed) -> ConnectionClosed:
