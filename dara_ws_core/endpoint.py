@@ -267,6 +267,7 @@ class Endpoint:
         self._connections: dict[str, asyncio.Task[Any]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
+        self._told_closed = False  # a refusal after shutdown() logged (once per shutdown)
         config = manager.config
         self.slots = ConnectionSlots(config.max_connections, config.max_connections_per_address)
         allowed = config.forwarded_allow_ips
@@ -369,6 +370,10 @@ class Endpoint:
         counters = self.manager.counters
         if self._closing:
             counters.count(counters.handshakes_rejected, "shutdown")
+            if not self._told_closed:
+                self._told_closed = True
+                logger.info("handshake refused: the endpoint is shut down (an adapter's serve() or "
+                            "lifespan opens it again)", extra={"path": request.path})
             raise AuthenticationFailed("server is shutting down")
         try:
             # Bounded like the rest of the handshake: an authenticator waiting on a stuck identity
@@ -498,6 +503,13 @@ class Endpoint:
             for handler in list(self.manager.handlers.values()):
                 if handler.channel_id in self._connections:
                     handler.tick(now, wall)
+
+    def open(self) -> None:
+        """Accept handshakes again after :meth:`shutdown`: each adapter's ``serve()`` and ASGI
+        lifespan call it as they start, so that one endpoint (a module's, say) can be served
+        again, by the next test or a restarted server. A no-op on an endpoint never shut down."""
+        self._closing = False
+        self._told_closed = False
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop: refuse new handshakes, close every connection with 1001 and fail their pending

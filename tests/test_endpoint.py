@@ -9,6 +9,8 @@ import json
 import time
 from typing import Any
 
+import pytest
+
 from dara_ws_core import (
     ConnectionClosed,
     Endpoint,
@@ -18,12 +20,14 @@ from dara_ws_core import (
     ServerConfig,
     WebsocketManager,
     memory_pair,
+    token_authenticator,
 )
 from dara_ws_core.driver import ConnectionDriver
 from dara_ws_core.exceptions import CloseCode
 from dara_ws_core.transport import HandshakeRequest
 
 from .helpers import eventually
+from .stacks import TRANSPORTS, Stack, verify_token
 
 ALICE = Identity(user_id="alice", session_id="s1")
 
@@ -174,3 +178,20 @@ async def test_a_client_with_a_full_buffer_does_not_hold_the_loop() -> None:
     assert seen[-1] < 100, f"the neighbour ran only after {seen[-1]} frames"
     await client.close()
     await task
+
+
+@pytest.mark.parametrize("transport", sorted(t for t in TRANSPORTS if t != "memory"))
+async def test_an_endpoint_served_again_after_its_shutdown_takes_clients(transport: str) -> None:
+    # Leaving serve() shuts the endpoint down; serving it again (the next test of a module-level
+    # endpoint, a second TestClient(app)) used to refuse every handshake with 403, silently
+    # (review19 #1). Each adapter's serve() opens it again.
+    manager = WebsocketManager(ServerConfig())
+    endpoint = Endpoint(manager, token_authenticator(verify_token))
+    manager.add_ws_handler("echo", lambda channel_id, data: data)
+    for attempt in range(2):
+        async with TRANSPORTS[transport](endpoint) as connect:
+            stack = Stack(transport, manager, endpoint, connect)
+            client = await stack.client(f"u{attempt}:s")
+            assert await client.request("echo", attempt, timeout=5) == attempt
+            await client.close()
+        assert endpoint.connection_count == 0

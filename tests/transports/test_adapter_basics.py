@@ -46,8 +46,11 @@ class EchoEndpoint:
     served: int = 0
     handshakes: list[HandshakeRequest] = field(default_factory=list)
     ended: asyncio.Queue[int] = field(default_factory=asyncio.Queue)  # codes serve() saw
-    open: set[Transport] = field(default_factory=set)
+    live: set[Transport] = field(default_factory=set)
     slots: ConnectionSlots = field(default_factory=lambda: ConnectionSlots(None, None))
+
+    def open(self) -> None:
+        """Nothing to reopen: the stand-in never refuses for a shutdown."""
 
     def take_slot(self, address: str | None = None, evict: Evict | None = None) -> Admission:
         return self.slots.take(address, evict)
@@ -66,7 +69,7 @@ class EchoEndpoint:
 
     async def serve(self, transport: Transport, identity: Identity) -> None:
         self.served += 1
-        self.open.add(transport)
+        self.live.add(transport)
         code = -1
         try:
             while True:
@@ -82,12 +85,12 @@ class EchoEndpoint:
         finally:
             await transport.close()
             assert transport.closed
-            self.open.discard(transport)
+            self.live.discard(transport)
             self.ended.put_nowait(code)
 
     async def shutdown(self) -> None:
         """Like ``Endpoint.shutdown``: the adapters' ``serve`` calls it on exit."""
-        await asyncio.gather(*(t.close(1001, "going away") for t in self.open))
+        await asyncio.gather(*(t.close(1001, "going away") for t in self.live))
 
     async def ended_with(self) -> int:
         return await asyncio.wait_for(self.ended.get(), TIMEOUT)

@@ -110,8 +110,12 @@ def add_route(app: web.Application, endpoint: Endpoint, path: str | None = None)
                 protocol._close = False
         await endpoint.shutdown()
 
+    async def on_startup(_: web.Application) -> None:
+        endpoint.open()  # served again after a shutdown (the application run a second time)
+
     live: set[Any] = set()  # the connections being served (RequestHandler has no weakref)
     app.router.add_get(path or endpoint.path, handle)
+    app.on_startup.append(on_startup)
     app.on_shutdown.insert(0, on_shutdown)
 
 
@@ -207,6 +211,7 @@ async def serve(
         keepalive_timeout=config.handshake_timeout, lingering_time=config.handshake_timeout,
         logger=_ServerLog(),
     )
+    endpoint.open()
     await runner.setup()
     assert runner.server is not None  # set up
     _count_sockets(runner.server, endpoint)

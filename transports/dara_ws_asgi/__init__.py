@@ -151,6 +151,7 @@ def lifespan(endpoint: Endpoint) -> Callable[[Any], contextlib.AbstractAsyncCont
     @contextlib.asynccontextmanager
     async def context(_: Any) -> AsyncIterator[None]:
         hook_uvicorn(endpoint)
+        endpoint.open()  # served again after a shutdown (a second TestClient(app), say)
         try:
             yield
         finally:
@@ -194,6 +195,7 @@ class ASGIApp:
         if scope["type"] == "lifespan":  # see lifespan(): the same, for a plain ASGI server
             while (kind := (await receive())["type"]) != "lifespan.shutdown":
                 hook_uvicorn(self.endpoint)
+                self.endpoint.open()
                 await send({"type": f"{kind}.complete"})
             await self.endpoint.shutdown()
             await send({"type": "lifespan.shutdown.complete"})

@@ -507,6 +507,7 @@ async def serve(
     """
     from . import asgi_app  # the package imports this module first
 
+    endpoint.open()  # served again after a shutdown
     config = endpoint.config
     # Bind ourselves so that port 0 works and the real port is known.
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)

@@ -360,6 +360,7 @@ async def serve(
     ``backlog=``). On exit the endpoint shuts down gracefully (connections close with 1001),
     then the listener closes. Raises ``OSError`` if the address cannot be bound.
     """
+    endpoint.open()
     serving = _Serving(endpoint)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: _Gate(serving), host, port, **kwargs)

@@ -470,6 +470,7 @@ async def serve(
         "create_connection": functools.partial(_ServerConnection, dara_endpoint=endpoint),
     }
     options.update(kwargs)
+    endpoint.open()
     async with ws_serve(handler, host, port, **options) as server:
         port = int(next(iter(server.sockets)).getsockname()[1])
         try:
