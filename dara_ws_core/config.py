@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = ["ServerConfig", "SlowConsumerPolicy", "connection_cap"]
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -202,20 +203,19 @@ class ServerConfig:
     outbox_per_sender: int = 1000
 
     def __post_init__(self) -> None:
-        for name in ("max_message_size", "max_message_values", "max_queue_messages", "max_queue_bytes",
-                     "max_pending_requests", "max_chunks", "max_chunked_bytes", "max_chunked_values",
-                     "max_chunked_total_bytes", "max_chunked_total_values", "max_handler_tasks",
-                     "handler_threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if (self.outbox_messages < 0 or self.outbox_bytes < 1 or self.outbox_age <= 0
-                or self.outbox_users < 1 or self.outbox_total_bytes < 1
-                or self.outbox_per_sender < 1):
-            raise ValueError("outbox_messages must be >= 0, outbox_bytes, outbox_age, outbox_users, "
-                             "outbox_total_bytes and outbox_per_sender > 0")
-        for name in ("max_connections", "max_connections_per_address"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 (or None: no cap)")
+        # Every value checked here, naming the field: a zero, a negative or a string would
+        # otherwise be taken and fail later, far from its cause (every handshake refused, every
+        # connection closed, "'<' not supported between 'str' and 'int'").
+        for name in _COUNTS_FROM_1:
+            _check_number(name, getattr(self, name), int, 1, optional=False)
+        for name in _OPTIONAL_COUNTS:
+            _check_number(name, getattr(self, name), int, 1, optional=True)
+        _check_number("outbox_messages", self.outbox_messages, int, 0, optional=False)
+        for name in _SECONDS:
+            _check_number(name, getattr(self, name), float, 0, optional=False, above=True)
+        for name in _OPTIONAL_SECONDS:
+            _check_number(name, getattr(self, name), float, 0, optional=True, above=True)
+        _check_number("shutdown_grace", self.shutdown_grace, float, 0, optional=False)
         if self.forwarded_allow_ips is not None:
             if not isinstance(self.forwarded_allow_ips, str):  # a list: hashable, not shared
                 object.__setattr__(self, "forwarded_allow_ips", tuple(self.forwarded_allow_ips))
@@ -224,6 +224,35 @@ class ServerConfig:
             object.__setattr__(
                 self, "slow_consumer_policy", SlowConsumerPolicy(self.slow_consumer_policy)
             )
+
+
+_COUNTS_FROM_1 = ("max_message_size", "max_message_values", "max_queue_messages", "max_queue_bytes",
+                  "max_pending_requests", "max_chunks", "max_chunked_bytes", "max_chunked_values",
+                  "max_chunked_total_bytes", "max_chunked_total_values", "max_handler_tasks", "handler_threads",
+                  "outbox_bytes", "outbox_users", "outbox_total_bytes", "outbox_per_sender")
+_OPTIONAL_COUNTS = ("rate_limit", "max_connections_per_user", "max_connections", "max_connections_per_address")
+_SECONDS = ("close_timeout", "handshake_timeout", "rate_window", "outbox_age")
+_OPTIONAL_SECONDS = ("send_timeout", "request_timeout", "idle_timeout", "ping_interval", "ping_timeout",
+                     "handler_timeout")
+
+
+def _check_number(name: str, value: object, kind: type, least: int, *, optional: bool, above: bool = False) -> None:
+    """Raise ``TypeError`` or ``ValueError``, naming the field, unless ``value`` is a number of
+    ``kind`` (an int for a count; an int or a float for seconds, finite) at least ``least`` (above
+    it, with ``above``), or ``None`` where ``optional``."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+        what = "an int" if kind is int else "a number of seconds"
+        raise TypeError(f"ServerConfig.{name} must be {what}{' or None' if optional else ''}, "
+                        f"not {type(value).__name__}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"ServerConfig.{name} must be finite{' (or None)' if optional else ''}, not {value}")
+    if number < least or (above and number == least):
+        bound = f"> {least}" if above else f">= {least}"
+        raise ValueError(f"ServerConfig.{name} must be {bound}{' (or None)' if optional else ''}, "
+                         f"not {value}")
 
 
 def connection_cap(soft_limit: int) -> int:
