@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -53,7 +55,7 @@ async def texts_until_fence(client: DaraClient) -> list[str]:
         message = await client.receive(10.0)
         assert isinstance(message, DaraServerMessage)
         data: Any = message.message.model_dump()
-        if data.get("fence"):
+        if "fence" in data:
             return got
         got.append(data["text"])
     raise AssertionError(f"no fence after {got}")
@@ -192,3 +194,49 @@ async def test_a_message_sent_while_the_connection_is_admitted_reaches_it_once(
         backplane.gate.set()
         backplane.answer.set()
         await backplane.stop()
+
+
+async def test_kept_messages_two_processes_sent_while_redis_was_paused_are_never_passed_over(
+    redis_factory: Callable[[], RedisServer],
+) -> None:
+    """Review 17's scenario: Redis is paused (SIGSTOP) while A tells V "a" and B tells V "b"
+    (V is on B, which writes "b" at once); V's connection closes; Redis resumes and numbers
+    both, "a" first here. V's next connection must get "a"."""
+    server = redis_factory()
+    assert server.process is not None
+    pid = server.process.pid
+    namespace = f"paused-{uuid.uuid4().hex[:6]}"
+    async with contextlib.AsyncExitStack() as exits:
+        a_backplane = RedisBackplane(server.url, heartbeat_interval=5.0, namespace=namespace)
+        b_backplane = RedisBackplane(server.url, heartbeat_interval=5.0, namespace=namespace)
+        a = WebsocketManager(ServerConfig(), backplane=a_backplane)
+        b = WebsocketManager(ServerConfig(), backplane=b_backplane)
+        for backplane, manager in ((a_backplane, a), (b_backplane, b)):
+            exits.push_async_callback(backplane.stop)
+            await backplane.start(manager)
+        stack = await exits.enter_async_context(running_stack("websockets", manager=b))
+        missed = []
+        for trial in range(6):
+            user = f"p{trial}-{uuid.uuid4().hex[:6]}"
+            first = await stack.client(f"{user}:s1")
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                assert await a.send_message_to_user(user, {"text": "a"})
+                assert await b.send_message_to_user(user, {"text": "b"})
+                message = await first.receive(10.0)
+                assert isinstance(message, DaraServerMessage)
+                assert message.message.model_dump() == {"text": "b"}
+                await first.close()
+                await eventually(lambda: not b.handlers and not b._writing, "settled")
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            await settled(a_backplane)
+            await settled(b_backplane)
+            second = await stack.client(f"{user}:s2")
+            await b.broadcast({"fence": trial})
+            got = await texts_until_fence(second)
+            await second.close()
+            await eventually(lambda: not b.handlers and not b._writing, "settled")
+            if "a" not in got:
+                missed.append((trial, got))
+    assert missed == []
