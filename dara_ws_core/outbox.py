@@ -824,18 +824,20 @@ class WrittenRun:
             key = id_key(entry_id)
         if key <= self.key:
             return entry_id  # at or before where the run stands: its lease covers it
-        if n <= self.n or key[0] - self.last >= age_ms:
+        ms, last = key[0], self.last
+        if n <= self.n or ms - last >= age_ms:
             self.n, self.ahead = 0, None  # numbered from 1 again (the history expired)
-        self.last = max(self.last, key[0])
-        if n != self.n + 1:
-            ahead = self.ahead
-            if ahead is None:
-                ahead = self.ahead = {}
-            if len(ahead) < _MAX_AHEAD:
-                ahead[n] = (n, entry_id, key)
-            return None
-        self.n, self.id, self.key = n, entry_id, key
-        return self._absorb()
+        if ms > last:
+            self.last = ms
+        if n == self.n + 1:  # the common case: the next one
+            self.n, self.id, self.key = n, entry_id, key
+            return entry_id if self.ahead is None else self._absorb()
+        ahead = self.ahead
+        if ahead is None:
+            ahead = self.ahead = {}
+        if len(ahead) < _MAX_AHEAD:
+            ahead[n] = (n, entry_id, key)
+        return None
 
     def cover(self, first: int, last: int) -> str | None:
         """Numbers ``first`` to ``last`` were dropped from the history by a bound before this
@@ -860,6 +862,8 @@ class WrittenRun:
             self.n = max(self.n, last)
             if entry_id is not None:
                 self.id, self.key = entry_id, key
+        if not ahead:
+            self.ahead = None  # back to the common case
         return self.id
 
 
@@ -934,7 +938,15 @@ class WriteLog:
                 self._count -= 1
                 if done is None:
                     continue
-                self._wrote(acks, user_id, entry_id, n, run)
+                key = _order(entry_id)
+                if run is not None and n and isinstance(entry_id, str):  # (inline: per send)
+                    upto = run.add(n, entry_id, self.age_ms, key)
+                    if upto is None:
+                        continue
+                    if upto is not entry_id:
+                        entry_id, key = upto, run.key
+                if user_id not in acks or key > acks[user_id][0]:
+                    acks[user_id] = (key, entry_id)
             if not entries:
                 del self._entries[channel_id]
         return {user: entry_id for user, (_, entry_id) in acks.items()}
