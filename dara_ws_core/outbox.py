@@ -957,28 +957,12 @@ class WriteLog:
         entries = self._entries.pop(channel_id, None)
         if not entries:
             return {}
-        self._count -= len(entries)
-        run = self._runs.get(channel_id)
-        acks: dict[str, tuple[tuple[int, int], str | int]] = {}
-        for position, user_id, entry_id, n in entries:
-            if position > flushed:
-                continue
-            self._wrote(acks, user_id, entry_id, n, run)
-        return {user: entry_id for user, (_, entry_id) in acks.items()}
-
-    def _wrote(self, acks: dict[str, tuple[tuple[int, int], str | int]], user_id: str,
-               entry_id: str | int, n: int, run: WrittenRun | None) -> None:
-        """A connection wrote the user's entry ``entry_id`` (number ``n``): the latest entry
-        to acknowledge for the user, in ``acks``, as far as the connection's run allows."""
-        key = _order(entry_id)
-        if run is not None and n and isinstance(entry_id, str):
-            upto = run.add(n, entry_id, self.age_ms, key)
-            if upto is None:
-                return
-            if upto is not entry_id:
-                entry_id, key = upto, run.key
-        if user_id not in acks or key > acks[user_id][0]:
-            acks[user_id] = (key, entry_id)
+        # Its entries are not in frame order (a number the bus gave late is recorded at the
+        # frame that carried it): the written ones, then as the acknowledgement pass does.
+        written = deque(entry for entry in entries if entry[0] <= flushed)
+        self._count -= len(entries) - len(written)
+        self._entries[channel_id] = written
+        return self.written({channel_id: flushed}, (channel_id,))
 
     def end(self, channel_id: str) -> WrittenRun | None:
         """Forget a closed channel's run, and hand it over (to :class:`ClosedWrites`)."""
