@@ -56,6 +56,19 @@ logger = logging.getLogger("dara_ws_core")
 ACK_INTERVAL = 0.02
 
 
+class _HeldFrame:
+    """A per-user delivery held back (after a gap, or for a channel being admitted); ``own``:
+    a send from this process to be kept, whose entry the bus gives once it has numbered it
+    (acknowledged only once really delivered; skipped by a channel whose lease had it)."""
+
+    __slots__ = ("entry", "frame", "own")
+
+    def __init__(self, frame: bytes, entry: Stamped | None, own: bool = False) -> None:
+        self.frame = frame
+        self.entry = entry
+        self.own = own
+
+
 class _Arriving:
     """A channel admitted on the bus whose handler does not exist yet (see :meth:`admit`)."""
 
@@ -65,19 +78,9 @@ class _Arriving:
         self.user_id = user_id
         self.entries: list[Stamped] = []  # leased from the user's history
         self.head: Stamped | None = None  # the user's newest entry at registration
-        self.meanwhile: list[tuple[bytes, Stamped | None]] = []  # per-user frames since
-
-
-class _HeldFrame:
-    """A per-user delivery held back after a gap; ``own``: a send from this process, whose
-    entry the bus gives once it has numbered it (acknowledged only once really delivered)."""
-
-    __slots__ = ("entry", "frame", "own")
-
-    def __init__(self, frame: bytes, entry: Stamped | None, own: bool = False) -> None:
-        self.frame = frame
-        self.entry = entry
-        self.own = own
+        # Per-user frames since, each with its entry (filled in once the bus numbers a send
+        # from here: the lease may have had it).
+        self.meanwhile: list[_HeldFrame] = []
 
 
 class _Held(list[_HeldFrame]):
@@ -146,10 +149,11 @@ class WebsocketManager:
         # and, per new channel, the user's newest entry when it was registered (what arrives
         # live up to it, it had from the history).
         self._cursors = DeliveryCursors()
-        self._writes = WriteLog()
+        age_ms = int(self.outbox_limits.max_age * 1000) if self.outbox_limits is not None else 300_000
+        self._writes = WriteLog(age_ms=age_ms)
         # What the connections that closed had written, for the bus's numbers that come after
         # their part of the history was settled (see ClosedWrites).
-        self._closed_writes = ClosedWrites()
+        self._closed_writes = ClosedWrites(age_ms=age_ms)
         self._marks = QueuedMarks()  # the same, for per-user sends without a backplane
         self._floors: dict[str, tuple[int, int]] = {}
         # The same newest entry's id ("": none) per channel admitted on the bus, kept while it
@@ -237,14 +241,20 @@ class WebsocketManager:
         if arriving is not None:
             user_id, head = arriving.user_id, arriving.head
             self._heads[channel_id] = "" if head is None else head.id
+            floor = (0, 0)
             if head is not None:
                 self._floors[channel_id] = floor = id_key(head.id)
                 if not self.registry.user_channels(user_id) - {channel_id}:
                     self._cursors.advance(user_id, head.id, head.n)
+            if self.outbox_limits is not None and not (self._blind and channel_id in self._blind):
+                # What it writes is acknowledged only as far as it wrote every entry after
+                # the user's newest at its admission (what came before, its lease covers).
+                self._writes.begin(channel_id, 0 if head is None else head.n, floor)
             self._replay_to([handler], user_id, arriving.entries, channel_id)
-            for frame, entry in arriving.meanwhile:  # after the kept ones, before anything live
+            for item in arriving.meanwhile:  # after the kept ones, before anything live
+                entry = item.entry
                 if entry is None or head is None or id_key(entry.id) > floor:
-                    self._deliver_entry([handler], user_id, frame, entry)
+                    self._deliver_entry([handler], user_id, item.frame, entry)
                     if entry is not None:  # handed over here: its number is no gap later
                         self._cursors.advance(user_id, entry.id, entry.n)
         elif identity is not None and self.backplane is None and self.outbox_limits is not None:
@@ -268,7 +278,8 @@ class WebsocketManager:
             base = handler.accepted
             for entry in entries:
                 if handler.replay(entry.frame):
-                    self._writes.record(handler.channel_id, handler.accepted, user_id, entry.id)
+                    self._writes.record(handler.channel_id, handler.accepted, user_id, entry.id,
+                                        entry.n)
                     self._arm(handler, handler.accepted)
             marks.append((handler, base))
         if holder is None:
@@ -315,7 +326,8 @@ class WebsocketManager:
         for handler in handlers:
             if handler.channel_id != ignore_channel and not handler.queue.closed and not (
                     blind and handler.channel_id in blind):
-                self._writes.record(handler.channel_id, handler.accepted, user_id, entry.id)
+                self._writes.record(handler.channel_id, handler.accepted, user_id, entry.id,
+                                    entry.n)
                 self._arm(handler, handler.accepted)
         return delivered
 
@@ -446,12 +458,14 @@ class WebsocketManager:
         flushed = handler.flushed
         published = None
         written = self._writes.close(channel_id, flushed) if len(self._writes) else {}
+        run = self._writes.end(channel_id)
         identity = handler.identity
         if (self.backplane is not None and identity is not None and flushed
                 and self.outbox_limits is not None
                 and not (self._blind and channel_id in self._blind)):
-            # The bus may number sends it wrote after this settle (see ClosedWrites).
-            self._closed_writes.close(channel_id, flushed, time.monotonic())
+            # The bus may number sends it wrote after this settle (see ClosedWrites), as far
+            # as its run allows.
+            self._closed_writes.close(channel_id, flushed, time.monotonic(), run)
         for user_id, upto in written.items():
             if self.backplane is None or identity is None or user_id != identity.user_id:
                 self._ack(user_id, upto)
@@ -556,15 +570,19 @@ class WebsocketManager:
         handlers = self.handlers
         local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]
         held = self._held.get(user_id) if self._held and ignore_channel is None else None
+        arrival = None
         if held is not None and self._has_room(held, frame):
             # Held after a gap: recorded once really delivered (recover), not acknowledged now.
             waiting: _HeldFrame | None = held.add(frame, None, own=True)
         else:
             waiting = None
-            self.deliver_to_user(user_id, frame, ignore_channel)
+            self.deliver_local(local, frame, ignore_channel)
+            if held is None and self._arriving:  # a channel of the user being admitted
+                arrival = self._meanwhile(user_id, frame, None, keep is not None)
         stamped = None
         if keep is not None:  # numbered by the bus: acknowledged once it tells
-            stamped = self._when_stamped(user_id, frame, local, waiting, ignore_channel)
+            stamped = self._when_stamped(user_id, frame, local, waiting, ignore_channel,
+                                         arrival=arrival)
         # False also when the sender's share had room for a message, not for this one's bytes.
         return await self.backplane.send_to_user(user_id, frame, ignore_channel, keep, stamped,
                                                  sender=sender) and kept
@@ -578,12 +596,13 @@ class WebsocketManager:
         return sender_of(current_identity.get(None), current_source.get())
 
     def _when_stamped(self, user_id: str, frame: bytes, local: list[WebSocketHandler],
-                      waiting: _HeldFrame | None, ignore_channel: str | None,
-                      ) -> Callable[[Stamped], None]:
+                      waiting: _HeldFrame | None, ignore_channel: str | None, *,
+                      arrival: _HeldFrame | None = None) -> Callable[[Stamped], None]:
         """What to do once the bus has numbered a per-user send from here (``local``: the
-        user's channels here, which got it; ``waiting``: it is held for them instead): record
-        it, to be acknowledged once written, and hand it to channels of the user admitted
-        meanwhile that did not get it (:meth:`_admitted_during`)."""
+        user's channels here, which got it; ``waiting``: it is held for them instead;
+        ``arrival``: it waits for channels of the user being admitted, which skip it if their
+        lease had it): record it, to be acknowledged once written, and hand it to channels of
+        the user admitted meanwhile that did not get it (:meth:`_admitted_during`)."""
         admissions = self._admissions
         # Channels of the user being admitted now get the frame after their lease.
         arriving = [c for c, a in self._arriving.items() if a.user_id == user_id] if (
@@ -591,6 +610,8 @@ class WebsocketManager:
         if not local and waiting is None:  # the common case: nothing to record
 
             def admitted_only(entry: Stamped) -> None:
+                if arrival is not None:
+                    arrival.entry = entry
                 if admissions != self._admissions:
                     self._admitted_during(user_id, frame, entry, set(arriving))
 
@@ -604,22 +625,25 @@ class WebsocketManager:
 
         def stamped(entry: Stamped) -> None:
             self._cursors.own(user_id, entry.id, entry.n)
+            if arrival is not None:
+                arrival.entry = entry
             if waiting is not None:
                 waiting.entry = entry
                 return
-            written = False
             for channel_id, position in marks:
                 # Closing: settled once its close frame is next (written_before_close waits for
                 # this answer). Gone meanwhile: its part of the history was settled without this
-                # entry; acknowledged now if it had written it, else its next connection gets it.
+                # entry; acknowledged now if it had written it (and every entry before it),
+                # else its next connection gets it.
                 handler = handlers.get(channel_id) or self._writing.get(channel_id)
                 if handler is not None:
-                    self._writes.record(channel_id, position, user_id, entry.id)
+                    self._writes.record(channel_id, position, user_id, entry.id, entry.n)
                     self._arm(handler, position)
-                elif not written and self._closed_writes.wrote(channel_id, position,
-                                                               time.monotonic()):
-                    written = True
-                    self._ack(user_id, entry.id)
+                else:
+                    upto = self._closed_writes.acknowledges(channel_id, position, entry,
+                                                            time.monotonic())
+                    if upto is not None:
+                        self._ack(user_id, upto)
             if admissions != self._admissions:
                 self._admitted_during(user_id, frame, entry,
                                       {h.channel_id for h in local}.union(arriving))
@@ -634,9 +658,10 @@ class WebsocketManager:
         process live: a channel whose newest entry at admission is older gets it now (one
         still arriving, after its lease, where its floor decides)."""
         key = id_key(entry.id)
+        item = _HeldFrame(frame, entry)
         for channel_id, arriving in self._arriving.items():
             if arriving.user_id == user_id and channel_id not in known:
-                arriving.meanwhile.append((frame, entry))
+                arriving.meanwhile.append(item)
         handlers = self.handlers
         heads = self._heads
         late = [handlers[c] for c in self.registry.user_channels(user_id)
@@ -806,12 +831,22 @@ class WebsocketManager:
             if not self._cursors.fresh(user_id, entry.id, entry.n):
                 return 0  # recovered from the history already
         delivered = self._deliver_entry(local, user_id, frame, entry, ignore_channel)
-        if self._arriving:  # a channel of the user being admitted: it gets the frame after
-            for arriving in self._arriving.values():  # what it leased from the history
-                if arriving.user_id == user_id:
-                    arriving.meanwhile.append((frame, entry))
-                    delivered += 1
+        if self._arriving and self._meanwhile(user_id, frame, entry) is not None:
+            delivered += 1
         return delivered
+
+    def _meanwhile(self, user_id: str, frame: bytes, entry: Stamped | None,
+                   own: bool = False) -> _HeldFrame | None:
+        """Channels of the user being admitted get the frame after what they leased from the
+        history (``own``: a send from here the bus will number, see :meth:`admit`); the item
+        they share, ``None`` if none is being admitted."""
+        item = None
+        for arriving in self._arriving.values():
+            if arriving.user_id == user_id:
+                if item is None:
+                    item = _HeldFrame(frame, entry, own)
+                arriving.meanwhile.append(item)
+        return item
 
     def _has_room(self, held: _Held, frame: bytes) -> bool:
         """Whether one more delivery may be held for a user (``max_queue_messages`` frames and
@@ -880,9 +915,17 @@ class WebsocketManager:
                     if c in self.handlers]
         if not handlers:
             return 0, 0
+        seen = self._cursors.seen(user_id)
         missed, lost = self._cursors.recover(user_id, entries, head)
         for kept in missed:
             self._deliver_entry(handlers, user_id, kept.frame, kept)
+        if lost and seen is not None:
+            # Dropped by a bound before they could be handed over: no connection can write
+            # them, so they no longer hold back what the user's channels here acknowledge.
+            for handler in handlers:
+                upto = self._writes.cover(handler.channel_id, seen + 1, seen + lost)
+                if upto is not None:
+                    self._ack(user_id, upto)
         for item in held:
             entry = item.entry
             # This process's own sends are not in what was recovered (own entries): handed over
@@ -981,6 +1024,15 @@ class WebsocketManager:
         if arriving is not None:
             arriving.entries.extend(attachment.entries)
             arriving.head = attachment.head
+            if any(item.own and item.entry is None for item in arriving.meanwhile):
+                # A send from here the bus ran before this admission is in the lease too:
+                # handed over before its number is known, it would reach the channel twice.
+                # Sends made from now on are numbered after the admission (not leased).
+                try:
+                    await backplane.answered(max(1.0, self.config.handshake_timeout / 2))
+                except BaseException:
+                    self.abandon(channel_id, identity)
+                    raise
         elif attachment.entries:  # abandoned meanwhile: the next connection gets them
             await backplane.settle(user_id, channel_id, None)
         return True

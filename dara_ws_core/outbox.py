@@ -19,6 +19,10 @@ what its connections wrote (:meth:`UserOutbox.ack`: the user's *written* mark on
 forward). What a connection had queued but not written when it closed is not acknowledged, so it
 stays for the user's next connection, unless another connection of the user wrote it (the stock
 client reconnects with a new channel, so nothing can resume per channel: the user is the unit).
+The mark says "everything up to here was written", so with a backplane a connection
+acknowledges only as far as it wrote every entry since it was admitted (:class:`WrittenRun`:
+entries are numbered without gaps, and a process's own send may reach its connections before one
+numbered earlier by another process).
 
 **A new connection** gets the entries after the written mark (oldest first, within the age):
 it *leases* them (:meth:`UserOutbox.lease`), and while a live holder has the lease a second new
@@ -56,7 +60,7 @@ than the byte bound is not kept.
 from __future__ import annotations
 
 __all__ = ["SENDER_SHARES", "SENDER_SMALL", "BusRefusals", "ClosedWrites", "DeliveryCursors", "OutboxLimits",
-           "QueuedMarks", "Stamped", "UserOutbox", "WriteLog", "anonymous_sender", "id_key",
+           "QueuedMarks", "Stamped", "UserOutbox", "WriteLog", "WrittenRun", "anonymous_sender", "id_key",
            "sender_of"]
 
 import bisect
@@ -675,6 +679,11 @@ class DeliveryCursors:
         entry = self._last.get(user_id)
         return None if entry is None else entry[1]
 
+    def seen(self, user_id: str) -> int | None:
+        """The number of the last entry handed to the user's channels here, if known."""
+        entry = self._last.get(user_id)
+        return None if entry is None else entry[2]
+
     def own(self, user_id: str, entry_id: str, n: int) -> None:
         """This process delivered entry ``entry_id`` (number ``n``) to the user's channels
         itself (a send from here): a recovery must not hand it over again, and its number is
@@ -775,28 +784,131 @@ def _order(entry_id: str | int) -> tuple[int, int]:
     return (entry_id, 0) if isinstance(entry_id, int) else id_key(entry_id)
 
 
+# How many entries past a gap one connection's run remembers (WrittenRun): beyond, they are not
+# acknowledged by it (the user's next connection gets them again, never loses them).
+_MAX_AHEAD = 1024
+
+
+class WrittenRun:
+    """What one connection has written of its user's history on the bus, *contiguously* from
+    where it began (the user's newest entry when it was admitted: what came before, its lease
+    covers). The written mark may only pass entries the connection wrote: a process's own send
+    reaches its connections before the bus numbers it, so one may be written, and numbered,
+    after another process's send the connection has not been given yet (both spooled through
+    an outage, or simply racing). Numbers are contiguous per user (``n``), so the gap shows:
+    an entry past it waits in ``ahead`` until the missing ones are written (or known dropped
+    by a bound, :meth:`cover`), and only then may be acknowledged.
+
+    A user's history that expired (``outbox_age`` without a message) starts again at 1: an
+    entry numbered at or below the run's, yet newer, or newer by more than the age than the
+    newest seen, starts the run again from 0 (at worst an entry is acknowledged later, never
+    one passed that was not written). Pure; one per connection of a user, bounded to 1,024
+    entries ahead."""
+
+    __slots__ = ("ahead", "id", "key", "last", "n")
+
+    def __init__(self, n: int, key: tuple[int, int]) -> None:
+        self.n = n  # every entry up to this number was written (or is covered by the lease)
+        self.key = key  # the order of the last of them
+        self.id: str | None = None  # its id, once this connection wrote one
+        self.last = key[0]  # the newest entry's time seen (ms, the bus's clock)
+        # first number -> (last number, the id and order of that last one, None for numbers
+        # known gone): written past a gap.
+        self.ahead: dict[int, tuple[int, str | None, tuple[int, int]]] | None = None
+
+    def add(self, n: int, entry_id: str, age_ms: int,
+            key: tuple[int, int] | None = None) -> str | None:
+        """The connection wrote entry ``entry_id`` (number ``n``; ``key``: its order, if the
+        caller has it): what may be acknowledged now for it (``None``: nothing more than
+        before; :attr:`key` is the order of anything else than ``entry_id`` itself)."""
+        if key is None:
+            key = id_key(entry_id)
+        if key <= self.key:
+            return entry_id  # at or before where the run stands: its lease covers it
+        ms, last = key[0], self.last
+        if n <= self.n or ms - last >= age_ms:
+            self.n, self.ahead = 0, None  # numbered from 1 again (the history expired)
+        if ms > last:
+            self.last = ms
+        if n == self.n + 1:  # the common case: the next one
+            self.n, self.id, self.key = n, entry_id, key
+            return entry_id if self.ahead is None else self._absorb()
+        ahead = self.ahead
+        if ahead is None:
+            ahead = self.ahead = {}
+        if len(ahead) < _MAX_AHEAD:
+            ahead[n] = (n, entry_id, key)
+        return None
+
+    def cover(self, first: int, last: int) -> str | None:
+        """Numbers ``first`` to ``last`` were dropped from the history by a bound before this
+        connection could get them: nobody can write them, so they no longer hold the run."""
+        if first > self.n + 1:
+            ahead = self.ahead
+            if ahead is None:
+                ahead = self.ahead = {}
+            if len(ahead) < _MAX_AHEAD:
+                ahead[first] = (last, None, self.key)
+            return None
+        self.n = max(self.n, last)
+        return self._absorb()
+
+    def _absorb(self) -> str | None:
+        ahead = self.ahead
+        while ahead:
+            item = ahead.pop(self.n + 1, None)
+            if item is None:
+                break
+            last, entry_id, key = item
+            self.n = max(self.n, last)
+            if entry_id is not None:
+                self.id, self.key = entry_id, key
+        if not ahead:
+            self.ahead = None  # back to the common case
+        return self.id
+
+
 class WriteLog:
     """Which per-user entries each connection of this process has queued, by frame number
     (:attr:`~dara_ws_core.handler.WebSocketHandler.accepted`), so that what its transport has
     written (``flushed``) can be acknowledged, user by user, and what it had not written when it
     closed is not. Bounded by ``max_entries`` (beyond, the oldest are forgotten: delivered again
     to a next connection rather than lost). Entry ids are strings (the bus's) or the integers
-    of :meth:`UserOutbox.add`; the acknowledgements give them back as recorded."""
+    of :meth:`UserOutbox.add`; the acknowledgements give them back as recorded.
 
-    def __init__(self, max_entries: int = 100_000) -> None:
+    A connection admitted on the bus has a :class:`WrittenRun` (:meth:`begin`): what it wrote
+    is acknowledged only as far as it wrote every entry, with no gap."""
+
+    def __init__(self, max_entries: int = 100_000, age_ms: int = 300_000) -> None:
         self.max_entries = max_entries
-        self._entries: dict[str, deque[tuple[int, str, str | int]]] = {}
+        self.age_ms = age_ms
+        self._entries: dict[str, deque[tuple[int, str, str | int, int]]] = {}
+        self._runs: dict[str, WrittenRun] = {}
         self._count = 0
 
     def __len__(self) -> int:
         return self._count
 
-    def record(self, channel_id: str, position: int, user_id: str, entry_id: str | int) -> None:
-        """Frame number ``position`` of ``channel_id`` is the user's entry ``entry_id``."""
+    def begin(self, channel_id: str, n: int, key: tuple[int, int]) -> None:
+        """``channel_id`` was admitted on the bus when the user's newest entry was number ``n``
+        (order ``key``; 0 and (0, 0) for none): it acknowledges only the entries after it that
+        it wrote without a gap."""
+        self._runs[channel_id] = WrittenRun(n, key)
+
+    def cover(self, channel_id: str, first: int, last: int) -> str | None:
+        """Numbers ``first`` to ``last`` of the channel's user are gone (:meth:`WrittenRun.cover`):
+        what may be acknowledged now, if anything."""
+        run = self._runs.get(channel_id)
+        return None if run is None else run.cover(first, last)
+
+    def record(self, channel_id: str, position: int, user_id: str, entry_id: str | int,
+               n: int = 0) -> None:
+        """Frame number ``position`` of ``channel_id`` is the user's entry ``entry_id``
+        (number ``n``)."""
         entries = self._entries.get(channel_id)
         if entries is None:
             entries = self._entries[channel_id] = deque()
-        entries.append((position, user_id, entry_id))
+        entries.append((position, user_id, entry_id, n))
         self._count += 1
         if self._count > self.max_entries:
             oldest = next(iter(self._entries))
@@ -809,20 +921,31 @@ class WriteLog:
                 channels: Iterable[str] | None = None) -> dict[str, str | int]:
         """Forget the entries written by now (``flushed``: channel -> frames written, ``None``
         or absent for a channel that is gone, whose unwritten entries are forgotten unacked);
-        the last entry written per user. Looks at ``channels`` only (default: all)."""
+        the last entry written per user (for a channel with a run, the last written without a
+        gap). Looks at ``channels`` only (default: all)."""
         look = flushed.get if isinstance(flushed, Mapping) else flushed
         acks: dict[str, tuple[tuple[int, int], str | int]] = {}
+        runs = self._runs
         for channel_id in list(self._entries) if channels is None else channels:
             entries = self._entries.get(channel_id)
             if entries is None:
                 continue
             done = look(channel_id)
+            run = runs.get(channel_id) if runs else None
+            if done is None and run is not None:
+                del runs[channel_id]
             while entries and (done is None or entries[0][0] <= done):
-                _, user_id, entry_id = entries.popleft()
+                _, user_id, entry_id, n = entries.popleft()
                 self._count -= 1
                 if done is None:
                     continue
                 key = _order(entry_id)
+                if run is not None and n and isinstance(entry_id, str):  # (inline: per send)
+                    upto = run.add(n, entry_id, self.age_ms, key)
+                    if upto is None:
+                        continue
+                    if upto is not entry_id:
+                        entry_id, key = upto, run.key
                 if user_id not in acks or key > acks[user_id][0]:
                     acks[user_id] = (key, entry_id)
             if not entries:
@@ -831,19 +954,20 @@ class WriteLog:
 
     def close(self, channel_id: str, flushed: int) -> dict[str, str | int]:
         """A connection closed having written ``flushed`` frames: what it wrote (to
-        acknowledge), its unwritten entries forgotten."""
+        acknowledge), its unwritten entries forgotten. Its run stays for :meth:`end`."""
         entries = self._entries.pop(channel_id, None)
         if not entries:
             return {}
-        self._count -= len(entries)
-        acks: dict[str, tuple[tuple[int, int], str | int]] = {}
-        for position, user_id, entry_id in entries:
-            if position > flushed:
-                continue
-            key = _order(entry_id)
-            if user_id not in acks or key > acks[user_id][0]:
-                acks[user_id] = (key, entry_id)
-        return {user: entry_id for user, (_, entry_id) in acks.items()}
+        # Its entries are not in frame order (a number the bus gave late is recorded at the
+        # frame that carried it): the written ones, then as the acknowledgement pass does.
+        written = deque(entry for entry in entries if entry[0] <= flushed)
+        self._count -= len(entries) - len(written)
+        self._entries[channel_id] = written
+        return self.written({channel_id: flushed}, (channel_id,))
+
+    def end(self, channel_id: str) -> WrittenRun | None:
+        """Forget a closed channel's run, and hand it over (to :class:`ClosedWrites`)."""
+        return self._runs.pop(channel_id, None)
 
     def channels(self) -> Iterable[str]:
         return self._entries.keys()
@@ -861,28 +985,34 @@ class ClosedWrites:
     meanwhile (the client closed or vanished, the library closed it, or the server's close did
     not wait that long) had its part of the history settled without that entry. When the number
     comes, :meth:`wrote` tells whether the closed connection had written the frame: then it is
-    acknowledged as if the connection were still there; otherwise (queued, never written) it is
-    left to the user's next connection.
+    acknowledged as if the connection were still there (as far as the connection's run allows:
+    not past an entry it never got); otherwise (queued, never written) it is left to the user's
+    next connection.
 
     Bounded by ``max_channels`` and ``max_age`` seconds (the caller passes the clock): a channel
     forgotten earlier only makes its late entries reach the user's next connection again (a
     duplicate, never a loss)."""
 
-    def __init__(self, max_channels: int = 10_000, max_age: float = 30.0) -> None:
+    def __init__(self, max_channels: int = 10_000, max_age: float = 30.0,
+                 age_ms: int = 300_000) -> None:
         self.max_channels = max_channels
         self.max_age = max_age
-        # channel -> (frames written, when it closed); and the closes, oldest first (a deque:
-        # forgetting the oldest of a dict by ``next(iter())`` walks the slots deleted before).
-        self._closed: dict[str, tuple[int, float]] = {}
+        self.age_ms = age_ms
+        # channel -> (frames written, when it closed, its run); and the closes, oldest first (a
+        # deque: forgetting the oldest of a dict by ``next(iter())`` walks the slots deleted
+        # before).
+        self._closed: dict[str, tuple[int, float, WrittenRun | None]] = {}
         self._order: deque[tuple[float, str]] = deque()
 
     def __len__(self) -> int:
         return len(self._closed)
 
-    def close(self, channel_id: str, flushed: int, now: float) -> None:
-        """``channel_id`` closed having written ``flushed`` frames."""
+    def close(self, channel_id: str, flushed: int, now: float,
+              run: WrittenRun | None = None) -> None:
+        """``channel_id`` closed having written ``flushed`` frames (``run``: what it wrote
+        without a gap, see :class:`WriteLog`)."""
         self._expire(now)
-        self._closed[channel_id] = (flushed, now)
+        self._closed[channel_id] = (flushed, now, run)
         order = self._order
         order.append((now, channel_id))
         while len(order) > self.max_channels:
@@ -894,6 +1024,18 @@ class ClosedWrites:
         self._expire(now)
         entry = self._closed.get(channel_id)
         return entry is not None and position <= entry[0]
+
+    def acknowledges(self, channel_id: str, position: int, entry: Stamped,
+                     now: float) -> str | None:
+        """The closed channel's frame number ``position`` was numbered ``entry``: what may be
+        acknowledged for it now (``None``: nothing, it had not written the frame, or an entry
+        before it that it never got)."""
+        self._expire(now)
+        closed = self._closed.get(channel_id)
+        if closed is None or position > closed[0]:
+            return None
+        run = closed[2]
+        return entry.id if run is None else run.add(entry.n, entry.id, self.age_ms)
 
     def _expire(self, now: float) -> None:
         order, oldest = self._order, now - self.max_age

@@ -31,6 +31,7 @@ from dara_ws_core.outbox import (
     Stamped,
     UserOutbox,
     WriteLog,
+    WrittenRun,
     id_key,
 )
 
@@ -536,6 +537,47 @@ def test_a_write_log_acknowledges_what_each_connection_wrote_and_forgets_what_it
     for i in range(3):
         small.record("d", i + 1, "alice", str(i))
     assert len(small) == 2 and small.close("d", 9) == {"alice": "2"}
+
+
+def test_a_written_run_acknowledges_only_as_far_as_the_connection_wrote_every_entry() -> None:
+    run = WrittenRun(3, (100, 0))  # admitted when the user's newest entry was number 3
+    assert run.add(2, "90-0", 1000) == "90-0"  # leased (before the admission): the lease covers it
+    assert run.add(5, "120-0", 1000) is None  # 4 not written: nothing past it
+    assert run.add(6, "121-0", 1000) is None
+    assert run.add(4, "110-0", 1000) == "121-0"  # the gap filled: up to 6 at once
+    assert run.add(8, "130-0", 1000) is None
+    assert run.cover(7, 7) == "130-0"  # 7 was dropped by a bound: it holds nothing back
+    assert run.cover(12, 14) is None and run.add(9, "140-0", 1000) == "140-0"
+    assert run.add(11, "150-0", 1000) is None  # 10 missing: 11, and 12-14 dropped, wait
+    assert run.add(10, "145-0", 1000) == "150-0" and run.n == 14
+
+
+def test_a_written_run_starts_again_when_the_user_history_expired() -> None:
+    run = WrittenRun(0, (0, 0))
+    assert run.add(1, "100-0", 1000) == "100-0"
+    assert run.add(2, "200-0", 1000) == "200-0"
+    # Quiet for longer than the age: the history expired, numbered from 1 again, and entry 1
+    # of the new one has not been written here yet.
+    assert run.add(2, "1300-0", 1000) is None
+    assert run.add(1, "1250-0", 1000) == "1300-0"
+    assert run.add(1, "1400-0", 1000) == "1400-0"  # a number seen, yet newer: from 1 again
+
+
+def test_a_write_log_holds_an_acknowledgement_past_an_entry_the_connection_did_not_write() -> None:
+    log = WriteLog(max_entries=100, age_ms=10_000)
+    log.begin("a", 0, (0, 0))
+    log.record("a", 2, "v", "101-0", 2)  # its process's own send, numbered after another's (1)
+    assert log.written({"a": 2}) == {}  # entry 1 never written by it: not past it
+    log.record("a", 3, "v", "100-0", 1)  # the other process's, arriving late
+    assert log.written({"a": 3}) == {"v": "101-0"}
+    log.record("a", 4, "v", "103-0", 4)
+    assert log.close("a", 4) == {}  # closed with 3 never written: 4 is not acknowledged
+    run = log.end("a")
+    assert run is not None and log.end("a") is None
+    closed = ClosedWrites(age_ms=10_000)
+    closed.close("a", 5, 100.0, run)
+    assert closed.acknowledges("a", 5, Stamped("102-0", 3, b""), 101.0) == "103-0"  # 3 then 4
+    assert closed.acknowledges("a", 6, Stamped("104-0", 5, b""), 101.0) is None  # not written
 
 
 def test_closed_writes_tell_a_late_number_whether_the_closed_connection_had_written_it() -> None:
