@@ -47,6 +47,9 @@ _BATCH = 1000
 #: heartbeat or reconnection, so a publication the bus keeps refusing costs a few heartbeats.
 _SPOOL_TRIES = 5
 
+#: Seconds a stop waits before trying the spool again (doubling up to 1 s) while it drains.
+_DRAIN_RETRY = 0.05
+
 #: Revocations the spool holds on top of its kept messages (room of their own, which no burst of
 #: kept messages takes), counted by ``scope:target``: a newer one replaces a spooled one of the
 #: same target (the newest wins: it closes what was opened before it, the older one's too).
@@ -177,9 +180,10 @@ class BusNode(abc.ABC):
     newer revocation of a target replaces the spooled one) and a 16th of ``max_spool_bytes``;
     one beyond fails with :class:`~dara_ws_core.exceptions.RevocationNotKept`, logged at ERROR.
     ``stop_drain``: seconds :meth:`_stop_bus` waits for the spool and the batch in flight to
-    drain (the bus may answer again meanwhile) before dropping what is left, counted in
-    ``stats.spool_dropped`` and logged at ERROR (a round trip cut short too: the log says the bus
-    may have run it). The spool lives in this process's memory: a process killed (not stopped) loses it.
+    drain (the bus may answer again meanwhile; what it refused is tried again meanwhile) before
+    dropping what is left, counted in ``stats.spool_dropped`` and logged at ERROR (a round trip
+    cut short too: the log says the bus may have run it). The spool lives in this process's
+    memory: a process killed (not stopped) loses it.
 
     ``node_id`` names the process on the bus (its topic, its directory entries); it is not a
     scope for deduplication: each backplane draws its own :attr:`life`, and the numbers of
@@ -680,9 +684,11 @@ class BusNode(abc.ABC):
                         # (While the bus is down the batch fails whole: spooled in order.)
                         batch += (self._hold_back(taken) if spool and self._connected.is_set()
                                   else taken)
+                # Room in the outbox for the senders waiting, also when every publication taken
+                # was held back in the spool (the round published nothing, they wait no more).
+                self._outbox_space.set()
                 if not batch:
                     continue  # all of it held back in the spool (each round takes some)
-                self._outbox_space.set()
                 finished = len(batch) - spooled
                 try:
                     # The durable ones stay counted in flight (the spool's bounds, the drain at
@@ -726,9 +732,10 @@ class BusNode(abc.ABC):
                 # refused waits for its next try (a heartbeat or a reconnection).
                 self._spool_due = not self._spool_held
             # Idle, unless the spool waits for the bus to answer again (flush() waits for that;
-            # not for the next try of what the bus refused, which may take a few heartbeats).
+            # not for the next try of what the bus refused, which may take a few heartbeats;
+            # a stop does: it tries the spool again meanwhile, see _drain_spool).
             if not spool or (self._spool_held and self._connected.is_set()
-                             and not self._spool_due):
+                             and not self._spool_due and not self._bus_stopped):
                 self._outbox_idle.set()
 
     def _partly_refused(self, batch: list[_Queued], refused: BatchRefused, spooled: int,
@@ -906,13 +913,14 @@ class BusNode(abc.ABC):
 
     async def _stop_bus(self) -> None:
         """Let queued messages leave (briefly: 1 s; the kept messages and revocations not
-        answered yet up to ``stop_drain``, waiting for the bus to answer again if it is down),
+        answered yet up to ``stop_drain``, waiting for the bus to answer again if it is down and
+        trying again what it refused, see :meth:`_drain_spool`),
         fail the rest (the durable ones logged at ERROR, see :meth:`_drop_outbox`), and
         disconnect. From here on nothing more is queued: a kept send raises ``BackplaneError``
         (no task would publish it), anything else is counted as failed."""
         self._bus_stopped = True
         if self._spool or self._durable_queued or self._durable_flying:
-            await wait_event(self._outbox_idle, self.stop_drain)
+            await self._drain_spool()
         elif self._connected.is_set():
             await wait_event(self._outbox_idle, 1.0)
         await cancel_task(self._publisher_task)
@@ -923,6 +931,22 @@ class BusNode(abc.ABC):
         await cancel_task(self._bus_task)
         with contextlib.suppress(Exception):
             await self._close_bus()
+
+    async def _drain_spool(self) -> None:
+        """At stop: wait up to ``stop_drain`` seconds for the bus to answer every durable
+        publication, trying the spool again meanwhile, at once and then at growing intervals
+        (from ``_DRAIN_RETRY`` up to 1 s): what the bus refused a moment ago (a replica being
+        promoted, Redis at ``maxmemory`` until memory was freed) may be taken now, and the
+        heartbeats that would try it again have stopped."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.stop_drain
+        pause = _DRAIN_RETRY
+        while True:
+            self._retry_spool()
+            left = deadline - loop.time()
+            if left <= 0 or await wait_event(self._outbox_idle, min(left, pause)):
+                return
+            pause = min(2 * pause, 1.0)
 
     def _bus_up(self) -> None:
         """Called by ``_bus_session`` once subscribed (a subclass may extend it, calling us last:
