@@ -1,36 +1,45 @@
 """The spool while Redis stays connected but refuses every write, on a real ``redis-server``
 made a replica of a master that never answers (``READONLY``, as after a failover; Redis at
-``maxmemory`` or loading its data answers the same way): review 18 #5, #6.
+``maxmemory`` or loading its data answers the same way): review 18 #3, #5, #6.
 
+* The spool's bounds hold whatever the link's state: one sender holds at most a 16th of it while
+  anything waits in it (its further kept sends answer "not kept", other users' are still
+  kept, none raises), and a sender past its 16th never takes the spool's last 16th.
 * A stop tries the spool again within ``stop_drain`` (Redis may take writes again meanwhile)
   rather than dropping what Redis refused a moment before.
 * Senders waiting for room in the outbox go on at once when every publication taken from it
   was held back in the spool (behind a message Redis refused), not at the next heartbeat.
 
-Real servers on 127.0.0.1.
+Real servers on 127.0.0.1, on every served transport where a client is involved.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from redis.asyncio import Redis
 
-from dara_ws_core import ServerConfig, WebsocketManager
+from dara_ws_core import DaraClient, ServerConfig, WebsocketManager
 from dara_ws_redis import RedisBackplane
 
 from .helpers import eventually
-from .test_durable_redis import _history_numbers
+from .stacks import running_stack
+from .test_durable_redis import _history_numbers, started
+from .test_kept_delivery import SERVED
 
 if TYPE_CHECKING:
     from .redis_server import RedisServer
 
 pytest_plugins = ["tests.redis_server"]
 pytestmark = pytest.mark.timeout(60)
+
+SPOOL = 64  # a sender's share: 4; the spool's last 16th: 4
 
 
 async def refuse_writes(admin: Redis) -> None:
@@ -39,6 +48,99 @@ async def refuse_writes(admin: Redis) -> None:
     from .redis_server import free_port  # the plugin's module, imported once pytest loaded it
 
     await admin.replicaof("127.0.0.1", str(free_port()))
+
+
+async def histories(admin: Redis, namespace: str, users: list[str]) -> int:
+    """How many messages the histories of ``users`` hold on Redis."""
+    return sum([len(await _history_numbers(admin, namespace, user)) for user in users])
+
+
+def teller(manager: WebsocketManager) -> None:
+    """Handlers sending kept messages for the connection's user: ``tell`` one, ``burst`` many
+    without yielding in between (all queued before the publishing runs)."""
+
+    async def tell(channel_id: str, data: Any) -> bool:
+        return await manager.send_message_to_user(data["user"], {"n": data["n"]})
+
+    async def burst(channel_id: str, data: Any) -> list[bool]:
+        return [await manager.send_message_to_user(f"nobody{n % 8}", {"n": n})
+                for n in range(data)]
+
+    manager.add_ws_handler("tell", tell)
+    manager.add_ws_handler("burst", burst)
+
+
+NOBODIES = [f"nobody{n}" for n in range(8)]
+
+
+@dataclass
+class Refusing:
+    """An app process on a Redis that refuses every write, with mallory and alice connected."""
+
+    backplane: RedisBackplane
+    admin: Redis
+    namespace: str
+    mallory: DaraClient
+    alice: DaraClient
+
+    async def take_writes(self) -> None:
+        """Redis takes writes again: wait until the spool drained (at a heartbeat)."""
+        await self.admin.replicaof("NO", "ONE")
+        await eventually(lambda: not self.backplane._spool and not self.backplane._senders,
+                         "the spool drained at a heartbeat once Redis took writes")
+
+
+@contextlib.asynccontextmanager
+async def refusing(server: RedisServer, transport: str) -> AsyncIterator[Refusing]:
+    namespace = f"refused-{uuid.uuid4().hex[:6]}"
+    admin = Redis.from_url(server.url)
+    try:
+        async with (started(server.url, namespace, max_spool=SPOOL) as (app, backplane),
+                    running_stack(transport, manager=app) as stack):
+            teller(app)
+            scene = Refusing(backplane, admin, namespace, await stack.client("mallory:m1"),
+                             await stack.client("alice:a1"))
+            await refuse_writes(admin)
+            yield scene
+    finally:
+        await admin.aclose()
+
+
+@pytest.mark.parametrize("transport", SERVED)
+async def test_while_redis_refuses_every_write_one_sender_holds_its_share_of_the_spool(
+    redis_factory: Callable[[], RedisServer], transport: str
+) -> None:
+    async with refusing(redis_factory(), transport) as scene:
+        backplane, mallory, alice = scene.backplane, scene.mallory, scene.alice
+        assert await alice.request("tell", {"user": "bob", "n": 0}, timeout=5) is True
+        await eventually(lambda: len(backplane._spool) == 1, "Redis refused it: spooled")
+        answers = [await mallory.request("tell", {"user": f"nobody{n % 8}", "n": n}, timeout=5)
+                   for n in range(SPOOL)]
+        assert answers == [True] * (SPOOL // 16) + [False] * (SPOOL - SPOOL // 16)
+        # Another user's kept send is still kept (it neither raises nor answers False).
+        assert await alice.request("tell", {"user": "bob", "n": 1}, timeout=5) is True
+        await scene.take_writes()
+        assert await _history_numbers(scene.admin, scene.namespace, "bob") == [0, 1]
+        assert await histories(scene.admin, scene.namespace, NOBODIES) == SPOOL // 16
+        assert backplane.stats.spool_dropped == 0
+        # Redis took everything: the share no longer applies, mallory's sends are kept again.
+        assert await mallory.request("tell", {"user": "nobody0", "n": SPOOL}, timeout=5) is True
+
+
+@pytest.mark.parametrize("transport", SERVED)
+async def test_a_sender_past_its_share_never_takes_the_spools_last_16th(
+    redis_factory: Callable[[], RedisServer], transport: str
+) -> None:
+    """A burst queued before Redis's first refusal comes back (nothing waits in the spool yet)
+    stops short of the spool's last 16th, which stays for the senders within their share."""
+    async with refusing(redis_factory(), transport) as scene:
+        near = SPOOL - SPOOL // 16
+        assert await scene.mallory.request("burst", SPOOL, timeout=5) == (
+            [True] * near + [False] * (SPOOL - near))
+        assert await scene.alice.request("tell", {"user": "bob", "n": 0}, timeout=5) is True
+        await scene.take_writes()
+        assert await _history_numbers(scene.admin, scene.namespace, "bob") == [0]
+        assert await histories(scene.admin, scene.namespace, NOBODIES) == near
 
 
 async def test_a_stop_tries_what_redis_refused_again_within_stop_drain(

@@ -171,14 +171,18 @@ class BusNode(abc.ABC):
     overflow the bus's buffer for its subscription: Redis's ``client-output-buffer-limit pubsub``).
     ``max_spool`` / ``max_spool_bytes``: kept messages the bus has not answered yet (queued, in
     flight, or waiting to be tried again; beyond, a kept send raises ``BackplaneError``); while
-    the bus is down, one sender (``Publication.sender``: a user, an anonymous client's address)
-    holds at most a :data:`~dara_ws_core.outbox.SENDER_SHARES`-th of each (beyond, by count or
-    by bytes, its kept sends are not kept: ``send_to_user`` returns ``False``, and
-    :meth:`BrokerBackplane.keeps` answers ``False`` for it at the count), so one client cannot
-    refuse everyone else's; server code (no sender) is bounded by the whole spool only.
-    Revocations have room of their own beside them: up to ``_SPOOL_REVOCATIONS`` targets (a
-    newer revocation of a target replaces the spooled one) and a 16th of ``max_spool_bytes``;
-    one beyond fails with :class:`~dara_ws_core.exceptions.RevocationNotKept`, logged at ERROR.
+    the spool is in use (the bus down, or, with the link up, anything waiting in the spool or
+    being tried again from it: the bus refusing writes), one sender (``Publication.sender``: a
+    user, an anonymous client's address) holds at most a
+    :data:`~dara_ws_core.outbox.SENDER_SHARES`-th of each, and at any time a sender past that
+    share does not take the last :data:`~dara_ws_core.outbox.SENDER_SHARES`-th of either
+    (beyond, by count or by bytes, its kept sends are not kept: ``send_to_user`` returns
+    ``False``, and :meth:`BrokerBackplane.keeps` answers ``False`` for it at the count), so one
+    client cannot refuse everyone else's; server code (no sender) is bounded by the whole spool
+    only. Revocations have room of their own beside them: up to ``_SPOOL_REVOCATIONS`` targets
+    (a newer revocation of a target replaces the spooled one) and a 16th of
+    ``max_spool_bytes``; one beyond fails with
+    :class:`~dara_ws_core.exceptions.RevocationNotKept`, logged at ERROR.
     ``stop_drain``: seconds :meth:`_stop_bus` waits for the spool and the batch in flight to
     drain (the bus may answer again meanwhile; what it refused is tried again meanwhile) before
     dropping what is left, counted in ``stats.spool_dropped`` and logged at ERROR (a round trip
@@ -250,6 +254,9 @@ class BusNode(abc.ABC):
         self._spool_bytes = 0
         self.max_spool = max_spool
         self.max_spool_bytes = max_spool_bytes
+        # Past these, the spool's last SENDER_SHARES-th: not for a sender beyond its share.
+        self._spool_near = max_spool - max_spool // SENDER_SHARES
+        self._spool_near_bytes = max_spool_bytes - max_spool_bytes // SENDER_SHARES
         # Durable publications not yet answered by the bus, other than the spooled ones: queued
         # in the outbox, and in the batch in flight. The spool's bounds count them too, so that
         # one accepted (a kept send that returned) always has room in the spool if it fails.
@@ -276,6 +283,12 @@ class BusNode(abc.ABC):
         self._kids = itertools.count(time.time_ns() // 1000)
         self._spool_lost = 0
         self._spool_due = True
+        # The spool is in use, and one sender holds its share of it only: while the bus is down
+        # (set by _bus_down, and before the first connection), and from the moment a
+        # publication goes into the spool (the bus failed or refused it, whatever the link's
+        # state) until the bus answered a round with the spool empty (so also while what was
+        # spooled is being tried again). One flag for both: kept sends read it each time.
+        self._spooling = True
         # Set while the spool holds a publication the bus refused (not a round trip that
         # failed): only the next heartbeat or reconnection tries it again.
         self._spool_held = False
@@ -412,16 +425,20 @@ class BusNode(abc.ABC):
             # it is never dropped for the spool's bounds), and not once stopped. Kept messages
             # and revocations have rooms of their own: a burst of kept messages never crowds
             # out a revocation (one while the bus answers is always taken: the outbox bounds
-            # it), and while the bus is down one sender holds its share of the kept room only.
+            # it), and while the spool is in use (see _spooling) one sender holds its share of
+            # the kept room only, as it does at any time in the room's last 16th (see
+            # _spool_refuses: the same rule).
             queued, queued_bytes = self._durable_queued + 1, self._durable_queued_bytes + size
             if publication.keep is None:
                 if not self._revocation_room(publication, what, done, size):
                     return False
-            elif (len(self._spool) + queued + self._durable_flying - self._revokes
+            elif ((count := len(self._spool) + queued + self._durable_flying - self._revokes)
                   > self.max_spool
-                  or self._spool_bytes + queued_bytes + self._durable_flying_bytes
-                  - self._revokes_bytes > self.max_spool_bytes or self._bus_stopped
-                  or (publication.sender is not None and not self._connected.is_set()
+                  or (taken := self._spool_bytes + queued_bytes + self._durable_flying_bytes
+                      - self._revokes_bytes) > self.max_spool_bytes or self._bus_stopped
+                  or (publication.sender is not None
+                      and (count > self._spool_near or taken > self._spool_near_bytes
+                           or self._spooling)
                       and not self._spool_keeps(publication.sender, size))):
                 self._count_failure(what, None)
                 return False
@@ -454,6 +471,20 @@ class BusNode(abc.ABC):
         self._outbox_idle.clear()
         self._outbox_ready.set()
         return True
+
+    def _spool_refuses(self, sender: str, size: int = 0) -> bool:
+        """Whether a kept message from ``sender`` (of ``size`` bytes, not queued) would be over
+        the sender's share of the spool where the share applies: while the spool is in use (the
+        bus down, or anything waiting in the spool or being tried again from it, whatever the
+        link's state), and, at any time, in the spool's last :data:`SENDER_SHARES`-th (kept for
+        the senders within their share and for server code)."""
+        if (not self._spooling
+                and len(self._spool) + self._durable_queued + self._durable_flying
+                - self._revokes < self._spool_near
+                and self._spool_bytes + self._durable_queued_bytes + self._durable_flying_bytes
+                - self._revokes_bytes + size <= self._spool_near_bytes):
+            return False
+        return not self._spool_keeps(sender, size)
 
     def _spool_keeps(self, sender: str, size: int = 0) -> bool:
         """Whether ``sender``'s kept messages not answered yet leave room in its share of the
@@ -577,10 +608,9 @@ class BusNode(abc.ABC):
         """Why a kept message (from ``sender``, of ``size`` bytes) was refused."""
         if self._bus_stopped:
             return "the backplane stopped"
-        if (sender is not None and not self._connected.is_set()
-                and not self._spool_keeps(sender, size)):
+        if sender is not None and self._spool_refuses(sender, size):
             return (f"the sender's share of the backplane's spool is full (a "
-                    f"{SENDER_SHARES}th of max_spool or max_spool_bytes, while the bus is down)")
+                    f"{SENDER_SHARES}th of max_spool or max_spool_bytes)")
         return (f"the backplane's spool is full ({self.max_spool} publications or "
                 f"{self.max_spool_bytes} bytes waiting for the bus)")
 
@@ -616,6 +646,8 @@ class BusNode(abc.ABC):
         self._spool.extend(back)
         back += front
         self._spool_bytes += sum(len(publication.data) for publication, _, _ in back)
+        if self._spool:
+            self._spooling = True
         self._spool_due = False  # tried again at the next heartbeat or reconnection
         self._spool_held = self._spool_held or refused
 
@@ -731,6 +763,8 @@ class BusNode(abc.ABC):
                 # The bus answers: what waits after a failed round trip goes now; what it
                 # refused waits for its next try (a heartbeat or a reconnection).
                 self._spool_due = not self._spool_held
+                if not spool and self._connected.is_set():  # all answered: shares lifted
+                    self._spooling = False
             # Idle, unless the spool waits for the bus to answer again (flush() waits for that;
             # not for the next try of what the bus refused, which may take a few heartbeats;
             # a stop does: it tries the spool again meanwhile, see _drain_spool).
@@ -844,6 +878,7 @@ class BusNode(abc.ABC):
         durable += (publication for publication, _, _ in self._spool)
         self._spool.clear()
         self._spool_bytes = 0
+        self._spooling = True  # disconnected now
         self._senders.clear()
         self._revoking.clear()
         self._revokes = self._revokes_bytes = 0
@@ -963,12 +998,15 @@ class BusNode(abc.ABC):
                 extra={"node": self.node_id, "lost": lost},
             )
             self._down_since = None
+        if not (self._spool or self._durable_queued or self._durable_flying):
+            self._spooling = False  # nothing waits for the bus: the shares no longer apply
         self._connected.set()
         self._retry_spool()
 
     def _bus_down(self, reason: str) -> None:
         """Called when a session ends; a subclass fails what depended on it (extend, call us)."""
         self._connected.clear()
+        self._spooling = True
         self._forget_echoes()
         if self._down_since is None and not self._stopping:
             self._down_since = time.monotonic()
