@@ -1,10 +1,13 @@
 """The spool while Redis stays connected but refuses every write, on a real ``redis-server``
 made a replica of a master that never answers (``READONLY``, as after a failover; Redis at
-``maxmemory`` or loading its data answers the same way): review 18 #3, #5, #6.
+``maxmemory`` or loading its data answers the same way): review 18 #3 to #6.
 
 * The spool's bounds hold whatever the link's state: one sender holds at most a 16th of it while
   anything waits in it (its further kept sends answer "not kept", other users' are still
   kept, none raises), and a sender past its 16th never takes the spool's last 16th.
+* Revocations Redis refuses keep one per target in the spool (the newest) and their room of
+  their own; one beyond it raises ``RevocationNotKept``; once Redis takes writes, the one kept
+  closes the user's connections on the other processes.
 * A stop tries the spool again within ``stop_drain`` (Redis may take writes again meanwhile)
   rather than dropping what Redis refused a moment before.
 * Senders waiting for room in the outbox go on at once when every publication taken from it
@@ -25,7 +28,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from redis.asyncio import Redis
 
-from dara_ws_core import DaraClient, ServerConfig, WebsocketManager
+from dara_ws_core import (
+    BackplaneError,
+    DaraClient,
+    RevocationNotKept,
+    ServerConfig,
+    WebsocketManager,
+)
 from dara_ws_redis import RedisBackplane
 
 from .helpers import eventually
@@ -141,6 +150,45 @@ async def test_a_sender_past_its_share_never_takes_the_spools_last_16th(
         await scene.take_writes()
         assert await _history_numbers(scene.admin, scene.namespace, "bob") == [0]
         assert await histories(scene.admin, scene.namespace, NOBODIES) == near
+
+
+@pytest.mark.parametrize("transport", SERVED)
+async def test_revocations_redis_refuses_keep_one_per_target_and_their_room(
+    redis_factory: Callable[[], RedisServer], monkeypatch: pytest.MonkeyPatch, transport: str
+) -> None:
+    from dara_ws_core.backplane import node as bus_node
+
+    monkeypatch.setattr(bus_node, "_SPOOL_REVOCATIONS", 4)
+    server = redis_factory()
+    namespace = f"revoked-{uuid.uuid4().hex[:6]}"
+    admin = Redis.from_url(server.url)
+    async with (started(server.url, namespace) as (node, _),
+                started(server.url, namespace) as (app, app_bp),
+                running_stack(transport, manager=node) as node_stack):
+        await node_stack.client("mallory:m1")
+        await eventually(lambda: len(node.handlers) == 1, "mallory is connected on the node")
+        await refuse_writes(admin)
+        targets = ["mallory"] * 300 + [f"u{n}" for n in range(8)]
+        answers = await asyncio.gather(*(app.disconnect_user_everywhere(t) for t in targets),
+                                       return_exceptions=True)
+        assert all(isinstance(a, BackplaneError) for a in answers)
+        lost = {t for t, a in zip(targets, answers, strict=True) if isinstance(a, RevocationNotKept)}
+        assert lost == {f"u{n}" for n in range(3, 8)}  # the room: mallory, u0, u1, u2
+        for _ in range(100):  # more of the same target, one at a time: each replaces the last
+            with pytest.raises(BackplaneError) as info:
+                await app.disconnect_user_everywhere("mallory")
+            assert not isinstance(info.value, RevocationNotKept)
+        spooled = sorted(p.revoke[0] for p, _, _ in app_bp._spool if p.revoke is not None)
+        assert spooled == ["user:mallory", "user:u0", "user:u1", "user:u2"]
+        assert app_bp._revokes == 4 and len(app_bp._revoking) == 4
+        assert app_bp._revokes_bytes == app_bp._spool_bytes <= app_bp.max_spool_bytes // 16
+        assert app_bp.connected and len(node.handlers) == 1
+        await admin.replicaof("NO", "ONE")
+        await eventually(lambda: not node.handlers, "mallory's connection on the node closed")
+        await eventually(lambda: not app_bp._spool and not app_bp._revoking,
+                         "the spool drained, answered")
+        assert app_bp._revokes == app_bp._revokes_bytes == 0
+    await admin.aclose()
 
 
 async def test_a_stop_tries_what_redis_refused_again_within_stop_drain(

@@ -180,8 +180,9 @@ class BusNode(abc.ABC):
     ``False``, and :meth:`BrokerBackplane.keeps` answers ``False`` for it at the count), so one
     client cannot refuse everyone else's; server code (no sender) is bounded by the whole spool
     only. Revocations have room of their own beside them: up to ``_SPOOL_REVOCATIONS`` targets
-    (a newer revocation of a target replaces the spooled one) and a 16th of
-    ``max_spool_bytes``; one beyond fails with
+    (one revocation per target: a newer one replaces the spooled one) and a 16th of
+    ``max_spool_bytes``. Taken while the bus is down, or sent back to the spool when the bus
+    fails or refuses them (whatever the link's state), a revocation beyond that room fails with
     :class:`~dara_ws_core.exceptions.RevocationNotKept`, logged at ERROR.
     ``stop_drain``: seconds :meth:`_stop_bus` waits for the spool and the batch in flight to
     drain (the bus may answer again meanwhile; what it refused is tried again meanwhile) before
@@ -425,9 +426,9 @@ class BusNode(abc.ABC):
             # it is never dropped for the spool's bounds), and not once stopped. Kept messages
             # and revocations have rooms of their own: a burst of kept messages never crowds
             # out a revocation (one while the bus answers is always taken: the outbox bounds
-            # it), and while the spool is in use (see _spooling) one sender holds its share of
-            # the kept room only, as it does at any time in the room's last 16th (see
-            # _spool_refuses: the same rule).
+            # it, and the room applies if it comes back to the spool), and while the spool is
+            # in use (see _spooling) one sender holds its share of the kept room only, as it
+            # does at any time in the room's last 16th (see _spool_refuses: the same rule).
             queued, queued_bytes = self._durable_queued + 1, self._durable_queued_bytes + size
             if publication.keep is None:
                 if not self._revocation_room(publication, what, done, size):
@@ -499,38 +500,86 @@ class BusNode(abc.ABC):
     def _revocation_room(self, publication: Publication, what: str,
                          done: asyncio.Future[Routed] | None, size: int) -> bool:
         """Take a revocation into the room the spool keeps for them (always, while the bus
-        answers); a spooled one of the same target gives way to it. Whether it was taken: if
-        not (stopped, or the room full of other targets), ``done`` gets
-        :class:`RevocationNotKept`, and the loss is logged at ERROR with its target."""
+        answers: :meth:`_spool_failed` applies the room to it if it comes back to the spool).
+        Whether it was taken: if not (stopped, or the room full of other targets), ``done``
+        gets :class:`RevocationNotKept`, and the loss is logged at ERROR with its target."""
         revoke = publication.revoke
         key = "" if revoke is None else revoke[0]
-        if self._bus_stopped or not self._connected.is_set():
-            if key in self._revoking:
-                self._supersede(key)
-            if self._bus_stopped or (key not in self._revoking and (
-                    len(self._revoking) >= _SPOOL_REVOCATIONS
-                    or self._revokes_bytes + size > self.max_spool_bytes // SENDER_SHARES)):
-                self.stats.failed += 1
-                why = ("the backplane stopped" if self._bus_stopped else
-                       f"the backplane's spool holds {len(self._revoking)} other revocations")
-                logger.error("backplane: revocation of %s NOT kept (%s): the other processes "
-                             "will not close its connections; revoke it again once the bus is "
-                             "back", key, why, extra={"node": self.node_id, "target": key,
-                                                      "failed": self.stats.failed})
-                if done is not None:
-                    done.set_exception(RevocationNotKept(f"revocation of {key} not kept: {why}"))
-                return False
+        if self._bus_stopped or (not self._connected.is_set() and key not in self._revoking and (
+                len(self._revoking) >= _SPOOL_REVOCATIONS
+                or self._revokes_bytes + size > self.max_spool_bytes // SENDER_SHARES)):
+            self._revocation_lost(key, "the backplane stopped" if self._bus_stopped else
+                                  f"the backplane's spool holds {len(self._revoking)} other "
+                                  f"revocations", done)
+            return False
         self._revokes += 1
         self._revokes_bytes += size
         self._revoking[key] = self._revoking.get(key, 0) + 1
         return True
 
-    def _supersede(self, key: str) -> None:
-        """A newer revocation of ``key`` is coming: the spooled ones of it are dropped (what
-        they would close, it closes too)."""
+    def _revocation_lost(self, key: str, why: str, done: asyncio.Future[Routed] | None) -> None:
+        """A revocation of ``key`` could not be kept (``why``): counted in ``stats.failed``,
+        logged at ERROR with its target, and ``done`` (if any) gets :class:`RevocationNotKept`."""
+        self.stats.failed += 1
+        logger.error("backplane: revocation of %s NOT kept (%s): the other processes will not "
+                     "close its connections; revoke it again once the bus takes it", key, why,
+                     extra={"node": self.node_id, "target": key, "failed": self.stats.failed})
+        if done is not None and not done.done():
+            done.set_exception(RevocationNotKept(f"revocation of {key} not kept: {why}"))
+
+    def _respool_revocations(self, front: list[_Spooled], back: list[_Spooled],
+                             callers: dict[int, asyncio.Future[Routed]]) -> list[_Spooled]:
+        """Revocations going back to the spool (``front``: they came from it, ``back``: from the
+        outbox, ``callers``: the ``done`` of those of ``back`` by position) keep its room for
+        revocations, whatever the link's state: one per ``scope:target`` (the newest wins: what
+        an older one would close, it closes too) and at most ``_SPOOL_REVOCATIONS`` targets and a
+        :data:`SENDER_SHARES`-th of ``max_spool_bytes``. What is left of ``back``, returned; a
+        new target beyond the room is lost (see :meth:`_revocation_lost`), and so is a newer one
+        of a target that no longer fits the bytes (the one waiting stays)."""
+        room = self.max_spool_bytes // SENDER_SHARES
+        waiting: dict[str, int] = {}  # the spool's revocations (one per target): their bytes
+        total = 0
+        for publication, _, _ in itertools.chain(front, self._spool):
+            if publication.revoke is not None:
+                waiting[publication.revoke[0]] = len(publication.data)
+                total += len(publication.data)
+        newest = {p.revoke[0]: j for j, (p, _, _) in enumerate(back) if p.revoke is not None}
+        kept: list[_Spooled] = []
+        replaced: set[str] = set()
+        for j, item in enumerate(back):
+            publication = item[0]
+            if publication.revoke is None:
+                kept.append(item)
+                continue
+            key, size = publication.revoke[0], len(publication.data)
+            old = waiting.get(key)
+            if newest[key] != j:  # a newer one of its target follows it in the batch
+                self._release(publication)
+            elif (len(waiting) < _SPOOL_REVOCATIONS and total + size <= room) if old is None else (
+                    total - old + size <= room or size <= old):
+                if old is not None:
+                    replaced.add(key)
+                waiting[key] = size
+                total += size - (old or 0)
+                kept.append(item)
+            else:
+                self._release(publication)
+                self._revocation_lost(key, f"the backplane's spool holds {len(waiting)} "
+                                      f"revocations, {total} bytes", callers.get(j))
+        if replaced:
+            stale = [q for q in front if q[0].revoke is not None and q[0].revoke[0] in replaced]
+            for q in stale:
+                front.remove(q)
+                self._release(q[0])
+            self._supersede(replaced)
+        return kept
+
+    def _supersede(self, keys: set[str]) -> None:
+        """Newer revocations of ``keys`` are coming: the spooled ones of them are dropped (what
+        they would close, the newer ones close too)."""
         spool = self._spool
         stale = [i for i, (p, _, _) in enumerate(spool)
-                 if p.revoke is not None and p.revoke[0] == key]
+                 if p.revoke is not None and p.revoke[0] in keys]
         for i in reversed(stale):
             publication = spool[i][0]
             del spool[i]
@@ -626,22 +675,36 @@ class BusNode(abc.ABC):
         publication is given up."""
         front: list[_Spooled] = []
         back: list[_Spooled] = []
+        # The callers of revocations from the outbox, by their place in back: told once the
+        # revocations' room has taken them or not (RevocationNotKept).
+        callers: dict[int, asyncio.Future[Routed]] = {}
+        told: list[tuple[asyncio.Future[Routed], BaseException]] = []
+        revocations = False
         for i, ((publication, done, what), exc) in enumerate(zip(batch, errors, strict=True)):
-            if done is not None and not done.done():
+            tried = (tries[i] if i < spooled else 0) + (refused and counted)
+            if publication.revoke is not None and i >= spooled and tried < _SPOOL_TRIES:
+                revocations = True
+                if done is not None:
+                    callers[len(back)] = done
+                    told.append((done, exc))
+            elif done is not None and not done.done():
                 done.set_exception(BackplaneError(str(exc)))
             if publication.durable is None:
                 if i >= spooled:
                     self._count_failure(what, exc)
-                continue
-            tried = (tries[i] if i < spooled else 0) + (refused and counted)
-            if tried >= _SPOOL_TRIES:
+            elif tried >= _SPOOL_TRIES:
                 self._give_up(publication, what, exc, tried)
             else:
                 (front if i < spooled else back).append((publication, what, tried))
+        if revocations:
+            back = self._respool_revocations(front, back, callers)
+            for done, exc in told:
+                if not done.done():
+                    done.set_exception(BackplaneError(str(exc)))
         # Those from the spool go back to its front (older than what stayed in it), the others
         # to its end (newer than anything in it: only this loop adds to it). The spool's bounds
-        # counted them all when they were queued (see _queue; revocations taken while the
-        # bus answered may go past them): none is dropped here.
+        # counted the kept messages when they were queued (see _queue), and the revocations'
+        # room is applied here: none is dropped for the bounds of the kept ones.
         self._spool.extendleft(reversed(front))
         self._spool.extend(back)
         back += front
