@@ -826,8 +826,8 @@ class BusNode(abc.ABC):
                 # The bus answers: what waits after a failed round trip goes now; what it
                 # refused waits for its next try (a heartbeat or a reconnection).
                 self._spool_due = not self._spool_held
-                if not spool and self._connected.is_set():  # all answered: shares lifted
-                    self._spooling = False
+                if self._spooling and not spool and self._connected.is_set():
+                    self._spooling = False  # all answered: the shares are lifted
             # Idle, unless the spool waits for the bus to answer again (flush() waits for that;
             # not for the next try of what the bus refused, which may take a few heartbeats;
             # a stop does: it tries the spool again meanwhile, see _drain_spool).
