@@ -173,8 +173,9 @@ class BackplaneError(DaraWSError):
 
 class RevocationNotKept(BackplaneError):
     """A revocation (``disconnect_*_everywhere``, ``close_channel_everywhere``) was neither
-    published nor kept in the backplane's spool: the bus is down and the spool's room for
-    revocations holds as many other targets as it may, or the backplane stopped. The other
-    processes will not close the target's connections: revoke it again once the bus is back.
+    published nor kept in the backplane's spool: the bus is down or refused it, and the spool's
+    room for revocations holds as many other targets as it may, or the backplane stopped. The
+    other processes will not close the target's connections: revoke it again once the bus takes
+    it.
     Logged at ERROR with its target. (A plain :class:`BackplaneError` from those calls means the
     revocation waits in the spool and is published once the bus answers.)"""

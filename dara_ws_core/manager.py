@@ -549,11 +549,11 @@ class WebsocketManager:
         way when a bound is reached are refused by the bus after the call returned ``True``
         (counted in ``backplane.stats.outbox_refused`` and logged). A message to be kept
         that the bus fails (or that is sent while it is unreachable) waits in the backplane's
-        bounded spool and is kept once the bus answers (while the bus is unreachable a sender
-        holds at most a 16th of the spool, in count and in bytes: beyond, ``False``, delivered live
-        only); it raises ``BackplaneError`` only when the spool is full, or once the backplane's ``stop()`` ended
-        its publishing (it could not be kept; the user's connections on this process got it
-        already)."""
+        bounded spool and is kept once the bus answers (while the spool is in use, the bus
+        unreachable or refusing writes, a sender holds at most a 16th of the spool, in count and
+        in bytes: beyond, ``False``, delivered live only); it raises ``BackplaneError`` only
+        when the spool is full, or once the backplane's ``stop()`` ended its publishing (it
+        could not be kept; the user's connections on this process got it already)."""
         frame = build_frame(message, custom=custom)
         # A send that skips a channel is not kept: who it is for depends on a live channel.
         keep = self.outbox_limits if ignore_channel is None else None

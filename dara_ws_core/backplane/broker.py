@@ -320,23 +320,26 @@ class BrokerBackplane(BusNode):
             return True
         # Kept: if the bus fails it, it waits in the spool and is sent again (with the same id,
         # so the bus keeps it once); refused when the spool (with every kept message not yet
-        # answered) would be full, or the sender's share of it while the bus is down (in count
-        # or in bytes: False, as keeps() answers), or once stopped.
+        # answered) would be full, or the sender's share of it while the spool is in use or
+        # nearly full (in count or in bytes: False, as keeps() answers), or once stopped.
         if await self._post(Publication(data, user_id=user_id, keep=keep, sender=sender,
                                         stamped=stamped, durable=next(self._kids)),
                             "message to a user"):
             return True
-        if (sender is not None and not self._bus_stopped and not self._connected.is_set()
-                and not self._spool_keeps(sender, len(data))):
+        if sender is not None and not self._bus_stopped and self._spool_refuses(sender, len(data)):
             return False
         raise BackplaneError(f"{self._durable_refusal(sender, len(data))}: the message to the "
                              f"user was not kept")
 
     def keeps(self, sender: str | None) -> bool:
-        # While the bus is down, its last answer is stale: the sender's share of the spool
-        # decides (a sender holding its share is not offered, as the bus would refuse it).
+        # While the spool is in use (the bus down or refusing) or nearly full, the bus's last
+        # answer is not the whole story: the sender's share of the spool decides too (a sender
+        # holding its share is not offered, as send_to_user would not keep it). The rule of
+        # _spool_refuses, by count only, written out: this runs for every kept send.
         return self.refusals.keeps(sender, time.monotonic()) and (
-            sender is None or self._connected.is_set() or self._spool_keeps(sender))
+            sender is None or (not self._spooling
+                               and self._durable_queued + self._durable_flying < self._spool_near)
+            or self._spool_keeps(sender))
 
     def _outbox_refused(self, sender: str | None, bound: str, wait_ms: int) -> None:
         """The bus refused to keep a message for ``wait_ms`` more, by a bound of its outbox

@@ -130,8 +130,9 @@ class Backplane(Protocol):
     def keeps(self, sender: str | None) -> bool:
         """Whether a message charged to ``sender`` may be offered to the bus's outbox: ``False``
         while the bus's last answer said that sender's quota, or the outbox as a whole, is
-        exhausted (then the caller sends it without ``keep``), or, while the bus is down, while
-        that sender holds its share of the process's spool. Never waits."""
+        exhausted (then the caller sends it without ``keep``), or, while the process's spool is
+        in use (the bus down, or refusing writes), while that sender holds its share of it.
+        Never waits."""
 
     def ack(self, user_id: str, upto: str) -> None:
         """The user's connections here wrote the user's history up to entry ``upto``: move the

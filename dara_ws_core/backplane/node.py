@@ -47,6 +47,9 @@ _BATCH = 1000
 #: heartbeat or reconnection, so a publication the bus keeps refusing costs a few heartbeats.
 _SPOOL_TRIES = 5
 
+#: Seconds a stop waits before trying the spool again (doubling up to 1 s) while it drains.
+_DRAIN_RETRY = 0.05
+
 #: Revocations the spool holds on top of its kept messages (room of their own, which no burst of
 #: kept messages takes), counted by ``scope:target``: a newer one replaces a spooled one of the
 #: same target (the newest wins: it closes what was opened before it, the older one's too).
@@ -168,18 +171,24 @@ class BusNode(abc.ABC):
     overflow the bus's buffer for its subscription: Redis's ``client-output-buffer-limit pubsub``).
     ``max_spool`` / ``max_spool_bytes``: kept messages the bus has not answered yet (queued, in
     flight, or waiting to be tried again; beyond, a kept send raises ``BackplaneError``); while
-    the bus is down, one sender (``Publication.sender``: a user, an anonymous client's address)
-    holds at most a :data:`~dara_ws_core.outbox.SENDER_SHARES`-th of each (beyond, by count or
-    by bytes, its kept sends are not kept: ``send_to_user`` returns ``False``, and
-    :meth:`BrokerBackplane.keeps` answers ``False`` for it at the count), so one client cannot
-    refuse everyone else's; server code (no sender) is bounded by the whole spool only.
-    Revocations have room of their own beside them: up to ``_SPOOL_REVOCATIONS`` targets (a
-    newer revocation of a target replaces the spooled one) and a 16th of ``max_spool_bytes``;
-    one beyond fails with :class:`~dara_ws_core.exceptions.RevocationNotKept`, logged at ERROR.
+    the spool is in use (the bus down, or, with the link up, anything waiting in the spool or
+    being tried again from it: the bus refusing writes), one sender (``Publication.sender``: a
+    user, an anonymous client's address) holds at most a
+    :data:`~dara_ws_core.outbox.SENDER_SHARES`-th of each, and at any time a sender past that
+    share does not take the last :data:`~dara_ws_core.outbox.SENDER_SHARES`-th of either
+    (beyond, by count or by bytes, its kept sends are not kept: ``send_to_user`` returns
+    ``False``, and :meth:`BrokerBackplane.keeps` answers ``False`` for it at the count), so one
+    client cannot refuse everyone else's; server code (no sender) is bounded by the whole spool
+    only. Revocations have room of their own beside them: up to ``_SPOOL_REVOCATIONS`` targets
+    (one revocation per target: a newer one replaces the spooled one) and a 16th of
+    ``max_spool_bytes``. Taken while the bus is down, or sent back to the spool when the bus
+    fails or refuses them (whatever the link's state), a revocation beyond that room fails with
+    :class:`~dara_ws_core.exceptions.RevocationNotKept`, logged at ERROR.
     ``stop_drain``: seconds :meth:`_stop_bus` waits for the spool and the batch in flight to
-    drain (the bus may answer again meanwhile) before dropping what is left, counted in
-    ``stats.spool_dropped`` and logged at ERROR (a round trip cut short too: the log says the bus
-    may have run it). The spool lives in this process's memory: a process killed (not stopped) loses it.
+    drain (the bus may answer again meanwhile; what it refused is tried again meanwhile) before
+    dropping what is left, counted in ``stats.spool_dropped`` and logged at ERROR (a round trip
+    cut short too: the log says the bus may have run it). The spool lives in this process's
+    memory: a process killed (not stopped) loses it.
 
     ``node_id`` names the process on the bus (its topic, its directory entries); it is not a
     scope for deduplication: each backplane draws its own :attr:`life`, and the numbers of
@@ -246,6 +255,9 @@ class BusNode(abc.ABC):
         self._spool_bytes = 0
         self.max_spool = max_spool
         self.max_spool_bytes = max_spool_bytes
+        # Past these, the spool's last SENDER_SHARES-th: not for a sender beyond its share.
+        self._spool_near = max_spool - max_spool // SENDER_SHARES
+        self._spool_near_bytes = max_spool_bytes - max_spool_bytes // SENDER_SHARES
         # Durable publications not yet answered by the bus, other than the spooled ones: queued
         # in the outbox, and in the batch in flight. The spool's bounds count them too, so that
         # one accepted (a kept send that returned) always has room in the spool if it fails.
@@ -272,6 +284,12 @@ class BusNode(abc.ABC):
         self._kids = itertools.count(time.time_ns() // 1000)
         self._spool_lost = 0
         self._spool_due = True
+        # The spool is in use, and one sender holds its share of it only: while the bus is down
+        # (set by _bus_down, and before the first connection), and from the moment a
+        # publication goes into the spool (the bus failed or refused it, whatever the link's
+        # state) until the bus answered a round with the spool empty (so also while what was
+        # spooled is being tried again). One flag for both: kept sends read it each time.
+        self._spooling = True
         # Set while the spool holds a publication the bus refused (not a round trip that
         # failed): only the next heartbeat or reconnection tries it again.
         self._spool_held = False
@@ -408,16 +426,20 @@ class BusNode(abc.ABC):
             # it is never dropped for the spool's bounds), and not once stopped. Kept messages
             # and revocations have rooms of their own: a burst of kept messages never crowds
             # out a revocation (one while the bus answers is always taken: the outbox bounds
-            # it), and while the bus is down one sender holds its share of the kept room only.
+            # it, and the room applies if it comes back to the spool), and while the spool is
+            # in use (see _spooling) one sender holds its share of the kept room only, as it
+            # does at any time in the room's last 16th (see _spool_refuses: the same rule).
             queued, queued_bytes = self._durable_queued + 1, self._durable_queued_bytes + size
             if publication.keep is None:
                 if not self._revocation_room(publication, what, done, size):
                     return False
-            elif (len(self._spool) + queued + self._durable_flying - self._revokes
+            elif ((count := len(self._spool) + queued + self._durable_flying - self._revokes)
                   > self.max_spool
-                  or self._spool_bytes + queued_bytes + self._durable_flying_bytes
-                  - self._revokes_bytes > self.max_spool_bytes or self._bus_stopped
-                  or (publication.sender is not None and not self._connected.is_set()
+                  or (taken := self._spool_bytes + queued_bytes + self._durable_flying_bytes
+                      - self._revokes_bytes) > self.max_spool_bytes or self._bus_stopped
+                  or (publication.sender is not None
+                      and (count > self._spool_near or taken > self._spool_near_bytes
+                           or self._spooling)
                       and not self._spool_keeps(publication.sender, size))):
                 self._count_failure(what, None)
                 return False
@@ -451,6 +473,20 @@ class BusNode(abc.ABC):
         self._outbox_ready.set()
         return True
 
+    def _spool_refuses(self, sender: str, size: int = 0) -> bool:
+        """Whether a kept message from ``sender`` (of ``size`` bytes, not queued) would be over
+        the sender's share of the spool where the share applies: while the spool is in use (the
+        bus down, or anything waiting in the spool or being tried again from it, whatever the
+        link's state), and, at any time, in the spool's last :data:`SENDER_SHARES`-th (kept for
+        the senders within their share and for server code)."""
+        if (not self._spooling
+                and len(self._spool) + self._durable_queued + self._durable_flying
+                - self._revokes < self._spool_near
+                and self._spool_bytes + self._durable_queued_bytes + self._durable_flying_bytes
+                - self._revokes_bytes + size <= self._spool_near_bytes):
+            return False
+        return not self._spool_keeps(sender, size)
+
     def _spool_keeps(self, sender: str, size: int = 0) -> bool:
         """Whether ``sender``'s kept messages not answered yet leave room in its share of the
         spool for one more (of ``size`` bytes): a :data:`SENDER_SHARES`-th of ``max_spool`` and
@@ -464,38 +500,86 @@ class BusNode(abc.ABC):
     def _revocation_room(self, publication: Publication, what: str,
                          done: asyncio.Future[Routed] | None, size: int) -> bool:
         """Take a revocation into the room the spool keeps for them (always, while the bus
-        answers); a spooled one of the same target gives way to it. Whether it was taken: if
-        not (stopped, or the room full of other targets), ``done`` gets
-        :class:`RevocationNotKept`, and the loss is logged at ERROR with its target."""
+        answers: :meth:`_spool_failed` applies the room to it if it comes back to the spool).
+        Whether it was taken: if not (stopped, or the room full of other targets), ``done``
+        gets :class:`RevocationNotKept`, and the loss is logged at ERROR with its target."""
         revoke = publication.revoke
         key = "" if revoke is None else revoke[0]
-        if self._bus_stopped or not self._connected.is_set():
-            if key in self._revoking:
-                self._supersede(key)
-            if self._bus_stopped or (key not in self._revoking and (
-                    len(self._revoking) >= _SPOOL_REVOCATIONS
-                    or self._revokes_bytes + size > self.max_spool_bytes // SENDER_SHARES)):
-                self.stats.failed += 1
-                why = ("the backplane stopped" if self._bus_stopped else
-                       f"the backplane's spool holds {len(self._revoking)} other revocations")
-                logger.error("backplane: revocation of %s NOT kept (%s): the other processes "
-                             "will not close its connections; revoke it again once the bus is "
-                             "back", key, why, extra={"node": self.node_id, "target": key,
-                                                      "failed": self.stats.failed})
-                if done is not None:
-                    done.set_exception(RevocationNotKept(f"revocation of {key} not kept: {why}"))
-                return False
+        if self._bus_stopped or (not self._connected.is_set() and key not in self._revoking and (
+                len(self._revoking) >= _SPOOL_REVOCATIONS
+                or self._revokes_bytes + size > self.max_spool_bytes // SENDER_SHARES)):
+            self._revocation_lost(key, "the backplane stopped" if self._bus_stopped else
+                                  f"the backplane's spool holds {len(self._revoking)} other "
+                                  f"revocations", done)
+            return False
         self._revokes += 1
         self._revokes_bytes += size
         self._revoking[key] = self._revoking.get(key, 0) + 1
         return True
 
-    def _supersede(self, key: str) -> None:
-        """A newer revocation of ``key`` is coming: the spooled ones of it are dropped (what
-        they would close, it closes too)."""
+    def _revocation_lost(self, key: str, why: str, done: asyncio.Future[Routed] | None) -> None:
+        """A revocation of ``key`` could not be kept (``why``): counted in ``stats.failed``,
+        logged at ERROR with its target, and ``done`` (if any) gets :class:`RevocationNotKept`."""
+        self.stats.failed += 1
+        logger.error("backplane: revocation of %s NOT kept (%s): the other processes will not "
+                     "close its connections; revoke it again once the bus takes it", key, why,
+                     extra={"node": self.node_id, "target": key, "failed": self.stats.failed})
+        if done is not None and not done.done():
+            done.set_exception(RevocationNotKept(f"revocation of {key} not kept: {why}"))
+
+    def _respool_revocations(self, front: list[_Spooled], back: list[_Spooled],
+                             callers: dict[int, asyncio.Future[Routed]]) -> list[_Spooled]:
+        """Revocations going back to the spool (``front``: they came from it, ``back``: from the
+        outbox, ``callers``: the ``done`` of those of ``back`` by position) keep its room for
+        revocations, whatever the link's state: one per ``scope:target`` (the newest wins: what
+        an older one would close, it closes too) and at most ``_SPOOL_REVOCATIONS`` targets and a
+        :data:`SENDER_SHARES`-th of ``max_spool_bytes``. What is left of ``back``, returned; a
+        new target beyond the room is lost (see :meth:`_revocation_lost`), and so is a newer one
+        of a target that no longer fits the bytes (the one waiting stays)."""
+        room = self.max_spool_bytes // SENDER_SHARES
+        waiting: dict[str, int] = {}  # the spool's revocations (one per target): their bytes
+        total = 0
+        for publication, _, _ in itertools.chain(front, self._spool):
+            if publication.revoke is not None:
+                waiting[publication.revoke[0]] = len(publication.data)
+                total += len(publication.data)
+        newest = {p.revoke[0]: j for j, (p, _, _) in enumerate(back) if p.revoke is not None}
+        kept: list[_Spooled] = []
+        replaced: set[str] = set()
+        for j, item in enumerate(back):
+            publication = item[0]
+            if publication.revoke is None:
+                kept.append(item)
+                continue
+            key, size = publication.revoke[0], len(publication.data)
+            old = waiting.get(key)
+            if newest[key] != j:  # a newer one of its target follows it in the batch
+                self._release(publication)
+            elif (len(waiting) < _SPOOL_REVOCATIONS and total + size <= room) if old is None else (
+                    total - old + size <= room or size <= old):
+                if old is not None:
+                    replaced.add(key)
+                waiting[key] = size
+                total += size - (old or 0)
+                kept.append(item)
+            else:
+                self._release(publication)
+                self._revocation_lost(key, f"the backplane's spool holds {len(waiting)} "
+                                      f"revocations, {total} bytes", callers.get(j))
+        if replaced:
+            stale = [q for q in front if q[0].revoke is not None and q[0].revoke[0] in replaced]
+            for q in stale:
+                front.remove(q)
+                self._release(q[0])
+            self._supersede(replaced)
+        return kept
+
+    def _supersede(self, keys: set[str]) -> None:
+        """Newer revocations of ``keys`` are coming: the spooled ones of them are dropped (what
+        they would close, the newer ones close too)."""
         spool = self._spool
         stale = [i for i, (p, _, _) in enumerate(spool)
-                 if p.revoke is not None and p.revoke[0] == key]
+                 if p.revoke is not None and p.revoke[0] in keys]
         for i in reversed(stale):
             publication = spool[i][0]
             del spool[i]
@@ -573,10 +657,9 @@ class BusNode(abc.ABC):
         """Why a kept message (from ``sender``, of ``size`` bytes) was refused."""
         if self._bus_stopped:
             return "the backplane stopped"
-        if (sender is not None and not self._connected.is_set()
-                and not self._spool_keeps(sender, size)):
+        if sender is not None and self._spool_refuses(sender, size):
             return (f"the sender's share of the backplane's spool is full (a "
-                    f"{SENDER_SHARES}th of max_spool or max_spool_bytes, while the bus is down)")
+                    f"{SENDER_SHARES}th of max_spool or max_spool_bytes)")
         return (f"the backplane's spool is full ({self.max_spool} publications or "
                 f"{self.max_spool_bytes} bytes waiting for the bus)")
 
@@ -592,26 +675,42 @@ class BusNode(abc.ABC):
         publication is given up."""
         front: list[_Spooled] = []
         back: list[_Spooled] = []
+        # The callers of revocations from the outbox, by their place in back: told once the
+        # revocations' room has taken them or not (RevocationNotKept).
+        callers: dict[int, asyncio.Future[Routed]] = {}
+        told: list[tuple[asyncio.Future[Routed], BaseException]] = []
+        revocations = False
         for i, ((publication, done, what), exc) in enumerate(zip(batch, errors, strict=True)):
-            if done is not None and not done.done():
+            tried = (tries[i] if i < spooled else 0) + (refused and counted)
+            if publication.revoke is not None and i >= spooled and tried < _SPOOL_TRIES:
+                revocations = True
+                if done is not None:
+                    callers[len(back)] = done
+                    told.append((done, exc))
+            elif done is not None and not done.done():
                 done.set_exception(BackplaneError(str(exc)))
             if publication.durable is None:
                 if i >= spooled:
                     self._count_failure(what, exc)
-                continue
-            tried = (tries[i] if i < spooled else 0) + (refused and counted)
-            if tried >= _SPOOL_TRIES:
+            elif tried >= _SPOOL_TRIES:
                 self._give_up(publication, what, exc, tried)
             else:
                 (front if i < spooled else back).append((publication, what, tried))
+        if revocations:
+            back = self._respool_revocations(front, back, callers)
+            for done, exc in told:
+                if not done.done():
+                    done.set_exception(BackplaneError(str(exc)))
         # Those from the spool go back to its front (older than what stayed in it), the others
         # to its end (newer than anything in it: only this loop adds to it). The spool's bounds
-        # counted them all when they were queued (see _queue; revocations taken while the
-        # bus answered may go past them): none is dropped here.
+        # counted the kept messages when they were queued (see _queue), and the revocations'
+        # room is applied here: none is dropped for the bounds of the kept ones.
         self._spool.extendleft(reversed(front))
         self._spool.extend(back)
         back += front
         self._spool_bytes += sum(len(publication.data) for publication, _, _ in back)
+        if self._spool:
+            self._spooling = True
         self._spool_due = False  # tried again at the next heartbeat or reconnection
         self._spool_held = self._spool_held or refused
 
@@ -680,9 +779,11 @@ class BusNode(abc.ABC):
                         # (While the bus is down the batch fails whole: spooled in order.)
                         batch += (self._hold_back(taken) if spool and self._connected.is_set()
                                   else taken)
+                # Room in the outbox for the senders waiting, also when every publication taken
+                # was held back in the spool (the round published nothing, they wait no more).
+                self._outbox_space.set()
                 if not batch:
                     continue  # all of it held back in the spool (each round takes some)
-                self._outbox_space.set()
                 finished = len(batch) - spooled
                 try:
                     # The durable ones stay counted in flight (the spool's bounds, the drain at
@@ -725,10 +826,13 @@ class BusNode(abc.ABC):
                 # The bus answers: what waits after a failed round trip goes now; what it
                 # refused waits for its next try (a heartbeat or a reconnection).
                 self._spool_due = not self._spool_held
+                if self._spooling and not spool and self._connected.is_set():
+                    self._spooling = False  # all answered: the shares are lifted
             # Idle, unless the spool waits for the bus to answer again (flush() waits for that;
-            # not for the next try of what the bus refused, which may take a few heartbeats).
+            # not for the next try of what the bus refused, which may take a few heartbeats;
+            # a stop does: it tries the spool again meanwhile, see _drain_spool).
             if not spool or (self._spool_held and self._connected.is_set()
-                             and not self._spool_due):
+                             and not self._spool_due and not self._bus_stopped):
                 self._outbox_idle.set()
 
     def _partly_refused(self, batch: list[_Queued], refused: BatchRefused, spooled: int,
@@ -837,6 +941,7 @@ class BusNode(abc.ABC):
         durable += (publication for publication, _, _ in self._spool)
         self._spool.clear()
         self._spool_bytes = 0
+        self._spooling = True  # disconnected now
         self._senders.clear()
         self._revoking.clear()
         self._revokes = self._revokes_bytes = 0
@@ -906,13 +1011,14 @@ class BusNode(abc.ABC):
 
     async def _stop_bus(self) -> None:
         """Let queued messages leave (briefly: 1 s; the kept messages and revocations not
-        answered yet up to ``stop_drain``, waiting for the bus to answer again if it is down),
+        answered yet up to ``stop_drain``, waiting for the bus to answer again if it is down and
+        trying again what it refused, see :meth:`_drain_spool`),
         fail the rest (the durable ones logged at ERROR, see :meth:`_drop_outbox`), and
         disconnect. From here on nothing more is queued: a kept send raises ``BackplaneError``
         (no task would publish it), anything else is counted as failed."""
         self._bus_stopped = True
         if self._spool or self._durable_queued or self._durable_flying:
-            await wait_event(self._outbox_idle, self.stop_drain)
+            await self._drain_spool()
         elif self._connected.is_set():
             await wait_event(self._outbox_idle, 1.0)
         await cancel_task(self._publisher_task)
@@ -923,6 +1029,22 @@ class BusNode(abc.ABC):
         await cancel_task(self._bus_task)
         with contextlib.suppress(Exception):
             await self._close_bus()
+
+    async def _drain_spool(self) -> None:
+        """At stop: wait up to ``stop_drain`` seconds for the bus to answer every durable
+        publication, trying the spool again meanwhile, at once and then at growing intervals
+        (from ``_DRAIN_RETRY`` up to 1 s): what the bus refused a moment ago (a replica being
+        promoted, Redis at ``maxmemory`` until memory was freed) may be taken now, and the
+        heartbeats that would try it again have stopped."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.stop_drain
+        pause = _DRAIN_RETRY
+        while True:
+            self._retry_spool()
+            left = deadline - loop.time()
+            if left <= 0 or await wait_event(self._outbox_idle, min(left, pause)):
+                return
+            pause = min(2 * pause, 1.0)
 
     def _bus_up(self) -> None:
         """Called by ``_bus_session`` once subscribed (a subclass may extend it, calling us last:
@@ -939,12 +1061,15 @@ class BusNode(abc.ABC):
                 extra={"node": self.node_id, "lost": lost},
             )
             self._down_since = None
+        if not (self._spool or self._durable_queued or self._durable_flying):
+            self._spooling = False  # nothing waits for the bus: the shares no longer apply
         self._connected.set()
         self._retry_spool()
 
     def _bus_down(self, reason: str) -> None:
         """Called when a session ends; a subclass fails what depended on it (extend, call us)."""
         self._connected.clear()
+        self._spooling = True
         self._forget_echoes()
         if self._down_since is None and not self._stopping:
             self._down_since = time.monotonic()
