@@ -549,7 +549,8 @@ class WebsocketManager:
             if keep is None:
                 self.deliver_to_user(user_id, frame, ignore_channel)
                 return True
-            return self._send_kept(user_id, frame, *self._sender())
+            sender, address = self._sender()
+            return self._send_kept(user_id, frame, sender, address)
         sender = address = None
         kept = True
         if keep is not None:

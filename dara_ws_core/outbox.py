@@ -41,10 +41,15 @@ for another's, the new one is refused instead. Each message is **charged to its 
 caller says who: the manager charges the user whose frame is being handled, or for an anonymous
 one its address), and a sender takes at most its *share* of each shared bound: ``max_per_sender``
 messages waiting, and never more than a :data:`SENDER_SHARES`-th of the users (each message
-waiting may hold a history) or of the bytes. The last such fraction of the users and bytes is
-kept for senders holding little (under a :data:`SENDER_SMALL`-th of their share) and for server
-code, which is charged to nobody: however many senders take their share, a message from one that
-holds little is still kept. On the bus the same bounds are kept where it appends
+waiting may hold a history) or of the bytes. A name can be free (an authenticator may let a
+client pick its user id), so each message is also charged to its sender's **address**
+(:func:`address_of`), and the senders of one address take together at most an
+:data:`ADDRESS_SHARES`-th of the users and of the bytes: a client minting names holds its
+address's share, not one per name. Senders together never take the last
+:data:`SENDER_SHARES`-th of the users and bytes: that one is server code's, which is charged to
+nobody. Of what they may take, the last such fraction is kept for senders holding little (under
+a :data:`SENDER_SMALL`-th of their share) from addresses holding little (the same): however many
+addresses take their share, a message from one that holds little is still kept. On the bus the same bounds are kept where it appends
 (``dara_ws_redis``), and :class:`BusRefusals` remembers its refusals for the sending process.
 
 Not covered: broadcasts (for whoever is connected now; keeping them per absent user would cost
@@ -107,7 +112,9 @@ class OutboxLimits:
     #: message was sent; for an anonymous one, its address) waiting in the outbox at once, and
     #: at most a :data:`SENDER_SHARES`-th of ``max_users`` (:attr:`sender_messages`); its bytes
     #: waiting are at most a :data:`SENDER_SHARES`-th of ``max_total_bytes``
-    #: (:attr:`sender_bytes`). Beyond, that sender's messages are refused, and other senders'
+    #: (:attr:`sender_bytes`); the senders of one address (:func:`address_of`) together at
+    #: most :attr:`address_messages` and :attr:`address_bytes`. Beyond, that sender's messages
+    #: (or that address's) are refused, and other senders'
     #: still kept. A message leaves its sender's count once written to its user, dropped by a
     #: bound, or expired.
     max_per_sender: int = 1000
@@ -171,6 +178,7 @@ def sender_of(identity: Identity | None, source: str | None) -> str:
 def address_of(source: str) -> str: ...
 @overload
 def address_of(source: None) -> None: ...
+@functools.lru_cache(maxsize=1024)  # the send path asks once per kept message: no frame
 def address_of(source: str | None) -> str | None:
     """The address a connection whose peer is ``source`` (its address key) is charged to as well
     as its sender, named or not (:data:`ADDRESS_SHARES`): the key its anonymous connections are
