@@ -49,8 +49,9 @@ address's share, not one per name. Senders together never take the last
 :data:`SENDER_SHARES`-th of the users and bytes: that one is server code's, which is charged to
 nobody. Of what they may take, the last such fraction is kept for senders holding little (under
 a :data:`SENDER_SMALL`-th of their share) from addresses holding little (the same): however many
-addresses take their share, a message from one that holds little is still kept. On the bus the same bounds are kept where it appends
-(``dara_ws_redis``), and :class:`BusRefusals` remembers its refusals for the sending process.
+addresses take their share, a message from one that holds little is still kept. On the bus the
+same bounds are kept where it appends (``dara_ws_redis``), and :class:`BusRefusals` remembers its
+refusals for the sending process.
 
 Not covered: broadcasts (for whoever is connected now; keeping them per absent user would cost
 memory for every user ever seen) and per-channel sends (a channel never comes back): at most
