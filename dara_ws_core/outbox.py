@@ -307,23 +307,19 @@ class UserOutbox:
 
     def charged(self, sender: str) -> int:
         """How many messages of ``sender`` are kept and not written yet."""
-        held = self._senders.get(sender)
-        return 0 if held is None else held[0]
+        return self._senders.get(sender, _NOTHING)[0]
 
     def charged_bytes(self, sender: str) -> int:
         """The bytes of the messages of ``sender`` kept and not written yet."""
-        held = self._senders.get(sender)
-        return 0 if held is None else held[1]
+        return self._senders.get(sender, _NOTHING)[1]
 
     def address_charged(self, address: str) -> int:
         """How many messages of the senders of ``address`` are kept and not written yet."""
-        held = self._addresses.get(address)
-        return 0 if held is None else held[0]
+        return self._addresses.get(address, _NOTHING)[0]
 
     def address_charged_bytes(self, address: str) -> int:
         """The bytes of the messages of the senders of ``address`` kept and not written yet."""
-        held = self._addresses.get(address)
-        return 0 if held is None else held[1]
+        return self._addresses.get(address, _NOTHING)[1]
 
     def add(self, user_id: str, frame: bytes, now: float, sender: str | None = None,
             address: str | None = None) -> int:
@@ -467,21 +463,9 @@ class UserOutbox:
 
     def _release(self, sender: str, address: str | None, size: int) -> None:
         """A message of ``sender`` from ``address`` of ``size`` bytes is no longer waiting."""
-        senders = self._senders
-        held = senders[sender]
-        if held[0] == 1:
-            del senders[sender]
-        else:
-            held[0] -= 1
-            held[1] -= size
+        _uncount(self._senders, sender, size)
         if address is not None:
-            addresses = self._addresses
-            place = addresses[address]
-            if place[0] == 1:
-                del addresses[address]
-            else:
-                place[0] -= 1
-                place[1] -= size
+            _uncount(self._addresses, address, size)
 
     def _release_all(self, history: _History) -> None:
         """A history is forgotten: release the charges of its entries still waiting."""
@@ -710,7 +694,19 @@ class UserOutbox:
             self._forget(first, history)
 
 
+def _uncount(books: dict[str, list[int]], key: str, size: int) -> None:
+    """One message of ``size`` bytes counted for ``key`` (a sender, an address) no longer waits:
+    out of its counts, and the counts out of ``books`` once nothing is left."""
+    held = books[key]
+    if held[0] == 1:
+        del books[key]
+    else:
+        held[0] -= 1
+        held[1] -= size
+
+
 _TAKER = object()
+_NOTHING = [0, 0]  # the counts of a sender (or an address) with nothing waiting: read only
 _VOID = object()  # a lease whose holder ended before writing every entry it leased
 
 

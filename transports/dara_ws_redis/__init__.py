@@ -322,23 +322,21 @@ if keep then
 end
 if keep then
   local most, cap, age = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+  -- Count the message in a sender's (or an address's) counters, whose count began at
+  -- ``begun`` (nil: a new count, known by when it began: it lasts ``age`` at most).
+  local function charge(key, begun)
+    if not begun then
+      begun = t[1] .. '.' .. t[2]
+      redis.call('HSET', key, 'p', begun)
+      redis.call('PEXPIRE', key, age)
+    end
+    redis.call('HINCRBY', key, 'c', 1)
+    redis.call('HINCRBY', key, 'b', #ARGV[3])
+    return begun
+  end
   if ARGV[11] ~= '' then
-    if not period then  -- a new count, known by when it began: it lasts ``age`` at most
-      period = t[1] .. '.' .. t[2]
-      redis.call('HSET', ARGV[11], 'p', period)
-      redis.call('PEXPIRE', ARGV[11], age)
-    end
-    redis.call('HINCRBY', ARGV[11], 'c', 1)
-    redis.call('HINCRBY', ARGV[11], 'b', #ARGV[3])
-    if ARGV[16] ~= '' then  -- its address's count: the same
-      if not place then
-        place = t[1] .. '.' .. t[2]
-        redis.call('HSET', ARGV[16], 'p', place)
-        redis.call('PEXPIRE', ARGV[16], age)
-      end
-      redis.call('HINCRBY', ARGV[16], 'c', 1)
-      redis.call('HINCRBY', ARGV[16], 'b', #ARGV[3])
-    end
+    period = charge(ARGV[11], period)
+    if ARGV[16] ~= '' then place = charge(ARGV[16], place) end
   end
   if new then
     redis.call('HINCRBY', window, 'u', 1)
