@@ -183,8 +183,10 @@ class ServerConfig:
     #: message still waiting for its user is never dropped for another's: the new message is
     #: then not kept (still delivered live; ``send_message_to_user`` returns ``False``), and
     #: logged. The last
-    #: 16th of each is kept for senders holding under a 64th of their share (below) and for
-    #: server code: there, a sender holding more is refused as over its share.
+    #: 16th of each is server code's alone (no sender's message is kept there), and the one
+    #: before it is kept for senders holding under a 64th of their share (below) from addresses
+    #: holding under a 64th of theirs: there, a sender holding more, or from an address holding
+    #: more, is refused as over its share.
     outbox_users: int = 100_000
     outbox_total_bytes: int = 256 * MiB
     #: Most kept messages charged to one sender waiting for their users at once, and never more
@@ -194,12 +196,16 @@ class ServerConfig:
     #: identity (``AnonymousIdentity``, new for each connection), the connection's address
     #: (an IPv6 one by its /64; behind a proxy, see ``forwarded_allow_ips``): every anonymous
     #: connection from one address is one sender. A
-    #: send from server code, outside any connection, is charged to nobody. Beyond, that
-    #: sender's messages are delivered live but not kept (``send_message_to_user`` returns
-    #: ``False``), so one client filling its share costs its own messages, not everyone's. A
-    #: message leaves the count once written to its user, dropped by a bound or expired; with
-    #: Redis too (the acknowledgement releases it), and the sender's counters there also expire
-    #: ``outbox_age`` after they were made.
+    #: send from server code, outside any connection, is charged to nobody. Each kept message
+    #: is also charged to its connection's address, named sender or not (as anonymous ones are
+    #: keyed; none for a connection without one): the senders of one address hold together at
+    #: most a quarter of ``outbox_users`` and of ``outbox_total_bytes``, so a client that names
+    #: itself anew for each connection (as the demo's tokens allow) gets no share per name.
+    #: Beyond either, that sender's messages (or its address's) are delivered live but not kept
+    #: (``send_message_to_user`` returns ``False``), so one client filling its share costs its
+    #: own messages, not everyone's. A message leaves the counts once written to its user,
+    #: dropped by a bound or expired; with Redis too (the acknowledgement releases it), and the
+    #: counters there also expire ``outbox_age`` after they were made.
     outbox_per_sender: int = 1000
 
     def __post_init__(self) -> None:

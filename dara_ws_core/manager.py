@@ -32,6 +32,7 @@ from .handler import _DEFAULT, ACK_PARKED, Sink, WebSocketHandler, current_chann
 from .logs import _is_power_of_ten, current_source
 from .messages import LoosePayload
 from .outbox import (
+    ADDRESS_SHARES,
     SENDER_SHARES,
     ClosedWrites,
     DeliveryCursors,
@@ -40,6 +41,7 @@ from .outbox import (
     Stamped,
     UserOutbox,
     WriteLog,
+    address_of,
     id_key,
     sender_of,
 )
@@ -561,11 +563,13 @@ class WebsocketManager:
             if keep is None:
                 self.deliver_to_user(user_id, frame, ignore_channel)
                 return True
-            return self._send_kept(user_id, frame, self._sender())
-        sender, kept = None, True
+            sender, address = self._sender()
+            return self._send_kept(user_id, frame, sender, address)
+        sender = address = None
+        kept = True
         if keep is not None:
-            sender = self._sender()
-            if not self.backplane.keeps(sender):  # over a bound, the bus said: not offered
+            sender, address = self._sender()
+            if not self.backplane.keeps(sender, address):  # over a bound, the bus said: not offered
                 keep, kept = None, False
         handlers = self.handlers
         local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]
@@ -585,15 +589,17 @@ class WebsocketManager:
                                          arrival=arrival)
         # False also when the sender's share had room for a message, not for this one's bytes.
         return await self.backplane.send_to_user(user_id, frame, ignore_channel, keep, stamped,
-                                                 sender=sender) and kept
+                                                 sender=sender, address=address) and kept
 
-    def _sender(self) -> str | None:
-        """Who a kept message is charged to: the connection whose frame is being handled, by its
-        identity and address (:func:`sender_of`), from the context its tasks inherit (also once
-        the connection is gone); ``None`` outside any connection (server code)."""
+    def _sender(self) -> tuple[str | None, str | None]:
+        """Who a kept message is charged to, and from which address: the connection whose frame
+        is being handled, by its identity and address (:func:`sender_of`, :func:`address_of`),
+        from the context its tasks inherit (also once the connection is gone); ``None`` and
+        ``None`` outside any connection (server code)."""
         if current_channel.get(None) is None:
-            return None
-        return sender_of(current_identity.get(None), current_source.get())
+            return None, None
+        source = current_source.get()
+        return sender_of(current_identity.get(None), source), address_of(source)
 
     def _when_stamped(self, user_id: str, frame: bytes, local: list[WebSocketHandler],
                       waiting: _HeldFrame | None, ignore_channel: str | None, *,
@@ -671,15 +677,17 @@ class WebsocketManager:
             self._cursors.own(user_id, entry.id, entry.n)
             self._deliver_entry(late, user_id, frame, entry)
 
-    def _send_kept(self, user_id: str, frame: bytes, sender: str | None) -> bool:
-        """A per-user send kept in this process's outbox (no backplane), charged to ``sender``:
+    def _send_kept(self, user_id: str, frame: bytes, sender: str | None,
+                   address: str | None) -> bool:
+        """A per-user send kept in this process's outbox (no backplane), charged to ``sender``
+        and ``address``:
         appended, handed to the user's channels, then acknowledged at once if one of them wrote
         it synchronously (the user has it: nothing to remember for a closing connection), else
         once written. Without a backplane no delivery is held, deduplicated or floored, so none
         of that is consulted. Whether it was kept."""
         outbox = self.outbox
         refused, by_sender = outbox.refused, outbox.refused_sender
-        kid = outbox.add(user_id, frame, time.monotonic(), sender)
+        kid = outbox.add(user_id, frame, time.monotonic(), sender, address)
         if outbox.refused != refused:
             _refused(outbox, outbox.refused_sender != by_sender)
         handlers = self.handlers
@@ -1170,11 +1178,13 @@ def _refused(outbox: UserOutbox, by_sender: bool) -> None:
         return
     if by_sender:
         limits = outbox.limits
-        logger.warning("a sender has its share of the outbox waiting for their users (at most %d "
-                       "messages, outbox_per_sender, and %d bytes, a %dth of outbox_total_bytes; "
-                       "less once the outbox is nearly full): its message was delivered live but "
-                       "not kept (%d refused so far)", limits.sender_messages, limits.sender_bytes,
-                       SENDER_SHARES, count)
+        logger.warning("a sender, or the senders of its address together, has its share of the "
+                       "outbox waiting for their users (a sender: at most %d messages, "
+                       "outbox_per_sender, and %d bytes, a %dth of outbox_total_bytes; an "
+                       "address: a %dth of outbox_users and of outbox_total_bytes; less once the "
+                       "outbox is nearly full): its message was delivered live but not kept (%d "
+                       "refused so far)", limits.sender_messages, limits.sender_bytes,
+                       SENDER_SHARES, ADDRESS_SHARES, count)
     else:
         logger.warning("the outbox is full (%d users, %d bytes, all waiting for their users): a "
                        "message was delivered live but not kept (%d so far); raise outbox_users or "

@@ -45,11 +45,17 @@ for another's, the new one is refused instead. Each message is **charged to its 
 caller says who: the manager charges the user whose frame is being handled, or for an anonymous
 one its address), and a sender takes at most its *share* of each shared bound: ``max_per_sender``
 messages waiting, and never more than a :data:`SENDER_SHARES`-th of the users (each message
-waiting may hold a history) or of the bytes. The last such fraction of the users and bytes is
-kept for senders holding little (under a :data:`SENDER_SMALL`-th of their share) and for server
-code, which is charged to nobody: however many senders take their share, a message from one that
-holds little is still kept. On the bus the same bounds are kept where it appends
-(``dara_ws_redis``), and :class:`BusRefusals` remembers its refusals for the sending process.
+waiting may hold a history) or of the bytes. A name can be free (an authenticator may let a
+client pick its user id), so each message is also charged to its sender's **address**
+(:func:`address_of`), and the senders of one address take together at most an
+:data:`ADDRESS_SHARES`-th of the users and of the bytes: a client minting names holds its
+address's share, not one per name. Senders together never take the last
+:data:`SENDER_SHARES`-th of the users and bytes: that one is server code's, which is charged to
+nobody. Of what they may take, the last such fraction is kept for senders holding little (under
+a :data:`SENDER_SMALL`-th of their share) from addresses holding little (the same): however many
+addresses take their share, a message from one that holds little is still kept. On the bus the
+same bounds are kept where it appends (``dara_ws_redis``), and :class:`BusRefusals` remembers its
+refusals for the sending process.
 
 Not covered: broadcasts (for whoever is connected now; keeping them per absent user would cost
 memory for every user ever seen) and per-channel sends (a channel never comes back): at most
@@ -59,9 +65,9 @@ than the byte bound is not kept.
 
 from __future__ import annotations
 
-__all__ = ["SENDER_SHARES", "SENDER_SMALL", "BusRefusals", "ClosedWrites", "DeliveryCursors", "OutboxLimits",
-           "QueuedMarks", "Stamped", "UserOutbox", "WriteLog", "WrittenRun", "anonymous_sender", "id_key",
-           "sender_of"]
+__all__ = ["ADDRESS_SHARES", "SENDER_SHARES", "SENDER_SMALL", "BusRefusals", "ClosedWrites",
+           "DeliveryCursors", "OutboxLimits", "QueuedMarks", "Stamped", "UserOutbox", "WriteLog", "WrittenRun",
+           "address_of", "anonymous_sender", "id_key", "sender_of"]
 
 import bisect
 import functools
@@ -69,7 +75,7 @@ import itertools
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, overload
 
 from .transport import address_key
 
@@ -77,11 +83,19 @@ if TYPE_CHECKING:
     from .auth import Identity
 
 #: A sender takes at most this fraction of the outbox's users and bytes, whatever
-#: ``max_per_sender`` says; and the last such fraction of each is kept for senders holding under a
-#: :data:`SENDER_SMALL`-th of their share (and for server code, charged to nobody).
+#: ``max_per_sender`` says. Senders together take at most all but the last such fraction of each
+#: (server code's, charged to nobody: no sender can take it); and of what they may take, the
+#: last such fraction is kept for senders holding under a :data:`SENDER_SMALL`-th of their share
+#: from addresses holding under a :data:`SENDER_SMALL`-th of theirs.
 SENDER_SHARES = 16
-#: What a sender may hold and still use the kept fraction: its share divided by this.
+#: What a sender (or an address) may hold and still use the kept fraction: its share divided by
+#: this.
 SENDER_SMALL = 64
+#: The senders of one address (:func:`address_of`) take together at most this fraction of the
+#: outbox's users and bytes: a client that names itself anew for each connection (a sender
+#: each) is held to its address's share, and at least this many addresses are needed to fill
+#: what senders may take.
+ADDRESS_SHARES = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +117,9 @@ class OutboxLimits:
     #: message was sent; for an anonymous one, its address) waiting in the outbox at once, and
     #: at most a :data:`SENDER_SHARES`-th of ``max_users`` (:attr:`sender_messages`); its bytes
     #: waiting are at most a :data:`SENDER_SHARES`-th of ``max_total_bytes``
-    #: (:attr:`sender_bytes`). Beyond, that sender's messages are refused, and other senders'
+    #: (:attr:`sender_bytes`); the senders of one address (:func:`address_of`) together at
+    #: most :attr:`address_messages` and :attr:`address_bytes`. Beyond, that sender's messages
+    #: (or that address's) are refused, and other senders'
     #: still kept. A message leaves its sender's count once written to its user, dropped by a
     #: bound, or expired.
     max_per_sender: int = 1000
@@ -124,6 +140,18 @@ class OutboxLimits:
         """Most bytes one sender's messages waiting may take: a :data:`SENDER_SHARES`-th of
         ``max_total_bytes``."""
         return max(1, self.max_total_bytes // SENDER_SHARES)
+
+    @property
+    def address_messages(self) -> int:
+        """Most messages the senders of one address may have waiting together: an
+        :data:`ADDRESS_SHARES`-th of ``max_users``."""
+        return max(1, self.max_users // ADDRESS_SHARES)
+
+    @property
+    def address_bytes(self) -> int:
+        """Most bytes the messages waiting of one address's senders may take together: an
+        :data:`ADDRESS_SHARES`-th of ``max_total_bytes``."""
+        return max(1, self.max_total_bytes // ADDRESS_SHARES)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -152,6 +180,20 @@ def sender_of(identity: Identity | None, source: str | None) -> str:
     return user_id if not user_id.startswith("\0") else f"\0user {user_id}"
 
 
+@overload
+def address_of(source: str) -> str: ...
+@overload
+def address_of(source: None) -> None: ...
+@functools.lru_cache(maxsize=1024)  # the send path asks once per kept message: no frame
+def address_of(source: str | None) -> str | None:
+    """The address a connection whose peer is ``source`` (its address key) is charged to as well
+    as its sender, named or not (:data:`ADDRESS_SHARES`): the key its anonymous connections are
+    charged to (:func:`anonymous_sender`), so that a client naming itself anew for each
+    connection (as the demo's tokens allow) shares one address's room. ``None`` without an
+    address (a Unix socket's peer, a test): nothing to group by, only the sender counts."""
+    return None if source is None else anonymous_sender(source)
+
+
 def id_key(entry_id: str) -> tuple[int, int]:
     """The order of entry ids: ``"<ms>-<seq>"`` (Redis Stream ids) or ``"<n>"``."""
     ms, _, seq = entry_id.partition("-")
@@ -167,12 +209,13 @@ class Stamped(NamedTuple):
 
 
 #: One entry of a history: id, sequence number, when kept, the frame, its sender (``None``: not
-#: charged to anyone).
-_Entry = tuple[int, int, float, bytes, str | None]
+#: charged to anyone) and its sender's address (``None``: none, or not charged).
+_Entry = tuple[int, int, float, bytes, str | None, str | None]
 
 
 class _History:
-    """One user's entries kept (``(id, n, when, frame, sender)``, oldest first) and marks."""
+    """One user's entries kept (``(id, n, when, frame, sender, address)``, oldest first) and
+    marks."""
 
     __slots__ = ("charged", "droppable", "entries", "lease", "leased", "seq", "size", "written")
 
@@ -212,23 +255,33 @@ class UserOutbox:
         self._written: OrderedDict[str, _History] = OrderedDict()
         self._written_bytes = 0  # bytes of the droppable histories
         self._written_users = 0  # how many there are
-        # Sender -> its messages kept and not written yet, and their bytes (its share).
+        # Sender -> its messages kept and not written yet, and their bytes (its share); the
+        # same per address of the senders (address_of).
         self._senders: dict[str, list[int]] = {}
-        # The shares (OutboxLimits.sender_messages, sender_bytes), what a sender may hold and
-        # still use the kept fraction, and where that fraction begins.
+        self._addresses: dict[str, list[int]] = {}
+        # The shares (OutboxLimits.sender_messages, sender_bytes, address_*), what a sender and
+        # an address may hold and still use the kept fraction, where that fraction begins (past
+        # it, only senders holding little) and where server code's begins (past it, no sender).
         self._sender_messages = limits.sender_messages
         self._sender_bytes = limits.sender_bytes
+        self._address_messages = limits.address_messages
+        self._address_bytes = limits.address_bytes
         self._small_messages = self._sender_messages // SENDER_SMALL
         self._small_bytes = self._sender_bytes // SENDER_SMALL
-        self._near_users = limits.max_users - limits.max_users // SENDER_SHARES
-        self._near_bytes = limits.max_total_bytes - limits.max_total_bytes // SENDER_SHARES
+        self._little_messages = self._address_messages // SENDER_SMALL
+        self._little_bytes = self._address_bytes // SENDER_SMALL
+        self._near_users = limits.max_users - 2 * (limits.max_users // SENDER_SHARES)
+        self._near_bytes = limits.max_total_bytes - 2 * (limits.max_total_bytes // SENDER_SHARES)
+        self._peers_users = limits.max_users - limits.max_users // SENDER_SHARES
+        self._peers_bytes = limits.max_total_bytes - limits.max_total_bytes // SENDER_SHARES
         self._total = 0  # bytes of every user's frames kept
         self._expires = 0.0  # no user's newest entry expires before (a cutoff): none to forget
         #: Frames kept, and frames dropped by a bound; users dropped by ``max_users`` or
         #: ``max_total_bytes`` (their entries, all written, counted in ``evicted``); frames not
         #: kept because only entries still waiting for their user could have made room, or
-        #: because their sender had its share waiting, or held more than a little while only the
-        #: kept fraction was left (``refused`` counts both, and ``refused_sender`` the second).
+        #: because their sender (or its address) had its share waiting, or held more than a
+        #: little while only the kept fraction was left, or the senders' room was full
+        #: (``refused`` counts both, and ``refused_sender`` the second).
         self.kept = 0
         self.evicted = 0
         self.users_evicted = 0
@@ -259,23 +312,33 @@ class UserOutbox:
 
     def charged(self, sender: str) -> int:
         """How many messages of ``sender`` are kept and not written yet."""
-        held = self._senders.get(sender)
-        return 0 if held is None else held[0]
+        return self._senders.get(sender, _NOTHING)[0]
 
     def charged_bytes(self, sender: str) -> int:
         """The bytes of the messages of ``sender`` kept and not written yet."""
-        held = self._senders.get(sender)
-        return 0 if held is None else held[1]
+        return self._senders.get(sender, _NOTHING)[1]
 
-    def add(self, user_id: str, frame: bytes, now: float, sender: str | None = None) -> int:
+    def address_charged(self, address: str) -> int:
+        """How many messages of the senders of ``address`` are kept and not written yet."""
+        return self._addresses.get(address, _NOTHING)[0]
+
+    def address_charged_bytes(self, address: str) -> int:
+        """The bytes of the messages of the senders of ``address`` kept and not written yet."""
+        return self._addresses.get(address, _NOTHING)[1]
+
+    def add(self, user_id: str, frame: bytes, now: float, sender: str | None = None,
+            address: str | None = None) -> int:
         """Append ``frame`` to the user's history, charged to ``sender`` (``None``: to nobody,
-        as a send from server code); its id, or 0 if it is not kept: larger than ``max_bytes``,
-        ``sender`` has its share waiting (:attr:`OutboxLimits.sender_messages`,
-        :attr:`~OutboxLimits.sender_bytes`), or holds more than a :data:`SENDER_SMALL`-th of it
-        while the entries waiting fill all but the kept :data:`SENDER_SHARES`-th of
-        ``max_users`` or ``max_total_bytes``, or there is no room under the process's bounds
-        without dropping entries kept for another user that none of their connections wrote
-        yet (all but the first counted in ``refused``).
+        as a send from server code) and to its ``address`` (:func:`address_of`; ``None``: not
+        known); its id, or 0 if it is not kept: larger than ``max_bytes``, ``sender`` has its
+        share waiting (:attr:`OutboxLimits.sender_messages`,
+        :attr:`~OutboxLimits.sender_bytes`), or ``address`` has (:attr:`~OutboxLimits.address_messages`,
+        :attr:`~OutboxLimits.address_bytes`), or the entries waiting fill all but server code's
+        :data:`SENDER_SHARES`-th of ``max_users`` or ``max_total_bytes``, or all but the next
+        such share too and the sender or its address holds more than a :data:`SENDER_SMALL`-th
+        of its share, or there is no room under the process's bounds without dropping entries
+        kept for another user that none of their connections wrote yet (all but the first
+        counted in ``refused``).
         Drops expired entries, and the user's own oldest beyond the user's bounds."""
         limits = self.limits
         users = self._users
@@ -286,12 +349,19 @@ class UserOutbox:
         cutoff = now - limits.max_age
         if cutoff >= self._expires:
             self._forget_expired(user_id, cutoff)
-        held = None if sender is None else self._senders.get(sender)
-        if held is not None:
-            if held[0] >= self._sender_messages or held[1] + size > self._sender_bytes:
+        if sender is None:
+            held = place = address = None
+        else:
+            held = self._senders.get(sender)
+            if held is not None:
+                if held[0] >= self._sender_messages or held[1] + size > self._sender_bytes:
+                    return self._refuse(True)
+            elif size > self._sender_bytes:
                 return self._refuse(True)
-        elif sender is not None and size > self._sender_bytes:
-            return self._refuse(True)
+            place = None if address is None else self._addresses.get(address)
+            if place is not None and (place[0] >= self._address_messages
+                                      or place[1] + size > self._address_bytes):
+                return self._refuse(True)
         history = users.get(user_id)
         new = history is None
         if history is not None and history.droppable:  # being sent to: no longer droppable
@@ -299,9 +369,7 @@ class UserOutbox:
             self._written_bytes -= history.size
             self._written_users -= 1
         if (self._total + size > self._near_bytes or (new and len(users) >= self._near_users)) and (
-                not self._room(size, new, sender is not None and (
-                    size > self._small_bytes if held is None else (
-                        held[0] >= self._small_messages or held[1] + size > self._small_bytes)))):
+                not self._room(size, new, sender, held, place)):
             if history is not None:
                 self._check_written(user_id, history)
             return 0
@@ -314,13 +382,18 @@ class UserOutbox:
         kid = next(self._ids)
         n = history.seq = history.seq + 1
         entries = history.entries
-        entries.append((kid, n, now, frame, sender))
+        entries.append((kid, n, now, frame, sender, address))
         if sender is not None:
             if held is None:
                 self._senders[sender] = [1, size]
             else:
                 held[0] += 1
                 held[1] += size
+            if place is not None:
+                place[0] += 1
+                place[1] += size
+            elif address is not None:
+                self._addresses[address] = [1, size]
             history.charged += 1
         size += history.size
         if len(entries) > limits.max_messages:  # a user at the count bound: the oldest goes
@@ -328,7 +401,7 @@ class UserOutbox:
             size -= len(oldest[3])
             self.evicted += 1
             if oldest[4] is not None and oldest[0] > history.written:
-                self._release(oldest[4], len(oldest[3]))
+                self._release(oldest[4], oldest[5], len(oldest[3]))
                 history.charged -= 1
         if size > limits.max_bytes or len(entries) > limits.max_messages or entries[0][2] <= cutoff:
             while entries and (entries[0][2] <= cutoff or len(entries) > limits.max_messages
@@ -342,29 +415,49 @@ class UserOutbox:
     def _drop_oldest(self, history: _History) -> int:
         """Drop the history's oldest entry (a bound): its size. Releases its sender's charge
         if it was still waiting."""
-        kid, _, _, frame, sender = history.entries.popleft()
+        kid, _, _, frame, sender, address = history.entries.popleft()
         self.evicted += 1
         if sender is not None and kid > history.written:
-            self._release(sender, len(frame))
+            self._release(sender, address, len(frame))
             history.charged -= 1
         return len(frame)
 
-    def _room(self, size: int, new: bool, big: bool) -> bool:
-        """Near a bound of the process (past all but its last :data:`SENDER_SHARES`-th, counting
-        the histories all written too): whether a message of ``size`` bytes (for a user without
-        a history if ``new``) may be kept, from a sender holding more than a little if ``big``.
-        The last share of what waits is for senders holding little, and server code; room is
-        made under the bounds themselves (:meth:`_make_room`). Counts a refusal."""
-        if big and (self._total - self._written_bytes + size > self._near_bytes or (
-                new and len(self._users) - self._written_users >= self._near_users)):
-            self._refuse(True)
-            return False
+    def _room(self, size: int, new: bool, sender: str | None, held: list[int] | None,
+              place: list[int] | None) -> bool:
+        """Near a bound of the process (past all but its last two :data:`SENDER_SHARES`-ths,
+        counting the histories all written too): whether a message of ``size`` bytes (for a user
+        without a history if ``new``) may be kept, from ``sender`` (``None``: server code)
+        holding ``held`` whose address holds ``place`` (``None``: nothing, or no address).
+        Of what waits, the last share is server code's alone, and the one before it is for
+        senders holding little from addresses holding little; room is made under the bounds
+        themselves (:meth:`_make_room`). Counts a refusal."""
+        if sender is not None:
+            waiting = self._total - self._written_bytes + size
+            users = len(self._users) - self._written_users if new else -1
+            if waiting > self._peers_bytes or users >= self._peers_users or (
+                    (waiting > self._near_bytes or users >= self._near_users)
+                    and not self._little(size, held, place)):
+                self._refuse(True)
+                return False
         limits = self.limits
         if (self._total + size > limits.max_total_bytes or (new and len(self._users) >= limits.max_users)) and (
                 not self._make_room(size, new)):
             self._refuse(False)
             return False
         return True
+
+    def _little(self, size: int, held: list[int] | None, place: list[int] | None) -> bool:
+        """Whether a sender holding ``held`` from an address holding ``place`` (``None``:
+        nothing) holds little, ``size`` more bytes included: under a :data:`SENDER_SMALL`-th of
+        its share's messages (or none: a share too small to have a 64th), and of its bytes."""
+        if held is None:
+            if size > self._small_bytes:
+                return False
+        elif held[0] >= self._small_messages or held[1] + size > self._small_bytes:
+            return False
+        if place is None:
+            return size <= self._little_bytes
+        return place[0] < self._little_messages and place[1] + size <= self._little_bytes
 
     def _refuse(self, by_sender: bool) -> int:
         """Count a message not kept (``by_sender``: for its sender's share); 0."""
@@ -373,23 +466,19 @@ class UserOutbox:
             self.refused_sender += 1
         return 0
 
-    def _release(self, sender: str, size: int) -> None:
-        """A message of ``sender`` of ``size`` bytes is no longer waiting."""
-        senders = self._senders
-        held = senders[sender]
-        if held[0] == 1:
-            del senders[sender]
-        else:
-            held[0] -= 1
-            held[1] -= size
+    def _release(self, sender: str, address: str | None, size: int) -> None:
+        """A message of ``sender`` from ``address`` of ``size`` bytes is no longer waiting."""
+        _uncount(self._senders, sender, size)
+        if address is not None:
+            _uncount(self._addresses, address, size)
 
     def _release_all(self, history: _History) -> None:
         """A history is forgotten: release the charges of its entries still waiting."""
         if history.charged:
             mark = history.written
-            for kid, _, _, frame, sender in history.entries:
+            for kid, _, _, frame, sender, address in history.entries:
                 if sender is not None and kid > mark:
-                    self._release(sender, len(frame))
+                    self._release(sender, address, len(frame))
             history.charged = 0
 
     def _mark(self, user_id: str, history: _History, kid: int) -> None:
@@ -399,19 +488,27 @@ class UserOutbox:
         if kid > before:
             history.written = kid
             if history.charged:
-                senders = self._senders
+                senders, addresses = self._senders, self._addresses
                 released = 0
                 for entry in reversed(history.entries):
                     if entry[0] <= before:
                         break
                     sender = entry[4]
-                    if sender is not None and entry[0] <= kid:
+                    if sender is not None and entry[0] <= kid:  # _release, inline
                         held = senders[sender]
                         if held[0] == 1:
                             del senders[sender]
                         else:
                             held[0] -= 1
                             held[1] -= len(entry[3])
+                        address = entry[5]
+                        if address is not None:
+                            held = addresses[address]
+                            if held[0] == 1:
+                                del addresses[address]
+                            else:
+                                held[0] -= 1
+                                held[1] -= len(entry[3])
                         released += 1
                 history.charged -= released
         if not history.droppable:
@@ -509,7 +606,7 @@ class UserOutbox:
 
     def _after(self, history: _History, mark: int, now: float) -> list[Stamped]:
         cutoff = now - self.limits.max_age
-        return [Stamped(str(kid), n, frame) for kid, n, when, frame, _ in history.entries
+        return [Stamped(str(kid), n, frame) for kid, n, when, frame, *_ in history.entries
                 if kid > mark and when > cutoff]
 
     def written(self, user_id: str) -> str | None:
@@ -602,7 +699,19 @@ class UserOutbox:
             self._forget(first, history)
 
 
+def _uncount(books: dict[str, list[int]], key: str, size: int) -> None:
+    """One message of ``size`` bytes counted for ``key`` (a sender, an address) no longer waits:
+    out of its counts, and the counts out of ``books`` once nothing is left."""
+    held = books[key]
+    if held[0] == 1:
+        del books[key]
+    else:
+        held[0] -= 1
+        held[1] -= size
+
+
 _TAKER = object()
+_NOTHING = [0, 0]  # the counts of a sender (or an address) with nothing waiting: read only
 _VOID = object()  # a lease whose holder ended before writing every entry it leased
 
 
@@ -610,19 +719,21 @@ class BusRefusals:
     """What a process knows of the bus's refusals to keep messages (its outbox's bounds live on
     the bus, checked in the step that appends): a sender over its quota, or the outbox as a
     whole full, for as long as the bus said (Redis: at most 2 s, since room comes back as users
-    read). A send charged to a sender refused here is not offered to the bus's outbox at all
-    (delivered only, and the caller told at once), so asking never costs a round trip; the first
-    message past a bound is refused by the bus itself, a round trip later, and counted there.
-    Bounded by ``max_senders`` (beyond, the one refused first is forgotten: its next message asks
-    the bus again). The caller passes the clock."""
+    read). A send charged to a sender (or from an address) refused here is not offered to the
+    bus's outbox at all (delivered only, and the caller told at once), so asking never costs a
+    round trip; the first message past a bound is refused by the bus itself, a round trip later,
+    and counted there. Bounded by ``max_senders`` senders, and as many addresses (beyond, the
+    one refused first is forgotten: its next message asks the bus again). The caller passes the
+    clock."""
 
     def __init__(self, max_senders: int = 10_000) -> None:
         self.max_senders = max_senders
         self._senders: dict[str, float] = {}  # sender -> refused until
+        self._addresses: dict[str, float] = {}  # address -> refused until
         self._full_until = 0.0
 
     def __len__(self) -> int:
-        return len(self._senders)
+        return len(self._senders) + len(self._addresses)
 
     def refuse(self, sender: str | None, full: bool, until: float) -> None:
         """The bus refused a message: ``sender``'s quota (``full=False``) or the outbox as a whole
@@ -630,26 +741,41 @@ class BusRefusals:
         if full:
             self._full_until = max(self._full_until, until)
             return
-        if sender is None:
-            return
-        senders = self._senders
-        senders.pop(sender, None)
-        senders[sender] = until
-        if len(senders) > self.max_senders:
-            del senders[next(iter(senders))]
+        if sender is not None:
+            self._remember(self._senders, sender, until)
 
-    def keeps(self, sender: str | None, now: float) -> bool:
-        """Whether a message charged to ``sender`` may be offered to the bus's outbox now."""
+    def refuse_address(self, address: str | None, until: float) -> None:
+        """The bus refused a message because the senders of ``address`` hold their share
+        together, until ``until``."""
+        if address is not None:
+            self._remember(self._addresses, address, until)
+
+    def _remember(self, refused: dict[str, float], key: str, until: float) -> None:
+        refused.pop(key, None)
+        refused[key] = until
+        if len(refused) > self.max_senders:
+            del refused[next(iter(refused))]
+
+    def keeps(self, sender: str | None, now: float, address: str | None = None) -> bool:
+        """Whether a message charged to ``sender`` from ``address`` may be offered to the bus's
+        outbox now."""
         if self._full_until and now < self._full_until:
             return False
-        if sender is None or not self._senders:
+        if sender is None:
             return True
-        until = self._senders.get(sender)
+        if self._senders and not self._still(self._senders, sender, now):
+            return False
+        return address is None or not self._addresses or self._still(self._addresses, address, now)
+
+    @staticmethod
+    def _still(refused: dict[str, float], key: str, now: float) -> bool:
+        """Whether ``key`` is not refused (any more: then forgotten)."""
+        until = refused.get(key)
         if until is None:
             return True
         if now < until:
             return False
-        del self._senders[sender]
+        del refused[key]
         return True
 
 

@@ -23,6 +23,7 @@ from dara_ws_core import (
     WebsocketManager,
 )
 from dara_ws_core.outbox import (
+    SENDER_SHARES,
     BusRefusals,
     ClosedWrites,
     DeliveryCursors,
@@ -168,15 +169,24 @@ def _check_books(outbox: UserOutbox) -> None:
     assert outbox.users <= outbox.limits.max_users
     assert outbox.total_bytes <= outbox.limits.max_total_bytes
     charged: dict[str, list[int]] = {}
+    places: dict[str, list[int]] = {}
     for history in histories.values():
-        for kid, _, _, frame, sender in history.entries:
+        for kid, _, _, frame, sender, address in history.entries:
             if sender is not None and kid > history.written:
-                held = charged.setdefault(sender, [0, 0])
-                held[0] += 1
-                held[1] += len(frame)
-    assert outbox._senders == charged
+                for books, key in ((charged, sender), (places, address)):
+                    if key is not None:
+                        held = books.setdefault(key, [0, 0])
+                        held[0] += 1
+                        held[1] += len(frame)
+    assert outbox._senders == charged and outbox._addresses == places
+    limits = outbox.limits
     for held in charged.values():  # every sender within its share
-        assert held[0] <= outbox.limits.sender_messages and held[1] <= outbox.limits.sender_bytes
+        assert held[0] <= limits.sender_messages and held[1] <= limits.sender_bytes
+    for held in places.values():  # every address within its share
+        assert held[0] <= limits.address_messages and held[1] <= limits.address_bytes
+    # What senders hold leaves server code's last share of the bytes.
+    assert sum(held[1] for held in charged.values()) <= (
+        limits.max_total_bytes - limits.max_total_bytes // SENDER_SHARES)
 
 
 _OPS = st.lists(st.tuples(st.sampled_from(["add", "ack", "lease", "settle", "expire"]),
@@ -188,8 +198,9 @@ _OPS = st.lists(st.tuples(st.sampled_from(["add", "ack", "lease", "settle", "exp
 def test_the_outbox_books_always_match_its_histories(ops: list[tuple[str, int, str | None, int]],
                                                      ) -> None:
     """Whatever the sends, acknowledgements, leases and expiries: the counts the bounds decide on
-    (droppable histories and their bytes, each sender's waiting messages) are exact."""
-    outbox = UserOutbox(OutboxLimits(max_messages=3, max_bytes=60, max_age=30, max_users=5,
+    (droppable histories and their bytes, each sender's and each address's waiting messages) are
+    exact, and within their shares."""
+    outbox = UserOutbox(OutboxLimits(max_messages=3, max_bytes=60, max_age=30, max_users=8,
                                      max_total_bytes=150, max_per_sender=4))
     now = 0.0
     last: dict[str, int] = {}
@@ -197,7 +208,7 @@ def test_the_outbox_books_always_match_its_histories(ops: list[tuple[str, int, s
         uid = f"u{user}"
         now += size / 8
         if op == "add":
-            kid = outbox.add(uid, b"x" * size, now, sender)
+            kid = outbox.add(uid, b"x" * size, now, sender, (None, "a0", "a1")[size % 3])
             if kid:
                 last[uid] = kid
         elif op == "ack" and uid in last:
@@ -224,6 +235,14 @@ def test_bus_refusals_hold_a_sender_until_its_count_expires_and_everyone_while_f
     refusals.refuse(None, full=True, until=20)
     assert not refusals.keeps(None, now=19) and not refusals.keeps("alice", now=19)
     assert refusals.keeps("alice", now=20) and not refusals.keeps("b", now=20)
+    # An address refused: none of its senders is offered, others' and server code's are.
+    refusals.refuse_address("\0anonymous 10.0.0.1", until=30)
+    assert not refusals.keeps("tok1", now=25, address="\0anonymous 10.0.0.1")
+    assert not refusals.keeps("tok2", now=25, address="\0anonymous 10.0.0.1")
+    assert refusals.keeps("tok1", now=25, address="\0anonymous 10.0.0.2")
+    assert refusals.keeps(None, now=25) and refusals.keeps("tok1", now=25)
+    assert refusals.keeps("tok1", now=30, address="\0anonymous 10.0.0.1")  # over: forgotten
+    assert len(refusals) == 2
 
 
 def test_the_outbox_holds_at_most_max_total_bytes_of_all_users() -> None:

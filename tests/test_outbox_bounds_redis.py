@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from dara_ws_core import CustomServerMessage, ServerConfig, WebsocketManager
-from dara_ws_core.outbox import OutboxLimits, anonymous_sender
+from dara_ws_core.outbox import OutboxLimits, address_of, anonymous_sender
 from dara_ws_redis import RedisBackplane
 
 from .helpers import eventually
@@ -123,15 +123,15 @@ async def test_redis_refuses_new_histories_beyond_the_namespaces_bound(
         assert [m.message.model_dump() for m in got] == [{"t": "y"}, {"t": "more"}]
 
 
-async def test_one_sender_takes_its_share_of_the_namespaces_bytes_and_the_last_share_stays(
+async def test_one_sender_takes_its_share_of_the_namespaces_bytes_and_the_last_shares_stay(
     redis_server: RedisServer,
 ) -> None:
     """The review's case on Redis: a sender (well within its message quota) that appended as
     much as the byte bound allows got a ``bytes`` refusal, and then no process offered anyone's
     message to the bus, server code's included, for up to two windows. Now each sender keeps at
-    most a 16th of ``outbox_total_bytes``; once fifteen have, a sixteenth sender of big messages
-    is refused as over its share (that sender only), while a sender holding little and server
-    code are still kept, up to the bound itself."""
+    most a 16th of ``outbox_total_bytes``; once fourteen have, a fifteenth sender of big messages
+    is refused as over its share (that sender only), while a sender holding little is still
+    kept; the last 16th is server code's alone, up to the bound itself."""
     bus = _Manager(redis_server, ServerConfig())
     frame = b'{"kind":"x","data":"' + b"x" * 20_000 + b'"}'
     async with bus:
@@ -142,29 +142,34 @@ async def test_one_sender_takes_its_share_of_the_namespaces_bytes_and_the_last_s
         quota = await hash_fields(redis_server, f"{bus.namespace}:outbox-quota:s00")
         m = int(quota[b"b"])  # what one of these messages counts on the bus
         assert quota[b"c"] == b"1" and m > len(frame)
-        # A 16th of the bytes is one message: fifteen senders fill all but the last 16th.
+        # A 16th of the bytes is one message: fourteen senders fill all but the last two 16ths.
         limits = OutboxLimits(max_total_bytes=16 * m + 8)
         assert limits.sender_bytes == m
-        for k in range(1, 15):
+        for k in range(1, 14):
             await backplane.send_to_user(f"u{k:02d}", frame, None, limits, sender=f"s{k:02d}")
         await backplane.send_to_user("u99", frame, None, limits, sender="s00")  # over its share
         await backplane.flush()
         assert backplane.stats.outbox_refused == 1
-        assert not backplane.keeps("s00") and backplane.keeps("s15") and backplane.keeps(None)
-        await backplane.send_to_user("u15", frame, None, limits, sender="s15")  # the last 16th
+        assert not backplane.keeps("s00") and backplane.keeps("s14") and backplane.keeps(None)
+        await backplane.send_to_user("u14", frame, None, limits, sender="s14")  # a big one
         await backplane.flush()
-        assert backplane.stats.outbox_refused == 2  # s15 holds nothing: not remembered
+        assert backplane.stats.outbox_refused == 2  # s14 holds nothing: not remembered
         assert backplane.keeps("alice") and backplane.keeps(None)  # the outbox is not full
         await backplane.send_to_user("bob", b'{"hi":1}', None, limits, sender="alice")
         await backplane.send_to_user("carol", frame[: len(frame) // 2] + b'"}', None, limits)
+        await backplane.send_to_user("dave", frame, None, limits)  # server code's own 16th
         await backplane.flush()
         assert backplane.stats.outbox_refused == 2
         kept = {key.rsplit(b":", 1)[1] for key in await keys(redis_server, f"{bus.namespace}:outbox:*")}
-        assert kept == {b"u%02d" % k for k in range(15)} | {b"bob", b"carol"}
-        # The namespace's own bound still holds, for everyone: server code past it is refused.
-        await backplane.send_to_user("dave", frame, None, limits)
+        assert kept == {b"u%02d" % k for k in range(14)} | {b"bob", b"carol", b"dave"}
+        # Past all but the last 16th, no sender's message is kept, however little it holds.
+        await backplane.send_to_user("erin", b'{"hi":2}', None, limits, sender="eve")
         await backplane.flush()
-        assert backplane.stats.outbox_refused == 3 and not backplane.keeps(None)
+        assert backplane.stats.outbox_refused == 3 and backplane.keeps(None)
+        # The namespace's own bound still holds, for everyone: server code past it is refused.
+        await backplane.send_to_user("frank", frame, None, limits)
+        await backplane.flush()
+        assert backplane.stats.outbox_refused == 4 and not backplane.keeps(None)
 
 
 @pytest.mark.parametrize("transport", SERVED)
@@ -341,3 +346,105 @@ async def test_a_full_bus_outbox_keeps_again_once_its_users_read(
         other = await stack.client("other:s1")
         message = await other.receive(TIMEOUT)
         assert message.message.model_dump() == {"t": "small"}
+
+
+async def test_names_minted_at_one_address_share_its_room_in_redis(
+    redis_server: RedisServer,
+) -> None:
+    """Review 18 #1 on the bus: fresh names from one address (a sender each) are charged to the
+    address too, in the script that appends: together they keep its share (a quarter of
+    ``outbox_users``), the address's counters expire like a sender's, and once the bus refused
+    it, none of its names is offered again for a moment; a sender from another address and
+    server code are still kept. With many addresses, the senders stop at all but the last 16th,
+    which stays server code's."""
+    bus = _Manager(redis_server, ServerConfig())
+    limits = OutboxLimits(max_users=320, max_age=60)  # a sender's share: 20; an address's: 80
+    mallory = address_of("203.0.113.7")
+    async with bus:
+        backplane = bus.backplane
+        for token in range(6):
+            for i in range(21):
+                await backplane.send_to_user(f"made-up-{token}-{i}", b'{"t":1}', None, limits,
+                                             sender=f"tok{token}", address=mallory)
+        await backplane.flush()
+        assert len(await keys(redis_server, f"{bus.namespace}:outbox:*")) == 80  # not 6 x 20
+        counters = f"{bus.namespace}:outbox-address:{mallory}"
+        assert (await hash_fields(redis_server, counters))[b"c"] == b"80"
+        assert 0 < await pttl(redis_server, counters) <= 60_000  # expires as a sender's count
+        assert not backplane.keeps("tok99", mallory)  # refused: not even offered
+        assert backplane.keeps("alice", address_of("198.51.100.1")) and backplane.keeps(None)
+        refused = backplane.stats.outbox_refused
+        await backplane.send_to_user("bob", b'{"t":2}', None, limits, sender="alice",
+                                     address=address_of("198.51.100.1"))
+        await backplane.send_to_user("carol", b'{"t":3}', None, limits)
+        await backplane.flush()
+        assert backplane.stats.outbox_refused == refused
+        assert len(await keys(redis_server, f"{bus.namespace}:outbox:*")) == 82
+        # Many addresses (free /64s), one name each: the senders stop at 15/16 of the users.
+        for net in range(60):
+            source = f"2001:db8:0:{net:x}::1"
+            for i in range(20):
+                await backplane.send_to_user(f"v6-{net}-{i}", b'{"t":4}', None, limits,
+                                             sender=f"v6-{net}", address=address_of(source))
+        await backplane.flush()
+        assert len(await keys(redis_server, f"{bus.namespace}:outbox:*")) == 300  # carol's too
+        for i in range(20):  # server code's own 16th
+            await backplane.send_to_user(f"server-{i}", b'{"t":5}', None, limits)
+        refused = backplane.stats.outbox_refused
+        await backplane.flush()
+        assert backplane.stats.outbox_refused == refused
+        assert len(await keys(redis_server, f"{bus.namespace}:outbox:*")) == 320
+
+
+@pytest.mark.parametrize("transport", SERVED)
+async def test_names_a_client_mints_share_its_addresss_room_in_redis(
+    redis_server: RedisServer, transport: str,
+) -> None:
+    """The review's attack on a live server with Redis: a client reconnecting with a new token
+    each time tells made-up users. Its names keep its address's share on the bus, not a share
+    each; a message its address had kept leaves the address's count once its user read it."""
+    config = ServerConfig(outbox_users=320)  # a sender's share: 20; an address's: 80
+    bus = _Manager(redis_server, config)
+    async with bus as manager, running_stack(transport, manager=manager,
+                                             authenticator=anonymous_or_token()) as stack:
+        add_tell(manager)
+        for token in range(6):
+            client = await stack.client(f"tok{token}:s")
+            for i in range(21):
+                await client.request("tell", {"user": f"made-up-{token}-{i}", "text": "x"})
+            await client.close()
+        await bus.backplane.flush()
+        assert len(await keys(redis_server, f"{bus.namespace}:outbox:*")) == 80
+        counters = f"{bus.namespace}:outbox-address:{address_of('127.0.0.1')}"
+        assert (await hash_fields(redis_server, counters))[b"c"] == b"80"
+        reader = await stack.client("made-up-0-0:s1")
+        message = await reader.receive(TIMEOUT)
+        assert isinstance(message, CustomServerMessage) and message.message.data == "x"
+        await until_count(redis_server, counters, b"79", "the address's count once read")
+        assert await manager.send_message_to_user("carol", {"t": 1}) is True
+
+
+async def pttl(redis_server: RedisServer, key: str) -> int:
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(redis_server.url)
+    try:
+        return int(await client.pttl(key))
+    finally:
+        await client.aclose()
+
+
+async def until_count(redis_server: RedisServer, key: str, count: bytes, what: str) -> None:
+    """Wait (polling Redis every 5 ms, at most ``TIMEOUT``) until the counters ``key`` hold
+    ``count`` messages: the acknowledgement that releases one runs a timer after the write."""
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(redis_server.url)
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while await client.hget(key, "c") != count:
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        raise AssertionError(f"not {count!r} after {TIMEOUT} s: {what}") from None
+    finally:
+        await client.aclose()

@@ -313,7 +313,7 @@ class BrokerBackplane(BusNode):
     async def send_to_user(self, user_id: str, frame: bytes, ignore_channel: str | None,
                            keep: OutboxLimits | None = None,
                            stamped: Callable[[Stamped], None] | None = None, *,
-                           sender: str | None = None) -> bool:
+                           sender: str | None = None, address: str | None = None) -> bool:
         data = encode_bus_message(UserDelivery(user_id, ignore_channel, frame, sent=_wall_ms()))
         if keep is None:
             await self._post(Publication(data, user_id=user_id), "message to a user")
@@ -323,7 +323,8 @@ class BrokerBackplane(BusNode):
         # answered) would be full, or the sender's share of it while the spool is in use or
         # nearly full (in count or in bytes: False, as keeps() answers), or once stopped.
         if await self._post(Publication(data, user_id=user_id, keep=keep, sender=sender,
-                                        stamped=stamped, durable=next(self._kids)),
+                                        address=address, stamped=stamped,
+                                        durable=next(self._kids)),
                             "message to a user"):
             return True
         if sender is not None and not self._bus_stopped and self._spool_refuses(sender, len(data)):
@@ -331,31 +332,36 @@ class BrokerBackplane(BusNode):
         raise BackplaneError(f"{self._durable_refusal(sender, len(data))}: the message to the "
                              f"user was not kept")
 
-    def keeps(self, sender: str | None) -> bool:
+    def keeps(self, sender: str | None, address: str | None = None) -> bool:
         # While the spool is in use (the bus down or refusing) or nearly full, the bus's last
         # answer is not the whole story: the sender's share of the spool decides too (a sender
         # holding its share is not offered, as send_to_user would not keep it). The rule of
         # _spool_refuses, by count only, written out: this runs for every kept send.
-        return self.refusals.keeps(sender, time.monotonic()) and (
+        return self.refusals.keeps(sender, time.monotonic(), address) and (
             sender is None or (not self._spooling
                                and self._durable_queued + self._durable_flying < self._spool_near)
             or self._spool_keeps(sender))
 
-    def _outbox_refused(self, sender: str | None, bound: str, wait_ms: int) -> None:
+    def _outbox_refused(self, sender: str | None, bound: str, wait_ms: int,
+                        address: str | None = None) -> None:
         """The bus refused to keep a message for ``wait_ms`` more, by a bound of its outbox
         (``bound``): ``"sender"``, the sender's share (its messages, their bytes, or more than
         a little of either once only the outbox's kept last share is left: its next messages are
-        not offered until then); ``"bytes"``, the outbox's bytes (no message is offered until then); ``"users"``,
+        not offered until then); ``"address"``, the share of the senders of its ``address``
+        (none of their next messages is offered until then); ``"bytes"``, the outbox's bytes (no
+        message is offered until then); ``"users"``,
         its count of histories (only a message to a user with no history is refused, which
         this process cannot tell: nothing is remembered). Counted, and logged the first ten
         times, then at each power of ten."""
-        if bound != "users":
+        if bound == "address":
+            self.refusals.refuse_address(address, time.monotonic() + wait_ms / 1000)
+        elif bound != "users":
             self.refusals.refuse(sender, bound == "bytes", time.monotonic() + wait_ms / 1000)
         self.stats.outbox_refused += 1
         count = self.stats.outbox_refused
         if count <= 10 or _is_power_of_ten(count):
-            setting = {"sender": "the sender's share, outbox_per_sender", "bytes": "outbox_total_bytes"}.get(
-                bound, "outbox_users")
+            setting = {"sender": "the sender's share, outbox_per_sender", "bytes": "outbox_total_bytes",
+                       "address": "the share of the senders of one address"}.get(bound, "outbox_users")
             logger.warning("backplane: the bus's outbox refused to keep a message (%s): it was "
                            "delivered live only (%d so far)", setting, count,
                            extra={"node": self.node_id})

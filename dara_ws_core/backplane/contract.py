@@ -115,10 +115,11 @@ class Backplane(Protocol):
     async def send_to_user(self, user_id: str, frame: bytes, ignore_channel: str | None,
                            keep: OutboxLimits | None = None,
                            stamped: Callable[[Stamped], None] | None = None, *,
-                           sender: str | None = None) -> bool:
+                           sender: str | None = None, address: str | None = None) -> bool:
         """Deliver a frame to the user's channels on every *other* process. With ``keep`` it is
         appended to the user's history on the bus first (in the same step), charged to
-        ``sender`` (``None``: nobody) within the bus's bounds of the outbox (a refusal is counted
+        ``sender`` (``None``: nobody) and its ``address`` (``None``: none known) within the bus's
+        bounds of the outbox (a refusal is counted
         in ``stats.outbox_refused`` and remembered: :meth:`keeps`), and ``stamped`` is called with
         the entry it became once the bus has it (the caller's local deliveries are acknowledged
         by it), and ``BackplaneError`` is raised if the bus is unreachable (the message could not
@@ -127,12 +128,12 @@ class Backplane(Protocol):
         for the bus had no room for it (its count or its bytes: see :meth:`keeps`), ``True``
         otherwise."""
 
-    def keeps(self, sender: str | None) -> bool:
-        """Whether a message charged to ``sender`` may be offered to the bus's outbox: ``False``
-        while the bus's last answer said that sender's quota, or the outbox as a whole, is
-        exhausted (then the caller sends it without ``keep``), or, while the process's spool is
-        in use (the bus down, or refusing writes), while that sender holds its share of it.
-        Never waits."""
+    def keeps(self, sender: str | None, address: str | None = None) -> bool:
+        """Whether a message charged to ``sender`` from ``address`` may be offered to the bus's
+        outbox: ``False`` while the bus's last answer said that sender's quota, or that
+        address's, or the outbox as a whole, is exhausted (then the caller sends it without
+        ``keep``), or, while the process's spool is in use (the bus down, or refusing writes),
+        while that sender holds its share of it. Never waits."""
 
     def ack(self, user_id: str, upto: str) -> None:
         """The user's connections here wrote the user's history up to entry ``upto``: move the

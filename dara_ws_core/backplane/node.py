@@ -96,8 +96,10 @@ class Publication:
     #: With ``keep``: called with the entry the message became once the bus appended it (in
     #: the publishing task, without a future per message).
     stamped: Callable[[Stamped], None] | None = None
-    #: With ``keep``: who the message is charged to (``OutboxLimits.max_per_sender``).
+    #: With ``keep``: who the message is charged to (``OutboxLimits.max_per_sender``), and
+    #: from which address (``OutboxLimits.address_messages``).
     sender: str | None = None
+    address: str | None = None
     #: Set: a failed attempt is kept in the spool and tried again, rather than counted lost
     #: (one field for both kinds: each field costs every publication). With ``keep``, an int:
     #: this process's number for the message (unique with its node's :attr:`BusNode.life`), so

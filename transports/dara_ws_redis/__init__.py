@@ -28,6 +28,9 @@ Redis layout (``<ns>`` is the namespace, ``dara-ws`` by default):
   has waiting for their users, and when the count began (``p``); deleted once nothing waits,
   expiring ``max_age`` after it was made (its share: ``outbox_per_sender``, a 16th of
   ``outbox_users`` and of ``outbox_total_bytes``);
+* ``<ns>:outbox-address:<address>`` -> hash: the same for the senders of one address together
+  (:func:`~dara_ws_core.outbox.address_of`; its share: a quarter of ``outbox_users`` and of
+  ``outbox_total_bytes``, :data:`~dara_ws_core.outbox.ADDRESS_SHARES`);
 * ``<ns>:outbox-window:<k>`` -> hash: the users with something waiting (``u``) and the bytes
   waiting (``b``) counted in the ``k``-th window of ``max_age``, expiring after two windows
   (``outbox_users`` and ``outbox_total_bytes`` bound this window's and the previous one's sums);
@@ -111,7 +114,7 @@ from dara_ws_core.backplane import BrokerBackplane, Entry, Publication, Routed
 from dara_ws_core.backplane.broker import Kept, Revocation
 from dara_ws_core.backplane.node import BatchRefused
 from dara_ws_core.exceptions import BackplaneError
-from dara_ws_core.outbox import SENDER_SHARES, SENDER_SMALL, OutboxLimits
+from dara_ws_core.outbox import ADDRESS_SHARES, SENDER_SHARES, SENDER_SMALL, OutboxLimits
 
 _BATCH = 3000  # directory commands per pipeline round trip
 # The longest a process remembers a refusal of the bus's outbox (its next kept sends are not
@@ -149,26 +152,31 @@ end
 # the user, or dropped by a bound before. Their bytes leave the window that counted them (ARGV
 # prefix .. the entry's field s; a window gone counts nothing anymore), and each leaves its
 # sender's count (field q: the counters' key; field p: the count it was charged to: a count
-# begun since, after that one expired, is not touched). A count left with nothing is deleted.
-# Entries kept before these fields were stored release nothing (their window expires with them).
-# One EXISTS or HGET per window and per sender among them, whatever their number.
+# begun since, after that one expired, is not touched) and its address's (fields a and r, the
+# same). A count left with nothing is deleted. Entries kept before these fields were stored
+# release nothing (their window, or their address's count, expires with them).
+# One EXISTS or HGET per window, per sender and per address among them, whatever their number.
 _RELEASE = """
 local function release(entries, prefix)
   local windows, quotas = {}, {}
+  local function charged(key, count, size)
+    if key and key ~= '' then
+      local id = key .. '\\n' .. count
+      local q = quotas[id]
+      if not q then
+        q = {key, count, 0, 0}
+        quotas[id] = q
+      end
+      q[3], q[4] = q[3] + 1, q[4] + size
+    end
+  end
   for _, e in ipairs(entries) do
     local f = e[2]
     if f[8] then
       local size = #f[2]
       windows[f[8]] = (windows[f[8]] or 0) + size
-      if f[10] ~= '' then
-        local id = f[10] .. '\\n' .. f[12]
-        local q = quotas[id]
-        if not q then
-          q = {f[10], f[12], 0, 0}
-          quotas[id] = q
-        end
-        q[3], q[4] = q[3] + 1, q[4] + size
-      end
+      charged(f[10], f[12], size)
+      charged(f[14], f[16], size)
     end
   end
   for slot, size in pairs(windows) do
@@ -216,22 +224,25 @@ return redis.call('PUBLISH', ARGV[4], ARGV[5])
 # less than the expiry keeps them, so that with the outbox off its gap ledger counts every
 # message it missed). Returns the receivers in all.
 #
-# The outbox as a whole is bounded too (ARGV[11..15]: the sender's counters' key, '' for a send
+# The outbox as a whole is bounded too (ARGV[11..16]: the sender's counters' key, '' for a send
 # charged to nobody; the most messages per sender; the window counters' key prefix; the most
-# histories and bytes). Every count is of what waits: a message leaves them once written to a
-# connection of its user (the acknowledgement, _SETTLE) or dropped by a bound before (see
-# release). A message is refused (not kept, still published) when its sender's counters are at
-# its share (ARGV[12] messages, a SHARES-th of the bytes; the counters also expire ``age`` after
-# the count began, field p), or when the histories waiting (a user with nothing waiting counts
-# once a message for them is kept: meta field u, the window that counted them) or the bytes
-# waiting, counted in this window of ``age`` ms and the previous one, would go past the bounds
-# (each window's counters expire after two windows). The last SHARES-th of both bounds is kept
-# for senders holding little (under a SMALL-th of their share) and for sends charged to nobody: a
-# sender refused there is refused as over its share ("sender"), not the outbox as a whole. A
-# refusal says how long it lasts at most (the count's or the window's end), but no more than
-# RECHECK ms: room comes back as users read.
+# histories and bytes; the sender's address's counters' key, '' for none). Every count is of
+# what waits: a message leaves them once written to a connection of its user (the
+# acknowledgement, _SETTLE) or dropped by a bound before (see release). A message is refused
+# (not kept, still published) when its sender's counters are at its share (ARGV[12] messages, a
+# SHARES-th of the bytes; the counters also expire ``age`` after the count began, field p), or
+# its address's at theirs (an ADDRESSES-th of the histories and of the bytes, the same expiry),
+# or when the histories waiting (a user with nothing waiting counts once a message for them is
+# kept: meta field u, the window that counted them) or the bytes waiting, counted in this window
+# of ``age`` ms and the previous one, would go past the bounds (each window's counters expire
+# after two windows). The last SHARES-th of both bounds is kept for sends charged to nobody
+# (server code), and the one before it for senders holding little (under a SMALL-th of their
+# share) from addresses holding little (the same): a sender refused there is refused as over its
+# share ("sender", or "address": its address's), not the outbox as a whole. A refusal says how
+# long it lasts at most (the count's or the window's end), but no more than RECHECK ms: room
+# comes back as users read.
 #
-# ARGV[16], ARGV[17] (with the outbox on, a kept message from a node that numbers them): the
+# ARGV[17], ARGV[18] (with the outbox on, a kept message from a node that numbers them): the
 # message's number at its node and the node's scope for numbers (its id and process life),
 # stored with the entry (field k: "<scope>-<number>"); the meta hash keeps the highest number per
 # node id (field "k:<node>"): a number not above it may be a message sent again (a round trip
@@ -241,10 +252,10 @@ return redis.call('PUBLISH', ARGV[4], ARGV[5])
 _ROUTE_USER = _LATER + _RELEASE + """
 -- kid: a kept message sent again that the first run appended is answered with that entry.
 local kid, last = nil, 0
-if ARGV[16] then
-  kid = ARGV[17] .. '-' .. ARGV[16]
+if ARGV[17] then
+  kid = ARGV[18] .. '-' .. ARGV[17]
   last = tonumber(redis.call('HGET', KEYS[3], 'k:' .. ARGV[1]) or '0')
-  if tonumber(ARGV[16]) <= last then
+  if tonumber(ARGV[17]) <= last then
     for _, e in ipairs(redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1000)) do
       if e[2][6] == kid and e[2][2] == ARGV[3] then return e[1] .. ' ' .. e[2][4] .. ' 0' end
     end
@@ -252,18 +263,27 @@ if ARGV[16] then
 end
 local message, kept, n = ARGV[3], nil, 0
 local keep = ARGV[8] ~= nil and #ARGV[3] <= tonumber(ARGV[9])
-local t, slot, window, new, refused, wait, period
+local t, slot, window, new, refused, wait, period, place
 if keep then
   local age, size = tonumber(ARGV[10]), #ARGV[3]
   local most_users, most_bytes = tonumber(ARGV[14]), tonumber(ARGV[15])
   local quota, share = tonumber(ARGV[12]), math.max(1, math.floor(most_bytes / SHARES))
-  local mine, mine_bytes = 0, 0
+  local room = math.max(1, math.floor(most_users / ADDRESSES))
+  local room_bytes = math.max(1, math.floor(most_bytes / ADDRESSES))
+  local address = ARGV[11] ~= '' and ARGV[16] or ''
+  local mine, mine_bytes, ours, ours_bytes = 0, 0, 0, 0
   if ARGV[11] ~= '' then
     local held = redis.call('HMGET', ARGV[11], 'c', 'b', 'p')
     mine, mine_bytes, period = tonumber(held[1] or '0'), tonumber(held[2] or '0'), held[3]
   end
+  if address ~= '' then
+    local held = redis.call('HMGET', address, 'c', 'b', 'p')
+    ours, ours_bytes, place = tonumber(held[1] or '0'), tonumber(held[2] or '0'), held[3]
+  end
   if ARGV[11] ~= '' and (mine >= quota or mine_bytes + size > share) then
     keep, refused, wait = false, 'sender', math.min(math.max(redis.call('PTTL', ARGV[11]), 0), RECHECK)
+  elseif address ~= '' and (ours >= room or ours_bytes + size > room_bytes) then
+    keep, refused, wait = false, 'address', math.min(math.max(redis.call('PTTL', address), 0), RECHECK)
   else
     t = redis.call('TIME')
     local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -278,26 +298,45 @@ if keep then
       keep, refused, wait = false, 'bytes', math.min(age - ms % age, RECHECK)
     elseif new and users >= most_users then
       keep, refused, wait = false, 'users', math.min(age - ms % age, RECHECK)
-    elseif ARGV[11] ~= '' and (total + size > most_bytes - math.floor(most_bytes / SHARES)
-        or (new and users >= most_users - math.floor(most_users / SHARES)))
-        and ((mine > 0 and mine >= math.floor(quota / SMALL))
-             or mine_bytes + size > math.floor(share / SMALL)) then
-      -- Only the last share is left: for senders holding little, and sends charged to nobody.
-      keep, refused, wait = false, 'sender',
-          math.min(math.max(redis.call('PTTL', ARGV[11]), 0), RECHECK)
+    elseif ARGV[11] ~= '' then
+      local bytes_16th, users_16th = math.floor(most_bytes / SHARES), math.floor(most_users / SHARES)
+      if total + size > most_bytes - bytes_16th or (new and users >= most_users - users_16th) then
+        -- Only the last share is left: server code's.
+        keep, refused, wait = false, 'sender',
+            math.min(math.max(redis.call('PTTL', ARGV[11]), 0), RECHECK)
+      elseif total + size > most_bytes - 2 * bytes_16th
+          or (new and users >= most_users - 2 * users_16th) then
+        -- The share before it: for senders holding little, from addresses holding little.
+        if (mine > 0 and mine >= math.floor(quota / SMALL))
+            or mine_bytes + size > math.floor(share / SMALL) then
+          keep, refused, wait = false, 'sender',
+              math.min(math.max(redis.call('PTTL', ARGV[11]), 0), RECHECK)
+        elseif (ours > 0 and ours >= math.floor(room / SMALL))
+            or ours_bytes + size > math.floor(room_bytes / SMALL) then
+          keep, refused, wait = false, 'address',
+              math.min(math.max(redis.call('PTTL', address), 0), RECHECK)
+        end
+      end
     end
   end
 end
 if keep then
   local most, cap, age = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-  if ARGV[11] ~= '' then
-    if not period then  -- a new count, known by when it began: it lasts ``age`` at most
-      period = t[1] .. '.' .. t[2]
-      redis.call('HSET', ARGV[11], 'p', period)
-      redis.call('PEXPIRE', ARGV[11], age)
+  -- Count the message in a sender's (or an address's) counters, whose count began at
+  -- ``begun`` (nil: a new count, known by when it began: it lasts ``age`` at most).
+  local function charge(key, begun)
+    if not begun then
+      begun = t[1] .. '.' .. t[2]
+      redis.call('HSET', key, 'p', begun)
+      redis.call('PEXPIRE', key, age)
     end
-    redis.call('HINCRBY', ARGV[11], 'c', 1)
-    redis.call('HINCRBY', ARGV[11], 'b', #ARGV[3])
+    redis.call('HINCRBY', key, 'c', 1)
+    redis.call('HINCRBY', key, 'b', #ARGV[3])
+    return begun
+  end
+  if ARGV[11] ~= '' then
+    period = charge(ARGV[11], period)
+    if ARGV[16] ~= '' then place = charge(ARGV[16], place) end
   end
   if new then
     redis.call('HINCRBY', window, 'u', 1)
@@ -307,10 +346,12 @@ if keep then
     redis.call('PEXPIRE', window, 2 * age)
   end
   n = redis.call('HINCRBY', KEYS[3], 'n', 1)
-  -- s, q, p: the window and the sender's count that counted it (see release).
+  -- s, q, p, a, r: the window, the sender's count and its address's that counted it (see
+  -- release).
   kept = redis.call('XADD', KEYS[2], '*', 'd', ARGV[3], 'n', n, 'k', kid or '', 's', slot,
-                    'q', ARGV[11], 'p', period or '')
-  if kid and tonumber(ARGV[16]) > last then redis.call('HSET', KEYS[3], 'k:' .. ARGV[1], ARGV[16]) end
+                    'q', ARGV[11], 'p', period or '', 'a', ARGV[11] ~= '' and ARGV[16] or '',
+                    'r', place or '')
+  if kid and tonumber(ARGV[17]) > last then redis.call('HSET', KEYS[3], 'k:' .. ARGV[1], ARGV[17]) end
   local bytes = redis.call('HINCRBY', KEYS[3], 'b', #ARGV[3])
   local count = redis.call('XLEN', KEYS[2])
   local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - age
@@ -373,9 +414,10 @@ end
 if refused then return {total, refused, wait} end  -- a bound: {receivers, which, ms it lasts}
 return total
 """
-# A sender's share, and what holding little is: the in-process outbox's (dara_ws_core.outbox).
+# A sender's share, an address's, and what holding little is: the in-process outbox's
+# (dara_ws_core.outbox).
 _ROUTE_USER = (_ROUTE_USER.replace("SHARES", str(SENDER_SHARES)).replace("SMALL", str(SENDER_SMALL))
-               .replace("RECHECK", str(_RECHECK_MS)))
+               .replace("ADDRESSES", str(ADDRESS_SHARES)).replace("RECHECK", str(_RECHECK_MS)))
 
 # Lease a user's history to a channel (read, then acknowledge: see dara_ws_core.outbox): nothing
 # if a live channel holds the lease (its node listening, its channel still registered on it),
@@ -563,6 +605,9 @@ class RedisBackplane(BrokerBackplane):
     def _sender_key(self, sender: str) -> str:
         return f"{self.namespace}:outbox-quota:{sender}"
 
+    def _address_key(self, address: str) -> str:
+        return f"{self.namespace}:outbox-address:{address}"
+
     def _window_key(self, slot: str) -> str:
         return f"{self.namespace}:outbox-window:{slot}"
 
@@ -632,13 +677,14 @@ class RedisBackplane(BrokerBackplane):
                 if keep is None:
                     yield _ROUTE_USER, (1, self._user(user), *common)
                 else:
-                    sender = publication.sender
+                    sender, address = publication.sender, publication.address
                     yield _ROUTE_USER, (3, self._user(user), *self._outbox_keys(user), *common,
                                         keep.max_messages, keep.max_bytes,
                                         int(keep.max_age * 1000),
                                         "" if sender is None else self._sender_key(sender),
                                         keep.sender_messages, self._window_key(""),
                                         keep.max_users, keep.max_total_bytes,
+                                        "" if address is None else self._address_key(address),
                                         *_kid(publication, self.kid_scope))
             else:
                 yield _ROUTE, (1, self._ch(str(publication.channel_id)), self.node_id, prefix,
@@ -687,7 +733,8 @@ class RedisBackplane(BrokerBackplane):
                 results.append((where, receivers if receivers else -1))
             elif publication.user_id is not None and isinstance(reply, list):
                 # Refused by a bound of the outbox: {receivers, "sender", "bytes" or "users", ms}.
-                self._outbox_refused(publication.sender, _text(reply[1]), max(int(reply[2]), 0))
+                self._outbox_refused(publication.sender, _text(reply[1]), max(int(reply[2]), 0),
+                                     publication.address)
                 results.append((None, int(reply[0])))
             elif publication.channel_id is None:  # a topic or a user: a count
                 results.append((None, int(reply)))
