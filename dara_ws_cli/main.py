@@ -60,6 +60,7 @@ from dara_ws_core import (
     extract_token,
     quiet_accept_errors,
 )
+from dara_ws_core.transport import TrustedProxies
 
 logger = logging.getLogger("dara_ws_cli")
 
@@ -205,8 +206,9 @@ def _max_connections(given: int | None) -> int | None:
 
 def _max_per_address(given: int | None, cap: int | None) -> int | None:
     """``--max-connections-per-address``: as given (0: no limit), else a quarter of the cap
-    (none without a cap). The demo serves its clients directly; behind a reverse proxy every
-    client has the proxy's address, and the option must be 0 there."""
+    (none without a cap). Behind a reverse proxy every client has the proxy's address: name
+    the proxy with ``--forwarded-allow-ips`` (each client is then counted by the address it
+    names), or give 0."""
     if given is not None:
         return given or None
     return None if cap is None else max(1, cap // 4)
@@ -224,6 +226,7 @@ async def serve(args: argparse.Namespace) -> None:
     manager = WebsocketManager(ServerConfig(
         max_connections=cap,
         max_connections_per_address=_max_per_address(args.max_connections_per_address, cap),
+        forwarded_allow_ips=args.forwarded_allow_ips,
     ))
     backplane = None
     if args.redis_url:
@@ -416,8 +419,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--max-connections-per-address", type=int, default=None, metavar="N",
         help="of those, sockets one remote host may hold (IPv6: one /64) before its next handshake"
-             " gets 503 (default: a quarter of --max-connections; 0: no limit, which a server"
-             " behind a reverse proxy or load balancer needs: there every client has its address)",
+             " gets 503 (default: a quarter of --max-connections; 0: no limit). Behind a reverse"
+             " proxy or load balancer every client has its address: name it with"
+             " --forwarded-allow-ips, or give 0",
+    )
+    s.add_argument(
+        "--forwarded-allow-ips", default=None, metavar="IPS",
+        help="comma-separated addresses or networks of the reverse proxies whose X-Forwarded-For"
+             " names the client, for every bound counted per address (as uvicorn's option; '*':"
+             " whatever connects, the right-most address counting). Default: none, the header"
+             " is ignored",
     )
     s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set on workers
     p = sub.add_parser(
@@ -441,6 +452,11 @@ def main(argv: list[str] | None = None) -> None:
             raise CLIError("--max-connections must be >= 0 (0: no cap)", status=2)
         if args.command == "serve" and (args.max_connections_per_address or 0) < 0:
             raise CLIError("--max-connections-per-address must be >= 0 (0: no limit)", status=2)
+        if args.command == "serve" and args.forwarded_allow_ips is not None:
+            try:
+                TrustedProxies(args.forwarded_allow_ips)
+            except ValueError as exc:
+                raise CLIError(f"--forwarded-allow-ips: {exc}", status=2) from None
         if args.command == "serve" and args.workers != 1:
             raise SystemExit(asyncio.run(_supervise(args)))
         with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(

@@ -72,6 +72,8 @@ def worker_argv(args: argparse.Namespace, port: int) -> list[str]:
         argv += ["--max-connections", str(args.max_connections)]
     if args.max_connections_per_address is not None:
         argv += ["--max-connections-per-address", str(args.max_connections_per_address)]
+    if args.forwarded_allow_ips is not None:
+        argv += ["--forwarded-allow-ips", args.forwarded_allow_ips]
     return argv
 
 

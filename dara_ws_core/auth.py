@@ -60,6 +60,12 @@ class Identity:
     connection when the identity expires, instead of checking only at the handshake.
     An :class:`AnonymousIdentity` (``anonymous``) names no one: the bounds a user's connections
     share are shared by the anonymous connections of one address instead (see :func:`holder_of`).
+    ``address``, when an authenticator sets it, is the client's address as it knows it (read
+    from a header its proxy sets, for one): every bound counted per address once the handshake
+    is read counts the connection by it, in place of the address the endpoint found
+    (``Endpoint.client_address``: the socket's peer, or the client a trusted proxy names);
+    ``max_connections_per_address`` too when the socket's peer is a trusted proxy (a socket
+    from anyone else was counted by its peer as it connected).
     """
 
     #: Whether the identity names nobody in particular (:class:`AnonymousIdentity`).
@@ -70,6 +76,7 @@ class Identity:
     token: str | None = None
     claims: Mapping[str, Any] = field(default_factory=lambda: _NO_CLAIMS)
     expires_at: float | None = None
+    address: str | None = None
 
     def expired(self, now: float | None = None) -> bool:
         """Whether ``expires_at`` has passed."""

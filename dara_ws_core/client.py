@@ -46,6 +46,11 @@ default can be changed in the constructor):
   :class:`~dara_ws_core.exceptions.RequestTimeout` comes when it ends, whether the frame is
   still waiting to go out or the answer has not come (a frame given up so stays in the
   library's buffer, and the connection is kept: the next send that waits too long ends it).
+* **Opening**: the connector (the TCP connect and the upgrade handshake) is given at most
+  ``open_timeout`` (10 s, as websockets' own default), whatever the connector's library would
+  wait, then ``init`` at most ``init_timeout`` (10 s): a server that accepts and never answers
+  the upgrade, or never sends ``init``, ends :meth:`DaraClient.connect` (or a reconnection
+  attempt) with ``TimeoutError``.
 * **Closing**: :meth:`DaraClient.close` gives the closing handshake at most ``close_timeout``
   (5 s, as the server's), whatever state the connection is in (a send stuck on a full socket, a
   server that never answers the close), then aborts the connection; a reconnection in progress
@@ -210,14 +215,16 @@ class DaraClient:
     ``requests_dropped``), ``max_queue`` pushes and ``max_queue_bytes`` in the inbox (a push
     charged its text and 120 bytes per JSON value; the oldest dropped beyond, counted in
     ``dropped``), and ``idle_timeout``, the silence after which the connection is given up as
-    dead (default twice ``ping_interval``; ``None`` without pings). ``send_timeout`` is how long
+    dead (default twice ``ping_interval``; ``None`` without pings). ``open_timeout`` is how long
+    the connector may take to open a connection, and ``init_timeout`` how long the server may
+    then take to send ``init``. ``send_timeout`` is how long
     one frame may wait for the server to take it before the connection is aborted as dead
     (``None``: no bound, then only a request's ``timeout`` ends its wait), and
     ``close_timeout`` how long :meth:`close` waits for the closing handshake before it aborts
     the connection. With ``reconnect``,
     ``max_attempts`` counts the attempts since the last connection that stayed up
     ``stable_after`` seconds (default ``backoff_max``). Raises ``ValueError`` for a bound under
-    1, a ``send_timeout`` or ``close_timeout`` not above 0, or an ``idle_timeout`` not longer
+    1, an ``open_timeout``, ``send_timeout`` or ``close_timeout`` not above 0, or an ``idle_timeout`` not longer
     than ``ping_interval``.
     """
 
@@ -238,6 +245,7 @@ class DaraClient:
         max_message_values: int = 250_000,
         idle_timeout: float | None = None,
         init_timeout: float = 10.0,
+        open_timeout: float = 10.0,
         stable_after: float | None = None,
         send_timeout: float | None = 10.0,
         close_timeout: float = 5.0,
@@ -246,8 +254,8 @@ class DaraClient:
                max_message_values) < 1:
             raise ValueError("max_responders, max_queue, max_queue_bytes, max_backlog, "
                              "max_backlog_bytes and max_message_values must be at least 1")
-        if not close_timeout > 0 or (send_timeout is not None and not send_timeout > 0):
-            raise ValueError("send_timeout and close_timeout must be above 0")
+        if not (close_timeout > 0 and open_timeout > 0) or (send_timeout is not None and not send_timeout > 0):
+            raise ValueError("open_timeout, send_timeout and close_timeout must be above 0")
         if idle_timeout is None and ping_interval:
             idle_timeout = 2 * ping_interval
         if idle_timeout is not None and ping_interval and idle_timeout <= ping_interval:
@@ -279,6 +287,9 @@ class DaraClient:
         # Reconnect attempts since the last stable connection (see _run).
         self._attempts = 0
         self.init_timeout = init_timeout
+        #: Seconds the connector may take to return a connection (the connect and the upgrade),
+        #: whatever its library's own bound: past it, the attempt ends with ``TimeoutError``.
+        self.open_timeout = open_timeout
         self._channel: str | None = None
         self._transport: Transport | None = None
         self._responder: Responder | None = None
@@ -326,7 +337,8 @@ class DaraClient:
 
     async def connect(self) -> str:
         """Connect, wait for ``init`` and return the channel id. Raises what the connector raises
-        (e.g. a 403 rejection) and ``ConnectionClosed`` if the server closes before ``init``."""
+        (e.g. a 403 rejection), ``ConnectionClosed`` if the server closes before ``init``, and
+        ``TimeoutError`` past ``open_timeout`` (the connector) or ``init_timeout``."""
         self._closing = False
         self._attempts = 0
         await self._open()
@@ -334,7 +346,10 @@ class DaraClient:
         return self.channel
 
     async def _open(self) -> None:
-        transport = await self._connector()
+        # The connector's library may wait far longer (aiohttp: 300 s) on a server that accepts
+        # and never answers the upgrade; cancelled, a connector closes what it opened.
+        async with asyncio.timeout(self.open_timeout):
+            transport = await self._connector()
         try:
             async with asyncio.timeout(self.init_timeout):
                 while True:

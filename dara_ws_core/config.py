@@ -4,8 +4,11 @@ from __future__ import annotations
 
 __all__ = ["ServerConfig", "SlowConsumerPolicy", "connection_cap"]
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+
+from .transport import TrustedProxies
 
 MiB = 1024 * 1024
 
@@ -69,8 +72,9 @@ class ServerConfig:
     #: Chunked answers: most parts of one answer, and most bytes (UTF-8 JSON, as on the wire)
     #: and JSON values (counted as in a frame, an upper bound) of parts held at once for all of a
     #: channel's pending answers, and for all the connections of one user together (anonymous
-    #: connections, ``Identity.anonymous``, of one address together: one peer gets a fresh
-    #: anonymous user with each connection, but not a fresh address). Each part
+    #: connections, ``Identity.anonymous``, of one address together, as ``forwarded_allow_ips``
+    #: finds it: one peer gets a fresh anonymous user with each connection, but not a fresh
+    #: address). Each part
     #: counts 128 bytes and one value more than its JSON, for what holding it costs (a 1-byte
     #: part takes about a hundred bytes of Python objects). Each part is decoded as its frame
     #: arrives (and is bounded as a frame: ``max_message_values``); held decoded, a value takes
@@ -96,7 +100,8 @@ class ServerConfig:
     #: How long a closing handshake may wait for a peer that does not answer (then: abort).
     close_timeout: float = 5.0
     #: How long a client may take from connecting to completing its HTTP upgrade (then the
-    #: socket is closed), so that half-open handshakes cannot hold every slot. An authenticator
+    #: socket is closed, whatever it sent), so that half-open handshakes cannot hold every slot
+    #: (an upgrade request with a body is answered 400 at once, on every transport). An authenticator
     #: that has not answered within half of it rejects the handshake (403; counted as
     #: ``timeout`` in ``handshakes_rejected``).
     handshake_timeout: float = 10.0
@@ -107,11 +112,11 @@ class ServerConfig:
     handler_timeout: float | None = 60.0
     #: Threads of the manager's own pool for ``in_thread`` handlers (started as needed; the
     #: loop's default executor is left to everything else). One user, or one remote address
-    #: for anonymous connections, holds at most an eighth of them (at least one): its handlers
-    #: running, and those still running after their request timed out (a thread cannot be
-    #: stopped; it counts until it returns). The last eighth is kept for users holding none.
-    #: A request never waits for a thread: beyond its user's share, or when no thread is free
-    #: for it, it gets a ``busy`` error reply at once.
+    #: for anonymous connections (as ``forwarded_allow_ips`` finds it), holds at most an
+    #: eighth of them (at least one): its handlers running, and those still running after their
+    #: request timed out (a thread cannot be stopped; it counts until it returns). The last
+    #: eighth is kept for users holding none. A request never waits for a thread: beyond its
+    #: user's share, or when no thread is free for it, it gets a ``busy`` error reply at once.
     handler_threads: int = 32
     #: Inbound rate limit per connection: ``rate_limit`` frames per ``rate_window`` seconds
     #: (``None`` disables). Beyond it the connection is closed with 1008.
@@ -129,9 +134,11 @@ class ServerConfig:
     #: no cap, as websockets and uvicorn, so that embedding the library changes nothing). Each
     #: is a file descriptor: without a cap, one host opening connections in a loop takes every
     #: descriptor of the process, and with them its logs, its backplane and every other client.
-    #: At it, the oldest socket that has not yet sent its whole upgrade request is closed to
-    #: make room for a newly accepted one (counted as ``evicted`` in ``handshakes_rejected``):
-    #: silent sockets never keep out a client that completes its handshake. With none such, a
+    #: At it, a socket that has not yet sent its whole upgrade request is closed to make room
+    #: for a newly accepted one (counted as ``evicted`` in ``handshakes_rejected``): the oldest
+    #: of the remote host holding the most such sockets, so silent sockets never keep out a
+    #: client that completes its handshake, and a few hosts opening them in a loop close their
+    #: own before a client alone in its handshake, however long its request takes to come. With none such, a
     #: handshake is refused with 503 and ``Retry-After`` (counted as ``full``); refused sockets
     #: waiting for that answer are bounded (``max_connections // 16 + 8``: the oldest still
     #: silent makes room for a newer one, else the newcomer is closed at once).
@@ -140,11 +147,25 @@ class ServerConfig:
     max_connections: int | None = None
     #: Sockets one remote host may hold at once, counted as ``max_connections`` (``None``: no
     #: limit). At it, the host's own oldest socket still in its handshake makes room, else a
-    #: handshake is refused the same way (counted as ``address``). Only where clients connect
-    #: directly: behind a load balancer or reverse proxy every client has its address, and this
-    #: would cap all of them together. ``dara-ws serve`` sets a quarter of its cap
-    #: (``--max-connections-per-address``, ``0`` for none behind a proxy).
+    #: handshake is refused the same way (counted as ``address``). Behind a load balancer or
+    #: reverse proxy every socket has its address, and this would cap all clients together:
+    #: name it in ``forwarded_allow_ips``, and its sockets are counted by the client each
+    #: request names once it is read (refused with 403 then, the socket having been let in).
+    #: ``dara-ws serve`` sets a quarter of its cap (``--max-connections-per-address``).
     max_connections_per_address: int | None = None
+    #: The reverse proxies (load balancers) trusted to name the client in ``X-Forwarded-For``,
+    #: as uvicorn's setting of that name: IP addresses and networks, in a comma-separated
+    #: string or a sequence (``"10.0.0.0/8"``), or ``"*"`` for whatever connects (then the
+    #: right-most address of the header counts, the one the proxy appended: uvicorn takes the
+    #: left-most, which a client writes itself). ``None`` (the default): none, so a client
+    #: never chooses the address it is counted as. For a request from one of them, the client's
+    #: address is the right-most of the header that is not a trusted proxy (a malformed header:
+    #: the proxy's own), and every bound counted per address once the request is read uses it
+    #: (:class:`~dara_ws_core.transport.TrustedProxies`): the shares of anonymous connections
+    #: (chunked parts, ``in_thread`` threads, the outbox's and the backplane spool's senders),
+    #: the log shares, and ``max_connections_per_address``, whose sockets from a trusted proxy
+    #: are counted by that client once their request is read rather than by the proxy.
+    forwarded_allow_ips: str | Sequence[str] | None = None
     #: The per-user outbox (:mod:`dara_ws_core.outbox`): ``send_message_to_user`` to a user with no
     #: connection anywhere keeps the message, up to this many per user (``0`` disables), this many
     #: bytes and this many seconds, for the user's next connection.
@@ -169,7 +190,8 @@ class ServerConfig:
     #: (the sender's share of each bound it can fill). The sender is the user of the connection
     #: whose frame was being handled when ``send_message_to_user`` was called; for an anonymous
     #: identity (``AnonymousIdentity``, new for each connection), the connection's address
-    #: (an IPv6 one by its /64): every anonymous connection from one address is one sender. A
+    #: (an IPv6 one by its /64; behind a proxy, see ``forwarded_allow_ips``): every anonymous
+    #: connection from one address is one sender. A
     #: send from server code, outside any connection, is charged to nobody. Beyond, that
     #: sender's messages are delivered live but not kept (``send_message_to_user`` returns
     #: ``False``), so one client filling its share costs its own messages, not everyone's. A
@@ -193,6 +215,10 @@ class ServerConfig:
         for name in ("max_connections", "max_connections_per_address"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (or None: no cap)")
+        if self.forwarded_allow_ips is not None:
+            if not isinstance(self.forwarded_allow_ips, str):  # a list: hashable, not shared
+                object.__setattr__(self, "forwarded_allow_ips", tuple(self.forwarded_allow_ips))
+            TrustedProxies(self.forwarded_allow_ips)  # raises ValueError for a bad address
         if not isinstance(self.slow_consumer_policy, SlowConsumerPolicy):
             object.__setattr__(
                 self, "slow_consumer_policy", SlowConsumerPolicy(self.slow_consumer_policy)

@@ -69,7 +69,7 @@ class _Owed:
     """The fan-out frames one connection caused to be queued past bounds, in the current window,
     and the queues they went to (at most ``MAX_OWED_QUEUES``: the ones a pause waits for)."""
 
-    __slots__ = ("bytes", "frames", "last", "over", "queues", "since")
+    __slots__ = ("bytes", "frames", "last", "over", "queues", "since", "timer")
 
     def __init__(self, now: float) -> None:
         self.since = now
@@ -77,6 +77,8 @@ class _Owed:
         self.last: bytes | None = None  # the frame last counted: a fan-out counts once
         self.over = False
         self.queues: dict[OutboundQueue, None] = {}  # an ordered set
+        #: Ends the window for a connection that goes quiet (see ConnectionDriver.owe).
+        self.timer: asyncio.TimerHandle | None = None
 
 
 class ConnectionDriver:
@@ -278,7 +280,7 @@ class ConnectionDriver:
                         await self._repay()
                         continue
                     if self._loop.time() - owed.since > (self.manager.config.send_timeout or MAX_ORIGIN_PAUSE):
-                        self._owed = None  # what it owed is old: read at full speed again
+                        self._drop_owed()  # what it owed is old: read at full speed again
                 try:
                     if self._context is None:
                         frame: str | bytes | None = await transport.receive()
@@ -335,6 +337,7 @@ class ConnectionDriver:
                 # write), so that the connection is freed now, not by the cyclic collector.
                 self.handler._sink = None
                 self._write = None
+                self._drop_owed()
                 if self._direct is not None:
                     self._direct.writer_lost = None
 
@@ -364,11 +367,18 @@ class ConnectionDriver:
         owed = self._owed
         now = self._loop.time()
         config = self.manager.config
+        window = config.send_timeout or MAX_ORIGIN_PAUSE
         if owed is None:
             self._owed = owed = _Owed(now)
-        elif now - owed.since > (config.send_timeout or MAX_ORIGIN_PAUSE):
+            # The receive loop forgets an old window when the next message comes; a connection
+            # that goes quiet would hold it (its last fan-out's frame, up to MAX_OWED_QUEUES
+            # other connections' queues) for as long as it is quiet.
+            owed.timer = self._loop.call_at(now + window, self._forget_owed, owed)
+        elif now - owed.since > window:
             owed.since, owed.frames, owed.bytes = now, 0, 0  # an old burst: a new window
             owed.queues.clear()
+            if owed.timer is None:
+                owed.timer = self._loop.call_at(now + window, self._forget_owed, owed)
         if owed.last is not frame:
             owed.last = frame
             owed.frames += 1
@@ -386,6 +396,24 @@ class ConnectionDriver:
             # into it is not: it did not make the burst.
             owed.over = True
 
+    def _drop_owed(self) -> None:
+        owed, self._owed = self._owed, None
+        if owed is not None and owed.timer is not None:
+            owed.timer.cancel()
+
+    def _forget_owed(self, owed: _Owed) -> None:
+        """The window of ``owed`` is over (its timer): forgotten, its pause too if it is still
+        due (a fan-out from a task of the connection's, while it was quiet), as the receive loop
+        forgets an old window. A window renewed since (``owe``) gets a timer again."""
+        if self._owed is not owed:
+            return
+        owed.timer = None
+        end = owed.since + (self.manager.config.send_timeout or MAX_ORIGIN_PAUSE)
+        if self._loop.time() < end:
+            owed.timer = self._loop.call_at(end, self._forget_owed, owed)
+        else:
+            self._owed = None
+
     async def _repay(self) -> None:
         """Hold this connection's reading until the queues its fan-outs took past their bounds
         caught up (or closed), at most ``MAX_ORIGIN_PAUSE`` (and ``send_timeout``, half
@@ -394,6 +422,8 @@ class ConnectionDriver:
         owed, self._owed = self._owed, None
         if owed is None:
             return
+        if owed.timer is not None:
+            owed.timer.cancel()
         config = self.manager.config
         pause = min(t for t in (MAX_ORIGIN_PAUSE, config.send_timeout,
                                 config.ping_timeout and config.ping_timeout / 2) if t)
@@ -422,6 +452,12 @@ class ConnectionDriver:
         # What is corked goes out now or, the connection being over, is counted as not written
         # before the channel's part of the user's history is settled.
         self.flush()
+        if self._close_task is None and self.handler.task_count:
+            # The peer ended it (its close frame, or the connection lost), maybe in the same read
+            # as its last requests, whose handler tasks have not begun: one loop iteration for
+            # them to start before the close cancels them, as when the close comes in a read of
+            # its own (every transport alike: some libraries hand us the close at once).
+            await asyncio.sleep(0)
         manager.remove_handler(channel_id, closed)
         if self._close_task is None:
             await _cancel(self._sender)

@@ -14,6 +14,7 @@ from __future__ import annotations
 __all__ = ["DEFAULT_PATH", "Admission", "ConnectionSlots", "Endpoint", "Evict", "host_of", "ws_handler"]
 
 import asyncio
+import contextvars
 import logging
 import time
 import uuid
@@ -32,7 +33,7 @@ from .exceptions import (
 from .handler import WebSocketHandler
 from .logs import ConnectionLogger, current_source
 from .manager import WebsocketManager
-from .transport import HandshakeRequest, Transport, address_key
+from .transport import HandshakeRequest, Transport, TrustedProxies, address_key
 
 logger = logging.getLogger("dara_ws_core")
 
@@ -67,14 +68,18 @@ class ConnectionSlots:
     every descriptor of the process. Pure: the adapters report each socket's start and end.
 
     A socket registered with an ``evict`` callable is *waiting* (its request has not all
-    arrived) until :meth:`settle`. When a newcomer would be refused, :meth:`victim` names the
-    oldest waiting socket whose going lets it in (of the newcomer's own address when that
-    address is the one full): sockets that send nothing never keep out a client that completes
-    its handshake. Refused sockets waiting for their request make room for newer refused ones
-    the same way."""
+    arrived) until :meth:`settle`. When a newcomer would be refused, :meth:`victim` names a
+    waiting socket whose going lets it in: sockets that send nothing never keep out a client
+    that completes its handshake. When the newcomer's address is the one full, that is the
+    address's own oldest; when the process is full, the oldest of the address holding the most
+    waiting sockets (the oldest of all when its address holds as many), so that a few
+    addresses opening sockets in a loop evict each other's, and a client whose request takes
+    a round trip or a TLS exchange to arrive, alone in its handshake from its address, is
+    evicted last. Refused sockets waiting for their request make room for newer refused ones,
+    the oldest first."""
 
-    __slots__ = ("_gone", "_refused", "_waiting", "_waiting_at", "admitted", "by_address", "limit",
-                 "per_address", "refusing", "refusing_limit")
+    __slots__ = ("_crowds", "_gone", "_most", "_refused", "_waiting", "_waiting_at", "admitted",
+                 "by_address", "limit", "per_address", "refusing", "refusing_limit")
 
     def __init__(self, limit: int | None, per_address: int | None = None) -> None:
         self.limit = limit
@@ -87,10 +92,15 @@ class ConnectionSlots:
         #: Sockets served by remote host (only while ``per_address`` is set; none at zero).
         self.by_address: dict[str, int] = {}
         #: Admitted sockets waiting for their request, oldest first, with their address; the
-        #: same by address (only while ``per_address`` is set); refused ones waiting.
+        #: same by address (``None``: the sockets without one, together); refused ones waiting.
         self._waiting: dict[Evict, str | None] = {}
-        self._waiting_at: dict[str, dict[Evict, None]] = {}
+        self._waiting_at: dict[str | None, dict[Evict, None]] = {}
         self._refused: dict[Evict, None] = {}
+        #: The addresses by how many waiting sockets they hold (each count's in the order they
+        #: reached it), and the highest count: the most crowded address found in O(1), as
+        #: counts move by one.
+        self._crowds: dict[int, dict[str | None, None]] = {}
+        self._most = 0
         #: Evicted sockets whose slot went to a newcomer: their release changes no count.
         self._gone: set[Evict] = set()
 
@@ -128,10 +138,11 @@ class ConnectionSlots:
             self.admitted += 1
             if self.per_address is not None and address is not None:
                 self.by_address[address] = self.by_address.get(address, 0) + 1
-                if evict is not None:
-                    self._waiting_at.setdefault(address, {})[evict] = None
             if evict is not None:
                 self._waiting[evict] = address
+                mine = self._waiting_at.setdefault(address, {})
+                mine[evict] = None
+                self._recount(address, len(mine) - 1, len(mine))
         elif admission is not Admission.DROP:
             self.refusing += 1
             if evict is not None:
@@ -141,18 +152,29 @@ class ConnectionSlots:
     def settle(self, evict: Evict) -> None:
         """The socket registered with ``evict`` has sent its whole request: it is no longer
         evicted to make room."""
-        address = self._waiting.pop(evict, None)
-        if address is not None:
-            self._unwait_at(evict, address)
+        if evict in self._waiting:
+            address = self._waiting.pop(evict)
+            mine = self._waiting_at[address]
+            del mine[evict]
+            self._recount(address, len(mine) + 1, len(mine))
+            if not mine:
+                del self._waiting_at[address]
         else:
             self._refused.pop(evict, None)
 
-    def _unwait_at(self, evict: Evict, address: str) -> None:
-        mine = self._waiting_at.get(address)
-        if mine is not None:
-            mine.pop(evict, None)
-            if not mine:
-                del self._waiting_at[address]
+    def _recount(self, address: str | None, was: int, now: int) -> None:
+        """``address`` went from ``was`` waiting sockets to ``now`` (one more or one fewer)."""
+        crowds = self._crowds
+        if was:
+            crowd = crowds[was]
+            del crowd[address]
+            if not crowd:
+                del crowds[was]
+                if self._most == was:
+                    self._most = now  # ``now`` is ``was - 1``: the address itself holds it
+        if now:
+            crowds.setdefault(now, {})[address] = None
+            self._most = max(self._most, now)
 
     def victim(self, address: str | None) -> tuple[Evict, Admission, str | None] | None:
         """When a socket from ``address`` would be refused (or dropped): the waiting socket to
@@ -161,15 +183,20 @@ class ConnectionSlots:
         it closed."""
         if self._crowded(address):
             # One of the address's own: its going frees a process slot too.
-            mine = self._waiting_at.get(address)  # type: ignore[arg-type]  # crowded: not None
+            mine = self._waiting_at.get(address)
             if mine:
                 evict = next(iter(mine))
                 self.settle(evict)
                 return evict, Admission.ADMIT, address
         elif self.limit_reached:
             if self._waiting:
+                # The oldest waiting socket if its address holds the most (every address holds
+                # one: the oldest overall), else the oldest of the first address holding the most.
                 evict = next(iter(self._waiting))
                 owner = self._waiting[evict]
+                if len(self._waiting_at[owner]) < self._most:
+                    owner = next(iter(self._crowds[self._most]))
+                    evict = next(iter(self._waiting_at[owner]))
                 self.settle(evict)
                 return evict, Admission.ADMIT, owner
         else:
@@ -207,10 +234,17 @@ def host_of(peer: object) -> str | None:
     """What ``max_connections_per_address`` and the log shares count a socket's peer address
     (``getpeername()``, an ASGI ``client``) as: its host, or for an IPv6 host the /64 network
     it is in (one site's usual allocation, from which a client could otherwise take a fresh
-    address for each connection); ``None`` when there is none (a Unix socket)."""
+    address for each connection); ``None`` when there is none (a Unix socket). Once a request
+    is read, :meth:`Endpoint.client_address` says who it is from behind a trusted proxy."""
     if isinstance(peer, tuple | list) and peer:
         return address_key(str(peer[0]))
     return None
+
+
+#: The client address a connection from a trusted proxy is counted under for
+#: ``max_connections_per_address`` (set by ``Endpoint.authenticate``, read by ``serve``, which
+#: runs in the context the handshake left); ``None``: counted by its socket.
+_forwarded_slot: contextvars.ContextVar[str | None] = contextvars.ContextVar("dara_ws_forwarded", default=None)
 
 
 #: Seconds a refused client is asked to wait before it tries again (``Retry-After``).
@@ -235,6 +269,12 @@ class Endpoint:
         self._closing = False
         config = manager.config
         self.slots = ConnectionSlots(config.max_connections, config.max_connections_per_address)
+        allowed = config.forwarded_allow_ips
+        #: Whose ``X-Forwarded-For`` names the client (``ServerConfig.forwarded_allow_ips``).
+        self.proxies = TrustedProxies(allowed) if allowed else None
+        #: Connections served from a trusted proxy, by the client address they are counted
+        #: under (only while ``max_connections_per_address`` is set).
+        self._forwarded: dict[str, int] = {}
 
     @property
     def config(self) -> ServerConfig:
@@ -255,9 +295,10 @@ class Endpoint:
         socket at once.
 
         ``evict`` (see :data:`Evict`) registers the socket as still in its handshake until
-        :meth:`settled`: when the process or the address is full, the oldest such socket is
-        closed to let the newcomer in (counted as ``evicted``) rather than the newcomer
-        refused."""
+        :meth:`settled`: when the process or the address is full, such a socket is closed to
+        let the newcomer in (counted as ``evicted``; :class:`ConnectionSlots` says which)
+        rather than the newcomer refused."""
+        address = self._slot_key(address)
         slots = self.slots
         for _ in range(slots.waiting):  # each turn takes one socket off the waiting ones
             victim = slots.victim(address)
@@ -279,7 +320,26 @@ class Endpoint:
 
     def free_slot(self, admission: Admission, address: str | None = None, evict: Evict | None = None) -> None:
         """The socket that :meth:`take_slot` let in (or refused) is gone."""
-        self.slots.release(admission, address, evict)
+        self.slots.release(admission, self._slot_key(address), evict)
+
+    def _slot_key(self, address: str | None) -> str | None:
+        """What a socket from ``address`` is counted under before its request is read: a
+        trusted proxy's under none (its clients are counted each by its own address once their
+        request is read, :meth:`authenticate`), every other peer under its own."""
+        proxies = self.proxies
+        if proxies is not None and self.slots.per_address is not None and proxies.trusts(address):
+            return None
+        return address
+
+    def client_address(self, request: HandshakeRequest) -> str | None:
+        """Whom the bounds counted per address count ``request`` as, once it is read: its
+        socket peer's host, or behind a trusted proxy (``ServerConfig.forwarded_allow_ips``)
+        the client its ``X-Forwarded-For`` names; an IPv6 one by its /64 (:func:`host_of`)."""
+        host = None if request.remote is None else request.remote[0]
+        proxies = self.proxies
+        if proxies is not None:
+            host = proxies.client_host(host, request.headers.get("x-forwarded-for"))
+        return None if host is None else address_key(host)
 
     def refused(self, admission: Admission) -> None:
         """Count and log a socket refused with ``admission``: :meth:`take_slot` does; an
@@ -301,9 +361,11 @@ class Endpoint:
         Raises ``AuthenticationFailed``, which the adapter answers with HTTP 403. An authenticator
         that crashes also rejects (and is logged): a bug never lets anyone in.
         """
-        # The source whose share of the peers' log budget this connection's records use: its
-        # tasks (the handshake's, the connection's, its handlers') inherit the context.
-        current_source.set(host_of(request.remote))
+        # The address every share counted per address charges this connection to (the peers'
+        # log budget, the anonymous ones' chunk, thread, outbox and spool shares): its tasks
+        # (the handshake's, the connection's, its handlers') inherit the context.
+        source = self.client_address(request)
+        current_source.set(source)
         counters = self.manager.counters
         if self._closing:
             counters.count(counters.handshakes_rejected, "shutdown")
@@ -327,6 +389,9 @@ class Endpoint:
             counters.count(counters.handshakes_rejected, "error")
             _handshake_log(request).exception("authenticator failed")
             raise AuthenticationFailed("authenticator error") from exc
+        if identity.address is not None:  # the authenticator knows better
+            current_source.set(source := address_key(identity.address))
+        self._check_forwarded(request, source)
         limit = self.config.max_connections_per_user
         if limit is not None and await self._user_connections(identity.user_id) >= limit:
             counters.count(counters.handshakes_rejected, "limit")
@@ -334,6 +399,21 @@ class Endpoint:
             raise AuthenticationFailed(f"user has {limit} connections already")
         counters.handshakes_accepted += 1
         return identity
+
+    def _check_forwarded(self, request: HandshakeRequest, source: str | None) -> None:
+        """A request from a trusted proxy, its socket counted under no address: refuse it if
+        its client has ``max_connections_per_address`` connections (exact in :meth:`serve`)."""
+        per_address = self.slots.per_address
+        peer = None if request.remote is None else host_of(request.remote)
+        if per_address is None or source is None or self._slot_key(peer) is not None:
+            _forwarded_slot.set(None)
+            return
+        _forwarded_slot.set(source)
+        if self._forwarded.get(source, 0) >= per_address:
+            self.manager.counters.count(self.manager.counters.handshakes_rejected, "address")
+            _FULL_LOG.peer_error(logging.WARNING, "handshake refused: the address has "
+                                 "max_connections_per_address connections")
+            raise AuthenticationFailed(f"address has {per_address} connections already")
 
     async def _user_connections(self, user_id: str) -> int:
         """The user's connections on every process (on this one if the bus is unreachable)."""
@@ -352,30 +432,53 @@ class Endpoint:
         if limit is not None and len(self.manager.get_user_channels(identity.user_id)) >= limit:
             # Handshakes of one user that ran concurrently all passed the check in authenticate();
             # only here, with no await before the channel is registered, is the count exact.
-            logger.info("connection refused: connection limit", extra={"user": identity.user_id})
-            self.manager.counters.count(self.manager.counters.close_codes, CloseCode.POLICY_VIOLATION)
-            await close_quietly(transport, CloseCode.POLICY_VIOLATION, "too many connections")
+            await self._refuse(transport, identity, "connection limit")
             return
-        channel_id = str(uuid.uuid4())
-        if not await self.manager.admit(channel_id, identity):
-            # With a backplane: the user's connections on every process, counted atomically in
-            # the bus (two processes admitting the same user at once cannot both pass).
-            logger.info("connection refused: cluster connection limit",
-                        extra={"user": identity.user_id})
-            await close_quietly(transport, CloseCode.POLICY_VIOLATION, "too many connections")
+        forwarded = _forwarded_slot.get()
+        if forwarded is not None and not self._take_forwarded(forwarded):
+            # Handshakes of one client behind a proxy that ran concurrently all passed the
+            # check in authenticate(); here the count is exact.
+            await self._refuse(transport, identity, "max_connections_per_address")
             return
-        try:
-            driver = ConnectionDriver(self.manager, transport, identity, channel_id)
+        try:  # one coroutine, not one calling another: an idle connection's frames are few
+            channel_id = str(uuid.uuid4())
+            if not await self.manager.admit(channel_id, identity):
+                # With a backplane: the user's connections on every process, counted atomically in
+                # the bus (two processes admitting the same user at once cannot both pass).
+                logger.info("connection refused: cluster connection limit",
+                            extra={"user": identity.user_id})
+                await close_quietly(transport, CloseCode.POLICY_VIOLATION, "too many connections")
+                return
+            try:
+                driver = ConnectionDriver(self.manager, transport, identity, channel_id)
+            finally:
+                self.manager.abandon(channel_id, identity)  # releases it only if no handler was made
+            this = asyncio.current_task()
+            if this is not None:
+                self._connections[channel_id] = this
+            self._ensure_sweeper()
+            try:
+                await driver.run()
+            finally:
+                self._connections.pop(channel_id, None)
         finally:
-            self.manager.abandon(channel_id, identity)  # releases it only if no handler was made
-        this = asyncio.current_task()
-        if this is not None:
-            self._connections[channel_id] = this
-        self._ensure_sweeper()
-        try:
-            await driver.run()
-        finally:
-            self._connections.pop(channel_id, None)
+            if forwarded is not None:
+                left = self._forwarded.pop(forwarded, 1) - 1
+                if left > 0:
+                    self._forwarded[forwarded] = left
+
+    def _take_forwarded(self, client: str) -> bool:
+        """Count a connection of ``client`` behind a trusted proxy, if its address has room."""
+        held, limit = self._forwarded.get(client, 0), self.slots.per_address
+        if limit is not None and held >= limit:
+            return False
+        self._forwarded[client] = held + 1
+        return True
+
+    async def _refuse(self, transport: Transport, identity: Identity, why: str) -> None:
+        logger.info("connection refused: %s", why, extra={"user": identity.user_id})
+        self.manager.counters.count(self.manager.counters.close_codes, CloseCode.POLICY_VIOLATION)
+        await close_quietly(transport, CloseCode.POLICY_VIOLATION, "too many connections")
 
     # ------------------------------------------------------------------ timers and shutdown
 

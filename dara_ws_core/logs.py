@@ -22,9 +22,10 @@ import time
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
-#: Where the records of the current connection come from, for the shares of the peers' budget:
-#: its handshake's remote host (set by ``Endpoint.authenticate``; the connection's tasks inherit
-#: it). ``None``: the share of sources that have no address.
+#: Where the records of the current connection come from, for the shares of the peers' budget
+#: (and every other share counted per address): its client's address key, as
+#: ``Endpoint.client_address`` finds it (set by ``Endpoint.authenticate``; the connection's tasks
+#: inherit it). ``None``: the share of sources that have no address.
 current_source: contextvars.ContextVar[str | None] = contextvars.ContextVar("dara_ws_source", default=None)
 
 

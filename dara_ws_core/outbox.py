@@ -128,7 +128,8 @@ def anonymous_sender(address: str | None) -> str:
     (``None``, a connection without one, such as a Unix socket's: one sender for all of them),
     as :func:`~dara_ws_core.endpoint.host_of` counts it: an IPv6 address by its /64, which one
     client usually has whole; an IPv4 one mapped into IPv6 as that IPv4 address. Behind a
-    reverse proxy every client has the proxy's address: they are one sender. Starts with a NUL,
+    reverse proxy not in ``ServerConfig.forwarded_allow_ips`` every client has the proxy's
+    address: they are one sender. Starts with a NUL,
     which :func:`sender_of` keeps for these."""
     if address is None:
         return "\0anonymous"

@@ -66,16 +66,20 @@ manager that yields a :class:`Server` (``port=0`` picks a free port).
 
 from __future__ import annotations
 
-__all__ = ["ClientFrameHeaders", "HandshakeRequest", "Server", "SupportsCork", "SupportsDisconnected",
-           "SupportsPush", "SupportsSendNowait", "SupportsWriter", "Transport", "address_key", "parse_cookies",
-           "text_frame_header"]
+__all__ = ["MAX_PIPELINED", "ClientFrameHeaders", "HandshakeRequest", "RequestHead", "Server", "SupportsCork",
+           "SupportsDisconnected", "SupportsPush", "SupportsSendNowait", "SupportsWriter", "Transport",
+           "TrustedProxies", "address_key", "close_frame_error", "held_behind_request", "hold_behind_request",
+           "parse_cookies", "sendable_close_code", "text_frame_header"]
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from struct import Struct
 from types import MappingProxyType
-from typing import Generic, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
 from urllib.parse import parse_qsl, urlsplit
+
+if TYPE_CHECKING:
+    from ipaddress import IPv4Address, IPv6Address
 
 
 @runtime_checkable
@@ -187,6 +191,29 @@ def text_frame_header(size: int) -> bytes:
     return _HEADER64.pack(0x81, 127, size)
 
 
+def sendable_close_code(code: int) -> bool:
+    """Whether a close frame may carry ``code`` on the wire (RFC 6455 section 7.4): the
+    defined codes 1000-1003 and 1007-1014, and 3000-4999 (registered and private). 1004 is
+    reserved, and 1005, 1006 and 1015 only report what happened: none of them is ever sent."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+def close_frame_error(payload: bytes) -> int | None:
+    """What a peer's close frame with ``payload`` is failed with, or ``None`` if it is valid,
+    for the adapters whose library does not check it (RFC 6455 sections 5.5.1 and 7.4): an
+    empty payload is valid (no code); one byte, or a code :func:`sendable_close_code` refuses,
+    is a protocol error (1002); a reason that is not UTF-8 is 1007. Pure."""
+    if not payload:
+        return None
+    if len(payload) < 2 or not sendable_close_code(int.from_bytes(payload[:2], "big")):
+        return 1002
+    try:
+        payload[2:].decode()
+    except UnicodeDecodeError:
+        return 1007
+    return None
+
+
 #: A masked frame header with opcode 3 (reserved: RFC 6455 5.2), which every parser fails on.
 _RESERVED_OPCODE = b"\x83\x80"
 
@@ -255,6 +282,88 @@ class ClientFrameHeaders:
         self.refused = why
         self._head = b""
         return buf[:pos]
+
+
+#: The blank line that ends an HTTP request's head (RFC 9112 section 2.1): every line ends in CRLF.
+_HEAD_END = b"\r\n\r\n"
+
+
+class RequestHead:
+    """Finds where a client's upgrade request ends in its byte stream, for the adapters whose
+    library would parse what follows the request as frames while the handshake is still being
+    answered (websockets' sans-I/O protocol, under websockets and uvicorn): frames read then
+    would be acted on, or refused, before the connection is open, and would escape
+    :class:`ClientFrameHeaders`, which starts with the connection.
+
+    :meth:`feed` returns the part of a read that belongs to the request's head (up to and
+    including the blank line that ends it), for the library; every byte after it is kept in
+    :attr:`behind`, in order, however the reads cut the stream. Once the connection is open,
+    the adapter hands :attr:`behind` to a new :class:`ClientFrameHeaders` and then to its
+    library: frames a client sent without waiting for the answer are read exactly as if they
+    had come after it. Holding them is bounded by the adapter: :func:`hold_behind_request`
+    stops reading at the first byte held. Pure.
+    """
+
+    __slots__ = ("_tail", "behind", "ended")
+
+    def __init__(self) -> None:
+        self._tail = b""  # the last bytes of the head so far, which may start its end
+        #: Whether the head has ended (every byte fed since is in :attr:`behind`).
+        self.ended = False
+        #: The bytes that came after the head, before the connection opened.
+        self.behind = bytearray()
+
+    def feed(self, data: bytes) -> bytes:
+        """The part of ``data`` that belongs to the request's head; the rest goes to
+        :attr:`behind`."""
+        if self.ended:
+            self.behind += data
+            return b""
+        tail = self._tail
+        end = (tail + data).find(_HEAD_END)
+        if end < 0:
+            self._tail = (tail + data)[-3:]
+            return data
+        cut = end + len(_HEAD_END) - len(tail)  # >= 1: the tail alone holds no end
+        self.ended, self._tail = True, b""
+        self.behind += data[cut:]
+        return data[:cut]
+
+
+#: The most bytes an adapter holds behind a client's upgrade request before it has answered
+#: (:func:`hold_behind_request`). Reading stops at the first of them, so one read (256 KiB with
+#: asyncio) holds them all unless something resumed reading before the answer.
+MAX_PIPELINED = 1024 * 1024
+
+
+class _Reading(Protocol):
+    def pause_reading(self) -> None: ...
+    def abort(self) -> None: ...
+    def is_closing(self) -> bool: ...
+
+
+def hold_behind_request(head: RequestHead, data: bytes, transport: _Reading) -> bytes:
+    """:meth:`RequestHead.feed` for an adapter, on a read before the connection opened: what to
+    hand the library now. Reading stops once something is held, until the adapter has answered
+    and hands it on; past :data:`MAX_PIPELINED` held, the socket is dropped (before the answer,
+    no close frame can say why)."""
+    data = head.feed(data)
+    held = len(head.behind)
+    if held:
+        transport.pause_reading()
+        if held > MAX_PIPELINED:
+            transport.abort()
+            return b""
+    return data
+
+
+def held_behind_request(head: RequestHead | None, transport: _Reading) -> bytes:
+    """Once the connection is open: what :func:`hold_behind_request` held, for the adapter to
+    read now (through a new :class:`ClientFrameHeaders`, then its library), and resume reading
+    after; nothing if nothing was held or the socket is already closing."""
+    if head is None or not head.behind or transport.is_closing():
+        return b""
+    return bytes(head.behind)
 
 
 _Native = TypeVar("_Native")
@@ -411,3 +520,106 @@ def address_key(host: str) -> str:
     if address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)
     return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
+
+
+#: Most entries of an ``X-Forwarded-For`` header read, from the right: a chain of proxies is a
+#: few hops long, and a client must not make the parse cost more than this.
+MAX_FORWARDED_HOPS = 16
+
+
+class TrustedProxies:
+    """The reverse proxies whose ``X-Forwarded-For`` header names the client
+    (``ServerConfig.forwarded_allow_ips``, uvicorn's setting of that name): what the bounds
+    counted per address count a request from one of them as. Pure; built once per endpoint.
+
+    ``allowed`` is a comma-separated string or a sequence of IP addresses and networks
+    (``"10.0.0.0/8"``), or ``"*"`` for any peer, a Unix socket's too. A request whose socket
+    peer is not one of them keeps the peer's address, whatever its headers say: a client cannot
+    name itself. From a trusted peer, the header is read from the right, each proxy having
+    appended the address it was connected from: the client is the right-most address that is
+    not a trusted proxy (with ``"*"``, the right-most address: the one the proxy that connected
+    appended, as the entries left of it are the client's own words). A header with no entry,
+    or one that is not an IP address before that, is ignored: the peer's address counts."""
+
+    __slots__ = ("_anyone", "_networks")
+
+    def __init__(self, allowed: str | Iterable[str]) -> None:
+        import ipaddress  # only for a server behind a proxy
+
+        items = allowed.split(",") if isinstance(allowed, str) else allowed
+        names = [item.strip() for item in items if item.strip()]
+        self._anyone = "*" in names
+        try:
+            self._networks = tuple(ipaddress.ip_network(name, strict=False) for name in names if name != "*")
+        except ValueError as exc:
+            raise ValueError(f"forwarded_allow_ips: {exc}") from None
+
+    def __bool__(self) -> bool:
+        """Whether any peer is trusted at all."""
+        return self._anyone or bool(self._networks)
+
+    def trusts(self, host: str | None) -> bool:
+        """Whether a peer at ``host`` (an address, or an address key: an IPv6 /64) is a trusted
+        proxy; ``None`` (no address: a Unix socket) only with ``"*"``."""
+        if self._anyone:
+            return True
+        if host is None:
+            return False
+        import ipaddress
+
+        try:
+            if "/" in host:  # an address key: trusted if a proxy may be in it
+                network = ipaddress.ip_network(host, strict=False)
+                return any(network.overlaps(n) for n in self._networks)
+            address = _ip(host)
+        except ValueError:
+            return False
+        return address is not None and any(address in n for n in self._networks)
+
+    def client_host(self, peer: str | None, forwarded: str | None) -> str | None:
+        """The client's host for a request whose socket peer is at ``peer`` and whose
+        ``X-Forwarded-For`` header is ``forwarded`` (repeated headers joined with commas, as
+        :meth:`HandshakeRequest.build` does): ``peer`` unless it is a trusted proxy and the
+        header names someone well-formed."""
+        if not forwarded or not self.trusts(peer):
+            return peer
+        entries = forwarded.rsplit(",", MAX_FORWARDED_HOPS)[-MAX_FORWARDED_HOPS:]
+        client = peer
+        for entry in reversed(entries):
+            address = _forwarded_ip(entry)
+            if address is None:  # malformed: who sent it is unknown
+                return peer
+            client = str(address)
+            if self._anyone or not any(address in n for n in self._networks):
+                return client
+        return client  # every hop a trusted proxy: the left-most of them read
+
+
+def _ip(host: str) -> IPv4Address | IPv6Address | None:
+    """``host`` as an IP address (an IPv4-mapped IPv6 one as its IPv4 address, a zone dropped);
+    ``None`` if it is none."""
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _forwarded_ip(entry: str) -> IPv4Address | IPv6Address | None:
+    """One ``X-Forwarded-For`` entry's address: ``192.0.2.1``, ``2001:db8::1``, or with a port
+    as some proxies write it (``192.0.2.1:4711``, ``[2001:db8::1]:4711``); ``None`` for
+    anything else (``unknown``, an obfuscated name)."""
+    entry = entry.strip()
+    if entry.startswith("["):
+        entry, bracket, port = entry[1:].partition("]")
+        if not bracket or (port and not (port[0] == ":" and port[1:].isdigit())):
+            return None
+    elif entry.count(":") == 1:
+        entry, _, port = entry.partition(":")
+        if not port.isdigit():
+            return None
+    return _ip(entry) if entry else None

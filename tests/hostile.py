@@ -213,15 +213,19 @@ class HostileClient:
         self.server_port: int = sock.getpeername()[1]
 
     @classmethod
-    async def open(cls, port: int, *, rcvbuf: int | None = None, timeout: float = 5.0) -> HostileClient:
-        """Connect to ``127.0.0.1:port``. ``rcvbuf`` (bytes) shrinks the kernel receive buffer,
-        set before connecting so that the TCP window is small from the start."""
+    async def open(cls, port: int, *, rcvbuf: int | None = None, timeout: float = 5.0,
+                   local: str | None = None) -> HostileClient:
+        """Connect to ``127.0.0.1:port`` (from the loopback address ``local``, e.g. another host
+        of 127/8). ``rcvbuf`` (bytes) shrinks the kernel receive buffer, set before connecting
+        so that the TCP window is small from the start."""
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         if rcvbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         try:
+            if local is not None:
+                sock.bind((local, 0))
             async with asyncio.timeout(timeout):
                 await loop.sock_connect(sock, (HOST, port))
                 _, proto = await loop.create_connection(_Protocol, sock=sock)

@@ -326,6 +326,18 @@ LIMIT = 300  # open files, soft and hard (nothing to raise): connection_cap leav
 NO_SHARE = ("--max-connections-per-address", "0")  # every test client is one host
 
 
+async def _listening_port(server: asyncio.subprocess.Process) -> int:
+    """The port a ``dara-ws serve`` process started with ``--port 0`` says it listens on."""
+    assert server.stdout is not None
+    line = ""
+    for _ in range(20):
+        line = (await asyncio.wait_for(server.stdout.readline(), 20)).decode()
+        if "dara-ws demo" in line or not line:
+            break
+    assert "dara-ws demo" in line, line
+    return int(line.rsplit(":", 1)[1].split("/", 1)[0])
+
+
 @pytest.mark.skipif(not hasattr(resource, "RLIMIT_NOFILE"), reason="needs RLIMIT_NOFILE (POSIX)")
 @pytest.mark.parametrize(("option", "cap", "beyond"), [
     (NO_SHARE, connection_cap(LIMIT), 503), (("--max-connections", "3", *NO_SHARE), 3, 503),
@@ -351,14 +363,7 @@ async def test_serve_caps_its_connections_under_the_open_files_limit(
     )
     clients: list[HostileClient] = []
     try:
-        assert server.stdout is not None
-        line = ""
-        for _ in range(20):
-            line = (await asyncio.wait_for(server.stdout.readline(), 20)).decode()
-            if "dara-ws demo" in line or not line:
-                break
-        assert "dara-ws demo" in line, line
-        port = int(line.rsplit(":", 1)[1].split("/", 1)[0])
+        port = await _listening_port(server)
         for _ in range(cap):
             client, _ = await open_channel(port)
             clients.append(client)
@@ -397,14 +402,49 @@ def test_serve_refuses_a_negative_max_connections_per_address() -> None:
     assert "--max-connections-per-address must be >= 0" in _one_line_error(result)
 
 
-def test_workers_get_the_per_address_share_given() -> None:
+@pytest.mark.parametrize(("option", "value"), [
+    ("--max-connections-per-address", "0"),  # off behind a proxy: in every worker
+    ("--forwarded-allow-ips", "10.0.0.0/8"),  # the proxies trusted: by every worker
+])
+def test_workers_get_the_per_address_options_given(option: str, value: str) -> None:
     from dara_ws_cli.main import build_parser
     from dara_ws_cli.workers import worker_argv
 
-    args = build_parser().parse_args(["serve", "--workers", "2", "--max-connections-per-address", "0"])
-    argv = worker_argv(args, 8001)
-    assert argv[argv.index("--max-connections-per-address") + 1] == "0"  # off behind a proxy: in every worker
-    assert "--max-connections-per-address" not in worker_argv(build_parser().parse_args(["serve"]), 8001)
+    argv = worker_argv(build_parser().parse_args(["serve", "--workers", "2", option, value]), 8001)
+    assert argv[argv.index(option) + 1] == value
+    assert option not in worker_argv(build_parser().parse_args(["serve"]), 8001)
+
+
+def test_serve_refuses_forwarded_allow_ips_that_are_no_addresses() -> None:
+    result = _run_cli("serve", "--port", "0", "--forwarded-allow-ips", "10.0.0.1,proxy.internal")
+    assert result.returncode == 2
+    assert "--forwarded-allow-ips" in _one_line_error(result)
+
+
+async def test_serve_behind_a_trusted_proxy_counts_each_client_by_the_address_it_names() -> None:
+    # Review 18 (2): one address's share behind the proxy is each client's, not all of them.
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dara_ws_cli", "serve", "--port", "0", "--clock", "0",
+        "--forwarded-allow-ips", "127.0.0.1", "--max-connections-per-address", "1",
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )
+    clients: list[HostileClient] = []
+    try:
+        port = await _listening_port(server)
+        statuses = []
+        for client_address in ("203.0.113.7", "198.51.100.9", "203.0.113.7"):
+            client = await HostileClient.open(port)
+            clients.append(client)
+            response = await client.handshake(TOKEN_PATH, [("X-Forwarded-For", client_address)])
+            statuses.append(response.status)
+            if response.status == 101:  # served (its init sent): counted before the next one
+                await client.read_frame()
+        assert statuses == [101, 101, 403]
+    finally:
+        for client in clients:
+            await client.close()
+        server.terminate()
+        await asyncio.wait_for(server.wait(), 20)
 
 
 def _children(pid: int) -> set[int]:

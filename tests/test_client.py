@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -764,6 +765,63 @@ async def test_over_the_memory_transport_sends_to_an_end_that_reads_nothing_are_
             await client.close()
 
 
+@pytest.mark.parametrize("connector", ["websockets", "aiohttp", "custom"])
+async def test_a_server_that_never_answers_the_upgrade_ends_connect_at_open_timeout(connector: str) -> None:
+    """Review 17 (10): over aiohttp, ``connect()`` waited the library's own 300 s on a server
+    that accepts and never answers. The client bounds any connector by its ``open_timeout``
+    (here the websockets connector's own bound is off, and the custom one waits for ever), and
+    the connector, cancelled, closes the socket it opened."""
+    accepted = asyncio.Event()
+    gone = asyncio.Event()
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()
+        try:
+            async with asyncio.timeout(10):
+                while await reader.read(65536):  # the request, if any, never answered
+                    pass
+            gone.set()  # the client closed its end
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    url = f"ws://127.0.0.1:{port}/"
+
+    async def raw() -> Transport:  # a library that waits on the server without a bound
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            writer.close()
+        raise AssertionError("never reached")
+
+    connect: Callable[[], Awaitable[Transport]]
+    if connector == "websockets":
+        from dara_ws_websockets import connect as ws_connect
+
+        connect = functools.partial(ws_connect, url, open_timeout=None)
+    elif connector == "aiohttp":
+        from dara_ws_aiohttp import connect as aiohttp_connect
+
+        connect = functools.partial(aiohttp_connect, url)
+    else:
+        connect = raw
+    client = DaraClient(connect, ping_interval=None, open_timeout=0.3)
+    attempt = asyncio.ensure_future(client.connect())
+    try:
+        done, _ = await asyncio.wait((attempt,), timeout=5)  # a bound of the test, not measured
+        assert attempt in done and isinstance(attempt.exception(), TimeoutError)
+        assert accepted.is_set() and not client.connected
+        async with asyncio.timeout(5):
+            await gone.wait()
+    finally:
+        attempt.cancel()
+        await asyncio.wait((attempt,), timeout=5)
+        server.close()
+        await server.wait_closed()
+
+
 def test_timeouts_not_above_zero_are_refused() -> None:
     async def never() -> Transport:
         raise AssertionError("not connected")
@@ -772,6 +830,8 @@ def test_timeouts_not_above_zero_are_refused() -> None:
         DaraClient(never, send_timeout=0)
     with pytest.raises(ValueError, match="send_timeout and close_timeout"):
         DaraClient(never, close_timeout=-1.0)
+    with pytest.raises(ValueError, match="open_timeout"):
+        DaraClient(never, open_timeout=0)
     assert DaraClient(never, send_timeout=None).send_timeout is None  # no bound: allowed
 
 

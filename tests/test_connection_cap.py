@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import random
 import socket
 
 import pytest
@@ -17,6 +18,7 @@ from dara_ws_core import (
     Admission,
     ConnectionSlots,
     Endpoint,
+    Evict,
     ServerConfig,
     WebsocketManager,
     allow_anonymous,
@@ -188,6 +190,58 @@ def test_slots_a_full_address_evicts_its_own_waiting_sockets_only() -> None:
     assert slots.victim("10.0.0.3") is None  # the process is not full: nothing to evict
 
 
+def test_a_full_process_evicts_from_the_address_waiting_most_and_a_lone_handshake_last() -> None:
+    # Review 17 (6): the globally oldest waiting socket went, so a few addresses opening silent
+    # sockets in a loop evicted every client whose request took a round trip to arrive.
+    slots = ConnectionSlots(6, per_address=4)
+    keys = {name: [lambda: True for _ in range(4)] for name in ("client", "a", "b")}
+    assert slots.take("10.0.0.1", keys["client"][0]) is Admission.ADMIT  # the oldest of all
+    assert [slots.take("10.0.0.2", key) for key in keys["a"][:3]] == [Admission.ADMIT] * 3
+    assert [slots.take("10.0.0.3", key) for key in keys["b"][:2]] == [Admission.ADMIT] * 2
+    order = []
+    for i in range(6):
+        victim = slots.victim(f"10.0.1.{i}")
+        assert victim is not None
+        slots.evicted(*victim)
+        order.append(victim[2])
+        assert slots.take(f"10.0.1.{i}") is Admission.ADMIT  # a newcomer that settles at once
+    # 10.0.0.2 held the most, then both held two (the first to get there goes first); once every
+    # address holds one, the oldest overall: the client, taken first, then the others in turn.
+    assert order == ["10.0.0.2", "10.0.0.3", "10.0.0.2", "10.0.0.1", "10.0.0.2", "10.0.0.3"]
+    assert slots.victim("10.0.1.9") is None and slots.waiting == 0
+
+
+def test_the_most_crowded_address_is_tracked_through_any_takes_settles_and_evictions() -> None:
+    rng = random.Random(17)
+    slots = ConnectionSlots(24, per_address=8)
+    held: list[tuple[Admission, str | None, Evict | None]] = []
+    for _ in range(3000):
+        address = rng.choice(["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", None])
+        step = rng.random()
+        if step < 0.5:
+            evict = (lambda: True) if rng.random() < 0.8 else None
+            victim = slots.victim(address)
+            if victim is not None:
+                waited = {len(keys) for keys in slots._waiting_at.values()}
+                # The victim's address held the most (now one fewer), or the address was full.
+                assert victim[2] == address or len(slots._waiting_at.get(victim[2], ())) + 1 >= max(waited, default=0)
+                slots.evicted(*victim)
+            held.append((slots.take(address, evict), address, evict))
+        elif step < 0.75 and held:
+            if (key := rng.choice(held)[2]) is not None:
+                slots.settle(key)
+        elif held:
+            slots.release(*held.pop(rng.randrange(len(held))))
+        counts = {owner: len(keys) for owner, keys in slots._waiting_at.items()}
+        assert slots._most == max(counts.values(), default=0)
+        assert {n: set(crowd) for n, crowd in slots._crowds.items()} == {
+            n: {owner for owner, count in counts.items() if count == n} for n in set(counts.values())}
+    for socket_ in held:
+        slots.release(*socket_)
+    assert (slots.admitted, slots.refusing, slots.waiting, slots._most) == (0, 0, 0, 0)
+    assert slots._crowds == {} and slots._waiting_at == {} and slots.by_address == {}
+
+
 async def _bare_sockets(port: int, count: int) -> list[HostileClient]:
     """``count`` sockets connected in turn that never finish their request: every other one
     sends nothing, the others the start of a request head."""
@@ -261,6 +315,41 @@ async def test_sockets_that_send_nothing_never_keep_a_client_out(transport: str)
                 await socket_.close()
         await eventually(lambda: slots.admitted == 1 and not slots.refusing and not slots.waiting,
                          "every silent socket's slot freed, the client's kept")
+
+
+@pytest.mark.parametrize("transport", SOCKETS)
+async def test_a_slow_client_gets_in_while_a_few_addresses_flood_silent_sockets(transport: str) -> None:
+    # Review 17 (6): with the process full, each new silent socket evicted the oldest waiting
+    # one, so a client whose request came a round trip after its connect (as over TLS, or a
+    # slow link) was evicted before it arrived. The attackers' addresses now evict their own.
+    cap = 12
+    attackers = [f"127.0.0.{i}" for i in range(2, 6)]
+    config = ServerConfig(max_connections=cap, max_connections_per_address=cap // 4, ping_interval=None)
+    async with running_stack(transport, config) as stack:
+        assert stack.port is not None
+        slots = stack.endpoint.slots
+
+        def evicted() -> int:
+            return stack.manager.stats().handshakes_rejected.get("evicted", 0)
+
+        flood: list[HostileClient] = []
+        try:
+            for i in range(cap):  # the process full of silent sockets
+                flood.append(await HostileClient.open(stack.port, local=attackers[i % len(attackers)]))
+            await eventually(lambda: slots.admitted == cap, "the silent sockets counted")
+            slow = await HostileClient.open(stack.port)  # from 127.0.0.1: its request comes later
+            flood.append(slow)
+            await eventually(lambda: evicted() == 1 and "127.0.0.1" in slots.by_address, "the slow client admitted")
+            for i in range(3 * cap):  # every socket waiting when it came is evicted ~three times over
+                flood.append(await HostileClient.open(stack.port, local=attackers[i % len(attackers)]))
+            await eventually(lambda: evicted() == 1 + 3 * cap, "the flood's evictions")
+            assert not slow.lost
+            response = await slow.handshake(TOKEN_PATH)
+            assert response.status == 101, response
+            assert await stack.client("u1:s") is not None  # a prompt client gets in too
+        finally:
+            for socket_ in flood:
+                await socket_.close()
 
 
 @pytest.mark.parametrize("transport", SOCKETS)

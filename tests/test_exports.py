@@ -47,8 +47,11 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     # Test helpers are imported from dara_ws_core.testing, as websockets' are.
     "testing": frozenset({"ProtocolHarness", "answer_frames", "client_frames", "custom_frames",
                           "hostile_frames", "json_values"}),
-    "transport": frozenset({"ClientFrameHeaders", "address_key", "SupportsCork", "SupportsDisconnected", "SupportsPush",
-                            "SupportsSendNowait", "SupportsWriter", "parse_cookies", "text_frame_header"}),
+    # TrustedProxies: what ServerConfig.forwarded_allow_ips is read as, for the endpoint.
+    "transport": frozenset({"ClientFrameHeaders", "MAX_PIPELINED", "RequestHead", "TrustedProxies", "address_key",
+                            "close_frame_error", "SupportsCork", "SupportsDisconnected", "SupportsPush",
+                            "SupportsSendNowait", "SupportsWriter", "held_behind_request", "hold_behind_request",
+                            "parse_cookies", "sendable_close_code", "text_frame_header"}),
 }
 
 #: Names a subpackage's module exports for its siblings, and that the subpackage leaves out.

@@ -1,13 +1,16 @@
 """``ClientFrameHeaders``: the frame headers a client may not send (RFC 6455 5.1, 5.2) are found
-wherever the reads cut the stream, and nothing before them is held back longer than a header."""
+wherever the reads cut the stream, and nothing before them is held back longer than a header.
+``close_frame_error``: the close frames a peer may not send (RFC 6455 5.5.1, 7.4)."""
 
 from __future__ import annotations
 
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from dara_ws_core.transport import ClientFrameHeaders
+from dara_ws_core.transport import ClientFrameHeaders, RequestHead, close_frame_error, sendable_close_code
 
 
 def frame(payload: bytes, form: int | None = None, *, mask: bool = True, declared: int | None = None) -> bytes:
@@ -64,3 +67,56 @@ def test_a_library_that_only_fails_on_its_own_parse_gets_a_reserved_opcode_in_pl
     good = frame(b"ok")
     assert headers.feed_failing(good + frame(b"x" * 15, 16)) == good + b"\x83\x80"
     assert headers.feed_failing(frame(b"more")) == b"", "nothing after a refusal"
+
+
+# ---------------------------------------------------------------------------- RequestHead (review18 #7)
+
+REQUEST = (b"GET /api/core/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+@given(st.lists(st.sampled_from(GOOD[:6] + list(BAD.values())), max_size=6), st.data())
+def test_the_request_goes_to_the_library_and_what_follows_is_checked_from_its_first_byte(
+    frames: list[bytes], data: st.DataObject
+) -> None:
+    # However the reads cut the request and the frames behind it (a read may hold the end of
+    # the blank line and a frame's start), the library gets the request, and the header checks
+    # see the frames from their first byte: the same outcome as frames sent after the answer.
+    stream = REQUEST + b"".join(frames)
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(stream) - 1), max_size=8)))
+    head = RequestHead()
+    given_now = b"".join(head.feed(stream[a:b]) for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True))
+    assert given_now == REQUEST and head.ended
+    assert bytes(head.behind) == stream[len(REQUEST) :]
+
+
+def test_a_head_not_ended_holds_nothing_back() -> None:
+    head = RequestHead()
+    assert head.feed(REQUEST[:-1]) == REQUEST[:-1]  # the blank line's last byte is missing
+    assert not head.ended and not head.behind
+    assert head.feed(b"\n\x81") == b"\n" and bytes(head.behind) == b"\x81"
+    assert head.feed(b"\x80") == b"" and bytes(head.behind) == b"\x81\x80"
+
+
+def test_the_close_codes_a_close_frame_may_carry_are_rfc_6455s() -> None:
+    sendable = [code for code in range(1 << 16) if sendable_close_code(code)]
+    assert sendable == [*range(1000, 1004), *range(1007, 1015), *range(3000, 5000)]
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        (b"", None),  # no code at all
+        (struct.pack("!H", 1000), None),
+        (struct.pack("!H", 4999) + "été".encode(), None),
+        (struct.pack("!H", 1000) + b"x" * 123, None),
+        (b"\x03", 1002),  # one byte: half a code
+        *[(struct.pack("!H", code), 1002) for code in (0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535)],
+        (struct.pack("!H", 1000) + b"\xff", 1007),
+        (struct.pack("!H", 1000) + b"\xc3", 1007),  # a character cut short
+        (struct.pack("!H", 4000) + b"\xed\xa0\x80", 1007),  # a UTF-16 surrogate
+        (struct.pack("!H", 5000) + b"\xff", 1002),  # the code is checked first
+    ],
+)
+def test_a_close_frame_a_peer_may_not_send_is_failed_with_1002_or_1007(payload: bytes, error: int | None) -> None:
+    assert close_frame_error(payload) == error

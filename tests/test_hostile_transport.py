@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import socket
@@ -31,6 +33,7 @@ from dara_ws_core import (
     token_authenticator,
 )
 from dara_ws_core.correlation import CHUNK_SHARES, PROCESS_CHUNKS
+from dara_ws_core.driver import ConnectionDriver
 from dara_ws_core.exceptions import ChunkError, CloseCode, ConnectionClosed
 from dara_ws_core.transport import MAX_COOKIES, HandshakeRequest, parse_cookies
 
@@ -462,8 +465,17 @@ async def test_clients_that_abort_right_after_their_upgrade_request_are_not_logg
     assert not errors, f"{len(errors)} ERROR records, e.g. {errors[0].name}: {errors[0].getMessage()}"
 
 
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /api/core/ws HTTP/1.1\r\nHost\r\n\r\n",  # a header without ':'
+        # An upgrade to another protocol: uvicorn warned of each (review16 fz, found with #1).
+        b"GET /api/core/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade, close\r\nUpgrade: h2c\r\n\r\n",
+    ],
+    ids=["unparsable", "upgrade-to-h2c"],
+)
 async def test_requests_the_server_cannot_parse_are_logged_at_most_rate_limited(
-    socket_stack: Any, caplog: pytest.LogCaptureFixture
+    socket_stack: Any, caplog: pytest.LogCaptureFixture, request_bytes: bytes
 ) -> None:
     # aiohttp logged an ERROR with a traceback, uvicorn a WARNING, for each: a peer could write
     # to the log at will. At most the first ten and then each power of ten are written.
@@ -472,7 +484,7 @@ async def test_requests_the_server_cannot_parse_are_logged_at_most_rate_limited(
         assert stack.port is not None
         for _ in range(100):
             client = await HostileClient.open(stack.port)
-            client.write(b"GET /api/core/ws HTTP/1.1\r\nHost\r\n\r\n")  # a header without ':'
+            client.write(request_bytes)
             assert await client.wait_disconnected()
             client.abort()
     records = [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -558,6 +570,25 @@ async def test_a_peer_that_never_answers_a_ping_is_recorded_as_lost(socket_stack
         client.abort()
 
 
+@contextlib.asynccontextmanager
+async def _uvicorn_serving(app: Any, http: str) -> AsyncIterator[int]:
+    """``app`` served by uvicorn itself (``http``: its h11 or httptools protocol) on 127.0.0.1,
+    as an application run under ``uvicorn.run`` is; yields the port."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, http=http, log_config=None, log_level="warning"))
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    try:
+        await eventually(lambda: server.started, "uvicorn started")
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
 @pytest.mark.parametrize("http", ["h11", "httptools"])
 async def test_the_handshake_timeout_never_cuts_an_http_request_being_served(http: str) -> None:
     # Starlette under uvicorn with the adapter's hardening, on either of uvicorn's HTTP parsers
@@ -565,7 +596,6 @@ async def test_the_handshake_timeout_never_cuts_an_http_request_being_served(htt
     # a route slower than handshake_timeout still answers, and the connection is closed only
     # once it sits idle (or half-sent) for handshake_timeout after that answer.
     pytest.importorskip(http)
-    import uvicorn
     from starlette.applications import Starlette
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
@@ -581,13 +611,8 @@ async def test_the_handshake_timeout_never_cuts_an_http_request_being_served(htt
     config = ServerConfig(handshake_timeout=0.5, ping_interval=None)
     endpoint = Endpoint(WebsocketManager(config), token_authenticator(verify_token))
     app = Starlette(routes=[Route("/slow", slow), websocket_route(endpoint)], lifespan=lifespan(endpoint))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, http=http, log_config=None, log_level="warning"))
-    task = asyncio.ensure_future(server.serve(sockets=[sock]))
-    try:
-        await eventually(lambda: server.started, "uvicorn started")
-        client = await HostileClient.open(sock.getsockname()[1])
+    async with _uvicorn_serving(app, http) as port:
+        client = await HostileClient.open(port)
         client.write(b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         # Three handshake timeouts with the request being served: still open.
         assert not await client.wait_disconnected(3 * config.handshake_timeout)
@@ -596,10 +621,6 @@ async def test_the_handshake_timeout_never_cuts_an_http_request_being_served(htt
         client.write(handshake_request(TOKEN_PATH, complete=False))  # then a head never ending
         assert await client.wait_disconnected(config.handshake_timeout + MARGIN)
         client.abort()
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
 
 
 async def test_a_slow_consumer_gets_its_1013_without_its_backlog_written_first(
@@ -764,10 +785,10 @@ ROOM = ServerConfig(slow_consumer_policy=SlowConsumerPolicy.WAIT, max_queue_byte
 
 
 @contextlib.asynccontextmanager
-async def _chat_room(socket_stack: Any) -> AsyncIterator[Stack]:
-    """A server under ``ROOM`` whose ``chat`` rebroadcasts to every other connection and whose
+async def _chat_room(socket_stack: Any, config: ServerConfig = ROOM) -> AsyncIterator[Stack]:
+    """A server under ``config`` whose ``chat`` rebroadcasts to every other connection and whose
     ``echo`` answers."""
-    async with socket_stack(config=ROOM) as stack:
+    async with socket_stack(config=config) as stack:
         manager = stack.manager
 
         async def chat(channel_id: str, data: Any) -> None:
@@ -856,6 +877,32 @@ async def test_a_message_into_a_burst_others_caused_does_not_hold_its_sender_bac
         assert reply["message"]["__response_for"] == "r1"
         assert manager.counters.senders_paused == 0
         assert reader_channel in manager.handlers
+        for client in (reader, talker):
+            client.abort()
+
+
+async def test_a_sender_that_goes_quiet_forgets_its_fan_outs_when_their_window_ends(
+    socket_stack: Any,
+) -> None:
+    """What a connection's fan-outs past readers' bounds are counted with (its last frame, the
+    queues they went to) lasts one window (``send_timeout``), even if the connection sends
+    nothing more: an idle connection holds no copy of a burst, nor other connections' queues."""
+    async with _chat_room(socket_stack, dataclasses.replace(ROOM, send_timeout=5.0)) as stack:
+        manager = stack.manager
+        reader = await _user_channel(stack, "reader", rcvbuf=4096)
+        reader.stop_reading()
+        talker = await _user_channel(stack, "talker")
+        (talker_channel,) = manager.get_user_channels("talker")
+        await _fill_twice_past(manager, "reader")
+        talker.send_text(json.dumps({"type": "custom", "message": {"kind": "chat", "data": "x" * BLOB}}))
+        talker.send_text(json.dumps({"type": "custom", "message": {"kind": "echo", "data": "hi", "__rchan": "r1"}}))
+        reply = json.loads((await talker.read_frame(20)).payload)
+        assert reply["message"]["__response_for"] == "r1"
+        driver = manager.handlers[talker_channel]._sink
+        assert isinstance(driver, ConnectionDriver)
+        assert driver._owed is not None, "the chat was not counted against its sender"
+        await eventually(lambda: driver._owed is None, "the window forgotten while idle", timeout=20)
+        assert manager.counters.senders_paused == 0
         for client in (reader, talker):
             client.abort()
 
@@ -1063,3 +1110,143 @@ async def test_a_peer_close_is_answered_with_its_own_code_on_every_transport(soc
         assert (echo.opcode, echo.close_code) == (CLOSE, code)
         assert await _gone(stack, channel)
         client.abort()
+
+
+def _user_gone(manager: Any, user: str) -> bool:
+    return not manager.get_user_channels(user)
+
+
+@pytest.mark.parametrize("ending", ["close frame", "connection lost"])
+async def test_a_request_sent_with_the_peer_s_close_gets_its_handler_started(socket_stack: Any, ending: str) -> None:
+    """A client sends a request to an async handler and ends the connection in the same write
+    (``send(); close()``: the close frame, or the connection lost, right behind the message).
+    Some libraries hand over the close in the same loop iteration as the message, others in the
+    next: on every transport the handler's task starts before the close cancels it (what it
+    does before its first wait is done: here a note; the demo's ``tell``)."""
+    done: list[Any] = []
+    async with socket_stack() as stack:
+        manager = stack.manager
+
+        async def note(channel_id: str, data: Any) -> str:
+            done.append(data)
+            await asyncio.sleep(0.05)
+            return "noted"
+
+        manager.add_ws_handler("note", note)
+        for n in range(3):
+            user = f"noter{n}"
+            client = await _user_channel(stack, user)
+            request = encode_frame(TEXT, json.dumps({"type": "custom", "message": {"kind": "note", "data": n}}))
+            if ending == "close frame":
+                client.write(request + encode_frame(CLOSE, close_payload(1000)))
+            else:
+                client.write(request)
+                client.abort()
+            await eventually(functools.partial(_user_gone, manager, user), "the channel removed", timeout=10)
+            assert done == list(range(n + 1))
+            client.abort()
+
+
+#: Close frames no endpoint may send (RFC 6455 5.5.1, 7.4), and what each is failed with.
+_FORBIDDEN_CLOSES: dict[str, tuple[bytes, int]] = {
+    **{f"code-{code}": (struct.pack("!H", code), 1002)
+       for code in (0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535)},
+    "one-byte": (b"\x03", 1002),
+    "reason-not-utf8": (close_payload(1000) + b"\xff", 1007),
+}
+
+
+async def test_a_peer_close_with_a_code_no_endpoint_may_send_fails_with_1002_on_every_transport(
+    socket_stack: Any,
+) -> None:
+    # picows echoed the code (0, 1006, 5000, 65535 went back on the wire) and aiohttp answered
+    # 1000 to 1006 and to 5000 and above; websockets and uvicorn fail them with 1002
+    # (review16 fz #5). The core is told the code the connection was failed with.
+    config = ServerConfig(ping_interval=None)
+    async with socket_stack(config=config) as stack:
+
+        async def answer(payload: bytes) -> tuple[int, int | None]:
+            client, channel = await open_channel(stack)
+            client.send_frame(CLOSE, payload)
+            frame = await client.read_frame()
+            await _gone(stack, channel)
+            client.abort()
+            return frame.opcode, frame.close_code
+
+        answers = await asyncio.gather(*(answer(payload) for payload, _ in _FORBIDDEN_CLOSES.values()))
+        assert dict(zip(_FORBIDDEN_CLOSES, answers, strict=True)) == {
+            name: (CLOSE, code) for name, (_, code) in _FORBIDDEN_CLOSES.items()
+        }
+        assert dict(stack.manager.counters.close_codes) == {1002: len(_FORBIDDEN_CLOSES) - 1, 1007: 1}
+
+
+@pytest.mark.parametrize("body", [("Content-Length", "5"), ("Transfer-Encoding", "chunked")],
+                         ids=["content-length", "chunked"])
+async def test_an_upgrade_request_that_declares_a_body_is_answered_400_and_let_go_on_every_transport(
+    socket_stack: Any, body: tuple[str, str]
+) -> None:
+    # Under uvicorn, websockets' parser refused it and nothing answered or closed the socket,
+    # past every timeout; websockets closed with no answer and aiohttp upgraded it (review16
+    # fz #1). Every transport answers 400 and lets the socket go, and still serves.
+    config = ServerConfig(ping_interval=None, handshake_timeout=1.0)
+    async with socket_stack(config=config) as stack:
+        assert stack.port is not None
+        clients = [await HostileClient.open(stack.port) for _ in range(10)]
+        for client in clients:
+            client.write(handshake_request(TOKEN_PATH, [body]))
+        assert [(await client.read_response()).status for client in clients] == [400] * 10
+        timeout = config.handshake_timeout + MARGIN
+        assert all(await asyncio.gather(*(released(stack.port, client, timeout) for client in clients)))
+        for client in clients:
+            client.abort()
+        assert (await stack.client()).connected
+        # The same request without a body (Content-Length: 0 is no body) is served.
+        upgrade = await HostileClient.open(stack.port)
+        upgrade.write(handshake_request(TOKEN_PATH, [("Content-Length", "0")]))
+        assert (await upgrade.read_response()).status == 101
+        upgrade.abort()
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+async def test_under_uvicorn_a_handshake_the_application_leaves_unanswered_holds_its_slot_until_dropped(
+    http: str,
+) -> None:
+    # A Starlette app with the adapter's lifespan: uvicorn's WebSocket protocol was left
+    # unbounded (hook_uvicorn never swapped it in), so a route that neither accepts nor refuses
+    # held the socket for ever, and its slot was freed at the upgrade (review16 fz #1). The
+    # socket now holds its slot until it is gone, and goes at handshake_timeout.
+    pytest.importorskip(http)
+    from starlette.applications import Starlette
+    from starlette.routing import WebSocketRoute
+    from starlette.websockets import WebSocket
+
+    from dara_ws_asgi import lifespan, websocket_route
+
+    reached = asyncio.Event()
+
+    async def undecided(websocket: WebSocket) -> None:  # reads until the peer is gone
+        reached.set()
+        while (await websocket.receive())["type"] != "websocket.disconnect":
+            pass
+
+    config = ServerConfig(handshake_timeout=1.0, ping_interval=None, max_connections=1)
+    endpoint = Endpoint(WebsocketManager(config), token_authenticator(verify_token))
+    app = Starlette(routes=[WebSocketRoute("/undecided", undecided), websocket_route(endpoint)],
+                    lifespan=lifespan(endpoint))
+    async with _uvicorn_serving(app, http) as port:
+        waiting = await HostileClient.open(port)
+        waiting.write(handshake_request("/undecided"))
+        async with asyncio.timeout(5):
+            await reached.wait()  # the application has the request
+        other = await HostileClient.open(port)
+        other.write(handshake_request(TOKEN_PATH))
+        assert (await other.read_response()).status == 503  # the one slot is the first socket's
+        other.abort()
+        assert await waiting.wait_disconnected(config.handshake_timeout + MARGIN)
+        waiting.abort()
+        served = await HostileClient.open(port)
+        served.write(handshake_request(TOKEN_PATH))
+        assert (await served.read_response()).status == 101
+        # Accepted, the connection is no longer under the handshake's deadline.
+        assert not await served.wait_disconnected(2 * config.handshake_timeout)
+        served.abort()

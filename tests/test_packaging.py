@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,7 +42,6 @@ def test_every_import_package_of_the_repository_is_mapped() -> None:
 def _extra_closure(extra: str) -> set[str]:
     """The distribution names an extra brings, following this project's own extras and the
     installed distributions' requirements (extras of those included)."""
-    import re
     from importlib import metadata
 
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
@@ -99,3 +101,27 @@ def test_the_bench_extra_brings_everything_the_benchmarks_import() -> None:
                if not {d.lower().replace("_", "-")
                        for d in providers.get(m) or [named_otherwise.get(m, m)]} & closure}
     assert missing == {}
+
+
+def test_every_extra_that_brings_websockets_asks_for_a_version_the_adapter_runs_on() -> None:
+    # websockets 14 and 15 install under "websockets>=14" and fail every connection with 1011
+    # (review19 #2): the extras ask for what the adapter checks at import.
+    from dara_ws_websockets import MIN_WEBSOCKETS
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    wanted = [req for reqs in extras.values() for req in reqs if re.match(r"websockets\b", req)]
+    assert wanted, "no extra brings websockets"
+    assert set(wanted) == {f"websockets>={MIN_WEBSOCKETS[0]}"}
+
+
+@pytest.mark.parametrize(("found", "refused"), [("14.2", True), ("15.0.1", True), ("16.0", False),
+                                                 ("17.4", False), ("16.1.dev0", False), ("main", False)])
+def test_the_websockets_adapter_refuses_an_older_websockets_naming_what_to_install(found: str, refused: bool) -> None:
+    from dara_ws_websockets import _check_websockets_version
+
+    if refused:
+        match = rf"websockets 16 or later, and {re.escape(found)} is installed.*pip install"
+        with pytest.raises(ImportError, match=match):
+            _check_websockets_version(found)
+    else:
+        _check_websockets_version(found)

@@ -4,6 +4,8 @@
   answered "not kept", and other users' are still kept.
 * A revocation is never crowded out by kept messages: it has room of its own in the spool, and
   once the bus is back it closes the user's connections on the other processes.
+* Anonymous clients behind a trusted proxy (``forwarded_allow_ips``) are each a sender of
+  their own, by the address the proxy names, not one sender for all.
 * A backplane stopped while kept messages wait in its spool lets them drain for ``stop_drain``
   seconds if the bus answers meanwhile; what it must drop is counted
   (``stats.spool_dropped``) and logged at ERROR, never silently.
@@ -20,13 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from dara_ws_core import BackplaneError, RevocationNotKept, ServerConfig, WebsocketManager
+from dara_ws_core import BackplaneError, RevocationNotKept, ServerConfig, WebsocketManager, allow_anonymous
 from dara_ws_redis import RedisBackplane
 
 from .chaos_proxy import ChaosProxy
 from .helpers import eventually
 from .stacks import running_stack
 from .test_durable_redis import numbers_bob_gets, started
+from .test_forwarded import ALICE, MALLORY, behind_proxy
 from .test_kept_delivery import SERVED
 
 if TYPE_CHECKING:
@@ -159,3 +162,32 @@ async def test_what_a_stop_must_drop_is_counted_and_logged_at_error(
         assert len(errors) == 1
         assert "3 kept message(s) for 2 user(s) and 1 revocation(s) (user:mallory)" in errors[0]
         assert "until it reconnects" not in caplog.text.split(errors[0])[-1]
+
+
+@pytest.mark.parametrize("transport", SERVED)
+async def test_anonymous_clients_behind_a_trusted_proxy_each_have_a_share_of_the_spool(
+    redis_server: RedisServer, transport: str
+) -> None:
+    # Review 18 #2: keyed by the socket's peer, every anonymous client behind the proxy was one
+    # sender, and one of them filling its share left the others' kept sends "not kept".
+    namespace = f"proxied-{uuid.uuid4().hex[:6]}"
+    config = ServerConfig(forwarded_allow_ips="127.0.0.1")
+    async with (ChaosProxy(redis_server.port) as proxy,
+                started(proxy.url, namespace, config, max_spool=SPOOL, backoff_initial=0.02,
+                        backoff_max=0.05) as (app, app_bp),
+                running_stack(transport, manager=app, authenticator=allow_anonymous()) as stack):
+
+        async def tell(channel_id: str, data: Any) -> bool:
+            return await app.send_message_to_user(data["user"], {"n": data["n"]})
+
+        app.add_ws_handler("tell", tell)
+        mallory, alice = await behind_proxy(stack, MALLORY), await behind_proxy(stack, ALICE)
+        async with proxy.fault("drop", 0.1):
+            await eventually(lambda: not app_bp.connected, "the app is cut off from Redis")
+            answers = [await mallory.request("tell", {"user": f"nobody{n}", "n": n}, timeout=5)
+                       for n in range(SPOOL // 16 + 2)]
+            assert answers == [True] * (SPOOL // 16) + [False] * 2  # mallory's address's share
+            assert await alice.request("tell", {"user": "bob", "n": 1}, timeout=5) is True
+        async with asyncio.timeout(10):
+            await app_bp.flush()
+        assert app_bp.stats.spool_dropped == 0

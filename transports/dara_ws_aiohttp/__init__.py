@@ -65,6 +65,8 @@ def add_route(app: web.Application, endpoint: Endpoint, path: str | None = None)
             endpoint.free_slot(admission, host)
 
     async def upgrade(request: web.Request) -> web.StreamResponse:
+        if _declares_body(request):
+            return web.Response(status=400, text="Bad Request", headers={"Connection": "close"})
         version = request.headers.get("Sec-WebSocket-Version")
         if version is not None and version.strip() != "13":
             # aiohttp also upgrades drafts 7 and 8; RFC 6455 (4.4) answers them 426 with the
@@ -111,6 +113,15 @@ def add_route(app: web.Application, endpoint: Endpoint, path: str | None = None)
     live: set[Any] = set()  # the connections being served (RequestHandler has no weakref)
     app.router.add_get(path or endpoint.path, handle)
     app.on_shutdown.insert(0, on_shutdown)
+
+
+def _declares_body(request: web.Request) -> bool:
+    """Whether an upgrade request says a body follows it (any ``Transfer-Encoding``, or a
+    ``Content-Length`` but 0): aiohttp upgrades it, and would read the body as frames; the other
+    transports refuse it (websockets' parser, which uvicorn's WebSocket protocol uses too, and
+    picows), with 400 as picows does."""
+    headers = request.headers
+    return "Transfer-Encoding" in headers or any(v.strip() != "0" for v in headers.getall("Content-Length", ()))
 
 
 def _full() -> web.Response:

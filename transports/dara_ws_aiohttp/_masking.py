@@ -12,7 +12,8 @@ fails it on its own protocol errors, so aiohttp closes with 1002 and acts on not
 
 aiohttp answers a peer's close with 1000 whatever its code; RFC 6455 section 5.5.1 has the
 endpoint "typically echo" the code it received, which the other libraries do:
-:class:`MaskedOnlyResponse` does too.
+:class:`MaskedOnlyResponse` does too, and fails with 1002 a close whose code no close frame may
+carry (section 7.4), which aiohttp's reader lets through in part.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 from aiohttp import WebSocketError, WSCloseCode, web
 
-from dara_ws_core.transport import ClientFrameHeaders
+from dara_ws_core.transport import ClientFrameHeaders, sendable_close_code
 
 
 class MaskedFramesOnly:
@@ -55,18 +56,15 @@ class MaskedFramesOnly:
         return True, b""
 
 
-def _sendable(code: int) -> bool:
-    """Whether a close frame may carry ``code`` (RFC 6455 7.4: not 1004-1006 nor 1015, which
-    only report; aiohttp also calls ``_set_closing`` with 1006 when the socket is lost)."""
-    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
-
-
 class MaskedOnlyResponse(web.WebSocketResponse):
     """A ``WebSocketResponse`` whose reader is wrapped in :class:`MaskedFramesOnly` before it
     sees a byte (aiohttp feeds it what came with the request as soon as it is set), and whose
     answer to a peer's close carries the peer's code."""
 
     _peer_code = 0  # the code of the peer's close frame (0: none came, or it had no code)
+    #: Whether the peer's close frame carried a code no close frame may carry (RFC 6455 7.4):
+    #: the connection is failed with 1002, and the transport reports 1002, not that code.
+    peer_close_refused = False
 
     def _post_start(self, request: web.BaseRequest, protocol: str | None, writer: Any) -> None:
         handler: Any = request.protocol
@@ -77,10 +75,16 @@ class MaskedOnlyResponse(web.WebSocketResponse):
             handler.close()
 
     def _set_closing(self, code: WSCloseCode) -> None:
-        # receive() calls it with the code of the peer's close frame (already checked by the
-        # reader: an invalid one fails the connection with 1002), then answers with close().
-        if not self._closed and not self._peer_code and _sendable(code):
-            self._peer_code = int(code)
+        # receive() calls it with the code of the peer's close frame (the plain int the reader
+        # read: 0 when there was none), then answers with close(); aiohttp's own calls (a lost
+        # socket: 1006, closing: 1000) pass a WSCloseCode. The reader fails a code under 3000
+        # outside its list with 1002, but lets 1006 and 5000-65535 through, which may not be
+        # sent (sendable_close_code): failed with 1002 here, as on every other transport.
+        if not self._closed and not self._peer_code and not isinstance(code, WSCloseCode) and code:
+            if sendable_close_code(code):
+                self._peer_code = code
+            else:
+                self._peer_code, self.peer_close_refused = WSCloseCode.PROTOCOL_ERROR, True
         super()._set_closing(code)
 
     async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:

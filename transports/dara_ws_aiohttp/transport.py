@@ -111,7 +111,10 @@ class AiohttpTransport:
         # CLOSE carries (code, reason), ERROR the error (1009: too big, whatever close_code says
         # after aiohttp's own close); CLOSING and CLOSED leave the code on the socket.
         if msg.type is WSMsgType.CLOSE:
-            self._gone = self._error(msg.data or self._local_code or _NO_STATUS, msg.extra or "")
+            if getattr(self._ws, "peer_close_refused", False):  # failed with 1002 (see _masking)
+                self._gone = ConnectionClosed(CloseCode.PROTOCOL_ERROR, "invalid close code")
+            else:
+                self._gone = self._error(msg.data or self._local_code or _NO_STATUS, msg.extra or "")
         elif isinstance(msg.data, aiohttp.WebSocketError):
             self._gone = self._error(msg.data.code, str(msg.data))
         else:

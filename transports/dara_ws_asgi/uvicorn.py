@@ -16,7 +16,7 @@ import signal
 import socket
 import weakref
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 try:
     import uvicorn
@@ -26,7 +26,13 @@ except ImportError as exc:  # the extra is missing: say which one to install
     ) from exc
 
 from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, Evict, host_of
-from dara_ws_core.transport import ClientFrameHeaders, Server
+from dara_ws_core.transport import (
+    ClientFrameHeaders,
+    RequestHead,
+    Server,
+    held_behind_request,
+    hold_behind_request,
+)
 
 #: Stop reading from a peer while this much is waiting to be written to it.
 _PAUSE_READING_ABOVE = 1024 * 1024
@@ -38,23 +44,26 @@ _FULL = (
     b"HTTP/1.1 503 Service Unavailable\r\n"
     b"retry-after: %d\r\ncontent-length: 0\r\nconnection: close\r\n\r\n" % RETRY_AFTER
 )
+_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 
 
 class _InvalidRequests(logging.Filter):
-    """On uvicorn's error logger: uvicorn warns of each request it cannot parse, which any peer
-    can repeat at will; those records pass for the first ten, then the 100th, the 1,000th...
-    with the count, as the core bounds what one client makes it log."""
+    """On uvicorn's error logger: uvicorn warns of each request it cannot parse, and of each
+    upgrade to another protocol than WebSocket (``Upgrade: h2c``), which any peer can repeat at
+    will; those records pass for the first ten of each, then the 100th, the 1,000th... with the
+    count, as the core bounds what one client makes it log."""
 
-    MESSAGE = "Invalid HTTP request received."  # uvicorn's h11 protocol
+    MESSAGES = ("Invalid HTTP request received.", "Unsupported upgrade request.")  # uvicorn's
 
     def __init__(self) -> None:
         super().__init__()
-        self.count = 0
+        self.counts = dict.fromkeys(self.MESSAGES, 0)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg != self.MESSAGE:
+        count = self.counts.get(record.msg)
+        if count is None:
             return True
-        self.count = count = self.count + 1
+        self.counts[record.msg] = count = count + 1
         if count > 10:
             if str(count).rstrip("0") != "1":
                 return False
@@ -96,6 +105,35 @@ class _CountedWebSocket:
 
     dara_slots: _SocketSlots | None = None
 
+    def dara_adopt(self, slots: _SocketSlots | None, deadline: float) -> None:
+        """Take over the socket from the HTTP protocol: its slots, and its handshake deadline
+        (a loop time), held until the socket is gone and the handshake is complete."""
+        raise NotImplementedError
+
+
+class _UpgradeParser:
+    """uvicorn's httptools parser, keeping what a read held behind an upgrade request: httptools
+    says where the request ended (``HttpParserUpgrade``'s argument, an offset in that read), and
+    uvicorn hands the WebSocket protocol the request alone, dropping the rest."""
+
+    __slots__ = ("_parser", "behind")
+
+    def __init__(self, parser: Any) -> None:
+        self._parser = parser
+        self.behind = b""
+
+    def feed_data(self, data: bytes) -> None:
+        from httptools import HttpParserUpgrade  # imported by uvicorn already: its parser's
+
+        try:
+            self._parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            self.behind = bytes(data[exc.args[0] :])  # "the offset of the non-HTTP data"
+            raise
+
+    def __getattr__(self, name: str) -> Any:  # the rest of the parser's methods, as they are
+        return getattr(self._parser, name)
+
 
 def _bounded_http(base: type[Any], handshake_timeout: float) -> type[Any]:
     """``base``, uvicorn's h11 or httptools protocol (the same shape), with the HTTP bounds of
@@ -106,6 +144,19 @@ def _bounded_http(base: type[Any], handshake_timeout: float) -> type[Any]:
         _handshake_timer: asyncio.TimerHandle | None = None
         #: The slots this socket holds from its accept (see _SocketSlots), or None.
         _dara_slots: _SocketSlots | None = None
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            parser = getattr(self, "parser", None)  # httptools (h11 keeps the bytes itself)
+            if parser is not None:
+                self.parser = _UpgradeParser(parser)
+
+        def _behind_request(self) -> bytes:
+            # What the read that ended the upgrade request held after it.
+            parser = getattr(self, "parser", None)
+            if isinstance(parser, _UpgradeParser):
+                return parser.behind
+            return bytes(self.conn.trailing_data[0])  # h11's buffer: what it has not parsed
 
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
@@ -175,16 +226,29 @@ def _bounded_http(base: type[Any], handshake_timeout: float) -> type[Any]:
                     self.transport.close()
                     return
             super().handle_websocket_upgrade(*event)
-            if slots is None:
-                return
-            self._dara_slots = None
+            self._hand_over()
             protocol = self.transport.get_protocol()
-            scope = getattr(protocol, "scope", None)
-            if isinstance(protocol, _CountedWebSocket) and scope is not None:
-                # The WebSocket protocol frees them when the socket goes, and ASGIApp takes none.
-                protocol.dara_slots = slots
-                scope.setdefault("extensions", {})[COUNTED] = slots.endpoints
-            else:  # a protocol of the caller's: ASGIApp counts the connection itself
+            if isinstance(protocol, _CountedWebSocket):
+                # Frames the client sent without waiting for the answer: uvicorn would drop
+                # them (a client's first frames lost, and the stream read from the middle of
+                # one). The WebSocket protocol holds them until the connection is open.
+                behind = self._behind_request()
+                if behind:
+                    cast(asyncio.Protocol, protocol).data_received(behind)
+
+        def _hand_over(self) -> None:
+            # The WebSocket protocol now owns the socket: it takes its slots, freed when the
+            # socket is gone (never before, whatever became of the request), and the rest of
+            # its handshake_timeout, which holds until the handshake is complete.
+            slots, self._dara_slots = self._dara_slots, None
+            timer, self._handshake_timer = self._handshake_timer, None
+            if timer is not None:
+                timer.cancel()
+            protocol = self.transport.get_protocol()
+            if isinstance(protocol, _CountedWebSocket):
+                deadline = timer.when() if timer is not None else self.loop.time() + handshake_timeout
+                protocol.dara_adopt(slots, deadline)
+            elif slots is not None:  # a protocol of the caller's: ASGIApp counts the connection itself
                 slots.free()
 
     HTTPProtocol.__name__ = HTTPProtocol.__qualname__ = f"Bounded{base.__name__}"
@@ -203,19 +267,23 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
       request, so half-open handshakes (a first request or a later one on a kept-alive
       connection, or a body sent on after its response) would hold every slot. A request being
       served is never cut.
+    * Upgrade: the WebSocket protocol takes over the socket's slots and what is left of its
+      ``handshake_timeout``: a handshake the application has neither accepted nor refused by
+      then is dropped, and the slots are freed only once the socket is gone. A request that
+      websockets' parser refuses after h11 or httptools took it (one that declares a body)
+      is answered (400, or the 414 or 431 websockets makes) and closed: uvicorn did neither.
     * WebSocket: reading pauses while the write buffer is over ``_PAUSE_READING_ABOVE``;
       uvicorn answers each ping without flow control, so a peer that floods pings and reads
       nothing would grow the buffer without bound. A connection lost without a close frame
       is reported as 1006 (RFC 6455 7.1.5), as on every other transport; uvicorn says 1005
       once the handshake is complete. A data frame handled is emptied (:func:`_release`), so
       that an idle connection keeps no copy of the last large message it received.
-    * Logs: uvicorn's warning for each request it cannot parse is rate-limited
+    * Logs: uvicorn's warning for each request it cannot parse or upgrade is rate-limited
       (:class:`_InvalidRequests`, installed once on ``uvicorn.error``); a text message that is
       not UTF-8 closes the connection with 1007 without uvicorn's ERROR and traceback.
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-    from websockets.protocol import State
 
     errors = logging.getLogger("uvicorn.error")
     if not any(isinstance(known, _InvalidRequests) for known in errors.filters):
@@ -228,23 +296,78 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
     http = {base: _bounded_http(base, handshake_timeout) for base in bases}
 
     class WebSocketProtocol(_CountedWebSocket, WebSocketsSansIOProtocol):
-        #: The client's frame headers, followed once the handshake is done: websockets takes
+        #: The client's frame headers, followed once the connection is open: websockets takes
         #: payload lengths in any form, which RFC 6455 5.2 does not (1002 on every transport).
         dara_frames: ClientFrameHeaders | None = None
+        #: Until then, where the request ends, and what the client sent behind it.
+        dara_head: RequestHead | None = None
+        #: Closes the socket if the handshake is not complete by the HTTP protocol's deadline.
+        _dara_deadline: asyncio.TimerHandle | None = None
 
         def data_received(self, data: bytes) -> None:
             frames = self.dara_frames
-            if frames is not None:
-                data = frames.feed_failing(data)
-            elif self.conn.state is State.OPEN:
-                self.dara_frames = frames = ClientFrameHeaders()
-                data = frames.feed_failing(data)
+            data = frames.feed_failing(data) if frames is not None else self._dara_before_open(data)
             super().data_received(data)
+            if not self.handshake_initiated and self.conn.handshake_exc is not None:
+                self._dara_refuse()
             if not self.read_paused and self.transport.get_write_buffer_size() > _PAUSE_READING_ABOVE:
                 self.read_paused = True
                 self.transport.pause_reading()
 
+        def _dara_before_open(self, data: bytes) -> bytes:
+            # As in dara_ws_websockets: websockets gets the request alone (uvicorn's copy of
+            # it); frames sent behind it, before the answer, wait with reading stopped until
+            # the application accepts, then are read as if they came after the 101.
+            head = self.dara_head
+            if head is None:
+                self.dara_head = head = RequestHead()
+            return hold_behind_request(head, data, self.transport)
+
+        def start_keepalive(self) -> None:
+            # Called once, right after uvicorn wrote the 101: the connection is open. What
+            # was held is read on the next loop iteration, as a read would come.
+            super().start_keepalive()
+            self.loop.call_soon(self._dara_opened)
+
+        def _dara_opened(self) -> None:
+            held = held_behind_request(self.dara_head, self.transport)
+            self.dara_head, self.dara_frames = None, ClientFrameHeaders()
+            if not held:
+                return
+            self.data_received(held)
+            if not self.read_paused:  # else uvicorn resumes once the application has read
+                self.transport.resume_reading()
+
+        def _dara_refuse(self) -> None:
+            # websockets' parser refused the request uvicorn handed over (one that declares a
+            # body, a request line over its limit...): it queued a response (414, 431) or only
+            # an EOF (then 400, as picows answers), and uvicorn writes neither nor closes, so the
+            # socket would be held, unanswered, past every timeout.
+            if self.transport.is_closing():
+                return
+            self.handshake_complete = self.close_sent = True
+            self.transport.write(b"".join(self.conn.data_to_send()) or _BAD_REQUEST)
+            self.transport.close()
+
+        def dara_adopt(self, slots: _SocketSlots | None, deadline: float) -> None:
+            self.dara_slots = slots
+            scope = getattr(self, "scope", None)  # None: the request was refused (see above)
+            if slots is not None and scope is not None:  # and ASGIApp takes no slot of its own
+                scope.setdefault("extensions", {})[COUNTED] = slots.endpoints
+            if not self.handshake_complete and not self.transport.is_closing():
+                self._dara_deadline = self.loop.call_at(deadline, self._dara_handshake_expired)
+
+        def _dara_handshake_expired(self) -> None:
+            # The application has not accepted nor refused in time (the endpoint's own bound
+            # is half of it): dropped, as websockets and picows drop an unfinished handshake.
+            self._dara_deadline = None
+            if not self.handshake_complete:
+                self.transport.abort()
+
         def connection_lost(self, exc: Exception | None) -> None:
+            if self._dara_deadline is not None:
+                self._dara_deadline.cancel()
+                self._dara_deadline = None
             slots, self.dara_slots = self.dara_slots, None
             if slots is not None:
                 slots.free()
@@ -354,7 +477,9 @@ def hook_uvicorn(endpoint: Endpoint, server: uvicorn.Server | None = None) -> bo
     config, (http, ws) = server.config, _uvicorn_protocols(endpoint.config.handshake_timeout)
     if (bounded := http.get(getattr(config, "http_protocol_class", None))) is not None:  # type: ignore[arg-type]
         config.http_protocol_class = bounded
-    if getattr(config, "ws_protocol_class", None) is ws.__mro__[1]:
+    # uvicorn's websockets-sansio, the last base of the bounded one (its first, the slots mixin,
+    # is no uvicorn class: compared with it, no server was ever given the bounded protocol).
+    if getattr(config, "ws_protocol_class", None) is ws.__bases__[-1]:
         config.ws_protocol_class = ws
     return True
 
@@ -405,6 +530,9 @@ async def serve(
             ws_ping_interval=config.ping_interval,
             ws_ping_timeout=config.ping_timeout,
             ws_per_message_deflate=False,
+            # X-Forwarded-For is the endpoint's to read (ServerConfig.forwarded_allow_ips):
+            # uvicorn's own default trusts it from 127.0.0.1, rewriting the client's address.
+            proxy_headers=False,
             lifespan="off",
             log_config=None,  # leave the process's logging configuration alone
             log_level="warning",

@@ -25,6 +25,7 @@ try:
     from websockets.asyncio.server import Server as WsServer
     from websockets.asyncio.server import ServerConnection
     from websockets.asyncio.server import serve as ws_serve
+    from websockets.exceptions import InvalidMessage
     from websockets.frames import Frame, Opcode
     from websockets.http11 import Request, Response
     from websockets.protocol import Side, State
@@ -34,6 +35,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
         'dara_ws_websockets needs the websockets library: pip install "dara-ws-core[websockets]"', name=exc.name
     ) from exc
 
+
 if TYPE_CHECKING:
     from websockets.asyncio.client import ClientConnection
 
@@ -41,7 +43,33 @@ if TYPE_CHECKING:
 
 from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, host_of
 from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
-from dara_ws_core.transport import ClientFrameHeaders, HandshakeRequest, Server, text_frame_header
+from dara_ws_core.transport import (
+    ClientFrameHeaders,
+    HandshakeRequest,
+    RequestHead,
+    Server,
+    held_behind_request,
+    hold_behind_request,
+    text_frame_header,
+)
+
+#: The oldest websockets whose connection internals the adapter relies on (the asyncio server's
+#: write path changed in 16): an older one would fail every connection with 1011.
+MIN_WEBSOCKETS = (16, 0)
+
+
+def _check_websockets_version(found: str) -> None:
+    try:
+        major_minor = tuple(int(part) for part in found.split(".")[:2])
+    except ValueError:  # a development build: assume it is recent
+        return
+    if major_minor < MIN_WEBSOCKETS:
+        raise ImportError(
+            f"dara_ws_websockets needs websockets {MIN_WEBSOCKETS[0]} or later, and {found} is installed: "
+            'pip install -U "dara-ws-core[websockets]"', name="websockets")
+
+
+_check_websockets_version(websockets_version)
 
 
 def _closed(exc: websockets.ConnectionClosed) -> ConnectionClosed:
@@ -214,6 +242,10 @@ _PAUSE_READING_ABOVE = 1024 * 1024
 #: The largest payload the parser may keep once its frame is handled (see _detach_payload).
 _HELD_FRAME_LIMIT = 4096
 
+#: The answer to a request websockets' parser refuses (see _ServerConnection.send_data).
+_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+_send_data = ServerConnection.send_data
+
 
 def _detach_payload(frame: Frame) -> Frame:
     """``frame``'s payload in a new ``Frame``, taken out of ``frame``, which keeps an empty one.
@@ -240,8 +272,8 @@ class _ServerConnection(ServerConnection):
     # 300 bytes each). CPython 3.11 shares at most 29 keys and sizes each dict's values when the
     # connection is built: two keys more, added later, give every connection a dict of its own
     # (1.6 KiB), as much again as everything else the core keeps per idle connection.
-    __slots__ = ("_paused_for_writes", "dara_admission", "dara_endpoint", "dara_frames", "dara_host",
-                 "dara_identity", "dara_push")
+    __slots__ = ("_paused_for_writes", "dara_admission", "dara_endpoint", "dara_frames", "dara_head",
+                 "dara_host", "dara_identity", "dara_push")
     #: What process_request authenticated, set there before the handler runs.
     dara_identity: Identity | None
 
@@ -263,8 +295,10 @@ class _ServerConnection(ServerConnection):
         self._paused_for_writes = False
         #: The transport waiting in receive_pushed() with nothing buffered, else None.
         self.dara_push: WebsocketsTransport | None = None
-        #: The client's frame headers, followed once the handshake is done (see data_received).
+        #: The client's frame headers, followed once the connection is open (see data_received).
         self.dara_frames: ClientFrameHeaders | None = None
+        #: Until then, where its request ends, and what it sent behind it.
+        self.dara_head: RequestHead | None = None
 
     def process_event(self, event: Any) -> None:
         if type(event) is Frame and len(event.data) > _HELD_FRAME_LIMIT:
@@ -313,16 +347,59 @@ class _ServerConnection(ServerConnection):
         # websockets takes payload lengths in any form; RFC 6455 5.2 wants the shortest, and a
         # 64-bit one with its top bit clear: such frames close with 1002, as on every transport.
         frames = self.dara_frames
-        if frames is not None:
-            data = frames.feed_failing(data)
-        elif self.protocol.state is _OPEN:  # the handshake is done: frames from here on
-            self.dara_frames = frames = ClientFrameHeaders()
-            data = frames.feed_failing(data)
+        data = frames.feed_failing(data) if frames is not None else self._dara_before_open(data)
         super().data_received(data)
         transport = self.transport
         if not self._paused_for_writes and transport.get_write_buffer_size() > _PAUSE_READING_ABOVE:
             self._paused_for_writes = True
             transport.pause_reading()
+
+    def _dara_before_open(self, data: bytes) -> bytes:
+        # Before the connection opens, websockets gets the request's head only. It would parse
+        # what follows as frames at once, while the handshake is answered: out of the header
+        # checks, which start at the first byte of a frame, and failed there with no close frame
+        # (no answer at all). Frames a client sent without waiting for the 101 are held, reading
+        # stops, and _dara_opened reads them as if they came after it (RFC 6455 allows neither
+        # side to send frames before the handshake completes, but clients do).
+        head = self.dara_head
+        if head is None:
+            self.dara_head = head = RequestHead()
+        return hold_behind_request(head, data, self.transport)
+
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().handshake(*args, **kwargs)
+        finally:
+            if self.protocol.state is _OPEN:
+                # After websockets' own check of the outcome and the handler's start, as a read
+                # would come: a frame held that fails the connection then closes it with 1002
+                # through the handler, as it would after the answer.
+                self.loop.call_soon(self._dara_opened)
+            else:  # refused, failed or timed out: the socket goes, unread
+                self.dara_head = None
+
+    def _dara_opened(self) -> None:
+        held = held_behind_request(self.dara_head, self.transport)
+        self.dara_head, self.dara_frames = None, ClientFrameHeaders()
+        if not held:
+            return
+        self.data_received(held)
+        if not self._paused_for_writes and not self.recv_messages.paused:  # else they resume it
+            self.transport.resume_reading()
+
+    def send_data(self) -> None:
+        # Called once per read (and per send() or control frame): one check, then websockets'.
+        if self.protocol.handshake_exc is not None:
+            self._dara_answer_refused()
+        _send_data(self)
+
+    def _dara_answer_refused(self) -> None:
+        # websockets' parser refused the request (one that declares a body, a malformed head)
+        # and ends the stream with no answer; picows, aiohttp and uvicorn's protocol answer 400.
+        # Written once, ahead of the end of stream websockets queued.
+        protocol = self.protocol
+        if type(protocol.handshake_exc) is InvalidMessage and b"" in protocol.writes:
+            self.transport.write(_BAD_REQUEST)
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -365,11 +442,13 @@ async def serve(
     async def process_request(connection: ServerConnection, request: Request) -> Response | None:
         response = await answer(connection, request)
         if connection.protocol.eof_sent:
-            # The peer sent bytes behind its request that are no WebSocket frame (a second,
-            # pipelined request): websockets failed the connection on them and half-closed it,
-            # so no answer can go out. Its handshake would still send one, and a second end of
-            # stream trips an assertion logged as an ERROR with a traceback, once per connection
-            # at the peer's will. Closed here, the connection gets no answer and no record:
+            # The peer ended its stream (EOF) behind its request: websockets failed the
+            # connection on it and half-closed it, so no answer can go out. (Bytes behind the
+            # request, such as a second, pipelined request, no longer reach websockets' parser:
+            # they wait for the connection to open, see _dara_before_open, and go with it when
+            # it does not.) Its handshake would still send one, and a second end of stream
+            # trips an assertion logged as an ERROR with a traceback, once per connection at
+            # the peer's will. Closed here, the connection gets no answer and no record:
             # websockets sends nothing once connection_lost has run (next loop iteration).
             connection.transport.abort()
             await connection.connection_lost_waiter
