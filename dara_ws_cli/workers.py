@@ -96,7 +96,8 @@ async def _forward(process: asyncio.subprocess.Process, ready: asyncio.Event) ->
 
 
 async def supervise(args: argparse.Namespace) -> int:
-    """Run ``args.workers`` workers until SIGTERM/SIGINT (exit status 0), starting again one
+    """Run ``args.workers`` workers until SIGTERM/SIGINT (exit status 0 when every worker then
+    serving stopped cleanly, whether or not one was being started again), starting again one
     that dies, until one fails before it first listens or dies in a crash loop (the others are
     stopped; exit status 1)."""
     holder = _hold_port(args.host) if args.port == 0 else None
@@ -106,6 +107,7 @@ async def supervise(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     workers: list[asyncio.subprocess.Process] = []
+    readiness: list[asyncio.Event] = []  # each worker's: set once it listens
     forwarders: list[asyncio.Task[None]] = []
     failed = False
 
@@ -115,16 +117,21 @@ async def supervise(args: argparse.Namespace) -> int:
             sys.executable, "-m", "dara_ws_cli", *worker_argv(args, port),
             stdout=asyncio.subprocess.PIPE, env={**os.environ, "DARA_WS_WORKER": str(index)},
         )
+        ready = asyncio.Event()
         if index < len(workers):
-            workers[index] = process
+            workers[index], readiness[index] = process, ready
         else:
             workers.append(process)
-        ready = asyncio.Event()
+            readiness.append(ready)
+        # The forwarders of workers that died have ended: one per worker (and any still reading
+        # a dead one's last lines), however many restarts.
+        forwarders[:] = [task for task in forwarders if not task.done()]
         forwarders.append(loop.create_task(_forward(process, ready)))
         return ready
 
     try:
-        readiness = [await spawn(index) for index in range(args.workers)]
+        for index in range(args.workers):
+            await spawn(index)
         exits = [loop.create_task(process.wait()) for process in workers]
         starting = [loop.create_task(ready.wait()) for ready in readiness]
         stopping = loop.create_task(stop.wait())
@@ -160,14 +167,17 @@ async def supervise(args: argparse.Namespace) -> int:
     finally:
         if holder is not None:
             holder.close()
+        # What the stop is judged by: the workers serving when it was sent. One that had died
+        # (waiting to be started again) or was still starting is stopped, not failed.
+        serving = [process for process, ready in zip(workers, readiness, strict=True)
+                   if process.returncode is None and ready.is_set()]
         await _stop_all(workers)
         for forwarder in forwarders:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(forwarder, 5)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-    codes = [process.returncode for process in workers]
-    return 1 if failed or any(code != 0 for code in codes) else 0
+    return 1 if failed or any(process.returncode != 0 for process in serving) else 0
 
 
 async def _keep(

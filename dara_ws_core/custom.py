@@ -74,15 +74,19 @@ class HandlerThreads:
     One per manager (its registry's :attr:`CustomHandlerRegistry.threads`), sized by
     ``ServerConfig.handler_threads``; threads are started as work arrives, never more than
     ``size``. A *source* (a user; an anonymous connection's remote address) holds at most
-    :attr:`share` of them, an eighth (at least one): its handlers running or waiting for a
-    thread, and those still running after their request timed out (a thread cannot be
-    stopped: it counts until the function returns). Beyond its share :meth:`submit` refuses at
-    once, so that a few clients whose requests are slow, or made slow on purpose, never hold
-    every thread: others' requests still find one. Submit and shut down from one thread (the
-    event loop's).
+    :attr:`share` of them, an eighth (at least one): its handlers running, and those still
+    running after their request timed out (a thread cannot be stopped: it counts until the
+    function returns). Sources that hold a thread already share only the first ``size -``
+    :attr:`reserve` threads: the last eighth is kept for sources holding none, so that a
+    newcomer finds a thread until ``reserve`` more sources than the ``(size - reserve) / share``
+    that fill the rest run handlers at once (11 with 32 threads). No job ever waits for a
+    thread: beyond its share, or with no thread it may take, :meth:`submit` refuses at once
+    (the request is answered ``busy``), so that clients whose requests are slow, or made slow
+    on purpose, never make others' requests wait until they time out. Submit and shut down
+    from one thread (the event loop's).
     """
 
-    __slots__ = ("_executor", "_held", "_lock", "share", "size")
+    __slots__ = ("_executor", "_held", "_lock", "_total", "reserve", "share", "size")
 
     def __init__(self, size: int) -> None:
         if size < 1:
@@ -90,9 +94,12 @@ class HandlerThreads:
         self.size = size
         #: Threads one source may hold at once.
         self.share = max(1, size // 8)
+        #: Threads only a source holding none may take (the last ones).
+        self.reserve = self.share
         # Jobs per source; a job's thread releases its own when it returns (no second wake-up
         # of the loop for it), so the counts are shared with the threads, under the lock.
         self._held: dict[Hashable, int] = {}
+        self._total = 0  # the sum of _held
         self._lock = threading.Lock()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None  # made by the first job
 
@@ -104,12 +111,15 @@ class HandlerThreads:
                *args: Any) -> concurrent.futures.Future[Any] | None:
         """Run ``func(*args)`` on a thread, in a copy of the current context (as
         ``asyncio.to_thread``), charged to ``source`` until it returns; ``None``, and nothing
-        run, when ``source`` holds its share already. Waits for a thread when all are busy."""
+        run, when ``source`` holds its share already or no thread is free for it (every one
+        taken, or all but the reserve while it holds one)."""
         with self._lock:
             held = self._held.get(source, 0)
-            if held >= self.share:
+            total = self._total
+            if held >= self.share or total >= (self.size - self.reserve if held else self.size):
                 return None
             self._held[source] = held + 1
+            self._total = total + 1
         executor = self._executor
         if executor is None:
             self._executor = executor = concurrent.futures.ThreadPoolExecutor(
@@ -125,11 +135,12 @@ class HandlerThreads:
             self._release(source)
 
     def _cancelled(self, source: Hashable, job: concurrent.futures.Future[Any]) -> None:
-        if job.cancelled():  # never started (timed out waiting, or shut down): _run never ran
+        if job.cancelled():  # never started (its request timed out first): _run never ran
             self._release(source)
 
     def _release(self, source: Hashable) -> None:
         with self._lock:
+            self._total -= 1
             held = self._held.get(source, 0) - 1
             if held > 0:
                 self._held[source] = held
@@ -137,12 +148,14 @@ class HandlerThreads:
                 self._held.pop(source, None)
 
     def shutdown(self) -> None:
-        """Cancel the jobs still waiting for a thread and let the pool's threads end once their
-        current job returns (without waiting for them). A later job starts a new pool, so a
+        """Let the pool's threads end once the jobs handed to them return (without waiting for
+        them). Nothing is cancelled: no job waits for a thread, and one just handed over runs,
+        so that the requests of another endpoint serving the same manager are all answered. A
+        later job starts a new pool (the counts stay: never more than ``size`` jobs run), so a
         manager served again after a shutdown still runs its handlers. Idempotent."""
         executor, self._executor = self._executor, None
         if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
+            executor.shutdown(wait=False)
 
 
 class CustomHandlerRegistry:

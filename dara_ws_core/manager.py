@@ -124,10 +124,12 @@ class WebsocketManager:
         self.handlers: dict[str, WebSocketHandler] = {}
         self.registry = ChannelRegistry()
         self.custom_handlers = custom_handlers or CustomHandlerRegistry()
-        # The in_thread handlers' own pool, sized here (shut down by Endpoint.shutdown); a
-        # registry shared by managers of the same size keeps its pool and its shares.
-        if self.custom_handlers.threads.size != self.config.handler_threads:
+        # The in_thread handlers' own pool, sized here (its threads let go by Endpoint.shutdown);
+        # a registry shared by managers shares one pool and its shares, sized by the last made.
+        replaced = self.custom_handlers.threads
+        if replaced.size != self.config.handler_threads:
             self.custom_handlers.threads = HandlerThreads(self.config.handler_threads)
+            replaced.shutdown()
         self.backplane = backplane
         #: Per-user outbox limits (``None``: off), and the outbox itself when there is no
         #: backplane (with one, it lives on the bus: see :mod:`dara_ws_core.outbox`).
@@ -189,7 +191,8 @@ class WebsocketManager:
         pool (``ServerConfig.handler_threads``, 32), one at a time per connection. A user (an
         anonymous connection: its address) holds at most an eighth of the pool, counting
         handlers still running after their request got its ``timeout`` reply, since a thread
-        cannot be stopped; beyond that share its requests get a ``busy`` error reply at once.
+        cannot be stopped, and the last eighth is kept for users holding none; a request that
+        finds no thread it may take gets a ``busy`` error reply at once, never waits for one.
         Raises ``ValueError`` if the kind is taken, or for ``in_thread`` with an async handler.
         """
         self.custom_handlers.register(kind, handler, in_thread=in_thread)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -136,6 +138,7 @@ def test_dara_ws_serve_and_probe_as_processes() -> None:
 
 _RUN_CLI = """
 import sys
+import time
 for name in sys.argv[1].split(","):
     if name:
         sys.modules[name] = None  # what `import name` sees when the library is not installed
@@ -442,3 +445,49 @@ async def test_serve_behind_a_trusted_proxy_counts_each_client_by_the_address_it
             await client.close()
         server.terminate()
         await asyncio.wait_for(server.wait(), 20)
+
+
+def _children(pid: int) -> set[int]:
+    """The processes ``pid`` started (a supervisor's workers)."""
+    return {int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+def _line_with(process: subprocess.Popen[str], text: str) -> str:
+    assert process.stdout is not None
+    for _ in range(200):  # bounded: the workers' lines and the supervisor's
+        line = process.stdout.readline()
+        assert line, f"dara-ws --workers ended before it said {text!r}"
+        if text in line:
+            return line
+    raise AssertionError(f"no line with {text!r}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads a process's children from /proc")
+@pytest.mark.parametrize("when", ["waiting to start it", "starting it"])
+def test_workers_stopped_while_one_is_started_again_exit_0(when: str) -> None:
+    """An operator's SIGTERM is a clean stop whatever the supervisor was doing: a worker that
+    had died and was waiting for its restart, or was still starting (and dies of the SIGTERM
+    before it can take it gracefully), is not a failure; exit status 0, as systemd expects."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dara_ws_cli", "serve", "--port", "0", "--workers", "2", "--clock", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        _line_with(process, "dara-ws: 2 workers")
+        first = _children(process.pid)
+        assert len(first) == 2
+        os.kill(min(first), signal.SIGKILL)  # a worker this test started (through the supervisor)
+        _line_with(process, "starting it again")  # the supervisor waits FIRST_DELAY
+        if when == "starting it":
+            for _ in range(500):  # bounded: the new worker appears after half a second
+                if _children(process.pid) - first:
+                    break
+                time.sleep(0.01)
+            else:
+                raise AssertionError("the dead worker was not started again")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)

@@ -1,5 +1,6 @@
 """``in_thread`` handlers run on the manager's own pool, of which one user (an anonymous client: its
-address) holds only a share, counting threads still running after their request timed out.
+address) holds only a share, counting threads still running after their request timed out, and
+whose last eighth is kept for users holding none; a request never waits for a thread.
 
 A handler blocks on a gate the test opens at its end, as a slow query one client's input makes
 slow would: without the shares, that client's requests would take every thread and everyone
@@ -123,10 +124,10 @@ async def test_anonymous_clients_share_the_threads_of_their_address(
         assert sorted(await outcomes(slow)) == ["busy", "busy", "ok"]
 
 
-async def test_the_pool_runs_at_most_its_size_and_shutdown_cancels_the_waiting_jobs(
+async def test_the_pool_runs_at_most_its_size_and_no_job_waits_for_a_thread(
     gate: threading.Event,
 ) -> None:
-    threads = HandlerThreads(1)
+    threads = HandlerThreads(2)
     running = threading.Semaphore(0)
 
     def blocked() -> str:
@@ -135,27 +136,107 @@ async def test_the_pool_runs_at_most_its_size_and_shutdown_cancels_the_waiting_j
         return "done"
 
     first = threads.submit("a", blocked)
-    waiting = threads.submit("b", blocked)
-    assert first is not None and waiting is not None
+    assert first is not None
     assert threads.submit("a", blocked) is None  # a's share (one thread) is taken
-    assert await asyncio.to_thread(running.acquire, timeout=TIMEOUT)
-    assert not waiting.running()  # one thread: b waits for it
-    threads.shutdown()
-    assert waiting.cancelled()
-    await eventually(lambda: threads.held("b") == 0, "the cancelled job released b's share")
-    assert threads.held("a") == 1  # still running: still counted
+    second = threads.submit("b", blocked)  # the reserve: b holds none
+    assert second is not None
+    assert threads.submit("c", blocked) is None  # every thread taken: refused, not queued
+    for _ in range(2):
+        assert await asyncio.to_thread(running.acquire, timeout=TIMEOUT)
+    threads.shutdown()  # cancels nothing: both jobs run to their end
+    assert threads.held("a") == threads.held("b") == 1
     gate.set()
-    assert await asyncio.wrap_future(first) == "done"
-    await eventually(lambda: threads.held("a") == 0, "a's job returned")
+    assert [await asyncio.wrap_future(job) for job in (first, second)] == ["done", "done"]
+    await eventually(lambda: threads.held("a") + threads.held("b") == 0, "the jobs returned")
     again = threads.submit("a", lambda: "new pool")  # a pool shut down starts again
     assert again is not None and await asyncio.wrap_future(again) == "new pool"
     threads.shutdown()
+
+
+async def test_sources_that_hold_threads_leave_the_last_eighth_to_those_holding_none(
+    make_stack: MakeStack, gate: threading.Event
+) -> None:
+    """Eight users each taking their share would take every thread; the eighth gets only what is
+    left beside the reserve, a bystander still finds a thread, and once none is left a request
+    is answered busy at once rather than waiting for a thread until it times out."""
+    async with make_stack(config=ServerConfig(handler_threads=16)) as stack:
+        stack.manager.add_ws_handler("lookup", lookup_waiting_for(gate), in_thread=True)
+        threads = stack.manager.custom_handlers.threads
+        assert (threads.share, threads.reserve) == (2, 2)
+        # One in_thread request at a time per connection: two connections per user.
+        users = [f"mallory{u}" for u in range(8)]
+        slow_clients = [await stack.client(f"{user}:s{s}") for user in users for s in range(2)]
+        slow = []
+        for client in slow_clients:  # in turn, so that the first seven users take their share
+            slow.append(asyncio.create_task(client.request("lookup", "slow", timeout=TIMEOUT)))
+            await eventually(lambda: slow[-1].done() or threads.held(
+                users[(len(slow) - 1) // 2]) == (len(slow) - 1) % 2 + 1, "the request taken")
+        assert [threads.held(user) for user in users] == [2] * 7 + [1]
+        assert await outcomes([r for r in slow if r.done()]) == ["busy"]
+        # The reserve: a user holding none finds a thread while the others' run.
+        alice = await stack.client("alice:s1")
+        assert await alice.request("lookup", "fast", timeout=TIMEOUT) == {"ok": "fast"}
+        carol = await stack.client("carol:s1")
+        held_by_carol = asyncio.create_task(carol.request("lookup", "slow", timeout=TIMEOUT))
+        await eventually(lambda: threads.held("carol") == 1, "carol's request runs")
+        # Every thread taken: busy at once (a timeout of 60 s would otherwise answer it).
+        with pytest.raises(RemoteError) as refused:
+            await alice.request("lookup", "fast", timeout=TIMEOUT)
+        assert refused.value.code == "busy"
+        assert not held_by_carol.done()
+        gate.set()
+        assert await held_by_carol == {"ok": "slow"}
+        assert sorted(await outcomes(slow)) == ["busy"] + ["ok"] * 15
+
+
+@pytest.mark.parametrize("transport", sorted(set(TRANSPORTS) - {"memory"}))
+async def test_one_endpoints_shutdown_leaves_every_request_of_another_answered(
+    transport: str, gate: threading.Event
+) -> None:
+    """Two endpoints serving one manager share its pool: the first one's shutdown lets go of
+    the pool's threads, and the second one's requests, running or refused, all get their
+    outcome, and later ones run on a new pool."""
+    manager = WebsocketManager(ServerConfig(handler_threads=2))
+    manager.add_ws_handler("lookup", lookup_waiting_for(gate), in_thread=True)
+    async with running_stack(transport, manager=manager) as stack:
+        async with running_stack("memory", manager=manager) as other:
+            client = await other.client("zed:s1")
+            assert await client.request("lookup", "fast", timeout=TIMEOUT) == {"ok": "fast"}
+            clients = [await stack.client(f"user{i}:s1") for i in range(3)]
+            slow = [asyncio.create_task(clients[i].request("lookup", "slow", timeout=TIMEOUT))
+                    for i in range(2)]
+            await eventually(lambda: threads_held(manager) == 2, "both threads taken")
+            with pytest.raises(RemoteError) as refused:
+                await clients[2].request("lookup", "slow", timeout=TIMEOUT)
+            assert refused.value.code == "busy"
+        gate.set()  # the other endpoint is shut down: these still run to their reply
+        assert await outcomes(slow) == ["ok", "ok"]
+        assert await clients[2].request("lookup", "fast", timeout=TIMEOUT) == {"ok": "fast"}
+
+
+def threads_held(manager: WebsocketManager) -> int:
+    threads = manager.custom_handlers.threads
+    return sum(threads.held(f"user{i}") for i in range(3))
+
+
+async def test_a_pool_replaced_by_a_manager_of_another_size_is_shut_down() -> None:
+    first = WebsocketManager(ServerConfig(handler_threads=4))
+    first.add_ws_handler("lookup", lambda channel_id, data: data, in_thread=True)
+    pool = first.custom_handlers.threads
+    job = pool.submit("a", lambda: "ran")
+    assert job is not None and await asyncio.wrap_future(job) == "ran"
+    executor = pool._executor
+    assert executor is not None
+    WebsocketManager(ServerConfig(handler_threads=8), custom_handlers=first.custom_handlers)
+    assert first.custom_handlers.threads.size == 8
+    assert pool._executor is None and executor._shutdown
 
 
 def test_the_pool_size_must_be_positive() -> None:
     with pytest.raises(ValueError, match="handler_threads"):
         ServerConfig(handler_threads=0)
     assert HandlerThreads(3).share == 1 and HandlerThreads(32).share == 4
+    assert HandlerThreads(3).reserve == 1 and HandlerThreads(32).reserve == 4
 
 
 async def test_endpoint_shutdown_stops_the_managers_pool(gate: threading.Event) -> None:

@@ -181,27 +181,94 @@ async def test_concurrent_scrapes_share_one_rendering() -> None:
     assert len(rendered) == 2
 
 
-async def test_sockets_beyond_the_listeners_cap_get_503_at_once() -> None:
+async def silent(port: int, address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A socket from ``address`` (a loopback address) that sends nothing."""
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(address, 0))
+
+
+async def closed_by_the_listener(reader: asyncio.StreamReader) -> bool:
+    """Whether the listener closed this socket without an answer (within a bound)."""
+    try:
+        return await asyncio.wait_for(reader.read(), 5) == b""
+    except ConnectionResetError:
+        return True
+
+
+async def answered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    return await asyncio.wait_for(reader.read(), 5)
+
+
+async def test_sockets_that_send_nothing_make_room_for_a_scrape() -> None:
+    """16 silent sockets fill the listener; a newcomer closes the oldest socket of the address
+    holding the most that is still sending its request, so a crowd from one address closes its
+    own, and a scraper elsewhere is answered whatever their number."""
     clock, rendered = Clock(), list[float]()
-    async with serve_metrics(counting_page(rendered, clock), "127.0.0.1", 0, max_connections=4) as port:
-        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
-        # Those four say nothing; the listener holds them (for up to 10 s), and no more.
-        # A fifth is answered and closed at once, not held: a reader gets the 503 (one that
-        # sent its request may see a reset instead, its request being unread at the close).
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        refused = await asyncio.wait_for(reader.read(), 5)
-        writer.close()
-        assert refused.startswith(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n")
-        with contextlib.suppress(ConnectionResetError):
-            assert (await asyncio.wait_for(scrape(port), 5)).startswith(b"HTTP/1.1 503")
-        assert rendered == []
-        for _, writer in idle:
+    async with serve_metrics(counting_page(rendered, clock), "127.0.0.1", 0) as port:
+        held = [await silent(port, "127.0.0.2") for _ in range(16)]
+        bystander = await silent(port, "127.0.0.3")  # closes the oldest of 127.0.0.2
+        crowd = [await silent(port, "127.0.0.2") for _ in range(20)]  # each closes its own oldest
+        assert all([await closed_by_the_listener(reader) for reader, _ in held])
+        assert (await answered(*bystander)).endswith(b"\r\n\r\npage 1\n")
+        assert (await asyncio.wait_for(scrape(port), 5)).endswith(b"\r\n\r\npage 1\n")
+        for _, writer in [*held, bystander, *crowd]:
             writer.close()
+
+
+async def test_a_socket_has_a_bounded_time_to_send_its_request() -> None:
+    clock, rendered = Clock(), list[float]()
+    async with serve_metrics(counting_page(rendered, clock), "127.0.0.1", 0,
+                             request_timeout=0.2) as port:
+        nothing = await silent(port, "127.0.0.2")
+        part = await silent(port, "127.0.0.3")
+        part[1].write(b"GET /metrics HTTP/1.1\r\nHost")
+        assert await closed_by_the_listener(nothing[0])
+        assert await closed_by_the_listener(part[0])
+        assert rendered == []
+        for _, writer in (nothing, part):
+            writer.close()
+
+
+async def test_a_scraper_that_does_not_take_the_answer_is_let_go() -> None:
+    """A page far larger than the sockets' buffers, to a peer that never reads it: the socket
+    is closed once ``write_timeout`` passed, and its slot goes to the next scrape. While it is
+    being answered it is not closed for a newcomer, which gets 503 at once."""
+    pages = iter([b"x" * (64 << 20)])  # the first: for the peer that does not read
+
+    def render() -> tuple[bytes, str]:
+        return next(pages, b"small\n"), "text/plain"
+
+    async with serve_metrics(render, "127.0.0.1", 0, max_connections=1, write_timeout=0.5) as port:
+        _reader, writer = await silent(port, "127.0.0.2")
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        await eventually_refused(port)
         answer = b""
-        for _ in range(200):  # bounded: the listener sees the four closes within a few loop turns
-            with contextlib.suppress(ConnectionResetError):  # still refused
-                answer = await scrape(port)
+        for _ in range(100):  # bounded: the slot is free 0.5 s after the answer began
+            with contextlib.suppress(ConnectionResetError):
+                answer = await asyncio.wait_for(scrape(port), 20)
             if answer.startswith(b"HTTP/1.1 200"):
                 break
-            await asyncio.sleep(0.01)
-        assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"page 1\n")
+            await asyncio.sleep(0.05)
+        assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"\r\n\r\nsmall\n")
+        writer.close()
+
+
+async def eventually_refused(port: int) -> None:
+    """Scrape until one is refused (the only slot holds the answer being written)."""
+    for _ in range(100):
+        with contextlib.suppress(ConnectionResetError):
+            if (await asyncio.wait_for(scrape(port), 5)).startswith(
+                    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"):
+                return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no scrape was refused while the only slot was being answered")
+
+
+async def test_leaving_the_listener_closes_the_sockets_it_serves() -> None:
+    clock, rendered = Clock(), list[float]()
+    async with serve_metrics(counting_page(rendered, clock), "127.0.0.1", 0) as port:
+        sockets = [await silent(port, "127.0.0.2") for _ in range(3)]
+        assert (await asyncio.wait_for(scrape(port), 5)).startswith(b"HTTP/1.1 200")
+    assert all([await closed_by_the_listener(reader) for reader, _ in sockets])
+    for _, writer in sockets:
+        writer.close()
