@@ -253,6 +253,10 @@ def decode_client_frame(
             frame, by_alias=True, by_name=False)
     except ValidationError as exc:
         error = _classify(exc)
+        if isinstance(error, InvalidMessage):
+            # Not a message we know, but a frame's own faults come first, as for a valid one:
+            # NaN, Infinity or 1e400 close with 1007 whatever the envelope holds.
+            raise _not_strict(frame) or error from None
         if not isinstance(error, _LoneSurrogate):
             raise error from None
         frame = _replace_lone_surrogates(frame)
@@ -383,6 +387,22 @@ def _standalone_number(text: bytes, exponent: int, marker: int) -> bool:
 _INFINITIES = (float("inf"), float("-inf"))
 #: Values of a decoded message walked before the scan of its frame decides instead.
 _WALK_FIRST = 16
+
+
+def _not_strict(frame: str) -> InvalidFrame | None:
+    """The ``InvalidFrame`` (1007) for a frame that is JSON with NaN or Infinity, or that holds a
+    number beyond a double's range; ``None`` for strict JSON (a frame without a model: the
+    checks :func:`decode_client_frame` makes of a decoded message, on the raw value)."""
+    if ("NaN" in frame or "Infinity" in frame) and not _is_strict_json(frame):
+        return InvalidFrame("NaN and Infinity are not JSON")
+    if _may_overflow(frame):
+        try:
+            value = pydantic_core.from_json(frame, allow_inf_nan=False, cache_strings=False)
+        except (ValueError, TypeError):
+            return None
+        if _infinity_in(value, None):
+            return InvalidFrame("a number beyond the range of a double")
+    return None
 
 
 def _holds_infinity(message: ClientMessage) -> bool:

@@ -27,7 +27,7 @@ from dara_ws_core.codec import (
     decode_server_frame,
     encode,
 )
-from dara_ws_core.exceptions import FrameTooLarge, InvalidFrame
+from dara_ws_core.exceptions import CloseCode, FrameTooLarge, InvalidFrame, InvalidMessage
 from dara_ws_core.messages import (
     CustomClientMessage,
     CustomServerMessagePayload,
@@ -560,3 +560,18 @@ def test_answers_are_decoded_without_the_process_wide_string_cache() -> None:
     assert first is not None and second is not None
     assert first[0] == second[0] == channel
     assert first[0] is not second[0]
+
+
+@pytest.mark.parametrize("frame", ['{"type":"nope","x":NaN}', '{"x":Infinity}', '{"type":"nope","x":1e400}',
+                                   '{"type":"message","channel":5,"message":-Infinity}'])
+def test_a_frame_that_is_not_strict_json_closes_with_1007_whatever_its_envelope(frame: str) -> None:
+    # NaN, Infinity and 1e400 were found only in a message that validated: in any other they
+    # were an invalid message, dropped with the connection open (review16 #6).
+    with pytest.raises(InvalidFrame) as caught:
+        decode_client_frame(frame)
+    assert caught.value.close_code == CloseCode.INVALID_PAYLOAD
+
+
+def test_an_invalid_message_holding_the_words_nan_or_infinity_in_strings_stays_invalid() -> None:
+    with pytest.raises(InvalidMessage):
+        decode_client_frame('{"type":"nope","x":"NaN Infinity 1e400"}')
