@@ -47,7 +47,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     # Test helpers are imported from dara_ws_core.testing, as websockets' are.
     "testing": frozenset({"ProtocolHarness", "answer_frames", "client_frames", "custom_frames",
                           "hostile_frames", "json_values"}),
-    "transport": frozenset({"ClientFrameHeaders", "address_key", "SupportsCork", "SupportsDisconnected", "SupportsPush",
+    "transport": frozenset({"ClientFrameHeaders", "PROCESS_RECEIVING", "RECEIVING_SHARES", "ReceivingBudget",
+                            "ReceivingCharge", "address_key", "SupportsCork", "SupportsDisconnected", "SupportsPush",
                             "SupportsSendNowait", "SupportsWriter", "parse_cookies", "text_frame_header"}),
 }
 

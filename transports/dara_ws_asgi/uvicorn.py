@@ -26,7 +26,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
     ) from exc
 
 from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, Evict, host_of
-from dara_ws_core.transport import ClientFrameHeaders, Server
+from dara_ws_core.transport import ClientFrameHeaders, ReceivingCharge, Server
 
 #: Stop reading from a peer while this much is waiting to be written to it.
 _PAUSE_READING_ABOVE = 1024 * 1024
@@ -65,6 +65,10 @@ class _InvalidRequests(logging.Filter):
 #: The ASGI scope extension naming the endpoints that counted the socket from its accept
 #: (:class:`~dara_ws_asgi.ASGIApp` then takes no slot of its own).
 COUNTED = "dara_ws.counted"
+#: The ASGI scope extension holding the :class:`~dara_ws_core.transport.ReceivingCharge` the
+#: socket's messages in progress count in, set by the app before it accepts (its holder is known
+#: once the handshake is authenticated).
+RECEIVING = "dara_ws.receiving"
 
 
 class _SocketSlots:
@@ -237,14 +241,21 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
             if frames is not None:
                 data = frames.feed_failing(data)
             elif self.conn.state is State.OPEN:
-                self.dara_frames = frames = ClientFrameHeaders()
+                self.dara_frames = frames = ClientFrameHeaders(self._dara_charge())
                 data = frames.feed_failing(data)
             super().data_received(data)
             if not self.read_paused and self.transport.get_write_buffer_size() > _PAUSE_READING_ABOVE:
                 self.read_paused = True
                 self.transport.pause_reading()
 
+        def _dara_charge(self) -> ReceivingCharge | None:
+            # Set by the app that accepted (dara_ws_asgi.ASGIApp); another app's: not counted.
+            charge = (getattr(self, "scope", None) or {}).get("extensions", {}).get(RECEIVING)
+            return charge if isinstance(charge, ReceivingCharge) else None
+
         def connection_lost(self, exc: Exception | None) -> None:
+            if self.dara_frames is not None:
+                self.dara_frames.release()  # the message in progress is not coming
             slots, self.dara_slots = self.dara_slots, None
             if slots is not None:
                 slots.free()

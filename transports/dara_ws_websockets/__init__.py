@@ -39,9 +39,16 @@ if TYPE_CHECKING:
 
     from dara_ws_core.auth import Identity
 
+from dara_ws_core.auth import holder_of
 from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, host_of
 from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
-from dara_ws_core.transport import ClientFrameHeaders, HandshakeRequest, Server, text_frame_header
+from dara_ws_core.transport import (
+    ClientFrameHeaders,
+    HandshakeRequest,
+    ReceivingCharge,
+    Server,
+    text_frame_header,
+)
 
 
 def _closed(exc: websockets.ConnectionClosed) -> ConnectionClosed:
@@ -305,6 +312,8 @@ class _ServerConnection(ServerConnection):
         if admission is not None:
             self.dara_endpoint.free_slot(admission, self.dara_host, self.dara_evict)
         super().connection_lost(exc)
+        if self.dara_frames is not None:
+            self.dara_frames.release()  # the message in progress is not coming
         target = self.dara_push
         if target is not None:  # recv() raises the connection's ConnectionClosed
             target._stop(False)
@@ -316,13 +325,19 @@ class _ServerConnection(ServerConnection):
         if frames is not None:
             data = frames.feed_failing(data)
         elif self.protocol.state is _OPEN:  # the handshake is done: frames from here on
-            self.dara_frames = frames = ClientFrameHeaders()
+            self.dara_frames = frames = self._dara_frame_headers()
             data = frames.feed_failing(data)
         super().data_received(data)
         transport = self.transport
         if not self._paused_for_writes and transport.get_write_buffer_size() > _PAUSE_READING_ABOVE:
             self._paused_for_writes = True
             transport.pause_reading()
+
+    def _dara_frame_headers(self) -> ClientFrameHeaders:
+        # Messages in progress count against the process's budget, under the holder the chunk
+        # shares use (the user; the address of an anonymous peer).
+        holder = holder_of(getattr(self, "dara_identity", None), self.dara_host)
+        return ClientFrameHeaders(ReceivingCharge(self.dara_endpoint.config.max_receiving_total_bytes, holder))
 
     def resume_writing(self) -> None:
         super().resume_writing()
