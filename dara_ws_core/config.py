@@ -93,6 +93,14 @@ class ServerConfig:
     #: process, small ones still go through.
     max_chunked_total_bytes: int = 256 * MiB
     max_chunked_total_values: int = 2_000_000
+    #: Most bytes of inbound messages still being received, by every connection of the process
+    #: together: the fragments of an unfinished message, and a frame whose payload has not all
+    #: arrived, counted from the payload length its header declares. One holder (a user's
+    #: connections; the anonymous ones of an address) takes at most a 16th of it, and one
+    #: connection's message never more than ``max_message_size``. A frame that would take its
+    #: holder or the process past these is refused before its payload is read: the connection is
+    #: closed with 1009. A message that arrives whole in one read is never counted.
+    max_receiving_total_bytes: int = 256 * MiB
     #: Close connections that send nothing (not even the stock client's 5 s ping) for this long.
     idle_timeout: float | None = 60.0
     #: Protocol-level keepalive passed to the transport library (websockets/uvicorn style).
@@ -233,7 +241,8 @@ class ServerConfig:
 
 _COUNTS_FROM_1 = ("max_message_size", "max_message_values", "max_queue_messages", "max_queue_bytes",
                   "max_pending_requests", "max_chunks", "max_chunked_bytes", "max_chunked_values",
-                  "max_chunked_total_bytes", "max_chunked_total_values", "max_handler_tasks", "handler_threads",
+                  "max_chunked_total_bytes", "max_chunked_total_values", "max_receiving_total_bytes",
+                  "max_handler_tasks", "handler_threads",
                   "outbox_bytes", "outbox_users", "outbox_total_bytes", "outbox_per_sender")
 _OPTIONAL_COUNTS = ("rate_limit", "max_connections_per_user", "max_connections", "max_connections_per_address")
 _SECONDS = ("close_timeout", "handshake_timeout", "rate_window", "outbox_age")

@@ -66,12 +66,13 @@ manager that yields a :class:`Server` (``port=0`` picks a free port).
 
 from __future__ import annotations
 
-__all__ = ["MAX_PIPELINED", "ClientFrameHeaders", "HandshakeRequest", "RequestHead", "Server", "SupportsCork",
-           "SupportsDisconnected", "SupportsPush", "SupportsSendNowait", "SupportsWriter", "Transport",
-           "TrustedProxies", "address_key", "close_frame_error", "held_behind_request", "hold_behind_request",
-           "parse_cookies", "sendable_close_code", "text_frame_header"]
+__all__ = ["MAX_PIPELINED", "PROCESS_RECEIVING", "RECEIVING_SHARES", "ClientFrameHeaders", "HandshakeRequest",
+           "ReceivingBudget", "ReceivingCharge", "RequestHead", "Server", "SupportsCork", "SupportsDisconnected",
+           "SupportsPush", "SupportsSendNowait", "SupportsWriter", "Transport", "TrustedProxies", "address_key",
+           "close_frame_error", "held_behind_request", "hold_behind_request", "parse_cookies",
+           "sendable_close_code", "text_frame_header"]
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from struct import Struct
 from types import MappingProxyType
@@ -216,6 +217,76 @@ def close_frame_error(payload: bytes) -> int | None:
 
 #: A masked frame header with opcode 3 (reserved: RFC 6455 5.2), which every parser fails on.
 _RESERVED_OPCODE = b"\x83\x80"
+#: A masked text frame header declaring a 2**62-byte payload, over any ``max_size``: a parser
+#: given one fails the connection with 1009 (message too big) before reading further.
+_TOO_BIG = b"\x81\xff" + (1 << 62).to_bytes(8, "big")
+#: A holder (a user, an anonymous peer's address, or a connection with neither) takes at most
+#: this fraction of ``ServerConfig.max_receiving_total_bytes``.
+RECEIVING_SHARES = 16
+
+
+class ReceivingBudget:
+    """Bytes of inbound messages still being received, in all and by holder (the key
+    :func:`~dara_ws_core.auth.holder_of` gives), for every :class:`ReceivingCharge` sharing it.
+    Counted on one event loop: nothing is locked."""
+
+    __slots__ = ("bytes", "holders")
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        #: What each holder's connections hold together, for the holders holding anything.
+        self.holders: dict[Hashable, int] = {}
+
+
+#: The budget every connection shares unless given its own: the process's.
+PROCESS_RECEIVING = ReceivingBudget()
+
+
+class ReceivingCharge:
+    """What one connection's message in progress holds, counted in a :class:`ReceivingBudget`
+    under its ``holder`` (``None``: the connection alone). :meth:`take` refuses bytes that would
+    take the holder past ``total // RECEIVING_SHARES`` or the budget past ``total`` (the
+    configuration's ``max_receiving_total_bytes``); :meth:`release` gives back what the message
+    held, once it is complete or the connection ends (idempotent). Pure."""
+
+    __slots__ = ("budget", "held", "holder", "share", "total")
+
+    def __init__(self, total: int, holder: Hashable = None, budget: ReceivingBudget | None = None) -> None:
+        self.budget = PROCESS_RECEIVING if budget is None else budget
+        self.total = total
+        self.share = max(1, total // RECEIVING_SHARES)
+        self.holder = self if holder is None else holder
+        #: Bytes this connection holds now.
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        """Count ``size`` more bytes; ``False`` (and nothing counted) past a bound."""
+        budget = self.budget
+        holders = budget.holders
+        mine = holders.get(self.holder, 0) + size
+        total = budget.bytes + size
+        if mine > self.share or total > self.total:
+            return False
+        budget.bytes = total
+        holders[self.holder] = mine
+        self.held += size
+        return True
+
+    def release(self) -> None:
+        """Give back everything this connection holds."""
+        held = self.held
+        if held:
+            self.held = 0
+            budget = self.budget
+            budget.bytes -= held
+            left = budget.holders[self.holder] - held
+            if left:
+                budget.holders[self.holder] = left
+            else:
+                del budget.holders[self.holder]
+
+    def __del__(self) -> None:
+        self.release()  # a connection dropped without release() never keeps its share
 
 
 class ClientFrameHeaders:
@@ -225,62 +296,125 @@ class ClientFrameHeaders:
     bytes, the 64-bit form for under 65,536), and a 64-bit length with its most significant bit
     set. A few operations a frame: payloads are skipped, not read. Pure.
 
+    With a ``charge`` (:class:`ReceivingCharge`), it also counts the bytes of the message in
+    progress against the process's budget, from the lengths the headers declare: every fragment
+    of a fragmented message, and a whole message's single frame when its payload goes on past
+    the bytes fed (a frame that arrives in one read is never counted: a small message costs one
+    comparison). What was counted is given back once the message's final frame has all been
+    fed. A frame the charge refuses is refused before its payload arrives, with
+    :attr:`refused_code` 1009.
+
     :meth:`feed` returns what to hand the library now: everything before the first refused
     frame, and before a header split across reads (held until it is whole, so that the library
     never sees the start of a refused header).
     """
 
-    __slots__ = ("_head", "_skip", "refused")
+    __slots__ = ("_above", "_head", "_last", "_skip", "charge", "refused", "refused_code")
 
-    def __init__(self) -> None:
+    def __init__(self, charge: ReceivingCharge | None = None) -> None:
         self._head = b""  # the start of a frame header split across reads
         self._skip = 0  # payload bytes (and mask key) of the current frame still to come
+        self._last = False  # the counted message's final frame has begun
+        self._above = 0x80  # 0x100 while the message in progress holds bytes of the charge
+        #: The budget the bytes of messages in progress are counted in (None: not counted).
+        self.charge = charge
         #: Why the stream was refused, once it is: nothing after it is parsed.
         self.refused: str | None = None
+        #: The close code the refused frame calls for: 1002, or 1009 past a budget.
+        self.refused_code = 1002
 
     def feed(self, data: bytes) -> bytes:
         """The part of ``data`` (with what was held before it) to hand the library; after it,
-        if :attr:`refused` is set, comes a frame the connection must be failed on (1002)."""
+        if :attr:`refused` is set, comes a frame the connection must be failed on
+        (:attr:`refused_code`)."""
         if self.refused is not None:
             return b""
         held = self._head
         buf = held + data if held else data
         pos, end = self._skip, len(buf)
+        # Header bytes above it skip the count (one comparison a frame): 0x80, a final frame of
+        # a message or a control frame while nothing is counted; 0x100 (none) while it is.
+        above = self._above
         while pos + 2 <= end:
-            second = buf[pos + 1]
+            first, second = buf[pos], buf[pos + 1]
             if not second & 0x80:
                 return self._refuse(buf, pos, "unmasked frame")
             length = second & 0x7F
             if length < 126:
-                pos += 6 + length  # header, mask key, payload
-                continue
-            size = 4 if length == 126 else 10
-            if pos + size > end:
-                break
-            length = int.from_bytes(buf[pos + 2 : pos + size], "big")
-            if length < (126 if size == 4 else 65536):
-                return self._refuse(buf, pos, "payload length not in its shortest form")
-            if length >> 63:
-                return self._refuse(buf, pos, "payload length with its most significant bit set")
+                if first > above:  # a final frame or a control, nothing counted
+                    pos += 6 + length  # header, mask key, payload
+                    continue
+                size = 2
+            else:
+                size = 4 if length == 126 else 10
+                if pos + size > end:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + size], "big")
+                if length < (126 if size == 4 else 65536):
+                    return self._refuse(buf, pos, "payload length not in its shortest form")
+                if length >> 63:
+                    return self._refuse(buf, pos, "payload length with its most significant bit set")
             pos += size + 4 + length
+            # Counted: a fragment, a frame going on past this read, any frame while a message
+            # is counted. A whole message in this read is not: the library takes it at once.
+            if first <= above or pos > end:
+                if not self._count(first, pos > end, length):
+                    return self._refuse(buf, pos - size - 4 - length,
+                                        "messages being received exceed their budget", 1009)
+                above = self._above
+        if above > 0x80 and self._last and pos <= end:  # the counted message's final frame is all here
+            self._give_back()
         if pos < end:  # a header cut short: held until the rest comes
             self._head, self._skip = buf[pos:], 0
             return buf[:pos]
         self._head, self._skip = b"", pos - end
         return buf
 
+    def _count(self, first: int, unfinished: bool, length: int) -> bool:
+        """Count a frame (header byte ``first``, ``length`` payload bytes, going on past the
+        bytes fed when ``unfinished``) in the message in progress; ``False`` past the budget."""
+        charge = self.charge
+        if charge is None:
+            return True
+        if self._last:  # a new frame: the counted message's final frame has all passed
+            self._give_back()
+        if first & 0x0F >= 8:  # a control frame (or a reserved opcode the library refuses)
+            return True
+        if first & 0x80:  # a message's final frame
+            self._last = True
+            if first & 0x0F and not unfinished:  # a single frame, all here: nothing to hold
+                return True
+        if not charge.take(length):
+            return False
+        self._above = 0x100
+        return True
+
+    def _give_back(self) -> None:
+        self._last, self._above = False, 0x80
+        if self.charge is not None:
+            self.charge.release()
+
     def feed_failing(self, data: bytes) -> bytes:
         """:meth:`feed` for a library with no way in to fail a connection but its own parser
         (websockets' sans-I/O protocol, under websockets and uvicorn): a refused frame's header
-        is replaced, once, by one with a reserved opcode, which the parser fails with 1002."""
+        is replaced, once, by one the parser fails with :attr:`refused_code` (a reserved opcode
+        for 1002, a length over any ``max_size`` for 1009)."""
         if self.refused is not None:
             return b""
         good = self.feed(data)
-        return good if self.refused is None else good + _RESERVED_OPCODE
+        if self.refused is None:
+            return good
+        return good + (_TOO_BIG if self.refused_code == 1009 else _RESERVED_OPCODE)
 
-    def _refuse(self, buf: bytes, pos: int, why: str) -> bytes:
+    def release(self) -> None:
+        """Give back what the message in progress holds (the connection is over)."""
+        self._give_back()
+
+    def _refuse(self, buf: bytes, pos: int, why: str, code: int = 1002) -> bytes:
         self.refused = why
+        self.refused_code = code
         self._head = b""
+        self.release()
         return buf[:pos]
 
 

@@ -49,7 +49,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "testing": frozenset({"ProtocolHarness", "answer_frames", "client_frames", "custom_frames",
                           "hostile_frames", "json_values"}),
     # TrustedProxies: what ServerConfig.forwarded_allow_ips is read as, for the endpoint.
-    "transport": frozenset({"ClientFrameHeaders", "MAX_PIPELINED", "RequestHead", "TrustedProxies", "address_key",
+    "transport": frozenset({"ClientFrameHeaders", "MAX_PIPELINED", "PROCESS_RECEIVING", "RECEIVING_SHARES",
+                            "ReceivingBudget", "ReceivingCharge", "RequestHead", "TrustedProxies", "address_key",
                             "close_frame_error", "SupportsCork", "SupportsDisconnected", "SupportsPush",
                             "SupportsSendNowait", "SupportsWriter", "held_behind_request", "hold_behind_request",
                             "parse_cookies", "sendable_close_code", "text_frame_header"}),

@@ -28,9 +28,10 @@ except ImportError as exc:  # the extra is missing: say which one to install
         'dara_ws_aiohttp needs the aiohttp library: pip install "dara-ws-core[aiohttp]"', name=exc.name
     ) from exc
 
+from dara_ws_core.auth import holder_of
 from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, Evict, host_of
 from dara_ws_core.exceptions import AuthenticationFailed
-from dara_ws_core.transport import HandshakeRequest, Server
+from dara_ws_core.transport import HandshakeRequest, ReceivingCharge, Server
 
 from ._masking import MaskedOnlyResponse
 from .client import connect
@@ -85,6 +86,7 @@ def add_route(app: web.Application, endpoint: Endpoint, path: str | None = None)
         ws = MaskedOnlyResponse(
             max_msg_size=config.max_message_size + 1, heartbeat=config.ping_interval, compress=False
         )
+        ws.dara_charge = charge = ReceivingCharge(config.max_receiving_total_bytes, holder_of(identity, host_of(peer)))
         try:
             await ws.prepare(request)
         except ConnectionResetError:
@@ -99,6 +101,7 @@ def add_route(app: web.Application, endpoint: Endpoint, path: str | None = None)
             await endpoint.serve(AiohttpTransport(ws), identity)
         finally:
             live.discard(protocol)
+            charge.release()  # the message in progress is not coming
         return ws
 
     async def on_shutdown(_: web.Application) -> None:

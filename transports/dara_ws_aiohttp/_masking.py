@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import WebSocketError, WSCloseCode, web
 
-from dara_ws_core.transport import ClientFrameHeaders, sendable_close_code
+from dara_ws_core.transport import ClientFrameHeaders, ReceivingCharge, sendable_close_code
 
 
 class MaskedFramesOnly:
@@ -33,10 +33,10 @@ class MaskedFramesOnly:
 
     __slots__ = ("_headers", "_queue", "_reader")
 
-    def __init__(self, reader: Any, queue: Any) -> None:
+    def __init__(self, reader: Any, queue: Any, charge: ReceivingCharge | None = None) -> None:
         self._reader = reader
         self._queue = queue
-        self._headers = ClientFrameHeaders()
+        self._headers = ClientFrameHeaders(charge)  # messages in progress count in ``charge``
 
     def feed_eof(self) -> None:
         self._reader.feed_eof()
@@ -52,7 +52,7 @@ class MaskedFramesOnly:
             return self._reader.feed_data(good)  # type: ignore[no-any-return]
         if good:
             self._reader.feed_data(good)
-        self._queue.set_exception(WebSocketError(WSCloseCode.PROTOCOL_ERROR, headers.refused))
+        self._queue.set_exception(WebSocketError(headers.refused_code, headers.refused))  # 1002, or 1009
         return True, b""
 
 
@@ -65,12 +65,14 @@ class MaskedOnlyResponse(web.WebSocketResponse):
     #: Whether the peer's close frame carried a code no close frame may carry (RFC 6455 7.4):
     #: the connection is failed with 1002, and the transport reports 1002, not that code.
     peer_close_refused = False
+    #: Where the bytes of the messages in progress count (set before prepare), or None.
+    dara_charge: ReceivingCharge | None = None
 
     def _post_start(self, request: web.BaseRequest, protocol: str | None, writer: Any) -> None:
         handler: Any = request.protocol
         tail, handler._message_tail = handler._message_tail, b""
         super()._post_start(request, protocol, writer)
-        handler._payload_parser = checked = MaskedFramesOnly(handler._payload_parser, self._reader)
+        handler._payload_parser = checked = MaskedFramesOnly(handler._payload_parser, self._reader, self.dara_charge)
         if tail and checked.feed_data(tail)[0]:
             handler.close()
 

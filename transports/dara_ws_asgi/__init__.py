@@ -33,11 +33,12 @@ except ImportError as exc:  # the extra is missing: say which one to install
         'dara_ws_asgi needs the starlette library: pip install "dara-ws-core[asgi]"', name=exc.name
     ) from exc
 
+from dara_ws_core.auth import holder_of
 from dara_ws_core.endpoint import Admission, Endpoint, host_of
 from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
-from dara_ws_core.transport import HandshakeRequest, Server
+from dara_ws_core.transport import HandshakeRequest, ReceivingCharge, Server
 
-from .uvicorn import COUNTED, hook_uvicorn, serve
+from .uvicorn import COUNTED, RECEIVING, hook_uvicorn, serve
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -229,6 +230,9 @@ class ASGIApp:
         except AuthenticationFailed:
             await _deny(scope, send)
             return
+        if COUNTED in scope.get("extensions", {}):  # under uvicorn: its frame headers count
+            scope["extensions"][RECEIVING] = ReceivingCharge(
+                self.endpoint.config.max_receiving_total_bytes, holder_of(identity, host_of(scope.get("client"))))
         await send({"type": "websocket.accept"})
         await self.endpoint.serve(ASGITransport(receive, send), identity)
 

@@ -28,6 +28,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
 from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, Evict, host_of
 from dara_ws_core.transport import (
     ClientFrameHeaders,
+    ReceivingCharge,
     RequestHead,
     Server,
     held_behind_request,
@@ -74,6 +75,10 @@ class _InvalidRequests(logging.Filter):
 #: The ASGI scope extension naming the endpoints that counted the socket from its accept
 #: (:class:`~dara_ws_asgi.ASGIApp` then takes no slot of its own).
 COUNTED = "dara_ws.counted"
+#: The ASGI scope extension holding the :class:`~dara_ws_core.transport.ReceivingCharge` the
+#: socket's messages in progress count in, set by the app before it accepts (its holder is known
+#: once the handshake is authenticated).
+RECEIVING = "dara_ws.receiving"
 
 
 class _SocketSlots:
@@ -331,7 +336,7 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
 
         def _dara_opened(self) -> None:
             held = held_behind_request(self.dara_head, self.transport)
-            self.dara_head, self.dara_frames = None, ClientFrameHeaders()
+            self.dara_head, self.dara_frames = None, ClientFrameHeaders(self._dara_charge())
             if not held:
                 return
             self.data_received(held)
@@ -364,10 +369,17 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
             if not self.handshake_complete:
                 self.transport.abort()
 
+        def _dara_charge(self) -> ReceivingCharge | None:
+            # Set by the app that accepted (dara_ws_asgi.ASGIApp); another app's: not counted.
+            charge = (getattr(self, "scope", None) or {}).get("extensions", {}).get(RECEIVING)
+            return charge if isinstance(charge, ReceivingCharge) else None
+
         def connection_lost(self, exc: Exception | None) -> None:
             if self._dara_deadline is not None:
                 self._dara_deadline.cancel()
                 self._dara_deadline = None
+            if self.dara_frames is not None:
+                self.dara_frames.release()  # the message in progress is not coming
             slots, self.dara_slots = self.dara_slots, None
             if slots is not None:
                 slots.free()

@@ -32,9 +32,10 @@ except ImportError as exc:  # the extra is missing: say which one to install
         'dara_ws_picows needs the picows library: pip install "dara-ws-core[picows]"', name=exc.name
     ) from exc
 
+from dara_ws_core.auth import Holder, holder_of
 from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, host_of
 from dara_ws_core.exceptions import AuthenticationFailed
-from dara_ws_core.transport import HandshakeRequest, Server
+from dara_ws_core.transport import HandshakeRequest, ReceivingCharge, Server
 
 from .transport import PicowsTransport
 
@@ -225,7 +226,8 @@ class _Gate(asyncio.Protocol):
         # From here the socket is picows': its protocol frees the slot (the gate never hears of
         # the socket again).
         admission, self._admission = self._admission, Admission.DROP
-        listener = self._server.handover(transport, bytes(self._head), admission, self._host)
+        listener = self._server.handover(transport, bytes(self._head), admission, self._host,
+                                         holder_of(identity, self._host))
         if listener is not None:  # else picows refused the upgrade headers (400)
             self._server.run(listener, identity)
 
@@ -323,9 +325,10 @@ class _Serving:
         self.tasks: set[asyncio.Task[None]] = set()
 
     def handover(self, transport: asyncio.Transport, head: bytes,
-                 admission: Admission, host: str | None) -> PicowsTransport | None:
+                 admission: Admission, host: str | None, holder: Holder | None = None) -> PicowsTransport | None:
         config = self.endpoint.config
-        listener = PicowsTransport(config.max_message_size, config.close_timeout)
+        charge = ReceivingCharge(config.max_receiving_total_bytes, holder)
+        listener = PicowsTransport(config.max_message_size, config.close_timeout, charge)
         protocol = WSProtocol(None, None, False, lambda request: listener, *self._options)
         reads = _BoundedReads(protocol, self.endpoint, admission, host)
         listener.release_reads = reads.release

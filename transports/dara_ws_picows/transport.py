@@ -21,11 +21,12 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 from functools import partial
+from typing import NoReturn
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSProtocolError, WSTransport
 
 from dara_ws_core.exceptions import CloseCode, ConnectionClosed
-from dara_ws_core.transport import close_frame_error, text_frame_header
+from dara_ws_core.transport import ReceivingCharge, close_frame_error, text_frame_header
 
 #: Messages, and bytes, waiting in the inbox before reading from the socket pauses.
 INBOX_MESSAGES = 16
@@ -50,15 +51,17 @@ class PicowsTransport(WSListener):
     Built by :func:`dara_ws_picows.serve`; you do not create it yourself.
     """
 
-    __slots__ = ("_buffered", "_close_timeout", "_corked", "_corked_bytes", "_drained", "_gone", "_inbox",
+    __slots__ = ("_buffered", "_charge", "_close_timeout", "_corked", "_corked_bytes", "_drained", "_gone", "_inbox",
                  "_inbox_bytes", "_is_closing", "_local_code", "_max_size", "_parts", "_parts_size", "_parts_text",
                  "_paused", "_push_left", "_pusher", "_send_text", "_waiter", "_write_paused", "_ws", "release_reads",
                  "writer", "writer_lost")
 
     transport_name = "picows"
 
-    def __init__(self, max_size: int, close_timeout: float) -> None:
+    def __init__(self, max_size: int, close_timeout: float, charge: ReceivingCharge | None = None) -> None:
         self._ws: WSTransport | None = None
+        # Where the fragments of the message being reassembled count (the process's budget).
+        self._charge = charge
         self._max_size = max_size
         self._close_timeout = close_timeout
         self._inbox: deque[str | bytes] = deque()
@@ -128,6 +131,8 @@ class PicowsTransport(WSListener):
             if frame.payload_size > self._max_size:
                 raise WSProtocolError(WSCloseCode.MESSAGE_TOO_BIG, "message too big")
             if not frame.fin:
+                if self._charge is not None and not self._charge.take(frame.payload_size):
+                    self._over_budget()
                 self._parts, self._parts_text = bytearray(frame.get_payload_as_memoryview()), kind is _TEXT
                 self._parts_size = frame.payload_size
                 return
@@ -146,9 +151,14 @@ class PicowsTransport(WSListener):
             self._parts_size += frame.payload_size
             if self._parts_size > self._max_size:
                 raise WSProtocolError(WSCloseCode.MESSAGE_TOO_BIG, "message too big")
+            charge = self._charge
+            if charge is not None and not charge.take(frame.payload_size):
+                self._over_budget()
             parts += frame.get_payload_as_memoryview()
             if frame.fin:
                 self._parts = None
+                if charge is not None:
+                    charge.release()
                 self._push(_utf8(parts) if self._parts_text else bytes(parts), len(parts))
         elif kind is _PING:
             if self._corked is not None:
@@ -158,6 +168,14 @@ class PicowsTransport(WSListener):
                 self._pause()  # pongs to a peer that floods pings and never reads
         elif kind is _CLOSE:
             self._closing_received(transport, frame)
+
+    def _over_budget(self) -> NoReturn:
+        """Fail the connection with 1009: its message would take its holder or the process past
+        ``max_receiving_total_bytes``. What it held is given back now, not at the disconnect."""
+        self._parts = None
+        if self._charge is not None:
+            self._charge.release()
+        raise WSProtocolError(WSCloseCode.MESSAGE_TOO_BIG, "messages being received exceed their budget")
 
     def _closing_received(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.payload_size:
@@ -198,6 +216,8 @@ class PicowsTransport(WSListener):
             self._gone = (ConnectionClosed(self._local_code or int(info.code.value), info.reason)
                           if info is not None else ConnectionClosed(CloseCode.ABNORMAL, "connection lost"))
         self._parts, self._corked, self._corked_bytes = None, None, 0  # nothing left to write to
+        if self._charge is not None:
+            self._charge.release()  # the message in progress is not coming
         self._lose_writer()
         self._send_text = self.release_reads = None  # the latter holds picows' protocol, which holds us
         self._wake()

@@ -41,11 +41,13 @@ if TYPE_CHECKING:
 
     from dara_ws_core.auth import Identity
 
+from dara_ws_core.auth import holder_of
 from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, host_of
 from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
 from dara_ws_core.transport import (
     ClientFrameHeaders,
     HandshakeRequest,
+    ReceivingCharge,
     RequestHead,
     Server,
     held_behind_request,
@@ -339,6 +341,8 @@ class _ServerConnection(ServerConnection):
         if admission is not None:
             self.dara_endpoint.free_slot(admission, self.dara_host, self.dara_evict)
         super().connection_lost(exc)
+        if self.dara_frames is not None:
+            self.dara_frames.release()  # the message in progress is not coming
         target = self.dara_push
         if target is not None:  # recv() raises the connection's ConnectionClosed
             target._stop(False)
@@ -380,7 +384,7 @@ class _ServerConnection(ServerConnection):
 
     def _dara_opened(self) -> None:
         held = held_behind_request(self.dara_head, self.transport)
-        self.dara_head, self.dara_frames = None, ClientFrameHeaders()
+        self.dara_head, self.dara_frames = None, self._dara_frame_headers()
         if not held:
             return
         self.data_received(held)
@@ -400,6 +404,12 @@ class _ServerConnection(ServerConnection):
         protocol = self.protocol
         if type(protocol.handshake_exc) is InvalidMessage and b"" in protocol.writes:
             self.transport.write(_BAD_REQUEST)
+
+    def _dara_frame_headers(self) -> ClientFrameHeaders:
+        # Messages in progress count against the process's budget, under the holder the chunk
+        # shares use (the user; the address of an anonymous peer).
+        holder = holder_of(getattr(self, "dara_identity", None), self.dara_host)
+        return ClientFrameHeaders(ReceivingCharge(self.dara_endpoint.config.max_receiving_total_bytes, holder))
 
     def resume_writing(self) -> None:
         super().resume_writing()
