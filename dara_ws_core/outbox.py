@@ -55,9 +55,9 @@ than the byte bound is not kept.
 
 from __future__ import annotations
 
-__all__ = ["SENDER_SHARES", "SENDER_SMALL", "BusRefusals", "ClosedWrites", "DeliveryCursors", "OutboxLimits",
-           "QueuedMarks", "Stamped", "UserOutbox", "WriteLog", "anonymous_sender", "id_key",
-           "sender_of"]
+__all__ = ["HISTORY_SHARES", "SENDER_SHARES", "SENDER_SMALL", "BusRefusals", "ClosedWrites",
+           "DeliveryCursors", "OutboxLimits", "QueuedMarks", "Stamped", "UserOutbox", "WriteLog",
+           "anonymous_sender", "id_key", "sender_of"]
 
 import bisect
 import functools
@@ -78,6 +78,10 @@ if TYPE_CHECKING:
 SENDER_SHARES = 16
 #: What a sender may hold and still use the kept fraction: its share divided by this.
 SENDER_SMALL = 64
+#: A sender has at most this fraction of one user's history waiting (``max_messages`` and
+#: ``max_bytes``): it takes four senders at their share to fill a history, and even then none of
+#: them can push out another's message still waiting (see :meth:`UserOutbox.add`).
+HISTORY_SHARES = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +118,18 @@ class OutboxLimits:
         """Most messages one sender may have waiting: ``max_per_sender``, at most a
         :data:`SENDER_SHARES`-th of ``max_users`` (each may hold a history)."""
         return min(self.max_per_sender, max(1, self.max_users // SENDER_SHARES))
+
+    @property
+    def history_messages(self) -> int:
+        """Most messages one sender may have waiting in one user's history: a
+        :data:`HISTORY_SHARES`-th of ``max_messages`` (at least one)."""
+        return max(1, self.max_messages // HISTORY_SHARES)
+
+    @property
+    def history_bytes(self) -> int:
+        """Most bytes of one sender's messages waiting in one user's history: a
+        :data:`HISTORY_SHARES`-th of ``max_bytes``."""
+        return max(1, self.max_bytes // HISTORY_SHARES)
 
     @property
     def sender_bytes(self) -> int:
@@ -169,11 +185,14 @@ _Entry = tuple[int, int, float, bytes, str | None]
 class _History:
     """One user's entries kept (``(id, n, when, frame, sender)``, oldest first) and marks."""
 
-    __slots__ = ("charged", "droppable", "entries", "lease", "leased", "seq", "size", "written")
+    __slots__ = ("charged", "droppable", "entries", "held", "lease", "leased", "seq", "size",
+                 "written")
 
     def __init__(self) -> None:
         self.entries: deque[_Entry] = deque()
         self.charged = 0  # entries with a sender not written yet (0: nothing to release)
+        # Sender -> its entries here not written yet, and their bytes (its share of the user).
+        self.held: dict[str, list[int]] = {}
         self.droppable = False  # nothing waits: counted in UserOutbox._written_*
         self.size = 0  # bytes of the frames kept
         self.seq = 0  # the last sequence number given
@@ -213,6 +232,9 @@ class UserOutbox:
         # still use the kept fraction, and where that fraction begins.
         self._sender_messages = limits.sender_messages
         self._sender_bytes = limits.sender_bytes
+        # A sender's share of one user's history (OutboxLimits.history_messages, history_bytes).
+        self._history_messages = limits.history_messages
+        self._history_bytes = limits.history_bytes
         self._small_messages = self._sender_messages // SENDER_SMALL
         self._small_bytes = self._sender_bytes // SENDER_SMALL
         self._near_users = limits.max_users - limits.max_users // SENDER_SHARES
@@ -300,6 +322,10 @@ class UserOutbox:
             if history is not None:
                 self._check_written(user_id, history)
             return 0
+        if sender is not None and not self._history_room(history, sender, size, cutoff):
+            if history is not None:
+                self._check_written(user_id, history)
+            return self._refuse(True)
         if history is None:
             history = _History()
         else:
@@ -317,6 +343,7 @@ class UserOutbox:
                 held[0] += 1
                 held[1] += size
             history.charged += 1
+            self._hold(history, sender, size)
         size += history.size
         if len(entries) > limits.max_messages:  # a user at the count bound: the oldest goes
             oldest = entries.popleft()  # inline: every send to such a user comes here
@@ -325,6 +352,7 @@ class UserOutbox:
             if oldest[4] is not None and oldest[0] > history.written:
                 self._release(oldest[4], len(oldest[3]))
                 history.charged -= 1
+                self._unhold(history, oldest[4], len(oldest[3]))
         if size > limits.max_bytes or len(entries) > limits.max_messages or entries[0][2] <= cutoff:
             while entries and (entries[0][2] <= cutoff or len(entries) > limits.max_messages
                                or size > limits.max_bytes):
@@ -342,7 +370,64 @@ class UserOutbox:
         if sender is not None and kid > history.written:
             self._release(sender, len(frame))
             history.charged -= 1
+            self._unhold(history, sender, len(frame))
         return len(frame)
+
+    def _history_room(self, history: _History | None, sender: str, size: int,
+                       cutoff: float) -> bool:
+        """Whether a message of ``size`` bytes from ``sender`` (a client, not server code) may
+        join the user's ``history`` (``None``: none yet): ``sender`` has less than its share of
+        it waiting (:attr:`OutboxLimits.history_messages`, :attr:`~OutboxLimits.history_bytes`),
+        and room under the user's bounds can be made by dropping only entries written or
+        expired, the oldest first. A message still waiting for the user is never dropped for
+        another client's, nor for its own sender's next one (that one was answered kept): the
+        new message is refused instead. What is written or expired may go either way. O(1)
+        but for the entries dropped, each once."""
+        if history is None:
+            return size <= self._history_bytes
+        held = history.held.get(sender)
+        if held is None:
+            if size > self._history_bytes:
+                return False
+        elif held[0] >= self._history_messages or held[1] + size > self._history_bytes:
+            return False
+        limits = self.limits
+        entries = history.entries
+        over = len(entries) + 1 - limits.max_messages
+        extra = history.size + size - limits.max_bytes
+        if over <= 0 and extra <= 0:
+            return True
+        mark = history.written
+        while entries and (over > 0 or extra > 0):
+            first = entries[0]
+            if first[0] > mark and first[2] > cutoff:  # still waiting for the user: not ours
+                return False
+            freed = self._drop_oldest(history)
+            history.size -= freed
+            self._total -= freed
+            over -= 1
+            extra -= freed
+        return True
+
+    @staticmethod
+    def _hold(history: _History, sender: str, size: int) -> None:
+        """A message of ``sender`` of ``size`` bytes waits in ``history`` (its share of it)."""
+        held = history.held.get(sender)
+        if held is None:
+            history.held[sender] = [1, size]
+        else:
+            held[0] += 1
+            held[1] += size
+
+    @staticmethod
+    def _unhold(history: _History, sender: str, size: int) -> None:
+        """A message of ``sender`` of ``size`` bytes no longer waits in ``history``."""
+        held = history.held[sender]
+        if held[0] == 1:
+            del history.held[sender]
+        else:
+            held[0] -= 1
+            held[1] -= size
 
     def _room(self, size: int, new: bool, big: bool) -> bool:
         """Near a bound of the process (past all but its last :data:`SENDER_SHARES`-th, counting
@@ -386,6 +471,7 @@ class UserOutbox:
                 if sender is not None and kid > mark:
                     self._release(sender, len(frame))
             history.charged = 0
+            history.held.clear()
 
     def _mark(self, user_id: str, history: _History, kid: int) -> None:
         """Move the user's written mark forward to ``kid``: the entries it passes leave their
@@ -407,6 +493,7 @@ class UserOutbox:
                         else:
                             held[0] -= 1
                             held[1] -= len(entry[3])
+                        self._unhold(history, sender, len(entry[3]))
                         released += 1
                 history.charged -= released
         if not history.droppable:

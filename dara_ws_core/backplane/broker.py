@@ -344,14 +344,18 @@ class BrokerBackplane(BusNode):
         a little of either once only the outbox's kept last share is left: its next messages are
         not offered until then); ``"bytes"``, the outbox's bytes (no message is offered until then); ``"users"``,
         its count of histories (only a message to a user with no history is refused, which
-        this process cannot tell: nothing is remembered). Counted, and logged the first ten
-        times, then at each power of ten."""
-        if bound != "users":
+        this process cannot tell: nothing is remembered); ``"history"``, the sender's share of
+        that one user's history, or that history full of messages still waiting (its other
+        users' messages are still offered: nothing is remembered). Counted, and logged the
+        first ten times, then at each power of ten."""
+        if bound not in ("users", "history"):
             self.refusals.refuse(sender, bound == "bytes", time.monotonic() + wait_ms / 1000)
         self.stats.outbox_refused += 1
         count = self.stats.outbox_refused
         if count <= 10 or _is_power_of_ten(count):
-            setting = {"sender": "the sender's share, outbox_per_sender", "bytes": "outbox_total_bytes"}.get(
+            setting = {"sender": "the sender's share, outbox_per_sender", "bytes": "outbox_total_bytes",
+                       "history": "the sender's share of the user's history, outbox_messages and "
+                                  "outbox_bytes"}.get(
                 bound, "outbox_users")
             logger.warning("backplane: the bus's outbox refused to keep a message (%s): it was "
                            "delivered live only (%d so far)", setting, count,
