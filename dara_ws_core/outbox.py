@@ -8,7 +8,10 @@ Stream per user in ``dara_ws_redis``) so that it is delivered on whichever proce
 and survives the restart of the sending one. The model is AnyCable's reliable streams.
 
 **Every per-user message is appended** (when the outbox is on), whether the user is connected
-anywhere or not, bounded per user by count, bytes and age (the oldest dropped first). Each entry
+anywhere or not, bounded per user by count, bytes and age. A sender has at most a
+:data:`HISTORY_SHARES`-th of one user's history waiting, and only what was written or expired
+makes room for its message: one that still waits is never dropped for a sender's (the new one
+is refused). Server code's message drops the user's oldest entries, whoever sent them. Each entry
 has an id, increasing per user (a Redis Stream id, ``"<ms>-<seq>"``; :func:`id_key` orders them)
 and a per-user sequence number ``n`` (1, 2, 3...: a jump tells how many were dropped by a bound).
 The message that reaches the user's channels carries both.
@@ -245,7 +248,9 @@ class UserOutbox:
         #: ``max_total_bytes`` (their entries, all written, counted in ``evicted``); frames not
         #: kept because only entries still waiting for their user could have made room, or
         #: because their sender had its share waiting, or held more than a little while only the
-        #: kept fraction was left (``refused`` counts both, and ``refused_sender`` the second).
+        #: kept fraction was left, or (a sender's) had its share of the user's history waiting,
+        #: or found that history full of entries waiting (``refused`` counts all, and
+        #: ``refused_sender`` all but the first).
         self.kept = 0
         self.evicted = 0
         self.users_evicted = 0
@@ -292,8 +297,11 @@ class UserOutbox:
         while the entries waiting fill all but the kept :data:`SENDER_SHARES`-th of
         ``max_users`` or ``max_total_bytes``, or there is no room under the process's bounds
         without dropping entries kept for another user that none of their connections wrote
-        yet (all but the first counted in ``refused``).
-        Drops expired entries, and the user's own oldest beyond the user's bounds."""
+        yet, or (``sender`` given) it has its share of this user's history waiting or the
+        history is full of entries still waiting (:meth:`_history_room`) (all but the first
+        counted in ``refused``; the shares and a full history in ``refused_sender`` too).
+        Drops expired entries, and the user's own oldest beyond the user's bounds (for a
+        ``sender``, only written ones)."""
         limits = self.limits
         users = self._users
         size = len(frame)

@@ -16,8 +16,10 @@ Redis layout (``<ns>`` is the namespace, ``dara-ws`` by default):
 * ``<ns>:outbox:<user_id>``: a Stream, the user's history: every message sent to the user with
   ``send_message_to_user`` (the per-user outbox, :mod:`dara_ws_core.outbox`), trimmed by count,
   bytes and age; ``<ns>:outbox-meta:<user_id>``, a hash: its bytes (``b``), the last number given
-  to the user (``n``) and the written mark (``w``: the last entry written to a connection of
-  the user); both keys expire ``max_age`` after the last message;
+  to the user (``n``), the written mark (``w``: the last entry written to a connection of
+  the user) and, per sender with entries waiting there, their count and bytes (``h:<quota
+  key>``, ``hb:<quota key>``: its share of the history); both keys expire ``max_age`` after the
+  last message;
 * ``<ns>:outbox-lease:<user_id>`` -> ``node\nchannel\nlast``: the new channel delivering the
   entries after the written mark (read, then acknowledge) up to entry ``last``, expiring after
   ``max_age``, void once that channel or its node is gone (``\nlast`` once it settled without
@@ -282,7 +284,8 @@ return redis.call('PUBLISH', ARGV[4], ARGV[5])
 # user's hash; ARGV[1..3] as above; ARGV[4..7]: the gap ledger key prefix, the user, the ledger's
 # TTL in ms, the channel key prefix. With the outbox on (ARGV[8..10]: most messages, bytes, age
 # in ms; KEYS[2]: the user's history stream, KEYS[3]: its meta hash), the message is first
-# appended to the history (trimmed by count, bytes and age, the oldest first) and published with
+# appended to the history (trimmed by count, bytes and age, the oldest first; for a client's
+# message, only what is written or expired, see history_room) and published with
 # the entry's id and number in its header: returns "<id> <n> <receivers>". Fields of nodes nobody
 # listens for are dropped once their channel key is gone too (a dead node's; a node cut off for
 # less than the expiry keeps them, so that with the outbox off its gap ledger counts every
