@@ -330,10 +330,20 @@ class UserOutbox:
             if history is not None:
                 self._check_written(user_id, history)
             return 0
-        if sender is not None and not self._history_room(history, sender, size, cutoff):
-            if history is not None:
-                self._check_written(user_id, history)
-            return self._refuse(True)
+        mine = None  # the sender's share of this user's history (inline: every send)
+        if sender is not None:
+            if history is None:
+                if size > self._history_bytes:
+                    return self._refuse(True)
+            else:
+                mine = history.held.get(sender)
+                if (size > self._history_bytes if mine is None else (
+                        mine[0] >= self._history_messages or mine[1] + size > self._history_bytes)) or (
+                        (len(history.entries) >= limits.max_messages
+                         or history.size + size > limits.max_bytes)
+                        and not self._history_room(history, size, cutoff)):
+                    self._check_written(user_id, history)
+                    return self._refuse(True)
         if history is None:
             history = _History()
         else:
@@ -351,7 +361,11 @@ class UserOutbox:
                 held[0] += 1
                 held[1] += size
             history.charged += 1
-            self._hold(history, sender, size)
+            if mine is None:
+                history.held[sender] = [1, size]
+            else:
+                mine[0] += 1
+                mine[1] += size
         size += history.size
         if len(entries) > limits.max_messages:  # a user at the count bound: the oldest goes
             oldest = entries.popleft()  # inline: every send to such a user comes here
@@ -381,51 +395,32 @@ class UserOutbox:
             self._unhold(history, sender, len(frame))
         return len(frame)
 
-    def _history_room(self, history: _History | None, sender: str, size: int,
-                       cutoff: float) -> bool:
-        """Whether a message of ``size`` bytes from ``sender`` (a client, not server code) may
-        join the user's ``history`` (``None``: none yet): ``sender`` has less than its share of
-        it waiting (:attr:`OutboxLimits.history_messages`, :attr:`~OutboxLimits.history_bytes`),
-        and room under the user's bounds can be made by dropping only entries written or
-        expired, the oldest first. A message still waiting for the user is never dropped for
-        another client's, nor for its own sender's next one (that one was answered kept): the
-        new message is refused instead. What is written or expired may go either way. O(1)
-        but for the entries dropped, each once."""
-        if history is None:
-            return size <= self._history_bytes
-        held = history.held.get(sender)
-        if held is None:
-            if size > self._history_bytes:
-                return False
-        elif held[0] >= self._history_messages or held[1] + size > self._history_bytes:
-            return False
+    def _history_room(self, history: _History, size: int, cutoff: float) -> bool:
+        """Whether a message of ``size`` bytes from a client (not server code) may join the
+        user's ``history`` at its bounds (``max_messages``, ``max_bytes``): what the append will
+        drop to keep them, the oldest first, is only entries written or expired. A message still
+        waiting for the user is never dropped for a client's, nor for its own sender's next one
+        (that one was answered kept): the new message is refused instead. The caller checked
+        the sender's share of the history (:attr:`OutboxLimits.history_messages`,
+        :attr:`~OutboxLimits.history_bytes`). Drops nothing; O(1) but for the entries the
+        append then drops (the bytes bound's), each looked at once more."""
         limits = self.limits
         entries = history.entries
-        over = len(entries) + 1 - limits.max_messages
         extra = history.size + size - limits.max_bytes
-        if over <= 0 and extra <= 0:
-            return True
-        mark = history.written
-        while entries and (over > 0 or extra > 0):
+        if extra <= 0:  # the count bound only: its oldest entry goes, if it may
             first = entries[0]
-            if first[0] > mark and first[2] > cutoff:  # still waiting for the user: not ours
+            return first[0] <= history.written or first[2] <= cutoff
+        # The bytes bound: the entries it drops, and the count's (the append drops them).
+        over = len(entries) + 1 - limits.max_messages
+        mark = history.written
+        for kid, _, when, frame, _ in entries:
+            if over <= 0 and extra <= 0:
+                break
+            if kid > mark and when > cutoff:  # still waiting for the user: not ours
                 return False
-            freed = self._drop_oldest(history)
-            history.size -= freed
-            self._total -= freed
             over -= 1
-            extra -= freed
+            extra -= len(frame)
         return True
-
-    @staticmethod
-    def _hold(history: _History, sender: str, size: int) -> None:
-        """A message of ``sender`` of ``size`` bytes waits in ``history`` (its share of it)."""
-        held = history.held.get(sender)
-        if held is None:
-            history.held[sender] = [1, size]
-        else:
-            held[0] += 1
-            held[1] += size
 
     @staticmethod
     def _unhold(history: _History, sender: str, size: int) -> None:
@@ -490,6 +485,7 @@ class UserOutbox:
             if history.charged:
                 senders = self._senders
                 released = 0
+                mine = history.held
                 for entry in reversed(history.entries):
                     if entry[0] <= before:
                         break
@@ -501,7 +497,12 @@ class UserOutbox:
                         else:
                             held[0] -= 1
                             held[1] -= len(entry[3])
-                        self._unhold(history, sender, len(entry[3]))
+                        held = mine[sender]  # and its share of this user's history
+                        if held[0] == 1:
+                            del mine[sender]
+                        else:
+                            held[0] -= 1
+                            held[1] -= len(entry[3])
                         released += 1
                 history.charged -= released
         if not history.droppable:
