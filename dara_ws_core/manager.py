@@ -551,7 +551,7 @@ class WebsocketManager:
         sender, kept = None, True
         if keep is not None:
             sender = self._sender()
-            if not self.backplane.keeps(sender):  # over a bound, the bus said: not offered
+            if not self.backplane.keeps(sender, user_id):  # over a bound, the bus said: not offered
                 keep, kept = None, False
         handlers = self.handlers
         local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]

@@ -711,6 +711,8 @@ class BusRefusals:
         self.max_senders = max_senders
         self._senders: dict[str, float] = {}  # sender -> refused until
         self._full_until = 0.0
+        # (sender, user) -> refused until: the sender's share of that one user's history.
+        self._histories: dict[tuple[str, str], float] = {}
 
     def __len__(self) -> int:
         return len(self._senders)
@@ -729,11 +731,33 @@ class BusRefusals:
         if len(senders) > self.max_senders:
             del senders[next(iter(senders))]
 
-    def keeps(self, sender: str | None, now: float) -> bool:
-        """Whether a message charged to ``sender`` may be offered to the bus's outbox now."""
+    def refuse_history(self, sender: str | None, user_id: str, until: float) -> None:
+        """The bus refused ``sender``'s message to ``user_id`` (its share of that user's
+        history, or the history full of messages waiting) until ``until``; its messages to
+        other users are still offered. Server code's (``None``) are never refused so."""
+        if sender is None:
+            return
+        histories = self._histories
+        key = (sender, user_id)
+        histories.pop(key, None)
+        histories[key] = until
+        if len(histories) > self.max_senders:
+            del histories[next(iter(histories))]
+
+    def keeps(self, sender: str | None, now: float, user_id: str | None = None) -> bool:
+        """Whether a message charged to ``sender`` (for ``user_id``, if known) may be offered to
+        the bus's outbox now."""
         if self._full_until and now < self._full_until:
             return False
-        if sender is None or not self._senders:
+        if sender is None:
+            return True
+        if self._histories and user_id is not None:
+            until = self._histories.get((sender, user_id))
+            if until is not None:
+                if now < until:
+                    return False
+                del self._histories[sender, user_id]
+        if not self._senders:
             return True
         until = self._senders.get(sender)
         if until is None:

@@ -7,7 +7,7 @@ else's kept messages to that user). The pure outbox, then one process on every t
 from __future__ import annotations
 
 from dara_ws_core import CustomServerMessage, DaraClient, ServerConfig
-from dara_ws_core.outbox import HISTORY_SHARES, OutboxLimits, UserOutbox
+from dara_ws_core.outbox import HISTORY_SHARES, BusRefusals, OutboxLimits, UserOutbox
 
 from .stacks import Stack
 from .test_outbox import MakeStack
@@ -110,3 +110,17 @@ async def tell_then_flood(stack: Stack) -> list[bool]:
     if stack.manager.backplane is None:
         assert kept == [True] * 2 + [False] * 6
     return kept
+
+
+def test_the_buss_refusal_of_a_share_of_one_history_holds_for_that_user_only() -> None:
+    """With a bus, a refusal of the sender's share of one user's history is remembered for
+    that (sender, user) only: its messages to other users, and others' to that user, are still
+    offered."""
+    refusals = BusRefusals()
+    refusals.refuse_history("mallory", "victim", until=5.0)
+    assert not refusals.keeps("mallory", 1.0, "victim")
+    assert refusals.keeps("mallory", 1.0, "other") and refusals.keeps("bob", 1.0, "victim")
+    assert refusals.keeps("mallory", 1.0)  # a caller that does not say the user
+    assert refusals.keeps("mallory", 6.0, "victim")  # over
+    refusals.refuse_history(None, "victim", until=5.0)
+    assert refusals.keeps(None, 1.0, "victim")  # server code's are never refused so

@@ -332,23 +332,27 @@ class BrokerBackplane(BusNode):
         raise BackplaneError(f"{self._durable_refusal(sender, len(data))}: the message to the "
                              f"user was not kept")
 
-    def keeps(self, sender: str | None) -> bool:
+    def keeps(self, sender: str | None, user_id: str | None = None) -> bool:
         # While the bus is down, its last answer is stale: the sender's share of the spool
         # decides (a sender holding its share is not offered, as the bus would refuse it).
-        return self.refusals.keeps(sender, time.monotonic()) and (
+        return self.refusals.keeps(sender, time.monotonic(), user_id) and (
             sender is None or self._connected.is_set() or self._spool_keeps(sender))
 
-    def _outbox_refused(self, sender: str | None, bound: str, wait_ms: int) -> None:
+    def _outbox_refused(self, sender: str | None, bound: str, wait_ms: int,
+                        user_id: str | None = None) -> None:
         """The bus refused to keep a message for ``wait_ms`` more, by a bound of its outbox
         (``bound``): ``"sender"``, the sender's share (its messages, their bytes, or more than
         a little of either once only the outbox's kept last share is left: its next messages are
         not offered until then); ``"bytes"``, the outbox's bytes (no message is offered until then); ``"users"``,
         its count of histories (only a message to a user with no history is refused, which
         this process cannot tell: nothing is remembered); ``"history"``, the sender's share of
-        that one user's history, or that history full of messages still waiting (its other
-        users' messages are still offered: nothing is remembered). Counted, and logged the
-        first ten times, then at each power of ten."""
-        if bound not in ("users", "history"):
+        that one user's history, or that history full of messages still waiting (its next
+        messages to that user are not offered until then; to other users they are). Counted,
+        and logged the first ten times, then at each power of ten."""
+        if bound == "history":
+            if user_id is not None:
+                self.refusals.refuse_history(sender, user_id, time.monotonic() + wait_ms / 1000)
+        elif bound != "users":
             self.refusals.refuse(sender, bound == "bytes", time.monotonic() + wait_ms / 1000)
         self.stats.outbox_refused += 1
         count = self.stats.outbox_refused

@@ -127,9 +127,10 @@ class Backplane(Protocol):
         for the bus had no room for it (its count or its bytes: see :meth:`keeps`), ``True``
         otherwise."""
 
-    def keeps(self, sender: str | None) -> bool:
-        """Whether a message charged to ``sender`` may be offered to the bus's outbox: ``False``
-        while the bus's last answer said that sender's quota, or the outbox as a whole, is
+    def keeps(self, sender: str | None, user_id: str | None = None) -> bool:
+        """Whether a message charged to ``sender`` (for ``user_id``, if given) may be offered to
+        the bus's outbox: ``False`` while the bus's last answer said that sender's quota (or its
+        share of that user's history), or the outbox as a whole, is
         exhausted (then the caller sends it without ``keep``), or, while the bus is down, while
         that sender holds its share of the process's spool. Never waits."""
 

@@ -367,7 +367,7 @@ end
 if keep and ARGV[11] ~= '' and not history_room(KEYS[2], KEYS[3], ARGV[11], #ARGV[3],
     tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
     - tonumber(ARGV[10]), ARGV[13]) then
-  keep, refused, wait = false, 'history', 0
+  keep, refused, wait = false, 'history', RECHECK  -- room comes back as the user reads
 end
 if keep then
   local most, cap, age = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
@@ -774,7 +774,8 @@ class RedisBackplane(BrokerBackplane):
                 results.append((where, receivers if receivers else -1))
             elif publication.user_id is not None and isinstance(reply, list):
                 # Refused by a bound of the outbox: {receivers, "sender", "bytes" or "users", ms}.
-                self._outbox_refused(publication.sender, _text(reply[1]), max(int(reply[2]), 0))
+                self._outbox_refused(publication.sender, _text(reply[1]), max(int(reply[2]), 0),
+                                     str(publication.user_id))
                 results.append((None, int(reply[0])))
             elif publication.channel_id is None:  # a topic or a user: a count
                 results.append((None, int(reply)))
