@@ -177,7 +177,11 @@ class ServerConfig:
     forwarded_allow_ips: str | Sequence[str] | None = None
     #: The per-user outbox (:mod:`dara_ws_core.outbox`): ``send_message_to_user`` to a user with no
     #: connection anywhere keeps the message, up to this many per user (``0`` disables), this many
-    #: bytes and this many seconds, for the user's next connection.
+    #: bytes and this many seconds, for the user's next connection. One sender (see
+    #: ``outbox_per_sender``) has at most a quarter of a user's messages and bytes waiting, and at
+    #: the user's bounds only what was written or expired makes room for it: a message still
+    #: waiting is never dropped for a sender's, the new one is not kept instead
+    #: (``send_message_to_user`` returns ``False``). Server code's messages drop the user's oldest.
     outbox_messages: int = 100
     outbox_bytes: int = 1 * MiB
     outbox_age: float = 300.0

@@ -572,7 +572,7 @@ class WebsocketManager:
         kept = True
         if keep is not None:
             sender, address = self._sender()
-            if not self.backplane.keeps(sender, address):  # over a bound, the bus said: not offered
+            if not self.backplane.keeps(sender, address, user_id):  # over a bound, the bus said: not offered
                 keep, kept = None, False
         handlers = self.handlers
         local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]

@@ -8,7 +8,10 @@ Stream per user in ``dara_ws_redis``) so that it is delivered on whichever proce
 and survives the restart of the sending one. The model is AnyCable's reliable streams.
 
 **Every per-user message is appended** (when the outbox is on), whether the user is connected
-anywhere or not, bounded per user by count, bytes and age (the oldest dropped first). Each entry
+anywhere or not, bounded per user by count, bytes and age. A sender has at most a
+:data:`HISTORY_SHARES`-th of one user's history waiting, and only what was written or expired
+makes room for its message: one that still waits is never dropped for a sender's (the new one
+is refused). Server code's message drops the user's oldest entries, whoever sent them. Each entry
 has an id, increasing per user (a Redis Stream id, ``"<ms>-<seq>"``; :func:`id_key` orders them)
 and a per-user sequence number ``n`` (1, 2, 3...: a jump tells how many were dropped by a bound).
 The message that reaches the user's channels carries both.
@@ -65,7 +68,7 @@ than the byte bound is not kept.
 
 from __future__ import annotations
 
-__all__ = ["ADDRESS_SHARES", "SENDER_SHARES", "SENDER_SMALL", "BusRefusals", "ClosedWrites",
+__all__ = ["ADDRESS_SHARES", "HISTORY_SHARES", "SENDER_SHARES", "SENDER_SMALL", "BusRefusals", "ClosedWrites",
            "DeliveryCursors", "OutboxLimits", "QueuedMarks", "Stamped", "UserOutbox", "WriteLog", "WrittenRun",
            "address_of", "anonymous_sender", "id_key", "sender_of"]
 
@@ -96,6 +99,10 @@ SENDER_SMALL = 64
 #: each) is held to its address's share, and at least this many addresses are needed to fill
 #: what senders may take.
 ADDRESS_SHARES = 4
+#: A sender has at most this fraction of one user's history waiting (``max_messages`` and
+#: ``max_bytes``): it takes four senders at their share to fill a history, and even then none of
+#: them can push out another's message still waiting (see :meth:`UserOutbox.add`).
+HISTORY_SHARES = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +141,18 @@ class OutboxLimits:
         """Most messages one sender may have waiting: ``max_per_sender``, at most a
         :data:`SENDER_SHARES`-th of ``max_users`` (each may hold a history)."""
         return min(self.max_per_sender, max(1, self.max_users // SENDER_SHARES))
+
+    @property
+    def history_messages(self) -> int:
+        """Most messages one sender may have waiting in one user's history: a
+        :data:`HISTORY_SHARES`-th of ``max_messages`` (at least one)."""
+        return max(1, self.max_messages // HISTORY_SHARES)
+
+    @property
+    def history_bytes(self) -> int:
+        """Most bytes of one sender's messages waiting in one user's history: a
+        :data:`HISTORY_SHARES`-th of ``max_bytes``."""
+        return max(1, self.max_bytes // HISTORY_SHARES)
 
     @property
     def sender_bytes(self) -> int:
@@ -217,11 +236,14 @@ class _History:
     """One user's entries kept (``(id, n, when, frame, sender, address)``, oldest first) and
     marks."""
 
-    __slots__ = ("charged", "droppable", "entries", "lease", "leased", "seq", "size", "written")
+    __slots__ = ("charged", "droppable", "entries", "held", "lease", "leased", "seq", "size",
+                 "written")
 
     def __init__(self) -> None:
         self.entries: deque[_Entry] = deque()
         self.charged = 0  # entries with a sender not written yet (0: nothing to release)
+        # Sender -> its entries here not written yet, and their bytes (its share of the user).
+        self.held: dict[str, list[int]] = {}
         self.droppable = False  # nothing waits: counted in UserOutbox._written_*
         self.size = 0  # bytes of the frames kept
         self.seq = 0  # the last sequence number given
@@ -266,6 +288,9 @@ class UserOutbox:
         self._sender_bytes = limits.sender_bytes
         self._address_messages = limits.address_messages
         self._address_bytes = limits.address_bytes
+        # A sender's share of one user's history (OutboxLimits.history_messages, history_bytes).
+        self._history_messages = limits.history_messages
+        self._history_bytes = limits.history_bytes
         self._small_messages = self._sender_messages // SENDER_SMALL
         self._small_bytes = self._sender_bytes // SENDER_SMALL
         self._little_messages = self._address_messages // SENDER_SMALL
@@ -280,8 +305,9 @@ class UserOutbox:
         #: ``max_total_bytes`` (their entries, all written, counted in ``evicted``); frames not
         #: kept because only entries still waiting for their user could have made room, or
         #: because their sender (or its address) had its share waiting, or held more than a
-        #: little while only the kept fraction was left, or the senders' room was full
-        #: (``refused`` counts both, and ``refused_sender`` the second).
+        #: little while only the kept fraction was left, or the senders' room was full, or (a
+        #: sender's) had its share of the user's history waiting, or found that history full of
+        #: entries waiting (``refused`` counts all, and ``refused_sender`` all but the first).
         self.kept = 0
         self.evicted = 0
         self.users_evicted = 0
@@ -330,16 +356,19 @@ class UserOutbox:
             address: str | None = None) -> int:
         """Append ``frame`` to the user's history, charged to ``sender`` (``None``: to nobody,
         as a send from server code) and to its ``address`` (:func:`address_of`; ``None``: not
-        known); its id, or 0 if it is not kept: larger than ``max_bytes``, ``sender`` has its
-        share waiting (:attr:`OutboxLimits.sender_messages`,
+        known); its id, or 0 if it is not kept: larger than ``max_bytes``,
+        ``sender`` has its share waiting (:attr:`OutboxLimits.sender_messages`,
         :attr:`~OutboxLimits.sender_bytes`), or ``address`` has (:attr:`~OutboxLimits.address_messages`,
         :attr:`~OutboxLimits.address_bytes`), or the entries waiting fill all but server code's
         :data:`SENDER_SHARES`-th of ``max_users`` or ``max_total_bytes``, or all but the next
         such share too and the sender or its address holds more than a :data:`SENDER_SMALL`-th
-        of its share, or there is no room under the process's bounds without dropping entries
-        kept for another user that none of their connections wrote yet (all but the first
-        counted in ``refused``).
-        Drops expired entries, and the user's own oldest beyond the user's bounds."""
+        of its share, or there is no room under the process's bounds
+        without dropping entries kept for another user that none of their connections wrote
+        yet, or (``sender`` given) it has its share of this user's history waiting or the
+        history is full of entries still waiting (:meth:`_history_room`) (all but the first
+        counted in ``refused``; the shares and a full history in ``refused_sender`` too).
+        Drops expired entries, and the user's own oldest beyond the user's bounds (for a
+        ``sender``, only written ones)."""
         limits = self.limits
         users = self._users
         size = len(frame)
@@ -373,6 +402,20 @@ class UserOutbox:
             if history is not None:
                 self._check_written(user_id, history)
             return 0
+        mine = None  # the sender's share of this user's history (inline: every send)
+        if sender is not None:
+            if history is None:
+                if size > self._history_bytes:
+                    return self._refuse(True)
+            else:
+                mine = history.held.get(sender)
+                if (size > self._history_bytes if mine is None else (
+                        mine[0] >= self._history_messages or mine[1] + size > self._history_bytes)) or (
+                        (len(history.entries) >= limits.max_messages
+                         or history.size + size > limits.max_bytes)
+                        and not self._history_room(history, size, cutoff)):
+                    self._check_written(user_id, history)
+                    return self._refuse(True)
         if history is None:
             history = _History()
         else:
@@ -395,6 +438,11 @@ class UserOutbox:
             elif address is not None:
                 self._addresses[address] = [1, size]
             history.charged += 1
+            if mine is None:
+                history.held[sender] = [1, size]
+            else:
+                mine[0] += 1
+                mine[1] += size
         size += history.size
         if len(entries) > limits.max_messages:  # a user at the count bound: the oldest goes
             oldest = entries.popleft()  # inline: every send to such a user comes here
@@ -403,6 +451,7 @@ class UserOutbox:
             if oldest[4] is not None and oldest[0] > history.written:
                 self._release(oldest[4], oldest[5], len(oldest[3]))
                 history.charged -= 1
+                self._unhold(history, oldest[4], len(oldest[3]))
         if size > limits.max_bytes or len(entries) > limits.max_messages or entries[0][2] <= cutoff:
             while entries and (entries[0][2] <= cutoff or len(entries) > limits.max_messages
                                or size > limits.max_bytes):
@@ -420,6 +469,7 @@ class UserOutbox:
         if sender is not None and kid > history.written:
             self._release(sender, address, len(frame))
             history.charged -= 1
+            self._unhold(history, sender, len(frame))
         return len(frame)
 
     def _room(self, size: int, new: bool, sender: str | None, held: list[int] | None,
@@ -439,12 +489,50 @@ class UserOutbox:
                     and not self._little(size, held, place)):
                 self._refuse(True)
                 return False
+
         limits = self.limits
         if (self._total + size > limits.max_total_bytes or (new and len(self._users) >= limits.max_users)) and (
                 not self._make_room(size, new)):
             self._refuse(False)
             return False
         return True
+
+    def _history_room(self, history: _History, size: int, cutoff: float) -> bool:
+        """Whether a message of ``size`` bytes from a client (not server code) may join the
+        user's ``history`` at its bounds (``max_messages``, ``max_bytes``): what the append will
+        drop to keep them, the oldest first, is only entries written or expired. A message still
+        waiting for the user is never dropped for a client's, nor for its own sender's next one
+        (that one was answered kept): the new message is refused instead. The caller checked
+        the sender's share of the history (:attr:`OutboxLimits.history_messages`,
+        :attr:`~OutboxLimits.history_bytes`). Drops nothing; O(1) but for the entries the
+        append then drops (the bytes bound's), each looked at once more."""
+        limits = self.limits
+        entries = history.entries
+        extra = history.size + size - limits.max_bytes
+        if extra <= 0:  # the count bound only: its oldest entry goes, if it may
+            first = entries[0]
+            return first[0] <= history.written or first[2] <= cutoff
+        # The bytes bound: the entries it drops, and the count's (the append drops them).
+        over = len(entries) + 1 - limits.max_messages
+        mark = history.written
+        for kid, _, when, frame, *_ in entries:
+            if over <= 0 and extra <= 0:
+                break
+            if kid > mark and when > cutoff:  # still waiting for the user: not ours
+                return False
+            over -= 1
+            extra -= len(frame)
+        return True
+
+    @staticmethod
+    def _unhold(history: _History, sender: str, size: int) -> None:
+        """A message of ``sender`` of ``size`` bytes no longer waits in ``history``."""
+        held = history.held[sender]
+        if held[0] == 1:
+            del history.held[sender]
+        else:
+            held[0] -= 1
+            held[1] -= size
 
     def _little(self, size: int, held: list[int] | None, place: list[int] | None) -> bool:
         """Whether a sender holding ``held`` from an address holding ``place`` (``None``:
@@ -480,6 +568,7 @@ class UserOutbox:
                 if sender is not None and kid > mark:
                     self._release(sender, address, len(frame))
             history.charged = 0
+            history.held.clear()
 
     def _mark(self, user_id: str, history: _History, kid: int) -> None:
         """Move the user's written mark forward to ``kid``: the entries it passes leave their
@@ -490,6 +579,7 @@ class UserOutbox:
             if history.charged:
                 senders, addresses = self._senders, self._addresses
                 released = 0
+                mine = history.held
                 for entry in reversed(history.entries):
                     if entry[0] <= before:
                         break
@@ -509,6 +599,12 @@ class UserOutbox:
                             else:
                                 held[0] -= 1
                                 held[1] -= len(entry[3])
+                        held = mine[sender]  # and its share of this user's history
+                        if held[0] == 1:
+                            del mine[sender]
+                        else:
+                            held[0] -= 1
+                            held[1] -= len(entry[3])
                         released += 1
                 history.charged -= released
         if not history.droppable:
@@ -731,6 +827,8 @@ class BusRefusals:
         self._senders: dict[str, float] = {}  # sender -> refused until
         self._addresses: dict[str, float] = {}  # address -> refused until
         self._full_until = 0.0
+        # (sender, user) -> refused until: the sender's share of that one user's history.
+        self._histories: dict[tuple[str, str], float] = {}
 
     def __len__(self) -> int:
         return len(self._senders) + len(self._addresses)
@@ -750,19 +848,39 @@ class BusRefusals:
         if address is not None:
             self._remember(self._addresses, address, until)
 
+    def refuse_history(self, sender: str | None, user_id: str, until: float) -> None:
+        """The bus refused ``sender``'s message to ``user_id`` (its share of that user's
+        history, or the history full of messages waiting) until ``until``; its messages to
+        other users are still offered. Server code's (``None``) are never refused so."""
+        if sender is None:
+            return
+        histories = self._histories
+        key = (sender, user_id)
+        histories.pop(key, None)
+        histories[key] = until
+        if len(histories) > self.max_senders:
+            del histories[next(iter(histories))]
+
     def _remember(self, refused: dict[str, float], key: str, until: float) -> None:
         refused.pop(key, None)
         refused[key] = until
         if len(refused) > self.max_senders:
             del refused[next(iter(refused))]
 
-    def keeps(self, sender: str | None, now: float, address: str | None = None) -> bool:
-        """Whether a message charged to ``sender`` from ``address`` may be offered to the bus's
-        outbox now."""
+    def keeps(self, sender: str | None, now: float, address: str | None = None,
+              user_id: str | None = None) -> bool:
+        """Whether a message charged to ``sender`` from ``address`` (for ``user_id``, if known)
+        may be offered to the bus's outbox now."""
         if self._full_until and now < self._full_until:
             return False
         if sender is None:
             return True
+        if self._histories and user_id is not None:
+            until = self._histories.get((sender, user_id))
+            if until is not None:
+                if now < until:
+                    return False
+                del self._histories[sender, user_id]
         if self._senders and not self._still(self._senders, sender, now):
             return False
         return address is None or not self._addresses or self._still(self._addresses, address, now)

@@ -36,8 +36,9 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "logs": frozenset({"ConnectionLogger"}),
     "queue": frozenset({"BURST", "OutboundQueue"}),
     # The per-user history's bookkeeping, shared by the manager and the backplanes.
-    "outbox": frozenset({"ADDRESS_SHARES", "SENDER_SHARES", "SENDER_SMALL", "BusRefusals", "ClosedWrites",
-                         "DeliveryCursors", "QueuedMarks", "Stamped", "WriteLog", "WrittenRun", "address_of",
+    "outbox": frozenset({"ADDRESS_SHARES", "HISTORY_SHARES", "SENDER_SHARES", "SENDER_SMALL", "BusRefusals",
+                         "ClosedWrites", "DeliveryCursors", "QueuedMarks", "Stamped", "WriteLog", "WrittenRun",
+                         "address_of",
                          "anonymous_sender", "id_key", "sender_of"}),
     # Imported from its module, like the [jwt] extra's helpers: it needs the [otel] extra.
     "telemetry": frozenset({"instrument"}),

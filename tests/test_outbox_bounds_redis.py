@@ -296,18 +296,27 @@ async def test_messages_a_users_own_bound_drops_leave_their_senders_count_in_red
     redis_server: RedisServer,
 ) -> None:
     """As in one process, a message dropped by its user's own bound before it was written no
-    longer waits: it leaves its sender's count (and the namespace's). A sender telling an
-    offline user more than its share keeps at most ``outbox_messages`` of them waiting, and
-    every message is kept (the oldest dropped for the newest)."""
+    longer waits: it leaves its sender's count (and the namespace's), and its share of the
+    user's history. A client's message never pushes out one still waiting (its share of the
+    history is a quarter); server code's does (the oldest dropped for the newest)."""
     bus = _Manager(redis_server, ServerConfig())
-    limits = OutboxLimits(max_messages=3, max_per_sender=4)
+    limits = OutboxLimits(max_messages=4, max_per_sender=4)
     async with bus:
         backplane = bus.backplane
-        for i in range(12):
+        for i in range(3):  # one kept (a quarter of 4), the others refused
             await backplane.send_to_user("bob", b'{"i":%d}' % i, None, limits, sender="alice")
         await backplane.flush()
-        assert backplane.stats.outbox_refused == 0 and backplane.keeps("alice")
-        quota = await hash_fields(redis_server, f"{bus.namespace}:outbox-quota:alice")
+        assert backplane.stats.outbox_refused == 2 and backplane.keeps("alice")
+        for i in range(3, 7):  # server code: the last pushes out alice's
+            await backplane.send_to_user("bob", b'{"i":%d}' % i, None, limits)
+        await backplane.flush()
+        assert not await keys(redis_server, f"{bus.namespace}:outbox-quota:alice")
+        assert not any(k.startswith(b"h") for k in await hash_fields(
+            redis_server, f"{bus.namespace}:outbox-meta:bob"))
+        # The history is full of server code's messages, waiting: a client is refused.
+        await backplane.send_to_user("bob", b'{"i":7}', None, limits, sender="alice")
+        await backplane.flush()
+        assert backplane.stats.outbox_refused == 3
         from redis.asyncio import Redis
 
         client = Redis.from_url(redis_server.url)
@@ -316,8 +325,7 @@ async def test_messages_a_users_own_bound_drops_leave_their_senders_count_in_red
                 f"{bus.namespace}:outbox:bob")
         finally:
             await client.aclose()
-        assert len(entries) == 3  # what waits: the newest three, all alice's
-        assert (quota[b"c"], int(quota[b"b"])) == (b"3", sum(len(f[b"d"]) for _, f in entries))
+        assert [f[b"d"].rsplit(b"\n", 1)[-1] for _, f in entries] == [b'{"i":%d}' % i for i in range(3, 7)]
 
 
 async def test_a_full_bus_outbox_keeps_again_once_its_users_read(

@@ -49,7 +49,7 @@ def test_one_sender_takes_at_most_its_share_of_the_bytes_and_everyone_else_is_st
     assert outbox.charged("mallory") == 10 and outbox.charged_bytes("mallory") == 1000
     assert outbox.refused == outbox.refused_sender == 30
     assert outbox.add("made-up-x", b"x", now=1, sender="mallory") == 0  # even one byte more
-    assert outbox.add("bob", b"x" * 900, now=2, sender="alice")
+    assert outbox.add("bob", b"x" * limits.history_bytes, now=2, sender="alice")
     assert outbox.add("carol", b"x" * 900, now=2)  # server code, charged to nobody
     # A message written to its user leaves the sender's bytes: room for one more.
     outbox.ack("made-up-0", kept[0])
@@ -67,7 +67,7 @@ def test_the_last_shares_of_the_bytes_are_for_senders_holding_little_then_server
     """Fourteen senders, each within its share, fill all but the last two 16ths: a fifteenth
     sender of big frames is refused there, while senders holding little are still kept, up to
     all but the last 16th; that one is server code's alone, up to the process's bound."""
-    limits = OutboxLimits(max_messages=10, max_bytes=100, max_age=100, max_total_bytes=16_000)
+    limits = OutboxLimits(max_messages=10, max_bytes=400, max_age=100, max_total_bytes=16_000)
     outbox = UserOutbox(limits)
     for k in range(14):
         assert all(outbox.add(f"u{k}-{i}", b"x" * 100, now=1, sender=f"s{k}") for i in range(10))

@@ -332,18 +332,18 @@ class BrokerBackplane(BusNode):
         raise BackplaneError(f"{self._durable_refusal(sender, len(data))}: the message to the "
                              f"user was not kept")
 
-    def keeps(self, sender: str | None, address: str | None = None) -> bool:
+    def keeps(self, sender: str | None, address: str | None = None, user_id: str | None = None) -> bool:
         # While the spool is in use (the bus down or refusing) or nearly full, the bus's last
         # answer is not the whole story: the sender's share of the spool decides too (a sender
         # holding its share is not offered, as send_to_user would not keep it). The rule of
         # _spool_refuses, by count only, written out: this runs for every kept send.
-        return self.refusals.keeps(sender, time.monotonic(), address) and (
+        return self.refusals.keeps(sender, time.monotonic(), address, user_id) and (
             sender is None or (not self._spooling
                                and self._durable_queued + self._durable_flying < self._spool_near)
             or self._spool_keeps(sender))
 
     def _outbox_refused(self, sender: str | None, bound: str, wait_ms: int,
-                        address: str | None = None) -> None:
+                        address: str | None = None, user_id: str | None = None) -> None:
         """The bus refused to keep a message for ``wait_ms`` more, by a bound of its outbox
         (``bound``): ``"sender"``, the sender's share (its messages, their bytes, or more than
         a little of either once only the outbox's kept last share is left: its next messages are
@@ -351,17 +351,24 @@ class BrokerBackplane(BusNode):
         (none of their next messages is offered until then); ``"bytes"``, the outbox's bytes (no
         message is offered until then); ``"users"``,
         its count of histories (only a message to a user with no history is refused, which
-        this process cannot tell: nothing is remembered). Counted, and logged the first ten
-        times, then at each power of ten."""
+        this process cannot tell: nothing is remembered); ``"history"``, the sender's share of
+        that one user's history, or that history full of messages still waiting (its next
+        messages to that user are not offered until then; to other users they are). Counted,
+        and logged the first ten times, then at each power of ten."""
         if bound == "address":
             self.refusals.refuse_address(address, time.monotonic() + wait_ms / 1000)
+        elif bound == "history":
+            if user_id is not None:
+                self.refusals.refuse_history(sender, user_id, time.monotonic() + wait_ms / 1000)
         elif bound != "users":
             self.refusals.refuse(sender, bound == "bytes", time.monotonic() + wait_ms / 1000)
         self.stats.outbox_refused += 1
         count = self.stats.outbox_refused
         if count <= 10 or _is_power_of_ten(count):
             setting = {"sender": "the sender's share, outbox_per_sender", "bytes": "outbox_total_bytes",
-                       "address": "the share of the senders of one address"}.get(bound, "outbox_users")
+                       "address": "the share of the senders of one address",
+                       "history": "the sender's share of the user's history, outbox_messages and "
+                                  "outbox_bytes"}.get(bound, "outbox_users")
             logger.warning("backplane: the bus's outbox refused to keep a message (%s): it was "
                            "delivered live only (%d so far)", setting, count,
                            extra={"node": self.node_id})

@@ -128,12 +128,13 @@ class Backplane(Protocol):
         for the bus had no room for it (its count or its bytes: see :meth:`keeps`), ``True``
         otherwise."""
 
-    def keeps(self, sender: str | None, address: str | None = None) -> bool:
-        """Whether a message charged to ``sender`` from ``address`` may be offered to the bus's
-        outbox: ``False`` while the bus's last answer said that sender's quota, or that
-        address's, or the outbox as a whole, is exhausted (then the caller sends it without
-        ``keep``), or, while the process's spool is in use (the bus down, or refusing writes),
-        while that sender holds its share of it. Never waits."""
+    def keeps(self, sender: str | None, address: str | None = None, user_id: str | None = None) -> bool:
+        """Whether a message charged to ``sender`` from ``address`` (for ``user_id``, if given)
+        may be offered to the bus's outbox: ``False`` while the bus's last answer said that
+        sender's quota (or its share of that user's history), or that address's, or the outbox
+        as a whole, is exhausted (then the caller sends it without ``keep``), or, while the
+        process's spool is in use (the bus down, or refusing writes), while that sender holds
+        its share of it. Never waits."""
 
     def ack(self, user_id: str, upto: str) -> None:
         """The user's connections here wrote the user's history up to entry ``upto``: move the

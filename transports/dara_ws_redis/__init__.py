@@ -16,8 +16,10 @@ Redis layout (``<ns>`` is the namespace, ``dara-ws`` by default):
 * ``<ns>:outbox:<user_id>``: a Stream, the user's history: every message sent to the user with
   ``send_message_to_user`` (the per-user outbox, :mod:`dara_ws_core.outbox`), trimmed by count,
   bytes and age; ``<ns>:outbox-meta:<user_id>``, a hash: its bytes (``b``), the last number given
-  to the user (``n``) and the written mark (``w``: the last entry written to a connection of
-  the user); both keys expire ``max_age`` after the last message;
+  to the user (``n``), the written mark (``w``: the last entry written to a connection of
+  the user) and, per sender with entries waiting there, their count and bytes (``h:<quota
+  key>``, ``hb:<quota key>``: its share of the history); both keys expire ``max_age`` after the
+  last message;
 * ``<ns>:outbox-lease:<user_id>`` -> ``node\nchannel\nlast``: the new channel delivering the
   entries after the written mark (read, then acknowledge) up to entry ``last``, expiring after
   ``max_age``, void once that channel or its node is gone (``\nlast`` once it settled without
@@ -114,7 +116,7 @@ from dara_ws_core.backplane import BrokerBackplane, Entry, Publication, Routed
 from dara_ws_core.backplane.broker import Kept, Revocation
 from dara_ws_core.backplane.node import BatchRefused
 from dara_ws_core.exceptions import BackplaneError
-from dara_ws_core.outbox import ADDRESS_SHARES, SENDER_SHARES, SENDER_SMALL, OutboxLimits
+from dara_ws_core.outbox import ADDRESS_SHARES, HISTORY_SHARES, SENDER_SHARES, SENDER_SMALL, OutboxLimits
 
 _BATCH = 3000  # directory commands per pipeline round trip
 # The longest a process remembers a refusal of the bus's outbox (its next kept sends are not
@@ -196,6 +198,78 @@ local function release(entries, prefix)
 end
 """
 
+# A sender's share of one user's history (the in-process outbox's rule: UserOutbox.add): the
+# meta hash counts, per sender's counters key q, its entries waiting (field "h:<q>") and their
+# bytes ("hb:<q>"); hold counts one appended, unhold the entries (as XRANGE returns them) that no
+# longer wait (written, or dropped by a bound). history_room says whether a message of ``size``
+# bytes charged to q may join the history: q under its share (a HISTORY-th of ``most`` and
+# ``cap``), and room under the user's bounds made by dropping only entries written or expired
+# (before ``cutoff``), the oldest first: never an entry still waiting, whoever sent it.
+_HISTORY_SHARE = """
+local function hold(meta, q, size)
+  redis.call('HINCRBY', meta, 'h:' .. q, 1)
+  redis.call('HINCRBY', meta, 'hb:' .. q, size)
+end
+local function unhold(entries, meta)
+  local held = {}
+  for _, e in ipairs(entries) do
+    local f = e[2]
+    if f[8] and f[10] ~= '' then
+      local h = held[f[10]]
+      if not h then
+        h = {0, 0}
+        held[f[10]] = h
+      end
+      h[1], h[2] = h[1] + 1, h[2] + #f[2]
+    end
+  end
+  for q, h in pairs(held) do
+    if redis.call('HINCRBY', meta, 'h:' .. q, -h[1]) <= 0 then
+      redis.call('HDEL', meta, 'h:' .. q, 'hb:' .. q)
+    else
+      redis.call('HINCRBY', meta, 'hb:' .. q, -h[2])
+    end
+  end
+end
+local function history_room(stream, meta, q, size, most, cap, cutoff, prefix)
+  local held = redis.call('HMGET', meta, 'h:' .. q, 'hb:' .. q, 'b')
+  if tonumber(held[1] or '0') >= math.max(1, math.floor(most / HISTORY))
+      or tonumber(held[2] or '0') + size > math.max(1, math.floor(cap / HISTORY)) then
+    return false
+  end
+  local count, bytes = redis.call('XLEN', stream), tonumber(held[3] or '0')
+  if count + 1 <= most and bytes + size <= cap then return true end
+  local written = redis.call('HGET', meta, 'w')
+  while count > 0 and (count + 1 > most or bytes + size > cap) do
+    local heads = redis.call('XRANGE', stream, '-', '+', 'COUNT', math.max(count + 1 - most, 1))
+    if #heads == 0 then break end
+    local dropped, waiting, freed, full = {}, {}, 0, false
+    for _, head in ipairs(heads) do
+      if count + 1 <= most and bytes - freed + size <= cap then break end
+      local wait = not written or later(head[1], written)
+      if wait and tonumber(string.match(head[1], '^(%d+)')) > cutoff then
+        full = true
+        break
+      end
+      if wait then waiting[#waiting + 1] = head end
+      dropped[#dropped + 1] = head[1]
+      freed = freed + #head[2][2]
+      count = count - 1
+    end
+    if #dropped > 0 then
+      redis.call('XDEL', stream, unpack(dropped))
+      bytes = redis.call('HINCRBY', meta, 'b', -freed)
+      if #waiting > 0 then
+        release(waiting, prefix)
+        unhold(waiting, meta)
+      end
+    end
+    if full then return false end
+  end
+  return true
+end
+"""
+
 # Record a revocation (KEYS[1], ARGV[1..3]: TTL ms, code, reason; ARGV[6]: when it was asked
 # for, in ms on Redis's clock, as the asking process measured it) and publish it (ARGV[4],
 # ARGV[5]: topic, message) in one step. The record keeps the latest revocation of the target
@@ -218,7 +292,8 @@ return redis.call('PUBLISH', ARGV[4], ARGV[5])
 # user's hash; ARGV[1..3] as above; ARGV[4..7]: the gap ledger key prefix, the user, the ledger's
 # TTL in ms, the channel key prefix. With the outbox on (ARGV[8..10]: most messages, bytes, age
 # in ms; KEYS[2]: the user's history stream, KEYS[3]: its meta hash), the message is first
-# appended to the history (trimmed by count, bytes and age, the oldest first) and published with
+# appended to the history (trimmed by count, bytes and age, the oldest first; for a client's
+# message, only what is written or expired, see history_room) and published with
 # the entry's id and number in its header: returns "<id> <n> <receivers>". Fields of nodes nobody
 # listens for are dropped once their channel key is gone too (a dead node's; a node cut off for
 # less than the expiry keeps them, so that with the outbox off its gap ledger counts every
@@ -249,7 +324,7 @@ return redis.call('PUBLISH', ARGV[4], ARGV[5])
 # failed, part of which may have run), answered as its entry if the user's newest entries hold
 # one with the same k and the same message, not appended twice. Any other match is another
 # message (another life of the node), appended: the search never drops a message.
-_ROUTE_USER = _LATER + _RELEASE + """
+_ROUTE_USER = _LATER + _RELEASE + _HISTORY_SHARE + """
 -- kid: a kept message sent again that the first run appended is answered with that entry.
 local kid, last = nil, 0
 if ARGV[17] then
@@ -320,6 +395,12 @@ if keep then
     end
   end
 end
+-- A client's message: within its share of this user's history, and dropping none still waiting.
+if keep and ARGV[11] ~= '' and not history_room(KEYS[2], KEYS[3], ARGV[11], #ARGV[3],
+    tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    - tonumber(ARGV[10]), ARGV[13]) then
+  keep, refused, wait = false, 'history', RECHECK  -- room comes back as the user reads
+end
 if keep then
   local most, cap, age = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
   -- Count the message in a sender's (or an address's) counters, whose count began at
@@ -351,6 +432,7 @@ if keep then
   kept = redis.call('XADD', KEYS[2], '*', 'd', ARGV[3], 'n', n, 'k', kid or '', 's', slot,
                     'q', ARGV[11], 'p', period or '', 'a', ARGV[11] ~= '' and ARGV[16] or '',
                     'r', place or '')
+  if ARGV[11] ~= '' then hold(KEYS[3], ARGV[11], #ARGV[3]) end
   if kid and tonumber(ARGV[17]) > last then redis.call('HSET', KEYS[3], 'k:' .. ARGV[1], ARGV[17]) end
   local bytes = redis.call('HINCRBY', KEYS[3], 'b', #ARGV[3])
   local count = redis.call('XLEN', KEYS[2])
@@ -378,7 +460,10 @@ if keep then
     if #dropped > 0 then
       redis.call('XDEL', KEYS[2], unpack(dropped))
       bytes = redis.call('HINCRBY', KEYS[3], 'b', -freed)
-      if #waiting > 0 then release(waiting, ARGV[13]) end
+      if #waiting > 0 then
+        release(waiting, ARGV[13])
+        unhold(waiting, KEYS[3])
+      end
     end
   end
   redis.call('PEXPIRE', KEYS[2], age)
@@ -417,7 +502,8 @@ return total
 # A sender's share, an address's, and what holding little is: the in-process outbox's
 # (dara_ws_core.outbox).
 _ROUTE_USER = (_ROUTE_USER.replace("SHARES", str(SENDER_SHARES)).replace("SMALL", str(SENDER_SMALL))
-               .replace("ADDRESSES", str(ADDRESS_SHARES)).replace("RECHECK", str(_RECHECK_MS)))
+               .replace("ADDRESSES", str(ADDRESS_SHARES)).replace("RECHECK", str(_RECHECK_MS))
+               .replace("HISTORY", str(HISTORY_SHARES)))
 
 # Lease a user's history to a channel (read, then acknowledge: see dara_ws_core.outbox): nothing
 # if a live channel holds the lease (its node listening, its channel still registered on it),
@@ -499,7 +585,7 @@ return out
 # the next lease ('\n' .. last). KEYS: the meta hash, the lease, the stream. With ARGV[3] (the
 # window counters' key prefix), the entries the mark passed stop counting toward the outbox's
 # bounds (release), and once nothing after it is left, the user no longer counts as waiting.
-_SETTLE = _LATER + _RELEASE + """
+_SETTLE = _LATER + _RELEASE + _HISTORY_SHARE.replace("HISTORY", str(HISTORY_SHARES)) + """
 local current = redis.call('GET', KEYS[2])
 local holder, last = nil, nil
 if current then
@@ -515,7 +601,9 @@ if ARGV[2] ~= '' and redis.call('EXISTS', KEYS[1]) == 1
   if ARGV[3] then
     local from = '-'
     if written then from = '(' .. written end
-    release(redis.call('XRANGE', KEYS[3], from, ARGV[2]), ARGV[3])
+    local passed = redis.call('XRANGE', KEYS[3], from, ARGV[2])
+    release(passed, ARGV[3])
+    unhold(passed, KEYS[1])
     local slot = redis.call('HGET', KEYS[1], 'u')
     if slot and #redis.call('XRANGE', KEYS[3], '(' .. ARGV[2], '+', 'COUNT', 1) == 0 then
       redis.call('HDEL', KEYS[1], 'u')
@@ -734,7 +822,7 @@ class RedisBackplane(BrokerBackplane):
             elif publication.user_id is not None and isinstance(reply, list):
                 # Refused by a bound of the outbox: {receivers, "sender", "bytes" or "users", ms}.
                 self._outbox_refused(publication.sender, _text(reply[1]), max(int(reply[2]), 0),
-                                     publication.address)
+                                     publication.address, str(publication.user_id))
                 results.append((None, int(reply[0])))
             elif publication.channel_id is None:  # a topic or a user: a count
                 results.append((None, int(reply)))
