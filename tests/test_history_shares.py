@@ -118,9 +118,9 @@ def test_the_buss_refusal_of_a_share_of_one_history_holds_for_that_user_only() -
     offered."""
     refusals = BusRefusals()
     refusals.refuse_history("mallory", "victim", until=5.0)
-    assert not refusals.keeps("mallory", 1.0, "victim")
-    assert refusals.keeps("mallory", 1.0, "other") and refusals.keeps("bob", 1.0, "victim")
+    assert not refusals.keeps("mallory", 1.0, user_id="victim")
+    assert refusals.keeps("mallory", 1.0, user_id="other") and refusals.keeps("bob", 1.0, user_id="victim")
     assert refusals.keeps("mallory", 1.0)  # a caller that does not say the user
-    assert refusals.keeps("mallory", 6.0, "victim")  # over
+    assert refusals.keeps("mallory", 6.0, user_id="victim")  # over
     refusals.refuse_history(None, "victim", until=5.0)
-    assert refusals.keeps(None, 1.0, "victim")  # server code's are never refused so
+    assert refusals.keeps(None, 1.0, user_id="victim")  # server code's are never refused so

@@ -41,8 +41,8 @@ async def test_a_client_flooding_a_user_cannot_flush_another_clients_message_in_
         # offered, and her messages to other users still are.
         assert kept[:2] == [True, True]
         assert 1 <= bus.backplane.stats.outbox_refused <= 6
-        assert not bus.backplane.keeps("mallory", "victim")
-        assert bus.backplane.keeps("mallory", "other") and bus.backplane.keeps("bob", "victim")
+        assert not bus.backplane.keeps("mallory", user_id="victim")
+        assert bus.backplane.keeps("mallory", user_id="other") and bus.backplane.keeps("bob", user_id="victim")
         meta = f"{bus.namespace}:outbox-meta:victim"
         held = {k: int(v) for k, v in (await hash_fields(redis_server, meta)).items()
                 if k.startswith(b"h:")}

@@ -233,7 +233,7 @@ def test_names_minted_at_one_address_share_its_room_and_everyone_else_is_still_k
     assert outbox.address_charged(address) == limits.address_messages - 1
     assert outbox.add("made-up-64-0", b"x", now=2, sender="tok64", address=address)
     # The bytes too: big frames from fresh names stop at a quarter of max_total_bytes.
-    heavy = UserOutbox(OutboxLimits(max_bytes=1000, max_total_bytes=64_000))
+    heavy = UserOutbox(OutboxLimits(max_bytes=4000, max_total_bytes=64_000))  # a 1000-byte quarter
     sent = [heavy.add(f"big-{i}", b"x" * 1000, now=1, sender=f"tok{i // 4}", address=address)
             for i in range(64)]
     assert sum(1 for kid in sent if kid) == 16 and heavy.address_charged_bytes(address) == 16_000
