@@ -724,7 +724,8 @@ class WebsocketManager:
         """Send a request to a channel and return the client's answer.
 
         Raises ``UnknownChannel``, ``RequestTimeout``, ``ConnectionClosed`` (at once when the
-        client disconnects), ``ChunkError``, ``TooManyPendingRequests`` (see the handler's method).
+        client disconnects), ``ChunkError``, ``TooManyPendingRequests`` (see the handler's method),
+        and ``TypeError`` for a ``timeout`` that is not a number or ``None`` (nothing is sent).
         A coroutine to await, as an ``async def`` gives: for a channel of this process, the
         handler's request itself, without one more coroutine around it.
         """
