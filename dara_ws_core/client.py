@@ -225,7 +225,8 @@ class DaraClient:
     ``max_attempts`` counts the attempts since the last connection that stayed up
     ``stable_after`` seconds (default ``backoff_max``). Raises ``ValueError`` for a bound under
     1, an ``open_timeout``, ``send_timeout`` or ``close_timeout`` not above 0, or an ``idle_timeout`` not longer
-    than ``ping_interval``.
+    than ``ping_interval``; ``TypeError`` for a ``connector`` that is not callable (a URL
+    string among them: pass ``lambda: connect(url)``).
     """
 
     def __init__(
@@ -250,6 +251,13 @@ class DaraClient:
         send_timeout: float | None = 10.0,
         close_timeout: float = 5.0,
     ) -> None:
+        if isinstance(connector, str):
+            raise TypeError(
+                "DaraClient takes a connector, a callable returning a connected transport, not a "
+                f"URL: DaraClient(lambda: connect({connector!r})) with connect from "
+                "dara_ws_websockets (or dara_ws_aiohttp)")
+        if not callable(connector):
+            raise TypeError(f"DaraClient's connector must be a callable, not {type(connector).__name__}")
         if min(max_responders, max_queue, max_queue_bytes, max_backlog, max_backlog_bytes,
                max_message_values) < 1:
             raise ValueError("max_responders, max_queue, max_queue_bytes, max_backlog, "

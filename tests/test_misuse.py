@@ -14,7 +14,14 @@ from typing import Any
 
 import pytest
 
-from dara_ws_core import Request
+from dara_ws_core import (
+    DaraClient,
+    Endpoint,
+    MemoryServer,
+    Request,
+    WebsocketManager,
+    allow_anonymous,
+)
 
 from .stacks import Stack
 
@@ -36,3 +43,46 @@ async def test_a_wrong_send_and_wait_timeout_raises_its_own_type_error(make_stac
         async with asyncio.timeout(10):
             assert await stack.manager.send_and_wait(client.channel, {"q": 2}, timeout=5) == 2
         assert asked == [{"q": 2}]
+
+
+# ------------------------------------------------------------------ constructors
+
+
+@pytest.mark.parametrize(("build", "error", "message"), [
+    pytest.param(lambda: WebsocketManager("x"), TypeError, "config must be a ServerConfig, not str",  # type: ignore[arg-type]
+                 id="manager-config"),
+    pytest.param(lambda: Endpoint("x", allow_anonymous()), TypeError,  # type: ignore[arg-type]
+                 "manager must be a WebsocketManager, not str", id="endpoint-manager"),
+    pytest.param(lambda: Endpoint(WebsocketManager(), None), TypeError,  # type: ignore[arg-type]
+                 "authenticator must be a callable", id="endpoint-authenticator"),
+    pytest.param(lambda: Endpoint(WebsocketManager(), allow_anonymous(), path="ws"), ValueError,
+                 "path must start with '/'", id="endpoint-path"),
+    pytest.param(lambda: WebsocketManager().add_ws_handler("x", 5), TypeError,  # type: ignore[arg-type]
+                 "handler for kind 'x' must be a callable", id="handler-not-callable"),
+    pytest.param(lambda: WebsocketManager().add_ws_handler(5, lambda c, d: d), TypeError,  # type: ignore[arg-type]
+                 "kind must be a str, not int", id="handler-kind"),
+    pytest.param(lambda: DaraClient("ws://127.0.0.1:1/api/core/ws"), TypeError,  # type: ignore[arg-type]
+                 r"DaraClient\(lambda: connect\('ws://127.0.0.1:1/api/core/ws'\)\)", id="client-url"),
+    pytest.param(lambda: DaraClient(5), TypeError, "connector must be a callable, not int",  # type: ignore[arg-type]
+                 id="client-connector"),
+])
+def test_a_wrong_argument_is_refused_where_it_is_given(build: Any, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        build()
+
+
+async def test_the_checked_arguments_still_serve(make_stack: Any) -> None:
+    """What the checks let through works end to end: a handler registered, a path given."""
+    async with make_stack() as stack:
+        assert isinstance(stack, Stack)
+        stack.manager.add_ws_handler("echo", lambda channel, data: data)
+        client = await stack.client()
+        async with asyncio.timeout(10):
+            assert await client.request("echo", 7, timeout=5) == 7
+    manager = WebsocketManager()
+    manager.add_ws_handler("echo", lambda channel, data: data)
+    server = MemoryServer(Endpoint(manager, allow_anonymous(), path="/ws"))
+    async with DaraClient(lambda: server.connect("/ws"), ping_interval=None) as client:
+        async with asyncio.timeout(10):
+            assert await client.request("echo", 8, timeout=5) == 8
+    await server.close()
