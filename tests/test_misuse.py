@@ -15,14 +15,18 @@ from typing import Any
 import pytest
 
 from dara_ws_core import (
+    CustomServerMessage,
     DaraClient,
     Endpoint,
     MemoryServer,
     Request,
+    RequestTimeout,
     WebsocketManager,
     allow_anonymous,
 )
+from dara_ws_core import client as client_module
 
+from .helpers import eventually
 from .stacks import Stack
 
 
@@ -85,4 +89,69 @@ async def test_the_checked_arguments_still_serve(make_stack: Any) -> None:
     async with DaraClient(lambda: server.connect("/ws"), ping_interval=None) as client:
         async with asyncio.timeout(10):
             assert await client.request("echo", 8, timeout=5) == 8
+    await server.close()
+
+
+# ------------------------------------------------------------------ the client
+
+
+def _held_replies(manager: WebsocketManager) -> tuple[asyncio.Event, list[Any]]:
+    """A ``held`` handler answering only once the returned event is set; what it was asked."""
+    release = asyncio.Event()
+    asked: list[Any] = []
+
+    async def held(channel: str, data: Any) -> Any:
+        asked.append(data)
+        await release.wait()
+        return data
+
+    manager.add_ws_handler("held", held)
+    return release, asked
+
+
+async def test_a_reply_after_its_request_timed_out_is_dropped_not_pushed(make_stack: Any) -> None:
+    async with make_stack() as stack:
+        assert isinstance(stack, Stack)
+        release, asked = _held_replies(stack.manager)
+        client = await stack.client()
+        async with asyncio.timeout(10):
+            with pytest.raises(RequestTimeout):
+                await client.request("held", 1, timeout=0.05)
+            await eventually(lambda: asked == [1], "the server got the request")
+            release.set()
+            await eventually(lambda: client.late_replies == 1, "the late reply dropped")
+            await stack.manager.send_message(client.channel, {"kind": "after", "data": 2}, custom=True)
+            push = await client.receive(timeout=5)
+        assert isinstance(push, CustomServerMessage)
+        assert (push.message.kind, push.message.response_for) == ("after", None)
+        assert client.received_nowait() == []
+
+
+async def test_the_given_up_requests_are_remembered_within_their_bounds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At most ``_GIVEN_UP_MAX`` ids: the oldest forgotten, their late replies then taken for
+    pushes; past ``_GIVEN_UP_AGE`` none is dropped any more."""
+    monkeypatch.setattr(client_module, "_GIVEN_UP_MAX", 3)
+    manager = WebsocketManager()
+    release, asked = _held_replies(manager)
+    server = MemoryServer(Endpoint(manager, allow_anonymous()))
+    async with DaraClient(server.connect, ping_interval=None) as client, asyncio.timeout(10):
+        for n in range(5):
+            with pytest.raises(RequestTimeout):
+                await client.request("held", n, timeout=0.01)
+        assert len(client._gave_up) == 3
+        await eventually(lambda: len(asked) == 5, "the server got every request")
+        release.set()
+        await eventually(lambda: client.late_replies == 3, "the three newest late replies dropped")
+        pushed = [await client.receive(timeout=5) for _ in range(2)]
+        assert sorted(m.message.data for m in pushed if isinstance(m, CustomServerMessage)) == [0, 1]
+        monkeypatch.setattr(client_module, "_GIVEN_UP_AGE", 0.0)
+        release.clear()
+        with pytest.raises(RequestTimeout):
+            await client.request("held", 9, timeout=0.01)
+        release.set()
+        stale = await client.receive(timeout=5)
+        assert isinstance(stale, CustomServerMessage) and stale.message.data == 9
+        assert client.late_replies == 3
     await server.close()
