@@ -186,12 +186,18 @@ class Chunked:
     """Return this from a responder to answer in ``len(parts)`` chunks.
 
     ``indexed=True`` adds the **[ext]** ``chunk_index``; ``shuffle=True`` sends the indexed parts
-    out of order (for testing servers).
+    out of order (for testing servers). Raises ``ValueError`` for no parts: the protocol's
+    ``chunk_count`` is at least 1, and an answer of no chunk would leave the server waiting
+    for its whole timeout.
     """
 
     parts: Sequence[Any]
     indexed: bool = False
     shuffle: bool = False
+
+    def __post_init__(self) -> None:
+        if not len(self.parts):
+            raise ValueError("Chunked needs at least one part (answer an empty list unchunked)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -669,6 +675,9 @@ class DaraClient:
 
     def _require(self) -> Transport:
         if self._transport is None or self._transport.closed or not self._connected.is_set():
+            if not self.connections:  # a mistake, not a connection lost: say which
+                raise RuntimeError("not connected yet: await connect() first, or use "
+                                   "`async with DaraClient(...)`")
             raise self.last_close or ConnectionClosed(CloseCode.NORMAL, "not connected")
         return self._transport
 
@@ -700,7 +709,8 @@ class DaraClient:
     async def send_custom(self, kind: str, data: Any = None) -> None:
         """Send a fire-and-forget custom message.
 
-        Raises ``ConnectionClosed`` when not connected, or when the server has not taken the
+        Raises ``RuntimeError`` before the first connection (call :meth:`connect`),
+        ``ConnectionClosed`` when no longer connected, or when the server has not taken the
         frame within ``send_timeout`` (the connection is then aborted, see the module doc)."""
         await self._send(
             self._require(), dumps({"type": "custom", "message": {"kind": kind, "data": data}})
@@ -711,9 +721,10 @@ class DaraClient:
 
         ``timeout`` counts from the call: the send of the request (which may wait for a server
         that reads slowly) and the wait for its answer. Raises ``RemoteError`` for an error
-        reply, ``RequestTimeout`` when ``timeout`` ends first, ``ConnectionClosed`` when the
-        connection is lost, including when the request's frame waited ``send_timeout`` (if
-        shorter than ``timeout``) for the server to take it.
+        reply, ``RequestTimeout`` when ``timeout`` ends first, ``RuntimeError`` before the first
+        connection, ``ConnectionClosed`` when the connection is lost, including when the
+        request's frame waited ``send_timeout`` (if shorter than ``timeout``) for the server to
+        take it.
         """
         transport = self._require()
         rchan = uuid.uuid4().hex

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 
 from dara_ws_core import (
+    Chunked,
+    ConnectionClosed,
     CustomServerMessage,
     DaraClient,
     Endpoint,
@@ -155,3 +157,28 @@ async def test_the_given_up_requests_are_remembered_within_their_bounds(
         assert isinstance(stale, CustomServerMessage) and stale.message.data == 9
         assert client.late_replies == 3
     await server.close()
+
+
+async def test_a_client_used_before_connect_says_so(make_stack: Any) -> None:
+    """Before the first connection: a RuntimeError naming ``connect()``, not a close 1000; once
+    connected and closed, the close it had."""
+    async with make_stack() as stack:
+        assert isinstance(stack, Stack)
+        stack.manager.add_ws_handler("echo", lambda channel, data: data)
+        client = DaraClient(stack.connect, ping_interval=None)
+        for call in (lambda: client.request("echo", 1, timeout=5), lambda: client.send_custom("echo", 1),
+                     lambda: client.answer("r", 1), lambda: client.send_raw("{}")):
+            with pytest.raises(RuntimeError, match=r"not connected yet: await connect\(\) first"):
+                await call()
+        async with asyncio.timeout(10):
+            await client.connect()
+            assert await client.request("echo", 1, timeout=5) == 1
+            await client.close()
+            with pytest.raises(ConnectionClosed):
+                await client.request("echo", 2, timeout=5)
+
+
+def test_an_empty_chunked_answer_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least one part"):
+        Chunked([])
+    assert Chunked([None]).parts == [None]
