@@ -46,6 +46,9 @@ default can be changed in the constructor):
   :class:`~dara_ws_core.exceptions.RequestTimeout` comes when it ends, whether the frame is
   still waiting to go out or the answer has not come (a frame given up so stays in the
   library's buffer, and the connection is kept: the next send that waits too long ends it).
+  A reply that arrives after its request timed out or was cancelled is dropped (counted in
+  ``late_replies``), not taken for a push: the last 1,024 requests given up on are remembered,
+  each for 60 s.
 * **Opening**: the connector (the TCP connect and the upgrade handshake) is given at most
   ``open_timeout`` (10 s, as websockets' own default), whatever the connector's library would
   wait, then ``init`` at most ``init_timeout`` (10 s): a server that accepts and never answers
@@ -112,6 +115,10 @@ _VALUE_BYTES = 120
 #: Close codes by which a server refuses this client rather than going away: a reconnection
 #: would meet the same answer, so it waits ``backoff_max`` (see :func:`_reconnect_delay`).
 _REFUSALS = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
+#: The requests given up on (timed out or cancelled) whose late replies are dropped rather than
+#: taken for pushes: at most this many, the oldest forgotten first, each for at most this long.
+_GIVEN_UP_MAX = 1024
+_GIVEN_UP_AGE = 60.0
 
 
 def _charge(frame: str | bytes, values: int) -> int:
@@ -179,12 +186,18 @@ class Chunked:
     """Return this from a responder to answer in ``len(parts)`` chunks.
 
     ``indexed=True`` adds the **[ext]** ``chunk_index``; ``shuffle=True`` sends the indexed parts
-    out of order (for testing servers).
+    out of order (for testing servers). Raises ``ValueError`` for no parts: the protocol's
+    ``chunk_count`` is at least 1, and an answer of no chunk would leave the server waiting
+    for its whole timeout.
     """
 
     parts: Sequence[Any]
     indexed: bool = False
     shuffle: bool = False
+
+    def __post_init__(self) -> None:
+        if not len(self.parts):
+            raise ValueError("Chunked needs at least one part (answer an empty list unchunked)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +238,8 @@ class DaraClient:
     ``max_attempts`` counts the attempts since the last connection that stayed up
     ``stable_after`` seconds (default ``backoff_max``). Raises ``ValueError`` for a bound under
     1, an ``open_timeout``, ``send_timeout`` or ``close_timeout`` not above 0, or an ``idle_timeout`` not longer
-    than ``ping_interval``.
+    than ``ping_interval``; ``TypeError`` for a ``connector`` that is not callable (a URL
+    string among them: pass ``lambda: connect(url)``).
     """
 
     def __init__(
@@ -250,6 +264,13 @@ class DaraClient:
         send_timeout: float | None = 10.0,
         close_timeout: float = 5.0,
     ) -> None:
+        if isinstance(connector, str):
+            raise TypeError(
+                "DaraClient takes a connector, a callable returning a connected transport, not a "
+                f"URL: DaraClient(lambda: connect({connector!r})) with connect from "
+                "dara_ws_websockets (or dara_ws_aiohttp)")
+        if not callable(connector):
+            raise TypeError(f"DaraClient's connector must be a callable, not {type(connector).__name__}")
         if min(max_responders, max_queue, max_queue_bytes, max_backlog, max_backlog_bytes,
                max_message_values) < 1:
             raise ValueError("max_responders, max_queue, max_queue_bytes, max_backlog, "
@@ -312,6 +333,8 @@ class DaraClient:
         self._given_up: ConnectionClosed | None = None
         self._log = ConnectionLogger(logger, {})
         self._pending: dict[str, asyncio.Future[Any]] = {}
+        # Requests given up on, by rchan: when (time.monotonic), oldest first (see _drop_late_reply).
+        self._gave_up: dict[str, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._runner: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
@@ -327,6 +350,8 @@ class DaraClient:
         self.send_stalls = 0
         #: Server requests dropped because the responders and their backlog were full.
         self.requests_dropped = 0
+        #: Replies dropped because they came after their request had timed out or was cancelled.
+        self.late_replies = 0
 
     # ------------------------------------------------------------------ setup
 
@@ -530,8 +555,8 @@ class DaraClient:
             self._channel = message.message.channel
             return
         payload = message.message
-        if isinstance(message, CustomServerMessage):
-            waiter = self._pending.get(payload.response_for or "")
+        if isinstance(message, CustomServerMessage) and payload.response_for is not None:
+            waiter = self._pending.get(payload.response_for)
             if waiter is not None:
                 if not waiter.done():
                     error = message.message.error
@@ -539,6 +564,10 @@ class DaraClient:
                         waiter.set_exception(RemoteError(error.code, error.message))
                     else:
                         waiter.set_result(message.message.data)
+                return
+            gave_up_at = self._gave_up.pop(payload.response_for, None)
+            if gave_up_at is not None and time.monotonic() - gave_up_at < _GIVEN_UP_AGE:
+                self.late_replies += 1  # the caller had its RequestTimeout: not a push
                 return
         if payload.rchan is not None and self._responder is not None:
             if self._closing:  # read after close(): an answer could no longer be sent
@@ -646,6 +675,9 @@ class DaraClient:
 
     def _require(self) -> Transport:
         if self._transport is None or self._transport.closed or not self._connected.is_set():
+            if not self.connections:  # a mistake, not a connection lost: say which
+                raise RuntimeError("not connected yet: await connect() first, or use "
+                                   "`async with DaraClient(...)`")
             raise self.last_close or ConnectionClosed(CloseCode.NORMAL, "not connected")
         return self._transport
 
@@ -677,7 +709,8 @@ class DaraClient:
     async def send_custom(self, kind: str, data: Any = None) -> None:
         """Send a fire-and-forget custom message.
 
-        Raises ``ConnectionClosed`` when not connected, or when the server has not taken the
+        Raises ``RuntimeError`` before the first connection (call :meth:`connect`),
+        ``ConnectionClosed`` when no longer connected, or when the server has not taken the
         frame within ``send_timeout`` (the connection is then aborted, see the module doc)."""
         await self._send(
             self._require(), dumps({"type": "custom", "message": {"kind": kind, "data": data}})
@@ -688,9 +721,10 @@ class DaraClient:
 
         ``timeout`` counts from the call: the send of the request (which may wait for a server
         that reads slowly) and the wait for its answer. Raises ``RemoteError`` for an error
-        reply, ``RequestTimeout`` when ``timeout`` ends first, ``ConnectionClosed`` when the
-        connection is lost, including when the request's frame waited ``send_timeout`` (if
-        shorter than ``timeout``) for the server to take it.
+        reply, ``RequestTimeout`` when ``timeout`` ends first, ``RuntimeError`` before the first
+        connection, ``ConnectionClosed`` when the connection is lost, including when the
+        request's frame waited ``send_timeout`` (if shorter than ``timeout``) for the server to
+        take it.
         """
         transport = self._require()
         rchan = uuid.uuid4().hex
@@ -706,6 +740,22 @@ class DaraClient:
             raise RequestTimeout(f"no reply to {kind!r} within {timeout} s") from None
         finally:
             self._pending.pop(rchan, None)
+            # Timed out or cancelled (the awaited waiter is cancelled with the task, or never
+            # awaited if the send was): its reply may still come.
+            if waiter.cancelled() or not waiter.done():
+                self._drop_late_reply(rchan)
+
+    def _drop_late_reply(self, rchan: str) -> None:
+        """Remember ``rchan`` so that a late reply to it is dropped, within the table's bounds:
+        ``_GIVEN_UP_MAX`` entries, each at most ``_GIVEN_UP_AGE`` seconds."""
+        gave_up = self._gave_up
+        now = time.monotonic()
+        while gave_up:  # oldest first: forget the expired, and one to make room at the bound
+            oldest, at = next(iter(gave_up.items()))
+            if now - at < _GIVEN_UP_AGE and len(gave_up) < _GIVEN_UP_MAX:
+                break
+            del gave_up[oldest]
+        gave_up[rchan] = now
 
     async def answer(self, rchan: str, value: Any) -> None:
         """Answer a server request (a *response* frame), in chunks if ``value`` is ``Chunked``.

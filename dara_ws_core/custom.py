@@ -170,7 +170,13 @@ class CustomHandlerRegistry:
         self.threads = HandlerThreads(_DEFAULT_THREADS)
 
     def register(self, kind: str, func: CustomHandler, *, in_thread: bool = False) -> None:
-        """Register ``func`` for ``kind``; raises ``ValueError`` if the kind is taken."""
+        """Register ``func`` for ``kind``; raises ``ValueError`` if the kind is taken,
+        ``TypeError`` if ``kind`` is not a string or ``func`` not callable."""
+        if not isinstance(kind, str):
+            raise TypeError(f"a handler's kind must be a str, not {type(kind).__name__}")
+        if not callable(func):
+            raise TypeError(f"the handler for kind {kind!r} must be a callable "
+                            f"handler(channel_id, data), not {type(func).__name__}")
         if kind in self._handlers:
             raise ValueError(f"a handler is already registered for kind {kind!r}")
         is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(

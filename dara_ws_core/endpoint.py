@@ -252,7 +252,12 @@ RETRY_AFTER = 5
 
 
 class Endpoint:
-    """Binds a manager and an authenticator into something a transport adapter can serve."""
+    """Binds a manager and an authenticator into something a transport adapter can serve.
+
+    ``path`` is the URL path the adapters serve, starting with ``/``. Raises ``TypeError`` for a
+    manager that is not a :class:`WebsocketManager` or an authenticator that is not callable,
+    ``ValueError`` for a path without its leading ``/``.
+    """
 
     def __init__(
         self,
@@ -261,6 +266,15 @@ class Endpoint:
         *,
         path: str = DEFAULT_PATH,
     ) -> None:
+        # Checked here: each mistake otherwise surfaces later as something else (an
+        # AttributeError, every handshake refused with a traceback, an unparseable URL).
+        if not isinstance(manager, WebsocketManager):
+            raise TypeError(f"Endpoint's manager must be a WebsocketManager, not {type(manager).__name__}")
+        if not callable(authenticator):
+            raise TypeError("Endpoint's authenticator must be a callable, e.g. allow_anonymous() or "
+                            f"token_authenticator(verify), not {type(authenticator).__name__}")
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValueError(f"Endpoint's path must start with '/', e.g. {DEFAULT_PATH!r}, not {path!r}")
         self.manager = manager
         self.authenticator = authenticator
         self.path = path

@@ -703,6 +703,14 @@ class WebSocketHandler(_Hot):
         deadlines = self._deadlines
         if deadlines is None:
             self._deadlines = deadlines = _Deadlines(asyncio.get_running_loop())
+        if timeout is not None:
+            # Reckoned before anything is sent or registered: a wrong timeout fails here, with
+            # nothing to undo (try costs nothing on the path that does not raise).
+            try:
+                at = deadlines.now() + timeout
+            except TypeError:
+                raise TypeError("timeout must be a number of seconds or None, not "
+                                f"{type(timeout).__name__}") from None
         waiter = deadlines.new_future()
         self.connection.open_request(waiter, rchan)
         try:
@@ -719,8 +727,8 @@ class WebSocketHandler(_Hot):
                 # The common path: the frame is out, only the answer is awaited. A deadline the
                 # connection's one timer expires, not an asyncio.timeout scope (an object, two
                 # coroutine calls and a task cancellation to undo) nor a timer handle per request.
+                deadlines.add(waiter, at)  # outside the try: its cleanup removes only what was added
                 try:
-                    deadlines.add(waiter, deadlines.now() + timeout)
                     answer = await waiter
                 finally:
                     del deadlines.pending[waiter]

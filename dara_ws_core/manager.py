@@ -116,6 +116,8 @@ class WebsocketManager:
         backplane: Backplane | None = None,
         on_gap: GapCallback | None = None,
     ) -> None:
+        if config is not None and not isinstance(config, ServerConfig):
+            raise TypeError(f"WebsocketManager's config must be a ServerConfig, not {type(config).__name__}")
         self.config = config or ServerConfig()
         #: ``on_gap(user_id, gap)``: told when a user of this process may have missed messages
         #: while the backplane's subscription was down (see :class:`~dara_ws_core.backplane.Gap`).
@@ -193,7 +195,8 @@ class WebsocketManager:
         handlers still running after their request got its ``timeout`` reply, since a thread
         cannot be stopped, and the last eighth is kept for users holding none; a request that
         finds no thread it may take gets a ``busy`` error reply at once, never waits for one.
-        Raises ``ValueError`` if the kind is taken, or for ``in_thread`` with an async handler.
+        Raises ``ValueError`` if the kind is taken, or for ``in_thread`` with an async handler;
+        ``TypeError`` if ``kind`` is not a string or ``handler`` not callable.
         """
         self.custom_handlers.register(kind, handler, in_thread=in_thread)
 
@@ -724,7 +727,8 @@ class WebsocketManager:
         """Send a request to a channel and return the client's answer.
 
         Raises ``UnknownChannel``, ``RequestTimeout``, ``ConnectionClosed`` (at once when the
-        client disconnects), ``ChunkError``, ``TooManyPendingRequests`` (see the handler's method).
+        client disconnects), ``ChunkError``, ``TooManyPendingRequests`` (see the handler's method),
+        and ``TypeError`` for a ``timeout`` that is not a number or ``None`` (nothing is sent).
         A coroutine to await, as an ``async def`` gives: for a channel of this process, the
         handler's request itself, without one more coroutine around it.
         """
