@@ -301,3 +301,17 @@ async def test_asgi_app_mounted_under_a_prefix_matches_below_root_path(hooked: b
         server.should_exit = True
         await asyncio.wait_for(task, 20)
         sock.close()
+
+
+def test_asgi_answers_a_wrong_path_404_on_uvloop_too() -> None:
+    # uvloop's transports are no asyncio.Transport: the 404 must not depend on finding one.
+    uvloop = pytest.importorskip("uvloop")
+
+    async def status_of_a_wrong_path() -> int:
+        endpoint: Any = EchoEndpoint()  # the stand-in, as the serve fixture passes it
+        async with asgi_serve(endpoint, "127.0.0.1", 0) as server, aiohttp.ClientSession() as session:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as raised:
+                await session.ws_connect(f"ws://127.0.0.1:{server.port}/wrong/path?token=good")
+            return raised.value.status
+
+    assert uvloop.run(status_of_a_wrong_path()) == 404

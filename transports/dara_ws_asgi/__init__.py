@@ -124,14 +124,21 @@ def _socket_of(send: Send) -> asyncio.Transport | None:
     """The asyncio transport behind an ASGI ``send``: uvicorn's is a bound method of its
     protocol, which holds it; Starlette and middleware wrap it in closures, searched a few
     levels deep. ``None`` when not found (another server)."""
+    transport = _behind(send, lambda protocol: getattr(protocol, "transport", None))
+    return transport if isinstance(transport, asyncio.Transport) else None
+
+
+def _behind(send: Send, find: Callable[[Any], Any]) -> Any:
+    """The first non-None ``find(protocol)`` of the objects whose bound method ``send`` is, or
+    wraps in closures (searched a few levels deep); None when there is none."""
     todo: list[Any] = [send]
     for _ in range(32):
         if not todo:
             break
         fn = todo.pop()
-        transport = getattr(getattr(fn, "__self__", None), "transport", None)
-        if isinstance(transport, asyncio.Transport):
-            return transport
+        found = find(getattr(fn, "__self__", None))
+        if found is not None:
+            return found
         for cell in getattr(fn, "__closure__", None) or ():
             with contextlib.suppress(ValueError):  # an empty cell
                 if callable(cell.cell_contents):
@@ -168,10 +175,11 @@ async def _deny(scope: Scope, send: Send, *, not_found: bool = False) -> None:
     extension could do that on any server, but uvicorn's default websockets-sansio then logs a
     spurious ERROR for every rejection, Kludex/uvicorn#3138.)"""
     if scope["type"] == "websocket":
-        if not_found and (socket := _socket_of(send)) is not None:
-            refuse = getattr(socket.get_protocol(), "dara_not_found", None)
-            if refuse is not None and refuse():
-                return
+        # The adapter's uvicorn protocol, on any event loop (uvloop's transports are no
+        # asyncio.Transport, so not through _socket_of).
+        refuse = _behind(send, lambda protocol: getattr(protocol, "dara_not_found", None)) if not_found else None
+        if refuse is not None and refuse():
+            return
         await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
         return
     await send({"type": "http.response.start", "status": 404, "headers": []})
