@@ -20,10 +20,13 @@
 Identity: ?token=NAME (or the dara_session_token cookie) names the user; connections without a
 token are anonymous, which this demo allows explicitly.
 
-`dara-ws probe URL` connects, prints the channel, runs echo and ask, and exits.
+`dara-ws probe URL` connects, prints the channel, runs echo and ask, and exits. It connects with
+whichever client library is installed: websockets (the websockets or asgi extra), else aiohttp.
 
-Mistakes a first run makes (a missing extra, a port in use, no server to probe) end with one line
-on stderr and exit status 2 (cannot run as asked) or 1 (the run failed), not a traceback.
+Mistakes a first run makes (a missing extra, a port out of range, a --host or --redis-url that
+names nothing, a port in use, a probe URL that is not ws:// or finds no endpoint, no server to
+probe) end with one line on stderr and exit status 2 (cannot run as asked) or 1 (the run failed),
+not a traceback.
 """
 
 from __future__ import annotations
@@ -39,8 +42,10 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
+import urllib.parse
 from typing import Any
 
 from dara_ws_core import (
@@ -53,6 +58,7 @@ from dara_ws_core import (
     Identity,
     ServerConfig,
     WebsocketManager,
+    __version__,
     allow_anonymous,
     build_frame,
     connection_cap,
@@ -235,7 +241,10 @@ async def serve(args: argparse.Namespace) -> None:
         except ImportError as exc:
             raise _missing_extra(exc) from None
 
-        backplane = RedisBackplane(args.redis_url)
+        try:
+            backplane = RedisBackplane(args.redis_url)
+        except ValueError as exc:  # no scheme, unknown scheme, bad port
+            raise CLIError(f"--redis-url {args.redis_url}: {exc}", status=2) from None
         manager.backplane = backplane
     endpoint = build_demo(manager)
     stop = asyncio.Event()
@@ -289,9 +298,12 @@ async def _serve(transport: str, endpoint: Endpoint, host: str, port: int, reuse
                 f"cannot listen on {host}:{port}: the address is already in use"
                 " (another dara-ws? choose one with --port)"
             ) from None
-        if exc.errno in (errno.EADDRNOTAVAIL, errno.EACCES):
-            raise CLIError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-        raise
+        if isinstance(exc, socket.gaierror):  # a --host that names no address
+            raise CLIError(f"cannot listen on {host}:{port}: {exc.strerror} (check --host)", status=2) from None
+        # Not available, not allowed, any other refusal of the system: one line, not a traceback.
+        raise CLIError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    except OverflowError as exc:  # a port out of range given through the API, not argparse
+        raise CLIError(f"cannot listen on {host}:{port}: {exc}", status=2) from None
 
 
 @contextlib.asynccontextmanager
@@ -336,15 +348,50 @@ async def _listen(transport: str, endpoint: Endpoint, host: str, port: int, reus
         raise SystemExit(f"unknown transport {transport!r}")
 
 
+def _probe_connector(url: str, timeout: float) -> Any:
+    """A connector for ``url`` from whichever client library is installed: websockets, else aiohttp
+    (picows has no client in this project; the asgi extra brings websockets)."""
+    try:
+        from dara_ws_websockets import connect
+    except ImportError:
+        pass
+    else:
+        return lambda: connect(url, open_timeout=timeout)
+    try:
+        from dara_ws_aiohttp import connect as aio_connect
+    except ImportError:
+        pass
+    else:
+        return lambda: asyncio.wait_for(aio_connect(url), timeout)
+    raise CLIError(
+        'dara-ws probe needs a WebSocket client library: pip install "dara-ws-core[websockets]"'
+        ' (or "dara-ws-core[aiohttp]")', status=2,
+    )
+
+
+def _check_probe_url(url: str) -> None:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018  # raises ValueError for a port out of range
+    except ValueError as exc:
+        raise CLIError(f"{url} is not a URL: {exc}", status=2) from None
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise CLIError(f"{url} is not a WebSocket URL: give ws://HOST:PORT/PATH (or wss://)", status=2)
+
+
+def _handshake_status(exc: BaseException) -> int | None:
+    """The HTTP status a client library's handshake refusal carries (websockets' InvalidStatus,
+    aiohttp's WSServerHandshakeError), or None."""
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None) or getattr(exc, "status", None)
+    return status if isinstance(status, int) else None
+
+
 async def probe(args: argparse.Namespace) -> None:
     from dara_ws_core import DaraClient  # the client side: `serve` never loads it
 
-    try:
-        from dara_ws_websockets import connect
-    except ImportError as exc:
-        raise _missing_extra(exc) from None
-
-    client = DaraClient(lambda: connect(args.url, open_timeout=args.timeout))
+    _check_probe_url(args.url)
+    client = DaraClient(_probe_connector(args.url, args.timeout))
     client.on_request(lambda request: 42)
     try:
         async with client:
@@ -360,17 +407,58 @@ async def probe(args: argparse.Namespace) -> None:
         raise CLIError(f"cannot connect to {args.url}: {reason} (is `dara-ws serve` running?)") from None
     except (ConnectionClosed, DaraWSError) as exc:
         raise CLIError(f"{args.url}: {exc}") from None
+    except Exception as exc:  # the client library's own: a refused handshake, a bad answer
+        status = _handshake_status(exc)
+        if status == 404:
+            raise CLIError(f"{args.url}: HTTP 404, no WebSocket endpoint at this path"
+                           " (the demo's is /api/core/ws)") from None
+        if status is not None:
+            raise CLIError(f"{args.url} refused the handshake with HTTP {status}") from None
+        raise CLIError(f"{args.url}: {type(exc).__name__}: {exc}") from None
+
+
+def _port(text: str) -> int:
+    """argparse type of a TCP port: 0 to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, not {port}")
+    return port
+
+
+def _seconds(text: str) -> float:
+    """argparse type of an interval: a finite number of seconds >= 0 (0: off)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or a positive number of seconds, not {text}")
+    return seconds
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default shown, once: an option whose help explains its default, or whose default is
+    "not given" (None), gets no "(default: ...)" added."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``dara-ws`` command line: plain-text help with every default shown."""
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = _HelpFormatter
     parser = argparse.ArgumentParser(
         prog="dara-ws",
         description="The dara-ws-core demo server and a probe client.",
         epilog="Run `dara-ws serve`, then `dara-ws probe` from another shell. Docs: docs/index.md.",
         formatter_class=formatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,probe}")
     s = sub.add_parser(
         "serve",
@@ -383,18 +471,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
     )
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    s.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    s.add_argument("--port", type=_port, default=8000, help="port to listen on (0: any free port)")
     s.add_argument(
         "--transport", choices=["websockets", "aiohttp", "asgi", "picows"], default="websockets",
         help="adapter to serve with (each needs its extra: pip install \"dara-ws-core[NAME]\")",
     )
-    s.add_argument("--clock", type=float, default=5.0, help="clock push interval in seconds (0: off)")
+    s.add_argument("--clock", type=_seconds, default=5.0, help="clock push interval in seconds (0: off)")
     s.add_argument(
-        "--stats-interval", type=float, default=0.0, metavar="SECONDS",
+        "--stats-interval", type=_seconds, default=0.0, metavar="SECONDS",
         help="print the server's stats (WebsocketManager.stats()) as one JSON line this often (0: off)",
     )
     s.add_argument(
-        "--metrics-port", type=int, default=None, metavar="PORT",
+        "--metrics-port", type=_port, default=None, metavar="PORT",
         help="serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port; needs the"
              " prometheus extra)",
     )

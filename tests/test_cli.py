@@ -170,6 +170,9 @@ def test_help_is_plain_text_and_shows_defaults() -> None:
     assert "(default: 8000)" in serve_help
     assert "(default: websockets)" in serve_help
     assert "(default: 127.0.0.1)" in serve_help
+    assert "(default: None)" not in serve_help  # options whose help explains the default show it once
+    version = _run_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("dara-ws ")
 
 
 @pytest.mark.parametrize(
@@ -261,10 +264,68 @@ def test_probe_on_a_dead_port_says_no_server_answers() -> None:
     assert "connection refused" in line
 
 
-def test_probe_without_websockets_names_the_pip_command() -> None:
-    result = _run_cli("probe", without=("websockets",))
+def test_probe_without_a_client_library_names_the_pip_command() -> None:
+    result = _run_cli("probe", without=("websockets", "aiohttp"))
     assert result.returncode == 2
-    assert 'pip install "dara-ws-core[websockets]"' in _one_line_error(result)
+    line = _one_line_error(result)
+    assert 'pip install "dara-ws-core[websockets]"' in line and '"dara-ws-core[aiohttp]"' in line
+
+
+# Review 19 (6): ordinary mistakes are one line and status 2 (usage) or 1 (the run failed).
+@pytest.mark.parametrize(("args", "names"), [
+    (["serve", "--port", "99999"], "--port"), (["serve", "--port", "-5"], "--port"),
+    (["serve", "--port", "http"], "--port"), (["serve", "--metrics-port", "70000"], "--metrics-port"),
+    (["serve", "--clock", "-1"], "--clock"), (["serve", "--clock", "nan"], "--clock"),
+    (["serve", "--stats-interval", "-2"], "--stats-interval"),
+])
+def test_serve_refuses_options_out_of_range_as_usage_errors(args: list[str], names: str) -> None:
+    result = _run_cli(*args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr, result.stderr
+    assert f"argument {names}:" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(("args", "names"), [
+    (["serve", "--host", "256.1.1.1", "--port", "0", "--clock", "0"], "256.1.1.1"),
+    (["serve", "--host", "no-such-host.invalid", "--port", "0", "--clock", "0"], "--host"),
+    (["serve", "--port", "0", "--redis-url", "127.0.0.1:6391"], "--redis-url"),
+    (["serve", "--port", "0", "--redis-url", "http://127.0.0.1:6391"], "--redis-url"),
+    (["probe", "http://127.0.0.1:8000/api/core/ws"], "not a WebSocket URL"),
+    (["probe", "/api/core/ws"], "not a WebSocket URL"),
+    (["probe", "ws://[::1/api/core/ws"], "not a URL"),
+    (["probe", "ws://127.0.0.1:99999/api/core/ws"], "not a URL"),
+])
+def test_a_host_or_url_that_cannot_work_is_one_line_and_status_2(args: list[str], names: str) -> None:
+    result = _run_cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert names in _one_line_error(result)
+
+
+@pytest.mark.parametrize("client_library", ["websockets", "aiohttp"])
+async def test_probe_uses_whichever_client_library_is_installed_and_says_what_a_404_means(
+    client_library: str,
+) -> None:
+    # Review 19 (6, 7): an [aiohttp]-only install probes too; a wrong path is one line, not a traceback.
+    from dara_ws_aiohttp import serve
+
+    without = ("websockets",) if client_library == "aiohttp" else ("aiohttp",)
+    async with serve(build_demo(), "127.0.0.1", 0) as server:
+        async def run(url: str) -> tuple[int, str, str]:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _RUN_CLI, ",".join(without), "probe", url, "--timeout", "10",
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )
+            out, err = await asyncio.wait_for(process.communicate(), 60)
+            assert process.returncode is not None
+            return process.returncode, out.decode(), err.decode()
+
+        status, out, err = await run(f"ws://127.0.0.1:{server.port}/api/core/ws?token=p")
+        assert status == 0, err
+        assert "ask  -> {'you_answered': 42}" in out
+        status, out, err = await run(f"ws://127.0.0.1:{server.port}/wrong/path")
+    assert status == 1
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("dara-ws: ") and "HTTP 404" in err, err
 
 
 @pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads /proc/<pid>/limits (Linux)")

@@ -391,6 +391,25 @@ async def test_an_unmasked_client_frame_closes_the_connection_with_1002(
 
 # ---------------------------------------------------------------------------- review 6: adapter parity
 
+
+@pytest.mark.parametrize("path", ["/wrong/path", "/api/core/wsx", "/api/core", "/"])
+async def test_an_upgrade_on_a_path_that_is_not_the_endpoints_gets_404_not_a_refusal(
+    socket_stack: Any, path: str
+) -> None:
+    # Review 19 (11): on ASGI a typo in the URL looked like an authentication failure (403).
+    async with socket_stack() as stack:
+        assert stack.port is not None
+        statuses = []
+        for target in (f"{path}?token=mallory:s1", TOKEN_PATH, "/api/core/ws?token=bad"):
+            client = await HostileClient.open(stack.port)
+            try:
+                statuses.append((await client.handshake(target)).status)
+            finally:
+                client.abort()
+        assert statuses == [404, 101, 403]
+
+
+
 _OTHER_PATH = b"GET /other HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 _UNREAD_BODY = b"POST /other HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n"
 

@@ -25,8 +25,8 @@ from starlette.routing import Mount
 
 from dara_ws_aiohttp import AiohttpTransport, connect
 from dara_ws_aiohttp import serve as aiohttp_serve
+from dara_ws_asgi import asgi_app, lifespan, websocket_route
 from dara_ws_asgi import serve as asgi_serve
-from dara_ws_asgi import websocket_route
 from dara_ws_core.auth import Identity
 from dara_ws_core.config import ServerConfig
 from dara_ws_core.endpoint import Admission, ConnectionSlots, Endpoint, Evict
@@ -267,3 +267,51 @@ async def test_asgi_route_serves_the_real_endpoint_mounted_in_starlette() -> Non
         server.should_exit = True
         await task
         sock.close()
+
+
+@pytest.mark.parametrize("hooked", [True, False], ids=["lifespan", "plain-uvicorn"])
+async def test_asgi_app_mounted_under_a_prefix_matches_below_root_path(hooked: bool) -> None:
+    # Review 19 (11): app.mount("/realtime", asgi_app(endpoint)) compared the whole path with
+    # the endpoint's, so it refused every URL. A path that is not the endpoint's gets 404 where
+    # the adapter hooks uvicorn (its lifespan); a plain ASGI server can only answer it 403.
+    endpoint = Endpoint(WebsocketManager(ServerConfig()), lambda request: Identity(user_id="u", session_id="s"))
+    app = Starlette(routes=[Mount("/realtime", app=asgi_app(endpoint))],
+                    lifespan=lifespan(endpoint) if hooked else None)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, lifespan="on" if hooked else "off", log_config=None, log_level="warning")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    base = f"ws://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        async with asyncio.timeout(20):
+            while not server.started:
+                await asyncio.sleep(0.01)
+        transport = await connect(base + "/realtime/api/core/ws")
+        assert json.loads(await receive(transport))["type"] == "init"
+        await transport.close()
+        async with aiohttp.ClientSession() as session:
+            for wrong in ("/realtime/wrong", "/realtime/", "/realtime/api/core/wsx"):
+                with pytest.raises(aiohttp.WSServerHandshakeError) as raised:
+                    await session.ws_connect(base + wrong)
+                assert raised.value.status == (404 if hooked else 403), wrong
+    finally:
+        if not hooked:
+            await endpoint.shutdown()
+        server.should_exit = True
+        await asyncio.wait_for(task, 20)
+        sock.close()
+
+
+def test_asgi_answers_a_wrong_path_404_on_uvloop_too() -> None:
+    # uvloop's transports are no asyncio.Transport: the 404 must not depend on finding one.
+    uvloop = pytest.importorskip("uvloop")
+
+    async def status_of_a_wrong_path() -> int:
+        endpoint: Any = EchoEndpoint()  # the stand-in, as the serve fixture passes it
+        async with asgi_serve(endpoint, "127.0.0.1", 0) as server, aiohttp.ClientSession() as session:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as raised:
+                await session.ws_connect(f"ws://127.0.0.1:{server.port}/wrong/path?token=good")
+            return raised.value.status
+
+    assert uvloop.run(status_of_a_wrong_path()) == 404

@@ -125,14 +125,21 @@ def _socket_of(send: Send) -> asyncio.Transport | None:
     """The asyncio transport behind an ASGI ``send``: uvicorn's is a bound method of its
     protocol, which holds it; Starlette and middleware wrap it in closures, searched a few
     levels deep. ``None`` when not found (another server)."""
+    transport = _behind(send, lambda protocol: getattr(protocol, "transport", None))
+    return transport if isinstance(transport, asyncio.Transport) else None
+
+
+def _behind(send: Send, find: Callable[[Any], Any]) -> Any:
+    """The first non-None ``find(protocol)`` of the objects whose bound method ``send`` is, or
+    wraps in closures (searched a few levels deep); None when there is none."""
     todo: list[Any] = [send]
     for _ in range(32):
         if not todo:
             break
         fn = todo.pop()
-        transport = getattr(getattr(fn, "__self__", None), "transport", None)
-        if isinstance(transport, asyncio.Transport):
-            return transport
+        found = find(getattr(fn, "__self__", None))
+        if found is not None:
+            return found
         for cell in getattr(fn, "__closure__", None) or ():
             with contextlib.suppress(ValueError):  # an empty cell
                 if callable(cell.cell_contents):
@@ -161,12 +168,19 @@ def lifespan(endpoint: Endpoint) -> Callable[[Any], contextlib.AbstractAsyncCont
     return context
 
 
-async def _deny(scope: Scope, send: Send) -> None:
+async def _deny(scope: Scope, send: Send, *, not_found: bool = False) -> None:
     """Refuse a request: 404 for plain HTTP; for a WebSocket, a close before accept, which the
-    ASGI spec makes an HTTP 403 on every server. (The ``websocket.http.response`` extension could
-    add a body, but uvicorn's default websockets-sansio then logs a spurious ERROR for every
-    rejection, Kludex/uvicorn#3138.)"""
+    ASGI spec makes an HTTP 403 on every server. A uvicorn hooked by :func:`hook_uvicorn` (what
+    :func:`serve` and the lifespans run) answers a path that is not the endpoint's
+    (``not_found``) with 404, as the other transports do. (The ``websocket.http.response``
+    extension could do that on any server, but uvicorn's default websockets-sansio then logs a
+    spurious ERROR for every rejection, Kludex/uvicorn#3138.)"""
     if scope["type"] == "websocket":
+        # The adapter's uvicorn protocol, on any event loop (uvloop's transports are no
+        # asyncio.Transport, so not through _socket_of).
+        refuse = _behind(send, lambda protocol: getattr(protocol, "dara_not_found", None)) if not_found else None
+        if refuse is not None and refuse():
+            return
         await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
         return
     await send({"type": "http.response.start", "status": 404, "headers": []})
@@ -182,10 +196,24 @@ def _handshake(scope: Scope) -> HandshakeRequest:
     return HandshakeRequest.build(target, headers, scope.get("client"))
 
 
+def _route_path(scope: Scope) -> str:
+    """The request's path below the application's mount point: ASGI's ``path`` includes
+    ``root_path`` (Starlette's ``Mount``, uvicorn's ``--root-path``), as Starlette reads it."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    rest = path[len(root):]
+    if not root or not path.startswith(root) or rest[:1] not in ("", "/"):
+        return path  # not below root_path ("/realtimeX" is not below "/realtime")
+    return rest
+
+
 class ASGIApp:
     """An ASGI application serving ``endpoint``. WebSocket requests to ``path`` (any path when
-    ``None``, as inside a router) are served; a rejected handshake, or another path, gets HTTP 403
-    before accept; plain HTTP gets 404.
+    ``None``, as inside a router) are served; ``path`` is matched below the mount point
+    (``root_path``: ``app.mount("/realtime", asgi_app(endpoint))`` serves
+    ``/realtime/api/core/ws``), or as the whole path. A rejected handshake gets HTTP 403 before
+    accept; another path gets 404 under a uvicorn hooked by :func:`hook_uvicorn`, elsewhere 403
+    (all ASGI lets a WebSocket refusal be); plain HTTP gets 404.
     """
 
     def __init__(self, endpoint: Endpoint, *, path: str | None = None) -> None:
@@ -201,8 +229,12 @@ class ASGIApp:
             await self.endpoint.shutdown()
             await send({"type": "lifespan.shutdown.complete"})
             return
-        if scope["type"] != "websocket" or self.path not in (None, scope["path"]):
+        if scope["type"] != "websocket":
             await _deny(scope, send)
+            return
+        if self.path is not None and self.path != scope["path"] and self.path != _route_path(scope):
+            if (await receive())["type"] == "websocket.connect":
+                await _deny(scope, send, not_found=True)
             return
         if self.endpoint in scope.get("extensions", {}).get(COUNTED, ()):
             # Under uvicorn hooked by hook_uvicorn, the server counted the socket from its

@@ -16,6 +16,7 @@ import signal
 import socket
 import weakref
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 from typing import Any, cast
 
 try:
@@ -361,6 +362,19 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
                 scope.setdefault("extensions", {})[COUNTED] = slots.endpoints
             if not self.handshake_complete and not self.transport.is_closing():
                 self._dara_deadline = self.loop.call_at(deadline, self._dara_handshake_expired)
+
+        def dara_not_found(self) -> bool:
+            """Refuse the upgrade with 404, as uvicorn refuses one with 403 (a close before
+            accept), for a path that is not the endpoint's; False once too late for an answer.
+            Called by the application, not through ``send``: every frame goes through that."""
+            if self.disconnected or self.handshake_complete or self.initial_response is not None:
+                return False
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": 1006})
+            self.close_sent = self.handshake_complete = True
+            self.conn.send_response(self.conn.reject(HTTPStatus.NOT_FOUND, ""))
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.transport.close()
+            return True
 
         def _dara_handshake_expired(self) -> None:
             # The application has not accepted nor refused in time (the endpoint's own bound
