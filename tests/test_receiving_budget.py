@@ -131,7 +131,7 @@ async def _ping(client: HostileClient) -> str:
 
 @pytest.mark.parametrize("shape", ["fragments", "one-frame"])
 async def test_peers_holding_unfinished_messages_past_the_budget_get_1009_and_a_bystander_is_served(
-    socket_stack: Any, shape: str
+    socket_stack: Any, shape: str, request: pytest.FixtureRequest
 ) -> None:
     # A budget of 1 MiB (64 KiB a user); 24 users each start a 62 KiB message and never finish
     # it: 16 of them fit, the others are closed with 1009 as their bytes come, and the server
@@ -139,7 +139,10 @@ async def test_peers_holding_unfinished_messages_past_the_budget_get_1009_and_a_
     config = ServerConfig(max_receiving_total_bytes=1024 * KiB, ping_interval=None, idle_timeout=None)
     async with socket_stack(config=config) as stack:
         if shape == "one-frame" and stack.transport == "picows":
-            pytest.skip("picows gathers a single frame in its own read buffer (see docs/deployment.md)")
+            # Known limitation, kept visible (a strict xfail turns red the day it holds).
+            request.node.add_marker(pytest.mark.xfail(strict=True, reason=(
+                "picows gathers a single frame in its own read buffer, which the budget does not see "
+                "(see docs/deployment.md)")))
         assert stack.port is not None
         bystander, _ = await open_channel(stack.port, path="/api/core/ws?token=bystander:s1")
         peers = [(await open_channel(stack.port, path=f"/api/core/ws?token=u{i}:s1"))[0] for i in range(24)]
