@@ -311,8 +311,11 @@ class Healthy:
     def violations(self, figures: dict[str, Any]) -> list[str]:
         """What broke the invariant, given :meth:`stop`'s figures (empty: it held)."""
         found = []
-        if figures["max_delay"] > PUSH_BOUND:
-            found.append(f"healthy push delay {figures['max_delay']} s > {PUSH_BOUND} s "
+        # The load as the case ends counts too: a suite that started on a quiet machine may
+        # have others' work beside it by now (the factor is read again, never lowered).
+        bound = round(max(PUSH_BOUND, 1.0 * _load_factor()), 3)
+        if figures["max_delay"] > bound:
+            found.append(f"healthy push delay {figures['max_delay']} s > {bound} s "
                          f"(server late to push {figures['late_send']} s, in transit "
                          f"{figures['transit']} s)")
         if figures["lost"]:
