@@ -85,7 +85,7 @@ if TYPE_CHECKING:
     from .client import Chunked, DaraClient, PushedMessage, Request
     from .memory import MemoryServer, MemoryTransport, memory_pair
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "DEFAULT_PATH",

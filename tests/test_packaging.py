@@ -125,3 +125,12 @@ def test_the_websockets_adapter_refuses_an_older_websockets_naming_what_to_insta
             _check_websockets_version(found)
     else:
         _check_websockets_version(found)
+
+
+def test_the_version_the_package_reports_is_the_one_it_is_built_with() -> None:
+    # `dara-ws --version` and `dara_ws_core.__version__` read a literal (no metadata lookup at
+    # import); it must move with pyproject's, or an installed build names the wrong release.
+    import dara_ws_core
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert dara_ws_core.__version__ == declared
