@@ -6,6 +6,7 @@ Real servers on 127.0.0.1, the stock client, every served transport for the floo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -243,6 +244,35 @@ async def until_gone(redis_server: RedisServer, key: str, field: str | None, wha
         await client.aclose()
 
 
+async def until_released(bus: _Manager, redis_server: RedisServer, key: str, field: str | None,
+                         what: str) -> None:
+    """Wait until what the bus counted for a message sent from here and read is gone from ``key``
+    (or its ``field``): first until the bus answered every send so far, then :func:`until_gone`.
+    A send from here reaches the user's connections here before the bus appends it: a key not
+    there yet is not one released, and looked at then it says nothing (the next message would
+    reach the bus before the acknowledgement of this one)."""
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            await bus.backplane.flush()
+    except TimeoutError:
+        raise AssertionError(f"the bus did not answer within {TIMEOUT} s: {what}") from None
+    await until_gone(redis_server, key, field, what)
+
+
+async def tell_and_read(bus: _Manager, redis_server: RedisServer, alice: Any, bob: Any,
+                        count: int) -> None:
+    """Alice tells bob ``count`` messages of 1 KB (her share of the bytes, and of the messages,
+    holds one), each once bob read the one before and it left her counters: all kept."""
+    quota = f"{bus.namespace}:outbox-quota:alice"
+    text = "x" * 1_000  # a sender's share of the bytes (1,250) holds one such message
+    for i in range(count):
+        assert await alice.request("tell", {"user": "bob", "text": f"{i}{text}"}) is True
+        message = await bob.receive(TIMEOUT)
+        assert isinstance(message, CustomServerMessage)
+        assert message.message.data == f"{i}{text}"
+        await until_released(bus, redis_server, quota, None, f"alice's counters once bob read #{i}")
+
+
 @pytest.mark.parametrize("transport", SERVED)
 async def test_what_users_read_stops_counting_toward_the_outboxs_bounds_in_redis(
     redis_server: RedisServer, transport: str,
@@ -256,23 +286,18 @@ async def test_what_users_read_stops_counting_toward_the_outboxs_bounds_in_redis
     config = ServerConfig(outbox_total_bytes=20_000, outbox_users=16, outbox_per_sender=4)
     bus = _Manager(redis_server, config)
     quota = f"{bus.namespace}:outbox-quota:alice"
-    text = "x" * 1_000  # a sender's share of the bytes (1,250) holds one such message
     async with bus as manager, running_stack(transport, manager=manager) as stack:
         add_tell(manager)
         alice, bob = await stack.client("alice:s1"), await stack.client("bob:s1")
-        for i in range(30):  # 30 KB in all, 7 times the sender's count
-            assert await alice.request("tell", {"user": "bob", "text": f"{i}{text}"}) is True
-            message = await bob.receive(TIMEOUT)
-            assert isinstance(message, CustomServerMessage)
-            assert message.message.data == f"{i}{text}"
-            await until_gone(redis_server, quota, None, f"alice's counters once bob read #{i}")
+        # 30 KB in all, 7 times the sender's count.
+        await tell_and_read(bus, redis_server, alice, bob, 30)
         for i in range(24):  # more users than outbox_users, each reading what was kept for them
             reader = await stack.client(f"reader-{i}:s1")
             assert await manager.send_message_to_user(f"reader-{i}", {"hi": i}) is True
             got = await reader.receive(TIMEOUT)
             assert got.message.model_dump() == {"hi": i}
-            await until_gone(redis_server, f"{bus.namespace}:outbox-meta:reader-{i}", "u",
-                             f"reader-{i} counted once its history is all written")
+            await until_released(bus, redis_server, f"{bus.namespace}:outbox-meta:reader-{i}",
+                                 "u", f"reader-{i} counted once its history is all written")
             await reader.close()
         await bus.backplane.flush()
         assert bus.backplane.stats.outbox_refused == 0
@@ -290,6 +315,48 @@ async def test_what_users_read_stops_counting_toward_the_outboxs_bounds_in_redis
         await until_gone(redis_server, f"{bus.namespace}:outbox-meta:victim", "u",
                          "the victim counted once its new connection wrote its history")
         await until_gone(redis_server, quota, None, "alice's counters once the victim read")
+
+
+async def test_a_message_read_before_the_bus_appended_it_is_waited_for_until_released(
+    redis_server: RedisServer,
+) -> None:
+    """What made the test above fail in CI on a busy machine (2f289a8, alice's second message
+    refused as over her share, her third then told ``False``): bob got alice's message from this
+    process before the bus appended it, so her counters were not there yet, gone at the first
+    look; her next message reached the bus before the acknowledgement of the first. Here the bus
+    answers bob's first kept message only once the test waits on the backplane, or alice's next
+    message is on its way: the wait for what bob read waits for the append, then its release."""
+    bus = _Manager(redis_server, ServerConfig(outbox_total_bytes=20_000, outbox_users=16))
+    backplane = bus.backplane
+    publish, flush, send = backplane._publish_batch, backplane.flush, backplane.send_to_user
+    answer = asyncio.Event()
+    sends: list[bool] = []
+
+    async def late(batch: Any) -> Any:
+        if not answer.is_set() and any(p.keep is not None for p in batch):
+            with contextlib.suppress(TimeoutError):  # bounded: the test fails, never hangs
+                await asyncio.wait_for(answer.wait(), TIMEOUT)
+        return await publish(batch)
+
+    async def waited() -> None:
+        answer.set()
+        await flush()
+
+    async def sent(*args: Any, **kwargs: Any) -> bool:
+        kept = await send(*args, **kwargs)
+        sends.append(kept)
+        if len(sends) > 1:  # queued behind the first: the bus answers both now
+            answer.set()
+        return kept
+
+    async with bus as manager, running_stack("websockets", manager=manager) as stack:
+        backplane._publish_batch, backplane.flush = late, waited  # type: ignore[method-assign]
+        backplane.send_to_user = sent  # type: ignore[method-assign]
+        add_tell(manager)
+        alice, bob = await stack.client("alice:s1"), await stack.client("bob:s1")
+        await tell_and_read(bus, redis_server, alice, bob, 3)
+        await flush()
+        assert answer.is_set() and backplane.stats.outbox_refused == 0
 
 
 async def test_messages_a_users_own_bound_drops_leave_their_senders_count_in_redis(
