@@ -16,6 +16,7 @@ __all__ = ["AiohttpTransport", "Server", "add_route", "connect", "serve"]
 
 import asyncio
 import logging
+import ssl as _ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -194,11 +195,14 @@ class _ServerLog(logging.LoggerAdapter[logging.Logger]):
 
 @asynccontextmanager
 async def serve(
-    endpoint: Endpoint, host: str = "127.0.0.1", port: int = 8000, *, reuse_port: bool = False
+    endpoint: Endpoint, host: str = "127.0.0.1", port: int = 8000, *, reuse_port: bool = False,
+    ssl: _ssl.SSLContext | None = None,
 ) -> AsyncIterator[Server[web.AppRunner]]:
     """Serve ``endpoint`` on ``host:port`` for the duration of the ``async with`` block; yields a
     :class:`~dara_ws_core.Server` whose ``native`` is aiohttp's ``AppRunner``. ``reuse_port``
     listens with ``SO_REUSEPORT``, so that several processes share the port (``--workers``).
+    ``ssl``, a server ``ssl.SSLContext``, serves TLS (``wss://``, the ``url`` says so), as the
+    same argument does on the other transports.
 
     On exit the endpoint shuts down (connections close with 1001) and listening stops. Raises
     ``OSError`` if the address cannot be bound.
@@ -219,10 +223,10 @@ async def serve(
     assert runner.server is not None  # set up
     _count_sockets(runner.server, endpoint)
     try:
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, ssl_context=ssl)
         await site.start()
         port = int(runner.addresses[0][1])
-        yield Server.build(host, port, endpoint.path, runner)
+        yield Server.build(host, port, endpoint.path, runner, secure=ssl is not None)
     finally:
         for listener in runner.sites:
             await listener.stop()
