@@ -95,7 +95,7 @@ from .exceptions import (
     RemoteError,
     RequestTimeout,
 )
-from .logs import ConnectionLogger
+from .logs import ConnectionLogger, _name_of
 from .messages import (
     CustomServerMessage,
     DaraServerMessage,
@@ -633,7 +633,8 @@ class DaraClient:
         except ConnectionClosed:
             pass
         except Exception:
-            logger.exception("responder failed for request %s", request.rchan)
+            logger.exception("responder %s failed for request %s", _name_of(self._responder),
+                             request.rchan)
 
     def _responder_finished(self, task: asyncio.Task[Any]) -> None:
         # A done callback, not a ``finally``: a task cancelled before its first step runs none
