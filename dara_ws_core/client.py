@@ -788,6 +788,20 @@ class DaraClient:
 
     # ------------------------------------------------------------------ closing
 
+    def __repr__(self) -> str:
+        # Never the connector (a URL with a token in it, headers with a cookie): the state.
+        channel = "" if self._channel is None else f" channel={self._channel}"
+        if self._connected.is_set():
+            state = "connected"
+        elif self._closing or (self._runner is not None and self._runner.done()):
+            close = self.last_close
+            state = "closed" if close is None or close.code is None else f"closed ({close.code})"
+        elif self._runner is not None:
+            state = "reconnecting"
+        else:
+            state = "not connected"
+        return f"<DaraClient{channel} {state}>"
+
     @property
     def channel(self) -> str:
         """The channel id of the current (or last) connection; ``RuntimeError`` before the first."""

@@ -161,6 +161,20 @@ class BrokerBackplane(BusNode):
             raise RuntimeError(_NOT_STARTED)
         return self._manager
 
+    def __repr__(self) -> str:
+        if self._manager is None:
+            state = "not started"
+        elif not self._running:
+            state = "stopped"
+        else:
+            state = "connected" if self._connected.is_set() else "disconnected"
+        where = self._where()
+        return f"<{type(self).__name__} {where + ' ' if where else ''}node={self.node_id} {state}>"
+
+    def _where(self) -> str:
+        """What the repr says of the bus (never a password): nothing by default."""
+        return ""
+
     def _check_started(self) -> None:
         """Raise ``RuntimeError`` before :meth:`start`. Every call that publishes or asks the
         bus checks it first: without it, one would drop its message with a warning that the bus
