@@ -82,8 +82,8 @@ CLIENTS: dict[str, Callable[[str, ssl.SSLContext], Awaitable[Transport]]] = {
 }
 
 
-def _endpoint() -> Endpoint:
-    manager = WebsocketManager(ServerConfig())
+def _endpoint(config: ServerConfig | None = None) -> Endpoint:
+    manager = WebsocketManager(config or ServerConfig())
     manager.add_ws_handler("echo", lambda channel_id, data: data)
     return Endpoint(manager, lambda request: Identity(user_id="alice", session_id="s1"))
 
@@ -123,3 +123,29 @@ async def test_without_a_context_the_url_says_ws(adapter: str) -> None:
     serve = importlib.import_module(adapter).serve
     async with serve(_endpoint(), "127.0.0.1", 0) as server:
         assert server.url == f"ws://127.0.0.1:{server.port}/api/core/ws"
+
+
+@pytest.mark.parametrize("adapter", [
+    *(a for a in ADAPTERS if a != "dara_ws_asgi"),
+    pytest.param("dara_ws_asgi", marks=pytest.mark.xfail(
+        strict=True, reason="uvicorn creates its listener itself, with asyncio's 60 s TLS handshake "
+                            "timeout, and has no setting for it")),
+])
+async def test_a_tls_handshake_never_made_is_dropped_after_handshake_timeout(
+    adapter: str, certificate: tuple[Path, Path]
+) -> None:
+    """The socket is counted against max_connections only once its TLS handshake is done: one
+    that never starts it is held no longer than an unfinished WebSocket handshake (asyncio's
+    default would hold it 60 s)."""
+    serve = importlib.import_module(adapter).serve
+    endpoint = _endpoint(ServerConfig(handshake_timeout=0.5))
+    async with serve(endpoint, "127.0.0.1", 0, ssl=server_context(certificate)) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            async with asyncio.timeout(5.0):  # far below 60 s, far above 0.5 s
+                assert await reader.read(1024) == b""
+            assert loop.time() - start >= 0.4
+        finally:
+            writer.close()

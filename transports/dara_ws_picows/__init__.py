@@ -364,6 +364,10 @@ async def serve(
     shuts down gracefully (connections close with 1001), then the listener closes. Raises
     ``OSError`` if the address cannot be bound.
     """
+    if kwargs.get("ssl"):
+        # A TLS handshake comes before the gate counts the socket: bounded as a WebSocket
+        # handshake is (asyncio's default is 60 s), as websockets bounds it with open_timeout.
+        kwargs.setdefault("ssl_handshake_timeout", endpoint.config.handshake_timeout)
     endpoint.open()
     serving = _Serving(endpoint)
     loop = asyncio.get_running_loop()
