@@ -323,7 +323,7 @@ async def _listen(transport: str, endpoint: Endpoint, host: str, port: int, reus
     except ImportError as exc:
         raise _missing_extra(exc) from None
     # SO_REUSEPORT (--workers): every socket transport's serve() takes reuse_port.
-    options = {"reuse_port": True} if reuse_port else {}
+    options: dict[str, Any] = {"reuse_port": True} if reuse_port else {}
     if transport == "websockets":
         from dara_ws_websockets import serve as ws_serve
 

@@ -95,7 +95,7 @@ from .exceptions import (
     RemoteError,
     RequestTimeout,
 )
-from .logs import ConnectionLogger
+from .logs import ConnectionLogger, _name_of
 from .messages import (
     CustomServerMessage,
     DaraServerMessage,
@@ -633,7 +633,8 @@ class DaraClient:
         except ConnectionClosed:
             pass
         except Exception:
-            logger.exception("responder failed for request %s", request.rchan)
+            logger.exception("responder %s failed for request %s", _name_of(self._responder),
+                             request.rchan)
 
     def _responder_finished(self, task: asyncio.Task[Any]) -> None:
         # A done callback, not a ``finally``: a task cancelled before its first step runs none
@@ -786,6 +787,20 @@ class DaraClient:
         self._pending.clear()
 
     # ------------------------------------------------------------------ closing
+
+    def __repr__(self) -> str:
+        # Never the connector (a URL with a token in it, headers with a cookie): the state.
+        channel = "" if self._channel is None else f" channel={self._channel}"
+        if self._connected.is_set():
+            state = "connected"
+        elif self._closing or (self._runner is not None and self._runner.done()):
+            close = self.last_close
+            state = "closed" if close is None or close.code is None else f"closed ({close.code})"
+        elif self._runner is not None:
+            state = "reconnecting"
+        else:
+            state = "not connected"
+        return f"<DaraClient{channel} {state}>"
 
     @property
     def channel(self) -> str:

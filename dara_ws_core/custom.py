@@ -33,7 +33,7 @@ from .auth import Identity, holder_of
 from .config import ServerConfig
 from .connection import CustomReceived, SendFrame, ServerConnection
 from .exceptions import ConnectionClosed, UnknownKind
-from .logs import current_source
+from .logs import _name_of, current_source
 from .stats import Counters
 
 CustomHandler = Callable[[str, Any], Any | Awaitable[Any]]
@@ -255,7 +255,7 @@ def execute_sync(spec: HandlerSpec, received: CustomReceived,
         return _failed(host, spec, received, exc), False
     else:
         host.counters.custom_ok += 1
-        return _reply(host, received, result), True
+        return _reply(host, spec, received, result), True
     finally:
         host.connection.handler_done()
 
@@ -291,8 +291,9 @@ async def execute_async(spec: HandlerSpec, received: CustomReceived, host: Dispa
                 result = await spec.func(host.channel_id, received.data)
     except TimeoutError:
         host.counters.custom_timeout += 1
-        host.log_app_error(logging.WARNING, "custom handler timed out", (spec.kind, "TimeoutError"),
-                           kind=spec.kind)
+        host.log_app_error(logging.WARNING, "custom handler timed out after %.3g s (kind %r, %s)",
+                           (spec.kind, "TimeoutError"), host.config.handler_timeout, spec.kind,
+                           _name_of(spec.func), kind=spec.kind)
         return host.connection.reply_error(received.kind, received.rchan, "timeout",
                                            "the handler timed out"), False
     except Exception as exc:
@@ -300,7 +301,7 @@ async def execute_async(spec: HandlerSpec, received: CustomReceived, host: Dispa
         return _failed(host, spec, received, exc), False
     else:
         host.counters.custom_ok += 1
-        return _reply(host, received, result), True
+        return _reply(host, spec, received, result), True
     finally:
         host.connection.handler_done()
 
@@ -313,22 +314,26 @@ async def deliver(host: DispatchHost, frame: SendFrame | None) -> None:
         with contextlib.suppress(ConnectionClosed):
             await pending
 
-def _reply(host: DispatchHost, received: CustomReceived, result: Any) -> SendFrame | None:
+def _reply(host: DispatchHost, spec: HandlerSpec, received: CustomReceived,
+           result: Any) -> SendFrame | None:
     try:
         return host.connection.encode_reply(received.kind, received.rchan, result)
     except pydantic_core.PydanticSerializationError as exc:
-        host.log_app_error(logging.ERROR, "custom handler returned a value JSON cannot carry",
-                           (received.kind, type(exc).__name__), exc_info=True, kind=received.kind)
+        host.log_app_error(logging.ERROR, "custom handler returned a value JSON cannot carry "
+                           "(kind %r, %s)", (received.kind, type(exc).__name__), received.kind,
+                           _name_of(spec.func), exc_info=True, kind=received.kind)
         return host.connection.reply_error(received.kind, received.rchan, "handler_error",
                                            "the handler's result could not be encoded")
 
 
 def _failed(host: DispatchHost, spec: HandlerSpec, received: CustomReceived,
             exc: Exception) -> SendFrame | None:
-    # The traceback goes to the log with the channel and kind; the wire gets a code only.
+    # The traceback goes to the log with the channel and kind (in the text too, for the default
+    # format, which prints no extra field); the wire gets a code only.
     # Application code failed, not the peer: the record is the application's (its own budget,
     # and the first of each kind and exception type always written).
-    host.log_app_error(logging.ERROR, "custom handler failed", (spec.kind, type(exc).__qualname__),
+    host.log_app_error(logging.ERROR, "custom handler failed (kind %r, %s)",
+                       (spec.kind, type(exc).__qualname__), spec.kind, _name_of(spec.func),
                        exc_info=True, kind=spec.kind)
     return host.connection.reply_error(received.kind, received.rchan, "handler_error",
                                        "the handler failed")

@@ -299,6 +299,11 @@ class Endpoint:
     def connection_count(self) -> int:
         return len(self._connections)
 
+    def __repr__(self) -> str:
+        count = len(self._connections)
+        state = "shut down" if self._closing else "open"
+        return f"<Endpoint {self.path} {state}, {count} connection{'' if count == 1 else 's'}>"
+
     def take_slot(self, address: str | None = None, evict: Evict | None = None) -> Admission:
         """Call when a socket is accepted (or, where the library tells nothing earlier, when its
         handshake starts), with its peer's host (:func:`host_of`), and :meth:`free_slot` with

@@ -265,7 +265,10 @@ class WebSocketHandler(_Hot):
         self.unsent_requests: dict[int, tuple[bytes, asyncio.Future[Any]]] | None = None
 
     def __repr__(self) -> str:
-        return f"<WebSocketHandler {self.channel_id} queued={len(self.queue)}>"
+        user = "anonymous" if self.identity is None else f"user={self.identity.user_id}"
+        close = self.connection.close_reason
+        state = "open" if close is None else f"closed ({close.code})"
+        return f"<WebSocketHandler {self.channel_id} {user} {state} queued={len(self.queue)}>"
 
     # ------------------------------------------------------------------ state
 

@@ -17,6 +17,7 @@ __all__ = ["ConnectionLogger", "quiet_accept_errors"]
 
 import asyncio
 import contextvars
+import functools
 import logging
 import time
 from collections.abc import Mapping, MutableMapping
@@ -27,6 +28,20 @@ from typing import Any
 #: ``Endpoint.client_address`` finds it (set by ``Endpoint.authenticate``; the connection's tasks
 #: inherit it). ``None``: the share of sources that have no address.
 current_source: contextvars.ContextVar[str | None] = contextvars.ContextVar("dara_ws_source", default=None)
+
+
+def _name_of(func: object) -> str:
+    """What a log line calls the application's callable ``func`` (a handler, a responder):
+    ``module.qualname`` (``functools.partial`` and bound methods unwrapped), else its type. In
+    the message text itself, so that the default format names it."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    func = getattr(func, "__func__", func)
+    qualname = getattr(func, "__qualname__", None)
+    if not isinstance(qualname, str):
+        return f"{type(func).__module__}.{type(func).__qualname__} instance"
+    module = getattr(func, "__module__", None)
+    return f"{module}.{qualname}" if isinstance(module, str) else qualname
 
 
 class ConnectionLogger(logging.LoggerAdapter[logging.Logger]):

@@ -186,6 +186,13 @@ class WebsocketManager:
 
     # ------------------------------------------------------------------ handlers
 
+    def __repr__(self) -> str:
+        _, _, users = self.registry.counts()
+        backplane = self.backplane
+        kind = "none" if backplane is None else _kind_of(backplane)
+        return (f"<WebsocketManager {_plural(len(self.handlers), 'connection')}, "
+                f"{_plural(users, 'user')}, backplane={kind}>")
+
     def add_ws_handler(self, kind: str, handler: CustomHandler, *, in_thread: bool = False) -> None:
         """Register a custom message handler ``handler(channel_id, data)`` (Dara's name).
 
@@ -1197,3 +1204,13 @@ def _refused(outbox: UserOutbox, by_sender: bool) -> None:
                        "message was delivered live but not kept (%d so far); raise outbox_users or "
                        "outbox_total_bytes, or rate-limit who sends to users", outbox.users,
                        outbox.total_bytes, count)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _kind_of(backplane: object) -> str:
+    """A backplane's kind for a repr: ``redis`` for ``RedisBackplane``, else its class name."""
+    name = type(backplane).__name__
+    return name.removesuffix("Backplane").lower() if name.endswith("Backplane") and name != "Backplane" else name

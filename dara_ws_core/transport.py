@@ -527,6 +527,10 @@ class Server(Generic[_Native]):
         netloc = f"[{host}]" if ":" in host else host
         return cls(host, port, f"{'wss' if secure else 'ws'}://{netloc}:{port}{path}", native)
 
+    def __repr__(self) -> str:
+        native = type(self.native)
+        return f"<Server {self.url} ({native.__module__}.{native.__qualname__})>"
+
 
 #: Most bytes of ``Cookie`` header parsed and most cookies kept (RFC 6265 section 6.1 asks
 #: browsers for 4096-byte cookies and 50 per domain): the rest is ignored, so an

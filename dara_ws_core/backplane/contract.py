@@ -88,7 +88,10 @@ class Backplane(Protocol):
     """What a :class:`~dara_ws_core.manager.WebsocketManager` needs to reach other processes.
 
     The manager calls the hooks; the application calls :meth:`start` and :meth:`stop`. Frames are
-    ``bytes`` of UTF-8 JSON already encoded once by the manager.
+    ``bytes`` of UTF-8 JSON already encoded once by the manager. Before :meth:`start`, the calls
+    that publish or ask the bus raise ``RuntimeError`` (those of
+    :class:`~dara_ws_core.backplane.BrokerBackplane` do, naming ``start``); the channel hooks and
+    ``attach`` are for connections that may come first.
     """
 
     async def start(self, manager: BackplaneHost) -> None:

@@ -16,6 +16,7 @@ __all__ = ["AiohttpTransport", "Server", "add_route", "connect", "serve"]
 
 import asyncio
 import logging
+import ssl as _ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -192,13 +193,41 @@ class _ServerLog(logging.LoggerAdapter[logging.Logger]):
         super().log(level, msg, *args, **kwargs)
 
 
+class _TLSSite(web.TCPSite):
+    """aiohttp's ``TCPSite`` with the TLS handshake bounded by the endpoint's
+    ``handshake_timeout`` (asyncio's default is 60 s, and aiohttp sets none): the socket is
+    counted against ``max_connections`` only once it is done (see :func:`_count_sockets`), so an
+    unfinished one must not be held longer than an unfinished WebSocket handshake. The same call
+    as ``TCPSite.start``, with the one argument more."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, *, handshake_timeout: float,
+                 **options: Any) -> None:
+        super().__init__(runner, host, port, **options)
+        self._handshake_timeout = handshake_timeout
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner, as TCPSite's does
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
+            ssl_handshake_timeout=self._handshake_timeout,
+        )
+        # What TCPSite.start records since aiohttp 3.12 (its port property reads it).
+        self._bound_port = int(self._server.sockets[0].getsockname()[1])
+
+
 @asynccontextmanager
 async def serve(
-    endpoint: Endpoint, host: str = "127.0.0.1", port: int = 8000, *, reuse_port: bool = False
+    endpoint: Endpoint, host: str = "127.0.0.1", port: int = 8000, *, reuse_port: bool = False,
+    ssl: _ssl.SSLContext | None = None,
 ) -> AsyncIterator[Server[web.AppRunner]]:
     """Serve ``endpoint`` on ``host:port`` for the duration of the ``async with`` block; yields a
     :class:`~dara_ws_core.Server` whose ``native`` is aiohttp's ``AppRunner``. ``reuse_port``
     listens with ``SO_REUSEPORT``, so that several processes share the port (``--workers``).
+    ``ssl``, a server ``ssl.SSLContext``, serves TLS (``wss://``, the ``url`` says so), as the
+    same argument does on the other transports.
 
     On exit the endpoint shuts down (connections close with 1001) and listening stops. Raises
     ``OSError`` if the address cannot be bound.
@@ -219,10 +248,14 @@ async def serve(
     assert runner.server is not None  # set up
     _count_sockets(runner.server, endpoint)
     try:
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
+        if ssl is None:
+            site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
+        else:
+            site = _TLSSite(runner, host, port, reuse_port=reuse_port or None, ssl_context=ssl,
+                            handshake_timeout=config.handshake_timeout)
         await site.start()
         port = int(runner.addresses[0][1])
-        yield Server.build(host, port, endpoint.path, runner)
+        yield Server.build(host, port, endpoint.path, runner, secure=ssl is not None)
     finally:
         for listener in runner.sites:
             await listener.stop()

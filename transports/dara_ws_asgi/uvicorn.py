@@ -14,6 +14,7 @@ import logging
 import math
 import signal
 import socket
+import ssl as _ssl
 import weakref
 from collections.abc import AsyncIterator
 from http import HTTPStatus
@@ -522,11 +523,18 @@ class _Uvicorn(uvicorn.Server):
 
 @contextlib.asynccontextmanager
 async def serve(
-    endpoint: Endpoint, host: str = "127.0.0.1", port: int = 8000, *, reuse_port: bool = False
+    endpoint: Endpoint, host: str = "127.0.0.1", port: int = 8000, *, reuse_port: bool = False,
+    ssl: _ssl.SSLContext | None = None,
 ) -> AsyncIterator[Server[uvicorn.Server]]:
     """Run ``endpoint`` under uvicorn on ``host:port`` for the ``async with`` block; yields a
     :class:`~dara_ws_core.Server` whose ``native`` is the ``uvicorn.Server``. ``reuse_port``
     binds with ``SO_REUSEPORT``, so that several processes share the port (``--workers``).
+
+    ``ssl``, a server ``ssl.SSLContext``, serves TLS (``wss://``, the ``url`` says so): the same
+    argument as on the other transports, where uvicorn's own command line takes files. From
+    those files: ``ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)`` then
+    ``ctx.load_cert_chain(certfile, keyfile)`` (a password, client certificates, ciphers: the
+    context's own methods).
 
     On exit the endpoint shuts down (connections close with 1001), then uvicorn stops. Raises
     ``OSError`` if the address cannot be bound, ``RuntimeError`` if uvicorn stops during startup.
@@ -548,24 +556,28 @@ async def serve(
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     http, ws = _uvicorn_protocols(config.handshake_timeout)
-    server = _Uvicorn(
-        uvicorn.Config(
-            asgi_app(endpoint),
-            http=http[H11Protocol],
-            ws=ws,
-            ws_max_size=config.max_message_size,
-            ws_ping_interval=config.ping_interval,
-            ws_ping_timeout=config.ping_timeout,
-            ws_per_message_deflate=False,
-            # X-Forwarded-For is the endpoint's to read (ServerConfig.forwarded_allow_ips):
-            # uvicorn's own default trusts it from 127.0.0.1, rewriting the client's address.
-            proxy_headers=False,
-            lifespan="off",
-            log_config=None,  # leave the process's logging configuration alone
-            log_level="warning",
-            timeout_graceful_shutdown=math.ceil(config.shutdown_grace),
-        )
+    settings = uvicorn.Config(
+        asgi_app(endpoint),
+        http=http[H11Protocol],
+        ws=ws,
+        ws_max_size=config.max_message_size,
+        ws_ping_interval=config.ping_interval,
+        ws_ping_timeout=config.ping_timeout,
+        ws_per_message_deflate=False,
+        # X-Forwarded-For is the endpoint's to read (ServerConfig.forwarded_allow_ips):
+        # uvicorn's own default trusts it from 127.0.0.1, rewriting the client's address.
+        proxy_headers=False,
+        lifespan="off",
+        log_config=None,  # leave the process's logging configuration alone
+        log_level="warning",
+        timeout_graceful_shutdown=math.ceil(config.shutdown_grace),
     )
+    if ssl is not None:
+        # uvicorn's Config takes files (ssl_certfile...) and makes its context in load(), which
+        # its server runs only on a config not loaded yet: loaded here, the context is ours.
+        settings.load()
+        settings.ssl = ssl
+    server = _Uvicorn(settings)
     server.ready = asyncio.Event()
     hook_uvicorn(endpoint, server)  # SIGTERM: the endpoint shuts down first (1001, not 1012)
     task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -576,7 +588,7 @@ async def serve(
             await task  # re-raises uvicorn's error, if any
             raise RuntimeError("uvicorn stopped during startup")
         port = sock.getsockname()[1]
-        yield Server.build(host, port, endpoint.path, server)
+        yield Server.build(host, port, endpoint.path, server, secure=ssl is not None)
     finally:
         ready.cancel()
         await endpoint.shutdown()

@@ -360,16 +360,21 @@ async def serve(
 
     Yields a :class:`~dara_ws_core.Server` (``port=0`` picks a free port) whose ``native`` is the
     ``asyncio.Server``. Extra keyword arguments go to ``loop.create_server`` (``reuse_port=True``,
-    ``backlog=``). On exit the endpoint shuts down gracefully (connections close with 1001),
-    then the listener closes. Raises ``OSError`` if the address cannot be bound.
+    ``backlog=``, ``ssl=`` a server ``ssl.SSLContext``: then ``wss://``). On exit the endpoint
+    shuts down gracefully (connections close with 1001), then the listener closes. Raises
+    ``OSError`` if the address cannot be bound.
     """
+    if kwargs.get("ssl"):
+        # A TLS handshake comes before the gate counts the socket: bounded as a WebSocket
+        # handshake is (asyncio's default is 60 s), as websockets bounds it with open_timeout.
+        kwargs.setdefault("ssl_handshake_timeout", endpoint.config.handshake_timeout)
     endpoint.open()
     serving = _Serving(endpoint)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: _Gate(serving), host, port, **kwargs)
     try:
         port = int(server.sockets[0].getsockname()[1])
-        yield Server.build(host, port, endpoint.path, server)
+        yield Server.build(host, port, endpoint.path, server, secure=bool(kwargs.get("ssl")))
     finally:
         server.close()
         await endpoint.shutdown()

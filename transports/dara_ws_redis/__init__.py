@@ -89,6 +89,7 @@ __all__ = ["RedisBackplane"]
 import asyncio
 import contextlib
 import hashlib
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -676,6 +677,14 @@ class RedisBackplane(BrokerBackplane):
         }
         self._redis: Redis = Redis.from_url(url, retry=Retry(NoBackoff(), 1), **common)
         self._subscriber: Redis = Redis.from_url(url, retry=Retry(NoBackoff(), 0), **common)
+
+    def _where(self) -> str:
+        # The URL without its password (nor a query, where redis-py also takes one).
+        parts = urllib.parse.urlsplit(self.url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            netloc = "***@" + netloc.rpartition("@")[2]
+        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
     def _ch(self, channel_id: str) -> str:
         return f"{self.namespace}:ch:{channel_id}"
