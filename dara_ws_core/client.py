@@ -119,6 +119,8 @@ _REFUSALS = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
 #: taken for pushes: at most this many, the oldest forgotten first, each for at most this long.
 _GIVEN_UP_MAX = 1024
 _GIVEN_UP_AGE = 60.0
+#: How much of a server's request id a log record carries.
+_LOGGED_ID = 64
 
 
 def _charge(frame: str | bytes, values: int) -> int:
@@ -632,9 +634,14 @@ class DaraClient:
             await self.answer(request.rchan, answer)
         except ConnectionClosed:
             pass
-        except Exception:
-            logger.exception("responder %s failed for request %s", _name_of(self._responder),
-                             request.rchan)
+        except Exception as exc:
+            # The server chooses what a responder fails on, as often as it likes, and the id
+            # (any text as long as a frame, newlines included): within the budget of
+            # application failures (the first of each kind always written), its id cut and
+            # escaped, so that a server can neither flood the log nor forge lines in it.
+            self._log.app_error(logging.ERROR, "responder %s failed for request %r",
+                                ("responder", type(exc).__name__), _name_of(self._responder),
+                                request.rchan[:_LOGGED_ID], exc_info=True)
 
     def _responder_finished(self, task: asyncio.Task[Any]) -> None:
         # A done callback, not a ``finally``: a task cancelled before its first step runs none

@@ -63,6 +63,14 @@ class ServerConfig:
     #: Outbound queue bound per channel, in frames and in bytes.
     max_queue_messages: int = 4096
     max_queue_bytes: int = 16 * MiB
+    #: Bytes queued for every connection of the process together (a frame queued for many
+    #: connections counts for each). Once the queues hold this much, a queue is full past a
+    #: 256th of it (1 MiB) for the frames that would take it further, so the slow-consumer
+    #: policy applies to it there: without it, clients that read nothing and keep asking for
+    #: replies made the process hold ``max_queue_bytes`` for each of their connections (20 such
+    #: connections: about 400 MiB more RSS). A connection whose queue holds less, a reader
+    #: keeping up, is never affected.
+    max_queued_total_bytes: int = 256 * MiB
     slow_consumer_policy: SlowConsumerPolicy = SlowConsumerPolicy.WAIT
     #: With ``WAIT``: how long a sender waits for room before the client is disconnected (1013).
     send_timeout: float | None = 10.0
@@ -244,6 +252,7 @@ class ServerConfig:
 
 
 _COUNTS_FROM_1 = ("max_message_size", "max_message_values", "max_queue_messages", "max_queue_bytes",
+                  "max_queued_total_bytes",
                   "max_pending_requests", "max_chunks", "max_chunked_bytes", "max_chunked_values",
                   "max_chunked_total_bytes", "max_chunked_total_values", "max_receiving_total_bytes",
                   "max_handler_tasks", "handler_threads",

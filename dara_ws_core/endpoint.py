@@ -402,8 +402,11 @@ class Endpoint:
                 identity = await run_authenticator(self.authenticator, request)
         except TimeoutError as exc:
             counters.count(counters.handshakes_rejected, "timeout")
-            _handshake_log(request).warning("handshake rejected: the authenticator took over %.3g s",
-                                            self.config.handshake_timeout / 2)
+            # The application's failures, which a peer may hit with every handshake: the first
+            # of each always written, then within the budget of application failures.
+            _handshake_log(request).app_error(
+                logging.WARNING, "handshake rejected: the authenticator took over %.3g s",
+                _AUTHENTICATOR_TIMEOUT, self.config.handshake_timeout / 2)
             raise AuthenticationFailed("authenticator timed out") from exc
         except AuthenticationFailed as exc:
             counters.count(counters.handshakes_rejected, "auth")
@@ -411,7 +414,8 @@ class Endpoint:
             raise
         except Exception as exc:
             counters.count(counters.handshakes_rejected, "error")
-            _handshake_log(request).exception("authenticator failed")
+            _handshake_log(request).app_error(logging.ERROR, "authenticator failed",
+                                              (_AUTHENTICATOR, type(exc).__name__), exc_info=True)
             raise AuthenticationFailed("authenticator error") from exc
         if identity.address is not None:  # the authenticator knows better
             current_source.set(source := address_key(identity.address))
@@ -564,6 +568,12 @@ class Endpoint:
         if telemetry is not None:  # the sampled operations' deferred SDK work, before the loop ends
             telemetry.flush()
         self.manager.custom_handlers.threads.shutdown()  # the in_thread handlers' pool
+
+
+#: The authenticator's failures, as application failures (``ConnectionLogger.app_error``), keyed
+#: apart from the handlers' kinds.
+_AUTHENTICATOR = "<authenticator>"
+_AUTHENTICATOR_TIMEOUT = (_AUTHENTICATOR, "timeout")
 
 
 #: Refusals for a full process, written as one connection's peer records: the first ten, then

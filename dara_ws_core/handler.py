@@ -224,10 +224,12 @@ class WebSocketHandler(_Hot):
         )
         telemetry = counters.telemetry
         if telemetry is not None:  # a queue and sink that time outbound frames (telemetry_hooks)
-            self.queue: OutboundQueue = telemetry.queue(config.max_queue_messages, config.max_queue_bytes)
+            self.queue: OutboundQueue = telemetry.queue(config.max_queue_messages, config.max_queue_bytes,
+                                                        config.max_queued_total_bytes)
             sink = telemetry.sink(sink)
         else:
-            self.queue = OutboundQueue(config.max_queue_messages, config.max_queue_bytes)
+            self.queue = OutboundQueue(config.max_queue_messages, config.max_queue_bytes,
+                                       config.max_queued_total_bytes)
         # init is queued before the channel becomes reachable, so it is always the first frame.
         init = self.connection.init_frame
         self.queue.offer(init)

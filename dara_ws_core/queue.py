@@ -5,11 +5,17 @@ producers that may wait call :meth:`put`. One consumer, the connection's send lo
 :meth:`get`. The byte bound applies to the backlog a frame joins: a frame is taken while fewer
 than ``max_bytes`` are queued, whatever its own size, so a big message is delayed by backlog,
 never refused for its size, and a queue holds at most ``max_bytes`` plus one frame.
+
+Every queue of the process counts its bytes into :data:`PROCESS_QUEUED` as well. A queue given
+``max_total`` is full for a frame that would take it past a 256th of that bound
+(:data:`TOTAL_SHARES`) while the process's queues hold ``max_total`` together: so connections
+that do not read, each within its own bounds, cannot together make the process hold what none
+may alone; a queue holding less, a reader keeping up, is never affected.
 """
 
 from __future__ import annotations
 
-__all__ = ["BURST", "OutboundQueue"]
+__all__ = ["BURST", "PROCESS_QUEUED", "TOTAL_SHARES", "OutboundQueue", "QueuedBytes"]
 
 import asyncio
 import time
@@ -21,6 +27,25 @@ from .exceptions import ConnectionClosed
 #: How far past its bounds a fan-out may fill a queue (:meth:`OutboundQueue.take_burst`), as a
 #: multiple of them.
 BURST = 4
+
+#: While the process's queues hold ``max_total`` together, a queue is full past this fraction of
+#: it (1 MiB of the default 256 MiB): what each connection may still hold then.
+TOTAL_SHARES = 256
+
+
+class QueuedBytes:
+    """Bytes queued in every outbound queue of the process together. A frame queued for many
+    channels (a fan-out's) counts once for each: an upper bound of what the queues hold.
+    Counted by the queues of one event loop: nothing here is locked."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+
+#: The tally every :class:`OutboundQueue` counts into: the process's.
+PROCESS_QUEUED = QueuedBytes()
 
 #: Never appended to: see ``OutboundQueue.__init__``.
 _SHARED_EMPTY: deque[Any] = deque(maxlen=0)
@@ -34,12 +59,17 @@ _CALM: dict[OutboundQueue, list[asyncio.Future[None]]] = {}
 class OutboundQueue:
     """FIFO of encoded frames with a frame-count and a byte bound."""
 
-    __slots__ = ("_bytes", "_closed", "_frames", "_full_since", "_getter", "_putters", "dropped",
-                 "max_bytes", "max_messages")
+    __slots__ = ("_bytes", "_closed", "_floor", "_frames", "_full_since", "_getter", "_putters", "dropped",
+                 "max_bytes", "max_messages", "max_total")
 
-    def __init__(self, max_messages: int, max_bytes: int) -> None:
+    def __init__(self, max_messages: int, max_bytes: int, max_total: int | None = None) -> None:
+        """``max_total``: the bytes of every queue of the process together past which this one
+        takes no frame that would take it past ``max_total // TOTAL_SHARES`` (``None``: none)."""
         self.max_messages = max_messages
         self.max_bytes = max_bytes
+        self.max_total = max_total
+        # What this queue may hold while the process's queues are over max_total.
+        self._floor = max_bytes if max_total is None else max_total // TOTAL_SHARES
         # Most channels never queue (frames go straight to the socket) and never have a waiting
         # producer, so both deques start as one shared empty deque, replaced on first append:
         # about 1.5 KB less per idle connection.
@@ -56,6 +86,12 @@ class OutboundQueue:
 
     def __len__(self) -> int:
         return len(self._frames)
+
+    def __del__(self) -> None:
+        # A queue dropped without close() (a test's, an application's own) gives back its bytes:
+        # the process's tally never keeps what no queue holds.
+        if not self._closed:
+            PROCESS_QUEUED.bytes -= self._bytes
 
     @property
     def nbytes(self) -> int:
@@ -77,13 +113,22 @@ class OutboundQueue:
         # of a message near ``max_message_size``, its default) filled the whole bound, and a
         # reader still taking in the previous one counted as slow: disconnected, though reading.
         # A queue holds at most ``max_bytes`` plus one frame.
-        return not self._frames or (len(self._frames) < self.max_messages and self._bytes < self.max_bytes)
+        # While every queue together holds max_total, a queue is full past its floor: connections
+        # that read nothing and keep asking for replies (each within its own bounds) no longer
+        # add up without bound. A sender waiting on it is woken as its own reader drains it.
+        if not self._frames:
+            return True
+        queued = self._bytes
+        return (len(self._frames) < self.max_messages and queued < self.max_bytes
+                and (queued + size <= self._floor or self.max_total is None
+                     or PROCESS_QUEUED.bytes < self.max_total))
 
     def _append(self, frame: bytes) -> None:
         if self._frames is _SHARED_EMPTY:
             self._frames = deque()
         self._frames.append(frame)
         self._bytes += len(frame)
+        PROCESS_QUEUED.bytes += len(frame)
         getter = self._getter
         if getter is not None and not getter.done():
             getter.set_result(None)
@@ -168,6 +213,7 @@ class OutboundQueue:
         while not self._fits(size):
             old = self._frames.popleft()
             self._bytes -= len(old)
+            PROCESS_QUEUED.bytes -= len(old)
             dropped += 1
             if discarded is not None:
                 discarded.append(old)
@@ -237,6 +283,7 @@ class OutboundQueue:
         frames = self._frames
         frame = frames.popleft()
         self._bytes -= len(frame)
+        PROCESS_QUEUED.bytes -= len(frame)
         if not frames:
             # Drained: the deque goes back to the shared empty one, so a channel that queued
             # only its init frame (then writes straight to the socket) holds none while idle.
@@ -255,6 +302,7 @@ class OutboundQueue:
             return
         self._closed = True
         self._frames.clear()
+        PROCESS_QUEUED.bytes -= self._bytes
         self._bytes = 0
         if self._getter is not None and not self._getter.done():
             self._getter.set_result(None)

@@ -477,9 +477,9 @@ class DaraTelemetry:
 
     # ------------------------------------------------------------------ outbound
 
-    def queue(self, max_messages: int, max_bytes: int) -> OutboundQueue:
+    def queue(self, max_messages: int, max_bytes: int, max_total: int | None = None) -> OutboundQueue:
         """The outbound queue of a new connection: one that counts and samples its frames."""
-        return TimedQueue(self, max_messages, max_bytes)
+        return TimedQueue(self, max_messages, max_bytes, max_total)
 
     def sink(self, sink: Sink | None) -> Sink | None:
         """The sink of a new connection, wrapped to count the frames it writes at once."""
@@ -798,8 +798,9 @@ class TimedQueue(OutboundQueue):
 
     __slots__ = ("_removed", "_sending", "_stamps", "_telemetry")
 
-    def __init__(self, telemetry: DaraTelemetry, max_messages: int, max_bytes: int) -> None:
-        super().__init__(max_messages, max_bytes)
+    def __init__(self, telemetry: DaraTelemetry, max_messages: int, max_bytes: int,
+                 max_total: int | None = None) -> None:
+        super().__init__(max_messages, max_bytes, max_total)
         self._telemetry = telemetry
         #: Frames removed (taken or dropped) since the queue last began stamping: a position.
         self._removed = 0

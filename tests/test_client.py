@@ -17,6 +17,9 @@ import functools
 import itertools
 import json
 import logging
+import os
+import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -36,6 +39,7 @@ from dara_ws_core import (
 )
 from dara_ws_core.client import _charge, _reconnect_delay
 from dara_ws_core.codec import count_json_values
+from dara_ws_core.logs import APP_RECORDS
 from dara_ws_core.memory import memory_pair
 
 from .helpers import eventually
@@ -43,6 +47,8 @@ from .stacks import Stack
 
 Handler = Callable[[ServerConnection], Awaitable[None]]
 INIT = json.dumps({"type": "init", "message": {"channel": "c"}})
+#: Seeds the randomised hostile servers below; replay a failure with DARA_HOSTILE_SEED=<seed>.
+SEED = int(os.environ.get("DARA_HOSTILE_SEED", random.randrange(2**32)))
 
 
 @pytest.fixture(params=["websockets", "aiohttp"])
@@ -213,6 +219,53 @@ async def test_at_the_cap_replies_pushes_and_pongs_are_still_read(client_adapter
         finally:
             await client.close()
         assert not client._backlog and client._backlog_bytes == 0
+
+
+def _hostile_rchan(rng: random.Random) -> str:
+    """A request id as a hostile server may choose it: long, with newlines, escapes and a forged
+    log line."""
+    alphabet = "ab\n\r\t\x1b[31m\u2028\x00\u00e9"
+    noise = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 200)))
+    return noise + "\n2026-01-01 00:00:00 ERROR forged record" + "x" * rng.randrange(0, 64 * 1024)
+
+
+async def test_a_responder_failing_on_a_flood_of_requests_logs_within_a_budget_and_no_id_verbatim(
+    client_adapter: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A hostile server chooses what makes an application's responder fail, as often as it likes,
+    # and the request ids the client would log: the records stay within the budget of
+    # application failures, each on one line of bounded length.
+    rng = random.Random(f"{SEED}-{client_adapter}")
+    count = 600
+    frames = [json.dumps({"type": "message", "message": {"__rchan": _hostile_rchan(rng)}})
+              for _ in range(count)]
+    calls = 0
+
+    def responder(request: Request) -> Any:
+        nonlocal calls
+        calls += 1
+        raise ValueError("the application cannot answer this")
+
+    caplog.set_level(logging.ERROR, logger="dara_ws_core.client")
+    started = time.monotonic()
+    async with hostile(_sends_then_pongs(frames), client_adapter) as connect:
+        client = DaraClient(connect, ping_interval=None)
+        client.on_request(responder)
+        await client.connect()
+        try:
+            await eventually(lambda: calls == count, "every request handed to the responder")
+        finally:
+            await client.close()
+    elapsed = time.monotonic() - started
+    records = [r for r in caplog.records if r.name == "dara_ws_core.client"]
+    budget = 1 + APP_RECORDS.burst + APP_RECORDS.rate * elapsed
+    seen = f"seed {SEED}: {len(records)} records for {count} failures in {elapsed:.1f} s"
+    assert records, seen  # the failure is reported
+    assert len(records) <= budget, f"{seen}, over {budget:.0f}"
+    for record in records:
+        message = record.getMessage()
+        # One line (the forged one stays inside it, escaped) of bounded length.
+        assert not {"\n", "\r", "\u2028"} & set(message) and len(message) < 512, (seen, message[:200])
 
 
 @pytest.mark.parametrize("bound", ["count", "bytes"])

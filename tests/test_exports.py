@@ -34,7 +34,7 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
                         "decode_answer", "dumps", "utf8_size_exceeds"}),
     "messages": frozenset({"InitPayload", "TypedPayload"}),
     "logs": frozenset({"ConnectionLogger"}),
-    "queue": frozenset({"BURST", "OutboundQueue"}),
+    "queue": frozenset({"BURST", "PROCESS_QUEUED", "TOTAL_SHARES", "OutboundQueue", "QueuedBytes"}),
     # The per-user history's bookkeeping, shared by the manager and the backplanes.
     "outbox": frozenset({"ADDRESS_SHARES", "HISTORY_SHARES", "SENDER_SHARES", "SENDER_SMALL", "BusRefusals",
                          "ClosedWrites", "DeliveryCursors", "QueuedMarks", "Stamped", "WriteLog", "WrittenRun",

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from dara_ws_core import ServerConfig, logs
+from dara_ws_core import Authenticator, HandshakeRequest, Identity, ServerConfig, logs
 
 from .hostile import (
     BINARY,
@@ -32,7 +32,7 @@ from .hostile import (
     handshake_request,
     open_channel,
 )
-from .stacks import TRANSPORTS, running_stack
+from .stacks import TRANSPORTS, running_stack, verify_token
 
 SOCKETS = sorted(t for t in TRANSPORTS if t != "memory")
 CONNECTIONS = 30  # of each kind: more than every bound below
@@ -126,3 +126,45 @@ async def test_a_flood_of_bad_input_from_many_connections_logs_within_the_limits
     assert bound < CONNECTIONS
     example = f"{records[0].name}: {records[0].getMessage()}" if records else ""
     assert len(records) <= bound, f"{len(records)} records {dict(+per_kind)}, e.g. {example}"
+
+
+def _breaks_on(token: str) -> Authenticator:
+    """The test stack's authenticator, and a bug of the application's: a verifier that raises
+    (not ``AuthenticationFailed``) for one token a peer may send as often as it likes."""
+
+    async def authenticate(request: HandshakeRequest) -> Identity:
+        if request.query.get("token") == token:
+            raise KeyError("the application's bug")
+        return verify_token(request.query.get("token", ""))
+
+    return authenticate
+
+
+@pytest.mark.parametrize("transport", SOCKETS)
+async def test_handshakes_that_make_the_authenticator_fail_log_within_the_application_budget(
+    transport: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each is refused (403): a bug must never let anyone in. Its traceback is written at least
+    # once, then within the budget of application failures, however many handshakes hit it.
+    budget = logs.PeerRecordBudget(burst=BURST, rate=RATE)
+    monkeypatch.setattr(logs, "APP_RECORDS", budget)
+    monkeypatch.setattr(logs, "FIRST_FAILURES", logs.FirstFailures())
+    caplog.set_level(logging.WARNING)
+    start = time.monotonic()
+    async with running_stack(transport, ServerConfig(ping_interval=None),
+                             authenticator=_breaks_on("boom")) as stack:
+        assert stack.port is not None
+        port = stack.port
+
+        async def handshake() -> None:
+            async with await HostileClient.open(port) as client:
+                response = await client.handshake("/api/core/ws?token=boom")
+                assert response.status == 403, response
+
+        await asyncio.gather(*(handshake() for _ in range(CONNECTIONS)))
+    elapsed = time.monotonic() - start
+    records = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert records and records[0].exc_info is not None  # the first, with its traceback
+    bound = 1 + BURST + RATE * elapsed
+    assert bound < CONNECTIONS
+    assert len(records) <= bound, f"{len(records)} records, e.g. {records[-1].getMessage()}"

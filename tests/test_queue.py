@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dara_ws_core.exceptions import ConnectionClosed
-from dara_ws_core.queue import OutboundQueue
+from dara_ws_core.queue import PROCESS_QUEUED, TOTAL_SHARES, OutboundQueue
 
 
 async def settle() -> None:
@@ -111,6 +111,70 @@ def test_drop_oldest_and_put_makes_byte_room_and_accepts_an_oversized_frame() ->
 
 
 # --------------------------------------------------------------------------- waiting producers
+
+
+def test_past_its_floor_a_queue_is_full_while_the_process_queues_hold_max_total() -> None:
+    # Each queue within its own bounds (1,000 bytes), the process's queues together over
+    # max_total (2,560): past a 256th of it (10 bytes), a queue takes no more, whatever its own
+    # bounds leave; an empty queue still takes one frame, and under the total all is as before.
+    start = PROCESS_QUEUED.bytes
+    max_total = 2560 + start
+    floor = max_total // TOTAL_SHARES
+    others = [OutboundQueue(max_messages=100, max_bytes=1000, max_total=max_total) for _ in range(3)]
+    mine = OutboundQueue(max_messages=100, max_bytes=1000, max_total=max_total)
+    assert mine.offer(b"x" * floor)
+    assert mine.offer(b"y" * 20)  # under the total: its own bounds only
+    for queue in others:
+        assert queue.offer(b"o" * 900)
+    assert PROCESS_QUEUED.bytes - start >= 2560
+    assert not mine.offer(b"z")
+    assert mine.nbytes == floor + 20
+    empty = OutboundQueue(max_messages=100, max_bytes=1000, max_total=max_total)
+    assert empty.offer(b"e" * 500)  # a queue that holds nothing is never refused a frame
+    assert not empty.offer(b"e")
+    unbounded = OutboundQueue(max_messages=100, max_bytes=1000)
+    assert unbounded.offer(b"u" * 500) and unbounded.offer(b"u" * 400)  # no max_total: as before
+    empty.close()
+    unbounded.close()
+    drain(others[0])
+    assert PROCESS_QUEUED.bytes - start < 2560
+    assert mine.offer(b"z")  # the process back under its total
+
+
+def test_the_process_tally_counts_what_the_queues_hold_and_forgets_closed_or_dropped_ones() -> None:
+    start = PROCESS_QUEUED.bytes
+    queue = OutboundQueue(max_messages=10, max_bytes=1000)
+    queue.offer(b"a" * 100)
+    queue.offer(b"b" * 50)
+    assert PROCESS_QUEUED.bytes == start + 150
+    queue.get_nowait()
+    assert PROCESS_QUEUED.bytes == start + 50
+    queue.drop_oldest_and_put(b"c" * 10)
+    assert PROCESS_QUEUED.bytes == start + 60
+    queue.close()
+    assert PROCESS_QUEUED.bytes == start
+    dropped = OutboundQueue(max_messages=10, max_bytes=1000)
+    dropped.offer(b"d" * 70)
+    assert PROCESS_QUEUED.bytes == start + 70
+    del dropped  # never closed (an application's own queue): its bytes are given back
+    assert PROCESS_QUEUED.bytes == start
+
+
+async def test_a_putter_past_the_floor_waits_until_its_own_reader_drains_it() -> None:
+    start = PROCESS_QUEUED.bytes
+    max_total = 2560 + start
+    floor = max_total // TOTAL_SHARES
+    other = OutboundQueue(max_messages=100, max_bytes=10_000, max_total=max_total)
+    assert other.offer(b"o" * 3000)  # the process over its total, for as long as it is unread
+    mine = OutboundQueue(max_messages=100, max_bytes=1000, max_total=max_total)
+    assert mine.offer(b"x" * floor) and not mine.offer(b"y")
+    put = asyncio.ensure_future(mine.put(b"y", timeout=5))
+    await settle()
+    assert not put.done()
+    assert mine.get_nowait() == b"x" * floor  # its reader takes one: room within the floor
+    await asyncio.wait_for(put, 1)
+    assert drain(mine) == [b"y"]
+    other.close()
 
 
 async def test_put_waits_for_room_and_resumes_when_get_frees_it() -> None:
