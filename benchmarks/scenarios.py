@@ -370,7 +370,11 @@ async def per_user(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
 
 
 async def memory(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
-    """(5) Server RSS per 1000 idle connections, and RSS holding ``capacity_n`` of them."""
+    """(5) Server RSS per 1000 idle connections, and RSS holding ``capacity_n`` of them.
+
+    ``start_MiB`` is the RSS before any connection; ``base_MiB`` the RSS once ``idle_warm``
+    connections came and went, the base the per-connection figures are measured from.
+    """
 
     def idle(
         srv: Proc, impl: str, n: int, prefix: str
@@ -388,6 +392,9 @@ async def memory(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
 
     async def measure(impl: str) -> list[Row]:
         async with server(impl, sizes) as srv:
+            # Before the first connection: what the process costs to start (issue 14's figure).
+            await srv.call("gc", 60)
+            start = rss(srv)
             async with idle(srv, impl, sizes.idle_warm, "warm-"):
                 await srv.call("wait_conns", 60, n=sizes.idle_warm)
             await asyncio.sleep(sizes.settle_s)
@@ -401,6 +408,7 @@ async def memory(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
         per_k = (at_n - base) / sizes.idle_n * 1000
         per_k_cap = (at_cap - base) / sizes.capacity_n * 1000
         return [Row("memory", impl, {
+            "start_MiB": start / MiB,
             "base_MiB": base / MiB,
             "N": sizes.idle_n,
             "MiB_per_1000": per_k / MiB,

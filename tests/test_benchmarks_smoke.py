@@ -63,6 +63,8 @@ def test_every_benchmark_scenario_produces_positive_rows_at_tiny_size(tmp_path: 
     assert seen == SCENARIOS
     # Every table prints a ratio against the raw baseline of the same run.
     assert proc.stdout.count("x raw") >= len(SCENARIOS)
+    # Issue 14's figure: the RSS before the first connection, ours against raw of the same run.
+    assert "- memory start_MiB: ours - raw = +" in proc.stdout
     check_charts(rows, tmp_path / "rows-charts")
 
 
@@ -104,6 +106,24 @@ def test_benchmark_run_rejects_an_unknown_scenario() -> None:
     )
     assert proc.returncode == 2
     assert "unknown scenario" in proc.stderr
+
+
+def test_the_start_target_is_a_difference_against_raw_in_the_same_run() -> None:
+    from benchmarks.run import START_ABOVE_RAW_MIB, check_targets
+    from benchmarks.stats import Row
+
+    def line(ours: float, raw: float = 25.25) -> list[str]:
+        rows = [Row("memory", "raw", {"start_MiB": raw, "MiB_per_1000": 12.0}),
+                Row("memory", "ours", {"start_MiB": ours, "MiB_per_1000": 12.0}),
+                Row("memory", "sio", note="unavailable: not installed")]
+        return [t for t in check_targets(rows) if "start_MiB" in t]
+
+    assert START_ABOVE_RAW_MIB == 10.0
+    assert line(35.75) == ["- memory start_MiB: ours - raw = +10.50 MiB (target <= +10) FAIL"]
+    assert line(35.25) == ["- memory start_MiB: ours - raw = +10.00 MiB (target <= +10) PASS"]
+    assert line(30.0, raw=31.0) == ["- memory start_MiB: ours - raw = -1.00 MiB (target <= +10) PASS"]
+    # Without the baseline (or ours) in the run there is nothing to compare.
+    assert check_targets([Row("memory", "ours", {"start_MiB": 35.0, "MiB_per_1000": 12.0})]) == []
 
 
 def test_charts_of_given_rows_hold_their_values_inside_the_plot(tmp_path: Path) -> None:

@@ -341,12 +341,15 @@ def test_a_websockets_server_process_loads_no_client_side_or_optional_module() -
 
 #: What a server process never loads: the websockets client (with urllib.request, http.client and
 #: email for its proxy support), the core's client side and in-memory transport, Dara's
-#: first-party payload models, the telemetry, JWT, backplane and test helpers; whoever uses them
-#: imports them.
+#: first-party payload models, the telemetry, JWT, backplane and test helpers, the Redis
+#: backplane and the integrations, the libraries of the optional extras and the command line's
+#: metrics page; whoever uses them imports them.
 SERVER_UNWANTED = ["websockets.asyncio.client", "urllib.request", "http.client",
                    "dara_ws_core.client", "dara_ws_core.memory", "dara_ws_core._payloads",
                    "dara_ws_core.telemetry", "dara_ws_core.telemetry_hooks", "dara_ws_core.jwt",
-                   "dara_ws_core.backplane", "dara_ws_core.testing", "hypothesis"]
+                   "dara_ws_core.backplane", "dara_ws_core.testing", "hypothesis",
+                   "dara_ws_redis", "dara_ws_core.integrations", "redis", "jwt", "opentelemetry",
+                   "dara_ws_cli.metrics", "prometheus_client"]
 
 
 def test_the_demo_server_of_the_command_line_loads_no_client_side_or_optional_module() -> None:
