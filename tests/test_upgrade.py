@@ -158,13 +158,25 @@ def test_a_request_a_library_refused_unread_gets_505_for_another_version_else_40
     assert UNPARSABLE.status == 400
 
 
-@given(st.lists(st.binary(min_size=1, max_size=40), max_size=20))
-def test_the_request_head_keeps_the_request_line_however_reads_cut_it(cuts: list[bytes]) -> None:
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=50))
+def test_the_request_head_keeps_the_request_line_however_reads_cut_it(sizes: list[int]) -> None:
     head = RequestHead()
-    stream = b"GET /api/core/ws HTTP/1.0\r\nHost: a\r\n\r\n" + b"".join(cuts)
-    for start in range(0, len(stream), 7):
-        head.feed(stream[start:start + 7])
+    stream = b"GET /api/core/ws HTTP/1.0\r\nHost: a\r\n\r\n\x81\x80frame"
+    start = 0
+    for size in sizes * 60:  # the read sizes, over and over until the stream is read
+        if start >= len(stream):
+            break
+        head.feed(stream[start:start + size])
+        start += size
     assert head.line.text == "GET /api/core/ws HTTP/1.0" and head.line.ended
+    assert bytes(head.behind) == b"\x81\x80frame"
+
+
+def test_a_crlf_cut_between_two_reads_ends_the_request_line() -> None:
+    head = RequestHead()
+    for part in (b"GET / HTTP/1.1\r", b"\nHost: a\r\n\r\n"):
+        head.feed(part)
+    assert head.line.text == "GET / HTTP/1.1" and head.line.ended
 
 
 def test_the_request_head_keeps_at_most_a_header_line_of_an_endless_request_line() -> None:
