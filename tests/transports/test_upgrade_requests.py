@@ -49,6 +49,10 @@ CASES: dict[str, tuple[bytes, int]] = {
     "POST": (VALID.replace(b"GET ", b"POST ", 1), 405),
     "HTTP/1.0": (VALID.replace(b" HTTP/1.1", b" HTTP/1.0", 1), 505),
     "HTTP/2.0": (VALID.replace(b" HTTP/1.1", b" HTTP/2.0", 1), 505),
+    "HTTP/1.2": (VALID.replace(b" HTTP/1.1", b" HTTP/1.2", 1), 505),  # no parser of websockets' nor aiohttp's
+    "lower-case-get": (VALID.replace(b"GET ", b"get ", 1), 405),  # a method, not one aiohttp's parser reads
+    "no-version": (VALID.replace(b" HTTP/1.1", b"", 1), 400),  # HTTP/0.9 to aiohttp's parser
+    "two-spaces": (VALID.replace(b"GET ", b"GET  ", 1), 400),  # aiohttp's parser takes it
     "duplicate-key": (plus(f"Sec-WebSocket-Key: {KEY}".encode()), 400),
     "key-of-3-bytes": (handshake_request(PATH, key="AAAA"), 400),
     "no-key": (without(b"Sec-WebSocket-Key"), 400),
@@ -62,6 +66,8 @@ CASES: dict[str, tuple[bytes, int]] = {
     "body": (plus(b"Content-Length: 5"), 400),
     "garbage-request-line": (b"\x16\x03\x01\x02\x00 garbage\r\n\r\n", 400),
     "header-line-too-long": (plus(b"X-Big: " + b"a" * 20_000), 431),
+    "header-line-of-9-kib": (plus(b"X-Big: " + b"a" * 9000), 431),  # under picows' 16 KiB head
+    "header-line-of-64-kib": (plus(b"X-Big: " + b"a" * 65536), 431),
     "too-many-headers": (plus(*(f"X-H{i}: v".encode() for i in range(300))), 431),
 }
 
