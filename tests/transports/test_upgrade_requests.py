@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from dara_ws_core import HandshakeRequest, Identity, ServerConfig
+from dara_ws_core import Endpoint, HandshakeRequest, Identity, ServerConfig, WebsocketManager, token_authenticator
 from dara_ws_core.upgrade import MAX_HEADER_LINE, check_upgrade_request, parse_request_line
 from tests.hostile import HostileClient, handshake_request
-from tests.stacks import TRANSPORTS, Stack, running_stack
+from tests.stacks import TRANSPORTS, Stack, running_stack, verify_token
 
 SOCKETS = sorted(t for t in TRANSPORTS if t != "memory")
 PATH = "/api/core/ws?token=mallory:s1"
@@ -238,3 +238,18 @@ async def test_a_bad_upgrade_request_costs_no_handler_nor_authentication(served:
     await asyncio.gather(*(outcome(served.port, request) for request in bad))
     assert calls == []
     assert not served.manager.handlers
+
+
+async def test_under_aiohttp_an_upgraded_connection_reads_through_aiohttps_own_protocol() -> None:
+    # serve() gives each socket a protocol of its own class until its request is parsed (to
+    # answer what aiohttp's parser refuses as the other transports do); an upgraded connection
+    # then reads through aiohttp's, with no call more per read.
+    from aiohttp.web_protocol import RequestHandler
+
+    from dara_ws_aiohttp import serve
+
+    endpoint = Endpoint(WebsocketManager(ServerConfig(ping_interval=None)), token_authenticator(verify_token))
+    async with serve(endpoint, "127.0.0.1", 0) as server, await HostileClient.open(server.port) as client:
+        assert (await client.handshake(PATH)).status == 101
+        assert server.native.server is not None
+        assert [type(handler) for handler in server.native.server.connections] == [RequestHandler]

@@ -127,7 +127,11 @@ def _refused(request: web.Request) -> web.Response | None:
     a body as frames, and answers what it refuses 400."""
     version = request.version
     refusal = check_upgrade_request(request.method, f"{version.major}.{version.minor}", request.headers.items())
-    line = _lines.pop(request.protocol, None)  # under serve(): its request line, as sent
+    protocol: Any = request.protocol
+    line = _lines.pop(protocol, None)  # under serve(): its request line, as sent
+    if line is not None:
+        # Parsed: aiohttp's own class again, so that no read of the connection costs a call more.
+        protocol.__class__ = RequestHandler
     if version < (1, 0) or (line is not None and line.ended and parse_request_line(line.text) is None):
         # aiohttp's parser takes a line without a version as HTTP/0.9, and runs of blanks
         # between its parts: no request line to the other transports.
@@ -194,7 +198,8 @@ class _RequestHandler(RequestHandler):
     header line over its limit (8190 bytes: those of the check, 8192 with the name and its
     colon, are met first) or more than 128 headers, 505 to another HTTP version than 1.0 and
     1.1, 405 to a method it cannot read (``get``). It keeps the request line for that, and for
-    :func:`_refused`. The same slots: :func:`serve` gives its sockets' protocols this class."""
+    :func:`_refused`. The same slots: :func:`serve` gives its sockets' protocols this class until
+    their first request is parsed (then aiohttp's own again: no call more per read)."""
 
     __slots__ = ()
 
