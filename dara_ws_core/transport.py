@@ -79,6 +79,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
 from urllib.parse import parse_qsl, urlsplit
 
+from .upgrade import RequestLine
+
 if TYPE_CHECKING:
     from ipaddress import IPv4Address, IPv6Address
 
@@ -438,7 +440,7 @@ class RequestHead:
     stops reading at the first byte held. Pure.
     """
 
-    __slots__ = ("_tail", "behind", "ended")
+    __slots__ = ("_tail", "behind", "ended", "line")
 
     def __init__(self) -> None:
         self._tail = b""  # the last bytes of the head so far, which may start its end
@@ -446,6 +448,9 @@ class RequestHead:
         self.ended = False
         #: The bytes that came after the head, before the connection opened.
         self.behind = bytearray()
+        #: The request line: what a library that refuses a request without saying why was
+        #: refusing (:func:`~dara_ws_core.upgrade.refusal_of_request_line`).
+        self.line = RequestLine()
 
     def feed(self, data: bytes) -> bytes:
         """The part of ``data`` that belongs to the request's head; the rest goes to
@@ -453,6 +458,7 @@ class RequestHead:
         if self.ended:
             self.behind += data
             return b""
+        self.line.feed(data)
         tail = self._tail
         end = (tail + data).find(_HEAD_END)
         if end < 0:

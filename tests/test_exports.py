@@ -49,6 +49,9 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     # Test helpers are imported from dara_ws_core.testing, as websockets' are.
     "testing": frozenset({"ProtocolHarness", "answer_frames", "client_frames", "custom_frames",
                           "hostile_frames", "json_values"}),
+    # The one check of an opening request, for the adapters (protocol.md section 5).
+    "upgrade": frozenset({"MAX_HEADERS", "MAX_HEADER_LINE", "UNPARSABLE", "Refusal", "RequestLine",
+                          "check_upgrade_request", "parse_request_line", "refusal_of_request_line"}),
     # TrustedProxies: what ServerConfig.forwarded_allow_ips is read as, for the endpoint.
     "transport": frozenset({"ClientFrameHeaders", "MAX_PIPELINED", "PROCESS_RECEIVING", "RECEIVING_SHARES",
                             "ReceivingBudget", "ReceivingCharge", "RequestHead", "TrustedProxies", "address_key",

@@ -37,7 +37,7 @@ ADAPTERS = {
 CORE_DEPENDENCIES = frozenset({"pydantic", "pydantic_core", "typing_extensions"})
 #: The pure layer (no I/O, no event loop).
 PURE_MODULES = ("messages.py", "codec.py", "chunks.py", "correlation.py", "exceptions.py", "registry.py",
-                "connection.py", "backplane/contract.py", "backplane/wire.py")
+                "connection.py", "upgrade.py", "backplane/contract.py", "backplane/wire.py")
 IO_MODULES = frozenset({"asyncio", "socket", "selectors", "select", "ssl", "threading",
                         "subprocess", "multiprocessing", "concurrent"})
 

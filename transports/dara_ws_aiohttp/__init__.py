@@ -23,7 +23,8 @@ from typing import Any
 
 try:
     from aiohttp import web
-    from aiohttp.http_exceptions import HttpProcessingError
+    from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, HttpProcessingError, LineTooLong
+    from aiohttp.web_protocol import RequestHandler
 except ImportError as exc:  # the extra is missing: say which one to install
     raise ImportError(
         'dara_ws_aiohttp needs the aiohttp library: pip install "dara-ws-core[aiohttp]"', name=exc.name
@@ -33,6 +34,7 @@ from dara_ws_core.auth import holder_of
 from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, Evict, host_of
 from dara_ws_core.exceptions import AuthenticationFailed
 from dara_ws_core.transport import HandshakeRequest, ReceivingCharge, Server
+from dara_ws_core.upgrade import UNPARSABLE, RequestLine, check_upgrade_request, parse_request_line
 
 from ._masking import MaskedOnlyResponse
 from .client import connect
@@ -52,11 +54,15 @@ def add_route(app: web.Application, endpoint: Endpoint, path: str | None = None)
             # serve() counted the socket from its accept (_count_sockets): its request is whole.
             _, admission, _, evict = counted
             endpoint.settled(evict)
+            if refused := _refused(request):
+                return refused
             if admission is not Admission.ADMIT:
                 return _full()
             return await upgrade(request)
         # An application of the caller's: aiohttp hands over no socket before its request, so
         # max_connections counts from here.
+        if refused := _refused(request):
+            return refused
         host = host_of(request.transport.get_extra_info("peername") if request.transport else None)
         admission = endpoint.take_slot(host)
         try:
@@ -67,14 +73,6 @@ def add_route(app: web.Application, endpoint: Endpoint, path: str | None = None)
             endpoint.free_slot(admission, host)
 
     async def upgrade(request: web.Request) -> web.StreamResponse:
-        if _declares_body(request):
-            return web.Response(status=400, text="Bad Request", headers={"Connection": "close"})
-        version = request.headers.get("Sec-WebSocket-Version")
-        if version is not None and version.strip() != "13":
-            # aiohttp also upgrades drafts 7 and 8; RFC 6455 (4.4) answers them 426 with the
-            # version it speaks, as the other transports do.
-            return web.Response(status=426, text="Upgrade Required",
-                                headers={"Sec-WebSocket-Version": "13"})
         peer = request.transport.get_extra_info("peername") if request.transport else None
         handshake = HandshakeRequest.build(request.raw_path, request.headers.items(), peer)
         try:
@@ -123,13 +121,27 @@ def add_route(app: web.Application, endpoint: Endpoint, path: str | None = None)
     app.on_shutdown.insert(0, on_shutdown)
 
 
-def _declares_body(request: web.Request) -> bool:
-    """Whether an upgrade request says a body follows it (any ``Transfer-Encoding``, or a
-    ``Content-Length`` but 0): aiohttp upgrades it, and would read the body as frames; the other
-    transports refuse it (websockets' parser, which uvicorn's WebSocket protocol uses too, and
-    picows), with 400 as picows does."""
-    headers = request.headers
-    return "Transfer-Encoding" in headers or any(v.strip() != "0" for v in headers.getall("Content-Length", ()))
+def _refused(request: web.Request) -> web.Response | None:
+    """What every transport answers a request that is no upgrade it serves
+    (:func:`~dara_ws_core.upgrade.check_upgrade_request`), or ``None``. aiohttp upgrades
+    ``HEAD`` and HTTP/1.0 requests, two ``Sec-WebSocket-Key`` headers and drafts 7 and 8, reads
+    a body as frames, and answers what it refuses 400."""
+    version = request.version
+    refusal = check_upgrade_request(request.method, f"{version.major}.{version.minor}", request.headers.items())
+    protocol: Any = request.protocol
+    line = _lines.pop(protocol, None)  # under serve(): its request line, as sent
+    if line is not None:
+        # Parsed: aiohttp's own class again, so that no read of the connection costs a call more.
+        protocol.__class__ = RequestHandler
+    if version < (1, 0) or (line is not None and line.ended and parse_request_line(line.text) is None):
+        # aiohttp's parser takes a line without a version as HTTP/0.9, and runs of blanks
+        # between its parts: no request line to the other transports.
+        refusal = UNPARSABLE
+    if refusal is None:
+        return None
+    response = web.Response(status=refusal.status, text=refusal.text, headers=refusal.headers)
+    response.force_close()  # the socket is let go, as on every transport
+    return response
 
 
 def _full() -> web.Response:
@@ -151,6 +163,9 @@ def _count_sockets(server: web.Server, endpoint: Endpoint) -> None:
     made, lost = server.connection_made, server.connection_lost
 
     def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+        if type(handler) is RequestHandler:
+            handler.__class__ = _RequestHandler  # the same object, whose errors say more (below)
+            _lines[handler] = RequestLine()
         made(handler, transport)
         host = host_of(transport.get_extra_info("peername"))
 
@@ -164,6 +179,7 @@ def _count_sockets(server: web.Server, endpoint: Endpoint) -> None:
             transport.abort()
 
     def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
+        _lines.pop(handler, None)
         counted = _accepted.pop(handler, None)
         if counted is not None:
             endpoint.free_slot(counted[1], counted[2], counted[3])
@@ -171,6 +187,41 @@ def _count_sockets(server: web.Server, endpoint: Endpoint) -> None:
 
     server.connection_made = connection_made  # type: ignore[method-assign]
     server.connection_lost = connection_lost  # type: ignore[method-assign]
+
+
+#: The first request line of each socket :func:`serve` accepted, until its request is handled.
+_lines: dict[Any, RequestLine] = {}
+
+
+class _RequestHandler(RequestHandler):
+    """aiohttp's protocol, answering what every other transport answers where aiohttp's parser
+    refuses a request with 400 (:func:`~dara_ws_core.upgrade.check_upgrade_request`): 431 to a
+    header line over its limit (8190 bytes: those of the check, 8192 with the name and its
+    colon, are met first) or more than 128 headers, 505 to another HTTP version than 1.0 and
+    1.1, 405 to a method it cannot read (``get``). It keeps the request line for that, and for
+    :func:`_refused`. The same slots: :func:`serve` gives its sockets' protocols this class until
+    their first request is parsed (then aiohttp's own again: no call more per read)."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        line = _lines.get(self)
+        if line is not None and not line.ended:
+            line.feed(data)
+        super().data_received(data)
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        line = _lines.pop(self, None)
+        if status == 400 and (isinstance(exc, LineTooLong) or (
+                isinstance(exc, BadHttpMessage) and exc.message == "Too many headers received")):
+            status = 431
+        elif status == 400 and isinstance(exc, BadStatusLine) and line is not None:
+            parsed = parse_request_line(line.text)
+            refusal = check_upgrade_request(parsed[0], parsed[2], ()) if parsed is not None else None
+            if refusal is not None and refusal.status in (405, 505):
+                status = refusal.status
+        return super().handle_error(request, status, exc, message)
 
 
 class _ServerLog(logging.LoggerAdapter[logging.Logger]):

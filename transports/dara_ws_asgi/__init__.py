@@ -37,6 +37,7 @@ from dara_ws_core.auth import holder_of
 from dara_ws_core.endpoint import Admission, Endpoint, host_of
 from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
 from dara_ws_core.transport import HandshakeRequest, ReceivingCharge, Server
+from dara_ws_core.upgrade import Refusal, check_upgrade_request
 
 from .uvicorn import COUNTED, RECEIVING, hook_uvicorn, serve
 
@@ -196,6 +197,12 @@ def _handshake(scope: Scope) -> HandshakeRequest:
     return HandshakeRequest.build(target, headers, scope.get("client"))
 
 
+def _refusal(scope: Scope) -> Refusal | None:
+    """:func:`~dara_ws_core.upgrade.check_upgrade_request` on a plain HTTP request's scope."""
+    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+    return check_upgrade_request(scope.get("method", "GET"), scope.get("http_version", "1.1"), headers)
+
+
 def _route_path(scope: Scope) -> str:
     """The request's path below the application's mount point: ASGI's ``path`` includes
     ``root_path`` (Starlette's ``Mount``, uvicorn's ``--root-path``), as Starlette reads it."""
@@ -213,7 +220,9 @@ class ASGIApp:
     (``root_path``: ``app.mount("/realtime", asgi_app(endpoint))`` serves
     ``/realtime/api/core/ws``), or as the whole path. A rejected handshake gets HTTP 403 before
     accept; another path gets 404 under a uvicorn hooked by :func:`hook_uvicorn`, elsewhere 403
-    (all ASGI lets a WebSocket refusal be); plain HTTP gets 404.
+    (all ASGI lets a WebSocket refusal be). Plain HTTP to ``path`` (a request the server did not
+    take as an upgrade) gets what :func:`~dara_ws_core.upgrade.check_upgrade_request` answers
+    it, as on every transport (426 to a GET without ``Upgrade: websocket``); elsewhere 404.
     """
 
     def __init__(self, endpoint: Endpoint, *, path: str | None = None) -> None:
@@ -230,9 +239,18 @@ class ASGIApp:
             await send({"type": "lifespan.shutdown.complete"})
             return
         if scope["type"] != "websocket":
-            await _deny(scope, send)
+            # A request for the endpoint the server did not take as an upgrade (no Upgrade
+            # header, a Connection without upgrade...): what every transport answers it.
+            refusal = _refusal(scope) if scope["type"] == "http" and self._ours(scope) else None
+            if refusal is None:
+                await _deny(scope, send)
+                return
+            await send({"type": "http.response.start", "status": refusal.status, "headers": [
+                (name.lower().encode("latin-1"), value.encode("latin-1"))
+                for name, value in (*refusal.headers, ("Connection", "close"))]})
+            await send({"type": "http.response.body", "body": refusal.text.encode()})
             return
-        if self.path is not None and self.path != scope["path"] and self.path != _route_path(scope):
+        if not self._ours(scope):
             if (await receive())["type"] == "websocket.connect":
                 await _deny(scope, send, not_found=True)
             return
@@ -253,6 +271,9 @@ class ASGIApp:
             await self._serve(scope, receive, send)
         finally:
             self.endpoint.free_slot(admission, host)
+
+    def _ours(self, scope: Scope) -> bool:
+        return self.path is None or self.path == scope["path"] or self.path == _route_path(scope)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (await receive())["type"] != "websocket.connect":

@@ -36,13 +36,10 @@ from dara_ws_core.transport import (
     held_behind_request,
     hold_behind_request,
 )
+from dara_ws_core.upgrade import check_upgrade_request
 
 #: Stop reading from a peer while this much is waiting to be written to it.
 _PAUSE_READING_ABOVE = 1024 * 1024
-_TOO_LARGE = (
-    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-    b"content-length: 0\r\nconnection: close\r\n\r\n"
-)
 _FULL = (
     b"HTTP/1.1 503 Service Unavailable\r\n"
     b"retry-after: %d\r\ncontent-length: 0\r\nconnection: close\r\n\r\n" % RETRY_AFTER
@@ -145,8 +142,6 @@ class _UpgradeParser:
 def _bounded_http(base: type[Any], handshake_timeout: float) -> type[Any]:
     """``base``, uvicorn's h11 or httptools protocol (the same shape), with the HTTP bounds of
     :func:`_uvicorn_protocols`."""
-    from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
-
     class HTTPProtocol(base):  # type: ignore[misc]
         _handshake_timer: asyncio.TimerHandle | None = None
         #: The slots this socket holds from its accept (see _SocketSlots), or None.
@@ -213,13 +208,17 @@ def _bounded_http(base: type[Any], handshake_timeout: float) -> type[Any]:
                 transport.close()
 
         def handle_websocket_upgrade(self, *event: Any) -> None:
-            # websockets-sansio re-parses the request with its own limits and, on a header over
-            # them, never answers (the socket hangs until the client gives up): answer 431 here.
-            headers = self.headers
-            if len(headers) > MAX_NUM_HEADERS or any(
-                len(name) + len(value) + 2 > MAX_LINE_LENGTH for name, value in headers
-            ):
-                self.transport.write(_TOO_LARGE)
+            # What every transport refuses, with the same status (a header over websockets'
+            # limits too: websockets-sansio, re-parsing the request, would never answer it).
+            # uvicorn hands websockets HTTP/1.1 whatever was sent, and authentication comes
+            # before websockets' own checks: the version, HEAD... are only seen here.
+            scope = self.scope
+            refusal = check_upgrade_request(
+                scope["method"], scope["http_version"],
+                [(name.decode("latin-1"), value.decode("latin-1")) for name, value in self.headers],
+            )
+            if refusal is not None:
+                self.transport.write(refusal.encode())
                 self.transport.close()
                 return
             # max_connections(_per_address), counted from the accept: ASGI can refuse only
@@ -276,9 +275,10 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
       served is never cut.
     * Upgrade: the WebSocket protocol takes over the socket's slots and what is left of its
       ``handshake_timeout``: a handshake the application has neither accepted nor refused by
-      then is dropped, and the slots are freed only once the socket is gone. A request that
-      websockets' parser refuses after h11 or httptools took it (one that declares a body)
-      is answered (400, or the 414 or 431 websockets makes) and closed: uvicorn did neither.
+      then is dropped, and the slots are freed only once the socket is gone. Before that, the
+      request gets :func:`~dara_ws_core.upgrade.check_upgrade_request`'s refusal, as on every
+      transport, and is closed. One that websockets' parser refuses all the same is answered
+      (400, or the 414 or 431 websockets makes) and closed: uvicorn did neither.
     * WebSocket: reading pauses while the write buffer is over ``_PAUSE_READING_ABOVE``;
       uvicorn answers each ping without flow control, so a peer that floods pings and reads
       nothing would grow the buffer without bound. A connection lost without a close frame

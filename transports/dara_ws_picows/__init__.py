@@ -2,7 +2,8 @@
 
 picows parses frames in C and writes them with a synchronous ``send``, which is what the core's
 ``send_nowait`` fast path wants. Its listener factory is synchronous, and the core's authenticator
-is not: so a small gate reads the HTTP request first (bounded in bytes, headers and time), runs
+is not: so a small gate reads the HTTP request first (bounded in bytes, headers and time), refuses
+what every transport refuses (:func:`~dara_ws_core.upgrade.check_upgrade_request`), runs
 ``Endpoint.authenticate`` and answers 404 or 403 itself; only an accepted request is handed to
 picows, which answers 101 and parses frames from then on. No protocol logic lives here.
 
@@ -15,8 +16,6 @@ from __future__ import annotations
 __all__ = ["PicowsTransport", "Server", "serve"]
 
 import asyncio
-import base64
-import binascii
 import ctypes
 import logging
 import mmap
@@ -36,12 +35,13 @@ from dara_ws_core.auth import Holder, holder_of
 from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, host_of
 from dara_ws_core.exceptions import AuthenticationFailed
 from dara_ws_core.transport import HandshakeRequest, ReceivingCharge, Server
+from dara_ws_core.upgrade import UNPARSABLE, Refusal, check_upgrade_request, parse_request_line, refusal_of_request_line
 
 from .transport import PicowsTransport
 
-#: The opening request's limits: bytes up to the blank line, and header lines (as websockets).
+#: The opening request's limit: bytes up to the blank line (its lines and headers are bounded as
+#: on every transport, by check_upgrade_request).
 MAX_HEAD = 16 * 1024 - 256  # picows itself drops a request of 16 KiB without an answer
-MAX_HEADERS = 128
 #: picows' first read buffer per connection (it grows as frames need): idle connections stay small.
 READ_BUFFER = 4096
 #: Bytes one read hands to picows at most. picows offers its whole read buffer to every read and
@@ -76,59 +76,25 @@ def _response(status: int, text: str, extra: str = "") -> bytes:
 
 #: Error statuses of the gate, with the reason phrase and extra headers of each.
 _ERRORS = {
-    400: ("Bad Request", ""),
-    405: ("Method Not Allowed", "Allow: GET\r\n"),
-    426: ("Upgrade Required", "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"),
     431: ("Request Header Fields Too Large", ""),
     503: ("Service Unavailable", f"Retry-After: {RETRY_AFTER}\r\n"),
-    505: ("HTTP Version Not Supported", ""),
 }
 
 
-def _parse(head: bytes) -> tuple[str, list[tuple[str, str]]] | int:
-    """The request target and headers of an HTTP/1.1 GET head, or the error status."""
+def _parse(head: bytes) -> tuple[str, list[tuple[str, str]]] | Refusal:
+    """The request target and headers of a WebSocket upgrade request's head, or the refusal
+    every transport answers it (:func:`~dara_ws_core.upgrade.check_upgrade_request`)."""
     lines = head.decode("latin-1").split("\r\n")
-    method, _, rest = lines[0].partition(" ")
-    target, _, version = rest.partition(" ")
-    if not target.startswith("/") or not version.startswith("HTTP/"):
-        return 400
-    if version != "HTTP/1.1":
-        return 505
-    if method != "GET":
-        return 405
-    if len(lines) - 1 > MAX_HEADERS:
-        return 431
+    parsed = parse_request_line(lines[0])
+    if parsed is None or parsed[2] != "1.1":  # 400, or 505 before the headers, as websockets
+        return refusal_of_request_line(lines[0])
     headers = []
     for line in lines[1:]:
         name, colon, value = line.partition(":")
         if not colon or not name or name != name.strip():
-            return 400
+            return UNPARSABLE
         headers.append((name, value.strip()))
-    return target, headers
-
-
-def _tokens(headers: list[tuple[str, str]], name: str) -> set[str]:
-    return {token.strip().lower() for key, value in headers if key.lower() == name
-            for token in value.split(",")}
-
-
-def _upgrade_error(headers: list[tuple[str, str]]) -> int | None:
-    """The status that refuses a request which is not a valid WebSocket opening handshake
-    (RFC 6455 section 4.2.1), checked before anyone authenticates it; ``None`` if it is one."""
-    if "websocket" not in _tokens(headers, "upgrade") or "upgrade" not in _tokens(headers, "connection"):
-        return 426
-    versions = [value for key, value in headers if key.lower() == "sec-websocket-version"]
-    if versions != ["13"]:
-        return 426  # with the version this server speaks (section 4.4)
-    keys = [value for key, value in headers if key.lower() == "sec-websocket-key"]
-    if len(keys) != 1 or len(keys[0]) != 24:
-        return 400
-    try:
-        if len(base64.b64decode(keys[0], validate=True)) != 16:
-            return 400
-    except binascii.Error:
-        return 400
-    return None
+    return check_upgrade_request(parsed[0], parsed[2], headers) or (parsed[1], headers)
 
 
 class _Gate(asyncio.Protocol):
@@ -174,8 +140,9 @@ class _Gate(asyncio.Protocol):
             return
         self._server.endpoint.settled(self._evict)  # its request is whole: never evicted now
         parsed = _parse(bytes(self._head[:end]))
-        if isinstance(parsed, int):
-            self._reject(parsed)
+        if isinstance(parsed, Refusal):
+            transport.write(parsed.encode())
+            transport.close()
             return
         handshake = HandshakeRequest.build(*parsed, transport.get_extra_info("peername"))
         if handshake.path != self._server.endpoint.path:
@@ -183,10 +150,6 @@ class _Gate(asyncio.Protocol):
             return
         if self._admission is not Admission.ADMIT:
             self._reject(503)
-            return
-        status = _upgrade_error(parsed[1])
-        if status is not None:
-            self._reject(status)
             return
         transport.pause_reading()
         self._task = asyncio.get_running_loop().create_task(self._accept(transport, handshake))

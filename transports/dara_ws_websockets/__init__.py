@@ -54,6 +54,7 @@ from dara_ws_core.transport import (
     hold_behind_request,
     text_frame_header,
 )
+from dara_ws_core.upgrade import check_upgrade_request, refusal_of_request_line
 
 #: The oldest websockets whose connection internals the adapter relies on (the asyncio server's
 #: write path changed in 16): an older one would fail every connection with 1011.
@@ -244,8 +245,6 @@ _PAUSE_READING_ABOVE = 1024 * 1024
 #: The largest payload the parser may keep once its frame is handled (see _detach_payload).
 _HELD_FRAME_LIMIT = 4096
 
-#: The answer to a request websockets' parser refuses (see _ServerConnection.send_data).
-_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 _send_data = ServerConnection.send_data
 
 
@@ -398,12 +397,16 @@ class _ServerConnection(ServerConnection):
         _send_data(self)
 
     def _dara_answer_refused(self) -> None:
-        # websockets' parser refused the request (one that declares a body, a malformed head)
-        # and ends the stream with no answer; picows, aiohttp and uvicorn's protocol answer 400.
-        # Written once, ahead of the end of stream websockets queued.
+        # websockets' parser refused the request (one that declares a body, a malformed head,
+        # another HTTP version than 1.0 or 1.1) and ends the stream with no answer; the other
+        # transports answer what check_upgrade_request says: 505 for another version (read
+        # from the request line), else 400. Written once, ahead of the end of stream websockets
+        # queued.
         protocol = self.protocol
         if type(protocol.handshake_exc) is InvalidMessage and b"" in protocol.writes:
-            self.transport.write(_BAD_REQUEST)
+            head = self.dara_head
+            line = head.line.text if head is not None else ""
+            self.transport.write(refusal_of_request_line(line).encode())
 
     def _dara_frame_headers(self) -> ClientFrameHeaders:
         # Messages in progress count against the process's budget, under the holder the chunk
@@ -434,6 +437,15 @@ async def serve(
 
     async def answer(connection: ServerConnection, request: Request) -> Response | None:
         endpoint.settled(connection.dara_evict)  # type: ignore[attr-defined]  # its request is whole
+        # Before websockets' own checks (after authentication), whose statuses differ. (A
+        # websockets before 17 has no method nor protocol: its parser took only GET HTTP/1.1.)
+        method, protocol = getattr(request, "method", "GET"), getattr(request, "protocol", "HTTP/1.1")
+        refusal = check_upgrade_request(method, protocol, request.headers.raw_items())
+        if refusal is not None:
+            response = connection.respond(HTTPStatus(refusal.status), refusal.text)
+            for name, value in refusal.headers:
+                response.headers[name] = value
+            return response
         handshake = HandshakeRequest.build(
             request.path, request.headers.raw_items(), connection.remote_address
         )

@@ -1,0 +1,195 @@
+"""What every transport answers an opening request that is not a WebSocket upgrade it can serve
+(RFC 6455 sections 4.2.1 and 4.2.2; protocol.md section 5). Pure: no I/O, no event loop.
+
+Each library checks the request in its own way and with its own statuses (aiohttp upgraded
+``HEAD`` and HTTP/1.0 requests and took two ``Sec-WebSocket-Key`` headers, uvicorn answered a
+request with no ``Upgrade`` header 404 and a draft-8 one 400, websockets and picows let two
+``Host`` headers through...). Every adapter calls :func:`check_upgrade_request` on what its
+library parsed, before anything else is decided about the request (its path, the capacity,
+authentication), and answers the :class:`Refusal` it returns, so one bad request gets one
+status whatever serves it. The checks, in order, the first failing one deciding:
+
+=====================================================  ======  ====================================
+The request                                            Status  Why this status
+=====================================================  ======  ====================================
+is not HTTP/1.1 (HTTP/1.0, say)                         505     RFC 9110 15.6.6; RFC 6455 asks 1.1
+has a header line over :data:`MAX_HEADER_LINE` bytes,   431     RFC 6585 section 5; the limits are
+or more than :data:`MAX_HEADERS` headers                        websockets' own
+declares a body (``Transfer-Encoding``, or a            400     an upgrade has none; a body would
+``Content-Length`` other than one 0)                            be read as frames (RFC 9112 6.3:
+                                                                two lengths, even equal, are an
+                                                                error to h11, llhttp and picows)
+is not a ``GET`` (``HEAD`` too)                         405     RFC 9110 15.5.6, with ``Allow: GET``
+has no ``Host`` header, or more than one                400     RFC 9112 section 3.2
+has no ``websocket`` as its only ``Upgrade`` token,     426     RFC 9110 15.5.22, with ``Upgrade:
+or no ``upgrade`` token in ``Connection``                       websocket``
+has a ``Sec-WebSocket-Version`` other than one ``13``   426     RFC 6455 4.4, with the version the
+                                                                server speaks
+has no ``Sec-WebSocket-Key`` of 16 base64-encoded       400     RFC 6455 4.2.1
+bytes, or more than one
+=====================================================  ======  ====================================
+
+Every 426 names both what is missing: ``Upgrade: websocket`` and ``Sec-WebSocket-Version: 13``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MAX_HEADERS", "MAX_HEADER_LINE", "UNPARSABLE", "Refusal", "RequestLine", "check_upgrade_request",
+           "parse_request_line", "refusal_of_request_line"]
+
+import binascii
+from base64 import b64decode
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+#: The most headers, and the longest header line (name, ": " and value), of an opening request:
+#: websockets' limits (``MAX_NUM_HEADERS``, ``MAX_LINE_LENGTH``), which it enforces itself.
+MAX_HEADERS = 128
+MAX_HEADER_LINE = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """The HTTP answer to an opening request that is refused: ``status``, its ``reason`` phrase,
+    the ``headers`` the status asks for, and ``detail``, what was wrong (for a log or a body)."""
+
+    status: int
+    reason: str
+    headers: tuple[tuple[str, str], ...] = ()
+    detail: str = ""
+
+    @property
+    def text(self) -> str:
+        """The response's body: the reason, and the detail."""
+        return f"{self.reason}: {self.detail}\n" if self.detail else f"{self.reason}\n"
+
+    def encode(self) -> bytes:
+        """The whole response, for an adapter that writes to the socket itself: the status line,
+        ``headers``, :attr:`text` and ``Connection: close`` (a refused socket is let go)."""
+        data = self.text.encode()
+        lines = [f"HTTP/1.1 {self.status} {self.reason}",
+                 *(f"{name}: {value}" for name, value in self.headers),
+                 "Content-Type: text/plain", f"Content-Length: {len(data)}", "Connection: close"]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data
+
+
+def _bad(detail: str) -> Refusal:
+    return Refusal(400, "Bad Request", (), detail)
+
+
+_TOO_LARGE = "Request Header Fields Too Large"
+_UPGRADE = (("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13"))
+_NOT_GET = Refusal(405, "Method Not Allowed", (("Allow", "GET"),), "a WebSocket upgrade is a GET")
+_NOT_11 = Refusal(505, "HTTP Version Not Supported", (), "a WebSocket upgrade is an HTTP/1.1 request")
+_BODY = _bad("an upgrade request has no body")
+_HOST = _bad("exactly one Host header is required")
+_NO_UPGRADE = Refusal(426, "Upgrade Required", _UPGRADE, "Upgrade: websocket and Connection: Upgrade are required")
+_VERSION = Refusal(426, "Upgrade Required", _UPGRADE, "this server speaks WebSocket version 13")
+_KEY = _bad("exactly one Sec-WebSocket-Key of 16 base64-encoded bytes is required")
+#: The answer to a request whose first line is not an HTTP request line.
+UNPARSABLE = _bad("not an HTTP request")
+
+
+def _tokens(values: list[str]) -> list[str]:
+    """The comma-separated tokens of a header's values, lower-cased, empty ones dropped (RFC 9110
+    section 5.6.1 allows them)."""
+    return [token for value in values for part in value.split(",") if (token := part.strip(" \t").lower())]
+
+
+def check_upgrade_request(method: str, version: str, headers: Iterable[tuple[str, str]]) -> Refusal | None:
+    """Whether an opening request is a WebSocket upgrade this server serves: ``None`` if it is,
+    else the :class:`Refusal` to answer (the module docstring lists the checks).
+
+    ``method`` as sent (case matters: ``get`` is not ``GET``); ``version`` as ASGI writes it
+    (``"1.1"``, or ``"HTTP/1.1"``); ``headers`` the raw name-value pairs in order, repeats
+    included (names in any case, values with or without surrounding blanks)."""
+    if version.removeprefix("HTTP/") != "1.1":
+        return _NOT_11
+    values: dict[str, list[str]] = {}
+    for count, (name, value) in enumerate(headers, 1):
+        if count > MAX_HEADERS:
+            return Refusal(431, _TOO_LARGE, (), f"more than {MAX_HEADERS} headers")
+        if len(name) + len(value) + 2 > MAX_HEADER_LINE:
+            return Refusal(431, _TOO_LARGE, (), f"a header line over {MAX_HEADER_LINE} bytes")
+        key = name.lower()
+        if key in _READ:
+            values.setdefault(key, []).append(value.strip(" \t"))
+    if "transfer-encoding" in values or values.get("content-length", ["0"]) != ["0"]:
+        return _BODY
+    if method != "GET":
+        return _NOT_GET
+    if len(values.get("host", ())) != 1:
+        return _HOST
+    if _tokens(values.get("upgrade", [])) != ["websocket"] or "upgrade" not in _tokens(values.get("connection", [])):
+        return _NO_UPGRADE
+    if values.get("sec-websocket-version") != ["13"]:
+        return _VERSION
+    keys = values.get("sec-websocket-key", [])
+    if len(keys) != 1 or len(keys[0]) != 24:  # 16 bytes in base64: 24 characters, "==" ending
+        return _KEY
+    try:
+        if len(b64decode(keys[0], validate=True)) != 16:
+            return _KEY
+    except binascii.Error:
+        return _KEY
+    return None
+
+
+#: The headers :func:`check_upgrade_request` reads (lower-case).
+_READ = frozenset({"host", "upgrade", "connection", "sec-websocket-version", "sec-websocket-key",
+                   "content-length", "transfer-encoding"})
+
+
+def parse_request_line(line: str) -> tuple[str, str, str] | None:
+    """The method, target and version (``"1.1"``) of an HTTP/1 request line (RFC 9112 section
+    3: ``method SP target SP HTTP/d.d``, the target an absolute path), or ``None`` if it is none.
+    """
+    method, _, rest = line.partition(" ")
+    target, _, version = rest.partition(" ")
+    if (not method or not target.startswith("/") or len(version) != 8 or not version.startswith("HTTP/")
+            or not version[5].isdigit() or version[6] != "." or not version[7].isdigit()):
+        return None
+    return method, target, version[5:]
+
+
+def refusal_of_request_line(line: str) -> Refusal:
+    """For an adapter whose library refused a request without saying why: 505 when its request
+    line is one of another HTTP version (websockets' parser takes only 1.0 and 1.1), else
+    :data:`UNPARSABLE` (400)."""
+    parsed = parse_request_line(line)
+    return _NOT_11 if parsed is not None and parsed[2] != "1.1" else UNPARSABLE
+
+
+class RequestLine:
+    """Reads a request's first line out of its byte stream, however reads cut it, for an adapter
+    whose library refuses or takes a request line without saying what it was (websockets'
+    parser refuses HTTP/1.2 unread; aiohttp's takes ``GET  /path`` and ``GET /path``, and
+    refuses ``get``). :attr:`line` holds at most :data:`MAX_HEADER_LINE` bytes. Pure."""
+
+    __slots__ = ("ended", "line")
+
+    def __init__(self) -> None:
+        #: The line without its CRLF once :attr:`ended`; what came of it until then.
+        self.line = bytearray()
+        #: Whether the line is whole (or over :data:`MAX_HEADER_LINE` bytes, and cut there).
+        self.ended = False
+
+    def feed(self, data: bytes) -> None:
+        """Take the next bytes of the stream (nothing once :attr:`ended`)."""
+        if self.ended:
+            return
+        line = self.line
+        start = max(0, len(line) - 1)  # a CR that ended the last read
+        line += data[: MAX_HEADER_LINE + 2 - len(line)]
+        end = line.find(b"\r\n", start)
+        if end >= 0:
+            del line[end:]
+            self.ended = True
+        elif len(line) > MAX_HEADER_LINE:
+            del line[MAX_HEADER_LINE:]
+            self.ended = True
+
+    @property
+    def text(self) -> str:
+        """The line as text (Latin-1, as HTTP's octets)."""
+        return self.line.decode("latin-1")
