@@ -91,7 +91,10 @@ def _strict(frame: bytes) -> bytes:
     # and for everything inside it, wherever it sits in the value: such a frame carries the
     # constants. It is parsed back and re-encoded, which maps them to null. Both words may also
     # sit inside a string, which only the parse tells apart; a frame without them costs the scan.
-    if (b"NaN" in frame or b"Infinity" in frame) and not _is_strict_json(frame):
+    # find(), not ``in``: ``in`` on bytes first tries its operand as an integer (a byte value),
+    # and CPython raises and clears a TypeError for it each time: a per-user send cost 71,400
+    # instructions with ``in``, 69,000 with find() (callgrind, server side, websockets adapter).
+    if (frame.find(b"NaN") >= 0 or frame.find(b"Infinity") >= 0) and not _is_strict_json(frame):
         value = pydantic_core.from_json(frame, allow_inf_nan=True, cache_strings=False)
         return pydantic_core.to_json(value, inf_nan_mode=_INF_NAN)
     return frame
