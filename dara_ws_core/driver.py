@@ -644,10 +644,15 @@ def fan_out_through(handlers: Collection[WebSocketHandler], frame: bytes, skip: 
     handler: WebSocketHandler | None = None
     if skip is not None:  # as if written this iteration: left to the caller, which skips it
         kept, skip._wrote = skip._wrote, epoch
+    # Nothing written through yet this iteration (one fan-out per iteration: k=1), so no
+    # recipient's _wrote can be this epoch: the loop need not read it.
+    first = skip is None and not flusher.written
     try:
         for handler in handlers:
-            # Two attributes of the handler, then the write (a transport's send_nowait may refuse).
-            if handler._wrote < epoch and (write := handler._through) is not None and write(frame) is not False:
+            # Its write, then the write (a transport's send_nowait may refuse); _wrote too unless
+            # nothing was written through this iteration.
+            if (first or handler._wrote < epoch) and (write := handler._through) is not None \
+                    and write(frame) is not False:
                 handler._wrote = epoch
                 handler.accepted += 1  # and written: flushed too (see WebSocketHandler._behind)
             else:
