@@ -173,7 +173,7 @@ class ConnectionDriver:
         """Hand the fan-outs written through (fan_out_through) this connection's write, if every
         condition of it holds now; whatever ends one of them takes it back (``_through = None``).
         Called after a frame written through here: no sender, nothing corked, not closed."""
-        if handler.ack_at or handler._flush_goal is not None or handler.flushed != handler.accepted \
+        if handler.ack_at or handler._flush_goal is not None or handler._behind \
                 or not handler.queue.idle:
             return
         direct = self._direct
@@ -644,13 +644,17 @@ def fan_out_through(handlers: Collection[WebSocketHandler], frame: bytes, skip: 
     handler: WebSocketHandler | None = None
     if skip is not None:  # as if written this iteration: left to the caller, which skips it
         kept, skip._wrote = skip._wrote, epoch
+    # Nothing written through yet this iteration (one fan-out per iteration: k=1), so no
+    # recipient's _wrote can be this epoch: the loop need not read it.
+    first = skip is None and not flusher.written
     try:
         for handler in handlers:
-            # Two attributes of the handler, then the write (a transport's send_nowait may refuse).
-            if handler._wrote < epoch and (write := handler._through) is not None and write(frame) is not False:
+            # Its write, then the write (a transport's send_nowait may refuse); _wrote too unless
+            # nothing was written through this iteration.
+            if (first or handler._wrote < epoch) and (write := handler._through) is not None \
+                    and write(frame) is not False:
                 handler._wrote = epoch
-                # Equal while _through is set (every frame accepted was written): one number.
-                handler.accepted = handler.flushed = handler.accepted + 1
+                handler.accepted += 1  # and written: flushed too (see WebSocketHandler._behind)
             else:
                 rest.append(handler)
         written = len(handlers) - len(rest)

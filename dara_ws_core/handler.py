@@ -178,7 +178,7 @@ class _Hot:
     evicts the lines of the last: in-process k=1 fan-out to 1,000 picows connections went from
     1.10x to 1.02x a bare picows server's CPU time per delivery."""
 
-    __slots__ = ("_through", "_wrote", "accepted", "flushed")
+    __slots__ = ("_behind", "_through", "_wrote", "accepted")
 
 
 class WebSocketHandler(_Hot):
@@ -239,7 +239,10 @@ class WebSocketHandler(_Hot):
         #: written, in the same order: frame number ``n`` is written once ``flushed >= n``
         #: (what the per-user outbox waits for before acknowledging a replayed frame).
         self.accepted = 1
-        self.flushed = 0
+        #: ``accepted - flushed``: the frames accepted and not written yet. ``flushed`` is derived
+        #: from it so that a frame written at once (a fan-out's write through above all) counts
+        #: with one store, ``accepted``, not two.
+        self._behind = 1
         self._flush_goal: tuple[int, asyncio.Event] | None = None
         #: A frame number the manager waits to see written (0: none), and whom to tell, once,
         #: with the channel id when ``flushed`` reaches it (the outbox's acknowledgements); then
@@ -314,6 +317,16 @@ class WebSocketHandler(_Hot):
     def task_count(self) -> int:
         """Custom handler tasks (async and ``in_thread`` handlers) running for this connection."""
         return len(self._tasks) if self._tasks is not None else 0
+
+    @property
+    def flushed(self) -> int:
+        """Frames its transport has written (or the ``DROP_OLDEST`` policy dropped), in the order
+        they were accepted: frame number ``n`` is written once ``flushed >= n``."""
+        return self.accepted - self._behind
+
+    @flushed.setter
+    def flushed(self, value: int) -> None:
+        self._behind = self.accepted - value
 
     @property
     def dropped(self) -> int:
@@ -425,17 +438,15 @@ class WebSocketHandler(_Hot):
                 sink.write_at_once(frame) if at_once else sink.write_now(frame)):
             counters.frames_out += 1
             counters.bytes_out += len(frame)
-            self.accepted += 1
-            # frames_done(1), inlined for the common case of nobody waiting for a number.
+            self.accepted += 1  # and written: flushed too (_behind unchanged)
             if self.ack_at or self._flush_goal is not None:
-                self.frames_done(1)
-            else:
-                self.flushed += 1
+                self._written()
             return True
         if not queue.offer(frame):
             return False
         self._through = None  # queued: the frames behind it must queue too
         self.accepted += 1
+        self._behind += 1
         counters.frames_out += 1
         counters.bytes_out += len(frame)
         if sink is not None:
@@ -448,7 +459,11 @@ class WebSocketHandler(_Hot):
 
     def frames_done(self, count: int) -> None:
         """``count`` more frames, in queue order, were written (or dropped by the policy)."""
-        self.flushed += count
+        self._behind -= count
+        self._written()
+
+    def _written(self) -> None:
+        """Tell whoever waits for a frame number written by now (``ack_at``, ``wait_flushed``)."""
         at = self.ack_at
         if at and self.flushed >= at:
             self.ack_at = ACK_PARKED
@@ -463,7 +478,7 @@ class WebSocketHandler(_Hot):
     def wrote_all(self) -> bool:
         """Every frame accepted so far was handed to the socket: none queued, none corked for
         the loop's flush (which a library that closes the connection by itself would drop)."""
-        if self.flushed < self.accepted or self.queue.closed:
+        if self._behind or self.queue.closed:
             return False
         sink = self._sink
         return sink is None or not getattr(sink, "corked", 0)
@@ -471,7 +486,7 @@ class WebSocketHandler(_Hot):
     def frames_dropped(self, count: int) -> None:
         """The last ``count`` frames counted as written were dropped by the transport (its
         library closed the connection before their write): not written after all."""
-        self.flushed -= count
+        self._behind += count
         self._through = None
 
     async def wait_flushed(self, count: int, timeout: float) -> int:
@@ -545,6 +560,7 @@ class WebSocketHandler(_Hot):
         """Account for ``frame``, queued past the queue's bounds (a replay, a burst)."""
         self._through = None  # queued: the fan-out's write-through ends (see fan_out_through)
         self.accepted += 1
+        self._behind += 1
         counters = self.counters
         counters.frames_out += 1
         counters.bytes_out += len(frame)
@@ -572,6 +588,7 @@ class WebSocketHandler(_Hot):
                 await self.queue.put(frame, self.config.send_timeout)
                 self._through = None  # queued: the frames behind it must queue too
                 self.accepted += 1  # numbered like every frame the queue takes (frame_flushed)
+                self._behind += 1
                 self.counters.frames_out += 1
                 self.counters.bytes_out += len(frame)
                 if self._sink is not None:
@@ -595,6 +612,7 @@ class WebSocketHandler(_Hot):
             dropped = queue.drop_oldest_and_put(frame)
         self._through = None  # queued: the frames behind it must queue too
         self.accepted += 1
+        self._behind += 1
         counters.frames_out += 1
         counters.bytes_out += len(frame)
         if dropped:
