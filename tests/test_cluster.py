@@ -27,12 +27,13 @@ from dara_ws_core.backplane import Gap, MemoryBroker
 from dara_ws_core.backplane.broker import _wall_ms
 from dara_ws_core.codec import build_frame
 
-from .helpers import eventually
+from .helpers import LOAD_FACTOR, eventually
 from .stacks import HandshakeRejected
 from .test_backplane import TIMEOUT, cluster, user
 
-# A correctness bound, not a speed target: far below the 2 s a stuck client used to cost.
-NO_STALL = 1.0
+# A correctness bound, not a speed target: below the 2 s a stuck client used to cost (send_timeout),
+# with room for a loaded machine (tests/helpers.py) that never reaches the stall it is there for.
+NO_STALL = min(1.0 * LOAD_FACTOR, 1.8)
 
 
 async def closed_with(client: DaraClient) -> int:

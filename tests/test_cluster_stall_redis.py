@@ -17,6 +17,7 @@ import pytest
 from dara_ws_core import DaraServerMessage, ServerConfig, WebsocketManager
 from dara_ws_redis import RedisBackplane
 
+from .helpers import LOAD_FACTOR
 from .stacks import running_stack
 from .test_backplane_redis import HEARTBEAT, TIMEOUT
 
@@ -25,7 +26,9 @@ if TYPE_CHECKING:
 
 pytest_plugins = ["tests.redis_server"]
 
-NO_STALL = 1.0  # a correctness bound (a stuck client used to cost send_timeout = 2 s), not speed
+# A correctness bound (a stuck client used to cost send_timeout = 2 s), not speed: room for a
+# loaded machine (tests/helpers.py), never up to the stall it is there for.
+NO_STALL = min(1.0 * LOAD_FACTOR, 1.8)
 
 
 def who() -> str:
