@@ -169,7 +169,9 @@ class _Deadlines:
 
 
 class _Hot:
-    """The slots a fan-out reads and writes for every recipient (:func:`driver.fan_out_through`).
+    """The slots a fan-out reads and writes for every recipient (:func:`driver.fan_out_through`:
+    ``_through``, ``_wrote`` and ``accepted``), and ``_behind``, which the checked path reads
+    beside them when it hands the write back (the loop itself never touches it).
 
     A base class's slots come first in an instance, right after the object's header (each
     class's own are laid out sorted by name, which scattered these four over 120 bytes).
