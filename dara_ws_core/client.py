@@ -654,7 +654,10 @@ class DaraClient:
             self._start(request)
 
     async def receive(self, timeout: float | None = None) -> PushedMessage:
-        """The next pushed message (not pongs, replies, or requests a responder answers).
+        """The next pushed message: not pongs, not requests a responder answers, not replies to
+        :meth:`request` (nor late replies to one that timed out or was cancelled: dropped and
+        counted in ``late_replies``). Any other reply comes out here, as a push: to a request
+        sent with :meth:`send_raw`, or one the server sends twice or for an id never sent.
 
         Raises ``TimeoutError`` after ``timeout`` and ``ConnectionClosed`` once the client is
         closed and the inbox is empty.
