@@ -31,7 +31,6 @@ from .exceptions import (
     CloseCode,
 )
 from .handler import WebSocketHandler
-from .heap import release_free_heap
 from .logs import ConnectionLogger, current_source
 from .manager import WebsocketManager
 from .transport import HandshakeRequest, Transport, TrustedProxies, address_key
@@ -531,12 +530,9 @@ class Endpoint:
     def open(self) -> None:
         """Accept handshakes again after :meth:`shutdown`: each adapter's ``serve()`` and ASGI
         lifespan call it as they start, so that one endpoint (a module's, say) can be served
-        again, by the next test or a restarted server. A no-op on an endpoint never shut down,
-        but for one thing: the C heap's free pages go back to the system (see
-        :mod:`dara_ws_core.heap`), which starting a server leaves behind."""
+        again, by the next test or a restarted server. A no-op on an endpoint never shut down."""
         self._closing = False
         self._told_closed = False
-        release_free_heap()
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop: refuse new handshakes, close every connection with 1001 and fail their pending

@@ -30,8 +30,6 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "custom": frozenset({"CustomHandler", "DispatchHost", "HandlerSpec", "HandlerThreads"}),
     "driver": frozenset({"ConnectionDriver", "close_quietly"}),
     "handler": frozenset({"Sink"}),
-    # Called by Endpoint.open(); by name for a process that starts no endpoint.
-    "heap": frozenset({"release_free_heap"}),
     "codec": frozenset({"MAX_NESTING_DEPTH", "MAX_NUMBER_DIGITS", "PONG_FRAME", "count_json_values",
                         "decode_answer", "dumps", "utf8_size_exceeds"}),
     "messages": frozenset({"InitPayload", "TypedPayload"}),
