@@ -531,9 +531,10 @@ class WebsocketManager:
     ) -> None:
         """Send a message to every connected client except ``ignore_channel``."""
         frame = build_frame(message, custom=custom)
+        backplane = self._started_backplane()
         self.deliver_to_all(frame, ignore_channel)
-        if self.backplane is not None:
-            await self.backplane.broadcast(frame, ignore_channel)
+        if backplane is not None:
+            await backplane.broadcast(frame, ignore_channel)
 
     async def send_message_to_user(
         self,
@@ -572,7 +573,8 @@ class WebsocketManager:
         frame = build_frame(message, custom=custom)
         # A send that skips a channel is not kept: who it is for depends on a live channel.
         keep = self.outbox_limits if ignore_channel is None else None
-        if self.backplane is None:
+        backplane = self._started_backplane()
+        if backplane is None:
             if keep is None:
                 self.deliver_to_user(user_id, frame, ignore_channel)
                 return True
@@ -582,7 +584,7 @@ class WebsocketManager:
         kept = True
         if keep is not None:
             sender, address = self._sender()
-            if not self.backplane.keeps(sender, address, user_id):  # over a bound, the bus said: not offered
+            if not backplane.keeps(sender, address, user_id):  # over a bound, the bus said: not offered
                 keep, kept = None, False
         handlers = self.handlers
         local = [handlers[c] for c in self.registry.user_channels(user_id) if c in handlers]
@@ -601,8 +603,20 @@ class WebsocketManager:
             stamped = self._when_stamped(user_id, frame, local, waiting, ignore_channel,
                                          arrival=arrival)
         # False also when the sender's share had room for a message, not for this one's bytes.
-        return await self.backplane.send_to_user(user_id, frame, ignore_channel, keep, stamped,
+        return await backplane.send_to_user(user_id, frame, ignore_channel, keep, stamped,
                                                  sender=sender, address=address) and kept
+
+    def _started_backplane(self) -> Backplane | None:
+        """The backplane, once it says it is started (its ``check_started()``, when it has one,
+        raises ``RuntimeError`` before): checked before a broadcast or a per-user send delivers
+        anything here, so that the call that raises delivered nothing, and a retry once the
+        backplane is started sends each connection the message once."""
+        backplane = self.backplane
+        if backplane is not None:
+            check: Callable[[], None] | None = getattr(backplane, "check_started", None)
+            if check is not None:
+                check()
+        return backplane
 
     def _sender(self) -> tuple[str | None, str | None]:
         """Who a kept message is charged to, and from which address: the connection whose frame

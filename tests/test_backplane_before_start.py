@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from dara_ws_core import ServerConfig, WebsocketManager
+from dara_ws_core import DaraServerMessage, ServerConfig, WebsocketManager
 from dara_ws_core.backplane import BrokerBackplane, MemoryBackplane, MemoryBroker
 from dara_ws_core.outbox import OutboxLimits
+
+from .stacks import running_stack
 
 if TYPE_CHECKING:
     from .redis_server import RedisServer
@@ -87,3 +89,29 @@ async def test_the_same_calls_work_once_started() -> None:
             await backplane.flush()
         finally:
             await backplane.stop()
+
+
+#: The manager's calls that deliver to its own connections as well as through the bus.
+FAN_OUTS: dict[str, Callable[[WebsocketManager, int], Awaitable[Any]]] = {
+    "broadcast": lambda m, n: m.broadcast({"n": n}),
+    "send_message_to_user": lambda m, n: m.send_message_to_user("alice", {"n": n}),
+}
+
+
+@pytest.mark.parametrize("call", sorted(FAN_OUTS))
+async def test_a_fan_out_that_raises_for_start_delivered_nothing_here(
+    call: str, unstarted: tuple[BrokerBackplane, WebsocketManager]
+) -> None:
+    """The manager checks the backplane before its own connections get the message: a retry
+    once started must not bring them a second copy (nor the raise hide a first one)."""
+    backplane, manager = unstarted
+    async with running_stack("memory", manager=manager) as stack:
+        client = await stack.client("alice:s1")
+        async with asyncio.timeout(TIMEOUT):
+            with pytest.raises(RuntimeError, match=MESSAGE):
+                await FAN_OUTS[call](manager, 1)
+            await backplane.start(manager)
+            await FAN_OUTS[call](manager, 2)
+            message = await client.receive(TIMEOUT)
+        assert isinstance(message, DaraServerMessage)
+        assert message.message.model_dump(by_alias=True, exclude_none=True) == {"n": 2}

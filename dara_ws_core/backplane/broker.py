@@ -175,12 +175,14 @@ class BrokerBackplane(BusNode):
         """What the repr says of the bus (never a password): nothing by default."""
         return ""
 
-    def _check_started(self) -> None:
+    def check_started(self) -> None:
         """Raise ``RuntimeError`` before :meth:`start`. Every call that publishes or asks the
         bus checks it first: without it, one would drop its message with a warning that the bus
         is unavailable, another raise ``BackplaneError``, a kept message wait for a start that may
         never come, and :meth:`flush` wait for ever (stopped is another matter: those calls
-        then fail as documented)."""
+        then fail as documented). The manager checks it too, before it delivers anything to its
+        own connections, so that a broadcast or a per-user send that raises for it delivered
+        nothing."""
         if self._manager is None:
             raise RuntimeError(_NOT_STARTED)
 
@@ -306,7 +308,7 @@ class BrokerBackplane(BusNode):
         waiting in the spool for its next try, with the user's later kept messages behind it).
         Wrap it in ``asyncio.timeout``: while the bus is unreachable, or after a round trip
         that failed, it waits until the bus answers again."""
-        self._check_started()
+        self.check_started()
         target = self._version
         async with self._written_cond:
             await self._written_cond.wait_for(lambda: self._written >= target)
@@ -330,12 +332,12 @@ class BrokerBackplane(BusNode):
         self._wake.set()
 
     async def send_to_channel(self, channel_id: str, frame: bytes) -> None:
-        self._check_started()
+        self.check_started()
         data = encode_bus_message(ChannelDelivery(channel_id, frame, _wall_ms()))
         await self._route(channel_id, data, "message")
 
     async def broadcast(self, frame: bytes, ignore_channel: str | None) -> None:
-        self._check_started()
+        self.check_started()
         self._broadcast_seq += 1
         data = encode_bus_message(BroadcastDelivery(self.node_id, ignore_channel, frame,
                                                     self._broadcast_seq, _wall_ms()))
@@ -345,7 +347,7 @@ class BrokerBackplane(BusNode):
                            keep: OutboxLimits | None = None,
                            stamped: Callable[[Stamped], None] | None = None, *,
                            sender: str | None = None, address: str | None = None) -> bool:
-        self._check_started()
+        self.check_started()
         data = encode_bus_message(UserDelivery(user_id, ignore_channel, frame, sent=_wall_ms()))
         if keep is None:
             await self._post(Publication(data, user_id=user_id), "message to a user")
@@ -500,7 +502,7 @@ class BrokerBackplane(BusNode):
             self.ack(user_id, later)
 
     def disconnect(self, scope: str, target: str, code: int, reason: str) -> asyncio.Future[Any]:
-        self._check_started()
+        self.check_started()
         # The broadcast topic, not the directory: a channel registered a moment ago may not be
         # in the directory yet, and revocation must not miss it.
         # Recorded on the bus too, in the same step (a process not subscribed at that moment
@@ -650,7 +652,7 @@ class BrokerBackplane(BusNode):
         custom: bool,
         timeout: float | None,
     ) -> Any:
-        self._check_started()
+        self.check_started()
         # Encoded once, here, with its __rchan (a uuid4 like a local one), and relayed as it is:
         # the caller's errors surface here, and the owner never decodes and re-encodes it.
         request_id = str(uuid.uuid4())
@@ -683,7 +685,7 @@ class BrokerBackplane(BusNode):
                                               topic=self.topic_of(owner)), "cancel")
 
     async def user_channels(self, user_id: str) -> set[str]:
-        self._check_started()
+        self.check_started()
         local = self.manager.get_user_channels(user_id)
         if not self._connected.is_set():
             raise BackplaneError("the backplane is disconnected")
