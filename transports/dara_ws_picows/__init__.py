@@ -68,17 +68,11 @@ class _Quiet(logging.LoggerAdapter):  # type: ignore[type-arg]
 _LOG = _Quiet(logging.getLogger("dara_ws_picows"), {})
 
 
-def _response(status: int, text: str, extra: str = "") -> bytes:
-    body = f"{text}\n".encode()
-    return (f"HTTP/1.1 {status} {text}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
-            f"{extra}Connection: close\r\n\r\n").encode() + body
-
-
-#: Error statuses of the gate, with the reason phrase and extra headers of each.
-_ERRORS = {
-    431: ("Request Header Fields Too Large", ""),
-    503: ("Service Unavailable", f"Retry-After: {RETRY_AFTER}\r\n"),
-}
+#: The gate's own refusals, beside the upgrade check's (the same statuses on every transport).
+_TOO_LARGE = Refusal(431, "Request Header Fields Too Large")
+_NOT_FOUND = Refusal(404, "Not Found")
+_FULL = Refusal(503, "Service Unavailable", (("Retry-After", str(RETRY_AFTER)),))
+_FORBIDDEN = Refusal(403, "Forbidden")
 
 
 def _parse(head: bytes) -> tuple[str, list[tuple[str, str]]] | Refusal:
@@ -133,23 +127,22 @@ class _Gate(asyncio.Protocol):
         end = self._head.find(b"\r\n\r\n", start)
         if end < 0:
             if len(self._head) > MAX_HEAD:
-                self._reject(431)
+                self._reject(_TOO_LARGE)
             return
         if end > MAX_HEAD:
-            self._reject(431)
+            self._reject(_TOO_LARGE)
             return
         self._server.endpoint.settled(self._evict)  # its request is whole: never evicted now
         parsed = _parse(bytes(self._head[:end]))
         if isinstance(parsed, Refusal):
-            transport.write(parsed.encode())
-            transport.close()
+            self._reject(parsed)
             return
         handshake = HandshakeRequest.build(*parsed, transport.get_extra_info("peername"))
         if handshake.path != self._server.endpoint.path:
-            self._reject(404, "Not Found")
+            self._reject(_NOT_FOUND)
             return
         if self._admission is not Admission.ADMIT:
-            self._reject(503)
+            self._reject(_FULL)
             return
         transport.pause_reading()
         self._task = asyncio.get_running_loop().create_task(self._accept(transport, handshake))
@@ -169,17 +162,16 @@ class _Gate(asyncio.Protocol):
             self._transport.abort()
         return True
 
-    def _reject(self, status: int, text: str = "") -> None:
+    def _reject(self, refusal: Refusal) -> None:
         if self._transport is not None:
-            phrase, extra = _ERRORS.get(status, (text, ""))
-            self._transport.write(_response(status, text or phrase, extra))
+            self._transport.write(refusal.encode())
             self._transport.close()
 
     async def _accept(self, transport: asyncio.Transport, handshake: HandshakeRequest) -> None:
         try:
             identity = await self._server.endpoint.authenticate(handshake)
         except AuthenticationFailed:
-            self._reject(403, "Forbidden")
+            self._reject(_FORBIDDEN)
             return
         if self._transport is None:  # gone meanwhile
             return
