@@ -355,14 +355,16 @@ class WebSocketHandler(_Hot):
         a threaded handler, so that one connection's messages stay in order."""
         wait: Awaitable[None] | None = None
         for event in events:
-            if isinstance(event, SendFrame):
-                wait = self.send_nowait(event.frame)
-            elif isinstance(event, CustomReceived):
-                wait = self._custom.dispatch(event, self)
-            elif isinstance(event, RequestCompleted):
+            # An answer first: a requesting server's most frequent event (two type checks less
+            # per round trip); a custom message's reply pays one more.
+            if isinstance(event, RequestCompleted):
                 self.counters.requests_answered += 1
                 if not event.waiter.done():
                     event.waiter.set_result(event.value)
+            elif isinstance(event, SendFrame):
+                wait = self.send_nowait(event.frame)
+            elif isinstance(event, CustomReceived):
+                wait = self._custom.dispatch(event, self)
             elif isinstance(event, RequestFailed):
                 if isinstance(event.error, ChunkError):
                     self.counters.requests_chunk_error += 1
@@ -436,7 +438,8 @@ class WebSocketHandler(_Hot):
         queue = self.queue
         sink = self._sink
         counters = self.counters
-        if sink is not None and queue.idle and (
+        # queue.idle, read in place: the property is a Python call of its own per frame.
+        if sink is not None and not queue._frames and not queue._closed and (
                 sink.write_at_once(frame) if at_once else sink.write_now(frame)):
             counters.frames_out += 1
             counters.bytes_out += len(frame)
