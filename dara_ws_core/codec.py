@@ -164,7 +164,9 @@ def build_frame(
         raise ValueError("a custom payload needs a 'kind' key")
     if rchan is not None:
         payload = {**payload, "__rchan": rchan}
-    return dumps({"type": "custom" if custom else "message", "message": payload})
+    # dumps(), inlined: one Python call less per frame built.
+    return _strict(pydantic_core.to_json({"type": "custom" if custom else "message", "message": payload},
+                                         by_alias=True, inf_nan_mode=_INF_NAN))
 
 
 def _foreign_envelope(body: dict[str, Any], model: BaseModel) -> bool:

@@ -120,6 +120,7 @@ _set_rchan = Completed.__dict__["rchan"].__set__
 _set_waiter = Completed.__dict__["waiter"].__set__
 _set_value = Completed.__dict__["value"].__set__
 Completed.__init__ = _completed_init  # type: ignore[method-assign]
+_new = object.__new__
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,7 +486,13 @@ class PendingRequests(Generic[W]):
                 self._held.release(entry.held, entry.values)
             # Dara let a plain frame silently replace collected parts; we refuse it.
             return Failed(rchan, entry.waiter, ChunkError("plain answer after chunked parts"))
-        return Completed(rchan, entry, value)  # type: ignore[arg-type]  # a waiter
+        # Completed(rchan, entry, value) without the call of its __init__ (from C, a Python
+        # frame of its own): the same frozen object, its slots written through their descriptors.
+        done: Completed[W] = _new(Completed)
+        _set_rchan(done, rchan)
+        _set_waiter(done, entry)
+        _set_value(done, value)
+        return done
 
     def discard(self, rchan: str) -> None:
         """Forget a request (its caller timed out or was cancelled); no-op if already gone."""

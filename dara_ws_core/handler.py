@@ -689,6 +689,8 @@ class WebSocketHandler(_Hot):
         A coroutine to await, as an ``async def`` gives (nothing is encoded or sent before it
         runs): the request's own coroutine, without one more around it.
         """
+        # WebsocketManager.send_and_wait makes the same test and the same call itself (one
+        # Python call less per request): keep the two alike.
         if self.counters.telemetry is None:
             return self._request(None, "", timeout, message, custom)
         return self._send_and_wait_traced(message, custom, timeout)
