@@ -164,7 +164,9 @@ def build_frame(
         raise ValueError("a custom payload needs a 'kind' key")
     if rchan is not None:
         payload = {**payload, "__rchan": rchan}
-    return dumps({"type": "custom" if custom else "message", "message": payload})
+    # dumps(), inlined: one Python call less per frame built.
+    return _strict(pydantic_core.to_json({"type": "custom" if custom else "message", "message": payload},
+                                         by_alias=True, inf_nan_mode=_INF_NAN))
 
 
 def _foreign_envelope(body: dict[str, Any], model: BaseModel) -> bool:
@@ -313,10 +315,17 @@ def decode_answer(
     channel = value.get("channel")
     if type(channel) is not str or value.get("chunk_count") is not None or value.get("chunk_index") is not None:
         return None
-    message = value.get("message")
+    message: Any = value.get("message")
     kind = type(message)
     if kind is not dict and kind is not list and kind is not float:
         return channel, message  # a string, an int, a bool or null: no infinity
+    if kind is dict and len(message) <= _WALK_FIRST:
+        # The usual answer, an object of a few plain values, looked at here: no walk to call.
+        for item in message.values():
+            if type(item) in _MAY_HOLD_INFINITY:
+                break
+        else:
+            return channel, message
     held = _infinity_in(message, _WALK_FIRST)
     if held is None:
         held = _may_overflow(frame) and _infinity_in(message, None)
@@ -388,6 +397,8 @@ def _standalone_number(text: bytes, exponent: int, marker: int) -> bool:
 
 
 _INFINITIES = (float("inf"), float("-inf"))
+#: The decoded JSON types that are, or may hold, an infinite float.
+_MAY_HOLD_INFINITY = frozenset({float, dict, list})
 #: Values of a decoded message walked before the scan of its frame decides instead.
 _WALK_FIRST = 16
 

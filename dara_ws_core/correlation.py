@@ -120,6 +120,7 @@ _set_rchan = Completed.__dict__["rchan"].__set__
 _set_waiter = Completed.__dict__["waiter"].__set__
 _set_value = Completed.__dict__["value"].__set__
 Completed.__init__ = _completed_init  # type: ignore[method-assign]
+_new = object.__new__
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,15 +247,20 @@ class _Held(_Tally):
 
 
 class _Entry(Generic[W]):
-    # ``held`` and ``values`` (what the entry's parts hold) are set with its assembler, by the
-    # first part of a chunked answer: a plain answer, the usual one, never writes them.
-    __slots__ = ("assembler", "held", "values", "waiter")
-    held: int
-    values: int
+    """A request whose answer comes in parts: its waiter, the parts' assembler and what they
+    hold. A plain request's entry is its waiter itself (no object per request, the usual case);
+    the first part of a chunked answer replaces it with one of these."""
 
-    def __init__(self, waiter: W) -> None:
+    __slots__ = ("assembler", "held", "values", "waiter")
+
+    def __init__(self, waiter: W, assembler: ChunkAssembler) -> None:
         self.waiter = waiter
-        self.assembler: ChunkAssembler | None = None
+        self.assembler = assembler
+        self.held = self.values = 0
+
+
+#: What ``pop`` gives for an absent entry (a waiter may be any object, ``None`` included).
+_ABSENT: Any = object()
 
 
 #: The entries of every channel without a pending request (never written to: see open()).
@@ -309,7 +315,8 @@ class PendingRequests(Generic[W]):
         self.max_pending = config.max_pending_requests
         # A shared empty table until the first request: most connections never get one, and an
         # empty dict per connection is 64 bytes. Only open() adds; it swaps in a table first.
-        self._entries: dict[str, _Entry[W]] = _NO_ENTRIES
+        # An entry is the request's waiter, or an _Entry once its answer comes in parts.
+        self._entries: dict[str, W | _Entry[W]] = _NO_ENTRIES
         self._held: _Held | None = None  # made by the first part of a chunked answer
         self._user = user
 
@@ -343,11 +350,10 @@ class PendingRequests(Generic[W]):
         upper bound, counted as for a frame: see :func:`~dara_ws_core.codec.count_json_values`)."""
         return 0 if self._held is None else self._held.values
 
-    def _remove(self, rchan: str) -> _Entry[W]:
+    def _remove(self, rchan: str) -> None:
         entry = self._entries.pop(rchan)
-        if entry.assembler is not None and self._held is not None:
+        if type(entry) is _Entry and self._held is not None:
             self._held.release(entry.held, entry.values)
-        return entry
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -360,7 +366,8 @@ class PendingRequests(Generic[W]):
 
     def waiter(self, rchan: str) -> W:
         """The waiter of a pending request; raises ``KeyError`` if there is none."""
-        return self._entries[rchan].waiter
+        entry = self._entries[rchan]
+        return entry.waiter if type(entry) is _Entry else entry  # type: ignore[return-value]
 
     def open(self, waiter: W, rchan: str | None = None) -> str:
         """Open a request and return its ``__rchan``: a new uuid4 (122 random bits, like Dara's),
@@ -381,7 +388,7 @@ class PendingRequests(Generic[W]):
         entries = self._entries
         if entries is _NO_ENTRIES:
             self._entries = entries = {}
-        entries[rchan] = _Entry(waiter)
+        entries[rchan] = waiter
         return rchan
 
     def receive(self, message: DaraClientMessage) -> Outcome[W]:
@@ -396,24 +403,27 @@ class PendingRequests(Generic[W]):
         rchan = message.channel
         if message.chunk_count is None:
             return self.complete(rchan, message.message)
-        entry = self._entries.get(rchan)
-        if entry is None:
+        entries = self._entries
+        entry = entries.get(rchan, _ABSENT)
+        if entry is _ABSENT:
             return Ignored(rchan)
         config = self._config
         held = self._held
+        chunked: _Entry[W] | None = entry if type(entry) is _Entry else None
+        waiter: W = entry if chunked is None else chunked.waiter
         try:
-            if entry.assembler is None:
-                entry.assembler = ChunkAssembler(
+            if chunked is None:  # the first part: the entry gets its assembler
+                chunked = _Entry(waiter, ChunkAssembler(
                     message.chunk_count,
                     max_chunks=config.max_chunks,
                     max_bytes=self.max_chunked_bytes,
-                )
-                entry.held = entry.values = 0
+                ))
+                entries[rchan] = chunked
             part = dumps(message.message)
             size = len(part) + PART_BYTES
             values = count_json_values(part) + PART_VALUES
             self._check(held, size, values)
-            parts = entry.assembler.feed(
+            parts = chunked.assembler.feed(
                 message.message,
                 chunk_count=message.chunk_count,
                 chunk_index=message.chunk_index,
@@ -423,16 +433,16 @@ class PendingRequests(Generic[W]):
             self._remove(rchan)
             # Without its traceback: through this frame's locals it would keep every part of
             # the failed answer alive as long as the caller keeps the exception.
-            return Failed(rchan, entry.waiter, exc.with_traceback(None))
+            return Failed(rchan, waiter, exc.with_traceback(None))
         if held is None:
             self._held = held = _Held(self._budget, self._user)
         held.add(size, values)
-        entry.held += size
-        entry.values += values
+        chunked.held += size
+        chunked.values += values
         if parts is None:
-            return Partial(rchan, entry.assembler.received, entry.assembler.expected)
+            return Partial(rchan, chunked.assembler.received, chunked.assembler.expected)
         self._remove(rchan)
-        return Completed(rchan, entry.waiter, parts)
+        return Completed(rchan, waiter, parts)
 
     def _check(self, held: _Held | None, size: int, values: int) -> None:
         """Raise :class:`ChunkError` if a part costing ``size`` bytes and ``values`` JSON values
@@ -468,15 +478,21 @@ class PendingRequests(Generic[W]):
 
     def complete(self, rchan: str, value: Any) -> Completed[W] | Failed[W] | Ignored:
         """Feed a plain (not chunked) answer: ``value`` for the request ``rchan``."""
-        entry = self._entries.pop(rchan, None)
-        if entry is None:
+        entry = self._entries.pop(rchan, _ABSENT)
+        if entry is _ABSENT:
             return Ignored(rchan)
-        if entry.assembler is not None:  # only a chunked answer holds parts
+        if type(entry) is _Entry:  # only a chunked answer holds parts
             if self._held is not None:
                 self._held.release(entry.held, entry.values)
             # Dara let a plain frame silently replace collected parts; we refuse it.
             return Failed(rchan, entry.waiter, ChunkError("plain answer after chunked parts"))
-        return Completed(rchan, entry.waiter, value)
+        # Completed(rchan, entry, value) without the call of its __init__ (from C, a Python
+        # frame of its own): the same frozen object, its slots written through their descriptors.
+        done: Completed[W] = _new(Completed)
+        _set_rchan(done, rchan)
+        _set_waiter(done, entry)
+        _set_value(done, value)
+        return done
 
     def discard(self, rchan: str) -> None:
         """Forget a request (its caller timed out or was cancelled); no-op if already gone."""
@@ -485,7 +501,8 @@ class PendingRequests(Generic[W]):
 
     def close(self) -> list[W]:
         """Remove every entry and return their waiters, to be failed with the close exception."""
-        waiters = [entry.waiter for entry in self._entries.values()]
+        waiters: list[W] = [entry.waiter if type(entry) is _Entry else entry  # type: ignore[misc]
+                            for entry in self._entries.values()]
         self._entries.clear()
         held = self._held
         if held is not None:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -84,7 +85,7 @@ class _Owed:
 class ConnectionDriver:
     """Runs one connection: create it with the transport and identity, then ``await run()``."""
 
-    __slots__ = ("_abort_timer", "_close_task", "_closed", "_context", "_cork", "_corked", "_direct",
+    __slots__ = ("_abort_timer", "_clock", "_close_task", "_closed", "_context", "_cork", "_corked", "_direct",
                  "_flusher", "_held", "_loop", "_owed", "_sender", "_write", "handler", "manager",
                  "transport")
 
@@ -94,6 +95,11 @@ class ConnectionDriver:
         self.manager = manager
         self.transport = transport
         self._loop = loop = asyncio.get_running_loop()
+        # The loop's clock for every message read: on asyncio's own loops time() is
+        # time.monotonic() behind a Python call of its own, so it is called directly (as the
+        # handler's request deadlines do). Any other loop (uvloop) keeps its method.
+        self._clock: Callable[[], float] = (
+            time.monotonic if type(loop).time is asyncio.BaseEventLoop.time else loop.time)
         # The transport's optional synchronous write (a frame written now, no task, no queue),
         # looked up once: a runtime protocol check costs microseconds, too much per frame.
         # With a cork, frames are appended to the transport's pending output and flushed once per
@@ -293,9 +299,9 @@ class ConnectionDriver:
                     break
                 if frame is not None:
                     if self._context is None:
-                        pending = handler.receive_frame(frame, self._loop.time())
+                        pending = handler.receive_frame(frame, self._clock())
                     else:  # the context pushed messages are handled in (what a handler set)
-                        pending = self._context.run(handler.receive_frame, frame, self._loop.time())
+                        pending = self._context.run(handler.receive_frame, frame, self._clock())
                     # Not kept until the next message: an idle connection would hold a copy of
                     # the last one it received (up to max_message_size) for as long as it idles.
                     frame = None
@@ -347,7 +353,7 @@ class ConnectionDriver:
         :class:`~dara_ws_core.transport.SupportsPush`)."""
         try:
             pending = self._context.run(  # type: ignore[union-attr]  # set while pushing
-                self.handler.receive_frame, frame, self._loop.time())
+                self.handler.receive_frame, frame, self._clock())
         except Exception as exc:  # the loop raises it, as if it had handled the message itself
             self._held = exc
             return False

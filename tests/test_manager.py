@@ -130,3 +130,33 @@ async def test_a_foreign_envelope_model_reaches_the_client_with_its_typename_on_
             assert received.typename == "TaskNotificationMessage"
             assert received.message.model_extra == {"status": "COMPLETE", "task_id": "t1"}
             assert received.message.rchan is None
+
+
+async def test_send_and_wait_goes_through_a_handler_subclasss_own_method() -> None:
+    """The manager calls the handler's request directly (one call less per round trip) only
+    for the core's own handler class: a subclass's ``send_and_wait`` is not bypassed."""
+    from dara_ws_core import WebSocketHandler, WebsocketManager
+
+    from .stacks import running_stack
+
+    asked: list[Any] = []
+
+    class Recording(WebSocketHandler):
+        __slots__ = ()  # the same layout: the manager's handler can become one
+
+        def send_and_wait(self, message: Any, *, custom: bool = False, timeout: Any = None
+                          ) -> Coroutine[Any, Any, Any]:
+            asked.append(message)
+            return super().send_and_wait(message, custom=custom, timeout=timeout)
+
+    class Manager(WebsocketManager):
+        def create_handler(self, *args: Any, **kwargs: Any) -> WebSocketHandler:
+            handler = super().create_handler(*args, **kwargs)
+            handler.__class__ = Recording
+            return handler
+
+    async with running_stack("memory", manager=Manager(ServerConfig())) as stack:
+        client = await stack.client()
+        client.on_request(lambda request: {"twice": request.payload["n"] * 2})
+        assert await stack.manager.send_and_wait(client.channel, {"n": 21}, timeout=5.0) == {"twice": 42}
+    assert asked == [{"n": 21}]
