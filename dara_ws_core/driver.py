@@ -160,6 +160,9 @@ class ConnectionDriver:
             epoch = flusher.epoch
             handler = self.handler
             wrote = handler._wrote
+            if flusher.swept is not None and wrote != -epoch:  # (-epoch: the sweep did not write it)
+                flusher.settle()
+                wrote = handler._wrote
             if wrote < epoch:  # nothing corked nor written this iteration: write through
                 if not cork.send_nowait(frame):
                     return False
@@ -557,7 +560,7 @@ class _Flusher:
     connection). A connection written through that gets a second frame in the same iteration
     corks it; enough of those and the cork is back for the next iteration."""
 
-    __slots__ = ("_dirty", "_scheduled", "_streak", "doubled", "epoch", "frames", "through", "written")
+    __slots__ = ("_dirty", "_scheduled", "_streak", "doubled", "epoch", "frames", "swept", "through", "written")
 
     def __init__(self) -> None:
         self._dirty: list[ConnectionDriver] = []
@@ -568,6 +571,9 @@ class _Flusher:
         self.frames = self.written = self.doubled = 0
         self.through = False
         self._streak = 0
+        #: The recipients of this iteration's sweep (the first fan-out written through, see
+        #: fan_out_through), whose ``_wrote`` it left for :meth:`settle` to set, or ``None``.
+        self.swept: Collection[WebSocketHandler] | None = None
 
     def add(self, driver: ConnectionDriver) -> None:
         self._dirty.append(driver)
@@ -575,8 +581,23 @@ class _Flusher:
             self._scheduled = True
             driver._loop.call_soon(self._flush)
 
+    def settle(self) -> None:
+        """Set ``_wrote`` of every connection this iteration's sweep wrote, before anything reads
+        it (at most once per iteration, and only in one that writes more after its sweep). Those
+        the sweep did not write hold ``-epoch``; a connection that joined the collection since
+        counts as written: its next frame this iteration is corked, which only costs a flush."""
+        swept, self.swept = self.swept, None
+        if swept is None:
+            return
+        epoch = self.epoch
+        skipped = -epoch
+        for handler in swept:
+            if handler._wrote not in (skipped, NEVER_THROUGH):
+                handler._wrote = epoch
+
     def _flush(self) -> None:
         self._scheduled = False
+        self.swept = None  # the iteration is over: no _wrote can be this epoch's any more
         self.epoch += 1
         dirty, self._dirty = self._dirty, []
         self.through, self._streak = write_through(
@@ -630,7 +651,12 @@ def fan_out_through(handlers: Collection[WebSocketHandler], frame: bytes, skip: 
     for its frame numbers) and that was not written this iteration (``_wrote``) is written with
     it, no call in between. Returns how many were written so, and the other recipients (``skip``
     among them), in order, for the caller to ``offer`` the frame (which decides for them as
-    usual: a second frame in the iteration is corked, a full queue takes its policy)."""
+    usual: a second frame in the iteration is corked, a full queue takes its policy).
+
+    The iteration's first such fan-out (its sweep) does not set ``_wrote`` for the recipients it
+    writes, one store less each: the flusher keeps the collection until the end of the iteration
+    and :meth:`_Flusher.settle` sets their marks only if something reads them in it (another
+    fan-out, or ``ConnectionDriver.write_now``)."""
     global _current
     loop = asyncio._get_running_loop()
     if loop is None:
@@ -645,24 +671,38 @@ def fan_out_through(handlers: Collection[WebSocketHandler], frame: bytes, skip: 
         _current = (weakref.ref(loop), flusher)
     if flusher is None or not flusher.through:
         return None
+    if flusher.swept is not None:  # an earlier fan-out of this iteration swept: _wrote is read below
+        flusher.settle()
     epoch = flusher.epoch
     rest: list[WebSocketHandler] = []
     handler: WebSocketHandler | None = None
     if skip is not None:  # as if written this iteration: left to the caller, which skips it
         kept, skip._wrote = skip._wrote, epoch
-    # Nothing written through yet this iteration (one fan-out per iteration: k=1), so no
-    # recipient's _wrote can be this epoch: the loop need not read it.
-    first = skip is None and not flusher.written
     try:
-        for handler in handlers:
-            # Its write, then the write (a transport's send_nowait may refuse); _wrote too unless
-            # nothing was written through this iteration.
-            if (first or handler._wrote < epoch) and (write := handler._through) is not None \
-                    and write(frame) is not False:
-                handler._wrote = epoch
-                handler.accepted += 1  # and written: flushed too (see WebSocketHandler._behind)
-            else:
-                rest.append(handler)
+        if skip is None and not flusher.written:
+            # The sweep: nothing written through yet this iteration (one fan-out per iteration,
+            # k=1), so no recipient's _wrote can be this epoch and the loop need not read it, nor
+            # set it: the collection is kept (swept) for settle() to set it, should anything this
+            # iteration read it. Only those it does not write are marked (-epoch), off the loop's
+            # common path. Set first: should a write raise, the others count as written too.
+            flusher.swept = handlers
+            for handler in handlers:
+                if (write := handler._through) is not None and write(frame) is not False:
+                    handler.accepted += 1  # and written: flushed too (see WebSocketHandler._behind)
+                else:
+                    rest.append(handler)
+                    if handler._wrote != NEVER_THROUGH:
+                        handler._wrote = -epoch
+        else:
+            for handler in handlers:
+                # Not written this iteration, its write, then the write (a transport's
+                # send_nowait may refuse).
+                if handler._wrote < epoch and (write := handler._through) is not None \
+                        and write(frame) is not False:
+                    handler._wrote = epoch
+                    handler.accepted += 1
+                else:
+                    rest.append(handler)
         written = len(handlers) - len(rest)
     except BaseException:  # (a write raised) those before it were written: counted, then raised
         written = -len(rest)
@@ -674,6 +714,8 @@ def fan_out_through(handlers: Collection[WebSocketHandler], frame: bytes, skip: 
     finally:
         if skip is not None:
             skip._wrote = kept
+        elif not written:  # a sweep that wrote none: nothing to settle
+            flusher.swept = None
         if written:
             counters.frames_out += written
             counters.bytes_out += written * len(frame)

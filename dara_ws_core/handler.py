@@ -259,7 +259,8 @@ class WebSocketHandler(_Hot):
         # closed, nobody waiting for a frame number, the transport writable), and reset to
         # ``None`` by whatever ends one of them, at that moment. ``_wrote``: the driver's flusher
         # epoch (loop iteration) of its last frame written through: a second frame in the same
-        # iteration is corked instead.
+        # iteration is corked instead. The iteration's first fan-out leaves it to be set when read
+        # (driver._Flusher.settle); ``-epoch`` marks a recipient that fan-out did not write.
         self._through: Callable[[bytes], object] | None = None
         self._wrote = NEVER_THROUGH
         self._tasks: set[asyncio.Task[None]] | None = None  # created by the first handler task

@@ -713,3 +713,27 @@ async def test_the_channel_a_fan_out_skipped_is_written_through_by_the_next_one(
         await got_after_warm_up(clients, expected)
         for client in clients:
             await client.close()
+
+
+@pytest.mark.parametrize("adapter", ["websockets", "picows"])
+async def test_a_frame_sent_after_a_fan_out_written_through_in_the_same_iteration_is_corked(
+        adapter: str) -> None:
+    # The first fan-out of an iteration leaves its recipients' "written this iteration" marks to
+    # be set when something reads them: a frame for one of them later in the same iteration
+    # (WebSocketHandler.offer, not the fan-out loop) is its second, corked for the flusher's pass,
+    # not written through a second time; the other recipients are not touched.
+    n = THROUGH_MIN_CONNECTIONS + 2
+    async with served(adapter) as srv:
+        clients = await srv.clients(n)
+        await fan_out_one_frame_per_iteration(srv, THROUGH_AFTER + 1)
+        handlers = list(srv.manager.handlers.values())
+        one = handlers[5]
+        await srv.manager.broadcast({"n": "all"})
+        assert not any(corked_now(h) for h in handlers)  # written through
+        await srv.manager.send_message(one.channel_id, {"n": "one"})
+        assert corked_now(one) and not any(corked_now(h) for h in handlers if h is not one)
+        user = one.identity.user_id  # type: ignore[union-attr]
+        expected = [["all", "one"] if f"u{i}" == user else ["all"] for i in range(n)]
+        await got_after_warm_up(clients, expected)
+        for client in clients:
+            await client.close()
