@@ -386,12 +386,30 @@ class _ServerConnection(ServerConnection):
         # websockets takes payload lengths in any form; RFC 6455 5.2 wants the shortest, and a
         # 64-bit one with its top bit clear: such frames close with 1002, as on every transport.
         frames = self.dara_frames
+        held = frames is not None and frames.more  # _dara_feed_more is already on its way
         data = frames.feed_failing(data) if frames is not None else self._dara_before_open(data)
         super().data_received(data)
         transport = self.transport
+        if frames is not None and frames.more and not held:  # frames past a feed's share: the next turn
+            transport.pause_reading()
+            self.loop.call_soon(self._dara_feed_more)
         if not self._paused_for_writes and transport.get_write_buffer_size() > _PAUSE_READING_ABOVE:
             self._paused_for_writes = True
             transport.pause_reading()
+
+    def _dara_feed_more(self) -> None:
+        # The frames held past the last feed's share (ClientFrameHeaders.FRAMES_PER_FEED), one
+        # share a turn of the loop, other connections served in between; then reading resumes,
+        # unless something else paused it.
+        frames = self.dara_frames
+        if frames is None or not frames.more or self.transport.is_closing():
+            return
+        self.data_received(b"")
+        if frames.more:
+            self.transport.pause_reading()  # (resumed meanwhile by whatever paused it too)
+            self.loop.call_soon(self._dara_feed_more)
+        elif not self._paused_for_writes and not self.recv_messages.paused:
+            self.transport.resume_reading()
 
     def _dara_before_open(self, data: bytes) -> bytes:
         # Before the connection opens, websockets gets the request's head only. It would parse
