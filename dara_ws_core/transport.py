@@ -66,11 +66,11 @@ manager that yields a :class:`Server` (``port=0`` picks a free port).
 
 from __future__ import annotations
 
-__all__ = ["MAX_PIPELINED", "PROCESS_RECEIVING", "RECEIVING_SHARES", "ClientFrameHeaders", "HandshakeRequest",
-           "ReceivingBudget", "ReceivingCharge", "RequestHead", "Server", "SupportsCork", "SupportsDisconnected",
-           "SupportsPush", "SupportsSendNowait", "SupportsWriter", "Transport", "TrustedProxies", "address_key",
-           "close_frame_error", "held_behind_request", "hold_behind_request", "parse_cookies",
-           "sendable_close_code", "text_frame_header"]
+__all__ = ["MAX_PIPELINED", "PROCESS_RECEIVING", "RECEIVING_SHARES", "ClientFrameHeaders",
+           "HandshakeRequest", "ReceivingBudget", "ReceivingCharge", "RequestHead", "Server", "SupportsCork",
+           "SupportsDisconnected", "SupportsPush", "SupportsSendNowait", "SupportsWriter", "Transport",
+           "TrustedProxies", "address_key", "close_frame_error", "held_behind_request", "hold_behind_request",
+           "parse_cookies", "sendable_close_code", "text_frame_header"]
 
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -291,6 +291,11 @@ class ReceivingCharge:
         self.release()  # a connection dropped without release() never keeps its share
 
 
+#: The most frames :meth:`ClientFrameHeaders.feed` hands on at once: about 20 ms of websockets'
+#: parser (~20 us a frame), and more than any client sends in one read but a flood of tiny frames.
+FRAMES_PER_FEED = 1024
+
+
 class ClientFrameHeaders:
     """Follows the frame headers of a client's byte stream, for the adapters whose library lets
     through what RFC 6455 section 5.2 forbids, so that every transport closes on it with 1002:
@@ -308,10 +313,14 @@ class ClientFrameHeaders:
 
     :meth:`feed` returns what to hand the library now: everything before the first refused
     frame, and before a header split across reads (held until it is whole, so that the library
-    never sees the start of a refused header).
+    never sees the start of a refused header); and at most :data:`FRAMES_PER_FEED` frames, the
+    rest held (:attr:`more`) for the adapter to feed on the next turn of the event loop, with
+    reading paused: one read of tiny frames (256 KiB of empty pings or fragments is some 43,000
+    frames) costs the library's parser per frame, in Python for websockets and uvicorn, and
+    handed over at once it held the event loop for a second or more, every connection with it.
     """
 
-    __slots__ = ("_above", "_head", "_last", "_skip", "charge", "refused", "refused_code")
+    __slots__ = ("_above", "_head", "_last", "_skip", "charge", "more", "refused", "refused_code")
 
     def __init__(self, charge: ReceivingCharge | None = None) -> None:
         self._head = b""  # the start of a frame header split across reads
@@ -324,6 +333,9 @@ class ClientFrameHeaders:
         self.refused: str | None = None
         #: The close code the refused frame calls for: 1002, or 1009 past a budget.
         self.refused_code = 1002
+        #: Whether whole frames are held past this feed's :data:`FRAMES_PER_FEED`: feed again
+        #: (``feed(b"")`` will do) on a later turn of the loop, with reading paused meanwhile.
+        self.more = False
 
     def feed(self, data: bytes) -> bytes:
         """The part of ``data`` (with what was held before it) to hand the library; after it,
@@ -337,7 +349,11 @@ class ClientFrameHeaders:
         # Header bytes above it skip the count (one comparison a frame): 0x80, a final frame of
         # a message or a control frame while nothing is counted; 0x100 (none) while it is.
         above = self._above
+        count, share = 0, FRAMES_PER_FEED  # counted up: a small int costs no allocation
         while pos + 2 <= end:
+            if count == share:  # this feed's share: the frames after it wait for the next
+                break
+            count += 1
             first, second = buf[pos], buf[pos + 1]
             if not second & 0x80:
                 return self._refuse(buf, pos, "unmasked frame")
@@ -366,9 +382,12 @@ class ClientFrameHeaders:
                 above = self._above
         if above > 0x80 and self._last and pos <= end:  # the counted message's final frame is all here
             self._give_back()
-        if pos < end:  # a header cut short: held until the rest comes
+        if pos < end:  # a header cut short (held until the rest comes), or frames past the share
+            self.more = count == share  # else a header cut short
             self._head, self._skip = buf[pos:], 0
             return buf[:pos]
+        if self.more:
+            self.more = False
         self._head, self._skip = b"", pos - end
         return buf
 
@@ -416,6 +435,7 @@ class ClientFrameHeaders:
         self.refused = why
         self.refused_code = code
         self._head = b""
+        self.more = False
         self.release()
         return buf[:pos]
 

@@ -4,13 +4,20 @@ wherever the reads cut the stream, and nothing before them is held back longer t
 
 from __future__ import annotations
 
+import random
 import struct
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dara_ws_core.transport import ClientFrameHeaders, RequestHead, close_frame_error, sendable_close_code
+from dara_ws_core.transport import (
+    FRAMES_PER_FEED,
+    ClientFrameHeaders,
+    RequestHead,
+    close_frame_error,
+    sendable_close_code,
+)
 
 
 def frame(payload: bytes, form: int | None = None, *, mask: bool = True, declared: int | None = None) -> bytes:
@@ -120,3 +127,50 @@ def test_the_close_codes_a_close_frame_may_carry_are_rfc_6455s() -> None:
 )
 def test_a_close_frame_a_peer_may_not_send_is_failed_with_1002_or_1007(payload: bytes, error: int | None) -> None:
     assert close_frame_error(payload) == error
+
+
+def _tiny_frame(rng: random.Random) -> bytes:
+    """An empty or tiny frame of any kind a flood is made of: ping, pong, fragment, text."""
+    first = rng.choice([0x89, 0x8A, 0x01, 0x00, 0x80, 0x81])
+    payload = b"x" * rng.choice([0, 0, 1, 5, 20])
+    return bytes([first, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_read_of_more_frames_than_a_feeds_share_is_handed_on_a_share_at_a_time_in_order(seed: int) -> None:
+    # One read of tiny frames (256 KiB of empty pings is 43,000 frames) handed to websockets'
+    # parser at once held the event loop for a second or more: a feed hands on at most
+    # FRAMES_PER_FEED frames and holds the rest, whole, for the next (the adapter feeds again
+    # on the next turn of the loop, reading paused). A read that comes meanwhile goes after.
+    rng = random.Random(seed)
+    frames = [_tiny_frame(rng) for _ in range(3 * FRAMES_PER_FEED + rng.randrange(FRAMES_PER_FEED))]
+    starts, at = set(), 0
+    for one in frames:
+        starts.add(at)
+        at += len(one)
+    stream = b"".join(frames)
+    # Where the first read ends: past the first two shares' frames.
+    cut = rng.randrange(len(b"".join(frames[: 2 * FRAMES_PER_FEED])), len(stream))
+    headers = ClientFrameHeaders()
+    shares = [headers.feed(stream[:cut])]
+    assert headers.more
+    shares.append(headers.feed(stream[cut:]))  # the second read, while frames are held
+    for _ in range(len(frames)):
+        if not headers.more:
+            break
+        shares.append(headers.feed(b""))
+    assert not headers.more and headers.refused is None
+    assert b"".join(shares) == stream
+    begin = 0
+    for share in shares:
+        started = sum(1 for at in range(begin, begin + len(share)) if at in starts)
+        assert started <= FRAMES_PER_FEED, f"{started} frames handed on in one feed"
+        begin += len(share)
+    assert len(shares) > len(frames) // FRAMES_PER_FEED
+
+
+def test_a_read_under_a_feeds_share_is_handed_on_whole_and_holds_nothing() -> None:
+    stream = b"".join(frame(b"m" * 10) for _ in range(FRAMES_PER_FEED))
+    headers = ClientFrameHeaders()
+    assert headers.feed(stream) == stream
+    assert not headers.more

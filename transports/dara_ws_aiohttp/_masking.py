@@ -20,6 +20,7 @@ from __future__ import annotations
 
 __all__ = ["MaskedFramesOnly", "MaskedOnlyResponse"]
 
+import asyncio
 from typing import Any
 
 from aiohttp import WebSocketError, WSCloseCode, web
@@ -31,12 +32,15 @@ class MaskedFramesOnly:
     """A ``WebSocketReader`` that refuses the frames :class:`ClientFrameHeaders` refuses;
     ``queue`` is the reader's queue."""
 
-    __slots__ = ("_headers", "_queue", "_reader")
+    __slots__ = ("_handler", "_headers", "_queue", "_reader")
 
-    def __init__(self, reader: Any, queue: Any, charge: ReceivingCharge | None = None) -> None:
+    def __init__(self, reader: Any, queue: Any, charge: ReceivingCharge | None = None, handler: Any = None) -> None:
         self._reader = reader
         self._queue = queue
         self._headers = ClientFrameHeaders(charge)  # messages in progress count in ``charge``
+        #: aiohttp's ``RequestHandler`` of the connection: its transport is paused while frames
+        #: past a feed's share wait for the next turn of the loop (``None``: all fed at once).
+        self._handler = handler
 
     def feed_eof(self) -> None:
         self._reader.feed_eof()
@@ -45,15 +49,36 @@ class MaskedFramesOnly:
         headers = self._headers
         if headers.refused is not None:  # already refused: nothing more is parsed
             return True, b""
+        held = headers.more  # _feed_more is already on its way
         good = headers.feed(data)
         if headers.refused is None:
             if not good:  # a header cut short, held until the rest comes
                 return False, b""
-            return self._reader.feed_data(good)  # type: ignore[no-any-return]
+            fed: tuple[bool, bytes] = self._reader.feed_data(good)
+            if headers.more and not held and self._handler is not None and not fed[0]:
+                self._handler.transport.pause_reading()  # frames past a feed's share: the next turn
+                asyncio.get_running_loop().call_soon(self._feed_more)
+            return fed
         if good:
             self._reader.feed_data(good)
         self._queue.set_exception(WebSocketError(headers.refused_code, headers.refused))  # 1002, or 1009
         return True, b""
+
+    def _feed_more(self) -> None:
+        # As in dara_ws_websockets: the frames held past the last feed's share, one share a turn
+        # of the loop; then reading resumes, unless aiohttp paused it (its queue is full: it
+        # resumes once the queue drains).
+        handler = self._handler
+        transport = handler.transport
+        if not self._headers.more or transport is None or transport.is_closing():
+            return
+        if self.feed_data(b"")[0]:
+            handler.close()
+        elif self._headers.more:
+            transport.pause_reading()  # (resumed meanwhile by aiohttp's own flow control)
+            asyncio.get_running_loop().call_soon(self._feed_more)
+        elif not handler._reading_paused:
+            transport.resume_reading()
 
 
 class MaskedOnlyResponse(web.WebSocketResponse):
@@ -72,7 +97,8 @@ class MaskedOnlyResponse(web.WebSocketResponse):
         handler: Any = request.protocol
         tail, handler._message_tail = handler._message_tail, b""
         super()._post_start(request, protocol, writer)
-        handler._payload_parser = checked = MaskedFramesOnly(handler._payload_parser, self._reader, self.dara_charge)
+        handler._payload_parser = checked = MaskedFramesOnly(handler._payload_parser, self._reader, self.dara_charge,
+                                                             handler)
         if tail and checked.feed_data(tail)[0]:
             handler.close()
 

@@ -313,6 +313,7 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
 
         def data_received(self, data: bytes) -> None:
             frames = self.dara_frames
+            held = frames is not None and frames.more  # _dara_feed_more is already on its way
             data = frames.feed_failing(data) if frames is not None else self._dara_before_open(data)
             super().data_received(data)
             if not self.handshake_initiated and self.conn.handshake_exc is not None:
@@ -320,6 +321,22 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
             if not self.read_paused and self.transport.get_write_buffer_size() > _PAUSE_READING_ABOVE:
                 self.read_paused = True
                 self.transport.pause_reading()
+            if frames is not None and frames.more and not held:  # frames past a feed's share: the next turn
+                self.transport.pause_reading()
+                self.loop.call_soon(self._dara_feed_more)
+
+        def _dara_feed_more(self) -> None:
+            # As in dara_ws_websockets: the frames held past the last feed's share, one share a
+            # turn of the loop; then reading resumes, unless uvicorn paused it (it resumes).
+            frames = self.dara_frames
+            if frames is None or not frames.more or self.transport.is_closing():
+                return
+            self.data_received(b"")
+            if frames.more:
+                self.transport.pause_reading()  # (resumed meanwhile by uvicorn's own rule)
+                self.loop.call_soon(self._dara_feed_more)
+            elif not self.read_paused:
+                self.transport.resume_reading()
 
         def _dara_before_open(self, data: bytes) -> bytes:
             # As in dara_ws_websockets: websockets gets the request alone (uvicorn's copy of

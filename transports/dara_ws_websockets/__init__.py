@@ -246,6 +246,7 @@ _PAUSE_READING_ABOVE = 1024 * 1024
 _HELD_FRAME_LIMIT = 4096
 
 _send_data = ServerConnection.send_data
+_CONT = Opcode.CONT
 
 
 def _detach_payload(frame: Frame) -> Frame:
@@ -274,7 +275,7 @@ class _ServerConnection(ServerConnection):
     # connection is built: two keys more, added later, give every connection a dict of its own
     # (1.6 KiB), as much again as everything else the core keeps per idle connection.
     __slots__ = ("_paused_for_writes", "dara_admission", "dara_endpoint", "dara_frames", "dara_head",
-                 "dara_host", "dara_identity", "dara_push")
+                 "dara_host", "dara_identity", "dara_message", "dara_push")
     #: What process_request authenticated, set there before the handler runs.
     dara_identity: Identity | None
 
@@ -300,10 +301,18 @@ class _ServerConnection(ServerConnection):
         self.dara_frames: ClientFrameHeaders | None = None
         #: Until then, where its request ends, and what it sent behind it.
         self.dara_head: RequestHead | None = None
+        #: The fragmented message being received: its first frame, its payload a bytearray that
+        #: the continuations are appended to (see _dara_fragment).
+        self.dara_message: Frame | None = None
 
     def process_event(self, event: Any) -> None:
-        if type(event) is Frame and len(event.data) > _HELD_FRAME_LIMIT:
-            event = _detach_payload(event)
+        if type(event) is Frame:
+            if not event.fin or self.dara_message is not None:  # a fragment, or a control between
+                event = self._dara_fragment(event)
+                if event is None:
+                    return
+            elif len(event.data) > _HELD_FRAME_LIMIT:
+                event = _detach_payload(event)
         target = self.dara_push
         if target is not None and type(event) is Frame:
             opcode = event.opcode
@@ -318,6 +327,33 @@ class _ServerConnection(ServerConnection):
             if opcode is Opcode.TEXT or opcode is Opcode.BINARY or opcode is Opcode.CONT:
                 target._stop(False)  # this message and what follows: through recv(), in order
         super().process_event(event)
+
+    def _dara_fragment(self, frame: Frame) -> Frame | None:
+        """A frame while a message is fragmented: a fragment is kept in one buffer (``None``:
+        nothing to hand on yet), the last one hands on the whole message, a control frame goes
+        through. websockets hands each fragment to its message assembler, which keeps an object
+        per fragment (some 140 bytes, an empty one too) until the last, up to 4,096 of them: a
+        peer sending empty fragments made the server hold half a megabyte a connection, counted
+        nowhere, and a message in more fragments failed with 1009 here only. The parser has
+        checked the sequence (a continuation follows a first fragment, a new message waits for
+        the last) and the message's size (``max_size``)."""
+        opcode = frame.opcode
+        if opcode is _CONT:
+            message = self.dara_message
+            assert message is not None  # websockets' parser refuses a continuation out of a message
+            cast(bytearray, message.data).extend(frame.data)
+            if len(frame.data) > _HELD_FRAME_LIMIT:
+                frame.data = b""  # the parser keeps its last frame: not a copy of what is gathered
+            if not frame.fin:
+                return None
+            self.dara_message = None
+            return Frame(message.opcode, message.data)
+        if frame.fin:  # a control frame between fragments
+            return frame
+        self.dara_message = Frame(opcode, bytearray(frame.data), fin=False)
+        if len(frame.data) > _HELD_FRAME_LIMIT:
+            frame.data = b""
+        return None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Every socket counts against max_connections from its accept: a handshake in progress
@@ -350,12 +386,30 @@ class _ServerConnection(ServerConnection):
         # websockets takes payload lengths in any form; RFC 6455 5.2 wants the shortest, and a
         # 64-bit one with its top bit clear: such frames close with 1002, as on every transport.
         frames = self.dara_frames
+        held = frames is not None and frames.more  # _dara_feed_more is already on its way
         data = frames.feed_failing(data) if frames is not None else self._dara_before_open(data)
         super().data_received(data)
         transport = self.transport
+        if frames is not None and frames.more and not held:  # frames past a feed's share: the next turn
+            transport.pause_reading()
+            self.loop.call_soon(self._dara_feed_more)
         if not self._paused_for_writes and transport.get_write_buffer_size() > _PAUSE_READING_ABOVE:
             self._paused_for_writes = True
             transport.pause_reading()
+
+    def _dara_feed_more(self) -> None:
+        # The frames held past the last feed's share (ClientFrameHeaders.FRAMES_PER_FEED), one
+        # share a turn of the loop, other connections served in between; then reading resumes,
+        # unless something else paused it.
+        frames = self.dara_frames
+        if frames is None or not frames.more or self.transport.is_closing():
+            return
+        self.data_received(b"")
+        if frames.more:
+            self.transport.pause_reading()  # (resumed meanwhile by whatever paused it too)
+            self.loop.call_soon(self._dara_feed_more)
+        elif not self._paused_for_writes and not self.recv_messages.paused:
+            self.transport.resume_reading()
 
     def _dara_before_open(self, data: bytes) -> bytes:
         # Before the connection opens, websockets gets the request's head only. It would parse
