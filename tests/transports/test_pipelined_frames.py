@@ -255,3 +255,53 @@ def test_hook_uvicorn_gives_a_server_of_its_own_the_bounded_websocket_protocol(w
     server.config.load()
     assert hook_uvicorn(endpoint, server)
     assert server.config.ws_protocol_class is _uvicorn_protocols(CONFIG.handshake_timeout)[1]
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("transport", [
+    "websockets", "asgi", "picows",
+    # aiohttp's server drops a connection whose peer ended its stream before the 101 was sent,
+    # unanswered, whatever came with the request (so with a few frames too).
+    pytest.param("aiohttp", marks=pytest.mark.xfail(strict=True, raises=EOFError,
+                                                    reason="aiohttp drops a peer that ended its stream first")),
+])
+def test_more_frames_than_a_feeds_share_with_the_upgrade_then_eof_all_get_their_pongs(
+    transport: str, loop: str
+) -> None:
+    """More frames behind the upgrade request than one feed hands on (``FRAMES_PER_FEED``), then
+    the client's end of stream: every ping is answered before the connection ends. Reading
+    resumed while frames were still held let uvloop read the EOF in between, and the frames held
+    then never reached the library (1,024 pongs of 3,000). Run on each loop explicitly: the
+    suite's own loop is asyncio unless DARA_TEST_LOOP says otherwise."""
+    from dara_ws_core.transport import FRAMES_PER_FEED
+
+    count = 3 * FRAMES_PER_FEED - 72
+    ping = encode_frame(PING, b"", mask_key=b"\0\0\0\0")
+
+    async def pongs() -> int:
+        async with running_stack(transport, config=ServerConfig(ping_interval=None, idle_timeout=None)) as stack:
+            assert stack.port is not None
+            client = await HostileClient.open(stack.port)
+            client.write(handshake_request(TOKEN_PATH) + ping * count)
+            client._proto.transport.write_eof()  # type: ignore[attr-defined]  # half-close: reads go on
+            response = await client.read_response(TIMEOUT)
+            if response.status != 101:
+                return -response.status
+            answered = 0
+            for _ in range(count + 10):  # init, the pongs, then the close or the end of stream
+                try:
+                    frame = await client.read_frame(TIMEOUT)
+                except EOFError:
+                    break
+                if frame.opcode == CLOSE:
+                    break
+                answered += frame.opcode == PONG
+            client.abort()
+            return answered
+
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        answered = uvloop.run(pongs())
+    else:
+        answered = asyncio.run(pongs())
+    assert answered == count

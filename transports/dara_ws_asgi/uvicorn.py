@@ -359,7 +359,10 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
             if not held:
                 return
             self.data_received(held)
-            if not self.read_paused:  # else uvicorn resumes once the application has read
+            # Unless frames are still held (the feed chain resumes once they are handed on: on
+            # uvloop a read, an EOF too, would come in between) or uvicorn paused it (it resumes
+            # once the application has read).
+            if not self.dara_frames.more and not self.read_paused:
                 self.transport.resume_reading()
 
         def _dara_refuse(self) -> None:

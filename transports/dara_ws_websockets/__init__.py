@@ -441,7 +441,9 @@ class _ServerConnection(ServerConnection):
         if not held:
             return
         self.data_received(held)
-        if not self._paused_for_writes and not self.recv_messages.paused:  # else they resume it
+        # Unless frames are still held (the feed chain resumes once they are handed on: on
+        # uvloop a read, an EOF too, would come in between) or they paused it (they resume it).
+        if not self.dara_frames.more and not self._paused_for_writes and not self.recv_messages.paused:
             self.transport.resume_reading()
 
     def send_data(self) -> None:
