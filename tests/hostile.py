@@ -241,6 +241,11 @@ class HostileClient:
         if not self.transport.is_closing():
             self.transport.write(data)
 
+    def write_eof(self) -> None:
+        """End the client's stream (a half-close): the server's answers are still read."""
+        if not self.transport.is_closing():
+            self.transport.write_eof()
+
     async def drain(self, timeout: float = 5.0) -> bool:
         """Wait until the write buffer is below asyncio's high-water mark; ``False`` on timeout
         (the server stopped reading) or when the connection is lost."""

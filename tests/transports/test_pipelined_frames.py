@@ -283,7 +283,7 @@ def test_more_frames_than_a_feeds_share_with_the_upgrade_then_eof_all_get_their_
             assert stack.port is not None
             client = await HostileClient.open(stack.port)
             client.write(handshake_request(TOKEN_PATH) + ping * count)
-            client._proto.transport.write_eof()  # type: ignore[attr-defined]  # half-close: reads go on
+            client.write_eof()
             response = await client.read_response(TIMEOUT)
             if response.status != 101:
                 return -response.status
