@@ -34,6 +34,7 @@ from .handler import WebSocketHandler
 from .logs import ConnectionLogger, current_source
 from .manager import WebsocketManager
 from .transport import HandshakeRequest, Transport, TrustedProxies, address_key
+from .upgrade import Refusal, read_target
 
 logger = logging.getLogger("dara_ws_core")
 
@@ -254,9 +255,11 @@ RETRY_AFTER = 5
 class Endpoint:
     """Binds a manager and an authenticator into something a transport adapter can serve.
 
-    ``path`` is the URL path the adapters serve, starting with ``/``. Raises ``TypeError`` for a
-    manager that is not a :class:`WebsocketManager` or an authenticator that is not callable,
-    ``ValueError`` for a path without its leading ``/``.
+    ``path`` is the URL path the adapters serve, starting with ``/``; a request target names it
+    when their paths are equal once normalized (:func:`~dara_ws_core.upgrade.check_target`).
+    Raises ``TypeError`` for a manager that is not a :class:`WebsocketManager` or an
+    authenticator that is not callable, ``ValueError`` for a path without its leading ``/``, or
+    one no request target could name (a ``?``, a ``#``, a malformed percent-encoding, a space).
     """
 
     def __init__(
@@ -275,6 +278,11 @@ class Endpoint:
                             f"token_authenticator(verify), not {type(authenticator).__name__}")
         if not isinstance(path, str) or not path.startswith("/"):
             raise ValueError(f"Endpoint's path must start with '/', e.g. {DEFAULT_PATH!r}, not {path!r}")
+        if isinstance(read := read_target(path), Refusal) or "?" in path:
+            # Every request would get 404 (or 400): the mistake would show as a server that
+            # serves nothing.
+            detail = read.detail if isinstance(read, Refusal) else "a query is no part of a path"
+            raise ValueError(f"Endpoint's path must be a URL path, not {path!r}: {detail}")
         self.manager = manager
         self.authenticator = authenticator
         self.path = path

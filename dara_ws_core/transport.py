@@ -77,9 +77,9 @@ from dataclasses import dataclass, field
 from struct import Struct
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
-from .upgrade import RequestLine
+from .upgrade import Refusal, RequestLine, read_target
 
 if TYPE_CHECKING:
     from ipaddress import IPv4Address, IPv6Address
@@ -621,7 +621,10 @@ def _empty() -> Mapping[str, str]:
 class HandshakeRequest:
     """What an authenticator may read of the opening HTTP request (protocol.md section 5).
 
-    ``headers`` keys are lower-case; the last value wins for repeated query parameters.
+    ``path`` is the target's path normalized (:func:`~dara_ws_core.upgrade.normalize_path`:
+    ``/api/core/%77s`` is ``/api/core/ws``, a ``%2F`` stays one), whatever the transport and
+    whether the client sent the origin or the absolute form; ``headers`` keys are lower-case;
+    the last value wins for repeated query parameters.
     """
 
     path: str
@@ -637,11 +640,15 @@ class HandshakeRequest:
         headers: Iterable[tuple[str, str]],
         remote: object = None,
     ) -> HandshakeRequest:
-        """Build from a request target (``/path?query``) and raw header pairs. ``remote`` is the
-        peer's address as the library gives it (a socket's ``peername``, whose IPv6 form has
-        four items, or an ASGI ``client`` list): its host and port are kept, anything else (a Unix
-        socket's path, ``None``) is no address."""
-        split = urlsplit(target)
+        """Build from a request target as sent (``/path?query``, or the absolute form
+        ``http://host/path?query``) and raw header pairs. ``remote`` is the peer's address as the
+        library gives it (a socket's ``peername``, whose IPv6 form has four items, or an ASGI
+        ``client`` list): its host and port are kept, anything else (a Unix socket's path,
+        ``None``) is no address. Raises ``ValueError`` for a target that names no path
+        (:func:`~dara_ws_core.upgrade.read_target`: adapters answer those first)."""
+        read = read_target(target)
+        if isinstance(read, Refusal):
+            raise ValueError(f"{target!r} is no request target: {read.detail}")
         # Repeated headers are joined as HTTP allows (cookies with "; ", RFC 6265), in one
         # join per name: appending one by one is quadratic in the repeats.
         values: dict[str, list[str]] = {}
@@ -652,8 +659,8 @@ class HandshakeRequest:
             for key, vals in values.items()
         }
         return cls(
-            path=split.path or "/",
-            query=dict(parse_qsl(split.query, keep_blank_values=True)),
+            path=read.path,
+            query=dict(parse_qsl(read.query, keep_blank_values=True)),
             headers=hdrs,
             cookies=_LazyCookies(hdrs.get("cookie")),
             remote=(

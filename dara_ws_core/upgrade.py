@@ -30,12 +30,45 @@ bytes, or more than one
 =====================================================  ======  ====================================
 
 Every 426 names both what is missing: ``Upgrade: websocket`` and ``Sec-WebSocket-Version: 13``.
+
+Then :func:`check_target` decides whether the request target names the endpoint's path, on the
+raw target the library received (its own decoding differed: uvicorn and aiohttp decode every
+percent-encoding, ``%2F`` too, websockets and picows none), and what a target that names nothing
+gets:
+
+=====================================================  ======  ====================================
+The request target                                     Status  Why
+=====================================================  ======  ====================================
+holds an octet that is no visible ASCII character      400     RFC 9112 section 3.2 (h11's and
+(a space, a control, UTF-8), or a ``#`` fragment                aiohttp's parsers refuse the former)
+is in none of the forms below (``*``, the authority     400     RFC 9112 3.2.3-4: only ``OPTIONS``
+form ``host:port``, ``api/core/ws``), or absolute               and ``CONNECT`` use them; RFC 9110
+with another scheme than http, https, ws or wss, no             4.2.4: userinfo is an error
+host, or userinfo (``http://user@host/``)
+has a malformed percent-encoding in its path (``%zz``,  400     RFC 3986 section 2.1
+``%4``, ``%`` at the end)
+has a path that is not the endpoint's once normalized   404
+=====================================================  ======  ====================================
+
+The target is the origin form (``/api/core/ws?query``) or the absolute form
+(``http://host:port/api/core/ws?query``, which RFC 9112 section 3.2.2 says a server MUST
+accept; its host is not checked: this server answers one site). Its path is normalized as RFC
+3986 section 6.2.2 says (:func:`normalize_path`): a percent-encoded unreserved character (``A-Z
+a-z 0-9 - . _ ~``) is that character, hex digits are upper-cased, and every other
+percent-encoding stays distinct from the character it encodes: ``/api%2Fcore%2Fws`` is not
+``/api/core/ws`` (a ``%2F`` is a slash inside a segment), ``/api/core/%77s`` is. Dot-segments
+are not removed: ``/api/core/../core/ws`` (``%2E%2E`` too) is not the endpoint's path (404).
+A browser removes them before it sends a request, and a proxy whose rules pass
+``/public/../api/core/ws`` on must not have it reach the endpoint. Neither are empty segments
+merged (``/api//core/ws``), nor a trailing slash dropped, nor the case of the path folded. The
+query is the application's: passed on as it came.
 """
 
 from __future__ import annotations
 
-__all__ = ["MAX_HEADERS", "MAX_HEADER_LINE", "UNPARSABLE", "Refusal", "RequestLine", "check_upgrade_request",
-           "parse_request_line", "refusal_of_request_line"]
+__all__ = ["MAX_HEADERS", "MAX_HEADER_LINE", "NOT_FOUND", "UNPARSABLE", "Refusal", "RequestLine", "Target",
+           "check_target", "check_upgrade_request", "normalize_path", "parse_request_line", "read_target",
+           "refusal_of_request_line"]
 
 import binascii
 from base64 import b64decode
@@ -88,6 +121,11 @@ _VERSION = Refusal(426, "Upgrade Required", _UPGRADE, "this server speaks WebSoc
 _KEY = _bad("exactly one Sec-WebSocket-Key of 16 base64-encoded bytes is required")
 #: The answer to a request whose first line is not an HTTP request line.
 UNPARSABLE = _bad("not an HTTP request")
+#: The answer to a request whose target names another path than the endpoint's.
+NOT_FOUND = Refusal(404, "Not Found")
+_TARGET_OCTETS = _bad("a request target is visible ASCII, without a fragment")
+_TARGET_FORM = _bad("the request target is a path (/api/core/ws) or an http, https, ws or wss URI with a host")
+_PERCENT = _bad("malformed percent-encoding in the request target")
 
 
 def _tokens(values: list[str]) -> list[str]:
@@ -140,13 +178,84 @@ _READ = frozenset({"host", "upgrade", "connection", "sec-websocket-version", "se
                    "content-length", "transfer-encoding"})
 
 
+#: The characters a percent-encoding of which is the character itself (RFC 3986 section 2.3).
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX = frozenset("0123456789abcdefABCDEF")
+#: The schemes of an absolute-form target served here (RFC 9110 4.2, RFC 6455 section 3).
+_SCHEMES = frozenset({"http", "https", "ws", "wss"})
+
+
+def normalize_path(path: str) -> str | None:
+    """``path`` normalized as RFC 3986 section 6.2.2.1-2 says: each percent-encoded unreserved
+    character (``A-Z a-z 0-9 - . _ ~``) decoded, the hex digits of every other percent-encoding
+    upper-cased (``%2f`` is ``%2F``, and stays one); ``None`` if a percent-encoding is malformed
+    (``%zz``, ``%4``). Nothing else changes (no dot-segment removal: see the module docstring).
+    Two paths name the same resource when their normalized forms are equal."""
+    if "%" not in path:
+        return path
+    first, *rest = path.split("%")
+    parts = [first]
+    for part in rest:
+        digits = part[:2]
+        if len(digits) != 2 or digits[0] not in _HEX or digits[1] not in _HEX:
+            return None
+        char = chr(int(digits, 16))
+        parts.append(char if char in _UNRESERVED else "%" + digits.upper())
+        parts.append(part[2:])
+    return "".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A request target read by :func:`read_target`: its ``path`` normalized
+    (:func:`normalize_path`), and its ``query`` as sent (without the ``?``, ``""`` when none)."""
+
+    path: str
+    query: str = ""
+
+
+def read_target(target: str) -> Target | Refusal:
+    """The :class:`Target` a request target names (RFC 9112 section 3.2: the origin form
+    ``/path?query`` or the absolute form ``http://host/path?query``), or the 400 :class:`Refusal`
+    to answer a target that is none (the module docstring lists them). ``target`` as the library
+    received it, undecoded (Latin-1 text of HTTP's octets). Pure."""
+    if not target.isascii() or not target.isprintable() or " " in target or "#" in target:
+        return _TARGET_OCTETS
+    if not target.startswith("/"):
+        scheme, colon, rest = target.partition("://")
+        if not colon or scheme.lower() not in _SCHEMES:
+            return _TARGET_FORM
+        # The authority ends at the path or the query (RFC 3986 section 3.2).
+        end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+        authority, target = rest[:end], rest[end:]
+        if not authority or "@" in authority:
+            return _TARGET_FORM
+        if not target.startswith("/"):  # an empty path is "/" (RFC 9112 section 3.2.2)
+            target = "/" + target
+    path, _, query = target.partition("?")
+    normalized = normalize_path(path)
+    return _PERCENT if normalized is None else Target(normalized, query)
+
+
+def check_target(target: str, path: str) -> Refusal | None:
+    """Whether the request ``target`` names ``path`` (an endpoint's): ``None`` if it does, else
+    the :class:`Refusal` to answer, :data:`NOT_FOUND` for another path and 400 for a target that
+    names none (:func:`read_target`). Both are compared normalized (:func:`normalize_path`).
+    Every adapter calls it on the raw target its library received, after
+    :func:`check_upgrade_request`: one target, one answer on every transport."""
+    read = read_target(target)
+    if isinstance(read, Refusal):
+        return read
+    return None if read.path == normalize_path(path) else NOT_FOUND
+
+
 def parse_request_line(line: str) -> tuple[str, str, str] | None:
     """The method, target and version (``"1.1"``) of an HTTP/1 request line (RFC 9112 section
-    3: ``method SP target SP HTTP/d.d``, the target an absolute path), or ``None`` if it is none.
-    """
+    3: ``method SP target SP HTTP/d.d``), or ``None`` if it is none. The target is any non-empty
+    run of characters without a space: :func:`check_target` decides what it names."""
     method, _, rest = line.partition(" ")
     target, _, version = rest.partition(" ")
-    if (not method or not target.startswith("/") or len(version) != 8 or not version.startswith("HTTP/")
+    if (not method or not target or len(version) != 8 or not version.startswith("HTTP/")
             or not version[5].isdigit() or version[6] != "." or not version[7].isdigit()):
         return None
     return method, target, version[5:]

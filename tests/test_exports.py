@@ -50,8 +50,9 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "testing": frozenset({"ProtocolHarness", "answer_frames", "client_frames", "custom_frames",
                           "hostile_frames", "json_values"}),
     # The one check of an opening request, for the adapters (protocol.md section 5).
-    "upgrade": frozenset({"MAX_HEADERS", "MAX_HEADER_LINE", "UNPARSABLE", "Refusal", "RequestLine",
-                          "check_upgrade_request", "parse_request_line", "refusal_of_request_line"}),
+    "upgrade": frozenset({"MAX_HEADERS", "MAX_HEADER_LINE", "NOT_FOUND", "UNPARSABLE", "Refusal", "RequestLine",
+                          "Target", "check_target", "check_upgrade_request", "normalize_path",
+                          "parse_request_line", "read_target", "refusal_of_request_line"}),
     # TrustedProxies: what ServerConfig.forwarded_allow_ips is read as, for the endpoint.
     "transport": frozenset({"ClientFrameHeaders", "MAX_PIPELINED", "PROCESS_RECEIVING", "RECEIVING_SHARES",
                             "ReceivingBudget", "ReceivingCharge", "RequestHead", "TrustedProxies", "address_key",

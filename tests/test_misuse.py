@@ -63,6 +63,12 @@ async def test_a_wrong_send_and_wait_timeout_raises_its_own_type_error(make_stac
                  "authenticator must be a callable", id="endpoint-authenticator"),
     pytest.param(lambda: Endpoint(WebsocketManager(), allow_anonymous(), path="ws"), ValueError,
                  "path must start with '/'", id="endpoint-path"),
+    pytest.param(lambda: Endpoint(WebsocketManager(), allow_anonymous(), path="/ws?token=a"), ValueError,
+                 "a query is no part of a path", id="endpoint-path-query"),
+    pytest.param(lambda: Endpoint(WebsocketManager(), allow_anonymous(), path="/w%zz"), ValueError,
+                 "malformed percent-encoding", id="endpoint-path-percent"),
+    pytest.param(lambda: Endpoint(WebsocketManager(), allow_anonymous(), path="/api/core ws"), ValueError,
+                 "visible ASCII", id="endpoint-path-space"),
     pytest.param(lambda: WebsocketManager().add_ws_handler("x", 5), TypeError,  # type: ignore[arg-type]
                  "handler for kind 'x' must be a callable", id="handler-not-callable"),
     pytest.param(lambda: WebsocketManager().add_ws_handler(5, lambda c, d: d), TypeError,  # type: ignore[arg-type]

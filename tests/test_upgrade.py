@@ -1,6 +1,7 @@
-"""The one check of an opening request every transport answers with (dara_ws_core.upgrade): pure,
-without a socket or an event loop. The same requests on real sockets, on every transport, are in
-tests/transports/test_upgrade_requests.py."""
+"""The one check of an opening request every transport answers with (dara_ws_core.upgrade), and
+the one rule for what its target names: pure, without a socket or an event loop. The same
+requests on real sockets, on every transport, are in tests/transports/test_upgrade_requests.py
+and tests/transports/test_request_targets.py."""
 
 from __future__ import annotations
 
@@ -8,14 +9,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dara_ws_core.transport import RequestHead
+from dara_ws_core.transport import HandshakeRequest, RequestHead
 from dara_ws_core.upgrade import (
     MAX_HEADER_LINE,
     MAX_HEADERS,
+    NOT_FOUND,
     UNPARSABLE,
     Refusal,
+    Target,
+    check_target,
     check_upgrade_request,
+    normalize_path,
     parse_request_line,
+    read_target,
     refusal_of_request_line,
 )
 
@@ -138,7 +144,8 @@ def test_a_refusal_encodes_as_a_whole_response_that_closes() -> None:
         ("GET / HTTP/2.0", ("GET", "/", "2.0")),
         ("GET / HTTP/1.10", None),
         ("GET / http/1.1", None),
-        ("GET http://example.com/ HTTP/1.1", None),  # the absolute form: no upgrade uses it
+        ("GET http://example.com/ HTTP/1.1", ("GET", "http://example.com/", "1.1")),  # check_target reads it
+        ("GET * HTTP/1.1", ("GET", "*", "1.1")),  # and refuses this one (400)
         ("GET /", None),
         ("GARBAGE", None),
         ("", None),
@@ -205,3 +212,167 @@ def test_headers_the_check_does_not_read_never_change_its_answer(extra: list[tup
 def test_the_check_answers_anything_without_raising(method: str, version: str, headers: list[tuple[str, str]]) -> None:
     refusal = check_upgrade_request(method, version, headers)
     assert refusal is None or refusal.status in {400, 405, 426, 431, 505}
+
+
+# ---------------------------------------------------------------------------- the request target
+
+ENDPOINT = "/api/core/ws"
+
+#: Each case: a request target and what check_target answers it for ENDPOINT (None: it is the
+#: endpoint's). The same table runs on real sockets in tests/transports/test_request_targets.py.
+TARGETS: dict[str, int | None] = {
+    "/api/core/ws": None,
+    "/api/core/ws?token=a%20b&x=%zz": None,  # the query is the application's
+    "/api/core/ws?": None,
+    # RFC 3986 6.2.2.2: a percent-encoded unreserved character is the character, in either case.
+    "/api/core/%77s": None,
+    "/api/core/%77%73": None,
+    "/%61pi/co%72e/w%73": None,
+    "/api/core/w%73": None,
+    "/api/core/%57s": 404,  # %57 is "W": the path is case-sensitive
+    "/api%2Dx": 404,  # "-", decoded, names /api-x
+    # Any other percent-encoding stays distinct from its character (6.2.2.1: whatever the case).
+    "/api%2Fcore%2Fws": 404,
+    "/api%2fcore%2fws": 404,
+    "/api/core/ws%3F": 404,
+    "/api/core/ws%3Ftoken=a": 404,
+    "/api/core/w%2573": 404,
+    "/api/core/ws%00": 404,
+    # Malformed percent-encodings (RFC 3986 2.1).
+    "/api/core/%7Ws": 400,
+    "/api/core/ws%": 400,
+    "/api/core/ws%4": 400,
+    "/api/core/%zz/../ws": 400,
+    # Dot-segments are not removed, empty segments not merged, nor the case folded.
+    "/api/core/../core/ws": 404,
+    "/api/core/./ws": 404,
+    "/x/../api/core/ws": 404,
+    "/../api/core/ws": 404,
+    "/api/core/%2E%2E/core/ws": 404,
+    "/api/core/%2e/ws": 404,
+    "//api/core/ws": 404,
+    "/api//core/ws": 404,
+    "/api/core/ws/": 404,
+    "/API/core/ws": 404,
+    "/api/core/ws;x": 404,
+    # The absolute form, which a server MUST accept (RFC 9112 3.2.2), with any host.
+    "http://127.0.0.1:8000/api/core/ws": None,
+    "HTTP://127.0.0.1:8000/api/core/ws?token=a": None,
+    "ws://127.0.0.1:8000/api/core/ws": None,
+    "wss://example.com/api/core/%77s": None,
+    "https://example.com/api/core/ws": None,
+    "http://example.com": 404,  # the path "/"
+    "http://example.com?x=1": 404,
+    "http://example.com/api%2Fcore%2Fws": 404,
+    "ftp://example.com/api/core/ws": 400,
+    "http:/api/core/ws": 400,
+    "http:///api/core/ws": 400,
+    "http://user@example.com/api/core/ws": 400,
+    # The forms of CONNECT and OPTIONS, and no form at all.
+    "127.0.0.1:8000": 400,
+    "*": 400,
+    "api/core/ws": 400,
+    # Octets no target holds (RFC 9112 3.2), and a fragment.
+    "/api/core/ws#top": 400,
+    "/api/core/ws?token=a#top": 400,
+    "/api/core/ws\x7f": 400,
+    "/api/core/ws\x00": 400,
+    "/api/core/w\xe9s": 400,
+    "/api/core/ws\t": 400,
+}
+
+
+@pytest.mark.parametrize(("target", "expected"), list(TARGETS.items()))
+def test_a_request_target_names_the_endpoints_path_only_once_normalized(target: str, expected: int | None) -> None:
+    refusal = check_target(target, ENDPOINT)
+    assert (None if refusal is None else refusal.status) == expected
+    if expected == 404:
+        assert refusal is NOT_FOUND
+    read = read_target(target)
+    # A 400 is a target that names no path; anything else names one, to compare.
+    assert isinstance(read, Refusal) == (expected == 400)
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/api/core/ws", "/api/core/ws"),
+        ("/api/core/%77s", "/api/core/ws"),
+        ("/%41%5a%61%7A%30%39%2D%2E%5F%7E", "/AZaz09-._~"),  # every unreserved kind
+        ("/a%2fb%2Fc", "/a%2Fb%2Fc"),
+        ("/%3f%25%20%c3%a9", "/%3F%25%20%C3%A9"),
+        ("/%zz", None),
+        ("/%4", None),
+        ("/%", None),
+        ("/%%41", None),
+        ("", ""),
+    ],
+)
+def test_normalizing_decodes_only_unreserved_characters_and_upper_cases_the_rest(
+        path: str, expected: str | None) -> None:
+    assert normalize_path(path) == expected
+
+
+def test_a_target_keeps_its_query_as_sent_and_the_absolute_form_its_path() -> None:
+    assert read_target("/api/core/ws?token=a%20b") == Target("/api/core/ws", "token=a%20b")
+    assert read_target("http://h:1?x=1") == Target("/", "x=1")
+    assert read_target("ws://h/api/core/%77s?") == Target("/api/core/ws", "")
+
+
+def test_the_endpoints_path_is_compared_normalized_too() -> None:
+    assert check_target("/api/core/ws", "/api/core/%77s") is None
+    assert check_target("/a%2fb", "/a%2Fb") is None
+    assert check_target("/a/b", "/a%2Fb") is NOT_FOUND
+    assert check_target("/a%zz", "/a%zz").status == 400  # type: ignore[union-attr]
+
+
+def test_an_authenticator_sees_the_normalized_path_whatever_the_form() -> None:
+    for target in ("/api/core/%77s?token=t", "http://127.0.0.1:8000/api/core/ws?token=t", "/api/core/w%73?token=t"):
+        request = HandshakeRequest.build(target, [])
+        assert (request.path, dict(request.query)) == ("/api/core/ws", {"token": "t"}), target
+    assert HandshakeRequest.build("/api%2fcore", []).path == "/api%2Fcore"
+    with pytest.raises(ValueError, match="malformed percent-encoding"):
+        HandshakeRequest.build("/api/%zz", [])
+
+
+_UNRESERVED = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
+_TARGET_FORM = read_target("*")
+#: Path characters (RFC 3986 pchar, and "/") that are not percent signs.
+_PCHARS = _UNRESERVED + "!$&'()*+,;=:@"
+_PATHS = st.lists(st.text(st.sampled_from(_PCHARS), min_size=1, max_size=8), min_size=1, max_size=5).map(
+    lambda segments: "/" + "/".join(segments))
+
+
+def _encoded(char: str, upper: bool) -> str:
+    code = f"%{ord(char):02X}"
+    return code if upper else code.lower()
+
+
+@given(_PATHS, st.data())
+def test_encoding_unreserved_characters_of_a_path_keeps_it_named(path: str, data: st.DataObject) -> None:
+    positions = [i for i, char in enumerate(path) if char in _UNRESERVED]
+    chosen = data.draw(st.sets(st.sampled_from(positions), max_size=len(positions))) if positions else set()
+    upper = data.draw(st.booleans())
+    target = "".join(_encoded(char, upper) if i in chosen else char for i, char in enumerate(path))
+    assert check_target(target, path) is None
+    assert check_target("http://example.com" + target + "?q=1", path) is None
+    assert HandshakeRequest.build(target, []).path == normalize_path(path)
+
+
+@given(_PATHS, st.data())
+def test_encoding_a_slash_or_another_reserved_character_never_names_the_path(path: str, data: st.DataObject) -> None:
+    positions = [i for i, char in enumerate(path) if char not in _UNRESERVED]  # "/" at least
+    i = data.draw(st.sampled_from(positions))
+    target = path[:i] + _encoded(path[i], data.draw(st.booleans())) + path[i + 1:]
+    # Another path (404), or no path at all when it is the leading slash (400).
+    assert check_target(target, path) is (NOT_FOUND if i else _TARGET_FORM)
+
+
+@given(st.text(max_size=40))
+def test_any_target_gets_an_answer_without_raising_and_normalizing_is_idempotent(target: str) -> None:
+    refusal = check_target(target, ENDPOINT)
+    assert refusal is None or refusal.status in {400, 404}
+    read = read_target(target)
+    if isinstance(read, Target):
+        assert normalize_path(read.path) == read.path
+        assert check_target(read.path, ENDPOINT) == refusal  # the normalized path names the same

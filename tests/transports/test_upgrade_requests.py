@@ -22,6 +22,7 @@ from tests.stacks import TRANSPORTS, Stack, running_stack, verify_token
 SOCKETS = sorted(t for t in TRANSPORTS if t != "memory")
 PATH = "/api/core/ws?token=mallory:s1"
 VALID = handshake_request(PATH)
+ELSEWHERE = handshake_request("/elsewhere")
 KEY = base64.b64encode(b"0123456789abcdef").decode()
 HANDSHAKE_TIMEOUT = 2.0
 
@@ -69,6 +70,13 @@ CASES: dict[str, tuple[bytes, int]] = {
     "header-line-of-9-kib": (plus(b"X-Big: " + b"a" * 9000), 431),  # under picows' 16 KiB head
     "header-line-of-64-kib": (plus(b"X-Big: " + b"a" * 65536), 431),
     "too-many-headers": (plus(*(f"X-H{i}: v".encode() for i in range(300))), 431),
+    # The check comes before the target on every transport: aiohttp's router answered these 404
+    # first, and uvicorn the one without Upgrade (a plain request for the ASGI app).
+    "POST-elsewhere": (ELSEWHERE.replace(b"GET ", b"POST ", 1), 405),
+    "HEAD-elsewhere": (ELSEWHERE.replace(b"GET ", b"HEAD ", 1), 405),
+    "HTTP/1.0-elsewhere": (ELSEWHERE.replace(b" HTTP/1.1", b" HTTP/1.0", 1), 505),
+    "no-upgrade-elsewhere": (without(b"Upgrade", ELSEWHERE), 426),
+    "no-upgrade-%2F": (without(b"Upgrade", handshake_request("/api%2Fcore%2Fws")), 426),
 }
 
 

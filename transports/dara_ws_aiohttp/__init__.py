@@ -25,6 +25,7 @@ try:
     from aiohttp import web
     from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, HttpProcessingError, LineTooLong
     from aiohttp.web_protocol import RequestHandler
+    from aiohttp.web_urldispatcher import PlainResource
 except ImportError as exc:  # the extra is missing: say which one to install
     raise ImportError(
         'dara_ws_aiohttp needs the aiohttp library: pip install "dara-ws-core[aiohttp]"', name=exc.name
@@ -34,7 +35,15 @@ from dara_ws_core.auth import holder_of
 from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, Evict, host_of
 from dara_ws_core.exceptions import AuthenticationFailed
 from dara_ws_core.transport import HandshakeRequest, ReceivingCharge, Server
-from dara_ws_core.upgrade import UNPARSABLE, RequestLine, check_upgrade_request, parse_request_line
+from dara_ws_core.upgrade import (
+    UNPARSABLE,
+    Refusal,
+    RequestLine,
+    check_target,
+    check_upgrade_request,
+    parse_request_line,
+    read_target,
+)
 
 from ._masking import MaskedOnlyResponse
 from .client import connect
@@ -44,9 +53,21 @@ from .transport import AiohttpTransport
 def add_route(app: web.Application, endpoint: Endpoint, path: str | None = None) -> None:
     """Mount ``endpoint`` at ``path`` (default ``endpoint.path``) on ``app``; call before startup.
 
-    A handshake the endpoint rejects gets HTTP 403 before the upgrade. The app's shutdown shuts
-    the endpoint down (connections close with 1001).
+    aiohttp's router matches on its decoded path (``/api/core/%77s`` is ``/api/core/ws`` to it,
+    ``/api%2Fcore%2Fws`` is not): the handler checks the raw target again
+    (:func:`~dara_ws_core.upgrade.check_target`, as every transport does) and answers 404 to one
+    that does not name ``path``. A target the router does not route never reaches it (aiohttp's
+    own 404); :func:`serve` routes every target to the check. A handshake the endpoint rejects
+    gets HTTP 403 before the upgrade. The app's shutdown shuts the endpoint down (connections
+    close with 1001).
     """
+    _add_route(app, endpoint, path or endpoint.path, any_target=False)
+
+
+def _add_route(app: web.Application, endpoint: Endpoint, path: str, *, any_target: bool) -> None:
+    """:func:`add_route`; with ``any_target``, for :func:`serve`, every request of ``app`` is
+    routed here and answered as on every other transport: the upgrade check first, whatever the
+    path (aiohttp's router answered 404 before it), then the target."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
         counted = _accepted.get(request.protocol)
@@ -54,14 +75,14 @@ def add_route(app: web.Application, endpoint: Endpoint, path: str | None = None)
             # serve() counted the socket from its accept (_count_sockets): its request is whole.
             _, admission, _, evict = counted
             endpoint.settled(evict)
-            if refused := _refused(request):
+            if refused := _refused(request) or _not_named(request):
                 return refused
             if admission is not Admission.ADMIT:
                 return _full()
             return await upgrade(request)
         # An application of the caller's: aiohttp hands over no socket before its request, so
         # max_connections counts from here.
-        if refused := _refused(request):
+        if refused := _refused(request) or _not_named(request):
             return refused
         host = host_of(request.transport.get_extra_info("peername") if request.transport else None)
         admission = endpoint.take_slot(host)
@@ -115,8 +136,20 @@ def add_route(app: web.Application, endpoint: Endpoint, path: str | None = None)
     async def on_startup(_: web.Application) -> None:
         endpoint.open()  # served again after a shutdown (the application run a second time)
 
+    def _not_named(request: web.Request) -> web.Response | None:
+        # The route's own path: a sub-application's prefix included (aiohttp adds it to the
+        # resource). A route with parameters ("/ws/{room}") is the router's to match.
+        resource = request.match_info.route.resource
+        named = path if any_target else resource.canonical if isinstance(resource, PlainResource) else None
+        target = request.raw_path  # the target as sent: undecoded, the absolute form too
+        refusal = check_target(target, named) if named is not None else read_target(target)
+        return _answer(refusal) if isinstance(refusal, Refusal) else None
+
     live: set[Any] = set()  # the connections being served (RequestHandler has no weakref)
-    app.router.add_get(path or endpoint.path, handle)
+    if any_target:
+        app.router.add_route("*", "/{target:.*}", handle)
+    else:
+        app.router.add_get(path, handle)
     app.on_startup.append(on_startup)
     app.on_shutdown.insert(0, on_shutdown)
 
@@ -137,8 +170,10 @@ def _refused(request: web.Request) -> web.Response | None:
         # aiohttp's parser takes a line without a version as HTTP/0.9, and runs of blanks
         # between its parts: no request line to the other transports.
         refusal = UNPARSABLE
-    if refusal is None:
-        return None
+    return None if refusal is None else _answer(refusal)
+
+
+def _answer(refusal: Refusal) -> web.Response:
     response = web.Response(status=refusal.status, text=refusal.text, headers=refusal.headers)
     response.force_close()  # the socket is let go, as on every transport
     return response
@@ -284,7 +319,7 @@ async def serve(
     ``OSError`` if the address cannot be bound.
     """
     app = web.Application()
-    add_route(app, endpoint)
+    _add_route(app, endpoint, endpoint.path, any_target=True)
     config = endpoint.config
     # keepalive_timeout also bounds a connection that never completes its request (aiohttp arms
     # it at connect and after each response): half-open handshakes go after handshake_timeout.

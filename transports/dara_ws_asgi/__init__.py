@@ -37,7 +37,7 @@ from dara_ws_core.auth import holder_of
 from dara_ws_core.endpoint import Admission, Endpoint, host_of
 from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
 from dara_ws_core.transport import HandshakeRequest, ReceivingCharge, Server
-from dara_ws_core.upgrade import Refusal, check_upgrade_request
+from dara_ws_core.upgrade import Refusal, check_target, check_upgrade_request, read_target
 
 from .uvicorn import COUNTED, RECEIVING, hook_uvicorn, serve
 
@@ -169,18 +169,18 @@ def lifespan(endpoint: Endpoint) -> Callable[[Any], contextlib.AbstractAsyncCont
     return context
 
 
-async def _deny(scope: Scope, send: Send, *, not_found: bool = False) -> None:
+async def _deny(scope: Scope, send: Send, refusal: Refusal | None = None) -> None:
     """Refuse a request: 404 for plain HTTP; for a WebSocket, a close before accept, which the
     ASGI spec makes an HTTP 403 on every server. A uvicorn hooked by :func:`hook_uvicorn` (what
-    :func:`serve` and the lifespans run) answers a path that is not the endpoint's
-    (``not_found``) with 404, as the other transports do. (The ``websocket.http.response``
-    extension could do that on any server, but uvicorn's default websockets-sansio then logs a
-    spurious ERROR for every rejection, Kludex/uvicorn#3138.)"""
+    :func:`serve` and the lifespans run) answers a target that is not the endpoint's
+    (``refusal``: 404, or 400) with that status, as the other transports do. (The
+    ``websocket.http.response`` extension could do that on any server, but uvicorn's default
+    websockets-sansio then logs a spurious ERROR for every rejection, Kludex/uvicorn#3138.)"""
     if scope["type"] == "websocket":
         # The adapter's uvicorn protocol, on any event loop (uvloop's transports are no
         # asyncio.Transport, so not through _socket_of).
-        refuse = _behind(send, lambda protocol: getattr(protocol, "dara_not_found", None)) if not_found else None
-        if refuse is not None and refuse():
+        refuse = _behind(send, lambda protocol: getattr(protocol, "dara_refuse_with", None)) if refusal else None
+        if refuse is not None and refuse(refusal):
             return
         await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
         return
@@ -188,13 +188,20 @@ async def _deny(scope: Scope, send: Send, *, not_found: bool = False) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
-def _handshake(scope: Scope) -> HandshakeRequest:
+def _target(scope: Scope) -> str:
+    """The request target as the client sent it: ASGI's ``raw_path`` (uvicorn gives it: the
+    absolute form too), else ``path`` (decoded: a server without ``raw_path`` hides what a
+    ``%2F`` was), and the query."""
     raw: bytes | None = scope.get("raw_path")
     target = raw.decode("latin-1") if raw else scope["path"]
     if query := scope.get("query_string", b"").decode("latin-1"):
         target += "?" + query
+    return target
+
+
+def _handshake(scope: Scope) -> HandshakeRequest:
     headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
-    return HandshakeRequest.build(target, headers, scope.get("client"))
+    return HandshakeRequest.build(_target(scope), headers, scope.get("client"))
 
 
 def _refusal(scope: Scope) -> Refusal | None:
@@ -203,26 +210,33 @@ def _refusal(scope: Scope) -> Refusal | None:
     return check_upgrade_request(scope.get("method", "GET"), scope.get("http_version", "1.1"), headers)
 
 
-def _route_path(scope: Scope) -> str:
-    """The request's path below the application's mount point: ASGI's ``path`` includes
-    ``root_path`` (Starlette's ``Mount``, uvicorn's ``--root-path``), as Starlette reads it."""
-    path: str = scope["path"]
+def _target_refusal(scope: Scope, path: str | None) -> Refusal | None:
+    """:func:`~dara_ws_core.upgrade.check_target` on the request's raw target: ``None`` if it
+    names ``path`` below the application's mount point (ASGI's paths include ``root_path``:
+    Starlette's ``Mount``, uvicorn's ``--root-path``), or as the whole path; any target that
+    is one when ``path`` is ``None`` (a router matched it)."""
+    target = _target(scope)
+    if path is None:
+        read = read_target(target)
+        return read if isinstance(read, Refusal) else None
+    refusal = check_target(target, path)
     root: str = scope.get("root_path", "")
-    rest = path[len(root):]
-    if not root or not path.startswith(root) or rest[:1] not in ("", "/"):
-        return path  # not below root_path ("/realtimeX" is not below "/realtime")
-    return rest
+    if refusal is not None and refusal.status == 404 and root:
+        # Below the mount point, "/realtime" + "/api/core/ws" ("/realtimeX/..." is not below it).
+        return check_target(target, root.rstrip("/") + path)
+    return refusal
 
 
 class ASGIApp:
-    """An ASGI application serving ``endpoint``. WebSocket requests to ``path`` (any path when
-    ``None``, as inside a router) are served; ``path`` is matched below the mount point
-    (``root_path``: ``app.mount("/realtime", asgi_app(endpoint))`` serves
-    ``/realtime/api/core/ws``), or as the whole path. A rejected handshake gets HTTP 403 before
-    accept; another path gets 404 under a uvicorn hooked by :func:`hook_uvicorn`, elsewhere 403
-    (all ASGI lets a WebSocket refusal be). Plain HTTP to ``path`` (a request the server did not
-    take as an upgrade) gets what :func:`~dara_ws_core.upgrade.check_upgrade_request` answers
-    it, as on every transport (426 to a GET without ``Upgrade: websocket``); elsewhere 404.
+    """An ASGI application serving ``endpoint``. WebSocket requests whose target names ``path``
+    (:func:`~dara_ws_core.upgrade.check_target` on ASGI's ``raw_path``; any path when ``None``,
+    as inside a router) are served; ``path`` is matched below the mount point (``root_path``:
+    ``app.mount("/realtime", asgi_app(endpoint))`` serves ``/realtime/api/core/ws``), or as the
+    whole path. A rejected handshake gets HTTP 403 before accept; another target gets 404 (400
+    for one that names no path) under a uvicorn hooked by :func:`hook_uvicorn`, elsewhere 403
+    (all ASGI lets a WebSocket refusal be). Plain HTTP (a request the server did not take as an
+    upgrade) gets what :func:`~dara_ws_core.upgrade.check_upgrade_request` answers it, as on
+    every transport (426 to a GET without ``Upgrade: websocket``), else 404.
     """
 
     def __init__(self, endpoint: Endpoint, *, path: str | None = None) -> None:
@@ -239,9 +253,10 @@ class ASGIApp:
             await send({"type": "lifespan.shutdown.complete"})
             return
         if scope["type"] != "websocket":
-            # A request for the endpoint the server did not take as an upgrade (no Upgrade
-            # header, a Connection without upgrade...): what every transport answers it.
-            refusal = _refusal(scope) if scope["type"] == "http" and self._ours(scope) else None
+            # A request the server did not take as an upgrade (no Upgrade header, a Connection
+            # without upgrade...): what every transport answers it, whatever its path, then
+            # what its target names.
+            refusal = (_refusal(scope) or _target_refusal(scope, self.path)) if scope["type"] == "http" else None
             if refusal is None:
                 await _deny(scope, send)
                 return
@@ -250,9 +265,9 @@ class ASGIApp:
                 for name, value in (*refusal.headers, ("Connection", "close"))]})
             await send({"type": "http.response.body", "body": refusal.text.encode()})
             return
-        if not self._ours(scope):
+        if refusal := _target_refusal(scope, self.path):
             if (await receive())["type"] == "websocket.connect":
-                await _deny(scope, send, not_found=True)
+                await _deny(scope, send, refusal)
             return
         if self.endpoint in scope.get("extensions", {}).get(COUNTED, ()):
             # Under uvicorn hooked by hook_uvicorn, the server counted the socket from its
@@ -271,9 +286,6 @@ class ASGIApp:
             await self._serve(scope, receive, send)
         finally:
             self.endpoint.free_slot(admission, host)
-
-    def _ours(self, scope: Scope) -> bool:
-        return self.path is None or self.path == scope["path"] or self.path == _route_path(scope)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (await receive())["type"] != "websocket.connect":
@@ -296,7 +308,11 @@ def asgi_app(endpoint: Endpoint, *, path: str | None = None) -> ASGIApp:
 
 
 def websocket_route(endpoint: Endpoint, path: str | None = None) -> WebSocketRoute:
-    """A Starlette/FastAPI route serving ``endpoint`` at ``path`` (default ``endpoint.path``)."""
-    return WebSocketRoute(path or endpoint.path, ASGIApp(endpoint))
+    """A Starlette/FastAPI route serving ``endpoint`` at ``path`` (default ``endpoint.path``).
+    Starlette routes on the decoded path (``/api%2Fcore%2Fws`` is ``/api/core/ws`` to it): the
+    app checks the raw target again, as every transport does, unless ``path`` has parameters
+    (``/ws/{room}``), which only Starlette's router reads."""
+    path = path or endpoint.path
+    return WebSocketRoute(path, ASGIApp(endpoint, path=None if "{" in path else path))
 
 

@@ -36,7 +36,7 @@ from dara_ws_core.transport import (
     held_behind_request,
     hold_behind_request,
 )
-from dara_ws_core.upgrade import check_upgrade_request
+from dara_ws_core.upgrade import Refusal, check_upgrade_request
 
 #: Stop reading from a peer while this much is waiting to be written to it.
 _PAUSE_READING_ABOVE = 1024 * 1024
@@ -384,15 +384,19 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
             if not self.handshake_complete and not self.transport.is_closing():
                 self._dara_deadline = self.loop.call_at(deadline, self._dara_handshake_expired)
 
-        def dara_not_found(self) -> bool:
-            """Refuse the upgrade with 404, as uvicorn refuses one with 403 (a close before
-            accept), for a path that is not the endpoint's; False once too late for an answer.
-            Called by the application, not through ``send``: every frame goes through that."""
+        def dara_refuse_with(self, refusal: Refusal) -> bool:
+            """Refuse the upgrade with ``refusal``'s status (404, or 400 for a target that
+            names no path), as uvicorn refuses one with 403 (a close before accept); False once
+            too late for an answer. Called by the application, not through ``send``: every frame
+            goes through that."""
             if self.disconnected or self.handshake_complete or self.initial_response is not None:
                 return False
             self.queue.put_nowait({"type": "websocket.disconnect", "code": 1006})
             self.close_sent = self.handshake_complete = True
-            self.conn.send_response(self.conn.reject(HTTPStatus.NOT_FOUND, ""))
+            response = self.conn.reject(HTTPStatus(refusal.status), refusal.text)
+            for name, value in refusal.headers:
+                response.headers[name] = value
+            self.conn.send_response(response)
             self.transport.write(b"".join(self.conn.data_to_send()))
             self.transport.close()
             return True

@@ -3,8 +3,9 @@
 picows parses frames in C and writes them with a synchronous ``send``, which is what the core's
 ``send_nowait`` fast path wants. Its listener factory is synchronous, and the core's authenticator
 is not: so a small gate reads the HTTP request first (bounded in bytes, headers and time), refuses
-what every transport refuses (:func:`~dara_ws_core.upgrade.check_upgrade_request`), runs
-``Endpoint.authenticate`` and answers 404 or 403 itself; only an accepted request is handed to
+what every transport refuses (:func:`~dara_ws_core.upgrade.check_upgrade_request`, then
+:func:`~dara_ws_core.upgrade.check_target`: 400 or 404), runs ``Endpoint.authenticate`` and
+answers 403 itself; only an accepted request is handed to
 picows, which answers 101 and parses frames from then on. No protocol logic lives here.
 
     async with serve(endpoint, "127.0.0.1", 8000) as server:  # a dara_ws_core.Server
@@ -35,7 +36,14 @@ from dara_ws_core.auth import Holder, holder_of
 from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, host_of
 from dara_ws_core.exceptions import AuthenticationFailed
 from dara_ws_core.transport import HandshakeRequest, ReceivingCharge, Server
-from dara_ws_core.upgrade import UNPARSABLE, Refusal, check_upgrade_request, parse_request_line, refusal_of_request_line
+from dara_ws_core.upgrade import (
+    UNPARSABLE,
+    Refusal,
+    check_target,
+    check_upgrade_request,
+    parse_request_line,
+    refusal_of_request_line,
+)
 
 from .transport import PicowsTransport
 
@@ -70,7 +78,6 @@ _LOG = _Quiet(logging.getLogger("dara_ws_picows"), {})
 
 #: The gate's own refusals, beside the upgrade check's (the same statuses on every transport).
 _TOO_LARGE = Refusal(431, "Request Header Fields Too Large")
-_NOT_FOUND = Refusal(404, "Not Found")
 _FULL = Refusal(503, "Service Unavailable", (("Retry-After", str(RETRY_AFTER)),))
 _FORBIDDEN = Refusal(403, "Forbidden")
 
@@ -137,10 +144,10 @@ class _Gate(asyncio.Protocol):
         if isinstance(parsed, Refusal):
             self._reject(parsed)
             return
-        handshake = HandshakeRequest.build(*parsed, transport.get_extra_info("peername"))
-        if handshake.path != self._server.endpoint.path:
-            self._reject(_NOT_FOUND)
+        if refusal := check_target(parsed[0], self._server.endpoint.path):
+            self._reject(refusal)
             return
+        handshake = HandshakeRequest.build(*parsed, transport.get_extra_info("peername"))
         if self._admission is not Admission.ADMIT:
             self._reject(_FULL)
             return

@@ -54,7 +54,7 @@ from dara_ws_core.transport import (
     hold_behind_request,
     text_frame_header,
 )
-from dara_ws_core.upgrade import check_upgrade_request, refusal_of_request_line
+from dara_ws_core.upgrade import check_target, check_upgrade_request, refusal_of_request_line
 
 #: The oldest websockets whose connection internals the adapter relies on (the asyncio server's
 #: write path changed in 16): an older one would fail every connection with 1011.
@@ -496,7 +496,10 @@ async def serve(
         # Before websockets' own checks (after authentication), whose statuses differ. (A
         # websockets before 17 has no method nor protocol: its parser took only GET HTTP/1.1.)
         method, protocol = getattr(request, "method", "GET"), getattr(request, "protocol", "HTTP/1.1")
-        refusal = check_upgrade_request(method, protocol, request.headers.raw_items())
+        # request.path is the target as sent (websockets decodes nothing): the core decides
+        # what it names, as on every transport.
+        refusal = (check_upgrade_request(method, protocol, request.headers.raw_items())
+                   or check_target(request.path, endpoint.path))
         if refusal is not None:
             response = connection.respond(HTTPStatus(refusal.status), refusal.text)
             for name, value in refusal.headers:
@@ -505,8 +508,6 @@ async def serve(
         handshake = HandshakeRequest.build(
             request.path, request.headers.raw_items(), connection.remote_address
         )
-        if handshake.path != endpoint.path:
-            return connection.respond(HTTPStatus.NOT_FOUND, "Not Found\n")
         if connection.dara_admission is not Admission.ADMIT:  # type: ignore[attr-defined]
             response = connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "Service Unavailable\n")
             response.headers["Retry-After"] = str(RETRY_AFTER)
