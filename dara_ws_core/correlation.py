@@ -42,7 +42,7 @@ from typing import Any, Generic, TypeVar
 
 from .auth import Holder
 from .chunks import ChunkAssembler
-from .codec import count_json_values, dumps
+from .codec import count_json_values, dumps, held_text_bytes
 from .config import ServerConfig
 from .exceptions import ChunkError, DaraWSError, TooManyPendingRequests
 from .messages import DaraClientMessage
@@ -420,7 +420,12 @@ class PendingRequests(Generic[W]):
                 ))
                 entries[rchan] = chunked
             part = dumps(message.message)
-            size = len(part) + PART_BYTES
+            size = len(part)
+            if not part.isascii():
+                # Decoded, its strings may take up to 4 bytes a character where the wire took
+                # one (an ASCII text with one emoji): counted as held, not as sent.
+                size = max(size, held_text_bytes(message.message))
+            size += PART_BYTES
             values = count_json_values(part) + PART_VALUES
             self._check(held, size, values)
             parts = chunked.assembler.feed(
