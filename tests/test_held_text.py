@@ -125,3 +125,85 @@ async def test_emoji_laden_chunked_answers_hold_no_more_than_the_chunk_budget_an
             client.abort()
         bystander.abort()
         await eventually(lambda: PROCESS_CHUNKS.bytes == 0, "every part given back", timeout=10)
+
+
+async def _settled(timeout: float = 10.0) -> int:
+    """What tracemalloc traces once it stops growing (unchanged over 0.5 s; at most
+    ``timeout``): the server has read what it will read."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last, steady = -1, 0
+    while steady < 10 and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+        now = tracemalloc.get_traced_memory()[0]
+        steady = steady + 1 if abs(now - last) < 64 * KiB else 0
+        last = now
+    return last
+
+
+async def test_peers_that_stop_reading_and_pipeline_emoji_laden_messages_have_them_held_as_bytes(
+    socket_stack: Any,
+) -> None:
+    # 4 peers stop reading and each send 6 echo requests of 4 MiB of UTF-8 holding one emoji
+    # (16 MiB each decoded). The server reads until its queue and write buffer are full and the
+    # connection's receive loop waits for room; what the transport read meanwhile waits for it.
+    # Each connection holds about 5 messages' bytes (its reply being written, its queue, the
+    # reply waiting for room, the message waiting, the next being read), none of them decoded:
+    # at most 6 messages' worth a connection (8 on picows, whose C read buffer keeps a message
+    # and grows to its size: see docs/deployment.md). Waiting decoded, aiohttp's and picows'
+    # held 3 times a message more a connection (140 and 171 MB instead of 90 and 121 here).
+    # A bystander is served meanwhile.
+    size = 4 * MiB
+    config = ServerConfig(max_message_size=size, max_queue_bytes=1 * MiB, ping_interval=None,
+                          idle_timeout=None, send_timeout=60)
+    async with socket_stack(config=config) as stack:
+        assert stack.port is not None
+        stack.manager.add_ws_handler("echo", lambda channel, data: data)
+        bystander, _ = await open_channel(stack.port, path="/api/core/ws?token=bystander:s1")
+        peers = [(await open_channel(stack.port, path=f"/api/core/ws?token=u{i}:s1", rcvbuf=4096))[0]
+                 for i in range(4)]
+        head, tail = '{"type":"custom","message":{"kind":"echo","data":"', '","__rchan":"r"}}'
+        frame = encode_frame(TEXT, head + emoji_text(size - 1 - len(head) - len(tail)) + tail)
+        per_connection = (8 if stack.transport == "picows" else 6) * size
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for peer in peers:
+                peer.stop_reading()
+                for _ in range(6):
+                    peer.write(frame)
+            held = await _settled() - before
+            await _pong(bystander)
+        finally:
+            tracemalloc.stop()
+        assert held < len(peers) * per_connection + 8 * MiB, (
+            f"{held / MiB:.1f} MiB held by {len(peers)} connections, "
+            f"bound {len(peers) * per_connection / MiB:.0f} MiB and 8 MiB of slack")
+        for peer in (*peers, bystander):
+            peer.abort()
+
+
+async def test_a_text_waiting_as_bytes_that_is_not_utf8_closes_with_1007_after_the_frames_before_it(
+    socket_stack: Any,
+) -> None:
+    # Kept as bytes while the connection is busy, a text is decoded only when it is handled:
+    # invalid UTF-8 still closes with 1007, once the frames before it are answered, as when it
+    # was decoded on arrival. 20 pings first: picows hands the first 16 straight to the core,
+    # the rest wait in its inbox, the bad text (over 4 KiB) among them as its bytes.
+    async with socket_stack(config=ServerConfig(ping_interval=None, idle_timeout=None)) as stack:
+        assert stack.port is not None
+        client, _ = await open_channel(stack.port)
+        ping = encode_frame(TEXT, json.dumps({"type": "ping", "message": None}))
+        bad = encode_frame(TEXT, b'{"type":"ping","message":"' + b"\xff" * (8 * KiB) + b'"}')
+        client.write(ping * 20 + bad)
+        pongs, code = 0, None
+        async with asyncio.timeout(10):
+            for _ in range(100):
+                frame = await client.read_frame()
+                if frame.opcode == TEXT:
+                    pongs += json.loads(frame.text)["type"] == "pong"
+                else:
+                    code = frame.close_code
+                    break
+        assert (pongs, code) == (20, 1007)
+        client.abort()
