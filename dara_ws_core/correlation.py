@@ -177,7 +177,7 @@ class _Tally:
 
 
 class ChunkBudget(_Tally):
-    """Bytes (as on the wire, plus :data:`PART_BYTES` a part) and JSON values (plus
+    """Bytes (as on the wire, or as held decoded when more, plus :data:`PART_BYTES` a part) and JSON values (plus
     :data:`PART_VALUES` a part) of the parts that the unfinished chunked answers of every table
     sharing this budget hold, in all and by user. Each table checks it against the ceilings of
     its own configuration (``max_chunked_total_bytes``, ``max_chunked_total_values``).
@@ -396,9 +396,11 @@ class PendingRequests(Generic[W]):
 
         Each part of a chunked answer is kept as its frame decoded it, so that its cost is paid
         with its frame, which ``max_message_values`` bounds; the last part only builds the list.
-        What a part holds is counted as its compact JSON (UTF-8 bytes, and JSON values counted
-        as for a frame) plus :data:`PART_BYTES` and :data:`PART_VALUES`, against the channel's,
-        the user's and the process's bounds.
+        What a part holds is counted as its compact JSON (UTF-8 bytes, or for a part with
+        non-ASCII text what its strings hold decoded if that is more:
+        :func:`~dara_ws_core.codec.held_text_bytes`; and JSON values counted as for a frame)
+        plus :data:`PART_BYTES` and :data:`PART_VALUES`, against the channel's, the user's and
+        the process's bounds.
         """
         rchan = message.channel
         if message.chunk_count is None:

@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import WSMsgType, web
 
 from dara_ws_core.exceptions import CloseCode, ConnectionClosed
-from dara_ws_core.transport import late_text, text_frame_header
+from dara_ws_core.transport import NOT_UTF8, text_frame_header
 
 #: For a server's ``WebSocketResponse``: text messages queued as their UTF-8 bytes, decoded by
 #: :meth:`AiohttpTransport.receive` as they are handled (aiohttp 3.13 and later). Decoded, a
@@ -116,7 +116,12 @@ class AiohttpTransport:
         msg = await self._ws.receive()
         if msg.type is WSMsgType.TEXT:
             data = msg.data
-            return data if type(data) is str else late_text(data)  # bytes: DECODE_TEXT_LATER
+            if type(data) is str:
+                return data
+            try:  # its bytes (DECODE_TEXT_LATER), decoded now (late_text, without a call more)
+                return str(data, "utf-8")
+            except UnicodeDecodeError:
+                return NOT_UTF8
         if msg.type is WSMsgType.BINARY:
             return msg.data  # type: ignore[no-any-return]
         # CLOSE carries (code, reason), ERROR the error (1009: too big, whatever close_code says

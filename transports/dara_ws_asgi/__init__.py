@@ -36,7 +36,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
 from dara_ws_core.auth import holder_of
 from dara_ws_core.endpoint import Admission, Endpoint, host_of
 from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
-from dara_ws_core.transport import HandshakeRequest, ReceivingCharge, Server, late_text
+from dara_ws_core.transport import NOT_UTF8, HandshakeRequest, ReceivingCharge, Server
 from dara_ws_core.upgrade import Refusal, check_upgrade_request
 
 from .uvicorn import COUNTED, RECEIVING, TEXT_BYTES, hook_uvicorn, serve
@@ -103,7 +103,12 @@ class ASGITransport:
             if text is not None:
                 return text
             data = message.get(TEXT_BYTES)  # under serve(): a text's bytes, decoded now
-            return bytes(message.get("bytes") or b"") if data is None else late_text(data)
+            if data is None:
+                return bytes(message.get("bytes") or b"")
+            try:  # late_text, without a call more
+                return str(data, "utf-8")
+            except UnicodeDecodeError:
+                return NOT_UTF8
         self._gone = ConnectionClosed(message.get("code", 1005), message.get("reason") or "")
         raise self._gone
 

@@ -467,7 +467,8 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
             # The outcome is uvicorn's (1007), without the record, as on every other transport.
             frames, self.frames = self.frames, []
             data = frames[0] if len(frames) == 1 else b"".join(frames)
-            if self._dara_charge() is not None:  # ours: queued as it came, decoded when handled
+            headers = self.dara_frames
+            if headers is not None and headers.charge is not None:  # ours: decoded when handled
                 event: Any = {"type": "websocket.receive", "text": None, TEXT_BYTES: data}
                 self.queue.put_nowait(event)
             else:
