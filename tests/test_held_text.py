@@ -1,4 +1,4 @@
-"""Bounds count what a decoded text holds, not its UTF-8 (review 17, "UCS-4 amplification").
+"""Bounds count what a decoded text holds, not its UTF-8 (a hostile-client review: "UCS-4 amplification").
 
 CPython keeps a ``str`` at 1, 2 or 4 bytes a character (PEP 393): one character past U+FFFF
 (an emoji) makes the whole string 4 bytes a character, so an ASCII text with one emoji in it

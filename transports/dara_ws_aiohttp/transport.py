@@ -14,7 +14,8 @@ from dara_ws_core.exceptions import CloseCode, ConnectionClosed
 from dara_ws_core.transport import NOT_UTF8, text_frame_header
 
 #: For a server's ``WebSocketResponse``: text messages queued as their UTF-8 bytes, decoded by
-#: :meth:`AiohttpTransport.receive` as they are handled (aiohttp 3.13 and later). Decoded, a
+#: :meth:`AiohttpTransport.receive` as they are handled (an aiohttp with ``decode_text``, as 3.14;
+#: an older one decodes them as they arrive, as before). Decoded, a
 #: text takes 1, 2 or 4 bytes a character (PEP 393): up to 4 times the bytes aiohttp's queue
 #: counts for it (an ASCII text with one emoji); as bytes, what it holds is what it counts.
 DECODE_TEXT_LATER: dict[str, Any] = (
