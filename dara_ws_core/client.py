@@ -28,8 +28,9 @@ default can be changed in the constructor):
   is dropped, counted in ``requests_dropped`` and logged at a limited rate: the protocol has no
   error answer on the client's side (section 2), so the server's ``send_and_wait`` times out.
 * **Inbox**: pushes not yet taken by :meth:`DaraClient.receive` are kept up to ``max_queue``
-  (10,000) messages and ``max_queue_bytes`` (32 MiB). A push is charged its frame text plus 120
-  bytes per JSON value, what its decoded objects hold at worst, so the byte bound bounds memory
+  (10,000) messages and ``max_queue_bytes`` (32 MiB). A push is charged its frame text as a
+  ``str`` holds it (1, 2 or 4 bytes a character: an ASCII text with one emoji takes 4 times its
+  UTF-8) plus 120 bytes per JSON value, what its decoded objects hold at worst, so the byte bound bounds memory
   and not only text. Beyond either bound, the oldest are dropped (counted in ``dropped``, logged
   at a limited rate): a client that only sends requests and never calls ``receive()`` keeps
   working, its replies and pongs unaffected.
@@ -82,6 +83,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from sys import getsizeof
 from typing import Any
 
 from .codec import count_json_values, decode_server_frame, dumps
@@ -125,8 +127,12 @@ _LOGGED_ID = 64
 
 def _charge(frame: str | bytes, values: int) -> int:
     """What a decoded server message holds at worst, in bytes: its text and its values' objects
-    (``values`` when already counted, else ``0``)."""
-    return len(frame) + _VALUE_BYTES * (values or count_json_values(frame))
+    (``values`` when already counted, else ``0``). Its text as the frame's ``str`` holds it
+    (``sys.getsizeof``: exact, in O(1)), at 1, 2 or 4 bytes a character (PEP 393), which bounds
+    its strings decoded at their own widths: an ASCII text with one emoji holds 4 times its
+    UTF-8. Charged once the frame is decoded, a non-ASCII one with the UTF-8 copy the decoder
+    left cached in it (an upper bound, as the values are)."""
+    return getsizeof(frame) + _VALUE_BYTES * (values or count_json_values(frame))
 
 
 def _request(message: CustomServerMessage | DaraServerMessage) -> Request:

@@ -20,11 +20,13 @@ __all__ = [
     "decode_server_frame",
     "dumps",
     "encode",
+    "held_text_bytes",
     "utf8_size_exceeds",
 ]
 
 import functools
 import re
+import sys
 from typing import Annotated, Any
 
 import pydantic_core
@@ -219,6 +221,38 @@ def count_json_values(text: str | bytes) -> int:
     if isinstance(text, str):
         return text.count(",") + text.count("[") + text.count("{") + 1
     return text.count(b",") + text.count(b"[") + text.count(b"{") + 1
+
+
+#: The fixed part of a ``str`` (``sys.getsizeof`` less its characters): an ASCII one's, and a
+#: non-ASCII one's (less 1 to 3 bytes of its terminator, at 2 or 4 bytes a character).
+_STR_HEADER = sys.getsizeof("")
+_WIDE_HEADER = sys.getsizeof("\xe9") - 1
+
+
+def held_text_bytes(value: Any) -> int:
+    """What the strings in a decoded JSON ``value`` (object keys included) hold in memory,
+    beyond an empty string's fixed part each: their characters at 1, 2 or 4 bytes each, as
+    CPython stores a ``str`` (PEP 393), where UTF-8 takes 1 to 4 bytes a character. One
+    character past U+FFFF makes a whole string 4 bytes a character: an ASCII text of N bytes
+    with one emoji in it takes 4N bytes decoded. Walks the value (iteratively: JSON nests up to
+    :data:`MAX_NESTING_DEPTH`); ``sys.getsizeof`` is exact for a ``str`` and costs no scan. It
+    counts the UTF-8 copy a non-ASCII string keeps once it has been encoded (by :func:`dumps`,
+    say): memory it holds too. Pure."""
+    size = 0
+    stack = [value]
+    pop, push, extend = stack.pop, stack.append, stack.extend
+    while stack:
+        item = pop()
+        kind = type(item)
+        if kind is str:
+            size += sys.getsizeof(item) - (_STR_HEADER if item.isascii() else _WIDE_HEADER)
+        elif kind is dict:
+            for key, inner in item.items():
+                size += sys.getsizeof(key) - (_STR_HEADER if key.isascii() else _WIDE_HEADER)
+                push(inner)
+        elif kind is list:
+            extend(item)
+    return size
 
 
 def decode_client_frame(

@@ -43,14 +43,20 @@ class SlowConsumerPolicy(StrEnum):
 class ServerConfig:
     """Server-side limits and timings. Every limit is finite by default.
 
-    Sizes are in bytes of UTF-8 JSON, times in seconds; ``None`` disables a timer.
+    Sizes are in bytes of UTF-8 JSON, times in seconds; ``None`` disables a timer. A bound on
+    what is held counts it as held: decoded, a text takes 1, 2 or 4 bytes a character (PEP 393;
+    an ASCII text with one emoji, 4 times its UTF-8), so what waits is kept as its bytes, and
+    what is kept decoded (chunked parts) counts its strings' width.
     """
 
     #: Largest inbound frame. 16 MiB like Dara's server (uvicorn's default): the stock client
     #: sends large answers in one frame. Larger frames close the connection with 1009. A frame
     #: is held while it is read and handled, not after: an idle connection keeps nothing of the
     #: largest message it received (on picows, whose read buffer keeps the size it grew to,
-    #: the pages past 64 KiB of it are handed back to the system).
+    #: the pages past 64 KiB of it are handed back to the system). Being handled, a message is
+    #: held decoded, as its frame's text and its value: up to 4 times this each (an ASCII text
+    #: with one emoji), one message at a time per connection; a message that waits for its
+    #: connection is kept as its bytes (docs/deployment.md, "decoded text").
     max_message_size: int = 16 * MiB
     #: Most JSON values in one inbound frame, counted before it is decoded (an upper bound: every
     #: comma and opening bracket). Decoded, a value takes up to ~120 bytes of Python objects (an
@@ -85,7 +91,9 @@ class ServerConfig:
     #: finds it: one peer gets a fresh anonymous user with each connection, but not a fresh
     #: address). Each part
     #: counts 128 bytes and one value more than its JSON, for what holding it costs (a 1-byte
-    #: part takes about a hundred bytes of Python objects). Each part is decoded as its frame
+    #: part takes about a hundred bytes of Python objects), and a part holding non-ASCII text
+    #: counts what its strings hold decoded if that is more than its JSON (1, 2 or 4 bytes a
+    #: character: an ASCII text with one emoji, 4 times its UTF-8). Each part is decoded as its frame
     #: arrives (and is bounded as a frame: ``max_message_values``); held decoded, a value takes
     #: up to ~120 bytes, so the values bound what a user's parts hold in memory (~15 MB at
     #: worst), and the last part costs no more than any other. Beyond either bound the request

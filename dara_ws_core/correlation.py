@@ -42,7 +42,7 @@ from typing import Any, Generic, TypeVar
 
 from .auth import Holder
 from .chunks import ChunkAssembler
-from .codec import count_json_values, dumps
+from .codec import count_json_values, dumps, held_text_bytes
 from .config import ServerConfig
 from .exceptions import ChunkError, DaraWSError, TooManyPendingRequests
 from .messages import DaraClientMessage
@@ -177,7 +177,7 @@ class _Tally:
 
 
 class ChunkBudget(_Tally):
-    """Bytes (as on the wire, plus :data:`PART_BYTES` a part) and JSON values (plus
+    """Bytes (as on the wire, or as held decoded when more, plus :data:`PART_BYTES` a part) and JSON values (plus
     :data:`PART_VALUES` a part) of the parts that the unfinished chunked answers of every table
     sharing this budget hold, in all and by user. Each table checks it against the ceilings of
     its own configuration (``max_chunked_total_bytes``, ``max_chunked_total_values``).
@@ -396,9 +396,11 @@ class PendingRequests(Generic[W]):
 
         Each part of a chunked answer is kept as its frame decoded it, so that its cost is paid
         with its frame, which ``max_message_values`` bounds; the last part only builds the list.
-        What a part holds is counted as its compact JSON (UTF-8 bytes, and JSON values counted
-        as for a frame) plus :data:`PART_BYTES` and :data:`PART_VALUES`, against the channel's,
-        the user's and the process's bounds.
+        What a part holds is counted as its compact JSON (UTF-8 bytes, or for a part with
+        non-ASCII text what its strings hold decoded if that is more:
+        :func:`~dara_ws_core.codec.held_text_bytes`; and JSON values counted as for a frame)
+        plus :data:`PART_BYTES` and :data:`PART_VALUES`, against the channel's, the user's and
+        the process's bounds.
         """
         rchan = message.channel
         if message.chunk_count is None:
@@ -420,7 +422,12 @@ class PendingRequests(Generic[W]):
                 ))
                 entries[rchan] = chunked
             part = dumps(message.message)
-            size = len(part) + PART_BYTES
+            size = len(part)
+            if not part.isascii():
+                # Decoded, its strings may take up to 4 bytes a character where the wire took
+                # one (an ASCII text with one emoji): counted as held, not as sent.
+                size = max(size, held_text_bytes(message.message))
+            size += PART_BYTES
             values = count_json_values(part) + PART_VALUES
             self._check(held, size, values)
             parts = chunked.assembler.feed(

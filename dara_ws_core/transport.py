@@ -66,11 +66,11 @@ manager that yields a :class:`Server` (``port=0`` picks a free port).
 
 from __future__ import annotations
 
-__all__ = ["MAX_PIPELINED", "PROCESS_RECEIVING", "RECEIVING_SHARES", "ClientFrameHeaders",
+__all__ = ["MAX_PIPELINED", "NOT_UTF8", "PROCESS_RECEIVING", "RECEIVING_SHARES", "ClientFrameHeaders",
            "HandshakeRequest", "ReceivingBudget", "ReceivingCharge", "RequestHead", "Server", "SupportsCork",
            "SupportsDisconnected", "SupportsPush", "SupportsSendNowait", "SupportsWriter", "Transport",
            "TrustedProxies", "address_key", "close_frame_error", "held_behind_request", "hold_behind_request",
-           "parse_cookies", "sendable_close_code", "text_frame_header"]
+           "late_text", "parse_cookies", "sendable_close_code", "text_frame_header"]
 
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -215,6 +215,22 @@ def close_frame_error(payload: bytes) -> int | None:
     except UnicodeDecodeError:
         return 1007
     return None
+
+
+#: What :func:`late_text` gives for bytes that are not UTF-8: not JSON, so the core refuses it
+#: with 1007 (protocol.md section 6) once the frames before it are handled and answered.
+NOT_UTF8 = "\ufffd (not UTF-8)"
+
+
+def late_text(data: bytes | bytearray) -> str:
+    """A text message an adapter kept as its UTF-8 bytes while it waited for the core, decoded
+    as the core takes it: decoded, a text holds 1, 2 or 4 bytes a character (PEP 393), up to 4
+    times its bytes (an ASCII text with one emoji), so what waits is kept as it came. Bytes
+    that are not UTF-8 give :data:`NOT_UTF8` (closed with 1007, after what came before)."""
+    try:
+        return str(data, "utf-8")
+    except UnicodeDecodeError:
+        return NOT_UTF8
 
 
 #: A masked frame header with opcode 3 (reserved: RFC 6455 5.2), which every parser fails on.

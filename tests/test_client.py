@@ -451,6 +451,23 @@ async def test_a_full_inbox_drops_the_oldest_pushes_to_stay_within_its_bytes(
     assert 1 <= len(dropped_logs) <= 11  # the first ten, then powers of ten
 
 
+async def test_the_inbox_charges_a_push_for_its_text_at_the_width_it_is_decoded_to(client_adapter: str) -> None:
+    """An ASCII text with one emoji decodes to 4 bytes a character (PEP 393): pushes of 100 KB of
+    it are charged about 500 KB each (and the UTF-8 copy decoding leaves in the frame), so 3 fit
+    in 1.52 MB, not 15 (as by their UTF-8)."""
+    pushes, size = 20, 100_000
+    frames = [json.dumps({"type": "custom", "message": {"kind": "k", "data": [i, "\U0001f600" + "p" * size]}},
+                         ensure_ascii=False) for i in range(pushes)]
+    async with hostile(_sends_then_pongs(frames), client_adapter) as connect:
+        client = DaraClient(connect, ping_interval=None, max_queue_bytes=3 * 5 * size + 20_000)
+        await client.connect()
+        try:
+            await eventually(lambda: client.dropped >= pushes - 3, "the oldest pushes dropped")
+            assert [_number(m) for m in client.received_nowait()] == [pushes - 3, pushes - 2, pushes - 1]
+        finally:
+            await client.close()
+
+
 async def test_a_full_inbox_drops_the_oldest_pushes_to_stay_within_its_count(
     client_adapter: str,
 ) -> None:

@@ -62,9 +62,23 @@ def wire_size(payload: Any) -> int:
     return len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
 
 
+def held_size(payload: Any) -> int:
+    """What a part's strings hold decoded (PEP 393): 1, 2 or 4 bytes a character by the widest
+    of them, for a non-ASCII one with its terminator's extra bytes and the UTF-8 copy that
+    encoding it (the table's size check) leaves cached in it."""
+    if not isinstance(payload, str):
+        return 0
+    widest = max((ord(char) for char in payload), default=0)
+    if widest < 0x80:
+        return len(payload)
+    width = 1 if widest < 0x100 else 2 if widest < 0x10000 else 4
+    return (len(payload) + 1) * width + len(payload.encode())
+
+
 def cost(payload: Any) -> tuple[int, int]:
-    """What the table must count for holding a part: its bytes and values, and a part's own."""
-    return wire_size(payload) + PART_BYTES, value_count(payload) + PART_VALUES
+    """What the table must count for holding a part: its bytes (compact JSON, or what its
+    strings hold decoded when that is more) and values, and a part's own."""
+    return max(wire_size(payload), held_size(payload)) + PART_BYTES, value_count(payload) + PART_VALUES
 
 
 def value_count(payload: Any) -> int:

@@ -31,7 +31,7 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "driver": frozenset({"ConnectionDriver", "close_quietly"}),
     "handler": frozenset({"Sink"}),
     "codec": frozenset({"MAX_NESTING_DEPTH", "MAX_NUMBER_DIGITS", "PONG_FRAME", "count_json_values",
-                        "decode_answer", "dumps", "utf8_size_exceeds"}),
+                        "decode_answer", "dumps", "held_text_bytes", "utf8_size_exceeds"}),
     "messages": frozenset({"InitPayload", "TypedPayload"}),
     "logs": frozenset({"ConnectionLogger"}),
     "queue": frozenset({"BURST", "PROCESS_QUEUED", "TOTAL_SHARES", "OutboundQueue", "QueuedBytes"}),
@@ -54,11 +54,11 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
                           "Target", "check_target", "check_upgrade_request", "normalize_path",
                           "parse_request_line", "read_target", "refusal_of_request_line"}),
     # TrustedProxies: what ServerConfig.forwarded_allow_ips is read as, for the endpoint.
-    "transport": frozenset({"ClientFrameHeaders", "MAX_PIPELINED", "PROCESS_RECEIVING", "RECEIVING_SHARES",
+    "transport": frozenset({"ClientFrameHeaders", "MAX_PIPELINED", "NOT_UTF8", "PROCESS_RECEIVING", "RECEIVING_SHARES",
                             "ReceivingBudget", "ReceivingCharge", "RequestHead", "TrustedProxies", "address_key",
                             "close_frame_error", "SupportsCork", "SupportsDisconnected", "SupportsPush",
                             "SupportsSendNowait", "SupportsWriter", "held_behind_request", "hold_behind_request",
-                            "parse_cookies", "sendable_close_code", "text_frame_header"}),
+                            "late_text", "parse_cookies", "sendable_close_code", "text_frame_header"}),
 }
 
 #: Names a subpackage's module exports for its siblings, and that the subpackage leaves out.

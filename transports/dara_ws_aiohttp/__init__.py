@@ -47,7 +47,7 @@ from dara_ws_core.upgrade import (
 
 from ._masking import MaskedOnlyResponse
 from .client import connect
-from .transport import AiohttpTransport
+from .transport import DECODE_TEXT_LATER, AiohttpTransport
 
 
 def add_route(app: web.Application, endpoint: Endpoint, path: str | None = None) -> None:
@@ -104,7 +104,8 @@ def _add_route(app: web.Application, endpoint: Endpoint, path: str, *, any_targe
         # aiohttp closes a message of exactly max_msg_size (it checks >=): +1 makes the limit
         # inclusive, as on the other transports (the core checks the size again).
         ws = MaskedOnlyResponse(
-            max_msg_size=config.max_message_size + 1, heartbeat=config.ping_interval, compress=False
+            max_msg_size=config.max_message_size + 1, heartbeat=config.ping_interval, compress=False,
+            **DECODE_TEXT_LATER,
         )
         ws.dara_charge = charge = ReceivingCharge(config.max_receiving_total_bytes, holder_of(identity, host_of(peer)))
         try:

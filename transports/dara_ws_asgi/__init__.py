@@ -36,10 +36,10 @@ except ImportError as exc:  # the extra is missing: say which one to install
 from dara_ws_core.auth import holder_of
 from dara_ws_core.endpoint import Admission, Endpoint, host_of
 from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
-from dara_ws_core.transport import HandshakeRequest, ReceivingCharge, Server
+from dara_ws_core.transport import NOT_UTF8, HandshakeRequest, ReceivingCharge, Server
 from dara_ws_core.upgrade import Refusal, check_target, check_upgrade_request, read_target
 
-from .uvicorn import COUNTED, RECEIVING, hook_uvicorn, serve
+from .uvicorn import COUNTED, RECEIVING, TEXT_BYTES, hook_uvicorn, serve
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -100,7 +100,15 @@ class ASGITransport:
         message = await self._receive()
         if message["type"] == "websocket.receive":
             text: str | None = message.get("text")
-            return text if text is not None else bytes(message.get("bytes") or b"")
+            if text is not None:
+                return text
+            data = message.get(TEXT_BYTES)  # under serve(): a text's bytes, decoded now
+            if data is None:
+                return bytes(message.get("bytes") or b"")
+            try:  # late_text, without a call more
+                return str(data, "utf-8")
+            except UnicodeDecodeError:
+                return NOT_UTF8
         self._gone = ConnectionClosed(message.get("code", 1005), message.get("reason") or "")
         raise self._gone
 

@@ -20,15 +20,18 @@ __all__ = ["PicowsTransport"]
 import asyncio
 from collections import deque
 from collections.abc import Callable
+from sys import getsizeof
 from types import MethodType
 from typing import NoReturn
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSProtocolError, WSTransport
 
 from dara_ws_core.exceptions import CloseCode, ConnectionClosed
-from dara_ws_core.transport import ReceivingCharge, close_frame_error, text_frame_header
+from dara_ws_core.transport import ReceivingCharge, close_frame_error, late_text, text_frame_header
 
-#: Messages, and bytes, waiting in the inbox before reading from the socket pauses.
+#: Messages, and bytes, waiting in the inbox before reading from the socket pauses. The bytes
+#: are what the messages hold (``sys.getsizeof``): a decoded text takes 1, 2 or 4 bytes a
+#: character (PEP 393), up to 4 times its UTF-8 on the wire (an ASCII text with one emoji).
 INBOX_MESSAGES = 16
 INBOX_BYTES = 1024 * 1024
 #: The socket's write buffer high-water mark: over it, asyncio pauses our writing and
@@ -39,6 +42,13 @@ PAUSE_READING_ABOVE = 1024 * 1024
 #: A frame over this many bytes grows picows' read buffer, which picows never shrinks: once it
 #: is handled, ``release_reads`` hands what the buffer no longer uses back to the system.
 RELEASE_ABOVE = 64 * 1024
+
+#: A text message over this many bytes that arrives while the core is busy (not waiting in
+#: ``receive``) waits in the inbox as its UTF-8 bytes, decoded when the core takes it: decoded,
+#: it would take 1, 2 or 4 bytes a character (PEP 393), up to 4 times as much (an ASCII text
+#: with one emoji), and picows hands over every frame of a read, past the inbox's bounds too.
+#: A smaller one is decoded at once (cheaper, and counted as it is held).
+DECODE_AT_ONCE = 4096
 
 _TEXT, _BINARY, _CONT = WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION
 _PING, _CLOSE = WSMsgType.PING, WSMsgType.CLOSE
@@ -140,13 +150,17 @@ class PicowsTransport(WSListener):
                 self._parts_size = frame.payload_size
                 return
             if kind is _TEXT:
+                if self._pusher is None and frame.payload_size > DECODE_AT_ONCE:
+                    # The core is busy: kept as its bytes until it takes it (see _Utf8).
+                    self._push(_Utf8(frame.get_payload_as_memoryview()))
+                    return
                 try:  # decoded straight from picows' buffer: no intermediate bytes
                     text = frame.get_payload_as_utf8_text()
                 except UnicodeDecodeError:
                     raise WSProtocolError(WSCloseCode.INVALID_TEXT, "invalid UTF-8") from None
-                self._push(text, frame.payload_size)
+                self._push(text)
             else:
-                self._push(frame.get_payload_as_bytes(), frame.payload_size)
+                self._push(frame.get_payload_as_bytes())
         elif kind is _CONT:
             parts = self._parts
             if parts is None:
@@ -162,7 +176,12 @@ class PicowsTransport(WSListener):
                 self._parts = None
                 if charge is not None:
                     charge.release()
-                self._push(_utf8(parts) if self._parts_text else bytes(parts), len(parts))
+                if not self._parts_text:
+                    self._push(bytes(parts))
+                elif self._pusher is None and len(parts) > DECODE_AT_ONCE:
+                    self._push(_Utf8(parts))  # the core is busy: decoded when it takes it
+                else:
+                    self._push(_utf8(parts))
         elif kind is _PING:
             if self._corked is not None:
                 self.flush()  # the pong must not overtake corked frames
@@ -253,7 +272,7 @@ class PicowsTransport(WSListener):
 
     # ------------------------------------------------------------------ inbox
 
-    def _push(self, message: str | bytes, size: int) -> None:
+    def _push(self, message: str | bytes) -> None:
         pusher = self._pusher
         if pusher is not None:  # the core waits with nothing buffered: handed over, in order
             self._push_left -= 1
@@ -262,7 +281,7 @@ class PicowsTransport(WSListener):
                 self._wake(True)
             return
         self._inbox.append(message)
-        self._inbox_bytes += size
+        self._inbox_bytes += getsizeof(message)  # what it holds, not its UTF-8
         self._wake()
         if not self._paused and (len(self._inbox) >= INBOX_MESSAGES or self._inbox_bytes >= INBOX_BYTES):
             self._pause()
@@ -301,12 +320,12 @@ class PicowsTransport(WSListener):
             await waiter
         message = self._inbox.popleft()
         if self._inbox:
-            self._inbox_bytes -= len(message)  # str: its characters, at most its bytes
+            self._inbox_bytes -= getsizeof(message)
         else:
             self._inbox_bytes = 0  # exact again whenever the inbox is empty
             if self._paused and not self._write_paused:
                 self._resume()
-        return message
+        return late_text(message) if type(message) is _Utf8 else message
 
     async def receive_pushed(self, push: Callable[[str | bytes], bool], limit: int) -> str | bytes | None:
         """``receive()``, handing what arrives while it waits to ``push`` from picows' callback
@@ -419,6 +438,12 @@ def _nothing() -> int:
 
 def _closing() -> bool:
     return True
+
+
+class _Utf8(bytes):
+    """A text message's UTF-8 bytes in the inbox, not yet decoded (see ``DECODE_AT_ONCE``)."""
+
+    __slots__ = ()
 
 
 def _utf8(data: bytes | bytearray) -> str:
