@@ -57,7 +57,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "transport": frozenset({"ClientFrameHeaders", "MAX_PIPELINED", "PROCESS_RECEIVING", "RECEIVING_SHARES",
                             "ReceivingBudget", "ReceivingCharge", "RequestHead", "TrustedProxies", "address_key",
                             "close_frame_error", "SupportsCork", "SupportsDisconnected", "SupportsPush",
-                            "SupportsSendNowait", "SupportsWriter", "held_behind_request", "hold_behind_request",
+                            "SupportsSendNowait", "SupportsWriter", "HoldsFrames", "end_after_held",
+                            "feed_held_later", "held_behind_request", "hold_behind_request", "read_behind_request",
                             "parse_cookies", "sendable_close_code", "text_frame_header"}),
 }
 
