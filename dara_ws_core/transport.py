@@ -67,16 +67,18 @@ manager that yields a :class:`Server` (``port=0`` picks a free port).
 from __future__ import annotations
 
 __all__ = ["MAX_PIPELINED", "NOT_UTF8", "PROCESS_RECEIVING", "RECEIVING_SHARES", "ClientFrameHeaders",
-           "HandshakeRequest", "ReceivingBudget", "ReceivingCharge", "RequestHead", "Server", "SupportsCork",
-           "SupportsDisconnected", "SupportsPush", "SupportsSendNowait", "SupportsWriter", "Transport",
-           "TrustedProxies", "address_key", "close_frame_error", "held_behind_request", "hold_behind_request",
-           "late_text", "parse_cookies", "sendable_close_code", "text_frame_header"]
+           "HandshakeRequest", "HoldsFrames", "ReceivingBudget", "ReceivingCharge", "RequestHead", "Server",
+           "SupportsCork", "SupportsDisconnected", "SupportsPush", "SupportsSendNowait", "SupportsWriter",
+           "Transport", "TrustedProxies", "address_key", "close_frame_error", "end_after_held", "feed_held_later",
+           "held_behind_request", "hold_behind_request", "late_text", "parse_cookies", "read_behind_request",
+           "sendable_close_code", "text_frame_header"]
 
+import asyncio
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from struct import Struct
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
 from urllib.parse import parse_qsl
 
 from .upgrade import Refusal, RequestLine, read_target
@@ -336,7 +338,7 @@ class ClientFrameHeaders:
     handed over at once it held the event loop for a second or more, every connection with it.
     """
 
-    __slots__ = ("_above", "_head", "_last", "_skip", "charge", "more", "refused", "refused_code")
+    __slots__ = ("_above", "_head", "_last", "_skip", "charge", "ended", "more", "refused", "refused_code")
 
     def __init__(self, charge: ReceivingCharge | None = None) -> None:
         self._head = b""  # the start of a frame header split across reads
@@ -352,6 +354,9 @@ class ClientFrameHeaders:
         #: Whether whole frames are held past this feed's :data:`FRAMES_PER_FEED`: feed again
         #: (``feed(b"")`` will do) on a later turn of the loop, with reading paused meanwhile.
         self.more = False
+        #: Whether the peer's end of stream came while frames were held (:func:`end_after_held`):
+        #: the adapter hands it to its library once they are all fed, not before.
+        self.ended = False
 
     def feed(self, data: bytes) -> bytes:
         """The part of ``data`` (with what was held before it) to hand the library; after it,
@@ -540,6 +545,97 @@ def held_behind_request(head: RequestHead | None, transport: _Reading) -> bytes:
     if head is None or not head.behind or transport.is_closing():
         return b""
     return bytes(head.behind)
+
+
+class _HeldReading(Protocol):
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def is_closing(self) -> bool: ...
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
+
+
+class HoldsFrames(Protocol):
+    """An adapter's connection (its asyncio protocol) whose reads go through a
+    :class:`ClientFrameHeaders`, which holds the frames past a feed's share
+    (:data:`FRAMES_PER_FEED`): what :func:`feed_held_later` and :func:`end_after_held` need."""
+
+    @property
+    def dara_frames(self) -> ClientFrameHeaders | None:
+        """The connection's frame headers (``None`` until it is open)."""
+
+    @property
+    def transport(self) -> _HeldReading | None:
+        """The asyncio transport it reads from (``None``: gone)."""
+
+    def data_received(self, data: bytes) -> None:
+        """Its read: ``data`` through :attr:`dara_frames` to the library (``b""``: the next share)."""
+
+    def dara_resumable(self) -> bool:
+        """Whether reading may resume once the held frames are handed on: nothing else (the
+        library's own flow control, a full write buffer) paused it meanwhile."""
+
+    def dara_ended(self) -> None:
+        """Hand the library the peer's end of stream that :func:`end_after_held` kept back,
+        now that every frame before it is fed, and close the transport unless the library
+        keeps it (what the transport does when ``eof_received`` does not)."""
+
+
+def feed_held_later(connection: HoldsFrames) -> None:
+    """For an adapter's read that left frames held (``dara_frames.more``) with no later feed on
+    its way yet: reading pauses, and the held frames are handed on a share a turn of the event
+    loop, other connections served in between; then comes the end of stream kept back
+    meanwhile (:func:`end_after_held`), or else reading resumes (``dara_resumable``)."""
+    transport = connection.transport
+    if transport is not None:
+        transport.pause_reading()
+        asyncio.get_running_loop().call_soon(_feed_held, connection)
+
+
+def _feed_held(connection: HoldsFrames) -> None:
+    frames, transport = connection.dara_frames, connection.transport
+    if frames is None or not frames.more or transport is None or transport.is_closing():
+        return
+    connection.data_received(b"")
+    if frames.more:
+        transport.pause_reading()  # (resumed meanwhile by whatever paused it too)
+        asyncio.get_running_loop().call_soon(_feed_held, connection)
+    elif frames.ended:
+        connection.dara_ended()
+    elif connection.dara_resumable():
+        transport.resume_reading()
+
+
+def read_behind_request(connection: HoldsFrames, held: bytes) -> None:
+    """Once the connection is open (``dara_frames`` set): what the client sent behind its
+    request (:func:`held_behind_request`) read as if it came after the answer. Reading resumes
+    after it, unless frames are still held (:func:`feed_held_later` resumes once they are handed
+    on: on uvloop a read, an end of stream too, would come in between) or the library paused it
+    too (it resumes)."""
+    if not held:
+        return
+    connection.data_received(held)
+    frames, transport = connection.dara_frames, connection.transport
+    if frames is not None and not frames.more and transport is not None and connection.dara_resumable():
+        transport.resume_reading()
+
+
+def end_after_held(connection: HoldsFrames) -> bool:
+    """For an adapter's ``eof_received``: ``True`` when the peer's end of stream came while
+    frames are held (the library's own flow control resumed reading before they were all
+    handed on): the adapter answers ``True``, so that the transport stays open, and the end
+    waits for :func:`feed_held_later`'s last share (``dara_ended``). Handed on first, the end
+    of stream closed the connection, and the held frames were lost (pings unanswered, messages
+    never handled). Over TLS, where asyncio ends the connection whatever ``eof_received``
+    answers, they are all handed on now, and the end follows at once (``False``)."""
+    frames, transport = connection.dara_frames, connection.transport
+    if frames is None or not frames.more or transport is None:
+        return False
+    if transport.get_extra_info("sslcontext") is None:
+        frames.ended = True
+        return True
+    while frames.more and not transport.is_closing():  # each feed takes a share, or ends
+        connection.data_received(b"")
+    return False
 
 
 _Native = TypeVar("_Native")

@@ -57,8 +57,9 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "transport": frozenset({"ClientFrameHeaders", "MAX_PIPELINED", "NOT_UTF8", "PROCESS_RECEIVING", "RECEIVING_SHARES",
                             "ReceivingBudget", "ReceivingCharge", "RequestHead", "TrustedProxies", "address_key",
                             "close_frame_error", "SupportsCork", "SupportsDisconnected", "SupportsPush",
-                            "SupportsSendNowait", "SupportsWriter", "held_behind_request", "hold_behind_request",
-                            "late_text", "parse_cookies", "sendable_close_code", "text_frame_header"}),
+                            "SupportsSendNowait", "SupportsWriter", "HoldsFrames", "end_after_held",
+                            "feed_held_later", "held_behind_request", "hold_behind_request", "late_text",
+                            "read_behind_request", "parse_cookies", "sendable_close_code", "text_frame_header"}),
 }
 
 #: Names a subpackage's module exports for its siblings, and that the subpackage leaves out.

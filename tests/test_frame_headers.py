@@ -1,9 +1,12 @@
 """``ClientFrameHeaders``: the frame headers a client may not send (RFC 6455 5.1, 5.2) are found
 wherever the reads cut the stream, and nothing before them is held back longer than a header.
-``close_frame_error``: the close frames a peer may not send (RFC 6455 5.5.1, 7.4)."""
+``close_frame_error``: the close frames a peer may not send (RFC 6455 5.5.1, 7.4).
+``feed_held_later`` and ``end_after_held``: the frames held past a feed's share reach the library
+before the peer's end of stream does."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import struct
 
@@ -16,6 +19,8 @@ from dara_ws_core.transport import (
     ClientFrameHeaders,
     RequestHead,
     close_frame_error,
+    end_after_held,
+    feed_held_later,
     sendable_close_code,
 )
 
@@ -174,3 +179,80 @@ def test_a_read_under_a_feeds_share_is_handed_on_whole_and_holds_nothing() -> No
     headers = ClientFrameHeaders()
     assert headers.feed(stream) == stream
     assert not headers.more
+
+
+class _Reading:
+    """A transport as ``feed_held_later`` sees it: whether it reads, and its TLS context."""
+
+    def __init__(self, sslcontext: object = None) -> None:
+        self.reading = True
+        self.sslcontext = sslcontext
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self.sslcontext if name == "sslcontext" else default
+
+
+class _Connection:
+    """An adapter's connection for ``feed_held_later`` and ``end_after_held``: what it hands its
+    library, in order, the end of stream included."""
+
+    def __init__(self, transport: _Reading) -> None:
+        self.dara_frames: ClientFrameHeaders | None = ClientFrameHeaders()
+        self.transport = transport
+        self.library: list[bytes | None] = []  # None: the end of stream
+
+    def data_received(self, data: bytes) -> None:
+        frames = self.dara_frames
+        assert frames is not None
+        held = frames.more
+        self.library.append(frames.feed(data))
+        if frames.more and not held:
+            feed_held_later(self)
+
+    def dara_resumable(self) -> bool:
+        return True
+
+    def dara_ended(self) -> None:
+        self.library.append(None)
+
+
+def _three_shares() -> bytes:
+    return frame(b"") * (3 * FRAMES_PER_FEED - 72)
+
+
+async def test_an_end_of_stream_while_frames_are_held_reaches_the_library_after_the_last_share() -> None:
+    # The library's flow control resumed reading meanwhile and the peer's end of stream was
+    # read: the adapter keeps the transport open (True) and the end waits for the last share.
+    connection = _Connection(_Reading())
+    stream = _three_shares()
+    connection.data_received(stream)
+    assert not connection.transport.reading, "reading pauses while frames are held"
+    assert end_after_held(connection)
+    for _ in range(10):  # a share a turn of the loop
+        if connection.library[-1:] == [None]:
+            break
+        await asyncio.sleep(0)
+    assert connection.library[-1] is None and None not in connection.library[:-1]
+    assert b"".join(share for share in connection.library if share is not None) == stream
+    assert len(connection.library) == 4, "three shares, then the end"
+    assert not connection.transport.reading, "no reading resumed after the end of stream"
+    assert not end_after_held(connection), "nothing held: the end is handed on at once"
+
+
+async def test_an_end_of_stream_over_tls_hands_every_held_frame_on_at_once() -> None:
+    # asyncio ends a TLS connection whatever eof_received answers: no later share could come.
+    connection = _Connection(_Reading(sslcontext=object()))
+    stream = _three_shares()
+    connection.data_received(stream)
+    assert not end_after_held(connection)
+    assert b"".join(share for share in connection.library if share is not None) == stream
+    assert connection.dara_frames is not None and not connection.dara_frames.more

@@ -251,7 +251,8 @@ async def test_a_bad_upgrade_request_costs_no_handler_nor_authentication(served:
 async def test_under_aiohttp_an_upgraded_connection_reads_through_aiohttps_own_protocol() -> None:
     # serve() gives each socket a protocol of its own class until its request is parsed (to
     # answer what aiohttp's parser refuses as the other transports do); an upgraded connection
-    # then reads through aiohttp's, with no call more per read.
+    # then reads through aiohttp's, with no call more per read (its class only answers a peer's
+    # end of stream, see test_pipelined_frames).
     from aiohttp.web_protocol import RequestHandler
 
     from dara_ws_aiohttp import serve
@@ -260,4 +261,5 @@ async def test_under_aiohttp_an_upgraded_connection_reads_through_aiohttps_own_p
     async with serve(endpoint, "127.0.0.1", 0) as server, await HostileClient.open(server.port) as client:
         assert (await client.handshake(PATH)).status == 101
         assert server.native.server is not None
-        assert [type(handler) for handler in server.native.server.connections] == [RequestHandler]
+        assert [type(handler).data_received for handler in server.native.server.connections] == [
+            RequestHandler.data_received]

@@ -45,7 +45,7 @@ from dara_ws_core.upgrade import (
     read_target,
 )
 
-from ._masking import MaskedOnlyResponse
+from ._masking import ENDED_BEHIND_REQUEST, MaskedFramesOnly, MaskedOnlyResponse
 from .client import connect
 from .transport import DECODE_TEXT_LATER, AiohttpTransport
 
@@ -70,7 +70,10 @@ def _add_route(app: web.Application, endpoint: Endpoint, path: str, *, any_targe
     path (aiohttp's router answered 404 before it), then the target."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        counted = _accepted.get(request.protocol)
+        protocol: Any = request.protocol
+        if type(protocol) is RequestHandler:  # an application of the caller's (see _UpgradeHandler)
+            protocol.__class__ = _UpgradeHandler
+        counted = _accepted.get(protocol)
         if counted is not None and counted[0] is endpoint:
             # serve() counted the socket from its accept (_count_sockets): its request is whole.
             _, admission, _, evict = counted
@@ -165,8 +168,8 @@ def _refused(request: web.Request) -> web.Response | None:
     protocol: Any = request.protocol
     line = _lines.pop(protocol, None)  # under serve(): its request line, as sent
     if line is not None:
-        # Parsed: aiohttp's own class again, so that no read of the connection costs a call more.
-        protocol.__class__ = RequestHandler
+        # Parsed: aiohttp's own reads again, so that none costs a call more.
+        protocol.__class__ = _UpgradeHandler
     if version < (1, 0) or (line is not None and line.ended and parse_request_line(line.text) is None):
         # aiohttp's parser takes a line without a version as HTTP/0.9, and runs of blanks
         # between its parts: no request line to the other transports.
@@ -229,7 +232,37 @@ def _count_sockets(server: web.Server, endpoint: Endpoint) -> None:
 _lines: dict[Any, RequestLine] = {}
 
 
-class _RequestHandler(RequestHandler):
+class _UpgradeHandler(RequestHandler):
+    """aiohttp's protocol, still answering a peer that ended its stream (a half-close) behind an
+    upgrade request or frames: aiohttp closes the socket at the end of stream, so that a request
+    being answered got nothing (not even the 101), and frames already read got no answer (their
+    pong written to a closing transport failed the connection). The socket stays open for the
+    answers; the WebSocket's reader gets the end of stream after every frame before it
+    (:meth:`MaskedFramesOnly.end_of_stream`), and aiohttp closes the socket once the WebSocket is
+    done (``close()``: no request after this one). Any other request ends as aiohttp ends it.
+    The same slots as aiohttp's class, whose reads it keeps as they are."""
+
+    __slots__ = ()
+
+    def eof_received(self) -> bool | None:  # type: ignore[override]  # aiohttp's never keeps the transport
+        parser, transport = self._payload_parser, self.transport
+        if (not self._upgraded or self._force_close or transport is None
+                or transport.get_extra_info("sslcontext") is not None  # asyncio closes it all the same
+                or not (parser is None or isinstance(parser, MaskedFramesOnly))):
+            return super().eof_received()  # None: the transport closes
+        if parser is None:  # the upgrade is being answered: the end follows what came with the request
+            ENDED_BEHIND_REQUEST.add(self)
+        else:
+            parser.end_of_stream()
+        self.close()
+        return True
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        ENDED_BEHIND_REQUEST.discard(self)
+        super().connection_lost(exc)
+
+
+class _RequestHandler(_UpgradeHandler):
     """aiohttp's protocol, answering what every other transport answers where aiohttp's parser
     refuses a request with 400 (:func:`~dara_ws_core.upgrade.check_upgrade_request`): 431 to a
     header line over its limit (8190 bytes: those of the check, 8192 with the name and its

@@ -18,19 +18,29 @@ carry (section 7.4), which aiohttp's reader lets through in part.
 
 from __future__ import annotations
 
-__all__ = ["MaskedFramesOnly", "MaskedOnlyResponse"]
+__all__ = ["ENDED_BEHIND_REQUEST", "MaskedFramesOnly", "MaskedOnlyResponse"]
 
-import asyncio
 from typing import Any
 
 from aiohttp import WebSocketError, WSCloseCode, web
 
-from dara_ws_core.transport import ClientFrameHeaders, ReceivingCharge, sendable_close_code
+from dara_ws_core.transport import (
+    ClientFrameHeaders,
+    ReceivingCharge,
+    end_after_held,
+    feed_held_later,
+    sendable_close_code,
+)
+
+#: aiohttp's protocols (``RequestHandler``) whose peer ended its stream behind an upgrade request
+#: being answered: the reader gets that end once it has what came with the request.
+ENDED_BEHIND_REQUEST: set[Any] = set()
 
 
 class MaskedFramesOnly:
     """A ``WebSocketReader`` that refuses the frames :class:`ClientFrameHeaders` refuses;
-    ``queue`` is the reader's queue."""
+    ``queue`` is the reader's queue. The frames past a feed's share are handed on a share a turn
+    of the loop (:func:`~dara_ws_core.transport.feed_held_later`: it is the connection there)."""
 
     __slots__ = ("_handler", "_headers", "_queue", "_reader")
 
@@ -43,42 +53,53 @@ class MaskedFramesOnly:
         self._handler = handler
 
     def feed_eof(self) -> None:
+        # aiohttp's connection_lost: nothing can be answered any more, what is held goes.
         self._reader.feed_eof()
+
+    def end_of_stream(self) -> None:
+        """The peer ended its stream, the socket still open for the answers
+        (``_UpgradeHandler.eof_received``): the reader's end comes after every frame held."""
+        if not end_after_held(self):
+            self._reader.feed_eof()
 
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
         headers = self._headers
         if headers.refused is not None:  # already refused: nothing more is parsed
             return True, b""
-        held = headers.more  # _feed_more is already on its way
+        held = headers.more  # the next share is already on its way
         good = headers.feed(data)
         if headers.refused is None:
             if not good:  # a header cut short, held until the rest comes
                 return False, b""
             fed: tuple[bool, bytes] = self._reader.feed_data(good)
             if headers.more and not held and self._handler is not None and not fed[0]:
-                self._handler.transport.pause_reading()  # frames past a feed's share: the next turn
-                asyncio.get_running_loop().call_soon(self._feed_more)
+                feed_held_later(self)  # frames past a feed's share: the next turn
             return fed
         if good:
             self._reader.feed_data(good)
         self._queue.set_exception(WebSocketError(headers.refused_code, headers.refused))  # 1002, or 1009
         return True, b""
 
-    def _feed_more(self) -> None:
-        # As in dara_ws_websockets: the frames held past the last feed's share, one share a turn
-        # of the loop; then reading resumes, unless aiohttp paused it (its queue is full: it
-        # resumes once the queue drains).
-        handler = self._handler
-        transport = handler.transport
-        if not self._headers.more or transport is None or transport.is_closing():
-            return
-        if self.feed_data(b"")[0]:
-            handler.close()
-        elif self._headers.more:
-            transport.pause_reading()  # (resumed meanwhile by aiohttp's own flow control)
-            asyncio.get_running_loop().call_soon(self._feed_more)
-        elif not handler._reading_paused:
-            transport.resume_reading()
+    # What feed_held_later needs of the connection (HoldsFrames).
+
+    @property
+    def dara_frames(self) -> ClientFrameHeaders:
+        return self._headers
+
+    @property
+    def transport(self) -> Any:
+        return None if self._handler is None else self._handler.transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.feed_data(data)[0]:
+            self._handler.close()
+
+    def dara_resumable(self) -> bool:
+        # Unless aiohttp paused reading too (its queue is full: it resumes once the queue drains).
+        return not self._handler._reading_paused
+
+    def dara_ended(self) -> None:
+        self._reader.feed_eof()
 
 
 class MaskedOnlyResponse(web.WebSocketResponse):
@@ -101,6 +122,9 @@ class MaskedOnlyResponse(web.WebSocketResponse):
                                                              handler)
         if tail and checked.feed_data(tail)[0]:
             handler.close()
+        elif handler in ENDED_BEHIND_REQUEST:
+            ENDED_BEHIND_REQUEST.discard(handler)
+            checked.end_of_stream()
 
     def _set_closing(self, code: WSCloseCode) -> None:
         # receive() calls it with the code of the peer's close frame (the plain int the reader

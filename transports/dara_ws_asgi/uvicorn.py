@@ -33,8 +33,11 @@ from dara_ws_core.transport import (
     ReceivingCharge,
     RequestHead,
     Server,
+    end_after_held,
+    feed_held_later,
     held_behind_request,
     hold_behind_request,
+    read_behind_request,
 )
 from dara_ws_core.upgrade import Refusal, check_upgrade_request
 
@@ -318,7 +321,7 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
 
         def data_received(self, data: bytes) -> None:
             frames = self.dara_frames
-            held = frames is not None and frames.more  # _dara_feed_more is already on its way
+            held = frames is not None and frames.more  # the next share is already on its way
             data = frames.feed_failing(data) if frames is not None else self._dara_before_open(data)
             super().data_received(data)
             if not self.handshake_initiated and self.conn.handshake_exc is not None:
@@ -327,21 +330,21 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
                 self.read_paused = True
                 self.transport.pause_reading()
             if frames is not None and frames.more and not held:  # frames past a feed's share: the next turn
-                self.transport.pause_reading()
-                self.loop.call_soon(self._dara_feed_more)
+                feed_held_later(self)
 
-        def _dara_feed_more(self) -> None:
-            # As in dara_ws_websockets: the frames held past the last feed's share, one share a
-            # turn of the loop; then reading resumes, unless uvicorn paused it (it resumes).
-            frames = self.dara_frames
-            if frames is None or not frames.more or self.transport.is_closing():
-                return
-            self.data_received(b"")
-            if frames.more:
-                self.transport.pause_reading()  # (resumed meanwhile by uvicorn's own rule)
-                self.loop.call_soon(self._dara_feed_more)
-            elif not self.read_paused:
-                self.transport.resume_reading()
+        def eof_received(self) -> bool | None:  # type: ignore[override]  # uvicorn's never keeps the transport
+            # The end of stream waits for the frames still held (see end_after_held): the
+            # transport would close at once, and they would be lost.
+            return True if end_after_held(self) else None
+
+        def dara_ended(self) -> None:
+            super().eof_received()
+            self.transport.close()
+
+        def dara_resumable(self) -> bool:
+            # Once the held frames are handed on (feed_held_later): unless uvicorn paused reading
+            # too (a message queued for the application, a full write buffer: it resumes).
+            return not self.read_paused
 
         def _dara_before_open(self, data: bytes) -> bytes:
             # As in dara_ws_websockets: websockets gets the request alone (uvicorn's copy of
@@ -361,14 +364,7 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
         def _dara_opened(self) -> None:
             held = held_behind_request(self.dara_head, self.transport)
             self.dara_head, self.dara_frames = None, ClientFrameHeaders(self._dara_charge())
-            if not held:
-                return
-            self.data_received(held)
-            # Unless frames are still held (the feed chain resumes once they are handed on: on
-            # uvloop a read, an EOF too, would come in between) or uvicorn paused it (it resumes
-            # once the application has read).
-            if not self.dara_frames.more and not self.read_paused:
-                self.transport.resume_reading()
+            read_behind_request(self, held)
 
         def _dara_refuse(self) -> None:
             # websockets' parser refused the request uvicorn handed over (one that declares a

@@ -50,8 +50,11 @@ from dara_ws_core.transport import (
     ReceivingCharge,
     RequestHead,
     Server,
+    end_after_held,
+    feed_held_later,
     held_behind_request,
     hold_behind_request,
+    read_behind_request,
     text_frame_header,
 )
 from dara_ws_core.upgrade import check_target, check_upgrade_request, refusal_of_request_line
@@ -386,30 +389,32 @@ class _ServerConnection(ServerConnection):
         # websockets takes payload lengths in any form; RFC 6455 5.2 wants the shortest, and a
         # 64-bit one with its top bit clear: such frames close with 1002, as on every transport.
         frames = self.dara_frames
-        held = frames is not None and frames.more  # _dara_feed_more is already on its way
+        held = frames is not None and frames.more  # the next share is already on its way
         data = frames.feed_failing(data) if frames is not None else self._dara_before_open(data)
         super().data_received(data)
-        transport = self.transport
         if frames is not None and frames.more and not held:  # frames past a feed's share: the next turn
-            transport.pause_reading()
-            self.loop.call_soon(self._dara_feed_more)
+            feed_held_later(self)
+        transport = self.transport
         if not self._paused_for_writes and transport.get_write_buffer_size() > _PAUSE_READING_ABOVE:
             self._paused_for_writes = True
             transport.pause_reading()
 
-    def _dara_feed_more(self) -> None:
-        # The frames held past the last feed's share (ClientFrameHeaders.FRAMES_PER_FEED), one
-        # share a turn of the loop, other connections served in between; then reading resumes,
-        # unless something else paused it.
-        frames = self.dara_frames
-        if frames is None or not frames.more or self.transport.is_closing():
-            return
-        self.data_received(b"")
-        if frames.more:
-            self.transport.pause_reading()  # (resumed meanwhile by whatever paused it too)
-            self.loop.call_soon(self._dara_feed_more)
-        elif not self._paused_for_writes and not self.recv_messages.paused:
-            self.transport.resume_reading()
+    def eof_received(self) -> bool | None:  # type: ignore[override]  # websockets' never keeps the transport
+        # The end of stream waits for the frames still held: websockets would fail the
+        # connection on it at once, and drop them (see end_after_held).
+        if end_after_held(self):
+            return True
+        super().eof_received()
+        return None
+
+    def dara_ended(self) -> None:
+        super().eof_received()
+        self.transport.close()
+
+    def dara_resumable(self) -> bool:
+        # Once the held frames are handed on (feed_held_later): unless a full write buffer or
+        # websockets' full message queue paused reading too (they resume it).
+        return not self._paused_for_writes and not self.recv_messages.paused
 
     def _dara_before_open(self, data: bytes) -> bytes:
         # Before the connection opens, websockets gets the request's head only. It would parse
@@ -438,13 +443,7 @@ class _ServerConnection(ServerConnection):
     def _dara_opened(self) -> None:
         held = held_behind_request(self.dara_head, self.transport)
         self.dara_head, self.dara_frames = None, self._dara_frame_headers()
-        if not held:
-            return
-        self.data_received(held)
-        # Unless frames are still held (the feed chain resumes once they are handed on: on
-        # uvloop a read, an EOF too, would come in between) or they paused it (they resume it).
-        if not self.dara_frames.more and not self._paused_for_writes and not self.recv_messages.paused:
-            self.transport.resume_reading()
+        read_behind_request(self, held)
 
     def send_data(self) -> None:
         # Called once per read (and per send() or control frame): one check, then websockets'.
