@@ -12,6 +12,7 @@ from __future__ import annotations
 __all__ = [
     "MAX_NESTING_DEPTH",
     "MAX_NUMBER_DIGITS",
+    "NOT_UTF8",
     "PONG_FRAME",
     "build_frame",
     "count_json_values",
@@ -101,6 +102,12 @@ def _strict(frame: bytes) -> bytes:
         return pydantic_core.to_json(value, inf_nan_mode=_INF_NAN)
     return frame
 
+
+#: What an adapter hands on for a text message that is not UTF-8, when it decodes the message only
+#: once the core takes it (:func:`~dara_ws_core.transport.late_text`): not JSON, so the core refuses
+#: it with 1007 (protocol.md section 6), in order, once the frames before it are answered; told
+#: apart from other bad JSON by identity, for the close reason.
+NOT_UTF8 = "\ufffd (not UTF-8)"
 
 #: The pong frame never changes: encode it once.
 PONG_FRAME: bytes = encode(PongMessage())
@@ -291,6 +298,8 @@ def decode_client_frame(
         message: ClientMessage = _CLIENT_ADAPTER.validator.validate_json(
             frame, by_alias=True, by_name=False)
     except ValidationError as exc:
+        if frame is NOT_UTF8:
+            raise InvalidFrame("text is not valid UTF-8") from None
         error = _classify(exc)
         if isinstance(error, InvalidMessage):
             # Not a message we know, but a frame's own faults come first, as for a valid one:

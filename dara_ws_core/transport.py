@@ -81,6 +81,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
 from urllib.parse import parse_qsl
 
+from .codec import NOT_UTF8
 from .upgrade import Refusal, RequestLine, read_target
 
 if TYPE_CHECKING:
@@ -219,9 +220,6 @@ def close_frame_error(payload: bytes) -> int | None:
     return None
 
 
-#: What :func:`late_text` gives for bytes that are not UTF-8: not JSON, so the core refuses it
-#: with 1007 (protocol.md section 6) once the frames before it are handled and answered.
-NOT_UTF8 = "\ufffd (not UTF-8)"
 
 
 def late_text(data: bytes | bytearray) -> str:

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from dara_ws_core.codec import (
     MAX_NESTING_DEPTH,
     MAX_NUMBER_DIGITS,
+    NOT_UTF8,
     build_frame,
     count_json_values,
     decode_answer,
@@ -36,6 +37,7 @@ from dara_ws_core.messages import (
     InitMessage,
     ServerMessagePayload,
 )
+from dara_ws_core.transport import late_text
 
 from . import strategies as S
 
@@ -206,6 +208,17 @@ def test_lone_surrogate_escapes_decode_to_the_replacement_character(
 def test_a_truncated_escape_is_still_not_json() -> None:
     with pytest.raises(InvalidFrame, match="not valid JSON"):
         decode_client_frame('{"type":"custom","message":{"kind":"k","data":"\\ud800\\u12"}}')
+
+
+def test_a_late_decoded_text_that_was_not_utf8_closes_with_1007_saying_so() -> None:
+    # What an adapter hands on for a waiting message whose bytes were not UTF-8 (late_text).
+    assert late_text(b"\xff\xfe{}") is NOT_UTF8
+    with pytest.raises(InvalidFrame, match="not valid UTF-8") as raised:
+        decode_client_frame(late_text(b'{"type":"ping","message":"\xc3"}'))
+    assert raised.value.close_code == CloseCode.INVALID_PAYLOAD
+    # The same text sent by a peer is only bad JSON: told apart by identity, not by value.
+    with pytest.raises(InvalidFrame, match="not valid JSON"):
+        decode_client_frame("".join(list(NOT_UTF8)))
 
 
 def test_a_lone_surrogate_does_not_hide_a_nan() -> None:
