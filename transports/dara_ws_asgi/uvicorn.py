@@ -287,7 +287,9 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
       request gets :func:`~dara_ws_core.upgrade.check_upgrade_request`'s refusal, as on every
       transport, and is closed. One that websockets' parser refuses all the same is answered
       (400, or the 414 or 431 websockets makes) and closed: uvicorn did neither.
-    * WebSocket: reading pauses while the write buffer is over ``_PAUSE_READING_ABOVE``;
+    * WebSocket: no compression is negotiated, whatever ``ws_per_message_deflate`` says: an
+      inflated message would hold up to ``ws_max_size`` while ``max_receiving_total_bytes``
+      counts its compressed bytes. Reading pauses while the write buffer is over ``_PAUSE_READING_ABOVE``;
       uvicorn answers each ping without flow control, so a peer that floods pings and reads
       nothing would grow the buffer without bound. A connection lost without a close frame
       is reported as 1006 (RFC 6455 7.1.5), as on every other transport; uvicorn says 1005
@@ -318,6 +320,15 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
         dara_head: RequestHead | None = None
         #: Closes the socket if the handshake is not complete by the HTTP protocol's deadline.
         _dara_deadline: asyncio.TimerHandle | None = None
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # No permessage-deflate, whatever uvicorn's ws_per_message_deflate (True unless
+            # told): websockets inflates a message as its frames arrive, up to ws_max_size, where
+            # the frame headers (so max_receiving_total_bytes) count only its compressed bytes.
+            # A 15 KB fragment, never finished, made the server hold 16 MiB. Off, as on every
+            # transport: RSV1 is then a protocol error (1002).
+            self.conn.available_extensions = []
 
         def data_received(self, data: bytes) -> None:
             frames = self.dara_frames
