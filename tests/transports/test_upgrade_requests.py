@@ -77,6 +77,12 @@ CASES: dict[str, tuple[bytes, int]] = {
     "HTTP/1.0-elsewhere": (ELSEWHERE.replace(b" HTTP/1.1", b" HTTP/1.0", 1), 505),
     "no-upgrade-elsewhere": (without(b"Upgrade", ELSEWHERE), 426),
     "no-upgrade-%2F": (without(b"Upgrade", handshake_request("/api%2Fcore%2Fws")), 426),
+    # No subprotocol is chosen: a list of tokens is served, anything else is 400, as websockets'
+    # parser answers it (aiohttp and picows upgraded it).
+    "protocols": (plus(b"Sec-WebSocket-Protocol: chat, , v2.json", b"Sec-WebSocket-Protocol: x"), 101),
+    "protocol-not-tokens": (plus(b'Sec-WebSocket-Protocol: a b,,"c"'), 400),
+    "protocol-empty": (plus(b"Sec-WebSocket-Protocol: "), 400),
+    "second-protocol-not-a-token": (plus(b"Sec-WebSocket-Protocol: chat", b"Sec-WebSocket-Protocol: a/b"), 400),
 }
 
 
