@@ -33,7 +33,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "codec": frozenset({"MAX_NESTING_DEPTH", "MAX_NUMBER_DIGITS", "PONG_FRAME", "count_json_values",
                         "decode_answer", "dumps", "held_text_bytes", "utf8_size_exceeds"}),
     "messages": frozenset({"InitPayload", "TypedPayload"}),
-    "logs": frozenset({"ConnectionLogger"}),
+    # RepeatedRecords: for the adapters, on their libraries' loggers.
+    "logs": frozenset({"ConnectionLogger", "RepeatedRecords"}),
     "queue": frozenset({"BURST", "PROCESS_QUEUED", "TOTAL_SHARES", "OutboundQueue", "QueuedBytes"}),
     # The per-user history's bookkeeping, shared by the manager and the backplanes.
     "outbox": frozenset({"ADDRESS_SHARES", "HISTORY_SHARES", "SENDER_SHARES", "SENDER_SMALL", "BusRefusals",

@@ -34,6 +34,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
 from dara_ws_core.auth import holder_of
 from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, Evict, host_of
 from dara_ws_core.exceptions import AuthenticationFailed
+from dara_ws_core.logs import RepeatedRecords
 from dara_ws_core.transport import HandshakeRequest, ReceivingCharge, Server
 from dara_ws_core.upgrade import (
     UNPARSABLE,
@@ -150,12 +151,19 @@ def _add_route(app: web.Application, endpoint: Endpoint, path: str, *, any_targe
         return _answer(refusal) if isinstance(refusal, Refusal) else None
 
     live: set[Any] = set()  # the connections being served (RequestHandler has no weakref)
+    RepeatedRecords.install(logging.getLogger("aiohttp.websocket"), _NO_SUBPROTOCOL)
     if any_target:
         app.router.add_route("*", "/{target:.*}", handle)
     else:
         app.router.add_get(path, handle)
     app.on_startup.append(on_startup)
     app.on_shutdown.insert(0, on_shutdown)
+
+
+#: aiohttp's warning, for each upgrade offering subprotocols, that none is served (none ever is:
+#: protocol.md section 1), with the client's whole list: any peer could write it at will, up to a
+#: header line's 8 KiB a connection, where the other transports write nothing. Rate-limited.
+_NO_SUBPROTOCOL = ("%s: Client protocols %r don\u2019t overlap server-known ones %r",)
 
 
 def _refused(request: web.Request) -> web.Response | None:

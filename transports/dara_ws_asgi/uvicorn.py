@@ -28,6 +28,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
     ) from exc
 
 from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, Evict, host_of
+from dara_ws_core.logs import RepeatedRecords
 from dara_ws_core.transport import (
     ClientFrameHeaders,
     ReceivingCharge,
@@ -50,28 +51,10 @@ _FULL = (
 _BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 
 
-class _InvalidRequests(logging.Filter):
-    """On uvicorn's error logger: uvicorn warns of each request it cannot parse, and of each
-    upgrade to another protocol than WebSocket (``Upgrade: h2c``), which any peer can repeat at
-    will; those records pass for the first ten of each, then the 100th, the 1,000th... with the
-    count, as the core bounds what one client makes it log."""
-
-    MESSAGES = ("Invalid HTTP request received.", "Unsupported upgrade request.")  # uvicorn's
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts = dict.fromkeys(self.MESSAGES, 0)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        count = self.counts.get(record.msg)
-        if count is None:
-            return True
-        self.counts[record.msg] = count = count + 1
-        if count > 10:
-            if str(count).rstrip("0") != "1":
-                return False
-            record.msg = f"{record.msg} ({count} such records; only powers of ten are logged)"
-        return True
+#: uvicorn's warnings of each request it cannot parse, and of each upgrade to another protocol
+#: than WebSocket (``Upgrade: h2c``), which any peer can repeat at will: rate-limited
+#: (:class:`~dara_ws_core.logs.RepeatedRecords` on ``uvicorn.error``).
+_INVALID_REQUESTS = ("Invalid HTTP request received.", "Unsupported upgrade request.")
 
 
 #: The ASGI scope extension naming the endpoints that counted the socket from its accept
@@ -296,15 +279,13 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
       once the handshake is complete. A data frame handled is emptied (:func:`_release`), so
       that an idle connection keeps no copy of the last large message it received.
     * Logs: uvicorn's warning for each request it cannot parse or upgrade is rate-limited
-      (:class:`_InvalidRequests`, installed once on ``uvicorn.error``); a text message that is
+      (:data:`_INVALID_REQUESTS`, filtered once on ``uvicorn.error``); a text message that is
       not UTF-8 closes the connection with 1007 without uvicorn's ERROR and traceback.
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-    errors = logging.getLogger("uvicorn.error")
-    if not any(isinstance(known, _InvalidRequests) for known in errors.filters):
-        errors.addFilter(_InvalidRequests())
+    RepeatedRecords.install(logging.getLogger("uvicorn.error"), _INVALID_REQUESTS)
     bases: list[type[Any]] = [H11Protocol]
     with contextlib.suppress(ImportError):  # httptools is optional (uvicorn[standard])
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
