@@ -64,6 +64,10 @@ CASES: dict[str, tuple[bytes, int]] = {
     "no-upgrade": (without(b"Upgrade"), 426),
     "duplicate-upgrade": (plus(b"Upgrade: websocket"), 426),
     "connection-keep-alive": (VALID.replace(b"Connection: Upgrade", b"Connection: keep-alive"), 426),
+    # What Firefox sends (picows answered it 400), and the same in other cases and orders.
+    "connection-keep-alive-upgrade": (VALID.replace(b"Connection: Upgrade", b"Connection: keep-alive, Upgrade"), 101),
+    "connection-upgrade-keep-alive": (VALID.replace(b"Connection: Upgrade", b"Connection: upgrade , Keep-Alive"), 101),
+    "upgrade-in-capitals": (VALID.replace(b"Upgrade: websocket", b"Upgrade: WebSocket"), 101),
     "body": (plus(b"Content-Length: 5"), 400),
     "garbage-request-line": (b"\x16\x03\x01\x02\x00 garbage\r\n\r\n", 400),
     "header-line-too-long": (plus(b"X-Big: " + b"a" * 20_000), 431),

@@ -98,6 +98,17 @@ def _parse(head: bytes) -> tuple[str, list[tuple[str, str]]] | Refusal:
     return check_upgrade_request(parsed[0], parsed[2], headers) or (parsed[1], headers)
 
 
+def _for_picows(head: bytes) -> bytes:
+    """A request head :func:`_parse` took, as picows takes it: picows upgrades only a
+    ``Connection`` of exactly ``upgrade`` and an ``Upgrade`` of exactly ``websocket`` (in any
+    case), and answered 400 to the lists RFC 9110 allows and the check takes, Firefox's
+    ``Connection: keep-alive, Upgrade`` among them. Those headers are written as picows reads
+    them; the others are left as they came."""
+    lines = head.split(b"\r\n")
+    kept = [line for line in lines[1:] if line.partition(b":")[0].lower() not in (b"connection", b"upgrade")]
+    return b"\r\n".join([lines[0], *kept, b"Connection: Upgrade", b"Upgrade: websocket"])
+
+
 class _Gate(asyncio.Protocol):
     """Reads one opening request, authenticates it, then hands the socket to picows."""
 
@@ -144,6 +155,7 @@ class _Gate(asyncio.Protocol):
         if isinstance(parsed, Refusal):
             self._reject(parsed)
             return
+        self._head[:end] = _for_picows(bytes(self._head[:end]))
         if refusal := check_target(parsed[0], self._server.endpoint.path):
             self._reject(refusal)
             return
