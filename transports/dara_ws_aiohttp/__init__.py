@@ -153,9 +153,9 @@ def _add_route(app: web.Application, endpoint: Endpoint, path: str, *, any_targe
     live: set[Any] = set()  # the connections being served (RequestHandler has no weakref)
     RepeatedRecords.install(logging.getLogger("aiohttp.websocket"), _NO_SUBPROTOCOL)
     if any_target:
-        app.router.add_route("*", "/{target:.*}", handle)
+        app.router.add_route("*", "/{target:.*}", handle, expect_handler=_no_expectation)
     else:
-        app.router.add_get(path, handle)
+        app.router.add_get(path, handle, expect_handler=_no_expectation)
     app.on_startup.append(on_startup)
     app.on_shutdown.insert(0, on_shutdown)
 
@@ -189,6 +189,13 @@ def _answer(refusal: Refusal) -> web.Response:
     response = web.Response(status=refusal.status, text=refusal.text, headers=refusal.headers)
     response.force_close()  # the socket is let go, as on every transport
     return response
+
+
+async def _no_expectation(request: web.Request) -> None:
+    """The route's ``Expect`` handler: none. aiohttp's own answered ``Expect: 100-continue``
+    with an interim 100 before the 101 (a WebSocket client takes the 100 for the answer) and
+    any other expectation with 417, where every other transport upgrades: an upgrade has no
+    body to wait for."""
 
 
 def _full() -> web.Response:
