@@ -21,7 +21,7 @@ declares a body (``Transfer-Encoding``, or a            400     an upgrade has n
                                                                 error to h11, llhttp and picows)
 is not a ``GET`` (``HEAD`` too)                         405     RFC 9110 15.5.6, with ``Allow: GET``
 has no ``Host`` header, or more than one                400     RFC 9112 section 3.2
-has no ``websocket`` as its only ``Upgrade`` token,     426     RFC 9110 15.5.22, with ``Upgrade:
+has no one ``Upgrade`` of the one value ``websocket``,  426     RFC 9110 15.5.22, with ``Upgrade:
 or no ``upgrade`` token in ``Connection``                       websocket``
 has a ``Sec-WebSocket-Version`` other than one ``13``   426     RFC 6455 4.4, with the version the
                                                                 server speaks
@@ -71,8 +71,8 @@ query is the application's: passed on as it came.
 from __future__ import annotations
 
 __all__ = ["MAX_HEADERS", "MAX_HEADER_LINE", "NOT_FOUND", "UNPARSABLE", "Refusal", "RequestLine", "Target",
-           "check_target", "check_upgrade_request", "normalize_path", "parse_request_line", "read_target",
-           "refusal_of_request_line"]
+           "check_target", "check_upgrade_request", "connection_upgrades", "normalize_path", "parse_request_line",
+           "read_target", "refusal_of_request_line"]
 
 import binascii
 import re
@@ -151,6 +151,13 @@ def _token_list(value: str) -> bool:
     return any(parts) and all(not part or _TOKEN.fullmatch(part) for part in parts)
 
 
+def connection_upgrades(values: Iterable[str]) -> bool:
+    """Whether ``Connection`` headers of ``values`` hold an ``upgrade`` token, in any of them
+    (RFC 9110 5.3: repeated headers are one list), as :func:`check_upgrade_request` reads
+    them; for an adapter whose library reads only one (uvicorn reads the last)."""
+    return "upgrade" in _tokens(list(values))
+
+
 def check_upgrade_request(method: str, version: str, headers: Iterable[tuple[str, str]]) -> Refusal | None:
     """Whether an opening request is a WebSocket upgrade this server serves: ``None`` if it is,
     else the :class:`Refusal` to answer (the module docstring lists the checks).
@@ -175,7 +182,10 @@ def check_upgrade_request(method: str, version: str, headers: Iterable[tuple[str
         return _NOT_GET
     if len(values.get("host", ())) != 1:
         return _HOST
-    if _tokens(values.get("upgrade", [])) != ["websocket"] or "upgrade" not in _tokens(values.get("connection", [])):
+    # Upgrade as aiohttp and uvicorn read it: one value, no list (``websocket,`` was upgraded by
+    # websockets and picows, refused 400 by aiohttp, taken for plain HTTP by uvicorn).
+    if [value.lower() for value in values.get("upgrade", [])] != ["websocket"] or not connection_upgrades(
+            values.get("connection", [])):
         return _NO_UPGRADE
     if values.get("sec-websocket-version") != ["13"]:
         return _VERSION

@@ -78,6 +78,7 @@ def test_a_valid_upgrade_request_is_served_whatever_the_case_and_blanks_of_its_h
         ("GET", "1.1", replaced("Upgrade", "h2c"), 426),
         ("GET", "1.1", replaced("Upgrade", "websocket", "websocket"), 426),
         ("GET", "1.1", replaced("Upgrade", "websocket, h2c"), 426),
+        ("GET", "1.1", replaced("Upgrade", "websocket,"), 426),
         ("GET", "1.1", without("Connection"), 426),
         ("GET", "1.1", replaced("Connection", "keep-alive"), 426),
         ("GET", "1.1", [*VALID, ("Content-Length", "5")], 400),
@@ -93,7 +94,7 @@ def test_a_valid_upgrade_request_is_served_whatever_the_case_and_blanks_of_its_h
     ids=["HEAD", "POST", "lower-case-get", "HTTP/1.0", "HTTP/2.0", "HTTP/1.2", "two-keys", "short-key",
          "key-not-base64", "key-of-20-bytes", "no-key", "version-8", "two-versions", "version-list",
          "no-version", "two-hosts", "no-host", "no-upgrade", "upgrade-h2c", "two-upgrades",
-         "two-upgrade-tokens", "no-connection", "connection-keep-alive", "content-length",
+         "two-upgrade-tokens", "upgrade-list", "no-connection", "connection-keep-alive", "content-length",
          "chunked", "two-content-lengths", "header-line-too-long", "too-many-headers",
          "protocol-not-tokens", "protocol-empty", "protocol-only-commas", "second-protocol-not-a-token"],
 )

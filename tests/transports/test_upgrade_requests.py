@@ -17,7 +17,7 @@ import pytest
 from dara_ws_core import Endpoint, HandshakeRequest, Identity, ServerConfig, WebsocketManager, token_authenticator
 from dara_ws_core.upgrade import MAX_HEADER_LINE, check_upgrade_request, parse_request_line
 from tests.hostile import HostileClient, handshake_request
-from tests.stacks import TRANSPORTS, Stack, running_stack, verify_token
+from tests.stacks import TRANSPORTS, Stack, running_stack, served_port, verify_token
 
 SOCKETS = sorted(t for t in TRANSPORTS if t != "memory")
 PATH = "/api/core/ws?token=mallory:s1"
@@ -68,6 +68,13 @@ CASES: dict[str, tuple[bytes, int]] = {
     "connection-keep-alive-upgrade": (VALID.replace(b"Connection: Upgrade", b"Connection: keep-alive, Upgrade"), 101),
     "connection-upgrade-keep-alive": (VALID.replace(b"Connection: Upgrade", b"Connection: upgrade , Keep-Alive"), 101),
     "upgrade-in-capitals": (VALID.replace(b"Upgrade: websocket", b"Upgrade: WebSocket"), 101),
+    # Upgrade is one value, as aiohttp (400) and uvicorn (plain HTTP: 404) read it, where
+    # websockets and picows upgraded a list.
+    "upgrade-list-with-an-empty-element": (VALID.replace(b"Upgrade: websocket", b"Upgrade: websocket,"), 426),
+    # Every Connection header counts: uvicorn read only the last (404).
+    "upgrade-token-in-the-first-of-two-connections": (plus(b"Connection: keep-alive"), 101),
+    "upgrade-token-in-the-last-of-two-connections": (
+        VALID.replace(b"Connection: Upgrade", b"Connection: keep-alive\r\nConnection: Upgrade"), 101),
     # An upgrade has no body to wait for: aiohttp answered 100 first, and 417 to another value.
     "expect-100-continue": (plus(b"Expect: 100-continue"), 101),
     "expect-another": (plus(b"Expect: something"), 101),
@@ -160,6 +167,16 @@ async def test_every_transport_answers_each_bad_upgrade_request_with_the_same_st
     assert {name: expected(request) or 400 for name, (request, _) in CASES.items()} == {
         name: status for name, (_, status) in CASES.items()}
     assert (await served.client()).connected  # and it still serves
+
+
+async def test_under_uvicorn_with_httptools_the_upgrade_headers_are_read_as_on_every_transport() -> None:
+    # The stacks above run uvicorn with h11; its default parser when installed is httptools.
+    config = ServerConfig(ping_interval=None, handshake_timeout=HANDSHAKE_TIMEOUT)
+    names = ["valid", "upgrade-list-with-an-empty-element", "upgrade-token-in-the-first-of-two-connections",
+             "upgrade-token-in-the-last-of-two-connections", "connection-keep-alive-upgrade"]
+    async with served_port("asgi-httptools", config) as port:
+        assert {name: (await outcome(port, CASES[name][0])).status for name in names} == {
+            name: CASES[name][1] for name in names}
 
 
 # ---------------------------------------------------------------------------- mutations

@@ -40,7 +40,7 @@ from dara_ws_core.transport import (
     hold_behind_request,
     read_behind_request,
 )
-from dara_ws_core.upgrade import Refusal, check_upgrade_request
+from dara_ws_core.upgrade import Refusal, check_upgrade_request, connection_upgrades
 
 #: Stop reading from a peer while this much is waiting to be written to it.
 _PAUSE_READING_ABOVE = 1024 * 1024
@@ -143,6 +143,17 @@ def _bounded_http(base: type[Any], handshake_timeout: float) -> type[Any]:
             parser = getattr(self, "parser", None)  # httptools (h11 keeps the bytes itself)
             if parser is not None:
                 self.parser = _UpgradeParser(parser)
+
+        def _get_upgrade(self) -> bytes | None:
+            # uvicorn reads the last Connection header alone: with the upgrade token in an
+            # earlier one (Connection: Upgrade, then Connection: keep-alive) the upgrade went to
+            # the application as plain HTTP, answered 404. Every one counts, as on every transport.
+            upgrade: bytes | None = super()._get_upgrade()
+            if upgrade is None and connection_upgrades(
+                    value.decode("latin-1") for name, value in self.headers if name == b"connection"):
+                upgrades = [value.lower() for name, value in self.headers if name == b"upgrade"]
+                return upgrades[-1] if upgrades else None  # uvicorn's: the last one
+            return upgrade
 
         def _behind_request(self) -> bytes:
             # What the read that ended the upgrade request held after it.
