@@ -179,6 +179,27 @@ async def test_under_uvicorn_with_httptools_the_upgrade_headers_are_read_as_on_e
             name: CASES[name][1] for name in names}
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_under_aiohttp_the_request_line_is_read_on_either_event_loop(loop: str) -> None:
+    # aiohttp's protocol was given the class that reads the request line in its connection_made:
+    # uvloop's transport had taken its data_received already, so on uvloop no line was read
+    # (HTTP/1.2 got aiohttp's 400, "GET  /path" was upgraded).
+    names = ["valid", "HTTP/1.2", "lower-case-get", "two-spaces", "header-line-of-9-kib", "body"]
+
+    async def statuses() -> dict[str, int | None]:
+        config = ServerConfig(ping_interval=None, handshake_timeout=HANDSHAKE_TIMEOUT)
+        async with running_stack("aiohttp", config) as stack:
+            assert stack.port is not None
+            return {name: (await outcome(stack.port, CASES[name][0])).status for name in names}
+
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        seen = uvloop.run(statuses())
+    else:
+        seen = asyncio.run(statuses())
+    assert seen == {name: CASES[name][1] for name in names}
+
+
 # ---------------------------------------------------------------------------- mutations
 
 _VALUES: dict[bytes, list[bytes]] = {

@@ -215,10 +215,14 @@ def _count_sockets(server: web.Server, endpoint: Endpoint) -> None:
     earliest hook it offers. Sockets that never send their request then hold no more
     descriptors than the cap, as on the other transports, and are evicted to make room."""
     made, lost = server.connection_made, server.connection_lost
+    if type(server) is web.Server:
+        # Its protocols are built as _RequestHandler (the same object, whose errors say more,
+        # below): made so in connection_made, it was too late on uvloop, whose transport takes
+        # the protocol's data_received before connection_made and calls that one ever after.
+        server.__class__ = _Server
 
     def connection_made(handler: Any, transport: asyncio.Transport) -> None:
-        if type(handler) is RequestHandler:
-            handler.__class__ = _RequestHandler  # the same object, whose errors say more (below)
+        if type(handler) is _RequestHandler:
             _lines[handler] = RequestLine()
         made(handler, transport)
         host = host_of(transport.get_extra_info("peername"))
@@ -292,7 +296,10 @@ class _RequestHandler(_UpgradeHandler):
         line = _lines.get(self)
         if line is not None and not line.ended:
             line.feed(data)
-        super().data_received(data)
+        # Not super(): on uvloop this method stays the transport's after _refused gives the
+        # object the class it reads with from then on (_UpgradeHandler), which super() here
+        # would refuse (not a _RequestHandler any more).
+        RequestHandler.data_received(self, data)
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -306,6 +313,17 @@ class _RequestHandler(_UpgradeHandler):
             if refusal is not None and refusal.status in (405, 505):
                 status = refusal.status
         return super().handle_error(request, status, exc, message)
+
+
+class _Server(web.Server):
+    """aiohttp's ``Server`` (the protocol factory :func:`serve` listens with), whose protocols
+    are :class:`_RequestHandler`: the same objects, built so from the start."""
+
+    def __call__(self) -> RequestHandler:
+        handler = super().__call__()
+        if type(handler) is RequestHandler:
+            handler.__class__ = _RequestHandler
+        return handler
 
 
 class _ServerLog(logging.LoggerAdapter[logging.Logger]):
