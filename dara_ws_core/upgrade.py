@@ -71,8 +71,8 @@ query is the application's: passed on as it came.
 from __future__ import annotations
 
 __all__ = ["MAX_HEADERS", "MAX_HEADER_LINE", "NOT_FOUND", "UNPARSABLE", "Refusal", "RequestLine", "Target",
-           "check_target", "check_upgrade_request", "connection_upgrades", "normalize_path", "parse_request_line",
-           "read_target", "refusal_of_request_line"]
+           "check_target", "check_upgrade_request", "connection_upgrades", "loose_line_ends", "normalize_path",
+           "parse_request_line", "read_target", "refusal_of_request_line"]
 
 import binascii
 import re
@@ -149,6 +149,16 @@ def _token_list(value: str) -> bool:
     blanks, empty elements allowed, at least one token; what websockets' parser takes."""
     parts = [part.strip(" \t") for part in value.split(",")]
     return any(parts) and all(not part or _TOKEN.fullmatch(part) for part in parts)
+
+
+def loose_line_ends(head: bytes) -> bool:
+    """Whether a request's head (its bytes up to the blank line) holds a CR or an LF that is not
+    part of a CRLF, or a folded line (one starting with a blank: obs-fold, RFC 9112 5.2), which
+    websockets', aiohttp's and llhttp's parsers answer 400 and h11 takes (RFC 9112 2.2 lets a
+    parser take a bare LF, 5.2 unfold): an adapter whose parser takes them refuses the request
+    with :data:`UNPARSABLE`, as the others do. Pure."""
+    strict = head.replace(b"\r\n", b"")
+    return b"\r" in strict or b"\n" in strict or b"\r\n " in head or b"\r\n\t" in head
 
 
 def connection_upgrades(values: Iterable[str]) -> bool:

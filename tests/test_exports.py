@@ -52,8 +52,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
                           "hostile_frames", "json_values"}),
     # The one check of an opening request, for the adapters (protocol.md section 5).
     "upgrade": frozenset({"MAX_HEADERS", "MAX_HEADER_LINE", "NOT_FOUND", "UNPARSABLE", "Refusal", "RequestLine",
-                          "Target", "check_target", "check_upgrade_request", "connection_upgrades", "normalize_path",
-                          "parse_request_line", "read_target", "refusal_of_request_line"}),
+                          "Target", "check_target", "check_upgrade_request", "connection_upgrades", "loose_line_ends",
+                          "normalize_path", "parse_request_line", "read_target", "refusal_of_request_line"}),
     # TrustedProxies: what ServerConfig.forwarded_allow_ips is read as, for the endpoint.
     "transport": frozenset({"ClientFrameHeaders", "MAX_PIPELINED", "NOT_UTF8", "PROCESS_RECEIVING", "RECEIVING_SHARES",
                             "ReceivingBudget", "ReceivingCharge", "RequestHead", "TrustedProxies", "address_key",

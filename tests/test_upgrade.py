@@ -19,6 +19,7 @@ from dara_ws_core.upgrade import (
     Target,
     check_target,
     check_upgrade_request,
+    loose_line_ends,
     normalize_path,
     parse_request_line,
     read_target,
@@ -106,6 +107,19 @@ def test_each_fault_gets_its_status(method: str, version: str, headers: list[tup
                                        [", ".join(f"p{i}" for i in range(1000))]])
 def test_a_list_of_subprotocols_websockets_parser_takes_is_served_without_one(protocols: list[str]) -> None:
     assert status(headers=[*VALID, *(("Sec-WebSocket-Protocol", value) for value in protocols)]) is None
+
+
+@pytest.mark.parametrize(("head", "loose"), [
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: b", False),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: b\r\n", False),
+    (b"GET / HTTP/1.1\nHost: a", True),
+    (b"GET / HTTP/1.1\r\nHost: a\rX: b", True),
+    (b"GET / HTTP/1.1\r\nX: a\r\n b", True),
+    (b"GET / HTTP/1.1\r\nX: a\r\n\tb", True),
+    (b"GET / HTTP/1.1\r\nX: a b\t c", False),  # blanks inside a value are no fold
+])
+def test_a_head_is_loose_with_a_bare_cr_or_lf_or_a_folded_line(head: bytes, loose: bool) -> None:
+    assert loose_line_ends(head) is loose
 
 
 def test_the_limits_are_websockets_own_and_a_line_at_the_limit_passes() -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 
 from dara_ws_core import Endpoint, HandshakeRequest, Identity, ServerConfig, WebsocketManager, token_authenticator
-from dara_ws_core.upgrade import MAX_HEADER_LINE, check_upgrade_request, parse_request_line
+from dara_ws_core.upgrade import MAX_HEADER_LINE, check_upgrade_request, loose_line_ends, parse_request_line
 from tests.hostile import HostileClient, handshake_request
 from tests.stacks import TRANSPORTS, Stack, running_stack, served_port, verify_token
 
@@ -70,6 +70,13 @@ CASES: dict[str, tuple[bytes, int]] = {
     "upgrade-in-capitals": (VALID.replace(b"Upgrade: websocket", b"Upgrade: WebSocket"), 101),
     # Upgrade is one value, as aiohttp (400) and uvicorn (plain HTTP: 404) read it, where
     # websockets and picows upgraded a list.
+    # Line ends other than CRLF, and folded lines: 400 from every parser but h11, which took them
+    # (uvicorn upgraded them; picows read a bare LF as part of a header's value).
+    "folded-header": (plus(b"X-A: a", b" folded"), 400),
+    "folded-header-with-a-tab": (plus(b"X-A: a", b"\tfolded"), 400),
+    "a-line-ended-by-lf": (VALID.replace(b"Upgrade: websocket\r\n", b"Upgrade: websocket\n"), 400),
+    "a-line-ended-by-cr": (VALID.replace(b"Upgrade: websocket\r\n", b"Upgrade: websocket\r"), 400),
+    "every-line-ended-by-lf": (VALID.replace(b"\r\n", b"\n"), 400),
     "upgrade-list-with-an-empty-element": (VALID.replace(b"Upgrade: websocket", b"Upgrade: websocket,"), 426),
     # Every Connection header counts: uvicorn read only the last (404).
     "upgrade-token-in-the-first-of-two-connections": (plus(b"Connection: keep-alive"), 101),
@@ -132,12 +139,14 @@ async def outcome(port: int, request: bytes) -> Outcome:
 
 def expected(request: bytes, transport: str = "") -> int | None:
     """What the check says of ``request``: 101, the refusal's status, or ``None`` for a request
-    whose first line is no HTTP request line (400 then close, or a close). Under uvicorn, h11
+    whose first line is no HTTP request line, or whose head has a bare CR or LF or a folded line
+    (400 then close, or a close). Under uvicorn, h11
     merges equal ``Content-Length`` headers into one (RFC 9112 6.3 allows it) before anything
     else sees them: there, the check gets one."""
-    head = request.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    raw = request.split(b"\r\n\r\n", 1)[0]
+    head = raw.decode("latin-1").split("\r\n")
     parsed = parse_request_line(head[0])
-    if parsed is None:
+    if parsed is None or loose_line_ends(raw):
         return None
     headers = [(name, value.strip()) for name, _, value in (line.partition(":") for line in head[1:])]
     if transport == "asgi":
@@ -173,7 +182,8 @@ async def test_under_uvicorn_with_httptools_the_upgrade_headers_are_read_as_on_e
     # The stacks above run uvicorn with h11; its default parser when installed is httptools.
     config = ServerConfig(ping_interval=None, handshake_timeout=HANDSHAKE_TIMEOUT)
     names = ["valid", "upgrade-list-with-an-empty-element", "upgrade-token-in-the-first-of-two-connections",
-             "upgrade-token-in-the-last-of-two-connections", "connection-keep-alive-upgrade"]
+             "upgrade-token-in-the-last-of-two-connections", "connection-keep-alive-upgrade", "folded-header",
+             "every-line-ended-by-lf"]
     async with served_port("asgi-httptools", config) as port:
         assert {name: (await outcome(port, CASES[name][0])).status for name in names} == {
             name: CASES[name][1] for name in names}

@@ -40,7 +40,7 @@ from dara_ws_core.transport import (
     hold_behind_request,
     read_behind_request,
 )
-from dara_ws_core.upgrade import Refusal, check_upgrade_request, connection_upgrades
+from dara_ws_core.upgrade import UNPARSABLE, Refusal, check_upgrade_request, connection_upgrades, loose_line_ends
 
 #: Stop reading from a peer while this much is waiting to be written to it.
 _PAUSE_READING_ABOVE = 1024 * 1024
@@ -48,6 +48,9 @@ _FULL = (
     b"HTTP/1.1 503 Service Unavailable\r\n"
     b"retry-after: %d\r\ncontent-length: 0\r\nconnection: close\r\n\r\n" % RETRY_AFTER
 )
+#: The most bytes of a request kept to check its line ends under h11 (uvicorn's h11 refuses a
+#: head over 16 KiB, its h11_max_incomplete_event_size, itself).
+_RAW_HEAD_LIMIT = 64 * 1024
 _BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 
 
@@ -137,12 +140,32 @@ def _bounded_http(base: type[Any], handshake_timeout: float) -> type[Any]:
         _handshake_timer: asyncio.TimerHandle | None = None
         #: The slots this socket holds from its accept (see _SocketSlots), or None.
         _dara_slots: _SocketSlots | None = None
+        #: Under h11, the bytes of the request being read, from its first (at most
+        #: _RAW_HEAD_LIMIT): h11 takes bare LFs and folded lines, which every other parser
+        #: answers 400 (upgrade.loose_line_ends). None under httptools, which refuses them.
+        _dara_raw: bytearray | None = None
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             parser = getattr(self, "parser", None)  # httptools (h11 keeps the bytes itself)
             if parser is not None:
                 self.parser = _UpgradeParser(parser)
+            else:
+                self._dara_raw = bytearray()
+
+        def data_received(self, data: bytes) -> None:
+            raw = self._dara_raw
+            if raw is not None and len(raw) < _RAW_HEAD_LIMIT:
+                raw += data[: _RAW_HEAD_LIMIT - len(raw)]
+            super().data_received(data)
+
+        def _dara_loose_head(self) -> bool:
+            # Whether the request being upgraded came with line ends or folds only h11 takes.
+            raw = self._dara_raw
+            if raw is None:
+                return False
+            ends = [end for end in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if end >= 0]
+            return loose_line_ends(bytes(raw[: min(ends) if ends else len(raw)]))
 
         def _get_upgrade(self) -> bytes | None:
             # uvicorn reads the last Connection header alone: with the upgrade token in an
@@ -185,6 +208,8 @@ def _bounded_http(base: type[Any], handshake_timeout: float) -> type[Any]:
             if not self.transport.is_closing():
                 self._arm_handshake_timer()
             super().on_response_complete()
+            if self._dara_raw is not None:  # the next request's bytes: what h11 has not parsed
+                self._dara_raw = bytearray(self.conn.trailing_data[0][:_RAW_HEAD_LIMIT])
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self._handshake_timer is not None:
@@ -215,10 +240,11 @@ def _bounded_http(base: type[Any], handshake_timeout: float) -> type[Any]:
             # uvicorn hands websockets HTTP/1.1 whatever was sent, and authentication comes
             # before websockets' own checks: the version, HEAD... are only seen here.
             scope = self.scope
-            refusal = check_upgrade_request(
+            refusal = UNPARSABLE if self._dara_loose_head() else check_upgrade_request(
                 scope["method"], scope["http_version"],
                 [(name.decode("latin-1"), value.decode("latin-1")) for name, value in self.headers],
             )
+            self._dara_raw = None
             if refusal is not None:
                 self.transport.write(refusal.encode())
                 self.transport.close()

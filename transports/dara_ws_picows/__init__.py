@@ -41,6 +41,7 @@ from dara_ws_core.upgrade import (
     Refusal,
     check_target,
     check_upgrade_request,
+    loose_line_ends,
     parse_request_line,
     refusal_of_request_line,
 )
@@ -86,6 +87,8 @@ def _parse(head: bytes) -> tuple[str, list[tuple[str, str]]] | Refusal:
     """The request target and headers of a WebSocket upgrade request's head, or the refusal
     every transport answers it (:func:`~dara_ws_core.upgrade.check_upgrade_request`)."""
     lines = head.decode("latin-1").split("\r\n")
+    if loose_line_ends(head):  # as websockets' and aiohttp's parsers answer it
+        return UNPARSABLE
     parsed = parse_request_line(lines[0])
     if parsed is None or parsed[2] != "1.1":  # 400, or 505 before the headers, as websockets
         return refusal_of_request_line(lines[0])
@@ -144,7 +147,9 @@ class _Gate(asyncio.Protocol):
         self._head += data
         end = self._head.find(b"\r\n\r\n", start)
         if end < 0:
-            if len(self._head) > MAX_HEAD:
+            if self._head.find(b"\n\n", max(0, start - 1)) >= 0:  # a head ended by bare LFs
+                self._reject(UNPARSABLE)
+            elif len(self._head) > MAX_HEAD:
                 self._reject(_TOO_LARGE)
             return
         if end > MAX_HEAD:
