@@ -8,19 +8,20 @@ remote address of the handshake) gets a share; records of the application's own 
 (:meth:`ConnectionLogger.app_error`: a handler raised, timed out, or returned what JSON cannot
 carry) have a budget of their own, and the first of each (handler kind, exception type) is always
 written. So a client flooding bad input cannot hide the tracebacks of real bugs, nor another
-client's records. :func:`quiet_accept_errors` does the same for asyncio's accept loop.
+client's records. :func:`quiet_accept_errors` does the same for asyncio's accept loop, and
+:class:`RepeatedRecords` for the records a server library writes at any peer's will.
 """
 
 from __future__ import annotations
 
-__all__ = ["ConnectionLogger", "quiet_accept_errors"]
+__all__ = ["ConnectionLogger", "RepeatedRecords", "quiet_accept_errors"]
 
 import asyncio
 import contextvars
 import functools
 import logging
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
 #: Where the records of the current connection come from, for the shares of the peers' budget
@@ -228,6 +229,36 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop, interval: float = 10.0)
     out. Every other error goes to the handler installed before (or asyncio's default). Call it
     once, from the loop's thread, before serving."""
     loop.set_exception_handler(_AcceptErrors(loop, interval))
+
+
+class RepeatedRecords(logging.Filter):
+    """A filter for a server library's logger: the records of ``messages`` (the format strings
+    the library logs them with), which any peer can make it write at will, pass for the first
+    ten of each, then the 100th, the 1,000th... with the count, as the core bounds what one
+    client makes it log. Every other record passes. :meth:`install` puts one on a logger."""
+
+    def __init__(self, messages: Iterable[str]) -> None:
+        super().__init__()
+        #: How many records of each message were seen.
+        self.counts = dict.fromkeys(messages, 0)
+
+    @classmethod
+    def install(cls, logger: logging.Logger, messages: Iterable[str]) -> None:
+        """Add a filter of ``messages`` to ``logger``, unless one of them is there already."""
+        messages = tuple(messages)
+        if not any(isinstance(known, cls) and tuple(known.counts) == messages for known in logger.filters):
+            logger.addFilter(cls(messages))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        count = self.counts.get(record.msg)
+        if count is None:
+            return True
+        self.counts[record.msg] = count = count + 1
+        if count > 10:
+            if not _is_power_of_ten(count):
+                return False
+            record.msg = f"{record.msg} ({count} such records; only powers of ten are logged)"
+        return True
 
 
 def _is_power_of_ten(n: int) -> bool:

@@ -21,15 +21,19 @@ declares a body (``Transfer-Encoding``, or a            400     an upgrade has n
                                                                 error to h11, llhttp and picows)
 is not a ``GET`` (``HEAD`` too)                         405     RFC 9110 15.5.6, with ``Allow: GET``
 has no ``Host`` header, or more than one                400     RFC 9112 section 3.2
-has no ``websocket`` as its only ``Upgrade`` token,     426     RFC 9110 15.5.22, with ``Upgrade:
+has no one ``Upgrade`` of the one value ``websocket``,  426     RFC 9110 15.5.22, with ``Upgrade:
 or no ``upgrade`` token in ``Connection``                       websocket``
 has a ``Sec-WebSocket-Version`` other than one ``13``   426     RFC 6455 4.4, with the version the
                                                                 server speaks
 has no ``Sec-WebSocket-Key`` of 16 base64-encoded       400     RFC 6455 4.2.1
 bytes, or more than one
+has a ``Sec-WebSocket-Protocol`` that is not a list     400     RFC 6455 4.1 and 11.3.4 (1#token);
+of tokens                                                       websockets' parser refuses it
 =====================================================  ======  ====================================
 
 Every 426 names both what is missing: ``Upgrade: websocket`` and ``Sec-WebSocket-Version: 13``.
+No subprotocol is ever chosen (protocol.md section 1): a well-formed ``Sec-WebSocket-Protocol``
+is served without one, as RFC 6455 4.2.2 lets a server answer.
 
 Then :func:`check_target` decides whether the request target names the endpoint's path, on the
 raw target the library received (its own decoding differed: uvicorn and aiohttp decode every
@@ -67,10 +71,11 @@ query is the application's: passed on as it came.
 from __future__ import annotations
 
 __all__ = ["MAX_HEADERS", "MAX_HEADER_LINE", "NOT_FOUND", "UNPARSABLE", "Refusal", "RequestLine", "Target",
-           "check_target", "check_upgrade_request", "normalize_path", "parse_request_line", "read_target",
-           "refusal_of_request_line"]
+           "check_target", "check_upgrade_request", "connection_upgrades", "loose_line_ends", "normalize_path",
+           "parse_request_line", "read_target", "refusal_of_request_line"]
 
 import binascii
+import re
 from base64 import b64decode
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -119,6 +124,7 @@ _HOST = _bad("exactly one Host header is required")
 _NO_UPGRADE = Refusal(426, "Upgrade Required", _UPGRADE, "Upgrade: websocket and Connection: Upgrade are required")
 _VERSION = Refusal(426, "Upgrade Required", _UPGRADE, "this server speaks WebSocket version 13")
 _KEY = _bad("exactly one Sec-WebSocket-Key of 16 base64-encoded bytes is required")
+_PROTOCOL = _bad("Sec-WebSocket-Protocol must be a comma-separated list of tokens")
 #: The answer to a request whose first line is not an HTTP request line.
 UNPARSABLE = _bad("not an HTTP request")
 #: The answer to a request whose target names another path than the endpoint's.
@@ -132,6 +138,34 @@ def _tokens(values: list[str]) -> list[str]:
     """The comma-separated tokens of a header's values, lower-cased, empty ones dropped (RFC 9110
     section 5.6.1 allows them)."""
     return [token for value in values for part in value.split(",") if (token := part.strip(" \t").lower())]
+
+
+#: An HTTP token (RFC 9110 section 5.6.2).
+_TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+
+
+def _token_list(value: str) -> bool:
+    """Whether ``value`` is a ``1#token`` list (RFC 9110 5.6.1): tokens between commas and
+    blanks, empty elements allowed, at least one token; what websockets' parser takes."""
+    parts = [part.strip(" \t") for part in value.split(",")]
+    return any(parts) and all(not part or _TOKEN.fullmatch(part) for part in parts)
+
+
+def loose_line_ends(head: bytes) -> bool:
+    """Whether a request's head (its bytes up to the blank line) holds a CR or an LF that is not
+    part of a CRLF, or a folded line (one starting with a blank: obs-fold, RFC 9112 5.2), which
+    websockets', aiohttp's and llhttp's parsers answer 400 and h11 takes (RFC 9112 2.2 lets a
+    parser take a bare LF, 5.2 unfold): an adapter whose parser takes them refuses the request
+    with :data:`UNPARSABLE`, as the others do. Pure."""
+    strict = head.replace(b"\r\n", b"")
+    return b"\r" in strict or b"\n" in strict or b"\r\n " in head or b"\r\n\t" in head
+
+
+def connection_upgrades(values: Iterable[str]) -> bool:
+    """Whether ``Connection`` headers of ``values`` hold an ``upgrade`` token, in any of them
+    (RFC 9110 5.3: repeated headers are one list), as :func:`check_upgrade_request` reads
+    them; for an adapter whose library reads only one (uvicorn reads the last)."""
+    return "upgrade" in _tokens(list(values))
 
 
 def check_upgrade_request(method: str, version: str, headers: Iterable[tuple[str, str]]) -> Refusal | None:
@@ -158,7 +192,10 @@ def check_upgrade_request(method: str, version: str, headers: Iterable[tuple[str
         return _NOT_GET
     if len(values.get("host", ())) != 1:
         return _HOST
-    if _tokens(values.get("upgrade", [])) != ["websocket"] or "upgrade" not in _tokens(values.get("connection", [])):
+    # Upgrade as aiohttp and uvicorn read it: one value, no list (``websocket,`` was upgraded by
+    # websockets and picows, refused 400 by aiohttp, taken for plain HTTP by uvicorn).
+    if [value.lower() for value in values.get("upgrade", [])] != ["websocket"] or not connection_upgrades(
+            values.get("connection", [])):
         return _NO_UPGRADE
     if values.get("sec-websocket-version") != ["13"]:
         return _VERSION
@@ -170,12 +207,14 @@ def check_upgrade_request(method: str, version: str, headers: Iterable[tuple[str
             return _KEY
     except binascii.Error:
         return _KEY
+    if not all(map(_token_list, values.get("sec-websocket-protocol", ()))):
+        return _PROTOCOL
     return None
 
 
 #: The headers :func:`check_upgrade_request` reads (lower-case).
 _READ = frozenset({"host", "upgrade", "connection", "sec-websocket-version", "sec-websocket-key",
-                   "content-length", "transfer-encoding"})
+                   "sec-websocket-protocol", "content-length", "transfer-encoding"})
 
 
 #: The characters a percent-encoding of which is the character itself (RFC 3986 section 2.3).

@@ -8,8 +8,10 @@ Every socket is on 127.0.0.1.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -180,3 +182,53 @@ async def running_stack(
         finally:
             for client in stack.clients:
                 await client.close()
+
+
+#: uvicorn servers set up the way an application sets one up (these ``uvicorn.Config`` options
+#: over uvicorn's own defaults), hooked as the ASGI adapter's lifespan hooks them, by name:
+#: beside the adapters' own ``serve()`` of ``TRANSPORTS``. ``asgi-httptools``: httptools, which
+#: uvicorn uses when installed (the adapter's ``serve`` uses h11); ``uvicorn-defaults``: all of
+#: uvicorn's defaults (``ws_per_message_deflate`` on, say).
+OWN_UVICORNS: dict[str, dict[str, Any]] = {
+    "asgi-httptools": {"http": "httptools", "ws": "websockets-sansio"},
+    "uvicorn-defaults": {},
+}
+
+
+@contextlib.asynccontextmanager
+async def served_port(name: str, config: ServerConfig) -> AsyncIterator[int]:
+    """The port on 127.0.0.1 of a server named ``name`` (a socket transport of ``TRANSPORTS``,
+    or one of ``OWN_UVICORNS``) serving an endpoint with ``config`` and test tokens."""
+    options = OWN_UVICORNS.get(name)
+    if options is None:
+        async with running_stack(name, config) as stack:
+            assert stack.port is not None
+            yield stack.port
+        return
+    if options.get("http") == "httptools":
+        import pytest
+
+        pytest.importorskip("httptools")
+    import uvicorn
+
+    from dara_ws_asgi import asgi_app
+    from dara_ws_asgi.uvicorn import hook_uvicorn
+
+    endpoint = Endpoint(WebsocketManager(config), token_authenticator(verify_token))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(asgi_app(endpoint), lifespan="off", log_config=None,
+                                           log_level="warning", **options))
+    server.config.load()  # the protocol classes, which the hook replaces by its bounded ones
+    assert hook_uvicorn(endpoint, server)
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:  # uvicorn has only this flag to tell
+                await asyncio.sleep(0.01)
+        yield sock.getsockname()[1]
+    finally:
+        await endpoint.shutdown(grace=0)
+        server.should_exit = True
+        await task
+        sock.close()

@@ -33,7 +33,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "codec": frozenset({"MAX_NESTING_DEPTH", "MAX_NUMBER_DIGITS", "NOT_UTF8", "PONG_FRAME", "count_json_values",
                         "decode_answer", "dumps", "held_text_bytes", "utf8_size_exceeds"}),
     "messages": frozenset({"InitPayload", "TypedPayload"}),
-    "logs": frozenset({"ConnectionLogger"}),
+    # RepeatedRecords: for the adapters, on their libraries' loggers.
+    "logs": frozenset({"ConnectionLogger", "RepeatedRecords"}),
     "queue": frozenset({"BURST", "PROCESS_QUEUED", "TOTAL_SHARES", "OutboundQueue", "QueuedBytes"}),
     # The per-user history's bookkeeping, shared by the manager and the backplanes.
     "outbox": frozenset({"ADDRESS_SHARES", "HISTORY_SHARES", "SENDER_SHARES", "SENDER_SMALL", "BusRefusals",
@@ -51,8 +52,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
                           "hostile_frames", "json_values"}),
     # The one check of an opening request, for the adapters (protocol.md section 5).
     "upgrade": frozenset({"MAX_HEADERS", "MAX_HEADER_LINE", "NOT_FOUND", "UNPARSABLE", "Refusal", "RequestLine",
-                          "Target", "check_target", "check_upgrade_request", "normalize_path",
-                          "parse_request_line", "read_target", "refusal_of_request_line"}),
+                          "Target", "check_target", "check_upgrade_request", "connection_upgrades", "loose_line_ends",
+                          "normalize_path", "parse_request_line", "read_target", "refusal_of_request_line"}),
     # TrustedProxies: what ServerConfig.forwarded_allow_ips is read as, for the endpoint.
     "transport": frozenset({"ClientFrameHeaders", "MAX_PIPELINED", "NOT_UTF8", "PROCESS_RECEIVING", "RECEIVING_SHARES",
                             "ReceivingBudget", "ReceivingCharge", "RequestHead", "TrustedProxies", "address_key",

@@ -1317,3 +1317,21 @@ async def test_a_read_of_many_tiny_frames_is_handled_a_share_a_turn_of_the_loop_
         assert handled_in >= count // FRAMES_PER_FEED, (
             f"{count} frames handled in {handled_in} turns of the loop: more than {FRAMES_PER_FEED} a turn")
         client.abort()
+
+
+async def test_upgrades_offering_subprotocols_are_served_without_one_and_logged_at_most_rate_limited(
+    socket_stack: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # aiohttp logged a WARNING for each, with the client's whole list (up to a header line's
+    # 8 KiB): any peer could write to the log at will, where the other transports write nothing.
+    caplog.set_level(logging.WARNING)
+    offered = ", ".join(f"protocol-{i}" for i in range(400))
+    async with socket_stack(config=ServerConfig(ping_interval=None)) as stack:
+        assert stack.port is not None
+        for _ in range(100):
+            async with await HostileClient.open(stack.port) as client:
+                response = await client.handshake(TOKEN_PATH, [("Sec-WebSocket-Protocol", offered)])
+                assert response.status == 101 and response.header("Sec-WebSocket-Protocol") is None, response
+                assert json.loads((await client.read_frame()).text)["type"] == "init"
+    records = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(records) <= 11, f"{len(records)} records, e.g. {records[0].getMessage()[:200]}"

@@ -19,6 +19,7 @@ from dara_ws_core.upgrade import (
     Target,
     check_target,
     check_upgrade_request,
+    loose_line_ends,
     normalize_path,
     parse_request_line,
     read_target,
@@ -78,6 +79,7 @@ def test_a_valid_upgrade_request_is_served_whatever_the_case_and_blanks_of_its_h
         ("GET", "1.1", replaced("Upgrade", "h2c"), 426),
         ("GET", "1.1", replaced("Upgrade", "websocket", "websocket"), 426),
         ("GET", "1.1", replaced("Upgrade", "websocket, h2c"), 426),
+        ("GET", "1.1", replaced("Upgrade", "websocket,"), 426),
         ("GET", "1.1", without("Connection"), 426),
         ("GET", "1.1", replaced("Connection", "keep-alive"), 426),
         ("GET", "1.1", [*VALID, ("Content-Length", "5")], 400),
@@ -85,15 +87,39 @@ def test_a_valid_upgrade_request_is_served_whatever_the_case_and_blanks_of_its_h
         ("GET", "1.1", [*VALID, ("Content-Length", "0"), ("Content-Length", "0")], 400),
         ("GET", "1.1", [*VALID, ("X-Big", "a" * MAX_HEADER_LINE)], 431),
         ("GET", "1.1", VALID + [("X-H", "v")] * (MAX_HEADERS - len(VALID) + 1), 431),
+        ("GET", "1.1", [*VALID, ("Sec-WebSocket-Protocol", 'a b,,"c"')], 400),
+        ("GET", "1.1", [*VALID, ("Sec-WebSocket-Protocol", "")], 400),
+        ("GET", "1.1", [*VALID, ("Sec-WebSocket-Protocol", " , ,")], 400),
+        ("GET", "1.1", [*VALID, ("Sec-WebSocket-Protocol", "chat"), ("Sec-WebSocket-Protocol", "a/b")], 400),
     ],
     ids=["HEAD", "POST", "lower-case-get", "HTTP/1.0", "HTTP/2.0", "HTTP/1.2", "two-keys", "short-key",
          "key-not-base64", "key-of-20-bytes", "no-key", "version-8", "two-versions", "version-list",
          "no-version", "two-hosts", "no-host", "no-upgrade", "upgrade-h2c", "two-upgrades",
-         "two-upgrade-tokens", "no-connection", "connection-keep-alive", "content-length",
-         "chunked", "two-content-lengths", "header-line-too-long", "too-many-headers"],
+         "two-upgrade-tokens", "upgrade-list", "no-connection", "connection-keep-alive", "content-length",
+         "chunked", "two-content-lengths", "header-line-too-long", "too-many-headers",
+         "protocol-not-tokens", "protocol-empty", "protocol-only-commas", "second-protocol-not-a-token"],
 )
 def test_each_fault_gets_its_status(method: str, version: str, headers: list[tuple[str, str]], expected: int) -> None:
     assert status(method, version, headers) == expected
+
+
+@pytest.mark.parametrize("protocols", [["chat"], ["chat, superchat"], [",chat ,\t, v2.json,"], ["a", "b, c"],
+                                       [", ".join(f"p{i}" for i in range(1000))]])
+def test_a_list_of_subprotocols_websockets_parser_takes_is_served_without_one(protocols: list[str]) -> None:
+    assert status(headers=[*VALID, *(("Sec-WebSocket-Protocol", value) for value in protocols)]) is None
+
+
+@pytest.mark.parametrize(("head", "loose"), [
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: b", False),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: b\r\n", False),
+    (b"GET / HTTP/1.1\nHost: a", True),
+    (b"GET / HTTP/1.1\r\nHost: a\rX: b", True),
+    (b"GET / HTTP/1.1\r\nX: a\r\n b", True),
+    (b"GET / HTTP/1.1\r\nX: a\r\n\tb", True),
+    (b"GET / HTTP/1.1\r\nX: a b\t c", False),  # blanks inside a value are no fold
+])
+def test_a_head_is_loose_with_a_bare_cr_or_lf_or_a_folded_line(head: bytes, loose: bool) -> None:
+    assert loose_line_ends(head) is loose
 
 
 def test_the_limits_are_websockets_own_and_a_line_at_the_limit_passes() -> None:
@@ -201,7 +227,7 @@ _TOKEN = st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyz-"), min_size=1, max
 @given(st.lists(st.tuples(_TOKEN, st.text(max_size=30)), max_size=20))
 def test_headers_the_check_does_not_read_never_change_its_answer(extra: list[tuple[str, str]]) -> None:
     read = {"host", "upgrade", "connection", "sec-websocket-version", "sec-websocket-key", "content-length",
-            "transfer-encoding"}
+            "transfer-encoding", "sec-websocket-protocol"}
     others = [(name, value) for name, value in extra if name.lower() not in read]
     assert check_upgrade_request("GET", "1.1", VALID + others) is None
     assert status("GET", "1.1", without("Host") + others) == 400

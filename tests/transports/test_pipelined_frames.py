@@ -13,66 +13,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from dara_ws_core import Endpoint, ServerConfig, WebsocketManager, token_authenticator
 from dara_ws_core.transport import MAX_PIPELINED, RequestHead, held_behind_request, hold_behind_request
-from tests.helpers import eventually
 from tests.hostile import CLOSE, PING, PONG, TEXT, HostileClient, encode_frame, handshake_request
-from tests.stacks import TRANSPORTS, running_stack, verify_token
+from tests.stacks import TRANSPORTS, running_stack, served_port, verify_token
 
 TOKEN_PATH = "/api/core/ws?token=mallory:s1"
 TIMEOUT = 5.0
 CONFIG = ServerConfig(ping_interval=None)
-
-
-@contextlib.asynccontextmanager
-async def _uvicorn_httptools() -> AsyncIterator[int]:
-    """The ASGI adapter under uvicorn with httptools (uvicorn's default parser when installed;
-    the adapter's own ``serve`` uses h11): httptools says where the request ended differently."""
-    pytest.importorskip("httptools")
-    import uvicorn
-
-    from dara_ws_asgi import asgi_app
-    from dara_ws_asgi.uvicorn import hook_uvicorn
-
-    endpoint = Endpoint(WebsocketManager(CONFIG), token_authenticator(verify_token))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(asgi_app(endpoint), http="httptools", ws="websockets-sansio",
-                                           lifespan="off", log_config=None, log_level="warning"))
-    server.config.load()  # the protocol classes, which the hook replaces by its bounded ones
-    assert hook_uvicorn(endpoint, server)
-    task = asyncio.ensure_future(server.serve(sockets=[sock]))
-    try:
-        await eventually(lambda: server.started, "uvicorn started")
-        yield sock.getsockname()[1]
-    finally:
-        await endpoint.shutdown(grace=0)
-        server.should_exit = True
-        await task
-        sock.close()
-
-
-def _served(name: str) -> Callable[[], contextlib.AbstractAsyncContextManager[int]]:
-    if name == "asgi-httptools":
-        return _uvicorn_httptools
-
-    @contextlib.asynccontextmanager
-    async def served() -> AsyncIterator[int]:
-        async with running_stack(name, CONFIG) as stack:
-            assert stack.port is not None
-            yield stack.port
-
-    return served
 
 
 SERVED = [*sorted(t for t in TRANSPORTS if t != "memory"), "asgi-httptools"]
@@ -81,7 +40,7 @@ SERVED = [*sorted(t for t in TRANSPORTS if t != "memory"), "asgi-httptools"]
 @pytest.fixture(params=SERVED)
 def served(request: pytest.FixtureRequest) -> Callable[[], contextlib.AbstractAsyncContextManager[int]]:
     """``async with served() as port``: a server on each socket transport."""
-    return _served(str(request.param))
+    return functools.partial(served_port, str(request.param), CONFIG)
 
 
 def custom(kind: str, size: int = 0) -> bytes:

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import pytest
 
 from dara_ws_core import Endpoint, HandshakeRequest, Identity, ServerConfig, WebsocketManager, token_authenticator
-from dara_ws_core.upgrade import MAX_HEADER_LINE, check_upgrade_request, parse_request_line
+from dara_ws_core.upgrade import MAX_HEADER_LINE, check_upgrade_request, loose_line_ends, parse_request_line
 from tests.hostile import HostileClient, handshake_request
-from tests.stacks import TRANSPORTS, Stack, running_stack, verify_token
+from tests.stacks import TRANSPORTS, Stack, running_stack, served_port, verify_token
 
 SOCKETS = sorted(t for t in TRANSPORTS if t != "memory")
 PATH = "/api/core/ws?token=mallory:s1"
@@ -64,6 +64,27 @@ CASES: dict[str, tuple[bytes, int]] = {
     "no-upgrade": (without(b"Upgrade"), 426),
     "duplicate-upgrade": (plus(b"Upgrade: websocket"), 426),
     "connection-keep-alive": (VALID.replace(b"Connection: Upgrade", b"Connection: keep-alive"), 426),
+    # What Firefox sends (picows answered it 400), and the same in other cases and orders.
+    "connection-keep-alive-upgrade": (VALID.replace(b"Connection: Upgrade", b"Connection: keep-alive, Upgrade"), 101),
+    "connection-upgrade-keep-alive": (VALID.replace(b"Connection: Upgrade", b"Connection: upgrade , Keep-Alive"), 101),
+    "upgrade-in-capitals": (VALID.replace(b"Upgrade: websocket", b"Upgrade: WebSocket"), 101),
+    # Upgrade is one value, as aiohttp (400) and uvicorn (plain HTTP: 404) read it, where
+    # websockets and picows upgraded a list.
+    # Line ends other than CRLF, and folded lines: 400 from every parser but h11, which took them
+    # (uvicorn upgraded them; picows read a bare LF as part of a header's value).
+    "folded-header": (plus(b"X-A: a", b" folded"), 400),
+    "folded-header-with-a-tab": (plus(b"X-A: a", b"\tfolded"), 400),
+    "a-line-ended-by-lf": (VALID.replace(b"Upgrade: websocket\r\n", b"Upgrade: websocket\n"), 400),
+    "a-line-ended-by-cr": (VALID.replace(b"Upgrade: websocket\r\n", b"Upgrade: websocket\r"), 400),
+    "every-line-ended-by-lf": (VALID.replace(b"\r\n", b"\n"), 400),
+    "upgrade-list-with-an-empty-element": (VALID.replace(b"Upgrade: websocket", b"Upgrade: websocket,"), 426),
+    # Every Connection header counts: uvicorn read only the last (404).
+    "upgrade-token-in-the-first-of-two-connections": (plus(b"Connection: keep-alive"), 101),
+    "upgrade-token-in-the-last-of-two-connections": (
+        VALID.replace(b"Connection: Upgrade", b"Connection: keep-alive\r\nConnection: Upgrade"), 101),
+    # An upgrade has no body to wait for: aiohttp answered 100 first, and 417 to another value.
+    "expect-100-continue": (plus(b"Expect: 100-continue"), 101),
+    "expect-another": (plus(b"Expect: something"), 101),
     "body": (plus(b"Content-Length: 5"), 400),
     "garbage-request-line": (b"\x16\x03\x01\x02\x00 garbage\r\n\r\n", 400),
     "header-line-too-long": (plus(b"X-Big: " + b"a" * 20_000), 431),
@@ -77,6 +98,12 @@ CASES: dict[str, tuple[bytes, int]] = {
     "HTTP/1.0-elsewhere": (ELSEWHERE.replace(b" HTTP/1.1", b" HTTP/1.0", 1), 505),
     "no-upgrade-elsewhere": (without(b"Upgrade", ELSEWHERE), 426),
     "no-upgrade-%2F": (without(b"Upgrade", handshake_request("/api%2Fcore%2Fws")), 426),
+    # No subprotocol is chosen: a list of tokens is served, anything else is 400, as websockets'
+    # parser answers it (aiohttp and picows upgraded it).
+    "protocols": (plus(b"Sec-WebSocket-Protocol: chat, , v2.json", b"Sec-WebSocket-Protocol: x"), 101),
+    "protocol-not-tokens": (plus(b'Sec-WebSocket-Protocol: a b,,"c"'), 400),
+    "protocol-empty": (plus(b"Sec-WebSocket-Protocol: "), 400),
+    "second-protocol-not-a-token": (plus(b"Sec-WebSocket-Protocol: chat", b"Sec-WebSocket-Protocol: a/b"), 400),
 }
 
 
@@ -112,12 +139,14 @@ async def outcome(port: int, request: bytes) -> Outcome:
 
 def expected(request: bytes, transport: str = "") -> int | None:
     """What the check says of ``request``: 101, the refusal's status, or ``None`` for a request
-    whose first line is no HTTP request line (400 then close, or a close). Under uvicorn, h11
+    whose first line is no HTTP request line, or whose head has a bare CR or LF or a folded line
+    (400 then close, or a close). Under uvicorn, h11
     merges equal ``Content-Length`` headers into one (RFC 9112 6.3 allows it) before anything
     else sees them: there, the check gets one."""
-    head = request.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    raw = request.split(b"\r\n\r\n", 1)[0]
+    head = raw.decode("latin-1").split("\r\n")
     parsed = parse_request_line(head[0])
-    if parsed is None:
+    if parsed is None or loose_line_ends(raw):
         return None
     headers = [(name, value.strip()) for name, _, value in (line.partition(":") for line in head[1:])]
     if transport == "asgi":
@@ -147,6 +176,38 @@ async def test_every_transport_answers_each_bad_upgrade_request_with_the_same_st
     assert {name: expected(request) or 400 for name, (request, _) in CASES.items()} == {
         name: status for name, (_, status) in CASES.items()}
     assert (await served.client()).connected  # and it still serves
+
+
+async def test_under_uvicorn_with_httptools_the_upgrade_headers_are_read_as_on_every_transport() -> None:
+    # The stacks above run uvicorn with h11; its default parser when installed is httptools.
+    config = ServerConfig(ping_interval=None, handshake_timeout=HANDSHAKE_TIMEOUT)
+    names = ["valid", "upgrade-list-with-an-empty-element", "upgrade-token-in-the-first-of-two-connections",
+             "upgrade-token-in-the-last-of-two-connections", "connection-keep-alive-upgrade", "folded-header",
+             "every-line-ended-by-lf"]
+    async with served_port("asgi-httptools", config) as port:
+        assert {name: (await outcome(port, CASES[name][0])).status for name in names} == {
+            name: CASES[name][1] for name in names}
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_under_aiohttp_the_request_line_is_read_on_either_event_loop(loop: str) -> None:
+    # aiohttp's protocol was given the class that reads the request line in its connection_made:
+    # uvloop's transport had taken its data_received already, so on uvloop no line was read
+    # (HTTP/1.2 got aiohttp's 400, "GET  /path" was upgraded).
+    names = ["valid", "HTTP/1.2", "lower-case-get", "two-spaces", "header-line-of-9-kib", "body"]
+
+    async def statuses() -> dict[str, int | None]:
+        config = ServerConfig(ping_interval=None, handshake_timeout=HANDSHAKE_TIMEOUT)
+        async with running_stack("aiohttp", config) as stack:
+            assert stack.port is not None
+            return {name: (await outcome(stack.port, CASES[name][0])).status for name in names}
+
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        seen = uvloop.run(statuses())
+    else:
+        seen = asyncio.run(statuses())
+    assert seen == {name: CASES[name][1] for name in names}
 
 
 # ---------------------------------------------------------------------------- mutations

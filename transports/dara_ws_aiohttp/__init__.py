@@ -34,6 +34,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
 from dara_ws_core.auth import holder_of
 from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, Evict, host_of
 from dara_ws_core.exceptions import AuthenticationFailed
+from dara_ws_core.logs import RepeatedRecords
 from dara_ws_core.transport import HandshakeRequest, ReceivingCharge, Server
 from dara_ws_core.upgrade import (
     UNPARSABLE,
@@ -150,12 +151,19 @@ def _add_route(app: web.Application, endpoint: Endpoint, path: str, *, any_targe
         return _answer(refusal) if isinstance(refusal, Refusal) else None
 
     live: set[Any] = set()  # the connections being served (RequestHandler has no weakref)
+    RepeatedRecords.install(logging.getLogger("aiohttp.websocket"), _NO_SUBPROTOCOL)
     if any_target:
-        app.router.add_route("*", "/{target:.*}", handle)
+        app.router.add_route("*", "/{target:.*}", handle, expect_handler=_no_expectation)
     else:
-        app.router.add_get(path, handle)
+        app.router.add_get(path, handle, expect_handler=_no_expectation)
     app.on_startup.append(on_startup)
     app.on_shutdown.insert(0, on_shutdown)
+
+
+#: aiohttp's warning, for each upgrade offering subprotocols, that none is served (none ever is:
+#: protocol.md section 1), with the client's whole list: any peer could write it at will, up to a
+#: header line's 8 KiB a connection, where the other transports write nothing. Rate-limited.
+_NO_SUBPROTOCOL = ("%s: Client protocols %r don\u2019t overlap server-known ones %r",)
 
 
 def _refused(request: web.Request) -> web.Response | None:
@@ -183,6 +191,13 @@ def _answer(refusal: Refusal) -> web.Response:
     return response
 
 
+async def _no_expectation(request: web.Request) -> None:
+    """The route's ``Expect`` handler: none. aiohttp's own answered ``Expect: 100-continue``
+    with an interim 100 before the 101 (a WebSocket client takes the 100 for the answer) and
+    any other expectation with 417, where every other transport upgrades: an upgrade has no
+    body to wait for."""
+
+
 def _full() -> web.Response:
     return web.Response(status=503, text="Service Unavailable",
                         headers={"Retry-After": str(RETRY_AFTER), "Connection": "close"})
@@ -200,10 +215,14 @@ def _count_sockets(server: web.Server, endpoint: Endpoint) -> None:
     earliest hook it offers. Sockets that never send their request then hold no more
     descriptors than the cap, as on the other transports, and are evicted to make room."""
     made, lost = server.connection_made, server.connection_lost
+    if type(server) is web.Server:
+        # Its protocols are built as _RequestHandler (the same object, whose errors say more,
+        # below): made so in connection_made, it was too late on uvloop, whose transport takes
+        # the protocol's data_received before connection_made and calls that one ever after.
+        server.__class__ = _Server
 
     def connection_made(handler: Any, transport: asyncio.Transport) -> None:
-        if type(handler) is RequestHandler:
-            handler.__class__ = _RequestHandler  # the same object, whose errors say more (below)
+        if type(handler) is _RequestHandler:
             _lines[handler] = RequestLine()
         made(handler, transport)
         host = host_of(transport.get_extra_info("peername"))
@@ -277,7 +296,10 @@ class _RequestHandler(_UpgradeHandler):
         line = _lines.get(self)
         if line is not None and not line.ended:
             line.feed(data)
-        super().data_received(data)
+        # Not super(): on uvloop this method stays the transport's after _refused gives the
+        # object the class it reads with from then on (_UpgradeHandler), which super() here
+        # would refuse (not a _RequestHandler any more).
+        RequestHandler.data_received(self, data)
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -291,6 +313,17 @@ class _RequestHandler(_UpgradeHandler):
             if refusal is not None and refusal.status in (405, 505):
                 status = refusal.status
         return super().handle_error(request, status, exc, message)
+
+
+class _Server(web.Server):
+    """aiohttp's ``Server`` (the protocol factory :func:`serve` listens with), whose protocols
+    are :class:`_RequestHandler`: the same objects, built so from the start."""
+
+    def __call__(self) -> RequestHandler:
+        handler = super().__call__()
+        if type(handler) is RequestHandler:
+            handler.__class__ = _RequestHandler
+        return handler
 
 
 class _ServerLog(logging.LoggerAdapter[logging.Logger]):

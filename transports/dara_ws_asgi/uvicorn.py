@@ -28,6 +28,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
     ) from exc
 
 from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, Evict, host_of
+from dara_ws_core.logs import RepeatedRecords
 from dara_ws_core.transport import (
     ClientFrameHeaders,
     ReceivingCharge,
@@ -39,7 +40,7 @@ from dara_ws_core.transport import (
     hold_behind_request,
     read_behind_request,
 )
-from dara_ws_core.upgrade import Refusal, check_upgrade_request
+from dara_ws_core.upgrade import UNPARSABLE, Refusal, check_upgrade_request, connection_upgrades, loose_line_ends
 
 #: Stop reading from a peer while this much is waiting to be written to it.
 _PAUSE_READING_ABOVE = 1024 * 1024
@@ -47,31 +48,16 @@ _FULL = (
     b"HTTP/1.1 503 Service Unavailable\r\n"
     b"retry-after: %d\r\ncontent-length: 0\r\nconnection: close\r\n\r\n" % RETRY_AFTER
 )
+#: The most bytes of a request kept to check its line ends under h11 (uvicorn's h11 refuses a
+#: head over 16 KiB, its h11_max_incomplete_event_size, itself).
+_RAW_HEAD_LIMIT = 64 * 1024
 _BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 
 
-class _InvalidRequests(logging.Filter):
-    """On uvicorn's error logger: uvicorn warns of each request it cannot parse, and of each
-    upgrade to another protocol than WebSocket (``Upgrade: h2c``), which any peer can repeat at
-    will; those records pass for the first ten of each, then the 100th, the 1,000th... with the
-    count, as the core bounds what one client makes it log."""
-
-    MESSAGES = ("Invalid HTTP request received.", "Unsupported upgrade request.")  # uvicorn's
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts = dict.fromkeys(self.MESSAGES, 0)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        count = self.counts.get(record.msg)
-        if count is None:
-            return True
-        self.counts[record.msg] = count = count + 1
-        if count > 10:
-            if str(count).rstrip("0") != "1":
-                return False
-            record.msg = f"{record.msg} ({count} such records; only powers of ten are logged)"
-        return True
+#: uvicorn's warnings of each request it cannot parse, and of each upgrade to another protocol
+#: than WebSocket (``Upgrade: h2c``), which any peer can repeat at will: rate-limited
+#: (:class:`~dara_ws_core.logs.RepeatedRecords` on ``uvicorn.error``).
+_INVALID_REQUESTS = ("Invalid HTTP request received.", "Unsupported upgrade request.")
 
 
 #: The ASGI scope extension naming the endpoints that counted the socket from its accept
@@ -154,12 +140,43 @@ def _bounded_http(base: type[Any], handshake_timeout: float) -> type[Any]:
         _handshake_timer: asyncio.TimerHandle | None = None
         #: The slots this socket holds from its accept (see _SocketSlots), or None.
         _dara_slots: _SocketSlots | None = None
+        #: Under h11, the bytes of the request being read, from its first (at most
+        #: _RAW_HEAD_LIMIT): h11 takes bare LFs and folded lines, which every other parser
+        #: answers 400 (upgrade.loose_line_ends). None under httptools, which refuses them.
+        _dara_raw: bytearray | None = None
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             parser = getattr(self, "parser", None)  # httptools (h11 keeps the bytes itself)
             if parser is not None:
                 self.parser = _UpgradeParser(parser)
+            else:
+                self._dara_raw = bytearray()
+
+        def data_received(self, data: bytes) -> None:
+            raw = self._dara_raw
+            if raw is not None and len(raw) < _RAW_HEAD_LIMIT:
+                raw += data[: _RAW_HEAD_LIMIT - len(raw)]
+            super().data_received(data)
+
+        def _dara_loose_head(self) -> bool:
+            # Whether the request being upgraded came with line ends or folds only h11 takes.
+            raw = self._dara_raw
+            if raw is None:
+                return False
+            ends = [end for end in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if end >= 0]
+            return loose_line_ends(bytes(raw[: min(ends) if ends else len(raw)]))
+
+        def _get_upgrade(self) -> bytes | None:
+            # uvicorn reads the last Connection header alone: with the upgrade token in an
+            # earlier one (Connection: Upgrade, then Connection: keep-alive) the upgrade went to
+            # the application as plain HTTP, answered 404. Every one counts, as on every transport.
+            upgrade: bytes | None = super()._get_upgrade()
+            if upgrade is None and connection_upgrades(
+                    value.decode("latin-1") for name, value in self.headers if name == b"connection"):
+                upgrades = [value.lower() for name, value in self.headers if name == b"upgrade"]
+                return upgrades[-1] if upgrades else None  # uvicorn's: the last one
+            return upgrade
 
         def _behind_request(self) -> bytes:
             # What the read that ended the upgrade request held after it.
@@ -191,6 +208,8 @@ def _bounded_http(base: type[Any], handshake_timeout: float) -> type[Any]:
             if not self.transport.is_closing():
                 self._arm_handshake_timer()
             super().on_response_complete()
+            if self._dara_raw is not None:  # the next request's bytes: what h11 has not parsed
+                self._dara_raw = bytearray(self.conn.trailing_data[0][:_RAW_HEAD_LIMIT])
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self._handshake_timer is not None:
@@ -221,10 +240,11 @@ def _bounded_http(base: type[Any], handshake_timeout: float) -> type[Any]:
             # uvicorn hands websockets HTTP/1.1 whatever was sent, and authentication comes
             # before websockets' own checks: the version, HEAD... are only seen here.
             scope = self.scope
-            refusal = check_upgrade_request(
+            refusal = UNPARSABLE if self._dara_loose_head() else check_upgrade_request(
                 scope["method"], scope["http_version"],
                 [(name.decode("latin-1"), value.decode("latin-1")) for name, value in self.headers],
             )
+            self._dara_raw = None
             if refusal is not None:
                 self.transport.write(refusal.encode())
                 self.transport.close()
@@ -287,22 +307,22 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
       request gets :func:`~dara_ws_core.upgrade.check_upgrade_request`'s refusal, as on every
       transport, and is closed. One that websockets' parser refuses all the same is answered
       (400, or the 414 or 431 websockets makes) and closed: uvicorn did neither.
-    * WebSocket: reading pauses while the write buffer is over ``_PAUSE_READING_ABOVE``;
+    * WebSocket: no compression is negotiated, whatever ``ws_per_message_deflate`` says: an
+      inflated message would hold up to ``ws_max_size`` while ``max_receiving_total_bytes``
+      counts its compressed bytes. Reading pauses while the write buffer is over ``_PAUSE_READING_ABOVE``;
       uvicorn answers each ping without flow control, so a peer that floods pings and reads
       nothing would grow the buffer without bound. A connection lost without a close frame
       is reported as 1006 (RFC 6455 7.1.5), as on every other transport; uvicorn says 1005
       once the handshake is complete. A data frame handled is emptied (:func:`_release`), so
       that an idle connection keeps no copy of the last large message it received.
     * Logs: uvicorn's warning for each request it cannot parse or upgrade is rate-limited
-      (:class:`_InvalidRequests`, installed once on ``uvicorn.error``); a text message that is
+      (:data:`_INVALID_REQUESTS`, filtered once on ``uvicorn.error``); a text message that is
       not UTF-8 closes the connection with 1007 without uvicorn's ERROR and traceback.
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-    errors = logging.getLogger("uvicorn.error")
-    if not any(isinstance(known, _InvalidRequests) for known in errors.filters):
-        errors.addFilter(_InvalidRequests())
+    RepeatedRecords.install(logging.getLogger("uvicorn.error"), _INVALID_REQUESTS)
     bases: list[type[Any]] = [H11Protocol]
     with contextlib.suppress(ImportError):  # httptools is optional (uvicorn[standard])
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -318,6 +338,15 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
         dara_head: RequestHead | None = None
         #: Closes the socket if the handshake is not complete by the HTTP protocol's deadline.
         _dara_deadline: asyncio.TimerHandle | None = None
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # No permessage-deflate, whatever uvicorn's ws_per_message_deflate (True unless
+            # told): websockets inflates a message as its frames arrive, up to ws_max_size, where
+            # the frame headers (so max_receiving_total_bytes) count only its compressed bytes.
+            # A 15 KB fragment, never finished, made the server hold 16 MiB. Off, as on every
+            # transport: RSV1 is then a protocol error (1002).
+            self.conn.available_extensions = []
 
         def data_received(self, data: bytes) -> None:
             frames = self.dara_frames

@@ -41,6 +41,7 @@ from dara_ws_core.upgrade import (
     Refusal,
     check_target,
     check_upgrade_request,
+    loose_line_ends,
     parse_request_line,
     refusal_of_request_line,
 )
@@ -86,6 +87,8 @@ def _parse(head: bytes) -> tuple[str, list[tuple[str, str]]] | Refusal:
     """The request target and headers of a WebSocket upgrade request's head, or the refusal
     every transport answers it (:func:`~dara_ws_core.upgrade.check_upgrade_request`)."""
     lines = head.decode("latin-1").split("\r\n")
+    if loose_line_ends(head):  # as websockets' and aiohttp's parsers answer it
+        return UNPARSABLE
     parsed = parse_request_line(lines[0])
     if parsed is None or parsed[2] != "1.1":  # 400, or 505 before the headers, as websockets
         return refusal_of_request_line(lines[0])
@@ -96,6 +99,17 @@ def _parse(head: bytes) -> tuple[str, list[tuple[str, str]]] | Refusal:
             return UNPARSABLE
         headers.append((name, value.strip()))
     return check_upgrade_request(parsed[0], parsed[2], headers) or (parsed[1], headers)
+
+
+def _for_picows(head: bytes) -> bytes:
+    """A request head :func:`_parse` took, as picows takes it: picows upgrades only a
+    ``Connection`` of exactly ``upgrade`` and an ``Upgrade`` of exactly ``websocket`` (in any
+    case), and answered 400 to the lists RFC 9110 allows and the check takes, Firefox's
+    ``Connection: keep-alive, Upgrade`` among them. Those headers are written as picows reads
+    them; the others are left as they came."""
+    lines = head.split(b"\r\n")
+    kept = [line for line in lines[1:] if line.partition(b":")[0].lower() not in (b"connection", b"upgrade")]
+    return b"\r\n".join([lines[0], *kept, b"Connection: Upgrade", b"Upgrade: websocket"])
 
 
 class _Gate(asyncio.Protocol):
@@ -133,7 +147,9 @@ class _Gate(asyncio.Protocol):
         self._head += data
         end = self._head.find(b"\r\n\r\n", start)
         if end < 0:
-            if len(self._head) > MAX_HEAD:
+            if self._head.find(b"\n\n", max(0, start - 1)) >= 0:  # a head ended by bare LFs
+                self._reject(UNPARSABLE)
+            elif len(self._head) > MAX_HEAD:
                 self._reject(_TOO_LARGE)
             return
         if end > MAX_HEAD:
@@ -144,6 +160,7 @@ class _Gate(asyncio.Protocol):
         if isinstance(parsed, Refusal):
             self._reject(parsed)
             return
+        self._head[:end] = _for_picows(bytes(self._head[:end]))
         if refusal := check_target(parsed[0], self._server.endpoint.path):
             self._reject(refusal)
             return
