@@ -133,6 +133,18 @@ class ServerConfig:
     #: Custom handler tasks (async handlers) running at once per connection; beyond that the
     #: request gets a ``busy`` error reply.
     max_handler_tasks: int = 64
+    #: What the custom messages whose handlers are running hold together per connection, counted
+    #: as their frames hold it in memory (``sys.getsizeof`` of the text: 1, 2 or 4 bytes a
+    #: character; the decoded value a handler keeps is of the same order). A message that would
+    #: take a connection past it gets a ``busy`` error reply, as past ``max_handler_tasks``; the
+    #: first one is always taken (``max_message_size`` bounds it). Without it, one client with a
+    #: slow async handler to reach could make the process hold ``max_handler_tasks`` frames of
+    #: ``max_message_size`` (64 x 16 MiB, more decoded) for each of its connections.
+    max_handling_bytes: int = 32 * MiB
+    #: The same for every connection of the process together. Once handlers hold this much, a
+    #: message is ``busy`` for a connection whose handlers would hold more than a 256th of it
+    #: (1 MiB): a connection whose requests are small is never refused by it.
+    max_handling_total_bytes: int = 256 * MiB
     #: How long a custom handler may run before its request gets a ``timeout`` error reply.
     handler_timeout: float | None = 60.0
     #: Threads of the manager's own pool for ``in_thread`` handlers (started as needed; the
@@ -263,7 +275,7 @@ _COUNTS_FROM_1 = ("max_message_size", "max_message_values", "max_queue_messages"
                   "max_queued_total_bytes",
                   "max_pending_requests", "max_chunks", "max_chunked_bytes", "max_chunked_values",
                   "max_chunked_total_bytes", "max_chunked_total_values", "max_receiving_total_bytes",
-                  "max_handler_tasks", "handler_threads",
+                  "max_handler_tasks", "max_handling_bytes", "max_handling_total_bytes", "handler_threads",
                   "outbox_bytes", "outbox_users", "outbox_total_bytes", "outbox_per_sender")
 _OPTIONAL_COUNTS = ("rate_limit", "max_connections_per_user", "max_connections", "max_connections_per_address")
 _SECONDS = ("close_timeout", "handshake_timeout", "rate_window", "outbox_age")

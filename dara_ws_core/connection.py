@@ -24,11 +24,13 @@ of its own. Applications property-test their protocol logic against this class d
 from __future__ import annotations
 
 __all__ = [
+    "PROCESS_HANDLING",
     "AnswerIgnored",
     "CloseConnection",
     "CustomReceived",
     "Event",
     "FrameDropped",
+    "HandlingTally",
     "RequestCompleted",
     "RequestFailed",
     "SendFrame",
@@ -37,8 +39,9 @@ __all__ = [
 ]
 
 import enum
+import sys
 from collections.abc import Container
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import pydantic_core
@@ -103,13 +106,29 @@ class CustomReceived:
     """A custom message for the handler of ``kind``; ``rchan`` set means a reply is expected.
 
     Run the handler, then answer with :meth:`ServerConnection.reply` or
-    :meth:`ServerConnection.reply_error`. The connection has counted it as running: call
-    :meth:`ServerConnection.handler_done` when it ends, whatever the outcome.
+    :meth:`ServerConnection.reply_error`. The connection has counted it as running, with
+    ``size``, what its frame held (see ``ServerConfig.max_handling_bytes``): call
+    :meth:`ServerConnection.handler_done` with ``size`` when it ends, whatever the outcome.
     """
 
     kind: str
     data: Any
     rchan: str | None
+    size: int = field(default=0, compare=False)
+
+
+class HandlingTally:
+    """What the running handlers of every connection sharing it hold (``bytes``), against
+    ``ServerConfig.max_handling_total_bytes``."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+
+#: The process's tally, shared by every connection unless given its own.
+PROCESS_HANDLING = HandlingTally()
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,8 +162,8 @@ class ServerConnection(Generic[W]):
     bounded together (see :class:`~dara_ws_core.correlation.PendingRequests`).
     """
 
-    __slots__ = ("_close", "_handlers", "_kinds", "_pending", "_window_count", "_window_start",
-                 "busy", "channel_id", "config", "expires_at", "last_seen", "state")
+    __slots__ = ("_close", "_handlers", "_handling", "_kinds", "_pending", "_tally", "_window_count",
+                 "_window_start", "busy", "channel_id", "config", "expires_at", "last_seen", "state")
 
     def __init__(
         self,
@@ -155,6 +174,7 @@ class ServerConnection(Generic[W]):
         expires_at: float | None = None,
         kinds: Container[str] | None = None,
         user: Holder | None = None,
+        handling: HandlingTally = PROCESS_HANDLING,
     ) -> None:
         self.channel_id = channel_id
         self.config = config = config or ServerConfig()
@@ -168,6 +188,8 @@ class ServerConnection(Generic[W]):
         self._window_start = now
         self._window_count = 0
         self._handlers = 0
+        self._handling = 0  # what the frames of its running handlers hold (max_handling_bytes)
+        self._tally = handling
         #: Custom messages answered ``busy`` (``max_handler_tasks`` running): for the stats.
         self.busy = 0
         self._close: ConnectionClosed | None = None
@@ -226,10 +248,15 @@ class ServerConnection(Generic[W]):
             return [FrameDropped(str(exc))]
         except ProtocolError as exc:
             return self.close(exc.close_code or CloseCode.PROTOCOL_ERROR, str(exc))
+        if type(message) is CustomClientMessage:
+            return self._dispatch(message.message.kind, message.message.data, message.message.rchan,
+                                  sys.getsizeof(frame))
         return self.receive_message(message)
 
     def receive_message(self, message: ClientMessage) -> list[Event]:
-        """Feed one decoded client message (what :meth:`receive_frame` does after decoding)."""
+        """Feed one decoded client message (what :meth:`receive_frame` does after decoding; a
+        custom message fed so counts nothing against ``max_handling_bytes``: its frame is not
+        known)."""
         if self.state is not _OPEN:
             return _NO_EVENTS
         if isinstance(message, DaraClientMessage):  # an answer: the most frequent, asked first
@@ -244,22 +271,38 @@ class ServerConnection(Generic[W]):
                                   message.message.rchan)
         raise TypeError(f"not a client message: {type(message).__name__}")
 
-    def _dispatch(self, kind: str, data: Any, rchan: str | None) -> list[Event]:
+    def _dispatch(self, kind: str, data: Any, rchan: str | None, size: int = 0) -> list[Event]:
         if self._kinds is not None and kind not in self._kinds:
             return [FrameDropped("custom message of unknown kind"),
                     _error(kind, rchan, "unknown_kind", f"no handler for kind {kind[:64]!r}")]
-        if self._handlers >= self.config.max_handler_tasks:
+        config = self.config
+        if self._handlers >= config.max_handler_tasks:
             self.busy += 1
             return [_error(kind, rchan, "busy", "too many requests in progress")]
+        held = self._handling + size
+        tally = self._tally
+        if size and (
+            (held > config.max_handling_bytes and self._handling)  # the first is always taken
+            or (held > config.max_handling_total_bytes >> 8
+                and tally.bytes + size > config.max_handling_total_bytes)
+        ):
+            self.busy += 1
+            return [_error(kind, rchan, "busy", "too many request bytes in progress")]
         self._handlers += 1
-        return [CustomReceived(kind, data, rchan)]
+        self._handling = held
+        tally.bytes += size
+        return [CustomReceived(kind, data, rchan, size)]
 
     # ------------------------------------------------------------------ custom replies
 
-    def handler_done(self) -> None:
-        """A handler dispatched by a :class:`CustomReceived` ended (any outcome)."""
+    def handler_done(self, size: int = 0) -> None:
+        """A handler dispatched by a :class:`CustomReceived` ended (any outcome); ``size`` is
+        the event's."""
         if self._handlers > 0:
             self._handlers -= 1
+        if size:
+            self._handling -= size
+            self._tally.bytes -= size
 
     def reply(self, kind: str, rchan: str | None, result: Any) -> SendFrame | None:
         """The answer to a custom message whose handler returned ``result`` (section 4).

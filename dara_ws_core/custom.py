@@ -222,13 +222,13 @@ class CustomHandlerRegistry:
         """
         spec = self._handlers.get(received.kind)
         if spec is None:  # unregistered since the connection checked the kind
-            host.connection.handler_done()
+            host.connection.handler_done(received.size)
             return send_outcome(host, host.connection.reply_error(
                 received.kind, received.rchan, "unknown_kind", f"no handler for {received.kind!r}"))
         if spec.in_thread:
             job = self.threads.submit(_source(host), spec.func, host.channel_id, received.data)
             if job is None:  # its user (or address) holds its share of the threads
-                host.connection.handler_done()
+                host.connection.handler_done(received.size)
                 host.connection.busy += 1
                 return send_outcome(host, host.connection.reply_error(
                     received.kind, received.rchan, "busy", "its share of the handler threads is in use"))
@@ -257,7 +257,7 @@ def execute_sync(spec: HandlerSpec, received: CustomReceived,
         host.counters.custom_ok += 1
         return _reply(host, spec, received, result), True
     finally:
-        host.connection.handler_done()
+        host.connection.handler_done(received.size)
 
 
 def _source(host: DispatchHost) -> Hashable:
@@ -303,7 +303,7 @@ async def execute_async(spec: HandlerSpec, received: CustomReceived, host: Dispa
         host.counters.custom_ok += 1
         return _reply(host, spec, received, result), True
     finally:
-        host.connection.handler_done()
+        host.connection.handler_done(received.size)
 
 
 async def deliver(host: DispatchHost, frame: SendFrame | None) -> None:

@@ -190,7 +190,7 @@ class ProtocolHarness:
         finally:
             current_channel.reset(channel)
             current_identity.reset(identity)
-            conn.handler_done()
+            conn.handler_done(event.size)
         return conn.reply(event.kind, event.rchan, result)
 
 

@@ -23,8 +23,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "auth": frozenset({"Holder", "holder_of", "run_authenticator"}),
     "client": frozenset({"Connector"}),
     # The connection's events are read through their module, like h11's events.
-    "connection": frozenset({"AnswerIgnored", "CloseConnection", "CustomReceived", "Event",
-                             "FrameDropped", "RequestCompleted", "RequestFailed", "SendFrame"}),
+    "connection": frozenset({"AnswerIgnored", "CloseConnection", "CustomReceived", "Event", "HandlingTally",
+                             "PROCESS_HANDLING", "FrameDropped", "RequestCompleted", "RequestFailed", "SendFrame"}),
     "correlation": frozenset({"CHUNK_SHARES", "PART_BYTES", "PART_VALUES", "PROCESS_CHUNKS", "ChunkBudget",
                               "Completed", "Failed", "Ignored", "Outcome", "Partial", "new_rchan"}),
     "custom": frozenset({"CustomHandler", "DispatchHost", "HandlerSpec", "HandlerThreads"}),
