@@ -300,7 +300,7 @@ class ServerConnection(Generic[W]):
         the event's."""
         if self._handlers > 0:
             self._handlers -= 1
-        if size:
+        if size and self._handling:  # nothing once the connection is lost (connection_lost)
             self._handling -= size
             self._tally.bytes -= size
 
@@ -387,6 +387,11 @@ class ServerConnection(Generic[W]):
         self.state = _CLOSED
         if self._close is None:
             self._close = exc
+        # What its handlers' requests hold is released with it: a handler task cancelled before
+        # its first step (the close came in the iteration its request did), or a dispatch that
+        # failed, never reports done; one that ends later reports to nothing (handler_done).
+        self._tally.bytes -= self._handling
+        self._handling = 0
         return self._fail_pending(self._close)
 
     def _fail_pending(self, exc: ConnectionClosed) -> list[Event]:

@@ -161,6 +161,22 @@ async def test_a_starlette_route_checks_the_raw_target_starlette_routed(prefix: 
     assert got == _below(prefix, STARLETTE_ROUTED)
 
 
+async def test_a_route_a_fastapi_router_puts_below_its_prefix_is_served_there() -> None:
+    # include_router(prefix=...) copies the route to prefix + path, unmounted (root_path ""):
+    # where a route sits is the router's to say, and the raw target is still checked.
+    from fastapi import APIRouter, FastAPI
+
+    endpoint = _endpoint()
+    router = APIRouter()
+    router.routes.append(websocket_route(endpoint))
+    app = FastAPI(lifespan=lifespan(endpoint))
+    app.include_router(router, prefix="/v1")
+    cases = {"/v1/api/core/ws": 101, "/v1/api/core/%77s": 101, "/v1/api%2Fcore%2Fws": 404,
+             "/api/core/ws": 403}  # no route there: Starlette's own refusal
+    async with _uvicorn(app) as port:
+        assert await _statuses(port, list(cases)) == cases
+
+
 @pytest.mark.xfail(strict=True, reason="uvicorn puts an absolute-form target whole in the ASGI scope's path "
                    "(http://host/api/core/ws), on which Starlette's router matches no route: Starlette "
                    "refuses it (403) before the adapter sees it. dara_ws_asgi.serve() and asgi_app() serve it.")

@@ -37,7 +37,7 @@ from dara_ws_core.auth import holder_of
 from dara_ws_core.endpoint import Admission, Endpoint, host_of
 from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
 from dara_ws_core.transport import NOT_UTF8, HandshakeRequest, ReceivingCharge, Server
-from dara_ws_core.upgrade import Refusal, check_target, check_upgrade_request, read_target
+from dara_ws_core.upgrade import NOT_FOUND, Refusal, check_target, check_upgrade_request, read_target
 
 from .uvicorn import COUNTED, RECEIVING, TEXT_BYTES, hook_uvicorn, serve
 
@@ -226,7 +226,11 @@ def _target_refusal(scope: Scope, path: str | None) -> Refusal | None:
     target = _target(scope)
     if path is None:
         read = read_target(target)
-        return read if isinstance(read, Refusal) else None
+        if isinstance(read, Refusal):
+            return read
+        # A router matched the decoded path, where an encoded slash is a separator: the target
+        # names another path than the one routed (/api%2Fcore%2Fws is not /api/core/ws).
+        return NOT_FOUND if "%2F" in read.path else None
     refusal = check_target(target, path)
     root: str = scope.get("root_path", "")
     if refusal is not None and refusal.status == 404 and root:
@@ -317,10 +321,11 @@ def asgi_app(endpoint: Endpoint, *, path: str | None = None) -> ASGIApp:
 
 def websocket_route(endpoint: Endpoint, path: str | None = None) -> WebSocketRoute:
     """A Starlette/FastAPI route serving ``endpoint`` at ``path`` (default ``endpoint.path``).
-    Starlette routes on the decoded path (``/api%2Fcore%2Fws`` is ``/api/core/ws`` to it): the
-    app checks the raw target again, as every transport does, unless ``path`` has parameters
-    (``/ws/{room}``), which only Starlette's router reads."""
-    path = path or endpoint.path
-    return WebSocketRoute(path, ASGIApp(endpoint, path=None if "{" in path else path))
+    The router decides the path: where the route sits is the router's (FastAPI's
+    ``include_router(prefix=...)`` copies it to ``prefix + path``, unmounted). Starlette routes
+    on the decoded path, so the app refuses (404) a raw target with an encoded slash, which
+    names another path than the one routed (``/api%2Fcore%2Fws`` is ``/api/core/ws`` to
+    Starlette), and answers 400 to a target that names no path, as every transport does."""
+    return WebSocketRoute(path or endpoint.path, ASGIApp(endpoint))
 
 
