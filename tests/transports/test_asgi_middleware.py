@@ -9,9 +9,7 @@ message holds ``text``, exactly one of ``text`` and ``bytes`` being set, as the 
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,13 +17,11 @@ import pytest
 
 pytest.importorskip("uvicorn")
 
-import uvicorn
 
 from dara_ws_asgi import asgi_app
-from dara_ws_asgi.uvicorn import hook_uvicorn
 from dara_ws_core import Endpoint, ServerConfig, WebsocketManager, token_authenticator
 from tests.hostile import TEXT, encode_frame, open_channel
-from tests.stacks import verify_token
+from tests.stacks import hooked_uvicorn, verify_token
 
 
 class Reader:
@@ -47,32 +43,13 @@ class Reader:
         await self.app(scope, reading if scope["type"] == "websocket" else receive, send)
 
 
-async def _serve(app: Any, endpoint: Endpoint) -> AsyncIterator[int]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_config=None, log_level="warning"))
-    server.config.load()  # the protocol classes, which the hook replaces by its bounded ones
-    assert hook_uvicorn(endpoint, server)
-    task = asyncio.ensure_future(server.serve(sockets=[sock]))
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:  # uvicorn has only this flag to tell
-                await asyncio.sleep(0.01)
-        yield sock.getsockname()[1]
-    finally:
-        await endpoint.shutdown(grace=0)
-        server.should_exit = True
-        await task
-        sock.close()
-
-
 @pytest.fixture
 async def reader() -> AsyncIterator[tuple[Reader, int]]:
     manager = WebsocketManager(ServerConfig(ping_interval=None, idle_timeout=None))
     manager.custom_handlers.register("echo", lambda channel_id, data: data)
     endpoint = Endpoint(manager, token_authenticator(verify_token))
     middleware = Reader(asgi_app(endpoint))
-    async for port in _serve(middleware, endpoint):
+    async with hooked_uvicorn(middleware, endpoint) as port:
         yield middleware, port
 
 
