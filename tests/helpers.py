@@ -117,6 +117,16 @@ class RunQueue:
         return min(4.0, max(1.0, load))
 
 
+def run_on(loop: str, main: Awaitable[Any]) -> Any:
+    """``main`` (a coroutine) run on a loop of its own: ``asyncio``, or ``uvloop`` (the suite's
+    own loop is asyncio unless DARA_TEST_LOOP says otherwise)."""
+    if loop == "uvloop":
+        import uvloop  # the [test] extra has it
+
+        return uvloop.run(main)  # type: ignore[arg-type]
+    return asyncio.run(main)  # type: ignore[arg-type]
+
+
 async def eventually(predicate: Callable[[], bool], what: str = "condition", timeout: float = 10.0) -> None:
     """Wait until ``predicate()`` is true (polled every 5 ms); ``AssertionError`` after ``timeout``."""
     try:

@@ -209,15 +209,25 @@ async def served_port(name: str, config: ServerConfig) -> AsyncIterator[int]:
         import pytest
 
         pytest.importorskip("httptools")
-    import uvicorn
-
     from dara_ws_asgi import asgi_app
-    from dara_ws_asgi.uvicorn import hook_uvicorn
 
     endpoint = Endpoint(WebsocketManager(config), token_authenticator(verify_token))
+    async with hooked_uvicorn(asgi_app(endpoint), endpoint, **options) as port:
+        yield port
+
+
+@contextlib.asynccontextmanager
+async def hooked_uvicorn(app: Any, endpoint: Endpoint, **options: Any) -> AsyncIterator[int]:
+    """The port on 127.0.0.1 of a uvicorn server (these ``uvicorn.Config`` options over
+    uvicorn's defaults) running the ASGI ``app``, in which ``endpoint``'s app is, hooked as the
+    ASGI adapter's lifespan hooks it."""
+    import uvicorn
+
+    from dara_ws_asgi.uvicorn import hook_uvicorn
+
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(asgi_app(endpoint), lifespan="off", log_config=None,
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_config=None,
                                            log_level="warning", **options))
     server.config.load()  # the protocol classes, which the hook replaces by its bounded ones
     assert hook_uvicorn(endpoint, server)

@@ -26,6 +26,7 @@ import pytest
 
 from dara_ws_core import Endpoint, ServerConfig, WebsocketManager, token_authenticator
 from dara_ws_core.transport import MAX_PIPELINED, RequestHead, held_behind_request, hold_behind_request
+from tests.helpers import run_on
 from tests.hostile import CLOSE, PING, PONG, TEXT, HostileClient, encode_frame, handshake_request
 from tests.stacks import TRANSPORTS, running_stack, served_port, verify_token
 
@@ -248,15 +249,6 @@ async def _pongs_after_eof(transport: str, count: int, *, behind_request: bool =
         return answered
 
 
-def _run_on(loop: str, main: Any) -> Any:
-    """``main`` run on a loop of its own: ``asyncio``, or ``uvloop`` (the suite's own loop is
-    asyncio unless DARA_TEST_LOOP says otherwise)."""
-    if loop == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        return uvloop.run(main)
-    return asyncio.run(main)
-
-
 SOCKET_TRANSPORTS = ["websockets", "asgi", "picows", "aiohttp"]
 
 
@@ -273,7 +265,7 @@ def test_more_frames_than_a_feeds_share_with_the_upgrade_then_eof_all_get_their_
     from dara_ws_core.transport import FRAMES_PER_FEED
 
     count = 3 * FRAMES_PER_FEED - 72
-    assert _run_on(loop, _pongs_after_eof(transport, count)) == count
+    assert run_on(loop, _pongs_after_eof(transport, count)) == count
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
@@ -289,7 +281,7 @@ def test_more_frames_than_a_feeds_share_after_the_101_then_eof_all_get_their_pon
     from dara_ws_core.transport import FRAMES_PER_FEED
 
     count = 3 * FRAMES_PER_FEED - 72
-    assert _run_on(loop, _pongs_after_eof(transport, count, behind_request=False)) == count
+    assert run_on(loop, _pongs_after_eof(transport, count, behind_request=False)) == count
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 
@@ -329,5 +321,5 @@ def test_an_end_of_stream_read_while_frames_are_held_waits_for_them(
 
     monkeypatch.setattr(connection_class, "data_received", data_received)
     count = 6 * FRAMES_PER_FEED - 72
-    assert _run_on(loop, _pongs_after_eof(transport, count)) == count
+    assert run_on(loop, _pongs_after_eof(transport, count)) == count
     assert resumed >= 2, "reading was resumed while frames were held"

@@ -18,11 +18,12 @@ carry (section 7.4), which aiohttp's reader lets through in part.
 
 from __future__ import annotations
 
-__all__ = ["ENDED_BEHIND_REQUEST", "MaskedFramesOnly", "MaskedOnlyResponse"]
+__all__ = ["ENDED_BEHIND_REQUEST", "CorkedFirst", "MaskedFramesOnly", "MaskedOnlyResponse"]
 
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import WebSocketError, WSCloseCode, web
+from aiohttp.http_websocket import WebSocketWriter
 
 from dara_ws_core.transport import (
     ClientFrameHeaders,
@@ -102,6 +103,25 @@ class MaskedFramesOnly:
         self._reader.feed_eof()
 
 
+class _Cork(Protocol):
+    def flush_before(self, writer: Any) -> None: ...
+
+
+class CorkedFirst(WebSocketWriter):
+    """aiohttp's frame writer, writing a connection's corked frames (``AiohttpTransport``'s
+    cork) before every frame aiohttp writes itself: a pong, a keepalive ping, and its close,
+    its own on a peer's protocol error among them. They were accepted before that frame; left
+    for the end of the loop iteration, they came after the close frame, and were dropped."""
+
+    #: The connection's transport, once it has one (set by ``AiohttpTransport``).
+    dara_cork: _Cork | None = None
+
+    async def send_frame(self, message: bytes, opcode: int, compress: int | None = None) -> None:
+        if (cork := self.dara_cork) is not None:
+            cork.flush_before(self)
+        await super().send_frame(message, opcode, compress)
+
+
 class MaskedOnlyResponse(web.WebSocketResponse):
     """A ``WebSocketResponse`` whose reader is wrapped in :class:`MaskedFramesOnly` before it
     sees a byte (aiohttp feeds it what came with the request as soon as it is set), and whose
@@ -117,6 +137,8 @@ class MaskedOnlyResponse(web.WebSocketResponse):
     def _post_start(self, request: web.BaseRequest, protocol: str | None, writer: Any) -> None:
         handler: Any = request.protocol
         tail, handler._message_tail = handler._message_tail, b""
+        if type(writer) is WebSocketWriter:
+            writer.__class__ = CorkedFirst
         super()._post_start(request, protocol, writer)
         handler._payload_parser = checked = MaskedFramesOnly(handler._payload_parser, self._reader, self.dara_charge,
                                                              handler)

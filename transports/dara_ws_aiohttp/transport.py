@@ -13,6 +13,8 @@ from aiohttp import WSMsgType, web
 from dara_ws_core.exceptions import CloseCode, ConnectionClosed
 from dara_ws_core.transport import NOT_UTF8, text_frame_header
 
+from ._masking import CorkedFirst
+
 #: For a server's ``WebSocketResponse``: text messages queued as their UTF-8 bytes, decoded by
 #: :meth:`AiohttpTransport.receive` as they are handled (an aiohttp with ``decode_text``, as 3.14;
 #: an older one decodes them as they arrive, as before). Decoded, a
@@ -43,6 +45,9 @@ class AiohttpTransport:
         self._gone: ConnectionClosed | None = None
         self._corked: list[bytes] = []  # frames (headers included) waiting for flush()
         self._corked_bytes = 0
+        writer = getattr(ws, "_writer", None)
+        if isinstance(writer, CorkedFirst):  # aiohttp's own frames come after the corked ones
+            writer.dara_cork = self
 
     @property
     def closed(self) -> bool:
@@ -90,6 +95,14 @@ class AiohttpTransport:
             return False
         writer.transport.write(b"".join(corked))
         return True
+
+    def flush_before(self, writer: Any) -> None:
+        """Write the corked frames ahead of a frame aiohttp writes itself (``CorkedFirst``),
+        even once aiohttp decided to close: they were accepted before its close frame. Left
+        corked if its close frame went already (for :meth:`flush` to report them dropped)."""
+        if self._corked and not writer._closing and not writer.transport.is_closing():
+            corked, self._corked, self._corked_bytes = self._corked, [], 0
+            writer.transport.write(b"".join(corked))
 
     async def send_binary(self, data: bytes) -> None:
         """Send one binary frame (the protocol has none: to test how a server refuses them)."""

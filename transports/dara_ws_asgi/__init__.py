@@ -39,7 +39,7 @@ from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionC
 from dara_ws_core.transport import NOT_UTF8, HandshakeRequest, ReceivingCharge, Server
 from dara_ws_core.upgrade import NOT_FOUND, Refusal, check_target, check_upgrade_request, read_target
 
-from .uvicorn import COUNTED, RECEIVING, TEXT_BYTES, hook_uvicorn, serve
+from .uvicorn import COUNTED, RECEIVING, TEXT_BYTES, LateText, hook_uvicorn, serve
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -99,10 +99,17 @@ class ASGITransport:
         # After our own close, keep reading: the server reports the disconnect with our code.
         message = await self._receive()
         if message["type"] == "websocket.receive":
-            text: str | None = message.get("text")
+            # Under our hook, a text's bytes (TEXT_BYTES), decoded now. Its LateText is read as
+            # a plain dict: it decodes ``text`` only for another reader (a middleware), whose
+            # copy of the message may be a plain dict holding the bytes too.
+            if type(message) is LateText:
+                text: str | None = dict.get(message, "text")
+                data = dict.get(message, TEXT_BYTES)
+            else:
+                text = message.get("text")
+                data = message.get(TEXT_BYTES)
             if text is not None:
                 return text
-            data = message.get(TEXT_BYTES)  # under serve(): a text's bytes, decoded now
             if data is None:
                 return bytes(message.get("bytes") or b"")
             try:  # late_text, without a call more

@@ -74,6 +74,32 @@ RECEIVING = "dara_ws.receiving"
 TEXT_BYTES = "dara_ws.text_bytes"
 
 
+class LateText(dict[str, Any]):
+    """A ``websocket.receive`` message of a text kept as its UTF-8 bytes (:data:`TEXT_BYTES`),
+    which our app decodes as it handles the message. Anyone else who reads the message (an ASGI
+    middleware around the app) finds ``text`` as the ASGI spec has it: decoded at its first
+    read (``[]``, ``get`` or ``in``), with U+FFFD for bytes that are not UTF-8 (which our app
+    then closes with 1007, as uvicorn does)."""
+
+    __slots__ = ()
+
+    def __missing__(self, key: str) -> Any:
+        if key != "text":
+            raise KeyError(key)
+        data = dict.__getitem__(self, TEXT_BYTES)
+        try:
+            text = self["text"] = str(data, "utf-8")
+        except UnicodeDecodeError:  # not kept: our app decodes the bytes, and closes with 1007
+            return str(data, "utf-8", "replace")
+        return text
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key == "text" else dict.get(self, key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key == "text" or dict.__contains__(self, key)
+
+
 class _SocketSlots:
     """One socket's slots, from its accept, in each endpoint hooked on its uvicorn server (each
     endpoint's ``max_connections`` then bounds the server's sockets), until it is gone."""
@@ -498,7 +524,8 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
             data = frames[0] if len(frames) == 1 else b"".join(frames)
             headers = self.dara_frames
             if headers is not None and headers.charge is not None:  # ours: decoded when handled
-                event: Any = {"type": "websocket.receive", "text": None, TEXT_BYTES: data}
+                event: Any = LateText(type="websocket.receive")
+                event[TEXT_BYTES] = data
                 self.queue.put_nowait(event)
             else:
                 try:
