@@ -39,7 +39,7 @@ from dara_ws_core import (
 )
 
 from .helpers import eventually
-from .stacks import TRANSPORTS, Stack, running_stack, verify_token
+from .stacks import OWN_UVICORNS, TRANSPORTS, Stack, running_stack, served_port, verify_token
 from .stock_client import StockClient
 
 SOCKETS = sorted(t for t in TRANSPORTS if t != "memory")
@@ -90,6 +90,18 @@ async def test_the_stock_client_connects_with_its_cookie_and_pings(transport: st
         mark = client.mark()
         await client.wait_count("frame", 3, lambda e: e["msg"] == {"type": "pong", "message": None},
                                 since=mark)
+        assert not client.seen("ws_close")
+
+
+@pytest.mark.parametrize("transport", sorted(OWN_UVICORNS))
+async def test_the_stock_client_under_an_applications_own_uvicorn(transport: str) -> None:
+    # uvicorn as an application sets it up (httptools; all defaults, ws_per_message_deflate on),
+    # hooked by the ASGI adapter: the browser's permessage-deflate offer is declined there too.
+    async with served_port(transport, ServerConfig()) as port, page(port) as client:
+        await channel_of(client)
+        assert [h["status"] for h in client.seen("ws_handshake")] == [101]
+        assert client.seen("ws_open")[0]["extensions"] == ""
+        await client.wait_count("frame", 2, lambda e: e["msg"] == {"type": "pong", "message": None})
         assert not client.seen("ws_close")
 
 
