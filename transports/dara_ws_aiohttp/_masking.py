@@ -13,7 +13,9 @@ fails it on its own protocol errors, so aiohttp closes with 1002 and acts on not
 aiohttp answers a peer's close with 1000 whatever its code; RFC 6455 section 5.5.1 has the
 endpoint "typically echo" the code it received, which the other libraries do:
 :class:`MaskedOnlyResponse` does too, and fails with 1002 a close whose code no close frame may
-carry (section 7.4), which aiohttp's reader lets through in part.
+carry (section 7.4), which aiohttp's reader lets through in part. A close without a code is
+answered with 1000, as picows answers it (websockets and uvicorn answer with no code: a
+browser reports 1005 then, and the stock client has stopped listening by that time).
 """
 
 from __future__ import annotations
