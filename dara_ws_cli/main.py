@@ -234,17 +234,8 @@ async def serve(args: argparse.Namespace) -> None:
         max_connections_per_address=_max_per_address(args.max_connections_per_address, cap),
         forwarded_allow_ips=args.forwarded_allow_ips,
     ))
-    backplane = None
-    if args.redis_url:
-        try:
-            from dara_ws_redis import RedisBackplane
-        except ImportError as exc:
-            raise _missing_extra(exc) from None
-
-        try:
-            backplane = RedisBackplane(args.redis_url)
-        except ValueError as exc:  # no scheme, unknown scheme, bad port
-            raise CLIError(f"--redis-url {args.redis_url}: {exc}", status=2) from None
+    backplane = _backplane(args.redis_url)
+    if backplane is not None:
         manager.backplane = backplane
     endpoint = build_demo(manager)
     stop = asyncio.Event()
@@ -287,41 +278,57 @@ async def serve(args: argparse.Namespace) -> None:
             await backplane.stop()
 
 
+def _backplane(url: str | None) -> Any:
+    """The ``RedisBackplane`` of ``--redis-url`` (not connected yet), or ``None`` without one."""
+    if not url:
+        return None
+    try:
+        from dara_ws_redis import RedisBackplane
+    except ImportError as exc:
+        raise _missing_extra(exc) from None
+    try:
+        return RedisBackplane(url)
+    except ValueError as exc:  # no scheme, unknown scheme, bad port
+        raise CLIError(f"--redis-url {url}: {exc}", status=2) from None
+
+
+def _import_adapter(transport: str) -> None:
+    """Import the adapter of ``--transport``: a missing extra is a ``CLIError`` naming it."""
+    try:
+        if transport == "asgi" and importlib.util.find_spec("websockets") is None:
+            # uvicorn imports its WebSocket implementation only when the first upgrade arrives.
+            raise ImportError('dara_ws_asgi needs the websockets library: pip install "dara-ws-core[asgi]"')
+        if transport in _EXTRAS:
+            importlib.import_module(f"dara_ws_{transport}")
+    except ImportError as exc:
+        raise _missing_extra(exc) from None
+
+
+def _listen_error(exc: OSError, host: str, port: int) -> CLIError:
+    """What to say when ``host:port`` cannot be bound: one line, not a traceback."""
+    if exc.errno == errno.EADDRINUSE:
+        return CLIError(f"cannot listen on {host}:{port}: the address is already in use"
+                        " (another dara-ws? choose one with --port)")
+    if isinstance(exc, socket.gaierror):  # a --host that names no address
+        return CLIError(f"cannot listen on {host}:{port}: {exc.strerror} (check --host)", status=2)
+    # Not available, not allowed, any other refusal of the system.
+    return CLIError(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+
+
 @contextlib.asynccontextmanager
 async def _serve(transport: str, endpoint: Endpoint, host: str, port: int, reuse_port: bool = False) -> Any:
     try:
         async with _listen(transport, endpoint, host, port, reuse_port) as real_port:
             yield real_port
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise CLIError(
-                f"cannot listen on {host}:{port}: the address is already in use"
-                " (another dara-ws? choose one with --port)"
-            ) from None
-        if isinstance(exc, socket.gaierror):  # a --host that names no address
-            raise CLIError(f"cannot listen on {host}:{port}: {exc.strerror} (check --host)", status=2) from None
-        # Not available, not allowed, any other refusal of the system: one line, not a traceback.
-        raise CLIError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise _listen_error(exc, host, port) from None
     except OverflowError as exc:  # a port out of range given through the API, not argparse
         raise CLIError(f"cannot listen on {host}:{port}: {exc}", status=2) from None
 
 
 @contextlib.asynccontextmanager
 async def _listen(transport: str, endpoint: Endpoint, host: str, port: int, reuse_port: bool) -> Any:
-    try:
-        if transport == "asgi" and importlib.util.find_spec("websockets") is None:
-            # uvicorn imports its WebSocket implementation only when the first upgrade arrives.
-            raise ImportError('dara_ws_asgi needs the websockets library: pip install "dara-ws-core[asgi]"')
-        if transport == "websockets":
-            import dara_ws_websockets  # noqa: F401
-        elif transport == "aiohttp":
-            import dara_ws_aiohttp  # noqa: F401
-        elif transport == "asgi":
-            import dara_ws_asgi  # noqa: F401
-        elif transport == "picows":
-            import dara_ws_picows  # noqa: F401
-    except ImportError as exc:
-        raise _missing_extra(exc) from None
+    _import_adapter(transport)
     # SO_REUSEPORT (--workers): every socket transport's serve() takes reuse_port.
     options: dict[str, Any] = {"reuse_port": True} if reuse_port else {}
     if transport == "websockets":
@@ -574,6 +581,16 @@ async def _supervise(args: argparse.Namespace) -> int:
     if args.metrics_port not in (None, 0):
         raise CLIError("--workers serves metrics per worker: use --metrics-port 0 (each prints its own)",
                        status=2)
-    _loop_factory(args.loop)  # a missing uvloop is one error here, not one per worker
+    # A missing extra or a wrong --redis-url is one error here, not one per worker.
+    _loop_factory(args.loop)
+    _import_adapter(args.transport)
+    _backplane(args.redis_url)
+    if args.metrics_port is not None:
+        from .metrics import require_exporter
+
+        try:
+            require_exporter()
+        except ImportError as exc:
+            raise _missing_extra(exc) from None
     return await supervise(args)
 

@@ -100,7 +100,12 @@ async def supervise(args: argparse.Namespace) -> int:
     serving stopped cleanly, whether or not one was being started again), starting again one
     that dies, until one fails before it first listens or dies in a crash loop (the others are
     stopped; exit status 1)."""
-    holder = _hold_port(args.host) if args.port == 0 else None
+    try:
+        holder = _hold_port(args.host) if args.port == 0 else None
+    except OSError as exc:  # a --host that names no address of this machine
+        from .main import _listen_error
+
+        raise _listen_error(exc, args.host, args.port) from None
     port = int(holder.getsockname()[1]) if holder is not None else args.port
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -212,6 +212,29 @@ def test_serve_with_workers_refuses_what_it_cannot_share(args: list[str], messag
     assert message in _one_line_error(result)
 
 
+@pytest.mark.parametrize(
+    ("args", "library", "extra"),
+    [(["--transport", "aiohttp"], "aiohttp", "aiohttp"), (["--transport", "asgi"], "starlette", "asgi"),
+     (["--redis-url", "redis://127.0.0.1:1/0"], "redis", "redis"),
+     (["--metrics-port", "0"], "prometheus_client", "prometheus")],
+)
+def test_serve_with_workers_names_a_missing_extra_once(
+    args: list[str], library: str, extra: str, tmp_path: Path
+) -> None:
+    """As without --workers: one line and status 2, not one line per worker and status 1. The
+    library is hidden from the workers too (they are new processes: a package that fails)."""
+    (tmp_path / library).mkdir()
+    (tmp_path / library / "__init__.py").write_text(f"raise ImportError('hidden', name={library!r})\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-m", "dara_ws_cli", "serve", "--port", "0", "--workers", "2", "--clock", "0", *args],
+        check=False, capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("dara-ws: ") == 1, result.stderr
+    assert f'pip install "dara-ws-core[{extra}]"' in _one_line_error(result)
+
+
 def test_serve_on_uvloop_answers_a_probe() -> None:
     pytest.importorskip("uvloop")
     port = _free_port()
@@ -290,6 +313,8 @@ def test_serve_refuses_options_out_of_range_as_usage_errors(args: list[str], nam
     (["serve", "--host", "no-such-host.invalid", "--port", "0", "--clock", "0"], "--host"),
     (["serve", "--port", "0", "--redis-url", "127.0.0.1:6391"], "--redis-url"),
     (["serve", "--port", "0", "--redis-url", "http://127.0.0.1:6391"], "--redis-url"),
+    (["serve", "--host", "256.1.1.1", "--port", "0", "--workers", "2", "--clock", "0"], "256.1.1.1"),
+    (["serve", "--port", "0", "--workers", "2", "--redis-url", "127.0.0.1:6391"], "--redis-url"),
     (["probe", "http://127.0.0.1:8000/api/core/ws"], "not a WebSocket URL"),
     (["probe", "/api/core/ws"], "not a WebSocket URL"),
     (["probe", "ws://[::1/api/core/ws"], "not a URL"),
