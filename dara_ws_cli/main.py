@@ -247,7 +247,7 @@ async def serve(args: argparse.Namespace) -> None:
         try:
             await backplane.start(manager)
         except BackplaneError as exc:
-            raise CLIError(f"cannot reach Redis at {args.redis_url}: {exc}") from None
+            raise CLIError(f"cannot reach Redis at {backplane._where()}: {exc}") from None
     metrics: Any = contextlib.nullcontext(None)
     if args.metrics_port is not None:
         from .metrics import metrics_page, serve_metrics
@@ -283,13 +283,13 @@ def _backplane(url: str | None) -> Any:
     if not url:
         return None
     try:
-        from dara_ws_redis import RedisBackplane
+        from dara_ws_redis import RedisBackplane, _without_password
     except ImportError as exc:
         raise _missing_extra(exc) from None
     try:
         return RedisBackplane(url)
     except ValueError as exc:  # no scheme, unknown scheme, bad port
-        raise CLIError(f"--redis-url {url}: {exc}", status=2) from None
+        raise CLIError(f"--redis-url {_without_password(url)}: {exc}", status=2) from None
 
 
 def _import_adapter(transport: str) -> None:

@@ -235,6 +235,17 @@ def test_serve_with_workers_names_a_missing_extra_once(
     assert f'pip install "dara-ws-core[{extra}]"' in _one_line_error(result)
 
 
+@pytest.mark.parametrize("url", ["redis://demo:hunter2@127.0.0.1:1/0", "http://demo:hunter2@127.0.0.1:1/0"])
+def test_a_redis_url_that_cannot_serve_is_one_line_without_its_password(url: str) -> None:
+    """Redis that is not there (port 1: nothing listens), or a URL that is not Redis's: the line
+    names the URL as it may be logged, its password left out."""
+    result = _run_cli("serve", "--port", "0", "--clock", "0", "--redis-url", url)
+    assert result.returncode == (1 if url.startswith("redis") else 2), result.stderr
+    line = _one_line_error(result)
+    assert "://***@127.0.0.1:1/0" in line, line
+    assert "hunter2" not in result.stderr + result.stdout
+
+
 def test_serve_on_uvloop_answers_a_probe() -> None:
     pytest.importorskip("uvloop")
     port = _free_port()
