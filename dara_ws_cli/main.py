@@ -471,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the demo server",
         description=(
-            "Run the demo application: echo, chat and ask handlers and a clock push, on"
+            "Run the demo application: echo, chat, ask, tell and whoami handlers and a clock push, on"
             " ws://HOST:PORT/api/core/ws. ?token=NAME names the user; no token is anonymous."
             " Stops cleanly (close 1001) on Ctrl-C or SIGTERM."
         ),

@@ -171,6 +171,7 @@ def test_help_is_plain_text_and_shows_defaults() -> None:
     assert "(default: websockets)" in serve_help
     assert "(default: 127.0.0.1)" in serve_help
     assert "(default: None)" not in serve_help  # options whose help explains the default show it once
+    assert all(kind in " ".join(serve_help.split()) for kind in build_demo().manager.custom_handlers)
     version = _run_cli("--version")
     assert version.returncode == 0 and version.stdout.startswith("dara-ws ")
 
