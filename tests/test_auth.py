@@ -130,6 +130,7 @@ def test_jwt_module_imports_without_pyjwt_and_says_what_is_missing(
         ({"algorithms": ()}, "at least one"),
         ({"algorithms": ("HS256", "RS256")}, "mix"),
         ({"algorithms": ("XX999",)}, "unsupported"),
+        ({"algorithms": ("RS256",)}, "key cannot verify RS256"),  # the HMAC secret as a public key
         ({"leeway": -1}, "leeway"),
     ],
 )
@@ -138,6 +139,14 @@ def test_jwt_authenticator_refuses_unsafe_configuration(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         jwt_authenticator(SECRET, **options)
+
+
+def test_jwt_authenticator_refuses_a_key_or_algorithms_that_would_refuse_every_token() -> None:
+    """Found at construction, not as a 403 for every client with a reason in the log only."""
+    with pytest.raises(ValueError, match="key cannot verify HS256 tokens: HMAC key must not be empty"):
+        jwt_authenticator("")
+    with pytest.raises(TypeError, match=r"a list of names, e.g. \['HS256'\], not a str"):
+        jwt_authenticator(SECRET, algorithms="HS256")
 
 
 async def test_jwt_identity_carries_user_session_claims_and_expiry() -> None:
