@@ -108,7 +108,7 @@ def jwt_authenticator(
             f"unsupported algorithms {unknown}: public-key algorithms need PyJWT's crypto backend,"
             ' pip install "dara-ws-core[jwt]"'
         )
-    if not callable(key):
+    if not callable(key) and not isinstance(key, pyjwt.PyJWK):  # a PyJWK is prepared already
         # A key that cannot verify (an HMAC secret for RS256, an empty one, a public key given as
         # the HMAC secret) would refuse every token, each handshake's log saying why.
         for alg in allowed:

@@ -25,6 +25,7 @@ import jwt as pyjwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
 
 from dara_ws_core import (
     AuthenticationFailed,
@@ -272,6 +273,16 @@ async def test_forged_expired_and_wrong_algorithm_tokens_get_403_and_create_noth
         client.on_request(lambda request: "answer")
         reply = await stack.manager.send_and_wait(client.channel or "", {"q": 1}, timeout=5)
         assert reply == "answer"
+
+
+async def test_rs256_with_a_pyjwk_key(rsa_keys: tuple[Any, bytes]) -> None:
+    """A key in any form PyJWT verifies with is taken, a ``PyJWK`` (from a JWKS) included."""
+    private_key, _ = rsa_keys
+    jwk = pyjwt.PyJWK.from_json(RSAAlgorithm.to_jwk(private_key.public_key()))
+    token = make_token(key=private_key, algorithm="RS256")
+    request = HandshakeRequest.build(f"/api/core/ws?token={token}", [])
+    identity = await run_authenticator(jwt_authenticator(jwk, algorithms=["RS256"]), request)
+    assert identity.user_id == "alice"
 
 
 async def test_rs256_with_audience_and_issuer(
