@@ -270,12 +270,33 @@ async def serve(args: argparse.Namespace) -> None:
                   flush=True)
             await stop.wait()
     finally:
+        _ignore_stop_signals(loop)
         if clock is not None:
             clock.cancel()
         if stats is not None:
             stats.cancel()
         if backplane is not None:
             await backplane.stop()
+
+
+def _ignore_stop_signals(loop: asyncio.AbstractEventLoop) -> None:
+    """From now on SIGINT and SIGTERM are ignored: the clients are closed, what is left is to
+    exit. Ctrl-C reaches a worker twice (from the terminal, and from the supervisor passing it
+    on), and once the loop is closed asyncio restores their default action: a signal arriving
+    then killed the worker (status -15), which the supervisor took for a failed stop (exit 1).
+    Blocked meanwhile, so that none comes between asyncio's handler and the ignoring."""
+    stops = {signal.SIGINT, signal.SIGTERM}
+    mask = getattr(signal, "pthread_sigmask", None)  # not on Windows
+    if mask is not None:
+        mask(signal.SIG_BLOCK, stops)
+    try:
+        for sig in stops:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
+    finally:
+        if mask is not None:
+            mask(signal.SIG_UNBLOCK, stops)
 
 
 def _backplane(url: str | None) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import signal
@@ -558,6 +559,51 @@ def _line_with(process: subprocess.Popen[str], text: str) -> str:
         if text in line:
             return line
     raise AssertionError(f"no line with {text!r}")
+
+
+def test_ctrl_c_in_a_terminal_stops_the_workers_with_exit_0() -> None:
+    """Ctrl-C signals the whole foreground process group: each worker gets SIGINT from the
+    terminal and SIGTERM from the supervisor. The second came while a worker was exiting, after
+    asyncio had restored the signal's default action, and killed it (status -15): exit 1."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dara_ws_cli", "serve", "--port", "0", "--workers", "2", "--clock", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        _line_with(process, "dara-ws: 2 workers")
+        os.killpg(process.pid, signal.SIGINT)  # the group this test made: the supervisor, its workers
+        _, errors = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    assert process.returncode == 0, errors
+    assert "Traceback" not in errors
+
+
+def test_a_stop_signal_repeated_until_the_server_has_exited_is_still_a_clean_stop() -> None:
+    """The race of the test above, made certain: SIGINT, then SIGTERM every millisecond until the
+    process is gone. Each one either asks for the stop again or is ignored; none kills it."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dara_ws_cli", "serve", "--port", "0", "--clock", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        _line_with(process, "dara-ws demo")
+        process.send_signal(signal.SIGINT)
+        for _ in range(30_000):  # bounded: 30 s of signals at most
+            if process.poll() is not None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            time.sleep(0.001)
+        _, errors = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+    assert process.returncode == 0, errors
+    assert "Traceback" not in errors
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads a process's children from /proc")
