@@ -180,8 +180,10 @@ async def supervise(args: argparse.Namespace) -> int:
         for forwarder in forwarders:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(forwarder, 5)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        # The workers are gone: a Ctrl-C pressed again now must not end in a traceback.
+        from .main import _ignore_stop_signals
+
+        _ignore_stop_signals(loop)
     return 1 if failed or any(process.returncode != 0 for process in serving) else 0
 
 

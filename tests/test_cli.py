@@ -581,21 +581,26 @@ def test_ctrl_c_in_a_terminal_stops_the_workers_with_exit_0() -> None:
     assert "Traceback" not in errors
 
 
-def test_a_stop_signal_repeated_until_the_server_has_exited_is_still_a_clean_stop() -> None:
-    """The race of the test above, made certain: SIGINT, then SIGTERM every millisecond until the
-    process is gone. Each one either asks for the stop again or is ignored; none kills it."""
+@pytest.mark.parametrize(("workers", "again"), [("1", signal.SIGTERM), ("2", signal.SIGINT)])
+def test_a_stop_signal_repeated_until_the_server_has_exited_is_still_a_clean_stop(
+    workers: str, again: signal.Signals
+) -> None:
+    """The race of the test above, made certain: SIGINT, then a signal every millisecond until
+    the process is gone (a worker's, or the supervisor's: a Ctrl-C pressed again, which gave a
+    KeyboardInterrupt traceback once the supervisor's loop was closing). Each one either asks
+    for the stop again or is ignored; none kills the process."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "dara_ws_cli", "serve", "--port", "0", "--clock", "0"],
+        [sys.executable, "-m", "dara_ws_cli", "serve", "--port", "0", "--clock", "0", "--workers", workers],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        _line_with(process, "dara-ws demo")
+        _line_with(process, "dara-ws demo" if workers == "1" else "dara-ws: 2 workers")
         process.send_signal(signal.SIGINT)
         for _ in range(30_000):  # bounded: 30 s of signals at most
             if process.poll() is not None:
                 break
             with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
+                process.send_signal(again)
             time.sleep(0.001)
         _, errors = process.communicate(timeout=30)
     finally:
