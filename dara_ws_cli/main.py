@@ -264,10 +264,10 @@ async def serve(args: argparse.Namespace) -> None:
         listening = _serve(args.transport, endpoint, args.host, args.port, args.reuse_port)
         async with metrics as metrics_port, listening as port:
             if metrics_port is not None:
-                print(f"metrics on http://{args.host}:{metrics_port}/metrics", flush=True)
+                print(f"metrics on http://{_netloc(args.host, metrics_port)}/metrics", flush=True)
             loop_name = type(asyncio.get_running_loop()).__module__.partition(".")[0]
-            print(f"dara-ws demo ({args.transport}, {loop_name} loop) on ws://{args.host}:{port}{endpoint.path}",
-                  flush=True)
+            print(f"dara-ws demo ({args.transport}, {loop_name} loop) on"
+                  f" ws://{_netloc(args.host, port)}{endpoint.path}", flush=True)
             await stop.wait()
     finally:
         _ignore_stop_signals(loop)
@@ -277,6 +277,11 @@ async def serve(args: argparse.Namespace) -> None:
             stats.cancel()
         if backplane is not None:
             await backplane.stop()
+
+
+def _netloc(host: str, port: int) -> str:
+    """``host:port`` as a URL writes it: an IPv6 address in brackets (``[::1]:8000``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _ignore_stop_signals(loop: asyncio.AbstractEventLoop) -> None:

@@ -155,8 +155,10 @@ async def supervise(args: argparse.Namespace) -> int:
             holder.close()
             holder = None
         if not failed and not stop.is_set() and not any(task.done() for task in exits):
+            from .main import _netloc
+
             print(f"dara-ws: {args.workers} workers ({args.transport}) on "
-                  f"ws://{args.host}:{port}{DEFAULT_PATH}", flush=True)
+                  f"ws://{_netloc(args.host, port)}{DEFAULT_PATH}", flush=True)
             keepers = [loop.create_task(_keep(index, workers, spawn, stop)) for index in range(args.workers)]
             await asyncio.wait([*keepers, stopping], return_when=asyncio.FIRST_COMPLETED)
             for keeper in keepers:

@@ -581,6 +581,38 @@ def test_ctrl_c_in_a_terminal_stops_the_workers_with_exit_0() -> None:
     assert "Traceback" not in errors
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_urls_printed_for_an_ipv6_host_work_as_printed(workers: str) -> None:
+    """``--host ::1`` printed ws://::1:PORT/..., which no client takes (``probe`` said the port
+    could not be cast to an integer): the address goes in brackets, as in any URL."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dara_ws_cli", "serve", "--host", "::1", "--port", "0", "--clock", "0",
+         "--workers", workers, "--metrics-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        metrics = _line_with(process, "metrics on ").split()[-1]
+        line = _line_with(process, "dara-ws demo" if workers == "1" else "dara-ws: 2 workers")
+        url = line.split()[-1]
+        assert url.startswith("ws://[::1]:") and metrics.startswith("http://[::1]:"), (line, metrics)
+        probe = subprocess.run([sys.executable, "-m", "dara_ws_cli", "probe", url],
+                               check=False, capture_output=True, text=True, timeout=60)
+        assert probe.returncode == 0, probe.stderr
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
 @pytest.mark.parametrize(("workers", "again"), [("1", signal.SIGTERM), ("2", signal.SIGINT)])
 def test_a_stop_signal_repeated_until_the_server_has_exited_is_still_a_clean_stop(
     workers: str, again: signal.Signals
