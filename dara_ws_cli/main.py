@@ -472,6 +472,17 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+def _positive_seconds(text: str) -> float:
+    """argparse type of a time limit: a finite number of seconds > 0."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return seconds
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every default shown, once: an option whose help explains its default, or whose default is
     "not given" (None), gets no "(default: ...)" added."""
@@ -560,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("url", nargs="?", default="ws://127.0.0.1:8000/api/core/ws?token=probe",
                    help="the server's WebSocket URL")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each step")
+    p.add_argument("--timeout", type=_positive_seconds, default=5.0, help="seconds to wait for each step")
     return parser
 
 

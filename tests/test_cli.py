@@ -313,6 +313,8 @@ def test_probe_without_a_client_library_names_the_pip_command() -> None:
     (["serve", "--port", "http"], "--port"), (["serve", "--metrics-port", "70000"], "--metrics-port"),
     (["serve", "--clock", "-1"], "--clock"), (["serve", "--clock", "nan"], "--clock"),
     (["serve", "--stats-interval", "-2"], "--stats-interval"),
+    (["probe", "--timeout", "0"], "--timeout"), (["probe", "--timeout", "-1"], "--timeout"),
+    (["probe", "--timeout", "nan"], "--timeout"),
 ])
 def test_serve_refuses_options_out_of_range_as_usage_errors(args: list[str], names: str) -> None:
     result = _run_cli(*args)
