@@ -234,17 +234,8 @@ async def serve(args: argparse.Namespace) -> None:
         max_connections_per_address=_max_per_address(args.max_connections_per_address, cap),
         forwarded_allow_ips=args.forwarded_allow_ips,
     ))
-    backplane = None
-    if args.redis_url:
-        try:
-            from dara_ws_redis import RedisBackplane
-        except ImportError as exc:
-            raise _missing_extra(exc) from None
-
-        try:
-            backplane = RedisBackplane(args.redis_url)
-        except ValueError as exc:  # no scheme, unknown scheme, bad port
-            raise CLIError(f"--redis-url {args.redis_url}: {exc}", status=2) from None
+    backplane = _backplane(args.redis_url)
+    if backplane is not None:
         manager.backplane = backplane
     endpoint = build_demo(manager)
     stop = asyncio.Event()
@@ -256,7 +247,7 @@ async def serve(args: argparse.Namespace) -> None:
         try:
             await backplane.start(manager)
         except BackplaneError as exc:
-            raise CLIError(f"cannot reach Redis at {args.redis_url}: {exc}") from None
+            raise CLIError(f"cannot reach Redis at {backplane._where()}: {exc}") from None
     metrics: Any = contextlib.nullcontext(None)
     if args.metrics_port is not None:
         from .metrics import metrics_page, serve_metrics
@@ -273,12 +264,13 @@ async def serve(args: argparse.Namespace) -> None:
         listening = _serve(args.transport, endpoint, args.host, args.port, args.reuse_port)
         async with metrics as metrics_port, listening as port:
             if metrics_port is not None:
-                print(f"metrics on http://{args.host}:{metrics_port}/metrics", flush=True)
+                print(f"metrics on http://{_netloc(args.host, metrics_port)}/metrics", flush=True)
             loop_name = type(asyncio.get_running_loop()).__module__.partition(".")[0]
-            print(f"dara-ws demo ({args.transport}, {loop_name} loop) on ws://{args.host}:{port}{endpoint.path}",
-                  flush=True)
+            print(f"dara-ws demo ({args.transport}, {loop_name} loop) on"
+                  f" ws://{_netloc(args.host, port)}{endpoint.path}", flush=True)
             await stop.wait()
     finally:
+        _ignore_stop_signals(loop)
         if clock is not None:
             clock.cancel()
         if stats is not None:
@@ -287,41 +279,82 @@ async def serve(args: argparse.Namespace) -> None:
             await backplane.stop()
 
 
+def _netloc(host: str, port: int) -> str:
+    """``host:port`` as a URL writes it: an IPv6 address in brackets (``[::1]:8000``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _ignore_stop_signals(loop: asyncio.AbstractEventLoop) -> None:
+    """From now on SIGINT and SIGTERM are ignored: the clients are closed, what is left is to
+    exit. Ctrl-C reaches a worker twice (from the terminal, and from the supervisor passing it
+    on), and once the loop is closed asyncio restores their default action: a signal arriving
+    then killed the worker (status -15), which the supervisor took for a failed stop (exit 1).
+    Blocked meanwhile, so that none comes between asyncio's handler and the ignoring."""
+    stops = {signal.SIGINT, signal.SIGTERM}
+    mask = getattr(signal, "pthread_sigmask", None)  # not on Windows
+    if mask is not None:
+        mask(signal.SIG_BLOCK, stops)
+    try:
+        for sig in stops:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
+    finally:
+        if mask is not None:
+            mask(signal.SIG_UNBLOCK, stops)
+
+
+def _backplane(url: str | None) -> Any:
+    """The ``RedisBackplane`` of ``--redis-url`` (not connected yet), or ``None`` without one."""
+    if not url:
+        return None
+    try:
+        from dara_ws_redis import RedisBackplane, _without_password
+    except ImportError as exc:
+        raise _missing_extra(exc) from None
+    try:
+        return RedisBackplane(url)
+    except ValueError as exc:  # no scheme, unknown scheme, bad port
+        raise CLIError(f"--redis-url {_without_password(url)}: {exc}", status=2) from None
+
+
+def _import_adapter(transport: str) -> None:
+    """Import the adapter of ``--transport``: a missing extra is a ``CLIError`` naming it."""
+    try:
+        if transport == "asgi" and importlib.util.find_spec("websockets") is None:
+            # uvicorn imports its WebSocket implementation only when the first upgrade arrives.
+            raise ImportError('dara_ws_asgi needs the websockets library: pip install "dara-ws-core[asgi]"')
+        if transport in _EXTRAS:
+            importlib.import_module(f"dara_ws_{transport}")
+    except ImportError as exc:
+        raise _missing_extra(exc) from None
+
+
+def _listen_error(exc: OSError, host: str, port: int) -> CLIError:
+    """What to say when ``host:port`` cannot be bound: one line, not a traceback."""
+    if exc.errno == errno.EADDRINUSE:
+        return CLIError(f"cannot listen on {host}:{port}: the address is already in use"
+                        " (another dara-ws? choose one with --port)")
+    if isinstance(exc, socket.gaierror):  # a --host that names no address
+        return CLIError(f"cannot listen on {host}:{port}: {exc.strerror} (check --host)", status=2)
+    # Not available, not allowed, any other refusal of the system.
+    return CLIError(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+
+
 @contextlib.asynccontextmanager
 async def _serve(transport: str, endpoint: Endpoint, host: str, port: int, reuse_port: bool = False) -> Any:
     try:
         async with _listen(transport, endpoint, host, port, reuse_port) as real_port:
             yield real_port
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise CLIError(
-                f"cannot listen on {host}:{port}: the address is already in use"
-                " (another dara-ws? choose one with --port)"
-            ) from None
-        if isinstance(exc, socket.gaierror):  # a --host that names no address
-            raise CLIError(f"cannot listen on {host}:{port}: {exc.strerror} (check --host)", status=2) from None
-        # Not available, not allowed, any other refusal of the system: one line, not a traceback.
-        raise CLIError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise _listen_error(exc, host, port) from None
     except OverflowError as exc:  # a port out of range given through the API, not argparse
         raise CLIError(f"cannot listen on {host}:{port}: {exc}", status=2) from None
 
 
 @contextlib.asynccontextmanager
 async def _listen(transport: str, endpoint: Endpoint, host: str, port: int, reuse_port: bool) -> Any:
-    try:
-        if transport == "asgi" and importlib.util.find_spec("websockets") is None:
-            # uvicorn imports its WebSocket implementation only when the first upgrade arrives.
-            raise ImportError('dara_ws_asgi needs the websockets library: pip install "dara-ws-core[asgi]"')
-        if transport == "websockets":
-            import dara_ws_websockets  # noqa: F401
-        elif transport == "aiohttp":
-            import dara_ws_aiohttp  # noqa: F401
-        elif transport == "asgi":
-            import dara_ws_asgi  # noqa: F401
-        elif transport == "picows":
-            import dara_ws_picows  # noqa: F401
-    except ImportError as exc:
-        raise _missing_extra(exc) from None
+    _import_adapter(transport)
     # SO_REUSEPORT (--workers): every socket transport's serve() takes reuse_port.
     options: dict[str, Any] = {"reuse_port": True} if reuse_port else {}
     if transport == "websockets":
@@ -439,6 +472,17 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+def _positive_seconds(text: str) -> float:
+    """argparse type of a time limit: a finite number of seconds > 0."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return seconds
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every default shown, once: an option whose help explains its default, or whose default is
     "not given" (None), gets no "(default: ...)" added."""
@@ -464,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the demo server",
         description=(
-            "Run the demo application: echo, chat and ask handlers and a clock push, on"
+            "Run the demo application: echo, chat, ask, tell and whoami handlers and a clock push, on"
             " ws://HOST:PORT/api/core/ws. ?token=NAME names the user; no token is anonymous."
             " Stops cleanly (close 1001) on Ctrl-C or SIGTERM."
         ),
@@ -527,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("url", nargs="?", default="ws://127.0.0.1:8000/api/core/ws?token=probe",
                    help="the server's WebSocket URL")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each step")
+    p.add_argument("--timeout", type=_positive_seconds, default=5.0, help="seconds to wait for each step")
     return parser
 
 
@@ -574,6 +618,16 @@ async def _supervise(args: argparse.Namespace) -> int:
     if args.metrics_port not in (None, 0):
         raise CLIError("--workers serves metrics per worker: use --metrics-port 0 (each prints its own)",
                        status=2)
-    _loop_factory(args.loop)  # a missing uvloop is one error here, not one per worker
+    # A missing extra or a wrong --redis-url is one error here, not one per worker.
+    _loop_factory(args.loop)
+    _import_adapter(args.transport)
+    _backplane(args.redis_url)
+    if args.metrics_port is not None:
+        from .metrics import require_exporter
+
+        try:
+            require_exporter()
+        except ImportError as exc:
+            raise _missing_extra(exc) from None
     return await supervise(args)
 

@@ -17,7 +17,7 @@ for a newcomer (:func:`serve_metrics`), so that no peer keeps the scraper out.
 
 from __future__ import annotations
 
-__all__ = ["CachedPage", "metrics_page", "serve_metrics"]
+__all__ = ["CachedPage", "metrics_page", "require_exporter", "serve_metrics"]
 
 import asyncio
 import contextlib
@@ -63,19 +63,28 @@ class CachedPage:
         return page
 
 
+def require_exporter() -> None:
+    """Raise ``ImportError`` naming the extra unless the page's libraries are installed."""
+    try:
+        import opentelemetry.exporter.prometheus
+        import opentelemetry.sdk.metrics  # noqa: F401
+        import prometheus_client  # noqa: F401
+    except ImportError as exc:
+        raise ImportError('the /metrics page needs the prometheus extra: pip install "dara-ws-core[prometheus]"',
+                          name=exc.name) from exc
+
+
 def metrics_page(manager: WebsocketManager) -> Callable[[], Page]:
     """Instrument ``manager`` for a Prometheus page; returns what renders it (body, content
     type), at most once a second (:class:`CachedPage`).
 
     Raises ``ImportError`` naming the extra when the exporter is missing.
     """
-    try:
-        from opentelemetry.exporter.prometheus import PrometheusMetricReader
-        from opentelemetry.sdk.metrics import MeterProvider
-        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-    except ImportError as exc:
-        raise ImportError('the /metrics page needs pip install "dara-ws-core[prometheus]"',
-                          name=exc.name) from exc
+    require_exporter()
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
     from dara_ws_core.telemetry import instrument
 
     registry = CollectorRegistry()

@@ -100,7 +100,12 @@ async def supervise(args: argparse.Namespace) -> int:
     serving stopped cleanly, whether or not one was being started again), starting again one
     that dies, until one fails before it first listens or dies in a crash loop (the others are
     stopped; exit status 1)."""
-    holder = _hold_port(args.host) if args.port == 0 else None
+    try:
+        holder = _hold_port(args.host) if args.port == 0 else None
+    except OSError as exc:  # a --host that names no address of this machine
+        from .main import _listen_error
+
+        raise _listen_error(exc, args.host, args.port) from None
     port = int(holder.getsockname()[1]) if holder is not None else args.port
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -150,8 +155,10 @@ async def supervise(args: argparse.Namespace) -> int:
             holder.close()
             holder = None
         if not failed and not stop.is_set() and not any(task.done() for task in exits):
+            from .main import _netloc
+
             print(f"dara-ws: {args.workers} workers ({args.transport}) on "
-                  f"ws://{args.host}:{port}{DEFAULT_PATH}", flush=True)
+                  f"ws://{_netloc(args.host, port)}{DEFAULT_PATH}", flush=True)
             keepers = [loop.create_task(_keep(index, workers, spawn, stop)) for index in range(args.workers)]
             await asyncio.wait([*keepers, stopping], return_when=asyncio.FIRST_COMPLETED)
             for keeper in keepers:
@@ -175,8 +182,10 @@ async def supervise(args: argparse.Namespace) -> int:
         for forwarder in forwarders:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(forwarder, 5)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        # The workers are gone: a Ctrl-C pressed again now must not end in a traceback.
+        from .main import _ignore_stop_signals
+
+        _ignore_stop_signals(loop)
     return 1 if failed or any(process.returncode != 0 for process in serving) else 0
 
 

@@ -745,9 +745,10 @@ class DaraClient:
         """
         transport = self._require()
         rchan = uuid.uuid4().hex
+        # Encoded first: data JSON cannot carry raises here, before a waiter is registered.
+        frame = dumps({"type": "custom", "message": {"kind": kind, "data": data, "__rchan": rchan}})
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rchan] = waiter
-        frame = dumps({"type": "custom", "message": {"kind": kind, "data": data, "__rchan": rchan}})
         try:
             async with asyncio.timeout(timeout):
                 await self._send(transport, frame)

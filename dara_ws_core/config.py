@@ -264,11 +264,18 @@ class ServerConfig:
         if self.forwarded_allow_ips is not None:
             if not isinstance(self.forwarded_allow_ips, str):  # a list: hashable, not shared
                 object.__setattr__(self, "forwarded_allow_ips", tuple(self.forwarded_allow_ips))
-            TrustedProxies(self.forwarded_allow_ips)  # raises ValueError for a bad address
+            try:
+                TrustedProxies(self.forwarded_allow_ips)
+            except ValueError as exc:  # a bad address
+                raise ValueError(f"ServerConfig.{exc}") from None
         if not isinstance(self.slow_consumer_policy, SlowConsumerPolicy):
-            object.__setattr__(
-                self, "slow_consumer_policy", SlowConsumerPolicy(self.slow_consumer_policy)
-            )
+            try:
+                policy = SlowConsumerPolicy(self.slow_consumer_policy)
+            except ValueError:
+                choices = ", ".join(repr(p.value) for p in SlowConsumerPolicy)
+                raise ValueError(f"ServerConfig.slow_consumer_policy must be one of {choices}, "
+                                 f"not {self.slow_consumer_policy!r}") from None
+            object.__setattr__(self, "slow_consumer_policy", policy)
 
 
 _COUNTS_FROM_1 = ("max_message_size", "max_message_values", "max_queue_messages", "max_queue_bytes",

@@ -76,17 +76,22 @@ def jwt_authenticator(
       authorise a connection forever).
     * ``cookie`` / ``query`` / ``header``: where to look for the token (see ``extract_token``).
 
-    Raises ``ValueError`` for an unsafe configuration and ``ImportError`` without PyJWT.
+    Raises ``ValueError`` for an unsafe configuration or a ``key`` that cannot verify tokens of
+    ``algorithms``, ``TypeError`` for ``algorithms`` given as one string, and ``ImportError``
+    without PyJWT.
     """
     # The optional dependency (extra [jwt]) is imported on use only.
     try:
         import jwt as pyjwt
-        from jwt.algorithms import get_default_algorithms
+        from jwt.algorithms import get_default_algorithms, has_crypto
+        from jwt.exceptions import InvalidKeyError
     except ImportError as exc:
         raise ImportError(
             'dara_ws_core.jwt needs the PyJWT library: pip install "dara-ws-core[jwt]"', name=exc.name
         ) from exc
 
+    if isinstance(algorithms, str):  # a name's letters would be the allow-list
+        raise TypeError(f"algorithms must be a list of names, e.g. [{algorithms!r}], not a str")
     allowed = tuple(dict.fromkeys(algorithms))
     if not allowed:
         raise ValueError("algorithms must name at least one algorithm")
@@ -97,10 +102,20 @@ def jwt_authenticator(
     supported = get_default_algorithms()
     unknown = [alg for alg in allowed if alg not in supported]
     if unknown:
+        if has_crypto:
+            raise ValueError(f"unsupported algorithms {unknown}: PyJWT knows {sorted(supported)}")
         raise ValueError(
             f"unsupported algorithms {unknown}: public-key algorithms need PyJWT's crypto backend,"
             ' pip install "dara-ws-core[jwt]"'
         )
+    if not callable(key) and not isinstance(key, pyjwt.PyJWK):  # a PyJWK is prepared already
+        # A key that cannot verify (an HMAC secret for RS256, an empty one, a public key given as
+        # the HMAC secret) would refuse every token, each handshake's log saying why.
+        for alg in allowed:
+            try:
+                supported[alg].prepare_key(key)
+            except (InvalidKeyError, ValueError, TypeError) as exc:
+                raise ValueError(f"key cannot verify {alg} tokens: {exc}") from None
     if leeway < 0:
         raise ValueError("leeway must be >= 0")
     required = list(dict.fromkeys(require))

@@ -25,6 +25,7 @@ import jwt as pyjwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
 
 from dara_ws_core import (
     AuthenticationFailed,
@@ -130,6 +131,7 @@ def test_jwt_module_imports_without_pyjwt_and_says_what_is_missing(
         ({"algorithms": ()}, "at least one"),
         ({"algorithms": ("HS256", "RS256")}, "mix"),
         ({"algorithms": ("XX999",)}, "unsupported"),
+        ({"algorithms": ("RS256",)}, "key cannot verify RS256"),  # the HMAC secret as a public key
         ({"leeway": -1}, "leeway"),
     ],
 )
@@ -138,6 +140,14 @@ def test_jwt_authenticator_refuses_unsafe_configuration(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         jwt_authenticator(SECRET, **options)
+
+
+def test_jwt_authenticator_refuses_a_key_or_algorithms_that_would_refuse_every_token() -> None:
+    """Found at construction, not as a 403 for every client with a reason in the log only."""
+    with pytest.raises(ValueError, match="key cannot verify HS256 tokens: HMAC key must not be empty"):
+        jwt_authenticator("")
+    with pytest.raises(TypeError, match=r"a list of names, e.g. \['HS256'\], not a str"):
+        jwt_authenticator(SECRET, algorithms="HS256")
 
 
 async def test_jwt_identity_carries_user_session_claims_and_expiry() -> None:
@@ -263,6 +273,16 @@ async def test_forged_expired_and_wrong_algorithm_tokens_get_403_and_create_noth
         client.on_request(lambda request: "answer")
         reply = await stack.manager.send_and_wait(client.channel or "", {"q": 1}, timeout=5)
         assert reply == "answer"
+
+
+async def test_rs256_with_a_pyjwk_key(rsa_keys: tuple[Any, bytes]) -> None:
+    """A key in any form PyJWT verifies with is taken, a ``PyJWK`` (from a JWKS) included."""
+    private_key, _ = rsa_keys
+    jwk = pyjwt.PyJWK.from_json(RSAAlgorithm.to_jwk(private_key.public_key()))
+    token = make_token(key=private_key, algorithm="RS256")
+    request = HandshakeRequest.build(f"/api/core/ws?token={token}", [])
+    identity = await run_authenticator(jwt_authenticator(jwk, algorithms=["RS256"]), request)
+    assert identity.user_id == "alice"
 
 
 async def test_rs256_with_audience_and_issuer(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import signal
@@ -171,6 +172,7 @@ def test_help_is_plain_text_and_shows_defaults() -> None:
     assert "(default: websockets)" in serve_help
     assert "(default: 127.0.0.1)" in serve_help
     assert "(default: None)" not in serve_help  # options whose help explains the default show it once
+    assert all(kind in " ".join(serve_help.split()) for kind in build_demo().manager.custom_handlers)
     version = _run_cli("--version")
     assert version.returncode == 0 and version.stdout.startswith("dara-ws ")
 
@@ -210,6 +212,40 @@ def test_serve_with_workers_refuses_what_it_cannot_share(args: list[str], messag
     result = _run_cli("serve", "--port", "0", "--workers", "2", *args)
     assert result.returncode == 2
     assert message in _one_line_error(result)
+
+
+@pytest.mark.parametrize(
+    ("args", "library", "extra"),
+    [(["--transport", "aiohttp"], "aiohttp", "aiohttp"), (["--transport", "asgi"], "starlette", "asgi"),
+     (["--redis-url", "redis://127.0.0.1:1/0"], "redis", "redis"),
+     (["--metrics-port", "0"], "prometheus_client", "prometheus")],
+)
+def test_serve_with_workers_names_a_missing_extra_once(
+    args: list[str], library: str, extra: str, tmp_path: Path
+) -> None:
+    """As without --workers: one line and status 2, not one line per worker and status 1. The
+    library is hidden from the workers too (they are new processes: a package that fails)."""
+    (tmp_path / library).mkdir()
+    (tmp_path / library / "__init__.py").write_text(f"raise ImportError('hidden', name={library!r})\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-m", "dara_ws_cli", "serve", "--port", "0", "--workers", "2", "--clock", "0", *args],
+        check=False, capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("dara-ws: ") == 1, result.stderr
+    assert f'pip install "dara-ws-core[{extra}]"' in _one_line_error(result)
+
+
+@pytest.mark.parametrize("url", ["redis://demo:hunter2@127.0.0.1:1/0", "http://demo:hunter2@127.0.0.1:1/0"])
+def test_a_redis_url_that_cannot_serve_is_one_line_without_its_password(url: str) -> None:
+    """Redis that is not there (port 1: nothing listens), or a URL that is not Redis's: the line
+    names the URL as it may be logged, its password left out."""
+    result = _run_cli("serve", "--port", "0", "--clock", "0", "--redis-url", url)
+    assert result.returncode == (1 if url.startswith("redis") else 2), result.stderr
+    line = _one_line_error(result)
+    assert "://***@127.0.0.1:1/0" in line, line
+    assert "hunter2" not in result.stderr + result.stdout
 
 
 def test_serve_on_uvloop_answers_a_probe() -> None:
@@ -277,6 +313,8 @@ def test_probe_without_a_client_library_names_the_pip_command() -> None:
     (["serve", "--port", "http"], "--port"), (["serve", "--metrics-port", "70000"], "--metrics-port"),
     (["serve", "--clock", "-1"], "--clock"), (["serve", "--clock", "nan"], "--clock"),
     (["serve", "--stats-interval", "-2"], "--stats-interval"),
+    (["probe", "--timeout", "0"], "--timeout"), (["probe", "--timeout", "-1"], "--timeout"),
+    (["probe", "--timeout", "nan"], "--timeout"),
 ])
 def test_serve_refuses_options_out_of_range_as_usage_errors(args: list[str], names: str) -> None:
     result = _run_cli(*args)
@@ -290,6 +328,8 @@ def test_serve_refuses_options_out_of_range_as_usage_errors(args: list[str], nam
     (["serve", "--host", "no-such-host.invalid", "--port", "0", "--clock", "0"], "--host"),
     (["serve", "--port", "0", "--redis-url", "127.0.0.1:6391"], "--redis-url"),
     (["serve", "--port", "0", "--redis-url", "http://127.0.0.1:6391"], "--redis-url"),
+    (["serve", "--host", "256.1.1.1", "--port", "0", "--workers", "2", "--clock", "0"], "256.1.1.1"),
+    (["serve", "--port", "0", "--workers", "2", "--redis-url", "127.0.0.1:6391"], "--redis-url"),
     (["probe", "http://127.0.0.1:8000/api/core/ws"], "not a WebSocket URL"),
     (["probe", "/api/core/ws"], "not a WebSocket URL"),
     (["probe", "ws://[::1/api/core/ws"], "not a URL"),
@@ -521,6 +561,88 @@ def _line_with(process: subprocess.Popen[str], text: str) -> str:
         if text in line:
             return line
     raise AssertionError(f"no line with {text!r}")
+
+
+def test_ctrl_c_in_a_terminal_stops_the_workers_with_exit_0() -> None:
+    """Ctrl-C signals the whole foreground process group: each worker gets SIGINT from the
+    terminal and SIGTERM from the supervisor. The second came while a worker was exiting, after
+    asyncio had restored the signal's default action, and killed it (status -15): exit 1."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dara_ws_cli", "serve", "--port", "0", "--workers", "2", "--clock", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        _line_with(process, "dara-ws: 2 workers")
+        os.killpg(process.pid, signal.SIGINT)  # the group this test made: the supervisor, its workers
+        _, errors = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    assert process.returncode == 0, errors
+    assert "Traceback" not in errors
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_urls_printed_for_an_ipv6_host_work_as_printed(workers: str) -> None:
+    """``--host ::1`` printed ws://::1:PORT/..., which no client takes (``probe`` said the port
+    could not be cast to an integer): the address goes in brackets, as in any URL."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dara_ws_cli", "serve", "--host", "::1", "--port", "0", "--clock", "0",
+         "--workers", workers, "--metrics-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        metrics = _line_with(process, "metrics on ").split()[-1]
+        line = _line_with(process, "dara-ws demo" if workers == "1" else "dara-ws: 2 workers")
+        url = line.split()[-1]
+        assert url.startswith("ws://[::1]:") and metrics.startswith("http://[::1]:"), (line, metrics)
+        probe = subprocess.run([sys.executable, "-m", "dara_ws_cli", "probe", url],
+                               check=False, capture_output=True, text=True, timeout=60)
+        assert probe.returncode == 0, probe.stderr
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+@pytest.mark.parametrize(("workers", "again"), [("1", signal.SIGTERM), ("2", signal.SIGINT)])
+def test_a_stop_signal_repeated_until_the_server_has_exited_is_still_a_clean_stop(
+    workers: str, again: signal.Signals
+) -> None:
+    """The race of the test above, made certain: SIGINT, then a signal every millisecond until
+    the process is gone (a worker's, or the supervisor's: a Ctrl-C pressed again, which gave a
+    KeyboardInterrupt traceback once the supervisor's loop was closing). Each one either asks
+    for the stop again or is ignored; none kills the process."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dara_ws_cli", "serve", "--port", "0", "--clock", "0", "--workers", workers],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        _line_with(process, "dara-ws demo" if workers == "1" else "dara-ws: 2 workers")
+        process.send_signal(signal.SIGINT)
+        for _ in range(30_000):  # bounded: 30 s of signals at most
+            if process.poll() is not None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(again)
+            time.sleep(0.001)
+        _, errors = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+    assert process.returncode == 0, errors
+    assert "Traceback" not in errors
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads a process's children from /proc")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import itertools
 import json
 import logging
@@ -31,11 +32,15 @@ from dara_ws_core import (
     ConnectionClosed,
     CustomServerMessage,
     DaraClient,
+    Endpoint,
     FrameTooLarge,
+    MemoryServer,
     PushedMessage,
     Request,
     RequestTimeout,
     Transport,
+    WebsocketManager,
+    allow_anonymous,
 )
 from dara_ws_core.client import _charge, _reconnect_delay
 from dara_ws_core.codec import count_json_values
@@ -908,3 +913,24 @@ def test_timeouts_not_above_zero_are_refused() -> None:
 @pytest.fixture(autouse=True)
 def _client_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "dara_ws_core.client")
+
+
+async def test_a_request_json_cannot_carry_raises_and_leaves_no_waiter_behind() -> None:
+    """The encoding error is the caller's; the request registered nothing, so closing the client
+    fails no orphan waiter (asyncio printed "Future exception was never retrieved" with a
+    ConnectionClosed traceback at every such close)."""
+    loop = asyncio.get_running_loop()
+    unretrieved: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
+    manager = WebsocketManager()
+    manager.add_ws_handler("echo", lambda channel, data: data)
+    server = MemoryServer(Endpoint(manager, allow_anonymous()))
+    try:
+        async with DaraClient(server.connect, ping_interval=None) as client:
+            with pytest.raises(Exception, match="serialize"):
+                await client.request("echo", object(), timeout=5)
+            assert await client.request("echo", 1, timeout=5) == 1
+        gc.collect()
+        assert unretrieved == []
+    finally:
+        loop.set_exception_handler(None)

@@ -26,6 +26,9 @@ from dara_ws_core import ServerConfig
         ("max_connections", 2.5, TypeError, "max_connections must be an int or None, not float"),
         ("outbox_messages", -1, ValueError, "outbox_messages must be >= 0"),
         ("shutdown_grace", -0.1, ValueError, "shutdown_grace must be >= 0"),
+        ("slow_consumer_policy", "drop-oldest", ValueError,
+         "slow_consumer_policy must be one of 'wait', 'drop_oldest', 'disconnect', not 'drop-oldest'"),
+        ("forwarded_allow_ips", "10.0.0.0/33", ValueError, "forwarded_allow_ips: '10.0.0.0/33'"),
     ],
 )
 def test_a_value_no_server_could_run_with_is_refused_naming_its_field(

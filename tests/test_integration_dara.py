@@ -420,6 +420,20 @@ async def test_dara_registries_follow_the_connections_and_keep_no_trace_of_close
         assert seen["websocket"] == {seen["sessions"]["bob"][0]: [watcher.channel]}
 
 
+def test_install_twice_on_one_configuration_is_refused() -> None:
+    """A second install added a second middleware and manager: the first served the socket,
+    Dara sent through the second, and every send reached no one."""
+    from dara.core import ConfigurationBuilder
+
+    from dara_ws_core.integrations.dara import install
+
+    config = ConfigurationBuilder()
+    install(config)
+    with pytest.raises(RuntimeError, match="already called"):
+        install(config)
+    install(ConfigurationBuilder())  # another app's configuration is its own
+
+
 def test_a_dara_core_outside_the_tested_range_fails_at_import_naming_the_range(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

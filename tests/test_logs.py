@@ -85,3 +85,26 @@ def test_records_of_many_connections_stay_within_the_process_budget(
         log = ConnectionLogger(logging.getLogger("dara_ws_core"), {"channel": f"c{i}"})
         log.peer_error(logging.WARNING, "dropped client frame")
     assert len(_records(caplog, "dropped client frame")) == 5
+
+
+@pytest.mark.parametrize("transport", ["websockets", "aiohttp", "asgi", "picows"])
+async def test_the_adapters_serve_logs_no_token_and_no_header_a_client_sent(
+    transport: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every record of a ``serve()`` at INFO and above, the transport library's own included, is
+    free of what a client put in its query string (a ``?token=``) or its headers: aiohttp's
+    access log wrote the whole request line and the ``User-Agent``."""
+    caplog.set_level(logging.INFO)
+    headers = [("User-Agent", "agent-of-the-peer")]
+    async with running_stack(transport) as stack:
+        with pytest.raises(HandshakeRejected):
+            await stack.connect("bad-secret-token", headers=headers)
+        client = await stack.client("alice:secret-session")
+        await client.close()
+    served = [r for r in caplog.records if ".client" not in r.name]  # the server's, not the test client's
+    everything = "\n".join(f"{r.getMessage()} {vars(r)}" for r in served)
+    if transport == "aiohttp":  # its access log is still there, a line per request
+        lines = [r.getMessage() for r in served if r.name == "aiohttp.access"]
+        assert lines[0] == '127.0.0.1 "GET /api/core/ws" 403', lines
+    for secret in ("secret", "agent-of-the-peer"):
+        assert secret not in everything

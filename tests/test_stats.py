@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -204,3 +205,20 @@ def test_dara_ws_serve_prints_its_stats_as_json_lines() -> None:
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+@pytest.mark.parametrize("transport", ["memory", "websockets", "aiohttp", "asgi", "picows"])
+async def test_every_transport_is_named_in_stats_and_log_records(
+    transport: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator reads the transport's name off the connections gauge and the log records
+    (the aiohttp adapter's was ``transport``, its module's name)."""
+    manager = WebsocketManager()
+    caplog.set_level(logging.INFO, "dara_ws_core")
+    async with running_stack(transport, manager=manager) as stack:
+        client = await stack.client()
+        with pytest.raises(RemoteError):
+            await client.request("no such kind", None, timeout=5)
+        assert dict(manager.stats().connections_by_transport) == {transport: 1}
+    [record] = [r for r in caplog.records if "unknown kind" in r.getMessage()]
+    assert record.__dict__["transport"] == transport

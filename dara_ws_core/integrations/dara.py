@@ -327,6 +327,10 @@ class _SocketMiddleware:
         await self.app(scope, receive, send)
 
 
+#: The attribute ``install`` marks a ``ConfigurationBuilder`` with (its manager).
+_INSTALLED = "_dara_ws_manager"
+
+
 def install(
     config: Any,
     *,
@@ -341,8 +345,15 @@ def install(
     ``server_config`` defaults to :func:`dara_server_config`; ``backplane`` (for example a
     ``dara_ws_redis.RedisBackplane``) spreads the app's sends over every process sharing it,
     started with the app and stopped after its connections are closed.
+
+    Raises ``RuntimeError`` when called again on the same ``config``: the first middleware would
+    serve the socket while Dara sent through the second manager, which holds no connection.
     """
+    if getattr(config, _INSTALLED, None) is not None:
+        raise RuntimeError("install(config) was already called on this ConfigurationBuilder:"
+                           " use the manager it returned")
     manager = DaraManager(server_config or dara_server_config(), backplane=backplane)
+    setattr(config, _INSTALLED, manager)
     endpoint = Endpoint(manager, dara_authenticator, path=path)
     config.add_middleware(_SocketMiddleware, endpoint=endpoint, path=path)
 

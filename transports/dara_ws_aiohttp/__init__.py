@@ -23,6 +23,7 @@ from typing import Any
 
 try:
     from aiohttp import web
+    from aiohttp.abc import AbstractAccessLogger
     from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, HttpProcessingError, LineTooLong
     from aiohttp.web_protocol import RequestHandler
     from aiohttp.web_urldispatcher import PlainResource
@@ -346,6 +347,21 @@ class _ServerLog(logging.LoggerAdapter[logging.Logger]):
         super().log(level, msg, *args, **kwargs)
 
 
+class _AccessLog(AbstractAccessLogger):
+    """The access log of :func:`serve`: one line per request, its path without the query string
+    (``?token=`` is where older Dara clients put their session token) and cut to 64 printable
+    characters, no header (aiohttp's own format writes the whole request line and the client's
+    ``User-Agent`` as they came)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        path = "".join(c if c.isprintable() else "?" for c in request.rel_url.raw_path[:64])
+        self.logger.info('%s "%s %s" %d', request.remote, request.method, path, response.status)
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+
 class _TLSSite(web.TCPSite):
     """aiohttp's ``TCPSite`` with the TLS handshake bounded by the endpoint's
     ``handshake_timeout`` (asyncio's default is 60 s, and aiohttp sets none): the socket is
@@ -394,7 +410,7 @@ async def serve(
     runner = web.AppRunner(
         app, handle_signals=False, shutdown_timeout=config.shutdown_grace,
         keepalive_timeout=config.handshake_timeout, lingering_time=config.handshake_timeout,
-        logger=_ServerLog(),
+        logger=_ServerLog(), access_log_class=_AccessLog,
     )
     endpoint.open()
     await runner.setup()

@@ -34,6 +34,9 @@ class AiohttpTransport:
     a client session owned by the transport, closed with it.
     """
 
+    #: Its name in log records and metrics (its module's, ``transport``, says nothing).
+    transport_name = "aiohttp"
+
     def __init__(
         self,
         ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,

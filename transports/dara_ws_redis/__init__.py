@@ -651,6 +651,16 @@ _SHA1 = {script: hashlib.sha1(script.encode()).hexdigest()
          for script in (_ROUTE, _ROUTE_USER, _SETTLE, _REVOKE)}
 
 
+def _without_password(url: str) -> str:
+    """``url`` as it may be shown: without its user and password (nor a query, where redis-py
+    also takes one)."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 class RedisBackplane(BrokerBackplane):
     """A backplane over Redis pub/sub and keys. One per server process.
 
@@ -679,12 +689,7 @@ class RedisBackplane(BrokerBackplane):
         self._subscriber: Redis = Redis.from_url(url, retry=Retry(NoBackoff(), 0), **common)
 
     def _where(self) -> str:
-        # The URL without its password (nor a query, where redis-py also takes one).
-        parts = urllib.parse.urlsplit(self.url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            netloc = "***@" + netloc.rpartition("@")[2]
-        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        return _without_password(self.url)
 
     def _ch(self, channel_id: str) -> str:
         return f"{self.namespace}:ch:{channel_id}"
