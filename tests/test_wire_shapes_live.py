@@ -44,6 +44,8 @@ TOO_BIG = b"a" * MAX_MESSAGE
 ENDINGS: dict[str, tuple[Callable[[random.Random], bytes], int]] = {
     "close-1000": (lambda rng: encode_frame(CLOSE, close_payload(1000, "bye")), 1000),
     "close-4999": (lambda rng: encode_frame(CLOSE, close_payload(4999, "é" * rng.randrange(40))), 4999),
+    "close-between-fragments": (lambda rng: encode_frame(TEXT, b'{"type":', fin=False)
+                                + encode_frame(CLOSE, close_payload(3001)), 3001),
     "close-reserved-code": (lambda rng: encode_frame(CLOSE, close_payload(rng.choice(UNSENDABLE))), 1002),
     "close-one-byte": (lambda rng: encode_frame(CLOSE, b"\x03"), 1002),
     "close-reason-not-utf8": (lambda rng: encode_frame(CLOSE, struct.pack("!H", 1000) + b"\xff\xfe"), 1007),
@@ -187,3 +189,19 @@ async def test_valid_messages_in_random_fragments_segments_and_control_frames_ar
             received.append(await bystander.receive(timeout=10))
         assert [m.message.model_dump() for m in received] == [{"seq": n, "pad": "é" * (n % 50)} for n in range(200)]
         await client.close()
+
+
+@pytest.mark.parametrize("code", [1000, 4000])
+@pytest.mark.parametrize("transport", SOCKETS)
+async def test_a_close_between_the_fragments_of_a_message_is_answered_with_its_code(transport: str, code: int) -> None:
+    """RFC 6455 5.4: control frames may come between the fragments of a message, a close too.
+    The unfinished message is abandoned (never handled) and the close answered as any other, with
+    its code (websockets failed it with 1002, aiohttp and picows answered it)."""
+    async with running_stack(transport) as stack:
+        assert stack.port is not None
+        client, _ = await open_port_channel(stack.port)
+        client.write(encode_frame(TEXT, '{"type":"ping",', fin=False)
+                     + encode_frame(CONTINUATION, '"message":', fin=False)
+                     + encode_frame(CLOSE, close_payload(code, "bye")))
+        assert await client.read_close(timeout=10) == code
+        assert await client.wait_disconnected(timeout=10)

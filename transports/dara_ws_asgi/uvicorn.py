@@ -314,13 +314,23 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
       nothing would grow the buffer without bound. A connection lost without a close frame
       is reported as 1006 (RFC 6455 7.1.5), as on every other transport; uvicorn says 1005
       once the handshake is complete. A data frame handled is emptied (:func:`_release`), so
-      that an idle connection keeps no copy of the last large message it received.
+      that an idle connection keeps no copy of the last large message it received. A close
+      between the fragments of a message (RFC 6455 5.4 lets control frames come there) is
+      answered with its code, as on every transport: websockets failed it with 1002.
     * Logs: uvicorn's warning for each request it cannot parse or upgrade is rate-limited
       (:data:`_INVALID_REQUESTS`, filtered once on ``uvicorn.error``); a text message that is
       not UTF-8 closes the connection with 1007 without uvicorn's ERROR and traceback.
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    from websockets.frames import Frame, Opcode
+    from websockets.server import ServerProtocol
+
+    class _ClosingProtocol(ServerProtocol):
+        def recv_frame(self, frame: Frame) -> None:
+            if frame.opcode is Opcode.CLOSE:  # between fragments: the message is abandoned
+                self.current_size = None
+            super().recv_frame(frame)
 
     RepeatedRecords.install(logging.getLogger("uvicorn.error"), _INVALID_REQUESTS)
     bases: list[type[Any]] = [H11Protocol]
@@ -347,6 +357,8 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
             # A 15 KB fragment, never finished, made the server hold 16 MiB. Off, as on every
             # transport: RSV1 is then a protocol error (1002).
             self.conn.available_extensions = []
+            if type(self.conn) is ServerProtocol:
+                self.conn.__class__ = _ClosingProtocol
 
         def data_received(self, data: bytes) -> None:
             frames = self.dara_frames
