@@ -340,13 +340,23 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
       nothing would grow the buffer without bound. A connection lost without a close frame
       is reported as 1006 (RFC 6455 7.1.5), as on every other transport; uvicorn says 1005
       once the handshake is complete. A data frame handled is emptied (:func:`_release`), so
-      that an idle connection keeps no copy of the last large message it received.
+      that an idle connection keeps no copy of the last large message it received. A close
+      between the fragments of a message (RFC 6455 5.4 lets control frames come there) is
+      answered with its code, as on every transport: websockets failed it with 1002.
     * Logs: uvicorn's warning for each request it cannot parse or upgrade is rate-limited
       (:data:`_INVALID_REQUESTS`, filtered once on ``uvicorn.error``); a text message that is
       not UTF-8 closes the connection with 1007 without uvicorn's ERROR and traceback.
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    from websockets.frames import Frame, Opcode
+    from websockets.server import ServerProtocol
+
+    class _ClosingProtocol(ServerProtocol):
+        def recv_frame(self, frame: Frame) -> None:
+            if frame.opcode is Opcode.CLOSE:  # between fragments: the message is abandoned
+                self.current_size = None
+            super().recv_frame(frame)
 
     RepeatedRecords.install(logging.getLogger("uvicorn.error"), _INVALID_REQUESTS)
     bases: list[type[Any]] = [H11Protocol]
@@ -373,6 +383,8 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
             # A 15 KB fragment, never finished, made the server hold 16 MiB. Off, as on every
             # transport: RSV1 is then a protocol error (1002).
             self.conn.available_extensions = []
+            if type(self.conn) is ServerProtocol:
+                self.conn.__class__ = _ClosingProtocol
 
         def data_received(self, data: bytes) -> None:
             frames = self.dara_frames
@@ -564,8 +576,9 @@ def hook_uvicorn(endpoint: Endpoint, server: uvicorn.Server | None = None) -> bo
     """Make a uvicorn server (by default the one running this process, found through the
     signal handler it installs) shut ``endpoint`` down *before* it closes connections itself
     with 1012, and use the bounded protocols of :func:`_uvicorn_protocols` if it uses uvicorn's
-    own (h11 or httptools, and websockets-sansio). Returns whether a server was found. Call it
-    before the server accepts."""
+    own (h11 or httptools, and websockets-sansio), and bound its TLS handshakes by the endpoint's
+    ``handshake_timeout`` (:func:`_bound_tls_handshakes`) when called in the loop it will serve
+    in. Returns whether a server was found. Call it before the server accepts."""
     if server is None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             owner = getattr(signal.getsignal(sig), "__self__", None)
@@ -595,7 +608,40 @@ def hook_uvicorn(endpoint: Endpoint, server: uvicorn.Server | None = None) -> bo
     # is no uvicorn class: compared with it, no server was ever given the bounded protocol).
     if getattr(config, "ws_protocol_class", None) is ws.__bases__[-1]:
         config.ws_protocol_class = ws
+    context = getattr(config, "ssl", None)  # made by Config.load(), before the lifespan runs
+    if isinstance(context, _ssl.SSLContext):
+        bound = endpoint.config.handshake_timeout
+        _TLS_HANDSHAKE_TIMEOUTS[context] = min(bound, _TLS_HANDSHAKE_TIMEOUTS.get(context, bound))
+        with contextlib.suppress(RuntimeError):  # no loop running yet: asyncio's 60 s stay
+            _bound_tls_handshakes(asyncio.get_running_loop())
     return True
+
+
+#: The TLS handshake bound of the context of each hooked uvicorn server (the smallest
+#: ``handshake_timeout`` of its endpoints), read by the loop's ``create_server`` as
+#: :func:`_bound_tls_handshakes` leaves it.
+_TLS_HANDSHAKE_TIMEOUTS: weakref.WeakKeyDictionary[_ssl.SSLContext, float] = weakref.WeakKeyDictionary()
+
+
+def _bound_tls_handshakes(loop: asyncio.AbstractEventLoop) -> None:
+    """Make ``loop.create_server`` bound the TLS handshakes of a context in
+    :data:`_TLS_HANDSHAKE_TIMEOUTS` by its time (once per loop; other calls are left as they
+    are). uvicorn makes its listeners itself, with asyncio's default bound (60 s) and no setting
+    for it; a socket is counted against ``max_connections`` only once its TLS handshake is done,
+    so one never made must not be held longer than an unfinished WebSocket handshake."""
+    if getattr(loop, "_dara_tls_bound", False):
+        return
+    create_server = loop.create_server
+
+    async def bounded(*args: Any, **kwargs: Any) -> asyncio.Server:
+        context = kwargs.get("ssl")
+        timeout = _TLS_HANDSHAKE_TIMEOUTS.get(context) if isinstance(context, _ssl.SSLContext) else None
+        if timeout is not None:
+            kwargs.setdefault("ssl_handshake_timeout", timeout)
+        return await create_server(*args, **kwargs)
+
+    setattr(loop, "create_server", bounded)  # noqa: B010 (an instance attribute on purpose)
+    setattr(loop, "_dara_tls_bound", True)  # noqa: B010
 
 
 class _Uvicorn(uvicorn.Server):

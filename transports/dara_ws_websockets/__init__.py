@@ -29,6 +29,7 @@ try:
     from websockets.frames import Frame, Opcode
     from websockets.http11 import Request, Response
     from websockets.protocol import Side, State
+    from websockets.server import ServerProtocol
     from websockets.version import version as websockets_version
 except ImportError as exc:  # the extra is missing: say which one to install
     raise ImportError(
@@ -264,6 +265,17 @@ def _detach_payload(frame: Frame) -> Frame:
     return Frame(frame.opcode, data, frame.fin, frame.rsv1, frame.rsv2, frame.rsv3)
 
 
+class _ServerProtocol(ServerProtocol):
+    """websockets' server protocol, answering a close that comes between the fragments of a
+    message (RFC 6455 5.4: control frames may) with its code, as the other transports do: the
+    unfinished message is dropped. websockets fails the connection on it with 1002."""
+
+    def recv_frame(self, frame: Frame) -> None:
+        if frame.opcode is Opcode.CLOSE:
+            self.current_size = None  # the message being received, abandoned
+        super().recv_frame(frame)
+
+
 class _ServerConnection(ServerConnection):
     """Stops reading while the write buffer is over ``_PAUSE_READING_ABOVE``: websockets answers
     every ping with a pong written without flow control, so a peer that floods pings and reads
@@ -284,6 +296,8 @@ class _ServerConnection(ServerConnection):
 
     def __init__(self, *args: Any, dara_endpoint: Endpoint, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if type(self.protocol) is ServerProtocol:
+            self.protocol.__class__ = _ServerProtocol
         self.dara_endpoint = dara_endpoint
         #: The endpoint's answer for this socket (max_connections), from connection_made on,
         #: and the peer's host it was counted under.
