@@ -24,6 +24,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import cast
 
 from dara_ws_core import WebsocketManager, host_of
 
@@ -190,9 +191,9 @@ class _Scrape(asyncio.Protocol):
         self.head: bytearray | None = bytearray()  # None once answered
         self.timer: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        # (uvloop's transports are no asyncio.Transport subclasses: no isinstance check here)
+        self.transport = transport = cast(asyncio.Transport, base)
         listener, slots = self.listener, self.listener.slots
         victim = slots.victim()
         if victim is not None:

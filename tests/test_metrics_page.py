@@ -20,6 +20,7 @@ pytest.importorskip("opentelemetry.exporter.prometheus")
 
 from dara_ws_cli.metrics import CachedPage, metrics_page, serve_metrics
 from dara_ws_core import WebsocketManager
+from tests.helpers import run_on
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "docs" / "grafana" / "dara-ws.json"
 def _free_port() -> int:
@@ -128,6 +129,20 @@ async def test_the_metrics_listener_serves_an_in_process_manager() -> None:
         answer = await reader.read()
         writer.close()
     head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    assert b"dara_websocket_message_active" in body
+
+
+async def _scraped_once() -> bytes:
+    async with serve_metrics(metrics_page(WebsocketManager()), "127.0.0.1", 0) as port:
+        return await scrape(port)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_metrics_listener_answers_on_either_loop(loop: str) -> None:
+    # `dara-ws serve --loop uvloop --metrics-port`: uvloop's transports are no
+    # asyncio.Transport subclasses, and the listener closed every scrape unanswered.
+    head, _, body = run_on(loop, _scraped_once()).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK")
     assert b"dara_websocket_message_active" in body
 

@@ -7,7 +7,6 @@ Real uvicorn on 127.0.0.1 with a raw client.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 
@@ -16,7 +15,7 @@ import pytest
 from dara_ws_core import ConnectionClosed, ServerConfig
 from dara_ws_core.exceptions import CloseCode
 from dara_ws_core.transport import SupportsDisconnected
-from tests.helpers import eventually
+from tests.helpers import eventually, run_on
 from tests.hostile import HostileClient, open_channel
 from tests.stacks import Stack, running_stack
 
@@ -33,7 +32,7 @@ async def _lost_unnoticed(stack: Stack) -> tuple[HostileClient, str, object]:
     client, channel = await open_channel(stack.port)
     transport = stack.manager.handlers[channel]._sink.transport  # type: ignore[union-attr]
     socket = transport._socket
-    assert isinstance(socket, asyncio.Transport), "the socket behind uvicorn's send is found"
+    assert socket is not None, "the socket behind uvicorn's send is found"
     socket.pause_reading()
     client.abort()
     await client.wait_disconnected()
@@ -73,3 +72,20 @@ async def test_fan_outs_to_a_client_gone_unnoticed_are_never_logged(caplog: pyte
             await stack.manager.broadcast({"n": n, "pad": "x" * 1024})
         await eventually(lambda: channel not in stack.manager.handlers, "the channel unregistered")
         assert not [r for r in caplog.records if r.name == "asyncio"], "writes to a dead socket logged"
+
+
+async def _aborted(stack_config: ServerConfig) -> bool:
+    async with running_stack("asgi", config=stack_config) as stack:
+        assert stack.port is not None
+        client, channel = await open_channel(stack.port)
+        transport = stack.manager.handlers[channel]._sink.transport  # type: ignore[union-attr]
+        transport.abort()
+        return await client.wait_disconnected(TIMEOUT)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_transport_finds_its_socket_and_aborts_it_on_either_loop(loop: str) -> None:
+    # uvicorn runs on uvloop where it is installed (its default loop, "auto"), whose transports
+    # are no asyncio.Transport subclasses: the socket was not found there, and abort(), the
+    # lost-socket checks and ``disconnected`` did nothing.
+    assert run_on(loop, _aborted(ServerConfig(ping_interval=None)))

@@ -24,7 +24,7 @@ __all__ = ["ASGIApp", "ASGITransport", "Server", "asgi_app", "lifespan", "serve"
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, cast
 
 try:
     from starlette.routing import WebSocketRoute
@@ -142,7 +142,15 @@ def _socket_of(send: Send) -> asyncio.Transport | None:
     protocol, which holds it; Starlette and middleware wrap it in closures, searched a few
     levels deep. ``None`` when not found (another server)."""
     transport = _behind(send, lambda protocol: getattr(protocol, "transport", None))
-    return transport if isinstance(transport, asyncio.Transport) else None
+    # asyncio's, or uvloop's (uvicorn's default loop where it is installed), which is no
+    # asyncio.Transport subclass: known by the methods the adapter calls.
+    if transport is not None and all(callable(getattr(transport, name, None)) for name in _SOCKET_METHODS):
+        return cast(asyncio.Transport, transport)
+    return None
+
+
+#: What the adapter calls on the socket's transport (see _socket_of).
+_SOCKET_METHODS = ("abort", "is_closing", "get_write_buffer_size")
 
 
 def _behind(send: Send, find: Callable[[Any], Any]) -> Any:
