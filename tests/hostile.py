@@ -170,6 +170,8 @@ class _Protocol(asyncio.Protocol):
         self.data_event = asyncio.Event()
         self.lost = asyncio.get_running_loop().create_future()
         self.eof = False
+        #: Whether the connection stays open for writing after the server's end of stream.
+        self.half_open = False
         self._can_write = asyncio.Event()
         self._can_write.set()
 
@@ -183,7 +185,7 @@ class _Protocol(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         self.data_event.set()
-        return False
+        return self.half_open
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.data_event.set()
@@ -386,6 +388,28 @@ class HostileClient:
         except TimeoutError:
             return False
         return True
+
+    def keep_half_open(self) -> None:
+        """Keep writing after the server ends its stream (by default the connection then closes)."""
+        self._proto.half_open = True
+
+    @property
+    def ended_by_server(self) -> bool:
+        """Whether the server ended its stream (a FIN) so far."""
+        return self._proto.eof
+
+    async def read_end(self, timeout: float = 5.0) -> BaseException | None:
+        """Read (and drop) whatever arrives until the connection is gone; return how it ended:
+        ``None`` for a clean end (the server's FIN, then our close), else the error (a reset:
+        ``ConnectionResetError``, or ``BrokenPipeError`` writing into one). ``TimeoutError``
+        if it is not gone within ``timeout``."""
+        proto = self._proto
+        async with asyncio.timeout(timeout):
+            while not proto.lost.done():
+                proto.buffer.clear()
+                proto.data_event.clear()
+                await proto.data_event.wait()
+        return cast("BaseException | None", proto.lost.result())
 
     # -- ending
 

@@ -310,14 +310,10 @@ async def test_after_a_shutdown_the_stock_client_reconnects_with_a_new_channel(t
             await served.__aexit__(None, None, None)
 
 
-# A frame over the limit is answered with 1009; aiohttp and uvicorn then close the TCP connection
-# with the rest of that frame unread, which the kernel turns into a reset: Chrome reports the
-# close as unclean, and on a real network the reset can overtake the 1009 frame (then 1006).
-UNREAD_RESET = pytest.mark.xfail(strict=True, reason="closed with the oversized frame unread: a reset")
-
-
-@pytest.mark.parametrize("transport", [
-    pytest.param(t, marks=UNREAD_RESET) if t in ("aiohttp", "asgi") else t for t in SOCKETS])
+# A frame over the limit is answered with 1009, then the server reads on (discarding) until the
+# client's end: closed with the rest of that frame unread, the kernel answered with a reset, which
+# Chrome reports as unclean (aiohttp and uvicorn did; tests/transports/test_lingering_close.py).
+@pytest.mark.parametrize("transport", SOCKETS)
 async def test_a_too_big_answer_closes_with_1009_and_the_client_comes_back(transport: str) -> None:
     config = ServerConfig(max_message_size=64 * 1024)
     async with running_stack(transport, config) as stack, page(port_of(stack)) as client:

@@ -8,6 +8,8 @@ Compression (permessage-deflate) is off: it costs a zlib context per connection 
 aiohttp has one keepalive knob: ``ServerConfig.ping_interval`` is its ``heartbeat``, and the pong
 must arrive within half of it (``ping_timeout`` is not used). aiohttp's reader accepts unmasked
 client frames; the server side here closes on them with 1002, as RFC 6455 requires (``_masking``).
+A close the server starts lingers until the client's end of stream, at most ``close_timeout``
+(``_masking``): aiohttp closed the socket with the client's input still arriving (a reset).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from dara_ws_core.upgrade import (
     read_target,
 )
 
-from ._masking import ENDED_BEHIND_REQUEST, MaskedFramesOnly, MaskedOnlyResponse
+from ._masking import ENDED_BEHIND_REQUEST, LINGERING, MaskedFramesOnly, MaskedOnlyResponse, lingered
 from .client import connect
 from .transport import DECODE_TEXT_LATER, AiohttpTransport
 
@@ -112,6 +114,7 @@ def _add_route(app: web.Application, endpoint: Endpoint, path: str, *, any_targe
             max_msg_size=config.max_message_size + 1, heartbeat=config.ping_interval, compress=False,
             **DECODE_TEXT_LATER,
         )
+        ws.dara_close_timeout = config.close_timeout
         ws.dara_charge = charge = ReceivingCharge(config.max_receiving_total_bytes, holder_of(identity, host_of(peer)))
         try:
             await ws.prepare(request)
@@ -128,6 +131,8 @@ def _add_route(app: web.Application, endpoint: Endpoint, path: str, *, any_targe
         finally:
             live.discard(protocol)
             charge.release()  # the message in progress is not coming
+        # Our close lingers until the client's end (aiohttp closes the socket once this returns).
+        await ws.dara_lingered()
         return ws
 
     async def on_shutdown(_: web.Application) -> None:
@@ -266,6 +271,8 @@ class _UpgradeHandler(RequestHandler):
 
     def eof_received(self) -> bool | None:  # type: ignore[override]  # aiohttp's never keeps the transport
         parser, transport = self._payload_parser, self.transport
+        if self in LINGERING:  # the client's end after our lingering close: the socket closes
+            return super().eof_received()
         if (not self._upgraded or self._force_close or transport is None
                 or transport.get_extra_info("sslcontext") is not None  # asyncio closes it all the same
                 or not (parser is None or isinstance(parser, MaskedFramesOnly))):
@@ -279,6 +286,7 @@ class _UpgradeHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         ENDED_BEHIND_REQUEST.discard(self)
+        lingered(self)
         super().connection_lost(exc)
 
 

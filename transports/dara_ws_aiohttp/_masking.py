@@ -16,12 +16,22 @@ endpoint "typically echo" the code it received, which the other libraries do:
 carry (section 7.4), which aiohttp's reader lets through in part. A close without a code is
 answered with 1000, as picows answers it (websockets and uvicorn answer with no code: a
 browser reports 1005 then, and the stock client has stopped listening by that time).
+
+When the server closes (a frame refused: 1002, 1009; the core's close: 1001, 1007, 1008,
+1011, 1013...), aiohttp closed the socket right after its close frame (or after parsing every
+frame up to the client's close), with the client's input still arriving: the kernel answers
+that with a reset, which a browser reports as an unclean close, and which on a real network can
+overtake the close frame (1006). :class:`MaskedOnlyResponse` closes as RFC 6455 7.1.1 has it,
+as websockets does: the close frame, our end of stream, then the client's input is discarded
+(nothing parsed or kept) until it ends its own, for at most ``close_timeout``
+(:meth:`MaskedOnlyResponse.dara_lingered`). Over TLS, which has no half-close, aiohttp's own.
 """
 
 from __future__ import annotations
 
-__all__ = ["ENDED_BEHIND_REQUEST", "CorkedFirst", "MaskedFramesOnly", "MaskedOnlyResponse"]
+__all__ = ["ENDED_BEHIND_REQUEST", "LINGERING", "CorkedFirst", "MaskedFramesOnly", "MaskedOnlyResponse", "lingered"]
 
+import asyncio
 from typing import Any, Protocol
 
 from aiohttp import WebSocketError, WSCloseCode, web
@@ -38,6 +48,27 @@ from dara_ws_core.transport import (
 #: aiohttp's protocols (``RequestHandler``) whose peer ended its stream behind an upgrade request
 #: being answered: the reader gets that end once it has what came with the request.
 ENDED_BEHIND_REQUEST: set[Any] = set()
+#: aiohttp's protocols whose close lingers (:meth:`MaskedOnlyResponse.dara_lingered`), each with
+#: what is done once the socket is gone and the timer that aborts it at ``close_timeout``: their
+#: ``eof_received`` lets the transport close, their ``connection_lost`` calls :func:`lingered`.
+LINGERING: dict[Any, tuple[asyncio.Future[None], asyncio.TimerHandle]] = {}
+
+
+def lingered(handler: Any) -> None:
+    """``handler``'s socket is gone: its lingering close (if any) is over."""
+    entry = LINGERING.pop(handler, None)
+    if entry is not None:
+        done, timer = entry
+        timer.cancel()
+        if not done.done():
+            done.set_result(None)
+
+
+def _expired(handler: Any, transport: Any) -> None:
+    # close_timeout passed: the socket goes (a no-op if gone already), and the wait ends even
+    # under a protocol class whose connection_lost does not call lingered.
+    transport.abort()
+    lingered(handler)
 
 
 class MaskedFramesOnly:
@@ -163,7 +194,57 @@ class MaskedOnlyResponse(web.WebSocketResponse):
                 self._peer_code, self.peer_close_refused = WSCloseCode.PROTOCOL_ERROR, True
         super()._set_closing(code)
 
+    #: Whether our close lingers (see _close_transport): a close we started, over plain TCP.
+    _dara_lingers = False
+    #: How long a lingering close waits for the client's end before the socket is aborted
+    #: (set before prepare: the configuration's ``close_timeout``).
+    dara_close_timeout = 5.0
+
     async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
         if self._peer_code and not self._closed:  # the answer to the peer's close: its code
             code = self._peer_code
+        if not self._closed and not self._closing and self._dara_may_linger():
+            # Ours: aiohttp would now parse the client's frames (each up to max_msg_size) until
+            # its close frame, or close the socket at once after a frame it refused. Taken for
+            # closing (no frame is waited for), the transport is "closed" after the close
+            # frame: that is where the close lingers.
+            self._dara_lingers = self._closing = True
         return await super().close(code=code, message=message, drain=drain)
+
+    def _dara_may_linger(self) -> bool:
+        request, reader = self._req, self._reader
+        transport = request.transport if request is not None else None
+        if transport is None or transport.is_closing() or not transport.can_write_eof():
+            return False  # gone, or TLS (no half-close)
+        # The client ended its stream already: nothing more comes, the socket closes cleanly.
+        return reader is None or not reader.is_eof() or reader.exception() is not None
+
+    def _close_transport(self) -> None:
+        request = self._req
+        transport = request.transport if request is not None else None
+        if (request is None or transport is None or not self._dara_lingers or transport.is_closing()
+                or self._exception is not None):  # the close frame could not be written
+            super()._close_transport()
+            return
+        # Our end of stream after the close frame; the client's input is dropped from now on
+        # (aiohttp's protocol reads nothing once closing), and its end closes the socket.
+        self._dara_lingers = False
+        handler: Any = request.protocol
+        if handler in LINGERING:
+            return
+        handler.close()
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self.dara_close_timeout, _expired, handler, transport)
+        LINGERING[handler] = (loop.create_future(), timer)
+        transport.write_eof()
+        transport.resume_reading()
+
+    async def dara_lingered(self) -> None:
+        """Once the connection is served: wait until the socket of our lingering close is gone,
+        the client's end come (the socket closes, nothing unread: no reset) or
+        :attr:`dara_close_timeout` passed (aborted); aiohttp would close it once the handler
+        returns. At once if none lingers."""
+        request = self._req
+        entry = LINGERING.get(request.protocol) if request is not None else None
+        if entry is not None:
+            await asyncio.shield(entry[0])

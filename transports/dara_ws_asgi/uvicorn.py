@@ -315,8 +315,14 @@ def _bounded_http(base: type[Any], handshake_timeout: float) -> type[Any]:
     return HTTPProtocol
 
 
+def _uvicorn_protocols(handshake_timeout: float, close_timeout: float = 5.0,
+                       ) -> tuple[dict[type[Any], type[Any]], type[Any]]:
+    """:func:`_protocols` (the same classes for the same bounds, however the call names them)."""
+    return _protocols(float(handshake_timeout), float(close_timeout))
+
+
 @functools.cache
-def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[Any]], type[Any]]:
+def _protocols(handshake_timeout: float, close_timeout: float) -> tuple[dict[type[Any], type[Any]], type[Any]]:
     """uvicorn's HTTP protocols (h11, and httptools when installed: uvicorn's default then), as
     a map from each to its bounded version, and its websockets-sansio protocol, with the bounds
     uvicorn lacks (built on first use: the last needs websockets):
@@ -346,6 +352,14 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
     * Logs: uvicorn's warning for each request it cannot parse or upgrade is rate-limited
       (:data:`_INVALID_REQUESTS`, filtered once on ``uvicorn.error``); a text message that is
       not UTF-8 closes the connection with 1007 without uvicorn's ERROR and traceback.
+    * Close: when the server closes (a frame it refuses: 1002, 1007, 1009; the application's
+      close: 1001, 1008, 1011, 1013...; a ping timeout), uvicorn closed the socket with the
+      client's input still arriving (the rest of an oversized frame, its close frame), which
+      the kernel answers with a reset: the client saw an unclean close, or, the reset first,
+      no close frame at all (1006). Now the close is a lingering one (RFC 6455 7.1.1, as
+      websockets does it): the close frame, then the end of our stream, then every byte read
+      is discarded until the client ends its own (the socket then closes) or ``close_timeout``
+      (it is aborted). Over TLS, which has no half-close, uvicorn's own close is kept.
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -386,7 +400,12 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
             if type(self.conn) is ServerProtocol:
                 self.conn.__class__ = _ClosingProtocol
 
+        #: Whether the close is a lingering one (see _dara_linger): every read is discarded.
+        _dara_lingering = False
+
         def data_received(self, data: bytes) -> None:
+            if self._dara_lingering:  # discarded: nothing parsed, nothing kept
+                return
             frames = self.dara_frames
             held = frames is not None and frames.more  # the next share is already on its way
             data = frames.feed_failing(data) if frames is not None else self._dara_before_open(data)
@@ -400,9 +419,75 @@ def _uvicorn_protocols(handshake_timeout: float) -> tuple[dict[type[Any], type[A
                 feed_held_later(self)
 
         def eof_received(self) -> bool | None:  # type: ignore[override]  # uvicorn's never keeps the transport
+            if self._dara_lingering:  # the client's end after our close: the socket closes, cleanly
+                return None
             # The end of stream waits for the frames still held (see end_after_held): the
             # transport would close at once, and they would be lost.
             return True if end_after_held(self) else None
+
+        def _dara_linger(self) -> bool:
+            """Close after our close frame (written) as RFC 6455 7.1.1 has it: end our stream,
+            then discard the client's input until it ends its own (``eof_received``: the socket
+            closes, nothing unread, so no reset) or ``close_timeout`` (aborted), reading on
+            whatever paused it. ``False`` where that cannot be (TLS has no half-close, or the
+            socket is already closing): the caller closes as uvicorn does."""
+            transport = self.transport
+            if self._dara_lingering:
+                return True
+            if transport.is_closing() or not transport.can_write_eof():
+                return False
+            self._dara_lingering = self.close_sent = True
+            frames, self.dara_frames = self.dara_frames, None  # a share still held is dropped too
+            if frames is not None:
+                frames.release()
+            self.frames = []
+            if self.close_timer is not None:  # uvicorn's own (10 s, then a close, not an abort)
+                self.close_timer.cancel()
+            # Kept in uvicorn's slot: the application's end does not close the socket while it
+            # is set, and connection_lost cancels it.
+            self.close_timer = self.loop.call_later(close_timeout, transport.abort)
+            transport.write_eof()
+            self.read_paused = False
+            transport.resume_reading()
+            return True
+
+        def handle_parser_exception(self) -> None:
+            # A frame websockets refused (1002, 1007, 1009): its close frame and end of stream
+            # are queued (websockets' fail). uvicorn's own, with a lingering close.
+            if self.transport.is_closing() or not self.transport.can_write_eof():
+                super().handle_parser_exception()
+                return
+            close = self.conn.close_sent
+            assert close is not None
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": close.code, "reason": close.reason})
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self._dara_linger()
+
+        def keepalive_timeout(self) -> None:
+            # No pong in time: uvicorn fails with 1011 and closes; the close lingers here too.
+            if self.close_sent or self.transport.is_closing() or not self.transport.can_write_eof():
+                super().keepalive_timeout()
+                return
+            self.pong_timer = None
+            self.pending_ping_payload = None
+            self.conn.fail(1011, "keepalive ping timeout")
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self._dara_linger()
+
+        _dara_close_timer: asyncio.TimerHandle | None = None
+
+        @property  # uvicorn's attribute, as a property
+        def close_timer(self) -> asyncio.TimerHandle | None:
+            return self._dara_close_timer
+
+        @close_timer.setter
+        def close_timer(self, timer: asyncio.TimerHandle | None) -> None:
+            # uvicorn arms a timer only right after the application's close frame: it would
+            # then parse every frame up to the client's close, and close 10 s later at most.
+            # Lingering instead (not a call more for each frame sent, as send() would be).
+            self._dara_close_timer = timer
+            if timer is not None and not self._dara_lingering:
+                self._dara_linger()
 
         def dara_ended(self) -> None:
             super().eof_received()
@@ -601,7 +686,8 @@ def hook_uvicorn(endpoint: Endpoint, server: uvicorn.Server | None = None) -> bo
         setattr(server, "shutdown", shutdown)  # noqa: B010 (an instance attribute on purpose)
     if endpoint not in endpoints:
         endpoints.append(endpoint)
-    config, (http, ws) = server.config, _uvicorn_protocols(endpoint.config.handshake_timeout)
+    config, (http, ws) = server.config, _uvicorn_protocols(
+        endpoint.config.handshake_timeout, endpoint.config.close_timeout)
     if (bounded := http.get(getattr(config, "http_protocol_class", None))) is not None:  # type: ignore[arg-type]
         config.http_protocol_class = bounded
     # uvicorn's websockets-sansio, the last base of the bounded one (its first, the slots mixin,
@@ -688,7 +774,7 @@ async def serve(
         raise
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    http, ws = _uvicorn_protocols(config.handshake_timeout)
+    http, ws = _uvicorn_protocols(config.handshake_timeout, config.close_timeout)
     settings = uvicorn.Config(
         asgi_app(endpoint),
         http=http[H11Protocol],
