@@ -87,7 +87,6 @@ async def test_invalid_utf8_then_what_was_in_flight_gets_1007_then_a_clean_end(s
 # sends (close_timeout does not cut it); picows answers input that arrives after its close frame
 # with a reset, no FIN.
 SENDS_ON = {
-    "websockets": "websockets discards a client that sends on after the close without a time bound",
     "picows": "picows resets a connection whose input arrives after its close frame (no FIN)",
 }
 

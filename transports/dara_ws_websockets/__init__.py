@@ -290,7 +290,7 @@ class _ServerConnection(ServerConnection):
     # connection is built: two keys more, added later, give every connection a dict of its own
     # (1.6 KiB), as much again as everything else the core keeps per idle connection.
     __slots__ = ("_paused_for_writes", "dara_admission", "dara_endpoint", "dara_frames", "dara_head",
-                 "dara_host", "dara_identity", "dara_message", "dara_push")
+                 "dara_host", "dara_identity", "dara_linger", "dara_message", "dara_push")
     #: What process_request authenticated, set there before the handler runs.
     dara_identity: Identity | None
 
@@ -312,6 +312,8 @@ class _ServerConnection(ServerConnection):
             self.recv_messages = None  # type: ignore[assignment]
             self.transport = None  # type: ignore[assignment]
         self._paused_for_writes = False
+        #: The timer that drops the socket at websockets' close deadline (see data_received).
+        self.dara_linger: asyncio.TimerHandle | None = None
         #: The transport waiting in receive_pushed() with nothing buffered, else None.
         self.dara_push: WebsocketsTransport | None = None
         #: The client's frame headers, followed once the connection is open (see data_received).
@@ -389,6 +391,8 @@ class _ServerConnection(ServerConnection):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.dara_linger is not None:
+            self.dara_linger.cancel()
         admission, self.dara_admission = self.dara_admission, None
         if admission is not None:
             self.dara_endpoint.free_slot(admission, self.dara_host, self.dara_evict)
@@ -412,6 +416,13 @@ class _ServerConnection(ServerConnection):
         if not self._paused_for_writes and transport.get_write_buffer_size() > _PAUSE_READING_ABOVE:
             self._paused_for_writes = True
             transport.pause_reading()
+        if self.close_deadline is not None and self.dara_linger is None:
+            # websockets expects the TCP close (it failed the connection on a frame, or sent a
+            # close) and discards what comes, but enforces its deadline only in a send or a
+            # close() awaiting it: a client that sent on after websockets failed its connection
+            # was discarded for as long as it sent, the socket never let go. It goes at the
+            # deadline (close_timeout), as after websockets' own close.
+            self.dara_linger = self.loop.call_at(self.close_deadline, transport.abort)
 
     def eof_received(self) -> bool | None:  # type: ignore[override]  # websockets' never keeps the transport
         # The end of stream waits for the frames still held: websockets would fail the
