@@ -483,6 +483,7 @@ async def test_per_user_connection_limit_holds_under_concurrent_handshakes(
     make_stack: MakeStack,
 ) -> None:
     limit = 3
+    held: list[Any] = []  # open until the end: a client dropped early lets the next one in
     async with make_stack(config=ServerConfig(max_connections_per_user=limit)) as stack:
 
         async def attempt(i: int) -> str:
@@ -490,6 +491,7 @@ async def test_per_user_connection_limit_holds_under_concurrent_handshakes(
                 transport = await stack.connect(f"alice:s{i}")
             except HandshakeRejected as exc:
                 return f"http {exc.status}"
+            held.append(transport)
             try:
                 frame = json.loads(await asyncio.wait_for(transport.receive(), 5))
                 return str(frame["type"])

@@ -92,7 +92,8 @@ async def test_a_peer_that_never_reads_is_aborted_after_close_timeout() -> None:
     started = time.monotonic()
     await asyncio.wait_for(task, timeout=5)  # ends only because the transport is aborted
     assert server_end.closed and client.close_code == CloseCode.ABNORMAL
-    assert time.monotonic() - started >= 0.2
+    # Not before close_timeout (less a few ms: uvloop's clock is libuv's, in milliseconds).
+    assert time.monotonic() - started >= 0.19
     assert "c1" not in manager.handlers
 
 

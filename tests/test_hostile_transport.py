@@ -375,9 +375,11 @@ async def test_an_unmasked_client_frame_closes_the_connection_with_1002(
     async with socket_stack(config=config) as stack:
         client, channel = await open_channel(stack)
         client.send_text(json.dumps({"type": "ping", "message": ""}))  # masked: answered
-        client.send_frame(opcode, payload, mask=False)
         reply = await client.read_frame()
         assert reply.opcode == TEXT and json.loads(reply.text)["type"] == "pong"
+        # Sent once the pong came: in the same read as the ping, websockets, uvicorn and picows
+        # fail the connection as they parse it, before the ping is handled (test_picows).
+        client.send_frame(opcode, payload, mask=False)
         frame = await client.read_frame()
         assert (frame.opcode, frame.close_code) == (CLOSE, 1002)
         assert await _gone(stack, channel)
