@@ -21,7 +21,7 @@ from collections.abc import Callable
 import pytest
 
 from dara_ws_core import ServerConfig
-from tests.hostile import TEXT, HostileClient, encode_frame, open_channel
+from tests.hostile import TEXT, HostileClient, encode_frame, open_channel, server_holds_socket
 from tests.stacks import OWN_UVICORNS, TRANSPORTS, served_port
 
 LIMIT = 64 * 1024
@@ -80,6 +80,48 @@ async def test_invalid_utf8_then_what_was_in_flight_gets_1007_then_a_clean_end(s
             ended = await client.read_end(TIMEOUT)
             assert ended is None, f"the connection ended with {ended!r}, not a FIN"
             assert client.ended_by_server
+
+
+@pytest.mark.parametrize("name", SERVED)
+async def test_shutdown_ends_cleanly_for_clients_that_echo_the_1001_late(name: str) -> None:
+    # Over a real network the echo comes a round trip after the close frame. uvicorn's own
+    # shutdown closed the socket meanwhile, behind the endpoint's 1001 (about 0.15 s after it),
+    # and the echo met a reset: every client of a restart saw an unclean close, or 1006 when the
+    # reset overtook the close frame.
+    clients: list[HostileClient] = []
+    async with contextlib.AsyncExitStack() as stack:
+        async with served_port(name, CONFIG) as port:
+            for _ in range(3):
+                client, _ = await open_channel(port)
+                client.keep_half_open()  # open for writing after the server's FIN, as a browser
+                clients.append(await stack.enter_async_context(client))
+
+            async def echo_late(client: HostileClient) -> BaseException | None:
+                code = await client.read_close(TIMEOUT)
+                await asyncio.sleep(CLOSE_TIMEOUT / 2)  # a slow round trip, within close_timeout
+                client.send_close(code or 1000)
+                try:
+                    client.write_eof()  # then our end of stream, as a browser's
+                except OSError as exc:
+                    return exc  # the echo met a closed socket: reset
+                await released(port, client)  # the server lets go once it has our end
+                # A reset, if any, is on its way: wait for it a little (nothing comes if none).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.2):
+                        await asyncio.shield(client._proto.lost)
+                return client._proto.lost.result() if client.lost else None
+
+            ends = [asyncio.ensure_future(echo_late(client)) for client in clients]
+            await asyncio.sleep(0)  # each is reading before the shutdown begins
+        # (the server shut down as its block ended: 1001 to every client)
+        assert await asyncio.gather(*ends) == [None] * len(clients), "a reset, not a clean end"
+
+
+async def released(port: int, client: HostileClient) -> None:
+    """Once the server holds the socket of ``client`` no more (polled, bounded)."""
+    async with asyncio.timeout(TIMEOUT):
+        while server_holds_socket(port, client.local_port):
+            await asyncio.sleep(0.02)
 
 
 # Findings on the transports this change leaves as they are (their other closes are clean):

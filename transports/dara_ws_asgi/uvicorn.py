@@ -489,6 +489,16 @@ def _protocols(handshake_timeout: float, close_timeout: float) -> tuple[dict[typ
             if timer is not None and not self._dara_lingering:
                 self._dara_linger()
 
+        def shutdown(self) -> None:
+            # uvicorn's server shutdown closes each connection at once: a close of ours still
+            # lingering (1001, sent by the endpoint's shutdown first) would then meet the
+            # client's echo with a reset. It goes as every lingering close goes: at the client's
+            # end of stream, or aborted at close_timeout (uvicorn waits for its connections).
+            if self._dara_lingering and not self.transport.is_closing():
+                self.stop_keepalive()
+                return
+            super().shutdown()
+
         def dara_ended(self) -> None:
             super().eof_received()
             self.transport.close()
