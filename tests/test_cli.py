@@ -248,6 +248,15 @@ def test_a_redis_url_that_cannot_serve_is_one_line_without_its_password(url: str
     assert "hunter2" not in result.stderr + result.stdout
 
 
+def test_a_redis_url_that_cannot_be_split_is_one_line_without_its_password() -> None:
+    # urllib refuses an unbalanced bracket: showing the URL without its password split it again,
+    # and the error became a traceback (status 1).
+    result = _run_cli("serve", "--port", "0", "--clock", "0", "--redis-url", "redis://demo:hunter2@[::1")
+    assert result.returncode == 2, result.stderr
+    assert "redis://***" in _one_line_error(result)
+    assert "hunter2" not in result.stderr + result.stdout
+
+
 def test_serve_on_uvloop_answers_a_probe() -> None:
     pytest.importorskip("uvloop")
     port = _free_port()

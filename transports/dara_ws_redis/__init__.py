@@ -653,8 +653,13 @@ _SHA1 = {script: hashlib.sha1(script.encode()).hexdigest()
 
 def _without_password(url: str) -> str:
     """``url`` as it may be shown: without its user and password (nor a query, where redis-py
-    also takes one)."""
-    parts = urllib.parse.urlsplit(url)
+    also takes one). A URL that cannot be split shows its scheme only: what follows may hold
+    the password."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # an unbalanced bracket ("redis://u:pw@[::1"), say
+        scheme = url.partition("://")[0] if "://" in url else ""
+        return f"{scheme}://***" if scheme.isalnum() else "***"
     netloc = parts.netloc
     if "@" in netloc:
         netloc = "***@" + netloc.rpartition("@")[2]
