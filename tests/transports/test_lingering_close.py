@@ -117,6 +117,23 @@ async def test_shutdown_ends_cleanly_for_clients_that_echo_the_1001_late(name: s
         assert await asyncio.gather(*ends) == [None] * len(clients), "a reset, not a clean end"
 
 
+@pytest.mark.parametrize("name", SERVED)
+async def test_a_bad_frame_behind_many_then_the_clients_end_gets_1002_and_no_lingering(name: str) -> None:
+    # The client's end came behind more frames than a read hands on at once: on aiohttp the end
+    # fed after the refused frame cleared its error (1000, not 1002), and the close then waited
+    # for an end that had come already (the socket held for close_timeout, then aborted).
+    config = ServerConfig(close_timeout=60.0, ping_interval=None, idle_timeout=None)
+    async with served_port(name, config) as port:
+        client, _ = await open_channel(port)
+        async with client:
+            client.keep_half_open()
+            ping = encode_frame(TEXT, json.dumps({"type": "ping", "message": None}))
+            client.write(ping * 1500 + encode_frame(TEXT, b"{}", mask=False) + ping * 500)
+            client.write_eof()
+            assert await client.read_close(TIMEOUT, max_frames=10**6) == 1002
+            await released(port, client)  # long before close_timeout: the client's end came
+
+
 async def released(port: int, client: HostileClient) -> None:
     """Once the server holds the socket of ``client`` no more (polled, bounded)."""
     async with asyncio.timeout(TIMEOUT):

@@ -76,7 +76,7 @@ class MaskedFramesOnly:
     ``queue`` is the reader's queue. The frames past a feed's share are handed on a share a turn
     of the loop (:func:`~dara_ws_core.transport.feed_held_later`: it is the connection there)."""
 
-    __slots__ = ("_handler", "_headers", "_queue", "_reader")
+    __slots__ = ("_handler", "_headers", "_queue", "_reader", "peer_ended")
 
     def __init__(self, reader: Any, queue: Any, charge: ReceivingCharge | None = None, handler: Any = None) -> None:
         self._reader = reader
@@ -85,6 +85,8 @@ class MaskedFramesOnly:
         #: aiohttp's ``RequestHandler`` of the connection: its transport is paused while frames
         #: past a feed's share wait for the next turn of the loop (``None``: all fed at once).
         self._handler = handler
+        #: Whether the peer ended its stream (its FIN came; the reader may not have it yet).
+        self.peer_ended = False
 
     def feed_eof(self) -> None:
         # aiohttp's connection_lost: nothing can be answered any more, what is held goes.
@@ -93,8 +95,9 @@ class MaskedFramesOnly:
     def end_of_stream(self) -> None:
         """The peer ended its stream, the socket still open for the answers
         (``_UpgradeHandler.eof_received``): the reader's end comes after every frame held."""
+        self.peer_ended = True
         if not end_after_held(self):
-            self._reader.feed_eof()
+            self.dara_ended()
 
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
         headers = self._headers
@@ -133,7 +136,10 @@ class MaskedFramesOnly:
         return not self._handler._reading_paused
 
     def dara_ended(self) -> None:
-        self._reader.feed_eof()
+        # Not once a frame was refused: the reader's queue holds that error (1002, 1009), which
+        # an end of stream fed after it would clear (the client would get 1000).
+        if self._headers.refused is None:
+            self._reader.feed_eof()
 
 
 class _Cork(Protocol):
@@ -216,7 +222,11 @@ class MaskedOnlyResponse(web.WebSocketResponse):
         transport = request.transport if request is not None else None
         if transport is None or transport.is_closing() or not transport.can_write_eof():
             return False  # gone, or TLS (no half-close)
-        # The client ended its stream already: nothing more comes, the socket closes cleanly.
+        # The client ended its stream already (its end may still wait behind held frames, or
+        # not be fed at all after a refused one): nothing more comes, the socket closes cleanly.
+        parser = getattr(getattr(request, "protocol", None), "_payload_parser", None)
+        if isinstance(parser, MaskedFramesOnly) and parser.peer_ended:
+            return False
         return reader is None or not reader.is_eof() or reader.exception() is not None
 
     def _close_transport(self) -> None:
