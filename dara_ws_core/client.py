@@ -86,7 +86,7 @@ from dataclasses import dataclass
 from sys import getsizeof
 from typing import Any
 
-from .codec import count_json_values, decode_server_frame, dumps
+from .codec import _EXACT_ABOVE, count_json_values, decode_server_frame, dumps
 from .exceptions import (
     CloseCode,
     ConnectionClosed,
@@ -132,7 +132,7 @@ def _charge(frame: str | bytes, values: int) -> int:
     its strings decoded at their own widths: an ASCII text with one emoji holds 4 times its
     UTF-8. Charged once the frame is decoded, a non-ASCII one with the UTF-8 copy the decoder
     left cached in it (an upper bound, as the values are)."""
-    return getsizeof(frame) + _VALUE_BYTES * (values or count_json_values(frame))
+    return getsizeof(frame) + _VALUE_BYTES * (values or count_json_values(frame, _EXACT_ABOVE))
 
 
 def _request(message: CustomServerMessage | DaraServerMessage) -> Request:
@@ -517,7 +517,7 @@ class DaraClient:
         (``0`` otherwise). Raises ``FrameTooLarge`` before decoding a frame over
         ``max_message_values``, and what :func:`decode_server_frame` raises."""
         max_values = self.max_message_values
-        values = count_json_values(frame) if len(frame) > max_values else 0
+        values = count_json_values(frame, max_values) if len(frame) > max_values else 0
         if values > max_values:
             raise FrameTooLarge(f"a server frame of more than {max_values} JSON values")
         return decode_server_frame(frame), values
@@ -535,7 +535,7 @@ class DaraClient:
                 return
             self._last_frame = clock()
             # As _decode, inline: a method call less per frame on the round trip's path.
-            values = count_json_values(frame) if len(frame) > max_values else 0
+            values = count_json_values(frame, max_values) if len(frame) > max_values else 0
             try:
                 if values > max_values:
                     raise FrameTooLarge(f"a server frame of more than {max_values} JSON values")

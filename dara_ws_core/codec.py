@@ -12,6 +12,7 @@ from __future__ import annotations
 __all__ = [
     "MAX_NESTING_DEPTH",
     "MAX_NUMBER_DIGITS",
+    "MOST_STRINGS_LEFT_OUT",
     "NOT_UTF8",
     "PONG_FRAME",
     "build_frame",
@@ -28,7 +29,7 @@ __all__ = [
 import functools
 import re
 import sys
-from typing import Annotated, Any
+from typing import Annotated, Any, AnyStr
 
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -219,15 +220,60 @@ MAX_NESTING_DEPTH = 201
 MAX_NUMBER_DIGITS = 4300
 
 
-def count_json_values(text: str | bytes) -> int:
+def count_json_values(text: str | bytes, exact_above: int | None = None) -> int:
     """An upper bound of the number of JSON values in ``text``, without parsing it.
 
-    Every value but the first follows a comma or an opening bracket (commas and brackets inside
-    strings count too, hence an upper bound). Three scans in C: about 1 ms per MiB.
+    Every value but the first follows a comma or an opening bracket. Counted everywhere, in three
+    scans in C (about 1 ms per MiB), commas and brackets inside strings count too: a frame holding
+    one long text of comma-separated values (a CSV file, say) would count as thousands of values.
+    So when that count is over ``exact_above``, the strings are left out first (a few more scans
+    in C), and the count is exact for the structure. A text holding more than
+    :data:`MOST_STRINGS_LEFT_OUT` strings, or that is not JSON, keeps the first count.
     """
     if isinstance(text, str):
-        return text.count(",") + text.count("[") + text.count("{") + 1
-    return text.count(b",") + text.count(b"[") + text.count(b"{") + 1
+        count = _structure(text, ",", "[", "{")
+        if exact_above is None or count <= exact_above:
+            return count
+        outside = _outside_strings(text, '"', "\\", "")
+        return count if outside is None else _structure(outside, ",", "[", "{")
+    count = _structure(text, b",", b"[", b"{")
+    if exact_above is None or count <= exact_above:
+        return count
+    outside_bytes = _outside_strings(text, b'"', b"\\", b"")
+    return count if outside_bytes is None else _structure(outside_bytes, b",", b"[", b"{")
+
+
+#: Most strings :func:`count_json_values` leaves out of its count: past it, a text keeps the
+#: count of every comma and bracket. Leaving them out costs a copy of the text and an object per
+#: string, so it is bounded (the copy is freed at once); a text of this many strings is mostly
+#: short strings, not one long text.
+MOST_STRINGS_LEFT_OUT = 32_768
+#: Where a count that charges memory (a client's inbox, a chunked answer's parts), rather than
+#: deciding a limit, leaves strings out: a text of fewer values is charged at most this many.
+_EXACT_ABOVE = 1024
+
+
+def _structure(text: AnyStr, comma: AnyStr, bracket: AnyStr, brace: AnyStr) -> int:
+    return text.count(comma) + text.count(bracket) + text.count(brace) + 1
+
+
+def _outside_strings(text: AnyStr, quote: AnyStr, backslash: AnyStr, empty: AnyStr) -> AnyStr | None:
+    """``text`` without its JSON strings (each with its quotes), or ``None`` when it holds more
+    than :data:`MOST_STRINGS_LEFT_OUT` of them or its quotes do not pair up (it is not JSON).
+
+    Escapes go first, escaped backslashes then escaped quotes, each pair left to right as a JSON
+    parser reads them: every quote left opens or closes a string. A parser reading the text sees
+    the same strings up to its first error, if it has one, so what is left outside still bounds
+    what it builds. Pure.
+    """
+    if quote not in text:
+        return None  # no string: the quick count is exact
+    if backslash in text:
+        text = text.replace(backslash + backslash, empty).replace(backslash + quote, empty)
+    quotes = text.count(quote)
+    if quotes % 2 or quotes > 2 * MOST_STRINGS_LEFT_OUT:
+        return None
+    return empty.join(text.split(quote)[::2])
 
 
 #: The fixed part of a ``str`` (``sys.getsizeof`` less its characters): an ASCII one's, and a
@@ -290,7 +336,7 @@ def decode_client_frame(
         raise InvalidFrame("binary frames are not supported", CloseCode.UNSUPPORTED_DATA)
     if max_size is not None and utf8_size_exceeds(frame, max_size):
         raise FrameTooLarge(f"frame exceeds {max_size} bytes")
-    if max_values is not None and len(frame) > max_values and count_json_values(frame) > max_values:
+    if max_values is not None and len(frame) > max_values and count_json_values(frame, max_values) > max_values:
         raise FrameTooLarge(f"frame holds more than {max_values} JSON values")
     try:
         # The adapter's core validator, called as TypeAdapter.validate_json calls it, without
@@ -347,7 +393,7 @@ def decode_answer(
         return None
     if max_size is not None and len(frame) * 4 > max_size and utf8_size_exceeds(frame, max_size):
         return None
-    if max_values is not None and len(frame) > max_values and count_json_values(frame) > max_values:
+    if max_values is not None and len(frame) > max_values and count_json_values(frame, max_values) > max_values:
         return None
     try:
         value = pydantic_core.from_json(frame, allow_inf_nan=False, cache_strings=False)

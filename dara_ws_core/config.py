@@ -59,12 +59,13 @@ class ServerConfig:
     #: connection is kept as its bytes (docs/deployment.md, "decoded text").
     max_message_size: int = 16 * MiB
     #: Most JSON values in one inbound frame, counted before it is decoded (an upper bound: every
-    #: comma and opening bracket). Decoded, a value takes up to ~120 bytes of Python objects (an
-    #: object of distinct keys), and a frame is decoded in one go on the event loop: this bounds
-    #: what one frame can cost in memory (~30 MB) and loop time (~70 ms on this project's 2-core
-    #: CI machine). Above it the connection is closed with 1009. Raise it for applications whose
-    #: clients answer with large tables (or let them answer in parts, which spreads the decoding
-    #: over frames: ``max_chunked_values`` then bounds what they hold).
+    #: comma and opening bracket outside strings; a string is one value, whatever it holds).
+    #: Decoded, a value takes up to ~120 bytes of Python objects (an object of distinct keys),
+    #: and a frame is decoded in one go on the event loop: this bounds what one frame can cost in
+    #: memory (~30 MB) and loop time (~70 ms on this project's 2-core CI machine). Above it the
+    #: connection is closed with 1009. Raise it for applications whose clients answer with large
+    #: tables (or let them answer in parts, which spreads the decoding over frames:
+    #: ``max_chunked_values`` then bounds what they hold).
     max_message_values: int = 250_000
     #: Outbound queue bound per channel, in frames and in bytes.
     max_queue_messages: int = 4096

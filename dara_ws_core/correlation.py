@@ -42,7 +42,7 @@ from typing import Any, Generic, TypeVar
 
 from .auth import Holder
 from .chunks import ChunkAssembler
-from .codec import count_json_values, dumps, held_text_bytes
+from .codec import _EXACT_ABOVE, count_json_values, dumps, held_text_bytes
 from .config import ServerConfig
 from .exceptions import ChunkError, DaraWSError, TooManyPendingRequests
 from .messages import DaraClientMessage
@@ -428,7 +428,7 @@ class PendingRequests(Generic[W]):
                 # one (an ASCII text with one emoji): counted as held, not as sent.
                 size = max(size, held_text_bytes(message.message))
             size += PART_BYTES
-            values = count_json_values(part) + PART_VALUES
+            values = count_json_values(part, _EXACT_ABOVE) + PART_VALUES
             self._check(held, size, values)
             parts = chunked.assembler.feed(
                 message.message,

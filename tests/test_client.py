@@ -423,6 +423,26 @@ async def test_the_inbox_charges_a_push_for_the_values_it_decodes_to(client_adap
             await client.close()
 
 
+async def test_a_push_of_one_long_text_of_commas_is_charged_as_one_value(client_adapter: str) -> None:
+    """Pushes of a 40 KB CSV text each: one value, charged ~40 KB, not 120 bytes per comma (it
+    was: ~2.4 MB, and the inbox dropped all but 2 of them)."""
+    pushes = 10
+    csv = ",".join(["0"] * 20_000)
+    frames = [json.dumps({"type": "custom", "message": {"kind": "k", "data": [i, csv]}}) for i in range(pushes)]
+    async with hostile(_sends_then_pongs(frames), client_adapter) as connect:
+        client = DaraClient(connect, ping_interval=None, max_queue_bytes=5 * 1024 * 1024,
+                            max_message_values=1_000)
+        await client.connect()
+        try:
+            received: list[PushedMessage] = []
+            for _ in range(pushes):
+                received.append(await client.receive(5))
+            assert [_number(m) for m in received] == list(range(pushes))
+            assert client.dropped == 0 and client.connected
+        finally:
+            await client.close()
+
+
 # ------------------------------------------------------------------ inbox
 
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from dara_ws_core.codec import (
     MAX_NESTING_DEPTH,
     MAX_NUMBER_DIGITS,
+    MOST_STRINGS_LEFT_OUT,
     NOT_UTF8,
     build_frame,
     count_json_values,
@@ -281,6 +282,73 @@ def test_counting_json_values_never_undercounts(value: Any) -> None:
     text = json.dumps(value)
     assert count_json_values(text) >= count(value)
     assert count_json_values(text.encode()) == count_json_values(text)
+
+
+def _structure_outside_strings(text: str) -> int:
+    """The reference: commas and opening brackets outside strings, read a character at a time."""
+    count, inside, escaped = 1, False, False
+    for char in text:
+        if inside:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                inside = False
+        elif char == '"':
+            inside = True
+        elif char in ",[{":
+            count += 1
+    return count
+
+
+#: Strings that are hard to tell apart from the structure around them: quotes, backslashes
+#: (escaped runs of them), commas and brackets, in and out of ASCII.
+tricky_text = st.text(alphabet=st.sampled_from('",[{}]\\:a \u00e9\U0001f600\n'), max_size=40)
+tricky_json = st.recursive(
+    tricky_text | st.integers() | st.none(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(tricky_text, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(tricky_json, st.booleans())
+def test_counting_leaves_strings_out_exactly_above_its_threshold(value: Any, ascii_only: bool) -> None:
+    text = json.dumps(value, ensure_ascii=ascii_only)
+    exact = _structure_outside_strings(text)
+    assert count_json_values(text, 0) == exact
+    assert count_json_values(text.encode(), 0) == exact
+    # At or under the threshold, the quick count of every comma and bracket, never less.
+    quick = count_json_values(text)
+    assert quick >= exact
+    assert count_json_values(text, quick) == quick
+
+
+def test_a_text_that_is_not_json_keeps_the_quick_count() -> None:
+    unpaired = '{"a":"b,c,d}'
+    assert count_json_values(unpaired, 0) == count_json_values(unpaired) == 4
+    assert count_json_values("[1,2,[3]]", 0) == count_json_values("[1,2,[3]]") == 5
+
+
+def test_a_text_of_more_strings_than_are_left_out_keeps_the_quick_count() -> None:
+    many = json.dumps(["a,b"] * (MOST_STRINGS_LEFT_OUT + 1))
+    assert count_json_values(many, 0) == count_json_values(many)
+    fewer = json.dumps(["a,b"] * MOST_STRINGS_LEFT_OUT)
+    assert count_json_values(fewer, 0) == MOST_STRINGS_LEFT_OUT + 1
+
+
+def test_a_long_text_of_commas_is_one_value_not_a_frame_over_the_limit() -> None:
+    """A CSV file in a string: thousands of commas, one value. It was refused with 1009."""
+    csv = "\n".join(",".join(str(n) for n in range(row, row + 50)) for row in range(0, 5000, 50))
+    frame = custom_frame(json.dumps(csv))
+    message = decode_client_frame(frame, max_values=1000)
+    assert isinstance(message, CustomClientMessage) and message.message.data == csv
+    answer = json.dumps({"type": "message", "channel": "r-1", "message": {"csv": csv, "escaped": 'a\\",b'}})
+    assert decode_answer(answer, max_values=1000) == ("r-1", {"csv": csv, "escaped": 'a\\",b'})
+    # The structure itself still counts: the same text as 5,000 values is refused.
+    as_values = custom_frame(json.dumps(csv.replace("\n", ",").split(",")))
+    with pytest.raises(FrameTooLarge, match="more than 1000 JSON values"):
+        decode_client_frame(as_values, max_values=1000)
 
 
 def test_a_frame_with_more_values_than_the_limit_closes_with_1009_before_decoding() -> None:

@@ -435,6 +435,19 @@ async def test_large_single_frame_answer_within_the_limit_is_accepted(stack: Sta
     assert await stack.manager.send_and_wait(client.channel, {"q": 1}) == big
 
 
+async def test_a_text_of_many_commas_is_one_json_value_both_ways(make_stack: Any) -> None:
+    """A CSV file in a string (a variable's value, say) counts as one JSON value, not as one per
+    comma: under ``max_message_values`` on the server and on the client. It was closed with 1009."""
+    csv = "\n".join(",".join(map(str, range(row, row + 50))) for row in range(0, 5000, 50))
+    async with make_stack(config=ServerConfig(max_message_values=1000)) as stack:
+        stack.manager.custom_handlers.register("echo", lambda channel_id, data: data)
+        client = await stack.client(max_message_values=1000)
+        client.on_request(lambda request: csv)
+        assert await stack.manager.send_and_wait(client.channel, {"q": 1}) == csv
+        assert await client.request("echo", {"csv": csv}) == {"csv": csv}
+        assert client.connected
+
+
 @pytest.mark.parametrize(
     "frame",
     [

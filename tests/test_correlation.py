@@ -486,13 +486,26 @@ def test_the_error_of_a_failed_chunked_answer_keeps_none_of_its_parts() -> None:
 
 
 def test_chunked_values_are_counted_as_in_a_frame() -> None:
-    # As a frame's: every comma and opening bracket, inside strings too (an upper bound).
+    # As a frame's: every comma and opening bracket, inside strings too (an upper bound), for a
+    # part of up to 1,024 of them.
     table: PendingRequests[str] = PendingRequests(max_chunked_values=10)
     rchan = table.open("w")
     assert isinstance(table.receive(response(rchan, {"a": [None, {}]}, 2)), Partial)
     # {"a":[null,{}]}: 3 brackets, 1 comma, and the first value (and the part's own)
     assert table.held_values == 5 + PART_VALUES
     assert isinstance(table.receive(response(rchan, ",,,,,,", 2)), Failed)  # 7 more
+
+
+def test_a_part_of_one_long_text_of_commas_is_charged_one_value() -> None:
+    # Past 1,024 commas and brackets, the strings are left out of the count: a CSV file in a
+    # string is one value. It was charged one per comma, and failed the answer.
+    table: PendingRequests[str] = PendingRequests(max_chunked_values=100)
+    rchan = table.open("w")
+    csv = ",".join(["1"] * 5000)
+    assert isinstance(table.receive(response(rchan, csv, 2)), Partial)
+    assert table.held_values == 1 + PART_VALUES
+    outcome = table.receive(response(rchan, [1] * 100, 2))  # the structure still counts
+    assert isinstance(outcome, Failed)
 
 
 def test_chunked_values_are_bounded_per_channel_not_only_per_answer() -> None:

@@ -30,8 +30,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "custom": frozenset({"CustomHandler", "DispatchHost", "HandlerSpec", "HandlerThreads"}),
     "driver": frozenset({"ConnectionDriver", "close_quietly"}),
     "handler": frozenset({"Sink"}),
-    "codec": frozenset({"MAX_NESTING_DEPTH", "MAX_NUMBER_DIGITS", "NOT_UTF8", "PONG_FRAME", "count_json_values",
-                        "decode_answer", "dumps", "held_text_bytes", "utf8_size_exceeds"}),
+    "codec": frozenset({"MAX_NESTING_DEPTH", "MAX_NUMBER_DIGITS", "MOST_STRINGS_LEFT_OUT", "NOT_UTF8", "PONG_FRAME",
+                        "count_json_values", "decode_answer", "dumps", "held_text_bytes", "utf8_size_exceeds"}),
     "messages": frozenset({"InitPayload", "TypedPayload"}),
     # RepeatedRecords: for the adapters, on their libraries' loggers.
     "logs": frozenset({"ConnectionLogger", "RepeatedRecords"}),
