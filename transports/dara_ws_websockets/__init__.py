@@ -14,6 +14,7 @@ __all__ = ["Server", "WebsocketsTransport", "connect", "serve"]
 
 import asyncio
 import functools
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from http import HTTPStatus
@@ -59,6 +60,9 @@ from dara_ws_core.transport import (
     text_frame_header,
 )
 from dara_ws_core.upgrade import check_target, check_upgrade_request, refusal_of_request_line
+
+#: websockets' ``process_request``: a function or a coroutine function.
+ProcessRequest = Callable[[ServerConnection, Request], "Response | Awaitable[Response | None] | None"]
 
 #: The oldest websockets whose connection internals the adapter relies on (the asyncio server's
 #: write path changed in 16): an older one would fail every connection with 1011.
@@ -299,6 +303,7 @@ class _ServerConnection(ServerConnection):
         if type(self.protocol) is ServerProtocol:
             self.protocol.__class__ = _ServerProtocol
         self.dara_endpoint = dara_endpoint
+        self.dara_identity = None  # the caller's handler's connections keep it
         #: The endpoint's answer for this socket (max_connections), from connection_made on,
         #: and the peer's host it was counted under.
         self.dara_admission: Admission | None = None
@@ -504,7 +509,13 @@ class _ServerConnection(ServerConnection):
 
 @asynccontextmanager
 async def serve(
-    endpoint: Endpoint, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any
+    endpoint: Endpoint,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    process_request: ProcessRequest | None = None,
+    handler: Callable[[ServerConnection], Awaitable[None]] | None = None,
+    **kwargs: Any,
 ) -> AsyncIterator[Server[WsServer]]:
     """Serve ``endpoint`` on ``ws://host:port{endpoint.path}``; other paths get 404.
 
@@ -512,7 +523,17 @@ async def serve(
     websockets' ``Server``. Extra keyword arguments go to ``websockets.asyncio.server.serve``
     (e.g. ``ssl=``). On exit the endpoint shuts down gracefully (connections close with 1001)
     before the listener closes. Raises ``OSError`` if the address cannot be bound.
+
+    Your own server's parts, as websockets takes them: ``process_request(connection, request)``
+    (a function or a coroutine function) runs first for every request, the endpoint's included;
+    a ``Response`` it returns is the answer, ``None`` goes on to the endpoint's checks and
+    authentication. ``handler(connection)`` serves the upgrades to every other path (after
+    websockets' own checks) instead of the 404. Raises ``TypeError`` for ``create_connection``,
+    which the adapter needs for its own.
     """
+    if "create_connection" in kwargs:
+        raise TypeError("serve() builds websockets' connections itself (frame checks, flow control, "
+                        "max_connections): create_connection cannot be passed")
     config = endpoint.config
 
     async def answer(connection: ServerConnection, request: Request) -> Response | None:
@@ -542,8 +563,22 @@ async def serve(
             return connection.respond(HTTPStatus.FORBIDDEN, "Forbidden\n")
         return None
 
-    async def process_request(connection: ServerConnection, request: Request) -> Response | None:
-        response = await answer(connection, request)
+    async def first(connection: ServerConnection, request: Request) -> Response | None:
+        if process_request is not None:  # the caller's, as websockets calls it
+            response = process_request(connection, request)
+            if inspect.isawaitable(response):
+                response = await response
+            if response is not None:
+                endpoint.settled(connection.dara_evict)  # type: ignore[attr-defined]  # its request is whole
+                return response
+        if handler is not None and check_target(request.path, endpoint.path) is not None:
+            # Another path, the caller's handler's: websockets' own checks and answers.
+            endpoint.settled(connection.dara_evict)  # type: ignore[attr-defined]
+            return None
+        return await answer(connection, request)
+
+    async def dara_process_request(connection: ServerConnection, request: Request) -> Response | None:
+        response = await first(connection, request)
         if connection.protocol.eof_sent:
             # The peer ended its stream (EOF) behind its request: websockets failed the
             # connection on it and half-closed it, so no answer can go out. (Bytes behind the
@@ -557,13 +592,16 @@ async def serve(
             await connection.connection_lost_waiter
         return response
 
-    def handler(connection: ServerConnection) -> Awaitable[None]:
+    def dara_handler(connection: ServerConnection) -> Awaitable[None]:
         # A plain function returning serve()'s coroutine: one coroutine frame less per idle
         # connection than an async def awaiting it.
-        return endpoint.serve(WebsocketsTransport(connection), connection.dara_identity)  # type: ignore[attr-defined]
+        identity = connection.dara_identity  # type: ignore[attr-defined]
+        if identity is None:  # authenticated by no one: the caller's path
+            return cast(Callable[[ServerConnection], Awaitable[None]], handler)(connection)
+        return endpoint.serve(WebsocketsTransport(connection), identity)
 
     options: dict[str, Any] = {
-        "process_request": process_request,
+        "process_request": dara_process_request,
         "max_size": config.max_message_size,
         "ping_interval": config.ping_interval,
         "ping_timeout": config.ping_timeout,
@@ -574,7 +612,7 @@ async def serve(
     }
     options.update(kwargs)
     endpoint.open()
-    async with ws_serve(handler, host, port, **options) as server:
+    async with ws_serve(dara_handler, host, port, **options) as server:
         port = int(next(iter(server.sockets)).getsockname()[1])
         try:
             yield Server.build(host, port, endpoint.path, server, secure=bool(options.get("ssl")))

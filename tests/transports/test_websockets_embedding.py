@@ -1,0 +1,81 @@
+"""The websockets adapter inside a server of the caller's: its own ``process_request`` and its
+own handler for other paths, next to the endpoint, on real sockets.
+
+``serve()`` passed its extra keyword arguments to websockets as they came, so a
+``process_request=`` replaced the adapter's: no path check, no authentication, and every
+connection failed with 1011 and a traceback (the identity was never set)."""
+
+from __future__ import annotations
+
+import asyncio
+import http
+
+import pytest
+import websockets
+from websockets.asyncio.server import ServerConnection
+from websockets.http11 import Request, Response
+
+from dara_ws_core import AuthenticationFailed, DaraClient, Endpoint, Identity, WebsocketManager, token_authenticator
+from dara_ws_websockets import connect, serve
+
+
+def _endpoint() -> Endpoint:
+    manager = WebsocketManager()
+    manager.add_ws_handler("echo", lambda channel_id, data: data)
+
+    def verify(token: str) -> Identity:
+        if token != "secret":
+            raise AuthenticationFailed("bad token")
+        return Identity(user_id="alice", session_id="s1")
+
+    return Endpoint(manager, token_authenticator(verify))
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["function", "coroutine"])
+async def test_the_callers_process_request_runs_first_and_the_endpoint_still_authenticates(is_async: bool) -> None:
+    seen: list[str] = []
+
+    def health(connection: ServerConnection, request: Request) -> Response | None:
+        seen.append(request.path)
+        return connection.respond(http.HTTPStatus.OK, "ok\n") if request.path == "/health" else None
+
+    async def async_health(connection: ServerConnection, request: Request) -> Response | None:
+        await asyncio.sleep(0)
+        return health(connection, request)
+
+    async with serve(_endpoint(), "127.0.0.1", 0, process_request=async_health if is_async else health) as server:
+        with pytest.raises(AuthenticationFailed):  # no token: 403, not an upgrade
+            await connect(server.url)
+        async with DaraClient(lambda: connect(server.url + "?token=secret"), ping_interval=None) as client:
+            assert await client.request("echo", [1], timeout=5) == [1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 200")
+        writer.close()
+        with pytest.raises(websockets.InvalidStatus) as refused:  # no handler of the caller's: 404
+            await websockets.connect(f"ws://127.0.0.1:{server.port}/other")
+        assert refused.value.response.status_code == 404
+    assert seen == ["/api/core/ws", "/api/core/ws?token=secret", "/health", "/other"]
+
+
+async def test_the_callers_handler_serves_the_other_paths() -> None:
+    async def mine(connection: ServerConnection) -> None:
+        assert connection.request is not None
+        async for message in connection:
+            await connection.send(f"{connection.request.path}: {message!s}")
+
+    async with serve(_endpoint(), "127.0.0.1", 0, handler=mine) as server:
+        async with websockets.connect(f"ws://127.0.0.1:{server.port}/chat") as ws:
+            await ws.send("hi")
+            assert await asyncio.wait_for(ws.recv(), 5) == "/chat: hi"
+        # The endpoint's path is still the endpoint's, authenticated.
+        with pytest.raises(AuthenticationFailed):
+            await connect(server.url)
+        async with DaraClient(lambda: connect(server.url + "?token=secret"), ping_interval=None) as client:
+            assert await client.request("echo", "x", timeout=5) == "x"
+
+
+async def test_create_connection_is_refused_with_a_reason() -> None:
+    with pytest.raises(TypeError, match="create_connection"):
+        async with serve(_endpoint(), "127.0.0.1", 0, create_connection=ServerConnection):
+            pass
