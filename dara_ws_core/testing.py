@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 import json
+import logging
 from collections.abc import Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -49,13 +50,15 @@ from .connection import (
     State,
 )
 from .custom import CustomHandlerRegistry
-from .exceptions import DaraWSError
+from .exceptions import DaraWSError, UnknownChannel
 from .handler import current_channel, current_identity
 from .manager import WebsocketManager
 from .messages import LoosePayload
 
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
+
+logger = logging.getLogger("dara_ws_core.testing")
 
 #: How many times an async handler may yield before the harness gives up on it.
 MAX_STEPS = 10_000
@@ -73,7 +76,13 @@ class ProtocolHarness:
 
     ``handlers`` is your manager (its custom handlers are used) or a registry. ``sent`` keeps
     every frame the server sent, parsed; ``closed`` is the close the server decided, if any;
-    ``answers`` and ``failures`` hold the outcome of each server request by ``__rchan``.
+    ``answers`` and ``failures`` hold the outcome of each server request by ``__rchan``;
+    ``errors`` holds what your handlers raised (each is logged with its traceback, as on a
+    server, where the client gets a ``handler_error`` reply).
+
+    The connection is in no manager: a handler that reaches it through the manager
+    (``send_and_wait``, ``send_message``, fan-out to its user) needs a server, and the harness
+    raises a ``RuntimeError`` that says so; test it over ``MemoryServer``.
     """
 
     def __init__(
@@ -98,6 +107,8 @@ class ProtocolHarness:
         self.closed: CloseConnection | None = None
         self.answers: dict[str, Any] = {}
         self.failures: dict[str, DaraWSError] = {}
+        #: What the handlers raised, in order: each one's client got a ``handler_error`` reply.
+        self.errors: list[Exception] = []
 
     @property
     def state(self) -> State:
@@ -181,11 +192,16 @@ class ProtocolHarness:
                 result = _run_to_completion(result, event.kind)  # type: ignore[arg-type]
         except _NeedsLoop:
             raise
-        except RuntimeError as exc:
-            if "event loop" in str(exc):  # asyncio.sleep(), a lock... looked for a running loop
-                raise _NeedsLoop(event.kind) from exc
-            return conn.reply_error(event.kind, event.rchan, "handler_error", "the handler failed")
-        except Exception:
+        except Exception as exc:
+            if isinstance(exc, RuntimeError) and "event loop" in str(exc):
+                raise _NeedsLoop(event.kind) from exc  # asyncio.sleep(), a lock... wanted a loop
+            if isinstance(exc, UnknownChannel) and exc.channel_id == conn.channel_id:
+                # The harness's connection is in no manager: on a server, this would have worked.
+                raise _NotInManager(event.kind) from exc
+            # As on a server: the client gets a code, the traceback goes to the log. And to
+            # errors, for the test to look at.
+            self.errors.append(exc)
+            logger.error("custom handler failed (kind %r)", event.kind, exc_info=True)
             return conn.reply_error(event.kind, event.rchan, "handler_error", "the handler failed")
         finally:
             current_channel.reset(channel)
@@ -199,6 +215,15 @@ class _NeedsLoop(RuntimeError):
         super().__init__(
             f"the handler for {kind!r} waits on I/O or a timer, which needs an event loop:"
             " test it over dara_ws_core.memory.MemoryServer instead"
+        )
+
+
+class _NotInManager(RuntimeError):
+    def __init__(self, kind: str) -> None:
+        super().__init__(
+            f"the handler for {kind!r} reached the harness's own channel through the manager"
+            " (send_and_wait, send_message, close_channel...), which knows only the connections"
+            " it serves: test it over dara_ws_core.memory.MemoryServer instead"
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -62,6 +63,31 @@ def test_a_failing_handler_answers_an_error_without_its_details() -> None:
     reply = ProtocolHarness(app()).call("broken")
     assert reply["message"]["__error"]["code"] == "handler_error"
     assert "secret" not in str(reply)
+
+
+def test_a_failing_handler_is_logged_with_its_traceback_and_kept_for_the_test(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The reply says only "handler_error": without the log (as a server writes it) and the
+    # exception itself, a failing test said nothing of why.
+    harness = ProtocolHarness(app())
+    with caplog.at_level(logging.ERROR, "dara_ws_core.testing"):
+        harness.call("broken")
+    assert [str(e) for e in harness.errors] == ["secret detail"]
+    [record] = [r for r in caplog.records if r.name == "dara_ws_core.testing"]
+    assert record.exc_info is not None and "broken" in record.getMessage()
+
+
+def test_a_handler_reaching_its_own_channel_through_the_manager_is_reported_clearly() -> None:
+    # The harness's connection is in no manager: send_and_wait to it raised UnknownChannel, which
+    # became a silent "handler_error" reply, where a server would have asked the client.
+    manager = app()
+
+    async def ask_back(channel_id: str, data: Any) -> Any:
+        return await manager.send_and_wait(channel_id, {"sure?": data}, timeout=5)
+
+    manager.add_ws_handler("ask_back", ask_back)
+    with pytest.raises(RuntimeError, match=r"through the manager.*MemoryServer"):
+        ProtocolHarness(manager).call("ask_back", 1)
 
 
 def test_a_nan_result_goes_out_as_null() -> None:
