@@ -401,7 +401,8 @@ class Endpoint:
                 self._told_closed = True
                 logger.info("handshake refused: the endpoint is shut down (an adapter's serve() or "
                             "lifespan opens it again)", extra={"path": request.path})
-            raise AuthenticationFailed("server is shutting down")
+            raise AuthenticationFailed("the endpoint is shut down: its serve() or lifespan ended (serving it "
+                                       "again, or Endpoint.open(), takes handshakes again)")
         try:
             # Bounded like the rest of the handshake: an authenticator waiting on a stuck identity
             # provider must not hold the socket (and the peer's slot) for ever. Half the bound,

@@ -171,6 +171,11 @@ class MemoryServer:
 
     def __init__(self, endpoint: object, *, max_queue: int = 64) -> None:
         self.endpoint = endpoint
+        # Served from here on, as each adapter's serve() does as it starts: a module's endpoint
+        # shut down by an earlier test's serve() refused every handshake here with 403.
+        reopen = getattr(endpoint, "open", None)
+        if reopen is not None:
+            reopen()
         self.max_queue = max_queue
         self._tasks: set[asyncio.Task[None]] = set()
 

@@ -12,8 +12,9 @@ import json
 
 import pytest
 
-from dara_ws_core import ConnectionClosed
-from dara_ws_core.memory import MemoryTransport, memory_pair
+from dara_ws_core import ConnectionClosed, DaraClient, Endpoint, WebsocketManager, allow_anonymous
+from dara_ws_core.memory import MemoryServer, MemoryTransport, memory_pair
+from dara_ws_websockets import serve
 
 
 async def _fill(sender_end: MemoryTransport, count: int) -> None:
@@ -100,3 +101,17 @@ async def test_closing_wakes_every_waiting_sender_and_receiver(how: str) -> None
     async with asyncio.timeout(5):
         outcomes = await asyncio.gather(*senders, *receivers, return_exceptions=True)
     assert all(isinstance(outcome, ConnectionClosed) for outcome in outcomes), outcomes
+
+
+async def test_a_memory_server_serves_an_endpoint_an_earlier_server_shut_down() -> None:
+    # A module's endpoint, served on a real socket by one test and then in memory by the next:
+    # the socket's serve() shut it down on exit, and every in-memory handshake was refused with
+    # AuthenticationFailed("server is shutting down"), which said nothing of why.
+    manager = WebsocketManager()
+    manager.add_ws_handler("echo", lambda channel_id, data: data)
+    endpoint = Endpoint(manager, allow_anonymous())
+    async with serve(endpoint, "127.0.0.1", 0):
+        pass
+    server = MemoryServer(endpoint)
+    async with DaraClient(server.connect, ping_interval=None) as client:
+        assert await client.request("echo", 1, timeout=5) == 1
