@@ -250,7 +250,7 @@ def execute_sync(spec: HandlerSpec, received: CustomReceived,
     """Run a sync handler now: the reply (or error reply) to send, and whether it succeeded."""
     try:
         result = spec.func(host.channel_id, received.data)
-    except Exception as exc:
+    except (Exception, asyncio.CancelledError) as exc:  # nothing cancels a sync call: its own
         host.counters.custom_error += 1
         return _failed(host, spec, received, exc), False
     else:
@@ -296,6 +296,14 @@ async def execute_async(spec: HandlerSpec, received: CustomReceived, host: Dispa
                            _name_of(spec.func), kind=spec.kind)
         return host.connection.reply_error(received.kind, received.rchan, "timeout",
                                            "the handler timed out"), False
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise  # the connection closes, or the server stops: no reply is wanted
+        # The handler's own (it awaited something cancelled): a failure like any other. Raised
+        # on, it ended the task with no reply, and the client waited for its timeout.
+        host.counters.custom_error += 1
+        return _failed(host, spec, received, exc), False
     except Exception as exc:
         host.counters.custom_error += 1
         return _failed(host, spec, received, exc), False
@@ -327,7 +335,7 @@ def _reply(host: DispatchHost, spec: HandlerSpec, received: CustomReceived,
 
 
 def _failed(host: DispatchHost, spec: HandlerSpec, received: CustomReceived,
-            exc: Exception) -> SendFrame | None:
+            exc: BaseException) -> SendFrame | None:
     # The traceback goes to the log with the channel and kind (in the text too, for the default
     # format, which prints no extra field); the wire gets a code only.
     # Application code failed, not the peer: the record is the application's (its own budget,

@@ -31,6 +31,7 @@ __all__ = [
     "json_values",
 ]
 
+import asyncio
 import json
 import logging
 from collections.abc import Coroutine, Iterable
@@ -108,7 +109,7 @@ class ProtocolHarness:
         self.answers: dict[str, Any] = {}
         self.failures: dict[str, DaraWSError] = {}
         #: What the handlers raised, in order: each one's client got a ``handler_error`` reply.
-        self.errors: list[Exception] = []
+        self.errors: list[BaseException] = []
 
     @property
     def state(self) -> State:
@@ -192,7 +193,7 @@ class ProtocolHarness:
                 result = _run_to_completion(result, event.kind)  # type: ignore[arg-type]
         except _NeedsLoop:
             raise
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:  # no task here: a cancel is the handler's own
             if isinstance(exc, RuntimeError) and "event loop" in str(exc):
                 raise _NeedsLoop(event.kind) from exc  # asyncio.sleep(), a lock... wanted a loop
             if isinstance(exc, UnknownChannel) and exc.channel_id == conn.channel_id:

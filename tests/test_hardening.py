@@ -486,6 +486,17 @@ async def test_handler_failures_reach_the_client_as_codes_and_the_log_as_traceba
     async def too_slow(channel: str, data: Any) -> Any:
         await asyncio.sleep(3600)
 
+    # A CancelledError of the handler's own (it awaited something cancelled): no reply at all
+    # came from an async one (the client waited for its timeout), and a sync one closed the
+    # connection with 1001 "server shutting down".
+    async def async_cancelled(channel: str, data: Any) -> Any:
+        cancelled = asyncio.ensure_future(asyncio.sleep(3600))
+        cancelled.cancel()
+        await cancelled
+
+    def sync_cancelled(channel: str, data: Any) -> Any:
+        raise asyncio.CancelledError(SECRET)
+
     caplog.set_level(logging.INFO, logger="dara_ws_core")
     async with make_stack(config=ServerConfig(handler_timeout=0.2)) as stack:
         stack.manager.add_ws_handler("sync_boom", sync_boom)
@@ -493,6 +504,9 @@ async def test_handler_failures_reach_the_client_as_codes_and_the_log_as_traceba
         stack.manager.add_ws_handler("thread_boom", thread_boom, in_thread=True)
         stack.manager.add_ws_handler("unencodable", unencodable)
         stack.manager.add_ws_handler("too_slow", too_slow)
+        stack.manager.add_ws_handler("async_cancelled", async_cancelled)
+        stack.manager.add_ws_handler("sync_cancelled", sync_cancelled)
+        stack.manager.add_ws_handler("thread_cancelled", sync_cancelled, in_thread=True)
         transport = await stack.connect("alice:s1")
         init = await receive_json(transport)
         channel = init["message"]["channel"]
@@ -502,6 +516,9 @@ async def test_handler_failures_reach_the_client_as_codes_and_the_log_as_traceba
             "thread_boom": ("handler_error", "the handler failed"),
             "unencodable": ("handler_error", "the handler's result could not be encoded"),
             "too_slow": ("timeout", "the handler timed out"),
+            "async_cancelled": ("handler_error", "the handler failed"),
+            "sync_cancelled": ("handler_error", "the handler failed"),
+            "thread_cancelled": ("handler_error", "the handler failed"),
             "no_such_kind": ("unknown_kind", "no handler for kind 'no_such_kind'"),
         }
         frames: list[str] = []
@@ -517,7 +534,8 @@ async def test_handler_failures_reach_the_client_as_codes_and_the_log_as_traceba
             assert (reply["__error"]["code"], reply["__error"]["message"]) == error
         assert _leaks(frames) == []
         # The log carries what the wire does not, with the channel and the kind.
-        for kind in ("sync_boom", "async_boom", "thread_boom", "unencodable"):
+        for kind in ("sync_boom", "async_boom", "thread_boom", "unencodable", "async_cancelled",
+                     "sync_cancelled", "thread_cancelled"):
             records = [r for r in caplog.records if getattr(r, "kind", None) == kind]
             assert records, kind
             record = records[0]

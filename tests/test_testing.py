@@ -77,6 +77,18 @@ def test_a_failing_handler_is_logged_with_its_traceback_and_kept_for_the_test(
     assert record.exc_info is not None and "broken" in record.getMessage()
 
 
+def test_a_handler_cancelled_from_within_gets_an_error_reply_as_on_a_server() -> None:
+    manager = app()
+
+    async def cancelled(channel_id: str, data: Any) -> Any:
+        raise asyncio.CancelledError  # as awaiting something cancelled does
+
+    manager.add_ws_handler("cancelled", cancelled)
+    harness = ProtocolHarness(manager)
+    assert harness.call("cancelled")["message"]["__error"]["code"] == "handler_error"
+    assert [type(e) for e in harness.errors] == [asyncio.CancelledError]
+
+
 def test_a_handler_reaching_its_own_channel_through_the_manager_is_reported_clearly() -> None:
     # The harness's connection is in no manager: send_and_wait to it raised UnknownChannel, which
     # became a silent "handler_error" reply, where a server would have asked the client.
