@@ -248,8 +248,16 @@ class CustomHandlerRegistry:
 def execute_sync(spec: HandlerSpec, received: CustomReceived,
                  host: DispatchHost) -> tuple[SendFrame | None, bool]:
     """Run a sync handler now: the reply (or error reply) to send, and whether it succeeded."""
+    awaited = False
     try:
         result = spec.func(host.channel_id, received.data)
+        if inspect.isawaitable(result):
+            # A callable that is not a coroutine function returned something to await (a lambda
+            # calling an async function, a decorator's plain wrapper): run as an async handler's.
+            # Its reply was the coroutine object, which no encoder takes, and it never ran.
+            awaited = True
+            host.track(asyncio.create_task(_run_task(spec, received, host, result)))
+            return None, True
     except (Exception, asyncio.CancelledError) as exc:  # nothing cancels a sync call: its own
         host.counters.custom_error += 1
         return _failed(host, spec, received, exc), False
@@ -257,7 +265,8 @@ def execute_sync(spec: HandlerSpec, received: CustomReceived,
         host.counters.custom_ok += 1
         return _reply(host, spec, received, result), True
     finally:
-        host.connection.handler_done(received.size)
+        if not awaited:  # else its task's
+            host.connection.handler_done(received.size)
 
 
 def _source(host: DispatchHost) -> Hashable:
@@ -268,7 +277,7 @@ def _source(host: DispatchHost) -> Hashable:
 
 
 async def _run_task(spec: HandlerSpec, received: CustomReceived, host: DispatchHost,
-                    job: concurrent.futures.Future[Any] | None = None) -> None:
+                    job: concurrent.futures.Future[Any] | Awaitable[Any] | None = None) -> None:
     telemetry = host.counters.telemetry
     if telemetry is not None:
         await telemetry.run_task(spec, received, host, job)
@@ -278,15 +287,19 @@ async def _run_task(spec: HandlerSpec, received: CustomReceived, host: DispatchH
 
 
 async def execute_async(spec: HandlerSpec, received: CustomReceived, host: DispatchHost,
-                        job: concurrent.futures.Future[Any] | None = None) -> tuple[SendFrame | None, bool]:
+                        job: concurrent.futures.Future[Any] | Awaitable[Any] | None = None,
+                        ) -> tuple[SendFrame | None, bool]:
     """Wait for an async handler, or an ``in_thread`` handler's ``job`` (already submitted to
-    the threads), within ``handler_timeout``: the reply (or error reply) to send, and whether it
-    succeeded. A job that times out is cancelled if it has not started; if it has, its thread
-    runs on, still charged to its source, and its result is ignored."""
+    the threads), or what a sync handler returned to await, within ``handler_timeout``: the
+    reply (or error reply) to send, and whether it succeeded. A job that times out is cancelled
+    if it has not started; if it has, its thread runs on, still charged to its source, and its
+    result is ignored."""
     try:
         async with asyncio.timeout(host.config.handler_timeout):
-            if job is not None:
+            if isinstance(job, concurrent.futures.Future):
                 result = await asyncio.wrap_future(job)
+            elif job is not None:
+                result = await job
             else:
                 result = await spec.func(host.channel_id, received.data)
     except TimeoutError:

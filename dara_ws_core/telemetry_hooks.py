@@ -707,7 +707,7 @@ class DaraTelemetry:
             self._handler_done("sync", "success" if ok else "error", started, traced)
 
     async def run_task(self, spec: HandlerSpec, received: CustomReceived, host: DispatchHost,
-                       job: concurrent.futures.Future[Any] | None = None) -> None:
+                       job: concurrent.futures.Future[Any] | Awaitable[Any] | None = None) -> None:
         """An async or ``in_thread`` handler's task (``custom._run_task``), traced when its
         frame is."""
         execution = "sync" if spec.in_thread else "async"

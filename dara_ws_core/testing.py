@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 import asyncio
+import inspect
 import json
 import logging
 from collections.abc import Coroutine, Iterable
@@ -189,7 +190,7 @@ class ProtocolHarness:
         identity = current_identity.set(self.identity)
         try:
             result = spec.func(conn.channel_id, event.data)
-            if spec.is_async:
+            if spec.is_async or inspect.iscoroutine(result):  # a lambda calling an async function too
                 result = _run_to_completion(result, event.kind)  # type: ignore[arg-type]
         except _NeedsLoop:
             raise

@@ -548,6 +548,35 @@ async def test_handler_failures_reach_the_client_as_codes_and_the_log_as_traceba
         await transport.close()
 
 
+async def test_a_plain_callable_returning_a_coroutine_is_awaited_like_an_async_handler(stack: Stack) -> None:
+    # A lambda calling an async function, a decorator's plain wrapper around an async handler:
+    # not coroutine functions, so they were called as sync handlers, their coroutine never ran
+    # (a RuntimeWarning) and the client got "the handler's result could not be encoded".
+    async def double(data: Any) -> Any:
+        await asyncio.sleep(0)
+        return data * 2
+
+    def logged(func: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+        def wrapper(channel_id: str, data: Any) -> Any:
+            return func(channel_id, data)
+        return wrapper
+
+    @logged
+    async def triple(channel_id: str, data: Any) -> Any:
+        await asyncio.sleep(0)
+        return data * 3
+
+    stack.manager.add_ws_handler("double", lambda channel_id, data: double(data))
+    stack.manager.add_ws_handler("triple", triple)
+    transport = await stack.connect("alice:s1")
+    assert (await receive_json(transport))["type"] == "init"
+    for kind, expected in (("double", 4), ("triple", 6)):
+        await send_json(transport, {"type": "custom", "message": {"kind": kind, "data": 2, "__rchan": kind}})
+        reply = (await asyncio.wait_for(receive_json(transport), TIMEOUT))["message"]
+        assert (reply["__response_for"], reply.get("__error"), reply["data"]) == (kind, None, expected)
+    await transport.close()
+
+
 async def test_an_internal_error_closes_with_1011_and_a_fixed_reason(
     make_stack: MakeStack, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -89,6 +89,16 @@ def test_a_handler_cancelled_from_within_gets_an_error_reply_as_on_a_server() ->
     assert [type(e) for e in harness.errors] == [asyncio.CancelledError]
 
 
+def test_a_lambda_calling_an_async_function_is_run_to_completion() -> None:
+    manager = app()
+
+    async def double(data: Any) -> Any:
+        return data * 2
+
+    manager.add_ws_handler("double_it", lambda channel_id, data: double(data))
+    assert ProtocolHarness(manager).call("double_it", 2)["message"]["data"] == 4
+
+
 def test_a_handler_reaching_its_own_channel_through_the_manager_is_reported_clearly() -> None:
     # The harness's connection is in no manager: send_and_wait to it raised UnknownChannel, which
     # became a silent "handler_error" reply, where a server would have asked the client.
