@@ -260,6 +260,10 @@ class Endpoint:
     Raises ``TypeError`` for a manager that is not a :class:`WebsocketManager` or an
     authenticator that is not callable, ``ValueError`` for a path without its leading ``/``, or
     one no request target could name (a ``?``, a ``#``, a malformed percent-encoding, a space).
+
+    An endpoint is one server's: leaving any adapter's ``serve()`` or lifespan shuts it down,
+    closing every connection it serves whatever transport took them. To serve one application
+    on two transports or paths at once, build an endpoint for each over the same manager.
     """
 
     def __init__(
