@@ -294,15 +294,21 @@ async def execute_async(spec: HandlerSpec, received: CustomReceived, host: Dispa
     reply (or error reply) to send, and whether it succeeded. A job that times out is cancelled
     if it has not started; if it has, its thread runs on, still charged to its source, and its
     result is ignored."""
+    scope = asyncio.timeout(host.config.handler_timeout)
     try:
-        async with asyncio.timeout(host.config.handler_timeout):
+        async with scope:
             if isinstance(job, concurrent.futures.Future):
                 result = await asyncio.wrap_future(job)
             elif job is not None:
                 result = await job
             else:
                 result = await spec.func(host.channel_id, received.data)
-    except TimeoutError:
+    except TimeoutError as exc:
+        if not scope.expired():
+            # The handler's own (a send_and_wait's RequestTimeout it let through, say): a failure
+            # with its traceback, not "timed out after handler_timeout", which it had not.
+            host.counters.custom_error += 1
+            return _failed(host, spec, received, exc), False
         host.counters.custom_timeout += 1
         host.log_app_error(logging.WARNING, "custom handler timed out after %.3g s (kind %r, %s)",
                            (spec.kind, "TimeoutError"), host.config.handler_timeout, spec.kind,

@@ -407,13 +407,16 @@ class Endpoint:
                             "lifespan opens it again)", extra={"path": request.path})
             raise AuthenticationFailed("the endpoint is shut down: its serve() or lifespan ended (serving it "
                                        "again, or Endpoint.open(), takes handshakes again)")
+        # Bounded like the rest of the handshake: an authenticator waiting on a stuck identity
+        # provider must not hold the socket (and the peer's slot) for ever. Half the bound, so
+        # that it answers 403 before the transport's own handshake bound drops the socket.
+        scope = asyncio.timeout(self.config.handshake_timeout / 2)
         try:
-            # Bounded like the rest of the handshake: an authenticator waiting on a stuck identity
-            # provider must not hold the socket (and the peer's slot) for ever. Half the bound,
-            # so that it answers 403 before the transport's own handshake bound drops the socket.
-            async with asyncio.timeout(self.config.handshake_timeout / 2):
+            async with scope:
                 identity = await run_authenticator(self.authenticator, request)
         except TimeoutError as exc:
+            if not scope.expired():  # its own (its identity provider's client gave up): a failure
+                raise self._authenticator_failed(request, exc) from exc
             counters.count(counters.handshakes_rejected, "timeout")
             # The application's failures, which a peer may hit with every handshake: the first
             # of each always written, then within the budget of application failures.
@@ -426,10 +429,7 @@ class Endpoint:
             _handshake_log(request).info("handshake rejected: %s", exc)
             raise
         except Exception as exc:
-            counters.count(counters.handshakes_rejected, "error")
-            _handshake_log(request).app_error(logging.ERROR, "authenticator failed",
-                                              (_AUTHENTICATOR, type(exc).__name__), exc_info=True)
-            raise AuthenticationFailed("authenticator error") from exc
+            raise self._authenticator_failed(request, exc) from exc
         if identity.address is not None:  # the authenticator knows better
             current_source.set(source := address_key(identity.address))
         self._check_forwarded(request, source)
@@ -440,6 +440,14 @@ class Endpoint:
             raise AuthenticationFailed(f"user has {limit} connections already")
         counters.handshakes_accepted += 1
         return identity
+
+    def _authenticator_failed(self, request: HandshakeRequest, exc: Exception) -> AuthenticationFailed:
+        """Count and log an authenticator that raised (in its ``except``: the traceback is
+        logged); the refusal to raise."""
+        self.manager.counters.count(self.manager.counters.handshakes_rejected, "error")
+        _handshake_log(request).app_error(logging.ERROR, "authenticator failed",
+                                          (_AUTHENTICATOR, type(exc).__name__), exc_info=True)
+        return AuthenticationFailed("authenticator error")
 
     def _check_forwarded(self, request: HandshakeRequest, source: str | None) -> None:
         """A request from a trusted proxy, its socket counted under no address: refuse it if

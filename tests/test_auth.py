@@ -360,6 +360,21 @@ async def test_crashing_authenticator_rejects_with_403(make_stack: MakeStack) ->
         await assert_rejected(stack, "alice:s1")
 
 
+async def test_an_authenticators_own_timeout_error_is_a_failure_not_a_timeout(
+    make_stack: MakeStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its identity provider's client gave up at once (TimeoutError): it was counted and logged
+    # as "the authenticator took over 5 s", with no traceback, where it had taken no time.
+    async def provider_gave_up(request: HandshakeRequest) -> Identity:
+        raise TimeoutError("identity provider did not answer")
+
+    async with make_stack(authenticator=provider_gave_up) as stack:
+        await assert_rejected(stack, "alice:s1")
+        assert stack.manager.stats().handshakes_rejected == {"error": 1}
+    [record] = [r for r in caplog.records if "authenticator" in r.getMessage()]
+    assert record.getMessage() == "authenticator failed" and record.exc_info is not None
+
+
 async def test_an_authenticator_that_never_answers_rejects_within_the_handshake_bound(
     make_stack: MakeStack,
 ) -> None:

@@ -497,6 +497,11 @@ async def test_handler_failures_reach_the_client_as_codes_and_the_log_as_traceba
     def sync_cancelled(channel: str, data: Any) -> Any:
         raise asyncio.CancelledError(SECRET)
 
+    # A TimeoutError of the handler's own (a send_and_wait's RequestTimeout it let through): it
+    # got a "timeout" reply and a WARNING "timed out after 0.2 s", with no traceback.
+    async def own_timeout(channel: str, data: Any) -> Any:
+        raise TimeoutError(SECRET)
+
     caplog.set_level(logging.INFO, logger="dara_ws_core")
     async with make_stack(config=ServerConfig(handler_timeout=0.2)) as stack:
         stack.manager.add_ws_handler("sync_boom", sync_boom)
@@ -507,6 +512,7 @@ async def test_handler_failures_reach_the_client_as_codes_and_the_log_as_traceba
         stack.manager.add_ws_handler("async_cancelled", async_cancelled)
         stack.manager.add_ws_handler("sync_cancelled", sync_cancelled)
         stack.manager.add_ws_handler("thread_cancelled", sync_cancelled, in_thread=True)
+        stack.manager.add_ws_handler("own_timeout", own_timeout)
         transport = await stack.connect("alice:s1")
         init = await receive_json(transport)
         channel = init["message"]["channel"]
@@ -519,6 +525,7 @@ async def test_handler_failures_reach_the_client_as_codes_and_the_log_as_traceba
             "async_cancelled": ("handler_error", "the handler failed"),
             "sync_cancelled": ("handler_error", "the handler failed"),
             "thread_cancelled": ("handler_error", "the handler failed"),
+            "own_timeout": ("handler_error", "the handler failed"),
             "no_such_kind": ("unknown_kind", "no handler for kind 'no_such_kind'"),
         }
         frames: list[str] = []
@@ -535,7 +542,7 @@ async def test_handler_failures_reach_the_client_as_codes_and_the_log_as_traceba
         assert _leaks(frames) == []
         # The log carries what the wire does not, with the channel and the kind.
         for kind in ("sync_boom", "async_boom", "thread_boom", "unencodable", "async_cancelled",
-                     "sync_cancelled", "thread_cancelled"):
+                     "sync_cancelled", "thread_cancelled", "own_timeout"):
             records = [r for r in caplog.records if getattr(r, "kind", None) == kind]
             assert records, kind
             record = records[0]
