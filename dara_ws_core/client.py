@@ -365,7 +365,12 @@ class DaraClient:
 
     def on_request(self, responder: Responder) -> None:
         """Answer server requests (``send_and_wait``) with ``responder(request)``: its return value
-        (awaited if a coroutine) is the answer; return :class:`Chunked` to answer in parts."""
+        (awaited if a coroutine) is the answer; return :class:`Chunked` to answer in parts.
+
+        A responder that raises is logged (``dara_ws_core.client``, ERROR) and sends nothing: the
+        protocol has no error answer from a client, so the server's ``send_and_wait`` raises
+        ``RequestTimeout`` when its timeout passes. Without a responder, server requests wait in
+        the inbox like pushes (:meth:`receive`), to be answered with :meth:`answer`."""
         self._responder = responder
 
     async def connect(self) -> str:
