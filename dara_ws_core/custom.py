@@ -171,7 +171,8 @@ class CustomHandlerRegistry:
 
     def register(self, kind: str, func: CustomHandler, *, in_thread: bool = False) -> None:
         """Register ``func`` for ``kind``; raises ``ValueError`` if the kind is taken,
-        ``TypeError`` if ``kind`` is not a string or ``func`` not callable."""
+        ``TypeError`` if ``kind`` is not a string or ``func`` not callable, or a generator
+        function (sync or async)."""
         if not isinstance(kind, str):
             raise TypeError(f"a handler's kind must be a str, not {type(kind).__name__}")
         if not callable(func):
@@ -179,6 +180,11 @@ class CustomHandlerRegistry:
                             f"handler(channel_id, data), not {type(func).__name__}")
         if kind in self._handlers:
             raise ValueError(f"a handler is already registered for kind {kind!r}")
+        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+            # Its result would be a generator, which no reply can carry: refused when every
+            # request for it would fail, not at the first one.
+            raise TypeError(f"the handler for kind {kind!r} is a generator function: a handler returns "
+                            "its reply (or awaits it, if async); it cannot yield a stream of them")
         is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
             getattr(func, "__call__", None)  # noqa: B004 - async callable objects
         )

@@ -10,6 +10,7 @@ empty. Servers are real, on every served transport, over 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -54,6 +55,15 @@ async def test_a_wrong_send_and_wait_timeout_raises_its_own_type_error(make_stac
 # ------------------------------------------------------------------ constructors
 
 
+def _rows(channel_id: str, data: Any) -> Iterator[int]:
+    yield from range(3)
+
+
+async def _rows_async(channel_id: str, data: Any) -> AsyncIterator[int]:
+    for row in range(3):
+        yield row
+
+
 @pytest.mark.parametrize(("build", "error", "message"), [
     pytest.param(lambda: WebsocketManager("x"), TypeError, "config must be a ServerConfig, not str",  # type: ignore[arg-type]
                  id="manager-config"),
@@ -73,6 +83,10 @@ async def test_a_wrong_send_and_wait_timeout_raises_its_own_type_error(make_stac
                  "handler for kind 'x' must be a callable", id="handler-not-callable"),
     pytest.param(lambda: WebsocketManager().add_ws_handler(5, lambda c, d: d), TypeError,  # type: ignore[arg-type]
                  "kind must be a str, not int", id="handler-kind"),
+    pytest.param(lambda: WebsocketManager().add_ws_handler("x", _rows), TypeError,
+                 "handler for kind 'x' is a generator function", id="handler-generator"),
+    pytest.param(lambda: WebsocketManager().add_ws_handler("x", _rows_async), TypeError,
+                 "handler for kind 'x' is a generator function", id="handler-async-generator"),
     pytest.param(lambda: DaraClient("ws://127.0.0.1:1/api/core/ws"), TypeError,  # type: ignore[arg-type]
                  r"DaraClient\(lambda: connect\('ws://127.0.0.1:1/api/core/ws'\)\)", id="client-url"),
     pytest.param(lambda: DaraClient(5), TypeError, "connector must be a callable, not int",  # type: ignore[arg-type]
