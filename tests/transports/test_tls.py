@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import functools
 import importlib
 import ipaddress
+import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -309,3 +311,30 @@ async def test_a_tls_socket_holds_its_slot_from_accept_and_frees_it_once_however
             await connect(_url(port, "/elsewhere"), ssl=client_context(certificate), open_timeout=TIMEOUT)
         await _tls_round_trip(port, certificate, endpoint)
         await eventually(lambda: _slots_empty(endpoint), "every slot freed")
+
+
+@pytest.mark.parametrize("name", TLS_SERVERS)
+async def test_tls_connections_end_with_no_error_logged(
+    name: str, certificate: tuple[Path, Path], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A TLS connection a client closes (with either client), or whose upgrade is refused
+    after its TLS handshake, ends with no ERROR record: aiohttp's protocol read the socket's
+    TLS context on the client's end of stream after closing it twice, which asyncio's TLS
+    transport answers with an AttributeError, logged with a traceback per connection."""
+    import websockets
+
+    from dara_ws_websockets import connect
+
+    endpoint = _endpoint(ServerConfig(max_connections=8))
+    with caplog.at_level(logging.WARNING):
+        async with _tls_server(name, endpoint, certificate) as port:
+            context = client_context(certificate)
+            for client in CLIENTS.values():
+                connector = functools.partial(client, _url(port), context)
+                async with asyncio.timeout(TIMEOUT), DaraClient(connector, ping_interval=None) as dara:
+                    assert await dara.request("echo", 1, timeout=TIMEOUT) == 1
+            with pytest.raises(websockets.InvalidStatus):
+                await connect(_url(port, "/elsewhere"), ssl=context, open_timeout=TIMEOUT)
+            await eventually(lambda: _slots_empty(endpoint), "every socket gone")
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert not errors, errors

@@ -275,7 +275,7 @@ class _UpgradeHandler(RequestHandler):
         if self in LINGERING:  # the client's end after our lingering close: the socket closes
             return super().eof_received()
         if (not self._upgraded or self._force_close or transport is None
-                or transport.get_extra_info("sslcontext") is not None  # asyncio closes it all the same
+                or _over_tls(transport)  # asyncio closes it all the same
                 or not (parser is None or isinstance(parser, MaskedFramesOnly))):
             return super().eof_received()  # None: the transport closes
         if parser is None:  # the upgrade is being answered: the end follows what came with the request
@@ -289,6 +289,16 @@ class _UpgradeHandler(RequestHandler):
         ENDED_BEHIND_REQUEST.discard(self)
         lingered(self)
         super().connection_lost(exc)
+
+
+def _over_tls(transport: asyncio.BaseTransport) -> bool:
+    """Whether ``transport`` is asyncio's TLS transport (or uvloop's). asyncio's, once closed
+    twice (as aiohttp closes it), raises ``AttributeError`` from ``get_extra_info``: logged
+    with a traceback by the loop, at each such client's end of stream."""
+    try:
+        return transport.get_extra_info("sslcontext") is not None
+    except AttributeError:
+        return True
 
 
 class _RequestHandler(_UpgradeHandler):
