@@ -119,25 +119,27 @@ class ConnectionSlots:
         return (self.per_address is not None and address is not None
                 and self.by_address.get(address, 0) >= self.per_address)
 
-    def check(self, address: str | None, *, answerable: bool = True) -> Admission:
+    def check(self, address: str | None) -> Admission:
         """What :meth:`take` would answer for a socket from ``address`` (its host), changing
-        nothing. A socket that cannot be ``answerable`` (a TLS socket before its TLS
-        handshake: no 503 can reach it) is refused with ``DROP``."""
+        nothing."""
         if self.limit_reached:
             refusal = Admission.REFUSE
         elif self._crowded(address):
             refusal = Admission.REFUSE_ADDRESS
         else:
             return Admission.ADMIT
-        return refusal if answerable and self.refusing < self.refusing_limit else Admission.DROP
+        return refusal if self.refusing < self.refusing_limit else Admission.DROP
 
     def take(self, address: str | None = None, evict: Evict | None = None, *,
              answerable: bool = True) -> Admission:
-        """A socket from ``address`` was accepted: whether to serve it (``answerable`` as for
-        :meth:`check`). Every call is matched by one :meth:`release` with its result, address
-        and ``evict`` (for a ``DROP`` it does nothing). With ``evict``, the socket is waiting
-        for its request until :meth:`settle`."""
-        admission = self.check(address, answerable=answerable)
+        """A socket from ``address`` was accepted: whether to serve it. Every call is matched
+        by one :meth:`release` with its result, address and ``evict`` (for a ``DROP`` it does
+        nothing). With ``evict``, the socket is waiting for its request until :meth:`settle`.
+        A socket no answer can reach yet (``answerable=False``: a TLS socket before its TLS
+        handshake, which no 503 can reach) is refused with ``DROP``."""
+        admission = self.check(address)
+        if not answerable and admission is not Admission.ADMIT:
+            admission = Admission.DROP
         if admission is Admission.ADMIT:
             self.admitted += 1
             if self.per_address is not None and address is not None:
