@@ -149,9 +149,8 @@ async def _dropped_after_half_a_second(port: int) -> None:
 async def test_a_tls_handshake_never_made_is_dropped_after_handshake_timeout(
     adapter: str, certificate: tuple[Path, Path]
 ) -> None:
-    """The socket is counted against max_connections only once its TLS handshake is done: one
-    that never starts it is held no longer than an unfinished WebSocket handshake (asyncio's
-    default would hold it 60 s)."""
+    """A socket that never starts its TLS handshake is held no longer than an unfinished
+    WebSocket handshake (asyncio's default would hold it 60 s)."""
     serve = importlib.import_module(adapter).serve
     endpoint = _endpoint(ServerConfig(handshake_timeout=0.5))
     async with serve(endpoint, "127.0.0.1", 0, ssl=server_context(certificate)) as server:
