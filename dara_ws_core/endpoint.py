@@ -130,11 +130,16 @@ class ConnectionSlots:
             return Admission.ADMIT
         return refusal if self.refusing < self.refusing_limit else Admission.DROP
 
-    def take(self, address: str | None = None, evict: Evict | None = None) -> Admission:
+    def take(self, address: str | None = None, evict: Evict | None = None, *,
+             answerable: bool = True) -> Admission:
         """A socket from ``address`` was accepted: whether to serve it. Every call is matched
         by one :meth:`release` with its result, address and ``evict`` (for a ``DROP`` it does
-        nothing). With ``evict``, the socket is waiting for its request until :meth:`settle`."""
+        nothing). With ``evict``, the socket is waiting for its request until :meth:`settle`.
+        A socket no answer can reach yet (``answerable=False``: a TLS socket before its TLS
+        handshake, which no 503 can reach) is refused with ``DROP``."""
         admission = self.check(address)
+        if not answerable and admission is not Admission.ADMIT:
+            admission = Admission.DROP
         if admission is Admission.ADMIT:
             self.admitted += 1
             if self.per_address is not None and address is not None:
@@ -177,11 +182,11 @@ class ConnectionSlots:
             crowds.setdefault(now, {})[address] = None
             self._most = max(self._most, now)
 
-    def victim(self, address: str | None) -> tuple[Evict, Admission, str | None] | None:
+    def victim(self, address: str | None, *, answerable: bool = True) -> tuple[Evict, Admission, str | None] | None:
         """When a socket from ``address`` would be refused (or dropped): the waiting socket to
         evict so that it is not, with its admission and address, no longer registered as
         waiting; ``None`` if none can make room. The caller calls it, then :meth:`evicted` if
-        it closed."""
+        it closed. A refused socket makes room only for a newcomer ``answerable`` too."""
         if self._crowded(address):
             # One of the address's own: its going frees a process slot too.
             mine = self._waiting_at.get(address)
@@ -202,7 +207,7 @@ class ConnectionSlots:
                 return evict, Admission.ADMIT, owner
         else:
             return None
-        if self.refusing >= self.refusing_limit and self._refused:
+        if answerable and self.refusing >= self.refusing_limit and self._refused:
             evict = next(iter(self._refused))
             del self._refused[evict]
             return evict, Admission.REFUSE, None
@@ -316,7 +321,8 @@ class Endpoint:
         state = "shut down" if self._closing else "open"
         return f"<Endpoint {self.path} {state}, {count} connection{'' if count == 1 else 's'}>"
 
-    def take_slot(self, address: str | None = None, evict: Evict | None = None) -> Admission:
+    def take_slot(self, address: str | None = None, evict: Evict | None = None, *,
+                  answerable: bool = True) -> Admission:
         """Call when a socket is accepted (or, where the library tells nothing earlier, when its
         handshake starts), with its peer's host (:func:`host_of`), and :meth:`free_slot` with
         the result, the same host and ``evict`` when it is gone: whether
@@ -329,18 +335,22 @@ class Endpoint:
         ``evict`` (see :data:`Evict`) registers the socket as still in its handshake until
         :meth:`settled`: when the process or the address is full, such a socket is closed to
         let the newcomer in (counted as ``evicted``; :class:`ConnectionSlots` says which)
-        rather than the newcomer refused."""
+        rather than the newcomer refused.
+
+        A socket no answer can reach yet (a TLS one, counted from its TCP accept, before its
+        TLS handshake: :mod:`dara_ws_core.tls`) is taken with ``answerable=False``: refused, it
+        is ``DROP``, never ``REFUSE``."""
         address = self._slot_key(address)
         slots = self.slots
         for _ in range(slots.waiting):  # each turn takes one socket off the waiting ones
-            victim = slots.victim(address)
+            victim = slots.victim(address, answerable=answerable)
             if victim is None:
                 break
             if victim[0]():
                 slots.evicted(*victim)
                 self.manager.counters.count(self.manager.counters.handshakes_rejected, "evicted")
                 break
-        admission = slots.take(address, evict)
+        admission = slots.take(address, evict, answerable=answerable)
         if admission is not Admission.ADMIT:
             self.refused(admission)
         return admission

@@ -179,6 +179,24 @@ def test_slots_refused_sockets_waiting_make_room_for_newer_ones() -> None:
     assert slots.take(None, evict[-1]) is Admission.REFUSE and slots.refusing == slots.refusing_limit
 
 
+def test_slots_drop_a_socket_no_answer_can_reach_and_evict_no_refused_one_for_it() -> None:
+    # A TLS socket counted from its TCP accept, before its TLS handshake: no 503 can reach it,
+    # so over a bound it is closed at once, and a refused socket waiting for its 503 does not
+    # go to make room for it (it would be dropped all the same).
+    slots = ConnectionSlots(2, per_address=1)
+    assert slots.take("10.0.0.1", answerable=False) is Admission.ADMIT
+    assert slots.take("10.0.0.1", answerable=False) is Admission.DROP  # its address is full
+    assert slots.take("10.0.0.2", answerable=False) is Admission.ADMIT
+    assert slots.take("10.0.0.3", answerable=False) is Admission.DROP  # the process is full
+    assert (slots.admitted, slots.refusing) == (2, 0)  # nothing waits for an answer
+    slots = ConnectionSlots(1)
+    assert slots.take(None) is Admission.ADMIT  # a client (no evict: never a victim)
+    evict = [lambda i=i: True for i in range(slots.refusing_limit)]
+    assert {slots.take(None, key) for key in evict} == {Admission.REFUSE}
+    assert slots.victim(None, answerable=False) is None
+    assert slots.victim(None) == (evict[0], Admission.REFUSE, None)  # for one that can be answered
+
+
 def test_slots_a_full_address_evicts_its_own_waiting_sockets_only() -> None:
     slots = ConnectionSlots(8, per_address=2)
     a, b = [lambda: True, lambda: True], [lambda: True, lambda: True]

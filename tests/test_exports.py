@@ -54,6 +54,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "upgrade": frozenset({"MAX_HEADERS", "MAX_HEADER_LINE", "NOT_FOUND", "UNPARSABLE", "Refusal", "RequestLine",
                           "Target", "check_target", "check_upgrade_request", "connection_upgrades", "loose_line_ends",
                           "normalize_path", "parse_request_line", "read_target", "refusal_of_request_line"}),
+    # The socket adapters' TLS listener, counting sockets from their TCP accept.
+    "tls": frozenset({"CountedTLS"}),
     # TrustedProxies: what ServerConfig.forwarded_allow_ips is read as, for the endpoint.
     "transport": frozenset({"ClientFrameHeaders", "MAX_PIPELINED", "NOT_UTF8", "PROCESS_RECEIVING", "RECEIVING_SHARES",
                             "ReceivingBudget", "ReceivingCharge", "RequestHead", "TrustedProxies", "address_key",

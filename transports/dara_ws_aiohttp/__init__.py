@@ -38,6 +38,7 @@ from dara_ws_core.auth import holder_of
 from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, Evict, host_of
 from dara_ws_core.exceptions import AuthenticationFailed
 from dara_ws_core.logs import RepeatedRecords
+from dara_ws_core.tls import CountedTLS
 from dara_ws_core.transport import HandshakeRequest, ReceivingCharge, Server
 from dara_ws_core.upgrade import (
     UNPARSABLE,
@@ -274,7 +275,7 @@ class _UpgradeHandler(RequestHandler):
         if self in LINGERING:  # the client's end after our lingering close: the socket closes
             return super().eof_received()
         if (not self._upgraded or self._force_close or transport is None
-                or transport.get_extra_info("sslcontext") is not None  # asyncio closes it all the same
+                or _over_tls(transport)  # asyncio closes it all the same
                 or not (parser is None or isinstance(parser, MaskedFramesOnly))):
             return super().eof_received()  # None: the transport closes
         if parser is None:  # the upgrade is being answered: the end follows what came with the request
@@ -288,6 +289,16 @@ class _UpgradeHandler(RequestHandler):
         ENDED_BEHIND_REQUEST.discard(self)
         lingered(self)
         super().connection_lost(exc)
+
+
+def _over_tls(transport: asyncio.BaseTransport) -> bool:
+    """Whether ``transport`` is asyncio's TLS transport (or uvloop's). asyncio's, once closed
+    twice (as aiohttp closes it), raises ``AttributeError`` from ``get_extra_info``: logged
+    with a traceback by the loop, at each such client's end of stream."""
+    try:
+        return transport.get_extra_info("sslcontext") is not None
+    except AttributeError:
+        return True
 
 
 class _RequestHandler(_UpgradeHandler):
@@ -371,25 +382,24 @@ class _AccessLog(AbstractAccessLogger):
 
 
 class _TLSSite(web.TCPSite):
-    """aiohttp's ``TCPSite`` with the TLS handshake bounded by the endpoint's
-    ``handshake_timeout`` (asyncio's default is 60 s, and aiohttp sets none): the socket is
-    counted against ``max_connections`` only once it is done (see :func:`_count_sockets`), so an
-    unfinished one must not be held longer than an unfinished WebSocket handshake. The same call
-    as ``TCPSite.start``, with the one argument more."""
+    """aiohttp's ``TCPSite`` listening on plain TCP, its sockets served over TLS by
+    :class:`~dara_ws_core.tls.CountedTLS`: each counted from its accept against
+    ``max_connections`` (a listener with ``ssl=`` hands aiohttp a socket only once its TLS
+    handshake is done), the handshake bounded by ``handshake_timeout`` (asyncio's default is
+    60 s, and aiohttp sets none). The same call as ``TCPSite.start`` otherwise."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, *, handshake_timeout: float,
+    def __init__(self, runner: web.AppRunner, host: str, port: int, *, endpoint: Endpoint,
                  **options: Any) -> None:
         super().__init__(runner, host, port, **options)
-        self._handshake_timeout = handshake_timeout
+        self._tls = CountedTLS(options["ssl_context"], (endpoint,))
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site with its runner, as TCPSite's does
         server = self._runner.server
         assert server is not None
         self._server = await asyncio.get_running_loop().create_server(
-            server, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            self._tls.factory(server), self._host, self._port, backlog=self._backlog,
             reuse_address=self._reuse_address, reuse_port=self._reuse_port,
-            ssl_handshake_timeout=self._handshake_timeout,
         )
         # What TCPSite.start records since aiohttp 3.12 (its port property reads it).
         self._bound_port = int(self._server.sockets[0].getsockname()[1])
@@ -429,7 +439,7 @@ async def serve(
             site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         else:
             site = _TLSSite(runner, host, port, reuse_port=reuse_port or None, ssl_context=ssl,
-                            handshake_timeout=config.handshake_timeout)
+                            endpoint=endpoint)
         await site.start()
         port = int(runner.addresses[0][1])
         yield Server.build(host, port, endpoint.path, runner, secure=ssl is not None)

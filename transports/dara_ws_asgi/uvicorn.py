@@ -29,6 +29,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
 
 from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, Evict, host_of
 from dara_ws_core.logs import RepeatedRecords
+from dara_ws_core.tls import CountedTLS
 from dara_ws_core.transport import (
     ClientFrameHeaders,
     ReceivingCharge,
@@ -671,9 +672,10 @@ def hook_uvicorn(endpoint: Endpoint, server: uvicorn.Server | None = None) -> bo
     """Make a uvicorn server (by default the one running this process, found through the
     signal handler it installs) shut ``endpoint`` down *before* it closes connections itself
     with 1012, and use the bounded protocols of :func:`_uvicorn_protocols` if it uses uvicorn's
-    own (h11 or httptools, and websockets-sansio), and bound its TLS handshakes by the endpoint's
-    ``handshake_timeout`` (:func:`_bound_tls_handshakes`) when called in the loop it will serve
-    in. Returns whether a server was found. Call it before the server accepts."""
+    own (h11 or httptools, and websockets-sansio), and count its TLS sockets from their accept,
+    their TLS handshakes bounded by the endpoint's ``handshake_timeout``
+    (:func:`_count_tls_sockets`), when called in the loop it will serve in. Returns whether a
+    server was found. Call it before the server accepts."""
     if server is None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             owner = getattr(signal.getsignal(sig), "__self__", None)
@@ -706,38 +708,37 @@ def hook_uvicorn(endpoint: Endpoint, server: uvicorn.Server | None = None) -> bo
         config.ws_protocol_class = ws
     context = getattr(config, "ssl", None)  # made by Config.load(), before the lifespan runs
     if isinstance(context, _ssl.SSLContext):
-        bound = endpoint.config.handshake_timeout
-        _TLS_HANDSHAKE_TIMEOUTS[context] = min(bound, _TLS_HANDSHAKE_TIMEOUTS.get(context, bound))
-        with contextlib.suppress(RuntimeError):  # no loop running yet: asyncio's 60 s stay
-            _bound_tls_handshakes(asyncio.get_running_loop())
+        _TLS_SERVED[context] = endpoints
+        with contextlib.suppress(RuntimeError):  # no loop running yet: uvicorn's own ssl= listener
+            _count_tls_sockets(asyncio.get_running_loop())
     return True
 
 
-#: The TLS handshake bound of the context of each hooked uvicorn server (the smallest
-#: ``handshake_timeout`` of its endpoints), read by the loop's ``create_server`` as
-#: :func:`_bound_tls_handshakes` leaves it.
-_TLS_HANDSHAKE_TIMEOUTS: weakref.WeakKeyDictionary[_ssl.SSLContext, float] = weakref.WeakKeyDictionary()
+#: The endpoints hooked on each uvicorn server serving TLS, by its context, read by the loop's
+#: ``create_server`` as :func:`_count_tls_sockets` leaves it.
+_TLS_SERVED: weakref.WeakKeyDictionary[_ssl.SSLContext, list[Endpoint]] = weakref.WeakKeyDictionary()
 
 
-def _bound_tls_handshakes(loop: asyncio.AbstractEventLoop) -> None:
-    """Make ``loop.create_server`` bound the TLS handshakes of a context in
-    :data:`_TLS_HANDSHAKE_TIMEOUTS` by its time (once per loop; other calls are left as they
-    are). uvicorn makes its listeners itself, with asyncio's default bound (60 s) and no setting
-    for it; a socket is counted against ``max_connections`` only once its TLS handshake is done,
-    so one never made must not be held longer than an unfinished WebSocket handshake."""
-    if getattr(loop, "_dara_tls_bound", False):
+def _count_tls_sockets(loop: asyncio.AbstractEventLoop) -> None:
+    """Make ``loop.create_server`` serve the TLS of a context in :data:`_TLS_SERVED` through
+    :class:`~dara_ws_core.tls.CountedTLS` (once per loop; other calls are left as they are):
+    each socket counted from its accept against the hooked endpoints' ``max_connections``, its
+    TLS handshake bounded by their ``handshake_timeout``. uvicorn makes its listeners itself,
+    with ``ssl=``, which hands its protocol a socket only once its TLS handshake is done (and
+    bounds that by asyncio's 60 s, with no setting for it)."""
+    if getattr(loop, "_dara_tls_counted", False):
         return
     create_server = loop.create_server
 
-    async def bounded(*args: Any, **kwargs: Any) -> asyncio.Server:
+    async def counted(factory: Any, *args: Any, **kwargs: Any) -> asyncio.Server:
         context = kwargs.get("ssl")
-        timeout = _TLS_HANDSHAKE_TIMEOUTS.get(context) if isinstance(context, _ssl.SSLContext) else None
-        if timeout is not None:
-            kwargs.setdefault("ssl_handshake_timeout", timeout)
-        return await create_server(*args, **kwargs)
+        endpoints = _TLS_SERVED.get(context) if isinstance(context, _ssl.SSLContext) else None
+        if endpoints and (tls := CountedTLS.take_from(kwargs, endpoints)) is not None:
+            factory = tls.factory(factory)
+        return await create_server(factory, *args, **kwargs)
 
-    setattr(loop, "create_server", bounded)  # noqa: B010 (an instance attribute on purpose)
-    setattr(loop, "_dara_tls_bound", True)  # noqa: B010
+    setattr(loop, "create_server", counted)  # noqa: B010 (an instance attribute on purpose)
+    setattr(loop, "_dara_tls_counted", True)  # noqa: B010
 
 
 class _Uvicorn(uvicorn.Server):

@@ -35,6 +35,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
 from dara_ws_core.auth import Holder, holder_of
 from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, host_of
 from dara_ws_core.exceptions import AuthenticationFailed
+from dara_ws_core.tls import CountedTLS
 from dara_ws_core.transport import HandshakeRequest, ReceivingCharge, Server
 from dara_ws_core.upgrade import (
     UNPARSABLE,
@@ -343,17 +344,19 @@ async def serve(
     shuts down gracefully (connections close with 1001), then the listener closes. Raises
     ``OSError`` if the address cannot be bound.
     """
-    if kwargs.get("ssl"):
-        # A TLS handshake comes before the gate counts the socket: bounded as a WebSocket
-        # handshake is (asyncio's default is 60 s), as websockets bounds it with open_timeout.
-        kwargs.setdefault("ssl_handshake_timeout", endpoint.config.handshake_timeout)
     endpoint.open()
     serving = _Serving(endpoint)
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _Gate(serving), host, port, **kwargs)
+
+    def gate() -> _Gate:
+        return _Gate(serving)
+
+    # Over TLS, each socket counted from its accept (its TLS handshake bounded by handshake_timeout).
+    tls = CountedTLS.take_from(kwargs, (endpoint,))
+    server = await asyncio.get_running_loop().create_server(
+        gate if tls is None else tls.factory(gate), host, port, **kwargs)
     try:
         port = int(server.sockets[0].getsockname()[1])
-        yield Server.build(host, port, endpoint.path, server, secure=bool(kwargs.get("ssl")))
+        yield Server.build(host, port, endpoint.path, server, secure=tls is not None)
     finally:
         server.close()
         await endpoint.shutdown()

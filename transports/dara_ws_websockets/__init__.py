@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 from dara_ws_core.auth import holder_of
 from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, host_of
 from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
+from dara_ws_core.tls import CountedTLS
 from dara_ws_core.transport import (
     ClientFrameHeaders,
     HandshakeRequest,
@@ -611,11 +612,16 @@ async def serve(
         "create_connection": functools.partial(_ServerConnection, dara_endpoint=endpoint),
     }
     options.update(kwargs)
+    # Over TLS, each socket counted from its accept (its TLS handshake bounded by handshake_timeout):
+    # websockets listens on plain TCP, and each of its connections comes through the gate.
+    if (tls := CountedTLS.take_from(options, (endpoint,))) is not None:
+        create = options["create_connection"]
+        options["create_connection"] = lambda *args, **kw: tls.gate(functools.partial(create, *args, **kw))
     endpoint.open()
     async with ws_serve(dara_handler, host, port, **options) as server:
         port = int(next(iter(server.sockets)).getsockname()[1])
         try:
-            yield Server.build(host, port, endpoint.path, server, secure=bool(options.get("ssl")))
+            yield Server.build(host, port, endpoint.path, server, secure=tls is not None)
         finally:
             await endpoint.shutdown()
 
