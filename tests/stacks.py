@@ -238,6 +238,8 @@ async def hooked_uvicorn(app: Any, endpoint: Endpoint, **options: Any) -> AsyncI
                 await asyncio.sleep(0.01)
         yield sock.getsockname()[1]
     finally:
+        for listener in server.servers:  # as the hook's shutdown does (SIGTERM), with no grace
+            listener.close()
         await endpoint.shutdown(grace=0)
         server.should_exit = True
         await task

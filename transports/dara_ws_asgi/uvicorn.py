@@ -766,7 +766,8 @@ async def serve(
     ``ctx.load_cert_chain(certfile, keyfile)`` (a password, client certificates, ciphers: the
     context's own methods).
 
-    On exit the endpoint shuts down (connections close with 1001), then uvicorn stops. Raises
+    On exit listening stops, the endpoint shuts down (connections close with 1001), then uvicorn
+    stops. Raises
     ``OSError`` if the address cannot be bound, ``RuntimeError`` if uvicorn stops during startup.
     """
     from . import asgi_app  # the package imports this module first
@@ -821,6 +822,8 @@ async def serve(
         yield Server.build(host, port, endpoint.path, server, secure=ssl is not None)
     finally:
         ready.cancel()
+        for listener in server.servers:  # no newcomer while the connections close
+            listener.close()
         await endpoint.shutdown()
         server.should_exit = True
         await task

@@ -522,8 +522,8 @@ async def serve(
 
     Yields a :class:`~dara_ws_core.Server` (``port=0`` picks a free port) whose ``native`` is
     websockets' ``Server``. Extra keyword arguments go to ``websockets.asyncio.server.serve``
-    (e.g. ``ssl=``). On exit the endpoint shuts down gracefully (connections close with 1001)
-    before the listener closes. Raises ``OSError`` if the address cannot be bound.
+    (e.g. ``ssl=``). On exit listening stops, then the endpoint shuts down gracefully
+    (connections close with 1001). Raises ``OSError`` if the address cannot be bound.
 
     Your own server's parts, as websockets takes them: ``process_request(connection, request)``
     (a function or a coroutine function) runs first for every request, the endpoint's included;
@@ -623,6 +623,9 @@ async def serve(
         try:
             yield Server.build(host, port, endpoint.path, server, secure=tls is not None)
         finally:
+            # No newcomer while the connections close: one would get 403 from the endpoint shut
+            # down, where a refused connection sends a client on to another process at once.
+            server.server.close()
             await endpoint.shutdown()
 
 
