@@ -340,8 +340,8 @@ async def serve(
 
     Yields a :class:`~dara_ws_core.Server` (``port=0`` picks a free port) whose ``native`` is the
     ``asyncio.Server``. Extra keyword arguments go to ``loop.create_server`` (``reuse_port=True``,
-    ``backlog=``, ``ssl=`` a server ``ssl.SSLContext``: then ``wss://``). On exit the endpoint
-    shuts down gracefully (connections close with 1001), then the listener closes. Raises
+    ``backlog=``, ``ssl=`` a server ``ssl.SSLContext``: then ``wss://``). On exit listening
+    stops, then the endpoint shuts down gracefully (connections close with 1001). Raises
     ``OSError`` if the address cannot be bound.
     """
     endpoint.open()
