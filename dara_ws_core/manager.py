@@ -235,8 +235,8 @@ class WebsocketManager:
         (``closed``: the :class:`~dara_ws_core.exceptions.ConnectionClosed` with the close code
         and reason), sync or async, to run once each connection :meth:`on_connect` ran for has
         ended, whatever ended it (the client, the server, a lost socket, a revocation, a
-        shutdown); returns ``func``. The channel is gone by then (a send to it raises
-        ``UnknownChannel``); its user's other channels are not. Hooks run in the order
+        shutdown); returns ``func``. The channel is gone by then (without a backplane, a send to
+        it raises ``UnknownChannel``); its user's other channels are not. Hooks run in the order
         registered, in one task per ended connection, each within ``handler_timeout``, in a
         context whose :data:`current_channel` is the ended channel; :meth:`Endpoint.shutdown`
         waits for them (within its grace, then cancels them). Failures are logged and counted
