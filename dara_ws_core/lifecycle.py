@@ -9,10 +9,10 @@ rest of the hooks, in order, to a task the connection tracks like a custom handl
 holds up the connection's frames, it is cancelled when the connection closes, and each hook
 within it is bounded by ``handler_timeout``.
 
-``on_disconnect(channel_id, identity[, closed])`` runs once the channel is removed (no longer
+``on_disconnect(channel_id, identity, closed)`` runs once the channel is removed (no longer
 reachable; its user's other channels are), whatever ended it, exactly once for each connection
-``on_connect`` ran for, with the :class:`~dara_ws_core.exceptions.ConnectionClosed` that says how
-if it takes a third argument. Its hooks run in order in one task of the manager's (never inside
+``on_connect`` ran for; ``closed`` is the :class:`~dara_ws_core.exceptions.ConnectionClosed` that
+says how (``code``, ``reason``). Its hooks run in order in one task of the manager's (never inside
 the close, which may happen in the middle of a fan-out), each bounded by ``handler_timeout``;
 :meth:`Endpoint.shutdown` waits for them.
 
@@ -44,9 +44,8 @@ if TYPE_CHECKING:
 
 #: ``on_connect(channel_id, identity)``, sync or async (``identity``: what the authenticator gave).
 ConnectHook = Callable[[str, Any], Any]
-#: ``on_disconnect(channel_id, identity)`` or ``on_disconnect(channel_id, identity, closed)``,
-#: sync or async.
-DisconnectHook = Callable[..., Any]
+#: ``on_disconnect(channel_id, identity, closed)``, sync or async.
+DisconnectHook = Callable[[str, Any, ConnectionClosed], Any]
 
 _CONNECT = "connect"
 _DISCONNECT = "disconnect"
@@ -59,26 +58,21 @@ class Hook:
     event: str  # "connect" or "disconnect"
     func: Callable[..., Any]
     is_async: bool
-    #: Positional arguments it takes: 2, or 3 for an ``on_disconnect`` given the close.
-    arity: int
 
 
-def _arity(event: str, func: Callable[..., Any]) -> int:
-    """How many of the arguments ``func`` takes; ``TypeError`` if it cannot take them."""
-    wanted = (3, 2) if event == _DISCONNECT else (2,)
+def _check_arguments(event: str, func: Callable[..., Any]) -> None:
+    """``TypeError`` if ``func`` cannot take a hook's arguments: at registration, not at the
+    first connection."""
+    takes = "(channel_id, identity, closed)" if event == _DISCONNECT else "(channel_id, identity)"
     try:
         signature = inspect.signature(func)
     except (TypeError, ValueError):  # a builtin without one: taken at its word
-        return wanted[-1]
-    for count in wanted:
-        try:
-            signature.bind(*range(count))
-        except TypeError:
-            continue
-        return count
-    takes = "(channel_id, identity) or (channel_id, identity, closed)" if event == _DISCONNECT \
-        else "(channel_id, identity)"
-    raise TypeError(f"an on_{event} hook takes {takes}; {_name_of(func)} has the signature {signature}")
+        return
+    try:
+        signature.bind(*range(takes.count(",") + 1))
+    except TypeError:
+        raise TypeError(f"an on_{event} hook takes {takes}; {_name_of(func)} has the signature "
+                        f"{signature}") from None
 
 
 class ConnectionHooks:
@@ -109,7 +103,8 @@ class ConnectionHooks:
         is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
             getattr(func, "__call__", None)  # noqa: B004 - async callable objects
         )
-        hook = Hook(event, func, is_async, _arity(event, func))
+        _check_arguments(event, func)
+        hook = Hook(event, func, is_async)
         if event == _CONNECT:
             self.connect += (hook,)
         else:
@@ -189,7 +184,7 @@ def _call_sync(hook: Hook, handler: WebSocketHandler, args: tuple[Any, ...]) -> 
     """Call a sync hook; what it returned to await (a lambda calling an async function), if any.
     A failure is logged and counted."""
     try:
-        result = hook.func(*args[:hook.arity])
+        result = hook.func(*args)
     except Exception as exc:
         _failed(hook, handler, exc)
         return None
@@ -226,7 +221,7 @@ async def _bounded(hook: Hook, handler: WebSocketHandler, args: tuple[Any, ...],
     scope = asyncio.timeout(handler.config.handler_timeout)
     try:
         async with scope:
-            await (hook.func(*args[:hook.arity]) if awaitable is None else awaitable)
+            await (hook.func(*args) if awaitable is None else awaitable)
     except TimeoutError as exc:
         if not scope.expired():  # its own (a send_and_wait it let through): a failure
             _failed(hook, handler, exc)

@@ -225,22 +225,24 @@ class WebsocketManager:
         (``stats().hooks``): the connection stays open (refusing one is the authenticator's
         job). With a backplane, the hooks of the process holding the connection run. Hooks
         registered later run for connections opened later. Raises ``TypeError`` for a
-        non-callable, a generator function, or a callable that cannot take the two arguments.
+        non-callable, a generator function, or a callable that cannot take the two arguments
+        (checked at registration; ``mypy`` checks it too).
         """
         self._hooks().add("connect", func)
         return func
 
     def on_disconnect(self, func: D) -> D:
-        """Register ``func(channel_id, identity)``, or ``func(channel_id, identity, closed)``
-        (``closed``: the :class:`~dara_ws_core.exceptions.ConnectionClosed` with the close code
-        and reason), sync or async, to run once each connection :meth:`on_connect` ran for has
+        """Register ``func(channel_id, identity, closed)`` (``closed``: the
+        :class:`~dara_ws_core.exceptions.ConnectionClosed` with the close code and reason), sync
+        or async, to run once each connection :meth:`on_connect` ran for has
         ended, whatever ended it (the client, the server, a lost socket, a revocation, a
-        shutdown); returns ``func``. The channel is gone by then (without a backplane, a send to
-        it raises ``UnknownChannel``); its user's other channels are not. Hooks run in the order
+        shutdown); returns ``func``. The channel is gone by then (a send to it raises
+        ``UnknownChannel``); its user's other channels are not. Hooks run in the order
         registered, in one task per ended connection, each within ``handler_timeout``, in a
         context whose :data:`current_channel` is the ended channel; :meth:`Endpoint.shutdown`
         waits for them (within its grace, then cancels them). Failures are logged and counted
-        as :meth:`on_connect`'s. Raises ``TypeError`` as :meth:`on_connect` does.
+        as :meth:`on_connect`'s. Raises ``TypeError`` as :meth:`on_connect` does (for the three
+        arguments).
         """
         self._hooks().add("disconnect", func)
         return func

@@ -24,10 +24,11 @@ from dara_ws_core import (
     current_channel,
     current_identity,
 )
+from dara_ws_core.backplane import MemoryBackplane, MemoryBroker
 from dara_ws_core.exceptions import CloseCode
 
 from .helpers import eventually
-from .stacks import HandshakeRejected, Stack
+from .stacks import HandshakeRejected, Stack, running_stack
 
 TIMEOUT = 5.0
 
@@ -111,7 +112,7 @@ async def test_hooks_run_in_order_in_the_connections_context(make_stack: Callabl
         manager.on_connect(lambda channel_id, identity: record("third", channel_id, identity))
 
         @manager.on_disconnect
-        def gone(channel_id: str, identity: Identity) -> None:
+        def gone(channel_id: str, identity: Identity, closed: ConnectionClosed) -> None:
             record("gone", channel_id, identity)
 
         client = await stack.client("bob:s1")
@@ -218,7 +219,7 @@ async def test_a_slow_on_connect_holds_up_no_frame_and_is_cancelled_at_close(
                 cancelled.append(channel_id)
                 raise
 
-        manager.on_disconnect(lambda channel_id, identity: disconnected.append(channel_id))
+        manager.on_disconnect(lambda channel_id, identity, closed: disconnected.append(channel_id))
         client = await stack.client()
         # The hook is still waiting: the request is answered all the same.
         assert await client.request("echo", [1, 2], timeout=TIMEOUT) == [1, 2]
@@ -296,7 +297,7 @@ async def test_on_disconnect_runs_in_the_ended_channels_context_not_the_closers(
             return manager.close_channel(target, 4003, "kicked")
 
         @manager.on_disconnect
-        def gone(channel_id: str, identity: Identity) -> None:
+        def gone(channel_id: str, identity: Identity, closed: ConnectionClosed) -> None:
             seen.append((channel_id, current_channel.get(), current_identity.get().user_id))
 
         admin = await stack.client("admin:s1")
@@ -312,7 +313,7 @@ async def test_shutdown_returns_once_every_on_disconnect_ran(make_stack: Callabl
         done: list[str] = []
 
         @manager.on_disconnect
-        async def slow_cleanup(channel_id: str, identity: Identity) -> None:
+        async def slow_cleanup(channel_id: str, identity: Identity, closed: ConnectionClosed) -> None:
             await asyncio.sleep(0.1)
             done.append(channel_id)
 
@@ -329,10 +330,10 @@ async def test_a_failing_on_disconnect_is_logged_and_the_next_one_runs(
         after: list[str] = []
 
         @manager.on_disconnect
-        def broken(channel_id: str, identity: Identity) -> None:
+        def broken(channel_id: str, identity: Identity, closed: ConnectionClosed) -> None:
             raise RuntimeError("cleanup failed")
 
-        manager.on_disconnect(lambda channel_id, identity: after.append(current_channel.get()))
+        manager.on_disconnect(lambda channel_id, identity, closed: after.append(current_channel.get()))
         with caplog.at_level(logging.ERROR, logger="dara_ws_core"):
             client = await stack.client()
             channel = client.channel
@@ -349,7 +350,7 @@ async def test_a_refused_connection_gets_neither_hook(make_stack: Callable[..., 
         manager = stack.manager
         calls: list[str] = []
         manager.on_connect(lambda channel_id, identity: calls.append("connect"))
-        manager.on_disconnect(lambda channel_id, identity: calls.append("disconnect"))
+        manager.on_disconnect(lambda channel_id, identity, closed: calls.append("disconnect"))
         with pytest.raises(HandshakeRejected):
             await stack.connect("bad")
         client = await stack.client("erin:s1")
@@ -358,6 +359,30 @@ async def test_a_refused_connection_gets_neither_hook(make_stack: Callable[..., 
         await client.close()
         await settled(stack)
         assert calls == ["connect", "disconnect"]
+
+
+async def test_with_a_backplane_the_hooks_of_the_process_holding_the_connection_run() -> None:
+    broker = MemoryBroker()
+    calls: list[tuple[str, str, str]] = []
+    async with contextlib.AsyncExitStack() as exits:
+        managers = []
+        for node in ("n0", "n1"):
+            backplane = MemoryBackplane(broker, node_id=node, heartbeat_interval=0.2)
+            manager = WebsocketManager(backplane=backplane)
+            manager.on_connect(lambda channel, identity, node=node: calls.append((node, "connect", channel)))
+            manager.on_disconnect(lambda channel, identity, closed, node=node: calls.append(
+                (node, f"disconnect {closed.code}", channel)))
+            exits.push_async_callback(backplane.stop)
+            stack = await exits.enter_async_context(running_stack("memory", manager=manager))
+            await backplane.start(manager)
+            managers.append((manager, stack))
+        (first, _), (_, second_stack) = managers
+        client = await second_stack.client("gina:s1")
+        channel = client.channel
+        # Revoked from the other process: the holder closes it, and its hooks run.
+        assert await first.disconnect_user_everywhere("gina") == 0
+        await eventually(lambda: len(calls) == 2, "the holder's on_disconnect ran")
+        assert calls == [("n1", "connect", channel), ("n1", "disconnect 1008", channel)]
 
 
 # ---------------------------------------------------------------------------- registration
@@ -374,15 +399,19 @@ def test_what_cannot_be_a_hook_is_refused_at_registration() -> None:
 
     def one(channel_id: str) -> None: ...
 
+    def two(a: str, b: Identity) -> None: ...
+
     def four(a: str, b: Identity, c: ConnectionClosed, d: int) -> None: ...
 
     for register in (manager.on_connect, manager.on_disconnect):
         for wrong in ("not callable", generator, agen, one, four):
             with pytest.raises(TypeError):
                 register(cast(Any, wrong))
-    with pytest.raises(TypeError, match="on_connect hook takes"):
+    with pytest.raises(TypeError, match=r"on_connect hook takes \(channel_id, identity\)"):
         manager.on_connect(cast(Any, lambda a, b, c: None))
+    with pytest.raises(TypeError, match=r"on_disconnect hook takes \(channel_id, identity, closed\)"):
+        manager.on_disconnect(cast(Any, two))
     hooks = manager.hooks
     assert hooks is not None and not hooks.connect and not hooks.disconnect
-    manager.on_disconnect(lambda a, b, c=None: None)  # a default third: given the close
-    assert [hook.arity for hook in hooks.disconnect] == [3]
+    assert manager.on_connect(two) is two and manager.on_disconnect(print) is print  # (no signature)
+    assert len(hooks.connect) == len(hooks.disconnect) == 1

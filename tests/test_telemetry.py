@@ -75,7 +75,7 @@ async def test_hook_outcomes_are_exported_by_hook_and_outcome() -> None:
     manager.on_connect(lambda channel_id, identity: None)
 
     @manager.on_disconnect
-    def broken(channel_id: str, identity: object) -> None:
+    def broken(channel_id: str, identity: object, closed: object) -> None:
         raise ValueError("cleanup failed")
 
     instrument(manager, MeterProvider(metric_readers=[reader]))
