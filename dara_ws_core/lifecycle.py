@@ -242,8 +242,8 @@ async def _bounded(hook: Hook, handler: WebSocketHandler, args: tuple[Any, ...],
 
 
 def _failed(hook: Hook, handler: WebSocketHandler, exc: BaseException) -> None:
-    # In the application's budget of records, keyed apart from the handlers' kinds (their kinds
-    # are the client's strings: "<...>" is none of them that matters).
+    # The application's failure, as a custom handler's: its own budget of records, and the
+    # first of each hook event and exception type always written.
     _count(handler, hook.event, "error")
     handler.log_app_error(logging.ERROR, "on_%s hook failed (%s)", (f"<on_{hook.event}>", type(exc).__qualname__),
                           hook.event, _name_of(hook.func), exc_info=True, hook=hook.event)
