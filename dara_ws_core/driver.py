@@ -274,6 +274,9 @@ class ConnectionDriver:
             current_identity.set(handler.identity)
         if handler.queue:
             self.frames_queued()  # init
+        hooks = self.manager.hooks
+        if hooks is not None:  # on_connect, in this context, before the first frame
+            hooks.connected(handler)
         # The receive loop is inlined here and nothing is built ahead (the exception that ends
         # the connection, bound methods): an idle connection holds one coroutine frame of ours.
         ended: ConnectionClosed | None = None

@@ -572,7 +572,9 @@ class Endpoint:
         A connection with handler tasks running (custom requests in flight) is closed when they
         end or when ``grace`` seconds (default ``ServerConfig.shutdown_grace``) have passed,
         whichever is first; its replies queued by then are sent before the close frame. Other
-        connections are closed at once. Idempotent."""
+        connections are closed at once. Then it waits for the connections'
+        :meth:`~WebsocketManager.on_disconnect` hooks, up to ``grace`` (at least a second), and
+        cancels those still running. Idempotent."""
         self._closing = True
         grace = self.config.shutdown_grace if grace is None else grace
         handlers = [h for c, h in self.manager.handlers.items() if c in self._connections]
@@ -591,6 +593,9 @@ class Endpoint:
                 task.cancel()
             if still:
                 await asyncio.wait(still, timeout=5.0)
+        hooks = self.manager.hooks
+        if hooks is not None:  # every ended connection's on_disconnect, none left pending
+            await hooks.wait(max(grace, 1.0))
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)

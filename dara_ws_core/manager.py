@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -29,6 +29,7 @@ from .config import ServerConfig
 from .custom import CustomHandler, CustomHandlerRegistry, HandlerThreads
 from .exceptions import BackplaneError, CloseCode, ConnectionClosed, UnknownChannel
 from .handler import _DEFAULT, ACK_PARKED, Sink, WebSocketHandler, current_channel, current_identity
+from .lifecycle import ConnectHook, ConnectionHooks, DisconnectHook
 from .logs import _is_power_of_ten, current_source
 from .messages import LoosePayload
 from .outbox import (
@@ -50,6 +51,9 @@ from .stats import Counters, ServerStats, collect
 
 if TYPE_CHECKING:
     from .backplane.contract import Backplane, Gap, GapCallback
+
+C = TypeVar("C", bound=ConnectHook)
+D = TypeVar("D", bound=DisconnectHook)
 
 logger = logging.getLogger("dara_ws_core")
 
@@ -183,6 +187,8 @@ class WebsocketManager:
         self._settling: set[asyncio.Task[None]] = set()
         #: Running totals of this server (see :meth:`stats`).
         self.counters = Counters()
+        #: The ``on_connect`` / ``on_disconnect`` hooks, made by the first one registered.
+        self.hooks: ConnectionHooks | None = None
 
     # ------------------------------------------------------------------ handlers
 
@@ -206,6 +212,46 @@ class WebsocketManager:
         ``TypeError`` if ``kind`` is not a string or ``handler`` not callable.
         """
         self.custom_handlers.register(kind, handler, in_thread=in_thread)
+
+    def on_connect(self, func: C) -> C:
+        """Register ``func(channel_id, identity)``, sync or async, to run as each connection
+        opens; returns ``func``, so it can decorate it. Hooks run in the order registered, once
+        the channel is reachable and its ``init`` (and its user's kept messages) are queued: what
+        a hook sends follows them. They run in the connection's context
+        (:data:`current_channel`, :data:`current_identity`), before its first frame is handled;
+        from the first async hook on, the rest run in a task the connection tracks (it never
+        holds up the connection's frames, and is cancelled when the connection closes), each
+        within ``handler_timeout``. A hook that fails is logged with its traceback and counted
+        (``stats().hooks``): the connection stays open (refusing one is the authenticator's
+        job). With a backplane, the hooks of the process holding the connection run. Hooks
+        registered later run for connections opened later. Raises ``TypeError`` for a
+        non-callable, a generator function, or a callable that cannot take the two arguments
+        (checked at registration; ``mypy`` checks it too).
+        """
+        self._hooks().add("connect", func)
+        return func
+
+    def on_disconnect(self, func: D) -> D:
+        """Register ``func(channel_id, identity, closed)`` (``closed``: the
+        :class:`~dara_ws_core.exceptions.ConnectionClosed` with the close code and reason), sync
+        or async, to run once each connection :meth:`on_connect` ran for has
+        ended, whatever ended it (the client, the server, a lost socket, a revocation, a
+        shutdown); returns ``func``. The channel is gone by then (a send to it raises
+        ``UnknownChannel``); its user's other channels are not. Hooks run in the order
+        registered, in one task per ended connection, each within ``handler_timeout``, in a
+        context whose :data:`current_channel` is the ended channel; :meth:`Endpoint.shutdown`
+        waits for them (within its grace, then cancels them). Failures are logged and counted
+        as :meth:`on_connect`'s. Raises ``TypeError`` as :meth:`on_connect` does (for the three
+        arguments).
+        """
+        self._hooks().add("disconnect", func)
+        return func
+
+    def _hooks(self) -> ConnectionHooks:
+        hooks = self.hooks
+        if hooks is None:
+            self.hooks = hooks = ConnectionHooks()
+        return hooks
 
     def create_handler(
         self,
@@ -433,6 +479,8 @@ class WebsocketManager:
             exc = exc or ConnectionClosed(CloseCode.NORMAL, "handler removed")
             self.counters.count(self.counters.close_codes, exc.code)
             handler.shutdown(exc)
+            if self.hooks is not None:
+                self.hooks.disconnected(handler, exc)
 
     def handler_written(self, channel_id: str) -> None:
         """A connection removed while ``writing`` (:meth:`remove_handler`) wrote what it could:

@@ -53,7 +53,7 @@ class Counters:
 
     __slots__ = ("bytes_in", "bytes_out", "close_codes", "connections_opened", "custom_busy",
                  "custom_error", "custom_ok", "custom_timeout", "frames_dropped", "frames_in",
-                 "frames_out", "handshakes_accepted", "handshakes_rejected", "requests_answered",
+                 "frames_out", "handshakes_accepted", "handshakes_rejected", "hooks", "requests_answered",
                  "requests_chunk_error", "requests_closed", "requests_timeout", "senders_paused",
                  "slow_consumer", "telemetry")
 
@@ -85,6 +85,9 @@ class Counters:
         self.custom_timeout = 0
         #: ``busy`` answers of connections that are gone (live ones are summed by the snapshot).
         self.custom_busy = 0
+        #: ``on_connect`` / ``on_disconnect`` hook outcomes (``connect_ok``, ``connect_error``,
+        #: ``connect_timeout``, the same for ``disconnect``): see :mod:`dara_ws_core.lifecycle`.
+        self.hooks: dict[str, int] = {}
         #: The OpenTelemetry instruments when enabled (:func:`dara_ws_core.telemetry.instrument`),
         #: else ``None``: the one attribute a hot path checks.
         self.telemetry: Any = None
@@ -141,6 +144,10 @@ class ServerStats:
     custom_handlers: Mapping[str, int]
     #: Custom handler tasks running now.
     handlers_running: int
+    #: ``on_connect`` and ``on_disconnect`` hook runs by outcome: ``connect_ok``,
+    #: ``connect_error``, ``connect_timeout``, ``disconnect_ok``, ``disconnect_error``,
+    #: ``disconnect_timeout`` (each present, at 0 until it happens).
+    hooks: Mapping[str, int]
     #: The backplane's counters (``BackplaneStats.as_dict()``) when there is one that keeps them.
     backplane: Mapping[str, int] | None
 
@@ -201,5 +208,7 @@ def collect(c: Counters, handlers: Iterable[Any], backplane: object = None) -> S
         custom_handlers=frozen({"ok": c.custom_ok, "error": c.custom_error,
                                 "timeout": c.custom_timeout, "busy": c.custom_busy + busy}),
         handlers_running=running,
+        hooks=frozen({f"{event}_{outcome}": c.hooks.get(f"{event}_{outcome}", 0)
+                      for event in ("connect", "disconnect") for outcome in ("ok", "error", "timeout")}),
         backplane=frozen(as_dict()) if callable(as_dict) else None,
     )

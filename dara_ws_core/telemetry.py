@@ -151,6 +151,10 @@ def instrument(manager: WebsocketManager, meter_provider: MeterProvider | None =
             unit="{request}", description="Server requests (send_and_wait) by outcome")
     counter("dara_ws.handler.outcomes", observe(lambda s: table(s.custom_handlers, "dara_ws.outcome")),
             unit="{execution}", description="Custom handler executions by outcome")
+    counter("dara_ws.hook.outcomes", observe(lambda s: [
+        (count, {"dara_ws.hook": key.partition("_")[0], "dara_ws.outcome": key.partition("_")[2]})
+        for key, count in s.hooks.items()
+    ]), unit="{execution}", description="on_connect and on_disconnect hook runs by outcome")
     gauge("dara_ws.handler.running", observe(lambda s: [(s.handlers_running, {})]),
           unit="{execution}", description="Custom handlers running now")
     counter("dara_ws.backplane.messages", observe(lambda s: table(

@@ -29,6 +29,9 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
                               "Completed", "Failed", "Ignored", "Outcome", "Partial", "new_rchan"}),
     "custom": frozenset({"CustomHandler", "DispatchHost", "HandlerSpec", "HandlerThreads"}),
     "driver": frozenset({"ConnectionDriver", "close_quietly"}),
+    # Hooks are registered with WebsocketManager.on_connect / on_disconnect; their types are read
+    # through the module, like custom's.
+    "lifecycle": frozenset({"ConnectHook", "ConnectionHooks", "DisconnectHook", "Hook"}),
     "handler": frozenset({"Sink"}),
     "codec": frozenset({"MAX_NESTING_DEPTH", "MAX_NUMBER_DIGITS", "MOST_STRINGS_LEFT_OUT", "NOT_UTF8", "PONG_FRAME",
                         "count_json_values", "decode_answer", "dumps", "held_text_bytes", "utf8_size_exceeds"}),

@@ -69,6 +69,26 @@ async def test_operator_metrics_follow_real_connections(transport: str) -> None:
     assert found.get("dara_ws.connections", {}) == {}
 
 
+async def test_hook_outcomes_are_exported_by_hook_and_outcome() -> None:
+    reader = InMemoryMetricReader()
+    manager = WebsocketManager()
+    manager.on_connect(lambda channel_id, identity: None)
+
+    @manager.on_disconnect
+    def broken(channel_id: str, identity: object, closed: object) -> None:
+        raise ValueError("cleanup failed")
+
+    instrument(manager, MeterProvider(metric_readers=[reader]))
+    async with running_stack("memory", manager=manager) as stack:
+        client = await stack.client()
+        await client.close()
+        await eventually(lambda: manager.stats().hooks["disconnect_error"] == 1, "the hook ran")
+    found = points(reader)["dara_ws.hook.outcomes"]
+    assert found[frozenset({("dara_ws.hook", "connect"), ("dara_ws.outcome", "ok")})] == 1
+    assert found[frozenset({("dara_ws.hook", "disconnect"), ("dara_ws.outcome", "error")})] == 1
+    assert found[frozenset({("dara_ws.hook", "connect"), ("dara_ws.outcome", "timeout")})] == 0
+
+
 def test_instrument_without_the_extra_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
