@@ -431,8 +431,10 @@ class DaraClient:
                     task.cancel()
                 # Read to its end: nothing of it may linger (a library that closes its socket
                 # gracefully keeps output a server that reads nothing never takes, and the sends
-                # waiting behind it).
-                transport.abort()
+                # waiting behind it). Unless close() is closing it: a library may end this read
+                # before it writes the close frame (aiohttp), and close() aborts it after.
+                if not self._closing:
+                    transport.abort()
                 self._connected.clear()
                 self._fail_pending(self.last_close or ConnectionClosed())
                 self._clear_backlog()  # requests of a channel that is gone: none can be answered

@@ -411,6 +411,19 @@ async def test_bad_frames_close_with_the_right_code_and_spare_others(
     await eventually(lambda: len(stack.manager.handlers) == 1)
 
 
+async def test_a_client_closing_after_a_request_is_seen_closing_with_its_code(stack: Stack) -> None:
+    """The client's reader is waiting in a receive when it closes. Over the aiohttp client
+    (the ``asgi`` stack's), the reader ended the session as it saw the close begin, before the
+    close frame was written: the server saw the socket lost (1006)."""
+    stack.manager.custom_handlers.register("echo", lambda channel_id, data: data)
+    client = await stack.client()
+    assert await client.request("echo", 1) == 1
+    await client.close(1000)
+    codes = stack.manager.counters.close_codes
+    await eventually(lambda: sum(codes.values()) == 1, "the server saw the connection end")
+    assert codes == {1000: 1}
+
+
 async def test_oversized_frame_closes_with_1009(make_stack: Any) -> None:
     async with make_stack(config=ServerConfig(max_message_size=1024)) as stack:
         ws = await stack.connect()

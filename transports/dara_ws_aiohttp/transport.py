@@ -143,6 +143,12 @@ class AiohttpTransport:
             return msg.data  # type: ignore[no-any-return]
         # CLOSE carries (code, reason), ERROR the error (1009: too big, whatever close_code says
         # after aiohttp's own close); CLOSING and CLOSED leave the code on the socket.
+        if msg.type is WSMsgType.CLOSING:
+            # Our own close(), from another task: aiohttp wakes this reader first, then writes
+            # the close frame. Released here, the session would end the socket before that
+            # frame (the peer saw 1006); close() releases it once the frame is out.
+            self._gone = self._error()
+            raise self._gone
         if msg.type is WSMsgType.CLOSE:
             if getattr(self._ws, "peer_close_refused", False):  # failed with 1002 (see _masking)
                 self._gone = ConnectionClosed(CloseCode.PROTOCOL_ERROR, "invalid close code")
