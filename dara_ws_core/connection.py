@@ -47,7 +47,7 @@ from typing import Any, Generic, TypeVar
 import pydantic_core
 
 from .auth import Holder
-from .codec import PONG_FRAME, decode_answer, decode_client_frame, dumps, encode
+from .codec import PONG_FRAME, decode_client_input, dumps, encode
 from .config import ServerConfig
 from .correlation import Completed, Failed, Ignored, Partial, PendingRequests
 from .exceptions import (
@@ -236,18 +236,18 @@ class ServerConnection(Generic[W]):
             self._window_count += 1
             if self._window_count > config.rate_limit:
                 return self.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
-        if type(frame) is str and '"channel"' in frame:  # perhaps an answer: its own path
-            answer = decode_answer(frame, config.max_message_size, max_values=config.max_message_values)
-            if answer is not None:
-                return [self._pending.complete(*answer)]
         try:
-            message = decode_client_frame(
+            # A plain answer, the most frequent frame of a server that sends requests, comes
+            # back as (channel, message), without a model: its own path, in the same parse.
+            message = decode_client_input(
                 frame, config.max_message_size, max_values=config.max_message_values
             )
         except InvalidMessage as exc:
             return [FrameDropped(str(exc))]
         except ProtocolError as exc:
             return self.close(exc.close_code or CloseCode.PROTOCOL_ERROR, str(exc))
+        if isinstance(message, tuple):
+            return [self._pending.complete(*message)]
         if type(message) is CustomClientMessage:
             return self._dispatch(message.message.kind, message.message.data, message.message.rchan,
                                   sys.getsizeof(frame))

@@ -31,7 +31,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "driver": frozenset({"ConnectionDriver", "close_quietly"}),
     "handler": frozenset({"Sink"}),
     "codec": frozenset({"MAX_NESTING_DEPTH", "MAX_NUMBER_DIGITS", "NOT_UTF8", "PONG_FRAME", "count_json_values",
-                        "decode_answer", "dumps", "held_text_bytes", "utf8_size_exceeds"}),
+                        "decode_answer", "decode_client_input", "dumps", "held_text_bytes",
+                        "utf8_size_exceeds"}),
     "messages": frozenset({"InitPayload", "TypedPayload"}),
     # RepeatedRecords: for the adapters, on their libraries' loggers.
     "logs": frozenset({"ConnectionLogger", "RepeatedRecords"}),

@@ -837,6 +837,48 @@ async def rate_limited(server: Server, out: Outcome) -> None:
     out.figures["flooders"] = outcomes
 
 
+def _costly_frame_text() -> str:
+    """A frame of just under the default 16 MiB limit, of the costliest shape the limits let
+    through: an answer (its ``"channel"`` key) in parts (``chunk_count``, so not a plain one)
+    to no pending request, whose data is ~3,900 integers of 4,299 digits (just under
+    ``MAX_NUMBER_DIGITS``; the longest numbers cost the most per byte to decode), a string
+    ``"NaN"`` and a lone surrogate escape. Each of these once made the decoder parse the frame
+    again: four parses of 16 MiB."""
+    head = '{"type":"message","channel":"nobody","chunk_count":2,"message":['
+    tail = ',"NaN","\\ud800"]}'
+    number = "9" * 4299
+    count = (16 * MiB - 4096 - len(head) - len(tail)) // (len(number) + 1)
+    return head + ",".join([number] * count) + tail
+
+
+@functools.cache
+def _costly_frame() -> bytes:
+    """:func:`_costly_frame_text` as a masked frame, built once (masking 16 MiB here would
+    stall the test's own loop, and with it the healthy client's measurement)."""
+    return encode_frame(TEXT, _costly_frame_text(), mask_key=b"\x01\x02\x03\x04")
+
+
+COSTLY_SENDERS = 3
+
+
+async def costly_frames(server: Server, out: Outcome) -> None:
+    """Amplification of decoding: two connections of one client send the costliest frame
+    within the limits (:func:`_costly_frame_text`) as fast as the server reads them, for 3 s.
+    Each frame is ignored (an answer to nothing); what one costs the event loop must stay
+    within what a frame of that size is documented to cost, so that the healthy client's pushes
+    keep their bound while a few connections send them side by side."""
+    frame = _costly_frame()
+    wires = [await server.wire(f"costly{n}") for n in range(COSTLY_SENDERS)]
+
+    async def send(wire: Wire) -> int:
+        assert isinstance(wire, SocketWire)
+        return await wire.client.flood(frame, count=40, duration=3.0)
+
+    sent = await asyncio.gather(*(send(wire) for wire in wires))
+    out.figures["frames_sent"] = sent
+    out.figures["mib_sent"] = round(sum(sent) * len(frame) / MiB)
+
+
 # --------------------------------------------------------------------------- the cases
 
 
@@ -873,6 +915,7 @@ CASES: dict[str, Case] = {
     "half_open": Case(half_open, "4", SOCKETS, cli=True),
     "huge_headers": Case(huge_headers, "11", SOCKETS),
     "rate_limited": Case(rate_limited, "12", ALL, {"rate_limit": RATE_LIMIT, "rate_window": 1.0}),
+    "costly_frames": Case(costly_frames, "10", SOCKETS, prepare=_costly_frame),
 }
 
 #: Cases that fail on the code before issue 10's fixes: strict, so a fix turns them into
