@@ -79,7 +79,7 @@ from dara_ws_core import (
 )
 
 from .helpers import REQUEST_TIMEOUT, TICK, Healthy, strict_loads, ticker
-from .hostile import CLOSE, PING, TEXT, HostileClient, encode_frame
+from .hostile import CLOSE, CONTINUATION, PING, PONG, TEXT, HostileClient, encode_frame
 
 MiB = 1024 * 1024
 RSS_SLACK = 32 * MiB
@@ -879,6 +879,50 @@ async def costly_frames(server: Server, out: Outcome) -> None:
     out.figures["mib_sent"] = round(sum(sent) * len(frame) / MiB)
 
 
+async def fragment_flood(server: Server, out: Outcome) -> None:
+    """A message that never ends: a text frame's first fragment, then empty continuation frames
+    (6 bytes each on the wire) as fast as the server reads them, for 3 s, never reading."""
+    wire = await server.wire("fragments", rcvbuf=4096)
+    assert isinstance(wire, SocketWire)
+    wire.stop_reading()
+    wire.client.send_frame(TEXT, b'{"type":"ping",', fin=False)
+    out.figures["fragments_sent"] = await wire.client.flood(
+        encode_frame(CONTINUATION, b"", fin=False), count=3_000_000, duration=3.0)
+
+
+async def pong_flood(server: Server, out: Outcome) -> None:
+    """Unsolicited pongs of 125 bytes, as fast as the server reads them, for 3 s."""
+    wire = await server.wire("ponger", rcvbuf=4096)
+    assert isinstance(wire, SocketWire)
+    wire.stop_reading()
+    out.figures["pongs_sent"] = await wire.client.flood(encode_frame(PONG, b"p" * 125), count=1_000_000,
+                                                         duration=3.0)
+
+
+async def reconnect_storm(server: Server, out: Outcome) -> None:
+    """Four loops of one client connect, authenticate, read ``init`` and close, for 3 s."""
+    assert server.port is not None
+    port = server.port
+    deadline = time.monotonic() + 3.0
+
+    async def loop() -> int:
+        done = 0
+        while time.monotonic() < deadline:
+            client = await HostileClient.open(port, timeout=REQUEST_TIMEOUT)
+            try:
+                response = await client.handshake(f"{DEFAULT_PATH}?token=storm{done}")
+                assert response.status == 101, response
+                await client.read_frame(REQUEST_TIMEOUT)
+                client.send_close(1000)
+                await client.read_close(REQUEST_TIMEOUT)
+                done += 1
+            finally:
+                client.abort()
+        return done
+
+    out.figures["connections"] = sum(await asyncio.gather(*(loop() for _ in range(4))))
+
+
 # --------------------------------------------------------------------------- the cases
 
 
@@ -916,6 +960,9 @@ CASES: dict[str, Case] = {
     "huge_headers": Case(huge_headers, "11", SOCKETS),
     "rate_limited": Case(rate_limited, "12", ALL, {"rate_limit": RATE_LIMIT, "rate_window": 1.0}),
     "costly_frames": Case(costly_frames, "10", SOCKETS, prepare=_costly_frame),
+    "fragment_flood": Case(fragment_flood, "6", SOCKETS, rss_bound=RSS_SLACK),
+    "pong_flood": Case(pong_flood, "6", SOCKETS, rss_bound=RSS_SLACK),
+    "reconnect_storm": Case(reconnect_storm, "4", SOCKETS),
 }
 
 #: Cases that fail on the code before issue 10's fixes: strict, so a fix turns them into
