@@ -112,8 +112,10 @@ class ServerConfig:
     #: Most bytes of inbound messages still being received, by every connection of the process
     #: together: the fragments of an unfinished message, and a frame whose payload has not all
     #: arrived, counted from the payload length its header declares. One holder (a user's
-    #: connections; the anonymous ones of an address) takes at most a 16th of it, and one
-    #: connection's message never more than ``max_message_size``. A frame that would take its
+    #: connections; the anonymous ones of an address) takes at most a 16th of it, the
+    #: connections of one client address (whatever users they name; see
+    #: ``forwarded_allow_ips``) a quarter, and one connection's message never more than
+    #: ``max_message_size``. A frame that would take its
     #: holder or the process past these is refused before its payload is read: the connection is
     #: closed with 1009. A message that arrives whole in one read is never counted.
     max_receiving_total_bytes: int = 256 * MiB

@@ -56,7 +56,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
                           "Target", "check_target", "check_upgrade_request", "connection_upgrades", "loose_line_ends",
                           "normalize_path", "parse_request_line", "read_target", "refusal_of_request_line"}),
     # TrustedProxies: what ServerConfig.forwarded_allow_ips is read as, for the endpoint.
-    "transport": frozenset({"ClientFrameHeaders", "MAX_PIPELINED", "NOT_UTF8", "PROCESS_RECEIVING", "RECEIVING_SHARES",
+    "transport": frozenset({"ClientFrameHeaders", "MAX_PIPELINED", "NOT_UTF8", "PROCESS_RECEIVING",
+                            "RECEIVING_ADDRESS_SHARES", "RECEIVING_SHARES",
                             "ReceivingBudget", "ReceivingCharge", "RequestHead", "TrustedProxies", "address_key",
                             "close_frame_error", "SupportsCork", "SupportsDisconnected", "SupportsPush",
                             "SupportsSendNowait", "SupportsWriter", "HoldsFrames", "end_after_held",
