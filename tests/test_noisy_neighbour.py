@@ -858,7 +858,7 @@ def _costly_frame() -> bytes:
     return encode_frame(TEXT, _costly_frame_text(), mask_key=b"\x01\x02\x03\x04")
 
 
-COSTLY_SENDERS = 3
+COSTLY_SENDERS = 2
 
 
 async def costly_frames(server: Server, out: Outcome) -> None:
