@@ -106,7 +106,8 @@ class ServerConfig:
     #: users' worth): beyond them, a new or growing chunked answer fails with ``ChunkError``,
     #: whichever connection sends it. Their last 16th only takes the parts of users holding under
     #: a 64th of their own bounds (a few small answers), so that while big answers fill the
-    #: process, small ones still go through.
+    #: process, small ones still go through; and the connections of one client address (see
+    #: ``forwarded_allow_ips``) hold at most a quarter of them, whatever users they name.
     max_chunked_total_bytes: int = 256 * MiB
     max_chunked_total_values: int = 2_000_000
     #: Most bytes of inbound messages still being received, by every connection of the process

@@ -159,7 +159,9 @@ class ServerConnection(Generic[W]):
     ``expires_at`` is the identity's expiry in wall-clock seconds (see :meth:`tick`). ``user`` is
     who shares the connection's bounds (:func:`~dara_ws_core.auth.holder_of`: the user, or the
     address of an anonymous peer): the parts of chunked answers that its connections hold are
-    bounded together (see :class:`~dara_ws_core.correlation.PendingRequests`).
+    bounded together (see :class:`~dara_ws_core.correlation.PendingRequests`); ``address``, its
+    client's address key (``current_source``), bounds them with every connection of that
+    address, whatever users they name.
     """
 
     __slots__ = ("_close", "_handlers", "_handling", "_kinds", "_pending", "_tally", "_window_count",
@@ -175,6 +177,7 @@ class ServerConnection(Generic[W]):
         kinds: Container[str] | None = None,
         user: Holder | None = None,
         handling: HandlingTally = PROCESS_HANDLING,
+        address: str | None = None,
     ) -> None:
         self.channel_id = channel_id
         self.config = config = config or ServerConfig()
@@ -184,7 +187,7 @@ class ServerConnection(Generic[W]):
         self.expires_at = expires_at
         self._kinds = kinds
         # Positional: a class called without keywords needs no dict for them.
-        self._pending: PendingRequests[W] = PendingRequests(config, user)
+        self._pending: PendingRequests[W] = PendingRequests(config, user, address)
         self._window_start = now
         self._window_count = 0
         self._handlers = 0

@@ -25,8 +25,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     # The connection's events are read through their module, like h11's events.
     "connection": frozenset({"AnswerIgnored", "CloseConnection", "CustomReceived", "Event", "HandlingTally",
                              "PROCESS_HANDLING", "FrameDropped", "RequestCompleted", "RequestFailed", "SendFrame"}),
-    "correlation": frozenset({"CHUNK_SHARES", "PART_BYTES", "PART_VALUES", "PROCESS_CHUNKS", "ChunkBudget",
-                              "Completed", "Failed", "Ignored", "Outcome", "Partial", "new_rchan"}),
+    "correlation": frozenset({"CHUNK_ADDRESS_SHARES", "CHUNK_SHARES", "PART_BYTES", "PART_VALUES", "PROCESS_CHUNKS",
+                              "ChunkBudget", "Completed", "Failed", "Ignored", "Outcome", "Partial", "new_rchan"}),
     "custom": frozenset({"CustomHandler", "DispatchHost", "HandlerSpec", "HandlerThreads"}),
     "driver": frozenset({"ConnectionDriver", "close_quietly"}),
     "handler": frozenset({"Sink"}),
