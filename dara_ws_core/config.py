@@ -154,8 +154,9 @@ class ServerConfig:
     #: loop's default executor is left to everything else). One user, or one remote address
     #: for anonymous connections (as ``forwarded_allow_ips`` finds it), holds at most an
     #: eighth of them (at least one): its handlers running, and those still running after their
-    #: request timed out (a thread cannot be stopped; it counts until it returns). The last
-    #: eighth is kept for users holding none. A request never waits for a thread: beyond its
+    #: request timed out (a thread cannot be stopped; it counts until it returns); the users of
+    #: one client address a quarter together (at least two eighths). The last eighth is kept
+    #: for users holding none. A request never waits for a thread: beyond its
     #: user's share, or when no thread is free for it, it gets a ``busy`` error reply at once.
     handler_threads: int = 32
     #: Inbound rate limit per connection: ``rate_limit`` frames per ``rate_window`` seconds
