@@ -19,6 +19,7 @@ __all__ = [
     "count_json_values",
     "decode_answer",
     "decode_client_frame",
+    "decode_client_input",
     "decode_server_frame",
     "dumps",
     "encode",
@@ -29,6 +30,7 @@ __all__ = [
 import functools
 import re
 import sys
+from collections.abc import Callable
 from typing import Annotated, Any, AnyStr
 
 import pydantic_core
@@ -331,13 +333,51 @@ def decode_client_frame(
     ``JSON.stringify`` writes for a lone surrogate in a browser string) decodes to U+FFFD, as the
     browser's own UTF-8 encoder would have turned it. Only the protocol's wire keys are read
     (``__rchan``, never an application key named ``rchan``).
+
+    A frame the connection stays open for is parsed once (see :func:`decode_client_input`).
     """
+    decoded = _decode(frame, max_size, max_values, answers=False)
+    assert not isinstance(decoded, tuple)  # answers=False: always a model
+    return decoded
+
+
+def decode_client_input(
+    frame: str | bytes, max_size: int | None = None, *, max_values: int | None = None
+) -> ClientMessage | tuple[str, Any]:
+    """:func:`decode_client_frame`, but a plain answer to a server request comes back as
+    :func:`decode_answer` gives it (``(channel, message)``, no model built), in the same parse.
+
+    What a frame may cost the event loop is bounded by parses of it: a frame the connection
+    stays open for (decoded, or dropped as an invalid message) is parsed once, whatever it
+    holds: telling an answer from other frames, ``NaN`` from the word in a string, or a number
+    beyond a double's range reuses the one parsed value, and lone surrogate escapes are
+    replaced before the parse (a small frame, under ``_VALIDATE_JSON_MAX``, may be parsed
+    twice for them). Only a frame that closes the connection may cost another parse, to name
+    its fault. (Before, a frame holding ``"channel"``, the word ``NaN`` and a lone surrogate
+    escape was parsed four times: 0.7 s of loop time for 16 MiB of long integers.)
+    """
+    return _decode(frame, max_size, max_values, answers=True)
+
+
+#: Frames up to this size, holding none of the words that need a parsed value, are decoded in
+#: one call of the validator (its own parse): the fastest way for the small frames of the hot
+#: path. Larger ones are parsed first and validated from the value, so that every check reuses
+#: it: what one more parse costs grows with the frame.
+_VALIDATE_JSON_MAX = 4096
+
+
+def _decode(frame: str | bytes, max_size: int | None, max_values: int | None, *,
+            answers: bool) -> ClientMessage | tuple[str, Any]:
     if type(frame) is not str and isinstance(frame, (bytes, bytearray, memoryview)):
         raise InvalidFrame("binary frames are not supported", CloseCode.UNSUPPORTED_DATA)
-    if max_size is not None and utf8_size_exceeds(frame, max_size):
+    length = len(frame)
+    if max_size is not None and length * 4 > max_size and utf8_size_exceeds(frame, max_size):
         raise FrameTooLarge(f"frame exceeds {max_size} bytes")
-    if max_values is not None and len(frame) > max_values and count_json_values(frame, max_values) > max_values:
+    if max_values is not None and length > max_values and count_json_values(frame, max_values) > max_values:
         raise FrameTooLarge(f"frame holds more than {max_values} JSON values")
+    if (length > _VALIDATE_JSON_MAX or (answers and '"channel"' in frame)
+            or "NaN" in frame or "Infinity" in frame):
+        return _decode_parsed(frame, answers, False)
     try:
         # The adapter's core validator, called as TypeAdapter.validate_json calls it, without
         # that method's checks of its own arguments (a Python call less per frame).
@@ -347,21 +387,14 @@ def decode_client_frame(
         if frame is NOT_UTF8:
             raise InvalidFrame("text is not valid UTF-8") from None
         error = _classify(exc)
+        if isinstance(error, _LoneSurrogate):
+            return _decode_parsed(_replace_lone_surrogates(frame), answers, True)
         if isinstance(error, InvalidMessage):
             # Not a message we know, but a frame's own faults come first, as for a valid one:
-            # NaN, Infinity or 1e400 close with 1007 whatever the envelope holds.
+            # 1e400 closes with 1007 whatever the envelope holds (this frame, small, holds no
+            # NaN or Infinity).
             raise _not_strict(frame) or error from None
-        if not isinstance(error, _LoneSurrogate):
-            raise error from None
-        frame = _replace_lone_surrogates(frame)
-        try:
-            message = _CLIENT_ADAPTER.validate_json(frame, by_alias=True, by_name=False)
-        except ValidationError as exc:
-            error = _classify(exc)
-            raise (InvalidFrame("frame is not valid JSON") if isinstance(error, _LoneSurrogate)
-                   else error) from None
-    if ("NaN" in frame or "Infinity" in frame) and not _is_strict_json(frame):
-        raise InvalidFrame("NaN and Infinity are not JSON")
+        raise error from None
     # A strict frame can only decode to an infinity from a literal beyond a double's range: a
     # small message (an answer, a ping) is walked at once, which decides exactly and costs less
     # than the scan; a bigger one is walked only if the scan finds a candidate literal.
@@ -373,12 +406,85 @@ def decode_client_frame(
     return message
 
 
+def _decode_parsed(frame: str, answers: bool, repaired: bool) -> ClientMessage | tuple[str, Any]:
+    """:func:`_decode` for a frame parsed first (strict: ``NaN`` refused), then checked and
+    validated from its value: one parse (the value reused), whatever the frame holds."""
+    if (not repaired and len(frame) > _VALIDATE_JSON_MAX and ("\\ud" in frame or "\\uD" in frame)
+            and frame.count("\\") <= _MAX_ESCAPES):
+        # Perhaps a lone surrogate escape: replaced before the parse (a scan costs less than a
+        # parse that fails at the end of the frame, then another one).
+        frame, repaired = _ESCAPE.sub(_replace_escape, frame), True
+    try:
+        value = pydantic_core.from_json(frame, allow_inf_nan=False, cache_strings=False)
+    except TypeError:  # a str holding a lone surrogate (in process): the validator's outcome
+        return _validated(_CLIENT_ADAPTER.validator.validate_json, frame)
+    except ValueError as exc:
+        error = _json_error(str(exc))
+        if isinstance(error, _LoneSurrogate) and not repaired:
+            return _decode_parsed(_replace_lone_surrogates(frame), answers, True)
+        raise _refusal(frame, error) from None
+    if answers and type(value) is dict and value.get("type") == "message":
+        channel = value.get("channel")
+        if type(channel) is str and value.get("chunk_count") is None and value.get("chunk_index") is None:
+            answer: Any = value.get("message")
+            if _finite(answer, frame):
+                return channel, answer
+            raise InvalidFrame("a number beyond the range of a double")
+    if not _finite(value, frame):
+        raise InvalidFrame("a number beyond the range of a double")
+    return _validated(_CLIENT_ADAPTER.validator.validate_python, value)
+
+
+def _finite(value: Any, frame: str) -> bool:
+    """Whether ``value``, parsed from ``frame`` as strict JSON, holds no infinity: what only a
+    number literal beyond a double's range decodes to. The usual value, a few plain ones, is
+    looked at here; a bigger one is walked only if a scan of ``frame`` finds a candidate."""
+    kind = type(value)
+    if kind is not dict and kind is not list and kind is not float:
+        return True  # a string, an int, a bool or null
+    if kind is dict and len(value) <= _WALK_FIRST:
+        for item in value.values():
+            if type(item) in _MAY_HOLD_INFINITY:
+                break
+        else:
+            return True
+    held = _infinity_in(value, _WALK_FIRST)
+    if held is None:
+        held = _may_overflow(frame) and _infinity_in(value, None)
+    return not held
+
+
+def _validated(validate: Callable[..., ClientMessage], data: Any) -> ClientMessage:
+    """``validate(data)`` (the client validator's ``validate_json`` or ``validate_python``),
+    its errors as the protocol's."""
+    try:
+        return validate(data, by_alias=True, by_name=False)
+    except ValidationError as exc:
+        raise _classify(exc) from None
+
+
+def _refusal(frame: str, error: ProtocolError) -> ProtocolError:
+    """What closes the connection for a ``frame`` the strict parser refused with ``error``:
+    the parser's own fault, unless the frame is JSON but for ``NaN`` / ``Infinity``, which get
+    theirs. The connection closes: telling them apart may cost another parse, once."""
+    if frame is NOT_UTF8:
+        return InvalidFrame("text is not valid UTF-8")
+    if type(error) is InvalidFrame and ("NaN" in frame or "Infinity" in frame):
+        try:
+            pydantic_core.from_json(frame, allow_inf_nan=True, cache_strings=False)
+        except ValueError as exc:
+            error = _json_error(str(exc))  # its first fault, counting the constants as JSON
+        else:
+            return InvalidFrame("NaN and Infinity are not JSON")
+    return InvalidFrame("frame is not valid JSON") if isinstance(error, _LoneSurrogate) else error
+
+
 def decode_answer(
     frame: str | bytes, max_size: int | None = None, *, max_values: int | None = None
 ) -> tuple[str, Any] | None:
     """The ``channel`` and ``message`` of a frame that is a plain answer to a server request,
     decoded without building a model; ``None`` for anything else, for
-    :func:`decode_client_frame` to decide.
+    :func:`decode_client_frame` to decide (:func:`decode_client_input` does both in one parse).
 
     An answer is the one frame a server that sends requests gets for each of them, so it has a
     path of its own: one parse of the JSON, strict (``NaN`` refused), then checks of the few
@@ -405,22 +511,7 @@ def decode_answer(
     if type(channel) is not str or value.get("chunk_count") is not None or value.get("chunk_index") is not None:
         return None
     message: Any = value.get("message")
-    kind = type(message)
-    if kind is not dict and kind is not list and kind is not float:
-        return channel, message  # a string, an int, a bool or null: no infinity
-    if kind is dict and len(message) <= _WALK_FIRST:
-        # The usual answer, an object of a few plain values, looked at here: no walk to call.
-        for item in message.values():
-            if type(item) in _MAY_HOLD_INFINITY:
-                break
-        else:
-            return channel, message
-    held = _infinity_in(message, _WALK_FIRST)
-    if held is None:
-        held = _may_overflow(frame) and _infinity_in(message, None)
-    if held:
-        return None
-    return channel, message
+    return (channel, message) if _finite(message, frame) else None
 
 
 def _class_table() -> bytes:
@@ -584,21 +675,25 @@ class _LoneSurrogate(InvalidFrame):
     """Internal: the parser met a lone surrogate escape (the decoder replaces them, then retries)."""
 
 
+def _json_error(detail: str) -> ProtocolError:
+    """The error for text the parser refused, from its message (``detail``)."""
+    if "recursion limit" in detail:
+        return FrameTooLarge(f"JSON nested deeper than {MAX_NESTING_DEPTH} levels")
+    if "surrogate" in detail or "hex escape" in detail:
+        return _LoneSurrogate("lone surrogate escape")
+    if "number out of range" in detail:
+        # The parser refuses number literals of more than MAX_NUMBER_DIGITS digits, as
+        # CPython refuses to convert longer ones (their conversion is quadratic): valid
+        # JSON, refused as a cost, as deep nesting is.
+        return FrameTooLarge(f"a number of more than {MAX_NUMBER_DIGITS} digits")
+    return InvalidFrame("frame is not valid JSON")
+
+
 def _classify(exc: ValidationError) -> ProtocolError:
     first = exc.errors(include_url=False, include_input=False)[0]
     kind, loc = first["type"], first["loc"]
     if kind == "json_invalid":
-        detail = str(first.get("ctx", {}).get("error", ""))
-        if "recursion limit" in detail:
-            return FrameTooLarge(f"JSON nested deeper than {MAX_NESTING_DEPTH} levels")
-        if "surrogate" in detail or "hex escape" in detail:
-            return _LoneSurrogate("lone surrogate escape")
-        if "number out of range" in detail:
-            # The parser refuses number literals of more than MAX_NUMBER_DIGITS digits, as
-            # CPython refuses to convert longer ones (their conversion is quadratic): valid
-            # JSON, refused as a cost, as deep nesting is.
-            return FrameTooLarge(f"a number of more than {MAX_NUMBER_DIGITS} digits")
-        return InvalidFrame("frame is not valid JSON")
+        return _json_error(str(first.get("ctx", {}).get("error", "")))
     if loc == () and kind in ("dict_type", "model_type", "model_attributes_type"):
         return InvalidFrame("frame is not a JSON object")
     # Only the error's kind and location are kept: never echo peer input into logs verbatim.

@@ -107,14 +107,17 @@ class ServerConfig:
     #: users' worth): beyond them, a new or growing chunked answer fails with ``ChunkError``,
     #: whichever connection sends it. Their last 16th only takes the parts of users holding under
     #: a 64th of their own bounds (a few small answers), so that while big answers fill the
-    #: process, small ones still go through.
+    #: process, small ones still go through; and the connections of one client address (see
+    #: ``forwarded_allow_ips``) hold at most a quarter of them, whatever users they name.
     max_chunked_total_bytes: int = 256 * MiB
     max_chunked_total_values: int = 2_000_000
     #: Most bytes of inbound messages still being received, by every connection of the process
     #: together: the fragments of an unfinished message, and a frame whose payload has not all
     #: arrived, counted from the payload length its header declares. One holder (a user's
-    #: connections; the anonymous ones of an address) takes at most a 16th of it, and one
-    #: connection's message never more than ``max_message_size``. A frame that would take its
+    #: connections; the anonymous ones of an address) takes at most a 16th of it, the
+    #: connections of one client address (whatever users they name; see
+    #: ``forwarded_allow_ips``) a quarter, and one connection's message never more than
+    #: ``max_message_size``. A frame that would take its
     #: holder or the process past these is refused before its payload is read: the connection is
     #: closed with 1009. A message that arrives whole in one read is never counted.
     max_receiving_total_bytes: int = 256 * MiB
@@ -152,8 +155,9 @@ class ServerConfig:
     #: loop's default executor is left to everything else). One user, or one remote address
     #: for anonymous connections (as ``forwarded_allow_ips`` finds it), holds at most an
     #: eighth of them (at least one): its handlers running, and those still running after their
-    #: request timed out (a thread cannot be stopped; it counts until it returns). The last
-    #: eighth is kept for users holding none. A request never waits for a thread: beyond its
+    #: request timed out (a thread cannot be stopped; it counts until it returns); the users of
+    #: one client address a quarter together (at least two eighths). The last eighth is kept
+    #: for users holding none. A request never waits for a thread: beyond its
     #: user's share, or when no thread is free for it, it gets a ``busy`` error reply at once.
     handler_threads: int = 32
     #: Inbound rate limit per connection: ``rate_limit`` frames per ``rate_window`` seconds

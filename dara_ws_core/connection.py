@@ -47,7 +47,7 @@ from typing import Any, Generic, TypeVar
 import pydantic_core
 
 from .auth import Holder
-from .codec import PONG_FRAME, decode_answer, decode_client_frame, dumps, encode
+from .codec import PONG_FRAME, decode_client_input, dumps, encode
 from .config import ServerConfig
 from .correlation import Completed, Failed, Ignored, Partial, PendingRequests
 from .exceptions import (
@@ -159,7 +159,9 @@ class ServerConnection(Generic[W]):
     ``expires_at`` is the identity's expiry in wall-clock seconds (see :meth:`tick`). ``user`` is
     who shares the connection's bounds (:func:`~dara_ws_core.auth.holder_of`: the user, or the
     address of an anonymous peer): the parts of chunked answers that its connections hold are
-    bounded together (see :class:`~dara_ws_core.correlation.PendingRequests`).
+    bounded together (see :class:`~dara_ws_core.correlation.PendingRequests`); ``address``, its
+    client's address key (``current_source``), bounds them with every connection of that
+    address, whatever users they name.
     """
 
     __slots__ = ("_close", "_handlers", "_handling", "_kinds", "_pending", "_tally", "_window_count",
@@ -175,6 +177,7 @@ class ServerConnection(Generic[W]):
         kinds: Container[str] | None = None,
         user: Holder | None = None,
         handling: HandlingTally = PROCESS_HANDLING,
+        address: str | None = None,
     ) -> None:
         self.channel_id = channel_id
         self.config = config = config or ServerConfig()
@@ -184,7 +187,7 @@ class ServerConnection(Generic[W]):
         self.expires_at = expires_at
         self._kinds = kinds
         # Positional: a class called without keywords needs no dict for them.
-        self._pending: PendingRequests[W] = PendingRequests(config, user)
+        self._pending: PendingRequests[W] = PendingRequests(config, user, address)
         self._window_start = now
         self._window_count = 0
         self._handlers = 0
@@ -236,18 +239,18 @@ class ServerConnection(Generic[W]):
             self._window_count += 1
             if self._window_count > config.rate_limit:
                 return self.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
-        if type(frame) is str and '"channel"' in frame:  # perhaps an answer: its own path
-            answer = decode_answer(frame, config.max_message_size, max_values=config.max_message_values)
-            if answer is not None:
-                return [self._pending.complete(*answer)]
         try:
-            message = decode_client_frame(
+            # A plain answer, the most frequent frame of a server that sends requests, comes
+            # back as (channel, message), without a model: its own path, in the same parse.
+            message = decode_client_input(
                 frame, config.max_message_size, max_values=config.max_message_values
             )
         except InvalidMessage as exc:
             return [FrameDropped(str(exc))]
         except ProtocolError as exc:
             return self.close(exc.close_code or CloseCode.PROTOCOL_ERROR, str(exc))
+        if isinstance(message, tuple):
+            return [self._pending.complete(*message)]
         if type(message) is CustomClientMessage:
             return self._dispatch(message.message.kind, message.message.data, message.message.rchan,
                                   sys.getsizeof(frame))

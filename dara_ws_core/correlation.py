@@ -21,6 +21,7 @@ Each part is counted with what holding it costs beyond its JSON (:data:`PART_BYT
 from __future__ import annotations
 
 __all__ = [
+    "CHUNK_ADDRESS_SHARES",
     "CHUNK_SHARES",
     "PART_BYTES",
     "PART_VALUES",
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 import os
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
@@ -164,6 +165,11 @@ PART_VALUES = 1
 CHUNK_SHARES = 16
 #: What a holder may hold and still use the kept fraction: its bounds divided by this.
 _SMALL = 64
+#: The channels of one client address, whatever users they name, hold at most this fraction of
+#: the process's chunk budget together: without it, one client naming a user for every 16th
+#: (free where the authenticator lets anyone name themselves) held all of it, and every other
+#: client's chunked answer failed until its own were done.
+CHUNK_ADDRESS_SHARES = 4
 
 
 class _Tally:
@@ -190,8 +196,9 @@ class ChunkBudget(_Tally):
     def __init__(self) -> None:
         super().__init__()
         #: What each holder's connections hold together (a user's; the anonymous ones of an
-        #: address), for the holders holding anything.
-        self.users: dict[Holder, _Tally] = {}
+        #: address), and each client address's (keyed ``(PendingRequests, address)``), for
+        #: those holding anything.
+        self.users: dict[Hashable, _Tally] = {}
 
 
 #: The budget every :class:`PendingRequests` shares unless given its own: the process's.
@@ -200,16 +207,18 @@ PROCESS_CHUNKS = ChunkBudget()
 
 class _Held(_Tally):
     """What one channel's pending answers hold, counted in ``budget`` too (in all, and under the
-    channel's user if it has one). Created with the channel's first part. A table dropped
-    without :meth:`PendingRequests.close` (a user's own table, a test's) gives its share back
-    when this object goes, so the process-wide count never keeps what nobody holds."""
+    channel's user and its client's address, for those it has). Created with the channel's
+    first part. A table dropped without :meth:`PendingRequests.close` (a user's own table, a
+    test's) gives its share back when this object goes, so the process-wide count never keeps
+    what nobody holds."""
 
-    __slots__ = ("budget", "user")
+    __slots__ = ("budget", "keys")
 
-    def __init__(self, budget: ChunkBudget, user: Holder | None) -> None:
+    def __init__(self, budget: ChunkBudget, keys: tuple[Hashable, ...]) -> None:
         super().__init__()
         self.budget = budget
-        self.user = user
+        #: Under which keys of ``budget.users`` it counts: the user's, the address's.
+        self.keys = keys
 
     def add(self, size: int, values: int) -> None:
         self.bytes += size
@@ -217,11 +226,11 @@ class _Held(_Tally):
         budget = self.budget
         budget.bytes += size
         budget.values += values
-        if self.user is not None:
-            users = budget.users
-            tally = users.get(self.user)
+        users = budget.users
+        for key in self.keys:
+            tally = users.get(key)
             if tally is None:
-                users[self.user] = tally = _Tally()
+                users[key] = tally = _Tally()
             tally.bytes += size
             tally.values += values
 
@@ -233,13 +242,13 @@ class _Held(_Tally):
         budget = self.budget
         budget.bytes -= size
         budget.values -= values
-        if self.user is not None:
-            users = budget.users
-            tally = users[self.user]
+        users = budget.users
+        for key in self.keys:
+            tally = users[key]
             tally.bytes -= size
             tally.values -= values
             if not (tally.bytes or tally.values):  # the table lists users holding something
-                del users[self.user]
+                del users[key]
 
     def __del__(self) -> None:
         if self.bytes or self.values:
@@ -281,16 +290,19 @@ class PendingRequests(Generic[W]):
     parts held by every table sharing ``budget`` (:data:`PROCESS_CHUNKS`, the process's, by
     default) are bounded by ``max_chunked_total_bytes`` and ``max_chunked_total_values``, whose
     last :data:`CHUNK_SHARES`-th only takes the parts of users (or channels) holding under a 64th
-    of their own bounds. A part beyond any bound fails its request with
+    of their own bounds. The tables of one client ``address`` (its key, as ``current_source``
+    holds it) hold at most a :data:`CHUNK_ADDRESS_SHARES`-th of the process's bounds together,
+    whatever users they name. A part beyond any bound fails its request with
     :class:`~dara_ws_core.exceptions.ChunkError`; the connection stays.
     """
 
-    __slots__ = ("_budget", "_config", "_entries", "_held", "_user", "max_pending")
+    __slots__ = ("_address", "_budget", "_config", "_entries", "_held", "_user", "max_pending")
 
     def __init__(
         self,
         config: ServerConfig | None = None,
         user: Holder | None = None,
+        address: str | None = None,
         *,
         budget: ChunkBudget | None = None,
         max_pending: int | None = None,
@@ -319,6 +331,8 @@ class PendingRequests(Generic[W]):
         self._entries: dict[str, W | _Entry[W]] = _NO_ENTRIES
         self._held: _Held | None = None  # made by the first part of a chunked answer
         self._user = user
+        # The client address's key among the budget's holders (of its own kind: never a user's).
+        self._address: Hashable = None if address is None else (PendingRequests, address)
 
     @property
     def max_chunks(self) -> int:
@@ -442,7 +456,8 @@ class PendingRequests(Generic[W]):
             # the failed answer alive as long as the caller keeps the exception.
             return Failed(rchan, waiter, exc.with_traceback(None))
         if held is None:
-            self._held = held = _Held(self._budget, self._user)
+            self._held = held = _Held(self._budget, tuple(
+                key for key in (self._user, self._address) if key is not None))
         held.add(size, values)
         chunked.held += size
         chunked.values += values
@@ -467,6 +482,14 @@ class PendingRequests(Generic[W]):
             raise ChunkError(f"chunked answers pending {whose} exceed {max_bytes} bytes")
         if mine_values > max_values:
             raise ChunkError(f"chunked answers pending {whose} exceed {max_values} JSON values")
+        if self._address is not None:
+            theirs = budget.users.get(self._address)
+            their_bytes, their_values = (size, values) if theirs is None else (theirs.bytes + size,
+                                                                              theirs.values + values)
+            if (their_bytes > config.max_chunked_total_bytes // CHUNK_ADDRESS_SHARES
+                    or their_values > config.max_chunked_total_values // CHUNK_ADDRESS_SHARES):
+                raise ChunkError("chunked answers pending from this client address exceed a "
+                                 f"{CHUNK_ADDRESS_SHARES}th of the process's bounds")
         total_bytes, total_values = budget.bytes + size, budget.values + values
         if total_bytes > config.max_chunked_total_bytes:
             raise ChunkError(f"chunked answers pending in this process exceed "

@@ -82,11 +82,12 @@ class HandlerThreads:
     that fill the rest run handlers at once (11 with 32 threads). No job ever waits for a
     thread: beyond its share, or with no thread it may take, :meth:`submit` refuses at once
     (the request is answered ``busy``), so that clients whose requests are slow, or made slow
-    on purpose, never make others' requests wait until they time out. Submit and shut down
-    from one thread (the event loop's).
+    on purpose, never make others' requests wait until they time out. The sources of one
+    client ``address`` hold at most :attr:`address_share` together (a quarter, at least two
+    shares), whatever users they name. Submit and shut down from one thread (the event loop's).
     """
 
-    __slots__ = ("_executor", "_held", "_lock", "_total", "reserve", "share", "size")
+    __slots__ = ("_executor", "_held", "_lock", "_total", "address_share", "reserve", "share", "size")
 
     def __init__(self, size: int) -> None:
         if size < 1:
@@ -96,6 +97,10 @@ class HandlerThreads:
         self.share = max(1, size // 8)
         #: Threads only a source holding none may take (the last ones).
         self.reserve = self.share
+        #: Threads the sources of one client address may hold together, whatever users they
+        #: name: without it, one client naming a user for every share (free where the
+        #: authenticator lets anyone name themselves) took every thread.
+        self.address_share = max(2 * self.share, size // 4)
         # Jobs per source; a job's thread releases its own when it returns (no second wake-up
         # of the loop for it), so the counts are shared with the threads, under the lock.
         self._held: dict[Hashable, int] = {}
@@ -107,45 +112,52 @@ class HandlerThreads:
         """Jobs of ``source`` submitted and not yet returned (or cancelled unstarted)."""
         return self._held.get(source, 0)
 
-    def submit(self, source: Hashable, func: Callable[..., Any],
-               *args: Any) -> concurrent.futures.Future[Any] | None:
+    def submit(self, source: Hashable, func: Callable[..., Any], *args: Any,
+               address: str | None = None) -> concurrent.futures.Future[Any] | None:
         """Run ``func(*args)`` on a thread, in a copy of the current context (as
-        ``asyncio.to_thread``), charged to ``source`` until it returns; ``None``, and nothing
-        run, when ``source`` holds its share already or no thread is free for it (every one
-        taken, or all but the reserve while it holds one)."""
+        ``asyncio.to_thread``), charged to ``source`` and to its client ``address`` (if known)
+        until it returns; ``None``, and nothing run, when ``source`` holds its share already,
+        its address holds :attr:`address_share`, or no thread is free for it (every one taken,
+        or all but the reserve while it holds one)."""
+        keys: tuple[Hashable, ...] = (source,) if address is None else (source, (HandlerThreads, address))
         with self._lock:
             held = self._held.get(source, 0)
             total = self._total
             if held >= self.share or total >= (self.size - self.reserve if held else self.size):
                 return None
-            self._held[source] = held + 1
+            if address is not None and self._held.get(keys[1], 0) >= self.address_share:
+                return None
+            for key in keys:
+                self._held[key] = self._held.get(key, 0) + 1
             self._total = total + 1
         executor = self._executor
         if executor is None:
             self._executor = executor = concurrent.futures.ThreadPoolExecutor(
                 self.size, thread_name_prefix="dara-ws-handler")
-        job = executor.submit(self._run, source, contextvars.copy_context().run, func, *args)
-        job.add_done_callback(functools.partial(self._cancelled, source))
+        job = executor.submit(self._run, keys, contextvars.copy_context().run, func, *args)
+        job.add_done_callback(functools.partial(self._cancelled, keys))
         return job
 
-    def _run(self, source: Hashable, run: Callable[..., Any], func: Callable[..., Any], *args: Any) -> Any:
+    def _run(self, keys: tuple[Hashable, ...], run: Callable[..., Any], func: Callable[..., Any],
+             *args: Any) -> Any:
         try:
             return run(func, *args)
         finally:
-            self._release(source)
+            self._release(keys)
 
-    def _cancelled(self, source: Hashable, job: concurrent.futures.Future[Any]) -> None:
+    def _cancelled(self, keys: tuple[Hashable, ...], job: concurrent.futures.Future[Any]) -> None:
         if job.cancelled():  # never started (its request timed out first): _run never ran
-            self._release(source)
+            self._release(keys)
 
-    def _release(self, source: Hashable) -> None:
+    def _release(self, keys: tuple[Hashable, ...]) -> None:
         with self._lock:
             self._total -= 1
-            held = self._held.get(source, 0) - 1
-            if held > 0:
-                self._held[source] = held
-            else:
-                self._held.pop(source, None)
+            for key in keys:
+                held = self._held.get(key, 0) - 1
+                if held > 0:
+                    self._held[key] = held
+                else:
+                    self._held.pop(key, None)
 
     def shutdown(self) -> None:
         """Let the pool's threads end once the jobs handed to them return (without waiting for
@@ -232,7 +244,8 @@ class CustomHandlerRegistry:
             return send_outcome(host, host.connection.reply_error(
                 received.kind, received.rchan, "unknown_kind", f"no handler for {received.kind!r}"))
         if spec.in_thread:
-            job = self.threads.submit(_source(host), spec.func, host.channel_id, received.data)
+            job = self.threads.submit(_source(host), spec.func, host.channel_id, received.data,
+                                      address=current_source.get())
             if job is None:  # its user (or address) holds its share of the threads
                 host.connection.handler_done(received.size)
                 host.connection.busy += 1

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from enum import IntEnum
 from typing import Any
 
-from .auth import Authenticator, Identity, run_authenticator
+from .auth import Authenticator, Identity, holder_of, run_authenticator
 from .config import ServerConfig
 from .driver import ConnectionDriver, close_quietly
 from .exceptions import (
@@ -33,7 +33,7 @@ from .exceptions import (
 from .handler import WebSocketHandler
 from .logs import ConnectionLogger, current_source
 from .manager import WebsocketManager
-from .transport import HandshakeRequest, Transport, TrustedProxies, address_key
+from .transport import HandshakeRequest, ReceivingCharge, Transport, TrustedProxies, address_key
 from .upgrade import Refusal, read_target
 
 logger = logging.getLogger("dara_ws_core")
@@ -372,6 +372,15 @@ class Endpoint:
         if proxies is not None and self.slots.per_address is not None and proxies.trusts(address):
             return None
         return address
+
+    def receiving_charge(self, identity: Identity | None, host: str | None) -> ReceivingCharge:
+        """What an accepted connection's messages in progress count against
+        (``max_receiving_total_bytes``): under its holder (its user; for an anonymous one, its
+        socket peer's ``host``) and its client's address, as :meth:`authenticate` found it
+        (behind a trusted proxy, the client the proxy names). Call it after
+        :meth:`authenticate`, in its context."""
+        return ReceivingCharge(self.config.max_receiving_total_bytes, holder_of(identity, host),
+                               address=current_source.get())
 
     def client_address(self, request: HandshakeRequest) -> str | None:
         """Whom the bounds counted per address count ``request`` as, once it is read: its

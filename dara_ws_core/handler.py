@@ -223,7 +223,8 @@ class WebSocketHandler(_Hot):
             expires_at=None if identity is None else identity.expires_at,
             # Whose share of the chunk budget it holds: its user's, or its address's when
             # anonymous (the handshake's source, which the connection's tasks inherit).
-            user=holder_of(identity, current_source.get()),
+            user=holder_of(identity, source := current_source.get()),
+            address=source,
         )
         telemetry = counters.telemetry
         if telemetry is not None:  # a queue and sink that time outbound frames (telemetry_hooks)

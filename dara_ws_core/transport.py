@@ -66,8 +66,9 @@ manager that yields a :class:`Server` (``port=0`` picks a free port).
 
 from __future__ import annotations
 
-__all__ = ["MAX_PIPELINED", "NOT_UTF8", "PROCESS_RECEIVING", "RECEIVING_SHARES", "ClientFrameHeaders",
-           "HandshakeRequest", "HoldsFrames", "ReceivingBudget", "ReceivingCharge", "RequestHead", "Server",
+__all__ = ["MAX_PIPELINED", "NOT_UTF8", "PROCESS_RECEIVING", "RECEIVING_ADDRESS_SHARES", "RECEIVING_SHARES",
+           "ClientFrameHeaders", "HandshakeRequest", "HoldsFrames", "ReceivingBudget", "ReceivingCharge",
+           "RequestHead", "Server",
            "SupportsCork", "SupportsDisconnected", "SupportsPush", "SupportsSendNowait", "SupportsWriter",
            "Transport", "TrustedProxies", "address_key", "close_frame_error", "end_after_held", "feed_held_later",
            "held_behind_request", "hold_behind_request", "late_text", "parse_cookies", "read_behind_request",
@@ -241,6 +242,11 @@ _TOO_BIG = b"\x81\xff" + (1 << 62).to_bytes(8, "big")
 #: A holder (a user, an anonymous peer's address, or a connection with neither) takes at most
 #: this fraction of ``ServerConfig.max_receiving_total_bytes``.
 RECEIVING_SHARES = 16
+#: The connections of one client address, whatever users they name, take at most this fraction
+#: of it together: without it, one client naming 16 users (free where the authenticator lets
+#: anyone name themselves) filled the budget with messages it never finished, and every other
+#: client's message that did not arrive in one read was refused with 1009 until they ended.
+RECEIVING_ADDRESS_SHARES = 4
 
 
 class ReceivingBudget:
@@ -252,7 +258,8 @@ class ReceivingBudget:
 
     def __init__(self) -> None:
         self.bytes = 0
-        #: What each holder's connections hold together, for the holders holding anything.
+        #: What each holder's connections hold together, and each client address's (keyed
+        #: ``(ReceivingCharge, address)``), for those holding anything.
         self.holders: dict[Hashable, int] = {}
 
 
@@ -262,18 +269,24 @@ PROCESS_RECEIVING = ReceivingBudget()
 
 class ReceivingCharge:
     """What one connection's message in progress holds, counted in a :class:`ReceivingBudget`
-    under its ``holder`` (``None``: the connection alone). :meth:`take` refuses bytes that would
-    take the holder past ``total // RECEIVING_SHARES`` or the budget past ``total`` (the
+    under its ``holder`` (``None``: the connection alone) and its client's ``address`` (the
+    address key every share counted per address uses, ``current_source``; ``None``: none).
+    :meth:`take` refuses bytes that would take the holder past ``total // RECEIVING_SHARES``,
+    the address past ``total // RECEIVING_ADDRESS_SHARES`` or the budget past ``total`` (the
     configuration's ``max_receiving_total_bytes``); :meth:`release` gives back what the message
     held, once it is complete or the connection ends (idempotent). Pure."""
 
-    __slots__ = ("budget", "held", "holder", "share", "total")
+    __slots__ = ("address", "address_share", "budget", "held", "holder", "share", "total")
 
-    def __init__(self, total: int, holder: Hashable = None, budget: ReceivingBudget | None = None) -> None:
+    def __init__(self, total: int, holder: Hashable = None, budget: ReceivingBudget | None = None,
+                 address: str | None = None) -> None:
         self.budget = PROCESS_RECEIVING if budget is None else budget
         self.total = total
         self.share = max(1, total // RECEIVING_SHARES)
         self.holder = self if holder is None else holder
+        #: The address's key among the holders (of its own kind: never a holder's).
+        self.address: Hashable = None if address is None else (ReceivingCharge, address)
+        self.address_share = max(1, total // RECEIVING_ADDRESS_SHARES)
         #: Bytes this connection holds now.
         self.held = 0
 
@@ -285,6 +298,12 @@ class ReceivingCharge:
         total = budget.bytes + size
         if mine > self.share or total > self.total:
             return False
+        address = self.address
+        if address is not None:
+            theirs = holders.get(address, 0) + size
+            if theirs > self.address_share:
+                return False
+            holders[address] = theirs
         budget.bytes = total
         holders[self.holder] = mine
         self.held += size
@@ -297,11 +316,14 @@ class ReceivingCharge:
             self.held = 0
             budget = self.budget
             budget.bytes -= held
-            left = budget.holders[self.holder] - held
-            if left:
-                budget.holders[self.holder] = left
-            else:
-                del budget.holders[self.holder]
+            for key in (self.holder, self.address):
+                if key is None:
+                    continue
+                left = budget.holders[key] - held
+                if left:
+                    budget.holders[key] = left
+                else:
+                    del budget.holders[key]
 
     def __del__(self) -> None:
         self.release()  # a connection dropped without release() never keeps its share

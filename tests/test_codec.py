@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
+from dara_ws_core import testing
 from dara_ws_core.codec import (
     MAX_NESTING_DEPTH,
     MAX_NUMBER_DIGITS,
@@ -656,3 +657,100 @@ def test_a_frame_that_is_not_strict_json_closes_with_1007_whatever_its_envelope(
 def test_an_invalid_message_holding_the_words_nan_or_infinity_in_strings_stays_invalid() -> None:
     with pytest.raises(InvalidMessage):
         decode_client_frame('{"type":"nope","x":"NaN Infinity 1e400"}')
+
+
+# ------------------------------------------ what a frame may cost: parses of it
+
+
+class _CountingValidator:
+    """The client validator, counting the parses it makes (``validate_json``)."""
+
+    def __init__(self, inner: Any, parses: list[str]) -> None:
+        self._inner = inner
+        self._parses = parses
+
+    def validate_json(self, *args: Any, **kwargs: Any) -> Any:
+        self._parses.append("validate_json")
+        return self._inner.validate_json(*args, **kwargs)
+
+    def validate_python(self, *args: Any, **kwargs: Any) -> Any:
+        return self._inner.validate_python(*args, **kwargs)
+
+
+@pytest.fixture
+def parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every parse of JSON text the codec makes from now on: pydantic-core's ``from_json`` and
+    the client validator's ``validate_json``."""
+    from dara_ws_core import codec
+
+    made: list[str] = []
+    from_json = pydantic_core.from_json
+
+    def counting_from_json(*args: Any, **kwargs: Any) -> Any:
+        made.append("from_json")
+        return from_json(*args, **kwargs)
+
+    monkeypatch.setattr(pydantic_core, "from_json", counting_from_json)
+    monkeypatch.setattr(codec._CLIENT_ADAPTER, "validator",
+                        _CountingValidator(codec._CLIENT_ADAPTER.validator, made))
+    return made
+
+
+_PAD = "x" * 8192
+#: Frames past the hot path's small ones, each holding what once made the decoder parse it
+#: again: a "channel" key (perhaps an answer), the words NaN and Infinity in strings (perhaps
+#: not strict JSON), a lone surrogate escape (replaced, then parsed again), a long number
+#: (perhaps beyond a double's range); and what the connection does with each (it stays open).
+_DIGITS = "9" * 400
+_COSTLY_DATA = '["NaN Infinity","' + _PAD + '","\\ud800",' + _DIGITS + "]"
+COSTLY = [
+    ('{"type":"custom","message":{"kind":"k","data":{"channel":' + _COSTLY_DATA + "}}}", "CustomReceived"),
+    ('{"type":"message","channel":"nobody","chunk_count":2,"message":' + _COSTLY_DATA + "}", "Ignored"),
+    ('{"type":"message","channel":"nobody","message":' + _COSTLY_DATA + "}", "Ignored"),
+    ('{"type":"nope","channel":"x","data":' + _COSTLY_DATA + "}", "FrameDropped"),
+    ('{"type":"ping","message":null,"channel":5,"x":["' + _PAD + '",' + _DIGITS + "]}", "SendFrame"),
+    ('{"type":"nope","message":["' + _PAD + '",' + _DIGITS + "]}", "FrameDropped"),
+]
+
+
+@pytest.mark.parametrize(("frame", "outcome"), COSTLY)
+def test_a_frame_the_connection_stays_open_for_is_parsed_once_whatever_it_holds(
+    frame: str, outcome: str, parses: list[str]
+) -> None:
+    # Each parse of a 16 MiB frame of 4,299-digit integers holds the event loop ~0.15 s: one
+    # holding all of the above was parsed four times (0.7 s), so that three connections of one
+    # client sending it held every other client's pushes back by up to 2 s
+    # (test_noisy_neighbour's costly_frames). A frame that closes the connection may cost
+    # another parse to name its fault: once per connection.
+    from dara_ws_core.connection import ServerConnection
+
+    conn: ServerConnection[str] = ServerConnection("c1", kinds={"k"})
+    events = conn.receive_frame(frame, 0.0)
+    assert [type(event).__name__ for event in events][:1] == [outcome]
+    assert conn.state.value == "open"
+    assert len(parses) == 1, parses
+
+
+def _decided(frame: str | bytes) -> Any:
+    try:
+        return decode_client_frame(frame, 2**20, max_values=2**12)
+    except Exception as exc:  # the outcome under test
+        return type(exc), str(exc)
+
+
+@settings(max_examples=300)
+@given(st.one_of(testing.client_frames(["k"], ["r-1"]),
+                 st.sampled_from([frame for frame, _ in COSTLY] + ANSWERS + NOT_ANSWERS)))
+def test_small_frames_get_the_outcome_they_get_once_parsed_first(frame: str | bytes) -> None:
+    # Small frames are decoded in one call of the validator (the hot path); larger ones are
+    # parsed first and validated from their value. Both must decide alike.
+    from dara_ws_core import codec
+
+    direct = _decided(frame)
+    saved = codec._VALIDATE_JSON_MAX
+    codec._VALIDATE_JSON_MAX = -1
+    try:
+        parsed_first = _decided(frame)
+    finally:
+        codec._VALIDATE_JSON_MAX = saved
+    assert direct == parsed_first

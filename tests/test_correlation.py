@@ -24,6 +24,7 @@ from hypothesis.stateful import (
 
 from dara_ws_core.config import ServerConfig
 from dara_ws_core.correlation import (
+    CHUNK_ADDRESS_SHARES,
     CHUNK_SHARES,
     PART_BYTES,
     PART_VALUES,
@@ -546,6 +547,23 @@ def test_the_connections_of_one_user_share_one_share() -> None:
     assert (budget.users["alice"].values, budget.users["bob"].values) == (100, 158)
     tabs[0].discard(held)
     assert list(budget.users) == ["bob"], "a user holding nothing is not listed"
+
+
+def test_the_users_of_one_address_share_a_quarter_of_the_process_whatever_their_names() -> None:
+    budget = ChunkBudget()
+    quarter = SHARED.max_chunked_total_values // CHUNK_ADDRESS_SHARES
+    names = [PendingRequests[str](SHARED, f"name{n}", "192.0.2.1", budget=budget) for n in range(CHUNK_SHARES)]
+    outcomes = [table.receive(response(table.open(f"r{n}"), list(range(126)), 2))
+                for n, table in enumerate(names)]
+    held = sum(isinstance(outcome, Partial) for outcome in outcomes)
+    assert held == quarter // (126 + 1 + PART_VALUES), outcomes
+    assert all(isinstance(outcome, Failed) and "from this client address" in str(outcome.error)
+               for outcome in outcomes[held:])
+    other: PendingRequests[str] = PendingRequests(SHARED, "other", "192.0.2.2", budget=budget)
+    assert isinstance(other.receive(response(other.open("r"), list(range(126)), 2)), Partial)
+    for table in (*names, other):
+        table.close()
+    assert (budget.bytes, budget.values, budget.users) == (0, 0, {})
 
 
 def test_a_dozen_holders_cannot_deny_small_answers_to_the_others() -> None:

@@ -25,8 +25,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     # The connection's events are read through their module, like h11's events.
     "connection": frozenset({"AnswerIgnored", "CloseConnection", "CustomReceived", "Event", "HandlingTally",
                              "PROCESS_HANDLING", "FrameDropped", "RequestCompleted", "RequestFailed", "SendFrame"}),
-    "correlation": frozenset({"CHUNK_SHARES", "PART_BYTES", "PART_VALUES", "PROCESS_CHUNKS", "ChunkBudget",
-                              "Completed", "Failed", "Ignored", "Outcome", "Partial", "new_rchan"}),
+    "correlation": frozenset({"CHUNK_ADDRESS_SHARES", "CHUNK_SHARES", "PART_BYTES", "PART_VALUES", "PROCESS_CHUNKS",
+                              "ChunkBudget", "Completed", "Failed", "Ignored", "Outcome", "Partial", "new_rchan"}),
     "custom": frozenset({"CustomHandler", "DispatchHost", "HandlerSpec", "HandlerThreads"}),
     "driver": frozenset({"ConnectionDriver", "close_quietly"}),
     # Hooks are registered with WebsocketManager.on_connect / on_disconnect; their types are read
@@ -34,7 +34,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "lifecycle": frozenset({"ConnectHook", "ConnectionHooks", "DisconnectHook", "Hook"}),
     "handler": frozenset({"Sink"}),
     "codec": frozenset({"MAX_NESTING_DEPTH", "MAX_NUMBER_DIGITS", "MOST_STRINGS_LEFT_OUT", "NOT_UTF8", "PONG_FRAME",
-                        "count_json_values", "decode_answer", "dumps", "held_text_bytes", "utf8_size_exceeds"}),
+                        "count_json_values", "decode_answer", "decode_client_input", "dumps", "held_text_bytes",
+                        "utf8_size_exceeds"}),
     "messages": frozenset({"InitPayload", "TypedPayload"}),
     # RepeatedRecords: for the adapters, on their libraries' loggers.
     "logs": frozenset({"ConnectionLogger", "RepeatedRecords"}),
@@ -60,7 +61,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     # The socket adapters' TLS listener, counting sockets from their TCP accept.
     "tls": frozenset({"CountedTLS"}),
     # TrustedProxies: what ServerConfig.forwarded_allow_ips is read as, for the endpoint.
-    "transport": frozenset({"ClientFrameHeaders", "MAX_PIPELINED", "NOT_UTF8", "PROCESS_RECEIVING", "RECEIVING_SHARES",
+    "transport": frozenset({"ClientFrameHeaders", "MAX_PIPELINED", "NOT_UTF8", "PROCESS_RECEIVING",
+                            "RECEIVING_ADDRESS_SHARES", "RECEIVING_SHARES",
                             "ReceivingBudget", "ReceivingCharge", "RequestHead", "TrustedProxies", "address_key",
                             "close_frame_error", "SupportsCork", "SupportsDisconnected", "SupportsPush",
                             "SupportsSendNowait", "SupportsWriter", "HoldsFrames", "end_after_held",

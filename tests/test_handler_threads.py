@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from dara_ws_core import RemoteError, ServerConfig, WebsocketManager, allow_anonymous
+from dara_ws_core import DaraClient, RemoteError, ServerConfig, WebsocketManager, allow_anonymous
 from dara_ws_core.custom import HandlerThreads
 from tests.helpers import eventually
 from tests.stacks import TRANSPORTS, Stack, running_stack
@@ -153,19 +153,52 @@ async def test_the_pool_runs_at_most_its_size_and_no_job_waits_for_a_thread(
     threads.shutdown()
 
 
+async def client_from(stack: Stack, token: str, address: str) -> DaraClient:
+    """A connected client whose requests a trusted proxy (127.0.0.1) says come from ``address``."""
+    client = DaraClient(lambda: stack.connect(token, headers=[("X-Forwarded-For", address)]), ping_interval=None)
+    await client.connect()
+    stack.clients.append(client)
+    return client
+
+
+async def test_the_users_of_one_address_cannot_take_the_threads_others_requests_need(
+    make_stack: MakeStack, gate: threading.Event
+) -> None:
+    """One client naming a user for every share of the threads (free where the authenticator
+    lets anyone name themselves) took every thread, and another client's request was answered
+    busy. Now the users of one address hold a quarter of the threads together."""
+    async with make_stack(config=ServerConfig(handler_threads=16, forwarded_allow_ips="127.0.0.1")) as stack:
+        stack.manager.add_ws_handler("lookup", lookup_waiting_for(gate), in_thread=True)
+        threads = stack.manager.custom_handlers.threads
+        assert (threads.share, threads.address_share) == (2, 4)
+        names = [await stack.client(f"name{n}:s1") for n in range(20)]  # all from 127.0.0.1
+        slow = [asyncio.create_task(client.request("lookup", "slow", timeout=TIMEOUT)) for client in names]
+        await eventually(lambda: sum(r.done() for r in slow) + sum(threads.held(f"name{n}") for n in range(20))
+                         == 20, "every name's request running or answered")
+        alice = await client_from(stack, "alice:s1", "192.0.2.100")
+        assert await alice.request("lookup", "fast", timeout=TIMEOUT) == {"ok": "fast"}
+        assert await outcomes([request for request in slow if request.done()]) == ["busy"] * 16
+        gate.set()
+        assert sorted(await outcomes(slow)) == ["busy"] * 16 + ["ok"] * 4
+
+
 async def test_sources_that_hold_threads_leave_the_last_eighth_to_those_holding_none(
     make_stack: MakeStack, gate: threading.Event
 ) -> None:
     """Eight users each taking their share would take every thread; the eighth gets only what is
     left beside the reserve, a bystander still finds a thread, and once none is left a request
     is answered busy at once rather than waiting for a thread until it times out."""
-    async with make_stack(config=ServerConfig(handler_threads=16)) as stack:
+    # Each user from an address of its own (named by a trusted proxy): the users of one
+    # address hold a quarter of the threads together.
+    config = ServerConfig(handler_threads=16, forwarded_allow_ips="127.0.0.1")
+    async with make_stack(config=config) as stack:
         stack.manager.add_ws_handler("lookup", lookup_waiting_for(gate), in_thread=True)
         threads = stack.manager.custom_handlers.threads
         assert (threads.share, threads.reserve) == (2, 2)
         # One in_thread request at a time per connection: two connections per user.
         users = [f"mallory{u}" for u in range(8)]
-        slow_clients = [await stack.client(f"{user}:s{s}") for user in users for s in range(2)]
+        slow_clients = [await client_from(stack, f"{user}:s{s}", f"192.0.2.{u}")
+                        for u, user in enumerate(users) for s in range(2)]
         slow = []
         for client in slow_clients:  # in turn, so that the first seven users take their share
             slow.append(asyncio.create_task(client.request("lookup", "slow", timeout=TIMEOUT)))
@@ -174,9 +207,9 @@ async def test_sources_that_hold_threads_leave_the_last_eighth_to_those_holding_
         assert [threads.held(user) for user in users] == [2] * 7 + [1]
         assert await outcomes([r for r in slow if r.done()]) == ["busy"]
         # The reserve: a user holding none finds a thread while the others' run.
-        alice = await stack.client("alice:s1")
+        alice = await client_from(stack, "alice:s1", "192.0.2.100")
         assert await alice.request("lookup", "fast", timeout=TIMEOUT) == {"ok": "fast"}
-        carol = await stack.client("carol:s1")
+        carol = await client_from(stack, "carol:s1", "192.0.2.101")
         held_by_carol = asyncio.create_task(carol.request("lookup", "slow", timeout=TIMEOUT))
         await eventually(lambda: threads.held("carol") == 1, "carol's request runs")
         # Every thread taken: busy at once (a timeout of 60 s would otherwise answer it).

@@ -29,6 +29,7 @@ from dara_ws_core import (
     CloseCode,
     ConnectionClosed,
     CustomHandlerRegistry,
+    DaraClient,
     RemoteError,
     ServerConfig,
     TooManyPendingRequests,
@@ -212,10 +213,13 @@ async def test_a_dozen_clients_holding_their_share_of_chunked_answers_deny_no_on
     # Each user holds at most a 16th of the process's chunk budget, and its last 16th is for
     # small answers: 15 clients holding all they may, unfinished, leave the others their small
     # answers. Over its share a client's own answers fail (ChunkError); its connection stays.
+    # Each from an address of its own (named by a trusted proxy): the users of one address
+    # hold at most a quarter together.
     gc.collect()
     assert (PROCESS_CHUNKS.bytes, PROCESS_CHUNKS.values) == (0, 0), "parts outlived their request"
     share = 256  # values, and a small answer's: under 4 (two parts of a word)
-    config = ServerConfig(max_chunked_values=10**6, max_chunked_total_values=CHUNK_SHARES * share)
+    config = ServerConfig(max_chunked_values=10**6, max_chunked_total_values=CHUNK_SHARES * share,
+                          forwarded_allow_ips="127.0.0.1")
     async with make_stack(config=config) as stack:
         alice = await stack.client("alice:s1")
         answers: list[Any] = [Chunked(["a", "b"]), Chunked([[1, 2]] * 2), Chunked(["c", "d"])]
@@ -224,7 +228,7 @@ async def test_a_dozen_clients_holding_their_share_of_chunked_answers_deny_no_on
         attackers: list[tuple[Transport, str]] = []
         try:
             for n in range(CHUNK_SHARES - 1):  # all they may hold: 2 parts of 3, 127 + 1 values each
-                mallory = await stack.connect(f"mallory{n}:m")
+                mallory = await stack.connect(f"mallory{n}:m", headers=[("X-Forwarded-For", f"192.0.2.{n}")])
                 channel = (await receive_json(mallory))["message"]["channel"]
                 attackers.append((mallory, channel))
                 pending, rchan = await ask(stack, channel, mallory)
@@ -241,7 +245,7 @@ async def test_a_dozen_clients_holding_their_share_of_chunked_answers_deny_no_on
 
             # Over its share, from its connection or from another of the same user: refused.
             mallory, channel = attackers[0]
-            tab = await stack.connect("mallory0:second-tab")
+            tab = await stack.connect("mallory0:second-tab", headers=[("X-Forwarded-For", "192.0.2.0")])
             tab_channel = (await receive_json(tab))["message"]["channel"]
             for client, on in ((mallory, channel), (tab, tab_channel)):
                 pending, rchan = await ask(stack, on, client)
@@ -257,6 +261,50 @@ async def test_a_dozen_clients_holding_their_share_of_chunked_answers_deny_no_on
             await cancel(asking)
         assert (PROCESS_CHUNKS.bytes, PROCESS_CHUNKS.values, PROCESS_CHUNKS.users) == (0, 0, {})
         assert await stack.manager.send_and_wait(alice.channel or "", {}, timeout=TIMEOUT) == ["c", "d"]
+
+
+async def test_the_users_of_one_address_cannot_hold_the_chunk_budget_that_others_answers_need(
+    make_stack: MakeStack,
+) -> None:
+    # One client (one address) names 15 users, each holding all a user may of unfinished
+    # chunked answers: they held 15 16ths of the process's budget, and another client's
+    # ordinary chunked answer failed ("only small ones are taken"). Now the users of one address
+    # hold a quarter together: the fifth one's part fails, and the other client is served.
+    gc.collect()
+    assert (PROCESS_CHUNKS.bytes, PROCESS_CHUNKS.values) == (0, 0), "parts outlived their request"
+    share = 256
+    config = ServerConfig(max_chunked_values=10**6, max_chunked_total_values=CHUNK_SHARES * share,
+                          forwarded_allow_ips="127.0.0.1")
+    async with make_stack(config=config) as stack:
+        alice = DaraClient(lambda: stack.connect("alice:s1", headers=[("X-Forwarded-For", "192.0.2.77")]),
+                           ping_interval=None)
+        await alice.connect()
+        stack.clients.append(alice)
+        alice.on_request(lambda request: Chunked([list(range(50))] * 4))
+        asking: list[asyncio.Future[Any]] = []
+        names: list[Transport] = []  # kept: a client transport dropped closes its connection
+        try:
+            for n in range(CHUNK_SHARES - 1):
+                mallory = await stack.connect(f"mallory{n}:m")  # all from 127.0.0.1
+                names.append(mallory)
+                channel = (await receive_json(mallory))["message"]["channel"]
+                pending, rchan = await ask(stack, channel, mallory)
+                asking.append(pending)
+                for index in range(2):
+                    await send_json(mallory, {"type": "message", "channel": rchan, "chunk_count": 3,
+                                              "chunk_index": index, "message": list(range(126))})
+            answer = await stack.manager.send_and_wait(alice.channel or "", {}, timeout=TIMEOUT)
+            assert answer == [list(range(50))] * 4
+            # Four users' worth of the address fits (a quarter); the others' answers failed.
+            await eventually(lambda: sum(pending.done() for pending in asking) == CHUNK_SHARES - 1 - 4,
+                             "every answer past the address's quarter failed")
+            for pending in asking:
+                if pending.done():
+                    with pytest.raises(ChunkError, match="from this client address"):
+                        await pending
+        finally:
+            await cancel(asking)
+        assert (PROCESS_CHUNKS.bytes, PROCESS_CHUNKS.values, PROCESS_CHUNKS.users) == (0, 0, {})
 
 
 async def test_tiny_parts_announcing_many_count_what_holding_them_costs(make_stack: MakeStack) -> None:

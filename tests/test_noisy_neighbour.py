@@ -79,7 +79,7 @@ from dara_ws_core import (
 )
 
 from .helpers import REQUEST_TIMEOUT, TICK, Healthy, strict_loads, ticker
-from .hostile import CLOSE, PING, TEXT, HostileClient, encode_frame
+from .hostile import CLOSE, CONTINUATION, PING, PONG, TEXT, HostileClient, encode_frame
 
 MiB = 1024 * 1024
 RSS_SLACK = 32 * MiB
@@ -837,6 +837,92 @@ async def rate_limited(server: Server, out: Outcome) -> None:
     out.figures["flooders"] = outcomes
 
 
+def _costly_frame_text() -> str:
+    """A frame of just under the default 16 MiB limit, of the costliest shape the limits let
+    through: an answer (its ``"channel"`` key) in parts (``chunk_count``, so not a plain one)
+    to no pending request, whose data is ~3,900 integers of 4,299 digits (just under
+    ``MAX_NUMBER_DIGITS``; the longest numbers cost the most per byte to decode), a string
+    ``"NaN"`` and a lone surrogate escape. Each of these once made the decoder parse the frame
+    again: four parses of 16 MiB."""
+    head = '{"type":"message","channel":"nobody","chunk_count":2,"message":['
+    tail = ',"NaN","\\ud800"]}'
+    number = "9" * 4299
+    count = (16 * MiB - 4096 - len(head) - len(tail)) // (len(number) + 1)
+    return head + ",".join([number] * count) + tail
+
+
+@functools.cache
+def _costly_frame() -> bytes:
+    """:func:`_costly_frame_text` as a masked frame, built once (masking 16 MiB here would
+    stall the test's own loop, and with it the healthy client's measurement)."""
+    return encode_frame(TEXT, _costly_frame_text(), mask_key=b"\x01\x02\x03\x04")
+
+
+COSTLY_SENDERS = 2
+
+
+async def costly_frames(server: Server, out: Outcome) -> None:
+    """Amplification of decoding: two connections of one client send the costliest frame
+    within the limits (:func:`_costly_frame_text`) as fast as the server reads them, for 3 s.
+    Each frame is ignored (an answer to nothing); what one costs the event loop must stay
+    within what a frame of that size is documented to cost, so that the healthy client's pushes
+    keep their bound while a few connections send them side by side."""
+    frame = _costly_frame()
+    wires = [await server.wire(f"costly{n}") for n in range(COSTLY_SENDERS)]
+
+    async def send(wire: Wire) -> int:
+        assert isinstance(wire, SocketWire)
+        return await wire.client.flood(frame, count=40, duration=3.0)
+
+    sent = await asyncio.gather(*(send(wire) for wire in wires))
+    out.figures["frames_sent"] = sent
+    out.figures["mib_sent"] = round(sum(sent) * len(frame) / MiB)
+
+
+async def fragment_flood(server: Server, out: Outcome) -> None:
+    """A message that never ends: a text frame's first fragment, then empty continuation frames
+    (6 bytes each on the wire) as fast as the server reads them, for 3 s, never reading."""
+    wire = await server.wire("fragments", rcvbuf=4096)
+    assert isinstance(wire, SocketWire)
+    wire.stop_reading()
+    wire.client.send_frame(TEXT, b'{"type":"ping",', fin=False)
+    out.figures["fragments_sent"] = await wire.client.flood(
+        encode_frame(CONTINUATION, b"", fin=False), count=3_000_000, duration=3.0)
+
+
+async def pong_flood(server: Server, out: Outcome) -> None:
+    """Unsolicited pongs of 125 bytes, as fast as the server reads them, for 3 s."""
+    wire = await server.wire("ponger", rcvbuf=4096)
+    assert isinstance(wire, SocketWire)
+    wire.stop_reading()
+    out.figures["pongs_sent"] = await wire.client.flood(encode_frame(PONG, b"p" * 125), count=1_000_000,
+                                                         duration=3.0)
+
+
+async def reconnect_storm(server: Server, out: Outcome) -> None:
+    """Four loops of one client connect, authenticate, read ``init`` and close, for 3 s."""
+    assert server.port is not None
+    port = server.port
+    deadline = time.monotonic() + 3.0
+
+    async def loop() -> int:
+        done = 0
+        while time.monotonic() < deadline:
+            client = await HostileClient.open(port, timeout=REQUEST_TIMEOUT)
+            try:
+                response = await client.handshake(f"{DEFAULT_PATH}?token=storm{done}")
+                assert response.status == 101, response
+                await client.read_frame(REQUEST_TIMEOUT)
+                client.send_close(1000)
+                await client.read_close(REQUEST_TIMEOUT)
+                done += 1
+            finally:
+                client.abort()
+        return done
+
+    out.figures["connections"] = sum(await asyncio.gather(*(loop() for _ in range(4))))
+
+
 # --------------------------------------------------------------------------- the cases
 
 
@@ -873,6 +959,10 @@ CASES: dict[str, Case] = {
     "half_open": Case(half_open, "4", SOCKETS, cli=True),
     "huge_headers": Case(huge_headers, "11", SOCKETS),
     "rate_limited": Case(rate_limited, "12", ALL, {"rate_limit": RATE_LIMIT, "rate_window": 1.0}),
+    "costly_frames": Case(costly_frames, "10", SOCKETS, prepare=_costly_frame),
+    "fragment_flood": Case(fragment_flood, "6", SOCKETS, rss_bound=RSS_SLACK),
+    "pong_flood": Case(pong_flood, "6", SOCKETS, rss_bound=RSS_SLACK),
+    "reconnect_storm": Case(reconnect_storm, "4", SOCKETS),
 }
 
 #: Cases that fail on the code before issue 10's fixes: strict, so a fix turns them into

@@ -17,6 +17,7 @@ from dara_ws_core import ServerConfig
 from dara_ws_core.exceptions import CloseCode
 from dara_ws_core.transport import (
     PROCESS_RECEIVING,
+    RECEIVING_ADDRESS_SHARES,
     RECEIVING_SHARES,
     ClientFrameHeaders,
     ReceivingBudget,
@@ -121,6 +122,15 @@ async def _outcome(client: HostileClient, timeout: float = 10.0) -> int | None:
     return None
 
 
+async def _channel_from(local: str, port: int, user: str) -> HostileClient:
+    """A raw client from the loopback address ``local``, past its handshake as ``user``."""
+    client = await HostileClient.open(port, local=local)
+    response = await client.handshake(f"/api/core/ws?token={user}:s1")
+    assert response.status == 101, response
+    assert json.loads((await client.read_frame()).text)["type"] == "init"
+    return client
+
+
 async def _ping(client: HostileClient) -> str:
     """The type of the server's answer to a protocol ping from ``client``."""
     client.write(encode_frame(TEXT, json.dumps({"type": "ping", "message": None})))
@@ -145,7 +155,9 @@ async def test_peers_holding_unfinished_messages_past_the_budget_get_1009_and_a_
                 "(see docs/deployment.md)")))
         assert stack.port is not None
         bystander, _ = await open_channel(stack.port, path="/api/core/ws?token=bystander:s1")
-        peers = [(await open_channel(stack.port, path=f"/api/core/ws?token=u{i}:s1"))[0] for i in range(24)]
+        # From six addresses, four users each: what one address may hold (a quarter) is not
+        # what this test is about.
+        peers = [await _channel_from(f"127.0.0.{2 + i % 6}", stack.port, f"u{i}") for i in range(24)]
         payload = '{"type":"ping","message":"' + "x" * (62 * KiB)
         tracemalloc.start()
         try:
@@ -200,3 +212,55 @@ async def test_one_user_past_its_share_is_refused_while_others_still_fit(socket_
         for client in (*mine, other):
             client.abort()
         await eventually(lambda: PROCESS_RECEIVING.bytes == 0, "given back", timeout=10)
+
+
+async def test_the_users_of_one_address_cannot_hold_the_budget_that_others_messages_need(socket_stack: Any) -> None:
+    # A budget of 1 MiB: 64 KiB a user, 256 KiB an address. One client names 16 users (free
+    # where the authenticator lets anyone name themselves) and starts a 62 KiB message with each,
+    # never finishing them: it held 992 KiB, and a bystander's 60 KiB message in parts was
+    # refused with 1009. Now four of its messages fit, the rest are refused, and the bystander,
+    # from another address, is served.
+    config = ServerConfig(max_receiving_total_bytes=1024 * KiB, ping_interval=None, idle_timeout=None)
+    async with socket_stack(config=config) as stack:
+        assert stack.port is not None
+        names = [await _channel_from("127.0.0.1", stack.port, f"name{i}") for i in range(16)]
+        payload = '{"type":"ping","message":"' + "x" * (62 * KiB)
+        for client in names:
+            for start in range(0, len(payload), 16 * KiB):
+                client.write(encode_frame(CONTINUATION if start else TEXT, payload[start : start + 16 * KiB],
+                                          fin=False))
+            await client.drain()
+        outcomes = await asyncio.gather(*(_outcome(client, 2.0) for client in names))
+        bystander = await _channel_from("127.0.0.2", stack.port, "bystander")
+        message = '{"type":"ping","message":"' + "y" * (60 * KiB) + '"}'
+        for start in range(0, len(message), 10 * KiB):
+            final = start + 10 * KiB >= len(message)
+            bystander.write(encode_frame(CONTINUATION if start else TEXT, message[start : start + 10 * KiB],
+                                         fin=final))
+            await bystander.drain()
+        frame = await bystander.read_frame()
+        assert (frame.opcode, frame.close_code if frame.opcode == CLOSE else json.loads(frame.text)["type"]) == (
+            TEXT, "pong")
+        assert sorted(outcomes, key=str) == [CloseCode.MESSAGE_TOO_BIG] * 12 + [None] * 4, outcomes
+        for client in (*names, bystander):
+            client.abort()
+        await eventually(lambda: PROCESS_RECEIVING.bytes == 0 and not PROCESS_RECEIVING.holders,
+                         "every connection's bytes given back once it is gone", timeout=10)
+
+
+def test_the_connections_of_one_address_share_a_quarter_whatever_users_they_name() -> None:
+    budget = ReceivingBudget()
+    total = RECEIVING_SHARES * 10_000
+    quarter = total // RECEIVING_ADDRESS_SHARES
+    names = [ReceivingCharge(total, f"name{i}", budget, address="192.0.2.1") for i in range(8)]
+    taken = [charge.take(10_000) for charge in names]
+    assert taken == [True] * (quarter // 10_000) + [False] * (8 - quarter // 10_000)
+    other = ReceivingCharge(total, "other", budget, address="192.0.2.2")
+    assert other.take(10_000), "another address has room"
+    anonymous = ReceivingCharge(total, ("address", "192.0.2.1"), budget, address="192.0.2.1")
+    assert not anonymous.take(1), "an anonymous holder of the full address too"
+    names[0].release()
+    assert anonymous.take(10_000)
+    for charge in (*names, other, anonymous):
+        charge.release()
+    assert budget.bytes == 0 and not budget.holders

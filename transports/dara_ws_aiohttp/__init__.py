@@ -34,12 +34,11 @@ except ImportError as exc:  # the extra is missing: say which one to install
         'dara_ws_aiohttp needs the aiohttp library: pip install "dara-ws-core[aiohttp]"', name=exc.name
     ) from exc
 
-from dara_ws_core.auth import holder_of
 from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, Evict, host_of
 from dara_ws_core.exceptions import AuthenticationFailed
 from dara_ws_core.logs import RepeatedRecords
 from dara_ws_core.tls import CountedTLS
-from dara_ws_core.transport import HandshakeRequest, ReceivingCharge, Server
+from dara_ws_core.transport import HandshakeRequest, Server
 from dara_ws_core.upgrade import (
     UNPARSABLE,
     Refusal,
@@ -116,7 +115,7 @@ def _add_route(app: web.Application, endpoint: Endpoint, path: str, *, any_targe
             **DECODE_TEXT_LATER,
         )
         ws.dara_close_timeout = config.close_timeout
-        ws.dara_charge = charge = ReceivingCharge(config.max_receiving_total_bytes, holder_of(identity, host_of(peer)))
+        ws.dara_charge = charge = endpoint.receiving_charge(identity, host_of(peer))
         try:
             await ws.prepare(request)
         except ConnectionResetError:

@@ -33,10 +33,9 @@ except ImportError as exc:  # the extra is missing: say which one to install
         'dara_ws_asgi needs the starlette library: pip install "dara-ws-core[asgi]"', name=exc.name
     ) from exc
 
-from dara_ws_core.auth import holder_of
 from dara_ws_core.endpoint import Admission, Endpoint, host_of
 from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
-from dara_ws_core.transport import NOT_UTF8, HandshakeRequest, ReceivingCharge, Server
+from dara_ws_core.transport import NOT_UTF8, HandshakeRequest, Server
 from dara_ws_core.upgrade import NOT_FOUND, Refusal, check_target, check_upgrade_request, read_target
 
 from .uvicorn import COUNTED, RECEIVING, TEXT_BYTES, LateText, hook_uvicorn, serve
@@ -323,8 +322,7 @@ class ASGIApp:
             await _deny(scope, send)
             return
         if COUNTED in scope.get("extensions", {}):  # under uvicorn: its frame headers count
-            scope["extensions"][RECEIVING] = ReceivingCharge(
-                self.endpoint.config.max_receiving_total_bytes, holder_of(identity, host_of(scope.get("client"))))
+            scope["extensions"][RECEIVING] = self.endpoint.receiving_charge(identity, host_of(scope.get("client")))
         await send({"type": "websocket.accept"})
         await self.endpoint.serve(ASGITransport(receive, send), identity)
 

@@ -32,7 +32,6 @@ except ImportError as exc:  # the extra is missing: say which one to install
         'dara_ws_picows needs the picows library: pip install "dara-ws-core[picows]"', name=exc.name
     ) from exc
 
-from dara_ws_core.auth import Holder, holder_of
 from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, host_of
 from dara_ws_core.exceptions import AuthenticationFailed
 from dara_ws_core.tls import CountedTLS
@@ -207,7 +206,7 @@ class _Gate(asyncio.Protocol):
         # the socket again).
         admission, self._admission = self._admission, Admission.DROP
         listener = self._server.handover(transport, bytes(self._head), admission, self._host,
-                                         holder_of(identity, self._host))
+                                         self._server.endpoint.receiving_charge(identity, self._host))
         if listener is not None:  # else picows refused the upgrade headers (400)
             self._server.run(listener, identity)
 
@@ -304,10 +303,11 @@ class _Serving:
         )
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def handover(self, transport: asyncio.Transport, head: bytes,
-                 admission: Admission, host: str | None, holder: Holder | None = None) -> PicowsTransport | None:
+    def handover(self, transport: asyncio.Transport, head: bytes, admission: Admission,
+                 host: str | None, charge: ReceivingCharge | None = None) -> PicowsTransport | None:
         config = self.endpoint.config
-        charge = ReceivingCharge(config.max_receiving_total_bytes, holder)
+        if charge is None:
+            charge = ReceivingCharge(config.max_receiving_total_bytes)
         listener = PicowsTransport(config.max_message_size, config.close_timeout, charge)
         protocol = WSProtocol(None, None, False, lambda request: listener, *self._options)
         reads = _BoundedReads(protocol, self.endpoint, admission, host)

@@ -294,8 +294,8 @@ class _ServerConnection(ServerConnection):
     # 300 bytes each). CPython 3.11 shares at most 29 keys and sizes each dict's values when the
     # connection is built: two keys more, added later, give every connection a dict of its own
     # (1.6 KiB), as much again as everything else the core keeps per idle connection.
-    __slots__ = ("_paused_for_writes", "dara_admission", "dara_endpoint", "dara_frames", "dara_head",
-                 "dara_host", "dara_identity", "dara_linger", "dara_message", "dara_push")
+    __slots__ = ("_paused_for_writes", "dara_admission", "dara_charge", "dara_endpoint", "dara_frames",
+                 "dara_head", "dara_host", "dara_identity", "dara_linger", "dara_message", "dara_push")
     #: What process_request authenticated, set there before the handler runs.
     dara_identity: Identity | None
 
@@ -497,8 +497,11 @@ class _ServerConnection(ServerConnection):
     def _dara_frame_headers(self) -> ClientFrameHeaders:
         # Messages in progress count against the process's budget, under the holder the chunk
         # shares use (the user; the address of an anonymous peer).
-        holder = holder_of(getattr(self, "dara_identity", None), self.dara_host)
-        return ClientFrameHeaders(ReceivingCharge(self.dara_endpoint.config.max_receiving_total_bytes, holder))
+        charge = getattr(self, "dara_charge", None)
+        if charge is None:  # no handshake authenticated (a refused one's socket)
+            charge = ReceivingCharge(self.dara_endpoint.config.max_receiving_total_bytes,
+                                     holder_of(None, self.dara_host))
+        return ClientFrameHeaders(charge)
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -559,7 +562,9 @@ async def serve(
             response.headers["Retry-After"] = str(RETRY_AFTER)
             return response
         try:
-            connection.dara_identity = await endpoint.authenticate(handshake)  # type: ignore[attr-defined]
+            connection.dara_identity = identity = await endpoint.authenticate(handshake)  # type: ignore[attr-defined]
+            # In the handshake's context: the client's address as authenticate() found it.
+            connection.dara_charge = endpoint.receiving_charge(identity, connection.dara_host)  # type: ignore[attr-defined]
         except AuthenticationFailed:
             return connection.respond(HTTPStatus.FORBIDDEN, "Forbidden\n")
         return None
