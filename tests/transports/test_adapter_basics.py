@@ -27,12 +27,12 @@ from dara_ws_aiohttp import AiohttpTransport, connect
 from dara_ws_aiohttp import serve as aiohttp_serve
 from dara_ws_asgi import asgi_app, lifespan, websocket_route
 from dara_ws_asgi import serve as asgi_serve
-from dara_ws_core.auth import Identity
+from dara_ws_core.auth import Identity, holder_of
 from dara_ws_core.config import ServerConfig
 from dara_ws_core.endpoint import Admission, ConnectionSlots, Endpoint, Evict
 from dara_ws_core.exceptions import AuthenticationFailed, ConnectionClosed
 from dara_ws_core.manager import WebsocketManager
-from dara_ws_core.transport import HandshakeRequest, Transport
+from dara_ws_core.transport import HandshakeRequest, ReceivingCharge, Transport
 
 TIMEOUT = 5.0
 
@@ -60,6 +60,9 @@ class EchoEndpoint:
 
     def free_slot(self, admission: Admission, address: str | None = None, evict: Evict | None = None) -> None:
         self.slots.release(admission, address, evict)
+
+    def receiving_charge(self, identity: Identity | None, host: str | None) -> ReceivingCharge:
+        return ReceivingCharge(self.config.max_receiving_total_bytes, holder_of(identity, host))
 
     async def authenticate(self, request: HandshakeRequest) -> Identity:
         self.handshakes.append(request)
