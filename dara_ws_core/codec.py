@@ -423,13 +423,10 @@ def _decode_parsed(frame: str, answers: bool, repaired: bool) -> ClientMessage |
         if isinstance(error, _LoneSurrogate) and not repaired:
             return _decode_parsed(_replace_lone_surrogates(frame), answers, True)
         raise _refusal(frame, error) from None
-    if answers and type(value) is dict and value.get("type") == "message":
-        channel = value.get("channel")
-        if type(channel) is str and value.get("chunk_count") is None and value.get("chunk_index") is None:
-            answer: Any = value.get("message")
-            if _finite(answer, frame):
-                return channel, answer
-            raise InvalidFrame("a number beyond the range of a double")
+    if answers and (answer := _answer_of(value)) is not None:
+        if _finite(answer[1], frame):
+            return answer
+        raise InvalidFrame("a number beyond the range of a double")
     if not _finite(value, frame):
         raise InvalidFrame("a number beyond the range of a double")
     return _validated(_CLIENT_ADAPTER.validator.validate_python, value)
@@ -505,13 +502,20 @@ def decode_answer(
         value = pydantic_core.from_json(frame, allow_inf_nan=False, cache_strings=False)
     except (ValueError, TypeError):  # TypeError: a str holding a lone surrogate (in process)
         return None
+    answer = _answer_of(value)
+    return answer if answer is not None and _finite(answer[1], frame) else None
+
+
+def _answer_of(value: Any) -> tuple[str, Any] | None:
+    """``(channel, message)`` of a parsed frame shaped as a plain answer (an object of ``type``
+    ``"message"``, a string ``channel``, no ``chunk_count`` or ``chunk_index``), else ``None``.
+    Its message is not yet checked for infinities."""
     if type(value) is not dict or value.get("type") != "message":
         return None
     channel = value.get("channel")
     if type(channel) is not str or value.get("chunk_count") is not None or value.get("chunk_index") is not None:
         return None
-    message: Any = value.get("message")
-    return (channel, message) if _finite(message, frame) else None
+    return channel, value.get("message")
 
 
 def _class_table() -> bytes:
