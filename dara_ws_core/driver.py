@@ -35,6 +35,7 @@ from .transport import (
     SupportsSendNowait,
     SupportsWriter,
     Transport,
+    supports,
 )
 
 if TYPE_CHECKING:
@@ -112,17 +113,18 @@ class ConnectionDriver:
         # The transport's unchecked write, for the fan-outs written through (fan_out_through).
         self._direct: SupportsWriter | None = None
         through = False
-        if isinstance(transport, SupportsCork):
+        if supports(transport, SupportsCork):
             self._cork: _Cork | None = cast(_Cork, transport)
             self._flusher: _Flusher | None = _flusher(loop)
             self._write = self._write_corked
-            if isinstance(transport, SupportsSendNowait):
+            if supports(transport, SupportsSendNowait):
                 through = True
-                if isinstance(transport, SupportsWriter):
-                    self._direct = transport
+                if supports(transport, SupportsWriter):
+                    self._direct = cast(SupportsWriter, transport)
         else:
             self._cork = self._flusher = None
-            self._write = transport.send_nowait if isinstance(transport, SupportsSendNowait) else None
+            self._write = (cast(SupportsSendNowait, transport).send_nowait
+                           if supports(transport, SupportsSendNowait) else None)
         self._corked = 0  # frames corked since the last flush
         self._sender: asyncio.Task[None] | None = None
         self._close_task: asyncio.Task[None] | None = None
@@ -282,7 +284,7 @@ class ConnectionDriver:
         ended: ConnectionClosed | None = None
         handled = 0
         transport = self.transport
-        if isinstance(transport, SupportsPush):
+        if supports(transport, SupportsPush):
             self._context = contextvars.copy_context()  # current_channel and current_identity
         try:
             while self._closed is None:
@@ -493,7 +495,8 @@ class ConnectionDriver:
         # The abort timer holds the transport, and through it every object of the connection,
         # for close_timeout: once the connection is over there is nothing left to abort.
         timer, transport = self._abort_timer, self.transport
-        if timer is not None and isinstance(transport, SupportsDisconnected) and transport.disconnected:
+        if (timer is not None and supports(transport, SupportsDisconnected)
+                and cast(SupportsDisconnected, transport).disconnected):
             timer.cancel()  # drops its callback and arguments at once
 
     async def _send_queued(self) -> None:

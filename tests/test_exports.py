@@ -67,7 +67,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
                             "close_frame_error", "SupportsCork", "SupportsDisconnected", "SupportsPush",
                             "SupportsSendNowait", "SupportsWriter", "HoldsFrames", "end_after_held",
                             "feed_held_later", "held_behind_request", "hold_behind_request", "late_text",
-                            "read_behind_request", "parse_cookies", "sendable_close_code", "text_frame_header"}),
+                            "read_behind_request", "parse_cookies", "sendable_close_code", "supports",
+                            "text_frame_header"}),
 }
 
 #: Names a subpackage's module exports for its siblings, and that the subpackage leaves out.
