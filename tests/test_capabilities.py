@@ -8,17 +8,11 @@ from typing import Any
 
 import pytest
 
-from dara_ws_core.transport import (
-    SupportsCork,
-    SupportsDisconnected,
-    SupportsPush,
-    SupportsSendNowait,
-    SupportsWriter,
-    Transport,
-    supports,
-)
+from dara_ws_core import transport
+from dara_ws_core.transport import SupportsSendNowait, supports
 
-CAPABILITIES = [SupportsCork, SupportsDisconnected, SupportsPush, SupportsSendNowait, SupportsWriter, Transport]
+CAPABILITIES = [transport.SupportsCork, transport.SupportsDisconnected, transport.SupportsPush,
+                SupportsSendNowait, transport.SupportsWriter, transport.Transport]
 
 
 def _method(self: object, *args: Any) -> bool:
