@@ -249,6 +249,25 @@ async def many(args: argparse.Namespace) -> None:
             ws.abort()
 
 
+async def churn(args: argparse.Namespace) -> None:
+    """Open ``--connects`` connections, ``--concurrency`` at a time, each through its handshake
+    and first frame, then closed by the client with a closing handshake; report once all are
+    done (a reconnect storm, as after a deploy)."""
+    sem = asyncio.Semaphore(args.concurrency)
+
+    async def one(i: int) -> None:
+        async with sem:
+            ws = await open_conn(args, f"{args.token_prefix}{args.first + i % args.users}")
+            ws.close()
+            await asyncio.wait_for(ws.closed, 30)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(args.connects)))
+    emit({"event": "ready", "connected": args.connects, "seconds": time.perf_counter() - started})
+    async for _ in stdin_commands():
+        pass
+
+
 async def heartbeat(conns: list[LeanWS], interval: float) -> None:
     """Send the stock client's ``ping`` on every connection every ``interval`` seconds, spread
     evenly (servers may close connections that stay silent, protocol.md section 2)."""
@@ -264,6 +283,8 @@ async def heartbeat(conns: list[LeanWS], interval: float) -> None:
 async def amain(args: argparse.Namespace) -> None:
     if args.mode in ("answer", "request"):
         await single(args)
+    elif args.mode == "churn":
+        await churn(args)
     else:
         await many(args)
 
@@ -272,7 +293,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--proto", choices=["dara", "sio"], default="dara")
     parser.add_argument("--mode", required=True,
-                        choices=["answer", "request", "fanout", "idle", "slow", "stream"])
+                        choices=["answer", "request", "churn", "fanout", "idle", "slow", "stream"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--path", default="/api/core/ws")
     parser.add_argument("--token-prefix", default="user-")
@@ -284,6 +305,7 @@ def main() -> None:
     parser.add_argument("--heartbeat", type=float, default=5.0,
                         help="Dara ping interval in seconds (0: none)")
     parser.add_argument("--concurrency", type=int, default=32, help="handshakes in flight")
+    parser.add_argument("--connects", type=int, default=1000, help="connections opened (churn)")
     parser.add_argument("--max-seconds", type=float, default=900)
     run_child(amain, parser.parse_args())
 

@@ -64,6 +64,7 @@ class LeanWS(asyncio.Protocol):
         self._buf = bytearray()
         self._fragments: list[bytes] | None = None
         self._handshaking = True
+        self._closing = False  # our close frame is sent: the server's is not echoed
         self._key = base64.b64encode(os.urandom(16)).decode()
 
     @property
@@ -158,7 +159,8 @@ class LeanWS(asyncio.Protocol):
             self._write(frame(OP_PONG, payload))
         elif opcode == OP_CLOSE:
             self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-            self._write(frame(OP_CLOSE, payload[:2]))
+            if not self._closing:
+                self._write(frame(OP_CLOSE, payload[:2]))
             if self.transport is not None:
                 self.transport.close()
 
@@ -168,6 +170,13 @@ class LeanWS(asyncio.Protocol):
 
     def send_text(self, text: str | bytes) -> None:
         self._write(frame(OP_TEXT, text.encode() if isinstance(text, str) else text))
+
+    def close(self, code: int = 1000) -> None:
+        """Start the closing handshake; ``closed`` is done once the server ended the TCP
+        connection (or the client did, on the server's close frame)."""
+        if not self._closing:
+            self._closing = True
+            self._write(frame(OP_CLOSE, code.to_bytes(2, "big")))
 
     def abort(self) -> None:
         if self.transport is not None:

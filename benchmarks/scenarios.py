@@ -78,18 +78,25 @@ class Sizes:
     slow_pad: int = 65536
     slow_drain_s: float = 1.0
     client_procs: int = 1
+    #: Connection churn: connections opened and closed per block, how many at a time, and the
+    #: users they are spread over.
+    connect_n: int = 2000
+    connect_concurrency: int = 32
+    connect_users: int = 100
+    connect_blocks: int = 4
     micro_iters: int = 20_000
     #: Extra ``ServerConfig`` keyword arguments for ours (``--ours-config``).
     ours_config: dict[str, Any] = field(default_factory=dict)
 
 
 FULL = Sizes()
-QUICK = replace(FULL, rt_iters=1000, rt_warmup=100, fanout_rounds=3, user_rounds=2,
+QUICK = replace(FULL, rt_iters=1000, rt_warmup=100, fanout_rounds=3, user_rounds=2, connect_n=1000,
                 capacity_n=5000, slow_seconds=10.0, micro_iters=5000, settle_s=1.0)
 TINY = replace(FULL, rt_warmup=10, rt_iters=50, rt_blocks=2, fanout_ns=(6,), fanout_m=5, fanout_rounds=2,
                users=3, per_user=2, user_m=3, user_rounds=1, idle_warm=4, idle_n=10,
                capacity_n=20, settle_s=0.2, client_procs=2, slow_n=6, slow_k=2, slow_seconds=1.0,
-               slow_rate=20.0, slow_pad=64, slow_drain_s=0.3, micro_iters=200)
+               slow_rate=20.0, slow_pad=64, slow_drain_s=0.3, micro_iters=200, connect_n=6,
+               connect_concurrency=2, connect_users=3, connect_blocks=2)
 PRESETS = {"full": FULL, "quick": QUICK, "tiny": TINY}
 
 
@@ -369,6 +376,36 @@ async def per_user(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
                          user_ids=[f"user-{i}" for i in range(sizes.users)])
 
 
+async def connect(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
+    """(8) Connection churn, as in a reconnect storm after a deploy: ``connect_n`` connections,
+    ``connect_concurrency`` at a time, each through its handshake and first frame (``init``)
+    and then closed by the client; in blocks interleaved across implementations. Connections per
+    second (as the client saw them) and the server's CPU time per connection."""
+
+    async def setup(impl: str, stack: contextlib.AsyncExitStack) -> Proc:
+        return await stack.enter_async_context(server(impl, sizes))
+
+    async def step(impl: str, srv: Proc, r: int) -> tuple[int, float, int]:
+        procs = max(1, min(sizes.client_procs, sizes.connect_users))
+        cpu = cpu_ns(srv)
+        async with clients(srv, impl, "churn", sizes.connect_users, procs=procs,
+                           connects=sizes.connect_n // procs, concurrency=sizes.connect_concurrency,
+                           timeout=max(60.0, sizes.connect_n / 20)) as cps:
+            used = cpu_ns(srv) - cpu
+            done = sum(int(cp.ready["connected"]) for cp in cps)
+            seconds = max(float(cp.ready["seconds"]) for cp in cps)
+        await asyncio.sleep(0.2)  # let the machine settle before the next implementation
+        return done, seconds, used
+
+    def summarize(impl: str, samples: list[tuple[int, float, int]]) -> dict[str, float]:
+        return {"N": samples[0][0],
+                "connects_per_s": median(n / s for n, s, _ in samples),
+                "server_cpu_us": median(c / n for n, _, c in samples) / 1000}
+
+    return await interleaved("connect", impls, sizes.connect_blocks, setup=setup, step=step,
+                             summarize=summarize)
+
+
 async def memory(sizes: Sizes, impls: Sequence[str]) -> list[Row]:
     """(5) Server RSS per 1000 idle connections, and RSS holding ``capacity_n`` of them.
 
@@ -521,4 +558,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              ("raw", "ours"), ("ns_per_op",)),
     Scenario("slow_consumer", "(7) slow consumers during a paced broadcast", slow_consumer,
              ("raw", "ours"), ("healthy_deliveries_per_s", "lag_p99_ms")),
+    Scenario("connect", "(8) connection churn: handshake, first frame, close", connect,
+             ("raw", "ours", "ours-aiohttp", "ours-asgi", "ours-picows", "raw-picows"),
+             ("connects_per_s", "server_cpu_us")),
 )}

@@ -405,6 +405,7 @@ class RawPicows(Impl):
         # loop went through the enum's metaclass for every recipient (about 940 instructions of
         # 2,660 per delivery by callgrind): the bare server was a third slower than it needs be.
         self.text = text = WSMsgType.TEXT
+        close = WSMsgType.CLOSE
 
         class Listener(WSListener):
             def __init__(self, cid: str, user: str) -> None:
@@ -418,6 +419,9 @@ class RawPicows(Impl):
 
             def on_ws_frame(self, transport: Any, frame: Any) -> None:
                 if frame.msg_type is not text:
+                    if frame.msg_type is close:  # the closing handshake, as websockets does it
+                        transport.send_close(frame.get_close_code())
+                        transport.disconnect()
                     return
                 message = json.loads(frame.get_payload_as_bytes())
                 kind = message.get("type")

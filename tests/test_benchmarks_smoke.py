@@ -28,6 +28,7 @@ SCENARIOS = {
     "memory": {"raw", "ours", "sio", "ours-aiohttp", "ours-asgi", "ours-picows", "raw-picows"},
     "codec": {"raw", "ours"},
     "slow_consumer": {"raw", "ours"},
+    "connect": {"raw", "ours", "ours-aiohttp", "ours-asgi", "ours-picows", "raw-picows"},
 }
 
 #: A bound on each benchmark run, not a speed check: a tiny run takes about 30 s on two free
