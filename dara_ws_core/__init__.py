@@ -51,22 +51,6 @@ from .exceptions import (
 from .handler import WebSocketHandler, current_channel, current_identity
 from .logs import quiet_accept_errors
 from .manager import WebsocketManager, get_user_channels
-from .messages import (
-    ClientMessage,
-    ClientPing,
-    CustomClientMessage,
-    CustomClientMessagePayload,
-    CustomServerMessage,
-    CustomServerMessagePayload,
-    DaraClientMessage,
-    DaraServerMessage,
-    ErrorInfo,
-    InitMessage,
-    LoosePayload,
-    PongMessage,
-    ServerMessage,
-    ServerMessagePayload,
-)
 from .outbox import OutboxLimits, UserOutbox
 from .registry import ChannelRegistry
 from .stats import ServerStats
@@ -84,6 +68,22 @@ if TYPE_CHECKING:
     )
     from .client import Chunked, DaraClient, PushedMessage, Request
     from .memory import MemoryServer, MemoryTransport, memory_pair
+    from .messages import (
+        ClientMessage,
+        ClientPing,
+        CustomClientMessage,
+        CustomClientMessagePayload,
+        CustomServerMessage,
+        CustomServerMessagePayload,
+        DaraClientMessage,
+        DaraServerMessage,
+        ErrorInfo,
+        InitMessage,
+        LoosePayload,
+        PongMessage,
+        ServerMessage,
+        ServerMessagePayload,
+    )
 
 __version__ = "0.2.0.dev0"
 
@@ -178,6 +178,22 @@ __all__ = [
 
 #: Names imported from their module on first access: what a server does not need.
 _LAZY = {
+    # The envelope models (pydantic), imported at their first use: a server decodes and builds
+    # frames without them (see codec).
+    "ClientMessage": "messages",
+    "ClientPing": "messages",
+    "CustomClientMessage": "messages",
+    "CustomClientMessagePayload": "messages",
+    "CustomServerMessage": "messages",
+    "CustomServerMessagePayload": "messages",
+    "DaraClientMessage": "messages",
+    "DaraServerMessage": "messages",
+    "ErrorInfo": "messages",
+    "InitMessage": "messages",
+    "LoosePayload": "messages",
+    "PongMessage": "messages",
+    "ServerMessage": "messages",
+    "ServerMessagePayload": "messages",
     "Chunked": "client",
     "DaraClient": "client",
     "PushedMessage": "client",

@@ -15,6 +15,11 @@ __all__ = [
     "MOST_STRINGS_LEFT_OUT",
     "NOT_UTF8",
     "PONG_FRAME",
+    "AnswerFrame",
+    "ClientFrame",
+    "CustomBody",
+    "CustomFrame",
+    "PingFrame",
     "build_frame",
     "count_json_values",
     "decode_answer",
@@ -31,43 +36,125 @@ import functools
 import re
 import sys
 from collections.abc import Callable
-from typing import Annotated, Any, AnyStr
+from typing import TYPE_CHECKING, Any, AnyStr, Literal, TypedDict, cast
 
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic_core import CoreConfig, SchemaValidator, ValidationError
+from pydantic_core import core_schema as cs
 
-from ._plugins import plugins_off
 from .exceptions import CloseCode, FrameTooLarge, InvalidFrame, InvalidMessage, ProtocolError
-from .messages import (
-    ClientMessage,
-    CustomClientMessage,
-    CustomServerMessage,
-    CustomServerMessagePayload,
-    DaraServerMessage,
-    LoosePayload,
-    PongMessage,
-    ServerMessage,
-    ServerMessagePayload,
-)
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel, TypeAdapter
+
+    from .messages import ClientMessage, LoosePayload, ServerMessage
+
+# A server decodes client frames to plain dicts (below), and builds frames from dicts: pydantic
+# itself, and the envelope models of dara_ws_core.messages, are imported only by what uses them
+# (decode_client_frame, a model handed to build_frame or encode, the client). A server process
+# that never meets a model starts without them: pydantic and the first model's schema are about
+# 4 MiB of RSS (issue 14).
+
+
+class PingFrame(TypedDict):
+    """A decoded ``ping`` (:class:`~dara_ws_core.messages.ClientPing`)."""
+
+    type: Literal["ping"]
+    message: Any
+
+
+class AnswerFrame(TypedDict):
+    """A decoded answer or answer part (:class:`~dara_ws_core.messages.DaraClientMessage`)."""
+
+    type: Literal["message"]
+    channel: str
+    chunk_count: int | None
+    chunk_index: int | None
+    message: Any
+
+
+class CustomBody(TypedDict):
+    """What a custom message carries (:class:`~dara_ws_core.messages.CustomClientMessagePayload`);
+    ``rchan`` is read from the wire's ``__rchan``."""
+
+    rchan: str | None
+    kind: str
+    data: Any
+
+
+class CustomFrame(TypedDict):
+    """A decoded custom message (:class:`~dara_ws_core.messages.CustomClientMessage`)."""
+
+    type: Literal["custom"]
+    message: CustomBody
+
+
+#: A client frame as the server decodes it: the fields of the envelope models, without a model.
+ClientFrame = PingFrame | AnswerFrame | CustomFrame
+
+
+def _client_schema() -> cs.CoreSchema:
+    """The client envelopes of protocol.md section 3, as the models of
+    :mod:`~dara_ws_core.messages` validate them (tests/test_codec.py checks both agree), to dicts."""
+
+    def optional(schema: cs.CoreSchema, alias: str | None = None) -> cs.TypedDictField:
+        return cs.typed_dict_field(cs.with_default_schema(cs.nullable_schema(schema), default=None),
+                                   validation_alias=alias)
+
+    def tag(value: str) -> cs.TypedDictField:
+        return cs.typed_dict_field(cs.literal_schema([value]))
+
+    anything = cs.typed_dict_field(cs.with_default_schema(cs.any_schema(), default=None))
+    body = cs.typed_dict_schema({"rchan": optional(cs.str_schema(), "__rchan"),
+                                 "kind": cs.typed_dict_field(cs.str_schema()), "data": anything})
+    return cs.tagged_union_schema({
+        "ping": cs.typed_dict_schema({"type": tag("ping"), "message": anything}),
+        "message": cs.typed_dict_schema({
+            "type": tag("message"), "channel": cs.typed_dict_field(cs.str_schema()),
+            "chunk_count": optional(cs.int_schema(strict=True)),
+            "chunk_index": optional(cs.int_schema(strict=True)), "message": anything}),
+        "custom": cs.typed_dict_schema({"type": tag("custom"), "message": cs.typed_dict_field(body)}),
+    }, discriminator="type")
+
 
 #: Frames are parsed without pydantic-core's string cache. The cache is process-wide (16384
 #: strings) and, on by default, would keep the ids and values of peers' frames (every answer's
 #: channel, every request's ``__rchan``: all distinct) alive after their connection closed, up to
 #: about 1.5 MiB; ids are never looked up again, and parsing them is faster without the cache.
-_NO_STRING_CACHE = ConfigDict(cache_strings=False)
+_NO_STRING_CACHE = CoreConfig(cache_strings=False)
 
-with plugins_off():  # the core's own validator (see _plugins)
-    _CLIENT_ADAPTER: TypeAdapter[ClientMessage] = TypeAdapter(
-        Annotated[ClientMessage, Field(discriminator="type")], config=_NO_STRING_CACHE
-    )
+_CLIENT_VALIDATOR = SchemaValidator(_client_schema(), _NO_STRING_CACHE)
+
+
+@functools.cache
+def _client_adapter() -> TypeAdapter[ClientMessage]:
+    # The client envelopes as models, for decode_client_frame (not on a server's path).
+    from typing import Annotated
+
+    from pydantic import ConfigDict, Field, TypeAdapter
+
+    from ._plugins import plugins_off
+    from .messages import ClientMessage
+
+    with plugins_off():  # the core's own validator (see _plugins)
+        return TypeAdapter(Annotated[ClientMessage, Field(discriminator="type")],
+                           config=ConfigDict(cache_strings=False))
 
 
 @functools.cache
 def _server_adapter() -> TypeAdapter[ServerMessage]:
     # Built on first use: only clients decode server frames, and the validator costs a server
     # process memory for nothing.
+    from typing import Annotated
+
+    from pydantic import ConfigDict, Field, TypeAdapter
+
+    from ._plugins import plugins_off
+    from .messages import ServerMessage
+
     with plugins_off():
-        return TypeAdapter(Annotated[ServerMessage, Field(discriminator="type")], config=_NO_STRING_CACHE)
+        return TypeAdapter(Annotated[ServerMessage, Field(discriminator="type")],
+                           config=ConfigDict(cache_strings=False))
 
 
 #: Outbound frames are strict JSON (RFC 8259) whatever the application hands us: a float that is
@@ -112,8 +199,8 @@ def _strict(frame: bytes) -> bytes:
 #: apart from other bad JSON by identity, for the close reason.
 NOT_UTF8 = "\ufffd (not UTF-8)"
 
-#: The pong frame never changes: encode it once.
-PONG_FRAME: bytes = encode(PongMessage())
+#: The pong frame never changes (:class:`~dara_ws_core.messages.PongMessage`, encoded).
+PONG_FRAME: bytes = b'{"type":"pong","message":null}'
 
 _ENVELOPE_TYPES = frozenset({"message", "custom"})
 
@@ -143,7 +230,14 @@ def build_frame(
     """
     # A plain dict, the usual payload, is told apart first: isinstance() against BaseModel goes
     # through its metaclass's subclass check (about a microsecond per frame).
-    if type(payload) is not dict and isinstance(payload, BaseModel):
+    if type(payload) is not dict and _is_model(payload):
+        from .messages import (
+            CustomServerMessage,
+            CustomServerMessagePayload,
+            DaraServerMessage,
+            ServerMessagePayload,
+        )
+
         if isinstance(payload, (DaraServerMessage, CustomServerMessage)):
             if rchan is not None:
                 payload = payload.model_copy(
@@ -151,8 +245,8 @@ def build_frame(
                 )
             return encode(payload)
         if not isinstance(payload, ServerMessagePayload):
-            body = payload.model_dump(mode="python", by_alias=True)
-            if _foreign_envelope(body, payload):
+            body = cast("BaseModel", payload).model_dump(mode="python", by_alias=True)
+            if _foreign_envelope(body, cast("BaseModel", payload)):
                 if rchan is not None:
                     body["message"] = {**body["message"], "__rchan": rchan}
                 return dumps(body)
@@ -179,6 +273,13 @@ def build_frame(
     # dumps(), inlined: one Python call less per frame built.
     return _strict(pydantic_core.to_json({"type": "custom" if custom else "message", "message": payload},
                                          by_alias=True, inf_nan_mode=_INF_NAN))
+
+
+def _is_model(value: object) -> bool:
+    """Whether ``value`` is a pydantic model; pydantic is not imported for it (if it is not
+    imported yet, nothing is a model)."""
+    main = sys.modules.get("pydantic.main")
+    return main is not None and isinstance(value, main.BaseModel)
 
 
 def _foreign_envelope(body: dict[str, Any], model: BaseModel) -> bool:
@@ -335,17 +436,20 @@ def decode_client_frame(
     (``__rchan``, never an application key named ``rchan``).
 
     A frame the connection stays open for is parsed once (see :func:`decode_client_input`).
+    The models are built from what the server's decoder gives (:data:`ClientFrame`).
     """
     decoded = _decode(frame, max_size, max_values, answers=False)
-    assert not isinstance(decoded, tuple)  # answers=False: always a model
-    return decoded
+    assert not isinstance(decoded, tuple)  # answers=False: never an answer's pair
+    model: ClientMessage = _client_adapter().validate_python(decoded, by_alias=False, by_name=True)
+    return model
 
 
 def decode_client_input(
     frame: str | bytes, max_size: int | None = None, *, max_values: int | None = None
-) -> ClientMessage | tuple[str, Any]:
-    """:func:`decode_client_frame`, but a plain answer to a server request comes back as
-    :func:`decode_answer` gives it (``(channel, message)``, no model built), in the same parse.
+) -> ClientFrame | tuple[str, Any]:
+    """:func:`decode_client_frame` as a server decodes: to a :data:`ClientFrame` (the envelope's
+    fields in dicts, no model), and a plain answer to a server request as :func:`decode_answer`
+    gives it (``(channel, message)``), in the same parse.
 
     What a frame may cost the event loop is bounded by parses of it: a frame the connection
     stays open for (decoded, or dropped as an invalid message) is parsed once, whatever it
@@ -367,7 +471,7 @@ _VALIDATE_JSON_MAX = 4096
 
 
 def _decode(frame: str | bytes, max_size: int | None, max_values: int | None, *,
-            answers: bool) -> ClientMessage | tuple[str, Any]:
+            answers: bool) -> ClientFrame | tuple[str, Any]:
     if type(frame) is not str and isinstance(frame, (bytes, bytearray, memoryview)):
         raise InvalidFrame("binary frames are not supported", CloseCode.UNSUPPORTED_DATA)
     length = len(frame)
@@ -379,10 +483,7 @@ def _decode(frame: str | bytes, max_size: int | None, max_values: int | None, *,
             or "NaN" in frame or "Infinity" in frame):
         return _decode_parsed(frame, answers, False)
     try:
-        # The adapter's core validator, called as TypeAdapter.validate_json calls it, without
-        # that method's checks of its own arguments (a Python call less per frame).
-        message: ClientMessage = _CLIENT_ADAPTER.validator.validate_json(
-            frame, by_alias=True, by_name=False)
+        message: ClientFrame = _CLIENT_VALIDATOR.validate_json(frame, by_alias=True, by_name=False)
     except ValidationError as exc:
         if frame is NOT_UTF8:
             raise InvalidFrame("text is not valid UTF-8") from None
@@ -406,7 +507,7 @@ def _decode(frame: str | bytes, max_size: int | None, max_values: int | None, *,
     return message
 
 
-def _decode_parsed(frame: str, answers: bool, repaired: bool) -> ClientMessage | tuple[str, Any]:
+def _decode_parsed(frame: str, answers: bool, repaired: bool) -> ClientFrame | tuple[str, Any]:
     """:func:`_decode` for a frame parsed first (strict: ``NaN`` refused), then checked and
     validated from its value: one parse (the value reused), whatever the frame holds."""
     if (not repaired and len(frame) > _VALIDATE_JSON_MAX and ("\\ud" in frame or "\\uD" in frame)
@@ -417,7 +518,7 @@ def _decode_parsed(frame: str, answers: bool, repaired: bool) -> ClientMessage |
     try:
         value = pydantic_core.from_json(frame, allow_inf_nan=False, cache_strings=False)
     except TypeError:  # a str holding a lone surrogate (in process): the validator's outcome
-        return _validated(_CLIENT_ADAPTER.validator.validate_json, frame)
+        return _validated(_CLIENT_VALIDATOR.validate_json, frame)
     except ValueError as exc:
         error = _json_error(str(exc))
         if isinstance(error, _LoneSurrogate) and not repaired:
@@ -429,7 +530,7 @@ def _decode_parsed(frame: str, answers: bool, repaired: bool) -> ClientMessage |
         raise InvalidFrame("a number beyond the range of a double")
     if not _finite(value, frame):
         raise InvalidFrame("a number beyond the range of a double")
-    return _validated(_CLIENT_ADAPTER.validator.validate_python, value)
+    return _validated(_CLIENT_VALIDATOR.validate_python, value)
 
 
 def _finite(value: Any, frame: str) -> bool:
@@ -451,7 +552,7 @@ def _finite(value: Any, frame: str) -> bool:
     return not held
 
 
-def _validated(validate: Callable[..., ClientMessage], data: Any) -> ClientMessage:
+def _validated(validate: Callable[..., ClientFrame], data: Any) -> ClientFrame:
     """``validate(data)`` (the client validator's ``validate_json`` or ``validate_python``),
     its errors as the protocol's."""
     try:
@@ -603,15 +704,15 @@ def _not_strict(frame: str) -> InvalidFrame | None:
     return None
 
 
-def _holds_infinity(message: ClientMessage) -> bool:
+def _holds_infinity(message: ClientFrame) -> bool:
     return bool(_infinity_within(message, None))
 
 
-def _infinity_within(message: ClientMessage, budget: int | None) -> bool | None:
+def _infinity_within(message: ClientFrame, budget: int | None) -> bool | None:
     """Whether the data of ``message`` holds an infinite float; ``None`` once more than
     ``budget`` values were looked at without deciding (``budget=None``: no limit)."""
-    return _infinity_in(message.message.data if isinstance(message, CustomClientMessage)
-                        else message.message, budget)
+    inner = message["message"]
+    return _infinity_in(inner["data"] if message["type"] == "custom" else inner, budget)
 
 
 def _infinity_in(value: Any, budget: int | None) -> bool | None:

@@ -42,12 +42,12 @@ import enum
 import sys
 from collections.abc import Container
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import pydantic_core
 
 from .auth import Holder
-from .codec import PONG_FRAME, decode_client_input, dumps, encode
+from .codec import PONG_FRAME, decode_client_input, dumps
 from .config import ServerConfig
 from .correlation import Completed, Failed, Ignored, Partial, PendingRequests
 from .exceptions import (
@@ -56,14 +56,9 @@ from .exceptions import (
     InvalidMessage,
     ProtocolError,
 )
-from .messages import (
-    ClientMessage,
-    ClientPing,
-    CustomClientMessage,
-    DaraClientMessage,
-    InitMessage,
-    InitPayload,
-)
+
+if TYPE_CHECKING:
+    from .messages import ClientMessage
 
 W = TypeVar("W")
 
@@ -205,7 +200,7 @@ class ServerConnection(Generic[W]):
     @property
     def init_frame(self) -> bytes:
         """The first frame of every connection: its channel id (section 5)."""
-        return encode(InitMessage(message=InitPayload(channel=self.channel_id)))
+        return dumps({"type": "init", "message": {"channel": self.channel_id}})
 
     @property
     def close_reason(self) -> ConnectionClosed | None:
@@ -251,28 +246,38 @@ class ServerConnection(Generic[W]):
             return self.close(exc.close_code or CloseCode.PROTOCOL_ERROR, str(exc))
         if isinstance(message, tuple):
             return [self._pending.complete(*message)]
-        if type(message) is CustomClientMessage:
-            return self._dispatch(message.message.kind, message.message.data, message.message.rchan,
-                                  sys.getsizeof(frame))
-        return self.receive_message(message)
+        if message["type"] == "custom":
+            body = message["message"]
+            return self._dispatch(body["kind"], body["data"], body["rchan"], sys.getsizeof(frame))
+        if message["type"] == "message":  # an answer's part: an answer's whole is the tuple above
+            return self._answered(message["channel"], message["chunk_count"], message["chunk_index"],
+                                  message["message"])
+        return [SendFrame(PONG_FRAME)]
 
     def receive_message(self, message: ClientMessage) -> list[Event]:
-        """Feed one decoded client message (what :meth:`receive_frame` does after decoding; a
-        custom message fed so counts nothing against ``max_handling_bytes``: its frame is not
-        known)."""
+        """Feed one decoded client message, a model of :mod:`~dara_ws_core.messages` (what
+        :meth:`receive_frame` does after decoding; a custom message fed so counts nothing
+        against ``max_handling_bytes``: its frame is not known)."""
+        from .messages import ClientPing, CustomClientMessage, DaraClientMessage
+
         if self.state is not _OPEN:
             return _NO_EVENTS
-        if isinstance(message, DaraClientMessage):  # an answer: the most frequent, asked first
-            outcome = self._pending.receive(message)
-            if isinstance(outcome, Partial):
-                return _NO_EVENTS  # a part of a chunked answer: stored
-            return [outcome]
+        if isinstance(message, DaraClientMessage):
+            return self._answered(message.channel, message.chunk_count, message.chunk_index,
+                                  message.message)
         if type(message) is ClientPing:
             return [SendFrame(PONG_FRAME)]
         if isinstance(message, CustomClientMessage):
             return self._dispatch(message.message.kind, message.message.data,
                                   message.message.rchan)
         raise TypeError(f"not a client message: {type(message).__name__}")
+
+    def _answered(self, channel: str, chunk_count: int | None, chunk_index: int | None,
+                  message: Any) -> list[Event]:
+        outcome = self._pending.receive_part(channel, chunk_count, chunk_index, message)
+        if isinstance(outcome, Partial):
+            return _NO_EVENTS  # a part of a chunked answer: stored
+        return [outcome]
 
     def _dispatch(self, kind: str, data: Any, rchan: str | None, size: int = 0) -> list[Event]:
         if self._kinds is not None and kind not in self._kinds:

@@ -39,14 +39,16 @@ __all__ = [
 import os
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .auth import Holder
 from .chunks import ChunkAssembler
 from .codec import _EXACT_ABOVE, count_json_values, dumps, held_text_bytes
 from .config import ServerConfig
 from .exceptions import ChunkError, DaraWSError, TooManyPendingRequests
-from .messages import DaraClientMessage
+
+if TYPE_CHECKING:
+    from .messages import DaraClientMessage
 
 W = TypeVar("W")
 
@@ -406,7 +408,14 @@ class PendingRequests(Generic[W]):
         return rchan
 
     def receive(self, message: DaraClientMessage) -> Outcome[W]:
-        """Feed one response frame.
+        """Feed one response frame (:meth:`receive_part` with its fields)."""
+        return self.receive_part(message.channel, message.chunk_count, message.chunk_index,
+                                 message.message)
+
+    def receive_part(self, rchan: str, chunk_count: int | None, chunk_index: int | None,
+                     message: Any) -> Outcome[W]:
+        """Feed one response frame, by its fields: ``channel`` (``rchan``), ``chunk_count``,
+        ``chunk_index`` and ``message``.
 
         Each part of a chunked answer is kept as its frame decoded it, so that its cost is paid
         with its frame, which ``max_message_values`` bounds; the last part only builds the list.
@@ -416,9 +425,8 @@ class PendingRequests(Generic[W]):
         plus :data:`PART_BYTES` and :data:`PART_VALUES`, against the channel's, the user's and
         the process's bounds.
         """
-        rchan = message.channel
-        if message.chunk_count is None:
-            return self.complete(rchan, message.message)
+        if chunk_count is None:
+            return self.complete(rchan, message)
         entries = self._entries
         entry = entries.get(rchan, _ABSENT)
         if entry is _ABSENT:
@@ -430,24 +438,24 @@ class PendingRequests(Generic[W]):
         try:
             if chunked is None:  # the first part: the entry gets its assembler
                 chunked = _Entry(waiter, ChunkAssembler(
-                    message.chunk_count,
+                    chunk_count,
                     max_chunks=config.max_chunks,
                     max_bytes=self.max_chunked_bytes,
                 ))
                 entries[rchan] = chunked
-            part = dumps(message.message)
+            part = dumps(message)
             size = len(part)
             if not part.isascii():
                 # Decoded, its strings may take up to 4 bytes a character where the wire took
                 # one (an ASCII text with one emoji): counted as held, not as sent.
-                size = max(size, held_text_bytes(message.message))
+                size = max(size, held_text_bytes(message))
             size += PART_BYTES
             values = count_json_values(part, _EXACT_ABOVE) + PART_VALUES
             self._check(held, size, values)
             parts = chunked.assembler.feed(
-                message.message,
-                chunk_count=message.chunk_count,
-                chunk_index=message.chunk_index,
+                message,
+                chunk_count=chunk_count,
+                chunk_index=chunk_index,
                 size=size,
             )
         except ChunkError as exc:

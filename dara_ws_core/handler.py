@@ -20,9 +20,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Mapping
 from functools import partial
 from types import MappingProxyType
-from typing import Any, Protocol
-
-from pydantic import BaseModel
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .auth import Identity, holder_of
 from .codec import build_frame, encode
@@ -42,9 +40,13 @@ from .correlation import new_rchan
 from .custom import CustomHandlerRegistry
 from .exceptions import ChunkError, CloseCode, ConnectionClosed, RequestTimeout, SlowConsumer
 from .logs import ConnectionLogger, current_source
-from .messages import ClientMessage, LoosePayload
 from .queue import OutboundQueue
 from .stats import TRACING, Counters
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from .messages import ClientMessage, LoosePayload
 
 logger = logging.getLogger("dara_ws_core")
 

@@ -20,8 +20,6 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import BaseModel
-
 from . import handler as _handler
 from .auth import Identity
 from .codec import build_frame
@@ -31,7 +29,6 @@ from .exceptions import BackplaneError, CloseCode, ConnectionClosed, UnknownChan
 from .handler import _DEFAULT, ACK_PARKED, Sink, WebSocketHandler, current_channel, current_identity
 from .lifecycle import ConnectHook, ConnectionHooks, DisconnectHook
 from .logs import _is_power_of_ten, current_source
-from .messages import LoosePayload
 from .outbox import (
     ADDRESS_SHARES,
     SENDER_SHARES,
@@ -50,7 +47,10 @@ from .registry import ChannelRegistry
 from .stats import Counters, ServerStats, collect
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
     from .backplane.contract import Backplane, Gap, GapCallback
+    from .messages import LoosePayload
 
 C = TypeVar("C", bound=ConnectHook)
 D = TypeVar("D", bound=DisconnectHook)

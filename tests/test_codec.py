@@ -27,6 +27,7 @@ from dara_ws_core.codec import (
     count_json_values,
     decode_answer,
     decode_client_frame,
+    decode_client_input,
     decode_server_frame,
     encode,
 )
@@ -691,8 +692,7 @@ def parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return from_json(*args, **kwargs)
 
     monkeypatch.setattr(pydantic_core, "from_json", counting_from_json)
-    monkeypatch.setattr(codec._CLIENT_ADAPTER, "validator",
-                        _CountingValidator(codec._CLIENT_ADAPTER.validator, made))
+    monkeypatch.setattr(codec, "_CLIENT_VALIDATOR", _CountingValidator(codec._CLIENT_VALIDATOR, made))
     return made
 
 
@@ -754,3 +754,103 @@ def test_small_frames_get_the_outcome_they_get_once_parsed_first(frame: str | by
     finally:
         codec._VALIDATE_JSON_MAX = saved
     assert direct == parsed_first
+
+
+# ------------------------------------------------ the server's decoder against the seed's models
+
+#: Every key a client envelope has, under its wire name and under its field name, and others.
+_ENVELOPE_KEYS = st.sampled_from(["type", "channel", "chunk_count", "chunk_index", "message", "__rchan",
+                                  "rchan", "kind", "data", "other"])
+_FIELD_VALUES = st.one_of(
+    st.sampled_from(["ping", "message", "custom", "init", "pong", "", "k"]),
+    st.none(), st.booleans(), st.integers(min_value=-3, max_value=3), st.floats(allow_nan=False),
+    st.sampled_from([2.0, "2", [1], {}]), S.json_values,
+)
+_ENVELOPES = st.recursive(
+    st.dictionaries(_ENVELOPE_KEYS, _FIELD_VALUES, max_size=6),
+    lambda inner: st.dictionaries(_ENVELOPE_KEYS, st.one_of(_FIELD_VALUES, inner), max_size=6),
+    max_leaves=12,
+) | _FIELD_VALUES
+
+
+def _fields(model: BaseModel) -> dict[str, Any]:
+    """A client envelope model's fields, as the server's decoder gives them (nested models too)."""
+    return {name: _fields(value) if isinstance(value, BaseModel) else value
+            for name, value in ((name, getattr(model, name)) for name in type(model).model_fields)}
+
+
+def _assert_decoded_as_the_models_do(frame: str) -> None:
+    # A server decodes client frames to dicts without building the models (so that a process
+    # that meets no model does not load pydantic); it must take, refuse and read every frame as
+    # the seed's models read the wire.
+    from dara_ws_core import codec
+
+    try:
+        model = codec._client_adapter().validate_json(frame, by_alias=True, by_name=False)
+    except pydantic.ValidationError as exc:
+        with pytest.raises(pydantic_core.ValidationError) as refused:
+            codec._CLIENT_VALIDATOR.validate_json(frame, by_alias=True, by_name=False)
+        # The same fault, at the same place, and the same outcome (protocol.md section 6).
+        assert [(e["loc"], e["type"]) for e in refused.value.errors()] == [
+            (e["loc"], "dict_type" if e["type"] == "model_type" else e["type"]) for e in exc.errors()]
+        assert type(codec._classify(refused.value)) is type(codec._classify(exc))
+        return
+    assert codec._CLIENT_VALIDATOR.validate_json(frame, by_alias=True, by_name=False) == _fields(model)
+    decoded = decode_client_input(frame)
+    if not isinstance(decoded, tuple):
+        assert decoded == _fields(model)
+        assert _fields(decode_client_frame(frame)) == _fields(model)
+
+
+@given(_ENVELOPES)
+@settings(max_examples=600, deadline=None)
+def test_the_servers_decoder_agrees_with_the_seeds_models_on_every_value(value: Any) -> None:
+    _assert_decoded_as_the_models_do(json.dumps(value))
+
+
+@pytest.mark.parametrize("frame", [
+    '{"type":"ping","message":null}', '{"type":"ping"}', '{"type":"ping","message":{"a":[1]}}',
+    '{"type":"message","channel":"c","chunk_count":2,"chunk_index":1,"message":[1]}',
+    '{"type":"message","channel":"c","chunk_count":true,"message":1}',
+    '{"type":"message","channel":"c","chunk_index":"1","chunk_count":2}',
+    '{"type":"message","channel":7,"message":1}', '{"type":"message","message":1}',
+    '{"type":"custom","message":{"kind":"k","data":{"a":1},"__rchan":"r"}}',
+    '{"type":"custom","message":{"kind":"k","rchan":"not read"}}',
+    '{"type":"custom","message":{"kind":"k","__rchan":null,"rchan":"x"}}',
+    '{"type":"custom","message":{"kind":"k","__rchan":5}}', '{"type":"custom","message":{"data":1}}',
+    '{"type":"custom","message":[]}', '{"type":"custom"}', '{"type":"init","message":{}}', '{"kind":"k"}',
+    '[]', '"ping"', '{"type":null}', '{"type":["ping"]}',
+])
+def test_the_servers_decoder_reads_each_field_as_the_seeds_models(frame: str) -> None:
+    _assert_decoded_as_the_models_do(frame)
+
+
+def test_a_server_imports_neither_pydantic_nor_the_models_until_it_meets_one(tmp_path: pathlib.Path) -> None:
+    # Issue 14: what a process costs at start. pydantic and the first model's schema are about
+    # 4 MiB of RSS; a server that decodes and builds frames from dicts needs neither.
+    code = (
+        "import sys\n"
+        "from dara_ws_core import Endpoint, ServerConfig, WebsocketManager, allow_anonymous, codec\n"
+        "from dara_ws_core.connection import ServerConnection\n"
+        "manager = WebsocketManager(config=ServerConfig())\n"
+        "Endpoint(manager, allow_anonymous)\n"
+        "c = ServerConnection('ch', ServerConfig())\n"
+        "c.init_frame\n"
+        "for frame in ['{\"type\":\"ping\",\"message\":null}',"
+        " '{\"type\":\"custom\",\"message\":{\"kind\":\"k\"}}',"
+        " '{\"type\":\"message\",\"channel\":\"x\",\"chunk_count\":2,\"message\":1}', '{\"type\":1}']:\n"
+        "    c.receive_frame(frame, 0.0)\n"
+        "codec.build_frame({'a': 1}); codec.build_frame({'kind': 'k'}, custom=True, rchan='r')\n"
+        "loaded = sorted(m for m in sys.modules if m == 'pydantic' or m.startswith('pydantic.')"
+        " or m == 'dara_ws_core.messages')\n"
+        "assert not loaded, loaded\n"
+        "from dara_ws_core import DaraServerMessage\n"
+        "assert 'pydantic' in sys.modules\n"
+    )
+    import subprocess
+    import sys
+
+    # Run elsewhere: ``python -c`` puts its working directory first on the path.
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          check=False, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -35,7 +35,9 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "handler": frozenset({"Sink"}),
     "codec": frozenset({"MAX_NESTING_DEPTH", "MAX_NUMBER_DIGITS", "MOST_STRINGS_LEFT_OUT", "NOT_UTF8", "PONG_FRAME",
                         "count_json_values", "decode_answer", "decode_client_input", "dumps", "held_text_bytes",
-                        "utf8_size_exceeds"}),
+                        "utf8_size_exceeds",
+                        # What a server decodes a client frame to (decode_client_input), no model.
+                        "AnswerFrame", "ClientFrame", "CustomBody", "CustomFrame", "PingFrame"}),
     "messages": frozenset({"InitPayload", "TypedPayload"}),
     # RepeatedRecords: for the adapters, on their libraries' loggers.
     "logs": frozenset({"ConnectionLogger", "RepeatedRecords"}),

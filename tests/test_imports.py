@@ -340,7 +340,8 @@ def test_a_websockets_server_process_loads_no_client_side_or_optional_module() -
 
 
 #: What a server process never loads: the websockets client (with urllib.request, http.client and
-#: email for its proxy support), the core's client side and in-memory transport, Dara's
+#: email for its proxy support), the core's client side and in-memory transport, the envelope
+#: models and pydantic (a server decodes and builds frames without them), Dara's
 #: first-party payload models, the telemetry, JWT, backplane and test helpers, the Redis
 #: backplane and the integrations, the libraries of the optional extras and the command line's
 #: metrics page; whoever uses them imports them.
@@ -349,7 +350,7 @@ SERVER_UNWANTED = ["websockets.asyncio.client", "urllib.request", "http.client",
                    "dara_ws_core.telemetry", "dara_ws_core.telemetry_hooks", "dara_ws_core.jwt",
                    "dara_ws_core.backplane", "dara_ws_core.testing", "hypothesis",
                    "dara_ws_redis", "dara_ws_core.integrations", "redis", "jwt", "opentelemetry",
-                   "dara_ws_cli.metrics", "prometheus_client"]
+                   "dara_ws_cli.metrics", "prometheus_client", "pydantic", "dara_ws_core.messages"]
 
 
 def test_the_demo_server_of_the_command_line_loads_no_client_side_or_optional_module() -> None:
@@ -376,6 +377,19 @@ def test_the_client_side_names_of_the_root_are_imported_on_first_use() -> None:
         "print(before, same, 'DaraClient' in dir(dara_ws_core), hasattr(dara_ws_core, 'NoSuchName'))\n"
     )
     assert run_python(code) == "[] True True False"
+
+
+def test_the_envelope_models_are_imported_on_first_use_and_are_the_same_everywhere() -> None:
+    code = (
+        "import sys, dara_ws_core\n"
+        "before = sorted({'pydantic', 'dara_ws_core.messages'} & set(sys.modules))\n"
+        "from dara_ws_core import DaraClientMessage, ServerMessagePayload\n"
+        "from dara_ws_core import messages\n"
+        "names = set(messages.__all__) & set(dara_ws_core.__all__)\n"
+        "same = all(getattr(dara_ws_core, n) is getattr(messages, n) for n in names)\n"
+        "print(before, same, len(names) >= 14, DaraClientMessage is messages.DaraClientMessage)\n"
+    )
+    assert run_python(code) == "[] True True True"
 
 
 def test_the_first_party_payloads_are_built_on_first_use_and_are_the_same_everywhere() -> None:
