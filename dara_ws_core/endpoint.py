@@ -79,8 +79,8 @@ class ConnectionSlots:
     evicted last. Refused sockets waiting for their request make room for newer refused ones,
     the oldest first."""
 
-    __slots__ = ("_crowds", "_gone", "_most", "_refused", "_waiting", "_waiting_at", "admitted",
-                 "by_address", "limit", "per_address", "refusing", "refusing_limit")
+    __slots__ = ("_crowds", "_gone", "_most", "_refused", "_unanswerable", "_waiting", "_waiting_at",
+                 "admitted", "by_address", "limit", "per_address", "refusing", "refusing_limit")
 
     def __init__(self, limit: int | None, per_address: int | None = None) -> None:
         self.limit = limit
@@ -97,6 +97,8 @@ class ConnectionSlots:
         self._waiting: dict[Evict, str | None] = {}
         self._waiting_at: dict[str | None, dict[Evict, None]] = {}
         self._refused: dict[Evict, None] = {}
+        #: The waiting sockets no answer can reach yet (``answerable=False``: TLS handshakes).
+        self._unanswerable: dict[Evict, None] = {}
         #: The addresses by how many waiting sockets they hold (each count's in the order they
         #: reached it), and the highest count: the most crowded address found in O(1), as
         #: counts move by one.
@@ -149,6 +151,8 @@ class ConnectionSlots:
                 mine = self._waiting_at.setdefault(address, {})
                 mine[evict] = None
                 self._recount(address, len(mine) - 1, len(mine))
+                if not answerable:
+                    self._unanswerable[evict] = None
         elif admission is not Admission.DROP:
             self.refusing += 1
             if evict is not None:
@@ -159,6 +163,7 @@ class ConnectionSlots:
         """The socket registered with ``evict`` has sent its whole request: it is no longer
         evicted to make room."""
         if evict in self._waiting:
+            self._unanswerable.pop(evict, None)
             address = self._waiting.pop(evict)
             mine = self._waiting_at[address]
             del mine[evict]
@@ -212,6 +217,18 @@ class ConnectionSlots:
             del self._refused[evict]
             return evict, Admission.REFUSE, None
         return None
+
+    def unanswerable(self) -> list[tuple[Evict, Admission, str | None]]:
+        """Every waiting socket taken with ``answerable=False`` (a TLS socket in its TLS
+        handshake), as :meth:`victim` names one, each no longer registered as waiting: what a
+        shutdown closes, as no request they may still send could be served. The caller calls
+        each, then :meth:`evicted` if it closed."""
+        victims = []
+        for evict in list(self._unanswerable):
+            address = self._waiting[evict]
+            self.settle(evict)
+            victims.append((evict, Admission.ADMIT, address))
+        return victims
 
     def evicted(self, evict: Evict, admission: Admission, address: str | None) -> None:
         """The socket :meth:`victim` named was closed: its slot is free now, and its own
@@ -575,8 +592,10 @@ class Endpoint:
         self._told_closed = False
 
     async def shutdown(self, grace: float | None = None) -> None:
-        """Stop: refuse new handshakes, close every connection with 1001 and fail their pending
-        requests, and wait until every connection task is done.
+        """Stop: refuse new handshakes, close every socket still in its TLS handshake (counted
+        from its accept, :mod:`dara_ws_core.tls`: once listening has stopped, none could be
+        served), close every connection with 1001 and fail their pending requests, and wait
+        until every connection task is done.
 
         A connection with handler tasks running (custom requests in flight) is closed when they
         end or when ``grace`` seconds (default ``ServerConfig.shutdown_grace``) have passed,
@@ -585,6 +604,13 @@ class Endpoint:
         :meth:`~WebsocketManager.on_disconnect` hooks, up to ``grace`` (at least a second), and
         cancels those still running. Idempotent."""
         self._closing = True
+        counters = self.manager.counters
+        # Listening has stopped: a socket still in its TLS handshake could only be refused once
+        # it is done (up to handshake_timeout later, when the shutdown is over).
+        for victim in self.slots.unanswerable():
+            if victim[0]():
+                self.slots.evicted(*victim)
+                counters.count(counters.handshakes_rejected, "shutdown")
         grace = self.config.shutdown_grace if grace is None else grace
         handlers = [h for c, h in self.manager.handlers.items() if c in self._connections]
 
