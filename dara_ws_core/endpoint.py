@@ -435,14 +435,7 @@ class Endpoint:
         source = self.client_address(request)
         current_source.set(source)
         counters = self.manager.counters
-        if self._closing:
-            counters.count(counters.handshakes_rejected, "shutdown")
-            if not self._told_closed:
-                self._told_closed = True
-                logger.info("handshake refused: the endpoint is shut down (an adapter's serve() or "
-                            "lifespan opens it again)", extra={"path": request.path})
-            raise AuthenticationFailed("the endpoint is shut down: its serve() or lifespan ended (serving it "
-                                       "again, or Endpoint.open(), takes handshakes again)")
+        self._check_open(request)
         # Bounded like the rest of the handshake: an authenticator waiting on a stuck identity
         # provider must not hold the socket (and the peer's slot) for ever. Half the bound, so
         # that it answers 403 before the transport's own handshake bound drops the socket.
@@ -474,8 +467,23 @@ class Endpoint:
             counters.count(counters.handshakes_rejected, "limit")
             _handshake_log(request, identity).info("handshake rejected: connection limit")
             raise AuthenticationFailed(f"user has {limit} connections already")
+        # Shut down while the authenticator ran: no connection may start after the shutdown.
+        self._check_open(request)
         counters.handshakes_accepted += 1
         return identity
+
+    def _check_open(self, request: HandshakeRequest) -> None:
+        """``AuthenticationFailed`` (counted) once the endpoint is shut down."""
+        if not self._closing:
+            return
+        counters = self.manager.counters
+        counters.count(counters.handshakes_rejected, "shutdown")
+        if not self._told_closed:
+            self._told_closed = True
+            logger.info("handshake refused: the endpoint is shut down (an adapter's serve() or "
+                        "lifespan opens it again)", extra={"path": request.path})
+        raise AuthenticationFailed("the endpoint is shut down: its serve() or lifespan ended (serving it "
+                                   "again, or Endpoint.open(), takes handshakes again)")
 
     def _authenticator_failed(self, request: HandshakeRequest, exc: Exception) -> AuthenticationFailed:
         """Count and log an authenticator that raised (in its ``except``: the traceback is
@@ -533,6 +541,13 @@ class Endpoint:
                 logger.info("connection refused: cluster connection limit",
                             extra={"user": identity.user_id})
                 await close_quietly(transport, CloseCode.POLICY_VIOLATION, "too many connections")
+                return
+            if self._closing:
+                # The shutdown began after its handshake was accepted, and has closed (or is
+                # closing) every connection it found: this one would be served after it.
+                self.manager.abandon(channel_id, identity)
+                self.manager.counters.count(self.manager.counters.close_codes, CloseCode.GOING_AWAY)
+                await close_quietly(transport, CloseCode.GOING_AWAY, "server shutting down")
                 return
             try:
                 driver = ConnectionDriver(self.manager, transport, identity, channel_id)

@@ -361,6 +361,54 @@ async def test_a_refused_connection_gets_neither_hook(make_stack: Callable[..., 
         assert calls == ["connect", "disconnect"]
 
 
+@pytest.mark.parametrize("when", ["while the authenticator runs", "as the authenticator returns"])
+async def test_a_handshake_the_shutdown_overtakes_is_not_served_after_it(
+        make_stack: Callable[..., Any], when: str) -> None:
+    """A shutdown that begins while a handshake is being authenticated, or between its
+    authentication and its connection's start, leaves no connection served after it: the
+    handshake is refused (403) or its connection closed (1001) before any hook, or, registered
+    before the shutdown began, closed by it with both hooks run. It was served after the
+    shutdown returned, its on_connect run, its on_disconnect left for no shutdown to wait for."""
+    entered, release = asyncio.Event(), asyncio.Event()
+    shutdowns: list[asyncio.Task[None]] = []
+    stacks: list[Stack] = []
+
+    async def authenticator(request: Any) -> Identity:
+        entered.set()
+        if when == "while the authenticator runs":
+            await release.wait()
+        else:  # the shutdown's first step comes after this handshake's authentication
+            shutdowns.append(asyncio.create_task(stacks[0].endpoint.shutdown(grace=0)))
+        return Identity(user_id="late", session_id="s1")
+
+    async with make_stack(authenticator=authenticator) as stack:
+        stacks.append(stack)
+        calls: list[str] = []
+        stack.manager.on_connect(lambda channel_id, identity: calls.append("connect"))
+        stack.manager.on_disconnect(lambda channel_id, identity, closed: calls.append("disconnect"))
+        connecting = asyncio.create_task(stack.connect("late:s1"))
+        async with asyncio.timeout(TIMEOUT):
+            await entered.wait()
+            if not shutdowns:
+                await stack.endpoint.shutdown(grace=0)
+                release.set()
+            else:
+                await shutdowns[0]
+            try:
+                transport = await connecting
+            except HandshakeRejected as exc:
+                assert exc.status == 403
+            else:  # upgraded before the shutdown's first step: closed since
+                with pytest.raises(ConnectionClosed):
+                    for _ in range(8):
+                        await transport.receive()
+        await eventually(lambda: not stack.endpoint._connections and not stack.manager.handlers,
+                         "no connection served after the shutdown", timeout=TIMEOUT)
+        hooks = stack.manager.hooks
+        assert hooks is not None and not hooks.open and not hooks.tasks
+        assert calls in ([], ["connect", "disconnect"])
+
+
 async def test_with_a_backplane_the_hooks_of_the_process_holding_the_connection_run() -> None:
     broker = MemoryBroker()
     calls: list[tuple[str, str, str]] = []
