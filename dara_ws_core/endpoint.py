@@ -31,6 +31,7 @@ from .exceptions import (
     CloseCode,
 )
 from .handler import WebSocketHandler
+from .lifecycle import ConnectionHooks
 from .logs import ConnectionLogger, current_source
 from .manager import WebsocketManager
 from .transport import HandshakeRequest, ReceivingCharge, Transport, TrustedProxies, address_key
@@ -313,6 +314,8 @@ class Endpoint:
         self.authenticator = authenticator
         self.path = path
         self._connections: dict[str, asyncio.Task[Any]] = {}
+        #: The on_disconnect tasks of its connections that ended, still running.
+        self._hook_tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
         self._told_closed = False  # a refusal after shutdown() logged (once per shutdown)
@@ -561,11 +564,21 @@ class Endpoint:
                 await driver.run()
             finally:
                 self._connections.pop(channel_id, None)
+                self._track_hooks(channel_id)
         finally:
             if forwarded is not None:
                 left = self._forwarded.pop(forwarded, 1) - 1
                 if left > 0:
                     self._forwarded[forwarded] = left
+
+    def _track_hooks(self, channel_id: str) -> None:
+        """Keep the ``on_disconnect`` task of a connection of this endpoint's that ended (its
+        manager's hooks started it as the channel was removed), for :meth:`shutdown`."""
+        hooks = self.manager.hooks
+        task = None if hooks is None else hooks.tasks.get(channel_id)
+        if task is not None and not task.done():
+            self._hook_tasks.add(task)
+            task.add_done_callback(self._hook_tasks.discard)
 
     def _take_forwarded(self, client: str) -> bool:
         """Count a connection of ``client`` behind a trusted proxy, if its address has room."""
@@ -615,9 +628,9 @@ class Endpoint:
         A connection with handler tasks running (custom requests in flight) is closed when they
         end or when ``grace`` seconds (default ``ServerConfig.shutdown_grace``) have passed,
         whichever is first; its replies queued by then are sent before the close frame. Other
-        connections are closed at once. Then it waits for the connections'
+        connections are closed at once. Then it waits for its connections'
         :meth:`~WebsocketManager.on_disconnect` hooks, up to ``grace`` (at least a second), and
-        cancels those still running. Idempotent."""
+        cancels those still running (another endpoint's over the same manager are left alone). Idempotent."""
         self._closing = True
         counters = self.manager.counters
         # Listening has stopped: a socket still in its TLS handshake could only be refused once
@@ -643,9 +656,9 @@ class Endpoint:
                 task.cancel()
             if still:
                 await asyncio.wait(still, timeout=5.0)
-        hooks = self.manager.hooks
-        if hooks is not None:  # every ended connection's on_disconnect, none left pending
-            await hooks.wait(max(grace, 1.0))
+        # Its ended connections' on_disconnect hooks, none left pending (another endpoint's
+        # over the same manager are its own shutdown's).
+        await ConnectionHooks.wait(self._hook_tasks, max(grace, 1.0))
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)

@@ -14,7 +14,7 @@ reachable; its user's other channels are), whatever ended it, exactly once for e
 ``on_connect`` ran for; ``closed`` is the :class:`~dara_ws_core.exceptions.ConnectionClosed` that
 says how (``code``, ``reason``). Its hooks run in order in one task of the manager's (never inside
 the close, which may happen in the middle of a fan-out), each bounded by ``handler_timeout``;
-:meth:`Endpoint.shutdown` waits for them.
+:meth:`Endpoint.shutdown` waits for those of its own connections.
 
 A hook that raises or times out is logged with the application's failures (their own budget,
 the first of each hook and exception type always written) and counted in
@@ -31,7 +31,7 @@ import contextvars
 import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -78,7 +78,7 @@ def _check_arguments(event: str, func: Callable[..., Any]) -> None:
 class ConnectionHooks:
     """The manager's ``on_connect`` and ``on_disconnect`` hooks, and what runs them: the
     channels they ran for (so that each gets one ``on_disconnect``) and the ``on_disconnect``
-    tasks still running (waited for by :meth:`Endpoint.shutdown`). Made by the first hook
+    tasks still running (each endpoint's :meth:`Endpoint.shutdown` waits for its own). Made by the first hook
     registered: a manager without hooks pays one ``None`` check per connection."""
 
     __slots__ = ("connect", "disconnect", "open", "tasks")
@@ -90,8 +90,8 @@ class ConnectionHooks:
         self.disconnect: tuple[Hook, ...] = ()
         #: Channels ``on_connect`` ran for, whose ``on_disconnect`` is still to come.
         self.open: set[str] = set()
-        #: ``on_disconnect`` tasks running (one per ended connection, at most).
-        self.tasks: set[asyncio.Task[None]] = set()
+        #: ``on_disconnect`` tasks running, by channel (one per ended connection, at most).
+        self.tasks: dict[str, asyncio.Task[None]] = {}
 
     def add(self, event: str, func: Callable[..., Any]) -> None:
         """Register ``func`` for ``event``; ``TypeError`` for what cannot be a hook."""
@@ -158,15 +158,18 @@ class ConnectionHooks:
         task = asyncio.get_running_loop().create_task(
             _run(hooks, None, handler, args), name=f"on_disconnect {channel_id}",
             context=contextvars.Context())
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.tasks[channel_id] = task
+        task.add_done_callback(lambda _: self.tasks.pop(channel_id, None))
 
-    async def wait(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for the ``on_disconnect`` hooks running, then cancel those left
-        (each is bounded by ``handler_timeout`` already; a shutdown leaves none pending)."""
-        if not self.tasks:
+    @staticmethod
+    async def wait(tasks: Collection[asyncio.Task[None]], timeout: float) -> None:
+        """Wait up to ``timeout`` for ``on_disconnect`` tasks (an endpoint's: those of the
+        connections it served), then cancel those left (each is bounded by ``handler_timeout``
+        already; a shutdown leaves none of its own pending, and never cuts short another
+        endpoint's)."""
+        if not tasks:
             return
-        _, still = await asyncio.wait(list(self.tasks), timeout=timeout)
+        _, still = await asyncio.wait(list(tasks), timeout=timeout)
         for task in still:
             task.cancel()
         if still:

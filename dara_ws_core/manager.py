@@ -240,7 +240,7 @@ class WebsocketManager:
         ``UnknownChannel``); its user's other channels are not. Hooks run in the order
         registered, in one task per ended connection, each within ``handler_timeout``, in a
         context whose :data:`current_channel` is the ended channel; :meth:`Endpoint.shutdown`
-        waits for them (within its grace, then cancels them). Failures are logged and counted
+        waits for those of its own connections (within its grace, then cancels them). Failures are logged and counted
         as :meth:`on_connect`'s. Raises ``TypeError`` as :meth:`on_connect` does (for the three
         arguments).
         """

@@ -323,6 +323,43 @@ async def test_shutdown_returns_once_every_on_disconnect_ran(make_stack: Callabl
         assert manager.hooks is not None and not manager.hooks.tasks and not manager.hooks.open
 
 
+async def test_an_endpoints_shutdown_leaves_the_on_disconnect_hooks_of_another_endpoint_alone() -> None:
+    """Two endpoints over one manager (one application on two transports or paths): stopping
+    one waits for, and cancels past its grace, its own connections' on_disconnect hooks only.
+    It cancelled the other's hooks still running (their clean-up cut short), and waited for them."""
+    from dara_ws_core import DaraClient, Endpoint
+    from dara_ws_websockets import connect, serve
+
+    manager = WebsocketManager(ServerConfig(shutdown_grace=0.1))
+    manager.add_ws_handler("echo", lambda channel_id, data: data)
+    cleaning, finish = asyncio.Event(), asyncio.Event()
+    outcome: list[str] = []
+
+    @manager.on_disconnect
+    async def cleanup(channel_id: str, identity: Identity, closed: ConnectionClosed) -> None:
+        cleaning.set()
+        try:
+            await finish.wait()
+        except asyncio.CancelledError:
+            outcome.append("cancelled")
+            raise
+        outcome.append("done")
+
+    def identify(request: Any) -> Identity:
+        return Identity(user_id="alice", session_id="s1")
+
+    first, second = Endpoint(manager, identify), Endpoint(manager, identify)
+    async with serve(second, "127.0.0.1", 0) as other:
+        async with serve(first, "127.0.0.1", 0):
+            async with asyncio.timeout(TIMEOUT):
+                async with DaraClient(lambda: connect(other.url), ping_interval=None) as client:
+                    assert await client.request("echo", 1, timeout=TIMEOUT) == 1
+                await cleaning.wait()  # the other endpoint's client is gone, its hook running
+        assert outcome == []  # the first endpoint is shut down: the other's hook still runs
+        finish.set()
+        await eventually(lambda: outcome == ["done"], "the hook finished", timeout=TIMEOUT)
+
+
 async def test_a_failing_on_disconnect_is_logged_and_the_next_one_runs(
         make_stack: Callable[..., Any], caplog: pytest.LogCaptureFixture) -> None:
     async with echo_stack(make_stack) as stack:
