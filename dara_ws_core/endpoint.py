@@ -396,11 +396,13 @@ class Endpoint:
     def receiving_charge(self, identity: Identity | None, host: str | None) -> ReceivingCharge:
         """What an accepted connection's messages in progress count against
         (``max_receiving_total_bytes``): under its holder (its user; for an anonymous one, its
-        socket peer's ``host``) and its client's address, as :meth:`authenticate` found it
-        (behind a trusted proxy, the client the proxy names). Call it after
-        :meth:`authenticate`, in its context."""
-        return ReceivingCharge(self.config.max_receiving_total_bytes, holder_of(identity, host),
-                               address=current_source.get())
+        client's address) and its client's address, as :meth:`authenticate` found it (behind
+        a trusted proxy, the client the proxy names, as the chunk and thread shares count it;
+        its socket peer's ``host`` where it found none). Call it after :meth:`authenticate`,
+        in its context."""
+        source = current_source.get()
+        return ReceivingCharge(self.config.max_receiving_total_bytes,
+                               holder_of(identity, host if source is None else source), address=source)
 
     def client_address(self, request: HandshakeRequest) -> str | None:
         """Whom the bounds counted per address count ``request`` as, once it is read: its
