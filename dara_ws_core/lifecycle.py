@@ -188,7 +188,10 @@ def _call_sync(hook: Hook, handler: WebSocketHandler, args: tuple[Any, ...]) -> 
     A failure is logged and counted."""
     try:
         result = hook.func(*args)
-    except Exception as exc:
+    except (Exception, asyncio.CancelledError) as exc:
+        # Nothing cancels a sync call: a CancelledError is its own (a cancelled future's
+        # result), a failure. Raised on, it ended the connection's task before its serving
+        # began (the channel left registered), or skipped the next on_disconnect hooks.
         _failed(hook, handler, exc)
         return None
     if inspect.isawaitable(result):

@@ -186,6 +186,34 @@ async def test_a_failing_on_connect_is_logged_and_the_connection_stays_open(
         assert "broken" in failures[0].getMessage()
 
 
+@pytest.mark.parametrize("event", ["connect", "disconnect"])
+async def test_a_sync_hook_raising_cancelled_error_of_its_own_is_a_failure_like_any_other(
+        make_stack: Callable[..., Any], event: str) -> None:
+    """A sync hook that raises ``CancelledError`` (it read a cancelled future's result): nothing
+    cancelled the connection or the hook's task, so it is logged and counted as a failure, as a
+    sync custom handler's is. Raised on from on_connect, it ended the connection's task before
+    its serving began: the channel stayed registered, reachable, for ever, and on_disconnect
+    never ran; from on_disconnect, the next hooks were skipped."""
+    async with echo_stack(make_stack) as stack:
+        manager = stack.manager
+        ran: list[str] = []
+
+        def cancelled_result(*args: Any) -> None:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            future.cancel()
+            future.result()
+
+        manager.on_connect(cancelled_result if event == "connect" else lambda c, i: None)
+        manager.on_disconnect(cancelled_result if event == "disconnect" else lambda c, i, e: None)
+        manager.on_disconnect(lambda channel_id, identity, closed: ran.append(channel_id))
+        client = await stack.client()
+        assert await client.request("echo", "still served", timeout=TIMEOUT) == "still served"
+        await client.close()
+        await settled(stack)
+        assert ran == [client.channel]
+        assert manager.stats().hooks[f"{event}_error"] == 1
+
+
 async def test_an_on_connect_past_handler_timeout_is_logged_as_timed_out(
         make_stack: Callable[..., Any], caplog: pytest.LogCaptureFixture) -> None:
     async with echo_stack(make_stack, handler_timeout=0.2) as stack:
