@@ -335,6 +335,43 @@ async def test_on_disconnect_runs_in_the_ended_channels_context_not_the_closers(
         assert seen == [(victim.channel, victim.channel, "frank")]
 
 
+async def test_on_disconnect_runs_after_the_cancelled_on_connect_has_unwound(make_stack: Callable[..., Any]) -> None:
+    """A connection that ends while its on_connect still runs: the hook is cancelled, and its
+    clean-up (what it awaits as it unwinds, a shielded write) ends before on_disconnect
+    starts, so that on_disconnect sees what on_connect left (presence added, then removed).
+    on_disconnect ran alongside it, and a presence entry written last stayed for ever."""
+    async with echo_stack(make_stack) as stack:
+        manager = stack.manager
+        started = asyncio.Event()
+        order: list[str] = []
+        present: set[str] = set()
+
+        @manager.on_connect
+        async def join(channel_id: str, identity: Identity) -> None:
+            started.set()
+            try:
+                await asyncio.Event().wait()  # a slow presence store
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.05)  # its write lands as it unwinds
+                present.add(channel_id)
+                order.append("connect unwound")
+                raise
+
+        @manager.on_disconnect
+        async def leave(channel_id: str, identity: Identity, closed: ConnectionClosed) -> None:
+            present.discard(channel_id)
+            order.append("disconnect")
+
+        client = await stack.client()
+        async with asyncio.timeout(TIMEOUT):
+            await started.wait()
+        await client.close()
+        await settled(stack)
+        await eventually(lambda: len(order) == 2, "both ran", timeout=TIMEOUT)
+        assert order == ["connect unwound", "disconnect"]
+        assert present == set()
+
+
 async def test_shutdown_returns_once_every_on_disconnect_ran(make_stack: Callable[..., Any]) -> None:
     async with echo_stack(make_stack) as stack:
         manager = stack.manager
