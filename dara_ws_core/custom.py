@@ -260,13 +260,18 @@ class CustomHandlerRegistry:
         telemetry = host.counters.telemetry
         if telemetry is not None:
             return telemetry.run_sync(spec, received, host)  # type: ignore[no-any-return]
-        frame, _ = execute_sync(spec, received, host)
-        return send_outcome(host, frame)
+        outcome = execute_sync(spec, received, host)
+        if not isinstance(outcome, tuple):
+            run_returned(spec, received, host, outcome)
+            return None
+        return send_outcome(host, outcome[0])
 
 
 def execute_sync(spec: HandlerSpec, received: CustomReceived,
-                 host: DispatchHost) -> tuple[SendFrame | None, bool]:
-    """Run a sync handler now: the reply (or error reply) to send, and whether it succeeded."""
+                 host: DispatchHost) -> tuple[SendFrame | None, bool] | Awaitable[Any]:
+    """Run a sync handler now: the reply (or error reply) to send, and whether it succeeded;
+    or what it returned to await, for :func:`run_returned` to run as an async handler's (its
+    own execution: the caller counts none for this call)."""
     awaited = False
     try:
         result = spec.func(host.channel_id, received.data)
@@ -275,8 +280,7 @@ def execute_sync(spec: HandlerSpec, received: CustomReceived,
             # calling an async function, a decorator's plain wrapper): run as an async handler's.
             # Its reply was the coroutine object, which no encoder takes, and it never ran.
             awaited = True
-            host.track(asyncio.create_task(_run_task(spec, received, host, result)))
-            return None, True
+            return result
     except (Exception, asyncio.CancelledError) as exc:  # nothing cancels a sync call: its own
         host.counters.custom_error += 1
         return _failed(host, spec, received, exc), False
@@ -286,6 +290,13 @@ def execute_sync(spec: HandlerSpec, received: CustomReceived,
     finally:
         if not awaited:  # else its task's
             host.connection.handler_done(received.size)
+
+
+def run_returned(spec: HandlerSpec, received: CustomReceived, host: DispatchHost,
+                 awaitable: Awaitable[Any]) -> None:
+    """Run what a sync handler returned to await (:func:`execute_sync`) as an async handler's
+    task, which ``host`` tracks."""
+    host.track(asyncio.create_task(_run_task(spec, received, host, awaitable)))
 
 
 def _source(host: DispatchHost) -> Hashable:

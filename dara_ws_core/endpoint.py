@@ -31,6 +31,7 @@ from .exceptions import (
     CloseCode,
 )
 from .handler import WebSocketHandler
+from .lifecycle import ConnectionHooks
 from .logs import ConnectionLogger, current_source
 from .manager import WebsocketManager
 from .transport import HandshakeRequest, ReceivingCharge, Transport, TrustedProxies, address_key
@@ -79,8 +80,8 @@ class ConnectionSlots:
     evicted last. Refused sockets waiting for their request make room for newer refused ones,
     the oldest first."""
 
-    __slots__ = ("_crowds", "_gone", "_most", "_refused", "_waiting", "_waiting_at", "admitted",
-                 "by_address", "limit", "per_address", "refusing", "refusing_limit")
+    __slots__ = ("_crowds", "_gone", "_most", "_refused", "_unanswerable", "_waiting", "_waiting_at",
+                 "admitted", "by_address", "limit", "per_address", "refusing", "refusing_limit")
 
     def __init__(self, limit: int | None, per_address: int | None = None) -> None:
         self.limit = limit
@@ -97,6 +98,8 @@ class ConnectionSlots:
         self._waiting: dict[Evict, str | None] = {}
         self._waiting_at: dict[str | None, dict[Evict, None]] = {}
         self._refused: dict[Evict, None] = {}
+        #: The waiting sockets no answer can reach yet (``answerable=False``: TLS handshakes).
+        self._unanswerable: dict[Evict, None] = {}
         #: The addresses by how many waiting sockets they hold (each count's in the order they
         #: reached it), and the highest count: the most crowded address found in O(1), as
         #: counts move by one.
@@ -149,6 +152,8 @@ class ConnectionSlots:
                 mine = self._waiting_at.setdefault(address, {})
                 mine[evict] = None
                 self._recount(address, len(mine) - 1, len(mine))
+                if not answerable:
+                    self._unanswerable[evict] = None
         elif admission is not Admission.DROP:
             self.refusing += 1
             if evict is not None:
@@ -159,6 +164,7 @@ class ConnectionSlots:
         """The socket registered with ``evict`` has sent its whole request: it is no longer
         evicted to make room."""
         if evict in self._waiting:
+            self._unanswerable.pop(evict, None)
             address = self._waiting.pop(evict)
             mine = self._waiting_at[address]
             del mine[evict]
@@ -212,6 +218,18 @@ class ConnectionSlots:
             del self._refused[evict]
             return evict, Admission.REFUSE, None
         return None
+
+    def unanswerable(self) -> list[tuple[Evict, Admission, str | None]]:
+        """Every waiting socket taken with ``answerable=False`` (a TLS socket in its TLS
+        handshake), as :meth:`victim` names one, each no longer registered as waiting: what a
+        shutdown closes, as no request they may still send could be served. The caller calls
+        each, then :meth:`evicted` if it closed."""
+        victims = []
+        for evict in list(self._unanswerable):
+            address = self._waiting[evict]
+            self.settle(evict)
+            victims.append((evict, Admission.ADMIT, address))
+        return victims
 
     def evicted(self, evict: Evict, admission: Admission, address: str | None) -> None:
         """The socket :meth:`victim` named was closed: its slot is free now, and its own
@@ -296,6 +314,8 @@ class Endpoint:
         self.authenticator = authenticator
         self.path = path
         self._connections: dict[str, asyncio.Task[Any]] = {}
+        #: The on_disconnect tasks of its connections that ended, still running.
+        self._hook_tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
         self._told_closed = False  # a refusal after shutdown() logged (once per shutdown)
@@ -376,11 +396,13 @@ class Endpoint:
     def receiving_charge(self, identity: Identity | None, host: str | None) -> ReceivingCharge:
         """What an accepted connection's messages in progress count against
         (``max_receiving_total_bytes``): under its holder (its user; for an anonymous one, its
-        socket peer's ``host``) and its client's address, as :meth:`authenticate` found it
-        (behind a trusted proxy, the client the proxy names). Call it after
-        :meth:`authenticate`, in its context."""
-        return ReceivingCharge(self.config.max_receiving_total_bytes, holder_of(identity, host),
-                               address=current_source.get())
+        client's address) and its client's address, as :meth:`authenticate` found it (behind
+        a trusted proxy, the client the proxy names, as the chunk and thread shares count it;
+        its socket peer's ``host`` where it found none). Call it after :meth:`authenticate`,
+        in its context."""
+        source = current_source.get()
+        return ReceivingCharge(self.config.max_receiving_total_bytes,
+                               holder_of(identity, host if source is None else source), address=source)
 
     def client_address(self, request: HandshakeRequest) -> str | None:
         """Whom the bounds counted per address count ``request`` as, once it is read: its
@@ -418,14 +440,7 @@ class Endpoint:
         source = self.client_address(request)
         current_source.set(source)
         counters = self.manager.counters
-        if self._closing:
-            counters.count(counters.handshakes_rejected, "shutdown")
-            if not self._told_closed:
-                self._told_closed = True
-                logger.info("handshake refused: the endpoint is shut down (an adapter's serve() or "
-                            "lifespan opens it again)", extra={"path": request.path})
-            raise AuthenticationFailed("the endpoint is shut down: its serve() or lifespan ended (serving it "
-                                       "again, or Endpoint.open(), takes handshakes again)")
+        self._check_open(request)
         # Bounded like the rest of the handshake: an authenticator waiting on a stuck identity
         # provider must not hold the socket (and the peer's slot) for ever. Half the bound, so
         # that it answers 403 before the transport's own handshake bound drops the socket.
@@ -457,8 +472,23 @@ class Endpoint:
             counters.count(counters.handshakes_rejected, "limit")
             _handshake_log(request, identity).info("handshake rejected: connection limit")
             raise AuthenticationFailed(f"user has {limit} connections already")
+        # Shut down while the authenticator ran: no connection may start after the shutdown.
+        self._check_open(request)
         counters.handshakes_accepted += 1
         return identity
+
+    def _check_open(self, request: HandshakeRequest) -> None:
+        """``AuthenticationFailed`` (counted) once the endpoint is shut down."""
+        if not self._closing:
+            return
+        counters = self.manager.counters
+        counters.count(counters.handshakes_rejected, "shutdown")
+        if not self._told_closed:
+            self._told_closed = True
+            logger.info("handshake refused: the endpoint is shut down (an adapter's serve() or "
+                        "lifespan opens it again)", extra={"path": request.path})
+        raise AuthenticationFailed("the endpoint is shut down: its serve() or lifespan ended (serving it "
+                                   "again, or Endpoint.open(), takes handshakes again)")
 
     def _authenticator_failed(self, request: HandshakeRequest, exc: Exception) -> AuthenticationFailed:
         """Count and log an authenticator that raised (in its ``except``: the traceback is
@@ -517,6 +547,13 @@ class Endpoint:
                             extra={"user": identity.user_id})
                 await close_quietly(transport, CloseCode.POLICY_VIOLATION, "too many connections")
                 return
+            if self._closing:
+                # The shutdown began after its handshake was accepted, and has closed (or is
+                # closing) every connection it found: this one would be served after it.
+                self.manager.abandon(channel_id, identity)
+                self.manager.counters.count(self.manager.counters.close_codes, CloseCode.GOING_AWAY)
+                await close_quietly(transport, CloseCode.GOING_AWAY, "server shutting down")
+                return
             try:
                 driver = ConnectionDriver(self.manager, transport, identity, channel_id)
             finally:
@@ -529,11 +566,21 @@ class Endpoint:
                 await driver.run()
             finally:
                 self._connections.pop(channel_id, None)
+                self._track_hooks(channel_id)
         finally:
             if forwarded is not None:
                 left = self._forwarded.pop(forwarded, 1) - 1
                 if left > 0:
                     self._forwarded[forwarded] = left
+
+    def _track_hooks(self, channel_id: str) -> None:
+        """Keep the ``on_disconnect`` task of a connection of this endpoint's that ended (its
+        manager's hooks started it as the channel was removed), for :meth:`shutdown`."""
+        hooks = self.manager.hooks
+        task = None if hooks is None else hooks.tasks.get(channel_id)
+        if task is not None and not task.done():
+            self._hook_tasks.add(task)
+            task.add_done_callback(self._hook_tasks.discard)
 
     def _take_forwarded(self, client: str) -> bool:
         """Count a connection of ``client`` behind a trusted proxy, if its address has room."""
@@ -575,16 +622,25 @@ class Endpoint:
         self._told_closed = False
 
     async def shutdown(self, grace: float | None = None) -> None:
-        """Stop: refuse new handshakes, close every connection with 1001 and fail their pending
-        requests, and wait until every connection task is done.
+        """Stop: refuse new handshakes, close every socket still in its TLS handshake (counted
+        from its accept, :mod:`dara_ws_core.tls`: once listening has stopped, none could be
+        served), close every connection with 1001 and fail their pending requests, and wait
+        until every connection task is done.
 
         A connection with handler tasks running (custom requests in flight) is closed when they
         end or when ``grace`` seconds (default ``ServerConfig.shutdown_grace``) have passed,
         whichever is first; its replies queued by then are sent before the close frame. Other
-        connections are closed at once. Then it waits for the connections'
+        connections are closed at once. Then it waits for its connections'
         :meth:`~WebsocketManager.on_disconnect` hooks, up to ``grace`` (at least a second), and
-        cancels those still running. Idempotent."""
+        cancels those still running (another endpoint's over the same manager are left alone). Idempotent."""
         self._closing = True
+        counters = self.manager.counters
+        # Listening has stopped: a socket still in its TLS handshake could only be refused once
+        # it is done (up to handshake_timeout later, when the shutdown is over).
+        for victim in self.slots.unanswerable():
+            if victim[0]():
+                self.slots.evicted(*victim)
+                counters.count(counters.handshakes_rejected, "shutdown")
         grace = self.config.shutdown_grace if grace is None else grace
         handlers = [h for c, h in self.manager.handlers.items() if c in self._connections]
 
@@ -602,9 +658,9 @@ class Endpoint:
                 task.cancel()
             if still:
                 await asyncio.wait(still, timeout=5.0)
-        hooks = self.manager.hooks
-        if hooks is not None:  # every ended connection's on_disconnect, none left pending
-            await hooks.wait(max(grace, 1.0))
+        # Its ended connections' on_disconnect hooks, none left pending (another endpoint's
+        # over the same manager are its own shutdown's).
+        await ConnectionHooks.wait(self._hook_tasks, max(grace, 1.0))
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)

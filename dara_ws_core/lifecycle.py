@@ -13,8 +13,10 @@ within it is bounded by ``handler_timeout``.
 reachable; its user's other channels are), whatever ended it, exactly once for each connection
 ``on_connect`` ran for; ``closed`` is the :class:`~dara_ws_core.exceptions.ConnectionClosed` that
 says how (``code``, ``reason``). Its hooks run in order in one task of the manager's (never inside
-the close, which may happen in the middle of a fan-out), each bounded by ``handler_timeout``;
-:meth:`Endpoint.shutdown` waits for them.
+the close, which may happen in the middle of a fan-out), each bounded by ``handler_timeout``,
+once the connection's ``on_connect`` task, cancelled with it, has unwound (or
+``handler_timeout`` has passed): what ``on_connect`` does as it unwinds lands before what
+``on_disconnect`` undoes. :meth:`Endpoint.shutdown` waits for those of its own connections.
 
 A hook that raises or times out is logged with the application's failures (their own budget,
 the first of each hook and exception type always written) and counted in
@@ -31,7 +33,7 @@ import contextvars
 import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -78,10 +80,10 @@ def _check_arguments(event: str, func: Callable[..., Any]) -> None:
 class ConnectionHooks:
     """The manager's ``on_connect`` and ``on_disconnect`` hooks, and what runs them: the
     channels they ran for (so that each gets one ``on_disconnect``) and the ``on_disconnect``
-    tasks still running (waited for by :meth:`Endpoint.shutdown`). Made by the first hook
+    tasks still running (each endpoint's :meth:`Endpoint.shutdown` waits for its own). Made by the first hook
     registered: a manager without hooks pays one ``None`` check per connection."""
 
-    __slots__ = ("connect", "disconnect", "open", "tasks")
+    __slots__ = ("connect", "connecting", "disconnect", "open", "tasks")
 
     def __init__(self) -> None:
         # Tuples, replaced on registration: a hook registered while others run joins the next
@@ -90,8 +92,11 @@ class ConnectionHooks:
         self.disconnect: tuple[Hook, ...] = ()
         #: Channels ``on_connect`` ran for, whose ``on_disconnect`` is still to come.
         self.open: set[str] = set()
-        #: ``on_disconnect`` tasks running (one per ended connection, at most).
-        self.tasks: set[asyncio.Task[None]] = set()
+        #: ``on_disconnect`` tasks running, by channel (one per ended connection, at most).
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        #: ``on_connect`` tasks running, by channel: a channel's ``on_disconnect`` starts once
+        #: its ``on_connect`` (cancelled with the connection) has unwound.
+        self.connecting: dict[str, asyncio.Task[None]] = {}
 
     def add(self, event: str, func: Callable[..., Any]) -> None:
         """Register ``func`` for ``event``; ``TypeError`` for what cannot be a hook."""
@@ -137,6 +142,8 @@ class ConnectionHooks:
             task = asyncio.get_running_loop().create_task(_run(rest, first, handler, args),
                                                           name=f"on_connect {handler.channel_id}")
             handler.track(task)
+            self.connecting[handler.channel_id] = task
+            task.add_done_callback(functools.partial(_forget, self.connecting, handler.channel_id))
             if first is not None:
                 # Cancelled before its first step (the connection closed at once), the task never
                 # awaits it: discarded, not left to warn that it was never awaited.
@@ -156,21 +163,29 @@ class ConnectionHooks:
             return
         args = (channel_id, handler.identity, closed)
         task = asyncio.get_running_loop().create_task(
-            _run(hooks, None, handler, args), name=f"on_disconnect {channel_id}",
-            context=contextvars.Context())
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+            _run(hooks, None, handler, args, self.connecting.get(channel_id)),
+            name=f"on_disconnect {channel_id}", context=contextvars.Context())
+        self.tasks[channel_id] = task
+        task.add_done_callback(functools.partial(_forget, self.tasks, channel_id))
 
-    async def wait(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for the ``on_disconnect`` hooks running, then cancel those left
-        (each is bounded by ``handler_timeout`` already; a shutdown leaves none pending)."""
-        if not self.tasks:
+    @staticmethod
+    async def wait(tasks: Collection[asyncio.Task[None]], timeout: float) -> None:
+        """Wait up to ``timeout`` for ``on_disconnect`` tasks (an endpoint's: those of the
+        connections it served), then cancel those left (each is bounded by ``handler_timeout``
+        already; a shutdown leaves none of its own pending, and never cuts short another
+        endpoint's)."""
+        if not tasks:
             return
-        _, still = await asyncio.wait(list(self.tasks), timeout=timeout)
+        _, still = await asyncio.wait(list(tasks), timeout=timeout)
         for task in still:
             task.cancel()
         if still:
             await asyncio.wait(still, timeout=5.0)
+
+
+def _forget(tasks: dict[str, asyncio.Task[None]], channel_id: str, _: object) -> None:
+    """A channel's hook task is done: no longer listed."""
+    tasks.pop(channel_id, None)
 
 
 def _discard(awaitable: Awaitable[Any], _: object = None) -> None:
@@ -185,7 +200,10 @@ def _call_sync(hook: Hook, handler: WebSocketHandler, args: tuple[Any, ...]) -> 
     A failure is logged and counted."""
     try:
         result = hook.func(*args)
-    except Exception as exc:
+    except (Exception, asyncio.CancelledError) as exc:
+        # Nothing cancels a sync call: a CancelledError is its own (a cancelled future's
+        # result), a failure. Raised on, it ended the connection's task before its serving
+        # began (the channel left registered), or skipped the next on_disconnect hooks.
         _failed(hook, handler, exc)
         return None
     if inspect.isawaitable(result):
@@ -195,13 +213,19 @@ def _call_sync(hook: Hook, handler: WebSocketHandler, args: tuple[Any, ...]) -> 
 
 
 async def _run(hooks: tuple[Hook, ...], first: tuple[Hook, Awaitable[Any]] | None,
-               handler: WebSocketHandler, args: tuple[Any, ...]) -> None:
+               handler: WebSocketHandler, args: tuple[Any, ...],
+               unwinding: asyncio.Task[None] | None = None) -> None:
     """Run ``hooks`` in order (after ``first``: a sync hook's awaitable), each within
-    ``handler_timeout``."""
+    ``handler_timeout``; ``on_disconnect`` ones once the channel's ``on_connect`` task
+    (``unwinding``, cancelled) is done, or ``handler_timeout`` has passed."""
     if len(args) == 3:  # on_disconnect, in a context of its own
         current_channel.set(args[0])
         if args[1] is not None:
             current_identity.set(args[1])
+        if unwinding is not None and not unwinding.done():
+            # What on_connect does as it unwinds (a write it shielded) lands before what
+            # on_disconnect undoes.
+            await asyncio.wait((unwinding,), timeout=handler.config.handler_timeout)
     if first is not None:
         await _bounded(first[0], handler, args, first[1])
     for hook in hooks:

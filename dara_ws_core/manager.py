@@ -238,9 +238,10 @@ class WebsocketManager:
         ended, whatever ended it (the client, the server, a lost socket, a revocation, a
         shutdown); returns ``func``. The channel is gone by then (a send to it raises
         ``UnknownChannel``); its user's other channels are not. Hooks run in the order
-        registered, in one task per ended connection, each within ``handler_timeout``, in a
+        registered, in one task per ended connection, each within ``handler_timeout``, once
+        the connection's ``on_connect`` task (cancelled with it) has unwound, in a
         context whose :data:`current_channel` is the ended channel; :meth:`Endpoint.shutdown`
-        waits for them (within its grace, then cancels them). Failures are logged and counted
+        waits for those of its own connections (within its grace, then cancels them). Failures are logged and counted
         as :meth:`on_connect`'s. Raises ``TypeError`` as :meth:`on_connect` does (for the three
         arguments).
         """

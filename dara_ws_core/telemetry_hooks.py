@@ -92,7 +92,7 @@ from .connection import (
     RequestFailed,
     SendFrame,
 )
-from .custom import DispatchHost, HandlerSpec, deliver, execute_async, execute_sync, send_outcome
+from .custom import DispatchHost, HandlerSpec, deliver, execute_async, execute_sync, run_returned, send_outcome
 from .queue import OutboundQueue
 from .stats import TRACING, Counters
 
@@ -700,11 +700,24 @@ class DaraTelemetry:
         """A sync handler (``CustomHandlerRegistry.dispatch``), traced when its frame is."""
         started, ok = _perf(), False
         traced = self._handler_span(spec, "sync") if _tracing.get() else None
+        returned: Awaitable[Any] | None = None
         try:
-            frame, ok = execute_sync(spec, received, host)
+            outcome = execute_sync(spec, received, host)
+            if not isinstance(outcome, tuple):
+                returned = outcome
+                return None
+            frame, ok = outcome
             return send_outcome(host, frame)
         finally:
-            self._handler_done("sync", "success" if ok else "error", started, traced)
+            if returned is None:
+                self._handler_done("sync", "success" if ok else "error", started, traced)
+            else:
+                # It returned something to await: one execution, the async one of its task
+                # (started once this span is no longer current), not also a sync one. This
+                # span is left unended: never exported.
+                if traced is not None:
+                    self._context.detach(traced[1])  # type: ignore[arg-type]
+                run_returned(spec, received, host, returned)
 
     async def run_task(self, spec: HandlerSpec, received: CustomReceived, host: DispatchHost,
                        job: concurrent.futures.Future[Any] | Awaitable[Any] | None = None) -> None:

@@ -197,6 +197,28 @@ def test_slots_drop_a_socket_no_answer_can_reach_and_evict_no_refused_one_for_it
     assert slots.victim(None) == (evict[0], Admission.REFUSE, None)  # for one that can be answered
 
 
+def test_slots_name_the_sockets_no_answer_can_reach_yet_for_a_shutdown_to_close() -> None:
+    # The TLS sockets still in their TLS handshake, and only those: a plain socket waiting for
+    # its request, or a TLS one handed over (settled) or gone, is not named.
+    slots = ConnectionSlots(8, per_address=4)
+    evict = [lambda i=i: True for i in range(5)]
+    for i in range(3):
+        assert slots.take("10.0.0.1", evict[i], answerable=False) is Admission.ADMIT
+    assert slots.take("10.0.0.2", evict[3]) is Admission.ADMIT  # a plain socket, waiting
+    assert slots.take("10.0.0.2", evict[4], answerable=False) is Admission.ADMIT
+    slots.settle(evict[1])  # its TLS handshake done
+    slots.release(Admission.ADMIT, "10.0.0.1", evict[2])  # gone
+    victims = slots.unanswerable()
+    assert victims == [(evict[0], Admission.ADMIT, "10.0.0.1"), (evict[4], Admission.ADMIT, "10.0.0.2")]
+    assert slots.unanswerable() == []  # no longer waiting
+    for victim in victims:
+        slots.evicted(*victim)
+        slots.release(Admission.ADMIT, victim[2], victim[0])  # their own end: counted once
+    slots.release(Admission.ADMIT, "10.0.0.1", evict[1])
+    slots.release(Admission.ADMIT, "10.0.0.2", evict[3])
+    assert (slots.admitted, slots.refusing, slots.waiting, slots.by_address) == (0, 0, 0, {})
+
+
 def test_slots_a_full_address_evicts_its_own_waiting_sockets_only() -> None:
     slots = ConnectionSlots(8, per_address=2)
     a, b = [lambda: True, lambda: True], [lambda: True, lambda: True]

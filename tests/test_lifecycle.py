@@ -186,6 +186,34 @@ async def test_a_failing_on_connect_is_logged_and_the_connection_stays_open(
         assert "broken" in failures[0].getMessage()
 
 
+@pytest.mark.parametrize("event", ["connect", "disconnect"])
+async def test_a_sync_hook_raising_cancelled_error_of_its_own_is_a_failure_like_any_other(
+        make_stack: Callable[..., Any], event: str) -> None:
+    """A sync hook that raises ``CancelledError`` (it read a cancelled future's result): nothing
+    cancelled the connection or the hook's task, so it is logged and counted as a failure, as a
+    sync custom handler's is. Raised on from on_connect, it ended the connection's task before
+    its serving began: the channel stayed registered, reachable, for ever, and on_disconnect
+    never ran; from on_disconnect, the next hooks were skipped."""
+    async with echo_stack(make_stack) as stack:
+        manager = stack.manager
+        ran: list[str] = []
+
+        def cancelled_result(*args: Any) -> None:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            future.cancel()
+            future.result()
+
+        manager.on_connect(cancelled_result if event == "connect" else lambda c, i: None)
+        manager.on_disconnect(cancelled_result if event == "disconnect" else lambda c, i, e: None)
+        manager.on_disconnect(lambda channel_id, identity, closed: ran.append(channel_id))
+        client = await stack.client()
+        assert await client.request("echo", "still served", timeout=TIMEOUT) == "still served"
+        await client.close()
+        await settled(stack)
+        assert ran == [client.channel]
+        assert manager.stats().hooks[f"{event}_error"] == 1
+
+
 async def test_an_on_connect_past_handler_timeout_is_logged_as_timed_out(
         make_stack: Callable[..., Any], caplog: pytest.LogCaptureFixture) -> None:
     async with echo_stack(make_stack, handler_timeout=0.2) as stack:
@@ -307,6 +335,43 @@ async def test_on_disconnect_runs_in_the_ended_channels_context_not_the_closers(
         assert seen == [(victim.channel, victim.channel, "frank")]
 
 
+async def test_on_disconnect_runs_after_the_cancelled_on_connect_has_unwound(make_stack: Callable[..., Any]) -> None:
+    """A connection that ends while its on_connect still runs: the hook is cancelled, and its
+    clean-up (what it awaits as it unwinds, a shielded write) ends before on_disconnect
+    starts, so that on_disconnect sees what on_connect left (presence added, then removed).
+    on_disconnect ran alongside it, and a presence entry written last stayed for ever."""
+    async with echo_stack(make_stack) as stack:
+        manager = stack.manager
+        started = asyncio.Event()
+        order: list[str] = []
+        present: set[str] = set()
+
+        @manager.on_connect
+        async def join(channel_id: str, identity: Identity) -> None:
+            started.set()
+            try:
+                await asyncio.Event().wait()  # a slow presence store
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.05)  # its write lands as it unwinds
+                present.add(channel_id)
+                order.append("connect unwound")
+                raise
+
+        @manager.on_disconnect
+        async def leave(channel_id: str, identity: Identity, closed: ConnectionClosed) -> None:
+            present.discard(channel_id)
+            order.append("disconnect")
+
+        client = await stack.client()
+        async with asyncio.timeout(TIMEOUT):
+            await started.wait()
+        await client.close()
+        await settled(stack)
+        await eventually(lambda: len(order) == 2, "both ran", timeout=TIMEOUT)
+        assert order == ["connect unwound", "disconnect"]
+        assert present == set()
+
+
 async def test_shutdown_returns_once_every_on_disconnect_ran(make_stack: Callable[..., Any]) -> None:
     async with echo_stack(make_stack) as stack:
         manager = stack.manager
@@ -321,6 +386,43 @@ async def test_shutdown_returns_once_every_on_disconnect_ran(make_stack: Callabl
         await stack.endpoint.shutdown(grace=2.0)
         assert sorted(done) == sorted(c.channel for c in clients)
         assert manager.hooks is not None and not manager.hooks.tasks and not manager.hooks.open
+
+
+async def test_an_endpoints_shutdown_leaves_the_on_disconnect_hooks_of_another_endpoint_alone() -> None:
+    """Two endpoints over one manager (one application on two transports or paths): stopping
+    one waits for, and cancels past its grace, its own connections' on_disconnect hooks only.
+    It cancelled the other's hooks still running (their clean-up cut short), and waited for them."""
+    from dara_ws_core import DaraClient, Endpoint
+    from dara_ws_websockets import connect, serve
+
+    manager = WebsocketManager(ServerConfig(shutdown_grace=0.1))
+    manager.add_ws_handler("echo", lambda channel_id, data: data)
+    cleaning, finish = asyncio.Event(), asyncio.Event()
+    outcome: list[str] = []
+
+    @manager.on_disconnect
+    async def cleanup(channel_id: str, identity: Identity, closed: ConnectionClosed) -> None:
+        cleaning.set()
+        try:
+            await finish.wait()
+        except asyncio.CancelledError:
+            outcome.append("cancelled")
+            raise
+        outcome.append("done")
+
+    def identify(request: Any) -> Identity:
+        return Identity(user_id="alice", session_id="s1")
+
+    first, second = Endpoint(manager, identify), Endpoint(manager, identify)
+    async with serve(second, "127.0.0.1", 0) as other:
+        async with serve(first, "127.0.0.1", 0):
+            async with asyncio.timeout(TIMEOUT):
+                async with DaraClient(lambda: connect(other.url), ping_interval=None) as client:
+                    assert await client.request("echo", 1, timeout=TIMEOUT) == 1
+                await cleaning.wait()  # the other endpoint's client is gone, its hook running
+        assert outcome == []  # the first endpoint is shut down: the other's hook still runs
+        finish.set()
+        await eventually(lambda: outcome == ["done"], "the hook finished", timeout=TIMEOUT)
 
 
 async def test_a_failing_on_disconnect_is_logged_and_the_next_one_runs(
@@ -359,6 +461,54 @@ async def test_a_refused_connection_gets_neither_hook(make_stack: Callable[..., 
         await client.close()
         await settled(stack)
         assert calls == ["connect", "disconnect"]
+
+
+@pytest.mark.parametrize("when", ["while the authenticator runs", "as the authenticator returns"])
+async def test_a_handshake_the_shutdown_overtakes_is_not_served_after_it(
+        make_stack: Callable[..., Any], when: str) -> None:
+    """A shutdown that begins while a handshake is being authenticated, or between its
+    authentication and its connection's start, leaves no connection served after it: the
+    handshake is refused (403) or its connection closed (1001) before any hook, or, registered
+    before the shutdown began, closed by it with both hooks run. It was served after the
+    shutdown returned, its on_connect run, its on_disconnect left for no shutdown to wait for."""
+    entered, release = asyncio.Event(), asyncio.Event()
+    shutdowns: list[asyncio.Task[None]] = []
+    stacks: list[Stack] = []
+
+    async def authenticator(request: Any) -> Identity:
+        entered.set()
+        if when == "while the authenticator runs":
+            await release.wait()
+        else:  # the shutdown's first step comes after this handshake's authentication
+            shutdowns.append(asyncio.create_task(stacks[0].endpoint.shutdown(grace=0)))
+        return Identity(user_id="late", session_id="s1")
+
+    async with make_stack(authenticator=authenticator) as stack:
+        stacks.append(stack)
+        calls: list[str] = []
+        stack.manager.on_connect(lambda channel_id, identity: calls.append("connect"))
+        stack.manager.on_disconnect(lambda channel_id, identity, closed: calls.append("disconnect"))
+        connecting = asyncio.create_task(stack.connect("late:s1"))
+        async with asyncio.timeout(TIMEOUT):
+            await entered.wait()
+            if not shutdowns:
+                await stack.endpoint.shutdown(grace=0)
+                release.set()
+            else:
+                await shutdowns[0]
+            try:
+                transport = await connecting
+            except HandshakeRejected as exc:
+                assert exc.status == 403
+            else:  # upgraded before the shutdown's first step: closed since
+                with pytest.raises(ConnectionClosed):
+                    for _ in range(8):
+                        await transport.receive()
+        await eventually(lambda: not stack.endpoint._connections and not stack.manager.handlers,
+                         "no connection served after the shutdown", timeout=TIMEOUT)
+        hooks = stack.manager.hooks
+        assert hooks is not None and not hooks.open and not hooks.tasks
+        assert calls in ([], ["connect", "disconnect"])
 
 
 async def test_with_a_backplane_the_hooks_of_the_process_holding_the_connection_run() -> None:

@@ -264,3 +264,34 @@ def test_the_connections_of_one_address_share_a_quarter_whatever_users_they_name
     for charge in (*names, other, anonymous):
         charge.release()
     assert budget.bytes == 0 and not budget.holders
+
+
+async def test_anonymous_clients_behind_a_trusted_proxy_are_held_each_to_its_own_share(socket_stack: Any) -> None:
+    # A budget of 1 MiB (64 KiB a holder). Behind a proxy named in forwarded_allow_ips, every
+    # anonymous client's socket comes from the proxy: their messages in progress were charged
+    # together, under the proxy's address, to one 16th of the budget, so one guest holding a
+    # 40 KiB message in parts got every other guest's next one refused with 1009. Each is now
+    # held under the address its X-Forwarded-For names, as its chunk and thread shares are.
+    from dara_ws_core import allow_anonymous
+
+    config = ServerConfig(max_receiving_total_bytes=1024 * KiB, ping_interval=None, idle_timeout=None,
+                          forwarded_allow_ips="127.0.0.1")
+    async with socket_stack(config=config, authenticator=allow_anonymous()) as stack:
+        assert stack.port is not None
+        guests = []
+        for i in range(2):
+            guest = await HostileClient.open(stack.port)
+            response = await guest.handshake("/api/core/ws", [("X-Forwarded-For", f"203.0.113.{i + 1}")])
+            assert response.status == 101, response
+            assert json.loads((await guest.read_frame()).text)["type"] == "init"
+            guests.append(guest)
+        for guest in guests:  # 2 x 40 KiB: one holder's 64 KiB if they were one
+            guest.write(encode_frame(TEXT, '{"type":"ping","message":"' + "x" * (40 * KiB), fin=False))
+            await guest.drain()
+        assert [await _outcome(guest, 1.0) for guest in guests] == [None, None]
+        for guest in guests:
+            guest.write(encode_frame(CONTINUATION, '"}'))
+            assert json.loads((await guest.read_frame()).text)["type"] == "pong"
+            guest.abort()
+        await eventually(lambda: PROCESS_RECEIVING.bytes == 0 and not PROCESS_RECEIVING.holders,
+                         "given back", timeout=10)

@@ -118,6 +118,36 @@ def otel() -> Iterator[tuple[InMemoryMetricReader, InMemorySpanExporter, MeterPr
     tracer_provider.shutdown()
 
 
+async def test_a_sync_handler_returning_an_awaitable_is_one_execution_the_async_one(
+    otel: tuple[InMemoryMetricReader, InMemorySpanExporter, MeterProvider, TracerProvider],
+) -> None:
+    """A plain function returning a coroutine (a lambda calling an async function) runs as an
+    async handler: one execution, counted and timed as async. It was counted twice, as a sync
+    execution that succeeded at once, and again as the async one."""
+    reader, exporter, meter_provider, tracer_provider = otel
+    manager = WebsocketManager()
+
+    async def later(channel: str, data: Any) -> Any:
+        await asyncio.sleep(0)
+        return data
+
+    manager.add_ws_handler("later", lambda channel, data: later(channel, data))  # noqa: PLW0108 - the point
+    instrument(manager, meter_provider, tracer_provider, sample_every=1)
+    async with running_stack("websockets", manager=manager) as stack:
+        client = await stack.client()
+        assert await client.request("later", 2) == 2
+        await eventually(lambda: len([s for s in exporter.get_finished_spans()
+                                      if s.name == "dara.websocket.message.outbound"]) == 2,
+                         "init and the reply traced")
+        found = points(reader)
+    handler_runs = {k: v for k, v in found["dara.websocket.message.executions"].items()
+                    if (OP, "handler") in k}
+    assert handler_runs == {key(direction="inbound", type="custom", operation="handler", execution="async",
+                                outcome="success"): 1}
+    assert [(s.attributes or {}).get(EXEC) for s in exporter.get_finished_spans()
+            if s.name == "dara.websocket.handler.execute"] == ["async"]
+
+
 @pytest.mark.parametrize("transport", ["memory", "websockets"])
 async def test_dara_metric_and_span_names_follow_custom_requests(
     transport: str, otel: tuple[InMemoryMetricReader, InMemorySpanExporter, MeterProvider, TracerProvider],

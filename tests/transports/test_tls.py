@@ -337,3 +337,68 @@ async def test_tls_connections_end_with_no_error_logged(
             await eventually(lambda: _slots_empty(endpoint), "every socket gone")
     errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
     assert not errors, errors
+
+
+class _HeldTLSClient:
+    """A TLS 1.2 client driven by hand over a real socket: it sends its hello, reads the
+    server's flight, and holds its last handshake message, so that the server has a socket in
+    the middle of its TLS handshake for as long as the test wants."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    @classmethod
+    async def open(cls, port: int, certificate: tuple[Path, Path]) -> _HeldTLSClient:
+        self = cls()
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", port)
+        context = client_context(certificate)
+        context.maximum_version = ssl.TLSVersion.TLSv1_2  # the client's Finished comes last
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+        with contextlib.suppress(ssl.SSLWantReadError):
+            tls.do_handshake()
+        self.writer.write(outgoing.read())  # its hello
+        async with asyncio.timeout(TIMEOUT):
+            for _ in range(16):  # the server's flight comes in a few reads
+                data = await self.reader.read(65536)
+                assert data, "the server closed the socket in its TLS handshake"
+                incoming.write(data)
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    tls.do_handshake()
+                if outgoing.pending:  # its last message, held: the server waits for it
+                    return self
+        raise AssertionError("the server's TLS flight never came whole")
+
+    async def ended_by_server(self) -> bool:
+        """Whether the server closes the socket within ``TIMEOUT``."""
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                while await self.reader.read(65536):
+                    pass
+        except TimeoutError:
+            return False
+        except ConnectionError:
+            pass
+        return True
+
+    def close(self) -> None:
+        self.writer.transport.abort()
+
+
+@pytest.mark.parametrize("name", TLS_SERVERS)
+async def test_a_tls_handshake_in_progress_when_serving_stops_is_closed_not_served_after(
+    name: str, certificate: tuple[Path, Path],
+) -> None:
+    """Listening stops first, and a socket still in its TLS handshake then can never be
+    served: the shutdown closes it and frees its slot. It was left to finish its handshake
+    (up to handshake_timeout, a task of the server's outliving serve()), then answered 403 by
+    the endpoint shut down: the answer a client gets nowhere else once listening stops."""
+    endpoint = _endpoint(ServerConfig(max_connections=8, handshake_timeout=60.0))
+    async with _tls_server(name, endpoint, certificate) as port:
+        held = await _HeldTLSClient.open(port, certificate)
+        assert endpoint.slots.admitted == 1
+    try:
+        assert await held.ended_by_server(), "the socket in its TLS handshake outlived the shutdown"
+        await eventually(lambda: _slots_empty(endpoint), "its slot freed")
+    finally:
+        held.close()

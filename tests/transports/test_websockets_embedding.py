@@ -79,3 +79,23 @@ async def test_create_connection_is_refused_with_a_reason() -> None:
     with pytest.raises(TypeError, match="create_connection"):
         async with serve(_endpoint(), "127.0.0.1", 0, create_connection=ServerConnection):
             pass
+
+
+@pytest.mark.parametrize("target", ["/api/core/ws%zz", "/api/%2e%2e/core/ws%"])
+async def test_a_target_naming_no_path_is_refused_with_400_not_handed_to_the_callers_handler(target: str) -> None:
+    """Only a target naming another path is the caller's handler's: one naming none (a
+    malformed percent-encoding) gets the 400 every adapter answers it. It was upgraded, and
+    served by the caller's handler, unauthenticated."""
+    from tests.hostile import HostileClient
+
+    served: list[str] = []
+
+    async def mine(connection: ServerConnection) -> None:
+        assert connection.request is not None
+        served.append(connection.request.path)
+
+    async with serve(_endpoint(), "127.0.0.1", 0, handler=mine) as server:
+        async with await HostileClient.open(server.port) as client:
+            response = await client.handshake(path=target)
+        assert response.status == 400
+    assert served == []

@@ -60,7 +60,7 @@ from dara_ws_core.transport import (
     read_behind_request,
     text_frame_header,
 )
-from dara_ws_core.upgrade import check_target, check_upgrade_request, refusal_of_request_line
+from dara_ws_core.upgrade import NOT_FOUND, check_target, check_upgrade_request, refusal_of_request_line
 
 #: websockets' ``process_request``: a function or a coroutine function.
 ProcessRequest = Callable[[ServerConnection, Request], "Response | Awaitable[Response | None] | None"]
@@ -532,7 +532,8 @@ async def serve(
     (a function or a coroutine function) runs first for every request, the endpoint's included;
     a ``Response`` it returns is the answer, ``None`` goes on to the endpoint's checks and
     authentication. ``handler(connection)`` serves the upgrades to every other path (after
-    websockets' own checks) instead of the 404. Raises ``TypeError`` for ``create_connection``,
+    websockets' own checks) instead of the 404; a target naming no path (a malformed
+    percent-encoding) still gets the endpoint's 400. Raises ``TypeError`` for ``create_connection``,
     which the adapter needs for its own.
     """
     if "create_connection" in kwargs:
@@ -577,8 +578,9 @@ async def serve(
             if response is not None:
                 endpoint.settled(connection.dara_evict)  # type: ignore[attr-defined]  # its request is whole
                 return response
-        if handler is not None and check_target(request.path, endpoint.path) is not None:
-            # Another path, the caller's handler's: websockets' own checks and answers.
+        if handler is not None and check_target(request.path, endpoint.path) is NOT_FOUND:
+            # Another path, the caller's handler's: websockets' own checks and answers. (A
+            # target naming no path gets the endpoint's 400, as on every adapter.)
             endpoint.settled(connection.dara_evict)  # type: ignore[attr-defined]
             return None
         return await answer(connection, request)
