@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Unpack
 import pydantic_core
 
 from dara_ws_core.codec import build_frame, dumps
+from dara_ws_core.config import _check_number
 from dara_ws_core.exceptions import (
     BackplaneError,
     CloseCode,
@@ -91,8 +92,11 @@ class BrokerBackplane(BusNode):
         revoke_ttl: float = 3600.0,
         **options: Unpack[BusOptions],
     ) -> None:
-        if heartbeat_interval <= 0:
-            raise ValueError("heartbeat_interval must be > 0")
+        owner = type(self).__name__
+        _check_number("heartbeat_interval", heartbeat_interval, float, 0, optional=False, above=True,
+                      owner=owner)
+        _check_number("expiry", expiry, float, 0, optional=True, above=True, owner=owner)
+        _check_number("revoke_ttl", revoke_ttl, float, 0, optional=False, above=True, owner=owner)
         expiry = 3 * heartbeat_interval if expiry is None else expiry
         if expiry <= heartbeat_interval:
             raise ValueError("expiry must be longer than heartbeat_interval")

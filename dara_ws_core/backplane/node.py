@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypedDict
 
+from dara_ws_core.config import _check_number
 from dara_ws_core.exceptions import BackplaneError, RevocationNotKept, UnknownChannel
 from dara_ws_core.outbox import SENDER_SHARES, Stamped
 
@@ -214,9 +215,18 @@ class BusNode(abc.ABC):
         max_spool_bytes: int = 16 * 1024 * 1024,
         stop_drain: float = 5.0,
     ) -> None:
-        if min(max_outbox, max_outbox_bytes, max_bus_message, publish_window) <= 0:
-            raise ValueError("max_outbox, max_outbox_bytes, max_bus_message and publish_window "
-                             "must be > 0")
+        # Every option checked here, naming it: a zero, a negative, a NaN or a string would be
+        # taken and fail later, far from its cause (a Redis "unreachable" at start, every kept
+        # send refused, a reconnection loop that never waits).
+        owner = type(self).__name__
+        for name, count in (("max_outbox", max_outbox), ("max_outbox_bytes", max_outbox_bytes),
+                            ("max_bus_message", max_bus_message), ("publish_window", publish_window),
+                            ("max_spool", max_spool), ("max_spool_bytes", max_spool_bytes)):
+            _check_number(name, count, int, 1, optional=False, owner=owner)
+        for name, seconds in (("connect_timeout", connect_timeout), ("backoff_initial", backoff_initial),
+                              ("backoff_max", backoff_max)):
+            _check_number(name, seconds, float, 0, optional=False, above=True, owner=owner)
+        _check_number("stop_drain", stop_drain, float, 0, optional=False, owner=owner)
         if max_bus_message > max_outbox_bytes:
             raise ValueError("max_bus_message must not exceed max_outbox_bytes")
         self.node_id = node_id or uuid.uuid4().hex
