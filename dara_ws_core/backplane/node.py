@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from dara_ws_core.config import _check_number
 from dara_ws_core.exceptions import BackplaneError, RevocationNotKept, UnknownChannel
+from dara_ws_core.logs import _is_power_of_ten
 from dara_ws_core.outbox import SENDER_SHARES, Stamped
 
 from .contract import BackplaneStats
@@ -318,6 +319,10 @@ class BusNode(abc.ABC):
         self._down_since: float | None = None
         self._failed_at_down = 0
         self._warned = False
+        # Publications the bus refused while the link was up (an error reply: Redis at
+        # maxmemory, a read-only replica): each counted, the first ten and then every power of
+        # ten logged, so that the log does not grow with the message rate.
+        self._refused_up = 0
 
     def topic_of(self, node_id: str) -> str:
         """The bus topic a node listens on."""
@@ -1003,8 +1008,13 @@ class BusNode(abc.ABC):
     def _count_failure(self, what: str, exc: BaseException | None) -> None:
         self.stats.failed += 1
         if exc is not None and self._connected.is_set():
-            logger.warning("backplane: %s not published: %s", what, exc,
-                           extra={"node": self.node_id, "failed": self.stats.failed})
+            self._refused_up += 1
+            count = self._refused_up
+            if count <= 10 or _is_power_of_ten(count):
+                logger.warning("backplane: %s not published: %s (%d refused with the link up so "
+                               "far, the first ten then every power of ten logged; "
+                               "stats.failed = %d)", what, exc, count, self.stats.failed,
+                               extra={"node": self.node_id, "failed": self.stats.failed})
         elif not self._warned:
             self._warned = True
             logger.warning("backplane unavailable: %s and further messages for other processes "
