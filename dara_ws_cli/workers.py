@@ -59,15 +59,17 @@ class RestartPolicy:
         return min(MAX_DELAY, FIRST_DELAY * (1 << (len(deaths) - 1)))
 
 
-def worker_argv(args: argparse.Namespace, port: int) -> list[str]:
-    """The ``dara-ws`` arguments of one worker: the supervisor's own, on ``port``, one process."""
+def worker_argv(args: argparse.Namespace, port: int, index: int = 0) -> list[str]:
+    """The ``dara-ws`` arguments of worker ``index``: the supervisor's own, on ``port``, one
+    process; its metrics (``--metrics-port P``) on ``P + index``, the same port each time it is
+    started again, so that a scrape target names one worker for good (``0``: any free port)."""
     argv = ["serve", "--host", args.host, "--port", str(port), "--transport", args.transport,
             "--clock", str(args.clock), "--stats-interval", str(args.stats_interval),
             "--loop", args.loop, "--reuse-port"]
     if args.redis_url:
         argv += ["--redis-url", args.redis_url]
     if args.metrics_port is not None:
-        argv += ["--metrics-port", str(args.metrics_port)]
+        argv += ["--metrics-port", str(args.metrics_port + index if args.metrics_port else 0)]
     if args.max_connections is not None:
         argv += ["--max-connections", str(args.max_connections)]
     if args.max_connections_per_address is not None:
@@ -119,7 +121,7 @@ async def supervise(args: argparse.Namespace) -> int:
     async def spawn(index: int) -> asyncio.Event:
         """Start worker ``index`` (in ``workers`` at once, for ``_stop_all``); set once it listens."""
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "dara_ws_cli", *worker_argv(args, port),
+            sys.executable, "-m", "dara_ws_cli", *worker_argv(args, port, index),
             stdout=asyncio.subprocess.PIPE, env={**os.environ, "DARA_WS_WORKER": str(index)},
         )
         ready = asyncio.Event()
