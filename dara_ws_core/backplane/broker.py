@@ -982,7 +982,10 @@ class BrokerBackplane(BusNode):
 
     def _report(self, gaps: dict[str, Gap], lost: int, recovered: int) -> None:
         self.stats.lost += lost
-        logger.warning(
+        # A WARNING only for a loss: the outage itself was logged as one (disconnected,
+        # reconnected), and a gap that lost nothing is the backplane doing its job.
+        logger.log(
+            logging.WARNING if lost else logging.INFO,
             "backplane: gap for %d local user(s): %d message(s) recovered from the outbox, %d "
             "known lost (stats.lost = %d)", len(gaps), recovered, lost, self.stats.lost,
             extra={"node": self.node_id, "lost": lost, "recovered": recovered})
