@@ -262,6 +262,7 @@ async def serve(args: argparse.Namespace) -> None:
     clock = loop.create_task(_clock(manager, args.clock)) if args.clock > 0 else None
     stats = (loop.create_task(_print_stats(manager, args.stats_interval))
              if args.stats_interval > 0 else None)
+    supervisor = await _stop_when_supervisor_gone(stop) if args.supervised else None
     try:
         listening = _serve(args.transport, endpoint, args.host, args.port, args.reuse_port)
         async with metrics as metrics_port, listening as port:
@@ -275,12 +276,36 @@ async def serve(args: argparse.Namespace) -> None:
             await stop.wait()
     finally:
         _ignore_stop_signals(loop)
+        if supervisor is not None:
+            supervisor.close()
         if clock is not None:
             clock.cancel()
         if stats is not None:
             stats.cancel()
         if backplane is not None:
             await backplane.stop()
+
+
+class _SupervisorPipe(asyncio.Protocol):
+    """A worker's stdin, the supervisor's pipe: nothing comes through it; its end means the
+    supervisor is gone, and the worker stops as on SIGTERM (its clients get 1001)."""
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        self.stop = stop
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.stop.is_set():
+            logger.warning("the supervisor is gone (its pipe ended): stopping this worker")
+            self.stop.set()
+
+
+async def _stop_when_supervisor_gone(stop: asyncio.Event) -> asyncio.BaseTransport:
+    """``--supervised``: set ``stop`` once stdin, the supervisor's pipe, ends. Returns the pipe's
+    transport, to close on the way out."""
+    loop = asyncio.get_running_loop()
+    pipe = os.fdopen(os.dup(sys.stdin.fileno()), "rb", buffering=0)
+    transport, _ = await loop.connect_read_pipe(lambda: _SupervisorPipe(stop), pipe)
+    return transport
 
 
 def _netloc(host: str, port: int) -> str:
@@ -582,6 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
              " is ignored",
     )
     s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set on workers
+    # Set on workers: stop (as on SIGTERM) once stdin, the supervisor's pipe, ends.
+    s.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
     p = sub.add_parser(
         "probe",
         help="connect to a demo server and try it",
