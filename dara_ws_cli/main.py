@@ -240,10 +240,16 @@ async def serve(args: argparse.Namespace) -> None:
         manager.backplane = backplane
     endpoint = build_demo(manager)
     stop = asyncio.Event()
+    why: list[str] = []  # what stopped it, for the log
+
+    def stop_on(sig: signal.Signals) -> None:
+        why.append(sig.name)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, stop_on, sig)
     if backplane is not None:
         try:
             await backplane.start(manager)
@@ -274,6 +280,12 @@ async def serve(args: argparse.Namespace) -> None:
             print(f"dara-ws demo ({args.transport}, {loop_name} loop) on"
                   f" ws://{_netloc(args.host, port)}{endpoint.path}", flush=True)
             await stop.wait()
+            # Said before the drain, which may take shutdown_grace: an operator reading the log
+            # of a process that went quiet sees why, on every transport.
+            logger.info("stopping (%s): no new handshakes; closing %d connection(s) with 1001, "
+                        "requests in flight given up to %g s", why[0] if why else "supervisor gone",
+                        len(manager.handlers), manager.config.shutdown_grace)
+        logger.info("stopped serving: every connection closed")
     finally:
         _ignore_stop_signals(loop)
         if supervisor is not None:
