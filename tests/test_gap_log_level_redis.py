@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from dara_ws_core import ServerConfig
+from dara_ws_core.backplane import Gap
 
 from .chaos_proxy import ChaosProxy
 from .helpers import eventually
@@ -72,4 +73,35 @@ async def test_a_gap_is_a_warning_only_when_messages_are_known_lost(
         else:
             assert owner_bp.stats.lost == 0
             assert lines[0].levelno == logging.INFO, lines[0].getMessage()
+        await client.close()
+
+
+async def test_a_user_handed_nothing_yet_still_learns_what_a_gap_lost(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Bob's history is empty when his connection opens; while his process is cut off, 5 kept
+    messages are sent to him and the history keeps 2. His process handed him nothing before, so
+    it had no number to count the jump from: the gap said ``lost=0, recovered=2`` and ``on_gap``
+    told the application there was nothing to resynchronise. The jump now counts from 0."""
+    namespace = f"gaplost-{uuid.uuid4().hex[:6]}"
+    config = ServerConfig(outbox_messages=2)
+    caplog.set_level(logging.INFO, logger="dara_ws_core.backplane")
+    gapped: list[tuple[str, Gap]] = []
+    async with (ChaosProxy(redis_server.port) as proxy,
+                started(proxy.url, namespace, config, **FAST) as (owner, owner_bp),
+                started(redis_server.url, namespace, config, **FAST) as (sender, _),
+                running_stack("websockets", manager=owner) as stack):
+        owner.on_gap = lambda user, gap: gapped.append((user, gap))
+        client = await connect(stack.port)  # user bob, nothing in his history
+        gaps = owner_bp.stats.gaps
+        async with proxy.fault("drop", 1.0):
+            await eventually(lambda: not owner_bp.connected, "the owner's link dropped")
+            for n in range(5):
+                assert await sender.send_message_to_user("bob", {"n": n})
+        await eventually(lambda: owner_bp.stats.gaps > gaps, "the owner's gap recovered", timeout=20)
+        got: list[int] = []
+        await read_numbers(client, got, quiet=0.5)
+        assert got == [3, 4]  # what the history kept, once, in order
+        assert [(user, gap.lost, gap.recovered) for user, gap in gapped] == [("bob", 3, 2)]
+        assert owner_bp.stats.lost == 3
         await client.close()
