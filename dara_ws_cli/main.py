@@ -252,7 +252,9 @@ async def serve(args: argparse.Namespace) -> None:
             loop.add_signal_handler(sig, stop_on, sig)
     if backplane is not None:
         try:
-            await backplane.start(manager)
+            # A worker started again (--bus-optional) serves through a Redis outage it starts
+            # in, as the others do; a first start checks that Redis answers.
+            await backplane.start(manager, wait=not args.bus_optional)
         except BackplaneError as exc:
             raise CLIError(f"cannot reach Redis at {backplane._where()}: {exc}") from None
     metrics: Any = contextlib.nullcontext(None)
@@ -621,6 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set on workers
     # Set on workers: stop (as on SIGTERM) once stdin, the supervisor's pipe, ends.
     s.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
+    # Set on workers started again: listen whether or not Redis answers yet.
+    s.add_argument("--bus-optional", action="store_true", help=argparse.SUPPRESS)
     p = sub.add_parser(
         "probe",
         help="connect to a demo server and try it",

@@ -61,15 +61,19 @@ class RestartPolicy:
         return min(MAX_DELAY, FIRST_DELAY * (1 << (len(deaths) - 1)))
 
 
-def worker_argv(args: argparse.Namespace, port: int, index: int = 0) -> list[str]:
+def worker_argv(args: argparse.Namespace, port: int, index: int = 0, again: bool = False) -> list[str]:
     """The ``dara-ws`` arguments of worker ``index``: the supervisor's own, on ``port``, one
     process; its metrics (``--metrics-port P``) on ``P + index``, the same port each time it is
-    started again, so that a scrape target names one worker for good (``0``: any free port)."""
+    started again, so that a scrape target names one worker for good (``0``: any free port).
+    Started ``again`` (after it died), it listens whether or not Redis answers yet, as the
+    others serve through an outage: waiting for Redis there made an outage a crash loop."""
     argv = ["serve", "--host", args.host, "--port", str(port), "--transport", args.transport,
             "--clock", str(args.clock), "--stats-interval", str(args.stats_interval),
             "--loop", args.loop, "--reuse-port", "--supervised"]
     if args.redis_url:
         argv += ["--redis-url", args.redis_url]
+        if again:
+            argv.append("--bus-optional")
     if args.metrics_port is not None:
         argv += ["--metrics-port", str(args.metrics_port + index if args.metrics_port else 0)]
     if args.max_connections is not None:
@@ -122,8 +126,9 @@ async def supervise(args: argparse.Namespace) -> int:
 
     async def spawn(index: int) -> asyncio.Event:
         """Start worker ``index`` (in ``workers`` at once, for ``_stop_all``); set once it listens."""
+        again = index < len(workers)
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "dara_ws_cli", *worker_argv(args, port, index),
+            sys.executable, "-m", "dara_ws_cli", *worker_argv(args, port, index, again),
             # stdin: a pipe nothing is written to, whose end tells the worker its supervisor is
             # gone (killed with SIGKILL, say), so that no worker serves on without it.
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,

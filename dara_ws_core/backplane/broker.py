@@ -247,8 +247,13 @@ class BrokerBackplane(BusNode):
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self, manager: BackplaneHost) -> None:
-        """Connect, subscribe and register the manager's channels (see :class:`Backplane`)."""
+    async def start(self, manager: BackplaneHost, *, wait: bool = True) -> None:
+        """Connect, subscribe and register the manager's channels (see :class:`Backplane`).
+
+        With ``wait=False``, return at once whether or not the bus answers: the backplane goes
+        on connecting with backoff, as after an outage (local delivery meanwhile; kept messages
+        wait in the spool; connections are admitted on the local count), for a process that must
+        serve its own clients through an outage it starts in (a worker started again)."""
         if self._running:
             raise RuntimeError("the backplane is already started")
         if manager.backplane is None:
@@ -261,6 +266,10 @@ class BrokerBackplane(BusNode):
         self._start_bus()
         self._writer_task = asyncio.get_running_loop().create_task(
             self._maintain(), name=f"backplane-dir-{self.node_id}")
+        if not wait:
+            logger.info("backplane starting: connecting in the background",
+                        extra={"node": self.node_id})
+            return
         try:
             async with asyncio.timeout(self.connect_timeout):
                 await self._connected.wait()
