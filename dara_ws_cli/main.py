@@ -46,6 +46,7 @@ import socket
 import sys
 import time
 import urllib.parse
+from collections.abc import AsyncIterator
 from typing import Any
 
 from dara_ws_core import (
@@ -239,13 +240,21 @@ async def serve(args: argparse.Namespace) -> None:
         manager.backplane = backplane
     endpoint = build_demo(manager)
     stop = asyncio.Event()
+    why: list[str] = []  # what stopped it, for the log
+
+    def stop_on(sig: signal.Signals) -> None:
+        why.append(sig.name)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, stop_on, sig)
     if backplane is not None:
         try:
-            await backplane.start(manager)
+            # A worker started again (--bus-optional) serves through a Redis outage it starts
+            # in, as the others do; a first start checks that Redis answers.
+            await backplane.start(manager, wait=not args.bus_optional)
         except BackplaneError as exc:
             raise CLIError(f"cannot reach Redis at {backplane._where()}: {exc}") from None
     metrics: Any = contextlib.nullcontext(None)
@@ -256,27 +265,61 @@ async def serve(args: argparse.Namespace) -> None:
             render = metrics_page(manager)
         except ImportError as exc:
             raise _missing_extra(exc) from None
-        metrics = serve_metrics(render, args.host, args.metrics_port)
+        metrics = _serve_metrics(serve_metrics(render, args.host, args.metrics_port), args.host,
+                                 args.metrics_port)
     clock = loop.create_task(_clock(manager, args.clock)) if args.clock > 0 else None
     stats = (loop.create_task(_print_stats(manager, args.stats_interval))
              if args.stats_interval > 0 else None)
+    supervisor = await _stop_when_supervisor_gone(stop) if args.supervised else None
     try:
         listening = _serve(args.transport, endpoint, args.host, args.port, args.reuse_port)
         async with metrics as metrics_port, listening as port:
             if metrics_port is not None:
-                print(f"metrics on http://{_netloc(args.host, metrics_port)}/metrics", flush=True)
+                worker = os.environ.get("DARA_WS_WORKER")
+                whose = f"worker {worker} (pid {os.getpid()}): " if worker is not None else ""
+                print(f"{whose}metrics on http://{_netloc(args.host, metrics_port)}/metrics", flush=True)
             loop_name = type(asyncio.get_running_loop()).__module__.partition(".")[0]
             print(f"dara-ws demo ({args.transport}, {loop_name} loop) on"
                   f" ws://{_netloc(args.host, port)}{endpoint.path}", flush=True)
             await stop.wait()
+            # Said before the drain, which may take shutdown_grace: an operator reading the log
+            # of a process that went quiet sees why, on every transport.
+            logger.info("stopping (%s): no new handshakes; closing %d connection(s) with 1001, "
+                        "requests in flight given up to %g s", why[0] if why else "supervisor gone",
+                        len(manager.handlers), manager.config.shutdown_grace)
+        logger.info("stopped serving: every connection closed")
     finally:
         _ignore_stop_signals(loop)
+        if supervisor is not None:
+            supervisor.close()
         if clock is not None:
             clock.cancel()
         if stats is not None:
             stats.cancel()
         if backplane is not None:
             await backplane.stop()
+
+
+class _SupervisorPipe(asyncio.Protocol):
+    """A worker's stdin, the supervisor's pipe: nothing comes through it; its end means the
+    supervisor is gone, and the worker stops as on SIGTERM (its clients get 1001)."""
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        self.stop = stop
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.stop.is_set():
+            logger.warning("the supervisor is gone (its pipe ended): stopping this worker")
+            self.stop.set()
+
+
+async def _stop_when_supervisor_gone(stop: asyncio.Event) -> asyncio.BaseTransport:
+    """``--supervised``: set ``stop`` once stdin, the supervisor's pipe, ends. Returns the pipe's
+    transport, to close on the way out."""
+    loop = asyncio.get_running_loop()
+    pipe = os.fdopen(os.dup(sys.stdin.fileno()), "rb", buffering=0)
+    transport, _ = await loop.connect_read_pipe(lambda: _SupervisorPipe(stop), pipe)
+    return transport
 
 
 def _netloc(host: str, port: int) -> str:
@@ -330,15 +373,29 @@ def _import_adapter(transport: str) -> None:
         raise _missing_extra(exc) from None
 
 
-def _listen_error(exc: OSError, host: str, port: int) -> CLIError:
-    """What to say when ``host:port`` cannot be bound: one line, not a traceback."""
+def _listen_error(exc: OSError, host: str, port: int, option: str = "--port") -> CLIError:
+    """What to say when ``host:port`` (given by ``option``) cannot be bound: one line, not a
+    traceback."""
     if exc.errno == errno.EADDRINUSE:
         return CLIError(f"cannot listen on {host}:{port}: the address is already in use"
-                        " (another dara-ws? choose one with --port)")
+                        f" (another dara-ws? choose one with {option})")
     if isinstance(exc, socket.gaierror):  # a --host that names no address
         return CLIError(f"cannot listen on {host}:{port}: {exc.strerror} (check --host)", status=2)
     # Not available, not allowed, any other refusal of the system.
     return CLIError(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+
+
+@contextlib.asynccontextmanager
+async def _serve_metrics(listener: contextlib.AbstractAsyncContextManager[int], host: str,
+                         port: int) -> AsyncIterator[int]:
+    """The metrics listener, a port it cannot bind (in use, not allowed) being one line and
+    status 1 as the WebSocket port's is, not a traceback."""
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            real_port = await stack.enter_async_context(listener)
+        except OSError as exc:
+            raise _listen_error(exc, host, port, "--metrics-port") from None
+        yield real_port
 
 
 @contextlib.asynccontextmanager
@@ -528,7 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--metrics-port", type=_port, default=None, metavar="PORT",
         help="serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port; needs the"
-             " prometheus extra)",
+             " prometheus extra); with --workers N, worker i on PORT+i, the same port when it is"
+             " started again",
     )
     s.add_argument(
         "--redis-url", default=None,
@@ -563,6 +621,10 @@ def build_parser() -> argparse.ArgumentParser:
              " is ignored",
     )
     s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set on workers
+    # Set on workers: stop (as on SIGTERM) once stdin, the supervisor's pipe, ends.
+    s.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
+    # Set on workers started again: listen whether or not Redis answers yet.
+    s.add_argument("--bus-optional", action="store_true", help=argparse.SUPPRESS)
     p = sub.add_parser(
         "probe",
         help="connect to a demo server and try it",
@@ -615,9 +677,9 @@ async def _supervise(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise CLIError("--workers must be at least 1", status=2)
-    if args.metrics_port not in (None, 0):
-        raise CLIError("--workers serves metrics per worker: use --metrics-port 0 (each prints its own)",
-                       status=2)
+    if args.metrics_port and args.metrics_port + args.workers - 1 > 65535:
+        raise CLIError(f"--workers {args.workers} serve metrics on --metrics-port {args.metrics_port}"
+                       f" and the {args.workers - 1} ports after it: past 65535", status=2)
     # A missing extra or a wrong --redis-url is one error here, not one per worker.
     _loop_factory(args.loop)
     _import_adapter(args.transport)

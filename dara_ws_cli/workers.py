@@ -4,7 +4,9 @@ Each worker is a plain ``dara-ws serve`` process that listens with ``SO_REUSEPOR
 spreads new connections over them; each builds its own manager and endpoint, and ``--redis-url``
 makes them one cluster (a broadcast or a per-user send reaches clients on every worker). This
 supervisor starts them, forwards their output, and passes SIGTERM and SIGINT on to all of them
-(each closes its clients with 1001). A worker that dies on its own is started again, after a
+(each closes its clients with 1001). Each worker holds a pipe from the supervisor on its stdin
+and stops the same way once that pipe ends: a supervisor that dies (SIGKILL, the out-of-memory
+killer) leaves no worker serving the port on its own. A worker that dies on its own is started again, after a
 delay that doubles with each death in a row (:class:`RestartPolicy`); one that dies
 ``MAX_DEATHS`` times within ``DEATH_WINDOW`` seconds is a crash loop: the supervisor stops the
 others and exits non-zero, as it does when a worker fails before it first listens (a wrong
@@ -59,15 +61,21 @@ class RestartPolicy:
         return min(MAX_DELAY, FIRST_DELAY * (1 << (len(deaths) - 1)))
 
 
-def worker_argv(args: argparse.Namespace, port: int) -> list[str]:
-    """The ``dara-ws`` arguments of one worker: the supervisor's own, on ``port``, one process."""
+def worker_argv(args: argparse.Namespace, port: int, index: int = 0, again: bool = False) -> list[str]:
+    """The ``dara-ws`` arguments of worker ``index``: the supervisor's own, on ``port``, one
+    process; its metrics (``--metrics-port P``) on ``P + index``, the same port each time it is
+    started again, so that a scrape target names one worker for good (``0``: any free port).
+    Started ``again`` (after it died), it listens whether or not Redis answers yet, as the
+    others serve through an outage: waiting for Redis there made an outage a crash loop."""
     argv = ["serve", "--host", args.host, "--port", str(port), "--transport", args.transport,
             "--clock", str(args.clock), "--stats-interval", str(args.stats_interval),
-            "--loop", args.loop, "--reuse-port"]
+            "--loop", args.loop, "--reuse-port", "--supervised"]
     if args.redis_url:
         argv += ["--redis-url", args.redis_url]
+        if again:
+            argv.append("--bus-optional")
     if args.metrics_port is not None:
-        argv += ["--metrics-port", str(args.metrics_port)]
+        argv += ["--metrics-port", str(args.metrics_port + index if args.metrics_port else 0)]
     if args.max_connections is not None:
         argv += ["--max-connections", str(args.max_connections)]
     if args.max_connections_per_address is not None:
@@ -118,9 +126,13 @@ async def supervise(args: argparse.Namespace) -> int:
 
     async def spawn(index: int) -> asyncio.Event:
         """Start worker ``index`` (in ``workers`` at once, for ``_stop_all``); set once it listens."""
+        again = index < len(workers)
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "dara_ws_cli", *worker_argv(args, port),
-            stdout=asyncio.subprocess.PIPE, env={**os.environ, "DARA_WS_WORKER": str(index)},
+            sys.executable, "-m", "dara_ws_cli", *worker_argv(args, port, index, again),
+            # stdin: a pipe nothing is written to, whose end tells the worker its supervisor is
+            # gone (killed with SIGKILL, say), so that no worker serves on without it.
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "DARA_WS_WORKER": str(index)},
         )
         ready = asyncio.Event()
         if index < len(workers):

@@ -295,22 +295,23 @@ _OPTIONAL_SECONDS = ("send_timeout", "request_timeout", "idle_timeout", "ping_in
                      "handler_timeout")
 
 
-def _check_number(name: str, value: object, kind: type, least: int, *, optional: bool, above: bool = False) -> None:
-    """Raise ``TypeError`` or ``ValueError``, naming the field, unless ``value`` is a number of
-    ``kind`` (an int for a count; an int or a float for seconds, finite) at least ``least`` (above
-    it, with ``above``), or ``None`` where ``optional``."""
+def _check_number(name: str, value: object, kind: type, least: int, *, optional: bool, above: bool = False,
+                  owner: str = "ServerConfig") -> None:
+    """Raise ``TypeError`` or ``ValueError``, naming the field (``owner.name``), unless ``value``
+    is a number of ``kind`` (an int for a count; an int or a float for seconds, finite) at least
+    ``least`` (above it, with ``above``), or ``None`` where ``optional``."""
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
         what = "an int" if kind is int else "a number of seconds"
-        raise TypeError(f"ServerConfig.{name} must be {what}{' or None' if optional else ''}, "
+        raise TypeError(f"{owner}.{name} must be {what}{' or None' if optional else ''}, "
                         f"not {type(value).__name__}")
     number = float(value)
     if not math.isfinite(number):
-        raise ValueError(f"ServerConfig.{name} must be finite{' (or None)' if optional else ''}, not {value}")
+        raise ValueError(f"{owner}.{name} must be finite{' (or None)' if optional else ''}, not {value}")
     if number < least or (above and number == least):
         bound = f"> {least}" if above else f">= {least}"
-        raise ValueError(f"ServerConfig.{name} must be {bound}{' (or None)' if optional else ''}, "
+        raise ValueError(f"{owner}.{name} must be {bound}{' (or None)' if optional else ''}, "
                          f"not {value}")
 
 

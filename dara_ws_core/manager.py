@@ -308,6 +308,14 @@ class WebsocketManager:
                 self._floors[channel_id] = floor = id_key(head.id)
                 if not self.registry.user_channels(user_id) - {channel_id}:
                     self._cursors.advance(user_id, head.id, head.n)
+            elif (not (self._blind and channel_id in self._blind)
+                  and not self.registry.user_channels(user_id) - {channel_id}
+                  and user_id not in self._cursors):
+                # The bus said the history was empty at admission (not a blind admission, which
+                # read nothing): the user's numbering starts after 0 (a history and its count
+                # expire together), so what a bound drops before anything is handed over here
+                # is counted at a gap (a jump from 0), as it is after a first entry.
+                self._cursors.advance(user_id, "0", 0)
             if self.outbox_limits is not None and not (self._blind and channel_id in self._blind):
                 # What it writes is acknowledged only as far as it wrote every entry after
                 # the user's newest at its admission (what came before, its lease covers).

@@ -1004,14 +1004,16 @@ class DeliveryCursors:
         key, _, seen = entry
         after = [e for e in entries if id_key(e.id) > key]
         lost = 0
+        # This process's own sends in the jump reached the user's channels here before the bus
+        # numbered them: a bound dropping them from the history loses nothing (as in missing).
         if after:
             if after[0].n > seen:
-                lost = after[0].n - seen - 1
+                lost = after[0].n - seen - 1 - sum(1 for m in own.values() if seen < m < after[0].n)
             self._set(user_id, id_key(after[-1].id), after[-1].id, after[-1].n)
         elif head > seen:
-            lost = head - seen
+            lost = head - seen - sum(1 for m in own.values() if seen < m <= head)
             self._set(user_id, key, entry[1], head)  # counted once
-        return [e for e in after if e.id not in own], lost
+        return [e for e in after if e.id not in own], max(0, lost)
 
     def forget(self, user_id: str) -> None:
         self._last.pop(user_id, None)

@@ -26,12 +26,14 @@ Metric names (unit; attributes):
   ``answered``, ``timeout``, ``closed``, ``chunk_error``): server requests (``send_and_wait``).
 * ``dara_ws.handler.outcomes`` (counter; ``dara_ws.outcome`` = ``ok``, ``error``, ``timeout``,
   ``busy``) and ``dara_ws.handler.running`` (gauge): custom handlers.
-* ``dara_ws.backplane.messages`` (counter; ``dara_ws.backplane.event`` = ``published``,
-  ``received``, ``delivered``, ``failed``, ``undeliverable``, ``reconnects``, ``kept``,
-  ``replayed``, ``refused``) and ``dara_ws.backplane.connected`` (gauge: ``1`` while the bus
-  connection is up, ``0`` during an outage) with a backplane, and ``dara_ws.backplane.lag``
-  (histogram, ``s``, sampled: from a delivery's publication to its receipt here, by the two
-  hosts' wall clocks; see :mod:`dara_ws_core.telemetry_hooks`).
+* ``dara_ws.backplane.messages`` (counter; ``dara_ws.backplane.event`` = each field of
+  :class:`~dara_ws_core.backplane.BackplaneStats` but the lag: ``published``, ``received``,
+  ``delivered``, ``failed``, ``spool_dropped``, ``undeliverable``, ``reconnects``, ``kept``,
+  ``replayed``, ``refused``, ``outbox_refused``, ``gaps``, ``lost``, ``recovered``) and
+  ``dara_ws.backplane.connected`` (gauge: ``1`` while the bus connection is up, ``0`` during an
+  outage) with a backplane, and ``dara_ws.backplane.lag`` (histogram, ``s``, sampled: from a
+  delivery's publication to its receipt here, by the two hosts' wall clocks; see
+  :mod:`dara_ws_core.telemetry_hooks`).
 """
 
 from __future__ import annotations

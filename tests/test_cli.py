@@ -206,7 +206,7 @@ def test_serve_on_uvloop_without_uvloop_names_the_pip_command(workers: str) -> N
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--metrics-port", "9100"], "--metrics-port 0"), (["--workers", "0"], "at least 1")],
+    [(["--metrics-port", "65535"], "past 65535"), (["--workers", "0"], "at least 1")],
 )
 def test_serve_with_workers_refuses_what_it_cannot_share(args: list[str], message: str) -> None:
     result = _run_cli("serve", "--port", "0", "--workers", "2", *args)

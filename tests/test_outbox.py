@@ -741,6 +741,20 @@ def test_delivery_cursors_hand_each_entry_over_once_and_count_what_a_bound_dropp
     assert id_key("10-1") > id_key("9-5") > id_key("9") and id_key("12") == (12, 0)
 
 
+def test_delivery_cursors_count_no_own_send_a_bound_dropped_as_lost() -> None:
+    """A process's own sends reached the user's channels here before the bus numbered them:
+    dropped from the history by a bound before a gap's recovery, they are not lost."""
+    cursors = DeliveryCursors()
+    cursors.advance("dan", "0", 0)  # admitted with an empty history
+    for n in range(1, 5):
+        cursors.own("dan", f"{40 + n}-0", n)
+    # 1 to 4 were its own, 5 came from elsewhere and was dropped too: one lost.
+    missed, lost = cursors.recover("dan", [Stamped("46-0", 6, b"f")], head=6)
+    assert [e.frame for e in missed] == [b"f"] and lost == 1
+    cursors.own("dan", "47-0", 7)
+    assert cursors.recover("dan", [], head=8) == ([], 1)  # 7 its own, 8 dropped
+
+
 def test_delivery_cursors_tell_a_jump_explained_by_own_sends_from_a_real_gap() -> None:
     """Review 7 item 4: held live entries are looked at again once the process's own sends
     are numbered: a jump they fill is no gap, one they do not fill still is."""

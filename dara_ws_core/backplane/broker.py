@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Unpack
 import pydantic_core
 
 from dara_ws_core.codec import build_frame, dumps
+from dara_ws_core.config import _check_number
 from dara_ws_core.exceptions import (
     BackplaneError,
     CloseCode,
@@ -91,8 +92,11 @@ class BrokerBackplane(BusNode):
         revoke_ttl: float = 3600.0,
         **options: Unpack[BusOptions],
     ) -> None:
-        if heartbeat_interval <= 0:
-            raise ValueError("heartbeat_interval must be > 0")
+        owner = type(self).__name__
+        _check_number("heartbeat_interval", heartbeat_interval, float, 0, optional=False, above=True,
+                      owner=owner)
+        _check_number("expiry", expiry, float, 0, optional=True, above=True, owner=owner)
+        _check_number("revoke_ttl", revoke_ttl, float, 0, optional=False, above=True, owner=owner)
         expiry = 3 * heartbeat_interval if expiry is None else expiry
         if expiry <= heartbeat_interval:
             raise ValueError("expiry must be longer than heartbeat_interval")
@@ -243,8 +247,13 @@ class BrokerBackplane(BusNode):
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self, manager: BackplaneHost) -> None:
-        """Connect, subscribe and register the manager's channels (see :class:`Backplane`)."""
+    async def start(self, manager: BackplaneHost, *, wait: bool = True) -> None:
+        """Connect, subscribe and register the manager's channels (see :class:`Backplane`).
+
+        With ``wait=False``, return at once whether or not the bus answers: the backplane goes
+        on connecting with backoff, as after an outage (local delivery meanwhile; kept messages
+        wait in the spool; connections are admitted on the local count), for a process that must
+        serve its own clients through an outage it starts in (a worker started again)."""
         if self._running:
             raise RuntimeError("the backplane is already started")
         if manager.backplane is None:
@@ -257,6 +266,10 @@ class BrokerBackplane(BusNode):
         self._start_bus()
         self._writer_task = asyncio.get_running_loop().create_task(
             self._maintain(), name=f"backplane-dir-{self.node_id}")
+        if not wait:
+            logger.info("backplane starting: connecting in the background",
+                        extra={"node": self.node_id})
+            return
         try:
             async with asyncio.timeout(self.connect_timeout):
                 await self._connected.wait()
@@ -978,7 +991,10 @@ class BrokerBackplane(BusNode):
 
     def _report(self, gaps: dict[str, Gap], lost: int, recovered: int) -> None:
         self.stats.lost += lost
-        logger.warning(
+        # A WARNING only for a loss: the outage itself was logged as one (disconnected,
+        # reconnected), and a gap that lost nothing is the backplane doing its job.
+        logger.log(
+            logging.WARNING if lost else logging.INFO,
             "backplane: gap for %d local user(s): %d message(s) recovered from the outbox, %d "
             "known lost (stats.lost = %d)", len(gaps), recovered, lost, self.stats.lost,
             extra={"node": self.node_id, "lost": lost, "recovered": recovered})

@@ -23,7 +23,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypedDict
 
+from dara_ws_core.config import _check_number
 from dara_ws_core.exceptions import BackplaneError, RevocationNotKept, UnknownChannel
+from dara_ws_core.logs import _is_power_of_ten
 from dara_ws_core.outbox import SENDER_SHARES, Stamped
 
 from .contract import BackplaneStats
@@ -214,9 +216,18 @@ class BusNode(abc.ABC):
         max_spool_bytes: int = 16 * 1024 * 1024,
         stop_drain: float = 5.0,
     ) -> None:
-        if min(max_outbox, max_outbox_bytes, max_bus_message, publish_window) <= 0:
-            raise ValueError("max_outbox, max_outbox_bytes, max_bus_message and publish_window "
-                             "must be > 0")
+        # Every option checked here, naming it: a zero, a negative, a NaN or a string would be
+        # taken and fail later, far from its cause (a Redis "unreachable" at start, every kept
+        # send refused, a reconnection loop that never waits).
+        owner = type(self).__name__
+        for name, count in (("max_outbox", max_outbox), ("max_outbox_bytes", max_outbox_bytes),
+                            ("max_bus_message", max_bus_message), ("publish_window", publish_window),
+                            ("max_spool", max_spool), ("max_spool_bytes", max_spool_bytes)):
+            _check_number(name, count, int, 1, optional=False, owner=owner)
+        for name, seconds in (("connect_timeout", connect_timeout), ("backoff_initial", backoff_initial),
+                              ("backoff_max", backoff_max)):
+            _check_number(name, seconds, float, 0, optional=False, above=True, owner=owner)
+        _check_number("stop_drain", stop_drain, float, 0, optional=False, owner=owner)
         if max_bus_message > max_outbox_bytes:
             raise ValueError("max_bus_message must not exceed max_outbox_bytes")
         self.node_id = node_id or uuid.uuid4().hex
@@ -308,6 +319,10 @@ class BusNode(abc.ABC):
         self._down_since: float | None = None
         self._failed_at_down = 0
         self._warned = False
+        # Publications the bus refused while the link was up (an error reply: Redis at
+        # maxmemory, a read-only replica): each counted, the first ten and then every power of
+        # ten logged, so that the log does not grow with the message rate.
+        self._refused_up = 0
 
     def topic_of(self, node_id: str) -> str:
         """The bus topic a node listens on."""
@@ -993,8 +1008,13 @@ class BusNode(abc.ABC):
     def _count_failure(self, what: str, exc: BaseException | None) -> None:
         self.stats.failed += 1
         if exc is not None and self._connected.is_set():
-            logger.warning("backplane: %s not published: %s", what, exc,
-                           extra={"node": self.node_id, "failed": self.stats.failed})
+            self._refused_up += 1
+            count = self._refused_up
+            if count <= 10 or _is_power_of_ten(count):
+                logger.warning("backplane: %s not published: %s (%d refused with the link up so "
+                               "far, the first ten then every power of ten logged; "
+                               "stats.failed = %d)", what, exc, count, self.stats.failed,
+                               extra={"node": self.node_id, "failed": self.stats.failed})
         elif not self._warned:
             self._warned = True
             logger.warning("backplane unavailable: %s and further messages for other processes "

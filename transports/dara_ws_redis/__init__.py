@@ -116,6 +116,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
 from dara_ws_core.backplane import BrokerBackplane, Entry, Publication, Routed
 from dara_ws_core.backplane.broker import Kept, Revocation
 from dara_ws_core.backplane.node import BatchRefused
+from dara_ws_core.config import _check_number
 from dara_ws_core.exceptions import BackplaneError
 from dara_ws_core.outbox import ADDRESS_SHARES, HISTORY_SHARES, SENDER_SHARES, SENDER_SMALL, OutboxLimits
 
@@ -684,6 +685,10 @@ class RedisBackplane(BrokerBackplane):
         **options: Any,
     ) -> None:
         super().__init__(**options)
+        # 0 or less: redis-py times out every read at once, and the start reports Redis
+        # unreachable when it is the option that is wrong.
+        _check_number("socket_timeout", socket_timeout, float, 0, optional=False, above=True,
+                      owner=type(self).__name__)
         self.url = url
         common: dict[str, Any] = {
             "socket_connect_timeout": min(self.connect_timeout, socket_timeout),
