@@ -24,7 +24,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "client": frozenset({"Connector"}),
     # The connection's events are read through their module, like h11's events.
     "connection": frozenset({"AnswerIgnored", "CloseConnection", "CustomReceived", "Event", "HandlingTally",
-                             "PROCESS_HANDLING", "FrameDropped", "RequestCompleted", "RequestFailed", "SendFrame"}),
+                             "HANDLING_ADDRESS_SHARES", "HANDLING_SHARES", "PROCESS_HANDLING", "FrameDropped",
+                             "RequestCompleted", "RequestFailed", "SendFrame"}),
     "correlation": frozenset({"CHUNK_ADDRESS_SHARES", "CHUNK_SHARES", "PART_BYTES", "PART_VALUES", "PROCESS_CHUNKS",
                               "ChunkBudget", "Completed", "Failed", "Ignored", "Outcome", "Partial", "new_rchan"}),
     "custom": frozenset({"CustomHandler", "DispatchHost", "HandlerSpec", "HandlerThreads"}),
