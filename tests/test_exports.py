@@ -62,7 +62,9 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     # The socket adapters' TLS listener, counting sockets from their TCP accept.
     "tls": frozenset({"CountedTLS"}),
     # TrustedProxies: what ServerConfig.forwarded_allow_ips is read as, for the endpoint.
-    "transport": frozenset({"ClientFrameHeaders", "MAX_PIPELINED", "NOT_UTF8", "PROCESS_RECEIVING",
+    "transport": frozenset({"ClientFrameHeaders", "FRAMES_PER_FEED_FLOOR", "MAX_PIPELINED", "NOT_UTF8",
+                            "PARSED_PER_TURN", "PROCESS_RECEIVING",
+                            "TurnShares",
                             "RECEIVING_ADDRESS_SHARES", "RECEIVING_SHARES",
                             "ReceivingBudget", "ReceivingCharge", "RequestHead", "TrustedProxies", "address_key",
                             "close_frame_error", "SupportsCork", "SupportsDisconnected", "SupportsPush",
