@@ -47,11 +47,12 @@ logger = logging.getLogger("dara_ws_core")
 #: Frames one connection handles before it lets the others run, whatever its buffer holds.
 _YIELD_EVERY = 16
 #: Messages the connections of one client address handle in one turn of the event loop,
-#: together (four connections' worth of ``_YIELD_EVERY``): past it, each of its connections
-#: handles one message a turn. Per connection alone, a client with 64 connections had 64 times
-#: ``_YIELD_EVERY`` handled in each turn (each a broadcast to every connection, with the demo's
-#: ``chat``), and every other client's pushes waited seconds for each turn.
-HANDLED_PER_TURN = TurnShares(4 * _YIELD_EVERY)
+#: together (four connections' worth of ``_YIELD_EVERY``): past it, its connections wait for their
+#: place, four a turn, each then handling up to ``_YIELD_EVERY``. Per connection alone, a client
+#: with 64 connections had 64 times ``_YIELD_EVERY`` handled in each turn (each a broadcast to
+#: every connection, with the demo's ``chat``), and every other client's pushes waited seconds
+#: for each turn.
+HANDLED_PER_TURN = TurnShares(4 * _YIELD_EVERY, wake=4)
 
 #: Seconds a connection the server closes waits, at most, for the bus to have the
 #: acknowledgement of what it wrote before its close frame goes (a quarter of ``close_timeout``
@@ -298,16 +299,18 @@ class ConnectionDriver:
             self._context = contextvars.copy_context()  # current_channel and current_identity
         address = self._address
         shares = HANDLED_PER_TURN
-        turn = -1  # the last turn (shares.turn) it handled a message in
+        granted = 0  # messages it may still handle from the place it waited for
         try:
             while self._closed is None:
                 if address is not None:
-                    if turn == shares.turn and not shares.left(address):
-                        # Its address's connections handled their share of this turn, and this
-                        # one a message in it at least: the next turn.
-                        await asyncio.sleep(0)
+                    if granted:
+                        granted -= 1
+                    elif not shares.left(address):
+                        # Its address's connections handled their share of this turn: it waits
+                        # for its place, behind the others of its address already waiting.
+                        await shares.wait(address)
+                        granted = _YIELD_EVERY
                         continue
-                    turn = shares.turn
                 owed = self._owed
                 if owed is not None:
                     if owed.over:
@@ -394,7 +397,7 @@ class ConnectionDriver:
             self._held = pending
             return False
         if address is not None and not HANDLED_PER_TURN.left(address):
-            return False  # its address's share of this turn is used: the loop waits for the next
+            return False  # its address's share of this turn is used: the loop waits for its place
         # The loop runs while this connection's fan-outs are past readers' bounds (owe): one
         # message per iteration, held back once over its share.
         return self._closed is None and self._owed is None

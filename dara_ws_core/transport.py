@@ -75,6 +75,7 @@ __all__ = ["FRAMES_PER_FEED_FLOOR", "MAX_PIPELINED", "NOT_UTF8", "PARSED_PER_TUR
            "read_behind_request", "sendable_close_code", "text_frame_header"]
 
 import asyncio
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from struct import Struct
@@ -341,24 +342,28 @@ class TurnShares:
     A bound per connection and per turn (:data:`FRAMES_PER_FEED` frames parsed, a few messages
     handled) is a bound per turn only while one client has one connection: a client with 64
     connections, each flooding pings within its own share, had the loop parse 64 shares a turn,
-    and every other client's pushes waited a second or more for each turn. With it, connections
-    of an address past its share take only a little (a floor each, so that none of them waits
-    for ever behind the others) until the next turn, and one address adds ``share`` and a floor a
-    connection to a turn.
+    and every other client's pushes waited a second or more for each turn. With it, one address
+    adds about ``share`` to a turn however many connections it has.
 
     :meth:`left` and :meth:`spend` count (``address`` ``None``: not counted, nothing left out);
     the first :meth:`spend` of a turn asks the running loop to call :meth:`new_turn` at the start
-    of the next one (:attr:`turn` counts them). Without a running loop nothing is counted."""
+    of the next one (:attr:`turn` counts them). Without a running loop nothing is counted. A
+    connection of an address that has used its share may :meth:`wait` for its place: the waiting
+    ones of each address are woken in the order they came, ``wake`` a turn, so that none waits for
+    ever behind the others."""
 
-    __slots__ = ("_loop", "share", "turn", "used")
+    __slots__ = ("_loop", "_waiting", "share", "turn", "used", "wake")
 
-    def __init__(self, share: int) -> None:
+    def __init__(self, share: int, wake: int = 1) -> None:
         self.share = share
+        self.wake = wake
         #: What each address used in this turn, for those that used anything.
         self.used: dict[Hashable, int] = {}
-        #: The turns begun since the first (a connection tells by it whether it has had this one).
+        #: The turns begun since the first.
         self.turn = 0
         self._loop: asyncio.AbstractEventLoop | None = None  # while a new_turn is due on it
+        #: The connections waiting for their place, by address, in the order they came.
+        self._waiting: dict[Hashable, deque[asyncio.Future[None]]] = {}
 
     def left(self, address: Hashable) -> int:
         """What the connections of ``address`` may still use in this turn."""
@@ -368,6 +373,12 @@ class TurnShares:
             return self.share
         return max(0, self.share - self.used.get(address, 0))
 
+    def _begin(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is not loop:  # the first of a turn (or of another loop: nothing carried over)
+            self.used.clear()
+            self._loop = loop
+            loop.call_soon(self.new_turn, loop)
+
     def spend(self, address: Hashable, amount: int) -> None:
         """Count ``amount`` used by a connection of ``address`` in this turn."""
         if address is None or not amount:
@@ -375,19 +386,40 @@ class TurnShares:
         loop = asyncio._get_running_loop()
         if loop is None:
             return
-        if self._loop is not loop:  # the first of a turn (or of another loop: nothing carried over)
-            self.used.clear()
-            self._loop = loop
-            loop.call_soon(self.new_turn, loop)
+        self._begin(loop)
         used = self.used
         used[address] = used.get(address, 0) + amount
 
+    def wait(self, address: Hashable) -> asyncio.Future[None]:
+        """A future done when this connection of ``address`` has its place in a later turn (it
+        may then use a connection's share whatever its address used); cancel it to give up."""
+        loop = asyncio.get_running_loop()
+        self._begin(loop)
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiting.setdefault(address, deque()).append(waiter)
+        return waiter
+
     def new_turn(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """A new turn of the loop: every address has its whole share again."""
-        if loop is None or loop is self._loop:
-            self.used.clear()
-            self._loop = None
-            self.turn += 1
+        """A new turn of the loop: every address has its whole share again, and the first
+        ``wake`` connections waiting of each have their place."""
+        if loop is not None and loop is not self._loop:
+            return
+        self.used.clear()
+        self._loop = None
+        self.turn += 1
+        waiting = self._waiting
+        for address in list(waiting):
+            queue = waiting[address]
+            woken = 0
+            while queue and woken < self.wake:
+                waiter = queue.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    woken += 1
+            if not queue:
+                del waiting[address]
+        if waiting and loop is not None:
+            self._begin(loop)  # the others wait for the next turn
 
 
 #: The frames the connections of one client address hand their libraries in one turn of the
