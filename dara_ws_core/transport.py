@@ -413,7 +413,8 @@ class TurnShares:
             woken = 0
             while queue and woken < self.wake:
                 waiter = queue.popleft()
-                if not waiter.done():
+                # (One of a loop that ended without cancelling it is dropped.)
+                if not waiter.done() and (loop is None or waiter.get_loop() is loop):
                     waiter.set_result(None)
                     woken += 1
             if not queue:

@@ -144,3 +144,4 @@ async def test_connections_waiting_for_their_place_are_let_in_the_order_they_cam
     assert waiters[0].done() and waiters[2].done() and not waiters[3].done() and other.done()
     await asyncio.sleep(0)
     assert waiters[3].done() and waiters[4].done() and not shares._waiting
+
