@@ -95,8 +95,7 @@ class ConnectionDriver:
     """Runs one connection: create it with the transport and identity, then ``await run()``."""
 
     __slots__ = ("_abort_timer", "_address", "_clock", "_close_task", "_closed", "_context", "_cork", "_corked",
-                 "_direct",
-                 "_flusher", "_held", "_loop", "_owed", "_sender", "_write", "handler", "manager",
+                 "_direct", "_flusher", "_held", "_loop", "_owed", "_sender", "_write", "handler", "manager",
                  "transport")
 
     def __init__(
