@@ -147,7 +147,10 @@ class ServerConfig:
     max_handling_bytes: int = 32 * MiB
     #: The same for every connection of the process together. Once handlers hold this much, a
     #: message is ``busy`` for a connection whose handlers would hold more than a 256th of it
-    #: (1 MiB): a connection whose requests are small is never refused by it.
+    #: (1 MiB): a connection whose requests are small is never refused by it. The connections of
+    #: one client address (see ``forwarded_allow_ips``), whatever users they name, hold at most a
+    #: quarter of it, and one user (an anonymous client: its address) a 16th with requests over
+    #: that 256th; the first request of each is always taken.
     max_handling_total_bytes: int = 256 * MiB
     #: How long a custom handler may run before its request gets a ``timeout`` error reply.
     handler_timeout: float | None = 60.0

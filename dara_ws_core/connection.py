@@ -24,6 +24,8 @@ of its own. Applications property-test their protocol logic against this class d
 from __future__ import annotations
 
 __all__ = [
+    "HANDLING_ADDRESS_SHARES",
+    "HANDLING_SHARES",
     "PROCESS_HANDLING",
     "AnswerIgnored",
     "CloseConnection",
@@ -40,7 +42,7 @@ __all__ = [
 
 import enum
 import sys
-from collections.abc import Container
+from collections.abc import Container, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -112,14 +114,46 @@ class CustomReceived:
     size: int = field(default=0, compare=False)
 
 
+#: A holder (a user's connections; the anonymous ones of an address) whose handlers hold
+#: anything already may hold at most this fraction of ``ServerConfig.max_handling_total_bytes``
+#: with a request that is not small (over a 256th of it for its connection).
+HANDLING_SHARES = 16
+#: The connections of one client address, whatever users they name, hold at most this fraction
+#: of it together (their first request is always taken): without it, a client naming a user
+#: for each connection kept big requests running in a slow handler until the process's bound
+#: was full, and every other client's request over a 256th of it got ``busy`` until they ended.
+HANDLING_ADDRESS_SHARES = 4
+
+
 class HandlingTally:
     """What the running handlers of every connection sharing it hold (``bytes``), against
-    ``ServerConfig.max_handling_total_bytes``."""
+    ``ServerConfig.max_handling_total_bytes``, and by holder and client address (``holders``:
+    keyed by the holder, and ``(HandlingTally, address)`` for an address, for those holding
+    anything)."""
 
-    __slots__ = ("bytes",)
+    __slots__ = ("bytes", "holders")
 
     def __init__(self) -> None:
         self.bytes = 0
+        self.holders: dict[Hashable, int] = {}
+
+    def add(self, keys: tuple[Hashable, ...], size: int) -> None:
+        """Count ``size`` more bytes, in all and under each of ``keys``."""
+        self.bytes += size
+        holders = self.holders
+        for key in keys:
+            holders[key] = holders.get(key, 0) + size
+
+    def remove(self, keys: tuple[Hashable, ...], size: int) -> None:
+        """Give back ``size`` bytes counted with :meth:`add` under ``keys``."""
+        self.bytes -= size
+        holders = self.holders
+        for key in keys:
+            left = holders.get(key, 0) - size
+            if left > 0:
+                holders[key] = left
+            else:
+                holders.pop(key, None)
 
 
 #: The process's tally, shared by every connection unless given its own.
@@ -159,7 +193,7 @@ class ServerConnection(Generic[W]):
     address, whatever users they name.
     """
 
-    __slots__ = ("_close", "_handlers", "_handling", "_kinds", "_pending", "_tally", "_window_count",
+    __slots__ = ("_close", "_handlers", "_handling", "_keys", "_kinds", "_pending", "_tally", "_window_count",
                  "_window_start", "busy", "channel_id", "config", "expires_at", "last_seen", "state")
 
     def __init__(
@@ -188,6 +222,10 @@ class ServerConnection(Generic[W]):
         self._handlers = 0
         self._handling = 0  # what the frames of its running handlers hold (max_handling_bytes)
         self._tally = handling
+        # Under which keys of the tally its handlers' bytes count too: its holder's, and its
+        # client address's (a key of its own kind: never a holder's).
+        self._keys: tuple[Hashable, ...] = tuple(
+            key for key in (user, None if address is None else (HandlingTally, address)) if key is not None)
         #: Custom messages answered ``busy`` (``max_handler_tasks`` running): for the stats.
         self.busy = 0
         self._close: ConnectionClosed | None = None
@@ -293,13 +331,33 @@ class ServerConnection(Generic[W]):
             (held > config.max_handling_bytes and self._handling)  # the first is always taken
             or (held > config.max_handling_total_bytes >> 8
                 and tally.bytes + size > config.max_handling_total_bytes)
+            or self._over_share(size, held > config.max_handling_total_bytes >> 8)
         ):
             self.busy += 1
             return [_error(kind, rchan, "busy", "too many request bytes in progress")]
         self._handlers += 1
         self._handling = held
-        tally.bytes += size
+        if size:
+            tally.add(self._keys, size)
         return [CustomReceived(kind, data, rchan, size)]
+
+    def _over_share(self, size: int, big: bool) -> bool:
+        """Whether ``size`` more bytes would take this connection's holder past its share of
+        ``max_handling_total_bytes`` (only for a ``big`` request: small ones never are), or its
+        client address past the address's (any request). A holder or address holding nothing
+        always gets its first request."""
+        holders = self._tally.holders
+        total = self.config.max_handling_total_bytes
+        for key in self._keys:
+            mine = holders.get(key, 0)
+            if not mine:
+                continue
+            if type(key) is tuple and key[0] is HandlingTally:
+                if mine + size > total // HANDLING_ADDRESS_SHARES:
+                    return True
+            elif big and mine + size > total // HANDLING_SHARES:
+                return True
+        return False
 
     # ------------------------------------------------------------------ custom replies
 
@@ -310,7 +368,7 @@ class ServerConnection(Generic[W]):
             self._handlers -= 1
         if size and self._handling:  # nothing once the connection is lost (connection_lost)
             self._handling -= size
-            self._tally.bytes -= size
+            self._tally.remove(self._keys, size)
 
     def reply(self, kind: str, rchan: str | None, result: Any) -> SendFrame | None:
         """The answer to a custom message whose handler returned ``result`` (section 4).
@@ -398,7 +456,8 @@ class ServerConnection(Generic[W]):
         # What its handlers' requests hold is released with it: a handler task cancelled before
         # its first step (the close came in the iteration its request did), or a dispatch that
         # failed, never reports done; one that ends later reports to nothing (handler_done).
-        self._tally.bytes -= self._handling
+        if self._handling:
+            self._tally.remove(self._keys, self._handling)
         self._handling = 0
         return self._fail_pending(self._close)
 

@@ -66,16 +66,17 @@ manager that yields a :class:`Server` (``port=0`` picks a free port).
 
 from __future__ import annotations
 
-__all__ = ["MAX_PIPELINED", "NOT_UTF8", "PROCESS_RECEIVING", "RECEIVING_ADDRESS_SHARES", "RECEIVING_SHARES",
-           "ClientFrameHeaders", "HandshakeRequest", "HoldsFrames", "ReceivingBudget", "ReceivingCharge",
-           "RequestHead", "Server",
+__all__ = ["FRAMES_PER_FEED_FLOOR", "MAX_PIPELINED", "NOT_UTF8", "PARSED_PER_TURN", "PROCESS_RECEIVING",
+           "RECEIVING_ADDRESS_SHARES", "RECEIVING_SHARES", "ClientFrameHeaders", "HandshakeRequest", "HoldsFrames",
+           "ReceivingBudget", "ReceivingCharge", "RequestHead", "Server",
            "SupportsCork", "SupportsDisconnected", "SupportsPush", "SupportsSendNowait", "SupportsWriter",
-           "Transport", "TrustedProxies", "address_key", "close_frame_error", "end_after_held", "feed_held_later",
-           "held_behind_request", "hold_behind_request", "late_text", "parse_cookies", "read_behind_request",
-           "sendable_close_code", "supports", "text_frame_header"]
+           "Transport", "TrustedProxies", "TurnShares", "address_key", "close_frame_error", "end_after_held",
+           "feed_held_later", "held_behind_request", "hold_behind_request", "late_text", "parse_cookies",
+           "read_behind_request", "sendable_close_code", "supports", "text_frame_header"]
 
 import asyncio
 import functools
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from struct import Struct
@@ -362,6 +363,102 @@ class ReceivingCharge:
 FRAMES_PER_FEED = 1024
 
 
+class TurnShares:
+    """What each client address has used in the current turn of the event loop, against
+    ``share`` per turn for all of its connections together.
+
+    A bound per connection and per turn (:data:`FRAMES_PER_FEED` frames parsed, a few messages
+    handled) is a bound per turn only while one client has one connection: a client with 64
+    connections, each flooding pings within its own share, had the loop parse 64 shares a turn,
+    and every other client's pushes waited a second or more for each turn. With it, one address
+    adds about ``share`` to a turn however many connections it has.
+
+    :meth:`left` and :meth:`spend` count (``address`` ``None``: not counted, nothing left out);
+    the first :meth:`spend` of a turn asks the running loop to call :meth:`new_turn` at the start
+    of the next one (:attr:`turn` counts them). Without a running loop nothing is counted. A
+    connection of an address that has used its share may :meth:`wait` for its place: the waiting
+    ones of each address are woken in the order they came, ``wake`` a turn, so that none waits for
+    ever behind the others."""
+
+    __slots__ = ("_loop", "_waiting", "share", "turn", "used", "wake")
+
+    def __init__(self, share: int, wake: int = 1) -> None:
+        self.share = share
+        self.wake = wake
+        #: What each address used in this turn, for those that used anything.
+        self.used: dict[Hashable, int] = {}
+        #: The turns begun since the first.
+        self.turn = 0
+        self._loop: asyncio.AbstractEventLoop | None = None  # while a new_turn is due on it
+        #: The connections waiting for their place, by address, in the order they came.
+        self._waiting: dict[Hashable, deque[asyncio.Future[None]]] = {}
+
+    def left(self, address: Hashable) -> int:
+        """What the connections of ``address`` may still use in this turn."""
+        if address is None:
+            return 1 << 62
+        if self._loop is not asyncio._get_running_loop():
+            return self.share
+        return max(0, self.share - self.used.get(address, 0))
+
+    def _begin(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is not loop:  # the first of a turn (or of another loop: nothing carried over)
+            self.used.clear()
+            self._loop = loop
+            loop.call_soon(self.new_turn, loop)
+
+    def spend(self, address: Hashable, amount: int) -> None:
+        """Count ``amount`` used by a connection of ``address`` in this turn."""
+        if address is None or not amount:
+            return
+        loop = asyncio._get_running_loop()
+        if loop is None:
+            return
+        self._begin(loop)
+        used = self.used
+        used[address] = used.get(address, 0) + amount
+
+    def wait(self, address: Hashable) -> asyncio.Future[None]:
+        """A future done when this connection of ``address`` has its place in a later turn (it
+        may then use a connection's share whatever its address used); cancel it to give up."""
+        loop = asyncio.get_running_loop()
+        self._begin(loop)
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiting.setdefault(address, deque()).append(waiter)
+        return waiter
+
+    def new_turn(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """A new turn of the loop: every address has its whole share again, and the first
+        ``wake`` connections waiting of each have their place."""
+        if loop is not None and loop is not self._loop:
+            return
+        self.used.clear()
+        self._loop = None
+        self.turn += 1
+        waiting = self._waiting
+        for address in list(waiting):
+            queue = waiting[address]
+            woken = 0
+            while queue and woken < self.wake:
+                waiter = queue.popleft()
+                # (One of a loop that ended without cancelling it is dropped.)
+                if not waiter.done() and (loop is None or waiter.get_loop() is loop):
+                    waiter.set_result(None)
+                    woken += 1
+            if not queue:
+                del waiting[address]
+        if waiting and loop is not None:
+            self._begin(loop)  # the others wait for the next turn
+
+
+#: The frames the connections of one client address hand their libraries in one turn of the
+#: event loop (:meth:`ClientFrameHeaders.feed`), together: one connection's feed share. Past it,
+#: each feed still hands on :data:`FRAMES_PER_FEED_FLOOR`.
+PARSED_PER_TURN = TurnShares(FRAMES_PER_FEED)
+#: What a feed hands on, at most, once its address has used its share of the turn.
+FRAMES_PER_FEED_FLOOR = 4
+
+
 class ClientFrameHeaders:
     """Follows the frame headers of a client's byte stream, for the adapters whose library lets
     through what RFC 6455 section 5.2 forbids, so that every transport closes on it with 1002:
@@ -418,7 +515,13 @@ class ClientFrameHeaders:
         # Header bytes above it skip the count (one comparison a frame): 0x80, a final frame of
         # a message or a control frame while nothing is counted; 0x100 (none) while it is.
         above = self._above
-        count, share = 0, FRAMES_PER_FEED  # counted up: a small int costs no allocation
+        charge = self.charge
+        address = None if charge is None else charge.address
+        # This feed's share: FRAMES_PER_FEED, and no more than its client address has left of
+        # its share of this turn (PARSED_PER_TURN), whatever its other connections.
+        share = FRAMES_PER_FEED if address is None else max(FRAMES_PER_FEED_FLOOR, min(
+            FRAMES_PER_FEED, PARSED_PER_TURN.left(address)))
+        count = 0  # counted up: a small int costs no allocation
         while pos + 2 <= end:
             if count == share:  # this feed's share: the frames after it wait for the next
                 break
@@ -449,6 +552,8 @@ class ClientFrameHeaders:
                     return self._refuse(buf, pos - size - 4 - length,
                                         "messages being received exceed their budget", 1009)
                 above = self._above
+        if address is not None:
+            PARSED_PER_TURN.spend(address, count)
         if above > 0x80 and self._last and pos <= end:  # the counted message's final frame is all here
             self._give_back()
         if pos < end:  # a header cut short (held until the rest comes), or frames past the share

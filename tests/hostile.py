@@ -292,6 +292,10 @@ class HostileClient:
 
     # -- reading
 
+    def discard_input(self) -> None:
+        """Read on, dropping what arrives unparsed (a reader that costs this process nothing)."""
+        self._proto.data_received = lambda data: None  # type: ignore[method-assign]
+
     def stop_reading(self) -> None:
         """Never read again (until :meth:`resume_reading`): the kernel buffer fills up, then the
         server's own write buffer."""

@@ -24,7 +24,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "client": frozenset({"Connector"}),
     # The connection's events are read through their module, like h11's events.
     "connection": frozenset({"AnswerIgnored", "CloseConnection", "CustomReceived", "Event", "HandlingTally",
-                             "PROCESS_HANDLING", "FrameDropped", "RequestCompleted", "RequestFailed", "SendFrame"}),
+                             "HANDLING_ADDRESS_SHARES", "HANDLING_SHARES", "PROCESS_HANDLING", "FrameDropped",
+                             "RequestCompleted", "RequestFailed", "SendFrame"}),
     "correlation": frozenset({"CHUNK_ADDRESS_SHARES", "CHUNK_SHARES", "PART_BYTES", "PART_VALUES", "PROCESS_CHUNKS",
                               "ChunkBudget", "Completed", "Failed", "Ignored", "Outcome", "Partial", "new_rchan"}),
     "custom": frozenset({"CustomHandler", "DispatchHost", "HandlerSpec", "HandlerThreads"}),
@@ -63,7 +64,9 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     # The socket adapters' TLS listener, counting sockets from their TCP accept.
     "tls": frozenset({"CountedTLS"}),
     # TrustedProxies: what ServerConfig.forwarded_allow_ips is read as, for the endpoint.
-    "transport": frozenset({"ClientFrameHeaders", "MAX_PIPELINED", "NOT_UTF8", "PROCESS_RECEIVING",
+    "transport": frozenset({"ClientFrameHeaders", "FRAMES_PER_FEED_FLOOR", "MAX_PIPELINED", "NOT_UTF8",
+                            "PARSED_PER_TURN", "PROCESS_RECEIVING",
+                            "TurnShares",
                             "RECEIVING_ADDRESS_SHARES", "RECEIVING_SHARES",
                             "ReceivingBudget", "ReceivingCharge", "RequestHead", "TrustedProxies", "address_key",
                             "close_frame_error", "SupportsCork", "SupportsDisconnected", "SupportsPush",

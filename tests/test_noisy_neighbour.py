@@ -899,6 +899,23 @@ async def pong_flood(server: Server, out: Outcome) -> None:
                                                          duration=3.0)
 
 
+MANY = 64
+
+
+async def ping_flood_many(server: Server, out: Outcome) -> None:
+    """One client, many connections: ``MANY`` connections, each its own user, flood JSON pings
+    for 3 s as fast as the server reads them, reading (and dropping) every pong. Each is within
+    every bound of one connection; together they must not take more of each turn of the event
+    loop than one client's share (before, 64 shares: every turn held 1 to 2 s)."""
+    wires = [await server.wire(f"pinger{n}") for n in range(MANY)]
+    for wire in wires:
+        assert isinstance(wire, SocketWire)
+        wire.client.discard_input()
+    frame = '{"type":"ping","message":null}'
+    sent = await asyncio.gather(*(wire.flood(frame, count=1_000_000, duration=3.0) for wire in wires))
+    out.figures["pings_sent"] = sum(sent)
+
+
 async def reconnect_storm(server: Server, out: Outcome) -> None:
     """Four loops of one client connect, authenticate, read ``init`` and close, for 3 s."""
     assert server.port is not None
@@ -963,6 +980,7 @@ CASES: dict[str, Case] = {
     "fragment_flood": Case(fragment_flood, "6", SOCKETS, rss_bound=RSS_SLACK),
     "pong_flood": Case(pong_flood, "6", SOCKETS, rss_bound=RSS_SLACK),
     "reconnect_storm": Case(reconnect_storm, "4", SOCKETS),
+    "ping_flood_many": Case(ping_flood_many, "6", SOCKETS),
 }
 
 #: Cases that fail on the code before issue 10's fixes: strict, so a fix turns them into

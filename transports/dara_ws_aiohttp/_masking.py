@@ -106,9 +106,9 @@ class MaskedFramesOnly:
         held = headers.more  # the next share is already on its way
         good = headers.feed(data)
         if headers.refused is None:
-            if not good:  # a header cut short, held until the rest comes
-                return False, b""
-            fed: tuple[bool, bytes] = self._reader.feed_data(good)
+            # Nothing to parse: a header cut short (held until the rest comes), or its
+            # address's share of this turn already used (held for the next turn).
+            fed: tuple[bool, bytes] = self._reader.feed_data(good) if good else (False, b"")
             if headers.more and not held and self._handler is not None and not fed[0]:
                 feed_held_later(self)  # frames past a feed's share: the next turn
             return fed
