@@ -205,3 +205,16 @@ def test_the_revocation_check_benchmark_runs_at_tiny_size() -> None:
         assert set(figures) == {"heartbeat_cpu_ms", "heartbeat_loop_wait_ms", "check_cpu_ms",
                                 "check_loop_wait_ms"}
         assert float(figures["check_cpu_ms"]) > 0
+
+
+def test_the_fanout_instructions_harness_runs_at_tiny_size() -> None:
+    # Under callgrind it counts a k=1 fan-out's instructions per delivery; here only that it runs
+    # every picows server to the end with every connection kept (keepalive off in both).
+    for impl in ("ours-picows", "raw-picows"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.fanout_instructions", "--impl", impl, "--n", "12",
+             "--warmup", "2", "--m", "3"],
+            check=False, cwd=ROOT, capture_output=True, text=True, timeout=RUN_BOUND,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert proc.stdout.strip() == f"{impl}: 36 deliveries counted (divide the collected instructions by it)"
