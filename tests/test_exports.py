@@ -68,7 +68,7 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
                             "PARSED_PER_TURN", "PROCESS_RECEIVING",
                             "TurnShares",
                             # For adapters: asyncio protocols that read into one buffer.
-                            "READ_BUFFER", "SharedBufferReads",
+                            "READ_BUFFER_SIZE", "SharedBufferReads",
                             "RECEIVING_ADDRESS_SHARES", "RECEIVING_SHARES",
                             "ReceivingBudget", "ReceivingCharge", "RequestHead", "TrustedProxies", "address_key",
                             "close_frame_error", "SupportsCork", "SupportsDisconnected", "SupportsPush",

@@ -5,8 +5,8 @@ take from the top of the heap and give back to the system after every read: a pa
 calls and fresh page faults per read, from one start of the process to the next (11.5k against
 17.5k replies a second, same code, closed loop). The protocols of the websockets adapter, of
 aiohttp (under ``serve`` and behind ``add_route`` in an application's own server) and of a hooked
-uvicorn are ``SharedBufferReads``: ``BufferedProtocol``s reading into one buffer for the process
-(``READ_BUFFER``). These tests look at what the server read, and how, on real sockets. picows
+uvicorn are ``SharedBufferReads``: ``BufferedProtocol``s reading into one buffer for each thread
+(of ``READ_BUFFER_SIZE``). These tests look at what the server read, and how, on real sockets. picows
 reads into a buffer of its own, and so does uvloop (one per loop), which calls a protocol's
 ``data_received`` whenever it has one: there, the shared buffer is never read into."""
 
@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 
 from dara_ws_core import Endpoint, ServerConfig, WebsocketManager, token_authenticator
-from dara_ws_core.transport import READ_BUFFER, SharedBufferReads
+from dara_ws_core.transport import READ_BUFFER_SIZE, SharedBufferReads
 from tests.hostile import TEXT, encode_frame, open_channel
 from tests.stacks import hooked_uvicorn, verify_token
 from tests.transports.test_tls import _endpoint, _tls_round_trip, _tls_server, certificate
@@ -115,7 +115,7 @@ async def test_a_large_message_arrives_whole_through_the_shared_buffer(name: str
     # A message bigger than the buffer takes several reads into the same buffer, each copied out
     # before the next, while other connections read into it too: what the handler gets is the
     # message sent, byte for byte, and the others are answered.
-    assert len(READ_BUFFER) < 3 * ASYNCIO_READ
+    assert READ_BUFFER_SIZE < 3 * ASYNCIO_READ
     text = "".join(chr(0x41 + i % 26) for i in range(3 * ASYNCIO_READ))
     manager = WebsocketManager(ServerConfig())
     got: asyncio.Future[str] = asyncio.get_running_loop().create_future()

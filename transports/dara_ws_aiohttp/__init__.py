@@ -269,7 +269,7 @@ class _UpgradeHandler(RequestHandler, SharedBufferReads):
     (:meth:`MaskedFramesOnly.end_of_stream`), and aiohttp closes the socket once the WebSocket is
     done (``close()``: no request after this one). Any other request ends as aiohttp ends it.
     The same slots as aiohttp's class, whose reads it keeps as they are, but for where they go:
-    one buffer for the process (:class:`~dara_ws_core.transport.SharedBufferReads`)."""
+    one buffer for each thread (:class:`~dara_ws_core.transport.SharedBufferReads`)."""
 
     __slots__ = ()
 

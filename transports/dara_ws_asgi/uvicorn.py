@@ -351,7 +351,7 @@ def _protocols(handshake_timeout: float, close_timeout: float) -> tuple[dict[typ
       that an idle connection keeps no copy of the last large message it received. A close
       between the fragments of a message (RFC 6455 5.4 lets control frames come there) is
       answered with its code, as on every transport: websockets failed it with 1002.
-    * Reads, both protocols': into one buffer for the process
+    * Reads, both protocols': into one buffer for each thread
       (:class:`~dara_ws_core.transport.SharedBufferReads`), not a 256 KiB object each.
     * Logs: uvicorn's warning for each request it cannot parse or upgrade is rate-limited
       (:data:`_INVALID_REQUESTS`, filtered once on ``uvicorn.error``); a text message that is

@@ -290,7 +290,7 @@ class _ServerConnection(ServerConnection, SharedBufferReads):
     And hands text messages to the transport waiting in ``receive_pushed`` (``dara_push``), from
     ``data_received``, instead of buffering them for ``recv()`` and waking the receive loop.
 
-    Reads go through one buffer for the process (:class:`~dara_ws_core.transport.SharedBufferReads`)."""
+    Reads go through one buffer for each thread (:class:`~dara_ws_core.transport.SharedBufferReads`)."""
 
     # Slots, not attributes in the instance dict: websockets' connection sets 27 attributes,
     # which its connections keep in a dict sharing its keys with every other connection (about
