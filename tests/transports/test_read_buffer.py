@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ from aiohttp import web
 
 from dara_ws_core import Endpoint, ServerConfig, WebsocketManager, token_authenticator
 from dara_ws_core.transport import READ_BUFFER_SIZE, SharedBufferReads
-from tests.hostile import TEXT, encode_frame, open_channel
+from tests.helpers import eventually
+from tests.hostile import TEXT, TOKEN_PATH, HostileClient, encode_frame, open_channel
 from tests.stacks import hooked_uvicorn, verify_token
 from tests.transports.test_tls import _endpoint, _tls_round_trip, _tls_server, certificate
 
@@ -142,3 +144,51 @@ async def test_tls_reads_go_through_the_shared_buffer(
         await _tls_round_trip(port, certificate, endpoint)
         assert not reads if on_uvloop() else reads
 
+
+
+#: Messages each client of :func:`test_servers_in_two_threads_each_read_their_own_bytes` sends.
+THREADED_MESSAGES = 40
+
+
+@pytest.mark.parametrize("name", SERVERS)
+def test_servers_in_two_threads_each_read_their_own_bytes(name: str) -> None:
+    # Two servers, each on an event loop of its own thread (a test suite's, an application's
+    # embedded one): a read of one and a read of the other may run at once (recv_into lets the
+    # GIL go), and they must not share the buffer they read into: with one for the process, one
+    # read into it while the other copied its bytes out, and a client's frames reached the other
+    # server's connections (1002 "invalid opcode", or another client's data handed to a handler).
+    outcomes: dict[str, Any] = {}
+
+    async def serve_and_send(letter: str, local: str) -> None:
+        data = letter * 60_000
+        seen: list[bool] = []
+        manager = WebsocketManager(ServerConfig())
+        manager.add_ws_handler("check", lambda channel, got: seen.append(got == data))
+        async with served(name, manager) as port:
+            frame = encode_frame(TEXT, json.dumps({"type": "custom", "message": {"kind": "check", "data": data}}))
+            clients = []
+            for _ in range(3):
+                client = await HostileClient.open(port, local=local)
+                assert (await client.handshake(TOKEN_PATH)).status == 101
+                assert json.loads((await client.read_frame()).text)["type"] == "init"
+                clients.append(client)
+            for _ in range(THREADED_MESSAGES):
+                for client in clients:
+                    client.write(frame)
+            # Every message handled, or a connection the server closed: it read bytes not its own.
+            await eventually(lambda: len(seen) == 3 * THREADED_MESSAGES or any(c.ended_by_server for c in clients),
+                             "every message handled, or a connection closed", 30)
+            closes = [await c.read_close(1) if c.ended_by_server else None for c in clients]
+            for client in clients:
+                await client.close()
+        outcomes[letter] = (seen.count(True), seen.count(False), closes)
+
+    threads = [threading.Thread(target=asyncio.run, args=(serve_and_send(letter, local),))
+               for letter, local in (("a", "127.0.0.2"), ("b", "127.0.0.3"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)
+    expected = (3 * THREADED_MESSAGES, 0, [None, None, None])
+    assert outcomes == {"a": expected, "b": expected}
