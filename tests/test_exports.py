@@ -67,6 +67,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "transport": frozenset({"ClientFrameHeaders", "FRAMES_PER_FEED_FLOOR", "MAX_PIPELINED", "NOT_UTF8",
                             "PARSED_PER_TURN", "PROCESS_RECEIVING",
                             "TurnShares",
+                            # For adapters: asyncio protocols that read into one buffer.
+                            "READ_BUFFER_SIZE", "SharedBufferReads",
                             "RECEIVING_ADDRESS_SHARES", "RECEIVING_SHARES",
                             "ReceivingBudget", "ReceivingCharge", "RequestHead", "TrustedProxies", "address_key",
                             "close_frame_error", "SupportsCork", "SupportsDisconnected", "SupportsPush",

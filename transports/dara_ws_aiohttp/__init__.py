@@ -38,7 +38,7 @@ from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, Evict, host_
 from dara_ws_core.exceptions import AuthenticationFailed
 from dara_ws_core.logs import RepeatedRecords
 from dara_ws_core.tls import CountedTLS
-from dara_ws_core.transport import HandshakeRequest, Server
+from dara_ws_core.transport import HandshakeRequest, Server, SharedBufferReads
 from dara_ws_core.upgrade import (
     UNPARSABLE,
     Refusal,
@@ -77,6 +77,9 @@ def _add_route(app: web.Application, endpoint: Endpoint, path: str, *, any_targe
         protocol: Any = request.protocol
         if type(protocol) is RequestHandler:  # an application of the caller's (see _UpgradeHandler)
             protocol.__class__ = _UpgradeHandler
+            transport = request.transport
+            if transport is not None and not transport.is_closing():
+                transport.set_protocol(protocol)  # reads into the shared buffer from now on
         counted = _accepted.get(protocol)
         if counted is not None and counted[0] is endpoint:
             # serve() counted the socket from its accept (_count_sockets): its request is whole.
@@ -257,7 +260,7 @@ def _count_sockets(server: web.Server, endpoint: Endpoint) -> None:
 _lines: dict[Any, RequestLine] = {}
 
 
-class _UpgradeHandler(RequestHandler):
+class _UpgradeHandler(RequestHandler, SharedBufferReads):
     """aiohttp's protocol, still answering a peer that ended its stream (a half-close) behind an
     upgrade request or frames: aiohttp closes the socket at the end of stream, so that a request
     being answered got nothing (not even the 101), and frames already read got no answer (their
@@ -265,7 +268,8 @@ class _UpgradeHandler(RequestHandler):
     answers; the WebSocket's reader gets the end of stream after every frame before it
     (:meth:`MaskedFramesOnly.end_of_stream`), and aiohttp closes the socket once the WebSocket is
     done (``close()``: no request after this one). Any other request ends as aiohttp ends it.
-    The same slots as aiohttp's class, whose reads it keeps as they are."""
+    The same slots as aiohttp's class, whose reads it keeps as they are, but for where they go:
+    one buffer for each thread (:class:`~dara_ws_core.transport.SharedBufferReads`)."""
 
     __slots__ = ()
 

@@ -35,6 +35,7 @@ from dara_ws_core.transport import (
     ReceivingCharge,
     RequestHead,
     Server,
+    SharedBufferReads,
     end_after_held,
     feed_held_later,
     held_behind_request,
@@ -163,7 +164,7 @@ class _UpgradeParser:
 def _bounded_http(base: type[Any], handshake_timeout: float) -> type[Any]:
     """``base``, uvicorn's h11 or httptools protocol (the same shape), with the HTTP bounds of
     :func:`_uvicorn_protocols`."""
-    class HTTPProtocol(base):  # type: ignore[misc]
+    class HTTPProtocol(base, SharedBufferReads):  # type: ignore[misc]
         _handshake_timer: asyncio.TimerHandle | None = None
         #: The slots this socket holds from its accept (see _SocketSlots), or None.
         _dara_slots: _SocketSlots | None = None
@@ -212,13 +213,13 @@ def _bounded_http(base: type[Any], handshake_timeout: float) -> type[Any]:
                 return parser.behind
             return bytes(self.conn.trailing_data[0])  # h11's buffer: what it has not parsed
 
-        def connection_made(self, transport: asyncio.Transport) -> None:
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
             endpoints = _served.get(self.server_state)
             if endpoints:
                 self._dara_slots = slots = _SocketSlots(endpoints, host_of(self.client), self._evict)
                 if Admission.DROP in slots.admissions:
-                    transport.abort()
+                    cast(asyncio.Transport, transport).abort()
                     return
             self._arm_handshake_timer()
 
@@ -350,6 +351,8 @@ def _protocols(handshake_timeout: float, close_timeout: float) -> tuple[dict[typ
       that an idle connection keeps no copy of the last large message it received. A close
       between the fragments of a message (RFC 6455 5.4 lets control frames come there) is
       answered with its code, as on every transport: websockets failed it with 1002.
+    * Reads, both protocols': into one buffer for each thread
+      (:class:`~dara_ws_core.transport.SharedBufferReads`), not a 256 KiB object each.
     * Logs: uvicorn's warning for each request it cannot parse or upgrade is rate-limited
       (:data:`_INVALID_REQUESTS`, filtered once on ``uvicorn.error``); a text message that is
       not UTF-8 closes the connection with 1007 without uvicorn's ERROR and traceback.
@@ -381,7 +384,7 @@ def _protocols(handshake_timeout: float, close_timeout: float) -> tuple[dict[typ
         bases.append(HttpToolsProtocol)
     http = {base: _bounded_http(base, handshake_timeout) for base in bases}
 
-    class WebSocketProtocol(_CountedWebSocket, WebSocketsSansIOProtocol):
+    class WebSocketProtocol(_CountedWebSocket, WebSocketsSansIOProtocol, SharedBufferReads):
         #: The client's frame headers, followed once the connection is open: websockets takes
         #: payload lengths in any form, which RFC 6455 5.2 does not (1002 on every transport).
         dara_frames: ClientFrameHeaders | None = None
@@ -702,9 +705,10 @@ def hook_uvicorn(endpoint: Endpoint, server: uvicorn.Server | None = None) -> bo
         endpoint.config.handshake_timeout, endpoint.config.close_timeout)
     if (bounded := http.get(getattr(config, "http_protocol_class", None))) is not None:  # type: ignore[arg-type]
         config.http_protocol_class = bounded
-    # uvicorn's websockets-sansio, the last base of the bounded one (its first, the slots mixin,
-    # is no uvicorn class: compared with it, no server was ever given the bounded protocol).
-    if getattr(config, "ws_protocol_class", None) is ws.__bases__[-1]:
+    # uvicorn's websockets-sansio, the second base of the bounded one (its first, the slots
+    # mixin, and its last, the reads, are no uvicorn class: compared with either, no server
+    # was ever given the bounded protocol).
+    if getattr(config, "ws_protocol_class", None) is ws.__bases__[1]:
         config.ws_protocol_class = ws
     context = getattr(config, "ssl", None)  # made by Config.load(), before the lifespan runs
     if isinstance(context, _ssl.SSLContext):

@@ -53,6 +53,7 @@ from dara_ws_core.transport import (
     ReceivingCharge,
     RequestHead,
     Server,
+    SharedBufferReads,
     end_after_held,
     feed_held_later,
     held_behind_request,
@@ -281,20 +282,7 @@ class _ServerProtocol(ServerProtocol):
         super().recv_frame(frame)
 
 
-#: The read buffer of every connection of the process. asyncio reads a socket into it (the
-#: connection is a ``BufferedProtocol``) and the connection copies out what arrived, at once:
-#: a read then allocates the bytes read, not the 256 KiB object asyncio's own reads allocate
-#: each time (``max_size``). glibc serves a request that size from the top of the heap and,
-#: once it is freed, gives it back to the system: two system calls and fresh page faults per
-#: read, which took a third of the server's time in a closed loop of small requests, or none of
-#: it, depending on what the process had allocated before (a reproducible 11.5k against 17.5k
-#: replies/s between two starts of the same code). Shared, since asyncio reads into it and
-#: hands the count over in one synchronous step (``get_buffer``, ``recv_into``,
-#: ``buffer_updated``: the selector loop's, uvloop's and TLS's reads alike).
-_READ_BUFFER = memoryview(bytearray(256 * 1024))
-
-
-class _ServerConnection(ServerConnection, asyncio.BufferedProtocol):
+class _ServerConnection(ServerConnection, SharedBufferReads):
     """Stops reading while the write buffer is over ``_PAUSE_READING_ABOVE``: websockets answers
     every ping with a pong written without flow control, so a peer that floods pings and reads
     nothing would grow the buffer without bound. Reading resumes once the buffer drains.
@@ -302,7 +290,7 @@ class _ServerConnection(ServerConnection, asyncio.BufferedProtocol):
     And hands text messages to the transport waiting in ``receive_pushed`` (``dara_push``), from
     ``data_received``, instead of buffering them for ``recv()`` and waking the receive loop.
 
-    Reads go through one buffer for the process (:data:`_READ_BUFFER`)."""
+    Reads go through one buffer for each thread (:class:`~dara_ws_core.transport.SharedBufferReads`)."""
 
     # Slots, not attributes in the instance dict: websockets' connection sets 27 attributes,
     # which its connections keep in a dict sharing its keys with every other connection (about
@@ -423,12 +411,6 @@ class _ServerConnection(ServerConnection, asyncio.BufferedProtocol):
         target = self.dara_push
         if target is not None:  # recv() raises the connection's ConnectionClosed
             target._stop(False)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return _READ_BUFFER
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(bytes(_READ_BUFFER[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         # websockets takes payload lengths in any form; RFC 6455 5.2 wants the shortest, and a
