@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from dara_ws_core import Endpoint, ServerConfig, WebsocketManager, token_authenticator
+from dara_ws_core import DaraClient, Endpoint, ServerConfig, WebsocketManager, token_authenticator
 from dara_ws_core.transport import READ_BUFFER_SIZE, SharedBufferReads
 from tests.helpers import eventually
 from tests.hostile import TEXT, TOKEN_PATH, HostileClient, encode_frame, open_channel
@@ -192,3 +192,18 @@ def test_servers_in_two_threads_each_read_their_own_bytes(name: str) -> None:
     assert not any(thread.is_alive() for thread in threads)
     expected = (3 * THREADED_MESSAGES, 0, [None, None, None])
     assert outcomes == {"a": expected, "b": expected}
+
+
+async def test_the_websockets_client_reads_through_the_shared_buffer(reads: list[int]) -> None:
+    # dara_ws_websockets.connect's connection reads the same way (served here by picows, whose
+    # reads do not go through this buffer: every read counted is the client's).
+    import dara_ws_picows
+    from dara_ws_websockets import connect
+
+    manager = WebsocketManager(ServerConfig())
+    manager.add_ws_handler("echo", lambda channel, data: data)
+    endpoint = Endpoint(manager, token_authenticator(verify_token))
+    async with (dara_ws_picows.serve(endpoint, "127.0.0.1", 0) as server, asyncio.timeout(10),
+                DaraClient(lambda: connect(f"{server.url}?token=alice:s1"), ping_interval=None) as client):
+        assert await client.request("echo", "x" * 10_000) == "x" * 10_000
+    assert not reads if on_uvloop() else sum(reads) > 10_000

@@ -656,7 +656,8 @@ async def connect(
     # support), half a MiB that a server process never needs.
     from websockets.asyncio.client import connect as ws_connect
 
-    options: dict[str, Any] = {"max_size": max_size, "compression": None, "ping_interval": None}
+    options: dict[str, Any] = {"max_size": max_size, "compression": None, "ping_interval": None,
+                               "create_connection": _client_connection()}
     options.update(kwargs)
     try:
         ws: ClientConnection = await ws_connect(url, additional_headers=headers, **options)
@@ -665,6 +666,19 @@ async def connect(
             raise AuthenticationFailed(f"handshake rejected: HTTP {exc.response.status_code}") from exc
         raise
     return WebsocketsTransport(ws)
+
+
+@functools.cache
+def _client_connection() -> type[ClientConnection]:
+    """websockets' client connection, reading into the thread's buffer as the server's does
+    (:class:`~dara_ws_core.transport.SharedBufferReads`): asyncio would allocate 256 KiB per read.
+    Built at the first :func:`connect`, which imports the client side."""
+    from websockets.asyncio.client import ClientConnection as Base
+
+    class _ClientConnection(Base, SharedBufferReads):
+        __slots__ = ()
+
+    return _ClientConnection
 
 
 def port_of(server: Server[WsServer] | WsServer) -> int:
