@@ -12,8 +12,8 @@ user space for it (its event loop's iterations included), none of the client's. 
 the measured round trips' p50 and the CPU time per round trip of the server (user, system) and of
 the client process (from /proc). ``--strace`` traces the server's system calls during the
 measured round trips (``strace -c -f``: totals, divide by m), ``--cprofile PATH`` profiles them.
-``--impl exp:/path/file.py:Class`` serves any ``benchmarks.server.Impl`` subclass (an
-experiment, such as a floor server that does nothing but answer). Environment: ``RT_CONFIG``
+``--impl floor`` serves :class:`Floor`, a server that does no work; ``--impl
+exp:/path/file.py:Class`` any other ``benchmarks.server.Impl`` subclass (an experiment). Environment: ``RT_CONFIG``
 (JSON for the implementation's config), ``RT_CLIENT_CPUS`` (``taskset -c`` list for the
 client), ``RT_CLIENT_STRACE`` (a path: the client's system calls, ``strace -c``).
 """
@@ -24,17 +24,85 @@ __all__ = ["main"]
 
 import argparse
 import asyncio
+import base64
 import functools
+import hashlib
 import json
 import os
 import resource
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 from .procs import ROOT, loop_factory
-from .server import IMPLS
+from .server import IMPLS, Impl
+
+#: The WebSocket handshake's GUID (RFC 6455 section 1.3).
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+class Floor(Impl):
+    """``--impl floor``: a server that does no work, to see what a round trip costs without one.
+    An asyncio ``BufferedProtocol`` (reading into one buffer, as the adapters do) that answers
+    the upgrade, sends the ``init`` frame, and per request writes one prebuilt frame and
+    completes one future on whatever arrives next: no frame parsing, no JSON, no checks. Not a
+    server to use: only the lean client on 127.0.0.1 talks to it."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.conns: list[asyncio.Transport] = []
+        self.reply: asyncio.Future[None] | None = None
+        self.frame = b""
+
+    async def start(self) -> int:
+        bench = self
+        view = memoryview(bytearray(64 * 1024))
+        request = b'{"type":"message","message":{"q":1,"__rchan":"x"}}'
+        bench.frame = bytes((0x81, len(request))) + request
+
+        class Protocol(asyncio.BufferedProtocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.transport = cast(asyncio.Transport, transport)  # (uvloop's is no subclass)
+                self.head: bytes | None = b""
+
+            def get_buffer(self, sizehint: int) -> memoryview:
+                return view
+
+            def buffer_updated(self, nbytes: int) -> None:
+                if self.head is not None:  # the upgrade request
+                    self.head += view[:nbytes]
+                    head = self.head
+                    if b"\r\n\r\n" not in head:
+                        return
+                    key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"sec-websocket-key:"))
+                    accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
+                    init = b'{"type":"init","message":{"channel":"c"}}'
+                    self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                         b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept
+                                         + b"\r\n\r\n" + bytes((0x81, len(init))) + init)
+                    self.head = None
+                    bench.conns.append(self.transport)
+                    return
+                reply = bench.reply
+                if reply is not None and not reply.done():
+                    reply.set_result(None)
+
+        self.server = await asyncio.get_running_loop().create_server(Protocol, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def stop(self) -> None:
+        self.server.close()
+
+    def conn_count(self) -> int:
+        return len(self.conns)
+
+    async def ask(self) -> Any:
+        self.reply = reply = asyncio.get_running_loop().create_future()
+        self.conns[0].write(self.frame)
+        await reply
 
 
 def _proc_cpu(pid: int) -> tuple[float, float]:
@@ -59,7 +127,7 @@ async def _start(impl_name: str) -> tuple[Any, asyncio.subprocess.Process]:
         spec.loader.exec_module(module)
         factory = getattr(module, cls)
     else:
-        factory = IMPLS[impl_name]
+        factory = Floor if impl_name == "floor" else IMPLS[impl_name]
     impl = factory(json.loads(os.environ.get("RT_CONFIG", "{}")))
     port = await impl.start()
     pin = os.environ.get("RT_CLIENT_CPUS")
