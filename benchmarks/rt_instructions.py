@@ -51,7 +51,7 @@ class Floor(Impl):
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
-        self.conns: list[asyncio.Transport] = []
+        self.conn: asyncio.Transport | None = None  # the one connection (the answering client)
         self.reply: asyncio.Future[None] | None = None
         self.frame = b""
 
@@ -83,25 +83,25 @@ class Floor(Impl):
                                          b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept
                                          + b"\r\n\r\n" + bytes((0x81, len(init))) + init)
                     self.head = None
-                    bench.conns.append(self.transport)
+                    bench.conn = self.transport
                     return
                 reply = bench.reply
                 if reply is not None and not reply.done():
                     reply.set_result(None)
 
         self.server = await asyncio.get_running_loop().create_server(Protocol, "127.0.0.1", 0)
-        port: int = self.server.sockets[0].getsockname()[1]
-        return port
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def conn_count(self) -> int:
+        return 0 if self.conn is None else 1
 
     async def stop(self) -> None:
         self.server.close()
 
-    def conn_count(self) -> int:
-        return len(self.conns)
-
     async def ask(self) -> Any:
         self.reply = reply = asyncio.get_running_loop().create_future()
-        self.conns[0].write(self.frame)
+        assert self.conn is not None
+        self.conn.write(self.frame)
         await reply
 
 
