@@ -1,7 +1,7 @@
 """A client load process: ``python -m benchmarks.client --proto dara|sio --mode MODE ...``.
 
 The clients are lean on purpose (:mod:`benchmarks.leanws`, a minimal RFC 6455 client that handles
-each frame inside ``data_received``) and speak the wire directly: ``shared/protocol.md`` for
+each frame where it was read) and speak the wire directly: ``shared/protocol.md`` for
 ``dara``, Engine.IO 4 / Socket.IO 5 text packets for ``sio``. So the client side costs the same, and
 as little as possible, whichever server is measured; ``raw`` and ``ours`` speak the same Dara wire
 and get byte-for-byte the same client.

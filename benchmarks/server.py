@@ -454,7 +454,8 @@ class RawPicows(Impl):
         self.server = await ws_create_server(
             factory, "127.0.0.1", 0, max_frame_size=16 * MiB, backlog=4096,
             enable_auto_ping=bool(self.config.get("auto_ping", True)),  # (off: fanout_instructions)
-            auto_ping_idle_timeout=20, auto_ping_reply_timeout=20, use_aiofastnet=False,
+            auto_ping_idle_timeout=20, auto_ping_reply_timeout=20,
+            use_aiofastnet=bool(self.config.get("aiofastnet", False)),
         )
         port: int = self.server.sockets[0].getsockname()[1]
         return port

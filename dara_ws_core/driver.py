@@ -299,14 +299,14 @@ class ConnectionDriver:
         if supports(transport, SupportsPush):
             self._context = contextvars.copy_context()  # current_channel and current_identity
         address = self._address
-        shares = HANDLED_PER_TURN
+        shares, loop = HANDLED_PER_TURN, self._loop
         granted = 0  # messages it may still handle from the place it waited for
         try:
             while self._closed is None:
                 if address is not None:
                     if granted:
                         granted -= 1
-                    elif not shares.left(address):
+                    elif not shares.left_on(loop, address):
                         # Its address's connections handled their share of this turn: it waits
                         # for its place, behind the others of its address already waiting.
                         await shares.wait(address)
@@ -331,7 +331,7 @@ class ConnectionDriver:
                     break
                 if frame is not None:
                     if address is not None:  # (a pushed message is counted by _pushed)
-                        HANDLED_PER_TURN.spend(address, 1)
+                        shares.spend_on(loop, address, 1)
                     if self._context is None:
                         pending = handler.receive_frame(frame, self._clock())
                     else:  # the context pushed messages are handled in (what a handler set)
@@ -392,13 +392,14 @@ class ConnectionDriver:
             self._held = exc
             return False
         address = self._address
-        if address is not None:
-            HANDLED_PER_TURN.spend(address, 1)
+        # (Counted on the driver's loop, the running one: no look-up of it, see left_on.)
+        if address is not None and HANDLED_PER_TURN.spend_on(self._loop, address, 1) <= 0:
+            if pending is not None:
+                self._held = pending
+            return False  # its address's share of this turn is used: the loop waits for its place
         if pending is not None:
             self._held = pending
             return False
-        if address is not None and not HANDLED_PER_TURN.left(address):
-            return False  # its address's share of this turn is used: the loop waits for its place
         # The loop runs while this connection's fan-outs are past readers' bounds (owe): one
         # message per iteration, held back once over its share.
         return self._closed is None and self._owed is None

@@ -423,7 +423,8 @@ class TurnShares:
     and every other client's pushes waited a second or more for each turn. With it, one address
     adds about ``share`` to a turn however many connections it has.
 
-    :meth:`left` and :meth:`spend` count (``address`` ``None``: not counted, nothing left out);
+    :meth:`left` and :meth:`spend` count (``address`` ``None``: not counted, nothing left out;
+    :meth:`left_on` and :meth:`spend_on` for a non-``None`` address, given the running loop);
     the first :meth:`spend` of a turn asks the running loop to call :meth:`new_turn` at the start
     of the next one (:attr:`turn` counts them). Without a running loop nothing is counted. A
     connection of an address that has used its share may :meth:`wait` for its place: the waiting
@@ -450,6 +451,24 @@ class TurnShares:
         if self._loop is not asyncio._get_running_loop():
             return self.share
         return max(0, self.share - self.used.get(address, 0))
+
+    def left_on(self, loop: asyncio.AbstractEventLoop, address: Hashable) -> int:
+        """:meth:`left` for a caller that knows the running loop, ``loop``: on Python 3.11
+        every look-up of the running loop is a ``getpid()`` system call (its check for a
+        fork), two per message handled with :meth:`left` and :meth:`spend`."""
+        if self._loop is not loop:
+            return self.share
+        left = self.share - self.used.get(address, 0)
+        return left if left > 0 else 0  # (max() parses keywords: some 700 instructions)
+
+    def spend_on(self, loop: asyncio.AbstractEventLoop, address: Hashable, amount: int) -> int:
+        """:meth:`spend` on ``loop``, the running loop (see :meth:`left_on`); then what the
+        connections of ``address`` may still use in this turn (zero or less: nothing)."""
+        if self._loop is not loop:
+            self._begin(loop)
+        used = self.used
+        spent = used[address] = used.get(address, 0) + amount
+        return self.share - spent
 
     def _begin(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._loop is not loop:  # the first of a turn (or of another loop: nothing carried over)
@@ -533,13 +552,14 @@ class ClientFrameHeaders:
     handed over at once it held the event loop for a second or more, every connection with it.
     """
 
-    __slots__ = ("_above", "_head", "_last", "_skip", "charge", "ended", "more", "refused", "refused_code")
+    __slots__ = ("_above", "_head", "_last", "_loop", "_skip", "charge", "ended", "more", "refused", "refused_code")
 
     def __init__(self, charge: ReceivingCharge | None = None) -> None:
         self._head = b""  # the start of a frame header split across reads
         self._skip = 0  # payload bytes (and mask key) of the current frame still to come
         self._last = False  # the counted message's final frame has begun
         self._above = 0x80  # 0x100 while the message in progress holds bytes of the charge
+        self._loop: asyncio.AbstractEventLoop | None = None  # the connection's, from its first count
         #: The budget the bytes of messages in progress are counted in (None: not counted).
         self.charge = charge
         #: Why the stream was refused, once it is: nothing after it is parsed.
@@ -569,8 +589,13 @@ class ClientFrameHeaders:
         address = None if charge is None else charge.address
         # This feed's share: FRAMES_PER_FEED, and no more than its client address has left of
         # its share of this turn (PARSED_PER_TURN), whatever its other connections.
-        share = FRAMES_PER_FEED if address is None else max(FRAMES_PER_FEED_FLOOR, min(
-            FRAMES_PER_FEED, PARSED_PER_TURN.left(address)))
+        # The connection's loop, looked up once (see TurnShares.left_on); none outside a loop.
+        loop = None if address is None else self._loop or self._running_loop()
+        share = FRAMES_PER_FEED
+        if loop is not None:
+            left = PARSED_PER_TURN.left_on(loop, address)
+            if left < FRAMES_PER_FEED:
+                share = left if left > FRAMES_PER_FEED_FLOOR else FRAMES_PER_FEED_FLOOR
         count = 0  # counted up: a small int costs no allocation
         while pos + 2 <= end:
             if count == share:  # this feed's share: the frames after it wait for the next
@@ -602,8 +627,8 @@ class ClientFrameHeaders:
                     return self._refuse(buf, pos - size - 4 - length,
                                         "messages being received exceed their budget", 1009)
                 above = self._above
-        if address is not None:
-            PARSED_PER_TURN.spend(address, count)
+        if loop is not None and count:
+            PARSED_PER_TURN.spend_on(loop, address, count)
         if above > 0x80 and self._last and pos <= end:  # the counted message's final frame is all here
             self._give_back()
         if pos < end:  # a header cut short (held until the rest comes), or frames past the share
@@ -614,6 +639,10 @@ class ClientFrameHeaders:
             self.more = False
         self._head, self._skip = b"", pos - end
         return buf
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop | None:
+        self._loop = loop = asyncio._get_running_loop()
+        return loop
 
     def _count(self, first: int, unfinished: bool, length: int) -> bool:
         """Count a frame (header byte ``first``, ``length`` payload bytes, going on past the

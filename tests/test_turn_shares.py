@@ -56,6 +56,26 @@ async def test_an_address_uses_its_share_of_a_turn_and_has_it_again_the_next() -
     assert (shares.left("a"), shares.left("b")) == (10, 10) and not shares.used
 
 
+async def test_the_counts_given_the_running_loop_are_the_same_counts() -> None:
+    """left_on / spend_on (the driver's and the frame headers' way: the loop they already know,
+    not a look-up of it, which is a getpid() system call on Python 3.11) count in the same turn
+    as left / spend, and a turn begun on another loop carries nothing over."""
+    shares = TurnShares(10)
+    loop = asyncio.get_running_loop()
+    assert shares.left_on(loop, "a") == 10
+    assert shares.spend_on(loop, "a", 7) == 3
+    shares.spend("a", 2)
+    assert shares.left_on(loop, "a") == shares.left("a") == 1
+    assert shares.spend_on(loop, "a", 4) == -3 and shares.left_on(loop, "a") == 0
+    other = asyncio.new_event_loop()
+    try:
+        assert shares.left_on(other, "a") == 10  # no turn of that loop has begun
+    finally:
+        other.close()
+    await asyncio.sleep(0)  # the next turn
+    assert shares.left_on(loop, "a") == 10 and not shares.used
+
+
 def _pings(count: int) -> bytes:
     return encode_frame(TEXT, '{"type":"ping","message":null}', mask_key=b"abcd") * count
 
