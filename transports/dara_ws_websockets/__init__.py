@@ -15,6 +15,7 @@ __all__ = ["Server", "WebsocketsTransport", "connect", "serve"]
 import asyncio
 import functools
 import inspect
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from http import HTTPStatus
@@ -281,17 +282,21 @@ class _ServerProtocol(ServerProtocol):
         super().recv_frame(frame)
 
 
-#: The read buffer of every connection of the process. asyncio reads a socket into it (the
-#: connection is a ``BufferedProtocol``) and the connection copies out what arrived, at once:
-#: a read then allocates the bytes read, not the 256 KiB object asyncio's own reads allocate
-#: each time (``max_size``). glibc serves a request that size from the top of the heap and,
-#: once it is freed, gives it back to the system: two system calls and fresh page faults per
-#: read, which took a third of the server's time in a closed loop of small requests, or none of
-#: it, depending on what the process had allocated before (a reproducible 11.5k against 17.5k
-#: replies/s between two starts of the same code). Shared, since asyncio reads into it and
-#: hands the count over in one synchronous step (``get_buffer``, ``recv_into``,
-#: ``buffer_updated``: the selector loop's, uvloop's and TLS's reads alike).
-_READ_BUFFER = memoryview(bytearray(256 * 1024))
+#: The read buffer of every connection of a thread (its event loop's), of this size. asyncio
+#: reads a socket into it (the connection is a ``BufferedProtocol``) and the connection copies
+#: out what arrived, at once: a read then allocates the bytes read, not the 256 KiB object
+#: asyncio's own reads allocate each time (``max_size``). glibc serves a request that size from
+#: the top of the heap and, once it is freed, gives it back to the system: two system calls and
+#: fresh page faults per read, which took a third of the server's time in a closed loop of small
+#: requests, or none of it, depending on what the process had allocated before (a reproducible
+#: 11.5k against 17.5k replies/s between two starts of the same code). Shared by a loop's
+#: connections, since asyncio reads into it and hands the count over in one synchronous step
+#: (``get_buffer``, ``recv_into``, ``buffer_updated``: the selector loop's, uvloop's and TLS's
+#: reads alike); not by two loops' (servers in two threads), whose reads run at the same time
+#: (``recv_into`` lets the GIL go): one for the process had a read of one written over by the
+#: other's before it was copied out, and a client's bytes reach another server's connections.
+_READ_BUFFER_SIZE = 256 * 1024
+_READ_BUFFERS = threading.local()  # .buffer: this thread's
 
 
 class _ServerConnection(ServerConnection, asyncio.BufferedProtocol):
@@ -302,7 +307,7 @@ class _ServerConnection(ServerConnection, asyncio.BufferedProtocol):
     And hands text messages to the transport waiting in ``receive_pushed`` (``dara_push``), from
     ``data_received``, instead of buffering them for ``recv()`` and waking the receive loop.
 
-    Reads go through one buffer for the process (:data:`_READ_BUFFER`)."""
+    Reads go through one buffer for each thread (:data:`_READ_BUFFER_SIZE`)."""
 
     # Slots, not attributes in the instance dict: websockets' connection sets 27 attributes,
     # which its connections keep in a dict sharing its keys with every other connection (about
@@ -425,10 +430,15 @@ class _ServerConnection(ServerConnection, asyncio.BufferedProtocol):
             target._stop(False)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _READ_BUFFER
+        try:
+            return _READ_BUFFERS.buffer  # type: ignore[no-any-return]
+        except AttributeError:  # this thread's first read
+            buffer = _READ_BUFFERS.buffer = memoryview(bytearray(_READ_BUFFER_SIZE))
+            return buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(bytes(_READ_BUFFER[:nbytes]))
+        # (In the thread whose get_buffer it follows: the same buffer.)
+        self.data_received(bytes(_READ_BUFFERS.buffer[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         # websockets takes payload lengths in any form; RFC 6455 5.2 wants the shortest, and a
