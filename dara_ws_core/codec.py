@@ -276,9 +276,10 @@ def build_frame(
 
 def _is_model(value: object) -> bool:
     """Whether ``value`` is a pydantic model; pydantic is not imported for it (if it is not
-    imported yet, nothing is a model)."""
-    main = sys.modules.get("pydantic.main")
-    return main is not None and isinstance(value, main.BaseModel)
+    imported yet, nothing is a model; nor while another thread imports it: its module is
+    there before its ``BaseModel``)."""
+    base = getattr(sys.modules.get("pydantic.main"), "BaseModel", None)
+    return base is not None and isinstance(value, base)
 
 
 def _foreign_envelope(body: dict[str, Any], model: BaseModel) -> bool:
