@@ -439,6 +439,8 @@ class TurnShares:
         # (Else another loop's counts took over meanwhile, a server's in another thread: this
         # loop's waiters still have their turn, and theirs only: a future is set by its loop.)
         waiting = self._waiting
+        if not waiting:  # (the usual turn)
+            return
         for other in [other for other in waiting if other is not loop and other.is_closed()]:
             del waiting[other]  # a loop that ended without cancelling its waiters: dropped
         queues = None if loop is None else waiting.get(loop)
