@@ -291,6 +291,9 @@ async def serve(args: argparse.Namespace) -> None:
     finally:
         _ignore_stop_signals(loop)
         if supervisor is not None:
+            # Its pipe closed on the way out (a failure of its own, or a stop): not a supervisor
+            # gone, which the pipe's end would otherwise log.
+            stop.set()
             supervisor.close()
         if clock is not None:
             clock.cancel()

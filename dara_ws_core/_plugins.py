@@ -10,8 +10,11 @@ The models of an application are untouched: its first model loads the plugins as
 explicit ``PYDANTIC_DISABLE_PLUGINS`` (even empty, which loads them all) is the application's
 decision and is left as it is, for the core's models too.
 
-The variable is process-wide while it is set: a model another thread builds during the core's
-import (the only time it is set, besides the client's first decode) is built without plugins too.
+The variable is process-wide while it is set: a model another thread builds meanwhile is built
+without plugins too. It is set while the envelope models are first built (at their first use,
+:mod:`dara_ws_core.messages`: a server that never meets a model never builds them), while Dara's
+first-party payloads are, and around the first build of the model validators of the codec
+(``decode_client_frame``, the client's first decode).
 """
 
 from __future__ import annotations

@@ -126,35 +126,34 @@ _NO_STRING_CACHE = CoreConfig(cache_strings=False)
 _CLIENT_VALIDATOR = SchemaValidator(_client_schema(), _NO_STRING_CACHE)
 
 
-@functools.cache
-def _client_adapter() -> TypeAdapter[ClientMessage]:
-    # The client envelopes as models, for decode_client_frame (not on a server's path).
+def _adapter(union: Any) -> TypeAdapter[Any]:
+    """A validator of ``union`` (a union of envelope models), told apart by their ``type``."""
     from typing import Annotated
 
     from pydantic import ConfigDict, Field, TypeAdapter
 
     from ._plugins import plugins_off
-    from .messages import ClientMessage
 
     with plugins_off():  # the core's own validator (see _plugins)
-        return TypeAdapter(Annotated[ClientMessage, Field(discriminator="type")],
+        return TypeAdapter(Annotated[union, Field(discriminator="type")],
                            config=ConfigDict(cache_strings=False))
+
+
+@functools.cache
+def _client_adapter() -> TypeAdapter[ClientMessage]:
+    # The client envelopes as models, for decode_client_frame (not on a server's path).
+    from .messages import ClientMessage
+
+    return _adapter(ClientMessage)
 
 
 @functools.cache
 def _server_adapter() -> TypeAdapter[ServerMessage]:
     # Built on first use: only clients decode server frames, and the validator costs a server
     # process memory for nothing.
-    from typing import Annotated
-
-    from pydantic import ConfigDict, Field, TypeAdapter
-
-    from ._plugins import plugins_off
     from .messages import ServerMessage
 
-    with plugins_off():
-        return TypeAdapter(Annotated[ServerMessage, Field(discriminator="type")],
-                           config=ConfigDict(cache_strings=False))
+    return _adapter(ServerMessage)
 
 
 #: Outbound frames are strict JSON (RFC 8259) whatever the application hands us: a float that is
@@ -277,9 +276,10 @@ def build_frame(
 
 def _is_model(value: object) -> bool:
     """Whether ``value`` is a pydantic model; pydantic is not imported for it (if it is not
-    imported yet, nothing is a model)."""
-    main = sys.modules.get("pydantic.main")
-    return main is not None and isinstance(value, main.BaseModel)
+    imported yet, nothing is a model; nor while another thread imports it: its module is
+    there before its ``BaseModel``)."""
+    base = getattr(sys.modules.get("pydantic.main"), "BaseModel", None)
+    return base is not None and isinstance(value, base)
 
 
 def _foreign_envelope(body: dict[str, Any], model: BaseModel) -> bool:

@@ -82,7 +82,8 @@ def instrument(manager: WebsocketManager, meter_provider: MeterProvider | None =
     timed (``1``: all of them, at several microseconds each; see the module's "What it costs").
     Call it once per manager, before the server accepts connections (connections
     opened earlier get no outbound metrics). Raises ``ImportError`` naming the extra to install
-    when ``opentelemetry-api`` is missing.
+    when ``opentelemetry-api`` is missing, ``TypeError`` for a ``sample_every`` that is not an
+    int and ``ValueError`` for one below 1.
     """
     try:
         from opentelemetry import metrics, trace

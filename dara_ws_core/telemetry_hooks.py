@@ -236,7 +236,8 @@ class DaraTelemetry:
     holds when on.
 
     Created by :func:`~dara_ws_core.telemetry.instrument`; raises ``ImportError`` without
-    ``opentelemetry-api`` and ``ValueError`` for a ``sample_every`` below 1.
+    ``opentelemetry-api``, ``TypeError`` for a ``sample_every`` that is not an int and
+    ``ValueError`` for one below 1.
     """
 
     def __init__(self, meter: Meter, tracer: Tracer, sample_every: int = 64,
@@ -245,6 +246,9 @@ class DaraTelemetry:
         from opentelemetry.metrics import Observation
         from opentelemetry.trace import SpanKind, Status, StatusCode
 
+        # An int: a float's budget (2.5) samples one in 3, NaN's never reaches its trace.
+        if isinstance(sample_every, bool) or not isinstance(sample_every, int):
+            raise TypeError(f"sample_every must be an int, not {type(sample_every).__name__}")
         if sample_every < 1:
             raise ValueError(f"sample_every must be at least 1, not {sample_every}")
         #: One operation in this many per kind gets its span and duration.

@@ -429,7 +429,8 @@ class TurnShares:
     of the next one (:attr:`turn` counts them). Without a running loop nothing is counted. A
     connection of an address that has used its share may :meth:`wait` for its place: the waiting
     ones of each address are woken in the order they came, ``wake`` a turn, so that none waits for
-    ever behind the others."""
+    ever behind the others; each by a turn of its own loop (servers on the loops of several
+    threads share the counts, and each loop wakes only its own waiters)."""
 
     __slots__ = ("_loop", "_waiting", "share", "turn", "used", "wake")
 
@@ -441,8 +442,8 @@ class TurnShares:
         #: The turns begun since the first.
         self.turn = 0
         self._loop: asyncio.AbstractEventLoop | None = None  # while a new_turn is due on it
-        #: The connections waiting for their place, by address, in the order they came.
-        self._waiting: dict[Hashable, deque[asyncio.Future[None]]] = {}
+        #: The connections waiting for their place, by loop and address, in the order they came.
+        self._waiting: dict[asyncio.AbstractEventLoop, dict[Hashable, deque[asyncio.Future[None]]]] = {}
 
     def left(self, address: Hashable) -> int:
         """What the connections of ``address`` may still use in this turn."""
@@ -493,31 +494,41 @@ class TurnShares:
         loop = asyncio.get_running_loop()
         self._begin(loop)
         waiter: asyncio.Future[None] = loop.create_future()
-        self._waiting.setdefault(address, deque()).append(waiter)
+        self._waiting.setdefault(loop, {}).setdefault(address, deque()).append(waiter)
         return waiter
 
     def new_turn(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """A new turn of the loop: every address has its whole share again, and the first
         ``wake`` connections waiting of each have their place."""
-        if loop is not None and loop is not self._loop:
-            return
-        self.used.clear()
-        self._loop = None
-        self.turn += 1
+        loop = loop or asyncio._get_running_loop()
+        if loop is self._loop or self._loop is None:
+            self.used.clear()
+            self._loop = None
+            self.turn += 1
+        # (Else another loop's counts took over meanwhile, a server's in another thread: this
+        # loop's waiters still have their turn, and theirs only: a future is set by its loop.)
         waiting = self._waiting
-        for address in list(waiting):
-            queue = waiting[address]
+        if not waiting:  # (the usual turn)
+            return
+        for other in [other for other in waiting if other is not loop and other.is_closed()]:
+            del waiting[other]  # a loop that ended without cancelling its waiters: dropped
+        queues = None if loop is None else waiting.get(loop)
+        if loop is None or queues is None:
+            return
+        for address in list(queues):
+            queue = queues[address]
             woken = 0
             while queue and woken < self.wake:
                 waiter = queue.popleft()
-                # (One of a loop that ended without cancelling it is dropped.)
-                if not waiter.done() and (loop is None or waiter.get_loop() is loop):
+                if not waiter.done():  # (one cancelled gave up its place)
                     waiter.set_result(None)
                     woken += 1
             if not queue:
-                del waiting[address]
-        if waiting and loop is not None:
+                del queues[address]
+        if queues:
             self._begin(loop)  # the others wait for the next turn
+        else:
+            del waiting[loop]
 
 
 #: The frames the connections of one client address hand their libraries in one turn of the

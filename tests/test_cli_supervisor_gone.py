@@ -15,6 +15,7 @@ import contextlib
 import functools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -80,3 +81,29 @@ async def test_workers_stop_gracefully_when_their_supervisor_is_killed() -> None
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         await asyncio.to_thread(supervisor.wait, 10)
+
+
+def test_a_worker_that_cannot_listen_does_not_say_its_supervisor_is_gone() -> None:
+    # A worker's own failure (its port in use, Redis unreachable) closes its end of the pipe on
+    # the way out: that is not the supervisor gone, and an operator reading the forwarded log
+    # was told it was (a WARNING before the real cause).
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        # Its stdin a pipe kept open (as the supervisor's is) until it exits.
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "dara_ws_cli", "serve", "--supervised", "--port", str(taken.getsockname()[1]),
+             "--clock", "0"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        try:
+            assert worker.stdout is not None
+            output = worker.stdout.read()  # to its end: the worker exited
+            assert worker.wait(30) == 1
+        finally:
+            worker.kill()
+            assert worker.stdin is not None
+            worker.stdin.close()
+            worker.wait(30)
+    assert "already in use" in output
+    assert "supervisor is gone" not in output, output

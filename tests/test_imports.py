@@ -406,3 +406,33 @@ def test_the_first_party_payloads_are_built_on_first_use_and_are_the_same_everyw
         "      hasattr(messages, 'NoSuchName'))\n"
     )
     assert run_python(code) == "False True True True False"
+
+
+def test_a_frame_is_built_while_another_thread_imports_pydantic() -> None:
+    # A server imports no pydantic: build_frame tells a model apart by pydantic's module, if it
+    # is there. While another thread imports it (a handler in a thread, the client, an
+    # application's own import), the module is there half-built, without BaseModel yet: a
+    # payload that is not exactly a dict (an OrderedDict, a defaultdict) failed with
+    # AttributeError instead of being sent.
+    code = (
+        "import collections, sys, threading\n"
+        "from dara_ws_core.codec import build_frame\n"
+        "assert 'pydantic.main' not in sys.modules\n"
+        "failed, imported = [], threading.Event()\n"
+        "def load():\n"
+        "    import pydantic.main\n"
+        "    imported.set()\n"
+        "thread = threading.Thread(target=load)\n"
+        "thread.start()\n"
+        "for _ in range(10**7):\n"
+        "    if imported.is_set():\n"
+        "        break\n"
+        "    try:\n"
+        "        assert build_frame(collections.OrderedDict(a=1)) == b'{\"type\":\"message\",\"message\":{\"a\":1}}'\n"
+        "    except AttributeError as exc:\n"
+        "        failed.append(exc)\n"
+        "        break\n"
+        "thread.join()\n"
+        "print(failed)\n"
+    )
+    assert run_python(code) == "[]"

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from picows import WSMsgType
 
+import dara_ws_picows
 from dara_ws_core import ServerConfig
 from dara_ws_picows import PicowsTransport, _write_buffer_size
 
@@ -28,6 +29,10 @@ from .stacks import running_stack
 _SOCKET_TRANSPORT: Any = getattr(asyncio.selector_events, "_SelectorSocketTransport")  # noqa: B009
 STOCK_SIZE = _SOCKET_TRANSPORT.get_write_buffer_size
 CONFIG = ServerConfig(ping_interval=None)
+#: Whether asyncio's socket transport keeps its write buffer as one bytearray (Python 3.11), whose
+#: ``__len__`` is the size: elsewhere (3.12 keeps a deque of chunks) there is no shortcut, and
+#: picows asks asyncio's own method, as it would without the adapter.
+SHORTCUT = dara_ws_picows._STOCK_SIZE is not None
 
 
 def _underlying(stack: Any) -> asyncio.Transport:
@@ -40,6 +45,7 @@ def _underlying(stack: Any) -> asyncio.Transport:
 
 @pytest.mark.skipif(not isinstance(asyncio.get_event_loop_policy(), asyncio.DefaultEventLoopPolicy),
                     reason="asyncio's own loop only")
+@pytest.mark.skipif(not SHORTCUT, reason="asyncio's write buffer is not one bytearray on this Python")
 async def test_frames_are_written_without_a_python_call_for_asyncios_buffer_size() -> None:
     # picows asked asyncio's method before every frame: a Python call, more than half of what
     # picows spends on a small frame, once per recipient of a broadcast.
@@ -76,7 +82,7 @@ async def test_the_size_is_asyncios_own_and_the_transport_is_left_as_it_was() ->
         assert "get_write_buffer_size" not in vars(underlying)
         assert type(underlying).get_write_buffer_size is STOCK_SIZE
         size = _write_buffer_size(underlying)
-        assert size is not None
+        assert (size is not None) is SHORTCUT
         client.transport.pause_reading()  # the client stops reading: asyncio buffers
         frame = json.dumps({"pad": "x" * 65536})
         for _ in range(200):
@@ -85,7 +91,7 @@ async def test_the_size_is_asyncios_own_and_the_transport_is_left_as_it_was() ->
             await stack.manager.broadcast({"pad": frame})
             await asyncio.sleep(0.01)
         assert underlying.get_write_buffer_size() > 0
-        assert size() == underlying.get_write_buffer_size()
+        assert size is None or size() == underlying.get_write_buffer_size()
         client.transport.abort()
 
 
@@ -106,7 +112,7 @@ async def test_only_asyncios_own_socket_transport_gets_the_shortcut() -> None:
         transport = cls(loop, ours, asyncio.Protocol())
         try:
             size = _write_buffer_size(transport)
-            if cls is Subclass:
+            if cls is Subclass or not SHORTCUT:
                 assert size is None
                 continue
             assert size is not None and size() == 0

@@ -458,6 +458,16 @@ def test_sample_every_must_be_positive() -> None:
         instrument(WebsocketManager(), MeterProvider(), TracerProvider(), sample_every=0)
 
 
+@pytest.mark.parametrize("sample_every", [2.5, float("nan"), 64.0, True])
+def test_sample_every_must_be_an_int(sample_every: object) -> None:
+    """A float was taken: 2.5 traced one operation in 3, NaN none at all (its budget never
+    reached 1), silently."""
+    manager = WebsocketManager()
+    with pytest.raises(TypeError, match="sample_every must be an int"):
+        instrument(manager, MeterProvider(), TracerProvider(), sample_every=sample_every)  # type: ignore[arg-type]
+    assert manager.counters.telemetry is None
+
+
 async def test_a_backplane_outage_shows_in_the_connected_gauge_and_the_reconnects() -> None:
     from dara_ws_core.backplane import MemoryBackplane, MemoryBroker
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from typing import Any
 
 from dara_ws_core import ServerConfig
@@ -165,3 +166,60 @@ async def test_connections_waiting_for_their_place_are_let_in_the_order_they_cam
     await asyncio.sleep(0)
     assert waiters[3].done() and waiters[4].done() and not shares._waiting
 
+
+
+def test_a_connection_waiting_on_one_threads_loop_has_its_place_whatever_another_loop_counts() -> None:
+    # Two servers on event loops of two threads (a test suite's, an application's embedded one)
+    # count in the same process-wide shares. A connection of one loop waiting for its place was
+    # dropped by the other loop's next turn (taken for a waiter of a loop that had ended), and
+    # its own loop's turn no longer woke anything: the connection waited for ever.
+    shares = TurnShares(2)
+    registered, other_turned = threading.Event(), threading.Event()
+    outcome: list[object] = []
+
+    async def waiting_loop() -> None:
+        shares.spend("10.0.0.1", 2)
+        waiter = shares.wait("10.0.0.1")
+        registered.set()
+        # Its loop is held (as by a long callback) while the other loop has a turn or two.
+        assert other_turned.wait(10)
+        try:
+            await asyncio.wait_for(waiter, 5)
+            outcome.append("placed")
+        except TimeoutError:
+            outcome.append("never placed")
+
+    async def other_loop() -> None:
+        assert registered.wait(10)
+        for _ in range(3):
+            shares.spend("10.0.0.2", 1)
+            await asyncio.sleep(0)
+        other_turned.set()
+
+    threads = [threading.Thread(target=asyncio.run, args=(main(),)) for main in (waiting_loop, other_loop)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert outcome == ["placed"]
+    assert not shares._waiting
+
+
+def test_a_waiter_of_a_loop_that_ended_is_dropped_not_let_in_on_another() -> None:
+    shares = TurnShares(1)
+    left: list[asyncio.Future[None]] = []
+
+    async def ends_waiting() -> None:
+        shares.spend("a", 1)
+        # The second's turn (one placed a turn) comes after its loop ended: never cancelled.
+        left.extend((shares.wait("a"), shares.wait("a")))
+
+    async def next_loop() -> None:
+        shares.spend("a", 1)
+        await asyncio.sleep(0)  # a turn of this loop
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(ends_waiting())
+    loop.close()
+    asyncio.run(next_loop())
+    assert left[0].done() and not left[1].done() and not shares._waiting
