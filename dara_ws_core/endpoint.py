@@ -318,6 +318,7 @@ class Endpoint:
         self._hook_tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
+        self._shutting_down = 0  # shutdown() calls running
         self._told_closed = False  # a refusal after shutdown() logged (once per shutdown)
         config = manager.config
         self.slots = ConnectionSlots(config.max_connections, config.max_connections_per_address)
@@ -336,9 +337,14 @@ class Endpoint:
     def connection_count(self) -> int:
         return len(self._connections)
 
+    @property
+    def closed(self) -> bool:
+        """Whether it is shut down (or shutting down), refusing handshakes until opened again."""
+        return self._closing
+
     def __repr__(self) -> str:
         count = len(self._connections)
-        state = "shut down" if self._closing else "open"
+        state = "shutting down" if self._shutting_down else "shut down" if self._closing else "open"
         return f"<Endpoint {self.path} {state}, {count} connection{'' if count == 1 else 's'}>"
 
     def take_slot(self, address: str | None = None, evict: Evict | None = None, *,
@@ -617,7 +623,11 @@ class Endpoint:
     def open(self) -> None:
         """Accept handshakes again after :meth:`shutdown`: each adapter's ``serve()`` and ASGI
         lifespan call it as they start, so that one endpoint (a module's, say) can be served
-        again, by the next test or a restarted server. A no-op on an endpoint never shut down."""
+        again, by the next test or a restarted server. A no-op on an endpoint never shut down.
+        Raises ``RuntimeError`` while a :meth:`shutdown` runs: the connections it is closing,
+        and newcomers it would not wait for, would be served side by side."""
+        if self._shutting_down:
+            raise RuntimeError(f"{self!r} cannot be opened while its shutdown() runs: await it first")
         self._closing = False
         self._told_closed = False
 
@@ -634,6 +644,13 @@ class Endpoint:
         :meth:`~WebsocketManager.on_disconnect` hooks, up to ``grace`` (at least a second), and
         cancels those still running (another endpoint's over the same manager are left alone). Idempotent."""
         self._closing = True
+        self._shutting_down += 1
+        try:
+            await self._shut_down(grace)
+        finally:
+            self._shutting_down -= 1
+
+    async def _shut_down(self, grace: float | None) -> None:
         counters = self.manager.counters
         # Listening has stopped: a socket still in its TLS handshake could only be refused once
         # it is done (up to handshake_timeout later, when the shutdown is over).
