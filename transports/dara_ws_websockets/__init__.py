@@ -552,10 +552,11 @@ async def serve(
     Your own server's parts, as websockets takes them: ``process_request(connection, request)``
     (a function or a coroutine function) runs first for every request, the endpoint's included;
     a ``Response`` it returns is the answer, ``None`` goes on to the endpoint's checks and
-    authentication. ``handler(connection)`` serves the upgrades to every other path (after
-    websockets' own checks) instead of the 404; a target naming no path (a malformed
-    percent-encoding) still gets the endpoint's 400. Raises ``TypeError`` for ``create_connection``,
-    which the adapter needs for its own.
+    authentication; anything else is a ``TypeError`` (logged by websockets with the traceback,
+    that client answered 500), as is an exception it raises. ``handler(connection)`` serves
+    the upgrades to every other path (after websockets' own checks) instead of the 404; a
+    target naming no path (a malformed percent-encoding) still gets the endpoint's 400. Raises
+    ``TypeError`` for ``create_connection``, which the adapter needs for its own.
     """
     if "create_connection" in kwargs:
         raise TypeError("serve() builds websockets' connections itself (frame checks, flow control, "
@@ -596,6 +597,13 @@ async def serve(
             response = process_request(connection, request)
             if inspect.isawaitable(response):
                 response = await response
+            if response is not None and not isinstance(response, Response):
+                # websockets took it for a Response and failed writing it: the client got no
+                # answer it could read, and the log named no mistake. Raised here, websockets
+                # logs it ("process_request failed") and answers that client 500.
+                raise TypeError(f"process_request returned {type(response).__name__}, not a websockets "
+                                "Response or None (build one with connection.respond(status, text); the "
+                                "(status, headers, body) tuple of websockets' legacy server is not one)")
             if response is not None:
                 endpoint.settled(connection.dara_evict)  # type: ignore[attr-defined]  # its request is whole
                 return response
