@@ -29,6 +29,7 @@ from .exceptions import (
     AuthenticationFailed,
     BackplaneError,
     CloseCode,
+    EndpointClosed,
 )
 from .handler import WebSocketHandler
 from .lifecycle import ConnectionHooks
@@ -273,6 +274,9 @@ _forwarded_slot: contextvars.ContextVar[str | None] = contextvars.ContextVar("da
 
 #: Seconds a refused client is asked to wait before it tries again (``Retry-After``).
 RETRY_AFTER = 5
+#: The answer to a handshake refused for now: the process is full, or shutting down
+#: (``EndpointClosed``).
+UNAVAILABLE = Refusal(503, "Service Unavailable", (("Retry-After", str(RETRY_AFTER)),))
 
 
 class Endpoint:
@@ -438,7 +442,9 @@ class Endpoint:
         """Run the authenticator on a handshake. Call it **before** accepting.
 
         Raises ``AuthenticationFailed``, which the adapter answers with HTTP 403. An authenticator
-        that crashes also rejects (and is logged): a bug never lets anyone in.
+        that crashes also rejects (and is logged): a bug never lets anyone in. Once the endpoint
+        is shut down (also while the authenticator ran), raises its subclass ``EndpointClosed``,
+        which the adapter answers with 503 and ``Retry-After`` (:data:`UNAVAILABLE`).
         """
         # The address every share counted per address charges this connection to (the peers'
         # log budget, the anonymous ones' chunk, thread, outbox and spool shares): its tasks
@@ -484,7 +490,7 @@ class Endpoint:
         return identity
 
     def _check_open(self, request: HandshakeRequest) -> None:
-        """``AuthenticationFailed`` (counted) once the endpoint is shut down."""
+        """``EndpointClosed`` (counted; HTTP 503) once the endpoint is shut down."""
         if not self._closing:
             return
         counters = self.manager.counters
@@ -493,8 +499,8 @@ class Endpoint:
             self._told_closed = True
             logger.info("handshake refused: the endpoint is shut down (an adapter's serve() or "
                         "lifespan opens it again)", extra={"path": request.path})
-        raise AuthenticationFailed("the endpoint is shut down: its serve() or lifespan ended (serving it "
-                                   "again, or Endpoint.open(), takes handshakes again)")
+        raise EndpointClosed("the endpoint is shut down: its serve() or lifespan ended (serving it "
+                             "again, or Endpoint.open(), takes handshakes again)")
 
     def _authenticator_failed(self, request: HandshakeRequest, exc: Exception) -> AuthenticationFailed:
         """Count and log an authenticator that raised (in its ``except``: the traceback is

@@ -468,7 +468,7 @@ async def test_a_handshake_the_shutdown_overtakes_is_not_served_after_it(
         make_stack: Callable[..., Any], when: str) -> None:
     """A shutdown that begins while a handshake is being authenticated, or between its
     authentication and its connection's start, leaves no connection served after it: the
-    handshake is refused (403) or its connection closed (1001) before any hook, or, registered
+    handshake is refused (503) or its connection closed (1001) before any hook, or, registered
     before the shutdown began, closed by it with both hooks run. It was served after the
     shutdown returned, its on_connect run, its on_disconnect left for no shutdown to wait for."""
     entered, release = asyncio.Event(), asyncio.Event()
@@ -499,7 +499,7 @@ async def test_a_handshake_the_shutdown_overtakes_is_not_served_after_it(
             try:
                 transport = await connecting
             except HandshakeRejected as exc:
-                assert exc.status == 403
+                assert exc.status == 503  # going away, not refusing the client (it was 403)
             else:  # upgraded before the shutdown's first step: closed since
                 with pytest.raises(ConnectionClosed):
                     for _ in range(8):
