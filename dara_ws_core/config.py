@@ -76,7 +76,8 @@ class ServerConfig:
     #: policy applies to it there: without it, clients that read nothing and keep asking for
     #: replies made the process hold ``max_queue_bytes`` for each of their connections (20 such
     #: connections: about 400 MiB more RSS). A connection whose queue holds less, a reader
-    #: keeping up, is never affected.
+    #: keeping up, is never affected. The queues of one client address (see
+    #: ``forwarded_allow_ips``) are held to that 256th once they hold a quarter of it together.
     max_queued_total_bytes: int = 256 * MiB
     slow_consumer_policy: SlowConsumerPolicy = SlowConsumerPolicy.WAIT
     #: With ``WAIT``: how long a sender waits for room before the client is disconnected (1013).

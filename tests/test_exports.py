@@ -42,7 +42,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "messages": frozenset({"InitPayload", "TypedPayload"}),
     # RepeatedRecords: for the adapters, on their libraries' loggers.
     "logs": frozenset({"ConnectionLogger", "RepeatedRecords"}),
-    "queue": frozenset({"BURST", "PROCESS_QUEUED", "TOTAL_SHARES", "OutboundQueue", "QueuedBytes"}),
+    "queue": frozenset({"ADDRESS_SHARES", "BURST", "PROCESS_QUEUED", "TOTAL_SHARES", "OutboundQueue", "QueuedBytes",
+                        "address_queued"}),
     # The per-user history's bookkeeping, shared by the manager and the backplanes.
     "outbox": frozenset({"ADDRESS_SHARES", "HISTORY_SHARES", "SENDER_SHARES", "SENDER_SMALL", "BusRefusals",
                          "ClosedWrites", "DeliveryCursors", "QueuedMarks", "Stamped", "WriteLog", "WrittenRun",
