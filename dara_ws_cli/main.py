@@ -4,12 +4,15 @@
 
 - echo (custom request): replies with what it got;
 - chat (custom message): broadcast to every other connection as a "chat" custom push (at most
-  64 KiB of text: each reader gets a copy);
+  64 KiB of text: each reader gets a copy); answers {"delivered": true}, or with --redis-url
+  while Redis is down {"delivered": false, "bus": "down"}: only this process's connections got it;
 - ask (custom request): the server asks the client back (send_and_wait) and replies with the
   client's answer, showing both correlation directions;
 - tell (custom request, {"user": ..., "text": ...}): a "tell" custom push to every connection of
   that user, on whichever process (with --redis-url) it is (a text of at most 1024 characters: it
-  is kept in the user's history);
+  is kept in the user's history); answers "delivered" as chat does, and "kept": false when the
+  user's history (or, Redis down, this process's spool) refused it: a connection of the user
+  opened later does not get it, nor, Redis down, do the user's connections on other processes;
 - whoami (custom request): replies with the serving process's pid (and worker number under
   --workers), to see which process a client landed on;
 - a "clock" custom push to everyone every --clock seconds.
@@ -142,7 +145,7 @@ def build_demo(manager: WebsocketManager | None = None) -> Endpoint:
             custom=True,
             ignore_channel=channel_id,
         )
-        return {"delivered": True}
+        return _delivered(manager)
 
     async def ask(channel_id: str, data: Any) -> Any:
         answer = await manager.send_and_wait(
@@ -165,7 +168,7 @@ def build_demo(manager: WebsocketManager | None = None) -> Endpoint:
         kept = await manager.send_message_to_user(
             data["user"], {"kind": "tell", "data": {"from": channel_id, "text": text}}, custom=True
         )
-        return {"delivered": True, "kept": kept}
+        return {**_delivered(manager), "kept": kept}
 
     def whoami(channel_id: str, data: Any) -> dict[str, Any]:
         return {"pid": os.getpid(), "worker": os.environ.get("DARA_WS_WORKER")}
@@ -174,6 +177,15 @@ def build_demo(manager: WebsocketManager | None = None) -> Endpoint:
     manager.add_ws_handler("tell", tell)
     manager.add_ws_handler("whoami", whoami)
     return Endpoint(manager, authenticate)
+
+
+def _delivered(manager: WebsocketManager) -> dict[str, Any]:
+    """What a send answers: ``delivered`` only while the bus is up (or there is none). With
+    Redis down the connections on this process got it, and no other (a kept ``tell`` reaches
+    them once the bus is back): ``"delivered": false, "bus": "down"``."""
+    if getattr(manager.backplane, "connected", True):
+        return {"delivered": True}
+    return {"delivered": False, "bus": "down"}
 
 
 async def _clock(manager: WebsocketManager, interval: float) -> None:

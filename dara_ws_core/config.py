@@ -76,7 +76,8 @@ class ServerConfig:
     #: policy applies to it there: without it, clients that read nothing and keep asking for
     #: replies made the process hold ``max_queue_bytes`` for each of their connections (20 such
     #: connections: about 400 MiB more RSS). A connection whose queue holds less, a reader
-    #: keeping up, is never affected.
+    #: keeping up, is never affected. The queues of one client address (see
+    #: ``forwarded_allow_ips``) are held to that 256th once they hold a quarter of it together.
     max_queued_total_bytes: int = 256 * MiB
     slow_consumer_policy: SlowConsumerPolicy = SlowConsumerPolicy.WAIT
     #: With ``WAIT``: how long a sender waits for room before the client is disconnected (1013).
@@ -163,6 +164,12 @@ class ServerConfig:
     #: for users holding none. A request never waits for a thread: beyond its
     #: user's share, or when no thread is free for it, it gets a ``busy`` error reply at once.
     handler_threads: int = 32
+    #: ``on_disconnect`` hook tasks (:meth:`WebsocketManager.on_disconnect`: one per ended
+    #: connection, each hook bounded by ``handler_timeout``) running at once; the connections of
+    #: one client address hold at most a quarter of them. Beyond, an ended connection's
+    #: ``on_disconnect`` hooks are not run: counted (``ServerStats.hooks["disconnect_dropped"]``)
+    #: and logged at WARNING. Each task holds its ended connection's handler (about 10 KB).
+    max_disconnect_hooks: int = 10_000
     #: Inbound rate limit per connection: ``rate_limit`` frames per ``rate_window`` seconds
     #: (``None`` disables). Beyond it the connection is closed with 1008.
     rate_limit: int | None = None
@@ -291,6 +298,7 @@ _COUNTS_FROM_1 = ("max_message_size", "max_message_values", "max_queue_messages"
                   "max_pending_requests", "max_chunks", "max_chunked_bytes", "max_chunked_values",
                   "max_chunked_total_bytes", "max_chunked_total_values", "max_receiving_total_bytes",
                   "max_handler_tasks", "max_handling_bytes", "max_handling_total_bytes", "handler_threads",
+                  "max_disconnect_hooks",
                   "outbox_bytes", "outbox_users", "outbox_total_bytes", "outbox_per_sender")
 _OPTIONAL_COUNTS = ("rate_limit", "max_connections_per_user", "max_connections", "max_connections_per_address")
 _SECONDS = ("close_timeout", "handshake_timeout", "rate_window", "outbox_age")

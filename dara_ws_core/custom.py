@@ -328,7 +328,7 @@ async def execute_async(spec: HandlerSpec, received: CustomReceived, host: Dispa
     try:
         async with scope:
             if isinstance(job, concurrent.futures.Future):
-                result = await asyncio.wrap_future(job)
+                result = _not_awaitable(spec, await asyncio.wrap_future(job))
             elif job is not None:
                 result = await job
             else:
@@ -361,6 +361,19 @@ async def execute_async(spec: HandlerSpec, received: CustomReceived, host: Dispa
         return _reply(host, spec, received, result), True
     finally:
         host.connection.handler_done(received.size)
+
+
+def _not_awaitable(spec: HandlerSpec, result: Any) -> Any:
+    """An ``in_thread`` handler's result; ``TypeError`` if it is something to await (a sync
+    wrapper of an async function): no thread runs it, and running it on the event loop is not
+    what ``in_thread`` asked for. A coroutine is closed, not left to warn it was never awaited."""
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()
+        raise TypeError(f"the in_thread handler for kind {spec.kind!r} ({_name_of(spec.func)}) returned "
+                        f"{type(result).__name__} {result!r}, something to await: a thread cannot run a "
+                        "coroutine. Register an async handler without in_thread=True")
+    return result
 
 
 async def deliver(host: DispatchHost, frame: SendFrame | None) -> None:

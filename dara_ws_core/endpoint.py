@@ -29,6 +29,7 @@ from .exceptions import (
     AuthenticationFailed,
     BackplaneError,
     CloseCode,
+    EndpointClosed,
 )
 from .handler import WebSocketHandler
 from .lifecycle import ConnectionHooks
@@ -273,6 +274,9 @@ _forwarded_slot: contextvars.ContextVar[str | None] = contextvars.ContextVar("da
 
 #: Seconds a refused client is asked to wait before it tries again (``Retry-After``).
 RETRY_AFTER = 5
+#: The answer to a handshake refused for now: the process is full, or shutting down
+#: (``EndpointClosed``).
+UNAVAILABLE = Refusal(503, "Service Unavailable", (("Retry-After", str(RETRY_AFTER)),))
 
 
 class Endpoint:
@@ -318,6 +322,7 @@ class Endpoint:
         self._hook_tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
+        self._shutting_down = 0  # shutdown() calls running
         self._told_closed = False  # a refusal after shutdown() logged (once per shutdown)
         config = manager.config
         self.slots = ConnectionSlots(config.max_connections, config.max_connections_per_address)
@@ -336,9 +341,14 @@ class Endpoint:
     def connection_count(self) -> int:
         return len(self._connections)
 
+    @property
+    def closed(self) -> bool:
+        """Whether it is shut down (or shutting down), refusing handshakes until opened again."""
+        return self._closing
+
     def __repr__(self) -> str:
         count = len(self._connections)
-        state = "shut down" if self._closing else "open"
+        state = "shutting down" if self._shutting_down else "shut down" if self._closing else "open"
         return f"<Endpoint {self.path} {state}, {count} connection{'' if count == 1 else 's'}>"
 
     def take_slot(self, address: str | None = None, evict: Evict | None = None, *,
@@ -432,7 +442,9 @@ class Endpoint:
         """Run the authenticator on a handshake. Call it **before** accepting.
 
         Raises ``AuthenticationFailed``, which the adapter answers with HTTP 403. An authenticator
-        that crashes also rejects (and is logged): a bug never lets anyone in.
+        that crashes also rejects (and is logged): a bug never lets anyone in. Once the endpoint
+        is shut down (also while the authenticator ran), raises its subclass ``EndpointClosed``,
+        which the adapter answers with 503 and ``Retry-After`` (:data:`UNAVAILABLE`).
         """
         # The address every share counted per address charges this connection to (the peers'
         # log budget, the anonymous ones' chunk, thread, outbox and spool shares): its tasks
@@ -478,7 +490,7 @@ class Endpoint:
         return identity
 
     def _check_open(self, request: HandshakeRequest) -> None:
-        """``AuthenticationFailed`` (counted) once the endpoint is shut down."""
+        """``EndpointClosed`` (counted; HTTP 503) once the endpoint is shut down."""
         if not self._closing:
             return
         counters = self.manager.counters
@@ -487,8 +499,8 @@ class Endpoint:
             self._told_closed = True
             logger.info("handshake refused: the endpoint is shut down (an adapter's serve() or "
                         "lifespan opens it again)", extra={"path": request.path})
-        raise AuthenticationFailed("the endpoint is shut down: its serve() or lifespan ended (serving it "
-                                   "again, or Endpoint.open(), takes handshakes again)")
+        raise EndpointClosed("the endpoint is shut down: its serve() or lifespan ended (serving it "
+                             "again, or Endpoint.open(), takes handshakes again)")
 
     def _authenticator_failed(self, request: HandshakeRequest, exc: Exception) -> AuthenticationFailed:
         """Count and log an authenticator that raised (in its ``except``: the traceback is
@@ -617,7 +629,11 @@ class Endpoint:
     def open(self) -> None:
         """Accept handshakes again after :meth:`shutdown`: each adapter's ``serve()`` and ASGI
         lifespan call it as they start, so that one endpoint (a module's, say) can be served
-        again, by the next test or a restarted server. A no-op on an endpoint never shut down."""
+        again, by the next test or a restarted server. A no-op on an endpoint never shut down.
+        Raises ``RuntimeError`` while a :meth:`shutdown` runs: the connections it is closing,
+        and newcomers it would not wait for, would be served side by side."""
+        if self._shutting_down:
+            raise RuntimeError(f"{self!r} cannot be opened while its shutdown() runs: await it first")
         self._closing = False
         self._told_closed = False
 
@@ -634,6 +650,13 @@ class Endpoint:
         :meth:`~WebsocketManager.on_disconnect` hooks, up to ``grace`` (at least a second), and
         cancels those still running (another endpoint's over the same manager are left alone). Idempotent."""
         self._closing = True
+        self._shutting_down += 1
+        try:
+            await self._shut_down(grace)
+        finally:
+            self._shutting_down -= 1
+
+    async def _shut_down(self, grace: float | None) -> None:
         counters = self.manager.counters
         # Listening has stopped: a socket still in its TLS handshake could only be refused once
         # it is done (up to handshake_timeout later, when the shutdown is over).

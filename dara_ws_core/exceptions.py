@@ -16,6 +16,7 @@ and from *the connection going away*::
     │   └── ChunkError              an invalid chunk sequence; fails that request only
     ├── SlowConsumer                a channel's outbound queue is full (policy ``disconnect``: 1013)
     ├── AuthenticationFailed        the handshake is rejected with HTTP 403, before accept
+    │   └── EndpointClosed          the endpoint's shutdown overtook it: HTTP 503, Retry-After
     ├── UnknownChannel              no connection with that channel id (also a LookupError)
     ├── UnknownKind                 no custom handler registered for a kind (also a LookupError)
     ├── RemoteError                 the other side answered a request with an error reply
@@ -35,6 +36,7 @@ __all__ = [
     "CloseCode",
     "ConnectionClosed",
     "DaraWSError",
+    "EndpointClosed",
     "FrameTooLarge",
     "InvalidFrame",
     "InvalidMessage",
@@ -143,6 +145,15 @@ class AuthenticationFailed(DaraWSError):
     """Raised by an authenticator to reject a handshake (HTTP 403, before accept).
 
     The reason is logged, never sent to the client.
+    """
+
+
+class EndpointClosed(AuthenticationFailed):
+    """Raised by :meth:`Endpoint.authenticate` for a handshake that came (or was still being
+    authenticated) once the endpoint was shut down. The server is going away, not refusing the
+    client: adapters answer HTTP 503 with ``Retry-After``, so that a client tries again (another
+    process, or this one restarted) rather than take it for a refused identity. An adapter that
+    does not know it answers 403, as for any ``AuthenticationFailed``.
     """
 
 

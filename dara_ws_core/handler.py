@@ -231,11 +231,13 @@ class WebSocketHandler(_Hot):
         telemetry = counters.telemetry
         if telemetry is not None:  # a queue and sink that time outbound frames (telemetry_hooks)
             self.queue: OutboundQueue = telemetry.queue(config.max_queue_messages, config.max_queue_bytes,
-                                                        config.max_queued_total_bytes)
+                                                        config.max_queued_total_bytes, source)
             sink = telemetry.sink(sink)
         else:
+            # Counted by its client's address too: one client's queues hold at most a quarter
+            # of max_queued_total_bytes before each is held to its 256th (queue.ADDRESS_SHARES).
             self.queue = OutboundQueue(config.max_queue_messages, config.max_queue_bytes,
-                                       config.max_queued_total_bytes)
+                                       config.max_queued_total_bytes, source)
         # init is queued before the channel becomes reachable, so it is always the first frame.
         init = self.connection.init_frame
         self.queue.offer(init)

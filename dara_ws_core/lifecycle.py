@@ -17,6 +17,11 @@ the close, which may happen in the middle of a fan-out), each bounded by ``handl
 once the connection's ``on_connect`` task, cancelled with it, has unwound (or
 ``handler_timeout`` has passed): what ``on_connect`` does as it unwinds lands before what
 ``on_disconnect`` undoes. :meth:`Endpoint.shutdown` waits for those of its own connections.
+Those tasks are bounded in count: at most ``ServerConfig.max_disconnect_hooks`` run at once, and
+the connections of one client address hold at most a quarter of them (a client connecting and
+closing in a loop, with a slow hook, would otherwise pile up a task, and the connection it
+holds, every time). Beyond, that connection's ``on_disconnect`` hooks are not run: counted in
+:attr:`ServerStats.hooks` (``disconnect_dropped``) and logged at WARNING, never silently.
 
 A hook that raises or times out is logged with the application's failures (their own budget,
 the first of each hook and exception type always written) and counted in
@@ -26,7 +31,7 @@ authenticator's job: it runs before there is a channel.
 
 from __future__ import annotations
 
-__all__ = ["ConnectHook", "ConnectionHooks", "DisconnectHook", "Hook"]
+__all__ = ["DISCONNECT_ADDRESS_SHARES", "ConnectHook", "ConnectionHooks", "DisconnectHook", "Hook"]
 
 import asyncio
 import contextvars
@@ -39,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from .exceptions import ConnectionClosed
 from .handler import current_channel, current_identity
-from .logs import _name_of
+from .logs import _name_of, current_source
 
 if TYPE_CHECKING:
     from .handler import WebSocketHandler
@@ -51,6 +56,9 @@ DisconnectHook = Callable[[str, Any, ConnectionClosed], Any]
 
 _CONNECT = "connect"
 _DISCONNECT = "disconnect"
+#: The connections of one client address hold at most this fraction of the ``on_disconnect``
+#: tasks (``ServerConfig.max_disconnect_hooks``), as of the other budgets shared by a process.
+DISCONNECT_ADDRESS_SHARES = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,17 +91,20 @@ class ConnectionHooks:
     tasks still running (each endpoint's :meth:`Endpoint.shutdown` waits for its own). Made by the first hook
     registered: a manager without hooks pays one ``None`` check per connection."""
 
-    __slots__ = ("connect", "connecting", "disconnect", "open", "tasks")
+    __slots__ = ("by_address", "connect", "connecting", "disconnect", "open", "tasks")
 
     def __init__(self) -> None:
         # Tuples, replaced on registration: a hook registered while others run joins the next
         # connection's, never the running sequence.
         self.connect: tuple[Hook, ...] = ()
         self.disconnect: tuple[Hook, ...] = ()
-        #: Channels ``on_connect`` ran for, whose ``on_disconnect`` is still to come.
-        self.open: set[str] = set()
+        #: Channels ``on_connect`` ran for, whose ``on_disconnect`` is still to come, with
+        #: their client's address (``current_source``; ``None`` where there is none).
+        self.open: dict[str, str | None] = {}
         #: ``on_disconnect`` tasks running, by channel (one per ended connection, at most).
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        #: Of those, how many each client address's connections hold (those holding any).
+        self.by_address: dict[str, int] = {}
         #: ``on_connect`` tasks running, by channel: a channel's ``on_disconnect`` starts once
         #: its ``on_connect`` (cancelled with the connection) has unwound.
         self.connecting: dict[str, asyncio.Task[None]] = {}
@@ -123,7 +134,7 @@ class ConnectionHooks:
         rest from the first async one in a task the connection tracks."""
         if handler.closed:  # closed as it started (its kept messages overflowed its queue)
             return
-        self.open.add(handler.channel_id)
+        self.open[handler.channel_id] = current_source.get()
         hooks = self.connect
         args = (handler.channel_id, handler.identity)
         for index, hook in enumerate(hooks):
@@ -157,16 +168,45 @@ class ConnectionHooks:
         channel_id = handler.channel_id
         if channel_id not in self.open:
             return
-        self.open.discard(channel_id)
+        address = self.open.pop(channel_id)
         hooks = self.disconnect
         if not hooks:
+            return
+        if (full := self._full(handler.config.max_disconnect_hooks, address)) is not None:
+            _count(handler, _DISCONNECT, "dropped")
+            handler.log_app_error(logging.WARNING, "on_disconnect hooks not run: %s (%s)",
+                                  ("<on_disconnect>", "dropped"), full,
+                                  ", ".join(_name_of(hook.func) for hook in hooks), hook=_DISCONNECT)
             return
         args = (channel_id, handler.identity, closed)
         task = asyncio.get_running_loop().create_task(
             _run(hooks, None, handler, args, self.connecting.get(channel_id)),
             name=f"on_disconnect {channel_id}", context=contextvars.Context())
         self.tasks[channel_id] = task
-        task.add_done_callback(functools.partial(_forget, self.tasks, channel_id))
+        if address is not None:
+            self.by_address[address] = self.by_address.get(address, 0) + 1
+        task.add_done_callback(functools.partial(self._done, channel_id, address))
+
+    def _full(self, limit: int, address: str | None) -> str | None:
+        """Why another ``on_disconnect`` task cannot start (its address's connections, or all
+        of them, hold their share of ``limit``), or ``None``."""
+        if len(self.tasks) >= limit:
+            return f"{len(self.tasks)} connections' on_disconnect hooks are running, max_disconnect_hooks"
+        share = max(1, limit // DISCONNECT_ADDRESS_SHARES)
+        if address is not None and self.by_address.get(address, 0) >= share:
+            return (f"the connections of its client address run {share} already, a "
+                    f"{DISCONNECT_ADDRESS_SHARES}th of max_disconnect_hooks")
+        return None
+
+    def _done(self, channel_id: str, address: str | None, _: object) -> None:
+        """A channel's ``on_disconnect`` task is done: no longer listed, nor counted."""
+        self.tasks.pop(channel_id, None)
+        if address is not None:
+            left = self.by_address.get(address, 0) - 1
+            if left > 0:
+                self.by_address[address] = left
+            else:
+                self.by_address.pop(address, None)
 
     @staticmethod
     async def wait(tasks: Collection[asyncio.Task[None]], timeout: float) -> None:

@@ -208,6 +208,8 @@ class WebsocketManager:
         handlers still running after their request got its ``timeout`` reply, since a thread
         cannot be stopped, and the last eighth is kept for users holding none; a request that
         finds no thread it may take gets a ``busy`` error reply at once, never waits for one.
+        An ``in_thread`` handler that returns a coroutine (a sync wrapper of an async function)
+        fails that request (``handler_error``; a ``TypeError`` logged, the coroutine closed).
         Raises ``ValueError`` if the kind is taken, or for ``in_thread`` with an async handler;
         ``TypeError`` if ``kind`` is not a string or ``handler`` not callable.
         """

@@ -165,8 +165,13 @@ def memory_pair(
 class MemoryServer:
     """Serves an endpoint over in-memory pairs: ``await server.connect(...)`` is a client socket.
 
-    The endpoint is duck-typed (``config``, ``authenticate``, ``serve``) to keep this module free
-    of the endpoint's imports.
+    It opens the endpoint as it is built, as each adapter's ``serve()`` does as it starts (an
+    endpoint shut down before is served again; one whose ``shutdown()`` is still running raises
+    ``RuntimeError``). Like a closed server, it refuses connections (``ConnectionRefusedError``)
+    once the endpoint is shut down and once :meth:`close` has been called.
+
+    The endpoint is duck-typed (``config``, ``authenticate``, ``serve``, ``closed``) to keep
+    this module free of the endpoint's imports.
     """
 
     def __init__(self, endpoint: object, *, max_queue: int = 64) -> None:
@@ -178,12 +183,20 @@ class MemoryServer:
             reopen()
         self.max_queue = max_queue
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     async def connect(
         self, target: str = "/api/core/ws", headers: Iterable[tuple[str, str]] = ()
     ) -> MemoryTransport:
-        """Authenticate (raising ``AuthenticationFailed`` as a 403 would) and start serving."""
+        """Authenticate (raising ``AuthenticationFailed`` as a 403 would) and start serving.
+        Raises ``ConnectionRefusedError``, as connecting to a closed server does, once this
+        server is closed or its endpoint shut down."""
         endpoint = self.endpoint
+        if self._closed or getattr(endpoint, "closed", False):
+            # Not a 403: no server is there to answer one (a socket server's port is closed).
+            why = "it is closed" if self._closed else f"its endpoint is shut down ({endpoint!r})"
+            raise ConnectionRefusedError(f"the MemoryServer takes no connection: {why}; build a new "
+                                         "MemoryServer to serve the endpoint again")
         request = HandshakeRequest.build(target, headers, ("127.0.0.1", 0))
         identity = await endpoint.authenticate(request)  # type: ignore[attr-defined]
         server_end, client_end = memory_pair(
@@ -198,6 +211,8 @@ class MemoryServer:
         return client_end
 
     async def close(self) -> None:
-        """Wait for every served connection to finish (close the clients first)."""
+        """Take no new connection, and wait for every served connection to finish (close the
+        clients first)."""
+        self._closed = True
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)

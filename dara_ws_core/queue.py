@@ -11,11 +11,18 @@ Every queue of the process counts its bytes into :data:`PROCESS_QUEUED` as well.
 (:data:`TOTAL_SHARES`) while the process's queues hold ``max_total`` together: so connections
 that do not read, each within its own bounds, cannot together make the process hold what none
 may alone; a queue holding less, a reader keeping up, is never affected.
+
+A queue given its client's ``address`` counts into that address's tally too, and is full past
+the same 256th while the queues of its address hold a quarter of ``max_total``
+(:data:`ADDRESS_SHARES`): one client's connections that do not read cannot fill ``max_total`` on
+their own and so hold every other client's queue to that 256th (under ``drop_oldest``, a
+reader that had fallen a little behind lost frames to another client's backlog).
 """
 
 from __future__ import annotations
 
-__all__ = ["BURST", "PROCESS_QUEUED", "TOTAL_SHARES", "OutboundQueue", "QueuedBytes"]
+__all__ = ["ADDRESS_SHARES", "BURST", "PROCESS_QUEUED", "TOTAL_SHARES", "OutboundQueue", "QueuedBytes",
+           "address_queued"]
 
 import asyncio
 import time
@@ -32,6 +39,10 @@ BURST = 4
 #: it (1 MiB of the default 256 MiB): what each connection may still hold then.
 TOTAL_SHARES = 256
 
+#: The queues of one client address hold at most this fraction of ``max_total`` before each of
+#: them is full past its 256th, as when the process's queues hold ``max_total``.
+ADDRESS_SHARES = 4
+
 
 class QueuedBytes:
     """Bytes queued in every outbound queue of the process together. A frame queued for many
@@ -47,6 +58,37 @@ class QueuedBytes:
 #: The tally every :class:`OutboundQueue` counts into: the process's.
 PROCESS_QUEUED = QueuedBytes()
 
+
+class _AddressQueued(QueuedBytes):
+    """The bytes the open queues of one client address hold, and how many queues count in."""
+
+    __slots__ = ("address", "queues")
+
+    def __init__(self, address: str) -> None:
+        super().__init__()
+        self.address = address
+        self.queues = 0
+
+
+#: The tallies of the client addresses that have an open queue, by address key.
+_BY_ADDRESS: dict[str, _AddressQueued] = {}
+
+
+def address_queued(address: str) -> int:
+    """Bytes the open queues of ``address`` hold together."""
+    tally = _BY_ADDRESS.get(address)
+    return 0 if tally is None else tally.bytes
+
+
+def _address_tally(address: str | None) -> _AddressQueued | None:
+    if address is None:
+        return None
+    tally = _BY_ADDRESS.get(address)
+    if tally is None:
+        tally = _BY_ADDRESS[address] = _AddressQueued(address)
+    tally.queues += 1
+    return tally
+
 #: Never appended to: see ``OutboundQueue.__init__``.
 _SHARED_EMPTY: deque[Any] = deque(maxlen=0)
 
@@ -59,15 +101,19 @@ _CALM: dict[OutboundQueue, list[asyncio.Future[None]]] = {}
 class OutboundQueue:
     """FIFO of encoded frames with a frame-count and a byte bound."""
 
-    __slots__ = ("_bytes", "_closed", "_floor", "_frames", "_full_since", "_getter", "_putters", "dropped",
-                 "max_bytes", "max_messages", "max_total")
+    __slots__ = ("_address", "_bytes", "_closed", "_floor", "_frames", "_full_since", "_getter", "_putters",
+                 "dropped", "max_bytes", "max_messages", "max_total")
 
-    def __init__(self, max_messages: int, max_bytes: int, max_total: int | None = None) -> None:
+    def __init__(self, max_messages: int, max_bytes: int, max_total: int | None = None,
+                 address: str | None = None) -> None:
         """``max_total``: the bytes of every queue of the process together past which this one
-        takes no frame that would take it past ``max_total // TOTAL_SHARES`` (``None``: none)."""
+        takes no frame that would take it past ``max_total // TOTAL_SHARES`` (``None``: none).
+        ``address``: its client's address key, whose queues together hold at most a quarter of
+        ``max_total`` before the same holds for each of them (``None``: not counted by address)."""
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.max_total = max_total
+        self._address = None if max_total is None else _address_tally(address)
         # What this queue may hold while the process's queues are over max_total.
         self._floor = max_bytes if max_total is None else max_total // TOTAL_SHARES
         # Most channels never queue (frames go straight to the socket) and never have a waiting
@@ -91,7 +137,7 @@ class OutboundQueue:
         # A queue dropped without close() (a test's, an application's own) gives back its bytes:
         # the process's tally never keeps what no queue holds.
         if not self._closed:
-            PROCESS_QUEUED.bytes -= self._bytes
+            self._release()
 
     @property
     def nbytes(self) -> int:
@@ -121,7 +167,9 @@ class OutboundQueue:
         queued = self._bytes
         return (len(self._frames) < self.max_messages and queued < self.max_bytes
                 and (queued + size <= self._floor or self.max_total is None
-                     or PROCESS_QUEUED.bytes < self.max_total))
+                     or (PROCESS_QUEUED.bytes < self.max_total
+                         and (self._address is None
+                              or self._address.bytes < self.max_total // ADDRESS_SHARES))))
 
     def _append(self, frame: bytes) -> None:
         if self._frames is _SHARED_EMPTY:
@@ -129,6 +177,8 @@ class OutboundQueue:
         self._frames.append(frame)
         self._bytes += len(frame)
         PROCESS_QUEUED.bytes += len(frame)
+        if self._address is not None:
+            self._address.bytes += len(frame)
         getter = self._getter
         if getter is not None and not getter.done():
             getter.set_result(None)
@@ -214,6 +264,8 @@ class OutboundQueue:
             old = self._frames.popleft()
             self._bytes -= len(old)
             PROCESS_QUEUED.bytes -= len(old)
+            if self._address is not None:
+                self._address.bytes -= len(old)
             dropped += 1
             if discarded is not None:
                 discarded.append(old)
@@ -284,6 +336,8 @@ class OutboundQueue:
         frame = frames.popleft()
         self._bytes -= len(frame)
         PROCESS_QUEUED.bytes -= len(frame)
+        if self._address is not None:
+            self._address.bytes -= len(frame)
         if not frames:
             # Drained: the deque goes back to the shared empty one, so a channel that queued
             # only its init frame (then writes straight to the socket) holds none while idle.
@@ -296,13 +350,24 @@ class OutboundQueue:
             self._wake_putter()
         return frame
 
+    def _release(self) -> None:
+        """Give back what it holds to the tallies, and its place in its address's."""
+        PROCESS_QUEUED.bytes -= self._bytes
+        tally = self._address
+        if tally is not None:
+            self._address = None
+            tally.bytes -= self._bytes
+            tally.queues -= 1
+            if not tally.queues:
+                del _BY_ADDRESS[tally.address]
+
     def close(self) -> None:
         """Close the queue: drop queued frames, wake the consumer and every waiting producer."""
         if self._closed:
             return
         self._closed = True
         self._frames.clear()
-        PROCESS_QUEUED.bytes -= self._bytes
+        self._release()
         self._bytes = 0
         if self._getter is not None and not self._getter.done():
             self._getter.set_result(None)

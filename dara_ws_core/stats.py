@@ -146,7 +146,8 @@ class ServerStats:
     handlers_running: int
     #: ``on_connect`` and ``on_disconnect`` hook runs by outcome: ``connect_ok``,
     #: ``connect_error``, ``connect_timeout``, ``disconnect_ok``, ``disconnect_error``,
-    #: ``disconnect_timeout`` (each present, at 0 until it happens).
+    #: ``disconnect_timeout``, and ``disconnect_dropped``: ended connections whose hooks were
+    #: not run, ``max_disconnect_hooks`` running (each present, at 0 until it happens).
     hooks: Mapping[str, int]
     #: The backplane's counters (``BackplaneStats.as_dict()``) when there is one that keeps them.
     backplane: Mapping[str, int] | None
@@ -159,6 +160,11 @@ class ServerStats:
             data[field.name] = ({str(k): v for k, v in value.items()}
                                 if isinstance(value, Mapping) else value)
         return data
+
+
+#: Every key of ``ServerStats.hooks``.
+_HOOK_OUTCOMES = (*(f"{event}_{outcome}" for event in ("connect", "disconnect")
+                    for outcome in ("ok", "error", "timeout")), "disconnect_dropped")
 
 
 def frozen(table: Mapping[Any, int]) -> Mapping[Any, int]:
@@ -208,7 +214,6 @@ def collect(c: Counters, handlers: Iterable[Any], backplane: object = None) -> S
         custom_handlers=frozen({"ok": c.custom_ok, "error": c.custom_error,
                                 "timeout": c.custom_timeout, "busy": c.custom_busy + busy}),
         handlers_running=running,
-        hooks=frozen({f"{event}_{outcome}": c.hooks.get(f"{event}_{outcome}", 0)
-                      for event in ("connect", "disconnect") for outcome in ("ok", "error", "timeout")}),
+        hooks=frozen({key: c.hooks.get(key, 0) for key in _HOOK_OUTCOMES}),
         backplane=frozen(as_dict()) if callable(as_dict) else None,
     )

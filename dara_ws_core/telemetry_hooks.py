@@ -481,9 +481,10 @@ class DaraTelemetry:
 
     # ------------------------------------------------------------------ outbound
 
-    def queue(self, max_messages: int, max_bytes: int, max_total: int | None = None) -> OutboundQueue:
+    def queue(self, max_messages: int, max_bytes: int, max_total: int | None = None,
+              address: str | None = None) -> OutboundQueue:
         """The outbound queue of a new connection: one that counts and samples its frames."""
-        return TimedQueue(self, max_messages, max_bytes, max_total)
+        return TimedQueue(self, max_messages, max_bytes, max_total, address)
 
     def sink(self, sink: Sink | None) -> Sink | None:
         """The sink of a new connection, wrapped to count the frames it writes at once."""
@@ -816,8 +817,8 @@ class TimedQueue(OutboundQueue):
     __slots__ = ("_removed", "_sending", "_stamps", "_telemetry")
 
     def __init__(self, telemetry: DaraTelemetry, max_messages: int, max_bytes: int,
-                 max_total: int | None = None) -> None:
-        super().__init__(max_messages, max_bytes, max_total)
+                 max_total: int | None = None, address: str | None = None) -> None:
+        super().__init__(max_messages, max_bytes, max_total, address)
         self._telemetry = telemetry
         #: Frames removed (taken or dropped) since the queue last began stamping: a position.
         self._removed = 0

@@ -9,7 +9,8 @@ Adapter duties, in full:
 
 * Before accepting, build a :class:`HandshakeRequest` (``HandshakeRequest.build`` parses the query
   string and cookies) and call ``Endpoint.authenticate``; on ``AuthenticationFailed`` answer HTTP 403
-  and create nothing.
+  (on its subclass ``EndpointClosed``, the endpoint shut down meanwhile, 503 with ``Retry-After``:
+  ``endpoint.UNAVAILABLE``) and create nothing.
 * After accepting, wrap the socket in a :class:`Transport` and ``await endpoint.serve(transport,
   identity)``.
 * ``receive()`` returns ``str`` for a text frame and ``bytes`` for a binary frame, and raises

@@ -28,7 +28,7 @@ from dara_ws_core import (
     WebsocketManager,
     token_authenticator,
 )
-from dara_ws_core.exceptions import AuthenticationFailed
+from dara_ws_core.exceptions import AuthenticationFailed, EndpointClosed
 
 Connect = Callable[[str, Iterable[tuple[str, str]]], Awaitable[Transport]]
 Served = Callable[[Endpoint], contextlib.AbstractAsyncContextManager[Connect]]
@@ -49,6 +49,8 @@ async def _memory(endpoint: Endpoint) -> AsyncIterator[Connect]:
     async def connect(target: str, headers: Iterable[tuple[str, str]]) -> Transport:
         try:
             return await server.connect(target, headers)
+        except EndpointClosed:  # as the socket adapters answer it
+            raise HandshakeRejected(503) from None
         except AuthenticationFailed:
             raise HandshakeRejected(403) from None
 
@@ -83,6 +85,8 @@ async def _aiohttp_client(url: str, headers: Iterable[tuple[str, str]]) -> Trans
         return await connect(url, headers=dict(headers), timeout=timeout)
     except AuthenticationFailed as exc:  # the adapter's 401/403; aiohttp's error is the cause
         raise HandshakeRejected(getattr(exc.__cause__, "status", 403)) from None
+    except aiohttp.WSServerHandshakeError as exc:  # another status (503)
+        raise HandshakeRejected(exc.status) from None
 
 
 class _UrlConnect:

@@ -246,6 +246,10 @@ def test_a_redis_url_that_cannot_serve_is_one_line_without_its_password(url: str
     line = _one_line_error(result)
     assert "://***@127.0.0.1:1/0" in line, line
     assert "hunter2" not in result.stderr + result.stdout
+    # It never served: the log said "local delivery continues; reconnecting" before the start
+    # gave up, as if it did.
+    assert "local delivery continues" not in result.stderr, result.stderr
+    assert "dara-ws demo" not in result.stdout, result.stdout
 
 
 def test_a_redis_url_that_cannot_be_split_is_one_line_without_its_password() -> None:

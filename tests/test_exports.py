@@ -32,7 +32,7 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "driver": frozenset({"ConnectionDriver", "close_quietly"}),
     # Hooks are registered with WebsocketManager.on_connect / on_disconnect; their types are read
     # through the module, like custom's.
-    "lifecycle": frozenset({"ConnectHook", "ConnectionHooks", "DisconnectHook", "Hook"}),
+    "lifecycle": frozenset({"DISCONNECT_ADDRESS_SHARES", "ConnectHook", "ConnectionHooks", "DisconnectHook", "Hook"}),
     "handler": frozenset({"Sink"}),
     "codec": frozenset({"MAX_NESTING_DEPTH", "MAX_NUMBER_DIGITS", "MOST_STRINGS_LEFT_OUT", "NOT_UTF8", "PONG_FRAME",
                         "count_json_values", "decode_answer", "decode_client_input", "dumps", "held_text_bytes",
@@ -42,7 +42,8 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
     "messages": frozenset({"InitPayload", "TypedPayload"}),
     # RepeatedRecords: for the adapters, on their libraries' loggers.
     "logs": frozenset({"ConnectionLogger", "RepeatedRecords"}),
-    "queue": frozenset({"BURST", "PROCESS_QUEUED", "TOTAL_SHARES", "OutboundQueue", "QueuedBytes"}),
+    "queue": frozenset({"ADDRESS_SHARES", "BURST", "PROCESS_QUEUED", "TOTAL_SHARES", "OutboundQueue", "QueuedBytes",
+                        "address_queued"}),
     # The per-user history's bookkeeping, shared by the manager and the backplanes.
     "outbox": frozenset({"ADDRESS_SHARES", "HISTORY_SHARES", "SENDER_SHARES", "SENDER_SMALL", "BusRefusals",
                          "ClosedWrites", "DeliveryCursors", "QueuedMarks", "Stamped", "WriteLog", "WrittenRun",

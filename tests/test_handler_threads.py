@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -282,3 +284,35 @@ async def test_endpoint_shutdown_stops_the_managers_pool(gate: threading.Event) 
         assert pool is not None
     assert manager.custom_handlers.threads._executor is None
     assert pool._shutdown
+
+
+async def test_an_in_thread_handler_returning_a_coroutine_fails_naming_the_mistake(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A sync callable wrapping an async function (a lambda, a plain decorator) registered
+    ``in_thread``: its thread returns a coroutine, which no thread can run. The request gets
+    ``handler_error``, the log says what went wrong, and the coroutine is closed (no
+    "never awaited" warning)."""
+    ran: list[str] = []
+
+    async def lookup(channel_id: str, data: Any) -> Any:
+        ran.append(data)
+        return {"ok": data}
+
+    manager = WebsocketManager(CONFIG)
+    manager.add_ws_handler("lookup", lambda channel_id, data: lookup(channel_id, data),  # noqa: PLW0108
+                           in_thread=True)  # a sync wrapper: what registration cannot see through
+    async with running_stack("websockets", manager=manager) as stack:
+        client = await stack.client("alice:s1")
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            with pytest.raises(RemoteError) as failed:
+                await client.request("lookup", "x", timeout=TIMEOUT)
+            gc.collect()  # a coroutine never awaited warns as it is collected
+        warnings_seen = [str(w.message) for w in warned]
+    assert failed.value.code == "handler_error"
+    assert ran == []
+    assert not [w for w in warnings_seen if "never awaited" in w], warnings_seen
+    failure = next(r for r in caplog.records if "custom handler failed" in r.getMessage())
+    assert failure.exc_info is not None
+    assert "in_thread" in str(failure.exc_info[1]) and "coroutine" in str(failure.exc_info[1])

@@ -468,7 +468,7 @@ async def test_a_handshake_the_shutdown_overtakes_is_not_served_after_it(
         make_stack: Callable[..., Any], when: str) -> None:
     """A shutdown that begins while a handshake is being authenticated, or between its
     authentication and its connection's start, leaves no connection served after it: the
-    handshake is refused (403) or its connection closed (1001) before any hook, or, registered
+    handshake is refused (503) or its connection closed (1001) before any hook, or, registered
     before the shutdown began, closed by it with both hooks run. It was served after the
     shutdown returned, its on_connect run, its on_disconnect left for no shutdown to wait for."""
     entered, release = asyncio.Event(), asyncio.Event()
@@ -499,7 +499,7 @@ async def test_a_handshake_the_shutdown_overtakes_is_not_served_after_it(
             try:
                 transport = await connecting
             except HandshakeRejected as exc:
-                assert exc.status == 403
+                assert exc.status == 503  # going away, not refusing the client (it was 403)
             else:  # upgraded before the shutdown's first step: closed since
                 with pytest.raises(ConnectionClosed):
                     for _ in range(8):
@@ -565,3 +565,67 @@ def test_what_cannot_be_a_hook_is_refused_at_registration() -> None:
     assert hooks is not None and not hooks.connect and not hooks.disconnect
     assert manager.on_connect(two) is two and manager.on_disconnect(print) is print  # (no signature)
     assert len(hooks.connect) == len(hooks.disconnect) == 1
+
+
+@pytest.mark.parametrize("bound", ["address", "total"])
+async def test_on_disconnect_tasks_are_bounded_and_those_not_run_are_counted_and_logged(
+    bound: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A slow ``on_disconnect`` (a database under load) and a client connecting and closing in a
+    loop piled up one task per ended connection, each holding its connection, for up to
+    ``handler_timeout``. At most ``max_disconnect_hooks`` run at once, a quarter of them for the
+    connections of one client address; beyond, the hooks are not run, counted and logged. A
+    bystander on another address still has its hooks run while one address holds its share."""
+    from dara_ws_core import DaraClient, Endpoint
+    from dara_ws_websockets import connect, serve
+
+    manager = WebsocketManager(ServerConfig(max_disconnect_hooks=8 if bound == "address" else 4))
+    manager.add_ws_handler("echo", lambda channel_id, data: data)
+    finish = asyncio.Event()
+    running: list[str] = []
+    done: list[str] = []
+
+    @manager.on_disconnect
+    async def slow_cleanup(channel_id: str, identity: Identity, closed: ConnectionClosed) -> None:
+        running.append(identity.user_id)
+        await finish.wait()
+        done.append(identity.user_id)
+
+    def identify(request: Any) -> Identity:
+        user = request.query.get("user", "anonymous")
+        return Identity(user_id=user, session_id=user)
+
+    async def connect_and_close(url: str, user: str, host: str) -> None:
+        async with DaraClient(lambda: connect(f"{url}?user={user}", local_addr=(host, 0)),
+                              ping_interval=None, reconnect=False) as client:
+            assert await client.request("echo", 1, timeout=TIMEOUT) == 1
+
+    endpoint = Endpoint(manager, identify)
+    async with serve(endpoint, "127.0.0.1", 0) as server:
+        # One address (or, for the total, one connection from each of five addresses: a
+        # quarter of 4 is one each), each hook held by `finish`.
+        plan = ([(f"storm{i}", "127.0.0.1") for i in range(5)] if bound == "address"
+                else [(f"host{i}", f"127.0.0.{i + 1}") for i in range(5)])
+        for user, host in plan:
+            await connect_and_close(server.url, user, host)
+        hooks = manager.hooks
+        assert hooks is not None
+        expected_running = 2 if bound == "address" else 4
+        await eventually(lambda: not endpoint._connections, "every connection over", timeout=TIMEOUT)
+        await eventually(lambda: len(running) == expected_running, "the hooks running", timeout=TIMEOUT)
+        assert len(hooks.tasks) == expected_running
+        assert manager.stats().hooks["disconnect_dropped"] == 5 - expected_running
+        warned = [r for r in caplog.records if "on_disconnect hooks not run" in r.getMessage()]
+        assert warned and warned[0].levelno == logging.WARNING, [r.getMessage() for r in caplog.records]
+        assert "max_disconnect_hooks" in warned[0].getMessage() and "slow_cleanup" in warned[0].getMessage()
+        if bound == "address":
+            # Another client address: its own share, its hook runs.
+            await connect_and_close(server.url, "bystander", "127.0.0.2")
+            await eventually(lambda: "bystander" in running, "the bystander's hook running", timeout=TIMEOUT)
+        finish.set()
+        await eventually(lambda: not hooks.tasks, "every hook done", timeout=TIMEOUT)
+        assert not hooks.by_address
+        # Room again: the next connection's hook runs.
+        await connect_and_close(server.url, "later", "127.0.0.1")
+        await eventually(lambda: "later" in done, "a later hook ran", timeout=TIMEOUT)
+    assert manager.stats().hooks["disconnect_dropped"] == 5 - expected_running

@@ -106,3 +106,48 @@ async def test_connections_that_read_nothing_cannot_together_queue_past_the_proc
     assert ATTACKERS * config.max_queue_bytes > 2 * bound
     assert peak <= bound, f"{seen}, over {bound}"
     assert not healthy.violations(figures), f"{seen}: {healthy.violations(figures)} {figures}"
+
+
+async def test_one_address_that_reads_nothing_cannot_make_another_clients_pushes_dropped() -> None:
+    """Connections of one client address (127.0.0.1) that read nothing filled
+    ``max_queued_total_bytes`` on their own: every other client's queue was then full past a
+    256th of it, and under ``drop_oldest`` a client on another address (127.0.0.2) that had
+    fallen a little behind (pushes of 512 KiB in all, a quarter of its own ``max_queue_bytes``)
+    lost frames to that backlog. One address's queues now hold at most a quarter of the total
+    before each of them is held to its 256th: the bystander keeps every frame."""
+    config = ServerConfig(**CONFIG, slow_consumer_policy="drop_oldest")  # type: ignore[arg-type]
+    rng = random.Random(f"{SEED}-bystander")
+    async with running_stack("websockets", config) as stack:
+        manager = stack.manager
+        manager.add_ws_handler("echo", _echo)
+        assert stack.port is not None
+        bystander = await HostileClient.open(stack.port, rcvbuf=4096, local="127.0.0.2")
+        clients: list[HostileClient] = [bystander]
+        try:
+            response = await bystander.handshake("/api/core/ws?token=bystander:s")
+            assert response.status == 101, response
+            channel = json.loads((await bystander.read_frame()).text)["message"]["channel"]
+            bystander.stop_reading()  # behind for a moment, as a reader on a slow link is
+            attack = asyncio.gather(*(_flood(stack.port, i, _requests(rng, i), clients)
+                                      for i in range(ATTACKERS)))
+            peak = 0
+            while not attack.done():  # sampled every 10 ms while the attack lasts
+                peak = max(peak, manager.stats().queued_bytes)
+                await asyncio.wait((attack,), timeout=0.01)
+            attack.result()
+            pushes = 32
+            for n in range(pushes):
+                await manager.send_message(channel, {"n": n, "pad": "p" * (16 * KiB)})
+            handler = manager.handlers[channel]
+            dropped = handler.dropped
+            bystander.resume_reading()
+            got: list[int] = []
+            async with asyncio.timeout(10):
+                while len(got) < pushes - dropped:
+                    got.append(json.loads((await bystander.read_frame(timeout=10)).text)["message"]["n"])
+        finally:
+            for client in clients:
+                client.abort()
+    seen = f"seed {SEED}: queued at most {peak} bytes, the bystander's queue dropped {dropped}"
+    assert dropped == 0, seen
+    assert got == list(range(pushes)), seen

@@ -115,3 +115,53 @@ async def test_a_memory_server_serves_an_endpoint_an_earlier_server_shut_down() 
     server = MemoryServer(endpoint)
     async with DaraClient(server.connect, ping_interval=None) as client:
         assert await client.request("echo", 1, timeout=5) == 1
+
+
+async def test_a_memory_server_refuses_connections_once_its_endpoint_is_shut_down() -> None:
+    # As a closed server refuses a socket: it used to raise AuthenticationFailed, which a test
+    # read as a 403 rejection by a server still there.
+    endpoint = Endpoint(WebsocketManager(), allow_anonymous())
+    server = MemoryServer(endpoint)
+    await endpoint.shutdown(grace=0)
+    with pytest.raises(ConnectionRefusedError, match="endpoint is shut down"):
+        await server.connect()
+
+
+async def test_a_closed_memory_server_refuses_connections() -> None:
+    endpoint = Endpoint(WebsocketManager(), allow_anonymous())
+    server = MemoryServer(endpoint)
+    await server.close()
+    with pytest.raises(ConnectionRefusedError, match="it is closed"):
+        await server.connect()
+    await endpoint.shutdown(grace=0)
+
+
+async def test_a_memory_server_cannot_reopen_an_endpoint_in_the_middle_of_its_shutdown() -> None:
+    # The shutdown waits for a request in flight (its grace): a MemoryServer built meanwhile
+    # silently took newcomers again beside the connections being closed.
+    manager = WebsocketManager()
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(channel_id: str, data: object) -> object:
+        started.set()
+        await release.wait()
+        return data
+
+    manager.add_ws_handler("slow", slow)
+    endpoint = Endpoint(manager, allow_anonymous())
+    server = MemoryServer(endpoint)
+    async with DaraClient(server.connect, ping_interval=None, reconnect=False) as client:
+        request = asyncio.create_task(client.request("slow", 1, timeout=5))
+        async with asyncio.timeout(5):
+            await started.wait()
+        shutdown = asyncio.create_task(endpoint.shutdown(grace=5))
+        await asyncio.sleep(0)  # the shutdown begins, and waits for the request
+        assert "shutting down" in repr(endpoint)
+        with pytest.raises(RuntimeError, match="while its shutdown"):
+            MemoryServer(endpoint)
+        release.set()
+        async with asyncio.timeout(5):
+            assert await request == 1
+            await shutdown
+    await server.close()
+    assert endpoint.closed

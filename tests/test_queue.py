@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dara_ws_core.exceptions import ConnectionClosed
-from dara_ws_core.queue import PROCESS_QUEUED, TOTAL_SHARES, OutboundQueue
+from dara_ws_core.queue import _BY_ADDRESS, ADDRESS_SHARES, PROCESS_QUEUED, TOTAL_SHARES, OutboundQueue, address_queued
 
 
 async def settle() -> None:
@@ -139,6 +139,32 @@ def test_past_its_floor_a_queue_is_full_while_the_process_queues_hold_max_total(
     drain(others[0])
     assert PROCESS_QUEUED.bytes - start < 2560
     assert mine.offer(b"z")  # the process back under its total
+
+
+def test_the_queues_of_one_address_cannot_fill_max_total_and_hold_every_other_queue_to_its_floor() -> None:
+    # One client's connections that do not read, each queue within its own bounds, filled the
+    # process's max_total on their own: every other client's queue was then full past its
+    # 256th (under drop_oldest, a reader a little behind lost frames). Past a quarter of
+    # max_total for its address, a queue of that address is full past its floor instead.
+    start = PROCESS_QUEUED.bytes
+    max_total = 4000 + start
+    share, floor = max_total // ADDRESS_SHARES, max_total // TOTAL_SHARES
+    hog = "198.51.100.7"
+    hogs = [OutboundQueue(max_messages=100, max_bytes=1000, max_total=max_total, address=hog) for _ in range(6)]
+    taken = [sum(queue.offer(b"h" * 100) for _ in range(10)) for queue in hogs]
+    assert share <= address_queued(hog) < share + 100 * len(hogs), taken
+    assert taken[0] == 10 and all(n <= 1 + floor // 100 for n in taken[-3:]), taken  # past the share: its floor
+    assert PROCESS_QUEUED.bytes < max_total  # the hog alone cannot fill the process
+    bystander = OutboundQueue(max_messages=100, max_bytes=1000, max_total=max_total, address="203.0.113.9")
+    assert all(bystander.offer(b"b" * 50) for _ in range(20))  # its own bounds only
+    assert bystander.dropped == 0 and bystander.drop_oldest_and_put(b"b" * 10) == 1  # at max_bytes: its own bound
+    # The hog's queues take again as their own readers drain them below the share.
+    drain(hogs[0])
+    assert hogs[0].offer(b"h" * 100) and hogs[0].offer(b"h" * 100)
+    for queue in (*hogs, bystander):
+        queue.close()
+    assert address_queued(hog) == 0 and PROCESS_QUEUED.bytes == start
+    assert hog not in _BY_ADDRESS  # an address with no queue left costs nothing
 
 
 def test_the_process_tally_counts_what_the_queues_hold_and_forgets_closed_or_dropped_ones() -> None:

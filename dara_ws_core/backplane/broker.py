@@ -270,11 +270,14 @@ class BrokerBackplane(BusNode):
             logger.info("backplane starting: connecting in the background",
                         extra={"node": self.node_id})
             return
+        self._first_wait = False
         try:
             async with asyncio.timeout(self.connect_timeout):
                 await self._connected.wait()
+                self._first_wait = None
                 await self.flush()
         except TimeoutError:
+            self._first_wait = None
             await self.stop()
             raise BackplaneError(
                 f"could not reach the backplane within {self.connect_timeout} s"

@@ -239,6 +239,9 @@ class BusNode(abc.ABC):
         self.broadcast_topic = f"{namespace}:broadcast"
         self.stats = BackplaneStats()
         self._stopping = False
+        #: A start() waiting for the bus's first answer (its failures are the start's to
+        #: report): whether the bus's failure was logged; ``None`` when none waits.
+        self._first_wait: bool | None = None
         self._connected = asyncio.Event()
         # One ordered outbox for everything this node publishes: one task drains it in batches
         # (one round trip per batch), so publishing never costs a round trip per message and
@@ -1093,7 +1096,14 @@ class BusNode(abc.ABC):
         self._connected.clear()
         self._spooling = True
         self._forget_echoes()
-        if self._down_since is None and not self._stopping:
+        if self._first_wait is not None:
+            # Not an outage of a serving process: start() fails after connect_timeout, and
+            # "local delivery continues" would tell the operator it serves. Said once.
+            if not self._first_wait:
+                self._first_wait = True
+                logger.info("backplane: the bus does not answer yet (%s); trying again until the "
+                            "start gives up", reason, extra={"node": self.node_id})
+        elif self._down_since is None and not self._stopping:
             self._down_since = time.monotonic()
             self._failed_at_down = self.stats.failed
             self._warned = False

@@ -16,7 +16,7 @@ import contextlib
 import pytest
 
 from dara_ws_core import ServerConfig
-from tests.hostile import HostileClient, open_channel
+from tests.hostile import TOKEN_PATH, HostileClient, handshake_request, open_channel
 from tests.stacks import TRANSPORTS, served_port
 
 TIMEOUT = 10.0  # a bound on each wait, far above what any of them takes
@@ -43,5 +43,36 @@ async def test_no_connection_is_taken_once_the_shutdown_began(name: str) -> None
             pytest.fail(f"a connection was taken during the shutdown, answered {response.status}")
     finally:
         holder.abort()
+        async with asyncio.timeout(TIMEOUT):
+            await shutdown
+
+
+@pytest.mark.parametrize("name", SERVED)
+async def test_a_request_still_incomplete_when_the_shutdown_began_is_not_answered_403(name: str) -> None:
+    """A plain socket accepted before the shutdown, its upgrade request not finished: once it
+    finishes it (within the shutdown's grace), it is answered 503 with a ``Retry-After``, or
+    closed, as every handshake the shutdown overtakes. It was answered 403, which a client takes
+    for a refused identity (``DaraClient`` waits ``backoff_max`` after one) rather than a
+    server going away."""
+    exits = contextlib.AsyncExitStack()
+    port = await exits.enter_async_context(served_port(name, CONFIG))
+    holder, _ = await open_channel(port)
+    late = await HostileClient.open(port)
+    late.write(handshake_request(TOKEN_PATH, complete=False))
+    shutdown = asyncio.ensure_future(exits.aclose())
+    try:
+        assert await holder.read_close(TIMEOUT) == 1001  # the shutdown began, and lasts
+        assert not shutdown.done()
+        late.write(b"\r\n")  # the request is whole now
+        try:
+            response = await late.read_response(TIMEOUT)
+        except (EOFError, ConnectionError):
+            pass  # closed without an answer: as good
+        else:
+            assert response.status == 503, response
+            assert response.header("Retry-After") is not None, response
+    finally:
+        holder.abort()
+        late.abort()
         async with asyncio.timeout(TIMEOUT):
             await shutdown

@@ -99,3 +99,34 @@ async def test_a_target_naming_no_path_is_refused_with_400_not_handed_to_the_cal
             response = await client.handshake(path=target)
         assert response.status == 400
     assert served == []
+
+
+@pytest.mark.parametrize("returned", ["tuple", "str"])
+@pytest.mark.parametrize("is_async", [False, True], ids=["function", "coroutine"])
+async def test_a_process_request_returning_no_response_is_a_type_error_and_a_500_for_that_client(
+    returned: str, is_async: bool, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A legacy websockets ``(status, headers, body)`` tuple, or a str: the client got no HTTP
+    answer it could read, and nothing named the mistake."""
+    wrong: object = (http.HTTPStatus.OK, [], b"ok\n") if returned == "tuple" else "ok\n"
+
+    def health(connection: ServerConnection, request: Request) -> object:
+        return wrong if request.path == "/health" else None
+
+    async def async_health(connection: ServerConnection, request: Request) -> object:
+        return health(connection, request)
+
+    async with serve(_endpoint(), "127.0.0.1", 0,
+                     process_request=async_health if is_async else health) as server:  # type: ignore[arg-type]
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 500")
+        writer.close()
+        # Another client, on the endpoint's path, is served as before.
+        async with DaraClient(lambda: connect(server.url + "?token=secret"), ping_interval=None) as client:
+            assert await client.request("echo", [1], timeout=5) == [1]
+    failures = [r for r in caplog.records if r.exc_info is not None and isinstance(r.exc_info[1], TypeError)]
+    assert failures, [r.getMessage() for r in caplog.records]
+    text = str(failures[0].exc_info[1])  # type: ignore[index]
+    assert "process_request" in text and type(wrong).__name__ in text and "Response" in text

@@ -35,7 +35,7 @@ except ImportError as exc:  # the extra is missing: say which one to install
     ) from exc
 
 from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, Evict, host_of
-from dara_ws_core.exceptions import AuthenticationFailed
+from dara_ws_core.exceptions import AuthenticationFailed, EndpointClosed
 from dara_ws_core.logs import RepeatedRecords
 from dara_ws_core.tls import CountedTLS
 from dara_ws_core.transport import HandshakeRequest, Server, SharedBufferReads
@@ -108,6 +108,8 @@ def _add_route(app: web.Application, endpoint: Endpoint, path: str, *, any_targe
         handshake = HandshakeRequest.build(request.raw_path, request.headers.items(), peer)
         try:
             identity = await endpoint.authenticate(handshake)
+        except EndpointClosed:  # the shutdown overtook it: going away, not refusing the client
+            return _full()
         except AuthenticationFailed:
             return web.Response(status=403, text="Forbidden")
         config = endpoint.config
@@ -208,6 +210,7 @@ async def _no_expectation(request: web.Request) -> None:
 
 
 def _full() -> web.Response:
+    """503: the process is full, or its endpoint shut down."""
     return web.Response(status=503, text="Service Unavailable",
                         headers={"Retry-After": str(RETRY_AFTER), "Connection": "close"})
 

@@ -33,8 +33,8 @@ except ImportError as exc:  # the extra is missing: say which one to install
         'dara_ws_asgi needs the starlette library: pip install "dara-ws-core[asgi]"', name=exc.name
     ) from exc
 
-from dara_ws_core.endpoint import Admission, Endpoint, host_of
-from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
+from dara_ws_core.endpoint import UNAVAILABLE, Admission, Endpoint, host_of
+from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed, EndpointClosed
 from dara_ws_core.transport import NOT_UTF8, HandshakeRequest, Server
 from dara_ws_core.upgrade import NOT_FOUND, Refusal, check_target, check_upgrade_request, read_target
 
@@ -195,7 +195,8 @@ async def _deny(scope: Scope, send: Send, refusal: Refusal | None = None) -> Non
     """Refuse a request: 404 for plain HTTP; for a WebSocket, a close before accept, which the
     ASGI spec makes an HTTP 403 on every server. A uvicorn hooked by :func:`hook_uvicorn` (what
     :func:`serve` and the lifespans run) answers a target that is not the endpoint's
-    (``refusal``: 404, or 400) with that status, as the other transports do. (The
+    (``refusal``: 404, or 400), or a handshake its shutdown overtook (503), with that status,
+    as the other transports do. (The
     ``websocket.http.response`` extension could do that on any server, but uvicorn's default
     websockets-sansio then logs a spurious ERROR for every rejection, Kludex/uvicorn#3138.)"""
     if scope["type"] == "websocket":
@@ -318,6 +319,9 @@ class ASGIApp:
             return  # the client left before the handshake completed
         try:
             identity = await self.endpoint.authenticate(_handshake(scope))
+        except EndpointClosed:  # the shutdown overtook it: 503 where the server can say so
+            await _deny(scope, send, UNAVAILABLE)
+            return
         except AuthenticationFailed:
             await _deny(scope, send)
             return

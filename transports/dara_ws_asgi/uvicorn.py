@@ -553,9 +553,9 @@ def _protocols(handshake_timeout: float, close_timeout: float) -> tuple[dict[typ
 
         def dara_refuse_with(self, refusal: Refusal) -> bool:
             """Refuse the upgrade with ``refusal``'s status (404, or 400 for a target that
-            names no path), as uvicorn refuses one with 403 (a close before accept); False once
-            too late for an answer. Called by the application, not through ``send``: every frame
-            goes through that."""
+            names no path; 503 for one the shutdown overtook), as uvicorn refuses one with 403
+            (a close before accept); False once too late for an answer. Called by the
+            application, not through ``send``: every frame goes through that."""
             if self.disconnected or self.handshake_complete or self.initial_response is not None:
                 return False
             self.queue.put_nowait({"type": "websocket.disconnect", "code": 1006})

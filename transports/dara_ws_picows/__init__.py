@@ -33,8 +33,8 @@ except ImportError as exc:  # the extra is missing: say which one to install
         'dara_ws_picows needs the picows library: pip install "dara-ws-core[picows]"', name=exc.name
     ) from exc
 
-from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, host_of
-from dara_ws_core.exceptions import AuthenticationFailed
+from dara_ws_core.endpoint import UNAVAILABLE, Admission, Endpoint, host_of
+from dara_ws_core.exceptions import AuthenticationFailed, EndpointClosed
 from dara_ws_core.tls import CountedTLS
 from dara_ws_core.transport import HandshakeRequest, ReceivingCharge, Server
 from dara_ws_core.upgrade import (
@@ -80,7 +80,7 @@ _LOG = _Quiet(logging.getLogger("dara_ws_picows"), {})
 
 #: The gate's own refusals, beside the upgrade check's (the same statuses on every transport).
 _TOO_LARGE = Refusal(431, "Request Header Fields Too Large")
-_FULL = Refusal(503, "Service Unavailable", (("Retry-After", str(RETRY_AFTER)),))
+_FULL = UNAVAILABLE
 _FORBIDDEN = Refusal(403, "Forbidden")
 
 
@@ -195,6 +195,9 @@ class _Gate(asyncio.Protocol):
     async def _accept(self, transport: asyncio.Transport, handshake: HandshakeRequest) -> None:
         try:
             identity = await self._server.endpoint.authenticate(handshake)
+        except EndpointClosed:  # the shutdown overtook it: going away, not refusing the client
+            self._reject(_FULL)
+            return
         except AuthenticationFailed:
             self._reject(_FORBIDDEN)
             return

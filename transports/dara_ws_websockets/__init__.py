@@ -44,8 +44,8 @@ if TYPE_CHECKING:
     from dara_ws_core.auth import Identity
 
 from dara_ws_core.auth import holder_of
-from dara_ws_core.endpoint import RETRY_AFTER, Admission, Endpoint, host_of
-from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed
+from dara_ws_core.endpoint import UNAVAILABLE, Admission, Endpoint, host_of
+from dara_ws_core.exceptions import AuthenticationFailed, CloseCode, ConnectionClosed, EndpointClosed
 from dara_ws_core.tls import CountedTLS
 from dara_ws_core.transport import (
     ClientFrameHeaders,
@@ -61,7 +61,7 @@ from dara_ws_core.transport import (
     read_behind_request,
     text_frame_header,
 )
-from dara_ws_core.upgrade import NOT_FOUND, check_target, check_upgrade_request, refusal_of_request_line
+from dara_ws_core.upgrade import NOT_FOUND, Refusal, check_target, check_upgrade_request, refusal_of_request_line
 
 #: websockets' ``process_request``: a function or a coroutine function.
 ProcessRequest = Callable[[ServerConnection, Request], "Response | Awaitable[Response | None] | None"]
@@ -514,6 +514,14 @@ class _ServerConnection(ServerConnection, SharedBufferReads):
                 self.transport.resume_reading()
 
 
+def _respond(connection: ServerConnection, refusal: Refusal) -> Response:
+    """The HTTP answer of a refused opening request (its status, body and headers)."""
+    response = connection.respond(HTTPStatus(refusal.status), refusal.text)
+    for name, value in refusal.headers:
+        response.headers[name] = value
+    return response
+
+
 @asynccontextmanager
 async def serve(
     endpoint: Endpoint,
@@ -534,10 +542,11 @@ async def serve(
     Your own server's parts, as websockets takes them: ``process_request(connection, request)``
     (a function or a coroutine function) runs first for every request, the endpoint's included;
     a ``Response`` it returns is the answer, ``None`` goes on to the endpoint's checks and
-    authentication. ``handler(connection)`` serves the upgrades to every other path (after
-    websockets' own checks) instead of the 404; a target naming no path (a malformed
-    percent-encoding) still gets the endpoint's 400. Raises ``TypeError`` for ``create_connection``,
-    which the adapter needs for its own.
+    authentication; anything else is a ``TypeError`` (logged by websockets with the traceback,
+    that client answered 500), as is an exception it raises. ``handler(connection)`` serves
+    the upgrades to every other path (after websockets' own checks) instead of the 404; a
+    target naming no path (a malformed percent-encoding) still gets the endpoint's 400. Raises
+    ``TypeError`` for ``create_connection``, which the adapter needs for its own.
     """
     if "create_connection" in kwargs:
         raise TypeError("serve() builds websockets' connections itself (frame checks, flow control, "
@@ -554,21 +563,18 @@ async def serve(
         refusal = (check_upgrade_request(method, protocol, request.headers.raw_items())
                    or check_target(request.path, endpoint.path))
         if refusal is not None:
-            response = connection.respond(HTTPStatus(refusal.status), refusal.text)
-            for name, value in refusal.headers:
-                response.headers[name] = value
-            return response
+            return _respond(connection, refusal)
         handshake = HandshakeRequest.build(
             request.path, request.headers.raw_items(), connection.remote_address
         )
         if connection.dara_admission is not Admission.ADMIT:  # type: ignore[attr-defined]
-            response = connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "Service Unavailable\n")
-            response.headers["Retry-After"] = str(RETRY_AFTER)
-            return response
+            return _respond(connection, UNAVAILABLE)
         try:
             connection.dara_identity = identity = await endpoint.authenticate(handshake)  # type: ignore[attr-defined]
             # In the handshake's context: the client's address as authenticate() found it.
             connection.dara_charge = endpoint.receiving_charge(identity, connection.dara_host)  # type: ignore[attr-defined]
+        except EndpointClosed:  # the shutdown overtook it: going away, not refusing the client
+            return _respond(connection, UNAVAILABLE)
         except AuthenticationFailed:
             return connection.respond(HTTPStatus.FORBIDDEN, "Forbidden\n")
         return None
@@ -578,6 +584,13 @@ async def serve(
             response = process_request(connection, request)
             if inspect.isawaitable(response):
                 response = await response
+            if response is not None and not isinstance(response, Response):
+                # websockets took it for a Response and failed writing it: the client got no
+                # answer it could read, and the log named no mistake. Raised here, websockets
+                # logs it ("process_request failed") and answers that client 500.
+                raise TypeError(f"process_request returned {type(response).__name__}, not a websockets "
+                                "Response or None (build one with connection.respond(status, text); the "
+                                "(status, headers, body) tuple of websockets' legacy server is not one)")
             if response is not None:
                 endpoint.settled(connection.dara_evict)  # type: ignore[attr-defined]  # its request is whole
                 return response
