@@ -188,3 +188,29 @@ async def test_a_frame_written_while_asyncio_holds_bytes_goes_after_them() -> No
     assert numbers == list(range(sent))
 
 
+
+
+async def test_frames_over_8_kib_to_a_reader_that_stops_are_flow_controlled_and_whole() -> None:
+    # picows writes a server frame over 8 KiB with the transport's writelines([header, payload]),
+    # the header a view of its own reused write buffer. Python 3.12's selector transport keeps
+    # those views until sent and never pauses the protocol from writelines: for a reader that
+    # stopped, asyncio's buffer grew by every broadcast (24 MiB for 50 of 512 KiB) and the queue
+    # bound never applied. The adapter gives such a transport asyncio's base writelines (joined,
+    # copied, one write()), as Python 3.11's is.
+    blob = 512 * 1024
+    async with running_stack("picows", CONFIG) as stack:
+        assert stack.port is not None
+        client, _ = await open_channel(stack.port, rcvbuf=4096)
+        underlying = _underlying(stack)
+        client.transport.pause_reading()
+        most = 0
+        for n in range(24):
+            await stack.manager.broadcast({"n": n, "pad": "x" * blob})
+            await asyncio.sleep(0)
+            most = max(most, underlying.get_write_buffer_size())
+        # Writing paused at the transport's limit: what is past it waits in the core's queue.
+        assert most < 4 * blob, most
+        client.transport.resume_reading()
+        got = [json.loads((await client.read_frame(10)).text)["message"]["n"] for _ in range(24)]
+        assert got == list(range(24))  # every frame whole, its header its own
+        client.transport.abort()

@@ -23,6 +23,7 @@ import logging
 import mmap
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import asynccontextmanager
+from types import MethodType
 from typing import Any, cast
 
 try:
@@ -279,11 +280,32 @@ def _write_buffer_size(transport: asyncio.Transport) -> Callable[[], int] | None
     return buffer.__len__ if type(buffer) is bytearray else None
 
 
+def _joined_writelines(transport: asyncio.Transport) -> Callable[[Any], None] | None:
+    """For asyncio's own socket transport where its ``writelines`` keeps the buffers it is given
+    (Python 3.12 and later: views kept in its buffer until sent) and never pauses the protocol,
+    asyncio's base ``writelines``, bound to it: the buffers joined into one ``write()``, copied
+    at once and flow-controlled. ``None`` elsewhere (3.11's is that one already; other loops).
+
+    picows writes a server frame over 8 KiB with ``writelines([header, payload])``, the header a
+    view of picows' own write buffer, which it reuses for the next frame. With 3.12's method,
+    what a slow reader left unsent grew without bound (``pause_writing`` never came: 24 MiB for
+    50 broadcasts of 512 KiB, the 1013 never sent), and the header kept in asyncio's buffer was
+    the memory picows wrote the next frames' headers into."""
+    if _SOCKET_TRANSPORT is None or type(transport) is not _SOCKET_TRANSPORT \
+            or getattr(_SOCKET_TRANSPORT, "writelines", None) is _BASE_WRITELINES:
+        return None
+    return MethodType(_BASE_WRITELINES, transport)
+
+
+#: asyncio's base ``writelines``: ``self.write(b"".join(list_of_data))``.
+_BASE_WRITELINES = asyncio.WriteTransport.writelines
+
+
 class _BoundedReads(asyncio.BufferedProtocol):
     """picows' protocol as the socket's, with every read bounded to :data:`READ_LIMIT` bytes,
     and what a large frame grew its read buffer by handed back once the frame is handled."""
 
-    __slots__ = ("_admission", "_endpoint", "_host", "_protocol", "_releasing", "buffer_updated")
+    __slots__ = ("_admission", "_endpoint", "_host", "_joined", "_protocol", "_releasing", "buffer_updated")
 
     def __init__(self, protocol: WSProtocol, endpoint: Endpoint, admission: Admission,
                  host: str | None) -> None:
@@ -291,6 +313,9 @@ class _BoundedReads(asyncio.BufferedProtocol):
         self._endpoint = endpoint
         self._admission, self._host = admission, host  # the gate's slot, freed with the socket
         self._releasing = False
+        #: The transport given a writelines of its own (_joined_writelines), which holds it:
+        #: taken back at connection_lost, so that no cycle is left to the collector.
+        self._joined: asyncio.Transport | None = None
         # picows' own method (in C), called by the loop without a Python call around it.
         self.buffer_updated = protocol.buffer_updated  # type: ignore[method-assign]  # an instance slot
 
@@ -316,6 +341,9 @@ class _BoundedReads(asyncio.BufferedProtocol):
         return cast("bool | None", self._protocol.eof_received())
 
     def connection_lost(self, exc: Exception | None) -> None:
+        joined, self._joined = self._joined, None
+        if joined is not None:
+            vars(joined).pop("writelines", None)
         admission, self._admission = self._admission, Admission.DROP
         self._endpoint.free_slot(admission, self._host)
         self._protocol.connection_lost(exc)
@@ -352,6 +380,10 @@ class _Serving:
         reads = _BoundedReads(protocol, self.endpoint, admission, host)
         listener.release_reads = reads.release
         transport.set_protocol(reads)
+        joined = _joined_writelines(transport)
+        if joined is not None:  # (picows looks writelines up at each frame over 8 KiB)
+            transport.writelines = joined  # type: ignore[method-assign,assignment]
+            reads._joined = transport
         # While picows and the listener take their hold of the transport (picows' WSTransport
         # in connection_made, the listener once upgraded), its buffer size is a C call
         # (_write_buffer_size); the transport's own method is back afterwards.
