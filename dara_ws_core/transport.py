@@ -415,13 +415,20 @@ FRAMES_PER_FEED = 1024
 
 class TurnShares:
     """What each client address has used in the current turn of the event loop, against
-    ``share`` per turn for all of its connections together.
+    ``share`` per turn for all of its connections together, and against ``total`` per turn for
+    every address together.
 
     A bound per connection and per turn (:data:`FRAMES_PER_FEED` frames parsed, a few messages
     handled) is a bound per turn only while one client has one connection: a client with 64
     connections, each flooding pings within its own share, had the loop parse 64 shares a turn,
     and every other client's pushes waited a second or more for each turn. With it, one address
-    adds about ``share`` to a turn however many connections it has.
+    adds about ``share`` to a turn however many connections it has. A share per address is a
+    bound per turn only while few addresses are busy: 48 addresses (one client holding many,
+    or many clients) flooding pings had the loop parse 48 shares a turn, as the 64 connections
+    of one address did. So with ``total``, the addresses together use at most ``total`` a turn,
+    and once more of them are busy than ``total // share`` (counted over this turn and the one
+    before), each address's share of a turn is ``total`` divided among them (at least 1), so
+    that every busy address has its part of each turn.
 
     :meth:`left` and :meth:`spend` count (``address`` ``None``: not counted, nothing left out;
     :meth:`left_on` and :meth:`spend_on` for a non-``None`` address, given the running loop);
@@ -430,36 +437,57 @@ class TurnShares:
     connection of an address that has used its share may :meth:`wait` for its place: the waiting
     ones of each address are woken in the order they came, ``wake`` a turn, so that none waits for
     ever behind the others; each by a turn of its own loop (servers on the loops of several
-    threads share the counts, and each loop wakes only its own waiters)."""
+    threads share the counts, and each loop wakes only its own waiters). Each woken one may then
+    use ``grant`` (or, while ``total`` is divided, that part of it the address's share is of
+    ``share``; at least 1): :meth:`wait`'s result."""
 
-    __slots__ = ("_loop", "_waiting", "share", "turn", "used", "wake")
+    __slots__ = ("_active", "_loop", "_waiting", "grant", "share", "spent", "total", "turn", "used", "wake")
 
-    def __init__(self, share: int, wake: int = 1) -> None:
+    def __init__(self, share: int, wake: int = 1, *, grant: int | None = None, total: int | None = None) -> None:
         self.share = share
         self.wake = wake
-        #: What each address used in this turn, for those that used anything.
+        self.grant = share if grant is None else grant
+        self.total = total
+        #: What each address used in this turn, for those that used anything; and all of them.
         self.used: dict[Hashable, int] = {}
+        self.spent = 0
+        #: The addresses that used anything (or waited) in the last turn that counted.
+        self._active = 0
         #: The turns begun since the first.
         self.turn = 0
         self._loop: asyncio.AbstractEventLoop | None = None  # while a new_turn is due on it
         #: The connections waiting for their place, by loop and address, in the order they came.
-        self._waiting: dict[asyncio.AbstractEventLoop, dict[Hashable, deque[asyncio.Future[None]]]] = {}
+        self._waiting: dict[asyncio.AbstractEventLoop, dict[Hashable, deque[asyncio.Future[int]]]] = {}
+
+    def share_now(self) -> int:
+        """Each address's share of this turn: ``share``, or ``total`` divided among the busy
+        addresses once they are more than ``total // share``."""
+        total = self.total
+        if total is None:
+            return self.share
+        using, active = len(self.used), self._active
+        busy = active if active > using else using + 1  # (+1: the address asking may be new)
+        return self.share if busy * self.share <= total else max(1, total // busy)
 
     def left(self, address: Hashable) -> int:
         """What the connections of ``address`` may still use in this turn."""
         if address is None:
             return 1 << 62
-        if self._loop is not asyncio._get_running_loop():
+        loop = asyncio._get_running_loop()
+        if loop is None:
             return self.share
-        return max(0, self.share - self.used.get(address, 0))
+        return self.left_on(loop, address)
 
     def left_on(self, loop: asyncio.AbstractEventLoop, address: Hashable) -> int:
         """:meth:`left` for a caller that knows the running loop, ``loop``: on Python 3.11
         every look-up of the running loop is a ``getpid()`` system call (its check for a
         fork), two per message handled with :meth:`left` and :meth:`spend`."""
-        if self._loop is not loop:
-            return self.share
-        left = self.share - self.used.get(address, 0)
+        if self._loop is not loop:  # nothing used yet in this turn
+            return self.share_now()
+        left = self.share_now() - self.used.get(address, 0)
+        total = self.total
+        if total is not None and total - self.spent < left:
+            left = total - self.spent
         return left if left > 0 else 0  # (max() parses keywords: some 700 instructions)
 
     def spend_on(self, loop: asyncio.AbstractEventLoop, address: Hashable, amount: int) -> int:
@@ -469,11 +497,17 @@ class TurnShares:
             self._begin(loop)
         used = self.used
         spent = used[address] = used.get(address, 0) + amount
-        return self.share - spent
+        self.spent += amount
+        left = self.share_now() - spent
+        total = self.total
+        if total is not None and total - self.spent < left:
+            left = total - self.spent
+        return left
 
     def _begin(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._loop is not loop:  # the first of a turn (or of another loop: nothing carried over)
             self.used.clear()
+            self.spent = 0
             self._loop = loop
             loop.call_soon(self.new_turn, loop)
 
@@ -487,13 +521,14 @@ class TurnShares:
         self._begin(loop)
         used = self.used
         used[address] = used.get(address, 0) + amount
+        self.spent += amount
 
-    def wait(self, address: Hashable) -> asyncio.Future[None]:
-        """A future done when this connection of ``address`` has its place in a later turn (it
-        may then use a connection's share whatever its address used); cancel it to give up."""
+    def wait(self, address: Hashable) -> asyncio.Future[int]:
+        """A future done when this connection of ``address`` has its place in a later turn, with
+        what it may then use whatever its address used; cancel it to give up."""
         loop = asyncio.get_running_loop()
         self._begin(loop)
-        waiter: asyncio.Future[None] = loop.create_future()
+        waiter: asyncio.Future[int] = loop.create_future()
         self._waiting.setdefault(loop, {}).setdefault(address, deque()).append(waiter)
         return waiter
 
@@ -501,13 +536,16 @@ class TurnShares:
         """A new turn of the loop: every address has its whole share again, and the first
         ``wake`` connections waiting of each have their place."""
         loop = loop or asyncio._get_running_loop()
+        waiting = self._waiting
         if loop is self._loop or self._loop is None:
+            queues = None if loop is None else waiting.get(loop)
+            self._active = max(len(self.used), 0 if queues is None else len(queues))
             self.used.clear()
+            self.spent = 0
             self._loop = None
             self.turn += 1
         # (Else another loop's counts took over meanwhile, a server's in another thread: this
         # loop's waiters still have their turn, and theirs only: a future is set by its loop.)
-        waiting = self._waiting
         if not waiting:  # (the usual turn)
             return
         for other in [other for other in waiting if other is not loop and other.is_closed()]:
@@ -515,13 +553,15 @@ class TurnShares:
         queues = None if loop is None else waiting.get(loop)
         if loop is None or queues is None:
             return
+        share = self.share_now()
+        grant = self.grant if share >= self.share else max(1, self.grant * share // self.share)
         for address in list(queues):
             queue = queues[address]
             woken = 0
             while queue and woken < self.wake:
                 waiter = queue.popleft()
                 if not waiter.done():  # (one cancelled gave up its place)
-                    waiter.set_result(None)
+                    waiter.set_result(grant)
                     woken += 1
             if not queue:
                 del queues[address]
@@ -532,9 +572,11 @@ class TurnShares:
 
 
 #: The frames the connections of one client address hand their libraries in one turn of the
-#: event loop (:meth:`ClientFrameHeaders.feed`), together: one connection's feed share. Past it,
-#: each feed still hands on :data:`FRAMES_PER_FEED_FLOOR`.
-PARSED_PER_TURN = TurnShares(FRAMES_PER_FEED)
+#: event loop (:meth:`ClientFrameHeaders.feed`), together: one connection's feed share; and those
+#: of every address together, four such shares (about 80 ms of websockets' parser), divided among
+#: the addresses once more than four are busy. Past its share, each feed still hands on
+#: :data:`FRAMES_PER_FEED_FLOOR`.
+PARSED_PER_TURN = TurnShares(FRAMES_PER_FEED, total=4 * FRAMES_PER_FEED)
 #: What a feed hands on, at most, once its address has used its share of the turn.
 FRAMES_PER_FEED_FLOOR = 4
 
