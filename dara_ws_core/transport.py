@@ -71,8 +71,9 @@ manager that yields a :class:`Server` (``port=0`` picks a free port).
 from __future__ import annotations
 
 __all__ = ["FRAMES_PER_FEED_FLOOR", "MAX_PIPELINED", "NOT_UTF8", "PARSED_PER_TURN", "PROCESS_RECEIVING",
-           "READ_BUFFER_SIZE", "RECEIVING_ADDRESS_SHARES", "RECEIVING_SHARES", "ClientFrameHeaders", "HandshakeRequest",
-           "HoldsFrames", "ReceivingBudget", "ReceivingCharge", "RequestHead", "Server", "SharedBufferReads",
+           "READ_BUFFER_SIZE", "RECEIVING_ADDRESS_SHARES", "RECEIVING_RESERVE", "RECEIVING_SHARES",
+           "RECEIVING_SMALL", "ClientFrameHeaders", "HandshakeRequest", "HoldsFrames", "ReceivingBudget",
+           "ReceivingCharge", "RequestHead", "Server", "SharedBufferReads",
            "SupportsCork", "SupportsDisconnected", "SupportsPush", "SupportsSendNowait", "SupportsWriter",
            "Transport", "TrustedProxies", "TurnShares", "address_key", "close_frame_error", "end_after_held",
            "feed_held_later", "held_behind_request", "hold_behind_request", "late_text", "parse_cookies",
@@ -326,6 +327,13 @@ RECEIVING_SHARES = 16
 #: anyone name themselves) filled the budget with messages it never finished, and every other
 #: client's message that did not arrive in one read was refused with 1009 until they ended.
 RECEIVING_ADDRESS_SHARES = 4
+#: The last ``1 / RECEIVING_RESERVE`` of the budget only takes the messages of holders that then
+#: hold at most ``1 / RECEIVING_SMALL`` of their share, from addresses holding at most as much of
+#: theirs (256 KiB and 1 MiB by default): without it, clients from enough addresses (16, within
+#: their shares) filled the budget with messages they never finished, and every other client's
+#: message that did not arrive in one read was refused with 1009 until they ended.
+RECEIVING_RESERVE = 16
+RECEIVING_SMALL = 64
 
 
 class ReceivingBudget:
@@ -378,10 +386,15 @@ class ReceivingCharge:
         if mine > self.share or total > self.total:
             return False
         address = self.address
+        theirs = 0
         if address is not None:
             theirs = holders.get(address, 0) + size
             if theirs > self.address_share:
                 return False
+        if total > self.total - self.total // RECEIVING_RESERVE and (
+                mine > self.share // RECEIVING_SMALL or theirs > self.address_share // RECEIVING_SMALL):
+            return False  # the reserve: for small messages of holders and addresses holding little
+        if address is not None:
             holders[address] = theirs
         budget.bytes = total
         holders[self.holder] = mine
