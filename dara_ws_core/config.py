@@ -118,7 +118,10 @@ class ServerConfig:
     #: connections; the anonymous ones of an address) takes at most a 16th of it, the
     #: connections of one client address (whatever users they name; see
     #: ``forwarded_allow_ips``) a quarter, and one connection's message never more than
-    #: ``max_message_size``. A frame that would take its
+    #: ``max_message_size``. Its last 16th only takes the messages of holders that then hold
+    #: at most a 64th of their share (256 KiB), from addresses holding at most a 64th of theirs
+    #: (1 MiB), so that while big unfinished messages of many addresses fill it, small messages
+    #: in parts still go through. A frame that would take its
     #: holder or the process past these is refused before its payload is read: the connection is
     #: closed with 1009. A message that arrives whole in one read is never counted.
     max_receiving_total_bytes: int = 256 * MiB

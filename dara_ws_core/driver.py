@@ -52,8 +52,11 @@ _YIELD_EVERY = 16
 #: place, four a turn, each then handling up to ``_YIELD_EVERY``. Per connection alone, a client
 #: with 64 connections had 64 times ``_YIELD_EVERY`` handled in each turn (each a broadcast to
 #: every connection, with the demo's ``chat``), and every other client's pushes waited seconds
-#: for each turn.
-HANDLED_PER_TURN = TurnShares(4 * _YIELD_EVERY, wake=4)
+#: for each turn. Every address together handle at most four such shares a turn: once more than
+#: four are busy, each address's share (and what each of its connections may handle from the
+#: place it waited for) is that divided among them, so that many addresses together hold a turn
+#: no longer than four do.
+HANDLED_PER_TURN = TurnShares(4 * _YIELD_EVERY, wake=4, grant=_YIELD_EVERY, total=16 * _YIELD_EVERY)
 
 #: Seconds a connection the server closes waits, at most, for the bus to have the
 #: acknowledgement of what it wrote before its close frame goes (a quarter of ``close_timeout``
@@ -309,8 +312,7 @@ class ConnectionDriver:
                     elif not shares.left_on(loop, address):
                         # Its address's connections handled their share of this turn: it waits
                         # for its place, behind the others of its address already waiting.
-                        await shares.wait(address)
-                        granted = _YIELD_EVERY
+                        granted = await shares.wait(address)
                         continue
                 owed = self._owed
                 if owed is not None:

@@ -72,8 +72,9 @@ manager that yields a :class:`Server` (``port=0`` picks a free port).
 from __future__ import annotations
 
 __all__ = ["FRAMES_PER_FEED_FLOOR", "MAX_PIPELINED", "NOT_UTF8", "PARSED_PER_TURN", "PROCESS_RECEIVING",
-           "READ_BUFFER_SIZE", "RECEIVING_ADDRESS_SHARES", "RECEIVING_SHARES", "ClientFrameHeaders", "HandshakeRequest",
-           "HoldsFrames", "ReceivingBudget", "ReceivingCharge", "RequestHead", "Server", "SharedBufferReads",
+           "READ_BUFFER_SIZE", "RECEIVING_ADDRESS_SHARES", "RECEIVING_RESERVE", "RECEIVING_SHARES",
+           "RECEIVING_SMALL", "ClientFrameHeaders", "HandshakeRequest", "HoldsFrames", "ReceivingBudget",
+           "ReceivingCharge", "RequestHead", "Server", "SharedBufferReads",
            "SupportsCork", "SupportsDisconnected", "SupportsPush", "SupportsSendNowait", "SupportsWriter",
            "Transport", "TrustedProxies", "TurnShares", "address_key", "close_frame_error", "end_after_held",
            "feed_held_later", "held_behind_request", "hold_behind_request", "late_text", "parse_cookies",
@@ -327,6 +328,13 @@ RECEIVING_SHARES = 16
 #: anyone name themselves) filled the budget with messages it never finished, and every other
 #: client's message that did not arrive in one read was refused with 1009 until they ended.
 RECEIVING_ADDRESS_SHARES = 4
+#: The last ``1 / RECEIVING_RESERVE`` of the budget only takes the messages of holders that then
+#: hold at most ``1 / RECEIVING_SMALL`` of their share, from addresses holding at most as much of
+#: theirs (256 KiB and 1 MiB by default): without it, clients from enough addresses (16, within
+#: their shares) filled the budget with messages they never finished, and every other client's
+#: message that did not arrive in one read was refused with 1009 until they ended.
+RECEIVING_RESERVE = 16
+RECEIVING_SMALL = 64
 
 
 class ReceivingBudget:
@@ -379,10 +387,15 @@ class ReceivingCharge:
         if mine > self.share or total > self.total:
             return False
         address = self.address
+        theirs = 0
         if address is not None:
             theirs = holders.get(address, 0) + size
             if theirs > self.address_share:
                 return False
+        if total > self.total - self.total // RECEIVING_RESERVE and (
+                mine > self.share // RECEIVING_SMALL or theirs > self.address_share // RECEIVING_SMALL):
+            return False  # the reserve: for small messages of holders and addresses holding little
+        if address is not None:
             holders[address] = theirs
         budget.bytes = total
         holders[self.holder] = mine
@@ -416,13 +429,20 @@ FRAMES_PER_FEED = 1024
 
 class TurnShares:
     """What each client address has used in the current turn of the event loop, against
-    ``share`` per turn for all of its connections together.
+    ``share`` per turn for all of its connections together, and against ``total`` per turn for
+    every address together.
 
     A bound per connection and per turn (:data:`FRAMES_PER_FEED` frames parsed, a few messages
     handled) is a bound per turn only while one client has one connection: a client with 64
     connections, each flooding pings within its own share, had the loop parse 64 shares a turn,
     and every other client's pushes waited a second or more for each turn. With it, one address
-    adds about ``share`` to a turn however many connections it has.
+    adds about ``share`` to a turn however many connections it has. A share per address is a
+    bound per turn only while few addresses are busy: 48 addresses (one client holding many,
+    or many clients) flooding pings had the loop parse 48 shares a turn, as the 64 connections
+    of one address did. So with ``total``, the addresses together use at most ``total`` a turn,
+    and once more of them are busy than ``total // share`` (counted over this turn and the one
+    before), each address's share of a turn is ``total`` divided among them (at least 1), so
+    that every busy address has its part of each turn.
 
     :meth:`left` and :meth:`spend` count (``address`` ``None``: not counted, nothing left out;
     :meth:`left_on` and :meth:`spend_on` for a non-``None`` address, given the running loop);
@@ -431,36 +451,57 @@ class TurnShares:
     connection of an address that has used its share may :meth:`wait` for its place: the waiting
     ones of each address are woken in the order they came, ``wake`` a turn, so that none waits for
     ever behind the others; each by a turn of its own loop (servers on the loops of several
-    threads share the counts, and each loop wakes only its own waiters)."""
+    threads share the counts, and each loop wakes only its own waiters). Each woken one may then
+    use ``grant`` (or, while ``total`` is divided, that part of it the address's share is of
+    ``share``; at least 1): :meth:`wait`'s result."""
 
-    __slots__ = ("_loop", "_waiting", "share", "turn", "used", "wake")
+    __slots__ = ("_active", "_loop", "_waiting", "grant", "share", "spent", "total", "turn", "used", "wake")
 
-    def __init__(self, share: int, wake: int = 1) -> None:
+    def __init__(self, share: int, wake: int = 1, *, grant: int | None = None, total: int | None = None) -> None:
         self.share = share
         self.wake = wake
-        #: What each address used in this turn, for those that used anything.
+        self.grant = share if grant is None else grant
+        self.total = total
+        #: What each address used in this turn, for those that used anything; and all of them.
         self.used: dict[Hashable, int] = {}
+        self.spent = 0
+        #: The addresses that used anything (or waited) in the last turn that counted.
+        self._active = 0
         #: The turns begun since the first.
         self.turn = 0
         self._loop: asyncio.AbstractEventLoop | None = None  # while a new_turn is due on it
         #: The connections waiting for their place, by loop and address, in the order they came.
-        self._waiting: dict[asyncio.AbstractEventLoop, dict[Hashable, deque[asyncio.Future[None]]]] = {}
+        self._waiting: dict[asyncio.AbstractEventLoop, dict[Hashable, deque[asyncio.Future[int]]]] = {}
+
+    def share_now(self) -> int:
+        """Each address's share of this turn: ``share``, or ``total`` divided among the busy
+        addresses once they are more than ``total // share``."""
+        total = self.total
+        if total is None:
+            return self.share
+        using, active = len(self.used), self._active
+        busy = active if active > using else using + 1  # (+1: the address asking may be new)
+        return self.share if busy * self.share <= total else max(1, total // busy)
 
     def left(self, address: Hashable) -> int:
         """What the connections of ``address`` may still use in this turn."""
         if address is None:
             return 1 << 62
-        if self._loop is not asyncio._get_running_loop():
+        loop = asyncio._get_running_loop()
+        if loop is None:
             return self.share
-        return max(0, self.share - self.used.get(address, 0))
+        return self.left_on(loop, address)
 
     def left_on(self, loop: asyncio.AbstractEventLoop, address: Hashable) -> int:
         """:meth:`left` for a caller that knows the running loop, ``loop``: on Python 3.11
         every look-up of the running loop is a ``getpid()`` system call (its check for a
         fork), two per message handled with :meth:`left` and :meth:`spend`."""
-        if self._loop is not loop:
-            return self.share
-        left = self.share - self.used.get(address, 0)
+        if self._loop is not loop:  # nothing used yet in this turn
+            return self.share_now()
+        left = self.share_now() - self.used.get(address, 0)
+        total = self.total
+        if total is not None and total - self.spent < left:
+            left = total - self.spent
         return left if left > 0 else 0  # (max() parses keywords: some 700 instructions)
 
     def spend_on(self, loop: asyncio.AbstractEventLoop, address: Hashable, amount: int) -> int:
@@ -470,11 +511,17 @@ class TurnShares:
             self._begin(loop)
         used = self.used
         spent = used[address] = used.get(address, 0) + amount
-        return self.share - spent
+        self.spent += amount
+        left = self.share_now() - spent
+        total = self.total
+        if total is not None and total - self.spent < left:
+            left = total - self.spent
+        return left
 
     def _begin(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._loop is not loop:  # the first of a turn (or of another loop: nothing carried over)
             self.used.clear()
+            self.spent = 0
             self._loop = loop
             loop.call_soon(self.new_turn, loop)
 
@@ -488,13 +535,14 @@ class TurnShares:
         self._begin(loop)
         used = self.used
         used[address] = used.get(address, 0) + amount
+        self.spent += amount
 
-    def wait(self, address: Hashable) -> asyncio.Future[None]:
-        """A future done when this connection of ``address`` has its place in a later turn (it
-        may then use a connection's share whatever its address used); cancel it to give up."""
+    def wait(self, address: Hashable) -> asyncio.Future[int]:
+        """A future done when this connection of ``address`` has its place in a later turn, with
+        what it may then use whatever its address used; cancel it to give up."""
         loop = asyncio.get_running_loop()
         self._begin(loop)
-        waiter: asyncio.Future[None] = loop.create_future()
+        waiter: asyncio.Future[int] = loop.create_future()
         self._waiting.setdefault(loop, {}).setdefault(address, deque()).append(waiter)
         return waiter
 
@@ -502,13 +550,16 @@ class TurnShares:
         """A new turn of the loop: every address has its whole share again, and the first
         ``wake`` connections waiting of each have their place."""
         loop = loop or asyncio._get_running_loop()
+        waiting = self._waiting
         if loop is self._loop or self._loop is None:
+            queues = None if loop is None else waiting.get(loop)
+            self._active = max(len(self.used), 0 if queues is None else len(queues))
             self.used.clear()
+            self.spent = 0
             self._loop = None
             self.turn += 1
         # (Else another loop's counts took over meanwhile, a server's in another thread: this
         # loop's waiters still have their turn, and theirs only: a future is set by its loop.)
-        waiting = self._waiting
         if not waiting:  # (the usual turn)
             return
         for other in [other for other in waiting if other is not loop and other.is_closed()]:
@@ -516,13 +567,15 @@ class TurnShares:
         queues = None if loop is None else waiting.get(loop)
         if loop is None or queues is None:
             return
+        share = self.share_now()
+        grant = self.grant if share >= self.share else max(1, self.grant * share // self.share)
         for address in list(queues):
             queue = queues[address]
             woken = 0
             while queue and woken < self.wake:
                 waiter = queue.popleft()
                 if not waiter.done():  # (one cancelled gave up its place)
-                    waiter.set_result(None)
+                    waiter.set_result(grant)
                     woken += 1
             if not queue:
                 del queues[address]
@@ -533,9 +586,11 @@ class TurnShares:
 
 
 #: The frames the connections of one client address hand their libraries in one turn of the
-#: event loop (:meth:`ClientFrameHeaders.feed`), together: one connection's feed share. Past it,
-#: each feed still hands on :data:`FRAMES_PER_FEED_FLOOR`.
-PARSED_PER_TURN = TurnShares(FRAMES_PER_FEED)
+#: event loop (:meth:`ClientFrameHeaders.feed`), together: one connection's feed share; and those
+#: of every address together, four such shares (about 80 ms of websockets' parser), divided among
+#: the addresses once more than four are busy. Past its share, each feed still hands on
+#: :data:`FRAMES_PER_FEED_FLOOR`.
+PARSED_PER_TURN = TurnShares(FRAMES_PER_FEED, total=4 * FRAMES_PER_FEED)
 #: What a feed hands on, at most, once its address has used its share of the turn.
 FRAMES_PER_FEED_FLOOR = 4
 

@@ -70,7 +70,7 @@ NOT_REEXPORTED: dict[str, frozenset[str]] = {
                             "TurnShares",
                             # For adapters: asyncio protocols that read into one buffer.
                             "READ_BUFFER_SIZE", "SharedBufferReads",
-                            "RECEIVING_ADDRESS_SHARES", "RECEIVING_SHARES",
+                            "RECEIVING_ADDRESS_SHARES", "RECEIVING_RESERVE", "RECEIVING_SHARES", "RECEIVING_SMALL",
                             "ReceivingBudget", "ReceivingCharge", "RequestHead", "TrustedProxies", "address_key",
                             "close_frame_error", "SupportsCork", "SupportsDisconnected", "SupportsPush",
                             "SupportsSendNowait", "SupportsWriter", "HoldsFrames", "end_after_held",

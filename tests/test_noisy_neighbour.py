@@ -291,21 +291,24 @@ class Server:
         return await connect(f"ws://127.0.0.1:{self.port}{target}", open_timeout=REQUEST_TIMEOUT,
                              close_timeout=1)
 
-    async def hostile(self, rcvbuf: int | None = None) -> SocketWire:
-        """A raw socket, not yet upgraded, dropped when the case ends."""
+    async def hostile(self, rcvbuf: int | None = None, local: str | None = None) -> SocketWire:
+        """A raw socket (from the loopback address ``local``), not yet upgraded, dropped when
+        the case ends."""
         assert self.port is not None, "socket attacks only"
-        wire = SocketWire(await HostileClient.open(self.port, rcvbuf=rcvbuf, timeout=REQUEST_TIMEOUT))
+        wire = SocketWire(await HostileClient.open(self.port, rcvbuf=rcvbuf, timeout=REQUEST_TIMEOUT,
+                                                   local=local))
         self.wires.append(wire)
         return wire
 
-    async def wire(self, token: str, *, rcvbuf: int | None = None) -> Wire:
-        """An attacking connection, upgraded and past its ``init`` frame."""
+    async def wire(self, token: str, *, rcvbuf: int | None = None, local: str | None = None) -> Wire:
+        """An attacking connection (from the loopback address ``local``: sockets only),
+        upgraded and past its ``init`` frame."""
         wire: Wire
         if self.memory is not None:
             wire = MemoryWire(await self.memory.connect(f"{DEFAULT_PATH}?token={token}"))
             self.wires.append(wire)
         else:
-            wire = socket_wire = await self.hostile(rcvbuf)
+            wire = socket_wire = await self.hostile(rcvbuf, local)
             response = await socket_wire.client.handshake(f"{DEFAULT_PATH}?token={token}")
             assert response.status == 101, response
         init = await wire.next_frame(REQUEST_TIMEOUT)
@@ -907,13 +910,31 @@ async def ping_flood_many(server: Server, out: Outcome) -> None:
     for 3 s as fast as the server reads them, reading (and dropping) every pong. Each is within
     every bound of one connection; together they must not take more of each turn of the event
     loop than one client's share (before, 64 shares: every turn held 1 to 2 s)."""
-    wires = [await server.wire(f"pinger{n}") for n in range(MANY)]
+    await _flood_pings([await server.wire(f"pinger{n}") for n in range(MANY)], out)
+
+
+async def _flood_pings(wires: list[Wire], out: Outcome) -> None:
+    """``wires`` flood JSON pings for 3 s as fast as the server reads them, dropping the pongs."""
     for wire in wires:
         assert isinstance(wire, SocketWire)
         wire.client.discard_input()
     frame = '{"type":"ping","message":null}'
     sent = await asyncio.gather(*(wire.flood(frame, count=1_000_000, duration=3.0) for wire in wires))
     out.figures["pings_sent"] = sum(sent)
+
+
+#: Client addresses of the many-address attacks: 127.0.0.2 to 127.0.0.49.
+ADDRESSES = tuple(f"127.0.0.{n}" for n in range(2, 50))
+
+
+async def ping_flood_many_addresses(server: Server, out: Outcome) -> None:
+    """Many clients (or one holding many addresses): a connection from each of ``ADDRESSES``
+    floods JSON pings for 3 s as fast as the server reads them, reading (and dropping) every
+    pong. Each address is within its own per-turn shares; together they must not take every
+    turn of the event loop (before, each address's share was a share on top of the others':
+    48 of them held every turn for a second or more, as 64 connections of one address did
+    before those shares)."""
+    await _flood_pings([await server.wire(f"far{n}", local=address) for n, address in enumerate(ADDRESSES)], out)
 
 
 async def reconnect_storm(server: Server, out: Outcome) -> None:
@@ -981,6 +1002,7 @@ CASES: dict[str, Case] = {
     "pong_flood": Case(pong_flood, "6", SOCKETS, rss_bound=RSS_SLACK),
     "reconnect_storm": Case(reconnect_storm, "4", SOCKETS),
     "ping_flood_many": Case(ping_flood_many, "6", SOCKETS),
+    "ping_flood_many_addresses": Case(ping_flood_many_addresses, "6", SOCKETS),
 }
 
 #: Cases that fail on the code before issue 10's fixes: strict, so a fix turns them into

@@ -18,7 +18,9 @@ from dara_ws_core.exceptions import CloseCode
 from dara_ws_core.transport import (
     PROCESS_RECEIVING,
     RECEIVING_ADDRESS_SHARES,
+    RECEIVING_RESERVE,
     RECEIVING_SHARES,
+    RECEIVING_SMALL,
     ClientFrameHeaders,
     ReceivingBudget,
     ReceivingCharge,
@@ -97,14 +99,44 @@ def test_holders_share_and_the_process_budget_bound_connections_together() -> No
     assert alice[0].take(6000) and alice[1].take(4000)
     assert not alice[2].take(1), "alice's connections share one share"
     others = [ReceivingCharge(total, f"u{i}", budget) for i in range(RECEIVING_SHARES - 1)]
-    assert all(charge.take(10_000) for charge in others)
-    assert budget.bytes == total
-    assert not ReceivingCharge(total, "late", budget).take(1), "the process's budget is full"
+    # The last 16th (the reserve) takes no holder's 10,000 bytes: 14 more fit, not 15.
+    assert [charge.take(10_000) for charge in others] == [True] * (RECEIVING_SHARES - 2) + [False]
+    assert budget.bytes == total - total // RECEIVING_RESERVE
+    small = 10_000 // RECEIVING_SMALL
+    smalls = [ReceivingCharge(total, f"small{i}", budget) for i in range(RECEIVING_SMALL + 1)]
+    fit = total // RECEIVING_RESERVE // small  # small messages of others, there
+    assert [charge.take(small) for charge in smalls] == [True] * fit + [False] * (len(smalls) - fit)
+    assert not ReceivingCharge(total, "late", budget).take(small), "the process's budget is full"
+    del smalls
     alice[0].release()
     late = ReceivingCharge(total, "late", budget)
     assert late.take(6000)
     del others
     assert budget.holders.keys() == {"alice", "late"}, "a charge dropped without release gives back"
+
+
+def test_the_budgets_last_part_is_kept_for_holders_and_addresses_holding_little() -> None:
+    # Peers from 16 addresses, within every share, fill what the budget has outside its
+    # reserve; there only a small message of a holder, and of an address, holding little is
+    # taken. Before, they filled it all, and every message that did not arrive in one read was
+    # refused with 1009.
+    budget = ReceivingBudget()
+    total = RECEIVING_SHARES * 64 * KiB
+    share, address_share = total // RECEIVING_SHARES, total // RECEIVING_ADDRESS_SHARES
+    peers = [ReceivingCharge(total, f"peer{i}", budget, address=f"192.0.2.{i}") for i in range(16)]
+    assert [peer.take(share) for peer in peers] == [True] * 15 + [False]
+    assert budget.bytes == total - total // RECEIVING_RESERVE
+    bystander = ReceivingCharge(total, "bystander", budget, address="198.51.100.1")
+    assert not bystander.take(share // RECEIVING_SMALL + 1), "a big message is not taken in the reserve"
+    assert bystander.take(share // RECEIVING_SMALL), "a small one is"
+    assert not bystander.take(1), "nor another byte of that holder"
+    # An address holding more than a 64th of its share has no part of the reserve, whoever holds.
+    crowd = [ReceivingCharge(total, f"crowd{i}", budget, address="203.0.113.1") for i in range(5)]
+    parts = address_share // share
+    assert [charge.take(share // RECEIVING_SMALL) for charge in crowd] == [True] * parts + [False]
+    for charge in (*peers, bystander, *crowd):
+        charge.release()
+    assert budget.bytes == 0 and not budget.holders
 
 
 # ---------------------------------------------------------------------------- live, every transport
@@ -144,7 +176,8 @@ async def test_peers_holding_unfinished_messages_past_the_budget_get_1009_and_a_
     socket_stack: Any, shape: str, request: pytest.FixtureRequest
 ) -> None:
     # A budget of 1 MiB (64 KiB a user); 24 users each start a 62 KiB message and never finish
-    # it: 16 of them fit, the others are closed with 1009 as their bytes come, and the server
+    # it: 15 of them fit (the last 16th is kept for small messages), the others are closed
+    # with 1009 as their bytes come, and the server
     # holds about the budget, not 24 messages. The bystander's small messages are served.
     config = ServerConfig(max_receiving_total_bytes=1024 * KiB, ping_interval=None, idle_timeout=None)
     async with socket_stack(config=config) as stack:
@@ -176,7 +209,7 @@ async def test_peers_holding_unfinished_messages_past_the_budget_get_1009_and_a_
         finally:
             tracemalloc.stop()
         # Which ones fit depends on the order the server reads them in, not how many.
-        assert sorted(outcomes, key=str) == [CloseCode.MESSAGE_TOO_BIG] * 8 + [None] * 16, outcomes
+        assert sorted(outcomes, key=str) == [CloseCode.MESSAGE_TOO_BIG] * 9 + [None] * 15, outcomes
         assert held < 3 * 1024 * KiB, f"{held} bytes held: about the budget, not 24 x 62 KiB"
         assert PROCESS_RECEIVING.bytes > 0
         # A held message completed is served, and what it held is given back.
@@ -295,3 +328,38 @@ async def test_anonymous_clients_behind_a_trusted_proxy_are_held_each_to_its_own
             guest.abort()
         await eventually(lambda: PROCESS_RECEIVING.bytes == 0 and not PROCESS_RECEIVING.holders,
                          "given back", timeout=10)
+
+
+async def test_clients_from_many_addresses_leave_the_budgets_reserve_to_small_messages(socket_stack: Any) -> None:
+    # A budget of 1 MiB (64 KiB a user, 256 KiB an address). 24 clients, each from its own
+    # address (127.0.0.2 to 127.0.0.25), start a 64 KiB message and never finish it: every
+    # share holds, but 16 of them held the whole budget, and a bystander's 1 KiB message in two
+    # fragments was refused with 1009. Now 15 fit, the last 16th of the budget is kept for
+    # messages under a 64th of a share (1 KiB), and the bystander's 1 KiB message in parts is
+    # served.
+    config = ServerConfig(max_receiving_total_bytes=1024 * KiB, ping_interval=None, idle_timeout=None)
+    async with socket_stack(config=config) as stack:
+        assert stack.port is not None
+        bystander = await _channel_from("127.0.0.1", stack.port, "bystander")
+        peers = [await _channel_from(f"127.0.0.{2 + i}", stack.port, f"u{i}") for i in range(24)]
+        for peer in peers:
+            start = '{"type":"ping","message":"'
+            peer.write(encode_frame(TEXT, start + "x" * (64 * KiB - len(start)), fin=False))  # a user's share
+            await peer.drain()
+            assert await _ping(bystander) == "pong"  # read: what it holds is counted
+        outcomes = await asyncio.gather(*(_outcome(peer, 2.0) for peer in peers))
+        message = '{"type":"ping","message":"' + "y" * (KiB - 40) + '"}'
+        half = len(message) // 2
+        bystander.write(encode_frame(TEXT, message[:half], fin=False))
+        bystander.write(encode_frame(PING, b"first-part-read"))
+        frame = await bystander.read_frame()
+        assert (frame.opcode, frame.payload) == (PONG, b"first-part-read"), frame
+        bystander.write(encode_frame(CONTINUATION, message[half:]))
+        frame = await bystander.read_frame()
+        assert (frame.opcode, frame.close_code if frame.opcode == CLOSE else json.loads(frame.text)["type"]) == (
+            TEXT, "pong")
+        assert outcomes.count(None) == 15, outcomes
+        for client in (*peers, bystander):
+            client.abort()
+        await eventually(lambda: PROCESS_RECEIVING.bytes == 0 and not PROCESS_RECEIVING.holders,
+                         "every connection's bytes given back once it is gone", timeout=10)

@@ -8,6 +8,11 @@ the demo's ``chat`` (a broadcast to every connection each) for up to 4 s, while 
 client's pushes waited. The connections of one address now share ``PARSED_PER_TURN`` and
 ``HANDLED_PER_TURN``; past them, a feed takes only a floor of frames a turn, and connections wait
 for their place in turn (so that none of them waits for ever behind the others).
+
+A share per address is then a bound per turn only while few addresses are busy: 48 addresses
+(one client holding many, or many clients) each within its share had the loop parse 48 x 1,024
+frames and handle 48 x 128 messages a turn. Past four addresses' worth, the shares of a turn
+are now divided among the busy addresses.
 """
 
 from __future__ import annotations
@@ -106,15 +111,28 @@ async def test_the_feeds_of_one_address_hand_on_one_feeds_share_a_turn_together(
     assert _frames_in(first.feed(b"")) == FRAMES_PER_FEED_FLOOR
 
 
-async def test_the_connections_of_one_address_handle_at_most_their_share_of_each_turn(
-        socket_stack: Any) -> None:
-    # 64 connections of one address (each its own user) each have 200 messages for a handler
-    # that notes the turn of the loop it ran in, all written before the server reads any. Per
-    # connection alone, a turn handled 16 of each connection's: 1,024. Now the address's
-    # connections handle 64 a turn, and four of them waiting their place 16 each (a connection
-    # whose library hands it messages from its read callback takes the one it was handed:
-    # about 135 in the busiest turn here).
-    connections = 64
+async def test_many_addresses_divide_a_turn_among_them() -> None:
+    # 48 addresses, one connection each, all with frames to parse in the same turn: four
+    # addresses take a whole share, then the share is divided among those busy (at least the
+    # floor a feed always takes). Before, each address took a whole share: 48 x 1,024 frames.
+    budget = ReceivingBudget()
+    data = _pings(3000)
+    addresses = [f"10.0.1.{n}" for n in range(48)]
+    feeds = [ClientFrameHeaders(ReceivingCharge(256 * MiB, budget=budget, address=a)) for a in addresses]
+    await asyncio.sleep(0)  # a turn of its own
+    first = [_frames_in(feed.feed(data)) for feed in feeds]
+    assert sum(first) <= 5 * FRAMES_PER_FEED + FRAMES_PER_FEED_FLOOR * len(feeds), first
+    await asyncio.sleep(0)  # the next turn: all 48 were busy in the last one, each has its part
+    second = [_frames_in(feed.feed(b"")) for feed in feeds]
+    part = 4 * FRAMES_PER_FEED // len(feeds)
+    assert all(frames == part for frames in second), second
+    assert sum(second) <= 4 * FRAMES_PER_FEED
+
+
+async def _handled_per_turn(socket_stack: Any, addresses: list[str]) -> list[int]:
+    """Connections from ``addresses`` (one each, each its own user) each have 200 messages for
+    a handler that notes the turn of the loop it ran in, all written before the server reads
+    any: how many were handled in each turn that handled any."""
     turns = [0]
     seen: dict[int, int] = {}
     counting = [True]
@@ -133,8 +151,8 @@ async def test_the_connections_of_one_address_handle_at_most_their_share_of_each
         assert stack.port is not None
         clients: list[HostileClient] = []
         try:
-            for n in range(connections):
-                client = await HostileClient.open(stack.port)
+            for n, address in enumerate(addresses):
+                client = await HostileClient.open(stack.port, local=address)
                 clients.append(client)
                 assert (await client.handshake(f"/api/core/ws?token=user{n}:s1")).status == 101
                 await client.read_frame()
@@ -144,17 +162,38 @@ async def test_the_connections_of_one_address_handle_at_most_their_share_of_each
             for client in clients:  # in one step of this task: the server reads none meanwhile
                 client.write(burst)
             async with asyncio.timeout(60):
-                while sum(seen.values()) < connections * 200:
+                while sum(seen.values()) < len(addresses) * 200:
                     await asyncio.sleep(0.01)
         finally:
             counting[0] = False
             for client in clients:
                 client.abort()
-    busiest = max(seen.values())
+    return sorted(seen.values())
+
+
+async def test_the_connections_of_one_address_handle_at_most_their_share_of_each_turn(
+        socket_stack: Any) -> None:
+    # 64 connections of one address (each its own user). Per connection alone, a turn handled
+    # 16 of each connection's: 1,024. Now the address's connections handle 64 a turn, and four
+    # of them waiting their place 16 each (a connection whose library hands it messages from its
+    # read callback takes the one it was handed: about 135 in the busiest turn here).
+    connections = 64
+    handled = await _handled_per_turn(socket_stack, ["127.0.0.1"] * connections)
     # The counter's own callback may fall either side of a turn's work: two turns' worth at most.
-    assert busiest <= 2 * (4 * 16 + 2 * connections), (busiest, sorted(seen.values())[-5:])
+    assert handled[-1] <= 2 * (4 * 16 + 2 * connections), handled[-5:]
 
 
+async def test_many_addresses_together_handle_a_bounded_part_of_each_turn(socket_stack: Any) -> None:
+    # 96 connections, four from each of 24 addresses (127.0.0.2 to 127.0.0.25). Each address
+    # within its share (64 a turn, and four connections waiting their place 16 each), a turn
+    # handled up to 24 x 128 of them (1,536 here). Now the addresses together handle four
+    # addresses' worth (256), and each connection waiting its place is let in with its part of
+    # that (a few messages, four of each address a turn; and the one its library hands it from
+    # its read callback): about 400 in the busiest turn.
+    addresses = [f"127.0.0.{n}" for n in range(2, 26) for _ in range(4)]
+    handled = await _handled_per_turn(socket_stack, addresses)
+    # Two turns' worth at most, as above.
+    assert handled[-1] <= 2 * (16 * 16 + 4 * len(addresses)), handled[-5:]
 async def test_connections_waiting_for_their_place_are_let_in_the_order_they_came() -> None:
     shares = TurnShares(2, wake=2)
     shares.spend("a", 2)
@@ -207,7 +246,7 @@ def test_a_connection_waiting_on_one_threads_loop_has_its_place_whatever_another
 
 def test_a_waiter_of_a_loop_that_ended_is_dropped_not_let_in_on_another() -> None:
     shares = TurnShares(1)
-    left: list[asyncio.Future[None]] = []
+    left: list[asyncio.Future[int]] = []
 
     async def ends_waiting() -> None:
         shares.spend("a", 1)
