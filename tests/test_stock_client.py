@@ -250,7 +250,10 @@ async def test_server_requests_are_answered_by_the_stock_client(transport: str) 
             mark = client.mark()
             task = asyncio.ensure_future(manager.send_and_wait(channel, payload, custom=custom))
             ev = "custom" if custom else "frame"
-            request = await client.wait(ev, lambda e: "__rchan" in e["msg"]["message"], since=mark)
+            # This request's frame, by its payload: the frame of the request before it may be
+            # logged after the mark (the page answers before its log line is read here).
+            request = await client.wait(ev, lambda e: "__rchan" in e["msg"]["message"] and all(
+                e["msg"]["message"].get(key) == value for key, value in payload.items()), since=mark)
             rchan = request["msg"]["message"]["__rchan"]
             for part in answer:
                 await client.command("send_message", value=part, channel=rchan,
