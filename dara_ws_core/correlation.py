@@ -514,6 +514,18 @@ class PendingRequests(Generic[W]):
                              f"only small ones are taken ({max_bytes // _SMALL} bytes and "
                              f"{max_values // _SMALL} JSON values {whose})")
 
+    def take(self, rchan: str) -> W | None:
+        """The waiter of the plain (not chunked) request ``rchan``, removed: what
+        :meth:`complete` puts in its ``Completed``, without building one (a requesting server's
+        commonest event, only to be unpacked). ``None``, nothing changed, where :meth:`complete`
+        decides otherwise (an unknown or settled request, one holding chunked parts)."""
+        entries = self._entries
+        entry = entries.get(rchan, _ABSENT)
+        if entry is _ABSENT or type(entry) is _Entry:
+            return None
+        del entries[rchan]
+        return entry  # type: ignore[no-any-return]
+
     def complete(self, rchan: str, value: Any) -> Completed[W] | Failed[W] | Ignored:
         """Feed a plain (not chunked) answer: ``value`` for the request ``rchan``."""
         entry = self._entries.pop(rchan, _ABSENT)
