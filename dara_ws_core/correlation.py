@@ -116,7 +116,8 @@ def _completed_init(self: Completed[Any], rchan: str, waiter: Any, value: Any) -
     _set_value(self, value)
 
 
-# Every answered request builds one Completed. A frozen dataclass's generated __init__ sets each
+# An answer fed to complete() builds one Completed (the handler's path builds none: take, through
+# ServerConnection.receive). A frozen dataclass's generated __init__ sets each
 # field with object.__setattr__ (looked up and called per field); this one writes the slots
 # through their descriptors, the same frozen object built a third cheaper.
 _set_rchan = Completed.__dict__["rchan"].__set__
