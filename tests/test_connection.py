@@ -372,7 +372,7 @@ def test_every_frame_gets_the_same_outcome_on_the_answer_path_as_by_the_full_dec
                 assert conn.receive_frame(part, 0.0) == []
             if feed == "receive":  # the handler's: an answer as (rchan, waiter, value), no event
                 decided = conn.receive(frame, 0.0)
-                events = [RequestCompleted(*decided)] if isinstance(decided, tuple) else decided
+                events: list[Event] = [RequestCompleted(*decided)] if isinstance(decided, tuple) else decided
             else:
                 events = (conn.receive_frame(frame, 0.0) if feed == "receive_frame"
                           else _by_the_full_decoder(conn, frame))
