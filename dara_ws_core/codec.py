@@ -460,6 +460,31 @@ def decode_client_input(
     its fault. (Before, a frame holding ``"channel"``, the word ``NaN`` and a lone surrogate
     escape was parsed four times: 0.7 s of loop time for 16 MiB of long integers.)
     """
+    if (type(frame) is str and (length := len(frame)) <= _VALIDATE_JSON_MAX and '"channel"' in frame
+            and (max_size is None or length * 4 <= max_size)
+            and (max_values is None or length <= max_values)):
+        # A small frame naming a channel, the answer a requesting server gets for each request:
+        # what _decode does for it (the size limits cannot be exceeded, nothing to repair
+        # first: _decode_parsed), in this one frame, answer checks inline (four Python calls
+        # less per answer).
+        try:
+            value = pydantic_core.from_json(frame, allow_inf_nan=False, cache_strings=False)
+        except (ValueError, TypeError) as exc:
+            return _unparsed(frame, exc, True, False)
+        if type(value) is dict and value.get("type") == "message":  # _answer_of, inline
+            channel = value.get("channel")
+            if type(channel) is str and value.get("chunk_count") is None and value.get("chunk_index") is None:
+                message = value.get("message")
+                if type(message) is dict and len(message) <= _WALK_FIRST:  # _finite's first look
+                    for item in message.values():
+                        if type(item) in _MAY_HOLD_INFINITY:
+                            break
+                    else:
+                        return channel, message
+                if type(message) not in _MAY_HOLD_INFINITY or _finite(message, frame):
+                    return channel, message
+                raise InvalidFrame("a number beyond the range of a double")
+        return _from_value(value, frame, True)
     return _decode(frame, max_size, max_values, answers=True)
 
 
@@ -517,13 +542,24 @@ def _decode_parsed(frame: str, answers: bool, repaired: bool) -> ClientFrame | t
         frame, repaired = _ESCAPE.sub(_replace_escape, frame), True
     try:
         value = pydantic_core.from_json(frame, allow_inf_nan=False, cache_strings=False)
-    except TypeError:  # a str holding a lone surrogate (in process): the validator's outcome
+    except (ValueError, TypeError) as exc:
+        return _unparsed(frame, exc, answers, repaired)
+    return _from_value(value, frame, answers)
+
+
+def _unparsed(frame: str, exc: ValueError | TypeError, answers: bool,
+              repaired: bool) -> ClientFrame | tuple[str, Any]:
+    """:func:`_decode_parsed` for a ``frame`` the strict parser refused with ``exc``."""
+    if isinstance(exc, TypeError):  # a str holding a lone surrogate (in process): the validator's outcome
         return _validated(_CLIENT_VALIDATOR.validate_json, frame)
-    except ValueError as exc:
-        error = _json_error(str(exc))
-        if isinstance(error, _LoneSurrogate) and not repaired:
-            return _decode_parsed(_replace_lone_surrogates(frame), answers, True)
-        raise _refusal(frame, error) from None
+    error = _json_error(str(exc))
+    if isinstance(error, _LoneSurrogate) and not repaired:
+        return _decode_parsed(_replace_lone_surrogates(frame), answers, True)
+    raise _refusal(frame, error) from None
+
+
+def _from_value(value: Any, frame: str, answers: bool) -> ClientFrame | tuple[str, Any]:
+    """:func:`_decode_parsed` for ``value``, parsed from ``frame``: checked and validated."""
     if answers and (answer := _answer_of(value)) is not None:
         if _finite(answer[1], frame):
             return answer

@@ -262,6 +262,16 @@ class ServerConnection(Generic[W]):
 
         Once the connection is closing or closed, frames are dropped without events.
         """
+        decided = self.receive(frame, now)
+        if isinstance(decided, tuple):
+            return [Completed(*decided)]
+        return decided
+
+    def receive(self, frame: str | bytes, now: float) -> list[Event] | tuple[str, W, Any]:
+        """:meth:`receive_frame`, but for an answer that completes its request (the one event
+        a requesting server gets per request): ``(rchan, waiter, value)``, the request already
+        removed, instead of ``[RequestCompleted(rchan, waiter, value)]``, without building the
+        event only for the handler to unpack it."""
         if self.state is not _OPEN:
             return _NO_EVENTS
         self.last_seen = now
@@ -283,7 +293,11 @@ class ServerConnection(Generic[W]):
         except ProtocolError as exc:
             return self.close(exc.close_code or CloseCode.PROTOCOL_ERROR, str(exc))
         if isinstance(message, tuple):
-            return [self._pending.complete(*message)]
+            rchan, value = message
+            waiter = self._pending.take(rchan)
+            if waiter is None:  # no request waits for it, or one with chunked parts
+                return [self._pending.complete(rchan, value)]
+            return rchan, waiter, value
         if message["type"] == "custom":
             body = message["message"]
             return self._dispatch(body["kind"], body["data"], body["rchan"], sys.getsizeof(frame))

@@ -116,7 +116,8 @@ def _completed_init(self: Completed[Any], rchan: str, waiter: Any, value: Any) -
     _set_value(self, value)
 
 
-# Every answered request builds one Completed. A frozen dataclass's generated __init__ sets each
+# An answer fed to complete() builds one Completed (the handler's path builds none: take, through
+# ServerConnection.receive). A frozen dataclass's generated __init__ sets each
 # field with object.__setattr__ (looked up and called per field); this one writes the slots
 # through their descriptors, the same frozen object built a third cheaper.
 _set_rchan = Completed.__dict__["rchan"].__set__
@@ -513,6 +514,18 @@ class PendingRequests(Generic[W]):
             raise ChunkError("chunked answers pending in this process are near their bounds: "
                              f"only small ones are taken ({max_bytes // _SMALL} bytes and "
                              f"{max_values // _SMALL} JSON values {whose})")
+
+    def take(self, rchan: str) -> W | None:
+        """The waiter of the plain (not chunked) request ``rchan``, removed: what
+        :meth:`complete` puts in its ``Completed``, without building one (a requesting server's
+        commonest event, only to be unpacked). ``None``, nothing changed, where :meth:`complete`
+        decides otherwise (an unknown or settled request, one holding chunked parts)."""
+        entries = self._entries
+        entry = entries.get(rchan, _ABSENT)
+        if entry is _ABSENT or type(entry) is _Entry:
+            return None
+        del entries[rchan]
+        return entry  # type: ignore[no-any-return]
 
     def complete(self, rchan: str, value: Any) -> Completed[W] | Failed[W] | Ignored:
         """Feed a plain (not chunked) answer: ``value`` for the request ``rchan``."""

@@ -363,18 +363,25 @@ def test_every_frame_gets_the_same_outcome_on_the_answer_path_as_by_the_full_dec
 
     for frame in [*ANSWERS, *NOT_ANSWERS, '{"type":"message","channel":"unknown","message":1}']:
         outcomes = []
-        for feed in ("receive_frame", "reference"):
+        for feed in ("receive_frame", "receive", "reference"):
             conn: ServerConnection[str] = ServerConnection("c1", CONFIG)
             conn.open_request("w1", "r-1")
             conn.open_request("w2", "r-2")
             if chunked_first:  # a part of a chunked answer is held: a plain answer now fails
                 part = '{"type":"message","channel":"r-1","chunk_count":2,"chunk_index":0,"message":1}'
                 assert conn.receive_frame(part, 0.0) == []
-            events = (conn.receive_frame(frame, 0.0) if feed == "receive_frame"
-                      else _by_the_full_decoder(conn, frame))
+            if feed == "receive":  # the handler's: an answer as (rchan, waiter, value), no event
+                decided = conn.receive(frame, 0.0)
+                events: list[Event] = [RequestCompleted(*decided)] if isinstance(decided, tuple) else decided
+            else:
+                events = (conn.receive_frame(frame, 0.0) if feed == "receive_frame"
+                          else _by_the_full_decoder(conn, frame))
             outcomes.append((_comparable(events), conn.state, sorted(conn.pending)))
-        assert outcomes[0] == outcomes[1], frame
+        assert outcomes[0] == outcomes[1] == outcomes[2], frame
     # Both kinds of outcome were met: some answers completed, some frames were refused.
     conn = ServerConnection("c1", CONFIG)
     conn.open_request("w1", "r-1")
     assert conn.receive_frame(ANSWERS[0], 0.0) == [RequestCompleted("r-1", "w1", {"a": 1})]
+    conn.open_request("w2", "r-1")
+    assert conn.receive(ANSWERS[0], 0.0) == ("r-1", "w2", {"a": 1})  # the handler's answer path
+    assert list(conn.pending) == []

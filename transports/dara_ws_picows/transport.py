@@ -150,7 +150,8 @@ class PicowsTransport(WSListener):
                 self._parts_size = frame.payload_size
                 return
             if kind is _TEXT:
-                if self._pusher is None and frame.payload_size > DECODE_AT_ONCE:
+                pusher = self._pusher
+                if pusher is None and frame.payload_size > DECODE_AT_ONCE:
                     # The core is busy: kept as its bytes until it takes it (see _Utf8).
                     self._push(_Utf8(frame.get_payload_as_memoryview()))
                     return
@@ -158,7 +159,13 @@ class PicowsTransport(WSListener):
                     text = frame.get_payload_as_utf8_text()
                 except UnicodeDecodeError:
                     raise WSProtocolError(WSCloseCode.INVALID_TEXT, "invalid UTF-8") from None
-                self._push(text)
+                if pusher is None:
+                    self._push(text)
+                else:  # _push's first case, inline: the core waits (for an answer, mostly)
+                    self._push_left -= 1
+                    if not pusher(text) or not self._push_left:
+                        self._pusher = None
+                        self._wake(True)
             else:
                 self._push(frame.get_payload_as_bytes())
         elif kind is _CONT:
